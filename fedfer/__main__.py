@@ -1,0 +1,5 @@
+import sys
+
+from fedfer.cli import main
+
+sys.exit(main())
