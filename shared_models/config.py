@@ -194,3 +194,27 @@ def from_run_config(run_config: Mapping[str, Any]) -> dict[str, Scalar]:
 def dump_yaml(flat: Mapping[str, Any], path: str | Path) -> None:
     """Write a resolved config (nested, for people) next to the run's results."""
     Path(path).write_text(yaml.safe_dump(nest(flat), sort_keys=False), encoding="utf-8")
+
+
+def to_toml(flat: Mapping[str, Any]) -> str:
+    """A flat config as nested TOML tables: the form of `[tool.flwr.app.config]` and of the
+    `flwr run --run-config FILE.toml` overrides that `fedfer simulate` hands to Flower."""
+    import tomli_w
+
+    return tomli_w.dumps(nest(flat))
+
+
+PATH_KEYS_MUST_EXIST = ("model.pretrained", "privacy.keyring", "run.resume")
+
+
+def check_paths(cfg: Mapping[str, Any], source: str = "config") -> None:
+    """Paths a run reads must exist before anything starts (`data.root` is a cache: its parent must)."""
+    for key in PATH_KEYS_MUST_EXIST:
+        value = str(cfg.get(key, "") or "")
+        if value and not Path(value).expanduser().exists():
+            raise ConfigError(f"{source}: key '{key}': {value} does not exist")
+    root = str(cfg.get("data.root", "") or "")
+    if root:
+        path = Path(root).expanduser()
+        if not path.exists() and not path.parent.exists():
+            raise ConfigError(f"{source}: key 'data.root': neither {path} nor its parent folder exists")

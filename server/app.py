@@ -1,0 +1,127 @@
+"""fedfer ServerApp: build the model, run SchoolFedAvg round by round, keep the run directory.
+
+Each round: schools train (DP) -> replies validated -> FedAvg -> the evaluation node scores the new
+global model (or the server does, in-process, when the federation has no evaluation node) -> one
+metrics line, ledger copies and a checkpoint are written -> one progress line is logged.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from server.run_dir import RunDirectory
+from server.strategy import RoundRecord, SchoolFedAvg
+from shared_models import registry
+from shared_models.config import from_run_config
+
+app = ServerApp()
+
+
+def progress_line(record: RoundRecord, total_rounds: int, primary: str, seconds: float) -> str:
+    """`round 3/12 | schools 6/6 ok | synthetic-rafdb acc 0.412 [0.389, 0.436] | ε max 3.10 | 14.2 s`"""
+    ok = [s for s, o in record.train.items() if o.get("status") == "ok"]
+    eps = [float(o["epsilon"]) for o in record.train.values() if o.get("status") == "ok" and "epsilon" in o]
+    parts = [f"round {record.round}/{total_rounds}", f"schools {len(ok)}/{len(record.train)} ok"]
+    refused = sorted({o["status"] for o in record.train.values() if o.get("status") != "ok"})
+    if refused:
+        parts[-1] += f" ({', '.join(refused)})"
+    bench = record.evaluation.get(primary)
+    if bench:
+        parts.append(f"{primary} acc {bench['accuracy']:.3f} [{bench['accuracy_ci_low']:.3f}, {bench['accuracy_ci_high']:.3f}]")
+    if eps:
+        parts.append(f"ε max {max(eps):.2f}")
+    parts.append(f"{seconds:.1f} s")
+    return " | ".join(parts)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = from_run_config(context.run_config)
+    round_offset, exhausted = 0, []
+    if cfg["run.resume"]:
+        run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())
+        checkpoint = run.latest_checkpoint()
+        if checkpoint is None:
+            raise ValueError(f"run.resume: {run.path} has no checkpoint to resume from")
+        cfg = {**checkpoint["config"], "run.resume": str(run.path)}
+        round_offset, exhausted = int(checkpoint["round"]), checkpoint["strategy"].get("exhausted", [])
+        state_dict = checkpoint["state_dict"]
+        run.event("resumed", round=round_offset)
+    else:
+        run = RunDirectory.create(cfg)
+        state_dict = None
+    log(INFO, "[fedfer] run directory %s", run.path)
+
+    model_info = {"name": str(cfg["model.name"]), "preset": str(cfg["model.preset"]), "num_classes": 7}
+    model = registry.build(model_info["name"], num_classes=7, preset=model_info["preset"])
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    elif cfg["model.pretrained"]:
+        report = registry.load_pretrained(model, str(cfg["model.pretrained"]))
+        log(INFO, "[fedfer] pretrained: %s", report)
+
+    total_rounds = int(cfg["federation.rounds"])
+    remaining = total_rounds - round_offset
+    if remaining <= 0:
+        log(INFO, "[fedfer] %s already finished %d rounds", run.path, round_offset)
+        return
+    primary = str(cfg["evaluation.benchmarks"]).split(",")[0].split("=")[0].strip()
+    in_process_cache: dict = {}
+    clock = {"round_start": time.perf_counter()}
+
+    strategy = SchoolFedAvg(cfg, run, round_offset=round_offset, exhausted=exhausted)
+
+    def finish_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Called by Flower after each round's training and federated evaluation."""
+        record = strategy.record
+        if server_round == 0 or record is None or (strategy.finished and not record.train):
+            return None
+        if not record.evaluation:
+            if strategy.evaluator_nodes():
+                log(WARNING, "[fedfer] round %d: the evaluation node did not answer; evaluating in-process", record.round)
+            record.evaluation = evaluate_in_process(arrays)
+            record.evaluated_by = "server-in-process"
+        seconds = time.perf_counter() - clock["round_start"]
+        clock["round_start"] = time.perf_counter()
+        run.append_metrics({
+            "round": record.round, "aggregated": record.aggregated, "train": record.train,
+            "evaluation": record.evaluation, "evaluated_by": record.evaluated_by,
+            "timing": {"round_seconds": seconds},
+        })
+        run.save_checkpoint(record.round, arrays.to_torch_state_dict(), model_info, cfg, strategy.state())
+        log(INFO, "[fedfer] %s", progress_line(record, total_rounds, primary, seconds))
+        return None
+
+    def evaluate_in_process(arrays: ArrayRecord) -> dict[str, dict[str, Any]]:
+        from shared_models.benchmark_suite import evaluate_benchmarks
+        from client.node import _synthetic_root
+
+        model.load_state_dict(arrays.to_torch_state_dict())
+        root = _synthetic_root(cfg)
+        return evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg, cache=in_process_cache,
+                                   ensure_synthetic=True)
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=remaining,
+        timeout=float(cfg["federation.round_timeout"]),
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=finish_round,
+    )
+    try:
+        from server.report import write_report
+
+        report = write_report(run.path)
+        log(INFO, "[fedfer] report %s", report)
+    except Exception as exc:  # the run's results are already on disk; a plotting problem must not hide them
+        log(WARNING, "[fedfer] report not written: %s", exc)
+    log(INFO, "[fedfer] finished: %s", run.path)

@@ -1,0 +1,136 @@
+"""The run directory: everything a run leaves behind, written so a crash never loses what is recorded.
+
+    runs/<id>/config.yaml          resolved config
+    runs/<id>/metrics.jsonl        one line per round (per-school train results, evaluation, timings)
+    runs/<id>/events.jsonl         rejected replies, refusals, dropped schools (one line each)
+    runs/<id>/ledger/<school>.jsonl  verified copies of the schools' signed ledger entries
+    runs/<id>/keys/<school>.pub    the ledger public key the server trusts for that school
+    runs/<id>/checkpoints/round-NNNN.pt, latest.json   weights + round + strategy state (resume)
+    runs/<id>/report.md, plots/*.png
+
+Appends are single `write` calls of one complete line followed by fsync, so a killed process leaves
+at most a missing line, never a torn one; checkpoints are written to a temp file and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from shared_models.config import dump_yaml
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line atomically (one write of a complete line, then fsync)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read complete lines; a trailing partial line (impossible with append_jsonl, but cheap to guard) is ignored."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+class RunDirectory:
+    """Paths and atomic writers of one run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.run_id = path.name
+
+    @classmethod
+    def create(cls, cfg: Mapping[str, Any]) -> "RunDirectory":
+        root = Path(str(cfg["run.root"])).expanduser()
+        if not root.is_absolute():
+            root = Path(os.environ.get("FEDFER_WORKDIR", os.getcwd())) / root
+        path = root / (str(cfg["run.name"]) or new_run_id())
+        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        run = cls(path.resolve())
+        if not run.config_path.exists():
+            dump_yaml(cfg, run.config_path)
+        return run
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.jsonl"
+
+    def ledger_path(self, school_id: str) -> Path:
+        return self.path / "ledger" / f"{school_id}.jsonl"
+
+    def key_path(self, school_id: str) -> Path:
+        return self.path / "keys" / f"{school_id}.pub"
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        append_jsonl(self.metrics_path, record)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        append_jsonl(self.events_path, {"event": kind, "time": time.time(), **fields})
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, server_round: int, state_dict: Mapping[str, torch.Tensor], model_info: Mapping[str, Any],
+                        cfg: Mapping[str, Any], strategy_state: Mapping[str, Any], keep: int = 2) -> Path:
+        """Weights + round + strategy state, written atomically; older checkpoints beyond `keep` are pruned."""
+        target = self.path / "checkpoints" / f"round-{server_round:04d}.pt"
+        tmp = target.with_suffix(".tmp")
+        torch.save({"round": server_round, "model": dict(model_info), "state_dict": dict(state_dict),
+                    "config": dict(cfg), "strategy": dict(strategy_state), "run_id": self.run_id}, tmp)
+        os.replace(tmp, target)
+        latest = self.path / "checkpoints" / "latest.json"
+        tmp_latest = latest.with_suffix(".tmp")
+        tmp_latest.write_text(json.dumps({"round": server_round, "file": target.name}), encoding="utf-8")
+        os.replace(tmp_latest, latest)
+        for old in sorted((self.path / "checkpoints").glob("round-*.pt"))[:-keep]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        latest = self.path / "checkpoints" / "latest.json"
+        if not latest.is_file():
+            return None
+        name = json.loads(latest.read_text(encoding="utf-8"))["file"]
+        return torch.load(self.path / "checkpoints" / name, map_location="cpu", weights_only=False)

@@ -1,0 +1,251 @@
+"""SchoolFedAvg: Flower's FedAvg, taught who is a school and who is the evaluation node.
+
+Flower's FedAvg samples from every connected node and trusts every reply. fedfer needs more:
+- learn each node's role (school / evaluator) and school id with a `query` message, the first time
+  the node is seen (a school that reconnects later is asked again);
+- send training only to schools that still have budget, evaluation only to the evaluation node;
+- validate every reply (weights, NaN/Inf, update norm, signed ledger entry) and record refusals;
+- write one metrics line, the ledger copies and a checkpoint per round, so a run can be resumed.
+Aggregation itself is Flower's weighted FedAvg (`aggregate_arrayrecords`, weighted by num-examples).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from server.run_dir import RunDirectory
+from server.validation import RejectedUpdate, check_update
+
+
+@dataclass
+class NodeInfo:
+    role: str
+    school_id: str = ""
+    public_key_pem: str = ""
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round; becomes one line of metrics.jsonl."""
+
+    round: int
+    started: float = field(default_factory=time.time)
+    train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluated_by: str = ""
+    aggregated: bool = False
+
+
+class SchoolFedAvg(FedAvg):
+    """FedAvg over schools with reply validation, a budget-aware sampler and an evaluation node."""
+
+    def __init__(self, cfg: Mapping[str, Any], run: RunDirectory, round_offset: int = 0,
+                 exhausted: Iterable[str] = (), on_round_end: Callable[[RoundRecord, ArrayRecord], None] | None = None) -> None:
+        super().__init__(
+            fraction_train=float(cfg["federation.fraction_train"]),
+            min_train_nodes=1,
+            min_available_nodes=1,
+            min_evaluate_nodes=0,
+        )
+        self.cfg = cfg
+        self.run = run
+        self.round_offset = round_offset
+        self.nodes: dict[int, NodeInfo] = {}
+        self.exhausted: set[str] = set(exhausted)
+        self.current_arrays: ArrayRecord | None = None
+        self.record: RoundRecord | None = None
+        self.on_round_end = on_round_end
+        self.finished = False
+        self.rng = random.Random(int(cfg["run.seed"]))
+
+    # -- who is who -----------------------------------------------------------------------------
+    def _discover(self, grid: Grid) -> None:
+        """Ask nodes we have not met yet for their role; pin each school's ledger key."""
+        unknown = [nid for nid in grid.get_node_ids() if nid not in self.nodes]
+        if not unknown:
+            return
+        config = ConfigRecord({"run-id": self.run.run_id, "run-dir": str(self.run.path)})
+        messages = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=nid)
+                    for nid in unknown]
+        for reply in grid.send_and_receive(messages, timeout=120):
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "[fedfer] node %s did not answer the role query: %s", nid, reply.error.reason)
+                continue
+            info = reply.content.config_records["node"]
+            node = NodeInfo(str(info["role"]), str(info.get("school-id", "")), str(info.get("public-key", "")))
+            if node.role == "school":
+                problem = self._pin_key(node)
+                if problem:
+                    self.run.event("rejected-school", school=node.school_id, node_id=nid, reason=problem)
+                    log(WARNING, "[fedfer] %s rejected: %s", node.school_id, problem)
+                    node = NodeInfo("rejected", node.school_id)
+            self.nodes[nid] = node
+
+    def _pin_key(self, node: NodeInfo) -> str:
+        """Trust the school's ledger key from the keyring (deployment) or on first contact (simulation)."""
+        from privacy.signing import load_public_key, public_key_pem
+
+        key_file = self.run.key_path(node.school_id)
+        keyring = str(self.cfg["privacy.keyring"])
+        if keyring:
+            trusted = Path(keyring).expanduser() / f"{node.school_id}.pub"
+            if not trusted.is_file():
+                return f"no ledger key for {node.school_id} in keyring {keyring}"
+            expected = public_key_pem(load_public_key(trusted))
+        elif key_file.is_file():
+            expected = public_key_pem(load_public_key(key_file))
+        else:
+            expected = node.public_key_pem
+        if public_key_pem(load_public_key(node.public_key_pem)) != expected:
+            return "ledger public key differs from the trusted one"
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(expected, encoding="utf-8")
+        return ""
+
+    def school_nodes(self) -> dict[int, NodeInfo]:
+        return {nid: n for nid, n in self.nodes.items() if n.role == "school"}
+
+    def evaluator_nodes(self) -> list[int]:
+        return [nid for nid, n in self.nodes.items() if n.role == "evaluator"]
+
+    # -- training ---------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        rnd = server_round + self.round_offset
+        self.record = RoundRecord(rnd)
+        self.current_arrays = arrays
+        if self.finished:
+            return []
+        self._discover(grid)
+        connected = set(grid.get_node_ids())
+        candidates = [nid for nid, n in self.school_nodes().items()
+                      if nid in connected and n.school_id not in self.exhausted]
+        if not candidates:
+            self.finished = True
+            log(INFO, "[fedfer] no school can train any more (budgets exhausted or none connected): finishing")
+            self.run.event("finished", round=rnd, reason="no school can train")
+            return []
+        count = max(int(round(len(candidates) * self.fraction_train)), min(int(self.cfg["federation.min_train_schools"]), len(candidates)), 1)
+        chosen = sorted(self.rng.sample(candidates, min(count, len(candidates))))
+        config["server-round"] = rnd
+        config["run-id"] = self.run.run_id
+        config["run-dir"] = str(self.run.path)
+        record = RecordDict({"arrays": arrays, "config": config})
+        for nid in chosen:
+            self.record.train[self.nodes[nid].school_id] = {"status": "no-reply"}
+        return self._construct_messages(record, chosen, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self.record is not None and self.current_arrays is not None
+        rnd = self.record.round
+        global_np = {k: v.numpy() for k, v in self.current_arrays.items()}
+        accepted: list[RecordDict] = []
+        for reply in replies:
+            node = self.nodes.get(reply.metadata.src_node_id, NodeInfo("unknown"))
+            school = node.school_id or f"node-{reply.metadata.src_node_id}"
+            outcome = self._accept(reply, school, node, rnd, global_np)
+            self.record.train[school] = outcome
+            if outcome["status"] == "ok":
+                accepted.append(reply.content)
+        for school, outcome in self.record.train.items():
+            if outcome["status"] == "no-reply":
+                self.run.event("missing", round=rnd, school=school, reason="no reply before the round timeout")
+        min_schools = int(self.cfg["federation.min_train_schools"])
+        if len(accepted) < min(min_schools, max(1, len(self.record.train))) or not accepted:
+            log(WARNING, "[fedfer] round %d: %d accepted replies (< %d): global model unchanged", rnd, len(accepted), min_schools)
+            return None, None
+        self.record.aggregated = True
+        arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
+        total = sum(float(c["metrics"]["num-examples"]) for c in accepted)
+        loss = sum(float(c["metrics"]["train-loss"]) * float(c["metrics"]["num-examples"]) for c in accepted) / total
+        return arrays, MetricRecord({"train-loss": loss, "num-examples": total, "schools": len(accepted)})
+
+    def _accept(self, reply: Message, school: str, node: NodeInfo, rnd: int, global_np: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Validate one training reply; returns the per-school outcome recorded in metrics.jsonl."""
+        if reply.has_error():
+            reason = f"client error: {reply.error.reason}"
+            self.run.event("client-error", round=rnd, school=school, reason=reason)
+            return {"status": "error", "reason": reason}
+        content = reply.content
+        status = content.config_records.get("status", ConfigRecord({"status": "ok"}))
+        if status.get("status") != "ok":
+            outcome = {"status": str(status["status"]), "reason": str(status.get("reason", ""))}
+            if outcome["status"] == "budget-exhausted":
+                self.exhausted.add(school)
+            self.run.event("declined", round=rnd, school=school, **outcome)
+            log(INFO, "[fedfer] %s declined round %d: %s", school, rnd, outcome["reason"])
+            return outcome
+        try:
+            if node.role != "school":
+                raise RejectedUpdate("reply from a node that is not a registered school")
+            if len(content.array_records) != 1 or "metrics" not in content.metric_records:
+                raise RejectedUpdate("reply must carry one ArrayRecord and a 'metrics' MetricRecord")
+            reply_np = {k: v.numpy() for k, v in content["arrays"].items()}
+            norm = check_update(global_np, reply_np, float(self.cfg["federation.max_update_norm"]))
+            metrics = dict(content["metrics"])
+            if not (0 < float(metrics.get("num-examples", 0)) < 1e9):
+                raise RejectedUpdate(f"num-examples {metrics.get('num-examples')!r} out of range")
+            if bool(self.cfg["privacy.enabled"]):
+                self._store_ledger(content, school, rnd)
+        except RejectedUpdate as exc:
+            self.run.event("rejected", round=rnd, school=school, reason=str(exc))
+            log(WARNING, "[fedfer] rejected %s in round %d: %s", school, rnd, exc)
+            return {"status": "rejected", "reason": str(exc)}
+        return {"status": "ok", "update_norm": norm, **{k.replace("-", "_"): v for k, v in metrics.items()}}
+
+    def _store_ledger(self, content: RecordDict, school: str, rnd: int) -> None:
+        from privacy.ledger import LedgerError, ServerLedgerCopy
+        from privacy.signing import load_public_key
+
+        if "ledger" not in content.config_records:
+            raise RejectedUpdate("private training reply without a signed ledger entry")
+        entry = json.loads(str(content.config_records["ledger"]["entry"]))
+        if entry.get("school_id") != school or int(entry.get("round", -1)) != rnd or entry.get("run_id") != self.run.run_id:
+            raise RejectedUpdate(f"ledger entry is for {entry.get('school_id')} round {entry.get('round')} run "
+                                 f"{entry.get('run_id')}, expected {school} round {rnd} run {self.run.run_id}")
+        try:
+            ServerLedgerCopy(self.run.path).append_verified(school, entry, load_public_key(self.run.key_path(school)))
+        except LedgerError as exc:
+            raise RejectedUpdate(f"ledger entry does not verify: {exc}") from None
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.finished and (self.record is None or not self.record.train):
+            return []
+        self._discover(grid)
+        evaluators = [nid for nid in self.evaluator_nodes() if nid in set(grid.get_node_ids())]
+        config["server-round"] = server_round + self.round_offset
+        config["run-dir"] = str(self.run.path)
+        return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), evaluators[:1], MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        from shared_models.benchmark_suite import unflatten_metrics
+
+        for reply in replies:
+            if reply.has_error() or "metrics" not in reply.content.metric_records:
+                reason = reply.error.reason if reply.has_error() else "reply without metrics"
+                self.run.event("evaluator-error", round=server_round + self.round_offset, reason=reason)
+                continue
+            metrics = reply.content["metrics"]
+            if self.record is not None:
+                self.record.evaluation = unflatten_metrics(dict(metrics))
+                self.record.evaluated_by = f"evaluator-node-{reply.metadata.src_node_id}"
+            return metrics
+        return None
+
+    def state(self) -> dict[str, Any]:
+        return {"exhausted": sorted(self.exhausted)}
+

@@ -1,0 +1,178 @@
+"""One-machine federation on Flower's own simulation engine.
+
+`fedfer simulate` does what `flwr run .` does, with the housekeeping a user should not have to do:
+it starts a private SuperLink (simulation mode, loopback only, its own FLWR_HOME inside the run
+directory, telemetry and runtime dependency installation off), submits this app with the resolved
+config through `flwr run --stream`, shows fedfer's own progress lines, keeps Flower's full log in
+`<run>/flower.log`, and stops the SuperLink and everything it started (Ray included) when the run
+ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from shared_models.config import to_toml
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "fedfer-sim"
+
+
+class SimulationError(RuntimeError):
+    """The federation did not complete; the message says where to look."""
+
+
+def offline_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process we start: no telemetry, no update check, no installs."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (Ray daemons may leave the process group, not the tree)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process, its group and every descendant; SIGKILL whatever is left after `grace`."""
+    if proc.poll() is None or _descendants(proc.pid):
+        victims = [proc.pid, *_descendants(proc.pid)]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_alive(p) for p in victims):
+            time.sleep(0.2)
+        for pid in victims:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"SuperLink exited with code {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise SimulationError(f"SuperLink did not become healthy on 127.0.0.1:{port} within {timeout:.0f} s; see {log_path}")
+
+
+def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], None] = print) -> int:
+    """Run the federation described by the resolved `cfg`; its ServerApp writes into `run_dir`.
+
+    Returns the number of simulated nodes. Raises SimulationError when Flower reports a failure.
+    """
+    flwr_home = run_dir / ".flower"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    run_config = run_dir / ".flower" / "run-config.toml"
+    run_config.write_text(to_toml(cfg), encoding="utf-8")
+    nodes = int(cfg["federation.schools"]) + (1 if cfg["federation.evaluator"] else 0)
+    env = offline_env(flwr_home)
+    env["FEDFER_WORKDIR"] = str(Path.cwd())
+    env["RAY_TMPDIR"] = str(Path("/tmp") / f"fedfer-ray-{os.getpid()}")  # Ray's socket paths must stay short
+
+    superlink_log = run_dir / "superlink.log"
+    bin_dir = Path(sys.executable).parent
+    superlink = subprocess.Popen(
+        [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+         "--database", str(flwr_home / "state.db"), "--disable-runtime-dependency-installation"],
+        stdout=open(superlink_log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=str(run_dir),
+        start_new_session=True,
+    )
+    flower_log = run_dir / "flower.log"
+    try:
+        _wait_healthy(port, superlink, superlink_log)
+        cmd = [str(bin_dir / "flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
+               "--run-config", str(run_config),
+               "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"]
+        with open(flower_log, "a", encoding="utf-8") as log_file:
+            runner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                      cwd=str(APP_DIR), text=True, bufsize=1, start_new_session=True)
+            try:
+                failed_line = ""
+                assert runner.stdout is not None
+                for line in runner.stdout:
+                    log_file.write(line)
+                    log_file.flush()
+                    text = line.rstrip()
+                    if "[fedfer]" in text:
+                        echo(text.split("[fedfer]", 1)[1].strip())
+                    elif ("ERROR" in text or "Traceback" in text or "Exception" in text) and not failed_line:
+                        failed_line = text.strip()
+                    if "Run finished" in text or "finished:failed" in text:
+                        if "failed" in text:
+                            failed_line = failed_line or text.strip()
+                runner.wait()
+            finally:
+                stop_process_tree(runner)
+        if runner.returncode != 0:
+            raise SimulationError(f"flwr run exited with {runner.returncode}: {failed_line or 'see ' + str(flower_log)}")
+        if failed_line and "failed" in failed_line.lower():
+            raise SimulationError(f"{failed_line} (full log: {flower_log})")
+    finally:
+        stop_process_tree(superlink)
+    return nodes
