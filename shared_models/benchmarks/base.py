@@ -1,0 +1,427 @@
+"""What every benchmark reader returns: a :class:`Benchmark`, a lazy, index-addressable list of
+``(face, label)`` samples (``(frames, label)`` for clip benchmarks) whose labels are already in a
+canonical label set of :mod:`shared_models.labels`.
+
+Why a small class of our own rather than ``torchvision.datasets.ImageFolder`` and friends: the
+readers must map each benchmark's codes onto one canonical order, keep identity metadata, count
+unreadable files instead of dying on them, and stay importable without torch (``fedfer --help``).
+``Benchmark`` is duck-type compatible with ``torch.utils.data.Dataset`` (``__len__`` and
+``__getitem__``); :meth:`Benchmark.as_torch` wraps it into a real one that yields tensors.
+
+Unreadable images are handled at two moments:
+
+* at open time each image file is *probed* (``PIL.Image.open`` parses the header, no decode):
+  missing files and files that are not images are dropped, counted in ``skipped`` and reported
+  in one warning line;
+* at access time an image whose data is corrupt (e.g. a truncated JPEG) raises
+  :class:`UnreadableImageError`; the torch wrapper catches it, counts it in the benchmark's
+  ``skipped`` and yields ``None``, which :func:`collate_skipping` drops from the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+
+LOG = logging.getLogger("fedfer.benchmarks")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark file problem, phrased as one line naming the file (and line/column)."""
+
+
+class UnreadableImageError(BenchmarkError):
+    """An image (or frame) that exists but cannot be decoded."""
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders ``frame2`` before ``frame10`` (frame folders are rarely zero-padded)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def probe_image(path: Path) -> str | None:
+    """Why `path` is not a readable image, or None when its header parses.
+
+    Only the header is read (cheap enough for tens of thousands of files); a file whose pixel data
+    is damaged passes here and is caught when it is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - the header must have been parsed
+    except FileNotFoundError:
+        return "missing file"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return f"not a readable image ({exc.__class__.__name__})"
+    return None
+
+
+def read_image(path: Path | str, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Decode an image file to uint8 (H, W) for grayscale or (H, W, 3) for anything else.
+
+    `box` = (x, y, width, height) crops before conversion. Raises UnreadableImageError naming the
+    file when the data cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if box is not None:
+                x, y, w, h = box
+                image = image.crop((x, y, x + w, y + h))
+            if image.mode in ("L", "I;16", "I", "F"):
+                image = image.convert("L")
+            elif image.mode != "RGB":
+                image = image.convert("RGB")
+            return np.asarray(image, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise UnreadableImageError(f"{path}: missing image file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise UnreadableImageError(f"{path}: unreadable image ({exc})") from None
+
+
+class SampleSource(Protocol):
+    """Where sample i's pixels come from; pickle-able so DataLoader workers can carry it."""
+
+    def load(self, index: int) -> np.ndarray: ...
+
+    def describe(self, index: int) -> str: ...
+
+
+@dataclass
+class PixelArray:
+    """Faces already decoded into one compact uint8 array (N, H, W[, 3]) — FER2013's CSV."""
+
+    pixels: np.ndarray
+    where: Sequence[str]
+
+    def load(self, index: int) -> np.ndarray:
+        return self.pixels[index].copy()  # a copy: callers may write into it; torch warns on read-only
+
+    def describe(self, index: int) -> str:
+        return self.where[index]
+
+
+@dataclass
+class ImageFiles:
+    """One image file per sample, decoded on access; `boxes[i]` (x, y, w, h) crops when given."""
+
+    paths: Sequence[str]
+    boxes: Sequence[tuple[int, int, int, int] | None] | None = None
+
+    def load(self, index: int) -> np.ndarray:
+        box = self.boxes[index] if self.boxes is not None else None
+        return read_image(self.paths[index], box)
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+@dataclass
+class ProbeResult:
+    """The kept indices of a list of image paths, and the (path, reason) of those dropped."""
+
+    kept: list[int]
+    dropped: list[tuple[str, str]]
+
+
+def probe_images(paths: Sequence[str | Path], check: bool = True) -> ProbeResult:
+    """Probe every path (see :func:`probe_image`); with check=False only test existence."""
+    kept: list[int] = []
+    dropped: list[tuple[str, str]] = []
+    for i, path in enumerate(paths):
+        path = Path(path)
+        reason = probe_image(path) if check else (None if path.is_file() else "missing file")
+        if reason is None:
+            kept.append(i)
+        else:
+            dropped.append((str(path), reason))
+    return ProbeResult(kept, dropped)
+
+
+class Benchmark:
+    """A benchmark split, ready to score: ``bench[i] -> (face uint8 ndarray, label int)``.
+
+    Attributes: ``name``, ``labels`` (class names in label order), ``num_classes``, ``split``,
+    ``path`` (what was opened), ``kind`` (``image`` or ``clip``), ``targets`` (int64 array),
+    ``metadata`` (per-sample lists, e.g. ``identity``, ``file``), ``skipped`` (count of unreadable
+    samples, grows if corrupt data turns up at access time), ``dropped`` (rows left out on purpose,
+    by reason, e.g. AffectNet's code 8 *None*), ``notes`` (protocol choices worth printing).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        labels: Sequence[str],
+        targets: Sequence[int] | np.ndarray,
+        source: SampleSource,
+        split: str,
+        path: Path | str,
+        kind: str = "image",
+        metadata: Mapping[str, Sequence[Any]] | None = None,
+        skipped: Sequence[tuple[str, str]] = (),
+        dropped: Mapping[str, int] | None = None,
+        notes: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self.labels: tuple[str, ...] = tuple(labels)
+        self.targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+        self.source = source
+        self.split = split
+        self.path = Path(path)
+        self.kind = kind
+        self.metadata: dict[str, list[Any]] = {k: list(v) for k, v in (metadata or {}).items()}
+        self.dropped: dict[str, int] = dict(dropped or {})
+        self.notes: tuple[str, ...] = tuple(notes)
+        #: (N, C) soft labels where the benchmark has them (FERPlus vote distribution), else None.
+        self.soft_targets: np.ndarray | None = None
+        self.skipped_files: list[tuple[str, str]] = list(skipped)
+        self._skipped_at_access: set[int] = set()
+        if self.targets.size and (self.targets.min() < 0 or self.targets.max() >= len(self.labels)):
+            raise ValueError(f"{name}: a label falls outside the {len(self.labels)} classes")
+        for key, values in self.metadata.items():
+            if len(values) != len(self.targets):
+                raise ValueError(f"{name}: metadata '{key}' has {len(values)} entries for {len(self.targets)} samples")
+        if self.skipped_files:
+            first_path, first_reason = self.skipped_files[0]
+            LOG.warning(
+                "%s: skipped %d unreadable sample(s) (first: %s: %s)",
+                name, len(self.skipped_files), first_path, first_reason,
+            )
+
+    # -- Dataset protocol -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} samples")
+        return self.source.load(index), int(self.targets[index])
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return (f"Benchmark(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+                f"classes={self.num_classes}, kind={self.kind!r}, skipped={self.skipped})")
+
+    # -- facts ------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable samples: dropped when the benchmark was opened plus any found corrupt since."""
+        return len(self.skipped_files)
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(self.targets, minlength=self.num_classes).tolist()
+
+    def describe(self, index: int) -> str:
+        """Where sample `index` comes from (file, or file:line)."""
+        return self.source.describe(index)
+
+    def record_unreadable(self, index: int, reason: str) -> None:
+        """Count a sample found corrupt at access time (once per sample) and say so in one line."""
+        if index in self._skipped_at_access:
+            return
+        self._skipped_at_access.add(index)
+        self.skipped_files.append((self.describe(index), reason))
+        LOG.warning("%s: skipped unreadable sample %s (%d skipped so far)", self.name, reason, self.skipped)
+
+    # -- torch ------------------------------------------------------------------------------
+    def as_torch(self, transform: Callable[[Any], Any] | None = None) -> "TorchBenchmark":
+        """A ``torch.utils.data.Dataset`` yielding ``(tensor, label)``.
+
+        Image benchmarks: ``transform(to_tensor_image(face))`` — pass a transform from
+        :mod:`shared_models.transforms` (e.g. ``eval_transform(S)``) to get (3, S, S) floats.
+        Clip benchmarks: the frames become one uint8 tensor (T, 3, H, W) and the transform is
+        applied once to it (torchvision v2 transforms treat leading dims as a batch, so random
+        augmentations stay consistent across a clip), giving (T, 3, S, S).
+        A sample that turns out corrupt yields ``None``; batch with :func:`collate_skipping`.
+        """
+        return _torch_dataset_class()(self, transform)
+
+
+def collate_skipping(batch: list[Any]) -> Any:
+    """``default_collate`` after dropping ``None`` samples (corrupt faces); None if nothing is left."""
+    from torch.utils.data import default_collate
+
+    kept = [item for item in batch if item is not None]
+    return default_collate(kept) if kept else None
+
+
+_TORCH_DATASET: type | None = None
+
+
+def _torch_dataset_class() -> type:
+    """Build the torch wrapper class on first use so importing this module never imports torch."""
+    global _TORCH_DATASET
+    if _TORCH_DATASET is not None:
+        return _TORCH_DATASET
+    import torch
+    from torch.utils.data import Dataset
+
+    from shared_models.transforms import to_tensor_image
+
+    class _TorchBenchmark(Dataset):
+        def __init__(self, benchmark: Benchmark, transform: Callable[[Any], Any] | None) -> None:
+            self.benchmark = benchmark
+            self.transform = transform
+            self.name = benchmark.name
+            self.labels = benchmark.labels
+            self.num_classes = benchmark.num_classes
+            self.kind = benchmark.kind
+            self.targets = benchmark.targets
+
+        def __len__(self) -> int:
+            return len(self.benchmark)
+
+        @property
+        def skipped(self) -> int:
+            return self.benchmark.skipped
+
+        def __getitem__(self, index: int):
+            try:
+                array, label = self.benchmark[index]
+            except UnreadableImageError as exc:
+                self.benchmark.record_unreadable(index, str(exc))
+                return None
+            if self.benchmark.kind == "clip":
+                tensor = torch.stack([to_tensor_image(frame) for frame in array])
+            else:
+                tensor = to_tensor_image(array)
+            if self.transform is not None:
+                tensor = self.transform(tensor)
+            return tensor, label
+
+    _TorchBenchmark.__name__ = _TorchBenchmark.__qualname__ = "TorchBenchmark"
+    _TORCH_DATASET = _TorchBenchmark
+    return _TORCH_DATASET
+
+
+TorchBenchmark = Any  # the class is built lazily by _torch_dataset_class (keeps torch out of imports)
+
+
+# -- splits ---------------------------------------------------------------------------------
+def resolve_split(
+    bench: str, requested: str | None, parts: Mapping[str, Sequence[str]], default: str
+) -> tuple[str, tuple[str, ...]]:
+    """Turn a split name (or ``a+b``) into the benchmark's own partition names.
+
+    `parts` maps our split names (``train``, ``val``, ``test``, ``all`` …) to the benchmark's
+    partitions; a benchmark's own partition name is accepted too (e.g. ``PrivateTest``).
+    Returns (canonical split name, partitions)."""
+    name = (requested or default).strip()
+    own = {p.lower(): p for values in parts.values() for p in values}
+    chosen: list[str] = []
+    for piece in name.split("+"):
+        key = piece.strip().lower()
+        if key in parts:
+            chosen.extend(parts[key])
+        elif key in own:
+            chosen.append(own[key])
+        else:
+            known = ", ".join(list(parts) + sorted(set(own.values()) - set(parts)))
+            raise BenchmarkError(f"{bench}: unknown split '{piece.strip()}' (known: {known})")
+    unique = tuple(dict.fromkeys(chosen))
+    return name, unique
+
+
+def map_code(
+    text: str | None, mapping: Mapping[Any, int], where: str, column: str,
+    parse: Callable[[str], Any] = int,
+) -> int:
+    """Map a benchmark's label code to our label index via `mapping` (the reader's documented dict).
+
+    A code that does not parse or is not in the mapping is a one-line BenchmarkError naming
+    `where` (``file:line`` or file) and the column."""
+    try:
+        code = parse(str(text).strip())
+    except (TypeError, ValueError):
+        code = None
+    if code is None or code not in mapping:
+        keys = sorted(mapping, key=str)
+        ints = all(isinstance(k, int) for k in keys)
+        if ints and keys == list(range(min(keys), max(keys) + 1)):
+            known = f"{min(keys)}-{max(keys)}"
+        else:
+            known = ", ".join(str(k) for k in keys)
+        raise BenchmarkError(f"{where}: unknown label code '{text}' in {column} (expected {known})")
+    return mapping[code]
+
+
+def require_file(path: Path, what: str) -> Path:
+    """`path` if it is a file, else a one-line BenchmarkError naming it."""
+    if not path.is_file():
+        hint = " (a directory was given)" if path.is_dir() else ""
+        raise BenchmarkError(f"{path}: {what} not found{hint}")
+    return path
+
+
+def require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise BenchmarkError(f"{path}: {what} directory not found")
+    return path
+
+
+@dataclass
+class Collected:
+    """What a reader gathers before it builds a Benchmark (keeps the readers short)."""
+
+    paths: list[str] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    metadata: dict[str, list[Any]] = field(default_factory=dict)
+    boxes: list[tuple[int, int, int, int] | None] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str | Path, target: int, box: tuple[int, int, int, int] | None = None, **meta: Any) -> None:
+        self.paths.append(str(path))
+        self.targets.append(int(target))
+        self.boxes.append(box)
+        for key, value in meta.items():
+            self.metadata.setdefault(key, []).append(value)
+
+    def drop(self, reason: str) -> None:
+        """A row left out on purpose (e.g. a label code with no FER class)."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def skip(self, where: str | Path, reason: str) -> None:
+        """A sample that cannot be read (missing or empty clip, …); counted in ``skipped``."""
+        self.skipped.append((str(where), reason))
+
+    def build_images(
+        self, *, name: str, labels: Sequence[str], split: str, path: Path, check_images: bool = True,
+        notes: Sequence[str] = (),
+    ) -> Benchmark:
+        """Probe the collected image files and build the Benchmark of the readable ones."""
+        probed = probe_images(self.paths, check=check_images)
+        kept, skipped = probed.kept, probed.dropped
+        boxes = [self.boxes[i] for i in kept]
+        source = ImageFiles(
+            paths=[self.paths[i] for i in kept],
+            boxes=boxes if any(b is not None for b in boxes) else None,
+        )
+        return Benchmark(
+            name=name, labels=labels, split=split, path=path,
+            targets=[self.targets[i] for i in kept], source=source,
+            metadata={key: [values[i] for i in kept] for key, values in self.metadata.items()},
+            skipped=self.skipped + skipped, dropped=self.dropped, notes=notes,
+        )
