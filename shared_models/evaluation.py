@@ -1,0 +1,104 @@
+"""Score a model on a dataset: the one code path behind the federation's evaluation node, the
+server's in-process evaluation and ``fedfer evaluate``.
+
+Model outputs: a NamedTuple with ``.logits`` (``FEROutput(logits, aux)``), a plain logits tensor,
+or a tuple/list whose first item is the logits.
+
+Label sets of different sizes: every benchmark reader uses the canonical order
+(:mod:`shared_models.labels`: FER7 is FER8 without its last class, contempt), so the benchmark's
+classes are the first ``k`` of the model's. With a model of ``C > k`` outputs the argmax is taken
+over the first ``k`` logits only — an FER8 model scored on a 7-class benchmark cannot lose points
+by predicting contempt, exactly as if it had been trained on 7 classes. With ``C < k`` (an FER7
+model on FERPlus or CK+) the model can never predict the missing classes: their samples count
+as errors and the dict carries ``model_classes`` so readers can see why.
+
+Clips: a batch (B, T, 3, S, S) goes to the model whole if it declares ``temporal = True``;
+otherwise each frame is scored on its own and the clip's logits are the mean over its frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from shared_models.benchmarks.base import collate_skipping
+from shared_models.metrics import classification_report
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output (NamedTuple ``.logits``, tensor, or first item of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"model returned {type(output).__name__}; expected logits or an output with .logits")
+
+
+def _forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    if inputs.ndim == 5 and not getattr(model, "temporal", False):
+        batch, frames = inputs.shape[:2]
+        logits = logits_of(model(inputs.flatten(0, 1)))
+        return logits.reshape(batch, frames, -1).mean(dim=1)
+    return logits_of(model(inputs))
+
+
+def predict(model: nn.Module, dataset: Dataset, *, num_classes: int | None = None, batch_size: int = 128,
+            device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, int]:
+    """(y_true, y_pred, model_classes) over `dataset`, in eval mode under no_grad; samples the
+    dataset yields as None (unreadable faces) are left out. The model's train/eval mode is restored."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate_skipping)
+    was_training = model.training
+    model.eval()
+    truths: list[np.ndarray] = []
+    predictions: list[np.ndarray] = []
+    model_classes = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                if batch is None:
+                    continue
+                inputs, targets = batch
+                logits = _forward(model, inputs.to(device))
+                if logits.ndim != 2:
+                    raise ValueError(f"model logits have shape {tuple(logits.shape)}; expected (batch, classes)")
+                model_classes = int(logits.shape[1])
+                k = num_classes if num_classes is not None else model_classes
+                usable = logits[:, : min(k, model_classes)]
+                predictions.append(usable.argmax(dim=1).cpu().numpy())
+                truths.append(torch.as_tensor(targets).cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not truths:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), model_classes
+    return np.concatenate(truths).astype(np.int64), np.concatenate(predictions).astype(np.int64), model_classes
+
+
+def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128, n_boot: int = 1000, seed: int = 0,
+                   num_classes: int | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Run `model` over `dataset` (e.g. ``benchmark.as_torch(eval_transform(S))``) and return
+    :func:`shared_models.metrics.classification_report`'s dict plus ``labels`` (class names, when
+    the dataset has them), ``skipped`` (unreadable samples) and ``model_classes`` (output width).
+
+    `num_classes` defaults to ``dataset.num_classes`` and else to the model's output width."""
+    if num_classes is None:
+        num_classes = getattr(dataset, "num_classes", None)
+    y_true, y_pred, model_classes = predict(model, dataset, num_classes=num_classes, batch_size=batch_size,
+                                            device=device)
+    name = getattr(dataset, "name", type(dataset).__name__)
+    if y_true.size == 0:
+        raise ValueError(f"{name}: nothing to score (no readable samples)")
+    k = int(num_classes if num_classes is not None else model_classes)
+    report = classification_report(y_true, y_pred, k, n_boot=n_boot, seed=seed)
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        report["labels"] = list(labels)
+    report["skipped"] = int(getattr(dataset, "skipped", 0))
+    report["model_classes"] = model_classes
+    return report
