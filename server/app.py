@@ -7,6 +7,7 @@ metrics line, ledger copies and a checkpoint are written -> one progress line is
 
 from __future__ import annotations
 
+import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -41,9 +42,28 @@ def progress_line(record: RoundRecord, total_rounds: int, primary: str, seconds:
     return " | ".join(parts)
 
 
+def trace_benchmark_opens(trace_file: str) -> None:
+    """Record every file this (server) process opens under a `public/` benchmark folder.
+
+    Used by the tests to show that with an evaluation node the coordinator never reads benchmark data.
+    """
+    import sys
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and args and isinstance(args[0], (str, bytes)):
+            path = args[0].decode() if isinstance(args[0], bytes) else args[0]
+            if "/public/" in path and not path.startswith(trace_file):
+                with open(trace_file, "a", encoding="utf-8") as handle:
+                    handle.write(path + "\n")
+
+    sys.addaudithook(hook)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
+    if os.environ.get("FEDFER_TRACE_OPENS"):
+        trace_benchmark_opens(os.environ["FEDFER_TRACE_OPENS"])
     round_offset, exhausted = 0, []
     if cfg["run.resume"]:
         run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())

@@ -30,6 +30,14 @@ from server.run_dir import RunDirectory
 from server.validation import RejectedUpdate, check_update
 
 
+def short_reason(reason: str) -> str:
+    """Flower wraps a ClientApp exception in Ray's traceback; keep the one line that says what happened."""
+    if "Message:" in reason:
+        reason = reason.rsplit("Message:", 1)[1]
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
 @dataclass
 class NodeInfo:
     role: str
@@ -83,7 +91,9 @@ class SchoolFedAvg(FedAvg):
         for reply in grid.send_and_receive(messages, timeout=120):
             nid = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "[fedfer] node %s did not answer the role query: %s", nid, reply.error.reason)
+                reason = short_reason(reply.error.reason)
+                self.run.event("query-error", node_id=nid, reason=reason)
+                log(WARNING, "[fedfer] node %s did not answer the role query: %s", nid, reason)
                 continue
             info = reply.content.config_records["node"]
             node = NodeInfo(str(info["role"]), str(info.get("school-id", "")), str(info.get("public-key", "")))
@@ -176,7 +186,7 @@ class SchoolFedAvg(FedAvg):
     def _accept(self, reply: Message, school: str, node: NodeInfo, rnd: int, global_np: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Validate one training reply; returns the per-school outcome recorded in metrics.jsonl."""
         if reply.has_error():
-            reason = f"client error: {reply.error.reason}"
+            reason = f"client error: {short_reason(reply.error.reason)}"
             self.run.event("client-error", round=rnd, school=school, reason=reason)
             return {"status": "error", "reason": reason}
         content = reply.content

@@ -1,0 +1,93 @@
+"""End to end: `fedfer simulate` on Flower's simulation engine, 2 schools + evaluation node, 2 rounds.
+
+Checks the run directory, that every school's ε grows round over round (lifetime accountant), that the
+accuracy in metrics.jsonl is the one the evaluation node computed for that checkpoint, and that the
+server process never opened the benchmark files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = [
+    "federation.schools=2", "federation.rounds=2", "federation.min_train_schools=2",
+    "data.students_per_school=6", "data.frames_per_student=6", "data.public_students=6", "data.image_size=32",
+    "train.local_epochs=1", "train.batch_size=3", "evaluation.bootstrap=50",
+]
+
+
+def _ps_fedfer_processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines()[1:]
+            if ("flower-superlink" in line or "flwr-simulation" in line or "raylet" in line) and "fedfer-e2e" in line}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    work = tmp_path_factory.mktemp("fedfer-e2e")
+    trace = work / "server-opens.txt"
+    env = {**os.environ, "FEDFER_TRACE_OPENS": str(trace)}
+    cmd = [sys.executable, "-m", "fedfer", "simulate", *TINY, "run.name=e2e", f"run.root={work / 'runs'}",
+           f"data.root={work / 'data'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"run": work / "runs" / "e2e", "data": work / "data", "trace": trace, "stdout": proc.stdout}
+
+
+def test_run_directory_is_complete(federation):
+    run = federation["run"]
+    for name in ("config.yaml", "metrics.jsonl", "report.md", "ledger/school-00.jsonl", "ledger/school-01.jsonl",
+                 "keys/school-00.pub", "checkpoints/latest.json"):
+        assert (run / name).exists(), name
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["aggregated"] for r in rounds)
+    assert "summary" in federation["stdout"] and "report" in federation["stdout"]
+    assert list((run / "plots").glob("*.png"))
+
+
+def test_epsilon_grows_every_round_for_every_school(federation):
+    run = federation["run"]
+    for school in ("school-00", "school-01"):
+        entries = [json.loads(line) for line in (run / "ledger" / f"{school}.jsonl").read_text().splitlines()]
+        assert [e["round"] for e in entries] == [1, 2]
+        assert 0 < entries[0]["epsilon"] < entries[1]["epsilon"] <= 8.0 + 1e-6
+    result = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_accuracy_is_the_evaluation_nodes(federation):
+    from shared_models import registry
+    from shared_models.benchmark_suite import evaluate_benchmarks
+    from shared_models.config import load_config
+
+    run = federation["run"]
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["evaluated_by"].startswith("evaluator-node")
+    checkpoint = torch.load(run / "checkpoints" / "round-0002.pt", weights_only=False)
+    model = registry.build(checkpoint["model"]["name"], checkpoint["model"]["num_classes"], checkpoint["model"]["preset"])
+    model.load_state_dict(checkpoint["state_dict"])
+    cfg = load_config(None, TINY)
+    again = evaluate_benchmarks(model, cfg["evaluation.benchmarks"], federation["data"], cfg)
+    for bench, metrics in again.items():
+        assert last["evaluation"][bench]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
+        assert last["evaluation"][bench]["accuracy_ci_low"] <= metrics["accuracy"] <= last["evaluation"][bench]["accuracy_ci_high"]
+
+
+def test_server_never_opened_benchmark_files(federation):
+    opened = federation["trace"].read_text().splitlines() if federation["trace"].exists() else []
+    assert opened == []
+
+
+def test_no_flower_process_left_behind(federation):
+    assert _ps_fedfer_processes() == set()
