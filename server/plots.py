@@ -1,0 +1,124 @@
+"""The run report's figures (matplotlib, Agg backend: no display needed on a server).
+
+Each function takes plain data (no run-directory parsing here; that is ``server/report.py``),
+writes one PNG and returns its path. Figures are sized to read on a laptop screen and in a
+Markdown viewer: axes labelled with units, a legend, a title that says what is shown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    tmp.replace(path)  # a reader never sees half a PNG
+    return path
+
+
+def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], path: Path, *, title: str) -> Path:
+    """Accuracy (solid, with its 95 % CI band) and UAR (dashed) per round, one colour per benchmark.
+
+    `series[benchmark]` holds equal-length lists ``round``, ``accuracy``, ``ci_low``, ``ci_high``,
+    ``uar`` (fractions in 0..1; None where a value is missing)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (bench, data) in enumerate(sorted(series.items())):
+        colour = colours[k % len(colours)]
+        rounds = np.asarray(data["round"], dtype=float)
+        acc = _percent(data["accuracy"])
+        ax.plot(rounds, acc, "-o", color=colour, markersize=4, label=f"{bench} accuracy")
+        low, high = _percent(data["ci_low"]), _percent(data["ci_high"])
+        if np.any(np.isfinite(low)):
+            ax.fill_between(rounds, low, high, color=colour, alpha=0.18, linewidth=0,
+                            label=f"{bench} accuracy 95% CI")
+        ax.plot(rounds, _percent(data["uar"]), "--s", color=colour, markersize=3, label=f"{bench} UAR")
+    ax.set_xlabel("federated round")
+    ax.set_ylabel("score on the benchmark (%)")
+    ax.set_ylim(0, 100)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def epsilon_curves(series: Mapping[str, Mapping[str, Sequence[float]]], path: Path, *, title: str,
+                   budget: float | None = None, refusals: Mapping[str, Sequence[int]] | None = None) -> Path:
+    """Cumulative ε per school per round; the budget as a horizontal line; rounds where a school
+    refused or failed marked with a red ×."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    top = 0.0
+    for school, data in sorted(series.items()):
+        rounds, eps = list(data["round"]), list(data["epsilon"])
+        ax.plot(rounds, eps, "-o", markersize=4, label=school)
+        top = max([top] + [e for e in eps if np.isfinite(e)])
+    refused_label = "refused / failed"
+    for school, rounds in sorted((refusals or {}).items()):
+        data = series.get(school, {"round": [], "epsilon": []})
+        for r in rounds:
+            before = [e for rr, e in zip(data["round"], data["epsilon"]) if rr <= r]
+            ax.plot([r], [before[-1] if before else 0.0], "x", color="red", markersize=8, label=refused_label)
+            refused_label = "_nolegend_"
+    if budget is not None and budget > 0:
+        ax.axhline(budget, color="red", linestyle="--", linewidth=1.2, label=f"budget ε = {budget:g}")
+        top = max(top, budget)
+    ax.set_xlabel("federated round")
+    ax.set_ylabel("cumulative ε spent by the school")
+    ax.set_ylim(0, top * 1.1 if top > 0 else 1)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8, ncol=2 if len(series) > 6 else 1)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def confusion_heatmap(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: Path, *, title: str) -> Path:
+    """Row-normalised colours (recall per true class), each cell annotated with its count and %."""
+    plt = _pyplot()
+    counts = np.asarray(confusion, dtype=float)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    size = max(4.5, 0.75 * len(labels) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100)
+    ticks = np.arange(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            colour = "white" if share[i, j] > 0.6 else "black"
+            ax.text(j, i, f"{int(counts[i, j])}\n{share[i, j] * 100:.0f}%", ha="center", va="center",
+                    fontsize=7, color=colour)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("% of the true class (recall on the diagonal)")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _percent(values: Sequence[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else 100.0 * float(v) for v in values], dtype=float)

@@ -1,0 +1,474 @@
+"""The run report: ``runs/<id>/report.md`` + ``runs/<id>/plots/*.png``, rebuilt from the run
+directory alone (``fedfer report RUN_DIR``), so it can be redrawn for a finished, crashed or
+still-running federation.
+
+Inputs (DESIGN.md §3.5):
+
+* ``config.yaml`` — the resolved config (nested or flat dotted keys);
+* ``metrics.jsonl`` — one JSON object per round: ``{"round": r, "train": {school: {"num_examples",
+  "loss", "epsilon", "status": "ok" | reason}}, "evaluation": {benchmark: metric dict}, "timing": {…}}``
+  (metric dict = :func:`shared_models.metrics.classification_report` + ``labels`` when known);
+* ``ledger/<school>.jsonl`` — one JSON line per school per round with at least ``school_id``,
+  ``round``, ``epsilon``.
+
+Tolerance: a missing file, a torn or non-JSON line, missing rounds, a school that refused
+(``budget-exhausted``) or failed — all become notes in the report, never an exception. A round
+written twice (after a resume) counts once: the last line wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from shared_models.config import flatten
+from shared_models.labels import FER7, FER8
+
+PAPER_MARK = "paper, centralised, non-private"
+
+
+@dataclass(frozen=True)
+class PublishedFigure:
+    """A figure from a seed paper (shared/seeds/INDEX.md), in %."""
+
+    benchmark: str
+    model: str
+    metric: str
+    value: float
+    source: str
+
+
+_HAFNET = "Vayadande et al., HAFNet (seed 000)"
+_SFER = "Shou et al., Sensors 2024, SFER-MDFAE (seed 002)"
+_ALY = "Aly et al., IEEE Access 2023, ResNet-50+CBAM (seed 001)"
+_SINGH = "Singh et al., R(2+1)D-18 + attention (seed 003)"
+
+#: the seed papers' published test figures (all centralised training, no privacy).
+PUBLISHED: tuple[PublishedFigure, ...] = (
+    PublishedFigure("rafdb", "hafnet", "accuracy", 89.70, _HAFNET),
+    PublishedFigure("affectnet7", "hafnet", "accuracy", 65.69, _HAFNET),
+    PublishedFigure("affectnet8", "hafnet", "accuracy", 62.09, _HAFNET),
+    PublishedFigure("fer2013", "sfer-mdfae", "accuracy", 76.18, _SFER),
+    PublishedFigure("ferplus", "sfer-mdfae", "accuracy", 92.75, _SFER),
+    PublishedFigure("rafdb", "sfer-mdfae", "accuracy", 92.93, _SFER),
+    PublishedFigure("affectnet7", "sfer-mdfae", "accuracy", 67.86, _SFER),
+    PublishedFigure("fer2013", "resnet50-cbam", "accuracy", 88.13, _ALY),
+    PublishedFigure("rafdb", "resnet50-cbam", "accuracy", 86.72, _ALY),
+    PublishedFigure("ckplus", "resnet50-cbam", "accuracy", 94.58, _ALY),
+    PublishedFigure("dfew", "r2plus1d-attention", "accuracy", 59.28, _SINGH),
+    PublishedFigure("dfew", "r2plus1d-attention", "uar", 48.35, _SINGH),
+    PublishedFigure("afew", "r2plus1d-attention", "accuracy", 59.63, _SINGH),
+    PublishedFigure("daisee", "r2plus1d-attention", "accuracy", 58.62, _SINGH),
+)
+#: model names as the registry or a user may spell them (alphanumerics only) -> PUBLISHED key
+MODEL_ALIASES: dict[str, str] = {
+    "hafnet": "hafnet", "dan": "hafnet",
+    "sfermdfae": "sfer-mdfae", "sfer": "sfer-mdfae", "mdfae": "sfer-mdfae",
+    "resnet50cbam": "resnet50-cbam", "cbamresnet50": "resnet50-cbam", "alyresnet50": "resnet50-cbam",
+    "r2plus1dattention": "r2plus1d-attention", "r2plus1d": "r2plus1d-attention", "r21d": "r2plus1d-attention",
+    "r2plus1dattn": "r2plus1d-attention", "r21dattention": "r2plus1d-attention",
+}
+#: benchmark spellings -> PUBLISHED key (a ':split' suffix is ignored)
+BENCHMARK_ALIASES: dict[str, str] = {"affectnet": "affectnet7", "raf-db": "rafdb", "ck+": "ckplus", "fer+": "ferplus"}
+
+
+def _alnum(text: str) -> str:
+    return "".join(ch for ch in str(text).lower() if ch.isalnum())
+
+
+def model_key(name: str) -> str:
+    return MODEL_ALIASES.get(_alnum(name), str(name).lower())
+
+
+def benchmark_key(name: str) -> str:
+    base = str(name).split(":", 1)[0].strip().lower()
+    return BENCHMARK_ALIASES.get(base, base)
+
+
+def published_for(benchmark: str) -> list[PublishedFigure]:
+    key = benchmark_key(benchmark)
+    return [f for f in PUBLISHED if f.benchmark == key]
+
+
+# -- reading the run directory ---------------------------------------------------------------
+@dataclass
+class RunData:
+    run_dir: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
+    ledger: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def run_id(self) -> str:
+        return str(self.config.get("run.id") or self.config.get("run.name") or self.run_dir.name)
+
+    @property
+    def planned_rounds(self) -> int | None:
+        value = self.config.get("federation.rounds")
+        return int(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def budget(self) -> float | None:
+        value = self.config.get("privacy.budget")
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+    def benchmarks(self) -> list[str]:
+        names: dict[str, None] = {}
+        for r in sorted(self.rounds):
+            for name in (self.rounds[r].get("evaluation") or {}):
+                names[name] = None
+        return list(names)
+
+    def schools(self) -> list[str]:
+        names = set(self.ledger)
+        for record in self.rounds.values():
+            names.update((record.get("train") or {}).keys())
+        return sorted(names)
+
+
+def _read_jsonl(path: Path, notes: list[str]) -> Iterable[tuple[int, dict[str, Any]]]:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        notes.append(f"{path}: unreadable ({exc.strerror or exc})")
+        return
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            last = number == len(lines)
+            notes.append(f"{path.name} line {number}: not valid JSON{' (torn last line of a running or crashed run?)' if last else ''}; skipped")
+            continue
+        if not isinstance(value, dict):
+            notes.append(f"{path.name} line {number}: not a JSON object; skipped")
+            continue
+        yield number, value
+
+
+def load_run(run_dir: Path) -> RunData:
+    """Read what exists of a run directory; problems become ``notes``. Raises only when
+    `run_dir` itself is not a directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: not a run directory")
+    data = RunData(run_dir=run_dir)
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        try:
+            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+            data.config = flatten(loaded) if isinstance(loaded, dict) else {}
+        except yaml.YAMLError as exc:
+            data.notes.append(f"config.yaml: unreadable YAML ({str(exc).splitlines()[0]})")
+    else:
+        data.notes.append("config.yaml: missing (setup table incomplete)")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        for number, record in _read_jsonl(metrics_path, data.notes):
+            r = record.get("round")
+            if not isinstance(r, int) or isinstance(r, bool):
+                data.notes.append(f"metrics.jsonl line {number}: no integer 'round'; skipped")
+                continue
+            if r in data.rounds:
+                data.notes.append(f"metrics.jsonl: round {r} recorded twice (resumed run?); the later line is used")
+            data.rounds[r] = record
+    else:
+        data.notes.append("metrics.jsonl: missing (no round finished yet?)")
+
+    ledger_dir = run_dir / "ledger"
+    if ledger_dir.is_dir():
+        for path in sorted(ledger_dir.glob("*.jsonl")):
+            entries = []
+            for number, entry in _read_jsonl(path, data.notes):
+                if not isinstance(entry.get("round"), int) or not _is_number(entry.get("epsilon")):
+                    data.notes.append(f"ledger/{path.name} line {number}: needs integer 'round' and numeric 'epsilon'; skipped")
+                    continue
+                entries.append(entry)
+            school = str(entries[0].get("school_id", path.stem)) if entries else path.stem
+            data.ledger[school] = sorted(entries, key=lambda e: e["round"])
+
+    if data.rounds:
+        present = sorted(data.rounds)
+        last = max(present[-1], data.planned_rounds or 0)
+        missing = [r for r in range(1, present[-1] + 1) if r not in data.rounds]
+        if missing:
+            data.notes.append(f"rounds with no metrics line: {_ranges(missing)}")
+        if data.planned_rounds and present[-1] < data.planned_rounds:
+            data.notes.append(f"partial run: {len(present)} of {last} planned rounds recorded")
+    return data
+
+
+# -- deriving tables -------------------------------------------------------------------------
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _ranges(values: list[int]) -> str:
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}" if _is_number(value) else "—"
+
+
+def _acc_ci(metrics: dict[str, Any]) -> str:
+    acc = _pct(metrics.get("accuracy"))
+    low, high = metrics.get("accuracy_ci_low"), metrics.get("accuracy_ci_high")
+    if _is_number(low) and _is_number(high):
+        return f"{acc} [{100 * low:.2f}, {100 * high:.2f}]"
+    return acc
+
+
+def final_evaluation(data: RunData) -> dict[str, tuple[int, dict[str, Any]]]:
+    """benchmark -> (round, metric dict) of the latest round that evaluated it."""
+    final: dict[str, tuple[int, dict[str, Any]]] = {}
+    for r in sorted(data.rounds):
+        for name, metrics in (data.rounds[r].get("evaluation") or {}).items():
+            if isinstance(metrics, dict) and _is_number(metrics.get("accuracy")):
+                final[name] = (r, metrics)
+    return final
+
+
+def epsilon_series(data: RunData) -> dict[str, dict[str, list[float]]]:
+    """school -> {'round': [...], 'epsilon': [...]}: the ledger, else the metrics' train ε."""
+    series: dict[str, dict[str, list[float]]] = {}
+    for school, entries in data.ledger.items():
+        if entries:
+            series[school] = {"round": [e["round"] for e in entries], "epsilon": [float(e["epsilon"]) for e in entries]}
+    for r in sorted(data.rounds):
+        for school, train in (data.rounds[r].get("train") or {}).items():
+            if school in data.ledger or not isinstance(train, dict) or not _is_number(train.get("epsilon")):
+                continue
+            if train.get("status", "ok") != "ok":
+                continue
+            entry = series.setdefault(school, {"round": [], "epsilon": []})
+            entry["round"].append(r)
+            entry["epsilon"].append(float(train["epsilon"]))
+    return series
+
+
+def refusals(data: RunData) -> dict[str, list[tuple[int, str]]]:
+    """school -> [(round, reason)] for every non-ok train status."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for r in sorted(data.rounds):
+        for school, train in (data.rounds[r].get("train") or {}).items():
+            status = train.get("status", "ok") if isinstance(train, dict) else str(train)
+            if status != "ok":
+                out.setdefault(school, []).append((r, str(status)))
+    return out
+
+
+def _labels_for(metrics: dict[str, Any]) -> list[str]:
+    size = len(metrics.get("confusion") or [])
+    labels = metrics.get("labels")
+    if isinstance(labels, list) and len(labels) == size:
+        return [str(x) for x in labels]
+    if size == len(FER7):
+        return list(FER7)
+    if size == len(FER8):
+        return list(FER8)
+    return [str(i) for i in range(size)]
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+# -- writing ---------------------------------------------------------------------------------
+def write_plots(data: RunData) -> dict[str, Path]:
+    """Draw every figure the data allows; returns {figure id: path}."""
+    from server import plots
+
+    out: dict[str, Path] = {}
+    plot_dir = data.run_dir / "plots"
+    model = f"{data.config.get('model.name', '?')}/{data.config.get('model.preset', '?')}"
+    series: dict[str, dict[str, list[Any]]] = {}
+    for r in sorted(data.rounds):
+        for name, m in (data.rounds[r].get("evaluation") or {}).items():
+            if not isinstance(m, dict) or not _is_number(m.get("accuracy")):
+                continue
+            s = series.setdefault(name, {"round": [], "accuracy": [], "ci_low": [], "ci_high": [], "uar": []})
+            s["round"].append(r)
+            s["accuracy"].append(m.get("accuracy"))
+            s["ci_low"].append(m.get("accuracy_ci_low") if _is_number(m.get("accuracy_ci_low")) else None)
+            s["ci_high"].append(m.get("accuracy_ci_high") if _is_number(m.get("accuracy_ci_high")) else None)
+            s["uar"].append(m.get("uar") if _is_number(m.get("uar")) else None)
+    for s in series.values():  # a round with no evaluation becomes a gap in the curve, not a straight line
+        have = dict(zip(s["round"], zip(s["accuracy"], s["ci_low"], s["ci_high"], s["uar"])))
+        s["round"] = list(range(min(have), max(have) + 1))
+        rows = [have.get(r, (None, None, None, None)) for r in s["round"]]
+        s["accuracy"], s["ci_low"], s["ci_high"], s["uar"] = (list(col) for col in zip(*rows))
+    if series:
+        out["accuracy"] = plots.accuracy_curves(
+            series, plot_dir / "accuracy.png",
+            title=f"Global model ({model}) on public benchmarks, per round",
+        )
+    eps = epsilon_series(data)
+    refused = {s: [r for r, _ in items] for s, items in refusals(data).items()}
+    if eps or refused:
+        out["epsilon"] = plots.epsilon_curves(
+            eps, plot_dir / "epsilon.png", budget=data.budget, refusals=refused,
+            title=f"Privacy spent per school (δ = {data.config.get('privacy.delta', '?')})",
+        )
+    for name, (r, m) in final_evaluation(data).items():
+        if m.get("confusion"):
+            out[f"confusion:{name}"] = plots.confusion_heatmap(
+                m["confusion"], _labels_for(m), plot_dir / f"confusion_{_safe_name(name)}.png",
+                title=f"{name}: confusion matrix after round {r} (n = {m.get('n', '?')})",
+            )
+    return out
+
+
+def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
+    cfg = data.config
+    lines: list[str] = [f"# fedfer run report — {data.run_id}", ""]
+    present = sorted(data.rounds)
+    planned = data.planned_rounds
+    status = "no round recorded yet" if not present else (
+        f"{len(present)} round(s) recorded (last: {present[-1]}"
+        + (f" of {planned} planned" if planned else "") + ")")
+    lines += [f"Run directory `{data.run_dir}` — {status}. "
+              f"Built {time.strftime('%Y-%m-%d %H:%M:%S')} by `fedfer report`.", ""]
+
+    lines += ["## Setup", "", "| setting | value |", "|---|---|"]
+    for key, label in (("model.name", "model"), ("model.preset", "preset"), ("federation.schools", "schools"),
+                       ("federation.rounds", "rounds planned"), ("train.local_epochs", "local epochs"),
+                       ("privacy.enabled", "differential privacy"), ("privacy.unit", "privacy unit"),
+                       ("privacy.target_epsilon", "target ε"), ("privacy.budget", "ε budget per school"),
+                       ("privacy.delta", "δ"), ("privacy.accountant", "accountant"),
+                       ("evaluation.benchmarks", "benchmarks")):
+        if key in cfg:
+            lines.append(f"| {label} | `{cfg[key]}` |")
+    lines.append("")
+
+    final = final_evaluation(data)
+    lines += ["## Final figures", ""]
+    if final:
+        lines += ["| benchmark | round | n | accuracy % [95% CI] | UAR % | macro-F1 % | skipped |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, (r, m) in final.items():
+            lines.append(f"| {name} | {r} | {m.get('n', '—')} | {_acc_ci(m)} | {_pct(m.get('uar'))} | "
+                         f"{_pct(m.get('macro_f1'))} | {m.get('skipped', 0)} |")
+    else:
+        lines.append("No evaluation recorded yet.")
+    lines.append("")
+
+    lines += _paper_table(data, final)
+    lines += _round_table(data)
+    lines += _privacy_table(data)
+
+    if figures:
+        lines += ["## Plots", ""]
+        for key, path in figures.items():
+            rel = path.relative_to(data.run_dir).as_posix()
+            caption = {"accuracy": "Accuracy (solid, 95% CI band) and UAR (dashed) per round",
+                       "epsilon": "Cumulative ε per school (red ×: refused or failed round)"}.get(
+                key, f"Final confusion matrix, {key.split(':', 1)[-1]}")
+            lines += [f"![{caption}]({rel})", "", f"*{caption}.*", ""]
+    if data.notes:
+        lines += ["## Notes on the data", ""] + [f"- {note}" for note in data.notes] + [""]
+    return "\n".join(lines)
+
+
+def _paper_table(data: RunData, final: dict[str, tuple[int, dict[str, Any]]]) -> list[str]:
+    model = str(data.config.get("model.name", ""))
+    mine = model_key(model) if model else ""
+    privacy = data.config.get("privacy.enabled", True)
+    budget = data.budget
+    this_run = "federated" + (f", DP ε ≤ {budget:g}" if privacy and budget else ", DP" if privacy else ", no DP")
+    lines = ["## Beside the seed papers", "",
+             f"Published figures are **{PAPER_MARK}** training on the real benchmark; this run is "
+             f"{this_run}. They are context, not a like-for-like comparison.", ""]
+    if not final:
+        return lines + ["No evaluation recorded yet.", ""]
+    lines += [f"| benchmark | metric | this run ({model or '?'}, {this_run}) | published | model (paper) | source |",
+              "|---|---|---|---|---|---|"]
+    for name, (_, m) in final.items():
+        figures = published_for(name)
+        if name.startswith("synthetic"):
+            lines.append(f"| {name} | accuracy | {_pct(m.get('accuracy'))} | — | — | synthetic classroom data: "
+                         "no published figure exists (real-benchmark figures do not apply) |")
+            continue
+        if not figures:
+            lines.append(f"| {name} | accuracy | {_pct(m.get('accuracy'))} | — | — | no seed paper reports this benchmark |")
+            continue
+        figures = sorted(figures, key=lambda f: (f.model != mine, f.model, f.metric))
+        for f in figures:
+            ours = m.get("uar") if f.metric == "uar" else m.get("accuracy")
+            same = " (same model)" if f.model == mine else ""
+            lines.append(f"| {name} | {f.metric} | {_pct(ours)} | {f.value:.2f} ({PAPER_MARK}) | "
+                         f"{f.model}{same} | {f.source} |")
+    return lines + [""]
+
+
+def _round_table(data: RunData) -> list[str]:
+    if not data.rounds:
+        return []
+    benches = data.benchmarks()
+    header = "| round | schools ok | refused / failed | " + " | ".join(f"{b} acc %" for b in benches) + " | timing |"
+    lines = ["## Per round", "", header, "|" + "---|" * (4 + len(benches))]
+    for r in sorted(data.rounds):
+        record = data.rounds[r]
+        train = record.get("train") or {}
+        ok = sorted(s for s, t in train.items() if isinstance(t, dict) and t.get("status", "ok") == "ok")
+        bad = sorted(f"{s} ({t.get('status') if isinstance(t, dict) else t})" for s, t in train.items()
+                     if not (isinstance(t, dict) and t.get("status", "ok") == "ok"))
+        evaluation = record.get("evaluation") or {}
+        cells = [_pct((evaluation.get(b) or {}).get("accuracy")) if isinstance(evaluation.get(b), dict) else "—"
+                 for b in benches]
+        timing = record.get("timing") or {}
+        timing_text = ", ".join(f"{k} {v:.1f}s" for k, v in timing.items() if _is_number(v)) or "—"
+        lines.append(f"| {r} | {len(ok)} | {', '.join(bad) or '—'} | " + " | ".join(cells) + f" | {timing_text} |")
+    return lines + [""]
+
+
+def _privacy_table(data: RunData) -> list[str]:
+    schools = data.schools()
+    if not schools:
+        return []
+    eps = epsilon_series(data)
+    refused = refusals(data)
+    budget = data.budget
+    lines = ["## Privacy per school", "",
+             f"ε from the run's ledger copy (`ledger/<school>.jsonl`; `fedfer privacy audit` recomputes and verifies it). "
+             f"Budget: {budget:g}." if budget else "ε from the run's ledger copy. No budget configured.", "",
+             "| school | rounds trained | final ε | remaining | refused / failed rounds |", "|---|---|---|---|---|"]
+    for school in schools:
+        series = eps.get(school, {"round": [], "epsilon": []})
+        final_eps = series["epsilon"][-1] if series["epsilon"] else None
+        remaining = "—"
+        if budget is not None and final_eps is not None:
+            remaining = f"{budget - final_eps:.3f}" + (" (over budget)" if final_eps > budget + 1e-9 else "")
+        bad = "; ".join(f"{r}: {reason}" for r, reason in refused.get(school, [])) or "—"
+        lines.append(f"| {school} | {len(series['round'])} | {'—' if final_eps is None else f'{final_eps:.3f}'} | "
+                     f"{remaining} | {bad} |")
+    return lines + [""]
+
+
+def build_report(run_dir: Path) -> Path:
+    """(Re)build ``report.md`` and ``plots/*.png`` for `run_dir`; returns the report's path."""
+    data = load_run(Path(run_dir))
+    figures = write_plots(data)
+    text = render_markdown(data, figures)
+    path = data.run_dir / "report.md"
+    tmp = path.with_name(f".report.md.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,168 @@
+"""The run report from a synthetic run directory (complete and partial), and the `fedfer report`
+and `fedfer evaluate` commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedfer.cli import main
+from server.report import PAPER_MARK, build_report, load_run
+from shared_models.labels import FER7
+from shared_models.metrics import classification_report
+
+
+def metric(accuracy_step: int, num_classes: int = 7, n: int = 70) -> dict:
+    """A metric dict as evaluate_model returns it: the first `accuracy_step` samples right."""
+    y_true = [i % num_classes for i in range(n)]
+    y_pred = [t if i < accuracy_step else (t + 1) % num_classes for i, t in enumerate(y_true)]
+    report = classification_report(y_true, y_pred, num_classes, n_boot=200, seed=0)
+    report["labels"] = list(FER7[:num_classes])
+    report["skipped"] = 0
+    return report
+
+
+def write_run(run: Path, rounds: list[int], refuse: dict[int, str] | None = None, torn: bool = False,
+              planned: int = 5) -> Path:
+    refuse = refuse or {}
+    run.mkdir(parents=True)
+    config = {"model": {"name": "hafnet", "preset": "cpu"}, "federation": {"rounds": planned, "schools": 3},
+              "privacy": {"enabled": True, "budget": 3.0, "delta": 1e-5, "unit": "student"},
+              "evaluation": {"benchmarks": "synthetic-fer2013,rafdb=/data/raf"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "ledger").mkdir()
+    lines = []
+    for r in rounds:
+        train = {}
+        for k, school in enumerate(("school-0", "school-1", "school-2")):
+            if refuse.get(r) == school:
+                train[school] = {"num_examples": 0, "status": "budget-exhausted"}
+                continue
+            eps = round(0.8 * r * (1 + 0.2 * k), 3)
+            train[school] = {"num_examples": 100 + k, "loss": 1.9 - 0.1 * r, "epsilon": eps, "status": "ok"}
+            with (run / "ledger" / f"{school}.jsonl").open("a") as handle:
+                handle.write(json.dumps({"school_id": school, "round": r, "epsilon": eps, "delta": 1e-5}) + "\n")
+        lines.append(json.dumps({"round": r, "train": train,
+                                 "evaluation": {"synthetic-fer2013": metric(20 + 8 * r), "rafdb": metric(30 + 5 * r)},
+                                 "timing": {"train_s": 12.5, "evaluate_s": 2.0}}))
+    text = "\n".join(lines) + "\n"
+    if torn:
+        text += '{"round": 99, "train": {'
+    (run / "metrics.jsonl").write_text(text)
+    return run
+
+
+def test_report_builds_tables_and_plots(tmp_path):
+    run = write_run(tmp_path / "run-a", [1, 2, 3, 4, 5])
+    path = build_report(run)
+    text = path.read_text()
+    assert path == run / "report.md"
+    for png in ("accuracy.png", "epsilon.png", "confusion_synthetic-fer2013.png", "confusion_rafdb.png"):
+        file = run / "plots" / png
+        assert file.is_file() and file.stat().st_size > 5000 and file.read_bytes()[:4] == b"\x89PNG"
+        assert f"plots/{png}" in text
+    final = metric(60)
+    assert f"{100 * final['accuracy']:.2f} [{100 * final['accuracy_ci_low']:.2f}, {100 * final['accuracy_ci_high']:.2f}]" in text
+    assert PAPER_MARK in text
+    assert "| rafdb | accuracy |" in text and "89.70" in text and "(same model)" in text  # HAFNet's RAF-DB figure
+    assert "92.93" in text  # SFER-MDFAE's, beside it
+    assert "synthetic classroom data: no published figure" in text
+    assert "| school-2 | 5 | 5.600 | -2.600 (over budget) |" in text
+    assert "5 round(s) recorded (last: 5 of 5 planned)" in text
+
+
+def test_report_tolerates_a_partial_run(tmp_path):
+    run = write_run(tmp_path / "run-b", [1, 2, 4], refuse={4: "school-1"}, torn=True, planned=10)
+    (run / "ledger" / "school-9.jsonl").write_text('{"school_id": "school-9", "round": "x"}\n')
+    data = load_run(run)
+    assert sorted(data.rounds) == [1, 2, 4]
+    path = build_report(run)
+    text = path.read_text()
+    assert "rounds with no metrics line: 3" in text
+    assert "partial run: 3 of 10 planned rounds recorded" in text
+    assert "torn last line" in text
+    assert "4: budget-exhausted" in text
+    assert "needs integer 'round' and numeric 'epsilon'" in text
+    assert (run / "plots" / "epsilon.png").is_file()
+
+
+def test_report_of_an_empty_run_and_the_cli(tmp_path, capsys):
+    run = tmp_path / "run-c"
+    run.mkdir()
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert "no round recorded yet" in text and "metrics.jsonl: missing" in text
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+# -- fedfer evaluate ----------------------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+
+class MeanDecoder(nn.Module):
+    """Stand-in model: logits_c = -(w * mean(x) + b - c)^2; with the right w, b it decodes a face
+    whose pixels encode its label."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.b = nn.Parameter(torch.zeros(()))
+        self.num_classes = num_classes
+        self.input_size = 16
+
+    def forward(self, x):
+        mean = x.flatten(1).mean(dim=1, keepdim=True) * self.w + self.b
+        return -(mean - torch.arange(self.num_classes, dtype=torch.float32)) ** 2
+
+
+@pytest.fixture
+def stand_in_registry(monkeypatch):
+    fake = types.ModuleType("shared_models.registry")
+    fake.build = lambda name, num_classes, preset: MeanDecoder(num_classes)
+    monkeypatch.setitem(sys.modules, "shared_models.registry", fake)
+    import shared_models
+
+    monkeypatch.setattr(shared_models, "registry", fake, raising=False)
+    return fake
+
+
+def test_evaluate_command_table_and_json(tmp_path, stand_in_registry, capsys):
+    public = tmp_path / "synth" / "public"
+    public.mkdir(parents=True)
+    # pixel value v -> [-1, 1] via eval_transform: x = v/255*2-1; label = 3*(x+1) for v in {0, 85, 170, 255}
+    rows = [f"{label},{' '.join([str(value)] * 2304)},PrivateTest" for label, value in ((0, 0), (2, 170), (6, 255), (6, 255))]
+    (public / "fer2013.csv").write_text("emotion,pixels,Usage\n" + "\n".join(rows) + "\n")
+    model = MeanDecoder(7)
+    with torch.no_grad():
+        model.w.fill_(3.0)
+        model.b.fill_(3.0)
+    checkpoint = tmp_path / "round-0003.pt"
+    torch.save({"round": 3, "model": {"name": "stand-in", "preset": "cpu", "num_classes": 7},
+                "state_dict": model.state_dict(), "config": {"data.root": str(tmp_path / "synth")}}, checkpoint)
+
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--benchmark", "synthetic-fer2013", "--json",
+                 "--bootstrap", "50"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    m = results["synthetic-fer2013"]
+    assert m["n"] == 4 and m["accuracy"] == 0.75 and m["round"] == 3  # 170 -> 3 + 3*(0.333) = 4.0 -> class 4, wrong
+    assert m["confusion"][2][4] == 1
+
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--benchmark", "synthetic-fer2013",
+                 "--benchmark", f"fer2013:all={public / 'fer2013.csv'}", "--bootstrap", "0"]) == 0
+    table = capsys.readouterr().out
+    assert "round 3" in table and "synthetic-fer2013" in table and "75.00" in table and "fer2013 " in table
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--benchmark", "synthetic-fer2013"]) == 2
+    assert "missing.pt: checkpoint not found" in capsys.readouterr().err
+    torch.save({"round": 1, "state_dict": {}}, tmp_path / "bad.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "bad.pt"), "--benchmark", "synthetic-fer2013"]) == 2
+    assert "missing 'model'" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--benchmark", f"rafdb={tmp_path}"]) == 2
+    assert "list_patition_label.txt" in capsys.readouterr().err
