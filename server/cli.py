@@ -38,8 +38,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                           help="a benchmark to score (repeatable); see the list below")
     evaluate.add_argument("--json", action="store_true", help="print JSON (one object per benchmark) instead of a table")
     evaluate.add_argument("--data-root", type=Path, default=None,
-                          help="synthetic classroom root for synthetic-* benchmarks (default: the checkpoint "
-                               "config's data.root, else ~/.cache/fedfer/synth)")
+                          help="synthetic classroom root for synthetic-* benchmarks (default: the one the "
+                               "checkpoint's config names: data.root, else its parameters' cache folder)")
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the CI (0: none)")
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
@@ -129,6 +129,18 @@ def _input_size(model: Any, checkpoint: dict[str, Any], override: int | None) ->
         raise ValueError("cannot tell the model's input size; pass --input-size") from None
 
 
+def _configured_data_root(cfg: dict[str, Any]) -> Path | None:
+    """The synthetic classroom root the run used: data.root, else the cache folder of its parameters."""
+    if cfg.get("data.root"):
+        return Path(str(cfg["data.root"])).expanduser()
+    try:
+        from simulations.synth import root_from_config
+
+        return root_from_config(cfg)
+    except (ImportError, ValueError):
+        return None
+
+
 def evaluate_checkpoint(checkpoint_path: Path, specs: list[str], *, data_root: Path | None = None,
                         batch_size: int = 128, n_boot: int = 1000, seed: int = 0,
                         input_size: int | None = None) -> dict[str, dict[str, Any]]:
@@ -141,8 +153,7 @@ def evaluate_checkpoint(checkpoint_path: Path, specs: list[str], *, data_root: P
     model = build_model(checkpoint)
     size = _input_size(model, checkpoint, input_size)
     if data_root is None:
-        configured = (checkpoint.get("config") or {}).get("data.root")
-        data_root = Path(str(configured)).expanduser() if configured else None
+        data_root = _configured_data_root(checkpoint.get("config") or {})
     results: dict[str, dict[str, Any]] = {}
     for spec in specs:
         bench = open_benchmark(spec, data_root=data_root)

@@ -33,11 +33,8 @@ from shared_models.benchmarks.rafdb import open_rafdb
 
 __all__ = [
     "Benchmark", "BenchmarkError", "UnreadableImageError", "collate_skipping", "open_benchmark",
-    "open_benchmarks", "split_benchmark_list", "READERS", "SYNTHETIC", "DEFAULT_DATA_ROOT", "benchmark_names",
+    "open_benchmarks", "split_benchmark_list", "READERS", "SYNTHETIC", "benchmark_names",
 ]
-
-#: where the synthetic classroom is cached when the config's data.root is empty
-DEFAULT_DATA_ROOT = Path.home() / ".cache" / "fedfer" / "synth"
 
 #: benchmark name -> reader(path, *, name, split, **options)
 READERS: dict[str, Callable[..., Benchmark]] = {
@@ -94,7 +91,13 @@ def open_benchmark(spec: str, *, data_root: Path | None = None, split: str | Non
     key = _canonical(name_text)
     if key in SYNTHETIC:
         reader_name, relative, default_split = SYNTHETIC[key]
-        path = Path(path_text).expanduser() if sep else Path(data_root or DEFAULT_DATA_ROOT).expanduser() / relative
+        if sep:
+            path = Path(path_text.strip()).expanduser()
+        elif data_root is None:
+            raise BenchmarkError(f"{key}: no data root given (the synthetic classroom folder that holds public/; "
+                                 "--data-root on the command line)")
+        else:
+            path = Path(data_root).expanduser() / relative
         if not path.exists():
             raise BenchmarkError(
                 f"{path}: {key} not found (the synthetic classroom's public split; run `fedfer data synth` "
