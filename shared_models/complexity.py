@@ -1,0 +1,77 @@
+"""Parameter and multiply-accumulate (MAC) counts, the figures papers print as "Params" and "FLOPs".
+
+MACs are counted with forward hooks on convolution and linear layers, which is where thop (the counter
+behind most FER papers' tables) puts nearly all of a CNN's cost:
+
+    Conv:   output elements x (in_channels / groups) x kernel area      (bias not counted, as thop)
+    Linear: output elements x in_features
+
+Pooling, normalisation, activations and the attention matmuls of SFER-MDFAE's routing attention
+(<1 % of its total at 112 px) are not counted. Counts are per image (batch of one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Complexity:
+    params: int          # trainable parameters
+    macs: int            # multiply-accumulates per image (conv + linear)
+    input_size: int
+
+    @property
+    def params_m(self) -> float:
+        return self.params / 1e6
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_macs(model: nn.Module, input_size: int) -> int:
+    """MACs of one forward pass of a (1, 3, S, S) input through `model`'s conv and linear layers."""
+    total = 0
+
+    def conv_hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        per_output = (module.in_channels // module.groups) * prod(module.kernel_size)
+        total += output.numel() * per_output
+
+    def linear_hook(module: nn.Linear, _inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    was_training = model.training
+    try:
+        model.eval()
+        param = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size, dtype=param.dtype, device=param.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return total
+
+
+def complexity(model: nn.Module, input_size: int | None = None) -> Complexity:
+    """Params and MACs of `model` at its own `input_size` (or the one given)."""
+    size = int(input_size if input_size is not None else model.input_size)
+    return Complexity(params=count_params(model), macs=count_macs(model, size), input_size=size)
