@@ -422,8 +422,10 @@ def _round_table(data: RunData) -> list[str]:
     if not data.rounds:
         return []
     benches = data.benchmarks()
-    header = "| round | schools ok | refused / failed | " + " | ".join(f"{b} acc %" for b in benches) + " | timing |"
-    lines = ["## Per round", "", header, "|" + "---|" * (4 + len(benches))]
+    by = any("evaluated_by" in record for record in data.rounds.values())
+    header = ("| round | schools ok | refused / failed | " + " | ".join(f"{b} acc %" for b in benches)
+              + (" | evaluated by" if by else "") + " | timing |")
+    lines = ["## Per round", "", header, "|" + "---|" * (4 + len(benches) + by)]
     for r in sorted(data.rounds):
         record = data.rounds[r]
         train = record.get("train") or {}
@@ -435,6 +437,8 @@ def _round_table(data: RunData) -> list[str]:
                  for b in benches]
         timing = record.get("timing") or {}
         timing_text = ", ".join(f"{k} {v:.1f}s" for k, v in timing.items() if _is_number(v)) or "—"
+        if by:
+            cells.append(str(record.get("evaluated_by") or "—"))
         lines.append(f"| {r} | {len(ok)} | {', '.join(bad) or '—'} | " + " | ".join(cells) + f" | {timing_text} |")
     return lines + [""]
 

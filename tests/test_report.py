@@ -49,7 +49,7 @@ def write_run(run: Path, rounds: list[int], refuse: dict[int, str] | None = None
                 handle.write(json.dumps({"school_id": school, "round": r, "epsilon": eps, "delta": 1e-5}) + "\n")
         lines.append(json.dumps({"round": r, "train": train,
                                  "evaluation": {"synthetic-fer2013": metric(20 + 8 * r), "rafdb": metric(30 + 5 * r)},
-                                 "timing": {"train_s": 12.5, "evaluate_s": 2.0}}))
+                                 "evaluated_by": "evaluator", "timing": {"train_s": 12.5, "evaluate_s": 2.0}}))
     text = "\n".join(lines) + "\n"
     if torn:
         text += '{"round": 99, "train": {'
@@ -74,6 +74,7 @@ def test_report_builds_tables_and_plots(tmp_path):
     assert "synthetic classroom data: no published figure" in text
     assert "| school-2 | 5 | 5.600 | -2.600 (over budget) |" in text
     assert "5 round(s) recorded (last: 5 of 5 planned)" in text
+    assert "| 3 | 3 | — | 62.86 | 64.29 | evaluator | train_s 12.5s, evaluate_s 2.0s |" in text
 
 
 def test_report_tolerates_a_partial_run(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -97,8 +98,12 @@ def read_rows(path: Path, *, need_emotion: bool = True) -> Iterator[Row]:
 def parse_pixels(text: str, side: int | None) -> tuple[np.ndarray | None, str]:
     """(uint8 (S, S) face, '') or (None, why it is corrupt). `side` None: infer from the count."""
     try:
-        values = np.array(text.split(), dtype=np.int64)
-    except ValueError:
+        # np.fromstring's text mode parses ~6x faster than split() + np.array (FER2013 has 35,887 rows);
+        # NumPy 2 raises ValueError on an unparsable token, older ones warn, which we turn into an error
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            values = np.fromstring(text, dtype=np.int64, sep=" ")
+    except (ValueError, DeprecationWarning):
         return None, "pixels: non-integer value"
     if side is None:
         side = math.isqrt(values.size)
