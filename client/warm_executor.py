@@ -72,6 +72,11 @@ def _child(spec: "object") -> None:
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
         exit_handler.registered_exit_handlers.clear()  # the parent's handlers are not ours to run
+        # This module's own package (`client`) is also the app's package name: drop it so the
+        # child imports the ClientApp from the FAB the server shipped, not from this installation.
+        package = (__spec__.name if __spec__ is not None else __name__).split(".")[0]
+        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+            del sys.modules[name]
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         sys.argv = ["flwr-clientapp"]  # Flower picks telemetry/exit labels from argv[0]

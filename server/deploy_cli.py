@@ -1,0 +1,514 @@
+"""`fedfer deploy …`: credentials, registration and start commands for a real federation
+(one Flower SuperLink at the coordinator, one SuperNode per school, one evaluation node).
+
+    fedfer deploy init --coordinator fl.district.example [--san 10.0.0.5 …] [--dir deploy]
+    fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln [--budget 8]
+    fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
+    fedfer deploy status | register NAME | revoke NAME | rotate NAME | up
+
+Secure by default: TLS (own CA, EC P-384) and SuperNode authentication (ECDSA P-384 node keys
+registered with `flwr supernode register`) are on; `--insecure` turns both off, loudly.
+The logic lives in functions (init_deployment, add_node, …) that tests and the benchmark call; the
+argparse handlers only translate arguments and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import secrets
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+INSECURE_WARNING = ("WARNING: --insecure: no TLS and no SuperNode authentication. Model updates travel in clear "
+                    "text and any machine that reaches the SuperLink can join the federation. Use only on a "
+                    "closed test network.")
+
+
+class DeployError(RuntimeError):
+    """A deploy command cannot proceed; the message names the file, node or command."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def default_flwr_home() -> Path:
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def write_cli_connection(dep: "Deployment", flwr_home: Path) -> Path:
+    """Add `[superlink.<connection>]` to `<flwr_home>/config.toml` with Flower's own writer."""
+    from flwr.cli.flower_config import write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+
+    conn = (SuperLinkConnection(dep.connection, address=dep.local_address, insecure=True) if dep.insecure else
+            SuperLinkConnection(dep.connection, address=dep.local_address, root_certificates=str(dep.ca_cert.resolve())))
+    previous = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(flwr_home)   # Flower resolves its config file from FLWR_HOME
+    try:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        write_superlink_connection(conn)
+    finally:
+        if previous is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = previous
+    return flwr_home / "config.toml"
+
+
+def superlink_running(dep: "Deployment") -> bool:
+    from server.deployment import port_open
+
+    return port_open("127.0.0.1", dep.port)
+
+
+def _flwr_json(result: Any, what: str) -> dict[str, Any]:
+    text = result.stdout
+    start, end = text.find("{"), text.rfind("}")
+    if result.returncode != 0 or start < 0:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        raise DeployError(f"{what} failed (exit {result.returncode}): {lines[-1] if lines else 'no output'}")
+    try:
+        return json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        raise DeployError(f"{what}: unexpected output: {text[-300:]}") from None
+
+
+def register_command(dep: "Deployment", public_key: Path) -> list[str]:
+    return ["flwr", "supernode", "register", str(public_key.resolve()), dep.connection]
+
+
+def register_key(dep: "Deployment", public_key: Path, flwr_home: Path) -> int:
+    """`flwr supernode register <pub> <connection>` → the node id Flower assigned."""
+    from server.deployment import run_flwr
+
+    result = run_flwr(["supernode", "register", str(public_key.resolve()), dep.connection, "--format", "json"],
+                      flwr_home=flwr_home, timeout=60)
+    data = _flwr_json(result, f"flwr supernode register {public_key}")
+    if not data.get("success") or "node-id" not in data:
+        raise DeployError(f"flwr supernode register {public_key}: {data}")
+    return int(data["node-id"])
+
+
+def unregister_node(dep: "Deployment", node_id: int, flwr_home: Path) -> None:
+    from server.deployment import run_flwr
+
+    result = run_flwr(["supernode", "unregister", str(node_id), dep.connection, "--format", "json"],
+                      flwr_home=flwr_home, timeout=60)
+    _flwr_json(result, f"flwr supernode unregister {node_id}")
+
+
+def list_nodes(dep: "Deployment", flwr_home: Path) -> dict[int, dict[str, Any]]:
+    """Flower's view of the registered nodes: node id → {status: online|offline|registered|…}."""
+    from server.deployment import run_flwr
+
+    result = run_flwr(["supernode", "list", dep.connection, "--format", "json"], flwr_home=flwr_home, timeout=60)
+    data = _flwr_json(result, "flwr supernode list")
+    return {int(n["node-id"]): n for n in data.get("nodes", [])}
+
+
+# ------------------------------------------------------------------------------------ operations
+def init_deployment(root: Path, coordinator: str, sans: Iterable[str] = (), *, port: int | None = None,
+                    bind: str | None = None, connection: str | None = None, insecure: bool = False,
+                    executor: str = "warm", flwr_home: Path | None = None, force: bool = False) -> "Deployment":
+    """Create the CA, the SuperLink certificate, the coordinator start script and the CLI connection."""
+    from privacy import credentials as cred
+    from server.deploy_layout import (DEFAULT_CONNECTION, DEFAULT_PORT, MANIFEST, Deployment, superlink_script,
+                                      write_script)
+
+    root = Path(root).resolve()
+    if (root / MANIFEST).exists() and not force:
+        raise DeployError(f"{root / MANIFEST} exists; a new CA would invalidate every school's folder "
+                          "(use --force to start over)")
+    names = cred.san_names([coordinator, *sans])          # validates every name, adds loopback
+    if executor not in ("warm", "flower"):
+        raise DeployError(f"--executor must be 'warm' or 'flower', got {executor!r}")
+    loopback = coordinator in ("localhost", "127.0.0.1", "::1")
+    dep = Deployment(root=root, coordinator=coordinator, port=port or DEFAULT_PORT,
+                     bind=bind or ("127.0.0.1" if loopback else "0.0.0.0"), sans=names,
+                     connection=connection or DEFAULT_CONNECTION, insecure=insecure, executor=executor)
+    for sub in ("ca", "coordinator", "keys", "nodes"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    if not insecure:
+        ca_key, ca_cert = cred.create_ca(f"fedfer CA for {coordinator}")
+        cred.write_private(dep.ca_key, cred.pem_private_key(ca_key))
+        cred.write_public(dep.ca_cert, cred.pem_certificate(ca_cert))
+        key, cert = cred.issue_server_certificate(ca_key, ca_cert, names)
+        cred.write_private(dep.superlink_key, cred.pem_private_key(key))
+        cred.write_public(dep.superlink_cert, cred.pem_certificate(cert))
+        cred.write_public(dep.coordinator_dir / "ca.crt", cred.pem_certificate(ca_cert))
+    dep.save()
+    write_script(dep.coordinator_dir / "start-superlink.sh", superlink_script(dep))
+    write_cli_connection(dep, flwr_home or default_flwr_home())
+    return dep
+
+
+def _try_register(dep: "Deployment", entry: "NodeEntry", public_key: Path, flwr_home: Path | None) -> str:
+    """Register now if the SuperLink answers; otherwise say how to do it later."""
+    if dep.insecure:
+        entry.status = "created"
+        return "insecure deployment: no node registration (any SuperNode may connect)"
+    if flwr_home is not None and superlink_running(dep):
+        entry.node_id = register_key(dep, public_key, flwr_home)
+        entry.status = "registered"
+        return f"registered with the SuperLink as node {entry.node_id}"
+    entry.status = "created"
+    return ("the SuperLink is not running; once it is, register this node with\n"
+            f"    fedfer deploy register {entry.name} --dir {dep.root}\n"
+            "  (which runs and records: " + shlex.join(register_command(dep, public_key)) + ")")
+
+
+def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, state_dir: Path | None = None,
+             budget: float | None = None, benchmarks: Iterable[str] = (), runtime_port: int | None = None,
+             flwr_home: Path | None = None) -> tuple["Deployment", str]:
+    """Create a node folder (keys, node-config, start script), keyring entry and registration."""
+    from privacy import credentials as cred
+    from server.deploy_layout import (Deployment, NodeEntry, check_node_name, evaluator_node_config, node_script,
+                                      school_node_config, write_node_config, write_script)
+
+    dep = Deployment.load(Path(root).resolve())
+    check_node_name(name)
+    if name in dep.nodes:
+        raise DeployError(f"node {name!r} already exists in {dep.root}; use `fedfer deploy rotate {name}` for new keys")
+    if budget is not None and not budget > 0:
+        raise DeployError(f"school {name}: --budget must be > 0, got {budget}")
+    folder = dep.node_dir(name)
+    if role == "school":
+        if data_dir is None:
+            raise DeployError(f"school {name}: --data-dir is required")
+        state = Path(state_dir) if state_dir else folder / "state"
+        config = school_node_config(name, Path(data_dir).expanduser().absolute(), state.expanduser().absolute(), budget)
+    else:
+        config = evaluator_node_config(benchmarks, Path(data_dir).expanduser().absolute() if data_dir else None)
+    port = runtime_port or dep.next_runtime_port()
+    if any(e.runtime_port == port for e in dep.nodes.values()):
+        raise DeployError(f"runtime port {port} is already used by another node of {dep.root}")
+    entry = NodeEntry(name=name, role=role, runtime_port=port, node_config=config)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not dep.insecure:
+        cred.write_public(folder / "ca.crt", dep.ca_cert.read_bytes())
+        key = cred.create_node_key(folder, "supernode", comment=f"fedfer-{name}")
+        entry.fingerprint = key.fingerprint
+    cred.write_private(folder / "superexec.secret", secrets.token_hex(32).encode())
+    write_node_config(folder / "node-config.toml", config)
+    if role == "school":
+        pem = cred.ledger_public_key_pem(Path(config["state-dir"]))
+        cred.write_public(dep.keyring / f"{name}.pub", pem.encode())
+    dep.nodes[name] = entry
+    message = _try_register(dep, entry, folder / "supernode.pub", flwr_home)
+    dep.save()
+    write_script(folder / "start.sh", node_script(dep, name))
+    return dep, message
+
+
+def register_pending(root: Path, name: str, flwr_home: Path) -> str:
+    """Register a node created while the SuperLink was down (status 'created')."""
+    from server.deploy_layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    entry = dep.node(name)
+    if entry.status == "registered":
+        return f"{name} is already registered as node {entry.node_id}"
+    if entry.status == "revoked":
+        raise DeployError(f"{name} is revoked; give it a new key with `fedfer deploy rotate {name}`")
+    if dep.insecure:
+        return "insecure deployment: no node registration"
+    if not superlink_running(dep):
+        raise DeployError(f"the SuperLink is not running on 127.0.0.1:{dep.port}; start "
+                          f"{dep.coordinator_dir / 'start-superlink.sh'} first")
+    entry.node_id = register_key(dep, dep.node_dir(name) / "supernode.pub", flwr_home)
+    entry.status = "registered"
+    dep.save()
+    return f"{name}: registered as node {entry.node_id}"
+
+
+def revoke_node(root: Path, name: str, flwr_home: Path) -> str:
+    """Unregister the node's key at the SuperLink; the SuperLink refuses it from then on."""
+    from server.deploy_layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    entry = dep.node(name)
+    if dep.insecure:
+        raise DeployError("insecure deployment: there is no node authentication to revoke (re-init without --insecure)")
+    if entry.status == "revoked":
+        return f"{name} is already revoked"
+    if entry.node_id is None:
+        raise DeployError(f"{name} was never registered (no node id in {dep.root / 'deployment.json'}); nothing to revoke")
+    if not superlink_running(dep):
+        raise DeployError(f"the SuperLink is not running on 127.0.0.1:{dep.port}; start it, then retry "
+                          f"(or run: flwr supernode unregister {entry.node_id} {dep.connection})")
+    unregister_node(dep, entry.node_id, flwr_home)
+    entry.revoked.append({"node_id": entry.node_id, "fingerprint": entry.fingerprint,
+                          "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    entry.status, entry.node_id = "revoked", None
+    dep.save()
+    return f"{name}: node unregistered; the SuperLink refuses its key from now on"
+
+
+def rotate_node(root: Path, name: str, flwr_home: Path) -> str:
+    """New SuperNode key: register the new one, then unregister the old one, then swap the files."""
+    from privacy import credentials as cred
+    from server.deploy_layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    entry = dep.node(name)
+    if dep.insecure:
+        raise DeployError("insecure deployment: nodes have no keys to rotate")
+    if not superlink_running(dep):
+        raise DeployError(f"the SuperLink is not running on 127.0.0.1:{dep.port}; rotation needs it (register new, unregister old)")
+    folder = dep.node_dir(name)
+    new = cred.create_node_key(folder, "supernode.new", comment=f"fedfer-{name}")
+    try:
+        new_id = register_key(dep, new.public_path, flwr_home)
+    except BaseException:
+        new.private_path.unlink(missing_ok=True)
+        new.public_path.unlink(missing_ok=True)
+        raise
+    old_id, old_fp = entry.node_id, entry.fingerprint
+    if old_id is not None:
+        unregister_node(dep, old_id, flwr_home)
+        entry.revoked.append({"node_id": old_id, "fingerprint": old_fp,
+                              "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    os.replace(new.private_path, folder / "supernode")
+    os.replace(new.public_path, folder / "supernode.pub")
+    entry.node_id, entry.fingerprint, entry.status = new_id, new.fingerprint, "registered"
+    dep.save()
+    return (f"{name}: new key {new.fingerprint} registered as node {new_id}"
+            + (f"; old node {old_id} unregistered" if old_id is not None else "")
+            + f". Copy {folder}/supernode to the site and restart its start.sh.")
+
+
+def deployment_status(root: Path, flwr_home: Path | None) -> dict[str, Any]:
+    """Credentials checks (files, modes, certificate validity and SANs) and, if the SuperLink runs,
+    Flower's online/offline view of every registered node."""
+    from privacy import credentials as cred
+    from server.deploy_layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    problems: list[str] = []
+    info: dict[str, Any] = {"dir": str(dep.root), "coordinator": dep.superlink_address, "connection": dep.connection,
+                            "insecure": dep.insecure, "executor": dep.executor, "superlink_running": superlink_running(dep)}
+    if not dep.insecure:
+        for path in (dep.superlink_key, *(dep.node_dir(n) / "supernode" for n in dep.nodes)):
+            if problem := cred.private_file_problem(path):
+                problems.append(problem)
+        try:
+            ca = cred.load_certificate(dep.ca_cert)
+            cert = cred.load_certificate(dep.superlink_cert)
+            cred.verify_issued_by(cert, ca)
+            info["certificate"] = {"sans": cred.certificate_sans(cert),
+                                   "expires": cert.not_valid_after_utc.date().isoformat()}
+            missing = [n for n in dep.sans if n not in info["certificate"]["sans"]]
+            if missing:
+                problems.append(f"{dep.superlink_cert}: SANs lack {', '.join(missing)}")
+            if cert.not_valid_after_utc - _dt.datetime.now(_dt.timezone.utc) < _dt.timedelta(days=30):
+                problems.append(f"{dep.superlink_cert}: expires {cert.not_valid_after_utc:%Y-%m-%d}")
+        except cred.CredentialError as exc:
+            problems.append(str(exc))
+    flower: dict[int, dict[str, Any]] = {}
+    if info["superlink_running"] and flwr_home is not None and not dep.insecure:
+        try:
+            flower = list_nodes(dep, flwr_home)
+        except DeployError as exc:
+            problems.append(str(exc))
+    nodes = []
+    for name, entry in sorted(dep.nodes.items()):
+        row = {"name": name, "role": entry.role, "status": entry.status, "node_id": entry.node_id,
+               "fingerprint": entry.fingerprint, "runtime_port": entry.runtime_port}
+        if entry.node_id is not None and flower:
+            row["flower"] = flower.get(entry.node_id, {}).get("status", "unknown")
+        if entry.role == "school" and not (dep.keyring / f"{name}.pub").exists():
+            problems.append(f"{dep.keyring / (name + '.pub')}: ledger key missing for school {name}")
+        nodes.append(row)
+    info["nodes"] = nodes
+    info["problems"] = problems
+    return info
+
+
+# ------------------------------------------------------------------------------------ argparse
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.flwr_home).expanduser().resolve() if args.flwr_home else default_flwr_home()
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    dep = init_deployment(Path(args.dir), args.coordinator, args.san, port=args.port, bind=args.bind,
+                          connection=args.connection, insecure=args.insecure, executor=args.executor,
+                          flwr_home=_home(args), force=args.force)
+    print(f"deployment in {dep.root}")
+    if not dep.insecure:
+        print(f"  CA            {dep.ca_cert}   (keep {dep.ca_key} offline once nodes are issued)")
+        print(f"  SuperLink     {dep.superlink_cert}  SANs: {', '.join(dep.sans)}")
+    print(f"  start         {dep.coordinator_dir / 'start-superlink.sh'}   (listens on {dep.bind}:{dep.port})")
+    print(f"  Flower CLI    connection '{dep.connection}' in {_home(args) / 'config.toml'}")
+    print(f"  then          fedfer deploy add-school NAME --data-dir PATH --dir {args.dir}")
+    print(f"  run           flwr run . {dep.connection} --stream -c 'privacy.keyring=\"{dep.keyring}\"'")
+    return 0
+
+
+def _print_node(dep: Any, name: str, message: str) -> None:
+    folder = dep.node_dir(name)
+    entry = dep.nodes[name]
+    print(f"{entry.role} '{name}' in {folder}")
+    if entry.fingerprint:
+        print(f"  node key      {folder / 'supernode'} (0600)  {entry.fingerprint}")
+    print(f"  node-config   {folder / 'node-config.toml'}: " + " ".join(f"{k}={v}" for k, v in entry.node_config.items()))
+    if entry.role == "school":
+        print(f"  ledger key    {dep.keyring / (name + '.pub')} (server keyring)")
+    print(f"  {message}")
+    print(f"  start         {folder / 'start.sh'}   (copy the folder to the site; runtime port {entry.runtime_port})")
+
+
+def _cmd_add_school(args: argparse.Namespace) -> int:
+    dep, message = add_node(Path(args.dir), args.name, "school", data_dir=Path(args.data_dir), state_dir=args.state_dir,
+                            budget=args.budget, runtime_port=args.runtime_port, flwr_home=_home(args))
+    _print_node(dep, args.name, message)
+    return 0
+
+
+def _cmd_evaluator(args: argparse.Namespace) -> int:
+    dep, message = add_node(Path(args.dir), args.name, "evaluator", data_dir=args.data_dir, benchmarks=args.benchmark,
+                            runtime_port=args.runtime_port, flwr_home=_home(args))
+    _print_node(dep, args.name, message)
+    return 0
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    print(register_pending(Path(args.dir), args.name, _home(args)))
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    print(revoke_node(Path(args.dir), args.name, _home(args)))
+    return 0
+
+
+def _cmd_rotate(args: argparse.Namespace) -> int:
+    print(rotate_node(Path(args.dir), args.name, _home(args)))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    info = deployment_status(Path(args.dir), _home(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"deployment {info['dir']}: SuperLink {info['coordinator']} "
+              f"({'running' if info['superlink_running'] else 'not running'} here), connection '{info['connection']}'"
+              + (", INSECURE" if info["insecure"] else ""))
+        if "certificate" in info:
+            print(f"  certificate expires {info['certificate']['expires']}, SANs {', '.join(info['certificate']['sans'])}")
+        print(f"  {'node':<20} {'role':<10} {'status':<11} {'flower':<12} {'node id':<22} key")
+        for row in info["nodes"]:
+            print(f"  {row['name']:<20} {row['role']:<10} {row['status']:<11} {row.get('flower', '-'):<12} "
+                  f"{str(row['node_id'] or '-'):<22} {row['fingerprint'] or '-'}")
+        for problem in info["problems"]:
+            print(f"  PROBLEM: {problem}")
+    return 1 if info["problems"] else 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    """Start the SuperLink and every node of the deployment on this machine (a one-machine trial)."""
+    from server.deploy_layout import Deployment
+    from server.deployment import LocalFederation
+
+    dep = Deployment.load(Path(args.dir).resolve())
+    with LocalFederation(dep, log_dir=dep.root / "logs", flwr_home=_home(args)) as fed:
+        fed.start_superlink()
+        for name in dep.nodes:
+            if dep.nodes[name].status != "revoked":
+                fed.start_node(name, superlink=dep.local_address)
+        print(f"running: SuperLink 127.0.0.1:{dep.port} + {len(fed.nodes)} node(s); logs in {dep.root / 'logs'}; Ctrl-C stops all")
+        try:
+            while all(p.alive() for p in fed.supervisor.processes):
+                time.sleep(1)
+            dead = [p.name for p in fed.supervisor.processes if not p.alive()]
+            print(f"stopped: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+
+
+def _wrap(handler):  # one-line errors, exit 2
+    def run(args: argparse.Namespace) -> int:
+        from privacy.credentials import CredentialError
+        from server.deploy_layout import LayoutError
+        from server.deployment import DeploymentError
+
+        try:
+            return handler(args)
+        except (DeployError, CredentialError, LayoutError, DeploymentError) as exc:
+            print(f"fedfer deploy: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    deploy = sub.add_parser("deploy", help="credentials, registration and start commands for a real federation",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = deploy.add_subparsers(dest="deploy_command", metavar="STEP")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dir", default="deploy", help="deployment directory (default: deploy/)")
+        p.add_argument("--flwr-home", default=None, help="Flower CLI home with config.toml (default: $FLWR_HOME or ~/.flwr)")
+
+    p = dsub.add_parser("init", help="CA, SuperLink certificate, coordinator start script, Flower CLI connection")
+    p.add_argument("--coordinator", required=True, help="host name or address the schools dial")
+    p.add_argument("--san", action="append", default=[], metavar="NAME", help="extra host name/address for the certificate (repeat)")
+    p.add_argument("--port", type=int, default=None, help="SuperLink port (default 9093)")
+    p.add_argument("--bind", default=None, help="address the SuperLink listens on (default 0.0.0.0; 127.0.0.1 for a loopback coordinator)")
+    p.add_argument("--connection", default=None, help="Flower CLI connection name (default 'fedfer')")
+    p.add_argument("--executor", choices=("warm", "flower"), default="warm",
+                   help="warm: one warm ClientApp executor per node (fast rounds, default); flower: a fresh process per message")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing deployment (new CA)")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_init))
+
+    p = dsub.add_parser("add-school", help="a school's node key, ledger key, node-config, registration and start script")
+    p.add_argument("name")
+    p.add_argument("--data-dir", required=True, help="the school's data folder, as a path on the school's machine")
+    p.add_argument("--state-dir", default=None, help="the school's state folder (default: <node folder>/state)")
+    p.add_argument("--budget", type=float, default=None, help="lifetime ε budget (default: privacy.budget of the run)")
+    p.add_argument("--runtime-port", type=int, default=None, help="the SuperNode's local Runtime API port (default: next free from 9101)")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_add_school))
+
+    p = dsub.add_parser("evaluator", help="the evaluation node (public benchmarks)")
+    p.add_argument("--name", default="evaluator")
+    p.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH", required=True,
+                   help="a benchmark spec, repeat for several (see `fedfer evaluate --help`)")
+    p.add_argument("--data-dir", default=None, help="root for synthetic benchmarks (optional)")
+    p.add_argument("--runtime-port", type=int, default=None)
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_evaluator))
+
+    p = dsub.add_parser("register", help="register a node created while the SuperLink was not running")
+    p.add_argument("name")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_register))
+
+    p = dsub.add_parser("revoke", help="unregister a node: the SuperLink refuses its key")
+    p.add_argument("name")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_revoke))
+
+    p = dsub.add_parser("rotate", help="new node key: register it, unregister the old one")
+    p.add_argument("name")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_rotate))
+
+    p = dsub.add_parser("status", help="check credentials and show every node (and Flower's online view)")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_status))
+
+    p = dsub.add_parser("up", help="start the SuperLink and all nodes on this machine (one-machine trial)")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_up))
+
+    deploy.set_defaults(func=lambda args: (deploy.print_help(), 2)[1])
