@@ -1,0 +1,65 @@
+"""Crash-safe writes for the privacy state (accountant JSON, ledgers).
+
+Everything goes through write-to-temp, fsync, rename, fsync-directory: after a crash a reader sees
+the old file or the new one, never a torn line. Ledgers are small (one line per school and round), so
+rewriting the whole file on an append costs nothing worth optimising. ``locked`` serialises
+read-modify-write cycles between processes of the same school (or server) with an advisory lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_line_atomic(path: Path, line: str) -> None:
+    """Append one line (no newline inside) as an all-or-nothing replacement of the file."""
+    if "\n" in line or "\r" in line:
+        raise ValueError("a ledger line must not contain a newline")
+    path = Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        raise ValueError(f"{path}: last line has no newline; the file was edited outside fedfer")
+    atomic_write_bytes(path, old + line.encode("utf-8") + b"\n")
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``<path>.lock`` for the duration of the block."""
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

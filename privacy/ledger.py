@@ -1,0 +1,514 @@
+"""The privacy ledger: one signed, hash-chained JSON line per school per round (DESIGN.md §4).
+
+Entry fields (schema 1):
+
+======================  =====================================================================
+``schema``              1
+``event``               ``"round"`` (the school trained and released an update) or
+                        ``"refused"`` (it declined; ``reason`` = ``"budget-exhausted"``; ``steps``
+                        is 0 and ``planned_steps`` holds what it would have trained)
+``school_id``           the school (the ledger owner)
+``dataset_fingerprint`` sha256 of the school's dataset description (accounting is per fingerprint)
+``run_id``, ``round``   the federation run and round
+``run_seq``             index of this entry among the school's entries of this run (0, 1, …): lets an
+                        auditor of the server's per-run copy see that nothing before it is missing
+``privacy_unit``        ``student`` | ``image``
+``sample_rate``         Poisson rate q of privacy units per step
+``noise_multiplier``    σ
+``max_grad_norm``       clipping norm C (per unit)
+``steps``               DP steps trained in this round
+``delta``               δ the ε figures are for
+``accountant``          the budget accountant (``prv``)
+``history_before``      the school's accountant history for this fingerprint *before* this entry,
+                        compressed to [[σ, q, steps], …] with equal (σ, q) merged; the auditor
+                        recomputes ε = accountant(history_before + this round) and checks that
+                        consecutive entries' histories follow from each other
+``epsilon``             ε after this round (PRV), as the school computed it — never trusted by audit
+``epsilon_rdp``         ε after this round by RDP (reported beside)
+``budget``              the school's lifetime ε budget (null = none)
+``key_id``              short id of the signing public key (diagnostics only)
+``timestamp``           UTC ISO-8601
+``prev_hash``           ``hash`` of the school's previous entry; ``"0"*64`` for its first entry ever
+``hash``                sha256 of the canonical JSON (sorted keys, no spaces, UTF-8) of every field
+                        except ``hash`` and ``signature``
+``signature``           Ed25519 signature of the school over the ASCII hex ``hash``, base64
+======================  =====================================================================
+
+Non-finite ε is written as the string ``"inf"`` (JSON has no infinity). Extra scalar fields are
+allowed and covered by the hash and the signature.
+
+The school's authoritative copy is ``<state_dir>/ledger.jsonl`` (all runs, chained from genesis);
+the server keeps ``<run_dir>/ledger/<school>.jsonl`` for each run (:class:`ServerLedgerCopy`),
+chained from wherever the school's history was when the run began.
+
+What a hash chain cannot show on its own: a deleted *last* line (the copy is just shorter). The
+auditor catches that by comparing the school's copy with the server's (``fedfer privacy audit`` given
+both) — each is the other's anchor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from privacy.atomic_files import append_line_atomic, atomic_write_text, locked
+from privacy.signing import key_id, load_public_key, public_key_pem, sign_hash, verify_hash_signature
+
+SCHEMA = 1
+GENESIS_HASH = "0" * 64
+LEDGER_FILE = "ledger.jsonl"
+EVENTS = ("round", "refused")
+REFUSAL_REASONS = ("budget-exhausted",)
+PRIVACY_UNITS = ("student", "image")
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# field -> kind; kinds: str, int, num (int or float, finite), eps (num or "inf"), budget (num or null),
+# history (list of [σ, q, steps]), hex (64 lowercase hex)
+_COMMON_FIELDS: dict[str, str] = {
+    "schema": "int", "event": "str", "school_id": "str", "dataset_fingerprint": "str", "run_id": "str",
+    "round": "int", "run_seq": "int", "privacy_unit": "str", "sample_rate": "num", "noise_multiplier": "num",
+    "max_grad_norm": "num", "steps": "int", "delta": "num", "accountant": "str",
+    "history_before": "history", "epsilon": "eps", "epsilon_rdp": "eps", "budget": "budget",
+    "key_id": "str", "timestamp": "str", "prev_hash": "hex", "hash": "hex", "signature": "str",
+}
+_REFUSAL_FIELDS: dict[str, str] = {"reason": "str", "planned_steps": "int"}
+# Set by the ledger, never by the caller of append().
+_LEDGER_SET = ("schema", "run_seq", "key_id", "prev_hash", "hash", "signature")
+
+
+class LedgerError(ValueError):
+    """A ledger problem, phrased ``<source> line N (school X): <what is wrong>``."""
+
+
+def _where(source: str, line: int | None, school: str | None) -> str:
+    parts = source
+    if line is not None:
+        parts += f" line {line}"
+    if school:
+        parts += f" (school {school})"
+    return parts
+
+
+def canonical_json(fields: Mapping[str, Any]) -> bytes:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    """sha256 over the canonical JSON of every field except ``hash`` and ``signature``."""
+    body = {k: v for k, v in entry.items() if k not in ("hash", "signature")}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def epsilon_value(value: Any) -> float:
+    """A stored ε (number or "inf") as a float."""
+    return math.inf if value == "inf" else float(value)
+
+
+def _encode_eps(value: float) -> float | str:
+    value = float(value)
+    if math.isnan(value):
+        raise LedgerError("epsilon is NaN")
+    return "inf" if math.isinf(value) else value
+
+
+def history_key(history: Iterable[Sequence]) -> dict[tuple[float, float], int]:
+    """Compressed history as {(σ, q): steps} — the form in which two histories are compared."""
+    from privacy.accounting import compress_history
+
+    return {(s, q): n for s, q, n in compress_history(history)}
+
+
+def _history_list(history: Iterable[Sequence]) -> list[list]:
+    from privacy.accounting import compress_history
+
+    return [[s, q, n] for s, q, n in compress_history(history)]
+
+
+def check_entry_fields(entry: Any, where: str) -> None:
+    """Schema and type checks of one entry (not hash, signature or chain)."""
+    if not isinstance(entry, dict):
+        raise LedgerError(f"{where}: not a JSON object")
+    event = entry.get("event")
+    if event not in EVENTS:
+        raise LedgerError(f"{where}: field 'event' is {event!r}, expected one of {EVENTS}")
+    spec = dict(_COMMON_FIELDS)
+    if event == "refused":
+        spec.update(_REFUSAL_FIELDS)
+    for name, kind in spec.items():
+        if name not in entry:
+            raise LedgerError(f"{where}: field '{name}' missing")
+        value = entry[name]
+        ok = {
+            "str": lambda v: isinstance(v, str) and v != "",
+            "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "num": _is_num,
+            "eps": lambda v: v == "inf" or (_is_num(v) and v >= 0),
+            "budget": lambda v: v is None or (_is_num(v) and v >= 0),
+            "hex": lambda v: isinstance(v, str) and bool(_HEX64.match(v)),
+            "history": lambda v: isinstance(v, list) and all(
+                isinstance(e, list) and len(e) == 3 and _is_num(e[0]) and _is_num(e[1])
+                and isinstance(e[2], int) and not isinstance(e[2], bool) for e in v),
+        }[kind](value)
+        if not ok:
+            raise LedgerError(f"{where}: field '{name}' has a bad value {value!r}")
+    for name, value in entry.items():
+        if name not in spec:
+            if not _FIELD_NAME.match(name):
+                raise LedgerError(f"{where}: unexpected field name {name!r}")
+            if not (value is None or isinstance(value, (str, bool)) or _is_num(value)):
+                raise LedgerError(f"{where}: extra field '{name}' must be a scalar, got {value!r}")
+    if entry["schema"] != SCHEMA:
+        raise LedgerError(f"{where}: schema {entry['schema']} is not supported (this fedfer reads {SCHEMA})")
+    if entry["privacy_unit"] not in PRIVACY_UNITS:
+        raise LedgerError(f"{where}: privacy_unit {entry['privacy_unit']!r} not one of {PRIVACY_UNITS}")
+    if not (0 <= entry["sample_rate"] <= 1):
+        raise LedgerError(f"{where}: sample_rate {entry['sample_rate']} outside [0, 1]")
+    if not (0 < entry["delta"] < 1):
+        raise LedgerError(f"{where}: delta {entry['delta']} outside (0, 1)")
+    if entry["noise_multiplier"] < 0 or entry["max_grad_norm"] < 0:
+        raise LedgerError(f"{where}: negative noise_multiplier or max_grad_norm")
+    if event == "refused":
+        if entry["reason"] not in REFUSAL_REASONS:
+            raise LedgerError(f"{where}: refusal reason {entry['reason']!r} not one of {REFUSAL_REASONS}")
+        if entry["steps"] != 0:
+            raise LedgerError(f"{where}: a refused round must have steps 0, has {entry['steps']}")
+
+
+@dataclass
+class _ChainState:
+    """What the next entry of a chain must agree with."""
+
+    last_hash: str | None                           # None: any prev_hash accepted (first entry of a copy)
+    run_counts: dict[str, int]                      # run_id -> entries seen
+    histories: dict[str, dict[tuple[float, float], int]]  # fingerprint -> history after entries seen
+    trust_first_history: bool                       # partial copies: a fingerprint's first history_before is taken as signed
+
+
+def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, where_of) -> None:
+    school = entry.get("school_id") if isinstance(entry, dict) else None
+    where = where_of(school)
+    check_entry_fields(entry, where)
+    if entry_hash(entry) != entry["hash"]:
+        raise LedgerError(f"{where}: hash does not match the entry's content (edited after signing)")
+    if not verify_hash_signature(public_key, entry["hash"], entry["signature"]):
+        raise LedgerError(f"{where}: signature does not verify with the school's public key "
+                          f"{key_id(public_key)} (entry names key {entry['key_id']})")
+    if state.last_hash is not None and entry["prev_hash"] != state.last_hash:
+        expected = "the genesis hash" if state.last_hash == GENESIS_HASH else f"the previous entry's hash {state.last_hash[:12]}…"
+        raise LedgerError(f"{where}: prev_hash {entry['prev_hash'][:12]}… does not match {expected} "
+                          f"(a line was deleted, inserted or reordered)")
+    run_id = entry["run_id"]
+    expected_seq = state.run_counts.get(run_id, 0)
+    if entry["run_seq"] != expected_seq:
+        raise LedgerError(f"{where}: run_seq {entry['run_seq']} but {expected_seq} entries of run {run_id!r} precede it "
+                          f"(entries of this run are missing or duplicated)")
+    fp = entry["dataset_fingerprint"]
+    before = history_key(entry["history_before"])
+    if fp in state.histories:
+        if before != state.histories[fp]:
+            raise LedgerError(f"{where}: history_before does not follow from the earlier entries for dataset {fp[:16]}")
+    elif not state.trust_first_history and before:
+        raise LedgerError(f"{where}: first entry for dataset {fp[:16]} claims earlier spending {entry['history_before']} "
+                          f"that no earlier entry records")
+    after = dict(before)
+    if entry["event"] == "round":
+        step = history_key([(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])])
+        for k, n in step.items():
+            after[k] = after.get(k, 0) + n
+    state.histories[fp] = after
+    state.run_counts[run_id] = expected_seq + 1
+    state.last_hash = entry["hash"]
+
+
+def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | Path, *, source: str,
+                   school_id: str | None = None, start: str = "genesis", first_line: int = 1) -> None:
+    """Check a chain of entries: fields, hashes, signatures, prev_hash links, run_seq and
+    history_before continuity. Raises ``LedgerError("<source> line N (school X): …")`` at the first
+    problem.
+
+    ``start="genesis"``: the school's own ledger — the first entry links to ``"0"*64``.
+    ``start="run"``: a per-run copy — the first entry may link to earlier history the copy does not
+    hold, but must be entry 0 of its run (``run_seq`` 0), and every entry must be of that one run.
+    """
+    if start not in ("genesis", "run"):
+        raise ValueError(f"start must be 'genesis' or 'run', got {start!r}")
+    public_key = load_public_key(public_key)
+    state = _ChainState(last_hash=GENESIS_HASH if start == "genesis" else None, run_counts={}, histories={},
+                        trust_first_history=start == "run")
+    expected_school = school_id
+    run_of_copy = None
+    for i, entry in enumerate(entries):
+        line = first_line + i
+        _check_one(entry, public_key, state, lambda s, line=line: _where(source, line, s or expected_school))
+        if expected_school is None:
+            expected_school = entry["school_id"]
+        elif entry["school_id"] != expected_school:
+            raise LedgerError(f"{_where(source, line, expected_school)}: entry belongs to school {entry['school_id']!r}")
+        if start == "run":
+            run_of_copy = run_of_copy or entry["run_id"]
+            if entry["run_id"] != run_of_copy:
+                raise LedgerError(f"{_where(source, line, expected_school)}: entry of run {entry['run_id']!r} in the "
+                                  f"copy of run {run_of_copy!r}")
+
+
+def read_ledger_file(path: Path, *, school_id: str | None = None) -> list[dict]:
+    """Parse a ledger file strictly: every line one JSON object, no blank or torn lines."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot read ({exc.strerror})") from exc
+    if data and not data.endswith(b"\n"):
+        torn_line = data.count(b"\n") + 1
+        raise LedgerError(f"{_where(str(path), torn_line, school_id)}: torn last line (no newline)")
+    entries = []
+    for n, raw in enumerate(data.split(b"\n")[:-1] if data else [], start=1):
+        try:
+            entry = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LedgerError(f"{_where(str(path), n, school_id)}: not valid JSON ({exc})") from exc
+        entries.append(entry)
+    return entries
+
+
+def _line(entry: Mapping[str, Any]) -> str:
+    return json.dumps(entry, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
+
+
+class SchoolLedger:
+    """The school's authoritative ledger, ``<state_dir>/ledger.jsonl``, chained from genesis.
+
+    Opening verifies the whole file with the school's own key: a school never appends to a ledger
+    it cannot vouch for.
+    """
+
+    def __init__(self, state_dir: Path, school_id: str, signing_key: Ed25519PrivateKey) -> None:
+        self.state_dir = Path(state_dir)
+        self.school_id = str(school_id)
+        self.signing_key = signing_key
+        self.public_key = signing_key.public_key()
+        self.path = self.state_dir / LEDGER_FILE
+        self._entries = self._read()
+
+    def _read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        entries = read_ledger_file(self.path, school_id=self.school_id)
+        verify_entries(entries, self.public_key, source=str(self.path), school_id=self.school_id, start="genesis")
+        return entries
+
+    @property
+    def entries(self) -> list[dict]:
+        return [dict(e) for e in self._entries]
+
+    def entries_for_run(self, run_id: str) -> list[dict]:
+        return [dict(e) for e in self._entries if e["run_id"] == run_id]
+
+    @property
+    def last_hash(self) -> str:
+        return self._entries[-1]["hash"] if self._entries else GENESIS_HASH
+
+    def last_entry_for(self, fingerprint: str) -> dict | None:
+        for entry in reversed(self._entries):
+            if entry["dataset_fingerprint"] == fingerprint:
+                return dict(entry)
+        return None
+
+    def append(self, **fields: Any) -> dict:
+        """Complete, sign and durably append one entry; returns it as written.
+
+        The caller gives the round's fields (see the module docstring); ``schema``, ``run_seq``,
+        ``key_id``, ``prev_hash``, ``hash`` and ``signature`` are set here, ``event`` defaults to
+        ``"round"`` and ``timestamp`` to now.
+        """
+        for name in _LEDGER_SET:
+            if name in fields:
+                raise LedgerError(f"{self.path}: field '{name}' is set by the ledger, not by the caller")
+        if fields.get("school_id", self.school_id) != self.school_id:
+            raise LedgerError(f"{self.path}: entry for school {fields['school_id']!r} in the ledger of {self.school_id!r}")
+        with locked(self.path):
+            self._entries = self._read()  # another process of this school may have appended
+            entry: dict[str, Any] = {"schema": SCHEMA, "event": fields.pop("event", "round"),
+                                     "school_id": self.school_id}
+            entry.update(fields)
+            for name in ("epsilon", "epsilon_rdp"):
+                if name in entry and entry[name] is not None and not isinstance(entry[name], str):
+                    entry[name] = _encode_eps(entry[name])
+            for name in ("sample_rate", "noise_multiplier", "max_grad_norm", "delta"):
+                if _is_num(entry.get(name)):
+                    entry[name] = float(entry[name])
+            if "history_before" in entry:
+                entry["history_before"] = _history_list(entry["history_before"])
+            entry.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            entry["run_seq"] = sum(1 for e in self._entries if e["run_id"] == entry.get("run_id"))
+            entry["key_id"] = key_id(self.public_key)
+            entry["prev_hash"] = self.last_hash
+            entry["hash"] = "0" * 64  # placeholder so the field checks run before hashing
+            entry["signature"] = "-"
+            where = f"{self.path} line {len(self._entries) + 1} (school {self.school_id})"
+            check_entry_fields(entry, where)
+            entry["hash"] = entry_hash(entry)
+            entry["signature"] = sign_hash(self.signing_key, entry["hash"])
+            # the same checks an auditor runs, so nothing unverifiable is ever written
+            _check_one(entry, self.public_key, self._chain_state(), lambda s: where)
+            append_line_atomic(self.path, _line(entry))
+            self._entries.append(entry)
+        return dict(entry)
+
+    def _chain_state(self) -> _ChainState:
+        state = _ChainState(last_hash=GENESIS_HASH, run_counts={}, histories={}, trust_first_history=False)
+        noop = lambda s: str(self.path)  # noqa: E731 — already verified on read
+        for e in self._entries:
+            _check_one(e, self.public_key, state, noop)
+        return state
+
+
+class ServerLedgerCopy:
+    """The server's per-run copy, ``<run_dir>/ledger/<school>.jsonl``, plus the school's public key
+    in ``<run_dir>/keys/<school>.pub`` (the layout ``fedfer privacy audit RUN_DIR`` reads)."""
+
+    @staticmethod
+    def path(run_dir: Path, school_id: str) -> Path:
+        _check_school_name(school_id)
+        return Path(run_dir) / "ledger" / f"{school_id}.jsonl"
+
+    @staticmethod
+    def store_public_key(run_dir: Path, school_id: str, public_key: Ed25519PublicKey | str | Path) -> Path:
+        _check_school_name(school_id)
+        path = Path(run_dir) / "keys" / f"{school_id}.pub"
+        pem = public_key_pem(load_public_key(public_key))
+        if path.exists() and path.read_text(encoding="ascii") != pem:
+            raise LedgerError(f"{path}: school {school_id} already has a different public key in this run")
+        if not path.exists():
+            atomic_write_text(path, pem)
+        return path
+
+    @staticmethod
+    def append_verified(run_dir: Path, school_id: str, entry: Mapping[str, Any],
+                        public_key: Ed25519PublicKey | str | Path) -> bool:
+        """Verify one entry from a school's reply and store it. Returns False if it was already
+        stored (a retried reply), True if appended. Raises LedgerError if the signature, hash or
+        fields are bad, if it is not the school's, or if it does not link to the last entry stored
+        for the school — the first entry stored in a run may link to any earlier history but must
+        be the school's first entry of the run (``run_seq`` 0); otherwise use :meth:`sync_verified`.
+        """
+        return bool(ServerLedgerCopy.sync_verified(run_dir, school_id, [entry], public_key))
+
+    @staticmethod
+    def sync_verified(run_dir: Path, school_id: str, entries: Sequence[Mapping[str, Any]],
+                      public_key: Ed25519PublicKey | str | Path) -> list[dict]:
+        """Store the entries (the school's entries of this run, or a suffix of them) that the copy
+        does not hold yet, after verifying that they extend it. Returns the newly stored ones."""
+        path = ServerLedgerCopy.path(run_dir, school_id)
+        public_key = load_public_key(public_key)
+        source = f"reply from school {school_id}"
+        stored_new: list[dict] = []
+        with locked(path):
+            stored = read_ledger_file(path, school_id=school_id) if path.exists() else []
+            verify_entries(stored, public_key, source=str(path), school_id=school_id, start="run")
+            state = _ChainState(last_hash=None, run_counts={}, histories={}, trust_first_history=True)
+            noop = lambda s: str(path)  # noqa: E731
+            for e in stored:
+                _check_one(e, public_key, state, noop)
+            known = {e["hash"] for e in stored}
+            run_of_copy = stored[0]["run_id"] if stored else None
+            for i, entry in enumerate(entries):
+                entry = dict(entry)
+                where_of = lambda s, i=i: _where(source, None, school_id) + f" entry {i + 1}"  # noqa: E731
+                if isinstance(entry.get("hash"), str) and entry["hash"] in known:
+                    continue
+                if entry.get("school_id") != school_id:
+                    raise LedgerError(f"{where_of(None)}: entry names school {entry.get('school_id')!r}")
+                if run_of_copy is not None and entry.get("run_id") != run_of_copy:
+                    raise LedgerError(f"{where_of(None)}: entry of run {entry.get('run_id')!r}, this copy is run {run_of_copy!r}")
+                _check_one(entry, public_key, state, where_of)
+                run_of_copy = entry["run_id"]
+                append_line_atomic(path, _line(entry))
+                known.add(entry["hash"])
+                stored_new.append(entry)
+        return stored_new
+
+
+def _check_school_name(school_id: str) -> None:
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", str(school_id)):
+        raise LedgerError(f"school id {school_id!r} is not usable as a file name (letters, digits, _ . - only)")
+
+
+def record_round(acct, ledger: SchoolLedger, *, run_id: str, round: int, privacy_unit: str,
+                 noise_multiplier: float, sample_rate: float, steps: int, max_grad_norm: float,
+                 delta: float, budget: float | None, accountant: str = "prv", **extra: Any) -> dict:
+    """After a round's training, before its update leaves the school: append the signed ledger entry
+    and record the round in the accountant. Returns the entry (send it with the reply).
+
+    Order: ledger first, then accountant. A crash between the two leaves the accountant one round
+    behind the ledger; :func:`reconcile` (called here first) restores it, so spending is never lost.
+    """
+    reconcile(acct, ledger)
+    history_before = acct.history
+    planned = [(noise_multiplier, sample_rate, steps)]
+    from privacy.accounting import epsilon_of
+
+    entry = ledger.append(
+        event="round", dataset_fingerprint=acct.fingerprint, run_id=str(run_id), round=int(round),
+        privacy_unit=privacy_unit, sample_rate=float(sample_rate), noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm), steps=int(steps), delta=float(delta), accountant=accountant,
+        history_before=history_before,
+        epsilon=epsilon_of(history_before + planned, delta, accountant),
+        epsilon_rdp=epsilon_of(history_before + planned, delta, "rdp"),
+        budget=None if budget is None or math.isinf(budget) else float(budget), **extra,
+    )
+    acct.record(noise_multiplier, sample_rate, steps)
+    return entry
+
+
+def record_refusal(acct, ledger: SchoolLedger, *, run_id: str, round: int, privacy_unit: str,
+                   noise_multiplier: float, sample_rate: float, planned_steps: int, max_grad_norm: float,
+                   delta: float, budget: float | None, reason: str = "budget-exhausted",
+                   accountant: str = "prv", **extra: Any) -> dict:
+    """Append a signed ``refused`` entry (nothing trained, nothing spent); ε is the current one."""
+    reconcile(acct, ledger)
+    history = acct.history
+    from privacy.accounting import epsilon_of
+
+    return ledger.append(
+        event="refused", reason=reason, planned_steps=int(planned_steps), dataset_fingerprint=acct.fingerprint,
+        run_id=str(run_id), round=int(round), privacy_unit=privacy_unit, sample_rate=float(sample_rate),
+        noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm), steps=0,
+        delta=float(delta), accountant=accountant, history_before=history,
+        epsilon=epsilon_of(history, delta, accountant), epsilon_rdp=epsilon_of(history, delta, "rdp"),
+        budget=None if budget is None or math.isinf(budget) else float(budget), **extra,
+    )
+
+
+def reconcile(acct, ledger: SchoolLedger) -> None:
+    """Bring the accountant up to the ledger if a crash fell between ledger append and accountant
+    record. Raises LedgerError if they disagree in any other way (the accountant file or the ledger
+    was replaced or edited): silently picking one could under-count spending."""
+    last = ledger.last_entry_for(acct.fingerprint)
+    if last is None:
+        return
+    acct_hist = history_key(acct.history)
+    after = history_key(last["history_before"] + (
+        [[last["noise_multiplier"], last["sample_rate"], last["steps"]]] if last["event"] == "round" else []))
+    if acct_hist == after:
+        return
+    if last["event"] == "round" and acct_hist == history_key(last["history_before"]):
+        acct.record(last["noise_multiplier"], last["sample_rate"], last["steps"])
+        return
+    raise LedgerError(f"{ledger.path}: accountant {acct.path} disagrees with the ledger for dataset "
+                      f"{acct.fingerprint[:16]} (ledger: {sorted(after.items())}, accountant: {sorted(acct_hist.items())})")

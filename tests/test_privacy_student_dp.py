@@ -1,0 +1,126 @@
+"""Student-level DP-SGD: the per-unit gradient is the clipped sum of that unit's per-frame gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from privacy.student_dp import PrivateTrainer
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.GroupNorm(1, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 1, 6, 6, generator=g)
+    y = torch.randint(0, 4, (12,), generator=g)
+    # uneven students: a has 5 frames, b 4, c 3 (interleaved, so grouping by id matters)
+    ids = ["a", "b", "c", "a", "b", "c", "a", "b", "c", "a", "b", "a"]
+    return TensorDataset(x, y), ids
+
+
+def _unit_grad(model: nn.Module, ds, frames: list[int]) -> list[torch.Tensor]:
+    m = copy.deepcopy(model)
+    x = torch.stack([ds[i][0] for i in frames])
+    y = torch.stack([ds[i][1] for i in frames])
+    m.zero_grad()
+    _loss(m, x, y).sum().backward()
+    return [p.grad.detach().clone() for p in m.parameters()]
+
+
+def _clip(grads: list[torch.Tensor], c: float) -> list[torch.Tensor]:
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    factor = min(1.0, c / (float(norm) + 1e-6))
+    return [g * factor for g in grads]
+
+
+@pytest.mark.parametrize("clip", [1e6, 0.05])
+def test_student_update_is_clipped_sum_of_its_frames(clip):
+    ds, ids = _data()
+    model = _model()
+    start = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainer = PrivateTrainer(model, opt, ds, ids, units_per_batch=2, frames_per_unit=10,
+                             noise_multiplier=0.0, max_grad_norm=clip, seed=0, reproducible=True)
+    assert trainer.num_units == 3 and trainer.sample_rate == pytest.approx(2 / 3)
+    seen = {}
+    trainer.optimizer.attach_step_hook(lambda o: seen.update(rows=[p.grad_sample.clone() for p in o.params]))
+    units = [0, 2]  # students "a" and "c"
+    trainer.step(units, _loss)
+
+    frames_a = [i for i, s in enumerate(ids) if s == "a"]
+    frames_c = [i for i, s in enumerate(ids) if s == "c"]
+    g_a, g_c = _unit_grad(start, ds, frames_a), _unit_grad(start, ds, frames_c)
+    # the rows Opacus clipped: one per student, each the sum over that student's frames only
+    for row, (ga, gc) in zip(seen["rows"], zip(g_a, g_c)):
+        assert row.shape[0] == 2
+        torch.testing.assert_close(row[0], ga, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(row[1], gc, rtol=1e-4, atol=1e-6)
+    expected = [(ca + cc) / trainer.expected_units for ca, cc in zip(_clip(g_a, clip), _clip(g_c, clip))]
+    for p0, p1, e in zip(start.parameters(), model.parameters(), expected):
+        torch.testing.assert_close(p0.detach() - p1.detach(), e, rtol=1e-4, atol=1e-7)
+    if clip < 1:
+        # separately clipped != clipped together (the units really are separate rows)
+        together = _clip([a + c for a, c in zip(g_a, g_c)], clip)
+        diff = max(float((x - y).abs().max()) for x, y in zip(expected, [t / trainer.expected_units for t in together]))
+        assert diff > 1e-4
+
+
+def test_frames_per_unit_caps_frames_and_image_unit_is_one_frame_per_unit():
+    ds, ids = _data()
+    model = _model()
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, ids, units_per_batch=3,
+                             frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0, seed=3, reproducible=True)
+    _, n = trainer.step([0, 1, 2], _loss)
+    assert n == 6
+    image = PrivateTrainer(_model(), torch.optim.SGD(model.parameters(), lr=0.1), ds, None, units_per_batch=3,
+                           frames_per_unit=4, noise_multiplier=1.0, max_grad_norm=1.0, seed=3, reproducible=True)
+    assert image.num_units == 12 and image.privacy_unit == "image"
+    assert image.sample_rate == pytest.approx(0.25) and image.steps_per_epoch == 4
+    _, n = image.step([0, 5], _loss)
+    assert n == 2
+
+
+def test_empty_poisson_batch_is_a_noise_only_step():
+    ds, ids = _data()
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), ds, ids, units_per_batch=1,
+                             frames_per_unit=2, noise_multiplier=0.0, max_grad_norm=1.0, seed=0, reproducible=True)
+    trainer.step([], _loss)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    trainer.close()  # hooks off, so the same model can be wrapped again
+    noisy = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), ds, ids, units_per_batch=1,
+                           frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, reproducible=True)
+    noisy.step([], _loss)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
+def test_train_epoch_runs_steps_per_epoch_and_rejects_a_mean_loss():
+    ds, ids = _data()
+    model = _model()
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, ids, units_per_batch=1,
+                             frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0, seed=5, reproducible=True)
+    stats = trainer.train_epoch(_loss)
+    assert stats["steps"] == trainer.steps_per_epoch == 3
+    assert stats["frames"] <= 2 * stats["units"]
+    with pytest.raises(ValueError, match="one loss per frame"):
+        trainer.step([0], lambda m, x, y: _loss(m, x, y).mean())
+
+
+def test_bad_inputs_name_the_problem():
+    ds, ids = _data()
+    model = _model()
+    with pytest.raises(ValueError, match="unit_ids has 3 entries for 12 frames"):
+        PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, ids[:3], 1, 1, 1.0, 1.0, 0)
