@@ -112,7 +112,9 @@ def train(msg: Message, context: Context) -> Message:
     if bool(cfg["privacy.enabled"]):
         entry, stats, refusal = _train_private(model, data, cfg, node, run_id, server_round, seed)
         if refusal is not None:
-            return _reply_status(msg, "budget-exhausted", refusal, school=node.school_id)
+            reply = _reply_status(msg, "budget-exhausted", refusal, school=node.school_id)
+            reply.content["ledger"] = ConfigRecord({"entry": json.dumps(entry, sort_keys=True), "school-id": node.school_id})
+            return reply
         metrics.update({"epsilon": entry["epsilon"], "epsilon-rdp": entry["epsilon_rdp"],
                         "noise-multiplier": entry["noise_multiplier"], "sample-rate": entry["sample_rate"]})
         records["ledger"] = ConfigRecord({"entry": json.dumps(entry, sort_keys=True), "school-id": node.school_id})
@@ -137,10 +139,14 @@ def train(msg: Message, context: Context) -> Message:
 
 def _train_private(model: torch.nn.Module, data: SchoolData, cfg: dict[str, Any], node: NodeIdentity,
                    run_id: str, server_round: int, seed: int) -> tuple[dict[str, Any], dict[str, float], str | None]:
-    """Budget guard -> DP-SGD -> record in the lifetime accountant -> signed ledger entry."""
+    """Budget guard -> DP-SGD -> signed ledger entry + lifetime accountant.
+
+    Returns (ledger entry, training stats, refusal reason or None). A refusal is itself a signed
+    ledger entry (event "refused"), so an auditor sees that the school stopped, and why.
+    """
     from privacy.accounting import SchoolAccountant
     from privacy.budget import check_budget
-    from privacy.ledger import SchoolLedger
+    from privacy.ledger import SchoolLedger, record_refusal, record_round
     from privacy.signing import load_or_create_signing_key
 
     from client.training import plan_round, train_private
@@ -151,31 +157,19 @@ def _train_private(model: torch.nn.Module, data: SchoolData, cfg: dict[str, Any]
     delta = float(cfg["privacy.delta"])
     budget = node.budget if node.budget is not None else float(cfg["privacy.budget"])
     accountant = SchoolAccountant(node.state_dir, node.school_id, data.fingerprint)
+    ledger = SchoolLedger(node.state_dir, node.school_id, load_or_create_signing_key(node.state_dir))
+    common = dict(run_id=run_id, round=server_round, privacy_unit=plan.unit, noise_multiplier=plan.noise_multiplier,
+                  sample_rate=plan.sample_rate, max_grad_norm=plan.max_grad_norm, delta=delta, budget=budget,
+                  accountant=str(cfg["privacy.accountant"]))
     decision = check_budget(accountant, (plan.noise_multiplier, plan.sample_rate, plan.steps), delta, budget)
     if not decision.allowed:
-        return {}, {}, (f"{decision.reason}: ε would reach {decision.epsilon_after:.3f} > budget {budget:.3f} "
-                        f"(spent {decision.epsilon_now:.3f})")
+        entry = record_refusal(accountant, ledger, planned_steps=plan.steps, reason=decision.reason, **common)
+        return entry, {}, (f"{decision.reason}: ε would reach {decision.epsilon_after:.3f} > budget {budget:.3f} "
+                           f"(spent {decision.epsilon_now:.3f})")
 
     stats = train_private(model, data, cfg, plan, seed)
     # The accountant is fed with the steps that actually ran, at the q the sampler used.
-    accountant.record(plan.noise_multiplier, plan.sample_rate, int(stats["steps"]))
-    ledger = SchoolLedger(node.state_dir, node.school_id, load_or_create_signing_key(node.state_dir))
-    entry = ledger.append(
-        dataset_fingerprint=data.fingerprint,
-        run_id=run_id,
-        round=server_round,
-        privacy_unit=plan.unit,
-        sample_rate=plan.sample_rate,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        steps=int(stats["steps"]),
-        delta=delta,
-        accountant=str(cfg["privacy.accountant"]),
-        epsilon=accountant.epsilon(delta, kind="prv"),
-        epsilon_rdp=accountant.epsilon(delta, kind="rdp"),
-        budget=budget,
-        timestamp=time.time(),
-    )
+    entry = record_round(accountant, ledger, steps=int(stats["steps"]), **common)
     return entry, stats, None
 
 

@@ -6,6 +6,7 @@ centralised figure and a federated figure are measured the same way.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -58,8 +59,6 @@ def plan_round(data: SchoolData, cfg: Mapping[str, Any]) -> DPPlan:
     Noise is calibrated so that a school sampled in every one of `federation.rounds` rounds ends at
     `privacy.target_epsilon` (unless `privacy.noise_multiplier` fixes it).
     """
-    from privacy.accounting import calibrate_noise
-
     unit = cfg["privacy.unit"]
     num_units = data.num_students if unit == "student" else len(data)
     units_per_batch = max(1, min(int(cfg["train.batch_size"]), num_units))
@@ -67,14 +66,18 @@ def plan_round(data: SchoolData, cfg: Mapping[str, Any]) -> DPPlan:
     steps = int(cfg["train.local_epochs"]) * max(1, round(1.0 / sample_rate))
     sigma = float(cfg["privacy.noise_multiplier"])
     if sigma <= 0.0:
-        sigma = calibrate_noise(
-            target_epsilon=float(cfg["privacy.target_epsilon"]),
-            delta=float(cfg["privacy.delta"]),
-            sample_rate=sample_rate,
-            steps=steps * int(cfg["federation.rounds"]),
-            accountant=str(cfg["privacy.accountant"]),
-        )
+        sigma = _calibrated_noise(float(cfg["privacy.target_epsilon"]), float(cfg["privacy.delta"]), sample_rate,
+                                  steps * int(cfg["federation.rounds"]), str(cfg["privacy.accountant"]))
     return DPPlan(unit, num_units, units_per_batch, sample_rate, steps, sigma, float(cfg["privacy.max_grad_norm"]))
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """The PRV search takes seconds; a school's plan is the same every round, so do it once per process."""
+    from privacy.accounting import calibrate_noise
+
+    return calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                           accountant=accountant)
 
 
 def make_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:

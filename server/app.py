@@ -35,7 +35,8 @@ def progress_line(record: RoundRecord, total_rounds: int, primary: str, seconds:
         parts[-1] += f" ({', '.join(refused)})"
     bench = record.evaluation.get(primary)
     if bench:
-        parts.append(f"{primary} acc {bench['accuracy']:.3f} [{bench['accuracy_ci_low']:.3f}, {bench['accuracy_ci_high']:.3f}]")
+        ci = f" [{bench['accuracy_ci_low']:.3f}, {bench['accuracy_ci_high']:.3f}]" if bench.get("accuracy_ci_low") is not None else ""
+        parts.append(f"{primary} acc {bench['accuracy']:.3f}{ci}")
     if eps:
         parts.append(f"ε max {max(eps):.2f}")
     parts.append(f"{seconds:.1f} s")

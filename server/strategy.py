@@ -195,6 +195,11 @@ class SchoolFedAvg(FedAvg):
             outcome = {"status": str(status["status"]), "reason": str(status.get("reason", ""))}
             if outcome["status"] == "budget-exhausted":
                 self.exhausted.add(school)
+                if "ledger" in content.config_records and node.role == "school":
+                    try:  # the school's signed refusal goes into the run's ledger copy like any entry
+                        self._store_ledger(content, school, rnd)
+                    except RejectedUpdate as exc:
+                        log(WARNING, "[fedfer] %s: refusal entry not stored: %s", school, exc)
             self.run.event("declined", round=rnd, school=school, **outcome)
             log(INFO, "[fedfer] %s declined round %d: %s", school, rnd, outcome["reason"])
             return outcome
@@ -227,7 +232,7 @@ class SchoolFedAvg(FedAvg):
             raise RejectedUpdate(f"ledger entry is for {entry.get('school_id')} round {entry.get('round')} run "
                                  f"{entry.get('run_id')}, expected {school} round {rnd} run {self.run.run_id}")
         try:
-            ServerLedgerCopy(self.run.path).append_verified(school, entry, load_public_key(self.run.key_path(school)))
+            ServerLedgerCopy.append_verified(self.run.path, school, entry, load_public_key(self.run.key_path(school)))
         except LedgerError as exc:
             raise RejectedUpdate(f"ledger entry does not verify: {exc}") from None
 

@@ -54,9 +54,14 @@ def flatten_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             if name == "confusion":
                 flat[f"{bench}.confusion"] = [int(v) for row in value for v in row]
             elif name == "per_class_recall":
-                flat[f"{bench}.per_class_recall"] = [float(v) for v in value]
+                # a class absent from the benchmark has no recall: NaN on the wire, None again after unflatten
+                flat[f"{bench}.per_class_recall"] = [float("nan") if v is None else float(v) for v in value]
+            elif isinstance(value, bool):
+                continue
             elif isinstance(value, (int, float)):
                 flat[f"{bench}.{name}"] = value
+            elif value is None:
+                flat[f"{bench}.{name}"] = float("nan")
     return flat
 
 
@@ -68,6 +73,11 @@ def unflatten_metrics(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         bench, name = key.rsplit(".", 1)
         results.setdefault(bench, {})[name] = list(value) if isinstance(value, (list, tuple)) else value
     for metrics in results.values():
+        for name, value in metrics.items():
+            if isinstance(value, float) and value != value:
+                metrics[name] = None
+        if "per_class_recall" in metrics:
+            metrics["per_class_recall"] = [None if v != v else v for v in metrics["per_class_recall"]]
         if "confusion" in metrics:
             flat_cm = metrics["confusion"]
             k = int(round(len(flat_cm) ** 0.5))

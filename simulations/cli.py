@@ -133,7 +133,9 @@ def print_summary(run_path: Path, wall: float) -> int:
     print(f"  rounds completed   {len(rounds)} (last: {last['round']})")
     print(f"  wall time          {wall:.0f} s")
     for bench, m in last.get("evaluation", {}).items():
-        print(f"  {bench:<18} accuracy {m['accuracy']:.3f} [95% CI {m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}]"
+        ci = (f" [95% CI {m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}]"
+              if m.get("accuracy_ci_low") is not None else "")
+        print(f"  {bench:<18} accuracy {m['accuracy']:.3f}{ci}"
               f"  UAR {m['uar']:.3f}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']}, by {last.get('evaluated_by', '?')})")
     epsilons: dict[str, tuple[float, int]] = {}
     for record in rounds:
