@@ -62,6 +62,27 @@ def patch_poll_intervals(idle: float = DEFAULT_IDLE_POLL_S, reply: float = DEFAU
     return True
 
 
+def shorten_object_pull_backoff(initial: float = 0.05, cap: float = 0.5) -> bool:
+    """Retry a not-yet-available message object after `initial` s (doubling up to `cap`), not 1 s / 10 s.
+
+    Flower sends a message's metadata first and its objects (the model weights) right after; the
+    receiver — SuperNode pulling from the SuperLink, ClientApp pulling from its SuperNode, ServerApp
+    pulling replies — often asks before they are stored and then backs off 1 s, then 2 s
+    (`flwr.supercore.constant.PULL_INITIAL_BACKOFF = 1`, `PULL_BACKOFF_CAP = 10`). Measured here,
+    that alone added 1–3 s per message. Both pull functions take the backoff as keyword defaults, so
+    setting those defaults in this process changes nothing else. Returns False if Flower changed.
+    """
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    changed = False
+    for fn in (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree):
+        defaults = getattr(fn, "__kwdefaults__", None) or {}
+        if "initial_backoff" in defaults and "backoff_cap" in defaults:
+            defaults["initial_backoff"], defaults["backoff_cap"] = initial, cap
+            changed = True
+    return changed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ours, flower_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
@@ -76,9 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0.05 <= getattr(args, name) <= 3.0:
             parser.error(f"--{name.replace('_', '-')} must be between 0.05 and 3 seconds")
 
-    from flwr.supercore import log
     from logging import INFO, WARNING
 
+    from flwr.supercore import log
+    from flwr.supercore.logger import update_console_handler
+
+    # A school's log is read later from a file: timestamps on, colour codes only on a terminal.
+    update_console_handler(timestamps=True, colored=sys.stderr.isatty())
+
+    if not shorten_object_pull_backoff():
+        log(WARNING, "[fedfer] this Flower's object pull has no backoff defaults; left unchanged")
     if patch_poll_intervals(args.idle_poll, args.reply_poll):
         log(INFO, "[fedfer] SuperNode poll: idle %.2f s, reply %.2f s", args.idle_poll, args.reply_poll)
     else:

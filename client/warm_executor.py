@@ -249,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.01 <= args.poll <= 60:
         parser.error("--poll must be between 0.01 and 60 seconds")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(timestamps=True, colored=sys.stderr.isatty())
     secret = None
     if args.superexec_auth_secret_file:
         from flwr.supercore.auth import load_superexec_auth_secret
@@ -259,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"warm-executor: {exc}", file=sys.stderr)
             return 2
     took = preload([m for m in args.preload.split(",") if m])
+    from client.supernode import shorten_object_pull_backoff
+
+    # Children inherit this: a task is often acquired before its message's objects are stored.
+    shorten_object_pull_backoff()
     _log(INFO, "preloaded %s in %.1f s", ", ".join(took), sum(took.values()))
     return serve(args.runtime_api_address, insecure=args.root_certificates is None,
                  root_certificates=args.root_certificates, auth_secret=secret, poll=args.poll,

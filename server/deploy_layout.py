@@ -65,7 +65,7 @@ class Deployment:
     connection: str = DEFAULT_CONNECTION
     insecure: bool = False
     executor: str = "warm"            # warm | flower (Flower's one-process-per-message default)
-    idle_poll: float = 0.5
+    idle_poll: float = 0.5            # SuperNode poll via client/supernode.py; 0: Flower's own 3 s / 0.5 s
     reply_poll: float = 0.1
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
 
@@ -219,7 +219,7 @@ def node_commands(dep: Deployment, name: str, here: str | None = None, superlink
         root_certificates=None if dep.insecure else p("ca.crt"),
         auth_key=None if dep.insecure else p("supernode"), insecure=dep.insecure,
         isolation="process" if warm else "subprocess",
-        poll=(dep.idle_poll, dep.reply_poll) if warm else None,
+        poll=(dep.idle_poll, dep.reply_poll) if warm and dep.idle_poll > 0 else None,
         superexec_secret=p("superexec.secret") if warm else None)
     commands = [node]
     if warm:

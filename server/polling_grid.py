@@ -8,7 +8,9 @@ wrapping the grid is enough:
 
     grid = PollingGrid(grid)          # in the ServerApp's main(), before strategy.start(grid=grid, …)
 
-Everything else is delegated to the wrapped grid unchanged; the loop below is Flower's own
+Constructing it also shortens Flower's retry backoff for not-yet-stored reply objects in this
+process (client/supernode.py:shorten_object_pull_backoff). Everything else is delegated to the
+wrapped grid unchanged; the loop below is Flower's own
 `send_and_receive` (push, then pull until every message has a reply or the timeout passes) with
 `interval` instead of 3 s. In simulation (`InMemoryGrid`, already a short poll) it changes nothing
 but the interval.
@@ -33,6 +35,10 @@ class PollingGrid(Grid):
             raise ValueError(f"PollingGrid: interval must be between 0.01 and 10 s, got {interval}")
         self._grid = grid
         self.interval = interval
+        # Replies' objects often arrive just after the reply itself; Flower would back off 1 s, 2 s …
+        from client.supernode import shorten_object_pull_backoff
+
+        shorten_object_pull_backoff()
 
     # -- delegation ---------------------------------------------------------------------------
     def set_run(self, run) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,304 @@
+"""Per-round overhead of a Flower deployment on this machine, before/after the warm executor.
+
+A toy Flower app (written to a temp dir: a ClientApp that imports torch + opacus like the real one
+and returns at once; a ServerApp that per round sends `train` to every node and then `evaluate` to
+one node, as fedfer's ServerApp does with the schools and the evaluation node) runs on a real
+deployment made by `fedfer deploy` (TLS + SuperNode authentication, loopback only). Because the
+ClientApp computes nothing, a round's wall time *is* the deployment's overhead.
+
+Modes:
+  flower      Flower 1.41 defaults: SuperNode `--isolation subprocess` (a fresh `flwr-clientapp`
+              process per message), SuperNode 3 s idle poll, ServerApp grid 3 s reply poll.
+  warm        the school's warm executor (client/warm_executor.py: torch imported once, one fork
+              per message); Flower's poll intervals unchanged.
+  warm+poll   warm executor + SuperNode through client/supernode.py (0.5 s idle / 0.1 s reply
+              poll) + ServerApp grid wrapped in server/polling_grid.PollingGrid (0.1 s).
+
+    python -m simulations.bench_deploy [--nodes 3] [--rounds 5] [--modes flower,warm,warm+poll]
+
+Prints a table and writes benchmarks/deploy.json (with the command). Every process it starts is
+stopped at the end (server/deployment.py Supervisor), also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TOY_PYPROJECT = """[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedfertoy"
+version = "1.0.0"
+description = "deployment overhead probe"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedfer"
+
+[tool.flwr.app.components]
+serverapp = "toyapp.server:app"
+clientapp = "toyapp.client:app"
+
+[tool.flwr.app.config]
+rounds = 3
+nodes = 2
+out = ""
+work-s = 0.0
+poll-s = 0.0
+"""
+
+TOY_CLIENT = '''"""Toy ClientApp: the real one's imports, no work (unless work-s > 0)."""
+import os
+import time
+
+_T0 = time.perf_counter()
+import numpy as np  # noqa: E402
+import opacus  # noqa: E402,F401
+import torch  # noqa: E402,F401
+from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+IMPORT_S = time.perf_counter() - _T0
+app = ClientApp()
+
+
+def _reply(msg: Message, context: Context) -> Message:
+    entered = time.time()
+    start = time.perf_counter()
+    work = float(context.run_config.get("work-s", 0.0))
+    while time.perf_counter() - start < work:
+        pass
+    content = RecordDict({"metrics": MetricRecord({
+        "num-examples": 1, "compute-s": time.perf_counter() - start, "import-s": IMPORT_S,
+        "pid": os.getpid(), "t-enter": entered, "t-exit": time.time()})})
+    if "arrays" in msg.content.array_records:
+        content["arrays"] = msg.content.array_records["arrays"]
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _reply(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _reply(msg, context)
+'''
+
+TOY_SERVER = '''"""Toy ServerApp: per round, train at every node, then evaluate at one node; time both."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+def _exchange(grid, nodes, kind, rnd, arrays):
+    msgs = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"round": rnd})}),
+                    dst_node_id=nid, message_type=kind, group_id=str(rnd)) for nid in nodes]
+    pushed = time.time()
+    t0 = time.perf_counter()
+    replies = list(grid.send_and_receive(msgs, timeout=600))
+    wall = time.perf_counter() - t0
+    mets = [dict(m.content.metric_records["metrics"]) for m in replies if m.has_content()]
+    return {"wall_s": wall, "replies": len(mets), "errors": [str(m.error) for m in replies if not m.has_content()],
+            "compute_s": [x["compute-s"] for x in mets], "import_s": [x["import-s"] for x in mets],
+            "pids": [int(x["pid"]) for x in mets], "start_latency_s": [x["t-enter"] - pushed for x in mets]}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    n, rounds, poll = int(rc["nodes"]), int(rc["rounds"]), float(rc["poll-s"])
+    if poll > 0:
+        from server.polling_grid import PollingGrid  # fedfer is installed where the ServerApp runs
+        grid = PollingGrid(grid, poll)
+    while len(list(grid.get_node_ids())) < n:
+        time.sleep(0.2)
+    nodes = sorted(grid.get_node_ids())[:n]
+    arrays = ArrayRecord([np.zeros(1000, dtype=np.float32)])
+    rows = []
+    for rnd in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        train = _exchange(grid, nodes, "train", rnd, arrays)
+        evaluate = _exchange(grid, nodes[:1], "evaluate", rnd, arrays)
+        rows.append({"round": rnd, "wall_s": time.perf_counter() - t0, "train": train, "evaluate": evaluate})
+        print("TOYROUND " + json.dumps({"round": rnd, "wall_s": rows[-1]["wall_s"]}), flush=True)
+    if rc["out"]:
+        Path(str(rc["out"])).write_text(json.dumps({"rounds": rows}))
+'''
+
+
+def write_toy_app(directory: Path) -> Path:
+    """The toy Flower app (pyproject + toyapp/{client,server}.py) in `directory`."""
+    directory = Path(directory)
+    (directory / "toyapp").mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(TOY_PYPROJECT)
+    (directory / "toyapp" / "__init__.py").write_text("")
+    (directory / "toyapp" / "client.py").write_text(TOY_CLIENT)
+    (directory / "toyapp" / "server.py").write_text(TOY_SERVER)
+    return directory
+
+
+MODES = {
+    # name: (deployment executor, SuperNode poll patch, ServerApp grid poll seconds; 0 = Flower's 3 s)
+    "flower": ("flower", False, 0.0),
+    "warm": ("warm", False, 0.0),
+    "warm+poll": ("warm", True, 0.1),
+}
+
+
+def make_deployment(root: Path, nodes: int, executor: str, fast_poll: bool, flwr_home: Path) -> Any:
+    """A loopback TLS + node-auth deployment with `nodes` school nodes (toy data dirs)."""
+    from server.deploy_cli import add_node, init_deployment
+    from server.deploy_layout import Deployment
+    from server.deployment import free_ports
+
+    ports = free_ports(nodes + 1)
+    init_deployment(root, "localhost", port=ports[0], executor=executor, flwr_home=flwr_home, connection="bench")
+    dep = Deployment.load(root)
+    if not fast_poll:
+        dep.idle_poll = 0.0   # plain flower-supernode: Flower's own 3 s / 0.5 s
+        dep.save()
+    for i in range(nodes):
+        add_node(root, f"school-{i}", "school", data_dir=root / "data" / f"school-{i}", runtime_port=ports[i + 1],
+                 flwr_home=None)
+    return Deployment.load(root)
+
+
+def run_mode(mode: str, nodes: int, rounds: int, work: Path, app_dir: Path) -> dict[str, Any]:
+    from server.deploy_cli import register_pending
+    from server.deploy_layout import Deployment
+    from server.deployment import DeploymentError, LocalFederation, run_flwr
+
+    executor, fast_poll, server_poll = MODES[mode]
+    root = work / mode.replace("+", "_")
+    home = root / "cli_home"
+    dep = make_deployment(root / "deploy", nodes, executor, fast_poll, home)
+    out = root / "toy.json"
+    with LocalFederation(dep, root / "logs", home) as fed:
+        fed.start_superlink()
+        for name in dep.nodes:
+            register_pending(dep.root, name, home)
+        fed.dep = Deployment.load(dep.root)
+        for name in fed.dep.nodes:
+            fed.start_node(name)
+        started = time.perf_counter()
+        result = run_flwr(["run", str(app_dir), "bench", "--stream", "-c",
+                           f'rounds={rounds} nodes={nodes} poll-s={server_poll} out="{out}"'],
+                          flwr_home=home, timeout=1800)
+        total = time.perf_counter() - started
+        if not out.exists():
+            raise DeploymentError(f"{mode}: the toy run wrote no results (flwr exit {result.returncode})\n"
+                                  f"{result.stdout[-3000:]}")
+    rows = json.loads(out.read_text())["rounds"]
+    return summarize(mode, rows, total)
+
+
+def summarize(mode: str, rows: list[dict[str, Any]], total: float) -> dict[str, Any]:
+    def overhead(row: dict[str, Any]) -> float:
+        compute = max(row["train"]["compute_s"] or [0.0]) + max(row["evaluate"]["compute_s"] or [0.0])
+        return row["wall_s"] - compute
+
+    steady = rows[1:] or rows   # round 1 also installs the FAB at every node
+    imports = [s for row in steady for s in row["train"]["import_s"]]
+    pids = [p for row in rows for p in row["train"]["pids"]]
+    return {
+        "mode": mode,
+        "round1_s": round(rows[0]["wall_s"], 2),
+        "steady_overhead_median_s": round(statistics.median(overhead(r) for r in steady), 2),
+        "steady_overhead_max_s": round(max(overhead(r) for r in steady), 2),
+        "train_exchange_median_s": round(statistics.median(r["train"]["wall_s"] for r in steady), 2),
+        "evaluate_exchange_median_s": round(statistics.median(r["evaluate"]["wall_s"] for r in steady), 2),
+        "clientapp_import_median_s": round(statistics.median(imports), 3) if imports else None,
+        "fresh_process_per_message": len(set(pids)) == len(pids),
+        "errors": sum(len(r["train"]["errors"]) + len(r["evaluate"]["errors"]) for r in rows),
+        "run_wall_s": round(total, 1),
+        "rounds": [{"round": r["round"], "wall_s": round(r["wall_s"], 2), "overhead_s": round(overhead(r), 2),
+                    "train_s": round(r["train"]["wall_s"], 2), "evaluate_s": round(r["evaluate"]["wall_s"], 2),
+                    "import_s": [round(x, 3) for x in r["train"]["import_s"]],
+                    "start_latency_s": [round(x, 2) for x in r["train"]["start_latency_s"]]} for r in rows],
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    head = f"{'mode':<10} {'round 1':>8} {'overhead/round':>15} {'(max)':>7} {'train':>7} {'evaluate':>9} {'import/msg':>11} {'errors':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        imp = "-" if r["clientapp_import_median_s"] is None else f"{r['clientapp_import_median_s']:.3f}"
+        print(f"{r['mode']:<10} {r['round1_s']:>7.1f}s {r['steady_overhead_median_s']:>14.2f}s {r['steady_overhead_max_s']:>6.1f}s "
+              f"{r['train_exchange_median_s']:>6.2f}s {r['evaluate_exchange_median_s']:>8.2f}s {imp:>10}s {r['errors']:>7}")
+    print("overhead/round: median over rounds 2.. of (round wall time - ClientApp compute), "
+          "one round = train at every node + evaluate at one node")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench_deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--modes", default="flower,warm,warm+poll")
+    parser.add_argument("--out", default="benchmarks/deploy.json")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for inspection")
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
+    work = Path(tempfile.mkdtemp(prefix="fedfer-bench-deploy-"))
+    results = []
+    try:
+        app_dir = write_toy_app(work / "app")
+        for mode in modes:
+            load = os.getloadavg()[0]
+            print(f"[bench_deploy] {mode}: {args.nodes} nodes, {args.rounds} rounds (load avg {load:.1f}) …", flush=True)
+            res = run_mode(mode, args.nodes, args.rounds, work, app_dir)
+            res["load_avg_before"] = round(load, 2)
+            results.append(res)
+    finally:
+        if args.keep:
+            print(f"[bench_deploy] kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(results)
+    import flwr
+
+    record = {
+        "command": "python -m simulations.bench_deploy " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "flwr": flwr.__version__,
+                    "note": "shared 2-core machine; other jobs running (see load_avg_before)"},
+        "setup": {"nodes": args.nodes, "rounds": args.rounds, "tls": True, "supernode_auth": True,
+                  "network": "loopback", "round": "train at every node, then evaluate at one node",
+                  "clientapp": "imports numpy, torch, opacus, flwr; no compute"},
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[bench_deploy] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

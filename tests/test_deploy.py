@@ -1,0 +1,399 @@
+"""`fedfer deploy` without a running federation: credentials, files and modes, the node-config
+contract with the ClientApp, generated commands, the process supervisor, the Flower tuning hooks.
+
+The live federation (TLS, node authentication, 2 rounds with the real apps) is tests/test_deploy_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from privacy import credentials as cred
+from server import deploy_cli
+from server.deploy_layout import Deployment, LayoutError, node_commands
+from server.deployment import Supervisor, _proc_stat, format_node_config
+
+FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def fedfer(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "fedfer", "deploy", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def _flower_env(monkeypatch, tmp_path):
+    for key, value in FLWR_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr_home"))
+
+
+# ------------------------------------------------------------------------------------ credentials
+def test_superlink_certificate_has_sans_and_chains_to_the_ca():
+    ca_key, ca = cred.create_ca()
+    key, cert = cred.issue_server_certificate(ca_key, ca, ["fl.district.example", "10.0.0.5", "FL2.example"])
+    cred.verify_issued_by(cert, ca)
+    assert cred.certificate_sans(cert) == ["fl.district.example", "fl2.example", "localhost", "10.0.0.5", "127.0.0.1", "::1"]
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    other_key, other_ca = cred.create_ca("someone else")
+    with pytest.raises(cred.CredentialError, match="not signed by the CA"):
+        cred.verify_issued_by(cert, other_ca)
+
+
+@pytest.mark.parametrize("bad", ["bad name", "-x.example", "a..b", "1.2.3.999", ""])
+def test_bad_certificate_names_are_refused_by_name(bad):
+    with pytest.raises(cred.CredentialError, match="neither a host name nor an IP address"):
+        cred.san_names([bad])
+
+
+def _tls_server(cert_file: Path, key_file: Path):
+    """A one-connection TLS server on 127.0.0.1 with the SuperLink certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_file, key_file)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    sock.settimeout(10)
+
+    def serve():
+        for _ in range(4):
+            try:
+                conn, _ = sock.accept()
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (OSError, ssl.SSLError):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return sock, thread
+
+
+def test_tls_handshake_verifies_for_every_san_and_fails_for_a_foreign_ca(tmp_path):
+    ca_key, ca = cred.create_ca()
+    key, cert = cred.issue_server_certificate(ca_key, ca, ["coordinator.example"])
+    cred.write_public(tmp_path / "ca.crt", cred.pem_certificate(ca))
+    cred.write_public(tmp_path / "s.crt", cred.pem_certificate(cert))
+    cred.write_private(tmp_path / "s.key", cred.pem_private_key(key))
+    _, foreign = cred.create_ca("foreign")
+    cred.write_public(tmp_path / "foreign.crt", cred.pem_certificate(foreign))
+    sock, thread = _tls_server(tmp_path / "s.crt", tmp_path / "s.key")
+    port = sock.getsockname()[1]
+    results = {}
+    for name, ca_file in (("localhost", "ca.crt"), ("127.0.0.1", "ca.crt"), ("coordinator.example", "ca.crt"),
+                          ("localhost-foreign", "foreign.crt")):
+        ctx = ssl.create_default_context(cafile=str(tmp_path / ca_file))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname=name.replace("-foreign", "")) as tls:
+                    tls.send(b"x")
+            results[name] = True
+        except ssl.SSLCertVerificationError:
+            results[name] = False
+    sock.close()
+    thread.join(5)
+    assert results == {"localhost": True, "127.0.0.1": True, "coordinator.example": True, "localhost-foreign": False}
+
+
+def test_private_files_are_0600_even_when_they_existed_wider(tmp_path):
+    path = tmp_path / "k"
+    path.write_text("old")
+    os.chmod(path, 0o644)
+    old_umask = os.umask(0)
+    try:
+        cred.write_private(path, b"secret")
+    finally:
+        os.umask(old_umask)
+    assert mode(path) == 0o600 and path.read_bytes() == b"secret"
+    assert cred.private_file_problem(path) is None
+    os.chmod(path, 0o640)
+    assert "readable by group/others" in cred.private_file_problem(path)
+    assert not list(tmp_path.glob(".k.tmp*"))
+
+
+def test_node_key_is_flowers_openssh_p384_format(tmp_path):
+    key = cred.create_node_key(tmp_path, "supernode", comment="fedfer-a")
+    private = serialization.load_ssh_private_key(key.private_path.read_bytes(), password=None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert key.public_openssh.startswith("ecdsa-sha2-nistp384 ") and key.public_openssh.endswith(" fedfer-a")
+    assert mode(key.private_path) == 0o600
+    assert cred.load_node_public_key(key.public_path) == key.public_openssh
+    assert cred.load_node_key(key.private_path).fingerprint == key.fingerprint
+    # Flower's SuperNode derives the public key this way (flwr/supernode/start_client_internal.py)
+    derived = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    assert key.public_openssh.startswith(derived.decode())
+
+
+def test_wrong_node_keys_are_refused_with_the_file_name(tmp_path):
+    ed = ed25519.Ed25519PrivateKey.generate()
+    pub = tmp_path / "ed.pub"
+    pub.write_bytes(ed.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    with pytest.raises(cred.CredentialError, match=r"ed\.pub: Flower SuperNode keys must be ecdsa-sha2-nistp384"):
+        cred.load_node_public_key(pub)
+    key = cred.create_node_key(tmp_path, "loose")
+    os.chmod(key.private_path, 0o644)
+    with pytest.raises(cred.CredentialError, match="loose: readable by group/others"):
+        cred.load_node_key(key.private_path)
+
+
+# ------------------------------------------------------------------------------------ deploy CLI
+@pytest.fixture()
+def deployment(tmp_path):
+    home = tmp_path / "flwr_home"
+    dep = deploy_cli.init_deployment(tmp_path / "deploy", "fl.district.example", ["10.0.0.5"], port=19093,
+                                     flwr_home=home)
+    return dep, home
+
+
+def test_init_writes_ca_certificate_start_script_and_cli_connection(deployment):
+    import tomllib
+
+    dep, home = deployment
+    for path in (dep.ca_key, dep.superlink_key):
+        assert mode(path) == 0o600
+    cert = cred.load_certificate(dep.superlink_cert)
+    cred.verify_issued_by(cert, cred.load_certificate(dep.ca_cert))
+    assert {"fl.district.example", "10.0.0.5", "localhost", "127.0.0.1"} <= set(cred.certificate_sans(cert))
+    conn = tomllib.loads((home / "config.toml").read_text())["superlink"]["fedfer"]
+    assert conn == {"address": "127.0.0.1:19093", "root-certificates": str(dep.ca_cert)}
+    script = (dep.coordinator_dir / "start-superlink.sh").read_text()
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation", "--database", "--host 0.0.0.0", "--port 19093"):
+        assert flag in script
+    assert "--insecure" not in script
+    assert subprocess.run(["bash", "-n", str(dep.coordinator_dir / "start-superlink.sh")]).returncode == 0
+    assert Deployment.load(dep.root).sans == dep.sans
+
+
+def test_second_init_needs_force_and_errors_are_one_line(tmp_path, deployment):
+    dep, home = deployment
+    result = fedfer("init", "--coordinator", "x.example", "--dir", str(dep.root), cwd=tmp_path, home=home)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "deployment.json exists" in result.stderr
+    result = fedfer("init", "--coordinator", "bad name", "--dir", str(tmp_path / "d2"), cwd=tmp_path, home=home)
+    assert result.returncode == 2 and "'bad name' is neither a host name nor an IP address" in result.stderr
+
+
+def test_add_school_matches_the_clientapp_node_config_contract(deployment, tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from client.node import identify
+    from privacy.signing import load_or_create_signing_key, public_key_pem
+    from shared_models.config import load_config
+
+    dep, home = deployment
+    dep, message = deploy_cli.add_node(dep.root, "lincoln-high", "school", data_dir=tmp_path / "data" / "lincoln",
+                                       budget=6.5, flwr_home=home)
+    folder = dep.node_dir("lincoln-high")
+    assert "SuperLink is not running" in message and "fedfer deploy register lincoln-high" in message
+    assert f"flwr supernode register {folder / 'supernode.pub'} fedfer" in message
+    # Flower reads the .toml given to --node-config; the ClientApp maps it to its identity
+    node_config = parse_config_args([str(folder / "node-config.toml")])
+    assert node_config == {"role": "school", "school-id": "lincoln-high", "data-dir": str(tmp_path / "data" / "lincoln"),
+                           "state-dir": str(folder / "state"), "budget": 6.5}
+    ident = identify(node_config, load_config(None, []))
+    assert (ident.role, ident.school_id, ident.budget) == ("school", "lincoln-high", 6.5)
+    assert ident.state_dir == folder / "state" and not ident.simulated
+    # ledger key: the coordinator's keyring holds the public half of the key the ClientApp signs with
+    assert (dep.keyring / "lincoln-high.pub").read_text() == public_key_pem(load_or_create_signing_key(folder / "state"))
+    assert mode(folder / "supernode") == 0o600 and mode(folder / "superexec.secret") == 0o600
+    entry = dep.nodes["lincoln-high"]
+    assert entry.status == "created" and entry.node_id is None and entry.fingerprint.startswith("SHA256:")
+    script = (folder / "start.sh").read_text()
+    for flag in ('--auth-supernode-private-key "$HERE/supernode"', '--root-certificates "$HERE/ca.crt"',
+                 '--node-config "$HERE/node-config.toml"', "--isolation process", "--superlink fl.district.example:19093",
+                 "-m client.warm_executor", "--runtime-api-address 127.0.0.1:9101", 'FLWR_HOME="$HERE/flwr_home"'):
+        assert flag in script, flag
+    assert subprocess.run(["bash", "-n", str(folder / "start.sh")]).returncode == 0
+
+
+def test_evaluator_node_config(deployment, tmp_path):
+    from client.node import identify
+    from flwr.common.config import parse_config_args
+    from shared_models.config import load_config
+
+    dep, home = deployment
+    dep, _ = deploy_cli.add_node(dep.root, "evaluator", "evaluator", benchmarks=["fer2013=/srv/fer2013.csv", "rafdb=/srv/raf"],
+                                 data_dir=tmp_path / "pub", flwr_home=home)
+    config = parse_config_args([str(dep.node_dir("evaluator") / "node-config.toml")])
+    assert config == {"role": "evaluator", "benchmarks": "fer2013=/srv/fer2013.csv,rafdb=/srv/raf", "data-dir": str(tmp_path / "pub")}
+    ident = identify(config, load_config(None, []))
+    assert ident.role == "evaluator" and ident.benchmarks == "fer2013=/srv/fer2013.csv,rafdb=/srv/raf"
+    assert not (dep.keyring / "evaluator.pub").exists()
+    assert dep.nodes["evaluator"].runtime_port == 9101
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("bad/name", {"data_dir": Path("/d")}, "node name 'bad/name'"),
+    ("ok", {}, "school ok: --data-dir is required"),
+    ("ok", {"data_dir": Path("/d"), "budget": 0.0}, "school ok: --budget must be > 0"),
+])
+def test_add_school_rejects_bad_input(deployment, name, kwargs, message):
+    dep, home = deployment
+    with pytest.raises((deploy_cli.DeployError, LayoutError), match=message):
+        deploy_cli.add_node(dep.root, name, "school", flwr_home=home, **kwargs)
+
+
+def test_duplicate_names_and_ports_are_refused(deployment):
+    dep, home = deployment
+    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), flwr_home=home)
+    with pytest.raises(deploy_cli.DeployError, match="node 'a' already exists"):
+        deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), flwr_home=home)
+    with pytest.raises(deploy_cli.DeployError, match="runtime port 9101 is already used"):
+        deploy_cli.add_node(dep.root, "b", "school", data_dir=Path("/d/b"), runtime_port=9101, flwr_home=home)
+    with pytest.raises(LayoutError, match="no node named 'zzz'.*known: a"):
+        deploy_cli.revoke_node(dep.root, "zzz", home)
+
+
+def test_insecure_is_explicit_and_loud(tmp_path):
+    home = tmp_path / "home"
+    result = fedfer("init", "--coordinator", "localhost", "--insecure", "--dir", "d", cwd=tmp_path, home=home)
+    assert result.returncode == 0 and "WARNING: --insecure" in result.stderr
+    dep = Deployment.load(tmp_path / "d")
+    assert dep.insecure and not dep.ca_cert.exists() and dep.bind == "127.0.0.1"
+    script = (dep.coordinator_dir / "start-superlink.sh").read_text()
+    assert "--insecure" in script and "--enable-supernode-auth" not in script and "--ssl-" not in script
+    dep, message = deploy_cli.add_node(dep.root, "s", "school", data_dir=tmp_path / "s", flwr_home=home)
+    assert "insecure deployment" in message
+    node_argv = node_commands(dep, "s")[0]
+    assert "--insecure" in node_argv and "--auth-supernode-private-key" not in node_argv
+    assert "insecure = true" in (home / "config.toml").read_text()
+
+
+def test_status_flags_loose_key_permissions(tmp_path, deployment):
+    dep, home = deployment
+    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), flwr_home=home)
+    result = fedfer("status", "--dir", str(dep.root), cwd=tmp_path, home=home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "not running" in result.stdout and "created" in result.stdout
+    os.chmod(dep.node_dir("a") / "supernode", 0o644)
+    result = fedfer("status", "--dir", str(dep.root), "--json", cwd=tmp_path, home=home)
+    info = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert any("supernode: readable by group/others" in p for p in info["problems"])
+
+
+def test_revoke_and_rotate_need_a_registration_and_a_running_superlink(deployment):
+    dep, home = deployment
+    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), flwr_home=home)
+    with pytest.raises(deploy_cli.DeployError, match="a was never registered"):
+        deploy_cli.revoke_node(dep.root, "a", home)
+    with pytest.raises(deploy_cli.DeployError, match="SuperLink is not running on 127.0.0.1:19093"):
+        deploy_cli.rotate_node(dep.root, "a", home)
+    assert not list(dep.node_dir("a").glob("supernode.new*"))
+
+
+def test_node_config_string_quotes_values():
+    assert format_node_config({"role": "school", "budget": 8.0, "n": 3, "on": True, "p": 'a "b"'}) == \
+        'role="school" budget=8.0 n=3 on=true p="a \\"b\\""'
+
+
+# ------------------------------------------------------------------------------------ supervisor
+def test_supervisor_stops_children_grandchildren_and_detached_sessions(tmp_path):
+    script = ("import os, subprocess, sys, time\n"
+              "subprocess.Popen(['sleep', '300'])\n"
+              "subprocess.Popen(['sleep', '301'], start_new_session=True)\n"   # like Flower's detached SuperExec
+              "print('ready', flush=True)\n"
+              "time.sleep(300)\n")
+    with Supervisor(tmp_path / "logs") as sup:
+        proc = sup.start("tree", [sys.executable, "-c", script])
+        sup.wait_log(proc, "ready", timeout=30)
+        pids = sup.owned_pids()
+        assert len(pids) == 3
+    assert all(_proc_stat(pid) is None for pid in pids)
+
+
+def test_supervisor_reports_a_process_that_dies_at_start(tmp_path):
+    from server.deployment import DeploymentError
+
+    with Supervisor(tmp_path / "logs") as sup:
+        proc = sup.start("dies", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+        with pytest.raises(DeploymentError, match="(?s)dies exited with code 3 before opening 127.0.0.1:1.*boom"):
+            sup.wait_port(proc, "127.0.0.1", 1, timeout=30)
+
+
+# ------------------------------------------------------------------------------------ Flower tuning
+def test_supernode_poll_patch_shortens_only_the_two_poll_sleeps(monkeypatch):
+    from flwr.supernode import start_client_internal as loop
+
+    from client import supernode
+
+    slept = []
+    monkeypatch.setattr(supernode._time, "sleep", slept.append)
+    monkeypatch.setattr(loop, "time", supernode._time)
+    assert supernode.patch_poll_intervals(idle=0.4, reply=0.1)
+    loop.time.sleep(3)
+    loop.time.sleep(0.5)
+    loop.time.sleep(0.01)
+    assert slept == [0.4, 0.1, 0.01]
+    assert loop.time.monotonic is supernode._time.monotonic
+
+
+def test_object_pull_backoff_defaults_are_shortened(monkeypatch):
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    from client.supernode import shorten_object_pull_backoff
+
+    for fn in (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(fn, "__kwdefaults__", dict(fn.__kwdefaults__))
+    assert pulls.pull_objects.__kwdefaults__["initial_backoff"] == 1
+    assert shorten_object_pull_backoff(0.05, 0.5)
+    for fn in (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree):
+        assert (fn.__kwdefaults__["initial_backoff"], fn.__kwdefaults__["backoff_cap"]) == (0.05, 0.5)
+
+
+class _FakeGrid:
+    """Replies to message i after `delays[i]` pulls."""
+
+    def __init__(self, delays):
+        self.delays = delays
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in sorted(ids)
+                if self.pulls > self.delays[int(i[1:])]]
+
+
+def test_polling_grid_collects_every_reply_and_honours_the_timeout(monkeypatch):
+    from server.polling_grid import PollingGrid
+
+    fake = _FakeGrid([0, 3, 1])
+    grid = PollingGrid.__new__(PollingGrid)   # skip __init__: it tunes Flower's pull backoff process-wide
+    grid._grid, grid.interval = fake, 0.01
+    replies = grid.send_and_receive(["a", "b", "c"], timeout=30)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert fake.pulls == 4
+    never = _FakeGrid([0, 10**9])
+    grid._grid = never
+    start = time.monotonic()
+    replies = grid.send_and_receive(["a", "b"], timeout=0.2)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"] and time.monotonic() - start < 5
+    with pytest.raises(ValueError, match="interval must be between"):
+        PollingGrid(fake, interval=0)
