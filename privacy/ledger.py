@@ -405,7 +405,10 @@ class ServerLedgerCopy:
         stored (a retried reply), True if appended. Raises LedgerError if the signature, hash or
         fields are bad, if it is not the school's, or if it does not link to the last entry stored
         for the school — the first entry stored in a run may link to any earlier history but must
-        be the school's first entry of the run (``run_seq`` 0); otherwise use :meth:`sync_verified`.
+        be the school's first entry of the run (``run_seq`` 0)… or a later one if the server missed
+        the school's earlier replies: it is stored, and the auditor reports the copy as incomplete
+        (exit 2). Sending the school's entries of the run with every reply (:meth:`sync_verified`,
+        ``SchoolLedger.entries_for_run``) keeps the copy complete.
         """
         return bool(ServerLedgerCopy.sync_verified(run_dir, school_id, [entry], public_key))
 
@@ -420,11 +423,11 @@ class ServerLedgerCopy:
         stored_new: list[dict] = []
         with locked(path):
             stored = read_ledger_file(path, school_id=school_id) if path.exists() else []
-            verify_entries(stored, public_key, source=str(path), school_id=school_id, start="run")
             state = _ChainState(last_hash=None, run_counts={}, histories={}, trust_first_history=True)
-            noop = lambda s: str(path)  # noqa: E731
-            for e in stored:
-                _check_one(e, public_key, state, noop)
+            if stored and isinstance(stored[0], dict) and isinstance(stored[0].get("run_seq"), int):
+                state.run_counts[str(stored[0].get("run_id"))] = stored[0]["run_seq"]
+            for n, e in enumerate(stored, start=1):
+                _check_one(e, public_key, state, lambda s, n=n: _where(str(path), n, school_id))
             known = {e["hash"] for e in stored}
             run_of_copy = stored[0]["run_id"] if stored else None
             for i, entry in enumerate(entries):
@@ -436,6 +439,8 @@ class ServerLedgerCopy:
                     raise LedgerError(f"{where_of(None)}: entry names school {entry.get('school_id')!r}")
                 if run_of_copy is not None and entry.get("run_id") != run_of_copy:
                     raise LedgerError(f"{where_of(None)}: entry of run {entry.get('run_id')!r}, this copy is run {run_of_copy!r}")
+                if not stored and not stored_new and isinstance(entry.get("run_seq"), int):
+                    state.run_counts[str(entry.get("run_id"))] = entry["run_seq"]  # see append_verified
                 _check_one(entry, public_key, state, where_of)
                 run_of_copy = entry["run_id"]
                 append_line_atomic(path, _line(entry))
