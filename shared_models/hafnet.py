@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from shared_models.backbones.norm import group_norm
 from shared_models.backbones.resnet import ResNet18
+from shared_models.dp_layers import GroupedConv2d
 from shared_models.output import FEROutput
 
 
@@ -64,63 +65,92 @@ class ClassCentres(nn.Module):
         return dist / spread
 
 
-class SpatialAttention(nn.Module):
-    """DAN's spatial unit: 1x1 reduce, 3x3 + 1x3 + 3x1 expand (summed), ReLU, channel sum, scale x."""
+def _group_norm_per_head(channels: int, heads: int) -> nn.GroupNorm:
+    """Per-head `group_norm(channels)` for `heads` heads stacked along the channel axis: the groups never
+    straddle two heads, so this is exactly one GroupNorm per head."""
+    return nn.GroupNorm(group_norm(channels).num_groups * heads, channels * heads)
 
-    def __init__(self, channels: int, reduction: int = 2) -> None:
+
+class SpatialAttention(nn.Module):
+    """DAN's spatial unit for N heads at once: 1x1 reduce, 3x3 + 1x3 + 3x1 expand (summed), ReLU,
+    channel sum per head -> (B, N, h, w) maps (no sigmoid, as DAN)."""
+
+    def __init__(self, channels: int, heads: int, reduction: int = 2) -> None:
         super().__init__()
         mid = channels // reduction
-        self.conv1x1 = nn.Sequential(nn.Conv2d(channels, mid, 1), group_norm(mid))
-        self.conv_3x3 = nn.Sequential(nn.Conv2d(mid, channels, 3, padding=1), group_norm(channels))
-        self.conv_1x3 = nn.Sequential(nn.Conv2d(mid, channels, (1, 3), padding=(0, 1)), group_norm(channels))
-        self.conv_3x1 = nn.Sequential(nn.Conv2d(mid, channels, (3, 1), padding=(1, 0)), group_norm(channels))
+        self.heads = heads
+        # One input feeds every head, so N 1x1 convs are one conv with N*mid outputs.
+        self.conv1x1 = nn.Sequential(nn.Conv2d(channels, heads * mid, 1), _group_norm_per_head(mid, heads))
+        self.conv_3x3 = nn.Sequential(GroupedConv2d(heads * mid, heads * channels, 3, padding=1, groups=heads),
+                                      _group_norm_per_head(channels, heads))
+        self.conv_1x3 = nn.Sequential(GroupedConv2d(heads * mid, heads * channels, (1, 3), padding=(0, 1), groups=heads),
+                                      _group_norm_per_head(channels, heads))
+        self.conv_3x1 = nn.Sequential(GroupedConv2d(heads * mid, heads * channels, (3, 1), padding=(1, 0), groups=heads),
+                                      _group_norm_per_head(channels, heads))
         self.relu = nn.ReLU(inplace=False)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv1x1(x)
-        y = self.relu(self.conv_3x3(y) + self.conv_1x3(y) + self.conv_3x1(y))
-        y = y.sum(dim=1, keepdim=True)
-        return x * y
+        y = self.relu(self.conv_3x3(y) + self.conv_1x3(y) + self.conv_3x1(y))  # (B, N*C, h, w)
+        b, _, h, w = y.shape
+        return y.view(b, self.heads, -1, h, w).sum(dim=2)  # (B, N, h, w)
 
 
 class ChannelAttention(nn.Module):
-    """DAN's channel unit on the pooled vector, with LayerNorm where DAN has BatchNorm1d (see module doc)."""
+    """DAN's channel unit for N heads at once on the pooled vectors (B, N, C) -> (B, N, C).
 
-    def __init__(self, channels: int, hidden: int) -> None:
+    Per head: Linear(C, hidden) -> LayerNorm(hidden) -> ReLU -> Linear(hidden, C) -> sigmoid, scaling the
+    pooled vector. The N Linears are grouped 1x1 convs and the N LayerNorms one GroupNorm with N groups
+    (LayerNorm over a head's `hidden` values == GroupNorm over that head's group of a 1x1 map).
+    LayerNorm stands where DAN has BatchNorm1d (see module doc).
+    """
+
+    def __init__(self, channels: int, heads: int, hidden: int) -> None:
         super().__init__()
         self.attention = nn.Sequential(
-            nn.Linear(channels, hidden),
-            nn.LayerNorm(hidden),
+            GroupedConv2d(heads * channels, heads * hidden, 1, groups=heads),
+            nn.GroupNorm(heads, heads * hidden),
             nn.ReLU(inplace=False),
-            nn.Linear(hidden, channels),
+            GroupedConv2d(heads * hidden, heads * channels, 1, groups=heads),
             nn.Sigmoid(),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        pooled = x.mean(dim=(2, 3))
-        return pooled * self.attention(pooled)
+    def forward(self, pooled: Tensor) -> Tensor:
+        b, n, c = pooled.shape
+        weights = self.attention(pooled.reshape(b, n * c, 1, 1)).view(b, n, c)
+        return pooled * weights
 
 
-class CrossAttentionHead(nn.Module):
-    """One MAN head: spatial unit then channel unit -> (B, C). DAN's head initialisation."""
+class AttentionHeads(nn.Module):
+    """MAN: N cross-attention heads (spatial unit then channel unit), computed side by side.
 
-    def __init__(self, channels: int, hidden: int, sa_reduction: int = 2) -> None:
+    The arithmetic is that of N separate DAN `CrossAttentionHead`s; stacking them as grouped layers
+    makes one Opacus hook per layer instead of N (see `dp_layers`). Returns (B, N, C).
+    Initialisation is DAN's, per head: kaiming-normal (fan_out of one head) convs with zero bias,
+    unit/zero norms, N(0, 0.001) weights in the channel unit.
+    """
+
+    def __init__(self, channels: int, heads: int, hidden: int, sa_reduction: int = 2) -> None:
         super().__init__()
-        self.sa = SpatialAttention(channels, sa_reduction)
-        self.ca = ChannelAttention(channels, hidden)
-        for m in self.modules():
+        self.num_heads = heads
+        self.sa = SpatialAttention(channels, heads, sa_reduction)
+        self.ca = ChannelAttention(channels, heads, hidden)
+        for m in self.sa.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                per_head_fan_out = m.out_channels // m.groups if isinstance(m, GroupedConv2d) else m.out_channels // heads
+                std = (2.0 / (per_head_fan_out * m.kernel_size[0] * m.kernel_size[1])) ** 0.5
+                nn.init.normal_(m.weight, std=std)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+        for m in self.ca.modules():
+            if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.001)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.ca(self.sa(x))
+        maps = self.sa(x)  # (B, N, h, w)
+        # GAP(x * map_n) for every head n, without materialising the (B, N, C, h, w) product.
+        pooled = torch.einsum("bchw,bnhw->bnc", x, maps) / (x.shape[2] * x.shape[3])
+        return self.ca(pooled)
 
 
 def partition_per_sample(heads: Tensor) -> Tensor:
@@ -171,14 +201,14 @@ class HAFNet(nn.Module):
         self.backbone = ResNet18(widths, blocks, stem, strides)
         channels = self.backbone.out_channels
         self.clustering = ClassCentres(num_classes, channels)
-        self.heads = nn.ModuleList(CrossAttentionHead(channels, ca_hidden, sa_reduction) for _ in range(num_heads))
+        self.heads = AttentionHeads(channels, num_heads, ca_hidden, sa_reduction)
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: Tensor) -> FEROutput:
         features = self.backbone(x)
         pooled = features.mean(dim=(2, 3))  # FCN feature: GAP of the backbone map
         centre_distance = self.clustering(pooled)
-        heads = torch.stack([head(features) for head in self.heads], dim=1)  # (B, N, C)
+        heads = self.heads(features)  # (B, N, C)
         if self.num_heads > 1:
             heads = F.log_softmax(heads, dim=1)
         logits = self.fc(heads.sum(dim=1))
@@ -199,10 +229,31 @@ class HAFNet(nn.Module):
 
     @staticmethod
     def pretrained_aliases() -> list[tuple[str, str]]:
-        """Key-prefix rewrites tried by `load_pretrained`: DAN checkpoints (`features.N`, `cat_headI`)
-        and bare torchvision / MS-Celeb ResNet-18 checkpoints (`conv1`, `layer1`, ...)."""
+        """Key-prefix rewrites tried by `load_pretrained`: DAN checkpoints (`features.N` = the ResNet
+        children) and bare torchvision / MS-Celeb ResNet-18 checkpoints (`conv1`, `layer1`, ...)."""
         aliases = [(f"features.{i}.", f"backbone.{name}.") for i, name in
                    ((0, "conv1"), (1, "bn1"), (4, "layer1"), (5, "layer2"), (6, "layer3"), (7, "layer4"))]
-        aliases += [(f"cat_head{i}.", f"heads.{i}.") for i in range(16)]
-        aliases += [("", "backbone.")]
-        return aliases
+        return aliases + [("", "backbone.")]
+
+    def convert_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Stack DAN's per-head tensors `cat_head{i}.<key>` (i < N) into this model's `heads.<key>`.
+
+        The stacked layers hold head i's rows at block i (see `AttentionHeads`), so concatenating along
+        dim 0 and reshaping (a DAN Linear becomes a 1x1 conv) gives the same heads. Heads beyond N and
+        incomplete sets are left alone (reported as unused by `load_pretrained`).
+        """
+        out = dict(state)
+        own = self.state_dict()
+        rests = {k.split(".", 1)[1] for k in state if k.startswith("cat_head0.")}
+        for rest in rests:
+            parts = [state.get(f"cat_head{i}.{rest}") for i in range(self.num_heads)]
+            target = own.get(f"heads.{rest}")
+            if target is None or any(p is None for p in parts):
+                continue
+            stacked = torch.cat([p.reshape(p.shape[0], -1) if p.ndim > 1 else p for p in parts], dim=0)
+            if stacked.numel() != target.numel():
+                continue
+            out[f"heads.{rest}"] = stacked.reshape(target.shape)
+            for i in range(self.num_heads):
+                del out[f"cat_head{i}.{rest}"]
+        return out

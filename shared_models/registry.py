@@ -26,7 +26,7 @@ from shared_models.output import FEROutput
 
 @dataclass(frozen=True)
 class Preset:
-    """A named configuration of a model: input side S (input is (B, 3, S, S) in [-1, 1]) and the
+    """A named configuration of a model: input side S (input is (B, 3, S, S) in [-1, 1]) and the other
     constructor arguments that define it."""
 
     name: str
@@ -46,14 +46,14 @@ _PRESETS: dict[str, dict[str, Preset]] = {
         "paper": Preset(
             "paper", 224,
             "224 px; ResNet-18 widths 64/128/256/512, 7x7 stem + max-pool, 512x7x7 map; 4 heads (as DAN)",
-            dict(input_size=224, widths=(64, 128, 256, 512), stem="imagenet", strides=(1, 2, 2, 2),
+            dict(widths=(64, 128, 256, 512), stem="imagenet", strides=(1, 2, 2, 2),
                  ca_hidden=32),
         ),
         "cpu": Preset(
             "cpu", 64,
-            "64 px; ResNet-18 widths 16/32/64/128, 3x3 stride-2 stem (no max-pool), stage strides "
-            "2/2/2/1 -> 128x4x4 map; 4 heads",
-            dict(input_size=64, widths=(16, 32, 64, 128), stem="small", strides=(2, 2, 2, 1), ca_hidden=16),
+            "64 px; ResNet-18 widths 8/16/32/64, 3x3 stride-2 stem (no max-pool), stage strides 2/2/2/1 "
+            "-> 64x4x4 map; 4 heads, channel-unit hidden 8",
+            dict(widths=(8, 16, 32, 64), stem="small", strides=(2, 2, 2, 1), ca_hidden=8),
         ),
     },
     "sfer_mdfae": {
@@ -61,12 +61,14 @@ _PRESETS: dict[str, dict[str, Preset]] = {
             "paper", 112,
             "112 px (the IR50 input); IR50 widths 64/128/256/512, units 3/4/14/3; L4 512x7x7, "
             "7x7 regions, topn 15",
-            dict(input_size=112, widths=(64, 128, 256, 512), units=(3, 4, 14, 3), regions=7, topn=15),
+            dict(widths=(64, 128, 256, 512), units=(3, 4, 14, 3), regions=7, topn=15),
         ),
         "cpu": Preset(
             "cpu", 64,
-            "64 px; IR50 widths 16/32/64/128, units 1/2/2/1; L4 128x4x4, 4x4 one-token regions, topn 5",
-            dict(input_size=64, widths=(16, 32, 64, 128), units=(1, 2, 2, 1), regions=4, topn=5),
+            "64 px; IR50 widths 16/32/64/128, units 1/2/2/1, stride-2 input conv, stage strides 2/2/2/1; "
+            "L4 128x4x4 -> 4x4 one-token regions (as the paper's 7x7 at 112 px), topn 5 (~15/49 of them)",
+            dict(widths=(16, 32, 64, 128), units=(1, 2, 2, 1), stem_stride=2, stage_strides=(2, 2, 2, 1),
+                 regions=4, topn=5),
         ),
     },
 }
@@ -106,7 +108,7 @@ def build(name: str, num_classes: int = 7, preset: str = "cpu", **kwargs: Any) -
     if unknown:
         raise ValueError(f"model '{name}': unknown option(s) {', '.join(unknown)} "
                          f"(accepted: {', '.join(sorted(accepted))})")
-    options = {**table[preset].kwargs, **kwargs}
+    options = {"input_size": table[preset].input_size, **table[preset].kwargs, **kwargs}
     model = cls(num_classes, **options)
     model.preset = preset  # type: ignore[attr-defined]
     model.model_name = name  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared_models.backbones.ir50 import IR50
+from shared_models.dp_layers import GroupedConv2d
 from shared_models.output import FEROutput
 
 
@@ -81,7 +82,8 @@ class BiLevelRoutingAttention(nn.Module):
         self.scale = (channels // num_heads) ** -0.5
         self.qkv = nn.Linear(channels, 3 * channels)
         self.wo = nn.Linear(channels, channels)
-        self.lepe = nn.Conv2d(channels, channels, lepe_kernel, padding=lepe_kernel // 2, groups=channels)
+        # Depthwise: GroupedConv2d so Opacus does not compute the full channel x channel outer product.
+        self.lepe = GroupedConv2d(channels, channels, lepe_kernel, padding=lepe_kernel // 2, groups=channels)
 
     def _to_regions(self, t: Tensor) -> Tensor:
         """(B, H, W, D) -> (B, m*m, h*w, D), region-major, row by row."""
@@ -150,6 +152,7 @@ class SFERMDFAE(nn.Module):
         widths: Sequence[int] = (64, 128, 256, 512),
         units: Sequence[int] = (3, 4, 14, 3),
         stem_stride: int = 1,
+        stage_strides: Sequence[int] = (2, 2, 2, 2),
         regions: int = 7,
         topn: int = 15,
         head_dim: int = 32,
@@ -161,7 +164,7 @@ class SFERMDFAE(nn.Module):
             raise ValueError(f"SFERMDFAE: num_classes must be >= 2, got {num_classes}")
         self.input_size = int(input_size)
         self.num_classes = int(num_classes)
-        self.backbone = IR50(widths, units, stem_stride)
+        self.backbone = IR50(widths, units, stem_stride, stage_strides)
         l4_side = self.input_size // self.backbone.reduction
         if self.input_size % self.backbone.reduction or l4_side % regions:
             raise ValueError(f"SFERMDFAE: input {input_size} gives an L4 map of {l4_side} px, "

@@ -5,8 +5,8 @@ face.evoLVe (`input_layer.0/1/2`, `body.N.res_layer.K`, `body.N.shortcut_layer`)
 checkpoint loads name-matched. Changes for Opacus, made by hand:
 
 - BatchNorm2d -> GroupNorm (`norm.group_norm`); same parameter count, no running statistics.
-- PReLU has no Opacus grad sampler; Opacus computes its per-sample gradient through its functorch
-  fallback, which needs the module to hold no buffers (true) and take one tensor (true).
+- PReLU has no Opacus grad sampler (Opacus would fall back to functorch, slow on full-resolution
+  maps); `dp_layers.PReLU` is nn.PReLU with a registered one-einsum sampler.
 - `res + shortcut` is already out-of-place in the original unit; kept.
 
 At 112x112 with widths 64..512 and units (3, 4, 14, 3) the stage maps are 56, 28, 14 and 7 px and the
@@ -20,6 +20,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from shared_models.backbones.norm import group_norm
+from shared_models.dp_layers import PReLU
 
 
 class BottleneckIR(nn.Module):
@@ -37,7 +38,7 @@ class BottleneckIR(nn.Module):
         self.res_layer = nn.Sequential(
             group_norm(in_channels),
             nn.Conv2d(in_channels, depth, 3, 1, 1, bias=False),
-            nn.PReLU(depth),
+            PReLU(depth),
             nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
             group_norm(depth),
         )
@@ -68,7 +69,7 @@ class IR50(nn.Module):
         self.input_layer = nn.Sequential(
             nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False),
             group_norm(widths[0]),
-            nn.PReLU(widths[0]),
+            PReLU(widths[0]),
         )
         modules: list[nn.Module] = []
         ends: list[int] = []
