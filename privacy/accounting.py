@@ -176,9 +176,8 @@ def _epsilon_report(hist: tuple[HistoryEntry, ...], delta: float, kind: str) -> 
         return EpsilonReport(0.0, kind, kind)
     if any(sigma == 0.0 for sigma, _, _ in hist):
         return EpsilonReport(math.inf, kind, kind, "a step without noise (noise_multiplier 0)")
-    rdp = _rdp_epsilon(hist, delta, _rdp_orders())
     if kind == "rdp":
-        return EpsilonReport(rdp, kind, "rdp")
+        return EpsilonReport(_rdp_epsilon(hist, delta, _rdp_orders()), kind, "rdp")
     accountant = _prv_class()()
     accountant.history = list(hist)
     try:
@@ -186,9 +185,11 @@ def _epsilon_report(hist: tuple[HistoryEntry, ...], delta: float, kind: str) -> 
             warnings.simplefilter("ignore")
             eps = float(accountant.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
     except (_PRVTooCostly, RuntimeError, FloatingPointError, OverflowError, ValueError) as exc:
-        return EpsilonReport(rdp, kind, "rdp-fallback", f"PRV could not answer ({exc}); RDP bound reported")
+        return EpsilonReport(_rdp_epsilon(hist, delta, _rdp_orders()), kind, "rdp-fallback",
+                             f"PRV could not answer ({exc}); RDP bound reported")
     if not math.isfinite(eps) or eps < 0:
-        return EpsilonReport(rdp, kind, "rdp-fallback", f"PRV gave {eps}; RDP bound reported")
+        return EpsilonReport(_rdp_epsilon(hist, delta, _rdp_orders()), kind, "rdp-fallback",
+                             f"PRV gave {eps}; RDP bound reported")
     return EpsilonReport(eps, kind, "prv")
 
 
@@ -196,11 +197,32 @@ def epsilon_of(history: Iterable[Sequence], delta: float, kind: str = "prv") -> 
     return epsilon_report(history, delta, kind).epsilon
 
 
+_REGISTERED = "fedfer-prv"
+
+
+def _register_prv() -> str:
+    """Register our PRV (same figures as :func:`epsilon_of`, with its caching and RDP fallback) with
+    Opacus, so Opacus' own noise search runs on the budget accountant."""
+    from opacus.accountants import register_accountant
+    from opacus.accountants.registry import _ACCOUNTANTS
+
+    if _REGISTERED not in _ACCOUNTANTS:
+        base = _prv_class()
+
+        class BudgetPRVAccountant(base):
+            def get_epsilon(self, delta, **kwargs):
+                return epsilon_of(self.history, delta, "prv")
+
+        register_accountant(_REGISTERED, BudgetPRVAccountant)
+    return _REGISTERED
+
+
+@lru_cache(maxsize=64)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "prv", epsilon_tolerance: float = 0.01) -> float:
     """Smallest noise multiplier (within tolerance) such that ``steps`` steps at ``sample_rate``
-    stay within ``target_epsilon`` — Opacus' ``get_noise_multiplier`` with the same accountant the
-    budget uses. Raises AccountingError on an impossible target."""
+    stay within ``target_epsilon``: Opacus' ``get_noise_multiplier`` (a bisection), run on the same
+    accountant the budget uses. Raises AccountingError on an impossible target."""
     from opacus.accountants.utils import get_noise_multiplier
 
     if accountant not in ACCOUNTANT_KINDS:
@@ -210,12 +232,13 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     _check_entry(1.0, sample_rate, steps)
     if steps == 0 or sample_rate == 0:
         return 0.0
+    mechanism = _register_prv() if accountant == "prv" else "rdp"
     try:
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                               sample_rate=sample_rate, steps=int(steps),
-                                              accountant=accountant, epsilon_tolerance=epsilon_tolerance))
+                                              accountant=mechanism, epsilon_tolerance=epsilon_tolerance))
     except ValueError as exc:
         raise AccountingError(f"cannot reach epsilon {target_epsilon} at delta {delta} with q={sample_rate}, "
                               f"{steps} steps: {exc}") from exc
