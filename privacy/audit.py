@@ -159,6 +159,9 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         src.start = start
     try:
         key = load_public_key(_resolve_key(src, school))
+    except (LedgerError, SigningKeyError) as exc:
+        return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)])], []
+    try:
         verify_entries(entries, key, source=str(src.path), school_id=school, start=start)
     except (LedgerError, SigningKeyError) as exc:
         return [Row(school=school, source=str(src.path), status="tampered", problems=[str(exc)])], []

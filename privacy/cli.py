@@ -147,7 +147,8 @@ def _attack(args: argparse.Namespace) -> int:
                               frames_per_unit=frames_per_unit, max_grad_norm=clip, lr=lr, beta=args.beta,
                               seed=args.seed, progress=lambda s: print("  " + s, flush=True))
     out = result.to_json()
-    out["command"] = "fedfer privacy attack " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    argv = sys.argv[1:]
+    out["command"] = ("fedfer " + " ".join(argv)) if argv[:2] == ["privacy", "attack"] else "fedfer privacy attack (in-process)"
     out["data"] = source
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -86,9 +86,10 @@ class PrivateTrainer:
         if units_per_batch > self.num_units:
             warnings.warn(f"units_per_batch {units_per_batch} exceeds the {self.num_units} {self.privacy_unit}s; "
                           f"every unit is sampled every step (q = 1)", stacklevel=2)
-        self.sample_rate = min(1.0, units_per_batch / self.num_units)
+        from privacy.planner import sampling  # the planner and the client use the same rule
+
+        self.sample_rate, self.steps_per_epoch = sampling(self.num_units, units_per_batch)
         self.expected_units = self.sample_rate * self.num_units
-        self.steps_per_epoch = max(1, round(1 / self.sample_rate))
         self.frames_per_unit = frames_per_unit if self.privacy_unit == "student" else 1
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)

@@ -149,3 +149,20 @@ def test_lower_bound_on_simulated_eps_dp_guesses_is_valid_and_informative():
     assert best.ks_tried == [50, 100, 200, 300, 500] and best.epsilon_lb <= 1.0 + 0.3
     chance = audit_scores(rng.random(400), rng.random(400) < 0.5, DELTA)
     assert chance.epsilon_lb < 0.5
+
+
+def test_canary_harness_runs_the_dp_trainer_and_reports_a_bound(tmp_path):
+    import torch
+
+    from privacy.empirical_audit import run_canary_audit, tiny_model_builder
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.randint(0, 3, (40,), generator=g)
+    units = [f"s{i % 10}" for i in range(40)]
+    res = run_canary_audit(x, y, units, tiny_model_builder((1, 8, 8), num_classes=3, hidden=16), canaries=40,
+                           epsilon=4.0, epochs=1, units_per_batch=8, frames_per_unit=2, num_classes=3, seed=1)
+    assert res.dp and res.claimed_epsilon == pytest.approx(4.0, abs=0.02)
+    assert res.units == 10 + res.included and res.bound.m == 40
+    assert 0 <= res.bound.epsilon_lb <= res.claimed_epsilon
+    assert res.steps == round(1 / res.sample_rate)

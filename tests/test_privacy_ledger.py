@@ -215,3 +215,13 @@ def test_append_refuses_ledger_set_fields_and_bad_values(tmp_path):
     os.chmod(state / "signing_key.pem", 0o644)
     with pytest.raises(ValueError, match="chmod 600"):
         load_or_create_signing_key(state)
+
+
+def test_missing_key_or_directory_is_unreadable(run, tmp_path, capsys):
+    _, run_dir = run
+    copy = _copy_run(run_dir, tmp_path / "run")
+    (copy / "keys" / "school-b.pub").unlink()
+    code, out = _audit(capsys, copy)
+    assert code == 2 and "school-b" in out and "no public key" in out and "UNREADABLE" in out, out
+    code, out = _audit(capsys, tmp_path / "nowhere")
+    assert code == 2 and "no such file" in out, out
