@@ -225,3 +225,15 @@ def test_missing_key_or_directory_is_unreadable(run, tmp_path, capsys):
     assert code == 2 and "school-b" in out and "no public key" in out and "UNREADABLE" in out, out
     code, out = _audit(capsys, tmp_path / "nowhere")
     assert code == 2 and "no such file" in out, out
+
+
+def test_signed_but_wrong_epsilon_is_flagged(tmp_path, capsys):
+    state, ledger, acct = _school(tmp_path, "s1", 1)
+    hist = acct.history + [(SIGMA, Q, STEPS)]
+    ledger.append(event="round", dataset_fingerprint=acct.fingerprint, run_id="run-1", round=2,
+                  privacy_unit="student", sample_rate=Q, noise_multiplier=SIGMA, max_grad_norm=1.0, steps=STEPS,
+                  delta=DELTA, accountant="prv", history_before=acct.history,
+                  epsilon=epsilon_of(hist, DELTA) / 2,  # under-reported, yet validly signed
+                  epsilon_rdp=epsilon_of(hist, DELTA, "rdp"), budget=50.0)
+    code, out = _audit(capsys, state / "ledger.jsonl")
+    assert code == 2 and "line 2 (school s1): stored epsilon" in out and "INCONSISTENT" in out, out
