@@ -61,12 +61,13 @@ def _ensure_data(cfg: dict[str, Any]) -> Path:
     from simulations import synth
 
     root, params = _synth_root(cfg)
-    last = [0.0]
+    shown = [-1]
 
     def progress(done: int, total: int, what: str) -> None:
-        if time.time() - last[0] > 1.0 or done == total:
-            last[0] = time.time()
-            print(f"  synthetic classroom: {done}/{total} {what}", flush=True)
+        decile = 10 * done // max(total, 1)
+        if decile > shown[0]:
+            shown[0] = decile
+            print(f"  synthetic classroom: {done}/{total} images ({what})", flush=True)
 
     synth.ensure_dataset(root, params, progress=progress)
     return root

@@ -33,6 +33,9 @@ class SimulationError(RuntimeError):
 def offline_env(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process we start: no telemetry, no update check, no installs."""
     env = dict(os.environ)
+    # Flower starts its helpers (flower-superexec, flwr-simulation) by name: put this venv first on PATH
+    # so `.venv/bin/fedfer` works without activating the venv.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
@@ -153,14 +156,17 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
             runner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                       cwd=str(APP_DIR), text=True, bufsize=1, start_new_session=True)
             try:
-                failed_line = ""
+                failed_line, last_echo = "", ""
                 assert runner.stdout is not None
                 for line in runner.stdout:
                     log_file.write(line)
                     log_file.flush()
                     text = line.rstrip()
                     if "[fedfer]" in text:
-                        echo(text.split("[fedfer]", 1)[1].strip())
+                        message = text.split("[fedfer]", 1)[1].strip()
+                        if message != last_echo:  # Flower logs every line in two formats
+                            echo(message)
+                        last_echo = message
                     elif ("ERROR" in text or "Traceback" in text or "Exception" in text) and not failed_line:
                         failed_line = text.strip()
                     if "Run finished" in text or "finished:failed" in text:
