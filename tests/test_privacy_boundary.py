@@ -1,0 +1,125 @@
+"""Privacy by construction: what a school's ClientApp sends back contains no face, landmark, label
+list or student id — only model weights, counts, metrics and its signed ledger entry.
+
+The train handler runs in-process on a tiny school the test writes, with student ids and file names
+chosen so that any leak is easy to spot in the reply.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+from PIL import Image
+
+from client import app as client_app
+from shared_models import registry
+from shared_models.config import load_config
+
+SECRET_STUDENTS = [f"pupil-SECRET-{i:03d}" for i in range(5)]
+
+
+def _write_school(root, rng, corrupt: bool = False):
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for s, student in enumerate(SECRET_STUDENTS):
+        for f in range(4):
+            name = f"images/{student}-frame{f}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name)
+            rows.append({"path": name, "label": ["happy", "sad", "angry", "neutral"][f], "student_id": student})
+    if corrupt:
+        (root / "images" / "broken.png").write_bytes(b"not a png")
+        rows.append({"path": "images/broken.png", "label": "happy", "student_id": SECRET_STUDENTS[0]})
+        rows.append({"path": rows[0]["path"], "label": "smirk", "student_id": SECRET_STUDENTS[0]})
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "student_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    np.save(root / "landmarks.npy", rng.normal(size=(len(rows), 68, 2)).astype(np.float32))
+
+
+def _train_message(model, run_dir) -> Message:
+    config = ConfigRecord({"server-round": 1, "run-id": "run-test", "run-dir": str(run_dir)})
+    # A message as the ClientApp receives it: with the metadata Flower fills in on delivery.
+    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=3600, message_type="train")
+    return make_message(metadata, RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}))
+
+
+def _context(tmp_path, school_dir, run_config) -> Context:
+    node_config = {"role": "school", "school-id": "school-x", "data-dir": str(school_dir),
+                   "state-dir": str(tmp_path / "state")}
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+@pytest.fixture()
+def reply(tmp_path):
+    rng = np.random.default_rng(0)
+    school = tmp_path / "school"
+    _write_school(school, rng, corrupt=True)
+    cfg = load_config(None, ["train.batch_size=2", "train.local_epochs=1", "federation.rounds=2",
+                             "train.frames_per_student=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    out = client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
+    return model, out
+
+
+def test_reply_carries_only_weights_counts_metrics_and_ledger(reply):
+    model, out = reply
+    content = out.content
+    assert set(content.array_records) == {"arrays"}
+    sent = content["arrays"].to_torch_state_dict()
+    expected = model.state_dict()
+    assert set(sent) == set(expected)
+    assert all(sent[k].shape == expected[k].shape for k in expected)  # weights only, nothing image-shaped
+    for value in content["metrics"].values():
+        assert isinstance(value, (int, float)), value  # scalars: no per-student or per-frame lists
+    assert set(content.config_records) == {"status", "ledger"}
+    entry = json.loads(content["ledger"]["entry"])
+    text = " ".join(_strings({k: dict(v) for k, v in content.config_records.items()}) ) + json.dumps(entry)
+    for student in SECRET_STUDENTS:
+        assert student not in text
+    assert "SECRET" not in text and ".png" not in text and "landmark" not in text
+    assert content["metrics"]["num-examples"] == 20  # the corrupt and unknown-label rows were skipped
+
+
+def test_ledger_entry_has_only_the_accounting_fields(reply):
+    _, out = reply
+    entry = json.loads(out.content["ledger"]["entry"])
+    allowed = {"schema", "event", "school_id", "dataset_fingerprint", "run_id", "round", "privacy_unit",
+               "sample_rate", "noise_multiplier", "max_grad_norm", "steps", "delta", "accountant", "epsilon",
+               "epsilon_rdp", "budget", "timestamp", "prev_hash", "hash", "signature", "history_before",
+               "run_seq", "key_id"}
+    assert set(entry) <= allowed, set(entry) - allowed
+    assert entry["privacy_unit"] == "student" and entry["school_id"] == "school-x"
+
+
+def test_school_without_usable_images_declines(tmp_path):
+    school = tmp_path / "empty"
+    school.mkdir()
+    (school / "labels.csv").write_text("path,label,student_id\nimages/missing.png,happy,a\n")
+    cfg = load_config(None, ["federation.rounds=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    out = client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
+    status = out.content["status"]
+    assert status["status"] == "no-data"
+    assert "no usable images" in status["reason"] and "labels.csv line 2" in status["reason"]
+    assert not out.content.array_records
