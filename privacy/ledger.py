@@ -224,7 +224,7 @@ def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, whe
             raise LedgerError(f"{where}: history_before does not follow from the earlier entries for dataset {fp[:16]}")
     elif not state.trust_first_history and before:
         raise LedgerError(f"{where}: first entry for dataset {fp[:16]} claims earlier spending {entry['history_before']} "
-                          f"that no earlier entry records")
+                          f"that no earlier entry records (was the school's ledger.jsonl lost or replaced? restore it)")
     after = dict(before)
     if entry["event"] == "round":
         step = history_key([(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])])
