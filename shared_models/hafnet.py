@@ -27,6 +27,10 @@ Deliberate departures from DAN, all for differential privacy:
    then depend on the other samples in the batch, breaking DP-SGD's per-sample sensitivity bound.
 5. DAN's AffinityLoss defaults to 8 centres even for 7 classes; here there is one centre per class.
 6. No in-place ops (DAN's channel unit uses ReLU(inplace=True)).
+
+Not a departure but an implementation choice: the N heads are computed side by side as grouped layers
+(`AttentionHeads`), the same arithmetic as N separate heads with N-fold fewer Opacus hooks; a DAN
+checkpoint's `cat_head{i}` tensors are stacked into them on load (`convert_checkpoint`).
 """
 
 from __future__ import annotations

@@ -17,11 +17,14 @@ import importlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from shared_models.output import FEROutput
+
+if TYPE_CHECKING:
+    from shared_models.pretrained import LoadReport
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,11 @@ def loss_terms(model: nn.Module, out: FEROutput, y: Tensor) -> dict[str, Tensor]
     return unwrap(model).loss_terms(out, y)
 
 
-def load_pretrained(model: nn.Module, path: str | Path):  # -> pretrained.LoadReport
-    """Partial, name- and shape-matched load of a user checkpoint; never downloads. See `pretrained`."""
+def load_pretrained(model: nn.Module, path: str | Path) -> "LoadReport":
+    """Partial, name- and shape-matched load of a user checkpoint into `model` (in place); never downloads.
+
+    Returns a `pretrained.LoadReport` (matched / missing / shape_mismatched / unused keys, `.summary()`);
+    raises `pretrained.PretrainedError` (a ValueError) naming the file when it cannot be used at all."""
     from shared_models.pretrained import load_pretrained as _load
 
     return _load(unwrap(model), path)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+from math import prod
+
 from torch import Tensor, nn
 
 from shared_models.backbones.norm import group_norm
@@ -78,7 +79,7 @@ class ResNet18(nn.Module):
         self.bn1 = group_norm(widths[0])
         self.relu = nn.ReLU(inplace=False)
         self.out_channels = int(widths[-1])
-        self.reduction = (4 if stem == "imagenet" else 2) * int(torch.tensor(list(strides)).prod())
+        self.reduction = (4 if stem == "imagenet" else 2) * prod(strides)
         in_channels = widths[0]
         for i, (width, count, stride) in enumerate(zip(widths, blocks, strides), start=1):
             layer = [BasicBlock(in_channels, width, stride)]
