@@ -110,14 +110,16 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict[str, Any] = {"num-examples": len(data), "num-students": data.num_students}
     records: dict[str, Any] = {}
     if bool(cfg["privacy.enabled"]):
-        entry, stats, refusal = _train_private(model, data, cfg, node, run_id, server_round, seed)
+        entry, run_entries, stats, refusal = _train_private(model, data, cfg, node, run_id, server_round, seed)
+        ledger_record = ConfigRecord({"entry": json.dumps(entry, sort_keys=True), "school-id": node.school_id,
+                                      "run-entries": json.dumps(run_entries, sort_keys=True)})
         if refusal is not None:
             reply = _reply_status(msg, "budget-exhausted", refusal, school=node.school_id)
-            reply.content["ledger"] = ConfigRecord({"entry": json.dumps(entry, sort_keys=True), "school-id": node.school_id})
+            reply.content["ledger"] = ledger_record
             return reply
         metrics.update({"epsilon": entry["epsilon"], "epsilon-rdp": entry["epsilon_rdp"],
                         "noise-multiplier": entry["noise_multiplier"], "sample-rate": entry["sample_rate"]})
-        records["ledger"] = ConfigRecord({"entry": json.dumps(entry, sort_keys=True), "school-id": node.school_id})
+        records["ledger"] = ledger_record
     else:
         from client.training import FaceDataset, train_plain
         from shared_models.transforms import train_transform
@@ -138,11 +140,13 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train_private(model: torch.nn.Module, data: SchoolData, cfg: dict[str, Any], node: NodeIdentity,
-                   run_id: str, server_round: int, seed: int) -> tuple[dict[str, Any], dict[str, float], str | None]:
+                   run_id: str, server_round: int, seed: int) -> tuple[dict, list[dict], dict[str, float], str | None]:
     """Budget guard -> DP-SGD -> signed ledger entry + lifetime accountant.
 
-    Returns (ledger entry, training stats, refusal reason or None). A refusal is itself a signed
-    ledger entry (event "refused"), so an auditor sees that the school stopped, and why.
+    Returns (this round's ledger entry, all of this run's entries, training stats, refusal reason or
+    None). A refusal is itself a signed ledger entry (event "refused"), so an auditor sees that the
+    school stopped, and why. All of the run's entries travel with each reply so the server's copy
+    heals if it missed an earlier reply (lost message, coordinator restart).
     """
     from privacy.accounting import SchoolAccountant
     from privacy.budget import check_budget
@@ -164,13 +168,13 @@ def _train_private(model: torch.nn.Module, data: SchoolData, cfg: dict[str, Any]
     decision = check_budget(accountant, (plan.noise_multiplier, plan.sample_rate, plan.steps), delta, budget)
     if not decision.allowed:
         entry = record_refusal(accountant, ledger, planned_steps=plan.steps, reason=decision.reason, **common)
-        return entry, {}, (f"{decision.reason}: ε would reach {decision.epsilon_after:.3f} > budget {budget:.3f} "
+        return entry, ledger.entries_for_run(run_id), {}, (f"{decision.reason}: ε would reach {decision.epsilon_after:.3f} > budget {budget:.3f} "
                            f"(spent {decision.epsilon_now:.3f})")
 
     stats = train_private(model, data, cfg, plan, seed)
     # The accountant is fed with the steps that actually ran, at the q the sampler used.
     entry = record_round(accountant, ledger, steps=int(stats["steps"]), **common)
-    return entry, stats, None
+    return entry, ledger.entries_for_run(run_id), stats, None
 
 
 @app.evaluate()

@@ -231,8 +231,11 @@ class SchoolFedAvg(FedAvg):
         if entry.get("school_id") != school or int(entry.get("round", -1)) != rnd or entry.get("run_id") != self.run.run_id:
             raise RejectedUpdate(f"ledger entry is for {entry.get('school_id')} round {entry.get('round')} run "
                                  f"{entry.get('run_id')}, expected {school} round {rnd} run {self.run.run_id}")
+        run_entries = json.loads(str(content.config_records["ledger"].get("run-entries", "[]"))) or [entry]
+        if run_entries[-1].get("hash") != entry.get("hash"):
+            raise RejectedUpdate("ledger entry is not the last of the run entries sent with it")
         try:
-            ServerLedgerCopy.append_verified(self.run.path, school, entry, load_public_key(self.run.key_path(school)))
+            ServerLedgerCopy.sync_verified(self.run.path, school, run_entries, load_public_key(self.run.key_path(school)))
         except LedgerError as exc:
             raise RejectedUpdate(f"ledger entry does not verify: {exc}") from None
 
