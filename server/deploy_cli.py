@@ -419,9 +419,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     dep = Deployment.load(Path(args.dir).resolve())
     with LocalFederation(dep, log_dir=dep.root / "logs", flwr_home=_home(args)) as fed:
         fed.start_superlink()
-        for name in dep.nodes:
-            if dep.nodes[name].status != "revoked":
-                fed.start_node(name, superlink=dep.local_address)
+        fed.start_nodes([n for n in dep.nodes if dep.nodes[n].status != "revoked"], superlink=dep.local_address)
         print(f"running: SuperLink 127.0.0.1:{dep.port} + {len(fed.nodes)} node(s); logs in {dep.root / 'logs'}; Ctrl-C stops all")
         try:
             while all(p.alive() for p in fed.supervisor.processes):

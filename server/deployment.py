@@ -444,6 +444,13 @@ class LocalFederation:
             self.supervisor.wait_log(node, "SuperNode ID", timeout)
         return procs
 
+    def start_nodes(self, names: Sequence[str], *, superlink: str | None = None, timeout: float = 120.0) -> None:
+        """Start several nodes at once, then wait until the SuperLink accepted every one."""
+        for name in names:
+            self.start_node(name, superlink=superlink, wait=False, timeout=timeout)
+        for name in names:
+            self.supervisor.wait_log(self.nodes[name][0], "SuperNode ID", timeout)
+
     def kill_node(self, name: str) -> None:
         """SIGKILL a node's SuperNode and executor (a crash, for fault tests)."""
         for proc in self.nodes.get(name, []):

@@ -12,7 +12,11 @@ Modes:
   warm        the school's warm executor (client/warm_executor.py: torch imported once, one fork
               per message); Flower's poll intervals unchanged.
   warm+poll   warm executor + SuperNode through client/supernode.py (0.5 s idle / 0.1 s reply
-              poll) + ServerApp grid wrapped in server/polling_grid.PollingGrid (0.1 s).
+              poll, 0.05 s object-pull backoff) + ServerApp grid wrapped in
+              server/polling_grid.PollingGrid (0.1 s).
+  warm+poll+packed  the same, with the model's 88 tensors sent as one array.
+
+Every message carries a model the size and shape of HAFNet's `cpu` preset (88 tensors, 315k floats).
 
     python -m simulations.bench_deploy [--nodes 3] [--rounds 5] [--modes flower,warm,warm+poll]
 
@@ -58,6 +62,8 @@ nodes = 2
 out = ""
 work-s = 0.0
 poll-s = 0.0
+arrays = 1
+params = 1000
 """
 
 TOY_CLIENT = '''"""Toy ClientApp: the real one's imports, no work (unless work-s > 0)."""
@@ -134,7 +140,10 @@ def main(grid: Grid, context: Context) -> None:
     while len(list(grid.get_node_ids())) < n:
         time.sleep(0.2)
     nodes = sorted(grid.get_node_ids())[:n]
-    arrays = ArrayRecord([np.zeros(1000, dtype=np.float32)])
+    count, params = int(rc["arrays"]), int(rc["params"])
+    sizes = [params // count + (1 if i < params % count else 0) for i in range(count)]
+    arrays = ArrayRecord([np.random.default_rng(i).standard_normal(size).astype(np.float32)
+                          for i, size in enumerate(sizes)])
     rows = []
     for rnd in range(1, rounds + 1):
         t0 = time.perf_counter()
@@ -159,11 +168,16 @@ def write_toy_app(directory: Path) -> Path:
 
 
 MODES = {
-    # name: (deployment executor, SuperNode poll patch, ServerApp grid poll seconds; 0 = Flower's 3 s)
-    "flower": ("flower", False, 0.0),
-    "warm": ("warm", False, 0.0),
-    "warm+poll": ("warm", True, 0.1),
+    # name: (deployment executor, SuperNode poll patch, ServerApp grid poll seconds (0 = Flower's 3 s), packed)
+    "flower": ("flower", False, 0.0, False),
+    "warm": ("warm", False, 0.0, False),
+    "warm+poll": ("warm", True, 0.1, False),
+    "warm+poll+packed": ("warm", True, 0.1, True),
 }
+# The model a message carries: HAFNet `cpu` preset's state_dict (88 tensors, 314,943 floats).
+# Flower sends every array as its own object (one authenticated HTTP request each), so the count
+# matters as much as the size; "packed" sends the same floats as one array.
+MODEL_ARRAYS, MODEL_PARAMS = 88, 314_943
 
 
 def make_deployment(root: Path, nodes: int, executor: str, fast_poll: bool, flwr_home: Path) -> Any:
@@ -189,7 +203,8 @@ def run_mode(mode: str, nodes: int, rounds: int, work: Path, app_dir: Path) -> d
     from server.deploy_layout import Deployment
     from server.deployment import DeploymentError, LocalFederation, run_flwr
 
-    executor, fast_poll, server_poll = MODES[mode]
+    executor, fast_poll, server_poll, packed = MODES[mode]
+    arrays = 1 if packed else MODEL_ARRAYS
     root = work / mode.replace("+", "_")
     home = root / "cli_home"
     dep = make_deployment(root / "deploy", nodes, executor, fast_poll, home)
@@ -203,7 +218,8 @@ def run_mode(mode: str, nodes: int, rounds: int, work: Path, app_dir: Path) -> d
             fed.start_node(name)
         started = time.perf_counter()
         result = run_flwr(["run", str(app_dir), "bench", "--stream", "-c",
-                           f'rounds={rounds} nodes={nodes} poll-s={server_poll} out="{out}"'],
+                           f'rounds={rounds} nodes={nodes} poll-s={server_poll} arrays={arrays} '
+                           f'params={MODEL_PARAMS} out="{out}"'],
                           flwr_home=home, timeout=1800)
         total = time.perf_counter() - started
         if not out.exists():
@@ -240,12 +256,12 @@ def summarize(mode: str, rows: list[dict[str, Any]], total: float) -> dict[str, 
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    head = f"{'mode':<10} {'round 1':>8} {'overhead/round':>15} {'(max)':>7} {'train':>7} {'evaluate':>9} {'import/msg':>11} {'errors':>7}"
+    head = f"{'mode':<17} {'round 1':>8} {'overhead/round':>15} {'(max)':>7} {'train':>7} {'evaluate':>9} {'import/msg':>11} {'errors':>7}"
     print(head)
     print("-" * len(head))
     for r in results:
         imp = "-" if r["clientapp_import_median_s"] is None else f"{r['clientapp_import_median_s']:.3f}"
-        print(f"{r['mode']:<10} {r['round1_s']:>7.1f}s {r['steady_overhead_median_s']:>14.2f}s {r['steady_overhead_max_s']:>6.1f}s "
+        print(f"{r['mode']:<17} {r['round1_s']:>7.1f}s {r['steady_overhead_median_s']:>14.2f}s {r['steady_overhead_max_s']:>6.1f}s "
               f"{r['train_exchange_median_s']:>6.2f}s {r['evaluate_exchange_median_s']:>8.2f}s {imp:>10}s {r['errors']:>7}")
     print("overhead/round: median over rounds 2.. of (round wall time - ClientApp compute), "
           "one round = train at every node + evaluate at one node")
@@ -255,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench_deploy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--modes", default="flower,warm,warm+poll")
+    parser.add_argument("--modes", default="flower,warm,warm+poll,warm+poll+packed")
     parser.add_argument("--out", default="benchmarks/deploy.json")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for inspection")
     args = parser.parse_args(argv)
@@ -289,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "flwr": flwr.__version__,
                     "note": "shared 2-core machine; other jobs running (see load_avg_before)"},
         "setup": {"nodes": args.nodes, "rounds": args.rounds, "tls": True, "supernode_auth": True,
+                  "message": f"{MODEL_ARRAYS} float32 arrays, {MODEL_PARAMS} values (HAFNet cpu preset); packed: 1 array",
                   "network": "loopback", "round": "train at every node, then evaluate at one node",
                   "clientapp": "imports numpy, torch, opacus, flwr; no compute"},
         "results": results,

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -397,3 +398,61 @@ def test_polling_grid_collects_every_reply_and_honours_the_timeout(monkeypatch):
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"] and time.monotonic() - start < 5
     with pytest.raises(ValueError, match="interval must be between"):
         PollingGrid(fake, interval=0)
+
+
+# ------------------------------------------------------------------------------------ packing
+def _state(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"conv.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+            "conv.bias": rng.standard_normal(4).astype(np.float32),
+            "gn.weight": rng.standard_normal(4).astype(np.float32),
+            "steps": np.array(seed + 7, dtype=np.int64),
+            "head.weight": rng.standard_normal((7, 4)).astype(np.float32)}
+
+
+def test_pack_roundtrip_is_exact_and_one_array_per_dtype():
+    from server.array_packing import pack, unpack
+
+    state = _state(1)
+    arrays, layout = pack(state)
+    assert sorted(arrays.keys()) == ["packed-float32", "packed-int64"]
+    back = unpack(arrays, layout)
+    assert list(back) == list(state)
+    for name in state:
+        assert back[name].dtype == state[name].dtype and back[name].shape == state[name].shape
+        np.testing.assert_array_equal(back[name], state[name])
+
+
+def test_fedavg_of_packed_replies_equals_fedavg_of_tensors():
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from server.array_packing import pack, unpack
+
+    states, weights = [_state(s) for s in (1, 2, 3)], [10.0, 30.0, 60.0]
+    floats = [{k: v for k, v in s.items() if v.dtype == np.float32} for s in states]
+
+    def reply(arrays, w):
+        return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": w})})
+
+    plain = aggregate_arrayrecords([reply(ArrayRecord({k: Array(v) for k, v in f.items()}), w) for f, w in zip(floats, weights)], "num-examples")
+    packed = [pack(f) for f in floats]
+    avg = aggregate_arrayrecords([reply(a, w) for (a, _), w in zip(packed, weights)], "num-examples")
+    got = unpack(avg, packed[0][1])
+    for name, arr in plain.items():
+        np.testing.assert_allclose(got[name], arr.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_unpack_rejects_a_layout_that_does_not_match():
+    from flwr.app import ConfigRecord
+
+    from server.array_packing import PackingError, pack, unpack
+
+    arrays, layout = pack(_state(1))
+    entries = json.loads(layout["layout"])
+    with pytest.raises(PackingError, match="1 values the layout does not name"):
+        unpack(arrays, ConfigRecord({"layout": json.dumps([e for e in entries if e[0] != "steps"])}))
+    with pytest.raises(PackingError, match="'conv.weight': packed array 'packed-float32' is too short"):
+        unpack(arrays, ConfigRecord({"layout": json.dumps([["conv.weight", "<f4", [10000]]])}))
+    with pytest.raises(PackingError, match="missing or malformed 'layout'"):
+        unpack(arrays, ConfigRecord({}))

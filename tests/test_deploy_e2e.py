@@ -1,0 +1,150 @@
+"""A real deployment on loopback: TLS + authenticated SuperLink, three school SuperNodes and an
+evaluation SuperNode (each with its warm executor), made with `fedfer deploy`, two rounds of the
+fedfer apps through `flwr run . <connection> --stream`.
+
+Checks: metrics for both rounds, evaluated by the evaluation node; every school's ledger (its own
+and the server's copy, verified against the coordinator's keyring) and the privacy audit; an
+unregistered school key is refused; a plaintext connection to the TLS SuperLink fails; every
+process the test started is gone at the end (also when it fails: LocalFederation stops them).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from privacy import credentials as cred
+from server import deploy_cli
+from server.deploy_layout import Deployment
+from server.deployment import LocalFederation, _proc_stat, flower_env, free_ports, run_flwr, supernode_argv
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHOOLS = 3
+TINY = {
+    "federation.rounds": 2, "federation.min_train_schools": 2, "federation.round_timeout": 300,
+    "data.students_per_school": 6, "data.frames_per_student": 6, "data.public_students": 6, "data.image_size": 32,
+    "train.local_epochs": 1, "train.batch_size": 3, "evaluation.bootstrap": 50, "evaluation.benchmarks": "synthetic-fer2013",
+}
+
+
+def _run_config(values: dict) -> str:
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def _synthetic_data(root: Path) -> None:
+    from shared_models.config import load_config
+    from simulations import synth
+
+    cfg = load_config(None, [f"{k}={v}" for k, v in TINY.items()] + [f"federation.schools={SCHOOLS}"])
+    params = synth.params_from_config(cfg)
+    for i in range(SCHOOLS):
+        synth.ensure_school(root, params, i)
+    synth.ensure_public(root, params)
+
+
+def _wait_exit(proc, timeout: float) -> int | None:
+    try:
+        return proc.popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _phase(name: str, since: float) -> float:
+    print(f"[deploy-e2e] {name}: {time.perf_counter() - since:.1f} s", flush=True)
+    return time.perf_counter()
+
+
+def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
+    clock = time.perf_counter()
+    for key, value in {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                       "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(tmp_path / "cli_home")}.items():
+        monkeypatch.setenv(key, value)
+    home = tmp_path / "cli_home"
+    data = tmp_path / "data"
+    _synthetic_data(data)
+
+    port, *node_ports = free_ports(2 + SCHOOLS + 1)
+    root = tmp_path / "deploy"
+    deploy_cli.init_deployment(root, "localhost", port=port, flwr_home=home)
+    for i in range(SCHOOLS):
+        deploy_cli.add_node(root, f"school-{i:02d}", "school", data_dir=data / "schools" / f"school-{i:02d}",
+                            runtime_port=node_ports[i], flwr_home=home)
+    deploy_cli.add_node(root, "evaluator", "evaluator", benchmarks=["synthetic-fer2013"], data_dir=data,
+                        runtime_port=node_ports[SCHOOLS], flwr_home=home)
+    dep = Deployment.load(root)
+    started: list[int] = []
+    clock = _phase("data + credentials", clock)
+
+    with LocalFederation(dep, tmp_path / "logs", home) as fed:
+        try:
+            fed.start_superlink()
+            for name in dep.nodes:
+                assert "registered as node" in deploy_cli.register_pending(root, name, home)
+            fed.dep = dep = Deployment.load(root)
+            fed.start_nodes(list(dep.nodes))
+            clock = _phase("SuperLink + 4 SuperNodes up", clock)
+            status = deploy_cli.deployment_status(root, home)
+            assert status["problems"] == []
+            assert {row["name"]: row.get("flower") for row in status["nodes"]} == {n: "online" for n in dep.nodes}
+
+            # An unregistered school key is refused by the SuperLink.
+            intruder = cred.create_node_key(tmp_path / "intruder", "supernode")
+            argv = supernode_argv(superlink=dep.local_address, runtime_port=node_ports[-1],
+                                  node_config={"role": "school", "school-id": "intruder"}, root_certificates=dep.ca_cert,
+                                  auth_key=intruder.private_path, isolation="process", poll=None)
+            bad = fed.supervisor.start("intruder", argv, env=flower_env(tmp_path / "intruder" / "home"))
+            assert _wait_exit(bad, 120) not in (None, 0), "an unregistered SuperNode kept running"
+            assert "Failed to activate SuperNode" in bad.log_text(100_000), bad.log_text()
+
+            # A plaintext SuperNode cannot talk to the TLS SuperLink.
+            argv = supernode_argv(superlink=dep.local_address, runtime_port=node_ports[-1], node_config={"role": "school"},
+                                  root_certificates=None, auth_key=None, insecure=True, isolation="process",
+                                  poll=None) + ["--max-retries", "1", "--max-wait-time", "10"]
+            plain = fed.supervisor.start("plaintext", argv, env=flower_env(tmp_path / "plain" / "home"))
+            assert _wait_exit(plain, 120) not in (None, 0), "a plaintext SuperNode kept running"
+            assert "SuperNode ID" not in plain.log_text(100_000)
+
+            clock = _phase("refusals checked", clock)
+
+            # Two rounds of the real apps.
+            runs = tmp_path / "runs"
+            config = _run_config({**TINY, "run.root": str(runs), "run.name": "e2e", "data.root": str(data),
+                                  "privacy.keyring": str(dep.keyring)})
+            result = run_flwr(["run", str(ROOT), dep.connection, "--stream", "-c", config], flwr_home=home,
+                              cwd=ROOT, timeout=600)
+            started = fed.supervisor.owned_pids()
+            clock = _phase("flwr run (2 rounds)", clock)
+            log = result.stdout
+            run = runs / "e2e"
+            assert (run / "metrics.jsonl").exists(), log[-4000:]
+            rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            assert [r["round"] for r in rounds] == [1, 2], log[-4000:]
+            for record in rounds:
+                assert record["aggregated"], record
+                assert sorted(s for s, o in record["train"].items() if o.get("status") == "ok") == \
+                    [f"school-{i:02d}" for i in range(SCHOOLS)], record["train"]
+                assert record["evaluated_by"].startswith("evaluator-node"), record["evaluated_by"]
+                assert 0.0 <= record["evaluation"]["synthetic-fer2013"]["accuracy"] <= 1.0
+
+            for i in range(SCHOOLS):
+                school = f"school-{i:02d}"
+                copy = [json.loads(line) for line in (run / "ledger" / f"{school}.jsonl").read_text().splitlines()]
+                assert [e["round"] for e in copy] == [1, 2]
+                assert 0 < copy[0]["epsilon"] < copy[1]["epsilon"]
+                own = dep.node_dir(school) / "state"
+                assert any(own.rglob("*.jsonl")), f"{school} kept no ledger of its own in {own}"
+                assert (run / "keys" / f"{school}.pub").read_text() == (dep.keyring / f"{school}.pub").read_text()
+            audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run)],
+                                   capture_output=True, text=True, cwd=ROOT, timeout=300)
+            assert audit.returncode == 0, audit.stdout + audit.stderr
+        except BaseException:
+            for proc in fed.supervisor.processes:   # the logs explain a failure better than a timeout
+                print(f"----- {proc.name} (exit {proc.popen.poll()})\n{proc.log_text(3000)}")
+            raise
+    left = [pid for pid in started if _proc_stat(pid) is not None]
+    assert left == [], f"processes left running: {left}"
