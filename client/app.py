@@ -107,7 +107,8 @@ def train(msg: Message, context: Context) -> Message:
     seed = zlib.crc32(f"{cfg['run.seed']}/{node.school_id}/{server_round}".encode())
     torch.manual_seed(seed)
 
-    metrics: dict[str, Any] = {"num-examples": len(data), "num-students": data.num_students}
+    # unit-weight: the server's unweighted average when client-level DP is on (one school, one vote)
+    metrics: dict[str, Any] = {"num-examples": len(data), "num-students": data.num_students, "unit-weight": 1}
     records: dict[str, Any] = {}
     if bool(cfg["privacy.enabled"]):
         entry, run_entries, stats, refusal = _train_private(model, data, cfg, node, run_id, server_round, seed)

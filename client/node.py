@@ -32,6 +32,18 @@ def _synthetic_root(cfg: Mapping[str, Any]) -> Path:
     return Path(cfg["data.root"]).expanduser() if cfg["data.root"] else synth.default_root(params)
 
 
+def school_budgets(spec: str) -> dict[str, float]:
+    """`"school-02=4.5,school-03=6"` -> {"school-02": 4.5, "school-03": 6.0}."""
+    budgets: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            budgets[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"privacy.school_budgets: '{item}' must look like school-id=epsilon") from None
+    return budgets
+
+
 def identify(node_config: Mapping[str, Any], cfg: Mapping[str, Any], run_dir: str = "") -> NodeIdentity:
     """Map the node-config (deployment) or partition id (simulation) to a role."""
     if "role" in node_config:
@@ -63,6 +75,7 @@ def identify(node_config: Mapping[str, Any], cfg: Mapping[str, Any], run_dir: st
             school_id=school_id,
             data_dir=_synthetic_root(cfg) / "schools" / school_id,
             state_dir=state_root / school_id,
+            budget=school_budgets(str(cfg["privacy.school_budgets"])).get(school_id),
             simulated=True,
         )
     if partition == schools and bool(cfg["federation.evaluator"]):

@@ -12,7 +12,8 @@ Entry fields (schema 1):
 ``run_id``, ``round``   the federation run and round
 ``run_seq``             index of this entry among the school's entries of this run (0, 1, …): lets an
                         auditor of the server's per-run copy see that nothing before it is missing
-``privacy_unit``        ``student`` | ``image``
+``privacy_unit``        ``student`` | ``image`` | ``school`` (client-level DP at the server: the
+                        federation's own entry, one per round, the unit being a whole school)
 ``sample_rate``         Poisson rate q of privacy units per step
 ``noise_multiplier``    σ
 ``max_grad_norm``       clipping norm C (per unit)
@@ -67,7 +68,7 @@ GENESIS_HASH = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
 EVENTS = ("round", "refused")
 REFUSAL_REASONS = ("budget-exhausted",)
-PRIVACY_UNITS = ("student", "image")
+PRIVACY_UNITS = ("student", "image", "school")
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -98,12 +98,25 @@ def main(grid: Grid, context: Context) -> None:
     clock = {"round_start": time.perf_counter()}
 
     strategy = SchoolFedAvg(cfg, run, round_offset=round_offset, exhausted=exhausted)
+    runner = strategy
+    federation_dp = None
+    if bool(cfg["federation.client_dp"]):
+        from server.client_dp import FederationAccountant
+
+        sampled = max(int(round(int(cfg["federation.schools"]) * float(cfg["federation.fraction_train"]))),
+                      int(cfg["federation.min_train_schools"]))
+        federation_dp = FederationAccountant(cfg, run, sampled)
+        runner = federation_dp.wrap(strategy)
+        strategy.weighted_by_key = "unit-weight"
+        strategy.on_round_start = federation_dp.round_started
 
     def finish_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Flower after each round's training and federated evaluation."""
         record = strategy.record
         if server_round == 0 or record is None or (strategy.finished and not record.train):
             return None
+        if federation_dp is not None and record.aggregated:
+            record.federation_epsilon = float(federation_dp.record_release(record.round)["epsilon"])
         if not record.evaluation:
             if strategy.evaluator_nodes():
                 log(WARNING, "[fedfer] round %d: the evaluation node did not answer; evaluating in-process", record.round)
@@ -114,6 +127,7 @@ def main(grid: Grid, context: Context) -> None:
         run.append_metrics({
             "round": record.round, "aggregated": record.aggregated, "train": record.train,
             "evaluation": record.evaluation, "evaluated_by": record.evaluated_by,
+            **({"federation_epsilon": record.federation_epsilon} if record.federation_epsilon is not None else {}),
             "timing": {"round_seconds": seconds},
         })
         run.save_checkpoint(record.round, arrays.to_torch_state_dict(), model_info, cfg, strategy.state())
@@ -129,7 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         return evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg, cache=in_process_cache,
                                    ensure_synthetic=True)
 
-    strategy.start(
+    runner.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=remaining,

@@ -55,6 +55,8 @@ class RoundRecord:
     evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluated_by: str = ""
     aggregated: bool = False
+    num_aggregated: int = 0
+    federation_epsilon: float | None = None
 
 
 class SchoolFedAvg(FedAvg):
@@ -78,6 +80,7 @@ class SchoolFedAvg(FedAvg):
         self.on_round_end = on_round_end
         self.finished = False
         self.rng = random.Random(int(cfg["run.seed"]))
+        self.on_round_start: Callable[[], None] | None = None
 
     # -- who is who -----------------------------------------------------------------------------
     def _discover(self, grid: Grid) -> None:
@@ -137,6 +140,8 @@ class SchoolFedAvg(FedAvg):
         rnd = server_round + self.round_offset
         self.record = RoundRecord(rnd)
         self.current_arrays = arrays
+        if self.on_round_start is not None:
+            self.on_round_start()
         if self.finished:
             return []
         self._discover(grid)
@@ -180,6 +185,7 @@ class SchoolFedAvg(FedAvg):
         self.record.aggregated = True
         arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
         total = sum(float(c["metrics"]["num-examples"]) for c in accepted)
+        self.record.num_aggregated = len(accepted)
         loss = sum(float(c["metrics"]["train-loss"]) * float(c["metrics"]["num-examples"]) for c in accepted) / total
         return arrays, MetricRecord({"train-loss": loss, "num-examples": total, "schools": len(accepted)})
 

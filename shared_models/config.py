@@ -38,6 +38,9 @@ RULES: dict[str, Rule] = {
     "federation.min_train_schools": Rule(minimum=1),
     "federation.max_update_norm": Rule(minimum=0.0),
     "federation.round_timeout": Rule(minimum=1),
+    "federation.client_dp_noise": Rule(minimum=0.0),
+    "federation.client_dp_clip": Rule(minimum=1e-9),
+    "federation.client_dp_quantile": Rule(minimum=0.0, maximum=1.0),
     "model.preset": Rule(choices=("cpu", "paper")),
     "train.local_epochs": Rule(minimum=1),
     "train.batch_size": Rule(minimum=1),
@@ -148,6 +151,17 @@ def _check_rule(key: str, value: Scalar, source: str) -> None:
         raise ConfigError(f"{source}: key '{key}' must be <= {rule.maximum}; got {value!r}")
 
 
+def _check_school_budgets(value: str, source: str) -> None:
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, eps = item.partition("=")
+        try:
+            ok = bool(sep and name.strip()) and float(eps) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{source}: key 'privacy.school_budgets': '{item}' must look like school-id=epsilon")
+
+
 def validate(flat: Mapping[str, Any], source: str = "config") -> dict[str, Scalar]:
     """Check keys and types against the defaults; return a complete, typed flat config."""
     base = defaults()
@@ -157,6 +171,7 @@ def validate(flat: Mapping[str, Any], source: str = "config") -> dict[str, Scala
             raise ConfigError(f"{source}: unknown key '{key}'")
         resolved[key] = _coerce(key, value, base[key], source)
         _check_rule(key, resolved[key], source)
+    _check_school_budgets(str(resolved.get("privacy.school_budgets", "")), source)
     return resolved
 
 
