@@ -4,7 +4,7 @@
     fedfer deploy init --coordinator fl.district.example [--san 10.0.0.5 …] [--dir deploy]
     fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln [--budget 8]
     fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
-    fedfer deploy status | register NAME | revoke NAME | rotate NAME | up
+    fedfer deploy status | register NAME | revoke NAME | rotate NAME | renew-cert | up
 
 Secure by default: TLS (own CA, EC P-384) and SuperNode authentication (ECDSA P-384 node keys
 registered with `flwr supernode register`) are on; `--insecure` turns both off, loudly.
@@ -143,6 +143,26 @@ def init_deployment(root: Path, coordinator: str, sans: Iterable[str] = (), *, p
     dep.save()
     write_script(dep.coordinator_dir / "start-superlink.sh", superlink_script(dep))
     write_cli_connection(dep, flwr_home or default_flwr_home())
+    return dep
+
+
+def renew_certificate(root: Path, extra_sans: Iterable[str] = ()) -> "Deployment":
+    """A new SuperLink certificate from the existing CA (more names, or before expiry); the nodes keep
+    trusting it because they trust the CA. Restart the SuperLink afterwards."""
+    from privacy import credentials as cred
+    from server.deploy_layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    if dep.insecure:
+        raise DeployError("insecure deployment: there is no certificate")
+    if problem := cred.private_file_problem(dep.ca_key):
+        raise DeployError(f"the CA key is needed to renew: {problem}")
+    ca_key, ca_cert = cred.load_ec_private_key(dep.ca_key), cred.load_certificate(dep.ca_cert)
+    dep.sans = cred.san_names([*dep.sans, *extra_sans])
+    key, cert = cred.issue_server_certificate(ca_key, ca_cert, dep.sans)
+    cred.write_private(dep.superlink_key, cred.pem_private_key(key))
+    cred.write_public(dep.superlink_cert, cred.pem_certificate(cert))
+    dep.save()
     return dep
 
 
@@ -377,6 +397,12 @@ def _cmd_evaluator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_renew_cert(args: argparse.Namespace) -> int:
+    dep = renew_certificate(Path(args.dir), args.san)
+    print(f"new SuperLink certificate {dep.superlink_cert}, SANs {', '.join(dep.sans)}; restart the SuperLink")
+    return 0
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
     print(register_pending(Path(args.dir), args.name, _home(args)))
     return 0
@@ -484,6 +510,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime-port", type=int, default=None)
     common(p)
     p.set_defaults(func=_wrap(_cmd_evaluator))
+
+    p = dsub.add_parser("renew-cert", help="re-issue the SuperLink certificate from the CA (more --san, or expiry)")
+    p.add_argument("--san", action="append", default=[], metavar="NAME")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_renew_cert))
 
     p = dsub.add_parser("register", help="register a node created while the SuperLink was not running")
     p.add_argument("name")

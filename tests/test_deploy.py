@@ -187,6 +187,16 @@ def test_init_writes_ca_certificate_start_script_and_cli_connection(deployment):
     assert Deployment.load(dep.root).sans == dep.sans
 
 
+def test_renew_cert_adds_names_and_keeps_the_ca(deployment):
+    dep, home = deployment
+    ca_before = dep.ca_cert.read_bytes()
+    dep2 = deploy_cli.renew_certificate(dep.root, ["fl-backup.example"])
+    cert = cred.load_certificate(dep2.superlink_cert)
+    cred.verify_issued_by(cert, cred.load_certificate(dep.ca_cert))
+    assert "fl-backup.example" in cred.certificate_sans(cert) and "fl.district.example" in cred.certificate_sans(cert)
+    assert dep.ca_cert.read_bytes() == ca_before and mode(dep.superlink_key) == 0o600
+
+
 def test_second_init_needs_force_and_errors_are_one_line(tmp_path, deployment):
     dep, home = deployment
     result = fedfer("init", "--coordinator", "x.example", "--dir", str(dep.root), cwd=tmp_path, home=home)

@@ -59,15 +59,15 @@ def _phase(name: str, since: float) -> float:
     return time.perf_counter()
 
 
-def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
-    clock = time.perf_counter()
+def make_deployment(tmp_path: Path, monkeypatch) -> tuple[Deployment, Path, Path, list[int]]:
+    """Synthetic data for SCHOOLS schools + public split, and a loopback TLS + node-auth deployment
+    (3 schools, 1 evaluator) made with `fedfer deploy`. Returns (deployment, CLI home, data, spare ports)."""
     for key, value in {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
                        "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(tmp_path / "cli_home")}.items():
         monkeypatch.setenv(key, value)
     home = tmp_path / "cli_home"
     data = tmp_path / "data"
     _synthetic_data(data)
-
     port, *node_ports = free_ports(2 + SCHOOLS + 1)
     root = tmp_path / "deploy"
     deploy_cli.init_deployment(root, "localhost", port=port, flwr_home=home)
@@ -76,17 +76,40 @@ def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
                             runtime_port=node_ports[i], flwr_home=home)
     deploy_cli.add_node(root, "evaluator", "evaluator", benchmarks=["synthetic-fer2013"], data_dir=data,
                         runtime_port=node_ports[SCHOOLS], flwr_home=home)
-    dep = Deployment.load(root)
+    return Deployment.load(root), home, data, node_ports[SCHOOLS + 1:]
+
+
+def start_all(fed: LocalFederation, home: Path) -> Deployment:
+    """SuperLink up, every node registered (`fedfer deploy register`) and connected."""
+    root = fed.dep.root
+    fed.start_superlink()
+    for name in fed.dep.nodes:
+        assert "registered as node" in deploy_cli.register_pending(root, name, home)
+    fed.dep = Deployment.load(root)
+    fed.start_nodes(list(fed.dep.nodes))
+    return fed.dep
+
+
+def run_config(dep: Deployment, data: Path, runs: Path, **extra) -> str:
+    return _run_config({**TINY, "run.root": str(runs), "run.name": "e2e", "data.root": str(data),
+                        "privacy.keyring": str(dep.keyring), **extra})
+
+
+def dump_logs(fed: LocalFederation) -> None:
+    for proc in fed.supervisor.processes:   # the logs explain a failure better than a timeout
+        print(f"----- {proc.name} (exit {proc.popen.poll()})\n{proc.log_text(3000)}")
+
+
+def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
+    clock = time.perf_counter()
+    dep, home, data, (spare_port,) = make_deployment(tmp_path, monkeypatch)
     started: list[int] = []
     clock = _phase("data + credentials", clock)
 
     with LocalFederation(dep, tmp_path / "logs", home) as fed:
         try:
-            fed.start_superlink()
-            for name in dep.nodes:
-                assert "registered as node" in deploy_cli.register_pending(root, name, home)
-            fed.dep = dep = Deployment.load(root)
-            fed.start_nodes(list(dep.nodes))
+            dep = start_all(fed, home)
+            root = dep.root
             clock = _phase("SuperLink + 4 SuperNodes up", clock)
             status = deploy_cli.deployment_status(root, home)
             assert status["problems"] == []
@@ -94,7 +117,7 @@ def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
 
             # An unregistered school key is refused by the SuperLink.
             intruder = cred.create_node_key(tmp_path / "intruder", "supernode")
-            argv = supernode_argv(superlink=dep.local_address, runtime_port=node_ports[-1],
+            argv = supernode_argv(superlink=dep.local_address, runtime_port=spare_port,
                                   node_config={"role": "school", "school-id": "intruder"}, root_certificates=dep.ca_cert,
                                   auth_key=intruder.private_path, isolation="process", poll=None)
             bad = fed.supervisor.start("intruder", argv, env=flower_env(tmp_path / "intruder" / "home"))
@@ -102,7 +125,7 @@ def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
             assert "Failed to activate SuperNode" in bad.log_text(100_000), bad.log_text()
 
             # A plaintext SuperNode cannot talk to the TLS SuperLink.
-            argv = supernode_argv(superlink=dep.local_address, runtime_port=node_ports[-1], node_config={"role": "school"},
+            argv = supernode_argv(superlink=dep.local_address, runtime_port=spare_port, node_config={"role": "school"},
                                   root_certificates=None, auth_key=None, insecure=True, isolation="process",
                                   poll=None) + ["--max-retries", "1", "--max-wait-time", "10"]
             plain = fed.supervisor.start("plaintext", argv, env=flower_env(tmp_path / "plain" / "home"))
@@ -113,8 +136,7 @@ def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
 
             # Two rounds of the real apps.
             runs = tmp_path / "runs"
-            config = _run_config({**TINY, "run.root": str(runs), "run.name": "e2e", "data.root": str(data),
-                                  "privacy.keyring": str(dep.keyring)})
+            config = run_config(dep, data, runs)
             result = run_flwr(["run", str(ROOT), dep.connection, "--stream", "-c", config], flwr_home=home,
                               cwd=ROOT, timeout=600)
             started = fed.supervisor.owned_pids()
@@ -143,8 +165,7 @@ def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
                                    capture_output=True, text=True, cwd=ROOT, timeout=300)
             assert audit.returncode == 0, audit.stdout + audit.stderr
         except BaseException:
-            for proc in fed.supervisor.processes:   # the logs explain a failure better than a timeout
-                print(f"----- {proc.name} (exit {proc.popen.poll()})\n{proc.log_text(3000)}")
+            dump_logs(fed)
             raise
     left = [pid for pid in started if _proc_stat(pid) is not None]
     assert left == [], f"processes left running: {left}"
