@@ -44,7 +44,7 @@ def build_model(name: str, size: int) -> nn.Module:
         from torchvision.models import resnet18
 
         model = resnet18(num_classes=7)          # random init: never a download
-        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)   # 64 px input: no 7x7/2 stem + max-pool
+        model.conv1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False)   # 64 px input: 3x3/2 stem instead of 7x7/2 + max-pool
         model.maxpool = nn.Identity()
         return model
     if name == "hafnet":

@@ -200,7 +200,7 @@ class Frame:
 
 
 NUM_LANDMARKS = 68
-UNIT = 0.29   # one canonical unit (half a face width) as a fraction of the image side at pose scale 1
+UNIT = 0.42   # one canonical unit (half a face width) as a fraction of the image side at pose scale 1
 OCCLUDERS: tuple[str, ...] = ("none", "hand", "book")
 
 # ------------------------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
         return c[name][:, 0] > threshold
 
     # --- mouth opening and jaw -------------------------------------------------------------------
-    open_ = 0.30 * c["AU26"] + 0.09 * c["AU25"] + 0.05 * c["AU16"]         # (B, 1)
+    open_ = 0.34 * c["AU26"] + 0.1 * c["AU25"] + 0.06 * c["AU16"]         # (B, 1)
     jaw_drop = 0.7 * open_
 
     # --- shoulders, neck, back hair, ears ----------------------------------------------------------
@@ -386,7 +386,7 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
         sh.add("poly", sh.cat(up, (up - [0.0, 0.11])[:, ::-1]), 0.38, _shade(skin, 0.96))
         sh.add("poly", sh.cat(lo, (lo + [0.0, 0.08])[:, ::-1]), 0.38, _shade(skin, 1.0))
         sh.add("line", up[:, 2:8] - crease_shift, 0.38, _shade(skin, 0.78), 0.014)
-        sh.add("line", up, 0.39, (25, 18, 18), 0.022)
+        sh.add("line", up, 0.39, (25, 18, 18), 0.03)
         sh.add("line", lo, 0.39, _shade(skin, 0.7), 0.01)
         if s < 0:   # image-left eye: 36 outer, 37/38 upper, 39 inner, 40/41 lower
             eye_marks[s] = np.stack([up[:, 0], up[:, 2], up[:, 6], up[:, 8], lo[:, 6], lo[:, 2]], axis=1)
@@ -397,8 +397,8 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
     v = _V5                                                   # 0 inner end ... 1 outer end
     brow_marks = {}
     th = idt.brow_thick * (1.05 - 0.45 * v)
-    by = (idt.brow_y - idt.brow_arch * 4.0 * v * (1.0 - v) - 0.13 * c["AU1"] * (1.0 - v) ** 1.5
-          - 0.13 * c["AU2"] * v ** 1.2 + 0.075 * c["AU4"] * (1.0 - 0.45 * v) + 0.04 * c["AU9"] * (1.0 - v)
+    by = (idt.brow_y - idt.brow_arch * 4.0 * v * (1.0 - v) - 0.17 * c["AU1"] * (1.0 - v) ** 1.5
+          - 0.17 * c["AU2"] * v ** 1.2 + 0.1 * c["AU4"] * (1.0 - 0.45 * v) + 0.04 * c["AU9"] * (1.0 - v)
           + 0.02 * c["AU6"] * v + 0.015 * c["AU7"])
     bx_abs = (0.1 + 0.52 * v + (0.055 * c["AU4"] + 0.02 * c["AU9"]) * (v - 1.0)) * fw
     for s in (-1.0, 1.0):
@@ -427,13 +427,13 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
     wr_col = _shade_b(skin, 1.0 - 0.4 * c["AU9"][:, 0])
     for i in range(3):
         yy = idt.eye_y + 0.05 + 0.055 * i
-        sh.add("line", np.array([[-0.09, yy + 0.01], [0.0, yy - 0.012], [0.09, yy + 0.01]]), 0.6, wr_col, 0.017, wr_vis)
+        sh.add("line", np.array([[-0.1, yy + 0.012], [0.0, yy - 0.012], [0.1, yy + 0.012]]), 0.6, wr_col, 0.028, wr_vis)
 
     # --- mouth (48-67) -----------------------------------------------------------------------------
     mw = idt.mouth_w * np.maximum(0.6, 1.0 + 0.22 * c["AU12"] + 0.28 * c["AU20"] - 0.2 * c["AU23"]
                                   - 0.1 * c["AU24"] - 0.08 * c["AU26"] - 0.04 * c["AU15"])
     ym = idt.mouth_y - 0.02 * c["AU17"] + 0.075 * jaw_drop
-    corner_dy = -0.14 * c["AU12"] + 0.12 * c["AU15"] + 0.03 * c["AU20"] + 0.04 * c["AU16"]
+    corner_dy = -0.17 * c["AU12"] + 0.15 * c["AU15"] + 0.03 * c["AU20"] + 0.04 * c["AU16"]
     t, tt = _T13, _TT13
     line_y = ym + corner_dy * np.abs(t) ** 1.6                               # (B, 13)
     gap = open_ * tt ** 0.6
@@ -455,11 +455,11 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
     lower_teeth = is_open & ((c["AU16"] + c["AU20"])[:, 0] > 0.4) & (inner_gap > 0.06)
     lt_hi = np.maximum(lo_in - 0.04 * (c["AU16"] + c["AU20"]), teeth_lo)
     sh.add("poly", sh.cat(_xy(x * 0.8, lt_hi), _xy(x * 0.8, lo_in)[:, ::-1]), 0.51, (225, 222, 212), visible=lower_teeth)
-    sh.add("line", _xy(x, (up_in + lo_in) / 2), 0.52, _shade(idt.lip, 0.55), 0.018, ~is_open)
+    sh.add("line", _xy(x, (up_in + lo_in) / 2), 0.52, _shade(idt.lip, 0.5), 0.032, ~is_open)
 
     # --- folds and wrinkles ------------------------------------------------------------------------
     fold_k = np.minimum(1.0, idt.folds + 0.6 * c["AU12"] + 0.25 * c["AU6"] + 0.5 * c["AU9"] + 0.2 * c["AU20"])[:, 0]
-    fold_col = _shade_b(skin, 1.0 - 0.32 * fold_k)
+    fold_col = _shade_b(skin, 1.0 - 0.4 * fold_k)
     a6 = c["AU6"][:, 0]
     six = a6 > 0.15
     corner_y = line_y[:, :1]
@@ -467,15 +467,15 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
         fold = sh.pts([(s * (nw + 0.04), nost_y - 0.05),
                        (s * (nw + 0.12 + 0.06 * c["AU12"]), (nost_y + corner_y + 0.07) / 2),
                        (s * (mw + 0.06), corner_y + 0.07)])
-        sh.add("line", fold, 0.5, fold_col, 0.02, fold_k > 0.08)
+        sh.add("line", fold, 0.5, fold_col, 0.03, fold_k > 0.08)
         mar = sh.pts([(s * (mw + 0.01), corner_y + 0.03), (s * (mw + 0.03), corner_y + 0.16)])
-        sh.add("line", mar, 0.5, _shade_b(skin, 1.0 - 0.3 * c["AU15"][:, 0]), 0.016, over("AU15", 0.2))
+        sh.add("line", mar, 0.5, _shade_b(skin, 1.0 - 0.4 * c["AU15"][:, 0]), 0.026, over("AU15", 0.2))
         ox = s * (idt.eye_sep + ew + 0.03)
         for dy in (-0.03, 0.0, 0.035):
             cf = np.array([[ox, idt.eye_y + dy * 0.5], [ox + s * 0.07, idt.eye_y + dy * 1.6]])
-            sh.add("line", cf, 0.3, _shade_b(skin, 1.0 - 0.3 * a6), 0.012, six)
+            sh.add("line", cf, 0.3, _shade_b(skin, 1.0 - 0.35 * a6), 0.022, six)
         bag = _xy(s * idt.eye_sep - s * ew * _T9[1:-1] * 0.8, idt.eye_y + hl + 0.04 - 0.03 * c["AU6"])
-        sh.add("line", bag, 0.38, _shade_b(skin, 1.0 - 0.22 * a6), 0.014, six)
+        sh.add("line", bag, 0.38, _shade_b(skin, 1.0 - 0.3 * a6), 0.024, six)
         sh.add("poly", _ellipse(s * 0.45, idt.eye_y + 0.3 - 0.06 * c["AU6"], 0.16, 0.1), 0.45,
                _mix_b(skin, (235.0, 140.0, 130.0), 0.18 * a6), visible=six)
     a12 = (c["AU1"] + c["AU2"])[:, 0]
@@ -483,14 +483,14 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
     half = 0.18 + 0.3 * c["AU2"] / (c["AU1"] + c["AU2"] + 1e-6)                # (B, 1)
     for i in range(3):
         yy = idt.brow_y - 0.2 - 0.075 * i
-        sh.add("line", _xy(_LINE5 * half, yy + 0.02 * _LINE5 ** 2), 0.45, _shade_b(skin, 1.0 - 0.28 * fk), 0.014,
+        sh.add("line", _xy(_LINE5 * half, yy + 0.02 * _LINE5 ** 2), 0.45, _shade_b(skin, 1.0 - 0.35 * fk), 0.024,
                a12 > 0.25)
     for s in (-1.0, 1.0):
         g = np.array([[s * 0.05, idt.brow_y - 0.05], [s * 0.04, idt.brow_y + 0.1]])
-        sh.add("line", g, 0.5, _shade_b(skin, 1.0 - 0.35 * c["AU4"][:, 0]), 0.016, over("AU4", 0.15))
+        sh.add("line", g, 0.5, _shade_b(skin, 1.0 - 0.45 * c["AU4"][:, 0]), 0.028, over("AU4", 0.15))
     chin_y = np.max(lo_out, axis=1, keepdims=True) + 0.09
     chin = sh.pts([(-0.12, chin_y + 0.02), (0.0, chin_y - 0.015), (0.12, chin_y + 0.02)])
-    sh.add("line", chin, 0.5, _shade_b(skin, 1.0 - 0.3 * c["AU17"][:, 0]), 0.018, over("AU17", 0.2))
+    sh.add("line", chin, 0.5, _shade_b(skin, 1.0 - 0.4 * c["AU17"][:, 0]), 0.028, over("AU17", 0.2))
 
     # --- front hair --------------------------------------------------------------------------------
     if style == "scarf":
@@ -660,7 +660,7 @@ class Renderer:
         cr, sr = np.cos(fr.roll), np.sin(fr.roll)
         s = self.canvas * UNIT * fr.scale
         ox = self.canvas * (0.5 + fr.dx)
-        oy = self.canvas * (0.43 + fr.dy)
+        oy = self.canvas * (0.416 + fr.dy)
         return np.stack([ox + s * (cr * x - sr * y), oy + s * (sr * x + cr * y)], axis=-1)
 
     def _camera(self, img: Image.Image, look: Look, rng: np.random.Generator) -> np.ndarray:

@@ -50,7 +50,7 @@ from shared_models.labels import FER7
 from simulations import faces as F
 
 GENERATOR = "fedfer.simulations.synth"
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 LABEL_SET = "fer7"
 CLIP_LENGTH = 16
 PUBLIC_SIZE = 100            # RAF-DB aligned faces are 100x100
@@ -200,13 +200,13 @@ SCHOOL_CAMERAS: tuple[dict[str, Any], ...] = (
 )
 PUBLIC_CAMERAS: tuple[dict[str, Any], ...] = (
     dict(name="studio", mono="", exposure=1.05, gamma=1.0, contrast=1.0, cast=(1.0, 1.0, 1.0), blur=0.0,
-         noise=0.01, jpeg=0, light=0.08, vignette=0.0, scale=1.12),
+         noise=0.01, jpeg=0, light=0.08, vignette=0.0, scale=1.02),
     dict(name="press-photo", mono="", exposure=1.0, gamma=0.95, contrast=1.15, cast=(1.04, 1.0, 0.97), blur=0.3,
-         noise=0.015, jpeg=60, light=0.25, vignette=0.05, scale=1.08),
+         noise=0.015, jpeg=60, light=0.25, vignette=0.05, scale=0.98),
     dict(name="phone-selfie", mono="", exposure=0.95, gamma=1.05, contrast=1.0, cast=(1.08, 1.0, 0.92), blur=0.6,
-         noise=0.03, jpeg=0, light=0.2, vignette=0.15, scale=1.15),
+         noise=0.03, jpeg=0, light=0.2, vignette=0.15, scale=1.04),
     dict(name="archive-gray", mono="gray", exposure=1.0, gamma=1.0, contrast=1.1, cast=(1.0, 1.0, 1.0), blur=0.4,
-         noise=0.02, jpeg=0, light=0.15, vignette=0.1, scale=1.1),
+         noise=0.02, jpeg=0, light=0.15, vignette=0.1, scale=1.0),
 )
 
 # A classroom's base rates (neutral and happy dominate, disgust is rare) before the per-school skew.
@@ -222,7 +222,7 @@ _CORE = {label: [F.AU_INDEX[n] for n in F.CORE_AUS[label]] for label in FER7}
 # Difficulty knobs, calibrated with simulations/calibrate_synth.py (see the module docstring there).
 AU_DROP = 0.3                # chance a non-core AU of the prototype is absent in a frame
 INTENSITY_BETA = (2.0, 2.0)  # apex intensity ~ LOW + SPAN * Beta(a, b), times the student's expressivity
-INTENSITY_LOW, INTENSITY_SPAN = 0.2, 0.85
+INTENSITY_LOW, INTENSITY_SPAN = 0.3, 0.8
 BLEND_P, BLEND_MAX = 0.4, 0.5   # chance and maximum weight of blending in a neighbouring class
 SPURIOUS_P, SPURIOUS_MAX = 0.08, 0.3
 NEUTRAL_TRACE_P, NEUTRAL_TRACE_MAX = 0.3, 0.3
@@ -333,7 +333,7 @@ def sample_identity(rng: np.random.Generator, skin_weights: tuple[float, ...], s
     brow = hair if style != "scarf" else HAIR_COLOURS[int(rng.integers(2))]
     brow = tuple(float(c * 0.8) for c in brow)
     eye_y = float(rng.uniform(-0.2, -0.1))
-    lip_mix = rng.uniform(0.25, 0.5)
+    lip_mix = rng.uniform(0.35, 0.6)
     lip = tuple(float(c * (1 - lip_mix) + t * lip_mix) for c, t in zip(skin, (190.0, 80.0, 85.0)))
     hairline = float(rng.uniform(-0.62, -0.52) if style == "fringe" else rng.uniform(-0.92, -0.72))
     return F.Identity(
@@ -343,7 +343,7 @@ def sample_identity(rng: np.random.Generator, skin_weights: tuple[float, ...], s
         eye_sep=float(rng.uniform(0.34, 0.42)), eye_y=eye_y,
         eye_size=float(rng.uniform(0.85, 1.15) - (0.06 if adult else 0.0)), tilt=float(rng.uniform(-0.02, 0.04)),
         iris=IRIS_COLOURS[int(rng.integers(len(IRIS_COLOURS)))],
-        brow_y=eye_y - float(rng.uniform(0.24, 0.34)), brow_thick=float(rng.uniform(0.04, 0.085)),
+        brow_y=eye_y - float(rng.uniform(0.24, 0.34)), brow_thick=float(rng.uniform(0.055, 0.1)),
         brow_arch=float(rng.uniform(0.0, 0.07)), brow_color=brow,  # type: ignore[arg-type]
         nose_len=float(rng.uniform(0.85, 1.15)), nose_w=float(rng.uniform(0.85, 1.2)),
         mouth_y=float(rng.uniform(0.62, 0.74)), mouth_w=float(rng.uniform(0.3, 0.42)),
@@ -362,7 +362,7 @@ def sample_style(rng: np.random.Generator, camera: Mapping[str, Any], label_prob
         if rng.random() < p:
             resting[F.AU_INDEX[name]] = rng.uniform(lo, hi)
     return Style(
-        expressivity=float(rng.uniform(0.7, 1.15)),
+        expressivity=float(rng.uniform(0.75, 1.15)),
         au_gain=np.clip(rng.lognormal(0.0, 0.3, F.NUM_AUS), 0.4, 1.6).astype(np.float32),
         resting=resting, toothy=bool(rng.random() < 0.5),
         yaw=float(rng.normal(0.0, 0.15)), roll=float(rng.normal(0.0, 0.05)),

@@ -71,9 +71,11 @@ def test_school_files_and_headers(built: Path) -> None:
         marks = np.load(sdir / "landmarks.npy")
         assert marks.dtype == np.float32 and marks.shape == (len(rows), 68, 2)
         assert np.isfinite(marks).all()
-        # most landmarks fall inside the image (the face is framed; occluders don't move them)
-        inside = ((marks >= 0) & (marks < 32)).all(axis=2).mean()
-        assert inside > 0.95
+        # inner-face landmarks (brows, nose, eyes, lips) fall inside the tight face crop; the jaw
+        # contour may leave it a little, as in real aligned crops
+        inner = marks[:, 17:]
+        assert ((inner >= 0) & (inner < 32)).all(axis=2).mean() > 0.97
+        assert ((marks > -8) & (marks < 40)).all()
 
 
 def test_clips_have_sixteen_frames(built: Path) -> None:
