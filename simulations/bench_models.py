@@ -225,6 +225,25 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _summary(rows: list[dict]) -> dict:
+    """DP vs plain per model, threads and batch, for the modes the client can use."""
+    summary = {}
+    for r in rows:
+        if r["ok"] and r["mode"] in ("dp-hooks", "dp-hooks-malloc"):
+            p = next((q for q in rows if q["ok"] and q["mode"] == "plain" and q["model"] == r["model"]
+                      and q["threads"] == r["threads"] and q["batch"] == r["batch"]), None)
+            if p:
+                summary[f"{r['model']}-{r['preset']} {r['mode']} threads={r['threads']} batch={r['batch']}"] = {
+                    "plain_samples_per_s_cpu": p["samples_per_s_cpu"],
+                    "dp_samples_per_s_cpu": r["samples_per_s_cpu"],
+                    "dp_slowdown": round(_rate(p) / _rate(r), 2),
+                    "dp_slowdown_measured_by": "cpu time" if r["threads"] == 1 else "wall clock",
+                    "plain_samples_per_s_wall": p["samples_per_s_wall"],
+                    "dp_samples_per_s_wall": r["samples_per_s_wall"],
+                }
+    return summary
+
+
 def _load() -> tuple[float, float, float]:
     return os.getloadavg()
 
@@ -240,10 +259,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="also other Opacus modes, channels-last and a batch sweep (HAFNet)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     parser.add_argument("--out", default="benchmarks/models.json")
+    parser.add_argument("--rerender", default=None, metavar="JSON",
+                        help="rebuild the table and summary of an earlier output from its stored results "
+                             "(no measuring), e.g. after a change to how ratios are shown")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    if args.rerender is not None:
+        report = json.loads(Path(args.rerender).read_text())
+        report.pop("summary_dp_hooks", None)
+        for r in report["results"]:
+            r.setdefault("page_faults_per_step", -1)
+        table = _table(report["results"])
+        report["summary_dp_vs_plain"] = _summary(report["results"])
+        report["table"] = table.splitlines()
+        report["rerendered"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(table)
         return 0
 
     import opacus
@@ -261,20 +295,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     table = _table(rows)
     print(table)
-    summary = {}
-    for r in rows:
-        if r["ok"] and r["mode"] in ("dp-hooks", "dp-hooks-malloc"):
-            p = next((q for q in rows if q["ok"] and q["mode"] == "plain" and q["model"] == r["model"]
-                      and q["threads"] == r["threads"] and q["batch"] == r["batch"]), None)
-            if p:
-                summary[f"{r['model']}-{r['preset']} {r['mode']} threads={r['threads']} batch={r['batch']}"] = {
-                    "plain_samples_per_s_cpu": p["samples_per_s_cpu"],
-                    "dp_samples_per_s_cpu": r["samples_per_s_cpu"],
-                    "dp_slowdown": round(_rate(p) / _rate(r), 2),
-                    "dp_slowdown_measured_by": "cpu time" if r["threads"] == 1 else "wall clock",
-                    "plain_samples_per_s_wall": p["samples_per_s_wall"],
-                    "dp_samples_per_s_wall": r["samples_per_s_wall"],
-                }
+    summary = _summary(rows)
     report = {
         "command": "python -m simulations.bench_models " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
