@@ -15,6 +15,7 @@ Modes:
               poll, 0.05 s object-pull backoff) + ServerApp grid wrapped in
               server/polling_grid.PollingGrid (0.1 s).
   warm+poll+packed  the same, with the model's 88 tensors sent as one array.
+  flower+packed     Flower's defaults, model packed: what the warm executor + polls add alone.
 
 Every message carries a model the size and shape of HAFNet's `cpu` preset (88 tensors, 315k floats).
 
@@ -173,6 +174,7 @@ MODES = {
     "warm": ("warm", False, 0.0, False),
     "warm+poll": ("warm", True, 0.1, False),
     "warm+poll+packed": ("warm", True, 0.1, True),
+    "flower+packed": ("flower", False, 0.0, True),
 }
 # The model a message carries: HAFNet `cpu` preset's state_dict (88 tensors, 314,943 floats).
 # Flower sends every array as its own object (one authenticated HTTP request each), so the count
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="flower,warm,warm+poll,warm+poll+packed")
     parser.add_argument("--out", default="benchmarks/deploy.json")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for inspection")
+    parser.add_argument("--append", action="store_true", help="add this run to the runs already in --out")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
@@ -299,18 +302,24 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     import flwr
 
-    record = {
+    run = {
         "command": "python -m simulations.bench_deploy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "results": results,
+    }
+    record = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "flwr": flwr.__version__,
-                    "note": "shared 2-core machine; other jobs running (see load_avg_before)"},
+                    "note": "shared 2-core machine; other jobs running (see load_avg_before per mode)"},
         "setup": {"nodes": args.nodes, "rounds": args.rounds, "tls": True, "supernode_auth": True,
                   "message": f"{MODEL_ARRAYS} float32 arrays, {MODEL_PARAMS} values (HAFNet cpu preset); packed: 1 array",
                   "network": "loopback", "round": "train at every node, then evaluate at one node",
                   "clientapp": "imports numpy, torch, opacus, flwr; no compute"},
-        "results": results,
+        "runs": [],
     }
     out = Path(args.out)
+    if args.append and out.exists():
+        record["runs"] = json.loads(out.read_text()).get("runs", [])
+    record["runs"].append(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"[bench_deploy] wrote {out}")
