@@ -24,6 +24,10 @@ from server.deployment import LocalFederation, _proc_stat, bin_path, flower_env
 
 from test_deploy_e2e import ROOT, SCHOOLS, dump_logs, make_deployment, run_config, start_all
 
+# Each fault test runs a full TLS deployment twice over (4-5 minutes each on 2 loaded cores), so they
+# are outside the default suite: run them with `pytest -m slow tests/test_deploy_faults.py`.
+pytestmark = pytest.mark.slow
+
 pytestmark = pytest.mark.slow
 
 
