@@ -83,20 +83,8 @@ def shorten_object_pull_backoff(initial: float = 0.05, cap: float = 0.5) -> bool
     return changed
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ours, flower_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
-    parser = argparse.ArgumentParser(prog="python -m client.supernode",
-                                     description="flower-supernode with a shorter idle poll (arguments after --)")
-    parser.add_argument("--idle-poll", type=float, default=DEFAULT_IDLE_POLL_S,
-                        help="seconds between PullMessages when idle (Flower: 3)")
-    parser.add_argument("--reply-poll", type=float, default=DEFAULT_REPLY_POLL_S,
-                        help="seconds between checks for the ClientApp's reply (Flower: 0.5)")
-    args = parser.parse_args(ours)
-    for name in ("idle_poll", "reply_poll"):
-        if not 0.05 <= getattr(args, name) <= 3.0:
-            parser.error(f"--{name.replace('_', '-')} must be between 0.05 and 3 seconds")
-
+def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str]) -> int:
+    """Flower's `flower_supernode()` in this process, with the poll patches applied."""
     from logging import INFO, WARNING
 
     from flwr.supercore import log
@@ -107,14 +95,94 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not shorten_object_pull_backoff():
         log(WARNING, "[fedfer] this Flower's object pull has no backoff defaults; left unchanged")
-    if patch_poll_intervals(args.idle_poll, args.reply_poll):
-        log(INFO, "[fedfer] SuperNode poll: idle %.2f s, reply %.2f s", args.idle_poll, args.reply_poll)
+    if patch_poll_intervals(idle_poll, reply_poll):
+        log(INFO, "[fedfer] SuperNode poll: idle %.2f s, reply %.2f s", idle_poll, reply_poll)
     else:
         log(WARNING, "[fedfer] this Flower's SuperNode loop is not the expected one; running it unpatched (3 s poll)")
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args]  # Flower reads its own argv (and labels exits by argv[0])
     return flower_supernode() or 0
+
+
+def supervise(child_argv: list[str], retry_for: float, retry_every: float) -> int:
+    """Run the SuperNode as a child; restart it while it keeps failing to *connect*.
+
+    Why: the SuperLink only activates a node that is registered or offline. A SuperNode that
+    crashed (or lost its coordinator) stays 'online' there until its heartbeat lapses (Flower:
+    2 x 30 s), and a restart in that window exits at once with `[code: 2004] Failed to activate
+    SuperNode` (exit 1). So a failure within the first seconds is retried for `retry_for` seconds;
+    a revoked key keeps failing and is given up on with that message. A SuperNode that ran and
+    then stopped is not restarted here (that is the site's service manager's decision).
+    """
+    import signal
+    import subprocess
+
+    deadline = _time.monotonic() + retry_for
+    current: list[subprocess.Popen] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in current:
+            if child.poll() is None:
+                child.send_signal(signum)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            started = _time.monotonic()
+            current[:] = [subprocess.Popen(child_argv)]
+            try:
+                code = current[0].wait()
+            except SystemExit:
+                try:
+                    current[0].wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    current[0].kill()
+                raise
+            quick = _time.monotonic() - started < 30
+            if code == 0 or not quick or _time.monotonic() + retry_every > deadline:
+                if code != 0 and quick:
+                    print(f"[fedfer] the SuperNode could not join for {retry_for:.0f} s; if the log says "
+                          "[code: 2004], its key is not registered (or was revoked) at the SuperLink",
+                          file=sys.stderr)
+                return code
+            print(f"[fedfer] the SuperNode exited ({code}) while connecting; retrying in {retry_every:.0f} s "
+                  "(a crashed node stays 'online' at the SuperLink for up to 60 s)", file=sys.stderr, flush=True)
+            _time.sleep(retry_every)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, flower_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
+    parser = argparse.ArgumentParser(prog="python -m client.supernode",
+                                     description="flower-supernode with a shorter idle poll (arguments after --)")
+    parser.add_argument("--idle-poll", type=float, default=DEFAULT_IDLE_POLL_S,
+                        help="seconds between PullMessages when idle (Flower: 3)")
+    parser.add_argument("--reply-poll", type=float, default=DEFAULT_REPLY_POLL_S,
+                        help="seconds between checks for the ClientApp's reply (Flower: 0.5)")
+    parser.add_argument("--retry-for", type=float, default=120.0,
+                        help="keep restarting a SuperNode that fails to connect for this long (0: never)")
+    parser.add_argument("--retry-every", type=float, default=10.0, help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(ours)
+    for name in ("idle_poll", "reply_poll"):
+        if not 0.05 <= getattr(args, name) <= 3.0:
+            parser.error(f"--{name.replace('_', '-')} must be between 0.05 and 3 seconds")
+    if args.child or args.retry_for <= 0:
+        if args.child:   # die with the supervising parent, even if it is SIGKILLed
+            import os
+
+            from flwr.supercore.app_utils import start_parent_process_monitor
+
+            start_parent_process_monitor(os.getppid())
+        return run_supernode(args.idle_poll, args.reply_poll, flower_args)
+    child = [sys.executable, "-m", "client.supernode", "--child", "--idle-poll", str(args.idle_poll),
+             "--reply-poll", str(args.reply_poll), "--", *flower_args]
+    return supervise(child, args.retry_for, args.retry_every)
 
 
 if __name__ == "__main__":

@@ -197,17 +197,18 @@ def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates:
                             root_certificates_path=root_certificates, runtime_dependency_install=False,
                             executor=executor)
 
-    stopping = False
+    class _Stop(BaseException):  # not an Exception: Flower's retry loop must not swallow it
+        """Raised by SIGTERM/SIGINT wherever the loop is — also inside Flower's HTTP retry backoff,
+        which can sleep for many seconds while the SuperNode is gone."""
 
     def _stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        raise _Stop()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     _log(INFO, "serving ClientApp tasks from %s (poll %.2f s, pid %s)", runtime_api_address, poll, os.getpid())
     try:
-        while not stopping:
+        while True:
             executor.reconcile()
             try:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
@@ -223,7 +224,11 @@ def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates:
                     break
                 continue  # another task may already wait
             time.sleep(poll)
+    except _Stop:
+        _log(INFO, "stop signal received")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # finish the clean-up below uninterrupted
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         executor.close()
         client.close()
     _log(INFO, "stopped after %d task(s)", executor.launched)

@@ -442,9 +442,21 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from server.deploy_layout import Deployment
     from server.deployment import LocalFederation
 
+    import signal
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt   # `kill` stops everything like Ctrl-C does (LocalFederation.__exit__)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)   # also when started in the background (SIGINT ignored there)
     dep = Deployment.load(Path(args.dir).resolve())
     with LocalFederation(dep, log_dir=dep.root / "logs", flwr_home=_home(args)) as fed:
         fed.start_superlink()
+        if not dep.insecure:
+            for name, entry in dep.nodes.items():
+                if entry.status == "created":   # added while the SuperLink was down
+                    print(register_pending(dep.root, name, _home(args)))
+            fed.dep = dep = Deployment.load(dep.root)
         fed.start_nodes([n for n in dep.nodes if dep.nodes[n].status != "revoked"], superlink=dep.local_address)
         print(f"running: SuperLink 127.0.0.1:{dep.port} + {len(fed.nodes)} node(s); logs in {dep.root / 'logs'}; Ctrl-C stops all")
         try:

@@ -258,20 +258,29 @@ PYTHON="${{FEDFER_PYTHON:-{python}}}"          # the Python environment with fed
 export PATH="$(dirname "$PYTHON"):$PATH"
 export FLWR_HOME="$HERE/flwr_home" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \\
        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+{malloc}
 """
+
+
+def _head(title: str) -> str:
+    from server.deployment import MALLOC_ENV
+
+    malloc = ("# glibc: keep DP-SGD's per-sample buffers instead of unmapping them every step\nexport "
+              + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
+    return _SCRIPT_HEAD.format(title=title, python=sys.executable, malloc=malloc)
 
 
 def superlink_script(dep: Deployment) -> str:
     argv = superlink_command(dep, HERE)
     argv[0] = "flower-superlink"
-    return _SCRIPT_HEAD.format(title="fedfer coordinator: the Flower SuperLink", python=sys.executable) + (
+    return _head("fedfer coordinator: the Flower SuperLink") + (
         "exec " + _shell_line(argv) + "\n")
 
 
 def node_script(dep: Deployment, name: str) -> str:
     entry = dep.node(name)
     commands = node_commands(dep, name, HERE)
-    head = _SCRIPT_HEAD.format(title=f"fedfer {entry.role} node '{name}': its Flower SuperNode", python=sys.executable)
+    head = _head(f"fedfer {entry.role} node '{name}': its Flower SuperNode")
     if len(commands) == 1:
         argv = commands[0]
         if argv[0].endswith("flower-supernode"):

@@ -30,6 +30,13 @@ FLOWER_ENV: dict[str, str] = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
+# glibc keeps freed per-sample-gradient buffers instead of unmapping them every DP step (the same
+# settings as simulations/launcher.py; measured there 277 -> 362 samples/s for HAFNet-cpu).
+MALLOC_ENV: dict[str, str] = {
+    "MALLOC_MMAP_THRESHOLD_": "268435456",
+    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "MALLOC_TOP_PAD_": "67108864",
+}
 
 
 class DeploymentError(RuntimeError):
@@ -359,7 +366,7 @@ def warm_executor_argv(*, runtime_port: int, runtime_host: str = "127.0.0.1", pr
 
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for any Flower process: its own FLWR_HOME and the offline switches."""
-    env = dict(FLOWER_ENV)
+    env = {**FLOWER_ENV, **MALLOC_ENV}
     env["FLWR_HOME"] = str(flwr_home)
     # Flower starts its helpers by bare name (flower-superexec, flwr-serverapp, flwr-clientapp):
     # they must resolve to this environment even when it is not activated.
@@ -452,9 +459,13 @@ class LocalFederation:
             self.supervisor.wait_log(self.nodes[name][0], "SuperNode ID", timeout)
 
     def kill_node(self, name: str) -> None:
-        """SIGKILL a node's SuperNode and executor (a crash, for fault tests)."""
+        """SIGKILL every process of a node at once — a crashed school machine (fault tests)."""
+        self.supervisor.refresh()
+        pids = [pid for proc in self.nodes.get(name, []) for pid in process_tree(proc.pid)]
+        Supervisor._signal(pids, signal.SIGKILL)
         for proc in self.nodes.get(name, []):
-            self.supervisor.kill(proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=5)
 
     def stop_node(self, name: str) -> None:
         for proc in self.nodes.pop(name, []):

@@ -466,3 +466,33 @@ def test_unpack_rejects_a_layout_that_does_not_match():
         unpack(arrays, ConfigRecord({"layout": json.dumps([["conv.weight", "<f4", [10000]]])}))
     with pytest.raises(PackingError, match="missing or malformed 'layout'"):
         unpack(arrays, ConfigRecord({}))
+
+
+def test_warm_executor_stops_promptly_while_its_supernode_is_gone(tmp_path):
+    """SIGTERM must stop it even inside Flower's connection-retry backoff (start.sh relies on it)."""
+    from server.deployment import flower_env, free_port, warm_executor_argv
+
+    argv = warm_executor_argv(runtime_port=free_port()) + ["--preload", ""]
+    with Supervisor(tmp_path / "logs") as sup:
+        proc = sup.start("executor", argv, env=flower_env(tmp_path / "home"), cwd=tmp_path)
+        sup.wait_log(proc, "serving ClientApp tasks", timeout=120)
+        time.sleep(3)   # into the retry backoff against the closed port
+        proc.popen.send_signal(15)
+        assert proc.popen.wait(timeout=20) == 0
+        assert "stop signal received" in proc.log_text()
+
+
+def test_supernode_launcher_retries_a_refused_start_then_gives_up(tmp_path, capsys):
+    from client.supernode import supervise
+
+    counter = tmp_path / "attempts"
+    flaky = [sys.executable, "-c", f"import pathlib, sys; p = pathlib.Path({str(counter)!r}); "
+             "n = len(p.read_text()) if p.exists() else 0; p.write_text('x' * (n + 1)); sys.exit(0 if n >= 2 else 1)"]
+    assert supervise(flaky, retry_for=30, retry_every=0.05) == 0
+    assert counter.read_text() == "xxx"
+    counter.unlink()
+    refused = [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(counter)!r}); "
+               "p.write_text((p.read_text() if p.exists() else '') + 'x'); raise SystemExit(1)"]
+    assert supervise(refused, retry_for=0.5, retry_every=0.1) == 1
+    assert 2 <= len(counter.read_text()) <= 10
+    assert "[code: 2004]" in capsys.readouterr().err
