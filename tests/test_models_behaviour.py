@@ -11,16 +11,6 @@ from shared_models.output import FEROutput
 from shared_models.sfer_mdfae import BiLevelRoutingAttention
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these layers are small, and on the shared 2-core machine a second OpenMP
-    thread that gets descheduled stalls every op (measured 10x slower), which only makes tests slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _x(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, model.input_size, model.input_size, generator=g) * 2 - 1

@@ -11,16 +11,6 @@ from fedfer.cli import main
 from shared_models import registry
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these layers are small, and on the shared 2-core machine a second OpenMP
-    thread that gets descheduled stalls every op (measured 10x slower), which only makes tests slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_models_json_lists_each_model_and_preset(capsys) -> None:
     assert main(["models", "--json", "--preset", "cpu"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -10,16 +10,6 @@ from shared_models import registry
 from shared_models.complexity import Complexity, complexity, count_macs, count_params
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these layers are small, and on the shared 2-core machine a second OpenMP
-    thread that gets descheduled stalls every op (measured 10x slower), which only makes tests slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def paper() -> dict[str, tuple[nn.Module, Complexity]]:
     """Each paper model built and counted once for the module (they are large)."""

@@ -19,16 +19,6 @@ from opacus.validators import ModuleValidator
 from shared_models import registry
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these layers are small, and on the shared 2-core machine a second OpenMP
-    thread that gets descheduled stalls every op (measured 10x slower), which only makes tests slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 warnings.filterwarnings("ignore", message=".*full backward hook.*")
 
 CASES = [("hafnet", "cpu", 3), ("sfer_mdfae", "cpu", 3), ("hafnet", "paper", 2), ("sfer_mdfae", "paper", 2)]

@@ -12,16 +12,6 @@ from shared_models.backbones.resnet import ResNet18
 from shared_models.pretrained import PretrainedError
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these layers are small, and on the shared 2-core machine a second OpenMP
-    thread that gets descheduled stalls every op (measured 10x slower), which only makes tests slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _params_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
