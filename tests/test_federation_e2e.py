@@ -91,3 +91,19 @@ def test_server_never_opened_benchmark_files(federation):
 
 def test_no_flower_process_left_behind(federation):
     assert _ps_fedfer_processes() == set()
+
+
+def test_fedfer_evaluate_reproduces_the_evaluation_node(federation):
+    """`fedfer evaluate` on the checkpoint, synthetic public split in FER2013 format, gives the accuracy
+    the evaluation node reported for that round."""
+    run = federation["run"]
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    proc = subprocess.run([sys.executable, "-m", "fedfer", "evaluate", "--checkpoint", str(run / "checkpoints" / "round-0002.pt"),
+                           "--benchmark", "synthetic-fer2013", "--data-root", str(federation["data"]), "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(proc.stdout)  # {benchmark name: metrics}
+    assert len(results) == 1
+    row = next(iter(results.values()))
+    assert row["n"] == last["evaluation"]["synthetic-fer2013"]["n"]
+    assert row["accuracy"] == pytest.approx(last["evaluation"]["synthetic-fer2013"]["accuracy"], abs=1e-9)
