@@ -182,6 +182,9 @@ MODES = {
 MODEL_ARRAYS, MODEL_PARAMS = 88, 314_943
 
 
+IDLE_POLL_S = 0.5   # --idle-poll: the SuperNode's idle poll in the fast-poll modes
+
+
 def make_deployment(root: Path, nodes: int, executor: str, fast_poll: bool, flwr_home: Path) -> Any:
     """A loopback TLS + node-auth deployment with `nodes` school nodes (toy data dirs)."""
     from server.deploy_cli import add_node, init_deployment
@@ -191,9 +194,8 @@ def make_deployment(root: Path, nodes: int, executor: str, fast_poll: bool, flwr
     ports = free_ports(nodes + 1)
     init_deployment(root, "localhost", port=ports[0], executor=executor, flwr_home=flwr_home, connection="bench")
     dep = Deployment.load(root)
-    if not fast_poll:
-        dep.idle_poll = 0.0   # plain flower-supernode: Flower's own 3 s / 0.5 s
-        dep.save()
+    dep.idle_poll = IDLE_POLL_S if fast_poll else 0.0   # 0: plain flower-supernode, Flower's own 3 s / 0.5 s
+    dep.save()
     for i in range(nodes):
         add_node(root, f"school-{i}", "school", data_dir=root / "data" / f"school-{i}", runtime_port=ports[i + 1],
                  flwr_home=None)
@@ -277,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/deploy.json")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for inspection")
     parser.add_argument("--append", action="store_true", help="add this run to the runs already in --out")
+    parser.add_argument("--idle-poll", type=float, default=0.5, help="SuperNode idle poll in the +poll modes")
     args = parser.parse_args(argv)
+    global IDLE_POLL_S
+    IDLE_POLL_S = args.idle_poll
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
         if mode not in MODES:
@@ -305,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {
         "command": "python -m simulations.bench_deploy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "idle_poll_s": args.idle_poll,
         "results": results,
     }
     record = {
