@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.node import NodeIdentity, identify
+from server.array_packing import is_packed, pack_content, unpack_content
 from client.school_data import SchoolData, SchoolDataError, load_school
 from shared_models import registry
 from shared_models.config import from_run_config
@@ -40,6 +41,19 @@ def _reply_status(msg: Message, status: str, reason: str, **extra: Any) -> Messa
     """A reply that declines the request; the server records `status` and `reason`."""
     record = ConfigRecord({"status": status, "reason": reason[:500], **{k: str(v) for k, v in extra.items()}})
     return Message(RecordDict({"status": record}), reply_to=msg)
+
+
+def _received_state(msg: Message) -> dict[str, torch.Tensor]:
+    """The model the server sent, as a torch state dict (packed in one array per dtype or not)."""
+    content = unpack_content(msg.content, strict=True)
+    return content.array_records["arrays"].to_torch_state_dict()
+
+
+def _reply(msg: Message, content: RecordDict) -> Message:
+    """Reply in the form the request came in: packed model in, packed model out."""
+    if is_packed(msg.content) and "arrays" in content.array_records:
+        content = pack_content(content)
+    return Message(content, reply_to=msg)
 
 
 def _setup(msg: Message, context: Context) -> tuple[dict[str, Any], NodeIdentity, ConfigRecord]:
@@ -103,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
         return _reply_status(msg, "no-data", f"no usable images: {why}", school=node.school_id)
 
     model = registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"]))
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    model.load_state_dict(_received_state(msg), strict=True)
     seed = zlib.crc32(f"{cfg['run.seed']}/{node.school_id}/{server_round}".encode())
     torch.manual_seed(seed)
 
@@ -137,7 +151,7 @@ def train(msg: Message, context: Context) -> Message:
         "status": ConfigRecord({"status": "ok", "school": node.school_id}),
         **records,
     })
-    return Message(content, reply_to=msg)
+    return _reply(msg, content)
 
 
 def _train_private(model: torch.nn.Module, data: SchoolData, cfg: dict[str, Any], node: NodeIdentity,
@@ -185,7 +199,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if node.role != "evaluator":
         return _reply_status(msg, "declined", f"node role is {node.role}, not evaluator")
     model = registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"]))
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    model.load_state_dict(_received_state(msg), strict=True)
     from shared_models.benchmark_suite import evaluate_benchmarks, flatten_metrics
 
     results = evaluate_benchmarks(model, node.benchmarks, node.data_dir, cfg, cache=_BENCHMARK_CACHE,

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from server.array_packing import PackedGrid
 from server.run_dir import RunDirectory
 from server.strategy import RoundRecord, SchoolFedAvg
 from shared_models import registry
@@ -97,6 +98,9 @@ def main(grid: Grid, context: Context) -> None:
     in_process_cache: dict = {}
     clock = {"round_start": time.perf_counter()}
 
+    # The model travels packed (one array per dtype): Flower moves every array as its own object, one
+    # request per hop. PackedGrid unpacks each reply before the strategy, validation and FedAvg see it.
+    grid = PackedGrid(grid)
     strategy = SchoolFedAvg(cfg, run, round_offset=round_offset, exhausted=exhausted)
     runner = strategy
     federation_dp = None

@@ -13,18 +13,31 @@ so averaging packed vectors equals packing the averaged tensors. Validation that
     arrays, layout = pack(model.state_dict())              # sender
     content = RecordDict({"arrays": arrays, "layout": layout, ...})
     state = unpack(content["arrays"], content["layout"])   # receiver: {name: np.ndarray}
+
+In the fedfer apps the packing is transport only: `PackedGrid` (wrapped around the ServerApp's grid)
+packs the "arrays" record of every message it sends and unpacks every reply before the strategy
+sees it, so the strategy, Flower's DP wrapper, validation, FedAvg and the checkpoints all work on
+the ordinary {tensor name: array} record. The ClientApp unpacks with `unpack_content` and, when the
+request was packed, packs its reply (`pack_content`). A reply whose packed arrays do not match its
+layout (wrong length, wrong dtype, malformed) is not unpacked: its content is replaced by a
+`packing-error` record, which the strategy rejects with one line naming the school.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
 PREFIX = "packed-"
 LAYOUT_KEY = "layout"
+ARRAYS = "arrays"            # the RecordDict key of the model in fedfer's messages
+LAYOUT_RECORD = "layout"     # the RecordDict key of the layout ConfigRecord next to it
+ERROR_RECORD = "packing-error"  # set by PackedGrid on a reply that does not unpack
+MAX_TENSORS = 100_000
 
 
 class PackingError(ValueError):
@@ -56,26 +69,154 @@ def pack(state: Mapping[str, Any]) -> tuple[ArrayRecord, ConfigRecord]:
     return record, ConfigRecord({LAYOUT_KEY: json.dumps(layout)})
 
 
-def unpack(arrays: ArrayRecord, layout: ConfigRecord) -> dict[str, np.ndarray]:
-    """The inverse of `pack` (arrays may be the FedAvg average of packed replies)."""
+def unpack(arrays: ArrayRecord, layout: ConfigRecord, strict: bool = False) -> dict[str, np.ndarray]:
+    """The inverse of `pack` (arrays may be the FedAvg average of packed replies).
+
+    strict: every packed array must hold exactly the dtype its key names (`packed-float32` holds
+    float32) — for arrays received from another party. Without it a group averaged by FedAvg
+    (int64 → float64) is cast back to the layout's dtype.
+    """
     try:
         entries = json.loads(str(layout[LAYOUT_KEY]))
     except (KeyError, json.JSONDecodeError) as exc:
         raise PackingError(f"layout record: missing or malformed '{LAYOUT_KEY}' ({exc})") from None
-    flat = {key[len(PREFIX):]: arrays[key].numpy().reshape(-1) for key in arrays.keys() if key.startswith(PREFIX)}
+    if not isinstance(entries, list) or not entries or len(entries) > MAX_TENSORS:
+        raise PackingError(f"layout: expected a list of 1..{MAX_TENSORS} [name, dtype, shape] entries")
+    flat: dict[str, np.ndarray] = {}
+    for key in arrays.keys():
+        if not key.startswith(PREFIX):
+            raise PackingError(f"unexpected array {key!r} next to the packed arrays")
+        value = arrays[key].numpy().reshape(-1)
+        group = key[len(PREFIX):]
+        if strict and value.dtype.name != group:
+            raise PackingError(f"packed array '{key}' holds {value.dtype.name}, not {group}")
+        flat[group] = value
     offsets = {name: 0 for name in flat}
     out: dict[str, np.ndarray] = {}
-    for name, dtype, shape in entries:
-        group = np.dtype(dtype).name
+    for entry in entries:
+        name, dtype, shape = _layout_entry(entry)
+        if name in out:
+            raise PackingError(f"layout names tensor {name!r} twice")
+        group = dtype.name
         if group not in flat:
             raise PackingError(f"tensor {name!r}: no packed array '{PREFIX}{group}'")
         size = int(np.prod(shape, dtype=np.int64)) if shape else 1
         start = offsets[group]
         if start + size > flat[group].size:
             raise PackingError(f"tensor {name!r}: packed array '{PREFIX}{group}' is too short")
-        out[name] = flat[group][start:start + size].astype(np.dtype(dtype), copy=False).reshape(shape)
+        out[name] = flat[group][start:start + size].astype(dtype, copy=False).reshape(shape)
         offsets[group] = start + size
     for group, used in offsets.items():
         if used != flat[group].size:
             raise PackingError(f"packed array '{PREFIX}{group}' has {flat[group].size - used} values the layout does not name")
     return out
+
+
+def _layout_entry(entry: Any) -> tuple[str, np.dtype, list[int]]:
+    """One `[name, dtype, shape]` layout entry, checked (it may come from another party)."""
+    try:
+        name, dtype, shape = entry
+        dt = np.dtype(str(dtype))
+    except (TypeError, ValueError) as exc:
+        raise PackingError(f"layout entry {str(entry)[:80]!r}: not [name, dtype, shape] ({exc})") from None
+    if not isinstance(name, str) or not name:
+        raise PackingError(f"layout entry {str(entry)[:80]!r}: the name must be a non-empty string")
+    if dt.kind not in "biuf" or dt.hasobject:
+        raise PackingError(f"tensor {name!r}: dtype {dt} is not a numeric dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise PackingError(f"tensor {name!r}: shape {str(shape)[:80]} is not a list of non-negative integers")
+    return name, dt, shape
+
+
+# -- message content --------------------------------------------------------------------------------
+def is_packed(content: RecordDict) -> bool:
+    return LAYOUT_RECORD in content.config_records and ARRAYS in content.array_records
+
+
+def pack_content(content: RecordDict) -> RecordDict:
+    """A copy of `content` whose "arrays" record is packed, with the layout next to it."""
+    arrays, layout = pack(content.array_records[ARRAYS])
+    return _with_arrays(content, arrays, layout)
+
+
+def unpack_content(content: RecordDict, strict: bool = True) -> RecordDict:
+    """A copy of `content` with the "arrays" record unpacked (unchanged if it is not packed)."""
+    if not is_packed(content):
+        return content
+    state = unpack(content.array_records[ARRAYS], content.config_records[LAYOUT_RECORD], strict=strict)
+    return _with_arrays(content, ArrayRecord({k: Array(v) for k, v in state.items()}), None)
+
+
+def _with_arrays(content: RecordDict, arrays: ArrayRecord, layout: ConfigRecord | None) -> RecordDict:
+    out = RecordDict()
+    for key, record in content.items():
+        if key == LAYOUT_RECORD:
+            continue
+        out[key] = arrays if key == ARRAYS else record
+    if layout is not None:
+        out[LAYOUT_RECORD] = layout
+    return out
+
+
+class PackedGrid(Grid):
+    """Delegates to `grid`; `send_and_receive` packs what it sends and unpacks what comes back.
+
+    Outgoing messages are changed in place (`message.content`), before they are pushed, so the
+    Message objects the strategy made get their message ids as usual. The global model is packed
+    once per exchange however many schools receive it.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def __getattr__(self, name: str):  # anything a newer Grid adds (close, …)
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        packed: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
+        for message in messages:
+            content = message.content
+            if ARRAYS not in content.array_records or LAYOUT_RECORD in content.config_records:
+                continue
+            model = content.array_records[ARRAYS]
+            if id(model) not in packed:
+                packed[id(model)] = pack(model)
+            message.content = _with_arrays(content, *packed[id(model)])
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            unpack_reply(reply)
+        return replies
+
+
+def unpack_reply(reply: Message) -> None:
+    """Unpack a reply in place; one that does not unpack gets a `packing-error` record instead."""
+    if reply.has_error() or not is_packed(reply.content):
+        return
+    try:
+        reply.content = unpack_content(reply.content, strict=True)
+    except PackingError as exc:
+        reply.content = RecordDict({ERROR_RECORD: ConfigRecord({"reason": str(exc)[:300]})})

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from server.array_packing import ERROR_RECORD
 from server.run_dir import RunDirectory
 from server.validation import RejectedUpdate, check_update
 
@@ -196,6 +197,12 @@ class SchoolFedAvg(FedAvg):
             self.run.event("client-error", round=rnd, school=school, reason=reason)
             return {"status": "error", "reason": reason}
         content = reply.content
+        if ERROR_RECORD in content.config_records:   # PackedGrid could not unpack the reply's weights
+            reason = f"packed weights do not match their layout: {content[ERROR_RECORD].get('reason', '')}"
+            reason = " ".join(reason.split())
+            self.run.event("rejected", round=rnd, school=school, reason=reason)
+            log(WARNING, "[fedfer] rejected %s in round %d: %s", school, rnd, reason)
+            return {"status": "rejected", "reason": reason}
         status = content.config_records.get("status", ConfigRecord({"status": "ok"}))
         if status.get("status") != "ok":
             outcome = {"status": str(status["status"]), "reason": str(status.get("reason", ""))}

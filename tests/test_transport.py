@@ -1,0 +1,294 @@
+"""The model on the wire: packed into one array per dtype (server/array_packing.py PackedGrid, the
+ClientApp's `_received_state` / `_reply`), unpacked before validation and FedAvg; and replies matched
+to schools by the message they answer, not by position or sender field.
+
+A fake Grid stands in for Flower's (in-memory or SuperLink) grid: it gives pushed messages ids,
+as Flower's grids do, and answers them with the replies a test scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from server.array_packing import PackedGrid, is_packed, pack_content, unpack_content
+
+SUPERLINK_NODE_ID = 1   # flwr.common.constant: the sender of the SuperLink's own error replies
+
+
+@pytest.fixture(autouse=True)
+def _serverapp_identity(monkeypatch):
+    """A ServerApp process knows its run and task; `Message(...)` reads them when a strategy makes one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in {"_run_id": 1, "_task_id": 1, "_node_id": SUPERLINK_NODE_ID}.items():
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _state(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"conv.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+            "conv.bias": rng.standard_normal(4).astype(np.float32),
+            "bn.num_batches_tracked": np.array(seed + 7, dtype=np.int64),
+            "head.weight": rng.standard_normal((7, 4)).astype(np.float32)}
+
+
+def _record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in state.items()})
+
+
+class FakeGrid(Grid):
+    """Answers every pushed message with `answer(node_id, message)` (None: no reply)."""
+
+    def __init__(self, node_ids: Iterable[int], answer: Callable[[int, Message], Message | None]) -> None:
+        self.node_ids = list(node_ids)
+        self.answer = answer
+        self.sent: list[Message] = []
+        self.count = 0
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return None
+
+    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            self.count += 1
+            message.metadata.__dict__["_message_id"] = f"msg-{self.count}"   # as Flower's grids do
+            self.sent.append(message)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.push_messages(messages)
+        replies = [self.answer(m.metadata.dst_node_id, m) for m in messages]
+        return [r for r in replies if r is not None]
+
+
+def _delivered(message: Message) -> Message:
+    """The message as the ClientApp receives it (metadata filled in), same content."""
+    meta = message.metadata
+    return make_message(Metadata(run_id=1, message_id=meta.message_id, src_node_id=SUPERLINK_NODE_ID,
+                                 dst_node_id=meta.dst_node_id, reply_to_message_id="", group_id=meta.group_id,
+                                 created_at=time.time(), ttl=3600, message_type=meta.message_type),
+                        message.content)
+
+
+def _reply(message: Message, content: RecordDict, src_node_id: int | None = None) -> Message:
+    reply = Message(content, reply_to=_delivered(message))
+    if src_node_id is not None:
+        reply.metadata.__dict__["_src_node_id"] = src_node_id
+    return reply
+
+
+def _superlink_error(message: Message) -> Message:
+    """What the SuperLink returns for a message whose destination node died (linkstate/utils.py)."""
+    meta = Metadata(run_id=1, message_id="", src_node_id=SUPERLINK_NODE_ID, dst_node_id=SUPERLINK_NODE_ID,
+                    reply_to_message_id=message.metadata.message_id, group_id=message.metadata.group_id,
+                    created_at=time.time(), ttl=0, message_type=message.metadata.message_type)
+    return make_message(meta, error=Error(code=3, reason="Error: Node Unavailable — no heartbeat"))
+
+
+# ------------------------------------------------------------------------------------ packing
+def test_packed_grid_sends_one_array_per_dtype_and_returns_the_unpacked_reply():
+    state = _state(1)
+    seen = {}
+
+    def answer(nid, message):
+        seen[nid] = message.content
+        # the ClientApp's side: unpack, "train", reply in the form the request came
+        got = unpack_content(message.content).array_records["arrays"]
+        trained = {k: np.asarray(v.numpy() + 1, dtype=v.numpy().dtype) for k, v in got.items()}
+        return _reply(message, pack_content(RecordDict({"arrays": _record(trained),
+                                                        "metrics": MetricRecord({"num-examples": 3})})))
+
+    fake = FakeGrid([11, 12], answer)
+    grid = PackedGrid(fake)
+    arrays = _record(state)
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    messages = [Message(content, dst_node_id=nid, message_type=MessageType.TRAIN) for nid in (11, 12)]
+    replies = list(grid.send_and_receive(messages, timeout=5))
+
+    for nid in (11, 12):
+        sent = seen[nid]
+        assert is_packed(sent) and sorted(sent["arrays"].keys()) == ["packed-float32", "packed-int64"]
+        assert dict(sent["config"]) == {"server-round": 1}
+    assert seen[11]["arrays"] is seen[12]["arrays"]          # packed once per exchange
+    assert all(m.metadata.message_id for m in messages)        # the strategy's own Message objects got ids
+    for reply in replies:
+        assert not is_packed(reply.content) and set(reply.content.config_records) == set()
+        back = reply.content["arrays"]
+        assert list(back.keys()) == list(state)
+        for name, value in state.items():
+            got = back[name].numpy()
+            assert got.dtype == value.dtype and got.shape == value.shape
+            np.testing.assert_array_equal(got, value + 1)
+
+
+def test_fedavg_after_packed_transport_equals_fedavg_of_the_tensors():
+    """Same replies, once sent plain and once packed + unpacked by PackedGrid: bit-identical FedAvg."""
+    states, weights = [_state(s) for s in (1, 2, 3)], [10.0, 30.0, 60.0]
+
+    def reply_content(i, packed):
+        content = RecordDict({"arrays": _record(states[i]), "metrics": MetricRecord({"num-examples": weights[i]})})
+        return pack_content(content) if packed else content
+
+    def run(packed):
+        fake = FakeGrid([0, 1, 2], lambda nid, m: _reply(m, reply_content(nid, packed)))
+        grid = PackedGrid(fake) if packed else fake
+        msgs = [Message(RecordDict({"arrays": _record(_state(9))}), dst_node_id=n, message_type=MessageType.TRAIN)
+                for n in (0, 1, 2)]
+        return aggregate_arrayrecords([r.content for r in grid.send_and_receive(msgs)], "num-examples")
+
+    plain, packed = run(False), run(True)
+    assert list(plain.keys()) == list(packed.keys())
+    for name in plain.keys():
+        a, b = plain[name].numpy(), packed[name].numpy()
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------ strategy
+@pytest.fixture()
+def strategy_setup(tmp_path):
+    from privacy.signing import load_or_create_signing_key, public_key_pem
+    from server.run_dir import RunDirectory
+    from server.strategy import SchoolFedAvg
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
+                             "federation.min_train_schools=1", "federation.max_update_norm=1000"])
+    run = RunDirectory.create(cfg)
+    schools = {101: "school-a", 202: "school-b", 303: "school-c"}
+    keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / name)) for nid, name in schools.items()}
+
+    def query_reply(nid, message):
+        info = ConfigRecord({"role": "school", "school-id": schools[nid], "public-key": keys[nid]})
+        return _reply(message, RecordDict({"node": info}))
+
+    return cfg, run, schools, query_reply, SchoolFedAvg(cfg, run)
+
+
+def _train_reply(message, state, n):
+    content = RecordDict({"arrays": _record(state), "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
+                          "status": ConfigRecord({"status": "ok"})})
+    return _reply(message, pack_content(content) if is_packed(message.content) else content)
+
+
+def test_packed_round_is_validated_unpacked_and_a_bad_packed_reply_is_rejected_naming_the_school(strategy_setup, caplog):
+    cfg, run, schools, query_reply, strategy = strategy_setup
+    global_state = _state(0)
+    good = {101: _state(1), 303: _state(3)}
+
+    def answer(nid, message):
+        if message.metadata.message_type == MessageType.QUERY:
+            return query_reply(nid, message)
+        if nid == 202:   # school-b: its packed array lost its last value
+            reply = _train_reply(message, _state(2), 5)
+            arrays = reply.content["arrays"]
+            arrays["packed-float32"] = Array(arrays["packed-float32"].numpy()[:-1])
+            return reply
+        return _train_reply(message, good[nid], {101: 10, 303: 30}[nid])
+
+    grid = PackedGrid(FakeGrid(schools, answer))
+    messages = list(strategy.configure_train(1, _record(global_state), ConfigRecord(), grid))
+    with caplog.at_level(logging.WARNING):
+        replies = grid.send_and_receive(messages, timeout=5)
+        arrays, metrics = strategy.aggregate_train(1, replies)
+
+    train = strategy.record.train
+    assert train["school-a"]["status"] == "ok" and train["school-c"]["status"] == "ok"
+    assert train["school-b"]["status"] == "rejected"
+    reason = train["school-b"]["reason"]
+    assert "\n" not in reason and "packed weights do not match their layout" in reason and "too short" in reason
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1 and "school-b" in lines[0] and "\n" not in lines[0]
+    assert any(e == {"event": "rejected", "round": 1, "school": "school-b", "reason": reason}
+               for e in ({k: v for k, v in ev.items() if k != "time"} for ev in _events(run)))
+
+    # FedAvg of the two valid replies, over the unpacked tensors, with their num-examples weights
+    expected = aggregate_arrayrecords(
+        [RecordDict({"arrays": _record(good[n]), "metrics": MetricRecord({"num-examples": w})}) for n, w in ((101, 10), (303, 30))],
+        "num-examples")
+    assert list(arrays.keys()) == list(expected.keys())
+    for name in expected.keys():
+        np.testing.assert_array_equal(arrays[name].numpy(), expected[name].numpy())
+    assert metrics["schools"] == 2
+
+
+def test_a_packed_reply_with_the_wrong_dtype_is_rejected(strategy_setup):
+    cfg, run, schools, query_reply, strategy = strategy_setup
+
+    def answer(nid, message):
+        if message.metadata.message_type == MessageType.QUERY:
+            return query_reply(nid, message)
+        reply = _train_reply(message, _state(nid), 10)
+        if nid == 303:   # float64 values sent under the float32 key (same count)
+            arrays = reply.content["arrays"]
+            arrays["packed-float32"] = Array(arrays["packed-float32"].numpy().astype(np.float64))
+        return reply
+
+    grid = PackedGrid(FakeGrid(schools, answer))
+    replies = grid.send_and_receive(list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)))
+    strategy.aggregate_train(1, replies)
+    outcome = strategy.record.train["school-c"]
+    assert outcome["status"] == "rejected" and "holds float64, not float32" in outcome["reason"]
+    assert "\n" not in outcome["reason"]
+    assert [strategy.record.train[s]["status"] for s in ("school-a", "school-b")] == ["ok", "ok"]
+
+
+def _events(run):
+    import json
+
+    return [json.loads(line) for line in run.events_path.read_text().splitlines()]
+
+
+def test_school_clientapp_answers_a_packed_request_with_a_packed_reply(tmp_path):
+    """The real train handler: packed model in → packed model out; the layout names only tensors."""
+    import json
+
+    from test_privacy_boundary import SECRET_STUDENTS, _context, _train_message, _write_school
+
+    from client import app as client_app
+    from server.array_packing import unpack
+    from shared_models import registry
+    from shared_models.config import load_config
+
+    school = tmp_path / "school"
+    _write_school(school, np.random.default_rng(0))
+    cfg = load_config(None, ["train.batch_size=2", "train.local_epochs=1", "federation.rounds=2",
+                             "train.frames_per_student=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    request = _train_message(model, tmp_path / "run")
+    request.__dict__["_content"] = pack_content(request.content)
+    out = client_app.train(request, _context(tmp_path, school, cfg)).content
+    assert is_packed(out) and set(out.config_records) == {"status", "ledger", "layout"}
+    assert all(k.startswith("packed-") for k in out["arrays"].keys())
+    state = unpack(out["arrays"], out["layout"], strict=True)
+    expected = model.state_dict()
+    assert list(state) == list(expected) and all(state[k].shape == tuple(expected[k].shape) for k in expected)
+    layout = json.loads(out["layout"]["layout"])
+    assert {name for name, _, _ in layout} == set(expected)
+    assert not any(student in out["layout"]["layout"] for student in SECRET_STUDENTS)
