@@ -70,7 +70,8 @@ class PollingGrid(Grid):
     # -- the one change -----------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`, then pull replies every `interval` s until all arrived or `timeout` passed."""
-        pending = set(self.push_messages(messages))
+        # Flower's HttpGrid returns None for a message the SuperLink did not take; no reply will come for it
+        pending = {mid for mid in self.push_messages(messages) if mid}
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
