@@ -195,6 +195,7 @@ def _train_private(model: torch.nn.Module, data: SchoolData, cfg: dict[str, Any]
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The evaluation node: score the global model on every configured public benchmark."""
+    started = time.perf_counter()
     cfg, node, round_config = _setup(msg, context)
     if node.role != "evaluator":
         return _reply_status(msg, "declined", f"node role is {node.role}, not evaluator")
@@ -204,4 +205,5 @@ def evaluate(msg: Message, context: Context) -> Message:
 
     results = evaluate_benchmarks(model, node.benchmarks, node.data_dir, cfg, cache=_BENCHMARK_CACHE,
                                   ensure_synthetic=node.simulated)
-    return Message(RecordDict({"metrics": MetricRecord(flatten_metrics(results))}), reply_to=msg)
+    metrics = {**flatten_metrics(results), "eval-seconds": time.perf_counter() - started}  # no "." : not a benchmark
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -126,15 +126,17 @@ def main(grid: Grid, context: Context) -> None:
         if not record.evaluation:
             if strategy.evaluator_nodes():
                 log(WARNING, "[fedfer] round %d: the evaluation node did not answer; evaluating in-process", record.round)
+            started = time.perf_counter()
             record.evaluation = evaluate_in_process(arrays)
             record.evaluated_by = "server-in-process"
+            record.timing["evaluate_compute_s"] = time.perf_counter() - started
         seconds = time.perf_counter() - clock["round_start"]
         clock["round_start"] = time.perf_counter()
         run.append_metrics({
             "round": record.round, "aggregated": record.aggregated, "train": record.train,
             "evaluation": record.evaluation, "evaluated_by": record.evaluated_by,
             **({"federation_epsilon": record.federation_epsilon} if record.federation_epsilon is not None else {}),
-            "timing": {"round_seconds": seconds},
+            "timing": {"round_seconds": seconds, **record.timing},
         })
         run.save_checkpoint(record.round, arrays.to_torch_state_dict(), model_info, cfg, strategy.state())
         log(INFO, "[fedfer] %s", progress_line(record, total_rounds, primary, seconds))

@@ -58,6 +58,7 @@ class RoundRecord:
     aggregated: bool = False
     num_aggregated: int = 0
     federation_epsilon: float | None = None
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 class SchoolFedAvg(FedAvg):
@@ -82,6 +83,8 @@ class SchoolFedAvg(FedAvg):
         self.finished = False
         self.rng = random.Random(int(cfg["run.seed"]))
         self.on_round_start: Callable[[], None] | None = None
+        self._train_messages: list[Message] = []   # this round's train messages (ids set by the grid on push)
+        self._sent_at: float = 0.0
 
     # -- who is who -----------------------------------------------------------------------------
     def _discover(self, grid: Grid) -> None:
@@ -92,8 +95,14 @@ class SchoolFedAvg(FedAvg):
         config = ConfigRecord({"run-id": self.run.run_id, "run-dir": str(self.run.path)})
         messages = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=nid)
                     for nid in unknown]
-        for reply in grid.send_and_receive(messages, timeout=120):
-            nid = reply.metadata.src_node_id
+        replies = list(grid.send_and_receive(messages, timeout=120))
+        sent = sent_to(messages)
+        for reply in replies:
+            nid, mismatch = replying_node(reply, sent)
+            if mismatch:
+                self.run.event("query-error", node_id=nid, reason=mismatch)
+                log(WARNING, "[fedfer] node %s: %s", nid, mismatch)
+                continue
             if reply.has_error():
                 reason = short_reason(reply.error.reason)
                 self.run.event("query-error", node_id=nid, reason=reason)
@@ -162,16 +171,28 @@ class SchoolFedAvg(FedAvg):
         record = RecordDict({"arrays": arrays, "config": config})
         for nid in chosen:
             self.record.train[self.nodes[nid].school_id] = {"status": "no-reply"}
-        return self._construct_messages(record, chosen, MessageType.TRAIN)
+        self._train_messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
+        self._sent_at = time.perf_counter()
+        return self._train_messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.record is not None and self.current_arrays is not None
         rnd = self.record.round
+        self.record.timing["train_exchange_s"] = time.perf_counter() - self._sent_at
         global_np = {k: v.numpy() for k, v in self.current_arrays.items()}
         accepted: list[RecordDict] = []
+        sent = sent_to(self._train_messages)
         for reply in replies:
-            node = self.nodes.get(reply.metadata.src_node_id, NodeInfo("unknown"))
-            school = node.school_id or f"node-{reply.metadata.src_node_id}"
+            # the node we sent the message to, not the reply's sender field: the SuperLink's error reply for a
+            # school that died comes from the SuperLink itself (node id 1)
+            nid, mismatch = replying_node(reply, sent)
+            node = self.nodes.get(nid, NodeInfo("unknown"))
+            school = node.school_id or f"node-{nid}"
+            if mismatch:
+                self.run.event("rejected", round=rnd, school=school, reason=mismatch)
+                log(WARNING, "[fedfer] rejected %s in round %d: %s", school, rnd, mismatch)
+                self.record.train[school] = {"status": "rejected", "reason": mismatch}
+                continue
             outcome = self._accept(reply, school, node, rnd, global_np)
             self.record.train[school] = outcome
             if outcome["status"] == "ok":
@@ -260,11 +281,15 @@ class SchoolFedAvg(FedAvg):
         evaluators = [nid for nid in self.evaluator_nodes() if nid in set(grid.get_node_ids())]
         config["server-round"] = server_round + self.round_offset
         config["run-dir"] = str(self.run.path)
+        self._sent_at = time.perf_counter()
         return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), evaluators[:1], MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         from shared_models.benchmark_suite import unflatten_metrics
 
+        replies = list(replies)
+        if replies and self.record is not None:
+            self.record.timing["evaluate_exchange_s"] = time.perf_counter() - self._sent_at
         for reply in replies:
             if reply.has_error() or "metrics" not in reply.content.metric_records:
                 reason = reply.error.reason if reply.has_error() else "reply without metrics"
@@ -273,10 +298,35 @@ class SchoolFedAvg(FedAvg):
             metrics = reply.content["metrics"]
             if self.record is not None:
                 self.record.evaluation = unflatten_metrics(dict(metrics))
+                if "eval-seconds" in metrics:
+                    self.record.timing["evaluate_compute_s"] = float(metrics["eval-seconds"])
                 self.record.evaluated_by = f"evaluator-node-{reply.metadata.src_node_id}"
             return metrics
         return None
 
     def state(self) -> dict[str, Any]:
         return {"exhausted": sorted(self.exhausted)}
+
+
+def sent_to(messages: Iterable[Message]) -> dict[str, int]:
+    """{message id: destination node} for messages a grid has pushed (it sets their ids in place)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def replying_node(reply: Message, sent: Mapping[str, int]) -> tuple[int, str]:
+    """(the node this reply is about, a problem or "").
+
+    The node is the destination of the message the reply answers (`reply_to_message_id`); only a reply to
+    none of our messages falls back to its `src_node_id`. Error replies the SuperLink makes itself (node
+    unavailable, message expired) carry the SuperLink's id as sender, so the sender field alone would
+    charge them to no school or the wrong one. A reply with content from another node than the one we
+    asked is a problem.
+    """
+    src = reply.metadata.src_node_id
+    nid = sent.get(reply.metadata.reply_to_message_id)
+    if nid is None:
+        return src, ""
+    if not reply.has_error() and src != nid:
+        return nid, f"reply from node {src} to the message sent to node {nid}"
+    return nid, ""
 

@@ -292,3 +292,69 @@ def test_school_clientapp_answers_a_packed_request_with_a_packed_reply(tmp_path)
     layout = json.loads(out["layout"]["layout"])
     assert {name for name, _, _ in layout} == set(expected)
     assert not any(student in out["layout"]["layout"] for student in SECRET_STUDENTS)
+
+
+# ------------------------------------------------------------------------------------ reply attribution
+def test_error_reply_for_a_dead_school_is_charged_to_that_school(strategy_setup):
+    """The SuperLink answers for a school whose node died: sender = the SuperLink (node 1), so only
+    `reply_to_message_id` says which school it is about. Replies also come back in any order."""
+    cfg, run, schools, query_reply, strategy = strategy_setup
+
+    class Reordering(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(reversed(list(super().send_and_receive(messages, timeout=timeout))))
+
+    def answer(nid, message):
+        if message.metadata.message_type == MessageType.QUERY:
+            return query_reply(nid, message)
+        if nid == 202:
+            return _superlink_error(message)
+        return _train_reply(message, _state(nid), 10)
+
+    grid = PackedGrid(Reordering(schools, answer))
+    replies = grid.send_and_receive(list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)))
+    strategy.aggregate_train(1, replies)
+    train = strategy.record.train
+    assert set(train) == {"school-a", "school-b", "school-c"}      # no "node-1"
+    assert train["school-b"]["status"] == "error" and "Node Unavailable" in train["school-b"]["reason"]
+    assert train["school-a"]["status"] == "ok" and train["school-c"]["status"] == "ok"
+    assert strategy.record.num_aggregated == 2
+    events = [e for e in _events(run) if e["event"] == "client-error"]
+    assert [e["school"] for e in events] == ["school-b"]
+
+
+def test_a_reply_from_another_node_than_the_one_asked_is_rejected(strategy_setup):
+    cfg, run, schools, query_reply, strategy = strategy_setup
+
+    def answer(nid, message):
+        if message.metadata.message_type == MessageType.QUERY:
+            return query_reply(nid, message)
+        # school-c's node answers the message sent to school-a (e.g. a confused or malicious node)
+        return _train_reply(message, _state(nid), 10) if nid != 101 else \
+            _reply(message, pack_content(RecordDict({"arrays": _record(_state(1)),
+                                                     "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.1}),
+                                                     "status": ConfigRecord({"status": "ok"})})), src_node_id=303)
+
+    grid = PackedGrid(FakeGrid(schools, answer))
+    replies = grid.send_and_receive(list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)))
+    strategy.aggregate_train(1, replies)
+    train = strategy.record.train
+    assert train["school-a"] == {"status": "rejected", "reason": "reply from node 303 to the message sent to node 101"}
+    assert train["school-b"]["status"] == "ok" and train["school-c"]["status"] == "ok"
+
+
+def test_a_query_error_from_the_superlink_names_the_node_that_was_asked(strategy_setup):
+    cfg, run, schools, query_reply, strategy = strategy_setup
+
+    def answer(nid, message):
+        if nid == 303:
+            return _superlink_error(message)
+        if message.metadata.message_type == MessageType.QUERY:
+            return query_reply(nid, message)
+        return _train_reply(message, _state(nid), 10)
+
+    grid = PackedGrid(FakeGrid(schools, answer))
+    strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)
+    assert sorted(strategy.nodes) == [101, 202]
+    errors = [e for e in _events(run) if e["event"] == "query-error"]
+    assert [e["node_id"] for e in errors] == [303]
