@@ -21,6 +21,15 @@ Every message carries a model the size and shape of HAFNet's `cpu` preset (88 te
 
     python -m simulations.bench_deploy [--nodes 3] [--rounds 5] [--modes flower,warm,warm+poll]
 
+`--app fedfer` runs the real fedfer apps instead (`flwr run <repo>`: DP training at every school on
+a tiny synthetic school, evaluation node on a tiny public benchmark; the ServerApp's PackedGrid +
+PollingGrid, every school with its warm executor and short-poll SuperNode). Overhead per round =
+the round's wall time (metrics.jsonl `timing.round_seconds`) minus the longest `train-seconds` a
+school reports minus the evaluation node's reported compute (`timing.evaluate_compute_s`).
+
+`--max-load L` waits (60 s steps, up to 10 times) until the 1-minute load average is ≤ L before
+each mode; the load average is recorded with every result.
+
 Prints a table and writes benchmarks/deploy.json (with the command). Every process it starts is
 stopped at the end (server/deployment.py Supervisor), also on failure.
 """
@@ -259,6 +268,135 @@ def summarize(mode: str, rows: list[dict[str, Any]], total: float) -> dict[str, 
     }
 
 
+# -- the real fedfer apps ---------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+REAL_BENCHMARK = "synthetic-fer2013"
+REAL_TINY: dict[str, Any] = {   # tiny schools and benchmark: the round is mostly overhead, compute is reported
+    "federation.min_train_schools": 2, "federation.round_timeout": 600,
+    "data.students_per_school": 6, "data.frames_per_student": 6, "data.public_students": 6, "data.image_size": 32,
+    "train.local_epochs": 1, "train.batch_size": 3, "evaluation.bootstrap": 50, "evaluation.benchmarks": REAL_BENCHMARK,
+}
+
+
+def real_overrides(nodes: int, rounds: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**REAL_TINY, "federation.rounds": rounds, "federation.schools": nodes, **(extra or {})}
+
+
+def run_real(mode: str, nodes: int, rounds: int, work: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fedfer apps on a loopback TLS + auth deployment: `nodes` schools + one evaluation node."""
+    from server.deploy_cli import add_node, init_deployment, register_pending
+    from server.deploy_layout import Deployment
+    from server.deployment import DeploymentError, LocalFederation, free_ports, run_flwr
+    from shared_models.config import load_config
+    from simulations import synth
+
+    executor, fast_poll, _, _ = MODES[mode]
+    root = work / ("real_" + mode.replace("+", "_"))
+    home = root / "cli_home"
+    data = root / "data"
+    overrides = real_overrides(nodes, rounds, extra)
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    params = synth.params_from_config(cfg)
+    for i in range(nodes):
+        synth.ensure_school(data, params, i)
+    synth.ensure_public(data, params)
+
+    ports = free_ports(nodes + 2)
+    init_deployment(root / "deploy", "localhost", port=ports[0], executor=executor, flwr_home=home, connection="bench")
+    dep = Deployment.load(root / "deploy")
+    dep.idle_poll = IDLE_POLL_S if fast_poll else 0.0
+    dep.save()
+    for i in range(nodes):
+        add_node(dep.root, f"school-{i:02d}", "school", data_dir=data / "schools" / f"school-{i:02d}",
+                 runtime_port=ports[i + 1], flwr_home=None)
+    add_node(dep.root, "evaluator", "evaluator", benchmarks=[REAL_BENCHMARK], data_dir=data,
+             runtime_port=ports[nodes + 1], flwr_home=None)
+    dep = Deployment.load(dep.root)
+    runs = root / "runs"
+    run_config = {k: v for k, v in overrides.items() if k != "federation.schools"}
+    run_config.update({"run.root": str(runs), "run.name": "bench", "data.root": str(data),
+                       "privacy.keyring": str(dep.keyring)})
+    with LocalFederation(dep, root / "logs", home) as fed:
+        fed.start_superlink()
+        for name in dep.nodes:
+            register_pending(dep.root, name, home)
+        fed.dep = Deployment.load(dep.root)
+        for name in fed.dep.nodes:
+            fed.start_node(name)
+        started = time.perf_counter()
+        result = run_flwr(["run", str(ROOT), "bench", "--stream", "-c",
+                           " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())],
+                          flwr_home=home, cwd=ROOT, timeout=3600)
+        total = time.perf_counter() - started
+        metrics = runs / "bench" / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        if len(rows) < rounds:
+            raise DeploymentError(f"real app, {mode}: {len(rows)} of {rounds} rounds in {metrics} "
+                                  f"(flwr exit {result.returncode})\n{result.stdout[-3000:]}")
+    out = summarize_real(f"fedfer:{mode}", rows, total)
+    out["run_config"] = run_config | {"run.root": "<tmp>", "data.root": "<tmp>", "privacy.keyring": "<tmp>"}
+    out["model"] = model_summary(cfg)
+    return out
+
+
+def model_summary(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model as it was in the working tree when the FAB was built (what every message carried)."""
+    from shared_models import registry
+
+    state = registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"])).state_dict()
+    return {"name": str(cfg["model.name"]), "preset": str(cfg["model.preset"]), "tensors": len(state),
+            "values": int(sum(v.numel() for v in state.values())),
+            "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in state.values()})}
+
+
+def real_round(row: dict[str, Any]) -> dict[str, Any]:
+    """One metrics.jsonl line → round wall time, reported compute and the overhead left."""
+    timing = row.get("timing") or {}
+    ok = {s: o for s, o in row["train"].items() if o.get("status") == "ok"}
+    train_compute = max((float(o.get("train_seconds", 0.0)) for o in ok.values()), default=0.0)
+    eval_compute = float(timing.get("evaluate_compute_s", 0.0))
+    wall = float(timing["round_seconds"])
+    return {"round": row["round"], "wall_s": round(wall, 2), "overhead_s": round(wall - train_compute - eval_compute, 2),
+            "train_compute_max_s": round(train_compute, 2), "evaluate_compute_s": round(eval_compute, 2),
+            "train_exchange_s": round(float(timing.get("train_exchange_s", float("nan"))), 2),
+            "evaluate_exchange_s": round(float(timing.get("evaluate_exchange_s", float("nan"))), 2),
+            "schools_ok": len(ok), "schools": len(row["train"]), "evaluated_by": row.get("evaluated_by", ""),
+            "train_compute_s": {s: round(float(o.get("train_seconds", 0.0)), 2) for s, o in ok.items()}}
+
+
+def summarize_real(mode: str, rows: list[dict[str, Any]], total: float) -> dict[str, Any]:
+    rounds = [real_round(r) for r in rows]
+    steady = rounds[1:] or rounds   # round 1 also installs the FAB and asks every node for its role
+    return {
+        "mode": mode,
+        "round1_s": rounds[0]["wall_s"],
+        "steady_overhead_median_s": round(statistics.median(r["overhead_s"] for r in steady), 2),
+        "steady_overhead_max_s": round(max(r["overhead_s"] for r in steady), 2),
+        "steady_round_median_s": round(statistics.median(r["wall_s"] for r in steady), 2),
+        "train_compute_median_s": round(statistics.median(r["train_compute_max_s"] for r in steady), 2),
+        "train_exchange_median_s": round(statistics.median(r["train_exchange_s"] for r in steady), 2),
+        "evaluate_exchange_median_s": round(statistics.median(r["evaluate_exchange_s"] for r in steady), 2),
+        "clientapp_import_median_s": None,
+        "errors": sum(r["schools"] - r["schools_ok"] for r in rounds)
+                  + sum(1 for r in rounds if not r["evaluated_by"].startswith("evaluator-node")),
+        "run_wall_s": round(total, 1),
+        "rounds": rounds,
+    }
+
+
+def wait_for_quiet(max_load: float, wait_s: float = 60.0, tries: int = 10) -> float:
+    """Sleep `wait_s` at a time (at most `tries` times) while the 1-min load average is above `max_load`."""
+    load = os.getloadavg()[0]
+    for attempt in range(tries):
+        if load <= max_load:
+            break
+        print(f"[bench_deploy] load average {load:.2f} > {max_load}: waiting {wait_s:.0f} s ({attempt + 1}/{tries})",
+              flush=True)
+        time.sleep(wait_s)
+        load = os.getloadavg()[0]
+    return load
+
+
 def print_table(results: list[dict[str, Any]]) -> None:
     head = f"{'mode':<17} {'round 1':>8} {'overhead/round':>15} {'(max)':>7} {'train':>7} {'evaluate':>9} {'import/msg':>11} {'errors':>7}"
     print(head)
@@ -280,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for inspection")
     parser.add_argument("--append", action="store_true", help="add this run to the runs already in --out")
     parser.add_argument("--idle-poll", type=float, default=0.5, help="SuperNode idle poll in the +poll modes")
+    parser.add_argument("--app", choices=("toy", "fedfer"), default="toy",
+                        help="toy: the no-compute probe app; fedfer: the real apps with tiny DP training")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--app fedfer: extra run-config (e.g. train.local_epochs=1)")
+    parser.add_argument("--max-load", type=float, default=None,
+                        help="before each mode wait (60 s steps, 10 at most) for the 1-min load average to drop to this")
     args = parser.parse_args(argv)
     global IDLE_POLL_S
     IDLE_POLL_S = args.idle_poll
@@ -289,15 +433,26 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
+    extra: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        extra[key.strip()] = json.loads(value) if _is_json(value) else value
     work = Path(tempfile.mkdtemp(prefix="fedfer-bench-deploy-"))
     results = []
     try:
         app_dir = write_toy_app(work / "app")
         for mode in modes:
-            load = os.getloadavg()[0]
-            print(f"[bench_deploy] {mode}: {args.nodes} nodes, {args.rounds} rounds (load avg {load:.1f}) …", flush=True)
-            res = run_mode(mode, args.nodes, args.rounds, work, app_dir)
+            load = os.getloadavg()[0] if args.max_load is None else wait_for_quiet(args.max_load)
+            print(f"[bench_deploy] {args.app} {mode}: {args.nodes} nodes, {args.rounds} rounds (load avg {load:.2f}) …",
+                  flush=True)
+            if args.app == "fedfer":
+                res = run_real(mode, args.nodes, args.rounds, work, extra)
+            else:
+                res = run_mode(mode, args.nodes, args.rounds, work, app_dir)
             res["load_avg_before"] = round(load, 2)
+            res["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
             results.append(res)
     finally:
         if args.keep:
@@ -307,12 +462,19 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     import flwr
 
-    run = {
+    run: dict[str, Any] = {
         "command": "python -m simulations.bench_deploy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "idle_poll_s": args.idle_poll,
+        "niceness": os.nice(0),
         "results": results,
     }
+    if args.app == "fedfer":
+        run["app"] = "fedfer"
+        run["setup"] = {"nodes": args.nodes, "evaluator": 1, "rounds": args.rounds, "tls": True, "supernode_auth": True,
+                        "network": "loopback", "round": "DP training at every school, then the evaluation node",
+                        "overhead": "timing.round_seconds - max school train-seconds - evaluation node compute",
+                        "run_config": real_overrides(args.nodes, args.rounds, extra)}
     record = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "flwr": flwr.__version__,
                     "note": "shared 2-core machine; other jobs running (see load_avg_before per mode)"},
@@ -324,12 +486,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     if args.append and out.exists():
-        record["runs"] = json.loads(out.read_text()).get("runs", [])
+        previous = json.loads(out.read_text())
+        record["runs"] = previous.get("runs", [])
+        if args.app != "toy":   # the top-level setup describes the toy runs; a fedfer run carries its own
+            record["setup"] = previous.get("setup", record["setup"])
     record["runs"].append(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"[bench_deploy] wrote {out}")
     return 0
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 if __name__ == "__main__":
