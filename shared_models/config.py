@@ -58,6 +58,8 @@ RULES: dict[str, Rule] = {
     "data.students_per_school": Rule(minimum=1),
     "data.frames_per_student": Rule(minimum=1),
     "data.public_students": Rule(minimum=1),
+    "data.public_frames": Rule(minimum=1),
+    "data.clips_per_student": Rule(minimum=0),
     "evaluation.bootstrap": Rule(minimum=0),
 }
 

@@ -20,8 +20,11 @@ Deliberate departures from DAN, all for differential privacy:
 1. Every BatchNorm2d -> GroupNorm (`backbones.norm.group_norm`).
 2. The channel unit's BatchNorm1d(32) -> LayerNorm(hidden). Opacus' fixer would turn it into
    GroupNorm(32, 32), which outputs ~0 and blocks the gradient.
-3. DAN's final BatchNorm1d(num_class) on the logits is dropped (the fixer would make it a degenerate
-   GroupNorm or a logit standardisation); the classifier is the Linear alone.
+3. DAN's final BatchNorm1d(num_class) on the logits is replaced by a LayerNorm on the fused vector
+   before the classifier (Opacus' fixer would make the BatchNorm1d a degenerate GroupNorm). Some
+   normalisation is needed there: the fused vector is a sum of N log-softmax outputs, about -N log N in
+   every channel, and without it the initial logits have std ~4 and cross-entropy ~6 instead of log 7.
+   The classifier starts at zero (uniform predictions), a common choice for DP-SGD from scratch.
 4. The partition loss is written per sample: log(1 + N / (mean_c var_heads(h_i) + eps)) for sample i.
    DAN averages the variance over the batch first, which couples samples: a sample's gradient would
    then depend on the other samples in the batch, breaking DP-SGD's per-sample sensitivity bound.
@@ -206,7 +209,10 @@ class HAFNet(nn.Module):
         channels = self.backbone.out_channels
         self.clustering = ClassCentres(num_classes, channels)
         self.heads = AttentionHeads(channels, num_heads, ca_hidden, sa_reduction)
+        self.fused_norm = nn.LayerNorm(channels)
         self.fc = nn.Linear(channels, num_classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: Tensor) -> FEROutput:
         features = self.backbone(x)
@@ -215,7 +221,7 @@ class HAFNet(nn.Module):
         heads = self.heads(features)  # (B, N, C)
         if self.num_heads > 1:
             heads = F.log_softmax(heads, dim=1)
-        logits = self.fc(heads.sum(dim=1))
+        logits = self.fc(self.fused_norm(heads.sum(dim=1)))
         return FEROutput(logits, {"centre_distance": centre_distance, "partition": partition_per_sample(heads)})
 
     def loss_terms(self, out: FEROutput, y: Tensor) -> dict[str, Tensor]:

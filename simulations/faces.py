@@ -57,6 +57,9 @@ AU_NAMES: tuple[str, ...] = (
 )
 AU_INDEX: dict[str, int] = {name: i for i, name in enumerate(AU_NAMES)}
 NUM_AUS = len(AU_NAMES)
+# How far an AU intensity of 1 moves the face. Above 1 the expressions read at 48-64 px, where the
+# eyebrows and lip corners are only a few pixels: measured with simulations/calibrate_synth.py.
+EXPRESSION_GAIN = 1.6
 
 # FACS prototypes (benchmark-formats.md §9) with typical apex intensities. The first-listed AUs of
 # each class are its "core": synth never drops all of them, so a frame stays an instance of its
@@ -64,7 +67,7 @@ NUM_AUS = len(AU_NAMES)
 # make neighbouring classes overlap as they do in real data.
 PROTOTYPES: dict[str, dict[str, float]] = {
     "angry": {"AU4": 1.0, "AU23": 0.8, "AU24": 0.6, "AU7": 0.8, "AU5": 0.5, "AU17": 0.3},
-    "disgust": {"AU9": 1.0, "AU15": 0.6, "AU16": 0.6, "AU4": 0.35, "AU17": 0.3, "AU25": 0.2},
+    "disgust": {"AU9": 1.0, "AU15": 0.6, "AU16": 0.4, "AU4": 0.4, "AU17": 0.3},
     "fear": {"AU20": 0.9, "AU1": 0.9, "AU4": 0.6, "AU2": 0.6, "AU5": 0.9, "AU7": 0.4, "AU26": 0.5, "AU25": 0.3},
     "happy": {"AU12": 1.0, "AU6": 0.8},
     "sad": {"AU15": 0.9, "AU1": 0.9, "AU4": 0.6, "AU17": 0.4},
@@ -299,7 +302,7 @@ class _Batch:
         aus = np.stack([np.asarray(f.aus, dtype=np.float64) for f in frames])
         if aus.shape[1] != NUM_AUS:
             raise ValueError(f"each frame needs {NUM_AUS} AU intensities ({', '.join(AU_NAMES)}), got {aus.shape[1]}")
-        self.au = {name: aus[:, i:i + 1] for name, i in AU_INDEX.items()}
+        self.au = {name: EXPRESSION_GAIN * aus[:, i:i + 1] for name, i in AU_INDEX.items()}
         pose = np.array([[f.pose.roll, f.pose.yaw, f.pose.scale, f.pose.dx, f.pose.dy] for f in frames])
         self.roll, self.yaw, self.scale, self.dx, self.dy = (pose[:, i:i + 1] for i in range(5))
         gz = np.array([[f.gaze[0], f.gaze[1], f.blink] for f in frames])
@@ -365,7 +368,7 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
     ew = 0.16 * idt.eye_size
     opening = 1.0 - fr.blink
     hu = 0.085 * idt.eye_size * opening * np.maximum(
-        0.04, 1.0 + 0.8 * c["AU5"] - 0.5 * c["AU7"] - 0.3 * c["AU6"] - 0.15 * c["AU4"] - 0.25 * c["AU9"])
+        0.04, 1.0 + 0.8 * c["AU5"] - 0.55 * c["AU7"] - 0.3 * c["AU6"] - 0.2 * c["AU4"] - 0.35 * c["AU9"])
     hl = 0.05 * idt.eye_size * opening * np.maximum(
         0.04, 1.0 - 0.6 * c["AU6"] - 0.5 * c["AU7"] + 0.2 * c["AU5"] - 0.2 * c["AU9"])
     u = _T9                                                   # -1 outer corner ... +1 inner corner
@@ -398,7 +401,7 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
     brow_marks = {}
     th = idt.brow_thick * (1.05 - 0.45 * v)
     by = (idt.brow_y - idt.brow_arch * 4.0 * v * (1.0 - v) - 0.17 * c["AU1"] * (1.0 - v) ** 1.5
-          - 0.17 * c["AU2"] * v ** 1.2 + 0.1 * c["AU4"] * (1.0 - 0.45 * v) + 0.04 * c["AU9"] * (1.0 - v)
+          - 0.17 * c["AU2"] * v ** 1.2 + 0.12 * c["AU4"] * (1.0 - 0.45 * v) + 0.04 * c["AU9"] * (1.0 - v)
           + 0.02 * c["AU6"] * v + 0.015 * c["AU7"])
     bx_abs = (0.1 + 0.52 * v + (0.055 * c["AU4"] + 0.02 * c["AU9"]) * (v - 1.0)) * fw
     for s in (-1.0, 1.0):
@@ -424,20 +427,20 @@ def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
         wing = sh.pts([(s * nw * 0.55, nost_y - 0.08), (s * nw * 1.05, nost_y - 0.045), (s * nw, nost_y + 0.01)])
         sh.add("line", wing, 0.75, _shade(skin, 0.78), 0.018)
     wr_vis = over("AU9", 0.05)
-    wr_col = _shade_b(skin, 1.0 - 0.4 * c["AU9"][:, 0])
+    wr_col = _shade_b(skin, 1.0 - 0.65 * c["AU9"][:, 0])
     for i in range(3):
         yy = idt.eye_y + 0.05 + 0.055 * i
-        sh.add("line", np.array([[-0.1, yy + 0.012], [0.0, yy - 0.012], [0.1, yy + 0.012]]), 0.6, wr_col, 0.028, wr_vis)
+        sh.add("line", np.array([[-0.1, yy + 0.012], [0.0, yy - 0.012], [0.1, yy + 0.012]]), 0.6, wr_col, 0.036, wr_vis)
 
     # --- mouth (48-67) -----------------------------------------------------------------------------
     mw = idt.mouth_w * np.maximum(0.6, 1.0 + 0.22 * c["AU12"] + 0.28 * c["AU20"] - 0.2 * c["AU23"]
                                   - 0.1 * c["AU24"] - 0.08 * c["AU26"] - 0.04 * c["AU15"])
     ym = idt.mouth_y - 0.02 * c["AU17"] + 0.075 * jaw_drop
-    corner_dy = -0.17 * c["AU12"] + 0.15 * c["AU15"] + 0.03 * c["AU20"] + 0.04 * c["AU16"]
+    corner_dy = -0.17 * c["AU12"] + 0.18 * c["AU15"] + 0.03 * c["AU20"] + 0.04 * c["AU16"]
     t, tt = _T13, _TT13
     line_y = ym + corner_dy * np.abs(t) ** 1.6                               # (B, 13)
     gap = open_ * tt ** 0.6
-    up_in = line_y - 0.3 * gap - (0.05 * c["AU9"] + 0.02 * c["AU20"]) * tt
+    up_in = line_y - 0.3 * gap - (0.08 * c["AU9"] + 0.02 * c["AU20"]) * tt
     lo_in = np.maximum(line_y + 0.7 * gap + 0.07 * c["AU16"] * tt ** 0.7 - 0.025 * c["AU17"] * tt, up_in)
     up_th = idt.lip_up * np.maximum(0.25, 1.0 - 0.55 * c["AU24"] - 0.45 * c["AU23"] - 0.2 * c["AU12"] - 0.25 * c["AU20"])
     lo_th = idt.lip_lo * np.maximum(0.3, 1.0 - 0.5 * c["AU24"] - 0.4 * c["AU23"] + 0.3 * c["AU17"] - 0.2 * c["AU20"])

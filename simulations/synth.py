@@ -50,7 +50,7 @@ from shared_models.labels import FER7
 from simulations import faces as F
 
 GENERATOR = "fedfer.simulations.synth"
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "5"
 LABEL_SET = "fer7"
 CLIP_LENGTH = 16
 PUBLIC_SIZE = 100            # RAF-DB aligned faces are 100x100
@@ -75,13 +75,14 @@ class SynthParams:
     students_per_school: int = 48
     frames_per_student: int = 24
     public_students: int = 60
+    public_frames: int = 24      # frames per public identity (independent of the schools' frames_per_student)
     image_size: int = 64
     seed: int = 1234
     clips_per_student: int = 1
 
     def __post_init__(self) -> None:
         minimum = {"schools": 1, "students_per_school": 1, "frames_per_student": 1, "public_students": 2,
-                   "image_size": 16, "seed": 0, "clips_per_student": 0}
+                   "public_frames": 1, "image_size": 16, "seed": 0, "clips_per_student": 0}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -97,6 +98,7 @@ _CONFIG_KEYS: dict[str, str] = {
     "students_per_school": "data.students_per_school",
     "frames_per_student": "data.frames_per_student",
     "public_students": "data.public_students",
+    "public_frames": "data.public_frames",
     "image_size": "data.image_size",
     "seed": "data.seed",
     "clips_per_student": "data.clips_per_student",
@@ -157,7 +159,7 @@ def _school_key(params: SynthParams, index: int) -> str:
 
 def _public_key(params: SynthParams) -> str:
     return _digest({"version": GENERATOR_VERSION, "seed": params.seed, "public_students": params.public_students,
-                    "frames": params.frames_per_student})[:16]
+                    "frames": params.public_frames})[:16]
 
 
 # Independent random streams: (seed, part kind, indices..., purpose).
@@ -210,7 +212,7 @@ PUBLIC_CAMERAS: tuple[dict[str, Any], ...] = (
 )
 
 # A classroom's base rates (neutral and happy dominate, disgust is rare) before the per-school skew.
-BASE_LABEL_PROBS = np.array([0.10, 0.06, 0.08, 0.24, 0.12, 0.12, 0.28])
+BASE_LABEL_PROBS = np.array([0.12, 0.09, 0.10, 0.20, 0.13, 0.13, 0.23])
 # Which class an expression borrows from when it is blended (the confusions real FER data shows).
 NEIGHBOURS: dict[str, tuple[str, ...]] = {
     "angry": ("disgust", "sad"), "disgust": ("angry", "sad"), "fear": ("surprise", "sad"),
@@ -220,12 +222,12 @@ _PROTO = {label: F.prototype_vector(label) for label in FER7}
 _CORE = {label: [F.AU_INDEX[n] for n in F.CORE_AUS[label]] for label in FER7}
 
 # Difficulty knobs, calibrated with simulations/calibrate_synth.py (see the module docstring there).
-AU_DROP = 0.3                # chance a non-core AU of the prototype is absent in a frame
+AU_DROP = 0.2                # chance each AU of the prototype is absent in a frame (one core AU always stays)
 INTENSITY_BETA = (2.0, 2.0)  # apex intensity ~ LOW + SPAN * Beta(a, b), times the student's expressivity
-INTENSITY_LOW, INTENSITY_SPAN = 0.3, 0.8
-BLEND_P, BLEND_MAX = 0.4, 0.5   # chance and maximum weight of blending in a neighbouring class
-SPURIOUS_P, SPURIOUS_MAX = 0.08, 0.3
-NEUTRAL_TRACE_P, NEUTRAL_TRACE_MAX = 0.3, 0.3
+INTENSITY_LOW, INTENSITY_SPAN = 0.4, 0.7
+BLEND_P, BLEND_MAX = 0.3, 0.4   # chance and maximum weight of blending in a neighbouring class
+SPURIOUS_P, SPURIOUS_MAX = 0.05, 0.3
+NEUTRAL_TRACE_P, NEUTRAL_TRACE_MAX = 0.25, 0.25
 
 
 @dataclass(frozen=True)
@@ -352,12 +354,12 @@ def sample_identity(rng: np.random.Generator, skin_weights: tuple[float, ...], s
         glasses_color=tuple(float(v) for v in rng.uniform(10, 120, 3)),  # type: ignore[arg-type]
         glasses_size=float(rng.uniform(0.9, 1.15)),
         shirt=CLOTH_COLOURS[int(rng.integers(len(CLOTH_COLOURS)))],
-        folds=float(rng.uniform(0.0, 0.15) + (0.15 if adult else 0.0)))
+        folds=float(rng.uniform(0.0, 0.15) + (0.08 if adult else 0.0)))
 
 
 def sample_style(rng: np.random.Generator, camera: Mapping[str, Any], label_probs: np.ndarray) -> Style:
     resting = np.zeros(F.NUM_AUS, np.float32)
-    for name, p, lo, hi in (("AU15", 0.3, 0.1, 0.35), ("AU4", 0.25, 0.1, 0.3), ("AU12", 0.2, 0.1, 0.25),
+    for name, p, lo, hi in (("AU15", 0.2, 0.1, 0.25), ("AU4", 0.25, 0.1, 0.3), ("AU12", 0.2, 0.1, 0.25),
                             ("AU7", 0.15, 0.1, 0.3), ("AU1", 0.1, 0.1, 0.3)):
         if rng.random() < p:
             resting[F.AU_INDEX[name]] = rng.uniform(lo, hi)
@@ -539,7 +541,7 @@ def school_image_count(params: SynthParams, index: int) -> int:
 
 
 def public_image_count(params: SynthParams) -> int:
-    return params.public_students * params.frames_per_student
+    return params.public_students * params.public_frames
 
 
 def _clip_frames(label: str, style: Style, camera: Mapping[str, Any], rng: np.random.Generator) -> list[F.Frame]:
@@ -638,10 +640,10 @@ def _write_public(tmp: Path, params: SynthParams, counter: _Counter) -> dict[str
         rng = _rng(params, _KIND_PUBLIC, _P_RENDER, j)
         usage = "PublicTest" if j < half else "PrivateTest"
         # balanced labels over the split: identity j starts the 7-cycle at j, then the order is shuffled
-        labels = [FER7[(j + k) % 7] for k in range(params.frames_per_student)]
+        labels = [FER7[(j + k) % 7] for k in range(params.public_frames)]
         labels = [labels[i] for i in rng.permutation(len(labels))]
         frames = [_frame(sample_aus(lab, person.style, rng), person.style, _look(person.camera, person.style, rng),
-                         _occlusion(0.05, rng), rng, jitter=1.5) for lab in labels]
+                         _occlusion(0.05, rng), rng, jitter=1.2) for lab in labels]
         images, _ = renderer.render_batch(person.identity, frames, rng,
                                           F.draw_background(person.background, renderer.canvas))
         first = row

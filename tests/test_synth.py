@@ -15,7 +15,7 @@ from PIL import Image
 from shared_models.labels import FER7
 from simulations import faces, synth
 
-TINY = synth.SynthParams(schools=3, students_per_school=3, frames_per_student=6, public_students=4, image_size=32,
+TINY = synth.SynthParams(schools=3, students_per_school=3, frames_per_student=6, public_students=4, public_frames=6, image_size=32,
                          seed=11, clips_per_student=1)
 
 
@@ -37,7 +37,8 @@ def test_manifest_lists_schools_params_counts(built: Path) -> None:
     assert manifest["schools"] == ["school-00", "school-01", "school-02"]
     assert manifest["seed"] == TINY.seed
     assert manifest["params"] == {"schools": 3, "students_per_school": 3, "frames_per_student": 6,
-                                  "public_students": 4, "image_size": 32, "seed": 11, "clips_per_student": 1}
+                                  "public_students": 4, "public_frames": 6, "image_size": 32, "seed": 11,
+                                  "clips_per_student": 1}
     assert manifest["label_set"] == "fer7"
     assert manifest["version"] == synth.GENERATOR_VERSION
     for sid in manifest["schools"]:
@@ -197,14 +198,14 @@ def test_fer2013_csv_rows(built: Path) -> None:
     lines = text.rstrip("\n").split("\n")
     assert lines[0] == "emotion,pixels,Usage"
     rows = [line.split(",") for line in lines[1:]]
-    assert len(rows) == TINY.public_students * TINY.frames_per_student
+    assert len(rows) == TINY.public_students * TINY.public_frames
     for emotion, pixels, usage in rows:
         assert 0 <= int(emotion) <= 6
         values = pixels.split(" ")
         assert len(values) == 2304 and all(0 <= int(v) <= 255 for v in values)
         assert usage in ("PublicTest", "PrivateTest")
     usages = [r[2] for r in rows]
-    per_identity = TINY.frames_per_student
+    per_identity = TINY.public_frames
     assert usages[:2 * per_identity] == ["PublicTest"] * 2 * per_identity     # half the identities
     assert usages[2 * per_identity:] == ["PrivateTest"] * 2 * per_identity
     counts = np.bincount([int(r[0]) for r in rows], minlength=7)
