@@ -116,7 +116,8 @@ def train(msg: Message, context: Context) -> Message:
         why = data.describe_skips() or f"{node.data_dir}: labels.csv lists no images"
         return _reply_status(msg, "no-data", f"no usable images: {why}", school=node.school_id)
 
-    model = registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"]))
+    model = registry.scale_aux_losses(
+        registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"])), float(cfg["model.aux_loss_weight"]))
     model.load_state_dict(_received_state(msg), strict=True)
     seed = zlib.crc32(f"{cfg['run.seed']}/{node.school_id}/{server_round}".encode())
     torch.manual_seed(seed)
@@ -199,7 +200,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, round_config = _setup(msg, context)
     if node.role != "evaluator":
         return _reply_status(msg, "declined", f"node role is {node.role}, not evaluator")
-    model = registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"]))
+    model = registry.scale_aux_losses(
+        registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"])), float(cfg["model.aux_loss_weight"]))
     model.load_state_dict(_received_state(msg), strict=True)
     from shared_models.benchmark_suite import evaluate_benchmarks, flatten_metrics
 

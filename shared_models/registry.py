@@ -58,6 +58,12 @@ _PRESETS: dict[str, dict[str, Preset]] = {
             "-> 64x4x4 map; 4 heads, channel-unit hidden 8",
             dict(widths=(8, 16, 32, 64), stem="small", strides=(2, 2, 2, 1), ca_hidden=8),
         ),
+        "dp": Preset(
+            "dp", 64,
+            "64 px; the cpu preset at widths 8/8/16/16 (~33 k params): DP-SGD noise grows with the square "
+            "root of the parameter count, and from scratch at student level only a small model learns",
+            dict(widths=(8, 8, 16, 16), stem="small", strides=(2, 2, 2, 1), ca_hidden=4),
+        ),
     },
     "sfer_mdfae": {
         "paper": Preset(
@@ -138,6 +144,19 @@ def per_sample_loss(model: nn.Module, out: FEROutput, y: Tensor) -> Tensor:
     with its configured weights. Average it (`.mean()`) for Opacus' loss_reduction="mean"."""
     _check_targets(out, y)
     return unwrap(model).per_sample_loss(out, y)
+
+
+def scale_aux_losses(model: nn.Module, scale: float) -> nn.Module:
+    """Multiply the weights of the model's auxiliary loss terms (everything but cross-entropy) by `scale`.
+
+    Under DP-SGD each student's whole gradient is clipped to one norm, so auxiliary terms compete with
+    cross-entropy for that budget; `model.aux_loss_weight` in the config sets this (1 = the paper)."""
+    if scale < 0:
+        raise ValueError(f"aux loss scale must be >= 0, got {scale}")
+    inner = unwrap(model)
+    for name in getattr(inner, "loss_names", ("ce",))[1:]:
+        setattr(inner, f"{name}_weight", float(getattr(inner, f"{name}_weight")) * float(scale))
+    return model
 
 
 def loss_terms(model: nn.Module, out: FEROutput, y: Tensor) -> dict[str, Tensor]:

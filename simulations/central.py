@@ -35,7 +35,8 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
     torch.manual_seed(int(cfg["run.seed"]))
     torch.set_num_threads(max(1, int(cfg["train.threads"])))
     data = pooled_schools(root)
-    model = registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"]))
+    model = registry.scale_aux_losses(
+        registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"])), float(cfg["model.aux_loss_weight"]))
     started = time.perf_counter()
     history = []
     epsilon = None
