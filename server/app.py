@@ -3,6 +3,11 @@
 Each round: schools train (DP) -> replies validated -> FedAvg -> the evaluation node scores the new
 global model (or the server does, in-process, when the federation has no evaluation node) -> one
 metrics line, ledger copies and a checkpoint are written -> one progress line is logged.
+
+With an evaluation node, round r's model is evaluated *during round r+1* (its evaluate message rides
+with round r+1's train messages, see server/strategy.py), so round r's metrics line, checkpoint and
+progress line are written one round later, when that evaluation arrives; the final round's model is
+evaluated right after the final round, as before.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import os
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
@@ -43,6 +48,66 @@ def progress_line(record: RoundRecord, total_rounds: int, primary: str, seconds:
         parts.append(f"ε max {max(eps):.2f}")
     parts.append(f"{seconds:.1f} s")
     return " | ".join(parts)
+
+
+class RoundWriter:
+    """Writes each finished round: metrics line, checkpoint, progress line.
+
+    `finish_round` is Flower's `evaluate_fn` (called after every round); `write` is the strategy's
+    `on_round_end`, called once per round when that round's evaluation is settled: right away without
+    an evaluation node or after the final round, else during the next round's training exchange.
+    """
+
+    def __init__(self, run: RunDirectory, strategy: SchoolFedAvg, cfg: Mapping[str, Any], model_info: Mapping[str, Any],
+                 evaluate_in_process: Callable[[ArrayRecord], dict[str, dict[str, Any]]], federation_dp: Any = None) -> None:
+        self.run, self.strategy, self.cfg, self.model_info = run, strategy, cfg, model_info
+        self.evaluate_in_process = evaluate_in_process
+        self.federation_dp = federation_dp
+        self.total_rounds = int(cfg["federation.rounds"])
+        self.primary = str(cfg["evaluation.benchmarks"]).split(",")[0].split("=")[0].strip()
+        self.round_start = time.perf_counter()
+        strategy.on_round_end = self.write
+
+    def finish_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Called by Flower after each round's training (and the final round's evaluation)."""
+        strategy, record = self.strategy, self.strategy.record
+        if server_round == 0 or record is None:
+            return None
+        if strategy.finished and not record.train:
+            strategy.round_done(None, arrays, pipeline=False)   # the last trained round, if still waiting
+            return None
+        if self.federation_dp is not None and record.aggregated:
+            record.federation_epsilon = float(self.federation_dp.record_release(record.round)["epsilon"])
+        strategy.round_done(record, arrays, pipeline=not strategy.is_final_round(server_round))
+        if "round_seconds" not in record.timing:   # waiting for its evaluation: the round's own time ends here
+            self._stamp(record)
+        return None
+
+    def _stamp(self, record: RoundRecord) -> None:
+        now = time.perf_counter()
+        record.timing["round_seconds"] = now - self.round_start
+        self.round_start = now
+
+    def write(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        if not record.evaluation:
+            if self.strategy.evaluator_nodes():
+                log(WARNING, "[fedfer] round %d: the evaluation node did not answer; evaluating in-process", record.round)
+            started = time.perf_counter()
+            record.evaluation = self.evaluate_in_process(arrays)
+            record.evaluated_by = "server-in-process"
+            record.timing["evaluate_compute_s"] = time.perf_counter() - started
+        if "round_seconds" not in record.timing:
+            self._stamp(record)
+        seconds = float(record.timing["round_seconds"])
+        self.run.append_metrics({
+            "round": record.round, "aggregated": record.aggregated, "train": record.train,
+            "evaluation": record.evaluation, "evaluated_by": record.evaluated_by,
+            **({"evaluated_in_round": record.evaluated_in_round} if record.evaluated_in_round else {}),
+            **({"federation_epsilon": record.federation_epsilon} if record.federation_epsilon is not None else {}),
+            "timing": {"round_seconds": seconds, **record.timing},
+        })
+        self.run.save_checkpoint(record.round, arrays.to_torch_state_dict(), self.model_info, self.cfg, self.strategy.state())
+        log(INFO, "[fedfer] %s", progress_line(record, self.total_rounds, self.primary, seconds))
 
 
 def trace_benchmark_opens(trace_file: str) -> None:
@@ -95,9 +160,7 @@ def main(grid: Grid, context: Context) -> None:
     if remaining <= 0:
         log(INFO, "[fedfer] %s already finished %d rounds", run.path, round_offset)
         return
-    primary = str(cfg["evaluation.benchmarks"]).split(",")[0].split("=")[0].strip()
     in_process_cache: dict = {}
-    clock = {"round_start": time.perf_counter()}
 
     # The model travels packed (one array per dtype): Flower moves every array as its own object, one
     # request per hop. PackedGrid unpacks each reply before the strategy, validation and FedAvg see it.
@@ -116,32 +179,6 @@ def main(grid: Grid, context: Context) -> None:
         strategy.weighted_by_key = "unit-weight"
         strategy.on_round_start = federation_dp.round_started
 
-    def finish_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by Flower after each round's training and federated evaluation."""
-        record = strategy.record
-        if server_round == 0 or record is None or (strategy.finished and not record.train):
-            return None
-        if federation_dp is not None and record.aggregated:
-            record.federation_epsilon = float(federation_dp.record_release(record.round)["epsilon"])
-        if not record.evaluation:
-            if strategy.evaluator_nodes():
-                log(WARNING, "[fedfer] round %d: the evaluation node did not answer; evaluating in-process", record.round)
-            started = time.perf_counter()
-            record.evaluation = evaluate_in_process(arrays)
-            record.evaluated_by = "server-in-process"
-            record.timing["evaluate_compute_s"] = time.perf_counter() - started
-        seconds = time.perf_counter() - clock["round_start"]
-        clock["round_start"] = time.perf_counter()
-        run.append_metrics({
-            "round": record.round, "aggregated": record.aggregated, "train": record.train,
-            "evaluation": record.evaluation, "evaluated_by": record.evaluated_by,
-            **({"federation_epsilon": record.federation_epsilon} if record.federation_epsilon is not None else {}),
-            "timing": {"round_seconds": seconds, **record.timing},
-        })
-        run.save_checkpoint(record.round, arrays.to_torch_state_dict(), model_info, cfg, strategy.state())
-        log(INFO, "[fedfer] %s", progress_line(record, total_rounds, primary, seconds))
-        return None
-
     def evaluate_in_process(arrays: ArrayRecord) -> dict[str, dict[str, Any]]:
         from shared_models.benchmark_suite import evaluate_benchmarks
         from client.node import _synthetic_root
@@ -151,6 +188,7 @@ def main(grid: Grid, context: Context) -> None:
         return evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg, cache=in_process_cache,
                                    ensure_synthetic=True)
 
+    writer = RoundWriter(run, strategy, cfg, model_info, evaluate_in_process, federation_dp)
     runner.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
@@ -158,7 +196,7 @@ def main(grid: Grid, context: Context) -> None:
         timeout=float(cfg["federation.round_timeout"]),
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
-        evaluate_fn=finish_round,
+        evaluate_fn=writer.finish_round,
     )
     try:
         from server.report import write_report

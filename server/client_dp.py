@@ -20,13 +20,22 @@ Accounting choices, stated so an auditor can check them:
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
 
 from server.run_dir import RunDirectory
 
 FEDERATION_ID = "federation"
+
+
+class SchoolsOnlyAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's wrapper clips and counts every train reply; the evaluation node's reply that rides with
+    the train messages (pipelined evaluation, server/strategy.py) is taken out first."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round, self.strategy.take_evaluation(replies))
 
 
 class FederationAccountant:
@@ -49,13 +58,13 @@ class FederationAccountant:
         self.accountant = SchoolAccountant(state_dir, FEDERATION_ID, fingerprint)
         self.ledger = SchoolLedger(state_dir, FEDERATION_ID, self.key)
         ServerLedgerCopy.store_public_key(run.path, FEDERATION_ID, self.key.public_key())
-        self.wrapper: DifferentialPrivacyServerSideAdaptiveClipping | None = None
+        self.wrapper: SchoolsOnlyAdaptiveClipping | None = None
         self.clip_before_round = float(cfg["federation.client_dp_clip"])
 
-    def wrap(self, strategy: Any) -> DifferentialPrivacyServerSideAdaptiveClipping:
+    def wrap(self, strategy: Any) -> SchoolsOnlyAdaptiveClipping:
         # Flower's default count noise (num_sampled/20) is too small for few schools; 2x the noise keeps
         # the split valid and spends a small share of the budget on the count.
-        self.wrapper = DifferentialPrivacyServerSideAdaptiveClipping(
+        self.wrapper = SchoolsOnlyAdaptiveClipping(
             strategy,
             noise_multiplier=self.noise,
             num_sampled_clients=self.num_sampled,

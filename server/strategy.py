@@ -6,6 +6,15 @@ Flower's FedAvg samples from every connected node and trusts every reply. fedfer
 - send training only to schools that still have budget, evaluation only to the evaluation node;
 - validate every reply (weights, NaN/Inf, update norm, signed ledger entry) and record refusals;
 - write one metrics line, the ledger copies and a checkpoint per round, so a run can be resumed.
+
+Pipelined evaluation: the evaluation node does not get a message exchange of its own after each
+round. Round r's model is evaluated *during round r+1*: its `evaluate` message goes out in the same
+`send_and_receive` as round r+1's train messages (it carries the current global model, i.e. round r's),
+and its reply is taken out of the train replies before anything counts them as schools'. Round r's
+metrics line and checkpoint are written when that reply arrives (`on_round_end`). The final round's
+model, and the last model when training stops early, are evaluated in the usual separate exchange
+(`configure_evaluate`). If the evaluation node did not answer, `on_round_end` gets the record without
+an evaluation and the server evaluates in-process, as before.
 Aggregation itself is Flower's weighted FedAvg (`aggregate_arrayrecords`, weighted by num-examples).
 """
 
@@ -55,6 +64,7 @@ class RoundRecord:
     train: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluated_by: str = ""
+    evaluated_in_round: int = 0   # pipelined: the round during whose training this round's model was evaluated
     aggregated: bool = False
     num_aggregated: int = 0
     federation_epsilon: float | None = None
@@ -85,6 +95,10 @@ class SchoolFedAvg(FedAvg):
         self.on_round_start: Callable[[], None] | None = None
         self._train_messages: list[Message] = []   # this round's train messages (ids set by the grid on push)
         self._sent_at: float = 0.0
+        # pipelined evaluation: the last round whose model waits for the evaluation node's verdict
+        self.pending: tuple[RoundRecord, ArrayRecord] | None = None
+        self._eval_message: Message | None = None    # the evaluate message riding with this round's training
+        self._eval_target: RoundRecord | None = None  # the round the separate evaluate exchange is for
 
     # -- who is who -----------------------------------------------------------------------------
     def _discover(self, grid: Grid) -> None:
@@ -150,6 +164,7 @@ class SchoolFedAvg(FedAvg):
         rnd = server_round + self.round_offset
         self.record = RoundRecord(rnd)
         self.current_arrays = arrays
+        self._train_messages, self._eval_message = [], None
         if self.on_round_start is not None:
             self.on_round_start()
         if self.finished:
@@ -172,13 +187,63 @@ class SchoolFedAvg(FedAvg):
         for nid in chosen:
             self.record.train[self.nodes[nid].school_id] = {"status": "no-reply"}
         self._train_messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
+        evaluators = [nid for nid in self.evaluator_nodes() if nid in connected]
+        if self.pending is not None and evaluators:
+            # the previous round's model (= this round's starting model, `arrays`) is evaluated while the
+            # schools train; PackedGrid packs the shared ArrayRecord once for all of these messages
+            self._eval_message = self._evaluate_message(arrays, self.pending[0].round, evaluators[0])
         self._sent_at = time.perf_counter()
-        return self._train_messages
+        return self._train_messages + ([self._eval_message] if self._eval_message is not None else [])
+
+    def _evaluate_message(self, arrays: ArrayRecord, rnd: int, node_id: int) -> Message:
+        config = ConfigRecord({"server-round": rnd, "run-dir": str(self.run.path)})
+        return next(iter(self._construct_messages(RecordDict({"arrays": arrays, "config": config}), [node_id],
+                                                  MessageType.EVALUATE)))
+
+    def take_evaluation(self, replies: Iterable[Message]) -> list[Message]:
+        """Remove the evaluation node's reply from a round's train replies and record it for the pending
+        round; returns the schools' replies. Safe to call twice (client-DP's wrapper calls it first)."""
+        replies = list(replies)
+        if self._eval_message is None or self.pending is None:
+            return replies
+        eval_id = self._eval_message.metadata.message_id
+        mine = [r for r in replies if eval_id and r.metadata.reply_to_message_id == eval_id]
+        for reply in mine:
+            if self._record_evaluation(reply, self.pending[0]) is not None and self.record is not None:
+                self.pending[0].evaluated_in_round = self.record.round
+        return [r for r in replies if not (eval_id and r.metadata.reply_to_message_id == eval_id)]
+
+    def _flush_pending(self) -> None:
+        """Hand the pending round to `on_round_end` (with or without the evaluation node's result)."""
+        if self.pending is None:
+            return
+        record, arrays = self.pending
+        self.pending = None
+        if self.on_round_end is not None:
+            self.on_round_end(record, arrays)
+
+    def round_done(self, record: RoundRecord | None, arrays: ArrayRecord, pipeline: bool) -> None:
+        """End of a round's training (and, for the final round, its evaluation); `record` None: nothing
+        trained this round.
+
+        With `pipeline`, a round that has no evaluation yet waits for the next round's training exchange;
+        otherwise it is handed to `on_round_end` now (which evaluates in-process if nothing came back).
+        """
+        self._flush_pending()
+        if record is None:
+            return
+        if pipeline and not record.evaluation and self.evaluator_nodes():
+            self.pending = (record, arrays)
+        elif self.on_round_end is not None:
+            self.on_round_end(record, arrays)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.record is not None and self.current_arrays is not None
         rnd = self.record.round
         self.record.timing["train_exchange_s"] = time.perf_counter() - self._sent_at
+        replies = self.take_evaluation(replies)
+        if self._train_messages:   # training happened, so the previous round's evaluation had its chance
+            self._flush_pending()
         global_np = {k: v.numpy() for k, v in self.current_arrays.items()}
         accepted: list[RecordDict] = []
         sent = sent_to(self._train_messages)
@@ -274,35 +339,56 @@ class SchoolFedAvg(FedAvg):
             raise RejectedUpdate(f"ledger entry does not verify: {exc}") from None
 
     # -- evaluation -------------------------------------------------------------------------------
+    def is_final_round(self, server_round: int) -> bool:
+        return self.finished or server_round + self.round_offset >= int(self.cfg["federation.rounds"])
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if self.finished and (self.record is None or not self.record.train):
+        """Only after the final round (or when training stopped early): every other round's model is
+        evaluated during the next round's training (see `configure_train`)."""
+        self._eval_target = None
+        if not self.is_final_round(server_round):
+            return []
+        if self.pending is not None:   # training stopped before the pending round's model got its evaluation
+            target = self.pending[0]
+            arrays = self.pending[1]
+        elif self.record is not None and self.record.train:
+            target = self.record
+        else:
             return []
         self._discover(grid)
         evaluators = [nid for nid in self.evaluator_nodes() if nid in set(grid.get_node_ids())]
-        config["server-round"] = server_round + self.round_offset
-        config["run-dir"] = str(self.run.path)
+        if not evaluators:
+            return []
+        self._eval_target = target
         self._sent_at = time.perf_counter()
-        return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), evaluators[:1], MessageType.EVALUATE)
+        return [self._evaluate_message(arrays, target.round, evaluators[0])]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        target = self._eval_target
+        if target is None:
+            return None
+        if replies:
+            target.timing["evaluate_exchange_s"] = time.perf_counter() - self._sent_at
+        for reply in replies:
+            metrics = self._record_evaluation(reply, target)
+            if metrics is not None:
+                return metrics
+        return None
+
+    def _record_evaluation(self, reply: Message, target: RoundRecord) -> MetricRecord | None:
         from shared_models.benchmark_suite import unflatten_metrics
 
-        replies = list(replies)
-        if replies and self.record is not None:
-            self.record.timing["evaluate_exchange_s"] = time.perf_counter() - self._sent_at
-        for reply in replies:
-            if reply.has_error() or "metrics" not in reply.content.metric_records:
-                reason = reply.error.reason if reply.has_error() else "reply without metrics"
-                self.run.event("evaluator-error", round=server_round + self.round_offset, reason=reason)
-                continue
-            metrics = reply.content["metrics"]
-            if self.record is not None:
-                self.record.evaluation = unflatten_metrics(dict(metrics))
-                if "eval-seconds" in metrics:
-                    self.record.timing["evaluate_compute_s"] = float(metrics["eval-seconds"])
-                self.record.evaluated_by = f"evaluator-node-{reply.metadata.src_node_id}"
-            return metrics
-        return None
+        if reply.has_error() or "metrics" not in reply.content.metric_records:
+            reason = short_reason(reply.error.reason) if reply.has_error() else "reply without metrics"
+            self.run.event("evaluator-error", round=target.round, reason=reason)
+            return None
+        metrics = reply.content["metrics"]
+        target.evaluation = unflatten_metrics(dict(metrics))
+        if "eval-seconds" in metrics:
+            target.timing["evaluate_compute_s"] = float(metrics["eval-seconds"])
+        target.evaluated_by = f"evaluator-node-{reply.metadata.src_node_id}"
+        return metrics
 
     def state(self) -> dict[str, Any]:
         return {"exhausted": sorted(self.exhausted)}

@@ -1,0 +1,194 @@
+"""Pipelined evaluation (issue #6): round r's model goes to the evaluation node in the same grid exchange as
+round r+1's train messages, not in an exchange of its own; the final model gets its own evaluation.
+metrics.jsonl still has exactly one line per round, each with the accuracy the evaluation node computed
+for that round's model, and each round's checkpoint is that model.
+
+Runs the real SchoolFedAvg + RoundWriter (server/app.py) under Flower's FedAvg.start loop on the fake grid
+of tests/test_transport.py, behind PackedGrid as in the app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
+
+from server.array_packing import PackedGrid
+from test_transport import FakeGrid, _record, _reply, _serverapp_identity, _state, _train_reply  # noqa: F401
+
+SCHOOLS = {101: "school-a", 202: "school-b", 303: "school-c"}
+EVALUATOR = 404
+ROUNDS = 3
+
+
+class RecordingGrid(FakeGrid):
+    """Keeps every non-empty exchange as a list of (message type, destination, round in its config)."""
+
+    def __init__(self, node_ids, answer):
+        super().__init__(node_ids, answer)
+        self.exchanges: list[list[tuple[str, int, int]]] = []
+        self.evaluated: dict[int, dict[str, np.ndarray]] = {}   # round -> the model the evaluator received
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages:
+            self.exchanges.append([(m.metadata.message_type, m.metadata.dst_node_id,
+                                    int(m.content["config"].get("server-round", 0)) if "config" in m.content.config_records else 0)
+                                   for m in messages])
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _accuracy(rnd: int) -> float:
+    return 0.1 + 0.01 * rnd
+
+
+def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None):
+    """A strategy + RoundWriter over 3 schools (+ evaluation node); the evaluator stays silent during the
+    exchanges numbered in `silent_in` (1-based, counting exchanges that carry an evaluate message)."""
+    from privacy.signing import load_or_create_signing_key, public_key_pem
+    from server.app import RoundWriter
+    from server.array_packing import unpack_content
+    from server.run_dir import RunDirectory
+    from server.strategy import SchoolFedAvg
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
+                             "federation.min_train_schools=1", "federation.max_update_norm=1000",
+                             f"federation.rounds={ROUNDS}", "federation.fraction_train=1.0"])
+    run = RunDirectory.create(cfg)
+    keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / name)) for nid, name in SCHOOLS.items()}
+    evaluations = {"count": 0}
+
+    def answer(nid, message):
+        kind = message.metadata.message_type
+        if kind == MessageType.QUERY:
+            info = ({"role": "evaluator"} if nid == EVALUATOR else
+                    {"role": "school", "school-id": SCHOOLS[nid], "public-key": keys[nid]})
+            return _reply(message, RecordDict({"node": ConfigRecord(info)}))
+        if kind == MessageType.TRAIN:
+            state = {k: v.numpy() for k, v in unpack_content(message.content)["arrays"].items()}
+            return _train_reply(message, {k: np.asarray(v + np.asarray(0.01 * nid, dtype=v.dtype)) for k, v in state.items()}, nid)
+        assert kind == MessageType.EVALUATE and nid == EVALUATOR
+        evaluations["count"] += 1
+        if evaluations["count"] in silent_in:
+            return None
+        rnd = int(message.content["config"]["server-round"])
+        grid.evaluated[rnd] = {k: v.numpy() for k, v in unpack_content(message.content)["arrays"].items()}
+        return _reply(message, RecordDict({"metrics": MetricRecord(
+            {"synthetic-rafdb.accuracy": _accuracy(rnd), "synthetic-rafdb.n": 100, "eval-seconds": 0.01})}))
+
+    grid = RecordingGrid(list(SCHOOLS) + ([EVALUATOR] if evaluator else []), answer)
+    strategy = SchoolFedAvg(cfg, run)
+    in_process: list[int] = []
+
+    def evaluate_in_process(arrays):
+        in_process.append(len(in_process))
+        return {"synthetic-rafdb": {"accuracy": 0.5, "n": 100}}
+
+    checkpoints: dict[int, dict[str, np.ndarray]] = {}
+    save = run.save_checkpoint
+
+    def save_checkpoint(server_round, state_dict, *args, **kwargs):
+        checkpoints[server_round] = {k: v.numpy().copy() for k, v in state_dict.items()}
+        return save(server_round, state_dict, *args, **kwargs)
+
+    run.save_checkpoint = save_checkpoint
+    writer = RoundWriter(run, strategy, cfg, {"name": "fake", "preset": "", "num_classes": 7}, evaluate_in_process)
+    runner = wrap(strategy) if wrap is not None else strategy
+    runner.start(grid=PackedGrid(grid), initial_arrays=_record(_state(0)), num_rounds=ROUNDS, timeout=5,
+                   train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=writer.finish_round)
+    lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    return grid, lines, checkpoints, in_process
+
+
+def test_evaluation_rides_with_the_next_rounds_train_messages(tmp_path):
+    grid, lines, checkpoints, in_process = _setup(tmp_path, evaluator=True)
+    train = lambda rnd: sorted((MessageType.TRAIN, nid, rnd) for nid in SCHOOLS)  # noqa: E731
+    exchanges = [sorted(e) for e in grid.exchanges[1:]]   # [0] is the role query
+    assert [m[0] for m in grid.exchanges[0]] == [MessageType.QUERY] * 4
+    assert exchanges == [
+        train(1),                                                       # nothing to evaluate yet
+        sorted(train(2) + [(MessageType.EVALUATE, EVALUATOR, 1)]),      # round 1's model, during round 2
+        sorted(train(3) + [(MessageType.EVALUATE, EVALUATOR, 2)]),      # round 2's model, during round 3
+        [(MessageType.EVALUATE, EVALUATOR, 3)],                         # the final model, on its own
+    ]
+    # one metrics line per round, each with the evaluation node's accuracy for that round's model
+    assert [line["round"] for line in lines] == [1, 2, 3]
+    assert [line["evaluation"]["synthetic-rafdb"]["accuracy"] for line in lines] == [_accuracy(r) for r in (1, 2, 3)]
+    assert all(line["evaluated_by"] == f"evaluator-node-{EVALUATOR}" for line in lines)
+    assert [line.get("evaluated_in_round") for line in lines] == [2, 3, None]
+    assert all(line["aggregated"] and len(line["train"]) == 3 for line in lines)
+    assert in_process == []
+    # round r's checkpoint is the model the evaluation node scored as round r
+    assert sorted(checkpoints) == [1, 2, 3]
+    for rnd, state in checkpoints.items():
+        assert state.keys() == grid.evaluated[rnd].keys()
+        for name in state:
+            np.testing.assert_array_equal(state[name], grid.evaluated[rnd][name])
+    assert not np.array_equal(checkpoints[1]["conv.weight"], checkpoints[2]["conv.weight"])
+
+
+def test_a_silent_evaluator_falls_back_to_in_process_for_that_round_only(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        grid, lines, checkpoints, in_process = _setup(tmp_path, evaluator=True, silent_in=(1,))
+    assert [line["round"] for line in lines] == [1, 2, 3]
+    assert [line["evaluated_by"] for line in lines] == ["server-in-process", f"evaluator-node-{EVALUATOR}",
+                                                         f"evaluator-node-{EVALUATOR}"]
+    assert len(in_process) == 1 and sorted(checkpoints) == [1, 2, 3]
+    assert any("round 1: the evaluation node did not answer" in r.getMessage() for r in caplog.records)
+
+
+def test_without_an_evaluation_node_the_server_evaluates_every_round_in_process(tmp_path):
+    grid, lines, checkpoints, in_process = _setup(tmp_path, evaluator=False)
+    assert all(m[0] == MessageType.TRAIN for e in grid.exchanges[1:] for m in e)
+    assert [line["round"] for line in lines] == [1, 2, 3]
+    assert all(line["evaluated_by"] == "server-in-process" for line in lines)
+    assert len(in_process) == 3 and sorted(checkpoints) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_when_training_stops_early_the_last_model_is_still_evaluated(tmp_path, monkeypatch, stop_after):
+    """Every school runs out of budget: the last trained round's model gets its own evaluate exchange."""
+    from server.strategy import SchoolFedAvg
+
+    original = SchoolFedAvg.configure_train
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if server_round > stop_after:
+            self.exhausted.update(SCHOOLS.values())
+        return original(self, server_round, arrays, config, grid)
+
+    monkeypatch.setattr(SchoolFedAvg, "configure_train", configure_train)
+    grid, lines, checkpoints, in_process = _setup(tmp_path, evaluator=True)
+    assert [line["round"] for line in lines] == list(range(1, stop_after + 1))
+    assert [line["evaluation"]["synthetic-rafdb"]["accuracy"] for line in lines] == [_accuracy(r) for r in range(1, stop_after + 1)]
+    assert in_process == [] and sorted(checkpoints) == list(range(1, stop_after + 1))
+    assert grid.exchanges[-1] == [(MessageType.EVALUATE, EVALUATOR, stop_after)]
+
+
+def test_client_dp_wrapper_clips_and_counts_only_the_schools_replies(tmp_path):
+    """Flower's adaptive-clipping wrapper sees every train reply; the evaluator's must be taken out first."""
+    from server.client_dp import SchoolsOnlyAdaptiveClipping
+
+    seen: list[int] = []
+
+    def wrap(strategy):
+        aggregate = strategy.aggregate_train
+
+        def spy(server_round, replies):
+            replies = list(replies)
+            seen.append(len(replies))
+            return aggregate(server_round, replies)
+
+        strategy.aggregate_train = spy
+        return SchoolsOnlyAdaptiveClipping(strategy, noise_multiplier=0.0, num_sampled_clients=3,
+                                           initial_clipping_norm=100.0, clipped_count_stddev=1.0)
+
+    grid, lines, checkpoints, in_process = _setup(tmp_path, evaluator=True, wrap=wrap)
+    assert seen == [3, 3, 3]
+    assert [line["round"] for line in lines] == [1, 2, 3]
+    assert [line["evaluation"]["synthetic-rafdb"]["accuracy"] for line in lines] == [_accuracy(r) for r in (1, 2, 3)]
+    assert in_process == []
