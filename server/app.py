@@ -5,15 +5,22 @@ global model (or the server does, in-process, when the federation has no evaluat
 metrics line, ledger copies and a checkpoint are written -> one progress line is logged.
 
 With an evaluation node, round r's model is evaluated *during round r+1* (its evaluate message rides
-with round r+1's train messages, see server/strategy.py), so round r's metrics line, checkpoint and
-progress line are written one round later, when that evaluation arrives; the final round's model is
-evaluated right after the final round, as before.
+with round r+1's train messages, see server/strategy.py), so round r's metrics line and progress line
+are written one round later, when that evaluation arrives; the final round's model is evaluated right
+after the final round, as before. Round r's checkpoint does not wait: it is written as soon as round r's
+released model exists, marked unevaluated (latest.json `"evaluated": false`, the round's record in the
+checkpoint's strategy state) until its metrics line is written. If the coordinator stops in between,
+`run.resume` continues after round r and gets round r's model evaluated first: in the resumed run's
+first exchange, or in an evaluate-only exchange when no round is left. So no school trains a round twice
+and metrics.jsonl still ends with exactly one line per round.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from dataclasses import asdict
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -24,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.array_packing import PackedGrid
 from server.polling_grid import PollingGrid
-from server.run_dir import RunDirectory
+from server.run_dir import RunDirectory, _json_default
 from server.strategy import RoundRecord, SchoolFedAvg
 from shared_models import registry
 from shared_models.config import from_run_config
@@ -51,11 +58,13 @@ def progress_line(record: RoundRecord, total_rounds: int, primary: str, seconds:
 
 
 class RoundWriter:
-    """Writes each finished round: metrics line, checkpoint, progress line.
+    """Writes each finished round: checkpoint, then metrics line and progress line.
 
-    `finish_round` is Flower's `evaluate_fn` (called after every round); `write` is the strategy's
-    `on_round_end`, called once per round when that round's evaluation is settled: right away without
-    an evaluation node or after the final round, else during the next round's training exchange.
+    `checkpoint` is the strategy's `on_round_trained`, called once per trained round with the released
+    model, before any evaluation of it. `finish_round` is Flower's `evaluate_fn` (called after every
+    round); `write` is the strategy's `on_round_end`, called once per round when that round's evaluation
+    is settled: right away without an evaluation node or after the final round, else during the next
+    round's training exchange.
     """
 
     def __init__(self, run: RunDirectory, strategy: SchoolFedAvg, cfg: Mapping[str, Any], model_info: Mapping[str, Any],
@@ -67,6 +76,23 @@ class RoundWriter:
         self.primary = str(cfg["evaluation.benchmarks"]).split(",")[0].split("=")[0].strip()
         self.round_start = time.perf_counter()
         strategy.on_round_end = self.write
+        strategy.on_round_trained = self.checkpoint
+        self.checkpointed: set[int] = set()
+
+    def checkpoint(self, record: RoundRecord, arrays: ArrayRecord) -> None:
+        """Round `record.round`'s released model exists: account the release (client-level DP) and write
+        its checkpoint now, marked unevaluated, so a coordinator that stops from here on resumes after
+        this round. The record (without its evaluation) is kept in the checkpoint so a resumed run can
+        still write the round's metrics line."""
+        if self.federation_dp is not None and record.aggregated and record.federation_epsilon is None:
+            record.federation_epsilon = float(self.federation_dp.record_release(record.round)["epsilon"])
+        saved = asdict(record)
+        saved["timing"].setdefault("round_seconds", time.perf_counter() - self.round_start)
+        # plain JSON types only: `fedfer evaluate` loads checkpoints with torch.load(weights_only=True)
+        saved = json.loads(json.dumps(saved, default=_json_default))
+        self.run.save_checkpoint(record.round, arrays.to_torch_state_dict(), self.model_info, self.cfg,
+                                 {**self.strategy.state(), "unevaluated": saved}, evaluated=False)
+        self.checkpointed.add(record.round)
 
     def finish_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Called by Flower after each round's training (and the final round's evaluation)."""
@@ -76,8 +102,6 @@ class RoundWriter:
         if strategy.finished and not record.train:
             strategy.round_done(None, arrays, pipeline=False)   # the last trained round, if still waiting
             return None
-        if self.federation_dp is not None and record.aggregated:
-            record.federation_epsilon = float(self.federation_dp.record_release(record.round)["epsilon"])
         strategy.round_done(record, arrays, pipeline=not strategy.is_final_round(server_round))
         if "round_seconds" not in record.timing:   # waiting for its evaluation: the round's own time ends here
             self._stamp(record)
@@ -106,8 +130,38 @@ class RoundWriter:
             **({"federation_epsilon": record.federation_epsilon} if record.federation_epsilon is not None else {}),
             "timing": {"round_seconds": seconds, **record.timing},
         })
-        self.run.save_checkpoint(record.round, arrays.to_torch_state_dict(), self.model_info, self.cfg, self.strategy.state())
+        if record.round in self.checkpointed or record.round == self.strategy.round_offset:
+            self.run.mark_evaluated(record.round)
+        else:   # not reached through configure_evaluate (should not happen): the checkpoint goes with its line
+            self.run.save_checkpoint(record.round, arrays.to_torch_state_dict(), self.model_info, self.cfg, self.strategy.state())
+            self.checkpointed.add(record.round)
         log(INFO, "[fedfer] %s", progress_line(record, self.total_rounds, self.primary, seconds))
+
+
+def unevaluated_round(run: RunDirectory, checkpoint: Mapping[str, Any]) -> RoundRecord | None:
+    """The checkpoint's round record if its metrics line was never written (the coordinator stopped
+    while that round's model waited for its evaluation), else None."""
+    saved = checkpoint.get("strategy", {}).get("unevaluated")
+    if not saved or int(saved.get("round", -1)) != int(checkpoint["round"]):
+        return None
+    if any(int(line.get("round", -1)) == int(checkpoint["round"]) for line in run.metrics()):
+        return None
+    return RoundRecord(**saved)
+
+
+def resume_pending(strategy: SchoolFedAvg, record: RoundRecord | None, arrays: ArrayRecord, remaining: int) -> int:
+    """Queue a resumed checkpoint's unevaluated round for evaluation; returns the number of rounds to run.
+
+    With rounds left, the record becomes the strategy's pending round: its evaluate message rides with
+    the first train exchange (or it is evaluated in-process if no evaluation node answers). With none
+    left, one round with no training runs, so the model gets an evaluate-only exchange."""
+    if record is None:
+        return remaining
+    strategy.pending = (record, arrays)
+    if remaining <= 0:
+        strategy.finished = True
+        return 1
+    return remaining
 
 
 def trace_benchmark_opens(trace_file: str) -> None:
@@ -132,7 +186,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
     if os.environ.get("FEDFER_TRACE_OPENS"):
         trace_benchmark_opens(os.environ["FEDFER_TRACE_OPENS"])
-    round_offset, exhausted = 0, []
+    round_offset, exhausted, unevaluated = 0, [], None
     if cfg["run.resume"]:
         run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())
         checkpoint = run.latest_checkpoint()
@@ -141,7 +195,8 @@ def main(grid: Grid, context: Context) -> None:
         cfg = {**checkpoint["config"], "run.resume": str(run.path)}
         round_offset, exhausted = int(checkpoint["round"]), checkpoint["strategy"].get("exhausted", [])
         state_dict = checkpoint["state_dict"]
-        run.event("resumed", round=round_offset)
+        unevaluated = unevaluated_round(run, checkpoint)
+        run.event("resumed", round=round_offset, **({"unevaluated": round_offset} if unevaluated else {}))
     else:
         run = RunDirectory.create(cfg)
         state_dict = None
@@ -157,7 +212,7 @@ def main(grid: Grid, context: Context) -> None:
 
     total_rounds = int(cfg["federation.rounds"])
     remaining = total_rounds - round_offset
-    if remaining <= 0:
+    if remaining <= 0 and unevaluated is None:
         log(INFO, "[fedfer] %s already finished %d rounds", run.path, round_offset)
         return
     in_process_cache: dict = {}
@@ -189,10 +244,13 @@ def main(grid: Grid, context: Context) -> None:
                                    ensure_synthetic=True)
 
     writer = RoundWriter(run, strategy, cfg, model_info, evaluate_in_process, federation_dp)
+    if unevaluated is not None:
+        log(INFO, "[fedfer] round %d's model has no metrics line yet: it is evaluated first", round_offset)
+    num_rounds = resume_pending(strategy, unevaluated, ArrayRecord(model.state_dict()), remaining)
     runner.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=remaining,
+        num_rounds=num_rounds,
         timeout=float(cfg["federation.round_timeout"]),
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),

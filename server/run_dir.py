@@ -113,20 +113,36 @@ class RunDirectory:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, server_round: int, state_dict: Mapping[str, torch.Tensor], model_info: Mapping[str, Any],
-                        cfg: Mapping[str, Any], strategy_state: Mapping[str, Any], keep: int = 2) -> Path:
-        """Weights + round + strategy state, written atomically; older checkpoints beyond `keep` are pruned."""
+                        cfg: Mapping[str, Any], strategy_state: Mapping[str, Any], keep: int = 2,
+                        evaluated: bool = True) -> Path:
+        """Weights + round + strategy state, written atomically; older checkpoints beyond `keep` are pruned.
+
+        `evaluated=False`: the round's metrics line is not written yet (its model waits for the evaluation
+        node); latest.json says so until `mark_evaluated`. A resume from such a checkpoint evaluates it
+        first (server/app.py); the metrics file, not this flag, is what decides."""
         target = self.path / "checkpoints" / f"round-{server_round:04d}.pt"
         tmp = target.with_suffix(".tmp")
         torch.save({"round": server_round, "model": dict(model_info), "state_dict": dict(state_dict),
                     "config": dict(cfg), "strategy": dict(strategy_state), "run_id": self.run_id}, tmp)
         os.replace(tmp, target)
-        latest = self.path / "checkpoints" / "latest.json"
-        tmp_latest = latest.with_suffix(".tmp")
-        tmp_latest.write_text(json.dumps({"round": server_round, "file": target.name}), encoding="utf-8")
-        os.replace(tmp_latest, latest)
+        self._write_latest({"round": server_round, "file": target.name, "evaluated": evaluated})
         for old in sorted((self.path / "checkpoints").glob("round-*.pt"))[:-keep]:
             old.unlink(missing_ok=True)
         return target
+
+    def _write_latest(self, latest: Mapping[str, Any]) -> None:
+        path = self.path / "checkpoints" / "latest.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(latest)), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def mark_evaluated(self, server_round: int) -> None:
+        """Round `server_round`'s metrics line is written: flag latest.json if it points at that round."""
+        path = self.path / "checkpoints" / "latest.json"
+        if path.is_file():
+            latest = json.loads(path.read_text(encoding="utf-8"))
+            if int(latest.get("round", -1)) == server_round and latest.get("evaluated") is False:
+                self._write_latest({**latest, "evaluated": True})
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
         latest = self.path / "checkpoints" / "latest.json"

@@ -11,7 +11,10 @@ Pipelined evaluation: the evaluation node does not get a message exchange of its
 round. Round r's model is evaluated *during round r+1*: its `evaluate` message goes out in the same
 `send_and_receive` as round r+1's train messages (it carries the current global model, i.e. round r's),
 and its reply is taken out of the train replies before anything counts them as schools'. Round r's
-metrics line and checkpoint are written when that reply arrives (`on_round_end`). The final round's
+metrics line is written when that reply arrives (`on_round_end`). Round r's checkpoint does not wait
+for it: `on_round_trained` writes it as soon as round r's released model exists (start of
+`configure_evaluate`, after client-level DP noise if enabled), so a coordinator that stops during round
+r+1 resumes after round r and no school's round is trained twice. The final round's
 model, and the last model when training stops early, are evaluated in the usual separate exchange
 (`configure_evaluate`). If the evaluation node did not answer, `on_round_end` gets the record without
 an evaluation and the server evaluates in-process, as before.
@@ -90,6 +93,8 @@ class SchoolFedAvg(FedAvg):
         self.current_arrays: ArrayRecord | None = None
         self.record: RoundRecord | None = None
         self.on_round_end = on_round_end
+        # called once per trained round with the released model, before any evaluation of it (checkpoint)
+        self.on_round_trained: Callable[[RoundRecord, ArrayRecord], None] | None = None
         self.finished = False
         self.rng = random.Random(int(cfg["run.seed"]))
         self.on_round_start: Callable[[], None] | None = None
@@ -344,8 +349,14 @@ class SchoolFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Only after the final round (or when training stopped early): every other round's model is
-        evaluated during the next round's training (see `configure_train`)."""
+        evaluated during the next round's training (see `configure_train`).
+
+        Called by Flower after every round with the round's released model (`arrays`: after the client-DP
+        wrapper's noise, or the unchanged global model if nothing was aggregated); that model is handed
+        to `on_round_trained` first, so its checkpoint exists before any evaluation exchange."""
         self._eval_target = None
+        if self.record is not None and self.record.train and self.on_round_trained is not None:
+            self.on_round_trained(self.record, arrays)
         if not self.is_final_round(server_round):
             return []
         if self.pending is not None:   # training stopped before the pending round's model got its evaluation

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from server.array_packing import PackedGrid
 from test_transport import FakeGrid, _record, _reply, _serverapp_identity, _state, _train_reply  # noqa: F401
@@ -45,11 +46,19 @@ def _accuracy(rnd: int) -> float:
     return 0.1 + 0.01 * rnd
 
 
-def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None):
+class Crash(Exception):
+    """The coordinator stops (injected right after a checkpoint is written)."""
+
+
+def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None, crash_after: int | None = None,
+           resume: bool = False):
     """A strategy + RoundWriter over 3 schools (+ evaluation node); the evaluator stays silent during the
-    exchanges numbered in `silent_in` (1-based, counting exchanges that carry an evaluate message)."""
+    exchanges numbered in `silent_in` (1-based, counting exchanges that carry an evaluate message).
+
+    `crash_after`: the coordinator stops right after round `crash_after`'s checkpoint is written.
+    `resume`: continue the run in tmp_path from its latest checkpoint, as server/app.py's main does."""
     from privacy.signing import load_or_create_signing_key, public_key_pem
-    from server.app import RoundWriter
+    from server.app import RoundWriter, resume_pending, unevaluated_round
     from server.array_packing import unpack_content
     from server.run_dir import RunDirectory
     from server.strategy import SchoolFedAvg
@@ -81,7 +90,15 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
             {"synthetic-rafdb.accuracy": _accuracy(rnd), "synthetic-rafdb.n": 100, "eval-seconds": 0.01})}))
 
     grid = RecordingGrid(list(SCHOOLS) + ([EVALUATOR] if evaluator else []), answer)
-    strategy = SchoolFedAvg(cfg, run)
+    num_rounds, initial, pending = ROUNDS, _record(_state(0)), None
+    if resume:
+        checkpoint = run.latest_checkpoint()
+        offset = int(checkpoint["round"])
+        strategy = SchoolFedAvg(cfg, run, round_offset=offset, exhausted=checkpoint["strategy"].get("exhausted", []))
+        initial = ArrayRecord(OrderedDict(checkpoint["state_dict"]))
+        pending, num_rounds = unevaluated_round(run, checkpoint), ROUNDS - offset
+    else:
+        strategy = SchoolFedAvg(cfg, run)
     in_process: list[int] = []
 
     def evaluate_in_process(arrays):
@@ -97,10 +114,21 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
 
     run.save_checkpoint = save_checkpoint
     writer = RoundWriter(run, strategy, cfg, {"name": "fake", "preset": "", "num_classes": 7}, evaluate_in_process)
+    if crash_after is not None:
+        def checkpoint_then_crash(record, arrays):
+            writer.checkpoint(record, arrays)
+            if record.round == crash_after:
+                raise Crash(record.round)
+
+        strategy.on_round_trained = checkpoint_then_crash
+    num_rounds = resume_pending(strategy, pending, initial, num_rounds)
     runner = wrap(strategy) if wrap is not None else strategy
-    runner.start(grid=PackedGrid(grid), initial_arrays=_record(_state(0)), num_rounds=ROUNDS, timeout=5,
-                   train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=writer.finish_round)
-    lines = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    try:
+        runner.start(grid=PackedGrid(grid), initial_arrays=initial, num_rounds=num_rounds, timeout=5,
+                     train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=writer.finish_round)
+    except Crash:
+        assert crash_after is not None
+    lines = run.metrics()
     return grid, lines, checkpoints, in_process
 
 
@@ -192,3 +220,47 @@ def test_client_dp_wrapper_clips_and_counts_only_the_schools_replies(tmp_path):
     assert [line["round"] for line in lines] == [1, 2, 3]
     assert [line["evaluation"]["synthetic-rafdb"]["accuracy"] for line in lines] == [_accuracy(r) for r in (1, 2, 3)]
     assert in_process == []
+
+
+def _latest(tmp_path) -> dict:
+    return json.loads((tmp_path / "runs" / "t" / "checkpoints" / "latest.json").read_text())
+
+
+def test_a_checkpoint_is_written_before_its_models_evaluation(tmp_path):
+    """Round r's checkpoint exists as soon as its model does (marked unevaluated), not one round later with
+    its metrics line: a coordinator that stops during round r+1 resumes after round r."""
+    grid, lines, checkpoints, _ = _setup(tmp_path, evaluator=True, crash_after=1)
+    assert lines == [] and sorted(checkpoints) == [1]
+    assert _latest(tmp_path) == {"round": 1, "file": "round-0001.pt", "evaluated": False}
+    from server.cli import load_checkpoint   # `fedfer evaluate` reads it with weights_only=True
+
+    saved = load_checkpoint(tmp_path / "runs" / "t")["strategy"]["unevaluated"]
+    assert saved["round"] == 1 and saved["aggregated"] and saved["evaluation"] == {} and len(saved["train"]) == 3
+    assert [sorted(e) for e in grid.exchanges[1:]] == [sorted((MessageType.TRAIN, nid, 1) for nid in SCHOOLS)]
+    _, lines, _, _ = _setup(tmp_path / "complete", evaluator=True)
+    assert _latest(tmp_path / "complete") == {"round": ROUNDS, "file": f"round-{ROUNDS:04d}.pt", "evaluated": True}
+
+
+@pytest.mark.parametrize("crash_after", [1, 2, ROUNDS])
+def test_resume_from_an_unevaluated_checkpoint_evaluates_it_first(tmp_path, crash_after):
+    """The coordinator stops right after checkpoint `crash_after`: the resumed run trains the following
+    rounds once each and evaluates the checkpoint's model in its first exchange (an evaluate-only exchange
+    when no round is left); metrics.jsonl ends with exactly one line per round."""
+    _, lines, first_checkpoints, _ = _setup(tmp_path, evaluator=True, crash_after=crash_after)
+    assert [line["round"] for line in lines] == list(range(1, crash_after))
+
+    grid, lines, checkpoints, in_process = _setup(tmp_path, evaluator=True, resume=True)
+    train = lambda rnd: [(MessageType.TRAIN, nid, rnd) for nid in SCHOOLS]  # noqa: E731
+    expected = [sorted(train(rnd) + [(MessageType.EVALUATE, EVALUATOR, rnd - 1)]) for rnd in range(crash_after + 1, ROUNDS + 1)]
+    assert [m[0] for m in grid.exchanges[0]] == [MessageType.QUERY] * 4
+    assert [sorted(e) for e in grid.exchanges[1:]] == expected + [[(MessageType.EVALUATE, EVALUATOR, ROUNDS)]]
+    assert [line["round"] for line in lines] == list(range(1, ROUNDS + 1))
+    assert [line["evaluation"]["synthetic-rafdb"]["accuracy"] for line in lines] == [_accuracy(r) for r in range(1, ROUNDS + 1)]
+    resumed = lines[crash_after - 1]
+    assert resumed["evaluated_by"] == f"evaluator-node-{EVALUATOR}" and resumed["aggregated"] and len(resumed["train"]) == 3
+    assert resumed.get("evaluated_in_round") == (crash_after + 1 if crash_after < ROUNDS else None)
+    assert in_process == [] and sorted(checkpoints) == list(range(crash_after + 1, ROUNDS + 1))
+    # the model evaluated as round `crash_after` is that round's checkpoint from before the stop
+    for name, value in first_checkpoints[crash_after].items():
+        np.testing.assert_array_equal(grid.evaluated[crash_after][name], value)
+    assert _latest(tmp_path)["evaluated"] is True and _latest(tmp_path)["round"] == ROUNDS
