@@ -36,12 +36,12 @@ def _start_run(fed: LocalFederation, home: Path, config: str, name: str = "flwr-
     return fed.supervisor.start(name, argv, env=flower_env(home), cwd=ROOT)
 
 
-def _wait_for(predicate, timeout: float, what: str, fed: LocalFederation) -> None:
+def _wait_for(predicate, timeout: float, what: str, fed: LocalFederation, poll: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.5)
+        time.sleep(poll)
     dump_logs(fed)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -90,16 +90,21 @@ def test_coordinator_killed_after_round_one_resumes(tmp_path, monkeypatch):
         try:
             start_all(fed, home)
             first = _start_run(fed, home, run_config(fed.dep, data, runs))
-            _wait_for(lambda: (run_dir / "checkpoints" / "round-0001.pt").exists() and len(_metrics(run_dir)) == 1,
-                      900, "round 1's checkpoint", fed)
-            # Crash the coordinator: SIGKILL the SuperLink and everything it started (SuperExec, ServerApp).
+            # Round 1's checkpoint is written as soon as its model exists; its metrics line only when the
+            # evaluation node's verdict comes back with round 2's training (pipelined evaluation).
+            _wait_for(lambda: (run_dir / "checkpoints" / "round-0001.pt").exists(), 900, "round 1's checkpoint", fed,
+                      poll=0.05)
+            # Crash the coordinator: SIGKILL the SuperLink and everything it started (SuperExec, ServerApp),
+            # while round 1's model waits for its evaluation and round 2 is under way.
             fed.supervisor.stop(fed.superlink, grace=0, sig=signal.SIGKILL)
             fed.superlink = None
             try:   # the streaming CLI loses its SuperLink; it may give up or keep retrying
                 first.popen.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 fed.supervisor.stop(first)
-            assert len(_metrics(run_dir)) == 1
+            assert _metrics(run_dir) == []
+            latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+            assert latest["round"] == 1 and latest["evaluated"] is False
 
             fed.start_superlink()   # same database: the nodes stay registered and reconnect by themselves
             from server import deploy_cli
@@ -114,10 +119,12 @@ def test_coordinator_killed_after_round_one_resumes(tmp_path, monkeypatch):
             rounds = _metrics(run_dir)
             assert [r["round"] for r in rounds] == [1, 2], second.log_text(4000)
             assert all(r["aggregated"] for r in rounds)
+            # round 1's model was evaluated in the resumed run's first exchange, with round 2's training
+            assert rounds[0]["evaluated_by"].startswith("evaluator-node-") and rounds[0]["evaluated_in_round"] == 2
             for i in range(SCHOOLS):
                 school = f"school-{i:02d}"
                 entries = [json.loads(line) for line in (run_dir / "ledger" / f"{school}.jsonl").read_text().splitlines()]
-                assert [e["round"] for e in entries][-1] == 2 and 1 in [e["round"] for e in entries]
+                assert [e["round"] for e in entries] == [1, 2]   # each round once: none lost, repeated or refused
             audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run_dir)],
                                    capture_output=True, text=True, cwd=ROOT, timeout=300)
             assert audit.returncode == 0, audit.stdout + audit.stderr
