@@ -79,6 +79,13 @@ _PRESETS: dict[str, dict[str, Preset]] = {
             dict(widths=(16, 32, 64, 128), units=(1, 2, 2, 1), stem_stride=2, stage_strides=(2, 2, 2, 1),
                  regions=4, topn=5),
         ),
+        "dp": Preset(
+            "dp", 64,
+            "64 px; the cpu preset at widths 8/16/16/32 (~40 k params), for DP-SGD from scratch (noise grows "
+            "with the square root of the parameter count)",
+            dict(widths=(8, 16, 16, 32), units=(1, 2, 2, 1), stem_stride=2, stage_strides=(2, 2, 2, 1),
+                 regions=4, topn=5),
+        ),
     },
 }
 

@@ -21,7 +21,7 @@ from shared_models import registry
 
 warnings.filterwarnings("ignore", message=".*full backward hook.*")
 
-CASES = [("hafnet", "cpu", 3), ("hafnet", "dp", 3), ("sfer_mdfae", "cpu", 3), ("hafnet", "paper", 2), ("sfer_mdfae", "paper", 2)]
+CASES = [("hafnet", "cpu", 3), ("hafnet", "dp", 3), ("sfer_mdfae", "cpu", 3), ("sfer_mdfae", "dp", 3), ("hafnet", "paper", 2), ("sfer_mdfae", "paper", 2)]
 
 
 def _batch(model: torch.nn.Module, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
