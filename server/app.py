@@ -186,7 +186,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
     if os.environ.get("FEDFER_TRACE_OPENS"):
         trace_benchmark_opens(os.environ["FEDFER_TRACE_OPENS"])
-    round_offset, exhausted, unevaluated = 0, [], None
+    round_offset, exhausted, momentum, unevaluated = 0, [], None, None
     if cfg["run.resume"]:
         run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())
         checkpoint = run.latest_checkpoint()
@@ -194,6 +194,7 @@ def main(grid: Grid, context: Context) -> None:
             raise ValueError(f"run.resume: {run.path} has no checkpoint to resume from")
         cfg = {**checkpoint["config"], "run.resume": str(run.path)}
         round_offset, exhausted = int(checkpoint["round"]), checkpoint["strategy"].get("exhausted", [])
+        momentum = checkpoint["strategy"].get("momentum")
         state_dict = checkpoint["state_dict"]
         unevaluated = unevaluated_round(run, checkpoint)
         run.event("resumed", round=round_offset, **({"unevaluated": round_offset} if unevaluated else {}))
@@ -221,7 +222,7 @@ def main(grid: Grid, context: Context) -> None:
     # request per hop. PackedGrid unpacks each reply before the strategy, validation and FedAvg see it.
     # PollingGrid: replies are collected every 0.1 s instead of Flower's fixed 3 s (deployment's HttpGrid).
     grid = PackedGrid(PollingGrid(grid))
-    strategy = SchoolFedAvg(cfg, run, round_offset=round_offset, exhausted=exhausted)
+    strategy = SchoolFedAvg(cfg, run, round_offset=round_offset, exhausted=exhausted, momentum=momentum)
     runner = strategy
     federation_dp = None
     if bool(cfg["federation.client_dp"]):

@@ -1,4 +1,5 @@
-"""SchoolFedAvg: Flower's FedAvg, taught who is a school and who is the evaluation node.
+"""SchoolFedAvg: Flower's FedAvg (with FedAvgM's server momentum), taught who is a school and who is the
+evaluation node.
 
 Flower's FedAvg samples from every connected node and trusts every reply. fedfer needs more:
 - learn each node's role (school / evaluator) and school id with a `query` message, the first time
@@ -18,7 +19,11 @@ r+1 resumes after round r and no school's round is trained twice. The final roun
 model, and the last model when training stops early, are evaluated in the usual separate exchange
 (`configure_evaluate`). If the evaluation node did not answer, `on_round_end` gets the record without
 an evaluation and the server evaluates in-process, as before.
-Aggregation itself is Flower's weighted FedAvg (`aggregate_arrayrecords`, weighted by num-examples).
+Aggregation itself is Flower's weighted FedAvg (`aggregate_arrayrecords`, weighted by num-examples) over
+the accepted replies, followed by Flower's FedAvgM server step when `federation.server_momentum` > 0
+(Hsu et al. 2019: the server keeps a momentum of the rounds' average updates). Under student-level DP the
+momentum is post-processing of the schools' DP releases, so it costs no privacy. The momentum vector is
+part of the strategy state in every checkpoint, so a resumed run continues with it.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from server.array_packing import ERROR_RECORD
@@ -74,17 +80,37 @@ class RoundRecord:
     timing: dict[str, float] = field(default_factory=dict)
 
 
-class SchoolFedAvg(FedAvg):
-    """FedAvg over schools with reply validation, a budget-aware sampler and an evaluation node."""
+class _AcceptedAverage(FedAvg):
+    """FedAvg's aggregation step restricted to the replies SchoolFedAvg accepts.
+
+    Sits below FedAvgM in SchoolFedAvg's bases, so FedAvgM's `aggregate_train` (the server momentum step)
+    runs on top of this average, exactly as it runs on top of FedAvg's."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.average_accepted(server_round, replies)  # type: ignore[attr-defined]
+
+
+class SchoolFedAvg(FedAvgM, _AcceptedAverage):
+    """FedAvg(M) over schools with reply validation, a budget-aware sampler and an evaluation node."""
 
     def __init__(self, cfg: Mapping[str, Any], run: RunDirectory, round_offset: int = 0,
-                 exhausted: Iterable[str] = (), on_round_end: Callable[[RoundRecord, ArrayRecord], None] | None = None) -> None:
+                 exhausted: Iterable[str] = (), on_round_end: Callable[[RoundRecord, ArrayRecord], None] | None = None,
+                 momentum: list[torch.Tensor] | None = None) -> None:
+        server_momentum = float(cfg["federation.server_momentum"])
+        if server_momentum and bool(cfg["federation.client_dp"]):
+            # Flower's client-DP wrapper noises what this strategy returns; a momentum built from the
+            # un-noised averages would carry them into later releases unaccounted.
+            log(WARNING, "[fedfer] federation.server_momentum is ignored with federation.client_dp=true")
+            server_momentum = 0.0
         super().__init__(
             fraction_train=float(cfg["federation.fraction_train"]),
             min_train_nodes=1,
             min_available_nodes=1,
             min_evaluate_nodes=0,
+            server_momentum=server_momentum,
         )
+        # a resumed run continues with the momentum its checkpoint kept (None: starts afresh, as in round 1)
+        self.momentum_vector = [np.asarray(m) for m in momentum] if momentum and server_momentum else None
         self.cfg = cfg
         self.run = run
         self.round_offset = round_offset
@@ -242,7 +268,8 @@ class SchoolFedAvg(FedAvg):
         elif self.on_round_end is not None:
             self.on_round_end(record, arrays)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def average_accepted(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply; the example-weighted average of the accepted ones (FedAvg's step)."""
         assert self.record is not None and self.current_arrays is not None
         rnd = self.record.round
         self.record.timing["train_exchange_s"] = time.perf_counter() - self._sent_at
@@ -402,7 +429,10 @@ class SchoolFedAvg(FedAvg):
         return metrics
 
     def state(self) -> dict[str, Any]:
-        return {"exhausted": sorted(self.exhausted)}
+        """What a checkpoint keeps of the strategy: schools out of budget, FedAvgM's momentum vector."""
+        # tensors, not numpy arrays: `fedfer evaluate` reads checkpoints with torch.load(weights_only=True)
+        momentum = None if self.momentum_vector is None else [torch.tensor(np.asarray(m)) for m in self.momentum_vector]
+        return {"exhausted": sorted(self.exhausted), "momentum": momentum}
 
 
 def sent_to(messages: Iterable[Message]) -> dict[str, int]:

@@ -38,6 +38,7 @@ RULES: dict[str, Rule] = {
     "federation.min_train_schools": Rule(minimum=1),
     "federation.max_update_norm": Rule(minimum=0.0),
     "federation.round_timeout": Rule(minimum=1),
+    "federation.server_momentum": Rule(minimum=0.0, maximum=0.99),
     "federation.client_dp_noise": Rule(minimum=0.0),
     "federation.client_dp_clip": Rule(minimum=1e-9),
     "federation.client_dp_quantile": Rule(minimum=0.0, maximum=1.0),

@@ -94,7 +94,8 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
     if resume:
         checkpoint = run.latest_checkpoint()
         offset = int(checkpoint["round"])
-        strategy = SchoolFedAvg(cfg, run, round_offset=offset, exhausted=checkpoint["strategy"].get("exhausted", []))
+        strategy = SchoolFedAvg(cfg, run, round_offset=offset, exhausted=checkpoint["strategy"].get("exhausted", []),
+                                momentum=checkpoint["strategy"].get("momentum"))
         initial = ArrayRecord(OrderedDict(checkpoint["state_dict"]))
         pending, num_rounds = unevaluated_round(run, checkpoint), ROUNDS - offset
     else:
@@ -264,3 +265,28 @@ def test_resume_from_an_unevaluated_checkpoint_evaluates_it_first(tmp_path, cras
     for name, value in first_checkpoints[crash_after].items():
         np.testing.assert_array_equal(grid.evaluated[crash_after][name], value)
     assert _latest(tmp_path)["evaluated"] is True and _latest(tmp_path)["round"] == ROUNDS
+
+
+def test_server_momentum_is_flowers_fedavgm_and_a_resumed_run_keeps_it(tmp_path):
+    """federation.server_momentum (default 0.7): each round's model is FedAvgM's step from the
+    example-weighted average of the accepted replies, and a run resumed after a crash continues with the
+    checkpointed momentum, ending at the same model as the run that never stopped."""
+    from shared_models.config import load_config
+
+    momentum = float(load_config(None, [])["federation.server_momentum"])
+    assert momentum > 0
+    (tmp_path / "full").mkdir()
+    _, _, full, _ = _setup(tmp_path / "full", evaluator=True)
+    # every school adds 0.01 * node id to every value and reports node id examples: the average update
+    step = sum(0.01 * nid * nid for nid in SCHOOLS) / sum(SCHOOLS)
+    velocity, total, initial = 0.0, 0.0, _state(0)
+    for rnd in range(1, ROUNDS + 1):
+        velocity = momentum * velocity + step
+        total += velocity
+        for name in ("conv.weight", "head.weight"):
+            np.testing.assert_allclose(full[rnd][name] - initial[name], total, rtol=1e-4)
+    (tmp_path / "crash").mkdir()
+    _setup(tmp_path / "crash", evaluator=True, crash_after=1)
+    _, _, resumed, _ = _setup(tmp_path / "crash", evaluator=True, resume=True)
+    for name, value in full[ROUNDS].items():
+        np.testing.assert_allclose(resumed[ROUNDS][name], value, rtol=1e-6)

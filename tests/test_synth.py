@@ -73,10 +73,10 @@ def test_school_files_and_headers(built: Path) -> None:
         assert marks.dtype == np.float32 and marks.shape == (len(rows), 68, 2)
         assert np.isfinite(marks).all()
         # inner-face landmarks (brows, nose, eyes, lips) fall inside the tight face crop; the jaw
-        # contour may leave it a little, as in real aligned crops
+        # contour may leave it a little, as in real aligned crops (a wide-open jaw pushes the chin below it)
         inner = marks[:, 17:]
         assert ((inner >= 0) & (inner < 32)).all(axis=2).mean() > 0.97
-        assert ((marks > -8) & (marks < 40)).all()
+        assert ((marks > -8) & (marks < 44)).all()
 
 
 def test_clips_have_sixteen_frames(built: Path) -> None:

@@ -178,8 +178,10 @@ def strategy_setup(tmp_path):
     from server.strategy import SchoolFedAvg
     from shared_models.config import load_config
 
+    # plain FedAvg (no server momentum): the aggregate is compared bit for bit with Flower's
     cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
-                             "federation.min_train_schools=1", "federation.max_update_norm=1000"])
+                             "federation.min_train_schools=1", "federation.max_update_norm=1000",
+                             "federation.server_momentum=0"])
     run = RunDirectory.create(cfg)
     schools = {101: "school-a", 202: "school-b", 303: "school-c"}
     keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / name)) for nid, name in schools.items()}
