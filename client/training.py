@@ -139,7 +139,7 @@ def train_plain(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], epoc
             loss = per_sample_loss(model, x, y).mean()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             count += len(y)
             steps += 1
     return {"steps": steps, "loss": total / max(count, 1), "frames": count}

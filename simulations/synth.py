@@ -50,7 +50,7 @@ from shared_models.labels import FER7
 from simulations import faces as F
 
 GENERATOR = "fedfer.simulations.synth"
-GENERATOR_VERSION = "6"
+GENERATOR_VERSION = "8"
 LABEL_SET = "fer7"
 CLIP_LENGTH = 16
 PUBLIC_SIZE = 100            # RAF-DB aligned faces are 100x100
@@ -222,17 +222,20 @@ _PROTO = {label: F.prototype_vector(label) for label in FER7}
 _CORE = {label: [F.AU_INDEX[n] for n in F.CORE_AUS[label]] for label in FER7}
 
 # Difficulty knobs, calibrated with simulations/calibrate_synth.py (see the module docstring there).
-# v6 (session 3): the label noise below is what made v5 slow to learn, not the nuisance (pose, light,
+# v6-v8 (session 3): the label noise below is what made v5 slow to learn, not the nuisance (pose, light,
 # occluders). Probe: HAFNet `dp`, no DP, batch 256, 240 SGD steps on the pooled schools -> public
 # accuracy 0.351 on v5, 0.379 with the larger gain alone, 0.401 with half the pose/light nuisance and
-# no occluders, 0.588 with these v6 values. Neighbouring classes still overlap through the per-student
-# AU gains, per-frame jitter, 10% blends, the resting face and spurious AUs.
+# no occluders, 0.588 with no AU drop-out, intensities from 0.6, 10% blends (v6). But a converged
+# non-private HAFNet `cpu` reached 0.934 on v6 (issue #2 asks for 65-92%); v8 blends in a neighbouring
+# class more often and more strongly (35%, weight <= 0.6) and traces of other classes into neutral
+# (25%): 0.911 after 16 epochs (benchmarks/central-hafnet-cpu-nodp-v8.json). The DP demo gave 0.355
+# and 0.376 on v6, 0.320 and 0.388 on v8: the run-to-run spread of the DP noise exceeds the difference.
 AU_DROP = 0.0                # chance each AU of the prototype is absent in a frame (one core AU always stays)
 INTENSITY_BETA = (2.0, 2.0)  # apex intensity ~ LOW + SPAN * Beta(a, b), times the student's expressivity
 INTENSITY_LOW, INTENSITY_SPAN = 0.6, 0.7
-BLEND_P, BLEND_MAX = 0.1, 0.4   # chance and maximum weight of blending in a neighbouring class
+BLEND_P, BLEND_MAX = 0.35, 0.6  # chance and maximum weight of blending in a neighbouring class
 SPURIOUS_P, SPURIOUS_MAX = 0.02, 0.3
-NEUTRAL_TRACE_P, NEUTRAL_TRACE_MAX = 0.1, 0.25
+NEUTRAL_TRACE_P, NEUTRAL_TRACE_MAX = 0.25, 0.3
 
 
 @dataclass(frozen=True)
