@@ -37,7 +37,8 @@ import os
 import shutil
 import uuid
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -790,12 +791,13 @@ def _dataset_ok(root: Path, params: SynthParams) -> bool:
 
 
 def ensure_dataset(root: str | Path, params: SynthParams, progress: Progress | None = None,
-                   force: bool = False) -> Path:
+                   force: bool = False, workers: int | None = None) -> Path:
     """Generate every school and the public split unless <root> already holds them for these params.
 
     Parts whose inputs did not change are kept (growing `schools` from 4 to 6 builds two schools);
     schools beyond `params.schools` left by an earlier build are removed; the manifest is written last
-    (atomically), so a complete manifest means a complete dataset. `force` rebuilds everything."""
+    (atomically), so a complete manifest means a complete dataset. `force` rebuilds everything.
+    `workers` processes build parts side by side (default: one per core)."""
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     if not force and _dataset_ok(root, params):
@@ -811,15 +813,30 @@ def ensure_dataset(root: str | Path, params: SynthParams, progress: Progress | N
                 return None
             return lambda done, _part_total, what: progress(offset + done, total, what)
 
-        offset = 0
-        for i in range(params.schools):
-            ensure_school(root, params, i, progress=shifted(offset), force=force)
-            offset += sizes[i]
-            if progress is not None:
-                progress(offset, total, school_id(i))
-        ensure_public(root, params, progress=shifted(offset), force=force)
-        if progress is not None:
-            progress(total, total, "public")
+        parts: list[tuple[str, int, Callable[..., Path], tuple]] = [
+            (school_id(i), sizes[i], ensure_school, (root, params, i)) for i in range(params.schools)]
+        parts.append(("public", public_image_count(params), ensure_public, (root, params)))
+        workers = max(1, min(int(workers or os.cpu_count() or 1), len(parts)))
+        if workers == 1:
+            offset = 0
+            for name, size, build, args in parts:
+                build(*args, progress=shifted(offset), force=force)
+                offset += size
+                if progress is not None:
+                    progress(offset, total, name)
+        else:
+            # Every part depends only on the seed and its own index, so parts build in parallel processes
+            # with the same bytes as one after another. Progress is then reported per finished part.
+            # fork, not spawn: spawn re-runs the caller's main module, and the parts need no torch.
+            done = 0
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                futures = {pool.submit(build, *args, force=force): (name, size) for name, size, build, args in parts}
+                for future in as_completed(futures):
+                    future.result()
+                    name, size = futures[future]
+                    done += size
+                    if progress is not None:
+                        progress(done, total, name)
         for old in sorted((root / "schools").glob("school-*")):
             meta = _read_json(old / "school.json")
             try:

@@ -119,6 +119,19 @@ def test_same_params_same_bytes(built: Path, tmp_path: Path) -> None:
         assert (other / row["path"]).read_bytes() == (ref / row["path"]).read_bytes()
 
 
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*"))
+            if f.is_file() and ".locks" not in f.parts}
+
+
+def test_parallel_build_writes_the_same_bytes_as_one_process(tmp_path: Path) -> None:
+    seen: list[str] = []
+    parallel = synth.ensure_dataset(tmp_path / "par", TINY, workers=2, progress=lambda done, total, what: seen.append(what))
+    serial = synth.ensure_dataset(tmp_path / "one", TINY, workers=1)
+    assert _tree_bytes(parallel) == _tree_bytes(serial)
+    assert set(seen) == {"school-00", "school-01", "school-02", "public"}
+
+
 def test_seed_changes_the_data(built: Path, tmp_path: Path) -> None:
     other = synth.ensure_school(tmp_path / "seed", synth.SynthParams(**{**TINY.__dict__, "seed": 12}), 0)
     assert (other / "labels.csv").read_bytes() != (built / "schools" / "school-00" / "labels.csv").read_bytes()
