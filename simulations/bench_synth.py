@@ -1,6 +1,7 @@
-"""Speed of the synthetic classroom generator (drawing + writing), one process.
+"""Speed of the synthetic classroom generator (drawing + writing): part by part in one process, then the
+whole dataset in parallel processes as `fedfer simulate` builds it.
 
-    python -m simulations.bench_synth [--schools 2] [--students 48] [--frames 24] [--size 64] [--out benchmarks/synth.json]
+    python -m simulations.bench_synth [--schools 2] [--students 48] [--frames 24] [--size 64] [--workers 2] [--out benchmarks/synth.json]
 
 Builds fresh schools and the public split in a temporary folder and reports images per second, both
 wall-clock and per CPU-second of this process (the machine is shared; CPU time is the steadier number).
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public", type=int, default=30, help="public identities")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--clips", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes for the whole-dataset row (what `fedfer simulate` and `fedfer data synth` use)")
     parser.add_argument("--out", default="benchmarks/synth.json")
     parser.add_argument("--dir", default="", help="scratch parent folder (default: beside the real cache, "
                         "~/.cache/fedfer, because file-creation cost differs between folders)")
@@ -56,6 +59,17 @@ def main(argv: list[str] | None = None) -> int:
                                  synth.school_image_count(params, i)))
         rows.append(_measure("public (100px + 48px csv)", lambda: synth.ensure_public(tmp, params),
                              synth.public_image_count(params)))
+        # The whole dataset as the commands build it: parts side by side in `workers` processes. CPU
+        # time here is the children's as well as this process's.
+        whole = tmp / "whole"
+        images_all = sum(synth.school_image_count(params, i) for i in range(params.schools)) + synth.public_image_count(params)
+        wall0, t0 = time.perf_counter(), os.times()
+        synth.ensure_dataset(whole, params, workers=args.workers)
+        wall, t1 = time.perf_counter() - wall0, os.times()
+        cpu = (t1.user + t1.system + t1.children_user + t1.children_system) - (t0.user + t0.system + t0.children_user + t0.children_system)
+        whole_row = {"part": f"dataset, {args.workers} processes", "images": images_all, "wall_s": round(wall, 3),
+                     "cpu_s": round(cpu, 3), "images_per_s_wall": round(images_all / wall, 1),
+                     "images_per_s_cpu": round(images_all / max(cpu, 1e-9), 1)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     school_rows = [r for r in rows if str(r["part"]).startswith("school-")]
@@ -66,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
              "cpu_s": round(cpu, 3), "images_per_s_wall": round(images / wall, 1),
              "images_per_s_cpu": round(images / cpu, 1)}
     rows.append(total)
+    rows.append(whole_row)
     print(f"{'part':<28} {'images':>7} {'wall s':>8} {'cpu s':>8} {'img/s wall':>11} {'img/s cpu':>10}")
     for r in rows:
         print(f"{r['part']:<28} {r['images']:>7} {r['wall_s']:>8} {r['cpu_s']:>8} {r['images_per_s_wall']:>11} "
@@ -73,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     record = {
         "command": "python -m simulations.bench_synth " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "params": params.__dict__, "scratch_dir": str(scratch), "processes": 1, "writer_threads": 1, "rows": rows,
+        "params": params.__dict__, "scratch_dir": str(scratch), "processes": 1, "writer_threads": 1,
+        "workers_whole_dataset": args.workers, "rows": rows, "dataset_images_per_s_wall": whole_row["images_per_s_wall"],
         "school_images_per_s_wall": total["images_per_s_wall"], "school_images_per_s_cpu": total["images_per_s_cpu"],
         "machine": {"cpus": os.cpu_count(), "load_avg_1_5_15": load, "python": platform.python_version()},
         "note": "includes drawing, camera effects, PNG encoding and file writes; the machine is shared, so wall "
