@@ -1,0 +1,122 @@
+"""Compare training settings fast: FedAvg(M) in one process over the real school training code.
+
+    python -m simulations.tune_inprocess [--label NAME] [--out benchmarks/tune/NAME.json] [key=value ...]
+
+Each round, every synthetic school trains a copy of the global model with the same `plan_round` and
+`train_private` (Opacus DP-SGD at the configured privacy unit) as the ClientApp. The replies are
+averaged, weighted by frames, and FedAvgM's server momentum is applied as in Flower's `FedAvgM`:
+v = m * v + (avg - w), w = w + v. The global model is then scored with the evaluation node's code.
+
+It is a tuning harness, not the federation. It has no Flower, no ledger, no budget guard and no reply
+validation, and the schools train one after another, so its wall time is not the demo's. Use
+`fedfer simulate` for anything you report as a run. The σ each school uses is the one `plan_round`
+calibrates for `federation.rounds` rounds at `privacy.target_epsilon`, so the ε reached is the demo's.
+Prints one line per round and a final table; writes JSON with the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from client.school_data import load_school
+from client.training import plan_round, train_private
+from shared_models import registry
+from shared_models.benchmark_suite import evaluate_benchmarks
+from shared_models.config import ConfigError, load_config
+
+
+def _build(cfg: dict) -> torch.nn.Module:
+    model = registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"]))
+    return registry.scale_aux_losses(model, float(cfg["model.aux_loss_weight"]))
+
+
+def server_step(global_state: dict[str, torch.Tensor], average: dict[str, torch.Tensor],
+                velocity: dict[str, torch.Tensor], momentum: float) -> dict[str, torch.Tensor]:
+    """FedAvgM's server update (server learning rate 1): updates `velocity` in place, returns the new
+    global state. Integer buffers take the average as is."""
+    new = {}
+    for key, old in global_state.items():
+        if not old.is_floating_point():
+            new[key] = average[key].to(old.dtype)
+            continue
+        step = average[key] - old.double()
+        if momentum > 0:
+            step = momentum * velocity[key] + step if key in velocity else step
+            velocity[key] = step
+        new[key] = (old.double() + step).to(old.dtype)
+    return new
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--label", default="", help="name of this setting in the output (default: the overrides)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/tune/<label>.json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(None, args.overrides)
+    except ConfigError as exc:
+        print(f"tune_inprocess: {exc}", file=sys.stderr)
+        return 2
+    label = args.label or ("defaults" if not args.overrides else "_".join(args.overrides).replace("/", "-"))
+    out = args.out or Path("benchmarks/tune") / f"{label}.json"
+
+    from simulations.cli import _ensure_data
+
+    torch.set_num_threads(int(cfg["train.threads"]))
+    # Opacus' hooks on the first layer, whose input needs no gradient: harmless, and once per round is noise.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    root = _ensure_data(cfg)
+    schools = [load_school(d) for d in sorted((root / "schools").iterdir()) if d.is_dir()]
+    print(f"{len(schools)} schools: students {[s.num_students for s in schools]}", flush=True)
+    torch.manual_seed(int(cfg["run.seed"]))
+    model = _build(cfg)
+    momentum = float(cfg["federation.server_momentum"])
+    velocity: dict[str, torch.Tensor] = {}
+    started = time.perf_counter()
+    history = []
+    for rnd in range(1, int(cfg["federation.rounds"]) + 1):
+        global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        total: dict[str, torch.Tensor] = {}
+        weight, steps, sigma = 0, [], 0.0
+        for index, school in enumerate(schools):
+            local = _build(cfg)
+            local.load_state_dict(global_state)
+            plan = plan_round(school, cfg)
+            stats = train_private(local, school, cfg, plan, seed=rnd * 1000 + index)
+            steps.append(int(stats["steps"]))
+            sigma = max(sigma, plan.noise_multiplier)
+            for key, value in local.state_dict().items():
+                total[key] = total.get(key, 0) + value.double() * len(school)
+            weight += len(school)
+        model.load_state_dict(server_step(global_state, {k: v / weight for k, v in total.items()}, velocity, momentum))
+        results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg, ensure_synthetic=True)
+        name, metrics = next(iter(results.items()))
+        row = {"round": rnd, "benchmark": name, "accuracy": round(metrics["accuracy"], 4),
+               "macro_f1": round(metrics["macro_f1"], 4), "max_sigma": round(sigma, 3),
+               "steps_per_school": steps, "seconds": round(time.perf_counter() - started, 1)}
+        history.append(row)
+        print(f"round {rnd}: {name} accuracy {row['accuracy']:.3f} macro-F1 {row['macro_f1']:.3f} "
+              f"σ ≤ {sigma:.2f} steps {min(steps)}-{max(steps)} ({row['seconds']:.0f} s)", flush=True)
+
+    print(f"\n{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'seconds':>8}")
+    for row in history:
+        print(f"{row['round']:>5} {row['accuracy']:>9.3f} {row['macro_f1']:>9.3f} {row['seconds']:>8.0f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m simulations.tune_inprocess " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    out.write_text(json.dumps({"command": command, "label": label, "overrides": args.overrides,
+                               "students": [s.num_students for s in schools], "history": history}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
