@@ -231,6 +231,8 @@ _CORE = {label: [F.AU_INDEX[n] for n in F.CORE_AUS[label]] for label in FER7}
 # class more often and more strongly (35%, weight <= 0.6) and traces of other classes into neutral
 # (25%): 0.911 after 16 epochs (benchmarks/central-hafnet-cpu-nodp-v8.json). The DP demo gave 0.355
 # and 0.376 on v6, 0.320 and 0.388 on v8: the run-to-run spread of the DP noise exceeds the difference.
+# Session 4: at the demo's size (4000 students x 2 frames per school) the converged reference is 0.915
+# (benchmarks/central-hafnet-cpu-nodp-v8-4000x2.json) and the DP demo 0.455-0.493: the knobs stay.
 AU_DROP = 0.0                # chance each AU of the prototype is absent in a frame (one core AU always stays)
 INTENSITY_BETA = (2.0, 2.0)  # apex intensity ~ LOW + SPAN * Beta(a, b), times the student's expressivity
 INTENSITY_LOW, INTENSITY_SPAN = 0.6, 0.7
