@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(schools)} schools: students {[s.num_students for s in schools]}", flush=True)
     torch.manual_seed(int(cfg["run.seed"]))
     model = _build(cfg)
+    local = _build(cfg)  # one school model, reloaded with the global weights before each school trains
     momentum = float(cfg["federation.server_momentum"])
     velocity: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
@@ -88,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         total: dict[str, torch.Tensor] = {}
         weight, steps, sigma = 0, [], 0.0
         for index, school in enumerate(schools):
-            local = _build(cfg)
             local.load_state_dict(global_state)
             plan = plan_round(school, cfg)
             stats = train_private(local, school, cfg, plan, seed=rnd * 1000 + index)
