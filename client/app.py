@@ -137,7 +137,7 @@ def train(msg: Message, context: Context) -> Message:
                         "noise-multiplier": entry["noise_multiplier"], "sample-rate": entry["sample_rate"]})
         records["ledger"] = ledger_record
     else:
-        from client.training import FaceDataset, train_plain
+        from shared_models.training import FaceDataset, train_plain
         from shared_models.transforms import train_transform
 
         dataset = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
@@ -169,11 +169,13 @@ def _train_private(model: torch.nn.Module, data: SchoolData, cfg: dict[str, Any]
     from privacy.ledger import SchoolLedger, record_refusal, record_round
     from privacy.signing import load_or_create_signing_key
 
-    from client.training import plan_round, train_private
+    from privacy.engine import plan_from_config, train_private
+    from shared_models.training import FaceDataset, make_optimizer
+    from shared_models.transforms import train_transform
 
     assert node.state_dir is not None
     node.state_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_round(data, cfg)
+    plan = plan_from_config(cfg, data.num_students if cfg["privacy.unit"] == "student" else len(data))
     delta = float(cfg["privacy.delta"])
     budget = node.budget if node.budget is not None else float(cfg["privacy.budget"])
     accountant = SchoolAccountant(node.state_dir, node.school_id, data.fingerprint)
@@ -187,10 +189,12 @@ def _train_private(model: torch.nn.Module, data: SchoolData, cfg: dict[str, Any]
         return entry, ledger.entries_for_run(run_id), {}, (f"{decision.reason}: ε would reach {decision.epsilon_after:.3f} > budget {budget:.3f} "
                            f"(spent {decision.epsilon_now:.3f})")
 
-    stats = train_private(model, data, cfg, plan, seed)
+    frames = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
+    result = train_private(model, frames, data.student_ids if plan.unit == "student" else None, plan,
+                           make_optimizer(model, cfg), int(cfg["train.local_epochs"]))
     # The accountant is fed with the steps that actually ran, at the q the sampler used.
-    entry = record_round(accountant, ledger, steps=int(stats["steps"]), **common)
-    return entry, ledger.entries_for_run(run_id), stats, None
+    entry = record_round(accountant, ledger, steps=result.steps, **common)
+    return entry, ledger.entries_for_run(run_id), {"steps": result.steps, "loss": result.mean_loss, "frames": 0}, None
 
 
 @app.evaluate()

@@ -35,7 +35,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--delta", type=float, required=True)
     pl.add_argument("--rounds", type=int, required=True)
     pl.add_argument("--local-epochs", type=int, required=True)
-    pl.add_argument("--students", type=int, required=True, help="privacy units at the school (students or images)")
+    pl.add_argument("--students", type=int, required=True, help="the school's declared size in privacy units (its policy's public number, not the exact count)")
     pl.add_argument("--batch", type=int, required=True, help="expected units per DP step")
     pl.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
     pl.add_argument("--points", type=int, default=12, help="rows of the curve (all rounds if fewer)")

@@ -15,7 +15,7 @@ a valid 1−β bound. A correct DP-SGD implementation can never give a lower bou
 the noise, so the two runs differ only in σ.
 
 The harness (:func:`run_canary_audit`) trains one school's data plus the included canaries with
-:class:`privacy.student_dp.PrivateTrainer` — the same code path as the clients, each canary its own
+:class:`privacy.engine.PrivateTrainer` — the same code path as the clients, each canary its own
 privacy unit — at a calibrated ε, or with DP off (σ = 0) as the control.
 """
 
@@ -174,8 +174,7 @@ def run_canary_audit(base_x, base_y, base_units: Sequence[str] | None, model_bui
     from torch.utils.data import TensorDataset
 
     from privacy.accounting import calibrate_noise, epsilon_of
-    from privacy.planner import sampling
-    from privacy.student_dp import PrivateTrainer
+    from privacy.engine import PrivateTrainer, sampling
 
     started = time.perf_counter()
     say = progress or (lambda s: None)
@@ -190,6 +189,7 @@ def run_canary_audit(base_x, base_y, base_units: Sequence[str] | None, model_bui
         n_units = len(set(units))
     else:
         units, n_units = None, len(y)
+    # the harness knows its data exactly, so its declared size is the true number of units
     q, per_epoch = sampling(n_units, units_per_batch)
     steps = epochs * per_epoch
     if epsilon is None:  # the control: same clipping, no noise
@@ -202,7 +202,8 @@ def run_canary_audit(base_x, base_y, base_units: Sequence[str] | None, model_bui
     model = model_builder()
     trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=lr), TensorDataset(x, y), units,
                              units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
-                             noise_multiplier=sigma, max_grad_norm=clip, seed=seed, reproducible=True)
+                             noise_multiplier=sigma, max_grad_norm=clip, seed=seed, declared_units=n_units,
+                             reproducible=True)
 
     def loss_fn(mdl, xb, yb):
         return nn.functional.cross_entropy(_logits(mdl(xb)), yb, reduction="none")

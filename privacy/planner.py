@@ -1,22 +1,16 @@
 """``fedfer privacy plan``: the noise a school needs for a target ε, and the ε curve over rounds.
 
-The sampling here is the trainer's (privacy/student_dp.py): q = min(1, batch / units) Poisson rate
-over privacy units, round(1/q) steps per local epoch, so the plan is what the accountant will record.
+The rule is the engine's (privacy/engine.py: q = min(1, batch / declared units), round(1/q) steps per
+local epoch, σ calibrated over all rounds), so the plan is what a school will train and record. "units"
+is the school's *declared* size from its policy, not its exact count.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from privacy.accounting import calibrate_noise, epsilon_report
-
-
-def sampling(units: int, units_per_batch: int) -> tuple[float, int]:
-    """(q, steps per epoch) exactly as PrivateTrainer derives them."""
-    if units < 1 or units_per_batch < 1:
-        raise ValueError(f"need at least one unit and a batch of at least one (got {units} units, batch {units_per_batch})")
-    q = min(1.0, units_per_batch / units)
-    return q, max(1, round(1 / q))
+from privacy.accounting import epsilon_report
+from privacy.engine import plan_round, sampling  # noqa: F401  (sampling: the engine's, re-exported)
 
 
 @dataclass
@@ -47,12 +41,13 @@ def curve_rounds(rounds: int, max_points: int) -> list[int]:
 
 def make_plan(target_epsilon: float, delta: float, rounds: int, local_epochs: int, units: int, batch: int,
               accountant: str = "prv", max_points: int = 12) -> Plan:
-    if rounds < 1 or local_epochs < 1:
-        raise ValueError(f"rounds and local epochs must be >= 1 (got {rounds}, {local_epochs})")
-    q, per_epoch = sampling(units, batch)
-    per_round = local_epochs * per_epoch
+    if units < 1 or batch < 1:
+        raise ValueError(f"need at least one unit and a batch of at least one (got {units} units, batch {batch})")
+    dp = plan_round(unit="image", declared_units=units, units_per_batch=batch, local_epochs=local_epochs,
+                    rounds=rounds, target_epsilon=target_epsilon, delta=delta, noise_multiplier=0.0,
+                    max_grad_norm=1.0, accountant=accountant)  # the unit does not change q, steps or σ
+    q, per_round, sigma = dp.sample_rate, dp.steps, dp.noise_multiplier
     total = rounds * per_round
-    sigma = calibrate_noise(target_epsilon, delta, q, total, accountant=accountant)
     curve = []
     for r in curve_rounds(rounds, max_points):
         hist = [(sigma, q, r * per_round)]

@@ -55,6 +55,7 @@ RULES: dict[str, Rule] = {
     "privacy.max_grad_norm": Rule(minimum=0.0),
     "privacy.delta": Rule(minimum=0.0, maximum=1.0),
     "privacy.budget": Rule(minimum=0.0),
+    "privacy.max_round_epsilon": Rule(minimum=0.0),
     "privacy.accountant": Rule(choices=("prv", "rdp")),
     "data.image_size": Rule(minimum=16, maximum=512),
     "data.students_per_school": Rule(minimum=1),
@@ -180,6 +181,28 @@ def validate(flat: Mapping[str, Any], source: str = "config") -> dict[str, Scala
     return resolved
 
 
+def _check_privacy_values(cfg: Mapping[str, Any], source: str) -> None:
+    """Privacy values that make no sense on the command line or in a YAML file (a school's policy is
+    generated from them in simulation). A run-config arriving at a school is not refused here: the school
+    checks it against its own policy and signs its refusal (privacy/policy.py)."""
+    import math
+
+    for key in ("privacy.budget", "privacy.max_round_epsilon", "privacy.target_epsilon"):
+        value = float(cfg[key])
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{source}: key '{key}' must be a finite ε > 0; got {cfg[key]!r}")
+    delta = float(cfg["privacy.delta"])
+    if not (0 < delta < 1):
+        raise ConfigError(f"{source}: key 'privacy.delta' must be in (0, 1); got {cfg['privacy.delta']!r}")
+    sigma = float(cfg["privacy.noise_multiplier"])
+    if not math.isfinite(sigma):
+        raise ConfigError(f"{source}: key 'privacy.noise_multiplier' must be finite; got {cfg['privacy.noise_multiplier']!r}")
+    for item in filter(None, (part.strip() for part in str(cfg.get("privacy.school_budgets", "")).split(","))):
+        eps = float(item.partition("=")[2])
+        if not (math.isfinite(eps) and eps > 0):
+            raise ConfigError(f"{source}: key 'privacy.school_budgets': '{item}' needs a finite ε > 0")
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, str]:
     """`key=value` strings (the command line's form) -> mapping; values stay strings until validated."""
     overrides: dict[str, str] = {}
@@ -198,7 +221,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] | Mappi
         merged.update(validate(_read_yaml(Path(path)), source=str(path)))
     extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     merged.update(extra)
-    return validate(merged, source="override" if extra else str(path or DEFAULT_CONFIG_PATH))
+    source = "override" if extra else str(path or DEFAULT_CONFIG_PATH)
+    resolved = validate(merged, source=source)
+    _check_privacy_values(resolved, source)
+    return resolved
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> dict[str, Scalar]:

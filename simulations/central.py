@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from client.school_data import SchoolData, load_school
-from client.training import DPPlan, FaceDataset, train_plain, train_private
+from privacy.engine import plan_from_config, train_private
 from shared_models import registry
 from shared_models.benchmark_suite import evaluate_benchmarks
+from shared_models.training import FaceDataset, make_optimizer, train_plain
 from shared_models.transforms import train_transform
 
 
@@ -42,22 +43,19 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
     epsilon = None
     plan = None
     if dp:
-        from privacy.accounting import calibrate_noise, SchoolAccountant
-
         unit = str(cfg["privacy.unit"])
+        # the pooled reference is not a school: its declared size is its true number of units
         num_units = data.num_students if unit == "student" else len(data)
-        units_per_batch = min(int(cfg["train.batch_size"]), num_units)
-        q = units_per_batch / num_units
-        steps_per_epoch = max(1, round(1 / q))
-        sigma = calibrate_noise(float(cfg["privacy.target_epsilon"]), float(cfg["privacy.delta"]), q,
-                                steps_per_epoch * epochs, accountant=str(cfg["privacy.accountant"]))
-        plan = DPPlan(unit, num_units, units_per_batch, q, steps_per_epoch, sigma, float(cfg["privacy.max_grad_norm"]))
+        # the engine's rule with one local epoch per "round", `epochs` rounds
+        plan = plan_from_config({**cfg, "train.local_epochs": 1, "federation.rounds": epochs}, num_units)
+        frames = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
         steps_total = 0
-    one_epoch = {**cfg, "train.local_epochs": 1}
     for epoch in range(1, epochs + 1):
         if dp:
-            stats = train_private(model, data, one_epoch, plan, seed=epoch)
-            steps_total += int(stats["steps"])
+            result = train_private(model, frames, data.student_ids if unit == "student" else None, plan,
+                                   make_optimizer(model, cfg), local_epochs=1)
+            steps_total += result.steps
+            stats = {"loss": result.mean_loss}
         else:
             dataset = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
             stats = train_plain(model, dataset, cfg, epochs=1, seed=epoch)

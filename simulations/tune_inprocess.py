@@ -2,14 +2,15 @@
 
     python -m simulations.tune_inprocess [--label NAME] [--out benchmarks/tune/NAME.json] [key=value ...]
 
-Each round, every synthetic school trains a copy of the global model with the same `plan_round` and
-`train_private` (Opacus DP-SGD at the configured privacy unit) as the ClientApp. The replies are
-averaged, weighted by frames, and FedAvgM's server momentum is applied as in Flower's `FedAvgM`:
+Each round, every synthetic school trains a copy of the global model with the same rule and trainer
+(privacy/engine.py: q from the declared size `fedfer simulate` writes into each school's policy, Opacus
+DP-SGD at the configured privacy unit) as the ClientApp. The replies are averaged uniformly, as the
+server does, and FedAvgM's server momentum is applied as in Flower's `FedAvgM`:
 v = m * v + (avg - w), w = w + v. The global model is then scored with the evaluation node's code.
 
 It is a tuning harness, not the federation. It has no Flower, no ledger, no budget guard and no reply
 validation, and the schools train one after another, so its wall time is not the demo's. Use
-`fedfer simulate` for anything you report as a run. The σ each school uses is the one `plan_round`
+`fedfer simulate` for anything you report as a run. The σ each school uses is the one the engine
 calibrates for `federation.rounds` rounds at `privacy.target_epsilon`, so the ε reached is the demo's.
 Prints one line per round and a final table; writes JSON with the command that produced it.
 """
@@ -27,7 +28,10 @@ from pathlib import Path
 import torch
 
 from client.school_data import load_school
-from client.training import plan_round, train_private
+from privacy.engine import plan_from_config, train_private
+from privacy.policy import declared_size_bucket
+from shared_models.training import FaceDataset, make_optimizer
+from shared_models.transforms import train_transform
 from shared_models import registry
 from shared_models.benchmark_suite import evaluate_benchmarks
 from shared_models.config import ConfigError, load_config
@@ -90,13 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         weight, steps, sigma = 0, [], 0.0
         for index, school in enumerate(schools):
             local.load_state_dict(global_state)
-            plan = plan_round(school, cfg)
-            stats = train_private(local, school, cfg, plan, seed=rnd * 1000 + index)
-            steps.append(int(stats["steps"]))
+            # the declared size `fedfer simulate` writes into the school's policy
+            student_unit = cfg["privacy.unit"] == "student"
+            plan = plan_from_config(cfg, declared_size_bucket(school.num_students if student_unit else len(school)))
+            frames = FaceDataset(school.images, school.labels, train_transform(local.input_size, bool(cfg["train.augment"])))
+            result = train_private(local, frames, school.student_ids if student_unit else None, plan,
+                                   make_optimizer(local, cfg), int(cfg["train.local_epochs"]))
+            steps.append(result.steps)
             sigma = max(sigma, plan.noise_multiplier)
-            for key, value in local.state_dict().items():
-                total[key] = total.get(key, 0) + value.double() * len(school)
-            weight += len(school)
+            for key, value in local.state_dict().items():  # uniform FedAvg, as the server does
+                total[key] = total.get(key, 0) + value.double()
+            weight += 1
         model.load_state_dict(server_step(global_state, {k: v / weight for k, v in total.items()}, velocity, momentum))
         results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg, ensure_synthetic=True)
         name, metrics = next(iter(results.items()))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from privacy.student_dp import PrivateTrainer
+from privacy.engine import PrivateTrainer
 
 
 def _model() -> nn.Module:
@@ -52,7 +52,7 @@ def test_student_update_is_clipped_sum_of_its_frames(clip):
     start = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     trainer = PrivateTrainer(model, opt, ds, ids, units_per_batch=2, frames_per_unit=10,
-                             noise_multiplier=0.0, max_grad_norm=clip, seed=0, reproducible=True)
+                             noise_multiplier=0.0, max_grad_norm=clip, seed=0, declared_units=3, reproducible=True)
     assert trainer.num_units == 3 and trainer.sample_rate == pytest.approx(2 / 3)
     seen = {}
     trainer.optimizer.attach_step_hook(lambda o: seen.update(rows=[p.grad_sample.clone() for p in o.params]))
@@ -81,11 +81,13 @@ def test_frames_per_unit_caps_frames_and_image_unit_is_one_frame_per_unit():
     ds, ids = _data()
     model = _model()
     trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, ids, units_per_batch=3,
-                             frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0, seed=3, reproducible=True)
+                             frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0, seed=3, declared_units=3,
+                             reproducible=True)
     _, n = trainer.step([0, 1, 2], _loss)
     assert n == 6
     image = PrivateTrainer(_model(), torch.optim.SGD(model.parameters(), lr=0.1), ds, None, units_per_batch=3,
-                           frames_per_unit=4, noise_multiplier=1.0, max_grad_norm=1.0, seed=3, reproducible=True)
+                           frames_per_unit=4, noise_multiplier=1.0, max_grad_norm=1.0, seed=3, declared_units=12,
+                           reproducible=True)
     assert image.num_units == 12 and image.privacy_unit == "image"
     assert image.sample_rate == pytest.approx(0.25) and image.steps_per_epoch == 4
     _, n = image.step([0, 5], _loss)
@@ -97,12 +99,14 @@ def test_empty_poisson_batch_is_a_noise_only_step():
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
     trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), ds, ids, units_per_batch=1,
-                             frames_per_unit=2, noise_multiplier=0.0, max_grad_norm=1.0, seed=0, reproducible=True)
+                             frames_per_unit=2, noise_multiplier=0.0, max_grad_norm=1.0, seed=0, declared_units=3,
+                             reproducible=True)
     trainer.step([], _loss)
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
     trainer.close()  # hooks off, so the same model can be wrapped again
     noisy = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), ds, ids, units_per_batch=1,
-                           frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, reproducible=True)
+                           frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, declared_units=3,
+                           reproducible=True)
     noisy.step([], _loss)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
 
@@ -111,7 +115,8 @@ def test_train_epoch_runs_steps_per_epoch_and_rejects_a_mean_loss():
     ds, ids = _data()
     model = _model()
     trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, ids, units_per_batch=1,
-                             frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0, seed=5, reproducible=True)
+                             frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0, seed=5, declared_units=3,
+                             reproducible=True)
     stats = trainer.train_epoch(_loss)
     assert stats["steps"] == trainer.steps_per_epoch == 3
     assert stats["frames"] <= 2 * stats["units"]
@@ -123,4 +128,26 @@ def test_bad_inputs_name_the_problem():
     ds, ids = _data()
     model = _model()
     with pytest.raises(ValueError, match="unit_ids has 3 entries for 12 frames"):
-        PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, ids[:3], 1, 1, 1.0, 1.0, 0)
+        PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, ids[:3], 1, 1, 1.0, 1.0, 0, declared_units=3)
+
+
+def test_q_and_steps_come_from_the_declared_size_not_the_true_count():
+    """The one rule: q = batch / declared size. Schools with 3 or 5 real students that declare 10 sample at
+    the same q, take the same number of steps and get the same σ; only their realised batches differ."""
+    from privacy.engine import plan_round, sampling, train_private
+
+    assert sampling(10, 2) == (pytest.approx(0.2), 5)
+    ds, ids = _data()
+    plans = [plan_round(unit="student", declared_units=10, units_per_batch=2, local_epochs=2, rounds=3,
+                        target_epsilon=4.0, delta=1e-5, noise_multiplier=0.0, max_grad_norm=1.0, frames_per_unit=2)
+             for _ in range(2)]
+    assert plans[0] == plans[1] and plans[0].sample_rate == pytest.approx(0.2) and plans[0].steps == 10
+    results = []
+    for keep in ("abc", "ab"):   # 3 students, then one student (all of c's frames) removed
+        rows = [i for i, s in enumerate(ids) if s in keep]
+        subset = torch.utils.data.Subset(ds, rows)
+        model = _model()
+        results.append(train_private(model, subset, [ids[i] for i in rows], plans[0],
+                                     torch.optim.SGD(model.parameters(), lr=0.1), local_epochs=2, loss_fn=_loss))
+    for r in results:   # what the accountant records is what ran, and it is the plan for both datasets
+        assert (r.sample_rate, r.steps, r.noise_multiplier) == (plans[0].sample_rate, 10, plans[0].noise_multiplier)

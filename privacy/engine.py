@@ -1,22 +1,29 @@
-"""Student-level (or image-level) DP-SGD from Opacus pieces.
+"""The DP engine: THE one rule for q, steps and σ, and the DP-SGD trainer that follows it.
 
-Privacy unit ``student``: one student's many frames are one unit. Each step
-  1. samples units by Poisson sampling at rate q = units_per_batch / units (Opacus
-     ``UniformWithReplacementSampler`` over the *units*, not the frames — so the sampling the code does
-     is the sampling the accountant assumes);
+Everything that decides how a school's round is protected lives here, so the sampling the code does is
+the sampling the accountant records, and the planner, the ClientApp and the harnesses cannot disagree.
+
+The rule (:func:`sampling`, :func:`plan_round`):
+  * q = expected units per step / the school's DECLARED size (a public number from its policy, e.g. a
+    size bucket), never its exact count. Poisson subsampling's guarantee depends on q alone; the true
+    count only moves the realised batch size, which never leaves the school.
+  * steps per local epoch = round(1 / q); steps per round = local epochs × that. Empty Poisson batches
+    still take a (noise-only) step, so the number of steps is a function of public values.
+  * σ is calibrated from (target ε, δ, q, steps × rounds), or fixed by the caller.
+
+The trainer (:class:`PrivateTrainer`, privacy unit ``student``): each step
+  1. samples units by Poisson sampling at rate q over the units the school actually has (Opacus
+     ``UniformWithReplacementSampler`` over the *units*, not the frames);
   2. draws ``frames_per_unit`` of each sampled unit's frames (without replacement; all of them if it
      has fewer);
   3. computes per-frame gradients with Opacus' ``GradSampleModule`` and sums them per unit — the unit's
      gradient is the gradient of the sum of its frames' losses;
   4. clips each unit's gradient to ``max_grad_norm`` C, adds N(0, σ²C²) to the sum and divides by the
-     expected number of units (Opacus ``DPOptimizer``, whose clipping operates on whatever rows
-     ``p.grad_sample`` holds: here one row per unit).
+     expected number of units q × declared size — a public constant (Opacus ``DPOptimizer``, whose
+     clipping operates on whatever rows ``p.grad_sample`` holds: here one row per unit).
 One student changes at most one clipped row of one step's sum, so the sampled Gaussian mechanism at
 (σ, q) per step is exactly what the accountant composes. ``image`` is the same code with every frame its
 own unit (standard Opacus DP-SGD with Poisson sampling).
-
-Empty Poisson batches still take a step: the update is pure noise. Skipping it would make the number
-of updates depend on the data.
 
 Randomness: by default the unit sampling, the frame choice and the noise come from OS entropy. The
 amplification-by-sampling argument needs the sample to be secret, and noise that anyone can regenerate
@@ -29,6 +36,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -37,19 +45,83 @@ from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+PRIVACY_UNITS = ("student", "image")
+
+
+# ------------------------------------------------------------------------------------- the rule
+def sampling(declared_units: int, units_per_batch: int) -> tuple[float, int]:
+    """(q, steps per local epoch): q = min(1, units_per_batch / declared_units), steps = round(1/q).
+
+    ``declared_units`` is the school's public declared size, not its exact count."""
+    if declared_units < 1 or units_per_batch < 1:
+        raise ValueError(f"need a declared size of at least one unit and a batch of at least one "
+                         f"(got {declared_units} units, batch {units_per_batch})")
+    q = min(1.0, units_per_batch / declared_units)
+    return q, max(1, round(1 / q))
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What one round of DP training will do, fixed from public values before it runs."""
+
+    unit: str               # student | image
+    declared_units: int     # the public size q is taken from
+    units_per_batch: int    # expected units per step (= q × declared_units)
+    sample_rate: float      # Poisson rate over units: the q the accountant records
+    steps: int              # DP steps this round
+    noise_multiplier: float
+    max_grad_norm: float
+    frames_per_unit: int    # student unit: frames drawn per sampled student per step (1 for image)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sampling(self.declared_units, self.units_per_batch)[1]
+
+
+def plan_round(*, unit: str, declared_units: int, units_per_batch: int, local_epochs: int, rounds: int,
+               target_epsilon: float, delta: float, noise_multiplier: float, max_grad_norm: float,
+               frames_per_unit: int = 1, accountant: str = "prv") -> DPPlan:
+    """The round's q, steps and σ. σ = ``noise_multiplier`` if > 0, else calibrated so that
+    ``rounds`` such rounds end at ``target_epsilon`` at ``delta``."""
+    if unit not in PRIVACY_UNITS:
+        raise ValueError(f"privacy unit must be one of {PRIVACY_UNITS}, got {unit!r}")
+    if local_epochs < 1 or rounds < 1:
+        raise ValueError(f"local epochs and rounds must be >= 1 (got {local_epochs}, {rounds})")
+    batch = max(1, min(int(units_per_batch), int(declared_units)))
+    q, per_epoch = sampling(int(declared_units), batch)
+    steps = int(local_epochs) * per_epoch
+    sigma = float(noise_multiplier)
+    if sigma <= 0.0:
+        from privacy.accounting import calibrate_noise  # cached: a school's plan is the same every round
+
+        sigma = calibrate_noise(float(target_epsilon), float(delta), q, steps * int(rounds), accountant=accountant)
+    return DPPlan(unit, int(declared_units), batch, q, steps, sigma, float(max_grad_norm),
+                  int(frames_per_unit) if unit == "student" else 1)
+
+
+def plan_from_config(cfg, declared_units: int, *, delta: float | None = None, unit: str | None = None) -> DPPlan:
+    """:func:`plan_round` with the run's training settings (``train.*``, ``privacy.*``, ``federation.rounds``)."""
+    return plan_round(unit=str(unit or cfg["privacy.unit"]), declared_units=declared_units,
+                      units_per_batch=int(cfg["train.batch_size"]), local_epochs=int(cfg["train.local_epochs"]),
+                      rounds=int(cfg["federation.rounds"]), target_epsilon=float(cfg["privacy.target_epsilon"]),
+                      delta=float(cfg["privacy.delta"] if delta is None else delta),
+                      noise_multiplier=float(cfg["privacy.noise_multiplier"]),
+                      max_grad_norm=float(cfg["privacy.max_grad_norm"]),
+                      frames_per_unit=int(cfg["train.frames_per_student"]), accountant=str(cfg["privacy.accountant"]))
 
 
 class PrivateTrainer:
     """DP-SGD over privacy units. See the module docstring for what one step does.
 
     ``frames`` yields ``(tensor, label)``; ``unit_ids`` holds one unit id per frame (the student id),
-    or None for unit ``image``. ``units_per_batch`` is the *expected* number of units per step.
+    or None for unit ``image``. ``units_per_batch`` is the *expected* number of units per step out of
+    ``declared_units`` (the public size): q = units_per_batch / declared_units (:func:`sampling`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, frames: Dataset,
                  unit_ids: Sequence[str] | None, units_per_batch: int, frames_per_unit: int,
                  noise_multiplier: float, max_grad_norm: float, seed: int | None = None, *,
-                 reproducible: bool = False, grad_sample_mode: str = "hooks") -> None:
+                 declared_units: int, reproducible: bool = False, grad_sample_mode: str = "hooks") -> None:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -83,13 +155,13 @@ class PrivateTrainer:
         self.unit_names = list(index)
         self._members = [torch.tensor(m, dtype=torch.long) for m in members]
         self.num_units = len(members)
-        if units_per_batch > self.num_units:
-            warnings.warn(f"units_per_batch {units_per_batch} exceeds the {self.num_units} {self.privacy_unit}s; "
-                          f"every unit is sampled every step (q = 1)", stacklevel=2)
-        from privacy.planner import sampling  # the planner and the client use the same rule
-
-        self.sample_rate, self.steps_per_epoch = sampling(self.num_units, units_per_batch)
-        self.expected_units = self.sample_rate * self.num_units
+        if units_per_batch > declared_units:
+            warnings.warn(f"units_per_batch {units_per_batch} exceeds the {declared_units} declared "
+                          f"{self.privacy_unit}s; every unit is sampled every step (q = 1)", stacklevel=2)
+        self.declared_units = int(declared_units)
+        self.sample_rate, self.steps_per_epoch = sampling(self.declared_units, units_per_batch)
+        # the normaliser of the noisy sum: public (q × declared size), never the realised batch or true count
+        self.expected_units = self.sample_rate * self.declared_units
         self.frames_per_unit = frames_per_unit if self.privacy_unit == "student" else 1
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
@@ -182,3 +254,42 @@ class PrivateTrainer:
     def close(self) -> None:
         """Detach Opacus' hooks from ``model`` (call before evaluating or reusing it elsewhere)."""
         self.private_model._close()
+
+
+# ------------------------------------------------------------------------------------- one round
+@dataclass(frozen=True)
+class DPResult:
+    """What one private round actually ran: the accountant records exactly these."""
+
+    unit: str
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    max_grad_norm: float
+    mean_loss: float        # un-noised training loss: for the school's own eyes, never sent
+
+
+def train_private(model: nn.Module, frames: Dataset, unit_ids: Sequence[str] | None, plan: DPPlan,
+                  optimizer: torch.optim.Optimizer, local_epochs: int, loss_fn: LossFn | None = None,
+                  seed: int | None = None, reproducible: bool = False) -> DPResult:
+    """One round of DP-SGD following ``plan`` (``unit_ids`` None for unit image); returns the q and
+    steps that ran."""
+    if loss_fn is None:
+        from shared_models.training import per_sample_loss as loss_fn
+    if (unit_ids is None) != (plan.unit == "image"):
+        raise ValueError(f"plan is for unit {plan.unit!r} but unit ids were {'not ' if unit_ids is None else ''}given")
+    trainer = PrivateTrainer(model, optimizer, frames, unit_ids, units_per_batch=plan.units_per_batch,
+                             frames_per_unit=plan.frames_per_unit, noise_multiplier=plan.noise_multiplier,
+                             max_grad_norm=plan.max_grad_norm, seed=seed, declared_units=plan.declared_units,
+                             reproducible=reproducible)
+    steps, losses = 0, []
+    try:
+        for _ in range(int(local_epochs)):
+            stats = trainer.train_epoch(loss_fn)
+            steps += int(stats["steps"])
+            losses.append(float(stats["loss"]))
+    finally:
+        trainer.close()  # detach Opacus' hooks: the model is evaluated, sent or trained again afterwards
+    return DPResult(unit=trainer.privacy_unit, sample_rate=trainer.sample_rate, steps=steps,
+                    noise_multiplier=trainer.noise_multiplier, max_grad_norm=trainer.max_grad_norm,
+                    mean_loss=sum(losses) / len(losses) if losses else math.nan)

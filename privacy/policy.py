@@ -1,0 +1,219 @@
+"""A school's own privacy policy, and the check of a coordinator's request against it.
+
+The coordinator's run-config says how it would like schools to train; the school's policy says what
+the school allows. DP is always on. The policy fixes:
+
+==================  ================================================================================
+``unit``            privacy unit, ``student`` (one student's frames are one unit) or ``image``
+``delta``           δ every ε of this school is stated at (accounting δ); in (0, 1/declared size)
+``budget``          lifetime ε budget at ``delta`` (required, finite, > 0)
+``max-round-epsilon``  the largest ε one round may spend on its own, at ``delta``
+``declared-students``  the public size the school declares (unit student); q = batch / this
+``declared-images``    the same for unit image
+==================  ================================================================================
+
+Deployed schools read these keys from their node-config (written by ``fedfer deploy add-school``);
+simulated schools from ``<state_dir>/policy.json``, written by ``fedfer simulate`` before Flower
+starts (same keys, same generator). Neither is ever taken from the run-config.
+
+The coordinator may ask for *more* privacy (smaller δ, smaller target ε, smaller budget or per-round
+ε), never less: :func:`agree_round` returns the round's terms or the name of the first run-config
+setting that asks for less than the policy allows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from privacy.engine import PRIVACY_UNITS, DPPlan, plan_from_config
+
+POLICY_FILE = "policy.json"
+POLICY_KEYS = ("unit", "delta", "budget", "max-round-epsilon", "declared-students", "declared-images")
+
+
+class PolicyError(ValueError):
+    """A policy value that makes no sense, phrased as one line naming the key and where it came from."""
+
+
+@dataclass(frozen=True)
+class SchoolPolicy:
+    unit: str
+    delta: float
+    budget: float
+    max_round_epsilon: float
+    declared_units: int      # in the policy's unit: students, or images for unit image
+
+    def to_mapping(self) -> dict[str, Any]:
+        size_key = "declared-students" if self.unit == "student" else "declared-images"
+        return {"unit": self.unit, "delta": self.delta, "budget": self.budget,
+                "max-round-epsilon": self.max_round_epsilon, size_key: self.declared_units}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str) -> "SchoolPolicy":
+        """Strict parse of the policy keys (other keys of ``values`` are the caller's business)."""
+        def get(key: str) -> Any:
+            value = values.get(key)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise PolicyError(f"{source}: key '{key}' is required (the school's privacy policy)")
+            return value
+
+        def number(key: str) -> float:
+            value = get(key)
+            try:
+                if isinstance(value, bool):
+                    raise ValueError
+                return float(value)
+            except (TypeError, ValueError):
+                raise PolicyError(f"{source}: key '{key}' must be a number, got {value!r}") from None
+
+        unit = str(get("unit"))
+        if unit not in PRIVACY_UNITS:
+            raise PolicyError(f"{source}: key 'unit' must be one of {', '.join(PRIVACY_UNITS)}, got {unit!r}")
+        size_key = "declared-students" if unit == "student" else "declared-images"
+        size = number(size_key)
+        if not (math.isfinite(size) and size >= 1 and size == int(size)):
+            raise PolicyError(f"{source}: key '{size_key}' must be a whole number >= 1, got {values.get(size_key)!r}")
+        return make_policy(unit=unit, delta=number("delta"), budget=number("budget"),
+                           max_round_epsilon=number("max-round-epsilon"), declared_units=int(size), source=source)
+
+
+def make_policy(*, unit: str, delta: float, budget: float, max_round_epsilon: float, declared_units: int,
+                source: str) -> SchoolPolicy:
+    """A validated policy; values that make no sense raise PolicyError naming the key."""
+    size_key = "declared-students" if unit == "student" else "declared-images"
+    if unit not in PRIVACY_UNITS:
+        raise PolicyError(f"{source}: key 'unit' must be one of {', '.join(PRIVACY_UNITS)}, got {unit!r}")
+    if not (isinstance(declared_units, int) and declared_units >= 1):
+        raise PolicyError(f"{source}: key '{size_key}' must be a whole number >= 1, got {declared_units!r}")
+    if not (math.isfinite(budget) and budget > 0):
+        raise PolicyError(f"{source}: key 'budget' must be a finite ε > 0, got {budget!r}")
+    if not (math.isfinite(max_round_epsilon) and max_round_epsilon > 0):
+        raise PolicyError(f"{source}: key 'max-round-epsilon' must be a finite ε > 0, got {max_round_epsilon!r}")
+    if not (0 < delta < 1):
+        raise PolicyError(f"{source}: key 'delta' must be in (0, 1), got {delta!r}")
+    if delta >= 1 / declared_units:
+        # δ is the chance the guarantee fails; at δ >= 1/n a mechanism may publish one unit's data outright
+        raise PolicyError(f"{source}: key 'delta' must be < 1/{size_key} = {1 / declared_units:.3g}, got {delta!r}")
+    return SchoolPolicy(unit=unit, delta=float(delta), budget=float(budget),
+                        max_round_epsilon=float(max_round_epsilon), declared_units=int(declared_units))
+
+
+def declared_size_bucket(count: int) -> int:
+    """The public size a school declares by default: its count rounded to two significant figures.
+
+    It is fixed once, in the policy: later changes to the school's data never move it, so the rounds'
+    q, steps and σ never depend on who is in the data today."""
+    count = int(count)
+    if count < 1:
+        raise ValueError(f"a school needs at least one unit to declare a size, got {count}")
+    digits = len(str(count))
+    step = 10 ** max(0, digits - 2)
+    return max(1, int(round(count / step)) * step)
+
+
+def policy_from_defaults(defaults: Mapping[str, Any], declared_units: int, *, budget: float | None = None,
+                         source: str) -> SchoolPolicy:
+    """The policy generator ``fedfer deploy add-school`` and ``fedfer simulate`` share: the unit, δ,
+    budget and per-round cap from a config (``privacy.*``), and the declared size."""
+    return make_policy(unit=str(defaults["privacy.unit"]), delta=float(defaults["privacy.delta"]),
+                       budget=float(defaults["privacy.budget"] if budget is None else budget),
+                       max_round_epsilon=float(defaults["privacy.max_round_epsilon"]),
+                       declared_units=int(declared_units), source=source)
+
+
+def write_policy_file(state_dir: Path, policy: SchoolPolicy) -> Path:
+    from privacy.atomic_files import atomic_write_text
+
+    path = Path(state_dir) / POLICY_FILE
+    atomic_write_text(path, json.dumps(policy.to_mapping(), indent=1) + "\n")
+    return path
+
+
+def read_policy_file(state_dir: Path) -> SchoolPolicy | None:
+    """The policy in ``<state_dir>/policy.json``, or None when there is none."""
+    path = Path(state_dir) / POLICY_FILE
+    if not path.exists():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PolicyError(f"{path}: unreadable policy ({exc})") from None
+    if not isinstance(values, dict):
+        raise PolicyError(f"{path}: must be a JSON object of policy keys")
+    unknown = sorted(set(values) - set(POLICY_KEYS))
+    if unknown:
+        raise PolicyError(f"{path}: unknown key '{unknown[0]}' (policy keys: {', '.join(POLICY_KEYS)})")
+    return SchoolPolicy.from_mapping(values, str(path))
+
+
+# ---------------------------------------------------------------------------- the request check
+def requested_budget(cfg: Mapping[str, Any], school_id: str) -> tuple[float, str]:
+    """The budget the run-config asks of this school, and the key it came from."""
+    for item in filter(None, (part.strip() for part in str(cfg.get("privacy.school_budgets", "")).split(","))):
+        name, _, value = item.partition("=")
+        if name.strip() == school_id:
+            try:
+                return float(value), "privacy.school_budgets"
+            except ValueError:
+                return math.nan, "privacy.school_budgets"
+    return float(cfg["privacy.budget"]), "privacy.budget"
+
+
+@dataclass(frozen=True)
+class RoundTerms:
+    """What the school agrees to train this round: all functions of its policy and public settings."""
+
+    plan: DPPlan
+    delta: float            # the accounting δ: always the policy's
+    budget: float           # the tighter of the policy's and the coordinator's
+    round_epsilon: float    # ε of this round on its own at ``delta``
+    accountant: str
+
+
+@dataclass(frozen=True)
+class PolicyViolation:
+    setting: str            # the run-config key that asks for less privacy than the policy allows
+
+
+def _within(value: float, limit: float) -> bool:
+    """value <= limit, and False for NaN (a NaN request is never within a policy)."""
+    return bool(value <= limit)
+
+
+def agree_round(policy: SchoolPolicy, cfg: Mapping[str, Any], school_id: str) -> RoundTerms | PolicyViolation:
+    """Check the run-config against the policy; on agreement, the round's plan (engine rule: q from the
+    declared size), accounting δ, budget and this round's ε. Nothing here reads the school's data."""
+    from privacy.accounting import AccountingError, epsilon_of
+
+    if not bool(cfg["privacy.enabled"]):
+        return PolicyViolation("privacy.enabled")
+    if str(cfg["privacy.unit"]) != policy.unit:
+        return PolicyViolation("privacy.unit")
+    asked_delta = float(cfg["privacy.delta"])
+    if not (asked_delta > 0 and _within(asked_delta, policy.delta)):
+        return PolicyViolation("privacy.delta")
+    asked_budget, budget_key = requested_budget(cfg, school_id)
+    if not (asked_budget > 0 and _within(asked_budget, policy.budget)):
+        return PolicyViolation(budget_key)
+    asked_cap = float(cfg["privacy.max_round_epsilon"])
+    if not (asked_cap > 0 and _within(asked_cap, policy.max_round_epsilon)):
+        return PolicyViolation("privacy.max_round_epsilon")
+    sigma_key = "privacy.noise_multiplier" if float(cfg["privacy.noise_multiplier"]) > 0 else "privacy.target_epsilon"
+    sigma_value = float(cfg[sigma_key])
+    if not math.isfinite(sigma_value) or sigma_value < 0:
+        return PolicyViolation(sigma_key)
+    accountant = str(cfg["privacy.accountant"])
+    try:
+        # a smaller δ asked by the coordinator buys more noise; the school still accounts at its own δ
+        plan = plan_from_config(cfg, policy.declared_units, delta=asked_delta, unit=policy.unit)
+        round_eps = epsilon_of([(plan.noise_multiplier, plan.sample_rate, plan.steps)], policy.delta, accountant)
+    except (AccountingError, ValueError):
+        return PolicyViolation(sigma_key)
+    if not _within(round_eps, min(policy.max_round_epsilon, asked_cap)):
+        return PolicyViolation(sigma_key)
+    return RoundTerms(plan=plan, delta=policy.delta, budget=min(policy.budget, asked_budget),
+                      round_epsilon=round_eps, accountant=accountant)

@@ -1,0 +1,76 @@
+"""Plain (non-private) training helpers both apps and the harnesses share: the face dataset, the
+optimizer from config, the per-frame loss, plain minibatch SGD and the evaluation dataset.
+
+Differentially private training is privacy/engine.py; it uses these pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from shared_models import registry
+from shared_models.transforms import eval_transform, to_tensor_image
+
+
+class FaceDataset(Dataset):
+    """In-memory uint8 faces -> (float tensor (3, S, S), label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Any) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(to_tensor_image(self.images[index])), int(self.labels[index])
+
+
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The model's full training loss (CE + its auxiliary terms), one value per frame."""
+    return registry.per_sample_loss(model, model(x), y)
+
+
+def make_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    if cfg["train.optimizer"] == "adam":
+        # Adam's per-coordinate step size moves a model trained from scratch in far fewer steps, which
+        # matters under DP where every step costs privacy. The DP noise is added before Adam sees the
+        # gradient (Opacus DPOptimizer wraps it), so the guarantee is the same as for SGD.
+        return torch.optim.Adam(model.parameters(), lr=float(cfg["train.lr"]),
+                                weight_decay=float(cfg["train.weight_decay"]))
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=float(cfg["train.lr"]),
+        momentum=float(cfg["train.momentum"]),
+        weight_decay=float(cfg["train.weight_decay"]),
+    )
+
+
+def train_plain(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], epochs: int, seed: int) -> dict[str, float]:
+    """Non-private minibatch SGD: the centralised reference (never a school's round: schools always use DP)."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=int(cfg["train.batch_size"]) * int(cfg["train.frames_per_student"]),
+                        shuffle=True, generator=generator, drop_last=False)
+    optimizer = make_optimizer(model, cfg)
+    model.train()
+    total, count, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = per_sample_loss(model, x, y).mean()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+            steps += 1
+    return {"steps": steps, "loss": total / max(count, 1), "frames": count}
+
+
+def eval_dataset(images: np.ndarray, labels: np.ndarray, input_size: int) -> FaceDataset:
+    return FaceDataset(images, labels, eval_transform(input_size))
