@@ -1,10 +1,15 @@
-"""Who this node is: a school (with its data and state directories) or the evaluation node.
+"""Who this node is: a school (with its data and state directories and its privacy policy) or the
+evaluation node.
 
-In deployment the answer comes from the SuperNode's node-config, written by `fedfer deploy`:
-    role=school school-id=NAME data-dir=PATH state-dir=PATH [budget=E]
-    role=evaluator benchmarks="fer2013=PATH,rafdb=PATH"
+In deployment the answer comes from the SuperNode's node-config, written by `fedfer deploy`, and is
+read strictly — a missing, empty or misspelt key stops the node with one line naming the key:
+    role=school school-id=NAME data-dir=PATH state-dir=PATH
+        unit=student delta=D budget=E max-round-epsilon=E declared-students=N   (the school's policy)
+    role=evaluator benchmarks="fer2013=PATH,rafdb=PATH" [data-dir=PATH]
 In simulation Flower gives each simulated node `partition-id` and `num-partitions`; partitions
-0 .. schools-1 are the synthetic schools and partition `schools` is the evaluator (when enabled).
+0 .. schools-1 are the synthetic schools and partition `schools` is the evaluator (when enabled). A
+simulated school's policy is `<state dir>/policy.json` (written by `fedfer simulate`). A node-config
+with neither `role` nor `partition-id` is an error: only simulation makes simulated schools.
 """
 
 from __future__ import annotations
@@ -13,6 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from privacy.policy import POLICY_KEYS, PolicyError, SchoolPolicy
+
+SCHOOL_KEYS = ("role", "school-id", "data-dir", "state-dir", *POLICY_KEYS)
+EVALUATOR_KEYS = ("role", "benchmarks", "data-dir")
+
+
+class NodeConfigError(ValueError):
+    """A node-config this node cannot run with, as one line naming the key."""
+
 
 @dataclass(frozen=True)
 class NodeIdentity:
@@ -20,7 +34,7 @@ class NodeIdentity:
     school_id: str = ""
     data_dir: Path | None = None
     state_dir: Path | None = None
-    budget: float | None = None
+    policy: SchoolPolicy | None = None   # deployed school: from its node-config; simulated: from its state dir
     benchmarks: str = ""        # evaluator: comma-separated benchmark specs
     simulated: bool = False
 
@@ -32,50 +46,51 @@ def _synthetic_root(cfg: Mapping[str, Any]) -> Path:
     return Path(cfg["data.root"]).expanduser() if cfg["data.root"] else synth.default_root(params)
 
 
-def school_budgets(spec: str) -> dict[str, float]:
-    """`"school-02=4.5,school-03=6"` -> {"school-02": 4.5, "school-03": 6.0}."""
-    budgets: dict[str, float] = {}
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, value = item.partition("=")
-        try:
-            budgets[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"privacy.school_budgets: '{item}' must look like school-id=epsilon") from None
-    return budgets
+def simulated_state_dir(cfg: Mapping[str, Any], run_dir: str | Path, school_id: str) -> Path:
+    """Where a simulated school keeps its state (key, accountant, ledger, policy.json)."""
+    root = Path(cfg["privacy.state_dir"]).expanduser() if cfg["privacy.state_dir"] else Path(run_dir) / "schools"
+    return root / school_id
+
+
+def _deployed(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> NodeIdentity:
+    role = str(node_config["role"])
+    allowed = {"school": SCHOOL_KEYS, "evaluator": EVALUATOR_KEYS}.get(role)
+    if allowed is None:
+        raise NodeConfigError(f"node-config: key 'role' must be 'school' or 'evaluator', got {role!r}")
+    for key in node_config:
+        if key not in allowed:
+            raise NodeConfigError(f"node-config: unknown key '{key}' for a {role} node (its keys: {', '.join(allowed)})")
+    if role == "evaluator":
+        data_dir = node_config.get("data-dir")
+        return NodeIdentity(role="evaluator", benchmarks=str(node_config.get("benchmarks", cfg["evaluation.benchmarks"])),
+                            data_dir=Path(str(data_dir)) if data_dir else None)
+    for key in ("school-id", "data-dir", "state-dir"):
+        if not str(node_config.get(key, "")).strip():
+            raise NodeConfigError(f"node-config: key '{key}' is required for a school node")
+    try:
+        policy = SchoolPolicy.from_mapping(node_config, "node-config")
+    except PolicyError as exc:
+        raise NodeConfigError(str(exc)) from None
+    return NodeIdentity(role="school", school_id=str(node_config["school-id"]), data_dir=Path(str(node_config["data-dir"])),
+                        state_dir=Path(str(node_config["state-dir"])), policy=policy)
 
 
 def identify(node_config: Mapping[str, Any], cfg: Mapping[str, Any], run_dir: str = "") -> NodeIdentity:
     """Map the node-config (deployment) or partition id (simulation) to a role."""
     if "role" in node_config:
-        role = str(node_config["role"])
-        if role == "evaluator":
-            return NodeIdentity(role="evaluator", benchmarks=str(node_config.get("benchmarks", cfg["evaluation.benchmarks"])),
-                                data_dir=Path(str(node_config["data-dir"])) if node_config.get("data-dir") else None)
-        if role != "school":
-            raise ValueError(f"node-config: role must be 'school' or 'evaluator', got {role!r}")
-        for key in ("school-id", "data-dir", "state-dir"):
-            if not node_config.get(key):
-                raise ValueError(f"node-config: key '{key}' is required for a school node")
-        budget = node_config.get("budget")
-        return NodeIdentity(
-            role="school",
-            school_id=str(node_config["school-id"]),
-            data_dir=Path(str(node_config["data-dir"])),
-            state_dir=Path(str(node_config["state-dir"])),
-            budget=float(budget) if budget not in (None, "") else None,
-        )
-
-    partition = int(node_config.get("partition-id", 0))
+        return _deployed(node_config, cfg)
+    if "partition-id" not in node_config:
+        raise NodeConfigError("node-config: key 'role' is required (role=school or role=evaluator); only a "
+                              "simulation's nodes, which Flower gives a 'partition-id', run without one")
+    partition = int(node_config["partition-id"])
     schools = int(cfg["federation.schools"])
     if partition < schools:
         school_id = f"school-{partition:02d}"
-        state_root = Path(cfg["privacy.state_dir"]).expanduser() if cfg["privacy.state_dir"] else Path(run_dir) / "schools"
         return NodeIdentity(
             role="school",
             school_id=school_id,
             data_dir=_synthetic_root(cfg) / "schools" / school_id,
-            state_dir=state_root / school_id,
-            budget=school_budgets(str(cfg["privacy.school_budgets"])).get(school_id),
+            state_dir=simulated_state_dir(cfg, run_dir, school_id),
             simulated=True,
         )
     if partition == schools and bool(cfg["federation.evaluator"]):

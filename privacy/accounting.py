@@ -1,8 +1,12 @@
-"""Lifetime privacy accounting per school and per dataset.
+"""Lifetime privacy accounting per school.
 
-A school that trains the same data again spends more: the accountant history is keyed by the school
-and a fingerprint of its dataset, composed over rounds *and* runs, and persisted atomically in the
-school's state directory (``<state_dir>/accountant-<fingerprint[:16]>.json``).
+Every DP release of a school composes in ONE accountant history per school state directory, over
+rounds, runs *and data changes*: editing, re-saving, appending to or re-ordering labels.csv never starts
+a fresh history. The history's identity is a random id created once per state directory
+(:func:`school_dataset_id`, the ledger's ``dataset_fingerprint``), so the server cannot test guesses
+about the data against it. The history is persisted atomically in the school's state directory
+(``<state_dir>/accountant-<id[:16]>.json``) together with the privacy unit and δ it is kept at; the
+accountant refuses to mix units or δ.
 
 The budget accountant is Opacus' PRV accountant (Gopi et al. 2021, tight); RDP is reported beside it.
 Two things are added around Opacus, both without changing the mathematics:
@@ -25,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -47,6 +52,38 @@ HistoryEntry = tuple[float, float, int]
 
 class AccountingError(ValueError):
     """Bad accountant input or state, phrased as one line naming the file or value."""
+
+
+DATASET_ID_FILE = "dataset-id"
+
+
+def school_dataset_id(state_dir: Path, school_id: str = "") -> str:
+    """The random id of this state directory's accountant history, created on first use.
+
+    A state directory written by an older fedfer (histories keyed by a hash of labels.csv) has no id
+    file: a single old history is adopted so its spending carries on; several cannot be merged
+    silently (their releases compose, but the ledger chains them separately) and are refused."""
+    state_dir = Path(state_dir)
+    path = state_dir / DATASET_ID_FILE
+    if path.exists():
+        value = path.read_text(encoding="ascii").strip()
+        if len(value) < 16 or not all(c in "0123456789abcdef" for c in value):
+            raise AccountingError(f"{path}: not a dataset id (school {school_id or '?'})")
+        return value
+    old = sorted(state_dir.glob("accountant-*.json"))
+    if len(old) > 1:
+        raise AccountingError(f"{state_dir}: school {school_id or '?'} has {len(old)} accountant histories from an "
+                              f"older fedfer (one per labels.csv version); all of a school's releases must compose "
+                              f"in one history: merge them before training again")
+    if old:
+        try:
+            value = str(json.loads(old[0].read_text(encoding="utf-8"))["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise AccountingError(f"{old[0]}: unreadable accountant state ({exc})") from None
+    else:
+        value = secrets.token_hex(32)
+    atomic_write_text(path, value + "\n")
+    return value
 
 
 def dataset_fingerprint(rows: Iterable[str | bytes]) -> str:
@@ -245,10 +282,11 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 
 
 class SchoolAccountant:
-    """One school's accountant history for one dataset, composed over rounds and runs.
+    """One school's accountant history, composed over rounds, runs and data changes.
 
     The history is a list of (noise_multiplier, sample_rate, steps), one entry per recorded round, in
-    the order they happened; ε is computed from it on demand (PRV for the budget, RDP beside it).
+    the order they happened; ε is computed from it on demand (PRV for the budget, RDP beside it). The
+    state also holds the privacy unit and δ of the history once a round was recorded with them.
     """
 
     def __init__(self, state_dir: Path, school_id: str, fingerprint: str) -> None:
@@ -260,6 +298,8 @@ class SchoolAccountant:
         self.school_id = str(school_id)
         self.fingerprint = str(fingerprint)
         self.path = self.state_dir / f"accountant-{self.fingerprint[:16]}.json"
+        self.privacy_unit: str | None = None
+        self.delta: float | None = None
         self._history: list[HistoryEntry] = self._load()
 
     def _load(self) -> list[HistoryEntry]:
@@ -281,7 +321,18 @@ class SchoolAccountant:
             if not isinstance(entry, (list, tuple)) or len(entry) != 3:
                 raise AccountingError(f"{self.path}: history entry {i} is not [sigma, q, steps]")
             history.append(_check_entry(*entry, where=f"{self.path}: history entry {i}: "))
+        self.privacy_unit = state.get("privacy_unit")
+        self.delta = state.get("delta")
         return history
+
+    def check_terms(self, privacy_unit: str, delta: float) -> None:
+        """Refuse a round whose unit or δ differs from the history's: ε of a mixed history means nothing."""
+        if self.privacy_unit is not None and privacy_unit != self.privacy_unit:
+            raise AccountingError(f"school {self.school_id}: accountant history is for privacy unit "
+                                  f"{self.privacy_unit!r}, not {privacy_unit!r}; units are never mixed")
+        if self.delta is not None and float(delta) != float(self.delta):
+            raise AccountingError(f"school {self.school_id}: accountant history is kept at δ {self.delta:g}, "
+                                  f"not {float(delta):g}; δ is never mixed")
 
     @property
     def history(self) -> list[HistoryEntry]:
@@ -296,16 +347,22 @@ class SchoolAccountant:
         planned = _check_entry(noise_multiplier, sample_rate, steps)
         return epsilon_of(self._history + [planned], delta, kind)
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        """Append a round to the history and persist it before returning."""
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int, *, privacy_unit: str | None = None,
+               delta: float | None = None) -> None:
+        """Append a round to the history and persist it before returning (with its unit and δ, if given)."""
         entry = _check_entry(noise_multiplier, sample_rate, steps)
         with locked(self.path):
             history = self._load() + [entry]  # another process of the school may have recorded meanwhile
+            if privacy_unit is not None and delta is not None:
+                self.check_terms(privacy_unit, delta)
+                self.privacy_unit, self.delta = privacy_unit, float(delta)
             state = {
                 "schema": STATE_SCHEMA,
                 "school_id": self.school_id,
                 "fingerprint": self.fingerprint,
                 "history": [list(e) for e in history],
             }
+            if self.privacy_unit is not None:
+                state.update(privacy_unit=self.privacy_unit, delta=self.delta)
             atomic_write_text(self.path, json.dumps(state, indent=1) + "\n")
         self._history = history

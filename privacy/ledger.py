@@ -5,10 +5,13 @@ Entry fields (schema 1):
 ======================  =====================================================================
 ``schema``              1
 ``event``               ``"round"`` (the school trained and released an update) or
-                        ``"refused"`` (it declined; ``reason`` = ``"budget-exhausted"``; ``steps``
-                        is 0 and ``planned_steps`` holds what it would have trained)
+                        ``"refused"`` (it declined; ``reason`` = ``"budget-exhausted"`` or
+                        ``"policy-violation"`` with the extra field ``setting`` naming the run-config
+                        key that asked for less privacy than the school's policy; ``steps`` is 0 and
+                        ``planned_steps`` holds what it would have trained, 0 if nothing was planned)
 ``school_id``           the school (the ledger owner)
-``dataset_fingerprint`` sha256 of the school's dataset description (accounting is per fingerprint)
+``dataset_fingerprint`` the random id of the school's accountant history (one per state directory,
+                        privacy/accounting.py:school_dataset_id); never a hash of the data
 ``run_id``, ``round``   the federation run and round
 ``run_seq``             index of this entry among the school's entries of this run (0, 1, …): lets an
                         auditor of the server's per-run copy see that nothing before it is missing
@@ -67,7 +70,7 @@ SCHEMA = 1
 GENESIS_HASH = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
 EVENTS = ("round", "refused")
-REFUSAL_REASONS = ("budget-exhausted",)
+REFUSAL_REASONS = ("budget-exhausted", "policy-violation")
 PRIVACY_UNITS = ("student", "image", "school")
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -465,6 +468,8 @@ def record_round(acct, ledger: SchoolLedger, *, run_id: str, round: int, privacy
     behind the ledger; :func:`reconcile` (called here first) restores it, so spending is never lost.
     """
     reconcile(acct, ledger)
+    if hasattr(acct, "check_terms"):
+        acct.check_terms(privacy_unit, delta)  # before anything is signed: a mixed history is refused
     history_before = acct.history
     planned = [(noise_multiplier, sample_rate, steps)]
     from privacy.accounting import epsilon_of
@@ -478,7 +483,7 @@ def record_round(acct, ledger: SchoolLedger, *, run_id: str, round: int, privacy
         epsilon_rdp=epsilon_of(history_before + planned, delta, "rdp"),
         budget=None if budget is None or math.isinf(budget) else float(budget), **extra,
     )
-    acct.record(noise_multiplier, sample_rate, steps)
+    acct.record(noise_multiplier, sample_rate, steps, privacy_unit=privacy_unit, delta=delta)
     return entry
 
 

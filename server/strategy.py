@@ -19,8 +19,8 @@ r+1 resumes after round r and no school's round is trained twice. The final roun
 model, and the last model when training stops early, are evaluated in the usual separate exchange
 (`configure_evaluate`). If the evaluation node did not answer, `on_round_end` gets the record without
 an evaluation and the server evaluates in-process, as before.
-Aggregation itself is Flower's weighted FedAvg (`aggregate_arrayrecords`, weighted by num-examples) over
-the accepted replies, followed by Flower's FedAvgM server step when `federation.server_momentum` > 0
+Aggregation itself is Flower's FedAvg (`aggregate_arrayrecords`) over the accepted replies with public,
+uniform weights (every school's `unit-weight` is 1: an exact example count is private and never sent), followed by Flower's FedAvgM server step when `federation.server_momentum` > 0
 (Hsu et al. 2019: the server keeps a momentum of the rounds' average updates). Under student-level DP the
 momentum is post-processing of the schools' DP releases, so it costs no privacy. The momentum vector is
 part of the strategy state in every checkpoint, so a resumed run continues with it.
@@ -111,6 +111,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         )
         # a resumed run continues with the momentum its checkpoint kept (None: starts afresh, as in round 1)
         self.momentum_vector = [np.asarray(m) for m in momentum] if momentum and server_momentum else None
+        self.weighted_by_key = "unit-weight"   # public and uniform; schools send no example counts
         self.cfg = cfg
         self.run = run
         self.round_offset = round_offset
@@ -303,10 +304,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             return None, None
         self.record.aggregated = True
         arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
-        total = sum(float(c["metrics"]["num-examples"]) for c in accepted)
         self.record.num_aggregated = len(accepted)
-        loss = sum(float(c["metrics"]["train-loss"]) * float(c["metrics"]["num-examples"]) for c in accepted) / total
-        return arrays, MetricRecord({"train-loss": loss, "num-examples": total, "schools": len(accepted)})
+        return arrays, MetricRecord({"schools": len(accepted)})
 
     def _accept(self, reply: Message, school: str, node: NodeInfo, rnd: int, global_np: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Validate one training reply; returns the per-school outcome recorded in metrics.jsonl."""
@@ -324,7 +323,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         status = content.config_records.get("status", ConfigRecord({"status": "ok"}))
         if status.get("status") != "ok":
             outcome = {"status": str(status["status"]), "reason": str(status.get("reason", ""))}
-            if outcome["status"] == "budget-exhausted":
+            if outcome["status"] in ("budget-exhausted", "policy-violation"):
+                # a school that declines on its budget or its policy declines every later round of the run too
                 self.exhausted.add(school)
                 if "ledger" in content.config_records and node.role == "school":
                     try:  # the school's signed refusal goes into the run's ledger copy like any entry
@@ -342,8 +342,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             reply_np = {k: v.numpy() for k, v in content["arrays"].items()}
             norm = check_update(global_np, reply_np, float(self.cfg["federation.max_update_norm"]))
             metrics = dict(content["metrics"])
-            if not (0 < float(metrics.get("num-examples", 0)) < 1e9):
-                raise RejectedUpdate(f"num-examples {metrics.get('num-examples')!r} out of range")
+            if metrics.get("unit-weight") != 1:
+                raise RejectedUpdate(f"unit-weight {metrics.get('unit-weight')!r}: FedAvg weights are public and uniform (1)")
             if bool(self.cfg["privacy.enabled"]):
                 self._store_ledger(content, school, rnd)
         except RejectedUpdate as exc:

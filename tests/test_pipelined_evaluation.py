@@ -79,7 +79,7 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
             return _reply(message, RecordDict({"node": ConfigRecord(info)}))
         if kind == MessageType.TRAIN:
             state = {k: v.numpy() for k, v in unpack_content(message.content)["arrays"].items()}
-            return _train_reply(message, {k: np.asarray(v + np.asarray(0.01 * nid, dtype=v.dtype)) for k, v in state.items()}, nid)
+            return _train_reply(message, {k: np.asarray(v + np.asarray(0.01 * nid, dtype=v.dtype)) for k, v in state.items()})
         assert kind == MessageType.EVALUATE and nid == EVALUATOR
         evaluations["count"] += 1
         if evaluations["count"] in silent_in:
@@ -269,7 +269,7 @@ def test_resume_from_an_unevaluated_checkpoint_evaluates_it_first(tmp_path, cras
 
 def test_server_momentum_is_flowers_fedavgm_and_a_resumed_run_keeps_it(tmp_path):
     """federation.server_momentum (default 0.7): each round's model is FedAvgM's step from the
-    example-weighted average of the accepted replies, and a run resumed after a crash continues with the
+    uniform (public) average of the accepted replies, and a run resumed after a crash continues with the
     checkpointed momentum, ending at the same model as the run that never stopped."""
     from shared_models.config import load_config
 
@@ -277,8 +277,8 @@ def test_server_momentum_is_flowers_fedavgm_and_a_resumed_run_keeps_it(tmp_path)
     assert momentum > 0
     (tmp_path / "full").mkdir()
     _, _, full, _ = _setup(tmp_path / "full", evaluator=True)
-    # every school adds 0.01 * node id to every value and reports node id examples: the average update
-    step = sum(0.01 * nid * nid for nid in SCHOOLS) / sum(SCHOOLS)
+    # every school adds 0.01 * node id to every value; FedAvg weights are uniform: the average update
+    step = sum(0.01 * nid for nid in SCHOOLS) / len(SCHOOLS)
     velocity, total, initial = 0.0, 0.0, _state(0)
     for rnd in range(1, ROUNDS + 1):
         velocity = momentum * velocity + step

@@ -1,5 +1,5 @@
 """Privacy by construction: what a school's ClientApp sends back contains no face, landmark, label
-list or student id — only model weights, counts, metrics and its signed ledger entry.
+list, student id, count or file path — only model weights, public metrics and its signed ledger entry.
 
 The train handler runs in-process on a tiny school the test writes, with student ids and file names
 chosen so that any leak is easy to spot in the reply.
@@ -54,7 +54,8 @@ def _train_message(model, run_dir) -> Message:
 
 def _context(tmp_path, school_dir, run_config) -> Context:
     node_config = {"role": "school", "school-id": "school-x", "data-dir": str(school_dir),
-                   "state-dir": str(tmp_path / "state")}
+                   "state-dir": str(tmp_path / "state"), "unit": "student", "delta": 1e-5, "budget": 8.0,
+                   "max-round-epsilon": 8.0, "declared-students": 10}
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
@@ -77,12 +78,15 @@ def reply(tmp_path):
     _write_school(school, rng, corrupt=True)
     cfg = load_config(None, ["train.batch_size=2", "train.local_epochs=1", "federation.rounds=2",
                              "train.frames_per_student=2"])
+    from client.school_data import load_school
+
+    assert len(load_school(school)) == 20  # the corrupt and unknown-label rows are skipped at the school
     model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
     out = client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
     return model, out
 
 
-def test_reply_carries_only_weights_counts_metrics_and_ledger(reply):
+def test_reply_carries_only_weights_public_metrics_and_ledger(reply):
     model, out = reply
     content = out.content
     assert set(content.array_records) == {"arrays"}
@@ -98,7 +102,10 @@ def test_reply_carries_only_weights_counts_metrics_and_ledger(reply):
     for student in SECRET_STUDENTS:
         assert student not in text
     assert "SECRET" not in text and ".png" not in text and "landmark" not in text
-    assert content["metrics"]["num-examples"] == 20  # the corrupt and unknown-label rows were skipped
+    # public values only: no count of frames or students, no loss, no duration
+    assert set(content["metrics"]) == {"epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight"}
+    assert content["metrics"]["sample-rate"] == pytest.approx(2 / 10)  # batch / declared size, not / 5 students
+    assert content["metrics"]["steps"] == 5 and content["metrics"]["unit-weight"] == 1
 
 
 def test_ledger_entry_has_only_the_accounting_fields(reply):
@@ -121,5 +128,7 @@ def test_school_without_usable_images_declines(tmp_path):
     out = client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
     status = out.content["status"]
     assert status["status"] == "no-data"
-    assert "no usable images" in status["reason"] and "labels.csv line 2" in status["reason"]
+    # says what failed, never a path or a count (those go to the school's own log)
+    assert "no usable images" in status["reason"]
+    assert str(tmp_path) not in status["reason"] and "labels.csv" not in status["reason"] and "line" not in status["reason"]
     assert not out.content.array_records

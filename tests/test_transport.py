@@ -193,8 +193,9 @@ def strategy_setup(tmp_path):
     return cfg, run, schools, query_reply, SchoolFedAvg(cfg, run)
 
 
-def _train_reply(message, state, n):
-    content = RecordDict({"arrays": _record(state), "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
+def _train_reply(message, state, n=1):
+    # n: a school's public FedAvg weight, always 1 (schools send no example counts)
+    content = RecordDict({"arrays": _record(state), "metrics": MetricRecord({"unit-weight": n, "epsilon": 0.5}),
                           "status": ConfigRecord({"status": "ok"})})
     return _reply(message, pack_content(content) if is_packed(message.content) else content)
 
@@ -208,11 +209,11 @@ def test_packed_round_is_validated_unpacked_and_a_bad_packed_reply_is_rejected_n
         if message.metadata.message_type == MessageType.QUERY:
             return query_reply(nid, message)
         if nid == 202:   # school-b: its packed array lost its last value
-            reply = _train_reply(message, _state(2), 5)
+            reply = _train_reply(message, _state(2))
             arrays = reply.content["arrays"]
             arrays["packed-float32"] = Array(arrays["packed-float32"].numpy()[:-1])
             return reply
-        return _train_reply(message, good[nid], {101: 10, 303: 30}[nid])
+        return _train_reply(message, good[nid])
 
     grid = PackedGrid(FakeGrid(schools, answer))
     messages = list(strategy.configure_train(1, _record(global_state), ConfigRecord(), grid))
@@ -230,10 +231,9 @@ def test_packed_round_is_validated_unpacked_and_a_bad_packed_reply_is_rejected_n
     assert any(e == {"event": "rejected", "round": 1, "school": "school-b", "reason": reason}
                for e in ({k: v for k, v in ev.items() if k != "time"} for ev in _events(run)))
 
-    # FedAvg of the two valid replies, over the unpacked tensors, with their num-examples weights
+    # FedAvg of the two valid replies, over the unpacked tensors, with public uniform weights
     expected = aggregate_arrayrecords(
-        [RecordDict({"arrays": _record(good[n]), "metrics": MetricRecord({"num-examples": w})}) for n, w in ((101, 10), (303, 30))],
-        "num-examples")
+        [RecordDict({"arrays": _record(good[n]), "metrics": MetricRecord({"w": 1})}) for n in (101, 303)], "w")
     assert list(arrays.keys()) == list(expected.keys())
     for name in expected.keys():
         np.testing.assert_array_equal(arrays[name].numpy(), expected[name].numpy())
@@ -246,7 +246,7 @@ def test_a_packed_reply_with_the_wrong_dtype_is_rejected(strategy_setup):
     def answer(nid, message):
         if message.metadata.message_type == MessageType.QUERY:
             return query_reply(nid, message)
-        reply = _train_reply(message, _state(nid), 10)
+        reply = _train_reply(message, _state(nid))
         if nid == 303:   # float64 values sent under the float32 key (same count)
             arrays = reply.content["arrays"]
             arrays["packed-float32"] = Array(arrays["packed-float32"].numpy().astype(np.float64))
@@ -311,7 +311,7 @@ def test_error_reply_for_a_dead_school_is_charged_to_that_school(strategy_setup)
             return query_reply(nid, message)
         if nid == 202:
             return _superlink_error(message)
-        return _train_reply(message, _state(nid), 10)
+        return _train_reply(message, _state(nid))
 
     grid = PackedGrid(Reordering(schools, answer))
     replies = grid.send_and_receive(list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)))
@@ -332,9 +332,9 @@ def test_a_reply_from_another_node_than_the_one_asked_is_rejected(strategy_setup
         if message.metadata.message_type == MessageType.QUERY:
             return query_reply(nid, message)
         # school-c's node answers the message sent to school-a (e.g. a confused or malicious node)
-        return _train_reply(message, _state(nid), 10) if nid != 101 else \
+        return _train_reply(message, _state(nid)) if nid != 101 else \
             _reply(message, pack_content(RecordDict({"arrays": _record(_state(1)),
-                                                     "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.1}),
+                                                     "metrics": MetricRecord({"unit-weight": 1, "epsilon": 0.1}),
                                                      "status": ConfigRecord({"status": "ok"})})), src_node_id=303)
 
     grid = PackedGrid(FakeGrid(schools, answer))
@@ -353,10 +353,27 @@ def test_a_query_error_from_the_superlink_names_the_node_that_was_asked(strategy
             return _superlink_error(message)
         if message.metadata.message_type == MessageType.QUERY:
             return query_reply(nid, message)
-        return _train_reply(message, _state(nid), 10)
+        return _train_reply(message, _state(nid))
 
     grid = PackedGrid(FakeGrid(schools, answer))
     strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)
     assert sorted(strategy.nodes) == [101, 202]
     errors = [e for e in _events(run) if e["event"] == "query-error"]
     assert [e["node_id"] for e in errors] == [303]
+
+
+def test_fedavg_weights_are_public_a_reply_claiming_a_count_is_rejected(strategy_setup):
+    """Schools send no example count; a reply that tries to weigh more than one vote is rejected."""
+    cfg, run, schools, query_reply, strategy = strategy_setup
+
+    def answer(nid, message):
+        if message.metadata.message_type == MessageType.QUERY:
+            return query_reply(nid, message)
+        return _train_reply(message, _state(nid), 40 if nid == 202 else 1)
+
+    grid = PackedGrid(FakeGrid(schools, answer))
+    replies = grid.send_and_receive(list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)))
+    strategy.aggregate_train(1, replies)
+    outcome = strategy.record.train["school-b"]
+    assert outcome["status"] == "rejected" and "unit-weight 40" in outcome["reason"]
+    assert [strategy.record.train[s]["status"] for s in ("school-a", "school-c")] == ["ok", "ok"]

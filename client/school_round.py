@@ -1,0 +1,192 @@
+"""One school round, top to bottom:
+
+    data → policy check of the run-config → atomic budget guard → privacy.engine → ledger → reply content
+
+What leaves the school (docs/privacy.md lists every field and why it is safe): the DP-noised weights,
+the status, the school id, ε / σ / q / steps (functions of public values: the policy and the run-config),
+and the signed ledger entries. Never a count, an un-noised loss, a realised batch size, a duration, a
+file path or a hash of the data; a refusal says what failed, not private numbers.
+
+The check, the training and the record run under one lock per school state directory, taken without
+waiting: a second train message arriving while one is in progress is declined (``busy``), so nothing
+is trained or counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from client.node import NodeIdentity
+from client.school_data import SchoolData, SchoolDataError, load_school
+
+ROUND_LOCK = "round"   # <state_dir>/round.lock: check → train → record, one at a time per school
+
+# A simulated node's Ray actor (or a long-running deployed ClientApp process) serves many rounds:
+# decode a school's images once per version of its labels.csv.
+_SCHOOL_CACHE: dict[Path, tuple[tuple[int, int], SchoolData]] = {}
+
+
+@dataclass
+class RoundReply:
+    """What the Flower handler turns into the reply message."""
+
+    status: str                                   # ok | no-data | policy-violation | budget-exhausted | busy
+    reason: str = ""
+    weights: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, float | int] = field(default_factory=dict)
+    ledger: dict[str, str] | None = None          # entry, run-entries, school-id (JSON strings)
+    setting: str = ""                             # policy-violation: the run-config key refused
+
+
+def _log(message: str) -> None:
+    from logging import INFO
+
+    from flwr.common.logger import log
+
+    log(INFO, "[fedfer client] %s", message)
+
+
+# ------------------------------------------------------------------------------------------- data
+def load_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData:
+    """The school's frames (cached per version of labels.csv). Raises SchoolDataError."""
+    assert node.data_dir is not None
+    if node.simulated and not node.data_dir.exists():
+        from simulations import synth
+
+        synth.ensure_school(node.data_dir.parent.parent, synth.params_from_config(cfg), int(node.school_id.split("-")[-1]))
+    labels = node.data_dir / "labels.csv"
+    try:
+        stat = labels.stat()
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = (0, -1)
+    cached = _SCHOOL_CACHE.get(node.data_dir)
+    if cached is None or cached[0] != version:
+        data = load_school(node.data_dir)
+        if data.skipped and not node.simulated:   # the school's own log; a simulation's log is the server's
+            _log(f"{node.school_id}: {data.describe_skips()}")
+        _SCHOOL_CACHE[node.data_dir] = (version, data)
+    return _SCHOOL_CACHE[node.data_dir][1]
+
+
+# ----------------------------------------------------------------------------------------- policy
+def school_policy(node: NodeIdentity, data: SchoolData):
+    """A deployed school's policy is its node-config's. A simulated school's is ``<state>/policy.json``,
+    written by `fedfer simulate`; if a simulation was started without it (`flwr run .`), it is made
+    once from fedfer's installed defaults — never from the run-config — and kept."""
+    from privacy.policy import declared_size_bucket, policy_from_defaults, read_policy_file, write_policy_file
+
+    if node.policy is not None:
+        return node.policy
+    assert node.state_dir is not None
+    policy = read_policy_file(node.state_dir)
+    if policy is None:
+        from shared_models.config import defaults
+
+        installed = defaults()
+        units = data.num_students if installed["privacy.unit"] == "student" else len(data)
+        policy = policy_from_defaults(installed, declared_size_bucket(max(1, units)), source=f"{node.school_id} defaults")
+        write_policy_file(node.state_dir, policy)
+    return policy
+
+
+# ------------------------------------------------------------------------------------------ round
+def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module, *, run_id: str,
+              server_round: int, clock: Callable[[], datetime] | None = None) -> RoundReply:
+    """One round at this school; ``model`` holds the global weights and is trained in place."""
+    from privacy.accounting import SchoolAccountant, school_dataset_id
+    from privacy.atomic_files import try_locked
+    from privacy.budget import check_budget
+    from privacy.ledger import SchoolLedger, epsilon_value, record_refusal, record_round
+    from privacy.policy import PolicyViolation, agree_round
+    from privacy.signing import load_or_create_signing_key
+
+    # the time the request was taken: signed into the entry, and independent of how long training takes
+    started_at = (clock or (lambda: datetime.now(timezone.utc)))().isoformat(timespec="seconds")
+
+    # 1. data
+    try:
+        data = load_data(node, cfg)
+    except SchoolDataError as exc:
+        if not node.simulated:
+            _log(f"{node.school_id}: {exc}")
+        return RoundReply("no-data", "the school's data folder cannot be read (details in the school's log)")
+    if len(data) == 0:
+        if not node.simulated:
+            _log(f"{node.school_id}: no usable images: {data.describe_skips() or 'labels.csv lists none'}")
+        return RoundReply("no-data", "no usable images in the school's data folder (details in the school's log)")
+
+    # 2. the run-config against the school's policy (public values only)
+    policy = school_policy(node, data)
+    terms = agree_round(policy, cfg, node.school_id)
+
+    assert node.state_dir is not None
+    node.state_dir.mkdir(parents=True, exist_ok=True)
+    with try_locked(node.state_dir / ROUND_LOCK) as mine:
+        if not mine:
+            return RoundReply("busy", "the school is handling another train message")
+        accountant = SchoolAccountant(node.state_dir, node.school_id, school_dataset_id(node.state_dir, node.school_id))
+        ledger = SchoolLedger(node.state_dir, node.school_id, load_or_create_signing_key(node.state_dir))
+
+        def signed(entry: dict) -> dict[str, str]:
+            return {"entry": json.dumps(entry, sort_keys=True), "school-id": node.school_id,
+                    "run-entries": json.dumps(ledger.entries_for_run(run_id), sort_keys=True)}
+
+        if isinstance(terms, PolicyViolation):
+            clip = float(cfg["privacy.max_grad_norm"])
+            entry = record_refusal(
+                accountant, ledger, reason="policy-violation", setting=terms.setting, planned_steps=0,
+                run_id=run_id, round=server_round, privacy_unit=policy.unit, noise_multiplier=0.0, sample_rate=0.0,
+                max_grad_norm=clip if math.isfinite(clip) and clip >= 0 else 0.0, delta=policy.delta,
+                budget=policy.budget, accountant="prv", timestamp=started_at)
+            return RoundReply("policy-violation", f"the run-config asks for less privacy than the school's policy "
+                              f"allows ({terms.setting})", ledger=signed(entry), setting=terms.setting)
+
+        # 3. budget guard: would this round, as planned, fit the lifetime budget?
+        plan = terms.plan
+        accountant.check_terms(plan.unit, terms.delta)
+        common = dict(run_id=run_id, round=server_round, privacy_unit=plan.unit, max_grad_norm=plan.max_grad_norm,
+                      delta=terms.delta, budget=terms.budget, accountant=terms.accountant, timestamp=started_at)
+        decision = check_budget(accountant, (plan.noise_multiplier, plan.sample_rate, plan.steps), terms.delta,
+                                terms.budget, accountant=terms.accountant)
+        if not decision.allowed:
+            entry = record_refusal(accountant, ledger, reason=decision.reason, planned_steps=plan.steps,
+                                   noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, **common)
+            return RoundReply("budget-exhausted", "this round would take the school past its lifetime ε budget",
+                              ledger=signed(entry))
+
+        # 4. DP training (privacy.engine), then 5. the ledger, before anything leaves the school
+        result = _train(model, data, plan, cfg, node, server_round)
+        entry = record_round(accountant, ledger, noise_multiplier=result.noise_multiplier,
+                             sample_rate=result.sample_rate, steps=result.steps, **common)
+        ledger_record = signed(entry)
+
+    # 6. reply content: DP output and public values only
+    metrics: dict[str, float | int] = {
+        "epsilon": epsilon_value(entry["epsilon"]), "epsilon-rdp": epsilon_value(entry["epsilon_rdp"]),
+        "noise-multiplier": entry["noise_multiplier"], "sample-rate": entry["sample_rate"], "steps": entry["steps"],
+        "unit-weight": 1,   # FedAvg weights are public and uniform: one school, one vote
+    }
+    _log(f"{node.school_id} round {server_round}: {result.steps} DP steps, ε {metrics['epsilon']:.3f}")
+    return RoundReply("ok", weights=model.state_dict(), metrics=metrics, ledger=ledger_record)
+
+
+def _train(model: torch.nn.Module, data: SchoolData, plan, cfg: Mapping[str, Any], node: NodeIdentity,
+           server_round: int):
+    from privacy.engine import train_private
+    from shared_models.training import FaceDataset, make_optimizer
+    from shared_models.transforms import train_transform
+
+    # augmentation draws from torch's global generator; the DP sampling and noise use OS entropy
+    torch.manual_seed(zlib.crc32(f"{cfg['run.seed']}/{node.school_id}/{server_round}".encode()))
+    frames = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
+    return train_private(model, frames, data.student_ids if plan.unit == "student" else None, plan,
+                         make_optimizer(model, cfg), int(cfg["train.local_epochs"]))
