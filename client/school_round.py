@@ -46,6 +46,10 @@ class RoundReply:
     setting: str = ""                             # policy-violation: the run-config key refused
 
 
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 def _log(message: str) -> None:
     from logging import INFO
 
@@ -110,7 +114,7 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
     from privacy.signing import load_or_create_signing_key
 
     # the time the request was taken: signed into the entry, and independent of how long training takes
-    started_at = (clock or (lambda: datetime.now(timezone.utc)))().isoformat(timespec="seconds")
+    started_at = (clock or _now)().isoformat(timespec="seconds")
 
     # 1. data
     try:

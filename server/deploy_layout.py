@@ -163,11 +163,11 @@ def check_node_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ node-config
-def school_node_config(name: str, data_dir: Path, state_dir: Path, budget: float | None) -> dict[str, Any]:
-    """The node-config contract with client/app.py (client/node.py:identify)."""
+def school_node_config(name: str, data_dir: Path, state_dir: Path, policy: Any) -> dict[str, Any]:
+    """The node-config contract with client/app.py (client/node.py:identify): identity, folders and the
+    school's privacy policy (privacy/policy.py: unit, delta, budget, max-round-epsilon, declared size)."""
     config: dict[str, Any] = {"role": "school", "school-id": name, "data-dir": str(data_dir), "state-dir": str(state_dir)}
-    if budget is not None:
-        config["budget"] = float(budget)
+    config.update(policy.to_mapping())
     return config
 
 

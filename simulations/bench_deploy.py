@@ -209,7 +209,7 @@ def make_deployment(root: Path, nodes: int, executor: str, fast_poll: bool, flwr
     dep.save()
     for i in range(nodes):
         add_node(root, f"school-{i}", "school", data_dir=root / "data" / f"school-{i}", runtime_port=ports[i + 1],
-                 flwr_home=None)
+                 flwr_home=None, declared=100)
     return Deployment.load(root)
 
 

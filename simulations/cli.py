@@ -94,6 +94,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
+    if not cfg["privacy.enabled"]:
+        print("fedfer: privacy.enabled=false: a school's policy keeps DP on, so every simulated school would decline; "
+              "for a non-private reference use `fedfer train-central` or `python -m simulations.tune_inprocess`",
+              file=sys.stderr)
+        return 2
     started = time.perf_counter()
     if not cfg["run.name"]:
         cfg["run.name"] = new_run_id()
@@ -105,10 +110,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     run = RunDirectory.create(cfg)
     print(f"fedfer simulate: {cfg['federation.schools']} schools"
           f"{' + evaluation node' if cfg['federation.evaluator'] else ''}, {cfg['model.name']} ({cfg['model.preset']}), "
-          f"{cfg['federation.rounds']} rounds, DP {'on' if cfg['privacy.enabled'] else 'OFF'}"
+          f"{cfg['federation.rounds']} rounds, DP on"
           f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
     print(f"run directory: {run.path}")
-    _ensure_data(cfg)
+    root = _ensure_data(cfg)
+    from privacy.policy import PolicyError
+    from simulations.launcher import write_school_policies
+
+    try:  # each simulated school's own policy, before Flower starts: the run-config cannot weaken it
+        write_school_policies(cfg, run.path, root, echo=lambda line: print("  " + line, flush=True))
+    except PolicyError as exc:
+        print(f"fedfer: {exc}", file=sys.stderr)
+        return 2
     try:
         run_federation(cfg, run.path, echo=lambda line: print("  " + line, flush=True))
     except SimulationError as exc:

@@ -124,6 +124,38 @@ def _wait_healthy(port: int, proc: subprocess.Popen, log_path: Path, timeout: fl
     raise SimulationError(f"SuperLink did not become healthy on 127.0.0.1:{port} within {timeout:.0f} s; see {log_path}")
 
 
+def write_school_policies(cfg: Mapping[str, Any], run_dir: Path, data_root: Path,
+                          echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Each simulated school's own privacy policy, ``<state dir>/policy.json``, written before Flower
+    starts, by the generator `fedfer deploy add-school` uses: unit, δ, budget (``privacy.school_budgets``
+    or ``privacy.budget``) and per-round cap from this config, the declared size from the school's data
+    rounded to two significant figures. The simulated node reads it from there, so the run-config Flower
+    carries can never weaken it. A policy already in a persistent state dir is kept, never replaced."""
+    import json
+
+    from client.node import simulated_state_dir
+    from privacy.policy import (declared_size_bucket, policy_from_defaults, read_policy_file,
+                                requested_budget, write_policy_file)
+
+    counts = json.loads((data_root / "manifest.json").read_text(encoding="utf-8"))["counts"]
+    policies: dict[str, Any] = {}
+    for index in range(int(cfg["federation.schools"])):
+        school = f"school-{index:02d}"
+        state_dir = simulated_state_dir(cfg, run_dir, school)
+        units = counts[school]["students" if cfg["privacy.unit"] == "student" else "frames"]
+        budget = requested_budget(cfg, school)[0]
+        policy = policy_from_defaults(cfg, declared_size_bucket(int(units)), budget=budget, source=f"{school} policy")
+        existing = read_policy_file(state_dir)
+        if existing is not None:
+            if existing != policy:
+                echo(f"{school}: keeping the policy already in {state_dir} ({existing.to_mapping()})")
+            policy = existing
+        else:
+            write_policy_file(state_dir, policy)
+        policies[school] = policy
+    return policies
+
+
 def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], None] = print) -> int:
     """Run the federation described by the resolved `cfg`; its ServerApp writes into `run_dir`.
 

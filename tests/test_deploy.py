@@ -215,16 +215,18 @@ def test_add_school_matches_the_clientapp_node_config_contract(deployment, tmp_p
 
     dep, home = deployment
     dep, message = deploy_cli.add_node(dep.root, "lincoln-high", "school", data_dir=tmp_path / "data" / "lincoln",
-                                       budget=6.5, flwr_home=home)
+                                       budget=6.5, declared=1200, flwr_home=home)
     folder = dep.node_dir("lincoln-high")
     assert "SuperLink is not running" in message and "fedfer deploy register lincoln-high" in message
     assert f"flwr supernode register {folder / 'supernode.pub'} fedfer" in message
     # Flower reads the .toml given to --node-config; the ClientApp maps it to its identity
     node_config = parse_config_args([str(folder / "node-config.toml")])
     assert node_config == {"role": "school", "school-id": "lincoln-high", "data-dir": str(tmp_path / "data" / "lincoln"),
-                           "state-dir": str(folder / "state"), "budget": 6.5}
+                           "state-dir": str(folder / "state"), "budget": 6.5, "unit": "student", "delta": 1e-5,
+                           "max-round-epsilon": 8.0, "declared-students": 1200}
     ident = identify(node_config, load_config(None, []))
-    assert (ident.role, ident.school_id, ident.budget) == ("school", "lincoln-high", 6.5)
+    assert (ident.role, ident.school_id, ident.policy.budget) == ("school", "lincoln-high", 6.5)
+    assert (ident.policy.unit, ident.policy.delta, ident.policy.declared_units) == ("student", 1e-5, 1200)
     assert ident.state_dir == folder / "state" and not ident.simulated
     # ledger key: the coordinator's keyring holds the public half of the key the ClientApp signs with
     assert (dep.keyring / "lincoln-high.pub").read_text() == public_key_pem(load_or_create_signing_key(folder / "state"))
@@ -259,6 +261,11 @@ def test_evaluator_node_config(deployment, tmp_path):
     ("bad/name", {"data_dir": Path("/d")}, "node name 'bad/name'"),
     ("ok", {}, "school ok: --data-dir is required"),
     ("ok", {"data_dir": Path("/d"), "budget": 0.0}, "school ok: --budget must be > 0"),
+    ("ok", {"data_dir": Path("/d")}, "school ok: --declared-students is required"),
+    ("ok", {"data_dir": Path("/d"), "budget": float("inf"), "declared": 100}, "school ok: key 'budget' must be a finite"),
+    ("ok", {"data_dir": Path("/d"), "budget": float("nan"), "declared": 100}, "school ok: --budget must be > 0"),
+    ("ok", {"data_dir": Path("/d"), "delta": 0.02, "declared": 100}, r"school ok: key 'delta' must be < 1/declared-students"),
+    ("ok", {"data_dir": Path("/d"), "max_round_epsilon": -1.0, "declared": 100}, "school ok: key 'max-round-epsilon'"),
 ])
 def test_add_school_rejects_bad_input(deployment, name, kwargs, message):
     dep, home = deployment
@@ -268,11 +275,11 @@ def test_add_school_rejects_bad_input(deployment, name, kwargs, message):
 
 def test_duplicate_names_and_ports_are_refused(deployment):
     dep, home = deployment
-    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), flwr_home=home)
+    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), declared=100, flwr_home=home)
     with pytest.raises(deploy_cli.DeployError, match="node 'a' already exists"):
-        deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), flwr_home=home)
+        deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), declared=100, flwr_home=home)
     with pytest.raises(deploy_cli.DeployError, match="runtime port 9101 is already used"):
-        deploy_cli.add_node(dep.root, "b", "school", data_dir=Path("/d/b"), runtime_port=9101, flwr_home=home)
+        deploy_cli.add_node(dep.root, "b", "school", data_dir=Path("/d/b"), declared=100, runtime_port=9101, flwr_home=home)
     with pytest.raises(LayoutError, match="no node named 'zzz'.*known: a"):
         deploy_cli.revoke_node(dep.root, "zzz", home)
 
@@ -285,7 +292,7 @@ def test_insecure_is_explicit_and_loud(tmp_path):
     assert dep.insecure and not dep.ca_cert.exists() and dep.bind == "127.0.0.1"
     script = (dep.coordinator_dir / "start-superlink.sh").read_text()
     assert "--insecure" in script and "--enable-supernode-auth" not in script and "--ssl-" not in script
-    dep, message = deploy_cli.add_node(dep.root, "s", "school", data_dir=tmp_path / "s", flwr_home=home)
+    dep, message = deploy_cli.add_node(dep.root, "s", "school", data_dir=tmp_path / "s", declared=100, flwr_home=home)
     assert "insecure deployment" in message
     node_argv = node_commands(dep, "s")[0]
     assert "--insecure" in node_argv and "--auth-supernode-private-key" not in node_argv
@@ -294,7 +301,7 @@ def test_insecure_is_explicit_and_loud(tmp_path):
 
 def test_status_flags_loose_key_permissions(tmp_path, deployment):
     dep, home = deployment
-    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), flwr_home=home)
+    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), declared=100, flwr_home=home)
     result = fedfer("status", "--dir", str(dep.root), cwd=tmp_path, home=home)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "not running" in result.stdout and "created" in result.stdout
@@ -307,7 +314,7 @@ def test_status_flags_loose_key_permissions(tmp_path, deployment):
 
 def test_revoke_and_rotate_need_a_registration_and_a_running_superlink(deployment):
     dep, home = deployment
-    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), flwr_home=home)
+    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), declared=100, flwr_home=home)
     with pytest.raises(deploy_cli.DeployError, match="a was never registered"):
         deploy_cli.revoke_node(dep.root, "a", home)
     with pytest.raises(deploy_cli.DeployError, match="SuperLink is not running on 127.0.0.1:19093"):

@@ -1,0 +1,46 @@
+"""Helpers for the school-side privacy tests: a tiny school folder, a train message, a node context."""
+
+from __future__ import annotations
+
+import csv
+import zlib
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+from PIL import Image
+
+POLICY = {"unit": "student", "delta": 1e-5, "budget": 8.0, "max-round-epsilon": 8.0, "declared-students": 8}
+
+
+def write_school(root: Path, students: list[str], frames: int = 3, seed: int = 0) -> Path:
+    """A school folder: ``frames`` random 32x32 faces per student, each student's frames its own."""
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for student in students:
+        rng = np.random.default_rng(zlib.crc32(f"{seed}/{student}".encode()))
+        for f in range(frames):
+            name = f"images/{student}-{f}.png"
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name)
+            rows.append({"path": name, "label": ["happy", "sad", "angry"][f % 3], "student_id": student})
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "student_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def train_message(state_dict, run_dir: Path, server_round: int = 1, run_id: str = "run-test") -> Message:
+    config = ConfigRecord({"server-round": server_round, "run-id": run_id, "run-dir": str(run_dir)})
+    metadata = Metadata(run_id=1, message_id=f"m{server_round}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id=str(server_round), created_at=time.time(), ttl=3600, message_type="train")
+    return make_message(metadata, RecordDict({"arrays": ArrayRecord(state_dict), "config": config}))
+
+
+def school_context(school_dir: Path, state_dir: Path, run_config, **policy) -> Context:
+    node_config = {"role": "school", "school-id": "school-x", "data-dir": str(school_dir), "state-dir": str(state_dir),
+                   **POLICY, **policy}
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
