@@ -112,7 +112,7 @@ def declared_size_bucket(count: int) -> int:
         raise ValueError(f"a school needs at least one unit to declare a size, got {count}")
     digits = len(str(count))
     step = 10 ** max(0, digits - 2)
-    return max(1, int(round(count / step)) * step)
+    return max(1, math.floor(count / step + 0.5) * step)
 
 
 def policy_from_defaults(defaults: Mapping[str, Any], declared_units: int, *, budget: float | None = None,
