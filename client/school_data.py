@@ -9,7 +9,7 @@ synthetic classroom writes:
 `label` is a class name of the FER7 set (angry, disgust, fear, happy, sad, surprise, neutral).
 Rows whose image cannot be decoded or whose label is unknown are skipped and counted, so one bad file
 never stops a school; a missing labels.csv or a missing column is an error naming the file.
-Nothing here ever leaves the school: the client sends only weights, counts and metrics.
+Nothing here ever leaves the school: the client sends only DP-noised weights, public values and its ledger.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class SchoolData:
     images: np.ndarray            # uint8 (N, H, W, 3)
     labels: np.ndarray            # int64 (N,) indices into FER7
     student_ids: list[str]        # (N,)
-    fingerprint: str              # sha256 of labels.csv: the accountant's dataset identity
+    fingerprint: str              # sha256 of labels.csv, for local diagnostics only: never sent, and not the
+                                  # accountant's identity (one random id per state dir, privacy/accounting.py)
     skipped: dict[str, int] = field(default_factory=dict)   # reason -> count
     first_problem: str = ""       # the first skipped row, as a one-line message
 

@@ -9,7 +9,7 @@ step on a random batch in [-1, 1]. Modes:
 
   plain        SGD, no DP
   dp-hooks     Opacus GradSampleModule (hooks) + DPOptimizer (clip + noise) -- what the client uses
-               (privacy/student_dp.py)
+               (privacy/engine.py)
   dp-ghost     Opacus fast gradient / ghost clipping (GradSampleModuleFastGradientClipping, two backward
                passes, norms instead of stored per-sample gradients where Opacus has a norm sampler)
   dp-functorch GradSampleModule(force_functorch=True)

@@ -118,7 +118,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.launcher import write_school_policies
 
     try:  # each simulated school's own policy, before Flower starts: the run-config cannot weaken it
-        write_school_policies(cfg, run.path, root, echo=lambda line: print("  " + line, flush=True))
+        school_run = Path(str(cfg["run.resume"])).expanduser().resolve() if cfg["run.resume"] else run.path
+        write_school_policies(cfg, school_run, root, echo=lambda line: print("  " + line, flush=True))
     except PolicyError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
         return 2
