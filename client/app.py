@@ -17,9 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.node import NodeIdentity, identify
-from server.array_packing import is_packed, pack_content, unpack_content
-from client.school_data import SchoolData, SchoolDataError, load_school
-from shared_models import registry
+from shared_models.wire import is_packed, pack_content, unpack_content
+from shared_models.datasets.school_folder import SchoolData, SchoolDataError, load_school
+from shared_models.models import registry
 from shared_models.config import from_run_config
 
 app = ClientApp()
@@ -203,9 +203,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = registry.scale_aux_losses(
         registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"])), float(cfg["model.aux_loss_weight"]))
     model.load_state_dict(_received_state(msg), strict=True)
-    from shared_models.benchmark_suite import evaluate_benchmarks, flatten_metrics
+    from shared_models.evaluation import evaluate_benchmarks, flatten_metrics
 
-    results = evaluate_benchmarks(model, node.benchmarks, node.data_dir, cfg, cache=_BENCHMARK_CACHE,
-                                  ensure_synthetic=node.simulated)
+    results = evaluate_benchmarks(model, node.benchmarks, node.data_dir, cfg, cache=_BENCHMARK_CACHE)
     metrics = {**flatten_metrics(results), "eval-seconds": time.perf_counter() - started}  # no "." : not a benchmark
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

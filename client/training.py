@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client.school_data import SchoolData
-from shared_models import registry
+from shared_models.datasets.school_folder import SchoolData
+from shared_models.models import registry
 from shared_models.transforms import eval_transform, to_tensor_image, train_transform
 
 

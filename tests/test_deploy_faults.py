@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from server.deployment import LocalFederation, _proc_stat, bin_path, flower_env
+from server.deploy.processes import LocalFederation, _proc_stat, bin_path, flower_env
 
 from test_deploy_e2e import ROOT, SCHOOLS, dump_logs, make_deployment, run_config, start_all
 
@@ -107,7 +107,7 @@ def test_coordinator_killed_after_round_one_resumes(tmp_path, monkeypatch):
             assert latest["round"] == 1 and latest["evaluated"] is False
 
             fed.start_superlink()   # same database: the nodes stay registered and reconnect by themselves
-            from server import deploy_cli
+            from server.deploy import commands as deploy_cli
 
             _wait_for(lambda: all(row.get("flower") == "online"
                                   for row in deploy_cli.deployment_status(fed.dep.root, home)["nodes"]),

@@ -67,8 +67,8 @@ def test_epsilon_grows_every_round_for_every_school(federation):
 
 
 def test_accuracy_is_the_evaluation_nodes(federation):
-    from shared_models import registry
-    from shared_models.benchmark_suite import evaluate_benchmarks
+    from shared_models.models import registry
+    from shared_models.evaluation import evaluate_benchmarks
     from shared_models.config import load_config
 
     run = federation["run"]

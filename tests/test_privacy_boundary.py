@@ -19,7 +19,7 @@ from flwr.app.metadata import Metadata
 from PIL import Image
 
 from client import app as client_app
-from shared_models import registry
+from shared_models.models import registry
 from shared_models.config import load_config
 
 SECRET_STUDENTS = [f"pupil-SECRET-{i:03d}" for i in range(5)]
