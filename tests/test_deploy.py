@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from server.deploy import credentials as cred
 from server.deploy import commands as deploy_cli
 from server.deploy.layout import Deployment, LayoutError, node_commands
-from server.deploy.processes import Supervisor, _proc_stat, format_node_config
+from server.processes import Supervisor, _proc_stat, format_node_config
 
 FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -336,7 +336,7 @@ def test_supervisor_stops_children_grandchildren_and_detached_sessions(tmp_path)
 
 
 def test_supervisor_reports_a_process_that_dies_at_start(tmp_path):
-    from server.deploy.processes import DeploymentError
+    from server.processes import DeploymentError
 
     with Supervisor(tmp_path / "logs") as sup:
         proc = sup.start("dies", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
@@ -470,7 +470,7 @@ def test_unpack_rejects_a_layout_that_does_not_match():
 
 def test_warm_executor_stops_promptly_while_its_supernode_is_gone(tmp_path):
     """SIGTERM must stop it even inside Flower's connection-retry backoff (start.sh relies on it)."""
-    from server.deploy.processes import flower_env, free_port, warm_executor_argv
+    from server.processes import flower_env, free_port, warm_executor_argv
 
     argv = warm_executor_argv(runtime_port=free_port()) + ["--preload", ""]
     with Supervisor(tmp_path / "logs") as sup:

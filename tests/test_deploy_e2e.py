@@ -21,7 +21,8 @@ import pytest
 from server.deploy import credentials as cred
 from server.deploy import commands as deploy_cli
 from server.deploy.layout import Deployment
-from server.deploy.processes import LocalFederation, _proc_stat, flower_env, free_ports, run_flwr, supernode_argv
+from server.deploy.local import LocalFederation
+from server.processes import _proc_stat, flower_env, free_ports, run_flwr, supernode_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHOOLS = 3

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from server.deploy.processes import LocalFederation, _proc_stat, bin_path, flower_env
+from server.deploy.local import LocalFederation
+
+from server.processes import _proc_stat, bin_path, flower_env
 
 from test_deploy_e2e import ROOT, SCHOOLS, dump_logs, make_deployment, run_config, start_all
 

@@ -117,7 +117,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     """Start the SuperLink and every node of the deployment on this machine (a one-machine trial)."""
     from server.deploy.layout import Deployment
-    from server.deploy.processes import LocalFederation
+    from server.deploy.local import LocalFederation
 
     import signal
 
@@ -128,13 +128,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _terminate)   # also when started in the background (SIGINT ignored there)
     dep = Deployment.load(Path(args.dir).resolve())
     with LocalFederation(dep, log_dir=dep.root / "logs", flwr_home=_home(args)) as fed:
-        fed.start_superlink()
-        if not dep.insecure:
-            for name, entry in dep.nodes.items():
-                if entry.status == "created":   # added while the SuperLink was down
-                    print(register_pending(dep.root, name, _home(args)))
-            fed.dep = dep = Deployment.load(dep.root)
-        fed.start_nodes([n for n in dep.nodes if dep.nodes[n].status != "revoked"], superlink=dep.local_address)
+        fed.start_all()
         print(f"running: SuperLink 127.0.0.1:{dep.port} + {len(fed.nodes)} node(s); logs in {dep.root / 'logs'}; Ctrl-C stops all")
         try:
             while all(p.alive() for p in fed.supervisor.processes):
@@ -150,7 +144,7 @@ def _wrap(handler):  # one-line errors, exit 2
     def run(args: argparse.Namespace) -> int:
         from server.deploy.credentials import CredentialError
         from server.deploy.layout import LayoutError
-        from server.deploy.processes import DeploymentError
+        from server.processes import DeploymentError
 
         try:
             return handler(args)

@@ -16,7 +16,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sim = sub.add_parser("simulate", help="run a multi-school federation on this machine (the main job)",
                          description="Run a simulated federation: synthetic schools train under DP, FedAvg, "
                                      "an evaluation node scores the public split every round.")
-    sim.add_argument("--config", type=Path, help="YAML config (defaults: configs/default.yaml)")
+    sim.add_argument("--config", type=Path, help="YAML config (defaults: shared_models/defaults.yaml)")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. federation.rounds=3 model.name=sfer_mdfae")
     sim.set_defaults(func=cmd_simulate)
 

@@ -57,7 +57,7 @@ def write_cli_connection(dep: "Deployment", flwr_home: Path) -> Path:
 
 
 def superlink_running(dep: "Deployment") -> bool:
-    from server.deploy.processes import port_open
+    from server.processes import port_open
 
     return port_open("127.0.0.1", dep.port)
 
@@ -80,7 +80,7 @@ def register_command(dep: "Deployment", public_key: Path) -> list[str]:
 
 def register_key(dep: "Deployment", public_key: Path, flwr_home: Path) -> int:
     """`flwr supernode register <pub> <connection>` → the node id Flower assigned."""
-    from server.deploy.processes import run_flwr
+    from server.processes import run_flwr
 
     result = run_flwr(["supernode", "register", str(public_key.resolve()), dep.connection, "--format", "json"],
                       flwr_home=flwr_home, timeout=60)
@@ -91,7 +91,7 @@ def register_key(dep: "Deployment", public_key: Path, flwr_home: Path) -> int:
 
 
 def unregister_node(dep: "Deployment", node_id: int, flwr_home: Path) -> None:
-    from server.deploy.processes import run_flwr
+    from server.processes import run_flwr
 
     result = run_flwr(["supernode", "unregister", str(node_id), dep.connection, "--format", "json"],
                       flwr_home=flwr_home, timeout=60)
@@ -100,7 +100,7 @@ def unregister_node(dep: "Deployment", node_id: int, flwr_home: Path) -> None:
 
 def list_nodes(dep: "Deployment", flwr_home: Path) -> dict[int, dict[str, Any]]:
     """Flower's view of the registered nodes: node id → {status: online|offline|registered|…}."""
-    from server.deploy.processes import run_flwr
+    from server.processes import run_flwr
 
     result = run_flwr(["supernode", "list", dep.connection, "--format", "json"], flwr_home=flwr_home, timeout=60)
     data = _flwr_json(result, "flwr supernode list")

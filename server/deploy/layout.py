@@ -196,7 +196,7 @@ def write_node_config(path: Path, config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------ commands
 def superlink_command(dep: Deployment, here: str | None = None) -> list[str]:
     """flower-superlink for this deployment. here=HERE: for the script; None: real paths."""
-    from server.deploy.processes import superlink_argv
+    from server.processes import superlink_argv
 
     base = dep.coordinator_dir
     p = (lambda rel: Path(f"{HERE}/{rel}")) if here == HERE else (lambda rel: base / rel)  # noqa: E731
@@ -207,7 +207,7 @@ def superlink_command(dep: Deployment, here: str | None = None) -> list[str]:
 
 def node_commands(dep: Deployment, name: str, here: str | None = None, superlink: str | None = None) -> list[list[str]]:
     """The processes of one node: the SuperNode, and (executor=warm) its warm ClientApp executor."""
-    from server.deploy.processes import supernode_argv, warm_executor_argv
+    from server.processes import supernode_argv, warm_executor_argv
 
     entry = dep.node(name)
     base = dep.node_dir(name)
@@ -263,7 +263,7 @@ export FLWR_HOME="$HERE/flwr_home" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_
 
 
 def _head(title: str) -> str:
-    from server.deploy.processes import MALLOC_ENV
+    from server.processes import MALLOC_ENV
 
     malloc = ("# glibc: keep DP-SGD's per-sample buffers instead of unmapping them every step\nexport "
               + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))

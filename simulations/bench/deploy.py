@@ -33,7 +33,7 @@ line key `evaluated_in_round`) the two computes overlap, so the longer of the tw
 each mode; the load average is recorded with every result.
 
 Prints a table and writes benchmarks/deploy.json (with the command). Every process it starts is
-stopped at the end (server/deploy/processes.py Supervisor), also on failure.
+stopped at the end (server/processes.py Supervisor), also on failure.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def make_deployment(root: Path, nodes: int, executor: str, fast_poll: bool, flwr
     """A loopback TLS + node-auth deployment with `nodes` school nodes (toy data dirs)."""
     from server.deploy.commands import add_node, init_deployment
     from server.deploy.layout import Deployment
-    from server.deploy.processes import free_ports
+    from server.processes import free_ports
 
     ports = free_ports(nodes + 1)
     init_deployment(root, "localhost", port=ports[0], executor=executor, flwr_home=flwr_home, connection="bench")
@@ -214,9 +214,8 @@ def make_deployment(root: Path, nodes: int, executor: str, fast_poll: bool, flwr
 
 
 def run_mode(mode: str, nodes: int, rounds: int, work: Path, app_dir: Path) -> dict[str, Any]:
-    from server.deploy.commands import register_pending
-    from server.deploy.layout import Deployment
-    from server.deploy.processes import DeploymentError, LocalFederation, run_flwr
+    from server.deploy.local import LocalFederation
+    from server.processes import DeploymentError, run_flwr
 
     executor, fast_poll, server_poll, packed = MODES[mode]
     arrays = 1 if packed else MODEL_ARRAYS
@@ -225,12 +224,7 @@ def run_mode(mode: str, nodes: int, rounds: int, work: Path, app_dir: Path) -> d
     dep = make_deployment(root / "deploy", nodes, executor, fast_poll, home)
     out = root / "toy.json"
     with LocalFederation(dep, root / "logs", home) as fed:
-        fed.start_superlink()
-        for name in dep.nodes:
-            register_pending(dep.root, name, home)
-        fed.dep = Deployment.load(dep.root)
-        for name in fed.dep.nodes:
-            fed.start_node(name)
+        fed.start_all()
         started = time.perf_counter()
         result = run_flwr(["run", str(app_dir), "bench", "--stream", "-c",
                            f'rounds={rounds} nodes={nodes} poll-s={server_poll} arrays={arrays} '
@@ -271,7 +265,7 @@ def summarize(mode: str, rows: list[dict[str, Any]], total: float) -> dict[str, 
 
 
 # -- the real fedfer apps ---------------------------------------------------------------------------
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REAL_BENCHMARK = "synthetic-fer2013"
 REAL_TINY: dict[str, Any] = {   # tiny schools and benchmark: the round is mostly overhead, compute is reported
     "federation.min_train_schools": 2, "federation.round_timeout": 600,
@@ -286,9 +280,10 @@ def real_overrides(nodes: int, rounds: int, extra: dict[str, Any] | None = None)
 
 def run_real(mode: str, nodes: int, rounds: int, work: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The fedfer apps on a loopback TLS + auth deployment: `nodes` schools + one evaluation node."""
-    from server.deploy.commands import add_node, init_deployment, register_pending
+    from server.deploy.commands import add_node, init_deployment
     from server.deploy.layout import Deployment
-    from server.deploy.processes import DeploymentError, LocalFederation, free_ports, run_flwr
+    from server.deploy.local import LocalFederation
+    from server.processes import DeploymentError, free_ports, run_flwr
     from shared_models.config import load_config
     from simulations import synth
 
@@ -319,12 +314,7 @@ def run_real(mode: str, nodes: int, rounds: int, work: Path, extra: dict[str, An
     run_config.update({"run.root": str(runs), "run.name": "bench", "data.root": str(data),
                        "privacy.keyring": str(dep.keyring)})
     with LocalFederation(dep, root / "logs", home) as fed:
-        fed.start_superlink()
-        for name in dep.nodes:
-            register_pending(dep.root, name, home)
-        fed.dep = Deployment.load(dep.root)
-        for name in fed.dep.nodes:
-            fed.start_node(name)
+        fed.start_all()
         started = time.perf_counter()
         result = run_flwr(["run", str(ROOT), "bench", "--stream", "-c",
                            " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())],

@@ -34,12 +34,13 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from simulations.bench.results import write_result
 
 # ------------------------------------------------------------------------------------------------
 # worker: one configuration, in its own process
@@ -170,7 +171,7 @@ def _run(cfg: dict, timeout: float) -> dict:
         env.update(MALLOC_MMAP_THRESHOLD_=str(2**28), MALLOC_TRIM_THRESHOLD_=str(2**30), MALLOC_TOP_PAD_=str(2**26))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=Path(__file__).resolve().parent.parent)
+                              cwd=Path(__file__).resolve().parents[2])
     except subprocess.TimeoutExpired:
         return {**cfg, "ok": False, "error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
@@ -297,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     summary = _summary(rows)
     report = {
-        "command": "python -m simulations.bench.models " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -309,9 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "table": table.splitlines(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_result(args.out, report, module="simulations.bench.models", argv=argv)
     print(f"\nwrote {out} (load average {load_start[0]:.1f} -> {_load()[0]:.1f} on {os.cpu_count()} cpus)")
     return 0
 

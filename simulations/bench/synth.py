@@ -11,17 +11,15 @@ Prints a table and writes JSON with the command that produced it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from simulations import synth
+from simulations.bench.results import write_result
 
 
 def _measure(label: str, build, images: int) -> dict[str, float | int | str]:  # type: ignore[no-untyped-def]
@@ -87,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['images_per_s_cpu']:>10}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     record = {
-        "command": "python -m simulations.bench.synth " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "params": params.__dict__, "scratch_dir": str(scratch), "processes": 1, "writer_threads": 1,
         "workers_whole_dataset": args.workers, "rows": rows, "dataset_images_per_s_wall": whole_row["images_per_s_wall"],
         "school_images_per_s_wall": total["images_per_s_wall"], "school_images_per_s_cpu": total["images_per_s_cpu"],
@@ -95,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": "includes drawing, camera effects, PNG encoding and file writes; the machine is shared, so wall "
                 "time depends on other load (see load_avg); cpu is this process's CPU time",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_result(args.out, record, module='simulations.bench.synth', argv=argv)}")
     return 0
 
 
