@@ -24,7 +24,8 @@ from flwr.common.logger import log
 
 from server.run_dir import RunDirectory, _json_default
 from server.strategy import RoundRecord
-from shared_models.evaluation import evaluate_benchmarks, parse_specs, spec_name
+from shared_models.datasets import split_benchmark_list
+from shared_models.evaluation import evaluate_benchmarks, spec_name
 from shared_models.models import registry
 
 
@@ -56,7 +57,7 @@ class RoundWriter:
         self.model_info = registry.model_info(cfg)
         self.federation_dp = federation_dp
         self.total_rounds = int(cfg["federation.rounds"])
-        self.primary = spec_name(parse_specs(str(cfg["evaluation.benchmarks"]))[0])
+        self.primary = spec_name(split_benchmark_list(str(cfg["evaluation.benchmarks"]))[0])
         self.round_start = time.perf_counter()
         self.checkpointed: set[int] = set()
         self._model: Any = None             # built on first in-process evaluation

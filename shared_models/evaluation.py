@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from shared_models.datasets import open_benchmark, split_benchmark_list
 from shared_models.datasets.base import collate_skipping
 from shared_models.metrics import classification_report
 
@@ -112,10 +113,6 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128,
 LIST_METRICS = ("per_class_recall", "confusion")
 
 
-def parse_specs(specs: str) -> list[str]:
-    return [s.strip() for s in specs.split(",") if s.strip()]
-
-
 def spec_name(spec: str) -> str:
     """`fer2013=/x/y.csv` -> `fer2013`; `synthetic-rafdb` -> `synthetic-rafdb`."""
     return spec.split("=", 1)[0].strip()
@@ -124,12 +121,11 @@ def spec_name(spec: str) -> str:
 def evaluate_benchmarks(model: nn.Module, specs: str, data_root: Path | None, cfg: Mapping[str, Any],
                         cache: dict | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate `model` on every benchmark in `specs` (comma-separated); returns {name: metrics}."""
-    from shared_models.datasets import open_benchmark
     from shared_models.transforms import eval_transform
 
     cache = {} if cache is None else cache
     results: dict[str, dict[str, Any]] = {}
-    for spec in parse_specs(specs):
+    for spec in split_benchmark_list(specs):
         key = (spec, str(data_root), int(model.input_size))
         if key not in cache:
             bench = open_benchmark(spec, data_root=data_root)

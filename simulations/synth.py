@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
+from shared_models.atomic_files import atomic_write_text
 from shared_models.labels import FER7
 from simulations import faces as F
 
@@ -687,7 +688,7 @@ def _write_public(tmp: Path, params: SynthParams, counter: _Counter) -> dict[str
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

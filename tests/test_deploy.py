@@ -482,8 +482,24 @@ def test_warm_executor_stops_promptly_while_its_supernode_is_gone(tmp_path):
         assert "stop signal received" in proc.log_text()
 
 
-def test_supernode_launcher_retries_a_refused_start_then_gives_up(tmp_path, capsys):
+class FakeClock:
+    """monotonic() only moves when the code under test sleeps: retry counts no longer depend on load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_supernode_launcher_retries_a_refused_start_then_gives_up(tmp_path, capsys, monkeypatch):
+    from client.runtime import supernode
     from client.runtime.supernode import supervise
+
+    monkeypatch.setattr(supernode, "_time", FakeClock())
 
     counter = tmp_path / "attempts"
     flaky = [sys.executable, "-c", f"import pathlib, sys; p = pathlib.Path({str(counter)!r}); "
@@ -493,6 +509,7 @@ def test_supernode_launcher_retries_a_refused_start_then_gives_up(tmp_path, caps
     counter.unlink()
     refused = [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(counter)!r}); "
                "p.write_text((p.read_text() if p.exists() else '') + 'x'); raise SystemExit(1)"]
-    assert supervise(refused, retry_for=0.5, retry_every=0.1) == 1
-    assert 2 <= len(counter.read_text()) <= 10
+    # tries at t = 0, 0.125, 0.25, 0.375, 0.5; the next would start after the 0.5 s deadline
+    assert supervise(refused, retry_for=0.5, retry_every=0.125) == 1
+    assert len(counter.read_text()) == 5
     assert "[code: 2004]" in capsys.readouterr().err

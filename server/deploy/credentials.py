@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared_models.atomic_files import atomic_write_bytes
+
 # Names every SuperLink certificate carries so the coordinator reaches its own SuperLink.
 LOOPBACK_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 NODE_KEY_TYPE = "ecdsa-sha2-nistp384"
@@ -66,12 +68,7 @@ def write_private(path: Path, data: bytes) -> None:
 
 def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write a non-secret file (certificate, public key, script) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, mode)
 
 
 def private_file_problem(path: Path) -> str | None:

@@ -1,9 +1,14 @@
-"""Crash-safe writes for the privacy state (accountant JSON, ledgers).
+"""Crash-safe writes: the one place fedfer writes a file that must survive a crash (privacy state,
+ledgers, the run directory, checkpoints, deployment files, the synthetic data's manifests).
 
-Everything goes through write-to-temp, fsync, rename, fsync-directory: after a crash a reader sees
-the old file or the new one, never a torn line. Ledgers are small (one line per school and round), so
-rewriting the whole file on an append costs nothing worth optimising. ``locked`` serialises
-read-modify-write cycles between processes of the same school (or server) with an advisory lock.
+Whole files go through write-to-temp, fsync, rename, fsync-directory: after a crash a reader sees the
+old file or the new one, never a torn one. Two ways to append a line:
+- ``append_line_atomic`` rewrites the file the same way (ledgers: small, and a ledger must never end
+  in a partial line);
+- ``append_line`` is one ``write`` of a complete line with O_APPEND, then fsync (metrics and events:
+  a killed process leaves at most a missing line).
+``locked`` serialises read-modify-write cycles between processes of the same school (or server) with
+an advisory lock.
 """
 
 from __future__ import annotations
@@ -16,11 +21,14 @@ from pathlib import Path
 from typing import Iterator
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` with `data` all at once (`mode`: the new file's permissions)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -49,6 +57,20 @@ def append_line_atomic(path: Path, line: str) -> None:
     if old and not old.endswith(b"\n"):
         raise ValueError(f"{path}: last line has no newline; the file was edited outside fedfer")
     atomic_write_bytes(path, old + line.encode("utf-8") + b"\n")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one complete line with a single O_APPEND write, then fsync."""
+    if "\n" in line or "\r" in line:
+        raise ValueError("a line must not contain a newline")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
