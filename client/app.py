@@ -16,8 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.node import NodeIdentity, identify
-from server.array_packing import is_packed, pack_content, unpack_content
-from shared_models import registry
+from shared_models.wire import is_packed, pack_content, unpack_content
+from shared_models.models import registry
 from shared_models.config import from_run_config
 
 app = ClientApp()
@@ -110,9 +110,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     if node.role != "evaluator":
         return _reply_status(msg, "declined", f"node role is {node.role}, not evaluator")
     model = _global_model(msg, cfg)
-    from shared_models.benchmark_suite import evaluate_benchmarks, flatten_metrics
+    from shared_models.evaluation import evaluate_benchmarks, flatten_metrics
 
-    results = evaluate_benchmarks(model, node.benchmarks, node.data_dir, cfg, cache=_BENCHMARK_CACHE,
-                                  ensure_synthetic=node.simulated)
+    results = evaluate_benchmarks(model, node.benchmarks, node.data_dir, cfg, cache=_BENCHMARK_CACHE)
     metrics = {**flatten_metrics(results), "eval-seconds": time.perf_counter() - started}  # no "." : not a benchmark
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from client.node import NodeIdentity
-from client.school_data import SchoolData, SchoolDataError, load_school
+from shared_models.datasets.school_folder import SchoolData, SchoolDataError, load_school
 
 ROUND_LOCK = "round"   # <state_dir>/round.lock: check → train → record, one at a time per school
 
@@ -107,7 +107,7 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
               server_round: int, clock: Callable[[], datetime] | None = None) -> RoundReply:
     """One round at this school; ``model`` holds the global weights and is trained in place."""
     from privacy.accounting import SchoolAccountant, school_dataset_id
-    from privacy.atomic_files import try_locked
+    from shared_models.atomic_files import try_locked
     from privacy.budget import check_budget
     from privacy.ledger import SchoolLedger, epsilon_value, record_refusal, record_round
     from privacy.policy import PolicyViolation, agree_round

@@ -1,4 +1,5 @@
-"""The `fedfer` command. Each package owns its sub-commands in its own `cli.py`-style module with an
+"""The `fedfer` command. Every sub-command lives in fedfer/commands/ (one module per user: the ML
+engineer's `simulate`, the IT admin's `deploy`, the privacy officer's `privacy`, …), each with an
 `add_commands(subparsers)` function; this file only gathers them. Heavy imports (torch, flwr) happen
 inside the command handlers, so `fedfer --help` stays fast.
 """
@@ -10,11 +11,11 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
-    "simulations.cli",      # simulate, data synth, train-central
-    "shared_models.cli",    # models
-    "server.cli",           # evaluate, report, resume
-    "privacy.cli",          # privacy audit | plan | attack
-    "server.deploy_cli",    # deploy init | add-school | evaluator
+    "fedfer.commands.simulate",   # simulate, data synth, train-central
+    "fedfer.commands.models",     # models
+    "fedfer.commands.results",    # evaluate, report
+    "fedfer.commands.privacy",    # privacy audit | plan | attack
+    "fedfer.commands.deploy",     # deploy init | add-school | evaluator | …
 )
 
 
@@ -25,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that part is not built yet
-                continue
-            raise
-        module.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 

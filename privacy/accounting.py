@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from privacy.atomic_files import atomic_write_text, locked
+from shared_models.atomic_files import atomic_write_text, locked
 
 ACCOUNTANT_KINDS = ("prv", "rdp")
 STATE_SCHEMA = 1

@@ -63,7 +63,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from privacy.atomic_files import append_line_atomic, atomic_write_text, locked
+from shared_models.atomic_files import append_line_atomic, atomic_write_text, locked
 from privacy.signing import key_id, load_public_key, public_key_pem, sign_hash, verify_hash_signature
 
 SCHEMA = 1

@@ -126,7 +126,7 @@ def policy_from_defaults(defaults: Mapping[str, Any], declared_units: int, *, bu
 
 
 def write_policy_file(state_dir: Path, policy: SchoolPolicy) -> Path:
-    from privacy.atomic_files import atomic_write_text
+    from shared_models.atomic_files import atomic_write_text
 
     path = Path(state_dir) / POLICY_FILE
     atomic_write_text(path, json.dumps(policy.to_mapping(), indent=1) + "\n")

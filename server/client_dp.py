@@ -61,6 +61,13 @@ class FederationAccountant:
         self.wrapper: SchoolsOnlyAdaptiveClipping | None = None
         self.clip_before_round = float(cfg["federation.client_dp_clip"])
 
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], run: RunDirectory) -> "FederationAccountant":
+        """The accountant for the schools a round samples under `cfg`."""
+        sampled = max(int(round(int(cfg["federation.schools"]) * float(cfg["federation.fraction_train"]))),
+                      int(cfg["federation.min_train_schools"]))
+        return cls(cfg, run, sampled)
+
     def wrap(self, strategy: Any) -> SchoolsOnlyAdaptiveClipping:
         # Flower's default count noise (num_sampled/20) is too small for few schools; 2x the noise keeps
         # the split valid and spends a small share of the budget on the count.

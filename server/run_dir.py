@@ -8,12 +8,13 @@
     runs/<id>/checkpoints/round-NNNN.pt, latest.json   weights + round + strategy state (resume)
     runs/<id>/report.md, plots/*.png
 
-Appends are single `write` calls of one complete line followed by fsync, so a killed process leaves
-at most a missing line, never a torn one; checkpoints are written to a temp file and renamed.
+Every write goes through shared_models/atomic_files.py: a killed process leaves at most a missing
+metrics line, never a torn one, and a checkpoint is the old one or the new one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -23,19 +24,13 @@ from typing import Any, Mapping
 
 import torch
 
+from shared_models.atomic_files import append_line, atomic_write_bytes, atomic_write_text
 from shared_models.config import dump_yaml
 
 
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line atomically (one write of a complete line, then fsync)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True, default=_json_default) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Append one JSON line (one write of a complete line, then fsync)."""
+    append_line(path, json.dumps(record, sort_keys=True, default=_json_default))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -121,20 +116,17 @@ class RunDirectory:
         node); latest.json says so until `mark_evaluated`. A resume from such a checkpoint evaluates it
         first (server/app.py); the metrics file, not this flag, is what decides."""
         target = self.path / "checkpoints" / f"round-{server_round:04d}.pt"
-        tmp = target.with_suffix(".tmp")
+        buffer = io.BytesIO()
         torch.save({"round": server_round, "model": dict(model_info), "state_dict": dict(state_dict),
-                    "config": dict(cfg), "strategy": dict(strategy_state), "run_id": self.run_id}, tmp)
-        os.replace(tmp, target)
+                    "config": dict(cfg), "strategy": dict(strategy_state), "run_id": self.run_id}, buffer)
+        atomic_write_bytes(target, buffer.getvalue())
         self._write_latest({"round": server_round, "file": target.name, "evaluated": evaluated})
         for old in sorted((self.path / "checkpoints").glob("round-*.pt"))[:-keep]:
             old.unlink(missing_ok=True)
         return target
 
     def _write_latest(self, latest: Mapping[str, Any]) -> None:
-        path = self.path / "checkpoints" / "latest.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(latest)), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(self.path / "checkpoints" / "latest.json", json.dumps(dict(latest)))
 
     def mark_evaluated(self, server_round: int) -> None:
         """Round `server_round`'s metrics line is written: flag latest.json if it points at that round."""

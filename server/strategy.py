@@ -12,12 +12,12 @@ Pipelined evaluation: the evaluation node does not get a message exchange of its
 round. Round r's model is evaluated *during round r+1*: its `evaluate` message goes out in the same
 `send_and_receive` as round r+1's train messages (it carries the current global model, i.e. round r's),
 and its reply is taken out of the train replies before anything counts them as schools'. Round r's
-metrics line is written when that reply arrives (`on_round_end`). Round r's checkpoint does not wait
-for it: `on_round_trained` writes it as soon as round r's released model exists (start of
+metrics line is written when that reply arrives (`RoundHooks.round_settled`). Round r's checkpoint does not wait
+for it: `RoundHooks.round_trained` writes it as soon as round r's released model exists (start of
 `configure_evaluate`, after client-level DP noise if enabled), so a coordinator that stops during round
 r+1 resumes after round r and no school's round is trained twice. The final round's
 model, and the last model when training stops early, are evaluated in the usual separate exchange
-(`configure_evaluate`). If the evaluation node did not answer, `on_round_end` gets the record without
+(`configure_evaluate`). If the evaluation node did not answer, `round_settled` gets the record without
 an evaluation and the server evaluates in-process, as before.
 Aggregation itself is Flower's FedAvg (`aggregate_arrayrecords`) over the accepted replies with public,
 uniform weights (every school's `unit-weight` is 1: an exact example count is private and never sent), followed by Flower's FedAvgM server step when `federation.server_momentum` > 0
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from server.array_packing import ERROR_RECORD
+from shared_models.wire import ERROR_RECORD
 from server.run_dir import RunDirectory
 from server.validation import RejectedUpdate, check_update
 
@@ -80,6 +80,39 @@ class RoundRecord:
     timing: dict[str, float] = field(default_factory=dict)
 
 
+class RoundHooks(Protocol):
+    """What the strategy tells the run directory's writer (server/round_writer.py) about each round."""
+
+    def round_started(self) -> None: ...
+
+    def round_trained(self, record: RoundRecord, arrays: ArrayRecord, strategy_state: dict[str, Any]) -> None:
+        """The round's released model exists (checkpoint it before any evaluation)."""
+
+    def round_settled(self, record: RoundRecord, arrays: ArrayRecord, strategy_state: dict[str, Any],
+                      evaluator_expected: bool) -> None:
+        """The round's evaluation is in (or will not come): write its metrics line."""
+
+    def round_closed(self, record: RoundRecord) -> None:
+        """The round's own exchanges are over (its pipelined evaluation may still be due)."""
+
+
+class NoRoundHooks:
+    """Hooks that record nothing (tests that drive the strategy alone)."""
+
+    def round_started(self) -> None:
+        pass
+
+    def round_trained(self, record: RoundRecord, arrays: ArrayRecord, strategy_state: dict[str, Any]) -> None:
+        pass
+
+    def round_settled(self, record: RoundRecord, arrays: ArrayRecord, strategy_state: dict[str, Any],
+                      evaluator_expected: bool) -> None:
+        pass
+
+    def round_closed(self, record: RoundRecord) -> None:
+        pass
+
+
 class _AcceptedAverage(FedAvg):
     """FedAvg's aggregation step restricted to the replies SchoolFedAvg accepts.
 
@@ -87,15 +120,19 @@ class _AcceptedAverage(FedAvg):
     runs on top of this average, exactly as it runs on top of FedAvg's."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.average_accepted(server_round, replies)  # type: ignore[attr-defined]
+        return self.average_accepted(server_round, replies)
+
+    def average_accepted(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate the replies and average the accepted ones (SchoolFedAvg says which are accepted)."""
+        raise NotImplementedError
 
 
 class SchoolFedAvg(FedAvgM, _AcceptedAverage):
     """FedAvg(M) over schools with reply validation, a budget-aware sampler and an evaluation node."""
 
     def __init__(self, cfg: Mapping[str, Any], run: RunDirectory, round_offset: int = 0,
-                 exhausted: Iterable[str] = (), on_round_end: Callable[[RoundRecord, ArrayRecord], None] | None = None,
-                 momentum: list[torch.Tensor] | None = None) -> None:
+                 exhausted: Iterable[str] = (), momentum: list[torch.Tensor] | None = None,
+                 rounds: RoundHooks | None = None) -> None:
         server_momentum = float(cfg["federation.server_momentum"])
         if server_momentum and bool(cfg["federation.client_dp"]):
             # Flower's client-DP wrapper noises what this strategy returns; a momentum built from the
@@ -119,12 +156,12 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self.exhausted: set[str] = set(exhausted)
         self.current_arrays: ArrayRecord | None = None
         self.record: RoundRecord | None = None
-        self.on_round_end = on_round_end
-        # called once per trained round with the released model, before any evaluation of it (checkpoint)
-        self.on_round_trained: Callable[[RoundRecord, ArrayRecord], None] | None = None
+        self.rounds: RoundHooks = rounds if rounds is not None else NoRoundHooks()
         self.finished = False
         self.rng = random.Random(int(cfg["run.seed"]))
-        self.on_round_start: Callable[[], None] | None = None
+        # client-level DP: one school, one vote (the wrapper's clipping bound assumes an unweighted average)
+        if bool(cfg["federation.client_dp"]):
+            self.weighted_by_key = "unit-weight"
         self._train_messages: list[Message] = []   # this round's train messages (ids set by the grid on push)
         self._sent_at: float = 0.0
         # pipelined evaluation: the last round whose model waits for the evaluation node's verdict
@@ -197,8 +234,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self.record = RoundRecord(rnd)
         self.current_arrays = arrays
         self._train_messages, self._eval_message = [], None
-        if self.on_round_start is not None:
-            self.on_round_start()
+        self.rounds.round_started()
         if self.finished:
             return []
         self._discover(grid)
@@ -246,28 +282,41 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         return [r for r in replies if not (eval_id and r.metadata.reply_to_message_id == eval_id)]
 
     def _flush_pending(self) -> None:
-        """Hand the pending round to `on_round_end` (with or without the evaluation node's result)."""
+        """Hand the pending round to the writer (with or without the evaluation node's result)."""
         if self.pending is None:
             return
         record, arrays = self.pending
         self.pending = None
-        if self.on_round_end is not None:
-            self.on_round_end(record, arrays)
+        self.rounds.round_settled(record, arrays, self.state(), evaluator_expected=bool(self.evaluator_nodes()))
 
     def round_done(self, record: RoundRecord | None, arrays: ArrayRecord, pipeline: bool) -> None:
         """End of a round's training (and, for the final round, its evaluation); `record` None: nothing
         trained this round.
 
         With `pipeline`, a round that has no evaluation yet waits for the next round's training exchange;
-        otherwise it is handed to `on_round_end` now (which evaluates in-process if nothing came back).
+        otherwise it is handed to the writer now (which evaluates in-process if nothing came back).
         """
         self._flush_pending()
         if record is None:
             return
         if pipeline and not record.evaluation and self.evaluator_nodes():
             self.pending = (record, arrays)
-        elif self.on_round_end is not None:
-            self.on_round_end(record, arrays)
+        else:
+            self.rounds.round_settled(record, arrays, self.state(), evaluator_expected=bool(self.evaluator_nodes()))
+
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's `evaluate_fn`, called after each round's training (and the final round's evaluation):
+        the round is done, so its record goes to the writer now or waits for its pipelined evaluation.
+        Evaluates nothing itself; returns None so Flower records nothing of its own."""
+        record = self.record
+        if server_round == 0 or record is None:
+            return None
+        if self.finished and not record.train:
+            self.round_done(None, arrays, pipeline=False)   # the last trained round, if still waiting
+            return None
+        self.round_done(record, arrays, pipeline=not self.is_final_round(server_round))
+        self.rounds.round_closed(record)
+        return None
 
     def average_accepted(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply; the example-weighted average of the accepted ones (FedAvg's step)."""
@@ -380,10 +429,10 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
 
         Called by Flower after every round with the round's released model (`arrays`: after the client-DP
         wrapper's noise, or the unchanged global model if nothing was aggregated); that model is handed
-        to `on_round_trained` first, so its checkpoint exists before any evaluation exchange."""
+        to `RoundHooks.round_trained` first, so its checkpoint exists before any evaluation exchange."""
         self._eval_target = None
-        if self.record is not None and self.record.train and self.on_round_trained is not None:
-            self.on_round_trained(self.record, arrays)
+        if self.record is not None and self.record.train:
+            self.rounds.round_trained(self.record, arrays, self.state())
         if not self.is_final_round(server_round):
             return []
         if self.pending is not None:   # training stopped before the pending round's model got its evaluation
@@ -415,7 +464,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         return None
 
     def _record_evaluation(self, reply: Message, target: RoundRecord) -> MetricRecord | None:
-        from shared_models.benchmark_suite import unflatten_metrics
+        from shared_models.evaluation import unflatten_metrics
 
         if reply.has_error() or "metrics" not in reply.content.metric_records:
             reason = short_reason(reply.error.reason) if reply.has_error() else "reply without metrics"

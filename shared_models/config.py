@@ -1,4 +1,4 @@
-"""Experiment configuration: `configs/default.yaml` is the one place for defaults; this is its schema.
+"""Experiment configuration: `shared_models/defaults.yaml` is the one place for defaults; this is its schema.
 
 A config is a flat mapping of dotted keys (``train.lr``) to scalars, because that is what Flower's
 run-config carries between the CLI, the ServerApp and every ClientApp. The YAML file is written nested
@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "defaults.yaml"   # shipped inside the package
 
 Scalar = bool | int | float | str
 

@@ -18,14 +18,16 @@ otherwise each frame is scored on its own and the clip's logits are the mean ove
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared_models.benchmarks.base import collate_skipping
+from shared_models.datasets import open_benchmark, split_benchmark_list
+from shared_models.datasets.base import collate_skipping
 from shared_models.metrics import classification_report
 
 
@@ -102,3 +104,70 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128,
     report["skipped"] = int(getattr(dataset, "skipped", 0))
     report["model_classes"] = model_classes
     return report
+
+# ---------------------------------------------------------------------------------- benchmark lists
+# The evaluation node scores a comma-separated list of benchmark specs. Metrics travel in a Flower
+# MetricRecord, which holds flat numbers and lists: `flatten_metrics` turns {benchmark: metric dict}
+# into `<benchmark>.<metric>` keys and `unflatten_metrics` turns them back.
+
+LIST_METRICS = ("per_class_recall", "confusion")
+
+
+def spec_name(spec: str) -> str:
+    """`fer2013=/x/y.csv` -> `fer2013`; `synthetic-rafdb` -> `synthetic-rafdb`."""
+    return spec.split("=", 1)[0].strip()
+
+
+def evaluate_benchmarks(model: nn.Module, specs: str, data_root: Path | None, cfg: Mapping[str, Any],
+                        cache: dict | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate `model` on every benchmark in `specs` (comma-separated); returns {name: metrics}."""
+    from shared_models.transforms import eval_transform
+
+    cache = {} if cache is None else cache
+    results: dict[str, dict[str, Any]] = {}
+    for spec in split_benchmark_list(specs):
+        key = (spec, str(data_root), int(model.input_size))
+        if key not in cache:
+            bench = open_benchmark(spec, data_root=data_root)
+            cache[key] = bench.as_torch(eval_transform(model.input_size))
+        results[spec_name(spec)] = evaluate_model(model, cache[key], n_boot=int(cfg["evaluation.bootstrap"]),
+                                                  seed=int(cfg["run.seed"]))
+    return results
+
+
+def flatten_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    flat: dict[str, Any] = {"num-examples": int(sum(int(m.get("n", 0)) for m in results.values()))}
+    for bench, metrics in results.items():
+        for name, value in metrics.items():
+            if name == "confusion":
+                flat[f"{bench}.confusion"] = [int(v) for row in value for v in row]
+            elif name == "per_class_recall":
+                # a class absent from the benchmark has no recall: NaN on the wire, None again after unflatten
+                flat[f"{bench}.per_class_recall"] = [float("nan") if v is None else float(v) for v in value]
+            elif isinstance(value, bool):
+                continue
+            elif isinstance(value, (int, float)):
+                flat[f"{bench}.{name}"] = value
+            elif value is None:
+                flat[f"{bench}.{name}"] = float("nan")
+    return flat
+
+
+def unflatten_metrics(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if "." not in key:
+            continue
+        bench, name = key.rsplit(".", 1)
+        results.setdefault(bench, {})[name] = list(value) if isinstance(value, (list, tuple)) else value
+    for metrics in results.values():
+        for name, value in metrics.items():
+            if isinstance(value, float) and value != value:
+                metrics[name] = None
+        if "per_class_recall" in metrics:
+            metrics["per_class_recall"] = [None if v != v else v for v in metrics["per_class_recall"]]
+        if "confusion" in metrics:
+            flat_cm = metrics["confusion"]
+            k = int(round(len(flat_cm) ** 0.5))
+            metrics["confusion"] = [flat_cm[i * k:(i + 1) * k] for i in range(k)]
+    return results

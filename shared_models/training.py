@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared_models import registry
+from shared_models.models import registry
 from shared_models.transforms import eval_transform, to_tensor_image
 
 

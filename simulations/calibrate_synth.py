@@ -48,7 +48,7 @@ def build_model(name: str, size: int) -> nn.Module:
         model.maxpool = nn.Identity()
         return model
     if name == "hafnet":
-        from shared_models import registry
+        from shared_models.models import registry
 
         net = registry.build("hafnet", num_classes=7, preset="cpu")
 

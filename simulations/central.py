@@ -11,10 +11,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from client.school_data import SchoolData, load_school
 from privacy.engine import plan_from_config, train_private
-from shared_models import registry
-from shared_models.benchmark_suite import evaluate_benchmarks
+from shared_models.datasets.school_folder import SchoolData, load_school
+from shared_models.evaluation import evaluate_benchmarks
+from shared_models.models import registry
 from shared_models.training import FaceDataset, make_optimizer, train_plain
 from shared_models.transforms import train_transform
 
@@ -36,8 +36,7 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
     torch.manual_seed(int(cfg["run.seed"]))
     torch.set_num_threads(max(1, int(cfg["train.threads"])))
     data = pooled_schools(root)
-    model = registry.scale_aux_losses(
-        registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"])), float(cfg["model.aux_loss_weight"]))
+    model = registry.build_from_config(cfg)
     started = time.perf_counter()
     history = []
     epsilon = None
@@ -60,7 +59,7 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
             dataset = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
             stats = train_plain(model, dataset, cfg, epochs=1, seed=epoch)
         if epoch == epochs or epoch % max(1, epochs // 5) == 0:
-            results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg, ensure_synthetic=True)
+            results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg)
             accs = {b: round(m["accuracy"], 4) for b, m in results.items()}
             history.append({"epoch": epoch, "loss": stats["loss"], **accs})
             echo(f"epoch {epoch}/{epochs}: loss {stats['loss']:.3f} accuracy {accs} ({time.perf_counter() - started:.0f} s)")

@@ -10,9 +10,9 @@ ends, fails or is interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from server.processes import flower_env, free_port, is_alive, process_tree
 from shared_models.config import to_toml
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -31,84 +32,34 @@ class SimulationError(RuntimeError):
 
 
 def offline_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for every Flower process we start: no telemetry, no update check, no installs."""
+    """Environment for every Flower process we start: Flower's offline switches and allocator settings
+    (server/processes.py, shared with deployment), plus Ray's."""
     env = dict(os.environ)
-    # Flower starts its helpers (flower-superexec, flwr-simulation) by name: put this venv first on PATH
-    # so `.venv/bin/fedfer` works without activating the venv.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    env.update(flower_env(flwr_home, {
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
         "RAY_DEDUP_LOGS": "0",
         "PYTHONUNBUFFERED": "1",
-        # glibc keeps freed per-sample-gradient buffers instead of unmapping them every DP step:
-        # measured 277 -> 362 samples/s for HAFNet-cpu under Opacus (benchmarks/models.json)
-        "MALLOC_MMAP_THRESHOLD_": "268435456",
-        "MALLOC_TRIM_THRESHOLD_": "1073741824",
-        "MALLOC_TOP_PAD_": "67108864",
-    })
+    }))
     return env
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (Ray daemons may leave the process group, not the tree)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process, its group and every descendant; SIGKILL whatever is left after `grace`."""
-    if proc.poll() is None or _descendants(proc.pid):
-        victims = [proc.pid, *_descendants(proc.pid)]
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace
-        while time.time() < deadline and any(_alive(p) for p in victims):
-            time.sleep(0.2)
-        for pid in victims:
-            if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-    try:
+    """SIGTERM the process and every descendant (Ray daemons leave the process group, not the tree);
+    SIGKILL whatever is left after `grace`."""
+    victims = process_tree(proc.pid)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while time.time() < deadline and any(is_alive(pid) for pid in victims):
+        time.sleep(0.2)
+    for pid in victims:
+        if is_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _wait_healthy(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:

@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
+from shared_models.atomic_files import atomic_write_text
 from shared_models.labels import FER7
 from simulations import faces as F
 
@@ -687,7 +688,7 @@ def _write_public(tmp: Path, params: SynthParams, counter: _Counter) -> dict[str
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -858,15 +859,6 @@ def ensure_dataset(root: str | Path, params: SynthParams, progress: Progress | N
 # ------------------------------------------------------------------------------------------------
 
 
-def build_from_config(cfg: Mapping[str, Any], root: str | Path | None = None, progress: Progress | None = None,
-                      force: bool = False) -> Path:
-    """What `fedfer data synth` runs: the dataset for a flat config at `root` (default: `data.root`,
-    else the cache folder for these parameters). Returns the root."""
-    params = params_from_config(cfg)
-    target = Path(root).expanduser() if root else root_from_config(cfg)
-    return ensure_dataset(target, params, progress=progress, force=force)
-
-
 def summary(root: str | Path) -> str:
     """A plain-text table of a built dataset (schools, camera, students, frames, clips, label counts)."""
     root = Path(root).expanduser()
@@ -887,3 +879,18 @@ def summary(root: str | Path) -> str:
     lines.append(f"{'public':<10} {'(4 photo sources)':<18} {pub.get('num_identities', 0):>8} "
                  f"{pub.get('num_images', 0):>7} {'-':>6}  " + " ".join(f"{counts.get(label, 0):>5}" for label in FER7))
     return "\n".join(lines)
+
+
+def ensure_for_config(cfg: Mapping[str, Any], echo: Callable[[str], None] = print) -> Path:
+    """Build (or reuse) the synthetic classroom a config describes, printing progress by tenths;
+    returns its folder. Every command that needs the data calls this once, before Flower starts, so
+    the apps themselves only ever read it."""
+    shown = [-1]
+
+    def progress(done: int, total: int, what: str) -> None:
+        decile = 10 * done // max(total, 1)
+        if decile > shown[0]:
+            shown[0] = decile
+            echo(f"  synthetic classroom: {done}/{total} images ({what})")
+
+    return ensure_dataset(root_from_config(cfg), params_from_config(cfg), progress=progress)

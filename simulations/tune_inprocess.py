@@ -27,18 +27,18 @@ from pathlib import Path
 
 import torch
 
-from client.school_data import load_school
 from privacy.engine import plan_from_config, train_private
 from privacy.policy import declared_size_bucket
+from shared_models.datasets.school_folder import load_school
+from shared_models.evaluation import evaluate_benchmarks
+from shared_models.models import registry
 from shared_models.training import FaceDataset, make_optimizer
 from shared_models.transforms import train_transform
-from shared_models import registry
-from shared_models.benchmark_suite import evaluate_benchmarks
 from shared_models.config import ConfigError, load_config
 
 
 def _build(cfg: dict) -> torch.nn.Module:
-    model = registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"]))
+    model = registry.build_from_config(cfg)
     return registry.scale_aux_losses(model, float(cfg["model.aux_loss_weight"]))
 
 
@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     label = args.label or ("defaults" if not args.overrides else "_".join(args.overrides).replace("/", "-"))
     out = args.out or Path("benchmarks/tune") / f"{label}.json"
 
-    from simulations.cli import _ensure_data
+    from simulations import synth
 
     torch.set_num_threads(int(cfg["train.threads"]))
     # Opacus' hooks on the first layer, whose input needs no gradient: harmless, and once per round is noise.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    root = _ensure_data(cfg)
+    root = synth.ensure_for_config(cfg)
     schools = [load_school(d) for d in sorted((root / "schools").iterdir()) if d.is_dir()]
     print(f"{len(schools)} schools: students {[s.num_students for s in schools]}", flush=True)
     torch.manual_seed(int(cfg["run.seed"]))
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 total[key] = total.get(key, 0) + value.double()
             weight += 1
         model.load_state_dict(server_step(global_state, {k: v / weight for k, v in total.items()}, velocity, momentum))
-        results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg, ensure_synthetic=True)
+        results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg)
         name, metrics = next(iter(results.items()))
         row = {"round": rnd, "benchmark": name, "accuracy": round(metrics["accuracy"], 4),
                "macro_f1": round(metrics["macro_f1"], 4), "max_sigma": round(sigma, 3),

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared_models.benchmarks import BenchmarkError, open_benchmark
-from shared_models.benchmarks.affectnet import AFFECTNET_TO_FER8
-from shared_models.benchmarks.ckplus import CKPLUS_TO_FER8
-from shared_models.benchmarks.clips import DFEW_TO_FER7
-from shared_models.benchmarks.fer2013 import FER2013_TO_FER7
-from shared_models.benchmarks.ferplus import FERPLUS_TO_FER8, majority_label
-from shared_models.benchmarks.kdef import KDEF_TO_FER7
-from shared_models.benchmarks.rafdb import RAFDB_TO_FER7
+from shared_models.datasets import BenchmarkError, open_benchmark
+from shared_models.datasets.affectnet import AFFECTNET_TO_FER8
+from shared_models.datasets.ckplus import CKPLUS_TO_FER8
+from shared_models.datasets.clips import DFEW_TO_FER7
+from shared_models.datasets.fer2013 import FER2013_TO_FER7
+from shared_models.datasets.ferplus import FERPLUS_TO_FER8, majority_label
+from shared_models.datasets.kdef import KDEF_TO_FER7
+from shared_models.datasets.rafdb import RAFDB_TO_FER7
 from shared_models.labels import FER7, FER8
 
 RNG = np.random.default_rng(0)
@@ -241,7 +241,7 @@ def test_rafdb_errors(tmp_path):
 
 def test_corrupt_images_counted_and_skipped_at_open_and_at_access(tmp_path, caplog):
     torch = pytest.importorskip("torch")
-    from shared_models.benchmarks import collate_skipping
+    from shared_models.datasets import collate_skipping
     from shared_models.transforms import eval_transform
 
     entries = [(f"test_000{i}.jpg", 1 + i % 7) for i in range(1, 7)]

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_pyproject_run_config_mirrors_default_yaml():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     mirrored = flatten(pyproject["tool"]["flwr"]["app"]["config"])
-    assert mirrored == defaults(), "run scripts/sync_flwr_config.py after editing configs/default.yaml"
+    assert mirrored == defaults(), "run scripts/sync_flwr_config.py after editing shared_models/defaults.yaml"
 
 
 def test_overrides_are_typed():

@@ -23,10 +23,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from privacy import credentials as cred
-from server import deploy_cli
-from server.deploy_layout import Deployment, LayoutError, node_commands
-from server.deployment import Supervisor, _proc_stat, format_node_config
+from server.deploy import credentials as cred
+from server.deploy import commands as deploy_cli
+from server.deploy.layout import Deployment, LayoutError, node_commands
+from server.processes import Supervisor, _proc_stat, format_node_config
 
 FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -236,7 +236,7 @@ def test_add_school_matches_the_clientapp_node_config_contract(deployment, tmp_p
     script = (folder / "start.sh").read_text()
     for flag in ('--auth-supernode-private-key "$HERE/supernode"', '--root-certificates "$HERE/ca.crt"',
                  '--node-config "$HERE/node-config.toml"', "--isolation process", "--superlink fl.district.example:19093",
-                 "-m client.warm_executor", "--runtime-api-address 127.0.0.1:9101", 'FLWR_HOME="$HERE/flwr_home"'):
+                 "-m client.runtime.warm_executor", "--runtime-api-address 127.0.0.1:9101", 'FLWR_HOME="$HERE/flwr_home"'):
         assert flag in script, flag
     assert subprocess.run(["bash", "-n", str(folder / "start.sh")]).returncode == 0
 
@@ -343,7 +343,7 @@ def test_supervisor_stops_children_grandchildren_and_detached_sessions(tmp_path)
 
 
 def test_supervisor_reports_a_process_that_dies_at_start(tmp_path):
-    from server.deployment import DeploymentError
+    from server.processes import DeploymentError
 
     with Supervisor(tmp_path / "logs") as sup:
         proc = sup.start("dies", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
@@ -355,7 +355,7 @@ def test_supervisor_reports_a_process_that_dies_at_start(tmp_path):
 def test_supernode_poll_patch_shortens_only_the_two_poll_sleeps(monkeypatch):
     from flwr.supernode import start_client_internal as loop
 
-    from client import supernode
+    from client.runtime import supernode
 
     slept = []
     monkeypatch.setattr(supernode._time, "sleep", slept.append)
@@ -371,7 +371,7 @@ def test_supernode_poll_patch_shortens_only_the_two_poll_sleeps(monkeypatch):
 def test_object_pull_backoff_defaults_are_shortened(monkeypatch):
     from flwr.supercore.inflatable import inflatable_utils as pulls
 
-    from client.supernode import shorten_object_pull_backoff
+    from shared_models.wire import shorten_object_pull_backoff
 
     for fn in (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree):
         monkeypatch.setattr(fn, "__kwdefaults__", dict(fn.__kwdefaults__))
@@ -400,7 +400,7 @@ class _FakeGrid:
 
 
 def test_polling_grid_collects_every_reply_and_honours_the_timeout(monkeypatch):
-    from server.polling_grid import PollingGrid
+    from server.transport import PollingGrid
 
     fake = _FakeGrid([0, 3, 1])
     grid = PollingGrid.__new__(PollingGrid)   # skip __init__: it tunes Flower's pull backoff process-wide
@@ -428,7 +428,7 @@ def _state(seed: int) -> dict:
 
 
 def test_pack_roundtrip_is_exact_and_one_array_per_dtype():
-    from server.array_packing import pack, unpack
+    from shared_models.wire import pack, unpack
 
     state = _state(1)
     arrays, layout = pack(state)
@@ -444,7 +444,7 @@ def test_fedavg_of_packed_replies_equals_fedavg_of_tensors():
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from server.array_packing import pack, unpack
+    from shared_models.wire import pack, unpack
 
     states, weights = [_state(s) for s in (1, 2, 3)], [10.0, 30.0, 60.0]
     floats = [{k: v for k, v in s.items() if v.dtype == np.float32} for s in states]
@@ -463,7 +463,7 @@ def test_fedavg_of_packed_replies_equals_fedavg_of_tensors():
 def test_unpack_rejects_a_layout_that_does_not_match():
     from flwr.app import ConfigRecord
 
-    from server.array_packing import PackingError, pack, unpack
+    from shared_models.wire import PackingError, pack, unpack
 
     arrays, layout = pack(_state(1))
     entries = json.loads(layout["layout"])
@@ -477,7 +477,7 @@ def test_unpack_rejects_a_layout_that_does_not_match():
 
 def test_warm_executor_stops_promptly_while_its_supernode_is_gone(tmp_path):
     """SIGTERM must stop it even inside Flower's connection-retry backoff (start.sh relies on it)."""
-    from server.deployment import flower_env, free_port, warm_executor_argv
+    from server.processes import flower_env, free_port, warm_executor_argv
 
     argv = warm_executor_argv(runtime_port=free_port()) + ["--preload", ""]
     with Supervisor(tmp_path / "logs") as sup:
@@ -489,8 +489,24 @@ def test_warm_executor_stops_promptly_while_its_supernode_is_gone(tmp_path):
         assert "stop signal received" in proc.log_text()
 
 
-def test_supernode_launcher_retries_a_refused_start_then_gives_up(tmp_path, capsys):
-    from client.supernode import supervise
+class FakeClock:
+    """monotonic() only moves when the code under test sleeps: retry counts no longer depend on load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_supernode_launcher_retries_a_refused_start_then_gives_up(tmp_path, capsys, monkeypatch):
+    from client.runtime import supernode
+    from client.runtime.supernode import supervise
+
+    monkeypatch.setattr(supernode, "_time", FakeClock())
 
     counter = tmp_path / "attempts"
     flaky = [sys.executable, "-c", f"import pathlib, sys; p = pathlib.Path({str(counter)!r}); "
@@ -500,6 +516,7 @@ def test_supernode_launcher_retries_a_refused_start_then_gives_up(tmp_path, caps
     counter.unlink()
     refused = [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(counter)!r}); "
                "p.write_text((p.read_text() if p.exists() else '') + 'x'); raise SystemExit(1)"]
-    assert supervise(refused, retry_for=0.5, retry_every=0.1) == 1
-    assert 2 <= len(counter.read_text()) <= 10
+    # tries at t = 0, 0.125, 0.25, 0.375, 0.5; the next would start after the 0.5 s deadline
+    assert supervise(refused, retry_for=0.5, retry_every=0.125) == 1
+    assert len(counter.read_text()) == 5
     assert "[code: 2004]" in capsys.readouterr().err

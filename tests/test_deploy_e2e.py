@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from privacy import credentials as cred
-from server import deploy_cli
-from server.deploy_layout import Deployment
-from server.deployment import LocalFederation, _proc_stat, flower_env, free_ports, run_flwr, supernode_argv
+from server.deploy import credentials as cred
+from server.deploy import commands as deploy_cli
+from server.deploy.layout import Deployment
+from server.deploy.local import LocalFederation
+from server.processes import _proc_stat, flower_env, free_ports, run_flwr, supernode_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHOOLS = 3

@@ -25,10 +25,20 @@ TINY = [
 ]
 
 
-def _ps_fedfer_processes() -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {int(line.split()[0]) for line in out.splitlines()[1:]
-            if ("flower-superlink" in line or "flwr-simulation" in line or "raylet" in line) and "fedfer-e2e" in line}
+def _processes_of_run(run_root: Path) -> set[int]:
+    """Every live process that belongs to a run under `run_root`: the launcher gives each Flower process
+    (SuperLink, simulation, Ray's raylet and workers, which inherit its environment) FLWR_HOME inside
+    the run directory, whatever its name."""
+    marker = f"FLWR_HOME={run_root}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes():
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +77,8 @@ def test_epsilon_grows_every_round_for_every_school(federation):
 
 
 def test_accuracy_is_the_evaluation_nodes(federation):
-    from shared_models import registry
-    from shared_models.benchmark_suite import evaluate_benchmarks
+    from shared_models.models import registry
+    from shared_models.evaluation import evaluate_benchmarks
     from shared_models.config import load_config
 
     run = federation["run"]
@@ -90,7 +100,7 @@ def test_server_never_opened_benchmark_files(federation):
 
 
 def test_no_flower_process_left_behind(federation):
-    assert _ps_fedfer_processes() == set()
+    assert _processes_of_run(federation["run"].parent) == set()
 
 
 def test_fedfer_evaluate_reproduces_the_evaluation_node(federation):

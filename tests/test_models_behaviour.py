@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared_models import registry
-from shared_models.hafnet import ClassCentres, HAFNet, partition_per_sample
+from shared_models.models import registry
+from shared_models.models.hafnet import ClassCentres, HAFNet, partition_per_sample
 from shared_models.output import FEROutput
-from shared_models.sfer_mdfae import BiLevelRoutingAttention
+from shared_models.models.sfer_mdfae import BiLevelRoutingAttention
 
 
 def _x(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedfer.cli import main
-from shared_models import registry
+from shared_models.models import registry
 
 
 def test_models_json_lists_each_model_and_preset(capsys) -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from shared_models import registry
-from shared_models.complexity import Complexity, complexity, count_macs, count_params
+from shared_models.models import registry
+from shared_models.models.complexity import Complexity, complexity, count_macs, count_params
 
 
 @pytest.fixture(scope="module")

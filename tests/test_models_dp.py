@@ -16,7 +16,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
-from shared_models import registry
+from shared_models.models import registry
 
 
 warnings.filterwarnings("ignore", message=".*full backward hook.*")

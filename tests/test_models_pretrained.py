@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared_models import registry
-from shared_models.backbones.resnet import ResNet18
-from shared_models.pretrained import PretrainedError
+from shared_models.models import registry
+from shared_models.models.backbones.resnet import ResNet18
+from shared_models.models.pretrained import PretrainedError
 
 
 def _params_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

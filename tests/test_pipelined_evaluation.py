@@ -3,7 +3,7 @@ round r+1's train messages, not in an exchange of its own; the final model gets 
 metrics.jsonl still has exactly one line per round, each with the accuracy the evaluation node computed
 for that round's model, and each round's checkpoint is that model.
 
-Runs the real SchoolFedAvg + RoundWriter (server/app.py) under Flower's FedAvg.start loop on the fake grid
+Runs the real SchoolFedAvg + RoundWriter + run start/resume (server/) under Flower's FedAvg.start loop on the fake grid
 of tests/test_transport.py, behind PackedGrid as in the app.
 """
 
@@ -15,9 +15,10 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
-from server.array_packing import PackedGrid
+from server.transport import PackedGrid
 from test_transport import FakeGrid, _record, _reply, _serverapp_identity, _state, _train_reply  # noqa: F401
 
 SCHOOLS = {101: "school-a", 202: "school-b", 303: "school-c"}
@@ -46,6 +47,19 @@ def _accuracy(rnd: int) -> float:
     return 0.1 + 0.01 * rnd
 
 
+class FakeModel:
+    """Stands in for the configured model: its state is the fake schools' float vector."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return OrderedDict((k, torch.as_tensor(v)) for k, v in self.state.items())
+
+    def load_state_dict(self, state_dict):
+        self.state = {k: np.asarray(v) for k, v in state_dict.items()}
+
+
 class Crash(Exception):
     """The coordinator stops (injected right after a checkpoint is written)."""
 
@@ -58,16 +72,16 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
     `crash_after`: the coordinator stops right after round `crash_after`'s checkpoint is written.
     `resume`: continue the run in tmp_path from its latest checkpoint, as server/app.py's main does."""
     from privacy.signing import load_or_create_signing_key, public_key_pem
-    from server.app import RoundWriter, resume_pending, unevaluated_round
-    from server.array_packing import unpack_content
-    from server.run_dir import RunDirectory
+    from server.round_writer import RoundWriter
+    from server.run import resume_pending, start_or_resume
     from server.strategy import SchoolFedAvg
     from shared_models.config import load_config
+    from shared_models.wire import unpack_content
 
     cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
                              "federation.min_train_schools=1", "federation.max_update_norm=1000",
-                             f"federation.rounds={ROUNDS}", "federation.fraction_train=1.0"])
-    run = RunDirectory.create(cfg)
+                             f"federation.rounds={ROUNDS}", "federation.fraction_train=1.0"]
+                      + ([f"run.resume={tmp_path / 'runs' / 't'}"] if resume else []))
     keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / name)) for nid, name in SCHOOLS.items()}
     evaluations = {"count": 0}
 
@@ -90,43 +104,37 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
             {"synthetic-rafdb.accuracy": _accuracy(rnd), "synthetic-rafdb.n": 100, "eval-seconds": 0.01})}))
 
     grid = RecordingGrid(list(SCHOOLS) + ([EVALUATOR] if evaluator else []), answer)
-    num_rounds, initial, pending = ROUNDS, _record(_state(0)), None
-    if resume:
-        checkpoint = run.latest_checkpoint()
-        offset = int(checkpoint["round"])
-        strategy = SchoolFedAvg(cfg, run, round_offset=offset, exhausted=checkpoint["strategy"].get("exhausted", []),
-                                momentum=checkpoint["strategy"].get("momentum"))
-        initial = ArrayRecord(OrderedDict(checkpoint["state_dict"]))
-        pending, num_rounds = unevaluated_round(run, checkpoint), ROUNDS - offset
-    else:
-        strategy = SchoolFedAvg(cfg, run)
     in_process: list[int] = []
-
-    def evaluate_in_process(arrays):
-        in_process.append(len(in_process))
-        return {"synthetic-rafdb": {"accuracy": 0.5, "n": 100}}
-
     checkpoints: dict[int, dict[str, np.ndarray]] = {}
-    save = run.save_checkpoint
 
-    def save_checkpoint(server_round, state_dict, *args, **kwargs):
-        checkpoints[server_round] = {k: v.numpy().copy() for k, v in state_dict.items()}
-        return save(server_round, state_dict, *args, **kwargs)
+    class Writer(RoundWriter):
+        """The app's writer with a stub in-process evaluation, remembering each checkpoint's weights."""
 
-    run.save_checkpoint = save_checkpoint
-    writer = RoundWriter(run, strategy, cfg, {"name": "fake", "preset": "", "num_classes": 7}, evaluate_in_process)
-    if crash_after is not None:
-        def checkpoint_then_crash(record, arrays):
-            writer.checkpoint(record, arrays)
+        def evaluate_in_process(self, arrays):
+            in_process.append(len(in_process))
+            return {"synthetic-rafdb": {"accuracy": 0.5, "n": 100}}
+
+        def round_trained(self, record, arrays, strategy_state):
+            checkpoints[record.round] = {k: v.numpy().copy() for k, v in arrays.to_torch_state_dict().items()}
+            super().round_trained(record, arrays, strategy_state)
             if record.round == crash_after:
                 raise Crash(record.round)
 
-        strategy.on_round_trained = checkpoint_then_crash
-    num_rounds = resume_pending(strategy, pending, initial, num_rounds)
+    with pytest.MonkeyPatch.context() as patch:   # the fake schools train a float vector, not the configured model
+        patch.setattr("server.run.registry.build_from_config", lambda cfg: FakeModel(_state(0)))
+        start = start_or_resume(cfg)
+    run = start.run
+    writer = Writer(run, start.cfg, start.round_offset)
+    writer.model_info = {"name": "fake", "preset": "", "num_classes": 7}
+    strategy = SchoolFedAvg(start.cfg, run, round_offset=start.round_offset, rounds=writer,
+                            exhausted=start.strategy_state.get("exhausted", []),
+                            momentum=start.strategy_state.get("momentum"))
+    initial = ArrayRecord(OrderedDict(start.model.state_dict()))
+    num_rounds = resume_pending(strategy, start.unevaluated, initial, start.remaining)
     runner = wrap(strategy) if wrap is not None else strategy
     try:
         runner.start(grid=PackedGrid(grid), initial_arrays=initial, num_rounds=num_rounds, timeout=5,
-                     train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=writer.finish_round)
+                     train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=strategy.end_of_round)
     except Crash:
         assert crash_after is not None
     lines = run.metrics()
@@ -233,7 +241,7 @@ def test_a_checkpoint_is_written_before_its_models_evaluation(tmp_path):
     grid, lines, checkpoints, _ = _setup(tmp_path, evaluator=True, crash_after=1)
     assert lines == [] and sorted(checkpoints) == [1]
     assert _latest(tmp_path) == {"round": 1, "file": "round-0001.pt", "evaluated": False}
-    from server.cli import load_checkpoint   # `fedfer evaluate` reads it with weights_only=True
+    from fedfer.commands.results import load_checkpoint   # `fedfer evaluate` reads it with weights_only=True
 
     saved = load_checkpoint(tmp_path / "runs" / "t")["strategy"]["unevaluated"]
     assert saved["round"] == 1 and saved["aggregated"] and saved["evaluation"] == {} and len(saved["train"]) == 3

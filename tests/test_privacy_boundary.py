@@ -19,7 +19,7 @@ from flwr.app.metadata import Metadata
 from PIL import Image
 
 from client import app as client_app
-from shared_models import registry
+from shared_models.models import registry
 from shared_models.config import load_config
 
 SECRET_STUDENTS = [f"pupil-SECRET-{i:03d}" for i in range(5)]
@@ -78,7 +78,7 @@ def reply(tmp_path):
     _write_school(school, rng, corrupt=True)
     cfg = load_config(None, ["train.batch_size=2", "train.local_epochs=1", "federation.rounds=2",
                              "train.frames_per_student=2"])
-    from client.school_data import load_school
+    from shared_models.datasets.school_folder import load_school
 
     assert len(load_school(school)) == 20  # the corrupt and unknown-label rows are skipped at the school
     model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))

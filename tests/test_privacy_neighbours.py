@@ -21,7 +21,7 @@ from client import app as client_app
 from client import school_round
 from privacy.accounting import DATASET_ID_FILE, school_dataset_id
 from privacy.signing import SIGNING_KEY_FILE, load_or_create_signing_key
-from shared_models import registry
+from shared_models.models import registry
 from shared_models.config import load_config
 
 STUDENTS = [f"s{i}" for i in range(7)]

@@ -18,7 +18,7 @@ from privacy.accounting import AccountingError, SchoolAccountant, epsilon_of, sc
 from privacy.ledger import read_ledger_file, verify_entries
 from privacy.policy import PolicyError, SchoolPolicy, agree_round, declared_size_bucket, make_policy
 from privacy.signing import load_or_create_signing_key
-from shared_models import registry
+from shared_models.models import registry
 from shared_models.config import from_run_config, load_config
 
 BASE = ["train.batch_size=2", "federation.rounds=2", "train.frames_per_student=2"]

@@ -125,9 +125,9 @@ class MeanDecoder(nn.Module):
 
 @pytest.fixture
 def stand_in_registry(monkeypatch):
-    fake = types.ModuleType("shared_models.registry")
+    fake = types.ModuleType("shared_models.models.registry")
     fake.build = lambda name, num_classes, preset: MeanDecoder(num_classes)
-    monkeypatch.setitem(sys.modules, "shared_models.registry", fake)
+    monkeypatch.setitem(sys.modules, "shared_models.models.registry", fake)
     import shared_models
 
     monkeypatch.setattr(shared_models, "registry", fake, raising=False)

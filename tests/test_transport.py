@@ -1,4 +1,4 @@
-"""The model on the wire: packed into one array per dtype (server/array_packing.py PackedGrid, the
+"""The model on the wire: packed into one array per dtype (shared_models/wire.py PackedGrid, the
 ClientApp's `_received_state` / `_reply`), unpacked before validation and FedAvg; and replies matched
 to schools by the message they answer, not by position or sender field.
 
@@ -20,7 +20,8 @@ from flwr.app.metadata import Metadata
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from server.array_packing import PackedGrid, is_packed, pack_content, unpack_content
+from server.transport import PackedGrid
+from shared_models.wire import is_packed, pack_content, unpack_content
 
 SUPERLINK_NODE_ID = 1   # flwr.common.constant: the sender of the SuperLink's own error replies
 
@@ -274,8 +275,8 @@ def test_school_clientapp_answers_a_packed_request_with_a_packed_reply(tmp_path)
     from test_privacy_boundary import SECRET_STUDENTS, _context, _train_message, _write_school
 
     from client import app as client_app
-    from server.array_packing import unpack
-    from shared_models import registry
+    from shared_models.wire import unpack
+    from shared_models.models import registry
     from shared_models.config import load_config
 
     school = tmp_path / "school"

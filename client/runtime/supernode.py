@@ -1,0 +1,170 @@
+"""Run Flower's own `flower-supernode`, with a shorter idle poll of the SuperLink.
+
+Why: Flower 1.41's SuperNode main loop (`flwr/supernode/start_client_internal.py`) asks the
+SuperLink for a message and, when there is none, sleeps a hard-coded 3 s (`time.sleep(3)`); while
+a ClientApp runs it checks for the reply every 0.5 s. Each round therefore starts on average
+1.5 s — and, with several schools, up to 3 s — after the server sent the round, and the reply
+leaves up to 0.5 s after it is ready. There is no option for either interval.
+
+This launcher replaces the `time` module *seen by that one module* with a proxy whose `sleep`
+uses our intervals; everything else (arguments, TLS, node authentication, Runtime API, exit codes)
+is Flower's `flower_supernode()` unchanged. A faster poll costs one small authenticated
+PullMessages request per interval per school on the SuperLink (0.5 s: 2 requests/s per school).
+
+If the installed Flower no longer has the expected loop (other version), the launcher logs a
+warning and runs the SuperNode unpatched: correct, only slower.
+
+Usage (what `fedfer deploy add-school` writes into the school's start script):
+    python -m client.runtime.supernode --idle-poll 0.5 --reply-poll 0.1 -- <flower-supernode arguments>
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time as _time
+import types
+from typing import Sequence
+
+from shared_models.wire import shorten_object_pull_backoff
+
+DEFAULT_IDLE_POLL_S = 0.5
+DEFAULT_REPLY_POLL_S = 0.1
+FLOWER_IDLE_SLEEP_S = 3      # the constants in flwr 1.41 start_client_internal.py
+FLOWER_REPLY_SLEEP_S = 0.5
+
+
+class _PollClock(types.ModuleType):
+    """The `time` module, except that the SuperNode loop's two poll sleeps are shortened."""
+
+    def __init__(self, idle: float, reply: float) -> None:
+        super().__init__("time")
+        self._idle, self._reply = idle, reply
+
+    def __getattr__(self, name: str):  # everything but sleep is the real time module
+        return getattr(_time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds >= FLOWER_IDLE_SLEEP_S:
+            seconds = self._idle
+        elif seconds >= FLOWER_REPLY_SLEEP_S:
+            seconds = min(seconds, self._reply)
+        _time.sleep(seconds)
+
+
+def patch_poll_intervals(idle: float = DEFAULT_IDLE_POLL_S, reply: float = DEFAULT_REPLY_POLL_S) -> bool:
+    """Shorten the SuperNode loop's sleeps; False (and nothing changed) if the loop is not as expected."""
+    from flwr.supernode import start_client_internal as loop
+
+    source = inspect.getsource(loop)
+    if getattr(loop, "time", None) is not _time or f"time.sleep({FLOWER_IDLE_SLEEP_S})" not in source:
+        return False
+    loop.time = _PollClock(idle, reply)
+    return True
+
+
+def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str]) -> int:
+    """Flower's `flower_supernode()` in this process, with the poll patches applied."""
+    from logging import INFO, WARNING
+
+    from flwr.supercore import log
+    from flwr.supercore.logger import update_console_handler
+
+    # A school's log is read later from a file: timestamps on, colour codes only on a terminal.
+    update_console_handler(timestamps=True, colored=sys.stderr.isatty())
+
+    if not shorten_object_pull_backoff():
+        log(WARNING, "[fedfer] this Flower's object pull has no backoff defaults; left unchanged")
+    if patch_poll_intervals(idle_poll, reply_poll):
+        log(INFO, "[fedfer] SuperNode poll: idle %.2f s, reply %.2f s", idle_poll, reply_poll)
+    else:
+        log(WARNING, "[fedfer] this Flower's SuperNode loop is not the expected one; running it unpatched (3 s poll)")
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *flower_args]  # Flower reads its own argv (and labels exits by argv[0])
+    return flower_supernode() or 0
+
+
+def supervise(child_argv: list[str], retry_for: float, retry_every: float) -> int:
+    """Run the SuperNode as a child; restart it while it keeps failing to *connect*.
+
+    Why: the SuperLink only activates a node that is registered or offline. A SuperNode that
+    crashed (or lost its coordinator) stays 'online' there until its heartbeat lapses (Flower:
+    2 x 30 s), and a restart in that window exits at once with `[code: 2004] Failed to activate
+    SuperNode` (exit 1). So a failure within the first seconds is retried for `retry_for` seconds;
+    a revoked key keeps failing and is given up on with that message. A SuperNode that ran and
+    then stopped is not restarted here (that is the site's service manager's decision).
+    """
+    import signal
+    import subprocess
+
+    deadline = _time.monotonic() + retry_for
+    current: list[subprocess.Popen] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in current:
+            if child.poll() is None:
+                child.send_signal(signum)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            started = _time.monotonic()
+            current[:] = [subprocess.Popen(child_argv)]
+            try:
+                code = current[0].wait()
+            except SystemExit:
+                try:
+                    current[0].wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    current[0].kill()
+                raise
+            quick = _time.monotonic() - started < 30
+            if code == 0 or not quick or _time.monotonic() + retry_every > deadline:
+                if code != 0 and quick:
+                    print(f"[fedfer] the SuperNode could not join for {retry_for:.0f} s; if the log says "
+                          "[code: 2004], its key is not registered (or was revoked) at the SuperLink",
+                          file=sys.stderr)
+                return code
+            print(f"[fedfer] the SuperNode exited ({code}) while connecting; retrying in {retry_every:.0f} s "
+                  "(a crashed node stays 'online' at the SuperLink for up to 60 s)", file=sys.stderr, flush=True)
+            _time.sleep(retry_every)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, flower_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else ([], argv)
+    parser = argparse.ArgumentParser(prog="python -m client.runtime.supernode",
+                                     description="flower-supernode with a shorter idle poll (arguments after --)")
+    parser.add_argument("--idle-poll", type=float, default=DEFAULT_IDLE_POLL_S,
+                        help="seconds between PullMessages when idle (Flower: 3)")
+    parser.add_argument("--reply-poll", type=float, default=DEFAULT_REPLY_POLL_S,
+                        help="seconds between checks for the ClientApp's reply (Flower: 0.5)")
+    parser.add_argument("--retry-for", type=float, default=120.0,
+                        help="keep restarting a SuperNode that fails to connect for this long (0: never)")
+    parser.add_argument("--retry-every", type=float, default=10.0, help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(ours)
+    for name in ("idle_poll", "reply_poll"):
+        if not 0.05 <= getattr(args, name) <= 3.0:
+            parser.error(f"--{name.replace('_', '-')} must be between 0.05 and 3 seconds")
+    if args.child or args.retry_for <= 0:
+        if args.child:   # die with the supervising parent, even if it is SIGKILLed
+            import os
+
+            from flwr.supercore.app_utils import start_parent_process_monitor
+
+            start_parent_process_monitor(os.getppid())
+        return run_supernode(args.idle_poll, args.reply_poll, flower_args)
+    child = [sys.executable, "-m", "client.runtime.supernode", "--child", "--idle-poll", str(args.idle_poll),
+             "--reply-poll", str(args.reply_poll), "--", *flower_args]
+    return supervise(child, args.retry_for, args.retry_every)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

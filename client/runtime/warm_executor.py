@@ -1,0 +1,281 @@
+"""A long-running ClientApp executor for a school's SuperNode: imports torch & co. once, then forks
+one child per Flower message.
+
+Why: in Flower 1.41 deployment every message (train, evaluate, query) is executed by a *fresh*
+`flwr-clientapp` process. The SuperNode (`--isolation subprocess`, the default) starts a
+`flower-superexec`, which polls the SuperNode's Runtime API every second and `Popen`s
+`flwr-clientapp --token …` per task; that process imports torch + opacus + flwr (5–6 s here) and
+exits after one message. `flwr-clientapp` itself cannot stay up: it takes one task token and exits.
+The only warm pools in 1.41 (`supercore/superexec/executor/warm_executor_*`) are Kubernetes-only
+and only for agentapp/model/connector tasks.
+
+This module does what `flower-superexec` does — acquire a task from the SuperNode's Runtime API
+(`--isolation process` tells the SuperNode not to start its own executor) — but instead of
+exec-ing a new interpreter it `fork()`s a child of an interpreter that already imported the heavy
+libraries. The child runs Flower's own `run_clientapp()` with the task token, exactly what
+`flwr-clientapp` would run, and exits. So each message still gets a fresh process (no state leaks
+between messages or runs, the app is imported from the FAB the server shipped), only the imports
+are paid once.
+
+Only third-party libraries are preloaded, never the app's own modules: Flower's loader re-uses
+`sys.modules` entries, so a preloaded `client.app` would shadow the FAB's copy.
+
+Fork safety: the parent never runs torch operations (no OpenMP/intra-op thread pool exists when it
+forks) and starts no threads; children clear Flower's inherited exit handlers and end with
+`os._exit`, so nothing of the parent is torn down twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import time
+from logging import DEBUG, ERROR, INFO, WARNING
+from typing import Sequence
+
+DEFAULT_PRELOAD = ("numpy", "torch", "torchvision", "opacus", "scipy.stats", "yaml", "PIL.Image", "cryptography")
+DEFAULT_POLL_S = 0.2
+
+
+def _log(level: int, msg: str, *args: object) -> None:
+    from flwr.common.logger import log
+
+    log(level, "[warm-executor] " + msg, *args)
+
+
+def preload(modules: Sequence[str]) -> dict[str, float]:
+    """Import `modules` (and Flower's ClientApp runtime) now; returns seconds per module."""
+    took: dict[str, float] = {}
+    for name in [*modules, "flwr.supernode.runtime.run_clientapp"]:
+        name = name.strip()
+        if not name:
+            continue
+        start = time.perf_counter()
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            _log(WARNING, "preload %s failed (%s); the ClientApp will import it per message", name, exc)
+            continue
+        took[name] = time.perf_counter() - start
+    return took
+
+
+def _child(spec: "object") -> None:
+    """Run one task in a forked child, exactly as `flwr-clientapp --token …` would, then _exit."""
+    code = 1
+    try:
+        from flwr.supercore.exit import exit_handler
+        from flwr.supercore.tls import validate_and_resolve_root_certificates
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        exit_handler.registered_exit_handlers.clear()  # the parent's handlers are not ours to run
+        # This module's own package (`client`) is also the app's package name: drop it so the
+        # child imports the ClientApp from the FAB the server shipped, not from this installation.
+        package = (__spec__.name if __spec__ is not None else __name__).split(".")[0]
+        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+            del sys.modules[name]
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        sys.argv = ["flwr-clientapp"]  # Flower picks telemetry/exit labels from argv[0]
+        run_clientapp(
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+            parent_pid=spec.parent_pid,
+            runtime_dependency_install=spec.runtime_dependency_install,
+        )
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - report and exit non-zero, never return into the parent's loop
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+class ForkExecutor:
+    """A Flower SuperExec executor (same interface as `SubprocessExecutor`) that forks."""
+
+    def __init__(self) -> None:
+        self.children: dict[int, float] = {}   # pid -> start time
+        self.launched = 0
+
+    # -- Executor protocol -------------------------------------------------------------------
+    def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
+        return set(supported_task_types), set()
+
+    def wait_for_capacity(self, task_type=None, *, fab_hash=None, insecure=False, root_certificates_path=None):
+        return None
+
+    def launch(self, spec):
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.superexec.executor.types import LaunchResult
+
+        if spec.task_type != TaskType.CLIENT_APP:
+            return LaunchResult.failed(f"warm executor runs ClientApp tasks only, got {spec.task_type}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(spec)  # never returns
+        self.children[pid] = time.monotonic()
+        self.launched += 1
+        _log(DEBUG, "task %s -> child pid %s", spec.task_id, pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap finished children (no zombies)."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            started = self.children.pop(pid, None)
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                _log(WARNING, "ClientApp child %s exited with %s after %.1f s", pid, code,
+                     time.monotonic() - started if started else -1.0)
+
+    def close(self) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while self.children and time.monotonic() < deadline:
+            self.reconcile()
+            time.sleep(0.05)
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self.children.clear()
+
+
+def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates: str | None = None,
+          auth_secret: bytes | None = None, poll: float = DEFAULT_POLL_S, max_tasks: int | None = None) -> int:
+    """Acquire ClientApp tasks from the SuperNode's Runtime API and fork one child per task.
+
+    The loop is `flwr.supercore.superexec.run_superexec.run_superexec`'s, with our executor and a
+    shorter poll (the SuperNode is on loopback; a 1 s poll alone adds ~0.5 s per message).
+    """
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.superexec.plugin import AutoExecPlugin
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    executor = ForkExecutor()
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if auth_secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret,
+                                                         protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=insecure,
+        root_certificates=validate_and_resolve_root_certificates(root_certificates, insecure),
+        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+    plugin = AutoExecPlugin(runtime_api_address=runtime_api_address, insecure=insecure,
+                            root_certificates_path=root_certificates, runtime_dependency_install=False,
+                            executor=executor)
+
+    class _Stop(BaseException):  # not an Exception: Flower's retry loop must not swallow it
+        """Raised by SIGTERM/SIGINT wherever the loop is — also inside Flower's HTTP retry backoff,
+        which can sleep for many seconds while the SuperNode is gone."""
+
+    def _stop(signum: int, _frame: object) -> None:
+        raise _Stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    _log(INFO, "serving ClientApp tasks from %s (poll %.2f s, pid %s)", runtime_api_address, poll, os.getpid())
+    try:
+        while True:
+            executor.reconcile()
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception as exc:  # noqa: BLE001 - the SuperNode restarting must not kill us
+                _log(WARNING, "AcquireTask failed: %s", exc)
+                time.sleep(1.0)
+                continue
+            if res.HasField("task") and res.token:
+                result = plugin.launch_task(token=res.token, task=res.task)
+                if result.status != "accepted":
+                    _log(ERROR, "task %s not launched: %s", res.task.task_id, result.message)
+                if max_tasks is not None and executor.launched >= max_tasks:
+                    break
+                continue  # another task may already wait
+            time.sleep(poll)
+    except _Stop:
+        _log(INFO, "stop signal received")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # finish the clean-up below uninterrupted
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        executor.close()
+        client.close()
+    _log(INFO, "stopped after %d task(s)", executor.launched)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m client.runtime.warm_executor",
+        description="Run a school's ClientApp tasks in forks of one warm interpreter "
+                    "(start the SuperNode with --isolation process).")
+    parser.add_argument("--runtime-api-address", required=True,
+                        help="the SuperNode's Runtime API, host:port (its --port), normally 127.0.0.1:PORT")
+    parser.add_argument("--root-certificates", default=None,
+                        help="CA for a TLS Runtime API (only when the SuperNode has --ssl-certfile)")
+    parser.add_argument("--superexec-auth-secret-file", default=None,
+                        help="shared secret file also given to the SuperNode (HMAC on AcquireTask)")
+    parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD),
+                        help="comma-separated third-party modules to import once (never the app's own)")
+    parser.add_argument("--poll", type=float, default=DEFAULT_POLL_S, help="seconds between AcquireTask polls")
+    parser.add_argument("--max-tasks", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not 0.01 <= args.poll <= 60:
+        parser.error("--poll must be between 0.01 and 60 seconds")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(timestamps=True, colored=sys.stderr.isatty())
+    secret = None
+    if args.superexec_auth_secret_file:
+        from flwr.supercore.auth import load_superexec_auth_secret
+
+        try:
+            secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
+        except ValueError as exc:
+            print(f"warm-executor: {exc}", file=sys.stderr)
+            return 2
+    took = preload([m for m in args.preload.split(",") if m])
+    from shared_models.wire import shorten_object_pull_backoff
+
+    # Children inherit this: a task is often acquired before its message's objects are stored.
+    shorten_object_pull_backoff()
+    _log(INFO, "preloaded %s in %.1f s", ", ".join(took), sum(took.values()))
+    return serve(args.runtime_api_address, insecure=args.root_certificates is None,
+                 root_certificates=args.root_certificates, auth_secret=secret, poll=args.poll,
+                 max_tasks=args.max_tasks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

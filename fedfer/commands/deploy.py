@@ -1,0 +1,237 @@
+"""`fedfer deploy …`: credentials, registration and start commands for a real federation
+(one Flower SuperLink at the coordinator, one SuperNode per school, one evaluation node).
+
+    fedfer deploy init --coordinator fl.district.example [--san 10.0.0.5 …] [--dir deploy]
+    fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln [--budget 8 --declared-students 1200 …]
+    fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
+    fedfer deploy status | register NAME | revoke NAME | rotate NAME | renew-cert | up
+
+Secure by default: TLS (own CA, EC P-384) and SuperNode authentication (ECDSA P-384 node keys
+registered with `flwr supernode register`) are on; `--insecure` turns both off, loudly.
+The work is done by server/deploy/ (commands, layout, credentials, processes); this module only
+parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from server.deploy.commands import (INSECURE_WARNING, DeployError, add_node, default_flwr_home, deployment_status,
+                                    init_deployment, register_pending, renew_certificate, revoke_node, rotate_node)
+
+
+# ------------------------------------------------------------------------------------ argparse
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.flwr_home).expanduser().resolve() if args.flwr_home else default_flwr_home()
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    dep = init_deployment(Path(args.dir), args.coordinator, args.san, port=args.port, bind=args.bind,
+                          connection=args.connection, insecure=args.insecure, executor=args.executor,
+                          flwr_home=_home(args), force=args.force)
+    print(f"deployment in {dep.root}")
+    if not dep.insecure:
+        print(f"  CA            {dep.ca_cert}   (keep {dep.ca_key} offline once nodes are issued)")
+        print(f"  SuperLink     {dep.superlink_cert}  SANs: {', '.join(dep.sans)}")
+    print(f"  start         {dep.coordinator_dir / 'start-superlink.sh'}   (listens on {dep.bind}:{dep.port})")
+    print(f"  Flower CLI    connection '{dep.connection}' in {_home(args) / 'config.toml'}")
+    print(f"  then          fedfer deploy add-school NAME --data-dir PATH --dir {args.dir}")
+    print(f"  run           flwr run . {dep.connection} --stream -c 'privacy.keyring=\"{dep.keyring}\"'")
+    return 0
+
+
+def _print_node(dep: Any, name: str, message: str) -> None:
+    folder = dep.node_dir(name)
+    entry = dep.nodes[name]
+    print(f"{entry.role} '{name}' in {folder}")
+    if entry.fingerprint:
+        print(f"  node key      {folder / 'supernode'} (0600)  {entry.fingerprint}")
+    print(f"  node-config   {folder / 'node-config.toml'}: " + " ".join(f"{k}={v}" for k, v in entry.node_config.items()))
+    if entry.role == "school":
+        print(f"  ledger key    {dep.keyring / (name + '.pub')} (server keyring)")
+    print(f"  {message}")
+    print(f"  start         {folder / 'start.sh'}   (copy the folder to the site; runtime port {entry.runtime_port})")
+
+
+def _cmd_add_school(args: argparse.Namespace) -> int:
+    dep, message = add_node(Path(args.dir), args.name, "school", data_dir=Path(args.data_dir), state_dir=args.state_dir,
+                            budget=args.budget, runtime_port=args.runtime_port, flwr_home=_home(args), unit=args.unit,
+                            delta=args.delta, max_round_epsilon=args.max_round_epsilon,
+                            declared=args.declared_students if args.declared_students is not None else args.declared_images)
+    _print_node(dep, args.name, message)
+    return 0
+
+
+def _cmd_evaluator(args: argparse.Namespace) -> int:
+    dep, message = add_node(Path(args.dir), args.name, "evaluator", data_dir=args.data_dir, benchmarks=args.benchmark,
+                            runtime_port=args.runtime_port, flwr_home=_home(args))
+    _print_node(dep, args.name, message)
+    return 0
+
+
+def _cmd_renew_cert(args: argparse.Namespace) -> int:
+    dep = renew_certificate(Path(args.dir), args.san)
+    print(f"new SuperLink certificate {dep.superlink_cert}, SANs {', '.join(dep.sans)}; restart the SuperLink")
+    return 0
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    print(register_pending(Path(args.dir), args.name, _home(args)))
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    print(revoke_node(Path(args.dir), args.name, _home(args)))
+    return 0
+
+
+def _cmd_rotate(args: argparse.Namespace) -> int:
+    print(rotate_node(Path(args.dir), args.name, _home(args)))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    info = deployment_status(Path(args.dir), _home(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"deployment {info['dir']}: SuperLink {info['coordinator']} "
+              f"({'running' if info['superlink_running'] else 'not running'} here), connection '{info['connection']}'"
+              + (", INSECURE" if info["insecure"] else ""))
+        if "certificate" in info:
+            print(f"  certificate expires {info['certificate']['expires']}, SANs {', '.join(info['certificate']['sans'])}")
+        print(f"  {'node':<20} {'role':<10} {'status':<11} {'flower':<12} {'node id':<22} key")
+        for row in info["nodes"]:
+            print(f"  {row['name']:<20} {row['role']:<10} {row['status']:<11} {row.get('flower', '-'):<12} "
+                  f"{str(row['node_id'] or '-'):<22} {row['fingerprint'] or '-'}")
+        for problem in info["problems"]:
+            print(f"  PROBLEM: {problem}")
+    return 1 if info["problems"] else 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    """Start the SuperLink and every node of the deployment on this machine (a one-machine trial)."""
+    from server.deploy.layout import Deployment
+    from server.deploy.local import LocalFederation
+
+    import signal
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt   # `kill` stops everything like Ctrl-C does (LocalFederation.__exit__)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)   # also when started in the background (SIGINT ignored there)
+    dep = Deployment.load(Path(args.dir).resolve())
+    with LocalFederation(dep, log_dir=dep.root / "logs", flwr_home=_home(args)) as fed:
+        fed.start_all()
+        print(f"running: SuperLink 127.0.0.1:{dep.port} + {len(fed.nodes)} node(s); logs in {dep.root / 'logs'}; Ctrl-C stops all")
+        try:
+            while all(p.alive() for p in fed.supervisor.processes):
+                time.sleep(1)
+            dead = [p.name for p in fed.supervisor.processes if not p.alive()]
+            print(f"stopped: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+
+
+def _wrap(handler):  # one-line errors, exit 2
+    def run(args: argparse.Namespace) -> int:
+        from server.deploy.credentials import CredentialError
+        from server.deploy.layout import LayoutError
+        from server.processes import DeploymentError
+
+        try:
+            return handler(args)
+        except (DeployError, CredentialError, LayoutError, DeploymentError) as exc:
+            print(f"fedfer deploy: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    deploy = sub.add_parser("deploy", help="credentials, registration and start commands for a real federation",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = deploy.add_subparsers(dest="deploy_command", metavar="STEP")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dir", default="deploy", help="deployment directory (default: deploy/)")
+        p.add_argument("--flwr-home", default=None, help="Flower CLI home with config.toml (default: $FLWR_HOME or ~/.flwr)")
+
+    p = dsub.add_parser("init", help="CA, SuperLink certificate, coordinator start script, Flower CLI connection")
+    p.add_argument("--coordinator", required=True, help="host name or address the schools dial")
+    p.add_argument("--san", action="append", default=[], metavar="NAME", help="extra host name/address for the certificate (repeat)")
+    p.add_argument("--port", type=int, default=None, help="SuperLink port (default 9093)")
+    p.add_argument("--bind", default=None, help="address the SuperLink listens on (default 0.0.0.0; 127.0.0.1 for a loopback coordinator)")
+    p.add_argument("--connection", default=None, help="Flower CLI connection name (default 'fedfer')")
+    p.add_argument("--executor", choices=("warm", "flower"), default="warm",
+                   help="warm: one warm ClientApp executor per node (fast rounds, default); flower: a fresh process per message")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing deployment (new CA)")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_init))
+
+    p = dsub.add_parser("add-school", help="a school's node key, ledger key, node-config, registration and start script")
+    p.add_argument("name")
+    p.add_argument("--data-dir", required=True, help="the school's data folder, as a path on the school's machine")
+    p.add_argument("--state-dir", default=None, help="the school's state folder (default: <node folder>/state)")
+    # the school's privacy policy, written into its node-config; no run-config can weaken it
+    p.add_argument("--budget", type=float, default=None, help="lifetime ε budget (default: privacy.budget of fedfer's defaults)")
+    p.add_argument("--unit", choices=("student", "image"), default=None, help="privacy unit (default: privacy.unit)")
+    p.add_argument("--delta", type=float, default=None, help="δ of every ε (default: privacy.delta); < 1/declared size")
+    p.add_argument("--max-round-epsilon", type=float, default=None,
+                   help="largest ε one round may spend (default: privacy.max_round_epsilon)")
+    p.add_argument("--declared-students", type=int, default=None,
+                   help="the public size the school declares (default: its labels.csv's student count to two "
+                        "significant figures, if the data folder is readable here)")
+    p.add_argument("--declared-images", type=int, default=None, help="the same for --unit image")
+    p.add_argument("--runtime-port", type=int, default=None, help="the SuperNode's local Runtime API port (default: next free from 9101)")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_add_school))
+
+    p = dsub.add_parser("evaluator", help="the evaluation node (public benchmarks)")
+    p.add_argument("--name", default="evaluator")
+    p.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH", required=True,
+                   help="a benchmark spec, repeat for several (see `fedfer evaluate --help`)")
+    p.add_argument("--data-dir", default=None, help="root for synthetic benchmarks (optional)")
+    p.add_argument("--runtime-port", type=int, default=None)
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_evaluator))
+
+    p = dsub.add_parser("renew-cert", help="re-issue the SuperLink certificate from the CA (more --san, or expiry)")
+    p.add_argument("--san", action="append", default=[], metavar="NAME")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_renew_cert))
+
+    p = dsub.add_parser("register", help="register a node created while the SuperLink was not running")
+    p.add_argument("name")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_register))
+
+    p = dsub.add_parser("revoke", help="unregister a node: the SuperLink refuses its key")
+    p.add_argument("name")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_revoke))
+
+    p = dsub.add_parser("rotate", help="new node key: register it, unregister the old one")
+    p.add_argument("name")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_rotate))
+
+    p = dsub.add_parser("status", help="check credentials and show every node (and Flower's online view)")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_status))
+
+    p = dsub.add_parser("up", help="start the SuperLink and all nodes on this machine (one-machine trial)")
+    common(p)
+    p.set_defaults(func=_wrap(_cmd_up))
+
+    deploy.set_defaults(func=lambda args: (deploy.print_help(), 2)[1])

@@ -1,0 +1,69 @@
+"""``fedfer models``: the model zoo as a table (or JSON): each model x preset with input size, params, MACs.
+
+Heavy imports (torch, the models) happen inside the handler so `fedfer --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models", help="list the models and presets with input size, parameters and MACs",
+        description="Every model x preset the registry builds (names for model.name / model.preset), with its "
+                    "input size, trainable parameters (7 classes) and multiply-accumulates per image "
+                    "(conv + linear layers, the figure papers call FLOPs). Building the paper presets takes a "
+                    "few seconds.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--model", default=None, help="only this model")
+    p.add_argument("--preset", default=None, help="only this preset")
+    p.add_argument("--classes", type=int, default=7, help="number of classes (default 7)")
+    p.set_defaults(func=_models)
+
+
+def rows(model: str | None = None, preset: str | None = None, num_classes: int = 7) -> list[dict]:
+    """One dict per model x preset: model, preset, input_size, params, macs, description."""
+    import torch
+
+    from shared_models.models import registry
+    from shared_models.models.complexity import complexity
+
+    names = registry.available() if model is None else [model]
+    out = []
+    for name in names:
+        table = registry.presets(name)  # raises ValueError for an unknown model
+        if preset is not None and preset not in table:
+            raise ValueError(f"model '{name}': unknown preset '{preset}' (available: {', '.join(table)})")
+        for pname, spec in table.items():
+            if preset is not None and pname != preset:
+                continue
+            torch.manual_seed(0)
+            c = complexity(registry.build(name, num_classes, pname))
+            out.append({"model": name, "preset": pname, "input_size": spec.input_size, "params": c.params,
+                        "macs": c.macs, "description": spec.description})
+    return out
+
+
+def _models(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        table = rows(args.model, args.preset, args.classes)
+    except ValueError as exc:
+        print(f"fedfer models: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return 0
+    header = f"{'model':<11} {'preset':<6} {'input':>7} {'params':>9} {'MACs':>9}  description"
+    print(header)
+    print("-" * len(header))
+    for r in table:
+        size = f"{r['input_size']}x{r['input_size']}"
+        macs = f"{r['macs'] / 1e9:.3f} G" if r["macs"] >= 1e8 else f"{r['macs'] / 1e6:.1f} M"
+        print(f"{r['model']:<11} {r['preset']:<6} {size:>7} {r['params'] / 1e6:>7.3f} M {macs:>9}  {r['description']}")
+    return 0

@@ -1,0 +1,225 @@
+"""`fedfer evaluate` (score a checkpoint on public benchmarks) and `fedfer report` (rebuild a run's
+report). Heavy imports (torch, matplotlib) happen inside the handlers so `fedfer --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EVALUATE_EPILOG = """\
+benchmarks (NAME=PATH, or NAME:SPLIT=PATH; the synthetic ones are bare names found under --data-root):
+  fer2013=fer2013.csv          splits train|val|test|all (default test = PrivateTest)
+  ferplus=DIR                  fer2013new.csv + fer2013.csv or FER2013Train/Valid/Test folders (default test)
+  rafdb=RAF-DB/basic           EmoLabel/list_patition_label.txt + Image/aligned (default test)
+  affectnet7=DIR, affectnet8=DIR   Manually_Annotated_file_lists/*.csv (default val)
+  ckplus=DIR                   cohn-kanade-images/ + Emotion/ (last 3 frames of each labelled sequence)
+  kdef=DIR                     AF01ANS.JPG-style names (all | frontal)
+  daisee=DIR                   DataSet/ + Labels/ (engagement levels 0-3; default test)
+  dfew=DIR                     EmoLabel_DataSplit/ + Clip/jpg_256/ (test1..test5, train1..train5)
+  afew=DIR, clipfolder=DIR     class folders of clips (frame folders; videos need PyAV)
+  imagefolder=DIR              <class name>/<image> folders
+  synthetic-fer2013, synthetic-rafdb   the synthetic classroom's public split (all rows)
+"""
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = subparsers.add_parser(
+        "evaluate", help="score a checkpoint on public FER benchmarks",
+        description="Score a checkpoint on public FER benchmarks: accuracy with a bootstrap 95%% CI, UAR, macro-F1.",
+        epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--checkpoint", required=True, type=Path, metavar="C",
+                          help="a checkpoint .pt written by the server, or a run directory (its latest checkpoint)")
+    evaluate.add_argument("--benchmark", required=True, action="append", metavar="NAME=PATH",
+                          help="a benchmark to score (repeatable); see the list below")
+    evaluate.add_argument("--json", action="store_true", help="print JSON (one object per benchmark) instead of a table")
+    evaluate.add_argument("--data-root", type=Path, default=None,
+                          help="synthetic classroom root for synthetic-* benchmarks (default: the one the "
+                               "checkpoint's config names: data.root, else its parameters' cache folder)")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples for the CI (0: none)")
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    evaluate.add_argument("--input-size", type=int, default=None,
+                          help="input side in pixels (default: the model preset's)")
+    evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    report = subparsers.add_parser(
+        "report", help="(re)build a run's report.md and plots",
+        description="Rebuild RUN_DIR/report.md and RUN_DIR/plots/*.png from config.yaml, metrics.jsonl and "
+                    "ledger/*.jsonl. Works on a finished, crashed or still-running run.",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.set_defaults(func=cmd_report)
+
+
+# -- evaluate ----------------------------------------------------------------------------------
+def _fail(command: str, message: str) -> int:
+    print(f"fedfer {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a server checkpoint (or a run directory's latest one) and check its fields."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        latest = path / "checkpoints" / "latest.json"
+        if not latest.is_file():
+            raise ValueError(f"{path}: a directory without checkpoints/latest.json (not a run directory?)")
+        try:
+            path = path / "checkpoints" / json.loads(latest.read_text(encoding="utf-8"))["file"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{latest}: unreadable ({exc})") from None
+    if not path.is_file():
+        raise ValueError(f"{path}: checkpoint not found")
+    try:
+        # weights_only: a checkpoint is data; it must not be able to run code when loaded
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable fedfer checkpoint ({first})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a fedfer checkpoint (expected a dict, got {type(checkpoint).__name__})")
+    model = checkpoint.get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"{path}: missing 'model' (name, preset, num_classes)")
+    for key in ("name", "preset", "num_classes"):
+        if key not in model:
+            raise ValueError(f"{path}: missing 'model.{key}'")
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path}: missing 'state_dict'")
+    checkpoint["_path"] = str(path)
+    return checkpoint
+
+
+def build_model(checkpoint: dict[str, Any]):
+    """The checkpoint's model through the registry, with its weights loaded."""
+    from shared_models.models import registry
+
+    info = checkpoint["model"]
+    model = registry.build(str(info["name"]), int(info["num_classes"]), str(info["preset"]))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"{checkpoint['_path']}: weights do not fit {info['name']}/{info['preset']} ({first})") from None
+    return model
+
+
+def _input_size(model: Any, checkpoint: dict[str, Any], override: int | None) -> int:
+    if override:
+        return int(override)
+    size = getattr(model, "input_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    from shared_models.models import registry
+
+    info = checkpoint["model"]
+    try:
+        return int(registry.presets(str(info["name"]))[str(info["preset"])].input_size)
+    except Exception:  # noqa: BLE001 - any failure here means: ask the user
+        raise ValueError("cannot tell the model's input size; pass --input-size") from None
+
+
+def _configured_data_root(cfg: dict[str, Any]) -> Path | None:
+    """The synthetic classroom root the run used: data.root, else the cache folder of its parameters."""
+    if cfg.get("data.root"):
+        return Path(str(cfg["data.root"])).expanduser()
+    try:
+        from simulations.synth import root_from_config
+
+        return root_from_config(cfg)
+    except (ImportError, ValueError):
+        return None
+
+
+def evaluate_checkpoint(checkpoint_path: Path, specs: list[str], *, data_root: Path | None = None,
+                        batch_size: int = 128, n_boot: int = 1000, seed: int = 0,
+                        input_size: int | None = None) -> dict[str, dict[str, Any]]:
+    """{benchmark name: metric dict} for a checkpoint — the work behind `fedfer evaluate`."""
+    from shared_models.datasets import open_benchmark
+    from shared_models.evaluation import evaluate_model
+    from shared_models.transforms import eval_transform
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = build_model(checkpoint)
+    size = _input_size(model, checkpoint, input_size)
+    if data_root is None:
+        data_root = _configured_data_root(checkpoint.get("config") or {})
+    results: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        bench = open_benchmark(spec, data_root=data_root)
+        key = bench.name if bench.name not in results else f"{bench.name}:{bench.split}"
+        metrics = evaluate_model(model, bench.as_torch(eval_transform(size)), batch_size=batch_size,
+                                 n_boot=n_boot, seed=seed)
+        metrics.update({"benchmark": bench.name, "split": bench.split, "path": str(bench.path),
+                        "checkpoint": checkpoint["_path"], "round": checkpoint.get("round"),
+                        "model": f"{checkpoint['model']['name']}/{checkpoint['model']['preset']}"})
+        results[key] = metrics
+    return results
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    rows = [("benchmark", "split", "n", "accuracy % [95% CI]", "UAR %", "macro-F1 %", "skipped")]
+    for name, m in results.items():
+        ci = ""
+        if m.get("accuracy_ci_low") is not None:
+            ci = f" [{_fmt(m['accuracy_ci_low'])}, {_fmt(m['accuracy_ci_high'])}]"
+        rows.append((name, str(m.get("split", "")), str(m["n"]), _fmt(m["accuracy"]) + ci, _fmt(m["uar"]),
+                     _fmt(m["macro_f1"]), str(m.get("skipped", 0))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from shared_models.datasets import BenchmarkError
+
+    logging.basicConfig(level=logging.WARNING, format="fedfer evaluate: %(message)s")
+    torch.set_num_threads(max(1, args.threads))
+    if args.batch_size < 1:
+        return _fail("evaluate", f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.bootstrap < 0:
+        return _fail("evaluate", f"--bootstrap must be >= 0, got {args.bootstrap}")
+    try:
+        results = evaluate_checkpoint(args.checkpoint, args.benchmark, data_root=args.data_root,
+                                      batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,
+                                      input_size=args.input_size)
+    except (BenchmarkError, ValueError, FileNotFoundError) as exc:
+        return _fail("evaluate", str(exc))
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        first = next(iter(results.values()))
+        print(f"checkpoint {first['checkpoint']} (round {first.get('round')}, model {first['model']})")
+        print(format_table(results))
+    return 0
+
+
+# -- report ------------------------------------------------------------------------------------
+def cmd_report(args: argparse.Namespace) -> int:
+    from server.report import build_report
+
+    try:
+        path = build_report(args.run_dir)
+    except ValueError as exc:
+        return _fail("report", str(exc))
+    print(path)
+    return 0

@@ -1,0 +1,173 @@
+"""`fedfer simulate`, `fedfer data synth` and `fedfer train-central`: the ML engineer's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared_models.config import ConfigError, check_paths, load_config
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    sim = sub.add_parser("simulate", help="run a multi-school federation on this machine (the main job)",
+                         description="Run a simulated federation: synthetic schools train under DP, FedAvg, "
+                                     "an evaluation node scores the public split every round.")
+    sim.add_argument("--config", type=Path, help="YAML config (defaults: shared_models/defaults.yaml)")
+    sim.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. federation.rounds=3 model.name=sfer_mdfae")
+    sim.set_defaults(func=cmd_simulate)
+
+    data = sub.add_parser("data", help="synthetic classroom data")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    synth = data_sub.add_parser("synth", help="write the synthetic classroom (schools + public split) to disk")
+    synth.add_argument("--config", type=Path)
+    synth.add_argument("--out", type=Path, help="output folder (default: data.root or the cache)")
+    synth.add_argument("overrides", nargs="*", metavar="key=value")
+    synth.set_defaults(func=cmd_data_synth)
+
+    central = sub.add_parser("train-central", help="centralised reference training on the pooled synthetic schools")
+    central.add_argument("--model", default=None, help="model name (default: model.name)")
+    central.add_argument("--preset", default=None, help="cpu | paper (default: model.preset)")
+    central.add_argument("--epochs", type=int, default=15)
+    central.add_argument("--dp", action="store_true", help="train with DP-SGD at privacy.unit and privacy.target_epsilon")
+    central.add_argument("--config", type=Path)
+    central.add_argument("--json", type=Path, help="also write the result to this JSON file")
+    central.add_argument("overrides", nargs="*", metavar="key=value")
+    central.set_defaults(func=cmd_train_central)
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any] | None:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_paths(cfg, source=str(args.config or "override"))
+        return cfg
+    except ConfigError as exc:
+        print(f"fedfer: {exc}", file=sys.stderr)
+        return None
+
+
+def _ensure_data(cfg: dict[str, Any]) -> Path:
+    from simulations import synth
+
+    return synth.ensure_for_config(cfg, echo=lambda line: print(line, flush=True))
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    if args.out:
+        cfg["data.root"] = str(args.out.resolve())
+    started = time.perf_counter()
+    root = _ensure_data(cfg)
+    manifest = json.loads((root / "manifest.json").read_text())
+    print(f"synthetic classroom at {root} ({time.perf_counter() - started:.1f} s)")
+    print(json.dumps({k: manifest[k] for k in manifest if k in ("schools", "counts")}, indent=1)[:2000])
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from server.run_dir import RunDirectory, new_run_id
+    from simulations.launcher import SimulationError, run_federation
+
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    if not cfg["privacy.enabled"]:
+        print("fedfer: privacy.enabled=false: a school's policy keeps DP on, so every simulated school would decline; "
+              "for a non-private reference use `fedfer train-central` or `python -m simulations.tune_inprocess`",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    if not cfg["run.name"]:
+        cfg["run.name"] = new_run_id()
+    cfg["run.root"] = str(Path(str(cfg["run.root"])).expanduser().resolve())
+    if not cfg["data.root"]:  # resolved here so every app process reads the same folder
+        from simulations import synth
+
+        cfg["data.root"] = str(synth.root_from_config(cfg))
+    if cfg["privacy.state_dir"]:
+        cfg["privacy.state_dir"] = str(Path(str(cfg["privacy.state_dir"])).expanduser().resolve())
+    run = RunDirectory.create(cfg)
+    print(f"fedfer simulate: {cfg['federation.schools']} schools"
+          f"{' + evaluation node' if cfg['federation.evaluator'] else ''}, {cfg['model.name']} ({cfg['model.preset']}), "
+          f"{cfg['federation.rounds']} rounds, DP on"
+          f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
+    print(f"run directory: {run.path}")
+    root = _ensure_data(cfg)
+    from privacy.policy import PolicyError
+    from simulations.launcher import write_school_policies
+
+    try:  # each simulated school's own policy, before Flower starts: the run-config cannot weaken it
+        school_run = Path(str(cfg["run.resume"])).expanduser().resolve() if cfg["run.resume"] else run.path
+        write_school_policies(cfg, school_run, root, echo=lambda line: print("  " + line, flush=True))
+    except PolicyError as exc:
+        print(f"fedfer: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_federation(cfg, run.path, echo=lambda line: print("  " + line, flush=True))
+    except SimulationError as exc:
+        print(f"fedfer: federation failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fedfer: interrupted; Flower processes stopped; results so far in {run.path}", file=sys.stderr)
+        return 130
+    return print_summary(run.path, time.perf_counter() - started)
+
+
+def print_summary(run_path: Path, wall: float) -> int:
+    """The closing table: final accuracy, per-school ε, rounds, wall time, report path."""
+    from server.run_dir import RunDirectory
+
+    run = RunDirectory(run_path)
+    rounds = run.metrics()
+    if not rounds:
+        print(f"fedfer: no round completed; see {run_path / 'flower.log'}", file=sys.stderr)
+        return 1
+    last = rounds[-1]
+    print("\nsummary")
+    print(f"  rounds completed   {len(rounds)} (last: {last['round']})")
+    print(f"  wall time          {wall:.0f} s")
+    for bench, m in last.get("evaluation", {}).items():
+        ci = (f" [95% CI {m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}]"
+              if m.get("accuracy_ci_low") is not None else "")
+        print(f"  {bench:<18} accuracy {m['accuracy']:.3f}{ci}"
+              f"  UAR {m['uar']:.3f}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']}, by {last.get('evaluated_by', '?')})")
+    epsilons: dict[str, tuple[float, int]] = {}
+    for record in rounds:
+        for school, outcome in record.get("train", {}).items():
+            if outcome.get("status") == "ok" and "epsilon" in outcome:
+                epsilons[school] = (float(outcome["epsilon"]), epsilons.get(school, (0.0, 0))[1] + 1)
+            elif outcome.get("status") not in ("ok", None):
+                epsilons.setdefault(school, (float("nan"), 0))
+    if epsilons:
+        cfg_text = (run_path / "config.yaml").read_text()
+        delta = next((line.split(":")[1].split("#")[0].strip() for line in cfg_text.splitlines() if line.strip().startswith("delta:")), "?")
+        print(f"  per-school ε at δ={delta} (PRV, lifetime):")
+        for school, (eps, n) in sorted(epsilons.items()):
+            print(f"    {school:<12} ε {eps:6.3f}  after {n} round(s)")
+    report = run_path / "report.md"
+    print(f"  report             {report if report.exists() else '(not written)'}")
+    return 0
+
+
+def cmd_train_central(args: argparse.Namespace) -> int:
+    from simulations.central import train_central
+
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    if args.model:
+        cfg["model.name"] = args.model
+    if args.preset:
+        cfg["model.preset"] = args.preset
+    root = _ensure_data(cfg)
+    result = train_central(cfg, root, epochs=args.epochs, dp=args.dp, echo=lambda s: print("  " + s, flush=True))
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0

@@ -1,0 +1,391 @@
+"""What `fedfer deploy …` does (fedfer/commands/deploy.py parses and prints): credentials, registration and start commands for a real federation
+(one Flower SuperLink at the coordinator, one SuperNode per school, one evaluation node).
+
+    fedfer deploy init --coordinator fl.district.example [--san 10.0.0.5 …] [--dir deploy]
+    fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln [--budget 8 --declared-students 1200 …]
+    fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
+    fedfer deploy status | register NAME | revoke NAME | rotate NAME | renew-cert | up
+
+Secure by default: TLS (own CA, EC P-384) and SuperNode authentication (ECDSA P-384 node keys
+registered with `flwr supernode register`) are on; `--insecure` turns both off, loudly.
+The logic lives in functions (init_deployment, add_node, …) that tests and the benchmark call; the
+argparse handlers only translate arguments and print.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import secrets
+import shlex
+from pathlib import Path
+from typing import Any, Iterable
+
+INSECURE_WARNING = ("WARNING: --insecure: no TLS and no SuperNode authentication. Model updates travel in clear "
+                    "text and any machine that reaches the SuperLink can join the federation. Use only on a "
+                    "closed test network.")
+
+
+class DeployError(RuntimeError):
+    """A deploy command cannot proceed; the message names the file, node or command."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def default_flwr_home() -> Path:
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
+
+
+def write_cli_connection(dep: "Deployment", flwr_home: Path) -> Path:
+    """Add `[superlink.<connection>]` to `<flwr_home>/config.toml` with Flower's own writer."""
+    from flwr.cli.flower_config import write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+
+    conn = (SuperLinkConnection(dep.connection, address=dep.local_address, insecure=True) if dep.insecure else
+            SuperLinkConnection(dep.connection, address=dep.local_address, root_certificates=str(dep.ca_cert.resolve())))
+    previous = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(flwr_home)   # Flower resolves its config file from FLWR_HOME
+    try:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        write_superlink_connection(conn)
+    finally:
+        if previous is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = previous
+    return flwr_home / "config.toml"
+
+
+def superlink_running(dep: "Deployment") -> bool:
+    from server.processes import port_open
+
+    return port_open("127.0.0.1", dep.port)
+
+
+def _flwr_json(result: Any, what: str) -> dict[str, Any]:
+    text = result.stdout
+    start, end = text.find("{"), text.rfind("}")
+    if result.returncode != 0 or start < 0:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        raise DeployError(f"{what} failed (exit {result.returncode}): {lines[-1] if lines else 'no output'}")
+    try:
+        return json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        raise DeployError(f"{what}: unexpected output: {text[-300:]}") from None
+
+
+def register_command(dep: "Deployment", public_key: Path) -> list[str]:
+    return ["flwr", "supernode", "register", str(public_key.resolve()), dep.connection]
+
+
+def register_key(dep: "Deployment", public_key: Path, flwr_home: Path) -> int:
+    """`flwr supernode register <pub> <connection>` → the node id Flower assigned."""
+    from server.processes import run_flwr
+
+    result = run_flwr(["supernode", "register", str(public_key.resolve()), dep.connection, "--format", "json"],
+                      flwr_home=flwr_home, timeout=60)
+    data = _flwr_json(result, f"flwr supernode register {public_key}")
+    if not data.get("success") or "node-id" not in data:
+        raise DeployError(f"flwr supernode register {public_key}: {data}")
+    return int(data["node-id"])
+
+
+def unregister_node(dep: "Deployment", node_id: int, flwr_home: Path) -> None:
+    from server.processes import run_flwr
+
+    result = run_flwr(["supernode", "unregister", str(node_id), dep.connection, "--format", "json"],
+                      flwr_home=flwr_home, timeout=60)
+    _flwr_json(result, f"flwr supernode unregister {node_id}")
+
+
+def list_nodes(dep: "Deployment", flwr_home: Path) -> dict[int, dict[str, Any]]:
+    """Flower's view of the registered nodes: node id → {status: online|offline|registered|…}."""
+    from server.processes import run_flwr
+
+    result = run_flwr(["supernode", "list", dep.connection, "--format", "json"], flwr_home=flwr_home, timeout=60)
+    data = _flwr_json(result, "flwr supernode list")
+    return {int(n["node-id"]): n for n in data.get("nodes", [])}
+
+
+# ------------------------------------------------------------------------------------ operations
+def init_deployment(root: Path, coordinator: str, sans: Iterable[str] = (), *, port: int | None = None,
+                    bind: str | None = None, connection: str | None = None, insecure: bool = False,
+                    executor: str = "warm", flwr_home: Path | None = None, force: bool = False) -> "Deployment":
+    """Create the CA, the SuperLink certificate, the coordinator start script and the CLI connection."""
+    from server.deploy import credentials as cred
+    from server.deploy.layout import (DEFAULT_CONNECTION, DEFAULT_PORT, MANIFEST, Deployment, superlink_script,
+                                      write_script)
+
+    root = Path(root).resolve()
+    if (root / MANIFEST).exists() and not force:
+        raise DeployError(f"{root / MANIFEST} exists; a new CA would invalidate every school's folder "
+                          "(use --force to start over)")
+    names = cred.san_names([coordinator, *sans])          # validates every name, adds loopback
+    if executor not in ("warm", "flower"):
+        raise DeployError(f"--executor must be 'warm' or 'flower', got {executor!r}")
+    loopback = coordinator in ("localhost", "127.0.0.1", "::1")
+    dep = Deployment(root=root, coordinator=coordinator, port=port or DEFAULT_PORT,
+                     bind=bind or ("127.0.0.1" if loopback else "0.0.0.0"), sans=names,
+                     connection=connection or DEFAULT_CONNECTION, insecure=insecure, executor=executor)
+    for sub in ("ca", "coordinator", "keys", "nodes"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    if not insecure:
+        ca_key, ca_cert = cred.create_ca(f"fedfer CA for {coordinator}")
+        cred.write_private(dep.ca_key, cred.pem_private_key(ca_key))
+        cred.write_public(dep.ca_cert, cred.pem_certificate(ca_cert))
+        key, cert = cred.issue_server_certificate(ca_key, ca_cert, names)
+        cred.write_private(dep.superlink_key, cred.pem_private_key(key))
+        cred.write_public(dep.superlink_cert, cred.pem_certificate(cert))
+        cred.write_public(dep.coordinator_dir / "ca.crt", cred.pem_certificate(ca_cert))
+    dep.save()
+    write_script(dep.coordinator_dir / "start-superlink.sh", superlink_script(dep))
+    write_cli_connection(dep, flwr_home or default_flwr_home())
+    return dep
+
+
+def renew_certificate(root: Path, extra_sans: Iterable[str] = ()) -> "Deployment":
+    """A new SuperLink certificate from the existing CA (more names, or before expiry); the nodes keep
+    trusting it because they trust the CA. Restart the SuperLink afterwards."""
+    from server.deploy import credentials as cred
+    from server.deploy.layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    if dep.insecure:
+        raise DeployError("insecure deployment: there is no certificate")
+    if problem := cred.private_file_problem(dep.ca_key):
+        raise DeployError(f"the CA key is needed to renew: {problem}")
+    ca_key, ca_cert = cred.load_ec_private_key(dep.ca_key), cred.load_certificate(dep.ca_cert)
+    dep.sans = cred.san_names([*dep.sans, *extra_sans])
+    key, cert = cred.issue_server_certificate(ca_key, ca_cert, dep.sans)
+    cred.write_private(dep.superlink_key, cred.pem_private_key(key))
+    cred.write_public(dep.superlink_cert, cred.pem_certificate(cert))
+    dep.save()
+    return dep
+
+
+def _try_register(dep: "Deployment", entry: "NodeEntry", public_key: Path, flwr_home: Path | None) -> str:
+    """Register now if the SuperLink answers; otherwise say how to do it later."""
+    if dep.insecure:
+        entry.status = "created"
+        return "insecure deployment: no node registration (any SuperNode may connect)"
+    if flwr_home is not None and superlink_running(dep):
+        entry.node_id = register_key(dep, public_key, flwr_home)
+        entry.status = "registered"
+        return f"registered with the SuperLink as node {entry.node_id}"
+    entry.status = "created"
+    return ("the SuperLink is not running; once it is, register this node with\n"
+            f"    fedfer deploy register {entry.name} --dir {dep.root}\n"
+            "  (which runs and records: " + shlex.join(register_command(dep, public_key)) + ")")
+
+
+def _count_units(data_dir: Path, unit: str) -> int | None:
+    """Students (or still frames) listed in a school's labels.csv, if the folder is on this machine."""
+    import csv
+
+    labels = Path(data_dir) / "labels.csv"
+    try:
+        with open(labels, newline="", encoding="utf-8") as handle:
+            rows = [r for r in csv.DictReader(handle) if not (r.get("clip_id") or "").strip()]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if unit == "student":
+        return len({(r.get("student_id") or "").strip() for r in rows} - {""}) or None
+    return len(rows) or None
+
+
+def school_policy(name: str, data_dir: Path, *, unit: str | None = None, delta: float | None = None,
+                  budget: float | None = None, max_round_epsilon: float | None = None,
+                  declared: int | None = None) -> Any:
+    """The school's privacy policy for its node-config: given values, else fedfer's defaults (privacy.*);
+    the declared size, if not given, is the count in its labels.csv rounded to two significant figures."""
+    from privacy.policy import PolicyError, declared_size_bucket, make_policy
+    from shared_models.config import defaults
+
+    base = defaults()
+    unit = unit or str(base["privacy.unit"])
+    if declared is None:
+        count = _count_units(data_dir, unit)
+        if count is None:
+            flag = "--declared-students" if unit == "student" else "--declared-images"
+            raise DeployError(f"school {name}: {flag} is required ({data_dir}/labels.csv is not readable here "
+                              f"to propose one); it is the public size the school declares")
+        declared = declared_size_bucket(count)
+    try:
+        return make_policy(unit=unit, delta=float(base["privacy.delta"] if delta is None else delta),
+                           budget=float(base["privacy.budget"] if budget is None else budget),
+                           max_round_epsilon=float(base["privacy.max_round_epsilon"] if max_round_epsilon is None
+                                                   else max_round_epsilon),
+                           declared_units=int(declared), source=f"school {name}")
+    except PolicyError as exc:
+        raise DeployError(str(exc)) from None
+
+
+def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, state_dir: Path | None = None,
+             budget: float | None = None, benchmarks: Iterable[str] = (), runtime_port: int | None = None,
+             flwr_home: Path | None = None, unit: str | None = None, delta: float | None = None,
+             max_round_epsilon: float | None = None, declared: int | None = None) -> tuple["Deployment", str]:
+    """Create a node folder (keys, node-config with the school's privacy policy, start script), keyring
+    entry and registration."""
+    from server.deploy import credentials as cred
+    from server.deploy.layout import (Deployment, NodeEntry, check_node_name, evaluator_node_config, node_script,
+                                      school_node_config, write_node_config, write_script)
+
+    dep = Deployment.load(Path(root).resolve())
+    check_node_name(name)
+    if name in dep.nodes:
+        raise DeployError(f"node {name!r} already exists in {dep.root}; use `fedfer deploy rotate {name}` for new keys")
+    if budget is not None and not budget > 0:
+        raise DeployError(f"school {name}: --budget must be > 0, got {budget}")
+    folder = dep.node_dir(name)
+    if role == "school":
+        if data_dir is None:
+            raise DeployError(f"school {name}: --data-dir is required")
+        state = Path(state_dir) if state_dir else folder / "state"
+        policy = school_policy(name, Path(data_dir).expanduser(), unit=unit, delta=delta, budget=budget,
+                               max_round_epsilon=max_round_epsilon, declared=declared)
+        config = school_node_config(name, Path(data_dir).expanduser().absolute(), state.expanduser().absolute(), policy)
+    else:
+        config = evaluator_node_config(benchmarks, Path(data_dir).expanduser().absolute() if data_dir else None)
+    port = runtime_port or dep.next_runtime_port()
+    if any(e.runtime_port == port for e in dep.nodes.values()):
+        raise DeployError(f"runtime port {port} is already used by another node of {dep.root}")
+    entry = NodeEntry(name=name, role=role, runtime_port=port, node_config=config)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not dep.insecure:
+        cred.write_public(folder / "ca.crt", dep.ca_cert.read_bytes())
+        key = cred.create_node_key(folder, "supernode", comment=f"fedfer-{name}")
+        entry.fingerprint = key.fingerprint
+    cred.write_private(folder / "superexec.secret", secrets.token_hex(32).encode())
+    write_node_config(folder / "node-config.toml", config)
+    if role == "school":
+        pem = cred.ledger_public_key_pem(Path(config["state-dir"]))
+        cred.write_public(dep.keyring / f"{name}.pub", pem.encode())
+    dep.nodes[name] = entry
+    message = _try_register(dep, entry, folder / "supernode.pub", flwr_home)
+    dep.save()
+    write_script(folder / "start.sh", node_script(dep, name))
+    return dep, message
+
+
+def register_pending(root: Path, name: str, flwr_home: Path) -> str:
+    """Register a node created while the SuperLink was down (status 'created')."""
+    from server.deploy.layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    entry = dep.node(name)
+    if entry.status == "registered":
+        return f"{name} is already registered as node {entry.node_id}"
+    if entry.status == "revoked":
+        raise DeployError(f"{name} is revoked; give it a new key with `fedfer deploy rotate {name}`")
+    if dep.insecure:
+        return "insecure deployment: no node registration"
+    if not superlink_running(dep):
+        raise DeployError(f"the SuperLink is not running on 127.0.0.1:{dep.port}; start "
+                          f"{dep.coordinator_dir / 'start-superlink.sh'} first")
+    entry.node_id = register_key(dep, dep.node_dir(name) / "supernode.pub", flwr_home)
+    entry.status = "registered"
+    dep.save()
+    return f"{name}: registered as node {entry.node_id}"
+
+
+def revoke_node(root: Path, name: str, flwr_home: Path) -> str:
+    """Unregister the node's key at the SuperLink; the SuperLink refuses it from then on."""
+    from server.deploy.layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    entry = dep.node(name)
+    if dep.insecure:
+        raise DeployError("insecure deployment: there is no node authentication to revoke (re-init without --insecure)")
+    if entry.status == "revoked":
+        return f"{name} is already revoked"
+    if entry.node_id is None:
+        raise DeployError(f"{name} was never registered (no node id in {dep.root / 'deployment.json'}); nothing to revoke")
+    if not superlink_running(dep):
+        raise DeployError(f"the SuperLink is not running on 127.0.0.1:{dep.port}; start it, then retry "
+                          f"(or run: flwr supernode unregister {entry.node_id} {dep.connection})")
+    unregister_node(dep, entry.node_id, flwr_home)
+    entry.revoked.append({"node_id": entry.node_id, "fingerprint": entry.fingerprint,
+                          "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    entry.status, entry.node_id = "revoked", None
+    dep.save()
+    return f"{name}: node unregistered; the SuperLink refuses its key from now on"
+
+
+def rotate_node(root: Path, name: str, flwr_home: Path) -> str:
+    """New SuperNode key: register the new one, then unregister the old one, then swap the files."""
+    from server.deploy import credentials as cred
+    from server.deploy.layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    entry = dep.node(name)
+    if dep.insecure:
+        raise DeployError("insecure deployment: nodes have no keys to rotate")
+    if not superlink_running(dep):
+        raise DeployError(f"the SuperLink is not running on 127.0.0.1:{dep.port}; rotation needs it (register new, unregister old)")
+    folder = dep.node_dir(name)
+    new = cred.create_node_key(folder, "supernode.new", comment=f"fedfer-{name}")
+    try:
+        new_id = register_key(dep, new.public_path, flwr_home)
+    except BaseException:
+        new.private_path.unlink(missing_ok=True)
+        new.public_path.unlink(missing_ok=True)
+        raise
+    old_id, old_fp = entry.node_id, entry.fingerprint
+    if old_id is not None:
+        unregister_node(dep, old_id, flwr_home)
+        entry.revoked.append({"node_id": old_id, "fingerprint": old_fp,
+                              "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    os.replace(new.private_path, folder / "supernode")
+    os.replace(new.public_path, folder / "supernode.pub")
+    entry.node_id, entry.fingerprint, entry.status = new_id, new.fingerprint, "registered"
+    dep.save()
+    return (f"{name}: new key {new.fingerprint} registered as node {new_id}"
+            + (f"; old node {old_id} unregistered" if old_id is not None else "")
+            + f". Copy {folder}/supernode to the site and restart its start.sh.")
+
+
+def deployment_status(root: Path, flwr_home: Path | None) -> dict[str, Any]:
+    """Credentials checks (files, modes, certificate validity and SANs) and, if the SuperLink runs,
+    Flower's online/offline view of every registered node."""
+    from server.deploy import credentials as cred
+    from server.deploy.layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    problems: list[str] = []
+    info: dict[str, Any] = {"dir": str(dep.root), "coordinator": dep.superlink_address, "connection": dep.connection,
+                            "insecure": dep.insecure, "executor": dep.executor, "superlink_running": superlink_running(dep)}
+    if not dep.insecure:
+        for path in (dep.superlink_key, *(dep.node_dir(n) / "supernode" for n in dep.nodes)):
+            if problem := cred.private_file_problem(path):
+                problems.append(problem)
+        try:
+            ca = cred.load_certificate(dep.ca_cert)
+            cert = cred.load_certificate(dep.superlink_cert)
+            cred.verify_issued_by(cert, ca)
+            info["certificate"] = {"sans": cred.certificate_sans(cert),
+                                   "expires": cert.not_valid_after_utc.date().isoformat()}
+            missing = [n for n in dep.sans if n not in info["certificate"]["sans"]]
+            if missing:
+                problems.append(f"{dep.superlink_cert}: SANs lack {', '.join(missing)}")
+            if cert.not_valid_after_utc - _dt.datetime.now(_dt.timezone.utc) < _dt.timedelta(days=30):
+                problems.append(f"{dep.superlink_cert}: expires {cert.not_valid_after_utc:%Y-%m-%d}")
+        except cred.CredentialError as exc:
+            problems.append(str(exc))
+    flower: dict[int, dict[str, Any]] = {}
+    if info["superlink_running"] and flwr_home is not None and not dep.insecure:
+        try:
+            flower = list_nodes(dep, flwr_home)
+        except DeployError as exc:
+            problems.append(str(exc))
+    nodes = []
+    for name, entry in sorted(dep.nodes.items()):
+        row = {"name": name, "role": entry.role, "status": entry.status, "node_id": entry.node_id,
+               "fingerprint": entry.fingerprint, "runtime_port": entry.runtime_port}
+        if entry.node_id is not None and flower:
+            row["flower"] = flower.get(entry.node_id, {}).get("status", "unknown")
+        if entry.role == "school" and not (dep.keyring / f"{name}.pub").exists():
+            problems.append(f"{dep.keyring / (name + '.pub')}: ledger key missing for school {name}")
+        nodes.append(row)
+    info["nodes"] = nodes
+    info["problems"] = problems
+    return info

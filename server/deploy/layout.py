@@ -1,0 +1,306 @@
+"""The on-disk layout of a deployment directory (`fedfer deploy init` creates it) and the exact
+commands that start its SuperLink and each node.
+
+    deploy/
+      deployment.json          manifest: coordinator address, port, SANs, every node (role,
+                               registered Flower node id, key fingerprint, runtime port, node-config)
+      ca/ca.crt ca/ca.key      the federation's CA (keep ca.key offline once nodes are issued)
+      coordinator/             what the coordinator machine needs to run the SuperLink
+        ca.crt superlink.crt superlink.key start-superlink.sh  (+ superlink.db, superlink.log at run time)
+      keys/<school>.pub        ledger verification keys (Ed25519 PEM); the server checks ledger
+                               signatures against these
+      nodes/<name>/            one folder per school / evaluator — hand it to that site
+        ca.crt supernode supernode.pub superexec.secret node-config.toml start.sh
+        state/                 the school's state-dir (ledger signing key, accountant, ledger)
+
+The start commands are built here once and used both for the generated shell scripts and for
+starting the processes from Python (tests, benchmark), so what is tested is what schools run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from server.deploy.credentials import write_public
+
+MANIFEST = "deployment.json"
+MANIFEST_VERSION = 1
+DEFAULT_PORT = 9093
+DEFAULT_RUNTIME_PORT = 9101
+DEFAULT_CONNECTION = "fedfer"
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HERE = "$HERE"   # placeholder for the script's own directory in generated scripts
+
+
+class LayoutError(ValueError):
+    """The deployment directory or its manifest is missing, malformed or inconsistent."""
+
+
+@dataclass
+class NodeEntry:
+    name: str
+    role: str                          # school | evaluator
+    runtime_port: int
+    node_config: dict[str, Any]
+    node_id: int | None = None         # Flower's id once registered with the SuperLink
+    fingerprint: str = ""              # SHA256 of the SuperNode auth public key
+    status: str = "created"            # created | registered | revoked
+    revoked: list[dict[str, Any]] = field(default_factory=list)   # earlier keys: node_id, fingerprint, at
+
+
+@dataclass
+class Deployment:
+    root: Path
+    coordinator: str
+    port: int = DEFAULT_PORT
+    bind: str = "0.0.0.0"
+    sans: list[str] = field(default_factory=list)
+    connection: str = DEFAULT_CONNECTION
+    insecure: bool = False
+    executor: str = "warm"            # warm | flower (Flower's one-process-per-message default)
+    idle_poll: float = 0.5            # SuperNode poll via client/runtime/supernode.py; 0: Flower's own 3 s / 0.5 s
+    reply_poll: float = 0.1
+    nodes: dict[str, NodeEntry] = field(default_factory=dict)
+
+    # -- paths ---------------------------------------------------------------------------------
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.ca_dir / "ca.key"
+
+    @property
+    def coordinator_dir(self) -> Path:
+        return self.root / "coordinator"
+
+    @property
+    def superlink_cert(self) -> Path:
+        return self.coordinator_dir / "superlink.crt"
+
+    @property
+    def superlink_key(self) -> Path:
+        return self.coordinator_dir / "superlink.key"
+
+    @property
+    def keyring(self) -> Path:
+        return self.root / "keys"
+
+    def node_dir(self, name: str) -> Path:
+        return self.root / "nodes" / name
+
+    @property
+    def superlink_address(self) -> str:
+        """What SuperNodes dial (host:port; IPv6 literals bracketed)."""
+        host = f"[{self.coordinator}]" if ":" in self.coordinator else self.coordinator
+        return f"{host}:{self.port}"
+
+    @property
+    def local_address(self) -> str:
+        """What the coordinator's own Flower CLI dials (the certificate always covers 127.0.0.1)."""
+        return f"127.0.0.1:{self.port}"
+
+    # -- manifest --------------------------------------------------------------------------------
+    def save(self) -> None:
+        data = {"version": MANIFEST_VERSION, **{k: v for k, v in asdict(self).items() if k not in ("root", "nodes")},
+                "nodes": {name: asdict(entry) for name, entry in sorted(self.nodes.items())}}
+        write_public(self.root / MANIFEST, (json.dumps(data, indent=2) + "\n").encode())
+
+    @classmethod
+    def load(cls, root: Path) -> "Deployment":
+        root = Path(root)
+        path = root / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LayoutError(f"{path}: no deployment here; run `fedfer deploy init --coordinator HOST --dir {root}` first") from None
+        except json.JSONDecodeError as exc:
+            raise LayoutError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+        if data.get("version") != MANIFEST_VERSION:
+            raise LayoutError(f"{path}: field 'version' is {data.get('version')!r}, expected {MANIFEST_VERSION}")
+        try:
+            nodes = {name: NodeEntry(**entry) for name, entry in data.pop("nodes", {}).items()}
+            data.pop("version")
+            return cls(root=root, nodes=nodes, **data)
+        except TypeError as exc:
+            raise LayoutError(f"{path}: unexpected or missing field ({exc})") from None
+
+    def next_runtime_port(self) -> int:
+        used = {entry.runtime_port for entry in self.nodes.values()}
+        port = DEFAULT_RUNTIME_PORT
+        while port in used or port == self.port:
+            port += 1
+        return port
+
+    def node(self, name: str) -> NodeEntry:
+        if name not in self.nodes:
+            known = ", ".join(sorted(self.nodes)) or "none"
+            raise LayoutError(f"no node named {name!r} in {self.root / MANIFEST} (known: {known})")
+        return self.nodes[name]
+
+    def active_ledger_keys(self) -> dict[str, Path]:
+        """school name -> ledger public key file, for every school that is not revoked."""
+        return {name: self.keyring / f"{name}.pub" for name, e in self.nodes.items()
+                if e.role == "school" and e.status != "revoked"}
+
+
+def check_node_name(name: str) -> str:
+    if not NODE_NAME.match(name):
+        raise LayoutError(f"node name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+# ------------------------------------------------------------------------------------ node-config
+def school_node_config(name: str, data_dir: Path, state_dir: Path, policy: Any) -> dict[str, Any]:
+    """The node-config contract with client/app.py (client/node.py:identify): identity, folders and the
+    school's privacy policy (privacy/policy.py: unit, delta, budget, max-round-epsilon, declared size)."""
+    config: dict[str, Any] = {"role": "school", "school-id": name, "data-dir": str(data_dir), "state-dir": str(state_dir)}
+    config.update(policy.to_mapping())
+    return config
+
+
+def evaluator_node_config(benchmarks: Iterable[str], data_dir: Path | None = None) -> dict[str, Any]:
+    specs = [b.strip() for b in benchmarks if b.strip()]
+    if not specs:
+        raise LayoutError("evaluator: give at least one --benchmark NAME=PATH (or NAME for a built-in synthetic one)")
+    for spec in specs:
+        if "," in spec or " " in spec.split("=", 1)[0]:
+            raise LayoutError(f"evaluator: benchmark spec {spec!r} must be NAME or NAME=PATH, one per --benchmark")
+    config: dict[str, Any] = {"role": "evaluator", "benchmarks": ",".join(specs)}
+    if data_dir is not None:
+        config["data-dir"] = str(data_dir)
+    return config
+
+
+def write_node_config(path: Path, config: dict[str, Any]) -> None:
+    """node-config.toml: Flower reads a single .toml path given to --node-config."""
+    lines = ["# SuperNode node-config, read by fedfer's ClientApp (client/node.py). Generated by `fedfer deploy`;",
+             "# edit data-dir / state-dir if this folder moves to another path on the school's machine."]
+    for key, value in config.items():
+        lines.append(f"{key} = {json.dumps(value)}")   # JSON strings/numbers are valid TOML values
+    write_public(path, ("\n".join(lines) + "\n").encode())
+
+
+# ------------------------------------------------------------------------------------ commands
+def superlink_command(dep: Deployment, here: str | None = None) -> list[str]:
+    """flower-superlink for this deployment. here=HERE: for the script; None: real paths."""
+    from server.processes import superlink_argv
+
+    base = dep.coordinator_dir
+    p = (lambda rel: Path(f"{HERE}/{rel}")) if here == HERE else (lambda rel: base / rel)  # noqa: E731
+    return superlink_argv(host=dep.bind, port=dep.port, database=p("superlink.db"), ca_cert=p("ca.crt"),
+                          cert=p("superlink.crt"), key=p("superlink.key"), insecure=dep.insecure, node_auth=True,
+                          log_file=p("superlink.log"))
+
+
+def node_commands(dep: Deployment, name: str, here: str | None = None, superlink: str | None = None) -> list[list[str]]:
+    """The processes of one node: the SuperNode, and (executor=warm) its warm ClientApp executor."""
+    from server.processes import supernode_argv, warm_executor_argv
+
+    entry = dep.node(name)
+    base = dep.node_dir(name)
+    p = (lambda rel: Path(f"{HERE}/{rel}")) if here == HERE else (lambda rel: base / rel)  # noqa: E731
+    warm = dep.executor == "warm"
+    node = supernode_argv(
+        superlink=superlink or dep.superlink_address, runtime_port=entry.runtime_port,
+        node_config=p("node-config.toml"),
+        root_certificates=None if dep.insecure else p("ca.crt"),
+        auth_key=None if dep.insecure else p("supernode"), insecure=dep.insecure,
+        isolation="process" if warm else "subprocess",
+        poll=(dep.idle_poll, dep.reply_poll) if warm and dep.idle_poll > 0 else None,
+        superexec_secret=p("superexec.secret") if warm else None)
+    commands = [node]
+    if warm:
+        commands.append(warm_executor_argv(runtime_port=entry.runtime_port, superexec_secret=p("superexec.secret")))
+    return commands
+
+
+def _shell_word(word: str) -> str:
+    if word.startswith(HERE):
+        return '"' + word.replace('"', '\\"') + '"'
+    if word == sys.executable:
+        return '"$PYTHON"'
+    return shlex.quote(word)
+
+
+def _shell_line(argv: list[str]) -> str:
+    """One option (with its value) per line, for a readable script."""
+    groups: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = _shell_word(argv[i])
+        if argv[i].startswith("-") and argv[i] != "--" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            word += " " + _shell_word(argv[i + 1])
+            i += 1
+        groups.append(word)
+        i += 1
+    return " \\\n    ".join(groups)
+
+
+_SCRIPT_HEAD = """#!/usr/bin/env bash
+# {title}
+# Generated by `fedfer deploy`; regenerate rather than edit. Paths are relative to this folder.
+set -euo pipefail
+HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+PYTHON="${{FEDFER_PYTHON:-{python}}}"          # the Python environment with fedfer installed
+export PATH="$(dirname "$PYTHON"):$PATH"
+export FLWR_HOME="$HERE/flwr_home" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \\
+       FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+{malloc}
+"""
+
+
+def _head(title: str) -> str:
+    from server.processes import MALLOC_ENV
+
+    malloc = ("# glibc: keep DP-SGD's per-sample buffers instead of unmapping them every step\nexport "
+              + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()))
+    return _SCRIPT_HEAD.format(title=title, python=sys.executable, malloc=malloc)
+
+
+def superlink_script(dep: Deployment) -> str:
+    argv = superlink_command(dep, HERE)
+    argv[0] = "flower-superlink"
+    return _head("fedfer coordinator: the Flower SuperLink") + (
+        "exec " + _shell_line(argv) + "\n")
+
+
+def node_script(dep: Deployment, name: str) -> str:
+    entry = dep.node(name)
+    commands = node_commands(dep, name, HERE)
+    head = _head(f"fedfer {entry.role} node '{name}': its Flower SuperNode")
+    if len(commands) == 1:
+        argv = commands[0]
+        if argv[0].endswith("flower-supernode"):
+            argv[0] = "flower-supernode"
+        return head + "exec " + _shell_line(argv) + "\n"
+    node, executor = commands
+    return head + (
+        "# The SuperNode (Flower, shorter poll) and the warm executor that runs its ClientApp tasks.\n"
+        + _shell_line(node) + " &\nNODE=$!\n"
+        + _shell_line(executor) + " &\nEXEC=$!\n"
+        + "trap 'kill $NODE $EXEC 2>/dev/null || true; wait' INT TERM EXIT\n"
+        + "wait -n $NODE $EXEC   # when either stops, stop the other (the trap)\n")
+
+
+def write_script(path: Path, text: str) -> None:
+    write_public(path, text.encode(), mode=0o755)
+
+
+def relative_or_absolute(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)

@@ -1,0 +1,127 @@
+"""Writing each finished round to the run directory: checkpoint, metrics line, progress line.
+
+Pipelined evaluation, in one place: with an evaluation node, round r's model is evaluated *during
+round r+1* (its evaluate message rides with round r+1's train messages, server/strategy.py), so round
+r's metrics and progress lines are written one round later, when that evaluation arrives; the final
+round's model gets its own exchange. Round r's checkpoint does not wait: it is written as soon as the
+released model exists, marked unevaluated (latest.json `"evaluated": false`) until its metrics line is
+written. A coordinator that stops in between resumes after round r and has round r's model evaluated
+first (server/run.py), so no school trains a round twice and metrics.jsonl ends with exactly one line
+per round.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+
+from server.run_dir import RunDirectory, _json_default
+from server.strategy import RoundRecord
+from shared_models.datasets import split_benchmark_list
+from shared_models.evaluation import evaluate_benchmarks, spec_name
+from shared_models.models import registry
+
+
+def progress_line(record: RoundRecord, total_rounds: int, primary: str, seconds: float) -> str:
+    """`round 3/12 | schools 6/6 ok | synthetic-rafdb acc 0.412 [0.389, 0.436] | ε max 3.10 | 14.2 s`"""
+    ok = [s for s, o in record.train.items() if o.get("status") == "ok"]
+    eps = [float(o["epsilon"]) for o in record.train.values() if o.get("status") == "ok" and "epsilon" in o]
+    parts = [f"round {record.round}/{total_rounds}", f"schools {len(ok)}/{len(record.train)} ok"]
+    refused = sorted({o["status"] for o in record.train.values() if o.get("status") != "ok"})
+    if refused:
+        parts[-1] += f" ({', '.join(refused)})"
+    bench = record.evaluation.get(primary)
+    if bench:
+        ci = f" [{bench['accuracy_ci_low']:.3f}, {bench['accuracy_ci_high']:.3f}]" if bench.get("accuracy_ci_low") is not None else ""
+        parts.append(f"{primary} acc {bench['accuracy']:.3f}{ci}")
+    if eps:
+        parts.append(f"ε max {max(eps):.2f}")
+    parts.append(f"{seconds:.1f} s")
+    return " | ".join(parts)
+
+
+class RoundWriter:
+    """Implements the strategy's RoundHooks: checkpoint when a round's model is released, metrics line
+    and progress line when its evaluation is settled (evaluating in-process if no evaluation node
+    answered), and the round's wall time."""
+
+    def __init__(self, run: RunDirectory, cfg: Mapping[str, Any], round_offset: int = 0, federation_dp: Any = None) -> None:
+        self.run, self.cfg, self.round_offset = run, cfg, round_offset
+        self.model_info = registry.model_info(cfg)
+        self.federation_dp = federation_dp
+        self.total_rounds = int(cfg["federation.rounds"])
+        self.primary = spec_name(split_benchmark_list(str(cfg["evaluation.benchmarks"]))[0])
+        self.round_start = time.perf_counter()
+        self.checkpointed: set[int] = set()
+        self._model: Any = None             # built on first in-process evaluation
+        self._benchmark_cache: dict = {}
+
+    def round_started(self) -> None:
+        if self.federation_dp is not None:
+            self.federation_dp.round_started()
+
+    def round_trained(self, record: RoundRecord, arrays: ArrayRecord, strategy_state: dict[str, Any]) -> None:
+        """Round `record.round`'s released model exists: account the release (client-level DP) and write
+        its checkpoint now, marked unevaluated, so a coordinator that stops from here on resumes after
+        this round. The record (without its evaluation) is kept in the checkpoint so a resumed run can
+        still write the round's metrics line."""
+        if self.federation_dp is not None and record.aggregated and record.federation_epsilon is None:
+            record.federation_epsilon = float(self.federation_dp.record_release(record.round)["epsilon"])
+        saved = asdict(record)
+        saved["timing"].setdefault("round_seconds", time.perf_counter() - self.round_start)
+        # plain JSON types only: checkpoints are loaded with torch.load(weights_only=True)
+        saved = json.loads(json.dumps(saved, default=_json_default))
+        self.run.save_checkpoint(record.round, arrays.to_torch_state_dict(), self.model_info, self.cfg,
+                                 {**strategy_state, "unevaluated": saved}, evaluated=False)
+        self.checkpointed.add(record.round)
+
+    def round_closed(self, record: RoundRecord) -> None:
+        if "round_seconds" not in record.timing:   # waiting for its evaluation: the round's own time ends here
+            self._stamp(record)
+
+    def _stamp(self, record: RoundRecord) -> None:
+        now = time.perf_counter()
+        record.timing["round_seconds"] = now - self.round_start
+        self.round_start = now
+
+    def evaluate_in_process(self, arrays: ArrayRecord) -> dict[str, dict[str, Any]]:
+        """The server scores the model itself (no evaluation node, or it did not answer): same code."""
+        if self._model is None:
+            self._model = registry.build_from_config(self.cfg)
+        self._model.load_state_dict(arrays.to_torch_state_dict())
+        root = Path(str(self.cfg["data.root"])) if self.cfg["data.root"] else None
+        return evaluate_benchmarks(self._model, str(self.cfg["evaluation.benchmarks"]), root, self.cfg,
+                                   cache=self._benchmark_cache)
+
+    def round_settled(self, record: RoundRecord, arrays: ArrayRecord, strategy_state: dict[str, Any],
+                      evaluator_expected: bool) -> None:
+        if not record.evaluation:
+            if evaluator_expected:
+                log(WARNING, "[fedfer] round %d: the evaluation node did not answer; evaluating in-process", record.round)
+            started = time.perf_counter()
+            record.evaluation = self.evaluate_in_process(arrays)
+            record.evaluated_by = "server-in-process"
+            record.timing["evaluate_compute_s"] = time.perf_counter() - started
+        if "round_seconds" not in record.timing:
+            self._stamp(record)
+        seconds = float(record.timing["round_seconds"])
+        self.run.append_metrics({
+            "round": record.round, "aggregated": record.aggregated, "train": record.train,
+            "evaluation": record.evaluation, "evaluated_by": record.evaluated_by,
+            **({"evaluated_in_round": record.evaluated_in_round} if record.evaluated_in_round else {}),
+            **({"federation_epsilon": record.federation_epsilon} if record.federation_epsilon is not None else {}),
+            "timing": {"round_seconds": seconds, **record.timing},
+        })
+        if record.round in self.checkpointed or record.round == self.round_offset:
+            self.run.mark_evaluated(record.round)
+        else:   # not reached through configure_evaluate (should not happen): the checkpoint goes with its line
+            self.run.save_checkpoint(record.round, arrays.to_torch_state_dict(), self.model_info, self.cfg, strategy_state)
+            self.checkpointed.add(record.round)
+        log(INFO, "[fedfer] %s", progress_line(record, self.total_rounds, self.primary, seconds))

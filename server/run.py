@@ -1,0 +1,109 @@
+"""Starting a run or resuming one: the run directory, the config in force, the model to begin from.
+
+A resumed run takes its config from its checkpoint (the run it continues), its model from the
+checkpoint's weights, and the strategy's state (rounds done, exhausted schools, server momentum). A
+checkpoint whose metrics line was never written (the coordinator stopped while its model waited for
+evaluation, server/round_writer.py) is evaluated first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from logging import INFO
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.app import ArrayRecord
+from flwr.common.logger import log
+from torch import nn
+
+from server.run_dir import RunDirectory
+from server.strategy import RoundRecord, SchoolFedAvg
+from shared_models.models import registry
+
+
+@dataclass
+class RunStart:
+    """Where a run begins: a new run (round 0) or a checkpoint of an earlier one."""
+
+    run: RunDirectory
+    cfg: dict[str, Any]
+    model: nn.Module
+    round_offset: int = 0
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    unevaluated: RoundRecord | None = None
+
+    @property
+    def remaining(self) -> int:
+        return int(self.cfg["federation.rounds"]) - self.round_offset
+
+    @property
+    def finished(self) -> bool:
+        return self.remaining <= 0 and self.unevaluated is None
+
+
+def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
+    """A new run directory and model, or (`run.resume`) the run, config and model of its latest checkpoint."""
+    if not cfg["run.resume"]:
+        model = registry.build_from_config(cfg)
+        if cfg["model.pretrained"]:
+            log(INFO, "[fedfer] pretrained: %s", registry.load_pretrained(model, str(cfg["model.pretrained"])))
+        return RunStart(RunDirectory.create(cfg), dict(cfg), model)
+    run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is None:
+        raise ValueError(f"run.resume: {run.path} has no checkpoint to resume from")
+    resumed_cfg = {**checkpoint["config"], "run.resume": str(run.path)}
+    model = registry.build_from_config(resumed_cfg)
+    model.load_state_dict(checkpoint["state_dict"])
+    start = RunStart(run, resumed_cfg, model, int(checkpoint["round"]), dict(checkpoint["strategy"]),
+                     unevaluated_round(run, checkpoint))
+    run.event("resumed", round=start.round_offset, **({"unevaluated": start.round_offset} if start.unevaluated else {}))
+    if start.unevaluated is not None:
+        log(INFO, "[fedfer] round %d's model has no metrics line yet: it is evaluated first", start.round_offset)
+    return start
+
+
+def unevaluated_round(run: RunDirectory, checkpoint: Mapping[str, Any]) -> RoundRecord | None:
+    """The checkpoint's round record if its metrics line was never written (the coordinator stopped
+    while that round's model waited for its evaluation), else None."""
+    saved = checkpoint.get("strategy", {}).get("unevaluated")
+    if not saved or int(saved.get("round", -1)) != int(checkpoint["round"]):
+        return None
+    if any(int(line.get("round", -1)) == int(checkpoint["round"]) for line in run.metrics()):
+        return None
+    return RoundRecord(**saved)
+
+
+def resume_pending(strategy: SchoolFedAvg, record: RoundRecord | None, arrays: ArrayRecord, remaining: int) -> int:
+    """Queue a resumed checkpoint's unevaluated round for evaluation; returns the number of rounds to run.
+
+    With rounds left, the record becomes the strategy's pending round: its evaluate message rides with
+    the first train exchange (or it is evaluated in-process if no evaluation node answers). With none
+    left, one round with no training runs, so the model gets an evaluate-only exchange."""
+    if record is None:
+        return remaining
+    strategy.pending = (record, arrays)
+    if remaining <= 0:
+        strategy.finished = True
+        return 1
+    return remaining
+
+
+def trace_benchmark_opens(trace_file: str) -> None:
+    """Record every file this (server) process opens under a `public/` benchmark folder.
+
+    Used by the tests to show that with an evaluation node the coordinator never reads benchmark data.
+    """
+    import sys
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and args and isinstance(args[0], (str, bytes)):
+            path = args[0].decode() if isinstance(args[0], bytes) else args[0]
+            if "/public/" in path and not path.startswith(trace_file):
+                with open(trace_file, "a", encoding="utf-8") as handle:
+                    handle.write(path + "\n")
+
+    sys.addaudithook(hook)
+
+

@@ -1,0 +1,198 @@
+"""The model zoo: build a model by name and preset; its per-sample training loss; partial checkpoint loads.
+
+Server, clients and the evaluation node call only this module, so they agree on architectures:
+
+    model = registry.build("hafnet", num_classes=7, preset="cpu")     # nn.Module, Opacus-valid
+    out = model(x)                                                      # FEROutput(logits, aux)
+    loss = registry.per_sample_loss(model, out, y).mean()              # (B,) -> DP-SGD's mean
+
+Presets: `paper` reproduces the paper's input size and widths (parameter and MAC counts are checked in
+tests/test_models_complexity.py); `cpu` is small enough to train under DP-SGD on two CPU cores.
+Builder keyword arguments (e.g. num_heads, affinity_weight) override the preset.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from torch import Tensor, nn
+
+from shared_models.output import FEROutput
+
+if TYPE_CHECKING:
+    from shared_models.models.pretrained import LoadReport
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration of a model: input side S (input is (B, 3, S, S) in [-1, 1]) and the other
+    constructor arguments that define it."""
+
+    name: str
+    input_size: int
+    description: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# name -> "module:Class"; imported on first build so `import registry` stays light.
+_MODELS: dict[str, str] = {
+    "hafnet": "shared_models.models.hafnet:HAFNet",
+    "sfer_mdfae": "shared_models.models.sfer_mdfae:SFERMDFAE",
+}
+
+_PRESETS: dict[str, dict[str, Preset]] = {
+    "hafnet": {
+        "paper": Preset(
+            "paper", 224,
+            "224 px; ResNet-18 widths 64/128/256/512, 7x7 stem + max-pool, 512x7x7 map; 4 heads (as DAN)",
+            dict(widths=(64, 128, 256, 512), stem="imagenet", strides=(1, 2, 2, 2),
+                 ca_hidden=32),
+        ),
+        "cpu": Preset(
+            "cpu", 64,
+            "64 px; ResNet-18 widths 8/16/32/64, 3x3 stride-2 stem (no max-pool), stage strides 2/2/2/1 "
+            "-> 64x4x4 map; 4 heads, channel-unit hidden 8",
+            dict(widths=(8, 16, 32, 64), stem="small", strides=(2, 2, 2, 1), ca_hidden=8),
+        ),
+        "dp": Preset(
+            "dp", 64,
+            "64 px; the cpu preset at widths 8/8/16/16 (~33 k params): DP-SGD noise grows with the square "
+            "root of the parameter count, and from scratch at student level only a small model learns",
+            dict(widths=(8, 8, 16, 16), stem="small", strides=(2, 2, 2, 1), ca_hidden=4),
+        ),
+    },
+    "sfer_mdfae": {
+        "paper": Preset(
+            "paper", 112,
+            "112 px (the IR50 input); IR50 widths 64/128/256/512, units 3/4/14/3; L4 512x7x7, "
+            "7x7 regions, topn 15",
+            dict(widths=(64, 128, 256, 512), units=(3, 4, 14, 3), regions=7, topn=15),
+        ),
+        "cpu": Preset(
+            "cpu", 64,
+            "64 px; IR50 widths 16/32/64/128, units 1/2/2/1, stride-2 input conv, stage strides 2/2/2/1; "
+            "L4 128x4x4 -> 4x4 one-token regions (as the paper's 7x7 at 112 px), topn 5 (~15/49 of them)",
+            dict(widths=(16, 32, 64, 128), units=(1, 2, 2, 1), stem_stride=2, stage_strides=(2, 2, 2, 1),
+                 regions=4, topn=5),
+        ),
+        "dp": Preset(
+            "dp", 64,
+            "64 px; the cpu preset at widths 8/16/16/32 (~40 k params), for DP-SGD from scratch (noise grows "
+            "with the square root of the parameter count)",
+            dict(widths=(8, 16, 16, 32), units=(1, 2, 2, 1), stem_stride=2, stage_strides=(2, 2, 2, 1),
+                 regions=4, topn=5),
+        ),
+    },
+}
+
+
+def available() -> list[str]:
+    """Model names `build` accepts."""
+    return list(_MODELS)
+
+
+def _check_name(name: str) -> None:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model '{name}' (available: {', '.join(available())})")
+
+
+def presets(name: str) -> dict[str, Preset]:
+    """The presets of model `name`, by preset name."""
+    _check_name(name)
+    return dict(_PRESETS[name])
+
+
+def build(name: str, num_classes: int = 7, preset: str = "cpu", **kwargs: Any) -> nn.Module:
+    """Build model `name` at `preset`; keyword arguments override the preset (unknown ones are an error).
+
+    The model has `.input_size` (the input side S), `.per_sample_loss(out, y)` and `.loss_terms(out, y)`.
+    """
+    _check_name(name)
+    table = _PRESETS[name]
+    if preset not in table:
+        raise ValueError(f"model '{name}': unknown preset '{preset}' (available: {', '.join(table)})")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"model '{name}': num_classes must be an int >= 2, got {num_classes!r}")
+    module_name, cls_name = _MODELS[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"model '{name}': unknown option(s) {', '.join(unknown)} "
+                         f"(accepted: {', '.join(sorted(accepted))})")
+    options = {"input_size": table[preset].input_size, **table[preset].kwargs, **kwargs}
+    model = cls(num_classes, **options)
+    model.preset = preset  # type: ignore[attr-defined]
+    model.model_name = name  # type: ignore[attr-defined]
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Opacus wrappers (GradSampleModule and friends keep it in `_module`)."""
+    while hasattr(model, "_module") and isinstance(model._module, nn.Module):
+        model = model._module
+    return model
+
+
+def _check_targets(out: FEROutput, y: Tensor) -> None:
+    logits = out.logits
+    if y.ndim != 1 or y.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must have shape ({logits.shape[0]},), got {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise ValueError(f"labels must lie in 0..{logits.shape[1] - 1}, got {int(y.min())}..{int(y.max())}")
+
+
+def per_sample_loss(model: nn.Module, out: FEROutput, y: Tensor) -> Tensor:
+    """The full training loss of each sample, shape (B,): cross-entropy plus the model's auxiliary terms
+    with its configured weights. Average it (`.mean()`) for Opacus' loss_reduction="mean"."""
+    _check_targets(out, y)
+    return unwrap(model).per_sample_loss(out, y)
+
+
+def scale_aux_losses(model: nn.Module, scale: float) -> nn.Module:
+    """Multiply the weights of the model's auxiliary loss terms (everything but cross-entropy) by `scale`.
+
+    Under DP-SGD each student's whole gradient is clipped to one norm, so auxiliary terms compete with
+    cross-entropy for that budget; `model.aux_loss_weight` in the config sets this (1 = the paper)."""
+    if scale < 0:
+        raise ValueError(f"aux loss scale must be >= 0, got {scale}")
+    inner = unwrap(model)
+    for name in getattr(inner, "loss_names", ("ce",))[1:]:
+        setattr(inner, f"{name}_weight", float(getattr(inner, f"{name}_weight")) * float(scale))
+    return model
+
+
+def loss_terms(model: nn.Module, out: FEROutput, y: Tensor) -> dict[str, Tensor]:
+    """The unweighted per-sample loss terms by name (e.g. ce, affinity, partition), each (B,); for logging."""
+    _check_targets(out, y)
+    return unwrap(model).loss_terms(out, y)
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> "LoadReport":
+    """Partial, name- and shape-matched load of a user checkpoint into `model` (in place); never downloads.
+
+    Returns a `pretrained.LoadReport` (matched / missing / shape_mismatched / unused keys, `.summary()`);
+    raises `pretrained.PretrainedError` (a ValueError) naming the file when it cannot be used at all."""
+    from shared_models.models.pretrained import load_pretrained as _load
+
+    return _load(unwrap(model), path)
+
+
+def build_from_config(cfg: Mapping[str, Any]) -> nn.Module:
+    """The federation's model as a config describes it (`model.name`, `model.preset`, FER7 outputs,
+    `model.aux_loss_weight`): the one place the server, the schools and the harnesses build it."""
+    from shared_models.labels import FER7
+
+    model = build(str(cfg["model.name"]), num_classes=len(FER7), preset=str(cfg["model.preset"]))
+    return scale_aux_losses(model, float(cfg["model.aux_loss_weight"]))
+
+
+def model_info(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records about its model, enough to rebuild it."""
+    from shared_models.labels import FER7
+
+    return {"name": str(cfg["model.name"]), "preset": str(cfg["model.preset"]), "num_classes": len(FER7)}

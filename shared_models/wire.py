@@ -1,0 +1,188 @@
+"""Send a model as one array per dtype instead of one array per tensor.
+
+Why: Flower 1.41 moves every `Array` of an `ArrayRecord` as its own object — one authenticated
+HTTP request per hop (ServerApp → SuperLink → SuperNode → ClientApp and back: six hops). HAFNet's
+`cpu` preset has 88 tensors, so one train message costs ~530 requests per school. On this machine
+(loopback, TLS + node auth, 3 schools) that was 62 s of overhead per round; the same floats packed
+into one array: 3.2 s (benchmarks/deploy.json, modes warm+poll vs warm+poll+packed).
+
+FedAvg stays exact: Flower's `aggregate_arrayrecords` averages key by key and element by element,
+so averaging packed vectors equals packing the averaged tensors. Validation that needs tensors
+(update norms, shapes) unpacks first.
+
+    arrays, layout = pack(model.state_dict())              # sender
+    content = RecordDict({"arrays": arrays, "layout": layout, ...})
+    state = unpack(content["arrays"], content["layout"])   # receiver: {name: np.ndarray}
+
+In the fedfer apps the packing is transport only: `server.transport.PackedGrid` (wrapped around the ServerApp's grid)
+packs the "arrays" record of every message it sends and unpacks every reply before the strategy
+sees it, so the strategy, Flower's DP wrapper, validation, FedAvg and the checkpoints all work on
+the ordinary {tensor name: array} record. The ClientApp unpacks with `unpack_content` and, when the
+request was packed, packs its reply (`pack_content`). A reply whose packed arrays do not match its
+layout (wrong length, wrong dtype, malformed) is not unpacked: its content is replaced by a
+`packing-error` record, which the strategy rejects with one line naming the school.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+PREFIX = "packed-"
+LAYOUT_KEY = "layout"
+ARRAYS = "arrays"            # the RecordDict key of the model in fedfer's messages
+LAYOUT_RECORD = "layout"     # the RecordDict key of the layout ConfigRecord next to it
+ERROR_RECORD = "packing-error"  # set by PackedGrid on a reply that does not unpack
+MAX_TENSORS = 100_000
+
+
+class PackingError(ValueError):
+    """The packed arrays and their layout do not match."""
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        return value.detach().cpu().numpy()
+    if isinstance(value, Array):
+        return value.numpy()
+    return np.asarray(value)
+
+
+def pack(state: Mapping[str, Any]) -> tuple[ArrayRecord, ConfigRecord]:
+    """{name: tensor} (a state_dict, numpy dict or ArrayRecord) → (one array per dtype, layout)."""
+    items = [(str(name), _numpy(value)) for name, value in state.items()]
+    if not items:
+        raise PackingError("nothing to pack: the state is empty")
+    groups: dict[str, list[np.ndarray]] = {}
+    layout = []
+    for name, arr in items:
+        dtype = arr.dtype.str
+        groups.setdefault(dtype, []).append(np.ascontiguousarray(arr).reshape(-1))
+        layout.append([name, dtype, list(arr.shape)])
+    record = ArrayRecord({f"{PREFIX}{np.dtype(d).name}": Array(np.concatenate(parts)) for d, parts in groups.items()})
+    return record, ConfigRecord({LAYOUT_KEY: json.dumps(layout)})
+
+
+def unpack(arrays: ArrayRecord, layout: ConfigRecord, strict: bool = False) -> dict[str, np.ndarray]:
+    """The inverse of `pack` (arrays may be the FedAvg average of packed replies).
+
+    strict: every packed array must hold exactly the dtype its key names (`packed-float32` holds
+    float32) — for arrays received from another party. Without it a group averaged by FedAvg
+    (int64 → float64) is cast back to the layout's dtype.
+    """
+    try:
+        entries = json.loads(str(layout[LAYOUT_KEY]))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise PackingError(f"layout record: missing or malformed '{LAYOUT_KEY}' ({exc})") from None
+    if not isinstance(entries, list) or not entries or len(entries) > MAX_TENSORS:
+        raise PackingError(f"layout: expected a list of 1..{MAX_TENSORS} [name, dtype, shape] entries")
+    flat: dict[str, np.ndarray] = {}
+    for key in arrays.keys():
+        if not key.startswith(PREFIX):
+            raise PackingError(f"unexpected array {key!r} next to the packed arrays")
+        value = arrays[key].numpy().reshape(-1)
+        group = key[len(PREFIX):]
+        if strict and value.dtype.name != group:
+            raise PackingError(f"packed array '{key}' holds {value.dtype.name}, not {group}")
+        flat[group] = value
+    offsets = {name: 0 for name in flat}
+    out: dict[str, np.ndarray] = {}
+    for entry in entries:
+        name, dtype, shape = _layout_entry(entry)
+        if name in out:
+            raise PackingError(f"layout names tensor {name!r} twice")
+        group = dtype.name
+        if group not in flat:
+            raise PackingError(f"tensor {name!r}: no packed array '{PREFIX}{group}'")
+        size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        start = offsets[group]
+        if start + size > flat[group].size:
+            raise PackingError(f"tensor {name!r}: packed array '{PREFIX}{group}' is too short")
+        out[name] = flat[group][start:start + size].astype(dtype, copy=False).reshape(shape)
+        offsets[group] = start + size
+    for group, used in offsets.items():
+        if used != flat[group].size:
+            raise PackingError(f"packed array '{PREFIX}{group}' has {flat[group].size - used} values the layout does not name")
+    return out
+
+
+def _layout_entry(entry: Any) -> tuple[str, np.dtype, list[int]]:
+    """One `[name, dtype, shape]` layout entry, checked (it may come from another party)."""
+    try:
+        name, dtype, shape = entry
+        dt = np.dtype(str(dtype))
+    except (TypeError, ValueError) as exc:
+        raise PackingError(f"layout entry {str(entry)[:80]!r}: not [name, dtype, shape] ({exc})") from None
+    if not isinstance(name, str) or not name:
+        raise PackingError(f"layout entry {str(entry)[:80]!r}: the name must be a non-empty string")
+    if dt.kind not in "biuf" or dt.hasobject:
+        raise PackingError(f"tensor {name!r}: dtype {dt} is not a numeric dtype")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise PackingError(f"tensor {name!r}: shape {str(shape)[:80]} is not a list of non-negative integers")
+    return name, dt, shape
+
+
+# -- message content --------------------------------------------------------------------------------
+def is_packed(content: RecordDict) -> bool:
+    return LAYOUT_RECORD in content.config_records and ARRAYS in content.array_records
+
+
+def pack_content(content: RecordDict) -> RecordDict:
+    """A copy of `content` whose "arrays" record is packed, with the layout next to it."""
+    arrays, layout = pack(content.array_records[ARRAYS])
+    return with_arrays(content, arrays, layout)
+
+
+def unpack_content(content: RecordDict, strict: bool = True) -> RecordDict:
+    """A copy of `content` with the "arrays" record unpacked (unchanged if it is not packed)."""
+    if not is_packed(content):
+        return content
+    state = unpack(content.array_records[ARRAYS], content.config_records[LAYOUT_RECORD], strict=strict)
+    return with_arrays(content, ArrayRecord({k: Array(v) for k, v in state.items()}), None)
+
+
+def with_arrays(content: RecordDict, arrays: ArrayRecord, layout: ConfigRecord | None) -> RecordDict:
+    out = RecordDict()
+    for key, record in content.items():
+        if key == LAYOUT_RECORD:
+            continue
+        out[key] = arrays if key == ARRAYS else record
+    if layout is not None:
+        out[LAYOUT_RECORD] = layout
+    return out
+
+
+def unpack_reply(reply: Message) -> None:
+    """Unpack a reply in place; one that does not unpack gets a `packing-error` record instead."""
+    if reply.has_error() or not is_packed(reply.content):
+        return
+    try:
+        reply.content = unpack_content(reply.content, strict=True)
+    except PackingError as exc:
+        reply.content = RecordDict({ERROR_RECORD: ConfigRecord({"reason": str(exc)[:300]})})
+
+
+def shorten_object_pull_backoff(initial: float = 0.05, cap: float = 0.5) -> bool:
+    """Retry a not-yet-available message object after `initial` s (doubling up to `cap`), not 1 s / 10 s.
+
+    Flower sends a message's metadata first and its objects (the model weights) right after; the
+    receiver — SuperNode pulling from the SuperLink, ClientApp pulling from its SuperNode, ServerApp
+    pulling replies — often asks before they are stored and then backs off 1 s, then 2 s
+    (`flwr.supercore.constant.PULL_INITIAL_BACKOFF = 1`, `PULL_BACKOFF_CAP = 10`). Measured here,
+    that alone added 1–3 s per message. Both pull functions take the backoff as keyword defaults, so
+    setting those defaults in this process changes nothing else. Returns False if Flower changed.
+    """
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    changed = False
+    for fn in (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree):
+        defaults = getattr(fn, "__kwdefaults__", None) or {}
+        if "initial_backoff" in defaults and "backoff_cap" in defaults:
+            defaults["initial_backoff"], defaults["backoff_cap"] = initial, cap
+            changed = True
+    return changed

@@ -1,0 +1,318 @@
+"""Training speed and memory of the model zoo, plain and under Opacus DP-SGD.
+
+    python -m simulations.bench.models [--models hafnet,sfer_mdfae] [--preset cpu] [--threads 1,2]
+        [--batch 32] [--steps 8] [--extras] [--out benchmarks/models.json]
+
+Every configuration runs in a fresh subprocess (clean thread setting, clean allocator, its own peak
+RSS). A step is forward + full per-sample loss (`registry.per_sample_loss`) + backward + optimizer
+step on a random batch in [-1, 1]. Modes:
+
+  plain        SGD, no DP
+  dp-hooks     Opacus GradSampleModule (hooks) + DPOptimizer (clip + noise) -- what the client uses
+               (privacy/engine.py)
+  dp-ghost     Opacus fast gradient / ghost clipping (GradSampleModuleFastGradientClipping, two backward
+               passes, norms instead of stored per-sample gradients where Opacus has a norm sampler)
+  dp-functorch GradSampleModule(force_functorch=True)
+  dp-ew        Opacus ExpandedWeights mode
+  dp-stock     dp-hooks with Opacus' stock samplers instead of fedfer's (dp_layers): grouped convs
+               through nn.Conv2d's sampler, PReLU through functorch -- shows what dp_layers buys
+  dp-hooks-cl  dp-hooks with channels-last tensors; also checks the per-sample gradients against the
+               contiguous run (Opacus' conv sampler assumes NCHW strides)
+  dp-hooks-malloc  dp-hooks with glibc told to keep freed memory (MALLOC_MMAP_THRESHOLD_ /
+               MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_): the per-sample gradient buffers are then reused
+               instead of being mmap'd and page-faulted afresh every step
+
+`--extras` adds the other DP modes, channels-last and a batch-size sweep (HAFNet only). Rates are
+samples per second from the median step, by wall clock and per CPU-second of the process (the machine
+is shared; CPU time is the steadier number). Peak memory is the process' peak RSS (getrusage) and its
+growth during training over the RSS after building the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from simulations.bench.results import write_result
+
+# ------------------------------------------------------------------------------------------------
+# worker: one configuration, in its own process
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _worker(cfg: dict) -> dict:
+    import resource
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(cfg["threads"])
+    from shared_models.models import registry
+
+    torch.manual_seed(0)
+    model = registry.build(cfg["model"], 7, cfg["preset"])
+    mode, batch = cfg["mode"], cfg["batch"]
+    size = model.input_size
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    y = torch.randint(0, 7, (batch,), generator=g)
+    channels_last = mode == "dp-hooks-cl" or mode == "plain-cl"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+    dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
+    result: dict = {}
+
+    if mode.startswith("plain"):
+        net, opt = model, sgd
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            registry.per_sample_loss(net, net(x), y).mean().backward()
+            opt.step()
+    elif mode in ("dp-hooks", "dp-functorch", "dp-stock", "dp-hooks-cl", "dp-hooks-malloc"):
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        if mode == "dp-stock":  # turn fedfer's layers back into the torch classes they extend
+            from shared_models.models import dp_layers
+
+            for m in model.modules():
+                if type(m) is dp_layers.GroupedConv2d:
+                    m.__class__ = torch.nn.Conv2d
+                elif type(m) is dp_layers.PReLU:
+                    m.__class__ = torch.nn.PReLU
+        net = GradSampleModule(model, force_functorch=mode == "dp-functorch")
+        opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), **dp)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            registry.per_sample_loss(net, net(x), y).mean().backward()
+            opt.step()
+
+        if mode == "dp-hooks-cl":  # are the per-sample gradients still right?
+            net.zero_grad(set_to_none=True)
+            registry.per_sample_loss(net, net(x), y).mean().backward()
+            got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+            opt.zero_grad(set_to_none=True)
+            xc = x.contiguous()
+            registry.per_sample_loss(net, net(xc), y).mean().backward()
+            worst = 0.0
+            for n, p in model.named_parameters():
+                ref = p.grad_sample
+                worst = max(worst, float((got[n] - ref).norm() / ref.norm().clamp_min(1e-12)))
+            opt.zero_grad(set_to_none=True)
+            result["grad_sample_max_rel_error_vs_contiguous"] = worst
+    elif mode == "dp-ghost":
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        net = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, use_ghost_clipping=True)
+        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(net.parameters(), lr=0.01), **dp)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            DPTensorFastGradientClipping(net, opt, registry.per_sample_loss(net, net(x), y)).backward()
+            opt.step()
+    elif mode == "dp-ew":
+        from opacus.grad_sample import GradSampleModuleExpandedWeights
+        from opacus.optimizers import DPOptimizer
+
+        net = GradSampleModuleExpandedWeights(model)
+        opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), **dp)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            registry.per_sample_loss(net, net(x), y).mean().backward()
+            opt.step()
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+
+    rss_before = _rss_mb()
+    walls, cpus, faults = [], [], []
+    for i in range(cfg["steps"] + cfg["warmup"]):
+        w, c = time.perf_counter(), time.process_time()
+        f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        if i >= cfg["warmup"]:
+            walls.append(time.perf_counter() - w)
+            cpus.append(time.process_time() - c)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    wall, cpu = statistics.median(walls), statistics.median(cpus)
+    result.update({
+        "step_ms_wall": round(wall * 1e3, 1), "step_ms_cpu": round(cpu * 1e3, 1),
+        "samples_per_s_wall": round(batch / wall, 1), "samples_per_s_cpu": round(batch / cpu, 1),
+        "peak_rss_mb": round(peak, 1), "train_rss_growth_mb": round(peak - rss_before, 1),
+        "page_faults_per_step": int(statistics.median(faults)),
+    })
+    return result
+
+
+def _run(cfg: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "simulations.bench.models", "--worker", json.dumps(cfg)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]))
+    if cfg["mode"] == "dp-hooks-malloc":
+        env.update(MALLOC_MMAP_THRESHOLD_=str(2**28), MALLOC_TRIM_THRESHOLD_=str(2**30), MALLOC_TOP_PAD_=str(2**26))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=Path(__file__).resolve().parents[2])
+    except subprocess.TimeoutExpired:
+        return {**cfg, "ok": False, "error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        return {**cfg, "ok": False, "error": lines[-1][:300] if lines else f"exit {proc.returncode}"}
+    return {**cfg, "ok": True, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _plan(args: argparse.Namespace) -> list[dict]:
+    base = dict(preset=args.preset, batch=args.batch, steps=args.steps, warmup=2)
+    plan = []
+    for model in args.models.split(","):
+        for threads in (int(t) for t in args.threads.split(",")):
+            modes = ["plain", "dp-hooks"]
+            if args.extras:
+                modes += ["dp-hooks-malloc", "dp-stock", "dp-ghost", "dp-functorch", "dp-ew", "dp-hooks-cl"]
+            plan += [dict(base, model=model, threads=threads, mode=m) for m in modes]
+        if args.extras and model == "hafnet":
+            for batch in (16, 64):
+                plan += [dict(base, model=model, threads=1, mode=m, batch=batch) for m in ("plain", "dp-hooks")]
+    return plan
+
+
+def _rate(row: dict) -> float:
+    """The rate used for DP/plain ratios: per CPU-second with one thread (steady on a shared machine),
+    wall clock with more (CPU time then counts every thread)."""
+    return row["samples_per_s_cpu"] if row["threads"] == 1 else row["samples_per_s_wall"]
+
+
+def _table(rows: list[dict]) -> str:
+    head = (f"{'model':<11} {'preset':<6} {'mode':<13} {'thr':>3} {'batch':>5} {'samples/s':>10} "
+            f"{'(per cpu-s)':>11} {'vs plain':>8} {'peak MB':>8} {'+train MB':>9} {'faults':>7}  note")
+    out = [head, "-" * len(head)]
+    plain = {(r["model"], r["threads"], r["batch"]): r for r in rows if r["mode"] == "plain" and r["ok"]}
+    for r in rows:
+        if not r["ok"]:
+            out.append(f"{r['model']:<11} {r['preset']:<6} {r['mode']:<13} {r['threads']:>3} {r['batch']:>5}  "
+                       f"failed: {r['error']}")
+            continue
+        p = plain.get((r["model"], r["threads"], r["batch"]))
+        ratio = f"{_rate(p) / _rate(r):.2f}x" if p and r["mode"] != "plain" else ""
+        note = ""
+        if "grad_sample_max_rel_error_vs_contiguous" in r:
+            err = r["grad_sample_max_rel_error_vs_contiguous"]
+            note = f"per-sample grads {'WRONG' if err > 1e-4 else 'ok'} (rel err {err:.1e})"
+        out.append(f"{r['model']:<11} {r['preset']:<6} {r['mode']:<13} {r['threads']:>3} {r['batch']:>5} "
+                   f"{r['samples_per_s_wall']:>10.1f} {r['samples_per_s_cpu']:>11.1f} {ratio:>8} "
+                   f"{r['peak_rss_mb']:>8.0f} {r['train_rss_growth_mb']:>9.0f} {r['page_faults_per_step']:>7}  {note}")
+    return "\n".join(out)
+
+
+def _summary(rows: list[dict]) -> dict:
+    """DP vs plain per model, threads and batch, for the modes the client can use."""
+    summary = {}
+    for r in rows:
+        if r["ok"] and r["mode"] in ("dp-hooks", "dp-hooks-malloc"):
+            p = next((q for q in rows if q["ok"] and q["mode"] == "plain" and q["model"] == r["model"]
+                      and q["threads"] == r["threads"] and q["batch"] == r["batch"]), None)
+            if p:
+                summary[f"{r['model']}-{r['preset']} {r['mode']} threads={r['threads']} batch={r['batch']}"] = {
+                    "plain_samples_per_s_cpu": p["samples_per_s_cpu"],
+                    "dp_samples_per_s_cpu": r["samples_per_s_cpu"],
+                    "dp_slowdown": round(_rate(p) / _rate(r), 2),
+                    "dp_slowdown_measured_by": "cpu time" if r["threads"] == 1 else "wall clock",
+                    "plain_samples_per_s_wall": p["samples_per_s_wall"],
+                    "dp_samples_per_s_wall": r["samples_per_s_wall"],
+                }
+    return summary
+
+
+def _load() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="hafnet,sfer_mdfae")
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after 2 warm-up)")
+    parser.add_argument("--extras", action="store_true",
+                        help="also other Opacus modes, channels-last and a batch sweep (HAFNet)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
+    parser.add_argument("--out", default="benchmarks/models.json")
+    parser.add_argument("--rerender", default=None, metavar="JSON",
+                        help="rebuild the table and summary of an earlier output from its stored results "
+                             "(no measuring), e.g. after a change to how ratios are shown")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return 0
+    if args.rerender is not None:
+        report = json.loads(Path(args.rerender).read_text())
+        report.pop("summary_dp_hooks", None)
+        for r in report["results"]:
+            r.setdefault("page_faults_per_step", -1)
+        table = _table(report["results"])
+        report["summary_dp_vs_plain"] = _summary(report["results"])
+        report["table"] = table.splitlines()
+        report["rerendered"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(table)
+        return 0
+
+    import opacus
+    import torch
+
+    plan = _plan(args)
+    load_start = _load()
+    t0 = time.perf_counter()
+    rows = []
+    for cfg in plan:
+        row = _run(cfg, args.timeout)
+        rows.append(row)
+        print(f"  {row['model']} {row['mode']} threads={row['threads']} batch={row['batch']}: "
+              + (f"{row['samples_per_s_wall']} samples/s" if row["ok"] else f"failed ({row['error']})"),
+              file=sys.stderr, flush=True)
+    table = _table(rows)
+    print(table)
+    summary = _summary(rows)
+    report = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "opacus": opacus.__version__, "load_average_start": [round(v, 2) for v in load_start],
+                    "load_average_end": [round(v, 2) for v in _load()]},
+        "settings": {"preset": args.preset, "batch": args.batch, "steps": args.steps, "warmup": 2,
+                     "noise_multiplier": 1.0, "max_grad_norm": 1.0, "optimizer": "SGD lr 0.01"},
+        "summary_dp_vs_plain": summary,
+        "results": rows,
+        "table": table.splitlines(),
+    }
+    out = write_result(args.out, report, module="simulations.bench.models", argv=argv)
+    print(f"\nwrote {out} (load average {load_start[0]:.1f} -> {_load()[0]:.1f} on {os.cpu_count()} cpus)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
