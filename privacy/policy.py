@@ -202,7 +202,8 @@ def agree_round(policy: SchoolPolicy, cfg: Mapping[str, Any], school_id: str) ->
     asked_cap = float(cfg["privacy.max_round_epsilon"])
     if not (asked_cap > 0 and _within(asked_cap, policy.max_round_epsilon)):
         return PolicyViolation("privacy.max_round_epsilon")
-    sigma_key = "privacy.noise_multiplier" if float(cfg["privacy.noise_multiplier"]) > 0 else "privacy.target_epsilon"
+    # a fixed σ (anything but 0, NaN included) is the coordinator's ask; 0 means "calibrate to the target ε"
+    sigma_key = "privacy.noise_multiplier" if float(cfg["privacy.noise_multiplier"]) != 0 else "privacy.target_epsilon"
     sigma_value = float(cfg[sigma_key])
     if not math.isfinite(sigma_value) or sigma_value < 0:
         return PolicyViolation(sigma_key)

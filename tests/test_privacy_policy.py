@@ -53,6 +53,7 @@ HOSTILE = [
     (["privacy.max_round_epsilon=50"], "privacy.max_round_epsilon"),
     (["privacy.target_epsilon=60", "federation.rounds=1"], "privacy.target_epsilon"),   # one round above the cap
     (["privacy.noise_multiplier=0.2"], "privacy.noise_multiplier"),
+    (["privacy.noise_multiplier=nan"], "privacy.noise_multiplier"),
 ]
 
 
