@@ -76,6 +76,20 @@ def test_epsilon_grows_every_round_for_every_school(federation):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_schools_send_only_public_values_and_declare_their_size(federation):
+    """What reached the server per school (metrics.jsonl) is DP output or public values only, and q comes
+    from the size each school's policy declares (docs/privacy.md)."""
+    run = federation["run"]
+    public = {"status", "epsilon", "epsilon_rdp", "noise_multiplier", "sample_rate", "steps", "unit_weight",
+              "update_norm"}   # update_norm: the norm of the DP-noised update
+    for record in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()):
+        for school, outcome in record["train"].items():
+            assert set(outcome) <= public, (school, set(outcome) - public)
+            policy = json.loads((run / "schools" / school / "policy.json").read_text())
+            assert outcome["sample_rate"] == pytest.approx(min(1.0, 3 / policy["declared-students"]))
+    assert "loss" not in (run / "flower.log").read_text().replace("losses.sum", "")
+
+
 def test_accuracy_is_the_evaluation_nodes(federation):
     from shared_models.models import registry
     from shared_models.evaluation import evaluate_benchmarks
