@@ -1,15 +1,7 @@
-"""What `fedfer deploy …` does (fedfer/commands/deploy.py parses and prints): credentials, registration and start commands for a real federation
-(one Flower SuperLink at the coordinator, one SuperNode per school, one evaluation node).
-
-    fedfer deploy init --coordinator fl.district.example [--san 10.0.0.5 …] [--dir deploy]
-    fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln [--budget 8]
-    fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
-    fedfer deploy status | register NAME | revoke NAME | rotate NAME | renew-cert | up
-
-Secure by default: TLS (own CA, EC P-384) and SuperNode authentication (ECDSA P-384 node keys
-registered with `flwr supernode register`) are on; `--insecure` turns both off, loudly.
-The logic lives in functions (init_deployment, add_node, …) that tests and the benchmark call; the
-argparse handlers only translate arguments and print.
+"""The work behind `fedfer deploy …` (fedfer/commands/deploy.py parses arguments and prints): make
+the CA and certificates, add, register, revoke and rotate nodes, report status. Functions, so tests
+and the deployment benchmark call them directly. Secure by default: TLS (own CA, EC P-384) and
+SuperNode authentication (ECDSA P-384 node keys registered with `flwr supernode register`).
 """
 
 from __future__ import annotations
