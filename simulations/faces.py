@@ -57,9 +57,9 @@ AU_NAMES: tuple[str, ...] = (
 )
 AU_INDEX: dict[str, int] = {name: i for i, name in enumerate(AU_NAMES)}
 NUM_AUS = len(AU_NAMES)
-# How far an AU intensity of 1 moves the face. Above 1 the expressions read at 48-64 px, where the
-# eyebrows and lip corners are only a few pixels: measured with simulations/calibrate_synth.py
-# (1.6 in v5, 2.4 since v6).
+# How far an AU intensity of 1 moves the face. Above 1 so that expressions read at 48-64 px, where the
+# eyebrows and lip corners are only a few pixels (calibrated with simulations/calibrate_synth.py;
+# history in docs/experiments.md).
 EXPRESSION_GAIN = 2.4
 
 # FACS prototypes (benchmark-formats.md §9) with typical apex intensities. The first-listed AUs of
