@@ -8,8 +8,8 @@ nuisance variation (identity, pose, light, camera, occluders) the model has to l
 The geometry follows FACS: an expression is a vector of action-unit (AU) intensities in [0, 1]
 (`AU_NAMES`); each AU moves the parts it moves in a real face (AU1 lifts the inner brow, AU12 pulls
 the lip corners up and out, AU26 drops the jaw, ...). The mapping from the seven basic expressions to
-AUs is `PROTOTYPES` (research/benchmark-formats.md §9); sampling partial and noisy activations is the
-job of `simulations.synth`.
+AUs is `PROTOTYPES` (EMFACS, Ekman & Friesen 1978, e.g. happy = AU6+AU12); sampling partial and noisy
+activations is the job of `simulations.synth`.
 
 Everything is built in a canonical face frame (origin between the eyes' level and the nose bridge,
 x to the image right, y down, one unit = half the face width), then moved by one pose transform
@@ -62,7 +62,7 @@ NUM_AUS = len(AU_NAMES)
 # history in docs/experiments.md).
 EXPRESSION_GAIN = 2.4
 
-# FACS prototypes (benchmark-formats.md §9) with typical apex intensities. The first-listed AUs of
+# FACS prototypes (EMFACS; sources differ in the details) with typical apex intensities. The first-listed AUs of
 # each class are its "core": synth never drops all of them, so a frame stays an instance of its
 # label. Secondary values (< 0.5) are common companions (e.g. AU4 in disgust, AU17 in sadness) that
 # make neighbouring classes overlap as they do in real data.
@@ -477,8 +477,9 @@ def _draw_brows(identity: Identity, au: _AUs, shapes: _Shapes) -> dict[float, np
     marks: dict[float, np.ndarray] = {}
     thickness = identity.brow_thick * (1.05 - 0.45 * along)
     brow_y = (identity.brow_y - identity.brow_arch * 4.0 * along * (1.0 - along)
-              - 0.17 * au["AU1"] * (1.0 - along) ** 1.5 - 0.17 * au["AU2"] * along ** 1.2 + 0.12 * au["AU4"] * (1.0 - 0.45 * along)
-              + 0.04 * au["AU9"] * (1.0 - along) + 0.02 * au["AU6"] * along + 0.015 * au["AU7"])
+              - 0.17 * au["AU1"] * (1.0 - along) ** 1.5 - 0.17 * au["AU2"] * along ** 1.2
+              + 0.12 * au["AU4"] * (1.0 - 0.45 * along) + 0.04 * au["AU9"] * (1.0 - along) + 0.02 * au["AU6"] * along
+              + 0.015 * au["AU7"])
     brow_x_abs = (0.1 + 0.52 * along + (0.055 * au["AU4"] + 0.02 * au["AU9"]) * (along - 1.0)) * identity.face_w
     for side in (-1.0, 1.0):
         brow_x = side * brow_x_abs
