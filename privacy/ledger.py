@@ -1,4 +1,4 @@
-"""The privacy ledger: one signed, hash-chained JSON line per school per round (DESIGN.md §4).
+"""The privacy ledger, the privacy model's audit trail: one signed, hash-chained JSON line per school per round.
 
 Entry fields (schema 1):
 
