@@ -362,7 +362,7 @@ def _anchor_rejections(run_dirs: Sequence[Path]) -> list[str]:
                 continue
             if isinstance(event, dict) and event.get("event") == "ledger-anchor":
                 problems.append(f"{events} line {line} (school {event.get('school')}): round {event.get('round')} "
-                                f"rejected by the server's anchor check ({event.get('kind')}): {event.get('reason')}")
+                                f"rejected by the server's anchor check ({event.get('problem')}): {event.get('reason')}")
     return problems
 
 

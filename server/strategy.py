@@ -376,7 +376,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             # the school's first entries of this run: they must continue what earlier runs verified
             check = check_continues(chain, run_entries[0])
             if check.problem:
-                self.run.event("ledger-anchor", round=rnd, school=school, kind=check.kind, reason=check.problem)
+                self.run.event("ledger-anchor", round=rnd, school=school, problem=check.kind, reason=check.problem)
                 raise RejectedUpdate(f"ledger does not continue the server's anchor ({check.kind}): {check.problem}")
             if check.note:
                 self.run.event("ledger-gap", round=rnd, school=school, reason=check.note)
