@@ -129,7 +129,6 @@ class FederationAccountant:
         self.ledger = SchoolLedger(state_dir, FEDERATION_ID, self.key)
         ServerLedgerCopy.store_public_key(run.path, FEDERATION_ID, self.key.public_key())
         self.wrapper: SchoolsOnlyAdaptiveClipping | None = None
-        self.clip_before_round = float(cfg["federation.client_dp_clip"])
 
     def wrap(self, strategy: Any) -> SchoolsOnlyAdaptiveClipping:
         # Flower's default count noise (num_sampled/20) is too small for few schools; 2x the noise keeps
