@@ -27,12 +27,11 @@ Exit status: 0 intact and within budget; 1 intact but over budget; 2 tampered, i
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-
-import json
 
 from privacy.accounting import epsilon_report
 from privacy.anchors import anchors_dir_of_run, audit_against_anchor, load_chain

@@ -376,6 +376,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             # the school's first entries of this run: they must continue what earlier runs verified
             check = check_continues(chain, run_entries[0])
             if check.problem:
+                # not selected again in this run: its training would spend privacy into a ledger we reject
+                self.exhausted.add(school)
                 self.run.event("ledger-anchor", round=rnd, school=school, problem=check.kind, reason=check.problem)
                 raise RejectedUpdate(f"ledger does not continue the server's anchor ({check.kind}): {check.problem}")
             if check.note:

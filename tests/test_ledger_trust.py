@@ -220,6 +220,7 @@ def test_wiped_school_is_rejected_and_the_audit_reports_it(tmp_path, capsys):
     server.receive(schools[1], 1, schools[1].train("run-2", 1))   # the other school is unaffected
     (event,) = [e for e in server.events() if e["event"] == "ledger-anchor"]
     assert event["school"] == "school-a" and event["problem"] == "restarted-chain"
+    assert "school-a" in server.strategy.exhausted   # not sent training again in this run
     assert not (server.run.path / "ledger" / "school-a.jsonl").exists()
     keys = _keyring(tmp_path, schools)
     code, out = _audit(capsys, server.run.path, "--keys", keys)
@@ -274,3 +275,23 @@ def test_truncated_tail_is_rejected_by_the_server_and_caught_by_the_audit(tmp_pa
         server.receive(school, 1, school.train("run-2", 1))
     code, out = _audit(capsys, school.state, "--keys", keys, "--anchors", tmp_path / "runs" / "anchors")
     assert code == 2 and "truncated tail" in out and "school-a" in out, out
+
+
+def test_anchor_check_classifies_history_reset_and_gaps():
+    from privacy.anchors import check_continues
+
+    head, older = "a" * 64, "b" * 64
+    chain = {"head": head, "count": 2, "histories": {"fp": [[SIGMA, Q, 16]]},
+             "runs": [{"run_id": "run-1", "hashes": [older, head], "histories_after": {"fp": [[SIGMA, Q, 16]]}}]}
+
+    def entry(prev, history):
+        return {"prev_hash": prev, "dataset_fingerprint": "fp", "history_before": history}
+
+    assert check_continues(chain, entry(head, [[SIGMA, Q, 16]])).problem == ""
+    assert check_continues(chain, entry(head, [])).kind == "history-reset"
+    assert check_continues(chain, entry(older, [[SIGMA, Q, 8]])).kind == "truncated-tail"
+    assert check_continues(chain, entry(GENESIS_HASH, [])).kind == "restarted-chain"
+    assert check_continues(chain, entry("c" * 64, [[SIGMA, Q, 8]])).kind == "history-reset"
+    gap = check_continues(chain, entry("c" * 64, [[SIGMA, Q, 24]]))   # a reply the server never received
+    assert gap.problem == "" and gap.kind == "gap" and gap.note
+    assert check_continues(None, entry(GENESIS_HASH, [])).problem == ""
