@@ -66,7 +66,7 @@ def federation(tmp_path, monkeypatch):
     for name, value in {"_run_id": 1, "_task_id": 1, "_node_id": 1}.items():   # a ServerApp process's identity
         monkeypatch.setattr(TaskIdentity, name, value)
     flwr_logger = logging.getLogger("flwr")   # one INFO line per clipped reply, thousands of trials
-    monkeypatch.setattr(flwr_logger, "level", logging.WARNING)
+    monkeypatch.setattr(flwr_logger, "level", logging.ERROR)   # and a warning per trial with fewer replies
 
     from server.client_dp import FederationAccountant
     from server.run_dir import RunDirectory
