@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from privacy.accounting import epsilon_report
-from privacy.anchors import anchors_dir_of_run, audit_against_anchor, load_chain
+from privacy.anchors import anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, epsilon_value, read_ledger_file,
                             verify_entries)
 from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, load_public_key
@@ -388,7 +388,29 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
         if entries:
             verified.setdefault(entries[0]["school_id"], []).append((src, entries))
     run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
-    return AuditReport(rows, _cross_check(verified) + _anchor_rejections(run_dirs))
+    return AuditReport(rows, _cross_check(verified) + _anchor_rejections(run_dirs)
+                       + _missing_copies(run_dirs, anchors_dir))
+
+
+def _missing_copies(run_dirs: Sequence[Path], anchors_dir: Path | None) -> list[str]:
+    """A school the server anchored entries of a run for must still have that run's ledger copy."""
+    problems = []
+    for run_dir in run_dirs:
+        anchors = anchors_dir if anchors_dir is not None else anchors_dir_of_run(run_dir)
+        if not anchors.is_dir():
+            continue
+        for path in sorted(anchors.glob("*.json")):
+            school = path.stem
+            try:
+                chains = load_anchors(anchors, school)["chains"].values()
+            except LedgerError as exc:
+                problems.append(str(exc))
+                continue
+            anchored = sum(len(r["hashes"]) for c in chains for r in c.get("runs", []) if r["run_id"] == run_dir.name)
+            if anchored and not (run_dir / "ledger" / f"{school}.jsonl").is_file():
+                problems.append(f"{run_dir / 'ledger' / (school + '.jsonl')} (school {school}): missing, but the "
+                                f"server anchored {anchored} entries of run {run_dir.name!r} for this school")
+    return problems
 
 
 def format_table(report: AuditReport) -> str:

@@ -258,6 +258,9 @@ def test_truncated_tail_is_rejected_by_the_server_and_caught_by_the_audit(tmp_pa
     copy.write_text("".join(intact.splitlines(keepends=True)[:-1]))
     code, out = _audit(capsys, first.run.path, "--keys", keys)
     assert code == 2 and "truncated tail" in out and "school-b" in out and "line 3" in out, out
+    copy.unlink()   # the whole copy gone
+    code, out = _audit(capsys, first.run.path, "--keys", keys)
+    assert code == 2 and "school-b.jsonl (school school-b): missing" in out, out
     copy.write_text(intact)
     code, out = _audit(capsys, first.run.path, "--keys", keys)
     assert code == 0, out
