@@ -25,6 +25,11 @@ Accounting choices, stated so an auditor can check them (Flower 1.41,
 - schools are sampled as a fixed-size random subset, not by Poisson sampling, so no amplification is
   claimed: each release is accounted at sample rate 1.
 Checked by tests/test_client_dp_noise.py, a Monte-Carlo run of the real wrapper.
+
+Two limits of this accounting, stated rather than hidden: z_u depends on C_new, i.e. on the released
+noisy count, so each round's multiplier is chosen adaptively (a strict bound under fully adaptive
+composition needs a privacy filter); and C_old / n treats n, the replies averaged, as fixed between
+neighbouring federations (replace-one), as Flower's wrapper does.
 """
 
 from __future__ import annotations
