@@ -3,14 +3,23 @@
 Never trusts a stored ε. For each ledger source (a run directory's ``ledger/<school>.jsonl`` copies, or
 any ``ledger.jsonl`` / ``<school>.jsonl`` given directly) it:
 
-1. verifies every line: fields, hash, Ed25519 signature against the school's public key (from
-   ``--keys DIR/<school>.pub``, else ``<run>/keys/<school>.pub``, else ``signing_key.pub`` beside a
-   school's own ledger), prev_hash chain, run_seq and history_before continuity;
+1. verifies every line: fields, hash, Ed25519 signature against the school's public key from an
+   independent keyring (``--keys DIR/<school>.pub``: the keys registered at enrollment, e.g.
+   ``deploy/keys``) — keys found in the run (``<run>/keys/<school>.pub``) or beside a school's ledger
+   (``signing_key.pub``) only with ``--trust-run-keys``, because whoever can edit the ledger can swap
+   them — prev_hash chain, run_seq and history_before continuity; δ and privacy unit must not change
+   between a school's entries;
 2. replays (σ, q, steps) through fresh accountants: every entry's ``epsilon_rdp`` is checked against
    RDP (cheap), the last entry per dataset against PRV (``--every-entry``: every entry against PRV);
-3. compares the recomputed ε with the budget;
+3. compares the recomputed ε with the school's policy budget (``--budget``, else
+   ``DIR/<school>.policy.json`` or the node-config ``fedfer deploy`` wrote, ``DIR/../nodes/<school>/
+   node-config.toml``) — never the budget an entry declares; a policy δ or unit the entries do not use
+   is reported;
 4. cross-checks sources of the same school (a run copy against the school's own ledger): every entry
-   of one that belongs to the other's span must be in both — the only way to see a deleted last line.
+   of one that belongs to the other's span must be in both;
+5. checks each source against the server's anchors (``<run.root>/anchors/<school>.json``, or
+   ``--anchors DIR``; privacy/anchors.py): a truncated tail, a chain restarted at genesis or a history
+   reset is reported, and so is every reply the server rejected for one (``ledger-anchor`` events).
 
 Exit status: 0 intact and within budget; 1 intact but over budget; 2 tampered, inconsistent
 (a stored ε that is not what its history gives) or unreadable.
@@ -18,12 +27,14 @@ Exit status: 0 intact and within budget; 1 intact but over budget; 2 tampered, i
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from privacy.accounting import epsilon_report
+from privacy.anchors import anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, epsilon_value, read_ledger_file,
                             verify_entries)
 from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, load_public_key
@@ -89,10 +100,15 @@ class _Source:
     school: str | None        # from the file name when it says (run copies), else from the entries
     start: str                # "genesis" | "run"
     key_paths: list[Path]
+    run_dir: Path | None = None   # the run directory a run copy belongs to (anchors, events)
 
 
-def find_sources(paths: Sequence[Path], keys_dir: Path | None) -> list[_Source]:
+def find_sources(paths: Sequence[Path], keys_dir: Path | None, trust_run_keys: bool = False) -> list[_Source]:
     sources: list[_Source] = []
+
+    def _keys(keys_dir: Path | None, school: str | None, beside: list[Path]) -> list[Path]:
+        return key_paths(keys_dir, school, beside if trust_run_keys else [])
+
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
@@ -106,13 +122,13 @@ def find_sources(paths: Sequence[Path], keys_dir: Path | None) -> list[_Source]:
             if not files:
                 raise LedgerError(f"{ledger_dir}: no <school>.jsonl ledger copies")
             for f in files:
-                sources.append(_Source(f, f.stem, "run", _keys(keys_dir, f.stem, [path / "keys" / f"{f.stem}.pub"])))
+                sources.append(_Source(f, f.stem, "run", _keys(keys_dir, f.stem, [path / "keys" / f"{f.stem}.pub"]), path))
         elif path.is_file():
             if path.name == LEDGER_FILE:
                 sources.append(_Source(path, None, "genesis", _keys(keys_dir, None, [path.parent / PUBLIC_KEY_FILE])))
             elif path.parent.name == "ledger":
                 run = path.parent.parent
-                sources.append(_Source(path, path.stem, "run", _keys(keys_dir, path.stem, [run / "keys" / f"{path.stem}.pub"])))
+                sources.append(_Source(path, path.stem, "run", _keys(keys_dir, path.stem, [run / "keys" / f"{path.stem}.pub"]), run))
             else:
                 sources.append(_Source(path, None, "auto", _keys(keys_dir, None, [])))
         else:
@@ -120,12 +136,11 @@ def find_sources(paths: Sequence[Path], keys_dir: Path | None) -> list[_Source]:
     return sources
 
 
-def _keys(keys_dir: Path | None, school: str | None, fallback: list[Path]) -> list[Path]:
-    # A separate keyring, when given, is the only authority: keys stored beside a ledger can be
-    # swapped by whoever can edit that ledger.
-    if keys_dir is not None:
-        return [Path(keys_dir) / f"{school}.pub"] if school else [Path(keys_dir)]
-    return fallback
+def key_paths(keys_dir: Path | None, school: str | None, beside: list[Path]) -> list[Path]:
+    """Where a school's key may come from, in order: the keyring, then (only when the officer passed
+    --trust-run-keys, i.e. `beside` is not empty) keys stored with the ledgers."""
+    keyring = ([Path(keys_dir) / f"{school}.pub"] if school else [Path(keys_dir)]) if keys_dir is not None else []
+    return keyring + beside
 
 
 def _resolve_key(src: _Source, school: str) -> Path:
@@ -133,7 +148,8 @@ def _resolve_key(src: _Source, school: str) -> Path:
         candidate = p / f"{school}.pub" if p.is_dir() else p
         if candidate.is_file():
             return candidate
-    looked = ", ".join(str(p / f"{school}.pub" if p.is_dir() else p) for p in src.key_paths) or "nowhere (use --keys DIR)"
+    looked = (", ".join(str(p / f"{school}.pub" if p.is_dir() else p) for p in src.key_paths)
+              or "nowhere (use --keys DIR)")
     raise LedgerError(f"{src.path} (school {school}): no public key (looked in {looked})")
 
 
@@ -141,7 +157,80 @@ def _fmt(v: Any) -> str:
     return "mixed" if v == "mixed" else ("" if v in ("", None) else f"{v:.4g}")
 
 
-def audit_source(src: _Source, *, every_entry: bool = False, budget_override: float | None = None) -> tuple[list[Row], list[dict]]:
+def school_policy(keys_dir: Path | None, school: str) -> tuple[dict[str, Any], str]:
+    """The school's own privacy policy as the keyring's deployment recorded it, and where it was found:
+    ``<keys>/<school>.policy.json`` (or .toml), else the node-config ``fedfer deploy`` wrote for it
+    (``<keys>/../nodes/<school>/node-config.toml``, or its copy in ``<keys>/../deployment.json``)."""
+    if keys_dir is None:
+        return {}, ""
+    import tomllib
+
+    keys_dir = Path(keys_dir)
+    candidates = [keys_dir / f"{school}.policy.json", keys_dir / f"{school}.policy.toml",
+                  keys_dir.parent / "nodes" / school / "node-config.toml"]
+    for path in candidates:
+        if path.is_file():
+            try:
+                text = path.read_text(encoding="utf-8")
+                policy = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise LedgerError(f"{path}: policy of school {school} unreadable ({exc})") from None
+            if not isinstance(policy, dict):
+                raise LedgerError(f"{path}: policy of school {school} is not a table")
+            return policy, str(path)
+    manifest = keys_dir.parent / "deployment.json"
+    if manifest.is_file():
+        try:
+            nodes = json.loads(manifest.read_text(encoding="utf-8")).get("nodes", {})
+        except (OSError, ValueError) as exc:
+            raise LedgerError(f"{manifest}: unreadable ({exc})") from None
+        node = nodes.get(school) if isinstance(nodes, dict) else None
+        if isinstance(node, dict) and isinstance(node.get("node_config"), dict):
+            return dict(node["node_config"]), f"{manifest} (node {school})"
+    return {}, ""
+
+
+def _policy_number(policy: Mapping[str, Any], key: str, where: str) -> float | None:
+    if key not in policy or policy[key] in ("", None):
+        return None
+    try:
+        value = float(policy[key])
+    except (TypeError, ValueError):
+        raise LedgerError(f"{where}: policy key '{key}' is not a number: {policy[key]!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise LedgerError(f"{where}: policy key '{key}' must be a finite number >= 0, got {policy[key]!r}")
+    return value
+
+
+def _consistency_problems(entries: Sequence[dict], where: str, school: str, policy: Mapping[str, Any],
+                          policy_source: str) -> list[str]:
+    """δ and privacy unit must be one value for all of a school's entries (and the policy's, if it says)."""
+    problems = []
+    first = entries[0]
+    for name, label in (("delta", "δ"), ("privacy_unit", "privacy unit")):
+        for line, e in enumerate(entries, start=1):
+            if e[name] != first[name]:
+                problems.append(f"{where} line {line} (school {school}): {label} changes from {first[name]!r} "
+                                f"(line 1) to {e[name]!r}")
+                break
+    if policy:
+        delta = _policy_number(policy, "delta", policy_source)
+        unit = policy.get("privacy-unit", policy.get("unit"))
+        for line, e in enumerate(entries, start=1):
+            if delta is not None and e["delta"] != delta:
+                problems.append(f"{where} line {line} (school {school}): δ {e['delta']!r} is not the policy's "
+                                f"{delta!r} ({policy_source})")
+                break
+        for line, e in enumerate(entries, start=1):
+            if unit and e["privacy_unit"] != unit:
+                problems.append(f"{where} line {line} (school {school}): privacy unit {e['privacy_unit']!r} is not "
+                                f"the policy's {unit!r} ({policy_source})")
+                break
+    return problems
+
+
+def audit_source(src: _Source, *, every_entry: bool = False, budget_override: float | None = None,
+                 keys_dir: Path | None = None, anchors_dir: Path | None = None) -> tuple[list[Row], list[dict]]:
     """Rows (one per dataset fingerprint) for one ledger source, and its verified entries."""
     school = src.school or "?"
     try:
@@ -165,6 +254,21 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         verify_entries(entries, key, source=str(src.path), school_id=school, start=start)
     except (LedgerError, SigningKeyError) as exc:
         return [Row(school=school, source=str(src.path), status="tampered", problems=[str(exc)])], []
+    try:
+        policy, policy_source = school_policy(keys_dir, school)
+        policy_budget = _policy_number(policy, "budget", policy_source)
+    except LedgerError as exc:
+        return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)])], []
+    source_problems = _consistency_problems(entries, str(src.path), school, policy, policy_source)
+    anchors = anchors_dir if anchors_dir is not None else (anchors_dir_of_run(src.run_dir) if src.run_dir else None)
+    if anchors is not None and anchors.is_dir():
+        try:
+            chain = load_chain(anchors, school, key)
+        except LedgerError as exc:
+            chain, source_problems = None, source_problems + [str(exc)]
+        if chain:
+            source_problems += [f"{p} (school {school})" for p in audit_against_anchor(
+                chain, entries, copy_of_run=start == "run", where=str(src.path))]
 
     rows: list[Row] = []
     by_fp: dict[str, list[tuple[int, dict]]] = {}
@@ -184,7 +288,9 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         row.q = qs.pop() if len(qs) == 1 else "mixed"
         last_line, last = items[-1]
         row.delta = last["delta"]
-        row.budget = budget_override if budget_override is not None else last["budget"]
+        row.budget = budget_override if budget_override is not None else policy_budget
+        row.problems.extend(source_problems)
+        source_problems = []   # reported once, on the school's first row
         for line, e in items:
             history = [tuple(h) for h in e["history_before"]]
             if e["event"] == "round":
@@ -241,20 +347,70 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[
     return problems
 
 
+def _anchor_rejections(run_dirs: Sequence[Path]) -> list[str]:
+    """Replies the server rejected because their ledger did not continue its anchor (events.jsonl)."""
+    problems = []
+    for run_dir in run_dirs:
+        events = run_dir / "events.jsonl"
+        if not events.is_file():
+            continue
+        for line, raw in enumerate(events.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                event = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict) and event.get("event") == "ledger-anchor":
+                problems.append(f"{events} line {line} (school {event.get('school')}): round {event.get('round')} "
+                                f"rejected by the server's anchor check ({event.get('problem')}): {event.get('reason')}")
+    return problems
+
+
 def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entry: bool = False,
-              budget_override: float | None = None) -> AuditReport:
+              budget_override: float | None = None, trust_run_keys: bool = False,
+              anchors_dir: Path | None = None) -> AuditReport:
+    """Audit ledger sources. Keys come from `keys_dir` (the independent keyring); keys stored in the run or
+    beside a ledger are used only with `trust_run_keys` (then after the keyring)."""
+    if keys_dir is None and not trust_run_keys:
+        return AuditReport([], ["no keyring: give --keys DIR (the ledger keys registered at enrollment, e.g. "
+                                "deploy/keys), or --trust-run-keys to verify against keys stored in the run"])
+    if keys_dir is not None and not Path(keys_dir).is_dir():
+        return AuditReport([], [f"{keys_dir}: keyring directory not found"])
     try:
-        sources = find_sources(paths, keys_dir)
+        sources = find_sources(paths, keys_dir, trust_run_keys)
     except LedgerError as exc:
         return AuditReport([], [str(exc)])
     rows: list[Row] = []
     verified: dict[str, list[tuple[_Source, list[dict]]]] = {}
     for src in sources:
-        src_rows, entries = audit_source(src, every_entry=every_entry, budget_override=budget_override)
+        src_rows, entries = audit_source(src, every_entry=every_entry, budget_override=budget_override,
+                                         keys_dir=keys_dir, anchors_dir=anchors_dir)
         rows.extend(src_rows)
         if entries:
             verified.setdefault(entries[0]["school_id"], []).append((src, entries))
-    return AuditReport(rows, _cross_check(verified))
+    run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
+    return AuditReport(rows, _cross_check(verified) + _anchor_rejections(run_dirs)
+                       + _missing_copies(run_dirs, anchors_dir))
+
+
+def _missing_copies(run_dirs: Sequence[Path], anchors_dir: Path | None) -> list[str]:
+    """A school the server anchored entries of a run for must still have that run's ledger copy."""
+    problems = []
+    for run_dir in run_dirs:
+        anchors = anchors_dir if anchors_dir is not None else anchors_dir_of_run(run_dir)
+        if not anchors.is_dir():
+            continue
+        for path in sorted(anchors.glob("*.json")):
+            school = path.stem
+            try:
+                chains = load_anchors(anchors, school)["chains"].values()
+            except LedgerError as exc:
+                problems.append(str(exc))
+                continue
+            anchored = sum(len(r["hashes"]) for c in chains for r in c.get("runs", []) if r["run_id"] == run_dir.name)
+            if anchored and not (run_dir / "ledger" / f"{school}.jsonl").is_file():
+                problems.append(f"{run_dir / 'ledger' / (school + '.jsonl')} (school {school}): missing, but the "
+                                f"server anchored {anchored} entries of run {run_dir.name!r} for this school")
+    return problems
 
 
 def format_table(report: AuditReport) -> str:
@@ -275,6 +431,10 @@ def format_table(report: AuditReport) -> str:
     notes = [p for r in report.rows for p in r.problems] + report.problems
     if any(r.prv_method == "rdp-fallback" for r in report.rows):
         notes.append("* PRV could not evaluate this history; the (looser, still valid) RDP bound is shown")
+    for r in report.rows:
+        if r.budget is None and r.epsilon_prv is not None and r.unit != "school":
+            notes.append(f"school {r.school}: no policy budget found (give --budget, or keep the school's policy in "
+                         f"the keyring): ε not compared with a budget")
     if any(r.partial for r in report.rows):
         notes.append("run copies: ε includes the earlier spending that each school's first entry in the run records "
                      "(history_before); pass the school's own ledger.jsonl too to check it")

@@ -1,4 +1,4 @@
-"""The privacy ledger: one signed, hash-chained JSON line per school per round (DESIGN.md §4).
+"""The privacy ledger, the privacy model's audit trail: one signed, hash-chained JSON line per school per round.
 
 Entry fields (schema 1):
 
@@ -45,9 +45,10 @@ The school's authoritative copy is ``<state_dir>/ledger.jsonl`` (all runs, chain
 the server keeps ``<run_dir>/ledger/<school>.jsonl`` for each run (:class:`ServerLedgerCopy`),
 chained from wherever the school's history was when the run began.
 
-What a hash chain cannot show on its own: a deleted *last* line (the copy is just shorter). The
-auditor catches that by comparing the school's copy with the server's (``fedfer privacy audit`` given
-both) — each is the other's anchor.
+What a hash chain cannot show on its own: a deleted *last* line (the copy is just shorter), or a chain
+started afresh from genesis by a school whose state was wiped. The auditor catches the first by
+comparing the school's copy with the server's (``fedfer privacy audit`` given both); the server's
+anchors across runs (privacy/anchors.py, ``<run.root>/anchors/<school>.json``) catch both.
 """
 
 from __future__ import annotations
@@ -384,7 +385,8 @@ class SchoolLedger:
 
 class ServerLedgerCopy:
     """The server's per-run copy, ``<run_dir>/ledger/<school>.jsonl``, plus the school's public key
-    in ``<run_dir>/keys/<school>.pub`` (the layout ``fedfer privacy audit RUN_DIR`` reads)."""
+    in ``<run_dir>/keys/<school>.pub`` (which ``fedfer privacy audit`` uses only with
+    ``--trust-run-keys``: an officer verifies against the keyring registered at enrollment)."""
 
     @staticmethod
     def path(run_dir: Path, school_id: str) -> Path:

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Mapping, Sequence
 
-# Flower behaviour we never want in a deployment on this stack (see shared/research/stack-facts.md):
-# no `uv sync` of the app's dependencies at run time, no telemetry, no update check.
+# Flower behaviour we never want in a deployment on this stack: no `uv sync` of the app's dependencies
+# at run time (Flower 1.41's SuperLink does it by default, and it fails offline), no telemetry, no update check.
 FLOWER_ENV: dict[str, str] = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",

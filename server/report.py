@@ -2,7 +2,7 @@
 directory alone (``fedfer report RUN_DIR``), so it can be redrawn for a finished, crashed or
 still-running federation.
 
-Inputs (DESIGN.md §3.5):
+Inputs (the run directory the ServerApp writes):
 
 * ``config.yaml`` — the resolved config (nested or flat dotted keys);
 * ``metrics.jsonl`` — one JSON object per round: ``{"round": r, "train": {school: {"num_examples",
@@ -36,7 +36,7 @@ PAPER_MARK = "paper, centralised, non-private"
 
 @dataclass(frozen=True)
 class PublishedFigure:
-    """A figure from a seed paper (shared/seeds/INDEX.md), in %."""
+    """A figure published by the paper a model comes from (centralised, non-private), in %."""
 
     benchmark: str
     model: str

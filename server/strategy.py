@@ -402,7 +402,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         return {"status": "ok", "update_norm": norm, **{k.replace("-", "_"): v for k, v in metrics.items()}}
 
     def _store_ledger(self, content: RecordDict, school: str, rnd: int) -> None:
-        from privacy.ledger import LedgerError, ServerLedgerCopy
+        from privacy.anchors import anchors_dir_of_run, check_continues, load_chain, update_anchor
+        from privacy.ledger import LedgerError, ServerLedgerCopy, read_ledger_file
         from privacy.signing import load_public_key
 
         if "ledger" not in content.config_records:
@@ -414,8 +415,26 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         run_entries = json.loads(str(content.config_records["ledger"].get("run-entries", "[]"))) or [entry]
         if run_entries[-1].get("hash") != entry.get("hash"):
             raise RejectedUpdate("ledger entry is not the last of the run entries sent with it")
+        public_key = load_public_key(self.run.key_path(school))
+        anchors = anchors_dir_of_run(self.run.path)
         try:
-            ServerLedgerCopy.sync_verified(self.run.path, school, run_entries, load_public_key(self.run.key_path(school)))
+            chain = load_chain(anchors, school, public_key)
+        except LedgerError as exc:
+            raise RejectedUpdate(f"ledger anchor: {exc}") from None
+        if chain and not any(r["run_id"] == self.run.run_id for r in chain["runs"]):
+            # the school's first entries of this run: they must continue what earlier runs verified
+            check = check_continues(chain, run_entries[0])
+            if check.problem:
+                # not selected again in this run: its training would spend privacy into a ledger we reject
+                self.exhausted.add(school)
+                self.run.event("ledger-anchor", round=rnd, school=school, problem=check.kind, reason=check.problem)
+                raise RejectedUpdate(f"ledger does not continue the server's anchor ({check.kind}): {check.problem}")
+            if check.note:
+                self.run.event("ledger-gap", round=rnd, school=school, reason=check.note)
+        try:
+            ServerLedgerCopy.sync_verified(self.run.path, school, run_entries, public_key)
+            stored = read_ledger_file(ServerLedgerCopy.path(self.run.path, school), school_id=school)
+            update_anchor(anchors, school, public_key, stored)
         except LedgerError as exc:
             raise RejectedUpdate(f"ledger entry does not verify: {exc}") from None
 

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 256) -> np.ndarray:
     return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]).numpy()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gncnn", choices=("gncnn", "resnet18", "hafnet"))
     parser.add_argument("--epochs", type=int, default=12)
@@ -135,25 +136,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="", help="dataset root (default: data.root or the cache)")
     parser.add_argument("--json", default="", help="also write the result here")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.seed=7")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = load_config(None, args.overrides)
-    params = synth.params_from_config(cfg)
-    root = Path(args.root).expanduser() if args.root else synth.root_from_config(cfg)
+    return parser
+
+
+@dataclass
+class _Data:
+    """The schools' stills (training) and both public splits (evaluation) as model-input tensors."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_fer: torch.Tensor
+    fer_y: np.ndarray
+    fer_usage: list[str]
+    x_raf: torch.Tensor
+    raf_y: np.ndarray
+
+
+def _load_data(root: Path, params: synth.SynthParams, size: int) -> _Data:
+    """Build the dataset if needed, read it with the same layouts the clients and evaluator read."""
     t0 = time.perf_counter()
     synth.ensure_dataset(root, params, progress=lambda d, t, w: print(f"\r  generating {d}/{t} {w}   ", end="", flush=True))
     print(f"\ndataset {root} ready in {time.perf_counter() - t0:.1f} s")
     train_u8, train_y, _ = load_schools(root)
     fer_u8, fer_y, fer_usage = load_fer2013(root / "public" / "fer2013.csv")
     raf_u8, raf_y = load_rafdb(root / "public" / "rafdb")
-    x_train, y_train = _to_tensor(train_u8, args.size), torch.from_numpy(train_y)
-    x_fer, x_raf = _to_tensor(fer_u8, args.size), _to_tensor(raf_u8, args.size)
-    print(f"train {len(y_train)} frames from {params.schools} schools; public {len(fer_y)} (FER2013 48px gray), "
+    data = _Data(_to_tensor(train_u8, size), torch.from_numpy(train_y), _to_tensor(fer_u8, size), fer_y, fer_usage,
+                 _to_tensor(raf_u8, size), raf_y)
+    print(f"train {len(data.y_train)} frames from {params.schools} schools; public {len(fer_y)} (FER2013 48px gray), "
           f"{len(raf_y)} (RAF-DB 100px colour)")
-    model = build_model(args.model, args.size)
+    return data
+
+
+def _train(model: nn.Module, data: _Data, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Adam with a one-cycle schedule; after every epoch both public accuracies (printed and returned)."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * ((len(y_train) + args.batch - 1) // args.batch)
+    steps = args.epochs * ((len(data.y_train) + args.batch - 1) // args.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(0)
     print(f"{'epoch':>5} {'loss':>7} {'train':>6} {'fer2013':>8} {'rafdb':>6} {'s':>6}")
@@ -161,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     for epoch in range(1, args.epochs + 1):
         model.train()
         started = time.perf_counter()
-        order = torch.randperm(len(y_train), generator=gen)
+        order = torch.randperm(len(data.y_train), generator=gen)
         total, correct, loss_sum = 0, 0, 0.0
         for i in range(0, len(order), args.batch):
             idx = order[i:i + args.batch]
-            xb, yb = augment(x_train[idx], gen), y_train[idx]
+            xb, yb = augment(data.x_train[idx], gen), data.y_train[idx]
             logits = model(xb)
             loss = TF.cross_entropy(logits, yb)
             opt.zero_grad()
@@ -175,14 +192,21 @@ def main(argv: list[str] | None = None) -> int:
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
             total += len(idx)
-        fer_acc = float((predict(model, x_fer) == fer_y).mean())
-        raf_acc = float((predict(model, x_raf) == raf_y).mean())
+        fer_acc = float((predict(model, data.x_fer) == data.fer_y).mean())
+        raf_acc = float((predict(model, data.x_raf) == data.raf_y).mean())
         history.append({"epoch": epoch, "loss": loss_sum / total, "train_acc": correct / total, "fer2013_acc": fer_acc,
                         "rafdb_acc": raf_acc})
         print(f"{epoch:>5} {loss_sum / total:>7.3f} {correct / total:>6.3f} {fer_acc:>8.3f} {raf_acc:>6.3f} "
               f"{time.perf_counter() - started:>6.1f}", flush=True)
-    pred = predict(model, x_fer)
-    usage = np.asarray(fer_usage)
+    return history
+
+
+def _report(model: nn.Module, data: _Data, history: list[dict[str, float]], args: argparse.Namespace,
+            params: synth.SynthParams, root: Path, argv: list[str] | None) -> dict:
+    """Final accuracies (FER2013 split by usage, RAF-DB), per-class recall and confusion: printed and returned."""
+    fer_y = data.fer_y
+    pred = predict(model, data.x_fer)
+    usage = np.asarray(data.fer_usage)
     recall = {FER7[c]: float((pred[fer_y == c] == c).mean()) for c in range(7) if (fer_y == c).any()}
     confusion = np.zeros((7, 7), int)
     np.add.at(confusion, (fer_y, pred), 1)
@@ -202,6 +226,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PUBLIC ACCURACY (FER2013 format, {len(fer_y)} faces): {result['fer2013_acc']:.3f}  "
           f"(PublicTest {result['fer2013_public_acc']:.3f}, PrivateTest {result['fer2013_private_acc']:.3f}; "
           f"RAF-DB format {result['rafdb_acc']:.3f})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config(None, args.overrides)
+    params = synth.params_from_config(cfg)
+    root = Path(args.root).expanduser() if args.root else synth.root_from_config(cfg)
+    data = _load_data(root, params, args.size)
+    model = build_model(args.model, args.size)
+    history = _train(model, data, args)
+    result = _report(model, data, history, args, params, root, argv)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

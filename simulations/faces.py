@@ -8,8 +8,8 @@ nuisance variation (identity, pose, light, camera, occluders) the model has to l
 The geometry follows FACS: an expression is a vector of action-unit (AU) intensities in [0, 1]
 (`AU_NAMES`); each AU moves the parts it moves in a real face (AU1 lifts the inner brow, AU12 pulls
 the lip corners up and out, AU26 drops the jaw, ...). The mapping from the seven basic expressions to
-AUs is `PROTOTYPES` (research/benchmark-formats.md §9); sampling partial and noisy activations is the
-job of `simulations.synth`.
+AUs is `PROTOTYPES` (EMFACS, Ekman & Friesen 1978, e.g. happy = AU6+AU12); sampling partial and noisy
+activations is the job of `simulations.synth`.
 
 Everything is built in a canonical face frame (origin between the eyes' level and the nose bridge,
 x to the image right, y down, one unit = half the face width), then moved by one pose transform
@@ -57,12 +57,12 @@ AU_NAMES: tuple[str, ...] = (
 )
 AU_INDEX: dict[str, int] = {name: i for i, name in enumerate(AU_NAMES)}
 NUM_AUS = len(AU_NAMES)
-# How far an AU intensity of 1 moves the face. Above 1 the expressions read at 48-64 px, where the
-# eyebrows and lip corners are only a few pixels: measured with simulations/calibrate_synth.py
-# (1.6 in v5, 2.4 since v6).
+# How far an AU intensity of 1 moves the face. Above 1 so that expressions read at 48-64 px, where the
+# eyebrows and lip corners are only a few pixels (calibrated with simulations/calibrate_synth.py;
+# history in docs/experiments.md).
 EXPRESSION_GAIN = 2.4
 
-# FACS prototypes (benchmark-formats.md §9) with typical apex intensities. The first-listed AUs of
+# FACS prototypes (EMFACS; sources differ in the details) with typical apex intensities. The first-listed AUs of
 # each class are its "core": synth never drops all of them, so a frame stays an instance of its
 # label. Secondary values (< 0.5) are common companions (e.g. AU4 in disgust, AU17 in sadness) that
 # make neighbouring classes overlap as they do in real data.
@@ -323,243 +323,371 @@ class _Batch:
 # ------------------------------------------------------------------------------------------------
 
 
-def _build(idt: Identity, fr: _Batch, sh: _Shapes) -> None:
-    """Emit the draw commands of one person's frames (back to front) and the 68 landmarks ('mark')."""
-    c = fr.au
-    skin = idt.skin
-    fw = idt.face_w
-    style = idt.hair_style
-    if style not in HAIR_STYLES:
-        raise ValueError(f"unknown hair style '{style}' (expected one of {', '.join(HAIR_STYLES)})")
+_AUs = dict[str, np.ndarray]    # AU name -> (B, 1) gained intensities (`_Batch.au`)
 
-    def over(name: str, threshold: float) -> np.ndarray:
-        return c[name][:, 0] > threshold
 
-    # --- mouth opening and jaw -------------------------------------------------------------------
-    open_ = 0.34 * c["AU26"] + 0.1 * c["AU25"] + 0.06 * c["AU16"]         # (B, 1)
-    jaw_drop = 0.7 * open_
+def _build(identity: Identity, batch: _Batch, shapes: _Shapes) -> None:
+    """Emit the draw commands of one person's frames (back to front) and the 68 landmarks ('mark').
 
-    # --- shoulders, neck, back hair, ears ----------------------------------------------------------
-    sh.add("poly", _ellipse(0.0, 2.45, 2.0, 0.85, _CIRCLE24), -0.3, _shade(idt.shirt, 1.0))
+    Each step adds its shapes in drawing order (a later command paints over an earlier one), so the
+    order of the calls below is part of the picture; steps return the geometry later parts attach to.
+    """
+    if identity.hair_style not in HAIR_STYLES:
+        raise ValueError(f"unknown hair style '{identity.hair_style}' (expected one of {', '.join(HAIR_STYLES)})")
+    au = batch.au
+    mouth_opening = 0.34 * au["AU26"] + 0.1 * au["AU25"] + 0.06 * au["AU16"]         # (B, 1)
+    jaw_drop = 0.7 * mouth_opening
+    _draw_body_and_back_hair(identity, shapes)
+    outline = _draw_face_outline(identity, jaw_drop, shapes)
+    eyes = _draw_eyes(identity, batch, shapes)
+    brow_marks = _draw_brows(identity, au, shapes)
+    nose = _draw_nose(identity, au, shapes)
+    mouth = _draw_mouth(identity, au, mouth_opening, jaw_drop, shapes)
+    _draw_cheek_and_eye_folds(identity, au, eyes, nose, mouth, shapes)
+    _draw_forehead_frown_and_chin_lines(identity, au, mouth, shapes)
+    _draw_front_hair(identity, outline.top_y, shapes)
+    _draw_glasses(identity, shapes)
+    _draw_occluders(identity, batch, shapes)
+    _add_landmarks(outline, brow_marks, nose, eyes, mouth, shapes)
+
+
+@dataclass(frozen=True)
+class _Outline:
+    top_y: float                 # where the jaw contour meets the forehead arc
+    jaw: np.ndarray              # (B, 17, 2), landmarks 0-16
+    jaw_depth: np.ndarray        # (17,)
+
+
+@dataclass(frozen=True)
+class _Eyes:
+    half_width: float            # eye centre to corner
+    lower_lid: np.ndarray        # (B, 1) lower lid height below the eye line
+    marks: dict[float, np.ndarray]   # side (-1 image left, +1 image right) -> (B, 6, 2)
+
+
+@dataclass(frozen=True)
+class _Nose:
+    half_width: np.ndarray       # (B, 1) nostril wing half-width (AU9 widens it)
+    nostril_y: np.ndarray        # (B, 1)
+    bridge: np.ndarray           # (4, 2), landmarks 27-30
+    bridge_depth: np.ndarray     # (4,)
+    nostrils: np.ndarray         # (B, 5, 2), landmarks 31-35
+
+
+@dataclass(frozen=True)
+class _Mouth:
+    half_width: np.ndarray       # (B, 1)
+    x: np.ndarray                # (B, 13) x of the lip columns, corner to corner
+    centre_line: np.ndarray      # (B, 13) where the lips meet when closed (corners raised or lowered)
+    upper_inner: np.ndarray      # (B, 13) y of the four lip edges
+    lower_inner: np.ndarray
+    upper_outer: np.ndarray
+    lower_outer: np.ndarray
+
+
+def _over(au: _AUs, name: str, threshold: float) -> np.ndarray:
+    """Per frame: is the AU strong enough for its wrinkle to show (the `visible` mask of a shape)."""
+    return au[name][:, 0] > threshold
+
+
+def _draw_body_and_back_hair(identity: Identity, shapes: _Shapes) -> None:
+    """Shoulders, neck, the hair behind the head, and the ears (long hair and a scarf cover them)."""
+    skin, style, face_w = identity.skin, identity.hair_style, identity.face_w
+    shapes.add("poly", _ellipse(0.0, 2.45, 2.0, 0.85, _CIRCLE24), -0.3, _shade(identity.shirt, 1.0))
     neck = np.array([[-0.42, 0.6], [0.42, 0.6], [0.46, 1.75], [0.0, 1.95], [-0.46, 1.75]])
-    sh.add("poly", neck, -0.2, _shade(skin, 0.82))
+    shapes.add("poly", neck, -0.2, _shade(skin, 0.82))
     if style == "long":
-        back = np.concatenate([_ellipse(0.0, -0.25, fw * 1.14, 1.12, _CIRCLE24)[12:],   # upper half
-                               np.array([[fw * 1.2, 0.4], [fw * 1.22, 1.45], [-fw * 1.22, 1.45], [-fw * 1.2, 0.4]])])
-        sh.add("poly", back, -0.25, _shade(idt.hair, 0.85))
+        back = np.concatenate([_ellipse(0.0, -0.25, face_w * 1.14, 1.12, _CIRCLE24)[12:],   # upper half
+                               np.array([[face_w * 1.2, 0.4], [face_w * 1.22, 1.45], [-face_w * 1.22, 1.45],
+                                         [-face_w * 1.2, 0.4]])])
+        shapes.add("poly", back, -0.25, _shade(identity.hair, 0.85))
     elif style == "scarf":
-        sh.add("poly", _ellipse(0.0, 0.15, fw * 1.28, 1.55, _CIRCLE24), -0.25, _shade(idt.hair, 1.0))
+        shapes.add("poly", _ellipse(0.0, 0.15, face_w * 1.28, 1.55, _CIRCLE24), -0.25, _shade(identity.hair, 1.0))
     elif style == "bun":
-        sh.add("poly", _ellipse(0.0, -1.3, 0.38, 0.3), -0.25, _shade(idt.hair, 0.9))
+        shapes.add("poly", _ellipse(0.0, -1.3, 0.38, 0.3), -0.25, _shade(identity.hair, 0.9))
     if style not in ("long", "scarf"):
-        for s in (-1.0, 1.0):
-            sh.add("poly", _ellipse(s * fw * 0.98, idt.eye_y + 0.17, 0.13, 0.22), 0.0, _shade(skin, 0.93))
+        for side in (-1.0, 1.0):
+            shapes.add("poly", _ellipse(side * face_w * 0.98, identity.eye_y + 0.17, 0.13, 0.22), 0.0,
+                       _shade(skin, 0.93))
 
-    # --- face outline (jaw contour 0-16 + forehead) ------------------------------------------------
-    top_y = idt.eye_y + 0.02
-    jx = fw * np.cos(_ANG17) * (1.0 - idt.jaw_taper * _SA17 ** 4)
-    jy = top_y + (idt.chin_y - top_y) * _SA17 ** idt.jaw_p + jaw_drop * _SA17 ** 3
-    jaw = _xy(jx, jy)                                                        # (B, 17, 2)
-    jaw_depth = 0.45 * np.sqrt(np.clip(1.0 - (jx / fw) ** 2, 0.0, 1.0))
-    fore = _xy(fw * 0.99 * np.cos(_FANG13), top_y - 1.12 * np.sin(_FANG13) ** 0.8)
-    fore_depth = 0.45 * np.sqrt(np.clip(1.0 - (fore[:, 0] / fw) ** 2, 0.0, 1.0))
-    sh.add("poly", sh.cat(jaw, fore), np.concatenate([jaw_depth, fore_depth]), _shade(skin, 1.0))
 
-    # --- eyes (36-47) ------------------------------------------------------------------------------
-    ew = 0.16 * idt.eye_size
-    opening = 1.0 - fr.blink
-    hu = 0.085 * idt.eye_size * opening * np.maximum(
-        0.04, 1.0 + 0.8 * c["AU5"] - 0.55 * c["AU7"] - 0.3 * c["AU6"] - 0.2 * c["AU4"] - 0.35 * c["AU9"])
-    hl = 0.05 * idt.eye_size * opening * np.maximum(
-        0.04, 1.0 - 0.6 * c["AU6"] - 0.5 * c["AU7"] + 0.2 * c["AU5"] - 0.2 * c["AU9"])
-    u = _T9                                                   # -1 outer corner ... +1 inner corner
-    crease_off = 0.03 + 0.03 * np.maximum(0.0, 1.0 - 1.2 * c["AU5"])           # (B, 1)
+def _draw_face_outline(identity: Identity, jaw_drop: np.ndarray, shapes: _Shapes) -> _Outline:
+    """The face skin: the jaw contour (landmarks 0-16; the chin follows the jaw drop) closed by the forehead."""
+    face_w = identity.face_w
+    top_y = identity.eye_y + 0.02
+    jaw_x = face_w * np.cos(_ANG17) * (1.0 - identity.jaw_taper * _SA17 ** 4)
+    jaw_y = top_y + (identity.chin_y - top_y) * _SA17 ** identity.jaw_p + jaw_drop * _SA17 ** 3
+    jaw = _xy(jaw_x, jaw_y)                                                  # (B, 17, 2)
+    jaw_depth = 0.45 * np.sqrt(np.clip(1.0 - (jaw_x / face_w) ** 2, 0.0, 1.0))
+    forehead = _xy(face_w * 0.99 * np.cos(_FANG13), top_y - 1.12 * np.sin(_FANG13) ** 0.8)
+    forehead_depth = 0.45 * np.sqrt(np.clip(1.0 - (forehead[:, 0] / face_w) ** 2, 0.0, 1.0))
+    shapes.add("poly", shapes.cat(jaw, forehead), np.concatenate([jaw_depth, forehead_depth]),
+               _shade(identity.skin, 1.0))
+    return _Outline(top_y, jaw, jaw_depth)
+
+
+def _draw_eyes(identity: Identity, batch: _Batch, shapes: _Shapes) -> _Eyes:
+    """Both eyes (landmarks 36-47): white, iris and pupil following the gaze, lids, crease and lashes.
+
+    The lid aperture carries AU5 (wider), AU6/AU7/AU9 (narrower) and the blink; the crease closes onto the lid as
+    AU5 lifts the upper lid.
+    """
+    au, skin = batch.au, identity.skin
+    half_width = 0.16 * identity.eye_size
+    opening = 1.0 - batch.blink
+    upper_lid = 0.085 * identity.eye_size * opening * np.maximum(
+        0.04, 1.0 + 0.8 * au["AU5"] - 0.55 * au["AU7"] - 0.3 * au["AU6"] - 0.2 * au["AU4"] - 0.35 * au["AU9"])
+    lower_lid = 0.05 * identity.eye_size * opening * np.maximum(
+        0.04, 1.0 - 0.6 * au["AU6"] - 0.5 * au["AU7"] + 0.2 * au["AU5"] - 0.2 * au["AU9"])
+    along = _T9                                               # -1 outer corner ... +1 inner corner
+    crease_off = 0.03 + 0.03 * np.maximum(0.0, 1.0 - 1.2 * au["AU5"])           # (B, 1)
     crease_shift = np.stack([np.zeros_like(crease_off), crease_off], axis=-1)  # (B, 1, 2)
-    eye_marks: dict[float, np.ndarray] = {}
-    r = 0.068 * idt.eye_size
-    for s in (-1.0, 1.0):
-        cx, cy = s * idt.eye_sep, idt.eye_y
-        x = cx - s * ew * u
-        yc = cy - idt.tilt * (1.0 - u) / 2.0
-        up = _xy(x, yc - hu * ((1.0 - u * u) ** 0.8 * (1.0 + 0.12 * u)))          # (B, 9, 2)
-        lo = _xy(x, yc + hl * (1.0 - u * u) ** 0.9)
-        sh.add("poly", sh.cat(up, lo[:, ::-1]), 0.35, (238, 236, 230))
-        icx, icy = cx + fr.gx * ew * 0.35, cy - 0.008 + fr.gy * 0.02
-        sh.add("poly", _ellipse(icx, icy, r, r), 0.36, _shade(idt.iris, 1.0))
-        sh.add("poly", _ellipse(icx, icy, r * 0.45, r * 0.45), 0.37, (15, 10, 10))
-        sh.add("poly", sh.cat(up, (up - [0.0, 0.11])[:, ::-1]), 0.38, _shade(skin, 0.96))
-        sh.add("poly", sh.cat(lo, (lo + [0.0, 0.08])[:, ::-1]), 0.38, _shade(skin, 1.0))
-        sh.add("line", up[:, 2:8] - crease_shift, 0.38, _shade(skin, 0.78), 0.014)
-        sh.add("line", up, 0.39, (25, 18, 18), 0.03)
-        sh.add("line", lo, 0.39, _shade(skin, 0.7), 0.01)
-        if s < 0:   # image-left eye: 36 outer, 37/38 upper, 39 inner, 40/41 lower
-            eye_marks[s] = np.stack([up[:, 0], up[:, 2], up[:, 6], up[:, 8], lo[:, 6], lo[:, 2]], axis=1)
-        else:       # image-right eye: 42 inner, 43/44 upper, 45 outer, 46/47 lower
-            eye_marks[s] = np.stack([up[:, 8], up[:, 6], up[:, 2], up[:, 0], lo[:, 2], lo[:, 6]], axis=1)
+    marks: dict[float, np.ndarray] = {}
+    iris_r = 0.068 * identity.eye_size
+    for side in (-1.0, 1.0):
+        centre_x, centre_y = side * identity.eye_sep, identity.eye_y
+        x = centre_x - side * half_width * along
+        lid_line_y = centre_y - identity.tilt * (1.0 - along) / 2.0
+        upper = _xy(x, lid_line_y - upper_lid * ((1.0 - along * along) ** 0.8 * (1.0 + 0.12 * along)))  # (B, 9, 2)
+        lower = _xy(x, lid_line_y + lower_lid * (1.0 - along * along) ** 0.9)
+        shapes.add("poly", shapes.cat(upper, lower[:, ::-1]), 0.35, (238, 236, 230))
+        iris_x, iris_y = centre_x + batch.gx * half_width * 0.35, centre_y - 0.008 + batch.gy * 0.02
+        shapes.add("poly", _ellipse(iris_x, iris_y, iris_r, iris_r), 0.36, _shade(identity.iris, 1.0))
+        shapes.add("poly", _ellipse(iris_x, iris_y, iris_r * 0.45, iris_r * 0.45), 0.37, (15, 10, 10))
+        shapes.add("poly", shapes.cat(upper, (upper - [0.0, 0.11])[:, ::-1]), 0.38, _shade(skin, 0.96))
+        shapes.add("poly", shapes.cat(lower, (lower + [0.0, 0.08])[:, ::-1]), 0.38, _shade(skin, 1.0))
+        shapes.add("line", upper[:, 2:8] - crease_shift, 0.38, _shade(skin, 0.78), 0.014)
+        shapes.add("line", upper, 0.39, (25, 18, 18), 0.03)
+        shapes.add("line", lower, 0.39, _shade(skin, 0.7), 0.01)
+        if side < 0:   # image-left eye: 36 outer, 37/38 upper, 39 inner, 40/41 lower
+            marks[side] = np.stack([upper[:, 0], upper[:, 2], upper[:, 6], upper[:, 8], lower[:, 6], lower[:, 2]],
+                                   axis=1)
+        else:          # image-right eye: 42 inner, 43/44 upper, 45 outer, 46/47 lower
+            marks[side] = np.stack([upper[:, 8], upper[:, 6], upper[:, 2], upper[:, 0], lower[:, 2], lower[:, 6]],
+                                   axis=1)
+    return _Eyes(half_width, lower_lid, marks)
 
-    # --- brows (17-26) -----------------------------------------------------------------------------
-    v = _V5                                                   # 0 inner end ... 1 outer end
-    brow_marks = {}
-    th = idt.brow_thick * (1.05 - 0.45 * v)
-    by = (idt.brow_y - idt.brow_arch * 4.0 * v * (1.0 - v) - 0.17 * c["AU1"] * (1.0 - v) ** 1.5
-          - 0.17 * c["AU2"] * v ** 1.2 + 0.12 * c["AU4"] * (1.0 - 0.45 * v) + 0.04 * c["AU9"] * (1.0 - v)
-          + 0.02 * c["AU6"] * v + 0.015 * c["AU7"])
-    bx_abs = (0.1 + 0.52 * v + (0.055 * c["AU4"] + 0.02 * c["AU9"]) * (v - 1.0)) * fw
-    for s in (-1.0, 1.0):
-        bx = s * bx_abs
-        sh.add("poly", sh.cat(_xy(bx, by - th / 2), _xy(bx, by + th / 2)[:, ::-1]), 0.42, _shade(idt.brow_color, 1.0))
-        centre = _xy(bx, by)
+
+def _draw_brows(identity: Identity, au: _AUs, shapes: _Shapes) -> dict[float, np.ndarray]:
+    """Both brows; returns their centre lines (landmarks 17-21 and 22-26) by side.
+
+    AU1 lifts the inner end, AU2 the outer end, AU4 lowers and pulls them together (AU9, AU6, AU7 a little).
+    """
+    along = _V5                                               # 0 inner end ... 1 outer end
+    marks: dict[float, np.ndarray] = {}
+    thickness = identity.brow_thick * (1.05 - 0.45 * along)
+    brow_y = (identity.brow_y - identity.brow_arch * 4.0 * along * (1.0 - along)
+              - 0.17 * au["AU1"] * (1.0 - along) ** 1.5 - 0.17 * au["AU2"] * along ** 1.2
+              + 0.12 * au["AU4"] * (1.0 - 0.45 * along) + 0.04 * au["AU9"] * (1.0 - along) + 0.02 * au["AU6"] * along
+              + 0.015 * au["AU7"])
+    brow_x_abs = (0.1 + 0.52 * along + (0.055 * au["AU4"] + 0.02 * au["AU9"]) * (along - 1.0)) * identity.face_w
+    for side in (-1.0, 1.0):
+        brow_x = side * brow_x_abs
+        shapes.add("poly", shapes.cat(_xy(brow_x, brow_y - thickness / 2), _xy(brow_x, brow_y + thickness / 2)[:, ::-1]),
+                   0.42, _shade(identity.brow_color, 1.0))
+        centre = _xy(brow_x, brow_y)
         # iBUG order: 17..21 run outer -> inner on the image-left brow, 22..26 inner -> outer
-        brow_marks[s] = centre[:, ::-1] if s < 0 else centre
+        marks[side] = centre[:, ::-1] if side < 0 else centre
+    return marks
 
-    # --- nose (27-35) ------------------------------------------------------------------------------
-    tip_y = 0.3 * idt.nose_len + 0.02
-    nw = 0.15 * idt.nose_w * (1.0 + 0.25 * c["AU9"])                        # (B, 1)
-    nost_y = tip_y + 0.07 - 0.04 * c["AU9"]
-    bridge = _xy(np.zeros(4), np.linspace(idt.eye_y - 0.02, tip_y, 4))
+
+def _draw_nose(identity: Identity, au: _AUs, shapes: _Shapes) -> _Nose:
+    """Nose sides, tip, nostrils and wings, and the bridge wrinkles of AU9 (which also widens and lifts the wings)."""
+    skin = identity.skin
+    tip_y = 0.3 * identity.nose_len + 0.02
+    half_width = 0.15 * identity.nose_w * (1.0 + 0.25 * au["AU9"])                # (B, 1)
+    nostril_y = tip_y + 0.07 - 0.04 * au["AU9"]
+    bridge = _xy(np.zeros(4), np.linspace(identity.eye_y - 0.02, tip_y, 4))
     bridge_depth = np.linspace(0.55, 1.0, 4)
-    nostrils = _xy(nw * _LINE5, nost_y + np.array([-0.02, 0.01, 0.025, 0.01, -0.02]))
-    for s, shade, width in ((1.0, 0.88, 0.022), (-1.0, 0.9, 0.018)):
-        side = sh.pts([(s * 0.07, idt.eye_y + 0.08), (s * 0.09, tip_y - 0.05), (s * nw * 1.05, nost_y - 0.03)])
-        sh.add("line", side, 0.7, _shade(skin, shade), width)
-    sh.add("poly", _ellipse(0.0, tip_y + 0.01, nw * 0.55, 0.06), 0.95, _shade(skin, 1.04))
-    for s in (-1.0, 1.0):
-        sh.add("poly", _ellipse(s * nw * 0.5, nost_y + 0.005, 0.045 * idt.nose_w, 0.022), 0.8, _shade(skin, 0.42))
-        wing = sh.pts([(s * nw * 0.55, nost_y - 0.08), (s * nw * 1.05, nost_y - 0.045), (s * nw, nost_y + 0.01)])
-        sh.add("line", wing, 0.75, _shade(skin, 0.78), 0.018)
-    wr_vis = over("AU9", 0.05)
-    wr_col = _shade_b(skin, 1.0 - 0.65 * c["AU9"][:, 0])
+    nostrils = _xy(half_width * _LINE5, nostril_y + np.array([-0.02, 0.01, 0.025, 0.01, -0.02]))
+    for side, shade, width in ((1.0, 0.88, 0.022), (-1.0, 0.9, 0.018)):
+        flank = shapes.pts([(side * 0.07, identity.eye_y + 0.08), (side * 0.09, tip_y - 0.05),
+                            (side * half_width * 1.05, nostril_y - 0.03)])
+        shapes.add("line", flank, 0.7, _shade(skin, shade), width)
+    shapes.add("poly", _ellipse(0.0, tip_y + 0.01, half_width * 0.55, 0.06), 0.95, _shade(skin, 1.04))
+    for side in (-1.0, 1.0):
+        shapes.add("poly", _ellipse(side * half_width * 0.5, nostril_y + 0.005, 0.045 * identity.nose_w, 0.022), 0.8,
+                   _shade(skin, 0.42))
+        wing = shapes.pts([(side * half_width * 0.55, nostril_y - 0.08), (side * half_width * 1.05, nostril_y - 0.045),
+                           (side * half_width, nostril_y + 0.01)])
+        shapes.add("line", wing, 0.75, _shade(skin, 0.78), 0.018)
+    wrinkle_visible = _over(au, "AU9", 0.05)
+    wrinkle_color = _shade_b(skin, 1.0 - 0.65 * au["AU9"][:, 0])
     for i in range(3):
-        yy = idt.eye_y + 0.05 + 0.055 * i
-        sh.add("line", np.array([[-0.1, yy + 0.012], [0.0, yy - 0.012], [0.1, yy + 0.012]]), 0.6, wr_col, 0.036, wr_vis)
+        wrinkle_y = identity.eye_y + 0.05 + 0.055 * i
+        wrinkle = np.array([[-0.1, wrinkle_y + 0.012], [0.0, wrinkle_y - 0.012], [0.1, wrinkle_y + 0.012]])
+        shapes.add("line", wrinkle, 0.6, wrinkle_color, 0.036, wrinkle_visible)
+    return _Nose(half_width, nostril_y, bridge, bridge_depth, nostrils)
 
-    # --- mouth (48-67) -----------------------------------------------------------------------------
-    mw = idt.mouth_w * np.maximum(0.6, 1.0 + 0.22 * c["AU12"] + 0.28 * c["AU20"] - 0.2 * c["AU23"]
-                                  - 0.1 * c["AU24"] - 0.08 * c["AU26"] - 0.04 * c["AU15"])
-    ym = idt.mouth_y - 0.02 * c["AU17"] + 0.075 * jaw_drop
-    corner_dy = -0.17 * c["AU12"] + 0.18 * c["AU15"] + 0.03 * c["AU20"] + 0.04 * c["AU16"]
-    t, tt = _T13, _TT13
-    line_y = ym + corner_dy * np.abs(t) ** 1.6                               # (B, 13)
-    gap = open_ * tt ** 0.6
-    up_in = line_y - 0.3 * gap - (0.08 * c["AU9"] + 0.02 * c["AU20"]) * tt
-    lo_in = np.maximum(line_y + 0.7 * gap + 0.07 * c["AU16"] * tt ** 0.7 - 0.025 * c["AU17"] * tt, up_in)
-    up_th = idt.lip_up * np.maximum(0.25, 1.0 - 0.55 * c["AU24"] - 0.45 * c["AU23"] - 0.2 * c["AU12"] - 0.25 * c["AU20"])
-    lo_th = idt.lip_lo * np.maximum(0.3, 1.0 - 0.5 * c["AU24"] - 0.4 * c["AU23"] + 0.3 * c["AU17"] - 0.2 * c["AU20"])
-    up_out = up_in - up_th * tt ** 0.5 * _CUPID - 0.008
-    lo_out = lo_in + lo_th * tt ** 0.5
-    x = mw * t                                                               # (B, 13)
-    mouth_depth = 0.55 - 0.1 * np.abs(t)
-    sh.add("poly", sh.cat(_xy(x, up_out), _xy(x, lo_out)[:, ::-1]), np.concatenate([mouth_depth, mouth_depth[::-1]]),
-           _shade(idt.lip, 1.0))
-    inner_gap = np.max(lo_in - up_in, axis=1)
+
+def _draw_mouth(identity: Identity, au: _AUs, opening: np.ndarray, jaw_drop: np.ndarray, shapes: _Shapes) -> _Mouth:
+    """Lips, and when open the mouth cavity and teeth; a closed mouth gets the line between the lips.
+
+    AU12/AU20 widen and (AU12) lift the corners, AU15 lowers them, AU23/AU24 thin the lips, AU16
+    lowers the lower lip, AU17 pushes it up; the opening comes from AU25/AU26/AU16 (`_build`).
+    """
+    lip = identity.lip
+    half_width = identity.mouth_w * np.maximum(0.6, 1.0 + 0.22 * au["AU12"] + 0.28 * au["AU20"] - 0.2 * au["AU23"]
+                                               - 0.1 * au["AU24"] - 0.08 * au["AU26"] - 0.04 * au["AU15"])
+    mouth_y = identity.mouth_y - 0.02 * au["AU17"] + 0.075 * jaw_drop
+    corner_dy = -0.17 * au["AU12"] + 0.18 * au["AU15"] + 0.03 * au["AU20"] + 0.04 * au["AU16"]
+    along, middle = _T13, _TT13           # -1 ... +1 corner to corner; 1 - along² (1 in the middle, 0 at corners)
+    centre_line = mouth_y + corner_dy * np.abs(along) ** 1.6                  # (B, 13)
+    gap = opening * middle ** 0.6
+    upper_inner = centre_line - 0.3 * gap - (0.08 * au["AU9"] + 0.02 * au["AU20"]) * middle
+    lower_inner = np.maximum(centre_line + 0.7 * gap + 0.07 * au["AU16"] * middle ** 0.7 - 0.025 * au["AU17"] * middle,
+                             upper_inner)
+    upper_thickness = identity.lip_up * np.maximum(0.25, 1.0 - 0.55 * au["AU24"] - 0.45 * au["AU23"] - 0.2 * au["AU12"]
+                                                   - 0.25 * au["AU20"])
+    lower_thickness = identity.lip_lo * np.maximum(0.3, 1.0 - 0.5 * au["AU24"] - 0.4 * au["AU23"] + 0.3 * au["AU17"]
+                                                   - 0.2 * au["AU20"])
+    upper_outer = upper_inner - upper_thickness * middle ** 0.5 * _CUPID - 0.008
+    lower_outer = lower_inner + lower_thickness * middle ** 0.5
+    x = half_width * along                                                   # (B, 13)
+    lip_depth = 0.55 - 0.1 * np.abs(along)
+    shapes.add("poly", shapes.cat(_xy(x, upper_outer), _xy(x, lower_outer)[:, ::-1]),
+               np.concatenate([lip_depth, lip_depth[::-1]]), _shade(lip, 1.0))
+    inner_gap = np.max(lower_inner - upper_inner, axis=1)
     is_open = inner_gap > 0.012
-    sh.add("poly", sh.cat(_xy(x, up_in), _xy(x, lo_in)[:, ::-1]), 0.5, (60, 20, 25), visible=is_open)
-    teeth_lo = np.minimum(up_in + 0.07 + 0.03 * c["AU12"], lo_in)
-    sh.add("poly", sh.cat(_xy(x * 0.9, up_in), _xy(x * 0.9, teeth_lo)[:, ::-1]), 0.51, (235, 232, 222), visible=is_open)
-    lower_teeth = is_open & ((c["AU16"] + c["AU20"])[:, 0] > 0.4) & (inner_gap > 0.06)
-    lt_hi = np.maximum(lo_in - 0.04 * (c["AU16"] + c["AU20"]), teeth_lo)
-    sh.add("poly", sh.cat(_xy(x * 0.8, lt_hi), _xy(x * 0.8, lo_in)[:, ::-1]), 0.51, (225, 222, 212), visible=lower_teeth)
-    sh.add("line", _xy(x, (up_in + lo_in) / 2), 0.52, _shade(idt.lip, 0.5), 0.032, ~is_open)
+    shapes.add("poly", shapes.cat(_xy(x, upper_inner), _xy(x, lower_inner)[:, ::-1]), 0.5, (60, 20, 25), visible=is_open)
+    teeth_bottom = np.minimum(upper_inner + 0.07 + 0.03 * au["AU12"], lower_inner)
+    shapes.add("poly", shapes.cat(_xy(x * 0.9, upper_inner), _xy(x * 0.9, teeth_bottom)[:, ::-1]), 0.51,
+               (235, 232, 222), visible=is_open)
+    lower_teeth = is_open & ((au["AU16"] + au["AU20"])[:, 0] > 0.4) & (inner_gap > 0.06)
+    lower_teeth_top = np.maximum(lower_inner - 0.04 * (au["AU16"] + au["AU20"]), teeth_bottom)
+    shapes.add("poly", shapes.cat(_xy(x * 0.8, lower_teeth_top), _xy(x * 0.8, lower_inner)[:, ::-1]), 0.51,
+               (225, 222, 212), visible=lower_teeth)
+    shapes.add("line", _xy(x, (upper_inner + lower_inner) / 2), 0.52, _shade(lip, 0.5), 0.032, ~is_open)
+    return _Mouth(half_width, x, centre_line, upper_inner, lower_inner, upper_outer, lower_outer)
 
-    # --- folds and wrinkles ------------------------------------------------------------------------
-    fold_k = np.minimum(1.0, idt.folds + 0.6 * c["AU12"] + 0.25 * c["AU6"] + 0.5 * c["AU9"] + 0.2 * c["AU20"])[:, 0]
-    fold_col = _shade_b(skin, 1.0 - 0.4 * fold_k)
-    a6 = c["AU6"][:, 0]
-    six = a6 > 0.15
-    corner_y = line_y[:, :1]
-    for s in (-1.0, 1.0):
-        fold = sh.pts([(s * (nw + 0.04), nost_y - 0.05),
-                       (s * (nw + 0.12 + 0.06 * c["AU12"]), (nost_y + corner_y + 0.07) / 2),
-                       (s * (mw + 0.06), corner_y + 0.07)])
-        sh.add("line", fold, 0.5, fold_col, 0.03, fold_k > 0.08)
-        mar = sh.pts([(s * (mw + 0.01), corner_y + 0.03), (s * (mw + 0.03), corner_y + 0.16)])
-        sh.add("line", mar, 0.5, _shade_b(skin, 1.0 - 0.4 * c["AU15"][:, 0]), 0.026, over("AU15", 0.2))
-        ox = s * (idt.eye_sep + ew + 0.03)
+
+def _draw_cheek_and_eye_folds(identity: Identity, au: _AUs, eyes: _Eyes, nose: _Nose, mouth: _Mouth,
+                              shapes: _Shapes) -> None:
+    """Per side: the nasolabial fold (deepened by AU12/AU6/AU9/AU20), the line below the lip corner (AU15),
+    and AU6's crow's feet, eye bag and raised cheek."""
+    skin = identity.skin
+    fold_strength = np.minimum(1.0, identity.folds + 0.6 * au["AU12"] + 0.25 * au["AU6"] + 0.5 * au["AU9"]
+                               + 0.2 * au["AU20"])[:, 0]
+    fold_color = _shade_b(skin, 1.0 - 0.4 * fold_strength)
+    cheek_raise = au["AU6"][:, 0]
+    cheek_raised = cheek_raise > 0.15
+    corner_y = mouth.centre_line[:, :1]
+    for side in (-1.0, 1.0):
+        fold = shapes.pts([(side * (nose.half_width + 0.04), nose.nostril_y - 0.05),
+                           (side * (nose.half_width + 0.12 + 0.06 * au["AU12"]), (nose.nostril_y + corner_y + 0.07) / 2),
+                           (side * (mouth.half_width + 0.06), corner_y + 0.07)])
+        shapes.add("line", fold, 0.5, fold_color, 0.03, fold_strength > 0.08)
+        marionette = shapes.pts([(side * (mouth.half_width + 0.01), corner_y + 0.03),
+                                 (side * (mouth.half_width + 0.03), corner_y + 0.16)])
+        shapes.add("line", marionette, 0.5, _shade_b(skin, 1.0 - 0.4 * au["AU15"][:, 0]), 0.026, _over(au, "AU15", 0.2))
+        crow_x = side * (identity.eye_sep + eyes.half_width + 0.03)
         for dy in (-0.03, 0.0, 0.035):
-            cf = np.array([[ox, idt.eye_y + dy * 0.5], [ox + s * 0.07, idt.eye_y + dy * 1.6]])
-            sh.add("line", cf, 0.3, _shade_b(skin, 1.0 - 0.35 * a6), 0.022, six)
-        bag = _xy(s * idt.eye_sep - s * ew * _T9[1:-1] * 0.8, idt.eye_y + hl + 0.04 - 0.03 * c["AU6"])
-        sh.add("line", bag, 0.38, _shade_b(skin, 1.0 - 0.3 * a6), 0.024, six)
-        sh.add("poly", _ellipse(s * 0.45, idt.eye_y + 0.3 - 0.06 * c["AU6"], 0.16, 0.1), 0.45,
-               _mix_b(skin, (235.0, 140.0, 130.0), 0.18 * a6), visible=six)
-    a12 = (c["AU1"] + c["AU2"])[:, 0]
-    fk = np.minimum(1.0, 0.55 * a12)
-    half = 0.18 + 0.3 * c["AU2"] / (c["AU1"] + c["AU2"] + 1e-6)                # (B, 1)
+            crow_foot = np.array([[crow_x, identity.eye_y + dy * 0.5], [crow_x + side * 0.07, identity.eye_y + dy * 1.6]])
+            shapes.add("line", crow_foot, 0.3, _shade_b(skin, 1.0 - 0.35 * cheek_raise), 0.022, cheek_raised)
+        bag = _xy(side * identity.eye_sep - side * eyes.half_width * _T9[1:-1] * 0.8,
+                  identity.eye_y + eyes.lower_lid + 0.04 - 0.03 * au["AU6"])
+        shapes.add("line", bag, 0.38, _shade_b(skin, 1.0 - 0.3 * cheek_raise), 0.024, cheek_raised)
+        shapes.add("poly", _ellipse(side * 0.45, identity.eye_y + 0.3 - 0.06 * au["AU6"], 0.16, 0.1), 0.45,
+                   _mix_b(skin, (235.0, 140.0, 130.0), 0.18 * cheek_raise), visible=cheek_raised)
+
+
+def _draw_forehead_frown_and_chin_lines(identity: Identity, au: _AUs, mouth: _Mouth, shapes: _Shapes) -> None:
+    """Forehead lines (AU1/AU2; AU2 spreads them outwards), the vertical frown lines between the brows
+    (AU4) and the chin crease below the lower lip (AU17)."""
+    skin = identity.skin
+    brow_raise = (au["AU1"] + au["AU2"])[:, 0]
+    line_darkness = np.minimum(1.0, 0.55 * brow_raise)
+    half_length = 0.18 + 0.3 * au["AU2"] / (au["AU1"] + au["AU2"] + 1e-6)              # (B, 1)
     for i in range(3):
-        yy = idt.brow_y - 0.2 - 0.075 * i
-        sh.add("line", _xy(_LINE5 * half, yy + 0.02 * _LINE5 ** 2), 0.45, _shade_b(skin, 1.0 - 0.35 * fk), 0.024,
-               a12 > 0.25)
-    for s in (-1.0, 1.0):
-        g = np.array([[s * 0.05, idt.brow_y - 0.05], [s * 0.04, idt.brow_y + 0.1]])
-        sh.add("line", g, 0.5, _shade_b(skin, 1.0 - 0.45 * c["AU4"][:, 0]), 0.028, over("AU4", 0.15))
-    chin_y = np.max(lo_out, axis=1, keepdims=True) + 0.09
-    chin = sh.pts([(-0.12, chin_y + 0.02), (0.0, chin_y - 0.015), (0.12, chin_y + 0.02)])
-    sh.add("line", chin, 0.5, _shade_b(skin, 1.0 - 0.4 * c["AU17"][:, 0]), 0.028, over("AU17", 0.2))
+        line_y = identity.brow_y - 0.2 - 0.075 * i
+        shapes.add("line", _xy(_LINE5 * half_length, line_y + 0.02 * _LINE5 ** 2), 0.45,
+                   _shade_b(skin, 1.0 - 0.35 * line_darkness), 0.024, brow_raise > 0.25)
+    for side in (-1.0, 1.0):
+        frown = np.array([[side * 0.05, identity.brow_y - 0.05], [side * 0.04, identity.brow_y + 0.1]])
+        shapes.add("line", frown, 0.5, _shade_b(skin, 1.0 - 0.45 * au["AU4"][:, 0]), 0.028, _over(au, "AU4", 0.15))
+    chin_y = np.max(mouth.lower_outer, axis=1, keepdims=True) + 0.09
+    chin = shapes.pts([(-0.12, chin_y + 0.02), (0.0, chin_y - 0.015), (0.12, chin_y + 0.02)])
+    shapes.add("line", chin, 0.5, _shade_b(skin, 1.0 - 0.4 * au["AU17"][:, 0]), 0.028, _over(au, "AU17", 0.2))
 
-    # --- front hair --------------------------------------------------------------------------------
+
+def _draw_front_hair(identity: Identity, top_y: float, shapes: _Shapes) -> None:
+    """The hair over the forehead (a cap down to the hairline, jagged for a fringe), or the scarf's band."""
+    style, face_w = identity.hair_style, identity.face_w
     if style == "scarf":
-        band = np.concatenate([_xy(fw * 1.02 * np.cos(_FANG13), top_y - 1.14 * np.sin(_FANG13) ** 0.8 - 0.04),
-                               _xy(fw * 1.02 * np.cos(_FANG13[::-1]), np.full(13, idt.hairline + 0.05))])
-        sh.add("poly", band, 0.5, _shade(idt.hair, 1.0))
-    else:
-        cap_h = 1.2 if style != "buzz" else 1.14
-        outer_arc = _xy(fw * 1.06 * np.cos(_FANG13), top_y - cap_h * np.sin(_FANG13) ** 0.75)
-        hx = np.linspace(fw * 1.02, -fw * 1.02, 11)
-        hl_y = idt.hairline + (top_y - 0.25 - idt.hairline) * (np.abs(hx) / fw) ** 2.5
-        if style == "fringe":
-            hl_y = hl_y + 0.035 * np.where(np.arange(11) % 2 == 0, 1.0, -1.0)
-        cap = np.concatenate([np.array([[fw * 1.06, top_y - 0.1]]), outer_arc[1:],
-                              np.array([[-fw * 1.06, top_y - 0.1]]), _xy(hx, hl_y)[::-1]])
-        sh.add("poly", cap, 0.45, _mix(idt.hair, skin, 0.45) if style == "buzz" else _shade(idt.hair, 1.0))
+        band = np.concatenate([_xy(face_w * 1.02 * np.cos(_FANG13), top_y - 1.14 * np.sin(_FANG13) ** 0.8 - 0.04),
+                               _xy(face_w * 1.02 * np.cos(_FANG13[::-1]), np.full(13, identity.hairline + 0.05))])
+        shapes.add("poly", band, 0.5, _shade(identity.hair, 1.0))
+        return
+    cap_height = 1.2 if style != "buzz" else 1.14
+    outer_arc = _xy(face_w * 1.06 * np.cos(_FANG13), top_y - cap_height * np.sin(_FANG13) ** 0.75)
+    hairline_x = np.linspace(face_w * 1.02, -face_w * 1.02, 11)
+    hairline_y = identity.hairline + (top_y - 0.25 - identity.hairline) * (np.abs(hairline_x) / face_w) ** 2.5
+    if style == "fringe":
+        hairline_y = hairline_y + 0.035 * np.where(np.arange(11) % 2 == 0, 1.0, -1.0)
+    cap = np.concatenate([np.array([[face_w * 1.06, top_y - 0.1]]), outer_arc[1:],
+                          np.array([[-face_w * 1.06, top_y - 0.1]]), _xy(hairline_x, hairline_y)[::-1]])
+    color = _mix(identity.hair, identity.skin, 0.45) if style == "buzz" else _shade(identity.hair, 1.0)
+    shapes.add("poly", cap, 0.45, color)
 
-    # --- glasses -----------------------------------------------------------------------------------
-    if idt.glasses:
-        gs = idt.glasses_size
-        color = _shade(idt.glasses_color, 1.0)
-        for s in (-1.0, 1.0):
-            ring = _ellipse(s * idt.eye_sep, idt.eye_y + 0.01, 0.21 * gs, 0.14 * gs)
-            sh.add("line", np.concatenate([ring, ring[:1]]), 0.6, color, 0.025)
-            arm = np.array([[s * (idt.eye_sep + 0.21 * gs), idt.eye_y], [s * fw * 0.98, idt.eye_y - 0.02]])
-            sh.add("line", arm, 0.4, color, 0.025)
-        bridge_g = np.array([[-(idt.eye_sep - 0.21 * gs), idt.eye_y], [0.0, idt.eye_y - 0.03],
-                             [idt.eye_sep - 0.21 * gs, idt.eye_y]])
-        sh.add("line", bridge_g, 0.65, color, 0.025)
 
-    # --- occluders ---------------------------------------------------------------------------------
-    ca, sa = np.cos(fr.occ_angle), np.sin(fr.occ_angle)
-    rot = np.stack([np.stack([ca, -sa], -1), np.stack([sa, ca], -1)], 1)          # (B, 2, 2)
-    offset = np.stack([fr.occ_x, fr.occ_y], -1)[:, None, :]
+def _draw_glasses(identity: Identity, shapes: _Shapes) -> None:
+    """Two rims, two arms to the ears and the bridge, if the person wears glasses."""
+    if not identity.glasses:
+        return
+    size, eye_sep, eye_y = identity.glasses_size, identity.eye_sep, identity.eye_y
+    color = _shade(identity.glasses_color, 1.0)
+    for side in (-1.0, 1.0):
+        rim = _ellipse(side * eye_sep, eye_y + 0.01, 0.21 * size, 0.14 * size)
+        shapes.add("line", np.concatenate([rim, rim[:1]]), 0.6, color, 0.025)
+        arm = np.array([[side * (eye_sep + 0.21 * size), eye_y], [side * identity.face_w * 0.98, eye_y - 0.02]])
+        shapes.add("line", arm, 0.4, color, 0.025)
+    bridge = np.array([[-(eye_sep - 0.21 * size), eye_y], [0.0, eye_y - 0.03], [eye_sep - 0.21 * size, eye_y]])
+    shapes.add("line", bridge, 0.65, color, 0.025)
+
+
+def _draw_occluders(identity: Identity, batch: _Batch, shapes: _Shapes) -> None:
+    """A hand (palm and four fingers) or a book held in front of the face, per frame, placed and turned
+    by the frame's occlusion; frames without one hide these shapes."""
+    cos_a, sin_a = np.cos(batch.occ_angle), np.sin(batch.occ_angle)
+    rotation = np.stack([np.stack([cos_a, -sin_a], -1), np.stack([sin_a, cos_a], -1)], 1)     # (B, 2, 2)
+    offset = np.stack([batch.occ_x, batch.occ_y], -1)[:, None, :]
 
     def place(local: np.ndarray, scale: np.ndarray | float = 1.0) -> np.ndarray:
-        return np.einsum("bnj,bij->bni", sh.full(local) * np.reshape(scale, (-1, 1, 1)), rot) + offset
+        """Occluder-local points -> face frame: scale, turn by the frame's angle, move to its position."""
+        return np.einsum("bnj,bij->bni", shapes.full(local) * np.reshape(scale, (-1, 1, 1)), rotation) + offset
 
-    hand = fr.occ_kind == "hand"
+    hand = batch.occ_kind == "hand"
     if hand.any():
-        col = _shade(skin, 0.95)
-        sh.add("poly", place(_ellipse(0.0, 0.0, 0.32, 0.38), fr.occ_size), 1.2, col, visible=hand)
-        for i, fx in enumerate((-0.22, -0.07, 0.08, 0.22)):
+        color = _shade(identity.skin, 0.95)
+        shapes.add("poly", place(_ellipse(0.0, 0.0, 0.32, 0.38), batch.occ_size), 1.2, color, visible=hand)
+        for i, finger_x in enumerate((-0.22, -0.07, 0.08, 0.22)):
             length = (0.42, 0.5, 0.47, 0.38)[i]
-            finger = place(np.array([[fx, -0.2], [fx * 1.1, -0.2 - length]]), fr.occ_size)
-            sh.add("line", finger, 1.25, col, 0.13, hand)
-    book = fr.occ_kind == "book"
+            finger = place(np.array([[finger_x, -0.2], [finger_x * 1.1, -0.2 - length]]), batch.occ_size)
+            shapes.add("line", finger, 1.25, color, 0.13, hand)
+    book = batch.occ_kind == "book"
     if book.any():
-        rect = sh.full(np.array([[-2.4, 0.0], [2.4, 0.0], [2.4, 3.0], [-2.4, 3.0]])) * np.stack(
-            [fr.occ_size, np.ones_like(fr.occ_size)], -1)[:, None, :]
+        rect = shapes.full(np.array([[-2.4, 0.0], [2.4, 0.0], [2.4, 3.0], [-2.4, 3.0]])) * np.stack(
+            [batch.occ_size, np.ones_like(batch.occ_size)], -1)[:, None, :]
         rect = place(rect)
-        sh.add("poly", rect, 1.3, _shade(fr.occ_color, 1.0), visible=book)
-        sh.add("line", rect[:, :2] + [0.0, 0.06], 1.3, _shade(fr.occ_color, 0.75), 0.03, book)
+        shapes.add("poly", rect, 1.3, _shade(batch.occ_color, 1.0), visible=book)
+        shapes.add("line", rect[:, :2] + [0.0, 0.06], 1.3, _shade(batch.occ_color, 0.75), 0.03, book)
 
-    # --- landmarks (not drawn) ---------------------------------------------------------------------
+
+def _add_landmarks(outline: _Outline, brow_marks: dict[float, np.ndarray], nose: _Nose, eyes: _Eyes, mouth: _Mouth,
+                   shapes: _Shapes) -> None:
+    """The 68 iBUG landmarks as a 'mark' command: moved by the pose like the shapes, never drawn."""
+    x = mouth.x
     outer_i = [0, 2, 4, 6, 8, 10, 12]
     lower_i = [10, 8, 6, 4, 2]
-    m_outer = np.concatenate([_xy(x[:, outer_i], up_out[:, outer_i]), _xy(x[:, lower_i], lo_out[:, lower_i])], axis=1)
-    m_inner = np.concatenate([_xy(x[:, [1, 4, 6, 8, 11]], up_in[:, [1, 4, 6, 8, 11]]),
-                              _xy(x[:, [8, 6, 4]], lo_in[:, [8, 6, 4]])], axis=1)
-    marks = sh.cat(jaw, brow_marks[-1.0], brow_marks[1.0], bridge, nostrils, eye_marks[-1.0], eye_marks[1.0],
-                   m_outer, m_inner)
-    depth = np.concatenate([jaw_depth, np.full(10, 0.42), bridge_depth, np.full(5, 0.8), np.full(12, 0.35),
+    mouth_outer = np.concatenate([_xy(x[:, outer_i], mouth.upper_outer[:, outer_i]),
+                                  _xy(x[:, lower_i], mouth.lower_outer[:, lower_i])], axis=1)
+    mouth_inner = np.concatenate([_xy(x[:, [1, 4, 6, 8, 11]], mouth.upper_inner[:, [1, 4, 6, 8, 11]]),
+                                  _xy(x[:, [8, 6, 4]], mouth.lower_inner[:, [8, 6, 4]])], axis=1)
+    marks = shapes.cat(outline.jaw, brow_marks[-1.0], brow_marks[1.0], nose.bridge, nose.nostrils, eyes.marks[-1.0],
+                       eyes.marks[1.0], mouth_outer, mouth_inner)
+    depth = np.concatenate([outline.jaw_depth, np.full(10, 0.42), nose.bridge_depth, np.full(5, 0.8), np.full(12, 0.35),
                             np.full(20, 0.55)])
-    sh.add("mark", marks, depth, (0, 0, 0))
+    shapes.add("mark", marks, depth, (0, 0, 0))
 
 
 # ------------------------------------------------------------------------------------------------

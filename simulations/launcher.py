@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TextIO
 
 from server.processes import flower_env, free_port, is_alive, process_tree
 from shared_models.config import to_toml
@@ -127,46 +127,66 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
     env["RAY_TMPDIR"] = str(Path("/tmp") / f"fedfer-ray-{os.getpid()}")  # Ray's socket paths must stay short
 
     superlink_log = run_dir / "superlink.log"
-    bin_dir = Path(sys.executable).parent
-    superlink = subprocess.Popen(
-        [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
-         "--database", str(flwr_home / "state.db"), "--disable-runtime-dependency-installation"],
-        stdout=open(superlink_log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=str(run_dir),
-        start_new_session=True,
-    )
+    superlink = _start_superlink(port, flwr_home, env, run_dir, superlink_log)
     flower_log = run_dir / "flower.log"
     try:
         _wait_healthy(port, superlink, superlink_log)
-        cmd = [str(bin_dir / "flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
+        cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
                "--run-config", str(run_config),
                "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"]
-        with open(flower_log, "a", encoding="utf-8") as log_file:
-            runner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                      cwd=str(APP_DIR), text=True, bufsize=1, start_new_session=True)
-            try:
-                failed_line, last_echo = "", ""
-                assert runner.stdout is not None
-                for line in runner.stdout:
-                    log_file.write(line)
-                    log_file.flush()
-                    text = line.rstrip()
-                    if "[fedfer]" in text:
-                        message = text.split("[fedfer]", 1)[1].strip()
-                        if message != last_echo:  # Flower logs every line in two formats
-                            echo(message)
-                        last_echo = message
-                    elif ("ERROR" in text or "Traceback" in text or "Exception" in text) and not failed_line:
-                        failed_line = text.strip()
-                    if "Run finished" in text or "finished:failed" in text:
-                        if "failed" in text:
-                            failed_line = failed_line or text.strip()
-                runner.wait()
-            finally:
-                stop_process_tree(runner)
-        if runner.returncode != 0:
-            raise SimulationError(f"flwr run exited with {runner.returncode}: {failed_line or 'see ' + str(flower_log)}")
+        returncode, failed_line = _run_and_follow(cmd, env, flower_log, echo)
+        if returncode != 0:
+            raise SimulationError(f"flwr run exited with {returncode}: {failed_line or 'see ' + str(flower_log)}")
         if failed_line and "failed" in failed_line.lower():
             raise SimulationError(f"{failed_line} (full log: {flower_log})")
     finally:
         stop_process_tree(superlink)
     return nodes
+
+
+def _start_superlink(port: int, flwr_home: Path, env: dict[str, str], run_dir: Path, log: Path) -> subprocess.Popen:
+    """A simulation-mode SuperLink on loopback, in its own session (so stopping it reaches Ray too)."""
+    bin_dir = Path(sys.executable).parent
+    return subprocess.Popen(
+        [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+         "--database", str(flwr_home / "state.db"), "--disable-runtime-dependency-installation"],
+        stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=str(run_dir),
+        start_new_session=True,
+    )
+
+
+def _run_and_follow(cmd: list[str], env: dict[str, str], flower_log: Path,
+                    echo: Callable[[str], None]) -> tuple[int, str]:
+    """Run `flwr run --stream`, copy its output to `flower_log`, echo fedfer's progress lines; returns
+    the exit code and the first line that reported a failure ("" if none). The runner and what it
+    started are stopped however this ends."""
+    with open(flower_log, "a", encoding="utf-8") as log_file:
+        runner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                  cwd=str(APP_DIR), text=True, bufsize=1, start_new_session=True)
+        try:
+            assert runner.stdout is not None
+            failed_line = _follow(runner.stdout, log_file, echo)
+            runner.wait()
+        finally:
+            stop_process_tree(runner)
+    return runner.returncode, failed_line
+
+
+def _follow(lines: Iterable[str], log_file: TextIO, echo: Callable[[str], None]) -> str:
+    """Log every line; echo each `[fedfer]` message once; remember the first error or failed-run line."""
+    failed_line, last_echo = "", ""
+    for line in lines:
+        log_file.write(line)
+        log_file.flush()
+        text = line.rstrip()
+        if "[fedfer]" in text:
+            message = text.split("[fedfer]", 1)[1].strip()
+            if message != last_echo:  # Flower logs every line in two formats
+                echo(message)
+            last_echo = message
+        elif ("ERROR" in text or "Traceback" in text or "Exception" in text) and not failed_line:
+            failed_line = text.strip()
+        if "Run finished" in text or "finished:failed" in text:
+            if "failed" in text:
+                failed_line = failed_line or text.strip()
+    return failed_line

@@ -223,17 +223,11 @@ NEIGHBOURS: dict[str, tuple[str, ...]] = {
 _PROTO = {label: F.prototype_vector(label) for label in FER7}
 _CORE = {label: [F.AU_INDEX[n] for n in F.CORE_AUS[label]] for label in FER7}
 
-# Difficulty knobs, calibrated with simulations/calibrate_synth.py (see the module docstring there).
-# v6-v8 (session 3): the label noise below is what made v5 slow to learn, not the nuisance (pose, light,
-# occluders). Probe: HAFNet `dp`, no DP, batch 256, 240 SGD steps on the pooled schools -> public
-# accuracy 0.351 on v5, 0.379 with the larger gain alone, 0.401 with half the pose/light nuisance and
-# no occluders, 0.588 with no AU drop-out, intensities from 0.6, 10% blends (v6). But a converged
-# non-private HAFNet `cpu` reached 0.934 on v6 (issue #2 asks for 65-92%); v8 blends in a neighbouring
-# class more often and more strongly (35%, weight <= 0.6) and traces of other classes into neutral
-# (25%): 0.911 after 16 epochs (benchmarks/central-hafnet-cpu-nodp-v8.json). The DP demo gave 0.355
-# and 0.376 on v6, 0.320 and 0.388 on v8: the run-to-run spread of the DP noise exceeds the difference.
-# Session 4: at the demo's size (4000 students x 2 frames per school) the converged reference is 0.915
-# (benchmarks/central-hafnet-cpu-nodp-v8-4000x2.json) and the DP demo 0.455-0.493: the knobs stay.
+# Difficulty knobs (classroom v8), calibrated with simulations/calibrate_synth.py (see the module docstring
+# there). Label noise (blends of a neighbouring class, traces of other classes in neutral) rather than
+# nuisance (pose, light, occluders) sets how hard the task is; with these values a converged non-private
+# HAFNet `cpu` lands inside issue #2's 65-92% public accuracy (benchmarks/central-hafnet-cpu-nodp-v8*.json).
+# How the values were reached: docs/experiments.md.
 AU_DROP = 0.0                # chance each AU of the prototype is absent in a frame (one core AU always stays)
 INTENSITY_BETA = (2.0, 2.0)  # apex intensity ~ LOW + SPAN * Beta(a, b), times the student's expressivity
 INTENSITY_LOW, INTENSITY_SPAN = 0.6, 0.7

@@ -59,20 +59,16 @@ def server_step(global_state: dict[str, torch.Tensor], average: dict[str, torch.
     return new
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", default="", help="name of this setting in the output (default: the overrides)")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/tune/<label>.json)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(None, args.overrides)
-    except ConfigError as exc:
-        print(f"tune_inprocess: {exc}", file=sys.stderr)
-        return 2
-    label = args.label or ("defaults" if not args.overrides else "_".join(args.overrides).replace("/", "-"))
-    out = args.out or Path("benchmarks/tune") / f"{label}.json"
+    return parser
 
+
+def _load_schools(cfg: dict) -> tuple[Path, list]:
+    """The synthetic classroom of `cfg` (built if missing) and every school's training data."""
     from simulations import synth
 
     torch.set_num_threads(int(cfg["train.threads"]))
@@ -81,6 +77,32 @@ def main(argv: list[str] | None = None) -> int:
     root = synth.ensure_for_config(cfg)
     schools = [load_school(d) for d in sorted((root / "schools").iterdir()) if d.is_dir()]
     print(f"{len(schools)} schools: students {[s.num_students for s in schools]}", flush=True)
+    return root, schools
+
+
+def _write_history(out: Path, label: str, overrides: list[str], schools: list, history: list[dict],
+                   argv: list[str] | None) -> None:
+    """Print the per-round table and write it as JSON with the command that produced it."""
+    print(f"\n{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'seconds':>8}")
+    for row in history:
+        print(f"{row['round']:>5} {row['accuracy']:>9.3f} {row['macro_f1']:>9.3f} {row['seconds']:>8.0f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python -m simulations.tune_inprocess " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    out.write_text(json.dumps({"command": command, "label": label, "overrides": overrides,
+                               "students": [s.num_students for s in schools], "history": history}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(None, args.overrides)
+    except ConfigError as exc:
+        print(f"tune_inprocess: {exc}", file=sys.stderr)
+        return 2
+    label = args.label or ("defaults" if not args.overrides else "_".join(args.overrides).replace("/", "-"))
+    out = args.out or Path("benchmarks/tune") / f"{label}.json"
+    root, schools = _load_schools(cfg)
     torch.manual_seed(int(cfg["run.seed"]))
     model = _build(cfg)
     local = _build(cfg)  # one school model, reloaded with the global weights before each school trains
@@ -115,14 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {rnd}: {name} accuracy {row['accuracy']:.3f} macro-F1 {row['macro_f1']:.3f} "
               f"σ ≤ {sigma:.2f} steps {min(steps)}-{max(steps)} ({row['seconds']:.0f} s)", flush=True)
 
-    print(f"\n{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'seconds':>8}")
-    for row in history:
-        print(f"{row['round']:>5} {row['accuracy']:>9.3f} {row['macro_f1']:>9.3f} {row['seconds']:>8.0f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python -m simulations.tune_inprocess " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    out.write_text(json.dumps({"command": command, "label": label, "overrides": args.overrides,
-                               "students": [s.num_students for s in schools], "history": history}, indent=1) + "\n")
-    print(f"wrote {out}")
+    _write_history(out, label, args.overrides, schools, history, argv)
     return 0
 
 

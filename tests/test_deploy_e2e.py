@@ -162,7 +162,7 @@ def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
                 own = dep.node_dir(school) / "state"
                 assert any(own.rglob("*.jsonl")), f"{school} kept no ledger of its own in {own}"
                 assert (run / "keys" / f"{school}.pub").read_text() == (dep.keyring / f"{school}.pub").read_text()
-            audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run)],
+            audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run), "--keys", str(dep.keyring)],
                                    capture_output=True, text=True, cwd=ROOT, timeout=300)
             assert audit.returncode == 0, audit.stdout + audit.stderr
         except BaseException:

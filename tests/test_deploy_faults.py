@@ -124,7 +124,7 @@ def test_coordinator_killed_after_round_one_resumes(tmp_path, monkeypatch):
                 school = f"school-{i:02d}"
                 entries = [json.loads(line) for line in (run_dir / "ledger" / f"{school}.jsonl").read_text().splitlines()]
                 assert [e["round"] for e in entries] == [1, 2]   # each round once: none lost, repeated or refused
-            audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run_dir)],
+            audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run_dir), "--keys", str(fed.dep.keyring)],
                                    capture_output=True, text=True, cwd=ROOT, timeout=300)
             assert audit.returncode == 0, audit.stdout + audit.stderr
         except BaseException:

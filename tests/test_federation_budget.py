@@ -67,7 +67,7 @@ def test_client_level_dp_is_accounted_and_audited(run):
     rounds = _lines(run / "metrics.jsonl")
     assert rounds[-1]["federation_epsilon"] == pytest.approx(eps[-1])
     assert all(r["evaluated_by"] == "server-in-process" for r in rounds)
-    audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run), "--json"],
+    audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run), "--json", "--trust-run-keys"],
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
@@ -83,7 +83,7 @@ def test_audit_detects_tampering_in_the_run_copy(run, tmp_path):
     entry["noise_multiplier"] = entry["noise_multiplier"] * 2  # claim more noise than was used
     lines[1] = json.dumps(entry)
     ledger.write_text("\n".join(lines) + "\n")
-    audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(copy)],
+    audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(copy), "--trust-run-keys"],
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert audit.returncode == 2
     assert "school-00" in audit.stdout + audit.stderr and "line 2" in audit.stdout + audit.stderr

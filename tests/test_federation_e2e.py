@@ -71,7 +71,7 @@ def test_epsilon_grows_every_round_for_every_school(federation):
         entries = [json.loads(line) for line in (run / "ledger" / f"{school}.jsonl").read_text().splitlines()]
         assert [e["round"] for e in entries] == [1, 2]
         assert 0 < entries[0]["epsilon"] < entries[1]["epsilon"] <= 8.0 + 1e-6
-    result = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run), "--trust-run-keys"], capture_output=True, text=True,
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
 

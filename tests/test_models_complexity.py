@@ -22,7 +22,7 @@ def paper() -> dict[str, tuple[nn.Module, Complexity]]:
 
 @pytest.mark.parametrize("name,params_m,gmacs,size", [
     ("sfer_mdfae", 31.975, 6.362, 112),  # Table 4 of the SFER-MDFAE paper (its "FLOPs" are MACs)
-    ("hafnet", 19.72, 2.24, 224),         # DAN with 4 heads, 7 classes (thop, research/model-facts.md)
+    ("hafnet", 19.72, 2.24, 224),         # DAN with 4 heads, 7 classes, counted with thop (DAN publishes no size)
 ])
 def test_paper_presets_match_published_size(paper, name: str, params_m: float, gmacs: float, size: int) -> None:
     model, c = paper[name]

@@ -44,7 +44,9 @@ def run(tmp_path_factory):
 
 
 def _audit(capsys, *args) -> tuple[int, str]:
-    code = fedfer_main(["privacy", "audit", *map(str, args)])
+    """Audit trusting the keys stored in the run / beside the ledger (explicitly), unless --keys is given."""
+    trust = [] if "--keys" in args else ["--trust-run-keys"]
+    code = fedfer_main(["privacy", "audit", *map(str, args), *trust])
     return code, capsys.readouterr().out
 
 
@@ -64,7 +66,7 @@ def test_intact_run_audits_clean_and_epsilon_is_recomputed(run, capsys):
     code, out = _audit(capsys, run_dir)
     assert code == 0, out
     assert "school-a" in out and "school-b" in out and "exit 0" in out
-    code = fedfer_main(["privacy", "audit", str(run_dir), "--json"])
+    code = fedfer_main(["privacy", "audit", str(run_dir), "--json", "--trust-run-keys"])
     report = json.loads(capsys.readouterr().out)
     row = {r["school"]: r for r in report["schools"]}["school-a"]
     assert row["rounds"] == 3 and row["steps"] == 24

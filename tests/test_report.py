@@ -128,12 +128,8 @@ def stand_in_registry(monkeypatch):
     fake = types.ModuleType("shared_models.models.registry")
     fake.build = lambda name, num_classes, preset: MeanDecoder(num_classes)
     monkeypatch.setitem(sys.modules, "shared_models.models.registry", fake)
-    import shared_models
     import shared_models.models
 
-    monkeypatch.setattr(shared_models, "registry", fake, raising=False)
-    # `from shared_models.models import registry` reads the package attribute once the real module was
-    # imported (by any test collected before this one), not sys.modules
     monkeypatch.setattr(shared_models.models, "registry", fake, raising=False)
     return fake
 

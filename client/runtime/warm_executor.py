@@ -169,6 +169,59 @@ class ForkExecutor:
         self.children.clear()
 
 
+class _Stop(BaseException):  # not an Exception: Flower's retry loop must not swallow it
+    """Raised by SIGTERM/SIGINT wherever the loop is — also inside Flower's HTTP retry backoff,
+    which can sleep for many seconds while the SuperNode is gone."""
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise _Stop()
+
+
+def _runtime_client(runtime_api_address: str, insecure: bool, root_certificates: str | None,
+                    auth_secret: bytes | None):  # type: ignore[no-untyped-def]
+    """Flower's Runtime API client as SuperExec builds it (version header, HMAC on AcquireTask if a
+    secret is shared with the SuperNode, Flower's retrying invoker)."""
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if auth_secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret,
+                                                         protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
+    return RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=insecure,
+        root_certificates=validate_and_resolve_root_certificates(root_certificates, insecure),
+        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+
+def _acquire_loop(client, plugin, executor: ForkExecutor, poll: float,  # type: ignore[no-untyped-def]
+                  max_tasks: int | None) -> None:
+    """Acquire and launch tasks until `max_tasks` were launched (runs until _Stop when None). After a
+    task, ask again at once: another may already wait."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.constant import TaskType
+
+    while True:
+        executor.reconcile()
+        try:
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        except Exception as exc:  # noqa: BLE001 - the SuperNode restarting must not kill us
+            _log(WARNING, "AcquireTask failed: %s", exc)
+            time.sleep(1.0)
+            continue
+        if res.HasField("task") and res.token:
+            result = plugin.launch_task(token=res.token, task=res.task)
+            if result.status != "accepted":
+                _log(ERROR, "task %s not launched: %s", res.task.task_id, result.message)
+            if max_tasks is not None and executor.launched >= max_tasks:
+                return
+            continue  # another task may already wait
+        time.sleep(poll)
+
+
 def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates: str | None = None,
           auth_secret: bytes | None = None, poll: float = DEFAULT_POLL_S, max_tasks: int | None = None) -> int:
     """Acquire ClientApp tasks from the SuperNode's Runtime API and fork one child per task.
@@ -176,54 +229,18 @@ def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates:
     The loop is `flwr.supercore.superexec.run_superexec.run_superexec`'s, with our executor and a
     shorter poll (the SuperNode is on loopback; a 1 s poll alone adds ~0.5 s per message).
     """
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.superexec.plugin import AutoExecPlugin
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
 
     executor = ForkExecutor()
-    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
-    if auth_secret:
-        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret,
-                                                         protected_methods={"/flwr.proto.Runtime/AcquireTask"}))
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=insecure,
-        root_certificates=validate_and_resolve_root_certificates(root_certificates, insecure),
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+    client = _runtime_client(runtime_api_address, insecure, root_certificates, auth_secret)
     plugin = AutoExecPlugin(runtime_api_address=runtime_api_address, insecure=insecure,
                             root_certificates_path=root_certificates, runtime_dependency_install=False,
                             executor=executor)
-
-    class _Stop(BaseException):  # not an Exception: Flower's retry loop must not swallow it
-        """Raised by SIGTERM/SIGINT wherever the loop is — also inside Flower's HTTP retry backoff,
-        which can sleep for many seconds while the SuperNode is gone."""
-
-    def _stop(signum: int, _frame: object) -> None:
-        raise _Stop()
-
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     _log(INFO, "serving ClientApp tasks from %s (poll %.2f s, pid %s)", runtime_api_address, poll, os.getpid())
     try:
-        while True:
-            executor.reconcile()
-            try:
-                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-            except Exception as exc:  # noqa: BLE001 - the SuperNode restarting must not kill us
-                _log(WARNING, "AcquireTask failed: %s", exc)
-                time.sleep(1.0)
-                continue
-            if res.HasField("task") and res.token:
-                result = plugin.launch_task(token=res.token, task=res.task)
-                if result.status != "accepted":
-                    _log(ERROR, "task %s not launched: %s", res.task.task_id, result.message)
-                if max_tasks is not None and executor.launched >= max_tasks:
-                    break
-                continue  # another task may already wait
-            time.sleep(poll)
+        _acquire_loop(client, plugin, executor, poll, max_tasks)
     except _Stop:
         _log(INFO, "stop signal received")
     finally:

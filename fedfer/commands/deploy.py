@@ -160,11 +160,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     deploy = sub.add_parser("deploy", help="credentials, registration and start commands for a real federation",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = deploy.add_subparsers(dest="deploy_command", metavar="STEP")
+    _add_init(dsub)
+    _add_node_steps(dsub)
+    _add_maintenance_steps(dsub)
+    deploy.set_defaults(func=lambda args: (deploy.print_help(), 2)[1])
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dir", default="deploy", help="deployment directory (default: deploy/)")
-        p.add_argument("--flwr-home", default=None, help="Flower CLI home with config.toml (default: $FLWR_HOME or ~/.flwr)")
 
+def _common(p: argparse.ArgumentParser) -> None:
+    """Options every step takes: where the deployment lives and which Flower CLI home to update."""
+    p.add_argument("--dir", default="deploy", help="deployment directory (default: deploy/)")
+    p.add_argument("--flwr-home", default=None, help="Flower CLI home with config.toml (default: $FLWR_HOME or ~/.flwr)")
+
+
+def _add_init(dsub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("init", help="CA, SuperLink certificate, coordinator start script, Flower CLI connection")
     p.add_argument("--coordinator", required=True, help="host name or address the schools dial")
     p.add_argument("--san", action="append", default=[], metavar="NAME", help="extra host name/address for the certificate (repeat)")
@@ -175,9 +183,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="warm: one warm ClientApp executor per node (fast rounds, default); flower: a fresh process per message")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only)")
     p.add_argument("--force", action="store_true", help="overwrite an existing deployment (new CA)")
-    common(p)
+    _common(p)
     p.set_defaults(func=_wrap(_cmd_init))
 
+
+def _add_node_steps(dsub: argparse._SubParsersAction) -> None:
+    """The steps that create a node: a school, the evaluation node."""
     p = dsub.add_parser("add-school", help="a school's node key, ledger key, node-config, registration and start script")
     p.add_argument("name")
     p.add_argument("--data-dir", required=True, help="the school's data folder, as a path on the school's machine")
@@ -193,7 +204,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "significant figures, if the data folder is readable here)")
     p.add_argument("--declared-images", type=int, default=None, help="the same for --unit image")
     p.add_argument("--runtime-port", type=int, default=None, help="the SuperNode's local Runtime API port (default: next free from 9101)")
-    common(p)
+    _common(p)
     p.set_defaults(func=_wrap(_cmd_add_school))
 
     p = dsub.add_parser("evaluator", help="the evaluation node (public benchmarks)")
@@ -202,36 +213,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="a benchmark spec, repeat for several (see `fedfer evaluate --help`)")
     p.add_argument("--data-dir", default=None, help="root for synthetic benchmarks (optional)")
     p.add_argument("--runtime-port", type=int, default=None)
-    common(p)
+    _common(p)
     p.set_defaults(func=_wrap(_cmd_evaluator))
 
+
+def _add_maintenance_steps(dsub: argparse._SubParsersAction) -> None:
+    """The steps on an existing deployment: certificates, node registration, status, a local start."""
     p = dsub.add_parser("renew-cert", help="re-issue the SuperLink certificate from the CA (more --san, or expiry)")
     p.add_argument("--san", action="append", default=[], metavar="NAME")
-    common(p)
+    _common(p)
     p.set_defaults(func=_wrap(_cmd_renew_cert))
 
-    p = dsub.add_parser("register", help="register a node created while the SuperLink was not running")
-    p.add_argument("name")
-    common(p)
-    p.set_defaults(func=_wrap(_cmd_register))
-
-    p = dsub.add_parser("revoke", help="unregister a node: the SuperLink refuses its key")
-    p.add_argument("name")
-    common(p)
-    p.set_defaults(func=_wrap(_cmd_revoke))
-
-    p = dsub.add_parser("rotate", help="new node key: register it, unregister the old one")
-    p.add_argument("name")
-    common(p)
-    p.set_defaults(func=_wrap(_cmd_rotate))
+    for name, help_text, handler in (
+            ("register", "register a node created while the SuperLink was not running", _cmd_register),
+            ("revoke", "unregister a node: the SuperLink refuses its key", _cmd_revoke),
+            ("rotate", "new node key: register it, unregister the old one", _cmd_rotate)):
+        p = dsub.add_parser(name, help=help_text)
+        p.add_argument("name")
+        _common(p)
+        p.set_defaults(func=_wrap(handler))
 
     p = dsub.add_parser("status", help="check credentials and show every node (and Flower's online view)")
     p.add_argument("--json", action="store_true")
-    common(p)
+    _common(p)
     p.set_defaults(func=_wrap(_cmd_status))
 
     p = dsub.add_parser("up", help="start the SuperLink and all nodes on this machine (one-machine trial)")
-    common(p)
+    _common(p)
     p.set_defaults(func=_wrap(_cmd_up))
-
-    deploy.set_defaults(func=lambda args: (deploy.print_help(), 2)[1])

@@ -16,17 +16,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     a = psub.add_parser("audit", help="recompute every school's ε from its ledger; verify hashes, chain, signatures",
                         description="Recompute ε from the raw ledger entries (never trusting stored ε), verify hashes, "
-                                    "prev_hash chain and Ed25519 signatures, compare with budgets. Exit 0 intact and "
-                                    "within budget, 1 over budget, 2 tampered, inconsistent or unreadable.")
+                                    "prev_hash chain and Ed25519 signatures against an independent keyring (--keys), "
+                                    "compare with each school's policy budget, check the server's anchors. Exit 0 "
+                                    "intact and within budget, 1 over budget, 2 tampered, inconsistent or unreadable.")
     a.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR|LEDGER.jsonl",
-                   help="a run directory (<run>/ledger/<school>.jsonl, keys in <run>/keys/<school>.pub), a school's "
-                        "state directory or ledger.jsonl, or ledger files")
+                   help="a run directory (<run>/ledger/<school>.jsonl), a school's state directory or ledger.jsonl, "
+                        "or ledger files")
     a.add_argument("--keys", type=Path, default=None, metavar="DIR",
-                   help="trusted keyring <DIR>/<school>.pub (overrides keys stored beside the ledgers)")
+                   help="independent keyring <DIR>/<school>.pub: the ledger keys registered at enrollment "
+                        "(deploy/keys); school policies are read beside it (<DIR>/<school>.policy.json or "
+                        "<DIR>/../nodes/<school>/node-config.toml)")
+    a.add_argument("--trust-run-keys", action="store_true",
+                   help="also accept keys stored in the run (<run>/keys) or beside a school's ledger; whoever "
+                        "wrote the run can swap those, so a swapped key and re-signed entries pass")
+    a.add_argument("--anchors", type=Path, default=None, metavar="DIR",
+                   help="the server's ledger anchors (default <run.root>/anchors beside each run directory)")
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a.add_argument("--every-entry", action="store_true",
                    help="check every entry's stored ε against PRV (default: the last per dataset; RDP for all)")
-    a.add_argument("--budget", type=float, default=None, help="compare with this ε budget instead of the ledger's")
+    a.add_argument("--budget", type=float, default=None,
+                   help="compare every school with this ε budget (default: each school's policy; never the "
+                        "budget an entry declares)")
     a.set_defaults(func=_audit)
 
     pl = psub.add_parser("plan", help="noise multiplier for a target ε, and the ε-per-round curve",
@@ -76,7 +86,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _audit(args: argparse.Namespace) -> int:
     from privacy.audit import format_table, run_audit
 
-    report = run_audit(args.paths, args.keys, every_entry=args.every_entry, budget_override=args.budget)
+    if args.keys is None and not args.trust_run_keys:
+        print("fedfer privacy audit: give --keys DIR (the ledger keys registered at enrollment, e.g. deploy/keys), "
+              "or --trust-run-keys to verify against keys stored in the run", file=sys.stderr)
+        return 2
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget >= 0):
+        print(f"fedfer privacy audit: --budget must be a finite number >= 0, got {args.budget}", file=sys.stderr)
+        return 2
+    report = run_audit(args.paths, args.keys, every_entry=args.every_entry, budget_override=args.budget,
+                       trust_run_keys=args.trust_run_keys, anchors_dir=args.anchors)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -27,14 +27,16 @@ Splits: ``train`` = Training, ``val`` = PublicTest (FER2013Valid), ``test`` = Pr
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from shared_models.datasets.base import (
     Benchmark, BenchmarkError, Collected, PixelArray, require_file, resolve_split,
 )
-from shared_models.datasets.fer2013 import SPLITS, parse_pixels, read_rows
+from shared_models.datasets.fer2013 import SPLITS, Row, parse_pixels, read_rows
 from shared_models.labels import FER8
 
 #: FERPlus vote columns, in file order.
@@ -105,7 +107,6 @@ def open_ferplus(path: Path, *, name: str = "ferplus", split: str | None = None,
         path = path / "fer2013new.csv"
     require_file(path, "FERPlus vote file fer2013new.csv")
     split_name, usages = resolve_split(name, split, SPLITS, DEFAULT_SPLIT)
-    wanted = set(usages)
     if pixels is None:
         kind, source_path = _find_pixel_source(path)
     else:
@@ -113,31 +114,61 @@ def open_ferplus(path: Path, *, name: str = "ferplus", split: str | None = None,
         kind, source_path = ("csv", pixels) if pixels.is_file() else ("folders", pixels)
 
     pixel_rows = read_rows(source_path, need_emotion=False) if kind == "csv" else None
-    collected = Collected()
-    faces: list[np.ndarray] = []
-    where: list[str] = []
-    soft: list[np.ndarray] = []
-    skipped: list[tuple[str, str]] = []
-    side: int | None = None
+    rows = _read_vote_rows(path, _PixelSource(kind, source_path, pixel_rows), set(usages), mode)
+    notes = (f"split {split_name} = Usage {'+'.join(usages)}", f"labels: FERPlus {mode} rule",
+             f"pixels from {source_path}")
+    if kind == "csv":
+        array = np.stack(rows.faces) if rows.faces else np.zeros((0, 48, 48), np.uint8)
+        bench = Benchmark(
+            name=name, labels=FER8, targets=rows.collected.targets, split=split_name, path=path,
+            source=PixelArray(array, rows.where), metadata=rows.collected.metadata, skipped=rows.skipped,
+            dropped=rows.collected.dropped, notes=notes,
+        )
+        bench.soft_targets = np.array(rows.soft).reshape(-1, len(FER8))
+        return bench
+    # image folders: probe files, then keep the soft targets of the readable ones
+    rows.collected.metadata["_soft"] = rows.soft
+    bench = rows.collected.build_images(name=name, labels=FER8, split=split_name, path=path,
+                                        check_images=check_images, notes=notes)
+    bench.soft_targets = np.array(bench.metadata.pop("_soft")).reshape(-1, len(FER8))
+    return bench
 
+
+@dataclass
+class _PixelSource:
+    """Where the faces come from: ``fer2013.csv`` rows read in step with the vote file ("csv"), or
+    the FERPlus PNG folders ("folders", `rows` None)."""
+
+    kind: str
+    path: Path
+    rows: Iterator[Row] | None
+
+
+@dataclass
+class _VoteRows:
+    """What the vote file yields: the kept rows (`collected`), their faces and where each came from
+    (CSV pixels only), vote distributions, and the faces whose pixels could not be parsed."""
+
+    collected: Collected = field(default_factory=Collected)
+    faces: list[np.ndarray] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    soft: list[np.ndarray] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    side: int | None = None      # the side of the first parsed face; every face must match it
+
+
+def _read_vote_rows(path: Path, source: _PixelSource, wanted: set[str], mode: str) -> _VoteRows:
+    """Every row of ``fer2013new.csv``: checked (column count, Usage, agreement with the pixel file's
+    row), then kept if its Usage is wanted and its votes give a label under `mode`."""
+    rows = _VoteRows()
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise BenchmarkError(f"{path}: empty file (expected header Usage,Image name,{','.join(VOTE_COLUMNS)})")
-        columns = {h.strip().lower(): i for i, h in enumerate(header)}
-        for needed in ("Usage", "Image name") + VOTE_COLUMNS:
-            if needed.lower() not in columns:
-                raise BenchmarkError(f"{path}:1: missing column '{needed}' (header: {','.join(header)})")
-        i_use, i_name = columns["usage"], columns["image name"]
-        i_votes = [columns[c.lower()] for c in VOTE_COLUMNS]
+        header, i_use, i_name, i_votes = _read_header(reader, path)
         for fields in reader:
             if not fields:
                 continue
             line = reader.line_num
-            pixel_row = next(pixel_rows, None) if pixel_rows is not None else None
-            if pixel_rows is not None and pixel_row is None:
-                raise BenchmarkError(f"{source_path}: fewer rows than {path} (ran out at {path.name} line {line})")
+            pixel_row = _next_pixel_row(source, path, line)
             if len(fields) != len(header):
                 raise BenchmarkError(f"{path}:{line}: expected {len(header)} columns, got {len(fields)}")
             usage = fields[i_use].strip()
@@ -145,63 +176,87 @@ def open_ferplus(path: Path, *, name: str = "ferplus", split: str | None = None,
                 raise BenchmarkError(f"{path}:{line}: unknown Usage '{usage}' (expected Training, PublicTest, PrivateTest)")
             if pixel_row is not None and pixel_row.usage is not None and pixel_row.usage != usage:
                 raise BenchmarkError(
-                    f"{path}:{line}: Usage '{usage}' but {source_path.name} line {pixel_row.line} says "
+                    f"{path}:{line}: Usage '{usage}' but {source.path.name} line {pixel_row.line} says "
                     f"'{pixel_row.usage}' — the two files must have the same rows in the same order"
                 )
             if usage not in wanted:
                 continue
-            votes = np.empty(len(VOTE_COLUMNS), dtype=np.int64)
-            for k, (column, i) in enumerate(zip(VOTE_COLUMNS, i_votes)):
-                try:
-                    votes[k] = int(fields[i].strip())
-                except ValueError:
-                    votes[k] = -1
-                if votes[k] < 0:
-                    raise BenchmarkError(
-                        f"{path}:{line}: column '{column}' must be a vote count >= 0, got '{fields[i]}'"
-                    )
-            image_name = fields[i_name].strip()
-            if mode == "majority":
-                ferplus_index = majority_label(votes)
-                if ferplus_index is None:
-                    collected.drop("unknown, NF or no majority")
-                    continue
-            else:
-                if votes[:8].sum() == 0:
-                    collected.drop("no emotion votes")
-                    continue
-                ferplus_index = int(np.argmax(votes[:8]))
-            label = FERPLUS_TO_FER8[ferplus_index]
-            if kind == "csv":
-                face, why = parse_pixels(pixel_row.pixels, side)  # type: ignore[union-attr]
-                if face is None:
-                    skipped.append((f"{source_path}:{pixel_row.line}", why))  # type: ignore[union-attr]
-                    continue
-                side = face.shape[0]
-                faces.append(face)
-                where.append(f"{source_path}:{pixel_row.line}")  # type: ignore[union-attr]
-                collected.add(f"{path}:{line}", label, image=image_name, usage=usage)
-            else:
-                if not image_name:
-                    collected.drop("no image name (no PNG written)")
-                    continue
-                collected.add(source_path / FOLDERS[usage] / image_name, label, image=image_name, usage=usage)
-            soft.append(_vote_distribution(votes))
+            votes = _parse_votes(fields, i_votes, path, line)
+            ferplus_index = _label_index(votes, mode, rows.collected)
+            if ferplus_index is None:
+                continue
+            if _keep_face(rows, source, pixel_row, f"{path}:{line}", FERPLUS_TO_FER8[ferplus_index],
+                          fields[i_name].strip(), usage):
+                rows.soft.append(_vote_distribution(votes))
+    return rows
 
-    notes = (f"split {split_name} = Usage {'+'.join(usages)}", f"labels: FERPlus {mode} rule",
-             f"pixels from {source_path}")
-    if kind == "csv":
-        array = np.stack(faces) if faces else np.zeros((0, 48, 48), np.uint8)
-        bench = Benchmark(
-            name=name, labels=FER8, targets=collected.targets, split=split_name, path=path,
-            source=PixelArray(array, where), metadata=collected.metadata, skipped=skipped,
-            dropped=collected.dropped, notes=notes,
-        )
-        bench.soft_targets = np.array(soft).reshape(-1, len(FER8))
-        return bench
-    # image folders: probe files, then keep the soft targets of the readable ones
-    collected.metadata["_soft"] = soft
-    bench = collected.build_images(name=name, labels=FER8, split=split_name, path=path,
-                                   check_images=check_images, notes=notes)
-    bench.soft_targets = np.array(bench.metadata.pop("_soft")).reshape(-1, len(FER8))
-    return bench
+
+def _read_header(reader: Any, path: Path) -> tuple[list[str], int, int, list[int]]:
+    """The header row and the positions of Usage, Image name and the vote columns (any order, any case)."""
+    header = next(reader, None)
+    if header is None:
+        raise BenchmarkError(f"{path}: empty file (expected header Usage,Image name,{','.join(VOTE_COLUMNS)})")
+    columns = {h.strip().lower(): i for i, h in enumerate(header)}
+    for needed in ("Usage", "Image name") + VOTE_COLUMNS:
+        if needed.lower() not in columns:
+            raise BenchmarkError(f"{path}:1: missing column '{needed}' (header: {','.join(header)})")
+    return header, columns["usage"], columns["image name"], [columns[c.lower()] for c in VOTE_COLUMNS]
+
+
+def _next_pixel_row(source: _PixelSource, path: Path, line: int) -> Row | None:
+    """The pixel file's row for this vote row (files matched by position); None for image folders."""
+    if source.rows is None:
+        return None
+    pixel_row = next(source.rows, None)
+    if pixel_row is None:
+        raise BenchmarkError(f"{source.path}: fewer rows than {path} (ran out at {path.name} line {line})")
+    return pixel_row
+
+
+def _parse_votes(fields: list[str], i_votes: list[int], path: Path, line: int) -> np.ndarray:
+    """The ten vote counts of a row, in VOTE_COLUMNS order; a non-integer or negative count is an error."""
+    votes = np.empty(len(VOTE_COLUMNS), dtype=np.int64)
+    for k, (column, i) in enumerate(zip(VOTE_COLUMNS, i_votes)):
+        try:
+            votes[k] = int(fields[i].strip())
+        except ValueError:
+            votes[k] = -1
+        if votes[k] < 0:
+            raise BenchmarkError(
+                f"{path}:{line}: column '{column}' must be a vote count >= 0, got '{fields[i]}'"
+            )
+    return votes
+
+
+def _label_index(votes: np.ndarray, mode: str, collected: Collected) -> int | None:
+    """The FERPlus emotion index under `mode`, or None (counted as dropped) when the row has none."""
+    if mode == "majority":
+        ferplus_index = majority_label(votes)
+        if ferplus_index is None:
+            collected.drop("unknown, NF or no majority")
+        return ferplus_index
+    if votes[:8].sum() == 0:
+        collected.drop("no emotion votes")
+        return None
+    return int(np.argmax(votes[:8]))
+
+
+def _keep_face(rows: _VoteRows, source: _PixelSource, pixel_row: Row | None, where: str, label: int,
+               image_name: str, usage: str) -> bool:
+    """Add the row's face: its parsed CSV pixels, or its PNG path in the Usage's folder. False when
+    it has none (unparseable pixels are skipped, a row without an image name is dropped)."""
+    if source.kind == "csv":
+        face, why = parse_pixels(pixel_row.pixels, rows.side)  # type: ignore[union-attr]
+        if face is None:
+            rows.skipped.append((f"{source.path}:{pixel_row.line}", why))  # type: ignore[union-attr]
+            return False
+        rows.side = face.shape[0]
+        rows.faces.append(face)
+        rows.where.append(f"{source.path}:{pixel_row.line}")  # type: ignore[union-attr]
+        rows.collected.add(where, label, image=image_name, usage=usage)
+        return True
+    if not image_name:
+        rows.collected.drop("no image name (no PNG written)")
+        return False
+    rows.collected.add(source.path / FOLDERS[usage] / image_name, label, image=image_name, usage=usage)
+    return True

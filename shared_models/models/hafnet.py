@@ -1,6 +1,6 @@
 """HAFNet (seed paper 000) = DAN's structure (yaoing/DAN networks/dan.py), made trainable under DP-SGD.
 
-Parts and where they come from (research/model-facts.md section 1):
+Parts and where they come from (DAN: Wen et al., arXiv 2109.07270; code yaoing/DAN networks/dan.py):
 
 - **Backbone**: ResNet-18 without avgpool/fc (`backbones.resnet.ResNet18`), 512x7x7 at 224 px.
 - **Feature Clustering Network (FCN)**: the affinity loss pulls GAP(backbone) features towards learnable

@@ -10,7 +10,7 @@
            F_dl = GAP(R_out)                                           (512-d)
     F_t = concat(F_m, F_dl) -> Linear -> logits;  loss = cross-entropy (per sample).
 
-Choices the paper leaves open (documented, see research/model-facts.md section 2):
+Choices the paper leaves open (filled in from CBAM, Woo et al. 2018, and BiFormer, Zhu et al. 2023):
 - MLP reduction ratio: CBAM's 16 (hidden width never below 4).
 - Heads in the attention: head width 32 as in BiFormer (16 heads at 512 channels). The attention scale
   is head_dim^-0.5 as in the paper's Eq. (11); BiFormer's legacy code uses qk_dim^-0.5 instead.

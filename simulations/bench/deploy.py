@@ -419,7 +419,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
           "one round = train at every node + evaluate at one node")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench.deploy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
@@ -434,21 +434,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="--app fedfer: extra run-config (e.g. train.local_epochs=1)")
     parser.add_argument("--max-load", type=float, default=None,
                         help="before each mode wait (60 s steps, 10 at most) for the 1-min load average to drop to this")
-    args = parser.parse_args(argv)
-    global IDLE_POLL_S
-    IDLE_POLL_S = args.idle_poll
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        if mode not in MODES:
-            parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
+    return parser
+
+
+def _extra_run_config(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as a run-config dict (values parsed as JSON where they are JSON)."""
     extra: dict[str, Any] = {}
-    for item in args.set:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--set {item!r}: expected KEY=VALUE")
         extra[key.strip()] = json.loads(value) if _is_json(value) else value
+    return extra
+
+
+def _measure_modes(args: argparse.Namespace, modes: list[str], extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """One deployment per mode in a temp dir (removed afterwards unless --keep), with the load around it."""
     work = Path(tempfile.mkdtemp(prefix="fedfer-bench-deploy-"))
     results = []
     try:
@@ -469,9 +470,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench_deploy] kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print_table(results)
-    import flwr
+    return results
 
+
+def _run_entry(args: argparse.Namespace, argv: list[str] | None, results: list[dict[str, Any]],
+               extra: dict[str, Any]) -> dict[str, Any]:
+    """This invocation as one entry of the result file's `runs`: command, date, results (and the real
+    apps' setup, which differs from the toy setup at the top of the file)."""
     run: dict[str, Any] = {
         "command": "python -m simulations.bench.deploy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -488,6 +493,13 @@ def main(argv: list[str] | None = None) -> int:
                         "overhead": "timing.round_seconds - max(max school train-seconds, compute of the evaluation "
                                     "running concurrently) - compute of an evaluation not run concurrently",
                         "run_config": real_overrides(args.nodes, args.rounds, extra)}
+    return run
+
+
+def _write_record(args: argparse.Namespace, run: dict[str, Any]) -> Path:
+    """Write --out: machine, toy setup and runs (with --append, after the runs already there)."""
+    import flwr
+
     record = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "flwr": flwr.__version__,
                     "note": "shared 2-core machine; other jobs running (see load_avg_before per mode)"},
@@ -506,6 +518,24 @@ def main(argv: list[str] | None = None) -> int:
     record["runs"].append(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    global IDLE_POLL_S
+    IDLE_POLL_S = args.idle_poll
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
+    extra = _extra_run_config(parser, args.set)
+    results = _measure_modes(args, modes, extra)
+    print_table(results)
+    out = _write_record(args, _run_entry(args, argv, results, extra))
     print(f"[bench_deploy] wrote {out}")
     return 0
 

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from simulations.bench.results import write_result
 
@@ -53,7 +54,7 @@ def _rss_mb() -> float:
 
 
 def _worker(cfg: dict) -> dict:
-    import resource
+    """Measure one configuration (run in its own process by `_run`): build, pick the step, time it."""
     import warnings
 
     import torch
@@ -69,99 +70,124 @@ def _worker(cfg: dict) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
     y = torch.randint(0, 7, (batch,), generator=g)
-    channels_last = mode == "dp-hooks-cl" or mode == "plain-cl"
-    if channels_last:
+    if mode == "dp-hooks-cl" or mode == "plain-cl":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
-    dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
     result: dict = {}
+    step = _training_step(mode, model, x, y, result)
+    result.update(_time_steps(step, cfg["steps"], cfg["warmup"], batch))
+    return result
 
+
+def _training_step(mode: str, model, x, y, result: dict) -> Callable[[], None]:  # type: ignore[no-untyped-def]
+    """One optimizer step of `mode` on the fixed batch (x, y); checks a mode makes go into `result`."""
+    import torch
+
+    from shared_models.models import registry
+
+    dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(x))
     if mode.startswith("plain"):
-        net, opt = model, sgd
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            registry.per_sample_loss(net, net(x), y).mean().backward()
-            opt.step()
+        net, opt = model, torch.optim.SGD(model.parameters(), lr=0.01)
     elif mode in ("dp-hooks", "dp-functorch", "dp-stock", "dp-hooks-cl", "dp-hooks-malloc"):
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
-        if mode == "dp-stock":  # turn fedfer's layers back into the torch classes they extend
-            from shared_models.models import dp_layers
-
-            for m in model.modules():
-                if type(m) is dp_layers.GroupedConv2d:
-                    m.__class__ = torch.nn.Conv2d
-                elif type(m) is dp_layers.PReLU:
-                    m.__class__ = torch.nn.PReLU
-        net = GradSampleModule(model, force_functorch=mode == "dp-functorch")
-        opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), **dp)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            registry.per_sample_loss(net, net(x), y).mean().backward()
-            opt.step()
-
-        if mode == "dp-hooks-cl":  # are the per-sample gradients still right?
-            net.zero_grad(set_to_none=True)
-            registry.per_sample_loss(net, net(x), y).mean().backward()
-            got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
-            opt.zero_grad(set_to_none=True)
-            xc = x.contiguous()
-            registry.per_sample_loss(net, net(xc), y).mean().backward()
-            worst = 0.0
-            for n, p in model.named_parameters():
-                ref = p.grad_sample
-                worst = max(worst, float((got[n] - ref).norm() / ref.norm().clamp_min(1e-12)))
-            opt.zero_grad(set_to_none=True)
-            result["grad_sample_max_rel_error_vs_contiguous"] = worst
+        net, opt = _hooks_module(mode, model, dp)
+        if mode == "dp-hooks-cl":
+            result["grad_sample_max_rel_error_vs_contiguous"] = _channels_last_grad_error(net, opt, model, x, y)
     elif mode == "dp-ghost":
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        from opacus.optimizers import DPOptimizerFastGradientClipping
-        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-
-        net = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, use_ghost_clipping=True)
-        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(net.parameters(), lr=0.01), **dp)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            DPTensorFastGradientClipping(net, opt, registry.per_sample_loss(net, net(x), y)).backward()
-            opt.step()
+        return _ghost_clipping_step(model, x, y, dp)
     elif mode == "dp-ew":
         from opacus.grad_sample import GradSampleModuleExpandedWeights
         from opacus.optimizers import DPOptimizer
 
         net = GradSampleModuleExpandedWeights(model)
         opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), **dp)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            registry.per_sample_loss(net, net(x), y).mean().backward()
-            opt.step()
     else:
         raise ValueError(f"unknown mode {mode!r}")
 
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        registry.per_sample_loss(net, net(x), y).mean().backward()
+        opt.step()
+    return step
+
+
+def _hooks_module(mode: str, model, dp: dict):  # type: ignore[no-untyped-def]
+    """Opacus' hook-based GradSampleModule (functorch-forced for dp-functorch) and its DPOptimizer."""
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    if mode == "dp-stock":  # turn fedfer's layers back into the torch classes they extend
+        from shared_models.models import dp_layers
+
+        for m in model.modules():
+            if type(m) is dp_layers.GroupedConv2d:
+                m.__class__ = torch.nn.Conv2d
+            elif type(m) is dp_layers.PReLU:
+                m.__class__ = torch.nn.PReLU
+    net = GradSampleModule(model, force_functorch=mode == "dp-functorch")
+    return net, DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), **dp)
+
+
+def _channels_last_grad_error(net, opt, model, x, y) -> float:  # type: ignore[no-untyped-def]
+    """Are the per-sample gradients still right with channels-last input? Opacus' conv sampler assumes
+    NCHW strides, so compare with the same batch made contiguous (largest relative error)."""
+    from shared_models.models import registry
+
+    net.zero_grad(set_to_none=True)
+    registry.per_sample_loss(net, net(x), y).mean().backward()
+    got = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    opt.zero_grad(set_to_none=True)
+    xc = x.contiguous()
+    registry.per_sample_loss(net, net(xc), y).mean().backward()
+    worst = 0.0
+    for n, p in model.named_parameters():
+        ref = p.grad_sample
+        worst = max(worst, float((got[n] - ref).norm() / ref.norm().clamp_min(1e-12)))
+    opt.zero_grad(set_to_none=True)
+    return worst
+
+
+def _ghost_clipping_step(model, x, y, dp: dict) -> Callable[[], None]:  # type: ignore[no-untyped-def]
+    """Opacus fast gradient (ghost) clipping: its own module, optimizer and loss wrapper."""
+    import torch
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+    from shared_models.models import registry
+
+    net = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, use_ghost_clipping=True)
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(net.parameters(), lr=0.01), **dp)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        DPTensorFastGradientClipping(net, opt, registry.per_sample_loss(net, net(x), y)).backward()
+        opt.step()
+    return step
+
+
+def _time_steps(step: Callable[[], None], steps: int, warmup: int, batch: int) -> dict:
+    """Median wall and CPU time per step after `warmup` steps, peak RSS, RSS growth and page faults."""
+    import resource
+
     rss_before = _rss_mb()
     walls, cpus, faults = [], [], []
-    for i in range(cfg["steps"] + cfg["warmup"]):
+    for i in range(steps + warmup):
         w, c = time.perf_counter(), time.process_time()
         f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
-        if i >= cfg["warmup"]:
+        if i >= warmup:
             walls.append(time.perf_counter() - w)
             cpus.append(time.process_time() - c)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     wall, cpu = statistics.median(walls), statistics.median(cpus)
-    result.update({
+    return {
         "step_ms_wall": round(wall * 1e3, 1), "step_ms_cpu": round(cpu * 1e3, 1),
         "samples_per_s_wall": round(batch / wall, 1), "samples_per_s_cpu": round(batch / cpu, 1),
         "peak_rss_mb": round(peak, 1), "train_rss_growth_mb": round(peak - rss_before, 1),
         "page_faults_per_step": int(statistics.median(faults)),
-    })
-    return result
+    }
 
 
 def _run(cfg: dict, timeout: float) -> dict:
@@ -249,7 +275,7 @@ def _load() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="hafnet,sfer_mdfae")
     parser.add_argument("--preset", default="cpu")
@@ -264,23 +290,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="rebuild the table and summary of an earlier output from its stored results "
                              "(no measuring), e.g. after a change to how ratios are shown")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(_worker(json.loads(args.worker))))
-        return 0
-    if args.rerender is not None:
-        report = json.loads(Path(args.rerender).read_text())
-        report.pop("summary_dp_hooks", None)
-        for r in report["results"]:
-            r.setdefault("page_faults_per_step", -1)
-        table = _table(report["results"])
-        report["summary_dp_vs_plain"] = _summary(report["results"])
-        report["table"] = table.splitlines()
-        report["rerendered"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(table)
-        return 0
+    return parser
 
+
+def _rerender(source: str, out: str) -> None:
+    """Rebuild the table and summary of an earlier result file from its stored rows (no measuring)."""
+    report = json.loads(Path(source).read_text())
+    report.pop("summary_dp_hooks", None)
+    for r in report["results"]:
+        r.setdefault("page_faults_per_step", -1)
+    table = _table(report["results"])
+    report["summary_dp_vs_plain"] = _summary(report["results"])
+    report["table"] = table.splitlines()
+    report["rerendered"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table)
+
+
+def _measure_all(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Run every planned configuration in its own process, print the table and write the result file."""
     import opacus
     import torch
 
@@ -311,6 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = write_result(args.out, report, module="simulations.bench.models", argv=argv)
     print(f"\nwrote {out} (load average {load_start[0]:.1f} -> {_load()[0]:.1f} on {os.cpu_count()} cpus)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(_worker(json.loads(args.worker))))
+    elif args.rerender is not None:
+        _rerender(args.rerender, args.out)
+    else:
+        _measure_all(args, argv)
     return 0
 
 

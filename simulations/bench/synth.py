@@ -30,7 +30,7 @@ def _measure(label: str, build, images: int) -> dict[str, float | int | str]:  #
             "images_per_s_wall": round(images / wall, 1), "images_per_s_cpu": round(images / cpu, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schools", type=int, default=2)
     parser.add_argument("--students", type=int, default=48, help="mean students per school")
@@ -43,7 +43,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/synth.json")
     parser.add_argument("--dir", default="", help="scratch parent folder (default: beside the real cache, "
                         "~/.cache/fedfer, because file-creation cost differs between folders)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _measure_whole_dataset(root: Path, params: synth.SynthParams, workers: int) -> dict[str, float | int | str]:
+    """The whole dataset as the commands build it: parts side by side in `workers` processes. CPU time
+    here is the children's as well as this process's."""
+    images_all = sum(synth.school_image_count(params, i) for i in range(params.schools)) + synth.public_image_count(params)
+    wall0, t0 = time.perf_counter(), os.times()
+    synth.ensure_dataset(root, params, workers=workers)
+    wall, t1 = time.perf_counter() - wall0, os.times()
+    cpu = (t1.user + t1.system + t1.children_user + t1.children_system) - (t0.user + t0.system + t0.children_user + t0.children_system)
+    return {"part": f"dataset, {workers} processes", "images": images_all, "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3), "images_per_s_wall": round(images_all / wall, 1),
+            "images_per_s_cpu": round(images_all / max(cpu, 1e-9), 1)}
+
+
+def _schools_total(rows: list[dict[str, float | int | str]], size: int) -> dict[str, float | int | str]:
+    """The school rows summed into one row (the public split draws at another size, so it stays out)."""
+    school_rows = [r for r in rows if str(r["part"]).startswith("school-")]
+    images = sum(int(r["images"]) for r in school_rows)
+    wall = sum(float(r["wall_s"]) for r in school_rows)
+    cpu = sum(float(r["cpu_s"]) for r in school_rows)
+    return {"part": f"schools total ({size}x{size})", "images": images, "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3), "images_per_s_wall": round(images / wall, 1),
+            "images_per_s_cpu": round(images / cpu, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     params = synth.SynthParams(schools=args.schools, students_per_school=args.students,
                                frames_per_student=args.frames, public_students=args.public,
                                image_size=args.size, clips_per_student=args.clips, seed=7)
@@ -57,26 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                                  synth.school_image_count(params, i)))
         rows.append(_measure("public (100px + 48px csv)", lambda: synth.ensure_public(tmp, params),
                              synth.public_image_count(params)))
-        # The whole dataset as the commands build it: parts side by side in `workers` processes. CPU
-        # time here is the children's as well as this process's.
-        whole = tmp / "whole"
-        images_all = sum(synth.school_image_count(params, i) for i in range(params.schools)) + synth.public_image_count(params)
-        wall0, t0 = time.perf_counter(), os.times()
-        synth.ensure_dataset(whole, params, workers=args.workers)
-        wall, t1 = time.perf_counter() - wall0, os.times()
-        cpu = (t1.user + t1.system + t1.children_user + t1.children_system) - (t0.user + t0.system + t0.children_user + t0.children_system)
-        whole_row = {"part": f"dataset, {args.workers} processes", "images": images_all, "wall_s": round(wall, 3),
-                     "cpu_s": round(cpu, 3), "images_per_s_wall": round(images_all / wall, 1),
-                     "images_per_s_cpu": round(images_all / max(cpu, 1e-9), 1)}
+        whole_row = _measure_whole_dataset(tmp / "whole", params, args.workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    school_rows = [r for r in rows if str(r["part"]).startswith("school-")]
-    images = sum(int(r["images"]) for r in school_rows)
-    wall = sum(float(r["wall_s"]) for r in school_rows)
-    cpu = sum(float(r["cpu_s"]) for r in school_rows)
-    total = {"part": f"schools total ({args.size}x{args.size})", "images": images, "wall_s": round(wall, 3),
-             "cpu_s": round(cpu, 3), "images_per_s_wall": round(images / wall, 1),
-             "images_per_s_cpu": round(images / cpu, 1)}
+    total = _schools_total(rows, args.size)
     rows.append(total)
     rows.append(whole_row)
     print(f"{'part':<28} {'images':>7} {'wall s':>8} {'cpu s':>8} {'img/s wall':>11} {'img/s cpu':>10}")

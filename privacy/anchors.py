@@ -1,0 +1,188 @@
+"""The server's anchor of each school's ledger across runs: ``<run.root>/anchors/<school>.json``.
+
+A hash chain shows edits, but not a deleted tail or a chain started afresh: a school whose state
+directory was wiped (its key kept) signs a new chain from genesis with an empty history, and on its own
+that chain is valid. The server therefore keeps, outside any single run, what it has verified of each
+school's chain, per signing key (a new key is a new identity: re-enrolment, or a simulated school):
+
+    {"school": S, "chains": {<key id>: {"public_key": PEM, "head": last verified hash, "count": entries,
+        "histories": {dataset: [[σ, q, steps], …] after the head},
+        "runs": [{"run_id": R, "hashes": [...], "histories_after": {...}}, …in the order first seen]}}}
+
+Before a school's first entry of a new run is stored, :func:`check_continues` compares it with the
+anchor; after entries are stored, :func:`update_anchor` moves the anchor (written crash-safely, under a
+lock). ``fedfer privacy audit`` reads the same files (:func:`audit_against_anchor`) to report truncated
+tails and restarted chains.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from privacy.atomic_files import atomic_write_text, locked
+from privacy.ledger import GENESIS_HASH, LedgerError, _check_school_name, history_key
+from privacy.signing import key_id, public_key_pem
+
+ANCHOR_DIR = "anchors"
+
+
+def anchors_dir_of_run(run_dir: Path) -> Path:
+    """Anchors live beside the runs: ``<run.root>/anchors`` for ``<run.root>/<run id>``."""
+    return Path(run_dir).resolve().parent / ANCHOR_DIR
+
+
+def anchor_path(anchors_dir: Path, school_id: str) -> Path:
+    _check_school_name(school_id)
+    return Path(anchors_dir) / f"{school_id}.json"
+
+
+def load_anchors(anchors_dir: Path, school_id: str) -> dict[str, Any]:
+    path = anchor_path(anchors_dir, school_id)
+    if not path.exists():
+        return {"school": school_id, "chains": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LedgerError(f"{path}: anchor unreadable ({exc})") from None
+    if not isinstance(data, dict) or data.get("school") != school_id or not isinstance(data.get("chains"), dict):
+        raise LedgerError(f"{path}: not an anchor of school {school_id}")
+    return data
+
+
+def load_chain(anchors_dir: Path, school_id: str, public_key: Ed25519PublicKey) -> dict[str, Any] | None:
+    """The anchored chain of this school under this key (None: never anchored)."""
+    return load_anchors(anchors_dir, school_id)["chains"].get(key_id(public_key))
+
+
+def _dominates(history: Sequence, anchored: Sequence) -> bool:
+    """Every (σ, q) the anchor knows has at least as many steps in `history`."""
+    have = history_key(history)
+    return all(have.get(k, 0) >= n for k, n in history_key(anchored).items())
+
+
+@dataclass
+class AnchorCheck:
+    problem: str = ""      # non-empty: reject (restarted, truncated, history reset)
+    kind: str = ""         # restarted-chain | truncated-tail | history-reset | gap
+    note: str = ""         # accepted, but worth an event (entries the server never saw)
+
+
+def check_continues(chain: Mapping[str, Any] | None, entry: Mapping[str, Any]) -> AnchorCheck:
+    """Does `entry` (a school's first entry of a run) continue what the server anchored?"""
+    if not chain or int(chain.get("count", 0)) == 0:
+        return AnchorCheck()
+    head, count = str(chain["head"]), int(chain["count"])
+    prev = str(entry.get("prev_hash", ""))
+    fp = str(entry.get("dataset_fingerprint", ""))
+    anchored_history = chain.get("histories", {}).get(fp)
+    before = entry.get("history_before", [])
+    if prev == GENESIS_HASH:
+        return AnchorCheck(f"ledger restarted at genesis, but the server anchored {count} earlier entries of this "
+                           f"school (head {head[:12]}…): its state was wiped or replaced", "restarted-chain")
+    seen = [h for run in chain.get("runs", []) for h in run.get("hashes", [])]
+    if prev == head:
+        if anchored_history is not None and history_key(before) != history_key(anchored_history):
+            return AnchorCheck(f"history_before {before} does not continue the anchored history {anchored_history}",
+                               "history-reset")
+        return AnchorCheck()
+    if prev in seen:
+        position = seen.index(prev) + 1
+        return AnchorCheck(f"ledger continues from anchored entry {position} of {count}: the {count - position} "
+                           f"later entries the server verified are missing from the school's ledger", "truncated-tail")
+    if anchored_history is not None and not _dominates(before, anchored_history):
+        return AnchorCheck(f"history_before {before} has less spending than the anchored history {anchored_history}",
+                           "history-reset")
+    return AnchorCheck(note=f"continues from an entry the server never received (anchored head {head[:12]}…, "
+                            f"prev_hash {prev[:12]}…); its spending includes the anchored history", kind="gap")
+
+
+def _history_after(entry: Mapping[str, Any]) -> list[list]:
+    after = dict(history_key(entry["history_before"]))
+    if entry["event"] == "round":
+        for k, n in history_key([(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])]).items():
+            after[k] = after.get(k, 0) + n
+    return [[s, q, n] for (s, q), n in after.items()]
+
+
+def update_anchor(anchors_dir: Path, school_id: str, public_key: Ed25519PublicKey,
+                  run_entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Set the anchor of this school's chain to the verified entries of one run (all of them as stored in
+    the run copy: idempotent, so a crash between the copy and the anchor heals on the next reply)."""
+    if not run_entries:
+        raise ValueError("no entries to anchor")
+    path = anchor_path(anchors_dir, school_id)
+    with locked(path):
+        data = load_anchors(anchors_dir, school_id)
+        chain = data["chains"].setdefault(key_id(public_key), {"public_key": public_key_pem(public_key), "head": "",
+                                                                "count": 0, "histories": {}, "runs": []})
+        run_id = str(run_entries[0]["run_id"])
+        runs = chain["runs"]
+        record = next((r for r in runs if r["run_id"] == run_id), None)
+        if record is None:
+            record = {"run_id": run_id, "hashes": [], "histories_after": {}}
+            runs.append(record)
+        known = set(record["hashes"])
+        record["hashes"] += [str(e["hash"]) for e in run_entries if e["hash"] not in known]
+        histories = dict(chain["histories"])
+        for e in run_entries:
+            histories[str(e["dataset_fingerprint"])] = _history_after(e)
+        record["histories_after"] = histories
+        if runs[-1] is record:   # the newest run moves the head; re-anchoring an older run does not
+            chain["head"] = record["hashes"][-1]
+            chain["histories"] = histories
+        chain["count"] = sum(len(r["hashes"]) for r in runs)
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return chain
+
+
+def audit_against_anchor(chain: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], *, copy_of_run: bool,
+                         where: str) -> list[str]:
+    """Problems of verified `entries` (a run copy, or a school's whole ledger) against the server's anchor.
+
+    Run copy: every entry the server anchored for that run must be in it (a truncated tail otherwise),
+    and its first entry must continue the runs anchored before it (not restart at genesis, not lose
+    spending). School ledger: every anchored entry must be in it, in order."""
+    problems: list[str] = []
+    hashes = [str(e["hash"]) for e in entries]
+    runs = list(chain.get("runs", []))
+    if copy_of_run:
+        run_id = str(entries[0]["run_id"]) if entries else ""
+        index = next((i for i, r in enumerate(runs) if r["run_id"] == run_id), None)
+        if index is None:
+            return problems
+        anchored = runs[index]["hashes"]
+        missing = [h for h in anchored if h not in hashes]
+        if missing:
+            problems.append(f"{where} line {len(hashes) + 1}: truncated tail: the server anchored {len(anchored)} entries "
+                            f"of run {run_id!r}, the copy holds {len(hashes)} ({len(missing)} missing)")
+        earlier = [h for r in runs[:index] for h in r["hashes"]]
+        if earlier and entries:
+            first = entries[0]
+            prior = runs[index - 1]
+            if first["prev_hash"] == GENESIS_HASH:
+                problems.append(f"{where} line 1: restarted chain: prev_hash is genesis, but the server anchored "
+                                f"{len(earlier)} earlier entries of this school")
+            else:
+                anchored_history = prior.get("histories_after", {}).get(first["dataset_fingerprint"])
+                if anchored_history is not None and not _dominates(first["history_before"], anchored_history):
+                    problems.append(f"{where} line 1: history reset: history_before {first['history_before']} has less "
+                                    f"spending than the anchor after run {prior['run_id']!r} ({anchored_history})")
+        return problems
+    anchored = [h for r in runs for h in r["hashes"]]
+    positions = [hashes.index(h) if h in hashes else -1 for h in anchored]
+    missing = positions.count(-1)
+    if missing == len(anchored) and anchored:
+        kind = "restarted chain" if entries and entries[0]["prev_hash"] == GENESIS_HASH else "replaced ledger"
+        problems.append(f"{where} line 1: {kind}: none of the {len(anchored)} entries the server anchored is in it")
+    elif missing:
+        last_found = max(p for p in positions if p >= 0) + 1
+        problems.append(f"{where} line {last_found + 1}: truncated tail: {missing} of the {len(anchored)} entries the "
+                        f"server anchored are missing")
+    elif positions != sorted(positions):
+        problems.append(f"{where}: anchored entries appear out of order")
+    return problems

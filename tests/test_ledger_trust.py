@@ -1,0 +1,300 @@
+"""What a privacy officer can rely on (issue 12, item 6) and the server's anchors across runs (item 3):
+
+- the audit verifies against an independent keyring (`--keys`), and refuses to trust keys stored in the
+  run unless told to (`--trust-run-keys`): a swapped key with re-signed, halved steps is caught;
+- the budget is the school's policy, not what the entries declare; δ or unit changes are reported;
+- the server anchors each school's chain across runs (<run.root>/anchors): a school whose state was wiped
+  (chain restarted at genesis, key kept) or whose ledger lost its tail is rejected with an event, and the
+  audit reports both, naming school and line.
+
+The server side is the real SchoolFedAvg ledger-verification path (`_store_ledger`), fed the ConfigRecord a
+school's reply carries.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, RecordDict
+
+from fedfer.cli import main as fedfer_main
+from privacy.accounting import SchoolAccountant, dataset_fingerprint, epsilon_of
+from privacy.ledger import GENESIS_HASH, SchoolLedger, entry_hash, record_round
+from privacy.signing import load_or_create_signing_key, public_key_pem, sign_hash
+
+SIGMA, Q, STEPS, DELTA = 1.2, 0.25, 8, 1e-5
+
+
+class School:
+    """A school's state directory: signing key, accountant, ledger."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.name, self.state = name, root / "schools" / name
+        self.key = load_or_create_signing_key(self.state)
+
+    def train(self, run_id: str, rnd: int, delta: float = DELTA, unit: str = "student") -> list[dict]:
+        """Record one round; returns the school's entries of the run (what its reply carries)."""
+        ledger = SchoolLedger(self.state, self.name, self.key)
+        acct = SchoolAccountant(self.state, self.name, dataset_fingerprint([f"{self.name},row{i}" for i in range(5)]))
+        record_round(acct, ledger, run_id=run_id, round=rnd, privacy_unit=unit, noise_multiplier=SIGMA,
+                     sample_rate=Q, steps=STEPS, max_grad_norm=1.0, delta=delta, budget=50.0)
+        return ledger.entries_for_run(run_id)
+
+    def wipe(self) -> None:
+        """Lose everything but the signing key."""
+        for path in self.state.iterdir():
+            if not path.name.startswith("signing_key"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+class Server:
+    """One run of the coordinator under `root/runs`, verifying replies as SchoolFedAvg does."""
+
+    def __init__(self, root: Path, run_name: str, schools: list[School]) -> None:
+        from server.run_dir import RunDirectory
+        from server.strategy import SchoolFedAvg
+        from shared_models.config import load_config
+
+        cfg = load_config(None, [f"run.root={root / 'runs'}", f"run.name={run_name}"])
+        self.run = RunDirectory.create(cfg)
+        self.strategy = SchoolFedAvg(cfg, self.run)
+        for school in schools:   # the key pinned at enrollment
+            self.run.key_path(school.name).parent.mkdir(parents=True, exist_ok=True)
+            self.run.key_path(school.name).write_text(public_key_pem(school.key))
+
+    def receive(self, school: School, rnd: int, run_entries: list[dict]) -> None:
+        content = RecordDict({"ledger": ConfigRecord({"entry": json.dumps(run_entries[-1]),
+                                                      "run-entries": json.dumps(run_entries)})})
+        self.strategy._store_ledger(content, school.name, rnd)
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in self.run.events_path.read_text().splitlines()] \
+            if self.run.events_path.exists() else []
+
+
+def _keyring(root: Path, schools: list[School], policies: dict[str, dict] | None = None) -> Path:
+    keys = root / "deploy" / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    for school in schools:
+        (keys / f"{school.name}.pub").write_text(public_key_pem(school.key))
+    for name, policy in (policies or {}).items():
+        (keys / f"{name}.policy.json").write_text(json.dumps(policy))
+    return keys
+
+
+def _audit(capsys, *args) -> tuple[int, str]:
+    code = fedfer_main(["privacy", "audit", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _federation(root: Path, runs: int = 2, rounds: int = 2) -> tuple[list[School], list[Server]]:
+    schools = [School(root, "school-a"), School(root, "school-b")]
+    servers = []
+    for r in range(1, runs + 1):
+        server = Server(root, f"run-{r}", schools)
+        for rnd in range(1, rounds + 1):
+            for school in schools:
+                server.receive(school, rnd, school.train(server.run.run_id, rnd))
+        servers.append(server)
+    return schools, servers
+
+
+# ----------------------------------------------------------------------------------- keyring
+def test_audit_refuses_run_keys_unless_explicitly_allowed(tmp_path, capsys):
+    schools, (server, _) = _federation(tmp_path)
+    code, out = _audit(capsys, server.run.path)
+    assert code == 2 and "--keys" in out and "--trust-run-keys" in out and len(out.strip().splitlines()) == 1, out
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    assert code == 0, out
+    code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools))
+    assert code == 0, out
+
+
+def _swap_key_and_resign_with_halved_steps(run_dir: Path, school: str) -> None:
+    """What a coordinator who can write the run directory can do: new key, every entry re-signed, steps
+    halved, ε and hashes recomputed so the copy is self-consistent."""
+    forger = Ed25519PrivateKey.generate()
+    path = run_dir / "ledger" / f"{school}.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    prev, history = entries[0]["prev_hash"], [tuple(h) for h in entries[0]["history_before"]]
+    history = [(s, q, n // 2) for s, q, n in history]
+    out = []
+    for e in entries:
+        e["steps"] //= 2
+        e["history_before"] = [list(h) for h in history]
+        history = history + [(e["noise_multiplier"], e["sample_rate"], e["steps"])]
+        e["epsilon"] = epsilon_of(history, e["delta"], "prv")
+        e["epsilon_rdp"] = epsilon_of(history, e["delta"], "rdp")
+        e["prev_hash"] = prev
+        e["hash"] = entry_hash(e)
+        e["signature"] = sign_hash(forger, e["hash"])
+        prev = e["hash"]
+        out.append(json.dumps(e))
+    path.write_text("\n".join(out) + "\n")
+    (run_dir / "keys" / f"{school}.pub").write_text(public_key_pem(forger))
+
+
+def test_key_swap_and_resign_with_halved_steps_is_caught_with_the_keyring(tmp_path, capsys):
+    schools, (first,) = _federation(tmp_path, runs=1)
+    forged = tmp_path / "elsewhere" / "run-1"   # no anchors beside it: the keyring alone must catch it
+    shutil.copytree(first.run.path, forged)
+    _swap_key_and_resign_with_halved_steps(forged, "school-a")
+    code, out = _audit(capsys, forged, "--trust-run-keys")
+    assert code == 0, out   # what trusting the run's keys gives: the forgery passes
+    code, out = _audit(capsys, forged, "--keys", _keyring(tmp_path, schools))
+    assert code == 2 and "school-a" in out and "line 1" in out and "signature" in out, out
+
+
+# ----------------------------------------------------------------------------------- policy
+def test_budget_comes_from_the_policy_not_from_entries(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools, {"school-a": {"budget": 0.5}, "school-b": {"budget": 40.0}})
+    code, out = _audit(capsys, server.run.path, "--keys", keys)   # entries declare 50
+    assert code == 1 and "OVER-BUDGET" in out and "school-a" in out, out
+    keys_no_policy = _keyring(tmp_path / "bare", schools)
+    code, out = _audit(capsys, server.run.path, "--keys", keys_no_policy)
+    assert code == 0 and "no policy budget found" in out, out
+
+
+def test_node_config_written_by_deploy_is_the_policy(tmp_path, capsys):
+    from server.deploy_layout import school_node_config, write_node_config
+
+    schools, (server,) = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools)
+    for school in schools:
+        write_node_config(keys.parent / "nodes" / school.name / "node-config.toml",
+                          school_node_config(school.name, tmp_path / "data", school.state, 0.5))
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 1 and "OVER-BUDGET" in out, out
+
+
+@pytest.mark.parametrize("change", ["delta", "unit"])
+def test_delta_or_unit_change_between_entries_is_reported(tmp_path, capsys, change):
+    school = School(tmp_path, "school-a")
+    server = Server(tmp_path, "run-1", [school])
+    server.receive(school, 1, school.train("run-1", 1))
+    kwargs = {"delta": 1e-4} if change == "delta" else {"unit": "image"}
+    server.receive(school, 2, school.train("run-1", 2, **kwargs))
+    keys = _keyring(tmp_path, [school])
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    label = "δ changes" if change == "delta" else "privacy unit changes"
+    assert code == 2 and label in out and "line 2 (school school-a)" in out, out
+    code, out = _audit(capsys, school.state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and label in out, out
+
+
+def test_policy_delta_the_entries_do_not_use_is_reported(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools, {"school-b": {"budget": 40.0, "delta": 1e-6}})
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 2 and "school-b" in out and "not the policy's" in out, out
+
+
+# ----------------------------------------------------------------------------------- anchors
+def test_server_anchors_each_school_across_runs(tmp_path):
+    schools, servers = _federation(tmp_path, runs=2)
+    anchor = json.loads((tmp_path / "runs" / "anchors" / "school-a.json").read_text())
+    (chain,) = anchor["chains"].values()
+    own = SchoolLedger(schools[0].state, "school-a", schools[0].key).entries
+    assert chain["count"] == len(own) == 4 and chain["head"] == own[-1]["hash"]
+    assert [r["run_id"] for r in chain["runs"]] == ["run-1", "run-2"]
+    assert not any(e["event"].startswith("ledger-") for s in servers for e in s.events())
+
+
+def test_wiped_school_is_rejected_and_the_audit_reports_it(tmp_path, capsys):
+    from server.validation import RejectedUpdate
+
+    schools, _ = _federation(tmp_path, runs=1)
+    school = schools[0]
+    school.wipe()
+    server = Server(tmp_path, "run-2", schools)
+    entries = school.train("run-2", 1)
+    assert entries[0]["prev_hash"] == GENESIS_HASH and entries[0]["history_before"] == []
+    with pytest.raises(RejectedUpdate, match="restarted at genesis"):
+        server.receive(school, 1, entries)
+    server.receive(schools[1], 1, schools[1].train("run-2", 1))   # the other school is unaffected
+    (event,) = [e for e in server.events() if e["event"] == "ledger-anchor"]
+    assert event["school"] == "school-a" and event["problem"] == "restarted-chain"
+    assert "school-a" in server.strategy.exhausted   # not sent training again in this run
+    assert not (server.run.path / "ledger" / "school-a.jsonl").exists()
+    keys = _keyring(tmp_path, schools)
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 2 and "school school-a" in out and "restarted-chain" in out and "line 1" in out, out
+    # the school's own (restarted) ledger, against the anchors
+    code, out = _audit(capsys, school.state, "--keys", keys, "--anchors", tmp_path / "runs" / "anchors")
+    assert code == 2 and "school-a" in out and "line 1: restarted chain" in out, out
+
+
+def test_restarted_chain_in_a_run_copy_is_caught_by_the_audit(tmp_path, capsys):
+    """A coordinator that skipped the anchor check stored a restarted chain: the audit still sees it."""
+    from privacy.ledger import ServerLedgerCopy
+
+    schools, (first,) = _federation(tmp_path, runs=1)
+    school = schools[0]
+    school.wipe()
+    server = Server(tmp_path, "run-2", schools)
+    ServerLedgerCopy.sync_verified(server.run.path, "school-a", school.train("run-2", 1), school.key.public_key())
+    from privacy.anchors import anchors_dir_of_run, update_anchor
+
+    update_anchor(anchors_dir_of_run(server.run.path), "school-a", school.key.public_key(),
+                  SchoolLedger(school.state, "school-a", school.key).entries_for_run("run-2"))
+    code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools))
+    assert code == 2 and "line 1: restarted chain" in out and "school-a" in out, out
+
+
+def test_truncated_tail_is_rejected_by_the_server_and_caught_by_the_audit(tmp_path, capsys):
+    from server.validation import RejectedUpdate
+
+    schools, (first,) = _federation(tmp_path, runs=1, rounds=3)
+    keys = _keyring(tmp_path, schools)
+    # the run copy loses its last line: the anchor knows 3 entries of run-1
+    copy = first.run.path / "ledger" / "school-b.jsonl"
+    intact = copy.read_text()
+    copy.write_text("".join(intact.splitlines(keepends=True)[:-1]))
+    code, out = _audit(capsys, first.run.path, "--keys", keys)
+    assert code == 2 and "truncated tail" in out and "school-b" in out and "line 3" in out, out
+    copy.unlink()   # the whole copy gone
+    code, out = _audit(capsys, first.run.path, "--keys", keys)
+    assert code == 2 and "school-b.jsonl (school school-b): missing" in out, out
+    copy.write_text(intact)
+    code, out = _audit(capsys, first.run.path, "--keys", keys)
+    assert code == 0, out
+    # the school's state goes back to after round 1 (a restored backup): its next run is rejected
+    school = schools[0]
+    backup = tmp_path / "backup"
+    shutil.copytree(school.state, backup)
+    lines = (school.state / "ledger.jsonl").read_text().splitlines(keepends=True)
+    (school.state / "ledger.jsonl").write_text("".join(lines[:1]))
+    (school.state / "accountant.json").unlink(missing_ok=True)
+    for path in school.state.glob("accountant*"):
+        path.unlink()
+    server = Server(tmp_path, "run-2", schools)
+    with pytest.raises(RejectedUpdate, match="truncated-tail"):
+        server.receive(school, 1, school.train("run-2", 1))
+    code, out = _audit(capsys, school.state, "--keys", keys, "--anchors", tmp_path / "runs" / "anchors")
+    assert code == 2 and "truncated tail" in out and "school-a" in out, out
+
+
+def test_anchor_check_classifies_history_reset_and_gaps():
+    from privacy.anchors import check_continues
+
+    head, older = "a" * 64, "b" * 64
+    chain = {"head": head, "count": 2, "histories": {"fp": [[SIGMA, Q, 16]]},
+             "runs": [{"run_id": "run-1", "hashes": [older, head], "histories_after": {"fp": [[SIGMA, Q, 16]]}}]}
+
+    def entry(prev, history):
+        return {"prev_hash": prev, "dataset_fingerprint": "fp", "history_before": history}
+
+    assert check_continues(chain, entry(head, [[SIGMA, Q, 16]])).problem == ""
+    assert check_continues(chain, entry(head, [])).kind == "history-reset"
+    assert check_continues(chain, entry(older, [[SIGMA, Q, 8]])).kind == "truncated-tail"
+    assert check_continues(chain, entry(GENESIS_HASH, [])).kind == "restarted-chain"
+    assert check_continues(chain, entry("c" * 64, [[SIGMA, Q, 8]])).kind == "history-reset"
+    gap = check_continues(chain, entry("c" * 64, [[SIGMA, Q, 24]]))   # a reply the server never received
+    assert gap.problem == "" and gap.kind == "gap" and gap.note
+    assert check_continues(None, entry(GENESIS_HASH, [])).problem == ""
