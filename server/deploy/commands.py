@@ -170,10 +170,54 @@ def _try_register(dep: "Deployment", entry: "NodeEntry", public_key: Path, flwr_
             "  (which runs and records: " + shlex.join(register_command(dep, public_key)) + ")")
 
 
+def _count_units(data_dir: Path, unit: str) -> int | None:
+    """Students (or still frames) listed in a school's labels.csv, if the folder is on this machine."""
+    import csv
+
+    labels = Path(data_dir) / "labels.csv"
+    try:
+        with open(labels, newline="", encoding="utf-8") as handle:
+            rows = [r for r in csv.DictReader(handle) if not (r.get("clip_id") or "").strip()]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if unit == "student":
+        return len({(r.get("student_id") or "").strip() for r in rows} - {""}) or None
+    return len(rows) or None
+
+
+def school_policy(name: str, data_dir: Path, *, unit: str | None = None, delta: float | None = None,
+                  budget: float | None = None, max_round_epsilon: float | None = None,
+                  declared: int | None = None) -> Any:
+    """The school's privacy policy for its node-config: given values, else fedfer's defaults (privacy.*);
+    the declared size, if not given, is the count in its labels.csv rounded to two significant figures."""
+    from privacy.policy import PolicyError, declared_size_bucket, make_policy
+    from shared_models.config import defaults
+
+    base = defaults()
+    unit = unit or str(base["privacy.unit"])
+    if declared is None:
+        count = _count_units(data_dir, unit)
+        if count is None:
+            flag = "--declared-students" if unit == "student" else "--declared-images"
+            raise DeployError(f"school {name}: {flag} is required ({data_dir}/labels.csv is not readable here "
+                              f"to propose one); it is the public size the school declares")
+        declared = declared_size_bucket(count)
+    try:
+        return make_policy(unit=unit, delta=float(base["privacy.delta"] if delta is None else delta),
+                           budget=float(base["privacy.budget"] if budget is None else budget),
+                           max_round_epsilon=float(base["privacy.max_round_epsilon"] if max_round_epsilon is None
+                                                   else max_round_epsilon),
+                           declared_units=int(declared), source=f"school {name}")
+    except PolicyError as exc:
+        raise DeployError(str(exc)) from None
+
+
 def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, state_dir: Path | None = None,
              budget: float | None = None, benchmarks: Iterable[str] = (), runtime_port: int | None = None,
-             flwr_home: Path | None = None) -> tuple["Deployment", str]:
-    """Create a node folder (keys, node-config, start script), keyring entry and registration."""
+             flwr_home: Path | None = None, unit: str | None = None, delta: float | None = None,
+             max_round_epsilon: float | None = None, declared: int | None = None) -> tuple["Deployment", str]:
+    """Create a node folder (keys, node-config with the school's privacy policy, start script), keyring
+    entry and registration."""
     from server.deploy import credentials as cred
     from server.deploy.layout import (Deployment, NodeEntry, check_node_name, evaluator_node_config, node_script,
                                       school_node_config, write_node_config, write_script)
@@ -189,7 +233,9 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
         if data_dir is None:
             raise DeployError(f"school {name}: --data-dir is required")
         state = Path(state_dir) if state_dir else folder / "state"
-        config = school_node_config(name, Path(data_dir).expanduser().absolute(), state.expanduser().absolute(), budget)
+        policy = school_policy(name, Path(data_dir).expanduser(), unit=unit, delta=delta, budget=budget,
+                               max_round_epsilon=max_round_epsilon, declared=declared)
+        config = school_node_config(name, Path(data_dir).expanduser().absolute(), state.expanduser().absolute(), policy)
     else:
         config = evaluator_node_config(benchmarks, Path(data_dir).expanduser().absolute() if data_dir else None)
     port = runtime_port or dep.next_runtime_port()
