@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from privacy.atomic_files import atomic_write_text, locked
+from shared_models.atomic_files import atomic_write_text, locked
 from privacy.ledger import GENESIS_HASH, LedgerError, _check_school_name, history_key
 from privacy.signing import key_id, public_key_pem
 

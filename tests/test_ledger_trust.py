@@ -162,7 +162,7 @@ def test_budget_comes_from_the_policy_not_from_entries(tmp_path, capsys):
 
 
 def test_node_config_written_by_deploy_is_the_policy(tmp_path, capsys):
-    from server.deploy_layout import school_node_config, write_node_config
+    from server.deploy.layout import school_node_config, write_node_config
 
     schools, (server,) = _federation(tmp_path, runs=1)
     keys = _keyring(tmp_path, schools)
