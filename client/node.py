@@ -40,10 +40,12 @@ class NodeIdentity:
 
 
 def _synthetic_root(cfg: Mapping[str, Any]) -> Path:
-    from simulations import synth
-
-    params = synth.params_from_config(cfg)
-    return Path(cfg["data.root"]).expanduser() if cfg["data.root"] else synth.default_root(params)
+    """The synthetic classroom a simulation reads: `fedfer simulate` builds it before Flower starts and
+    puts its folder in `data.root`, so a simulated node only ever reads it."""
+    if not str(cfg["data.root"]).strip():
+        raise NodeConfigError("data.root is empty: a simulated node reads the synthetic classroom that "
+                              "`fedfer simulate` (or `fedfer data synth`) built; pass data.root=<its folder>")
+    return Path(str(cfg["data.root"])).expanduser()
 
 
 def simulated_state_dir(cfg: Mapping[str, Any], run_dir: str | Path, school_id: str) -> Path:

@@ -62,10 +62,6 @@ def _log(message: str) -> None:
 def load_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData:
     """The school's frames (cached per version of labels.csv). Raises SchoolDataError."""
     assert node.data_dir is not None
-    if node.simulated and not node.data_dir.exists():
-        from simulations import synth
-
-        synth.ensure_school(node.data_dir.parent.parent, synth.params_from_config(cfg), int(node.school_id.split("-")[-1]))
     labels = node.data_dir / "labels.csv"
     try:
         stat = labels.stat()
