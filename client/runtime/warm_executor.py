@@ -63,14 +63,20 @@ def preload(modules: Sequence[str]) -> dict[str, float]:
     return took
 
 
-def _child(spec: "object") -> None:
-    """Run one task in a forked child, exactly as `flwr-clientapp --token …` would, then _exit."""
+def _child(spec: "object", trust_shipped_app: bool = False) -> None:
+    """Run one task in a forked child, exactly as `flwr-clientapp --token …` would, then _exit.
+    Unless `trust_shipped_app`, the task's FAB must be the fedfer installed here (app_check.py)."""
     code = 1
     try:
         from flwr.supercore.exit import exit_handler
         from flwr.supercore.tls import validate_and_resolve_root_certificates
+        from flwr.supernode.runtime import run_clientapp as runtime
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+        if not trust_shipped_app:   # the school runs the fedfer it installed (client/runtime/app_check.py)
+            from client.runtime.app_check import guard_fab_install
+
+            guard_fab_install(runtime)
         exit_handler.registered_exit_handlers.clear()  # the parent's handlers are not ours to run
         # This module's own package (`client`) is also the app's package name: drop it so the
         # child imports the ClientApp from the FAB the server shipped, not from this installation.
@@ -107,9 +113,10 @@ def _child(spec: "object") -> None:
 class ForkExecutor:
     """A Flower SuperExec executor (same interface as `SubprocessExecutor`) that forks."""
 
-    def __init__(self) -> None:
+    def __init__(self, trust_shipped_app: bool = False) -> None:
         self.children: dict[int, float] = {}   # pid -> start time
         self.launched = 0
+        self.trust_shipped_app = trust_shipped_app
 
     # -- Executor protocol -------------------------------------------------------------------
     def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
@@ -128,7 +135,7 @@ class ForkExecutor:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(spec)  # never returns
+            _child(spec, self.trust_shipped_app)  # never returns
         self.children[pid] = time.monotonic()
         self.launched += 1
         _log(DEBUG, "task %s -> child pid %s", spec.task_id, pid)
@@ -223,7 +230,8 @@ def _acquire_loop(client, plugin, executor: ForkExecutor, poll: float,  # type: 
 
 
 def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates: str | None = None,
-          auth_secret: bytes | None = None, poll: float = DEFAULT_POLL_S, max_tasks: int | None = None) -> int:
+          auth_secret: bytes | None = None, poll: float = DEFAULT_POLL_S, max_tasks: int | None = None,
+          trust_shipped_app: bool = False) -> int:
     """Acquire ClientApp tasks from the SuperNode's Runtime API and fork one child per task.
 
     The loop is `flwr.supercore.superexec.run_superexec.run_superexec`'s, with our executor and a
@@ -231,7 +239,7 @@ def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates:
     """
     from flwr.supercore.superexec.plugin import AutoExecPlugin
 
-    executor = ForkExecutor()
+    executor = ForkExecutor(trust_shipped_app)
     client = _runtime_client(runtime_api_address, insecure, root_certificates, auth_secret)
     plugin = AutoExecPlugin(runtime_api_address=runtime_api_address, insecure=insecure,
                             root_certificates_path=root_certificates, runtime_dependency_install=False,
@@ -266,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD),
                         help="comma-separated third-party modules to import once (never the app's own)")
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL_S, help="seconds between AcquireTask polls")
+    parser.add_argument("--trust-shipped-app", action="store_true",
+                        help="run whatever ClientApp the coordinator ships (default: only the fedfer installed here)")
     parser.add_argument("--max-tasks", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 0.01 <= args.poll <= 60:
@@ -291,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(INFO, "preloaded %s in %.1f s", ", ".join(took), sum(took.values()))
     return serve(args.runtime_api_address, insecure=args.root_certificates is None,
                  root_certificates=args.root_certificates, auth_secret=secret, poll=args.poll,
-                 max_tasks=args.max_tasks)
+                 max_tasks=args.max_tasks, trust_shipped_app=args.trust_shipped_app)
 
 
 if __name__ == "__main__":
