@@ -29,6 +29,21 @@ from privacy.signing import load_or_create_signing_key, public_key_pem, sign_has
 SIGMA, Q, STEPS, DELTA = 1.2, 0.25, 8, 1e-5
 
 
+class _TermlessAccountant:
+    """An accountant that keeps no privacy unit or δ (and so cannot refuse to mix them)."""
+
+    def __init__(self, inner: SchoolAccountant) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        if name == "check_terms":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int, **_terms) -> None:
+        self._inner.record(noise_multiplier, sample_rate, steps)
+
+
 class School:
     """A school's state directory: signing key, accountant, ledger."""
 
@@ -36,10 +51,15 @@ class School:
         self.name, self.state = name, root / "schools" / name
         self.key = load_or_create_signing_key(self.state)
 
-    def train(self, run_id: str, rnd: int, delta: float = DELTA, unit: str = "student") -> list[dict]:
-        """Record one round; returns the school's entries of the run (what its reply carries)."""
+    def train(self, run_id: str, rnd: int, delta: float = DELTA, unit: str = "student",
+              mixed_terms: bool = False) -> list[dict]:
+        """Record one round; returns the school's entries of the run (what its reply carries).
+        `mixed_terms`: sign it as a school whose accountant does not keep unit and δ would (an older or
+        tampered school; fedfer's own accountant refuses the mix), so the audit must catch it."""
         ledger = SchoolLedger(self.state, self.name, self.key)
         acct = SchoolAccountant(self.state, self.name, dataset_fingerprint([f"{self.name},row{i}" for i in range(5)]))
+        if mixed_terms:
+            acct = _TermlessAccountant(acct)
         record_round(acct, ledger, run_id=run_id, round=rnd, privacy_unit=unit, noise_multiplier=SIGMA,
                      sample_rate=Q, steps=STEPS, max_grad_norm=1.0, delta=delta, budget=50.0)
         return ledger.entries_for_run(run_id)
@@ -164,11 +184,15 @@ def test_budget_comes_from_the_policy_not_from_entries(tmp_path, capsys):
 def test_node_config_written_by_deploy_is_the_policy(tmp_path, capsys):
     from server.deploy.layout import school_node_config, write_node_config
 
+    from privacy.policy import make_policy
+
+    policy = make_policy(unit="student", delta=DELTA, budget=0.5, max_round_epsilon=0.5, declared_units=100,
+                         source="test")
     schools, (server,) = _federation(tmp_path, runs=1)
     keys = _keyring(tmp_path, schools)
     for school in schools:
         write_node_config(keys.parent / "nodes" / school.name / "node-config.toml",
-                          school_node_config(school.name, tmp_path / "data", school.state, 0.5))
+                          school_node_config(school.name, tmp_path / "data", school.state, policy))
     code, out = _audit(capsys, server.run.path, "--keys", keys)
     assert code == 1 and "OVER-BUDGET" in out, out
 
@@ -179,6 +203,7 @@ def test_delta_or_unit_change_between_entries_is_reported(tmp_path, capsys, chan
     server = Server(tmp_path, "run-1", [school])
     server.receive(school, 1, school.train("run-1", 1))
     kwargs = {"delta": 1e-4} if change == "delta" else {"unit": "image"}
+    kwargs["mixed_terms"] = True
     server.receive(school, 2, school.train("run-1", 2, **kwargs))
     keys = _keyring(tmp_path, [school])
     code, out = _audit(capsys, server.run.path, "--keys", keys)
