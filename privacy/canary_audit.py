@@ -86,7 +86,7 @@ def gaussian_sigma(eps: float, delta: float) -> float:
 
     def excess_delta(log_sigma: float) -> float:
         s = math.exp(log_sigma)
-        return float(stats.norm.cdf(0.5 / s - eps * s) - math.exp(eps + stats.norm.logcdf(-0.5 / s - eps * s)) - delta)
+        return float(special.ndtr(0.5 / s - eps * s) - math.exp(eps + special.log_ndtr(-0.5 / s - eps * s)) - delta)
 
     return math.exp(optimize.brentq(excess_delta, -20.0, 40.0, xtol=1e-12))
 
@@ -104,7 +104,7 @@ def fdp_rejects(m: int, r: int, v: int, eps: float, delta: float, beta: float) -
     correct_mass = beta * v / m
     wrong_mass = beta * (r - v) / m
     for i in range(v - 1, -1, -1):
-        lifted = max(wrong_mass, float(stats.norm.cdf(stats.norm.ppf(correct_mass) - mu)))
+        lifted = max(wrong_mass, float(special.ndtr(special.ndtri(correct_mass) - mu)))
         if lifted == wrong_mass:
             break  # neither mass can move again
         correct_mass = min(correct_mass + i / (r - i) * (lifted - wrong_mass), 1.0)
@@ -298,47 +298,95 @@ TrainerFactory = Callable[..., "object"]
 
 
 def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: Callable[[], "object"], *,
-                        canaries: int = 4000, epsilon: float | None = 4.0, delta: float = 1e-5,
-                        epochs: int = 10, units_per_batch: int | None = None, frames_per_canary: int = 2,
+                        canaries: int = 4000, runs: int = 4, epsilon: float | None = 4.0, delta: float = 1e-5,
+                        epochs: int = 10, units_per_batch: int | None = None, frames_per_canary: int = 4,
                         max_grad_norm: float = 1.0, lr: float = 0.1, beta: float = 0.05, score: str = "sum",
                         num_classes: int = 7, seed: int = 0, trainer_factory: TrainerFactory | None = None,
                         mechanism: str = "correct", k_grid: Sequence[int] | None = None,
                         progress: Callable[[str], None] | None = None) -> WhiteBoxAudit:
-    """Audit the student-level DP trainer white-box with Dirac canary students, in one run.
+    """Audit the student-level DP trainer white-box with Dirac canary students.
 
     The school's own students (``base_x``, ``base_y``, one student id per frame in ``base_units``)
-    plus the included canary students (each ``frames_per_canary`` frames, each canary a fair coin)
+    plus the included canary students (``frames_per_canary`` frames each, each canary a fair coin)
     are trained by the real trainer — its Poisson sampler over students, per-student gradient sums,
     Opacus clipping and noise — for ``epochs`` epochs at the σ that gives ``epsilon`` (DP off:
     ``epsilon=None``, σ = 0). Every step's privatised gradient on the probe is read from the optimizer
     (a hook on the wrapped SGD's step): the auditor is a school that sees each of its noisy updates.
     ``units_per_batch=None`` samples every student every step (q = 1), the tightest audit.
 
+    The canaries are spread over ``runs`` independent trainings (each with its own coins and the same
+    base students). Every canary is in one run only, so the runs together are one mechanism with the
+    per-run guarantee towards each canary, and the one-run bounds apply to all m canaries at once; it
+    keeps the per-step cost (rows × probe width) down.
+
     ``trainer_factory(model, optimizer, frames, unit_ids, units_per_batch=, frames_per_unit=,
-    noise_multiplier=, max_grad_norm=, seed=)`` builds the trainer (default: the clients' class);
-    the claimed ε comes from what the built trainer records (its ``noise_multiplier``,
-    ``sample_rate`` and ``steps_done``), as a client's ledger entry does.
+    noise_multiplier=, max_grad_norm=, seed=)`` builds the trainer (default: the clients' class, with
+    reproducible randomness); the claimed ε comes from what the built trainer records (its
+    ``noise_multiplier``, ``sample_rate`` and ``steps_done``), as a client's ledger entry does.
     """
     import time as _time
 
+    _check_audit_args(canaries=canaries, epochs=epochs, frames_per_canary=frames_per_canary, delta=delta,
+                      beta=beta, max_grad_norm=max_grad_norm, lr=lr, epsilon=epsilon)
+    if not (1 <= runs <= canaries // 2):
+        raise ValueError(f"runs must be between 1 and canaries/2 ({canaries // 2}), got {runs}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if units_per_batch is not None and units_per_batch < 1:
+        raise ValueError(f"batch must be at least 1 student, got {units_per_batch}")
+    started = _time.perf_counter()
+    say = progress or (lambda s: None)
+    sizes = [canaries // runs + (r < canaries % runs) for r in range(runs)]
+    all_scores, all_included, claims, records = [], [], [], []
+    for r, size in enumerate(sizes):
+        say(f"run {r + 1}/{runs}: {size} canaries")
+        run = _white_box_run(base_x, base_y, base_units, net_builder, size, epsilon, delta, epochs, units_per_batch,
+                             frames_per_canary, max_grad_norm, lr, num_classes, seed * 1009 + r, trainer_factory,
+                             say)
+        sigma, q, steps = run["recorded"]
+        all_scores.append(canary_scores(run["observed"], score, sigma, q))
+        all_included.append(run["included"])
+        claims.append(math.inf if sigma == 0 else _claimed_epsilon(sigma, q, steps, delta))
+        records.append(run)
+    scores, included = np.concatenate(all_scores), np.concatenate(all_included)
+    say(f"scoring {canaries} canaries")
+    bounds = one_run_bounds(scores, included, delta, beta, k_grid)
+    worst = int(np.argmax(claims))
+    sigma, q, steps = records[worst]["recorded"]
+    n_inc = int(included.sum())
+    return WhiteBoxAudit(
+        mechanism=mechanism, claimed_epsilon=max(claims), delta=delta, bounds=bounds,
+        noise_multiplier=sigma, sample_rate=q, steps=steps, canaries=canaries, included=n_inc,
+        frames_per_canary=frames_per_canary, base_students=len(set(map(str, base_units))), score=score,
+        seconds=_time.perf_counter() - started,
+        mean_score_in=float(scores[included].mean()) if n_inc else math.nan,
+        mean_score_out=float(scores[~included].mean()) if n_inc < canaries else math.nan,
+        settings=dict(target_epsilon=epsilon, epochs=epochs, runs=runs, units_per_batch=units_per_batch,
+                      max_grad_norm=max_grad_norm, lr=lr, beta=beta, seed=seed, trainer=records[0]["trainer"],
+                      units_per_run=[rec["units"] for rec in records]),
+    )
+
+
+def _claimed_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    from privacy.accounting import epsilon_of
+
+    return epsilon_of([(sigma, q, steps)], delta)
+
+
+def _white_box_run(base_x, base_y, base_units, net_builder, canaries, epsilon, delta, epochs, units_per_batch,
+                   frames_per_canary, max_grad_norm, lr, num_classes, seed, trainer_factory, say) -> dict:
+    """One training with ``canaries`` Dirac canary students; the observed probe updates and the coins."""
     import torch
     from torch.utils.data import TensorDataset
 
-    from privacy.accounting import calibrate_noise, epsilon_of
+    from privacy.accounting import calibrate_noise
     from privacy.planner import sampling
 
-    _check_audit_args(canaries=canaries, epochs=epochs, frames_per_canary=frames_per_canary, delta=delta,
-                      beta=beta, max_grad_norm=max_grad_norm, lr=lr, epsilon=epsilon)
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    started = _time.perf_counter()
-    say = progress or (lambda s: None)
     rng = np.random.default_rng(seed)
     included = rng.random(canaries) < 0.5
     chosen = np.flatnonzero(included)
-    n_inc = len(chosen)
     frame_shape = tuple(base_x.shape[1:])
-    cx = torch.zeros((n_inc * frames_per_canary, *frame_shape), dtype=base_x.dtype)
+    cx = torch.zeros((len(chosen) * frames_per_canary, *frame_shape), dtype=base_x.dtype)
     cy = torch.from_numpy(np.repeat(chosen + num_classes, frames_per_canary)).long()
     x = torch.cat([base_x, cx])
     y = torch.cat([base_y.long(), cy])
@@ -350,29 +398,29 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
     if epsilon is None:
         sigma = 0.0
     else:
-        say(f"calibrating σ for ε {epsilon} at δ {delta:g} (q {q:.4g}, {steps} steps)")
+        say(f"  calibrating σ for ε {epsilon} at δ {delta:g} (q {q:.4g}, {steps} steps)")
         sigma = calibrate_noise(epsilon, delta, q, steps)
 
     torch.manual_seed(seed)
     model = _probed_model(net_builder(), canaries, num_classes)
     sgd = torch.optim.SGD(model.parameters(), lr=lr)
     observed: list[np.ndarray] = []
-    trainer_holder: list = []
+    built: list = []
 
     def read_update(optimizer, args, kwargs):
         # p.grad here is Opacus' (Σ clipped + noise) / expected units: undo the scaling, in clip units,
         # signed so that a canary adds +1 (its frames' loss is −C·w_i)
-        trainer = trainer_holder[0]
+        trainer = built[0]
         grad = model.probe.weight.grad
         g = np.zeros(canaries) if grad is None else grad.detach().reshape(-1).double().numpy()
         observed.append(-g * trainer.expected_units / trainer.max_grad_norm)
 
     sgd.register_step_pre_hook(read_update)
-    factory = trainer_factory or private_trainer_class()
+    factory = trainer_factory or _reproducible_trainer
     trainer = factory(model, sgd, TensorDataset(x, y), units, units_per_batch=batch,
                       frames_per_unit=frames_per_canary, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
                       seed=seed)
-    trainer_holder.append(trainer)
+    built.append(trainer)
 
     def loss_fn(mdl, xb, yb):
         logits, probe_out = mdl(xb, yb)
@@ -381,27 +429,18 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
         return torch.where(is_canary, -max_grad_norm * probe_out, task)
 
     for epoch in range(epochs):
-        stats_ = trainer.train_epoch(loss_fn)
-        say(f"epoch {epoch + 1}/{epochs}: {stats_['steps']} steps, task loss {stats_['loss']:.3f}")
+        st = trainer.train_epoch(loss_fn)
+        say(f"  epoch {epoch + 1}/{epochs}: {st['steps']} steps, task loss {st['loss']:.3f}")
     trainer.close()
-    recorded_sigma, recorded_q, recorded_steps = (float(trainer.noise_multiplier), float(trainer.sample_rate),
-                                                  int(trainer.steps_done))
-    claimed = math.inf if recorded_sigma == 0 else epsilon_of([(recorded_sigma, recorded_q, recorded_steps)], delta)
-    z = np.stack(observed) if observed else np.zeros((0, canaries))
-    scores = canary_scores(z, score, recorded_sigma, recorded_q)
-    say(f"scoring {canaries} canaries over {len(observed)} observed updates")
-    bounds = one_run_bounds(scores, included, delta, beta, k_grid)
-    return WhiteBoxAudit(
-        mechanism=mechanism, claimed_epsilon=claimed, delta=delta, bounds=bounds,
-        noise_multiplier=recorded_sigma, sample_rate=recorded_q, steps=recorded_steps, canaries=canaries,
-        included=n_inc, frames_per_canary=frames_per_canary, base_students=len(set(map(str, base_units))),
-        score=score, seconds=_time.perf_counter() - started,
-        mean_score_in=float(scores[included].mean()) if n_inc else math.nan,
-        mean_score_out=float(scores[~included].mean()) if n_inc < canaries else math.nan,
-        settings=dict(target_epsilon=epsilon, epochs=epochs, units_per_batch=batch, max_grad_norm=max_grad_norm,
-                      lr=lr, beta=beta, seed=seed, units=n_units, trainer=f"{type(trainer).__module__}."
-                                                                          f"{type(trainer).__qualname__}"),
-    )
+    return {"observed": np.stack(observed) if observed else np.zeros((0, canaries)), "included": included,
+            "recorded": (float(trainer.noise_multiplier), float(trainer.sample_rate), int(trainer.steps_done)),
+            "units": n_units, "trainer": f"{type(trainer).__module__}.{type(trainer).__qualname__}"}
+
+
+def _reproducible_trainer(model, optimizer, frames, unit_ids, **kw):
+    # the audit's own randomness comes from its seed so that a run can be repeated; the trainer's code
+    # path is the same as with OS entropy
+    return private_trainer_class()(model, optimizer, frames, unit_ids, reproducible=True, **kw)
 
 
 def _check_audit_args(*, canaries: int, epochs: int, frames_per_canary: int, delta: float, beta: float,
