@@ -13,7 +13,7 @@ COMMAND_MODULES = (
     "simulations.cli",      # simulate, data synth, train-central
     "shared_models.cli",    # models
     "server.cli",           # evaluate, report, resume
-    "privacy.cli",          # privacy audit | plan | attack
+    "privacy.cli",          # privacy audit | plan | canary-audit
     "server.deploy_cli",    # deploy init | add-school | evaluator
 )
 

@@ -428,9 +428,8 @@ def _white_box_run(base_x, base_y, base_units, net_builder, canaries, epsilon, d
         task = torch.nn.functional.cross_entropy(logits, torch.where(is_canary, 0, yb), reduction="none")
         return torch.where(is_canary, -max_grad_norm * probe_out, task)
 
-    for epoch in range(epochs):
-        st = trainer.train_epoch(loss_fn)
-        say(f"  epoch {epoch + 1}/{epochs}: {st['steps']} steps, task loss {st['loss']:.3f}")
+    for _ in range(epochs):
+        trainer.train_epoch(loss_fn)
     trainer.close()
     return {"observed": np.stack(observed) if observed else np.zeros((0, canaries)), "included": included,
             "recorded": (float(trainer.noise_multiplier), float(trainer.sample_rate), int(trainer.steps_done)),
