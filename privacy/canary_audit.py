@@ -275,7 +275,6 @@ def _probed_model(net, canaries: int, num_classes: int):
     to the probe, every other frame feeds zeros, so the probe's gradient is a Dirac per canary and
     the real frames never touch it (Nasr et al. 2023's white-box Dirac canary, worst case for privacy).
     """
-    import torch
     from torch import nn
 
     class ProbedModel(nn.Module):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
 from privacy.accounting import (AccountingError, SchoolAccountant, calibrate_noise, compress_history,
