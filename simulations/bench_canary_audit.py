@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "bound above claim" if r["bound_above_claim"] else "consistent"
         print(f"{r['mechanism']:52s} {fmt(r['claimed_epsilon']):>9s} {fmt(r['steinke']):>8s} {fmt(r['fdp']):>7s} "
               f"{r['canaries']:>9d} {r['seconds']:>8.1f}  {verdict}")
-    out = {"command": "python -m simulations.bench_canary_audit " + " ".join(sys.argv[1:] if argv is None else argv),
+    out = {"command": " ".join(["python -m simulations.bench_canary_audit", *(sys.argv[1:] if argv is None else argv)]),
            "settings": {**vars(args), "out": str(args.out), "delta": DELTA, "beta": 0.05, "score": "sum",
                         "sample_rate": 1.0, "base_students": 8, "model": "MLP 64-8-3 + canary probe"},
            "rows": rows}
