@@ -30,7 +30,7 @@ independent numpy/scipy version with guesses on both sides and the corrections a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -270,13 +270,15 @@ class WhiteBoxAudit:
     mean_score_in: float
     mean_score_out: float
     settings: dict
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)      # per canary
+    membership: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)  # the coins
 
     @property
     def bound_above_claim(self) -> bool:
         return any(b.epsilon > self.claimed_epsilon for b in self.bounds.values())
 
     def to_json(self) -> dict:
-        out = asdict(self)
+        out = {k: v for k, v in asdict(self).items() if k not in ("scores", "membership")}
         out["bounds"] = {k: b.to_json() for k, b in self.bounds.items()}
         out["claimed_epsilon"] = None if math.isinf(self.claimed_epsilon) else self.claimed_epsilon
         out["bound_above_claim"] = self.bound_above_claim
@@ -400,8 +402,38 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
         mean_score_out=float(scores[~included].mean()) if n_inc < canaries else math.nan,
         settings=dict(target_epsilon=epsilon, epochs=epochs, runs=runs, units_per_batch=units_per_batch,
                       max_grad_norm=max_grad_norm, lr=lr, beta=beta, seed=seed, trainer=records[0]["trainer"],
-                      units_per_run=[rec["units"] for rec in records]),
+                      units_per_run=[rec["units"] for rec in records], guesses=guesses),
+        scores=scores, membership=included,
     )
+
+
+def save_score_plot(audit: WhiteBoxAudit, path) -> None:
+    """Histogram of the canary scores, included vs excluded, with the f-DP bound's guess thresholds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores, included = np.asarray(audit.scores), np.asarray(audit.membership, dtype=bool)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(scores.min(), scores.max(), 60)
+    ax.hist(scores[~included], bins=bins, alpha=0.6, label=f"excluded ({int((~included).sum())})")
+    ax.hist(scores[included], bins=bins, alpha=0.6, label=f"included ({int(included.sum())})")
+    k = audit.bounds["fdp"].k
+    ordered = np.sort(scores)
+    for x, side in ((ordered[k - 1], "out"), (ordered[-k], "in")):
+        ax.axvline(x, color="k", linestyle="--", linewidth=1)
+        ax.annotate(f"guess {side}", (x, ax.get_ylim()[1] * 0.9), ha="center", fontsize=8)
+    claim = "∞" if math.isinf(audit.claimed_epsilon) else f"{audit.claimed_epsilon:.2f}"
+    ax.set_title(f"{audit.mechanism}: claimed ε {claim}; Steinke ≥ {audit.bounds['steinke'].epsilon:.2f}, "
+                 f"f-DP ≥ {audit.bounds['fdp'].epsilon:.2f}", fontsize=9)
+    ax.set_xlabel("canary score (summed updates on its coordinate, clip units)" if audit.score == "sum"
+                  else "canary score (log likelihood ratio)")
+    ax.set_ylabel("canaries")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _claimed_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:

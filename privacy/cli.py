@@ -78,6 +78,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     at.add_argument("--threads", type=int, default=2)
     at.add_argument("--json", action="store_true")
     at.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    at.add_argument("--plot", type=Path, default=None,
+                    help="white-box: write a PNG of the canary scores (included vs excluded, guess thresholds)")
     at.set_defaults(func=_attack)
 
 
@@ -204,6 +206,12 @@ def _canary_audit(args: argparse.Namespace) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    if args.plot and white:
+        from privacy.canary_audit import save_score_plot
+
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        save_score_plot(result, args.plot)
+        print(f"score histogram: {args.plot}")
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -145,11 +145,16 @@ def test_white_box_audit_passes_the_real_trainer_and_catches_every_broken_copy()
             assert broken.bound_above_claim, (name, broken.claimed_epsilon, broken.bounds)
 
 
-def test_white_box_without_noise_gives_a_large_bound():
+def test_white_box_without_noise_gives_a_large_bound(tmp_path):
+    from privacy.canary_audit import save_score_plot
+
     res = _white_box(canaries=400, runs=1, epsilon=None, epochs=2)
     assert math.isinf(res.claimed_epsilon) and res.noise_multiplier == 0
     assert res.bounds["steinke"].epsilon > 3 and res.bounds["fdp"].epsilon > 5
-    assert res.to_json()["claimed_epsilon"] is None
+    out = res.to_json()
+    assert out["claimed_epsilon"] is None and "scores" not in out and len(res.scores) == 400
+    save_score_plot(res, tmp_path / "scores.png")
+    assert (tmp_path / "scores.png").stat().st_size > 1000
 
 
 def test_white_box_rejects_bad_settings():
