@@ -288,12 +288,24 @@ class WhiteBoxAudit:
 
 
 def private_trainer_class():
-    """The clients' DP trainer class (looked up late: it is moving into privacy.engine)."""
+    """The clients' DP trainer class (looked up late: it is moving from privacy.student_dp into
+    privacy.engine, where it also takes the school's public ``declared_units``)."""
     try:
-        from privacy.engine import PrivateTrainer  # type: ignore[import-not-found]
-    except ImportError:
         from privacy.student_dp import PrivateTrainer
+    except ImportError:
+        from privacy.engine import PrivateTrainer  # type: ignore[import-not-found,no-redef]
     return PrivateTrainer
+
+
+def build_private_trainer(model, optimizer, frames, unit_ids, *, declared_units: int, **kw):
+    """The clients' trainer with reproducible randomness (the audit's seed); ``declared_units`` goes to
+    trainers that take q from a declared size and is the actual count for those that do not."""
+    import inspect
+
+    cls = private_trainer_class()
+    if "declared_units" in inspect.signature(cls).parameters:
+        kw["declared_units"] = declared_units
+    return cls(model, optimizer, frames, unit_ids, reproducible=True, **kw)
 
 
 def _probed_model(net, canaries: int, num_classes: int):
@@ -352,8 +364,8 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
     that leaks more it guesses too widely, and the grid caught the broken copies where it did not.
 
     ``trainer_factory(model, optimizer, frames, unit_ids, units_per_batch=, frames_per_unit=,
-    noise_multiplier=, max_grad_norm=, seed=)`` builds the trainer (default: the clients' class, with
-    reproducible randomness); the claimed ε comes from what the built trainer records (its
+    noise_multiplier=, max_grad_norm=, seed=, declared_units=)`` builds the trainer (default
+    :func:`build_private_trainer`: the clients' class with reproducible randomness); the claimed ε comes from what the built trainer records (its
     ``noise_multiplier``, ``sample_rate`` and ``steps_done``), as a client's ledger entry does.
     """
     import time as _time
@@ -485,10 +497,10 @@ def _white_box_run(base_x, base_y, base_units, net_builder, canaries, epsilon, d
         observed.append(-g * trainer.expected_units / trainer.max_grad_norm)
 
     sgd.register_step_pre_hook(read_update)
-    factory = trainer_factory or _reproducible_trainer
+    factory = trainer_factory or build_private_trainer
     trainer = factory(model, sgd, TensorDataset(x, y), units, units_per_batch=batch,
                       frames_per_unit=frames_per_canary, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-                      seed=seed)
+                      seed=seed, declared_units=n_units)
     built.append(trainer)
 
     def loss_fn(mdl, xb, yb):
@@ -503,12 +515,6 @@ def _white_box_run(base_x, base_y, base_units, net_builder, canaries, epsilon, d
     return {"observed": np.stack(observed) if observed else np.zeros((0, canaries)), "included": included,
             "recorded": (float(trainer.noise_multiplier), float(trainer.sample_rate), int(trainer.steps_done)),
             "units": n_units, "trainer": f"{type(trainer).__module__}.{type(trainer).__qualname__}"}
-
-
-def _reproducible_trainer(model, optimizer, frames, unit_ids, **kw):
-    # the audit's own randomness comes from its seed so that a run can be repeated; the trainer's code
-    # path is the same as with OS entropy
-    return private_trainer_class()(model, optimizer, frames, unit_ids, reproducible=True, **kw)
 
 
 def _check_audit_args(*, canaries: int, epochs: int, frames_per_canary: int, delta: float, beta: float,
@@ -635,10 +641,10 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
         claimed = epsilon_of([(sigma, q, steps)], delta)
     torch.manual_seed(seed)
     model = model_builder()
-    trainer = private_trainer_class()(model, torch.optim.SGD(model.parameters(), lr=lr), TensorDataset(x, y), units,
-                                      units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
-                                      noise_multiplier=sigma, max_grad_norm=max_grad_norm, seed=seed,
-                                      reproducible=True)
+    trainer = build_private_trainer(model, torch.optim.SGD(model.parameters(), lr=lr), TensorDataset(x, y), units,
+                                    units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
+                                    noise_multiplier=sigma, max_grad_norm=max_grad_norm, seed=seed,
+                                    declared_units=n_units)
 
     def loss_fn(mdl, xb, yb):
         return nn.functional.cross_entropy(_logits(mdl(xb)), yb, reduction="none")

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilon", type=float, default=4.0, help="claim for the mutation rows")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--frames", type=int, default=2, help="frames per canary student")
+    ap.add_argument("--subsampled-batch", type=int, default=64,
+                    help="students per step for the one subsampled row (q about batch / students per run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/canary-audit.json"))
@@ -87,24 +89,28 @@ def main(argv: list[str] | None = None) -> int:
     net = tiny_model_builder((1, 8, 8), 3, 8)
     common = dict(canaries=args.canaries, runs=args.runs, epochs=args.epochs, frames_per_canary=args.frames,
                   num_classes=3, seed=args.seed, delta=DELTA)
-    plan = [("correct", 8.0), ("correct", args.epsilon)] + [(m, args.epsilon) for m in MUTATIONS] + [("correct", None)]
-    for name, eps in plan:
+    # (mechanism, claimed ε, extra settings); q = 1 unless a batch is given
+    subsampled = dict(units_per_batch=args.subsampled_batch, score="likelihood")
+    plan = ([("correct", 8.0, {}), ("correct", 8.0, subsampled), ("correct", args.epsilon, {})]
+            + [(m, args.epsilon, {}) for m in MUTATIONS] + [("correct", None, {})])
+    for name, eps, extra in plan:
         res = run_white_box_audit(x, y, units, net, epsilon=eps, trainer_factory=FACTORIES[name], mechanism=name,
-                                  **common)
+                                  **common, **extra)
         claimed = None if math.isinf(res.claimed_epsilon) else res.claimed_epsilon
-        label = f"real trainer, {name.replace('_', ' ')}" + ("" if eps is not None else ", DP off")
+        label = (f"real trainer, {name.replace('_', ' ')}" + ("" if eps is not None else ", DP off")
+                 + (f", q {res.sample_rate:.2f}, {res.steps} steps, {res.score} score" if extra else ""))
         rows.append(_row(label, claimed, res.bounds, res.canaries, res.seconds, target_epsilon=eps,
                          noise_multiplier=res.noise_multiplier, sample_rate=res.sample_rate, steps=res.steps,
-                         best_k={k: b.k for k, b in res.bounds.items()}))
+                         score=res.score, best_k={k: b.k for k, b in res.bounds.items()}))
         print(rows[-1], flush=True)
 
     def fmt(v):
         return "∞" if v is None else f"{v:.2f}"
 
-    print(f"\n{'mechanism':52s} {'claimed ε':>9s} {'Steinke':>8s} {'f-DP':>7s} {'canaries':>9s} {'seconds':>8s}  verdict")
+    print(f"\n{'mechanism':64s} {'claimed ε':>9s} {'Steinke':>8s} {'f-DP':>7s} {'canaries':>9s} {'seconds':>8s}  verdict")
     for r in rows:
         verdict = "bound above claim" if r["bound_above_claim"] else "consistent"
-        print(f"{r['mechanism']:52s} {fmt(r['claimed_epsilon']):>9s} {fmt(r['steinke']):>8s} {fmt(r['fdp']):>7s} "
+        print(f"{r['mechanism']:64s} {fmt(r['claimed_epsilon']):>9s} {fmt(r['steinke']):>8s} {fmt(r['fdp']):>7s} "
               f"{r['canaries']:>9d} {r['seconds']:>8.1f}  {verdict}")
     out = {"command": " ".join(["python -m simulations.bench_canary_audit", *(sys.argv[1:] if argv is None else argv)]),
            "settings": {**vars(args), "out": str(args.out), "delta": DELTA, "beta": 0.05, "score": "sum",

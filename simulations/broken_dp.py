@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from privacy.canary_audit import private_trainer_class
+from privacy.canary_audit import build_private_trainer
 
 MUTATIONS = ("per_frame_clipping", "half_noise", "no_clipping", "sample_rate_recorded_low")
 
 
 def correct_trainer(model, optimizer, frames, unit_ids, **kw):
-    return private_trainer_class()(model, optimizer, frames, unit_ids, reproducible=True, **kw)
+    return build_private_trainer(model, optimizer, frames, unit_ids, **kw)
 
 
 def half_noise_trainer(model, optimizer, frames, unit_ids, **kw):
@@ -47,7 +47,8 @@ def sample_rate_recorded_low_trainer(model, optimizer, frames, unit_ids, **kw):
     return trainer
 
 
-def per_frame_clipping_trainer(model, optimizer, frames, unit_ids, *, units_per_batch, frames_per_unit, **kw):
+def per_frame_clipping_trainer(model, optimizer, frames, unit_ids, *, units_per_batch, frames_per_unit,
+                               declared_units, **kw):
     """Every frame its own clipping row, while sampling (and the record) stay per student."""
     import torch
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -59,8 +60,8 @@ def per_frame_clipping_trainer(model, optimizer, frames, unit_ids, *, units_per_
         students.setdefault(str(uid), []).append(frame)
     frame_units = [f"{uid}#{frame}" for frame, uid in enumerate(unit_ids)]
     trainer = correct_trainer(model, optimizer, frames, frame_units, units_per_batch=units_per_batch,
-                              frames_per_unit=1, **kw)
-    q, per_epoch = sampling(len(students), units_per_batch)
+                              frames_per_unit=1, declared_units=len(frame_units), **kw)
+    q, per_epoch = sampling(declared_units, units_per_batch)
     members = list(students.values())  # frame unit index == frame index (one unit per frame, in order)
     generator = torch.Generator().manual_seed(int(kw.get("seed") or 0) + 17)
     student_sampler = UniformWithReplacementSampler(num_samples=len(members), sample_rate=q, generator=generator,
