@@ -337,8 +337,8 @@ TrainerFactory = Callable[..., "object"]
 
 
 def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: Callable[[], "object"], *,
-                        canaries: int = 4000, runs: int = 4, epsilon: float | None = 4.0, delta: float = 1e-5,
-                        epochs: int = 10, units_per_batch: int | None = None, frames_per_canary: int = 4,
+                        canaries: int = 8000, runs: int = 16, epsilon: float | None = 4.0, delta: float = 1e-5,
+                        epochs: int = 10, units_per_batch: int | None = None, frames_per_canary: int = 2,
                         max_grad_norm: float = 1.0, lr: float = 0.1, beta: float = 0.05, score: str = "sum",
                         num_classes: int = 7, seed: int = 0, trainer_factory: TrainerFactory | None = None,
                         mechanism: str = "correct", k_grid: Sequence[int] | None = None,
@@ -365,8 +365,9 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
 
     ``trainer_factory(model, optimizer, frames, unit_ids, units_per_batch=, frames_per_unit=,
     noise_multiplier=, max_grad_norm=, seed=, declared_units=)`` builds the trainer (default
-    :func:`build_private_trainer`: the clients' class with reproducible randomness); the claimed ε comes from what the built trainer records (its
-    ``noise_multiplier``, ``sample_rate`` and ``steps_done``), as a client's ledger entry does.
+    :func:`build_private_trainer`: the clients' class with reproducible randomness); the claimed ε
+    comes from what the built trainer records (its ``noise_multiplier``, ``sample_rate`` and
+    ``steps_done``), as a client's ledger entry does.
     """
     import time as _time
 

@@ -196,5 +196,5 @@ def test_command_rejects_bad_options_in_one_line(argv, message, capsys):
     for command in ("canary-audit", "attack"):
         assert fedfer_main(["privacy", command, *argv]) == 2
         err = capsys.readouterr().err.strip()
-        assert err == f"fedfer privacy canary-audit: {message}" or err.startswith(f"fedfer privacy canary-audit: {message}")
+        assert err.startswith(f"fedfer privacy canary-audit: {message}")
         assert "Traceback" not in err and len(err.splitlines()) == 1
