@@ -14,7 +14,7 @@ COMMAND_MODULES = (
     "fedfer.commands.simulate",   # simulate, data synth, train-central
     "fedfer.commands.models",     # models
     "fedfer.commands.results",    # evaluate, report
-    "fedfer.commands.privacy",    # privacy audit | plan | attack
+    "fedfer.commands.privacy",    # privacy audit | plan | canary-audit
     "fedfer.commands.deploy",     # deploy init | add-school | evaluator | …
 )
 

@@ -1,17 +1,15 @@
-"""Lifetime accounting, budget guard, planner, and the one-run audit statistics."""
+"""Lifetime accounting, budget guard and planner (the canary audit: tests/test_privacy_canary_audit.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 
-import numpy as np
 import pytest
 
 from privacy.accounting import (AccountingError, SchoolAccountant, calibrate_noise, compress_history,
                                 dataset_fingerprint, epsilon_of, epsilon_report)
 from privacy.budget import BUDGET_EXHAUSTED, check_budget
-from privacy.empirical_audit import audit_scores, epsilon_lower_bound, p_value
 
 DELTA = 1e-5
 
@@ -115,54 +113,3 @@ def test_calibration_and_planner_are_consistent(capsys):
                         "--students", "48", "--batch", "16", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["noise_multiplier"] == pytest.approx(plan.noise_multiplier)
-
-
-# ------------------------------------------------------------------ one-run audit statistics
-def test_p_value_without_delta_is_the_binomial_tail_and_bound_inverts_it():
-    # r perfect guesses: p-value = p_eps ** r, so the bound is logit(beta ** (1/r))
-    r, beta = 100, 0.05
-    p = beta ** (1 / r)
-    assert p_value(r, r, r, math.log(p / (1 - p)), 0.0) == pytest.approx(beta, rel=1e-9)
-    assert epsilon_lower_bound(r, r, r, 0.0, beta) == pytest.approx(math.log(p / (1 - p)), rel=1e-6)
-    assert epsilon_lower_bound(1000, 1000, 500, DELTA) == 0.0  # chance level: nothing learned
-    assert p_value(1000, 100, 90, 2.0, 1e-3) > p_value(1000, 100, 90, 2.0, 0.0)  # δ only loosens
-
-
-def _randomized_response(eps: float, m: int, rng: np.random.Generator):
-    included = rng.random(m) < 0.5
-    truthful = rng.random(m) < math.exp(eps) / (1 + math.exp(eps))
-    # a score whose sign is an eps-DP randomized response of membership
-    sign = np.where(included == truthful, 1.0, -1.0)
-    return sign * rng.random(m), included
-
-
-def test_lower_bound_on_simulated_eps_dp_guesses_is_valid_and_informative():
-    rng = np.random.default_rng(0)
-    bounds = []
-    for _ in range(20):
-        scores, included = _randomized_response(1.0, 1000, rng)
-        bounds.append(audit_scores(scores, included, DELTA, beta=0.05, ks=[500]).epsilon_lb)
-    assert sum(b > 1.0 for b in bounds) <= 3  # exceeds the truth with probability <= beta
-    assert np.median(bounds) > 0.6           # and is not vacuous
-    scores, included = _randomized_response(1.0, 1000, rng)
-    best = audit_scores(scores, included, DELTA)
-    assert best.ks_tried == [50, 100, 200, 300, 500] and best.epsilon_lb <= 1.0 + 0.3
-    chance = audit_scores(rng.random(400), rng.random(400) < 0.5, DELTA)
-    assert chance.epsilon_lb < 0.5
-
-
-def test_canary_harness_runs_the_dp_trainer_and_reports_a_bound(tmp_path):
-    import torch
-
-    from privacy.empirical_audit import run_canary_audit, tiny_model_builder
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1
-    y = torch.randint(0, 3, (40,), generator=g)
-    units = [f"s{i % 10}" for i in range(40)]
-    res = run_canary_audit(x, y, units, tiny_model_builder((1, 8, 8), num_classes=3, hidden=16), canaries=40,
-                           epsilon=4.0, epochs=1, units_per_batch=8, frames_per_unit=2, num_classes=3, seed=1)
-    assert res.dp and res.claimed_epsilon == pytest.approx(4.0, abs=0.02)
-    assert res.units == 10 + res.included and res.bound.m == 40
-    assert 0 <= res.bound.epsilon_lb <= res.claimed_epsilon
-    assert res.steps == round(1 / res.sample_rate)

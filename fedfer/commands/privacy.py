@@ -1,4 +1,4 @@
-"""``fedfer privacy audit | plan | attack``. Heavy imports happen inside the handlers."""
+"""``fedfer privacy audit | plan | canary-audit`` (alias ``attack``). Heavy imports happen inside the handlers."""
 
 from __future__ import annotations
 
@@ -52,25 +52,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plan)
 
-    at = psub.add_parser("attack", help="empirical one-run membership-inference lower bound on ε (canaries)",
-                         description="Insert m canaries (random-pattern images, random labels, each included by a fair "
-                                     "coin) into one school's data, train with the DP trainer, score canaries by loss "
-                                     "and report the Steinke-Nasr-Jagielski (2023) lower bound on ε. Exit 1 if the "
-                                     "bound exceeds the claimed ε (a privacy bug).")
+    at = psub.add_parser(
+        "canary-audit", aliases=["attack"],
+        help="empirical lower bound on ε from canaries in one run (white-box audit of the DP trainer)",
+        description="White-box (default): train the student-level DP trainer with Dirac canary students (each "
+                    "included by a fair coin), read every noisy update, and report the Steinke-Nasr-Jagielski "
+                    "(2023) and f-DP (Mahloujifar-Melis-Chaudhuri 2025) one-run lower bounds on ε, jointly at "
+                    "1-β confidence, beside the ε the trainer's record claims. --black-box: the outsider's audit "
+                    "(final model only, canaries scored by loss). Exit 0: bounds at or below the claim; 1: a "
+                    "bound above the claimed ε (a privacy bug); 2: bad input.")
     at.add_argument("run_dir", nargs="?", type=Path, default=None,
-                    help="take ε, δ, clipping, unit, batch, frames per student and lr from <RUN_DIR>/config.yaml")
+                    help="take ε, δ and clipping from <RUN_DIR>/config.yaml")
     mode = at.add_mutually_exclusive_group()
-    mode.add_argument("--epsilon", type=float, default=None, help="claimed ε to calibrate the noise for (default 8)")
+    mode.add_argument("--epsilon", type=float, default=None, help="claimed ε to calibrate the noise for (default 4)")
     mode.add_argument("--no-dp", action="store_true", help="the control: same clipping, no noise")
-    at.add_argument("--canaries", type=int, default=500)
+    at.add_argument("--black-box", action="store_true",
+                    help="the outsider's audit: only the final model, canaries scored by their loss (loose)")
+    at.add_argument("--canaries", type=int, default=None, help="canary students (default 8000 white-box, 500 black-box)")
+    at.add_argument("--runs", type=int, default=16, help="independent trainings the canaries are spread over")
     at.add_argument("--epochs", type=int, default=10)
-    at.add_argument("--batch", type=int, default=None, help="expected units per step (default 16)")
-    at.add_argument("--frames-per-unit", type=int, default=None, help="frames per sampled student (default 4)")
-    at.add_argument("--unit", choices=("student", "image"), default=None)
+    at.add_argument("--batch", type=int, default=None,
+                    help="expected students per step (default: all, q = 1 white-box; 16 black-box)")
+    at.add_argument("--frames-per-unit", type=int, default=None, help="frames per canary student (default 2)")
+    at.add_argument("--score", choices=("sum", "likelihood"), default="sum",
+                    help="white-box canary score: summed updates, or the per-step likelihood ratio")
     at.add_argument("--clip", type=float, default=None, help="max grad norm (default 1.0)")
-    at.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.3)")
+    at.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.1 white-box, 0.3 black-box)")
     at.add_argument("--delta", type=float, default=None, help="default 1e-5")
-    at.add_argument("--beta", type=float, default=0.05, help="1 - confidence of the bound")
+    at.add_argument("--beta", type=float, default=0.05, help="1 - joint confidence of the two bounds")
     at.add_argument("--image-size", type=int, default=16, help="side the faces are resized to for the harness model")
     at.add_argument("--data-dir", type=Path, default=None,
                     help="a school's data directory (labels.csv + images); default: a small synthetic school")
@@ -79,6 +88,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     at.add_argument("--threads", type=int, default=2)
     at.add_argument("--json", action="store_true")
     at.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    at.add_argument("--plot", type=Path, default=None,
+                    help="white-box: write a PNG of the canary scores (included vs excluded, guess thresholds)")
     at.set_defaults(func=_attack)
 
 
@@ -135,57 +146,115 @@ def _run_config(run_dir: Path | None) -> dict:
 
 
 def _attack(args: argparse.Namespace) -> int:
-    import torch
-
-    from privacy.empirical_audit import run_canary_audit, tiny_model_builder
-
-    torch.set_num_threads(max(1, args.threads))
     try:
-        cfg = _run_config(args.run_dir)
-    except ValueError as exc:
-        print(f"fedfer privacy attack: {exc}", file=sys.stderr)
+        return _canary_audit(args)
+    except ValueError as exc:  # bad settings or data, phrased as one line
+        print(f"fedfer privacy canary-audit: {exc}", file=sys.stderr)
         return 2
+
+
+def _positive(name: str, value, integer: bool = False):
+    if value is None:
+        return None
+    ok = math.isfinite(value) and value > 0 and (not integer or value == int(value))
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"--{name} must be {kind}, got {value}")
+    return value
+
+
+def _canary_audit(args: argparse.Namespace) -> int:
+    cfg = _run_config(args.run_dir)
 
     def pick(flag, key, default):
         return flag if flag is not None else cfg.get(key, default)
 
-    epsilon = None if args.no_dp else float(pick(args.epsilon, "privacy.target_epsilon", 8.0))
+    white = not args.black_box
+    for name, value, integer in (("epsilon", args.epsilon, False), ("delta", args.delta, False),
+                                 ("canaries", args.canaries, True), ("runs", args.runs, True),
+                                 ("epochs", args.epochs, True), ("batch", args.batch, True),
+                                 ("frames-per-unit", args.frames_per_unit, True), ("clip", args.clip, False),
+                                 ("lr", args.lr, False), ("beta", args.beta, False),
+                                 ("image-size", args.image_size, True), ("threads", args.threads, True)):
+        _positive(name, value, integer)
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise ValueError(f"--data-dir {args.data_dir}: not a directory")
+    epsilon = None if args.no_dp else float(pick(args.epsilon, "privacy.target_epsilon", 4.0 if white else 8.0))
     delta = float(pick(args.delta, "privacy.delta", 1e-5))
-    unit = pick(args.unit, "privacy.unit", "student")
-    batch = int(pick(args.batch, "train.batch_size", 16))
-    frames_per_unit = int(pick(args.frames_per_unit, "train.frames_per_student", 4))
+    if not 0 < delta < 1:
+        raise ValueError(f"--delta must be in (0, 1), got {delta}")
+    if not 0 < args.beta < 1:
+        raise ValueError(f"--beta must be in (0, 1), got {args.beta}")
     clip = float(pick(args.clip, "privacy.max_grad_norm", 1.0))
-    lr = float(pick(args.lr, None, 0.3))
+    canaries = args.canaries or (8000 if white else 500)
+    frames = args.frames_per_unit or 2
+    lr = float(args.lr or (0.1 if white else 0.3))
 
-    x, y, units, source = _school_tensors(args, unit)
-    print(f"data: {source}: {len(y)} frames, {len(set(units)) if units else len(y)} {unit}s, "
-          f"{args.image_size}x{args.image_size}; {args.canaries} canaries", flush=True)
-    result = run_canary_audit(x, y, units, tiny_model_builder(tuple(x.shape[1:])), canaries=args.canaries,
-                              epsilon=epsilon, delta=delta, epochs=args.epochs, units_per_batch=batch,
-                              frames_per_unit=frames_per_unit, max_grad_norm=clip, lr=lr, beta=args.beta,
-                              seed=args.seed, progress=lambda s: print("  " + s, flush=True))
+    import warnings
+
+    import torch
+
+    from privacy.canary_audit import run_black_box_audit, run_white_box_audit, tiny_model_builder
+
+    torch.set_num_threads(args.threads)
+    # Opacus' note on inputs without gradients, and q = 1 when every student is sampled: both expected here
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="units_per_batch .* exceeds")
+    x, y, units, source = _school_tensors(args, "student")
+    say = lambda s: print("  " + s, flush=True)  # noqa: E731
+    print(f"data: {source}: {len(y)} frames, {len(set(units))} students, {args.image_size}x{args.image_size}; "
+          f"{canaries} canaries ({'white-box' if white else 'black-box'})", flush=True)
+    if white:
+        # the canary frames pass through the model too: a narrow one keeps per-frame gradients cheap
+        result = run_white_box_audit(x, y, units, tiny_model_builder(tuple(x.shape[1:]), hidden=16), canaries=canaries,
+                                     runs=min(args.runs, canaries // 2), epsilon=epsilon, delta=delta,
+                                     epochs=args.epochs, units_per_batch=args.batch, frames_per_canary=frames,
+                                     max_grad_norm=clip, lr=lr, beta=args.beta, score=args.score, seed=args.seed,
+                                     progress=say)
+    else:
+        result = run_black_box_audit(x, y, units, tiny_model_builder(tuple(x.shape[1:])), canaries=canaries,
+                                     epsilon=epsilon, delta=delta, epochs=args.epochs,
+                                     units_per_batch=args.batch or 16, frames_per_unit=frames, max_grad_norm=clip,
+                                     lr=lr, beta=args.beta, seed=args.seed, progress=say)
     out = result.to_json()
     argv = sys.argv[1:]
-    out["command"] = ("fedfer " + " ".join(argv)) if argv[:2] == ["privacy", "attack"] else "fedfer privacy attack (in-process)"
+    out["audit"] = "white-box" if white else "black-box"
+    out["command"] = ("fedfer " + " ".join(argv)) if argv[:1] == ["privacy"] else "fedfer privacy canary-audit (in-process)"
     out["data"] = source
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    b = result.bound
+    if args.plot and white:
+        from privacy.canary_audit import save_score_plot
+
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        save_score_plot(result, args.plot)
+        print(f"score histogram: {args.plot}")
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        claimed = "∞ (DP off)" if math.isinf(result.claimed_epsilon) else f"{result.claimed_epsilon:.3f}"
-        print(f"claimed ε {claimed} (σ {result.noise_multiplier:.4f}, q {result.sample_rate:.4g}, {result.steps} steps, "
-              f"δ {delta:g})")
-        print(f"canaries {result.canaries} ({result.included} included); mean loss in {result.canary_loss_in:.3f}, "
-              f"out {result.canary_loss_out:.3f}")
-        print(f"guesses {b.r} (k = {b.k} each side, best of {b.ks_tried}), correct {b.v}")
-        print(f"empirical lower bound ε ≥ {b.epsilon_lb:.3f} at {b.confidence:.0%} confidence ({result.seconds:.0f} s)")
-    if result.dp and b.epsilon_lb > result.claimed_epsilon:
-        print("PRIVACY BUG: the empirical lower bound exceeds the claimed ε", file=sys.stderr)
+        print(format_audit(out))
+    if result.bound_above_claim:
+        print("bound above claim: an empirical lower bound exceeds the claimed ε (a privacy bug)", file=sys.stderr)
         return 1
     return 0
+
+
+def format_audit(out: dict) -> str:
+    """The one-screen summary of a canary audit's JSON."""
+    claimed = out["claimed_epsilon"]
+    claim = "∞ (DP off)" if claimed is None else f"{claimed:.3f}"
+    lines = [f"{out['audit']} canary audit: claimed ε {claim} at δ {out['delta']:g} (σ {out['noise_multiplier']:.4f}, "
+             f"q {out['sample_rate']:.4g}, {out['steps']} steps)",
+             f"canaries {out['canaries']} ({out['included']} included)"]
+    for name, label in (("steinke", "Steinke et al. 2023"), ("fdp", "f-DP (Mahloujifar et al. 2025)")):
+        b = out["bounds"][name]
+        eps = "∞" if b["epsilon"] is None else f"{b['epsilon']:.3f}"
+        ratio = "" if claimed is None or b["epsilon"] is None else f"  ({b['epsilon'] / claimed:.0%} of the claim)"
+        lines.append(f"  {label:32s} ε ≥ {eps}{ratio}  [k={b['k']} each side: {b['correct']}/{b['guesses']} correct]")
+    lines.append(f"joint confidence {out['bounds']['fdp']['confidence']:.0%}; {out['seconds']:.0f} s; verdict: "
+                 + ("BOUND ABOVE CLAIM" if out["bound_above_claim"] else "consistent with the claim"))
+    return "\n".join(lines)
 
 
 def _school_tensors(args: argparse.Namespace, unit: str):
@@ -204,7 +273,7 @@ def _school_tensors(args: argparse.Namespace, unit: str):
         data_dir = ensure_school(cache, params, 0)
     school = load_school(data_dir)
     if len(school) == 0:
-        raise SystemExit(f"fedfer privacy attack: {data_dir}: no usable images")
+        raise ValueError(f"{data_dir}: no usable images")
     x = torch.from_numpy(school.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     x = torch.nn.functional.interpolate(x, size=(args.image_size, args.image_size), mode="area")
     y = torch.from_numpy(school.labels).long()
