@@ -26,13 +26,12 @@ Splits: ``train`` = Training, ``val`` = PublicTest (FER2013Valid), ``test`` = Pr
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
 from shared_models.benchmarks.base import (
-    Benchmark, BenchmarkError, Collected, PixelArray, require_file, resolve_split,
+    Benchmark, BenchmarkError, CheckedCsvReader, Collected, PixelArray, require_file, resolve_split,
 )
 from shared_models.benchmarks.fer2013 import SPLITS, parse_pixels, read_rows
 from shared_models.labels import FER8
@@ -121,7 +120,7 @@ def open_ferplus(path: Path, *, name: str = "ferplus", split: str | None = None,
     side: int | None = None
 
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
+        reader = CheckedCsvReader(handle, path)
         header = next(reader, None)
         if header is None:
             raise BenchmarkError(f"{path}: empty file (expected header Usage,Image name,{','.join(VOTE_COLUMNS)})")
