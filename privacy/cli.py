@@ -186,7 +186,10 @@ def _school_tensors(args: argparse.Namespace, unit: str):
         data_dir = ensure_school(cache, params, 0)
     school = load_school(data_dir)
     if len(school) == 0:
-        raise SystemExit(f"fedfer privacy attack: {data_dir}: no usable images")
+        # exit 2 (bad input): exit 1 is kept for "the bound exceeds the claimed ε", a privacy bug
+        print(f"fedfer privacy attack: {data_dir}: no usable images"
+              + (f" ({school.describe_skips()})" if school.skipped else ""), file=sys.stderr)
+        raise SystemExit(2)
     x = torch.from_numpy(school.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     x = torch.nn.functional.interpolate(x, size=(args.image_size, args.image_size), mode="area")
     y = torch.from_numpy(school.labels).long()
