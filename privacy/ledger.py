@@ -52,7 +52,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,6 +71,14 @@ LEDGER_FILE = "ledger.jsonl"
 EVENTS = ("round", "refused")
 REFUSAL_REASONS = ("budget-exhausted",)
 PRIVACY_UNITS = ("student", "image", "school")
+
+#: Longest ledger line read. An entry carries its dataset's compressed history (≈ 50 bytes per
+#: distinct (σ, q)), so this admits MAX_HISTORY_ENTRIES distinct pairs with room to spare.
+MAX_LINE_BYTES = 1024 * 1024
+#: Most distinct (σ, q) pairs a history_before may list (a school changes σ or q once per run at most).
+MAX_HISTORY_ENTRIES = 10_000
+#: Integers in a ledger are counts (rounds, steps); anything longer than this is not one.
+MAX_INT_DIGITS = 18
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -161,12 +171,15 @@ def check_entry_fields(entry: Any, where: str) -> None:
             "eps": lambda v: v == "inf" or (_is_num(v) and v >= 0),
             "budget": lambda v: v is None or (_is_num(v) and v >= 0),
             "hex": lambda v: isinstance(v, str) and bool(_HEX64.match(v)),
-            "history": lambda v: isinstance(v, list) and all(
+            "history": lambda v: isinstance(v, list) and len(v) <= MAX_HISTORY_ENTRIES and all(
                 isinstance(e, list) and len(e) == 3 and _is_num(e[0]) and _is_num(e[1])
                 and isinstance(e[2], int) and not isinstance(e[2], bool) for e in v),
         }[kind](value)
         if not ok:
-            raise LedgerError(f"{where}: field '{name}' has a bad value {value!r}")
+            shown = repr(value)
+            if len(shown) > 120:  # a history of thousands of pairs must not become a megabyte message
+                shown = shown[:100] + f"… ({len(value) if isinstance(value, (list, str)) else len(shown)} items)"
+            raise LedgerError(f"{where}: field '{name}' has a bad value {shown}")
     for name, value in entry.items():
         if name not in spec:
             if not _FIELD_NAME.match(name):
@@ -267,23 +280,56 @@ def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | 
                                   f"copy of run {run_of_copy!r}")
 
 
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer with {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_ledger_line(raw: bytes, where: str) -> Any:
+    """One ledger line as JSON, strictly: UTF-8, at most MAX_LINE_BYTES, integers of at most
+    MAX_INT_DIGITS digits, no NaN/Infinity literals; nesting too deep for the parser is refused."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise LedgerError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"), parse_int=_parse_int, parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise LedgerError(f"{where}: not UTF-8 text") from None
+    except RecursionError:
+        raise LedgerError(f"{where}: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and the hooks' refusals
+        raise LedgerError(f"{where}: not valid JSON ({str(exc)[:200]})") from None
+
+
 def read_ledger_file(path: Path, *, school_id: str | None = None) -> list[dict]:
-    """Parse a ledger file strictly: every line one JSON object, no blank or torn lines."""
+    """Parse a ledger file strictly: every line one JSON object, no blank or torn lines; a file that
+    is not a regular file (a named pipe would block) or a line over MAX_LINE_BYTES is refused."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise LedgerError(f"{path}: not a regular file")
+        handle = open(path, "rb")
     except OSError as exc:
         raise LedgerError(f"{path}: cannot read ({exc.strerror})") from exc
-    if data and not data.endswith(b"\n"):
-        torn_line = data.count(b"\n") + 1
-        raise LedgerError(f"{_where(str(path), torn_line, school_id)}: torn last line (no newline)")
     entries = []
-    for n, raw in enumerate(data.split(b"\n")[:-1] if data else [], start=1):
-        try:
-            entry = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LedgerError(f"{_where(str(path), n, school_id)}: not valid JSON ({exc})") from exc
-        entries.append(entry)
+    with handle:
+        n = 0
+        while True:
+            raw = handle.readline(MAX_LINE_BYTES + 2)
+            if not raw:
+                break
+            n += 1
+            where = _where(str(path), n, school_id)
+            if not raw.endswith(b"\n"):
+                if len(raw) > MAX_LINE_BYTES:
+                    raise LedgerError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes")
+                raise LedgerError(f"{where}: torn last line (no newline)")
+            entries.append(parse_ledger_line(raw[:-1], where))
     return entries
 
 
