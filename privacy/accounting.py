@@ -298,7 +298,7 @@ def _epsilon_report(hist: tuple[HistoryEntry, ...], delta: float, kind: str) -> 
     if not math.isfinite(eps) or eps < 0:
         return EpsilonReport(_rdp_bound(hist, delta), kind, "rdp-fallback",
                              f"PRV gave {eps}; RDP bound reported")
-    return EpsilonReport(eps, kind, "prv")
+    return EpsilonReport(eps, kind, "prv", note)
 
 
 def epsilon_of(history: Iterable[Sequence], delta: float, kind: str = "prv") -> float:

@@ -44,7 +44,7 @@ def write_signed_history(state_dir: Path, school: str, history: list[tuple[float
     Stored ε: PRV for the last entry (what the audit checks), RDP for every entry (checked too); the
     PRV field of earlier entries holds the RDP figure, a valid upper bound checked only by --every-entry."""
     from privacy.accounting import RunningRdp, epsilon_of
-    from privacy.ledger import GENESIS_HASH, LEDGER_FILE, SCHEMA, _line, entry_hash
+    from privacy.ledger import GENESIS_HASH, LEDGER_FILE, SCHEMA, _encode_eps, _line, entry_hash
     from privacy.signing import key_id, load_or_create_signing_key, public_key_pem, sign_hash
 
     key = load_or_create_signing_key(state_dir)
@@ -56,6 +56,7 @@ def write_signed_history(state_dir: Path, school: str, history: list[tuple[float
         running.add(sigma, q, steps)
         eps_rdp = running.epsilon(delta)
         eps = epsilon_of(history[: i + 1], delta) if i == len(history) - 1 else eps_rdp
+        eps, eps_rdp = _encode_eps(eps), _encode_eps(eps_rdp)
         entry: dict[str, Any] = {
             "schema": SCHEMA, "event": "round", "school_id": school, "dataset_fingerprint": "f" * 64,
             "run_id": f"run-{i}", "round": 1, "run_seq": 0, "privacy_unit": "student", "sample_rate": q,

@@ -166,3 +166,89 @@ def test_canary_harness_runs_the_dp_trainer_and_reports_a_bound(tmp_path):
     assert res.units == 10 + res.included and res.bound.m == 40
     assert 0 <= res.bound.epsilon_lb <= res.claimed_epsilon
     assert res.steps == round(1 / res.sample_rate)
+
+
+# -- many distinct (σ, q) and extreme σ (issue 20) -------------------------------------------------
+def _many_pairs(n: int) -> list[tuple[float, float, int]]:
+    rng = np.random.default_rng(n)
+    return [(float(1.5 + 2 * a), float(0.05 + 0.25 * b), 6) for a, b in rng.random((n, 2))]
+
+
+def test_vectorised_rdp_is_opacus_rdp():
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from privacy.accounting import _INTEGER_ORDERS, _rdp_one_step, _rdp_orders
+
+    for sigma, q in [(0.3, 0.5), (0.8, 0.01), (1.0, 0.125), (2.7, 0.3), (6.0, 0.9), (50.0, 0.05)]:
+        for orders in (_rdp_orders(), _INTEGER_ORDERS):
+            ref = np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)))
+            ours = _rdp_one_step.__wrapped__(sigma, q, orders)
+            assert np.allclose(ours, ref, rtol=1e-7, atol=1e-12), (sigma, q, len(orders))
+
+
+def test_many_distinct_pairs_agree_with_dp_accounting_and_stay_above_pld():
+    dp_accounting = pytest.importorskip("dp_accounting")
+    from privacy.accounting import PRV_MAX_DISTINCT_PAIRS
+
+    history = _many_pairs(PRV_MAX_DISTINCT_PAIRS + 8)
+    report = epsilon_report(history, DELTA)
+    assert report.method == "rdp-fallback" and "distinct" in report.note
+    rdp = dp_accounting.rdp.RdpAccountant(list(range(2, 65)))
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-2)
+    for sigma, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        rdp.compose(event, steps)
+        pld.compose(event, steps)
+    assert report.epsilon == pytest.approx(rdp.get_epsilon(DELTA), rel=1e-6)  # same bound, other code
+    tight = pld.get_epsilon(DELTA)
+    assert tight <= report.epsilon <= 1.25 * tight  # a valid upper bound, and not a useless one
+    # below the limit PRV still answers, close to the PLD figure
+    few = history[:6]
+    pld_few = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    for sigma, q, steps in few:
+        pld_few.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    assert epsilon_report(few, DELTA).method == "prv"
+    assert epsilon_of(few, DELTA) == pytest.approx(pld_few.get_epsilon(DELTA), rel=0.01)
+
+
+def test_running_rdp_matches_the_rdp_of_each_prefix():
+    from privacy.accounting import PRV_MAX_DISTINCT_PAIRS, RunningRdp
+
+    history = _many_pairs(PRV_MAX_DISTINCT_PAIRS + 4)
+    history[3] = history[1]  # a repeated pair merges, as in compress_history
+    running = RunningRdp()
+    for k, entry in enumerate(history, start=1):
+        running.add(*entry)
+        if k in (1, 4, PRV_MAX_DISTINCT_PAIRS, PRV_MAX_DISTINCT_PAIRS + 1, len(history)):
+            assert running.epsilon(DELTA) == pytest.approx(epsilon_of(history[:k], DELTA, "rdp"), rel=1e-9), k
+
+
+def test_audit_of_a_many_pair_signed_history_recomputes_epsilon(tmp_path):
+    from privacy.audit import run_audit
+    from privacy.bench_distinct_pairs import distinct_history, write_signed_history
+
+    history = distinct_history(60)
+    state = tmp_path / "school-00"
+    state.mkdir()
+    report = run_audit([write_signed_history(state, "school-00", history)])
+    assert report.exit_code == 0, report.rows[0].problems
+    assert report.rows[0].epsilon_prv == pytest.approx(epsilon_of(history, DELTA), rel=1e-12)
+    assert report.rows[0].prv_method == "rdp-fallback"
+
+
+@pytest.mark.parametrize("sigma", [1e-300, 1e-5, 1e300, 1e6])
+def test_extreme_noise_multipliers_give_a_bound_not_a_traceback(sigma, tmp_path):
+    from privacy.accounting import SIGMA_CEILING
+    from privacy.audit import run_audit
+    from privacy.bench_distinct_pairs import write_signed_history
+
+    for kind in ("prv", "rdp"):
+        report = epsilon_report([(sigma, 0.1, 10)], DELTA, kind)
+        if sigma < 1:
+            assert math.isinf(report.epsilon) and "noise" in report.note
+        else:  # more noise than the ceiling is accounted at the ceiling: an upper bound, ≥ the true ε
+            assert report.epsilon == epsilon_of([(SIGMA_CEILING, 0.1, 10)], DELTA, kind) and "above" in report.note
+    state = tmp_path / "school"
+    state.mkdir()
+    audit = run_audit([write_signed_history(state, "school", [(1.0, 0.1, 5), (sigma, 0.1, 10)])])
+    assert audit.exit_code == 0, audit.rows[0].problems
