@@ -185,22 +185,31 @@ def _rdp_vectorised(sigma: float, q: float, orders: tuple[float, ...]) -> np.nda
     return out
 
 
+@lru_cache(maxsize=1)
+def _integer_order_terms() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Orders α = 2..64 (column), term indices i (row), log C(α, i) and the mask i <= α: they do not
+    depend on (σ, q), so they are built once."""
+    from scipy.special import gammaln
+
+    alphas = np.arange(2, 65, dtype=float)[:, None]
+    i = np.arange(0, 65, dtype=float)[None, :]
+    valid = i <= alphas
+    safe_i = np.where(valid, i, 0.0)
+    log_binom = np.where(valid, gammaln(alphas + 1) - gammaln(safe_i + 1) - gammaln(alphas - safe_i + 1), -np.inf)
+    return alphas, safe_i, log_binom, valid
+
+
 def _rdp_integer_orders(sigma: float, q: float) -> np.ndarray:
     """RDP of one Poisson-subsampled Gaussian step at the integer orders 2..64, vectorised.
 
     The closed form Opacus evaluates term by term in ``_compute_log_a_for_int_alpha`` (Mironov et
     al. 2019, Sec. 3.3): A_α = Σ_i C(α, i) (1-q)^(α-i) q^i exp((i² - i) / 2σ²), RDP(α) = log A_α / (α - 1).
     All terms are positive, so one log-sum-exp per order gives the same value (to rounding) ~50x faster."""
-    from scipy.special import gammaln, logsumexp
-
-    alphas = np.arange(2, 65, dtype=float)[:, None]
-    i = np.arange(0, 65, dtype=float)[None, :]
-    valid = i <= alphas
-    safe_i = np.where(valid, i, 0.0)
-    log_binom = gammaln(alphas + 1) - gammaln(safe_i + 1) - gammaln(alphas - safe_i + 1)
+    alphas, safe_i, log_binom, _ = _integer_order_terms()
     log_terms = (log_binom + safe_i * math.log(q) + (alphas - safe_i) * math.log1p(-q)
                  + (safe_i * safe_i - safe_i) / (2 * sigma**2))
-    log_a = logsumexp(np.where(valid, log_terms, -np.inf), axis=1)
+    top = log_terms.max(axis=1)
+    log_a = top + np.log(np.exp(log_terms - top[:, None]).sum(axis=1))  # -inf terms (i > α) add 0
     return np.maximum(log_a / (alphas[:, 0] - 1), 0.0)  # RDP >= 0; rounding near q -> 0 must not go below
 
 
