@@ -56,8 +56,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -73,6 +75,15 @@ LEDGER_FILE = "ledger.jsonl"
 EVENTS = ("round", "refused")
 REFUSAL_REASONS = ("budget-exhausted", "policy-violation")
 PRIVACY_UNITS = ("student", "image", "school")
+
+#: Longest ledger line read. An entry carries its dataset's compressed history (≈ 50 bytes per
+#: distinct (σ, q)), so this admits MAX_HISTORY_ENTRIES distinct pairs with room to spare.
+MAX_LINE_BYTES = 1024 * 1024
+#: Most distinct (σ, q) pairs a history_before may list (a school changes σ or q once per run at most).
+MAX_HISTORY_ENTRIES = 10_000
+#: Integers in a ledger are counts (rounds, steps); anything longer than this is not one.
+MAX_INT_DIGITS = 18
+_MAX_INT = 10**MAX_INT_DIGITS
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -116,7 +127,14 @@ def entry_hash(entry: Mapping[str, Any]) -> str:
 
 
 def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int too large for a float, e.g. 4,000 digits, is not)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return abs(value) < _MAX_INT
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_INT
 
 
 def epsilon_value(value: Any) -> float:
@@ -139,9 +157,35 @@ def history_key(history: Iterable[Sequence]) -> dict[tuple[float, float], int]:
 
 
 def _history_list(history: Iterable[Sequence]) -> list[list]:
+    return compress_history_list(history)
+
+
+def compress_history_list(history: Iterable[Sequence]) -> list[list]:
+    """The history as an entry writes it: [[σ, q, steps], …], equal (σ, q) merged, first-appearance order."""
     from privacy.accounting import compress_history
 
     return [[s, q, n] for s, q, n in compress_history(history)]
+
+
+def _is_history(value: Any) -> bool:
+    """A list of at most MAX_HISTORY_ENTRIES [σ, q, steps] (finite numbers, integer steps).
+
+    Written with map/zip so the per-element work runs in C: every entry repeats its dataset's whole
+    history, so an audit checks O(entries²) elements (2 million for 2,000 distinct (σ, q))."""
+    if not isinstance(value, list) or len(value) > MAX_HISTORY_ENTRIES:
+        return False
+    if not value:
+        return True
+    if set(map(type, value)) != {list} or set(map(len, value)) != {3}:
+        return False
+    sigmas, rates, steps = zip(*value)
+    numbers = sigmas + rates
+    if not (set(map(type, numbers)) <= {int, float} and set(map(type, steps)) == {int}):
+        return False
+    try:
+        return all(map(math.isfinite, numbers)) and max(map(abs, steps)) < _MAX_INT
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def check_entry_fields(entry: Any, where: str) -> None:
@@ -160,17 +204,18 @@ def check_entry_fields(entry: Any, where: str) -> None:
         value = entry[name]
         ok = {
             "str": lambda v: isinstance(v, str) and v != "",
-            "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "int": _is_count,
             "num": _is_num,
             "eps": lambda v: v == "inf" or (_is_num(v) and v >= 0),
             "budget": lambda v: v is None or (_is_num(v) and v >= 0),
             "hex": lambda v: isinstance(v, str) and bool(_HEX64.match(v)),
-            "history": lambda v: isinstance(v, list) and all(
-                isinstance(e, list) and len(e) == 3 and _is_num(e[0]) and _is_num(e[1])
-                and isinstance(e[2], int) and not isinstance(e[2], bool) for e in v),
+            "history": _is_history,
         }[kind](value)
         if not ok:
-            raise LedgerError(f"{where}: field '{name}' has a bad value {value!r}")
+            shown = repr(value)
+            if len(shown) > 120:  # a history of thousands of pairs must not become a megabyte message
+                shown = shown[:100] + f"… ({len(value) if isinstance(value, (list, str)) else len(shown)} items)"
+            raise LedgerError(f"{where}: field '{name}' has a bad value {shown}")
     for name, value in entry.items():
         if name not in spec:
             if not _FIELD_NAME.match(name):
@@ -202,6 +247,9 @@ class _ChainState:
     run_counts: dict[str, int]                      # run_id -> entries seen
     histories: dict[str, dict[tuple[float, float], int]]  # fingerprint -> history after entries seen
     trust_first_history: bool                       # partial copies: a fingerprint's first history_before is taken as signed
+    # fingerprint -> the same history as the next entry writes it ([[σ, q, steps], …], first-appearance
+    # order) and (σ, q) -> its index there: an unchanged history then compares as one C-level list ==
+    written: dict[str, tuple[list[list], dict[tuple[float, float], int]]] = field(default_factory=dict)
 
 
 def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, where_of) -> None:
@@ -223,7 +271,12 @@ def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, whe
         raise LedgerError(f"{where}: run_seq {entry['run_seq']} but {expected_seq} entries of run {run_id!r} precede it "
                           f"(entries of this run are missing or duplicated)")
     fp = entry["dataset_fingerprint"]
-    before = history_key(entry["history_before"])
+    written = state.written.get(fp)
+    if written is not None and entry["history_before"] == written[0]:
+        before = state.histories[fp]  # what the chain predicts, element for element
+    else:
+        before = history_key(entry["history_before"])
+        written = None
     if fp in state.histories:
         if before != state.histories[fp]:
             raise LedgerError(f"{where}: history_before does not follow from the earlier entries for dataset {fp[:16]}")
@@ -231,10 +284,21 @@ def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, whe
         raise LedgerError(f"{where}: first entry for dataset {fp[:16]} claims earlier spending {entry['history_before']} "
                           f"that no earlier entry records (was the school's ledger.jsonl lost or replaced? restore it)")
     after = dict(before)
+    if written is None:
+        listed = [list(h) for h in compress_history_list(entry["history_before"])]
+        written = (listed, {(float(h[0]), float(h[1])): i for i, h in enumerate(listed)})
+    listed, index = written
     if entry["event"] == "round":
         step = history_key([(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])])
+        listed, index = list(listed), dict(index)  # shallow: the inner lists are replaced, never changed
         for k, n in step.items():
             after[k] = after.get(k, 0) + n
+            if k in index:
+                listed[index[k]] = [k[0], k[1], after[k]]
+            else:
+                index[k] = len(listed)
+                listed.append([k[0], k[1], n])
+    state.written[fp] = (listed, index)
     state.histories[fp] = after
     state.run_counts[run_id] = expected_seq + 1
     state.last_hash = entry["hash"]
@@ -271,23 +335,53 @@ def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | 
                                   f"copy of run {run_of_copy!r}")
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_ledger_line(raw: bytes, where: str) -> Any:
+    """One ledger line as JSON, strictly: UTF-8, at most MAX_LINE_BYTES, no NaN/Infinity literals;
+    nesting too deep for the parser and integers too long for Python are refused here."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise LedgerError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes")
+    try:
+        # no parse_int/parse_float hooks: a Python call per number would make an audit of long histories
+        # (millions of numbers) several times slower. Python refuses integers over 4,300 digits itself;
+        # longer-than-MAX_INT_DIGITS ones and floats that overflowed to inf are refused by the field checks.
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise LedgerError(f"{where}: not UTF-8 text") from None
+    except RecursionError:
+        raise LedgerError(f"{where}: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and the hooks' refusals
+        raise LedgerError(f"{where}: not valid JSON ({str(exc)[:200]})") from None
+
+
 def read_ledger_file(path: Path, *, school_id: str | None = None) -> list[dict]:
-    """Parse a ledger file strictly: every line one JSON object, no blank or torn lines."""
+    """Parse a ledger file strictly: every line one JSON object, no blank or torn lines; a file that
+    is not a regular file (a named pipe would block) or a line over MAX_LINE_BYTES is refused."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise LedgerError(f"{path}: not a regular file")
+        handle = open(path, "rb")
     except OSError as exc:
         raise LedgerError(f"{path}: cannot read ({exc.strerror})") from exc
-    if data and not data.endswith(b"\n"):
-        torn_line = data.count(b"\n") + 1
-        raise LedgerError(f"{_where(str(path), torn_line, school_id)}: torn last line (no newline)")
     entries = []
-    for n, raw in enumerate(data.split(b"\n")[:-1] if data else [], start=1):
-        try:
-            entry = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LedgerError(f"{_where(str(path), n, school_id)}: not valid JSON ({exc})") from exc
-        entries.append(entry)
+    with handle:
+        n = 0
+        while True:
+            raw = handle.readline(MAX_LINE_BYTES + 2)
+            if not raw:
+                break
+            n += 1
+            where = _where(str(path), n, school_id)
+            if not raw.endswith(b"\n"):
+                if len(raw) > MAX_LINE_BYTES:
+                    raise LedgerError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes")
+                raise LedgerError(f"{where}: torn last line (no newline)")
+            entries.append(parse_ledger_line(raw[:-1], where))
     return entries
 
 

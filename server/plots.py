@@ -12,6 +12,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+#: Above this many classes the per-cell count/% annotations are left out (text for n² cells is what
+#: makes matplotlib slow: 90,000 labels for 300 classes), and above MAX_TICK_CLASSES the class names.
+MAX_ANNOTATED_CLASSES = 20
+MAX_TICK_CLASSES = 60
+#: A confusion matrix larger than this is not an FER result; it is refused with one line.
+MAX_CONFUSION_CLASSES = 1000
+
 
 def _pyplot():
     import matplotlib
@@ -95,21 +102,24 @@ def epsilon_curves(series: Mapping[str, Mapping[str, Sequence[float]]], path: Pa
 
 def confusion_heatmap(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: Path, *, title: str) -> Path:
     """Row-normalised colours (recall per true class), each cell annotated with its count and %."""
+    counts = _confusion_counts(confusion, labels)
     plt = _pyplot()
-    counts = np.asarray(confusion, dtype=float)
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
-    size = max(4.5, 0.75 * len(labels) + 2.5)
+    classes = counts.shape[0]
+    size = min(16.0, max(4.5, 0.75 * classes + 2.5))
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     image = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100)
-    ticks = np.arange(len(labels))
-    ax.set_xticks(ticks, labels, rotation=45, ha="right")
-    ax.set_yticks(ticks, labels)
-    for i in range(counts.shape[0]):
-        for j in range(counts.shape[1]):
-            colour = "white" if share[i, j] > 0.6 else "black"
-            ax.text(j, i, f"{int(counts[i, j])}\n{share[i, j] * 100:.0f}%", ha="center", va="center",
-                    fontsize=7, color=colour)
+    if classes <= MAX_TICK_CLASSES:
+        ticks = np.arange(classes)
+        ax.set_xticks(ticks, labels, rotation=45, ha="right")
+        ax.set_yticks(ticks, labels)
+    if classes <= MAX_ANNOTATED_CLASSES:
+        for i in range(classes):
+            for j in range(classes):
+                colour = "white" if share[i, j] > 0.6 else "black"
+                ax.text(j, i, f"{int(counts[i, j])}\n{share[i, j] * 100:.0f}%", ha="center", va="center",
+                        fontsize=7, color=colour)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
@@ -118,6 +128,27 @@ def confusion_heatmap(confusion: Sequence[Sequence[int]], labels: Sequence[str],
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+def _confusion_counts(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> np.ndarray:
+    """The matrix as floats, or ValueError (one line) unless it is square, of finite counts >= 0,
+    one label per class and at most MAX_CONFUSION_CLASSES classes."""
+    if isinstance(confusion, np.ndarray):
+        confusion = confusion.tolist()
+    size = len(confusion) if isinstance(confusion, Sequence) else -1
+    if not 0 < size <= MAX_CONFUSION_CLASSES:
+        raise ValueError(f"confusion matrix of {size} rows (expected 1 to {MAX_CONFUSION_CLASSES})")
+    if not all(isinstance(row, Sequence) and not isinstance(row, str) and len(row) == size for row in confusion):
+        raise ValueError(f"confusion matrix is not square ({size} rows, rows of other lengths)")
+    try:
+        counts = np.asarray(confusion, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError("confusion matrix holds values that are not numbers") from None
+    if not (np.all(np.isfinite(counts)) and np.all(counts >= 0)):
+        raise ValueError("confusion matrix holds negative or non-finite counts")
+    if len(labels) != size:
+        raise ValueError(f"confusion matrix of {size} classes but {len(labels)} labels")
+    return counts
 
 
 def _percent(values: Sequence[float | None]) -> np.ndarray:

@@ -329,10 +329,13 @@ def write_plots(data: RunData) -> dict[str, Path]:
         )
     for name, (r, m) in final_evaluation(data).items():
         if m.get("confusion"):
-            out[f"confusion:{name}"] = plots.confusion_heatmap(
-                m["confusion"], _labels_for(m), plot_dir / f"confusion_{_safe_name(name)}.png",
-                title=f"{name}: confusion matrix after round {r} (n = {m.get('n', '?')})",
-            )
+            try:
+                out[f"confusion:{name}"] = plots.confusion_heatmap(
+                    m["confusion"], _labels_for(m), plot_dir / f"confusion_{_safe_name(name)}.png",
+                    title=f"{name}: confusion matrix after round {r} (n = {m.get('n', '?')})",
+                )
+            except ValueError as exc:  # a damaged or absurd matrix in metrics.jsonl: no figure, a note
+                data.notes.append(f"metrics.jsonl round {r}, {name}: {exc}; no confusion figure drawn")
     return out
 
 

@@ -22,13 +22,15 @@ test set in every paper), **default**; ``test`` is an alias of ``val``; ``train`
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
+
+import math
 
 import numpy as np
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, Collected, is_image_file, map_code, require_file, resolve_split,
+    MAX_IMAGE_PIXELS, Benchmark, BenchmarkError, CheckedCsvReader, Collected, is_image_file, map_code,
+    read_small_file, require_file, resolve_split,
 )
 from shared_models.labels import FER7, FER8
 
@@ -70,7 +72,7 @@ def _keep(code: int, classes: int, collected: Collected) -> int | None:
 
 def _read_csv(csv_path: Path, image_root: Path, classes: int, crop: bool, collected: Collected) -> None:
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
+        reader = CheckedCsvReader(handle, csv_path)
         first = next(reader, None)
         if first is None:
             raise BenchmarkError(f"{csv_path}: empty file (expected header {','.join(COLUMNS)})")
@@ -110,13 +112,31 @@ def _read_csv(csv_path: Path, image_root: Path, classes: int, crop: bool, collec
             box = None
             if crop and all(i is not None for i in box_columns):
                 try:
-                    x, y, w, h = (int(float(fields[i])) for i in box_columns)  # type: ignore[index]
+                    values = [float(fields[i]) for i in box_columns]  # type: ignore[index]
                 except ValueError:
                     raise BenchmarkError(f"{where}: face box columns must be numbers") from None
+                if not all(math.isfinite(v) and abs(v) <= MAX_IMAGE_PIXELS for v in values):
+                    raise BenchmarkError(f"{where}: face box ({', '.join(fields[i] for i in box_columns)}) "  # type: ignore[index]
+                                         f"must be finite numbers within ±{MAX_IMAGE_PIXELS:,}")
+                x, y, w, h = (int(v) for v in values)
                 if w > 0 and h > 0 and x >= 0 and y >= 0:
                     box = (x, y, w, h)
             relative = fields[index["subDirectory_filePath"]].strip()
             collected.add(image_root / relative, label, box, image=relative)
+
+
+def _npy_code(label_file: Path) -> str:
+    """The expression code stored in a newer-release ``<id>_exp.npy``, as text (one line on error)."""
+    import io
+
+    data = read_small_file(label_file, "expression annotation")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BenchmarkError(f"{label_file}: not a readable .npy expression annotation ({exc})") from None
+    if array.size == 0:
+        raise BenchmarkError(f"{label_file}: empty expression annotation (expected one code 0-10)")
+    return str(np.asarray(array).reshape(-1)[0])
 
 
 def _read_new_release(folder: Path, classes: int, collected: Collected) -> None:
@@ -128,7 +148,7 @@ def _read_new_release(folder: Path, classes: int, collected: Collected) -> None:
         label_file = annotations / f"{image.stem}_exp.npy"
         if not label_file.is_file():
             raise BenchmarkError(f"{label_file}: missing expression annotation for {image.name}")
-        code_text = str(np.load(label_file, allow_pickle=False).reshape(-1)[0])
+        code_text = _npy_code(label_file)
         code = map_code(code_text, ALL_CODES, str(label_file), "the expression annotation")
         label = _keep(code, classes, collected)
         if label is not None:

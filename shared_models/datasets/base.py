@@ -20,8 +20,12 @@ Unreadable images are handled at two moments:
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 import re
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
@@ -31,6 +35,18 @@ import numpy as np
 LOG = logging.getLogger("fedfer.benchmarks")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+#: Largest image (width × height) a reader decodes. Face benchmarks hold faces of a few hundred
+#: pixels a side (AffectNet's originals reach a few thousand); a header claiming more is a damaged
+#: file or a decompression bomb, and decoding it would take gigabytes. Lower than PIL's own limit
+#: (89 M pixels warns, 179 M raises).
+MAX_IMAGE_PIXELS = 40_000_000
+#: Longest cell a benchmark CSV may hold. Python's csv default (131,072) is below a 256×256 FER2013
+#: face (up to 4 characters per pixel); this admits the largest FER2013 face we read, 512×512.
+MAX_CSV_FIELD = 4 * 512 * 512 + 64
+#: Longest line of a plain-text label list (RAF-DB) and largest small label file (CK+, AffectNet .npy).
+MAX_TEXT_LINE = 64 * 1024
+MAX_LABEL_FILE_BYTES = 64 * 1024
 
 
 class BenchmarkError(ValueError):
@@ -50,18 +66,69 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def not_regular_file(path: Path | str) -> str | None:
+    """Why `path` cannot be read as a file (missing, a directory, a named pipe, a device …), or None.
+
+    Checked with os.stat before any open: opening a named pipe blocks until someone writes to it,
+    so a FIFO planted among the images would hang the reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing file"
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        return f"cannot be read ({getattr(exc, 'strerror', None) or exc.__class__.__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory, not a file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe, not a regular file"
+    return "not a regular file (device or socket)"
+
+
+class ImageRefused(ValueError):
+    """A file not decoded on purpose: not a regular file, or a header claiming too many pixels."""
+
+
+def open_checked_image(path: Path | str):
+    """PIL image of `path` with only the header parsed. Raises FileNotFoundError when missing and
+    ImageRefused (message = the reason) when it is not a regular file or claims more than
+    MAX_IMAGE_PIXELS pixels (PIL's decompression-bomb warning or error included)."""
+    from PIL import Image
+
+    why = not_regular_file(path)
+    if why == "missing file":
+        raise FileNotFoundError(path)
+    if why is not None:
+        raise ImageRefused(why)
+    with warnings.catch_warnings():
+        # PIL warns (and only raises at twice its limit): both mean "do not decode this"
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageRefused("image too large (over PIL's decompression-bomb limit)") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise ImageRefused(f"image too large ({width}x{height} pixels, limit {MAX_IMAGE_PIXELS:,})")
+    return image
+
+
 def probe_image(path: Path) -> str | None:
     """Why `path` is not a readable image, or None when its header parses.
 
     Only the header is read (cheap enough for tens of thousands of files); a file whose pixel data
     is damaged passes here and is caught when it is decoded."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.size  # noqa: B018 - the header must have been parsed
+        with open_checked_image(path):
+            pass
     except FileNotFoundError:
         return "missing file"
+    except ImageRefused as exc:
+        return str(exc)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         return f"not a readable image ({exc.__class__.__name__})"
     return None
@@ -75,11 +142,17 @@ def read_image(path: Path | str, box: tuple[int, int, int, int] | None = None) -
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with open_checked_image(path) as image, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
             if box is not None:
                 x, y, w, h = box
-                image = image.crop((x, y, x + w, y + h))
+                # a box reaching past the image would be padded with black (and a huge one would
+                # allocate a huge canvas): keep the part that overlaps the image
+                left, top = min(max(x, 0), image.width), min(max(y, 0), image.height)
+                right, bottom = min(max(x + w, left), image.width), min(max(y + h, top), image.height)
+                if right > left and bottom > top:
+                    image = image.crop((left, top, right, bottom))
             if image.mode in ("L", "I;16", "I", "F"):
                 image = image.convert("L")
             elif image.mode != "RGB":
@@ -87,6 +160,10 @@ def read_image(path: Path | str, box: tuple[int, int, int, int] | None = None) -
             return np.asarray(image, dtype=np.uint8).copy()
     except FileNotFoundError:
         raise UnreadableImageError(f"{path}: missing image file") from None
+    except ImageRefused as exc:
+        raise UnreadableImageError(f"{path}: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImageError(f"{path}: image too large (decompression-bomb limit)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UnreadableImageError(f"{path}: unreadable image ({exc})") from None
 
@@ -142,7 +219,7 @@ def probe_images(paths: Sequence[str | Path], check: bool = True) -> ProbeResult
     dropped: list[tuple[str, str]] = []
     for i, path in enumerate(paths):
         path = Path(path)
-        reason = probe_image(path) if check else (None if path.is_file() else "missing file")
+        reason = probe_image(path) if check else not_regular_file(path)
         if reason is None:
             kept.append(i)
         else:
@@ -354,7 +431,7 @@ def map_code(
     `where` (``file:line`` or file) and the column."""
     try:
         code = parse(str(text).strip())
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
         code = None
     if code is None or code not in mapping:
         keys = sorted(mapping, key=str)
@@ -368,11 +445,74 @@ def map_code(
 
 
 def require_file(path: Path, what: str) -> Path:
-    """`path` if it is a file, else a one-line BenchmarkError naming it."""
-    if not path.is_file():
-        hint = " (a directory was given)" if path.is_dir() else ""
-        raise BenchmarkError(f"{path}: {what} not found{hint}")
+    """`path` if it is a regular file, else a one-line BenchmarkError naming it."""
+    why = not_regular_file(path)
+    if why is not None:
+        if why == "missing file" or path.is_dir():
+            hint = " (a directory was given)" if path.is_dir() else ""
+            raise BenchmarkError(f"{path}: {what} not found{hint}")
+        raise BenchmarkError(f"{path}: {what} is {why}")
     return path
+
+
+def read_small_file(path: Path, what: str, limit: int = MAX_LABEL_FILE_BYTES) -> bytes:
+    """The bytes of a small label file (CK+ emotion text, AffectNet .npy), refusing non-regular files
+    and anything larger than `limit` with one line naming the file."""
+    require_file(path, what)
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise BenchmarkError(f"{path}: {what} is larger than {limit:,} bytes")
+    return data
+
+
+def text_lines(handle: Any, path: Path, limit: int = MAX_TEXT_LINE) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file opened by a reader, refusing a line over `limit`
+    characters and bytes that are not UTF-8 with one line naming file and line."""
+    line_no = 0
+    while True:
+        line_no += 1
+        try:
+            line = handle.readline(limit + 1)
+        except UnicodeDecodeError:
+            raise BenchmarkError(f"{path}:{line_no}: not UTF-8 text") from None
+        if not line:
+            return
+        if len(line) > limit and not line.endswith("\n"):
+            raise BenchmarkError(f"{path}:{line_no}: line longer than {limit:,} characters")
+        yield line_no, line
+
+
+class CheckedCsvReader:
+    """``csv.reader`` over an opened benchmark CSV that turns csv errors (a cell over MAX_CSV_FIELD,
+    a NUL byte) and undecodable bytes into one BenchmarkError naming file and line."""
+
+    def __init__(self, handle: Any, path: Path) -> None:
+        # the limit is process-wide; only ever raise it (to what the largest supported face needs)
+        if csv.field_size_limit() < MAX_CSV_FIELD:
+            csv.field_size_limit(MAX_CSV_FIELD)
+        self._reader = csv.reader(handle)
+        self.path = path
+
+    @property
+    def line_num(self) -> int:
+        return self._reader.line_num
+
+    def __iter__(self) -> "CheckedCsvReader":
+        return self
+
+    def __next__(self) -> list[str]:
+        try:
+            return next(self._reader)
+        except csv.Error as exc:
+            if "field larger than field limit" in str(exc):
+                raise BenchmarkError(
+                    f"{self.path}:{self._reader.line_num}: a cell longer than {csv.field_size_limit():,} characters "
+                    f"(the largest supported face is 512x512)"
+                ) from None
+            raise BenchmarkError(f"{self.path}:{self._reader.line_num}: not a readable CSV ({exc})") from None
+        except UnicodeDecodeError:
+            raise BenchmarkError(f"{self.path}:{self._reader.line_num + 1}: not UTF-8 text") from None
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -16,10 +16,12 @@ subject-disjoint folds from ``bench.metadata['identity']``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, Collected, is_image_file, map_code, natural_key, require_dir, resolve_split,
+    Benchmark, BenchmarkError, Collected, is_image_file, map_code, natural_key, read_small_file, require_dir,
+    resolve_split,
 )
 from shared_models.labels import FER8
 
@@ -39,7 +41,7 @@ SPLITS: dict[str, tuple[str, ...]] = {"all": ("all",)}
 
 def _float_code(text: str) -> int:
     value = float(text)
-    if value != int(value):
+    if not math.isfinite(value) or value != int(value):
         raise ValueError(text)
     return int(value)
 
@@ -61,7 +63,7 @@ def open_ckplus(path: Path, *, name: str = "ckplus", split: str | None = None, l
         sequence = label_file.parent.relative_to(emotion)
         if len(sequence.parts) != 2:
             raise BenchmarkError(f"{label_file}: expected Emotion/<subject>/<sequence>/…_emotion.txt")
-        text = label_file.read_text(encoding="utf-8", errors="replace").strip()
+        text = read_small_file(label_file, "CK+ emotion file").decode("utf-8", errors="replace").strip()
         label = map_code(text, CKPLUS_TO_FER8, str(label_file), "the emotion file", parse=_float_code)
         frame_dir = images / sequence
         frames = sorted((p for p in frame_dir.iterdir() if is_image_file(p)), key=lambda p: natural_key(p.name)) \

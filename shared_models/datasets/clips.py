@@ -25,12 +25,11 @@ Metadata: ``clip`` (id or relative path). Missing clip folders are counted in ``
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Sequence
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, Collected, map_code, natural_key, require_dir,
+    Benchmark, BenchmarkError, CheckedCsvReader, Collected, map_code, natural_key, require_dir,
 )
 from shared_models.datasets.frames import DEFAULT_NUM_FRAMES, build_clips, clip_location, is_video_file
 from shared_models.datasets.imagefolder import class_labels, normalise, parse_custom_labels
@@ -86,7 +85,7 @@ def open_dfew(path: Path, *, name: str = "dfew", split: str | None = None, frame
             raise BenchmarkError(f"{root}: no DFEW frame folder (looked for {', '.join(DFEW_FRAME_DIRS)})")
     collected = Collected()
     with label_file.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
+        reader = CheckedCsvReader(handle, label_file)
         header = next(reader, None)
         if header is None:
             raise BenchmarkError(f"{label_file}: empty file (expected header video_name,label)")
@@ -163,7 +162,7 @@ def open_clip_folder(path: Path, *, name: str = "clipfolder", split: str | None 
     label_csv = folder / "labels.csv"
     if label_csv.is_file():
         with label_csv.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+            reader = CheckedCsvReader(handle, label_csv)
             header = next(reader, None) or []
             columns = {h.strip().lower(): i for i, h in enumerate(header)}
             for needed in ("clip", "label"):

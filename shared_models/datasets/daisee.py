@@ -17,11 +17,10 @@ A ClipID listed in the CSV but absent on disk is counted in ``skipped``.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, Collected, map_code, require_dir, require_file, resolve_split,
+    Benchmark, BenchmarkError, CheckedCsvReader, Collected, map_code, require_dir, require_file, resolve_split,
 )
 from shared_models.datasets.frames import DEFAULT_NUM_FRAMES, build_clips, clip_location
 
@@ -58,7 +57,7 @@ def open_daisee(path: Path, *, name: str = "daisee", split: str | None = None, t
         label_file = require_file(root / "Labels" / f"{part}Labels.csv", f"DAiSEE labels for {part}")
         clips = _index_clips(require_dir(dataset / part, f"DAiSEE {part} clips"))
         with label_file.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+            reader = CheckedCsvReader(handle, label_file)
             header = next(reader, None)
             if header is None:
                 raise BenchmarkError(f"{label_file}: empty file (expected header ClipID,{','.join(TARGETS)})")

@@ -3,7 +3,9 @@
 Each row is one 48×48 grayscale face: ``pixels`` holds the row-major values as space-separated
 integers. The pixels of the chosen split are parsed once into one compact uint8 array (N, S, S)
 — about 2.3 kB per face, 16 MB for the 7,178 test rows — so nothing is re-parsed per epoch.
-Any square side is accepted (the first row fixes it), so a synthetic file at another size works.
+Any square side up to ``MAX_SIDE`` (512) is accepted (the first row fixes it), so a synthetic
+file at another size works; a 256×256 file's cells (up to 262,143 characters) are over Python's
+default csv field limit, which the reader raises to what a 512×512 face needs.
 
 Splits (``Usage``): ``train`` = Training, ``val`` = PublicTest, ``test`` = PrivateTest,
 ``all`` = every row. **Default ``test`` = PrivateTest**: the protocol behind the published
@@ -19,7 +21,6 @@ counted in ``skipped`` and left out.
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, PixelArray, map_code, require_file, resolve_split,
+    Benchmark, BenchmarkError, CheckedCsvReader, PixelArray, map_code, require_file, resolve_split,
 )
 from shared_models.labels import FER7
 
@@ -51,6 +52,8 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "all": ("Training", "PublicTest", "PrivateTest"),
 }
 DEFAULT_SPLIT = "test"
+#: Largest face side read; bigger cells are refused (csv field limit, MAX_CSV_FIELD) or skipped.
+MAX_SIDE = 512
 
 
 @dataclass
@@ -66,7 +69,7 @@ def read_rows(path: Path, *, need_emotion: bool = True) -> Iterator[Row]:
     (Kaggle's ``icml_face_data.csv`` writes `` Usage`` and `` pixels`` with a leading space)."""
     require_file(path, "FER2013 CSV")
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
+        reader = CheckedCsvReader(handle, path)
         try:
             header = next(reader)
         except StopIteration:
@@ -105,6 +108,8 @@ def parse_pixels(text: str, side: int | None) -> tuple[np.ndarray | None, str]:
             values = np.fromstring(text, dtype=np.int64, sep=" ")
     except (ValueError, DeprecationWarning):
         return None, "pixels: non-integer value"
+    if values.size > MAX_SIDE * MAX_SIDE:
+        return None, f"pixels: {values.size} values, more than a {MAX_SIDE}x{MAX_SIDE} face"
     if side is None:
         side = math.isqrt(values.size)
         if side < 2 or side * side != values.size:

@@ -26,7 +26,6 @@ Splits: ``train`` = Training, ``val`` = PublicTest (FER2013Valid), ``test`` = Pr
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, Collected, PixelArray, require_file, resolve_split,
+    Benchmark, BenchmarkError, CheckedCsvReader, Collected, PixelArray, require_file, resolve_split,
 )
 from shared_models.datasets.fer2013 import SPLITS, Row, parse_pixels, read_rows
 from shared_models.labels import FER8
@@ -162,7 +161,7 @@ def _read_vote_rows(path: Path, source: _PixelSource, wanted: set[str], mode: st
     row), then kept if its Usage is wanted and its votes give a label under `mode`."""
     rows = _VoteRows()
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
+        reader = CheckedCsvReader(handle, path)
         header, i_use, i_name, i_votes = _read_header(reader, path)
         for fields in reader:
             if not fields:

@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, Collected, UnreadableImageError, is_image_file, natural_key, read_image,
+    Benchmark, BenchmarkError, Collected, UnreadableImageError, is_image_file, natural_key, not_regular_file,
+    read_image,
 )
 
 VIDEO_SUFFIXES = (".avi", ".mp4", ".mov", ".mkv", ".webm", ".wmv", ".flv", ".m4v", ".mpg", ".mpeg")
@@ -120,6 +121,9 @@ def read_clip(path: Path, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
     if path.is_dir():
         return read_frame_folder(path, num_frames)
     if is_video_file(path):
+        why = not_regular_file(path)  # PyAV would block on a named pipe
+        if why is not None:
+            raise UnreadableImageError(f"{path}: {why}")
         return read_video(path, num_frames)
     raise UnreadableImageError(f"{path}: neither a frame folder nor a video file")
 

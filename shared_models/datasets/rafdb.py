@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, Collected, map_code, require_dir, require_file, resolve_split,
+    Benchmark, BenchmarkError, Collected, map_code, require_dir, require_file, resolve_split, text_lines,
 )
 from shared_models.labels import FER7
 
@@ -53,7 +53,7 @@ def open_rafdb(path: Path, *, name: str = "rafdb", split: str | None = None, ali
     split_name, prefixes = resolve_split(name, split, SPLITS, DEFAULT_SPLIT)
     collected = Collected()
     with label_file.open(encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
+        for line_no, line in text_lines(handle, label_file):
             text = line.strip()
             if not text:
                 continue

@@ -9,6 +9,10 @@ synthetic classroom writes:
 `label` is a class name of the FER7 set (angry, disgust, fear, happy, sad, surprise, neutral).
 Rows whose image cannot be decoded or whose label is unknown are skipped and counted, so one bad file
 never stops a school; a missing labels.csv or a missing column is an error naming the file.
+A UTF-8 byte-order mark (spreadsheet exports) is accepted. A `path` must stay inside <data-dir>:
+absolute paths, ``..`` and symlinks that resolve outside it are skipped and counted, and so are
+files that are not regular files (a named pipe would block the reader) and images whose header
+claims more than ``MAX_IMAGE_PIXELS`` pixels (decompression bombs).
 Nothing here ever leaves the school: the client sends only DP-noised weights, public values and its ledger.
 """
 
@@ -16,15 +20,21 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from shared_models.datasets.base import MAX_IMAGE_PIXELS   # one pixel cap for every image fedfer decodes
 from shared_models.labels import FER7
 
 REQUIRED_COLUMNS = ("path", "label", "student_id")
+#: Largest labels.csv read (a school's list of frames is a few MB at most).
+MAX_LABELS_BYTES = 256 * 1024 * 1024
 
 
 class SchoolDataError(ValueError):
@@ -58,8 +68,47 @@ class SchoolData:
         return f"{self.data_dir}: skipped {parts} (first: {self.first_problem})"
 
 
+class _SkippedImage(ValueError):
+    """An image row skipped on purpose; args = (reason counted, detail for the message)."""
+
+
+def _inside(data_dir: Path, relative: str) -> Path:
+    """The file `relative` names, refusing paths that leave `data_dir` (absolute, ``..``, or a
+    symlink anywhere on the way that resolves outside it)."""
+    if not relative.strip():
+        raise _SkippedImage("missing images", "empty path")
+    candidate = Path(relative)
+    if candidate.is_absolute() or candidate.drive:
+        raise _SkippedImage("paths outside the data directory", f"{relative!r} is an absolute path")
+    root = data_dir.resolve()
+    try:
+        resolved = (root / candidate).resolve()
+    except (OSError, RuntimeError, ValueError):  # symlink loop, NUL byte
+        raise _SkippedImage("unreadable images", f"{relative!r} cannot be resolved") from None
+    if resolved != root and root not in resolved.parents:
+        raise _SkippedImage("paths outside the data directory", f"{relative!r} leads outside {data_dir}")
+    return resolved
+
+
 def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
-    with Image.open(path) as img:
+    try:
+        mode = os.stat(path).st_mode
+    except ValueError:
+        raise _SkippedImage("unreadable images", f"{path} unreadable (bad name)") from None
+    if not stat.S_ISREG(mode):  # FileNotFoundError above propagates; a FIFO would block open()
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise _SkippedImage("not regular files", f"{path} is {kind}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img_file = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise _SkippedImage("images too large", f"{path} over PIL's decompression-bomb limit") from None
+    with img_file as img:
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise _SkippedImage("images too large", f"{path} claims {width}x{height} pixels "
+                                                    f"(limit {MAX_IMAGE_PIXELS:,})")
         img = img.convert("RGB")
         if size is not None and img.size != size:
             img = img.resize(size, Image.BILINEAR)
@@ -78,10 +127,14 @@ def load_school(data_dir: str | Path, still_frames_only: bool = True) -> SchoolD
         raise SchoolDataError(f"{data_dir}: data directory not found")
     if not labels_csv.is_file():
         raise SchoolDataError(f"{labels_csv}: file not found (a school needs labels.csv: path,label,student_id)")
-    raw = labels_csv.read_bytes()
+    with open(labels_csv, "rb") as handle:
+        raw = handle.read(MAX_LABELS_BYTES + 1)
+    if len(raw) > MAX_LABELS_BYTES:
+        raise SchoolDataError(f"{labels_csv}: larger than {MAX_LABELS_BYTES // 2**20} MB")
     fingerprint = hashlib.sha256(raw).hexdigest()
     try:
-        reader = csv.DictReader(raw.decode("utf-8").splitlines())
+        # utf-8-sig: spreadsheet programs save "CSV UTF-8" with a byte-order mark
+        reader = csv.DictReader(raw.decode("utf-8-sig").splitlines())
         header = reader.fieldnames or []
         rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -114,9 +167,12 @@ def load_school(data_dir: str | Path, still_frames_only: bool = True) -> SchoolD
         if not student:
             skip("rows without student_id", line, "empty student_id")
             continue
-        path = data_dir / (row.get("path") or "")
         try:
+            path = _inside(data_dir, row.get("path") or "")
             face = _decode(path, size)
+        except _SkippedImage as exc:
+            skip(exc.args[0], line, exc.args[1])
+            continue
         except (FileNotFoundError, IsADirectoryError):
             skip("missing images", line, f"{path} not found")
             continue
