@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.array_packing import PackedGrid
 from server.polling_grid import PollingGrid
-from server.run_dir import RunDirectory, _json_default
+from server.run_dir import RunDirectory, _json_default, check_resume_dir
 from server.strategy import RoundRecord, SchoolFedAvg
 from shared_models import registry
 from shared_models.config import from_run_config
@@ -189,10 +189,9 @@ def main(grid: Grid, context: Context) -> None:
     round_offset, exhausted, momentum, unevaluated = 0, [], None, None
     if cfg["run.resume"]:
         run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())
-        checkpoint = run.latest_checkpoint()
-        if checkpoint is None:
-            raise ValueError(f"run.resume: {run.path} has no checkpoint to resume from")
-        cfg = {**checkpoint["config"], "run.resume": str(run.path)}
+        # loaded with weights_only=True and checked field by field (the CLI ran the same check before Flower)
+        _, checkpoint, checkpoint_cfg = check_resume_dir(run.path)
+        cfg = {**checkpoint_cfg, "run.resume": str(run.path)}
         round_offset, exhausted = int(checkpoint["round"]), checkpoint["strategy"].get("exhausted", [])
         momentum = checkpoint["strategy"].get("momentum")
         state_dict = checkpoint["state_dict"]
