@@ -258,7 +258,7 @@ def test_evaluator_node_config(deployment, tmp_path):
 @pytest.mark.parametrize("name, kwargs, message", [
     ("bad/name", {"data_dir": Path("/d")}, "node name 'bad/name'"),
     ("ok", {}, "school ok: --data-dir is required"),
-    ("ok", {"data_dir": Path("/d"), "budget": 0.0}, "school ok: --budget must be > 0"),
+    ("ok", {"data_dir": Path("/d"), "budget": 0.0}, "school ok: --budget must be a finite number > 0"),
 ])
 def test_add_school_rejects_bad_input(deployment, name, kwargs, message):
     dep, home = deployment
