@@ -203,6 +203,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return flat
 
 
+def read_yaml_file(path: str | Path) -> dict[str, Any]:
+    """Any YAML file fedfer reads as a flat mapping (a run's config.yaml), through the same strict
+    reader as configs: no aliases, bounded nesting and size, finite numbers, UTF-8; ConfigError otherwise."""
+    return _read_yaml(Path(path))
+
+
 def _count_leaves(tree: Mapping[str, Any]) -> int:
     return sum(_count_leaves(v) if isinstance(v, Mapping) else 1 for v in tree.values())
 
