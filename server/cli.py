@@ -183,8 +183,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     if args.batch_size < 1:
         return _fail("evaluate", f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.bootstrap < 0:
-        return _fail("evaluate", f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.bootstrap < 0 or args.bootstrap > 1_000_000:
+        return _fail("evaluate", f"--bootstrap must be in 0..1000000, got {args.bootstrap}")
+    if args.input_size is not None and not 16 <= args.input_size <= 1024:
+        return _fail("evaluate", f"--input-size must be in 16..1024, got {args.input_size}")
+    if args.batch_size > 100_000:
+        return _fail("evaluate", f"--batch-size must be <= 100000, got {args.batch_size}")
     try:
         results = evaluate_checkpoint(args.checkpoint, args.benchmark, data_root=args.data_root,
                                       batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,
