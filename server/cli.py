@@ -92,7 +92,10 @@ def build_model(checkpoint: dict[str, Any]):
     from shared_models import registry
 
     info = checkpoint["model"]
-    model = registry.build(str(info["name"]), int(info["num_classes"]), str(info["preset"]))
+    try:
+        model = registry.build(str(info["name"]), int(info["num_classes"]), str(info["preset"]))
+    except ValueError as exc:   # unknown model or preset: say which file claims it
+        raise ValueError(f"{checkpoint['_path']}: {exc}") from None
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:

@@ -159,10 +159,11 @@ class RunDirectory:
                 self._write_latest({**latest, "evaluated": True})
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint latest.json names, checked (see `check_resume_dir`); None without latest.json."""
+        """The checkpoint latest.json names, loaded safely and its fields type-checked; None without latest.json.
+        (`check_resume_dir` adds the config and the registry checks a resume needs.)"""
         if not (self.path / "checkpoints" / "latest.json").exists():
             return None
-        return check_resume_dir(self.path)[1]
+        return check_resume_dir(self.path, deep=False)[1]
 
 
 # -- reading checkpoints (untrusted input: a run directory may come from anywhere) ----------------------
@@ -193,9 +194,8 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
 
 
 def check_checkpoint(checkpoint: Any, path: Path, *, for_resume: bool = False) -> None:
-    """Types and ranges of a loaded checkpoint's fields (model, state_dict; round, config, strategy to resume)."""
-    from shared_models import registry
-
+    """Types and ranges of a loaded checkpoint's fields (model, state_dict; round, config, strategy to resume).
+    Whether the model exists and the weights fit it is `check_resume_dir`'s (and the registry's) business."""
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a fedfer checkpoint (expected a dict, got {type(checkpoint).__name__})")
     model = checkpoint.get("model")
@@ -205,12 +205,10 @@ def check_checkpoint(checkpoint: Any, path: Path, *, for_resume: bool = False) -
         if key not in model:
             raise CheckpointError(f"{path}: missing 'model.{key}'")
     name, preset, classes = model["name"], model["preset"], model["num_classes"]
-    if not isinstance(name, str) or name not in registry.available():
-        raise CheckpointError(f"{path}: field 'model.name' must be one of {', '.join(registry.available())}; "
-                              f"got {_show(name)}")
-    if not isinstance(preset, str) or preset not in registry.presets(name):
-        raise CheckpointError(f"{path}: field 'model.preset' must be one of {', '.join(registry.presets(name))}; "
-                              f"got {_show(preset)}")
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{path}: field 'model.name' must be a model name; got {_show(name)}")
+    if not isinstance(preset, str):
+        raise CheckpointError(f"{path}: field 'model.preset' must be a preset name; got {_show(preset)}")
     if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= MAX_NUM_CLASSES:
         raise CheckpointError(f"{path}: field 'model.num_classes' must be an int in 2..{MAX_NUM_CLASSES}; "
                               f"got {_show(classes)}")
@@ -254,10 +252,11 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_resume_dir(path: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+def check_resume_dir(path: Path, *, deep: bool = True) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """Everything `run.resume` will read, checked before any Flower process starts: the directory,
-    checkpoints/latest.json, the checkpoint it names (loaded without running code, its weights fitted to
-    its model) and the config inside it. Returns (checkpoint path, checkpoint, validated config)."""
+    checkpoints/latest.json, the checkpoint it names (loaded without running code) and, with `deep`, the
+    config inside it and its weights fitted to its registered model. Returns (checkpoint path, checkpoint,
+    validated config; the checkpoint's raw config without `deep`)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"run.resume: {path} does not exist")
@@ -291,6 +290,8 @@ def check_resume_dir(path: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     check_checkpoint(checkpoint, target, for_resume=True)
     if checkpoint["round"] != rnd:
         raise CheckpointError(f"{target}: holds round {checkpoint['round']} but {latest} says round {rnd}")
+    if not deep:
+        return target, checkpoint, dict(checkpoint["config"])
     known = defaults()
     try:
         cfg = validate({k: v for k, v in checkpoint["config"].items() if k in known}, source=f"{target}: config")
@@ -304,6 +305,12 @@ def _check_weights_fit(checkpoint: Mapping[str, Any], path: Path) -> None:
     from shared_models import registry
 
     info = checkpoint["model"]
+    if info["name"] not in registry.available():
+        raise CheckpointError(f"{path}: field 'model.name' must be one of {', '.join(registry.available())}; "
+                              f"got {_show(info['name'])}")
+    if info["preset"] not in registry.presets(info["name"]):
+        raise CheckpointError(f"{path}: field 'model.preset' must be one of "
+                              f"{', '.join(registry.presets(info['name']))}; got {_show(info['preset'])}")
     model = registry.build(info["name"], num_classes=info["num_classes"], preset=info["preset"])
     try:
         model.load_state_dict(checkpoint["state_dict"])
