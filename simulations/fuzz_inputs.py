@@ -312,7 +312,8 @@ def deploy_cases(t: Templates) -> list[Case]:
 
     def init(name: str, args: list[str], setup: Callable[[Path], None] | None = None, needle: str = "",
              expect: str = "refuse") -> None:
-        cases.append(Case("deploy", f"init-{name}", ["deploy", "init", *args, *home], setup, needle=needle, expect=expect,
+        own_home = [] if "--flwr-home" in args else home
+        cases.append(Case("deploy", f"init-{name}", ["deploy", "init", *args, *own_home], setup, needle=needle, expect=expect,
                           may_rewrite=("flwr-home/config.toml",)))
 
     init("dir-file", ["--coordinator", "localhost", "--dir", "afile"], lambda d: (d / "afile").write_text("keep"), "afile")
