@@ -145,7 +145,7 @@ def _read_jsonl(path: Path, notes: list[str]) -> Iterable[tuple[int, dict[str, A
             continue
         try:
             value = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):   # RecursionError: a line of 100,000 nested brackets
             last = number == len(lines)
             notes.append(f"{path.name} line {number}: not valid JSON{' (torn last line of a running or crashed run?)' if last else ''}; skipped")
             continue

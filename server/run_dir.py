@@ -58,7 +58,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if line:
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
     return records
 
