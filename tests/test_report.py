@@ -185,10 +185,11 @@ def test_report_survives_wrong_field_types(tmp_path, capsys):
         broken = json.loads(lines[i])
         broken[field] = value
         lines[i] = json.dumps(broken)
+    lines.insert(len(BROKEN_FIELDS), "[" * 100_000)   # nesting beyond the JSON parser's recursion limit
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     assert main(["report", str(run)]) == 0
     text = (run / "report.md").read_text()
-    for i in range(len(BROKEN_FIELDS)):
+    for i in range(len(BROKEN_FIELDS) + 1):
         assert f"metrics.jsonl line {i + 1}:" in text, BROKEN_FIELDS[i]
 
 
