@@ -539,9 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'total':<12}" + "".join(f"{totals[k]:>11}" for k in kinds) + f"{len(results):>8}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "command": "python -m simulations.fuzz_inputs " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "code_root": str(CODE_ROOT), "timeout_s": args.timeout, "totals": totals, "cases": results}, indent=1))
+        given = [("<code-root>" if a == str(args.code_root) else a) for a in (argv if argv is not None else sys.argv[1:])]
+        args.out.write_text(json.dumps({   # no machine paths in the record: the code root is a placeholder
+            "command": "python -m simulations.fuzz_inputs " + shlex.join(given),
+            "code_root": "this checkout" if CODE_ROOT == HERE else "<code-root>", "timeout_s": args.timeout,
+            "totals": totals, "cases": results}, indent=1) + "\n")
     bad = sum(totals.get(k, 0) for k in ("traceback", "internal", "hang", "damaged", "executed"))
     return 1 if bad else 0
 
