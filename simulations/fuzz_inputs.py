@@ -497,7 +497,7 @@ def run_case(case: Case, work: Path, timeout: float) -> dict:
     seconds = time.perf_counter() - started
     after = snapshot(case_dir)
     outcome = classify(case, rc, stderr, before, after, case_dir)
-    last = [line for line in stderr.splitlines() if line.strip()]
+    last = [line.replace(str(case_dir), "<case>") for line in stderr.splitlines() if line.strip()]
     shutil.rmtree(case_dir, ignore_errors=True)
     return {"surface": case.surface, "case": case.name, "argv": case.argv, "exit": rc, "outcome": outcome,
             "seconds": round(seconds, 2), "stderr_last": last[-1][:300] if last else ""}
