@@ -344,7 +344,7 @@ def deploy_cases(t: Templates) -> list[Case]:
             if setup:
                 setup(d)
         cases.append(Case("deploy", f"add-school-{name}", ["deploy", "add-school", *args, "--dir", "deploy", *home],
-                          full_setup, needle=needle))
+                          full_setup, needle=needle, may_rewrite=("deploy/deployment.json",)))
 
     school("budget-inf", ["s1", "--data-dir", "/srv/s1", "--budget", "inf"], needle="--budget")
     school("budget-nan", ["s1", "--data-dir", "/srv/s1", "--budget", "nan"], needle="--budget")
