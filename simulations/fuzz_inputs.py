@@ -540,10 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         given = [("<code-root>" if a == str(args.code_root) else a) for a in (argv if argv is not None else sys.argv[1:])]
-        args.out.write_text(json.dumps({   # no machine paths in the record: the code root is a placeholder
+        head = json.dumps({   # no machine paths in the record: the code root is a placeholder
             "command": "python -m simulations.fuzz_inputs " + shlex.join(given),
             "code_root": "this checkout" if CODE_ROOT == HERE else "<code-root>", "timeout_s": args.timeout,
-            "totals": totals, "cases": results}, indent=1) + "\n")
+            "totals": totals}, indent=1)[:-2]
+        rows = ",\n".join("  " + json.dumps(r, ensure_ascii=False) for r in results)   # one case per line
+        args.out.write_text(head + ',\n "cases": [\n' + rows + "\n ]\n}\n")
     bad = sum(totals.get(k, 0) for k in ("traceback", "internal", "hang", "damaged", "executed"))
     return 1 if bad else 0
 
