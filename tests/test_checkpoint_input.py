@@ -3,7 +3,6 @@ field by field, refused in one line naming the file before any Flower process st
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -16,7 +16,7 @@ from flwr.common.config import parse_config_args
 
 from privacy import credentials as cred
 from server import deploy_cli
-from server.deploy_layout import Deployment, LayoutError, write_node_config
+from server.deploy_layout import LayoutError, write_node_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
