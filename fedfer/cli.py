@@ -2,12 +2,19 @@
 engineer's `simulate`, the IT admin's `deploy`, the privacy officer's `privacy`, …), each with an
 `add_commands(subparsers)` function; this file only gathers them. Heavy imports (torch, flwr) happen
 inside the command handlers, so `fedfer --help` stays fast.
+
+Errors: a problem with the user's input (an error class of fedfer's own packages — ConfigError,
+CheckpointError, DeployError, ... — or an OSError on a path the user named) ends as one line
+`fedfer: <what>` and exit 2. Anything else is a fedfer bug: one line `fedfer: internal error: ...` and
+exit 70 (never 1, which `privacy attack` reserves for "bound above the claim"). `--debug` (or
+FEDFER_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = (
@@ -17,6 +24,10 @@ COMMAND_MODULES = (
     "fedfer.commands.privacy",    # privacy audit | plan | canary-audit
     "fedfer.commands.deploy",     # deploy init | add-school | evaluator | …
 )
+# packages whose own exception classes describe bad input (their messages name the file, key or node)
+OWN_PACKAGES = ("fedfer", "shared_models", "server", "client", "privacy", "simulations")
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 70   # EX_SOFTWARE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,15 +35,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedfer",
         description="Federated, differentially private facial-expression recognition for schools.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)
     return parser
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for fedfer's own error classes (ValueError/RuntimeError subclasses defined in its packages)
+    and for OSErrors (a path the user named is missing, a directory, unreadable, ...)."""
+    if isinstance(exc, OSError):
+        return True
+    module = type(exc).__module__.split(".")[0]
+    return module in OWN_PACKAGES and isinstance(exc, (ValueError, RuntimeError))
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return _one_line(f"{exc.filename}: {exc.strerror or exc}")
+    return _one_line(exc) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(args.debug or os.environ.get("FEDFER_DEBUG"))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -41,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedfer: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns errors into one line for people
+        if debug:
+            raise
+        if is_user_error(exc):
+            print(f"fedfer: {describe(exc)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"fedfer: internal error: {type(exc).__name__}: {describe(exc)[:300]} "
+              "(rerun with `fedfer --debug ...` for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

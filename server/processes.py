@@ -12,6 +12,7 @@ It only ever signals processes it started or their descendants, never anything f
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -316,6 +317,8 @@ def format_node_config(values: Mapping[str, object]) -> str:
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, (int, float)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"node-config '{key}' must be a finite number, got {value}")
             text = repr(value)
         else:
             text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

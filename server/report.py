@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
-from shared_models.config import flatten
+from shared_models.config import ConfigError, read_yaml_file
 from shared_models.labels import FER7, FER8
 
 PAPER_MARK = "paper, centralised, non-private"
@@ -113,12 +111,14 @@ class RunData:
     @property
     def planned_rounds(self) -> int | None:
         value = self.config.get("federation.rounds")
-        return int(value) if isinstance(value, (int, float)) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_ROUND:
+            return None
+        return int(value)
 
     @property
     def budget(self) -> float | None:
         value = self.config.get("privacy.budget")
-        return float(value) if isinstance(value, (int, float)) and value > 0 else None
+        return float(value) if _is_number(value) and value > 0 else None
 
     def benchmarks(self) -> list[str]:
         names: dict[str, None] = {}
@@ -145,7 +145,7 @@ def _read_jsonl(path: Path, notes: list[str]) -> Iterable[tuple[int, dict[str, A
             continue
         try:
             value = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):   # RecursionError: a line of 100,000 nested brackets
             last = number == len(lines)
             notes.append(f"{path.name} line {number}: not valid JSON{' (torn last line of a running or crashed run?)' if last else ''}; skipped")
             continue
@@ -165,10 +165,10 @@ def load_run(run_dir: Path) -> RunData:
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         try:
-            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-            data.config = flatten(loaded) if isinstance(loaded, dict) else {}
-        except yaml.YAMLError as exc:
-            data.notes.append(f"config.yaml: unreadable YAML ({str(exc).splitlines()[0]})")
+            # the config loader's strict reader: no aliases, bounded nesting, finite numbers, UTF-8
+            data.config = read_yaml_file(config_path)
+        except ConfigError as exc:
+            data.notes.append(f"config.yaml: unreadable ({str(exc).replace(str(config_path) + ':', '').strip()})")
     else:
         data.notes.append("config.yaml: missing (setup table incomplete)")
 
@@ -176,9 +176,10 @@ def load_run(run_dir: Path) -> RunData:
     if metrics_path.is_file():
         for number, record in _read_jsonl(metrics_path, data.notes):
             r = record.get("round")
-            if not isinstance(r, int) or isinstance(r, bool):
-                data.notes.append(f"metrics.jsonl line {number}: no integer 'round'; skipped")
+            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_ROUND:
+                data.notes.append(f"metrics.jsonl line {number}: no integer 'round' in 0..{MAX_ROUND}; skipped")
                 continue
+            record = _typed_record(record, number, data.notes)
             if r in data.rounds:
                 data.notes.append(f"metrics.jsonl: round {r} recorded twice (resumed run?); the later line is used")
             data.rounds[r] = record
@@ -206,6 +207,56 @@ def load_run(run_dir: Path) -> RunData:
         if data.planned_rounds and present[-1] < data.planned_rounds:
             data.notes.append(f"partial run: {len(present)} of {last} planned rounds recorded")
     return data
+
+
+MAX_ROUND = 1_000_000   # the round tables and curves span 1..last round: a round of 10^12 is a broken line
+
+
+def _typed_record(record: dict[str, Any], number: int, notes: list[str]) -> dict[str, Any]:
+    """A metrics line with every field the report reads of the type it expects; a field of the wrong type
+    is dropped with a note naming the line and field (the rest of the line is still used)."""
+    where = f"metrics.jsonl line {number}"
+    record = dict(record)
+    for key in ("train", "evaluation", "timing"):
+        if key in record and not isinstance(record[key], dict):
+            notes.append(f"{where}: field '{key}' is {type(record[key]).__name__}, not an object; ignored")
+            record[key] = {}
+    if "evaluated_by" in record and not isinstance(record["evaluated_by"], str):
+        notes.append(f"{where}: field 'evaluated_by' is not a string; shown as given")
+        record["evaluated_by"] = str(record["evaluated_by"])[:80]
+    train = {}
+    for school, outcome in (record.get("train") or {}).items():
+        if isinstance(outcome, dict) and not isinstance(outcome.get("status", "ok"), str):
+            notes.append(f"{where}: field 'train.{school}.status' is not a string; shown as given")
+            outcome = {**outcome, "status": str(outcome["status"])[:80]}
+        train[school] = outcome
+    record["train"] = train
+    evaluation = {}
+    for name, metrics in (record.get("evaluation") or {}).items():
+        if not isinstance(metrics, dict):
+            notes.append(f"{where}: field 'evaluation.{name}' is {type(metrics).__name__}, not an object; ignored")
+            continue
+        metrics = dict(metrics)
+        if "confusion" in metrics and not _is_confusion(metrics["confusion"]):
+            notes.append(f"{where}: field 'evaluation.{name}.confusion' is not a square table of counts; not drawn")
+            del metrics["confusion"]
+        labels = metrics.get("labels")
+        if labels is not None and not (isinstance(labels, list) and all(isinstance(x, (str, int)) for x in labels)):
+            notes.append(f"{where}: field 'evaluation.{name}.labels' is not a list of names; ignored")
+            del metrics["labels"]
+        for key in ("n", "skipped"):
+            if key in metrics and not (_is_number(metrics[key]) or isinstance(metrics[key], str)):
+                notes.append(f"{where}: field 'evaluation.{name}.{key}' is not a number; ignored")
+                del metrics[key]
+        evaluation[name] = metrics
+    record["evaluation"] = evaluation
+    return record
+
+
+def _is_confusion(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(row, list) and len(row) == len(value) for row in value)
+            and all(_is_number(x) and x >= 0 for row in value for x in row))
 
 
 # -- deriving tables -------------------------------------------------------------------------
@@ -470,14 +521,26 @@ def _privacy_table(data: RunData) -> list[str]:
 
 
 def build_report(run_dir: Path) -> Path:
-    """(Re)build ``report.md`` and ``plots/*.png`` for `run_dir`; returns the report's path."""
-    data = load_run(Path(run_dir))
-    figures = write_plots(data)
-    text = render_markdown(data, figures)
-    path = data.run_dir / "report.md"
-    tmp = path.with_name(f".report.md.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """(Re)build ``report.md`` and ``plots/*.png`` for `run_dir`; returns the report's path.
+
+    Raises ValueError (one line naming the path) when the report or its plots cannot be written."""
+    run_dir = Path(run_dir)
+    path = run_dir / "report.md"
+    plot_dir = run_dir / "plots"
+    # checked before drawing anything: what is in the way stays untouched
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ValueError(f"{path}: exists and is not a regular file; move it away to rebuild the report")
+    if plot_dir.exists() and not plot_dir.is_dir():
+        raise ValueError(f"{plot_dir}: exists and is not a directory; move it away to redraw the plots")
+    data = load_run(run_dir)
+    try:
+        figures = write_plots(data)
+        text = render_markdown(data, figures)
+        tmp = path.with_name(f".report.md.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise ValueError(f"{exc.filename or path}: cannot write the report ({exc.strerror or exc})") from None
     return path
 
 

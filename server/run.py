@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from torch import nn
 
-from server.run_dir import RunDirectory
+from server.run_dir import RunDirectory, check_resume_dir
 from server.strategy import RoundRecord, SchoolFedAvg
 from shared_models.models import registry
 
@@ -50,10 +50,9 @@ def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
             log(INFO, "[fedfer] pretrained: %s", registry.load_pretrained(model, str(cfg["model.pretrained"])))
         return RunStart(RunDirectory.create(cfg), dict(cfg), model)
     run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is None:
-        raise ValueError(f"run.resume: {run.path} has no checkpoint to resume from")
-    resumed_cfg = {**checkpoint["config"], "run.resume": str(run.path)}
+    # loaded with weights_only=True and checked field by field (the CLI ran the same check before Flower)
+    _, checkpoint, checkpoint_cfg = check_resume_dir(run.path)
+    resumed_cfg = {**checkpoint_cfg, "run.resume": str(run.path)}
     model = registry.build_from_config(resumed_cfg)
     model.load_state_dict(checkpoint["state_dict"])
     start = RunStart(run, resumed_cfg, model, int(checkpoint["round"]), dict(checkpoint["strategy"]),

@@ -17,15 +17,42 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
+import stat
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
 from shared_models.atomic_files import append_line, atomic_write_bytes, atomic_write_text
-from shared_models.config import dump_yaml
+from shared_models.config import ConfigError, defaults, dump_yaml, validate
+
+CHECKPOINT_NAME = re.compile(r"^round-[0-9]{4,9}\.pt$")
+MAX_NUM_CLASSES = 1000          # FER uses 7 or 8; a checkpoint claiming 10^9 would allocate a 10^9-row head
+MAX_LATEST_BYTES = 64 * 1024
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round; becomes one line of metrics.jsonl."""
+
+    round: int
+    started: float = field(default_factory=time.time)
+    train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluated_by: str = ""
+    evaluated_in_round: int = 0   # pipelined: the round during whose training this round's model was evaluated
+    aggregated: bool = False
+    num_aggregated: int = 0
+    federation_epsilon: float | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or a run directory to resume is missing, unreadable or inconsistent; one line naming the file."""
 
 
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
@@ -43,7 +70,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         if line:
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
     return records
 
@@ -72,7 +99,11 @@ class RunDirectory:
         root = Path(str(cfg["run.root"])).expanduser()
         if not root.is_absolute():
             root = Path(os.environ.get("FEDFER_WORKDIR", os.getcwd())) / root
-        path = root / (str(cfg["run.name"]) or new_run_id())
+        name = str(cfg["run.name"]) or new_run_id()
+        path = root / name
+        # run.name is checked at config load (one folder name); this is the last guard before writing
+        if name in (".", "..") or Path(os.path.abspath(path)).parent != Path(os.path.abspath(root)):
+            raise ConfigError(f"key 'run.name': {name!r} would leave run.root {root}")
         (path / "checkpoints").mkdir(parents=True, exist_ok=True)
         run = cls(path.resolve())
         if not run.config_path.exists():
@@ -137,8 +168,158 @@ class RunDirectory:
                 self._write_latest({**latest, "evaluated": True})
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
-        latest = self.path / "checkpoints" / "latest.json"
-        if not latest.is_file():
+        """The checkpoint latest.json names, loaded safely and its fields type-checked; None without latest.json.
+        (`check_resume_dir` adds the config and the registry checks a resume needs.)"""
+        if not (self.path / "checkpoints" / "latest.json").exists():
             return None
-        name = json.loads(latest.read_text(encoding="utf-8"))["file"]
-        return torch.load(self.path / "checkpoints" / name, map_location="cpu", weights_only=False)
+        return check_resume_dir(self.path, deep=False)[1]
+
+
+# -- reading checkpoints (untrusted input: a run directory may come from anywhere) ----------------------
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    text = text if text else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """torch.load with weights_only=True (a checkpoint is data: it must never run code when loaded), then
+    the fields every reader relies on; any problem is a CheckpointError naming the file."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the parser trips on, the file is not a checkpoint
+        raise CheckpointError(f"{path}: not a readable fedfer checkpoint ({_first_line(exc)})") from None
+    check_checkpoint(checkpoint, path)
+    return checkpoint
+
+
+def check_checkpoint(checkpoint: Any, path: Path, *, for_resume: bool = False) -> None:
+    """Types and ranges of a loaded checkpoint's fields (model, state_dict; round, config, strategy to resume).
+    Whether the model exists and the weights fit it is `check_resume_dir`'s (and the registry's) business."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not a fedfer checkpoint (expected a dict, got {type(checkpoint).__name__})")
+    model = checkpoint.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path}: missing 'model' (name, preset, num_classes)")
+    for key in ("name", "preset", "num_classes"):
+        if key not in model:
+            raise CheckpointError(f"{path}: missing 'model.{key}'")
+    name, preset, classes = model["name"], model["preset"], model["num_classes"]
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{path}: field 'model.name' must be a model name; got {_show(name)}")
+    if not isinstance(preset, str):
+        raise CheckpointError(f"{path}: field 'model.preset' must be a preset name; got {_show(preset)}")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= MAX_NUM_CLASSES:
+        raise CheckpointError(f"{path}: field 'model.num_classes' must be an int in 2..{MAX_NUM_CLASSES}; "
+                              f"got {_show(classes)}")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: missing 'state_dict'")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: field 'state_dict' must map parameter names to tensors")
+    if "round" in checkpoint or for_resume:
+        rnd = checkpoint.get("round")
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
+            raise CheckpointError(f"{path}: field 'round' must be an int >= 0; got {_show(rnd)}")
+    if not for_resume:
+        return
+    if not isinstance(checkpoint.get("config"), dict):
+        raise CheckpointError(f"{path}: missing 'config' (the run's resolved config)")
+    strategy = checkpoint.get("strategy")
+    if not isinstance(strategy, dict):
+        raise CheckpointError(f"{path}: missing 'strategy' (exhausted schools, momentum)")
+    exhausted = strategy.get("exhausted", [])
+    if not isinstance(exhausted, list) or not all(isinstance(s, str) for s in exhausted):
+        raise CheckpointError(f"{path}: field 'strategy.exhausted' must be a list of school ids")
+    momentum = strategy.get("momentum")
+    if momentum is not None and (not isinstance(momentum, list) or not all(isinstance(m, torch.Tensor) for m in momentum)):
+        raise CheckpointError(f"{path}: field 'strategy.momentum' must be a list of tensors or absent")
+    saved = strategy.get("unevaluated")
+    if saved is not None:
+        try:
+            RoundRecord(**saved)
+            ok = isinstance(saved.get("round"), int)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: field 'strategy.unevaluated' is not a round record")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume_dir(path: Path, *, deep: bool = True) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """Everything `run.resume` will read, checked before any Flower process starts: the directory,
+    checkpoints/latest.json, the checkpoint it names (loaded without running code) and, with `deep`, the
+    config inside it and its weights fitted to its registered model. Returns (checkpoint path, checkpoint,
+    validated config; the checkpoint's raw config without `deep`)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"run.resume: {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"run.resume: {path} is not a directory (give the run directory)")
+    latest = path / "checkpoints" / "latest.json"
+    try:
+        st = latest.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{latest}: not a regular file")
+        if st.st_size > MAX_LATEST_BYTES:
+            raise CheckpointError(f"{latest}: {st.st_size} bytes; not a latest.json")
+        info = json.loads(latest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{latest}: missing; {path} has no checkpoint to resume from") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{latest}: unreadable ({_first_line(exc)})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{latest}: expected a JSON object with 'round' and 'file'")
+    name, rnd = info.get("file"), info.get("round")
+    if not isinstance(name, str) or not CHECKPOINT_NAME.match(name):
+        raise CheckpointError(f"{latest}: field 'file' must name a checkpoint like round-0003.pt; got {_show(name)}")
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
+        raise CheckpointError(f"{latest}: field 'round' must be an int >= 0; got {_show(rnd)}")
+    if "evaluated" in info and not isinstance(info["evaluated"], bool):
+        raise CheckpointError(f"{latest}: field 'evaluated' must be true or false")
+    target = path / "checkpoints" / name
+    checkpoint = load_checkpoint_file(target)
+    check_checkpoint(checkpoint, target, for_resume=True)
+    if checkpoint["round"] != rnd:
+        raise CheckpointError(f"{target}: holds round {checkpoint['round']} but {latest} says round {rnd}")
+    if not deep:
+        return target, checkpoint, dict(checkpoint["config"])
+    known = defaults()
+    try:
+        cfg = validate({k: v for k, v in checkpoint["config"].items() if k in known}, source=f"{target}: config")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    _check_weights_fit(checkpoint, target)
+    return target, checkpoint, cfg
+
+
+def _check_weights_fit(checkpoint: Mapping[str, Any], path: Path) -> None:
+    from shared_models.models import registry
+
+    info = checkpoint["model"]
+    if info["name"] not in registry.available():
+        raise CheckpointError(f"{path}: field 'model.name' must be one of {', '.join(registry.available())}; "
+                              f"got {_show(info['name'])}")
+    if info["preset"] not in registry.presets(info["name"]):
+        raise CheckpointError(f"{path}: field 'model.preset' must be one of "
+                              f"{', '.join(registry.presets(info['name']))}; got {_show(info['preset'])}")
+    model = registry.build(info["name"], num_classes=info["num_classes"], preset=info["preset"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit {info['name']}/{info['preset']} ({_first_line(exc)})") from None

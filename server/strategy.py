@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol
@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from shared_models.wire import ERROR_RECORD
-from server.run_dir import RunDirectory
+from server.run_dir import RoundRecord, RunDirectory
 from server.validation import RejectedUpdate, check_update
 
 
@@ -62,22 +62,6 @@ class NodeInfo:
     role: str
     school_id: str = ""
     public_key_pem: str = ""
-
-
-@dataclass
-class RoundRecord:
-    """What happened in one round; becomes one line of metrics.jsonl."""
-
-    round: int
-    started: float = field(default_factory=time.time)
-    train: dict[str, dict[str, Any]] = field(default_factory=dict)
-    evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)
-    evaluated_by: str = ""
-    evaluated_in_round: int = 0   # pipelined: the round during whose training this round's model was evaluated
-    aggregated: bool = False
-    num_aggregated: int = 0
-    federation_epsilon: float | None = None
-    timing: dict[str, float] = field(default_factory=dict)
 
 
 class RoundHooks(Protocol):

@@ -30,7 +30,7 @@ def test_overrides_are_typed():
     ("federation.roundz=3", "unknown key 'federation.roundz'"),
     ("federation.rounds=three", "key 'federation.rounds' must be int"),
     ("privacy.unit=classroom", "key 'privacy.unit' must be one of student, image"),
-    ("privacy.delta=2", "key 'privacy.delta' must be <= 1.0"),
+    ("privacy.delta=2", "key 'privacy.delta' must be < 1.0"),
     ("nokeyvalue", "must look like key=value"),
 ])
 def test_bad_overrides_name_the_key(override, needle):

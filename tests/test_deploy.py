@@ -260,10 +260,10 @@ def test_evaluator_node_config(deployment, tmp_path):
 @pytest.mark.parametrize("name, kwargs, message", [
     ("bad/name", {"data_dir": Path("/d")}, "node name 'bad/name'"),
     ("ok", {}, "school ok: --data-dir is required"),
-    ("ok", {"data_dir": Path("/d"), "budget": 0.0}, "school ok: --budget must be > 0"),
+    ("ok", {"data_dir": Path("/d"), "budget": 0.0}, "school ok: --budget must be a finite number > 0"),
     ("ok", {"data_dir": Path("/d")}, "school ok: --declared-students is required"),
-    ("ok", {"data_dir": Path("/d"), "budget": float("inf"), "declared": 100}, "school ok: key 'budget' must be a finite"),
-    ("ok", {"data_dir": Path("/d"), "budget": float("nan"), "declared": 100}, "school ok: --budget must be > 0"),
+    ("ok", {"data_dir": Path("/d"), "budget": float("inf"), "declared": 100}, "school ok: --budget must be a finite number > 0"),
+    ("ok", {"data_dir": Path("/d"), "budget": float("nan"), "declared": 100}, "school ok: --budget must be a finite number > 0"),
     ("ok", {"data_dir": Path("/d"), "delta": 0.02, "declared": 100}, r"school ok: key 'delta' must be < 1/declared-students"),
     ("ok", {"data_dir": Path("/d"), "max_round_epsilon": -1.0, "declared": 100}, "school ok: key 'max-round-epsilon'"),
 ])

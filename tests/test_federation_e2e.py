@@ -98,7 +98,7 @@ def test_accuracy_is_the_evaluation_nodes(federation):
     run = federation["run"]
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["evaluated_by"].startswith("evaluator-node")
-    checkpoint = torch.load(run / "checkpoints" / "round-0002.pt", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints" / "round-0002.pt", weights_only=True)
     model = registry.build(checkpoint["model"]["name"], checkpoint["model"]["num_classes"], checkpoint["model"]["preset"])
     model.load_state_dict(checkpoint["state_dict"])
     cfg = load_config(None, TINY)

@@ -122,6 +122,10 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
 
     with pytest.MonkeyPatch.context() as patch:   # the fake schools train a float vector, not the configured model
         patch.setattr("server.run.registry.build_from_config", lambda cfg: FakeModel(_state(0)))
+        # the fake model is no registered model: check the resumed checkpoint's files, not its weights
+        from server.run_dir import check_resume_dir
+
+        patch.setattr("server.run.check_resume_dir", lambda path: check_resume_dir(path, deep=False))
         start = start_or_resume(cfg)
     run = start.run
     writer = Writer(run, start.cfg, start.round_offset)

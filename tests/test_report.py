@@ -167,3 +167,41 @@ def test_evaluate_command_table_and_json(tmp_path, stand_in_registry, capsys):
     assert "missing 'model'" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--benchmark", f"rafdb={tmp_path}"]) == 2
     assert "list_patition_label.txt" in capsys.readouterr().err
+
+
+BROKEN_FIELDS = [
+    ("train", "abc"), ("train", [1, "x"]), ("evaluation", True), ("evaluation", {"rafdb": [1, 2]}),
+    ("timing", [1]), ("timing", "fast"), ("evaluated_by", {"a": 1}), ("round", 10**12),
+    ("evaluation", {"rafdb": {"accuracy": 0.5, "confusion": [[1, 2], [3]], "labels": 5, "n": [1]}}),
+    ("train", {"school-0": {"status": 7, "epsilon": "x"}}),
+]
+
+
+def test_report_survives_wrong_field_types(tmp_path, capsys):
+    """Line i of metrics.jsonl carries the i-th wrong field; one report notes every line and still builds."""
+    run = write_run(tmp_path / "run", list(range(1, len(BROKEN_FIELDS) + 2)), planned=len(BROKEN_FIELDS) + 1)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    for i, (field, value) in enumerate(BROKEN_FIELDS):
+        broken = json.loads(lines[i])
+        broken[field] = value
+        lines[i] = json.dumps(broken)
+    lines.insert(len(BROKEN_FIELDS), "[" * 100_000)   # nesting beyond the JSON parser's recursion limit
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    for i in range(len(BROKEN_FIELDS) + 1):
+        assert f"metrics.jsonl line {i + 1}:" in text, BROKEN_FIELDS[i]
+
+
+@pytest.mark.parametrize("blocker", ["report-dir", "plots-file"])
+def test_report_refuses_what_is_in_its_way(tmp_path, capsys, blocker):
+    run = write_run(tmp_path / "run", [1], planned=1)
+    if blocker == "report-dir":
+        (run / "report.md").mkdir()
+        (run / "report.md" / "keep").write_text("mine")
+    else:
+        (run / "plots").write_text("mine")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and ("report.md" in err if blocker == "report-dir" else "plots" in err)
+    assert ((run / "report.md" / "keep").read_text() if blocker == "report-dir" else (run / "plots").read_text()) == "mine"

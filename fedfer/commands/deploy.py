@@ -53,7 +53,9 @@ def _print_node(dep: Any, name: str, message: str) -> None:
     print(f"{entry.role} '{name}' in {folder}")
     if entry.fingerprint:
         print(f"  node key      {folder / 'supernode'} (0600)  {entry.fingerprint}")
-    print(f"  node-config   {folder / 'node-config.toml'}: " + " ".join(f"{k}={v}" for k, v in entry.node_config.items()))
+    from server.processes import format_node_config
+
+    print(f"  node-config   {folder / 'node-config.toml'}: " + format_node_config(entry.node_config))
     if entry.role == "school":
         print(f"  ledger key    {dep.keyring / (name + '.pub')} (server keyring)")
     print(f"  {message}")
@@ -151,7 +153,11 @@ def _wrap(handler):  # one-line errors, exit 2
         try:
             return handler(args)
         except (DeployError, CredentialError, LayoutError, DeploymentError) as exc:
-            print(f"fedfer deploy: {exc}", file=sys.stderr)
+            print(f"fedfer deploy: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        except OSError as exc:   # a path the user named is unusable in a way the checks did not foresee
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"fedfer deploy: {where}{exc.strerror or exc}", file=sys.stderr)
             return 2
     return run
 

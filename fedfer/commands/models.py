@@ -51,6 +51,9 @@ def _models(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)
+    if not 2 <= args.classes <= 1000:   # the head is classes x features: 10^9 classes would exhaust memory
+        print(f"fedfer models: --classes must be in 2..1000, got {args.classes}", file=sys.stderr)
+        return 2
     try:
         table = rows(args.model, args.preset, args.classes)
     except ValueError as exc:

@@ -64,10 +64,11 @@ def _fail(command: str, message: str) -> int:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a server checkpoint (or a run directory's latest one) and check its fields."""
-    import pickle
+    """Read a server checkpoint (or a run directory's latest one) and check its fields.
 
-    import torch
+    Loaded with torch.load(weights_only=True) through server.run_dir: a checkpoint is data and must not be
+    able to run code when loaded."""
+    from server.run_dir import CHECKPOINT_NAME, load_checkpoint_file
 
     path = Path(path)
     if path.is_dir():
@@ -75,27 +76,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if not latest.is_file():
             raise ValueError(f"{path}: a directory without checkpoints/latest.json (not a run directory?)")
         try:
-            path = path / "checkpoints" / json.loads(latest.read_text(encoding="utf-8"))["file"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{latest}: unreadable ({exc})") from None
-    if not path.is_file():
-        raise ValueError(f"{path}: checkpoint not found")
-    try:
-        # weights_only: a checkpoint is data; it must not be able to run code when loaded
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a readable fedfer checkpoint ({first})") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a fedfer checkpoint (expected a dict, got {type(checkpoint).__name__})")
-    model = checkpoint.get("model")
-    if not isinstance(model, dict):
-        raise ValueError(f"{path}: missing 'model' (name, preset, num_classes)")
-    for key in ("name", "preset", "num_classes"):
-        if key not in model:
-            raise ValueError(f"{path}: missing 'model.{key}'")
-    if not isinstance(checkpoint.get("state_dict"), dict):
-        raise ValueError(f"{path}: missing 'state_dict'")
+            name = json.loads(latest.read_text(encoding="utf-8"))["file"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise ValueError(f"{latest}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+        if not isinstance(name, str) or not CHECKPOINT_NAME.match(name):
+            raise ValueError(f"{latest}: field 'file' must name a checkpoint like round-0003.pt; got {name!r:.60}")
+        path = path / "checkpoints" / name
+    checkpoint = load_checkpoint_file(path)   # raises CheckpointError (a ValueError) naming the file
     checkpoint["_path"] = str(path)
     return checkpoint
 
@@ -105,7 +92,10 @@ def build_model(checkpoint: dict[str, Any]):
     from shared_models.models import registry
 
     info = checkpoint["model"]
-    model = registry.build(str(info["name"]), int(info["num_classes"]), str(info["preset"]))
+    try:
+        model = registry.build(str(info["name"]), int(info["num_classes"]), str(info["preset"]))
+    except ValueError as exc:   # unknown model or preset: say which file claims it
+        raise ValueError(f"{checkpoint['_path']}: {exc}") from None
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
@@ -196,8 +186,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     if args.batch_size < 1:
         return _fail("evaluate", f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.bootstrap < 0:
-        return _fail("evaluate", f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.bootstrap < 0 or args.bootstrap > 1_000_000:
+        return _fail("evaluate", f"--bootstrap must be in 0..1000000, got {args.bootstrap}")
+    if args.input_size is not None and not 16 <= args.input_size <= 1024:
+        return _fail("evaluate", f"--input-size must be in 16..1024, got {args.input_size}")
+    if args.batch_size > 100_000:
+        return _fail("evaluate", f"--batch-size must be <= 100000, got {args.batch_size}")
     try:
         results = evaluate_checkpoint(args.checkpoint, args.benchmark, data_root=args.data_root,
                                       batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,

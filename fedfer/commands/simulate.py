@@ -43,8 +43,16 @@ def _config(args: argparse.Namespace) -> dict[str, Any] | None:
     try:
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg, source=str(args.config or "override"))
+        if cfg["run.resume"]:
+            from server.run_dir import check_resume_dir
+
+            # the ServerApp repeats this check; here a bad run directory is refused before Flower starts
+            check_resume_dir(Path(str(cfg["run.resume"])))
         return cfg
     except ConfigError as exc:
+        print(f"fedfer: {exc}", file=sys.stderr)
+        return None
+    except ValueError as exc:   # CheckpointError: the run directory to resume
         print(f"fedfer: {exc}", file=sys.stderr)
         return None
 

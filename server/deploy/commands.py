@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import secrets
 import shlex
@@ -24,6 +25,57 @@ class DeployError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ helpers
+def check_target_dir(path: Path, what: str) -> None:
+    """`path` will be created or written into: refuse it, before anything is written, if it (or the
+    nearest existing folder above it) is not a writable directory."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise DeployError(f"{what} {path}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise DeployError(f"{what} {path}: not writable")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DeployError(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DeployError(f"{what} {path}: {parent} is not writable")
+
+
+def check_port(port: int | None, what: str) -> None:
+    from server.deploy.layout import port_problem
+
+    if port is not None and (problem := port_problem(port)):
+        raise DeployError(f"{what} {problem}")
+
+
+def check_flwr_home(flwr_home: Path) -> None:
+    """Flower's CLI home must be a directory whose config.toml (if any) is a TOML file Flower can extend."""
+    import tomllib
+
+    check_target_dir(flwr_home, "--flwr-home")
+    config = Path(flwr_home) / "config.toml"
+    if config.exists():
+        if not config.is_file():
+            raise DeployError(f"{config}: not a regular file")
+        try:
+            tomllib.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise DeployError(f"{config}: not a readable TOML file ({' '.join(str(exc).split())[:120]})") from None
+
+
+def check_text(value: str, what: str) -> None:
+    """A name or path that ends up in TOML, a shell script and one-line messages: printable, valid UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DeployError(f"{what} {value!r:.80}: not valid UTF-8") from None
+    if not value.isprintable() or len(value) > 4096:
+        raise DeployError(f"{what} {value!r:.80}: contains a control character or is too long")
+
+
 def default_flwr_home() -> Path:
     return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
 
@@ -105,16 +157,26 @@ def init_deployment(root: Path, coordinator: str, sans: Iterable[str] = (), *, p
                     executor: str = "warm", flwr_home: Path | None = None, force: bool = False) -> "Deployment":
     """Create the CA, the SuperLink certificate, the coordinator start script and the CLI connection."""
     from server.deploy import credentials as cred
-    from server.deploy.layout import (DEFAULT_CONNECTION, DEFAULT_PORT, MANIFEST, Deployment, superlink_script,
-                                      write_script)
+    from server.deploy.layout import (CONNECTION, DEFAULT_CONNECTION, DEFAULT_PORT, MANIFEST, Deployment,
+                                      superlink_script, write_script)
 
     root = Path(root).resolve()
+    # every check comes before the first write: a refused init leaves the disk as it was
+    check_target_dir(root, "--dir")
     if (root / MANIFEST).exists() and not force:
         raise DeployError(f"{root / MANIFEST} exists; a new CA would invalidate every school's folder "
                           "(use --force to start over)")
     names = cred.san_names([coordinator, *sans])          # validates every name, adds loopback
     if executor not in ("warm", "flower"):
         raise DeployError(f"--executor must be 'warm' or 'flower', got {executor!r}")
+    check_port(port, "--port")
+    if bind is not None:
+        cred.classify_name(bind)                          # an address or host name, nothing a shell would read
+    if connection is not None and not CONNECTION.match(connection):
+        raise DeployError(f"--connection {connection!r:.80}: use 1-64 letters, digits, '_' or '-'")
+    for sub in ("ca", "coordinator", "keys", "nodes"):
+        check_target_dir(root / sub, "--dir")
+    check_flwr_home(flwr_home or default_flwr_home())
     loopback = coordinator in ("localhost", "127.0.0.1", "::1")
     dep = Deployment(root=root, coordinator=coordinator, port=port or DEFAULT_PORT,
                      bind=bind or ("127.0.0.1" if loopback else "0.0.0.0"), sans=names,
@@ -226,13 +288,21 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
     check_node_name(name)
     if name in dep.nodes:
         raise DeployError(f"node {name!r} already exists in {dep.root}; use `fedfer deploy rotate {name}` for new keys")
-    if budget is not None and not budget > 0:
-        raise DeployError(f"school {name}: --budget must be > 0, got {budget}")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise DeployError(f"school {name}: --budget must be a finite number > 0, got {budget}")
+    # every check comes before the first write: a refused command leaves the deployment as it was
+    check_port(runtime_port, f"{name}: --runtime-port")
+    if runtime_port is not None and runtime_port == dep.port:
+        raise DeployError(f"{name}: --runtime-port {runtime_port} is the SuperLink's port")
     folder = dep.node_dir(name)
+    for path in (data_dir, state_dir):
+        if path is not None:
+            check_text(str(path), f"{name}:")
     if role == "school":
         if data_dir is None:
             raise DeployError(f"school {name}: --data-dir is required")
         state = Path(state_dir) if state_dir else folder / "state"
+        check_target_dir(state.expanduser(), f"school {name}: --state-dir")
         policy = school_policy(name, Path(data_dir).expanduser(), unit=unit, delta=delta, budget=budget,
                                max_round_epsilon=max_round_epsilon, declared=declared)
         config = school_node_config(name, Path(data_dir).expanduser().absolute(), state.expanduser().absolute(), policy)
@@ -241,10 +311,16 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
     port = runtime_port or dep.next_runtime_port()
     if any(e.runtime_port == port for e in dep.nodes.values()):
         raise DeployError(f"runtime port {port} is already used by another node of {dep.root}")
+    for path, what in ((folder, "node folder"), (dep.keyring, "keyring")):
+        check_target_dir(path, what)
+    ca_pem = b""
+    if not dep.insecure:
+        cred.load_certificate(dep.ca_cert)        # present and a certificate, before the node folder exists
+        ca_pem = dep.ca_cert.read_bytes()
     entry = NodeEntry(name=name, role=role, runtime_port=port, node_config=config)
     folder.mkdir(parents=True, exist_ok=True)
     if not dep.insecure:
-        cred.write_public(folder / "ca.crt", dep.ca_cert.read_bytes())
+        cred.write_public(folder / "ca.crt", ca_pem)
         key = cred.create_node_key(folder, "supernode", comment=f"fedfer-{name}")
         entry.fingerprint = key.fingerprint
     cred.write_private(folder / "superexec.secret", secrets.token_hex(32).encode())

@@ -125,6 +125,14 @@ def certificate_sans(cert: x509.Certificate) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ CA + server cert
+MAX_COMMON_NAME = 64   # RFC 5280 ub-common-name; a longer host name lives in the SAN only
+
+
+def common_name_for(text: str, fallback: str) -> str:
+    """`text` as a certificate CN, or `fallback` when it is too long (TLS clients check the SAN, not the CN)."""
+    return text if 0 < len(text) <= MAX_COMMON_NAME else fallback
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
@@ -132,7 +140,7 @@ def _now() -> _dt.datetime:
 def create_ca(common_name: str = "fedfer coordinator CA", valid_days: int = CA_VALID_DAYS) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A self-signed CA (EC P-384) that may only sign end-entity certificates (path length 0)."""
     key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name_for(common_name, "fedfer CA")),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedfer")])
     now = _now()
     cert = (
@@ -165,7 +173,7 @@ def issue_server_certificate(
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, sans[0]),
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name_for(sans[0], "fedfer SuperLink")),
                                  x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedfer")]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
@@ -211,8 +219,10 @@ def load_certificate(path: Path) -> x509.Certificate:
         return x509.load_pem_x509_certificate(Path(path).read_bytes())
     except FileNotFoundError:
         raise CredentialError(f"{path}: certificate file missing") from None
+    except OSError as exc:
+        raise CredentialError(f"{path}: cannot read the certificate ({exc.strerror or exc})") from None
     except ValueError as exc:
-        raise CredentialError(f"{path}: not a PEM certificate ({exc})") from None
+        raise CredentialError(f"{path}: not a PEM certificate ({' '.join(str(exc).split())})") from None
 
 
 def load_ec_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -220,6 +230,8 @@ def load_ec_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
         raise CredentialError(f"{path}: private key file missing") from None
+    except OSError as exc:
+        raise CredentialError(f"{path}: cannot read the private key ({exc.strerror or exc})") from None
     except (ValueError, TypeError) as exc:
         raise CredentialError(f"{path}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):

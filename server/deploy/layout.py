@@ -20,6 +20,7 @@ starting the processes from Python (tests, benchmark), so what is tested is what
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -36,7 +37,18 @@ DEFAULT_PORT = 9093
 DEFAULT_RUNTIME_PORT = 9101
 DEFAULT_CONNECTION = "fedfer"
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CONNECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")   # a TOML table name in Flower's config.toml
 HERE = "$HERE"   # placeholder for the script's own directory in generated scripts
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+def port_problem(port: Any) -> str | None:
+    """Why `port` is not a TCP port number (None when it is one)."""
+    if isinstance(port, bool) or not isinstance(port, int):
+        return f"must be an integer, got {port!r:.40}"
+    if not 1 <= port <= 65535:
+        return f"must be in 1..65535, got {port}"
+    return None
 
 
 class LayoutError(ValueError):
@@ -122,20 +134,85 @@ class Deployment:
     def load(cls, root: Path) -> "Deployment":
         root = Path(root)
         path = root / MANIFEST
+        if root.exists() and not root.is_dir():
+            raise LayoutError(f"{root}: not a directory (--dir names the deployment directory)")
         try:
-            data = json.loads(path.read_text())
+            if path.exists() and not path.is_file():
+                raise LayoutError(f"{path}: not a regular file")
+            raw = path.read_bytes()[: MAX_MANIFEST_BYTES + 1]
         except FileNotFoundError:
             raise LayoutError(f"{path}: no deployment here; run `fedfer deploy init --coordinator HOST --dir {root}` first") from None
+        except OSError as exc:
+            raise LayoutError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise LayoutError(f"{path}: larger than {MAX_MANIFEST_BYTES // 1024 // 1024} MiB; not a deployment manifest")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise LayoutError(f"{path}: not UTF-8 text (byte {exc.start}); not a deployment manifest") from None
         except json.JSONDecodeError as exc:
             raise LayoutError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}") from None
+        except RecursionError:
+            raise LayoutError(f"{path}: nested too deeply; not a deployment manifest") from None
+        if not isinstance(data, dict):
+            raise LayoutError(f"{path}: expected a JSON object, got {type(data).__name__}")
         if data.get("version") != MANIFEST_VERSION:
-            raise LayoutError(f"{path}: field 'version' is {data.get('version')!r}, expected {MANIFEST_VERSION}")
+            raise LayoutError(f"{path}: field 'version' is {data.get('version')!r:.40}, expected {MANIFEST_VERSION}")
+        nodes_data = data.pop("nodes", {})
+        if not isinstance(nodes_data, dict):
+            raise LayoutError(f"{path}: field 'nodes' must be an object of node name -> entry")
         try:
-            nodes = {name: NodeEntry(**entry) for name, entry in data.pop("nodes", {}).items()}
+            nodes = {name: NodeEntry(**entry) for name, entry in nodes_data.items()}
             data.pop("version")
-            return cls(root=root, nodes=nodes, **data)
+            dep = cls(root=root, nodes=nodes, **data)
         except TypeError as exc:
             raise LayoutError(f"{path}: unexpected or missing field ({exc})") from None
+        problem = dep.problem()
+        if problem:
+            raise LayoutError(f"{path}: {problem}")
+        return dep
+
+    def problem(self) -> str | None:
+        """The first field of the manifest with a wrong type or value (None: all fine)."""
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v: Any) -> bool:
+            return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+        if not isinstance(self.coordinator, str) or not self.coordinator:
+            return "field 'coordinator' must be a host name"
+        if port_problem(self.port):
+            return f"field 'port': {port_problem(self.port)}"
+        if not isinstance(self.bind, str) or not isinstance(self.connection, str) or not CONNECTION.match(self.connection):
+            return "fields 'bind' and 'connection' must be strings (connection: letters, digits, '_', '-')"
+        if not isinstance(self.sans, list) or not all(isinstance(n, str) for n in self.sans):
+            return "field 'sans' must be a list of host names"
+        if not isinstance(self.insecure, bool):
+            return "field 'insecure' must be true or false"
+        if self.executor not in ("warm", "flower"):
+            return f"field 'executor' must be 'warm' or 'flower', got {self.executor!r:.40}"
+        for key in ("idle_poll", "reply_poll"):
+            if not is_number(getattr(self, key)) or getattr(self, key) < 0:
+                return f"field '{key}' must be a finite number >= 0"
+        for name, entry in self.nodes.items():
+            where = f"node {name!r:.70}"
+            if not NODE_NAME.match(name) or entry.name != name:
+                return f"{where}: a node name must match its entry's 'name' (1-64 letters, digits, '.', '_', '-')"
+            if entry.role not in ("school", "evaluator"):
+                return f"{where}: field 'role' must be 'school' or 'evaluator'"
+            if port_problem(entry.runtime_port):
+                return f"{where}: field 'runtime_port': {port_problem(entry.runtime_port)}"
+            if not isinstance(entry.node_config, dict) or not all(
+                    isinstance(k, str) and (isinstance(v, (str, bool)) or is_number(v)) for k, v in entry.node_config.items()):
+                return f"{where}: field 'node_config' must map keys to strings, booleans or finite numbers"
+            if entry.node_id is not None and not is_int(entry.node_id):
+                return f"{where}: field 'node_id' must be an integer or null"
+            if not isinstance(entry.fingerprint, str) or entry.status not in ("created", "registered", "revoked"):
+                return f"{where}: fields 'fingerprint' (string) and 'status' (created|registered|revoked) are malformed"
+            if not isinstance(entry.revoked, list) or not all(isinstance(r, dict) for r in entry.revoked):
+                return f"{where}: field 'revoked' must be a list of objects"
+        return None
 
     def next_runtime_port(self) -> int:
         used = {entry.runtime_port for entry in self.nodes.values()}
@@ -189,8 +266,27 @@ def write_node_config(path: Path, config: dict[str, Any]) -> None:
     lines = ["# SuperNode node-config, read by fedfer's ClientApp (client/node.py). Generated by `fedfer deploy`;",
              "# edit data-dir / state-dir if this folder moves to another path on the school's machine."]
     for key, value in config.items():
-        lines.append(f"{key} = {json.dumps(value)}")   # JSON strings/numbers are valid TOML values
-    write_public(path, ("\n".join(lines) + "\n").encode())
+        if isinstance(value, float) and not math.isfinite(value):   # json.dumps would write Infinity/NaN: not TOML
+            raise LayoutError(f"{path}: node-config '{key}' must be a finite number, got {value}")
+        if not re.match(r"^[A-Za-z0-9_-]+$", key):
+            raise LayoutError(f"{path}: node-config key {key!r} is not a TOML bare key")
+        if isinstance(value, str) and (not value.isprintable() or not _utf8(value)):
+            raise LayoutError(f"{path}: node-config '{key}' contains a control or undecodable character")
+        lines.append(f"{key} = {json.dumps(value)}")   # JSON strings/finite numbers are valid TOML values
+    text = "\n".join(lines) + "\n"
+    import tomllib
+
+    if tomllib.loads(text) != config:   # what the SuperNode will read back, checked before it is written
+        raise LayoutError(f"{path}: node-config would not read back as written")
+    write_public(path, text.encode())
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 # ------------------------------------------------------------------------------------ commands

@@ -1,0 +1,556 @@
+"""Malformed input through the `fedfer` command surfaces that read configs, run directories, checkpoints,
+deployment folders and report folders: every case in its own subprocess with a timeout.
+
+    python -m simulations.fuzz_inputs [--code-root DIR] [--timeout 60] [--only config,resume,...] [--out F.json]
+
+Per case it records the exit code and classifies the outcome:
+
+    traceback   a Python traceback reached the user (stderr)
+    internal    `fedfer: internal error: ...` (fedfer's last-resort line for a bug; counted as a crash)
+    hang        the command did not finish within --timeout seconds
+    damaged     a file that existed before the command was changed or removed (when the command failed,
+                or when it succeeded but the file is not one the command is meant to rewrite)
+    wrote       the command failed but left new files behind ("nothing written on refusal" broken)
+    accepted    the case must be refused and the command exited 0 (or refused it for another reason:
+                the message does not name what the case broke)
+    executed    a crafted checkpoint's payload ran (its marker file exists)
+    multiline   refused, but the message is more than one line (argparse's usage + error is allowed)
+    refused-valid  a valid input (e.g. a 114-character host name) was refused
+    ok          refused in one line naming the problem, or accepted where acceptance is right
+
+--code-root runs the same cases against another checkout (e.g. the main branch before the change) to
+get a before/after table. Prints a table and writes JSON with the command, the per-case outcomes and
+the counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent.parent
+OUTCOMES = ("traceback", "internal", "hang", "damaged", "wrote", "accepted", "executed", "multiline", "refused-valid",
+            "ok")
+
+
+@dataclass
+class Case:
+    surface: str
+    name: str
+    argv: list[str]                          # after `python -m fedfer`
+    setup: Callable[[Path], None] | None = None
+    expect: str = "refuse"                   # refuse | accept | any
+    needle: str = ""                         # a refusal must mention this (the key, file or field)
+    may_rewrite: tuple[str, ...] = ()        # pre-existing files a successful run may rewrite (glob, relative)
+    marker: str = ""                         # relative path whose existence means code ran
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ fixtures
+def python_code(root: Path, code: str) -> None:
+    """Run `code` with the checkout under test (used to build valid artefacts to break)."""
+    env = {**os.environ, "PYTHONPATH": str(CODE_ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, capture_output=True, timeout=300)
+
+
+BUILD_RUN = """
+import sys
+from pathlib import Path
+import torch
+from shared_models.config import load_config
+from shared_models.models import registry
+from server.run_dir import RunDirectory
+cfg = load_config(None, ["run.root=" + str(Path('runs').resolve()), "run.name=r1"])
+run = RunDirectory.create(cfg)
+model = registry.build("hafnet", num_classes=7, preset="dp")
+run.save_checkpoint(1, model.state_dict(), {"name": "hafnet", "preset": "dp", "num_classes": 7}, cfg,
+                    {"exhausted": [], "momentum": None})
+"""
+
+
+class Templates:
+    """Valid artefacts built once per fuzz run, copied into each case's folder and then broken."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.run = work / "template-run"
+        self.run.mkdir()
+        python_code(self.run, BUILD_RUN)
+        self.run_dir = self.run / "runs" / "r1"
+        self.deploy = work / "template-deploy"
+        self.deploy.mkdir()
+        env_home = self.deploy / "flwr-home"
+        python_code(self.deploy, "from pathlib import Path\nfrom server import deploy_cli\n"
+                                 f"deploy_cli.init_deployment(Path('deploy'), 'localhost', port=19093, "
+                                 f"flwr_home=Path({str(env_home)!r}))")
+        self.report = work / "template-report"
+        self.report.mkdir()
+        sys.path.insert(0, str(HERE / "tests"))
+        from test_report import write_run   # the report tests' synthetic run directory
+
+        write_run(self.report / "run", [1, 2], planned=2)
+
+
+def copy_run(t: Templates, case_dir: Path) -> Path:
+    shutil.copytree(t.run_dir, case_dir / "run")
+    return case_dir / "run"
+
+
+def copy_deploy(t: Templates, case_dir: Path) -> None:
+    shutil.copytree(t.deploy / "deploy", case_dir / "deploy")
+    shutil.copytree(t.deploy / "flwr-home", case_dir / "flwr-home")
+
+
+def copy_report(t: Templates, case_dir: Path) -> Path:
+    shutil.copytree(t.report / "run", case_dir / "run")
+    return case_dir / "run"
+
+
+def checkpoint_bytes(t: Templates) -> bytes:
+    return (t.run_dir / "checkpoints" / "round-0001.pt").read_bytes()
+
+
+class _Marker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def malicious_checkpoint(path: Path, marker: Path) -> None:
+    """A pickle (torch's legacy format is plain pickle) whose loading creates `marker`."""
+    with path.open("wb") as handle:
+        pickle.dump({"round": 1, "model": {"name": "hafnet", "preset": "dp", "num_classes": 7},
+                     "payload": _Marker(str(marker))}, handle, protocol=2)
+
+
+def edit_checkpoint(t: Templates, target: Path, change: Callable[[dict], None]) -> None:
+    import torch
+
+    checkpoint = torch.load(t.run_dir / "checkpoints" / "round-0001.pt", weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, target)
+
+
+# ------------------------------------------------------------------------------------ cases
+NOWHERE = "/nonexistent-fuzz-resume"   # keeps a config that passes from starting a federation
+
+
+def config_cases() -> list[Case]:
+    files = {
+        "duplicate-key": ("train:\n  lr: 1.0\n  lr: 2.0\n", "duplicate"),
+        "inf": ("train:\n  lr: .inf\n", "c.yaml"), "nan": ("privacy:\n  delta: .nan\n", "c.yaml"),
+        "overflow-float": ("train:\n  lr: 1e999\n", "train.lr"),
+        "recursive-alias": ("a: &a [*a]\n", "c.yaml"),
+        "laughs": ("a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+                   "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n"
+                   "f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: [*f,*f,*f,*f,*f,*f,*f,*f,*f]\n", "c.yaml"),
+        "deep-list": ("x: " + "[" * 100000 + "]" * 100000 + "\n", "c.yaml"),
+        "deep-map": ("".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "v: 1\n", "c.yaml"),
+        "huge-int": ("run:\n  seed: " + "9" * 5000 + "\n", "c.yaml"),
+        "python-tag": ("a: !!python/object/apply:os.system ['true']\n", "c.yaml"),
+        "list-top": ("- 1\n- 2\n", "c.yaml"), "scalar-top": ("hello\n", "c.yaml"),
+        "unknown-model": ("model:\n  name: resnet9000\n", "model.name"),
+        "unknown-preset": ("model:\n  preset: giant\n", "model.preset"),
+        "unknown-bench": ("evaluation:\n  benchmarks: fer2031\n", "evaluation.benchmarks"),
+        "bench-no-path": ("evaluation:\n  benchmarks: rafdb\n", "evaluation.benchmarks"),
+        "run-name-escape": ("run:\n  name: ../../escaped\n", "run.name"),
+        "section-scalar": ("train: 5\n", "train"),
+        "list-value": ("train:\n  lr: [1, 2]\n", "train.lr"),
+        "date-value": ("train:\n  lr: 2024-01-01\n", "train.lr"),
+        "nested-dotted-clash": ("train:\n  lr: 1.0\ntrain.lr: 2.0\n", "twice"),
+        "momentum-negative": ("train:\n  momentum: -0.5\n", "train.momentum"),
+        "delta-zero": ("privacy:\n  delta: 0\n", "privacy.delta"),
+        "budget-neg": ("privacy:\n  budget: -1\n", "privacy.budget"),
+        "tab-in-path": ("data:\n  root: \"a\\tb\"\n", "data.root"),
+        "nul-in-path": ("data:\n  root: \"a\\0b\"\n", "data.root"),
+        "bool-for-int": ("federation:\n  rounds: true\n", "federation.rounds"),
+        "float-for-int": ("federation:\n  rounds: 2.5\n", "federation.rounds"),
+        "empty-key": ("? ''\n: 1\n", "c.yaml"),
+        "complex-key": ("? [a, b]\n: 1\n", "c.yaml"),
+    }
+    cases = []
+    for name, (text, needle) in files.items():
+        def setup(d: Path, text: str = text) -> None:
+            (d / "c.yaml").write_text(text, encoding="utf-8")
+        cases.append(Case("config", name, ["simulate", "--config", "c.yaml", f"run.resume={NOWHERE}"], setup,
+                          needle=needle))
+    binary = {"latin1": "train:\n  optimizer: s\xe9d\n".encode("latin-1"), "random": bytes(range(256)) * 4,
+              "utf16": "train:\n  lr: 1.0\n".encode("utf-16")}
+    for name, data in binary.items():
+        def setup(d: Path, data: bytes = data) -> None:
+            (d / "c.yaml").write_bytes(data)
+        cases.append(Case("config", f"bytes-{name}", ["simulate", "--config", "c.yaml", f"run.resume={NOWHERE}"],
+                          setup, needle="c.yaml"))
+    cases.append(Case("config", "config-is-dir", ["simulate", "--config", ".", f"run.resume={NOWHERE}"], needle="."))
+    cases.append(Case("config", "config-fifo", ["simulate", "--config", "c.yaml", f"run.resume={NOWHERE}"],
+                      lambda d: os.mkfifo(d / "c.yaml"), needle="c.yaml"))
+    overrides = {
+        "train.lr=nan": "train.lr", "train.lr=inf": "train.lr", "train.lr=-1": "train.lr", "train.lr=0": "train.lr",
+        "train.momentum=-1": "train.momentum", "train.weight_decay=-0.1": "train.weight_decay",
+        "privacy.budget=nan": "privacy.budget", "privacy.budget=inf": "privacy.budget", "privacy.budget=0": "privacy.budget",
+        "privacy.delta=0": "privacy.delta", "privacy.delta=1": "privacy.delta", "privacy.delta=nan": "privacy.delta",
+        "privacy.target_epsilon=0": "privacy.target_epsilon", "privacy.target_epsilon=inf": "privacy.target_epsilon",
+        "privacy.target_epsilon=nan": "privacy.target_epsilon",
+        "federation.max_update_norm=nan": "federation.max_update_norm",
+        "federation.max_update_norm=inf": "federation.max_update_norm",
+        "federation.max_update_norm=0": "federation.max_update_norm",
+        "federation.rounds=0": "federation.rounds", "federation.rounds=1e9": "federation.rounds",
+        "federation.rounds=" + "9" * 5000: "federation.rounds",
+        "federation.fraction_train=0": "federation.fraction_train", "federation.schools=-3": "federation.schools",
+        "model.name=resnet": "model.name", "model.preset=huge": "model.preset",
+        "evaluation.benchmarks=nope": "evaluation.benchmarks", "evaluation.benchmarks=": "evaluation.benchmarks",
+        "run.name=../../x": "run.name", "run.name=/abs": "run.name", "run.name=a/b": "run.name",
+        "run.seed=-1": "run.seed", "data.seed=99999999999": "data.seed", "train.threads=0": "train.threads",
+        "privacy.school_budgets=s1=inf": "privacy.school_budgets", "privacy.school_budgets=s1": "privacy.school_budgets",
+        "privacy.max_grad_norm=0": "privacy.max_grad_norm", "data.image_size=4": "data.image_size",
+        "federation.round_timeout=0": "federation.round_timeout", "privacy.accountant=magic": "privacy.accountant",
+        "federation.roundz=3": "federation.roundz", "noequals": "noequals",
+    }
+    for item, needle in overrides.items():
+        cases.append(Case("override", item[:60], ["simulate", item, f"run.resume={NOWHERE}"], needle=needle))
+    return cases
+
+
+def resume_cases(t: Templates) -> list[Case]:
+    cases = []
+
+    def add(name: str, setup: Callable[[Path], None], needle: str, marker: str = "") -> None:
+        cases.append(Case("resume", name, ["simulate", "run.resume=run", "run.root=runs-new", "federation.rounds=1"],
+                          setup, needle=needle, marker=marker))
+
+    add("missing-dir", lambda d: None, "run")
+    add("is-file", lambda d: (d / "run").write_text("x"), "run")
+    add("empty-dir", lambda d: (d / "run").mkdir(), "latest.json")
+
+    def latest(text: str) -> Callable[[Path], None]:
+        def setup(d: Path) -> None:
+            (copy_run(t, d) / "checkpoints" / "latest.json").write_text(text)
+        return setup
+
+    add("latest-garbage", latest("{not json"), "latest.json")
+    add("latest-list", latest("[]"), "latest.json")
+    add("latest-traversal", latest('{"round": 1, "file": "../../../etc/passwd"}'), "latest.json")
+    add("latest-round-str", latest('{"round": "1", "file": "round-0001.pt"}'), "latest.json")
+    add("latest-missing-file", latest('{"round": 1, "file": "round-0007.pt"}'), "round-0007.pt")
+    add("latest-deep", latest("[" * 100000), "latest.json")
+
+    def ckpt(data: Callable[[], bytes]) -> Callable[[Path], None]:
+        def setup(d: Path) -> None:
+            (copy_run(t, d) / "checkpoints" / "round-0001.pt").write_bytes(data())
+        return setup
+
+    add("ckpt-random", ckpt(lambda: os.urandom(8192)), "round-0001.pt")
+    add("ckpt-text", ckpt(lambda: b"hello\n" * 100), "round-0001.pt")
+    add("ckpt-empty", ckpt(lambda: b""), "round-0001.pt")
+    add("ckpt-truncated", ckpt(lambda: checkpoint_bytes(t)[:5000]), "round-0001.pt")
+
+    def edited(change: Callable[[dict], None]) -> Callable[[Path], None]:
+        def setup(d: Path) -> None:
+            edit_checkpoint(t, copy_run(t, d) / "checkpoints" / "round-0001.pt", change)
+        return setup
+
+    add("classes-abc", edited(lambda c: c["model"].__setitem__("num_classes", "abc")), "num_classes")
+    add("classes-1e9", edited(lambda c: c["model"].__setitem__("num_classes", 10**9)), "num_classes")
+    add("model-unknown", edited(lambda c: c["model"].__setitem__("name", "resnet")), "model.name")
+    add("no-config", edited(lambda c: c.pop("config")), "config")
+    add("config-nan", edited(lambda c: c["config"].__setitem__("train.lr", float("nan"))), "train.lr")
+    add("config-escape", edited(lambda c: c["config"].__setitem__("run.name", "../../x")), "run.name")
+    add("wrong-weights", edited(lambda c: c.__setitem__("state_dict", {"x": __import__("torch").zeros(2)})),
+        "round-0001.pt")
+    add("round-mismatch", edited(lambda c: c.__setitem__("round", 5)), "round")
+    add("strategy-junk", edited(lambda c: c.__setitem__("strategy", {"exhausted": "all"})), "strategy")
+
+    def evil(d: Path) -> None:
+        run = copy_run(t, d)
+        malicious_checkpoint(run / "checkpoints" / "round-0001.pt", d / "EXECUTED")
+    add("pickle-payload", evil, "round-0001.pt", marker="EXECUTED")
+    return cases
+
+
+def checkpoint_cases(t: Templates) -> list[Case]:
+    cases = []
+
+    def add(name: str, setup: Callable[[Path], None], needle: str = "ck.pt", marker: str = "") -> None:
+        cases.append(Case("checkpoint", name, ["evaluate", "--checkpoint", "ck.pt", "--benchmark", "synthetic-fer2013",
+                                               "--data-root", "nowhere"], setup, needle=needle, marker=marker))
+
+    add("random", lambda d: (d / "ck.pt").write_bytes(os.urandom(4096)))
+    add("text", lambda d: (d / "ck.pt").write_text("not a checkpoint"))
+    add("truncated", lambda d: (d / "ck.pt").write_bytes(checkpoint_bytes(t)[:3000]))
+    add("dir", lambda d: (d / "ck.pt").mkdir())
+    add("fifo", lambda d: os.mkfifo(d / "ck.pt"))
+    add("classes-abc", lambda d: edit_checkpoint(t, d / "ck.pt", lambda c: c["model"].__setitem__("num_classes", "abc")))
+    add("classes-1e9", lambda d: edit_checkpoint(t, d / "ck.pt", lambda c: c["model"].__setitem__("num_classes", 10**9)))
+    add("model-int", lambda d: edit_checkpoint(t, d / "ck.pt", lambda c: c.__setitem__("model", 3)))
+    add("state-list", lambda d: edit_checkpoint(t, d / "ck.pt", lambda c: c.__setitem__("state_dict", [1, 2])))
+    add("pickle-payload", lambda d: malicious_checkpoint(d / "ck.pt", d / "EXECUTED"), marker="EXECUTED")
+    cases.append(Case("checkpoint", "input-size-negative",
+                      ["evaluate", "--checkpoint", "ck.pt", "--benchmark", "synthetic-fer2013", "--input-size", "-5"],
+                      lambda d: shutil.copy(t.run_dir / "checkpoints" / "round-0001.pt", d / "ck.pt"),
+                      needle="--input-size"))
+    cases.append(Case("checkpoint", "models-classes-1e9", ["models", "--classes", "1000000000"], needle="--classes"))
+    return cases
+
+
+def deploy_cases(t: Templates) -> list[Case]:
+    cases = []
+    home = ["--flwr-home", "flwr-home"]
+
+    def init(name: str, args: list[str], setup: Callable[[Path], None] | None = None, needle: str = "",
+             expect: str = "refuse") -> None:
+        own_home = [] if "--flwr-home" in args else home
+        cases.append(Case("deploy", f"init-{name}", ["deploy", "init", *args, *own_home], setup, needle=needle, expect=expect,
+                          may_rewrite=("flwr-home/config.toml",)))
+
+    init("dir-file", ["--coordinator", "localhost", "--dir", "afile"], lambda d: (d / "afile").write_text("keep"), "afile")
+    init("dir-below-file", ["--coordinator", "localhost", "--dir", "afile/x"], lambda d: (d / "afile").write_text("k"),
+         "afile")
+    init("home-file", ["--coordinator", "localhost", "--dir", "dep", "--flwr-home", "hfile"],
+         lambda d: (d / "hfile").write_text("keep"), "hfile")
+    init("home-config-dir", ["--coordinator", "localhost", "--dir", "dep"],
+         lambda d: (d / "flwr-home" / "config.toml").mkdir(parents=True), "config.toml")
+    init("home-config-bad-toml", ["--coordinator", "localhost", "--dir", "dep"],
+         lambda d: ((d / "flwr-home").mkdir(), (d / "flwr-home" / "config.toml").write_text("[[[")), "config.toml")
+    init("port-neg", ["--coordinator", "localhost", "--dir", "dep", "--port", "-1"], needle="--port")
+    init("port-big", ["--coordinator", "localhost", "--dir", "dep", "--port", "70000"], needle="--port")
+    init("port-zero", ["--coordinator", "localhost", "--dir", "dep", "--port", "0"], needle="--port")
+    init("host-114", ["--coordinator", ".".join(["a" * 37, "b" * 37, "c" * 38]), "--dir", "dep"], expect="accept")
+    init("host-bad", ["--coordinator", "bad host!", "--dir", "dep"], needle="bad host!")
+    init("host-empty", ["--coordinator", "", "--dir", "dep"], needle="''")
+    init("host-label-64", ["--coordinator", "a" * 64 + ".example", "--dir", "dep"], needle="a" * 20)
+    init("san-bad", ["--coordinator", "localhost", "--san", "x y", "--dir", "dep"], needle="x y")
+    init("bind-shell", ["--coordinator", "localhost", "--bind", "0.0.0.0;reboot", "--dir", "dep"], needle="reboot")
+    init("connection-dotted", ["--coordinator", "localhost", "--connection", "a.b", "--dir", "dep"], needle="a.b")
+    init("exists-no-force", ["--coordinator", "localhost", "--dir", "deploy"],
+         lambda d: copy_deploy(t, d), "deployment.json")
+
+    def school(name: str, args: list[str], setup: Callable[[Path], None] | None = None, needle: str = "") -> None:
+        def full_setup(d: Path) -> None:
+            copy_deploy(t, d)
+            if setup:
+                setup(d)
+        cases.append(Case("deploy", f"add-school-{name}", ["deploy", "add-school", *args, "--dir", "deploy", *home],
+                          full_setup, needle=needle, may_rewrite=("deploy/deployment.json",)))
+
+    school("budget-inf", ["s1", "--data-dir", "/srv/s1", "--budget", "inf"], needle="--budget")
+    school("budget-nan", ["s1", "--data-dir", "/srv/s1", "--budget", "nan"], needle="--budget")
+    school("budget-neg", ["s1", "--data-dir", "/srv/s1", "--budget", "-2"], needle="--budget")
+    school("port-neg", ["s1", "--data-dir", "/srv/s1", "--runtime-port", "-1"], needle="--runtime-port")
+    school("port-big", ["s1", "--data-dir", "/srv/s1", "--runtime-port", "70000"], needle="--runtime-port")
+    school("port-superlink", ["s1", "--data-dir", "/srv/s1", "--runtime-port", "19093"], needle="19093")
+    school("state-file", ["s1", "--data-dir", "/srv/s1", "--state-dir", "sfile"],
+           lambda d: (d / "sfile").write_text("keep"), "sfile")
+    school("name-slash", ["../x", "--data-dir", "/srv/s1"], needle="../x")
+    school("name-long", ["a" * 200, "--data-dir", "/srv/s1"], needle="aaaa")
+    school("data-dir-newline", ["s1", "--data-dir", "/srv/a\nb"], needle="s1")
+    school("no-ca", ["s1", "--data-dir", "/srv/s1"], lambda d: (d / "deploy" / "ca" / "ca.crt").unlink(), "ca.crt")
+    school("ca-garbage", ["s1", "--data-dir", "/srv/s1"], lambda d: (d / "deploy" / "ca" / "ca.crt").write_text("x"),
+           "ca.crt")
+    school("ca-dir", ["s1", "--data-dir", "/srv/s1"],
+           lambda d: ((d / "deploy" / "ca" / "ca.crt").unlink(), (d / "deploy" / "ca" / "ca.crt").mkdir()), "ca.crt")
+    manifests = {"list": b"[]", "binary": bytes(range(256)), "empty": b"", "deep": b"[" * 100000,
+                 "port-str": b'{"version": 1, "coordinator": "h", "port": "x"}',
+                 "nodes-list": b'{"version": 1, "coordinator": "h", "nodes": [1]}',
+                 "node-bad": b'{"version": 1, "coordinator": "h", "nodes": {"a": {"name": "a", "role": "school", '
+                             b'"runtime_port": "x", "node_config": {}}}}',
+                 "version-2": b'{"version": 2}', "extra-field": b'{"version": 1, "coordinator": "h", "evil": 1}'}
+    for name, data in manifests.items():
+        school(f"manifest-{name}", ["s1", "--data-dir", "/srv/s1"],
+               lambda d, data=data: (d / "deploy" / "deployment.json").write_bytes(data), "deployment.json")
+        cases.append(Case("deploy", f"status-manifest-{name}", ["deploy", "status", "--dir", "deploy", *home],
+                          lambda d, data=data: (copy_deploy(t, d), (d / "deploy" / "deployment.json").write_bytes(data)),
+                          needle="deployment.json"))
+    cases.append(Case("deploy", "status-dir-file", ["deploy", "status", "--dir", "afile", *home],
+                      lambda d: (d / "afile").write_text("keep"), needle="afile"))
+    cases.append(Case("deploy", "evaluator-no-ca", ["deploy", "evaluator", "--benchmark", "synthetic-fer2013",
+                                                    "--dir", "deploy", *home],
+                      lambda d: (copy_deploy(t, d), (d / "deploy" / "ca" / "ca.crt").unlink()), needle="ca.crt"))
+    cases.append(Case("deploy", "evaluator-bad-spec", ["deploy", "evaluator", "--benchmark", "a,b", "--dir", "deploy",
+                                                       *home], lambda d: copy_deploy(t, d), needle="a,b"))
+    return cases
+
+
+def report_cases(t: Templates) -> list[Case]:
+    cases = []
+    rewrite = ("run/report.md", "run/plots/*")
+
+    def add(name: str, setup: Callable[[Path], None], expect: str = "accept", needle: str = "") -> None:
+        cases.append(Case("report", name, ["report", "run"], setup, expect=expect, needle=needle, may_rewrite=rewrite))
+
+    def metrics_line(change: Callable[[dict], None]) -> Callable[[Path], None]:
+        def setup(d: Path) -> None:
+            run = copy_report(t, d)
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+            first = json.loads(lines[0])
+            change(first)
+            lines[0] = json.dumps(first)
+            (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        return setup
+
+    for field_name, value in (("train", "abc"), ("train", [1]), ("train", 5), ("evaluation", "x"),
+                              ("evaluation", [1, 2]), ("evaluation", {"rafdb": 3}), ("timing", [1]),
+                              ("timing", "slow"), ("evaluated_by", [1]), ("round", 10**15), ("round", -4),
+                              ("round", "3"), ("train", {"school-0": {"status": 7}}), ("train", {"school-0": []})):
+        add(f"{field_name}={json.dumps(value)[:20]}", metrics_line(lambda r, f=field_name, v=value: r.__setitem__(f, v)))
+    for key, value in (("confusion", [[1, 2], [3]]), ("confusion", "abc"), ("confusion", [["a"]]), ("confusion", 7),
+                       ("labels", 5), ("labels", [[1]]), ("n", [1]), ("accuracy", "high"),
+                       ("accuracy_ci_low", "x")):
+        add(f"rafdb.{key}={json.dumps(value)[:16]}",
+            metrics_line(lambda r, k=key, v=value: r["evaluation"]["rafdb"].__setitem__(k, v)))
+
+    def config(text: str) -> Callable[[Path], None]:
+        return lambda d: (copy_report(t, d) / "config.yaml").write_text(text)
+
+    add("config-laughs", config("a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+                                "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+                                "e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n"))
+    add("config-deep", config("x: " + "[" * 100000 + "]" * 100000 + "\n"))
+    add("config-nan-rounds", config("federation:\n  rounds: .nan\n"))
+    add("config-rounds-huge", config("federation:\n  rounds: 1000000000000\n"))
+    add("config-binary", lambda d: (copy_report(t, d) / "config.yaml").write_bytes(bytes(range(256))))
+    add("metrics-binary", lambda d: (copy_report(t, d) / "metrics.jsonl").write_bytes(bytes(range(256)) * 10))
+    add("metrics-deep", lambda d: (copy_report(t, d) / "metrics.jsonl").write_text("[" * 100000 + "\n"))
+    add("report-md-dir", lambda d: ((copy_report(t, d) / "report.md").mkdir(), (d / "run" / "report.md" / "k").write_text("k")),
+        expect="refuse", needle="report.md")
+    add("plots-file", lambda d: (copy_report(t, d) / "plots").write_text("keep"), expect="refuse", needle="plots")
+    add("not-a-dir", lambda d: (d / "run").write_text("x"), expect="refuse", needle="run")
+    return cases
+
+
+# ------------------------------------------------------------------------------------ running
+def snapshot(root: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            out[rel] = "special"
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def classify(case: Case, proc_rc: int | None, stderr: str, before: dict[str, str], after: dict[str, str],
+             case_dir: Path) -> str:
+    import fnmatch
+
+    if proc_rc is None:
+        return "hang"
+    if case.marker and (case_dir / case.marker).exists():
+        return "executed"
+    if "Traceback (most recent call last)" in stderr:
+        return "traceback"
+    if "internal error" in stderr:
+        return "internal"
+    changed = [p for p, h in before.items() if after.get(p) != h and h != "dir"]
+    if proc_rc == 0:
+        changed = [p for p in changed if not any(fnmatch.fnmatch(p, g) for g in case.may_rewrite)]
+    if changed:
+        return "damaged"
+    if proc_rc != 0 and set(after) - set(before):
+        return "wrote"
+    if case.expect == "refuse":
+        if proc_rc == 0:
+            return "accepted"
+        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("usage:")
+                 and not line.startswith("  ") and "Warning" not in line]
+        if case.needle and case.needle not in stderr:
+            return "accepted"      # refused, but for another reason: what the case broke went unnoticed
+        if len(lines) > 1:
+            return "multiline"
+        return "ok"
+    if case.expect == "accept" and proc_rc != 0:
+        return "refused-valid"     # a valid input refused: reported, not counted as a crash
+    return "ok"
+
+
+def run_case(case: Case, work: Path, timeout: float) -> dict:
+    case_dir = Path(tempfile.mkdtemp(prefix=f"{case.surface}-", dir=work))
+    if case.setup is not None:
+        case.setup(case_dir)
+    before = snapshot(case_dir)
+    env = {**os.environ, "PYTHONPATH": str(CODE_ROOT), "OMP_NUM_THREADS": "1", "FLWR_HOME": str(case_dir / "flwr-home"),
+           }
+    env.pop("FEDFER_DEBUG", None)
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fedfer", *case.argv], cwd=case_dir, env=env, capture_output=True,
+                              text=True, timeout=timeout, errors="replace", start_new_session=True)
+        rc, stderr = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, stderr = None, (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+    seconds = time.perf_counter() - started
+    after = snapshot(case_dir)
+    outcome = classify(case, rc, stderr, before, after, case_dir)
+    last = [line.replace(str(case_dir), "<case>") for line in stderr.splitlines() if line.strip()]
+    shutil.rmtree(case_dir, ignore_errors=True)
+    return {"surface": case.surface, "case": case.name, "argv": case.argv, "exit": rc, "outcome": outcome,
+            "seconds": round(seconds, 2), "stderr_last": last[-1][:300] if last else ""}
+
+
+def main(argv: list[str] | None = None) -> int:
+    global CODE_ROOT
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--code-root", type=Path, default=HERE, help="checkout whose fedfer is run (default: this one)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a case counts as a hang")
+    parser.add_argument("--only", default="", help="comma-separated surfaces: config,override,resume,checkpoint,deploy,report")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results (default: print only)")
+    args = parser.parse_args(argv)
+    CODE_ROOT = args.code_root.resolve()
+    work = Path(tempfile.mkdtemp(prefix="fedfer-fuzz-"))
+    try:
+        templates = Templates(work)
+        cases = (config_cases() + resume_cases(templates) + checkpoint_cases(templates) + deploy_cases(templates)
+                 + report_cases(templates))
+        only = {s for s in args.only.split(",") if s}
+        if only:
+            cases = [c for c in cases if c.surface in only]
+        results = []
+        for i, case in enumerate(cases, 1):
+            result = run_case(case, work, args.timeout)
+            results.append(result)
+            if result["outcome"] != "ok":
+                print(f"[{i}/{len(cases)}] {case.surface}/{case.name}: {result['outcome']} (exit {result['exit']}) "
+                      f"{result['stderr_last'][:160]}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    surfaces = sorted({r["surface"] for r in results})
+    kinds = [k for k in OUTCOMES if any(r["outcome"] == k for r in results)]
+    print(f"\n{'surface':<12}" + "".join(f"{k:>11}" for k in kinds) + f"{'cases':>8}")
+    for s in surfaces:
+        rows = [r for r in results if r["surface"] == s]
+        print(f"{s:<12}" + "".join(f"{sum(r['outcome'] == k for r in rows):>11}" for k in kinds) + f"{len(rows):>8}")
+    totals = {k: sum(r["outcome"] == k for r in results) for k in kinds}
+    print(f"{'total':<12}" + "".join(f"{totals[k]:>11}" for k in kinds) + f"{len(results):>8}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        given = [("<code-root>" if a == str(args.code_root) else a) for a in (argv if argv is not None else sys.argv[1:])]
+        head = json.dumps({   # no machine paths in the record: the code root is a placeholder
+            "command": "python -m simulations.fuzz_inputs " + shlex.join(given),
+            "code_root": "this checkout" if CODE_ROOT == HERE else "<code-root>", "timeout_s": args.timeout,
+            "totals": totals}, indent=1)[:-2]
+        rows = ",\n".join("  " + json.dumps(r, ensure_ascii=False) for r in results)   # one case per line
+        args.out.write_text(head + ',\n "cases": [\n' + rows + "\n ]\n}\n")
+    bad = sum(totals.get(k, 0) for k in ("traceback", "internal", "hang", "damaged", "executed"))
+    return 1 if bad else 0
+
+
+CODE_ROOT = HERE
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The top-level `fedfer` command: user-input errors are one line and exit 2, never a traceback;
+`--debug` shows the traceback; a bug is one `internal error` line and exit 70 (not 1)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from fedfer import cli
+
+
+def _run(argv: list[str], handler) -> int:
+    """main() with one stand-in command whose handler is `handler`."""
+    parser = argparse.ArgumentParser(prog="fedfer")
+    parser.add_argument("--debug", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("boom").set_defaults(func=handler)
+    original = cli.build_parser
+    cli.build_parser = lambda: parser
+    try:
+        return cli.main(argv)
+    finally:
+        cli.build_parser = original
+
+
+def raise_(exc: BaseException):
+    def handler(_args):
+        raise exc
+    return handler
+
+
+def test_own_error_classes_and_oserrors_are_one_line(capsys):
+    from shared_models.config import ConfigError
+
+    assert _run(["boom"], raise_(ConfigError("c.yaml: key 'train.lr' must be a finite number"))) == 2
+    assert capsys.readouterr().err == "fedfer: c.yaml: key 'train.lr' must be a finite number\n"
+    assert _run(["boom"], raise_(IsADirectoryError(21, "Is a directory", "/x/report.md"))) == 2
+    assert capsys.readouterr().err == "fedfer: /x/report.md: Is a directory\n"
+
+
+def test_a_bug_is_an_internal_error_not_a_user_error(capsys):
+    assert _run(["boom"], raise_(KeyError("model"))) == cli.EXIT_INTERNAL_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: KeyError" in err and "--debug" in err
+    assert cli.EXIT_INTERNAL_ERROR != 1   # 1 is `privacy attack`'s "bound above the claim"
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(KeyError):
+        _run(["--debug", "boom"], raise_(KeyError("model")))
+
+
+def test_every_command_module_is_imported_and_no_resume_command():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"simulate", "evaluate", "report", "privacy", "deploy", "models"} <= set(commands)
+    assert "resume" not in commands
+    assert "resume" not in cli.COMMAND_MODULES.__repr__() and "# evaluate, report, resume" not in Path(cli.__file__).read_text()
