@@ -102,27 +102,17 @@ def school_policy(node: NodeIdentity, data: SchoolData):
 def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module, *, run_id: str,
               server_round: int, clock: Callable[[], datetime] | None = None) -> RoundReply:
     """One round at this school; ``model`` holds the global weights and is trained in place."""
-    from privacy.accounting import SchoolAccountant, school_dataset_id
-    from shared_models.atomic_files import try_locked
-    from privacy.budget import check_budget
-    from privacy.ledger import SchoolLedger, epsilon_value, record_refusal, record_round
+    from privacy.ledger import record_round
     from privacy.policy import PolicyViolation, agree_round
-    from privacy.signing import load_or_create_signing_key
+    from shared_models.atomic_files import try_locked
 
     # the time the request was taken: signed into the entry, and independent of how long training takes
     started_at = (clock or _now)().isoformat(timespec="seconds")
 
     # 1. data
-    try:
-        data = load_data(node, cfg)
-    except SchoolDataError as exc:
-        if not node.simulated:
-            _log(f"{node.school_id}: {exc}")
-        return RoundReply("no-data", "the school's data folder cannot be read (details in the school's log)")
-    if len(data) == 0:
-        if not node.simulated:
-            _log(f"{node.school_id}: no usable images: {data.describe_skips() or 'labels.csv lists none'}")
-        return RoundReply("no-data", "no usable images in the school's data folder (details in the school's log)")
+    data = _usable_data(node, cfg)
+    if isinstance(data, RoundReply):
+        return data
 
     # 2. the run-config against the school's policy (public values only)
     policy = school_policy(node, data)
@@ -133,43 +123,112 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
     with try_locked(node.state_dir / ROUND_LOCK) as mine:
         if not mine:
             return RoundReply("busy", "the school is handling another train message")
-        accountant = SchoolAccountant(node.state_dir, node.school_id, school_dataset_id(node.state_dir, node.school_id))
-        ledger = SchoolLedger(node.state_dir, node.school_id, load_or_create_signing_key(node.state_dir))
-
-        def signed(entry: dict) -> dict[str, str]:
-            return {"entry": json.dumps(entry, sort_keys=True), "school-id": node.school_id,
-                    "run-entries": json.dumps(ledger.entries_for_run(run_id), sort_keys=True)}
-
+        books = _open_books(node, run_id)
         if isinstance(terms, PolicyViolation):
-            clip = float(cfg["privacy.max_grad_norm"])
-            entry = record_refusal(
-                accountant, ledger, reason="policy-violation", setting=terms.setting, planned_steps=0,
-                run_id=run_id, round=server_round, privacy_unit=policy.unit, noise_multiplier=0.0, sample_rate=0.0,
-                max_grad_norm=clip if math.isfinite(clip) and clip >= 0 else 0.0, delta=policy.delta,
-                budget=policy.budget, accountant="prv", timestamp=started_at)
-            return RoundReply("policy-violation", f"the run-config asks for less privacy than the school's policy "
-                              f"allows ({terms.setting})", ledger=signed(entry), setting=terms.setting)
+            return _refuse_policy(books, terms, policy, cfg, server_round, started_at)
 
         # 3. budget guard: would this round, as planned, fit the lifetime budget?
-        plan = terms.plan
-        accountant.check_terms(plan.unit, terms.delta)
-        common = dict(run_id=run_id, round=server_round, privacy_unit=plan.unit, max_grad_norm=plan.max_grad_norm,
-                      delta=terms.delta, budget=terms.budget, accountant=terms.accountant, timestamp=started_at)
-        decision = check_budget(accountant, (plan.noise_multiplier, plan.sample_rate, plan.steps), terms.delta,
-                                terms.budget, accountant=terms.accountant)
-        if not decision.allowed:
-            entry = record_refusal(accountant, ledger, reason=decision.reason, planned_steps=plan.steps,
-                                   noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, **common)
-            return RoundReply("budget-exhausted", "this round would take the school past its lifetime ε budget",
-                              ledger=signed(entry))
+        common = _entry_fields(terms, run_id, server_round, started_at)
+        refusal = _guard_budget(books, terms, common)
+        if refusal is not None:
+            return refusal
 
         # 4. DP training (privacy.engine), then 5. the ledger, before anything leaves the school
-        result = _train(model, data, plan, cfg, node, server_round)
-        entry = record_round(accountant, ledger, noise_multiplier=result.noise_multiplier,
+        result = _train(model, data, terms.plan, cfg, node, server_round)
+        entry = record_round(books.accountant, books.ledger, noise_multiplier=result.noise_multiplier,
                              sample_rate=result.sample_rate, steps=result.steps, **common)
-        ledger_record = signed(entry)
+        ledger_record = books.signed(entry)
 
     # 6. reply content: DP output and public values only
+    return _ok_reply(node, server_round, model, result, entry, ledger_record)
+
+
+def _usable_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | RoundReply:
+    """The school's frames, or the ``no-data`` reply; the details stay in the school's own log."""
+    try:
+        data = load_data(node, cfg)
+    except SchoolDataError as exc:
+        if not node.simulated:
+            _log(f"{node.school_id}: {exc}")
+        return RoundReply("no-data", "the school's data folder cannot be read (details in the school's log)")
+    if len(data) == 0:
+        if not node.simulated:
+            _log(f"{node.school_id}: no usable images: {data.describe_skips() or 'labels.csv lists none'}")
+        return RoundReply("no-data", "no usable images in the school's data folder (details in the school's log)")
+    return data
+
+
+@dataclass
+class _SchoolBooks:
+    """The school's accountant and signed ledger for this round, opened under the round lock."""
+
+    school_id: str
+    run_id: str
+    accountant: Any
+    ledger: Any
+
+    def signed(self, entry: dict) -> dict[str, str]:
+        """The reply's ledger fields: the new entry and every entry of this run, as JSON strings."""
+        return {"entry": json.dumps(entry, sort_keys=True), "school-id": self.school_id,
+                "run-entries": json.dumps(self.ledger.entries_for_run(self.run_id), sort_keys=True)}
+
+
+def _open_books(node: NodeIdentity, run_id: str) -> _SchoolBooks:
+    from privacy.accounting import SchoolAccountant, school_dataset_id
+    from privacy.ledger import SchoolLedger
+    from privacy.signing import load_or_create_signing_key
+
+    assert node.state_dir is not None
+    accountant = SchoolAccountant(node.state_dir, node.school_id, school_dataset_id(node.state_dir, node.school_id))
+    ledger = SchoolLedger(node.state_dir, node.school_id, load_or_create_signing_key(node.state_dir))
+    return _SchoolBooks(node.school_id, run_id, accountant, ledger)
+
+
+def _refuse_policy(books: _SchoolBooks, violation, policy, cfg: Mapping[str, Any], server_round: int,
+                   started_at: str) -> RoundReply:
+    """Record the refused run-config (no steps, no noise) and say which setting was refused."""
+    from privacy.ledger import record_refusal
+
+    clip = float(cfg["privacy.max_grad_norm"])
+    entry = record_refusal(
+        books.accountant, books.ledger, reason="policy-violation", setting=violation.setting, planned_steps=0,
+        run_id=books.run_id, round=server_round, privacy_unit=policy.unit, noise_multiplier=0.0, sample_rate=0.0,
+        max_grad_norm=clip if math.isfinite(clip) and clip >= 0 else 0.0, delta=policy.delta,
+        budget=policy.budget, accountant="prv", timestamp=started_at)
+    return RoundReply("policy-violation", f"the run-config asks for less privacy than the school's policy "
+                      f"allows ({violation.setting})", ledger=books.signed(entry), setting=violation.setting)
+
+
+def _entry_fields(terms, run_id: str, server_round: int, started_at: str) -> dict[str, Any]:
+    """The ledger fields every entry of this round shares, refused or trained."""
+    plan = terms.plan
+    return dict(run_id=run_id, round=server_round, privacy_unit=plan.unit, max_grad_norm=plan.max_grad_norm,
+                delta=terms.delta, budget=terms.budget, accountant=terms.accountant, timestamp=started_at)
+
+
+def _guard_budget(books: _SchoolBooks, terms, common: dict[str, Any]) -> RoundReply | None:
+    """The ``budget-exhausted`` reply (with its recorded refusal) if the planned round would cross the
+    lifetime budget; None if it fits."""
+    from privacy.budget import check_budget
+    from privacy.ledger import record_refusal
+
+    plan = terms.plan
+    books.accountant.check_terms(plan.unit, terms.delta)
+    decision = check_budget(books.accountant, (plan.noise_multiplier, plan.sample_rate, plan.steps), terms.delta,
+                            terms.budget, accountant=terms.accountant)
+    if decision.allowed:
+        return None
+    entry = record_refusal(books.accountant, books.ledger, reason=decision.reason, planned_steps=plan.steps,
+                           noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, **common)
+    return RoundReply("budget-exhausted", "this round would take the school past its lifetime ε budget",
+                      ledger=books.signed(entry))
+
+
+def _ok_reply(node: NodeIdentity, server_round: int, model: torch.nn.Module, result, entry: dict,
+              ledger_record: dict[str, str]) -> RoundReply:
+    """The trained weights with the entry's public values (ε, σ, q, steps) and the signed ledger."""
+    from privacy.ledger import epsilon_value
+
     metrics: dict[str, float | int] = {
         "epsilon": epsilon_value(entry["epsilon"]), "epsilon-rdp": epsilon_value(entry["epsilon_rdp"]),
         "noise-multiplier": entry["noise_multiplier"], "sample-rate": entry["sample_rate"], "steps": entry["steps"],

@@ -357,8 +357,32 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
     """
     import time as _time
 
-    _check_audit_args(canaries=canaries, epochs=epochs, frames_per_canary=frames_per_canary, delta=delta,
-                      beta=beta, max_grad_norm=max_grad_norm, lr=lr, epsilon=epsilon)
+    _check_white_box_args(canaries=canaries, runs=runs, score=score, guesses=guesses, units_per_batch=units_per_batch,
+                          epochs=epochs, frames_per_canary=frames_per_canary, delta=delta, beta=beta,
+                          max_grad_norm=max_grad_norm, lr=lr, epsilon=epsilon)
+    started, say = _time.perf_counter(), progress or (lambda s: None)
+    training = _WhiteBoxTraining(epsilon, delta, epochs, units_per_batch, frames_per_canary, max_grad_norm, lr,
+                                 num_classes, trainer_factory)
+    done = _white_box_runs(base_x, base_y, base_units, net_builder, canaries, runs, training, score, seed, say)
+    sigma, q, steps = done.worst_recorded
+    planned = _planned_guesses(guesses, canaries, done.worst_recorded, score, delta, beta, say)
+    say(f"scoring {canaries} canaries")
+    bounds = one_run_bounds(done.scores, done.included, delta, beta, k_grid, planned_k=planned)
+    return WhiteBoxAudit(
+        mechanism=mechanism, claimed_epsilon=max(done.claims), delta=delta, bounds=bounds,
+        noise_multiplier=sigma, sample_rate=q, steps=steps, canaries=canaries, included=int(done.included.sum()),
+        frames_per_canary=frames_per_canary, base_students=len(set(map(str, base_units))), score=score,
+        seconds=_time.perf_counter() - started, **done.mean_scores(),
+        settings=dict(target_epsilon=epsilon, epochs=epochs, runs=runs, units_per_batch=units_per_batch,
+                      max_grad_norm=max_grad_norm, lr=lr, beta=beta, seed=seed, trainer=done.records[0]["trainer"],
+                      units_per_run=[rec["units"] for rec in done.records], guesses=guesses),
+        scores=done.scores, membership=done.included,
+    )
+
+
+def _check_white_box_args(*, canaries: int, runs: int, score: str, guesses: str, units_per_batch: int | None,
+                          **common) -> None:
+    _check_audit_args(canaries=canaries, **common)
     if not (1 <= runs <= canaries // 2):
         raise ValueError(f"runs must be between 1 and canaries/2 ({canaries // 2}), got {runs}")
     if score not in SCORES:
@@ -367,43 +391,70 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
         raise ValueError(f"guesses must be 'grid' or 'planned', got {guesses!r}")
     if units_per_batch is not None and units_per_batch < 1:
         raise ValueError(f"batch must be at least 1 student, got {units_per_batch}")
-    started = _time.perf_counter()
-    say = progress or (lambda s: None)
+
+
+@dataclass(frozen=True)
+class _WhiteBoxTraining:
+    """How every training of one white-box audit runs (only the canaries and the seed differ per run)."""
+
+    epsilon: float | None           # None: DP off, σ = 0
+    delta: float
+    epochs: int
+    units_per_batch: int | None     # None: every student every step (q = 1)
+    frames_per_canary: int
+    max_grad_norm: float
+    lr: float
+    num_classes: int
+    trainer_factory: TrainerFactory | None
+
+
+@dataclass
+class _CanaryRuns:
+    """The audit's trainings together: every canary's score and coin, each run's claimed ε and record."""
+
+    scores: np.ndarray
+    included: np.ndarray
+    claims: list[float]
+    records: list[dict]
+
+    @property
+    def worst_recorded(self) -> tuple[float, float, int]:
+        """(σ, q, steps) the run with the largest claimed ε recorded: the claim the bounds are held to."""
+        return self.records[int(np.argmax(self.claims))]["recorded"]
+
+    def mean_scores(self) -> dict[str, float]:
+        n_inc = int(self.included.sum())
+        return {"mean_score_in": float(self.scores[self.included].mean()) if n_inc else math.nan,
+                "mean_score_out": float(self.scores[~self.included].mean()) if n_inc < len(self.included)
+                else math.nan}
+
+
+def _white_box_runs(base_x, base_y, base_units, net_builder, canaries: int, runs: int, training: _WhiteBoxTraining,
+                    score: str, seed: int, say: Callable[[str], None]) -> _CanaryRuns:
+    """The canaries spread as evenly as can be over ``runs`` trainings (run r seeded ``seed * 1009 + r``),
+    each run's canaries scored at the σ and q its trainer recorded."""
     sizes = [canaries // runs + (r < canaries % runs) for r in range(runs)]
     all_scores, all_included, claims, records = [], [], [], []
     for r, size in enumerate(sizes):
         say(f"run {r + 1}/{runs}: {size} canaries")
-        run = _white_box_run(base_x, base_y, base_units, net_builder, size, epsilon, delta, epochs, units_per_batch,
-                             frames_per_canary, max_grad_norm, lr, num_classes, seed * 1009 + r, trainer_factory,
-                             say)
+        run = _white_box_run(base_x, base_y, base_units, net_builder, size, training, seed * 1009 + r, say)
         sigma, q, steps = run["recorded"]
         all_scores.append(canary_scores(run["observed"], score, sigma, q))
         all_included.append(run["included"])
-        claims.append(math.inf if sigma == 0 else _claimed_epsilon(sigma, q, steps, delta))
+        claims.append(math.inf if sigma == 0 else _claimed_epsilon(sigma, q, steps, training.delta))
         records.append(run)
-    scores, included = np.concatenate(all_scores), np.concatenate(all_included)
-    worst = int(np.argmax(claims))
-    sigma, q, steps = records[worst]["recorded"]
-    planned = None
-    if guesses == "planned" and sigma > 0:
-        say(f"planning the guesses on a simulation of the claimed mechanism (σ {sigma:.4g}, q {q:.4g}, {steps} steps)")
-        planned = plan_guesses(lambda g: simulate_gaussian_canaries(canaries, sigma, q, steps, g, score=score),
-                               delta, beta)
-    say(f"scoring {canaries} canaries")
-    bounds = one_run_bounds(scores, included, delta, beta, k_grid, planned_k=planned)
-    n_inc = int(included.sum())
-    return WhiteBoxAudit(
-        mechanism=mechanism, claimed_epsilon=max(claims), delta=delta, bounds=bounds,
-        noise_multiplier=sigma, sample_rate=q, steps=steps, canaries=canaries, included=n_inc,
-        frames_per_canary=frames_per_canary, base_students=len(set(map(str, base_units))), score=score,
-        seconds=_time.perf_counter() - started,
-        mean_score_in=float(scores[included].mean()) if n_inc else math.nan,
-        mean_score_out=float(scores[~included].mean()) if n_inc < canaries else math.nan,
-        settings=dict(target_epsilon=epsilon, epochs=epochs, runs=runs, units_per_batch=units_per_batch,
-                      max_grad_norm=max_grad_norm, lr=lr, beta=beta, seed=seed, trainer=records[0]["trainer"],
-                      units_per_run=[rec["units"] for rec in records], guesses=guesses),
-        scores=scores, membership=included,
-    )
+    return _CanaryRuns(np.concatenate(all_scores), np.concatenate(all_included), claims, records)
+
+
+def _planned_guesses(guesses: str, canaries: int, recorded: tuple[float, float, int], score: str, delta: float,
+                     beta: float, say: Callable[[str], None]):
+    """``guesses="planned"`` with noise on: each estimator's k, fixed on a simulation of the claimed
+    mechanism (no audited score seen). Otherwise None: the bounds take the best k of the grid."""
+    sigma, q, steps = recorded
+    if not (guesses == "planned" and sigma > 0):
+        return None
+    say(f"planning the guesses on a simulation of the claimed mechanism (σ {sigma:.4g}, q {q:.4g}, {steps} steps)")
+    return plan_guesses(lambda g: simulate_gaussian_canaries(canaries, sigma, q, steps, g, score=score), delta, beta)
 
 
 def save_score_plot(audit: WhiteBoxAudit, path) -> None:
@@ -441,8 +492,8 @@ def _claimed_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     return epsilon_of([(sigma, q, steps)], delta)
 
 
-def _white_box_run(base_x, base_y, base_units, net_builder, canaries, epsilon, delta, epochs, units_per_batch,
-                   frames_per_canary, max_grad_norm, lr, num_classes, seed, trainer_factory, say) -> dict:
+def _white_box_run(base_x, base_y, base_units, net_builder, canaries: int, training: _WhiteBoxTraining, seed: int,
+                   say: Callable[[str], None]) -> dict:
     """One training with ``canaries`` Dirac canary students; the observed probe updates and the coins."""
     import torch
     from torch.utils.data import TensorDataset
@@ -450,30 +501,58 @@ def _white_box_run(base_x, base_y, base_units, net_builder, canaries, epsilon, d
     from privacy.accounting import calibrate_noise
     from privacy.engine import sampling
 
+    t = training
     rng = np.random.default_rng(seed)
     included = rng.random(canaries) < 0.5
-    chosen = np.flatnonzero(included)
+    x, y, units = _with_dirac_canaries(base_x, base_y, base_units, np.flatnonzero(included), t.frames_per_canary,
+                                       t.num_classes)
+    n_units = len(set(units))
+    batch = n_units if t.units_per_batch is None else int(t.units_per_batch)
+    q, per_epoch = sampling(n_units, batch)
+    steps = t.epochs * per_epoch
+    if t.epsilon is None:
+        sigma = 0.0
+    else:
+        say(f"  calibrating σ for ε {t.epsilon} at δ {t.delta:g} (q {q:.4g}, {steps} steps)")
+        sigma = calibrate_noise(t.epsilon, t.delta, q, steps)
+
+    torch.manual_seed(seed)
+    model = _probed_model(net_builder(), canaries, t.num_classes)
+    sgd = torch.optim.SGD(model.parameters(), lr=t.lr)
+    observed: list[np.ndarray] = []
+    built: list = []
+    sgd.register_step_pre_hook(_probe_reader(model, canaries, built, observed))
+    factory = t.trainer_factory or build_private_trainer
+    trainer = factory(model, sgd, TensorDataset(x, y), units, units_per_batch=batch,
+                      frames_per_unit=t.frames_per_canary, noise_multiplier=sigma, max_grad_norm=t.max_grad_norm,
+                      seed=seed, declared_units=n_units)
+    built.append(trainer)
+    loss_fn = _dirac_canary_loss(t.num_classes, t.max_grad_norm)
+    for _ in range(t.epochs):
+        trainer.train_epoch(loss_fn)
+    trainer.close()
+    return {"observed": np.stack(observed) if observed else np.zeros((0, canaries)), "included": included,
+            "recorded": (float(trainer.noise_multiplier), float(trainer.sample_rate), int(trainer.steps_done)),
+            "units": n_units, "trainer": f"{type(trainer).__module__}.{type(trainer).__qualname__}"}
+
+
+def _with_dirac_canaries(base_x, base_y, base_units, chosen: np.ndarray, frames_per_canary: int, num_classes: int):
+    """The school's frames plus ``frames_per_canary`` blank frames per chosen canary, labelled
+    ``num_classes + i`` for canary i (the probe's input), with one unit id per frame."""
+    import torch
+
     frame_shape = tuple(base_x.shape[1:])
     cx = torch.zeros((len(chosen) * frames_per_canary, *frame_shape), dtype=base_x.dtype)
     cy = torch.from_numpy(np.repeat(chosen + num_classes, frames_per_canary)).long()
     x = torch.cat([base_x, cx])
     y = torch.cat([base_y.long(), cy])
     units = [str(u) for u in base_units] + [f"canary-{i}" for i in np.repeat(chosen, frames_per_canary)]
-    n_units = len(set(units))
-    batch = n_units if units_per_batch is None else int(units_per_batch)
-    q, per_epoch = sampling(n_units, batch)
-    steps = epochs * per_epoch
-    if epsilon is None:
-        sigma = 0.0
-    else:
-        say(f"  calibrating σ for ε {epsilon} at δ {delta:g} (q {q:.4g}, {steps} steps)")
-        sigma = calibrate_noise(epsilon, delta, q, steps)
+    return x, y, units
 
-    torch.manual_seed(seed)
-    model = _probed_model(net_builder(), canaries, num_classes)
-    sgd = torch.optim.SGD(model.parameters(), lr=lr)
-    observed: list[np.ndarray] = []
-    built: list = []
+
+def _probe_reader(model, canaries: int, built: list, observed: list[np.ndarray]):
+    """A step pre-hook for the wrapped SGD: appends each step's privatised probe update to ``observed``
+    (``built[0]`` is the trainer, built after the hook is registered)."""
 
     def read_update(optimizer, args, kwargs):
         # p.grad here is Opacus' (Σ clipped + noise) / expected units: undo the scaling, in clip units,
@@ -483,12 +562,12 @@ def _white_box_run(base_x, base_y, base_units, net_builder, canaries, epsilon, d
         g = np.zeros(canaries) if grad is None else grad.detach().reshape(-1).double().numpy()
         observed.append(-g * trainer.expected_units / trainer.max_grad_norm)
 
-    sgd.register_step_pre_hook(read_update)
-    factory = trainer_factory or build_private_trainer
-    trainer = factory(model, sgd, TensorDataset(x, y), units, units_per_batch=batch,
-                      frames_per_unit=frames_per_canary, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-                      seed=seed, declared_units=n_units)
-    built.append(trainer)
+    return read_update
+
+
+def _dirac_canary_loss(num_classes: int, max_grad_norm: float):
+    """Per-frame loss: cross-entropy for the school's frames, −C·(probe output) for a canary's."""
+    import torch
 
     def loss_fn(mdl, xb, yb):
         logits, probe_out = mdl(xb, yb)
@@ -496,12 +575,7 @@ def _white_box_run(base_x, base_y, base_units, net_builder, canaries, epsilon, d
         task = torch.nn.functional.cross_entropy(logits, torch.where(is_canary, 0, yb), reduction="none")
         return torch.where(is_canary, -max_grad_norm * probe_out, task)
 
-    for _ in range(epochs):
-        trainer.train_epoch(loss_fn)
-    trainer.close()
-    return {"observed": np.stack(observed) if observed else np.zeros((0, canaries)), "included": included,
-            "recorded": (float(trainer.noise_multiplier), float(trainer.sample_rate), int(trainer.steps_done)),
-            "units": n_units, "trainer": f"{type(trainer).__module__}.{type(trainer).__qualname__}"}
+    return loss_fn
 
 
 def _check_audit_args(*, canaries: int, epochs: int, frames_per_canary: int, delta: float, beta: float,
@@ -597,10 +671,7 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
     import time as _time
 
     import torch
-    from torch import nn
-    from torch.utils.data import TensorDataset
 
-    from privacy.accounting import calibrate_noise, epsilon_of
     from privacy.engine import sampling
 
     _check_audit_args(canaries=canaries, epochs=epochs, frames_per_canary=frames_per_unit, delta=delta, beta=beta,
@@ -609,40 +680,16 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
     say = progress or (lambda s: None)
     images, labels, included = make_canaries(canaries, tuple(base_x.shape[1:]), num_classes, seed)
     cx, cy = torch.from_numpy(images), torch.from_numpy(labels).long()
-    inc = torch.from_numpy(included)
-    x = torch.cat([base_x, cx[inc]])
-    y = torch.cat([base_y.long(), cy[inc]])
-    n_inc = int(inc.sum())
-    if base_units is not None:
-        units = list(base_units) + [f"canary-{i}" for i in np.flatnonzero(included)]
-        n_units = len(set(units))
-    else:
-        units, n_units = None, len(y)
+    x, y, units, n_units = _with_random_canaries(base_x, base_y, base_units, cx, cy, included)
+    n_inc = int(included.sum())
     q, per_epoch = sampling(n_units, units_per_batch)
     steps = epochs * per_epoch
-    if epsilon is None:
-        sigma, claimed = 0.0, math.inf
-    else:
-        say(f"calibrating σ for ε={epsilon} (q={q:.4g}, {steps} steps)")
-        sigma = calibrate_noise(epsilon, delta, q, steps)
-        claimed = epsilon_of([(sigma, q, steps)], delta)
+    sigma, claimed = _black_box_noise(epsilon, delta, q, steps, say)
     torch.manual_seed(seed)
     model = model_builder()
-    trainer = build_private_trainer(model, torch.optim.SGD(model.parameters(), lr=lr), TensorDataset(x, y), units,
-                                    units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
-                                    noise_multiplier=sigma, max_grad_norm=max_grad_norm, seed=seed,
-                                    declared_units=n_units)
-
-    def loss_fn(mdl, xb, yb):
-        return nn.functional.cross_entropy(_logits(mdl(xb)), yb, reduction="none")
-
-    for epoch in range(epochs):
-        st = trainer.train_epoch(loss_fn)
-        say(f"epoch {epoch + 1}/{epochs}: loss {st['loss']:.3f} ({st['steps']} steps)")
-    trainer.close()
-    model.eval()
-    with torch.no_grad():
-        losses = nn.functional.cross_entropy(_logits(model(cx)), cy, reduction="none").numpy()
+    _train_black_box(model, x, y, units, n_units, units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
+                     noise_multiplier=sigma, max_grad_norm=max_grad_norm, lr=lr, seed=seed, epochs=epochs, say=say)
+    losses = _canary_losses(model, cx, cy)
     bounds = one_run_bounds(-losses, included, delta, beta)
     return BlackBoxAudit(
         dp=epsilon is not None, claimed_epsilon=claimed, delta=delta, bounds=bounds, noise_multiplier=sigma,
@@ -654,6 +701,64 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
                       max_grad_norm=max_grad_norm, lr=lr, beta=beta, seed=seed,
                       unit="student" if base_units is not None else "image"),
     )
+
+
+def _with_random_canaries(base_x, base_y, base_units, cx, cy, included: np.ndarray):
+    """The school's frames plus the included canaries (each its own unit); unit ids (None for unit
+    image) and how many units there are."""
+    import torch
+
+    inc = torch.from_numpy(included)
+    x = torch.cat([base_x, cx[inc]])
+    y = torch.cat([base_y.long(), cy[inc]])
+    if base_units is None:
+        return x, y, None, len(y)
+    units = list(base_units) + [f"canary-{i}" for i in np.flatnonzero(included)]
+    return x, y, units, len(set(units))
+
+
+def _black_box_noise(epsilon: float | None, delta: float, q: float, steps: int,
+                     say: Callable[[str], None]) -> tuple[float, float]:
+    """(σ calibrated to ``epsilon``, the accountant's ε for that σ); (0, ∞) for the no-DP control."""
+    from privacy.accounting import calibrate_noise, epsilon_of
+
+    if epsilon is None:
+        return 0.0, math.inf
+    say(f"calibrating σ for ε={epsilon} (q={q:.4g}, {steps} steps)")
+    sigma = calibrate_noise(epsilon, delta, q, steps)
+    return sigma, epsilon_of([(sigma, q, steps)], delta)
+
+
+def _train_black_box(model, x, y, units, n_units: int, *, units_per_batch: int, frames_per_unit: int,
+                     noise_multiplier: float, max_grad_norm: float, lr: float, seed: int, epochs: int,
+                     say: Callable[[str], None]) -> None:
+    """``epochs`` epochs of the clients' DP trainer on the school plus the included canaries."""
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    trainer = build_private_trainer(model, torch.optim.SGD(model.parameters(), lr=lr), TensorDataset(x, y), units,
+                                    units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
+                                    noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, seed=seed,
+                                    declared_units=n_units)
+
+    def loss_fn(mdl, xb, yb):
+        return nn.functional.cross_entropy(_logits(mdl(xb)), yb, reduction="none")
+
+    for epoch in range(epochs):
+        st = trainer.train_epoch(loss_fn)
+        say(f"epoch {epoch + 1}/{epochs}: loss {st['loss']:.3f} ({st['steps']} steps)")
+    trainer.close()
+
+
+def _canary_losses(model, cx, cy) -> np.ndarray:
+    """Every canary's loss under the final model: the outsider's only view."""
+    import torch
+    from torch import nn
+
+    model.eval()
+    with torch.no_grad():
+        return nn.functional.cross_entropy(_logits(model(cx)), cy, reduction="none").numpy()
 
 
 def _logits(out):

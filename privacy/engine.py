@@ -110,6 +110,25 @@ def plan_from_config(cfg, declared_units: int, *, delta: float | None = None, un
                       frames_per_unit=int(cfg["train.frames_per_student"]), accountant=str(cfg["privacy.accountant"]))
 
 
+def _check_step_settings(units_per_batch: int, frames_per_unit: int, noise_multiplier: float,
+                         max_grad_norm: float) -> None:
+    if units_per_batch < 1:
+        raise ValueError(f"units_per_batch must be >= 1, got {units_per_batch}")
+    if frames_per_unit < 1:
+        raise ValueError(f"frames_per_unit must be >= 1, got {frames_per_unit}")
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
+    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
+
+
+def _generator(seed: int | None, reproducible: bool, offset: int) -> torch.Generator:
+    """A generator seeded from OS entropy, or from ``seed`` and ``offset`` when ``reproducible`` (tests only)."""
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + offset) if reproducible and seed is not None else secrets.randbits(63))
+    return g
+
+
 class PrivateTrainer:
     """DP-SGD over privacy units. See the module docstring for what one step does.
 
@@ -122,39 +141,12 @@ class PrivateTrainer:
                  unit_ids: Sequence[str] | None, units_per_batch: int, frames_per_unit: int,
                  noise_multiplier: float, max_grad_norm: float, seed: int | None = None, *,
                  declared_units: int, reproducible: bool = False, grad_sample_mode: str = "hooks") -> None:
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
         n_frames = len(frames)  # type: ignore[arg-type]
         if n_frames == 0:
             raise ValueError("the school has no training frames")
-        if unit_ids is None:
-            unit_ids = [str(i) for i in range(n_frames)]
-            self.privacy_unit = "image"
-        else:
-            self.privacy_unit = "student"
-            if len(unit_ids) != n_frames:
-                raise ValueError(f"unit_ids has {len(unit_ids)} entries for {n_frames} frames (one per frame needed)")
-        if units_per_batch < 1:
-            raise ValueError(f"units_per_batch must be >= 1, got {units_per_batch}")
-        if frames_per_unit < 1:
-            raise ValueError(f"frames_per_unit must be >= 1, got {frames_per_unit}")
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
-        if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-            raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
-
-        index: dict[str, int] = {}
-        members: list[list[int]] = []
-        for frame, uid in enumerate(unit_ids):
-            u = index.setdefault(str(uid), len(index))
-            if u == len(members):
-                members.append([])
-            members[u].append(frame)
-        self.unit_names = list(index)
-        self._members = [torch.tensor(m, dtype=torch.long) for m in members]
-        self.num_units = len(members)
+        unit_ids = self._unit_of_each_frame(unit_ids, n_frames)
+        _check_step_settings(units_per_batch, frames_per_unit, noise_multiplier, max_grad_norm)
+        self._group_frames_by_unit(unit_ids)
         if units_per_batch > declared_units:
             warnings.warn(f"units_per_batch {units_per_batch} exceeds the {declared_units} declared "
                           f"{self.privacy_unit}s; every unit is sampled every step (q = 1)", stacklevel=2)
@@ -166,25 +158,53 @@ class PrivateTrainer:
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.frames = frames
-
-        def generator(offset: int) -> torch.Generator:
-            g = torch.Generator()
-            g.manual_seed((int(seed) * 1_000_003 + offset) if reproducible and seed is not None else secrets.randbits(63))
-            return g
-
         if reproducible and seed is None:
             raise ValueError("reproducible=True needs a seed")
-        self._frame_gen = generator(1)
+        self._attach_opacus(model, optimizer, seed, reproducible, grad_sample_mode)
+        self.steps_done = 0
+
+    def _unit_of_each_frame(self, unit_ids: Sequence[str] | None, n_frames: int) -> Sequence[str]:
+        """One unit id per frame; unit ``image`` when none are given (every frame its own unit)."""
+        if unit_ids is None:
+            self.privacy_unit = "image"
+            return [str(i) for i in range(n_frames)]
+        self.privacy_unit = "student"
+        if len(unit_ids) != n_frames:
+            raise ValueError(f"unit_ids has {len(unit_ids)} entries for {n_frames} frames (one per frame needed)")
+        return unit_ids
+
+    def _group_frames_by_unit(self, unit_ids: Sequence[str]) -> None:
+        """Each unit's frame indices, units numbered in order of first appearance."""
+        index: dict[str, int] = {}
+        members: list[list[int]] = []
+        for frame, uid in enumerate(unit_ids):
+            u = index.setdefault(str(uid), len(index))
+            if u == len(members):
+                members.append([])
+            members[u].append(frame)
+        self.unit_names = list(index)
+        self._members = [torch.tensor(m, dtype=torch.long) for m in members]
+        self.num_units = len(members)
+
+    def _attach_opacus(self, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int | None,
+                       reproducible: bool, grad_sample_mode: str) -> None:
+        """The frame-choice generator, the Poisson unit sampler, per-sample gradients and the noisy optimizer;
+        each randomness source gets its own generator (offsets 1, 2, 3)."""
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        self._frame_gen = _generator(seed, reproducible, 1)
         self._sampler = UniformWithReplacementSampler(num_samples=self.num_units, sample_rate=self.sample_rate,
-                                                      generator=generator(2), steps=self.steps_per_epoch)
+                                                      generator=_generator(seed, reproducible, 2),
+                                                      steps=self.steps_per_epoch)
         self.model = model
         model.train()
         self.private_model = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True,
                                               force_functorch=grad_sample_mode == "functorch")
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
                                      max_grad_norm=self.max_grad_norm, expected_batch_size=self.expected_units,
-                                     loss_reduction="mean", generator=generator(3))
-        self.steps_done = 0
+                                     loss_reduction="mean", generator=_generator(seed, reproducible, 3))
 
     # ------------------------------------------------------------------------------------------
     def _frames_of(self, units: list[int]) -> tuple[list[int], list[int]]:

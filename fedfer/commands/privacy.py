@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -13,7 +14,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("privacy", help="privacy ledger audit, noise planner, empirical audit")
     psub = p.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    _add_audit_parser(psub)
+    _add_plan_parser(psub)
+    _add_canary_audit_parser(psub)
 
+
+def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
     a = psub.add_parser("audit", help="recompute every school's ε from its ledger; verify hashes, chain, signatures",
                         description="Recompute ε from the raw ledger entries (never trusting stored ε), verify hashes, "
                                     "prev_hash chain and Ed25519 signatures against an independent keyring (--keys), "
@@ -39,6 +45,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "budget an entry declares)")
     a.set_defaults(func=_audit)
 
+
+def _add_plan_parser(psub: argparse._SubParsersAction) -> None:
     pl = psub.add_parser("plan", help="noise multiplier for a target ε, and the ε-per-round curve",
                          description="The noise a school needs so that, sampled every round, it ends at the target ε.")
     pl.add_argument("--epsilon", type=float, required=True)
@@ -52,6 +60,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plan)
 
+
+def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
     at = psub.add_parser(
         "canary-audit", aliases=["attack"],
         help="empirical lower bound on ε from canaries in one run (white-box audit of the DP trainer)",
@@ -165,11 +175,19 @@ def _positive(name: str, value, integer: bool = False):
 
 def _canary_audit(args: argparse.Namespace) -> int:
     cfg = _run_config(args.run_dir)
+    _check_canary_flags(args)
+    settings = _canary_settings(args, cfg)
+    result, source = _run_canary_audit(args, settings)
+    out = _canary_json(result, settings.white, source)
+    _write_canary_outputs(args, result, out, settings.white)
+    if result.bound_above_claim:
+        print("bound above claim: an empirical lower bound exceeds the claimed ε (a privacy bug)", file=sys.stderr)
+        return 1
+    return 0
 
-    def pick(flag, key, default):
-        return flag if flag is not None else cfg.get(key, default)
 
-    white = not args.black_box
+def _check_canary_flags(args: argparse.Namespace) -> None:
+    """One-line errors for flags out of range, before anything is loaded."""
     for name, value, integer in (("epsilon", args.epsilon, False), ("delta", args.delta, False),
                                  ("canaries", args.canaries, True), ("runs", args.runs, True),
                                  ("epochs", args.epochs, True), ("batch", args.batch, True),
@@ -179,6 +197,26 @@ def _canary_audit(args: argparse.Namespace) -> int:
         _positive(name, value, integer)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise ValueError(f"--data-dir {args.data_dir}: not a directory")
+
+
+@dataclass(frozen=True)
+class _CanarySettings:
+    white: bool
+    epsilon: float | None  # None: the no-DP control
+    delta: float
+    clip: float
+    canaries: int
+    frames: int
+    lr: float
+
+
+def _canary_settings(args: argparse.Namespace, cfg: dict) -> _CanarySettings:
+    """The audit's settings: a flag wins, then the run's config.yaml, then the mode's default."""
+
+    def pick(flag, key, default):
+        return flag if flag is not None else cfg.get(key, default)
+
+    white = not args.black_box
     epsilon = None if args.no_dp else float(pick(args.epsilon, "privacy.target_epsilon", 4.0 if white else 8.0))
     delta = float(pick(args.delta, "privacy.delta", 1e-5))
     if not 0 < delta < 1:
@@ -189,13 +227,20 @@ def _canary_audit(args: argparse.Namespace) -> int:
     canaries = args.canaries or (8000 if white else 500)
     frames = args.frames_per_unit or 2
     lr = float(args.lr or (0.1 if white else 0.3))
+    return _CanarySettings(white=white, epsilon=epsilon, delta=delta, clip=clip, canaries=canaries, frames=frames,
+                           lr=lr)
 
+
+def _run_canary_audit(args: argparse.Namespace, settings: _CanarySettings):
+    """Load the school, run the white-box or black-box audit; returns the result and the data's source."""
     import warnings
 
     import torch
 
     from privacy.canary_audit import run_black_box_audit, run_white_box_audit, tiny_model_builder
 
+    white, canaries, frames = settings.white, settings.canaries, settings.frames
+    epsilon, delta, clip, lr = settings.epsilon, settings.delta, settings.clip, settings.lr
     torch.set_num_threads(args.threads)
     # Opacus' note on inputs without gradients, and q = 1 when every student is sampled: both expected here
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -216,11 +261,21 @@ def _canary_audit(args: argparse.Namespace) -> int:
                                      epsilon=epsilon, delta=delta, epochs=args.epochs,
                                      units_per_batch=args.batch or 16, frames_per_unit=frames, max_grad_norm=clip,
                                      lr=lr, beta=args.beta, seed=args.seed, progress=say)
+    return result, source
+
+
+def _canary_json(result, white: bool, source: str) -> dict:
+    """The result's JSON with the audit kind, the command that ran it and the data it used."""
     out = result.to_json()
     argv = sys.argv[1:]
     out["audit"] = "white-box" if white else "black-box"
     out["command"] = ("fedfer " + " ".join(argv)) if argv[:1] == ["privacy"] else "fedfer privacy canary-audit (in-process)"
     out["data"] = source
+    return out
+
+
+def _write_canary_outputs(args: argparse.Namespace, result, out: dict, white: bool) -> None:
+    """--out JSON, --plot PNG (white-box only), then the JSON or the one-screen summary on stdout."""
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
@@ -234,10 +289,6 @@ def _canary_audit(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(format_audit(out))
-    if result.bound_above_claim:
-        print("bound above claim: an empirical lower bound exceeds the claimed ε (a privacy bug)", file=sys.stderr)
-        return 1
-    return 0
 
 
 def format_audit(out: dict) -> str:

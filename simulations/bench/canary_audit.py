@@ -48,6 +48,19 @@ def _row(mechanism: str, claimed: float | None, bounds: dict, canaries: int, sec
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="units_per_batch .* exceeds")
+    rows = _ideal_rows(args) + _trainer_rows(args)
+    _print_table(rows)
+    _write_json(args, argv, rows)
+    return 0
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--canaries", type=int, default=16000, help="canaries for the real-trainer rows")
     ap.add_argument("--runs", type=int, default=32)
@@ -60,12 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/canary-audit.json"))
-    args = ap.parse_args(argv)
-    import torch
+    return ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message="units_per_batch .* exceeds")
+
+def _ideal_rows(args: argparse.Namespace) -> list[dict]:
+    """The ideal Gaussian mechanism at the papers' claims: k from the grid, and k planned in advance."""
     rows = []
     rng = np.random.default_rng(args.seed)
     for claim in (9.99, 4.37):
@@ -85,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                          one_run_bounds(scores, included, DELTA, beta=0.1, planned_k=planned), args.ideal_canaries,
                          time.perf_counter() - started, planned_k=planned))
         print(rows[-1], flush=True)
+    return rows
+
+
+def _trainer_rows(args: argparse.Namespace) -> list[dict]:
+    """The real student-level trainer audited white-box: correct, subsampled, broken copies, DP off."""
     x, y, units = _school()
     net = tiny_model_builder((1, 8, 8), 3, 8)
     common = dict(canaries=args.canaries, runs=args.runs, epochs=args.epochs, frames_per_canary=args.frames,
@@ -93,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     subsampled = dict(units_per_batch=args.subsampled_batch, score="likelihood")
     plan = ([("correct", 8.0, {}), ("correct", 8.0, subsampled), ("correct", args.epsilon, {})]
             + [(m, args.epsilon, {}) for m in MUTATIONS] + [("correct", None, {})])
+    rows = []
     for name, eps, extra in plan:
         res = run_white_box_audit(x, y, units, net, epsilon=eps, trainer_factory=FACTORIES[name], mechanism=name,
                                   **common, **extra)
@@ -103,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                          noise_multiplier=res.noise_multiplier, sample_rate=res.sample_rate, steps=res.steps,
                          score=res.score, best_k={k: b.k for k, b in res.bounds.items()}))
         print(rows[-1], flush=True)
+    return rows
 
+
+def _print_table(rows: list[dict]) -> None:
     def fmt(v):
         return "∞" if v is None else f"{v:.2f}"
 
@@ -112,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "bound above claim" if r["bound_above_claim"] else "consistent"
         print(f"{r['mechanism']:64s} {fmt(r['claimed_epsilon']):>9s} {fmt(r['steinke']):>8s} {fmt(r['fdp']):>7s} "
               f"{r['canaries']:>9d} {r['seconds']:>8.1f}  {verdict}")
+
+
+def _write_json(args: argparse.Namespace, argv: list[str] | None, rows: list[dict]) -> None:
+    """The rows with the command and the resolved settings."""
     out = {"command": " ".join(["python -m simulations.bench.canary_audit", *(sys.argv[1:] if argv is None else argv)]),
            "settings": {**vars(args), "out": str(args.out), "delta": DELTA, "beta": 0.05, "score": "sum",
                         "sample_rate": 1.0, "base_students": 8, "model": "MLP 64-8-3 + canary probe"},
@@ -119,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":
