@@ -63,6 +63,14 @@ RULES: dict[str, Rule] = {
     "data.public_frames": Rule(minimum=1),
     "model.aux_loss_weight": Rule(minimum=0.0),
     "data.clips_per_student": Rule(minimum=0),
+    "data.public_train_students": Rule(minimum=0),
+    "data.public_train_frames": Rule(minimum=1),
+    "data.heldout_students": Rule(minimum=0),
+    "model.pretrain": Rule(choices=("", "auto")),
+    "train.trainable": Rule(choices=("all", "last", "norms+head")),
+    "pretrain.epochs": Rule(minimum=1),
+    "pretrain.batch_size": Rule(minimum=1),
+    "pretrain.lr": Rule(minimum=0.0),
     "evaluation.bootstrap": Rule(minimum=0),
 }
 
