@@ -12,6 +12,7 @@ import sys
 
 COMMAND_MODULES = (
     "fedfer.commands.simulate",   # simulate, data synth, train-central
+    "fedfer.commands.pretrain",   # pretrain
     "fedfer.commands.models",     # models
     "fedfer.commands.results",    # evaluate, report
     "fedfer.commands.privacy",    # privacy audit | plan | attack

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -59,3 +61,43 @@ def test_frozen_parameters_do_not_move_under_dp_sgd() -> None:
     for n, p in model.named_parameters():
         moved = not torch.equal(before[n], p.detach())
         assert moved == p.requires_grad, n
+
+
+TINY = ["federation.schools=1", "data.students_per_school=2", "data.frames_per_student=2", "data.public_students=2",
+        "data.public_frames=7", "data.public_train_students=4", "data.public_train_frames=7", "data.heldout_students=1",
+        "data.image_size=32", "pretrain.batch_size=8", "pretrain.epochs=1", "evaluation.bootstrap=10"]
+
+
+def test_pretrain_writes_a_checkpoint_that_model_pretrained_loads_with_provenance(tmp_path, capsys) -> None:
+    from fedfer.cli import main
+    from server.run import start_or_resume
+    from shared_models.config import load_config
+
+    out = tmp_path / "public.pt"
+    data = tmp_path / "data"
+    assert main(["pretrain", "--data-root", str(data), "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert f"pre-trained checkpoint: {out}" in printed and "synthetic-indomain" in printed
+
+    provenance = registry.pretrained_provenance(out)
+    assert provenance["format"] == "fedfer-pretrained/1" and provenance["epochs"] == 1
+    assert provenance["images"] == 4 * 7 and provenance["steps"] == 4   # 28 Training rows, batches of 8
+    assert [d["spec"] for d in provenance["data"]] == ["synthetic-fer2013:train"]
+    assert provenance["data"][0]["split"] == "train" and len(provenance["data"][0]["fingerprint"]) == 64
+    assert provenance["config"]["model.preset"] == "dp" and len(provenance["inputs_hash"]) == 16
+    saved = torch.load(out, weights_only=True)["state_dict"]
+
+    cfg = load_config(overrides=[*TINY, f"model.pretrained={out}", f"run.root={tmp_path / 'runs'}",
+                                 f"data.root={data}"])
+    start = start_or_resume(cfg)
+    for name, tensor in start.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    events = [json.loads(line) for line in start.run.events_path.read_text().splitlines()]
+    loaded = next(e for e in events if e["event"] == "pretrained")
+    assert loaded["matched"] == len(saved) and loaded["missing"] == 0
+    assert loaded["provenance"]["weights_sha256"] == provenance["weights_sha256"]
+
+    other = load_config(overrides=[*TINY, f"model.pretrained={out}", "model.preset=cpu",
+                                   f"run.root={tmp_path / 'runs'}"])
+    with pytest.raises(ValueError, match="pre-trained for model.preset=dp, the run builds model.preset=cpu"):
+        start_or_resume(other)

@@ -230,6 +230,14 @@ def freeze_for_finetuning(model: nn.Module, mode: str) -> dict[str, int]:
     return counts
 
 
+def pretrained_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The provenance a fedfer pre-trained checkpoint carries (`fedfer pretrain`), or None for any other
+    checkpoint; raises `pretrained.PretrainedError` naming the file when it cannot be read."""
+    from shared_models.models.pretrained import read_provenance
+
+    return read_provenance(path)
+
+
 def build_from_config(cfg: Mapping[str, Any]) -> nn.Module:
     """The federation's model as a config describes it (`model.name`, `model.preset`, FER7 outputs,
     `model.aux_loss_weight`, `train.trainable`): the one place the server, the schools and the harnesses
