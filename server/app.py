@@ -47,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     initial = ArrayRecord(start.model.state_dict())
     if start.round_offset == 0 and cfg["model.pretrained"]:
         # the pre-trained model is round 0: the evaluation node scores it alongside round 1's training
-        strategy.pending = (RoundRecord(0), initial)
+        strategy.pending = (RoundRecord(0, timing={"round_seconds": 0.0}), initial)
     runner.start(
         grid=fast_grid(grid),
         initial_arrays=initial,
