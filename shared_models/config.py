@@ -66,6 +66,7 @@ RULES: dict[str, Rule] = {
     "data.public_train_students": Rule(minimum=0),
     "data.public_train_frames": Rule(minimum=1),
     "data.heldout_students": Rule(minimum=0),
+    "data.school_size_spread": Rule(minimum=0, maximum=90),
     "model.pretrain": Rule(choices=("", "auto")),
     "train.trainable": Rule(choices=("all", "last", "norms+head")),
     "pretrain.epochs": Rule(minimum=1),

@@ -84,17 +84,21 @@ class SynthParams:
     public_train_students: int = 0   # identities of the public *training* split (0: none)
     public_train_frames: int = 8     # frames per public training identity
     heldout_students: int = 0        # per school: students written to indomain/ only, never to the school
+    school_size_spread: int = 30     # percent: a school has students_per_school x U(1 - s, 1 + s) students
 
     def __post_init__(self) -> None:
         minimum = {"schools": 1, "students_per_school": 1, "frames_per_student": 1, "public_students": 2,
                    "public_frames": 1, "image_size": 16, "seed": 0, "clips_per_student": 0,
-                   "public_train_students": 0, "public_train_frames": 1, "heldout_students": 0}
+                   "public_train_students": 0, "public_train_frames": 1, "heldout_students": 0,
+                   "school_size_spread": 0}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"SynthParams.{f.name} must be an integer, got {value!r}")
             if value < minimum[f.name]:
                 raise ValueError(f"SynthParams.{f.name} must be >= {minimum[f.name]}, got {value}")
+        if self.school_size_spread > 90:
+            raise ValueError(f"SynthParams.school_size_spread must be <= 90, got {self.school_size_spread}")
         if self.image_size > 512:
             raise ValueError(f"SynthParams.image_size must be <= 512, got {self.image_size}")
 
@@ -111,6 +115,7 @@ _CONFIG_KEYS: dict[str, str] = {
     "public_train_students": "data.public_train_students",
     "public_train_frames": "data.public_train_frames",
     "heldout_students": "data.heldout_students",
+    "school_size_spread": "data.school_size_spread",
 }
 
 
@@ -163,7 +168,8 @@ def school_id(index: int) -> str:
 def _school_key(params: SynthParams, index: int) -> str:
     return _digest({"version": GENERATOR_VERSION, "seed": params.seed, "school": index,
                     "students_per_school": params.students_per_school, "frames": params.frames_per_student,
-                    "image_size": params.image_size, "clips": params.clips_per_student})[:16]
+                    "image_size": params.image_size, "clips": params.clips_per_student,
+                    "spread": params.school_size_spread})[:16]
 
 
 def _public_key(params: SynthParams) -> str:
@@ -305,7 +311,8 @@ def school_profile(params: SynthParams, index: int) -> SchoolProfile:
     rng = _rng(params, _KIND_SCHOOL, index, _P_PROFILE)
     camera = _jitter_camera(SCHOOL_CAMERAS[index % len(SCHOOL_CAMERAS)], rng)
     mean = params.students_per_school
-    num = max(1, int(round(mean * rng.uniform(0.7, 1.3)))) if mean > 1 else 1
+    spread = params.school_size_spread / 100.0
+    num = max(1, int(round(mean * rng.uniform(1.0 - spread, 1.0 + spread)))) if mean > 1 else 1
     skin = 0.75 * rng.dirichlet(np.full(len(SKIN_TONES), 0.6)) + 0.25 / len(SKIN_TONES)
     styles = rng.dirichlet(np.array([3.0, 3.0, 2.0, 1.5, 1.0, 1.0]))
     labels = 0.85 * rng.dirichlet(BASE_LABEL_PROBS * 8.0) + 0.15 * BASE_LABEL_PROBS

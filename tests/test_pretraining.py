@@ -81,8 +81,8 @@ def test_pretrain_writes_a_checkpoint_that_model_pretrained_loads_with_provenanc
 
     provenance = registry.pretrained_provenance(out)
     assert provenance["format"] == "fedfer-pretrained/1" and provenance["epochs"] == 1
-    assert provenance["images"] == 4 * 7 and provenance["steps"] == 4   # 28 Training rows, batches of 8
-    assert [d["spec"] for d in provenance["data"]] == ["synthetic-fer2013:train"]
+    assert provenance["images"] == 4 * 7 and provenance["steps"] == 4   # 28 train_ faces, batches of 8
+    assert [d["spec"] for d in provenance["data"]] == ["synthetic-rafdb:train"]
     assert provenance["data"][0]["split"] == "train" and len(provenance["data"][0]["fingerprint"]) == 64
     assert provenance["config"]["model.preset"] == "dp" and len(provenance["inputs_hash"]) == 16
     saved = torch.load(out, weights_only=True)["state_dict"]

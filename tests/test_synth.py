@@ -40,7 +40,7 @@ def test_manifest_lists_schools_params_counts(built: Path) -> None:
     assert manifest["params"] == {"schools": 3, "students_per_school": 3, "frames_per_student": 6,
                                   "public_students": 4, "public_frames": 6, "image_size": 32, "seed": 11,
                                   "clips_per_student": 1, "public_train_students": 0, "public_train_frames": 8,
-                                  "heldout_students": 0}
+                                  "heldout_students": 0, "school_size_spread": 30}
     assert manifest["label_set"] == "fer7"
     assert manifest["version"] == synth.GENERATOR_VERSION
     for sid in manifest["schools"]:

@@ -9,6 +9,7 @@
     python -m simulations.bench.pretraining [--rounds 8] [--trainable all,norms+head] [--alone 3]
         [--central-epochs 3] [--out benchmarks/pretraining.json] [key=value ...]
 
+The start is `model.pretrained` if set, else the cached `model.pretrain=auto` checkpoint (trained if absent).
 In one process, like simulations/tune_inprocess.py: each school trains with the same DP planning and
 trainer as the ClientApp (σ calibrated so `--rounds` rounds end at privacy.target_epsilon), one after
 another; the server step is FedAvgM with uniform school weights. No Flower, ledger or budget guard, so
@@ -180,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: federation.rounds)")
     parser.add_argument("--trainable", default="all,norms+head", help="fine-tuning choices for the federation")
     parser.add_argument("--alone", default="3", help="schools that also train alone: 'all' or how many (smallest, "
-                                                    "largest, then evenly between)")
-    parser.add_argument("--central-epochs", type=int, default=3)
+                                                    "largest, then evenly between); 0: skip (c)")
+    parser.add_argument("--central-epochs", type=int, default=3, help="0: skip (b)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/pretraining.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     root = synth.ensure_for_config(cfg)
     data_seconds = time.perf_counter() - started
-    path = pretrain.ensure_pretrained(cfg, root, echo=lambda s: print("  " + s, flush=True))
+    path = (Path(str(cfg["model.pretrained"])) if cfg["model.pretrained"]
+            else pretrain.ensure_pretrained(cfg, root, echo=lambda s: print("  " + s, flush=True)))
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     start = checkpoint["state_dict"]
     schools = [load_school(d) for d in sorted((root / "schools").iterdir()) if d.is_dir()]
@@ -209,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"pretrained": score(_model(cfg, start))}
     print(_row("(a) pre-trained alone", results["pretrained"]), flush=True)
-    results["central"] = central(cfg, schools, start, args.central_epochs, score)
-    print(_row(f"(b) central non-private, {args.central_epochs} epochs", results["central"]), flush=True)
+    if args.central_epochs > 0:
+        results["central"] = central(cfg, schools, start, args.central_epochs, score)
+        print(_row(f"(b) central non-private, {args.central_epochs} epochs", results["central"]), flush=True)
     for mode in [m.strip() for m in args.trainable.split(",") if m.strip()]:
         print(f"  federation, train.trainable={mode}", flush=True)
         results[f"federated:{mode}"] = federate({**cfg, "train.trainable": mode}, schools, start, rounds, score,
@@ -229,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{'setting':<44} {'public test acc [95% CI]':>22} {'in-domain acc [95% CI]':>22}")
     print(_row("(a) pre-trained alone", results["pretrained"]))
-    print(_row("(b) central non-private", results["central"]))
+    if "central" in results:
+        print(_row("(b) central non-private", results["central"]))
     for key in results:
         if key.startswith("federated:"):
             print(_row(f"(F) federated DP, trainable={key.split(':', 1)[1]}", results[key]))
