@@ -53,8 +53,7 @@ def _setup(msg: Message, context: Context) -> tuple[dict[str, Any], NodeIdentity
 
 
 def _global_model(msg: Message, cfg: dict[str, Any]) -> torch.nn.Module:
-    model = registry.scale_aux_losses(
-        registry.build(str(cfg["model.name"]), num_classes=7, preset=str(cfg["model.preset"])), float(cfg["model.aux_loss_weight"]))
+    model = registry.build_from_config(cfg)   # train.trainable freezes here, before the DP engine sees it
     model.load_state_dict(_received_state(msg), strict=True)
     return model
 

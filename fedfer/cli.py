@@ -19,6 +19,7 @@ import sys
 
 COMMAND_MODULES = (
     "fedfer.commands.simulate",   # simulate, data synth, train-central
+    "fedfer.commands.pretrain",   # pretrain
     "fedfer.commands.models",     # models
     "fedfer.commands.results",    # evaluate, report
     "fedfer.commands.privacy",    # privacy audit | plan | canary-audit

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.round_writer import RoundWriter
 from server.run import resume_pending, start_or_resume, trace_benchmark_opens
-from server.strategy import SchoolFedAvg
+from server.strategy import RoundRecord, SchoolFedAvg
 from server.transport import fast_grid
 from shared_models.config import from_run_config
 
@@ -45,6 +45,9 @@ def main(grid: Grid, context: Context) -> None:
     runner = federation_dp.wrap(strategy) if federation_dp is not None else strategy
 
     initial = ArrayRecord(start.model.state_dict())
+    if start.round_offset == 0 and cfg["model.pretrained"]:
+        # the pre-trained model is round 0: the evaluation node scores it alongside round 1's training
+        strategy.pending = (RoundRecord(0, timing={"round_seconds": 0.0}), initial)
     runner.start(
         grid=fast_grid(grid),
         initial_arrays=initial,

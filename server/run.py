@@ -46,9 +46,17 @@ def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
     """A new run directory and model, or (`run.resume`) the run, config and model of its latest checkpoint."""
     if not cfg["run.resume"]:
         model = registry.build_from_config(cfg)
-        if cfg["model.pretrained"]:
-            log(INFO, "[fedfer] pretrained: %s", registry.load_pretrained(model, str(cfg["model.pretrained"])))
-        return RunStart(RunDirectory.create(cfg), dict(cfg), model)
+        if not cfg["model.pretrained"]:
+            return RunStart(RunDirectory.create(cfg), dict(cfg), model)
+        path = str(cfg["model.pretrained"])
+        provenance = registry.pretrained_provenance(path)
+        check_pretrained_model(provenance, cfg, path)
+        report = registry.load_pretrained(model, path)
+        log(INFO, "[fedfer] pretrained: %s", report.summary())
+        run = RunDirectory.create(cfg)
+        run.event("pretrained", path=path, matched=len(report.matched), missing=len(report.missing),
+                  shape_mismatched=len(report.shape_mismatched), provenance=provenance)
+        return RunStart(run, dict(cfg), model)
     run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())
     # loaded with weights_only=True and checked field by field (the CLI ran the same check before Flower)
     _, checkpoint, checkpoint_cfg = check_resume_dir(run.path)
@@ -61,6 +69,17 @@ def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
     if start.unevaluated is not None:
         log(INFO, "[fedfer] round %d's model has no metrics line yet: it is evaluated first", start.round_offset)
     return start
+
+
+def check_pretrained_model(provenance: Mapping[str, Any] | None, cfg: Mapping[str, Any], path: str) -> None:
+    """A fedfer pre-trained checkpoint built for another model would load only partly: refuse it."""
+    if not provenance:
+        return   # a foreign checkpoint (e.g. an MS-Celeb backbone): the partial load reports what matched
+    trained = provenance.get("config", {})
+    for key in ("model.name", "model.preset"):
+        if key in trained and str(trained[key]) != str(cfg[key]):
+            raise ValueError(f"model.pretrained: {path} was pre-trained for {key}={trained[key]}, "
+                             f"the run builds {key}={cfg[key]}")
 
 
 def unevaluated_round(run: RunDirectory, checkpoint: Mapping[str, Any]) -> RoundRecord | None:

@@ -84,6 +84,15 @@ RULES: dict[str, Rule] = {
     "data.public_frames": Rule(minimum=1, maximum=10_000),
     "data.seed": Rule(minimum=0, maximum=SEED_MAX),
     "evaluation.bootstrap": Rule(minimum=0, maximum=1_000_000),
+    "data.public_train_students": Rule(minimum=0, maximum=1_000_000),
+    "data.public_train_frames": Rule(minimum=1, maximum=10_000),
+    "data.heldout_students": Rule(minimum=0, maximum=10_000_000),
+    "data.school_size_spread": Rule(minimum=0, maximum=90),
+    "model.pretrain": Rule(choices=("", "auto")),
+    "train.trainable": Rule(choices=("all", "last", "norms+head")),
+    "pretrain.epochs": Rule(minimum=1, maximum=10_000),
+    "pretrain.batch_size": Rule(minimum=1, maximum=1_000_000),
+    "pretrain.lr": Rule(minimum=0.0),
 }
 
 

@@ -479,10 +479,12 @@ def test_afew_and_clipfolder_label_csv(tmp_path):
 def test_registry_synthetic_names_and_spec_errors(tmp_path):
     public = tmp_path / "public"
     public.mkdir()
-    write_fer2013(public / "fer2013.csv", [fer_row(3, "PublicTest", 1), fer_row(4, "PrivateTest", 2)])
-    write_rafdb(public / "rafdb", [("test_0001.jpg", 4), ("test_0002.jpg", 5)])
-    fer = open_benchmark("synthetic-fer2013", data_root=tmp_path)
-    assert fer.name == "synthetic-fer2013" and fer.split == "all" and len(fer) == 2
+    write_fer2013(public / "fer2013.csv", [fer_row(0, "Training", 3), fer_row(3, "PublicTest", 1),
+                                           fer_row(4, "PrivateTest", 2)])
+    write_rafdb(public / "rafdb", [("train_00001.jpg", 1), ("test_0001.jpg", 4), ("test_0002.jpg", 5)])
+    fer = open_benchmark("synthetic-fer2013", data_root=tmp_path)   # the test rows: Training is for pre-training
+    assert fer.name == "synthetic-fer2013" and fer.split == "val+test" and len(fer) == 2
+    assert len(open_benchmark("synthetic-fer2013:train", data_root=tmp_path)) == 1
     raf = open_benchmark("synthetic-rafdb", data_root=tmp_path)
     assert raf.name == "synthetic-rafdb" and raf.targets.tolist() == [FER7.index("happy"), FER7.index("sad")]
     with pytest.raises(BenchmarkError, match="synthetic-rafdb not found"):

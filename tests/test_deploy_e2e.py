@@ -29,6 +29,7 @@ SCHOOLS = 3
 TINY = {
     "federation.rounds": 2, "federation.min_train_schools": 2, "federation.round_timeout": 300,
     "data.students_per_school": 6, "data.frames_per_student": 6, "data.public_students": 6, "data.image_size": 32,
+    "data.public_train_students": 0, "data.heldout_students": 0,
     "train.local_epochs": 1, "train.batch_size": 3, "evaluation.bootstrap": 50, "evaluation.benchmarks": "synthetic-fer2013",
 }
 

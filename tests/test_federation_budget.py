@@ -18,6 +18,7 @@ CFG = [
     "federation.client_dp=true", "federation.client_dp_noise=0.8",
     f"privacy.school_budgets=school-02={SMALL_BUDGET}",
     "data.students_per_school=5", "data.frames_per_student=4", "data.public_students=4", "data.image_size=32",
+    "data.public_train_students=0", "data.heldout_students=2",
     "train.local_epochs=1", "train.batch_size=3", "evaluation.bootstrap=20",
 ]
 

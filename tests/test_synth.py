@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import multiprocessing as mp
@@ -38,7 +39,8 @@ def test_manifest_lists_schools_params_counts(built: Path) -> None:
     assert manifest["seed"] == TINY.seed
     assert manifest["params"] == {"schools": 3, "students_per_school": 3, "frames_per_student": 6,
                                   "public_students": 4, "public_frames": 6, "image_size": 32, "seed": 11,
-                                  "clips_per_student": 1}
+                                  "clips_per_student": 1, "public_train_students": 0, "public_train_frames": 8,
+                                  "heldout_students": 0, "school_size_spread": 30}
     assert manifest["label_set"] == "fer7"
     assert manifest["version"] == synth.GENERATOR_VERSION
     for sid in manifest["schools"]:
@@ -301,3 +303,79 @@ def test_concurrent_ensure_school(built: Path, tmp_path: Path) -> None:
         assert (sdir / row["path"]).read_bytes() == (ref / row["path"]).read_bytes()
     leftovers = [p.name for p in (root / "schools").iterdir() if p.name != "school-00"]
     assert leftovers == []
+
+
+# ---- two domains: public training split, in-domain held-out students ------------------------------------
+
+SPLIT = synth.SynthParams(schools=2, students_per_school=3, frames_per_student=3, public_students=4, public_frames=7,
+                          image_size=32, seed=5, clips_per_student=0, public_train_students=5, public_train_frames=4,
+                          heldout_students=2)
+
+
+@pytest.fixture(scope="module")
+def split_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.ensure_dataset(tmp_path_factory.mktemp("split") / "root", SPLIT, workers=1)
+
+
+def test_public_train_and_test_splits_are_disjoint(split_built: Path) -> None:
+    from shared_models.datasets import open_benchmark
+
+    public = json.loads((split_built / "public" / "public.json").read_text())
+    test_ids = {p["identity_id"] for p in public["identities"]}
+    train_ids = {p["identity_id"] for p in public["train"]["identities"]}
+    assert len(test_ids) == SPLIT.public_students and len(train_ids) == SPLIT.public_train_students
+    assert not test_ids & train_ids
+    test_faces = {synth.public_person(SPLIT, j).identity for j in range(SPLIT.public_students)}
+    train_faces = {synth.public_train_person(SPLIT, j).identity for j in range(SPLIT.public_train_students)}
+    assert not test_faces & train_faces
+    # FER2013: Training rows first, then the test usages; no pixel row is in both splits
+    rows = [line.split(",") for line in (split_built / "public" / "fer2013.csv").read_text().split("\n")[1:] if line]
+    usages = [usage for _, _, usage in rows]
+    n_train = SPLIT.public_train_students * SPLIT.public_train_frames
+    assert usages[:n_train] == ["Training"] * n_train
+    assert set(usages[n_train:]) == {"PublicTest", "PrivateTest"}
+    assert not {px for _, px, u in rows if u == "Training"} & {px for _, px, u in rows if u != "Training"}
+    # RAF-DB names carry the split; the readers' splits see exactly these rows
+    names = [line.split(" ")[0] for line in
+             (split_built / "public" / "rafdb" / "EmoLabel" / "list_patition_label.txt").read_text().split("\n") if line]
+    assert sum(n.startswith("train_") for n in names) == n_train
+    assert sum(n.startswith("test_") for n in names) == SPLIT.public_students * SPLIT.public_frames
+    assert len(open_benchmark("synthetic-fer2013:train", data_root=split_built)) == n_train
+    assert len(open_benchmark("synthetic-rafdb:train", data_root=split_built)) == n_train
+    # the evaluation node's default reads the test rows only
+    assert len(open_benchmark("synthetic-fer2013", data_root=split_built)) == SPLIT.public_students * SPLIT.public_frames
+    assert len(open_benchmark("synthetic-rafdb", data_root=split_built)) == SPLIT.public_students * SPLIT.public_frames
+
+
+def test_heldout_students_never_in_a_school_folder(split_built: Path) -> None:
+    from shared_models.datasets import open_benchmark
+
+    held = _rows(split_built / "indomain" / "labels.csv")
+    assert len(held) == SPLIT.schools * SPLIT.heldout_students * SPLIT.frames_per_student
+    held_ids = {r["student_id"] for r in held}
+    assert {r["school_id"] for r in held} == {synth.school_id(i) for i in range(SPLIT.schools)}
+    for i in range(SPLIT.schools):
+        school = split_built / "schools" / synth.school_id(i)
+        trained = {r["student_id"] for r in _rows(school / "labels.csv")}
+        assert trained and not trained & held_ids
+        assert not (school / "indomain").exists() and not any("-ho" in p.name for p in school.rglob("*"))
+        n = json.loads((school / "school.json").read_text())["num_students"]
+        faces = {synth.student(SPLIT, i, j).identity for j in range(n)}
+        assert not faces & {synth.heldout_student(SPLIT, i, j).identity for j in range(SPLIT.heldout_students)}
+        # the same classroom: the held-out students sit in their school's room, before its camera
+        assert synth.heldout_student(SPLIT, i, 0).camera == synth.school_profile(SPLIT, i).camera
+    bench = open_benchmark("synthetic-indomain", data_root=split_built)
+    assert len(bench) == len(held)
+    assert sorted(bench.targets.tolist()) == sorted(FER7.index(r["label"]) for r in held)
+
+
+def test_adding_splits_changes_no_school_byte(split_built: Path, tmp_path: Path) -> None:
+    plain = dataclasses.replace(SPLIT, public_train_students=0, heldout_students=0)
+    root = synth.ensure_dataset(tmp_path / "plain", plain, workers=1)
+    for i in range(SPLIT.schools):
+        sid = synth.school_id(i)
+        assert (root / "schools" / sid / "labels.csv").read_bytes() == (split_built / "schools" / sid / "labels.csv").read_bytes()
+        first = sorted((root / "schools" / sid / "images").iterdir())[0].name
+        assert (root / "schools" / sid / "images" / first).read_bytes() == \
+            (split_built / "schools" / sid / "images" / first).read_bytes()
+    assert not (root / "indomain").exists()

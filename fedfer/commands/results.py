@@ -22,7 +22,8 @@ benchmarks (NAME=PATH, or NAME:SPLIT=PATH; the synthetic ones are bare names fou
   dfew=DIR                     EmoLabel_DataSplit/ + Clip/jpg_256/ (test1..test5, train1..train5)
   afew=DIR, clipfolder=DIR     class folders of clips (frame folders; videos need PyAV)
   imagefolder=DIR              <class name>/<image> folders
-  synthetic-fer2013, synthetic-rafdb   the synthetic classroom's public split (all rows)
+  synthetic-fer2013, synthetic-rafdb   the synthetic classroom's public split (test rows; :train = its training split)
+  synthetic-indomain           every simulated school's held-out students (simulation only)
 """
 
 

@@ -99,6 +99,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg["data.root"] = str(synth.root_from_config(cfg))
     if cfg["privacy.state_dir"]:
         cfg["privacy.state_dir"] = str(Path(str(cfg["privacy.state_dir"])).expanduser().resolve())
+    if cfg["model.pretrain"] == "auto":
+        if cfg["model.pretrained"]:
+            print("fedfer: model.pretrain=auto and model.pretrained are both set; choose one", file=sys.stderr)
+            return 2
+        # before the run directory exists, so its config.yaml names the checkpoint the run starts from
+        code = _pretrain_auto(cfg)
+        if code:
+            return code
+    if cfg["model.pretrained"]:
+        from server.run import check_pretrained_model
+        from shared_models.models import registry
+
+        try:   # refused here, in one line, rather than inside the ServerApp
+            check_pretrained_model(registry.pretrained_provenance(str(cfg["model.pretrained"])), cfg,
+                                   str(cfg["model.pretrained"]))
+        except ValueError as exc:
+            print(f"fedfer: {exc}", file=sys.stderr)
+            return 2
     run = RunDirectory.create(cfg)
     print(f"fedfer simulate: {cfg['federation.schools']} schools"
           f"{' + evaluation node' if cfg['federation.evaluator'] else ''}, {cfg['model.name']} ({cfg['model.preset']}), "
@@ -126,6 +144,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return print_summary(run.path, time.perf_counter() - started)
 
 
+def _pretrain_auto(cfg: dict[str, Any]) -> int:
+    """model.pretrain=auto: the cached public pre-training of this model (trained now if absent) becomes
+    model.pretrained, so every app process loads the same checkpoint."""
+    from simulations import pretrain
+
+    root = _ensure_data(cfg)
+    started = time.perf_counter()
+    try:
+        path = pretrain.ensure_pretrained(cfg, root, echo=lambda line: print("  " + line, flush=True))
+    except pretrain.PretrainError as exc:
+        print(f"fedfer: {exc}", file=sys.stderr)
+        return 2
+    cfg["model.pretrained"] = str(path)
+    print(f"pre-trained model {path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
 def print_summary(run_path: Path, wall: float) -> int:
     """The closing table: final accuracy, per-school ε, rounds, wall time, report path."""
     from server.run_dir import RunDirectory
@@ -137,7 +172,11 @@ def print_summary(run_path: Path, wall: float) -> int:
         return 1
     last = rounds[-1]
     print("\nsummary")
-    print(f"  rounds completed   {len(rounds)} (last: {last['round']})")
+    print(f"  rounds completed   {sum(1 for r in rounds if int(r['round']) > 0)} (last: {last['round']})")
+    start = next((r for r in rounds if int(r["round"]) == 0), None)
+    if start is not None:   # the pre-trained model (model.pretrained), scored before round 1
+        print("  pre-trained start  " + ", ".join(f"{bench} {m['accuracy']:.3f}"
+                                                 for bench, m in start.get("evaluation", {}).items()))
     print(f"  wall time          {wall:.0f} s")
     for bench, m in last.get("evaluation", {}).items():
         ci = (f" [95% CI {m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}]"

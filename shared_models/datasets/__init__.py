@@ -3,7 +3,7 @@
     from shared_models.datasets import open_benchmark
     bench = open_benchmark("rafdb=/data/RAF-DB/basic")           # default split: test
     bench = open_benchmark("fer2013:val=/data/fer2013.csv")      # PublicTest
-    bench = open_benchmark("synthetic-fer2013", data_root=root)  # <root>/public/fer2013.csv, all rows
+    bench = open_benchmark("synthetic-fer2013", data_root=root)  # <root>/public/fer2013.csv, test rows
     face, label = bench[0]; bench.labels; bench.num_classes; bench.skipped
     torch_ds = bench.as_torch(eval_transform(64))
 
@@ -59,8 +59,11 @@ ALIASES: dict[str, str] = {
 }
 #: the synthetic classroom's public split: name -> (reader, path below data_root, default split)
 SYNTHETIC: dict[str, tuple[str, str, str]] = {
-    "synthetic-fer2013": ("fer2013", "public/fer2013.csv", "all"),
-    "synthetic-rafdb": ("rafdb", "public/rafdb", "all"),
+    # the test rows only by default: the same files hold the public training split (Training / train_)
+    "synthetic-fer2013": ("fer2013", "public/fer2013.csv", "val+test"),
+    "synthetic-rafdb": ("rafdb", "public/rafdb", "test"),
+    # every school's held-out students (simulation only): accuracy on the schools' own kind of faces
+    "synthetic-indomain": ("imagefolder", "indomain", "all"),
 }
 
 
@@ -100,8 +103,8 @@ def open_benchmark(spec: str, *, data_root: Path | None = None, split: str | Non
             path = Path(data_root).expanduser() / relative
         if not path.exists():
             raise BenchmarkError(
-                f"{path}: {key} not found (the synthetic classroom's public split; run `fedfer data synth` "
-                f"or set --data-root)"
+                f"{path}: {key} not found (written by the synthetic classroom; run `fedfer data synth` "
+                f"or set --data-root{'; data.heldout_students must be > 0' if key == 'synthetic-indomain' else ''})"
             )
         return READERS[reader_name](path, name=key, split=split or default_split, **options)
     if key not in READERS:

@@ -12,7 +12,7 @@ Splits (``Usage``): ``train`` = Training, ``val`` = PublicTest, ``test`` = Priva
 figures (e.g. SFER-MDFAE's 76.18 %: 28,709 train / 3,589 validation / 3,589 test) is to select on
 PublicTest and report PrivateTest, so scoring PrivateTest keeps our numbers comparable.
 ``val+test`` gives both. Kaggle's ``train.csv`` (no ``Usage`` column) is read whole as ``all``.
-The synthetic classroom's ``synthetic-fer2013`` uses ``all``.
+The synthetic classroom's ``synthetic-fer2013`` uses ``val+test`` (its Training rows are for pre-training).
 
 Errors: a missing ``emotion``/``pixels`` column or an emotion code outside 0–6 stops the reader
 with ``file:line``; a ``pixels`` cell that is not S×S integers in 0–255 is a corrupt image:

@@ -6,7 +6,7 @@
   ``aligned=False`` reads ``Image/original/<name>`` instead.
 * Splits from the name prefix: ``train`` = ``train_NNNNN`` (12,271), ``test`` = ``test_NNNN``
   (3,068, **default**, the split every paper reports), ``all``. The synthetic classroom's
-  ``synthetic-rafdb`` writes only ``test_`` names and is opened with ``all``.
+  ``synthetic-rafdb`` writes ``train_`` and ``test_`` names and is opened with ``test``.
 * No identity information in RAF-DB basic.
 """
 

@@ -69,6 +69,15 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The "provenance" entry of a checkpoint written by `fedfer pretrain` (data, epochs, seed, config,
+    hashes), or None when the file has none (a plain state_dict, a server checkpoint)."""
+    read_state_dict(path)   # the same checks and one-line errors as loading it
+    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    provenance = obj.get("provenance") if isinstance(obj, Mapping) else None
+    return dict(provenance) if isinstance(provenance, Mapping) else None
+
+
 def load_pretrained(model: nn.Module, path: str | Path) -> LoadReport:
     """Load the name- and shape-matched tensors of `path` into `model` (in place); return the report."""
     state = read_state_dict(path)

@@ -182,12 +182,70 @@ def load_pretrained(model: nn.Module, path: str | Path) -> "LoadReport":
     return _load(unwrap(model), path)
 
 
+FINETUNE_MODES = ("all", "last", "norms+head")
+_NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+
+
+def _last_stage(backbone: nn.Module) -> nn.Module:
+    """The backbone's last stage: ResNet's highest `layerN`, or IR50's last run of units."""
+    ends = getattr(backbone, "_stage_ends", None)
+    body = getattr(backbone, "body", None)
+    if ends and isinstance(body, nn.Sequential):
+        start = ends[-2] if len(ends) > 1 else 0
+        return nn.ModuleList(list(body[start:ends[-1]]))
+    stages = sorted((int(name[5:]), module) for name, module in backbone.named_children()
+                    if name.startswith("layer") and name[5:].isdigit())
+    if stages:
+        return stages[-1][1]
+    raise ValueError(f"{type(backbone).__name__}: no stages found (train.trainable=last needs layerN or an IR body)")
+
+
+def freeze_for_finetuning(model: nn.Module, mode: str) -> dict[str, int]:
+    """Choose what trains when fine-tuning a pre-trained model: `all`; `last` (the backbone's last stage and
+    everything outside the backbone: attention heads, norms after it, classifier); `norms+head` (every
+    normalisation layer's affine parameters and everything outside the backbone). The rest gets
+    requires_grad=False, so under DP-SGD its coordinates are neither clipped nor noised (call this before
+    the DP engine wraps the model). Returns {"trainable": n, "frozen": n} parameter counts."""
+    if mode not in FINETUNE_MODES:
+        raise ValueError(f"train.trainable must be one of {', '.join(FINETUNE_MODES)}; got {mode!r}")
+    inner = unwrap(model)
+    backbone = getattr(inner, "backbone", None)
+    if mode != "all" and not isinstance(backbone, nn.Module):
+        raise ValueError(f"{type(inner).__name__}: no `backbone` to freeze (train.trainable={mode})")
+    keep: set[int] = set()
+    if mode == "all":
+        keep = {id(p) for p in inner.parameters()}
+    else:
+        in_backbone = {id(p) for p in backbone.parameters()}
+        keep = {id(p) for p in inner.parameters() if id(p) not in in_backbone}
+        if mode == "last":
+            keep |= {id(p) for p in _last_stage(backbone).parameters()}
+        else:
+            keep |= {id(p) for module in inner.modules() if isinstance(module, _NORM_TYPES)
+                     for p in module.parameters(recurse=False)}
+    counts = {"trainable": 0, "frozen": 0}
+    for p in inner.parameters():
+        p.requires_grad_(id(p) in keep)
+        counts["trainable" if id(p) in keep else "frozen"] += p.numel()
+    return counts
+
+
+def pretrained_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The provenance a fedfer pre-trained checkpoint carries (`fedfer pretrain`), or None for any other
+    checkpoint; raises `pretrained.PretrainedError` naming the file when it cannot be read."""
+    from shared_models.models.pretrained import read_provenance
+
+    return read_provenance(path)
+
+
 def build_from_config(cfg: Mapping[str, Any]) -> nn.Module:
     """The federation's model as a config describes it (`model.name`, `model.preset`, FER7 outputs,
-    `model.aux_loss_weight`): the one place the server, the schools and the harnesses build it."""
+    `model.aux_loss_weight`, `train.trainable`): the one place the server, the schools and the harnesses
+    build it. Frozen parameters (train.trainable) are frozen here, before any DP engine sees the model."""
     from shared_models.labels import FER7
 
     model = build(str(cfg["model.name"]), num_classes=len(FER7), preset=str(cfg["model.preset"]))
+    freeze_for_finetuning(model, str(cfg.get("train.trainable", "all")))
     return scale_aux_losses(model, float(cfg["model.aux_loss_weight"]))
 
 

@@ -1,0 +1,82 @@
+"""`fedfer pretrain`: train the federation's model on public faces (no school data, no privacy cost) and
+write a checkpoint with its provenance; `fedfer simulate model.pretrained=PATH` starts from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from shared_models.config import ConfigError, check_paths, load_config
+
+EPILOG = """\
+examples:
+  fedfer pretrain                                     # the synthetic classroom's public training split
+  fedfer pretrain --benchmark fer2013:train=/data/fer2013.csv --out fer2013-hafnet.pt
+  fedfer simulate model.pretrained=fer2013-hafnet.pt  # federate from it
+  fedfer simulate model.pretrain=auto                 # pre-train (cached) and federate in one command
+"""
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    cmd = sub.add_parser("pretrain", help="pre-train the model on public FER data (no privacy cost)",
+                         description="Pre-train the federation's model (model.name, model.preset) on public faces "
+                                     "and write a checkpoint with its provenance.",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd.add_argument("--benchmark", action="append", metavar="NAME[:SPLIT]=PATH",
+                     help="public training data, repeatable (default: pretrain.benchmarks); any reader "
+                          "`fedfer evaluate --help` lists, e.g. fer2013:train=/data/fer2013.csv, rafdb:train=DIR")
+    cmd.add_argument("--out", type=Path, default=None,
+                     help="checkpoint file (default: the cache that model.pretrain=auto reads)")
+    cmd.add_argument("--data-root", type=Path, default=None,
+                     help="synthetic classroom for synthetic-* benchmarks (default: data.root or its cache; built if absent)")
+    cmd.add_argument("--epochs", type=int, default=None, help="passes over the data (default: pretrain.epochs)")
+    cmd.add_argument("--no-evaluate", action="store_true", help="skip scoring the result on evaluation.benchmarks")
+    cmd.add_argument("--config", type=Path, help="YAML config (defaults: shared_models/defaults.yaml)")
+    cmd.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.preset=cpu pretrain.lr=0.001")
+    cmd.set_defaults(func=cmd_pretrain)
+
+
+def _needs_synthetic(specs: str) -> bool:
+    from shared_models.datasets import SYNTHETIC, split_benchmark_list
+
+    return any(spec.split("=", 1)[0].split(":", 1)[0].strip().lower() in SYNTHETIC and "=" not in spec
+               for spec in split_benchmark_list(specs))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    try:
+        overrides = list(args.overrides)
+        if args.benchmark:
+            overrides.append("pretrain.benchmarks=" + ",".join(args.benchmark))
+        if args.epochs is not None:
+            overrides.append(f"pretrain.epochs={args.epochs}")
+        cfg = load_config(args.config, overrides)
+        check_paths(cfg, source=str(args.config or "override"))
+    except ConfigError as exc:
+        print(f"fedfer: {exc}", file=sys.stderr)
+        return 2
+    from simulations import pretrain, synth
+
+    evaluate = not args.no_evaluate
+    data_root: Path | None = args.data_root.expanduser().resolve() if args.data_root else None
+    if data_root is not None:
+        cfg["data.root"] = str(data_root)
+    if _needs_synthetic(str(cfg["pretrain.benchmarks"])) or (evaluate and _needs_synthetic(str(cfg["evaluation.benchmarks"]))):
+        data_root = synth.ensure_for_config(cfg, echo=lambda line: print(line, flush=True))
+    echo = lambda line: print("  " + line, flush=True)  # noqa: E731
+    try:
+        out = args.out or pretrain.default_path(pretrain.inputs_hash(cfg, pretrain.data_specs(cfg, data_root)))
+        provenance = pretrain.pretrain(cfg, data_root, Path(out), evaluate=evaluate, echo=echo)
+    except pretrain.PretrainError as exc:
+        print(f"fedfer: {exc}", file=sys.stderr)
+        return 2
+    print(f"pre-trained checkpoint: {out}")
+    print(f"  {provenance['images']} public faces x {provenance['epochs']} epochs, {provenance['steps']} steps, "
+          f"final loss {provenance['final_loss']:.3f}, {provenance['seconds']:.0f} s; inputs {provenance['inputs_hash']}")
+    for bench, m in provenance.get("evaluation", {}).items():
+        ci = f" [95% CI {m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}]" if m.get("accuracy_ci_low") is not None else ""
+        print(f"  {bench:<20} accuracy {m['accuracy']:.3f}{ci} (n={m['n']})")
+    print(f"next: fedfer simulate model.pretrained={out}")
+    return 0

@@ -1,0 +1,253 @@
+"""What public pre-training and the federation add: public test and in-domain held-out accuracy of
+
+    (a) the pre-trained model alone (public data only, no school data),
+    (b) a centralised, non-private model fine-tuned on the pooled schools from the same pre-training,
+    (F) the federation: every school fine-tunes under student-level DP, FedAvg(M), for each
+        `--trainable` choice (all | last | norms+head), and
+    (c) each school fine-tuning alone under the same DP (the reason to federate),
+
+    python -m simulations.bench.pretraining [--rounds 8] [--trainable all,norms+head] [--alone 3]
+        [--central-epochs 3] [--out benchmarks/pretraining.json] [key=value ...]
+
+The start is `model.pretrained` if set, else the cached `model.pretrain=auto` checkpoint (trained if absent).
+In one process, like simulations/tune_inprocess.py: each school trains with the same DP planning and
+trainer as the ClientApp (σ calibrated so `--rounds` rounds end at privacy.target_epsilon), one after
+another; the server step is FedAvgM with uniform school weights. No Flower, ledger or budget guard, so
+its wall time is not the demo's (`fedfer simulate` is). In-domain accuracy is on every school's
+held-out students (`synthetic-indomain`, never trained on); per school for (c). Prints a table and
+writes JSON with the command and the resolved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from shared_models.config import ConfigError, load_config
+from shared_models.datasets import open_benchmark
+from shared_models.datasets.school_folder import SchoolData, load_school
+from shared_models.evaluation import predict
+from shared_models.metrics import classification_report
+from shared_models.models import registry
+from simulations.bench.results import write_result
+
+PUBLIC, INDOMAIN = "synthetic-fer2013", "synthetic-indomain"
+
+
+# ---------------------------------------------------------------------------- evaluation
+class Scorer:
+    """Public test and in-domain held-out accuracy (with bootstrap CIs), and in-domain per school."""
+
+    def __init__(self, root: Path, input_size: int, n_boot: int) -> None:
+        from shared_models.transforms import eval_transform
+
+        self.n_boot = n_boot
+        self.sets = {name: open_benchmark(name, data_root=root) for name in (PUBLIC, INDOMAIN)}
+        self.torch = {name: bench.as_torch(eval_transform(input_size)) for name, bench in self.sets.items()}
+        held = self.sets[INDOMAIN]
+        self.school_of = np.array([int(re.search(r"s(\d+)-ho", held.describe(i)).group(1))   # type: ignore[union-attr]
+                                   for i in range(len(held))])
+
+    def __call__(self, model: torch.nn.Module, school: int | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, dataset in self.torch.items():
+            y, pred, _ = predict(model, dataset, num_classes=7)
+            report = classification_report(y, pred, 7, n_boot=self.n_boot, seed=0)
+            out[name] = {k: report[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "n")}
+            if name == INDOMAIN and school is not None:
+                mine = self.school_of == school
+                own = classification_report(y[mine], pred[mine], 7, n_boot=self.n_boot, seed=0)
+                out["own-school"] = {k: own[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "n")}
+        return out
+
+
+# ---------------------------------------------------------------------------- one school's DP round
+def dp_round(model: torch.nn.Module, school: SchoolData, cfg: Mapping[str, Any], seed: int) -> tuple[float, int]:
+    """One round of the school's DP-SGD (the ClientApp's planning and trainer); returns (σ, steps)."""
+    from shared_models.transforms import train_transform
+
+    torch.manual_seed(seed)
+    try:   # after issue 12: privacy/engine.py holds the one q/steps/σ rule and the trainer
+        from privacy.engine import plan_from_config, train_private   # type: ignore[import-not-found]
+        from shared_models.training import FaceDataset, make_optimizer   # type: ignore[import-not-found]
+    except ImportError:
+        from client.training import FaceDataset, plan_round
+        from client.training import train_private as train_school
+
+        plan = plan_round(school, cfg)
+        stats = train_school(model, school, cfg, plan, seed=seed)
+        return plan.noise_multiplier, int(stats["steps"])
+    unit = str(cfg["privacy.unit"])
+    plan = plan_from_config(cfg, school.num_students if unit == "student" else len(school))
+    frames = FaceDataset(school.images, school.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
+    result = train_private(model, frames, school.student_ids if unit == "student" else None, plan,
+                           make_optimizer(model, cfg), int(cfg["train.local_epochs"]), seed=seed)
+    return plan.noise_multiplier, int(result.steps)
+
+
+def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
+            velocity: dict[str, torch.Tensor], momentum: float) -> dict[str, torch.Tensor]:
+    """Uniform average of the schools' models, then the FedAvgM server step (server learning rate 1)."""
+    new = {}
+    for key, old in global_state.items():
+        average = sum(s[key].double() for s in states) / len(states)
+        if not old.is_floating_point():
+            new[key] = average.round().to(old.dtype)
+            continue
+        step = average - old.double()
+        if momentum > 0:
+            step = momentum * velocity[key] + step if key in velocity else step
+            velocity[key] = step
+        new[key] = (old.double() + step).to(old.dtype)
+    return new
+
+
+def _model(cfg: Mapping[str, Any], start: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    model = registry.build_from_config(cfg)   # applies train.trainable
+    model.load_state_dict(start)
+    return model
+
+
+def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], rounds: int,
+             score: Scorer, echo=print) -> dict[str, Any]:  # noqa: ANN001
+    model, local = _model(cfg, start), _model(cfg, start)
+    velocity: dict[str, torch.Tensor] = {}
+    momentum = float(cfg["federation.server_momentum"])
+    history, started = [], time.perf_counter()
+    for rnd in range(1, rounds + 1):
+        global_state = {k: v.clone() for k, v in model.state_dict().items()}
+        states, sigma = [], 0.0
+        for index, school in enumerate(schools):
+            local.load_state_dict(global_state)
+            s, _ = dp_round(local, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index)
+            sigma = max(sigma, s)
+            states.append({k: v.clone() for k, v in local.state_dict().items()})
+        model.load_state_dict(fedavgm(global_state, states, velocity, momentum))
+        result = score(model)
+        history.append({"round": rnd, "public": result[PUBLIC]["accuracy"], "indomain": result[INDOMAIN]["accuracy"],
+                        "max_sigma": round(sigma, 3), "seconds": round(time.perf_counter() - started, 1)})
+        echo(f"    round {rnd}: public {result[PUBLIC]['accuracy']:.3f} in-domain {result[INDOMAIN]['accuracy']:.3f} "
+             f"σ ≤ {sigma:.2f} ({history[-1]['seconds']:.0f} s)")
+    return {**result, "history": history, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def alone(cfg: Mapping[str, Any], school: SchoolData, index: int, start: Mapping[str, torch.Tensor], rounds: int,
+          score: Scorer) -> dict[str, Any]:
+    """One school's `rounds` DP rounds on its own model (same σ rule, so the same ε as in the federation)."""
+    model = _model(cfg, start)
+    started = time.perf_counter()
+    for rnd in range(1, rounds + 1):
+        dp_round(model, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index)
+    return {**score(model, school=index), "students": school.num_students,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def central(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], epochs: int,
+            score: Scorer) -> dict[str, Any]:
+    """Non-private fine-tuning of every layer on the pooled schools (the ceiling the federation aims at)."""
+    from simulations.pretrain import train_public
+    from shared_models.transforms import to_tensor_image
+
+    model = _model({**cfg, "train.trainable": "all"}, start)
+    size = int(model.input_size)
+    from torchvision.transforms import v2
+
+    resize = v2.Resize((size, size), antialias=True)
+    images = torch.stack([resize(to_tensor_image(img)) for s in schools for img in s.images])
+    labels = torch.from_numpy(np.concatenate([s.labels for s in schools])).long()
+    stats = train_public(model, images, labels, epochs=epochs, batch_size=64, lr=float(cfg["pretrain.lr"]) / 2,
+                         seed=int(cfg["run.seed"]))
+    return {**score(model), "epochs": epochs, "frames": int(len(labels)), "seconds": round(stats["seconds"], 1)}
+
+
+# ---------------------------------------------------------------------------- main
+def _row(label: str, result: Mapping[str, Any]) -> str:
+    def cell(m: Mapping[str, Any]) -> str:
+        return f"{m['accuracy']:.3f} [{m['accuracy_ci_low']:.3f}, {m['accuracy_ci_high']:.3f}]"
+
+    return f"{label:<44} {cell(result[PUBLIC]):>22} {cell(result[INDOMAIN]):>22}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: federation.rounds)")
+    parser.add_argument("--trainable", default="all,norms+head", help="fine-tuning choices for the federation")
+    parser.add_argument("--alone", default="3", help="schools that also train alone: 'all' or how many (smallest, "
+                                                    "largest, then evenly between); 0: skip (c)")
+    parser.add_argument("--central-epochs", type=int, default=3, help="0: skip (b)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/pretraining.json"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(None, args.overrides)
+    except ConfigError as exc:
+        print(f"pretraining bench: {exc}", file=sys.stderr)
+        return 2
+    rounds = int(args.rounds or cfg["federation.rounds"])
+    cfg["federation.rounds"] = rounds   # σ is calibrated for the rounds that run
+    from simulations import pretrain, synth
+
+    torch.set_num_threads(int(cfg["train.threads"]))
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    started = time.perf_counter()
+    root = synth.ensure_for_config(cfg)
+    data_seconds = time.perf_counter() - started
+    path = (Path(str(cfg["model.pretrained"])) if cfg["model.pretrained"]
+            else pretrain.ensure_pretrained(cfg, root, echo=lambda s: print("  " + s, flush=True)))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    start = checkpoint["state_dict"]
+    schools = [load_school(d) for d in sorted((root / "schools").iterdir()) if d.is_dir()]
+    sizes = [s.num_students for s in schools]
+    print(f"{len(schools)} schools, students {sizes}; {rounds} rounds at ε {cfg['privacy.target_epsilon']}", flush=True)
+    score = Scorer(root, int(registry.build_from_config(cfg).input_size), int(cfg["evaluation.bootstrap"]))
+
+    results: dict[str, Any] = {"pretrained": score(_model(cfg, start))}
+    print(_row("(a) pre-trained alone", results["pretrained"]), flush=True)
+    if args.central_epochs > 0:
+        results["central"] = central(cfg, schools, start, args.central_epochs, score)
+        print(_row(f"(b) central non-private, {args.central_epochs} epochs", results["central"]), flush=True)
+    for mode in [m.strip() for m in args.trainable.split(",") if m.strip()]:
+        print(f"  federation, train.trainable={mode}", flush=True)
+        results[f"federated:{mode}"] = federate({**cfg, "train.trainable": mode}, schools, start, rounds, score,
+                                                echo=lambda s: print(s, flush=True))
+        print(_row(f"(F) federated DP, trainable={mode}", results[f"federated:{mode}"]), flush=True)
+    order = sorted(range(len(schools)), key=lambda i: sizes[i])
+    count = len(schools) if args.alone == "all" else min(int(args.alone), len(schools))
+    picks = sorted({order[round(k * (len(order) - 1) / max(count - 1, 1))] for k in range(count)}) if count else []
+    mode = str(cfg["train.trainable"])
+    results["alone"] = {}
+    for i in picks:
+        results["alone"][synth.school_id(i)] = alone(cfg, schools[i], i, start, rounds, score)
+        r = results["alone"][synth.school_id(i)]
+        print(_row(f"(c) {synth.school_id(i)} alone ({sizes[i]} students), trainable={mode}", r)
+              + f"  own school {r['own-school']['accuracy']:.3f}", flush=True)
+
+    print(f"\n{'setting':<44} {'public test acc [95% CI]':>22} {'in-domain acc [95% CI]':>22}")
+    print(_row("(a) pre-trained alone", results["pretrained"]))
+    if "central" in results:
+        print(_row("(b) central non-private", results["central"]))
+    for key in results:
+        if key.startswith("federated:"):
+            print(_row(f"(F) federated DP, trainable={key.split(':', 1)[1]}", results[key]))
+    for sid, r in results["alone"].items():
+        print(_row(f"(c) {sid} alone ({r['students']} students)", r))
+    out = write_result(args.out, {
+        "config": cfg, "rounds": rounds, "students": sizes, "data_seconds": round(data_seconds, 1),
+        "pretrained": {"path": str(path), "provenance": checkpoint.get("provenance")}, "results": results,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "notes": "in-process (tune_inprocess-style): schools train one after another; FedAvgM with uniform weights",
+    }, module="simulations.bench.pretraining", argv=argv)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

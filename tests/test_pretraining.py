@@ -1,0 +1,103 @@
+"""Public pre-training, then private fine-tuning: what trains, and the checkpoint the federation starts from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from shared_models.models import registry
+
+
+def _trainable(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["hafnet", "sfer_mdfae"])
+def test_freezing_leaves_exactly_the_chosen_parameters_trainable(name: str) -> None:
+    model = registry.build(name, preset="dp")
+    names = [n for n, _ in model.named_parameters()]
+    outside = {n for n in names if not n.startswith("backbone.")}
+    norms = {f"{m}.{p}" for m, module in model.named_modules() if isinstance(module, (nn.GroupNorm, nn.LayerNorm))
+             for p, _ in module.named_parameters(recurse=False)}
+    if name == "hafnet":
+        last = {n for n in names if n.startswith("backbone.layer4.")}
+    else:   # IR50 dp preset: units (1, 2, 2, 1) -> the last stage is body unit 5
+        last = {n for n in names if n.startswith("backbone.body.5.")}
+    assert last and outside and norms - outside
+
+    counts = registry.freeze_for_finetuning(model, "last")
+    assert _trainable(model) == outside | last
+    assert counts == {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
+    registry.freeze_for_finetuning(model, "norms+head")
+    assert _trainable(model) == outside | norms
+    assert not any(".conv" in n and n.startswith("backbone.") for n in _trainable(model))
+    registry.freeze_for_finetuning(model, "all")
+    assert _trainable(model) == set(names)
+    with pytest.raises(ValueError, match="train.trainable must be one of"):
+        registry.freeze_for_finetuning(model, "first")
+
+
+def test_frozen_parameters_do_not_move_under_dp_sgd() -> None:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from shared_models.config import load_config
+
+    cfg = load_config(overrides=["train.trainable=norms+head", "model.preset=dp"])
+    model = registry.build_from_config(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wrapped = GradSampleModule(model)
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=1.0, max_grad_norm=1.0,
+                            expected_batch_size=4)
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    optimizer.zero_grad()
+    registry.per_sample_loss(wrapped, wrapped(x), y).mean().backward()
+    optimizer.step()
+    wrapped._close()
+    for n, p in model.named_parameters():
+        moved = not torch.equal(before[n], p.detach())
+        assert moved == p.requires_grad, n
+
+
+TINY = ["federation.schools=1", "data.students_per_school=2", "data.frames_per_student=2", "data.public_students=2",
+        "data.public_frames=7", "data.public_train_students=4", "data.public_train_frames=7", "data.heldout_students=1",
+        "data.image_size=32", "pretrain.batch_size=8", "pretrain.epochs=1", "evaluation.bootstrap=10"]
+
+
+def test_pretrain_writes_a_checkpoint_that_model_pretrained_loads_with_provenance(tmp_path, capsys) -> None:
+    from fedfer.cli import main
+    from server.run import start_or_resume
+    from shared_models.config import load_config
+
+    out = tmp_path / "public.pt"
+    data = tmp_path / "data"
+    assert main(["pretrain", "--data-root", str(data), "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert f"pre-trained checkpoint: {out}" in printed and "synthetic-indomain" in printed
+
+    provenance = registry.pretrained_provenance(out)
+    assert provenance["format"] == "fedfer-pretrained/1" and provenance["epochs"] == 1
+    assert provenance["images"] == 4 * 7 and provenance["steps"] == 4   # 28 train_ faces, batches of 8
+    assert [d["spec"] for d in provenance["data"]] == ["synthetic-rafdb:train"]
+    assert provenance["data"][0]["split"] == "train" and len(provenance["data"][0]["fingerprint"]) == 64
+    assert provenance["config"]["model.preset"] == "dp" and len(provenance["inputs_hash"]) == 16
+    saved = torch.load(out, weights_only=True)["state_dict"]
+
+    cfg = load_config(overrides=[*TINY, f"model.pretrained={out}", f"run.root={tmp_path / 'runs'}",
+                                 f"data.root={data}"])
+    start = start_or_resume(cfg)
+    for name, tensor in start.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    events = [json.loads(line) for line in start.run.events_path.read_text().splitlines()]
+    loaded = next(e for e in events if e["event"] == "pretrained")
+    assert loaded["matched"] == len(saved) and loaded["missing"] == 0
+    assert loaded["provenance"]["weights_sha256"] == provenance["weights_sha256"]
+
+    other = load_config(overrides=[*TINY, f"model.pretrained={out}", "model.preset=cpu",
+                                   f"run.root={tmp_path / 'runs'}"])
+    with pytest.raises(ValueError, match="pre-trained for model.preset=dp, the run builds model.preset=cpu"):
+        start_or_resume(other)
