@@ -481,9 +481,11 @@ def test_warm_executor_stops_promptly_while_its_supernode_is_gone(tmp_path):
 
     argv = warm_executor_argv(runtime_port=free_port()) + ["--preload", ""]
     with Supervisor(tmp_path / "logs") as sup:
-        proc = sup.start("executor", argv, env=flower_env(tmp_path / "home"), cwd=tmp_path)
+        # Flower logs each failed connection attempt at DEBUG: wait for one, so the signal lands inside
+        # the retry backoff against the closed port
+        proc = sup.start("executor", argv, env=flower_env(tmp_path / "home", {"FLWR_LOG_LEVEL": "DEBUG"}), cwd=tmp_path)
         sup.wait_log(proc, "serving ClientApp tasks", timeout=120)
-        time.sleep(3)   # into the retry backoff against the closed port
+        sup.wait_log(proc, "Connection attempt failed", timeout=60)
         proc.popen.send_signal(15)
         assert proc.popen.wait(timeout=20) == 0
         assert "stop signal received" in proc.log_text()
