@@ -232,105 +232,27 @@ def _consistency_problems(entries: Sequence[dict], where: str, school: str, poli
 def audit_source(src: _Source, *, every_entry: bool = False, budget_override: float | None = None,
                  keys_dir: Path | None = None, anchors_dir: Path | None = None) -> tuple[list[Row], list[dict]]:
     """Rows (one per dataset fingerprint) for one ledger source, and its verified entries."""
-    school = src.school or "?"
-    try:
-        entries = read_ledger_file(src.path, school_id=src.school)
-    except LedgerError as exc:
-        return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)])], []
-    if src.school is None:
-        first = entries[0] if entries and isinstance(entries[0], dict) else {}
-        school = str(first.get("school_id", "?"))
-    if not entries:
-        return [Row(school=school, source=str(src.path), status="unreadable", problems=[f"{src.path}: empty ledger"])], []
-    start = src.start
-    if start == "auto":
-        start = "genesis" if isinstance(entries[0], dict) and entries[0].get("prev_hash") == GENESIS_HASH else "run"
-        src.start = start
-    try:
-        key = load_public_key(_resolve_key(src, school))
-    except (LedgerError, SigningKeyError) as exc:
-        return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)])], []
-    try:
-        verify_entries(entries, key, source=str(src.path), school_id=school, start=start)
-    except (LedgerError, SigningKeyError) as exc:
-        return [Row(school=school, source=str(src.path), status="tampered", problems=[str(exc)])], []
+    school, entries, start, key, failure = _open_ledger(src)
+    if failure is not None:
+        return [failure], []
     try:
         policy, policy_source = school_policy(keys_dir, school)
         policy_budget = _policy_number(policy, "budget", policy_source)
     except LedgerError as exc:
         return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)])], []
     source_problems = _consistency_problems(entries, str(src.path), school, policy, policy_source)
-    anchors = anchors_dir if anchors_dir is not None else (anchors_dir_of_run(src.run_dir) if src.run_dir else None)
-    if anchors is not None and anchors.is_dir():
-        try:
-            chain = load_chain(anchors, school, key)
-        except LedgerError as exc:
-            chain, source_problems = None, source_problems + [str(exc)]
-        if chain:
-            source_problems += [f"{p} (school {school})" for p in audit_against_anchor(
-                chain, entries, copy_of_run=start == "run", where=str(src.path))]
+    source_problems += _anchor_problems(src, school, entries, key, start, anchors_dir)
 
     rows: list[Row] = []
     by_fp: dict[str, list[tuple[int, dict]]] = {}
     for line, e in enumerate(entries, start=1):
         by_fp.setdefault(e["dataset_fingerprint"], []).append((line, e))
     for fp, items in by_fp.items():
-        row = Row(school=school, source=str(src.path), fingerprint=fp, partial=start == "run")
-        round_items = [e for _, e in items if e["event"] == "round"]
-        row.rounds = len(round_items)
-        row.refusals = sum(1 for _, e in items if e["event"] == "refused")
-        row.steps = sum(e["steps"] for e in round_items)
-        units = {e["privacy_unit"] for _, e in items}
-        row.unit = units.pop() if len(units) == 1 else "mixed"
-        sigmas = {e["noise_multiplier"] for e in round_items} or {items[-1][1]["noise_multiplier"]}
-        qs = {e["sample_rate"] for e in round_items} or {items[-1][1]["sample_rate"]}
-        row.sigma = sigmas.pop() if len(sigmas) == 1 else "mixed"
-        row.q = qs.pop() if len(qs) == 1 else "mixed"
-        last_line, last = items[-1]
-        row.delta = last["delta"]
+        row = _summary_row(src, school, fp, items, partial=start == "run")
         row.budget = budget_override if budget_override is not None else policy_budget
         row.problems.extend(source_problems)
         source_problems = []   # reported once, on the school's first row
-        # verify_entries has checked that each history_before is the previous entry's history plus
-        # its round, so RDP is composed once along the chain (O(1) per entry) instead of per prefix
-        running = RunningRdp()
-        try:
-            for h in items[0][1]["history_before"]:
-                running.add(*h)
-        except AccountingError as exc:
-            row.problems.append(f"{src.path} line {items[0][0]} (school {school}): {exc}")
-            items = []
-        for line, e in items:
-            where = f"{src.path} line {line} (school {school})"
-            try:
-                if e["event"] == "round":
-                    running.add(e["noise_multiplier"], e["sample_rate"], e["steps"])
-                rdp = running.epsilon(e["delta"])
-            except AccountingError as exc:
-                row.problems.append(f"{where}: {exc}")
-                break
-            stored_rdp = epsilon_value(e["epsilon_rdp"])
-            if not _close(stored_rdp, rdp):
-                row.problems.append(f"{where}: stored epsilon_rdp {stored_rdp:.6g} but its history gives {rdp:.6g}")
-            if not (every_entry or line == last_line):
-                continue
-            history = [tuple(h) for h in e["history_before"]]
-            if e["event"] == "round":
-                history.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
-            try:
-                rep = epsilon_report(history, e["delta"], e["accountant"] if e["accountant"] in ("prv", "rdp") else "prv")
-                final = epsilon_report(history, e["delta"], "prv") if line == last_line else rep
-            except AccountingError as exc:
-                row.problems.append(f"{where}: {exc}")
-                break
-            stored = epsilon_value(e["epsilon"])
-            if not _close(stored, rep.epsilon):
-                row.problems.append(f"{where}: stored epsilon {stored:.6g} but its history gives "
-                                    f"{rep.epsilon:.6g} ({rep.method})")
-            if line == last_line:
-                row.lifetime_steps = sum(h[2] for h in history)
-                row.epsilon_prv, row.prv_method = final.epsilon, final.method
-                row.epsilon_rdp = rdp
+        _recompute_epsilons(row, src, school, items, every_entry)
         if row.problems:
             row.status = "inconsistent"
         elif row.budget is not None and row.epsilon_prv is not None and row.epsilon_prv > row.budget:
@@ -338,6 +260,124 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
             row.problems.append(f"{src.path} (school {school}): ε {row.epsilon_prv:.4g} exceeds budget {row.budget:.4g}")
         rows.append(row)
     return rows, entries
+
+
+def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
+    """Read a ledger and verify its chain and signatures: (school, entries, start, key, failure row or None)."""
+    school = src.school or "?"
+    try:
+        entries = read_ledger_file(src.path, school_id=src.school)
+    except LedgerError as exc:
+        return school, [], "", None, Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)])
+    if src.school is None:
+        first = entries[0] if entries and isinstance(entries[0], dict) else {}
+        school = str(first.get("school_id", "?"))
+    if not entries:
+        return school, [], "", None, Row(school=school, source=str(src.path), status="unreadable",
+                                         problems=[f"{src.path}: empty ledger"])
+    start = src.start
+    if start == "auto":
+        start = "genesis" if isinstance(entries[0], dict) and entries[0].get("prev_hash") == GENESIS_HASH else "run"
+        src.start = start
+    try:
+        key = load_public_key(_resolve_key(src, school))
+    except (LedgerError, SigningKeyError) as exc:
+        return school, [], start, None, Row(school=school, source=str(src.path), status="unreadable",
+                                            problems=[str(exc)])
+    try:
+        verify_entries(entries, key, source=str(src.path), school_id=school, start=start)
+    except (LedgerError, SigningKeyError) as exc:
+        return school, [], start, key, Row(school=school, source=str(src.path), status="tampered",
+                                           problems=[str(exc)])
+    return school, entries, start, key, None
+
+
+def _anchor_problems(src: _Source, school: str, entries: Sequence[dict], key: Any, start: str,
+                     anchors_dir: Path | None) -> list[str]:
+    """Where the ledger disagrees with the server's anchor chain (if the run kept one)."""
+    problems: list[str] = []
+    anchors = anchors_dir if anchors_dir is not None else (anchors_dir_of_run(src.run_dir) if src.run_dir else None)
+    if anchors is not None and anchors.is_dir():
+        try:
+            chain = load_chain(anchors, school, key)
+        except LedgerError as exc:
+            chain, problems = None, problems + [str(exc)]
+        if chain:
+            problems += [f"{p} (school {school})" for p in audit_against_anchor(
+                chain, entries, copy_of_run=start == "run", where=str(src.path))]
+    return problems
+
+
+def _summary_row(src: _Source, school: str, fp: str, items: list[tuple[int, dict]], *, partial: bool) -> Row:
+    """One dataset fingerprint's counts and public values, before any ε is recomputed."""
+    row = Row(school=school, source=str(src.path), fingerprint=fp, partial=partial)
+    round_items = [e for _, e in items if e["event"] == "round"]
+    row.rounds = len(round_items)
+    row.refusals = sum(1 for _, e in items if e["event"] == "refused")
+    row.steps = sum(e["steps"] for e in round_items)
+    units = {e["privacy_unit"] for _, e in items}
+    row.unit = units.pop() if len(units) == 1 else "mixed"
+    sigmas = {e["noise_multiplier"] for e in round_items} or {items[-1][1]["noise_multiplier"]}
+    qs = {e["sample_rate"] for e in round_items} or {items[-1][1]["sample_rate"]}
+    row.sigma = sigmas.pop() if len(sigmas) == 1 else "mixed"
+    row.q = qs.pop() if len(qs) == 1 else "mixed"
+    row.delta = items[-1][1]["delta"]
+    return row
+
+
+def _recompute_epsilons(row: Row, src: _Source, school: str, items: list[tuple[int, dict]],
+                        every_entry: bool) -> None:
+    """Recompute each entry's ε from its history; record mismatches and the last entry's ε on the row."""
+    last_line = items[-1][0]
+    # verify_entries has checked that each history_before is the previous entry's history plus
+    # its round, so RDP is composed once along the chain (O(1) per entry) instead of per prefix
+    running = RunningRdp()
+    try:
+        for h in items[0][1]["history_before"]:
+            running.add(*h)
+    except AccountingError as exc:
+        row.problems.append(f"{src.path} line {items[0][0]} (school {school}): {exc}")
+        return
+    for line, e in items:
+        where = f"{src.path} line {line} (school {school})"
+        if not _check_entry(row, running, e, where, check_epsilon=every_entry or line == last_line,
+                            is_last=line == last_line):
+            break
+
+
+def _check_entry(row: Row, running: RunningRdp, e: dict, where: str, *, check_epsilon: bool,
+                 is_last: bool) -> bool:
+    """Check one entry's stored ε values; False when the accountant fails (stop at this entry)."""
+    try:
+        if e["event"] == "round":
+            running.add(e["noise_multiplier"], e["sample_rate"], e["steps"])
+        rdp = running.epsilon(e["delta"])
+    except AccountingError as exc:
+        row.problems.append(f"{where}: {exc}")
+        return False
+    stored_rdp = epsilon_value(e["epsilon_rdp"])
+    if not _close(stored_rdp, rdp):
+        row.problems.append(f"{where}: stored epsilon_rdp {stored_rdp:.6g} but its history gives {rdp:.6g}")
+    if not check_epsilon:
+        return True
+    history = [tuple(h) for h in e["history_before"]]
+    if e["event"] == "round":
+        history.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
+    try:
+        rep = epsilon_report(history, e["delta"], e["accountant"] if e["accountant"] in ("prv", "rdp") else "prv")
+        final = epsilon_report(history, e["delta"], "prv") if is_last else rep
+    except AccountingError as exc:
+        row.problems.append(f"{where}: {exc}")
+        return False
+    stored = epsilon_value(e["epsilon"])
+    if not _close(stored, rep.epsilon):
+        row.problems.append(f"{where}: stored epsilon {stored:.6g} but its history gives "
+                            f"{rep.epsilon:.6g} ({rep.method})")
+    if is_last:
+        row.lifetime_steps = sum(h[2] for h in history)
+        row.epsilon_prv, row.prv_method = final.epsilon, final.method
+        row.epsilon_rdp = rdp
+    return True
 
 
 def _close(stored: float, recomputed: float) -> bool:

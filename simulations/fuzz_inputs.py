@@ -150,6 +150,11 @@ NOWHERE = "/nonexistent-fuzz-resume"   # keeps a config that passes from startin
 
 
 def config_cases() -> list[Case]:
+    return config_file_cases() + config_unreadable_cases() + override_cases()
+
+
+def config_file_cases() -> list[Case]:
+    """A config file whose text is broken: YAML tricks, wrong types, values out of range."""
     files = {
         "duplicate-key": ("train:\n  lr: 1.0\n  lr: 2.0\n", "duplicate"),
         "inf": ("train:\n  lr: .inf\n", "c.yaml"), "nan": ("privacy:\n  delta: .nan\n", "c.yaml"),
@@ -188,6 +193,12 @@ def config_cases() -> list[Case]:
             (d / "c.yaml").write_text(text, encoding="utf-8")
         cases.append(Case("config", name, ["simulate", "--config", "c.yaml", f"run.resume={NOWHERE}"], setup,
                           needle=needle))
+    return cases
+
+
+def config_unreadable_cases() -> list[Case]:
+    """A config file that is not UTF-8 text, or not a file at all."""
+    cases = []
     binary = {"latin1": "train:\n  optimizer: s\xe9d\n".encode("latin-1"), "random": bytes(range(256)) * 4,
               "utf16": "train:\n  lr: 1.0\n".encode("utf-16")}
     for name, data in binary.items():
@@ -198,6 +209,12 @@ def config_cases() -> list[Case]:
     cases.append(Case("config", "config-is-dir", ["simulate", "--config", ".", f"run.resume={NOWHERE}"], needle="."))
     cases.append(Case("config", "config-fifo", ["simulate", "--config", "c.yaml", f"run.resume={NOWHERE}"],
                       lambda d: os.mkfifo(d / "c.yaml"), needle="c.yaml"))
+    return cases
+
+
+def override_cases() -> list[Case]:
+    """A bad `key=value` override on the command line."""
+    cases = []
     overrides = {
         "train.lr=nan": "train.lr", "train.lr=inf": "train.lr", "train.lr=-1": "train.lr", "train.lr=0": "train.lr",
         "train.momentum=-1": "train.momentum", "train.weight_decay=-0.1": "train.weight_decay",
@@ -306,15 +323,36 @@ def checkpoint_cases(t: Templates) -> list[Case]:
     return cases
 
 
-def deploy_cases(t: Templates) -> list[Case]:
-    cases = []
-    home = ["--flwr-home", "flwr-home"]
+DEPLOY_HOME = ["--flwr-home", "flwr-home"]
 
-    def init(name: str, args: list[str], setup: Callable[[Path], None] | None = None, needle: str = "",
-             expect: str = "refuse") -> None:
-        own_home = [] if "--flwr-home" in args else home
-        cases.append(Case("deploy", f"init-{name}", ["deploy", "init", *args, *own_home], setup, needle=needle, expect=expect,
-                          may_rewrite=("flwr-home/config.toml",)))
+
+def deploy_cases(t: Templates) -> list[Case]:
+    return deploy_init_cases(t) + add_school_cases(t) + manifest_cases(t) + status_and_evaluator_cases(t)
+
+
+def init_case(name: str, args: list[str], setup: Callable[[Path], None] | None = None, needle: str = "",
+              expect: str = "refuse") -> Case:
+    own_home = [] if "--flwr-home" in args else DEPLOY_HOME
+    return Case("deploy", f"init-{name}", ["deploy", "init", *args, *own_home], setup, needle=needle, expect=expect,
+                may_rewrite=("flwr-home/config.toml",))
+
+
+def add_school_case(t: Templates, name: str, args: list[str], setup: Callable[[Path], None] | None = None,
+                    needle: str = "") -> Case:
+    def full_setup(d: Path) -> None:
+        copy_deploy(t, d)
+        if setup:
+            setup(d)
+    return Case("deploy", f"add-school-{name}", ["deploy", "add-school", *args, "--dir", "deploy", *DEPLOY_HOME],
+                full_setup, needle=needle, may_rewrite=("deploy/deployment.json",))
+
+
+def deploy_init_cases(t: Templates) -> list[Case]:
+    """`fedfer deploy init` with a bad folder, Flower home, port, host name or address."""
+    cases = []
+
+    def init(*args, **kwargs) -> None:
+        cases.append(init_case(*args, **kwargs))
 
     init("dir-file", ["--coordinator", "localhost", "--dir", "afile"], lambda d: (d / "afile").write_text("keep"), "afile")
     init("dir-below-file", ["--coordinator", "localhost", "--dir", "afile/x"], lambda d: (d / "afile").write_text("k"),
@@ -337,14 +375,15 @@ def deploy_cases(t: Templates) -> list[Case]:
     init("connection-dotted", ["--coordinator", "localhost", "--connection", "a.b", "--dir", "dep"], needle="a.b")
     init("exists-no-force", ["--coordinator", "localhost", "--dir", "deploy"],
          lambda d: copy_deploy(t, d), "deployment.json")
+    return cases
 
-    def school(name: str, args: list[str], setup: Callable[[Path], None] | None = None, needle: str = "") -> None:
-        def full_setup(d: Path) -> None:
-            copy_deploy(t, d)
-            if setup:
-                setup(d)
-        cases.append(Case("deploy", f"add-school-{name}", ["deploy", "add-school", *args, "--dir", "deploy", *home],
-                          full_setup, needle=needle, may_rewrite=("deploy/deployment.json",)))
+
+def add_school_cases(t: Templates) -> list[Case]:
+    """`fedfer deploy add-school` with a bad budget, port, name, folder or CA certificate."""
+    cases = []
+
+    def school(*args, **kwargs) -> None:
+        cases.append(add_school_case(t, *args, **kwargs))
 
     school("budget-inf", ["s1", "--data-dir", "/srv/s1", "--budget", "inf"], needle="--budget")
     school("budget-nan", ["s1", "--data-dir", "/srv/s1", "--budget", "nan"], needle="--budget")
@@ -362,6 +401,13 @@ def deploy_cases(t: Templates) -> list[Case]:
            "ca.crt")
     school("ca-dir", ["s1", "--data-dir", "/srv/s1"],
            lambda d: ((d / "deploy" / "ca" / "ca.crt").unlink(), (d / "deploy" / "ca" / "ca.crt").mkdir()), "ca.crt")
+    return cases
+
+
+def manifest_cases(t: Templates) -> list[Case]:
+    """A broken deployment.json, read by `add-school` and by `status`."""
+    cases = []
+    home = DEPLOY_HOME
     manifests = {"list": b"[]", "binary": bytes(range(256)), "empty": b"", "deep": b"[" * 100000,
                  "port-str": b'{"version": 1, "coordinator": "h", "port": "x"}',
                  "nodes-list": b'{"version": 1, "coordinator": "h", "nodes": [1]}',
@@ -369,11 +415,19 @@ def deploy_cases(t: Templates) -> list[Case]:
                              b'"runtime_port": "x", "node_config": {}}}}',
                  "version-2": b'{"version": 2}', "extra-field": b'{"version": 1, "coordinator": "h", "evil": 1}'}
     for name, data in manifests.items():
-        school(f"manifest-{name}", ["s1", "--data-dir", "/srv/s1"],
-               lambda d, data=data: (d / "deploy" / "deployment.json").write_bytes(data), "deployment.json")
+        cases.append(add_school_case(t, f"manifest-{name}", ["s1", "--data-dir", "/srv/s1"],
+                                     lambda d, data=data: (d / "deploy" / "deployment.json").write_bytes(data),
+                                     "deployment.json"))
         cases.append(Case("deploy", f"status-manifest-{name}", ["deploy", "status", "--dir", "deploy", *home],
                           lambda d, data=data: (copy_deploy(t, d), (d / "deploy" / "deployment.json").write_bytes(data)),
                           needle="deployment.json"))
+    return cases
+
+
+def status_and_evaluator_cases(t: Templates) -> list[Case]:
+    """`fedfer deploy status` on a file, `fedfer deploy evaluator` without a CA or with a bad benchmark."""
+    cases = []
+    home = DEPLOY_HOME
     cases.append(Case("deploy", "status-dir-file", ["deploy", "status", "--dir", "afile", *home],
                       lambda d: (d / "afile").write_text("keep"), needle="afile"))
     cases.append(Case("deploy", "evaluator-no-ca", ["deploy", "evaluator", "--benchmark", "synthetic-fer2013",

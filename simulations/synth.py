@@ -701,27 +701,13 @@ def _write_public(tmp: Path, params: SynthParams, counter: _Counter) -> dict[str
         person = public_person(params, j)
         rng = _rng(params, _KIND_PUBLIC, _P_RENDER, j)
         usage = "PublicTest" if j < half else "PrivateTest"
-        # balanced labels over the split: identity j starts the 7-cycle at j, then the order is shuffled
-        labels = [FER7[(j + k) % 7] for k in range(params.public_frames)]
-        labels = [labels[i] for i in rng.permutation(len(labels))]
-        frames = [_frame(sample_aus(lab, person.style, rng), person.style, _look(person.camera, person.style, rng),
-                         _occlusion(0.05, rng), rng, jitter=1.2) for lab in labels]
-        images, _ = renderer.render_batch(person.identity, frames, rng,
-                                          F.draw_background(person.background, renderer.canvas))
         first = row
-        for k, lab in enumerate(labels):
-            row += 1
-            name = f"test_{row:04d}"
-            img = Image.fromarray(images[k])
-            img.save(aligned / f"{name}_aligned.jpg", "JPEG", quality=90)
-            raf_rows.append(f"{name}.jpg {RAFDB_CODES[lab]}")
-            gray = np.asarray(img.convert("L").resize((FER2013_SIZE, FER2013_SIZE), Image.BILINEAR))
-            pixels = " ".join(map(_PIXEL_TEXT.__getitem__, gray.ravel().tolist()))
-            fer_rows.append(f"{FER7.index(lab)},{pixels},{usage}")
-            label_counts[lab] += 1
+        row = _write_public_identity(renderer, person, rng, j, params.public_frames, aligned, row,
+                                     name_format="test_{:04d}", usage=usage, fer_rows=fer_rows,
+                                     raf_rows=raf_rows, label_counts=label_counts)
         people.append({"identity_id": person.student_id, "usage": usage, "rows": [first, row],
                        "camera": person.camera["name"]})
-        counter.step(len(frames), "public")
+        counter.step(params.public_frames, "public")
     train = _write_public_train(aligned, params, counter)
     # FER2013 lists its Training rows first, then PublicTest and PrivateTest
     fer_rows = fer_rows[:1] + train["fer_rows"] + fer_rows[1:]
@@ -733,6 +719,31 @@ def _write_public(tmp: Path, params: SynthParams, counter: _Counter) -> dict[str
             "identities": people, "train": {k: v for k, v in train.items() if not k.endswith("_rows")}}
     _write_json(tmp / "public.json", meta)   # written last: its presence marks a complete part
     return meta
+
+
+def _write_public_identity(renderer: F.Renderer, person: Student, rng: np.random.Generator, j: int, n_frames: int,
+                           aligned: Path, row: int, *, name_format: str, usage: str, fer_rows: list[str],
+                           raf_rows: list[str], label_counts: dict[str, int]) -> int:
+    """Render public identity `j`'s frames, save them as RAF-DB aligned JPEGs and FER2013 rows (appended
+    to the lists given); returns the last row number used."""
+    # balanced labels over the split: identity j starts the 7-cycle at j, then the order is shuffled
+    labels = [FER7[(j + k) % 7] for k in range(n_frames)]
+    labels = [labels[i] for i in rng.permutation(len(labels))]
+    frames = [_frame(sample_aus(lab, person.style, rng), person.style, _look(person.camera, person.style, rng),
+                     _occlusion(0.05, rng), rng, jitter=1.2) for lab in labels]
+    images, _ = renderer.render_batch(person.identity, frames, rng,
+                                      F.draw_background(person.background, renderer.canvas))
+    for k, lab in enumerate(labels):
+        row += 1
+        name = name_format.format(row)
+        img = Image.fromarray(images[k])
+        img.save(aligned / f"{name}_aligned.jpg", "JPEG", quality=90)
+        raf_rows.append(f"{name}.jpg {RAFDB_CODES[lab]}")
+        gray = np.asarray(img.convert("L").resize((FER2013_SIZE, FER2013_SIZE), Image.BILINEAR))
+        pixels = " ".join(map(_PIXEL_TEXT.__getitem__, gray.ravel().tolist()))
+        fer_rows.append(f"{FER7.index(lab)},{pixels},{usage}")
+        label_counts[lab] += 1
+    return row
 
 
 def _write_public_train(aligned: Path, params: SynthParams, counter: _Counter) -> dict[str, Any]:
@@ -747,26 +758,13 @@ def _write_public_train(aligned: Path, params: SynthParams, counter: _Counter) -
     for j in range(params.public_train_students):
         person = public_train_person(params, j)
         rng = _rng(params, _KIND_PUBLIC_TRAIN, _P_RENDER, j)
-        labels = [FER7[(j + k) % 7] for k in range(params.public_train_frames)]
-        labels = [labels[i] for i in rng.permutation(len(labels))]
-        frames = [_frame(sample_aus(lab, person.style, rng), person.style, _look(person.camera, person.style, rng),
-                         _occlusion(0.05, rng), rng, jitter=1.2) for lab in labels]
-        images, _ = renderer.render_batch(person.identity, frames, rng,
-                                          F.draw_background(person.background, renderer.canvas))
         first = row
-        for k, lab in enumerate(labels):
-            row += 1
-            name = f"train_{row:05d}"
-            img = Image.fromarray(images[k])
-            img.save(aligned / f"{name}_aligned.jpg", "JPEG", quality=90)
-            raf_rows.append(f"{name}.jpg {RAFDB_CODES[lab]}")
-            gray = np.asarray(img.convert("L").resize((FER2013_SIZE, FER2013_SIZE), Image.BILINEAR))
-            pixels = " ".join(map(_PIXEL_TEXT.__getitem__, gray.ravel().tolist()))
-            fer_rows.append(f"{FER7.index(lab)},{pixels},Training")
-            label_counts[lab] += 1
+        row = _write_public_identity(renderer, person, rng, j, params.public_train_frames, aligned, row,
+                                     name_format="train_{:05d}", usage="Training", fer_rows=fer_rows,
+                                     raf_rows=raf_rows, label_counts=label_counts)
         people.append({"identity_id": person.student_id, "usage": "Training", "rows": [first, row],
                        "camera": person.camera["name"]})
-        counter.step(len(frames), "public-train")
+        counter.step(params.public_train_frames, "public-train")
     return {"num_images": row, "num_identities": params.public_train_students, "label_counts": label_counts,
             "identities": people, "fer_rows": fer_rows, "raf_rows": raf_rows}
 
@@ -938,6 +936,9 @@ def _dataset_ok(root: Path, params: SynthParams) -> bool:
             and (params.heldout_students == 0 or _part_ok(root / "indomain" / "indomain.json", _indomain_key(params))))
 
 
+_Part = tuple[str, int, Callable[..., Path], tuple]   # name, image count, builder, builder's arguments
+
+
 def ensure_dataset(root: str | Path, params: SynthParams, progress: Progress | None = None,
                    force: bool = False, workers: int | None = None) -> Path:
     """Generate every school and the public split unless <root> already holds them for these params.
@@ -955,55 +956,70 @@ def ensure_dataset(root: str | Path, params: SynthParams, progress: Progress | N
             return root
         sizes = [school_image_count(params, i) for i in range(params.schools)]
         total = sum(sizes) + public_image_count(params) + indomain_image_count(params)
-
-        def shifted(offset: int) -> Progress | None:
-            if progress is None:
-                return None
-            return lambda done, _part_total, what: progress(offset + done, total, what)
-
-        parts: list[tuple[str, int, Callable[..., Path], tuple]] = [
+        parts: list[_Part] = [
             (school_id(i), sizes[i], ensure_school, (root, params, i)) for i in range(params.schools)]
         parts.append(("public", public_image_count(params), ensure_public, (root, params)))
         if params.heldout_students:
             parts.append(("indomain", indomain_image_count(params), ensure_indomain, (root, params)))
         workers = max(1, min(int(workers or os.cpu_count() or 1), len(parts)))
         if workers == 1:
-            offset = 0
-            for name, size, build, args in parts:
-                build(*args, progress=shifted(offset), force=force)
-                offset += size
-                if progress is not None:
-                    progress(offset, total, name)
+            _build_parts_in_order(parts, total, progress, force)
         else:
-            # Every part depends only on the seed and its own index, so parts build in parallel processes
-            # with the same bytes as one after another. Progress is then reported per finished part.
-            # fork, not spawn: spawn re-runs the caller's main module, and the parts need no torch.
-            done = 0
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                # largest first: the public split (100 px) would otherwise start last and finish alone
-                ordered = sorted(parts, key=lambda part: -part[1])
-                futures = {pool.submit(build, *args, force=force): (name, size) for name, size, build, args in ordered}
-                for future in as_completed(futures):
-                    future.result()
-                    name, size = futures[future]
-                    done += size
-                    if progress is not None:
-                        progress(done, total, name)
-        for old in sorted((root / "schools").glob("school-*")):
-            meta = _read_json(old / "school.json")
-            try:
-                index = int(old.name.split("-", 1)[1])
-            except ValueError:
-                continue
-            if index >= params.schools and meta is not None and meta.get("generator") == GENERATOR:
-                shutil.rmtree(old, ignore_errors=True)
-        stale = _read_json(root / "indomain" / "indomain.json")
-        if not params.heldout_students and stale is not None and stale.get("generator") == GENERATOR:
-            shutil.rmtree(root / "indomain", ignore_errors=True)   # would otherwise score students of other params
+            _build_parts_in_parallel(parts, workers, total, progress, force)
+        _remove_stale_parts(root, params)
         tmp = root / f".manifest-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
         _write_json(tmp, _manifest(params, root))
         os.replace(tmp, root / "manifest.json")
     return root
+
+
+def _build_parts_in_order(parts: list[_Part], total: int, progress: Progress | None, force: bool) -> None:
+    """Build each part in this process, reporting progress across all parts image by image."""
+    def shifted(offset: int) -> Progress | None:
+        if progress is None:
+            return None
+        return lambda done, _part_total, what: progress(offset + done, total, what)
+
+    offset = 0
+    for name, size, build, args in parts:
+        build(*args, progress=shifted(offset), force=force)
+        offset += size
+        if progress is not None:
+            progress(offset, total, name)
+
+
+def _build_parts_in_parallel(parts: list[_Part], workers: int, total: int, progress: Progress | None,
+                             force: bool) -> None:
+    """Build parts in `workers` processes, reporting progress per finished part."""
+    # Every part depends only on the seed and its own index, so parts build in parallel processes
+    # with the same bytes as one after another. Progress is then reported per finished part.
+    # fork, not spawn: spawn re-runs the caller's main module, and the parts need no torch.
+    done = 0
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        # largest first: the public split (100 px) would otherwise start last and finish alone
+        ordered = sorted(parts, key=lambda part: -part[1])
+        futures = {pool.submit(build, *args, force=force): (name, size) for name, size, build, args in ordered}
+        for future in as_completed(futures):
+            future.result()
+            name, size = futures[future]
+            done += size
+            if progress is not None:
+                progress(done, total, name)
+
+
+def _remove_stale_parts(root: Path, params: SynthParams) -> None:
+    """Remove parts an earlier build left that these params do not have (extra schools, an unwanted indomain)."""
+    for old in sorted((root / "schools").glob("school-*")):
+        meta = _read_json(old / "school.json")
+        try:
+            index = int(old.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if index >= params.schools and meta is not None and meta.get("generator") == GENERATOR:
+            shutil.rmtree(old, ignore_errors=True)
+    stale = _read_json(root / "indomain" / "indomain.json")
+    if not params.heldout_students and stale is not None and stale.get("generator") == GENERATOR:
+        shutil.rmtree(root / "indomain", ignore_errors=True)   # would otherwise score students of other params
 
 
 # ------------------------------------------------------------------------------------------------

@@ -78,8 +78,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from server.run_dir import RunDirectory, new_run_id
-    from simulations.launcher import SimulationError, run_federation
+    from server.run_dir import RunDirectory
 
     cfg = _config(args)
     if cfg is None:
@@ -90,6 +89,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     started = time.perf_counter()
+    code = _resolve_run_config(cfg)
+    if code:
+        return code
+    run = RunDirectory.create(cfg)
+    print(f"fedfer simulate: {cfg['federation.schools']} schools"
+          f"{' + evaluation node' if cfg['federation.evaluator'] else ''}, {cfg['model.name']} ({cfg['model.preset']}), "
+          f"{cfg['federation.rounds']} rounds, DP on"
+          f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
+    print(f"run directory: {run.path}")
+    root = _ensure_data(cfg)
+    code = _write_school_policies(cfg, run.path, root)
+    if code:
+        return code
+    return _run_federation(cfg, run.path, started)
+
+
+def _resolve_run_config(cfg: dict[str, Any]) -> int:
+    """Fill in the run name and absolute folders every app process must agree on, and settle the starting
+    model; 0, or the exit code after a one-line error."""
+    from server.run_dir import new_run_id
+
     if not cfg["run.name"]:
         cfg["run.name"] = new_run_id()
     cfg["run.root"] = str(Path(str(cfg["run.root"])).expanduser().resolve())
@@ -117,31 +137,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"fedfer: {exc}", file=sys.stderr)
             return 2
-    run = RunDirectory.create(cfg)
-    print(f"fedfer simulate: {cfg['federation.schools']} schools"
-          f"{' + evaluation node' if cfg['federation.evaluator'] else ''}, {cfg['model.name']} ({cfg['model.preset']}), "
-          f"{cfg['federation.rounds']} rounds, DP on"
-          f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
-    print(f"run directory: {run.path}")
-    root = _ensure_data(cfg)
+    return 0
+
+
+def _write_school_policies(cfg: dict[str, Any], run_path: Path, root: Path) -> int:
+    """Each simulated school's own policy, before Flower starts: the run-config cannot weaken it."""
     from privacy.policy import PolicyError
     from simulations.launcher import write_school_policies
 
-    try:  # each simulated school's own policy, before Flower starts: the run-config cannot weaken it
-        school_run = Path(str(cfg["run.resume"])).expanduser().resolve() if cfg["run.resume"] else run.path
+    try:
+        school_run = Path(str(cfg["run.resume"])).expanduser().resolve() if cfg["run.resume"] else run_path
         write_school_policies(cfg, school_run, root, echo=lambda line: print("  " + line, flush=True))
     except PolicyError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _run_federation(cfg: dict[str, Any], run_path: Path, started: float) -> int:
+    from simulations.launcher import SimulationError, run_federation
+
     try:
-        run_federation(cfg, run.path, echo=lambda line: print("  " + line, flush=True))
+        run_federation(cfg, run_path, echo=lambda line: print("  " + line, flush=True))
     except SimulationError as exc:
         print(f"fedfer: federation failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fedfer: interrupted; Flower processes stopped; results so far in {run.path}", file=sys.stderr)
+        print(f"fedfer: interrupted; Flower processes stopped; results so far in {run_path}", file=sys.stderr)
         return 130
-    return print_summary(run.path, time.perf_counter() - started)
+    return print_summary(run_path, time.perf_counter() - started)
 
 
 def _pretrain_auto(cfg: dict[str, Any]) -> int:

@@ -123,6 +123,22 @@ def load_school(data_dir: str | Path, still_frames_only: bool = True) -> SchoolD
     """
     data_dir = Path(data_dir)
     labels_csv = data_dir / "labels.csv"
+    fingerprint, rows = _read_labels_csv(data_dir, labels_csv)
+    images, labels, students, skipped, first_problem = _decode_rows(data_dir, labels_csv, rows, still_frames_only)
+    stacked = np.stack(images) if images else np.zeros((0, 1, 1, 3), dtype=np.uint8)
+    return SchoolData(
+        data_dir=data_dir,
+        images=stacked,
+        labels=np.asarray(labels, dtype=np.int64),
+        student_ids=students,
+        fingerprint=fingerprint,
+        skipped=skipped,
+        first_problem=first_problem,
+    )
+
+
+def _read_labels_csv(data_dir: Path, labels_csv: Path) -> tuple[str, list[dict]]:
+    """The fingerprint (SHA-256 of labels.csv's bytes) and its rows; a clear error if it cannot be read."""
     if not data_dir.is_dir():
         raise SchoolDataError(f"{data_dir}: data directory not found")
     if not labels_csv.is_file():
@@ -142,7 +158,12 @@ def load_school(data_dir: str | Path, still_frames_only: bool = True) -> SchoolD
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise SchoolDataError(f"{labels_csv}: missing column(s) {', '.join(missing)}")
+    return fingerprint, rows
 
+
+def _decode_rows(data_dir: Path, labels_csv: Path, rows: list[dict], still_frames_only: bool
+                 ) -> tuple[list[np.ndarray], list[int], list[str], dict[str, int], str]:
+    """Decode each usable row: (images, label indices, student ids, skipped counts by reason, first problem)."""
     images: list[np.ndarray] = []
     labels: list[int] = []
     students: list[str] = []
@@ -184,14 +205,4 @@ def load_school(data_dir: str | Path, still_frames_only: bool = True) -> SchoolD
         images.append(face)
         labels.append(FER7.index(name))
         students.append(student)
-
-    stacked = np.stack(images) if images else np.zeros((0, 1, 1, 3), dtype=np.uint8)
-    return SchoolData(
-        data_dir=data_dir,
-        images=stacked,
-        labels=np.asarray(labels, dtype=np.int64),
-        student_ids=students,
-        fingerprint=fingerprint,
-        skipped=skipped,
-        first_problem=first_problem,
-    )
+    return images, labels, students, skipped, first_problem

@@ -176,7 +176,7 @@ def _row(label: str, result: Mapping[str, Any]) -> str:
     return f"{label:<44} {cell(result[PUBLIC]):>22} {cell(result[INDOMAIN]):>22}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: federation.rounds)")
     parser.add_argument("--trainable", default="all,norms+head", help="fine-tuning choices for the federation")
@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--central-epochs", type=int, default=3, help="0: skip (b)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/pretraining.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         cfg = load_config(None, args.overrides)
     except ConfigError as exc:
@@ -219,17 +223,41 @@ def main(argv: list[str] | None = None) -> int:
         results[f"federated:{mode}"] = federate({**cfg, "train.trainable": mode}, schools, start, rounds, score,
                                                 echo=lambda s: print(s, flush=True))
         print(_row(f"(F) federated DP, trainable={mode}", results[f"federated:{mode}"]), flush=True)
-    order = sorted(range(len(schools)), key=lambda i: sizes[i])
-    count = len(schools) if args.alone == "all" else min(int(args.alone), len(schools))
-    picks = sorted({order[round(k * (len(order) - 1) / max(count - 1, 1))] for k in range(count)}) if count else []
+    results["alone"] = _train_alone(cfg, schools, sizes, _alone_picks(sizes, args.alone), start, rounds, score)
+    _print_table(results)
+    out = write_result(args.out, {
+        "config": cfg, "rounds": rounds, "students": sizes, "data_seconds": round(data_seconds, 1),
+        "pretrained": {"path": str(path), "provenance": checkpoint.get("provenance")}, "results": results,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "notes": "in-process (tune_inprocess-style): schools train one after another; FedAvgM with uniform weights",
+    }, module="simulations.bench.pretraining", argv=argv)
+    print(f"wrote {out}")
+    return 0
+
+
+def _alone_picks(sizes: list[int], alone_arg: str) -> list[int]:
+    """Indices of the schools that also train alone: 'all', or `alone_arg` of them from smallest to largest."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    count = len(sizes) if alone_arg == "all" else min(int(alone_arg), len(sizes))
+    return sorted({order[round(k * (len(order) - 1) / max(count - 1, 1))] for k in range(count)}) if count else []
+
+
+def _train_alone(cfg: Mapping[str, Any], schools: list[SchoolData], sizes: list[int], picks: list[int],
+                 start: Mapping[str, torch.Tensor], rounds: int, score: Scorer) -> dict[str, Any]:
+    """(c): each picked school trains alone with the same privacy settings; its scores by school id."""
+    from simulations import synth
+
     mode = str(cfg["train.trainable"])
-    results["alone"] = {}
+    scores: dict[str, Any] = {}
     for i in picks:
-        results["alone"][synth.school_id(i)] = alone(cfg, schools[i], i, start, rounds, score)
-        r = results["alone"][synth.school_id(i)]
+        scores[synth.school_id(i)] = alone(cfg, schools[i], i, start, rounds, score)
+        r = scores[synth.school_id(i)]
         print(_row(f"(c) {synth.school_id(i)} alone ({sizes[i]} students), trainable={mode}", r)
               + f"  own school {r['own-school']['accuracy']:.3f}", flush=True)
+    return scores
 
+
+def _print_table(results: dict[str, Any]) -> None:
     print(f"\n{'setting':<44} {'public test acc [95% CI]':>22} {'in-domain acc [95% CI]':>22}")
     print(_row("(a) pre-trained alone", results["pretrained"]))
     if "central" in results:
@@ -239,14 +267,6 @@ def main(argv: list[str] | None = None) -> int:
             print(_row(f"(F) federated DP, trainable={key.split(':', 1)[1]}", results[key]))
     for sid, r in results["alone"].items():
         print(_row(f"(c) {sid} alone ({r['students']} students)", r))
-    out = write_result(args.out, {
-        "config": cfg, "rounds": rounds, "students": sizes, "data_seconds": round(data_seconds, 1),
-        "pretrained": {"path": str(path), "provenance": checkpoint.get("provenance")}, "results": results,
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "notes": "in-process (tune_inprocess-style): schools train one after another; FedAvgM with uniform weights",
-    }, module="simulations.bench.pretraining", argv=argv)
-    print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
