@@ -90,6 +90,9 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
     at.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 0.1 white-box, 0.3 black-box)")
     at.add_argument("--delta", type=float, default=None, help="default 1e-5")
     at.add_argument("--beta", type=float, default=0.05, help="1 - joint confidence of the two bounds")
+    at.add_argument("--model", default="mlp", metavar="NAME[:PRESET]",
+                    help="the network the canaries train: 'mlp' (a small harness MLP, fast; default) or a "
+                         "registered model, e.g. hafnet:dp or sfer_mdfae:dp (faces at its input size)")
     at.add_argument("--image-size", type=int, default=16, help="side the faces are resized to for the harness model")
     at.add_argument("--data-dir", type=Path, default=None,
                     help="a school's data directory (labels.csv + images); default: a small synthetic school")
@@ -179,6 +182,7 @@ def _canary_audit(args: argparse.Namespace) -> int:
     settings = _canary_settings(args, cfg)
     result, source = _run_canary_audit(args, settings)
     out = _canary_json(result, settings.white, source)
+    out["model"] = args.model
     _write_canary_outputs(args, result, out, settings.white)
     if result.bound_above_claim:
         print("bound above claim: an empirical lower bound exceeds the claimed ε (a privacy bug)", file=sys.stderr)
@@ -245,23 +249,41 @@ def _run_canary_audit(args: argparse.Namespace, settings: _CanarySettings):
     # Opacus' note on inputs without gradients, and q = 1 when every student is sampled: both expected here
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="units_per_batch .* exceeds")
+    builder = _audit_model_builder(args)   # may set args.image_size to the model's input size
     x, y, units, source = _school_tensors(args, "student")
     say = lambda s: print("  " + s, flush=True)  # noqa: E731
     print(f"data: {source}: {len(y)} frames, {len(set(units))} students, {args.image_size}x{args.image_size}; "
           f"{canaries} canaries ({'white-box' if white else 'black-box'})", flush=True)
     if white:
         # the canary frames pass through the model too: a narrow one keeps per-frame gradients cheap
-        result = run_white_box_audit(x, y, units, tiny_model_builder(tuple(x.shape[1:]), hidden=16), canaries=canaries,
+        result = run_white_box_audit(x, y, units, builder or tiny_model_builder(tuple(x.shape[1:]), hidden=16),
+                                     canaries=canaries,
                                      runs=min(args.runs, canaries // 2), epsilon=epsilon, delta=delta,
                                      epochs=args.epochs, units_per_batch=args.batch, frames_per_canary=frames,
                                      max_grad_norm=clip, lr=lr, beta=args.beta, score=args.score, seed=args.seed,
                                      progress=say)
     else:
-        result = run_black_box_audit(x, y, units, tiny_model_builder(tuple(x.shape[1:])), canaries=canaries,
+        result = run_black_box_audit(x, y, units, builder or tiny_model_builder(tuple(x.shape[1:])), canaries=canaries,
                                      epsilon=epsilon, delta=delta, epochs=args.epochs,
                                      units_per_batch=args.batch or 16, frames_per_unit=frames, max_grad_norm=clip,
                                      lr=lr, beta=args.beta, seed=args.seed, progress=say)
     return result, source
+
+
+def _audit_model_builder(args: argparse.Namespace):
+    """None for the harness MLP; else a builder of the registered model (FER7 outputs) at its input size."""
+    if args.model == "mlp":
+        return None
+    from shared_models.models import registry
+
+    name, _, preset = args.model.partition(":")
+    if name not in registry.available():
+        raise ValueError(f"--model: unknown model {name!r} (mlp, {', '.join(registry.available())})")
+    preset = preset or "dp"
+    if preset not in registry.presets(name):
+        raise ValueError(f"--model: {name} has no preset {preset!r} ({', '.join(registry.presets(name))})")
+    args.image_size = int(registry.build(name, num_classes=7, preset=preset).input_size)
+    return lambda: registry.build(name, num_classes=7, preset=preset)
 
 
 def _canary_json(result, white: bool, source: str) -> dict:
