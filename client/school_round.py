@@ -140,7 +140,7 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
         ledger_record = books.signed(entry)
 
     # 6. reply content: DP output and public values only
-    return _ok_reply(node, server_round, model, result, entry, ledger_record)
+    return _ok_reply(node, server_round, model, result, entry, ledger_record, terms.plan.declared_units)
 
 
 def _usable_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | RoundReply:
@@ -225,14 +225,16 @@ def _guard_budget(books: _SchoolBooks, terms, common: dict[str, Any]) -> RoundRe
 
 
 def _ok_reply(node: NodeIdentity, server_round: int, model: torch.nn.Module, result, entry: dict,
-              ledger_record: dict[str, str]) -> RoundReply:
-    """The trained weights with the entry's public values (ε, σ, q, steps) and the signed ledger."""
+              ledger_record: dict[str, str], declared_units: int) -> RoundReply:
+    """The trained weights with the entry's public values (ε, σ, q, steps), the policy's declared size
+    (FedAvg's weight) and the signed ledger."""
     from privacy.ledger import epsilon_value
 
     metrics: dict[str, float | int] = {
         "epsilon": epsilon_value(entry["epsilon"]), "epsilon-rdp": epsilon_value(entry["epsilon_rdp"]),
         "noise-multiplier": entry["noise_multiplier"], "sample-rate": entry["sample_rate"], "steps": entry["steps"],
-        "unit-weight": 1,   # FedAvg weights are public and uniform: one school, one vote
+        "unit-weight": 1,   # client-level DP averages unweighted: one school, one vote
+        "declared-units": int(declared_units),   # FedAvg's weight: the public size in the school's policy
     }
     _log(f"{node.school_id} round {server_round}: {result.steps} DP steps, ε {metrics['epsilon']:.3f}")
     return RoundReply("ok", weights=model.state_dict(), metrics=metrics, ledger=ledger_record)

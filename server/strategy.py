@@ -19,8 +19,10 @@ r+1 resumes after round r and no school's round is trained twice. The final roun
 model, and the last model when training stops early, are evaluated in the usual separate exchange
 (`configure_evaluate`). If the evaluation node did not answer, `round_settled` gets the record without
 an evaluation and the server evaluates in-process, as before.
-Aggregation itself is Flower's FedAvg (`aggregate_arrayrecords`) over the accepted replies with public,
-uniform weights (every school's `unit-weight` is 1: an exact example count is private and never sent), followed by Flower's FedAvgM server step when `federation.server_momentum` > 0
+Aggregation itself is Flower's FedAvg (`aggregate_arrayrecords`) over the accepted replies, each school
+weighted by the size its privacy policy declares (`declared-units`: public, and checked against the
+sampling rate it trained at; an exact example count is private and never sent), or unweighted under
+client-level DP; then Flower's FedAvgM server step when `federation.server_momentum` > 0
 (Hsu et al. 2019: the server keeps a momentum of the rounds' average updates). Under student-level DP the
 momentum is post-processing of the schools' DP releases, so it costs no privacy. The momentum vector is
 part of the strategy state in every checkpoint, so a resumed run continues with it.
@@ -132,7 +134,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         )
         # a resumed run continues with the momentum its checkpoint kept (None: starts afresh, as in round 1)
         self.momentum_vector = [np.asarray(m) for m in momentum] if momentum and server_momentum else None
-        self.weighted_by_key = "unit-weight"   # public and uniform; schools send no example counts
+        # FedAvg weighs each school by the size its policy declares (public; an exact example count is
+        # private and never sent); client-level DP averages unweighted ("unit-weight", below)
+        self.weighted_by_key = "declared-units"
         self.cfg = cfg
         self.run = run
         self.round_offset = round_offset
@@ -376,7 +380,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             norm = check_update(global_np, reply_np, float(self.cfg["federation.max_update_norm"]))
             metrics = dict(content["metrics"])
             if metrics.get("unit-weight") != 1:
-                raise RejectedUpdate(f"unit-weight {metrics.get('unit-weight')!r}: FedAvg weights are public and uniform (1)")
+                raise RejectedUpdate(f"unit-weight {metrics.get('unit-weight')!r}: must be 1")
+            _check_declared_weight(metrics)
             if bool(self.cfg["privacy.enabled"]):
                 self._store_ledger(content, school, rnd)
         except RejectedUpdate as exc:
@@ -485,6 +490,19 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         # tensors, not numpy arrays: `fedfer evaluate` reads checkpoints with torch.load(weights_only=True)
         momentum = None if self.momentum_vector is None else [torch.tensor(np.asarray(m)) for m in self.momentum_vector]
         return {"exhausted": sorted(self.exhausted), "momentum": momentum}
+
+
+def _check_declared_weight(metrics: Mapping[str, Any]) -> None:
+    """FedAvg's weight must be the school's public declared size: a whole number ≥ 1 that agrees with
+    the sampling rate it trained at (q = expected batch / declared size, so batch / q gives it back)."""
+    declared = metrics.get("declared-units")
+    if isinstance(declared, bool) or not isinstance(declared, int) or not 1 <= declared <= 10**9:
+        raise RejectedUpdate(f"declared-units {declared!r}: must be the school's declared size (a whole number >= 1)")
+    q = metrics.get("sample-rate")
+    if isinstance(q, (int, float)) and 0 < q < 1:
+        batch = q * declared
+        if abs(batch - round(batch)) > 1e-6 * max(1.0, batch):
+            raise RejectedUpdate(f"declared-units {declared} does not agree with sample-rate {q}")
 
 
 def sent_to(messages: Iterable[Message]) -> dict[str, int]:

@@ -103,7 +103,8 @@ def test_reply_carries_only_weights_public_metrics_and_ledger(reply):
         assert student not in text
     assert "SECRET" not in text and ".png" not in text and "landmark" not in text
     # public values only: no count of frames or students, no loss, no duration
-    assert set(content["metrics"]) == {"epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight"}
+    assert set(content["metrics"]) == {"epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight",
+                                       "declared-units"}
     assert content["metrics"]["sample-rate"] == pytest.approx(2 / 10)  # batch / declared size, not / 5 students
     assert content["metrics"]["steps"] == 5 and content["metrics"]["unit-weight"] == 1
 

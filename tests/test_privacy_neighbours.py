@@ -70,7 +70,8 @@ def test_neighbouring_schools_send_identical_replies_but_for_the_dp_weights(neig
     assert set(configs_a) == set(configs_b) == {"status", "ledger"}
     assert configs_a == configs_b
     assert metrics_a == metrics_b
-    assert set(metrics_a["metrics"]) == {"epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight"}
+    assert set(metrics_a["metrics"]) == {"epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight",
+                                      "declared-units"}
     entry_a, entry_b = json.loads(configs_a["ledger"]["entry"]), json.loads(configs_b["ledger"]["entry"])
     assert entry_a == entry_b   # every field, the hash and the (deterministic Ed25519) signature included
     assert entry_a["sample_rate"] == pytest.approx(2 / 8)   # batch / declared size, for both

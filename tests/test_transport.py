@@ -194,9 +194,10 @@ def strategy_setup(tmp_path):
     return cfg, run, schools, query_reply, SchoolFedAvg(cfg, run)
 
 
-def _train_reply(message, state, n=1):
-    # n: a school's public FedAvg weight, always 1 (schools send no example counts)
-    content = RecordDict({"arrays": _record(state), "metrics": MetricRecord({"unit-weight": n, "epsilon": 0.5}),
+def _train_reply(message, state, n=1, declared=100):
+    # n: the unit weight (always 1); declared: the school's public declared size, FedAvg's weight
+    content = RecordDict({"arrays": _record(state),
+                          "metrics": MetricRecord({"unit-weight": n, "declared-units": declared, "epsilon": 0.5}),
                           "status": ConfigRecord({"status": "ok"})})
     return _reply(message, pack_content(content) if is_packed(message.content) else content)
 
@@ -335,7 +336,8 @@ def test_a_reply_from_another_node_than_the_one_asked_is_rejected(strategy_setup
         # school-c's node answers the message sent to school-a (e.g. a confused or malicious node)
         return _train_reply(message, _state(nid)) if nid != 101 else \
             _reply(message, pack_content(RecordDict({"arrays": _record(_state(1)),
-                                                     "metrics": MetricRecord({"unit-weight": 1, "epsilon": 0.1}),
+                                                     "metrics": MetricRecord({"unit-weight": 1, "declared-units": 100,
+                                                                               "epsilon": 0.1}),
                                                      "status": ConfigRecord({"status": "ok"})})), src_node_id=303)
 
     grid = PackedGrid(FakeGrid(schools, answer))
@@ -364,12 +366,15 @@ def test_a_query_error_from_the_superlink_names_the_node_that_was_asked(strategy
 
 
 def test_fedavg_weights_are_public_a_reply_claiming_a_count_is_rejected(strategy_setup):
-    """Schools send no example count; a reply that tries to weigh more than one vote is rejected."""
+    """Schools send no example count; a reply that tries to weigh more than one vote, or whose declared
+    size is not a whole number that agrees with its sampling rate, is rejected."""
     cfg, run, schools, query_reply, strategy = strategy_setup
 
     def answer(nid, message):
         if message.metadata.message_type == MessageType.QUERY:
             return query_reply(nid, message)
+        if nid == 303:
+            return _train_reply(message, _state(nid), declared=3.5)
         return _train_reply(message, _state(nid), 40 if nid == 202 else 1)
 
     grid = PackedGrid(FakeGrid(schools, answer))
@@ -377,4 +382,27 @@ def test_fedavg_weights_are_public_a_reply_claiming_a_count_is_rejected(strategy
     strategy.aggregate_train(1, replies)
     outcome = strategy.record.train["school-b"]
     assert outcome["status"] == "rejected" and "unit-weight 40" in outcome["reason"]
-    assert [strategy.record.train[s]["status"] for s in ("school-a", "school-c")] == ["ok", "ok"]
+    assert strategy.record.train["school-c"]["status"] == "rejected"
+    assert "declared-units 3.5" in strategy.record.train["school-c"]["reason"]
+    assert strategy.record.train["school-a"]["status"] == "ok"
+
+
+def test_fedavg_weighs_schools_by_their_declared_size(strategy_setup):
+    """FedAvg's weight is the public declared size: two schools declaring 100 and 300 give 1:3."""
+    cfg, run, schools, query_reply, strategy = strategy_setup
+    values = {101: 1.0, 202: 5.0, 303: 0.0}
+    declared = {101: 100, 202: 300}
+
+    def answer(nid, message):
+        if message.metadata.message_type == MessageType.QUERY:
+            return query_reply(nid, message)
+        if nid == 303:
+            return None
+        state = {k: np.full_like(v, values[nid]) for k, v in _state(0).items()}
+        return _train_reply(message, state, declared=declared[nid])
+
+    grid = PackedGrid(FakeGrid(schools, answer))
+    replies = grid.send_and_receive(list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    for name, array in arrays.items():
+        np.testing.assert_allclose(array.numpy(), (1.0 * 100 + 5.0 * 300) / 400, rtol=1e-6)
