@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             ledger_bytes = ledger.stat().st_size
             _clear_caches()
             started, cpu_started = time.perf_counter(), time.process_time()
-            report = run_audit([ledger])
+            report = run_audit([ledger], trust_run_keys=True)   # the key written beside the ledger
             seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         row = report.rows[0]
         orders = None if row.prv_method == "rdp-fallback" else accounting._rdp_orders()
