@@ -157,12 +157,14 @@ def _fmt(v: Any) -> str:
     return "mixed" if v == "mixed" else ("" if v in ("", None) else f"{v:.4g}")
 
 
-def school_policy(keys_dir: Path | None, school: str) -> tuple[dict[str, Any], str]:
+def school_policy(keys_dir: Path | None, school: str, run_policy: Path | None = None) -> tuple[dict[str, Any], str]:
     """The school's own privacy policy as the keyring's deployment recorded it, and where it was found:
     ``<keys>/<school>.policy.json`` (or .toml), else the node-config ``fedfer deploy`` wrote for it
-    (``<keys>/../nodes/<school>/node-config.toml``, or its copy in ``<keys>/../deployment.json``)."""
+    (``<keys>/../nodes/<school>/node-config.toml``, or its copy in ``<keys>/../deployment.json``);
+    else, only when the officer trusts the run (`run_policy`), a simulated school's
+    ``<run>/schools/<school>/policy.json``."""
     if keys_dir is None:
-        return {}, ""
+        return _run_policy(run_policy, school)
     import tomllib
 
     keys_dir = Path(keys_dir)
@@ -187,7 +189,19 @@ def school_policy(keys_dir: Path | None, school: str) -> tuple[dict[str, Any], s
         node = nodes.get(school) if isinstance(nodes, dict) else None
         if isinstance(node, dict) and isinstance(node.get("node_config"), dict):
             return dict(node["node_config"]), f"{manifest} (node {school})"
-    return {}, ""
+    return _run_policy(run_policy, school)
+
+
+def _run_policy(path: Path | None, school: str) -> tuple[dict[str, Any], str]:
+    if path is None or not path.is_file():
+        return {}, ""
+    try:
+        policy = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LedgerError(f"{path}: policy of school {school} unreadable ({exc})") from None
+    if not isinstance(policy, dict):
+        raise LedgerError(f"{path}: policy of school {school} is not a JSON object")
+    return policy, str(path)
 
 
 def _policy_number(policy: Mapping[str, Any], key: str, where: str) -> float | None:
@@ -230,13 +244,15 @@ def _consistency_problems(entries: Sequence[dict], where: str, school: str, poli
 
 
 def audit_source(src: _Source, *, every_entry: bool = False, budget_override: float | None = None,
-                 keys_dir: Path | None = None, anchors_dir: Path | None = None) -> tuple[list[Row], list[dict]]:
+                 keys_dir: Path | None = None, anchors_dir: Path | None = None,
+                 trust_run_keys: bool = False) -> tuple[list[Row], list[dict]]:
     """Rows (one per dataset fingerprint) for one ledger source, and its verified entries."""
     school, entries, start, key, failure = _open_ledger(src)
     if failure is not None:
         return [failure], []
+    run_policy = src.run_dir / "schools" / school / "policy.json" if trust_run_keys and src.run_dir else None
     try:
-        policy, policy_source = school_policy(keys_dir, school)
+        policy, policy_source = school_policy(keys_dir, school, run_policy)
         policy_budget = _policy_number(policy, "budget", policy_source)
     except LedgerError as exc:
         return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)])], []
@@ -443,7 +459,7 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     verified: dict[str, list[tuple[_Source, list[dict]]]] = {}
     for src in sources:
         src_rows, entries = audit_source(src, every_entry=every_entry, budget_override=budget_override,
-                                         keys_dir=keys_dir, anchors_dir=anchors_dir)
+                                         keys_dir=keys_dir, anchors_dir=anchors_dir, trust_run_keys=trust_run_keys)
         rows.extend(src_rows)
         if entries:
             verified.setdefault(entries[0]["school_id"], []).append((src, entries))

@@ -82,12 +82,13 @@ def test_schools_send_only_public_values_and_declare_their_size(federation):
     from the size each school's policy declares (docs/privacy.md)."""
     run = federation["run"]
     public = {"status", "epsilon", "epsilon_rdp", "noise_multiplier", "sample_rate", "steps", "unit_weight",
-              "update_norm"}   # update_norm: the norm of the DP-noised update
+              "declared_units", "update_norm"}   # update_norm: the norm of the DP-noised update
     for record in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()):
         for school, outcome in record["train"].items():
             assert set(outcome) <= public, (school, set(outcome) - public)
             policy = json.loads((run / "schools" / school / "policy.json").read_text())
             assert outcome["sample_rate"] == pytest.approx(min(1.0, 3 / policy["declared-students"]))
+            assert outcome["declared_units"] == policy["declared-students"]   # FedAvg's public weight
     assert "loss" not in (run / "flower.log").read_text().replace("losses.sum", "")
 
 

@@ -323,3 +323,19 @@ def test_anchor_check_classifies_history_reset_and_gaps():
     gap = check_continues(chain, entry("c" * 64, [[SIGMA, Q, 24]]))   # a reply the server never received
     assert gap.problem == "" and gap.kind == "gap" and gap.note
     assert check_continues(None, entry(GENESIS_HASH, [])).problem == ""
+
+
+def test_trusting_a_simulated_run_also_trusts_its_school_policies(tmp_path, capsys):
+    """A simulation has no keyring: with --trust-run-keys the audit reads each simulated school's
+    policy from the run (<run>/schools/<school>/policy.json); without it, never."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    for school in schools:
+        folder = server.run.path / "schools" / school.name
+        folder.mkdir(parents=True)
+        (folder / "policy.json").write_text(json.dumps({"unit": "student", "delta": DELTA, "budget": 0.5,
+                                                        "max-round-epsilon": 0.5, "declared-students": 100}))
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    assert code == 1 and "OVER-BUDGET" in out, out
+    keys = _keyring(tmp_path, schools)
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 0 and "no policy budget found" in out, out
