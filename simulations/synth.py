@@ -509,9 +509,9 @@ def student(params: SynthParams, school_index: int, student_index: int,
                    _background(rng, profile.wall, profile.floor), profile.camera)
 
 
-def public_person(params: SynthParams, index: int) -> Student:
-    """Identity `index` of the public split: its own random stream, uniform demographics, adults too."""
-    rng = _rng(params, _KIND_PUBLIC, _P_STUDENT, index)
+def _internet_person(rng: np.random.Generator, index: int, person_id: str) -> Student:
+    """An internet face (the public splits' look): uniform demographics, adults too, one of the photo-source
+    cameras, a plain background."""
     n_tones, n_styles = len(SKIN_TONES), len(F.HAIR_STYLES)
     identity = sample_identity(rng, tuple([1.0 / n_tones] * n_tones), tuple([1.0 / n_styles] * n_styles), 0.2,
                                adult=bool(rng.random() < 0.5))
@@ -520,23 +520,18 @@ def public_person(params: SynthParams, index: int) -> Student:
     plain = tuple(float(v) for v in rng.uniform(90, 240, 3))
     bg = F.Background(wall=plain, floor=tuple(float(c * 0.8) for c in plain), horizon=float(rng.uniform(0.8, 1.0)),  # type: ignore[arg-type]
                       others=())
-    return Student(f"pub-id{index:03d}", identity, style, bg, camera)
+    return Student(person_id, identity, style, bg, camera)
+
+
+def public_person(params: SynthParams, index: int) -> Student:
+    """Identity `index` of the public (test) split: its own random stream."""
+    return _internet_person(_rng(params, _KIND_PUBLIC, _P_STUDENT, index), index, f"pub-id{index:03d}")
 
 
 def public_train_person(params: SynthParams, index: int) -> Student:
-    """Identity `index` of the public *training* split: drawn as :func:`public_person` draws the public test
-    identities (internet faces: adults too, photo-source cameras, plain backgrounds) but from its own random
-    stream, so no training identity is a test identity."""
-    rng = _rng(params, _KIND_PUBLIC_TRAIN, _P_STUDENT, index)
-    n_tones, n_styles = len(SKIN_TONES), len(F.HAIR_STYLES)
-    identity = sample_identity(rng, tuple([1.0 / n_tones] * n_tones), tuple([1.0 / n_styles] * n_styles), 0.2,
-                               adult=bool(rng.random() < 0.5))
-    camera = _jitter_camera(PUBLIC_CAMERAS[index % len(PUBLIC_CAMERAS)], rng)
-    style = sample_style(rng, camera, np.full(7, 1.0 / 7.0))
-    plain = tuple(float(v) for v in rng.uniform(90, 240, 3))
-    bg = F.Background(wall=plain, floor=tuple(float(c * 0.8) for c in plain), horizon=float(rng.uniform(0.8, 1.0)),  # type: ignore[arg-type]
-                      others=())
-    return Student(f"pubtr-id{index:04d}", identity, style, bg, camera)
+    """Identity `index` of the public *training* split: drawn as :func:`public_person` draws the test
+    identities but from its own random stream, so no training identity is a test identity."""
+    return _internet_person(_rng(params, _KIND_PUBLIC_TRAIN, _P_STUDENT, index), index, f"pubtr-id{index:04d}")
 
 
 def heldout_student(params: SynthParams, school_index: int, index: int,
