@@ -12,3 +12,13 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def serverapp_identity(monkeypatch):
+    """A ServerApp process knows its run and task; `Message(...)` reads them when a strategy makes one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # node 1 is the SuperLink's own id (flwr.common.constant)
+    for name, value in {"_run_id": 1, "_task_id": 1, "_node_id": 1}.items():
+        monkeypatch.setattr(TaskIdentity, name, value)

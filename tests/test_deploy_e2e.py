@@ -14,39 +14,13 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from server.deploy import credentials as cred
 from server.deploy import commands as deploy_cli
-from server.deploy.layout import Deployment
 from server.deploy.local import LocalFederation
-from server.processes import _proc_stat, flower_env, free_ports, run_flwr, supernode_argv
+from server.processes import _proc_stat, flower_env, run_flwr, supernode_argv
 
-ROOT = Path(__file__).resolve().parent.parent
-SCHOOLS = 3
-TINY = {
-    "federation.rounds": 2, "federation.min_train_schools": 2, "federation.round_timeout": 300,
-    "data.students_per_school": 6, "data.frames_per_student": 6, "data.public_students": 6, "data.image_size": 32,
-    "data.public_train_students": 0, "data.heldout_students": 0,
-    "train.local_epochs": 1, "train.batch_size": 3, "evaluation.bootstrap": 50, "evaluation.benchmarks": "synthetic-fer2013",
-}
-
-
-def _run_config(values: dict) -> str:
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
-
-
-def _synthetic_data(root: Path) -> None:
-    from shared_models.config import load_config
-    from simulations import synth
-
-    cfg = load_config(None, [f"{k}={v}" for k, v in TINY.items()] + [f"federation.schools={SCHOOLS}"])
-    params = synth.params_from_config(cfg)
-    for i in range(SCHOOLS):
-        synth.ensure_school(root, params, i)
-    synth.ensure_public(root, params)
+from deployment_fixtures import ROOT, SCHOOLS, dump_logs, make_deployment, run_config, start_all
 
 
 def _wait_exit(proc, timeout: float) -> int | None:
@@ -59,47 +33,6 @@ def _wait_exit(proc, timeout: float) -> int | None:
 def _phase(name: str, since: float) -> float:
     print(f"[deploy-e2e] {name}: {time.perf_counter() - since:.1f} s", flush=True)
     return time.perf_counter()
-
-
-def make_deployment(tmp_path: Path, monkeypatch) -> tuple[Deployment, Path, Path, list[int]]:
-    """Synthetic data for SCHOOLS schools + public split, and a loopback TLS + node-auth deployment
-    (3 schools, 1 evaluator) made with `fedfer deploy`. Returns (deployment, CLI home, data, spare ports)."""
-    for key, value in {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                       "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(tmp_path / "cli_home")}.items():
-        monkeypatch.setenv(key, value)
-    home = tmp_path / "cli_home"
-    data = tmp_path / "data"
-    _synthetic_data(data)
-    port, *node_ports = free_ports(2 + SCHOOLS + 1)
-    root = tmp_path / "deploy"
-    deploy_cli.init_deployment(root, "localhost", port=port, flwr_home=home)
-    for i in range(SCHOOLS):
-        deploy_cli.add_node(root, f"school-{i:02d}", "school", data_dir=data / "schools" / f"school-{i:02d}",
-                            runtime_port=node_ports[i], flwr_home=home)
-    deploy_cli.add_node(root, "evaluator", "evaluator", benchmarks=["synthetic-fer2013"], data_dir=data,
-                        runtime_port=node_ports[SCHOOLS], flwr_home=home)
-    return Deployment.load(root), home, data, node_ports[SCHOOLS + 1:]
-
-
-def start_all(fed: LocalFederation, home: Path) -> Deployment:
-    """SuperLink up, every node registered (`fedfer deploy register`) and connected."""
-    root = fed.dep.root
-    fed.start_superlink()
-    for name in fed.dep.nodes:
-        assert "registered as node" in deploy_cli.register_pending(root, name, home)
-    fed.dep = Deployment.load(root)
-    fed.start_nodes(list(fed.dep.nodes))
-    return fed.dep
-
-
-def run_config(dep: Deployment, data: Path, runs: Path, **extra) -> str:
-    return _run_config({**TINY, "run.root": str(runs), "run.name": "e2e", "data.root": str(data),
-                        "privacy.keyring": str(dep.keyring), **extra})
-
-
-def dump_logs(fed: LocalFederation) -> None:
-    for proc in fed.supervisor.processes:   # the logs explain a failure better than a timeout
-        print(f"----- {proc.name} (exit {proc.popen.poll()})\n{proc.log_text(3000)}")
 
 
 def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from server.deploy.local import LocalFederation
 
 from server.processes import _proc_stat, bin_path, flower_env
 
-from test_deploy_e2e import ROOT, SCHOOLS, dump_logs, make_deployment, run_config, start_all
+from deployment_fixtures import ROOT, SCHOOLS, dump_logs, make_deployment, run_config, start_all
 
 pytestmark = pytest.mark.slow
 

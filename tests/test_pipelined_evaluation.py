@@ -4,7 +4,7 @@ metrics.jsonl still has exactly one line per round, each with the accuracy the e
 for that round's model, and each round's checkpoint is that model.
 
 Runs the real SchoolFedAvg + RoundWriter + run start/resume (server/) under Flower's FedAvg.start loop on the fake grid
-of tests/test_transport.py, behind PackedGrid as in the app.
+of tests/grid_fixtures.py, behind PackedGrid as in the app.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from server.transport import PackedGrid
-from test_transport import FakeGrid, _record, _reply, _serverapp_identity, _state, _train_reply  # noqa: F401
+from grid_fixtures import FakeGrid, _reply, _state, _train_reply
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 SCHOOLS = {101: "school-a", 202: "school-b", 303: "school-c"}
 EVALUATOR = 404

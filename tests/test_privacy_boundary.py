@@ -7,56 +7,16 @@ chosen so that any leak is easy to spot in the reply.
 
 from __future__ import annotations
 
-import csv
 import json
-import time
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
-from PIL import Image
 
 from client import app as client_app
 from shared_models.models import registry
 from shared_models.config import load_config
 
-SECRET_STUDENTS = [f"pupil-SECRET-{i:03d}" for i in range(5)]
-
-
-def _write_school(root, rng, corrupt: bool = False):
-    (root / "images").mkdir(parents=True)
-    rows = []
-    for s, student in enumerate(SECRET_STUDENTS):
-        for f in range(4):
-            name = f"images/{student}-frame{f}.png"
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name)
-            rows.append({"path": name, "label": ["happy", "sad", "angry", "neutral"][f], "student_id": student})
-    if corrupt:
-        (root / "images" / "broken.png").write_bytes(b"not a png")
-        rows.append({"path": "images/broken.png", "label": "happy", "student_id": SECRET_STUDENTS[0]})
-        rows.append({"path": rows[0]["path"], "label": "smirk", "student_id": SECRET_STUDENTS[0]})
-    with open(root / "labels.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "student_id"])
-        writer.writeheader()
-        writer.writerows(rows)
-    np.save(root / "landmarks.npy", rng.normal(size=(len(rows), 68, 2)).astype(np.float32))
-
-
-def _train_message(model, run_dir) -> Message:
-    config = ConfigRecord({"server-round": 1, "run-id": "run-test", "run-dir": str(run_dir)})
-    # A message as the ClientApp receives it: with the metadata Flower fills in on delivery.
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600, message_type="train")
-    return make_message(metadata, RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}))
-
-
-def _context(tmp_path, school_dir, run_config) -> Context:
-    node_config = {"role": "school", "school-id": "school-x", "data-dir": str(school_dir),
-                   "state-dir": str(tmp_path / "state"), "unit": "student", "delta": 1e-5, "budget": 8.0,
-                   "max-round-epsilon": 8.0, "declared-students": 10}
-    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+from school_fixtures import SECRET_STUDENTS, _context, _train_message, _write_school
 
 
 def _strings(value):
