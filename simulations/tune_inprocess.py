@@ -18,8 +18,6 @@ Prints one line per round and a final table; writes JSON with the command that p
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 import warnings
@@ -35,6 +33,7 @@ from shared_models.models import registry
 from shared_models.training import FaceDataset, make_optimizer
 from shared_models.transforms import train_transform
 from shared_models.config import ConfigError, load_config
+from simulations.bench.results import write_result
 
 
 def _build(cfg: dict) -> torch.nn.Module:
@@ -86,10 +85,8 @@ def _write_history(out: Path, label: str, overrides: list[str], schools: list, h
     print(f"\n{'round':>5} {'accuracy':>9} {'macro-F1':>9} {'seconds':>8}")
     for row in history:
         print(f"{row['round']:>5} {row['accuracy']:>9.3f} {row['macro_f1']:>9.3f} {row['seconds']:>8.0f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python -m simulations.tune_inprocess " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    out.write_text(json.dumps({"command": command, "label": label, "overrides": overrides,
-                               "students": [s.num_students for s in schools], "history": history}, indent=1) + "\n")
+    write_result(out, {"label": label, "overrides": overrides, "students": [s.num_students for s in schools],
+                       "history": history}, module="simulations.tune_inprocess", argv=argv)
     print(f"wrote {out}")
 
 

@@ -9,11 +9,11 @@ Prints a table and writes JSON (with the command). Each figure is a fresh proces
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from simulations.bench.results import write_result
 
 
 def _timed(fn):
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         add("same with --every-entry (PRV at all 300 entries; exit code)",
             lambda: float(run_audit([run_dir], every_entry=True).exit_code))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": "python -m simulations.bench.accounting " + " ".join(sys.argv[1:]),
-                                    "threads": 1, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, {"threads": 1, "rows": rows}, module="simulations.bench.accounting")
     print(f"wrote {args.out}")
     return 0
 

@@ -15,13 +15,12 @@ an upper bound must not fall below). Prints a table and writes JSON with the com
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from simulations.bench.results import write_result
 
 DELTA = 1e-5
 STEPS_PER_ROUND = 6
@@ -152,15 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{pairs:>6} {seconds:>8.2f} {cpu:>6.2f} {report.exit_code:>5} {row.epsilon_prv:>10.4f} {row.prv_method:>13} "
               f"{show(rdp_dpa, '.4f'):>10} {show(pld, '.4f'):>10} {show(pld_s, '.1f'):>7}", flush=True)
     out = {
-        "command": "python -m simulations.bench.accounting_distinct_pairs " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {"delta": DELTA, "steps_per_round": STEPS_PER_ROUND, "sigma_range": [1.5, 3.5],
                      "q_range": [0.05, 0.3], "threads": 1, "pld_value_discretization_interval": 1e-3,
                      "prv_max_distinct_pairs": accounting.PRV_MAX_DISTINCT_PAIRS,
                      "load_average_1min_at_start": load_at_start, "cpu_count": os.cpu_count()},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, out, module="simulations.bench.accounting_distinct_pairs", argv=argv)
     return 0
 
 

@@ -14,9 +14,7 @@ command and the resolved settings.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 from privacy.canary_audit import (gaussian_sigma, one_run_bounds, plan_guesses, run_white_box_audit,
                                   simulate_gaussian_canaries, tiny_model_builder)
 from simulations.broken_dp import FACTORIES, MUTATIONS
+from simulations.bench.results import write_result
 
 DELTA = 1e-5
 
@@ -137,12 +136,10 @@ def _print_table(rows: list[dict]) -> None:
 
 def _write_json(args: argparse.Namespace, argv: list[str] | None, rows: list[dict]) -> None:
     """The rows with the command and the resolved settings."""
-    out = {"command": " ".join(["python -m simulations.bench.canary_audit", *(sys.argv[1:] if argv is None else argv)]),
-           "settings": {**vars(args), "out": str(args.out), "delta": DELTA, "beta": 0.05, "score": "sum",
+    out = {"settings": {**vars(args), "out": str(args.out), "delta": DELTA, "beta": 0.05, "score": "sum",
                         "sample_rate": 1.0, "base_students": 8, "model": "MLP 64-8-3 + canary probe"},
            "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, out, module="simulations.bench.canary_audit", argv=argv)
     print(f"wrote {args.out}")
 
 
