@@ -304,11 +304,13 @@ def check_resume_dir(path: Path, *, deep: bool = True) -> tuple[Path, dict[str, 
         cfg = validate({k: v for k, v in checkpoint["config"].items() if k in known}, source=f"{target}: config")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    _check_weights_fit(checkpoint, target)
+    model_from_checkpoint(checkpoint, target)   # the weights fit the model the checkpoint names
     return target, checkpoint, cfg
 
 
-def _check_weights_fit(checkpoint: Mapping[str, Any], path: Path) -> None:
+def model_from_checkpoint(checkpoint: Mapping[str, Any], path: Path) -> Any:
+    """The checkpoint's registered model with its weights loaded; CheckpointError (one line naming
+    `path`) for an unknown model or preset, or weights that do not fit."""
     from shared_models.models import registry
 
     info = checkpoint["model"]
@@ -323,3 +325,4 @@ def _check_weights_fit(checkpoint: Mapping[str, Any], path: Path) -> None:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit {info['name']}/{info['preset']} ({_first_line(exc)})") from None
+    return model

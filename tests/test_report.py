@@ -127,6 +127,8 @@ class MeanDecoder(nn.Module):
 def stand_in_registry(monkeypatch):
     fake = types.ModuleType("shared_models.models.registry")
     fake.build = lambda name, num_classes, preset: MeanDecoder(num_classes)
+    fake.available = lambda: ["stand-in"]
+    fake.presets = lambda name: {"cpu": None}
     monkeypatch.setitem(sys.modules, "shared_models.models.registry", fake)
     import shared_models.models
 

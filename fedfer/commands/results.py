@@ -89,20 +89,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def build_model(checkpoint: dict[str, Any]):
-    """The checkpoint's model through the registry, with its weights loaded."""
-    from shared_models.models import registry
+    """The checkpoint's model through the registry, with its weights loaded (one-line errors name the file)."""
+    from server.run_dir import model_from_checkpoint
 
-    info = checkpoint["model"]
-    try:
-        model = registry.build(str(info["name"]), int(info["num_classes"]), str(info["preset"]))
-    except ValueError as exc:   # unknown model or preset: say which file claims it
-        raise ValueError(f"{checkpoint['_path']}: {exc}") from None
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"{checkpoint['_path']}: weights do not fit {info['name']}/{info['preset']} ({first})") from None
-    return model
+    return model_from_checkpoint(checkpoint, Path(checkpoint["_path"]))
 
 
 def _input_size(model: Any, checkpoint: dict[str, Any], override: int | None) -> int:
