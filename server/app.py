@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.round_writer import RoundWriter
 from server.run import resume_pending, start_or_resume, trace_benchmark_opens
+from server.simulation_cluster import check_ray_cluster
 from server.strategy import RoundRecord, SchoolFedAvg
 from server.transport import fast_grid
 from shared_models.config import from_run_config
@@ -26,7 +27,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     if os.environ.get("FEDFER_TRACE_OPENS"):   # tests: prove the coordinator never reads benchmark files
         trace_benchmark_opens(os.environ["FEDFER_TRACE_OPENS"])
-    start = start_or_resume(from_run_config(context.run_config))
+    requested = from_run_config(context.run_config)
+    cluster = check_ray_cluster(grid, str(requested["federation.ray_address"]))
+    if cluster:
+        log(INFO, "[fedfer] simulated schools run on the Ray cluster at %s", cluster)
+    start = start_or_resume(requested)
     cfg, run = start.cfg, start.run
     log(INFO, "[fedfer] run directory %s", run.path)
     if start.finished:

@@ -58,6 +58,7 @@ RULES: dict[str, Rule] = {
     "federation.client_dp_noise": Rule(minimum=0.0),
     "federation.client_dp_clip": Rule(above=0.0),
     "federation.client_dp_quantile": Rule(minimum=0.0, maximum=1.0),
+    "federation.cpus_per_school": Rule(minimum=1, maximum=1024),
     "model.preset": Rule(choices=("cpu", "dp", "paper")),
     "model.aux_loss_weight": Rule(minimum=0.0),
     "train.local_epochs": Rule(minimum=1, maximum=10_000),
@@ -362,6 +363,24 @@ def _check_run_name(value: str, source: str) -> None:
                           f"starting with a letter or digit, at most 128); got {_show(value)}")
 
 
+def ray_address_parts(value: str) -> tuple[str, int] | None:
+    """(host, port) of a `federation.ray_address` HOST:PORT ([v6]:PORT for an IPv6 literal); None if malformed."""
+    host, sep, port = value.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    if any(ch.isspace() or ch in "/@?#" for ch in host):
+        return None
+    return host, int(port)
+
+
+def _check_ray_address(value: str, source: str) -> None:
+    """federation.ray_address: empty, or the HOST:PORT of a Ray head (what `ray start --head` prints)."""
+    if value and ray_address_parts(value) is None:
+        raise ConfigError(f"{source}: key 'federation.ray_address' must be HOST:PORT of a Ray cluster's head "
+                          f"(e.g. 10.0.0.5:6379), or empty for a private Ray on this machine; got {_show(value)}")
+
+
 #: What a school checks against its own policy (privacy/policy.py) and, when refused, signs as a
 #: policy-violation: in a run-config arriving at a school these are not refused here, or the school
 #: could not record the refusal.
@@ -382,6 +401,7 @@ def validate(flat: Mapping[str, Any], source: str = "config", *, at_school: bool
         if key not in school_checked:
             _check_rule(key, resolved[key], source)
     _check_run_name(str(resolved["run.name"]), source)
+    _check_ray_address(str(resolved["federation.ray_address"]), source)
     if not at_school:
         _check_school_budgets(str(resolved.get("privacy.school_budgets", "")), source)
     _check_model(resolved, source)

@@ -5,7 +5,8 @@ it starts a private SuperLink (simulation mode, loopback only, its own FLWR_HOME
 directory, telemetry and runtime dependency installation off), submits this app with the resolved
 config through `flwr run --stream`, shows fedfer's own progress lines, keeps Flower's full log in
 `<run>/flower.log`, and stops the SuperLink and everything it started (Ray included) when the run
-ends, fails or is interrupted.
+ends, fails or is interrupted. With `federation.ray_address` the simulated schools run on an existing
+Ray cluster instead (docs/scaling.md); the cluster itself is the user's and is left running.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
     env = offline_env(flwr_home)
     env["FEDFER_WORKDIR"] = str(Path.cwd())
     env["RAY_TMPDIR"] = str(Path("/tmp") / f"fedfer-ray-{os.getpid()}")  # Ray's socket paths must stay short
+    env.pop("RAY_ADDRESS", None)   # the config decides (`fedfer simulate` copies a RAY_ADDRESS of the shell into it)
+    env.update(ray_cluster_env(cfg))
 
     superlink_log = run_dir / "superlink.log"
     superlink = _start_superlink(port, flwr_home, env, run_dir, superlink_log)
@@ -133,7 +136,8 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
         _wait_healthy(port, superlink, superlink_log)
         cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
                "--run-config", str(run_config),
-               "--federation-config", f"num-supernodes={nodes} client-resources-num-cpus=1"]
+               "--federation-config",
+               f"num-supernodes={nodes} client-resources-num-cpus={int(cfg['federation.cpus_per_school'])}"]
         returncode, failed_line = _run_and_follow(cmd, env, flower_log, echo)
         if returncode != 0:
             raise SimulationError(f"flwr run exited with {returncode}: {failed_line or 'see ' + str(flower_log)}")
@@ -142,6 +146,18 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
     finally:
         stop_process_tree(superlink)
     return nodes
+
+
+def ray_cluster_env(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The variables that put the simulation on an existing Ray cluster (`federation.ray_address`).
+
+    Flower 1.41's Ray backend calls `ray.init` with its own init arguments only when Ray is not yet
+    initialised in the simulation process, and `ray.init` without an address follows RAY_ADDRESS: set in
+    the SuperLink's environment, it reaches the `flwr-simulation` process the SuperLink starts, whose
+    driver then attaches to that cluster instead of starting a private Ray. Every simulated school
+    becomes a Ray actor reserving `federation.cpus_per_school` CPUs on whichever node Ray places it."""
+    address = str(cfg["federation.ray_address"]).strip()
+    return {"RAY_ADDRESS": address} if address else {}
 
 
 def _start_superlink(port: int, flwr_home: Path, env: dict[str, str], run_dir: Path, log: Path) -> subprocess.Popen:

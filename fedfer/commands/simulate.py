@@ -17,6 +17,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          description="Run a simulated federation: synthetic schools train under DP, FedAvg, "
                                      "an evaluation node scores the public split every round.")
     sim.add_argument("--config", type=Path, help="YAML config (defaults: shared_models/defaults.yaml)")
+    sim.add_argument("--ray-address", metavar="HOST:PORT", default=None,
+                     help="run the simulated schools on an existing Ray cluster (its head's address, as "
+                          "`ray start --head` prints it); same as federation.ray_address; docs/scaling.md")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. federation.rounds=3 model.name=sfer_mdfae")
     sim.set_defaults(func=cmd_simulate)
 
@@ -81,7 +84,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from server.run_dir import RunDirectory
 
     cfg = _config(args)
-    if cfg is None:
+    if cfg is None or _ray_address(cfg, args.ray_address):
         return 2
     if not cfg["privacy.enabled"]:
         print("fedfer: privacy.enabled=false: a school's policy keeps DP on, so every simulated school would decline; "
@@ -103,6 +106,29 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if code:
         return code
     return _run_federation(cfg, run.path, started)
+
+
+def _ray_address(cfg: dict[str, Any], flag: str | None) -> int:
+    """Settle `federation.ray_address` before the run directory records the config: the --ray-address
+    flag, else the key, else a RAY_ADDRESS exported in the shell (Ray's own convention, said aloud).
+    0, or 2 after a one-line error."""
+    import os
+
+    from shared_models.config import ray_address_parts
+
+    source = "--ray-address"
+    if flag is None and not cfg["federation.ray_address"] and os.environ.get("RAY_ADDRESS", "").strip():
+        flag, source = os.environ["RAY_ADDRESS"].strip(), "RAY_ADDRESS"
+    if flag is not None:
+        if ray_address_parts(flag) is None:
+            print(f"fedfer: {source} must be HOST:PORT of a Ray cluster's head (e.g. 10.0.0.5:6379); got {flag!r}",
+                  file=sys.stderr)
+            return 2
+        cfg["federation.ray_address"] = flag.strip()
+    if cfg["federation.ray_address"]:
+        print(f"Ray cluster: {cfg['federation.ray_address']} (from {source if flag is not None else 'federation.ray_address'}); "
+              f"each school reserves {cfg['federation.cpus_per_school']} CPU(s) there")
+    return 0
 
 
 def _resolve_run_config(cfg: dict[str, Any]) -> int:
