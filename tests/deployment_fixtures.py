@@ -25,13 +25,13 @@ def _run_config(values: dict) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
-def _synthetic_data(root: Path) -> None:
+def _synthetic_data(root: Path, schools: int = SCHOOLS) -> None:
     from shared_models.config import load_config
     from simulations import synth
 
-    cfg = load_config(None, [f"{k}={v}" for k, v in TINY.items()] + [f"federation.schools={SCHOOLS}"])
+    cfg = load_config(None, [f"{k}={v}" for k, v in TINY.items()] + [f"federation.schools={schools}"])
     params = synth.params_from_config(cfg)
-    for i in range(SCHOOLS):
+    for i in range(schools):
         synth.ensure_school(root, params, i)
     synth.ensure_public(root, params)
 

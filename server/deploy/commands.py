@@ -103,7 +103,7 @@ def write_cli_connection(dep: "Deployment", flwr_home: Path) -> Path:
 def superlink_running(dep: "Deployment") -> bool:
     from server.processes import port_open
 
-    return port_open("127.0.0.1", dep.port)
+    return port_open(dep.local_host, dep.port)
 
 
 def _flwr_json(result: Any, what: str) -> dict[str, Any]:
@@ -166,7 +166,11 @@ def init_deployment(root: Path, coordinator: str, sans: Iterable[str] = (), *, p
     if (root / MANIFEST).exists() and not force:
         raise DeployError(f"{root / MANIFEST} exists; a new CA would invalidate every school's folder "
                           "(use --force to start over)")
-    names = cred.san_names([coordinator, *sans])          # validates every name, adds loopback
+    from server.deploy.layout import WILDCARD_BINDS
+
+    # validates every name, adds loopback; a SuperLink bound to one address is dialled there by this
+    # machine's own tools too, so the certificate names it
+    names = cred.san_names([coordinator, *sans, *([bind] if bind and bind not in WILDCARD_BINDS else [])])
     if executor not in ("warm", "flower"):
         raise DeployError(f"--executor must be 'warm' or 'flower', got {executor!r}")
     check_port(port, "--port")
@@ -348,7 +352,7 @@ def register_pending(root: Path, name: str, flwr_home: Path) -> str:
     if dep.insecure:
         return "insecure deployment: no node registration"
     if not superlink_running(dep):
-        raise DeployError(f"the SuperLink is not running on 127.0.0.1:{dep.port}; start "
+        raise DeployError(f"the SuperLink is not running on {dep.local_address}; start "
                           f"{dep.coordinator_dir / 'start-superlink.sh'} first")
     entry.node_id = register_key(dep, dep.node_dir(name) / "supernode.pub", flwr_home)
     entry.status = "registered"
@@ -369,7 +373,7 @@ def revoke_node(root: Path, name: str, flwr_home: Path) -> str:
     if entry.node_id is None:
         raise DeployError(f"{name} was never registered (no node id in {dep.root / 'deployment.json'}); nothing to revoke")
     if not superlink_running(dep):
-        raise DeployError(f"the SuperLink is not running on 127.0.0.1:{dep.port}; start it, then retry "
+        raise DeployError(f"the SuperLink is not running on {dep.local_address}; start it, then retry "
                           f"(or run: flwr supernode unregister {entry.node_id} {dep.connection})")
     unregister_node(dep, entry.node_id, flwr_home)
     entry.revoked.append({"node_id": entry.node_id, "fingerprint": entry.fingerprint,
@@ -389,7 +393,7 @@ def rotate_node(root: Path, name: str, flwr_home: Path) -> str:
     if dep.insecure:
         raise DeployError("insecure deployment: nodes have no keys to rotate")
     if not superlink_running(dep):
-        raise DeployError(f"the SuperLink is not running on 127.0.0.1:{dep.port}; rotation needs it (register new, unregister old)")
+        raise DeployError(f"the SuperLink is not running on {dep.local_address}; rotation needs it (register new, unregister old)")
     folder = dep.node_dir(name)
     new = cred.create_node_key(folder, "supernode.new", comment=f"fedfer-{name}")
     try:

@@ -38,6 +38,7 @@ DEFAULT_RUNTIME_PORT = 9101
 DEFAULT_CONNECTION = "fedfer"
 NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CONNECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")   # a TOML table name in Flower's config.toml
+WILDCARD_BINDS = ("0.0.0.0", "::", "")   # a SuperLink bound to these listens on every interface
 HERE = "$HERE"   # placeholder for the script's own directory in generated scripts
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
@@ -120,9 +121,21 @@ class Deployment:
         return f"{host}:{self.port}"
 
     @property
+    def local_host(self) -> str:
+        """The address the coordinator's own tools dial: loopback (which the certificate always covers)
+        when the SuperLink listens on every interface or on loopback; else the one address it is bound
+        to (`init --bind ADDRESS`, which `init` adds to the certificate's names)."""
+        if self.bind == "::1":
+            return "::1"
+        if self.bind in WILDCARD_BINDS or self.bind in ("127.0.0.1", "localhost"):
+            return "127.0.0.1"
+        return self.bind
+
+    @property
     def local_address(self) -> str:
-        """What the coordinator's own Flower CLI dials (the certificate always covers 127.0.0.1)."""
-        return f"127.0.0.1:{self.port}"
+        """What the coordinator's own Flower CLI dials (host:port; IPv6 literals bracketed)."""
+        host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
+        return f"{host}:{self.port}"
 
     # -- manifest --------------------------------------------------------------------------------
     def save(self) -> None:

@@ -36,12 +36,13 @@ class LocalFederation:
         dep = self.dep
         proc = self.supervisor.start("superlink", superlink_command(dep),
                                      env=flower_env(dep.coordinator_dir / "flwr_home"), cwd=dep.coordinator_dir)
-        self.supervisor.wait_port(proc, "127.0.0.1", dep.port, timeout)
+        host = dep.local_host
+        self.supervisor.wait_port(proc, host, dep.port, timeout)
         if not dep.insecure:
             deadline = time.monotonic() + timeout
-            while not tls_handshake_ok("127.0.0.1", dep.port, dep.ca_cert, "localhost"):
+            while not tls_handshake_ok(host, dep.port, dep.ca_cert, "localhost" if host == "127.0.0.1" else host):
                 if time.monotonic() > deadline or not proc.alive():
-                    raise DeploymentError(f"superlink: TLS on 127.0.0.1:{dep.port} does not verify against "
+                    raise DeploymentError(f"superlink: TLS on {dep.local_address} does not verify against "
                                           f"{dep.ca_cert}\n{proc.log_text()}")
                 time.sleep(0.2)
         self.superlink = proc
