@@ -17,8 +17,10 @@ them by PID and deletes them, also when the test fails.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,53 +74,71 @@ def _connect_from(ns: str, host: str, port: int) -> bool:
     return subprocess.run(Namespaces.argv(ns, [sys.executable, "-c", probe]), timeout=30).returncode == 0
 
 
-def _fedfer_on(nets: Namespaces, ns: str, *args: str) -> str:
-    """A `fedfer` command run on the machine (namespace) `ns`; its output, after checking it succeeded."""
-    result = subprocess.run(nets.argv(ns, [sys.executable, "-m", "fedfer", *args]), capture_output=True, text=True,
-                            cwd=ROOT, timeout=120)
-    assert result.returncode == 0, f"fedfer {' '.join(args)}: {result.stdout}{result.stderr}"
+def _on(nets: Namespaces, ns: str, argv: list[str]) -> str:
+    """A command run on the machine (namespace) `ns`; its output, after checking it succeeded."""
+    result = subprocess.run(nets.argv(ns, argv), capture_output=True, text=True, cwd=ROOT, timeout=180,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, f"{' '.join(argv)}: {result.stdout}{result.stderr}"
     return result.stdout
+
+
+# Both schools added on the coordinator in one process (`fedfer deploy add-school` imports torch each
+# time): the SuperLink is up, so each node key is registered at once, as docs/deployment.md says.
+ADD_SCHOOLS = """
+import sys
+from pathlib import Path
+from server.deploy import commands as deploy_cli
+root, home, data = map(Path, sys.argv[1:4])
+for school in sys.argv[4:]:
+    print(deploy_cli.add_node(root, school, "school", data_dir=data / "schools" / school, flwr_home=home)[1])
+"""
+
+
+def _coordinator_up(nets: Namespaces, coord: str, sup: Supervisor, tmp_path: Path) -> Deployment:
+    """`fedfer deploy init` on the coordinator, its SuperLink started there, both schools added and
+    registered. Everything that dials the SuperLink runs inside the namespaces: nothing in this
+    machine's own network namespace ever sends a packet to the test subnet."""
+    home, data, root = tmp_path / "cli_home", tmp_path / "data", tmp_path / "deploy"
+    _on(nets, coord, [sys.executable, "-m", "fedfer", "deploy", "init", "--coordinator", COORDINATOR,
+                      "--bind", COORDINATOR, "--port", str(PORT), "--dir", str(root), "--flwr-home", str(home)])
+    dep = Deployment.load(root)
+    assert COORDINATOR in dep.sans and dep.local_address == f"{COORDINATOR}:{PORT}"
+    link = sup.start("superlink", nets.argv(coord, superlink_command(dep)),
+                     env=flower_env(dep.coordinator_dir / "flwr_home"), cwd=dep.coordinator_dir)
+    _synthetic_data(data, schools=len(SCHOOLS))     # while the SuperLink starts
+    sup.wait_log(link, f"https://{COORDINATOR}:{PORT}", timeout=120)
+    out = _on(nets, coord, [sys.executable, "-c", ADD_SCHOOLS, str(root), str(home), str(data), *SCHOOLS])
+    assert out.count("registered with the SuperLink as node") == len(SCHOOLS), out
+    return Deployment.load(root)
+
+
+def _schools_up(nets: Namespaces, schools: dict[str, str], sup: Supervisor, dep: Deployment) -> None:
+    """Each school's SuperNode and warm executor (the commands of its start.sh) on its own host,
+    dialling the coordinator's subnet address; waits until the SuperLink accepted both."""
+    for school, ns in schools.items():
+        env = flower_env(dep.node_dir(school) / "flwr_home")
+        for index, argv in enumerate(node_commands(dep, school, None, dep.superlink_address)):
+            sup.start(f"{school}-{'supernode' if index == 0 else 'executor'}", nets.argv(ns, argv), env=env,
+                      cwd=dep.node_dir(school))
+    for school in SCHOOLS:
+        sup.wait_log(next(p for p in sup.processes if p.name == f"{school}-supernode"), "SuperNode ID", 180)
 
 
 def test_deployment_across_network_namespaces(hosts, tmp_path):
     nets, coord, schools, sup = hosts
-    home, data, root = tmp_path / "cli_home", tmp_path / "data", tmp_path / "deploy"
-    _synthetic_data(data, schools=len(SCHOOLS))
-    where = ["--dir", str(root), "--flwr-home", str(home)]
-    # On the coordinator, as its admin would: everything that dials the SuperLink runs there (nothing
-    # in this machine's own network namespace ever sends a packet to the test subnet).
-    _fedfer_on(nets, coord, "deploy", "init", "--coordinator", COORDINATOR, "--bind", COORDINATOR,
-               "--port", str(PORT), *where)
-    for school in SCHOOLS:
-        _fedfer_on(nets, coord, "deploy", "add-school", school, "--data-dir", str(data / "schools" / school), *where)
-    dep = Deployment.load(root)
-    assert COORDINATOR in dep.sans and dep.local_address == f"{COORDINATOR}:{PORT}"
-    assert {dep.nodes[s].status for s in SCHOOLS} == {"created"}   # no SuperLink running yet
-
-    link = sup.start("superlink", nets.argv(coord, superlink_command(dep)),
-                     env=flower_env(dep.coordinator_dir / "flwr_home"), cwd=dep.coordinator_dir)
-    sup.wait_log(link, f"https://{COORDINATOR}:{PORT}", timeout=120)
     try:
-        for school in SCHOOLS:
-            assert "registered as node" in _fedfer_on(nets, coord, "deploy", "register", school, *where)
-        dep = Deployment.load(root)
-        for school, ns in schools.items():
-            env = flower_env(dep.node_dir(school) / "flwr_home")
-            for index, argv in enumerate(node_commands(dep, school, None, dep.superlink_address)):
-                sup.start(f"{school}-{'supernode' if index == 0 else 'executor'}", nets.argv(ns, argv), env=env,
-                          cwd=dep.node_dir(school))
-        for school in SCHOOLS:
-            sup.wait_log(next(p for p in sup.processes if p.name == f"{school}-supernode"), "SuperNode ID", 180)
-
+        dep = _coordinator_up(nets, coord, sup, tmp_path)
+        assert {dep.nodes[s].status for s in SCHOOLS} == {"registered"}
+        _schools_up(nets, schools, sup, dep)
         # Bound to the subnet address only: a school reaches it, the coordinator's own loopback does not.
         assert _connect_from(schools["school-00"], COORDINATOR, PORT)
         assert not _connect_from(coord, "127.0.0.1", PORT)
 
         runs = tmp_path / "runs"
-        config = run_config(dep, data, runs, **{"federation.rounds": 1, "federation.evaluator": False})
+        config = run_config(dep, tmp_path / "data", runs, **{"federation.rounds": 1, "federation.evaluator": False})
         flwr = sup.start("flwr-run", nets.argv(coord, [bin_path("flwr"), "run", str(ROOT), dep.connection,
                                                        "--stream", "-c", config]),
-                         env=flower_env(home), cwd=ROOT)
+                         env=flower_env(tmp_path / "cli_home"), cwd=ROOT)
         assert flwr.popen.wait(timeout=600) == 0, flwr.log_text(6000)
         run = runs / "e2e"
         assert (run / "metrics.jsonl").exists(), flwr.log_text(6000)
