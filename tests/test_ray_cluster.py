@@ -66,10 +66,6 @@ print("TASK-NODES " + json.dumps({"nodes": nodes, "runs": runs}))
 """ % HEAD_PORT
 
 
-def _wait_started(sup: Supervisor, proc, what: str) -> None:
-    sup.wait_log(proc, "Ray runtime started", timeout=120)
-
-
 @pytest.fixture
 def ray_cluster(tmp_path):
     """Two Ray nodes in a loopback-only namespace; yields (namespace, head address). Stops them all."""
@@ -91,8 +87,8 @@ def ray_cluster(tmp_path):
                                                        "--temp-dir", str(temp / "w"),
                                                        "--resources", json.dumps({"node2": 1}), *common]),
                            env=RAY_ENV)
-        _wait_started(sup, head, "head")     # the second node waits for the head's GCS by itself
-        _wait_started(sup, second, "node2")
+        sup.wait_log(head, "Ray runtime started", timeout=180)   # the second node waits for the head by itself
+        sup.wait_log(second, "Ray runtime started", timeout=180)
         yield ns, f"127.0.0.1:{HEAD_PORT}", sup
     finally:
         sup.stop_all()
