@@ -8,7 +8,8 @@ with three tiny schools and the evaluation node, one round, DP on (the default `
 
 Checks: the run completes with every school's update aggregated; the ServerApp reports
 it ran on that cluster; Ray's own task records (read from the cluster's GCS: node ids are public, and
-nothing a school replies is involved) show Flower's ClientApp actors running messages on *both* nodes;
+nothing a school replies is involved) show Flower's ClientApp actors running messages on *both* nodes,
+and each node's own worker logs show a school's DP round trained there (so each read the school data);
 every process the test started — both Ray nodes, their workers, the SuperLink, the simulation — is
 gone afterwards, also when the test fails (the namespace's processes are killed by PID, then the
 namespace is deleted).
@@ -89,7 +90,7 @@ def ray_cluster(tmp_path):
                            env=RAY_ENV)
         sup.wait_log(head, "Ray runtime started", timeout=180)   # the second node waits for the head by itself
         sup.wait_log(second, "Ray runtime started", timeout=180)
-        yield ns, f"127.0.0.1:{HEAD_PORT}", sup
+        yield ns, f"127.0.0.1:{HEAD_PORT}", {"head": temp / "h", "node2": temp / "w"}
     finally:
         sup.stop_all()
         left = nets.close()
@@ -104,7 +105,7 @@ def _in_namespace(ns: str, argv: list[str], cwd: Path, timeout: float) -> subpro
 
 
 def test_simulation_runs_schools_on_both_nodes_of_a_ray_cluster(ray_cluster, tmp_path):
-    ns, address, sup = ray_cluster
+    ns, address, temp_dirs = ray_cluster
     work = tmp_path / "work"
     work.mkdir()
     run = work / "runs" / "ray"
@@ -132,3 +133,17 @@ def test_simulation_runs_schools_on_both_nodes_of_a_ray_cluster(ray_cluster, tmp
     assert found["runs"].get(head, 0) > 0 and found["runs"].get(second, 0) > 0, found
     # every message the federation sent was handled by an actor on one of the two nodes
     assert set(found["runs"]) <= set(found["nodes"]), found
+    # Each node's own worker logs (under its own temp dir) show a school's DP round trained there, so
+    # both read the school data from data.root: three train messages go out at once to the two actors.
+    for node, temp in temp_dirs.items():
+        trained = [line for path in temp.rglob("worker-*") for line in _lines(path)
+                   if "[fedfer client] school-" in line and "DP steps" in line]
+        logs = sorted(path.name for path in temp.rglob("worker-*"))
+        assert trained, f"no school trained on {node} (its worker logs: {logs[:6]})"
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
