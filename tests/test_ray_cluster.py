@@ -69,7 +69,8 @@ print("TASK-NODES " + json.dumps({"nodes": nodes, "runs": runs}))
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """Two Ray nodes in a loopback-only namespace; yields (namespace, head address). Stops them all."""
+    """Two Ray nodes in a loopback-only namespace; yields (namespace, head address, each node's temp dir).
+    Stops them all, also when the test fails."""
     reason = netns_unavailable()
     if reason:
         pytest.skip(f"two-node Ray cluster test needs a network namespace of its own: {reason}")
