@@ -57,10 +57,10 @@ def _config(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
 
 
-def _ensure_data(cfg: dict[str, Any]) -> Path:
+def _ensure_data(cfg: dict[str, Any], on_demand: bool = False) -> Path:
     from simulations import synth
 
-    return synth.ensure_for_config(cfg, echo=lambda line: print(line, flush=True))
+    return synth.ensure_for_config(cfg, echo=lambda line: print(line, flush=True), on_demand=on_demand)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -98,7 +98,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{cfg['federation.rounds']} rounds, DP on"
           f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
     print(f"run directory: {run.path}")
-    root = _ensure_data(cfg)
+    root = _ensure_data(cfg, on_demand=cfg["data.generate"] == "on-demand")
     code = _write_school_policies(cfg, run.path, root)
     if code:
         return code
@@ -117,6 +117,9 @@ def _resolve_run_config(cfg: dict[str, Any]) -> int:
         from simulations import synth
 
         cfg["data.root"] = str(synth.root_from_config(cfg))
+    from simulations.synth import generation_mode
+
+    cfg["data.generate"] = generation_mode(cfg)   # every app process must agree (the schools wait for on-demand data)
     if cfg["privacy.state_dir"]:
         cfg["privacy.state_dir"] = str(Path(str(cfg["privacy.state_dir"])).expanduser().resolve())
     if cfg["model.pretrain"] == "auto":
@@ -173,7 +176,7 @@ def _pretrain_auto(cfg: dict[str, Any]) -> int:
     model.pretrained, so every app process loads the same checkpoint."""
     from simulations import pretrain
 
-    root = _ensure_data(cfg)
+    root = _ensure_data(cfg, on_demand=cfg["data.generate"] == "on-demand")   # public data only
     started = time.perf_counter()
     try:
         path = pretrain.ensure_pretrained(cfg, root, echo=lambda line: print("  " + line, flush=True))
