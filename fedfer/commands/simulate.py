@@ -221,11 +221,29 @@ def print_summary(run_path: Path, wall: float) -> int:
         cfg_text = (run_path / "config.yaml").read_text()
         delta = next((line.split(":")[1].split("#")[0].strip() for line in cfg_text.splitlines() if line.strip().startswith("delta:")), "?")
         print(f"  per-school ε at δ={delta} (PRV, lifetime):")
-        for school, (eps, n) in sorted(epsilons.items()):
-            print(f"    {school:<12} ε {eps:6.3f}  after {n} round(s)")
+        _print_epsilons(epsilons)
     report = run_path / "report.md"
     print(f"  report             {report if report.exists() else '(not written)'}")
     return 0
+
+
+def _print_epsilons(epsilons: dict[str, tuple[float, int]], many: int = 20) -> None:
+    """One line per school, or (a large federation) the quantiles over the schools that trained."""
+    if len(epsilons) <= many:
+        for school, (eps, n) in sorted(epsilons.items()):
+            print(f"    {school:<12} ε {eps:6.3f}  after {n} round(s)")
+        return
+    import numpy as np
+
+    finals = np.array([eps for eps, n in epsilons.values() if n > 0 and eps == eps])
+    trained = np.array([n for _, n in epsilons.values()])
+    if finals.size:
+        low, q25, median, q75, high = np.quantile(finals, [0.0, 0.25, 0.5, 0.75, 1.0])
+        print(f"    {finals.size} schools trained: ε min {low:.3f}  25% {q25:.3f}  median {median:.3f}  "
+              f"75% {q75:.3f}  max {high:.3f}; rounds per school median {int(np.median(trained))}, max {trained.max()}")
+    refused = len(epsilons) - finals.size
+    if refused:
+        print(f"    {refused} school(s) refused or failed every round they were sampled (report.md lists them)")
 
 
 def cmd_train_central(args: argparse.Namespace) -> int:
