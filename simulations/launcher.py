@@ -145,8 +145,7 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
         if service is not None:
             service.stop()
             if service.built:
-                echo(f"generated {len(service.built)} school(s) on demand "
-                     f"({sum(seconds for _, seconds in service.built):.0f} s of generation)")
+                echo(service.describe())
     return nodes
 
 

@@ -60,6 +60,13 @@ class SchoolService:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def describe(self) -> str:
+        """`generated 12 school(s) on demand: 7,200 images in 25.3 s of generation (3.51 ms per image)`"""
+        images = sum(synth.school_image_count(self.params, int(school.rsplit("-", 1)[1])) for school, _ in self.built)
+        seconds = sum(s for _, s in self.built)
+        return (f"generated {len(self.built)} school(s) on demand: {images:,} images in {seconds:.1f} s of generation"
+                f" ({1000 * seconds / max(images, 1):.2f} ms per image)")
+
     def _index(self, school: str) -> int | None:
         try:
             index = int(school.rsplit("-", 1)[1])
