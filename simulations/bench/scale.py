@@ -212,6 +212,30 @@ def _targets(cases: list[dict[str, Any]], demo: dict[str, float]) -> dict[str, A
     return out
 
 
+def _without_out(command: str) -> str:
+    """A recorded command without its `--out FILE` (the merged file is the one that is kept)."""
+    words = command.split()
+    if "--out" in words:
+        i = words.index("--out")
+        del words[i:i + 2]
+    return " ".join(words)
+
+
+def merge_results(paths: list[Path], out: str, argv: list[str] | None) -> int:
+    """One result from the cases of earlier runs (each keeps its own settings and load average)."""
+    records = [json.loads(p.read_text()) for p in paths]
+    cases = sorted((c for r in records for c in r["cases"]), key=lambda c: c["schools"])
+    demo = records[0]["demo_generation"]
+    print(_table(cases, demo))
+    targets = _targets(cases, demo)
+    print(json.dumps(targets, indent=1))
+    merged = {"merged_from": [{"command": _without_out(r["command"]), "settings": r["settings"],
+                               "demo_generation": r["demo_generation"]} for r in records],
+              "machine": records[0]["machine"], "demo_generation": demo, "targets": targets, "cases": cases}
+    write_result(out, merged, module="simulations.bench.scale", argv=argv)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schools", default="10,100,1000", help="comma-separated federation sizes")
@@ -222,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="dp")
     parser.add_argument("--out", default="benchmarks/scale.json")
     parser.add_argument("--dir", default="", help="scratch parent folder (default: the system's temp folder)")
+    parser.add_argument("--merge", default="", help="comma-separated result files of earlier runs (e.g. the 1,000-school "
+                        "case run on its own, to fit the timing lock): their cases are combined, nothing is run")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_results([Path(p) for p in args.merge.split(",") if p.strip()], args.out, argv)
     sizes = [int(s) for s in args.schools.split(",") if s.strip()]
     with tempfile.TemporaryDirectory(prefix="fedfer-scale-", dir=args.dir or None) as tmp:
         scratch = Path(tmp)
