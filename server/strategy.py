@@ -167,7 +167,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         config = ConfigRecord({"run-id": self.run.run_id, "run-dir": str(self.run.path)})
         messages = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=nid)
                     for nid in unknown]
-        replies = list(grid.send_and_receive(messages, timeout=120))
+        # a simulation answers the queries on a few Ray actors one after another (~0.1 s each): 1,000
+        # schools need more than the two minutes a deployment's nodes, answering side by side, ever do
+        replies = list(grid.send_and_receive(messages, timeout=max(120.0, 0.5 * len(messages))))
         sent = sent_to(messages)
         for reply in replies:
             nid, mismatch = replying_node(reply, sent)
