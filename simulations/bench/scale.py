@@ -127,6 +127,17 @@ def _server_bytes(run: Path) -> dict[str, int]:
     return dict(sorted(sizes.items()))
 
 
+def _failures(run: Path) -> dict[str, int]:
+    """How many replies of each kind the server did not accept (events.jsonl), by kind and short reason."""
+    counts: dict[str, int] = {}
+    path = run / "events.jsonl"
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        event = json.loads(line)
+        key = f"{event.get('event', event.get('kind', '?'))}: {str(event.get('reason', ''))[:120]}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def _generated(output: str) -> dict[str, Any]:
     """From fedfer simulate's closing line `generated K school(s) on demand: N images in S s of generation`."""
     match = re.search(r"generated (\d+) school\(s\) on demand: ([\d,]+) images in ([\d.]+) s", output)
@@ -185,6 +196,7 @@ def run_case(schools: int, args: argparse.Namespace, scratch: Path) -> dict[str,
             "peak_rss_gb": round(memory.peak_rss_kb / 2**20, 2), "peak_pss_gb": round(memory.peak_pss_kb / 2**20, 2),
             "peak_processes": memory.peak_processes,
             "server_bytes_per_round": round(sum(server.values()) / len(rounds)), "server_bytes": server,
+            "not_accepted": _failures(run),
             "rounds": rounds}
 
 
