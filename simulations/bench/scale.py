@@ -219,6 +219,8 @@ def _targets(cases: list[dict[str, Any]], demo: dict[str, float]) -> dict[str, A
                                                            for c in cases)}
     if 10 in by and 100 in by:
         out["round_s_100_over_10_sampled"] = round(by[100]["round_s_median_after_1"] / by[10]["round_s_median_after_1"], 2)
+        # round 1 against round 1 (both include the role query to every node and the first generation)
+        out["round1_s_100_over_10_sampled"] = round(by[100]["round1_s"] / by[10]["round1_s"], 2)
     if 100 in by:
         out["exchange_ratio_at_100_sampled"] = by[100]["exchange_ratio_median"]
     return out
