@@ -47,8 +47,9 @@ class SchoolService:
         self.stop()
 
     def start(self) -> None:
-        # fork: the workers need the generator only (spawn would re-import the caller's main module)
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+        # spawn, not fork: a forked worker would carry the caller's torch and Flower pages (~0.5 GB of resident
+        # memory each, shared but counted in every process's RSS); the generator needs numpy and PIL only
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         self._thread = threading.Thread(target=self._serve, name="fedfer-school-service", daemon=True)
         self._thread.start()
 
