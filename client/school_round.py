@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,13 +26,16 @@ from typing import Any, Callable, Mapping
 import torch
 
 from client.node import NodeIdentity
+from client.school_cache import SchoolCache
 from shared_models.datasets.school_folder import SchoolData, SchoolDataError, load_school
 
 ROUND_LOCK = "round"   # <state_dir>/round.lock: check → train → record, one at a time per school
+TIMING_LOG = "timing.jsonl"   # <state_dir>/timing.jsonl of a simulated school: its own seconds, never sent
 
 # A simulated node's Ray actor (or a long-running deployed ClientApp process) serves many rounds:
-# decode a school's images once per version of its labels.csv.
-_SCHOOL_CACHE: dict[Path, tuple[tuple[int, int], SchoolData]] = {}
+# decode a school's images once per version of its labels.csv, keeping at most `data.school_cache_mb`
+# of decoded schools (least recently used out first).
+_SCHOOL_CACHE = SchoolCache(1024 * 2**20)
 
 
 @dataclass
@@ -60,21 +64,41 @@ def _log(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------- data
 def load_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData:
-    """The school's frames (cached per version of labels.csv). Raises SchoolDataError."""
+    """The school's frames (cached per version of labels.csv, within `data.school_cache_mb`). A simulated
+    school generated on demand is asked for and waited for first. Raises SchoolDataError."""
     assert node.data_dir is not None
+    if node.simulated and str(cfg.get("data.generate", "")) == "on-demand":
+        from shared_models.datasets.on_demand import SchoolNotGenerated, await_school
+
+        try:
+            await_school(node.data_dir, timeout_s=float(cfg["federation.round_timeout"]))
+        except SchoolNotGenerated as exc:
+            raise SchoolDataError(str(exc)) from None
+    _SCHOOL_CACHE.set_budget(int(cfg.get("data.school_cache_mb", 1024)) * 2**20)
     labels = node.data_dir / "labels.csv"
     try:
         stat = labels.stat()
         version = (stat.st_mtime_ns, stat.st_size)
     except OSError:
         version = (0, -1)
-    cached = _SCHOOL_CACHE.get(node.data_dir)
-    if cached is None or cached[0] != version:
+
+    def decode() -> SchoolData:
         data = load_school(node.data_dir)
         if data.skipped and not node.simulated:   # the school's own log; a simulation's log is the server's
             _log(f"{node.school_id}: {data.describe_skips()}")
-        _SCHOOL_CACHE[node.data_dir] = (version, data)
-    return _SCHOOL_CACHE[node.data_dir][1]
+        return data
+
+    return _SCHOOL_CACHE.get(node.data_dir, version, decode)
+
+
+def _record_timing(node: NodeIdentity, run_id: str, server_round: int, data_s: float, round_s: float) -> None:
+    """A simulated school's own timing line (data wait + decode, whole round): read by
+    simulations/bench/scale.py beside the server's exchange time; stays in the school's state dir."""
+    from shared_models.atomic_files import append_line
+
+    assert node.state_dir is not None
+    append_line(node.state_dir / TIMING_LOG, json.dumps({"run_id": run_id, "round": server_round,
+                                                        "data_s": round(data_s, 4), "round_s": round(round_s, 4)}))
 
 
 # ----------------------------------------------------------------------------------------- policy
@@ -108,11 +132,13 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
 
     # the time the request was taken: signed into the entry, and independent of how long training takes
     started_at = (clock or _now)().isoformat(timespec="seconds")
+    started = time.perf_counter()
 
     # 1. data
     data = _usable_data(node, cfg)
     if isinstance(data, RoundReply):
         return data
+    data_s = time.perf_counter() - started
 
     # 2. the run-config against the school's policy (public values only)
     policy = school_policy(node, data)
@@ -138,6 +164,8 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
         entry = record_round(books.accountant, books.ledger, noise_multiplier=result.noise_multiplier,
                              sample_rate=result.sample_rate, steps=result.steps, **common)
         ledger_record = books.signed(entry)
+    if node.simulated:
+        _record_timing(node, run_id, server_round, data_s, time.perf_counter() - started)
 
     # 6. reply content: DP output and public values only
     return _ok_reply(node, server_round, model, result, entry, ledger_record, terms.plan.declared_units)

@@ -30,6 +30,10 @@ from shared_models.config import ConfigError, read_yaml_file
 from shared_models.labels import FER7, FER8
 
 PAPER_MARK = "paper, centralised, non-private"
+#: Above this many schools the report shows distributions (quantiles, a histogram, a band of ε curves)
+#: instead of one table row and one curve per school, and names at most NAMED_SCHOOLS schools per cell.
+MANY_SCHOOLS = 20
+NAMED_SCHOOLS = 5
 
 
 @dataclass(frozen=True)
@@ -373,7 +377,13 @@ def write_plots(data: RunData) -> dict[str, Path]:
         )
     eps = epsilon_series(data)
     refused = {s: [r for r, _ in items] for s, items in refusals(data).items()}
-    if eps or refused:
+    if len(set(eps) | set(refused)) > MANY_SCHOOLS:
+        out["epsilon-distribution"] = plots.epsilon_distribution(
+            epsilon_quantiles(eps), [s["epsilon"][-1] for s in eps.values() if s["epsilon"]],
+            plot_dir / "epsilon.png", budget=data.budget,
+            title=f"Privacy spent across {len(set(eps) | set(refused))} schools (δ = {data.config.get('privacy.delta', '?')})",
+        )
+    elif eps or refused:
         out["epsilon"] = plots.epsilon_curves(
             eps, plot_dir / "epsilon.png", budget=data.budget, refusals=refused,
             title=f"Privacy spent per school (δ = {data.config.get('privacy.delta', '?')})",
@@ -433,7 +443,9 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
         for key, path in figures.items():
             rel = path.relative_to(data.run_dir).as_posix()
             caption = {"accuracy": "Accuracy (solid, 95% CI band) and UAR (dashed) per round",
-                       "epsilon": "Cumulative ε per school (red ×: refused or failed round)"}.get(
+                       "epsilon": "Cumulative ε per school (red ×: refused or failed round)",
+                       "epsilon-distribution": "Cumulative ε across schools per round (median, 10-90% and "
+                                               "min-max bands; schools that have trained) and the final ε histogram"}.get(
                 key, f"Final confusion matrix, {key.split(':', 1)[-1]}")
             lines += [f"![{caption}]({rel})", "", f"*{caption}.*", ""]
     if data.notes:
@@ -493,7 +505,84 @@ def _round_table(data: RunData) -> list[str]:
         timing_text = ", ".join(f"{k} {v:.1f}s" for k, v in timing.items() if _is_number(v)) or "—"
         if by:
             cells.append(str(record.get("evaluated_by") or "—"))
-        lines.append(f"| {r} | {len(ok)} | {', '.join(bad) or '—'} | " + " | ".join(cells) + f" | {timing_text} |")
+        lines.append(f"| {r} | {len(ok)} | {_bad_cell(train, bad)} | " + " | ".join(cells) + f" | {timing_text} |")
+    return lines + [""]
+
+
+def _bad_cell(train: dict[str, Any], bad: list[str]) -> str:
+    """Every refused or failed school of a round, or (many of them) counts per status and the first few."""
+    if len(bad) <= NAMED_SCHOOLS:
+        return ", ".join(bad) or "—"
+    by_status: dict[str, int] = {}
+    for t in train.values():
+        status = str(t.get("status", "ok") if isinstance(t, dict) else t)
+        if status != "ok":
+            by_status[status] = by_status.get(status, 0) + 1
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
+    names = sorted(s for s, t in train.items() if not (isinstance(t, dict) and t.get("status", "ok") == "ok"))
+    return f"{counts} ({', '.join(names[:NAMED_SCHOOLS])}, … {len(names) - NAMED_SCHOOLS} more)"
+
+
+QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def _quantiles(values: list[float]) -> list[float]:
+    import numpy as np
+
+    return [float(q) for q in np.quantile(np.asarray(values, dtype=float), QUANTILES)] if values else []
+
+
+def epsilon_quantiles(series: dict[str, dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per round, the QUANTILES of cumulative ε over the schools that have trained by then
+    ({'round': [...], 'q0': [...], 'q10': [...], ..., 'schools': [...]}) — the ε figure of a large federation."""
+    rounds = sorted({r for s in series.values() for r in s["round"]})
+    out: dict[str, list[float]] = {"round": [], "schools": [], **{f"q{int(q * 100)}": [] for q in QUANTILES}}
+    for r in rounds:
+        values = []
+        for s in series.values():
+            before = [e for rr, e in zip(s["round"], s["epsilon"]) if rr <= r and math.isfinite(e)]
+            if before:
+                values.append(before[-1])
+        if not values:
+            continue
+        out["round"].append(r)
+        out["schools"].append(len(values))
+        for q, v in zip(QUANTILES, _quantiles(values)):
+            out[f"q{int(q * 100)}"].append(v)
+    return out
+
+
+def _privacy_distribution(data: RunData, schools: list[str]) -> list[str]:
+    """The privacy section of a large federation: quantiles, not one row per school."""
+    eps = epsilon_series(data)
+    refused = refusals(data)
+    budget = data.budget
+    finals = [s["epsilon"][-1] for s in eps.values() if s["epsilon"]]
+    trained = [len(s["round"]) for s in eps.values()]
+    planned = data.config.get("federation.schools")
+    lines = ["## Privacy across schools", "",
+             f"{len(schools)} schools took part" + (f" (of {planned} in the federation)" if _is_number(planned) else "")
+             + f"; {len(finals)} trained at least once. ε from the run's ledger copy (`ledger/<school>.jsonl`; "
+             "`fedfer privacy audit` recomputes and verifies it)" + (f"; budget {budget:g}." if budget else "."), "",
+             "| quantity | min | 10% | 25% | median | 75% | 90% | max |", "|---|---|---|---|---|---|---|---|"]
+    for name, values, fmt in (("final ε per school", finals, "{:.3f}"),
+                              ("rounds trained per school", [float(n) for n in trained], "{:.0f}")):
+        if values:
+            lines.append(f"| {name} | " + " | ".join(fmt.format(v) for v in _quantiles(values)) + " |")
+    if budget is not None:
+        over = sorted(s for s, v in eps.items() if v["epsilon"] and v["epsilon"][-1] > budget + 1e-9)
+        lines += ["", f"Over budget: {len(over)}" + (f" ({', '.join(over[:NAMED_SCHOOLS])}"
+                                                    f"{', …' if len(over) > NAMED_SCHOOLS else ''})" if over else "") + "."]
+    reasons: dict[str, list[str]] = {}
+    for school, items in refused.items():
+        for _, reason in items:
+            reasons.setdefault(reason, []).append(school)
+    if reasons:
+        lines += ["", "| refused / failed | rounds | schools | first schools |", "|---|---|---|---|"]
+        for reason, names in sorted(reasons.items()):
+            distinct = sorted(set(names))
+            lines.append(f"| {reason} | {len(names)} | {len(distinct)} | {', '.join(distinct[:NAMED_SCHOOLS])}"
+                         f"{', …' if len(distinct) > NAMED_SCHOOLS else ''} |")
     return lines + [""]
 
 
@@ -501,6 +590,8 @@ def _privacy_table(data: RunData) -> list[str]:
     schools = data.schools()
     if not schools:
         return []
+    if len(schools) > MANY_SCHOOLS:
+        return _privacy_distribution(data, schools)
     eps = epsilon_series(data)
     refused = refusals(data)
     budget = data.budget

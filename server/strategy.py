@@ -64,6 +64,7 @@ class NodeInfo:
     role: str
     school_id: str = ""
     public_key_pem: str = ""
+    pinned: bool = False     # its ledger key checked and kept in the run directory (when first sampled)
 
 
 class RoundHooks(Protocol):
@@ -166,7 +167,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         config = ConfigRecord({"run-id": self.run.run_id, "run-dir": str(self.run.path)})
         messages = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=nid)
                     for nid in unknown]
-        replies = list(grid.send_and_receive(messages, timeout=120))
+        # a simulation answers the queries on a few Ray actors one after another (~0.1 s each): 1,000
+        # schools need more than the two minutes a deployment's nodes, answering side by side, ever do
+        replies = list(grid.send_and_receive(messages, timeout=max(120.0, 0.5 * len(messages))))
         sent = sent_to(messages)
         for reply in replies:
             nid, mismatch = replying_node(reply, sent)
@@ -180,14 +183,26 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
                 log(WARNING, "[fedfer] node %s did not answer the role query: %s", nid, reason)
                 continue
             info = reply.content.config_records["node"]
-            node = NodeInfo(str(info["role"]), str(info.get("school-id", "")), str(info.get("public-key", "")))
-            if node.role == "school":
+            # a school's ledger key is checked and pinned when it is first sampled (`_pin_chosen`), so the
+            # run directory holds keys of the schools that trained, not of every school that could have
+            self.nodes[nid] = NodeInfo(str(info["role"]), str(info.get("school-id", "")), str(info.get("public-key", "")))
+
+    def _pin_chosen(self, chosen: list[int]) -> list[int]:
+        """The sampled nodes whose ledger key is (now) pinned; a school whose key is refused is rejected
+        for the rest of the run."""
+        kept = []
+        for nid in chosen:
+            node = self.nodes[nid]
+            if not node.pinned:
                 problem = self._pin_key(node)
                 if problem:
                     self.run.event("rejected-school", school=node.school_id, node_id=nid, reason=problem)
                     log(WARNING, "[fedfer] %s rejected: %s", node.school_id, problem)
-                    node = NodeInfo("rejected", node.school_id)
-            self.nodes[nid] = node
+                    self.nodes[nid] = NodeInfo("rejected", node.school_id)
+                    continue
+                node.pinned = True
+            kept.append(nid)
+        return kept
 
     def _pin_key(self, node: NodeInfo) -> str:
         """Trust the school's ledger key from the keyring (deployment) or on first contact (simulation)."""
@@ -235,7 +250,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             self.run.event("finished", round=rnd, reason="no school can train")
             return []
         count = max(int(round(len(candidates) * self.fraction_train)), min(int(self.cfg["federation.min_train_schools"]), len(candidates)), 1)
-        chosen = sorted(self.rng.sample(candidates, min(count, len(candidates))))
+        chosen = self._pin_chosen(sorted(self.rng.sample(candidates, min(count, len(candidates)))))
         config["server-round"] = rnd
         config["run-id"] = self.run.run_id
         config["run-dir"] = str(self.run.path)

@@ -130,6 +130,7 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
     env.update(ray_cluster_env(cfg))
 
     superlink_log = run_dir / "superlink.log"
+    service = _school_service(cfg)
     superlink = _start_superlink(port, flwr_home, env, run_dir, superlink_log)
     flower_log = run_dir / "flower.log"
     try:
@@ -145,6 +146,10 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
             raise SimulationError(f"{failed_line} (full log: {flower_log})")
     finally:
         stop_process_tree(superlink)
+        if service is not None:
+            service.stop()
+            if service.built:
+                echo(service.describe())
     return nodes
 
 
@@ -158,6 +163,18 @@ def ray_cluster_env(cfg: Mapping[str, Any]) -> dict[str, str]:
     becomes a Ray actor reserving `federation.cpus_per_school` CPUs on whichever node Ray places it."""
     address = str(cfg["federation.ray_address"]).strip()
     return {"RAY_ADDRESS": address} if address else {}
+
+
+def _school_service(cfg: Mapping[str, Any]):
+    """With data.generate=on-demand: the generator service for the run's schools, started (else None)."""
+    if str(cfg.get("data.generate", "")) != "on-demand":
+        return None
+    from simulations.school_service import SchoolService
+    from simulations.synth import params_from_config
+
+    service = SchoolService(Path(str(cfg["data.root"])), params_from_config(cfg), workers=os.cpu_count() or 1)
+    service.start()
+    return service
 
 
 def _start_superlink(port: int, flwr_home: Path, env: dict[str, str], run_dir: Path, log: Path) -> subprocess.Popen:

@@ -85,12 +85,13 @@ class SynthParams:
     public_train_frames: int = 8     # frames per public training identity
     heldout_students: int = 0        # per school: students written to indomain/ only, never to the school
     school_size_spread: int = 30     # percent: a school has students_per_school x U(1 - s, 1 + s) students
+    indomain_schools: int = 60       # held-out students come from at most this many schools (evenly spaced)
 
     def __post_init__(self) -> None:
         minimum = {"schools": 1, "students_per_school": 1, "frames_per_student": 1, "public_students": 2,
                    "public_frames": 1, "image_size": 16, "seed": 0, "clips_per_student": 0,
                    "public_train_students": 0, "public_train_frames": 1, "heldout_students": 0,
-                   "school_size_spread": 0}
+                   "school_size_spread": 0, "indomain_schools": 1}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -116,6 +117,7 @@ _CONFIG_KEYS: dict[str, str] = {
     "public_train_frames": "data.public_train_frames",
     "heldout_students": "data.heldout_students",
     "school_size_spread": "data.school_size_spread",
+    "indomain_schools": "data.indomain_schools",
 }
 
 
@@ -144,9 +146,18 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def _hashed_params(params: SynthParams) -> dict[str, Any]:
+    """Every parameter that changes a byte of the dataset: `indomain_schools` only when it leaves schools
+    out of the in-domain set (so datasets of up to that many schools keep their cache folder and keys)."""
+    values = asdict(params)
+    if params.indomain_schools >= params.schools or params.heldout_students == 0:
+        del values["indomain_schools"]
+    return values
+
+
 def params_hash(params: SynthParams) -> str:
     """Short hash of the generator version and every parameter (names the default cache folder)."""
-    return _digest({"version": GENERATOR_VERSION, **asdict(params)})[:12]
+    return _digest({"version": GENERATOR_VERSION, **_hashed_params(params)})[:12]
 
 
 def default_root(params: SynthParams) -> Path:
@@ -179,9 +190,21 @@ def _public_key(params: SynthParams) -> str:
 
 
 def _indomain_key(params: SynthParams) -> str:
-    return _digest({"version": GENERATOR_VERSION, "seed": params.seed, "schools": params.schools,
-                    "heldout_students": params.heldout_students, "students_per_school": params.students_per_school,
-                    "frames": params.frames_per_student, "image_size": params.image_size})[:16]
+    inputs = {"version": GENERATOR_VERSION, "seed": params.seed, "schools": params.schools,
+              "heldout_students": params.heldout_students, "students_per_school": params.students_per_school,
+              "frames": params.frames_per_student, "image_size": params.image_size}
+    if params.indomain_schools < params.schools:
+        inputs["indomain_schools"] = params.indomain_schools
+    return _digest(inputs)[:16]
+
+
+def indomain_school_indices(params: SynthParams) -> list[int]:
+    """The schools whose held-out students form the in-domain test set: every school, or at most
+    `indomain_schools` of them evenly spaced over the indices (so every camera template is among them)."""
+    if params.indomain_schools >= params.schools:
+        return list(range(params.schools))
+    n = params.indomain_schools
+    return sorted({i * params.schools // n for i in range(n)})
 
 
 # Independent random streams: (seed, part kind, indices..., purpose).
@@ -598,7 +621,7 @@ def public_image_count(params: SynthParams) -> int:
 
 
 def indomain_image_count(params: SynthParams) -> int:
-    return params.schools * params.heldout_students * params.frames_per_student
+    return len(indomain_school_indices(params)) * params.heldout_students * params.frames_per_student
 
 
 def _clip_frames(label: str, style: Style, camera: Mapping[str, Any], rng: np.random.Generator) -> list[F.Frame]:
@@ -778,7 +801,7 @@ def _write_indomain(tmp: Path, params: SynthParams, counter: _Counter) -> dict[s
         (tmp / label).mkdir(parents=True)
     writer = _Writer()
     try:
-        for index in range(params.schools):
+        for index in indomain_school_indices(params):
             profile = school_profile(params, index)
             renderer = F.Renderer(params.image_size,
                                   seed=int(_rng(params, _KIND_HELDOUT, index, _P_NOISE).integers(2**31)))
@@ -905,7 +928,7 @@ def ensure_indomain(root: str | Path, params: SynthParams, progress: Progress | 
 def _manifest(params: SynthParams, root: Path) -> dict[str, Any]:
     counts: dict[str, Any] = {}
     for i in range(params.schools):
-        meta = _read_json(root / "schools" / school_id(i) / "school.json") or {}
+        meta = _read_json(root / "schools" / school_id(i) / "school.json") or _planned_school(params, i)
         counts[school_id(i)] = {"students": meta.get("num_students"), "frames": meta.get("num_frames"),
                                 "clips": meta.get("num_clips"), "label_counts": meta.get("label_counts")}
     pub = _read_json(root / "public" / "public.json") or {}
@@ -915,18 +938,26 @@ def _manifest(params: SynthParams, root: Path) -> dict[str, Any]:
     indomain = _read_json(root / "indomain" / "indomain.json") or {}
     counts["indomain"] = {"images": indomain.get("num_images", 0), "label_counts": indomain.get("label_counts")}
     counts["total_frames"] = sum(counts[school_id(i)]["frames"] or 0 for i in range(params.schools))
-    return {"generator": GENERATOR, "version": GENERATOR_VERSION, "seed": params.seed, "params": asdict(params),
+    return {"generator": GENERATOR, "version": GENERATOR_VERSION, "seed": params.seed, "params": _hashed_params(params),
             "params_hash": params_hash(params), "schools": [school_id(i) for i in range(params.schools)],
             "counts": counts, "label_set": LABEL_SET, "labels": list(FER7), "landmarks": "ibug68",
             "clip_length": CLIP_LENGTH, "public": {"fer2013": "public/fer2013.csv", "rafdb": "public/rafdb"}}
 
 
-def _dataset_ok(root: Path, params: SynthParams) -> bool:
+def _planned_school(params: SynthParams, index: int) -> dict[str, Any]:
+    """A school's sizes before it is built (on-demand generation): they follow from its profile alone;
+    its label counts are known once it is drawn."""
+    students = school_profile(params, index).num_students
+    return {"num_students": students, "num_frames": students * params.frames_per_student,
+            "num_clips": students * params.clips_per_student, "label_counts": None}
+
+
+def _dataset_ok(root: Path, params: SynthParams, on_demand: bool = False) -> bool:
     manifest = _read_json(root / "manifest.json")
-    if not manifest or manifest.get("version") != GENERATOR_VERSION or manifest.get("params") != asdict(params):
+    if not manifest or manifest.get("version") != GENERATOR_VERSION or manifest.get("params") != _hashed_params(params):
         return False
-    return (all(_part_ok(root / "schools" / school_id(i) / "school.json", _school_key(params, i))
-                for i in range(params.schools))
+    return ((on_demand or all(_part_ok(root / "schools" / school_id(i) / "school.json", _school_key(params, i))
+                              for i in range(params.schools)))
             and _part_ok(root / "public" / "public.json", _public_key(params))
             and (params.heldout_students == 0 or _part_ok(root / "indomain" / "indomain.json", _indomain_key(params))))
 
@@ -935,24 +966,28 @@ _Part = tuple[str, int, Callable[..., Path], tuple]   # name, image count, build
 
 
 def ensure_dataset(root: str | Path, params: SynthParams, progress: Progress | None = None,
-                   force: bool = False, workers: int | None = None) -> Path:
+                   force: bool = False, workers: int | None = None, on_demand: bool = False) -> Path:
     """Generate every school and the public split unless <root> already holds them for these params.
 
     Parts whose inputs did not change are kept (growing `schools` from 4 to 6 builds two schools);
     schools beyond `params.schools` left by an earlier build are removed; the manifest is written last
     (atomically), so a complete manifest means a complete dataset. `force` rebuilds everything.
-    `workers` processes build parts side by side (default: one per core)."""
+    `workers` processes build parts side by side (default: one per core). `on_demand` builds the
+    public and in-domain parts only: each school is built by :func:`ensure_school` when it is first
+    needed (simulations/school_service.py), with the same bytes; the manifest then lists every school
+    with the sizes its profile fixes."""
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    if not force and _dataset_ok(root, params):
+    if not force and _dataset_ok(root, params, on_demand):
         return root
     with _locked(root, "dataset"):
-        if not force and _dataset_ok(root, params):
+        if not force and _dataset_ok(root, params, on_demand):
             return root
-        sizes = [school_image_count(params, i) for i in range(params.schools)]
+        sizes = [0 if on_demand else school_image_count(params, i) for i in range(params.schools)]
         total = sum(sizes) + public_image_count(params) + indomain_image_count(params)
         parts: list[_Part] = [
-            (school_id(i), sizes[i], ensure_school, (root, params, i)) for i in range(params.schools)]
+            (school_id(i), sizes[i], ensure_school, (root, params, i))
+            for i in ([] if on_demand else range(params.schools))]
         parts.append(("public", public_image_count(params), ensure_public, (root, params)))
         if params.heldout_students:
             parts.append(("indomain", indomain_image_count(params), ensure_indomain, (root, params)))
@@ -1044,10 +1079,21 @@ def summary(root: str | Path) -> str:
     return "\n".join(lines)
 
 
-def ensure_for_config(cfg: Mapping[str, Any], echo: Callable[[str], None] = print) -> Path:
+ON_DEMAND_ABOVE = 100   # data.generate=auto: schools are generated when first sampled above this many
+
+
+def generation_mode(cfg: Mapping[str, Any]) -> str:
+    """`upfront` or `on-demand` for a config's `data.generate` (auto: on-demand above ON_DEMAND_ABOVE schools)."""
+    mode = str(cfg.get("data.generate", "upfront") or "upfront")
+    if mode == "auto":
+        return "on-demand" if int(cfg.get("federation.schools", 0)) > ON_DEMAND_ABOVE else "upfront"
+    return mode
+
+
+def ensure_for_config(cfg: Mapping[str, Any], echo: Callable[[str], None] = print, on_demand: bool = False) -> Path:
     """Build (or reuse) the synthetic classroom a config describes, printing progress by tenths;
     returns its folder. Every command that needs the data calls this once, before Flower starts, so
-    the apps themselves only ever read it."""
+    the apps themselves only ever read it. `on_demand`: the schools are left to simulations/school_service.py."""
     shown = [-1]
 
     def progress(done: int, total: int, what: str) -> None:
@@ -1056,4 +1102,4 @@ def ensure_for_config(cfg: Mapping[str, Any], echo: Callable[[str], None] = prin
             shown[0] = decile
             echo(f"  synthetic classroom: {done}/{total} images ({what})")
 
-    return ensure_dataset(root_from_config(cfg), params_from_config(cfg), progress=progress)
+    return ensure_dataset(root_from_config(cfg), params_from_config(cfg), progress=progress, on_demand=on_demand)

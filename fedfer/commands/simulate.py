@@ -60,10 +60,10 @@ def _config(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
 
 
-def _ensure_data(cfg: dict[str, Any]) -> Path:
+def _ensure_data(cfg: dict[str, Any], on_demand: bool = False) -> Path:
     from simulations import synth
 
-    return synth.ensure_for_config(cfg, echo=lambda line: print(line, flush=True))
+    return synth.ensure_for_config(cfg, echo=lambda line: print(line, flush=True), on_demand=on_demand)
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -101,7 +101,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{cfg['federation.rounds']} rounds, DP on"
           f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
     print(f"run directory: {run.path}")
-    root = _ensure_data(cfg)
+    root = _ensure_data(cfg, on_demand=cfg["data.generate"] == "on-demand")
     code = _write_school_policies(cfg, run.path, root)
     if code:
         return code
@@ -143,6 +143,9 @@ def _resolve_run_config(cfg: dict[str, Any]) -> int:
         from simulations import synth
 
         cfg["data.root"] = str(synth.root_from_config(cfg))
+    from simulations.synth import generation_mode
+
+    cfg["data.generate"] = generation_mode(cfg)   # every app process must agree (the schools wait for on-demand data)
     if cfg["privacy.state_dir"]:
         cfg["privacy.state_dir"] = str(Path(str(cfg["privacy.state_dir"])).expanduser().resolve())
     if cfg["model.pretrain"] == "auto":
@@ -199,7 +202,7 @@ def _pretrain_auto(cfg: dict[str, Any]) -> int:
     model.pretrained, so every app process loads the same checkpoint."""
     from simulations import pretrain
 
-    root = _ensure_data(cfg)
+    root = _ensure_data(cfg, on_demand=cfg["data.generate"] == "on-demand")   # public data only
     started = time.perf_counter()
     try:
         path = pretrain.ensure_pretrained(cfg, root, echo=lambda line: print("  " + line, flush=True))
@@ -244,11 +247,29 @@ def print_summary(run_path: Path, wall: float) -> int:
         cfg_text = (run_path / "config.yaml").read_text()
         delta = next((line.split(":")[1].split("#")[0].strip() for line in cfg_text.splitlines() if line.strip().startswith("delta:")), "?")
         print(f"  per-school ε at δ={delta} (PRV, lifetime):")
-        for school, (eps, n) in sorted(epsilons.items()):
-            print(f"    {school:<12} ε {eps:6.3f}  after {n} round(s)")
+        _print_epsilons(epsilons)
     report = run_path / "report.md"
     print(f"  report             {report if report.exists() else '(not written)'}")
     return 0
+
+
+def _print_epsilons(epsilons: dict[str, tuple[float, int]], many: int = 20) -> None:
+    """One line per school, or (a large federation) the quantiles over the schools that trained."""
+    if len(epsilons) <= many:
+        for school, (eps, n) in sorted(epsilons.items()):
+            print(f"    {school:<12} ε {eps:6.3f}  after {n} round(s)")
+        return
+    import numpy as np
+
+    finals = np.array([eps for eps, n in epsilons.values() if n > 0 and eps == eps])
+    trained = np.array([n for _, n in epsilons.values()])
+    if finals.size:
+        low, q25, median, q75, high = np.quantile(finals, [0.0, 0.25, 0.5, 0.75, 1.0])
+        print(f"    {finals.size} schools trained: ε min {low:.3f}  25% {q25:.3f}  median {median:.3f}  "
+              f"75% {q75:.3f}  max {high:.3f}; rounds per school median {int(np.median(trained))}, max {trained.max()}")
+    refused = len(epsilons) - finals.size
+    if refused:
+        print(f"    {refused} school(s) refused or failed every round they were sampled (report.md lists them)")
 
 
 def cmd_train_central(args: argparse.Namespace) -> int:
