@@ -90,6 +90,7 @@ RULES: dict[str, Rule] = {
     "data.school_size_spread": Rule(minimum=0, maximum=90),
     "model.pretrain": Rule(choices=("", "auto")),
     "train.trainable": Rule(choices=("all", "last", "norms+head")),
+    "model.task": Rule(choices=("fer7", "engagement")),
     "pretrain.epochs": Rule(minimum=1, maximum=10_000),
     "pretrain.batch_size": Rule(minimum=1, maximum=1_000_000),
     "pretrain.lr": Rule(minimum=0.0),
@@ -333,6 +334,9 @@ def _check_model(resolved: Mapping[str, Scalar], source: str) -> None:
     if preset not in presets:
         raise ConfigError(f"{source}: key 'model.preset' must be one of {', '.join(presets)} for model "
                           f"{name}; got {_show(preset)}")
+    if str(resolved.get("model.task", "fer7")) == "engagement" and presets[preset].clip_frames == 0:
+        raise ConfigError(f"{source}: key 'model.task' engagement needs a clip model (a school's engagement "
+                          f"levels label clips); {name} {preset} reads single images")
 
 
 def _check_benchmarks(value: str, source: str) -> None:

@@ -12,8 +12,10 @@ by predicting contempt, exactly as if it had been trained on 7 classes. With ``C
 model on FERPlus or CK+) the model can never predict the missing classes: their samples count
 as errors and the dict carries ``model_classes`` so readers can see why.
 
-Clips: a batch (B, T, 3, S, S) goes to the model whole if it declares ``temporal = True``;
-otherwise each frame is scored on its own and the clip's logits are the mean over its frames.
+Clips: a batch (B, T, 3, S, S) goes to a clip model (``registry.clip_frames(model) > 0``) as (B, 3, T', S, S)
+with its T' frames evenly spaced; to a model declaring ``temporal = True`` whole; otherwise each frame is
+scored on its own and the clip's logits are the mean over its frames. WAR (= accuracy) and UAR (mean
+per-class recall) are in every report, as seed 003 reports clips.
 """
 
 from __future__ import annotations
@@ -43,7 +45,25 @@ def logits_of(output: Any) -> torch.Tensor:
     raise TypeError(f"model returned {type(output).__name__}; expected logits or an output with .logits")
 
 
+def clip_input(model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+    """A reader's clip batch (B, T', 3, S, S) as a clip model's input (B, 3, T, S, S): T =
+    `registry.clip_frames(model)` frames evenly spaced over the T' read (repeated when T' < T)."""
+    from shared_models.datasets.frames import sample_indices
+    from shared_models.models.registry import clip_frames
+
+    wanted = clip_frames(model)
+    picks = torch.as_tensor(sample_indices(clips.shape[1], wanted), dtype=torch.long)
+    return clips.index_select(1, picks).permute(0, 2, 1, 3, 4).contiguous()
+
+
 def _forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    from shared_models.models.registry import clip_frames
+
+    if clip_frames(model) > 0:
+        if inputs.ndim != 5:
+            raise ValueError(f"{type(model).__name__} reads clips; this benchmark yields images {tuple(inputs.shape)} "
+                             "(score it on a clip benchmark: dfew, afew, clipfolder, daisee, synthetic-clips)")
+        return logits_of(model(clip_input(model, inputs)))
     if inputs.ndim == 5 and not getattr(model, "temporal", False):
         batch, frames = inputs.shape[:2]
         logits = logits_of(model(inputs.flatten(0, 1)))

@@ -235,6 +235,7 @@ class MAFNet(nn.Module):
 
     loss_names = ("ce",)
     temporal = True
+    reads_landmarks = True   # the data path appends the landmark row when the school has landmarks
 
     def __init__(
         self,

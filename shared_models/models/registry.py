@@ -281,19 +281,33 @@ def pretrained_provenance(path: str | Path) -> dict[str, Any] | None:
     return read_provenance(path)
 
 
+TASK_CLASSES = {"fer7": 7, "engagement": 4}   # model.task -> outputs (FER7; DAiSEE's four engagement levels)
+
+
+def task_classes(cfg: Mapping[str, Any]) -> int:
+    """The federation's number of outputs: 7 for `model.task` fer7 (the default), 4 for engagement."""
+    task = str(cfg.get("model.task", "fer7"))
+    if task not in TASK_CLASSES:
+        raise ValueError(f"model.task must be one of {', '.join(TASK_CLASSES)}; got {task!r}")
+    return TASK_CLASSES[task]
+
+
+def config_clip_frames(cfg: Mapping[str, Any]) -> int:
+    """T of the configured model's preset (0: an image model), without building it."""
+    table = _PRESETS.get(str(cfg["model.name"]), {})
+    preset = table.get(str(cfg["model.preset"]))
+    return int(preset.clip_frames) if preset is not None else 0
+
+
 def build_from_config(cfg: Mapping[str, Any]) -> nn.Module:
-    """The federation's model as a config describes it (`model.name`, `model.preset`, FER7 outputs,
+    """The federation's model as a config describes it (`model.name`, `model.preset`, `model.task`'s outputs,
     `model.aux_loss_weight`, `train.trainable`): the one place the server, the schools and the harnesses
     build it. Frozen parameters (train.trainable) are frozen here, before any DP engine sees the model."""
-    from shared_models.labels import FER7
-
-    model = build(str(cfg["model.name"]), num_classes=len(FER7), preset=str(cfg["model.preset"]))
+    model = build(str(cfg["model.name"]), num_classes=task_classes(cfg), preset=str(cfg["model.preset"]))
     freeze_for_finetuning(model, str(cfg.get("train.trainable", "all")))
     return scale_aux_losses(model, float(cfg["model.aux_loss_weight"]))
 
 
 def model_info(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What a checkpoint records about its model, enough to rebuild it."""
-    from shared_models.labels import FER7
-
-    return {"name": str(cfg["model.name"]), "preset": str(cfg["model.preset"]), "num_classes": len(FER7)}
+    return {"name": str(cfg["model.name"]), "preset": str(cfg["model.preset"]), "num_classes": task_classes(cfg)}
