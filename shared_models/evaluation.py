@@ -138,18 +138,52 @@ def spec_name(spec: str) -> str:
     return spec.split("=", 1)[0].strip()
 
 
+class ClipsWithLandmarks(Dataset):
+    """A clip benchmark's torch dataset with the landmark row (`mafnet.landmark_rows`) appended to every frame,
+    (T, 3, S + 1, S), from a ``landmarks.npy`` beside each clip's frames; a clip without one gets an absent
+    row (the model then uses its image stream alone for that clip)."""
+
+    def __init__(self, clips: Dataset, source: Any, size: int) -> None:
+        self.clips, self.source, self.size = clips, source, int(size)
+        for name in ("name", "labels", "num_classes", "kind", "targets"):
+            setattr(self, name, getattr(clips, name, None))
+
+    @property
+    def skipped(self) -> int:
+        return int(getattr(self.clips, "skipped", 0))
+
+    def __len__(self) -> int:
+        return len(self.clips)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        from shared_models.datasets.frames import read_clip_landmarks
+        from shared_models.models.mafnet import landmark_rows
+
+        item = self.clips[index]
+        if item is None:
+            return None
+        x, label = item
+        found = read_clip_landmarks(Path(self.source.paths[index]), self.source.num_frames)
+        marks, width = (torch.from_numpy(found[0]), found[1]) if found and len(found[0]) == x.shape[0] else (None, 1)
+        return torch.cat([x, landmark_rows(marks, x.shape[0], self.size, width).to(x.dtype)], dim=2), label
+
+
 def evaluate_benchmarks(model: nn.Module, specs: str, data_root: Path | None, cfg: Mapping[str, Any],
                         cache: dict | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate `model` on every benchmark in `specs` (comma-separated); returns {name: metrics}."""
+    from shared_models.models.registry import unwrap
     from shared_models.transforms import eval_transform
 
     cache = {} if cache is None else cache
     results: dict[str, dict[str, Any]] = {}
     for spec in split_benchmark_list(specs):
-        key = (spec, str(data_root), int(model.input_size))
+        reads_landmarks = bool(getattr(unwrap(model), "reads_landmarks", False))
+        key = (spec, str(data_root), int(model.input_size), reads_landmarks)
         if key not in cache:
             bench = open_benchmark(spec, data_root=data_root)
             cache[key] = bench.as_torch(eval_transform(model.input_size))
+            if reads_landmarks and bench.kind == "clip":
+                cache[key] = ClipsWithLandmarks(cache[key], bench.source, int(model.input_size))
         results[spec_name(spec)] = evaluate_model(model, cache[key], n_boot=int(cfg["evaluation.bootstrap"]),
                                                   seed=int(cfg["run.seed"]))
     return results

@@ -919,7 +919,7 @@ def clip_bench_student(params: SynthParams, index: int) -> tuple[Student, School
 
 def _write_clip_bench(tmp: Path, params: SynthParams, counter: _Counter) -> dict[str, Any]:
     """Clips with balanced FER7 labels and engagement levels in DAiSEE's layout
-    (DataSet/Test/<subject>/<ClipID>/frame_NN.png, Labels/TestLabels.csv: the `daisee` reader) plus
+    (DataSet/Test/<subject>/<ClipID>/frame_NN.png + landmarks.npy, Labels/TestLabels.csv: the `daisee` reader) plus
     labels.csv (clip,label: the `clipfolder` reader), so both readers are exercised as on real data."""
     renderer = F.Renderer(params.image_size, seed=int(_rng(params, _KIND_CLIP_BENCH, _P_NOISE).integers(2**31)))
     (tmp / "Labels").mkdir(parents=True)
@@ -932,13 +932,15 @@ def _write_clip_bench(tmp: Path, params: SynthParams, counter: _Counter) -> dict
             specs = [(FER7[(n * CLIP_BENCH_CLIPS + c) % len(FER7)], (n + c * 2) % len(ENGAGEMENT_LEVELS))
                      for c in range(CLIP_BENCH_CLIPS)]
             frames = [f for lab, level in specs for f in engaged_clip_frames(lab, level, st.style, profile.camera, rng, rng)]
-            images, _ = renderer.render_batch(st.identity, frames, rng, F.draw_background(st.background, renderer.canvas))
+            images, lms = renderer.render_batch(st.identity, frames, rng, F.draw_background(st.background, renderer.canvas))
             for c, (lab, level) in enumerate(specs):
                 clip_id = f"{n:06d}{c:04d}"
                 folder = tmp / "DataSet" / "Test" / f"{n:06d}" / clip_id
                 folder.mkdir(parents=True)
                 for k in range(CLIP_LENGTH):
                     writer.png(folder / f"frame_{k:02d}.png", images[c * CLIP_LENGTH + k])
+                # the clip's landmarks beside its frames (read by the evaluation node for landmark models)
+                np.save(folder / "landmarks.npy", lms[c * CLIP_LENGTH:(c + 1) * CLIP_LENGTH].astype(np.float32))
                 daisee_rows.append(f"{clip_id}.avi,0,{level},0,0")
                 folder_rows.append(f"DataSet/Test/{n:06d}/{clip_id},{lab}")
             counter.step(len(frames), "clip benchmark")

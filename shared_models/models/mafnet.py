@@ -32,7 +32,7 @@ has none; the `paper` preset keeps none), no dropout, no in-place ops, the class
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Sequence
 
 import torch
@@ -66,20 +66,27 @@ ALEXNET_LAYERS = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, Fal
 
 
 # ------------------------------------------------------------------------------ landmarks in the input
+def landmark_rows(landmarks: Tensor | None, frames: int, size: int, image_size: float) -> Tensor:
+    """The landmark row of each frame, (T, 3, 1, S): channel-major over 3 x S values,
+    [1 (present), x0, y0, ..., x67, y67] / image_size; all zeros (absent) when `landmarks` is None."""
+    if 3 * size < 1 + 2 * NUM_LANDMARKS:
+        raise ValueError(f"MAFNet: clips of side {size} are too small to carry landmarks (need 3*S >= 137, S >= 46)")
+    row = torch.zeros(frames, 3 * size)
+    if landmarks is not None:
+        row[:, 0] = 1.0
+        row[:, 1:1 + 2 * NUM_LANDMARKS] = landmarks.reshape(frames, -1).float() / float(image_size)
+    return row.view(frames, 3, 1, size)
+
+
 def pack_landmarks(clips: Tensor, landmarks: Tensor | None, image_size: float) -> Tensor:
     """Append the landmark row: clips (B, 3, T, S, S), landmarks (B, T, 68, 2) in pixels of an image of side
     `image_size` (or None: no row). Row S of frame t holds, channel-major over 3 x S values,
     [1 (present), x0, y0, ..., x67, y67] divided by `image_size` (so resizing the clip keeps them valid)."""
     if landmarks is None:
         return clips
-    b, c, t, s, _ = clips.shape
-    if c * s < 1 + 2 * NUM_LANDMARKS:
-        raise ValueError(f"MAFNet: clips of side {s} are too small to carry landmarks (need 3*S >= 137, S >= 46)")
-    row = clips.new_zeros(b, t, c * s)
-    row[:, :, 0] = 1.0
-    row[:, :, 1:1 + 2 * NUM_LANDMARKS] = landmarks.reshape(b, t, -1).to(clips.dtype) / float(image_size)
-    row = row.view(b, t, c, 1, s).permute(0, 2, 1, 3, 4)  # (B, 3, T, 1, S)
-    return torch.cat([clips, row], dim=3)
+    b, _, t, s, _ = clips.shape
+    rows = torch.stack([landmark_rows(landmarks[i], t, s, image_size) for i in range(b)])  # (B, T, 3, 1, S)
+    return torch.cat([clips, rows.to(clips.dtype).permute(0, 2, 1, 3, 4)], dim=3)
 
 
 def unpack_landmarks(x: Tensor, size: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -263,6 +270,7 @@ class MAFNet(nn.Module):
             nn.init.zeros_(fc.weight)
             nn.init.zeros_(fc.bias)
         self._warned = False
+        self.quiet = False   # True: no warning (MAC counting runs a landmark-free dummy clip)
 
     def forward(self, x: Tensor) -> FEROutput:
         pixels, marks, present = unpack_landmarks(x, self.input_size)
@@ -278,10 +286,11 @@ class MAFNet(nn.Module):
         return FEROutput(logits, {"deep": p_deep, "shallow": p_shallow})
 
     def _warn_once(self) -> None:
-        if not self._warned:
+        if not self._warned and not self.quiet:
             self._warned = True
-            warnings.warn("MAFNet: clips carry no landmarks; running the deep stream alone "
-                          "(the shallow landmark+LBP stream needs per-frame landmarks: docs/clips.md)", stacklevel=3)
+            logging.getLogger("fedfer").warning(
+                "MAFNet: clips carry no landmarks; running the deep stream alone (the shallow landmark+LBP "
+                "stream needs per-frame landmarks: docs/clips.md)")
 
     def loss_terms(self, out: FEROutput, y: Tensor) -> dict[str, Tensor]:
         return {"ce": F.cross_entropy(out.logits, y, reduction="none")}
