@@ -674,6 +674,38 @@ def engaged_clip_frames(label: str, level: int, style: Style, camera: Mapping[st
     return out
 
 
+def _student_clips(params: SynthParams, index: int, j: int, st: Student, rng: np.random.Generator
+                   ) -> list[tuple[str, int, list[F.Frame]]]:
+    """Student j's clips as (FER7 label, engagement level, frames); labels and frames drawn from the student's
+    render stream `rng` as in v1, engagement from the student's own engagement stream."""
+    clip_labels = [FER7[_weighted(rng, st.style.label_probs)] for _ in range(params.clips_per_student)]
+    erng = _rng(params, _KIND_ENGAGEMENT, index, j)
+    levels = engagement_levels(erng, len(clip_labels))
+    return [(lab, level, engaged_clip_frames(lab, level, st.style, st.camera, rng, erng))
+            for lab, level in zip(clip_labels, levels)]
+
+
+def _write_student_clips(tmp: Path, writer: _Writer, student_id: str, specs: list[tuple[str, int]],
+                         images: np.ndarray, lms: np.ndarray, out: tuple[list[str], list[np.ndarray], list[str]]
+                         ) -> None:
+    """Write a student's clip frames (clips/<clip id>/frame_NN.png) and add their labels.csv rows, landmarks
+    and clips.csv rows to `out` = (frame rows, clip landmarks, clip rows)."""
+    frame_rows, clip_marks, clip_rows = out
+    for c, (lab, level) in enumerate(specs):
+        cid = f"{student_id}-c{c:02d}"
+        (tmp / "clips" / cid).mkdir()
+        for k in range(CLIP_LENGTH):
+            writer.png(tmp / "clips" / cid / f"frame_{k:02d}.png", images[c * CLIP_LENGTH + k])
+            frame_rows.append(f"clips/{cid}/frame_{k:02d}.png,{lab},{student_id},{cid},{k},{level}")
+        clip_marks.append(lms[c * CLIP_LENGTH:(c + 1) * CLIP_LENGTH])
+        clip_rows.append(f"{cid},{student_id},{lab},clips/{cid},{level}")
+
+
+def _engagement_counts(clip_rows: list[str]) -> dict[str, int]:
+    levels = [int(row.rsplit(",", 1)[1]) for row in clip_rows]
+    return {name: levels.count(i) for i, name in enumerate(ENGAGEMENT_LEVELS)}
+
+
 def _write_frame_lists(tmp: Path, still_rows: list[str], frame_rows: list[str], clip_rows: list[str],
                        marks: list[np.ndarray]) -> None:
     """labels.csv (stills, then every clip frame with its clip id, frame number and engagement level),
@@ -700,7 +732,6 @@ def _write_school(tmp: Path, params: SynthParams, index: int, counter: _Counter)
     marks: list[np.ndarray] = []
     frame_rows: list[str] = []           # clip frames (labels.csv rows after the stills)
     clip_marks: list[np.ndarray] = []
-    engagement_counts = [0] * len(ENGAGEMENT_LEVELS)
     label_counts = dict.fromkeys(FER7, 0)
     writer = _Writer()
     try:
@@ -710,11 +741,8 @@ def _write_school(tmp: Path, params: SynthParams, index: int, counter: _Counter)
             labels = [FER7[_weighted(rng, st.style.label_probs)] for _ in range(params.frames_per_student)]
             frames = [_frame(sample_aus(lab, st.style, rng), st.style, _look(profile.camera, st.style, rng),
                              _occlusion(profile.occlusion_rate, rng), rng) for lab in labels]
-            clip_labels = [FER7[_weighted(rng, st.style.label_probs)] for _ in range(params.clips_per_student)]
-            erng = _rng(params, _KIND_ENGAGEMENT, index, j)
-            levels = engagement_levels(erng, len(clip_labels))
-            for lab, level in zip(clip_labels, levels):
-                frames.extend(engaged_clip_frames(lab, level, st.style, profile.camera, rng, erng))
+            clips = _student_clips(params, index, j, st, rng)
+            frames.extend(f for _, _, clip in clips for f in clip)
             background = F.draw_background(st.background, renderer.canvas)
             images, lms = renderer.render_batch(st.identity, frames, rng, background)
             for k, lab in enumerate(labels):
@@ -723,17 +751,8 @@ def _write_school(tmp: Path, params: SynthParams, index: int, counter: _Counter)
                 still_rows.append(f"{rel},{lab},{st.student_id},,-1")
                 label_counts[lab] += 1
             marks.append(lms[:len(labels)])
-            for c, (lab, level) in enumerate(zip(clip_labels, levels)):
-                cid = f"{st.student_id}-c{c:02d}"
-                folder = tmp / "clips" / cid
-                folder.mkdir()
-                first = len(labels) + c * CLIP_LENGTH
-                for k in range(CLIP_LENGTH):
-                    writer.png(folder / f"frame_{k:02d}.png", images[first + k])
-                    frame_rows.append(f"clips/{cid}/frame_{k:02d}.png,{lab},{st.student_id},{cid},{k},{level}")
-                clip_marks.append(lms[first:first + CLIP_LENGTH])
-                clip_rows.append(f"{cid},{st.student_id},{lab},clips/{cid},{level}")
-                engagement_counts[level] += 1
+            _write_student_clips(tmp, writer, st.student_id, [(lab, level) for lab, level, _ in clips],
+                                 images[len(labels):], lms[len(labels):], (frame_rows, clip_marks, clip_rows))
             counter.step(len(frames), sid)
     finally:
         writer.close()
@@ -745,8 +764,7 @@ def _write_school(tmp: Path, params: SynthParams, index: int, counter: _Counter)
         "image_size": params.image_size, "landmarks": {"layout": "ibug68",
                                                        "shape": [len(still_rows) + len(frame_rows), 68, 2],
                                                        "units": "pixels (x, y)"},
-        **({"clip_version": CLIP_VERSION, "engagement_counts": dict(zip(ENGAGEMENT_LEVELS, engagement_counts))}
-           if clip_rows else {}),
+        **({"clip_version": CLIP_VERSION, "engagement_counts": _engagement_counts(clip_rows)} if clip_rows else {}),
         **{k: v for k, v in profile.describe().items() if k != "camera"},
     }
     _write_json(tmp / "school.json", meta)   # written last: its presence marks a complete part
