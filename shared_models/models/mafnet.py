@@ -113,13 +113,22 @@ def landmark_distances(marks: Tensor) -> Tensor:
 
 def lbp_codes(gray: Tensor) -> Tensor:
     """(N, H, W) gray -> (N, H, W) LBP^riu2_{8,1} codes 0..9: number of brighter-or-equal neighbours if the
-    circular bit pattern has at most 2 transitions (uniform), else 9 (eq. 9-10)."""
+    circular bit pattern has at most 2 transitions (uniform), else 9 (eq. 9-10). One neighbour at a time,
+    so the memory is a few (N, H, W) maps whatever the batch."""
     padded = F.pad(gray.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
     h, w = gray.shape[1:]
     shifts = ((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))  # circular order
-    bits = torch.stack([(padded[:, dy:dy + h, dx:dx + w] >= gray) for dy, dx in shifts]).to(gray.dtype)
-    ones = bits.sum(dim=0)
-    transitions = (bits - bits.roll(1, dims=0)).abs().sum(dim=0)
+    ones = torch.zeros_like(gray)
+    transitions = torch.zeros_like(gray)
+    first = previous = None
+    for dy, dx in shifts:
+        bit = (padded[:, dy:dy + h, dx:dx + w] >= gray).to(gray.dtype)
+        ones += bit
+        if previous is not None:
+            transitions += (bit - previous).abs()
+        first = bit if first is None else first
+        previous = bit
+    transitions += (first - previous).abs()
     return torch.where(transitions <= 2, ones, torch.full_like(ones, LBP_BINS - 1))
 
 
@@ -127,8 +136,7 @@ def region_lbp_histograms(pixels: Tensor, marks: Tensor) -> Tensor:
     """(B, 3, T, S, S) pixels, (B, T, 68, 2) landmarks in [0, 1] -> (B, T, 7 * 10) normalised histograms of the
     LBP codes inside each region's landmark bounding box (grown by 2 pixels) (eq. 11)."""
     b, _, t, s, _ = pixels.shape
-    gray = pixels.mean(dim=1).reshape(b * t, s, s)
-    onehot = F.one_hot(lbp_codes(gray).long(), LBP_BINS).to(pixels.dtype)  # (BT, S, S, 10)
+    codes = lbp_codes(pixels.mean(dim=1).reshape(b * t, s, s)).long().reshape(b * t, 1, s * s)
     grid = (torch.arange(s, dtype=pixels.dtype) + 0.5) / s
     margin = 2.0 / s
     masks = []
@@ -137,9 +145,9 @@ def region_lbp_histograms(pixels: Tensor, marks: Tensor) -> Tensor:
         lo, hi = pts.amin(dim=1) - margin, pts.amax(dim=1) + margin  # (BT, 2)
         inside_x = (grid[None] >= lo[:, :1]) & (grid[None] <= hi[:, :1])
         inside_y = (grid[None] >= lo[:, 1:]) & (grid[None] <= hi[:, 1:])
-        masks.append(inside_y[:, :, None] & inside_x[:, None, :])
-    mask = torch.stack(masks, dim=1).to(pixels.dtype)  # (BT, 7, S, S)
-    hist = torch.einsum("nrhw,nhwk->nrk", mask, onehot)
+        masks.append((inside_y[:, :, None] & inside_x[:, None, :]).reshape(b * t, s * s))
+    mask = torch.stack(masks, dim=1).to(pixels.dtype)  # (BT, 7, S*S)
+    hist = mask.new_zeros(b * t, len(REGIONS), LBP_BINS).scatter_add_(2, codes.expand(-1, len(REGIONS), -1), mask)
     hist = hist / hist.sum(dim=-1, keepdim=True).clamp_min(1.0)
     return hist.reshape(b, t, -1)
 
