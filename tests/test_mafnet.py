@@ -61,3 +61,33 @@ def test_per_sample_gradients_exact(preset: str, batch: int, with_marks: bool) -
             else:
                 assert err <= 1e-10, f"{preset} {name} sample {i}: relative error {float(err):.2e}"
     gsm._close()
+
+
+def test_lbp_codes_are_rotation_invariant_uniform_patterns() -> None:
+    flat = torch.zeros(1, 5, 5)
+    assert lbp_codes(flat).unique().tolist() == [8.0]             # every neighbour >= centre
+    peak = flat.clone()
+    peak[0, 2, 2] = 1.0
+    assert lbp_codes(peak)[0, 2, 2] == 0                          # brighter than all 8 neighbours
+    stripes = torch.tensor([[0.0, 1.0] * 3] * 6).unsqueeze(0)     # vertical stripes: 4 transitions
+    assert lbp_codes(stripes)[0, 2, 3] == 9                       # a bright stripe pixel: non-uniform
+    edge = torch.tensor([[0.0] * 3 + [1.0] * 3] * 6).unsqueeze(0)
+    assert lbp_codes(edge)[0, 2, 3] == 5                          # bright side of an edge: 3 right + 2 equal
+
+
+def test_landmark_distances_ignore_position_and_scale() -> None:
+    g = torch.Generator().manual_seed(0)
+    marks = torch.rand(2, 3, NUM_LANDMARKS, 2, generator=g)
+    moved = marks * 2.5 + torch.tensor([0.3, -0.2])
+    assert landmark_distances(marks).shape == (2, 3, 38)
+    assert torch.allclose(landmark_distances(marks), landmark_distances(moved), atol=1e-5)
+
+
+def test_pack_then_unpack_returns_pixels_and_landmarks() -> None:
+    x = torch.rand(2, 3, 4, 48, 48) * 2 - 1
+    marks = torch.rand(2, 4, NUM_LANDMARKS, 2) * 64
+    pixels, back, present = unpack_landmarks(pack_landmarks(x, marks, 64), 48)
+    assert torch.equal(pixels, x) and present.tolist() == [1.0, 1.0]
+    assert torch.allclose(back * 64, marks, atol=1e-4)
+    with pytest.raises(ValueError, match="too small"):
+        pack_landmarks(torch.zeros(1, 3, 2, 32, 32), marks[:1, :2], 64)
