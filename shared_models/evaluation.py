@@ -168,22 +168,29 @@ class ClipsWithLandmarks(Dataset):
         return torch.cat([x, landmark_rows(marks, x.shape[0], self.size, width).to(x.dtype)], dim=2), label
 
 
+def benchmark_dataset(model: nn.Module, bench: Any, size: int) -> Dataset:
+    """A benchmark as `model` reads it at side `size`: resized and normalised; for a clip benchmark and a model
+    that reads landmarks (`reads_landmarks`), with the landmark rows of `ClipsWithLandmarks`."""
+    from shared_models.models.registry import unwrap
+    from shared_models.transforms import eval_transform
+
+    dataset = bench.as_torch(eval_transform(size))
+    if bench.kind == "clip" and getattr(unwrap(model), "reads_landmarks", False):
+        return ClipsWithLandmarks(dataset, bench.source, size)
+    return dataset
+
+
 def evaluate_benchmarks(model: nn.Module, specs: str, data_root: Path | None, cfg: Mapping[str, Any],
                         cache: dict | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate `model` on every benchmark in `specs` (comma-separated); returns {name: metrics}."""
     from shared_models.models.registry import unwrap
-    from shared_models.transforms import eval_transform
 
     cache = {} if cache is None else cache
     results: dict[str, dict[str, Any]] = {}
     for spec in split_benchmark_list(specs):
-        reads_landmarks = bool(getattr(unwrap(model), "reads_landmarks", False))
-        key = (spec, str(data_root), int(model.input_size), reads_landmarks)
+        key = (spec, str(data_root), int(model.input_size), bool(getattr(unwrap(model), "reads_landmarks", False)))
         if key not in cache:
-            bench = open_benchmark(spec, data_root=data_root)
-            cache[key] = bench.as_torch(eval_transform(model.input_size))
-            if reads_landmarks and bench.kind == "clip":
-                cache[key] = ClipsWithLandmarks(cache[key], bench.source, int(model.input_size))
+            cache[key] = benchmark_dataset(model, open_benchmark(spec, data_root=data_root), int(model.input_size))
         results[spec_name(spec)] = evaluate_model(model, cache[key], n_boot=int(cfg["evaluation.bootstrap"]),
                                                   seed=int(cfg["run.seed"]))
     return results
