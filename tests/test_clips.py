@@ -174,9 +174,14 @@ def test_mafnet_on_a_clip_folder_uses_landmarks_beside_the_frames(tmp_path: Path
 
 
 def test_task_key_sets_outputs_and_needs_a_clip_model_for_engagement() -> None:
-    cfg = load_config(None, {"model.name": "mafnet", "model.preset": "dp", "model.task": "engagement"})
+    cfg = load_config(None, {"model.name": "mafnet", "model.preset": "dp", "model.task": "engagement",
+                             "evaluation.benchmarks": "synthetic-daisee"})
     assert registry.build_from_config(cfg).num_classes == 4 and registry.model_info(cfg)["num_classes"] == 4
     with pytest.raises(ConfigError, match="model.task' engagement needs a clip model"):
         load_config(None, {"model.name": "hafnet", "model.task": "engagement"})
     with pytest.raises(ConfigError, match="model.task"):
         load_config(None, {"model.task": "boredom"})
+    with pytest.raises(ConfigError, match="mafnet dp reads clips; 'synthetic-fer2013' holds single images"):
+        load_config(None, {"model.name": "mafnet", "model.preset": "dp", "evaluation.benchmarks": "synthetic-fer2013"})
+    with pytest.raises(ConfigError, match="does not score model.task fer7"):
+        load_config(None, {"model.name": "mafnet", "model.preset": "dp", "evaluation.benchmarks": "synthetic-daisee"})
