@@ -27,7 +27,10 @@ import torch
 
 from client.node import NodeIdentity
 from client.school_cache import SchoolCache
-from shared_models.datasets.school_folder import SchoolData, SchoolDataError, load_school
+from shared_models.datasets.school_folder import (
+    SchoolClips, SchoolData, SchoolDataError, load_school, load_school_clips,
+)
+from shared_models.models import registry
 
 ROUND_LOCK = "round"   # <state_dir>/round.lock: check → train → record, one at a time per school
 TIMING_LOG = "timing.jsonl"   # <state_dir>/timing.jsonl of a simulated school: its own seconds, never sent
@@ -36,6 +39,7 @@ TIMING_LOG = "timing.jsonl"   # <state_dir>/timing.jsonl of a simulated school: 
 # decode a school's images once per version of its labels.csv, keeping at most `data.school_cache_mb`
 # of decoded schools (least recently used out first).
 _SCHOOL_CACHE = SchoolCache(1024 * 2**20)
+_CLIP_CACHE: dict[Path, tuple[tuple[Any, ...], SchoolClips]] = {}   # clip schools: one per simulated node in practice
 
 
 @dataclass
@@ -63,9 +67,10 @@ def _log(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- data
-def load_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData:
-    """The school's frames (cached per version of labels.csv, within `data.school_cache_mb`). A simulated
-    school generated on demand is asked for and waited for first. Raises SchoolDataError."""
+def load_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | SchoolClips:
+    """The school's frames, or its clips for a clip model (cached per version of labels.csv, frames within
+    `data.school_cache_mb`). A simulated school generated on demand is asked for and waited for first.
+    Raises SchoolDataError."""
     assert node.data_dir is not None
     if node.simulated and str(cfg.get("data.generate", "")) == "on-demand":
         from shared_models.datasets.on_demand import SchoolNotGenerated, await_school
@@ -81,6 +86,9 @@ def load_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData:
         version = (stat.st_mtime_ns, stat.st_size)
     except OSError:
         version = (0, -1)
+    frames = registry.config_clip_frames(cfg)
+    if frames > 0:   # a clip model: the school's clips (rows with clip_id), T frames each, labelled for the task
+        return _load_clips(node, version, frames, str(cfg.get("model.task", "fer7")))
 
     def decode() -> SchoolData:
         data = load_school(node.data_dir)
@@ -99,6 +107,19 @@ def _record_timing(node: NodeIdentity, run_id: str, server_round: int, data_s: f
     assert node.state_dir is not None
     append_line(node.state_dir / TIMING_LOG, json.dumps({"run_id": run_id, "round": server_round,
                                                         "data_s": round(data_s, 4), "round_s": round(round_s, 4)}))
+
+
+def _load_clips(node: NodeIdentity, version: tuple[int, int], frames: int, task: str) -> SchoolClips:
+    """The school's clips, cached per (labels.csv version, frames, task) like the frames."""
+    assert node.data_dir is not None
+    key = (version, frames, task)
+    cached = _CLIP_CACHE.get(node.data_dir)
+    if cached is None or cached[0] != key:
+        data = load_school_clips(node.data_dir, frames, task)
+        if data.skipped and not node.simulated:
+            _log(f"{node.school_id}: {data.describe_skips()}")
+        _CLIP_CACHE[node.data_dir] = (key, data)
+    return _CLIP_CACHE[node.data_dir][1]
 
 
 # ----------------------------------------------------------------------------------------- policy
@@ -171,7 +192,7 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
     return _ok_reply(node, server_round, model, result, entry, ledger_record, terms.plan.declared_units)
 
 
-def _usable_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | RoundReply:
+def _usable_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | SchoolClips | RoundReply:
     """The school's frames, or the ``no-data`` reply; the details stay in the school's own log."""
     try:
         data = load_data(node, cfg)
@@ -268,14 +289,17 @@ def _ok_reply(node: NodeIdentity, server_round: int, model: torch.nn.Module, res
     return RoundReply("ok", weights=model.state_dict(), metrics=metrics, ledger=ledger_record)
 
 
-def _train(model: torch.nn.Module, data: SchoolData, plan, cfg: Mapping[str, Any], node: NodeIdentity,
+def _train(model: torch.nn.Module, data: SchoolData | SchoolClips, plan, cfg: Mapping[str, Any], node: NodeIdentity,
            server_round: int):
     from privacy.engine import train_private
-    from shared_models.training import FaceDataset, make_optimizer
+    from shared_models.training import FaceDataset, clip_dataset, make_optimizer
     from shared_models.transforms import train_transform
 
     # augmentation draws from torch's global generator; the DP sampling and noise use OS entropy
     torch.manual_seed(zlib.crc32(f"{cfg['run.seed']}/{node.school_id}/{server_round}".encode()))
-    frames = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
+    if isinstance(data, SchoolClips):   # a clip model: one sample per clip, the student's clips are one unit
+        frames = clip_dataset(data, model)
+    else:
+        frames = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
     return train_private(model, frames, data.student_ids if plan.unit == "student" else None, plan,
                          make_optimizer(model, cfg), int(cfg["train.local_epochs"]))

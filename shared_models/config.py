@@ -94,6 +94,7 @@ RULES: dict[str, Rule] = {
     "data.school_cache_mb": Rule(minimum=0, maximum=1_000_000),
     "model.pretrain": Rule(choices=("", "auto")),
     "train.trainable": Rule(choices=("all", "last", "norms+head")),
+    "model.task": Rule(choices=("fer7", "engagement")),
     "pretrain.epochs": Rule(minimum=1, maximum=10_000),
     "pretrain.batch_size": Rule(minimum=1, maximum=1_000_000),
     "pretrain.lr": Rule(minimum=0.0),
@@ -337,6 +338,30 @@ def _check_model(resolved: Mapping[str, Scalar], source: str) -> None:
     if preset not in presets:
         raise ConfigError(f"{source}: key 'model.preset' must be one of {', '.join(presets)} for model "
                           f"{name}; got {_show(preset)}")
+    if str(resolved.get("model.task", "fer7")) == "engagement" and presets[preset].clip_frames == 0:
+        raise ConfigError(f"{source}: key 'model.task' engagement needs a clip model (a school's engagement "
+                          f"levels label clips); {name} {preset} reads single images")
+    if presets[preset].clip_frames:
+        _check_clip_benchmarks(str(resolved["evaluation.benchmarks"]), str(resolved.get("model.task", "fer7")),
+                               f"{name} {preset}", source)
+
+
+CLIP_BENCHMARKS = ("dfew", "afew", "clipfolder", "daisee", "synthetic-clips", "synthetic-daisee")
+ENGAGEMENT_BENCHMARKS = ("daisee", "synthetic-daisee")
+
+
+def _check_clip_benchmarks(value: str, task: str, model: str, source: str) -> None:
+    """A clip model is scored on clip benchmarks of its task (engagement: DAiSEE's levels; fer7: the others)."""
+    from shared_models.datasets import _canonical, split_benchmark_list
+
+    for item in split_benchmark_list(value):
+        name = _canonical(item.split("=", 1)[0].split(":", 1)[0])
+        if name not in CLIP_BENCHMARKS:
+            raise ConfigError(f"{source}: key 'evaluation.benchmarks': {model} reads clips; {item!r} holds single "
+                              f"images (clip benchmarks: {', '.join(CLIP_BENCHMARKS)})")
+        if (name in ENGAGEMENT_BENCHMARKS) != (task == "engagement"):
+            raise ConfigError(f"{source}: key 'evaluation.benchmarks': {item!r} does not score model.task {task} "
+                              f"(engagement: {', '.join(ENGAGEMENT_BENCHMARKS)}; fer7: the other clip benchmarks)")
 
 
 def _check_benchmarks(value: str, source: str) -> None:

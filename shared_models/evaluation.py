@@ -12,8 +12,10 @@ by predicting contempt, exactly as if it had been trained on 7 classes. With ``C
 model on FERPlus or CK+) the model can never predict the missing classes: their samples count
 as errors and the dict carries ``model_classes`` so readers can see why.
 
-Clips: a batch (B, T, 3, S, S) goes to the model whole if it declares ``temporal = True``;
-otherwise each frame is scored on its own and the clip's logits are the mean over its frames.
+Clips: a batch (B, T, 3, S, S) goes to a clip model (``registry.clip_frames(model) > 0``) as (B, 3, T', S, S)
+with its T' frames evenly spaced; to a model declaring ``temporal = True`` whole; otherwise each frame is
+scored on its own and the clip's logits are the mean over its frames. WAR (= accuracy) and UAR (mean
+per-class recall) are in every report, as seed 003 reports clips.
 """
 
 from __future__ import annotations
@@ -43,7 +45,25 @@ def logits_of(output: Any) -> torch.Tensor:
     raise TypeError(f"model returned {type(output).__name__}; expected logits or an output with .logits")
 
 
+def clip_input(model: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+    """A reader's clip batch (B, T', 3, S, S) as a clip model's input (B, 3, T, S, S): T =
+    `registry.clip_frames(model)` frames evenly spaced over the T' read (repeated when T' < T)."""
+    from shared_models.datasets.frames import sample_indices
+    from shared_models.models.registry import clip_frames
+
+    wanted = clip_frames(model)
+    picks = torch.as_tensor(sample_indices(clips.shape[1], wanted), dtype=torch.long)
+    return clips.index_select(1, picks).permute(0, 2, 1, 3, 4).contiguous()
+
+
 def _forward(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    from shared_models.models.registry import clip_frames
+
+    if clip_frames(model) > 0:
+        if inputs.ndim != 5:
+            raise ValueError(f"{type(model).__name__} reads clips; this benchmark yields images {tuple(inputs.shape)} "
+                             "(score it on a clip benchmark: dfew, afew, clipfolder, daisee, synthetic-clips)")
+        return logits_of(model(clip_input(model, inputs)))
     if inputs.ndim == 5 and not getattr(model, "temporal", False):
         batch, frames = inputs.shape[:2]
         logits = logits_of(model(inputs.flatten(0, 1)))
@@ -118,18 +138,59 @@ def spec_name(spec: str) -> str:
     return spec.split("=", 1)[0].strip()
 
 
+class ClipsWithLandmarks(Dataset):
+    """A clip benchmark's torch dataset with the landmark row (`mafnet.landmark_rows`) appended to every frame,
+    (T, 3, S + 1, S), from a ``landmarks.npy`` beside each clip's frames; a clip without one gets an absent
+    row (the model then uses its image stream alone for that clip)."""
+
+    def __init__(self, clips: Dataset, source: Any, size: int) -> None:
+        self.clips, self.source, self.size = clips, source, int(size)
+        for name in ("name", "labels", "num_classes", "kind", "targets"):
+            setattr(self, name, getattr(clips, name, None))
+
+    @property
+    def skipped(self) -> int:
+        return int(getattr(self.clips, "skipped", 0))
+
+    def __len__(self) -> int:
+        return len(self.clips)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        from shared_models.datasets.frames import read_clip_landmarks
+        from shared_models.models.mafnet import landmark_rows
+
+        item = self.clips[index]
+        if item is None:
+            return None
+        x, label = item
+        found = read_clip_landmarks(Path(self.source.paths[index]), self.source.num_frames)
+        marks, width = (torch.from_numpy(found[0]), found[1]) if found and len(found[0]) == x.shape[0] else (None, 1)
+        return torch.cat([x, landmark_rows(marks, x.shape[0], self.size, width).to(x.dtype)], dim=2), label
+
+
+def benchmark_dataset(model: nn.Module, bench: Any, size: int) -> Dataset:
+    """A benchmark as `model` reads it at side `size`: resized and normalised; for a clip benchmark and a model
+    that reads landmarks (`reads_landmarks`), with the landmark rows of `ClipsWithLandmarks`."""
+    from shared_models.models.registry import unwrap
+    from shared_models.transforms import eval_transform
+
+    dataset = bench.as_torch(eval_transform(size))
+    if bench.kind == "clip" and getattr(unwrap(model), "reads_landmarks", False):
+        return ClipsWithLandmarks(dataset, bench.source, size)
+    return dataset
+
+
 def evaluate_benchmarks(model: nn.Module, specs: str, data_root: Path | None, cfg: Mapping[str, Any],
                         cache: dict | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate `model` on every benchmark in `specs` (comma-separated); returns {name: metrics}."""
-    from shared_models.transforms import eval_transform
+    from shared_models.models.registry import unwrap
 
     cache = {} if cache is None else cache
     results: dict[str, dict[str, Any]] = {}
     for spec in split_benchmark_list(specs):
-        key = (spec, str(data_root), int(model.input_size))
+        key = (spec, str(data_root), int(model.input_size), bool(getattr(unwrap(model), "reads_landmarks", False)))
         if key not in cache:
-            bench = open_benchmark(spec, data_root=data_root)
-            cache[key] = bench.as_torch(eval_transform(model.input_size))
+            cache[key] = benchmark_dataset(model, open_benchmark(spec, data_root=data_root), int(model.input_size))
         results[spec_name(spec)] = evaluate_model(model, cache[key], n_boot=int(cfg["evaluation.bootstrap"]),
                                                   seed=int(cfg["run.seed"]))
     return results

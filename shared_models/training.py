@@ -32,6 +32,44 @@ class FaceDataset(Dataset):
         return self.transform(to_tensor_image(self.images[index])), int(self.labels[index])
 
 
+class ClipDataset(Dataset):
+    """In-memory uint8 clips (N, T, H, W, 3) -> (float tensor (3, T, S, S) in [-1, 1], label), the input of a
+    clip model (`registry.clip_frames(model) > 0`). With `landmarks` (N, T, 68, 2) in pixels of the H x W
+    frames, the landmark row of `mafnet.pack_landmarks` is appended (for models with `reads_landmarks`).
+    No augmentation: a flip would have to mirror the landmark layout too."""
+
+    def __init__(self, clips: np.ndarray, labels: np.ndarray, input_size: int,
+                 landmarks: np.ndarray | None = None) -> None:
+        self.clips = clips
+        self.labels = labels
+        self.landmarks = landmarks
+        self.transform = eval_transform(input_size)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        frames = torch.from_numpy(np.ascontiguousarray(self.clips[index])).permute(0, 3, 1, 2)  # (T, 3, H, W)
+        x = self.transform(frames).permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
+        if self.landmarks is not None:
+            from shared_models.models.mafnet import pack_landmarks
+
+            marks = torch.from_numpy(self.landmarks[index]).unsqueeze(0)
+            x = pack_landmarks(x.unsqueeze(0), marks, float(self.clips.shape[2])).squeeze(0)
+        return x, int(self.labels[index])
+
+
+def clip_dataset(data: Any, model: nn.Module) -> ClipDataset:
+    """A school's `SchoolClips` as the model's training set; landmarks only for a model that reads them."""
+    reads = bool(getattr(registry.unwrap(model), "reads_landmarks", False))
+    if reads and data.landmarks is None:
+        import warnings
+
+        warnings.warn(f"{data.data_dir}: no landmarks.npy next to labels.csv: {type(registry.unwrap(model)).__name__} "
+                      "trains its deep stream alone", stacklevel=2)
+    return ClipDataset(data.clips, data.labels, int(model.input_size), data.landmarks if reads else None)
+
+
 def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The model's full training loss (CE + its auxiliary terms), one value per frame."""
     return registry.per_sample_loss(model, model(x), y)

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 
 from privacy.engine import plan_from_config, train_private
-from shared_models.datasets.school_folder import SchoolData, load_school
+from torch.utils.data import Dataset
+
+from shared_models.datasets.school_folder import SchoolClips, SchoolData, load_school, load_school_clips
 from shared_models.evaluation import evaluate_benchmarks
 from shared_models.models import registry
-from shared_models.training import FaceDataset, make_optimizer, train_plain
+from shared_models.training import FaceDataset, clip_dataset, make_optimizer, train_plain
 from shared_models.transforms import train_transform
 
 
@@ -31,11 +33,34 @@ def pooled_schools(root: Path) -> SchoolData:
     )
 
 
+def pooled_school_clips(root: Path, frames: int, task: str) -> SchoolClips:
+    """Every school's clips in one SchoolClips (student ids prefixed by school); landmarks only if every
+    school has them."""
+    parts = [load_school_clips(d, frames, task) for d in sorted((root / "schools").iterdir()) if d.is_dir()]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise ValueError(f"{root / 'schools'}: no clips (set data.clips_per_student > 0)")
+    marks = [p.landmarks for p in parts]
+    return SchoolClips(
+        data_dir=root / "schools", clips=np.concatenate([p.clips for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        student_ids=[f"{p.data_dir.name}/{s}" for p in parts for s in p.student_ids],
+        landmarks=None if any(m is None for m in marks) else np.concatenate(marks), task=task)
+
+
+def _training_set(data: SchoolData | SchoolClips, model: torch.nn.Module, cfg: Mapping[str, Any]) -> Dataset:
+    if isinstance(data, SchoolClips):
+        return clip_dataset(data, model)
+    return FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
+
+
 def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
                   echo: Callable[[str], None] = print) -> dict[str, Any]:
     torch.manual_seed(int(cfg["run.seed"]))
     torch.set_num_threads(max(1, int(cfg["train.threads"])))
-    data = pooled_schools(root)
+    clip_frames = registry.config_clip_frames(cfg)
+    data = (pooled_school_clips(root, clip_frames, str(cfg.get("model.task", "fer7"))) if clip_frames
+            else pooled_schools(root))
     model = registry.build_from_config(cfg)
     started = time.perf_counter()
     history = []
@@ -47,7 +72,7 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
         num_units = data.num_students if unit == "student" else len(data)
         # the engine's rule with one local epoch per "round", `epochs` rounds
         plan = plan_from_config({**cfg, "train.local_epochs": 1, "federation.rounds": epochs}, num_units)
-        frames = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
+        frames = _training_set(data, model, cfg)
         steps_total = 0
     for epoch in range(1, epochs + 1):
         if dp:
@@ -56,7 +81,7 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
             steps_total += result.steps
             stats = {"loss": result.mean_loss}
         else:
-            dataset = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
+            dataset = _training_set(data, model, cfg)
             stats = train_plain(model, dataset, cfg, epochs=1, seed=epoch)
         if epoch == epochs or epoch % max(1, epochs // 5) == 0:
             results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg)
@@ -76,7 +101,7 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
         "noise_multiplier": plan.noise_multiplier if plan else None,
         "epsilon": epsilon, "delta": float(cfg["privacy.delta"]) if dp else None,
         "train_frames": len(data), "train_students": data.num_students,
-        "final": {b: {k: m[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "uar", "macro_f1", "n")}
+        "final": {b: {k: m[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "uar", "war", "macro_f1", "n")}
                   for b, m in results.items()},
         "history": history, "seconds": round(time.perf_counter() - started, 1),
     }

@@ -40,7 +40,7 @@ from collections import deque
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -55,12 +55,20 @@ GENERATOR = "fedfer.simulations.synth"
 GENERATOR_VERSION = "9"   # v9: public training split (FER2013 Training / RAF-DB train_) and in-domain held-out students
 LABEL_SET = "fer7"
 CLIP_LENGTH = 16
+# The clips' own version, in the key of every school that has clips (and of the clip benchmark): v2 gave
+# each clip an engagement level (gaze, head turn, eyelids, expression strength) and wrote its frames and
+# landmarks into labels.csv / landmarks.npy. Schools without clips (the default) keep their bytes.
+CLIP_VERSION = "2"
+ENGAGEMENT_LEVELS = ("very low", "low", "high", "very high")   # DAiSEE's four levels, 0..3
 PUBLIC_SIZE = 100            # RAF-DB aligned faces are 100x100
 FER2013_SIZE = 48
 RAFDB_CODES: dict[str, int] = {"surprise": 1, "fear": 2, "disgust": 3, "happy": 4, "sad": 5, "angry": 6,
                                "neutral": 7}
 STILLS_HEADER = "path,label,student_id,clip_id,frame"
 CLIPS_HEADER = "clip_id,student_id,label,folder"
+# with clips, labels.csv also lists every clip frame and says each clip's engagement level (0..3)
+FRAMES_HEADER = STILLS_HEADER + ",engagement"
+CLIPS_ENGAGEMENT_HEADER = CLIPS_HEADER + ",engagement"
 
 Progress = Callable[[int, int, str], None]
 
@@ -177,10 +185,11 @@ def school_id(index: int) -> str:
 
 
 def _school_key(params: SynthParams, index: int) -> str:
+    clip_version = {"clip_version": CLIP_VERSION} if params.clips_per_student else {}
     return _digest({"version": GENERATOR_VERSION, "seed": params.seed, "school": index,
                     "students_per_school": params.students_per_school, "frames": params.frames_per_student,
                     "image_size": params.image_size, "clips": params.clips_per_student,
-                    "spread": params.school_size_spread})[:16]
+                    "spread": params.school_size_spread, **clip_version})[:16]
 
 
 def _public_key(params: SynthParams) -> str:
@@ -213,6 +222,8 @@ _P_PROFILE, _P_STUDENT, _P_RENDER, _P_NOISE = 0, 1, 2, 3
 # Own streams for the public training split and the held-out students, so adding them changes no byte
 # of the schools or of the public test split.
 _KIND_PUBLIC_TRAIN, _KIND_HELDOUT = 3, 4
+# Engagement levels (per school student) and the clip benchmark's students: their own streams too.
+_KIND_ENGAGEMENT, _KIND_CLIP_BENCH = 5, 6
 
 
 def _rng(params: SynthParams, *key: int) -> np.random.Generator:
@@ -646,6 +657,93 @@ def _clip_frames(label: str, style: Style, camera: Mapping[str, Any], rng: np.ra
     return out
 
 
+# What an engagement level looks like (index = level 0 very low .. 3 very high): how far the head is
+# turned from the screen (radians of yaw, growing over the clip as the student looks away), how far the
+# gaze wanders, how heavy the eyelids are (drowsiness) and how much of the expression comes through.
+ENGAGEMENT_YAW = (1.0, 0.6, 0.25, 0.0)
+ENGAGEMENT_GAZE = (0.9, 0.6, 0.3, 0.05)
+ENGAGEMENT_LIDS = (0.7, 0.45, 0.1, 0.0)
+ENGAGEMENT_EXPRESSION = (0.5, 0.7, 0.9, 1.0)
+ENGAGEMENT_HEAD_DOWN = (0.08, 0.05, 0.02, 0.0)
+
+
+def engagement_levels(rng: np.random.Generator, n: int) -> list[int]:
+    """`n` clip levels of one student: a disposition drawn uniformly over 0..3, each clip one level up or
+    down from it with probability 1/4 each (levels are then roughly balanced over a school)."""
+    disposition = int(rng.integers(len(ENGAGEMENT_LEVELS)))
+    steps = rng.choice((-1, 0, 1), size=n, p=(0.25, 0.5, 0.25))
+    return [int(np.clip(disposition + step, 0, len(ENGAGEMENT_LEVELS) - 1)) for step in steps]
+
+
+def engaged_clip_frames(label: str, level: int, style: Style, camera: Mapping[str, Any], rng: np.random.Generator,
+                        erng: np.random.Generator) -> list[F.Frame]:
+    """An onset -> apex clip of `label` (:func:`_clip_frames`, drawn from `rng` as before) as a student at
+    engagement `level` shows it: head turn, gaze, eyelids and expression strength from the tables above,
+    each jittered by +-20 % from `erng`."""
+    frames = _clip_frames(label, style, camera, rng)
+    side = 1.0 if erng.random() < 0.5 else -1.0
+    yaw = side * ENGAGEMENT_YAW[level] * float(erng.uniform(0.8, 1.2))
+    angle = float(erng.uniform(0.0, 2.0 * math.pi))
+    reach = ENGAGEMENT_GAZE[level] * float(erng.uniform(0.8, 1.2))
+    gaze = (float(np.clip(reach * math.cos(angle), -1, 1)), float(np.clip(reach * abs(math.sin(angle)), -1, 1)))
+    lids = ENGAGEMENT_LIDS[level] * float(erng.uniform(0.8, 1.2))
+    strength = ENGAGEMENT_EXPRESSION[level]
+    out = []
+    for k, f in enumerate(frames):
+        away = 0.6 + 0.4 * k / (CLIP_LENGTH - 1)
+        pose = replace(f.pose, yaw=f.pose.yaw + yaw * away, dy=f.pose.dy + ENGAGEMENT_HEAD_DOWN[level])
+        aus = (style.resting + strength * (f.aus - style.resting)).astype(np.float32)
+        out.append(replace(f, aus=aus, pose=pose, gaze=gaze, blink=max(f.blink, lids)))
+    return out
+
+
+def _student_clips(params: SynthParams, index: int, j: int, st: Student, rng: np.random.Generator
+                   ) -> list[tuple[str, int, list[F.Frame]]]:
+    """Student j's clips as (FER7 label, engagement level, frames); labels and frames drawn from the student's
+    render stream `rng` as in v1, engagement from the student's own engagement stream."""
+    clip_labels = [FER7[_weighted(rng, st.style.label_probs)] for _ in range(params.clips_per_student)]
+    erng = _rng(params, _KIND_ENGAGEMENT, index, j)
+    levels = engagement_levels(erng, len(clip_labels))
+    return [(lab, level, engaged_clip_frames(lab, level, st.style, st.camera, rng, erng))
+            for lab, level in zip(clip_labels, levels)]
+
+
+def _write_student_clips(tmp: Path, writer: _Writer, student_id: str, specs: list[tuple[str, int]],
+                         images: np.ndarray, lms: np.ndarray, out: tuple[list[str], list[np.ndarray], list[str]]
+                         ) -> None:
+    """Write a student's clip frames (clips/<clip id>/frame_NN.png) and add their labels.csv rows, landmarks
+    and clips.csv rows to `out` = (frame rows, clip landmarks, clip rows)."""
+    frame_rows, clip_marks, clip_rows = out
+    for c, (lab, level) in enumerate(specs):
+        cid = f"{student_id}-c{c:02d}"
+        (tmp / "clips" / cid).mkdir()
+        for k in range(CLIP_LENGTH):
+            writer.png(tmp / "clips" / cid / f"frame_{k:02d}.png", images[c * CLIP_LENGTH + k])
+            frame_rows.append(f"clips/{cid}/frame_{k:02d}.png,{lab},{student_id},{cid},{k},{level}")
+        clip_marks.append(lms[c * CLIP_LENGTH:(c + 1) * CLIP_LENGTH])
+        clip_rows.append(f"{cid},{student_id},{lab},clips/{cid},{level}")
+
+
+def _engagement_counts(clip_rows: list[str]) -> dict[str, int]:
+    levels = [int(row.rsplit(",", 1)[1]) for row in clip_rows]
+    return {name: levels.count(i) for i, name in enumerate(ENGAGEMENT_LEVELS)}
+
+
+def _write_frame_lists(tmp: Path, still_rows: list[str], frame_rows: list[str], clip_rows: list[str],
+                       marks: list[np.ndarray]) -> None:
+    """labels.csv (stills, then every clip frame with its clip id, frame number and engagement level),
+    clips.csv and landmarks.npy (one (68, 2) row per labels.csv row). Without clips the files are those of
+    generator v9 byte for byte (no engagement column)."""
+    if frame_rows:
+        rows = [FRAMES_HEADER] + [f"{r}," for r in still_rows] + frame_rows
+        clips = [CLIPS_ENGAGEMENT_HEADER] + clip_rows
+    else:
+        rows, clips = [STILLS_HEADER] + still_rows, [CLIPS_HEADER]
+    (tmp / "labels.csv").write_text("\n".join(rows) + "\n")
+    (tmp / "clips.csv").write_text("\n".join(clips) + "\n")
+    np.save(tmp / "landmarks.npy", np.concatenate(marks).astype(np.float32))
+
+
 def _write_school(tmp: Path, params: SynthParams, index: int, counter: _Counter) -> dict[str, Any]:
     profile = school_profile(params, index)
     sid = profile.school_id
@@ -655,6 +753,8 @@ def _write_school(tmp: Path, params: SynthParams, index: int, counter: _Counter)
     still_rows: list[str] = []
     clip_rows: list[str] = []
     marks: list[np.ndarray] = []
+    frame_rows: list[str] = []           # clip frames (labels.csv rows after the stills)
+    clip_marks: list[np.ndarray] = []
     label_counts = dict.fromkeys(FER7, 0)
     writer = _Writer()
     try:
@@ -664,9 +764,8 @@ def _write_school(tmp: Path, params: SynthParams, index: int, counter: _Counter)
             labels = [FER7[_weighted(rng, st.style.label_probs)] for _ in range(params.frames_per_student)]
             frames = [_frame(sample_aus(lab, st.style, rng), st.style, _look(profile.camera, st.style, rng),
                              _occlusion(profile.occlusion_rate, rng), rng) for lab in labels]
-            clip_labels = [FER7[_weighted(rng, st.style.label_probs)] for _ in range(params.clips_per_student)]
-            for lab in clip_labels:
-                frames.extend(_clip_frames(lab, st.style, profile.camera, rng))
+            clips = _student_clips(params, index, j, st, rng)
+            frames.extend(f for _, _, clip in clips for f in clip)
             background = F.draw_background(st.background, renderer.canvas)
             images, lms = renderer.render_batch(st.identity, frames, rng, background)
             for k, lab in enumerate(labels):
@@ -675,26 +774,20 @@ def _write_school(tmp: Path, params: SynthParams, index: int, counter: _Counter)
                 still_rows.append(f"{rel},{lab},{st.student_id},,-1")
                 label_counts[lab] += 1
             marks.append(lms[:len(labels)])
-            for c, lab in enumerate(clip_labels):
-                cid = f"{st.student_id}-c{c:02d}"
-                folder = tmp / "clips" / cid
-                folder.mkdir()
-                first = len(labels) + c * CLIP_LENGTH
-                for k in range(CLIP_LENGTH):
-                    writer.png(folder / f"frame_{k:02d}.png", images[first + k])
-                clip_rows.append(f"{cid},{st.student_id},{lab},clips/{cid}")
+            _write_student_clips(tmp, writer, st.student_id, [(lab, level) for lab, level, _ in clips],
+                                 images[len(labels):], lms[len(labels):], (frame_rows, clip_marks, clip_rows))
             counter.step(len(frames), sid)
     finally:
         writer.close()
-    (tmp / "labels.csv").write_text("\n".join([STILLS_HEADER] + still_rows) + "\n")
-    (tmp / "clips.csv").write_text("\n".join([CLIPS_HEADER] + clip_rows) + "\n")
-    np.save(tmp / "landmarks.npy", np.concatenate(marks).astype(np.float32))
+    _write_frame_lists(tmp, still_rows, frame_rows, clip_rows, marks + clip_marks)
     meta = {
         "school_id": sid, "generator": GENERATOR, "version": GENERATOR_VERSION, "part_key": _school_key(params, index),
         "camera_profile": profile.camera, "num_students": profile.num_students, "num_frames": len(still_rows),
         "num_clips": len(clip_rows), "clip_length": CLIP_LENGTH, "label_counts": label_counts,
-        "image_size": params.image_size, "landmarks": {"layout": "ibug68", "shape": [len(still_rows), 68, 2],
+        "image_size": params.image_size, "landmarks": {"layout": "ibug68",
+                                                       "shape": [len(still_rows) + len(frame_rows), 68, 2],
                                                        "units": "pixels (x, y)"},
+        **({"clip_version": CLIP_VERSION, "engagement_counts": _engagement_counts(clip_rows)} if clip_rows else {}),
         **{k: v for k, v in profile.describe().items() if k != "camera"},
     }
     _write_json(tmp / "school.json", meta)   # written last: its presence marks a complete part
@@ -835,6 +928,83 @@ def _write_indomain(tmp: Path, params: SynthParams, counter: _Counter) -> dict[s
 # ------------------------------------------------------------------------------------------------
 
 
+# ------------------------------------------------------------------------------------------------
+# The clip benchmark (written when schools have clips): classroom students who never train
+# ------------------------------------------------------------------------------------------------
+
+CLIP_BENCH_CLIPS = 2   # clips per benchmark student
+CLIP_BENCH_HEADER = "ClipID,Boredom,Engagement,Confusion,Frustration "   # DAiSEE's, trailing space included
+
+
+def clip_bench_count(params: SynthParams) -> int:
+    """Images of the clip benchmark: `public_students` students x 2 clips x 16 frames (0 without clips)."""
+    return params.public_students * CLIP_BENCH_CLIPS * CLIP_LENGTH if params.clips_per_student else 0
+
+
+def _clip_bench_key(params: SynthParams) -> str:
+    return _digest({"version": GENERATOR_VERSION, "clip_version": CLIP_VERSION, "seed": params.seed,
+                    "schools": params.schools, "students": params.public_students, "image_size": params.image_size,
+                    "students_per_school": params.students_per_school, "spread": params.school_size_spread})[:16]
+
+
+def clip_bench_student(params: SynthParams, index: int) -> tuple[Student, SchoolProfile]:
+    """Benchmark student `index`: a student of school `index % schools` (its camera, room and people) drawn
+    from the benchmark's own stream, so never one of the school's training students."""
+    profile = school_profile(params, index % params.schools)
+    rng = _rng(params, _KIND_CLIP_BENCH, _P_STUDENT, index)
+    identity = sample_identity(rng, profile.skin_weights, profile.style_weights, profile.glasses_rate)
+    style = sample_style(rng, profile.camera, np.asarray(profile.label_probs))
+    return Student(f"cb-{index:04d}", identity, style, _background(rng, profile.wall, profile.floor),
+                   profile.camera), profile
+
+
+def _write_clip_bench(tmp: Path, params: SynthParams, counter: _Counter) -> dict[str, Any]:
+    """Clips with balanced FER7 labels and engagement levels in DAiSEE's layout
+    (DataSet/Test/<subject>/<ClipID>/frame_NN.png + landmarks.npy, Labels/TestLabels.csv: the `daisee` reader) plus
+    labels.csv (clip,label: the `clipfolder` reader), so both readers are exercised as on real data."""
+    renderer = F.Renderer(params.image_size, seed=int(_rng(params, _KIND_CLIP_BENCH, _P_NOISE).integers(2**31)))
+    (tmp / "Labels").mkdir(parents=True)
+    daisee_rows, folder_rows = [CLIP_BENCH_HEADER], ["clip,label"]
+    writer = _Writer()
+    try:
+        for n in range(params.public_students):
+            st, profile = clip_bench_student(params, n)
+            rng = _rng(params, _KIND_CLIP_BENCH, _P_RENDER, n)
+            specs = [(FER7[(n * CLIP_BENCH_CLIPS + c) % len(FER7)], (n + c * 2) % len(ENGAGEMENT_LEVELS))
+                     for c in range(CLIP_BENCH_CLIPS)]
+            frames = [f for lab, level in specs for f in engaged_clip_frames(lab, level, st.style, profile.camera, rng, rng)]
+            images, lms = renderer.render_batch(st.identity, frames, rng, F.draw_background(st.background, renderer.canvas))
+            for c, (lab, level) in enumerate(specs):
+                clip_id = f"{n:06d}{c:04d}"
+                folder = tmp / "DataSet" / "Test" / f"{n:06d}" / clip_id
+                folder.mkdir(parents=True)
+                for k in range(CLIP_LENGTH):
+                    writer.png(folder / f"frame_{k:02d}.png", images[c * CLIP_LENGTH + k])
+                # the clip's landmarks beside its frames (read by the evaluation node for landmark models)
+                np.save(folder / "landmarks.npy", lms[c * CLIP_LENGTH:(c + 1) * CLIP_LENGTH].astype(np.float32))
+                daisee_rows.append(f"{clip_id}.avi,0,{level},0,0")
+                folder_rows.append(f"DataSet/Test/{n:06d}/{clip_id},{lab}")
+            counter.step(len(frames), "clip benchmark")
+    finally:
+        writer.close()
+    (tmp / "Labels" / "TestLabels.csv").write_text("\n".join(daisee_rows) + "\n")
+    (tmp / "labels.csv").write_text("\n".join(folder_rows) + "\n")
+    meta = {"generator": GENERATOR, "version": GENERATOR_VERSION, "clip_version": CLIP_VERSION,
+            "part_key": _clip_bench_key(params), "num_clips": len(folder_rows) - 1, "clip_length": CLIP_LENGTH,
+            "readers": {"synthetic-clips": "clipfolder (FER7)", "synthetic-daisee": "daisee (engagement)"}}
+    _write_json(tmp / "clips.json", meta)
+    return meta
+
+
+def ensure_clip_bench(root: str | Path, params: SynthParams, progress: Progress | None = None,
+                      force: bool = False) -> Path:
+    """Make <root>/clipbench complete and current (only meaningful with clips_per_student > 0)."""
+    root = Path(root).expanduser()
+    counter = _Counter(progress, clip_bench_count(params))
+    return _build_part(root, root / "clipbench", "clips.json", _clip_bench_key(params), "clipbench", force,
+                       lambda tmp: _write_clip_bench(tmp, params, counter))
+
+
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -959,7 +1129,8 @@ def _dataset_ok(root: Path, params: SynthParams, on_demand: bool = False) -> boo
     return ((on_demand or all(_part_ok(root / "schools" / school_id(i) / "school.json", _school_key(params, i))
                               for i in range(params.schools)))
             and _part_ok(root / "public" / "public.json", _public_key(params))
-            and (params.heldout_students == 0 or _part_ok(root / "indomain" / "indomain.json", _indomain_key(params))))
+            and (params.heldout_students == 0 or _part_ok(root / "indomain" / "indomain.json", _indomain_key(params)))
+            and (params.clips_per_student == 0 or _part_ok(root / "clipbench" / "clips.json", _clip_bench_key(params))))
 
 
 _Part = tuple[str, int, Callable[..., Path], tuple]   # name, image count, builder, builder's arguments
@@ -984,13 +1155,15 @@ def ensure_dataset(root: str | Path, params: SynthParams, progress: Progress | N
         if not force and _dataset_ok(root, params, on_demand):
             return root
         sizes = [0 if on_demand else school_image_count(params, i) for i in range(params.schools)]
-        total = sum(sizes) + public_image_count(params) + indomain_image_count(params)
+        total = sum(sizes) + public_image_count(params) + indomain_image_count(params) + clip_bench_count(params)
         parts: list[_Part] = [
             (school_id(i), sizes[i], ensure_school, (root, params, i))
             for i in ([] if on_demand else range(params.schools))]
         parts.append(("public", public_image_count(params), ensure_public, (root, params)))
         if params.heldout_students:
             parts.append(("indomain", indomain_image_count(params), ensure_indomain, (root, params)))
+        if params.clips_per_student:
+            parts.append(("clipbench", clip_bench_count(params), ensure_clip_bench, (root, params)))
         workers = max(1, min(int(workers or os.cpu_count() or 1), len(parts)))
         if workers == 1:
             _build_parts_in_order(parts, total, progress, force)

@@ -68,7 +68,7 @@ def test_load_data_keeps_at_most_the_configured_budget(tmp_path, monkeypatch):
     root = synth.ensure_dataset(tmp_path / "data", TINY, workers=1)
     monkeypatch.setattr(school_round, "_SCHOOL_CACHE", SchoolCache(0))
     one = school_bytes(school_round.load_school(root / "schools" / "school-00"))
-    cfg = {"data.school_cache_mb": 0, "data.generate": "upfront"}
+    cfg = {"data.school_cache_mb": 0, "data.generate": "upfront", "model.name": "hafnet", "model.preset": "dp"}
     for index in range(TINY.schools):
         node = NodeIdentity(role="school", school_id=synth.school_id(index),
                             data_dir=root / "schools" / synth.school_id(index), simulated=True)

@@ -57,8 +57,10 @@ def test_school_files_and_headers(built: Path) -> None:
             assert key in meta
         assert meta["school_id"] == sdir.name
         lines = (sdir / "labels.csv").read_text().split("\n")
-        assert lines[0] == "path,label,student_id,clip_id,frame"
-        rows = _rows(sdir / "labels.csv")
+        assert lines[0] == "path,label,student_id,clip_id,frame,engagement"   # TINY has clips
+        every_row = _rows(sdir / "labels.csv")
+        rows = [r for r in every_row if not r["clip_id"]]   # the stills come first, then the clip frames
+        assert every_row[:len(rows)] == rows
         assert len(rows) == meta["num_frames"] == meta["num_students"] * TINY.frames_per_student
         assert sum(meta["label_counts"].values()) == len(rows)
         students = {r["student_id"] for r in rows}
@@ -72,7 +74,7 @@ def test_school_files_and_headers(built: Path) -> None:
         img = Image.open(sdir / rows[0]["path"])
         assert img.size == (32, 32) and img.mode == "RGB"
         marks = np.load(sdir / "landmarks.npy")
-        assert marks.dtype == np.float32 and marks.shape == (len(rows), 68, 2)
+        assert marks.dtype == np.float32 and marks.shape == (len(every_row), 68, 2)
         assert np.isfinite(marks).all()
         # inner-face landmarks (brows, nose, eyes, lips) fall inside the tight face crop; the jaw
         # contour may leave it a little, as in real aligned crops (a wide-open jaw pushes the chin below it)
@@ -83,7 +85,7 @@ def test_school_files_and_headers(built: Path) -> None:
 
 def test_clips_have_sixteen_frames(built: Path) -> None:
     sdir = built / "schools" / "school-01"
-    assert (sdir / "clips.csv").read_text().split("\n")[0] == "clip_id,student_id,label,folder"
+    assert (sdir / "clips.csv").read_text().split("\n")[0] == "clip_id,student_id,label,folder,engagement"
     clips = _rows(sdir / "clips.csv")
     meta = json.loads((sdir / "school.json").read_text())
     assert len(clips) == meta["num_students"] * TINY.clips_per_student
@@ -131,7 +133,7 @@ def test_parallel_build_writes_the_same_bytes_as_one_process(tmp_path: Path) -> 
     parallel = synth.ensure_dataset(tmp_path / "par", TINY, workers=2, progress=lambda done, total, what: seen.append(what))
     serial = synth.ensure_dataset(tmp_path / "one", TINY, workers=1)
     assert _tree_bytes(parallel) == _tree_bytes(serial)
-    assert set(seen) == {"school-00", "school-01", "school-02", "public"}
+    assert set(seen) == {"school-00", "school-01", "school-02", "public", "clipbench"}   # TINY has clips
 
 
 def test_seed_changes_the_data(built: Path, tmp_path: Path) -> None:
@@ -298,7 +300,8 @@ def test_concurrent_ensure_school(built: Path, tmp_path: Path) -> None:
     ref = built / "schools" / "school-00"
     assert (sdir / "labels.csv").read_bytes() == (ref / "labels.csv").read_bytes()
     rows = _rows(sdir / "labels.csv")
-    assert sorted(p.name for p in (sdir / "images").iterdir()) == sorted(Path(r["path"]).name for r in rows)
+    stills = [r for r in rows if not r["clip_id"]]
+    assert sorted(p.name for p in (sdir / "images").iterdir()) == sorted(Path(r["path"]).name for r in stills)
     for row in rows:
         assert (sdir / row["path"]).read_bytes() == (ref / row["path"]).read_bytes()
     leftovers = [p.name for p in (root / "schools").iterdir() if p.name != "school-00"]

@@ -25,7 +25,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def rows(model: str | None = None, preset: str | None = None, num_classes: int = 7) -> list[dict]:
-    """One dict per model x preset: model, preset, input_size, params, macs, description."""
+    """One dict per model x preset: model, preset, input_size, params, macs, description, clip_frames (T of a
+    clip model, 0 for an image model)."""
     import torch
 
     from shared_models.models import registry
@@ -43,7 +44,8 @@ def rows(model: str | None = None, preset: str | None = None, num_classes: int =
             torch.manual_seed(0)
             c = complexity(registry.build(name, num_classes, pname))
             out.append({"model": name, "preset": pname, "input_size": spec.input_size, "params": c.params,
-                        "macs": c.macs, "description": spec.description})
+                        "macs": c.macs, "description": spec.description,
+                        "clip_frames": int(getattr(spec, "clip_frames", 0))})
     return out
 
 
@@ -67,6 +69,8 @@ def _models(args: argparse.Namespace) -> int:
     print("-" * len(header))
     for r in table:
         size = f"{r['input_size']}x{r['input_size']}"
+        if r.get("clip_frames"):
+            size = f"{r['clip_frames']}x{size}"
         macs = f"{r['macs'] / 1e9:.3f} G" if r["macs"] >= 1e8 else f"{r['macs'] / 1e6:.1f} M"
         print(f"{r['model']:<11} {r['preset']:<6} {size:>7} {r['params'] / 1e6:>7.3f} M {macs:>9}  {r['description']}")
     return 0

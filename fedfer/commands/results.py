@@ -127,8 +127,7 @@ def evaluate_checkpoint(checkpoint_path: Path, specs: list[str], *, data_root: P
                         input_size: int | None = None) -> dict[str, dict[str, Any]]:
     """{benchmark name: metric dict} for a checkpoint — the work behind `fedfer evaluate`."""
     from shared_models.datasets import open_benchmark
-    from shared_models.evaluation import evaluate_model
-    from shared_models.transforms import eval_transform
+    from shared_models.evaluation import benchmark_dataset, evaluate_model
 
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint)
@@ -139,7 +138,7 @@ def evaluate_checkpoint(checkpoint_path: Path, specs: list[str], *, data_root: P
     for spec in specs:
         bench = open_benchmark(spec, data_root=data_root)
         key = bench.name if bench.name not in results else f"{bench.name}:{bench.split}"
-        metrics = evaluate_model(model, bench.as_torch(eval_transform(size)), batch_size=batch_size,
+        metrics = evaluate_model(model, benchmark_dataset(model, bench, size), batch_size=batch_size,
                                  n_boot=n_boot, seed=seed)
         metrics.update({"benchmark": bench.name, "split": bench.split, "path": str(bench.path),
                         "checkpoint": checkpoint["_path"], "round": checkpoint.get("round"),

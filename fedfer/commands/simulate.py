@@ -80,6 +80,16 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clips_missing(cfg: dict[str, Any]) -> bool:
+    """A clip model in a simulation needs the synthetic schools to have clips; say so in one line."""
+    from shared_models.models import registry
+
+    if registry.config_clip_frames(cfg) and not int(cfg["data.clips_per_student"]):
+        print(f"fedfer: {cfg['model.name']} reads clips: set data.clips_per_student > 0 (docs/clips.md)", file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from server.run_dir import RunDirectory
 
@@ -90,6 +100,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print("fedfer: privacy.enabled=false: a school's policy keeps DP on, so every simulated school would decline; "
               "for a non-private reference use `fedfer train-central` or `python -m simulations.tune_inprocess`",
               file=sys.stderr)
+        return 2
+    if _clips_missing(cfg):
         return 2
     started = time.perf_counter()
     code = _resolve_run_config(cfg)
@@ -282,6 +294,8 @@ def cmd_train_central(args: argparse.Namespace) -> int:
         cfg["model.name"] = args.model
     if args.preset:
         cfg["model.preset"] = args.preset
+    if _clips_missing(cfg):
+        return 2
     root = _ensure_data(cfg)
     result = train_central(cfg, root, epochs=args.epochs, dp=args.dp, echo=lambda s: print("  " + s, flush=True))
     print(json.dumps(result, indent=1))

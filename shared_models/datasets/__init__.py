@@ -64,7 +64,16 @@ SYNTHETIC: dict[str, tuple[str, str, str]] = {
     "synthetic-rafdb": ("rafdb", "public/rafdb", "test"),
     # every school's held-out students (simulation only): accuracy on the schools' own kind of faces
     "synthetic-indomain": ("imagefolder", "indomain", "all"),
+    # clips of classroom students who never train (written when data.clips_per_student > 0): FER7 labels
+    # through the clip-folder reader, engagement levels through the DAiSEE reader
+    "synthetic-clips": ("clipfolder", "clipbench", "all"),
+    "synthetic-daisee": ("daisee", "clipbench", "test"),
 }
+
+
+_SYNTHETIC_NEEDS = {"synthetic-indomain": "; data.heldout_students must be > 0",
+                    "synthetic-clips": "; data.clips_per_student must be > 0",
+                    "synthetic-daisee": "; data.clips_per_student must be > 0"}
 
 
 def benchmark_names() -> list[str]:
@@ -104,7 +113,7 @@ def open_benchmark(spec: str, *, data_root: Path | None = None, split: str | Non
         if not path.exists():
             raise BenchmarkError(
                 f"{path}: {key} not found (written by the synthetic classroom; run `fedfer data synth` "
-                f"or set --data-root{'; data.heldout_students must be > 0' if key == 'synthetic-indomain' else ''})"
+                f"or set --data-root{_SYNTHETIC_NEEDS.get(key, '')})"
             )
         return READERS[reader_name](path, name=key, split=split or default_split, **options)
     if key not in READERS:

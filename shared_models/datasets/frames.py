@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from shared_models.datasets.base import (
     Benchmark, BenchmarkError, Collected, UnreadableImageError, is_image_file, natural_key, not_regular_file,
@@ -126,6 +127,28 @@ def read_clip(path: Path, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
             raise UnreadableImageError(f"{path}: {why}")
         return read_video(path, num_frames)
     raise UnreadableImageError(f"{path}: neither a frame folder nor a video file")
+
+
+CLIP_LANDMARKS = "landmarks.npy"   # optional, inside a frame folder: float (frames in the folder, 68, 2) pixels
+
+
+def read_clip_landmarks(path: Path, num_frames: int = DEFAULT_NUM_FRAMES) -> tuple[np.ndarray, int] | None:
+    """The landmarks of the frames `read_clip` picks from frame folder `path` and the frames' width, if the
+    folder holds ``landmarks.npy`` with one (68, 2) row per frame image; else None (videos never have them)."""
+    path = Path(path)
+    sidecar = path / CLIP_LANDMARKS
+    if not path.is_dir() or not sidecar.is_file():
+        return None
+    files = frame_files(path)
+    try:
+        marks = np.load(sidecar, allow_pickle=False)
+        with Image.open(files[0]) as first:
+            width = int(first.size[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if marks.shape != (len(files), 68, 2) or not np.issubdtype(marks.dtype, np.floating):
+        return None
+    return marks[sample_indices(len(files), num_frames)].astype(np.float32), width
 
 
 @dataclass

@@ -206,3 +206,137 @@ def _decode_rows(data_dir: Path, labels_csv: Path, rows: list[dict], still_frame
         labels.append(FER7.index(name))
         students.append(student)
     return images, labels, students, skipped, first_problem
+
+
+# ------------------------------------------------------------------------------------------------ clips
+#: the tasks a school's clips can be labelled for (config key `model.task`)
+TASKS = ("fer7", "engagement")
+#: DAiSEE's four engagement levels (also accepted in labels.csv's `engagement` column as 0..3)
+ENGAGEMENT_LEVELS = ("very low", "low", "high", "very high")
+LANDMARKS_FILE = "landmarks.npy"   # float32 (rows of labels.csv, 68, 2), pixel x, y; optional
+
+
+@dataclass
+class SchoolClips:
+    """Decoded clips of one school: rows of labels.csv with a `clip_id`, grouped by clip, `frame` ordering
+    them; each clip reduced to `num_frames` evenly spaced frames. Landmarks come from landmarks.npy next to
+    labels.csv when it has one (68, 2) row per labels.csv row, else None."""
+
+    data_dir: Path
+    clips: np.ndarray             # uint8 (N, T, H, W, 3)
+    labels: np.ndarray            # int64 (N,): FER7 indices, or engagement levels 0..3
+    student_ids: list[str]        # (N,) the student of each clip (the privacy unit)
+    landmarks: np.ndarray | None  # float32 (N, T, 68, 2) in pixels of the frames, or None
+    task: str
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_problem: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_students(self) -> int:
+        return len(set(self.student_ids))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.clips.shape[2]) if self.clips.ndim == 5 else 0
+
+    def describe_skips(self) -> str:
+        return SchoolData.describe_skips(self)  # type: ignore[arg-type]
+
+
+def _clip_label(row: dict, task: str, where: str) -> int:
+    """The clip's label for `task` from one labels.csv row; _SkippedImage if unusable."""
+    if task == "fer7":
+        name = (row.get("label") or "").strip().lower()
+        if name not in FER7:
+            raise _SkippedImage("unknown labels", f"{where}: unknown label {row.get('label')!r}")
+        return FER7.index(name)
+    text = (row.get("engagement") or "").strip().lower()
+    if text in ENGAGEMENT_LEVELS:
+        return ENGAGEMENT_LEVELS.index(text)
+    if text in ("0", "1", "2", "3"):
+        return int(text)
+    raise _SkippedImage("unknown engagement levels", f"{where}: engagement {row.get('engagement')!r} "
+                                                     f"(expected 0..3 or {', '.join(ENGAGEMENT_LEVELS)})")
+
+
+def _group_clips(rows: list[dict]) -> dict[tuple[str, str], list[tuple[int, int]]]:
+    """(student_id, clip_id) -> [(frame number, row index)] sorted by frame, for rows with a clip id."""
+    groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for i, row in enumerate(rows):
+        clip = (row.get("clip_id") or "").strip()
+        if not clip:
+            continue
+        try:
+            frame = int(str(row.get("frame") or "").strip())
+        except ValueError:
+            frame = i   # no usable frame number: keep the file's order
+        groups.setdefault(((row.get("student_id") or "").strip(), clip), []).append((frame, i))
+    return {key: sorted(members) for key, members in groups.items()}
+
+
+def _read_landmarks(data_dir: Path, n_rows: int) -> np.ndarray | None:
+    path = data_dir / LANDMARKS_FILE
+    if not path.is_file():
+        return None
+    try:
+        marks = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SchoolDataError(f"{path}: not a readable .npy array ({exc.__class__.__name__})") from None
+    if marks.shape != (n_rows, 68, 2) or not np.issubdtype(marks.dtype, np.floating):
+        raise SchoolDataError(f"{path}: expected float (rows of labels.csv = {n_rows}, 68, 2), got "
+                              f"{marks.dtype} {marks.shape}")
+    return marks.astype(np.float32)
+
+
+def load_school_clips(data_dir: str | Path, num_frames: int, task: str = "fer7") -> SchoolClips:
+    """Read and decode a school's labelled clips (rows of labels.csv with `clip_id` and `frame`).
+
+    The label of a clip is that of its last frame (the apex of an onset -> apex clip): `label` (FER7) for
+    task fer7, the `engagement` column for task engagement. A clip with an unusable frame is skipped whole."""
+    from shared_models.datasets.frames import sample_indices
+
+    if task not in TASKS:
+        raise SchoolDataError(f"model.task must be one of {', '.join(TASKS)}; got {task!r}")
+    data_dir = Path(data_dir)
+    labels_csv = data_dir / "labels.csv"
+    _, rows = _read_labels_csv(data_dir, labels_csv)
+    if task == "engagement" and rows and "engagement" not in rows[0]:
+        raise SchoolDataError(f"{labels_csv}: missing column engagement (model.task=engagement)")
+    marks = _read_landmarks(data_dir, len(rows))
+    out = SchoolClips(data_dir, np.zeros((0, num_frames, 1, 1, 3), np.uint8), np.zeros(0, np.int64), [],
+                      None, task)
+    clips, labels, chosen_rows = [], [], []
+    size: tuple[int, int] | None = None
+    for (student, clip), members in _group_clips(rows).items():
+        picked = [members[k][1] for k in sample_indices(len(members), num_frames)]
+        where = f"{labels_csv} line {members[-1][1] + 2}"
+        try:
+            if not student:
+                raise _SkippedImage("rows without student_id", f"{where}: empty student_id")
+            label = _clip_label(rows[members[-1][1]], task, where)
+            frames = [_decode(_inside(data_dir, rows[i].get("path") or ""), size) for i in picked]
+        except _SkippedImage as exc:
+            _count_skip(out, exc.args[0], exc.args[1])
+            continue
+        except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError, ValueError) as exc:
+            _count_skip(out, "unreadable clips", f"{where}: clip {clip} ({exc.__class__.__name__})")
+            continue
+        size = size or (frames[0].shape[1], frames[0].shape[0])
+        clips.append(np.stack(frames))
+        labels.append(label)
+        out.student_ids.append(student)
+        chosen_rows.append(picked)
+    if clips:
+        out.clips = np.stack(clips)
+        out.labels = np.asarray(labels, dtype=np.int64)
+        out.landmarks = marks[np.asarray(chosen_rows)] if marks is not None else None
+    return out
+
+
+def _count_skip(out: SchoolClips, reason: str, detail: str) -> None:
+    out.skipped[reason] = out.skipped.get(reason, 0) + 1
+    if not out.first_problem:
+        out.first_problem = detail

@@ -40,7 +40,10 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_size: int) -> int:
-    """MACs of one forward pass of a (1, 3, S, S) input through `model`'s conv and linear layers."""
+    """MACs of one forward pass of a (1, 3, S, S) input (a clip model: (1, 3, T, S, S)) through `model`'s conv
+    and linear layers (an Opacus DPLSTM is made of Linear cells, so its gates are counted)."""
+    from shared_models.models.registry import clip_frames
+
     total = 0
 
     def conv_hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -63,7 +66,14 @@ def count_macs(model: nn.Module, input_size: int) -> int:
         model.eval()
         param = next(model.parameters())
         with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size, dtype=param.dtype, device=param.device))
+            frames = clip_frames(model)   # a clip model reads (1, 3, T, S, S)
+            shape = (1, 3, frames, input_size, input_size) if frames else (1, 3, input_size, input_size)
+            quiet = getattr(model, "quiet", None)
+            if quiet is not None:
+                model.quiet = True
+            model(torch.zeros(*shape, dtype=param.dtype, device=param.device))
+            if quiet is not None:
+                model.quiet = quiet
     finally:
         for handle in handles:
             handle.remove()

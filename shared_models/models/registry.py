@@ -36,12 +36,14 @@ class Preset:
     input_size: int
     description: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    clip_frames: int = 0  # > 0: the model reads clips (B, 3, T, S, S) of T = clip_frames frames
 
 
 # name -> "module:Class"; imported on first build so `import registry` stays light.
 _MODELS: dict[str, str] = {
     "hafnet": "shared_models.models.hafnet:HAFNet",
     "sfer_mdfae": "shared_models.models.sfer_mdfae:SFERMDFAE",
+    "mafnet": "shared_models.models.mafnet:MAFNet",
 }
 
 _PRESETS: dict[str, dict[str, Preset]] = {
@@ -88,6 +90,47 @@ _PRESETS: dict[str, dict[str, Preset]] = {
         ),
     },
 }
+
+
+_MAFNET_CPU_LAYERS = ((16, 5, 2, 2, True), (32, 3, 1, 1, True), (64, 3, 1, 1, False), (64, 3, 1, 1, True))
+_MAFNET_DP_LAYERS = ((8, 5, 2, 2, True), (16, 3, 1, 1, True), (32, 3, 1, 1, True))
+_PRESETS["mafnet"] = {
+    "paper": Preset(
+        "paper", 96,
+        "96 px gray-level faces as the paper (read as 3 channels), 16 frames; deep stream = AlexNet's five convs "
+        "(64/192/384/256/256, 11x11 s4 stem, 3 max-pools, no norm) per frame; shallow stream 38 distances + "
+        "7x10 LBP bins -> self-attention (key 64) -> BiLSTM 2x128 -> weight attention (64). The paper gives no "
+        "LSTM/attention widths (these are this preset's), and omits dropout/FC-4096 sizes (not built)",
+        dict(clip_frames=16, deep_norm=False, key_dim=64, lstm_hidden=128, attention_hidden=64),
+        clip_frames=16,
+    ),
+    "cpu": Preset(
+        "cpu", 48,
+        "48 px, 8 frames; deep convs 16/32/64/64 (5x5 s2 stem, GroupNorm), BiLSTM 2x32, key 32, attention 32",
+        dict(clip_frames=8, deep_layers=_MAFNET_CPU_LAYERS, deep_norm=True, key_dim=32, lstm_hidden=32,
+             attention_hidden=32),
+        clip_frames=8,
+    ),
+    "dp": Preset(
+        "dp", 48,
+        "48 px, 8 frames; deep convs 8/16/32 (GroupNorm), BiLSTM 2x16, key 16, attention 16 (~30 k params: DP "
+        "noise grows with the square root of the parameter count)",
+        dict(clip_frames=8, deep_layers=_MAFNET_DP_LAYERS, deep_norm=True, key_dim=16, lstm_hidden=16,
+             attention_hidden=16),
+        clip_frames=8,
+    ),
+}
+
+
+def clip_frames(model: nn.Module) -> int:
+    """T for a clip model (its input is (B, 3, T, S, S)), 0 for an image model (input (B, 3, S, S))."""
+    inner = unwrap(model)
+    own = getattr(inner, "clip_frames", None)
+    if isinstance(own, int):
+        return own
+    table = _PRESETS.get(str(getattr(inner, "model_name", "")), {})
+    preset = table.get(str(getattr(inner, "preset", "")))
+    return int(preset.clip_frames) if preset is not None else 0
 
 
 def available() -> list[str]:
@@ -238,19 +281,33 @@ def pretrained_provenance(path: str | Path) -> dict[str, Any] | None:
     return read_provenance(path)
 
 
+TASK_CLASSES = {"fer7": 7, "engagement": 4}   # model.task -> outputs (FER7; DAiSEE's four engagement levels)
+
+
+def task_classes(cfg: Mapping[str, Any]) -> int:
+    """The federation's number of outputs: 7 for `model.task` fer7 (the default), 4 for engagement."""
+    task = str(cfg.get("model.task", "fer7"))
+    if task not in TASK_CLASSES:
+        raise ValueError(f"model.task must be one of {', '.join(TASK_CLASSES)}; got {task!r}")
+    return TASK_CLASSES[task]
+
+
+def config_clip_frames(cfg: Mapping[str, Any]) -> int:
+    """T of the configured model's preset (0: an image model), without building it."""
+    table = _PRESETS.get(str(cfg["model.name"]), {})
+    preset = table.get(str(cfg["model.preset"]))
+    return int(preset.clip_frames) if preset is not None else 0
+
+
 def build_from_config(cfg: Mapping[str, Any]) -> nn.Module:
-    """The federation's model as a config describes it (`model.name`, `model.preset`, FER7 outputs,
+    """The federation's model as a config describes it (`model.name`, `model.preset`, `model.task`'s outputs,
     `model.aux_loss_weight`, `train.trainable`): the one place the server, the schools and the harnesses
     build it. Frozen parameters (train.trainable) are frozen here, before any DP engine sees the model."""
-    from shared_models.labels import FER7
-
-    model = build(str(cfg["model.name"]), num_classes=len(FER7), preset=str(cfg["model.preset"]))
+    model = build(str(cfg["model.name"]), num_classes=task_classes(cfg), preset=str(cfg["model.preset"]))
     freeze_for_finetuning(model, str(cfg.get("train.trainable", "all")))
     return scale_aux_losses(model, float(cfg["model.aux_loss_weight"]))
 
 
 def model_info(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """What a checkpoint records about its model, enough to rebuild it."""
-    from shared_models.labels import FER7
-
-    return {"name": str(cfg["model.name"]), "preset": str(cfg["model.preset"]), "num_classes": len(FER7)}
+    return {"name": str(cfg["model.name"]), "preset": str(cfg["model.preset"]), "num_classes": task_classes(cfg)}

@@ -68,7 +68,12 @@ def _worker(cfg: dict) -> dict:
     mode, batch = cfg["mode"], cfg["batch"]
     size = model.input_size
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    frames = registry.clip_frames(model)   # a clip model reads (B, 3, T, S, S)
+    x = torch.rand(batch, 3, *((frames,) if frames else ()), size, size, generator=g) * 2 - 1
+    if frames and getattr(model, "reads_landmarks", False):   # MAFNet: with its landmark row, as schools train it
+        from shared_models.models.mafnet import pack_landmarks
+
+        x = pack_landmarks(x, torch.rand(batch, frames, 68, 2, generator=g) * size, size)
     y = torch.randint(0, 7, (batch,), generator=g)
     if mode == "dp-hooks-cl" or mode == "plain-cl":
         model = model.to(memory_format=torch.channels_last)
