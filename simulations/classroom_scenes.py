@@ -36,6 +36,7 @@ from simulations import synth as S
 FRAME_W, FRAME_H = 640, 480
 FACE_FRACTION = 2.0 * F.UNIT          # face width / renderer patch side at pose scale 1 (face_w = 1)
 PATCH_CENTRE_Y = 0.416                # the renderer puts the canonical origin here (fraction of the side)
+BOWED_RANGE = (0.65, 0.9)             # radians: a head bowed over the desk (reading, writing)
 BOW_PITCH = 0.30                      # radians: a head pitched further than this counts as bowed (~17 deg)
 TURN_YAW = 0.55                       # radians: a head turned further than this is not facing the camera
 DISTRESS = ("angry", "sad", "fear")   # classes the lesson's hard-topic episode draws from
@@ -234,7 +235,7 @@ def _pose_track(rng: np.random.Generator, steps: int, fps: float, passive: bool)
         u = rng.random()
         n = b - a
         if u < p_bow:
-            pitch[a:b] = rng.uniform(0.42, 0.6) + rng.normal(0.0, 0.02, n)
+            pitch[a:b] = rng.uniform(BOWED_RANGE[0], BOWED_RANGE[1]) + rng.normal(0.0, 0.02, n)
             yaw[a:b] = base_yaw + rng.normal(0.0, 0.08)
         elif u < p_bow + p_turn:
             yaw[a:b] = rng.choice([-1.0, 1.0]) * rng.uniform(0.8, 1.1)
@@ -391,8 +392,8 @@ def _body(frame: np.ndarray, seat: Seat, colour: tuple[float, float, float]) -> 
 
     cx, cy = seat.centre
     unit = seat.face_px / 2.0
-    centre = (int(cx), int(cy + 2.7 * unit))
-    cv2.ellipse(frame, centre, (int(2.1 * unit), int(1.3 * unit)), 0, 0, 360,
+    centre = (int(cx), int(cy + 2.2 * unit))
+    cv2.ellipse(frame, centre, (int(1.5 * unit), int(1.2 * unit)), 0, 0, 360,
                 tuple(int(c) for c in colour), -1)
 
 
@@ -467,3 +468,45 @@ def _compose(room: Room, script: Script, t: int, order: list[int], chunks: dict[
         _paste(frame, ch.patches[k], ch.masks[k], *_patch_origin(seat))
         truths.append(face_truth(seat, ch.marks[k], script, i, t))
     return _camera(frame, room, rng, noise_pool), truths
+
+
+def empty_frame(room: Room, seed: int = 0) -> np.ndarray:
+    """The room with nobody in it, through the same camera (what a school records before a lesson)."""
+    rng = np.random.default_rng(np.random.SeedSequence([room.seed, 17, 3, seed]))
+    noise_pool = rng.standard_normal((room.height + 64, room.width + 64, 1), dtype=np.float32)
+    order = sorted(range(len(room.seats)), key=lambda k: (room.seats[k].row, room.seats[k].col))
+    empty = Script(fps=1.0, present=np.zeros((len(room.seats), 1), bool), label=np.zeros((len(room.seats), 1), np.int64),
+                   yaw=np.zeros((len(room.seats), 1)), pitch=np.zeros((len(room.seats), 1)),
+                   roll=np.zeros((len(room.seats), 1)))
+    frame, _ = _compose(room, empty, 0, order, {}, _empty_room(room), _desk_rows(room), [], rng, noise_pool)
+    return frame
+
+
+def write_lesson(out_dir: Path, room: Room, script: Script, image_format: str = "png",
+                 steps: list[int] | None = None) -> Path:
+    """A lesson as a school would hand it to `fedfer classroom ingest`, plus what only the generator knows.
+
+    frames/frame_NNNNN.<png|jpg>, seat_map.json, empty_room.png, labels.csv (frame,student_id,label for
+    every face turned to the camera), and truth/: faces.jsonl (per frame, every drawn face) and
+    script.npz (the per-student timelines: present, label, yaw, pitch, roll)."""
+    import cv2
+
+    out_dir = Path(out_dir)
+    frames_dir, truth_dir = out_dir / "frames", out_dir / "truth"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    truth_dir.mkdir(exist_ok=True)
+    suffix = ".jpg" if image_format in ("jpg", "jpeg") else ".png"
+    label_rows = ["frame,student_id,label"]
+    with open(truth_dir / "faces.jsonl", "w", encoding="utf-8") as faces_file:
+        for t, frame, truths in render_lesson(room, script, steps):
+            name = f"frame_{t:05d}{suffix}"
+            cv2.imwrite(str(frames_dir / name), frame[:, :, ::-1])
+            faces_file.write(json.dumps({"step": t, "frame": name, "faces": [f.to_json() for f in truths]}) + "\n")
+            label_rows += [f"{name},{f.student_id},{f.label}" for f in truths if abs(f.yaw) <= TURN_YAW]
+    (out_dir / "labels.csv").write_text("\n".join(label_rows) + "\n", encoding="utf-8")
+    (out_dir / "seat_map.json").write_text(json.dumps(room.seat_map(), indent=1) + "\n", encoding="utf-8")
+    cv2.imwrite(str(out_dir / "empty_room.png"), empty_frame(room)[:, :, ::-1])
+    np.savez_compressed(truth_dir / "script.npz", students=np.array([s.student_id for s in room.seats]),
+                        present=script.present, label=script.label, yaw=script.yaw, pitch=script.pitch,
+                        roll=script.roll, fps=script.fps, hard_topic=np.array(script.hard_topic))
+    return out_dir

@@ -29,7 +29,7 @@ CROP_HALF_WIDTH, CROP_ABOVE = 1.0, 0.5
 #: smallest face searched in a seat box, as a fraction of the box's shorter side
 SEAT_MIN_FACE = 0.35
 #: a seat box is searched at most this many pixels on its shorter side
-SEAT_SIDE = 64
+SEAT_SIDE = 80
 #: where the eyes are searched: this band of the face box's height, at this face width in pixels
 EYE_BAND = (0.15, 0.6)
 EYE_SEARCH_WIDTH = 60
@@ -45,6 +45,8 @@ class DetectorSettings:
     scale_factor: float = 1.12
     min_neighbors: int = 3
     seat_scale_factor: float = 1.06
+    # inside a seat box one face at most is kept, so a single cascade hit is enough evidence there
+    seat_min_neighbors: int = 1
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class FaceDetector:
                 roi = cv2.resize(roi, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
             small = min(roi.shape[:2])
             smallest = max(24, int(small * SEAT_MIN_FACE))
-            boxes = self._faces.detectMultiScale(roi, scaleFactor=s.seat_scale_factor, minNeighbors=s.min_neighbors,
+            boxes = self._faces.detectMultiScale(roi, scaleFactor=s.seat_scale_factor, minNeighbors=s.seat_min_neighbors,
                                                  minSize=(smallest, smallest), maxSize=(small, small))
             for x, y, w, h in boxes:
                 box = (int(x / shrink) + x0, int(y / shrink) + y0, int(w / shrink), int(h / shrink))

@@ -33,7 +33,7 @@ from shared_models.labels import FER7
 FOLDER_UNIT = "whole-folder"
 OBSERVATION_HEADER = ("step", "time", "frame", "student_id", "state", "x", "y", "w", "h", "eyes_found", "angle", "path")
 #: mean absolute grey difference (0-255) between a seat and the empty room above which the seat is taken
-OCCUPIED_DIFFERENCE = 18.0
+OCCUPIED_DIFFERENCE = 16.0
 MAX_WARNINGS = 20
 
 
@@ -89,13 +89,18 @@ def read_label_file(path: Path) -> dict[tuple[str, str], int]:
 def _seat_state(gray: np.ndarray, empty: np.ndarray | None, seat: Seat, detector: facelib.FaceDetector) -> str:
     """For a seat without a frontal face: absent (looks like the empty room), turned (a profile face),
     down (someone there, no face: the head is bowed), or unseen (no empty-room frame to tell)."""
+    import cv2
+
     if empty is None or empty.shape != gray.shape:
         return "unseen"
     x0, y0, x1, y1 = seat.box
-    now, ref = gray[y0:y1, x0:x1].astype(np.float32), empty[y0:y1, x0:x1].astype(np.float32)
+    # the middle of the seat box, where the head is: the edges hold the neighbours' shoulders
+    dx, dy = int((x1 - x0) * 0.2), int((y1 - y0) * 0.2)
+    now = cv2.blur(gray[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
+    ref = cv2.blur(empty[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
     if now.size == 0:
         return "unseen"
-    # compare shapes, not brightness: the room's light drifts during a lesson
+    # compare shapes, not brightness (the room's light drifts during a lesson); the blur removes sensor noise
     difference = float(np.abs((now - now.mean()) - (ref - ref.mean())).mean())
     if difference < OCCUPIED_DIFFERENCE:
         return "absent"
