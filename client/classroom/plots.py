@@ -63,10 +63,10 @@ def indicators(windows: list, path: Path, k: int) -> Path:
         return np.array([getattr(w, name) if w.shown else np.nan for w in windows], dtype=float)
 
     fig, axes = plt.subplots(4, 1, figsize=(10, 8), sharex=True)
-    panels = (("inattentive", "focus: share inattentive", "#d62728"),
-              ("engagement", "engagement: happy + surprise", "#2ca02c"),
-              ("passive", "involvement: share passive", "#9467bd"),
-              ("difficulty", "difficulty: students triggered", "#1f77b4"))
+    panels = (("inattentive", "focus\nshare inattentive", "#d62728"),
+              ("engagement", "engagement\nhappy + surprise", "#2ca02c"),
+              ("passive", "involvement\nshare passive", "#9467bd"),
+              ("difficulty", "difficulty\nstudents triggered", "#1f77b4"))
     for ax, (name, label, colour) in zip(axes, panels):
         ax.plot(minutes, values(name), color=colour, marker=".", linewidth=1)
         ax.set_ylabel(label, fontsize=8)
