@@ -28,6 +28,8 @@ PRIOR_EYES = ((0.30, 0.40), (0.70, 0.40))
 CROP_HALF_WIDTH, CROP_ABOVE = 1.0, 0.5
 #: smallest face searched in a seat box, as a fraction of the box's shorter side
 SEAT_MIN_FACE = 0.35
+#: a pupil-only eye line steeper than this (degrees) is taken for noise, and the face left unrotated
+MAX_PRIOR_ANGLE = 20.0
 #: a seat box is searched at most this many pixels on its shorter side
 SEAT_SIDE = 80
 #: where the eyes are searched: this band of the face box's height, at this face width in pixels
@@ -158,15 +160,44 @@ class FaceDetector:
         eyes = () if band.size == 0 else self._eyes.detectMultiScale(
             band, scaleFactor=1.1, minNeighbors=2, minSize=(max(6, int(fw * 0.14)),) * 2,
             maxSize=(int(fw * 0.45),) * 2)
-        pair = _eye_pair([(x + (ex + ew / 2.0) / shrink, top_y + (ey + eh / 2.0) / shrink) for ex, ey, ew, eh in eyes],
-                         box)
+        centres = [_pupil(band, (int(ex), int(ey), int(ew), int(eh))) for ex, ey, ew, eh in eyes]
+        pair = _eye_pair([(x + cx / shrink, top_y + cy / shrink) for cx, cy in centres], box)
         if pair is None:
-            left = (x + PRIOR_EYES[0][0] * w, y + PRIOR_EYES[0][1] * h)
-            right = (x + PRIOR_EYES[1][0] * w, y + PRIOR_EYES[1][1] * h)
-            return Face(box, left, right, False, 0.0)
+            left, right = _prior_pupils(band, box, top_y, shrink)
+            angle = math.degrees(math.atan2(right[1] - left[1], right[0] - left[0]))
+            return Face(box, left, right, False, angle if abs(angle) <= MAX_PRIOR_ANGLE else 0.0)
         left, right = pair
         angle = math.degrees(math.atan2(right[1] - left[1], right[0] - left[0]))
         return Face(box, left, right, True, angle)
+
+
+def _pupil(band: np.ndarray, eye: tuple[int, int, int, int]) -> tuple[float, float]:
+    """The pupil inside an eye box (seed 004 locates it inside the cascade's eye box; here: the darkest
+    spot of the box's middle after a light blur, which is where the iris and pupil are)."""
+    import cv2
+
+    ex, ey, ew, eh = eye
+    mx, my = int(ew * 0.2), int(eh * 0.25)
+    inner = band[ey + my:ey + eh - my, ex + mx:ex + ew - mx]
+    if inner.size < 4:
+        return ex + ew / 2.0, ey + eh / 2.0
+    smooth = cv2.GaussianBlur(inner, (0, 0), max(0.8, ew / 12.0))
+    _, _, (px, py), _ = cv2.minMaxLoc(smooth)
+    return ex + mx + px + 0.5, ey + my + py + 0.5
+
+
+def _prior_pupils(band: np.ndarray, box: tuple[int, int, int, int], top_y: int, shrink: float
+                  ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Without an eye-cascade pair: the pupils searched (darkest spot) in the two windows around the
+    face box's prior eye positions."""
+    x, y, w, h = box
+    out = []
+    for px, py in PRIOR_EYES:
+        ex, ey = (px - 0.13) * w * shrink, (y + py * h - top_y) * shrink - 0.1 * h * shrink
+        eye = (int(max(0, ex)), int(max(0, ey)), int(0.26 * w * shrink), int(0.2 * h * shrink))
+        cx, cy = _pupil(band, eye) if band.size else (px * w * shrink, (y + py * h - top_y) * shrink)
+        out.append((x + cx / shrink, top_y + cy / shrink))
+    return out[0], out[1]
 
 
 def _eye_pair(centres: list[tuple[float, float]], box: tuple[int, int, int, int]
