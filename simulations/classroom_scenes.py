@@ -36,6 +36,9 @@ from simulations import synth as S
 FRAME_W, FRAME_H = 640, 480
 FACE_FRACTION = 2.0 * F.UNIT          # face width / renderer patch side at pose scale 1 (face_w = 1)
 PATCH_CENTRE_Y = 0.416                # the renderer puts the canonical origin here (fraction of the side)
+# faces are drawn smaller and lower in their patch than in the training crops, so the whole head (hair
+# on top, chin below) fits: a patch that cuts the head flat leaves the desk behind showing through it
+PATCH_SCALE, PATCH_DY = 0.75, 0.05
 BOWED_RANGE = (0.65, 0.9)             # radians: a head bowed over the desk (reading, writing)
 BOW_PITCH = 0.30                      # radians: a head pitched further than this counts as bowed (~17 deg)
 TURN_YAW = 0.55                       # radians: a head turned further than this is not facing the camera
@@ -290,12 +293,12 @@ def script_lesson(room: Room, seconds: float, fps: float = 1.0, seed: int = 0,
 
 
 def _patch_side(seat: Seat) -> int:
-    return max(16, int(round(seat.face_px / FACE_FRACTION)))
+    return max(16, int(round(seat.face_px / (FACE_FRACTION * PATCH_SCALE))))
 
 
 def _patch_origin(seat: Seat) -> tuple[int, int]:
     side = _patch_side(seat)
-    return seat.centre[0] - side // 2, seat.centre[1] - int(PATCH_CENTRE_Y * side)
+    return seat.centre[0] - side // 2, seat.centre[1] - int((PATCH_CENTRE_Y + PATCH_DY) * side)
 
 
 def _crop(img: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
@@ -320,12 +323,14 @@ def _gauss(xx: np.ndarray, yy: np.ndarray, centre: np.ndarray, sx: np.ndarray, s
 SIDE_SHADE = 0.3
 SOCKET_SHADE = 0.6
 SHINE = 40.0
+DARK_SHINE = 90.0
 
 
-def _relief(patches: np.ndarray, marks: np.ndarray, masks: np.ndarray) -> np.ndarray:
+def _relief(patches: np.ndarray, marks: np.ndarray, masks: np.ndarray, skin_luma: float = 160.0) -> np.ndarray:
     """Light and shade a lit face has and the flat renderer lacks: dark eye sockets under the brows,
     a lit nose bridge and cheekbones, a darker lower face edge. Built from each frame's landmarks
-    (patch pixels) so it follows the pose; applied to the face's own pixels only."""
+    (patch pixels) so it follows the pose; applied to the face's own pixels only. Dark skin gets
+    stronger highlights: its structure shows in its highlights more than in its shadows."""
     side = patches.shape[1]
     yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
     left, right = marks[:, 36:42].mean(1), marks[:, 42:48].mean(1)
@@ -350,7 +355,7 @@ def _relief(patches: np.ndarray, marks: np.ndarray, masks: np.ndarray) -> np.nda
     gain -= 0.2 * _gauss(xx, yy, mouth + 0.45 * down, 0.5 * eye_d, 0.2 * eye_d)
     out = patches.astype(np.float32)
     out *= np.where(masks, gain, 1.0)[..., None]
-    out += np.where(masks, SHINE * shine, 0.0)[..., None]
+    out += np.where(masks, (SHINE + DARK_SHINE * max(0.0, 1.0 - skin_luma / 200.0)) * shine, 0.0)[..., None]
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
@@ -366,11 +371,12 @@ def _render_student(renderer: F.Renderer, person: S.Student, seat: Seat, script:
     background = Image.fromarray(crop).resize((2 * side, 2 * side), Image.NEAREST)
     frames = [F.Frame(aus=S.sample_aus(FER7[int(script.label[i, t])], person.style, rng, intensity=EXPRESSION_INTENSITY),
                       pose=F.Pose(roll=float(script.roll[i, t]), yaw=float(script.yaw[i, t]),
-                                  pitch=float(script.pitch[i, t])),
+                                  pitch=float(script.pitch[i, t]), scale=PATCH_SCALE, dy=PATCH_DY),
                       gaze=(0.0, 0.0)) for t in steps]
     patches, marks = renderer.render_batch(person.identity, frames, rng, background)
     masks = np.any(patches != crop[None], axis=3)
-    patches = _relief(patches, marks, masks)
+    skin = person.identity.skin
+    patches = _relief(patches, marks, masks, 0.3 * skin[0] + 0.59 * skin[1] + 0.11 * skin[2])
     return _Chunk(patches=patches, masks=masks, marks=marks + np.array([x0, y0], np.float32), steps=steps)
 
 

@@ -28,6 +28,8 @@ PRIOR_EYES = ((0.30, 0.40), (0.70, 0.40))
 CROP_HALF_WIDTH, CROP_ABOVE = 1.0, 0.5
 #: smallest face searched in a seat box, as a fraction of the box's shorter side
 SEAT_MIN_FACE = 0.35
+#: largest face searched in a seat box (the box is drawn around the face with a margin)
+SEAT_MAX_FACE = 1.0
 #: a pupil-only eye line steeper than this (degrees) is taken for noise, and the face left unrotated
 MAX_PRIOR_ANGLE = 20.0
 #: a seat box is searched at most this many pixels on its shorter side
@@ -118,8 +120,9 @@ class FaceDetector:
                 roi = cv2.resize(roi, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
             small = min(roi.shape[:2])
             smallest = max(24, int(small * SEAT_MIN_FACE))
+            largest = max(smallest, int(small * SEAT_MAX_FACE))
             boxes = self._faces.detectMultiScale(roi, scaleFactor=s.seat_scale_factor, minNeighbors=s.seat_min_neighbors,
-                                                 minSize=(smallest, smallest), maxSize=(small, small))
+                                                 minSize=(smallest, smallest), maxSize=(largest, largest))
             for x, y, w, h in boxes:
                 box = (int(x / shrink) + x0, int(y / shrink) + y0, int(w / shrink), int(h / shrink))
                 found.append(self._with_eyes(gray, box))
