@@ -98,6 +98,7 @@ def test_detection_alignment_and_tracking_against_the_ground_truth(lesson: Path)
     from client.classroom.faces import FaceDetector, align_crop
     from client.classroom.tracks import assign_to_seats, load_seat_map
     from simulations.bench.classroom import match
+    from simulations.classroom_scenes import FaceTruth
 
     seats = load_seat_map(lesson / "seat_map.json")
     detector = FaceDetector()
@@ -107,7 +108,6 @@ def test_detection_alignment_and_tracking_against_the_ground_truth(lesson: Path)
         gray = cv2.imread(str(lesson / "frames" / record["frame"]), cv2.IMREAD_GRAYSCALE)
         found = detector.detect_in_seats(gray, [s.box for s in seats])
         owner = {id(f): sid for sid, f in assign_to_seats(found, seats)[0].items()}
-        from simulations.classroom_scenes import FaceTruth
         truths = [FaceTruth(**{**t, "box": tuple(t["box"]), "left_eye": tuple(t["left_eye"]),
                                "right_eye": tuple(t["right_eye"])}) for t in record["faces"]]
         for truth, k in zip(truths, match(found, truths)[0]):
