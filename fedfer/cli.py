@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "fedfer.commands.results",    # evaluate, report
     "fedfer.commands.privacy",    # privacy audit | plan | canary-audit
     "fedfer.commands.deploy",     # deploy init | add-school | evaluator | …
+    "fedfer.commands.classroom",  # classroom ingest | report | scene
 )
 # packages whose own exception classes describe bad input (their messages name the file, key or node)
 OWN_PACKAGES = ("fedfer", "shared_models", "server", "client", "privacy", "simulations")

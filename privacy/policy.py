@@ -10,6 +10,10 @@ the school allows. DP is always on. The policy fixes:
 ``max-round-epsilon``  the largest ε one round may spend on its own, at ``delta``
 ``declared-students``  the public size the school declares (unit student); q = batch / this
 ``declared-images``    the same for unit image
+``report-min-students``  (optional) k: the classroom report shows a class figure only for time windows
+                       with at least k students in the room (default ``classroom.report_min_students``)
+``per-student-figures``  (optional) ``true`` lets the classroom report show each student's own figures
+                       (default ``classroom.per_student_figures``, false)
 ==================  ================================================================================
 
 Deployed schools read these keys from their node-config (written by ``fedfer deploy add-school``);
@@ -33,6 +37,8 @@ from privacy.engine import PRIVACY_UNITS, DPPlan, plan_from_config
 
 POLICY_FILE = "policy.json"
 POLICY_KEYS = ("unit", "delta", "budget", "max-round-epsilon", "declared-students", "declared-images")
+#: the classroom report's keys (`fedfer classroom report`): optional, read by `report_policy`
+REPORT_KEYS = ("report-min-students", "per-student-figures")
 
 
 class PolicyError(ValueError):
@@ -144,10 +150,51 @@ def read_policy_file(state_dir: Path) -> SchoolPolicy | None:
         raise PolicyError(f"{path}: unreadable policy ({exc})") from None
     if not isinstance(values, dict):
         raise PolicyError(f"{path}: must be a JSON object of policy keys")
-    unknown = sorted(set(values) - set(POLICY_KEYS))
+    unknown = sorted(set(values) - set(POLICY_KEYS) - set(REPORT_KEYS))
     if unknown:
-        raise PolicyError(f"{path}: unknown key '{unknown[0]}' (policy keys: {', '.join(POLICY_KEYS)})")
+        raise PolicyError(f"{path}: unknown key '{unknown[0]}' (policy keys: {', '.join(POLICY_KEYS + REPORT_KEYS)})")
     return SchoolPolicy.from_mapping(values, str(path))
+
+
+# ---------------------------------------------------------------------------- the classroom report
+@dataclass(frozen=True)
+class ReportPolicy:
+    """What the school lets its lesson reports show (k-anonymity-style: no class figure over fewer than
+    `min_students` students; per-student figures only when `per_student_figures`)."""
+
+    min_students: int
+    per_student_figures: bool
+
+
+def report_policy(values: Mapping[str, Any], defaults: Mapping[str, Any], source: str) -> ReportPolicy:
+    """The report keys of a policy mapping, falling back to the config's ``classroom.*`` defaults."""
+    k = values.get("report-min-students", defaults["classroom.report_min_students"])
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or not 1 <= int(k) <= 10_000:
+        raise PolicyError(f"{source}: key 'report-min-students' must be a whole number in 1..10000, got {k!r}")
+    allowed = values.get("per-student-figures", defaults["classroom.per_student_figures"])
+    if not isinstance(allowed, bool):
+        raise PolicyError(f"{source}: key 'per-student-figures' must be true or false, got {allowed!r}")
+    return ReportPolicy(min_students=int(k), per_student_figures=allowed)
+
+
+def read_report_policy(path: Path | None, defaults: Mapping[str, Any]) -> ReportPolicy:
+    """The report policy of a school's policy.json (a file, or a state dir holding one); the defaults
+    when `path` is None."""
+    if path is None:
+        return report_policy({}, defaults, "defaults")
+    path = Path(path)
+    if path.is_dir():
+        path = path / POLICY_FILE
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PolicyError(f"{path}: unreadable policy ({' '.join(str(exc).split())[:120]})") from None
+    if not isinstance(values, dict):
+        raise PolicyError(f"{path}: must be a JSON object of policy keys")
+    unknown = sorted(set(values) - set(POLICY_KEYS) - set(REPORT_KEYS))
+    if unknown:
+        raise PolicyError(f"{path}: unknown key '{unknown[0]}' (policy keys: {', '.join(POLICY_KEYS + REPORT_KEYS)})")
+    return report_policy(values, defaults, str(path))
 
 
 # ---------------------------------------------------------------------------- the request check

@@ -148,6 +148,7 @@ class Pose:
     scale: float = 1.0
     dx: float = 0.0              # shift as a fraction of the image side
     dy: float = 0.0
+    pitch: float = 0.0           # radians, > 0 bows the head (chin down): a depth-dependent drop plus vertical squash
 
 
 @dataclass(frozen=True)
@@ -304,8 +305,8 @@ class _Batch:
         if aus.shape[1] != NUM_AUS:
             raise ValueError(f"each frame needs {NUM_AUS} AU intensities ({', '.join(AU_NAMES)}), got {aus.shape[1]}")
         self.au = {name: EXPRESSION_GAIN * aus[:, i:i + 1] for name, i in AU_INDEX.items()}
-        pose = np.array([[f.pose.roll, f.pose.yaw, f.pose.scale, f.pose.dx, f.pose.dy] for f in frames])
-        self.roll, self.yaw, self.scale, self.dx, self.dy = (pose[:, i:i + 1] for i in range(5))
+        pose = np.array([[f.pose.roll, f.pose.yaw, f.pose.scale, f.pose.dx, f.pose.dy, f.pose.pitch] for f in frames])
+        self.roll, self.yaw, self.scale, self.dx, self.dy, self.pitch = (pose[:, i:i + 1] for i in range(6))
         gz = np.array([[f.gaze[0], f.gaze[1], f.blink] for f in frames])
         self.gx, self.gy, self.blink = gz[:, 0:1], gz[:, 1:2], gz[:, 2:3]
         occ = np.array([[f.occlusion.x, f.occlusion.y, f.occlusion.angle, f.occlusion.size] for f in frames])
@@ -785,10 +786,13 @@ class Renderer:
         return images, marks
 
     def _transform(self, pts: np.ndarray, depth: np.ndarray, fr: _Batch) -> np.ndarray:
-        """Canonical (B, N, 2) -> canvas pixels: yaw as a depth-dependent shift plus squash, then roll,
-        scale and shift (one affine map per frame)."""
+        """Canonical (B, N, 2) -> canvas pixels: yaw and pitch as depth-dependent shifts plus squashes, then
+        roll, scale and shift (one affine map per frame). At pitch 0 the y rows are unchanged bit for bit."""
         x = pts[..., 0] * np.cos(fr.yaw) + depth[None, :] * np.sin(fr.yaw)
         y = pts[..., 1]
+        if np.any(fr.pitch != 0.0):
+            # a bowed head: points in front of the face plane (nose, brows) drop, the face shortens
+            y = y * np.cos(fr.pitch) + depth[None, :] * np.sin(fr.pitch)
         cr, sr = np.cos(fr.roll), np.sin(fr.roll)
         s = self.canvas * UNIT * fr.scale
         ox = self.canvas * (0.5 + fr.dx)

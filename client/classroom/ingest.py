@@ -1,0 +1,241 @@
+"""`fedfer classroom ingest`: a lesson's frames -> a school folder of normalised faces, inside the school.
+
+Output folder:
+
+    images/<step>-<unit>.png   seed-004 normalised faces (grey, equalised, size x size)
+    observations.csv           one row per sample and unit: step,time,frame,student_id,state,x,y,w,h,
+                               eyes_found,angle,path   (state: face | turned | down | absent | unseen)
+    lesson.json                what was read, the privacy unit, the crop framing, what was skipped
+    labels.csv                 path,label,student_id: only when the school gave a label file (the
+                               folder then trains like any school folder); without one the folder is
+                               for the lesson report only
+
+Privacy unit: with a seat map, `student_id` is the roster id of the seat (the same student across
+lessons); without one every row carries one id for the whole folder (`FOLDER_UNIT`), so the unit is
+never smaller than a student (docs/privacy.md, "Classroom cameras").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from client.classroom import faces as facelib
+from client.classroom.sources import Sample, read_samples
+from client.classroom.tracks import IouTracker, Seat, SeatMapError, assign_to_seats, load_seat_map
+from shared_models.labels import FER7
+
+FOLDER_UNIT = "whole-folder"
+OBSERVATION_HEADER = ("step", "time", "frame", "student_id", "state", "x", "y", "w", "h", "eyes_found", "angle", "path")
+#: mean absolute grey difference (0-255) between a seat and the empty room above which the seat is taken
+OCCUPIED_DIFFERENCE = 16.0
+MAX_WARNINGS = 20
+
+
+class IngestError(ValueError):
+    """The lesson cannot be ingested at all (one line naming the file)."""
+
+
+@dataclass
+class IngestReport:
+    samples: int = 0
+    unreadable: int = 0
+    without_faces: int = 0
+    faces: int = 0
+    unassigned: int = 0
+    labelled: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class _Warner:
+    """Prints the first MAX_WARNINGS problems in full and counts the rest."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo, self.count = echo, 0
+
+    def __call__(self, line: str) -> None:
+        self.count += 1
+        if self.count <= MAX_WARNINGS:
+            self.echo(line)
+        elif self.count == MAX_WARNINGS + 1:
+            self.echo("... further problems are counted in lesson.json")
+
+
+def read_label_file(path: Path) -> dict[tuple[str, str], int]:
+    """{(frame, student_id): FER7 index} from a CSV with columns frame,student_id,label (frame: the frame's
+    file name, or its sample number). Unknown labels are an error naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IngestError(f"{path}: cannot read the label file ({exc})") from None
+    reader = csv.DictReader(text.splitlines())
+    missing = [c for c in ("frame", "student_id", "label") if c not in (reader.fieldnames or [])]
+    if missing:
+        raise IngestError(f"{path}: missing column(s) {', '.join(missing)} (expected frame,student_id,label)")
+    out: dict[tuple[str, str], int] = {}
+    for line, row in enumerate(reader, start=2):
+        label = (row.get("label") or "").strip().lower()
+        if label not in FER7:
+            raise IngestError(f"{path} line {line}: unknown label {row.get('label')!r} (expected one of {', '.join(FER7)})")
+        out[((row.get("frame") or "").strip(), (row.get("student_id") or "").strip())] = FER7.index(label)
+    return out
+
+
+def _seat_state(gray: np.ndarray, empty: np.ndarray | None, seat: Seat, detector: facelib.FaceDetector) -> str:
+    """For a seat without a frontal face: absent (looks like the empty room), turned (a profile face),
+    down (someone there, no face: the head is bowed), or unseen (no empty-room frame to tell)."""
+    import cv2
+
+    if empty is None or empty.shape != gray.shape:
+        return "unseen"
+    x0, y0, x1, y1 = seat.box
+    # the middle of the seat box, where the head is: the edges hold the neighbours' shoulders
+    dx, dy = int((x1 - x0) * 0.2), int((y1 - y0) * 0.2)
+    now = cv2.blur(gray[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
+    ref = cv2.blur(empty[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
+    if now.size == 0:
+        return "unseen"
+    # compare shapes, not brightness (the room's light drifts during a lesson); the blur removes sensor noise
+    difference = float(np.abs((now - now.mean()) - (ref - ref.mean())).mean())
+    if difference < OCCUPIED_DIFFERENCE:
+        return "absent"
+    return "turned" if detector.profile_in(gray, seat.box) else "down"
+
+
+class _Output:
+    """The folder being written: crops, observations.csv and (with a label file) labels.csv."""
+
+    def __init__(self, out_dir: Path, labels: dict[tuple[str, str], int] | None) -> None:
+        self.out_dir = out_dir
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        self._obs_file = open(out_dir / "observations.csv", "w", newline="", encoding="utf-8")
+        self.observations = csv.writer(self._obs_file)
+        self.observations.writerow(OBSERVATION_HEADER + ("track",))
+        self.labels = labels
+        self.label_rows: list[tuple[str, str, str]] = []
+
+    def face(self, sample: Sample, unit: str, track: str, face: facelib.Face, size: int) -> None:
+        import cv2
+
+        crop = facelib.align_crop(sample.gray, face, size)
+        rel = f"images/{sample.step:06d}-{track}.png"
+        cv2.imwrite(str(self.out_dir / rel), crop, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        x, y, w, h = face.box
+        self.observations.writerow((sample.step, f"{sample.time:.3f}", sample.name, unit, "face", x, y, w, h,
+                                    int(face.eyes_found), f"{face.angle:.2f}", rel, track))
+        if self.labels is not None:
+            label = self.labels.get((sample.name, unit), self.labels.get((str(sample.step), unit)))
+            if label is not None:
+                self.label_rows.append((rel, FER7[label], unit))
+
+    def state(self, sample: Sample, unit: str, state: str) -> None:
+        self.observations.writerow((sample.step, f"{sample.time:.3f}", sample.name, unit, state, "", "", "", "", "", "", "",
+                                    unit))
+
+    def close(self) -> None:
+        self._obs_file.close()
+        if self.labels is not None:
+            with open(self.out_dir / "labels.csv", "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(("path", "label", "student_id"))
+                writer.writerows(self.label_rows)
+
+
+def _inputs(seat_map: Path | None, labels: Path | None, empty_frame: Path | None, warn: Callable[[str], None]
+            ) -> tuple[list[Seat] | None, dict[tuple[str, str], int] | None, np.ndarray | None]:
+    """The optional inputs; a corrupt one is reported in one line and the lesson goes on without it."""
+    from client.classroom.sources import _read_image
+
+    seats = None
+    if seat_map is not None:
+        try:
+            seats = load_seat_map(seat_map)
+        except SeatMapError as exc:
+            warn(f"{exc}; ingesting without it (one privacy unit for the whole folder)")
+    label_map = None
+    if labels is not None:
+        if seats is None:
+            warn(f"{labels}: labels need a seat map (they name students); ignored, the folder is for analytics only")
+        else:
+            label_map = read_label_file(labels)
+    empty = None
+    if empty_frame is not None:
+        empty = _read_image(empty_frame)
+        if empty is None:
+            warn(f"{empty_frame}: unreadable empty-room frame; absent and bowed students are not told apart")
+    return seats, label_map, empty
+
+
+def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels: Path | None = None,
+           empty_frame: Path | None = None, size: int = 64, fps: float = 1.0, echo: Callable[[str], None] = print,
+           detector: facelib.FaceDetector | None = None) -> IngestReport:
+    """Detect, align, crop and track every face of the lesson at `source` into `out_dir`."""
+    warn = _Warner(echo)
+    seats, label_map, empty = _inputs(seat_map, labels, empty_frame, warn)
+    detector = detector or facelib.FaceDetector()
+    report = IngestReport()
+    out = _Output(Path(out_dir), label_map)
+    tracker = IouTracker()
+
+    def unreadable(line: str) -> None:
+        report.unreadable += 1
+        warn(line)
+
+    try:
+        for sample in read_samples(source, fps, unreadable):
+            report.samples += 1
+            if seats is not None:
+                found = _seat_sample(sample, seats, empty, detector, out, size, report)
+            else:
+                faces = detector.detect(sample.gray)
+                for track, face in tracker.update(sample.step, faces).items():
+                    out.face(sample, FOLDER_UNIT, track, face, size)
+                found = len(faces)
+            report.faces += found
+            if not found:
+                report.without_faces += 1
+                warn(f"{sample.name}: no faces found")
+    finally:
+        out.close()
+    report.labelled = len(out.label_rows)
+    _write_lesson_json(Path(out_dir), Path(source), report, seats, label_map is not None, empty is not None, size, fps)
+    return report
+
+
+def _seat_sample(sample: Sample, seats: list[Seat], empty: np.ndarray | None, detector: facelib.FaceDetector,
+                 out: _Output, size: int, report: IngestReport) -> int:
+    """One sample with a seat map: a crop per seated face, a state row per seat without one; returns the faces found."""
+    faces = detector.detect_in_seats(sample.gray, [s.box for s in seats])
+    assigned, unassigned = assign_to_seats(faces, seats)
+    report.unassigned += unassigned
+    for seat in seats:
+        face = assigned.get(seat.student_id)
+        if face is not None:
+            out.face(sample, seat.student_id, seat.student_id, face, size)
+        else:
+            out.state(sample, seat.student_id, _seat_state(sample.gray, empty, seat, detector))
+    return len(faces)
+
+
+def _write_lesson_json(out_dir: Path, source: Path, report: IngestReport, seats: list[Seat] | None, labelled: bool,
+                       empty: bool, size: int, fps: float) -> None:
+    from shared_models.atomic_files import atomic_write_text
+
+    doc = {
+        "source": source.name, "fps": fps, "samples": report.samples, "unreadable": report.unreadable,
+        "without_faces": report.without_faces, "faces": report.faces, "unassigned_faces": report.unassigned,
+        "labelled_faces": report.labelled,
+        "privacy_unit": "student (seat map: one roster id per seat)" if seats is not None else
+                        f"the whole folder ({FOLDER_UNIT}): no seat map, so no face is tied to a student",
+        "students": [s.student_id for s in seats] if seats is not None else [],
+        "empty_room_frame": empty,
+        "crop": {"size": size, "framing": "seed 004: eyes levelled; 2d x 2d around the eyes (d = eye distance), "
+                                          "0.5 d above the eye line; grey, histogram-equalised"},
+        "use": "training and lesson report" if labelled else "lesson report only (no labels.csv)",
+    }
+    atomic_write_text(out_dir / "lesson.json", json.dumps(doc, indent=1) + "\n")

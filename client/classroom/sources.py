@@ -1,0 +1,102 @@
+"""Where a lesson's frames come from: a folder of still frames or a video file.
+
+- a folder: `*.png`, `*.jpg`, `*.jpeg`, `*.bmp` (any case), in name order; the frames are taken to be
+  one sample each at the rate the caller states (`fps`, default one frame per second);
+- a video file: whatever the FFmpeg build inside opencv-python-headless decodes (MP4/H.264, AVI/MJPEG,
+  MKV, MOV, WebM/VP8-VP9, ...); frames are sampled at `fps` by their timestamps.
+
+An unreadable frame or video is reported in one line naming the file and skipped; the rest of the
+lesson is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+MAX_FRAME_PIXELS = 4096 * 4096
+
+
+class SourceError(ValueError):
+    """The lesson cannot be read at all (one line naming the path)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    step: int                 # sample index in the lesson
+    time: float               # seconds from the start
+    name: str                 # frame file name, or "<video>@<seconds>"
+    gray: np.ndarray          # uint8 (H, W)
+
+
+def frame_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _read_image(path: Path) -> np.ndarray | None:
+    import cv2
+
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
+    gray = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    if gray is None or gray.size > MAX_FRAME_PIXELS:
+        return None
+    return gray
+
+
+def read_samples(source: str | Path, fps: float = 1.0, warn: Callable[[str], None] = print) -> Iterator[Sample]:
+    """The lesson's samples in order. `warn` receives one line per frame or video that cannot be read."""
+    source = Path(source)
+    if not fps > 0:
+        raise SourceError(f"sampling rate must be > 0 frames per second, got {fps}")
+    if source.is_dir():
+        files = frame_files(source)
+        if not files:
+            raise SourceError(f"{source}: no frames (expected {', '.join(IMAGE_SUFFIXES)} files)")
+        for step, path in enumerate(files):
+            gray = _read_image(path)
+            if gray is None:
+                warn(f"{path}: unreadable frame, skipped")
+                continue
+            yield Sample(step, step / fps, path.name, gray)
+        return
+    if not source.exists():
+        raise SourceError(f"{source}: no such file or folder")
+    yield from _video_samples(source, fps, warn)
+
+
+def _video_samples(path: Path, fps: float, warn: Callable[[str], None]) -> Iterator[Sample]:
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        warn(f"{path}: unreadable video (not a format this OpenCV build decodes), skipped")
+        return
+    try:
+        native = capture.get(cv2.CAP_PROP_FPS) or 0.0
+        period = 1.0 / fps
+        next_time, index, step = 0.0, 0, 0
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            t = index / native if native > 0 else capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+            index += 1
+            if t + 1e-6 < next_time:
+                continue
+            gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if frame.ndim == 3 else frame
+            yield Sample(step, step * period, f"{path.name}@{step * period:.1f}s", gray)
+            step += 1
+            next_time = step * period
+        if step == 0:
+            warn(f"{path}: unreadable video (no frame decoded), skipped")
+    finally:
+        capture.release()

@@ -1,0 +1,304 @@
+"""The classroom pipeline against the scene generator's ground truth (issue 17's targets).
+
+    python -m simulations.bench.classroom [--rooms 6] [--frames 10] [--lesson-minutes 45] [--out benchmarks/classroom.json]
+
+- detection: recall and precision on frontal faces (|yaw| < 0.3 rad, pitch < 0.2 rad) of >= 40 px, recall by
+  yaw, pitch and face size; full-frame search and seat-map search;
+- alignment: median |eye-line angle - true angle| over the matched faces whose eyes the cascade found;
+- tracking: share of matched detections assigned to the right student with the seat map;
+- throughput: detect + align + crop per 640x480 frame of 24 students, one thread (cv2.setNumThreads(1)),
+  CPU time of this process and wall time;
+- a 45-minute lesson at 1 frame/s: ingest and report time (the frames are `--unique` rendered frames
+  repeated to 45 minutes: the time does not depend on which frame repeats);
+- indicator agreement with the generator's truth on a short lesson.
+
+Run the timing under the machine's timing lock (`flock /work/notes/timing.lock python -m ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from client.classroom import faces as facelib
+from client.classroom import indicators as ind
+from client.classroom.tracks import Seat, assign_to_seats
+from shared_models.labels import FER7
+from simulations import classroom_scenes as scenes
+from simulations.bench.results import write_result
+
+FRONTAL_YAW, FRONTAL_PITCH, MIN_FACE = 0.3, 0.2, 40.0
+
+
+def match(faces: list[facelib.Face], truths: list[scenes.FaceTruth]) -> tuple[list[int | None], int]:
+    """For each true face, the index of the detection holding its eyes' midpoint at a plausible size
+    (0.5-2x the face width), each detection used once; and how many detections matched nothing."""
+    used: set[int] = set()
+    out: list[int | None] = []
+    for truth in truths:
+        mid = ((truth.left_eye[0] + truth.right_eye[0]) / 2, (truth.left_eye[1] + truth.right_eye[1]) / 2)
+        best = None
+        for k, f in enumerate(faces):
+            x, y, w, h = f.box
+            if k not in used and x <= mid[0] <= x + w and y <= mid[1] <= y + h and 0.5 < w / truth.face_px < 2.0:
+                if best is None or math.dist(f.centre, mid) < math.dist(faces[best].centre, mid):
+                    best = k
+        if best is not None:
+            used.add(best)
+        out.append(best)
+    return out, len(faces) - len(used)
+
+
+def _rate(hits: list[bool]) -> dict[str, float | int]:
+    return {"n": len(hits), "rate": round(float(np.mean(hits)), 4) if hits else None}
+
+
+def _binned(rows: list[dict], key: str, edges: list[float], where) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    out = {}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out[f"{lo:g}-{hi:g}"] = _rate([r["hit"] for r in rows if lo <= r[key] < hi and where(r)])
+    return out
+
+
+def _detection_rows(detector: facelib.FaceDetector, room: scenes.Room, frames: list, seat_mode: bool
+                    ) -> tuple[list[dict], int, int]:
+    """Per true face: size, pose, hit, angle error, right student; and detections, unmatched detections."""
+    import cv2
+
+    seats = [Seat(s.student_id, s.box) for s in room.seats]
+    rows, detections, unmatched = [], 0, 0
+    for _, frame, truths in frames:
+        gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        found = detector.detect_in_seats(gray, [s.box for s in seats]) if seat_mode else detector.detect(gray)
+        hits, extra = match(found, truths)
+        assigned = assign_to_seats(found, seats)[0] if seat_mode else {}
+        owner = {id(face): sid for sid, face in assigned.items()}
+        detections += len(found)
+        unmatched += extra
+        for truth, k in zip(truths, hits):
+            face = found[k] if k is not None else None
+            rows.append({"size": truth.face_px, "yaw": abs(truth.yaw), "pitch": truth.pitch, "hit": face is not None,
+                         "eyes": bool(face and face.eyes_found),
+                         "angle_error": abs(face.angle - truth.angle) if face is not None and face.eyes_found else None,
+                         "angle_error_any": abs(face.angle - truth.angle) if face is not None else None,
+                         "right_student": None if face is None or not seat_mode else owner.get(id(face)) == truth.student_id})
+    return rows, detections, unmatched
+
+
+def _frontal(r: dict) -> bool:
+    return r["yaw"] < FRONTAL_YAW and r["pitch"] < FRONTAL_PITCH and r["size"] >= MIN_FACE
+
+
+def accuracy(rooms: int, frames_per_room: int) -> dict:
+    import cv2
+
+    cv2.setNumThreads(1)
+    detector = facelib.FaceDetector()
+    out: dict = {}
+    rendered = []
+    for r in range(rooms):
+        room = scenes.make_room(100 + r, 20 + (r % 3) * 5)
+        script = scenes.script_lesson(room, 120, 1.0, seed=r)
+        steps = list(range(0, 120, max(1, 120 // frames_per_room)))[:frames_per_room]
+        rendered.append((room, list(scenes.render_lesson(room, script, steps))))
+    for mode in ("seat_map", "full_frame"):
+        rows, detections, unmatched = [], 0, 0
+        for room, frames in rendered:
+            part, d, u = _detection_rows(detector, room, frames, mode == "seat_map")
+            rows += part
+            detections, unmatched = detections + d, unmatched + u
+        errors = [r["angle_error"] for r in rows if _frontal(r) and r["angle_error"] is not None]
+        any_errors = [r["angle_error_any"] for r in rows if _frontal(r) and r["angle_error_any"] is not None]
+        out[mode] = {
+            "frontal_recall": _rate([r["hit"] for r in rows if _frontal(r)]),
+            "precision": round(1.0 - unmatched / max(1, detections), 4), "detections": detections,
+            "recall_by_yaw_rad": _binned(rows, "yaw", [0, 0.15, 0.3, 0.55, 0.8, 1.2], lambda r: r["pitch"] < FRONTAL_PITCH),
+            "recall_by_pitch_rad": _binned(rows, "pitch", [-0.3, 0.2, 0.45, 0.65, 1.0], lambda r: r["yaw"] < FRONTAL_YAW),
+            "recall_by_face_px": _binned(rows, "size", [30, 40, 50, 60, 70, 90],
+                                         lambda r: r["yaw"] < FRONTAL_YAW and r["pitch"] < FRONTAL_PITCH),
+            "eyes_found_share": _rate([r["eyes"] for r in rows if _frontal(r) and r["hit"]]),
+            "median_angle_error_deg_eyes_found": round(float(np.median(errors)), 2) if errors else None,
+            "median_angle_error_deg_all_matched": round(float(np.median(any_errors)), 2) if any_errors else None,
+        }
+        if mode == "seat_map":
+            out[mode]["tracking_right_student"] = _rate([r["right_student"] for r in rows if r["hit"]])
+    out["faces"] = sum(len(t) for _, frames in rendered for _, _, t in frames)
+    out["frames"] = sum(len(frames) for _, frames in rendered)
+    return out
+
+
+def throughput(frames: int = 40, students: int = 24) -> dict:
+    """CPU and wall time of detect + align + crop per frame, one thread, seat map and full frame."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    room = scenes.make_room(7, students)
+    script = scenes.script_lesson(room, frames, 1.0, seed=1)
+    grays = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for _, f, _ in scenes.render_lesson(room, script)]
+    detector = facelib.FaceDetector()
+    boxes = [s.box for s in room.seats]
+    out = {"students": students, "frames": len(grays), "frame_size": [room.width, room.height]}
+    for mode in ("seat_map", "full_frame"):
+        reps = []
+        for _ in range(3):
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            for gray in grays:
+                found = detector.detect_in_seats(gray, boxes) if mode == "seat_map" else detector.detect(gray)
+                for face in found:
+                    facelib.align_crop(gray, face, 64)
+            reps.append((len(grays) / (time.process_time() - cpu0), len(grays) / (time.perf_counter() - wall0)))
+        cpu_fps, wall_fps = sorted(r[0] for r in reps), sorted(r[1] for r in reps)
+        out[mode] = {"fps_cpu_min_median_max": [round(v, 1) for v in (cpu_fps[0], cpu_fps[1], cpu_fps[2])],
+                     "fps_wall_min_median_max": [round(v, 1) for v in (wall_fps[0], wall_fps[1], wall_fps[2])]}
+    return out
+
+
+def indicator_agreement(lesson_dir: Path, ingested: Path) -> dict:
+    """The seed-001 indicators from the pipeline's observations vs from the generator's truth, per student
+    and 10-s window. Expressions are the true ones at the samples where the pipeline found the face (an
+    oracle classifier), so what is compared is the detection, tracking and bookkeeping, not a model."""
+    from client.classroom.report import load_lesson
+
+    truth = np.load(lesson_dir / "truth" / "script.npz")
+    lesson = load_lesson(ingested)
+    size = ind.window_size(lesson.fps)
+    present_t = truth["present"]
+    visible_t = present_t & (np.abs(truth["yaw"]) <= scenes.TURN_YAW) & (truth["pitch"] <= scenes.BOW_PITCH)
+    bowed_t = present_t & (truth["pitch"] > scenes.BOW_PITCH)
+    focus, involvement, triggers_same, engagement_gap = [], [], [], []
+    for i, sid in enumerate(truth["students"].tolist()):
+        states = np.array(lesson.states[sid])
+        detected = states == "face"
+        present_p = np.isin(states, ("face", "turned", "down"))
+        labels_p = np.where(detected, truth["label"][i], ind.NO_LABEL)
+        labels_t = np.where(visible_t[i], truth["label"][i], ind.NO_LABEL)
+        for a, b in ind.windows(lesson.steps, size):
+            if not present_t[i, a:b].any():
+                continue
+            focus.append(bool(ind.inattentive(detected[a:b], b - a)[0] == ind.inattentive(visible_t[i, a:b], b - a)[0]))
+            involvement.append(ind.passive(states[a:b] == "down", present_p[a:b]) == ind.passive(bowed_t[i, a:b], present_t[i, a:b]))
+            e_p, e_t = ind.engagement(labels_p[a:b]), ind.engagement(labels_t[a:b])
+            if e_p == e_p and e_t == e_t:
+                engagement_gap.append(abs(e_p - e_t))
+        triggers_same.append(bool(ind.difficulty_triggers(labels_p)) == bool(ind.difficulty_triggers(labels_t)))
+    return {"student_windows": len(focus), "focus_agreement": round(float(np.mean(focus)), 4),
+            "involvement_agreement": round(float(np.mean(involvement)), 4),
+            "difficulty_student_agreement": round(float(np.mean(triggers_same)), 4),
+            "students_with_difficulty_truth": int(sum(bool(ind.difficulty_triggers(
+                np.where(visible_t[i], truth["label"][i], ind.NO_LABEL))) for i in range(len(truth["students"])))),
+            "engagement_mean_abs_gap": round(float(np.mean(engagement_gap)), 4) if engagement_gap else None}
+
+
+def _registry_classifier():  # type: ignore[no-untyped-def]
+    """A FER7 classifier with the default model's architecture (hafnet/dp, untrained weights: the time of a
+    forward pass does not depend on the weights)."""
+    import torch
+
+    from shared_models.config import defaults
+    from shared_models.evaluation import logits_of
+    from shared_models.models import registry
+    from shared_models.transforms import eval_transform
+
+    cfg = defaults()
+    model = registry.build(str(cfg["model.name"]), num_classes=len(FER7), preset=str(cfg["model.preset"])).eval()
+    size = registry.presets(str(cfg["model.name"]))[str(cfg["model.preset"])].input_size
+    transform = eval_transform(size)
+
+    def classify(crops: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            batch = torch.from_numpy(crops).unsqueeze(1).expand(-1, 3, -1, -1)
+            return logits_of(model(transform(batch))).argmax(dim=1).numpy()
+
+    return classify, f"{cfg['model.name']}/{cfg['model.preset']}", int(size)
+
+
+def lesson_time(minutes: float, unique: int, workdir: Path) -> dict:
+    """Ingest + report time of a `minutes` lesson at 1 frame/s (seat map, empty-room frame)."""
+    import torch
+
+    from client.classroom.ingest import ingest
+    from client.classroom.report import classify_lesson, load_lesson, series_of, write_report
+
+    torch.set_num_threads(1)
+    room = scenes.make_room(21, 24)
+    script = scenes.script_lesson(room, unique, 1.0, seed=2)
+    source = scenes.write_lesson(workdir / "unique", room, script)
+    frames = workdir / "lesson"
+    frames.mkdir()
+    total = int(minutes * 60)
+    for t in range(total):
+        (frames / f"frame_{t:05d}.png").hardlink_to(source / "frames" / f"frame_{t % unique:05d}.png")
+    classify, described, size = _registry_classifier()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    ingest(frames, workdir / "ingested", seat_map=source / "seat_map.json", empty_frame=source / "empty_room.png",
+           size=size, echo=lambda line: None)
+    ingest_wall, ingest_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    lesson = load_lesson(workdir / "ingested")
+    write_report(workdir / "report", lesson, series_of(lesson, classify_lesson(lesson, classify)), 5, False, described)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"minutes": minutes, "frames": total, "unique_frames": unique, "students": len(room.seats), "model": described,
+            "ingest_wall_s": round(ingest_wall, 1), "ingest_cpu_s": round(ingest_cpu, 1),
+            "report_wall_s": round(wall - ingest_wall, 1), "report_cpu_s": round(cpu - ingest_cpu, 1),
+            "total_wall_s": round(wall, 1), "total_cpu_s": round(cpu, 1)}
+
+
+def agreement(seconds: float, workdir: Path) -> dict:
+    from client.classroom.ingest import ingest
+
+    room = scenes.make_room(31, 24)
+    script = scenes.script_lesson(room, seconds, 1.0, seed=3)
+    lesson = scenes.write_lesson(workdir / "agreement", room, script)
+    ingest(lesson / "frames", lesson / "ingested", seat_map=lesson / "seat_map.json",
+           empty_frame=lesson / "empty_room.png", echo=lambda line: None)
+    return {"seconds": seconds, **indicator_agreement(lesson, lesson / "ingested")}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rooms", type=int, default=6, help="rooms for the accuracy part")
+    parser.add_argument("--frames", type=int, default=10, help="frames per room for the accuracy part")
+    parser.add_argument("--lesson-minutes", type=float, default=45.0)
+    parser.add_argument("--unique", type=int, default=240, help="rendered frames the long lesson cycles through")
+    parser.add_argument("--agreement-seconds", type=float, default=240.0)
+    parser.add_argument("--parts", default="accuracy,throughput,lesson,agreement")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/classroom.json"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    parts = set(args.parts.split(","))
+    record: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    "detector": {**facelib.DetectorSettings().__dict__, "seat_side": facelib.SEAT_SIDE},
+                    "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
+                                "note": "shared machine (other jobs running); CPU time is the steadier figure"}}
+    work = Path(tempfile.mkdtemp(prefix="fedfer-classroom-bench-"))
+    try:
+        if "accuracy" in parts:
+            record["accuracy"] = accuracy(args.rooms, args.frames)
+            print("accuracy", record["accuracy"]["seat_map"]["frontal_recall"], record["accuracy"]["full_frame"]["frontal_recall"], flush=True)
+        if "throughput" in parts:
+            record["throughput"] = throughput()
+            print("throughput", record["throughput"], flush=True)
+        if "agreement" in parts:
+            record["agreement"] = agreement(args.agreement_seconds, work)
+            print("agreement", record["agreement"], flush=True)
+        if "lesson" in parts:
+            record["lesson"] = lesson_time(args.lesson_minutes, args.unique, work)
+            print("lesson", record["lesson"], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    path = write_result(args.out, record, module="simulations.bench.classroom", argv=argv)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""Issue 17: the classroom pipeline (detection, alignment, tracks, ingest), the seed-001 indicators, the
+lesson report's privacy switches and bad input. The synthetic lessons are small (a few students, tens
+of frames) so the module stays within its time budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.classroom import indicators as ind
+from shared_models.labels import FER7
+
+A, S_, F_, H, N, D, SU = (FER7.index(c) for c in ("angry", "sad", "fear", "happy", "neutral", "disgust", "surprise"))
+NO = ind.NO_LABEL
+
+
+# ---------------------------------------------------------------------------- indicators (seed 001)
+def test_focus_is_inattentive_only_below_half_of_a_ten_second_window():
+    assert ind.window_size(1.0) == 10 and ind.window_size(2.0) == 20
+    four, five, six = ([True] * n + [False] * (10 - n) for n in (4, 5, 6))
+    assert ind.inattentive(np.array(four + five + six), 10).tolist() == [True, False, False]
+    # a short last window is judged on its own samples: 1 of 3 is less than half
+    assert ind.inattentive(np.array([True] * 10 + [True, False, False]), 10).tolist() == [False, True]
+
+
+def test_difficulty_is_thirty_distress_detections_in_a_row():
+    assert ind.difficulty_triggers(np.array([A] * 29 + [N] + [A] * 29)) == []
+    assert ind.difficulty_triggers(np.array([A] * 30)) == [29]
+    mixed = np.array([A, S_, F_] * 10)                       # anger and distress classes mix in one run
+    assert ind.difficulty_triggers(mixed) == [29]
+    gaps = np.array([A] * 15 + [NO] * 7 + [S_] * 15)         # samples without a face neither count nor break
+    assert ind.difficulty_triggers(gaps) == [36]
+    assert ind.difficulty_triggers(np.array([A] * 60)) == [29]   # one trigger per run
+    assert ind.difficulty_triggers(np.array([A] * 30 + [H] + [A] * 30)) == [29, 60]
+    assert ind.difficulty_triggers(np.array([D] * 40)) == []     # disgust is not distress
+
+
+def test_engagement_is_the_share_of_happy_or_surprised_detections():
+    assert ind.engagement(np.array([H, SU, N, NO, NO])) == pytest.approx(2 / 3)
+    assert math.isnan(ind.engagement(np.array([NO, NO])))
+
+
+def test_involvement_is_passive_above_half_the_time_bowed_in_the_seat():
+    present = np.array([True] * 10 + [False] * 5)
+    assert ind.passive(np.array([True] * 6 + [False] * 9), present)
+    assert not ind.passive(np.array([True] * 5 + [False] * 10), present)           # exactly half: not passive
+    assert ind.bowed_share(np.array([True] * 3 + [False] * 12), present) == pytest.approx(0.3)
+    assert not ind.passive(np.zeros(15, bool), np.zeros(15, bool))                  # never there: not passive
+
+
+# ---------------------------------------------------------------------------- a small synthetic lesson
+@pytest.fixture(scope="module")
+def lesson(tmp_path_factory) -> Path:
+    from simulations import classroom_scenes as scenes
+
+    room = scenes.make_room(5, 8)
+    script = scenes.script_lesson(room, 45, 1.0, seed=1, hard_topic=(1.0, 44.0), struggling_share=0.5, passive_share=0.25)
+    return scenes.write_lesson(tmp_path_factory.mktemp("lesson") / "l", room, script)
+
+
+@pytest.fixture(scope="module")
+def ingested(lesson: Path) -> Path:
+    from client.classroom.ingest import ingest
+
+    ingest(lesson / "frames", lesson / "ingested", seat_map=lesson / "seat_map.json", labels=lesson / "labels.csv",
+           empty_frame=lesson / "empty_room.png", size=48, echo=lambda line: None)
+    return lesson / "ingested"
+
+
+def test_ingest_writes_a_trainable_school_folder_keyed_by_the_seat_map(lesson: Path, ingested: Path):
+    from shared_models.datasets.school_folder import load_school
+
+    seats = [s["student_id"] for s in json.loads((lesson / "seat_map.json").read_text())["seats"]]
+    meta = json.loads((ingested / "lesson.json").read_text())
+    assert meta["samples"] == 45 and meta["unreadable"] == 0 and meta["students"] == seats
+    school = load_school(ingested)
+    assert len(school) == meta["labelled_faces"] > 45
+    assert set(school.student_ids) <= set(seats) and school.images.shape[1:3] == (48, 48)
+    rows = list(csv.DictReader((ingested / "observations.csv").read_text().splitlines()))
+    assert len(rows) == 45 * len(seats)                       # one row per sample and seat
+    states = {r["state"] for r in rows}
+    assert "face" in states and states <= {"face", "turned", "down", "absent"}
+    truth = np.load(lesson / "truth" / "script.npz")
+    absent_truth = {(t, sid) for i, sid in enumerate(truth["students"].tolist()) for t in range(45)
+                    if not truth["present"][i, t]}
+    absent_seen = {(int(r["step"]), r["student_id"]) for r in rows if r["state"] == "absent"}
+    assert absent_seen == absent_truth                       # the empty-room frame tells who is not there
+
+
+def test_detection_alignment_and_tracking_against_the_ground_truth(lesson: Path):
+    import cv2
+
+    from client.classroom.faces import FaceDetector, align_crop
+    from client.classroom.tracks import assign_to_seats, load_seat_map
+    from simulations.bench.classroom import match
+    from simulations.classroom_scenes import FaceTruth
+
+    seats = load_seat_map(lesson / "seat_map.json")
+    detector = FaceDetector()
+    hits, right, errors = [], [], []
+    for line in (lesson / "truth" / "faces.jsonl").read_text().splitlines()[::4]:
+        record = json.loads(line)
+        gray = cv2.imread(str(lesson / "frames" / record["frame"]), cv2.IMREAD_GRAYSCALE)
+        found = detector.detect_in_seats(gray, [s.box for s in seats])
+        owner = {id(f): sid for sid, f in assign_to_seats(found, seats)[0].items()}
+        truths = [FaceTruth(**{**t, "box": tuple(t["box"]), "left_eye": tuple(t["left_eye"]),
+                               "right_eye": tuple(t["right_eye"])}) for t in record["faces"]]
+        for truth, k in zip(truths, match(found, truths)[0]):
+            frontal = abs(truth.yaw) < 0.3 and truth.pitch < 0.2
+            if frontal:
+                hits.append(k is not None)
+            if k is not None:
+                right.append(owner.get(id(found[k])) == truth.student_id)
+                if frontal:
+                    errors.append(abs(found[k].angle - truth.angle))
+                crop = align_crop(gray, found[k], 40)
+                assert crop.shape == (40, 40) and crop.dtype == np.uint8
+    assert np.mean(hits) >= 0.6 and np.mean(right) >= 0.98
+    assert errors and np.median(errors) <= 3.0
+
+
+def test_the_indicators_agree_with_what_the_generator_drew(lesson: Path, ingested: Path):
+    from simulations.bench.classroom import indicator_agreement
+
+    agreement = indicator_agreement(lesson, ingested)
+    assert agreement["student_windows"] >= 20
+    assert agreement["focus_agreement"] >= 0.6
+    assert agreement["involvement_agreement"] >= 0.6
+    assert agreement["students_with_difficulty_truth"] >= 1
+    assert agreement["difficulty_student_agreement"] >= 0.75
+    assert agreement["engagement_mean_abs_gap"] <= 0.15
+
+
+# ---------------------------------------------------------------------------- the report and the policy
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    from shared_models.models import registry
+
+    torch.manual_seed(0)
+    model = registry.build("hafnet", num_classes=7, preset="dp")
+    path = tmp_path_factory.mktemp("ckpt") / "round-0001.pt"
+    torch.save({"round": 1, "model": {"name": "hafnet", "preset": "dp", "num_classes": 7},
+                "state_dict": model.state_dict()}, path)
+    return path
+
+
+def _run(*argv: str) -> int:
+    from fedfer.cli import main
+
+    return main(list(argv))
+
+
+def test_the_report_shows_class_figures_over_k_students_and_students_only_if_allowed(ingested, checkpoint, tmp_path,
+                                                                                     capsys):
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r")) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "## Students" not in text and "at least 5 students" in text
+    assert (tmp_path / "r" / "plots" / "indicators.png").stat().st_size > 0
+    rows = list(csv.DictReader((tmp_path / "r" / "timeline.csv").read_text().splitlines()))
+    assert len(rows) == 5 and all(r["shown"] == "1" for r in rows)
+    seats = json.loads((ingested / "lesson.json").read_text())["students"]
+
+    strict = tmp_path / "strict.json"
+    strict.write_text(json.dumps({"report-min-students": len(seats) + 1}))
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "s"),
+                "--policy", str(strict)) == 0
+    rows = list(csv.DictReader((tmp_path / "s" / "timeline.csv").read_text().splitlines()))
+    assert all(r["shown"] == "0" and r["inattentive_share"] == "" and r["happy"] == "" for r in rows)
+
+    open_policy = tmp_path / "open.json"
+    open_policy.write_text(json.dumps({"report-min-students": 2, "per-student-figures": True}))
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"),
+                "--policy", str(open_policy)) == 0
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "## Students" in text and sum(sid in text for sid in seats) >= len(seats) - 1
+
+
+def test_report_policy_keys_are_checked(tmp_path):
+    from privacy.policy import PolicyError, read_policy_file, read_report_policy
+    from shared_models.config import defaults
+
+    cfg = defaults()
+    assert read_report_policy(None, cfg).min_students == cfg["classroom.report_min_students"]
+    bad = tmp_path / "policy.json"
+    for values, key in (({"report-min-students": 0}, "report-min-students"),
+                        ({"per-student-figures": "yes"}, "per-student-figures"), ({"report-k": 3}, "report-k")):
+        bad.write_text(json.dumps(values))
+        with pytest.raises(PolicyError, match=key):
+            read_report_policy(tmp_path, cfg)
+    # the training policy file may carry the report keys
+    bad.write_text(json.dumps({"unit": "student", "delta": 1e-5, "budget": 8, "max-round-epsilon": 8,
+                               "declared-students": 100, "report-min-students": 7}))
+    assert read_policy_file(tmp_path).declared_units == 100 and read_report_policy(bad, cfg).min_students == 7
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_frames_and_a_corrupt_seat_map_cost_one_line_each_and_the_lesson_goes_on(lesson: Path, tmp_path: Path):
+    from client.classroom.ingest import ingest
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in sorted(p.name for p in (lesson / "frames").iterdir())[:3]:
+        (frames / name).write_bytes((lesson / "frames" / name).read_bytes())
+    (frames / "frame_00001.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")        # unreadable
+    blank = np.full((480, 640), 128, np.uint8)
+    import cv2
+
+    cv2.imwrite(str(frames / "frame_00003.png"), blank)                                # no faces
+    seat_map = tmp_path / "seats.json"
+    seat_map.write_text('{"seats": [{"student_id": "a", "box": [0, 0, "x", 5]}]}')
+    lines: list[str] = []
+    report = ingest(frames, tmp_path / "out", seat_map=seat_map, echo=lines.append)
+    assert report.samples == 3 and report.unreadable == 1 and report.without_faces == 1 and report.faces > 0
+    assert any(str(frames / "frame_00001.png") in line and "unreadable" in line for line in lines)
+    assert any("frame_00003.png" in line and "no faces" in line for line in lines)
+    assert any(str(seat_map) in line and "box" in line for line in lines)
+    assert all("\n" not in line for line in lines)
+    meta = json.loads((tmp_path / "out" / "lesson.json").read_text())
+    assert meta["students"] == [] and "whole folder" in meta["privacy_unit"]
+    ids = {r["student_id"] for r in csv.DictReader((tmp_path / "out" / "observations.csv").read_text().splitlines())}
+    assert ids == {"whole-folder"}
+
+
+def test_an_unreadable_video_or_a_missing_lesson_is_one_line(tmp_path: Path, capsys):
+    video = tmp_path / "lesson.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
+    assert _run("classroom", "ingest", str(video), "--out", str(tmp_path / "o")) == 0
+    out = capsys.readouterr().out
+    assert f"{video}: unreadable video" in out and "0 samples" in out
+    assert _run("classroom", "ingest", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "nope") in err[0]
+    assert _run("classroom", "report", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "missing.pt")) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+
+def test_a_video_file_is_read_at_the_requested_rate(lesson: Path, tmp_path: Path):
+    import cv2
+
+    from client.classroom.sources import read_samples
+
+    video = tmp_path / "lesson.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 4.0, (640, 480))
+    frame = cv2.imread(str(next(iter(sorted((lesson / "frames").iterdir())))))
+    for _ in range(12):                      # 3 s at 4 frames/s
+        writer.write(frame)
+    writer.release()
+    samples = list(read_samples(video, fps=1.0, warn=pytest.fail))
+    assert [s.step for s in samples] == [0, 1, 2] and samples[0].gray.shape == (480, 640)
