@@ -143,3 +143,14 @@ def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_
         spent = epsilon_of([(plan.noise_multiplier, plan.sample_rate, plan.steps)] * 2, 1e-5)
         assert privacy["epsilon"] == pytest.approx(spent) and spent == pytest.approx(8.0, abs=0.05)
         assert record["alone"][sid]["scores"]["own-school"]["n"] == 2 * 3
+
+
+def test_the_district_config_is_a_district_of_the_issue():
+    """configs/district.yaml: at least 10 schools of 300-1,500 students, student-level ε 8, pre-trained."""
+    from shared_models.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "district.yaml", [])
+    spread = cfg["data.school_size_spread"] / 100
+    assert cfg["federation.schools"] >= 10 and cfg["model.pretrain"] == "auto"
+    assert 300 <= cfg["data.students_per_school"] * (1 - spread) and cfg["data.students_per_school"] * (1 + spread) <= 1500
+    assert (cfg["privacy.unit"], cfg["privacy.target_epsilon"], cfg["privacy.budget"]) == ("student", 8.0, 8.0)
