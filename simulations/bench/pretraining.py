@@ -161,12 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(results)
     out = write_result(args.out, {
         "config": cfg, "rounds": rounds, "students": sizes, "data_seconds": round(data_seconds, 1),
-        "pretrained": {"path": str(path), "provenance": checkpoint.get("provenance")}, "results": results,
+        "pretrained": _home_relative({"path": str(path), "provenance": checkpoint.get("provenance")}), "results": results,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "notes": "in-process (tune_inprocess-style): schools train one after another; FedAvgM with uniform weights",
     }, module="simulations.bench.pretraining", argv=argv)
     print(f"wrote {out}")
     return 0
+
+
+def _home_relative(value: Any) -> Any:
+    """`value` with this machine's home folder written as ~ (the cache paths in a result file)."""
+    import json
+
+    return json.loads(json.dumps(value, default=str).replace(str(Path.home()), "~"))
 
 
 def _alone_picks(sizes: list[int], alone_arg: str) -> list[int]:
