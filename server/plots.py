@@ -193,3 +193,46 @@ def _confusion_counts(confusion: Sequence[Sequence[int]], labels: Sequence[str])
 
 def _percent(values: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else 100.0 * float(v) for v in values], dtype=float)
+
+
+#: the comparison plot's reference lines: (colour, line style) by row key of server/added.py
+REFERENCE_STYLES = {"start": ("grey", ":"), "central": ("tab:green", "--"), "best-alone": ("tab:orange", "-.")}
+
+
+def federation_added(panels: Sequence[Mapping[str, object]], path: Path, *, title: str) -> Path:
+    """Side-by-side panels (one per test set), each: the federation's accuracy per round (with its 95 % CI
+    band; round 0 = the starting model) and horizontal lines for the reference models.
+
+    `panels[i]` holds ``title`` (str), ``curve`` (``round``, ``accuracy``, ``ci_low``, ``ci_high``; fractions)
+    and ``references``: a list of (key, label, accuracy fraction) — key picks the style (REFERENCE_STYLES)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False, sharey=True)
+    values: list[float] = []
+    for ax, panel in zip(axes[0], panels):
+        curve = panel["curve"]
+        rounds = np.asarray(curve["round"], dtype=float)   # type: ignore[index]
+        acc = _percent(curve["accuracy"])   # type: ignore[index]
+        low, high = _percent(curve["ci_low"]), _percent(curve["ci_high"])   # type: ignore[index]
+        ax.plot(rounds, acc, "-o", color="tab:blue", markersize=5, linewidth=2.2, label="Federation (private), per round")
+        if np.any(np.isfinite(low)):
+            ax.fill_between(rounds, low, high, color="tab:blue", alpha=0.15, linewidth=0, label="95% confidence band")
+        if len(acc) and np.isfinite(acc[-1]):   # the number a reader looks for: where the federation ended
+            ax.annotate(f"{acc[-1]:.1f}%", (rounds[-1], acc[-1]), textcoords="offset points", xytext=(-6, 8),
+                        ha="right", color="tab:blue", fontweight="bold")
+        for key, label, value in panel["references"]:   # type: ignore[attr-defined]
+            colour, style = REFERENCE_STYLES.get(key, ("black", ":"))
+            ax.axhline(100 * value, color=colour, linestyle=style, linewidth=1.8, label=f"{label}: {100 * value:.1f}%")
+            values.append(100 * value)
+        values += [v for v in acc.tolist() + low.tolist() + high.tolist() if np.isfinite(v)]
+        ax.set_title(str(panel["title"]), fontsize=11)
+        ax.set_xlabel("round of federated training (0 = starting model)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7.5)
+    axes[0][0].set_ylabel("expressions recognised correctly (%)")
+    if values:
+        axes[0][0].set_ylim(max(0.0, min(values) - 8), min(100.0, max(values) + 4))
+    fig.suptitle(title, fontsize=12)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path

@@ -107,6 +107,7 @@ class RunData:
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
     ledger: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    references: dict[str, Any] | None = None   # references.json (simulations/references.py), when the run made it
 
     @property
     def run_id(self) -> str:
@@ -202,6 +203,7 @@ def load_run(run_dir: Path) -> RunData:
             school = str(entries[0].get("school_id", path.stem)) if entries else path.stem
             data.ledger[school] = sorted(entries, key=lambda e: e["round"])
 
+    data.references = _read_references(run_dir, data.notes)
     if data.rounds:
         present = sorted(data.rounds)
         last = max(present[-1], data.planned_rounds or 0)
@@ -211,6 +213,12 @@ def load_run(run_dir: Path) -> RunData:
         if data.planned_rounds and present[-1] < data.planned_rounds:
             data.notes.append(f"partial run: {len(present)} of {last} planned rounds recorded")
     return data
+
+
+def _read_references(run_dir: Path, notes: list[str]) -> dict[str, Any] | None:
+    from server.added import read_references
+
+    return read_references(run_dir, notes)
 
 
 MAX_ROUND = 1_000_000   # the round tables and curves span 1..last round: a round of 10^12 is a broken line
@@ -375,6 +383,10 @@ def write_plots(data: RunData) -> dict[str, Path]:
             series, plot_dir / "accuracy.png",
             title=f"Global model ({model}) on public benchmarks, per round",
         )
+    added = _added_panels(data)
+    if added:
+        out["added"] = plots.federation_added(added, plot_dir / "federation_added.png",
+                                              title="What the federation added")
     eps = epsilon_series(data)
     refused = {s: [r for r, _ in items] for s, items in refusals(data).items()}
     if len(set(eps) | set(refused)) > MANY_SCHOOLS:
@@ -434,6 +446,7 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
         lines.append("No evaluation recorded yet.")
     lines.append("")
 
+    lines += _added_section(data, figures)
     lines += _paper_table(data, final)
     lines += _round_table(data)
     lines += _privacy_table(data)
@@ -441,6 +454,8 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
     if figures:
         lines += ["## Plots", ""]
         for key, path in figures.items():
+            if key == "added":   # drawn beside its table in "What the federation added"
+                continue
             rel = path.relative_to(data.run_dir).as_posix()
             caption = {"accuracy": "Accuracy (solid, 95% CI band) and UAR (dashed) per round",
                        "epsilon": "Cumulative ε per school (red ×: refused or failed round)",
@@ -451,6 +466,76 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
     if data.notes:
         lines += ["## Notes on the data", ""] + [f"- {note}" for note in data.notes] + [""]
     return "\n".join(lines)
+
+
+def federation_epsilon(data: RunData) -> float | None:
+    """The largest final ε over the schools (what the federation's model cost the most exposed school)."""
+    finals = [series["epsilon"][-1] for series in epsilon_series(data).values() if series["epsilon"]]
+    return max(finals) if finals else None
+
+
+def _added_panels(data: RunData) -> list[dict[str, Any]]:
+    """The comparison plot's panels (public test, then the schools' held-out students); none without a
+    federated round to compare."""
+    from server import added
+
+    table = added.rows(data.rounds, data.references, federation_epsilon(data))
+    if not any(row["key"] == "federation" for row in table) or len(table) < 2:
+        return []
+    public, indomain = added.benchmarks(data.rounds, data.references)
+    panels = []
+    for bench, which, title in ((public, "public", f"Public photos ({public})"),
+                                (indomain, "indomain", "The schools' own faces (students kept out of training)")):
+        curve = added.curves(data.rounds, bench)
+        if not curve["round"]:
+            continue
+        refs = [(row["key"], row["label"].split(" — ")[0], row[which]["accuracy"]) for row in table
+                if row["key"] in ("start", "central", "best-alone") and row.get(which)]
+        panels.append({"title": title, "curve": curve, "references": refs})
+    return panels
+
+
+def _added_section(data: RunData, figures: dict[str, Path]) -> list[str]:
+    """"What the federation added": the headline, the comparison table and its plot, and per school."""
+    from server import added
+
+    table = added.rows(data.rounds, data.references, federation_epsilon(data))
+    if not any(row["key"] == "federation" for row in table) or len(table) < 2:
+        return []
+    public, indomain = added.benchmarks(data.rounds, data.references)
+
+    def cell(m: dict[str, Any] | None) -> str:
+        if not m:
+            return "—"
+        if "accuracy_high" in m:
+            return f"{_pct(m['accuracy'])} – {_pct(m['accuracy_high'])}"
+        return _acc_ci(m)
+
+    lines = ["## What the federation added", "", added.headline(table), "",
+             f"| model | public photos ({public or '—'}), % [95% CI] | the schools' own faces "
+             f"({indomain or 'not evaluated'}), % [95% CI] | privacy |", "|---|---|---|---|"]
+    for row in table:
+        lines.append(f"| {row['label']} | {cell(row['public'])} | {cell(row['indomain'])} | {row['privacy']} |")
+    if data.references is None:
+        lines += ["", "The reference models (all data pooled; each school alone) were not computed for this run: "
+                  "`fedfer simulate --references` trains them after the federation (simulation only)."]
+    if "added" in figures:
+        rel = figures["added"].relative_to(data.run_dir).as_posix()
+        lines += ["", f"![What the federation added]({rel})", ""]
+    lines += _per_school_lines(added.per_school(data.references))
+    return lines + [""]
+
+
+def _per_school_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "Each school's own held-out students:", "",
+             "| school | students | training alone, % [95% CI] | in the federation, % [95% CI] |", "|---|---|---|---|"]
+    for row in rows:
+        fed = _acc_ci(row["federation"]) if row["federation"] else "—"
+        lines.append(f"| {row['school']} | {row['students'] if row['students'] is not None else '—'} | "
+                     f"{_acc_ci(row['alone'])} | {fed} |")
+    return lines
 
 
 def _paper_table(data: RunData, final: dict[str, tuple[int, dict[str, Any]]]) -> list[str]:

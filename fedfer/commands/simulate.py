@@ -20,6 +20,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--ray-address", metavar="HOST:PORT", default=None,
                      help="run the simulated schools on an existing Ray cluster (its head's address, as "
                           "`ray start --head` prints it); same as federation.ray_address; docs/scaling.md")
+    sim.add_argument("--references", action="store_true",
+                     help="after the federation, also train what it is compared with (simulation only): all schools' "
+                          "data pooled without privacy, and evaluation.reference_schools schools alone under the same "
+                          "DP (= evaluation.references=central,alone); the report shows them side by side")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. federation.rounds=3 model.name=sfer_mdfae")
     sim.set_defaults(func=cmd_simulate)
 
@@ -44,7 +48,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _config(args: argparse.Namespace) -> dict[str, Any] | None:
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "references", False):
+            overrides.append("evaluation.references=central,alone")
+        cfg = load_config(args.config, overrides)
         check_paths(cfg, source=str(args.config or "override"))
         if cfg["run.resume"]:
             from server.run_dir import check_resume_dir
@@ -117,7 +124,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     code = _write_school_policies(cfg, run.path, root)
     if code:
         return code
-    return _run_federation(cfg, run.path, started)
+    code = _run_federation(cfg, run.path, started)
+    if code == 0 and cfg["evaluation.references"]:
+        return _references(cfg, run.path, root, started)
+    return code
+
+
+def _references(cfg: dict[str, Any], run_path: Path, root: Path, started: float) -> int:
+    """evaluation.references: train the reference models after the federation, then redraw the report."""
+    from server import added
+    from server.report import build_report, federation_epsilon, load_run
+    from simulations.references import compute_references
+
+    print("\nreference models (simulation only; not sent anywhere, not charged to any school's budget)")
+    before = time.perf_counter()
+    compute_references(cfg, run_path, root, echo=lambda line: print("  " + line, flush=True))
+    report = build_report(run_path)
+    data = load_run(run_path)
+    table = added.rows(data.rounds, data.references, federation_epsilon(data))
+    print(f"  {added.headline(table)}")
+    print(f"  references took {time.perf_counter() - before:.0f} s; total wall time {time.perf_counter() - started:.0f} s")
+    print(f"  report             {report}")
+    return 0
 
 
 def _ray_address(cfg: dict[str, Any], flag: str | None) -> int:

@@ -21,76 +21,27 @@ writes JSON with the command and the resolved config.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from shared_models.config import ConfigError, load_config
-from shared_models.datasets import open_benchmark
 from shared_models.datasets.school_folder import SchoolData, load_school
-from shared_models.evaluation import predict
-from shared_models.metrics import classification_report
 from shared_models.models import registry
 from simulations.bench.results import write_result
-
-PUBLIC, INDOMAIN = "synthetic-fer2013", "synthetic-indomain"
-
-
-# ---------------------------------------------------------------------------- evaluation
-class Scorer:
-    """Public test and in-domain held-out accuracy (with bootstrap CIs), and in-domain per school."""
-
-    def __init__(self, root: Path, input_size: int, n_boot: int) -> None:
-        from shared_models.transforms import eval_transform
-
-        self.n_boot = n_boot
-        self.sets = {name: open_benchmark(name, data_root=root) for name in (PUBLIC, INDOMAIN)}
-        self.torch = {name: bench.as_torch(eval_transform(input_size)) for name, bench in self.sets.items()}
-        held = self.sets[INDOMAIN]
-        self.school_of = np.array([int(re.search(r"s(\d+)-ho", held.describe(i)).group(1))   # type: ignore[union-attr]
-                                   for i in range(len(held))])
-
-    def __call__(self, model: torch.nn.Module, school: int | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, dataset in self.torch.items():
-            y, pred, _ = predict(model, dataset, num_classes=7)
-            report = classification_report(y, pred, 7, n_boot=self.n_boot, seed=0)
-            out[name] = {k: report[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "n")}
-            if name == INDOMAIN and school is not None:
-                mine = self.school_of == school
-                own = classification_report(y[mine], pred[mine], 7, n_boot=self.n_boot, seed=0)
-                out["own-school"] = {k: own[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "n")}
-        return out
+from simulations.references import INDOMAIN, PUBLIC, Scorer, train_central
+from simulations.references import dp_round as _dp_round
+from simulations.references import model_from as _model
 
 
-# ---------------------------------------------------------------------------- one school's DP round
 def dp_round(model: torch.nn.Module, school: SchoolData, cfg: Mapping[str, Any], seed: int) -> tuple[float, int]:
     """One round of the school's DP-SGD (the ClientApp's planning and trainer); returns (σ, steps)."""
-    from shared_models.transforms import train_transform
-
-    torch.manual_seed(seed)
-    try:   # after issue 12: privacy/engine.py holds the one q/steps/σ rule and the trainer
-        from privacy.engine import plan_from_config, train_private   # type: ignore[import-not-found]
-        from shared_models.training import FaceDataset, make_optimizer   # type: ignore[import-not-found]
-    except ImportError:
-        from client.training import FaceDataset, plan_round
-        from client.training import train_private as train_school
-
-        plan = plan_round(school, cfg)
-        stats = train_school(model, school, cfg, plan, seed=seed)
-        return plan.noise_multiplier, int(stats["steps"])
-    unit = str(cfg["privacy.unit"])
-    plan = plan_from_config(cfg, school.num_students if unit == "student" else len(school))
-    frames = FaceDataset(school.images, school.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
-    result = train_private(model, frames, school.student_ids if unit == "student" else None, plan,
-                           make_optimizer(model, cfg), int(cfg["train.local_epochs"]), seed=seed)
-    return plan.noise_multiplier, int(result.steps)
+    result = _dp_round(model, school, cfg, seed)
+    return result.noise_multiplier, int(result.steps)
 
 
 def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
@@ -108,12 +59,6 @@ def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.
             velocity[key] = step
         new[key] = (old.double() + step).to(old.dtype)
     return new
-
-
-def _model(cfg: Mapping[str, Any], start: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    model = registry.build_from_config(cfg)   # applies train.trainable
-    model.load_state_dict(start)
-    return model
 
 
 def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], rounds: int,
@@ -153,19 +98,8 @@ def alone(cfg: Mapping[str, Any], school: SchoolData, index: int, start: Mapping
 def central(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], epochs: int,
             score: Scorer) -> dict[str, Any]:
     """Non-private fine-tuning of every layer on the pooled schools (the ceiling the federation aims at)."""
-    from simulations.pretrain import train_public
-    from shared_models.transforms import to_tensor_image
-
-    model = _model({**cfg, "train.trainable": "all"}, start)
-    size = int(model.input_size)
-    from torchvision.transforms import v2
-
-    resize = v2.Resize((size, size), antialias=True)
-    images = torch.stack([resize(to_tensor_image(img)) for s in schools for img in s.images])
-    labels = torch.from_numpy(np.concatenate([s.labels for s in schools])).long()
-    stats = train_public(model, images, labels, epochs=epochs, batch_size=64, lr=float(cfg["pretrain.lr"]) / 2,
-                         seed=int(cfg["run.seed"]))
-    return {**score(model), "epochs": epochs, "frames": int(len(labels)), "seconds": round(stats["seconds"], 1)}
+    model, info = train_central(cfg, schools, start, epochs, seed=int(cfg["run.seed"]))
+    return {**score(model), **info}
 
 
 # ---------------------------------------------------------------------------- main
@@ -227,12 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     _print_table(results)
     out = write_result(args.out, {
         "config": cfg, "rounds": rounds, "students": sizes, "data_seconds": round(data_seconds, 1),
-        "pretrained": {"path": str(path), "provenance": checkpoint.get("provenance")}, "results": results,
+        "pretrained": _home_relative({"path": str(path), "provenance": checkpoint.get("provenance")}), "results": results,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "notes": "in-process (tune_inprocess-style): schools train one after another; FedAvgM with uniform weights",
     }, module="simulations.bench.pretraining", argv=argv)
     print(f"wrote {out}")
     return 0
+
+
+def _home_relative(value: Any) -> Any:
+    """`value` with this machine's home folder written as ~ (the cache paths in a result file)."""
+    import json
+
+    return json.loads(json.dumps(value, default=str).replace(str(Path.home()), "~"))
 
 
 def _alone_picks(sizes: list[int], alone_arg: str) -> list[int]:

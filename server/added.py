@@ -1,0 +1,195 @@
+""""What the federation added": the run report's comparison a head teacher can read.
+
+Per round, the federated DP model's accuracy on the public test split and on the schools' held-out
+students (``synthetic-indomain``, simulation only) from ``metrics.jsonl``, against
+
+    (a) the starting model (round 0: the pre-trained model, scored before any school trained),
+    (b) one central model on all the schools' data pooled, no privacy, and
+    (c) each school training alone under the same DP,
+
+(b) and (c) from ``references.json`` when the run computed them (`fedfer simulate --references`,
+simulations/references.py). This module derives the rows and lines from plain data; server/report.py
+writes them, server/plots.py draws them.
+
+references.json (format ``fedfer-references/1``)::
+
+    {"benchmarks": {"public": NAME, "indomain": NAME},
+     "start": {"scores": S}, "federated": {"round": R, "scores": S},
+     "central": {"epochs": E, "frames": N, "scores": S},
+     "alone": {school: {"students": N, "privacy": {"epsilon": ε, "delta": δ, ...}, "scores": S}}}
+
+with S = {benchmark: {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "n"}, "own-school": {...},
+"per-school": {index: {...}}} (fractions in 0..1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+FORMAT = "fedfer-references/1"
+FILE = "references.json"
+INDOMAIN = "synthetic-indomain"
+MAX_BYTES = 16 << 20
+
+#: plain-language names, also the plot's legend
+START = "Starting model (public photos only, no school data)"
+FEDERATION = "Federation (schools train privately together)"
+CENTRAL = "All schools' data pooled in one place, no privacy (upper reference)"
+BEST_ALONE = "Best single school training alone (same privacy)"
+EACH_ALONE = "Each school alone (same privacy): lowest to highest"
+
+
+def read_references(run_dir: Path, notes: list[str]) -> dict[str, Any] | None:
+    """``<run_dir>/references.json`` or None (absent, or unreadable: then a note)."""
+    path = Path(run_dir) / FILE
+    if not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            raise ValueError("too large")
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        notes.append(f"{FILE}: unreadable ({exc}); the reference models are not shown")
+        return None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        notes.append(f"{FILE}: not a {FORMAT} file; the reference models are not shown")
+        return None
+    return record
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _scores(entry: Any, bench: str | None) -> dict[str, Any] | None:
+    """The score dict of `bench` in a references entry (or a metrics evaluation), if it has an accuracy."""
+    if not bench or not isinstance(entry, Mapping):
+        return None
+    scores = entry.get("scores", entry)
+    metrics = scores.get(bench) if isinstance(scores, Mapping) else None
+    return dict(metrics) if isinstance(metrics, Mapping) and _number(metrics.get("accuracy")) else None
+
+
+def benchmarks(rounds: Mapping[int, Mapping[str, Any]], references: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """(public benchmark, in-domain benchmark): the first evaluated benchmark that is not the schools'
+    held-out students, and ``synthetic-indomain`` when evaluated."""
+    names: list[str] = []
+    for r in sorted(rounds):
+        for name in (rounds[r].get("evaluation") or {}):
+            if name not in names:
+                names.append(name)
+    if references and isinstance(references.get("benchmarks"), Mapping):
+        names += [str(v) for v in references["benchmarks"].values() if str(v) not in names]
+    public = next((n for n in names if n != INDOMAIN), None)
+    return public, (INDOMAIN if INDOMAIN in names else None)
+
+
+def curves(rounds: Mapping[int, Mapping[str, Any]], bench: str | None) -> dict[str, list[Any]]:
+    """round, accuracy, ci_low, ci_high of `bench` for every round that evaluated it (round 0 included)."""
+    out: dict[str, list[Any]] = {"round": [], "accuracy": [], "ci_low": [], "ci_high": []}
+    for r in sorted(rounds):
+        m = _scores(rounds[r].get("evaluation"), bench)
+        if m is None:
+            continue
+        out["round"].append(r)
+        out["accuracy"].append(float(m["accuracy"]))
+        out["ci_low"].append(float(m["accuracy_ci_low"]) if _number(m.get("accuracy_ci_low")) else None)
+        out["ci_high"].append(float(m["accuracy_ci_high"]) if _number(m.get("accuracy_ci_high")) else None)
+    return out
+
+
+def _alone(references: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    alone = (references or {}).get("alone")
+    return {str(k): v for k, v in alone.items() if isinstance(v, Mapping)} if isinstance(alone, Mapping) else {}
+
+
+def _alone_epsilon(entry: Mapping[str, Any]) -> float | None:
+    privacy = entry.get("privacy")
+    eps = privacy.get("epsilon") if isinstance(privacy, Mapping) else None
+    return float(eps) if _number(eps) else None
+
+
+def rows(rounds: Mapping[int, Mapping[str, Any]], references: Mapping[str, Any] | None,
+         federation_epsilon: float | None) -> list[dict[str, Any]]:
+    """The comparison table: one dict per model with ``label``, ``public`` and ``indomain`` (score dicts
+    or None), ``privacy`` (text) and ``key`` (start | federation | central | best-alone | each-alone)."""
+    public, indomain = benchmarks(rounds, references)
+    evaluated = [r for r in sorted(rounds) if _scores(rounds[r].get("evaluation"), public or indomain)]
+    out: list[dict[str, Any]] = []
+    start = rounds[0].get("evaluation") if 0 in evaluated else (references or {}).get("start")
+    if start is not None:
+        out.append({"key": "start", "label": START + (" — round 0" if 0 in evaluated else ""),
+                    "public": _scores(start, public), "indomain": _scores(start, indomain), "privacy": "no school data used"})
+    last = max((r for r in evaluated if r > 0), default=None)
+    if last is not None:
+        eps = f"ε ≤ {federation_epsilon:.2f} per school" if federation_epsilon is not None else "DP (see the privacy table)"
+        out.append({"key": "federation", "label": f"{FEDERATION} — after round {last}",
+                    "public": _scores(rounds[last].get("evaluation"), public),
+                    "indomain": _scores(rounds[last].get("evaluation"), indomain), "privacy": eps})
+    central = (references or {}).get("central")
+    if isinstance(central, Mapping):
+        out.append({"key": "central", "label": CENTRAL, "public": _scores(central, public),
+                    "indomain": _scores(central, indomain), "privacy": "none (not possible for real schools)"})
+    out += _alone_rows(_alone(references), public, indomain)
+    return out
+
+
+def _alone_rows(alone: Mapping[str, Mapping[str, Any]], public: str | None, indomain: str | None) -> list[dict[str, Any]]:
+    scored = {sid: entry for sid, entry in alone.items() if _scores(entry, indomain or public)}
+    if not scored:
+        return []
+    best_id = max(scored, key=lambda sid: _scores(scored[sid], indomain or public)["accuracy"])  # type: ignore[index]
+    best = scored[best_id]
+    eps = _alone_epsilon(best)
+    students = best.get("students")
+    out = [{"key": "best-alone", "label": f"{BEST_ALONE} — {best_id}" + (f", {students} students" if _number(students) else ""),
+            "public": _scores(best, public), "indomain": _scores(best, indomain),
+            "privacy": f"ε = {eps:.2f}" if eps is not None else "DP"}]
+    if len(scored) > 1:
+        def span(bench: str | None) -> dict[str, Any] | None:
+            values = [m["accuracy"] for m in (_scores(e, bench) for e in scored.values()) if m]
+            return {"accuracy": min(values), "accuracy_high": max(values)} if values else None
+
+        epsilons = [e for e in (_alone_epsilon(x) for x in scored.values()) if e is not None]
+        out.append({"key": "each-alone", "label": f"{EACH_ALONE} ({len(scored)} schools)",
+                    "public": span(public), "indomain": span(indomain),
+                    "privacy": f"ε ≤ {max(epsilons):.2f}" if epsilons else "DP"})
+    return out
+
+
+def per_school(references: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """For each school that also trained alone: its held-out students' accuracy alone and in the federation."""
+    federated = ((references or {}).get("federated") or {}).get("scores") or {}
+    by_index = federated.get("per-school") if isinstance(federated, Mapping) else None
+    out = []
+    for sid, entry in sorted(_alone(references).items()):
+        scores = entry.get("scores") if isinstance(entry.get("scores"), Mapping) else {}
+        own = scores.get("own-school") if isinstance(scores.get("own-school"), Mapping) else None
+        index = sid.rsplit("-", 1)[-1].lstrip("0") or "0"
+        fed = by_index.get(index) if isinstance(by_index, Mapping) else None
+        if own is None or not _number(own.get("accuracy")):
+            continue
+        out.append({"school": sid, "students": entry.get("students"), "alone": own,
+                    "federation": fed if isinstance(fed, Mapping) and _number(fed.get("accuracy")) else None})
+    return out
+
+
+def headline(table: list[dict[str, Any]]) -> str:
+    """One sentence: what the federation added on the schools' own kind of faces (or the public test)."""
+    by = {row["key"]: row for row in table}
+    fed = by.get("federation")
+    if fed is None:
+        return ""
+    which = "indomain" if fed.get("indomain") else "public"
+    where = "on the schools' own kind of faces (students never used in training)" if which == "indomain" else "on the public test photos"
+    parts = [f"The federation recognises {100 * fed[which]['accuracy']:.1f} % of expressions {where}"]
+    for key, text in (("start", "the starting model"), ("best-alone", "the best school alone"),
+                      ("central", "pooling all data without privacy")):
+        other = (by.get(key) or {}).get(which)
+        if other:
+            diff = 100 * (fed[which]["accuracy"] - other["accuracy"])
+            parts.append(f"{diff:+.1f} points against {text} ({100 * other['accuracy']:.1f} %)")
+    return parts[0] + (": " + "; ".join(parts[1:]) if len(parts) > 1 else "") + "."

@@ -1,0 +1,156 @@
+"""The run report's "What the federation added": the federated model per round against the starting model,
+all data pooled without privacy, and each school alone under the same DP (references.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server import added
+from server.report import build_report, load_run, render_markdown
+
+
+def score(acc: float, n: int = 400) -> dict:
+    return {"accuracy": acc, "accuracy_ci_low": acc - 0.02, "accuracy_ci_high": acc + 0.02, "n": n}
+
+
+def both(public: float, indomain: float) -> dict:
+    return {"synthetic-fer2013": score(public), "synthetic-indomain": score(indomain)}
+
+
+REFERENCES = {
+    "format": "fedfer-references/1",
+    "benchmarks": {"public": "synthetic-fer2013", "indomain": "synthetic-indomain"},
+    "start": {"scores": both(0.81, 0.69)},
+    "federated": {"round": 3, "scores": {**both(0.84, 0.78), "per-school": {"0": score(0.80), "2": score(0.75)}}},
+    "central": {"epochs": 2, "frames": 9000, "privacy": "none", "scores": both(0.86, 0.83)},
+    "alone": {
+        "school-00": {"students": 470, "privacy": {"epsilon": 7.99, "delta": 1e-5},
+                      "scores": {**both(0.80, 0.70), "own-school": score(0.66)}},
+        "school-02": {"students": 660, "privacy": {"epsilon": 8.0, "delta": 1e-5},
+                      "scores": {**both(0.79, 0.72), "own-school": score(0.71)}},
+    },
+}
+
+
+def write_run(run: Path, references: dict | str | None) -> Path:
+    run.mkdir(parents=True)
+    config = {"model": {"name": "hafnet", "preset": "dp"}, "federation": {"rounds": 3, "schools": 3},
+              "privacy": {"enabled": True, "budget": 8.0, "delta": 1e-5, "unit": "student"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    lines = []
+    for r, (public, indomain) in enumerate([(0.81, 0.69), (0.82, 0.72), (0.83, 0.75), (0.84, 0.78)]):
+        train = {} if r == 0 else {f"school-0{k}": {"status": "ok", "epsilon": round(2.6 * r + 0.01 * k, 3)}
+                                   for k in range(3)}
+        lines.append(json.dumps({"round": r, "train": train, "evaluation": both(public, indomain)}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if references is not None:
+        (run / "references.json").write_text(references if isinstance(references, str) else json.dumps(references))
+    return run
+
+
+def test_the_table_compares_the_federation_with_start_pooled_and_schools_alone(tmp_path):
+    data = load_run(write_run(tmp_path / "run", REFERENCES))
+    rows = added.rows(data.rounds, data.references, federation_epsilon=7.82)
+    assert [r["key"] for r in rows] == ["start", "federation", "central", "best-alone", "each-alone"]
+    by = {r["key"]: r for r in rows}
+    assert by["start"]["label"].endswith("round 0") and by["start"]["indomain"]["accuracy"] == 0.69
+    assert "after round 3" in by["federation"]["label"] and by["federation"]["indomain"]["accuracy"] == 0.78
+    assert by["federation"]["privacy"] == "ε ≤ 7.82 per school"
+    assert by["central"]["public"]["accuracy"] == 0.86 and by["central"]["privacy"].startswith("none")
+    # the best school alone is picked on the schools' own faces (0.72 > 0.70), not on the public photos
+    assert "school-02, 660 students" in by["best-alone"]["label"] and by["best-alone"]["privacy"] == "ε = 8.00"
+    assert by["each-alone"]["indomain"] == {"accuracy": 0.70, "accuracy_high": 0.72}
+    assert by["each-alone"]["public"] == {"accuracy": 0.79, "accuracy_high": 0.80}
+    text = added.headline(rows)
+    assert "78.0 %" in text and "+9.0 points against the starting model (69.0 %)" in text
+    assert "+6.0 points against the best school alone (72.0 %)" in text
+    assert "-5.0 points against pooling all data without privacy (83.0 %)" in text
+    assert added.per_school(data.references) == [
+        {"school": "school-00", "students": 470, "alone": score(0.66), "federation": score(0.80)},
+        {"school": "school-02", "students": 660, "alone": score(0.71), "federation": score(0.75)}]
+
+
+def test_report_draws_the_section_and_its_plot_and_says_when_references_are_missing(tmp_path):
+    run = write_run(tmp_path / "run", REFERENCES)
+    text = build_report(run).read_text()
+    section = text.split("## What the federation added")[1].split("\n## ")[0]
+    assert "| Federation (schools train privately together) — after round 3 | 84.00 [82.00, 86.00] | 78.00 [76.00, 80.00] | ε ≤ 7.82 per school |" in section
+    assert "| Each school alone (same privacy): lowest to highest (2 schools) | 79.00 – 80.00 | 70.00 – 72.00 | ε ≤ 8.00 |" in section
+    assert "| school-00 | 470 | 66.00 [64.00, 68.00] | 80.00 [78.00, 82.00] |" in section
+    assert "![What the federation added](plots/federation_added.png)" in section
+    assert (run / "plots" / "federation_added.png").stat().st_size > 10_000
+
+    # without references.json (and, cheaper, without drawing): the start and the federation only
+    bare = render_markdown(load_run(write_run(tmp_path / "bare", None)), {})
+    section = bare.split("## What the federation added")[1].split("\n## ")[0]
+    assert "Starting model" in section and "pooled" not in section.split("|---|")[1].split("\n\n")[0]
+    assert "`fedfer simulate --references`" in section
+
+    broken = render_markdown(load_run(write_run(tmp_path / "broken", "{not json")), {})
+    assert "references.json: unreadable" in broken and "## What the federation added" in broken
+
+
+@pytest.mark.parametrize("value", ["central", "alone,central", ""])
+def test_references_config_key_accepts_the_kinds_and_refuses_others(value):
+    from shared_models.config import ConfigError, load_config
+    from simulations.references import requested
+
+    cfg = load_config(overrides=[f"evaluation.references={value}"])
+    assert requested(cfg) == [k for k in ("central", "alone") if k in value]
+    with pytest.raises(ConfigError, match="evaluation.references"):
+        load_config(overrides=["evaluation.references=everything"])
+
+
+def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_path):
+    """Tiny end to end: (b) and (c) are trained and scored, (c)'s ε is the accountant's for the σ, q and
+    steps that ran, and drawing more frames per sampled student changes none of them."""
+    from privacy.accounting import epsilon_of
+    from privacy.engine import plan_from_config
+    from server.run_dir import RunDirectory
+    from shared_models.config import load_config
+    from shared_models.models import registry
+    from simulations import synth
+    from simulations.references import compute_references
+
+    tiny = ["federation.schools=2", "data.students_per_school=6", "data.frames_per_student=3", "data.public_students=2",
+            "data.public_frames=7", "data.public_train_students=2", "data.public_train_frames=7",
+            "data.heldout_students=2", "data.school_size_spread=0", "data.image_size=32", "evaluation.bootstrap=10",
+            "federation.rounds=2", "train.batch_size=3", "train.frames_per_student=2",
+            "evaluation.references=central,alone", "evaluation.reference_schools=1", "evaluation.central_epochs=1",
+            f"data.root={tmp_path / 'data'}"]
+    cfg = load_config(overrides=tiny)
+    root = synth.ensure_for_config(cfg)
+    run = RunDirectory(tmp_path / "run")
+    run.path.mkdir()
+    run.save_checkpoint(2, registry.build_from_config(cfg).state_dict(), registry.model_info(cfg), cfg, {})
+    record = json.loads(compute_references(cfg, run.path, root, echo=lambda _: None).read_text())
+
+    assert record["federated"]["round"] == 2 and set(record["federated"]["scores"]["per-school"]) == {"0", "1"}
+    assert record["central"]["frames"] == 2 * 6 * 3 and record["central"]["scores"]["synthetic-indomain"]["n"] == 2 * 2 * 3
+    plan = plan_from_config(cfg, 6)
+    more_frames = plan_from_config({**cfg, "train.frames_per_student": 3}, 6)   # frames cost no privacy:
+    assert (more_frames.noise_multiplier, more_frames.sample_rate, more_frames.steps) == (
+        plan.noise_multiplier, plan.sample_rate, plan.steps) and more_frames.frames_per_unit == 3
+    assert list(record["alone"]) == ["school-00"]   # one school asked for: the smallest (equal sizes: the first)
+    for sid in record["alone"]:
+        privacy = record["alone"][sid]["privacy"]
+        assert (privacy["noise_multiplier"], privacy["sample_rate"]) == (plan.noise_multiplier, plan.sample_rate)
+        assert privacy["steps"] == 2 * plan.steps and privacy["rounds"] == 2
+        spent = epsilon_of([(plan.noise_multiplier, plan.sample_rate, plan.steps)] * 2, 1e-5)
+        assert privacy["epsilon"] == pytest.approx(spent) and spent == pytest.approx(8.0, abs=0.05)
+        assert record["alone"][sid]["scores"]["own-school"]["n"] == 2 * 3
+
+
+def test_the_district_config_is_a_district_of_the_issue():
+    """configs/district.yaml: at least 10 schools of 300-1,500 students, student-level ε 8, pre-trained."""
+    from shared_models.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "district.yaml", [])
+    spread = cfg["data.school_size_spread"] / 100
+    assert cfg["federation.schools"] >= 10 and cfg["model.pretrain"] == "auto"
+    assert 300 <= cfg["data.students_per_school"] * (1 - spread) and cfg["data.students_per_school"] * (1 + spread) <= 1500
+    assert (cfg["privacy.unit"], cfg["privacy.target_epsilon"], cfg["privacy.budget"]) == ("student", 8.0, 8.0)
