@@ -102,7 +102,11 @@ class Units:
 
 
 def _sq_norms(per_unit: Tensor) -> Tensor:
-    return per_unit.reshape(len(per_unit), -1).pow(2).sum(dim=1)
+    return torch.linalg.vector_norm(per_unit.reshape(len(per_unit), -1), dim=1).square()
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _weighted_sum(unit_scale: Tensor, per_unit: Tensor) -> Tensor:
@@ -168,10 +172,12 @@ class PerSampleRule:
 class _GhostOrDirect(PerSampleRule):
     """Shared logic of Linear and Conv2d: weight by ghost norm or direct per-frame gradients, bias direct."""
 
-    # A direct layer writes, reads for its norm and reads again for its sum B x d x p per-frame values; a
-    # ghost layer instead forms two T x T Gram matrices per frame pair. Both run one B T d p product
-    # (the per-frame gradients, or the scaled weight gradient), which cancels. Ghost when cheaper.
-    direct_passes = 4.0
+    # Both rules run one B x T x d x p product (the per-frame gradients, or the student-scaled weight
+    # gradient), so they differ by ghost's Gram matrices, pairs x T^2 x (d + p), against direct's
+    # per-frame gradients, which small batched products compute at a fraction of a large product's speed.
+    # Ghost when its Gram work is at most `ghost_ratio` x the product's (measured on this code's layers:
+    # benchmarks/models.json, dp-ghost-policy rows; the choice never changes the result, only the time).
+    ghost_ratio = 2.0
 
     def __init__(self, layer: nn.Module, policy: str) -> None:
         super().__init__(layer)
@@ -179,12 +185,10 @@ class _GhostOrDirect(PerSampleRule):
         self.ghost: list[tuple[Tensor, Tensor]] = []   # (input, output grad) per call, for the clipped sum
         self.ghost_chosen: bool | None = None
 
-    def _use_ghost(self, units: Units, positions: int, d: int, p: int, groups: int = 1) -> bool:
+    def _use_ghost(self, units: Units, positions: int, d: int, p: int) -> bool:
         if self.policy != "mixed":
             return self.policy == "ghost"
-        ghost = units.pairs * positions * positions * (d + p) * groups
-        direct = self.direct_passes * len(units.rows) * d * p * groups
-        return ghost < direct
+        return units.pairs * positions * (d + p) <= self.ghost_ratio * len(units.rows) * d * p
 
     def _bias_and_finish(self, bias_per_frame: Tensor | None, units: Units, total: Tensor) -> Tensor:
         bias = self.layer.bias
@@ -200,8 +204,8 @@ class LinearRule(_GhostOrDirect):
     def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
         layer: nn.Linear = self.layer  # type: ignore[assignment]
         n, d, p = len(units.rows), layer.in_features, layer.out_features
-        a = torch.cat([c.inputs[0].reshape(n, -1, d) for c in calls], dim=1).to(calls[0].output.dtype)
-        g = torch.cat([c.output_grad().reshape(n, -1, p) for c in calls], dim=1)
+        a = _cat([c.inputs[0].reshape(n, -1, d) for c in calls], dim=1).to(calls[0].output.dtype)
+        g = _cat([c.output_grad().reshape(n, -1, p) for c in calls], dim=1)
         total = torch.zeros(units.count, dtype=g.dtype)
         self.kept, self.ghost = {}, []
         if layer.weight.requires_grad:
@@ -226,13 +230,30 @@ class Conv2dRule(_GhostOrDirect):
     kind = "conv2d"
 
     def _unfold(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, groups, T, d_g): each output position's receptive field, per group."""
-        from opacus.utils.tensor_utils import unfold2d
-
+        """(B, C, H, W) -> (B, groups, d_g, T): each output position's receptive field, per group."""
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
-        cols = unfold2d(x.contiguous(), kernel_size=layer.kernel_size, padding=layer.padding,
-                        stride=layer.stride, dilation=layer.dilation)   # (B, C*kh*kw, T), channel-major rows
-        return cols.view(x.shape[0], layer.groups, -1, cols.shape[-1]).transpose(2, 3)
+        cols = F.unfold(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                        dilation=layer.dilation)   # (B, C*kh*kw, T), channel-major rows as the weight's
+        return cols.view(x.shape[0], layer.groups, -1, cols.shape[-1])
+
+    # Per-frame weight gradients of a conv with at most this many outputs per group come from one
+    # convolution-backward call with the batch folded into the groups (fast for narrow layers, where the
+    # unfold + batched product is dominated by the unfold); wider ones from unfold + batched product.
+    narrow_outputs = 16
+
+    def _per_frame_weight(self, x: Tensor, g: Tensor) -> Tensor:
+        """(B, *weight.shape) per-frame weight gradients of one call."""
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        n, groups = x.shape[0], layer.groups
+        if layer.out_channels // groups <= self.narrow_outputs:
+            folded = torch.ops.aten.convolution_backward(
+                g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
+                layer.weight.expand(n, *layer.weight.shape).reshape(-1, *layer.weight.shape[1:]), None,
+                layer.stride, layer.padding, layer.dilation, False, [0, 0], n * groups, [False, True, False])[1]
+            return folded.reshape(n, *layer.weight.shape)
+        cols = self._unfold(x)
+        go = g.reshape(n, groups, layer.out_channels // groups, -1)
+        return torch.einsum("bgpt,bgdt->bgpd", go, cols).reshape(n, *layer.weight.shape)
 
     def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
@@ -244,14 +265,14 @@ class Conv2dRule(_GhostOrDirect):
             p_g = layer.out_channels // groups
             d_g = layer.weight[0].numel()
             positions = sum(g.shape[2] * g.shape[3] for g in grads)
-            self.ghost_chosen = self._use_ghost(units, positions, d_g, p_g, groups)
-            a = torch.cat([self._unfold(c.inputs[0].to(g.dtype)) for c, g in zip(calls, grads)], dim=2)
-            go = torch.cat([g.reshape(n, groups, p_g, -1) for g in grads], dim=3)  # (B, groups, p_g, T)
+            self.ghost_chosen = self._use_ghost(units, positions, d_g, p_g)
             if self.ghost_chosen:
-                total = total + units.ghost_sq_norms(a, go.transpose(2, 3))
+                a = _cat([self._unfold(c.inputs[0].to(g.dtype)) for c, g in zip(calls, grads)], dim=3)
+                go = _cat([g.reshape(n, groups, p_g, -1) for g in grads], dim=3)  # (B, groups, p_g, T)
+                total = total + units.ghost_sq_norms(a.transpose(2, 3), go.transpose(2, 3))
                 self.ghost = [(c.inputs[0], g) for c, g in zip(calls, grads)]
             else:
-                per_frame = torch.einsum("bgpt,bgtd->bgpd", go, a).reshape(n, *layer.weight.shape)
+                per_frame = sum(self._per_frame_weight(c.inputs[0].to(g.dtype), g) for c, g in zip(calls, grads))
                 self.kept[layer.weight] = units.per_unit(per_frame)
                 total = total + _sq_norms(self.kept[layer.weight])
         bias = torch.stack([g.sum(dim=(2, 3)) for g in grads]).sum(dim=0) if layer.bias is not None else None
