@@ -250,4 +250,4 @@ def _train(model: torch.nn.Module, data: SchoolData, plan, cfg: Mapping[str, Any
     torch.manual_seed(zlib.crc32(f"{cfg['run.seed']}/{node.school_id}/{server_round}".encode()))
     frames = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
     return train_private(model, frames, data.student_ids if plan.unit == "student" else None, plan,
-                         make_optimizer(model, cfg), int(cfg["train.local_epochs"]))
+                         make_optimizer(model, cfg), int(cfg["train.local_epochs"]), clipping=str(cfg["privacy.clipping"]))

@@ -76,6 +76,7 @@ RULES: dict[str, Rule] = {
     "privacy.budget": Rule(above=0.0),
     "privacy.max_round_epsilon": Rule(above=0.0),
     "privacy.accountant": Rule(choices=("prv", "rdp")),
+    "privacy.clipping": Rule(choices=("auto", "ghost", "per-sample")),
     "data.image_size": Rule(minimum=16, maximum=512),
     "data.students_per_school": Rule(minimum=1, maximum=10_000_000),
     "data.frames_per_student": Rule(minimum=1, maximum=10_000),
