@@ -11,7 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
+from shared_models.threads import apply_threads, prefer_passive_waiting
+
+prefer_passive_waiting()   # before torch loads OpenMP: idle threads sleep instead of spinning (shared_models/threads.py)
+
+import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -46,7 +50,7 @@ def _reply(msg: Message, content: RecordDict) -> Message:
 
 def _setup(msg: Message, context: Context) -> tuple[dict[str, Any], NodeIdentity, ConfigRecord]:
     cfg = from_run_config(context.run_config)
-    torch.set_num_threads(int(cfg["train.threads"]))
+    apply_threads(int(cfg["train.threads"]))
     round_config = msg.content.config_records.get("config", ConfigRecord())
     node = identify(context.node_config, cfg, run_dir=str(round_config.get("run-dir", "")))
     return cfg, node, round_config

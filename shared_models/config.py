@@ -67,7 +67,7 @@ RULES: dict[str, Rule] = {
     "train.lr": Rule(above=0.0, maximum=1_000.0),
     "train.momentum": Rule(minimum=0.0, below=1.0),
     "train.weight_decay": Rule(minimum=0.0),
-    "train.threads": Rule(minimum=1, maximum=1024),
+    "train.threads": Rule(minimum=0, maximum=1024),
     "privacy.unit": Rule(choices=("student", "image")),
     "privacy.target_epsilon": Rule(above=0.0),
     "privacy.noise_multiplier": Rule(minimum=0.0),

@@ -34,7 +34,9 @@ def pooled_schools(root: Path) -> SchoolData:
 def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
                   echo: Callable[[str], None] = print) -> dict[str, Any]:
     torch.manual_seed(int(cfg["run.seed"]))
-    torch.set_num_threads(max(1, int(cfg["train.threads"])))
+    from shared_models.threads import apply_threads
+
+    apply_threads(int(cfg["train.threads"]))
     data = pooled_schools(root)
     model = registry.build_from_config(cfg)
     started = time.perf_counter()
