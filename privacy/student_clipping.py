@@ -239,7 +239,7 @@ class Conv2dRule(_GhostOrDirect):
     # Per-frame weight gradients of a conv with at most this many outputs per group come from one
     # convolution-backward call with the batch folded into the groups (fast for narrow layers, where the
     # unfold + batched product is dominated by the unfold); wider ones from unfold + batched product.
-    narrow_outputs = 16
+    narrow_outputs = 32
 
     def _per_frame_weight(self, x: Tensor, g: Tensor) -> Tensor:
         """(B, *weight.shape) per-frame weight gradients of one call."""
