@@ -325,7 +325,7 @@ def run_real(mode: str, nodes: int, rounds: int, work: Path, extra: dict[str, An
         if len(rows) < rounds:
             raise DeploymentError(f"real app, {mode}: {len(rows)} of {rounds} rounds in {metrics} "
                                   f"(flwr exit {result.returncode})\n{result.stdout[-3000:]}")
-    out = summarize_real(f"fedfer:{mode}", rows, total, school_timings(runs))
+    out = summarize_real(f"fedfer:{mode}", rows, total, school_timings(root))
     out["run_config"] = run_config | {"run.root": "<tmp>", "data.root": "<tmp>", "privacy.keyring": "<tmp>"}
     out["model"] = model_summary(cfg)
     return out
