@@ -30,13 +30,15 @@ def _frames(size: int, n: int = len(STUDENTS), seed: int = 0) -> TensorDataset:
     return TensorDataset(x, torch.randint(0, 7, (n,), generator=g))
 
 
-def _one_step(model: nn.Module, frames: TensorDataset, clipping: str, clip: float, loss=per_sample_loss) -> list:
+def _one_step(model: nn.Module, frames: TensorDataset, clipping: str, clip: float, loss=per_sample_loss,
+              students: list[str] = STUDENTS) -> tuple[list, str]:
     """One DP step over every student with noise σ = 1 from a fixed seed; returns the parameters after it."""
     model = copy.deepcopy(model)
-    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), frames, STUDENTS,
-                             units_per_batch=3, frames_per_unit=3, noise_multiplier=1.0, max_grad_norm=clip,
-                             seed=7, declared_units=3, reproducible=True, clipping=clipping)
-    trainer.step([0, 1, 2], loss)
+    units = len(set(students))
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), frames, students,
+                             units_per_batch=units, frames_per_unit=3, noise_multiplier=1.0, max_grad_norm=clip,
+                             seed=7, declared_units=units, reproducible=True, clipping=clipping)
+    trainer.step(list(range(units)), loss)
     used = trainer.clipping
     trainer.close()
     return [p.detach().clone() for p in model.parameters()], used
@@ -64,6 +66,18 @@ def test_ghost_step_equals_per_sample_step(name: str, preset: str) -> None:
         fast, used_fast = _one_step(model, frames, "auto", clip)
         assert (used_ref, used_fast) == ("per-sample", "ghost")
         _assert_same_update(model, fast, reference, f"{name}-{preset} C={clip}")
+
+
+@pytest.mark.parametrize("name", ["hafnet", "sfer_mdfae"])
+def test_ghost_step_equals_per_sample_step_at_the_paper_preset(name: str) -> None:
+    """The paper presets (224 px ResNet-18 heads, 112 px IR-50 + routing attention), 3 frames of 2 students."""
+    torch.manual_seed(0)
+    model = registry.build(name, 7, "paper").double()
+    frames = _frames(model.input_size, n=3)
+    reference, _ = _one_step(model, frames, "per-sample", 0.05, students=["a", "b", "a"])
+    fast, used = _one_step(model, frames, "auto", 0.05, students=["a", "b", "a"])
+    assert used == "ghost"
+    _assert_same_update(model, fast, reference, f"{name}-paper")
 
 
 def _reference_clipped_sum(model: nn.Module, x, y, rows: torch.Tensor, count: int, clip: float) -> list:
