@@ -11,7 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
+from shared_models.threads import apply_threads, prefer_passive_waiting
+
+prefer_passive_waiting()   # before torch loads OpenMP: idle threads sleep instead of spinning (shared_models/threads.py)
+
+import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -46,7 +50,7 @@ def _reply(msg: Message, content: RecordDict) -> Message:
 
 def _setup(msg: Message, context: Context) -> tuple[dict[str, Any], NodeIdentity, ConfigRecord]:
     cfg = from_run_config(context.run_config)
-    torch.set_num_threads(int(cfg["train.threads"]))
+    apply_threads(int(cfg["train.threads"]))
     round_config = msg.content.config_records.get("config", ConfigRecord())
     node = identify(context.node_config, cfg, run_dir=str(round_config.get("run-dir", "")))
     return cfg, node, round_config
@@ -80,25 +84,33 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of DP training at a school (client/school_round.py)."""
-    from client.school_round import run_round
+    from client.school_round import PhaseClock, run_round
 
+    phases = PhaseClock()
     cfg, node, round_config = _setup(msg, context)
     if node.role != "school":
         return _reply_status(msg, "declined", f"node role is {node.role}, not school")
-    outcome = run_round(node, cfg, _global_model(msg, cfg), run_id=str(round_config.get("run-id", "")),
-                        server_round=int(round_config.get("server-round", 0)))
+    server_round = int(round_config.get("server-round", 0))
+    model = _global_model(msg, cfg)
+    phases.mark("receive")
+    outcome = run_round(node, cfg, model, run_id=str(round_config.get("run-id", "")),
+                        server_round=server_round, phases=phases)
     if outcome.status != "ok":
         extra = {"setting": outcome.setting} if outcome.setting else {}
         reply = _reply_status(msg, outcome.status, outcome.reason, school=node.school_id, **extra)
         if outcome.ledger is not None:
             reply.content["ledger"] = ConfigRecord(outcome.ledger)
+        phases.write(node, server_round, outcome.status)
         return reply
-    return _reply(msg, RecordDict({
+    reply = _reply(msg, RecordDict({
         "arrays": ArrayRecord(outcome.weights),
         "metrics": MetricRecord(outcome.metrics),
         "status": ConfigRecord({"status": "ok", "school": node.school_id}),
         "ledger": ConfigRecord(outcome.ledger),
     }))
+    phases.mark("reply")
+    phases.write(node, server_round, "ok")
+    return reply
 
 
 @app.evaluate()

@@ -145,12 +145,15 @@ def school_policy(node: NodeIdentity, data: SchoolData):
 
 # ------------------------------------------------------------------------------------------ round
 def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module, *, run_id: str,
-              server_round: int, clock: Callable[[], datetime] | None = None) -> RoundReply:
-    """One round at this school; ``model`` holds the global weights and is trained in place."""
+              server_round: int, clock: Callable[[], datetime] | None = None,
+              phases: PhaseClock | None = None) -> RoundReply:
+    """One round at this school; ``model`` holds the global weights and is trained in place. ``phases``
+    collects how long each step took, for the school's own timing log (never sent)."""
     from privacy.ledger import record_round
     from privacy.policy import PolicyViolation, agree_round
     from shared_models.atomic_files import try_locked
 
+    phases = phases if phases is not None else PhaseClock()
     # the time the request was taken: signed into the entry, and independent of how long training takes
     started_at = (clock or _now)().isoformat(timespec="seconds")
     started = time.perf_counter()
@@ -160,10 +163,12 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
     if isinstance(data, RoundReply):
         return data
     data_s = time.perf_counter() - started
+    phases.mark("data")
 
     # 2. the run-config against the school's policy (public values only)
     policy = school_policy(node, data)
     terms = agree_round(policy, cfg, node.school_id)
+    phases.mark("policy")
 
     assert node.state_dir is not None
     node.state_dir.mkdir(parents=True, exist_ok=True)
@@ -179,17 +184,49 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
         refusal = _guard_budget(books, terms, common)
         if refusal is not None:
             return refusal
+        phases.mark("guard")
 
         # 4. DP training (privacy.engine), then 5. the ledger, before anything leaves the school
         result = _train(model, data, terms.plan, cfg, node, server_round)
+        phases.mark("train")
         entry = record_round(books.accountant, books.ledger, noise_multiplier=result.noise_multiplier,
                              sample_rate=result.sample_rate, steps=result.steps, **common)
         ledger_record = books.signed(entry)
+        phases.mark("ledger")
     if node.simulated:
         _record_timing(node, run_id, server_round, data_s, time.perf_counter() - started)
 
     # 6. reply content: DP output and public values only
     return _ok_reply(node, server_round, model, result, entry, ledger_record, terms.plan.declared_units)
+
+
+class PhaseClock:
+    """Seconds spent in each step of a school's handling of one message, for the school's own timing log
+    (``<state dir>/round-timing.jsonl``). Durations stay at the school: they depend on its true data size,
+    which replies never reveal (module docstring)."""
+
+    def __init__(self) -> None:
+        self.received_unix = time.time()
+        self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._last, 4)
+        self._last = now
+
+    def write(self, node: NodeIdentity, server_round: int, status: str) -> None:
+        """Append this message's line to the school's timing log; a failure to write never fails the round."""
+        if node.state_dir is None or not node.state_dir.exists():
+            return
+        line = {"school": node.school_id, "round": server_round, "status": status,
+                "received_unix": round(self.received_unix, 4), "done_unix": round(time.time(), 4),
+                "seconds": self.seconds}
+        try:
+            with open(node.state_dir / "round-timing.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError:
+            pass
 
 
 def _usable_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | SchoolClips | RoundReply:
@@ -302,4 +339,4 @@ def _train(model: torch.nn.Module, data: SchoolData | SchoolClips, plan, cfg: Ma
     else:
         frames = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
     return train_private(model, frames, data.student_ids if plan.unit == "student" else None, plan,
-                         make_optimizer(model, cfg), int(cfg["train.local_epochs"]))
+                         make_optimizer(model, cfg), int(cfg["train.local_epochs"]), clipping=str(cfg["privacy.clipping"]))

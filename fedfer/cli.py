@@ -65,6 +65,9 @@ def describe(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning (shared_models/threads.py says why); set before any
+    # command loads torch, and inherited by the processes it starts (simulated nodes, SuperNodes).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(args.debug or os.environ.get("FEDFER_DEBUG"))

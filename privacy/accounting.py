@@ -434,9 +434,11 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                     accountant: str = "prv", epsilon_tolerance: float = 0.01) -> float:
     """Smallest noise multiplier (within tolerance) such that ``steps`` steps at ``sample_rate``
     stay within ``target_epsilon``: Opacus' ``get_noise_multiplier`` (a bisection), run on the same
-    accountant the budget uses. Raises AccountingError on an impossible target."""
-    from opacus.accountants.utils import get_noise_multiplier
+    accountant the budget uses. Raises AccountingError on an impossible target.
 
+    The bisection takes seconds and a deployed school runs every message in a fresh process, so results
+    are also kept on disk (:func:`calibration_cache_path`; public values only). A stored σ is used only
+    after checking, with the accountant, that it stays within ``target_epsilon``."""
     if accountant not in ACCOUNTANT_KINDS:
         raise AccountingError(f"accountant must be one of {ACCOUNTANT_KINDS}, got {accountant!r}")
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
@@ -444,6 +446,20 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     _check_entry(1.0, sample_rate, steps)
     if steps == 0 or sample_rate == 0:
         return 0.0
+    key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{int(steps)}|{epsilon_tolerance!r}"
+    stored = _stored_calibrations().get(key)
+    if isinstance(stored, float) and stored > 0 and \
+            epsilon_of([(stored, sample_rate, int(steps))], delta, accountant) <= target_epsilon:
+        return stored
+    sigma = _bisect_noise(target_epsilon, delta, sample_rate, int(steps), accountant, epsilon_tolerance)
+    _store_calibration(key, sigma)
+    return sigma
+
+
+def _bisect_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                  epsilon_tolerance: float) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
     mechanism = _register_prv() if accountant == "prv" else "rdp"
     try:
         with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -454,6 +470,34 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     except ValueError as exc:
         raise AccountingError(f"cannot reach epsilon {target_epsilon} at delta {delta} with q={sample_rate}, "
                               f"{steps} steps: {exc}") from exc
+
+
+def calibration_cache_path() -> Path:
+    """``$FEDFER_CACHE_DIR/noise-calibration.json`` (default ``~/.cache/fedfer``)."""
+    import os
+
+    return Path(os.environ.get("FEDFER_CACHE_DIR") or Path.home() / ".cache" / "fedfer") / "noise-calibration.json"
+
+
+def _stored_calibrations() -> dict:
+    try:
+        stored = json.loads(calibration_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _store_calibration(key: str, sigma: float) -> None:
+    """Add one result to the on-disk cache; a cache that cannot be written only costs time later."""
+    path = calibration_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(path):
+            stored = _stored_calibrations()
+            stored[key] = sigma
+            atomic_write_text(path, json.dumps(stored, sort_keys=True))
+    except OSError:
+        pass
 
 
 class SchoolAccountant:

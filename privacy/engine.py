@@ -16,11 +16,18 @@ The trainer (:class:`PrivateTrainer`, privacy unit ``student``): each step
      ``UniformWithReplacementSampler`` over the *units*, not the frames);
   2. draws ``frames_per_unit`` of each sampled unit's frames (without replacement; all of them if it
      has fewer);
-  3. computes per-frame gradients with Opacus' ``GradSampleModule`` and sums them per unit — the unit's
-     gradient is the gradient of the sum of its frames' losses;
-  4. clips each unit's gradient to ``max_grad_norm`` C, adds N(0, σ²C²) to the sum and divides by the
-     expected number of units q × declared size — a public constant (Opacus ``DPOptimizer``, whose
-     clipping operates on whatever rows ``p.grad_sample`` holds: here one row per unit).
+  3. computes each unit's gradient — the gradient of the sum of its frames' losses — and clips it to
+     ``max_grad_norm`` C, by one of two exact paths (``clipping``, config ``privacy.clipping``):
+       * ``per-sample``: per-frame gradients from Opacus' ``GradSampleModule``, summed per unit, clipped
+         by Opacus ``DPOptimizer`` (whose clipping operates on whatever rows ``p.grad_sample`` holds:
+         here one row per unit);
+       * ``ghost`` (book-keeping with per-layer ghost norms, privacy/student_clipping.py): the units'
+         norms without per-frame gradients where a norm is cheaper, then the clipped sum straight into
+         ``p.grad``, taken by Opacus ``DPOptimizerFastGradientClipping``. ``auto`` (default) is ghost,
+         or per-sample for a model with a layer ghost cannot take. Both give the same clipped sum
+         (tests/test_student_clipping.py); only the time and memory differ;
+  4. adds N(0, σ²C²) to the clipped sum and divides by the expected number of units q × declared size —
+     a public constant (the same Opacus noise code on both paths).
 One student changes at most one clipped row of one step's sum, so the sampled Gaussian mechanism at
 (σ, q) per step is exactly what the accountant composes. ``image`` is the same code with every frame its
 own unit (standard Opacus DP-SGD with Poisson sampling).
@@ -140,7 +147,8 @@ class PrivateTrainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, frames: Dataset,
                  unit_ids: Sequence[str] | None, units_per_batch: int, frames_per_unit: int,
                  noise_multiplier: float, max_grad_norm: float, seed: int | None = None, *,
-                 declared_units: int, reproducible: bool = False, grad_sample_mode: str = "hooks") -> None:
+                 declared_units: int, reproducible: bool = False, grad_sample_mode: str = "hooks",
+                 clipping: str = "auto") -> None:
         n_frames = len(frames)  # type: ignore[arg-type]
         if n_frames == 0:
             raise ValueError("the school has no training frames")
@@ -160,7 +168,7 @@ class PrivateTrainer:
         self.frames = frames
         if reproducible and seed is None:
             raise ValueError("reproducible=True needs a seed")
-        self._attach_opacus(model, optimizer, seed, reproducible, grad_sample_mode)
+        self._attach_opacus(model, optimizer, seed, reproducible, grad_sample_mode, clipping)
         self.steps_done = 0
 
     def _unit_of_each_frame(self, unit_ids: Sequence[str] | None, n_frames: int) -> Sequence[str]:
@@ -187,24 +195,59 @@ class PrivateTrainer:
         self.num_units = len(members)
 
     def _attach_opacus(self, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int | None,
-                       reproducible: bool, grad_sample_mode: str) -> None:
-        """The frame-choice generator, the Poisson unit sampler, per-sample gradients and the noisy optimizer;
+                       reproducible: bool, grad_sample_mode: str, clipping: str) -> None:
+        """The frame-choice generator, the Poisson unit sampler, the clipping path and the noisy optimizer;
         each randomness source gets its own generator (offsets 1, 2, 3)."""
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+        from privacy.student_clipping import CLIPPING_MODES
+
+        if clipping not in CLIPPING_MODES:
+            raise ValueError(f"privacy.clipping must be one of {', '.join(CLIPPING_MODES)}, got {clipping!r}")
         self._frame_gen = _generator(seed, reproducible, 1)
         self._sampler = UniformWithReplacementSampler(num_samples=self.num_units, sample_rate=self.sample_rate,
                                                       generator=_generator(seed, reproducible, 2),
                                                       steps=self.steps_per_epoch)
         self.model = model
         model.train()
+        self._base_optimizer, self._noise_generator = optimizer, _generator(seed, reproducible, 3)
+        self._grad_sample_mode, self.clipper = grad_sample_mode, None
+        if clipping != "per-sample" and grad_sample_mode == "hooks":
+            self._attach_book_keeping(model, required=clipping == "ghost")
+        if self.clipper is None:
+            self._attach_per_sample(model)
+
+    def _attach_per_sample(self, model: nn.Module) -> None:
+        """Opacus per-sample gradients (GradSampleModule) summed per unit, clipped by DPOptimizer."""
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        self.clipping = "per-sample"
         self.private_model = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True,
-                                              force_functorch=grad_sample_mode == "functorch")
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                                              force_functorch=self._grad_sample_mode == "functorch")
+        self.optimizer = DPOptimizer(self._base_optimizer, noise_multiplier=self.noise_multiplier,
                                      max_grad_norm=self.max_grad_norm, expected_batch_size=self.expected_units,
-                                     loss_reduction="mean", generator=_generator(seed, reproducible, 3))
+                                     loss_reduction="mean", generator=self._noise_generator)
+
+    def _attach_book_keeping(self, model: nn.Module, required: bool) -> None:
+        """privacy/student_clipping.py computes the clipped sum into p.grad; Opacus'
+        DPOptimizerFastGradientClipping adds the same noise, scales and steps. ``required`` False (auto):
+        a model it cannot handle falls back to per-sample clipping."""
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        from privacy.student_clipping import StudentClipper, UnsupportedModel
+
+        try:
+            self.clipper = StudentClipper(model)
+        except UnsupportedModel:
+            if required:
+                raise
+            return
+        self.clipping = "ghost"
+        self.private_model = model
+        self.optimizer = DPOptimizerFastGradientClipping(
+            self._base_optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_units, loss_reduction="mean", generator=self._noise_generator)
 
     # ------------------------------------------------------------------------------------------
     def _frames_of(self, units: list[int]) -> tuple[list[int], list[int]]:
@@ -227,35 +270,68 @@ class PrivateTrainer:
 
     def step(self, units: list[int], loss_fn: LossFn) -> tuple[float, int]:
         """One DP step on the given unit indices. Returns (sum of frame losses, frames used)."""
+        from privacy.student_clipping import UnsupportedModel
+
         self.optimizer.zero_grad(set_to_none=True)
-        params = self._params()
         loss_sum, n_frames = 0.0, 0
         if units:
             frame_idx, rows = self._frames_of(units)
             x, y = default_collate([self.frames[i] for i in frame_idx])
-            losses = loss_fn(self.private_model, x, y)
-            if not isinstance(losses, torch.Tensor) or losses.shape != (len(frame_idx),):
-                got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                raise ValueError(f"loss_fn must return one loss per frame, shape ({len(frame_idx)},); got {got}")
-            losses.sum().backward()
             row_index = torch.tensor(rows, dtype=torch.long)
-            for p in params:
-                gs = p.grad_sample
-                if gs is None:  # parameter not used in this forward: zero gradient for every unit
-                    p.grad_sample = torch.zeros((len(units), *p.shape), dtype=p.dtype)
-                    continue
-                if isinstance(gs, list):
-                    gs = torch.cat(gs, dim=0)
-                # the unit's gradient = sum of its frames' gradients (then clipped per unit by DPOptimizer)
-                p.grad_sample = torch.zeros((len(units), *gs.shape[1:]), dtype=gs.dtype).index_add_(0, row_index, gs)
+            try:
+                losses = self._clipped_sum(loss_fn, x, y, row_index, len(units))
+            except UnsupportedModel:   # auto: a layer the book-keeping path cannot take; nothing applied yet
+                if self.clipper is None:
+                    raise
+                self.clipper.close()
+                self.clipper = None
+                self._attach_per_sample(self.model)
+                self.optimizer.zero_grad(set_to_none=True)
+                losses = self._clipped_sum(loss_fn, x, y, row_index, len(units))
             loss_sum, n_frames = float(losses.detach().sum()), len(frame_idx)
         else:
-            for p in params:  # empty Poisson batch: clipped sum is zero, the step adds noise only
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            for p in self._params():  # empty Poisson batch: clipped sum is zero, the step adds noise only
+                if self.clipper is None:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                else:
+                    p.grad = torch.zeros_like(p)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         return loss_sum, n_frames
+
+    def _losses(self, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        losses = loss_fn(self.private_model, x, y)
+        if not isinstance(losses, torch.Tensor) or losses.shape != (len(x),):
+            got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"loss_fn must return one loss per frame, shape ({len(x)},); got {got}")
+        return losses
+
+    def _clipped_sum(self, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, row_index: torch.Tensor,
+                     n_units: int) -> torch.Tensor:
+        """Forward and backward; leaves what the optimizer clips (per-sample path: one ``grad_sample`` row per
+        unit) or has clipped (book-keeping path: ``p.grad`` = the clipped sum). Returns the frame losses."""
+        if self.clipper is not None:
+            with self.clipper.capture():
+                losses = self._losses(loss_fn, x, y)
+            # the optimizer's bound, read at each step like DPOptimizer's own clipping does
+            self.clipper.clip_and_sum(losses, row_index, n_units, float(self.optimizer.max_grad_norm))
+            for p in self._params():   # an optimised parameter the model did not use: zero for every unit
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            return losses
+        losses = self._losses(loss_fn, x, y)
+        losses.sum().backward()
+        for p in self._params():
+            gs = p.grad_sample
+            if gs is None:  # parameter not used in this forward: zero gradient for every unit
+                p.grad_sample = torch.zeros((n_units, *p.shape), dtype=p.dtype)
+                continue
+            if isinstance(gs, list):
+                gs = torch.cat(gs, dim=0)
+            # the unit's gradient = sum of its frames' gradients (then clipped per unit by DPOptimizer)
+            p.grad_sample = torch.zeros((n_units, *gs.shape[1:]), dtype=gs.dtype).index_add_(0, row_index, gs)
+        return losses
 
     def train_epoch(self, loss_fn: LossFn) -> dict:
         """``steps_per_epoch`` DP steps; each step's units are a fresh Poisson sample."""
@@ -272,8 +348,11 @@ class PrivateTrainer:
                 "units": units_seen, "empty_steps": empty}
 
     def close(self) -> None:
-        """Detach Opacus' hooks from ``model`` (call before evaluating or reusing it elsewhere)."""
-        self.private_model._close()
+        """Detach the clipping hooks from ``model`` (call before evaluating or reusing it elsewhere)."""
+        if self.clipper is not None:
+            self.clipper.close()
+        else:
+            self.private_model._close()
 
 
 # ------------------------------------------------------------------------------------- one round
@@ -291,9 +370,10 @@ class DPResult:
 
 def train_private(model: nn.Module, frames: Dataset, unit_ids: Sequence[str] | None, plan: DPPlan,
                   optimizer: torch.optim.Optimizer, local_epochs: int, loss_fn: LossFn | None = None,
-                  seed: int | None = None, reproducible: bool = False) -> DPResult:
+                  seed: int | None = None, reproducible: bool = False, clipping: str = "auto") -> DPResult:
     """One round of DP-SGD following ``plan`` (``unit_ids`` None for unit image); returns the q and
-    steps that ran."""
+    steps that ran. ``clipping`` picks how the clipped sum is computed (``privacy.clipping``; the
+    mechanism, hence the privacy record, is the same for all)."""
     if loss_fn is None:
         from shared_models.training import per_sample_loss as loss_fn
     if (unit_ids is None) != (plan.unit == "image"):
@@ -301,7 +381,7 @@ def train_private(model: nn.Module, frames: Dataset, unit_ids: Sequence[str] | N
     trainer = PrivateTrainer(model, optimizer, frames, unit_ids, units_per_batch=plan.units_per_batch,
                              frames_per_unit=plan.frames_per_unit, noise_multiplier=plan.noise_multiplier,
                              max_grad_norm=plan.max_grad_norm, seed=seed, declared_units=plan.declared_units,
-                             reproducible=reproducible)
+                             reproducible=reproducible, clipping=clipping)
     steps, losses = 0, []
     try:
         for _ in range(int(local_epochs)):

@@ -57,7 +57,9 @@ def _training_set(data: SchoolData | SchoolClips, model: torch.nn.Module, cfg: M
 def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
                   echo: Callable[[str], None] = print) -> dict[str, Any]:
     torch.manual_seed(int(cfg["run.seed"]))
-    torch.set_num_threads(max(1, int(cfg["train.threads"])))
+    from shared_models.threads import apply_threads
+
+    apply_threads(int(cfg["train.threads"]))
     clip_frames = registry.config_clip_frames(cfg)
     data = (pooled_school_clips(root, clip_frames, str(cfg.get("model.task", "fer7"))) if clip_frames
             else pooled_schools(root))
@@ -77,7 +79,7 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
     for epoch in range(1, epochs + 1):
         if dp:
             result = train_private(model, frames, data.student_ids if unit == "student" else None, plan,
-                                   make_optimizer(model, cfg), local_epochs=1)
+                                   make_optimizer(model, cfg), local_epochs=1, clipping=str(cfg["privacy.clipping"]))
             steps_total += result.steps
             stats = {"loss": result.mean_loss}
         else:

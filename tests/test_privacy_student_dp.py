@@ -52,7 +52,8 @@ def test_student_update_is_clipped_sum_of_its_frames(clip):
     start = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     trainer = PrivateTrainer(model, opt, ds, ids, units_per_batch=2, frames_per_unit=10,
-                             noise_multiplier=0.0, max_grad_norm=clip, seed=0, declared_units=3, reproducible=True)
+                             noise_multiplier=0.0, max_grad_norm=clip, seed=0, declared_units=3, reproducible=True,
+                             clipping="per-sample")   # this test reads the per-unit rows Opacus clips
     assert trainer.num_units == 3 and trainer.sample_rate == pytest.approx(2 / 3)
     seen = {}
     trainer.optimizer.attach_step_hook(lambda o: seen.update(rows=[p.grad_sample.clone() for p in o.params]))

@@ -281,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.01 <= args.poll <= 60:
         parser.error("--poll must be between 0.01 and 60 seconds")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # before torch (hence OpenMP) is preloaded and inherited by every fork: idle threads sleep rather
+    # than spin (shared_models/threads.py; not imported here, the app's modules come from the FAB)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from flwr.supercore.logger import update_console_handler
 
     update_console_handler(timestamps=True, colored=sys.stderr.isatty())

@@ -43,6 +43,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler
 from torch import Tensor, nn
 
 from shared_models.models.backbones.norm import group_norm
@@ -267,3 +268,26 @@ class HAFNet(nn.Module):
             for i in range(self.num_heads):
                 del out[f"cat_head{i}.{rest}"]
         return out
+
+
+@register_grad_sampler(ClassCentres)
+def class_centres_grad_sample(layer: ClassCentres, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Per-sample gradient of the centres in closed form (Opacus would replay the layer under functorch).
+
+    out_ik = clamp(||f_i - c_k||^2) / s with s = sum_d Var_k(c_kd) (unbiased), so with b = d loss / d out:
+    grad_i[k] = -2 b_ik [raw_ik within the clamp] (f_i - c_k) / s - (sum_j b_ij out_ij / s) * 2 (c_k - mean_k c) / (K - 1).
+    tests/test_models_dp.py checks it against autograd one sample at a time.
+    """
+    if not layer.centres.requires_grad:
+        return {}
+    features = activations[0].to(backprops.dtype)
+    centres = layer.centres.to(backprops.dtype)
+    diff = features.unsqueeze(1) - centres.unsqueeze(0)  # (B, K, D)
+    raw = diff.pow(2).sum(dim=-1)
+    within = ((raw >= 1e-12) & (raw <= 1e12)).to(backprops.dtype)  # clamp passes the gradient inside its range
+    spread = centres.var(dim=0).sum()
+    out = raw.clamp(1e-12, 1e12) / spread
+    direct = (-2.0 / spread) * (backprops * within).unsqueeze(-1) * diff
+    through_spread = (backprops * out).sum(dim=1) / spread  # (B,)
+    d_spread = 2.0 * (centres - centres.mean(dim=0)) / (centres.shape[0] - 1)  # (K, D)
+    return {layer.centres: direct - through_spread.view(-1, 1, 1) * d_spread.unsqueeze(0)}

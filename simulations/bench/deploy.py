@@ -24,8 +24,8 @@ Every message carries a model the size and shape of HAFNet's `cpu` preset (88 te
 `--app fedfer` runs the real fedfer apps instead (`flwr run <repo>`: DP training at every school on
 a tiny synthetic school, evaluation node on a tiny public benchmark; the ServerApp's PackedGrid +
 PollingGrid, every school with its warm executor and short-poll SuperNode). Overhead per round =
-the round's wall time (metrics.jsonl `timing.round_seconds`) minus the longest `train-seconds` a
-school reports minus the evaluation node's reported compute (`timing.evaluate_compute_s`). With
+the round's wall time (metrics.jsonl `timing.round_seconds`) minus the longest DP training a school
+logged in its own `<state dir>/round-timing.jsonl` (replies carry no durations) minus the evaluation node's reported compute (`timing.evaluate_compute_s`). With
 pipelined evaluation (round r−1's model is evaluated during round r's training exchange, metrics
 line key `evaluated_in_round`) the two computes overlap, so the longer of the two is subtracted.
 
@@ -325,7 +325,7 @@ def run_real(mode: str, nodes: int, rounds: int, work: Path, extra: dict[str, An
         if len(rows) < rounds:
             raise DeploymentError(f"real app, {mode}: {len(rows)} of {rounds} rounds in {metrics} "
                                   f"(flwr exit {result.returncode})\n{result.stdout[-3000:]}")
-    out = summarize_real(f"fedfer:{mode}", rows, total)
+    out = summarize_real(f"fedfer:{mode}", rows, total, school_timings(root))
     out["run_config"] = run_config | {"run.root": "<tmp>", "data.root": "<tmp>", "privacy.keyring": "<tmp>"}
     out["model"] = model_summary(cfg)
     return out
@@ -341,7 +341,34 @@ def model_summary(cfg: dict[str, Any]) -> dict[str, Any]:
             "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in state.values()})}
 
 
-def real_round(row: dict[str, Any], concurrent_eval: float = 0.0) -> dict[str, Any]:
+def school_timings(runs: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """(school, round) -> the school's own timing line (client/school_round.PhaseClock; replies carry no
+    durations, so the bench reads them from the schools' state directories on this machine)."""
+    lines: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in sorted(runs.rglob("round-timing.jsonl")):
+        for text in path.read_text().splitlines():
+            if text.strip():
+                line = json.loads(text)
+                lines[(str(line["school"]), int(line["round"]))] = line
+    return lines
+
+
+def _school_side(row: dict[str, Any], ok: dict[str, Any], timings: dict[tuple[str, int], dict[str, Any]]) -> dict:
+    """The schools' own seconds for this round: DP training (compute) and the whole handler."""
+    lines = [timings[(s, int(row["round"]))] for s in ok if (s, int(row["round"])) in timings]
+    if not lines:
+        return {"train": 0.0, "handler": 0.0, "phases": {}}
+    phases: dict[str, float] = {}
+    for line in lines:
+        for name, sec in line["seconds"].items():
+            phases[name] = max(phases.get(name, 0.0), float(sec))
+    return {"train": max(float(ln["seconds"].get("train", 0.0)) for ln in lines),
+            "handler": max(float(ln["done_unix"]) - float(ln["received_unix"]) for ln in lines),
+            "phases": {k: round(v, 3) for k, v in phases.items()}}
+
+
+def real_round(row: dict[str, Any], concurrent_eval: float = 0.0,
+               timings: dict[tuple[str, int], dict[str, Any]] | None = None) -> dict[str, Any]:
     """One metrics.jsonl line → round wall time, reported compute and the overhead left.
 
     With pipelined evaluation (`evaluated_in_round` in a line) the evaluation of round r−1's model runs
@@ -351,7 +378,8 @@ def real_round(row: dict[str, Any], concurrent_eval: float = 0.0) -> dict[str, A
     """
     timing = row.get("timing") or {}
     ok = {s: o for s, o in row["train"].items() if o.get("status") == "ok"}
-    train_compute = max((float(o.get("train_seconds", 0.0)) for o in ok.values()), default=0.0)
+    school = _school_side(row, ok, timings or {})
+    train_compute = school["train"]
     eval_compute = float(timing.get("evaluate_compute_s", 0.0))
     own_eval = 0.0 if row.get("evaluated_in_round") else eval_compute
     wall = float(timing["round_seconds"])
@@ -362,7 +390,8 @@ def real_round(row: dict[str, Any], concurrent_eval: float = 0.0) -> dict[str, A
             "train_exchange_s": round(float(timing.get("train_exchange_s", float("nan"))), 2),
             "evaluate_exchange_s": round(float(timing.get("evaluate_exchange_s", float("nan"))), 2),
             "schools_ok": len(ok), "schools": len(row["train"]), "evaluated_by": row.get("evaluated_by", ""),
-            "train_compute_s": {s: round(float(o.get("train_seconds", 0.0)), 2) for s, o in ok.items()}}
+            "school_handler_max_s": round(school["handler"], 2), "school_phases_max_s": school["phases"],
+            "train_transport_s": round(float(timing.get("train_exchange_s", float("nan"))) - school["handler"], 2)}
 
 
 def _median(values: Iterable[float]) -> float | None:
@@ -370,10 +399,11 @@ def _median(values: Iterable[float]) -> float | None:
     return round(statistics.median(values), 2) if values else None
 
 
-def summarize_real(mode: str, rows: list[dict[str, Any]], total: float) -> dict[str, Any]:
+def summarize_real(mode: str, rows: list[dict[str, Any]], total: float,
+                   timings: dict[tuple[str, int], dict[str, Any]] | None = None) -> dict[str, Any]:
     during = {int(r["evaluated_in_round"]): float((r.get("timing") or {}).get("evaluate_compute_s", 0.0))
               for r in rows if r.get("evaluated_in_round")}
-    rounds = [real_round(r, during.get(int(r["round"]), 0.0)) for r in rows]
+    rounds = [real_round(r, during.get(int(r["round"]), 0.0), timings) for r in rows]
     steady = rounds[1:] or rounds   # round 1 also installs the FAB and asks every node for its role
     return {
         "mode": mode,
@@ -385,6 +415,8 @@ def summarize_real(mode: str, rows: list[dict[str, Any]], total: float) -> dict[
         "train_exchange_median_s": round(statistics.median(r["train_exchange_s"] for r in steady), 2),
         "evaluate_exchange_median_s": _median(r["evaluate_exchange_s"] for r in steady),
         "evaluation_pipelined": any(r["evaluated_in_round"] for r in rounds),
+        "school_handler_median_s": round(statistics.median(r["school_handler_max_s"] for r in steady), 2),
+        "train_transport_median_s": _median(r["train_transport_s"] for r in steady),
         "clientapp_import_median_s": None,
         "errors": sum(r["schools"] - r["schools_ok"] for r in rounds)
                   + sum(1 for r in rounds if not r["evaluated_by"].startswith("evaluator-node")),
@@ -490,7 +522,7 @@ def _run_entry(args: argparse.Namespace, argv: list[str] | None, results: list[d
                         "network": "loopback",
                         "round": "DP training at every school; the evaluation node scores the previous round's model "
                                  "in the same exchange (pipelined; the final model after the last round)",
-                        "overhead": "timing.round_seconds - max(max school train-seconds, compute of the evaluation "
+                        "overhead": "timing.round_seconds - max(max school DP-training seconds (round-timing.jsonl), compute of the evaluation "
                                     "running concurrently) - compute of an evaluation not run concurrently",
                         "run_config": real_overrides(args.nodes, args.rounds, extra)}
     return run

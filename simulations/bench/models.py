@@ -8,8 +8,10 @@ RSS). A step is forward + full per-sample loss (`registry.per_sample_loss`) + ba
 step on a random batch in [-1, 1]. Modes:
 
   plain        SGD, no DP
-  dp-hooks     Opacus GradSampleModule (hooks) + DPOptimizer (clip + noise) -- what the client uses
-               (privacy/engine.py)
+  dp-bk        book-keeping with per-layer ghost norms (privacy/student_clipping.py) + Opacus'
+               DPOptimizerFastGradientClipping (noise) -- what the client uses (privacy.clipping: auto)
+  dp-hooks     Opacus GradSampleModule (hooks) + DPOptimizer (clip + noise) -- privacy.clipping: per-sample
+  dp-bk-ghost / dp-bk-direct  dp-bk with every Linear/Conv2d on the ghost rule / the direct rule (--extras)
   dp-ghost     Opacus fast gradient / ghost clipping (GradSampleModuleFastGradientClipping, two backward
                passes, norms instead of stored per-sample gradients where Opacus has a norm sampler)
   dp-functorch GradSampleModule(force_functorch=True)
@@ -99,6 +101,8 @@ def _training_step(mode: str, model, x, y, result: dict) -> Callable[[], None]: 
             result["grad_sample_max_rel_error_vs_contiguous"] = _channels_last_grad_error(net, opt, model, x, y)
     elif mode == "dp-ghost":
         return _ghost_clipping_step(model, x, y, dp)
+    elif mode.startswith("dp-bk"):
+        return _book_keeping_step(model, x, y, dp, {"dp-bk": "mixed"}.get(mode, mode[len("dp-bk-"):]))
     elif mode == "dp-ew":
         from opacus.grad_sample import GradSampleModuleExpandedWeights
         from opacus.optimizers import DPOptimizer
@@ -171,6 +175,27 @@ def _ghost_clipping_step(model, x, y, dp: dict) -> Callable[[], None]:  # type: 
     return step
 
 
+def _book_keeping_step(model, x, y, dp: dict, policy: str) -> Callable[[], None]:  # type: ignore[no-untyped-def]
+    """privacy/student_clipping.py, every frame its own unit (as the other modes), Opacus' noise and step."""
+    import torch
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from privacy.student_clipping import StudentClipper
+    from shared_models.models import registry
+
+    clipper = StudentClipper(model, layer_policy=policy)
+    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.01), **dp)
+    rows = torch.arange(len(x))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with clipper.capture():
+            losses = registry.per_sample_loss(model, model(x), y)
+        clipper.clip_and_sum(losses, rows, len(x), dp["max_grad_norm"])
+        opt.step()
+    return step
+
+
 def _time_steps(step: Callable[[], None], steps: int, warmup: int, batch: int) -> dict:
     """Median wall and CPU time per step after `warmup` steps, peak RSS, RSS growth and page faults."""
     import resource
@@ -215,18 +240,44 @@ def _run(cfg: dict, timeout: float) -> dict:
 
 
 def _plan(args: argparse.Namespace) -> list[dict]:
-    base = dict(preset=args.preset, batch=args.batch, steps=args.steps, warmup=2)
+    base = dict(preset=args.preset, steps=args.steps, warmup=2)
     plan = []
     for model in args.models.split(","):
-        for threads in (int(t) for t in args.threads.split(",")):
-            modes = ["plain", "dp-hooks"]
-            if args.extras:
-                modes += ["dp-hooks-malloc", "dp-stock", "dp-ghost", "dp-functorch", "dp-ew", "dp-hooks-cl"]
-            plan += [dict(base, model=model, threads=threads, mode=m) for m in modes]
+        for batch in (int(b) for b in str(args.batch).split(",")):
+            for threads in (int(t) for t in args.threads.split(",")):
+                modes = args.modes.split(",")
+                if args.extras:
+                    modes += ["dp-bk-ghost", "dp-bk-direct", "dp-hooks-malloc", "dp-stock", "dp-ghost",
+                              "dp-functorch", "dp-ew", "dp-hooks-cl"]
+                plan += [dict(base, model=model, threads=threads, batch=batch, mode=m) for m in modes]
         if args.extras and model == "hafnet":
             for batch in (16, 64):
-                plan += [dict(base, model=model, threads=1, mode=m, batch=batch) for m in ("plain", "dp-hooks")]
+                plan += [dict(base, model=model, threads=1, mode=m, batch=batch) for m in ("plain", "dp-bk", "dp-hooks")]
     return plan
+
+
+_KEY = ("model", "preset", "mode", "threads", "batch")
+
+
+def _aggregate(rows: list[dict]) -> list[dict]:
+    """One row per configuration: the median of its repeats, with the repeats' rates and memory kept."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in _KEY), []).append(r)
+    out = []
+    for reps in groups.values():
+        ok = [r for r in reps if r["ok"]]
+        if not ok:
+            out.append(reps[0])
+            continue
+        row = dict(ok[0])
+        for field in ("step_ms_wall", "step_ms_cpu", "samples_per_s_wall", "samples_per_s_cpu", "peak_rss_mb",
+                      "train_rss_growth_mb", "page_faults_per_step"):
+            row[field] = statistics.median(r[field] for r in ok)
+        row["repeats"] = len(ok)
+        row["samples_per_s_cpu_repeats"] = [r["samples_per_s_cpu"] for r in ok]
+        out.append(row)
+    return out
 
 
 def _rate(row: dict) -> float:
@@ -258,21 +309,31 @@ def _table(rows: list[dict]) -> str:
 
 
 def _summary(rows: list[dict]) -> dict:
-    """DP vs plain per model, threads and batch, for the modes the client can use."""
+    """DP vs plain per model, threads and batch for every DP mode: the ratio within each repeat (plain and
+    DP measured in the same pass, minutes apart at most), its median and spread, and the memory ratios."""
     summary = {}
+    plain = {tuple(r[k] for k in _KEY if k != "mode") + (r.get("repeat", 0),): r
+             for r in rows if r["ok"] and r["mode"] == "plain"}
+    by_config: dict[str, list[tuple[dict, dict]]] = {}
     for r in rows:
-        if r["ok"] and r["mode"] in ("dp-hooks", "dp-hooks-malloc"):
-            p = next((q for q in rows if q["ok"] and q["mode"] == "plain" and q["model"] == r["model"]
-                      and q["threads"] == r["threads"] and q["batch"] == r["batch"]), None)
-            if p:
-                summary[f"{r['model']}-{r['preset']} {r['mode']} threads={r['threads']} batch={r['batch']}"] = {
-                    "plain_samples_per_s_cpu": p["samples_per_s_cpu"],
-                    "dp_samples_per_s_cpu": r["samples_per_s_cpu"],
-                    "dp_slowdown": round(_rate(p) / _rate(r), 2),
-                    "dp_slowdown_measured_by": "cpu time" if r["threads"] == 1 else "wall clock",
-                    "plain_samples_per_s_wall": p["samples_per_s_wall"],
-                    "dp_samples_per_s_wall": r["samples_per_s_wall"],
-                }
+        p = plain.get(tuple(r[k] for k in _KEY if k != "mode") + (r.get("repeat", 0),))
+        if r["ok"] and r["mode"].startswith("dp") and p:
+            key = f"{r['model']}-{r['preset']} {r['mode']} threads={r['threads']} batch={r['batch']}"
+            by_config.setdefault(key, []).append((p, r))
+    for key, pairs in by_config.items():
+        ratios = sorted(_rate(p) / _rate(r) for p, r in pairs)
+        mem = sorted(r["peak_rss_mb"] / p["peak_rss_mb"] for p, r in pairs)
+        growth = sorted(r["train_rss_growth_mb"] / max(p["train_rss_growth_mb"], 1.0) for p, r in pairs)
+        summary[key] = {
+            "plain_samples_per_s_cpu": statistics.median(p["samples_per_s_cpu"] for p, _ in pairs),
+            "dp_samples_per_s_cpu": statistics.median(r["samples_per_s_cpu"] for _, r in pairs),
+            "dp_slowdown": round(statistics.median(ratios), 2),
+            "dp_slowdown_min_max": [round(ratios[0], 2), round(ratios[-1], 2)],
+            "repeats": len(pairs),
+            "dp_slowdown_measured_by": "cpu time" if pairs[0][1]["threads"] == 1 else "wall clock",
+            "peak_rss_ratio": round(statistics.median(mem), 2),
+            "train_rss_growth_ratio": round(statistics.median(growth), 2),
+        }
     return summary
 
 
@@ -285,7 +346,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default="hafnet,sfer_mdfae")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", default="32", help="batch size(s), comma-separated")
+    parser.add_argument("--modes", default="plain,dp-bk,dp-hooks",
+                        help="modes (see the module docstring); ratios need plain among them")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="passes over every configuration (each in a fresh process); medians and spread")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration (after 2 warm-up)")
     parser.add_argument("--extras", action="store_true",
                         help="also other Opacus modes, channels-last and a batch sweep (HAFNet)")
@@ -304,7 +369,7 @@ def _rerender(source: str, out: str) -> None:
     report.pop("summary_dp_hooks", None)
     for r in report["results"]:
         r.setdefault("page_faults_per_step", -1)
-    table = _table(report["results"])
+    table = _table(_aggregate(report["results"]))
     report["summary_dp_vs_plain"] = _summary(report["results"])
     report["table"] = table.splitlines()
     report["rerendered"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -321,13 +386,14 @@ def _measure_all(args: argparse.Namespace, argv: list[str] | None) -> None:
     load_start = _load()
     t0 = time.perf_counter()
     rows = []
-    for cfg in plan:
-        row = _run(cfg, args.timeout)
-        rows.append(row)
-        print(f"  {row['model']} {row['mode']} threads={row['threads']} batch={row['batch']}: "
-              + (f"{row['samples_per_s_wall']} samples/s" if row["ok"] else f"failed ({row['error']})"),
-              file=sys.stderr, flush=True)
-    table = _table(rows)
+    for repeat in range(args.repeats):   # passes, so each DP row has a plain row measured beside it
+        for cfg in plan:
+            row = dict(_run(cfg, args.timeout), repeat=repeat)
+            rows.append(row)
+            print(f"  [{repeat}] {row['model']} {row['mode']} threads={row['threads']} batch={row['batch']}: "
+                  + (f"{row['samples_per_s_cpu']} samples/cpu-s" if row["ok"] else f"failed ({row['error']})"),
+                  file=sys.stderr, flush=True)
+    table = _table(_aggregate(rows))
     print(table)
     summary = _summary(rows)
     report = {
@@ -337,6 +403,7 @@ def _measure_all(args: argparse.Namespace, argv: list[str] | None) -> None:
                     "opacus": opacus.__version__, "load_average_start": [round(v, 2) for v in load_start],
                     "load_average_end": [round(v, 2) for v in _load()]},
         "settings": {"preset": args.preset, "batch": args.batch, "steps": args.steps, "warmup": 2,
+                     "repeats": args.repeats, "unit": "image (each frame its own clipping row)",
                      "noise_multiplier": 1.0, "max_grad_norm": 1.0, "optimizer": "SGD lr 0.01"},
         "summary_dp_vs_plain": summary,
         "results": rows,

@@ -1,0 +1,414 @@
+"""Per-student clipping without per-sample gradients where they are not needed (book-keeping + mixed ghost norms).
+
+DP-SGD needs, for each sampled student u, the norm of the student's gradient G_u = sum over the student's
+frames i of g_i, then the clipped sum sum_u c_u G_u with c_u = min(1, C / (||G_u|| + 1e-6)). Opacus'
+hook mode materialises every g_i (B x parameters), and the plain backward under it also computes the
+ordinary weight gradients, which DP-SGD throws away. This module computes the same clipped sum in one
+forward and one *partial* backward:
+
+1. Forward hooks on every layer with trainable parameters keep its input and output.
+2. ``torch.autograd.grad`` of the summed frame losses with respect to those *outputs* only: autograd then
+   skips every weight-gradient kernel (they are not asked for) and computes only the gradients that flow
+   between layers.
+3. Per layer, the squared norm of each student's gradient, by whichever is cheaper for the layer's shape
+   (Bu et al. 2022, "mixed ghost clipping"):
+     * direct: the per-frame weight gradients A_i^T G_i summed per student (cost ~ B T d p);
+     * ghost: ||sum_{i in u} A_i^T G_i||^2 = sum_{i,j in u} <A_i A_j^T, G_i G_j^T> (cost ~ pairs T^2 (d+p)),
+       where A_i (T x d) are frame i's unfolded inputs over its T positions and G_i (T x p) the output
+       gradients — a student's frames are folded into the positions, so the norm is that of the
+       student's summed gradient, never of a frame's.
+   Linear and Conv2d (incl. grouped) have both rules. Every other layer (norms, PReLU, HAFNet's class
+   centres, anything a model adds later) falls back to per-sample gradients from Opacus' own samplers
+   (``GradSampleModule.GRAD_SAMPLERS``, i.e. whatever ``register_grad_sampler`` registered, else Opacus'
+   functorch replay), summed per student.
+4. The clip factors c_u from the total norms, exactly Opacus' formula; then each layer's clipped sum
+   (Bu et al. 2023, "book-keeping"): for a ghost layer one weight-gradient kernel on the output gradients
+   scaled by the frame's student's factor (the same cost as the weight gradient plain training
+   computes), for a direct layer sum_u c_u G_u of the kept per-student gradients.
+The result lands in ``p.grad``; Opacus' ``DPOptimizerFastGradientClipping`` (which expects exactly a
+clipped sum there) then adds N(0, σ²C²), divides by the expected batch size and steps. The Poisson
+sampler and the accountant do not change: the mechanism is the same, only the arithmetic that computes
+the clipped sum is. tests/test_student_clipping.py checks it equals the per-sample path on every model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CLIPPING_MODES = ("per-sample", "ghost", "auto")
+LAYER_POLICIES = ("mixed", "ghost", "direct")   # per-layer rule: cheaper of the two | always ghost | always direct
+
+
+class UnsupportedModel(ValueError):
+    """The model has a layer the book-keeping path cannot handle (``auto`` then uses per-sample clipping)."""
+
+
+# ------------------------------------------------------------------------------------------ units
+@dataclass
+class Units:
+    """Which student (row 0..n-1) each frame of the batch belongs to, and the frame pairs ghost norms need."""
+
+    rows: Tensor                  # (B,) long: the frame's student row
+    count: int                    # students in the batch
+    pair_i: Tensor = field(init=False)
+    pair_j: Tensor = field(init=False)
+    pair_row: Tensor = field(init=False)
+    pair_weight: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.identity = self.count == len(self.rows) and bool(torch.equal(self.rows, torch.arange(self.count)))
+        members: dict[int, list[int]] = {}
+        for frame, row in enumerate(self.rows.tolist()):
+            members.setdefault(row, []).append(frame)
+        pi, pj, weight = [], [], []
+        for frames in members.values():   # i <= j within a student; an off-diagonal pair counts twice
+            for a, i in enumerate(frames):
+                for j in frames[a:]:
+                    pi.append(i)
+                    pj.append(j)
+                    weight.append(1.0 if i == j else 2.0)
+        self.pair_i, self.pair_j = torch.tensor(pi, dtype=torch.long), torch.tensor(pj, dtype=torch.long)
+        self.pair_row = self.rows[self.pair_i]
+        self.pair_weight = torch.tensor(weight)
+        self.diagonal = len(pi) == len(self.rows)
+
+    def per_unit(self, per_frame: Tensor) -> Tensor:
+        """(B, ...) per-frame values summed per student -> (count, ...)."""
+        if self.identity:
+            return per_frame
+        out = per_frame.new_zeros((self.count, *per_frame.shape[1:]))
+        return out.index_add_(0, self.rows, per_frame)
+
+    def ghost_sq_norms(self, a: Tensor, g: Tensor) -> Tensor:
+        """||sum_{i in u} a_i^T g_i||^2 per student from a (B, ..., T, d) and g (B, ..., T, p) (leading dims
+        after the batch, e.g. conv groups, are summed over), via the Gram matrices of the frame pairs."""
+        if self.diagonal:
+            aa = torch.matmul(a, a.transpose(-1, -2))
+            gg = torch.matmul(g, g.transpose(-1, -2))
+            return self.per_unit((aa * gg).reshape(len(aa), -1).sum(dim=1))
+        aa = torch.matmul(a[self.pair_i], a[self.pair_j].transpose(-1, -2))
+        gg = torch.matmul(g[self.pair_i], g[self.pair_j].transpose(-1, -2))
+        per_pair = (aa * gg).reshape(len(aa), -1).sum(dim=1) * self.pair_weight.to(aa.dtype)
+        return a.new_zeros(self.count).index_add_(0, self.pair_row, per_pair)
+
+    @property
+    def pairs(self) -> int:
+        return len(self.pair_i)
+
+
+def _sq_norms(per_unit: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(per_unit.reshape(len(per_unit), -1), dim=1).square()
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _weighted_sum(unit_scale: Tensor, per_unit: Tensor) -> Tensor:
+    return torch.einsum("u,u...->...", unit_scale.to(per_unit.dtype), per_unit)
+
+
+def _add_grad(p: nn.Parameter, grad: Tensor) -> None:
+    grad = grad.reshape(p.shape).to(p.dtype)
+    p.grad = grad if p.grad is None else p.grad + grad
+
+
+# ------------------------------------------------------------------------------------------ layer rules
+@dataclass
+class Call:
+    """One forward call of a layer: its (detached) inputs, its output and, after the backward, d loss / d output."""
+
+    inputs: list
+    output: Tensor
+    grad: Tensor | None = None
+
+    def output_grad(self) -> Tensor:
+        return self.grad if self.grad is not None else torch.zeros_like(self.output)
+
+
+class PerSampleRule:
+    """Fallback for any layer: per-frame gradients from Opacus' sampler for the layer type (or its functorch
+    replay), summed per student; the clipped sum is sum_u c_u G_u."""
+
+    kind = "per-sample"
+
+    def __init__(self, layer: nn.Module) -> None:
+        from opacus.grad_sample import GradSampleModule
+        from opacus.grad_sample.functorch import prepare_layer
+
+        self.layer = layer
+        self.kept: dict[nn.Parameter, Tensor] = {}
+        if type(layer) not in GradSampleModule.GRAD_SAMPLERS and not hasattr(layer, "ft_compute_sample_grad"):
+            prepare_layer(layer)   # deep-copies the layer: done before our hooks (holding tensors) are on it
+
+    def _per_frame(self, call: Call) -> dict[nn.Parameter, Tensor]:
+        from opacus.grad_sample import GradSampleModule
+
+        sampler = GradSampleModule.GRAD_SAMPLERS.get(type(self.layer))
+        if sampler is None:
+            from opacus.grad_sample.functorch import ft_compute_per_sample_gradient as sampler
+        return sampler(self.layer, list(call.inputs), call.output_grad())
+
+    def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
+        summed: dict[nn.Parameter, Tensor] = {}
+        for call in calls:
+            for p, gs in self._per_frame(call).items():
+                if p.requires_grad:
+                    summed[p] = gs if p not in summed else summed[p] + gs
+        self.kept = {p: units.per_unit(gs) for p, gs in summed.items()}
+        return sum((_sq_norms(g) for g in self.kept.values()), torch.zeros(units.count, dtype=calls[0].output.dtype))
+
+    def clipped_sum(self, frame_scale: Tensor, unit_scale: Tensor) -> None:
+        for p, per_unit in self.kept.items():
+            _add_grad(p, _weighted_sum(unit_scale, per_unit))
+        self.kept = {}
+
+
+class _GhostOrDirect(PerSampleRule):
+    """Shared logic of Linear and Conv2d: weight by ghost norm or direct per-frame gradients, bias direct."""
+
+    # Both rules run one B x T x d x p product (the per-frame gradients, or the student-scaled weight
+    # gradient), so they differ by ghost's Gram matrices, pairs x T^2 x (d + p), against direct's
+    # per-frame gradients, which small batched products compute at a fraction of a large product's speed.
+    # Ghost when its Gram work is at most `ghost_ratio` x the product's (measured on this code's layers:
+    # benchmarks/models.json, dp-ghost-policy rows; the choice never changes the result, only the time).
+    ghost_ratio = 2.0
+
+    def __init__(self, layer: nn.Module, policy: str) -> None:
+        super().__init__(layer)
+        self.policy = policy
+        self.ghost: list[tuple[Tensor, Tensor]] = []   # (input, output grad) per call, for the clipped sum
+        self.ghost_chosen: bool | None = None
+
+    def _use_ghost(self, units: Units, positions: int, d: int, p: int) -> bool:
+        if self.policy != "mixed":
+            return self.policy == "ghost"
+        return units.pairs * positions * (d + p) <= self.ghost_ratio * len(units.rows) * d * p
+
+    def _bias_and_finish(self, bias_per_frame: Tensor | None, units: Units, total: Tensor) -> Tensor:
+        bias = self.layer.bias
+        if bias is not None and bias.requires_grad and bias_per_frame is not None:
+            self.kept[bias] = units.per_unit(bias_per_frame)
+            total = total + _sq_norms(self.kept[bias])
+        return total
+
+
+class LinearRule(_GhostOrDirect):
+    kind = "linear"
+
+    def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
+        layer: nn.Linear = self.layer  # type: ignore[assignment]
+        n, d, p = len(units.rows), layer.in_features, layer.out_features
+        a = _cat([c.inputs[0].reshape(n, -1, d) for c in calls], dim=1).to(calls[0].output.dtype)
+        g = _cat([c.output_grad().reshape(n, -1, p) for c in calls], dim=1)
+        total = torch.zeros(units.count, dtype=g.dtype)
+        self.kept, self.ghost = {}, []
+        if layer.weight.requires_grad:
+            self.ghost_chosen = self._use_ghost(units, a.shape[1], d, p)
+            if self.ghost_chosen:
+                total = total + units.ghost_sq_norms(a, g)
+                self.ghost = [(a, g)]
+            else:
+                self.kept[layer.weight] = units.per_unit(torch.einsum("btp,btd->bpd", g, a))
+                total = total + _sq_norms(self.kept[layer.weight])
+        return self._bias_and_finish(g.sum(dim=1), units, total)
+
+    def clipped_sum(self, frame_scale: Tensor, unit_scale: Tensor) -> None:
+        for a, g in self.ghost:
+            scaled = g * frame_scale.to(g.dtype).view(-1, 1, 1)
+            _add_grad(self.layer.weight, scaled.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]))
+        self.ghost = []
+        super().clipped_sum(frame_scale, unit_scale)
+
+
+class Conv2dRule(_GhostOrDirect):
+    kind = "conv2d"
+
+    def _unfold(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, groups, d_g, T): each output position's receptive field, per group."""
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        cols = F.unfold(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
+                        dilation=layer.dilation)   # (B, C*kh*kw, T), channel-major rows as the weight's
+        return cols.view(x.shape[0], layer.groups, -1, cols.shape[-1])
+
+    # Per-frame weight gradients of a conv with at most this many outputs per group come from one
+    # convolution-backward call with the batch folded into the groups (fast for narrow layers, where the
+    # unfold + batched product is dominated by the unfold); wider ones from unfold + batched product.
+    narrow_outputs = 32
+
+    def _per_frame_weight(self, x: Tensor, g: Tensor) -> Tensor:
+        """(B, *weight.shape) per-frame weight gradients of one call."""
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        n, groups = x.shape[0], layer.groups
+        if layer.out_channels // groups <= self.narrow_outputs:
+            folded = torch.ops.aten.convolution_backward(
+                g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
+                layer.weight.expand(n, *layer.weight.shape).reshape(-1, *layer.weight.shape[1:]), None,
+                layer.stride, layer.padding, layer.dilation, False, [0, 0], n * groups, [False, True, False])[1]
+            return folded.reshape(n, *layer.weight.shape)
+        cols = self._unfold(x)
+        go = g.reshape(n, groups, layer.out_channels // groups, -1)
+        return torch.einsum("bgpt,bgdt->bgpd", go, cols).reshape(n, *layer.weight.shape)
+
+    def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        n, groups = len(units.rows), layer.groups
+        grads = [c.output_grad() for c in calls]
+        total = torch.zeros(units.count, dtype=grads[0].dtype)
+        self.kept, self.ghost = {}, []
+        if layer.weight.requires_grad:
+            p_g = layer.out_channels // groups
+            d_g = layer.weight[0].numel()
+            positions = sum(g.shape[2] * g.shape[3] for g in grads)
+            self.ghost_chosen = self._use_ghost(units, positions, d_g, p_g)
+            if self.ghost_chosen:
+                a = _cat([self._unfold(c.inputs[0].to(g.dtype)) for c, g in zip(calls, grads)], dim=3)
+                go = _cat([g.reshape(n, groups, p_g, -1) for g in grads], dim=3)  # (B, groups, p_g, T)
+                total = total + units.ghost_sq_norms(a.transpose(2, 3), go.transpose(2, 3))
+                self.ghost = [(c.inputs[0], g) for c, g in zip(calls, grads)]
+            else:
+                per_frame = sum(self._per_frame_weight(c.inputs[0].to(g.dtype), g) for c, g in zip(calls, grads))
+                self.kept[layer.weight] = units.per_unit(per_frame)
+                total = total + _sq_norms(self.kept[layer.weight])
+        bias = torch.stack([g.sum(dim=(2, 3)) for g in grads]).sum(dim=0) if layer.bias is not None else None
+        return self._bias_and_finish(bias, units, total)
+
+    def clipped_sum(self, frame_scale: Tensor, unit_scale: Tensor) -> None:
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        for x, g in self.ghost:
+            scaled = g * frame_scale.to(g.dtype).view(-1, 1, 1, 1)
+            # the weight gradient kernel plain training runs, on output gradients scaled per student
+            grad_w = torch.ops.aten.convolution_backward(
+                scaled, x.to(g.dtype), layer.weight, None, layer.stride, layer.padding, layer.dilation,
+                False, [0, 0], layer.groups, [False, True, False])[1]
+            _add_grad(layer.weight, grad_w)
+        self.ghost = []
+        super().clipped_sum(frame_scale, unit_scale)
+
+
+# ------------------------------------------------------------------------------------------ the clipper
+def _plain(layer: nn.Module, base: type) -> bool:
+    """``layer`` is ``base`` or a subclass that keeps its forward (e.g. dp_layers.GroupedConv2d)."""
+    cls = type(layer)
+    return isinstance(layer, base) and cls.forward is base.forward and \
+        getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+
+
+def rule_for(layer: nn.Module, policy: str = "mixed") -> PerSampleRule:
+    """The rule for one layer: Linear and zero-padded numeric Conv2d get ghost/direct, anything else per-sample."""
+    if _plain(layer, nn.Linear):
+        return LinearRule(layer, policy)
+    if _plain(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return Conv2dRule(layer, policy)
+    return PerSampleRule(layer)
+
+
+def trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules holding trainable parameters of their own; refuses a module that also has trainable children
+    (its forward hook would see both)."""
+    layers = []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        if any(p.requires_grad for child in module.children() for p in child.parameters()):
+            raise UnsupportedModel(f"layer {name or type(module).__name__!r} has trainable parameters of its own "
+                                   f"and in its children")
+        if not isinstance(module, tuple(_supported_types())) and len(list(module.buffers(recurse=False))):
+            raise UnsupportedModel(f"layer {name!r} ({type(module).__name__}) holds buffers and has no Opacus sampler")
+        layers.append((name, module))
+    return layers
+
+
+def _supported_types() -> list[type]:
+    from opacus.grad_sample import GradSampleModule
+
+    return [nn.Linear, nn.Conv2d, *GradSampleModule.GRAD_SAMPLERS]
+
+
+class StudentClipper:
+    """Computes the per-student clipped sum of gradients into ``p.grad`` (see the module docstring).
+
+    Usage per step: run the forward inside ``with clipper.capture():``, then
+    ``clipper.clip_and_sum(losses, rows, count, max_grad_norm)``."""
+
+    def __init__(self, model: nn.Module, *, layer_policy: str = "mixed") -> None:
+        if layer_policy not in LAYER_POLICIES:
+            raise ValueError(f"layer policy must be one of {LAYER_POLICIES}, got {layer_policy!r}")
+        self.model = model
+        self.rules = {module: rule_for(module, layer_policy) for _, module in trainable_layers(model)}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.calls: dict[nn.Module, list[Call]] = {m: [] for m in self.rules}
+        self._capturing = False
+        self._handles = [m.register_forward_hook(self._keep) for m in self.rules]
+
+    def _keep(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not (self._capturing and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, Tensor):
+            raise UnsupportedModel(f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor")
+        self.calls[module].append(Call([a.detach() if isinstance(a, Tensor) else a for a in args], output))
+
+    def capture(self) -> "_Capture":
+        return _Capture(self)
+
+    def kinds(self) -> dict[str, int]:
+        """How many layers use each rule (ghost/direct as last chosen), for reports."""
+        out: dict[str, int] = {}
+        for rule in self.rules.values():
+            kind = rule.kind
+            if isinstance(rule, _GhostOrDirect) and rule.ghost_chosen is not None:
+                kind += "-ghost" if rule.ghost_chosen else "-direct"
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
+    def clip_and_sum(self, losses: Tensor, rows: Tensor, count: int, max_grad_norm: float) -> Tensor:
+        """Set ``p.grad`` = sum over students of c_u G_u; return the students' unclipped gradient norms."""
+        calls = [c for cs in self.calls.values() for c in cs if c.output.requires_grad]
+        grads = torch.autograd.grad(losses.sum(), [c.output for c in calls], allow_unused=True) if calls else ()
+        for call, grad in zip(calls, grads):
+            call.grad = grad
+        units = Units(rows, count)
+        total = torch.zeros(count, dtype=losses.dtype)
+        for module, rule in self.rules.items():
+            if self.calls[module]:
+                total = total + rule.sq_norms(self.calls[module], units).to(total.dtype)
+        norms = total.sqrt()
+        unit_scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)   # Opacus' DPOptimizer formula
+        for p in self.params:
+            p.grad = None
+        for module, rule in self.rules.items():
+            if self.calls[module]:
+                rule.clipped_sum(unit_scale[rows], unit_scale)
+        self.reset()
+        for p in self.params:   # a layer not used in this forward: zero gradient for every student
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return norms
+
+    def reset(self) -> None:
+        for module in self.calls:
+            self.calls[module] = []
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.reset()
+
+
+class _Capture:
+    def __init__(self, clipper: StudentClipper) -> None:
+        self.clipper = clipper
+
+    def __enter__(self) -> StudentClipper:
+        self.clipper.reset()
+        self.clipper._capturing = True
+        return self.clipper
+
+    def __exit__(self, *exc: object) -> None:
+        self.clipper._capturing = False

@@ -1,0 +1,188 @@
+"""The book-keeping clipping path (privacy/student_clipping.py) gives the per-sample path's clipped, noised,
+per-student sum on every model and preset, in float64, with the models' auxiliary losses; each layer rule
+(ghost norm, direct per-frame gradients, Opacus-sampler fallback) is checked on its own; models it cannot
+take fall back to per-sample clipping under ``auto``."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from privacy.engine import PrivateTrainer
+from privacy.student_clipping import StudentClipper, UnsupportedModel
+from shared_models.models import registry
+from shared_models.training import per_sample_loss
+
+warnings.filterwarnings("ignore", message=".*full backward hook.*")
+
+# 7 frames of 3 students, interleaved and uneven (3, 2, 2 frames)
+STUDENTS = ["a", "b", "a", "c", "b", "a", "c"]
+
+
+def _frames(size: int, n: int = len(STUDENTS), seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g, dtype=torch.float64) * 2 - 1
+    return TensorDataset(x, torch.randint(0, 7, (n,), generator=g))
+
+
+def _one_step(model: nn.Module, frames: TensorDataset, clipping: str, clip: float, loss=per_sample_loss,
+              students: list[str] = STUDENTS) -> tuple[list, str]:
+    """One DP step over every student with noise σ = 1 from a fixed seed; returns the parameters after it."""
+    model = copy.deepcopy(model)
+    units = len(set(students))
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), frames, students,
+                             units_per_batch=units, frames_per_unit=3, noise_multiplier=1.0, max_grad_norm=clip,
+                             seed=7, declared_units=units, reproducible=True, clipping=clipping)
+    trainer.step(list(range(units)), loss)
+    used = trainer.clipping
+    trainer.close()
+    return [p.detach().clone() for p in model.parameters()], used
+
+
+def _assert_same_update(start: nn.Module, a: list, b: list, what: str) -> None:
+    for (name, p0), pa, pb in zip(start.named_parameters(), a, b):
+        step_a, step_b = p0.detach() - pa, p0.detach() - pb
+        err = float((step_a - step_b).norm() / step_b.norm().clamp_min(1e-30))
+        assert err < 1e-9, f"{what} {name}: relative difference {err:.1e}"
+
+
+CASES = [("hafnet", "cpu"), ("hafnet", "dp"), ("sfer_mdfae", "cpu"), ("sfer_mdfae", "dp")]
+
+
+@pytest.mark.parametrize("name,preset", CASES, ids=[f"{n}-{p}" for n, p in CASES])
+def test_ghost_step_equals_per_sample_step(name: str, preset: str) -> None:
+    """Same seed, same sampled students, same noise: the two paths move every weight identically, both with
+    a bound that clips every student (0.05) and one that clips none (1e6)."""
+    torch.manual_seed(0)
+    model = registry.build(name, 7, preset).double()
+    frames = _frames(model.input_size)
+    for clip in (0.05, 1e6):
+        reference, used_ref = _one_step(model, frames, "per-sample", clip)
+        fast, used_fast = _one_step(model, frames, "auto", clip)
+        assert (used_ref, used_fast) == ("per-sample", "ghost")
+        _assert_same_update(model, fast, reference, f"{name}-{preset} C={clip}")
+
+
+@pytest.mark.parametrize("name", ["hafnet", "sfer_mdfae"])
+def test_ghost_step_equals_per_sample_step_at_the_paper_preset(name: str) -> None:
+    """The paper presets (224 px ResNet-18 heads, 112 px IR-50 + routing attention), 3 frames of 2 students."""
+    torch.manual_seed(0)
+    model = registry.build(name, 7, "paper").double()
+    frames = _frames(model.input_size, n=3)
+    reference, _ = _one_step(model, frames, "per-sample", 0.05, students=["a", "b", "a"])
+    fast, used = _one_step(model, frames, "auto", 0.05, students=["a", "b", "a"])
+    assert used == "ghost"
+    _assert_same_update(model, fast, reference, f"{name}-paper")
+
+
+def _reference_clipped_sum(model: nn.Module, x, y, rows: torch.Tensor, count: int, clip: float) -> list:
+    """Per-student gradients one student at a time (plain autograd), clipped and summed."""
+    per_student = []
+    for u in range(count):
+        model.zero_grad(set_to_none=True)
+        sel = rows == u
+        per_sample_loss(model, x[sel], y[sel]).sum().backward()
+        per_student.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                            for p in model.parameters() if p.requires_grad])
+    model.zero_grad(set_to_none=True)
+    total = []
+    for grads in per_student:
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [factor * g for g in grads] if not total else [t + factor * g for t, g in zip(total, grads)]
+    return total
+
+
+@pytest.mark.parametrize("policy", ["ghost", "direct"])
+@pytest.mark.parametrize("name", ["hafnet", "sfer_mdfae"])
+def test_every_layer_rule_is_exact(name: str, policy: str) -> None:
+    """All-ghost and all-direct (the mixed default picks per layer between the two) against autograd one
+    student at a time; with the backbone frozen as ``train.trainable: last`` does for part of the model."""
+    torch.manual_seed(1)
+    model = registry.build(name, 7, "dp").double()
+    if policy == "direct":
+        for p in list(model.parameters())[:6]:
+            p.requires_grad_(False)
+    x, y = _frames(model.input_size, n=4).tensors
+    rows = torch.tensor([0, 1, 1, 0])   # two students of two frames: diagonal and cross-frame ghost terms
+    reference = _reference_clipped_sum(model, x, y, rows, 2, clip=0.5)
+    clipper = StudentClipper(model, layer_policy=policy)
+    with clipper.capture():
+        losses = per_sample_loss(model, x, y)
+    clipper.clip_and_sum(losses, rows, 2, 0.5)
+    kinds = clipper.kinds()
+    clipper.close()
+    assert kinds.get(f"conv2d-{policy}", 0) > 0 and kinds.get(f"linear-{policy}", 0) > 0, kinds
+    got = [p.grad for p in model.parameters() if p.requires_grad]
+    for g, r in zip(got, reference):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+class _TwiceConv(nn.Module):
+    """One conv applied twice (its gradient sums both calls), a PReLU-free custom layer Opacus has no sampler
+    for (functorch fallback), and a Linear on a sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.scale = _Scale()
+        self.head = nn.Linear(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(torch.tanh(self.conv(x))))
+        return self.head(self.scale(h).flatten(2).transpose(1, 2)).mean(dim=1)
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor([0.7, -1.3], dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain.view(1, -1, 1, 1) ** 2
+
+
+def _toy_loss(model, x, y):
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def test_shared_layer_and_custom_layer_match_per_sample():
+    torch.manual_seed(2)
+    model = _TwiceConv().double()
+    g = torch.Generator().manual_seed(3)
+    frames = TensorDataset(torch.randn(7, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (7,), generator=g))
+    reference, _ = _one_step(model, frames, "per-sample", 0.1, _toy_loss)
+    for policy in ("ghost", "auto"):
+        fast, used = _one_step(model, frames, policy, 0.1, _toy_loss)
+        assert used == "ghost"
+        _assert_same_update(model, fast, reference, f"twice-conv {policy}")
+
+
+class _Gated(nn.Module):
+    """Trainable parameters of its own AND in a child: one hook would see both, so ghost refuses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(2, dtype=torch.float64))
+        self.inner = nn.Linear(2, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.gain
+
+
+def test_auto_falls_back_to_per_sample_for_a_layer_it_cannot_take_and_ghost_refuses():
+    frames = TensorDataset(torch.randn(7, 2, dtype=torch.float64), torch.randint(0, 4, (7,)))
+    torch.manual_seed(4)
+    model = nn.Sequential(_Gated(), nn.Linear(2, 4).double())
+    updated, used = _one_step(model, frames, "auto", 1.0, _toy_loss)
+    assert used == "per-sample"
+    assert all(not torch.equal(a, b.detach()) for a, b in zip(updated, model.parameters()))
+    with pytest.raises(UnsupportedModel, match="of its own and in its children"):
+        _one_step(model, frames, "ghost", 1.0, _toy_loss)
+    with pytest.raises(ValueError, match="privacy.clipping must be one of"):
+        _one_step(model, frames, "fast", 1.0, _toy_loss)
