@@ -7,7 +7,9 @@ behind most FER papers' tables) puts nearly all of a CNN's cost:
     Linear: output elements x in_features
 
 Pooling, normalisation, activations and the attention matmuls of SFER-MDFAE's routing attention
-(<1 % of its total at 112 px) are not counted. Counts are per image (batch of one).
+(<1 % of its total at 112 px) and of R(2+1)D's spatio-temporal attention (<0.1 % at 16x112x112) are not
+counted. Counts are per image (batch of one), or per clip for a clip model (`clip_frames` T > 0: the
+input is (1, 3, T, S, S)).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from torch import nn
 @dataclass(frozen=True)
 class Complexity:
     params: int          # trainable parameters
-    macs: int            # multiply-accumulates per image (conv + linear)
+    macs: int            # multiply-accumulates per image or clip (conv + linear)
     input_size: int
+    clip_frames: int = 0  # > 0: counted on a clip of this many frames
 
     @property
     def params_m(self) -> float:
@@ -39,8 +42,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def count_macs(model: nn.Module, input_size: int) -> int:
-    """MACs of one forward pass of a (1, 3, S, S) input through `model`'s conv and linear layers."""
+def count_macs(model: nn.Module, input_size: int, clip_frames: int = 0) -> int:
+    """MACs of one forward pass of a (1, 3, S, S) input (or a (1, 3, T, S, S) clip when clip_frames T > 0)
+    through `model`'s conv and linear layers."""
     total = 0
 
     def conv_hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -63,7 +67,8 @@ def count_macs(model: nn.Module, input_size: int) -> int:
         model.eval()
         param = next(model.parameters())
         with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size, dtype=param.dtype, device=param.device))
+            shape = (1, 3, *((clip_frames,) if clip_frames > 0 else ()), input_size, input_size)
+            model(torch.zeros(shape, dtype=param.dtype, device=param.device))
     finally:
         for handle in handles:
             handle.remove()
@@ -71,7 +76,9 @@ def count_macs(model: nn.Module, input_size: int) -> int:
     return total
 
 
-def complexity(model: nn.Module, input_size: int | None = None) -> Complexity:
-    """Params and MACs of `model` at its own `input_size` (or the one given)."""
+def complexity(model: nn.Module, input_size: int | None = None, clip_frames: int | None = None) -> Complexity:
+    """Params and MACs of `model` at its own `input_size` and `clip_frames` (or the ones given)."""
     size = int(input_size if input_size is not None else model.input_size)
-    return Complexity(params=count_params(model), macs=count_macs(model, size), input_size=size)
+    frames = int(clip_frames if clip_frames is not None else getattr(model, "clip_frames", 0))
+    return Complexity(params=count_params(model), macs=count_macs(model, size, frames), input_size=size,
+                      clip_frames=frames)
