@@ -36,17 +36,19 @@ class Clips:
 
 
 def make_clips(students: int, clips_per_student: int, size: int, frames: int, seed: int = 0,
-               school: int = 0) -> Clips:
-    """`students` students of synthetic school `school`, `clips_per_student` onset -> apex clips each,
-    `frames` frames (a divisor of 16) of `size` px. Deterministic in (seed, school)."""
+               school: int = 0, first_student: int = 0) -> Clips:
+    """Students first_student .. first_student + students - 1 of synthetic school `school`,
+    `clips_per_student` onset -> apex clips each, `frames` frames (a divisor of 16) of `size` px.
+    Deterministic in (seed, school, student); disjoint student ranges give disjoint identities."""
     if synth.CLIP_LENGTH % frames:
         raise ValueError(f"frames must divide {synth.CLIP_LENGTH}, got {frames}")
-    params = synth.SynthParams(schools=school + 1, students_per_school=students, image_size=size, seed=seed)
+    params = synth.SynthParams(schools=school + 1, students_per_school=first_student + students,
+                               image_size=size, seed=seed)
     profile = synth.school_profile(params, school)
     renderer = F.Renderer(size, seed=seed)
     step = synth.CLIP_LENGTH // frames
     out, labels, ids = [], [], []
-    for j in range(students):
+    for j in range(first_student, first_student + students):
         st = synth.student(params, school, j, profile)
         rng = np.random.default_rng(np.random.SeedSequence([seed, school, j, 7]))
         background = F.draw_background(st.background, renderer.canvas)

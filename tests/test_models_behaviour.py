@@ -19,7 +19,7 @@ def _x(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
 # ------------------------------------------------------------------ registry surface
 
 def test_registry_lists_models_and_presets() -> None:
-    assert registry.available() == ["hafnet", "sfer_mdfae"]
+    assert registry.available() == ["hafnet", "sfer_mdfae", "resnet50_cbam", "r2plus1d_sta"]
     for name in registry.available():
         presets = registry.presets(name)
         assert {"paper", "cpu"} <= set(presets)

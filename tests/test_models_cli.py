@@ -14,9 +14,11 @@ from shared_models.models import registry
 def test_models_json_lists_each_model_and_preset(capsys) -> None:
     assert main(["models", "--json", "--preset", "cpu"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["model"], r["preset"]) for r in rows] == [("hafnet", "cpu"), ("sfer_mdfae", "cpu")]
+    assert [(r["model"], r["preset"]) for r in rows] == [("hafnet", "cpu"), ("sfer_mdfae", "cpu"),
+                                                         ("resnet50_cbam", "cpu"), ("r2plus1d_sta", "cpu")]
     for r in rows:
         assert r["input_size"] == registry.presets(r["model"])["cpu"].input_size
+        assert r["clip_frames"] == registry.presets(r["model"])["cpu"].clip_frames
         assert r["params"] > 0 and r["macs"] > 0 and r["description"]
 
 
