@@ -15,9 +15,10 @@ def test_models_json_lists_each_model_and_preset(capsys) -> None:
     assert main(["models", "--json", "--preset", "cpu"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["model"], r["preset"]) for r in rows] == [(name, "cpu") for name in registry.available()]
-    assert {"hafnet", "sfer_mdfae", "mafnet"} <= {r["model"] for r in rows}
+    assert {"hafnet", "sfer_mdfae", "mafnet", "resnet50_cbam", "r2plus1d_sta"} <= {r["model"] for r in rows}
     for r in rows:
         assert r["input_size"] == registry.presets(r["model"])["cpu"].input_size
+        assert r["clip_frames"] == registry.presets(r["model"])["cpu"].clip_frames
         assert r["params"] > 0 and r["macs"] > 0 and r["description"]
 
 

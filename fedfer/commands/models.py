@@ -14,8 +14,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models", help="list the models and presets with input size, parameters and MACs",
         description="Every model x preset the registry builds (names for model.name / model.preset), with its "
-                    "input size, trainable parameters (7 classes) and multiply-accumulates per image "
-                    "(conv + linear layers, the figure papers call FLOPs). Building the paper presets takes a "
+                    "input size (TxSxS for clip models), trainable parameters (7 classes) and "
+                    "multiply-accumulates per image or clip (conv + linear layers, the figure papers call "
+                    "FLOPs). Building the paper presets takes a "
                     "few seconds.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--model", default=None, help="only this model")
@@ -25,8 +26,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def rows(model: str | None = None, preset: str | None = None, num_classes: int = 7) -> list[dict]:
-    """One dict per model x preset: model, preset, input_size, params, macs, description, clip_frames (T of a
-    clip model, 0 for an image model)."""
+    """One dict per model x preset: model, preset, input_size, clip_frames (0: images), params, macs (per
+    image, or per clip of clip_frames frames), description."""
     import torch
 
     from shared_models.models import registry
@@ -43,9 +44,9 @@ def rows(model: str | None = None, preset: str | None = None, num_classes: int =
                 continue
             torch.manual_seed(0)
             c = complexity(registry.build(name, num_classes, pname))
-            out.append({"model": name, "preset": pname, "input_size": spec.input_size, "params": c.params,
-                        "macs": c.macs, "description": spec.description,
-                        "clip_frames": int(getattr(spec, "clip_frames", 0))})
+            out.append({"model": name, "preset": pname, "input_size": spec.input_size,
+                        "clip_frames": spec.clip_frames, "params": c.params, "macs": c.macs,
+                        "description": spec.description})
     return out
 
 
@@ -64,13 +65,13 @@ def _models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
-    header = f"{'model':<11} {'preset':<6} {'input':>7} {'params':>9} {'MACs':>9}  description"
+    header = f"{'model':<13} {'preset':<6} {'input':>10} {'params':>9} {'MACs':>9}  description"
     print(header)
     print("-" * len(header))
     for r in table:
         size = f"{r['input_size']}x{r['input_size']}"
-        if r.get("clip_frames"):
+        if r["clip_frames"]:  # a clip model: T x S x S, MACs per clip
             size = f"{r['clip_frames']}x{size}"
         macs = f"{r['macs'] / 1e9:.3f} G" if r["macs"] >= 1e8 else f"{r['macs'] / 1e6:.1f} M"
-        print(f"{r['model']:<11} {r['preset']:<6} {size:>7} {r['params'] / 1e6:>7.3f} M {macs:>9}  {r['description']}")
+        print(f"{r['model']:<13} {r['preset']:<6} {size:>10} {r['params'] / 1e6:>7.3f} M {macs:>9}  {r['description']}")
     return 0

@@ -7,7 +7,9 @@ behind most FER papers' tables) puts nearly all of a CNN's cost:
     Linear: output elements x in_features
 
 Pooling, normalisation, activations and the attention matmuls of SFER-MDFAE's routing attention
-(<1 % of its total at 112 px) are not counted. Counts are per image (batch of one).
+(<1 % of its total at 112 px) and of R(2+1)D's spatio-temporal attention (<0.1 % at 16x112x112) are not
+counted. Counts are per image (batch of one), or per clip for a clip model (`clip_frames` T > 0: the
+input is (1, 3, T, S, S)).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from torch import nn
 @dataclass(frozen=True)
 class Complexity:
     params: int          # trainable parameters
-    macs: int            # multiply-accumulates per image (conv + linear)
+    macs: int            # multiply-accumulates per image or clip (conv + linear)
     input_size: int
+    clip_frames: int = 0  # > 0: counted on a clip of this many frames
 
     @property
     def params_m(self) -> float:
@@ -39,11 +42,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def count_macs(model: nn.Module, input_size: int) -> int:
-    """MACs of one forward pass of a (1, 3, S, S) input (a clip model: (1, 3, T, S, S)) through `model`'s conv
-    and linear layers (an Opacus DPLSTM is made of Linear cells, so its gates are counted)."""
-    from shared_models.models.registry import clip_frames
+def count_macs(model: nn.Module, input_size: int, clip_frames: int | None = None) -> int:
+    """MACs of one forward pass of a (1, 3, S, S) input (a clip model: (1, 3, T, S, S), T = `clip_frames` or
+    the model's own) through `model`'s conv and linear layers (an Opacus DPLSTM is made of Linear cells, so
+    its gates are counted)."""
+    from shared_models.models.registry import clip_frames as model_clip_frames
 
+    frames = model_clip_frames(model) if clip_frames is None else clip_frames
     total = 0
 
     def conv_hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -66,7 +71,6 @@ def count_macs(model: nn.Module, input_size: int) -> int:
         model.eval()
         param = next(model.parameters())
         with torch.no_grad():
-            frames = clip_frames(model)   # a clip model reads (1, 3, T, S, S)
             shape = (1, 3, frames, input_size, input_size) if frames else (1, 3, input_size, input_size)
             quiet = getattr(model, "quiet", None)
             if quiet is not None:
@@ -81,7 +85,11 @@ def count_macs(model: nn.Module, input_size: int) -> int:
     return total
 
 
-def complexity(model: nn.Module, input_size: int | None = None) -> Complexity:
-    """Params and MACs of `model` at its own `input_size` (or the one given)."""
+def complexity(model: nn.Module, input_size: int | None = None, clip_frames: int | None = None) -> Complexity:
+    """Params and MACs of `model` at its own `input_size` and `clip_frames` (or the ones given)."""
     size = int(input_size if input_size is not None else model.input_size)
-    return Complexity(params=count_params(model), macs=count_macs(model, size), input_size=size)
+    from shared_models.models.registry import clip_frames as model_clip_frames
+
+    frames = int(clip_frames if clip_frames is not None else model_clip_frames(model))
+    return Complexity(params=count_params(model), macs=count_macs(model, size, frames), input_size=size,
+                      clip_frames=frames)

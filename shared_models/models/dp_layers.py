@@ -13,6 +13,13 @@ exact: tests/test_models_dp.py compares every model's per-sample gradients with 
 - `PReLU` (IR50). Opacus has no sampler for PReLU and falls back to functorch (vmap of a replayed
   forward), which on the full-resolution IR50 maps was the slowest layer of SFER-MDFAE. The gradient
   of PReLU's slope is sum over positions of grad_out * min(x, 0), one einsum.
+
+Two one-parameter modules hold bare parameters that would otherwise sit in a bigger module and send all
+of it to the functorch fallback:
+
+- `Scale` (the learnable gamma of R(2+1)D's spatio-temporal attention): y = gamma * x.
+- `CentreOffsets` (class centres of a centre loss): f -> f - c_k for every class k; the loss built on
+  the offsets stays outside, so any centre loss (DACL's sparse one in r2plus1d.py) can use it.
 """
 
 from __future__ import annotations
@@ -63,3 +70,45 @@ def prelu_grad_sample(layer: PReLU, activations: list[Tensor], backprops: Tensor
     if layer.num_parameters == 1:
         return {layer.weight: contrib.reshape(n, -1).sum(dim=1, keepdim=True)}
     return {layer.weight: contrib.reshape(n, layer.num_parameters, -1).sum(dim=2)}
+
+
+class Scale(nn.Module):
+    """y = gamma * x with one learnable scalar gamma (initialised to `init`)."""
+
+    def __init__(self, init: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1,), float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * x
+
+
+class CentreOffsets(nn.Module):
+    """Learnable class centres c (K, D); forward(f: (B, D)) -> f - c_k for every k, shape (B, K, D).
+
+    Centres start as DACL's (kaiming-normal over the feature dimension)."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.centres = nn.Parameter(torch.empty(num_classes, dim))
+        nn.init.kaiming_normal_(self.centres)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features.unsqueeze(1) - self.centres.unsqueeze(0)
+
+
+@register_grad_sampler(Scale)
+def scale_grad_sample(layer: Scale, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """d y / d gamma = x, so the per-sample gradient is sum over every non-batch position of grad_out * x."""
+    if not layer.weight.requires_grad:
+        return {}
+    x = activations[0].to(backprops.dtype)
+    return {layer.weight: (backprops * x).reshape(x.shape[0], -1).sum(dim=1, keepdim=True)}
+
+
+@register_grad_sampler(CentreOffsets)
+def centre_offsets_grad_sample(layer: CentreOffsets, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """d (f - c_k) / d c_k = -1: each sample's centre gradient is minus its gradient of the offsets."""
+    if not layer.centres.requires_grad:
+        return {}
+    return {layer.centres: -backprops}

@@ -44,6 +44,8 @@ _MODELS: dict[str, str] = {
     "hafnet": "shared_models.models.hafnet:HAFNet",
     "sfer_mdfae": "shared_models.models.sfer_mdfae:SFERMDFAE",
     "mafnet": "shared_models.models.mafnet:MAFNet",
+    "resnet50_cbam": "shared_models.models.resnet_cbam:ResNetCBAM",
+    "r2plus1d_sta": "shared_models.models.r2plus1d:R2Plus1DSTA",
 }
 
 _PRESETS: dict[str, dict[str, Preset]] = {
@@ -87,6 +89,55 @@ _PRESETS: dict[str, dict[str, Preset]] = {
             "with the square root of the parameter count)",
             dict(widths=(8, 16, 16, 32), units=(1, 2, 2, 1), stem_stride=2, stage_strides=(2, 2, 2, 1),
                  regions=4, topn=5),
+        ),
+    },
+    "resnet50_cbam": {
+        "paper": Preset(
+            "paper", 224,
+            "224 px; ResNet-50 (planes 64/128/256/512, blocks 3/4/6/3, 7x7 stem + max-pool), CBAM (r 16, "
+            "7x7) in every bottleneck, 2x2 avg-pool before the stride-1 1x1 down-sampling shortcut",
+            dict(planes=(64, 128, 256, 512), blocks=(3, 4, 6, 3), stem="imagenet", strides=(1, 2, 2, 2),
+                 stem_width=64, cbam_reduction=16),
+        ),
+        "cpu": Preset(
+            "cpu", 64,
+            "64 px; the paper's blocks at planes 8/16/32/64 (outputs 32..256), 3x3 stride-2 stem (no max-pool), "
+            "CBAM r 8; 256x4x4 map",
+            dict(planes=(8, 16, 32, 64), blocks=(3, 4, 6, 3), stem="small", strides=(1, 2, 2, 2),
+                 stem_width=16, cbam_reduction=8),
+        ),
+        "dp": Preset(
+            "dp", 64,
+            "64 px; one bottleneck per stage at planes 4/8/8/16 (outputs 16..64), CBAM r 4: small enough to "
+            "learn from scratch under student-level DP",
+            dict(planes=(4, 8, 8, 16), blocks=(1, 1, 1, 1), stem="small", strides=(1, 2, 2, 2),
+                 stem_width=8, cbam_reduction=4),
+        ),
+    },
+    "r2plus1d_sta": {
+        "paper": Preset(
+            "paper", 112,
+            "16x112x112 clips; R(2+1)D-18 (torchvision's, widths 64..512, blocks 2/2/2/2), spatio-temporal "
+            "attention on the 512x2x7x7 map, DACL attention + sparse centre loss",
+            dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), strides=(1, 2, 2, 2), stem_width=45,
+                 stem_kernel=7, stem_stride=2),
+            clip_frames=16,
+        ),
+        "cpu": Preset(
+            "cpu", 32,
+            "8x32x32 clips; R(2+1)D-18 at widths 16/32/64/96, 3x3 stride-2 stem, stage strides 1/2/2/1 "
+            "(space and time) -> 96x2x4x4 map, so the attention still sees 2 frames",
+            dict(widths=(16, 32, 64, 96), blocks=(2, 2, 2, 2), strides=(1, 2, 2, 1), stem_width=12,
+                 stem_kernel=3, stem_stride=2),
+            clip_frames=8,
+        ),
+        "dp": Preset(
+            "dp", 24,
+            "8x24x24 clips; one block per stage at widths 8/16/16/32, strides as cpu (32x2x3x3 map): small "
+            "enough to learn from scratch under student-level DP",
+            dict(widths=(8, 16, 16, 32), blocks=(1, 1, 1, 1), strides=(1, 2, 2, 1), stem_width=6,
+                 stem_kernel=3, stem_stride=2),
+            clip_frames=8,
         ),
     },
 }
@@ -171,6 +222,7 @@ def build(name: str, num_classes: int = 7, preset: str = "cpu", **kwargs: Any) -
     model = cls(num_classes, **options)
     model.preset = preset  # type: ignore[attr-defined]
     model.model_name = name  # type: ignore[attr-defined]
+    model.clip_frames = int(table[preset].clip_frames)  # type: ignore[attr-defined]
     return model
 
 

@@ -1,11 +1,12 @@
 """Training speed and memory of the model zoo, plain and under Opacus DP-SGD.
 
-    python -m simulations.bench.models [--models hafnet,sfer_mdfae] [--preset cpu] [--threads 1,2]
-        [--batch 32] [--steps 8] [--extras] [--out benchmarks/models.json]
+    python -m simulations.bench.models [--models hafnet,sfer_mdfae] [--preset cpu[,dp]] [--threads 1,2]
+        [--batch 32] [--steps 8] [--extras] [--merge] [--out benchmarks/models.json]
 
 Every configuration runs in a fresh subprocess (clean thread setting, clean allocator, its own peak
 RSS). A step is forward + full per-sample loss (`registry.per_sample_loss`) + backward + optimizer
-step on a random batch in [-1, 1]. Modes:
+step on a random batch in [-1, 1]: images (B, 3, S, S), or clips (B, 3, T, S, S) for a clip model
+(preset `clip_frames` T > 0; samples/s then counts clips). Modes:
 
   plain        SGD, no DP
   dp-bk        book-keeping with per-layer ghost norms (privacy/student_clipping.py) + Opacus'
@@ -28,6 +29,10 @@ step on a random batch in [-1, 1]. Modes:
 samples per second from the median step, by wall clock and per CPU-second of the process (the machine
 is shared; CPU time is the steadier number). Peak memory is the process' peak RSS (getrusage) and its
 growth during training over the RSS after building the model.
+
+`--merge` keeps the rows of the existing output file that this run does not measure again (other models
+or presets) and tags every row with the command and time that measured it, so one file holds the whole
+zoo although its rows come from several runs.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from simulations.bench.results import write_result
+from simulations.bench.results import command_line, write_result
 
 # ------------------------------------------------------------------------------------------------
 # worker: one configuration, in its own process
@@ -240,7 +245,13 @@ def _run(cfg: dict, timeout: float) -> dict:
 
 
 def _plan(args: argparse.Namespace) -> list[dict]:
-    base = dict(preset=args.preset, steps=args.steps, warmup=2)
+    plan = []
+    for preset in args.preset.split(","):
+        plan += _plan_preset(args, dict(preset=preset, steps=args.steps, warmup=2))
+    return plan
+
+
+def _plan_preset(args: argparse.Namespace, base: dict) -> list[dict]:
     plan = []
     for model in args.models.split(","):
         for batch in (int(b) for b in str(args.batch).split(",")):
@@ -287,22 +298,22 @@ def _rate(row: dict) -> float:
 
 
 def _table(rows: list[dict]) -> str:
-    head = (f"{'model':<11} {'preset':<6} {'mode':<13} {'thr':>3} {'batch':>5} {'samples/s':>10} "
+    head = (f"{'model':<13} {'preset':<6} {'mode':<13} {'thr':>3} {'batch':>5} {'samples/s':>10} "
             f"{'(per cpu-s)':>11} {'vs plain':>8} {'peak MB':>8} {'+train MB':>9} {'faults':>7}  note")
     out = [head, "-" * len(head)]
-    plain = {(r["model"], r["threads"], r["batch"]): r for r in rows if r["mode"] == "plain" and r["ok"]}
+    plain = {(r["model"], r["preset"], r["threads"], r["batch"]): r for r in rows if r["mode"] == "plain" and r["ok"]}
     for r in rows:
         if not r["ok"]:
-            out.append(f"{r['model']:<11} {r['preset']:<6} {r['mode']:<13} {r['threads']:>3} {r['batch']:>5}  "
+            out.append(f"{r['model']:<13} {r['preset']:<6} {r['mode']:<13} {r['threads']:>3} {r['batch']:>5}  "
                        f"failed: {r['error']}")
             continue
-        p = plain.get((r["model"], r["threads"], r["batch"]))
+        p = plain.get((r["model"], r["preset"], r["threads"], r["batch"]))
         ratio = f"{_rate(p) / _rate(r):.2f}x" if p and r["mode"] != "plain" else ""
         note = ""
         if "grad_sample_max_rel_error_vs_contiguous" in r:
             err = r["grad_sample_max_rel_error_vs_contiguous"]
             note = f"per-sample grads {'WRONG' if err > 1e-4 else 'ok'} (rel err {err:.1e})"
-        out.append(f"{r['model']:<11} {r['preset']:<6} {r['mode']:<13} {r['threads']:>3} {r['batch']:>5} "
+        out.append(f"{r['model']:<13} {r['preset']:<6} {r['mode']:<13} {r['threads']:>3} {r['batch']:>5} "
                    f"{r['samples_per_s_wall']:>10.1f} {r['samples_per_s_cpu']:>11.1f} {ratio:>8} "
                    f"{r['peak_rss_mb']:>8.0f} {r['train_rss_growth_mb']:>9.0f} {r['page_faults_per_step']:>7}  {note}")
     return "\n".join(out)
@@ -344,7 +355,9 @@ def _load() -> tuple[float, float, float]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="hafnet,sfer_mdfae")
-    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--preset", default="cpu", help="preset(s), comma-separated, e.g. cpu,dp")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the output file's rows for configurations this run does not measure")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--batch", default="32", help="batch size(s), comma-separated")
     parser.add_argument("--modes", default="plain,dp-bk,dp-hooks",
@@ -377,6 +390,28 @@ def _rerender(source: str, out: str) -> None:
     print(table)
 
 
+def _merge(path: Path, rows: list[dict], created: str, command: str) -> tuple[list[dict], list[dict]]:
+    """The earlier file's rows this run did not measure again, then this run's; every row tagged with the
+    command and time that measured it. Returns (rows, the earlier runs' command/time/machine/settings)."""
+    for r in rows:
+        r.update(measured_by=command, measured_at=created)
+    if not path.exists():
+        return rows, []
+    old = json.loads(path.read_text())
+    earlier = list(old.get("earlier_runs", []))
+    earlier.append({k: old.get(k) for k in ("command", "created", "machine", "settings", "notes") if k in old})
+    key = ("model", "preset", "mode", "threads", "batch")
+    fresh = {tuple(r[k] for k in key) for r in rows}
+    kept = []
+    for r in old.get("results", []):
+        if tuple(r.get(k) for k in key) not in fresh:
+            r.setdefault("measured_by", old.get("command"))
+            r.setdefault("measured_at", old.get("created"))
+            r.setdefault("page_faults_per_step", -1)
+            kept.append(r)
+    return kept + rows, earlier
+
+
 def _measure_all(args: argparse.Namespace, argv: list[str] | None) -> None:
     """Run every planned configuration in its own process, print the table and write the result file."""
     import opacus
@@ -393,11 +428,15 @@ def _measure_all(args: argparse.Namespace, argv: list[str] | None) -> None:
             print(f"  [{repeat}] {row['model']} {row['mode']} threads={row['threads']} batch={row['batch']}: "
                   + (f"{row['samples_per_s_cpu']} samples/cpu-s" if row["ok"] else f"failed ({row['error']})"),
                   file=sys.stderr, flush=True)
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    earlier: list[dict] = []
+    if args.merge:
+        rows, earlier = _merge(Path(args.out), rows, created, command_line("simulations.bench.models", argv))
     table = _table(_aggregate(rows))
     print(table)
     summary = _summary(rows)
     report = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": created,
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "opacus": opacus.__version__, "load_average_start": [round(v, 2) for v in load_start],
@@ -408,6 +447,8 @@ def _measure_all(args: argparse.Namespace, argv: list[str] | None) -> None:
         "summary_dp_vs_plain": summary,
         "results": rows,
         "table": table.splitlines(),
+        **({"notes": earlier[-1]["notes"]} if earlier and earlier[-1].get("notes") else {}),
+        **({"earlier_runs": earlier} if earlier else {}),
     }
     out = write_result(args.out, report, module="simulations.bench.models", argv=argv)
     print(f"\nwrote {out} (load average {load_start[0]:.1f} -> {_load()[0]:.1f} on {os.cpu_count()} cpus)")
