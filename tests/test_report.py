@@ -129,6 +129,8 @@ def stand_in_registry(monkeypatch):
     fake.build = lambda name, num_classes, preset: MeanDecoder(num_classes)
     fake.available = lambda: ["stand-in"]
     fake.presets = lambda name: {"cpu": None}
+    fake.unwrap = lambda model: model
+    fake.clip_frames = lambda model: 0
     monkeypatch.setitem(sys.modules, "shared_models.models.registry", fake)
     import shared_models.models
 
