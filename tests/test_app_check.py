@@ -63,7 +63,7 @@ def test_a_changed_app_is_refused_naming_the_file(change, named):
 
 
 def test_files_that_are_never_imported_are_not_checked():
-    assert fab_differences(_fab({"tests/test_x.py": b"anything", "benchmarks/x.json": b"{}"}), ROOT) == []
+    assert fab_differences(_fab({"tests/test_x.py": b"anything", "benchmarks/x.json": b"{}", "configs/district.yaml": b"a: 1"}), ROOT) == []
 
 
 def test_not_a_zip_is_refused():

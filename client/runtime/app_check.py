@@ -9,9 +9,9 @@ Flower platform, which an offline district does not have. So the school's warm e
 (client/runtime/warm_executor.py) calls :func:`check_fab` in each task's process before Flower installs
 and loads the FAB; a FAB that differs is refused and the task ends with that one-line reason.
 
-What must match: every `.py` and `.yaml` file of fedfer's packages, byte for byte; no Python file
-outside them except under `tests/` and `scripts/` (never imported by the app); and the ClientApp the
-FAB's pyproject.toml names must be fedfer's `client.app:app`. Everything else in a FAB (README,
+What must match: every `.py` and `.yaml` file of fedfer's packages, byte for byte; no Python or YAML
+file outside them except under `tests/`, `scripts/` and `configs/` (never imported or read by the app);
+and the ClientApp the FAB's pyproject.toml names must be fedfer's `client.app:app`. Everything else in a FAB (README,
 result JSON, the run-config defaults in pyproject.toml) is data the school's policy does not trust.
 """
 
@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 APP_PACKAGES = ("client", "server", "shared_models", "privacy", "fedfer", "simulations")
-NEVER_IMPORTED = ("tests", "scripts")
+NEVER_IMPORTED = ("tests", "scripts", "configs")   # configs/: YAML for `fedfer simulate --config`, never read by an app
 CLIENTAPP = "client.app:app"
 CHECKED_SUFFIXES = (".py", ".yaml", ".yml")
 
