@@ -144,16 +144,21 @@ def read_policy_file(state_dir: Path) -> SchoolPolicy | None:
     path = Path(state_dir) / POLICY_FILE
     if not path.exists():
         return None
+    return SchoolPolicy.from_mapping(_read_policy_json(path), str(path))
+
+
+def _read_policy_json(path: Path) -> dict[str, Any]:
+    """A policy.json's object of known keys; PolicyError (one line naming the file) otherwise."""
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PolicyError(f"{path}: unreadable policy ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PolicyError(f"{path}: unreadable policy ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(values, dict):
         raise PolicyError(f"{path}: must be a JSON object of policy keys")
     unknown = sorted(set(values) - set(POLICY_KEYS) - set(REPORT_KEYS))
     if unknown:
         raise PolicyError(f"{path}: unknown key '{unknown[0]}' (policy keys: {', '.join(POLICY_KEYS + REPORT_KEYS)})")
-    return SchoolPolicy.from_mapping(values, str(path))
+    return values
 
 
 # ---------------------------------------------------------------------------- the classroom report
@@ -185,16 +190,7 @@ def read_report_policy(path: Path | None, defaults: Mapping[str, Any]) -> Report
     path = Path(path)
     if path.is_dir():
         path = path / POLICY_FILE
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PolicyError(f"{path}: unreadable policy ({' '.join(str(exc).split())[:120]})") from None
-    if not isinstance(values, dict):
-        raise PolicyError(f"{path}: must be a JSON object of policy keys")
-    unknown = sorted(set(values) - set(POLICY_KEYS) - set(REPORT_KEYS))
-    if unknown:
-        raise PolicyError(f"{path}: unknown key '{unknown[0]}' (policy keys: {', '.join(POLICY_KEYS + REPORT_KEYS)})")
-    return report_policy(values, defaults, str(path))
+    return report_policy(_read_policy_json(path), defaults, str(path))
 
 
 # ---------------------------------------------------------------------------- the request check

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from shared_models.plotting import pyplot, save_figure
 
 #: Above this many classes the per-cell count/% annotations are left out (text for n² cells is what
 #: makes matplotlib slow: 90,000 labels for 300 classes), and above MAX_TICK_CLASSES the class names.
@@ -20,21 +21,6 @@ MAX_TICK_CLASSES = 60
 MAX_CONFUSION_CLASSES = 1000
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)  # a reader never sees half a PNG
-    return path
 
 
 def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], path: Path, *, title: str) -> Path:
@@ -42,7 +28,7 @@ def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], 
 
     `series[benchmark]` holds equal-length lists ``round``, ``accuracy``, ``ci_low``, ``ci_high``,
     ``uar`` (fractions in 0..1; None where a value is missing)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (bench, data) in enumerate(sorted(series.items())):
@@ -62,7 +48,7 @@ def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], 
     ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
-    path = _save(fig, path)
+    path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -71,7 +57,7 @@ def epsilon_curves(series: Mapping[str, Mapping[str, Sequence[float]]], path: Pa
                    budget: float | None = None, refusals: Mapping[str, Sequence[int]] | None = None) -> Path:
     """Cumulative ε per school per round; the budget as a horizontal line; rounds where a school
     refused or failed marked with a red ×."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     top = 0.0
     for school, data in sorted(series.items()):
@@ -95,7 +81,7 @@ def epsilon_curves(series: Mapping[str, Mapping[str, Sequence[float]]], path: Pa
     ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8, ncol=2 if len(series) > 6 else 1)
-    path = _save(fig, path)
+    path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -105,7 +91,7 @@ def epsilon_distribution(quantiles: Mapping[str, Sequence[float]], finals: Seque
     """A large federation's privacy in two panels: per round, the median cumulative ε of the schools that
     have trained with 10-90 % and min-max bands (and how many schools that is); and the histogram of each
     school's final ε. Readable at 1,000 schools, where one curve per school is not."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, hist) = plt.subplots(1, 2, figsize=(11.5, 4.6), gridspec_kw={"width_ratios": [3, 2]}, layout="constrained")
     rounds = np.asarray(quantiles.get("round", []), dtype=float)
     if rounds.size:
@@ -135,7 +121,7 @@ def epsilon_distribution(quantiles: Mapping[str, Sequence[float]], finals: Seque
     hist.set_ylabel("schools")
     hist.set_title(f"final ε, {len(finite)} schools", fontsize=10)
     hist.grid(alpha=0.3)
-    path = _save(fig, path)
+    path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -143,7 +129,7 @@ def epsilon_distribution(quantiles: Mapping[str, Sequence[float]], finals: Seque
 def confusion_heatmap(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: Path, *, title: str) -> Path:
     """Row-normalised colours (recall per true class), each cell annotated with its count and %."""
     counts = _confusion_counts(confusion, labels)
-    plt = _pyplot()
+    plt = pyplot()
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     classes = counts.shape[0]
@@ -165,7 +151,7 @@ def confusion_heatmap(confusion: Sequence[Sequence[int]], labels: Sequence[str],
     ax.set_title(title)
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     bar.set_label("% of the true class (recall on the diagonal)")
-    path = _save(fig, path)
+    path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -205,7 +191,7 @@ def federation_added(panels: Sequence[Mapping[str, object]], path: Path, *, titl
 
     `panels[i]` holds ``title`` (str), ``curve`` (``round``, ``accuracy``, ``ci_low``, ``ci_high``; fractions)
     and ``references``: a list of (key, label, accuracy fraction) — key picks the style (REFERENCE_STYLES)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False, sharey=True)
     values: list[float] = []
     for ax, panel in zip(axes[0], panels):
@@ -233,6 +219,6 @@ def federation_added(panels: Sequence[Mapping[str, object]], path: Path, *, titl
     if values:
         axes[0][0].set_ylim(max(0.0, min(values) - 8), min(100.0, max(values) + 4))
     fig.suptitle(title, fontsize=12)
-    path = _save(fig, path)
+    path = save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -8,31 +8,17 @@ from pathlib import Path
 import numpy as np
 
 from shared_models.labels import FER7
+from shared_models.plotting import pyplot, save_figure
 
 COLOURS = {"angry": "#d62728", "disgust": "#8c564b", "fear": "#9467bd", "happy": "#2ca02c", "sad": "#1f77b4",
            "surprise": "#ff7f0e", "neutral": "#7f7f7f"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    return path
 
 
 def expression_mix(windows: list, path: Path, k: int) -> Path:
     """Stacked shares of the class's expressions per window."""
-    plt = _pyplot()
+    plt = pyplot()
     minutes = np.array([w.start / 60.0 for w in windows])
     mix = np.array([w.mix if w.shown else [np.nan] * len(FER7) for w in windows], dtype=float)
     totals = mix.sum(axis=1, keepdims=True)
@@ -49,14 +35,14 @@ def expression_mix(windows: list, path: Path, k: int) -> Path:
     ax.set_ylim(0, 1)
     ax.set_title(f"The class's expressions per {width * 60:.0f}-s window (blank: fewer than {k} students)")
     ax.legend(ncol=7, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18))
-    out = _save(fig, path)
+    out = save_figure(fig, path, dpi=110)
     plt.close(fig)
     return out
 
 
 def indicators(windows: list, path: Path, k: int) -> Path:
     """The four seed-001 indicators per window, with the difficulty moments marked."""
-    plt = _pyplot()
+    plt = pyplot()
     minutes = np.array([(w.start + w.end) / 120.0 for w in windows])
 
     def values(name: str) -> np.ndarray:
@@ -79,6 +65,6 @@ def indicators(windows: list, path: Path, k: int) -> Path:
                 ax.axvline((w.start + w.end) / 120.0, color="#1f77b4", alpha=0.25, linewidth=2)
     axes[-1].set_xlabel("lesson time (minutes)")
     axes[0].set_title(f"Learning-status indicators (seed 001) per window; gaps: fewer than {k} students")
-    out = _save(fig, path)
+    out = save_figure(fig, path, dpi=110)
     plt.close(fig)
     return out

@@ -1,0 +1,25 @@
+"""Matplotlib without a display, and PNGs written so a reader never sees half a file: the run report
+(server/plots.py) and the lesson report (client/classroom/plots.py) both draw through these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display, no GUI toolkit)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Write `fig` to `path` through a temporary file, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    tmp.replace(path)
+    return path
