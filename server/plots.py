@@ -21,8 +21,6 @@ MAX_TICK_CLASSES = 60
 MAX_CONFUSION_CLASSES = 1000
 
 
-
-
 def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], path: Path, *, title: str) -> Path:
     """Accuracy (solid, with its 95 % CI band) and UAR (dashed) per round, one colour per benchmark.
 

@@ -14,8 +14,6 @@ COLOURS = {"angry": "#d62728", "disgust": "#8c564b", "fear": "#9467bd", "happy":
            "surprise": "#ff7f0e", "neutral": "#7f7f7f"}
 
 
-
-
 def expression_mix(windows: list, path: Path, k: int) -> Path:
     """Stacked shares of the class's expressions per window."""
     plt = pyplot()
