@@ -12,7 +12,7 @@
   repeated to 45 minutes: the time does not depend on which frame repeats);
 - indicator agreement with the generator's truth on a short lesson.
 
-Run the timing under the machine's timing lock (`flock /work/notes/timing.lock python -m ...`).
+Run the timing alone on the machine (nothing else busy), as every speed figure here is measured.
 """
 
 from __future__ import annotations
