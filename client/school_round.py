@@ -33,7 +33,6 @@ from shared_models.datasets.school_folder import (
 from shared_models.models import registry
 
 ROUND_LOCK = "round"   # <state_dir>/round.lock: check → train → record, one at a time per school
-TIMING_LOG = "timing.jsonl"   # <state_dir>/timing.jsonl of a simulated school: its own seconds, never sent
 
 # A simulated node's Ray actor (or a long-running deployed ClientApp process) serves many rounds:
 # decode a school's images once per version of its labels.csv, keeping at most `data.school_cache_mb`
@@ -99,15 +98,6 @@ def load_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | School
     return _SCHOOL_CACHE.get(node.data_dir, version, decode)
 
 
-def _record_timing(node: NodeIdentity, run_id: str, server_round: int, data_s: float, round_s: float) -> None:
-    """A simulated school's own timing line (data wait + decode, whole round): read by
-    simulations/bench/scale.py beside the server's exchange time; stays in the school's state dir."""
-    from shared_models.atomic_files import append_line
-
-    assert node.state_dir is not None
-    append_line(node.state_dir / TIMING_LOG, json.dumps({"run_id": run_id, "round": server_round,
-                                                        "data_s": round(data_s, 4), "round_s": round(round_s, 4)}))
-
 
 def _load_clips(node: NodeIdentity, version: tuple[int, int], frames: int, task: str) -> SchoolClips:
     """The school's clips, cached per (labels.csv version, frames, task) like the frames."""
@@ -156,13 +146,11 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
     phases = phases if phases is not None else PhaseClock()
     # the time the request was taken: signed into the entry, and independent of how long training takes
     started_at = (clock or _now)().isoformat(timespec="seconds")
-    started = time.perf_counter()
 
     # 1. data
     data = _usable_data(node, cfg)
     if isinstance(data, RoundReply):
         return data
-    data_s = time.perf_counter() - started
     phases.mark("data")
 
     # 2. the run-config against the school's policy (public values only)
@@ -193,8 +181,6 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
                              sample_rate=result.sample_rate, steps=result.steps, **common)
         ledger_record = books.signed(entry)
         phases.mark("ledger")
-    if node.simulated:
-        _record_timing(node, run_id, server_round, data_s, time.perf_counter() - started)
 
     # 6. reply content: DP output and public values only
     return _ok_reply(node, server_round, model, result, entry, ledger_record, terms.plan.declared_units)

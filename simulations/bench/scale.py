@@ -13,7 +13,7 @@ are generated when first sampled (only sampled schools cost time). Measured per 
   demo's data settings (64 px, 2 frames per student) → the demo build's seconds per image;
 - round seconds (metrics.jsonl `timing.round_seconds`; round 1 also asks every node its role);
 - train exchange ÷ (summed school compute ÷ slots): the server's `train_exchange_s` against the seconds each
-  sampled school spent on its round (its own `schools/<id>/timing.jsonl`, never sent: data wait + decode +
+  sampled school spent on its round (its own `schools/<id>/round-timing.jsonl`, never sent: data wait + decode +
   DP training + ledger) plus the evaluation node's compute for the previous round's model (pipelined into
   the same exchange), divided by the simulation's actor slots (flower.log "ActorPool with: N actors");
 - peak resident memory of the whole process tree (fedfer simulate, SuperLink, Ray and its actors), sampled
@@ -111,10 +111,13 @@ def case_overrides(schools: int, args: argparse.Namespace, work: Path) -> list[s
 def _school_rounds(run: Path) -> dict[int, list[dict[str, float]]]:
     """round -> every sampled school's own timing line for it."""
     out: dict[int, list[dict[str, float]]] = {}
-    for log in (run / "schools").glob("*/timing.jsonl"):
+    for log in (run / "schools").glob("*/round-timing.jsonl"):
         for line in log.read_text().splitlines():
             entry = json.loads(line)
-            out.setdefault(int(entry["round"]), []).append(entry)
+            if entry.get("status") == "ok":   # a trained round: data wait + decode + DP training + ledger
+                out.setdefault(int(entry["round"]), []).append(
+                    {"data_s": float(entry["seconds"].get("data", 0.0)),
+                     "round_s": float(entry["done_unix"]) - float(entry["received_unix"])})
     return out
 
 
