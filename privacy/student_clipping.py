@@ -113,17 +113,22 @@ def _add_grad(p: nn.Parameter, grad: Tensor) -> None:
 # ------------------------------------------------------------------------------------------ layer rules
 @dataclass
 class Call:
-    """One forward call of a layer: its (detached) inputs, its output and, once the backward reaches it,
-    d loss / d output. ``source``: no input needs a gradient from an earlier layer (the backward is asked
-    for this output's gradient; every other layer's output gradient is computed on the way to one)."""
+    """One forward call of a layer: its (detached) inputs, its output's shape and, once the backward reaches
+    it, d loss / d output. ``source``: no input needs a gradient from an earlier layer; the backward is asked
+    for the gradient of such a call's output (kept in ``output``), every other layer's output gradient is
+    computed on the way to one. Other outputs are not kept: a layer output that no later operation saves
+    (e.g. one entering a residual sum) would otherwise stay in memory through the backward."""
 
     inputs: list
-    output: Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    needs_grad: bool
     source: bool = False
+    output: Tensor | None = None
     grad: Tensor | None = None
 
     def output_grad(self) -> Tensor:
-        return self.grad if self.grad is not None else torch.zeros_like(self.output)
+        return self.grad if self.grad is not None else torch.zeros(self.shape, dtype=self.dtype)
 
     def release(self) -> None:
         """Drop the tensors (the output's hook refers to this call: without this they would live until
@@ -204,7 +209,7 @@ class LinearRule(_GhostOrDirect):
     def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
         layer: nn.Linear = self.layer  # type: ignore[assignment]
         n, d, p = len(units.rows), layer.in_features, layer.out_features
-        a = _cat([c.inputs[0].reshape(n, -1, d) for c in calls], dim=1).to(calls[0].output.dtype)
+        a = _cat([c.inputs[0].reshape(n, -1, d) for c in calls], dim=1).to(calls[0].dtype)
         g = _cat([c.output_grad().reshape(n, -1, p) for c in calls], dim=1)
         total = None
         self.kept, self.ghost = {}, []
@@ -351,7 +356,8 @@ class StudentClipper:
         # an input needing a gradient that no layer output explains (a leaf: the model's input, a parameter
         # passed in) makes the call a source too, so that the backward is asked for its output's gradient
         source = not any(isinstance(a, Tensor) and a.requires_grad and a.grad_fn is not None for a in args)
-        call = Call([a.detach() if isinstance(a, Tensor) else a for a in args], output, source)
+        call = Call([a.detach() if isinstance(a, Tensor) else a for a in args], output.shape, output.dtype,
+                    output.requires_grad, source, output if source else None)
         self.calls[module].append(call)
         if output.requires_grad:
             output.register_hook(lambda grad: self._arrived(module, call, grad))
@@ -385,9 +391,8 @@ class StudentClipper:
         """Set ``p.grad`` = sum over students of c_u G_u; return the students' unclipped gradient norms."""
         step = self._step = _Step(Units(rows, count), losses.dtype)
         try:
-            live = [c for cs in self.calls.values() for c in cs if c.output.requires_grad]
-            step.pending = {m: sum(c.output.requires_grad for c in cs) for m, cs in self.calls.items()}
-            sources = [c.output for c in live if c.source] or [c.output for c in live]
+            step.pending = {m: sum(c.needs_grad for c in cs) for m, cs in self.calls.items()}
+            sources = [c.output for cs in self.calls.values() for c in cs if c.needs_grad and c.source]
             if sources:
                 torch.autograd.grad(losses.sum(), sources, allow_unused=True)
             self._finish_unreached()
@@ -411,7 +416,7 @@ class StudentClipper:
         for module, calls in self.calls.items():
             if not calls:
                 continue
-            if any(c.grad is None and c.output.requires_grad for c in calls):
+            if any(c.grad is None and c.needs_grad for c in calls):
                 raise UnsupportedModel(f"the backward did not reach layer {type(module).__name__}'s output")
             self._step.process(module, self.rules[module], calls)
             self._release(module)
