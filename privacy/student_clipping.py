@@ -6,10 +6,15 @@ hook mode materialises every g_i (B x parameters), and the plain backward under 
 ordinary weight gradients, which DP-SGD throws away. This module computes the same clipped sum in one
 forward and one *partial* backward:
 
-1. Forward hooks on every layer with trainable parameters keep its input and output.
-2. ``torch.autograd.grad`` of the summed frame losses with respect to those *outputs* only: autograd then
-   skips every weight-gradient kernel (they are not asked for) and computes only the gradients that flow
-   between layers.
+1. Forward hooks on every layer with trainable parameters keep its input, its output's shape and a tensor
+   hook on the output.
+2. ``torch.autograd.grad`` of the summed frame losses with respect to the outputs of the *first* layers
+   (those whose inputs need no gradient from another layer) only: autograd then skips every
+   weight-gradient kernel (none is asked for) and computes only the gradients that flow between layers,
+   passing every other layer's output gradient to its tensor hook on the way. The hook runs step 3 for
+   the layer at once and drops what the layer no longer needs, so that, as in plain training, a layer's
+   input and output gradient are freed as the backward passes it (only ghost layers keep theirs for
+   step 4); peak memory is then plain training's plus the per-student gradients of direct layers.
 3. Per layer, the squared norm of each student's gradient, by whichever is cheaper for the layer's shape
    (Bu et al. 2022, "mixed ghost clipping"):
      * direct: the per-frame weight gradients A_i^T G_i summed per student (cost ~ B T d p);
