@@ -6,10 +6,15 @@ hook mode materialises every g_i (B x parameters), and the plain backward under 
 ordinary weight gradients, which DP-SGD throws away. This module computes the same clipped sum in one
 forward and one *partial* backward:
 
-1. Forward hooks on every layer with trainable parameters keep its input and output.
-2. ``torch.autograd.grad`` of the summed frame losses with respect to those *outputs* only: autograd then
-   skips every weight-gradient kernel (they are not asked for) and computes only the gradients that flow
-   between layers.
+1. Forward hooks on every layer with trainable parameters keep its input, its output's shape and a tensor
+   hook on the output.
+2. ``torch.autograd.grad`` of the summed frame losses with respect to the outputs of the *first* layers
+   (those whose inputs need no gradient from another layer) only: autograd then skips every
+   weight-gradient kernel (none is asked for) and computes only the gradients that flow between layers,
+   passing every other layer's output gradient to its tensor hook on the way. The hook runs step 3 for
+   the layer at once and drops what the layer no longer needs, so that, as in plain training, a layer's
+   input and output gradient are freed as the backward passes it (only ghost layers keep theirs for
+   step 4); peak memory is then plain training's plus the per-student gradients of direct layers.
 3. Per layer, the squared norm of each student's gradient, by whichever is cheaper for the layer's shape
    (Bu et al. 2022, "mixed ghost clipping"):
      * direct: the per-frame weight gradients A_i^T G_i summed per student (cost ~ B T d p);
@@ -101,16 +106,8 @@ class Units:
         return len(self.pair_i)
 
 
-def _sq_norms(per_unit: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(per_unit.reshape(len(per_unit), -1), dim=1).square()
-
-
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def _weighted_sum(unit_scale: Tensor, per_unit: Tensor) -> Tensor:
-    return torch.einsum("u,u...->...", unit_scale.to(per_unit.dtype), per_unit)
 
 
 def _add_grad(p: nn.Parameter, grad: Tensor) -> None:
@@ -121,14 +118,27 @@ def _add_grad(p: nn.Parameter, grad: Tensor) -> None:
 # ------------------------------------------------------------------------------------------ layer rules
 @dataclass
 class Call:
-    """One forward call of a layer: its (detached) inputs, its output and, after the backward, d loss / d output."""
+    """One forward call of a layer: its (detached) inputs, its output's shape and, once the backward reaches
+    it, d loss / d output. ``source``: no input needs a gradient from an earlier layer; the backward is asked
+    for the gradient of such a call's output (kept in ``output``), every other layer's output gradient is
+    computed on the way to one. Other outputs are not kept: a layer output that no later operation saves
+    (e.g. one entering a residual sum) would otherwise stay in memory through the backward."""
 
     inputs: list
-    output: Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    needs_grad: bool
+    source: bool = False
+    output: Tensor | None = None
     grad: Tensor | None = None
 
     def output_grad(self) -> Tensor:
-        return self.grad if self.grad is not None else torch.zeros_like(self.output)
+        return self.grad if self.grad is not None else torch.zeros(self.shape, dtype=self.dtype)
+
+    def release(self) -> None:
+        """Drop the tensors (the output's hook refers to this call: without this they would live until
+        Python's cycle collector runs)."""
+        self.inputs, self.output, self.grad = [], None, None  # type: ignore[assignment]
 
 
 class PerSampleRule:
@@ -154,19 +164,20 @@ class PerSampleRule:
             from opacus.grad_sample.functorch import ft_compute_per_sample_gradient as sampler
         return sampler(self.layer, list(call.inputs), call.output_grad())
 
-    def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
+    def sq_norms(self, calls: list[Call], units: Units) -> Tensor | None:
+        """Squared norms per student of what the rule does not leave in ``self.kept`` (None: nothing), and
+        ``self.kept`` = per-student gradients {parameter: (count, ...)}, whose norms and clipped sum the
+        clipper computes for all layers together."""
         summed: dict[nn.Parameter, Tensor] = {}
         for call in calls:
             for p, gs in self._per_frame(call).items():
                 if p.requires_grad:
                     summed[p] = gs if p not in summed else summed[p] + gs
         self.kept = {p: units.per_unit(gs) for p, gs in summed.items()}
-        return sum((_sq_norms(g) for g in self.kept.values()), torch.zeros(units.count, dtype=calls[0].output.dtype))
+        return None
 
-    def clipped_sum(self, frame_scale: Tensor, unit_scale: Tensor) -> None:
-        for p, per_unit in self.kept.items():
-            _add_grad(p, _weighted_sum(unit_scale, per_unit))
-        self.kept = {}
+    def clipped_sum(self, frame_scale: Tensor) -> None:
+        """Add to ``p.grad`` the clipped sum of what is not in ``self.kept`` (ghost layers)."""
 
 
 class _GhostOrDirect(PerSampleRule):
@@ -190,11 +201,10 @@ class _GhostOrDirect(PerSampleRule):
             return self.policy == "ghost"
         return units.pairs * positions * (d + p) <= self.ghost_ratio * len(units.rows) * d * p
 
-    def _bias_and_finish(self, bias_per_frame: Tensor | None, units: Units, total: Tensor) -> Tensor:
+    def _bias_and_finish(self, bias_per_frame: Tensor | None, units: Units, total: Tensor | None) -> Tensor | None:
         bias = self.layer.bias
         if bias is not None and bias.requires_grad and bias_per_frame is not None:
             self.kept[bias] = units.per_unit(bias_per_frame)
-            total = total + _sq_norms(self.kept[bias])
         return total
 
 
@@ -204,26 +214,24 @@ class LinearRule(_GhostOrDirect):
     def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
         layer: nn.Linear = self.layer  # type: ignore[assignment]
         n, d, p = len(units.rows), layer.in_features, layer.out_features
-        a = _cat([c.inputs[0].reshape(n, -1, d) for c in calls], dim=1).to(calls[0].output.dtype)
+        a = _cat([c.inputs[0].reshape(n, -1, d) for c in calls], dim=1).to(calls[0].dtype)
         g = _cat([c.output_grad().reshape(n, -1, p) for c in calls], dim=1)
-        total = torch.zeros(units.count, dtype=g.dtype)
+        total = None
         self.kept, self.ghost = {}, []
         if layer.weight.requires_grad:
             self.ghost_chosen = self._use_ghost(units, a.shape[1], d, p)
             if self.ghost_chosen:
-                total = total + units.ghost_sq_norms(a, g)
+                total = units.ghost_sq_norms(a, g)
                 self.ghost = [(a, g)]
             else:
                 self.kept[layer.weight] = units.per_unit(torch.einsum("btp,btd->bpd", g, a))
-                total = total + _sq_norms(self.kept[layer.weight])
         return self._bias_and_finish(g.sum(dim=1), units, total)
 
-    def clipped_sum(self, frame_scale: Tensor, unit_scale: Tensor) -> None:
+    def clipped_sum(self, frame_scale: Tensor) -> None:
         for a, g in self.ghost:
             scaled = g * frame_scale.to(g.dtype).view(-1, 1, 1)
             _add_grad(self.layer.weight, scaled.reshape(-1, g.shape[-1]).t() @ a.reshape(-1, a.shape[-1]))
         self.ghost = []
-        super().clipped_sum(frame_scale, unit_scale)
 
 
 class Conv2dRule(_GhostOrDirect):
@@ -259,7 +267,7 @@ class Conv2dRule(_GhostOrDirect):
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
         n, groups = len(units.rows), layer.groups
         grads = [c.output_grad() for c in calls]
-        total = torch.zeros(units.count, dtype=grads[0].dtype)
+        total = None
         self.kept, self.ghost = {}, []
         if layer.weight.requires_grad:
             p_g = layer.out_channels // groups
@@ -269,16 +277,15 @@ class Conv2dRule(_GhostOrDirect):
             if self.ghost_chosen:
                 a = _cat([self._unfold(c.inputs[0].to(g.dtype)) for c, g in zip(calls, grads)], dim=3)
                 go = _cat([g.reshape(n, groups, p_g, -1) for g in grads], dim=3)  # (B, groups, p_g, T)
-                total = total + units.ghost_sq_norms(a.transpose(2, 3), go.transpose(2, 3))
+                total = units.ghost_sq_norms(a.transpose(2, 3), go.transpose(2, 3))
                 self.ghost = [(c.inputs[0], g) for c, g in zip(calls, grads)]
             else:
                 per_frame = sum(self._per_frame_weight(c.inputs[0].to(g.dtype), g) for c, g in zip(calls, grads))
                 self.kept[layer.weight] = units.per_unit(per_frame)
-                total = total + _sq_norms(self.kept[layer.weight])
         bias = torch.stack([g.sum(dim=(2, 3)) for g in grads]).sum(dim=0) if layer.bias is not None else None
         return self._bias_and_finish(bias, units, total)
 
-    def clipped_sum(self, frame_scale: Tensor, unit_scale: Tensor) -> None:
+    def clipped_sum(self, frame_scale: Tensor) -> None:
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
         for x, g in self.ghost:
             scaled = g * frame_scale.to(g.dtype).view(-1, 1, 1, 1)
@@ -288,7 +295,6 @@ class Conv2dRule(_GhostOrDirect):
                 False, [0, 0], layer.groups, [False, True, False])[1]
             _add_grad(layer.weight, grad_w)
         self.ghost = []
-        super().clipped_sum(frame_scale, unit_scale)
 
 
 # ------------------------------------------------------------------------------------------ the clipper
@@ -344,6 +350,7 @@ class StudentClipper:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.calls: dict[nn.Module, list[Call]] = {m: [] for m in self.rules}
         self._capturing = False
+        self._step: _Step | None = None
         self._handles = [m.register_forward_hook(self._keep) for m in self.rules]
 
     def _keep(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -351,7 +358,26 @@ class StudentClipper:
             return
         if not isinstance(output, Tensor):
             raise UnsupportedModel(f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor")
-        self.calls[module].append(Call([a.detach() if isinstance(a, Tensor) else a for a in args], output))
+        # an input needing a gradient that no layer output explains (a leaf: the model's input, a parameter
+        # passed in) makes the call a source too, so that the backward is asked for its output's gradient
+        source = not any(isinstance(a, Tensor) and a.requires_grad and a.grad_fn is not None for a in args)
+        call = Call([a.detach() if isinstance(a, Tensor) else a for a in args], output.shape, output.dtype,
+                    output.requires_grad, source, output if source else None)
+        self.calls[module].append(call)
+        if output.requires_grad:
+            output.register_hook(lambda grad: self._arrived(module, call, grad))
+
+    def _arrived(self, module: nn.Module, call: Call, grad: Tensor) -> None:
+        """Tensor hook, during the backward: the gradient of one call's output. When all the layer's calls
+        have theirs, its per-student norms are computed at once and what the rule no longer needs (inputs,
+        output gradients of direct and per-sample layers) is released, instead of being held to the end."""
+        if self._step is None:
+            return
+        call.grad = grad
+        self._step.pending[module] -= 1
+        if self._step.pending[module] == 0:
+            self._step.process(module, self.rules[module], self.calls[module])
+            self._release(module)
 
     def capture(self) -> "_Capture":
         return _Capture(self)
@@ -368,37 +394,91 @@ class StudentClipper:
 
     def clip_and_sum(self, losses: Tensor, rows: Tensor, count: int, max_grad_norm: float) -> Tensor:
         """Set ``p.grad`` = sum over students of c_u G_u; return the students' unclipped gradient norms."""
-        calls = [c for cs in self.calls.values() for c in cs if c.output.requires_grad]
-        grads = torch.autograd.grad(losses.sum(), [c.output for c in calls], allow_unused=True) if calls else ()
-        for call, grad in zip(calls, grads):
-            call.grad = grad
-        units = Units(rows, count)
-        total = torch.zeros(count, dtype=losses.dtype)
-        for module, rule in self.rules.items():
-            if self.calls[module]:
-                total = total + rule.sq_norms(self.calls[module], units).to(total.dtype)
-        norms = total.sqrt()
-        unit_scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)   # Opacus' DPOptimizer formula
-        for p in self.params:
-            p.grad = None
-        for module, rule in self.rules.items():
-            if self.calls[module]:
-                rule.clipped_sum(unit_scale[rows], unit_scale)
-        self.reset()
+        step = self._step = _Step(Units(rows, count), losses.dtype)
+        try:
+            step.pending = {m: sum(c.needs_grad for c in cs) for m, cs in self.calls.items()}
+            sources = [c.output for cs in self.calls.values() for c in cs if c.needs_grad and c.source]
+            if sources:
+                torch.autograd.grad(losses.sum(), sources, allow_unused=True)
+            self._finish_unreached()
+            norms = step.norms()
+            unit_scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)   # Opacus' DPOptimizer formula
+            for p in self.params:
+                p.grad = None
+            step.clipped_sum(unit_scale, rows)
+        finally:
+            self._step = None
+            self.reset()
         for p in self.params:   # a layer not used in this forward: zero gradient for every student
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         return norms
 
+    def _finish_unreached(self) -> None:
+        """Layers whose output gradient the backward did not compute: a call whose output needs no gradient
+        gets zeros (as before); one that needs a gradient but was not reached means the model routes a
+        gradient around the layers' outputs (e.g. a parameter used outside its module), so this path refuses."""
+        for module, calls in self.calls.items():
+            if not calls:
+                continue
+            if any(c.grad is None and c.needs_grad for c in calls):
+                raise UnsupportedModel(f"the backward did not reach layer {type(module).__name__}'s output")
+            self._step.process(module, self.rules[module], calls)
+            self._release(module)
+
+    def _release(self, module: nn.Module) -> None:
+        for call in self.calls[module]:
+            call.release()
+        self.calls[module] = []
+
     def reset(self) -> None:
         for module in self.calls:
-            self.calls[module] = []
+            self._release(module)
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self.reset()
+
+
+class _Step:
+    """What one clipping step gathers while the backward runs: the ghost layers' squared norms per student,
+    and the per-student gradients the other layers keep (flattened, one (count, n) matrix per parameter)."""
+
+    def __init__(self, units: Units, dtype: torch.dtype) -> None:
+        self.units, self.dtype = units, dtype
+        self.pending: dict[nn.Module, int] = {}
+        self.ghost_sq: list[Tensor] = []
+        self.kept: list[tuple[nn.Parameter, Tensor]] = []
+        self.kept_norms: list[Tensor] = []
+        self.ghost_rules: list[PerSampleRule] = []
+
+    def process(self, module: nn.Module, rule: PerSampleRule, calls: list[Call]) -> None:
+        ghost = rule.sq_norms(calls, self.units)
+        if ghost is not None:
+            self.ghost_sq.append(ghost.to(self.dtype))
+            self.ghost_rules.append(rule)
+        for p, per_unit in rule.kept.items():
+            flat = per_unit.reshape(self.units.count, -1)
+            self.kept.append((p, flat))
+            self.kept_norms.append(torch.linalg.vector_norm(flat, dim=1).to(self.dtype))
+        rule.kept = {}
+
+    def norms(self) -> Tensor:
+        total = torch.zeros(self.units.count, dtype=self.dtype)
+        if self.kept_norms:
+            total = total + torch.stack(self.kept_norms).square().sum(dim=0)
+        if self.ghost_sq:
+            total = total + torch.stack(self.ghost_sq).sum(dim=0)
+        return total.sqrt()
+
+    def clipped_sum(self, unit_scale: Tensor, rows: Tensor) -> None:
+        frame_scale = unit_scale[rows]
+        for rule in self.ghost_rules:
+            rule.clipped_sum(frame_scale)
+        for p, flat in self.kept:   # sum_u c_u G_u: one matrix-vector product per parameter
+            _add_grad(p, torch.mv(flat.t(), unit_scale.to(flat.dtype)))
 
 
 class _Capture:

@@ -186,3 +186,61 @@ def test_auto_falls_back_to_per_sample_for_a_layer_it_cannot_take_and_ghost_refu
         _one_step(model, frames, "ghost", 1.0, _toy_loss)
     with pytest.raises(ValueError, match="privacy.clipping must be one of"):
         _one_step(model, frames, "fast", 1.0, _toy_loss)
+
+
+def test_norms_are_taken_during_the_backward_and_nothing_is_held_after_the_step():
+    """Only the first layers' outputs are kept for the backward (the rest keep their shape), every layer is
+    processed as its output gradient arrives, and after the step no call holds a tensor; a model input that
+    needs a gradient itself (a leaf) makes its first layer a source, with the same result."""
+    torch.manual_seed(5)
+    model = _TwiceConv().double()
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
+    rows = torch.tensor([0, 1, 1, 0])
+    reference = _reference_clipped_sum_toy(model, x, y, rows)
+    clipper = StudentClipper(model)
+    with clipper.capture():
+        losses = _toy_loss(model, x.clone().requires_grad_(), y)
+    calls = [c for cs in clipper.calls.values() for c in cs]
+    assert [c.source for c in calls] == [True, False, False, False]
+    assert [c.output is not None for c in calls] == [True, False, False, False]
+    clipper.clip_and_sum(losses, rows, 2, 0.1)
+    assert all(not cs for cs in clipper.calls.values()) and all(not c.inputs and c.output is None for c in calls)
+    clipper.close()
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
+
+
+def _reference_clipped_sum_toy(model: nn.Module, x, y, rows: torch.Tensor) -> list:
+    total = []
+    for u in range(2):
+        model.zero_grad(set_to_none=True)
+        _toy_loss(model, x[rows == u], y[rows == u]).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        factor = min(1.0, 0.1 / (float(torch.sqrt(sum((g ** 2).sum() for g in grads))) + 1e-6))
+        total = [factor * g for g in grads] if not total else [t + factor * g for t, g in zip(total, grads)]
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+class _Detour(nn.Module):
+    """A Linear's weight used outside the Linear: the head's input gradient reaches no layer output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.side = nn.Linear(2, 2).double()
+        self.head = nn.Linear(2, 4).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(x @ self.side.weight.t()))
+
+
+def test_a_gradient_that_bypasses_the_layers_is_refused_not_dropped():
+    model = _Detour()
+    clipper = StudentClipper(model)
+    x, y = torch.randn(3, 2, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with clipper.capture():
+        losses = _toy_loss(model, x, y)
+    with pytest.raises(UnsupportedModel, match="did not reach"):
+        clipper.clip_and_sum(losses, torch.arange(3), 3, 1.0)
+    clipper.close()
