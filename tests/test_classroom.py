@@ -136,6 +136,35 @@ def test_the_indicators_agree_with_what_the_generator_drew(lesson: Path, ingeste
     assert agreement["engagement_mean_abs_gap"] <= 0.15
 
 
+def _stand_in_classifier(crops: np.ndarray) -> np.ndarray:
+    """A deterministic function of the crop's pixels: equal crops, equal labels."""
+    return crops[:, ::5, ::3].astype(np.int64).sum(axis=(1, 2)) % len(FER7)
+
+
+def test_frames_straight_to_the_report_match_ingest_whatever_the_number_of_workers(lesson: Path, tmp_path: Path,
+                                                                                  monkeypatch):
+    from client.classroom import analyse
+    from client.classroom.ingest import ingest
+    from client.classroom.lesson import lesson_from_source
+    from client.classroom.report import classify_lesson, load_lesson
+    from client.classroom.sources import _read_image
+    from client.classroom.tracks import load_seat_map
+
+    monkeypatch.setattr(analyse, "CHUNK", 16)          # 45 samples: three chunks, each starting afresh
+    ingest(lesson / "frames", tmp_path / "i", seat_map=lesson / "seat_map.json", empty_frame=lesson / "empty_room.png",
+           size=48, echo=lambda line: None, workers=1)
+    folder = load_lesson(tmp_path / "i")
+    from_disk = classify_lesson(folder, _stand_in_classifier)
+    seats, empty = load_seat_map(lesson / "seat_map.json"), _read_image(lesson / "empty_room.png")
+    for workers in (1, 2):
+        memory, labels = lesson_from_source(lesson / "frames", seats=seats, empty=empty, size=48, workers=workers,
+                                            classify=_stand_in_classifier, warn=pytest.fail)
+        assert memory.steps == folder.steps == 45 and sorted(memory.units) == sorted(folder.units)
+        assert memory.states == folder.states and memory.faces_per_step.tolist() == folder.faces_per_step.tolist()
+        assert all(labels[u].tolist() == from_disk[u].tolist() for u in folder.units)
+    assert sum(s == "face" for states in folder.states.values() for s in states) > 45
+
+
 # ---------------------------------------------------------------------------- the report and the policy
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:

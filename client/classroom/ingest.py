@@ -42,6 +42,7 @@ class IngestError(ValueError):
 @dataclass
 class IngestReport:
     samples: int = 0
+    steps: int = 0              # sample indices run 0..steps-1 (unreadable frames keep their index)
     unreadable: int = 0
     without_faces: int = 0
     faces: int = 0
@@ -166,6 +167,7 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
         for sample in analyse_lesson(Path(source), seats=seats, empty=empty, size=size, fps=fps, workers=workers,
                                      warn=unreadable, detector=detector):
             report.samples += 1
+            report.steps = sample.step + 1
             report.unassigned += sample.unassigned
             if seats is not None:
                 for unit, face, crop in sample.faces:
@@ -192,7 +194,8 @@ def _write_lesson_json(out_dir: Path, source: Path, report: IngestReport, seats:
     from shared_models.atomic_files import atomic_write_text
 
     doc = {
-        "source": source.name, "fps": fps, "samples": report.samples, "unreadable": report.unreadable,
+        "source": source.name, "fps": fps, "samples": report.samples, "steps": report.steps,
+        "unreadable": report.unreadable,
         "without_faces": report.without_faces, "faces": report.faces, "unassigned_faces": report.unassigned,
         "labelled_faces": report.labelled,
         "privacy_unit": "student (seat map: one roster id per seat)" if seats is not None else
