@@ -64,6 +64,8 @@ class DetectorSettings:
     # seats the first search found empty are searched again, equalised, finer and rolled (`_second_pass`)
     second_pass: bool = True
     second_scale_factor: float = 1.03
+    # the eye cascade inside each face (else the pupils are searched where an upright face has its eyes)
+    eye_cascade: bool = True
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ class FaceDetector:
         if shrink < 1.0 and band.size:
             band = cv2.resize(band, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
         fw = w * shrink
-        eyes = () if band.size == 0 else self._eyes.detectMultiScale(
+        eyes = () if band.size == 0 or not self.settings.eye_cascade else self._eyes.detectMultiScale(
             band, scaleFactor=1.1, minNeighbors=2, minSize=(max(6, int(fw * 0.14)),) * 2,
             maxSize=(int(fw * 0.45),) * 2)
         centres = [_pupil(band, (int(ex), int(ey), int(ew), int(eh))) for ex, ey, ew, eh in eyes]
