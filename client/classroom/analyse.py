@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from client.classroom import faces as facelib
-from client.classroom.search import SeatSearch
+from client.classroom.search import FrameSearch, SeatSearch
 from client.classroom.sources import Sample, SourceError, _read_image, frame_files, read_samples
 from client.classroom.tracks import Seat, assign_to_seats
 
@@ -75,13 +75,14 @@ class ChunkAnalyser:
     def reset(self) -> None:
         boxes = [s.box for s in self.seats] if self.seats is not None else []
         self.search = SeatSearch(self.detector, boxes, reuse=self.reuse)
+        self.frame_search = FrameSearch(self.detector, reuse=self.reuse)
         self._states: dict[str, str] = {}
 
     def __call__(self, sample: Sample) -> SampleResult:
         out = SampleResult(sample.step, sample.time, sample.name)
         gray = sample.gray
         if self.seats is None:
-            for face in self.detector.detect(gray):
+            for face in self.frame_search(gray):
                 out.faces.append((None, face, facelib.align_crop(gray, face, self.size)))
             return out
         per_seat = self.search(gray)

@@ -99,3 +99,50 @@ class SeatSearch:
             self._since_second[k] = SECOND_PASS_EVERY
         else:
             self._since_second[k] = 1 if second_ran else self._since_second[k] + 1
+
+
+#: without a seat map: a place where a face was found is remembered for this many samples
+PLACE_MEMORY = 30
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """Whether the centre of box a (x, y, w, h) lies inside box b."""
+    cx, cy = a[0] + a[2] / 2.0, a[1] + a[3] / 2.0
+    return b[0] <= cx <= b[0] + b[2] and b[1] <= cy <= b[1] + b[3]
+
+
+class FrameSearch:
+    """Without a seat map: the whole frame is searched, then every place where a face was found in the
+    last PLACE_MEMORY samples and none is found now is searched like a seat (`FaceDetector.detect_seats`:
+    the face's size, then the finer, equalised, rolled second pass): under a fixed camera a student who
+    was there a moment ago most likely still is, and the whole-frame search misses what a closer look
+    finds. The places are positions, not identities: no face is tied to a student by them."""
+
+    def __init__(self, detector: FaceDetector, reuse: bool = True) -> None:
+        self.detector, self.reuse = detector, reuse
+        self._places: list[list] = []           # [box (x, y, w, h), sample index last seen]
+        self._index = 0
+
+    def __call__(self, gray: np.ndarray) -> list[Face]:
+        faces = self.detector.detect(gray)
+        if not self.reuse:
+            return faces
+        height, width = gray.shape[:2]
+        missing = [p for p in self._places if not any(_overlaps(p[0], f.box) for f in faces)]
+        regions = []
+        for (x, y, w, h), _ in missing:      # a seat-like box around the place (docs/classroom.md: 1.7 x 1.9 face widths)
+            cx, cy = x + w / 2.0, y + h / 2.0
+            regions.append((int(max(0, cx - 0.85 * w)), int(max(0, cy - 0.95 * h)), int(min(width, cx + 0.85 * w)),
+                            int(min(height, cy + 0.95 * h))))
+        for face in self.detector.detect_seats(gray, regions, None, [float(p[0][2]) for p in missing]):
+            if face is not None and not any(_overlaps(face.box, f.box) for f in faces):
+                faces.append(face)
+        for face in faces:
+            place = next((p for p in self._places if _overlaps(face.box, p[0])), None)
+            if place is None:
+                self._places.append([face.box, self._index])
+            else:
+                place[0], place[1] = face.box, self._index
+        self._places = [p for p in self._places if self._index - p[1] < PLACE_MEMORY]
+        self._index += 1
+        return faces

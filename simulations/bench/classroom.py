@@ -94,12 +94,13 @@ def _detection_rows(detect, room: scenes.Room, frames: list, seat_mode: bool) ->
 
 def _detector_for(mode: str, detector: facelib.FaceDetector, room: scenes.Room):  # type: ignore[no-untyped-def]
     """gray -> faces: `seat_map` searches every frame afresh (what the first sample of a chunk gets),
-    `seat_map_tracked` reuses the previous frame as ingest does (`SeatSearch`), `full_frame` has no seat map."""
-    from client.classroom.search import SeatSearch
+    `seat_map_tracked` reuses the previous frame as ingest does (`SeatSearch`), `full_frame` has no seat map,
+    `full_frame_tracked` also searches where faces were in earlier frames (`FrameSearch`, as ingest does)."""
+    from client.classroom.search import FrameSearch, SeatSearch
 
     boxes = [s.box for s in room.seats]
-    if mode == "full_frame":
-        return detector.detect
+    if mode.startswith("full_frame"):
+        return FrameSearch(detector, reuse=mode == "full_frame_tracked")
     search = SeatSearch(detector, boxes, reuse=mode == "seat_map_tracked")
     return lambda gray: [face for face in search(gray) if face is not None]
 
@@ -145,13 +146,15 @@ def accuracy(rooms: int, frames_per_room: int, lesson_rooms: int = 2, lesson_sec
     for r in range(lesson_rooms):
         room = scenes.make_room(200 + r, 24 + 6 * (r % 2))
         runs.append((room, list(scenes.render_lesson(room, scenes.script_lesson(room, lesson_seconds, 1.0, seed=r)))))
-    for mode, rendered in (("seat_map", spaced), ("full_frame", spaced), ("seat_map_tracked", runs)):
+    for mode, rendered in (("seat_map", spaced), ("full_frame", spaced), ("seat_map_tracked", runs),
+                           ("full_frame_tracked", spaced), ("full_frame_tracked_1fps", runs)):
         rows, detections, unmatched = [], 0, 0
         for room, frames in rendered:
-            part, d, u = _detection_rows(_detector_for(mode, detector, room), room, frames, mode != "full_frame")
+            part, d, u = _detection_rows(_detector_for(mode.replace("_1fps", ""), detector, room), room, frames,
+                                         mode.startswith("seat_map"))
             rows += part
             detections, unmatched = detections + d, unmatched + u
-        out[mode] = _summary(rows, detections, unmatched, mode != "full_frame")
+        out[mode] = _summary(rows, detections, unmatched, mode.startswith("seat_map"))
         out[mode]["faces"] = sum(len(t) for _, frames in rendered for _, _, t in frames)
         out[mode]["frames"] = sum(len(frames) for _, frames in rendered)
     return out
