@@ -156,12 +156,12 @@ def test_frames_straight_to_the_report_match_ingest_whatever_the_number_of_worke
     folder = load_lesson(tmp_path / "i")
     from_disk = classify_lesson(folder, _stand_in_classifier)
     seats, empty = load_seat_map(lesson / "seat_map.json"), _read_image(lesson / "empty_room.png")
-    for workers in (1, 2):
-        memory, labels = lesson_from_source(lesson / "frames", seats=seats, empty=empty, size=48, workers=workers,
-                                            classify=_stand_in_classifier, warn=pytest.fail)
-        assert memory.steps == folder.steps == 45 and sorted(memory.units) == sorted(folder.units)
-        assert memory.states == folder.states and memory.faces_per_step.tolist() == folder.faces_per_step.tolist()
-        assert all(labels[u].tolist() == from_disk[u].tolist() for u in folder.units)
+    # two worker processes, three chunks, crops never written: the same lesson as ingest wrote in one process
+    memory, labels = lesson_from_source(lesson / "frames", seats=seats, empty=empty, size=48, workers=2,
+                                        classify=_stand_in_classifier, warn=pytest.fail)
+    assert memory.steps == folder.steps == 45 and sorted(memory.units) == sorted(folder.units)
+    assert memory.states == folder.states and memory.faces_per_step.tolist() == folder.faces_per_step.tolist()
+    assert all(labels[u].tolist() == from_disk[u].tolist() for u in folder.units)
     assert sum(s == "face" for states in folder.states.values() for s in states) > 45
 
 
@@ -209,6 +209,19 @@ def test_the_report_shows_class_figures_over_k_students_and_students_only_if_all
                 "--policy", str(open_policy)) == 0
     text = (tmp_path / "o" / "report.md").read_text()
     assert "## Students" in text and sum(sid in text for sid in seats) >= len(seats) - 1
+
+
+def test_the_report_runs_on_raw_frames_and_writes_only_the_report(lesson: Path, checkpoint: Path, tmp_path: Path,
+                                                                  capsys):
+    args = ("classroom", "report", str(lesson / "frames"), "--checkpoint", str(checkpoint), "--seat-map",
+            str(lesson / "seat_map.json"), "--empty-frame", str(lesson / "empty_room.png"), "--out", str(tmp_path / "r"))
+    assert _run(*args, "--workers", "1") == 0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["plots", "report.md", "timeline.csv"]
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "45 samples" in text and "involvement: on average" in text and "units: students (seat map)" in text
+    assert _run(*args, "--workers", "0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workers" in err[0]
 
 
 def test_report_policy_keys_are_checked(tmp_path):

@@ -73,10 +73,12 @@ def _model_input_size(cfg: dict) -> int:
 
 
 def _check_sizes(args: argparse.Namespace, size: int) -> None:
+    from client.classroom.ingest import IngestError
+
     if not 16 <= size <= 512:
-        raise ValueError(f"--size must be in 16..512, got {size}")
+        raise IngestError(f"--size must be in 16..512, got {size}")
     if not 1 <= args.workers <= 64:
-        raise ValueError(f"--workers must be in 1..64, got {args.workers}")
+        raise IngestError(f"--workers must be in 1..64, got {args.workers}")
 
 
 def _run_ingest(args: argparse.Namespace, source: Path, out: Path, size: int) -> int:
