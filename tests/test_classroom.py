@@ -136,6 +136,35 @@ def test_the_indicators_agree_with_what_the_generator_drew(lesson: Path, ingeste
     assert agreement["engagement_mean_abs_gap"] <= 0.15
 
 
+def _stand_in_classifier(crops: np.ndarray) -> np.ndarray:
+    """A deterministic function of the crop's pixels: equal crops, equal labels."""
+    return crops[:, ::5, ::3].astype(np.int64).sum(axis=(1, 2)) % len(FER7)
+
+
+def test_frames_straight_to_the_report_match_ingest_whatever_the_number_of_workers(lesson: Path, tmp_path: Path,
+                                                                                  monkeypatch):
+    from client.classroom import analyse
+    from client.classroom.ingest import ingest
+    from client.classroom.lesson import lesson_from_source
+    from client.classroom.report import classify_lesson, load_lesson
+    from client.classroom.sources import _read_image
+    from client.classroom.tracks import load_seat_map
+
+    monkeypatch.setattr(analyse, "CHUNK", 16)          # 45 samples: three chunks, each starting afresh
+    ingest(lesson / "frames", tmp_path / "i", seat_map=lesson / "seat_map.json", empty_frame=lesson / "empty_room.png",
+           size=48, echo=lambda line: None, workers=1)
+    folder = load_lesson(tmp_path / "i")
+    from_disk = classify_lesson(folder, _stand_in_classifier)
+    seats, empty = load_seat_map(lesson / "seat_map.json"), _read_image(lesson / "empty_room.png")
+    # two worker processes, three chunks, crops never written: the same lesson as ingest wrote in one process
+    memory, labels = lesson_from_source(lesson / "frames", seats=seats, empty=empty, size=48, workers=2,
+                                        classify=_stand_in_classifier, warn=pytest.fail)
+    assert memory.steps == folder.steps == 45 and sorted(memory.units) == sorted(folder.units)
+    assert memory.states == folder.states and memory.faces_per_step.tolist() == folder.faces_per_step.tolist()
+    assert all(labels[u].tolist() == from_disk[u].tolist() for u in folder.units)
+    assert sum(s == "face" for states in folder.states.values() for s in states) > 45
+
+
 # ---------------------------------------------------------------------------- the report and the policy
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
@@ -180,6 +209,19 @@ def test_the_report_shows_class_figures_over_k_students_and_students_only_if_all
                 "--policy", str(open_policy)) == 0
     text = (tmp_path / "o" / "report.md").read_text()
     assert "## Students" in text and sum(sid in text for sid in seats) >= len(seats) - 1
+
+
+def test_the_report_runs_on_raw_frames_and_writes_only_the_report(lesson: Path, checkpoint: Path, tmp_path: Path,
+                                                                  capsys):
+    args = ("classroom", "report", str(lesson / "frames"), "--checkpoint", str(checkpoint), "--seat-map",
+            str(lesson / "seat_map.json"), "--empty-frame", str(lesson / "empty_room.png"), "--out", str(tmp_path / "r"))
+    assert _run(*args, "--workers", "1") == 0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["plots", "report.md", "timeline.csv"]
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "45 samples" in text and "involvement: on average" in text and "units: students (seat map)" in text
+    assert _run(*args, "--workers", "0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workers" in err[0]
 
 
 def test_report_policy_keys_are_checked(tmp_path):

@@ -38,6 +38,15 @@ SEAT_SIDE = 80
 #: where the eyes are searched: this band of the face box's height, at this face width in pixels
 EYE_BAND = (0.15, 0.6)
 EYE_SEARCH_WIDTH = 60
+#: tracking window: the previous sample's face box grown by this many face widths on each side ...
+TRACK_MARGIN = 0.3
+#: ... searched for faces of these fractions of the previous width, shrunk so the face is this many pixels
+TRACK_SIZES = (0.85, 1.18)
+TRACK_FACE_PX = 40
+#: the second pass over a seat without a face also tries the seat rolled by this many degrees either way
+SECOND_PASS_ROLL = 12.0
+#: a seat whose face width is known from earlier samples is searched for faces of these fractions of it
+SEAT_WIDTH_RANGE = (0.8, 1.25)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,11 @@ class DetectorSettings:
     seat_scale_factor: float = 1.06
     # inside a seat box one face at most is kept, so a single cascade hit is enough evidence there
     seat_min_neighbors: int = 1
+    # seats the first search found empty are searched again, equalised, finer and rolled (`_second_pass`)
+    second_pass: bool = True
+    second_scale_factor: float = 1.03
+    # the eye cascade inside each face (else the pupils are searched where an upright face has its eyes)
+    eye_cascade: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,34 +114,108 @@ class FaceDetector:
         return [self._with_eyes(gray, (int(x) + x0, int(y) + y0, int(w), int(h))) for x, y, w, h in boxes]
 
     def detect_in_seats(self, gray: np.ndarray, seats: list[tuple[int, int, int, int]]) -> list[Face]:
-        """Faces searched seat by seat: a fixed camera sees each seat's face inside its seat-map box
-        (x0, y0, x1, y1), at a size the box bounds (between a third and the whole of the box width), so
-        each search covers a few positions and scales instead of the whole frame."""
+        """Faces searched seat by seat (`detect_seats` without a previous sample), as one list."""
+        return [face for face in self.detect_seats(gray, seats) if face is not None]
+
+    def detect_seats(self, gray: np.ndarray, seats: list[tuple[int, int, int, int]],
+                     previous: list[tuple[int, int, int, int] | None] | None = None,
+                     widths: list[float | None] | None = None, second: list[bool] | None = None
+                     ) -> list[Face | None]:
+        """One face or None per seat box (x0, y0, x1, y1). A fixed camera sees each seat's face inside its
+        seat-map box, at a size the box bounds, so each search covers a few positions and scales instead of
+        the whole frame. `previous` (per seat: the face box found in the previous sample, or None) narrows
+        the first search to a window around it at its size (a head moves little in a second); where that
+        window holds no face, the whole seat is searched, then searched again finer (`_second_pass`).
+        `widths` (per seat: the face width earlier samples found there, or None) bounds the face sizes of
+        those searches to SEAT_WIDTH_RANGE of it (a seat's face keeps its size under a fixed camera);
+        `second` (per seat) says whether the second pass may run."""
+        height, width = gray.shape[:2]
+        out: list[Face | None] = []
+        for k, (x0, y0, x1, y1) in enumerate(seats):
+            seat = (max(0, x0), max(0, y0), min(width, x1), min(height, y1))
+            if min(seat[2] - seat[0], seat[3] - seat[1]) < self.settings.min_face:
+                out.append(None)
+                continue
+            last = previous[k] if previous is not None else None
+            known = widths[k] if widths is not None else None
+            box = self._around(gray, last) if last is not None else None
+            if box is None:
+                box = self._in_seat(gray, seat, known)
+            if box is None and self.settings.second_pass and (second is None or second[k]):
+                box = self._second_pass(gray, seat, known)
+            out.append(None if box is None else self._with_eyes(gray, box))
+        return out
+
+    def _search(self, roi: np.ndarray, shrink: float, origin: tuple[int, int], sizes: tuple[int, int],
+                scale_factor: float, centre: tuple[float, float]) -> tuple[int, int, int, int] | None:
+        """The cascade over one (already shrunk) region; the hit nearest `centre` (region pixels), in frame pixels."""
+        boxes = self._faces.detectMultiScale(roi, scaleFactor=scale_factor, minNeighbors=self.settings.seat_min_neighbors,
+                                             minSize=(sizes[0],) * 2, maxSize=(sizes[1],) * 2)
+        if not len(boxes):
+            return None
+        x, y, w, h = min(boxes.tolist(), key=lambda b: math.hypot(b[0] + b[2] / 2 - centre[0], b[1] + b[3] / 2 - centre[1]))
+        return (int(x / shrink) + origin[0], int(y / shrink) + origin[1], int(w / shrink), int(h / shrink))
+
+    def _seat_roi(self, gray: np.ndarray, seat: tuple[int, int, int, int], side_px: int, equalise: bool
+                  ) -> tuple[np.ndarray, float]:
         import cv2
 
-        s = self.settings
+        x0, y0, x1, y1 = seat
+        # shrink the seat so its largest possible face is about side_px: the cascade's cost grows with the
+        # pixels and scales searched, and a 24-px window still sees a face of a third of that
+        shrink = min(1.0, side_px / min(x1 - x0, y1 - y0))
+        roi = gray[y0:y1, x0:x1]
+        if shrink < 1.0:
+            roi = cv2.resize(roi, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+        return (cv2.equalizeHist(roi) if equalise else roi), shrink
+
+    def _in_seat(self, gray: np.ndarray, seat: tuple[int, int, int, int], width: float | None
+                 ) -> tuple[int, int, int, int] | None:
+        roi, shrink = self._seat_roi(gray, seat, SEAT_SIDE, False)
+        return self._search(roi, shrink, seat[:2], _seat_sizes(roi, shrink, width), self.settings.seat_scale_factor,
+                            (roi.shape[1] / 2.0, roi.shape[0] / 2.0))
+
+    def _around(self, gray: np.ndarray, last: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+        """The face near where it was in the previous sample: a window TRACK_MARGIN face widths larger on
+        each side, faces within TRACK_SIZES of the previous width, searched at TRACK_FACE_PX."""
+        x, y, w, h = last
+        m = int(round(TRACK_MARGIN * w))
         height, width = gray.shape[:2]
-        found: list[Face] = []
-        for x0, y0, x1, y1 in seats:
-            x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
-            side = min(x1 - x0, y1 - y0)
-            if side < s.min_face:
+        region = (max(0, x - m), max(0, y - m), min(width, x + w + m), min(height, y + h + m))
+        if min(region[2] - region[0], region[3] - region[1]) < 24:
+            return None
+        shrink = min(1.0, TRACK_FACE_PX / w)
+        sizes = (max(24, int(w * shrink * TRACK_SIZES[0])), max(24, int(w * shrink * TRACK_SIZES[1]) + 1))
+        roi, shrink = self._seat_roi(gray, region, int(min(region[2] - region[0], region[3] - region[1]) * shrink),
+                                     False)
+        return self._search(roi, shrink, region[:2], sizes, self.settings.seat_scale_factor,
+                            ((x + w / 2 - region[0]) * shrink, (y + h / 2 - region[1]) * shrink))
+
+    def _second_pass(self, gray: np.ndarray, seat: tuple[int, int, int, int], width: float | None
+                     ) -> tuple[int, int, int, int] | None:
+        """A seat the first search found empty, searched again: contrast equalised (a dark face in a dim
+        room), at a finer scale step, upright and rolled by +-SECOND_PASS_ROLL degrees (a tilted head;
+        the cascade was trained on upright faces)."""
+        import cv2
+
+        roi, shrink = self._seat_roi(gray, seat, SEAT_SIDE, equalise=True)
+        sizes = _seat_sizes(roi, shrink, width)
+        rows, cols = roi.shape[:2]
+        centre = (cols / 2.0, rows / 2.0)
+        for angle in dict.fromkeys((0.0, SECOND_PASS_ROLL, -SECOND_PASS_ROLL)):
+            view = roi
+            if angle:
+                matrix = cv2.getRotationMatrix2D(centre, angle, 1.0)
+                view = cv2.warpAffine(roi, matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            found = self._search(view, 1.0, (0, 0), sizes, self.settings.second_scale_factor, centre)
+            if found is None:
                 continue
-            # shrink the seat so its largest possible face is SEAT_SIDE px: the cascade's cost grows with
-            # the pixels and scales searched, and a 24-px window still sees a face of a third of that
-            shrink = min(1.0, SEAT_SIDE / side)
-            roi = gray[y0:y1, x0:x1]
-            if shrink < 1.0:
-                roi = cv2.resize(roi, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
-            small = min(roi.shape[:2])
-            smallest = max(24, int(small * SEAT_MIN_FACE))
-            largest = max(smallest, int(small * SEAT_MAX_FACE))
-            boxes = self._faces.detectMultiScale(roi, scaleFactor=s.seat_scale_factor, minNeighbors=s.seat_min_neighbors,
-                                                 minSize=(smallest, smallest), maxSize=(largest, largest))
-            for x, y, w, h in boxes:
-                box = (int(x / shrink) + x0, int(y / shrink) + y0, int(w / shrink), int(h / shrink))
-                found.append(self._with_eyes(gray, box))
-        return found
+            x, y, w, h = found
+            if angle:      # the box's centre back in the upright seat; the box keeps its size
+                cx, cy = cv2.invertAffineTransform(matrix) @ np.array([x + w / 2.0, y + h / 2.0, 1.0])
+                x, y = int(round(cx - w / 2.0)), int(round(cy - h / 2.0))
+            return (int(x / shrink) + seat[0], int(y / shrink) + seat[1], int(w / shrink), int(h / shrink))
+        return None
 
     def profile_in(self, gray: np.ndarray, box: tuple[int, int, int, int]) -> bool:
         """Whether a seat box shows a face in profile (either side): a head turned away, not bowed."""
@@ -161,7 +249,7 @@ class FaceDetector:
         if shrink < 1.0 and band.size:
             band = cv2.resize(band, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
         fw = w * shrink
-        eyes = () if band.size == 0 else self._eyes.detectMultiScale(
+        eyes = () if band.size == 0 or not self.settings.eye_cascade else self._eyes.detectMultiScale(
             band, scaleFactor=1.1, minNeighbors=2, minSize=(max(6, int(fw * 0.14)),) * 2,
             maxSize=(int(fw * 0.45),) * 2)
         centres = [_pupil(band, (int(ex), int(ey), int(ew), int(eh))) for ex, ey, ew, eh in eyes]
@@ -173,6 +261,17 @@ class FaceDetector:
         left, right = pair
         angle = math.degrees(math.atan2(right[1] - left[1], right[0] - left[0]))
         return Face(box, left, right, True, angle)
+
+
+def _seat_sizes(roi: np.ndarray, shrink: float, width: float | None) -> tuple[int, int]:
+    """(smallest, largest) face searched in a shrunk seat region: SEAT_MIN_FACE-SEAT_MAX_FACE of its side,
+    narrowed to SEAT_WIDTH_RANGE of the seat's known face width when there is one."""
+    small = min(roi.shape[:2])
+    lo, hi = max(24, int(small * SEAT_MIN_FACE)), max(24, int(small * SEAT_MAX_FACE))
+    if width is not None:
+        lo = max(lo, int(width * shrink * SEAT_WIDTH_RANGE[0]))
+        hi = max(lo + 1, min(hi, int(width * shrink * SEAT_WIDTH_RANGE[1]) + 1))
+    return lo, hi
 
 
 def _pupil(band: np.ndarray, eye: tuple[int, int, int, int]) -> tuple[float, float]:

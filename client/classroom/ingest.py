@@ -26,14 +26,12 @@ from typing import Callable
 import numpy as np
 
 from client.classroom import faces as facelib
-from client.classroom.sources import Sample, read_samples
-from client.classroom.tracks import IouTracker, Seat, SeatMapError, assign_to_seats, load_seat_map
+from client.classroom.analyse import SampleResult, analyse_lesson
+from client.classroom.tracks import IouTracker, Seat, SeatMapError, load_seat_map
 from shared_models.labels import FER7
 
 FOLDER_UNIT = "whole-folder"
 OBSERVATION_HEADER = ("step", "time", "frame", "student_id", "state", "x", "y", "w", "h", "eyes_found", "angle", "path")
-#: mean absolute grey difference (0-255) between a seat and the empty room above which the seat is taken
-OCCUPIED_DIFFERENCE = 16.0
 MAX_WARNINGS = 20
 
 
@@ -44,6 +42,7 @@ class IngestError(ValueError):
 @dataclass
 class IngestReport:
     samples: int = 0
+    steps: int = 0              # sample indices run 0..steps-1 (unreadable frames keep their index)
     unreadable: int = 0
     without_faces: int = 0
     faces: int = 0
@@ -86,27 +85,6 @@ def read_label_file(path: Path) -> dict[tuple[str, str], int]:
     return out
 
 
-def _seat_state(gray: np.ndarray, empty: np.ndarray | None, seat: Seat, detector: facelib.FaceDetector) -> str:
-    """For a seat without a frontal face: absent (looks like the empty room), turned (a profile face),
-    down (someone there, no face: the head is bowed), or unseen (no empty-room frame to tell)."""
-    import cv2
-
-    if empty is None or empty.shape != gray.shape:
-        return "unseen"
-    x0, y0, x1, y1 = seat.box
-    # the middle of the seat box, where the head is: the edges hold the neighbours' shoulders
-    dx, dy = int((x1 - x0) * 0.2), int((y1 - y0) * 0.2)
-    now = cv2.blur(gray[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
-    ref = cv2.blur(empty[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
-    if now.size == 0:
-        return "unseen"
-    # compare shapes, not brightness (the room's light drifts during a lesson); the blur removes sensor noise
-    difference = float(np.abs((now - now.mean()) - (ref - ref.mean())).mean())
-    if difference < OCCUPIED_DIFFERENCE:
-        return "absent"
-    return "turned" if detector.profile_in(gray, seat.box) else "down"
-
-
 class _Output:
     """The folder being written: crops, observations.csv and (with a label file) labels.csv."""
 
@@ -119,10 +97,9 @@ class _Output:
         self.labels = labels
         self.label_rows: list[tuple[str, str, str]] = []
 
-    def face(self, sample: Sample, unit: str, track: str, face: facelib.Face, size: int) -> None:
+    def face(self, sample: SampleResult, unit: str, track: str, face: facelib.Face, crop: np.ndarray) -> None:
         import cv2
 
-        crop = facelib.align_crop(sample.gray, face, size)
         rel = f"images/{sample.step:06d}-{track}.png"
         cv2.imwrite(str(self.out_dir / rel), crop, [cv2.IMWRITE_PNG_COMPRESSION, 1])
         x, y, w, h = face.box
@@ -133,7 +110,7 @@ class _Output:
             if label is not None:
                 self.label_rows.append((rel, FER7[label], unit))
 
-    def state(self, sample: Sample, unit: str, state: str) -> None:
+    def state(self, sample: SampleResult, unit: str, state: str) -> None:
         self.observations.writerow((sample.step, f"{sample.time:.3f}", sample.name, unit, state, "", "", "", "", "", "", "",
                                     unit))
 
@@ -173,11 +150,11 @@ def _inputs(seat_map: Path | None, labels: Path | None, empty_frame: Path | None
 
 def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels: Path | None = None,
            empty_frame: Path | None = None, size: int = 64, fps: float = 1.0, echo: Callable[[str], None] = print,
-           detector: facelib.FaceDetector | None = None) -> IngestReport:
-    """Detect, align, crop and track every face of the lesson at `source` into `out_dir`."""
+           detector: facelib.FaceDetector | None = None, workers: int = 1) -> IngestReport:
+    """Detect, align, crop and track every face of the lesson at `source` into `out_dir` (`workers`
+    processes for a frame folder; the output does not depend on how many)."""
     warn = _Warner(echo)
     seats, label_map, empty = _inputs(seat_map, labels, empty_frame, warn)
-    detector = detector or facelib.FaceDetector()
     report = IngestReport()
     out = _Output(Path(out_dir), label_map)
     tracker = IouTracker()
@@ -187,17 +164,22 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
         warn(line)
 
     try:
-        for sample in read_samples(source, fps, unreadable):
+        for sample in analyse_lesson(Path(source), seats=seats, empty=empty, size=size, fps=fps, workers=workers,
+                                     warn=unreadable, detector=detector):
             report.samples += 1
+            report.steps = sample.step + 1
+            report.unassigned += sample.unassigned
             if seats is not None:
-                found = _seat_sample(sample, seats, empty, detector, out, size, report)
+                for unit, face, crop in sample.faces:
+                    out.face(sample, str(unit), str(unit), face, crop)
+                for unit, state in sample.states:
+                    out.state(sample, unit, state)
             else:
-                faces = detector.detect(sample.gray)
-                for track, face in tracker.update(sample.step, faces).items():
-                    out.face(sample, FOLDER_UNIT, track, face, size)
-                found = len(faces)
-            report.faces += found
-            if not found:
+                crops = {id(face): crop for _, face, crop in sample.faces}
+                for track, face in tracker.update(sample.step, [face for _, face, _ in sample.faces]).items():
+                    out.face(sample, FOLDER_UNIT, track, face, crops[id(face)])
+            report.faces += len(sample.faces)
+            if not sample.faces:
                 report.without_faces += 1
                 warn(f"{sample.name}: no faces found")
     finally:
@@ -207,27 +189,13 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
     return report
 
 
-def _seat_sample(sample: Sample, seats: list[Seat], empty: np.ndarray | None, detector: facelib.FaceDetector,
-                 out: _Output, size: int, report: IngestReport) -> int:
-    """One sample with a seat map: a crop per seated face, a state row per seat without one; returns the faces found."""
-    faces = detector.detect_in_seats(sample.gray, [s.box for s in seats])
-    assigned, unassigned = assign_to_seats(faces, seats)
-    report.unassigned += unassigned
-    for seat in seats:
-        face = assigned.get(seat.student_id)
-        if face is not None:
-            out.face(sample, seat.student_id, seat.student_id, face, size)
-        else:
-            out.state(sample, seat.student_id, _seat_state(sample.gray, empty, seat, detector))
-    return len(faces)
-
-
 def _write_lesson_json(out_dir: Path, source: Path, report: IngestReport, seats: list[Seat] | None, labelled: bool,
                        empty: bool, size: int, fps: float) -> None:
     from shared_models.atomic_files import atomic_write_text
 
     doc = {
-        "source": source.name, "fps": fps, "samples": report.samples, "unreadable": report.unreadable,
+        "source": source.name, "fps": fps, "samples": report.samples, "steps": report.steps,
+        "unreadable": report.unreadable,
         "without_faces": report.without_faces, "faces": report.faces, "unassigned_faces": report.unassigned,
         "labelled_faces": report.labelled,
         "privacy_unit": "student (seat map: one roster id per seat)" if seats is not None else

@@ -59,7 +59,7 @@ def load_lesson(folder: Path) -> Lesson:
         raise LessonError(f"{folder}: unreadable lesson ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(meta, dict) or "samples" not in meta or "fps" not in meta:
         raise LessonError(f"{meta_path}: missing 'samples' or 'fps'")
-    steps, seat_map = int(meta["samples"]), bool(meta.get("students"))
+    steps, seat_map = int(meta.get("steps", meta["samples"])), bool(meta.get("students"))
     lesson = Lesson(folder, float(meta["fps"]), steps, seat_map, bool(meta.get("empty_room_frame")), [], {}, {},
                     np.zeros(steps, np.int64))
     for line, row in enumerate(rows, start=2):

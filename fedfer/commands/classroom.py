@@ -39,7 +39,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     rep.add_argument("lesson", type=Path, help="an ingested lesson folder (or frames / a video: ingested first)")
     rep.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file or a run directory")
-    rep.add_argument("--out", type=Path, default=None, help="report folder (default: LESSON/report)")
+    rep.add_argument("--out", type=Path, default=None, help="report folder (default: LESSON/report; for frames or a video: LESSON-report next to them)")
     rep.add_argument("--policy", type=Path, default=None,
                      help="the school's policy.json (or its state dir): report-min-students, per-student-figures")
     _ingest_options(rep)
@@ -62,6 +62,8 @@ def _ingest_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=1.0, help="samples per second (default 1)")
     p.add_argument("--size", type=int, default=None, help="crop side in pixels (default: the model preset's input size)")
     p.add_argument("--config", type=Path, default=None, help="YAML config (defaults: shared_models/defaults.yaml)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes analysing a frame folder (default 2; the result does not depend on it)")
 
 
 def _model_input_size(cfg: dict) -> int:
@@ -70,13 +72,21 @@ def _model_input_size(cfg: dict) -> int:
     return int(registry.presets(str(cfg["model.name"]))[str(cfg["model.preset"])].input_size)
 
 
+def _check_sizes(args: argparse.Namespace, size: int) -> None:
+    from client.classroom.ingest import IngestError
+
+    if not 16 <= size <= 512:
+        raise IngestError(f"--size must be in 16..512, got {size}")
+    if not 1 <= args.workers <= 64:
+        raise IngestError(f"--workers must be in 1..64, got {args.workers}")
+
+
 def _run_ingest(args: argparse.Namespace, source: Path, out: Path, size: int) -> int:
     from client.classroom.ingest import ingest
 
-    if not 16 <= size <= 512:
-        raise ValueError(f"--size must be in 16..512, got {size}")
+    _check_sizes(args, size)
     report = ingest(source, out, seat_map=args.seat_map, labels=args.labels, empty_frame=args.empty_frame, size=size,
-                    fps=args.fps, echo=lambda line: print(f"fedfer classroom: {line}", flush=True))
+                    fps=args.fps, echo=lambda line: print(f"fedfer classroom: {line}", flush=True), workers=args.workers)
     print(f"{out}: {report.samples} samples, {report.faces} faces ({report.without_faces} samples without a face, "
           f"{report.unreadable} unreadable), {report.labelled} labelled")
     return 0
@@ -125,16 +135,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     policy = read_report_policy(args.policy, cfg)
     classify, described = _classifier(args.checkpoint)
-    lesson_dir = args.lesson
-    if not (lesson_dir / "lesson.json").is_file():      # frames or a video: ingest them first, next to the report
-        lesson_dir = (args.out or args.lesson.with_name(args.lesson.name + "-report")) / "ingested"
-        _run_ingest(args, args.lesson, lesson_dir, args.size or _model_input_size(cfg))
-    lesson = load_lesson(lesson_dir)
-    series = series_of(lesson, classify_lesson(lesson, classify))
-    out = args.out or lesson_dir / "report"
+    if (args.lesson / "lesson.json").is_file():         # an ingested lesson folder
+        lesson = load_lesson(args.lesson)
+        series = series_of(lesson, classify_lesson(lesson, classify))
+        out = args.out or args.lesson / "report"
+    else:                                               # frames or a video: analysed and classified in memory
+        lesson, labels = _lesson_in_memory(args, cfg, classify)
+        series = series_of(lesson, labels)
+        out = args.out or args.lesson.with_name(args.lesson.name + "-report")
     path = write_report(out, lesson, series, policy.min_students, policy.per_student_figures, described)
     print(f"lesson report: {path}")
     return 0
+
+
+def _lesson_in_memory(args: argparse.Namespace, cfg: dict, classify):  # type: ignore[no-untyped-def]
+    """Frames or a video straight to (Lesson, labels): no crops written (client/classroom/lesson.py)."""
+    from client.classroom.ingest import _inputs, _Warner
+    from client.classroom.lesson import lesson_from_source
+
+    size = args.size or _model_input_size(cfg)
+    _check_sizes(args, size)
+    warn = _Warner(lambda line: print(f"fedfer classroom: {line}", flush=True))
+    if args.labels is not None:
+        warn(f"{args.labels}: labels are for `fedfer classroom ingest` (training); the report ignores them")
+    seats, _, empty = _inputs(args.seat_map, None, args.empty_frame, warn)
+    return lesson_from_source(args.lesson, seats=seats, empty=empty, size=size, classify=classify, fps=args.fps,
+                              workers=args.workers, warn=warn)
 
 
 def cmd_scene(args: argparse.Namespace) -> int:

@@ -67,16 +67,16 @@ def _binned(rows: list[dict], key: str, edges: list[float], where) -> dict[str, 
     return out
 
 
-def _detection_rows(detector: facelib.FaceDetector, room: scenes.Room, frames: list, seat_mode: bool
-                    ) -> tuple[list[dict], int, int]:
-    """Per true face: size, pose, hit, angle error, right student; and detections, unmatched detections."""
+def _detection_rows(detect, room: scenes.Room, frames: list, seat_mode: bool) -> tuple[list[dict], int, int]:  # type: ignore[no-untyped-def]
+    """Per true face: size, pose, hit, angle error, right student; and detections, unmatched detections.
+    `detect(gray)` -> faces; it sees the frames in order (a tracking detector may reuse the previous one)."""
     import cv2
 
     seats = [Seat(s.student_id, s.box) for s in room.seats]
     rows, detections, unmatched = [], 0, 0
     for _, frame, truths in frames:
-        gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-        found = detector.detect_in_seats(gray, [s.box for s in seats]) if seat_mode else detector.detect(gray)
+        gray = frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        found = detect(gray)
         hits, extra = match(found, truths)
         assigned = assign_to_seats(found, seats)[0] if seat_mode else {}
         owner = {id(face): sid for sid, face in assigned.items()}
@@ -92,71 +92,114 @@ def _detection_rows(detector: facelib.FaceDetector, room: scenes.Room, frames: l
     return rows, detections, unmatched
 
 
+def _detector_for(mode: str, detector: facelib.FaceDetector, room: scenes.Room):  # type: ignore[no-untyped-def]
+    """gray -> faces: `seat_map` searches every frame afresh (what the first sample of a chunk gets),
+    `seat_map_tracked` reuses the previous frame as ingest does (`SeatSearch`), `full_frame` has no seat map,
+    `full_frame_tracked` also searches where faces were in earlier frames (`FrameSearch`, as ingest does)."""
+    from client.classroom.search import FrameSearch, SeatSearch
+
+    boxes = [s.box for s in room.seats]
+    if mode.startswith("full_frame"):
+        return FrameSearch(detector, reuse=mode == "full_frame_tracked")
+    search = SeatSearch(detector, boxes, reuse=mode == "seat_map_tracked")
+    return lambda gray: [face for face in search(gray) if face is not None]
+
+
+def _summary(rows: list[dict], detections: int, unmatched: int, seat_mode: bool) -> dict:
+    errors = [r["angle_error"] for r in rows if _frontal(r) and r["angle_error"] is not None]
+    any_errors = [r["angle_error_any"] for r in rows if _frontal(r) and r["angle_error_any"] is not None]
+    out = {
+        "frontal_recall": _rate([r["hit"] for r in rows if _frontal(r)]),
+        "precision": round(1.0 - unmatched / max(1, detections), 4), "detections": detections,
+        "recall_by_yaw_rad": _binned(rows, "yaw", [0, 0.15, 0.3, 0.55, 0.8, 1.2], lambda r: r["pitch"] < FRONTAL_PITCH),
+        "recall_by_pitch_rad": _binned(rows, "pitch", [-0.3, 0.2, 0.45, 0.65, 1.0], lambda r: r["yaw"] < FRONTAL_YAW),
+        "recall_by_face_px": _binned(rows, "size", [30, 40, 50, 60, 70, 90],
+                                     lambda r: r["yaw"] < FRONTAL_YAW and r["pitch"] < FRONTAL_PITCH),
+        "eyes_found_share": _rate([r["eyes"] for r in rows if _frontal(r) and r["hit"]]),
+        "median_angle_error_deg_eyes_found": round(float(np.median(errors)), 2) if errors else None,
+        "median_angle_error_deg_all_matched": round(float(np.median(any_errors)), 2) if any_errors else None,
+    }
+    if seat_mode:
+        out["tracking_right_student"] = _rate([r["right_student"] for r in rows if r["hit"]])
+    return out
+
+
 def _frontal(r: dict) -> bool:
     return r["yaw"] < FRONTAL_YAW and r["pitch"] < FRONTAL_PITCH and r["size"] >= MIN_FACE
 
 
-def accuracy(rooms: int, frames_per_room: int) -> dict:
+def accuracy(rooms: int, frames_per_room: int, lesson_rooms: int = 2, lesson_seconds: int = 40) -> dict:
+    """Detection on `rooms` rooms, `frames_per_room` frames 12 s apart (seat map searched afresh each frame,
+    and full frame); and on `lesson_rooms` runs of `lesson_seconds` consecutive samples at 1 frame/s with
+    the seat search reusing the previous sample, as ingest does (`seat_map_tracked`)."""
     import cv2
 
     cv2.setNumThreads(1)
     detector = facelib.FaceDetector()
     out: dict = {}
-    rendered = []
+    spaced, runs = [], []
     for r in range(rooms):
         room = scenes.make_room(100 + r, 20 + (r % 3) * 5)
         script = scenes.script_lesson(room, 120, 1.0, seed=r)
         steps = list(range(0, 120, max(1, 120 // frames_per_room)))[:frames_per_room]
-        rendered.append((room, list(scenes.render_lesson(room, script, steps))))
-    for mode in ("seat_map", "full_frame"):
+        spaced.append((room, list(scenes.render_lesson(room, script, steps))))
+    for r in range(lesson_rooms):
+        room = scenes.make_room(200 + r, 24 + 6 * (r % 2))
+        runs.append((room, list(scenes.render_lesson(room, scenes.script_lesson(room, lesson_seconds, 1.0, seed=r)))))
+    for mode, rendered in (("seat_map", spaced), ("full_frame", spaced), ("seat_map_tracked", runs),
+                           ("full_frame_tracked", spaced), ("full_frame_tracked_1fps", runs)):
         rows, detections, unmatched = [], 0, 0
         for room, frames in rendered:
-            part, d, u = _detection_rows(detector, room, frames, mode == "seat_map")
+            part, d, u = _detection_rows(_detector_for(mode.replace("_1fps", ""), detector, room), room, frames,
+                                         mode.startswith("seat_map"))
             rows += part
             detections, unmatched = detections + d, unmatched + u
-        errors = [r["angle_error"] for r in rows if _frontal(r) and r["angle_error"] is not None]
-        any_errors = [r["angle_error_any"] for r in rows if _frontal(r) and r["angle_error_any"] is not None]
-        out[mode] = {
-            "frontal_recall": _rate([r["hit"] for r in rows if _frontal(r)]),
-            "precision": round(1.0 - unmatched / max(1, detections), 4), "detections": detections,
-            "recall_by_yaw_rad": _binned(rows, "yaw", [0, 0.15, 0.3, 0.55, 0.8, 1.2], lambda r: r["pitch"] < FRONTAL_PITCH),
-            "recall_by_pitch_rad": _binned(rows, "pitch", [-0.3, 0.2, 0.45, 0.65, 1.0], lambda r: r["yaw"] < FRONTAL_YAW),
-            "recall_by_face_px": _binned(rows, "size", [30, 40, 50, 60, 70, 90],
-                                         lambda r: r["yaw"] < FRONTAL_YAW and r["pitch"] < FRONTAL_PITCH),
-            "eyes_found_share": _rate([r["eyes"] for r in rows if _frontal(r) and r["hit"]]),
-            "median_angle_error_deg_eyes_found": round(float(np.median(errors)), 2) if errors else None,
-            "median_angle_error_deg_all_matched": round(float(np.median(any_errors)), 2) if any_errors else None,
-        }
-        if mode == "seat_map":
-            out[mode]["tracking_right_student"] = _rate([r["right_student"] for r in rows if r["hit"]])
-    out["faces"] = sum(len(t) for _, frames in rendered for _, _, t in frames)
-    out["frames"] = sum(len(frames) for _, frames in rendered)
+        out[mode] = _summary(rows, detections, unmatched, mode.startswith("seat_map"))
+        out[mode]["faces"] = sum(len(t) for _, frames in rendered for _, _, t in frames)
+        out[mode]["frames"] = sum(len(frames) for _, frames in rendered)
     return out
 
 
-def throughput(frames: int = 40, students: int = 24) -> dict:
-    """CPU and wall time of detect + align + crop per frame, one thread, seat map and full frame."""
+THROUGHPUT_MODES = ("seat_map_tracked", "seat_map", "full_frame")
+
+
+def _spread(values: list[float]) -> list[float]:
+    ordered = sorted(values)
+    return [round(ordered[0], 1), round(float(np.median(ordered)), 1), round(ordered[-1], 1)]
+
+
+def throughput(frames: int = 40, students: tuple[int, ...] = (24, 30), repeats: int = 3) -> dict:
+    """CPU and wall time of detect + align + crop per 640x480 frame, one thread, `frames` consecutive
+    samples at 1 frame/s: seat map as ingest searches it (`seat_map_tracked`: the previous sample reused;
+    a repeat starts with no memory), seat map searched afresh every frame, and the whole frame. The modes
+    alternate within each repeat so that a change in the machine's load hits them alike."""
     import cv2
 
     cv2.setNumThreads(1)
-    room = scenes.make_room(7, students)
-    script = scenes.script_lesson(room, frames, 1.0, seed=1)
-    grays = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for _, f, _ in scenes.render_lesson(room, script)]
     detector = facelib.FaceDetector()
-    boxes = [s.box for s in room.seats]
-    out = {"students": students, "frames": len(grays), "frame_size": [room.width, room.height]}
-    for mode in ("seat_map", "full_frame"):
-        reps = []
-        for _ in range(3):
-            wall0, cpu0 = time.perf_counter(), time.process_time()
-            for gray in grays:
-                found = detector.detect_in_seats(gray, boxes) if mode == "seat_map" else detector.detect(gray)
-                for face in found:
-                    facelib.align_crop(gray, face, 64)
-            reps.append((len(grays) / (time.process_time() - cpu0), len(grays) / (time.perf_counter() - wall0)))
-        cpu_fps, wall_fps = sorted(r[0] for r in reps), sorted(r[1] for r in reps)
-        out[mode] = {"fps_cpu_min_median_max": [round(v, 1) for v in (cpu_fps[0], cpu_fps[1], cpu_fps[2])],
-                     "fps_wall_min_median_max": [round(v, 1) for v in (wall_fps[0], wall_fps[1], wall_fps[2])]}
+    rooms = []
+    for n in students:
+        room = scenes.make_room(7 + n, n)
+        script = scenes.script_lesson(room, frames, 1.0, seed=1)
+        rooms.append((room, [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for _, f, _ in scenes.render_lesson(room, script)]))
+    out: dict = {"students": list(students), "frames_per_room": frames, "frame_size": [rooms[0][0].width, rooms[0][0].height],
+                 "load_average_before": [round(v, 2) for v in __import__("os").getloadavg()]}
+    cpu: dict[str, list[float]] = {m: [] for m in THROUGHPUT_MODES}
+    wall: dict[str, list[float]] = {m: [] for m in THROUGHPUT_MODES}
+    for _ in range(repeats):
+        for mode in THROUGHPUT_MODES:
+            wall0, cpu0, count = time.perf_counter(), time.process_time(), 0
+            for room, grays in rooms:
+                detect = _detector_for(mode, detector, room)
+                for gray in grays:
+                    for face in detect(gray):
+                        facelib.align_crop(gray, face, 64)
+                    count += 1
+            cpu[mode].append(count / (time.process_time() - cpu0))
+            wall[mode].append(count / (time.perf_counter() - wall0))
+    for mode in THROUGHPUT_MODES:
+        out[mode] = {"fps_cpu_min_median_max": _spread(cpu[mode]), "fps_wall_min_median_max": _spread(wall[mode])}
+    out["load_average_after"] = [round(v, 2) for v in __import__("os").getloadavg()]
     return out
 
 
@@ -219,12 +262,26 @@ def _registry_classifier():  # type: ignore[no-untyped-def]
     return classify, f"{cfg['model.name']}/{cfg['model.preset']}", int(size)
 
 
-def lesson_time(minutes: float, unique: int, workdir: Path) -> dict:
-    """Ingest + report time of a `minutes` lesson at 1 frame/s (seat map, empty-room frame)."""
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds of this process, of its finished child processes: the workers)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time(), children.ru_utime + children.ru_stime
+
+
+def lesson_time(minutes: float, unique: int, workdir: Path, workers: int = 2, repeats: int = 2) -> dict:
+    """A `minutes` lesson at 1 frame/s from its raw PNG frames to the teacher's report, as
+    `fedfer classroom report FRAMES --seat-map ... --empty-frame ...` runs it: timed from the start of the
+    analysis (worker processes started, every frame decoded, faces detected, aligned and cropped, seat
+    states, every crop classified in memory) to report.md, timeline.csv and the plots written. The model
+    is built before the clock starts (a checkpoint load, under a second)."""
     import torch
 
-    from client.classroom.ingest import ingest
-    from client.classroom.report import classify_lesson, load_lesson, series_of, write_report
+    from client.classroom.lesson import lesson_from_source
+    from client.classroom.report import series_of, write_report
+    from client.classroom.sources import _read_image
+    from client.classroom.tracks import load_seat_map
 
     torch.set_num_threads(1)
     room = scenes.make_room(21, 24)
@@ -236,17 +293,27 @@ def lesson_time(minutes: float, unique: int, workdir: Path) -> dict:
     for t in range(total):
         (frames / f"frame_{t:05d}.png").hardlink_to(source / "frames" / f"frame_{t % unique:05d}.png")
     classify, described, size = _registry_classifier()
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    ingest(frames, workdir / "ingested", seat_map=source / "seat_map.json", empty_frame=source / "empty_room.png",
-           size=size, echo=lambda line: None)
-    ingest_wall, ingest_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    lesson = load_lesson(workdir / "ingested")
-    write_report(workdir / "report", lesson, series_of(lesson, classify_lesson(lesson, classify)), 5, False, described)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    seats, empty = load_seat_map(source / "seat_map.json"), _read_image(source / "empty_room.png")
+    runs = []
+    for r in range(repeats):
+        load = [round(v, 2) for v in __import__("os").getloadavg()]
+        wall0, (main0, workers0) = time.perf_counter(), _cpu_seconds()
+        lesson, labels = lesson_from_source(frames, seats=seats, empty=empty, size=size, classify=classify,
+                                            workers=workers, warn=lambda line: None)
+        analysed = time.perf_counter() - wall0
+        write_report(workdir / f"report-{r}", lesson, series_of(lesson, labels), 5, False, described)
+        wall, (main1, workers1) = time.perf_counter() - wall0, _cpu_seconds()
+        runs.append({"wall_s": round(wall, 1), "analysis_and_classification_wall_s": round(analysed, 1),
+                     "cpu_s_main_process": round(main1 - main0, 1), "cpu_s_workers": round(workers1 - workers0, 1),
+                     # what the wall time would be with the 2 cores to itself: all the CPU work spread over them
+                     "wall_s_if_alone_estimate": round((main1 - main0 + workers1 - workers0) / 2.0, 1),
+                     "load_average_before": load, "load_average_after": [round(v, 2) for v in __import__("os").getloadavg()],
+                     "faces": int(lesson.faces_per_step.sum())})
+    walls = [run["wall_s"] for run in runs]
     return {"minutes": minutes, "frames": total, "unique_frames": unique, "students": len(room.seats), "model": described,
-            "ingest_wall_s": round(ingest_wall, 1), "ingest_cpu_s": round(ingest_cpu, 1),
-            "report_wall_s": round(wall - ingest_wall, 1), "report_cpu_s": round(cpu - ingest_cpu, 1),
-            "total_wall_s": round(wall, 1), "total_cpu_s": round(cpu, 1)}
+            "workers": workers, "crop_size": size, "runs": runs, "wall_s_min_median_max": _spread(walls),
+            "timed": "raw PNG frames -> report: worker start, decoding, detect+align+crop, seat states, classification "
+                     "(main process, batches of 256), indicators, report.md + timeline.csv + 2 plots"}
 
 
 def agreement(seconds: float, workdir: Path) -> dict:
@@ -260,6 +327,16 @@ def agreement(seconds: float, workdir: Path) -> dict:
     return {"seconds": seconds, **indicator_agreement(lesson, lesson / "ingested")}
 
 
+def _detector_config() -> dict:
+    from client.classroom import analyse, search
+
+    return {**facelib.DetectorSettings().__dict__, "seat_side": facelib.SEAT_SIDE,
+            "seat_face_range": [facelib.SEAT_MIN_FACE, facelib.SEAT_MAX_FACE], "seat_width_range": list(facelib.SEAT_WIDTH_RANGE),
+            "track_margin": facelib.TRACK_MARGIN, "track_sizes": list(facelib.TRACK_SIZES), "track_face_px": facelib.TRACK_FACE_PX,
+            "second_pass_roll_deg": facelib.SECOND_PASS_ROLL, "still_difference": search.STILL_DIFFERENCE,
+            "recheck_every": search.RECHECK_EVERY, "second_pass_every": search.SECOND_PASS_EVERY, "chunk": analyse.CHUNK}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rooms", type=int, default=6, help="rooms for the accuracy part")
@@ -268,6 +345,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--unique", type=int, default=240, help="rendered frames the long lesson cycles through")
     parser.add_argument("--agreement-seconds", type=float, default=240.0)
     parser.add_argument("--parts", default="accuracy,throughput,lesson,agreement")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes for the lesson part")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the throughput part (lesson: 2)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/classroom.json"))
     return parser
 
@@ -276,22 +355,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     parts = set(args.parts.split(","))
     record: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    "detector": {**facelib.DetectorSettings().__dict__, "seat_side": facelib.SEAT_SIDE},
+                    "detector": _detector_config(),
                     "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
                                 "note": "shared machine (other jobs running); CPU time is the steadier figure"}}
     work = Path(tempfile.mkdtemp(prefix="fedfer-classroom-bench-"))
     try:
         if "accuracy" in parts:
             record["accuracy"] = accuracy(args.rooms, args.frames)
-            print("accuracy", record["accuracy"]["seat_map"]["frontal_recall"], record["accuracy"]["full_frame"]["frontal_recall"], flush=True)
+            print("accuracy", {m: (v["frontal_recall"], v["precision"]) for m, v in record["accuracy"].items()}, flush=True)
         if "throughput" in parts:
-            record["throughput"] = throughput()
+            record["throughput"] = throughput(repeats=args.repeats)
             print("throughput", record["throughput"], flush=True)
         if "agreement" in parts:
             record["agreement"] = agreement(args.agreement_seconds, work)
             print("agreement", record["agreement"], flush=True)
         if "lesson" in parts:
-            record["lesson"] = lesson_time(args.lesson_minutes, args.unique, work)
+            record["lesson"] = lesson_time(args.lesson_minutes, args.unique, work, args.workers, min(args.repeats, 2))
             print("lesson", record["lesson"], flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

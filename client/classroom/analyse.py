@@ -1,0 +1,167 @@
+"""One lesson's frames -> per sample: the faces (with their seed-004 crops) and the state of every seat.
+
+Shared by `fedfer classroom ingest` (which writes the crops to disk) and `fedfer classroom report` on
+raw frames (which classifies them in memory and writes only the report).
+
+The lesson is cut into chunks of `CHUNK` consecutive samples. Within a chunk each sample reuses what the
+previous one found (`client.classroom.search.SeatSearch`); a chunk starts with no memory, so chunks are
+independent of each other and can be processed in any order, by any number of worker processes, with
+the same result: `analyse_lesson` hands them to `workers` processes (frame folders; each worker decodes
+its own frames) and yields the samples back in lesson order. Without a seat map the faces are linked
+into tracks afterwards, in lesson order (`client.classroom.tracks.IouTracker`), by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from client.classroom import faces as facelib
+from client.classroom.search import FrameSearch, SeatSearch
+from client.classroom.sources import Sample, SourceError, _read_image, frame_files, read_samples
+from client.classroom.tracks import Seat, assign_to_seats
+
+#: samples per chunk: long enough that restarting the seat memory at a chunk's start costs little
+CHUNK = 60
+#: mean absolute grey difference (0-255) between a seat and the empty room above which the seat is taken
+OCCUPIED_DIFFERENCE = 16.0
+
+
+@dataclass
+class SampleResult:
+    step: int
+    time: float
+    name: str
+    faces: list[tuple[str | None, facelib.Face, np.ndarray]] = field(default_factory=list)   # (seat's student or None, face, crop)
+    states: list[tuple[str, str]] = field(default_factory=list)    # (student, state) of seats without a face
+    unassigned: int = 0
+    warnings: list[str] = field(default_factory=list)              # an unreadable frame (the sample is then empty)
+    readable: bool = True
+
+
+def seat_state(gray: np.ndarray, empty: np.ndarray | None, seat: Seat, detector: facelib.FaceDetector) -> str:
+    """For a seat without a frontal face: absent (looks like the empty room), turned (a profile face),
+    down (someone there, no face: the head is bowed), or unseen (no empty-room frame to tell)."""
+    import cv2
+
+    if empty is None or empty.shape != gray.shape:
+        return "unseen"
+    x0, y0, x1, y1 = seat.box
+    # the middle of the seat box, where the head is: the edges hold the neighbours' shoulders
+    dx, dy = int((x1 - x0) * 0.2), int((y1 - y0) * 0.2)
+    now = cv2.blur(gray[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
+    ref = cv2.blur(empty[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
+    if now.size == 0:
+        return "unseen"
+    # compare shapes, not brightness (the room's light drifts during a lesson); the blur removes sensor noise
+    difference = float(np.abs((now - now.mean()) - (ref - ref.mean())).mean())
+    if difference < OCCUPIED_DIFFERENCE:
+        return "absent"
+    return "turned" if detector.profile_in(gray, seat.box) else "down"
+
+
+class ChunkAnalyser:
+    """Samples of one chunk, in order: faces, crops and seat states. `reset()` starts a new chunk."""
+
+    def __init__(self, seats: list[Seat] | None, empty: np.ndarray | None, size: int,
+                 detector: facelib.FaceDetector | None = None, reuse: bool = True) -> None:
+        self.seats, self.empty, self.size, self.reuse = seats, empty, size, reuse
+        self.detector = detector or facelib.FaceDetector()
+        self.reset()
+
+    def reset(self) -> None:
+        boxes = [s.box for s in self.seats] if self.seats is not None else []
+        self.search = SeatSearch(self.detector, boxes, reuse=self.reuse)
+        self.frame_search = FrameSearch(self.detector, reuse=self.reuse)
+        self._states: dict[str, str] = {}
+
+    def __call__(self, sample: Sample) -> SampleResult:
+        out = SampleResult(sample.step, sample.time, sample.name)
+        gray = sample.gray
+        if self.seats is None:
+            for face in self.frame_search(gray):
+                out.faces.append((None, face, facelib.align_crop(gray, face, self.size)))
+            return out
+        per_seat = self.search(gray)
+        assigned, out.unassigned = assign_to_seats([f for f in per_seat if f is not None], self.seats)
+        for k, seat in enumerate(self.seats):
+            face = assigned.get(seat.student_id)
+            if face is not None:
+                out.faces.append((seat.student_id, face, facelib.align_crop(gray, face, self.size)))
+                self._states[seat.student_id] = "face"
+                continue
+            previous = self._states.get(seat.student_id)
+            # a seat that looks as it did when last searched keeps the state it had then
+            state = previous if self.search.still[k] and previous not in (None, "face") else \
+                seat_state(gray, self.empty, seat, self.detector)
+            self._states[seat.student_id] = state
+            out.states.append((seat.student_id, state))
+        return out
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(seats: list[Seat] | None, empty: np.ndarray | None, size: int, reuse: bool) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)     # one core per worker: the workers are the parallelism
+    _WORKER["analyser"] = ChunkAnalyser(seats, empty, size, reuse=reuse)
+
+
+def _file_chunk(job: tuple[list[tuple[int, str]], float]) -> list[SampleResult]:
+    """Worker: decode and analyse one chunk of frame files [(step, path)]."""
+    files, fps = job
+    analyser: ChunkAnalyser = _WORKER["analyser"]
+    analyser.reset()
+    out = []
+    for step, path in files:
+        gray = _read_image(Path(path))
+        if gray is None:
+            out.append(SampleResult(step, step / fps, Path(path).name, readable=False,
+                                    warnings=[f"{path}: unreadable frame, skipped"]))
+            continue
+        out.append(analyser(Sample(step, step / fps, Path(path).name, gray)))
+    return out
+
+
+def analyse_lesson(source: Path, *, seats: list[Seat] | None, empty: np.ndarray | None, size: int, fps: float = 1.0,
+                   workers: int = 1, warn: Callable[[str], None] = print, reuse: bool = True,
+                   detector: facelib.FaceDetector | None = None) -> Iterator[SampleResult]:
+    """The lesson's samples in order (unreadable frames are warned about and left out). A frame folder
+    with `workers` > 1 is analysed by that many processes, chunk by chunk; a video is decoded in order
+    here (its frames come one after the other) and analysed in this process, chunk by chunk as well."""
+    source = Path(source)
+    if not fps > 0:
+        raise SourceError(f"sampling rate must be > 0 frames per second, got {fps}")
+    if source.is_dir() and workers > 1:
+        files = frame_files(source)
+        if not files:
+            raise SourceError(f"{source}: no frames (expected .png, .jpg, .jpeg, .bmp files)")
+        jobs = [([(step, str(p)) for step, p in enumerate(files[a:a + CHUNK], start=a)], fps)
+                for a in range(0, len(files), CHUNK)]
+        yield from _parallel(jobs, (seats, empty, size, reuse), workers, warn)
+        return
+    analyser, chunk = ChunkAnalyser(seats, empty, size, detector, reuse), 0
+    for sample in read_samples(source, fps, warn):
+        if sample.step // CHUNK != chunk:      # the same chunk boundaries as the workers use
+            chunk = sample.step // CHUNK
+            analyser.reset()
+        yield analyser(sample)
+
+
+def _parallel(jobs: list, init_args: tuple, workers: int, warn: Callable[[str], None]) -> Iterator[SampleResult]:
+    import multiprocessing
+
+    # spawn, not fork: the caller may hold torch's or OpenCV's thread pools, which a fork would copy half-made
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=init_args) as pool:
+        for chunk in pool.imap(_file_chunk, jobs):
+            for result in chunk:
+                for line in result.warnings:
+                    warn(line)
+                if result.readable:
+                    yield result
