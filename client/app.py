@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.node import NodeIdentity, identify
-from shared_models.wire import is_packed, pack_content, unpack_content
+from shared_models.wire import bundle, is_bundled, is_packed, pack_content, unbundle, unpack_content
 from shared_models.models import registry
 from shared_models.config import from_run_config
 
@@ -35,30 +35,37 @@ def _reply_status(msg: Message, status: str, reason: str, **extra: Any) -> Messa
     return Message(RecordDict({"status": record}), reply_to=msg)
 
 
-def _received_state(msg: Message) -> dict[str, torch.Tensor]:
+def _request(msg: Message) -> RecordDict:
+    """The request's records (a bundled request carries them all in one object: shared_models/wire.py)."""
+    return unbundle(msg.content)
+
+
+def _received_state(content: RecordDict) -> dict[str, torch.Tensor]:
     """The model the server sent, as a torch state dict (packed in one array per dtype or not)."""
-    content = unpack_content(msg.content, strict=True)
+    content = unpack_content(content, strict=True)
     return content.array_records["arrays"].to_torch_state_dict()
 
 
 def _reply(msg: Message, content: RecordDict) -> Message:
-    """Reply in the form the request came in: packed model in, packed model out."""
-    if is_packed(msg.content) and "arrays" in content.array_records:
+    """Reply in the form the request came in: packed model in, packed model out; bundled in, bundled out."""
+    if "arrays" in content.array_records and (is_packed(msg.content) or is_bundled(msg.content)):
         content = pack_content(content)
+        if is_bundled(msg.content):
+            content = bundle(content)
     return Message(content, reply_to=msg)
 
 
-def _setup(msg: Message, context: Context) -> tuple[dict[str, Any], NodeIdentity, ConfigRecord]:
+def _setup(content: RecordDict, context: Context) -> tuple[dict[str, Any], NodeIdentity, ConfigRecord]:
     cfg = from_run_config(context.run_config)
     apply_threads(int(cfg["train.threads"]))
-    round_config = msg.content.config_records.get("config", ConfigRecord())
+    round_config = content.config_records.get("config", ConfigRecord())
     node = identify(context.node_config, cfg, run_dir=str(round_config.get("run-dir", "")))
     return cfg, node, round_config
 
 
-def _global_model(msg: Message, cfg: dict[str, Any]) -> torch.nn.Module:
+def _global_model(content: RecordDict, cfg: dict[str, Any]) -> torch.nn.Module:
     model = registry.build_from_config(cfg)   # train.trainable freezes here, before the DP engine sees it
-    model.load_state_dict(_received_state(msg), strict=True)
+    model.load_state_dict(_received_state(content), strict=True)
     return model
 
 
@@ -73,7 +80,7 @@ def _signing_key_pem(node: NodeIdentity) -> str:
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's role and (for a school) its ledger public key."""
     cfg = from_run_config(context.run_config)
-    round_config = msg.content.config_records.get("config", ConfigRecord())
+    round_config = _request(msg).config_records.get("config", ConfigRecord())
     node = identify(context.node_config, cfg, run_dir=str(round_config.get("run-dir", "")))
     info: dict[str, Any] = {"role": node.role, "school-id": node.school_id}
     if node.role == "school":
@@ -87,11 +94,12 @@ def train(msg: Message, context: Context) -> Message:
     from client.school_round import PhaseClock, run_round
 
     phases = PhaseClock()
-    cfg, node, round_config = _setup(msg, context)
+    content = _request(msg)
+    cfg, node, round_config = _setup(content, context)
     if node.role != "school":
         return _reply_status(msg, "declined", f"node role is {node.role}, not school")
     server_round = int(round_config.get("server-round", 0))
-    model = _global_model(msg, cfg)
+    model = _global_model(content, cfg)
     phases.mark("receive")
     outcome = run_round(node, cfg, model, run_id=str(round_config.get("run-id", "")),
                         server_round=server_round, phases=phases)
@@ -117,10 +125,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """The evaluation node: score the global model on every configured public benchmark."""
     started = time.perf_counter()
-    cfg, node, round_config = _setup(msg, context)
+    content = _request(msg)
+    cfg, node, round_config = _setup(content, context)
     if node.role != "evaluator":
         return _reply_status(msg, "declined", f"node role is {node.role}, not evaluator")
-    model = _global_model(msg, cfg)
+    model = _global_model(content, cfg)
     from shared_models.evaluation import evaluate_benchmarks, flatten_metrics
 
     results = evaluate_benchmarks(model, node.benchmarks, node.data_dir, cfg, cache=_BENCHMARK_CACHE)

@@ -8,10 +8,10 @@ would cross the budget is refused with reason ``budget-exhausted`` (the server s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
-from privacy.accounting import SchoolAccountant
+from privacy.accounting import SchoolAccountant, epsilon_of
 
 BUDGET_EXHAUSTED = "budget-exhausted"
 
@@ -19,9 +19,15 @@ BUDGET_EXHAUSTED = "budget-exhausted"
 @dataclass(frozen=True)
 class BudgetDecision:
     allowed: bool
-    epsilon_now: float
     epsilon_after: float   # ε if the planned round is trained
     reason: str            # "" when allowed, else "budget-exhausted"
+    _epsilon_now: Callable[[], float] = field(repr=False, compare=False, default=lambda: math.nan)
+
+    @property
+    def epsilon_now(self) -> float:
+        """ε before the planned round. Computed on demand: the decision does not need it, and a deployed
+        school runs every round in a fresh process, where each accountant call costs a PRV composition."""
+        return self._epsilon_now()
 
 
 def check_budget(acct: SchoolAccountant, planned: Sequence, delta: float, budget: float | None,
@@ -31,9 +37,9 @@ def check_budget(acct: SchoolAccountant, planned: Sequence, delta: float, budget
     sigma, q, steps = planned
     if budget is not None and (math.isnan(budget) or budget < 0):
         raise ValueError(f"privacy budget must be >= 0, got {budget!r}")
-    eps_now = acct.epsilon(delta, kind=accountant)
+    history = acct.history
     eps_after = acct.epsilon_if(sigma, q, steps, delta, kind=accountant)
     limit = math.inf if budget is None else float(budget)
     allowed = eps_after <= limit
-    return BudgetDecision(allowed=allowed, epsilon_now=eps_now, epsilon_after=eps_after,
-                          reason="" if allowed else BUDGET_EXHAUSTED)
+    return BudgetDecision(allowed=allowed, epsilon_after=eps_after, reason="" if allowed else BUDGET_EXHAUSTED,
+                          _epsilon_now=lambda: epsilon_of(history, delta, accountant))

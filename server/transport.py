@@ -24,7 +24,9 @@ from typing import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from shared_models.wire import ARRAYS, LAYOUT_RECORD, with_arrays, pack, shorten_object_pull_backoff, unpack_reply
+from shared_models.wire import (
+    ARRAYS, LAYOUT_RECORD, bundle, is_bundled, pack, shorten_object_pull_backoff, unpack_reply, with_arrays,
+)
 
 DEFAULT_INTERVAL_S = 0.1
 
@@ -99,19 +101,32 @@ class PackedGrid(DelegatingGrid):
     Outgoing messages are changed in place (`message.content`), before they are pushed, so the
     Message objects the strategy made get their message ids as usual. The global model is packed
     once per exchange however many schools receive it.
+
+    `bundled`: each message carrying the model also travels as one object (shared_models/wire.py
+    `bundle`: every record in one ConfigRecord), not 7; a school answers a bundled request bundled.
     """
+
+    def __init__(self, grid: Grid, bundled: bool = False) -> None:
+        super().__init__(grid)
+        self.bundled = bundled
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         packed: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
+        bundles: dict[int, RecordDict] = {}   # by id of the strategy's content: train messages share one
         for message in messages:
             content = message.content
-            if ARRAYS not in content.array_records or LAYOUT_RECORD in content.config_records:
+            if ARRAYS not in content.array_records or LAYOUT_RECORD in content.config_records or is_bundled(content):
                 continue
             model = content.array_records[ARRAYS]
             if id(model) not in packed:
                 packed[id(model)] = pack(model)
-            message.content = with_arrays(content, *packed[id(model)])
+            if not self.bundled:
+                message.content = with_arrays(content, *packed[id(model)])
+                continue
+            if id(content) not in bundles:
+                bundles[id(content)] = bundle(with_arrays(content, *packed[id(model)]))
+            message.content = bundles[id(content)]
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             unpack_reply(reply)
@@ -119,6 +134,7 @@ class PackedGrid(DelegatingGrid):
 
 
 def fast_grid(grid: Grid) -> Grid:
-    """The ServerApp's grid: the model travels packed (one array per dtype; Flower moves every array as
-    its own object, one request per hop) and replies are collected every 0.1 s, not Flower's fixed 3 s."""
-    return PackedGrid(PollingGrid(grid))
+    """The ServerApp's grid: the model travels packed (one array per dtype) and every message carrying it
+    as one object (Flower moves every record, array and chunk as its own object, one request per hop),
+    and replies are collected every 0.1 s, not Flower's fixed 3 s."""
+    return PackedGrid(PollingGrid(grid), bundled=True)

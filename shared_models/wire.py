@@ -29,7 +29,7 @@ import json
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 PREFIX = "packed-"
 LAYOUT_KEY = "layout"
@@ -158,23 +158,25 @@ def with_arrays(content: RecordDict, arrays: ArrayRecord, layout: ConfigRecord |
 
 
 def unpack_reply(reply: Message) -> None:
-    """Unpack a reply in place; one that does not unpack gets a `packing-error` record instead."""
-    if reply.has_error() or not is_packed(reply.content):
+    """Unbundle and unpack a reply in place; one that does not unpack gets a `packing-error` record instead."""
+    if reply.has_error() or not (is_packed(reply.content) or is_bundled(reply.content)):
         return
     try:
-        reply.content = unpack_content(reply.content, strict=True)
+        reply.content = unpack_content(unbundle(reply.content), strict=True)
     except PackingError as exc:
         reply.content = RecordDict({ERROR_RECORD: ConfigRecord({"reason": str(exc)[:300]})})
 
 
-def shorten_object_pull_backoff(initial: float = 0.05, cap: float = 0.5) -> bool:
+def shorten_object_pull_backoff(initial: float = 0.05, cap: float = 0.2) -> bool:
     """Retry a not-yet-available message object after `initial` s (doubling up to `cap`), not 1 s / 10 s.
 
     Flower sends a message's metadata first and its objects (the model weights) right after; the
     receiver — SuperNode pulling from the SuperLink, ClientApp pulling from its SuperNode, ServerApp
     pulling replies — often asks before they are stored and then backs off 1 s, then 2 s
     (`flwr.supercore.constant.PULL_INITIAL_BACKOFF = 1`, `PULL_BACKOFF_CAP = 10`). Measured here,
-    that alone added 1–3 s per message. Both pull functions take the backoff as keyword defaults, so
+    that alone added 1–3 s per message. The cap is short (0.2 s; 0.1 s for the ClientApp pulling from its
+    own SuperNode on loopback) because the sender is usually mid-upload: with a 0.5 s cap the receiver
+    often slept ~0.3 s past the object's arrival. Both pull functions take the backoff as keyword defaults, so
     setting those defaults in this process changes nothing else. Returns False if Flower changed.
     """
     from flwr.supercore.inflatable import inflatable_utils as pulls
@@ -186,3 +188,107 @@ def shorten_object_pull_backoff(initial: float = 0.05, cap: float = 0.5) -> bool
             defaults["initial_backoff"], defaults["backoff_cap"] = initial, cap
             changed = True
     return changed
+
+
+# -- one object per message -------------------------------------------------------------------------
+# Flower 1.41 moves a message as a tree of objects — Message, RecordDict, then one object per record,
+# per Array and per 5 MB chunk of an Array — and every object is its own authenticated HTTP request on
+# every hop (ServerApp → SuperLink → SuperNode → ClientApp and back). A packed train message was 7
+# objects (config, layout, ArrayRecord, Array, chunk …), a school's reply 9. Bundled, every record of a
+# message travels inside one ConfigRecord (arrays as their serialised bytes), so a message is 3 objects.
+# Measured on the deployment benchmark (docs/deployment.md §5). Arrays larger than
+# BUNDLE_MAX_ARRAY_BYTES in total stay an ordinary ArrayRecord next to the bundle, so Flower still
+# chunks a big model.
+BUNDLE_RECORD = "fedfer-bundle"
+BUNDLE_MANIFEST = "manifest"
+BUNDLE_MAX_ARRAY_BYTES = 4 * 2**20
+MAX_BUNDLED_KEYS = 100_000
+_KINDS = {"config": "config_records", "metrics": "metric_records", "arrays": "array_records"}
+
+
+def is_bundled(content: RecordDict) -> bool:
+    return BUNDLE_RECORD in content.config_records
+
+
+def bundle(content: RecordDict, max_array_bytes: int = BUNDLE_MAX_ARRAY_BYTES) -> RecordDict:
+    """`content` with its records folded into one ConfigRecord (see above); the inverse is `unbundle`."""
+    if is_bundled(content):
+        return content
+    arrays_inline = sum(len(a.data) for rec in content.array_records.values() for a in rec.values()) <= max_array_bytes
+    values: dict[str, Any] = {}
+    manifest: list[list[Any]] = []
+    out = RecordDict()
+    for name, record in content.items():
+        kind = "arrays" if isinstance(record, ArrayRecord) else "metrics" if isinstance(record, MetricRecord) else "config"
+        if kind == "arrays" and not arrays_inline:
+            out[name] = record
+            continue
+        index = len(manifest)
+        if kind == "arrays":
+            manifest.append([name, kind, [[key, a.dtype, list(a.shape), a.stype] for key, a in record.items()]])
+            values.update({f"{index}:{key}": a.data for key, a in record.items()})
+        else:
+            manifest.append([name, kind])
+            values.update({f"{index}:{key}": value for key, value in record.items()})
+    values[BUNDLE_MANIFEST] = json.dumps(manifest)
+    out[BUNDLE_RECORD] = ConfigRecord(values)
+    return out
+
+
+def unbundle(content: RecordDict) -> RecordDict:
+    """The records `bundle` folded, restored (content that is not bundled is returned unchanged).
+    Raises PackingError if the bundle does not match its manifest (it may come from another party)."""
+    if not is_bundled(content):
+        return content
+    values = dict(content.config_records[BUNDLE_RECORD])
+    try:
+        manifest = json.loads(str(values.pop(BUNDLE_MANIFEST)))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise PackingError(f"bundle: missing or malformed '{BUNDLE_MANIFEST}' ({exc})") from None
+    if not isinstance(manifest, list) or len(values) > MAX_BUNDLED_KEYS:
+        raise PackingError("bundle: the manifest must list the bundled records")
+    out = RecordDict({name: record for name, record in content.items() if name != BUNDLE_RECORD})
+    taken = 0
+    for index, entry in enumerate(manifest):
+        name, kind, fields = _bundle_entry(entry, out)
+        prefix = f"{index}:"
+        own = {key[len(prefix):]: value for key, value in values.items() if key.startswith(prefix)}
+        taken += len(own)
+        out[name] = _bundled_record(name, kind, fields, own)
+    if taken != len(values):
+        raise PackingError(f"bundle: {len(values) - taken} value(s) belong to no record of the manifest")
+    return out
+
+
+def _bundle_entry(entry: Any, seen: RecordDict) -> tuple[str, str, Any]:
+    if not isinstance(entry, list) or len(entry) not in (2, 3) or entry[1] not in _KINDS:
+        raise PackingError(f"bundle: manifest entry {str(entry)[:80]!r} is not [name, kind(, arrays)]")
+    name = entry[0]
+    if not isinstance(name, str) or not name or name in seen or name == BUNDLE_RECORD:
+        raise PackingError(f"bundle: record name {str(name)[:80]!r} is empty, repeated or reserved")
+    if (entry[1] == "arrays") != (len(entry) == 3):
+        raise PackingError(f"bundle: record {name!r}: only an arrays record lists its arrays")
+    return name, entry[1], entry[2] if len(entry) == 3 else None
+
+
+def _bundled_record(name: str, kind: str, fields: Any, own: dict[str, Any]):  # noqa: ANN202
+    """One record of a bundle, rebuilt from its values (and, for arrays, their dtype/shape/stype)."""
+    try:
+        if kind == "config":
+            return ConfigRecord(own)
+        if kind == "metrics":
+            return MetricRecord(own)
+        if not isinstance(fields, list) or len(fields) != len(own):
+            raise PackingError(f"bundle: record {name!r}: its arrays and their values do not match")
+        arrays = {}
+        for key, dtype, shape, stype in fields:
+            data = own.get(key)
+            if not isinstance(data, bytes) or not isinstance(dtype, str) or not isinstance(stype, str) \
+                    or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise PackingError(f"bundle: array {name}/{key!r}: malformed")
+            arrays[key] = Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data)
+        return ArrayRecord(arrays)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, PackingError):
+            raise
+        raise PackingError(f"bundle: record {name!r}: {exc}") from None

@@ -27,7 +27,11 @@ PollingGrid, every school with its warm executor and short-poll SuperNode). Over
 the round's wall time (metrics.jsonl `timing.round_seconds`) minus the longest DP training a school
 logged in its own `<state dir>/round-timing.jsonl` (replies carry no durations) minus the evaluation node's reported compute (`timing.evaluate_compute_s`). With
 pipelined evaluation (round r−1's model is evaluated during round r's training exchange, metrics
-line key `evaluated_in_round`) the two computes overlap, so the longer of the two is subtracted.
+line key `evaluated_in_round`) the two computes overlap, so the longer of the two is subtracted. `phases` (printed and in the JSON)
+cuts the round of the school that replied last at its SuperNode's log lines (Receiving / Received /
+Sending / Sent, ms timestamps) and its round-timing.jsonl: SuperNode pull, task start + FAB check + app
+load, the handler's own phases, reply to the SuperNode, SuperNode push, and the rest of the round
+(ServerApp push and pull, idle poll, validation, FedAvg, checkpoint).
 
 `--max-load L` waits (60 s steps, up to 10 times) until the 1-minute load average is ≤ L before
 each mode; the load average is recorded with every result.
@@ -326,6 +330,7 @@ def run_real(mode: str, nodes: int, rounds: int, work: Path, extra: dict[str, An
             raise DeploymentError(f"real app, {mode}: {len(rows)} of {rounds} rounds in {metrics} "
                                   f"(flwr exit {result.returncode})\n{result.stdout[-3000:]}")
     out = summarize_real(f"fedfer:{mode}", rows, total, school_timings(root))
+    out["phases"] = round_phases(rows, root / "logs", school_timings(root))
     out["run_config"] = run_config | {"run.root": "<tmp>", "data.root": "<tmp>", "privacy.keyring": "<tmp>"}
     out["model"] = model_summary(cfg)
     return out
@@ -351,6 +356,65 @@ def school_timings(runs: Path) -> dict[tuple[str, int], dict[str, Any]]:
                 line = json.loads(text)
                 lines[(str(line["school"]), int(line["round"]))] = line
     return lines
+
+
+_SUPERNODE_EVENTS = {"Receiving: train": "receiving", "Received successfully": "received",
+                     "Sending: train": "sending", "Sent successfully": "sent"}
+
+
+def supernode_events(log: Path) -> list[tuple[float, str]]:
+    """(unix time, event) of a SuperNode log's train-message lines (Flower logs them with ms timestamps)."""
+    from datetime import datetime
+
+    events = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        for text, name in _SUPERNODE_EVENTS.items():
+            if text in line:
+                stamp = " ".join(line.split()[1:3]).rstrip(":")
+                try:
+                    events.append((datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp(), name))
+                except ValueError:
+                    pass
+    return events
+
+
+def _exchange_segments(events: list[tuple[float, str]], line: dict[str, Any]) -> dict[str, float] | None:
+    """One school's train exchange, cut at the SuperNode's log lines and the school's own timing line."""
+    start, done = float(line["received_unix"]), float(line["done_unix"])
+    before = [i for i, (t, e) in enumerate(events) if e == "receiving" and t <= start]
+    after = [i for i, (t, e) in enumerate(events) if e == "sending" and t >= done]
+    if not before or not after or before[-1] + 1 >= len(events) or after[0] + 1 >= len(events):
+        return None
+    (t_in, _), (t_got, got) = events[before[-1]], events[before[-1] + 1]
+    (t_out, _), (t_sent, sent) = events[after[0]], events[after[0] + 1]
+    if got != "received" or sent != "sent":
+        return None
+    return {"supernode_pull": t_got - t_in, "task_start_and_app_load": start - t_got,
+            **{f"handler_{k}": float(v) for k, v in line["seconds"].items()},
+            "reply_to_supernode": t_out - done, "supernode_push": t_sent - t_out, "_span": t_sent - t_in, "_sent": t_sent}
+
+
+def round_phases(rows: list[dict[str, Any]], logs: Path, timings: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
+    """Where a round's seconds go: the school that replied last in each round, cut into phases (SuperNode
+    log lines + its round-timing.jsonl); `server_and_polls` = the round's wall time minus that school's
+    span from the SuperNode taking the message to the reply pushed (the ServerApp's push, the idle poll,
+    the ServerApp's pull of the replies, validation, FedAvg, checkpoint). Median over rounds 2..N."""
+    per_round: list[dict[str, float]] = []
+    for row in rows[1:]:
+        cut = []
+        for school in row["train"]:
+            line = timings.get((school, int(row["round"])))
+            segments = _exchange_segments(supernode_events(logs / f"{school}-supernode.log"), line) if line else None
+            if segments is not None:
+                cut.append(segments)
+        if cut:
+            last = max(cut, key=lambda c: c["_sent"])
+            last.pop("_sent")
+            last["server_and_polls"] = float(row["timing"]["round_seconds"]) - last.pop("_span")
+            per_round.append(last)
+    if not per_round:
+        return {}
+    return {k: round(statistics.median(r.get(k, 0.0) for r in per_round), 3) for k in per_round[0]}
 
 
 def _school_side(row: dict[str, Any], ok: dict[str, Any], timings: dict[tuple[str, int], dict[str, Any]]) -> dict:
@@ -449,6 +513,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{r['train_exchange_median_s']:>6.2f}s {ev:>9} {imp:>10}s {r['errors']:>7}")
     print("overhead/round: median over rounds 2.. of (round wall time - ClientApp compute), "
           "one round = train at every node + evaluate at one node")
+    for r in results:
+        if r.get("phases"):
+            print(f"{r['mode']}: seconds per phase of the school that replied last, median of rounds 2..: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()))
 
 
 def _parser() -> argparse.ArgumentParser:
