@@ -61,12 +61,28 @@ def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.
     return new
 
 
+def tail_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of a few rounds' global models (Polyak averaging of the server's iterates: post-processing of
+    what the schools released, so no privacy cost); integer buffers are rounded."""
+    out = {}
+    for key, first in states[0].items():
+        mean = sum(s[key].double() for s in states) / len(states)
+        out[key] = mean.to(first.dtype) if first.is_floating_point() else mean.round().to(first.dtype)
+    return out
+
+
+def score_tails(cfg: Mapping[str, Any], kept: list[dict[str, torch.Tensor]], tails: list[int],
+                score: Scorer, **kwargs: Any) -> dict[str, Any]:
+    """Scores of the average of the last k rounds' models, for each k in `tails` (k <= rounds run)."""
+    return {str(k): score(_model(cfg, tail_average(kept[-k:])), **kwargs) for k in tails if k <= len(kept)}
+
+
 def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], rounds: int,
-             score: Scorer, echo=print) -> dict[str, Any]:  # noqa: ANN001
+             score: Scorer, echo=print, tails: list[int] = ()) -> dict[str, Any]:  # noqa: ANN001
     model, local = _model(cfg, start), _model(cfg, start)
     velocity: dict[str, torch.Tensor] = {}
     momentum = float(cfg["federation.server_momentum"])
-    history, started = [], time.perf_counter()
+    history, kept, started = [], [], time.perf_counter()
     for rnd in range(1, rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         states, sigma = [], 0.0
@@ -76,22 +92,30 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
             sigma = max(sigma, s)
             states.append({k: v.clone() for k, v in local.state_dict().items()})
         model.load_state_dict(fedavgm(global_state, states, velocity, momentum))
+        kept = (kept + [{k: v.clone() for k, v in model.state_dict().items()}])[-max(tails, default=1):]
         result = score(model)
         history.append({"round": rnd, "public": result[PUBLIC]["accuracy"], "indomain": result[INDOMAIN]["accuracy"],
                         "max_sigma": round(sigma, 3), "seconds": round(time.perf_counter() - started, 1)})
         echo(f"    round {rnd}: public {result[PUBLIC]['accuracy']:.3f} in-domain {result[INDOMAIN]['accuracy']:.3f} "
              f"σ ≤ {sigma:.2f} ({history[-1]['seconds']:.0f} s)")
-    return {**result, "history": history, "seconds": round(time.perf_counter() - started, 1)}
+    tail_scores = score_tails(cfg, kept, list(tails), score)
+    for k, r in tail_scores.items():
+        echo(f"    mean of the last {k} rounds' models: public {r[PUBLIC]['accuracy']:.3f} "
+             f"in-domain {r[INDOMAIN]['accuracy']:.3f}")
+    return {**result, "history": history, "tail_average": tail_scores, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def alone(cfg: Mapping[str, Any], school: SchoolData, index: int, start: Mapping[str, torch.Tensor], rounds: int,
-          score: Scorer) -> dict[str, Any]:
-    """One school's `rounds` DP rounds on its own model (same σ rule, so the same ε as in the federation)."""
+          score: Scorer, tails: list[int] = ()) -> dict[str, Any]:
+    """One school's `rounds` DP rounds on its own model (same σ rule, so the same ε as in the federation);
+    `tails`: also the average of its last k rounds' models, the same post-processing the federation gets."""
     model = _model(cfg, start)
-    started = time.perf_counter()
+    kept, started = [], time.perf_counter()
     for rnd in range(1, rounds + 1):
         dp_round(model, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index)
+        kept = (kept + [{k: v.clone() for k, v in model.state_dict().items()}])[-max(tails, default=1):]
     return {**score(model, school=index), "students": school.num_students,
+            "tail_average": score_tails(cfg, kept, list(tails), score, school=index),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -117,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--alone", default="3", help="schools that also train alone: 'all' or how many (smallest, "
                                                     "largest, then evenly between); 0: skip (c)")
     parser.add_argument("--central-epochs", type=int, default=3, help="0: skip (b)")
+    parser.add_argument("--tail", default="", help="also score the mean of the last k rounds' models, e.g. 3,6")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/pretraining.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
@@ -130,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretraining bench: {exc}", file=sys.stderr)
         return 2
     rounds = int(args.rounds or cfg["federation.rounds"])
+    tails = [int(k) for k in args.tail.split(",") if k.strip()]
     cfg["federation.rounds"] = rounds   # σ is calibrated for the rounds that run
     from simulations import pretrain, synth
 
@@ -155,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode in [m.strip() for m in args.trainable.split(",") if m.strip()]:
         print(f"  federation, train.trainable={mode}", flush=True)
         results[f"federated:{mode}"] = federate({**cfg, "train.trainable": mode}, schools, start, rounds, score,
-                                                echo=lambda s: print(s, flush=True))
+                                                echo=lambda s: print(s, flush=True), tails=tails)
         print(_row(f"(F) federated DP, trainable={mode}", results[f"federated:{mode}"]), flush=True)
-    results["alone"] = _train_alone(cfg, schools, sizes, _alone_picks(sizes, args.alone), start, rounds, score)
+    results["alone"] = _train_alone(cfg, schools, sizes, _alone_picks(sizes, args.alone), start, rounds, score,
+                                   tails)
     _print_table(results)
     out = write_result(args.out, {
         "config": cfg, "rounds": rounds, "students": sizes, "data_seconds": round(data_seconds, 1),
@@ -184,14 +211,14 @@ def _alone_picks(sizes: list[int], alone_arg: str) -> list[int]:
 
 
 def _train_alone(cfg: Mapping[str, Any], schools: list[SchoolData], sizes: list[int], picks: list[int],
-                 start: Mapping[str, torch.Tensor], rounds: int, score: Scorer) -> dict[str, Any]:
+                 start: Mapping[str, torch.Tensor], rounds: int, score: Scorer, tails: list[int] = ()) -> dict[str, Any]:
     """(c): each picked school trains alone with the same privacy settings; its scores by school id."""
     from simulations import synth
 
     mode = str(cfg["train.trainable"])
     scores: dict[str, Any] = {}
     for i in picks:
-        scores[synth.school_id(i)] = alone(cfg, schools[i], i, start, rounds, score)
+        scores[synth.school_id(i)] = alone(cfg, schools[i], i, start, rounds, score, tails)
         r = scores[synth.school_id(i)]
         print(_row(f"(c) {synth.school_id(i)} alone ({sizes[i]} students), trainable={mode}", r)
               + f"  own school {r['own-school']['accuracy']:.3f}", flush=True)
