@@ -17,10 +17,10 @@ def _fake_run(run_dir: Path) -> None:
         {"round": 1, "evaluation": {"synthetic-daisee": {"accuracy": 0.3, "accuracy_ci_low": 0.2,
                                                          "accuracy_ci_high": 0.4, "uar": 0.3, "n": 200,
                                                          "confusion": [[1, 0], [0, 1]]}},
-         "timing": {"round_seconds": 40.04}},
+         "timing": {"round_seconds": 40.04}, "train": {"school-00": {"status": "ok"}}},
         {"round": 2, "evaluation": {"synthetic-daisee": {"accuracy": 0.5, "accuracy_ci_low": 0.43,
                                                          "accuracy_ci_high": 0.57, "uar": 0.49, "n": 200}},
-         "timing": {"round_seconds": 35.0}},
+         "timing": {"round_seconds": 35.0}, "train": {"school-00": {"status": "error"}}},
     ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     ledger = [{"round": r, "epsilon": e, "noise_multiplier": 1.1, "sample_rate": 0.07, "steps": 14}
@@ -46,6 +46,7 @@ def test_result_holds_the_last_round_the_schools_epsilon_and_the_command(tmp_pat
     assert result["chance"] == 0.25 and result["config"]["model.name"] == "r2plus1d_sta"
     assert result["schools"]["school-00"]["epsilon"] == 7.99 and result["schools"]["school-00"]["rounds_trained"] == 2
     assert [r["seconds"] for r in result["rounds"]] == [40.0, 35.0]
+    assert [r["schools_ok"] for r in result["rounds"]] == [1, 0] and result["every_school_every_round"] is False
     assert "confusion" not in result["rounds"][0]["synthetic-daisee"]
     assert (runs / "federated-x").is_dir()   # a given --run-root is kept
 

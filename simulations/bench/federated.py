@@ -37,7 +37,10 @@ def _rounds(data: Any) -> list[dict[str, Any]]:
     rows = []
     for number in sorted(data.rounds):
         record = data.rounds[number]
-        row: dict[str, Any] = {"round": number}
+        train = record.get("train") or {}
+        row: dict[str, Any] = {"round": number, "schools_ok": sum(1 for o in train.values()
+                                                                 if isinstance(o, dict) and o.get("status") == "ok"),
+                               "schools_asked": len(train)}
         seconds = (record.get("timing") or {}).get("round_seconds")
         if seconds is not None:
             row["seconds"] = round(float(seconds), 1)
@@ -89,10 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     data = load_run(run_root / name)
     task = str(data.config.get("model.task", "fer7"))
+    rounds = _rounds(data)
+    complete = bool(rounds) and all(r["schools_ok"] == r["schools_asked"] > 0 for r in rounds)
+    if not complete:   # a school that failed (e.g. a worker killed for memory) leaves the global model behind
+        print("warning: not every school trained every round (see rounds[].schools_ok)", file=sys.stderr)
     write_result(args.out, {
         "note": "federated run (fedfer simulate); data.root and run.root are scratch folders; machine shared",
         "overrides": list(args.overrides), "task": task, "chance": _CHANCE.get(task),
-        "final": _final(data), "schools": _schools(data), "rounds": _rounds(data), "seconds": seconds,
+        "every_school_every_round": complete,
+        "final": _final(data), "schools": _schools(data), "rounds": rounds, "seconds": seconds,
         "run_notes": data.notes, "config": {k: data.config[k] for k in sorted(data.config)},
     }, module="simulations.bench.federated", argv=argv)
     if not args.keep and args.run_root is None:
