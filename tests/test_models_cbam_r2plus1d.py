@@ -193,12 +193,13 @@ def test_dp_optimizer_step_moves_every_parameter(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def clips():
-    """Synthetic onset -> apex clips at the dp preset's 8x24x24: 160 training students (2 clips each),
-    140 other students to test on."""
+    """Synthetic onset -> apex clips at the dp preset's size (2x32x32): 160 training students (2 clips
+    each), 140 other students to test on."""
     from simulations.synthetic_clips import make_clips
 
-    train = make_clips(160, 2, 24, 8, seed=0)
-    test = make_clips(140, 1, 24, 8, seed=0, first_student=160)
+    dp = registry.presets("r2plus1d_sta")["dp"]
+    train = make_clips(160, 2, dp.input_size, dp.clip_frames, seed=0)
+    test = make_clips(140, 1, dp.input_size, dp.clip_frames, seed=0, first_student=160)
     return train, test
 
 

@@ -132,12 +132,13 @@ _PRESETS: dict[str, dict[str, Preset]] = {
             clip_frames=8,
         ),
         "dp": Preset(
-            "dp", 24,
-            "8x24x24 clips; one block per stage at widths 8/16/16/32, strides as cpu (32x2x3x3 map): small "
-            "enough to learn from scratch under student-level DP",
-            dict(widths=(8, 16, 16, 32), blocks=(1, 1, 1, 1), strides=(1, 2, 2, 1), stem_width=6,
+            "dp", 32,
+            "2x32x32 clips (the onset and apex frames); one block per stage at widths 8/8/16/16 (~32 k params), "
+            "strides as cpu (16x1x4x4 map: time is folded by stage 2, so the temporal attention sees one step): "
+            "small enough to learn from scratch under student-level DP",
+            dict(widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1), strides=(1, 2, 2, 1), stem_width=6,
                  stem_kernel=3, stem_stride=2),
-            clip_frames=8,
+            clip_frames=2,
         ),
     },
 }
