@@ -53,6 +53,37 @@ def test_involvement_is_passive_above_half_the_time_bowed_in_the_seat():
     assert not ind.passive(np.zeros(15, bool), np.zeros(15, bool))                  # never there: not passive
 
 
+def _face_at(x: float, y: float, width: int = 50):
+    from client.classroom.faces import Face
+
+    return Face((int(round(x)), int(round(y)), width, width), (x + 15, y + 20), (x + 35, y + 20), False, 0.0)
+
+
+def test_a_face_that_drops_or_slides_in_its_seat_is_a_bowed_or_turned_head():
+    from client.classroom import posture
+    from client.classroom.analyse import SampleResult
+
+    seat = posture.SeatPosture()
+    # fewer than MIN_REFERENCE earlier faces: no reference yet, a face is taken as it is
+    assert [seat.judge(_face_at(100 + (k % 2), 100)) for k in range(posture.MIN_REFERENCE)] == ["face"] * 5
+    width = 50
+    assert seat.judge(_face_at(100, 100 + 0.8 * posture.BOW_DROP * width)) == "face"      # a small nod
+    assert seat.judge(_face_at(100, 100 + 1.3 * posture.BOW_DROP * width)) == "down"
+    assert seat.judge(_face_at(100 - 1.3 * posture.TURN_SHIFT * width, 100)) == "turned"
+    assert seat.judge(_face_at(100 + 0.8 * posture.TURN_SHIFT * width, 100)) == "face"
+    # a passive student, bowed most of the time: the upright reference is a low quantile, not the median
+    passive = posture.SeatPosture()
+    heads = [100.0] * 4 + [112.0] * 16           # 20 % upright
+    assert [passive.judge(_face_at(100, y)) for y in heads][-1] == "down"
+    assert passive.judge(_face_at(100, 100)) == "face"
+    # the filter moves bowed/turned faces of seats to the seat's state; faces without a seat stay
+    judge = posture.PostureFilter()
+    for step in range(6):
+        judge(SampleResult(step, step, "f", faces=[("a", _face_at(100, 100), None), (None, _face_at(300, 100), None)]))
+    sample = judge(SampleResult(6, 6, "f", faces=[("a", _face_at(100, 112), None), (None, _face_at(300, 112), None)]))
+    assert [u for u, _, _ in sample.faces] == [None] and sample.states == [("a", "down")]
+
+
 # ---------------------------------------------------------------------------- a small synthetic lesson
 @pytest.fixture(scope="module")
 def lesson(tmp_path_factory) -> Path:

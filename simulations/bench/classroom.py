@@ -382,15 +382,22 @@ def _one_lesson(k: int, seconds: float, workdir: Path) -> dict:
     room = scenes.make_room(31 + k, 24)
     folder = scenes.write_lesson(workdir / f"agreement-{k}", room, scenes.script_lesson(room, seconds, 1.0, seed=3 + k))
     seats = load_seat_map(folder / "seat_map.json")
+    cpu0 = time.process_time()
     samples = list(analyse_lesson(folder / "frames", seats=seats, empty=_read_image(folder / "empty_room.png"), size=48,
                                   warn=lambda line: None, posture=False))
+    cpu1 = time.process_time()
     truth, students = np.load(folder / "truth" / "script.npz"), [s.student_id for s in seats]
     steps = samples[-1].step + 1
     before = agreement_of_states(truth, _states_of(samples, students, steps), steps, 1.0)
     judge = PostureFilter()
-    after = agreement_of_states(truth, _states_of([judge(s) for s in samples], students, steps), steps, 1.0)
+    cpu2 = time.process_time()
+    judged = [judge(s) for s in samples]
+    cpu3 = time.process_time()
+    after = agreement_of_states(truth, _states_of(judged, students, steps), steps, 1.0)
     shutil.rmtree(folder, ignore_errors=True)
     return {"room_seed": room.seed, "script_seed": 3 + k, "students": len(seats), "seconds": seconds,
+            # the posture step's cost next to the analysis it follows (decoding, detection, crops, seat states)
+            "cpu_s_analysis": round(cpu1 - cpu0, 2), "cpu_s_posture": round(cpu3 - cpu2, 4),
             "without_posture": before, "with_posture": after}
 
 
