@@ -53,6 +53,64 @@ def test_involvement_is_passive_above_half_the_time_bowed_in_the_seat():
     assert not ind.passive(np.zeros(15, bool), np.zeros(15, bool))                  # never there: not passive
 
 
+def _face_at(x: float, y: float, width: int = 50):
+    from client.classroom.faces import Face
+
+    return Face((int(round(x)), int(round(y)), width, width), (x + 15, y + 20), (x + 35, y + 20), False, 0.0)
+
+
+def test_a_face_that_drops_or_slides_in_its_seat_is_a_bowed_or_turned_head():
+    from client.classroom import posture
+    from client.classroom.analyse import SampleResult
+
+    seat = posture.SeatPosture()
+    # fewer than MIN_REFERENCE earlier faces: no reference yet, a face is taken as it is
+    assert [seat.judge(_face_at(100 + (k % 2), 100)) for k in range(posture.MIN_REFERENCE)] == ["face"] * 5
+    width = 50
+    assert seat.judge(_face_at(100, 100 + 0.8 * posture.BOW_DROP * width)) == "face"      # a small nod
+    assert seat.judge(_face_at(100, 100 + 1.3 * posture.BOW_DROP * width)) == "down"
+    assert seat.judge(_face_at(100 - 1.3 * posture.TURN_SHIFT * width, 100)) == "turned"
+    assert seat.judge(_face_at(100 + 0.8 * posture.TURN_SHIFT * width, 100)) == "face"
+    # a passive student, bowed most of the time: the upright reference is a low quantile, not the median
+    passive = posture.SeatPosture()
+    heads = [100.0] * 4 + [112.0] * 16           # 20 % upright
+    assert [passive.judge(_face_at(100, y)) for y in heads][-1] == "down"
+    assert passive.judge(_face_at(100, 100)) == "face"
+    # the filter moves bowed/turned faces of seats to the seat's state; faces without a seat stay
+    judge = posture.PostureFilter()
+    for step in range(6):
+        judge(SampleResult(step, step, "f", faces=[("a", _face_at(100, 100), None), (None, _face_at(300, 100), None)]))
+    sample = judge(SampleResult(6, 6, "f", faces=[("a", _face_at(100, 112), None), (None, _face_at(300, 112), None)]))
+    assert [u for u, _, _ in sample.faces] == [None] and sample.states == [("a", "down")]
+
+
+def test_the_bench_truth_is_the_seed_definitions_on_the_drawn_states():
+    from simulations.bench.classroom import agreement_of_states
+
+    # student a: 25 s facing the camera and angry, 12 s bowed (still angry), 3 s facing and happy; the
+    # pipeline keeps 7 bowed samples as faces. Student b is never there (no window, no trigger).
+    steps = 40
+    pitch = np.zeros((2, steps))
+    pitch[0, 25:37] = 0.7
+    label = np.full((2, steps), A)
+    label[0, 37:] = H
+    truth = {"students": np.array(["a", "b"]), "present": np.array([[True] * steps, [False] * steps]),
+             "yaw": np.zeros((2, steps)), "pitch": pitch, "label": label}
+    states = {"a": ["face"] * 32 + ["down"] * 5 + ["face"] * 3, "b": ["absent"] * steps}
+    out = agreement_of_states(truth, states, steps, 1.0)
+    assert out["student_windows"] == 4
+    # 30-39: 3 of 10 faces turned to the camera (inattentive) vs 5 kept faces (exactly half: not)
+    assert out["focus_agreement"] == 0.75
+    # 30-39: 7 of 10 bowed (passive) vs 5 down (exactly half: not)
+    assert out["involvement_agreement"] == 0.75 and out["involvement_student_agreement"] == 1.0
+    # 25 angry faces in truth (no trigger); 25 + 7 kept bowed ones complete a run of 30
+    assert out["students_with_difficulty_truth"] == 0 and out["difficulty_student_agreement"] == 0.5
+    assert out["confusion"]["difficulty_students"]["truth not triggered / pipeline triggered"] == 1
+    assert out["engagement_mean_abs_gap"] == pytest.approx((1.0 - 3 / 5) / 4)     # 30-39: 3 of 3 vs 3 of 5
+    assert out["sample_states_truth_x_pipeline"] == {"visible": {"face": 28}, "bowed": {"face": 7, "down": 5},
+                                                     "absent": {"absent": 40}}
+
+
 # ---------------------------------------------------------------------------- a small synthetic lesson
 @pytest.fixture(scope="module")
 def lesson(tmp_path_factory) -> Path:

@@ -7,7 +7,10 @@ The lesson is cut into chunks of `CHUNK` consecutive samples. Within a chunk eac
 previous one found (`client.classroom.search.SeatSearch`); a chunk starts with no memory, so chunks are
 independent of each other and can be processed in any order, by any number of worker processes, with
 the same result: `analyse_lesson` hands them to `workers` processes (frame folders; each worker decodes
-its own frames) and yields the samples back in lesson order. Without a seat map the faces are linked
+its own frames) and yields the samples back in lesson order. With a seat map, the merged samples then go,
+in lesson order, through `client.classroom.posture.PostureFilter` (a face found on a bowed or turned head
+becomes that seat's state 'down' or 'turned'); it runs in this process on the ordered samples, so it
+too gives the same result for any number of workers. Without a seat map the faces are linked
 into tracks afterwards, in lesson order (`client.classroom.tracks.IouTracker`), by the caller.
 """
 
@@ -20,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from client.classroom import faces as facelib
+from client.classroom.posture import PostureFilter
 from client.classroom.search import FrameSearch, SeatSearch
 from client.classroom.sources import Sample, SourceError, _read_image, frame_files, read_samples
 from client.classroom.tracks import Seat, assign_to_seats
@@ -130,11 +134,18 @@ def _file_chunk(job: tuple[list[tuple[int, str]], float]) -> list[SampleResult]:
 
 def analyse_lesson(source: Path, *, seats: list[Seat] | None, empty: np.ndarray | None, size: int, fps: float = 1.0,
                    workers: int = 1, warn: Callable[[str], None] = print, reuse: bool = True,
-                   detector: facelib.FaceDetector | None = None) -> Iterator[SampleResult]:
+                   detector: facelib.FaceDetector | None = None, posture: bool = True) -> Iterator[SampleResult]:
     """The lesson's samples in order (unreadable frames are warned about and left out). A frame folder
     with `workers` > 1 is analysed by that many processes, chunk by chunk; a video is decoded in order
-    here (its frames come one after the other) and analysed in this process, chunk by chunk as well."""
-    source = Path(source)
+    here (its frames come one after the other) and analysed in this process, chunk by chunk as well.
+    `posture`: with a seat map, faces of bowed or turned heads become seat states (`PostureFilter`)."""
+    judge = PostureFilter() if posture and seats is not None else (lambda sample: sample)
+    for sample in _analysed(Path(source), seats, empty, size, fps, workers, warn, reuse, detector):
+        yield judge(sample)
+
+
+def _analysed(source: Path, seats: list[Seat] | None, empty: np.ndarray | None, size: int, fps: float, workers: int,
+              warn: Callable[[str], None], reuse: bool, detector: facelib.FaceDetector | None) -> Iterator[SampleResult]:
     if not fps > 0:
         raise SourceError(f"sampling rate must be > 0 frames per second, got {fps}")
     if source.is_dir() and workers > 1:

@@ -150,9 +150,10 @@ def _inputs(seat_map: Path | None, labels: Path | None, empty_frame: Path | None
 
 def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels: Path | None = None,
            empty_frame: Path | None = None, size: int = 64, fps: float = 1.0, echo: Callable[[str], None] = print,
-           detector: facelib.FaceDetector | None = None, workers: int = 1) -> IngestReport:
+           detector: facelib.FaceDetector | None = None, workers: int = 1, posture: bool = True) -> IngestReport:
     """Detect, align, crop and track every face of the lesson at `source` into `out_dir` (`workers`
-    processes for a frame folder; the output does not depend on how many)."""
+    processes for a frame folder; the output does not depend on how many). `posture`: with a seat map,
+    faces of bowed or turned heads are recorded as the states 'down' / 'turned' (`client.classroom.posture`)."""
     warn = _Warner(echo)
     seats, label_map, empty = _inputs(seat_map, labels, empty_frame, warn)
     report = IngestReport()
@@ -165,7 +166,7 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
 
     try:
         for sample in analyse_lesson(Path(source), seats=seats, empty=empty, size=size, fps=fps, workers=workers,
-                                     warn=unreadable, detector=detector):
+                                     warn=unreadable, detector=detector, posture=posture):
             report.samples += 1
             report.steps = sample.step + 1
             report.unassigned += sample.unassigned
