@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overrides": list(args.overrides), "seconds": seconds, "phases_seconds_since_start": marks,
         "pretraining_seconds": _pretrained_seconds(scratch / "output.log"),
         "load_average_before": load_before, "load_average_after": load_after,
+        "environment": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""), "nice": os.nice(0)},
         "every_school_every_round": bool(rounds) and all(r["schools_ok"] == r["schools_asked"] > 0 for r in rounds),
         "final": _final(data), "schools": _schools(data), "rounds": rounds,
         "config": {k: data.config[k] for k in sorted(data.config)},
