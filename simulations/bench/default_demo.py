@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""), "nice": os.nice(0)},
         "every_school_every_round": bool(rounds) and all(r["schools_ok"] == r["schools_asked"] > 0 for r in rounds),
         "final": _final(data), "schools": _schools(data), "rounds": rounds,
+        "references": data.references,   # evaluation.references=central,alone (= --references): (b) and (c)
         "config": {k: data.config[k] for k in sorted(data.config)},
     }, module="simulations.bench.default_demo", argv=argv)
     shutil.rmtree(scratch / "runs", ignore_errors=True)
