@@ -177,7 +177,7 @@ def _train_with_threads(model: nn.Module, images: torch.Tensor, labels: torch.Te
     from shared_models.threads import apply_threads
 
     before = torch.get_num_threads()
-    threads = apply_threads(int(cfg.get("pretrain.threads", 0)))
+    threads = apply_threads(int(cfg.get("pretrain.threads", 1)))
     try:
         stats = train_public(model, images, labels, epochs=int(cfg["pretrain.epochs"]),
                              batch_size=int(cfg["pretrain.batch_size"]), lr=float(cfg["pretrain.lr"]), seed=seed,
