@@ -9,7 +9,7 @@ evaluation, server/round_writer.py) is evaluated first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,6 +47,9 @@ def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
     if not cfg["run.resume"]:
         model = registry.build_from_config(cfg)
         if not cfg["model.pretrained"]:
+            if cfg.get("model.pretrain") == "auto":   # only `fedfer simulate` resolves it to a checkpoint
+                log(WARNING, "[fedfer] model.pretrain=auto is resolved by `fedfer simulate`; this run starts from "
+                             "scratch: pass model.pretrained=PATH (`fedfer pretrain` writes one) to start from it")
             return RunStart(RunDirectory.create(cfg), dict(cfg), model)
         path = str(cfg["model.pretrained"])
         provenance = registry.pretrained_provenance(path)

@@ -102,6 +102,7 @@ RULES: dict[str, Rule] = {
     "pretrain.epochs": Rule(minimum=1, maximum=10_000),
     "pretrain.batch_size": Rule(minimum=1, maximum=1_000_000),
     "pretrain.lr": Rule(minimum=0.0),
+    "pretrain.threads": Rule(minimum=0, maximum=1024),
     "classroom.report_min_students": Rule(minimum=1, maximum=10_000),
 }
 

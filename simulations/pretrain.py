@@ -170,6 +170,23 @@ def train_public(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
     return {"steps": steps, "final_loss": loss_sum / max(count, 1), "seconds": time.perf_counter() - started}
 
 
+def _train_with_threads(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Mapping[str, Any],
+                        seed: int, echo: Echo | None) -> dict[str, float]:
+    """train_public with `pretrain.threads` torch threads (0 = the cores free now), then the caller's count
+    back: `fedfer simulate` pre-trains in its own process before it starts the federation."""
+    from shared_models.threads import apply_threads
+
+    before = torch.get_num_threads()
+    threads = apply_threads(int(cfg.get("pretrain.threads", 1)))
+    try:
+        stats = train_public(model, images, labels, epochs=int(cfg["pretrain.epochs"]),
+                             batch_size=int(cfg["pretrain.batch_size"]), lr=float(cfg["pretrain.lr"]), seed=seed,
+                             echo=echo)
+    finally:
+        torch.set_num_threads(before)
+    return {**stats, "threads": threads}
+
+
 def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(state_dict):
@@ -192,9 +209,7 @@ def pretrain(cfg: Mapping[str, Any], data_root: Path | None, out: Path, *, evalu
     if echo is not None:
         echo(f"pre-training {cfg['model.name']} ({cfg['model.preset']}) on {len(labels)} public faces: "
              + ", ".join(f"{d['spec']} ({d['n']})" for d in data))
-    stats = train_public(model, images, labels, epochs=int(cfg["pretrain.epochs"]),
-                         batch_size=int(cfg["pretrain.batch_size"]), lr=float(cfg["pretrain.lr"]), seed=seed,
-                         echo=echo)
+    stats = _train_with_threads(model, images, labels, cfg, seed, echo)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     provenance: dict[str, Any] = {
         "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -204,6 +219,7 @@ def pretrain(cfg: Mapping[str, Any], data_root: Path | None, out: Path, *, evalu
         "augment": "horizontal flip", "seed": seed, "config": {k: cfg[k] for k in CONFIG_KEYS},
         "inputs_hash": key, "weights_sha256": weights_sha256(state),
         "steps": int(stats["steps"]), "final_loss": float(stats["final_loss"]), "seconds": round(stats["seconds"], 2),
+        "threads": int(stats["threads"]),
     }
     if evaluate:
         from shared_models.evaluation import evaluate_benchmarks

@@ -18,6 +18,7 @@ TINY = {
     "data.students_per_school": 6, "data.frames_per_student": 6, "data.public_students": 6, "data.image_size": 32,
     "data.public_train_students": 0, "data.heldout_students": 0,
     "train.local_epochs": 1, "train.batch_size": 3, "evaluation.bootstrap": 50, "evaluation.benchmarks": "synthetic-fer2013",
+    "model.pretrain": "", "data.school_size_spread": 30,   # from scratch, sizes as before
 }
 
 

@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-SAMPLED = 6          # federation.schools * fraction_train: the wrapper's num_sampled_clients
+SAMPLED = 6          # federation.schools (set below) * fraction_train: the wrapper's num_sampled_clients
 DIM = 500            # coordinates of the synthetic model: each trial's noise std to ~3 % (1/sqrt(2*DIM))
 TRIALS = 1200        # the count's noise std to ~2 % (1/sqrt(2*TRIALS))
 NOISE = 1.0          # federation.client_dp_noise (the example)
@@ -74,6 +74,7 @@ def federation(tmp_path, monkeypatch):
 
     def make(reject: int) -> tuple[FederationAccountant, UniformAverage]:
         cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", f"run.name=mc-{reject}", "federation.client_dp=true",
+                                 f"federation.schools={SAMPLED}",
                                  f"federation.client_dp_noise={NOISE}", f"federation.client_dp_clip={CLIP}"])
         accountant = FederationAccountant(cfg, RunDirectory.create(cfg), SAMPLED)
         inner = UniformAverage(reject)

@@ -20,6 +20,7 @@ CFG = [
     "data.students_per_school=5", "data.frames_per_student=4", "data.public_students=4", "data.image_size=32",
     "data.public_train_students=0", "data.heldout_students=2",
     "train.local_epochs=1", "train.batch_size=3", "evaluation.bootstrap=20",
+    "model.pretrain=", "data.school_size_spread=30",   # from scratch, sizes as before: no pre-training in a test
 ]
 
 

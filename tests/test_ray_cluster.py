@@ -46,6 +46,7 @@ TINY = [
     "data.public_train_students=0", "data.heldout_students=0",
     "train.local_epochs=1", "train.batch_size=3", "evaluation.bootstrap=20",
     "evaluation.benchmarks=synthetic-fer2013",
+    "model.pretrain=", "data.school_size_spread=30",   # from scratch, sizes as before: no pre-training in a test
 ]
 
 # Run inside the namespace after the federation: every node of the cluster, and the node each of

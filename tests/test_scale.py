@@ -182,7 +182,7 @@ def fifty_schools(tmp_path_factory):
            "data.generate=on-demand", "data.students_per_school=4", "data.frames_per_student=1",
            "data.public_students=4", "data.public_frames=1", "data.public_train_students=0", "data.image_size=16",
            "data.heldout_students=0", "evaluation.benchmarks=synthetic-fer2013", "evaluation.bootstrap=20",
-           "train.batch_size=2", "run.name=fifty", f"run.root={work / 'runs'}", f"data.root={work / 'data'}"]
+           "train.batch_size=2", "model.pretrain=", "data.school_size_spread=30", "run.name=fifty", f"run.root={work / 'runs'}", f"data.root={work / 'data'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
