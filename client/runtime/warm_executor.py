@@ -151,10 +151,25 @@ def _child(spec: "object", trust_shipped_app: bool = False) -> None:
         code = 1
     finally:
         try:
+            if code == 0:
+                _after_reply()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _after_reply() -> None:
+    """Work the app left for after its reply: Flower has pushed the reply to the SuperNode by the time
+    `run_clientapp` returns (client/school_round.py `run_after_reply`)."""
+    run = getattr(sys.modules.get("client.school_round"), "run_after_reply", None)
+    if callable(run):
+        try:
+            run()
+        except Exception:  # noqa: BLE001 - the task is done; report, never fail it
+            import traceback
+
+            traceback.print_exc()
 
 
 class ForkExecutor:
