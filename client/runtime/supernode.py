@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 from shared_models.wire import shorten_object_pull_backoff
 
 DEFAULT_IDLE_POLL_S = 0.5
-DEFAULT_REPLY_POLL_S = 0.1
+DEFAULT_REPLY_POLL_S = 0.05   # a check of the SuperNode's own in-memory state, no request
 # Right after a node handled a message the next round is seconds away (the slowest school + the
 # coordinator's aggregation), so for a short window the idle poll is faster; then back to the idle poll.
 DEFAULT_BUSY_POLL_S = 0.1
