@@ -326,7 +326,7 @@ def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client.runtime.warm_executor",
         description="Run a school's ClientApp tasks in forks of one warm interpreter "
@@ -350,6 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trust-shipped-app", action="store_true",
                         help="run whatever ClientApp the coordinator ships (default: only the fedfer installed here)")
     parser.add_argument("--max-tasks", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     for name in ("poll", "busy_poll"):
         if not 0.01 <= getattr(args, name) <= 60:
