@@ -165,6 +165,7 @@ def _after_reply() -> None:
     run = getattr(sys.modules.get("client.school_round"), "run_after_reply", None)
     if callable(run):
         try:
+            os.nice(19)   # the SuperNode is pushing the reply right now: this work must not slow it down
             run()
         except Exception:  # noqa: BLE001 - the task is done; report, never fail it
             import traceback
