@@ -118,6 +118,10 @@ def train(msg: Message, context: Context) -> Message:
     }))
     phases.mark("reply")
     phases.write(node, server_round, "ok")
+    if not node.simulated:   # the next round's ε compositions, once this reply has gone (school_round.py)
+        from client.school_round import after_reply, prepare_next_round
+
+        after_reply(lambda: prepare_next_round(node, cfg))
     return reply
 
 

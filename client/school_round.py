@@ -138,7 +138,56 @@ def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module
               server_round: int, clock: Callable[[], datetime] | None = None,
               phases: PhaseClock | None = None) -> RoundReply:
     """One round at this school; ``model`` holds the global weights and is trained in place. ``phases``
-    collects how long each step took, for the school's own timing log (never sent)."""
+    collects how long each step took, for the school's own timing log (never sent). A deployed school
+    keeps its ε compositions in its state directory (privacy/accounting.py `epsilon_store`)."""
+    from privacy.accounting import epsilon_store
+
+    with epsilon_store(None if node.simulated else node.state_dir):
+        return _run_round(node, cfg, model, run_id=run_id, server_round=server_round, clock=clock, phases=phases)
+
+
+# Work a deployed ClientApp leaves for after its reply has gone: the warm executor's task process calls
+# `run_after_reply` once Flower has pushed the reply (client/runtime/warm_executor.py). Never registered
+# for a simulated school (a long-lived process that would only collect them).
+_AFTER_REPLY: list[Callable[[], None]] = []
+
+
+def after_reply(work: Callable[[], None]) -> None:
+    _AFTER_REPLY.append(work)
+
+
+def run_after_reply() -> None:
+    """Run (and forget) the work registered with `after_reply`; a failure only costs time later."""
+    while _AFTER_REPLY:
+        work = _AFTER_REPLY.pop(0)
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - an optimisation must never fail a finished round
+            _log(f"preparing the next round failed ({type(exc).__name__}: {exc}); it composes ε itself")
+
+
+def prepare_next_round(node: NodeIdentity, cfg: Mapping[str, Any]) -> None:
+    """After the reply has gone: compose into the school's ε store what the next round's policy check and
+    budget guard will ask if the run-config stays the same (this round now recorded). Public values only;
+    the next round still checks and guards everything itself, it only finds these compositions done."""
+    from privacy.accounting import SchoolAccountant, epsilon_store, school_dataset_id
+    from privacy.policy import PolicyViolation, agree_round
+
+    if node.simulated or node.state_dir is None or node.policy is None:
+        return
+    with epsilon_store(node.state_dir):
+        terms = agree_round(node.policy, cfg, node.school_id)
+        if isinstance(terms, PolicyViolation):
+            return
+        plan = terms.plan
+        accountant = SchoolAccountant(node.state_dir, node.school_id, school_dataset_id(node.state_dir, node.school_id))
+        for kind in {terms.accountant, "rdp"}:   # the guard's and the ledger entry's ε, and the entry's RDP bound
+            accountant.epsilon_if(plan.noise_multiplier, plan.sample_rate, plan.steps, terms.delta, kind=kind)
+
+
+def _run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module, *, run_id: str,
+               server_round: int, clock: Callable[[], datetime] | None = None,
+               phases: PhaseClock | None = None) -> RoundReply:
     from privacy.ledger import record_round
     from privacy.policy import PolicyViolation, agree_round
     from shared_models.atomic_files import try_locked

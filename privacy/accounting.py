@@ -43,10 +43,11 @@ import json
 import math
 import secrets
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -314,8 +315,86 @@ def epsilon_report(history: Iterable[Sequence], delta: float, kind: str = "prv")
     return _epsilon_report(tuple(sorted(compress_history(history))), delta, kind)
 
 
+# -------------------------------------------------------------------------------- ε store
+# A deployed school runs every message in a fresh process, so the lru caches here start empty each
+# round and a round pays three PRV compositions (0.1-0.3 s each on a loaded 2-core machine) before
+# training, and the ledger's RDP bound after it. A school's ε store keeps these results in its own
+# state directory — public values only, a composed history of (σ, q, steps) and δ -> ε, next to the
+# ledger and with the same trust — and the ClientApp fills it for the next round after its reply has
+# gone (client/school_round.py `prepare_next_round`). A result is used only for exactly the history,
+# δ and accountant it was composed for.
+_EPSILON_STORE: list[Path | None] = [None]
+EPSILON_STORE_FILE = "epsilon-store.json"
+EPSILON_STORE_LIMIT = 256   # entries kept (the newest); a round adds at most three
+
+
+@contextmanager
+def epsilon_store(state_dir: Path | None) -> Iterator[None]:
+    """Inside the block, PRV and RDP results are also kept in (and read from) ``state_dir/epsilon-store.json``
+    (None: not at all)."""
+    previous = _EPSILON_STORE[0]
+    _EPSILON_STORE[0] = None if state_dir is None else Path(state_dir) / EPSILON_STORE_FILE
+    try:
+        yield
+    finally:
+        _EPSILON_STORE[0] = previous
+
+
+def _store_key(hist: tuple[HistoryEntry, ...], delta: float, kind: str) -> str:
+    return json.dumps([kind, repr(float(delta)), [[repr(float(s)), repr(float(q)), int(n)] for s, q, n in hist]])
+
+
+def _read_store(path: Path) -> dict:
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _stored_report(path: Path, key: str, kind: str) -> EpsilonReport | None:
+    value = _read_store(path).get(key)
+    if not (isinstance(value, list) and len(value) == 3 and isinstance(value[0], float)
+            and math.isfinite(value[0]) and value[0] >= 0 and value[1] in ("prv", "rdp", "rdp-fallback")
+            and isinstance(value[2], str)):
+        return None
+    return EpsilonReport(value[0], kind, value[1], value[2])
+
+
+def _keep_report(path: Path, key: str, report: EpsilonReport) -> None:
+    """Add a result to the store (newest last, oldest dropped). It is a cache: written atomically but
+    without fsync, and a store that cannot be read or written only costs a composition later."""
+    import os
+
+    try:
+        with locked(path):
+            stored = _read_store(path)
+            stored.pop(key, None)
+            stored[key] = [report.epsilon, report.method, report.note]
+            text = json.dumps(dict(list(stored.items())[-EPSILON_STORE_LIMIT:]))
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 @lru_cache(maxsize=512)
 def _epsilon_report(hist: tuple[HistoryEntry, ...], delta: float, kind: str) -> EpsilonReport:
+    path = _EPSILON_STORE[0]
+    if path is None or not hist:
+        return _compose_report(hist, delta, kind)
+    key = _store_key(hist, delta, kind)
+    stored = _stored_report(path, key, kind)
+    if stored is not None:
+        return stored
+    report = _compose_report(hist, delta, kind)
+    if math.isfinite(report.epsilon):
+        _keep_report(path, key, report)
+    return report
+
+
+def _compose_report(hist: tuple[HistoryEntry, ...], delta: float, kind: str) -> EpsilonReport:
     if not hist:
         return EpsilonReport(0.0, kind, kind)
     if any(sigma == 0.0 for sigma, _, _ in hist):

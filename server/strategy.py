@@ -159,11 +159,13 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self._eval_target: RoundRecord | None = None  # the round the separate evaluate exchange is for
 
     # -- who is who -----------------------------------------------------------------------------
-    def _discover(self, grid: Grid) -> None:
-        """Ask nodes we have not met yet for their role; pin each school's ledger key."""
-        unknown = [nid for nid in grid.get_node_ids() if nid not in self.nodes]
+    def _discover(self, grid: Grid) -> set[int]:
+        """Ask nodes we have not met yet for their role; pin each school's ledger key. Returns the nodes
+        connected now (asked again after a query exchange: one SuperLink request fewer per round)."""
+        connected = set(grid.get_node_ids())
+        unknown = [nid for nid in sorted(connected) if nid not in self.nodes]
         if not unknown:
-            return
+            return connected
         config = ConfigRecord({"run-id": self.run.run_id, "run-dir": str(self.run.path)})
         messages = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=nid)
                     for nid in unknown]
@@ -186,6 +188,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             # a school's ledger key is checked and pinned when it is first sampled (`_pin_chosen`), so the
             # run directory holds keys of the schools that trained, not of every school that could have
             self.nodes[nid] = NodeInfo(str(info["role"]), str(info.get("school-id", "")), str(info.get("public-key", "")))
+        return set(grid.get_node_ids())
 
     def _pin_chosen(self, chosen: list[int]) -> list[int]:
         """The sampled nodes whose ledger key is (now) pinned; a school whose key is refused is rejected
@@ -240,8 +243,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self.rounds.round_started()
         if self.finished:
             return []
-        self._discover(grid)
-        connected = set(grid.get_node_ids())
+        connected = self._discover(grid)
         candidates = [nid for nid, n in self.school_nodes().items()
                       if nid in connected and n.school_id not in self.exhausted]
         if not candidates:
@@ -465,8 +467,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             target = self.record
         else:
             return []
-        self._discover(grid)
-        evaluators = [nid for nid in self.evaluator_nodes() if nid in set(grid.get_node_ids())]
+        connected = self._discover(grid)
+        evaluators = [nid for nid in self.evaluator_nodes() if nid in connected]
         if not evaluators:
             return []
         self._eval_target = target

@@ -86,3 +86,27 @@ def test_the_guard_checks_before_flower_installs():
     good = _fab()
     FakeRuntime.install_from_fab(good, skip_prompt=True)
     assert FakeRuntime.installed == [good]
+
+
+def test_preloaded_modules_are_kept_only_for_a_fab_of_exactly_their_files():
+    from client.runtime.app_check import fab_holds_files, sha256_file
+
+    preloaded = {name: sha256_file(ROOT / name) for name in ("client/app.py", "privacy/engine.py")}
+    assert fab_holds_files(_fab(), preloaded)
+    assert not fab_holds_files(_fab({"privacy/engine.py": None}), preloaded)
+    assert not fab_holds_files(b"not a zip", preloaded)
+
+    class FakeRuntime:
+        @staticmethod
+        def install_from_fab(content, skip_prompt=False):
+            return content
+
+    dropped: list[bool] = []
+    guard_fab_install(FakeRuntime, ROOT, preloaded=preloaded, drop_preloaded=lambda: dropped.append(True))
+    FakeRuntime.install_from_fab(_fab(), skip_prompt=True)
+    assert dropped == []                        # the FAB is the code the parent preloaded: kept
+    # the installation changed after the executor preloaded it: the FAB (= the disk) is not that code
+    stale = {**preloaded, "client/app.py": "0" * 64}
+    guard_fab_install(FakeRuntime, ROOT, preloaded=stale, drop_preloaded=lambda: dropped.append(True))
+    FakeRuntime.install_from_fab(_fab(), skip_prompt=True)
+    assert dropped == [True]

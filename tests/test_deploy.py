@@ -368,6 +368,68 @@ def test_supernode_poll_patch_shortens_only_the_two_poll_sleeps(monkeypatch):
     assert loop.time.monotonic is supernode._time.monotonic
 
 
+def test_supernode_polls_faster_only_in_the_window_after_a_message(monkeypatch):
+    from client.runtime import supernode
+
+    now = [100.0]
+    slept: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(supernode._time, "sleep", fake_sleep)
+    clock = supernode._PollClock(idle=0.5, reply=0.1, busy=0.1, window=5.05, clock=lambda: now[0])
+    clock.sleep(3)                     # idle, no message handled yet: the idle poll
+    clock.sleep(0.5)                   # waiting for a ClientApp's reply: a message is being handled
+    for _ in range(60):                # idle again: the busy poll for ~5 s, then the idle poll
+        clock.sleep(3)
+    assert slept[:2] == [0.5, 0.1]
+    assert slept[2:] == [0.1] * 50 + [0.5] * 10
+    now[0] += 30.0                     # the loop was away (pulled and answered a message without waiting)
+    clock.sleep(3)
+    assert slept[-1] == 0.1
+    slow = supernode._PollClock(idle=0.5, reply=0.1, busy=2.0, window=5.0, clock=lambda: now[0])
+    slow.sleep(0.5)
+    slow.sleep(3)                      # a busy poll is never slower than the idle poll
+    assert slept[-1] == 0.5
+
+
+def test_warm_executor_polls_faster_after_a_task_ended(monkeypatch):
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse  # pylint: disable=no-name-in-module
+
+    from client.runtime import warm_executor as we
+
+    now = [50.0]
+    slept: list[float] = []
+
+    class FakeTime:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            now[0] += seconds
+
+    class NoTasks:
+        calls = 0
+
+        def AcquireTask(self, _request):  # noqa: N802 - Flower's method name
+            NoTasks.calls += 1
+            if NoTasks.calls > 4:
+                raise we._Stop()
+            return AcquireTaskResponse()
+
+    monkeypatch.setattr(we, "time", FakeTime)
+    executor = we.ForkExecutor()
+    executor.last_finished = now[0] - 1.0          # a task ended a second ago
+    with pytest.raises(we._Stop):
+        we._acquire_loop(NoTasks(), None, executor, poll=0.2, max_tasks=None, busy=(0.05, 1.08))
+    assert slept == [0.05, 0.05, 0.2, 0.2]           # busy until 1.08 s after the task, then the poll
+
+
 def test_object_pull_backoff_defaults_are_shortened(monkeypatch):
     from flwr.supercore.inflatable import inflatable_utils as pulls
 

@@ -23,6 +23,7 @@ import io
 import tomllib
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Callable, Mapping
 
 APP_PACKAGES = ("client", "server", "shared_models", "privacy", "fedfer", "simulations")
 NEVER_IMPORTED = ("tests", "scripts", "configs")   # configs/: YAML for `fedfer simulate --config`, never read by an app
@@ -44,6 +45,21 @@ def installed_root() -> Path:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as :func:`check_fab` compares them."""
+    return _digest(path.read_bytes())
+
+
+def fab_holds_files(fab: bytes, files: Mapping[str, str]) -> bool:
+    """True if the FAB has every file in `files` ({POSIX path: sha256}) with exactly that content."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as archive:
+            names = set(archive.namelist())
+            return all(name in names and _digest(archive.read(name)) == digest for name, digest in files.items())
+    except zipfile.BadZipFile:
+        return False
 
 
 def fab_differences(fab: bytes, root: Path) -> list[str]:
@@ -103,15 +119,21 @@ def check_fab(fab: bytes, root: Path | None = None) -> None:
                                 "the fedfer it installed")
 
 
-def guard_fab_install(run_clientapp_module: object, root: Path | None = None) -> None:
+def guard_fab_install(run_clientapp_module: object, root: Path | None = None,
+                      preloaded: Mapping[str, str] | None = None,
+                      drop_preloaded: Callable[[], None] | None = None) -> None:
     """Make Flower's `run_clientapp` check every FAB before it installs (and later imports) it.
 
     `run_clientapp` calls its module's `install_from_fab(fab.content, …)` right after pulling the task;
-    the check goes in front of that call, in the task's own process."""
+    the check goes in front of that call, in the task's own process. `preloaded` ({file: sha256}) are
+    the fedfer modules this process already imported (the warm executor's parent did): unless the FAB
+    holds exactly those files, `drop_preloaded()` is called so the app is imported from the FAB."""
     original = run_clientapp_module.install_from_fab  # type: ignore[attr-defined]
 
     def install_checked(fab_content: bytes, *args: object, **kwargs: object) -> object:
         check_fab(fab_content, root)
+        if preloaded and drop_preloaded is not None and not fab_holds_files(fab_content, preloaded):
+            drop_preloaded()
         if not args and not kwargs.get("install_dir"):
             installed = installed_fab_dir(fab_content)
             if installed is not None:

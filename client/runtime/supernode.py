@@ -7,9 +7,11 @@ a ClientApp runs it checks for the reply every 0.5 s. Each round therefore start
 leaves up to 0.5 s after it is ready. There is no option for either interval.
 
 This launcher replaces the `time` module *seen by that one module* with a proxy whose `sleep`
-uses our intervals; everything else (arguments, TLS, node authentication, Runtime API, exit codes)
-is Flower's `flower_supernode()` unchanged. A faster poll costs one small authenticated
-PullMessages request per interval per school on the SuperLink (0.5 s: 2 requests/s per school).
+uses our intervals (optionally shorter still, `--busy-poll`, for `--busy-window` seconds after the
+node handled a message; off by default); everything else (arguments, TLS, node authentication,
+Runtime API, exit codes) is Flower's `flower_supernode()` unchanged. A faster poll costs one small
+authenticated PullMessages request per interval per school on the SuperLink (0.5 s: 2 requests/s
+per school).
 
 If the installed Flower no longer has the expected loop (other version), the launcher logs a
 warning and runs the SuperNode unpatched: correct, only slower.
@@ -25,46 +27,75 @@ import inspect
 import sys
 import time as _time
 import types
-from typing import Sequence
+from typing import Callable, Sequence
 
 from shared_models.wire import shorten_object_pull_backoff
 
 DEFAULT_IDLE_POLL_S = 0.5
-DEFAULT_REPLY_POLL_S = 0.1
+DEFAULT_REPLY_POLL_S = 0.05   # a check of the SuperNode's own in-memory state, no request
+# Right after a node handled a message the next round is seconds away (the slowest school + the
+# coordinator's aggregation), so for a short window the idle poll can be faster (--busy-window). Off by
+# default: every poll is an authenticated request the SuperLink serves, and with 3 schools + the
+# evaluation node polling every 0.1 s the SuperLink on the shared 2-core bench machine answered the
+# last school's pull and push 0.2-0.3 s later each — more than the poll saved (docs/deployment.md §5).
+DEFAULT_BUSY_POLL_S = 0.1
+DEFAULT_BUSY_WINDOW_S = 0.0
 FLOWER_IDLE_SLEEP_S = 3      # the constants in flwr 1.41 start_client_internal.py
 FLOWER_REPLY_SLEEP_S = 0.5
 
 
 class _PollClock(types.ModuleType):
-    """The `time` module, except that the SuperNode loop's two poll sleeps are shortened."""
+    """The `time` module, except that the SuperNode loop's poll sleeps are shortened.
 
-    def __init__(self, idle: float, reply: float) -> None:
+    The idle sleep is `busy` (not `idle`) for `window` seconds after the node last handled a message:
+    the loop sleeps for a reply (or a reply's objects) only while a message is being handled, and a
+    long gap between two idle sleeps also means a message was pulled and answered in between."""
+
+    def __init__(self, idle: float, reply: float, busy: float | None = None, window: float = 0.0,
+                 clock: Callable[[], float] = _time.monotonic) -> None:
         super().__init__("time")
         self._idle, self._reply = idle, reply
+        self._busy = idle if busy is None else min(busy, idle)
+        self._window = window
+        self._clock = clock
+        self._last_busy = -float("inf")
+        self._idle_returned = clock()
 
     def __getattr__(self, name: str):  # everything but sleep is the real time module
         return getattr(_time, name)
 
+    def idle_seconds(self) -> float:
+        """The idle sleep due now (busy poll inside the window after the last handled message)."""
+        now = self._clock()
+        if now - self._idle_returned > self._idle + 1.0:   # the loop was away: it handled a message
+            self._last_busy = now
+        return self._busy if now - self._last_busy < self._window else self._idle
+
     def sleep(self, seconds: float) -> None:
         if seconds >= FLOWER_IDLE_SLEEP_S:
-            seconds = self._idle
-        elif seconds >= FLOWER_REPLY_SLEEP_S:
+            _time.sleep(self.idle_seconds())
+            self._idle_returned = self._clock()
+            return
+        if seconds >= FLOWER_REPLY_SLEEP_S:
             seconds = min(seconds, self._reply)
+            self._last_busy = self._clock()
         _time.sleep(seconds)
 
 
-def patch_poll_intervals(idle: float = DEFAULT_IDLE_POLL_S, reply: float = DEFAULT_REPLY_POLL_S) -> bool:
+def patch_poll_intervals(idle: float = DEFAULT_IDLE_POLL_S, reply: float = DEFAULT_REPLY_POLL_S,
+                         busy: float | None = None, window: float = 0.0) -> bool:
     """Shorten the SuperNode loop's sleeps; False (and nothing changed) if the loop is not as expected."""
     from flwr.supernode import start_client_internal as loop
 
     source = inspect.getsource(loop)
     if getattr(loop, "time", None) is not _time or f"time.sleep({FLOWER_IDLE_SLEEP_S})" not in source:
         return False
-    loop.time = _PollClock(idle, reply)
+    loop.time = _PollClock(idle, reply, busy, window)
     return True
 
 
-def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str]) -> int:
+def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str],
+                  busy_poll: float | None = None, busy_window: float = 0.0) -> int:
     """Flower's `flower_supernode()` in this process, with the poll patches applied."""
     from logging import INFO, WARNING
 
@@ -76,8 +107,9 @@ def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str
 
     if not shorten_object_pull_backoff():
         log(WARNING, "[fedfer] this Flower's object pull has no backoff defaults; left unchanged")
-    if patch_poll_intervals(idle_poll, reply_poll):
-        log(INFO, "[fedfer] SuperNode poll: idle %.2f s, reply %.2f s", idle_poll, reply_poll)
+    if patch_poll_intervals(idle_poll, reply_poll, busy_poll, busy_window):
+        log(INFO, "[fedfer] SuperNode poll: idle %.2f s (%.2f s for %.0f s after a message), reply %.2f s",
+            idle_poll, min(busy_poll or idle_poll, idle_poll), busy_window, reply_poll)
     else:
         log(WARNING, "[fedfer] this Flower's SuperNode loop is not the expected one; running it unpatched (3 s poll)")
     from flwr.supernode.cli import flower_supernode
@@ -145,14 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="seconds between PullMessages when idle (Flower: 3)")
     parser.add_argument("--reply-poll", type=float, default=DEFAULT_REPLY_POLL_S,
                         help="seconds between checks for the ClientApp's reply (Flower: 0.5)")
+    parser.add_argument("--busy-poll", type=float, default=DEFAULT_BUSY_POLL_S,
+                        help="idle poll for --busy-window seconds after the node handled a message (the next "
+                             "round is near); never slower than --idle-poll")
+    parser.add_argument("--busy-window", type=float, default=DEFAULT_BUSY_WINDOW_S,
+                        help="seconds of --busy-poll after each handled message (default 0: always --idle-poll)")
     parser.add_argument("--retry-for", type=float, default=120.0,
                         help="keep restarting a SuperNode that fails to connect for this long (0: never)")
     parser.add_argument("--retry-every", type=float, default=10.0, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(ours)
-    for name in ("idle_poll", "reply_poll"):
+    for name in ("idle_poll", "reply_poll", "busy_poll"):
         if not 0.05 <= getattr(args, name) <= 3.0:
             parser.error(f"--{name.replace('_', '-')} must be between 0.05 and 3 seconds")
+    if not 0.0 <= args.busy_window <= 600.0:
+        parser.error("--busy-window must be between 0 and 600 seconds")
     if args.child or args.retry_for <= 0:
         if args.child:   # die with the supervising parent, even if it is SIGKILLed
             import os
@@ -160,9 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flwr.supercore.app_utils import start_parent_process_monitor
 
             start_parent_process_monitor(os.getppid())
-        return run_supernode(args.idle_poll, args.reply_poll, flower_args)
+        return run_supernode(args.idle_poll, args.reply_poll, flower_args, args.busy_poll, args.busy_window)
     child = [sys.executable, "-m", "client.runtime.supernode", "--child", "--idle-poll", str(args.idle_poll),
-             "--reply-poll", str(args.reply_poll), "--", *flower_args]
+             "--reply-poll", str(args.reply_poll), "--busy-poll", str(args.busy_poll),
+             "--busy-window", str(args.busy_window), "--", *flower_args]
     return supervise(child, args.retry_for, args.retry_every)
 
 

@@ -17,8 +17,12 @@ libraries. The child runs Flower's own `run_clientapp()` with the task token, ex
 between messages or runs, the app is imported from the FAB the server shipped), only the imports
 are paid once.
 
-Only third-party libraries are preloaded, never the app's own modules: Flower's loader re-uses
-`sys.modules` entries, so a preloaded `client.app` would shadow the FAB's copy.
+fedfer's own modules (`client.app` and what a round imports) are preloaded too, from this
+installation, with the SHA-256 of every source file they came from. Flower's loader re-uses
+`sys.modules` entries, so a preloaded `client.app` is what a task runs: a child keeps the preloaded
+modules only if the FAB it was sent (already checked file by file against this installation by
+`app_check.check_fab`) holds exactly those files; otherwise — or with `--trust-shipped-app` — it
+drops every fedfer module first and imports the app from the FAB, as Flower would.
 
 Fork safety: the parent never runs torch operations (no OpenMP/intra-op thread pool exists when it
 forks) and starts no threads; children clear Flower's inherited exit handlers and end with
@@ -34,10 +38,23 @@ import signal
 import sys
 import time
 from logging import DEBUG, ERROR, INFO, WARNING
+from pathlib import Path
 from typing import Sequence
 
 DEFAULT_PRELOAD = ("numpy", "torch", "torchvision", "opacus", "scipy.stats", "yaml", "PIL.Image", "cryptography")
+# fedfer's own modules a message needs (the handlers, a school round, the privacy books, evaluation)
+DEFAULT_PRELOAD_APP = ("client.app", "client.school_round", "privacy.ledger", "privacy.policy", "privacy.budget",
+                       "privacy.accounting", "privacy.signing", "privacy.engine", "shared_models.training",
+                       "shared_models.transforms", "shared_models.evaluation", "shared_models.models.hafnet",
+                       "shared_models.models.sfer_mdfae", "shared_models.models.dp_layers")
 DEFAULT_POLL_S = 0.2
+# After a task ended the SuperNode's next message is near (the next round): ask for tasks faster for a while.
+DEFAULT_BUSY_POLL_S = 0.05
+DEFAULT_BUSY_WINDOW_S = 5.0
+
+# module file (relative to the installation, POSIX) -> SHA-256 of the source the parent imported;
+# set once in the parent by `preload_app` and inherited by every fork
+_PRELOADED_APP: dict[str, str] = {}
 
 
 def _log(level: int, msg: str, *args: object) -> None:
@@ -63,6 +80,38 @@ def preload(modules: Sequence[str]) -> dict[str, float]:
     return took
 
 
+def preload_app(modules: Sequence[str]) -> dict[str, str]:
+    """Import fedfer's own `modules` from this installation; returns {file: sha256} of every fedfer
+    module now loaded ({} and nothing kept if any of them fails or lives outside the installation)."""
+    from client.runtime.app_check import APP_PACKAGES, installed_root, sha256_file
+
+    try:
+        for name in modules:
+            importlib.import_module(name)
+        root = installed_root()
+        files: dict[str, str] = {}
+        for name, module in list(sys.modules.items()):
+            if name.split(".")[0] not in APP_PACKAGES or name == "__main__":
+                continue
+            path = Path(getattr(module, "__file__", None) or "").resolve()
+            if not path.is_file() or root not in path.parents:
+                raise ImportError(f"{name} is not a file of the installation at {root}")
+            files[path.relative_to(root).as_posix()] = sha256_file(path)
+        return files
+    except Exception as exc:  # noqa: BLE001 - preloading is an optimisation: without it each task imports them
+        _log(WARNING, "preloading fedfer's modules failed (%s); each task imports them", exc)
+        drop_app_modules()
+        return {}
+
+
+def drop_app_modules() -> None:
+    """Forget every module of fedfer's packages, so the next import comes from the FAB (or the disk)."""
+    from client.runtime.app_check import APP_PACKAGES
+
+    for name in [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES and m != "__main__"]:
+        del sys.modules[name]
+
+
 def _child(spec: "object", trust_shipped_app: bool = False) -> None:
     """Run one task in a forked child, exactly as `flwr-clientapp --token …` would, then _exit.
     Unless `trust_shipped_app`, the task's FAB must be the fedfer installed here (app_check.py)."""
@@ -76,13 +125,11 @@ def _child(spec: "object", trust_shipped_app: bool = False) -> None:
         if not trust_shipped_app:   # the school runs the fedfer it installed (client/runtime/app_check.py)
             from client.runtime.app_check import guard_fab_install
 
-            guard_fab_install(runtime)
+            # keeps the preloaded modules only for a FAB made of exactly their files, else drops them
+            guard_fab_install(runtime, preloaded=_PRELOADED_APP, drop_preloaded=drop_app_modules)
+        if trust_shipped_app or not _PRELOADED_APP:
+            drop_app_modules()   # the ClientApp and everything it imports come from the FAB the server shipped
         exit_handler.registered_exit_handlers.clear()  # the parent's handlers are not ours to run
-        # This module's own package (`client`) is also the app's package name: drop it so the
-        # child imports the ClientApp from the FAB the server shipped, not from this installation.
-        package = (__spec__.name if __spec__ is not None else __name__).split(".")[0]
-        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
-            del sys.modules[name]
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         sys.argv = ["flwr-clientapp"]  # Flower picks telemetry/exit labels from argv[0]
@@ -104,10 +151,26 @@ def _child(spec: "object", trust_shipped_app: bool = False) -> None:
         code = 1
     finally:
         try:
+            if code == 0:
+                _after_reply()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _after_reply() -> None:
+    """Work the app left for after its reply: Flower has pushed the reply to the SuperNode by the time
+    `run_clientapp` returns (client/school_round.py `run_after_reply`)."""
+    run = getattr(sys.modules.get("client.school_round"), "run_after_reply", None)
+    if callable(run):
+        try:
+            os.nice(19)   # the SuperNode is pushing the reply right now: this work must not slow it down
+            run()
+        except Exception:  # noqa: BLE001 - the task is done; report, never fail it
+            import traceback
+
+            traceback.print_exc()
 
 
 class ForkExecutor:
@@ -116,6 +179,7 @@ class ForkExecutor:
     def __init__(self, trust_shipped_app: bool = False) -> None:
         self.children: dict[int, float] = {}   # pid -> start time
         self.launched = 0
+        self.last_finished = -float("inf")     # monotonic time a child was last reaped
         self.trust_shipped_app = trust_shipped_app
 
     # -- Executor protocol -------------------------------------------------------------------
@@ -152,6 +216,7 @@ class ForkExecutor:
             if pid == 0:
                 return
             started = self.children.pop(pid, None)
+            self.last_finished = time.monotonic()
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
                 _log(WARNING, "ClientApp child %s exited with %s after %.1f s", pid, code,
@@ -205,9 +270,10 @@ def _runtime_client(runtime_api_address: str, insecure: bool, root_certificates:
 
 
 def _acquire_loop(client, plugin, executor: ForkExecutor, poll: float,  # type: ignore[no-untyped-def]
-                  max_tasks: int | None) -> None:
+                  max_tasks: int | None, busy: tuple[float, float] = (DEFAULT_POLL_S, 0.0)) -> None:
     """Acquire and launch tasks until `max_tasks` were launched (runs until _Stop when None). After a
-    task, ask again at once: another may already wait."""
+    task, ask again at once: another may already wait. For `busy[1]` seconds after a task ended, poll
+    every `busy[0]` seconds (the next round's message is near), else every `poll`."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.constant import TaskType
 
@@ -226,12 +292,13 @@ def _acquire_loop(client, plugin, executor: ForkExecutor, poll: float,  # type: 
             if max_tasks is not None and executor.launched >= max_tasks:
                 return
             continue  # another task may already wait
-        time.sleep(poll)
+        recent = not executor.children and time.monotonic() - executor.last_finished < busy[1]
+        time.sleep(min(busy[0], poll) if recent else poll)
 
 
 def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates: str | None = None,
           auth_secret: bytes | None = None, poll: float = DEFAULT_POLL_S, max_tasks: int | None = None,
-          trust_shipped_app: bool = False) -> int:
+          trust_shipped_app: bool = False, busy: tuple[float, float] = (DEFAULT_BUSY_POLL_S, DEFAULT_BUSY_WINDOW_S)) -> int:
     """Acquire ClientApp tasks from the SuperNode's Runtime API and fork one child per task.
 
     The loop is `flwr.supercore.superexec.run_superexec.run_superexec`'s, with our executor and a
@@ -248,7 +315,7 @@ def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates:
     signal.signal(signal.SIGINT, _stop)
     _log(INFO, "serving ClientApp tasks from %s (poll %.2f s, pid %s)", runtime_api_address, poll, os.getpid())
     try:
-        _acquire_loop(client, plugin, executor, poll, max_tasks)
+        _acquire_loop(client, plugin, executor, poll, max_tasks, busy)
     except _Stop:
         _log(INFO, "stop signal received")
     finally:
@@ -260,7 +327,7 @@ def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client.runtime.warm_executor",
         description="Run a school's ClientApp tasks in forks of one warm interpreter "
@@ -273,13 +340,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="shared secret file also given to the SuperNode (HMAC on AcquireTask)")
     parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD),
                         help="comma-separated third-party modules to import once (never the app's own)")
+    parser.add_argument("--preload-app", default=",".join(DEFAULT_PRELOAD_APP),
+                        help="comma-separated fedfer modules to import once (kept by a task only if its FAB has "
+                             "exactly their files; empty: none)")
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL_S, help="seconds between AcquireTask polls")
+    parser.add_argument("--busy-poll", type=float, default=DEFAULT_BUSY_POLL_S,
+                        help="seconds between polls for --busy-window seconds after a task ended")
+    parser.add_argument("--busy-window", type=float, default=DEFAULT_BUSY_WINDOW_S,
+                        help="seconds of --busy-poll after each task (0: always --poll)")
     parser.add_argument("--trust-shipped-app", action="store_true",
                         help="run whatever ClientApp the coordinator ships (default: only the fedfer installed here)")
     parser.add_argument("--max-tasks", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    if not 0.01 <= args.poll <= 60:
-        parser.error("--poll must be between 0.01 and 60 seconds")
+    for name in ("poll", "busy_poll"):
+        if not 0.01 <= getattr(args, name) <= 60:
+            parser.error(f"--{name.replace('_', '-')} must be between 0.01 and 60 seconds")
+    if not 0 <= args.busy_window <= 600:
+        parser.error("--busy-window must be between 0 and 600 seconds")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # before torch (hence OpenMP) is preloaded and inherited by every fork: idle threads sleep rather
     # than spin (shared_models/threads.py; not imported here, the app's modules come from the FAB)
@@ -303,9 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # pull from their own SuperNode on loopback, so retrying every 0.1 s costs next to nothing.
     shorten_object_pull_backoff(0.02, 0.1)
     _log(INFO, "preloaded %s in %.1f s", ", ".join(took), sum(took.values()))
+    if not args.trust_shipped_app:   # a shipped app that may differ is never preloaded
+        started = time.perf_counter()
+        _PRELOADED_APP.update(preload_app([m.strip() for m in args.preload_app.split(",") if m.strip()]))
+        _log(INFO, "preloaded %d fedfer modules in %.1f s", len(_PRELOADED_APP), time.perf_counter() - started)
     return serve(args.runtime_api_address, insecure=args.root_certificates is None,
                  root_certificates=args.root_certificates, auth_secret=secret, poll=args.poll,
-                 max_tasks=args.max_tasks, trust_shipped_app=args.trust_shipped_app)
+                 max_tasks=args.max_tasks, trust_shipped_app=args.trust_shipped_app,
+                 busy=(args.busy_poll, args.busy_window))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ class Deployment:
     insecure: bool = False
     executor: str = "warm"            # warm | flower (Flower's one-process-per-message default)
     idle_poll: float = 0.5            # SuperNode poll via client/runtime/supernode.py; 0: Flower's own 3 s / 0.5 s
-    reply_poll: float = 0.1
+    reply_poll: float = 0.05          # the SuperNode checks its own state for the reply: no request
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
 
     # -- paths ---------------------------------------------------------------------------------
