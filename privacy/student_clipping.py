@@ -38,6 +38,7 @@ the clipped sum is. tests/test_student_clipping.py checks it equals the per-samp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -492,3 +493,50 @@ class _Capture:
 
     def __exit__(self, *exc: object) -> None:
         self.clipper._capturing = False
+
+
+# ------------------------------------------------------------------------------------------ the optimizer
+def clipped_sum_optimizer(optimizer: torch.optim.Optimizer, **kwargs: object) -> torch.optim.Optimizer:
+    """Opacus' ``DPOptimizerFastGradientClipping`` for a clipped sum already in ``p.grad`` (what
+    ``StudentClipper`` leaves), with two per-parameter costs of its step removed (measured on HAFNet ``cpu``,
+    batch 32, 90 parameter tensors: 1.7 of its 5 ms over plain SGD):
+
+    * ``accumulate`` deep-copies each ``p.grad`` (``copy.deepcopy``); a clone gives the same tensor;
+    * ``add_noise`` allocates a zero tensor per parameter that it uses only when σ = 0, and a second tensor
+      for ``summed + noise``; here the noise is drawn by the same ``torch.normal`` call, in the same order,
+      from the same generator (so bit for bit the same numbers), and the sum is added into it.
+    ``secure_mode`` and σ = 0 use Opacus' own ``add_noise`` unchanged. Clipping bound, noise multiplier,
+    expected batch size, scaling and the step are Opacus'; tests/test_student_clipping.py checks the noised
+    gradients are identical to ``DPOptimizerFastGradientClipping``'s from the same seed."""
+    return _clipped_sum_class()(optimizer, **kwargs)
+
+
+@functools.cache
+def _clipped_sum_class() -> type:
+    """Defined on first use: importing Opacus is left to the paths that use it."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
+        def accumulate(self) -> None:
+            for p in self.params:
+                if p.summed_grad is not None:
+                    p.summed_grad.add_(p.grad.data)
+                else:
+                    p.summed_grad = p.grad.detach().clone()
+
+        def add_noise(self) -> None:
+            std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+            if self.secure_mode or std == 0:
+                super().add_noise()
+                return
+            for p in self.params:
+                summed = p.summed_grad
+                _check_processed_flag(summed)
+                # Opacus' _generate_noise(std, summed, generator) draws exactly this; x + y == y + x in IEEE
+                noise = torch.normal(mean=0, std=std, size=summed.shape, device=summed.device,
+                                     generator=self.generator, dtype=summed.dtype)
+                p.grad = noise.add_(summed).view_as(p)
+                _mark_as_processed(summed)
+
+    return ClippedSumDPOptimizer

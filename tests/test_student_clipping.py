@@ -244,3 +244,33 @@ def test_a_gradient_that_bypasses_the_layers_is_refused_not_dropped():
     with pytest.raises(UnsupportedModel, match="did not reach"):
         clipper.clip_and_sum(losses, torch.arange(3), 3, 1.0)
     clipper.close()
+
+
+@pytest.mark.parametrize("secure_mode,sigma", [(False, 1.3), (True, 1.3), (False, 0.0)])
+def test_clipped_sum_optimizer_steps_exactly_as_opacus(secure_mode: bool, sigma: float) -> None:
+    """Same seed, same clipped sums: clipped_sum_optimizer's noised gradients and weights are Opacus'
+    DPOptimizerFastGradientClipping's bit for bit, over two steps, one of them accumulated over two batches
+    (a skipped step, as a virtual batch does)."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from privacy.student_clipping import clipped_sum_optimizer
+
+    def run(make) -> list:
+        torch.manual_seed(8)
+        model = nn.Sequential(nn.Linear(5, 3), nn.Conv1d(3, 2, 1)).double()
+        opt = make(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=sigma, max_grad_norm=0.7,
+                   expected_batch_size=4, generator=torch.Generator().manual_seed(9), secure_mode=secure_mode)
+        g = torch.Generator().manual_seed(10)
+        seen = []
+        for skip in (True, False, False):
+            opt.zero_grad(set_to_none=True)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.signal_skip_step(skip)
+            opt.step()
+            if not skip:
+                seen += [p.grad.clone() for p in model.parameters()] + [p.detach().clone() for p in model.parameters()]
+        return seen
+
+    for a, b in zip(run(clipped_sum_optimizer), run(DPOptimizerFastGradientClipping)):
+        assert torch.equal(a, b)
