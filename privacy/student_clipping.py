@@ -22,18 +22,20 @@ forward and one *partial* backward:
        where A_i (T x d) are frame i's unfolded inputs over its T positions and G_i (T x p) the output
        gradients — a student's frames are folded into the positions, so the norm is that of the
        student's summed gradient, never of a frame's.
-   Linear and Conv2d (incl. grouped) have both rules. Every other layer (norms, PReLU, HAFNet's class
-   centres, anything a model adds later) falls back to per-sample gradients from Opacus' own samplers
-   (``GradSampleModule.GRAD_SAMPLERS``, i.e. whatever ``register_grad_sampler`` registered, else Opacus'
-   functorch replay), summed per student.
+   Linear and Conv2d (incl. grouped) have both rules; a ghost conv takes the Gram matrices A_i A_j^T from
+   the padded inputs (X_i^T X_j summed over kernel offsets) instead of unfolding them where that is
+   cheaper. GroupNorm has its own per-frame rule (Opacus' formula, fewer ops). Every other layer
+   (LayerNorm, PReLU, HAFNet's class centres, anything a model adds later) falls back to per-sample
+   gradients from Opacus' own samplers (``GradSampleModule.GRAD_SAMPLERS``, i.e. whatever
+   ``register_grad_sampler`` registered, else Opacus' functorch replay), summed per student.
 4. The clip factors c_u from the total norms, exactly Opacus' formula; then each layer's clipped sum
    (Bu et al. 2023, "book-keeping"): for a ghost layer one weight-gradient kernel on the output gradients
    scaled by the frame's student's factor (the same cost as the weight gradient plain training
    computes), for a direct layer sum_u c_u G_u of the kept per-student gradients.
 The result lands in ``p.grad``; Opacus' ``DPOptimizerFastGradientClipping`` (which expects exactly a
-clipped sum there) then adds N(0, σ²C²), divides by the expected batch size and steps. The Poisson
-sampler and the accountant do not change: the mechanism is the same, only the arithmetic that computes
-the clipped sum is. tests/test_student_clipping.py checks it equals the per-sample path on every model.
+clipped sum there; ``clipped_sum_optimizer`` subclasses it without its per-parameter deep copy) then adds
+N(0, σ²C²), divides by the expected batch size and steps. The Poisson sampler and the accountant do not
+change: the mechanism is the same, only the arithmetic that computes the clipped sum is. tests/test_student_clipping.py checks it equals the per-sample path on every model.
 """
 
 from __future__ import annotations
