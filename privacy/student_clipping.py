@@ -35,14 +35,15 @@ forward and one *partial* backward:
 The result lands in ``p.grad``; Opacus' ``DPOptimizerFastGradientClipping`` (which expects exactly a
 clipped sum there; ``clipped_sum_optimizer`` subclasses it without its per-parameter deep copy) then adds
 N(0, σ²C²), divides by the expected batch size and steps. The Poisson sampler and the accountant do not
-change: the mechanism is the same, only the arithmetic that computes the clipped sum is. tests/test_student_clipping.py checks it equals the per-sample path on every model.
+change: the mechanism is the same, only the arithmetic that computes the clipped sum is.
+tests/test_student_clipping.py checks it equals the per-sample path on every model.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,10 @@ LAYER_POLICIES = ("mixed", "ghost", "direct")   # per-layer rule: cheaper of the
 
 class UnsupportedModel(ValueError):
     """The model has a layer the book-keeping path cannot handle (``auto`` then uses per-sample clipping)."""
+
+
+# (frames i, frames j) or (None, None) for every frame with itself -> the inputs' Gram matrices A_i A_j^T
+_Gram = Callable[[Optional[Tensor], Optional[Tensor]], Tensor]
 
 
 # ------------------------------------------------------------------------------------------ units
@@ -99,7 +104,7 @@ class Units:
             return torch.matmul(a if i is None else a[i], (a if j is None else a[j]).transpose(-1, -2))
         return self.ghost_sq_norms_from(gram, g)
 
-    def ghost_sq_norms_from(self, input_gram: Callable[[Tensor | None, Tensor | None], Tensor], g: Tensor) -> Tensor:
+    def ghost_sq_norms_from(self, input_gram: _Gram, g: Tensor) -> Tensor:
         """``ghost_sq_norms`` with the inputs' Gram matrices a_i a_j^T (..., T, T) given by
         ``input_gram(i, j)`` for the frame pairs (i, j), or (None, None) for every frame with itself."""
         if self.diagonal:
@@ -273,7 +278,7 @@ class Conv2dRule(_GhostOrDirect):
         go = g.reshape(n, groups, layer.out_channels // groups, -1)
         return torch.einsum("bgpt,bgdt->bgpd", go, cols).reshape(n, *layer.weight.shape)
 
-    def _shifted_gram(self, x: Tensor, out_hw: Sequence[int]) -> Callable[[Tensor | None, Tensor | None], Tensor] | None:
+    def _shifted_gram(self, x: Tensor, out_hw: Sequence[int]) -> _Gram | None:
         """The unfolded inputs' Gram matrices A_i A_j^T without unfolding (im2col was the largest single cost
         of ghost layers on small maps): with M = X_i^T X_j over the *padded input* positions (channels
         summed, per group), (A_i A_j^T)[t, s] = sum over kernel offsets o of M[pos(t) + o, pos(s) + o], a
