@@ -231,11 +231,10 @@ class PrivateTrainer:
 
     def _attach_book_keeping(self, model: nn.Module, required: bool) -> None:
         """privacy/student_clipping.py computes the clipped sum into p.grad; Opacus'
-        DPOptimizerFastGradientClipping adds the same noise, scales and steps. ``required`` False (auto):
-        a model it cannot handle falls back to per-sample clipping."""
-        from opacus.optimizers import DPOptimizerFastGradientClipping
-
-        from privacy.student_clipping import StudentClipper, UnsupportedModel
+        DPOptimizerFastGradientClipping (``clipped_sum_optimizer``: minus a deep copy per parameter) adds the
+        same noise, scales and steps. ``required`` False (auto): a model it cannot handle falls back to
+        per-sample clipping."""
+        from privacy.student_clipping import StudentClipper, UnsupportedModel, clipped_sum_optimizer
 
         try:
             self.clipper = StudentClipper(model)
@@ -245,7 +244,7 @@ class PrivateTrainer:
             return
         self.clipping = "ghost"
         self.private_model = model
-        self.optimizer = DPOptimizerFastGradientClipping(
+        self.optimizer = clipped_sum_optimizer(
             self._base_optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_units, loss_reduction="mean", generator=self._noise_generator)
 

@@ -244,3 +244,76 @@ def test_a_gradient_that_bypasses_the_layers_is_refused_not_dropped():
     with pytest.raises(UnsupportedModel, match="did not reach"):
         clipper.clip_and_sum(losses, torch.arange(3), 3, 1.0)
     clipper.close()
+
+
+@pytest.mark.parametrize("secure_mode,sigma", [(False, 1.3), (True, 1.3), (False, 0.0)])
+def test_clipped_sum_optimizer_steps_exactly_as_opacus(secure_mode: bool, sigma: float) -> None:
+    """Same seed, same clipped sums: clipped_sum_optimizer's noised gradients and weights are Opacus'
+    DPOptimizerFastGradientClipping's bit for bit, over two steps, one of them accumulated over two batches
+    (a skipped step, as a virtual batch does)."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from privacy.student_clipping import clipped_sum_optimizer
+
+    def run(make) -> list:
+        torch.manual_seed(8)
+        model = nn.Sequential(nn.Linear(5, 3), nn.Conv1d(3, 2, 1)).double()
+        opt = make(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=sigma, max_grad_norm=0.7,
+                   expected_batch_size=4, generator=torch.Generator().manual_seed(9), secure_mode=secure_mode)
+        g = torch.Generator().manual_seed(10)
+        seen = []
+        for skip in (True, False, False):
+            opt.zero_grad(set_to_none=True)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.signal_skip_step(skip)
+            opt.step()
+            if not skip:
+                seen += [p.grad.clone() for p in model.parameters()] + [p.detach().clone() for p in model.parameters()]
+        return seen
+
+    for a, b in zip(run(clipped_sum_optimizer), run(DPOptimizerFastGradientClipping)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,size", [
+    (3, 1, 1, 1, 1, 4), ((3, 1), 1, (1, 0), 1, 2, 4), (1, 2, 0, 1, 1, 8), (1, 1, 0, 1, 4, 4), (3, 1, 2, 2, 1, 6),
+    (3, 2, 1, 1, 1, 9)])
+def test_ghost_conv_input_gram_without_unfolding_equals_the_unfolded_one(kernel, stride, padding, dilation, groups,
+                                                                          size) -> None:
+    """Conv2dRule's Gram matrices from the padded inputs (a sum of strided views, no im2col) equal those of
+    the unfolded inputs, for every frame with itself and for cross-frame pairs; where they would cost more
+    (stride 2, 3x3 on a 9x9 map) the rule unfolds."""
+    from privacy.student_clipping import Conv2dRule
+
+    torch.manual_seed(11)
+    layer = nn.Conv2d(4, 8, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups).double()
+    rule = Conv2dRule(layer, "ghost")
+    x = torch.randn(3, 4, size, size, dtype=torch.float64)
+    gram = rule._shifted_gram(x, layer(x).shape[2:])
+    if stride == 2 and kernel == 3:
+        assert gram is None
+        return
+    a = rule._unfold(x).transpose(2, 3)   # (B, groups, T, d)
+    i, j = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 2, 2, 1])
+    torch.testing.assert_close(gram(None, None), a @ a.transpose(-1, -2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gram(i, j), a[i] @ a[j].transpose(-1, -2), rtol=1e-12, atol=1e-12)
+
+
+def test_group_norm_rule_equals_opacus_sampler() -> None:
+    """The GroupNorm rule's per-student gradients are Opacus' sampler's, summed per student."""
+    from opacus.grad_sample import GradSampleModule
+
+    from privacy.student_clipping import Call, GroupNormRule, Units
+
+    torch.manual_seed(12)
+    layer = nn.GroupNorm(2, 6).double()
+    nn.init.normal_(layer.weight)
+    x, g = torch.randn(5, 6, 3, 3, dtype=torch.float64), torch.randn(5, 6, 3, 3, dtype=torch.float64)
+    units = Units(torch.tensor([0, 1, 0, 2, 1]), 3)
+    rule = GroupNormRule(layer)
+    rule.sq_norms([Call([x], g.shape, g.dtype, True, grad=g)], units)
+    expected = GradSampleModule.GRAD_SAMPLERS[nn.GroupNorm](layer, [x], g)
+    assert set(rule.kept) == {layer.weight, layer.bias}
+    for p, per_frame in expected.items():
+        torch.testing.assert_close(rule.kept[p], units.per_unit(per_frame), rtol=1e-12, atol=1e-12)

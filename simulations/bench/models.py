@@ -10,7 +10,8 @@ step on a random batch in [-1, 1]: images (B, 3, S, S), or clips (B, 3, T, S, S)
 
   plain        SGD, no DP
   dp-bk        book-keeping with per-layer ghost norms (privacy/student_clipping.py) + Opacus'
-               DPOptimizerFastGradientClipping (noise) -- what the client uses (privacy.clipping: auto)
+               DPOptimizerFastGradientClipping (noise; student_clipping.clipped_sum_optimizer) -- what
+               the client uses (privacy.clipping: auto)
   dp-hooks     Opacus GradSampleModule (hooks) + DPOptimizer (clip + noise) -- privacy.clipping: per-sample
   dp-bk-ghost / dp-bk-direct  dp-bk with every Linear/Conv2d on the ghost rule / the direct rule (--extras)
   dp-ghost     Opacus fast gradient / ghost clipping (GradSampleModuleFastGradientClipping, two backward
@@ -183,13 +184,12 @@ def _ghost_clipping_step(model, x, y, dp: dict) -> Callable[[], None]:  # type: 
 def _book_keeping_step(model, x, y, dp: dict, policy: str) -> Callable[[], None]:  # type: ignore[no-untyped-def]
     """privacy/student_clipping.py, every frame its own unit (as the other modes), Opacus' noise and step."""
     import torch
-    from opacus.optimizers import DPOptimizerFastGradientClipping
 
-    from privacy.student_clipping import StudentClipper
+    from privacy.student_clipping import StudentClipper, clipped_sum_optimizer
     from shared_models.models import registry
 
     clipper = StudentClipper(model, layer_policy=policy)
-    opt = DPOptimizerFastGradientClipping(torch.optim.SGD(model.parameters(), lr=0.01), **dp)
+    opt = clipped_sum_optimizer(torch.optim.SGD(model.parameters(), lr=0.01), **dp)
     rows = torch.arange(len(x))
 
     def step() -> None:
