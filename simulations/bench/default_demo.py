@@ -3,9 +3,9 @@ run directory goes), its output timed line by line, then its run directory read 
 simulations/bench/federated.py does, and one result written with the command, the resolved config, the
 machine's load average before and after, and the phases (data generation, pre-training, rounds).
 
-    flock /work/notes/timing.lock python -m simulations.bench.default_demo --cache fresh \\
+    python -m simulations.bench.default_demo --cache fresh \\
         --out benchmarks/default-demo/first-run.json        # empty cache: data generation + pre-training
-    flock /work/notes/timing.lock python -m simulations.bench.default_demo --cache ~/.cache \\
+    python -m simulations.bench.default_demo --cache ~/.cache \\
         --out benchmarks/default-demo/cached.json           # the cache the first run filled
 
 `--cache fresh` points XDG_CACHE_HOME (where the synthetic classroom and the pre-trained checkpoint are

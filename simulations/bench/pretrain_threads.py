@@ -1,6 +1,6 @@
 """Public pre-training's time by torch thread count (`pretrain.threads`), data cached, runs interleaved:
 
-    flock /work/notes/timing.lock python -m simulations.bench.pretrain_threads --threads 1,2 --repeats 2 \\
+    python -m simulations.bench.pretrain_threads --threads 1,2 --repeats 2 \\
         --out benchmarks/default-demo/pretrain-threads.json
 
 Each run is `fedfer pretrain --no-evaluate` in its own process (the demo's pre-training: same data, epochs
