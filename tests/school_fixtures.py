@@ -82,3 +82,20 @@ def _context(tmp_path, school_dir, run_config) -> Context:
                    "state-dir": str(tmp_path / "state"), "unit": "student", "delta": 1e-5, "budget": 8.0,
                    "max-round-epsilon": 8.0, "declared-students": 10}
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def small_school_train(tmp_path: Path, encode) -> tuple:
+    """A small school on disk and the real train handler's reply to one round's message whose content
+    went through `encode` (the wire form under test). Returns (the model sent, the reply's content)."""
+    from client import app as client_app
+    from shared_models.config import load_config
+    from shared_models.models import registry
+
+    school = tmp_path / "school"
+    _write_school(school, np.random.default_rng(0))
+    cfg = load_config(None, ["train.batch_size=2", "train.local_epochs=1", "federation.rounds=2",
+                             "train.frames_per_student=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    request = _train_message(model, tmp_path / "run")
+    request.__dict__["_content"] = encode(request.content)
+    return model, client_app.train(request, _context(tmp_path, school, cfg)).content

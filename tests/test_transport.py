@@ -175,21 +175,11 @@ def test_school_clientapp_answers_a_packed_request_with_a_packed_reply(tmp_path)
     """The real train handler: packed model in → packed model out; the layout names only tensors."""
     import json
 
-    from school_fixtures import SECRET_STUDENTS, _context, _train_message, _write_school
+    from school_fixtures import SECRET_STUDENTS, small_school_train
 
-    from client import app as client_app
     from shared_models.wire import unpack
-    from shared_models.models import registry
-    from shared_models.config import load_config
 
-    school = tmp_path / "school"
-    _write_school(school, np.random.default_rng(0))
-    cfg = load_config(None, ["train.batch_size=2", "train.local_epochs=1", "federation.rounds=2",
-                             "train.frames_per_student=2"])
-    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
-    request = _train_message(model, tmp_path / "run")
-    request.__dict__["_content"] = pack_content(request.content)
-    out = client_app.train(request, _context(tmp_path, school, cfg)).content
+    model, out = small_school_train(tmp_path, pack_content)
     assert is_packed(out) and set(out.config_records) == {"status", "ledger", "layout"}
     assert all(k.startswith("packed-") for k in out["arrays"].keys())
     state = unpack(out["arrays"], out["layout"], strict=True)

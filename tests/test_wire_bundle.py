@@ -115,20 +115,9 @@ def test_the_servers_grid_sends_one_shared_bundle_and_returns_plain_replies():
 
 
 def test_school_clientapp_answers_a_bundled_request_bundled(tmp_path):
-    from school_fixtures import SECRET_STUDENTS, _context, _train_message, _write_school
+    from school_fixtures import SECRET_STUDENTS, small_school_train
 
-    from client import app as client_app
-    from shared_models.config import load_config
-    from shared_models.models import registry
-
-    school = tmp_path / "school"
-    _write_school(school, np.random.default_rng(0))
-    cfg = load_config(None, ["train.batch_size=2", "train.local_epochs=1", "federation.rounds=2",
-                             "train.frames_per_student=2"])
-    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
-    request = _train_message(model, tmp_path / "run")
-    request.__dict__["_content"] = bundle(pack_content(request.content))
-    out = client_app.train(request, _context(tmp_path, school, cfg)).content
+    model, out = small_school_train(tmp_path, lambda content: bundle(pack_content(content)))
     assert list(out.keys()) == [BUNDLE_RECORD]
     plain = unpack_content(unbundle(out))
     assert set(plain.keys()) == {"arrays", "metrics", "status", "ledger"} and plain["status"]["status"] == "ok"
