@@ -56,3 +56,12 @@ def test_a_failed_run_writes_nothing(tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     assert federated.main(["--out", str(out), "--run-root", str(tmp_path)]) == 2
     assert not out.exists()
+
+
+def test_the_pre_trained_round_0_asks_no_school_and_does_not_count():
+    from simulations.bench.federated import every_school_every_round
+
+    start = {"round": 0, "schools_ok": 0, "schools_asked": 0}
+    assert every_school_every_round([start, {"round": 1, "schools_ok": 3, "schools_asked": 3}]) is True
+    assert every_school_every_round([start, {"round": 1, "schools_ok": 2, "schools_asked": 3}]) is False
+    assert every_school_every_round([start]) is False

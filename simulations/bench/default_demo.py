@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from simulations.bench.federated import _final, _rounds, _schools
+from simulations.bench.federated import _final, _rounds, _schools, every_school_every_round
 from simulations.bench.results import write_result
 
 # Lines of `fedfer simulate`'s output that close a phase (the first match's time is the phase's end).
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pretraining_seconds": _pretrained_seconds(scratch / "output.log"),
         "load_average_before": load_before, "load_average_after": load_after,
         "environment": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""), "nice": os.nice(0)},
-        "every_school_every_round": bool(rounds) and all(r["schools_ok"] == r["schools_asked"] > 0 for r in rounds),
+        "every_school_every_round": every_school_every_round(rounds),
         "final": _final(data), "schools": _schools(data), "rounds": rounds,
         "references": data.references,   # evaluation.references=central,alone (= --references): (b) and (c)
         "config": {k: data.config[k] for k in sorted(data.config)},

@@ -32,6 +32,13 @@ def _simulate(overrides: Sequence[str], run_root: Path, name: str) -> int:
     return subprocess.call(command, env=dict(os.environ))
 
 
+def every_school_every_round(rounds: list[dict[str, Any]]) -> bool:
+    """Every school asked in a training round replied ok, in every training round. Round 0 (the pre-trained
+    start, evaluated before any school trains) asks no school and does not count."""
+    trained = [r for r in rounds if r["round"] > 0]
+    return bool(trained) and all(r["schools_ok"] == r["schools_asked"] > 0 for r in trained)
+
+
 def _rounds(data: Any) -> list[dict[str, Any]]:
     """Per round: seconds, the largest ε spent so far, and each benchmark's figures (no confusion matrix)."""
     rows = []
@@ -93,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = load_run(run_root / name)
     task = str(data.config.get("model.task", "fer7"))
     rounds = _rounds(data)
-    complete = bool(rounds) and all(r["schools_ok"] == r["schools_asked"] > 0 for r in rounds)
+    complete = every_school_every_round(rounds)
     if not complete:   # a school that failed (e.g. a worker killed for memory) leaves the global model behind
         print("warning: not every school trained every round (see rounds[].schools_ok)", file=sys.stderr)
     write_result(args.out, {
