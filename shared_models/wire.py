@@ -248,15 +248,17 @@ def unbundle(content: RecordDict) -> RecordDict:
     if not isinstance(manifest, list) or len(values) > MAX_BUNDLED_KEYS:
         raise PackingError("bundle: the manifest must list the bundled records")
     out = RecordDict({name: record for name, record in content.items() if name != BUNDLE_RECORD})
-    taken = 0
+    # one pass over the values ("<index>:<key>"), so a crafted bundle with many records costs linear time
+    by_index: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        index, _, own_key = key.partition(":")
+        by_index.setdefault(index, {})[own_key] = value
     for index, entry in enumerate(manifest):
         name, kind, fields = _bundle_entry(entry, out)
-        prefix = f"{index}:"
-        own = {key[len(prefix):]: value for key, value in values.items() if key.startswith(prefix)}
-        taken += len(own)
-        out[name] = _bundled_record(name, kind, fields, own)
-    if taken != len(values):
-        raise PackingError(f"bundle: {len(values) - taken} value(s) belong to no record of the manifest")
+        out[name] = _bundled_record(name, kind, fields, by_index.pop(str(index), {}))
+    if by_index:
+        left = sum(len(own) for own in by_index.values())
+        raise PackingError(f"bundle: {left} value(s) belong to no record of the manifest")
     return out
 
 
