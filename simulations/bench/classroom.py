@@ -33,7 +33,7 @@ from client.classroom import indicators as ind
 from client.classroom.tracks import Seat, assign_to_seats
 from shared_models.labels import FER7
 from simulations import classroom_scenes as scenes
-from simulations.bench.results import write_result
+from simulations.bench.results import load_average, write_result
 
 FRONTAL_YAW, FRONTAL_PITCH, MIN_FACE = 0.3, 0.2, 40.0
 
@@ -184,7 +184,7 @@ def throughput(frames: int = 40, students: tuple[int, ...] = (24, 30), repeats: 
         script = scenes.script_lesson(room, frames, 1.0, seed=1)
         rooms.append((room, [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for _, f, _ in scenes.render_lesson(room, script)]))
     out: dict = {"students": list(students), "frames_per_room": frames, "frame_size": [rooms[0][0].width, rooms[0][0].height],
-                 "load_average_before": [round(v, 2) for v in __import__("os").getloadavg()]}
+                 "load_average_before": load_average()}
     cpu: dict[str, list[float]] = {m: [] for m in THROUGHPUT_MODES}
     wall: dict[str, list[float]] = {m: [] for m in THROUGHPUT_MODES}
     for _ in range(repeats):
@@ -200,7 +200,7 @@ def throughput(frames: int = 40, students: tuple[int, ...] = (24, 30), repeats: 
             wall[mode].append(count / (time.perf_counter() - wall0))
     for mode in THROUGHPUT_MODES:
         out[mode] = {"fps_cpu_min_median_max": _spread(cpu[mode]), "fps_wall_min_median_max": _spread(wall[mode])}
-    out["load_average_after"] = [round(v, 2) for v in __import__("os").getloadavg()]
+    out["load_average_after"] = load_average()
     return out
 
 
@@ -336,7 +336,7 @@ def lesson_time(minutes: float, unique: int, workdir: Path, workers: int = 2, re
     seats, empty = load_seat_map(source / "seat_map.json"), _read_image(source / "empty_room.png")
     runs = []
     for r in range(repeats):
-        load = [round(v, 2) for v in __import__("os").getloadavg()]
+        load = load_average()
         wall0, (main0, workers0) = time.perf_counter(), _cpu_seconds()
         lesson, labels = lesson_from_source(frames, seats=seats, empty=empty, size=size, classify=classify,
                                             workers=workers, warn=lambda line: None)
@@ -347,7 +347,7 @@ def lesson_time(minutes: float, unique: int, workdir: Path, workers: int = 2, re
                      "cpu_s_main_process": round(main1 - main0, 1), "cpu_s_workers": round(workers1 - workers0, 1),
                      # what the wall time would be with the 2 cores to itself: all the CPU work spread over them
                      "wall_s_if_alone_estimate": round((main1 - main0 + workers1 - workers0) / 2.0, 1),
-                     "load_average_before": load, "load_average_after": [round(v, 2) for v in __import__("os").getloadavg()],
+                     "load_average_before": load, "load_average_after": load_average(),
                      "faces": int(lesson.faces_per_step.sum())})
     walls = [run["wall_s"] for run in runs]
     return {"minutes": minutes, "frames": total, "unique_frames": unique, "students": len(room.seats), "model": described,

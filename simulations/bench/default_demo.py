@@ -24,10 +24,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from simulations.bench.federated import _final, _rounds, _schools, every_school_every_round
-from simulations.bench.results import write_result
+from simulations.bench.results import load_average, write_result
 
 # Lines of `fedfer simulate`'s output that close a phase (the first match's time is the phase's end).
 _MARKS = {
@@ -37,14 +37,6 @@ _MARKS = {
     "round_1": re.compile(r"round\s+1\b"),
     "summary": re.compile(r"^summary"),
 }
-
-
-def load_average() -> list[float]:
-    """The 1-, 5- and 15-minute load averages (/proc/loadavg)."""
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return []
 
 
 def run_timed(command: list[str], env: dict[str, str], log: Path) -> tuple[int, float, dict[str, float]]:
@@ -101,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = _rounds(data)
     write_result(args.out, {
         "note": ("`fedfer simulate` with the defaults (run.root/run.name only) timed from outside; machine shared "
-                 "(other work niced or waiting on the timing lock); load average = /proc/loadavg 1/5/15 min"),
+                 "(other work niced or waiting on the timing lock); load average = 1/5/15 min"),
         "cache": "fresh (empty XDG_CACHE_HOME: data generation and pre-training included)" if args.cache == "fresh"
                  else "warm (XDG_CACHE_HOME holds the data and the pre-trained checkpoint)",
         "overrides": list(args.overrides), "seconds": seconds, "phases_seconds_since_start": marks,

@@ -4,10 +4,19 @@ the resolved settings, so it can be reproduced as it stands."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+
+def load_average() -> list[float]:
+    """The machine's 1-, 5- and 15-minute load averages, for a result to record beside its timings."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def command_line(module: str, argv: Sequence[str] | None = None) -> str:
