@@ -131,7 +131,9 @@ def rows(rounds: Mapping[int, Mapping[str, Any]], references: Mapping[str, Any] 
                     "indomain": _scores(rounds[last].get("evaluation"), indomain), "privacy": eps})
     central = (references or {}).get("central")
     if isinstance(central, Mapping):
-        out.append({"key": "central", "label": CENTRAL, "public": _scores(central, public),
+        epochs = central.get("epochs")
+        label = CENTRAL + (f" — {int(epochs)} epochs" if _number(epochs) else "")
+        out.append({"key": "central", "label": label, "public": _scores(central, public),
                     "indomain": _scores(central, indomain), "privacy": "none (not possible for real schools)"})
     out += _alone_rows(_alone(references), public, indomain)
     return out

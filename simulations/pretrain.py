@@ -138,9 +138,11 @@ def _normalise(batch: torch.Tensor) -> torch.Tensor:
 
 
 def train_public(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
-                 lr: float, seed: int, echo: Echo | None = None) -> dict[str, float]:
+                 lr: float, seed: int, echo: Echo | None = None,
+                 after_epoch: Callable[[int, nn.Module], None] | None = None) -> dict[str, float]:
     """Plain Adam on public faces, every parameter trainable, random horizontal flips (label-preserving
-    for facial expressions). Returns steps, final epoch's mean loss and seconds."""
+    for facial expressions). Returns steps, final epoch's mean loss and seconds. `after_epoch(epoch,
+    model)` is called after every epoch (1-based) in eval mode, e.g. to score a learning curve."""
     registry.freeze_for_finetuning(model, "all")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -166,6 +168,10 @@ def train_public(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
             steps += 1
         if echo is not None:
             echo(f"pre-training epoch {epoch + 1}/{epochs}: loss {loss_sum / max(count, 1):.3f}")
+        if after_epoch is not None:
+            model.eval()
+            after_epoch(epoch + 1, model)
+            model.train()
     model.eval()
     return {"steps": steps, "final_loss": loss_sum / max(count, 1), "seconds": time.perf_counter() - started}
 

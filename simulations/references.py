@@ -136,8 +136,10 @@ def train_alone(cfg: Mapping[str, Any], school: Any, index: int, start: Mapping[
 
 
 def train_central(cfg: Mapping[str, Any], schools: list[Any], start: Mapping[str, torch.Tensor], epochs: int,
-                  seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(b): non-private fine-tuning of every layer on the pooled schools (Adam at half the pre-training lr)."""
+                  seed: int, after_epoch: Callable[[int, torch.nn.Module], None] | None = None,
+                  ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(b): non-private fine-tuning of every layer on the pooled schools (Adam at half the pre-training lr).
+    `after_epoch(epoch, model)` sees the model after every epoch (its learning curve)."""
     from torchvision.transforms import v2
 
     from shared_models.transforms import to_tensor_image
@@ -149,7 +151,7 @@ def train_central(cfg: Mapping[str, Any], schools: list[Any], start: Mapping[str
     images = torch.stack([resize(to_tensor_image(img)) for s in schools for img in s.images])
     labels = torch.from_numpy(np.concatenate([s.labels for s in schools])).long()
     stats = train_public(model, images, labels, epochs=epochs, batch_size=64, lr=float(cfg["pretrain.lr"]) / 2,
-                         seed=seed)
+                         seed=seed, after_epoch=after_epoch)
     return model, {"epochs": epochs, "frames": int(len(labels)), "seconds": round(stats["seconds"], 1)}
 
 
@@ -163,7 +165,7 @@ def pick_schools(sizes: list[int], count: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the run's references
-def _start_state(cfg: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+def start_state(cfg: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
     """The federation's starting weights: the pre-trained checkpoint, else the model seeded by run.seed."""
     from shared_models.models import registry
 
@@ -208,7 +210,7 @@ def compute_references(cfg: Mapping[str, Any], run_dir: Path, data_root: Path, e
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     torch.set_num_threads(int(cfg["train.threads"]))
     started = time.perf_counter()
-    start, source = _start_state(cfg)
+    start, source = start_state(cfg)
     ids = [synth.school_id(i) for i in range(int(cfg["federation.schools"]))]
     schools = [load_school(Path(data_root) / "schools" / sid) for sid in ids]
     score = Scorer(Path(data_root), int(model_from(cfg, start).input_size), int(cfg["evaluation.bootstrap"]))

@@ -22,3 +22,35 @@ def test_fedavgm_adds_the_momentum_share_of_the_previous_step():
     assert torch.allclose(first["w"], torch.tensor([2.0]))          # plain average in round 1
     second = fedavgm(first, [{"w": torch.tensor([3.0])}], velocity, momentum=0.5)
     assert torch.allclose(second["w"], torch.tensor([4.0]))         # step 1 + 0.5 x previous step 2
+
+
+def test_train_public_shows_every_epochs_model_in_eval_mode_and_then_trains_on():
+    """The hook behind (b)'s learning curve (simulations/bench/central_epochs.py): called once per epoch,
+    in eval mode, with weights that move between calls; training resumes after it."""
+    from shared_models.models import registry
+    from simulations.pretrain import train_public
+
+    model = registry.build("hafnet", num_classes=7, preset="dp")
+    size = int(model.input_size)
+    images = torch.rand(16, 3, size, size)
+    labels = torch.arange(16) % 7
+    seen: list[tuple[int, bool, torch.Tensor]] = []
+
+    def after_epoch(epoch: int, m: torch.nn.Module) -> None:
+        seen.append((epoch, m.training, next(m.parameters()).detach().clone()))
+
+    stats = train_public(model, images, labels, epochs=3, batch_size=8, lr=1e-2, seed=0, after_epoch=after_epoch)
+    assert [e for e, _, _ in seen] == [1, 2, 3] and not any(training for _, training, _ in seen)
+    assert not torch.equal(seen[0][2], seen[1][2]) and not torch.equal(seen[1][2], seen[2][2])
+    assert stats["steps"] == 6 and not model.training
+
+
+def test_central_epochs_bench_refuses_bad_epoch_lists(capsys):
+    import pytest
+
+    from simulations.bench.central_epochs import main
+
+    for bad in ("0,2", "two"):
+        with pytest.raises(SystemExit):
+            main(["--epochs", bad])
+        assert "--epochs" in capsys.readouterr().err
