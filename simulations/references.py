@@ -222,12 +222,19 @@ def compute_references(cfg: Mapping[str, Any], run_dir: Path, data_root: Path, e
     if "central" in kinds:
         epochs = int(cfg["evaluation.central_epochs"])
         echo(f"reference (b): one central model on the pooled schools, no privacy, {epochs} epoch(s)")
-        model, info = train_central(cfg, schools, start, epochs, seed=int(cfg["run.seed"]))
+        model, info = train_central(cfg, schools, start, epochs, seed=int(cfg["run.seed"]),
+                                    after_epoch=_every_eighth(epochs, lambda e: echo(f"  (b) epoch {e}/{epochs}")))
         record["central"] = {**info, "privacy": "none", "scores": score(model)}
     if "alone" in kinds:
         record["alone"] = _alone_references(cfg, Path(run_dir), ids, schools, start, score, echo)
     record["seconds"] = round(time.perf_counter() - started, 1)
     return _write(Path(run_dir) / FILE, record)
+
+
+def _every_eighth(total: int, show: Callable[[int], None]) -> Callable[[int, torch.nn.Module], None]:
+    """An after-epoch hook that reports progress about eight times over `total` epochs (and at the end)."""
+    every = max(1, total // 8)
+    return lambda epoch, _model: show(epoch) if epoch % every == 0 or epoch == total else None
 
 
 def _alone_references(cfg: Mapping[str, Any], run_dir: Path, ids: list[str], schools: list[Any],

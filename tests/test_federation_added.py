@@ -128,7 +128,9 @@ def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_
     run = RunDirectory(tmp_path / "run")
     run.path.mkdir()
     run.save_checkpoint(2, registry.build_from_config(cfg).state_dict(), registry.model_info(cfg), cfg, {})
-    record = json.loads(compute_references(cfg, run.path, root, echo=lambda _: None).read_text())
+    said: list[str] = []
+    record = json.loads(compute_references(cfg, run.path, root, echo=said.append).read_text())
+    assert "  (b) epoch 1/1" in said   # (b) trains for minutes at its default 32 epochs: it shows progress
 
     assert record["federated"]["round"] == 2 and set(record["federated"]["scores"]["per-school"]) == {"0", "1"}
     assert record["central"]["frames"] == 2 * 6 * 3 and record["central"]["scores"]["synthetic-indomain"]["n"] == 2 * 2 * 3
