@@ -146,6 +146,7 @@ class Call:
     source: bool = False
     output: Tensor | None = None
     grad: Tensor | None = None
+    saved: object = None            # what the layer's rule takes from the forward (GroupNorm: its statistics)
 
     def output_grad(self) -> Tensor:
         return self.grad if self.grad is not None else torch.zeros(self.shape, dtype=self.dtype)
@@ -153,7 +154,7 @@ class Call:
     def release(self) -> None:
         """Drop the tensors (the output's hook refers to this call: without this they would live until
         Python's cycle collector runs)."""
-        self.inputs, self.output, self.grad = [], None, None  # type: ignore[assignment]
+        self.inputs, self.output, self.grad, self.saved = [], None, None, None  # type: ignore[assignment]
 
 
 class PerSampleRule:
@@ -170,6 +171,11 @@ class PerSampleRule:
         self.kept: dict[nn.Parameter, Tensor] = {}
         if type(layer) not in GradSampleModule.GRAD_SAMPLERS and not hasattr(layer, "ft_compute_sample_grad"):
             prepare_layer(layer)   # deep-copies the layer: done before our hooks (holding tensors) are on it
+
+    @staticmethod
+    def keep(output: Tensor) -> object:
+        """What the rule needs from the forward besides the layer's inputs (``Call.saved``)."""
+        return None
 
     def _per_frame(self, call: Call) -> dict[nn.Parameter, Tensor]:
         from opacus.grad_sample import GradSampleModule
@@ -249,6 +255,42 @@ class LinearRule(_GhostOrDirect):
         self.ghost = []
 
 
+def _offset_slices(out: int, size: int, kernel: int, stride: int, dilation: int, padding: int) -> list[tuple[slice, slice]]:
+    """Along one axis of a conv, for each kernel offset k that reads the input at all: (the output positions
+    t it reaches inside the input, the input positions t * stride + k * dilation - padding they read)."""
+    found = []
+    for k in range(kernel):
+        shift = k * dilation - padding
+        first = max(0, -(shift // stride))          # smallest t with t * stride + shift >= 0
+        last = min(out - 1, (size - 1 - shift) // stride)
+        if last >= first:
+            start = first * stride + shift
+            found.append((slice(first, last + 1), slice(start, start + (last - first) * stride + 1, stride)))
+    return found
+
+
+def _sum_offsets(m: Tensor, offsets: list[tuple[slice, slice]], shape: tuple, dims: tuple[int, int]) -> Tensor:
+    """out[..., t, ..., s, ...] = sum over the offsets of m[..., in(t), ..., in(s), ...] along the two axes
+    ``dims`` (one axis of each frame of the pair): one sliced add per offset. An offset that reaches every
+    output position from the same input positions with stride 1 (a centred kernel tap) starts the sum
+    without a zero fill; a single such offset (a 1-wide kernel, no padding) is ``m`` itself."""
+    def index(sl: slice) -> tuple:
+        return tuple(sl if d in dims else slice(None) for d in range(m.dim()))
+    full = slice(0, shape[dims[0]])
+    if len(offsets) == 1 and offsets[0] == (full, slice(0, shape[dims[0]], 1)) and m.shape[dims[0]] == shape[dims[0]]:
+        return m
+    out, rest = None, offsets
+    for k, (outs, ins) in enumerate(offsets):
+        if outs == full:
+            out, rest = m[index(ins)].clone(memory_format=torch.contiguous_format), offsets[:k] + offsets[k + 1:]
+            break
+    if out is None:
+        out = m.new_zeros(shape)
+    for outs, ins in rest:
+        out[index(outs)] += m[index(ins)]
+    return out
+
+
 class Conv2dRule(_GhostOrDirect):
     kind = "conv2d"
 
@@ -280,34 +322,31 @@ class Conv2dRule(_GhostOrDirect):
 
     def _shifted_gram(self, x: Tensor, out_hw: Sequence[int]) -> _Gram | None:
         """The unfolded inputs' Gram matrices A_i A_j^T without unfolding (im2col was the largest single cost
-        of ghost layers on small maps): with M = X_i^T X_j over the *padded input* positions (channels
-        summed, per group), (A_i A_j^T)[t, s] = sum over kernel offsets o of M[pos(t) + o, pos(s) + o], a
-        sum of kh*kw strided views of M. None where M (P^2 positions) would cost more than the unfolded
-        Gram (T^2 * kh*kw), e.g. a strided conv with a large kernel on a large map."""
+        of ghost layers on small maps): with M = X_i^T X_j over the input positions (channels summed, per
+        group), (A_i A_j^T)[t, s] = sum over kernel offsets (a, b) of M[pos(t) + (a, b), pos(s) + (a, b)],
+        where positions outside the input (padding) contribute nothing. The offset sum is separable: first
+        over the kw column offsets, then over the kh row offsets (kh + kw sliced adds; summing all kh*kw
+        offsets at once over 6-D strided views was 2-3x slower). None where M (P^2 input positions) would
+        cost more than the unfolded Gram (T^2 * kh*kw), e.g. a strided conv with a large kernel."""
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
         (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
         ho, wo = out_hw
         if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):   # a 1x1 conv reads only every stride-th position
             x, (sh, sw) = x[:, :, ::sh, ::sw][:, :, :ho, :wo], (1, 1)
-        elif (ph, pw) != (0, 0):
-            x = F.pad(x, (pw, pw, ph, ph))
-        hp, wp = x.shape[2], x.shape[3]
-        positions = hp * wp
-        if positions * positions > ho * wo * ho * wo * kh * kw:
+        h, w = x.shape[2], x.shape[3]
+        if (h * w) ** 2 > ho * wo * ho * wo * kh * kw:
             return None
-        xg = x.reshape(x.shape[0], layer.groups, -1, positions)
+        xg = x.reshape(x.shape[0], layer.groups, -1, h * w)
+        rows = _offset_slices(ho, h, kh, sh, dh, ph)
+        cols = _offset_slices(wo, w, kw, sw, dw, pw)
 
         def gram(i: Tensor | None, j: Tensor | None) -> Tensor:
             left, right = (xg, xg) if i is None else (xg[i], xg[j])
-            m = torch.matmul(left.transpose(-1, -2), right).contiguous()   # (N, groups, P, P)
-            size = (m.shape[0], m.shape[1], ho, wo, ho, wo)
-            stride = (m.stride(0), m.stride(1), sh * wp * positions, sw * positions, sh * wp, sw)
-            aa = None
-            for a in range(kh):
-                for b in range(kw):
-                    view = m.as_strided(size, stride, m.storage_offset() + (dh * a * wp + dw * b) * (positions + 1))
-                    aa = view.clone() if aa is None else aa.add_(view)
-            return aa.reshape(m.shape[0], m.shape[1], ho * wo, ho * wo)
+            m = torch.matmul(left.transpose(-1, -2), right)   # (N, groups, P, P)
+            n, groups = m.shape[0], m.shape[1]
+            m = m.view(n * groups, h, w, h, w)
+            by_cols = _sum_offsets(m, cols, (n * groups, h, wo, h, wo), (2, 4))
+            return _sum_offsets(by_cols, rows, (n * groups, ho, wo, ho, wo), (1, 3)).view(n, groups, ho * wo, ho * wo)
         return gram
 
     def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
@@ -350,33 +389,40 @@ class Conv2dRule(_GhostOrDirect):
 
 
 class GroupNormRule(PerSampleRule):
-    """Per-frame gradients of a GroupNorm, as Opacus' sampler computes them (weight: the normalised input
-    times the output gradient, summed over positions; bias: the output gradient summed) with one fused
-    product-sum per parameter instead of a multiply and two ``einsum`` calls: HAFNet ``cpu`` has 26 small
-    GroupNorms, where each op's fixed cost is most of the time."""
+    """Per-frame gradients of a GroupNorm from PyTorch's own GroupNorm weight-gradient kernel, run once with
+    the frames as groups of one batch row: ``native_group_norm_backward`` on the input viewed as (1, B*C,
+    positions) with B*G groups gives per (frame, channel) sum_pos g * x_hat (weight) and sum_pos g (bias),
+    the numbers the batch's weight gradient sums, in one pass over the input and output gradient. The
+    group statistics (mean, 1/std per frame and group) are those the forward saved for its own backward
+    (``keep``), so the normalisation is not recomputed (recomputing it and a product-sum per parameter took
+    ~3x as long on HAFNet ``cpu``'s 26 small GroupNorms)."""
 
     kind = "group-norm"
 
-    def sq_norms(self, calls: list[Call], units: Units) -> None:
+    @staticmethod
+    def keep(output: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The forward's (mean, rstd) of each frame's groups, from the autograd node of the layer's output."""
+        node = output.grad_fn
+        if node is None or type(node).__name__ != "NativeGroupNormBackward0":
+            return None
+        return node._saved_result1.detach(), node._saved_result2.detach()
+
+    def _per_frame(self, call: Call) -> dict[nn.Parameter, Tensor]:
         layer: nn.GroupNorm = self.layer  # type: ignore[assignment]
-        weight: Tensor | None = None
-        bias: Tensor | None = None
-        for call in calls:
-            g = call.output_grad()
-            g_flat = g.reshape(g.shape[0], g.shape[1], -1)   # (B, C, positions)
-            if layer.weight.requires_grad:
-                x_hat = F.group_norm(call.inputs[0], layer.num_groups, eps=layer.eps).reshape(g_flat.shape)
-                w = torch.linalg.vecdot(x_hat, g_flat)
-                weight = w if weight is None else weight + w
-            if layer.bias.requires_grad:
-                b = g_flat.sum(dim=2)
-                bias = b if bias is None else bias + b
-        self.kept = {}
-        if weight is not None:
-            self.kept[layer.weight] = units.per_unit(weight)
-        if bias is not None:
-            self.kept[layer.bias] = units.per_unit(bias)
-        return None
+        x, g = call.inputs[0], call.output_grad()
+        n, c = x.shape[0], x.shape[1]
+        stats = call.saved if call.saved is not None else \
+            torch.ops.aten.native_group_norm(x, None, None, n, c, x[0, 0].numel(), layer.num_groups, layer.eps)[1:]
+        wanted = [layer.weight.requires_grad, layer.bias.requires_grad]
+        _, weight, bias = torch.ops.aten.native_group_norm_backward(
+            g.reshape(1, n * c, -1), x.to(g.dtype).reshape(1, n * c, -1), stats[0].reshape(1, -1),
+            stats[1].reshape(1, -1), None, 1, n * c, x[0, 0].numel(), n * layer.num_groups, [False, *wanted])
+        found = {}
+        if wanted[0]:
+            found[layer.weight] = weight.view(n, c)
+        if wanted[1]:
+            found[layer.bias] = bias.view(n, c)
+        return found
 
 
 # ------------------------------------------------------------------------------------------ the clipper
@@ -446,7 +492,7 @@ class StudentClipper:
         # passed in) makes the call a source too, so that the backward is asked for its output's gradient
         source = not any(isinstance(a, Tensor) and a.requires_grad and a.grad_fn is not None for a in args)
         call = Call([a.detach() if isinstance(a, Tensor) else a for a in args], output.shape, output.dtype,
-                    output.requires_grad, source, output if source else None)
+                    output.requires_grad, source, output if source else None, saved=self.rules[module].keep(output))
         self.calls[module].append(call)
         if output.requires_grad:
             output.register_hook(lambda grad: self._arrived(module, call, grad))
