@@ -214,6 +214,7 @@ class _GhostOrDirect(PerSampleRule):
     def __init__(self, layer: nn.Module, policy: str) -> None:
         super().__init__(layer)
         self.policy = policy
+        self._offset_matrices: dict[tuple, Tensor] = {}   # Conv2dRule._offset_sum's, per map size and dtype
         self.ghost: list[tuple[Tensor, Tensor]] = []   # (input, output grad) per call, for the clipped sum
         self.ghost_chosen: bool | None = None
 
@@ -287,7 +288,7 @@ def _sum_offsets(m: Tensor, offsets: list[tuple[slice, slice]], shape: tuple, di
     if out is None:
         out = m.new_zeros(shape)
     for outs, ins in rest:
-        out[index(outs)] += m[index(ins)]
+        out[index(outs)].add_(m[index(ins)])
     return out
 
 
@@ -295,59 +296,98 @@ class Conv2dRule(_GhostOrDirect):
     kind = "conv2d"
 
     def _unfold(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, groups, d_g, T): each output position's receptive field, per group."""
+        """(B, C, H, W) -> (B, groups, d_g, T): each output position's receptive field, per group, in the
+        weight's (channel, row, column) order. One copy of a strided view of the padded input: the same
+        numbers as ``F.unfold``, whose im2col kernel was 1.5-2x slower on every layer measured."""
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
-        cols = F.unfold(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
-                        dilation=layer.dilation)   # (B, C*kh*kw, T), channel-major rows as the weight's
-        return cols.view(x.shape[0], layer.groups, -1, cols.shape[-1])
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+        if (ph, pw) != (0, 0):
+            x = F.pad(x, (pw, pw, ph, ph))
+        n, c, h, w = x.shape
+        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        st = x.stride()
+        fields = x.as_strided((n, c, kh, kw, ho, wo), (st[0], st[1], st[2] * dh, st[3] * dw, st[2] * sh, st[3] * sw))
+        return fields.reshape(n, layer.groups, -1, ho * wo)
 
-    # Per-frame weight gradients of a conv with at most this many outputs per group come from one
-    # convolution-backward call with the batch folded into the groups (fast for narrow layers, where the
-    # unfold + batched product is dominated by the unfold); wider ones from unfold + batched product.
+    # Per-frame weight gradients (B, groups, p_g, d_g) = output gradients (B, groups, p_g, T) times receptive
+    # fields (B, groups, T, d_g), one batched product; the fields are the input itself for a 1x1 conv and
+    # copied (``_unfold``) otherwise. A conv with at most `narrow_outputs` outputs per group and more than
+    # `few_inputs` values per receptive field instead runs one convolution-backward call with the batch
+    # folded into the groups: measured faster there (HAFNet ``cpu``'s 8-16 channel layers, 1.6x), slower
+    # for an RGB stem's 3x3x3 fields (1.5-2.5x) and for wide layers.
     narrow_outputs = 32
+    few_inputs = 36
 
     def _per_frame_weight(self, x: Tensor, g: Tensor) -> Tensor:
         """(B, *weight.shape) per-frame weight gradients of one call."""
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
         n, groups = x.shape[0], layer.groups
-        if layer.out_channels // groups <= self.narrow_outputs:
+        p_g, d_g = layer.out_channels // groups, layer.weight[0].numel()
+        if layer.kernel_size == (1, 1) and layer.padding == (0, 0):
+            (sh, sw), (ho, wo) = layer.stride, g.shape[2:]
+            fields = x[:, :, ::sh, ::sw][:, :, :ho, :wo].reshape(n, groups, d_g, ho * wo)
+        elif p_g <= self.narrow_outputs and d_g > self.few_inputs:
             folded = torch.ops.aten.convolution_backward(
                 g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
                 layer.weight.expand(n, *layer.weight.shape).reshape(-1, *layer.weight.shape[1:]), None,
                 layer.stride, layer.padding, layer.dilation, False, [0, 0], n * groups, [False, True, False])[1]
             return folded.reshape(n, *layer.weight.shape)
-        cols = self._unfold(x)
-        go = g.reshape(n, groups, layer.out_channels // groups, -1)
-        return torch.einsum("bgpt,bgdt->bgpd", go, cols).reshape(n, *layer.weight.shape)
+        else:
+            fields = self._unfold(x)
+        go = g.reshape(n, groups, p_g, -1)
+        return torch.matmul(go, fields.transpose(-1, -2)).reshape(n, *layer.weight.shape)
 
     def _shifted_gram(self, x: Tensor, out_hw: Sequence[int]) -> _Gram | None:
         """The unfolded inputs' Gram matrices A_i A_j^T without unfolding (im2col was the largest single cost
         of ghost layers on small maps): with M = X_i^T X_j over the input positions (channels summed, per
         group), (A_i A_j^T)[t, s] = sum over kernel offsets (a, b) of M[pos(t) + (a, b), pos(s) + (a, b)],
-        where positions outside the input (padding) contribute nothing. The offset sum is separable: first
-        over the kw column offsets, then over the kh row offsets (kh + kw sliced adds; summing all kh*kw
-        offsets at once over 6-D strided views was 2-3x slower). None where M (P^2 input positions) would
-        cost more than the unfolded Gram (T^2 * kh*kw), e.g. a strided conv with a large kernel."""
+        where positions outside the input (padding) contribute nothing (``_offset_sum``). None where M (P^2
+        input positions) would cost more than the unfolded Gram (T^2 * kh*kw), e.g. a strided conv with a
+        large kernel."""
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
-        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
         ho, wo = out_hw
         if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):   # a 1x1 conv reads only every stride-th position
-            x, (sh, sw) = x[:, :, ::sh, ::sw][:, :, :ho, :wo], (1, 1)
+            x = x[:, :, ::sh, ::sw][:, :, :ho, :wo]
         h, w = x.shape[2], x.shape[3]
         if (h * w) ** 2 > ho * wo * ho * wo * kh * kw:
             return None
         xg = x.reshape(x.shape[0], layer.groups, -1, h * w)
-        rows = _offset_slices(ho, h, kh, sh, dh, ph)
-        cols = _offset_slices(wo, w, kw, sw, dw, pw)
 
         def gram(i: Tensor | None, j: Tensor | None) -> Tensor:
             left, right = (xg, xg) if i is None else (xg[i], xg[j])
             m = torch.matmul(left.transpose(-1, -2), right)   # (N, groups, P, P)
-            n, groups = m.shape[0], m.shape[1]
-            m = m.view(n * groups, h, w, h, w)
-            by_cols = _sum_offsets(m, cols, (n * groups, h, wo, h, wo), (2, 4))
-            return _sum_offsets(by_cols, rows, (n * groups, ho, wo, ho, wo), (1, 3)).view(n, groups, ho * wo, ho * wo)
+            return self._offset_sum(m, (h, w), (ho, wo)).view(m.shape[0], m.shape[1], ho * wo, ho * wo)
         return gram
+
+    # Offset sums of maps up to this many positions (in and out) are one product with a fixed 0/1 matrix
+    # (at most 256 x 256); larger ones are separable: first over the kw column offsets, then over the kh
+    # row offsets, kh + kw sliced adds (summing all kh*kw offsets at once over 6-D strided views was 2-3x
+    # slower). On HAFNet ``cpu``'s 4x4 maps the product is 1.5-5x faster for 3x3 kernels (batch 2-32,
+    # equal at 128); a 1-wide kernel has too few adds to gain.
+    small_map = 16
+
+    def _offset_sum(self, m: Tensor, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
+        """(N, groups, P, P) Gram of input positions -> (N * groups, ho, wo, ho, wo) summed over kernel offsets."""
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        (h, w), (ho, wo) = in_hw, out_hw
+        if h * w <= self.small_map and ho * wo <= self.small_map and min(layer.kernel_size) > 1:
+            key = (in_hw, out_hw, m.dtype)
+            if key not in self._offset_matrices:   # the same sums applied to the identity: column k = sums of basis k
+                eye = torch.eye(h * w * h * w, dtype=m.dtype)
+                self._offset_matrices[key] = self._sliced_offset_sum(eye, in_hw, out_hw).reshape(h * w * h * w, -1)
+            return torch.matmul(m.reshape(-1, h * w * h * w), self._offset_matrices[key])
+        return self._sliced_offset_sum(m.reshape(-1, h * w * h * w), in_hw, out_hw)
+
+    def _sliced_offset_sum(self, m: Tensor, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+        (h, w), (ho, wo), n = in_hw, out_hw, m.shape[0]
+        if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):   # the input was subsampled to the output positions
+            sh, sw = 1, 1
+        m = m.view(n, h, w, h, w)
+        by_cols = _sum_offsets(m, _offset_slices(wo, w, kw, sw, dw, pw), (n, h, wo, h, wo), (2, 4))
+        return _sum_offsets(by_cols, _offset_slices(ho, h, kh, sh, dh, ph), (n, ho, wo, ho, wo), (1, 3))
 
     def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
