@@ -705,13 +705,20 @@ def _clipped_sum_class() -> type:
             if self.secure_mode or std == 0:
                 super().add_noise()
                 return
-            for p in self.params:
-                summed = p.summed_grad
-                _check_processed_flag(summed)
-                # Opacus' _generate_noise(std, summed, generator) draws exactly this; x + y == y + x in IEEE
-                noise = torch.normal(mean=0, std=std, size=summed.shape, device=summed.device,
-                                     generator=self.generator, dtype=summed.dtype)
-                p.grad = noise.add_(summed).view_as(p)
-                _mark_as_processed(summed)
+            summed = [p.summed_grad for p in self.params]
+            for s in summed:
+                _check_processed_flag(s)
+            # Opacus' _generate_noise(std, summed, generator) draws exactly this, parameter by parameter in the
+            # same order; the sums are then added in one call (x + y == y + x in IEEE)
+            noise = [torch.normal(mean=0, std=std, size=s.shape, device=s.device, generator=self.generator,
+                                  dtype=s.dtype) for s in summed]
+            torch._foreach_add_(noise, summed)
+            for p, s, n in zip(self.params, summed, noise):
+                p.grad = n.view_as(p)
+                _mark_as_processed(s)
+
+        def scale_grad(self) -> None:
+            if self.loss_reduction == "mean":   # Opacus divides each p.grad in turn: the same division, one call
+                torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
 
     return ClippedSumDPOptimizer
