@@ -88,7 +88,8 @@ class Units:
         self.pair_i, self.pair_j = torch.tensor(pi, dtype=torch.long), torch.tensor(pj, dtype=torch.long)
         self.pair_row = self.rows[self.pair_i]
         self.pair_weight = torch.tensor(weight)
-        self.diagonal = len(pi) == len(self.rows)
+        self.frames, self.pairs = len(self.rows), len(pi)
+        self.diagonal = self.pairs == self.frames
 
     def per_unit(self, per_frame: Tensor) -> Tensor:
         """(B, ...) per-frame values summed per student -> (count, ...)."""
@@ -110,23 +111,29 @@ class Units:
         if self.diagonal:
             aa = input_gram(None, None)
             gg = torch.matmul(g, g.transpose(-1, -2))
-            return self.per_unit((aa * gg).reshape(len(aa), -1).sum(dim=1))
+            return self.per_unit(torch.linalg.vecdot(aa.reshape(len(aa), -1), gg.reshape(len(aa), -1)))
         aa = input_gram(self.pair_i, self.pair_j)
         gg = torch.matmul(g[self.pair_i], g[self.pair_j].transpose(-1, -2))
-        per_pair = (aa * gg).reshape(len(aa), -1).sum(dim=1) * self.pair_weight.to(aa.dtype)
+        per_pair = torch.linalg.vecdot(aa.reshape(len(aa), -1), gg.reshape(len(aa), -1)) * self.pair_weight.to(aa.dtype)
         return aa.new_zeros(self.count).index_add_(0, self.pair_row, per_pair)
-
-    @property
-    def pairs(self) -> int:
-        return len(self.pair_i)
 
 
 def _cat(parts: list[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+def _total(parts: list[Tensor]) -> Tensor:
+    """Sum of a layer's per-call terms (most layers are called once: no add, no copy)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 def _add_grad(p: nn.Parameter, grad: Tensor) -> None:
-    grad = grad.reshape(p.shape).to(p.dtype)
+    grad = grad.reshape(p.shape)
+    if grad.dtype != p.dtype:
+        grad = grad.to(p.dtype)
     p.grad = grad if p.grad is None else p.grad + grad
 
 
@@ -214,14 +221,13 @@ class _GhostOrDirect(PerSampleRule):
     def __init__(self, layer: nn.Module, policy: str) -> None:
         super().__init__(layer)
         self.policy = policy
-        self._offset_matrices: dict[tuple, Tensor] = {}   # Conv2dRule._offset_sum's, per map size and dtype
         self.ghost: list[tuple[Tensor, Tensor]] = []   # (input, output grad) per call, for the clipped sum
         self.ghost_chosen: bool | None = None
 
     def _use_ghost(self, units: Units, positions: int, d: int, p: int) -> bool:
         if self.policy != "mixed":
             return self.policy == "ghost"
-        return units.pairs * positions * (d + p) <= self.ghost_ratio * len(units.rows) * d * p
+        return units.pairs * positions * (d + p) <= self.ghost_ratio * units.frames * d * p
 
     def _bias_and_finish(self, bias_per_frame: Tensor | None, units: Units, total: Tensor | None) -> Tensor | None:
         bias = self.layer.bias
@@ -235,7 +241,7 @@ class LinearRule(_GhostOrDirect):
 
     def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
         layer: nn.Linear = self.layer  # type: ignore[assignment]
-        n, d, p = len(units.rows), layer.in_features, layer.out_features
+        n, d, p = units.frames, layer.in_features, layer.out_features
         a = _cat([c.inputs[0].reshape(n, -1, d) for c in calls], dim=1).to(calls[0].dtype)
         g = _cat([c.output_grad().reshape(n, -1, p) for c in calls], dim=1)
         total = None
@@ -311,22 +317,26 @@ class Conv2dRule(_GhostOrDirect):
 
     # Per-frame weight gradients (B, groups, p_g, d_g) = output gradients (B, groups, p_g, T) times receptive
     # fields (B, groups, T, d_g), one batched product; the fields are the input itself for a 1x1 conv and
-    # copied (``_unfold``) otherwise. A conv with at most `narrow_outputs` outputs per group and more than
-    # `few_inputs` values per receptive field instead runs one convolution-backward call with the batch
-    # folded into the groups: measured faster there (HAFNet ``cpu``'s 8-16 channel layers, 1.6x), slower
-    # for an RGB stem's 3x3x3 fields (1.5-2.5x) and for wide layers.
+    # copied (``_unfold``) otherwise. A conv with a larger kernel and at most `narrow_outputs` outputs per
+    # group instead runs one convolution-backward call with the batch folded into the groups: faster for
+    # narrow layers (HAFNet ``cpu``'s 8-16 channel layers: 1.6x), where the copy dominates the product.
+    # (It was 1.5x slower on an RGB stem's 3x3x3 fields measured alone, but within 5 % inside a step, where
+    # the copy's fresh memory costs page faults, and the copy adds 14 MB to the peak at batch 128.)
     narrow_outputs = 32
-    few_inputs = 36
+
+    def __init__(self, layer: nn.Module, policy: str) -> None:
+        super().__init__(layer, policy)
+        self._offset_matrices: dict[tuple, Tensor] = {}   # ``_offset_sum``'s, per map size and dtype
 
     def _per_frame_weight(self, x: Tensor, g: Tensor) -> Tensor:
         """(B, *weight.shape) per-frame weight gradients of one call."""
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
         n, groups = x.shape[0], layer.groups
-        p_g, d_g = layer.out_channels // groups, layer.weight[0].numel()
+        p_g, d_g = layer.out_channels // groups, layer.weight.numel() // layer.out_channels
         if layer.kernel_size == (1, 1) and layer.padding == (0, 0):
             (sh, sw), (ho, wo) = layer.stride, g.shape[2:]
             fields = x[:, :, ::sh, ::sw][:, :, :ho, :wo].reshape(n, groups, d_g, ho * wo)
-        elif p_g <= self.narrow_outputs and d_g > self.few_inputs:
+        elif p_g <= self.narrow_outputs:
             folded = torch.ops.aten.convolution_backward(
                 g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
                 layer.weight.expand(n, *layer.weight.shape).reshape(-1, *layer.weight.shape[1:]), None,
@@ -391,13 +401,13 @@ class Conv2dRule(_GhostOrDirect):
 
     def sq_norms(self, calls: list[Call], units: Units) -> Tensor:
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
-        n, groups = len(units.rows), layer.groups
+        n, groups = units.frames, layer.groups
         grads = [c.output_grad() for c in calls]
         total = None
         self.kept, self.ghost = {}, []
         if layer.weight.requires_grad:
             p_g = layer.out_channels // groups
-            d_g = layer.weight[0].numel()
+            d_g = layer.weight.numel() // layer.out_channels
             positions = sum(g.shape[2] * g.shape[3] for g in grads)
             self.ghost_chosen = self._use_ghost(units, positions, d_g, p_g)
             if self.ghost_chosen:
@@ -411,9 +421,9 @@ class Conv2dRule(_GhostOrDirect):
                     total = units.ghost_sq_norms(a.transpose(2, 3), go.transpose(2, 3))
                 self.ghost = [(c.inputs[0], g) for c, g in zip(calls, grads)]
             else:
-                per_frame = sum(self._per_frame_weight(c.inputs[0].to(g.dtype), g) for c, g in zip(calls, grads))
+                per_frame = _total([self._per_frame_weight(c.inputs[0].to(g.dtype), g) for c, g in zip(calls, grads)])
                 self.kept[layer.weight] = units.per_unit(per_frame)
-        bias = torch.stack([g.sum(dim=(2, 3)) for g in grads]).sum(dim=0) if layer.bias is not None else None
+        bias = _total([g.sum(dim=(2, 3)) for g in grads]) if layer.bias is not None else None
         return self._bias_and_finish(bias, units, total)
 
     def clipped_sum(self, frame_scale: Tensor) -> None:
@@ -447,22 +457,23 @@ class GroupNormRule(PerSampleRule):
             return None
         return node._saved_result1.detach(), node._saved_result2.detach()
 
-    def _per_frame(self, call: Call) -> dict[nn.Parameter, Tensor]:
+    def sq_norms(self, calls: list[Call], units: Units) -> None:
         layer: nn.GroupNorm = self.layer  # type: ignore[assignment]
-        x, g = call.inputs[0], call.output_grad()
-        n, c = x.shape[0], x.shape[1]
-        stats = call.saved if call.saved is not None else \
-            torch.ops.aten.native_group_norm(x, None, None, n, c, x[0, 0].numel(), layer.num_groups, layer.eps)[1:]
-        wanted = [layer.weight.requires_grad, layer.bias.requires_grad]
-        _, weight, bias = torch.ops.aten.native_group_norm_backward(
-            g.reshape(1, n * c, -1), x.to(g.dtype).reshape(1, n * c, -1), stats[0].reshape(1, -1),
-            stats[1].reshape(1, -1), None, 1, n * c, x[0, 0].numel(), n * layer.num_groups, [False, *wanted])
-        found = {}
-        if wanted[0]:
-            found[layer.weight] = weight.view(n, c)
-        if wanted[1]:
-            found[layer.bias] = bias.view(n, c)
-        return found
+        weight, bias, groups = layer.weight, layer.bias, layer.num_groups
+        wanted = [False, weight.requires_grad, bias.requires_grad]
+        found = []   # per call: (None, per-frame weight gradient or None, per-frame bias gradient or None)
+        for call in calls:
+            x, g = call.inputs[0], call.output_grad()
+            n, c = x.shape[0], x.shape[1]
+            positions = x.numel() // (n * c)
+            mean, rstd = call.saved if call.saved is not None else \
+                torch.ops.aten.native_group_norm(x, None, None, n, c, positions, groups, layer.eps)[1:]
+            found.append(torch.ops.aten.native_group_norm_backward(
+                g.reshape(1, n * c, positions), x.to(g.dtype).reshape(1, n * c, positions), mean.reshape(1, -1),
+                rstd.reshape(1, -1), None, 1, n * c, positions, n * groups, wanted))
+        self.kept = {p: units.per_unit(_total([f[k] for f in found]).view(-1, p.numel()))
+                     for k, p in ((1, weight), (2, bias)) if wanted[k]}
+        return None
 
 
 # ------------------------------------------------------------------------------------------ the clipper
@@ -530,24 +541,34 @@ class StudentClipper:
             raise UnsupportedModel(f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor")
         # an input needing a gradient that no layer output explains (a leaf: the model's input, a parameter
         # passed in) makes the call a source too, so that the backward is asked for its output's gradient
-        source = not any(isinstance(a, Tensor) and a.requires_grad and a.grad_fn is not None for a in args)
-        call = Call([a.detach() if isinstance(a, Tensor) else a for a in args], output.shape, output.dtype,
-                    output.requires_grad, source, output if source else None, saved=self.rules[module].keep(output))
+        source, inputs = True, []
+        for a in args:
+            if isinstance(a, Tensor):
+                source = source and not (a.requires_grad and a.grad_fn is not None)
+                a = a.detach()
+            inputs.append(a)
+        needs_grad = output.requires_grad
+        call = Call(inputs, output.shape, output.dtype, needs_grad, source, output if source else None,
+                    saved=self.rules[module].keep(output))
         self.calls[module].append(call)
-        if output.requires_grad:
-            output.register_hook(lambda grad: self._arrived(module, call, grad))
+        if needs_grad:
+            output.register_hook(functools.partial(self._arrived, module, call))
 
     def _arrived(self, module: nn.Module, call: Call, grad: Tensor) -> None:
         """Tensor hook, during the backward: the gradient of one call's output. When all the layer's calls
         have theirs, its per-student norms are computed at once and what the rule no longer needs (inputs,
         output gradients of direct and per-sample layers) is released, instead of being held to the end."""
-        if self._step is None:
+        step = self._step
+        if step is None:
             return
         call.grad = grad
-        self._step.pending[module] -= 1
-        if self._step.pending[module] == 0:
-            self._step.process(module, self.rules[module], self.calls[module])
-            self._release(module)
+        left = step.pending[module] = step.pending[module] - 1
+        if left == 0:
+            calls = self.calls[module]
+            step.process(self.rules[module], calls)
+            for c in calls:
+                c.release()
+            self.calls[module] = []
 
     def capture(self) -> "_Capture":
         return _Capture(self)
@@ -593,7 +614,7 @@ class StudentClipper:
                 continue
             if any(c.grad is None and c.needs_grad for c in calls):
                 raise UnsupportedModel(f"the backward did not reach layer {type(module).__name__}'s output")
-            self._step.process(module, self.rules[module], calls)
+            self._step.process(self.rules[module], calls)
             self._release(module)
 
     def _release(self, module: nn.Module) -> None:
@@ -627,14 +648,15 @@ class _Step:
         self.kept_all: Tensor | None = None
         self.ghost_rules: list[PerSampleRule] = []
 
-    def process(self, module: nn.Module, rule: PerSampleRule, calls: list[Call]) -> None:
+    def process(self, rule: PerSampleRule, calls: list[Call]) -> None:
         ghost = rule.sq_norms(calls, self.units)
         if ghost is not None:
-            self.ghost_sq.append(ghost.to(self.dtype))
+            self.ghost_sq.append(ghost if ghost.dtype == self.dtype else ghost.to(self.dtype))
             self.ghost_rules.append(rule)
-        for p, per_unit in rule.kept.items():
-            self.kept.append((p, per_unit.reshape(self.units.count, -1)))
-        rule.kept = {}
+        if rule.kept:
+            count = self.units.count
+            self.kept.extend((p, per_unit.reshape(count, -1)) for p, per_unit in rule.kept.items())
+            rule.kept = {}
 
     def norms(self) -> Tensor:
         total = torch.zeros(self.units.count, dtype=self.dtype)
