@@ -316,13 +316,16 @@ class Conv2dRule(_GhostOrDirect):
         return fields.reshape(n, layer.groups, -1, ho * wo)
 
     # Per-frame weight gradients (B, groups, p_g, d_g) = output gradients (B, groups, p_g, T) times receptive
-    # fields (B, groups, T, d_g), one batched product; the fields are the input itself for a 1x1 conv and
-    # copied (``_unfold``) otherwise. A conv with a larger kernel and at most `narrow_outputs` outputs per
-    # group instead runs one convolution-backward call with the batch folded into the groups: faster for
-    # narrow layers (HAFNet ``cpu``'s 8-16 channel layers: 1.6x), where the copy dominates the product.
-    # (It was 1.5x slower on an RGB stem's 3x3x3 fields measured alone, but within 5 % inside a step, where
-    # the copy's fresh memory costs page faults, and the copy adds 14 MB to the peak at batch 128.)
+    # fields (B, groups, T, d_g), batched products; the fields are the input itself for a 1x1 conv and
+    # copied (``_unfold``) otherwise, at most `fields_budget` values at a time (bounded memory, and one
+    # chunk's buffer is reused by the next instead of a large fresh allocation paying page faults: HAFNet
+    # ``cpu``'s stem took 0.9-1.0 ms in a step this way, 1.3 ms in one piece). A conv with at most
+    # `narrow_outputs` outputs per group and more than `few_inputs` values per receptive field instead runs
+    # one convolution-backward call with the batch folded into the groups: faster for HAFNet ``cpu``'s
+    # 8-16 channel layers (1.6x), slower for an RGB stem's 3x3x3 fields (1.4 ms in a step) and wide layers.
     narrow_outputs = 32
+    few_inputs = 36
+    fields_budget = 2 ** 17
 
     def __init__(self, layer: nn.Module, policy: str) -> None:
         super().__init__(layer, policy)
@@ -336,14 +339,17 @@ class Conv2dRule(_GhostOrDirect):
         if layer.kernel_size == (1, 1) and layer.padding == (0, 0):
             (sh, sw), (ho, wo) = layer.stride, g.shape[2:]
             fields = x[:, :, ::sh, ::sw][:, :, :ho, :wo].reshape(n, groups, d_g, ho * wo)
-        elif p_g <= self.narrow_outputs:
+        elif p_g <= self.narrow_outputs and d_g > self.few_inputs:
             folded = torch.ops.aten.convolution_backward(
                 g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
                 layer.weight.expand(n, *layer.weight.shape).reshape(-1, *layer.weight.shape[1:]), None,
                 layer.stride, layer.padding, layer.dilation, False, [0, 0], n * groups, [False, True, False])[1]
             return folded.reshape(n, *layer.weight.shape)
-        else:
-            fields = self._unfold(x)
+        else:   # copied fields, a few frames at a time: bounded memory, and the copy's buffer is reused
+            go = g.reshape(n, groups, p_g, -1)
+            chunk = max(1, self.fields_budget // (d_g * groups * go.shape[-1]))
+            return _cat([torch.matmul(go[i:i + chunk], self._unfold(x[i:i + chunk]).transpose(-1, -2))
+                         for i in range(0, n, chunk)], dim=0).reshape(n, *layer.weight.shape)
         go = g.reshape(n, groups, p_g, -1)
         return torch.matmul(go, fields.transpose(-1, -2)).reshape(n, *layer.weight.shape)
 
