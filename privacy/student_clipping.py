@@ -716,7 +716,8 @@ def clipped_sum_optimizer(optimizer: torch.optim.Optimizer, **kwargs: object) ->
     ``StudentClipper`` leaves), with two per-parameter costs of its step removed (measured on HAFNet ``cpu``,
     batch 32, 90 parameter tensors: 1.7 of its 5 ms over plain SGD):
 
-    * ``accumulate`` deep-copies each ``p.grad`` (``copy.deepcopy``); a clone gives the same tensor;
+    * ``accumulate`` deep-copies each ``p.grad`` (``copy.deepcopy``); a clone gives the same tensor, and a
+      step that is not skipped needs no copy at all (its sum is used and dropped before p.grad changes);
     * ``add_noise`` allocates a zero tensor per parameter that it uses only when σ = 0, and a second tensor
       for ``summed + noise``; here the noise is drawn by the same ``torch.normal`` call, in the same order,
       from the same generator (so bit for bit the same numbers), and the sum is added into it.
@@ -734,11 +735,14 @@ def _clipped_sum_class() -> type:
 
     class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
         def accumulate(self) -> None:
+            # A step that is not skipped uses the sum at once (add_noise replaces p.grad, zero_grad then drops
+            # the sum), so it can be p.grad itself; a skipped step's sum must outlive p.grad: a copy.
+            keep_apart = self._check_skip_next_step(pop_next=False)
             for p in self.params:
                 if p.summed_grad is not None:
                     p.summed_grad.add_(p.grad.data)
                 else:
-                    p.summed_grad = p.grad.detach().clone()
+                    p.summed_grad = p.grad.detach().clone() if keep_apart else p.grad.detach()
 
         def add_noise(self) -> None:
             std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
