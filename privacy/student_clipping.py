@@ -298,6 +298,24 @@ def _sum_offsets(m: Tensor, offsets: list[tuple[slice, slice]], shape: tuple, di
     return out
 
 
+class _ConvByFrame(torch.autograd.Function):
+    """A Conv2d's forward as usual; its backward is ``Conv2dRule.backward_by_frame`` (input gradient and
+    per-frame weight gradients in one call). Returns no weight or bias gradient: this path sets ``p.grad``
+    itself (the clipped sum)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, rule: "Conv2dRule") -> Tensor:  # type: ignore[override]
+        layer = rule.layer
+        ctx.rule = rule
+        ctx.save_for_backward(x)
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        x, = ctx.saved_tensors
+        return ctx.rule.backward_by_frame(x, grad, ctx.needs_input_grad[0]), None, None, None
+
+
 class Conv2dRule(_GhostOrDirect):
     kind = "conv2d"
 
@@ -330,6 +348,73 @@ class Conv2dRule(_GhostOrDirect):
     def __init__(self, layer: nn.Module, policy: str) -> None:
         super().__init__(layer, policy)
         self._offset_matrices: dict[tuple, Tensor] = {}   # ``_offset_sum``'s, per map size and dtype
+        self.by_frame: bool | None = None   # this step's calls run through _ConvByFrame (decided at the first)
+        self.by_frame_calls = 0             # ... how many: the forward hook must not keep them
+        self.frames: list[tuple[Tensor, Tensor | None]] = []   # per call: per-frame weight, bias gradients
+
+    def runs_by_frame(self) -> bool:
+        """Whether the layer may take its per-frame gradients from its own backward while capturing
+        (``forward_capturing``): the convolution-backward rule of ``_per_frame_weight`` (a kernel larger
+        than 1x1, narrow outputs, more than `few_inputs` values per receptive field), not forced to ghost."""
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        return self.policy != "ghost" and layer.kernel_size != (1, 1) and \
+            layer.out_channels // layer.groups <= self.narrow_outputs and \
+            layer.weight.numel() // layer.out_channels > self.few_inputs
+
+    def forward_capturing(self, x: Tensor) -> Tensor:
+        """The layer's forward while capturing (installed on the instance by ``_Capture`` where
+        ``runs_by_frame``). A call the direct rule takes for any grouping of frames into students (its
+        ghost work exceeds the direct work already at one frame per student) runs through ``_ConvByFrame``:
+        the same convolution forward, and a backward whose one convolution-backward call, with the batch
+        folded into the groups, gives both the input gradient and each frame's weight gradient. That
+        replaces the per-frame kernel, the forward hook and the tensor hook of the layer; on HAFNet
+        ``cpu``'s 8-16 channel layers the grouped input gradient is also faster than the dense one
+        (mkldnn). The step's first call decides for all its calls (one rule per layer and step)."""
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        if self.by_frame is None:
+            self.by_frame = torch.is_grad_enabled() and layer.weight.requires_grad and x.requires_grad and \
+                x.grad_fn is not None and self._direct_for_any_units(x)
+        if not (self.by_frame and torch.is_grad_enabled()):
+            return nn.Conv2d.forward(layer, x)
+        self.by_frame_calls += 1
+        return _ConvByFrame.apply(x, layer.weight, layer.bias, self)
+
+    def _direct_for_any_units(self, x: Tensor) -> bool:
+        """``_use_ghost`` is False at one frame per student (the fewest frame pairs), hence for any units."""
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        if self.policy == "direct":
+            return True
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        d, p = layer.weight.numel() // layer.out_channels, layer.out_channels // layer.groups
+        return ho * wo * (d + p) > self.ghost_ratio * d * p
+
+    def backward_by_frame(self, x: Tensor, g: Tensor, input_grad: bool) -> Tensor | None:
+        """_ConvByFrame's backward: the input gradient (if asked) and, kept in ``self.frames``, the per-frame
+        weight (and bias) gradients, from one grouped convolution-backward call."""
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        n, weight = x.shape[0], layer.weight.detach()
+        grad_x, per_frame, _ = torch.ops.aten.convolution_backward(
+            g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
+            weight.expand(n, *weight.shape).reshape(-1, *weight.shape[1:]), None, layer.stride, layer.padding,
+            layer.dilation, False, [0, 0], n * layer.groups, [input_grad, True, False])
+        bias = g.sum(dim=(2, 3)) if layer.bias is not None and layer.bias.requires_grad else None
+        self.frames.append((per_frame.view(n, -1), bias))
+        return grad_x.view(x.shape) if input_grad else None
+
+    def take_frames(self, units: Units) -> None:
+        """``self.kept`` from the per-frame gradients the backward left in ``self.frames``."""
+        if len(self.frames) < self.by_frame_calls:
+            raise UnsupportedModel(f"the backward did not reach layer {type(self.layer).__name__}'s output")
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        self.kept = {layer.weight: units.per_unit(_total([w for w, _ in self.frames]))}
+        if self.frames[0][1] is not None:
+            self.kept[layer.bias] = units.per_unit(_total([b for _, b in self.frames]))
+        self.ghost_chosen, self.frames = False, []
+
+    def reset_step(self) -> None:
+        self.by_frame, self.by_frame_calls, self.frames = None, 0, []
 
     def _per_frame_fields(self, x: Tensor, out_hw: Sequence[int]) -> Tensor:
         """A 1x1 conv's receptive fields (B, groups, C_in/groups, T): the input at every stride-th position."""
@@ -548,12 +633,17 @@ class StudentClipper:
         self.rules = {module: rule_for(module, layer_policy) for _, module in trainable_layers(model)}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.calls: dict[nn.Module, list[Call]] = {m: [] for m in self.rules}
+        # convs that may take their per-frame gradients from their own backward (Conv2dRule.forward_capturing)
+        self.by_frame = [r for r in self.rules.values() if isinstance(r, Conv2dRule) and r.runs_by_frame()]
         self._capturing = False
         self._step: _Step | None = None
         self._handles = [m.register_forward_hook(self._keep) for m in self.rules]
 
     def _keep(self, module: nn.Module, args: tuple, output: object) -> None:
         if not (self._capturing and torch.is_grad_enabled()):
+            return
+        rule = self.rules[module]
+        if getattr(rule, "by_frame", False):   # _ConvByFrame's backward gives its gradients, no hook needed
             return
         if not isinstance(output, Tensor):
             raise UnsupportedModel(f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor")
@@ -609,6 +699,10 @@ class StudentClipper:
             sources = [c.output for cs in self.calls.values() for c in cs if c.needs_grad and c.source]
             if sources:
                 torch.autograd.grad(losses.sum(), sources, allow_unused=True)
+            for rule in self.by_frame:
+                if rule.by_frame and rule.by_frame_calls:
+                    rule.take_frames(step.units)
+                    step.process_kept(rule)
             self._finish_unreached()
             norms = step.norms()
             unit_scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)   # Opacus' DPOptimizer formula
@@ -643,6 +737,8 @@ class StudentClipper:
     def reset(self) -> None:
         for module in self.calls:
             self._release(module)
+        for rule in self.by_frame:
+            rule.reset_step()
 
     def close(self) -> None:
         for handle in self._handles:
@@ -671,6 +767,9 @@ class _Step:
         if ghost is not None:
             self.ghost_sq.append(ghost if ghost.dtype == self.dtype else ghost.to(self.dtype))
             self.ghost_rules.append(rule)
+        self.process_kept(rule)
+
+    def process_kept(self, rule: PerSampleRule) -> None:
         if rule.kept:
             count = self.units.count
             self.kept.extend((p, per_unit.reshape(count, -1)) for p, per_unit in rule.kept.items())
@@ -704,10 +803,14 @@ class _Capture:
     def __enter__(self) -> StudentClipper:
         self.clipper.reset()
         self.clipper._capturing = True
+        for rule in self.clipper.by_frame:   # an instance attribute: the class's forward again on exit
+            rule.layer.forward = rule.forward_capturing
         return self.clipper
 
     def __exit__(self, *exc: object) -> None:
         self.clipper._capturing = False
+        for rule in self.clipper.by_frame:
+            del rule.layer.forward
 
 
 # ------------------------------------------------------------------------------------------ the optimizer
