@@ -357,9 +357,8 @@ class Conv2dRule(_GhostOrDirect):
         (``forward_capturing``): the convolution-backward rule of ``_per_frame_weight`` (a kernel larger
         than 1x1, narrow outputs, more than `few_inputs` values per receptive field), not forced to ghost."""
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
-        return self.policy != "ghost" and layer.kernel_size != (1, 1) and \
-            layer.out_channels // layer.groups <= self.narrow_outputs and \
-            layer.weight.numel() // layer.out_channels > self.few_inputs
+        return self.policy != "ghost" and layer.out_channels // layer.groups <= self.narrow_outputs and \
+            (layer.weight.numel() // layer.out_channels > self.few_inputs or layer.kernel_size == (1, 1))
 
     def forward_capturing(self, x: Tensor) -> Tensor:
         """The layer's forward while capturing (installed on the instance by ``_Capture`` where
