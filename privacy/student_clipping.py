@@ -298,6 +298,53 @@ def _sum_offsets(m: Tensor, offsets: list[tuple[slice, slice]], shape: tuple, di
     return out
 
 
+class _ByFrame:
+    """For rules whose layer, while capturing, may run through an autograd Function whose backward also gives
+    the per-frame parameter gradients (``_ConvByFrame``, ``_GroupNormByFrame``): such calls need no forward
+    or tensor hook and no kernel of their own. ``_Capture`` installs ``forward_capturing`` on the layer."""
+
+    layer: nn.Module
+    kept: dict
+
+    def _init_by_frame(self) -> None:
+        self.by_frame: bool | None = None   # this step's calls run by frame (decided at the step's first call)
+        self.by_frame_calls = 0
+        self.frames: list[dict[nn.Parameter, Tensor]] = []   # per call: per-frame gradients (B, numel)
+
+    def forward_capturing(self, x: Tensor) -> Tensor:
+        if self.by_frame is None:   # one decision for all the step's calls: one rule per layer and step
+            # the backward must reach the call, hence an input that needs a gradient from an earlier layer
+            self.by_frame = torch.is_grad_enabled() and x.requires_grad and x.grad_fn is not None and \
+                self._by_frame_fits(x)
+        if not (self.by_frame and torch.is_grad_enabled()):
+            return self._plain_forward(x)
+        self.by_frame_calls += 1
+        return self._apply_by_frame(x)
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _by_frame_fits(self, x: Tensor) -> bool:
+        raise NotImplementedError
+
+    def _apply_by_frame(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def take_frames(self, units: Units) -> None:
+        """``self.kept`` from the per-frame gradients the backward left in ``self.frames``."""
+        if len(self.frames) < self.by_frame_calls:
+            raise UnsupportedModel(f"the backward did not reach layer {type(self.layer).__name__}'s output")
+        summed: dict[nn.Parameter, Tensor] = {}
+        for found in self.frames:
+            for p, per_frame in found.items():
+                summed[p] = per_frame if p not in summed else summed[p] + per_frame
+        self.kept = {p: units.per_unit(per_frame) for p, per_frame in summed.items()}
+        self.frames = []
+
+    def reset_step(self) -> None:
+        self.by_frame, self.by_frame_calls, self.frames = None, 0, []
+
+
 class _ConvByFrame(torch.autograd.Function):
     """A Conv2d's forward as usual; its backward is ``Conv2dRule.backward_by_frame`` (input gradient and
     per-frame weight gradients in one call). Returns no weight or bias gradient: this path sets ``p.grad``
@@ -316,7 +363,7 @@ class _ConvByFrame(torch.autograd.Function):
         return ctx.rule.backward_by_frame(x, grad, ctx.needs_input_grad[0]), None, None, None
 
 
-class Conv2dRule(_GhostOrDirect):
+class Conv2dRule(_ByFrame, _GhostOrDirect):
     kind = "conv2d"
 
     def _unfold(self, x: Tensor) -> Tensor:
@@ -348,9 +395,7 @@ class Conv2dRule(_GhostOrDirect):
     def __init__(self, layer: nn.Module, policy: str) -> None:
         super().__init__(layer, policy)
         self._offset_matrices: dict[tuple, Tensor] = {}   # ``_offset_sum``'s, per map size and dtype
-        self.by_frame: bool | None = None   # this step's calls run through _ConvByFrame (decided at the first)
-        self.by_frame_calls = 0             # ... how many: the forward hook must not keep them
-        self.frames: list[tuple[Tensor, Tensor | None]] = []   # per call: per-frame weight, bias gradients
+        self._init_by_frame()
 
     def runs_by_frame(self) -> bool:
         """Whether the layer may take its per-frame gradients from its own backward while capturing
@@ -360,23 +405,20 @@ class Conv2dRule(_GhostOrDirect):
         return self.policy != "ghost" and layer.out_channels // layer.groups <= self.narrow_outputs and \
             (layer.weight.numel() // layer.out_channels > self.few_inputs or layer.kernel_size == (1, 1))
 
-    def forward_capturing(self, x: Tensor) -> Tensor:
-        """The layer's forward while capturing (installed on the instance by ``_Capture`` where
-        ``runs_by_frame``). A call the direct rule takes for any grouping of frames into students (its
-        ghost work exceeds the direct work already at one frame per student) runs through ``_ConvByFrame``:
-        the same convolution forward, and a backward whose one convolution-backward call, with the batch
-        folded into the groups, gives both the input gradient and each frame's weight gradient. That
-        replaces the per-frame kernel, the forward hook and the tensor hook of the layer; on HAFNet
-        ``cpu``'s 8-16 channel layers the grouped input gradient is also faster than the dense one
-        (mkldnn). The step's first call decides for all its calls (one rule per layer and step)."""
-        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
-        if self.by_frame is None:
-            self.by_frame = torch.is_grad_enabled() and layer.weight.requires_grad and x.requires_grad and \
-                x.grad_fn is not None and self._direct_for_any_units(x)
-        if not (self.by_frame and torch.is_grad_enabled()):
-            return nn.Conv2d.forward(layer, x)
-        self.by_frame_calls += 1
-        return _ConvByFrame.apply(x, layer.weight, layer.bias, self)
+    # forward_capturing (``_ByFrame``): a call the direct rule takes for any grouping of frames into students
+    # (its ghost work exceeds the direct work already at one frame per student) runs through _ConvByFrame:
+    # the same convolution forward, and a backward whose one convolution-backward call, with the batch
+    # folded into the groups, gives both the input gradient and each frame's weight gradient. That replaces
+    # the per-frame kernel, the forward hook and the tensor hook of the layer; on HAFNet ``cpu``'s 8-16
+    # channel layers the grouped input gradient is also faster than the dense one (mkldnn).
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        return nn.Conv2d.forward(self.layer, x)
+
+    def _by_frame_fits(self, x: Tensor) -> bool:
+        return self.layer.weight.requires_grad and self._direct_for_any_units(x)
+
+    def _apply_by_frame(self, x: Tensor) -> Tensor:
+        return _ConvByFrame.apply(x, self.layer.weight, self.layer.bias, self)
 
     def _direct_for_any_units(self, x: Tensor) -> bool:
         """``_use_ghost`` is False at one frame per student (the fewest frame pairs), hence for any units."""
@@ -398,22 +440,15 @@ class Conv2dRule(_GhostOrDirect):
             g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
             weight.expand(n, *weight.shape).reshape(-1, *weight.shape[1:]), None, layer.stride, layer.padding,
             layer.dilation, False, [0, 0], n * layer.groups, [input_grad, True, False])
-        bias = g.sum(dim=(2, 3)) if layer.bias is not None and layer.bias.requires_grad else None
-        self.frames.append((per_frame.view(n, -1), bias))
+        found = {layer.weight: per_frame.view(n, -1)}
+        if layer.bias is not None and layer.bias.requires_grad:
+            found[layer.bias] = g.sum(dim=(2, 3))
+        self.frames.append(found)
         return grad_x.view(x.shape) if input_grad else None
 
     def take_frames(self, units: Units) -> None:
-        """``self.kept`` from the per-frame gradients the backward left in ``self.frames``."""
-        if len(self.frames) < self.by_frame_calls:
-            raise UnsupportedModel(f"the backward did not reach layer {type(self.layer).__name__}'s output")
-        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
-        self.kept = {layer.weight: units.per_unit(_total([w for w, _ in self.frames]))}
-        if self.frames[0][1] is not None:
-            self.kept[layer.bias] = units.per_unit(_total([b for _, b in self.frames]))
-        self.ghost_chosen, self.frames = False, []
-
-    def reset_step(self) -> None:
-        self.by_frame, self.by_frame_calls, self.frames = None, 0, []
+        super().take_frames(units)
+        self.ghost_chosen = False
 
     def _per_frame_fields(self, x: Tensor, out_hw: Sequence[int]) -> Tensor:
         """A 1x1 conv's receptive fields (B, groups, C_in/groups, T): the input at every stride-th position."""
