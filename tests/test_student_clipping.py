@@ -386,3 +386,42 @@ def test_ghost_clipped_sum_is_exact_on_the_other_zoo_models(name: str) -> None:
     assert kinds.get("group-norm", 0) > 30, kinds
     for p, r in zip([p for p in model.parameters() if p.requires_grad], reference):
         torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
+
+
+class _ByFrameNet(nn.Module):
+    """A first conv (hooked: its input needs no gradient), then a narrow 3x3 conv with a bias applied twice
+    (run by frame: its backward gives the per-frame gradients) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(2, 8, 3, padding=1)
+        self.narrow = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.narrow(torch.tanh(self.narrow(torch.tanh(self.first(x))))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_narrow_conv_run_by_frame_gives_the_exact_clipped_sum_and_input_gradient():
+    """Conv2dRule's by-frame path (_ConvByFrame: the layer's own backward, one grouped convolution-backward
+    call, gives its input gradient and per-frame weight and bias gradients, no hooks) is taken for a narrow
+    conv called twice and gives autograd's clipped per-student sum; outside capture the layer is unchanged."""
+    torch.manual_seed(14)
+    model = _ByFrameNet().double()
+    g = torch.Generator().manual_seed(15)
+    x, y = torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
+    rows = torch.tensor([0, 1, 1, 0])
+    reference = _reference_clipped_sum_toy(model, x, y, rows)
+    clipper = StudentClipper(model)
+    rule = clipper.rules[model.narrow]
+    with clipper.capture():
+        losses = _toy_loss(model, x, y)
+    assert rule.by_frame and rule.by_frame_calls == 2 and not clipper.calls[model.narrow]
+    assert clipper.rules[model.first] not in clipper.by_frame   # 18 values per receptive field: copied fields
+    assert "forward" not in vars(model.narrow)
+    clipper.clip_and_sum(losses, rows, 2, 0.1)
+    assert clipper.kinds()["conv2d-direct"] >= 1
+    clipper.close()
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
