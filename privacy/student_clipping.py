@@ -23,8 +23,11 @@ forward and one *partial* backward:
        gradients — a student's frames are folded into the positions, so the norm is that of the
        student's summed gradient, never of a frame's.
    Linear and Conv2d (incl. grouped) have both rules; a ghost conv takes the Gram matrices A_i A_j^T from
-   the padded inputs (X_i^T X_j summed over kernel offsets) instead of unfolding them where that is
-   cheaper. GroupNorm has its own per-frame rule (Opacus' formula, fewer ops). Every other layer
+   the inputs' Gram over input positions (X_i^T X_j summed over kernel offsets) instead of unfolding them
+   where that is cheaper. A narrow direct conv whose input needs a gradient takes its per-frame gradients
+   from its own backward (``_ConvByFrame``: one grouped convolution-backward call gives the input
+   gradient and every frame's weight gradient; no hooks). GroupNorm's per-frame gradients come from one
+   GroupNorm backward kernel call with the frames as groups, on the forward's saved statistics. Every other layer
    (LayerNorm, PReLU, HAFNet's class centres, anything a model adds later) falls back to per-sample
    gradients from Opacus' own samplers (``GradSampleModule.GRAD_SAMPLERS``, i.e. whatever
    ``register_grad_sampler`` registered, else Opacus' functorch replay), summed per student.
@@ -262,7 +265,8 @@ class LinearRule(_GhostOrDirect):
         self.ghost = []
 
 
-def _offset_slices(out: int, size: int, kernel: int, stride: int, dilation: int, padding: int) -> list[tuple[slice, slice]]:
+def _offset_slices(out: int, size: int, kernel: int, stride: int, dilation: int,
+                   padding: int) -> list[tuple[slice, slice]]:
     """Along one axis of a conv, for each kernel offset k that reads the input at all: (the output positions
     t it reaches inside the input, the input positions t * stride + k * dilation - padding they read)."""
     found = []
@@ -300,8 +304,10 @@ def _sum_offsets(m: Tensor, offsets: list[tuple[slice, slice]], shape: tuple, di
 
 class _ByFrame:
     """For rules whose layer, while capturing, may run through an autograd Function whose backward also gives
-    the per-frame parameter gradients (``_ConvByFrame``, ``_GroupNormByFrame``): such calls need no forward
-    or tensor hook and no kernel of their own. ``_Capture`` installs ``forward_capturing`` on the layer."""
+    the per-frame parameter gradients (``_ConvByFrame``): such calls need no forward or tensor hook and no
+    kernel of their own. ``_Capture`` installs ``forward_capturing`` on the layer (an instance attribute,
+    removed on exit). (GroupNorm the same way was measured slower: the one-row GroupNorm input gradient is
+    slower than the batched one.)"""
 
     layer: nn.Module
     kept: dict
@@ -351,7 +357,8 @@ class _ConvByFrame(torch.autograd.Function):
     itself (the clipped sum)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, rule: "Conv2dRule") -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
+                rule: "Conv2dRule") -> Tensor:
         layer = rule.layer
         ctx.rule = rule
         ctx.save_for_backward(x)
@@ -667,7 +674,7 @@ class StudentClipper:
         self.rules = {module: rule_for(module, layer_policy) for _, module in trainable_layers(model)}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.calls: dict[nn.Module, list[Call]] = {m: [] for m in self.rules}
-        # convs that may take their per-frame gradients from their own backward (Conv2dRule.forward_capturing)
+        # layers that may take their per-frame gradients from their own backward (_ByFrame.forward_capturing)
         self.by_frame = [r for r in self.rules.values() if isinstance(r, Conv2dRule) and r.runs_by_frame()]
         self._capturing = False
         self._step: _Step | None = None
@@ -900,6 +907,7 @@ def _clipped_sum_class() -> type:
 
         def scale_grad(self) -> None:
             if self.loss_reduction == "mean":   # Opacus divides each p.grad in turn: the same division, one call
-                torch._foreach_div_([p.grad for p in self.params], self.expected_batch_size * self.accumulated_iterations)
+                denominator = self.expected_batch_size * self.accumulated_iterations
+                torch._foreach_div_([p.grad for p in self.params], denominator)
 
     return ClippedSumDPOptimizer

@@ -302,8 +302,8 @@ def test_ghost_conv_input_gram_without_unfolding_equals_the_unfolded_one(kernel,
         assert gram is None
         return
     a = rule._unfold(x).transpose(2, 3)   # (B, groups, T, d)
-    torch.testing.assert_close(a, nn.functional.unfold(x, kernel, dilation, padding, stride).view(3, groups, -1, a.shape[2])
-                               .transpose(2, 3))
+    unfolded = nn.functional.unfold(x, kernel, dilation, padding, stride)
+    torch.testing.assert_close(a, unfolded.view(3, groups, -1, a.shape[2]).transpose(2, 3))
     i, j = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 2, 2, 1])
     torch.testing.assert_close(gram(None, None), a @ a.transpose(-1, -2), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gram(i, j), a[i] @ a[j].transpose(-1, -2), rtol=1e-12, atol=1e-12)
