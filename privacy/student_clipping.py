@@ -392,9 +392,10 @@ class Conv2dRule(_ByFrame, _GhostOrDirect):
     # copied (``_unfold``) otherwise, at most `fields_budget` values at a time (bounded memory, and one
     # chunk's buffer is reused by the next instead of a large fresh allocation paying page faults: HAFNet
     # ``cpu``'s stem took 0.9-1.0 ms in a step this way, 1.3 ms in one piece). A conv with at most
-    # `narrow_outputs` outputs per group and more than `few_inputs` values per receptive field instead runs
-    # one convolution-backward call with the batch folded into the groups: faster for HAFNet ``cpu``'s
-    # 8-16 channel layers (1.6x), slower for an RGB stem's 3x3x3 fields (1.4 ms in a step) and wide layers.
+    # `narrow_outputs` outputs per group that is not ``_stem_like`` instead runs one convolution-backward
+    # call with the batch folded into the groups: faster for HAFNet ``cpu``'s 8-16 channel layers (1.6x) and
+    # SFER-MDFAE's depthwise 5x5 (groups = channels), slower for an RGB stem's 3x3x3 fields (1.4 ms in a
+    # step) and wide layers.
     narrow_outputs = 32
     few_inputs = 36
     fields_budget = 2 ** 17
@@ -404,13 +405,18 @@ class Conv2dRule(_ByFrame, _GhostOrDirect):
         self._offset_matrices: dict[tuple, Tensor] = {}   # ``_offset_sum``'s, per map size and dtype
         self._init_by_frame()
 
+    def _stem_like(self) -> bool:
+        """One group with at most `few_inputs` values per receptive field of a kernel larger than 1x1."""
+        layer: nn.Conv2d = self.layer  # type: ignore[assignment]
+        return layer.groups == 1 and layer.kernel_size != (1, 1) and \
+            layer.weight.numel() // layer.out_channels <= self.few_inputs
+
     def runs_by_frame(self) -> bool:
         """Whether the layer may take its per-frame gradients from its own backward while capturing
-        (``forward_capturing``): the convolution-backward rule of ``_per_frame_weight`` (a kernel larger
-        than 1x1, narrow outputs, more than `few_inputs` values per receptive field), not forced to ghost."""
+        (``forward_capturing``): narrow outputs and not ``_stem_like``, not forced to ghost."""
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
         return self.policy != "ghost" and layer.out_channels // layer.groups <= self.narrow_outputs and \
-            (layer.weight.numel() // layer.out_channels > self.few_inputs or layer.kernel_size == (1, 1))
+            not self._stem_like()
 
     # forward_capturing (``_ByFrame``): a call the direct rule takes for any grouping of frames into students
     # (its ghost work exceeds the direct work already at one frame per student) runs through _ConvByFrame:
@@ -470,7 +476,7 @@ class Conv2dRule(_ByFrame, _GhostOrDirect):
         p_g, d_g = layer.out_channels // groups, layer.weight.numel() // layer.out_channels
         if layer.kernel_size == (1, 1) and layer.padding == (0, 0):
             fields = self._per_frame_fields(x, g.shape[2:])
-        elif p_g <= self.narrow_outputs and d_g > self.few_inputs:
+        elif p_g <= self.narrow_outputs and not self._stem_like():
             folded = torch.ops.aten.convolution_backward(
                 g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
                 layer.weight.expand(n, *layer.weight.shape).reshape(-1, *layer.weight.shape[1:]), None,

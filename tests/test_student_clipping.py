@@ -313,6 +313,7 @@ def test_ghost_conv_input_gram_without_unfolding_equals_the_unfolded_one(kernel,
     (4, 6, 1, 2, 0, 2, 7),      # 1x1 strided grouped: a product with the subsampled input
     (3, 8, 3, 2, 1, 1, 9),      # an RGB stem's 27-value fields: copied, in chunks
     (8, 8, 3, 1, 1, 1, 5),      # narrow: one grouped convolution-backward call
+    (6, 6, 5, 1, 2, 6, 6),      # depthwise 5x5 (25 values per field, groups = channels): the same call
     (8, 40, 3, 1, 1, 1, 4)])    # wide: copied fields
 def test_per_frame_conv_weight_gradients_equal_opacus(cin, cout, kernel, stride, padding, groups, size) -> None:
     """Each per-frame weight gradient rule of Conv2dRule (and the ghost 1x1 clipped sum by one product)
