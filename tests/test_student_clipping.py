@@ -278,30 +278,70 @@ def test_clipped_sum_optimizer_steps_exactly_as_opacus(secure_mode: bool, sigma:
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation,groups,size", [
     (3, 1, 1, 1, 1, 4), ((3, 1), 1, (1, 0), 1, 2, 4), (1, 2, 0, 1, 1, 8), (1, 1, 0, 1, 4, 4), (3, 1, 2, 2, 1, 6),
+    (3, 1, 0, 1, 2, 5), (2, 1, 1, 1, 1, 3), ((1, 3), 1, (0, 1), 1, 4, 4), (3, 1, (0, 1), 1, 1, 4),
     (3, 2, 1, 1, 1, 9)])
+@pytest.mark.parametrize("offset_sum", ["default", "sliced"])
 def test_ghost_conv_input_gram_without_unfolding_equals_the_unfolded_one(kernel, stride, padding, dilation, groups,
-                                                                          size) -> None:
-    """Conv2dRule's Gram matrices from the padded inputs (a sum of strided views, no im2col) equal those of
-    the unfolded inputs, for every frame with itself and for cross-frame pairs; where they would cost more
-    (stride 2, 3x3 on a 9x9 map) the rule unfolds."""
+                                                                          size, offset_sum) -> None:
+    """Conv2dRule's Gram matrices from the inputs' Gram over input positions, summed over kernel offsets
+    (no im2col), equal those of the unfolded inputs, for every frame with itself and for cross-frame pairs:
+    with the offset sums as one product with the fixed 0/1 matrix (maps of at most 16 positions, kernels of
+    at least 2x2) and as sliced adds (forced: ``small_map = 0``), incl. kernels without a centre tap
+    (2x2), asymmetric padding and dilation; where they would cost more (stride 2, 3x3 on a 9x9 map) the
+    rule unfolds."""
     from privacy.student_clipping import Conv2dRule
 
     torch.manual_seed(11)
     layer = nn.Conv2d(4, 8, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups).double()
     rule = Conv2dRule(layer, "ghost")
+    if offset_sum == "sliced":
+        rule.small_map = 0
     x = torch.randn(3, 4, size, size, dtype=torch.float64)
     gram = rule._shifted_gram(x, layer(x).shape[2:])
     if stride == 2 and kernel == 3:
         assert gram is None
         return
     a = rule._unfold(x).transpose(2, 3)   # (B, groups, T, d)
+    unfolded = nn.functional.unfold(x, kernel, dilation, padding, stride)
+    torch.testing.assert_close(a, unfolded.view(3, groups, -1, a.shape[2]).transpose(2, 3))
     i, j = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 2, 2, 1])
     torch.testing.assert_close(gram(None, None), a @ a.transpose(-1, -2), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gram(i, j), a[i] @ a[j].transpose(-1, -2), rtol=1e-12, atol=1e-12)
 
 
-def test_group_norm_rule_equals_opacus_sampler() -> None:
-    """The GroupNorm rule's per-student gradients are Opacus' sampler's, summed per student."""
+@pytest.mark.parametrize("cin,cout,kernel,stride,padding,groups,size", [
+    (4, 6, 1, 2, 0, 2, 7),      # 1x1 strided grouped: a product with the subsampled input
+    (3, 8, 3, 2, 1, 1, 9),      # an RGB stem's 27-value fields: copied, in chunks
+    (8, 8, 3, 1, 1, 1, 5),      # narrow: one grouped convolution-backward call
+    (6, 6, 5, 1, 2, 6, 6),      # depthwise 5x5 (25 values per field, groups = channels): the same call
+    (8, 40, 3, 1, 1, 1, 4)])    # wide: copied fields
+def test_per_frame_conv_weight_gradients_equal_opacus(cin, cout, kernel, stride, padding, groups, size) -> None:
+    """Each per-frame weight gradient rule of Conv2dRule (and the ghost 1x1 clipped sum by one product)
+    against Opacus' conv sampler and the convolution kernel."""
+    from opacus.grad_sample import GradSampleModule
+
+    from privacy.student_clipping import Conv2dRule
+
+    torch.manual_seed(13)
+    layer = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups).double()
+    x = torch.randn(5, cin, size, size, dtype=torch.float64)
+    g = torch.randn(layer(x).shape, dtype=torch.float64)
+    rule = Conv2dRule(layer, "direct")
+    rule.fields_budget = 2 * 27 * 25   # the stem case: two frames per chunk
+    expected = GradSampleModule.GRAD_SAMPLERS[nn.Conv2d](layer, [x], g)[layer.weight]
+    torch.testing.assert_close(rule._per_frame_weight(x, g), expected, rtol=1e-12, atol=1e-12)
+    scale = torch.rand(5, dtype=torch.float64)
+    rule.ghost = [(x, g)]
+    rule.clipped_sum(scale)
+    torch.testing.assert_close(layer.weight.grad, (expected * scale.view(-1, 1, 1, 1, 1)).sum(dim=0),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,frozen_bias", [((5, 6, 3, 3), False), ((5, 6, 2, 3, 3), False), ((5, 6, 3, 3), True)])
+def test_group_norm_rule_equals_opacus_sampler(shape, frozen_bias) -> None:
+    """The GroupNorm rule's per-student gradients (one GroupNorm backward kernel with the frames as groups, on
+    the statistics the forward saved) are Opacus' sampler's, summed per student; also for a video model's
+    5-D input, a frozen bias, and without saved statistics (recomputed)."""
     from opacus.grad_sample import GradSampleModule
 
     from privacy.student_clipping import Call, GroupNormRule, Units
@@ -309,11 +349,80 @@ def test_group_norm_rule_equals_opacus_sampler() -> None:
     torch.manual_seed(12)
     layer = nn.GroupNorm(2, 6).double()
     nn.init.normal_(layer.weight)
-    x, g = torch.randn(5, 6, 3, 3, dtype=torch.float64), torch.randn(5, 6, 3, 3, dtype=torch.float64)
+    nn.init.normal_(layer.bias)
+    layer.bias.requires_grad_(not frozen_bias)
+    x, g = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
     units = Units(torch.tensor([0, 1, 0, 2, 1]), 3)
     rule = GroupNormRule(layer)
-    rule.sq_norms([Call([x], g.shape, g.dtype, True, grad=g)], units)
+    saved = rule.keep(layer(x.clone().requires_grad_()))
+    assert saved is not None and saved[0].shape == (5, 2)
     expected = GradSampleModule.GRAD_SAMPLERS[nn.GroupNorm](layer, [x], g)
-    assert set(rule.kept) == {layer.weight, layer.bias}
-    for p, per_frame in expected.items():
-        torch.testing.assert_close(rule.kept[p], units.per_unit(per_frame), rtol=1e-12, atol=1e-12)
+    for stats in (saved, None):
+        rule.sq_norms([Call([x], g.shape, g.dtype, True, grad=g, saved=stats)], units)
+        assert set(rule.kept) == ({layer.weight} if frozen_bias else {layer.weight, layer.bias})
+        for p, per_student in rule.kept.items():
+            torch.testing.assert_close(per_student, units.per_unit(expected[p]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["resnet50_cbam", "r2plus1d_sta"])
+def test_ghost_clipped_sum_is_exact_on_the_other_zoo_models(name: str) -> None:
+    """ResNet-50 + CBAM (53 GroupNorms, direct and ghost convs) and R(2+1)D + attention (GroupNorm on 5-D
+    clips, Conv3d on the per-sample fallback): the clipped per-student sum equals autograd one student at a
+    time, 3 frames of 2 students."""
+    torch.manual_seed(0)
+    model = registry.build(name, 7, "cpu").double()
+    frames = registry.clip_frames(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, *((frames,) if frames else ()), model.input_size, model.input_size, generator=g,
+                   dtype=torch.float64) * 2 - 1
+    y = torch.randint(0, 7, (3,), generator=g)
+    rows = torch.tensor([0, 1, 0])
+    reference = _reference_clipped_sum(model, x, y, rows, 2, clip=0.05)
+    clipper = StudentClipper(model)
+    with clipper.capture():
+        losses = per_sample_loss(model, x, y)
+    clipper.clip_and_sum(losses, rows, 2, 0.05)
+    kinds = clipper.kinds()
+    clipper.close()
+    assert kinds.get("group-norm", 0) > 30, kinds
+    for p, r in zip([p for p in model.parameters() if p.requires_grad], reference):
+        torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
+
+
+class _ByFrameNet(nn.Module):
+    """A first conv (hooked: its input needs no gradient), then a narrow 3x3 conv with a bias applied twice
+    (run by frame: its backward gives the per-frame gradients) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(2, 8, 3, padding=1)
+        self.narrow = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.narrow(torch.tanh(self.narrow(torch.tanh(self.first(x))))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_narrow_conv_run_by_frame_gives_the_exact_clipped_sum_and_input_gradient():
+    """Conv2dRule's by-frame path (_ConvByFrame: the layer's own backward, one grouped convolution-backward
+    call, gives its input gradient and per-frame weight and bias gradients, no hooks) is taken for a narrow
+    conv called twice and gives autograd's clipped per-student sum; outside capture the layer is unchanged."""
+    torch.manual_seed(14)
+    model = _ByFrameNet().double()
+    g = torch.Generator().manual_seed(15)
+    x, y = torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
+    rows = torch.tensor([0, 1, 1, 0])
+    reference = _reference_clipped_sum_toy(model, x, y, rows)
+    clipper = StudentClipper(model)
+    rule = clipper.rules[model.narrow]
+    with clipper.capture():
+        losses = _toy_loss(model, x, y)
+    assert rule.by_frame and rule.by_frame_calls == 2 and not clipper.calls[model.narrow]
+    assert clipper.rules[model.first] not in clipper.by_frame   # 18 values per receptive field: copied fields
+    assert "forward" not in vars(model.narrow)
+    clipper.clip_and_sum(losses, rows, 2, 0.1)
+    assert clipper.kinds()["conv2d-direct"] >= 1
+    clipper.close()
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
