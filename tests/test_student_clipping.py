@@ -188,15 +188,20 @@ def test_auto_falls_back_to_per_sample_for_a_layer_it_cannot_take_and_ghost_refu
         _one_step(model, frames, "fast", 1.0, _toy_loss)
 
 
+def _four_frames_of_two_students(seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Four float64 2-channel frames (size x size), labels of 4 classes, frames 0 and 3 of student 0."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(4, 2, size, size, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
+    return x, y, torch.tensor([0, 1, 1, 0])
+
+
 def test_norms_are_taken_during_the_backward_and_nothing_is_held_after_the_step():
     """Only the first layers' outputs are kept for the backward (the rest keep their shape), every layer is
     processed as its output gradient arrives, and after the step no call holds a tensor; a model input that
     needs a gradient itself (a leaf) makes its first layer a source, with the same result."""
     torch.manual_seed(5)
     model = _TwiceConv().double()
-    g = torch.Generator().manual_seed(6)
-    x, y = torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
-    rows = torch.tensor([0, 1, 1, 0])
+    x, y, rows = _four_frames_of_two_students(6, size=5)
     reference = _reference_clipped_sum_toy(model, x, y, rows)
     clipper = StudentClipper(model)
     with clipper.capture():
@@ -410,9 +415,7 @@ def test_a_narrow_conv_run_by_frame_gives_the_exact_clipped_sum_and_input_gradie
     conv called twice and gives autograd's clipped per-student sum; outside capture the layer is unchanged."""
     torch.manual_seed(14)
     model = _ByFrameNet().double()
-    g = torch.Generator().manual_seed(15)
-    x, y = torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
-    rows = torch.tensor([0, 1, 1, 0])
+    x, y, rows = _four_frames_of_two_students(15, size=6)
     reference = _reference_clipped_sum_toy(model, x, y, rows)
     clipper = StudentClipper(model)
     rule = clipper.rules[model.narrow]
