@@ -474,21 +474,20 @@ class Conv2dRule(_ByFrame, _GhostOrDirect):
         layer: nn.Conv2d = self.layer  # type: ignore[assignment]
         n, groups = x.shape[0], layer.groups
         p_g, d_g = layer.out_channels // groups, layer.weight.numel() // layer.out_channels
-        if layer.kernel_size == (1, 1) and layer.padding == (0, 0):
+        go = g.reshape(n, groups, p_g, -1)
+        if layer.kernel_size == (1, 1) and layer.padding == (0, 0):   # the fields are the input itself
             fields = self._per_frame_fields(x, g.shape[2:])
-        elif p_g <= self.narrow_outputs and not self._stem_like():
+            return torch.matmul(go, fields.transpose(-1, -2)).reshape(n, *layer.weight.shape)
+        if p_g <= self.narrow_outputs and not self._stem_like():
             folded = torch.ops.aten.convolution_backward(
                 g.reshape(1, -1, *g.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
                 layer.weight.expand(n, *layer.weight.shape).reshape(-1, *layer.weight.shape[1:]), None,
                 layer.stride, layer.padding, layer.dilation, False, [0, 0], n * groups, [False, True, False])[1]
             return folded.reshape(n, *layer.weight.shape)
-        else:   # copied fields, a few frames at a time: bounded memory, and the copy's buffer is reused
-            go = g.reshape(n, groups, p_g, -1)
-            chunk = max(1, self.fields_budget // (d_g * groups * go.shape[-1]))
-            return _cat([torch.matmul(go[i:i + chunk], self._unfold(x[i:i + chunk]).transpose(-1, -2))
-                         for i in range(0, n, chunk)], dim=0).reshape(n, *layer.weight.shape)
-        go = g.reshape(n, groups, p_g, -1)
-        return torch.matmul(go, fields.transpose(-1, -2)).reshape(n, *layer.weight.shape)
+        # copied fields, a few frames at a time: bounded memory, and the copy's buffer is reused
+        chunk = max(1, self.fields_budget // (d_g * groups * go.shape[-1]))
+        return _cat([torch.matmul(go[i:i + chunk], self._unfold(x[i:i + chunk]).transpose(-1, -2))
+                     for i in range(0, n, chunk)], dim=0).reshape(n, *layer.weight.shape)
 
     def _shifted_gram(self, x: Tensor, out_hw: Sequence[int]) -> _Gram | None:
         """The unfolded inputs' Gram matrices A_i A_j^T without unfolding (im2col was the largest single cost
@@ -704,7 +703,7 @@ class StudentClipper:
             inputs.append(a)
         needs_grad = output.requires_grad
         call = Call(inputs, output.shape, output.dtype, needs_grad, source, output if source else None,
-                    saved=self.rules[module].keep(output))
+                    saved=rule.keep(output))
         self.calls[module].append(call)
         if needs_grad:
             output.register_hook(functools.partial(self._arrived, module, call))
@@ -719,11 +718,8 @@ class StudentClipper:
         call.grad = grad
         left = step.pending[module] = step.pending[module] - 1
         if left == 0:
-            calls = self.calls[module]
-            step.process(self.rules[module], calls)
-            for c in calls:
-                c.release()
-            self.calls[module] = []
+            step.process(self.rules[module], self.calls[module])
+            self._release(module)
 
     def capture(self) -> "_Capture":
         return _Capture(self)
