@@ -52,6 +52,10 @@ from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# Post-processing of a step's noised, scaled gradient (``p.grad`` of the trained parameters) before the
+# optimizer uses it, e.g. privacy/public_subspace.py's projection. It may depend on public values only
+# (the model, public data): then it is post-processing of the Gaussian mechanism and costs no privacy.
+AfterNoise = Callable[[list[nn.Parameter]], None]
 PRIVACY_UNITS = ("student", "image")
 
 
@@ -148,7 +152,7 @@ class PrivateTrainer:
                  unit_ids: Sequence[str] | None, units_per_batch: int, frames_per_unit: int,
                  noise_multiplier: float, max_grad_norm: float, seed: int | None = None, *,
                  declared_units: int, reproducible: bool = False, grad_sample_mode: str = "hooks",
-                 clipping: str = "auto") -> None:
+                 clipping: str = "auto", after_noise: AfterNoise | None = None) -> None:
         n_frames = len(frames)  # type: ignore[arg-type]
         if n_frames == 0:
             raise ValueError("the school has no training frames")
@@ -168,6 +172,7 @@ class PrivateTrainer:
         self.frames = frames
         if reproducible and seed is None:
             raise ValueError("reproducible=True needs a seed")
+        self.after_noise = after_noise
         self._attach_opacus(model, optimizer, seed, reproducible, grad_sample_mode, clipping)
         self.steps_done = 0
 
@@ -228,6 +233,14 @@ class PrivateTrainer:
         self.optimizer = DPOptimizer(self._base_optimizer, noise_multiplier=self.noise_multiplier,
                                      max_grad_norm=self.max_grad_norm, expected_batch_size=self.expected_units,
                                      loss_reduction="mean", generator=self._noise_generator)
+        self._hook_after_noise()
+
+    def _hook_after_noise(self) -> None:
+        """Opacus calls a step hook after adding the noise and scaling, before the step (skipped steps: never)."""
+        if self.after_noise is not None:
+            after_noise = self.after_noise
+            self.optimizer.attach_step_hook(lambda optimizer: after_noise(
+                [p for p in optimizer.params if p.requires_grad]))
 
     def _attach_book_keeping(self, model: nn.Module, required: bool) -> None:
         """privacy/student_clipping.py computes the clipped sum into p.grad; Opacus'
@@ -247,6 +260,7 @@ class PrivateTrainer:
         self.optimizer = clipped_sum_optimizer(
             self._base_optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
             expected_batch_size=self.expected_units, loss_reduction="mean", generator=self._noise_generator)
+        self._hook_after_noise()
 
     # ------------------------------------------------------------------------------------------
     def _frames_of(self, units: list[int]) -> tuple[list[int], list[int]]:
@@ -369,10 +383,11 @@ class DPResult:
 
 def train_private(model: nn.Module, frames: Dataset, unit_ids: Sequence[str] | None, plan: DPPlan,
                   optimizer: torch.optim.Optimizer, local_epochs: int, loss_fn: LossFn | None = None,
-                  seed: int | None = None, reproducible: bool = False, clipping: str = "auto") -> DPResult:
+                  seed: int | None = None, reproducible: bool = False, clipping: str = "auto",
+                  after_noise: AfterNoise | None = None) -> DPResult:
     """One round of DP-SGD following ``plan`` (``unit_ids`` None for unit image); returns the q and
     steps that ran. ``clipping`` picks how the clipped sum is computed (``privacy.clipping``; the
-    mechanism, hence the privacy record, is the same for all)."""
+    mechanism, hence the privacy record, is the same for all). ``after_noise``: see :data:`AfterNoise`."""
     if loss_fn is None:
         from shared_models.training import per_sample_loss as loss_fn
     if (unit_ids is None) != (plan.unit == "image"):
@@ -380,7 +395,7 @@ def train_private(model: nn.Module, frames: Dataset, unit_ids: Sequence[str] | N
     trainer = PrivateTrainer(model, optimizer, frames, unit_ids, units_per_batch=plan.units_per_batch,
                              frames_per_unit=plan.frames_per_unit, noise_multiplier=plan.noise_multiplier,
                              max_grad_norm=plan.max_grad_norm, seed=seed, declared_units=plan.declared_units,
-                             reproducible=reproducible, clipping=clipping)
+                             reproducible=reproducible, clipping=clipping, after_noise=after_noise)
     steps, losses = 0, []
     try:
         for _ in range(int(local_epochs)):

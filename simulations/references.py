@@ -99,9 +99,10 @@ def model_from(cfg: Mapping[str, Any], start: Mapping[str, torch.Tensor]) -> tor
 
 
 def dp_round(model: torch.nn.Module, school: Any, cfg: Mapping[str, Any], seed: int,
-             declared_units: int | None = None) -> Any:
+             declared_units: int | None = None, after_noise: Any = None) -> Any:
     """One round of the school's DP-SGD with the ClientApp's plan rule and trainer; returns the DPResult
-    (σ, q, steps that ran). `declared_units`: the school's public size (default: its true count)."""
+    (σ, q, steps that ran). `declared_units`: the school's public size (default: its true count);
+    `after_noise`: privacy.engine.AfterNoise (experiments: simulations/bench/pretraining.py --subspace)."""
     from privacy.engine import plan_from_config, train_private
     from shared_models.training import FaceDataset, make_optimizer
     from shared_models.transforms import train_transform
@@ -112,7 +113,8 @@ def dp_round(model: torch.nn.Module, school: Any, cfg: Mapping[str, Any], seed: 
     plan = plan_from_config(cfg, int(declared_units or count))
     frames = FaceDataset(school.images, school.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
     return train_private(model, frames, school.student_ids if unit == "student" else None, plan,
-                         make_optimizer(model, cfg), int(cfg["train.local_epochs"]), seed=seed)
+                         make_optimizer(model, cfg), int(cfg["train.local_epochs"]), seed=seed,
+                         after_noise=after_noise)
 
 
 def train_alone(cfg: Mapping[str, Any], school: Any, index: int, start: Mapping[str, torch.Tensor],

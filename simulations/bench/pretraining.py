@@ -7,7 +7,7 @@
     (c) each school fine-tuning alone under the same DP (the reason to federate),
 
     python -m simulations.bench.pretraining [--rounds 8] [--trainable all,norms+head] [--alone 3]
-        [--central-epochs 3] [--out benchmarks/pretraining.json] [key=value ...]
+        [--central-epochs 3] [--subspace K] [--out benchmarks/pretraining.json] [key=value ...]
 
 The start is `model.pretrained` if set, else the cached `model.pretrain=auto` checkpoint (trained if absent).
 In one process, like simulations/tune_inprocess.py: each school trains with the same DP planning and
@@ -34,14 +34,42 @@ from shared_models.datasets.school_folder import SchoolData, load_school
 from shared_models.models import registry
 from simulations.bench.results import write_result
 from simulations.references import INDOMAIN, PUBLIC, Scorer, train_central
+from privacy.engine import AfterNoise
 from simulations.references import dp_round as _dp_round
 from simulations.references import model_from as _model
 
 
-def dp_round(model: torch.nn.Module, school: SchoolData, cfg: Mapping[str, Any], seed: int) -> tuple[float, int]:
+def dp_round(model: torch.nn.Module, school: SchoolData, cfg: Mapping[str, Any], seed: int,
+             after_noise: AfterNoise | None = None) -> tuple[float, int]:
     """One round of the school's DP-SGD (the ClientApp's planning and trainer); returns (σ, steps)."""
-    result = _dp_round(model, school, cfg, seed)
+    result = _dp_round(model, school, cfg, seed, after_noise=after_noise)
     return result.noise_multiplier, int(result.steps)
+
+
+class PublicSubspace:
+    """`--subspace K`: each round's DP steps project their noised gradient onto the top-K directions of the
+    public training faces' per-sample gradients at the round's starting model (privacy/public_subspace.py;
+    post-processing, no privacy cost). `samples` public faces, drawn once."""
+
+    def __init__(self, cfg: Mapping[str, Any], root: Path, dims: int, samples: int) -> None:
+        from shared_models.datasets import open_benchmark
+        from shared_models.transforms import eval_transform
+
+        spec = str(cfg["pretrain.benchmarks"]).split(",")[0].strip()
+        size = int(registry.build_from_config(cfg).input_size)
+        public = open_benchmark(spec, data_root=root).as_torch(eval_transform(size))
+        pick = torch.randperm(len(public), generator=torch.Generator().manual_seed(int(cfg["run.seed"])))[:samples]
+        faces = [public[int(i)] for i in pick]
+        self.images = torch.stack([f[0] for f in faces])
+        self.labels = torch.tensor([int(f[1]) for f in faces])
+        self.dims, self.spec = dims, spec
+
+    def hook(self, model: torch.nn.Module) -> AfterNoise:
+        """The projection onto the subspace at `model`'s current weights."""
+        from privacy.public_subspace import projection, public_gradient_basis
+        from shared_models.training import per_sample_loss
+
+        return projection(public_gradient_basis(model, self.images, self.labels, self.dims, per_sample_loss))
 
 
 def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
@@ -78,7 +106,8 @@ def score_tails(cfg: Mapping[str, Any], kept: list[dict[str, torch.Tensor]], tai
 
 
 def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], rounds: int,
-             score: Scorer, echo=print, tails: list[int] = ()) -> dict[str, Any]:  # noqa: ANN001
+             score: Scorer, echo=print, tails: list[int] = (),  # noqa: ANN001
+             subspace: PublicSubspace | None = None) -> dict[str, Any]:
     model, local = _model(cfg, start), _model(cfg, start)
     velocity: dict[str, torch.Tensor] = {}
     momentum = float(cfg["federation.server_momentum"])
@@ -86,9 +115,11 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
     for rnd in range(1, rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         states, sigma = [], 0.0
+        after_noise = subspace.hook(model) if subspace is not None else None   # from the round's global model
         for index, school in enumerate(schools):
             local.load_state_dict(global_state)
-            s, _ = dp_round(local, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index)
+            s, _ = dp_round(local, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index,
+                            after_noise=after_noise)
             sigma = max(sigma, s)
             states.append({k: v.clone() for k, v in local.state_dict().items()})
         model.load_state_dict(fedavgm(global_state, states, velocity, momentum))
@@ -106,13 +137,14 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
 
 
 def alone(cfg: Mapping[str, Any], school: SchoolData, index: int, start: Mapping[str, torch.Tensor], rounds: int,
-          score: Scorer, tails: list[int] = ()) -> dict[str, Any]:
+          score: Scorer, tails: list[int] = (), subspace: PublicSubspace | None = None) -> dict[str, Any]:
     """One school's `rounds` DP rounds on its own model (same σ rule, so the same ε as in the federation);
     `tails`: also the average of its last k rounds' models, the same post-processing the federation gets."""
     model = _model(cfg, start)
     kept, started = [], time.perf_counter()
     for rnd in range(1, rounds + 1):
-        dp_round(model, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index)
+        dp_round(model, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index,
+                 after_noise=subspace.hook(model) if subspace is not None else None)
         kept = (kept + [{k: v.clone() for k, v in model.state_dict().items()}])[-max(tails, default=1):]
     return {**score(model, school=index), "students": school.num_students,
             "tail_average": score_tails(cfg, kept, list(tails), score, school=index),
@@ -142,6 +174,10 @@ def _parser() -> argparse.ArgumentParser:
                                                     "largest, then evenly between); 0: skip (c)")
     parser.add_argument("--central-epochs", type=int, default=3, help="0: skip (b)")
     parser.add_argument("--tail", default="", help="also score the mean of the last k rounds' models, e.g. 3,6")
+    parser.add_argument("--subspace", type=int, default=0,
+                        help="project every DP step's noised gradient onto the top-K directions of public per-sample "
+                             "gradients (privacy/public_subspace.py); 0: off")
+    parser.add_argument("--subspace-samples", type=int, default=512, help="public faces the subspace is found from")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/pretraining.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
@@ -173,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(schools)} schools, students {sizes}; {rounds} rounds at ε {cfg['privacy.target_epsilon']}", flush=True)
     score = Scorer(root, int(registry.build_from_config(cfg).input_size), int(cfg["evaluation.bootstrap"]))
 
+    subspace = PublicSubspace(cfg, root, args.subspace, args.subspace_samples) if args.subspace > 0 else None
     results: dict[str, Any] = {"pretrained": score(_model(cfg, start))}
     print(_row("(a) pre-trained alone", results["pretrained"]), flush=True)
     if args.central_epochs > 0:
@@ -181,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     for mode in [m.strip() for m in args.trainable.split(",") if m.strip()]:
         print(f"  federation, train.trainable={mode}", flush=True)
         results[f"federated:{mode}"] = federate({**cfg, "train.trainable": mode}, schools, start, rounds, score,
-                                                echo=lambda s: print(s, flush=True), tails=tails)
+                                                echo=lambda s: print(s, flush=True), tails=tails, subspace=subspace)
         print(_row(f"(F) federated DP, trainable={mode}", results[f"federated:{mode}"]), flush=True)
     results["alone"] = _train_alone(cfg, schools, sizes, _alone_picks(sizes, args.alone), start, rounds, score,
-                                   tails)
+                                   tails, subspace)
     _print_table(results)
     out = write_result(args.out, {
         "config": cfg, "rounds": rounds, "students": sizes, "data_seconds": round(data_seconds, 1),
+        "subspace": {"dims": subspace.dims, "samples": len(subspace.labels), "public": subspace.spec} if subspace else None,
         "pretrained": _home_relative({"path": str(path), "provenance": checkpoint.get("provenance")}), "results": results,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "notes": "in-process (tune_inprocess-style): schools train one after another; FedAvgM with uniform weights",
@@ -211,14 +249,15 @@ def _alone_picks(sizes: list[int], alone_arg: str) -> list[int]:
 
 
 def _train_alone(cfg: Mapping[str, Any], schools: list[SchoolData], sizes: list[int], picks: list[int],
-                 start: Mapping[str, torch.Tensor], rounds: int, score: Scorer, tails: list[int] = ()) -> dict[str, Any]:
+                 start: Mapping[str, torch.Tensor], rounds: int, score: Scorer, tails: list[int] = (),
+                 subspace: PublicSubspace | None = None) -> dict[str, Any]:
     """(c): each picked school trains alone with the same privacy settings; its scores by school id."""
     from simulations import synth
 
     mode = str(cfg["train.trainable"])
     scores: dict[str, Any] = {}
     for i in picks:
-        scores[synth.school_id(i)] = alone(cfg, schools[i], i, start, rounds, score, tails)
+        scores[synth.school_id(i)] = alone(cfg, schools[i], i, start, rounds, score, tails, subspace)
         r = scores[synth.school_id(i)]
         print(_row(f"(c) {synth.school_id(i)} alone ({sizes[i]} students), trainable={mode}", r)
               + f"  own school {r['own-school']['accuracy']:.3f}", flush=True)
