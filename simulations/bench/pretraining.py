@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from shared_models.config import ConfigError, load_config
@@ -70,6 +71,32 @@ class PublicSubspace:
         from shared_models.training import per_sample_loss
 
         return projection(public_gradient_basis(model, self.images, self.labels, self.dims, per_sample_loss))
+
+    def energy(self, model: torch.nn.Module, school: SchoolData, students: int = 300) -> dict[str, float]:
+        """How much of a school's gradient the subspace at `model` holds: the share of the squared norm of the
+        mean of `students` clipped (C = 1) student gradients, and the mean share of each student's, inside it."""
+        from privacy.public_subspace import public_gradient_basis, trained_parameters
+        from shared_models.training import FaceDataset, per_sample_loss
+        from shared_models.transforms import eval_transform
+
+        basis = public_gradient_basis(model, self.images, self.labels, self.dims, per_sample_loss)
+        frames = FaceDataset(school.images, school.labels, eval_transform(int(model.input_size)))
+        ids = np.asarray(school.student_ids)
+        params, rows = trained_parameters(model), []
+        model.eval()
+        for student in list(dict.fromkeys(ids.tolist()))[:students]:
+            batch = [frames[int(i)] for i in np.flatnonzero(ids == student)]
+            x, y = torch.stack([b[0] for b in batch]), torch.tensor([int(b[1]) for b in batch])
+            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(per_sample_loss(model, x, y).sum(), params)])
+            rows.append(g / max(1.0, float(g.norm())))
+        grads = torch.stack(rows)
+        mean = grads.mean(0)
+
+        def inside(v: torch.Tensor) -> torch.Tensor:
+            return (v @ basis.T).norm(dim=-1) ** 2 / v.norm(dim=-1) ** 2
+
+        return {"mean_gradient": round(float(inside(mean)), 4), "per_student": round(float(inside(grads).mean()), 4),
+                "students": len(rows), "random_subspace": round(self.dims / mean.numel(), 4)}
 
 
 def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
@@ -211,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
     subspace = PublicSubspace(cfg, root, args.subspace, args.subspace_samples) if args.subspace > 0 else None
     results: dict[str, Any] = {"pretrained": score(_model(cfg, start))}
+    if subspace is not None:
+        results["subspace_energy"] = subspace.energy(_model(cfg, start), schools[0])
+        print(f"  subspace ({args.subspace} dims) at the start holds {results['subspace_energy']}", flush=True)
     print(_row("(a) pre-trained alone", results["pretrained"]), flush=True)
     if args.central_epochs > 0:
         results["central"] = central(cfg, schools, start, args.central_epochs, score)
