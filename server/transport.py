@@ -86,13 +86,22 @@ class PollingGrid(DelegatingGrid):
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
+            asked = time.monotonic()
             got = list(self.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.interval if deadline is None else max(0.0, min(self.interval, deadline - time.monotonic())))
+            time.sleep(self.pause(asked, deadline))
         return replies
+
+    def pause(self, asked: float, deadline: float | None) -> float:
+        """Seconds to wait before the next pull: `interval` from the start of the last one (a SuperLink
+        that held that pull until a reply came or its hold ran out, server/held_pulls.py, is asked again
+        at once), never past the deadline."""
+        now = time.monotonic()
+        wait = max(0.0, self.interval - (now - asked))
+        return wait if deadline is None else max(0.0, min(wait, deadline - now))
 
 
 class PackedGrid(DelegatingGrid):

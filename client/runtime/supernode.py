@@ -49,7 +49,12 @@ class _PollClock(types.ModuleType):
 
     The idle sleep is `busy` (not `idle`) for `window` seconds after the node last handled a message:
     the loop sleeps for a reply (or a reply's objects) only while a message is being handled, and a
-    long gap between two idle sleeps also means a message was pulled and answered in between."""
+    long gap between two idle sleeps also means a message was pulled and answered in between.
+
+    The idle interval is kept from the start of one pull to the start of the next: the sleep is the
+    interval minus the time the empty pull itself took. Against a SuperLink that holds an empty pull
+    until a message arrives (server/held_pulls.py) the node thus asks again at once — it is always
+    listening, at one request per hold — and against one that answers at once it polls as before."""
 
     def __init__(self, idle: float, reply: float, busy: float | None = None, window: float = 0.0,
                  clock: Callable[[], float] = _time.monotonic) -> None:
@@ -60,6 +65,7 @@ class _PollClock(types.ModuleType):
         self._clock = clock
         self._last_busy = -float("inf")
         self._idle_returned = clock()
+        self._any_returned = self._idle_returned   # the last sleep of any kind: the pull started after it
 
     def __getattr__(self, name: str):  # everything but sleep is the real time module
         return getattr(_time, name)
@@ -73,13 +79,15 @@ class _PollClock(types.ModuleType):
 
     def sleep(self, seconds: float) -> None:
         if seconds >= FLOWER_IDLE_SLEEP_S:
-            _time.sleep(self.idle_seconds())
-            self._idle_returned = self._clock()
+            pulled_for = self._clock() - self._any_returned
+            _time.sleep(max(0.0, self.idle_seconds() - pulled_for))
+            self._idle_returned = self._any_returned = self._clock()
             return
         if seconds >= FLOWER_REPLY_SLEEP_S:
             seconds = min(seconds, self._reply)
             self._last_busy = self._clock()
         _time.sleep(seconds)
+        self._any_returned = self._clock()
 
 
 def patch_poll_intervals(idle: float = DEFAULT_IDLE_POLL_S, reply: float = DEFAULT_REPLY_POLL_S,
