@@ -32,11 +32,12 @@ import inspect
 import sys
 import threading
 import time
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 DEFAULT_HOLD_S = 2.0           # a node's pull that finds nothing waits up to this long
 DEFAULT_REPLY_HOLD_S = 1.0     # the ServerApp's pull for replies (SuperLink-made error replies are seen this late)
 DEFAULT_MAX_HELD = 4096        # waiting pulls at once; beyond it a pull returns empty at once (plain polling)
+UPLOAD_FORGET_S = 600.0
 
 
 class _Waiter:
@@ -64,6 +65,8 @@ class HeldPulls:
         self._lock = threading.Lock()
         self._waiters: dict[Hashable, set[_Waiter]] = {}
         self._run_sync = run_sync or _starlette_run_in_threadpool
+        # messages whose objects are still being uploaded: (key of their puller, object ids missing, since)
+        self._uploads: list[tuple[Hashable, set[str], float]] = []
 
     def held(self) -> int:
         with self._lock:
@@ -93,6 +96,27 @@ class HeldPulls:
                 waiter.fired = True
                 if waiter.future is not None and waiter.loop is not None:
                     waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
+
+    def message_stored(self, key: Hashable, missing: Iterable[str]) -> None:
+        """A message for `key` was stored with these of its objects still to be uploaded: its pulls are woken
+        once the last of them is stored (`object_stored`), so the puller finds message and objects together
+        instead of waiting on each object while the sender uploads, next to every other puller."""
+        missing = set(missing)
+        if not missing:
+            self.notify([key])
+            return
+        now = time.monotonic()
+        with self._lock:   # an upload abandoned for 10 minutes (its sender died) is forgotten
+            self._uploads = [u for u in self._uploads if now - u[2] < UPLOAD_FORGET_S] + [(key, missing, now)]
+
+    def object_stored(self, object_id: str) -> None:
+        """An object's content was stored: wake its pulls, and those of every message it completed."""
+        with self._lock:
+            for _key, missing, _since in self._uploads:
+                missing.discard(object_id)
+            complete = [key for key, missing, _since in self._uploads if not missing]
+            self._uploads = [u for u in self._uploads if u[1]]
+        self.notify([("object", object_id), *complete])
 
     def pull(self, key: Hashable, query: Callable[[], Any], empty: Callable[[Any], bool], hold: float) -> Any:
         """Flower's answer now if it has a message (or holding is off / full); else a coroutine that
@@ -185,7 +209,8 @@ def _patch_fleet(fleet: Any, pulls: HeldPulls, hold: float, object_hold: float) 
 
     def push_messages(request: Any, state: Any) -> Any:
         response = push(request=request, state=state)
-        pulls.notify([("run", int(m.metadata.run_id)) for m in request.messages_list])
+        for message, tree in zip(request.messages_list, request.message_object_trees):
+            pulls.message_stored(("run", int(message.metadata.run_id)), _tree_ids(tree) & set(response.objects_to_push))
         return response
 
     def held_pull_object(request: Any, state: Any) -> Any:
@@ -194,7 +219,7 @@ def _patch_fleet(fleet: Any, pulls: HeldPulls, hold: float, object_hold: float) 
 
     def notifying_push_object(request: Any, state: Any) -> Any:
         response = push_object(request=request, state=state)
-        pulls.notify([("object", request.object_id)])
+        pulls.object_stored(request.object_id)
         return response
 
     fleet.pull_messages, fleet.push_messages = pull_messages, push_messages
@@ -212,7 +237,10 @@ def _patch_runtime(runtime: Any, pulls: HeldPulls, hold: float) -> None:
 
     def push_messages(request: Any, state: Any, task: Any) -> Any:
         response = push(request, state, task)
-        pulls.notify([("node", int(m.metadata.dst_node_id)) for m in request.messages_list])
+        missing = set(response.objects_to_push)
+        for message, tree, stored in zip(request.messages_list, request.message_object_trees, response.message_ids):
+            if stored:
+                pulls.message_stored(("node", int(message.metadata.dst_node_id)), _tree_ids(tree) & missing)
         return response
 
     def held_pull_object(request: Any, state: Any, task: Any) -> Any:
@@ -220,11 +248,21 @@ def _patch_runtime(runtime: Any, pulls: HeldPulls, hold: float) -> None:
 
     def notifying_push_object(request: Any, state: Any, task: Any) -> Any:
         response = push_object(request, state, task)
-        pulls.notify([("object", request.object_id)])
+        pulls.object_stored(request.object_id)
         return response
 
     runtime.pull_messages, runtime.push_messages = pull_messages, push_messages
     runtime.pull_object, runtime.push_object = held_pull_object, notifying_push_object
+
+
+def _tree_ids(tree: Any) -> set[str]:
+    """Every object id in a message's object tree (Flower's ObjectTree proto)."""
+    ids, stack = set(), [tree]
+    while stack:
+        node = stack.pop()
+        ids.add(node.object_id)
+        stack.extend(node.children)
+    return ids
 
 
 def _no_messages(response: Any) -> bool:

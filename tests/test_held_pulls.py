@@ -107,6 +107,26 @@ def test_holding_off_or_full_answers_at_once_as_flower_does():
     assert pulls.held() == 0
 
 
+def test_a_message_wakes_its_puller_once_its_last_object_is_uploaded(monkeypatch):
+    """A pushed message wakes its destination's pull only when every object it still needed is stored
+    (each stored object wakes the pulls waiting on it at once); a message with nothing left to upload
+    wakes it at once. Two messages sharing their model object complete together."""
+    pulls = _pulls()
+    woken: list[list] = []
+    monkeypatch.setattr(pulls, "notify", lambda keys: woken.append(list(keys)))
+    pulls.message_stored(("node", 1), [])
+    assert woken == [[("node", 1)]]
+    pulls.message_stored(("node", 2), {"msg-2", "model"})
+    pulls.message_stored(("node", 3), {"msg-3", "model"})
+    pulls.object_stored("msg-2")
+    pulls.object_stored("msg-3")
+    assert woken[1:] == [[("object", "msg-2")], [("object", "msg-3")]]
+    pulls.object_stored("model")
+    assert woken[-1] == [("object", "model"), ("node", 2), ("node", 3)]
+    pulls.object_stored("model")                                   # nothing left waiting for it
+    assert woken[-1] == [("object", "model")]
+
+
 def test_an_error_from_flower_is_raised_and_leaves_no_waiter():
     pulls = _pulls()
 
@@ -128,13 +148,14 @@ def test_this_flower_superlink_can_be_patched(monkeypatch):
     for module in (fleet, runtime):
         for name in ("pull_messages", "push_messages", "pull_object", "push_object"):
             monkeypatch.setattr(module, name, getattr(module, name))   # restored after the test
-    from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=no-name-in-module
+    from flwr.proto.fleet_pb2 import PullMessagesResponse, PushMessagesResponse  # pylint: disable=no-name-in-module
     from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=no-name-in-module
 
     originals = {name: getattr(fleet, name) for name in ("pull_messages", "push_messages")}
     pushed = []
     answer = PullMessagesResponse(messages_list=[MessageProto()])
-    monkeypatch.setattr(fleet, "push_messages", lambda request, state: pushed.append(request) or "stored")
+    stored = PushMessagesResponse(objects_to_push=[])
+    monkeypatch.setattr(fleet, "push_messages", lambda request, state: pushed.append(request) or stored)
     monkeypatch.setattr(fleet, "pull_messages", lambda request, state, store: answer)
     pulls = patch_superlink(hold=2.0, reply_hold=1.0, pulls=_pulls())
     assert pulls is not None and fleet.pull_messages is not originals["pull_messages"]
@@ -144,10 +165,11 @@ def test_this_flower_superlink_can_be_patched(monkeypatch):
 
     class Request:
         node = Node()
-        messages_list = []
+        messages_list: list = []
+        message_object_trees: list = []
 
     assert fleet.pull_messages(request=Request(), state=None, store=None) is answer
-    assert fleet.push_messages(request=Request(), state=None) == "stored" and len(pushed) == 1
+    assert fleet.push_messages(request=Request(), state=None) is stored and len(pushed) == 1
 
 
 def test_servers_grid_waits_its_interval_from_the_start_of_a_pull(monkeypatch):
