@@ -70,6 +70,8 @@ class DelegatingGrid(Grid):
 class PollingGrid(DelegatingGrid):
     """`send_and_receive` polls every `interval` seconds."""
 
+    on_replies: Callable[[list[Message]], None] | None = None
+
     def __init__(self, grid: Grid, interval: float = DEFAULT_INTERVAL_S,
                  on_replies: Callable[[list[Message]], None] | None = None) -> None:
         if not 0.01 <= interval <= 10:

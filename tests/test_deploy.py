@@ -468,9 +468,13 @@ def test_polling_grid_collects_every_reply_and_honours_the_timeout(monkeypatch):
     fake = _FakeGrid([0, 3, 1])
     grid = PollingGrid.__new__(PollingGrid)   # skip __init__: it tunes Flower's pull backoff process-wide
     grid._grid, grid.interval = fake, 0.01
+    batches: list[list] = []
+    grid.on_replies = batches.append   # told about each batch as it arrives, in arrival order
     replies = grid.send_and_receive(["a", "b", "c"], timeout=30)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
     assert fake.pulls == 4
+    assert [r for batch in batches for r in batch] == list(replies) and all(batches)
+    grid.on_replies = None
     never = _FakeGrid([0, 10**9])
     grid._grid = never
     start = time.monotonic()

@@ -13,7 +13,8 @@ import inspect
 
 import pytest
 
-from server.held_pulls import HeldPulls, flower_supports_holding, patch_superlink
+from server.held_pulls import patch_superlink
+from shared_models.held_pulls import HeldPulls, flower_supports_holding
 
 EMPTY, MESSAGE = (), ("message",)
 
@@ -211,3 +212,29 @@ def test_supernode_idle_poll_counts_from_the_start_of_the_empty_pull(monkeypatch
     now[0] += 0.1                       # reply pushed, then an empty pull
     clock.sleep(3)
     assert slept == [pytest.approx(0.48), 0.0, 0.05, pytest.approx(0.4)]
+
+
+def test_supernode_task_request_waits_for_the_next_task(monkeypatch):
+    """The warm executor's AcquireTask at the SuperNode: with no task pending it is answered when the
+    SuperNode creates one (the message was taken), not empty at once; with one pending, at once."""
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse  # pylint: disable=no-name-in-module
+    from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+    from flwr.supernode.servicer.runtime import runtime_handlers as runtime
+
+    from client.runtime import supernode
+
+    pending: list[int] = []
+    monkeypatch.setattr(runtime, "acquire_task", lambda request, state: AcquireTaskResponse(
+        task=Task(task_id=pending[0]), token="t") if pending else AcquireTaskResponse())
+    monkeypatch.setattr(InMemoryNodeState, "create_task", lambda self, task_id: pending.append(task_id) or task_id)
+    assert supernode.patch_task_hold(hold=30.0, pulls=_pulls()) is not None
+
+    async def scenario():
+        waiting = runtime.acquire_task(None, None)
+        assert inspect.isawaitable(waiting)
+        asyncio.get_running_loop().call_soon(InMemoryNodeState.create_task, object(), 7)   # a message was pulled
+        return await asyncio.wait_for(waiting, 10.0)
+
+    assert asyncio.run(scenario()).task.task_id == 7
+    assert runtime.acquire_task(None, None).task.task_id == 7                             # pending: at once
