@@ -93,25 +93,11 @@ class Crash(Exception):
     """The coordinator stops (injected right after a checkpoint is written)."""
 
 
-def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None, crash_after: int | None = None,
-           resume: bool = False, arriving: str = "", poisoned: int = 0):
-    """A strategy + RoundWriter over 3 schools (+ evaluation node); the evaluator stays silent during the
-    exchanges numbered in `silent_in` (1-based, counting exchanges that carry an evaluate message).
+def _answerer(keys, silent_in: tuple[int, ...], poisoned: int, evaluated: dict):
+    """The fake nodes: schools answer the role query and train (a school `poisoned` sends NaN weights);
+    the evaluation node scores what it gets (remembering it in `evaluated`) unless silent in that exchange."""
+    from shared_models.wire import unpack_content
 
-    `crash_after`: the coordinator stops right after round `crash_after`'s checkpoint is written.
-    `resume`: continue the run in tmp_path from its latest checkpoint, as server/app.py's main does."""
-    from privacy.signing import load_or_create_signing_key, public_key_pem
-    from server.round_writer import RoundWriter
-    from server.run import resume_pending, start_or_resume
-    from server.strategy import SchoolFedAvg
-    from shared_models.config import load_config
-    from shared_models.wire import unbundle, unpack_content
-
-    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
-                             "federation.min_train_schools=1", "federation.max_update_norm=1000",
-                             f"federation.rounds={ROUNDS}", "federation.fraction_train=1.0"]
-                      + ([f"run.resume={tmp_path / 'runs' / 't'}"] if resume else []))
-    keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / name)) for nid, name in SCHOOLS.items()}
     evaluations = {"count": 0}
 
     def answer(nid, message):
@@ -130,12 +116,48 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
         if evaluations["count"] in silent_in:
             return None
         rnd = int(unbundle(message.content)["config"]["server-round"])
-        grid.evaluated[rnd] = {k: v.numpy() for k, v in unpack_content(unbundle(message.content))["arrays"].items()}
+        evaluated[rnd] = {k: v.numpy() for k, v in unpack_content(unbundle(message.content))["arrays"].items()}
         return _reply(message, RecordDict({"metrics": MetricRecord(
             {"synthetic-rafdb.accuracy": _accuracy(rnd), "synthetic-rafdb.n": 100, "eval-seconds": 0.01})}))
+    return answer
 
+
+def _start(cfg):
+    """server/run.py's start_or_resume with the fake model (its files checked on resume, not its weights)."""
+    from server.run import start_or_resume
+    from server.run_dir import check_resume_dir
+
+    with pytest.MonkeyPatch.context() as patch:   # the fake schools train a float vector, not the configured model
+        patch.setattr("server.run.registry.build_from_config", lambda cfg: FakeModel(_state(0)))
+        patch.setattr("server.run.check_resume_dir", lambda path: check_resume_dir(path, deep=False))
+        return start_or_resume(cfg)
+
+
+def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None, crash_after: int | None = None,
+           resume: bool = False, arriving: str = "", poisoned: int = 0):
+    """A strategy + RoundWriter over 3 schools (+ evaluation node); the evaluator stays silent during the
+    exchanges numbered in `silent_in` (1-based, counting exchanges that carry an evaluate message).
+
+    `crash_after`: the coordinator stops right after round `crash_after`'s checkpoint is written.
+    `resume`: continue the run in tmp_path from its latest checkpoint, as server/app.py's main does.
+    `arriving`: run behind the app's grid (fast_grid, replies validated as they arrive), the replies coming
+    back one per pull in that order (ArrivingGrid)."""
+    from privacy.signing import load_or_create_signing_key, public_key_pem
+    from server.round_writer import RoundWriter
+    from server.run import resume_pending
+    from server.strategy import SchoolFedAvg
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
+                             "federation.min_train_schools=1", "federation.max_update_norm=1000",
+                             f"federation.rounds={ROUNDS}", "federation.fraction_train=1.0"]
+                      + ([f"run.resume={tmp_path / 'runs' / 't'}"] if resume else []))
+    keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / name)) for nid, name in SCHOOLS.items()}
     nodes = list(SCHOOLS) + ([EVALUATOR] if evaluator else [])
+    evaluated: dict = {}
+    answer = _answerer(keys, silent_in, poisoned, evaluated)
     grid = ArrivingGrid(nodes, answer, arriving) if arriving else RecordingGrid(nodes, answer)
+    grid.evaluated = evaluated
     in_process: list[int] = []
     checkpoints: dict[int, dict[str, np.ndarray]] = {}
 
@@ -152,17 +174,10 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
             if record.round == crash_after:
                 raise Crash(record.round)
 
-    with pytest.MonkeyPatch.context() as patch:   # the fake schools train a float vector, not the configured model
-        patch.setattr("server.run.registry.build_from_config", lambda cfg: FakeModel(_state(0)))
-        # the fake model is no registered model: check the resumed checkpoint's files, not its weights
-        from server.run_dir import check_resume_dir
-
-        patch.setattr("server.run.check_resume_dir", lambda path: check_resume_dir(path, deep=False))
-        start = start_or_resume(cfg)
-    run = start.run
-    writer = Writer(run, start.cfg, start.round_offset)
+    start = _start(cfg)
+    writer = Writer(start.run, start.cfg, start.round_offset)
     writer.model_info = {"name": "fake", "preset": "", "num_classes": 7}
-    strategy = SchoolFedAvg(start.cfg, run, round_offset=start.round_offset, rounds=writer,
+    strategy = SchoolFedAvg(start.cfg, start.run, round_offset=start.round_offset, rounds=writer,
                             exhausted=start.strategy_state.get("exhausted", []),
                             momentum=start.strategy_state.get("momentum"))
     initial = ArrayRecord(OrderedDict(start.model.state_dict()))
@@ -176,8 +191,7 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
                          train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=strategy.end_of_round)
     except Crash:
         assert crash_after is not None
-    lines = run.metrics()
-    return grid, lines, checkpoints, in_process
+    return grid, start.run.metrics(), checkpoints, in_process
 
 
 def test_evaluation_rides_with_the_next_rounds_train_messages(tmp_path):
