@@ -183,8 +183,14 @@ def test_init_writes_ca_certificate_start_script_and_cli_connection(deployment):
                  "--disable-runtime-dependency-installation", "--database", "--host 0.0.0.0", "--port 19093"):
         assert flag in script
     assert "--insecure" not in script
+    # Flower's SuperLink through the held-pull launcher (default 2 s); pull_hold 0: plain flower-superlink
+    assert '"$PYTHON" -m server.held_pulls --hold 2.0 -- --host 0.0.0.0' in script.replace(" \\\n    ", " ")
     assert subprocess.run(["bash", "-n", str(dep.coordinator_dir / "start-superlink.sh")]).returncode == 0
     assert Deployment.load(dep.root).sans == dep.sans
+    from server.deploy.layout import superlink_command, superlink_script
+
+    dep.pull_hold = 0.0
+    assert superlink_command(dep)[0].endswith("flower-superlink") and "server.held_pulls" not in superlink_script(dep)
 
 
 def test_renew_cert_adds_names_and_keeps_the_ca(deployment):
