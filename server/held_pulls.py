@@ -12,10 +12,12 @@ arrives, or after `hold` seconds (then empty, as before). A node's message there
 the ServerApp pushed it, and an idle node makes one request per `hold` seconds (0.5 req/s at the
 default 2 s, a quarter of the 0.5 s poll's). The wait costs no thread: Flower's protobuf routes await an
 awaitable a handler returns (`flwr.supercore.protobuf.routing.ProtobufRoute`), so a pull that found
-nothing returns a coroutine that waits on the event loop for a wake-up; the pushes (ServerApp → node,
-node reply → ServerApp) wake exactly the pulls of the message's destination. Nothing a message
-carries changes, and a pull returns what Flower's own handler returns: the handler is called again
-after each wake-up.
+nothing returns a coroutine that waits on the event loop for a wake-up (shared_models/held_pulls.py).
+A push (ServerApp → node, node reply → ServerApp) wakes exactly the pulls of the message's destination,
+once the message's objects are all uploaded: the puller then finds message and objects together, and
+the uploader is not competing with every puller asking for objects it is still sending. A pull of an
+object still being uploaded waits for it likewise. Nothing a message carries changes, and a pull
+returns what Flower's own handler returns: the handler is called again after each wake-up.
 
 If the installed Flower no longer has the expected handlers or routes (another version), the launcher
 logs a warning and runs the SuperLink unpatched: correct, only polling.
