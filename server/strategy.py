@@ -270,7 +270,10 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             # schools train; PackedGrid packs the shared ArrayRecord once for all of these messages
             self._eval_message = self._evaluate_message(arrays, self.pending[0].round, evaluators[0])
         self._sent_at = time.perf_counter()
-        return self._train_messages + ([self._eval_message] if self._eval_message is not None else [])
+        # the evaluation first: Flower stores and uploads an exchange's messages in list order, a node is
+        # woken once its message's objects are uploaded (server/held_pulls.py), and the evaluation node
+        # (a whole benchmark to score) is usually the last to answer, so it should start first
+        return ([self._eval_message] if self._eval_message is not None else []) + self._train_messages
 
     def _evaluate_message(self, arrays: ArrayRecord, rnd: int, node_id: int) -> Message:
         config = ConfigRecord({"server-round": rnd, "run-dir": str(self.run.path)})
