@@ -13,7 +13,8 @@ Modes:
               per message); Flower's poll intervals unchanged.
   warm+poll   warm executor + SuperNode through client/runtime/supernode.py (0.5 s idle / 0.1 s reply
               poll, 0.05 s object-pull backoff) + ServerApp grid wrapped in
-              server/transport.PollingGrid (0.1 s).
+              server/transport.PollingGrid (0.1 s) + SuperLink through server/held_pulls.py (an empty
+              pull waits up to `--hold` s, default 2, for a message; `--hold 0`: Flower's polling).
   warm+poll+packed  the same, with the model's 88 tensors sent as one array.
   flower+packed     Flower's defaults, model packed: what the warm executor + polls add alone.
 
