@@ -14,7 +14,7 @@ import asyncio
 import inspect
 import threading
 import time
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 DEFAULT_MAX_HELD = 4096        # waiting pulls at once; beyond it a pull returns empty at once (plain polling)
 UPLOAD_FORGET_S = 600.0        # a message whose upload stalled this long no longer delays its puller's wake-up
