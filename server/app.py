@@ -54,7 +54,8 @@ def main(grid: Grid, context: Context) -> None:
         # the pre-trained model is round 0: the evaluation node scores it alongside round 1's training
         strategy.pending = (RoundRecord(0, timing={"round_seconds": 0.0}), initial)
     runner.start(
-        grid=fast_grid(grid),
+        # replies are validated as they arrive, except under client-level DP (Flower's wrapper clips them first)
+        grid=fast_grid(grid, on_replies=strategy.replies_arrived if federation_dp is None else None),
         initial_arrays=initial,
         num_rounds=resume_pending(strategy, start.unevaluated, initial, start.remaining),
         timeout=float(cfg["federation.round_timeout"]),

@@ -293,10 +293,11 @@ def bin_path(name: str) -> str:
 
 def superlink_argv(*, host: str, port: int, database: Path, ca_cert: Path | None, cert: Path | None,
                    key: Path | None, insecure: bool = False, node_auth: bool = True,
-                   log_file: Path | None = None) -> list[str]:
-    """`flower-superlink` with TLS and SuperNode authentication (unless `insecure`)."""
-    argv = [bin_path("flower-superlink"), "--host", host, "--port", str(port), "--database", str(database),
-            "--disable-runtime-dependency-installation"]
+                   log_file: Path | None = None, hold: float = 0.0) -> list[str]:
+    """`flower-superlink` with TLS and SuperNode authentication (unless `insecure`).
+
+    hold > 0: started through server.held_pulls, whose pulls wait up to `hold` s for a message."""
+    argv = ["--host", host, "--port", str(port), "--database", str(database), "--disable-runtime-dependency-installation"]
     if insecure:
         argv.append("--insecure")
     else:
@@ -307,7 +308,9 @@ def superlink_argv(*, host: str, port: int, database: Path, ca_cert: Path | None
             argv.append("--enable-supernode-auth")
     if log_file is not None:
         argv += ["--log-file", str(log_file)]
-    return argv
+    if hold > 0:
+        return [sys.executable, "-m", "server.held_pulls", "--hold", str(hold), "--", *argv]
+    return [bin_path("flower-superlink"), *argv]
 
 
 def format_node_config(values: Mapping[str, object]) -> str:

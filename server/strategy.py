@@ -157,6 +157,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self.pending: tuple[RoundRecord, ArrayRecord] | None = None
         self._eval_message: Message | None = None    # the evaluate message riding with this round's training
         self._eval_target: RoundRecord | None = None  # the round the separate evaluate exchange is for
+        # replies validated as they arrived (`replies_arrived`), by id of the reply Message: this round only
+        self._validated: dict[int, tuple[str, dict[str, Any]]] = {}
+        self._global_np: dict[str, np.ndarray] | None = None
 
     # -- who is who -----------------------------------------------------------------------------
     def _discover(self, grid: Grid) -> set[int]:
@@ -240,6 +243,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self.record = RoundRecord(rnd)
         self.current_arrays = arrays
         self._train_messages, self._eval_message = [], None
+        self._validated, self._global_np = {}, None
         self.rounds.round_started()
         if self.finished:
             return []
@@ -266,7 +270,10 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             # schools train; PackedGrid packs the shared ArrayRecord once for all of these messages
             self._eval_message = self._evaluate_message(arrays, self.pending[0].round, evaluators[0])
         self._sent_at = time.perf_counter()
-        return self._train_messages + ([self._eval_message] if self._eval_message is not None else [])
+        # the evaluation first: Flower stores and uploads an exchange's messages in list order, a node is
+        # woken once its message's objects are uploaded (server/held_pulls.py), and the evaluation node
+        # (a whole benchmark to score) is usually the last to answer, so it should start first
+        return ([self._eval_message] if self._eval_message is not None else []) + self._train_messages
 
     def _evaluate_message(self, arrays: ArrayRecord, rnd: int, node_id: int) -> Message:
         config = ConfigRecord({"server-round": rnd, "run-dir": str(self.run.path)})
@@ -277,14 +284,31 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         """Remove the evaluation node's reply from a round's train replies and record it for the pending
         round; returns the schools' replies. Safe to call twice (client-DP's wrapper calls it first)."""
         replies = list(replies)
-        if self._eval_message is None or self.pending is None:
+        if self._eval_message is None:
             return replies
         eval_id = self._eval_message.metadata.message_id
         mine = [r for r in replies if eval_id and r.metadata.reply_to_message_id == eval_id]
-        for reply in mine:
+        for reply in mine if self.pending is not None else []:   # None: recorded already (replies_arrived)
             if self._record_evaluation(reply, self.pending[0]) is not None and self.record is not None:
                 self.pending[0].evaluated_in_round = self.record.round
         return [r for r in replies if not (eval_id and r.metadata.reply_to_message_id == eval_id)]
+
+    def replies_arrived(self, replies: list[Message]) -> None:
+        """Grid hook (server/transport.PollingGrid `on_replies`): replies of the train exchange as they come
+        in, while the schools still training are awaited. The evaluation node's reply settles the previous
+        round now (its metrics line), and each school's reply gets now the validation `average_accepted`
+        would give it (same checks, same order: arrival order), so the round's end waits only for the last
+        reply's. Replies to other exchanges (role queries, the final evaluation) are left alone. Not used
+        under client-level DP: Flower's wrapper clips the replies before they reach `average_accepted`."""
+        sent = sent_to(self._train_messages)
+        if self.record is None or not sent:
+            return
+        schools = self.take_evaluation(replies)
+        if len(schools) < len(replies):
+            self._flush_pending()
+        for reply in schools:
+            if reply.metadata.reply_to_message_id in sent and id(reply) not in self._validated:
+                self._validated[id(reply)] = self._validate(reply, sent)
 
     def _flush_pending(self) -> None:
         """Hand the pending round to the writer (with or without the evaluation node's result)."""
@@ -331,21 +355,10 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         replies = self.take_evaluation(replies)
         if self._train_messages:   # training happened, so the previous round's evaluation had its chance
             self._flush_pending()
-        global_np = {k: v.numpy() for k, v in self.current_arrays.items()}
         accepted: list[RecordDict] = []
         sent = sent_to(self._train_messages)
         for reply in replies:
-            # the node we sent the message to, not the reply's sender field: the SuperLink's error reply for a
-            # school that died comes from the SuperLink itself (node id 1)
-            nid, mismatch = replying_node(reply, sent)
-            node = self.nodes.get(nid, NodeInfo("unknown"))
-            school = node.school_id or f"node-{nid}"
-            if mismatch:
-                self.run.event("rejected", round=rnd, school=school, reason=mismatch)
-                log(WARNING, "[fedfer] rejected %s in round %d: %s", school, rnd, mismatch)
-                self.record.train[school] = {"status": "rejected", "reason": mismatch}
-                continue
-            outcome = self._accept(reply, school, node, rnd, global_np)
+            school, outcome = self._validated.pop(id(reply), None) or self._validate(reply, sent)
             self.record.train[school] = outcome
             if outcome["status"] == "ok":
                 accepted.append(reply.content)
@@ -360,6 +373,23 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
         self.record.num_aggregated = len(accepted)
         return arrays, MetricRecord({"schools": len(accepted)})
+
+    def _validate(self, reply: Message, sent: Mapping[str, int]) -> tuple[str, dict[str, Any]]:
+        """(school, outcome recorded in metrics.jsonl) of one train reply; rejections are logged as events."""
+        assert self.record is not None and self.current_arrays is not None
+        rnd = self.record.round
+        # the node we sent the message to, not the reply's sender field: the SuperLink's error reply for a
+        # school that died comes from the SuperLink itself (node id 1)
+        nid, mismatch = replying_node(reply, sent)
+        node = self.nodes.get(nid, NodeInfo("unknown"))
+        school = node.school_id or f"node-{nid}"
+        if mismatch:
+            self.run.event("rejected", round=rnd, school=school, reason=mismatch)
+            log(WARNING, "[fedfer] rejected %s in round %d: %s", school, rnd, mismatch)
+            return school, {"status": "rejected", "reason": mismatch}
+        if self._global_np is None:
+            self._global_np = {k: v.numpy() for k, v in self.current_arrays.items()}
+        return school, self._accept(reply, school, node, rnd, self._global_np)
 
     def _accept(self, reply: Message, school: str, node: NodeInfo, rnd: int, global_np: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Validate one training reply; returns the per-school outcome recorded in metrics.jsonl."""

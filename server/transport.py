@@ -19,7 +19,7 @@ but the interval.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -70,11 +70,16 @@ class DelegatingGrid(Grid):
 class PollingGrid(DelegatingGrid):
     """`send_and_receive` polls every `interval` seconds."""
 
-    def __init__(self, grid: Grid, interval: float = DEFAULT_INTERVAL_S) -> None:
+    on_replies: Callable[[list[Message]], None] | None = None
+
+    def __init__(self, grid: Grid, interval: float = DEFAULT_INTERVAL_S,
+                 on_replies: Callable[[list[Message]], None] | None = None) -> None:
         if not 0.01 <= interval <= 10:
             raise ValueError(f"PollingGrid: interval must be between 0.01 and 10 s, got {interval}")
         super().__init__(grid)
         self.interval = interval
+        # told about each batch of replies as it arrives (the strategy validates them while it waits for the rest)
+        self.on_replies = on_replies
         # Replies' objects often arrive just after the reply itself; Flower would back off 1 s, 2 s …
         shorten_object_pull_backoff()
 
@@ -86,13 +91,24 @@ class PollingGrid(DelegatingGrid):
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
+            asked = time.monotonic()
             got = list(self.pull_messages(pending))
             replies.extend(got)
+            if got and self.on_replies is not None:
+                self.on_replies(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.interval if deadline is None else max(0.0, min(self.interval, deadline - time.monotonic())))
+            time.sleep(self.pause(asked, deadline))
         return replies
+
+    def pause(self, asked: float, deadline: float | None) -> float:
+        """Seconds to wait before the next pull: `interval` from the start of the last one (a SuperLink
+        that held that pull until a reply came or its hold ran out, server/held_pulls.py, is asked again
+        at once), never past the deadline."""
+        now = time.monotonic()
+        wait = max(0.0, self.interval - (now - asked))
+        return wait if deadline is None else max(0.0, min(wait, deadline - now))
 
 
 class PackedGrid(DelegatingGrid):
@@ -133,8 +149,17 @@ class PackedGrid(DelegatingGrid):
         return replies
 
 
-def fast_grid(grid: Grid) -> Grid:
+def fast_grid(grid: Grid, on_replies: Callable[[list[Message]], None] | None = None) -> Grid:
     """The ServerApp's grid: the model travels packed (one array per dtype) and every message carrying it
     as one object (Flower moves every record, array and chunk as its own object, one request per hop),
-    and replies are collected every 0.1 s, not Flower's fixed 3 s."""
-    return PackedGrid(PollingGrid(grid), bundled=True)
+    and replies are collected every 0.1 s, not Flower's fixed 3 s. `on_replies` gets each batch of
+    replies, unpacked, as it arrives (the same Message objects send_and_receive returns)."""
+    return PackedGrid(PollingGrid(grid, on_replies=_unpacking(on_replies) if on_replies else None), bundled=True)
+
+
+def _unpacking(on_replies: Callable[[list[Message]], None]) -> Callable[[list[Message]], None]:
+    def unpack_then(replies: list[Message]) -> None:
+        for reply in replies:
+            unpack_reply(reply)    # in place, and a no-op on a reply already unpacked (PackedGrid's pass)
+        on_replies(replies)
+    return unpack_then

@@ -183,8 +183,14 @@ def test_init_writes_ca_certificate_start_script_and_cli_connection(deployment):
                  "--disable-runtime-dependency-installation", "--database", "--host 0.0.0.0", "--port 19093"):
         assert flag in script
     assert "--insecure" not in script
+    # Flower's SuperLink through the held-pull launcher (default 2 s); pull_hold 0: plain flower-superlink
+    assert '"$PYTHON" -m server.held_pulls --hold 2.0 -- --host 0.0.0.0' in script.replace(" \\\n    ", " ")
     assert subprocess.run(["bash", "-n", str(dep.coordinator_dir / "start-superlink.sh")]).returncode == 0
     assert Deployment.load(dep.root).sans == dep.sans
+    from server.deploy.layout import superlink_command, superlink_script
+
+    dep.pull_hold = 0.0
+    assert superlink_command(dep)[0].endswith("flower-superlink") and "server.held_pulls" not in superlink_script(dep)
 
 
 def test_renew_cert_adds_names_and_keeps_the_ca(deployment):
@@ -364,7 +370,7 @@ def test_supernode_poll_patch_shortens_only_the_two_poll_sleeps(monkeypatch):
     loop.time.sleep(3)
     loop.time.sleep(0.5)
     loop.time.sleep(0.01)
-    assert slept == [0.4, 0.1, 0.01]
+    assert slept[0] == pytest.approx(0.4, abs=0.05) and slept[1:] == [0.1, 0.01]   # idle: minus the (instant) pull
     assert loop.time.monotonic is supernode._time.monotonic
 
 
@@ -387,8 +393,9 @@ def test_supernode_polls_faster_only_in_the_window_after_a_message(monkeypatch):
     assert slept[:2] == [0.5, 0.1]
     assert slept[2:] == [0.1] * 50 + [0.5] * 10
     now[0] += 30.0                     # the loop was away (pulled and answered a message without waiting)
-    clock.sleep(3)
-    assert slept[-1] == 0.1
+    clock.sleep(3)                     # the interval since the last pull began is long over: ask at once,
+    clock.sleep(3)                     # then the busy poll of the window after a message
+    assert slept[-2:] == [0.0, 0.1]
     slow = supernode._PollClock(idle=0.5, reply=0.1, busy=2.0, window=5.0, clock=lambda: now[0])
     slow.sleep(0.5)
     slow.sleep(3)                      # a busy poll is never slower than the idle poll
@@ -467,9 +474,13 @@ def test_polling_grid_collects_every_reply_and_honours_the_timeout(monkeypatch):
     fake = _FakeGrid([0, 3, 1])
     grid = PollingGrid.__new__(PollingGrid)   # skip __init__: it tunes Flower's pull backoff process-wide
     grid._grid, grid.interval = fake, 0.01
+    batches: list[list] = []
+    grid.on_replies = batches.append   # told about each batch as it arrives, in arrival order
     replies = grid.send_and_receive(["a", "b", "c"], timeout=30)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
     assert fake.pulls == 4
+    assert [r for batch in batches for r in batch] == list(replies) and all(batches)
+    grid.on_replies = None
     never = _FakeGrid([0, 10**9])
     grid._grid = never
     start = time.monotonic()

@@ -18,7 +18,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
-from server.transport import PackedGrid
+from server.transport import PackedGrid, fast_grid
+from shared_models.wire import unbundle
 from grid_fixtures import FakeGrid, _reply, _state, _train_reply
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
@@ -45,6 +46,32 @@ class RecordingGrid(FakeGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
+class ArrivingGrid(RecordingGrid):
+    """Replies come back one per pull, as a SuperLink hands them out while schools finish (`order`:
+    "forward" = in the order sent, the evaluation node last; "reverse" = the evaluation node first), for the
+    app's PollingGrid and the strategy's `replies_arrived` hook."""
+
+    def __init__(self, node_ids, answer, order: str):
+        super().__init__(node_ids, answer)
+        self.order = order
+        self.waiting: list = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        contents = [unbundle(m.content) for m in messages]   # the app's grid bundles what it sends
+        if messages:
+            self.exchanges.append([(m.metadata.message_type, m.metadata.dst_node_id,
+                                    int(c["config"].get("server-round", 0)) if "config" in c.config_records else 0)
+                                   for m, c in zip(messages, contents)])
+        replies = [r for r in (self.answer(m.metadata.dst_node_id, m) for m in messages) if r is not None]
+        self.waiting = replies if self.order == "forward" else replies[::-1]
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.waiting.pop(0)] if self.waiting else []
+
+
 def _accuracy(rnd: int) -> float:
     return 0.1 + 0.01 * rnd
 
@@ -66,25 +93,11 @@ class Crash(Exception):
     """The coordinator stops (injected right after a checkpoint is written)."""
 
 
-def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None, crash_after: int | None = None,
-           resume: bool = False):
-    """A strategy + RoundWriter over 3 schools (+ evaluation node); the evaluator stays silent during the
-    exchanges numbered in `silent_in` (1-based, counting exchanges that carry an evaluate message).
-
-    `crash_after`: the coordinator stops right after round `crash_after`'s checkpoint is written.
-    `resume`: continue the run in tmp_path from its latest checkpoint, as server/app.py's main does."""
-    from privacy.signing import load_or_create_signing_key, public_key_pem
-    from server.round_writer import RoundWriter
-    from server.run import resume_pending, start_or_resume
-    from server.strategy import SchoolFedAvg
-    from shared_models.config import load_config
+def _answerer(keys, silent_in: tuple[int, ...], poisoned: int, evaluated: dict):
+    """The fake nodes: schools answer the role query and train (a school `poisoned` sends NaN weights);
+    the evaluation node scores what it gets (remembering it in `evaluated`) unless silent in that exchange."""
     from shared_models.wire import unpack_content
 
-    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
-                             "federation.min_train_schools=1", "federation.max_update_norm=1000",
-                             f"federation.rounds={ROUNDS}", "federation.fraction_train=1.0"]
-                      + ([f"run.resume={tmp_path / 'runs' / 't'}"] if resume else []))
-    keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / name)) for nid, name in SCHOOLS.items()}
     evaluations = {"count": 0}
 
     def answer(nid, message):
@@ -94,18 +107,57 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
                     {"role": "school", "school-id": SCHOOLS[nid], "public-key": keys[nid]})
             return _reply(message, RecordDict({"node": ConfigRecord(info)}))
         if kind == MessageType.TRAIN:
-            state = {k: v.numpy() for k, v in unpack_content(message.content)["arrays"].items()}
+            state = {k: v.numpy() for k, v in unpack_content(unbundle(message.content))["arrays"].items()}
+            if nid == poisoned:    # a reply the server must reject (NaN weights)
+                state["conv.weight"] = np.full_like(state["conv.weight"], np.nan)
             return _train_reply(message, {k: np.asarray(v + np.asarray(0.01 * nid, dtype=v.dtype)) for k, v in state.items()})
         assert kind == MessageType.EVALUATE and nid == EVALUATOR
         evaluations["count"] += 1
         if evaluations["count"] in silent_in:
             return None
-        rnd = int(message.content["config"]["server-round"])
-        grid.evaluated[rnd] = {k: v.numpy() for k, v in unpack_content(message.content)["arrays"].items()}
+        rnd = int(unbundle(message.content)["config"]["server-round"])
+        evaluated[rnd] = {k: v.numpy() for k, v in unpack_content(unbundle(message.content))["arrays"].items()}
         return _reply(message, RecordDict({"metrics": MetricRecord(
             {"synthetic-rafdb.accuracy": _accuracy(rnd), "synthetic-rafdb.n": 100, "eval-seconds": 0.01})}))
+    return answer
 
-    grid = RecordingGrid(list(SCHOOLS) + ([EVALUATOR] if evaluator else []), answer)
+
+def _start(cfg):
+    """server/run.py's start_or_resume with the fake model (its files checked on resume, not its weights)."""
+    from server.run import start_or_resume
+    from server.run_dir import check_resume_dir
+
+    with pytest.MonkeyPatch.context() as patch:   # the fake schools train a float vector, not the configured model
+        patch.setattr("server.run.registry.build_from_config", lambda cfg: FakeModel(_state(0)))
+        patch.setattr("server.run.check_resume_dir", lambda path: check_resume_dir(path, deep=False))
+        return start_or_resume(cfg)
+
+
+def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None, crash_after: int | None = None,
+           resume: bool = False, arriving: str = "", poisoned: int = 0):
+    """A strategy + RoundWriter over 3 schools (+ evaluation node); the evaluator stays silent during the
+    exchanges numbered in `silent_in` (1-based, counting exchanges that carry an evaluate message).
+
+    `crash_after`: the coordinator stops right after round `crash_after`'s checkpoint is written.
+    `resume`: continue the run in tmp_path from its latest checkpoint, as server/app.py's main does.
+    `arriving`: run behind the app's grid (fast_grid, replies validated as they arrive), the replies coming
+    back one per pull in that order (ArrivingGrid)."""
+    from privacy.signing import load_or_create_signing_key, public_key_pem
+    from server.round_writer import RoundWriter
+    from server.run import resume_pending
+    from server.strategy import SchoolFedAvg
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
+                             "federation.min_train_schools=1", "federation.max_update_norm=1000",
+                             f"federation.rounds={ROUNDS}", "federation.fraction_train=1.0"]
+                      + ([f"run.resume={tmp_path / 'runs' / 't'}"] if resume else []))
+    keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / name)) for nid, name in SCHOOLS.items()}
+    nodes = list(SCHOOLS) + ([EVALUATOR] if evaluator else [])
+    evaluated: dict = {}
+    answer = _answerer(keys, silent_in, poisoned, evaluated)
+    grid = ArrivingGrid(nodes, answer, arriving) if arriving else RecordingGrid(nodes, answer)
+    grid.evaluated = evaluated
     in_process: list[int] = []
     checkpoints: dict[int, dict[str, np.ndarray]] = {}
 
@@ -122,29 +174,24 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
             if record.round == crash_after:
                 raise Crash(record.round)
 
-    with pytest.MonkeyPatch.context() as patch:   # the fake schools train a float vector, not the configured model
-        patch.setattr("server.run.registry.build_from_config", lambda cfg: FakeModel(_state(0)))
-        # the fake model is no registered model: check the resumed checkpoint's files, not its weights
-        from server.run_dir import check_resume_dir
-
-        patch.setattr("server.run.check_resume_dir", lambda path: check_resume_dir(path, deep=False))
-        start = start_or_resume(cfg)
-    run = start.run
-    writer = Writer(run, start.cfg, start.round_offset)
+    start = _start(cfg)
+    writer = Writer(start.run, start.cfg, start.round_offset)
     writer.model_info = {"name": "fake", "preset": "", "num_classes": 7}
-    strategy = SchoolFedAvg(start.cfg, run, round_offset=start.round_offset, rounds=writer,
+    strategy = SchoolFedAvg(start.cfg, start.run, round_offset=start.round_offset, rounds=writer,
                             exhausted=start.strategy_state.get("exhausted", []),
                             momentum=start.strategy_state.get("momentum"))
     initial = ArrayRecord(OrderedDict(start.model.state_dict()))
     num_rounds = resume_pending(strategy, start.unevaluated, initial, start.remaining)
     runner = wrap(strategy) if wrap is not None else strategy
     try:
-        runner.start(grid=PackedGrid(grid), initial_arrays=initial, num_rounds=num_rounds, timeout=5,
-                     train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=strategy.end_of_round)
+        with pytest.MonkeyPatch.context() as patch:   # PollingGrid would shorten Flower's object-pull backoff process-wide
+            patch.setattr("server.transport.shorten_object_pull_backoff", lambda: True)
+            app_grid = fast_grid(grid, on_replies=strategy.replies_arrived) if arriving else PackedGrid(grid)
+            runner.start(grid=app_grid, initial_arrays=initial, num_rounds=num_rounds, timeout=5,
+                         train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=strategy.end_of_round)
     except Crash:
         assert crash_after is not None
-    lines = run.metrics()
-    return grid, lines, checkpoints, in_process
+    return grid, start.run.metrics(), checkpoints, in_process
 
 
 def test_evaluation_rides_with_the_next_rounds_train_messages(tmp_path):
@@ -172,6 +219,37 @@ def test_evaluation_rides_with_the_next_rounds_train_messages(tmp_path):
         for name in state:
             np.testing.assert_array_equal(state[name], grid.evaluated[rnd][name])
     assert not np.array_equal(checkpoints[1]["conv.weight"], checkpoints[2]["conv.weight"])
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_replies_validated_as_they_arrive_give_the_same_run(tmp_path, monkeypatch, order):
+    """The app validates each school's reply when it arrives (and settles the previous round when the
+    evaluation node's reply does), not after the last one: the run directory ends the same — metrics
+    lines, events, checkpoints — as when everything is validated at the end, whichever node answers last."""
+    from server.strategy import SchoolFedAvg
+
+    at_aggregation: list[int] = []
+    aggregate = SchoolFedAvg.average_accepted
+
+    def spy(self, server_round, replies):
+        at_aggregation.append(len(self._validated))
+        return aggregate(self, server_round, replies)
+
+    monkeypatch.setattr(SchoolFedAvg, "average_accepted", spy)
+    runs = {}
+    for mode in ("", order):
+        root = tmp_path / (mode or "at-the-end")
+        grid, lines, checkpoints, in_process = _setup(root, evaluator=True, arriving=mode, poisoned=202)
+        events = [{k: v for k, v in json.loads(line).items() if k != "time"}
+                  for line in (root / "runs" / "t" / "events.jsonl").read_text().splitlines()]
+        assert [e["event"] for e in events] == ["rejected"] * 3
+        runs[mode] = ([{k: v for k, v in line.items() if k != "timing"} for line in lines], events,
+                      {r: {k: v.tolist() for k, v in s.items()} for r, s in checkpoints.items()},
+                      [sorted(e) for e in grid.exchanges], in_process)
+    assert at_aggregation == [0, 0, 0] + [3, 3, 3]   # arriving: the three schools' replies were checked already
+    assert runs[order] == runs[""]
+    assert [line.get("evaluated_in_round") for line in runs[order][0]] == [2, 3, None]
+    assert [line["train"]["school-b"]["status"] for line in runs[order][0]] == ["rejected"] * 3
 
 
 def test_a_silent_evaluator_falls_back_to_in_process_for_that_round_only(tmp_path, caplog):

@@ -27,7 +27,7 @@ import inspect
 import sys
 import time as _time
 import types
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from shared_models.wire import shorten_object_pull_backoff
 
@@ -39,6 +39,8 @@ DEFAULT_REPLY_POLL_S = 0.05   # a check of the SuperNode's own in-memory state, 
 # evaluation node polling every 0.1 s the SuperLink on the shared 2-core bench machine answered the
 # last school's pull and push 0.2-0.3 s later each — more than the poll saved (docs/deployment.md §5).
 DEFAULT_BUSY_POLL_S = 0.1
+DEFAULT_TASK_HOLD_S = 2.0     # the warm executor's AcquireTask waits this long for a task (0: answered at once)
+TASKS_KEY = ("tasks",)
 DEFAULT_BUSY_WINDOW_S = 0.0
 FLOWER_IDLE_SLEEP_S = 3      # the constants in flwr 1.41 start_client_internal.py
 FLOWER_REPLY_SLEEP_S = 0.5
@@ -49,7 +51,12 @@ class _PollClock(types.ModuleType):
 
     The idle sleep is `busy` (not `idle`) for `window` seconds after the node last handled a message:
     the loop sleeps for a reply (or a reply's objects) only while a message is being handled, and a
-    long gap between two idle sleeps also means a message was pulled and answered in between."""
+    long gap between two idle sleeps also means a message was pulled and answered in between.
+
+    The idle interval is kept from the start of one pull to the start of the next: the sleep is the
+    interval minus the time the empty pull itself took. Against a SuperLink that holds an empty pull
+    until a message arrives (server/held_pulls.py) the node thus asks again at once — it is always
+    listening, at one request per hold — and against one that answers at once it polls as before."""
 
     def __init__(self, idle: float, reply: float, busy: float | None = None, window: float = 0.0,
                  clock: Callable[[], float] = _time.monotonic) -> None:
@@ -60,6 +67,7 @@ class _PollClock(types.ModuleType):
         self._clock = clock
         self._last_busy = -float("inf")
         self._idle_returned = clock()
+        self._any_returned = self._idle_returned   # the last sleep of any kind: the pull started after it
 
     def __getattr__(self, name: str):  # everything but sleep is the real time module
         return getattr(_time, name)
@@ -73,13 +81,15 @@ class _PollClock(types.ModuleType):
 
     def sleep(self, seconds: float) -> None:
         if seconds >= FLOWER_IDLE_SLEEP_S:
-            _time.sleep(self.idle_seconds())
-            self._idle_returned = self._clock()
+            pulled_for = self._clock() - self._any_returned
+            _time.sleep(max(0.0, self.idle_seconds() - pulled_for))
+            self._idle_returned = self._any_returned = self._clock()
             return
         if seconds >= FLOWER_REPLY_SLEEP_S:
             seconds = min(seconds, self._reply)
             self._last_busy = self._clock()
         _time.sleep(seconds)
+        self._any_returned = self._clock()
 
 
 def patch_poll_intervals(idle: float = DEFAULT_IDLE_POLL_S, reply: float = DEFAULT_REPLY_POLL_S,
@@ -94,8 +104,40 @@ def patch_poll_intervals(idle: float = DEFAULT_IDLE_POLL_S, reply: float = DEFAU
     return True
 
 
+def patch_task_hold(hold: float = DEFAULT_TASK_HOLD_S, pulls: Any = None) -> Any:
+    """The warm executor's AcquireTask, when no task is pending, waits (up to `hold` s) until the SuperNode
+    creates one (shared_models/held_pulls.py) instead of answering empty: the executor no longer polls
+    its SuperNode 20 times a second around a round, and a task starts as soon as its message is taken.
+    Returns the HeldPulls, or None (nothing changed) if this Flower's SuperNode is not the expected one."""
+    from shared_models.held_pulls import HeldPulls, flower_supports_holding
+
+    try:
+        from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+        from flwr.supernode.servicer.runtime import runtime_handlers as runtime
+    except ImportError:
+        return None
+    if hold <= 0 or not flower_supports_holding() or not callable(getattr(runtime, "acquire_task", None)) \
+            or not callable(getattr(InMemoryNodeState, "create_task", None)):
+        return None
+    pulls = pulls or HeldPulls()
+    acquire, create = runtime.acquire_task, InMemoryNodeState.create_task
+
+    def held_acquire_task(request: Any, state: Any) -> Any:
+        return pulls.pull(TASKS_KEY, lambda: acquire(request, state), lambda r: not r.HasField("task"), hold)
+
+    def notifying_create_task(self: Any, *args: Any, **kwargs: Any) -> Any:
+        task_id = create(self, *args, **kwargs)
+        pulls.notify([TASKS_KEY])
+        return task_id
+
+    runtime.acquire_task = held_acquire_task
+    InMemoryNodeState.create_task = notifying_create_task
+    return pulls
+
+
 def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str],
-                  busy_poll: float | None = None, busy_window: float = 0.0) -> int:
+                  busy_poll: float | None = None, busy_window: float = 0.0,
+                  task_hold: float = DEFAULT_TASK_HOLD_S) -> int:
     """Flower's `flower_supernode()` in this process, with the poll patches applied."""
     from logging import INFO, WARNING
 
@@ -112,6 +154,8 @@ def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str
             idle_poll, min(busy_poll or idle_poll, idle_poll), busy_window, reply_poll)
     else:
         log(WARNING, "[fedfer] this Flower's SuperNode loop is not the expected one; running it unpatched (3 s poll)")
+    if patch_task_hold(task_hold) is not None:
+        log(INFO, "[fedfer] the executor's task requests wait up to %.1f s for a task", task_hold)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args]  # Flower reads its own argv (and labels exits by argv[0])
@@ -182,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "round is near); never slower than --idle-poll")
     parser.add_argument("--busy-window", type=float, default=DEFAULT_BUSY_WINDOW_S,
                         help="seconds of --busy-poll after each handled message (default 0: always --idle-poll)")
+    parser.add_argument("--task-hold", type=float, default=DEFAULT_TASK_HOLD_S,
+                        help="seconds the warm executor's request for a task waits for one (0: Flower's polling)")
     parser.add_argument("--retry-for", type=float, default=120.0,
                         help="keep restarting a SuperNode that fails to connect for this long (0: never)")
     parser.add_argument("--retry-every", type=float, default=10.0, help=argparse.SUPPRESS)
@@ -192,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be between 0.05 and 3 seconds")
     if not 0.0 <= args.busy_window <= 600.0:
         parser.error("--busy-window must be between 0 and 600 seconds")
+    if not 0.0 <= args.task_hold <= 20.0:
+        parser.error("--task-hold must be between 0 and 20 seconds")
     if args.child or args.retry_for <= 0:
         if args.child:   # die with the supervising parent, even if it is SIGKILLed
             import os
@@ -199,10 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from flwr.supercore.app_utils import start_parent_process_monitor
 
             start_parent_process_monitor(os.getppid())
-        return run_supernode(args.idle_poll, args.reply_poll, flower_args, args.busy_poll, args.busy_window)
+        return run_supernode(args.idle_poll, args.reply_poll, flower_args, args.busy_poll, args.busy_window,
+                             args.task_hold)
     child = [sys.executable, "-m", "client.runtime.supernode", "--child", "--idle-poll", str(args.idle_poll),
              "--reply-poll", str(args.reply_poll), "--busy-poll", str(args.busy_poll),
-             "--busy-window", str(args.busy_window), "--", *flower_args]
+             "--busy-window", str(args.busy_window), "--task-hold", str(args.task_hold), "--", *flower_args]
     return supervise(child, args.retry_for, args.retry_every)
 
 

@@ -279,6 +279,7 @@ def _acquire_loop(client, plugin, executor: ForkExecutor, poll: float,  # type: 
 
     while True:
         executor.reconcile()
+        asked = time.monotonic()
         try:
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         except Exception as exc:  # noqa: BLE001 - the SuperNode restarting must not kill us
@@ -293,7 +294,9 @@ def _acquire_loop(client, plugin, executor: ForkExecutor, poll: float,  # type: 
                 return
             continue  # another task may already wait
         recent = not executor.children and time.monotonic() - executor.last_finished < busy[1]
-        time.sleep(min(busy[0], poll) if recent else poll)
+        # the interval counts from the start of the request: a SuperNode that held it until a task came or
+        # its hold ran out (client/runtime/supernode.py patch_task_hold) is asked again at once
+        time.sleep(max(0.0, (min(busy[0], poll) if recent else poll) - (time.monotonic() - asked)))
 
 
 def serve(runtime_api_address: str, *, insecure: bool = True, root_certificates: str | None = None,

@@ -80,6 +80,7 @@ class Deployment:
     executor: str = "warm"            # warm | flower (Flower's one-process-per-message default)
     idle_poll: float = 0.5            # SuperNode poll via client/runtime/supernode.py; 0: Flower's own 3 s / 0.5 s
     reply_poll: float = 0.05          # the SuperNode checks its own state for the reply: no request
+    pull_hold: float = 2.0            # SuperLink via server/held_pulls.py: an empty pull waits for a message; 0: Flower's
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
 
     # -- paths ---------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class Deployment:
             return "field 'insecure' must be true or false"
         if self.executor not in ("warm", "flower"):
             return f"field 'executor' must be 'warm' or 'flower', got {self.executor!r:.40}"
-        for key in ("idle_poll", "reply_poll"):
+        for key in ("idle_poll", "reply_poll", "pull_hold"):
             if not is_number(getattr(self, key)) or getattr(self, key) < 0:
                 return f"field '{key}' must be a finite number >= 0"
         for name, entry in self.nodes.items():
@@ -311,7 +312,7 @@ def superlink_command(dep: Deployment, here: str | None = None) -> list[str]:
     p = (lambda rel: Path(f"{HERE}/{rel}")) if here == HERE else (lambda rel: base / rel)  # noqa: E731
     return superlink_argv(host=dep.bind, port=dep.port, database=p("superlink.db"), ca_cert=p("ca.crt"),
                           cert=p("superlink.crt"), key=p("superlink.key"), insecure=dep.insecure, node_auth=True,
-                          log_file=p("superlink.log"))
+                          log_file=p("superlink.log"), hold=dep.pull_hold)
 
 
 def node_commands(dep: Deployment, name: str, here: str | None = None, superlink: str | None = None) -> list[list[str]]:
@@ -381,7 +382,8 @@ def _head(title: str) -> str:
 
 def superlink_script(dep: Deployment) -> str:
     argv = superlink_command(dep, HERE)
-    argv[0] = "flower-superlink"
+    if argv[0].endswith("flower-superlink"):
+        argv[0] = "flower-superlink"
     return _head("fedfer coordinator: the Flower SuperLink") + (
         "exec " + _shell_line(argv) + "\n")
 

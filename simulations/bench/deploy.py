@@ -13,7 +13,8 @@ Modes:
               per message); Flower's poll intervals unchanged.
   warm+poll   warm executor + SuperNode through client/runtime/supernode.py (0.5 s idle / 0.1 s reply
               poll, 0.05 s object-pull backoff) + ServerApp grid wrapped in
-              server/transport.PollingGrid (0.1 s).
+              server/transport.PollingGrid (0.1 s) + SuperLink through server/held_pulls.py (an empty
+              pull waits up to `--hold` s, default 2, for a message; `--hold 0`: Flower's polling).
   warm+poll+packed  the same, with the model's 88 tensors sent as one array.
   flower+packed     Flower's defaults, model packed: what the warm executor + polls add alone.
 
@@ -198,6 +199,7 @@ MODEL_ARRAYS, MODEL_PARAMS = 88, 314_943
 
 
 IDLE_POLL_S = 0.5   # --idle-poll: the SuperNode's idle poll in the fast-poll modes
+PULL_HOLD_S = 2.0   # --hold: the SuperLink holds an empty pull this long in the fast-poll modes (0: Flower's)
 
 
 def make_deployment(root: Path, nodes: int, executor: str, fast_poll: bool, flwr_home: Path) -> Any:
@@ -210,6 +212,7 @@ def make_deployment(root: Path, nodes: int, executor: str, fast_poll: bool, flwr
     init_deployment(root, "localhost", port=ports[0], executor=executor, flwr_home=flwr_home, connection="bench")
     dep = Deployment.load(root)
     dep.idle_poll = IDLE_POLL_S if fast_poll else 0.0   # 0: plain flower-supernode, Flower's own 3 s / 0.5 s
+    dep.pull_hold = PULL_HOLD_S if fast_poll else 0.0   # 0: plain flower-superlink
     dep.save()
     for i in range(nodes):
         add_node(root, f"school-{i}", "school", data_dir=root / "data" / f"school-{i}", runtime_port=ports[i + 1],
@@ -306,6 +309,7 @@ def run_real(mode: str, nodes: int, rounds: int, work: Path, extra: dict[str, An
     init_deployment(root / "deploy", "localhost", port=ports[0], executor=executor, flwr_home=home, connection="bench")
     dep = Deployment.load(root / "deploy")
     dep.idle_poll = IDLE_POLL_S if fast_poll else 0.0
+    dep.pull_hold = PULL_HOLD_S if fast_poll else 0.0
     dep.save()
     for i in range(nodes):
         add_node(dep.root, f"school-{i:02d}", "school", data_dir=data / "schools" / f"school-{i:02d}",
@@ -528,6 +532,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for inspection")
     parser.add_argument("--append", action="store_true", help="add this run to the runs already in --out")
     parser.add_argument("--idle-poll", type=float, default=0.5, help="SuperNode idle poll in the +poll modes")
+    parser.add_argument("--hold", type=float, default=2.0,
+                        help="+poll modes: seconds the SuperLink holds a pull that finds nothing (0: Flower's polling)")
     parser.add_argument("--app", choices=("toy", "fedfer"), default="toy",
                         help="toy: the no-compute probe app; fedfer: the real apps with tiny DP training")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -581,6 +587,7 @@ def _run_entry(args: argparse.Namespace, argv: list[str] | None, results: list[d
         "command": "python -m simulations.bench.deploy " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "idle_poll_s": args.idle_poll,
+        "pull_hold_s": args.hold,
         "niceness": os.nice(0),
         "results": results,
     }
@@ -624,8 +631,8 @@ def _write_record(args: argparse.Namespace, run: dict[str, Any]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    global IDLE_POLL_S
-    IDLE_POLL_S = args.idle_poll
+    global IDLE_POLL_S, PULL_HOLD_S
+    IDLE_POLL_S, PULL_HOLD_S = args.idle_poll, args.hold
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
         if mode not in MODES:
