@@ -22,3 +22,20 @@ def serverapp_identity(monkeypatch):
     # node 1 is the SuperLink's own id (flwr.common.constant)
     for name, value in {"_run_id": 1, "_task_id": 1, "_node_id": 1}.items():
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture()
+def supernode_clock(monkeypatch):
+    """client/runtime/supernode's sleeps made instant: returns (now, slept) — a one-item list holding the
+    fake monotonic time (a sleep advances it) and the list of every sleep's seconds."""
+    from client.runtime import supernode
+
+    now = [100.0]
+    slept: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(supernode._time, "sleep", fake_sleep)
+    return now, slept

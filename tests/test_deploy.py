@@ -374,17 +374,10 @@ def test_supernode_poll_patch_shortens_only_the_two_poll_sleeps(monkeypatch):
     assert loop.time.monotonic is supernode._time.monotonic
 
 
-def test_supernode_polls_faster_only_in_the_window_after_a_message(monkeypatch):
+def test_supernode_polls_faster_only_in_the_window_after_a_message(supernode_clock):
     from client.runtime import supernode
 
-    now = [100.0]
-    slept: list[float] = []
-
-    def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
-        now[0] += seconds
-
-    monkeypatch.setattr(supernode._time, "sleep", fake_sleep)
+    now, slept = supernode_clock
     clock = supernode._PollClock(idle=0.5, reply=0.1, busy=0.1, window=5.05, clock=lambda: now[0])
     clock.sleep(3)                     # idle, no message handled yet: the idle poll
     clock.sleep(0.5)                   # waiting for a ClientApp's reply: a message is being handled

@@ -190,19 +190,12 @@ def test_servers_grid_waits_its_interval_from_the_start_of_a_pull(monkeypatch):
     assert grid.pause(100.0, 100.05) == pytest.approx(0.03)
 
 
-def test_supernode_idle_poll_counts_from_the_start_of_the_empty_pull(monkeypatch):
+def test_supernode_idle_poll_counts_from_the_start_of_the_empty_pull(supernode_clock):
     """The SuperNode's idle sleep is the idle interval minus the time the empty pull took: a pull the
     SuperLink held for 2 s is followed by the next at once, a quick one by the rest of the 0.5 s."""
     from client.runtime import supernode
 
-    now = [10.0]
-    slept: list[float] = []
-
-    def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
-        now[0] += seconds
-
-    monkeypatch.setattr(supernode._time, "sleep", fake_sleep)
+    now, slept = supernode_clock
     clock = supernode._PollClock(idle=0.5, reply=0.05, clock=lambda: now[0])
     now[0] += 0.02                      # an empty pull answered in 20 ms
     clock.sleep(3)
