@@ -239,8 +239,7 @@ class PrivateTrainer:
         """Opacus calls a step hook after adding the noise and scaling, before the step (skipped steps: never)."""
         if self.after_noise is not None:
             after_noise = self.after_noise
-            self.optimizer.attach_step_hook(lambda optimizer: after_noise(
-                [p for p in optimizer.params if p.requires_grad]))
+            self.optimizer.attach_step_hook(lambda _optimizer: after_noise(self._params()))
 
     def _attach_book_keeping(self, model: nn.Module, required: bool) -> None:
         """privacy/student_clipping.py computes the clipped sum into p.grad; Opacus'

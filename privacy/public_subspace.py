@@ -11,8 +11,8 @@ is applied after the noise (``privacy.engine.AfterNoise``), so it is post-proces
 Gaussian mechanism: the accountant's record is unchanged.
 
 Measured on the default district (docs/experiments.md, "Session 10"): it does *not* help there. The
-public faces' subspace holds 83 % of the energy of a school's mean gradient at k = 256, but the
-remaining 17 % is the classroom domain the fine-tuning is for, and the in-domain accuracy falls. It is
+public faces' subspace holds 86 % of the energy of a school's mean clipped gradient at k = 256, but the
+remaining 14 % is the classroom domain the fine-tuning is for, and the in-domain accuracy falls. It is
 kept as an option of the in-process benchmark (`simulations/bench/pretraining.py --subspace`), not of
 the federation.
 """
@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+from privacy.engine import LossFn
 
 
 def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -32,8 +32,15 @@ def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def flat_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+                  params: list[nn.Parameter]) -> torch.Tensor:
+    """The gradient of the summed loss of (x, y) with respect to ``params``, as one vector (zeros where unused)."""
+    grads = torch.autograd.grad(loss_fn(model, x, y).sum(), params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
 def public_gradient_basis(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, dims: int,
-                          loss_fn: LossFn, chunk: int = 64) -> torch.Tensor:
+                          loss_fn: LossFn) -> torch.Tensor:
     """(k, d) orthonormal rows: the top-``dims`` right singular vectors of the public samples' per-sample
     gradients at ``model``'s current weights (k = min(dims, samples)). ``images`` are model inputs."""
     if dims < 1:
@@ -43,13 +50,8 @@ def public_gradient_basis(model: nn.Module, images: torch.Tensor, labels: torch.
     params = trained_parameters(model)
     was_training = model.training
     model.eval()   # norms use running statistics: one sample's gradient does not depend on the others
-    rows = []
     try:
-        for start in range(0, len(images), chunk):
-            for x, y in zip(images[start:start + chunk], labels[start:start + chunk]):
-                grads = torch.autograd.grad(loss_fn(model, x[None], y.view(1)).sum(), params, allow_unused=True)
-                rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                       for g, p in zip(grads, params)]))
+        rows = [flat_gradient(model, x[None], y.view(1), loss_fn, params) for x, y in zip(images, labels)]
     finally:
         model.train(was_training)
     _, _, vh = torch.linalg.svd(torch.stack(rows).double(), full_matrices=False)

@@ -30,12 +30,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from privacy.engine import AfterNoise
 from shared_models.config import ConfigError, load_config
 from shared_models.datasets.school_folder import SchoolData, load_school
 from shared_models.models import registry
 from simulations.bench.results import write_result
 from simulations.references import INDOMAIN, PUBLIC, Scorer, train_central
-from privacy.engine import AfterNoise
 from simulations.references import dp_round as _dp_round
 from simulations.references import model_from as _model
 
@@ -52,13 +52,12 @@ class PublicSubspace:
     public training faces' per-sample gradients at the round's starting model (privacy/public_subspace.py;
     post-processing, no privacy cost). `samples` public faces, drawn once."""
 
-    def __init__(self, cfg: Mapping[str, Any], root: Path, dims: int, samples: int) -> None:
+    def __init__(self, cfg: Mapping[str, Any], root: Path, input_size: int, dims: int, samples: int) -> None:
         from shared_models.datasets import open_benchmark
         from shared_models.transforms import eval_transform
 
         spec = str(cfg["pretrain.benchmarks"]).split(",")[0].strip()
-        size = int(registry.build_from_config(cfg).input_size)
-        public = open_benchmark(spec, data_root=root).as_torch(eval_transform(size))
+        public = open_benchmark(spec, data_root=root).as_torch(eval_transform(input_size))
         pick = torch.randperm(len(public), generator=torch.Generator().manual_seed(int(cfg["run.seed"])))[:samples]
         faces = [public[int(i)] for i in pick]
         self.images = torch.stack([f[0] for f in faces])
@@ -75,7 +74,7 @@ class PublicSubspace:
     def energy(self, model: torch.nn.Module, school: SchoolData, students: int = 300) -> dict[str, float]:
         """How much of a school's gradient the subspace at `model` holds: the share of the squared norm of the
         mean of `students` clipped (C = 1) student gradients, and the mean share of each student's, inside it."""
-        from privacy.public_subspace import public_gradient_basis, trained_parameters
+        from privacy.public_subspace import flat_gradient, public_gradient_basis, trained_parameters
         from shared_models.training import FaceDataset, per_sample_loss
         from shared_models.transforms import eval_transform
 
@@ -87,7 +86,7 @@ class PublicSubspace:
         for student in list(dict.fromkeys(ids.tolist()))[:students]:
             batch = [frames[int(i)] for i in np.flatnonzero(ids == student)]
             x, y = torch.stack([b[0] for b in batch]), torch.tensor([int(b[1]) for b in batch])
-            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(per_sample_loss(model, x, y).sum(), params)])
+            g = flat_gradient(model, x, y, per_sample_loss, params)
             rows.append(g / max(1.0, float(g.norm())))
         grads = torch.stack(rows)
         mean = grads.mean(0)
@@ -234,9 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     schools = [load_school(d) for d in sorted((root / "schools").iterdir()) if d.is_dir()]
     sizes = [s.num_students for s in schools]
     print(f"{len(schools)} schools, students {sizes}; {rounds} rounds at ε {cfg['privacy.target_epsilon']}", flush=True)
-    score = Scorer(root, int(registry.build_from_config(cfg).input_size), int(cfg["evaluation.bootstrap"]))
+    input_size = int(registry.build_from_config(cfg).input_size)
+    score = Scorer(root, input_size, int(cfg["evaluation.bootstrap"]))
 
-    subspace = PublicSubspace(cfg, root, args.subspace, args.subspace_samples) if args.subspace > 0 else None
+    subspace = (PublicSubspace(cfg, root, input_size, args.subspace, args.subspace_samples)
+                if args.subspace > 0 else None)
     results: dict[str, Any] = {"pretrained": score(_model(cfg, start))}
     if subspace is not None:
         results["subspace_energy"] = subspace.energy(_model(cfg, start), schools[0])
