@@ -65,7 +65,7 @@ def test_frozen_parameters_do_not_move_under_dp_sgd() -> None:
 
 TINY = ["federation.schools=1", "data.students_per_school=2", "data.frames_per_student=2", "data.public_students=2",
         "data.public_frames=7", "data.public_train_students=4", "data.public_train_frames=7", "data.heldout_students=1",
-        "data.image_size=32", "pretrain.batch_size=8", "pretrain.epochs=1", "evaluation.bootstrap=10"]
+        "data.image_size=32", "pretrain.batch_size=8", "pretrain.epochs=1", "evaluation.bootstrap=10", "model.preset=dp"]
 
 
 def test_pretrain_writes_a_checkpoint_that_model_pretrained_loads_with_provenance(tmp_path, capsys) -> None:
