@@ -240,10 +240,14 @@ def pretrain(cfg: Mapping[str, Any], data_root: Path | None, out: Path, *, evalu
     return provenance
 
 
+def cached_checkpoint(cfg: Mapping[str, Any], data_root: Path | None) -> Path:
+    """Where :func:`ensure_pretrained` keeps this config's checkpoint (it may not exist yet)."""
+    return default_path(inputs_hash(cfg, data_specs(cfg, data_root)))
+
+
 def ensure_pretrained(cfg: Mapping[str, Any], data_root: Path | None, echo: Echo | None = None) -> Path:
     """The cached checkpoint for this config's pre-training (trained now if absent); its path."""
-    data = data_specs(cfg, data_root)
-    path = default_path(inputs_hash(cfg, data))
+    path = cached_checkpoint(cfg, data_root)
     with locked(path):   # two simulations starting at once train it once
         if path.is_file():
             if echo is not None:

@@ -41,6 +41,7 @@ import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -797,7 +798,7 @@ def _write_school(tmp: Path, params: SynthParams, index: int, counter: _Counter)
 _PIXEL_TEXT = [str(v) for v in range(256)]
 
 
-def _write_public(tmp: Path, params: SynthParams, counter: _Counter) -> dict[str, Any]:
+def _write_public(tmp: Path, params: SynthParams, counter: _Counter, workers: int = 1) -> dict[str, Any]:
     renderer = F.Renderer(PUBLIC_SIZE, seed=int(_rng(params, _KIND_PUBLIC, _P_NOISE).integers(2**31)))
     aligned = tmp / "rafdb" / "Image" / "aligned"
     aligned.mkdir(parents=True)
@@ -819,7 +820,7 @@ def _write_public(tmp: Path, params: SynthParams, counter: _Counter) -> dict[str
         people.append({"identity_id": person.student_id, "usage": usage, "rows": [first, row],
                        "camera": person.camera["name"]})
         counter.step(params.public_frames, "public")
-    train = _write_public_train(aligned, params, counter)
+    train = _write_public_train(aligned, params, counter, workers)
     # FER2013 lists its Training rows first, then PublicTest and PrivateTest
     fer_rows = fer_rows[:1] + train["fer_rows"] + fer_rows[1:]
     (tmp / "fer2013.csv").write_text("\n".join(fer_rows) + "\n")
@@ -857,16 +858,46 @@ def _write_public_identity(renderer: F.Renderer, person: Student, rng: np.random
     return row
 
 
-def _write_public_train(aligned: Path, params: SynthParams, counter: _Counter) -> dict[str, Any]:
+def _write_public_train(aligned: Path, params: SynthParams, counter: _Counter, workers: int = 1) -> dict[str, Any]:
     """The public training split (FER2013 `Training` rows, RAF-DB `train_NNNNN` names): same look as the
-    test split, other identities, its own renderer noise; balanced labels like the test split."""
+    test split, other identities, its own renderer noise; balanced labels like the test split.
+
+    It is the largest part of the default dataset (19,200 faces at 100 px), so `workers` processes render
+    ranges of identities side by side. An identity's faces depend only on the renderer's seed and the
+    identity's own stream, and its rows are numbered by its index, so the bytes are the same either way."""
+    n = params.public_train_students
+    chunks = max(1, min(int(workers), n // 50))   # small splits: not worth a process
+    bounds = [(n * k // chunks, n * (k + 1) // chunks) for k in range(chunks)]
+    if chunks == 1:
+        parts = [_write_public_train_range(aligned, params, 0, n, counter)]
+    else:
+        # fork, as the dataset's parts: the children need no torch and must not re-run the caller's main module
+        with ProcessPoolExecutor(chunks, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_write_public_train_range, aligned, params, lo, hi) for lo, hi in bounds]
+            parts = []
+            for future, (lo, hi) in zip(futures, bounds):
+                parts.append(future.result())
+                counter.step((hi - lo) * params.public_train_frames, "public-train")
+    label_counts = dict.fromkeys(FER7, 0)
+    for part in parts:
+        for label, count in part["label_counts"].items():
+            label_counts[label] += count
+    return {"num_images": n * params.public_train_frames, "num_identities": n, "label_counts": label_counts,
+            "identities": [p for part in parts for p in part["identities"]],
+            "fer_rows": [r for part in parts for r in part["fer_rows"]],
+            "raf_rows": [r for part in parts for r in part["raf_rows"]]}
+
+
+def _write_public_train_range(aligned: Path, params: SynthParams, lo: int, hi: int,
+                              counter: _Counter | None = None) -> dict[str, Any]:
+    """Public training identities lo..hi-1: their JPEGs in `aligned`, and their rows and label counts."""
     renderer = F.Renderer(PUBLIC_SIZE, seed=int(_rng(params, _KIND_PUBLIC_TRAIN, _P_NOISE).integers(2**31)))
     fer_rows: list[str] = []
     raf_rows: list[str] = []
     people = []
     label_counts = dict.fromkeys(FER7, 0)
-    row = 0
-    for j in range(params.public_train_students):
+    row = lo * params.public_train_frames
+    for j in range(lo, hi):
         person = public_train_person(params, j)
         rng = _rng(params, _KIND_PUBLIC_TRAIN, _P_RENDER, j)
         first = row
@@ -875,9 +906,9 @@ def _write_public_train(aligned: Path, params: SynthParams, counter: _Counter) -
                                      raf_rows=raf_rows, label_counts=label_counts)
         people.append({"identity_id": person.student_id, "usage": "Training", "rows": [first, row],
                        "camera": person.camera["name"]})
-        counter.step(params.public_train_frames, "public-train")
-    return {"num_images": row, "num_identities": params.public_train_students, "label_counts": label_counts,
-            "identities": people, "fer_rows": fer_rows, "raf_rows": raf_rows}
+        if counter is not None:
+            counter.step(params.public_train_frames, "public-train")
+    return {"label_counts": label_counts, "identities": people, "fer_rows": fer_rows, "raf_rows": raf_rows}
 
 
 INDOMAIN_HEADER = "path,label,student_id,school_id"
@@ -1078,12 +1109,13 @@ def ensure_school(root: str | Path, params: SynthParams, school_index: int, prog
 
 
 def ensure_public(root: str | Path, params: SynthParams, progress: Progress | None = None,
-                  force: bool = False) -> Path:
-    """Make <root>/public complete and current (FER2013 CSV + RAF-DB layout); returns its directory."""
+                  force: bool = False, workers: int = 1) -> Path:
+    """Make <root>/public complete and current (FER2013 CSV + RAF-DB layout); returns its directory.
+    `workers` processes render the training split's identities (the same bytes as one)."""
     root = Path(root).expanduser()
     counter = _Counter(progress, public_image_count(params))
     return _build_part(root, root / "public", "public.json", _public_key(params), "public", force,
-                       lambda tmp: _write_public(tmp, params, counter))
+                       lambda tmp: _write_public(tmp, params, counter, workers))
 
 
 def ensure_indomain(root: str | Path, params: SynthParams, progress: Progress | None = None,
@@ -1155,16 +1187,19 @@ def ensure_dataset(root: str | Path, params: SynthParams, progress: Progress | N
         if not force and _dataset_ok(root, params, on_demand):
             return root
         sizes = [0 if on_demand else school_image_count(params, i) for i in range(params.schools)]
+        cores = int(workers or os.cpu_count() or 1)
         total = sum(sizes) + public_image_count(params) + indomain_image_count(params) + clip_bench_count(params)
         parts: list[_Part] = [
             (school_id(i), sizes[i], ensure_school, (root, params, i))
             for i in ([] if on_demand else range(params.schools))]
-        parts.append(("public", public_image_count(params), ensure_public, (root, params)))
+        # the public split is the longest part: it renders its training identities in `workers` processes
+        # while the other parts share the pool (the cores stay busy until the last part ends)
+        parts.append(("public", public_image_count(params), partial(ensure_public, workers=cores), (root, params)))
         if params.heldout_students:
             parts.append(("indomain", indomain_image_count(params), ensure_indomain, (root, params)))
         if params.clips_per_student:
             parts.append(("clipbench", clip_bench_count(params), ensure_clip_bench, (root, params)))
-        workers = max(1, min(int(workers or os.cpu_count() or 1), len(parts)))
+        workers = max(1, min(cores, len(parts)))
         if workers == 1:
             _build_parts_in_order(parts, total, progress, force)
         else:
@@ -1261,6 +1296,18 @@ def generation_mode(cfg: Mapping[str, Any]) -> str:
     if mode == "auto":
         return "on-demand" if int(cfg.get("federation.schools", 0)) > ON_DEMAND_ABOVE else "upfront"
     return mode
+
+
+def start_building_schools(cfg: Mapping[str, Any]) -> multiprocessing.process.BaseProcess:
+    """Build the config's schools in a child process on one core, silently, while the caller uses the other
+    (`fedfer simulate` pre-trains on the public split meanwhile: that is one thread, so a core would idle).
+    Nothing to hand over: the dataset's lock makes a later :func:`ensure_for_config` wait for the child and
+    then find the schools built (or build what a failed child left out, and raise its error)."""
+    child = multiprocessing.get_context("fork").Process(
+        target=ensure_dataset, args=(root_from_config(cfg), params_from_config(cfg)), kwargs={"workers": 1},
+        name="fedfer-synth-schools", daemon=True)   # fork: no torch in the child, and the caller's main module is not re-run
+    child.start()
+    return child
 
 
 def ensure_for_config(cfg: Mapping[str, Any], echo: Callable[[str], None] = print, on_demand: bool = False) -> Path:

@@ -15,6 +15,16 @@ def test_tail_average_is_the_mean_of_the_rounds_models_with_integer_buffers_roun
     assert torch.equal(tail_average(rounds[-1:])["w"], rounds[-1]["w"])
 
 
+def test_weighted_average_blends_the_start_and_the_federated_model():
+    """`--interpolate α`: (1 - α)·start + α·final; α = 0 is the start, α = 1 the federated model."""
+    start = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(0)}
+    final = {"w": torch.tensor([2.0, 0.0]), "n": torch.tensor(3)}
+    blend = tail_average([start, final], [0.25, 0.75])
+    assert torch.allclose(blend["w"], torch.tensor([1.5, 1.0])) and int(blend["n"]) == 2   # 2.25 rounds to 2
+    assert torch.equal(tail_average([start, final], [1.0, 0.0])["w"], start["w"])
+    assert torch.equal(tail_average([start, final], [0.0, 1.0])["w"], final["w"])
+
+
 def test_fedavgm_adds_the_momentum_share_of_the_previous_step():
     start = {"w": torch.tensor([0.0])}
     velocity: dict[str, torch.Tensor] = {}

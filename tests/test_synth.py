@@ -136,6 +136,39 @@ def test_parallel_build_writes_the_same_bytes_as_one_process(tmp_path: Path) -> 
     assert set(seen) == {"school-00", "school-01", "school-02", "public", "clipbench"}   # TINY has clips
 
 
+def test_public_training_split_rendered_in_processes_has_the_same_bytes_and_rows(tmp_path: Path) -> None:
+    """The public training split is rendered by identity ranges in several processes (it is the longest
+    part of the default dataset): the same files, FER2013 rows in the same order, the same metadata."""
+    params = synth.SynthParams(**{**TINY.__dict__, "public_train_students": 120, "public_train_frames": 1,
+                                  "clips_per_student": 0})
+    progress: list[tuple[int, int]] = []
+    split = synth.ensure_public(tmp_path / "three", params, workers=3,
+                                progress=lambda done, total, what: progress.append((done, total)))
+    single = synth.ensure_public(tmp_path / "one", params, workers=1)
+    assert _tree_bytes(split) == _tree_bytes(single)
+    rows = (split / "fer2013.csv").read_text().splitlines()
+    assert sum(row.endswith(",Training") for row in rows) == 120 and rows[1].endswith(",Training")
+    assert progress[-1][0] == progress[-1][1] == synth.public_image_count(params)
+
+
+def test_schools_built_in_the_background_complete_the_dataset_the_public_part_started(tmp_path: Path) -> None:
+    """`fedfer simulate` builds the public and in-domain parts first (pre-training reads them), then the schools
+    in a child process while it pre-trains: the result is the dataset one build makes, byte for byte."""
+    from shared_models.config import load_config
+
+    tiny = ["federation.schools=2", "data.students_per_school=4", "data.frames_per_student=2", "data.public_students=2",
+            "data.public_frames=7", "data.public_train_students=2", "data.heldout_students=1", "data.image_size=32"]
+    cfg = load_config(overrides=tiny + [f"data.root={tmp_path / 'two-steps'}"])
+    root = synth.ensure_for_config(cfg, echo=lambda line: None, on_demand=True)
+    assert not (root / "schools" / "school-00" / "school.json").exists()
+    child = synth.start_building_schools(cfg)
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    whole = synth.ensure_dataset(tmp_path / "one-build", synth.params_from_config(cfg), workers=1)
+    assert _tree_bytes(root) == _tree_bytes(whole)
+    assert synth.ensure_for_config(cfg, echo=lambda line: pytest.fail(f"rebuilt: {line}")) == root
+
+
 def test_seed_changes_the_data(built: Path, tmp_path: Path) -> None:
     other = synth.ensure_school(tmp_path / "seed", synth.SynthParams(**{**TINY.__dict__, "seed": 12}), 0)
     assert (other / "labels.csv").read_bytes() != (built / "schools" / "school-00" / "labels.csv").read_bytes()

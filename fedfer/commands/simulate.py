@@ -240,17 +240,25 @@ def _run_federation(cfg: dict[str, Any], run_path: Path, started: float) -> int:
 def _pretrain_auto(cfg: dict[str, Any]) -> int:
     """model.pretrain=auto: the cached public pre-training of this model (trained now if absent) becomes
     model.pretrained, so every app process loads the same checkpoint."""
-    from simulations import pretrain
+    from simulations import pretrain, synth
 
-    root = _ensure_data(cfg, on_demand=cfg["data.generate"] == "on-demand")   # public data only
+    root = _ensure_data(cfg, on_demand=True)   # the public and in-domain parts: what pre-training reads
     started = time.perf_counter()
+    schools = None
     try:
+        if cfg["data.generate"] != "on-demand" and not pretrain.cached_checkpoint(cfg, root).is_file():
+            # pre-training runs on one thread: the schools are built on the other core meanwhile
+            schools = synth.start_building_schools(cfg)
+            print(f"  building the {cfg['federation.schools']} schools in the background while pre-training", flush=True)
         path = pretrain.ensure_pretrained(cfg, root, echo=lambda line: print("  " + line, flush=True))
     except pretrain.PretrainError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
         return 2
     cfg["model.pretrained"] = str(path)
     print(f"pre-trained model {path} ({time.perf_counter() - started:.1f} s)")
+    if schools is not None:
+        schools.join()
+        print(f"  schools built ({time.perf_counter() - started:.1f} s since pre-training began)", flush=True)
     return 0
 
 

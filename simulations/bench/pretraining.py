@@ -7,7 +7,8 @@
     (c) each school fine-tuning alone under the same DP (the reason to federate),
 
     python -m simulations.bench.pretraining [--rounds 8] [--trainable all,norms+head] [--alone 3]
-        [--central-epochs 3] [--subspace K] [--out benchmarks/pretraining.json] [key=value ...]
+        [--central-epochs 3] [--subspace K] [--tail 3] [--interpolate 0.5,0.75]
+        [--out benchmarks/pretraining.json] [key=value ...]
 
 The start is `model.pretrained` if set, else the cached `model.pretrain=auto` checkpoint (trained if absent).
 In one process, like simulations/tune_inprocess.py: each school trains with the same DP planning and
@@ -115,14 +116,23 @@ def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.
     return new
 
 
-def tail_average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The mean of a few rounds' global models (Polyak averaging of the server's iterates: post-processing of
-    what the schools released, so no privacy cost); integer buffers are rounded."""
+def tail_average(states: list[Mapping[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The (weighted) mean of a few models' weights: the last rounds' global models (Polyak averaging of the
+    server's iterates), or the start and the federated model (`--interpolate`). Post-processing of what the
+    schools released, so no privacy cost; integer buffers are rounded."""
+    weights = weights if weights is not None else [1.0 / len(states)] * len(states)
     out = {}
     for key, first in states[0].items():
-        mean = sum(s[key].double() for s in states) / len(states)
+        mean = sum(w * s[key].double() for w, s in zip(weights, states))
         out[key] = mean.to(first.dtype) if first.is_floating_point() else mean.round().to(first.dtype)
     return out
+
+
+def score_interpolations(cfg: Mapping[str, Any], start: Mapping[str, torch.Tensor], final: Mapping[str, torch.Tensor],
+                         alphas: list[float], score: Scorer) -> dict[str, Any]:
+    """Scores of (1 - α)·start + α·final for each α (weight-space ensembling of the pre-trained and the
+    fine-tuned model, as WiSE-FT; Wortsman et al. 2022): does it keep the public accuracy the start had?"""
+    return {f"{a:g}": score(_model(cfg, tail_average([start, final], [1.0 - a, a])), per_school=True) for a in alphas}
 
 
 def score_tails(cfg: Mapping[str, Any], kept: list[dict[str, torch.Tensor]], tails: list[int],
@@ -133,7 +143,7 @@ def score_tails(cfg: Mapping[str, Any], kept: list[dict[str, torch.Tensor]], tai
 
 def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], rounds: int,
              score: Scorer, echo=print, tails: list[int] = (),  # noqa: ANN001
-             subspace: PublicSubspace | None = None) -> dict[str, Any]:
+             subspace: PublicSubspace | None = None, interpolate: list[float] = ()) -> dict[str, Any]:
     model, local = _model(cfg, start), _model(cfg, start)
     velocity: dict[str, torch.Tensor] = {}
     momentum = float(cfg["federation.server_momentum"])
@@ -150,7 +160,7 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
             states.append({k: v.clone() for k, v in local.state_dict().items()})
         model.load_state_dict(fedavgm(global_state, states, velocity, momentum))
         kept = (kept + [{k: v.clone() for k, v in model.state_dict().items()}])[-max(tails, default=1):]
-        result = score(model)
+        result = score(model, per_school=rnd == rounds)   # the last round also per school: (c)'s comparison
         history.append({"round": rnd, "public": result[PUBLIC]["accuracy"], "indomain": result[INDOMAIN]["accuracy"],
                         "max_sigma": round(sigma, 3), "seconds": round(time.perf_counter() - started, 1)})
         echo(f"    round {rnd}: public {result[PUBLIC]['accuracy']:.3f} in-domain {result[INDOMAIN]['accuracy']:.3f} "
@@ -159,7 +169,11 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
     for k, r in tail_scores.items():
         echo(f"    mean of the last {k} rounds' models: public {r[PUBLIC]['accuracy']:.3f} "
              f"in-domain {r[INDOMAIN]['accuracy']:.3f}")
-    return {**result, "history": history, "tail_average": tail_scores, "seconds": round(time.perf_counter() - started, 1)}
+    blends = score_interpolations(cfg, start, model.state_dict(), list(interpolate), score)
+    for a, r in blends.items():
+        echo(f"    (1 - {a})·start + {a}·federated: public {r[PUBLIC]['accuracy']:.3f} in-domain {r[INDOMAIN]['accuracy']:.3f}")
+    return {**result, "history": history, "tail_average": tail_scores, "interpolated": blends,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def alone(cfg: Mapping[str, Any], school: SchoolData, index: int, start: Mapping[str, torch.Tensor], rounds: int,
@@ -200,6 +214,8 @@ def _parser() -> argparse.ArgumentParser:
                                                     "largest, then evenly between); 0: skip (c)")
     parser.add_argument("--central-epochs", type=int, default=3, help="0: skip (b)")
     parser.add_argument("--tail", default="", help="also score the mean of the last k rounds' models, e.g. 3,6")
+    parser.add_argument("--interpolate", default="", help="also score (1 - α)·start + α·federated for each α, "
+                                                         "e.g. 0.5,0.75 (weight-space ensembling, no privacy cost)")
     parser.add_argument("--subspace", type=int, default=0,
                         help="project every DP step's noised gradient onto the top-K directions of public per-sample "
                              "gradients (privacy/public_subspace.py); 0: off")
@@ -238,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     subspace = (PublicSubspace(cfg, root, input_size, args.subspace, args.subspace_samples)
                 if args.subspace > 0 else None)
-    results: dict[str, Any] = {"pretrained": score(_model(cfg, start))}
+    results: dict[str, Any] = {"pretrained": score(_model(cfg, start), per_school=True)}
     if subspace is not None:
         results["subspace_energy"] = subspace.energy(_model(cfg, start), schools[0])
         print(f"  subspace ({args.subspace} dims) at the start holds {results['subspace_energy']}", flush=True)
@@ -249,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in [m.strip() for m in args.trainable.split(",") if m.strip()]:
         print(f"  federation, train.trainable={mode}", flush=True)
         results[f"federated:{mode}"] = federate({**cfg, "train.trainable": mode}, schools, start, rounds, score,
-                                                echo=lambda s: print(s, flush=True), tails=tails, subspace=subspace)
+                                                echo=lambda s: print(s, flush=True), tails=tails, subspace=subspace,
+                                                interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()])
         print(_row(f"(F) federated DP, trainable={mode}", results[f"federated:{mode}"]), flush=True)
     results["alone"] = _train_alone(cfg, schools, sizes, _alone_picks(sizes, args.alone), start, rounds, score,
                                    tails, subspace)
@@ -305,6 +322,25 @@ def _print_table(results: dict[str, Any]) -> None:
             print(_row(f"(F) federated DP, trainable={key.split(':', 1)[1]}", results[key]))
     for sid, r in results["alone"].items():
         print(_row(f"(c) {sid} alone ({r['students']} students)", r))
+    _print_own_students(results)
+
+
+def _print_own_students(results: dict[str, Any]) -> None:
+    """Each (c) school's own held-out students: the start, the school alone and every federation (the
+    head teacher's question: does my school's model get better by federating?)."""
+    if not results["alone"]:
+        return
+    federations = [key for key in results if key.startswith("federated:")]
+    print(f"\n{'own held-out students of':<26} {'start':>7} {'alone':>7} " + " ".join(f"{k[10:]:>10}" for k in federations))
+    for sid, r in results["alone"].items():
+        index = int(sid.rsplit("-", 1)[-1])
+
+        def own(scores: Mapping[str, Any]) -> str:
+            m = (scores.get("per-school") or {}).get(index)
+            return f"{m['accuracy']:.3f}" if m else "-"
+
+        print(f"{sid + ' (n ' + str(r['own-school']['n']) + ')':<26} {own(results['pretrained']):>7} "
+              f"{r['own-school']['accuracy']:>7.3f} " + " ".join(f"{own(results[k]):>10}" for k in federations))
 
 
 if __name__ == "__main__":
