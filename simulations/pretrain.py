@@ -245,9 +245,11 @@ def cached_checkpoint(cfg: Mapping[str, Any], data_root: Path | None) -> Path:
     return default_path(inputs_hash(cfg, data_specs(cfg, data_root)))
 
 
-def ensure_pretrained(cfg: Mapping[str, Any], data_root: Path | None, echo: Echo | None = None) -> Path:
-    """The cached checkpoint for this config's pre-training (trained now if absent); its path."""
-    path = cached_checkpoint(cfg, data_root)
+def ensure_pretrained(cfg: Mapping[str, Any], data_root: Path | None, echo: Echo | None = None,
+                      path: Path | None = None) -> Path:
+    """The cached checkpoint for this config's pre-training (trained now if absent); its path. `path`: the
+    :func:`cached_checkpoint` the caller already looked up (finding it reads every file's size: seconds)."""
+    path = path or cached_checkpoint(cfg, data_root)
     with locked(path):   # two simulations starting at once train it once
         if path.is_file():
             if echo is not None:

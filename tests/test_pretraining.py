@@ -68,6 +68,30 @@ TINY = ["federation.schools=1", "data.students_per_school=2", "data.frames_per_s
         "data.image_size=32", "pretrain.batch_size=8", "pretrain.epochs=1", "evaluation.bootstrap=10", "model.preset=dp"]
 
 
+def test_simulate_pretrains_once_and_builds_the_schools_beside_it(tmp_path, monkeypatch, capsys) -> None:
+    """model.pretrain=auto in `fedfer simulate`: the public part first, then pre-training (one thread) with the
+    schools built in a child process on the other core; a second run finds the checkpoint and builds nothing."""
+    from fedfer.commands.simulate import _pretrain_auto
+    from shared_models.config import load_config
+    from simulations import synth
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = load_config(overrides=[*TINY, "federation.schools=2", f"data.root={tmp_path / 'data'}"])
+    assert _pretrain_auto(cfg) == 0
+    printed = capsys.readouterr().out
+    assert "in the background while pre-training" in printed and "schools built" in printed
+    first = cfg["model.pretrained"]
+    assert registry.pretrained_provenance(first)["format"] == "fedfer-pretrained/1"
+    for school in ("school-00", "school-01"):   # the child finished every school before _pretrain_auto returned
+        assert (tmp_path / "data" / "schools" / school / "school.json").is_file()
+    assert synth.ensure_for_config(cfg, echo=lambda line: pytest.fail(f"rebuilt: {line}")) == tmp_path / "data"
+
+    again = load_config(overrides=[*TINY, "federation.schools=2", f"data.root={tmp_path / 'data'}"])
+    assert _pretrain_auto(again) == 0 and again["model.pretrained"] == first
+    printed = capsys.readouterr().out
+    assert "pre-trained model (cached)" in printed and "background" not in printed
+
+
 def test_pretrain_writes_a_checkpoint_that_model_pretrained_loads_with_provenance(tmp_path, capsys) -> None:
     from fedfer.cli import main
     from server.run import start_or_resume

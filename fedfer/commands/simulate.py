@@ -246,11 +246,12 @@ def _pretrain_auto(cfg: dict[str, Any]) -> int:
     started = time.perf_counter()
     schools = None
     try:
-        if cfg["data.generate"] != "on-demand" and not pretrain.cached_checkpoint(cfg, root).is_file():
+        cached = pretrain.cached_checkpoint(cfg, root)
+        if cfg["data.generate"] != "on-demand" and not cached.is_file():
             # pre-training runs on one thread: the schools are built on the other core meanwhile
             schools = synth.start_building_schools(cfg)
             print(f"  building the {cfg['federation.schools']} schools in the background while pre-training", flush=True)
-        path = pretrain.ensure_pretrained(cfg, root, echo=lambda line: print("  " + line, flush=True))
+        path = pretrain.ensure_pretrained(cfg, root, echo=lambda line: print("  " + line, flush=True), path=cached)
     except pretrain.PretrainError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
         return 2
