@@ -1305,7 +1305,7 @@ def start_building_schools(cfg: Mapping[str, Any]) -> multiprocessing.process.Ba
     then find the schools built (or build what a failed child left out, and raise its error)."""
     child = multiprocessing.get_context("fork").Process(
         target=ensure_dataset, args=(root_from_config(cfg), params_from_config(cfg)), kwargs={"workers": 1},
-        name="fedfer-synth-schools", daemon=True)   # fork: no torch in the child, and the caller's main module is not re-run
+        name="fedfer-synth-schools", daemon=True)   # fork: the child runs no torch, and the caller's main module is not re-run
     child.start()
     return child
 

@@ -334,13 +334,14 @@ def _print_own_students(results: dict[str, Any]) -> None:
     print(f"\n{'own held-out students of':<26} {'start':>7} {'alone':>7} " + " ".join(f"{k[10:]:>10}" for k in federations))
     for sid, r in results["alone"].items():
         index = int(sid.rsplit("-", 1)[-1])
+        print(f"{sid + ' (n ' + str(r['own-school']['n']) + ')':<26} {_own(results['pretrained'], index):>7} "
+              f"{r['own-school']['accuracy']:>7.3f} " + " ".join(f"{_own(results[k], index):>10}" for k in federations))
 
-        def own(scores: Mapping[str, Any]) -> str:
-            m = (scores.get("per-school") or {}).get(index)
-            return f"{m['accuracy']:.3f}" if m else "-"
 
-        print(f"{sid + ' (n ' + str(r['own-school']['n']) + ')':<26} {own(results['pretrained']):>7} "
-              f"{r['own-school']['accuracy']:>7.3f} " + " ".join(f"{own(results[k]):>10}" for k in federations))
+def _own(scores: Mapping[str, Any], index: int) -> str:
+    """A model's accuracy on school `index`'s held-out students, from its per-school scores ("-" if unscored)."""
+    m = (scores.get("per-school") or {}).get(index)
+    return f"{m['accuracy']:.3f}" if m else "-"
 
 
 if __name__ == "__main__":
