@@ -2,7 +2,7 @@
 
 import torch
 
-from simulations.bench.pretraining import fedavgm, tail_average
+from simulations.bench.pretraining import ServerAdam, fedavgm, tail_average
 
 
 def test_tail_average_is_the_mean_of_the_rounds_models_with_integer_buffers_rounded():
@@ -32,6 +32,21 @@ def test_fedavgm_adds_the_momentum_share_of_the_previous_step():
     assert torch.allclose(first["w"], torch.tensor([2.0]))          # plain average in round 1
     second = fedavgm(first, [{"w": torch.tensor([3.0])}], velocity, momentum=0.5)
     assert torch.allclose(second["w"], torch.tensor([4.0]))         # step 1 + 0.5 x previous step 2
+
+
+def test_server_adam_first_step_is_lr_times_the_sign_of_the_average_update_then_adapts():
+    """`--server-opt adam`: with bias correction the first step is lr·Δ/(|Δ| + τ) per coordinate (a
+    signed step of size lr), whatever Δ's scale; FedYogi's first step is the same. Integer buffers average."""
+    start = {"w": torch.tensor([0.0, 0.0]), "n": torch.tensor(0)}
+    schools = [{"w": torch.tensor([0.02, -4.0]), "n": torch.tensor(2)}, {"w": torch.tensor([0.04, -2.0]), "n": torch.tensor(2)}]
+    for yogi in (False, True):
+        adam = ServerAdam(lr=0.1, tau=1e-9, yogi=yogi)
+        first = adam(start, schools, {}, 0.0)
+        assert torch.allclose(first["w"], torch.tensor([0.1, -0.1]), atol=1e-6) and int(first["n"]) == 2
+        # a second, opposite update: it follows the new sign, but m still holds the first one, so it is far below lr
+        second = adam(first, [{"w": first["w"] - torch.tensor([0.03, -3.0]), "n": torch.tensor(2)}], {}, 0.0)
+        moved = second["w"] - first["w"]
+        assert (moved.abs() < 0.1).all() and (moved.sign() == torch.tensor([-1.0, 1.0])).all()
 
 
 def test_train_public_shows_every_epochs_model_in_eval_mode_and_then_trains_on():

@@ -7,13 +7,13 @@
     (c) each school fine-tuning alone under the same DP (the reason to federate),
 
     python -m simulations.bench.pretraining [--rounds 8] [--trainable all,norms+head] [--alone 3]
-        [--central-epochs 3] [--subspace K] [--tail 3] [--interpolate 0.5,0.75]
-        [--out benchmarks/pretraining.json] [key=value ...]
+        [--central-epochs 3] [--subspace K] [--tail 3] [--interpolate 0.5,0.75] [--local-last]
+        [--server-opt avgm|adam|yogi --server-lr 0.01] [--out benchmarks/pretraining.json] [key=value ...]
 
 The start is `model.pretrained` if set, else the cached `model.pretrain=auto` checkpoint (trained if absent).
 In one process, like simulations/tune_inprocess.py: each school trains with the same DP planning and
 trainer as the ClientApp (σ calibrated so `--rounds` rounds end at privacy.target_epsilon), one after
-another; the server step is FedAvgM with uniform school weights. No Flower, ledger or budget guard, so
+another; the server step is FedAvgM with uniform school weights (or FedAdam / FedYogi). No Flower, ledger or budget guard, so
 its wall time is not the demo's (`fedfer simulate` is). In-domain accuracy is on every school's
 held-out students (`synthetic-indomain`, never trained on); per school for (c). Prints a table and
 writes JSON with the command and the resolved config.
@@ -35,6 +35,7 @@ from privacy.engine import AfterNoise
 from shared_models.config import ConfigError, load_config
 from shared_models.datasets.school_folder import SchoolData, load_school
 from shared_models.models import registry
+from simulations import synth
 from simulations.bench.results import write_result
 from simulations.references import INDOMAIN, PUBLIC, Scorer, train_central
 from simulations.references import dp_round as _dp_round
@@ -116,6 +117,38 @@ def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.
     return new
 
 
+class ServerAdam:
+    """`--server-opt adam|yogi`: FedAdam / FedYogi's server step (Reddi et al. 2021, "Adaptive Federated
+    Optimization") on the uniform average of the schools' updates, with bias correction; post-processing of
+    the schools' DP releases, so no privacy cost."""
+
+    def __init__(self, lr: float, tau: float, yogi: bool = False, betas: tuple[float, float] = (0.9, 0.99)) -> None:
+        self.lr, self.tau, self.yogi, self.betas = lr, tau, yogi, betas
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+        self.t = 0
+
+    def __call__(self, global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
+                 velocity: dict[str, torch.Tensor], momentum: float) -> dict[str, torch.Tensor]:
+        b1, b2 = self.betas
+        self.t += 1
+        new = {}
+        for key, old in global_state.items():
+            average = sum(s[key].double() for s in states) / len(states)
+            if not old.is_floating_point():
+                new[key] = average.round().to(old.dtype)
+                continue
+            delta = average - old.double()
+            m = b1 * self.m.get(key, torch.zeros_like(delta)) + (1 - b1) * delta
+            v_old = self.v.get(key, torch.zeros_like(delta))
+            v = (v_old - (1 - b2) * delta ** 2 * torch.sign(v_old - delta ** 2) if self.yogi
+                 else b2 * v_old + (1 - b2) * delta ** 2)
+            self.m[key], self.v[key] = m, v
+            m_hat, v_hat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
+            new[key] = (old.double() + self.lr * m_hat / (v_hat.sqrt() + self.tau)).to(old.dtype)
+        return new
+
+
 def tail_average(states: list[Mapping[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
     """The (weighted) mean of a few models' weights: the last rounds' global models (Polyak averaging of the
     server's iterates), or the start and the federated model (`--interpolate`). Post-processing of what the
@@ -143,8 +176,13 @@ def score_tails(cfg: Mapping[str, Any], kept: list[dict[str, torch.Tensor]], tai
 
 def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], rounds: int,
              score: Scorer, echo=print, tails: list[int] = (),  # noqa: ANN001
-             subspace: PublicSubspace | None = None, interpolate: list[float] = ()) -> dict[str, Any]:
+             subspace: PublicSubspace | None = None, interpolate: list[float] = (),
+             server_step=fedavgm, keep_local: bool = False) -> dict[str, Any]:  # noqa: ANN001
+    """The federation, round by round. `keep_local`: also score each school's own model after its last
+    round (the global model of the round before plus its own last update: what the school already holds,
+    at no privacy cost) on its own held-out students and on the pooled sets."""
     model, local = _model(cfg, start), _model(cfg, start)
+    last_local: dict[str, Any] = {}
     velocity: dict[str, torch.Tensor] = {}
     momentum = float(cfg["federation.server_momentum"])
     history, kept, started = [], [], time.perf_counter()
@@ -157,8 +195,10 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
             s, _ = dp_round(local, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index,
                             after_noise=after_noise)
             sigma = max(sigma, s)
+            if keep_local and rnd == rounds:
+                last_local[synth.school_id(index)] = score(local, school=index)
             states.append({k: v.clone() for k, v in local.state_dict().items()})
-        model.load_state_dict(fedavgm(global_state, states, velocity, momentum))
+        model.load_state_dict(server_step(global_state, states, velocity, momentum))
         kept = (kept + [{k: v.clone() for k, v in model.state_dict().items()}])[-max(tails, default=1):]
         result = score(model, per_school=rnd == rounds)   # the last round also per school: (c)'s comparison
         history.append({"round": rnd, "public": result[PUBLIC]["accuracy"], "indomain": result[INDOMAIN]["accuracy"],
@@ -172,7 +212,11 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
     blends = score_interpolations(cfg, start, model.state_dict(), list(interpolate), score)
     for a, r in blends.items():
         echo(f"    (1 - {a})·start + {a}·federated: public {r[PUBLIC]['accuracy']:.3f} in-domain {r[INDOMAIN]['accuracy']:.3f}")
-    return {**result, "history": history, "tail_average": tail_scores, "interpolated": blends,
+    for sid, r in last_local.items():
+        echo(f"    {sid}'s own last model: own students {r['own-school']['accuracy']:.3f} "
+             f"(global {result['per-school'][int(sid.rsplit('-', 1)[-1])]['accuracy']:.3f}), "
+             f"in-domain {r[INDOMAIN]['accuracy']:.3f}, public {r[PUBLIC]['accuracy']:.3f}")
+    return {**result, "history": history, "tail_average": tail_scores, "interpolated": blends, "last_local": last_local,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -220,6 +264,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="project every DP step's noised gradient onto the top-K directions of public per-sample "
                              "gradients (privacy/public_subspace.py); 0: off")
     parser.add_argument("--subspace-samples", type=int, default=512, help="public faces the subspace is found from")
+    parser.add_argument("--local-last", action="store_true",
+                        help="also score each school's own model after its last round (no privacy cost)")
+    parser.add_argument("--server-opt", default="avgm", choices=["avgm", "adam", "yogi"],
+                        help="the server's step: FedAvgM (federation.server_momentum) or FedAdam / FedYogi")
+    parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam / FedYogi's server learning rate")
+    parser.add_argument("--server-tau", type=float, default=1e-3, help="FedAdam / FedYogi's adaptivity τ")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/pretraining.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
@@ -235,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = int(args.rounds or cfg["federation.rounds"])
     tails = [int(k) for k in args.tail.split(",") if k.strip()]
     cfg["federation.rounds"] = rounds   # σ is calibrated for the rounds that run
-    from simulations import pretrain, synth
+    from simulations import pretrain
 
     torch.set_num_threads(int(cfg["train.threads"]))
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -266,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  federation, train.trainable={mode}", flush=True)
         results[f"federated:{mode}"] = federate({**cfg, "train.trainable": mode}, schools, start, rounds, score,
                                                 echo=lambda s: print(s, flush=True), tails=tails, subspace=subspace,
-                                                interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()])
+                                                interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()],
+                                                keep_local=args.local_last,
+                                                server_step=(fedavgm if args.server_opt == "avgm" else
+                                                             ServerAdam(args.server_lr, args.server_tau,
+                                                                        yogi=args.server_opt == "yogi")))
         print(_row(f"(F) federated DP, trainable={mode}", results[f"federated:{mode}"]), flush=True)
     results["alone"] = _train_alone(cfg, schools, sizes, _alone_picks(sizes, args.alone), start, rounds, score,
                                    tails, subspace)
@@ -300,7 +354,6 @@ def _train_alone(cfg: Mapping[str, Any], schools: list[SchoolData], sizes: list[
                  start: Mapping[str, torch.Tensor], rounds: int, score: Scorer, tails: list[int] = (),
                  subspace: PublicSubspace | None = None) -> dict[str, Any]:
     """(c): each picked school trains alone with the same privacy settings; its scores by school id."""
-    from simulations import synth
 
     mode = str(cfg["train.trainable"])
     scores: dict[str, Any] = {}
