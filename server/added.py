@@ -174,9 +174,19 @@ def per_school(references: Mapping[str, Any] | None) -> list[dict[str, Any]]:
         fed = by_index.get(index) if isinstance(by_index, Mapping) else None
         if own is None or not _number(own.get("accuracy")):
             continue
+        kept = _own_model_score((references or {}).get("own"), sid)
         out.append({"school": sid, "students": entry.get("students"), "alone": own,
-                    "federation": fed if isinstance(fed, Mapping) and _number(fed.get("accuracy")) else None})
+                    "federation": fed if isinstance(fed, Mapping) and _number(fed.get("accuracy")) else None,
+                    "own-model": kept})
     return out
+
+
+def _own_model_score(own: Any, sid: str) -> dict[str, Any] | None:
+    """The school's own last model on its held-out students (references.json "own"), if recorded and sane."""
+    entry = own.get(sid) if isinstance(own, Mapping) else None
+    scores = entry.get("scores") if isinstance(entry, Mapping) else None
+    mine = scores.get("own-school") if isinstance(scores, Mapping) else None
+    return dict(mine) if isinstance(mine, Mapping) and _number(mine.get("accuracy")) else None
 
 
 def headline(table: list[dict[str, Any]]) -> str:

@@ -530,12 +530,16 @@ def _per_school_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     lines = ["", "Each school's own held-out students:", "",
-             "| school | students | training alone, % [95% CI] | in the federation, % [95% CI] |", "|---|---|---|---|"]
+             "| school | students | training alone, % [95% CI] | in the federation, % [95% CI] | "
+             "the school's own last model, % [95% CI] |", "|---|---|---|---|---|"]
     for row in rows:
         fed = _acc_ci(row["federation"]) if row["federation"] else "—"
+        own = _acc_ci(row["own-model"]) if row.get("own-model") else "—"
         lines.append(f"| {row['school']} | {row['students'] if row['students'] is not None else '—'} | "
-                     f"{_acc_ci(row['alone'])} | {fed} |")
-    return lines
+                     f"{_acc_ci(row['alone'])} | {fed} | {own} |")
+    return lines + ["", "The school's own last model is the federation's model of the round before plus the school's "
+                        "own last DP update (`<state dir>/own-model.pt`, what it already sent: no further privacy cost); "
+                        "it stays at the school."]
 
 
 def _paper_table(data: RunData, final: dict[str, tuple[int, dict[str, Any]]]) -> list[str]:

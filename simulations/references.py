@@ -221,6 +221,9 @@ def compute_references(cfg: Mapping[str, Any], run_dir: Path, data_root: Path, e
     final = _final_federated(Path(run_dir))
     if final is not None:
         record["federated"] = {"round": final[0], "scores": score(final[1], per_school=True)}
+    own = _own_models(cfg, Path(run_dir), ids, score, echo)
+    if own:
+        record["own"] = own
     if "central" in kinds:
         epochs = int(cfg["evaluation.central_epochs"])
         echo(f"reference (b): one central model on the pooled schools, no privacy, {epochs} epoch(s)")
@@ -249,6 +252,27 @@ def _alone_references(cfg: Mapping[str, Any], run_dir: Path, ids: list[str], sch
              f"{cfg['federation.rounds']} round(s)")
         model, info = train_alone(cfg, schools[i], i, start, declared_units=declared)
         out[ids[i]] = {**info, "students": int(schools[i].num_students), "scores": score(model, school=i)}
+    return out
+
+
+def _own_models(cfg: Mapping[str, Any], run_dir: Path, ids: list[str], score: Scorer, echo: Echo) -> dict[str, Any]:
+    """Each school's own last model (client/school_round.py `keep_own_model`), scored on its held-out students
+    and the pooled sets: what a school that keeps it gets beside the final global model."""
+    from client.node import simulated_state_dir
+    from client.school_round import OWN_MODEL
+    from server.run_dir import CheckpointError, load_checkpoint_file, model_from_checkpoint
+
+    out: dict[str, Any] = {}
+    for index, sid in enumerate(ids):
+        path = simulated_state_dir(cfg, run_dir, sid) / OWN_MODEL
+        if not path.is_file():
+            continue
+        try:
+            checkpoint = load_checkpoint_file(path)
+            out[sid] = {"round": int(checkpoint["round"]),
+                        "scores": score(model_from_checkpoint(checkpoint, path), school=index)}
+        except CheckpointError as exc:
+            echo(f"{sid}: its own model is not scored: {exc}")
     return out
 
 

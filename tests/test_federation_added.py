@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from server import added
@@ -33,6 +34,7 @@ REFERENCES = {
         "school-02": {"students": 660, "privacy": {"epsilon": 8.0, "delta": 1e-5},
                       "scores": {**both(0.79, 0.72), "own-school": score(0.71)}},
     },
+    "own": {"school-00": {"round": 3, "scores": {**both(0.82, 0.74), "own-school": score(0.83)}}},
 }
 
 
@@ -71,8 +73,9 @@ def test_the_table_compares_the_federation_with_start_pooled_and_schools_alone(t
     assert "+6.0 points against the best school alone (72.0 %)" in text
     assert "-5.0 points against pooling all data without privacy (83.0 %)" in text
     assert added.per_school(data.references) == [
-        {"school": "school-00", "students": 470, "alone": score(0.66), "federation": score(0.80)},
-        {"school": "school-02", "students": 660, "alone": score(0.71), "federation": score(0.75)}]
+        {"school": "school-00", "students": 470, "alone": score(0.66), "federation": score(0.80),
+         "own-model": score(0.83)},
+        {"school": "school-02", "students": 660, "alone": score(0.71), "federation": score(0.75), "own-model": None}]
 
 
 def test_report_draws_the_section_and_its_plot_and_says_when_references_are_missing(tmp_path):
@@ -81,7 +84,8 @@ def test_report_draws_the_section_and_its_plot_and_says_when_references_are_miss
     section = text.split("## What the federation added")[1].split("\n## ")[0]
     assert "| Federation (schools train privately together) — after round 3 | 84.00 [82.00, 86.00] | 78.00 [76.00, 80.00] | ε ≤ 7.82 per school |" in section
     assert "| Each school alone (same privacy): lowest to highest (2 schools) | 79.00 – 80.00 | 70.00 – 72.00 | ε ≤ 8.00 |" in section
-    assert "| school-00 | 470 | 66.00 [64.00, 68.00] | 80.00 [78.00, 82.00] |" in section
+    assert "| school-00 | 470 | 66.00 [64.00, 68.00] | 80.00 [78.00, 82.00] | 83.00 [81.00, 85.00] |" in section
+    assert "| school-02 | 660 | 71.00 [69.00, 73.00] | 75.00 [73.00, 77.00] | — |" in section
     assert "![What the federation added](plots/federation_added.png)" in section
     assert (run / "plots" / "federation_added.png").stat().st_size > 10_000
 
@@ -128,8 +132,21 @@ def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_
     run = RunDirectory(tmp_path / "run")
     run.path.mkdir()
     run.save_checkpoint(2, registry.build_from_config(cfg).state_dict(), registry.model_info(cfg), cfg, {})
+    # school-01 kept its own last model (client/school_round.py); school-00's file is broken: named and skipped
+    from client.node import simulated_state_dir
+    from client.school_round import OWN_MODEL
+
+    own = simulated_state_dir(cfg, run.path, "school-01") / OWN_MODEL
+    own.parent.mkdir(parents=True)
+    torch.save({"round": 2, "model": registry.model_info(cfg), "state_dict": registry.build_from_config(cfg).state_dict()}, own)
+    broken = simulated_state_dir(cfg, run.path, "school-00") / OWN_MODEL
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a checkpoint")
     said: list[str] = []
     record = json.loads(compute_references(cfg, run.path, root, echo=said.append).read_text())
+    assert set(record["own"]) == {"school-01"} and record["own"]["school-01"]["round"] == 2
+    assert any(line.startswith("school-00: its own model is not scored: ") for line in said)
+    assert record["own"]["school-01"]["scores"]["own-school"]["n"] == 2 * 3   # its own held-out students
     assert "  (b) epoch 1/1" in said   # (b) trains for minutes at its default 32 epochs: it shows progress
 
     assert record["federated"]["round"] == 2 and set(record["federated"]["scores"]["per-school"]) == {"0", "1"}

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from client import app as client_app
 from shared_models.models import registry
@@ -78,6 +79,35 @@ def test_ledger_entry_has_only_the_accounting_fields(reply):
                "run_seq", "key_id"}
     assert set(entry) <= allowed, set(entry) - allowed
     assert entry["privacy_unit"] == "student" and entry["school_id"] == "school-x"
+
+
+def test_the_school_keeps_its_own_model_the_weights_it_sent_and_nothing_else(reply, tmp_path):
+    """train.keep_own_model: <state dir>/own-model.pt holds exactly the weights of the reply (the DP release,
+    so no further privacy cost), as a checkpoint `fedfer evaluate` reads without running code."""
+    from client.school_round import OWN_MODEL
+    from server.run_dir import load_checkpoint_file, model_from_checkpoint
+
+    _, out = reply
+    path = tmp_path / "state" / OWN_MODEL
+    kept = load_checkpoint_file(path)
+    sent = out.content["arrays"].to_torch_state_dict()
+    assert set(kept["state_dict"]) == set(sent)
+    assert all(torch.equal(kept["state_dict"][k], sent[k]) for k in sent)
+    assert kept["round"] == 1 and kept["school"] == "school-x"
+    assert kept["epsilon"] == pytest.approx(out.content["metrics"]["epsilon"])
+    model_from_checkpoint(kept, path)   # the registry rebuilds it
+
+
+def test_the_own_model_is_not_kept_when_switched_off(tmp_path):
+    from client.school_round import OWN_MODEL
+
+    school = tmp_path / "school"
+    _write_school(school, np.random.default_rng(0))
+    cfg = load_config(None, ["train.batch_size=2", "federation.rounds=2", "train.keep_own_model=false"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    out = client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
+    assert out.content["status"]["status"] == "ok"
+    assert not (tmp_path / "state" / OWN_MODEL).exists()
 
 
 def test_school_without_usable_images_declines(tmp_path):
