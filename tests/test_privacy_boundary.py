@@ -95,6 +95,7 @@ def test_the_school_keeps_its_own_model_the_weights_it_sent_and_nothing_else(rep
     assert all(torch.equal(kept["state_dict"][k], sent[k]) for k in sent)
     assert kept["round"] == 1 and kept["school"] == "school-x"
     assert kept["epsilon"] == pytest.approx(out.content["metrics"]["epsilon"])
+    assert kept["config"]["train.batch_size"] == 2   # the run-config: `fedfer evaluate` finds synthetic data by it
     model_from_checkpoint(kept, path)   # the registry rebuilds it
 
 
