@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -100,21 +100,31 @@ class PublicSubspace:
                 "students": len(rows), "random_subspace": round(self.dims / mean.numel(), 4)}
 
 
-def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
-            velocity: dict[str, torch.Tensor], momentum: float) -> dict[str, torch.Tensor]:
-    """Uniform average of the schools' models, then the FedAvgM server step (server learning rate 1)."""
+def _server_step(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
+                 step: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The new global model: old + step(key, uniform average of the schools' models - old) for every float
+    tensor; integer buffers take the rounded average."""
     new = {}
     for key, old in global_state.items():
         average = sum(s[key].double() for s in states) / len(states)
         if not old.is_floating_point():
             new[key] = average.round().to(old.dtype)
             continue
-        step = average - old.double()
-        if momentum > 0:
-            step = momentum * velocity[key] + step if key in velocity else step
-            velocity[key] = step
-        new[key] = (old.double() + step).to(old.dtype)
+        new[key] = (old.double() + step(key, average - old.double())).to(old.dtype)
     return new
+
+
+def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
+            velocity: dict[str, torch.Tensor], momentum: float) -> dict[str, torch.Tensor]:
+    """Uniform average of the schools' models, then the FedAvgM server step (server learning rate 1)."""
+
+    def with_momentum(key: str, delta: torch.Tensor) -> torch.Tensor:
+        if momentum > 0:
+            delta = momentum * velocity[key] + delta if key in velocity else delta
+            velocity[key] = delta
+        return delta
+
+    return _server_step(global_state, states, with_momentum)
 
 
 class ServerAdam:
@@ -130,23 +140,18 @@ class ServerAdam:
 
     def __call__(self, global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
                  velocity: dict[str, torch.Tensor], momentum: float) -> dict[str, torch.Tensor]:
-        b1, b2 = self.betas
         self.t += 1
-        new = {}
-        for key, old in global_state.items():
-            average = sum(s[key].double() for s in states) / len(states)
-            if not old.is_floating_point():
-                new[key] = average.round().to(old.dtype)
-                continue
-            delta = average - old.double()
-            m = b1 * self.m.get(key, torch.zeros_like(delta)) + (1 - b1) * delta
-            v_old = self.v.get(key, torch.zeros_like(delta))
-            v = (v_old - (1 - b2) * delta ** 2 * torch.sign(v_old - delta ** 2) if self.yogi
-                 else b2 * v_old + (1 - b2) * delta ** 2)
-            self.m[key], self.v[key] = m, v
-            m_hat, v_hat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
-            new[key] = (old.double() + self.lr * m_hat / (v_hat.sqrt() + self.tau)).to(old.dtype)
-        return new
+        return _server_step(global_state, states, self._adaptive)
+
+    def _adaptive(self, key: str, delta: torch.Tensor) -> torch.Tensor:
+        b1, b2 = self.betas
+        m = b1 * self.m.get(key, torch.zeros_like(delta)) + (1 - b1) * delta
+        v_old = self.v.get(key, torch.zeros_like(delta))
+        v = (v_old - (1 - b2) * delta ** 2 * torch.sign(v_old - delta ** 2) if self.yogi
+             else b2 * v_old + (1 - b2) * delta ** 2)
+        self.m[key], self.v[key] = m, v
+        m_hat, v_hat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
+        return self.lr * m_hat / (v_hat.sqrt() + self.tau)
 
 
 def tail_average(states: list[Mapping[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
