@@ -174,3 +174,20 @@ def test_the_district_config_is_a_district_of_the_issue():
     assert cfg["federation.schools"] >= 10 and cfg["model.pretrain"] == "auto"
     assert 300 <= cfg["data.students_per_school"] * (1 - spread) and cfg["data.students_per_school"] * (1 + spread) <= 1500
     assert (cfg["privacy.unit"], cfg["privacy.target_epsilon"], cfg["privacy.budget"]) == ("student", 8.0, 8.0)
+
+
+def test_the_summary_points_at_the_schools_own_models(tmp_path, capsys):
+    from fedfer.commands.simulate import print_summary
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("privacy:\n  delta: 1.0e-05\n")
+    metric = {"accuracy": 0.8, "uar": 0.8, "macro_f1": 0.8, "n": 10}
+    (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "train": {"school-00": {"status": "ok", "epsilon": 8.0}},
+                                                   "evaluation": {"synthetic-indomain": metric}}) + "\n")
+    assert print_summary(run, 1.0) == 0 and "own models" not in capsys.readouterr().out
+    for school in ("school-00", "school-01"):
+        (run / "schools" / school).mkdir(parents=True)
+        (run / "schools" / school / "own-model.pt").write_bytes(b"weights")
+    assert print_summary(run, 1.0) == 0
+    assert f"own models         {run / 'schools'}/<school>/own-model.pt (2 schools'" in capsys.readouterr().out

@@ -297,6 +297,10 @@ def print_summary(run_path: Path, wall: float) -> int:
         delta = next((line.split(":")[1].split("#")[0].strip() for line in cfg_text.splitlines() if line.strip().startswith("delta:")), "?")
         print(f"  per-school ε at δ={delta} (PRV, lifetime):")
         _print_epsilons(epsilons)
+    owns = list((run_path / "schools").glob("*/own-model.pt"))   # train.keep_own_model, simulated state dirs
+    if owns:
+        print(f"  own models         {run_path / 'schools'}/<school>/own-model.pt ({len(owns)} schools' last "
+              f"trained weights; `fedfer evaluate --checkpoint` reads them)")
     report = run_path / "report.md"
     print(f"  report             {report if report.exists() else '(not written)'}")
     return 0
