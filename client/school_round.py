@@ -14,6 +14,7 @@ is trained or counted twice.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -371,8 +372,6 @@ def keep_own_model(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.M
     read: the round's global model plus the school's own last update. On the school's own students it
     beat the final global model by 2.0 points on average, not at every school (docs/experiments.md,
     session 13). It stays at the school; a failure to write it costs the school that file, never the round."""
-    import io
-
     from privacy.ledger import epsilon_value
     from shared_models.atomic_files import atomic_write_bytes
 

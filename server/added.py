@@ -163,30 +163,30 @@ def _alone_rows(alone: Mapping[str, Mapping[str, Any]], public: str | None, indo
 
 
 def per_school(references: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """For each school that also trained alone: its held-out students' accuracy alone and in the federation."""
+    """For each school that also trained alone: its held-out students' accuracy alone, in the federation and
+    with its own last model (references.json "own", when the school kept one)."""
     federated = ((references or {}).get("federated") or {}).get("scores") or {}
     by_index = federated.get("per-school") if isinstance(federated, Mapping) else None
+    kept = (references or {}).get("own")
+    kept = kept if isinstance(kept, Mapping) else {}
     out = []
     for sid, entry in sorted(_alone(references).items()):
-        scores = entry.get("scores") if isinstance(entry.get("scores"), Mapping) else {}
-        own = scores.get("own-school") if isinstance(scores.get("own-school"), Mapping) else None
+        own = _own_school(entry)
+        if own is None:
+            continue
         index = sid.rsplit("-", 1)[-1].lstrip("0") or "0"
         fed = by_index.get(index) if isinstance(by_index, Mapping) else None
-        if own is None or not _number(own.get("accuracy")):
-            continue
-        kept = _own_model_score((references or {}).get("own"), sid)
         out.append({"school": sid, "students": entry.get("students"), "alone": own,
                     "federation": fed if isinstance(fed, Mapping) and _number(fed.get("accuracy")) else None,
-                    "own-model": kept})
+                    "own-model": _own_school(kept.get(sid))})
     return out
 
 
-def _own_model_score(own: Any, sid: str) -> dict[str, Any] | None:
-    """The school's own last model on its held-out students (references.json "own"), if recorded and sane."""
-    entry = own.get(sid) if isinstance(own, Mapping) else None
+def _own_school(entry: Any) -> Mapping[str, Any] | None:
+    """An entry's score on its school's own held-out students (`scores` → `own-school`), if recorded and sane."""
     scores = entry.get("scores") if isinstance(entry, Mapping) else None
     mine = scores.get("own-school") if isinstance(scores, Mapping) else None
-    return dict(mine) if isinstance(mine, Mapping) and _number(mine.get("accuracy")) else None
+    return mine if isinstance(mine, Mapping) and _number(mine.get("accuracy")) else None
 
 
 def headline(table: list[dict[str, Any]]) -> str:

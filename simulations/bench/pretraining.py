@@ -359,7 +359,6 @@ def _train_alone(cfg: Mapping[str, Any], schools: list[SchoolData], sizes: list[
                  start: Mapping[str, torch.Tensor], rounds: int, score: Scorer, tails: list[int] = (),
                  subspace: PublicSubspace | None = None) -> dict[str, Any]:
     """(c): each picked school trains alone with the same privacy settings; its scores by school id."""
-
     mode = str(cfg["train.trainable"])
     scores: dict[str, Any] = {}
     for i in picks:
