@@ -79,3 +79,34 @@ def test_central_epochs_bench_refuses_bad_epoch_lists(capsys):
         with pytest.raises(SystemExit):
             main(["--epochs", bad])
         assert "--epochs" in capsys.readouterr().err
+
+
+def test_public_preconditioner_scales_noised_gradients_by_the_public_second_moment():
+    """`--precondition P`: coordinates the public gradients move a lot get a smaller step, the factor has
+    mean 1 (inside its clamp), and the hook multiplies each parameter's grad by its slice."""
+    from torch import nn
+
+    from simulations.bench.pretraining import PublicPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def loss(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(xb), yb, reduction="none")
+
+    flat = PublicPreconditioner(x, y, power=0.0, loss_fn=loss).scale(model)
+    assert torch.allclose(flat, torch.ones(15))                      # P = 0: plain DP-SGD
+    factor = PublicPreconditioner(x, y, power=1.0, cap=1e6, loss_fn=loss).scale(model)
+    assert factor.shape == (15,) and abs(float(factor.mean()) - 1.0) < 1e-4
+    grads = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(model, x[i:i + 1], y[i:i + 1]).sum(),
+                                                                    list(model.parameters()))]) for i in range(16)]
+    v = sum((g / max(1.0, float(g.norm()))) ** 2 for g in grads)   # each public gradient clipped to 1, as DP-SGD's
+    assert int(torch.argmax(factor)) == int(torch.argmin(v)) and int(torch.argmin(factor)) == int(torch.argmax(v))
+    capped = PublicPreconditioner(x, y, power=1.0, cap=2.0, loss_fn=loss).scale(model)
+    assert float(capped.max()) <= 2.0 + 1e-6 and float(capped.min()) >= 0.5 - 1e-6
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    PublicPreconditioner(x, y, power=1.0, cap=1e6, loss_fn=loss).hook(model)(list(model.parameters()))
+    after = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.allclose(after, factor, atol=1e-6)

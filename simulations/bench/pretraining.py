@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from privacy.engine import AfterNoise
+from privacy.engine import AfterNoise, LossFn
 from shared_models.config import ConfigError, load_config
 from shared_models.datasets.school_folder import SchoolData, load_school
 from shared_models.models import registry
@@ -98,6 +98,53 @@ class PublicSubspace:
 
         return {"mean_gradient": round(float(inside(mean)), 4), "per_student": round(float(inside(grads).mean()), 4),
                 "students": len(rows), "random_subspace": round(self.dims / mean.numel(), 4)}
+
+
+class PublicPreconditioner:
+    """`--precondition P`: each round's DP steps scale their noised gradient coordinate by coordinate by
+    (v + ε)^(-P/2), v the mean square of public training faces' clipped per-sample gradients at the round's
+    starting model (side information from public data, as AdaDPS; Li et al. 2022), rescaled to mean 1 and
+    clamped to [1/cap, cap]. Applied after the noise, so post-processing: no privacy cost. Measured on the
+    default district in session 14 (docs/experiments.md): it lowers the federation."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, power: float, cap: float = 10.0,
+                 loss_fn: LossFn | None = None) -> None:
+        from shared_models.training import per_sample_loss
+
+        self.images, self.labels, self.power, self.cap = images, labels, power, cap
+        self.loss_fn = loss_fn or per_sample_loss
+
+    def scale(self, model: torch.nn.Module) -> torch.Tensor:
+        """The per-coordinate factor at `model`'s current weights (one vector over the trained parameters)."""
+        from privacy.public_subspace import flat_gradient, trained_parameters
+
+        params, total = trained_parameters(model), None
+        was_training = model.training
+        model.eval()
+        try:
+            for x, y in zip(self.images, self.labels):
+                g = flat_gradient(model, x[None], y.view(1), self.loss_fn, params).double()
+                g = g / max(1.0, float(g.norm()))
+                total = g ** 2 if total is None else total + g ** 2
+        finally:
+            model.train(was_training)
+        v = total / len(self.labels)
+        factor = (v + 1e-3 * v.mean()) ** (-self.power / 2)
+        return (factor / factor.mean()).clamp(1.0 / self.cap, self.cap).to(torch.float32)
+
+    def hook(self, model: torch.nn.Module) -> AfterNoise:
+        """Multiply each trained parameter's noised gradient by its slice of the factor at `model`."""
+        factor = self.scale(model)
+
+        def precondition(params: list[torch.nn.Parameter]) -> None:
+            offset = 0
+            for p in params:
+                n = p.numel()
+                if p.grad is not None:
+                    p.grad = p.grad * factor[offset:offset + n].view_as(p)
+                offset += n
+
+        return precondition
 
 
 def _server_step(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
@@ -182,10 +229,12 @@ def score_tails(cfg: Mapping[str, Any], kept: list[dict[str, torch.Tensor]], tai
 def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], rounds: int,
              score: Scorer, echo=print, tails: list[int] = (),  # noqa: ANN001
              subspace: PublicSubspace | None = None, interpolate: list[float] = (),
-             server_step=fedavgm, keep_local: bool = False) -> dict[str, Any]:  # noqa: ANN001
+             server_step=fedavgm, keep_local: bool = False,  # noqa: ANN001
+             lr_at: Callable[[int], float] | None = None) -> dict[str, Any]:
     """The federation, round by round. `keep_local`: also score each school's own model after its last
     round (the global model of the round before plus its own last update: what the school already holds,
-    at no privacy cost) on its own held-out students and on the pooled sets."""
+    at no privacy cost) on its own held-out students and on the pooled sets. `lr_at(round)`: the schools'
+    step size in that round (default: train.lr throughout)."""
     model, local = _model(cfg, start), _model(cfg, start)
     last_local: dict[str, Any] = {}
     velocity: dict[str, torch.Tensor] = {}
@@ -195,9 +244,10 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         states, sigma = [], 0.0
         after_noise = subspace.hook(model) if subspace is not None else None   # from the round's global model
+        round_cfg = {**cfg, "train.lr": lr_at(rnd)} if lr_at is not None else cfg
         for index, school in enumerate(schools):
             local.load_state_dict(global_state)
-            s, _ = dp_round(local, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index,
+            s, _ = dp_round(local, school, round_cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index,
                             after_noise=after_noise)
             sigma = max(sigma, s)
             if keep_local and rnd == rounds:
@@ -268,6 +318,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--subspace", type=int, default=0,
                         help="project every DP step's noised gradient onto the top-K directions of public per-sample "
                              "gradients (privacy/public_subspace.py); 0: off")
+    parser.add_argument("--precondition", type=float, default=0.0,
+                        help="scale every noised DP gradient by (public gradients' mean square)^(-P/2) per coordinate "
+                             "(AdaDPS-style, public faces as for --subspace); 0: off")
+    parser.add_argument("--lr-end", type=float, default=None,
+                        help="the schools' lr falls from train.lr to this by the last round (cosine); default: constant")
     parser.add_argument("--subspace-samples", type=int, default=512, help="public faces the subspace is found from")
     parser.add_argument("--local-last", action="store_true",
                         help="also score each school's own model after its last round (no privacy cost)")
@@ -307,8 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     input_size = int(registry.build_from_config(cfg).input_size)
     score = Scorer(root, input_size, int(cfg["evaluation.bootstrap"]))
 
-    subspace = (PublicSubspace(cfg, root, input_size, args.subspace, args.subspace_samples)
-                if args.subspace > 0 else None)
+    public = (PublicSubspace(cfg, root, input_size, max(args.subspace, 1), args.subspace_samples)
+              if args.subspace > 0 or args.precondition > 0 else None)
+    subspace = public if args.subspace > 0 else None
+    step_hook = PublicPreconditioner(public.images, public.labels, args.precondition) if args.precondition > 0 else subspace
     results: dict[str, Any] = {"pretrained": score(_model(cfg, start), per_school=True)}
     if subspace is not None:
         results["subspace_energy"] = subspace.energy(_model(cfg, start), schools[0])
@@ -320,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in [m.strip() for m in args.trainable.split(",") if m.strip()]:
         print(f"  federation, train.trainable={mode}", flush=True)
         results[f"federated:{mode}"] = federate({**cfg, "train.trainable": mode}, schools, start, rounds, score,
-                                                echo=lambda s: print(s, flush=True), tails=tails, subspace=subspace,
+                                                echo=lambda s: print(s, flush=True), tails=tails, subspace=step_hook,
+                                                lr_at=_cosine_lr(float(cfg["train.lr"]), args.lr_end, rounds),
                                                 interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()],
                                                 keep_local=args.local_last,
                                                 server_step=(fedavgm if args.server_opt == "avgm" else
@@ -328,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                         yogi=args.server_opt == "yogi")))
         print(_row(f"(F) federated DP, trainable={mode}", results[f"federated:{mode}"]), flush=True)
     results["alone"] = _train_alone(cfg, schools, sizes, _alone_picks(sizes, args.alone), start, rounds, score,
-                                   tails, subspace)
+                                   tails, step_hook)
     _print_table(results)
     out = write_result(args.out, {
         "config": cfg, "rounds": rounds, "students": sizes, "data_seconds": round(data_seconds, 1),
@@ -339,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     }, module="simulations.bench.pretraining", argv=argv)
     print(f"wrote {out}")
     return 0
+
+
+def _cosine_lr(start: float, end: float | None, rounds: int) -> Callable[[int], float] | None:
+    """Round r's lr, falling from `start` in round 1 to `end` in the last (None: constant)."""
+    if end is None:
+        return None
+    return lambda r: end + (start - end) * 0.5 * (1 + np.cos(np.pi * (r - 1) / max(1, rounds - 1)))
 
 
 def _home_relative(value: Any) -> Any:
