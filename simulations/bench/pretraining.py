@@ -228,7 +228,7 @@ def score_tails(cfg: Mapping[str, Any], kept: list[dict[str, torch.Tensor]], tai
 
 def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], rounds: int,
              score: Scorer, echo=print, tails: list[int] = (),  # noqa: ANN001
-             subspace: PublicSubspace | None = None, interpolate: list[float] = (),
+             subspace: PublicSubspace | PublicPreconditioner | None = None, interpolate: list[float] = (),
              server_step=fedavgm, keep_local: bool = False,  # noqa: ANN001
              lr_at: Callable[[int], float] | None = None) -> dict[str, Any]:
     """The federation, round by round. `keep_local`: also score each school's own model after its last
@@ -276,7 +276,8 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
 
 
 def alone(cfg: Mapping[str, Any], school: SchoolData, index: int, start: Mapping[str, torch.Tensor], rounds: int,
-          score: Scorer, tails: list[int] = (), subspace: PublicSubspace | None = None) -> dict[str, Any]:
+          score: Scorer, tails: list[int] = (),
+          subspace: PublicSubspace | PublicPreconditioner | None = None) -> dict[str, Any]:
     """One school's `rounds` DP rounds on its own model (same σ rule, so the same ε as in the federation);
     `tails`: also the average of its last k rounds' models, the same post-processing the federation gets."""
     model = _model(cfg, start)
@@ -376,14 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_row(f"(b) central non-private, {args.central_epochs} epochs", results["central"]), flush=True)
     for mode in [m.strip() for m in args.trainable.split(",") if m.strip()]:
         print(f"  federation, train.trainable={mode}", flush=True)
-        results[f"federated:{mode}"] = federate({**cfg, "train.trainable": mode}, schools, start, rounds, score,
-                                                echo=lambda s: print(s, flush=True), tails=tails, subspace=step_hook,
-                                                lr_at=_cosine_lr(float(cfg["train.lr"]), args.lr_end, rounds),
-                                                interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()],
-                                                keep_local=args.local_last,
-                                                server_step=(fedavgm if args.server_opt == "avgm" else
-                                                             ServerAdam(args.server_lr, args.server_tau,
-                                                                        yogi=args.server_opt == "yogi")))
+        results[f"federated:{mode}"] = _federation(args, {**cfg, "train.trainable": mode}, schools, start, score,
+                                                   tails, step_hook)
         print(_row(f"(F) federated DP, trainable={mode}", results[f"federated:{mode}"]), flush=True)
     results["alone"] = _train_alone(cfg, schools, sizes, _alone_picks(sizes, args.alone), start, rounds, score,
                                    tails, step_hook)
@@ -397,6 +392,19 @@ def main(argv: list[str] | None = None) -> int:
     }, module="simulations.bench.pretraining", argv=argv)
     print(f"wrote {out}")
     return 0
+
+
+def _federation(args: argparse.Namespace, cfg: Mapping[str, Any], schools: list[SchoolData],
+                start: Mapping[str, torch.Tensor], score: Scorer, tails: list[int],
+                step_hook: PublicSubspace | PublicPreconditioner | None) -> dict[str, Any]:
+    """One federation with the command line's server step, lr schedule and step hook."""
+    rounds = int(cfg["federation.rounds"])
+    server_step = (fedavgm if args.server_opt == "avgm" else
+                   ServerAdam(args.server_lr, args.server_tau, yogi=args.server_opt == "yogi"))
+    return federate(cfg, schools, start, rounds, score, echo=lambda s: print(s, flush=True), tails=tails,
+                    subspace=step_hook, interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()],
+                    keep_local=args.local_last, server_step=server_step,
+                    lr_at=_cosine_lr(float(cfg["train.lr"]), args.lr_end, rounds))
 
 
 def _cosine_lr(start: float, end: float | None, rounds: int) -> Callable[[int], float] | None:
@@ -422,7 +430,7 @@ def _alone_picks(sizes: list[int], alone_arg: str) -> list[int]:
 
 def _train_alone(cfg: Mapping[str, Any], schools: list[SchoolData], sizes: list[int], picks: list[int],
                  start: Mapping[str, torch.Tensor], rounds: int, score: Scorer, tails: list[int] = (),
-                 subspace: PublicSubspace | None = None) -> dict[str, Any]:
+                 subspace: PublicSubspace | PublicPreconditioner | None = None) -> dict[str, Any]:
     """(c): each picked school trains alone with the same privacy settings; its scores by school id."""
     mode = str(cfg["train.trainable"])
     scores: dict[str, Any] = {}
