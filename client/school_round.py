@@ -401,4 +401,5 @@ def _train(model: torch.nn.Module, data: SchoolData | SchoolClips, plan, cfg: Ma
     else:
         frames = FaceDataset(data.images, data.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
     return train_private(model, frames, data.student_ids if plan.unit == "student" else None, plan,
-                         make_optimizer(model, cfg), int(cfg["train.local_epochs"]), clipping=str(cfg["privacy.clipping"]))
+                         make_optimizer(model, cfg, plan.noise_multiplier), int(cfg["train.local_epochs"]),
+                         clipping=str(cfg["privacy.clipping"]))

@@ -66,6 +66,8 @@ RULES: dict[str, Rule] = {
     "train.frames_per_student": Rule(minimum=1, maximum=10_000),
     "train.optimizer": Rule(choices=("sgd", "adam")),
     "train.lr": Rule(above=0.0, maximum=1_000.0),
+    "train.lr_noise_reference": Rule(minimum=0.0),
+    "train.lr_noise_power": Rule(minimum=0.0, maximum=4.0),
     "train.momentum": Rule(minimum=0.0, below=1.0),
     "train.weight_decay": Rule(minimum=0.0),
     "train.threads": Rule(minimum=0, maximum=1024),

@@ -113,7 +113,7 @@ def dp_round(model: torch.nn.Module, school: Any, cfg: Mapping[str, Any], seed: 
     plan = plan_from_config(cfg, int(declared_units or count))
     frames = FaceDataset(school.images, school.labels, train_transform(model.input_size, bool(cfg["train.augment"])))
     return train_private(model, frames, school.student_ids if unit == "student" else None, plan,
-                         make_optimizer(model, cfg), int(cfg["train.local_epochs"]), seed=seed,
+                         make_optimizer(model, cfg, plan.noise_multiplier), int(cfg["train.local_epochs"]), seed=seed,
                          after_noise=after_noise)
 
 

@@ -111,6 +111,28 @@ def test_the_own_model_is_not_kept_when_switched_off(tmp_path):
     assert not (tmp_path / "state" / OWN_MODEL).exists()
 
 
+def test_the_school_trains_at_the_step_size_its_rounds_sigma_calls_for(tmp_path, monkeypatch):
+    """A noisier round (σ above train.lr_noise_reference) trains with a smaller lr; σ is public, the lr follows it."""
+    import shared_models.training as training
+
+    built: list[float] = []
+    real = training.make_optimizer
+
+    def recording(model, cfg, noise_multiplier=None):  # noqa: ANN001, ANN202
+        optimizer = real(model, cfg, noise_multiplier)
+        built.append(optimizer.param_groups[0]["lr"])
+        return optimizer
+
+    monkeypatch.setattr(training, "make_optimizer", recording)
+    school = tmp_path / "school"
+    _write_school(school, np.random.default_rng(0))
+    cfg = load_config(None, ["train.batch_size=2", "federation.rounds=2", "privacy.noise_multiplier=5.0"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    out = client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
+    assert out.content["status"]["status"] == "ok"
+    assert built == [pytest.approx(training.step_size(cfg, 5.0))] and built[0] < float(cfg["train.lr"])
+
+
 def test_school_without_usable_images_declines(tmp_path):
     school = tmp_path / "empty"
     school.mkdir()
