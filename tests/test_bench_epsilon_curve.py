@@ -49,3 +49,19 @@ def test_the_figure_is_written(tmp_path):
     summary = {label: curve.summarise(runs) for label, runs in points.items()}
     path = curve.plot(summary, points, {"indomain": 0.78, "public": 0.90}, tmp_path / "curve.png", title="t")
     assert path.exists() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_replot_merges_result_files_first_file_first_and_draws_a_baseline(tmp_path):
+    import json
+
+    def record(runs: dict) -> dict:
+        return {"summary": {k: curve.summarise(v) for k, v in runs.items()}, "runs": runs,
+                "start": {"indomain": 0.78, "public": 0.9}, "config": {"federation.schools": 10, "federation.rounds": 6}}
+
+    new = tmp_path / "new.json"
+    old = tmp_path / "old.json"
+    new.write_text(json.dumps(record({"ε 1": [_run(0.80, 0.88, 0.73)]})))
+    old.write_text(json.dumps(record({"ε 1": [_run(0.60, 0.62, 0.34)], "ε 8": [_run(0.84, 0.89, 0.79)]})))
+    assert curve.main(["--replot", f"{new},{old}", "--baseline", str(old), "--out", str(tmp_path / "fig.json")]) == 0
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    assert curve.main(["--replot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.json")]) == 2

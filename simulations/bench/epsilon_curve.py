@@ -99,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise-free", action="store_true", help="also one point with the noise off (not private)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/epsilon-curve.json"))
+    parser.add_argument("--replot", default="", help="run nothing: draw the figure (--out's .png) from these result "
+                                                    "files, comma-separated; a setting comes from the first file holding it")
+    parser.add_argument("--baseline", type=Path, default=None, help="with --replot: a result file whose federation "
+                                                                    "means are drawn as a dashed line for comparison")
+    parser.add_argument("--baseline-label", default="earlier runs", help="the legend's name for --baseline")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -112,6 +117,9 @@ def _epsilons(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.replot:
+        return replot([Path(f) for f in args.replot.split(",") if f.strip()], args.out.with_suffix(".png"),
+                      args.baseline, args.baseline_label)
     try:
         epsilons = _epsilons(args.epsilons)
         cfg = load_config(None, args.overrides)
@@ -176,6 +184,28 @@ def _print_table(summary: Mapping[str, Mapping[str, Any]]) -> None:
               f"{cell(s.get('best_alone_indomain')):<22} {s.get('margin_over_alone_points', '-')}")
 
 
+def replot(files: Sequence[Path], path: Path, baseline: Path | None, baseline_label: str) -> int:
+    """The figure from result files already written (merged: each setting from the first file holding it)."""
+    import json
+
+    summary: dict[str, Any] = {}
+    points: dict[str, Any] = {}
+    try:
+        records = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+        base = json.loads(baseline.read_text(encoding="utf-8"))["summary"] if baseline else None
+        for record in records:
+            for label, s in record["summary"].items():
+                if label not in summary:
+                    summary[label], points[label] = s, record["runs"][label]
+        start, config = records[0]["start"], records[0]["config"]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        print(f"epsilon curve: cannot replot from {', '.join(map(str, files))}: {exc}", file=sys.stderr)
+        return 2
+    title = f"What each privacy budget costs ({config['federation.schools']} schools, {config['federation.rounds']} rounds)"
+    print(f"wrote {plot(summary, points, start, path, title=title, baseline=base, baseline_label=baseline_label)}")
+    return 0
+
+
 def start_score(cfg: Mapping[str, Any], root: Path, start_path: str) -> dict[str, float]:
     """(a): the pre-trained start's in-domain and public accuracy (the level the federation starts from)."""
     import torch
@@ -189,14 +219,15 @@ def start_score(cfg: Mapping[str, Any], root: Path, start_path: str) -> dict[str
 
 
 def plot(summary: Mapping[str, Mapping[str, Any]], points: Mapping[str, Sequence[Mapping[str, Any]]],
-         start: Mapping[str, float], path: Path, *, title: str) -> Path:
+         start: Mapping[str, float], path: Path, *, title: str, baseline: Mapping[str, Any] | None = None,
+         baseline_label: str = "earlier runs") -> Path:
     """In-domain and public accuracy against ε (log axis): every run a dot, the means joined; the start, the
-    noise-free anchor and the best school alone as lines."""
+    noise-free anchor, the best school alone and (optionally) another set of runs' means as lines."""
     from shared_models.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    private = [(float(label.split()[1]), label) for label in summary if label != "noise off"]
+    private = sorted((float(label.split()[1]), label) for label in summary if label != "noise off")
     xs = [eps for eps, _ in private]
     for ax, key, heading in [(axes[0], "indomain", "the schools' own kind of faces (held-out students)"),
                            (axes[1], "public", "public test faces")]:
@@ -209,6 +240,10 @@ def plot(summary: Mapping[str, Mapping[str, Any]], points: Mapping[str, Sequence
             ax.plot(xs, [100 * summary[label]["best_alone_indomain"]["mean"] for _, label in private], "--",
                     color="tab:orange", label="best school alone, same ε")
         ax.axhline(100 * start[key], color="tab:green", linestyle="-.", label="pre-trained start (public data only)")
+        if baseline is not None:
+            shown = sorted((float(label.split()[1]), s[key]["mean"]) for label, s in baseline.items() if label != "noise off")
+            ax.plot([e for e, _ in shown], [100 * m for _, m in shown], "--", color="tab:purple", alpha=0.7,
+                    label=f"federation, {baseline_label}")
         if "noise off" in summary:
             ax.axhline(100 * summary["noise off"][key]["mean"], color="tab:gray", linestyle=":",
                        label="same federation, noise off (not private)")
