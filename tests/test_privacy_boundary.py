@@ -99,14 +99,19 @@ def test_the_school_keeps_its_own_model_the_weights_it_sent_and_nothing_else(rep
     model_from_checkpoint(kept, path)   # the registry rebuilds it
 
 
+def _one_round(tmp_path, *overrides: str):  # noqa: ANN202
+    """A small school's first round with the default config plus `overrides`; the config and the reply."""
+    school = tmp_path / "school"
+    _write_school(school, np.random.default_rng(0))
+    cfg = load_config(None, ["train.batch_size=2", "federation.rounds=2", *overrides])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    return cfg, client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
+
+
 def test_the_own_model_is_not_kept_when_switched_off(tmp_path):
     from client.school_round import OWN_MODEL
 
-    school = tmp_path / "school"
-    _write_school(school, np.random.default_rng(0))
-    cfg = load_config(None, ["train.batch_size=2", "federation.rounds=2", "train.keep_own_model=false"])
-    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
-    out = client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
+    _, out = _one_round(tmp_path, "train.keep_own_model=false")
     assert out.content["status"]["status"] == "ok"
     assert not (tmp_path / "state" / OWN_MODEL).exists()
 
@@ -124,11 +129,7 @@ def test_the_school_trains_at_the_step_size_its_rounds_sigma_calls_for(tmp_path,
         return optimizer
 
     monkeypatch.setattr(training, "make_optimizer", recording)
-    school = tmp_path / "school"
-    _write_school(school, np.random.default_rng(0))
-    cfg = load_config(None, ["train.batch_size=2", "federation.rounds=2", "privacy.noise_multiplier=5.0"])
-    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
-    out = client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
+    cfg, out = _one_round(tmp_path, "privacy.noise_multiplier=5.0")
     assert out.content["status"]["status"] == "ok"
     assert built == [pytest.approx(training.step_size(cfg, 5.0))] and built[0] < float(cfg["train.lr"])
 
