@@ -391,8 +391,12 @@ def keep_own_model(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.M
 def _train(model: torch.nn.Module, data: SchoolData | SchoolClips, plan, cfg: Mapping[str, Any], node: NodeIdentity,
            server_round: int):
     from privacy.engine import train_private
-    from shared_models.training import FaceDataset, clip_dataset, make_optimizer
+    from shared_models.training import FaceDataset, clip_dataset, make_optimizer, step_size
     from shared_models.transforms import train_transform
+
+    if step_size(cfg, plan.noise_multiplier) != float(cfg["train.lr"]):   # the school's own log says why its step is smaller
+        _log(f"{node.school_id}: round {server_round} has σ {plan.noise_multiplier:.2f} > train.lr_noise_reference: "
+             f"step size {step_size(cfg, plan.noise_multiplier):.3g} instead of {float(cfg['train.lr']):g}")
 
     # augmentation draws from torch's global generator; the DP sampling and noise use OS entropy
     torch.manual_seed(zlib.crc32(f"{cfg['run.seed']}/{node.school_id}/{server_round}".encode()))
