@@ -394,9 +394,10 @@ def _train(model: torch.nn.Module, data: SchoolData | SchoolClips, plan, cfg: Ma
     from shared_models.training import FaceDataset, clip_dataset, make_optimizer, step_size
     from shared_models.transforms import train_transform
 
-    if step_size(cfg, plan.noise_multiplier) != float(cfg["train.lr"]):   # the school's own log says why its step is smaller
+    lr = step_size(cfg, plan.noise_multiplier)
+    if lr != float(cfg["train.lr"]):   # the school's own log says why its step is smaller
         _log(f"{node.school_id}: round {server_round} has σ {plan.noise_multiplier:.2f} > train.lr_noise_reference: "
-             f"step size {step_size(cfg, plan.noise_multiplier):.3g} instead of {float(cfg['train.lr']):g}")
+             f"step size {lr:.3g} instead of {float(cfg['train.lr']):g}")
 
     # augmentation draws from torch's global generator; the DP sampling and noise use OS entropy
     torch.manual_seed(zlib.crc32(f"{cfg['run.seed']}/{node.school_id}/{server_round}".encode()))

@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epsilon curve: {exc}", file=sys.stderr)
         return 2
     from simulations import pretrain, synth
+    from simulations.bench.pretraining import _home_relative
 
     started, load_before = time.perf_counter(), load_average()
     root = synth.ensure_for_config(cfg)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {label: summarise(runs) for label, runs in points.items()}
     _print_table(summary)
     out = write_result(args.out, {
-        "config": cfg, "pretrained": start_path.replace(str(Path.home()), "~"), "start": start,
+        "config": cfg, "pretrained": _home_relative(start_path), "start": start,
         "summary": summary, "runs": points,
         "wall_seconds": round(time.perf_counter() - started, 1), "load_average": [load_before, load_average()],
         "notes": "in-process federation (simulations/bench/pretraining.py), FedAvgM with uniform weights; only ε varies",

@@ -49,22 +49,28 @@ def dp_round(model: torch.nn.Module, school: SchoolData, cfg: Mapping[str, Any],
     return result.noise_multiplier, int(result.steps)
 
 
+def public_faces(cfg: Mapping[str, Any], root: Path, input_size: int, samples: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """`samples` faces of the public training split (run.seed picks them) as model inputs, their labels, and
+    the split's spec: the public side information of `--subspace` and `--precondition`."""
+    from shared_models.datasets import open_benchmark
+    from shared_models.transforms import eval_transform
+
+    spec = str(cfg["pretrain.benchmarks"]).split(",")[0].strip()
+    public = open_benchmark(spec, data_root=root).as_torch(eval_transform(input_size))
+    pick = torch.randperm(len(public), generator=torch.Generator().manual_seed(int(cfg["run.seed"])))[:samples]
+    faces = [public[int(i)] for i in pick]
+    return torch.stack([f[0] for f in faces]), torch.tensor([int(f[1]) for f in faces]), spec
+
+
 class PublicSubspace:
     """`--subspace K`: each round's DP steps project their noised gradient onto the top-K directions of the
     public training faces' per-sample gradients at the round's starting model (privacy/public_subspace.py;
     post-processing, no privacy cost). `samples` public faces, drawn once."""
 
     def __init__(self, cfg: Mapping[str, Any], root: Path, input_size: int, dims: int, samples: int) -> None:
-        from shared_models.datasets import open_benchmark
-        from shared_models.transforms import eval_transform
-
-        spec = str(cfg["pretrain.benchmarks"]).split(",")[0].strip()
-        public = open_benchmark(spec, data_root=root).as_torch(eval_transform(input_size))
-        pick = torch.randperm(len(public), generator=torch.Generator().manual_seed(int(cfg["run.seed"])))[:samples]
-        faces = [public[int(i)] for i in pick]
-        self.images = torch.stack([f[0] for f in faces])
-        self.labels = torch.tensor([int(f[1]) for f in faces])
-        self.dims, self.spec = dims, spec
+        self.images, self.labels, self.spec = public_faces(cfg, root, input_size, samples)
+        self.dims = dims
 
     def hook(self, model: torch.nn.Module) -> AfterNoise:
         """The projection onto the subspace at `model`'s current weights."""
@@ -228,7 +234,7 @@ def score_tails(cfg: Mapping[str, Any], kept: list[dict[str, torch.Tensor]], tai
 
 def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[str, torch.Tensor], rounds: int,
              score: Scorer, echo=print, tails: list[int] = (),  # noqa: ANN001
-             subspace: PublicSubspace | PublicPreconditioner | None = None, interpolate: list[float] = (),
+             step_hook: PublicSubspace | PublicPreconditioner | None = None, interpolate: list[float] = (),
              server_step=fedavgm, keep_local: bool = False,  # noqa: ANN001
              lr_at: Callable[[int], float] | None = None) -> dict[str, Any]:
     """The federation, round by round. `keep_local`: also score each school's own model after its last
@@ -243,7 +249,7 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
     for rnd in range(1, rounds + 1):
         global_state = {k: v.clone() for k, v in model.state_dict().items()}
         states, sigma = [], 0.0
-        after_noise = subspace.hook(model) if subspace is not None else None   # from the round's global model
+        after_noise = step_hook.hook(model) if step_hook is not None else None   # from the round's global model
         round_cfg = {**cfg, "train.lr": lr_at(rnd)} if lr_at is not None else cfg
         for index, school in enumerate(schools):
             local.load_state_dict(global_state)
@@ -277,14 +283,14 @@ def federate(cfg: Mapping[str, Any], schools: list[SchoolData], start: Mapping[s
 
 def alone(cfg: Mapping[str, Any], school: SchoolData, index: int, start: Mapping[str, torch.Tensor], rounds: int,
           score: Scorer, tails: list[int] = (),
-          subspace: PublicSubspace | PublicPreconditioner | None = None) -> dict[str, Any]:
+          step_hook: PublicSubspace | PublicPreconditioner | None = None) -> dict[str, Any]:
     """One school's `rounds` DP rounds on its own model (same σ rule, so the same ε as in the federation);
     `tails`: also the average of its last k rounds' models, the same post-processing the federation gets."""
     model = _model(cfg, start)
     kept, started = [], time.perf_counter()
     for rnd in range(1, rounds + 1):
         dp_round(model, school, cfg, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index,
-                 after_noise=subspace.hook(model) if subspace is not None else None)
+                 after_noise=step_hook.hook(model) if step_hook is not None else None)
         kept = (kept + [{k: v.clone() for k, v in model.state_dict().items()}])[-max(tails, default=1):]
     return {**score(model, school=index), "students": school.num_students,
             "tail_average": score_tails(cfg, kept, list(tails), score, school=index),
@@ -363,10 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     input_size = int(registry.build_from_config(cfg).input_size)
     score = Scorer(root, input_size, int(cfg["evaluation.bootstrap"]))
 
-    public = (PublicSubspace(cfg, root, input_size, max(args.subspace, 1), args.subspace_samples)
-              if args.subspace > 0 or args.precondition > 0 else None)
-    subspace = public if args.subspace > 0 else None
-    step_hook = PublicPreconditioner(public.images, public.labels, args.precondition) if args.precondition > 0 else subspace
+    subspace = (PublicSubspace(cfg, root, input_size, args.subspace, args.subspace_samples)
+                if args.subspace > 0 else None)
+    step_hook = (PublicPreconditioner(*public_faces(cfg, root, input_size, args.subspace_samples)[:2], args.precondition)
+                 if args.precondition > 0 else subspace)
     results: dict[str, Any] = {"pretrained": score(_model(cfg, start), per_school=True)}
     if subspace is not None:
         results["subspace_energy"] = subspace.energy(_model(cfg, start), schools[0])
@@ -402,7 +408,7 @@ def _federation(args: argparse.Namespace, cfg: Mapping[str, Any], schools: list[
     server_step = (fedavgm if args.server_opt == "avgm" else
                    ServerAdam(args.server_lr, args.server_tau, yogi=args.server_opt == "yogi"))
     return federate(cfg, schools, start, rounds, score, echo=lambda s: print(s, flush=True), tails=tails,
-                    subspace=step_hook, interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()],
+                    step_hook=step_hook, interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()],
                     keep_local=args.local_last, server_step=server_step,
                     lr_at=_cosine_lr(float(cfg["train.lr"]), args.lr_end, rounds))
 
@@ -430,12 +436,12 @@ def _alone_picks(sizes: list[int], alone_arg: str) -> list[int]:
 
 def _train_alone(cfg: Mapping[str, Any], schools: list[SchoolData], sizes: list[int], picks: list[int],
                  start: Mapping[str, torch.Tensor], rounds: int, score: Scorer, tails: list[int] = (),
-                 subspace: PublicSubspace | PublicPreconditioner | None = None) -> dict[str, Any]:
+                 step_hook: PublicSubspace | PublicPreconditioner | None = None) -> dict[str, Any]:
     """(c): each picked school trains alone with the same privacy settings; its scores by school id."""
     mode = str(cfg["train.trainable"])
     scores: dict[str, Any] = {}
     for i in picks:
-        scores[synth.school_id(i)] = alone(cfg, schools[i], i, start, rounds, score, tails, subspace)
+        scores[synth.school_id(i)] = alone(cfg, schools[i], i, start, rounds, score, tails, step_hook)
         r = scores[synth.school_id(i)]
         print(_row(f"(c) {synth.school_id(i)} alone ({sizes[i]} students), trainable={mode}", r)
               + f"  own school {r['own-school']['accuracy']:.3f}", flush=True)
