@@ -90,8 +90,10 @@ def test_coordinator_killed_after_round_one_resumes(tmp_path, monkeypatch):
             start_all(fed, home)
             first = _start_run(fed, home, run_config(fed.dep, data, runs))
             # Round 1's checkpoint is written as soon as its model exists; its metrics line only when the
-            # evaluation node's verdict comes back with round 2's training (pipelined evaluation).
-            _wait_for(lambda: (run_dir / "checkpoints" / "round-0001.pt").exists(), 900, "round 1's checkpoint", fed,
+            # evaluation node's verdict comes back with round 2's training (pipelined evaluation). Wait for
+            # latest.json, the pointer written after the weights: it is what commits a checkpoint (a kill
+            # between the two leaves round-0001.pt uncommitted, and the resume would rightly start over).
+            _wait_for(lambda: (run_dir / "checkpoints" / "latest.json").exists(), 900, "round 1's checkpoint", fed,
                       poll=0.05)
             # Crash the coordinator: SIGKILL the SuperLink and everything it started (SuperExec, ServerApp),
             # while round 1's model waits for its evaluation and round 2 is under way.
