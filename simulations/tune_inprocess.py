@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_from_config(cfg, declared_size_bucket(school.num_students if student_unit else len(school)))
             frames = FaceDataset(school.images, school.labels, train_transform(local.input_size, bool(cfg["train.augment"])))
             result = train_private(local, frames, school.student_ids if student_unit else None, plan,
-                                   make_optimizer(local, cfg), int(cfg["train.local_epochs"]))
+                                   make_optimizer(local, cfg, plan.noise_multiplier), int(cfg["train.local_epochs"]))
             steps.append(result.steps)
             sigma = max(sigma, plan.noise_multiplier)
             for key, value in local.state_dict().items():  # uniform FedAvg, as the server does

@@ -31,3 +31,26 @@ def test_bad_rule_settings_are_refused(bad):
 
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
         load_config(None, [bad])
+
+
+def test_the_central_dp_reference_trains_at_the_step_size_of_its_sigma(tmp_path, monkeypatch):
+    """`fedfer train-central --dp` follows the same rule as a school: its σ 5 lowers the step."""
+    from simulations import central, synth
+
+    tiny = ["federation.schools=2", "data.students_per_school=6", "data.frames_per_student=2", "data.public_students=2",
+            "data.public_frames=7", "data.public_train_students=2", "data.public_train_frames=7",
+            "data.heldout_students=2", "data.school_size_spread=0", "data.image_size=32", "evaluation.bootstrap=10",
+            "model.preset=dp", "model.pretrain=", "train.batch_size=4", "privacy.noise_multiplier=5.0",
+            f"data.root={tmp_path / 'data'}"]
+    cfg = load_config(None, tiny)
+    built: list[float] = []
+
+    def recording(model, cfg, noise_multiplier=None):  # noqa: ANN001, ANN202
+        optimizer = make_optimizer(model, cfg, noise_multiplier)
+        built.append(optimizer.param_groups[0]["lr"])
+        return optimizer
+
+    monkeypatch.setattr(central, "make_optimizer", recording)
+    result = central.train_central(cfg, synth.ensure_for_config(cfg), epochs=1, dp=True, echo=lambda line: None)
+    assert result["noise_multiplier"] == 5.0
+    assert built == [pytest.approx(step_size(cfg, 5.0))] and built[0] < float(cfg["train.lr"])
