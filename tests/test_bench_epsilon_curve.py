@@ -51,17 +51,25 @@ def test_the_figure_is_written(tmp_path):
     assert path.exists() and path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_replot_merges_result_files_first_file_first_and_draws_a_baseline(tmp_path):
+def test_replot_pools_repeats_of_the_same_runs_keeps_other_settings_apart_and_draws_a_baseline(tmp_path):
     import json
 
-    def record(runs: dict) -> dict:
+    def record(runs: dict, lr: float) -> dict:
         return {"summary": {k: curve.summarise(v) for k, v in runs.items()}, "runs": runs,
-                "start": {"indomain": 0.78, "public": 0.9}, "config": {"federation.schools": 10, "federation.rounds": 6}}
+                "start": {"indomain": 0.78, "public": 0.9},
+                "config": {"federation.schools": 10, "federation.rounds": 6, "train.lr": lr, "run.seed": 0}}
 
-    new = tmp_path / "new.json"
-    old = tmp_path / "old.json"
-    new.write_text(json.dumps(record({"ε 1": [_run(0.80, 0.88, 0.73)]})))
-    old.write_text(json.dumps(record({"ε 1": [_run(0.60, 0.62, 0.34)], "ε 8": [_run(0.84, 0.89, 0.79)]})))
-    assert curve.main(["--replot", f"{new},{old}", "--baseline", str(old), "--out", str(tmp_path / "fig.json")]) == 0
-    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    new, more, old = tmp_path / "new.json", tmp_path / "more.json", tmp_path / "old.json"
+    new.write_text(json.dumps(record({"ε 1": [_run(0.80, 0.88, 0.73)]}, lr=0.4)))
+    more_runs = record({"ε 1": [_run(0.78, 0.87, 0.71)]}, lr=0.4)
+    more_runs["config"]["run.seed"] = 2          # a third run of the same setting: pooled
+    more.write_text(json.dumps(more_runs))
+    old.write_text(json.dumps(record({"ε 1": [_run(0.60, 0.62, 0.34)], "ε 8": [_run(0.84, 0.89, 0.79)]}, lr=1.5)))
+    out = tmp_path / "merged.json"
+    assert curve.main(["--replot", f"{new},{old},{more}", "--baseline", str(old), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["summary"]["ε 1"]["runs"] == 2 and merged["summary"]["ε 1"]["indomain"]["mean"] == 0.79
+    assert merged["sources"] == {"ε 1": [str(new), str(more)], "ε 8": [str(old)]}   # lr 1.5's ε 1 left out
+    assert merged["command"].startswith("python -m simulations.bench.epsilon_curve --replot")
+    assert (tmp_path / "merged.png").read_bytes()[:4] == b"\x89PNG"
     assert curve.main(["--replot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.json")]) == 2

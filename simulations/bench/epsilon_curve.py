@@ -11,6 +11,10 @@ training alone under the same DP (the reason to federate, at that ε). Only ε c
 everything else stay the config's, as a privacy officer who lowers the budget would run it. Every run
 draws fresh DP noise, so the repeats are the spread. Prints a table, writes JSON with the command and the
 resolved config, and a PNG beside it (accuracy against ε, every run a dot).
+
+    python -m simulations.bench.epsilon_curve --replot A.json,B.json [--baseline C.json] --out M.json
+
+runs nothing: it merges result files (more repeats of the same runs are pooled) into M.json and M.png.
 """
 
 from __future__ import annotations
@@ -99,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise-free", action="store_true", help="also one point with the noise off (not private)")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (one core each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/epsilon-curve.json"))
-    parser.add_argument("--replot", default="", help="run nothing: draw the figure (--out's .png) from these result "
-                                                    "files, comma-separated; a setting comes from the first file holding it")
+    parser.add_argument("--replot", default="", help="run nothing: merge these result files (comma-separated; a "
+                        "setting's runs pooled over the files with the same resolved config as its first holder) "
+                        "into --out and its .png")
     parser.add_argument("--baseline", type=Path, default=None, help="with --replot: a result file whose federation "
                                                                     "means are drawn as a dashed line for comparison")
     parser.add_argument("--baseline-label", default="earlier runs", help="the legend's name for --baseline")
@@ -118,8 +123,8 @@ def _epsilons(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.replot:
-        return replot([Path(f) for f in args.replot.split(",") if f.strip()], args.out.with_suffix(".png"),
-                      args.baseline, args.baseline_label)
+        return replot([Path(f) for f in args.replot.split(",") if f.strip()], args.out, args.baseline,
+                      args.baseline_label, argv)
     try:
         epsilons = _epsilons(args.epsilons)
         cfg = load_config(None, args.overrides)
@@ -185,25 +190,52 @@ def _print_table(summary: Mapping[str, Mapping[str, Any]]) -> None:
               f"{cell(s.get('best_alone_indomain')):<22} {s.get('margin_over_alone_points', '-')}")
 
 
-def replot(files: Sequence[Path], path: Path, baseline: Path | None, baseline_label: str) -> int:
-    """The figure from result files already written (merged: each setting from the first file holding it)."""
+def merge_results(records: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[dict[str, list], dict[str, list[str]]]:
+    """The runs of every setting across result files, in the files' order: a setting's runs are pooled over the
+    files whose resolved config equals the first holder's (repeats of the same runs); any other file's runs of
+    it (another step size, say) are left out. Returns the runs and the files each setting's runs came from."""
+    points: dict[str, list] = {}
+    sources: dict[str, list[str]] = {}
+    configs: dict[str, Mapping[str, Any]] = {}
+    for name, record in records:
+        for label, runs in record["runs"].items():
+            if label not in points:
+                points[label], sources[label], configs[label] = [], [], record["config"]
+            if _same_runs(configs[label], record["config"]):
+                points[label].extend(runs)
+                sources[label].append(name)
+    return points, sources
+
+
+def _same_runs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Two resolved configs describe repeats of the same run (the seed aside: every run draws fresh DP noise)."""
+    return {k: v for k, v in a.items() if k != "run.seed"} == {k: v for k, v in b.items() if k != "run.seed"}
+
+
+def replot(files: Sequence[Path], path: Path, baseline: Path | None, baseline_label: str,
+           argv: Sequence[str] | None = None) -> int:
+    """The figure and a merged result file (`path` with .json) from result files already written."""
     import json
 
-    summary: dict[str, Any] = {}
-    points: dict[str, Any] = {}
     try:
-        records = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+        records = [(str(f), json.loads(f.read_text(encoding="utf-8"))) for f in files]
         base = json.loads(baseline.read_text(encoding="utf-8"))["summary"] if baseline else None
-        for record in records:
-            for label, s in record["summary"].items():
-                if label not in summary:
-                    summary[label], points[label] = s, record["runs"][label]
-        start, config = records[0]["start"], records[0]["config"]
+        points, sources = merge_results(records)
+        start, config = records[0][1]["start"], records[0][1]["config"]
     except (OSError, ValueError, KeyError, IndexError) as exc:
         print(f"epsilon curve: cannot replot from {', '.join(map(str, files))}: {exc}", file=sys.stderr)
         return 2
+    summary = {label: summarise(runs) for label, runs in points.items()}
+    _print_table(summary)
+    out = write_result(path.with_suffix(".json"), {
+        "config": config, "start": start, "summary": summary, "runs": points, "sources": sources,
+        "baseline": str(baseline) if baseline else None,
+        "notes": "merged from result files: a setting's runs pooled over the files whose resolved config is the same"},
+        module="simulations.bench.epsilon_curve", argv=argv)
     title = f"What each privacy budget costs ({config['federation.schools']} schools, {config['federation.rounds']} rounds)"
-    print(f"wrote {plot(summary, points, start, path, title=title, baseline=base, baseline_label=baseline_label)}")
+    figure = plot(summary, points, start, path.with_suffix(".png"), title=title, baseline=base,
+                  baseline_label=baseline_label)
+    print(f"wrote {out} and {figure}")
     return 0
 
 
