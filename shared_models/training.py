@@ -79,7 +79,8 @@ def step_size(cfg: Mapping[str, Any], noise_multiplier: float | None = None) -> 
     """The round's learning rate: ``train.lr``, lowered when the round's σ is above
     ``train.lr_noise_reference`` by (reference / σ) ** ``train.lr_noise_power``. A step that suits σ 1.4
     makes a noisier round a random walk: at ε 1 (σ 7.6) the default district fell from 0.78 to 0.60 with
-    lr 1.5 and rose to 0.81 with lr 0.4 (docs/experiments.md, session 14). σ is public (the ledger holds
+    lr 1.5 and rose to 0.81 with lr 0.4. Power 1 (the default) keeps lr × σ, the noise a step adds to the
+    weights, at the reference's (docs/experiments.md, sessions 14-15). σ is public (the ledger holds
     it), so the rule costs no privacy. No σ (non-private training) or a reference of 0: ``train.lr``."""
     lr = float(cfg["train.lr"])
     reference = float(cfg.get("train.lr_noise_reference", 0.0))

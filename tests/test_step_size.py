@@ -13,6 +13,8 @@ def test_the_lr_is_train_lr_up_to_the_reference_and_falls_as_a_power_of_sigma_ab
     assert step_size(cfg, 1.02) == 1.5 and step_size(cfg, 1.4) == 1.5   # the default district at ε 8
     assert step_size(cfg, 7.58) == pytest.approx(1.5 * (1.4 / 7.58) ** 0.75)   # ε 1: ~0.42
     assert step_size(cfg, 4.12) < step_size(cfg, 2.33) < 1.5
+    default = load_config(None, [])   # power 1: lr × σ, the noise a step adds to the weights, held at the reference's
+    assert step_size(default, 7.0) * 7.0 == pytest.approx(float(default["train.lr"]) * 1.4)
     off = load_config(None, ["train.lr_noise_reference=0"])
     assert step_size(off, 7.58) == float(off["train.lr"])
 
