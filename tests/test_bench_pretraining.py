@@ -110,3 +110,34 @@ def test_public_preconditioner_scales_noised_gradients_by_the_public_second_mome
     PublicPreconditioner(x, y, power=1.0, cap=1e6, loss_fn=loss).hook(model)(list(model.parameters()))
     after = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert torch.allclose(after, factor, atol=1e-6)
+
+
+def test_public_rehearsal_follows_the_fedavgm_step_with_plain_steps_on_public_faces_outside_the_momentum():
+    """`--rehearse K`: the server's FedAvgM step, then K Adam steps on public faces (no privacy cost); the
+    momentum keeps only the schools' update, so the rehearsal is not carried into the next round."""
+    from shared_models.config import load_config
+    from shared_models.models import registry
+    from shared_models.training import per_sample_loss
+    from simulations.bench.pretraining import PublicRehearsal
+    from simulations.references import model_from
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.preset=dp", "model.pretrain="])
+    model = registry.build_from_config(cfg)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    school = {k: v + 0.01 if v.is_floating_point() else v for k, v in start.items()}
+    faces = torch.randn(32, 3, model.input_size, model.input_size)
+    labels = torch.randint(0, 7, (32,))
+
+    def public_loss(state: dict) -> float:
+        with torch.no_grad():
+            return float(per_sample_loss(model_from(cfg, state).eval(), faces, labels).mean())
+
+    plain_velocity: dict[str, torch.Tensor] = {}
+    plain = fedavgm(start, [school], plain_velocity, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(PublicRehearsal(cfg, faces, labels, 0, 1e-3)(start, [school], {}, 0.5).values(),
+                                                 plain.values()))
+    velocity: dict[str, torch.Tensor] = {}
+    rehearsed = PublicRehearsal(cfg, faces, labels, steps=20, lr=1e-3)(start, [school], velocity, 0.5)
+    assert public_loss(rehearsed) < public_loss(plain)
+    assert all(torch.equal(velocity[k], plain_velocity[k]) for k in plain_velocity)

@@ -180,6 +180,33 @@ def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.
     return _server_step(global_state, states, with_momentum)
 
 
+class PublicRehearsal:
+    """`--rehearse K`: after the server's step, K plain (non-private) Adam steps on public training faces,
+    to hold the public accuracy while the schools move the model towards the classroom. The server holds
+    public data only, so this is post-processing of the schools' DP releases: no privacy cost."""
+
+    def __init__(self, cfg: Mapping[str, Any], images: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
+                 batch: int = 64) -> None:
+        self.cfg, self.images, self.labels = cfg, images, labels
+        self.steps, self.lr, self.batch = steps, lr, batch
+        self.generator = torch.Generator().manual_seed(int(cfg["run.seed"]))
+
+    def __call__(self, global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
+                 velocity: dict[str, torch.Tensor], momentum: float) -> dict[str, torch.Tensor]:
+        from shared_models.training import per_sample_loss
+
+        model = _model(self.cfg, fedavgm(global_state, states, velocity, momentum))
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.lr)
+        model.train()
+        for _ in range(self.steps):
+            pick = torch.randint(len(self.labels), (self.batch,), generator=self.generator)
+            optimizer.zero_grad()
+            per_sample_loss(model, self.images[pick], self.labels[pick]).mean().backward()
+            optimizer.step()
+        model.eval()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 class ServerAdam:
     """`--server-opt adam|yogi`: FedAdam / FedYogi's server step (Reddi et al. 2021, "Adaptive Federated
     Optimization") on the uniform average of the schools' updates, with bias correction; post-processing of
@@ -337,6 +364,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="the server's step: FedAvgM (federation.server_momentum) or FedAdam / FedYogi")
     parser.add_argument("--server-lr", type=float, default=0.01, help="FedAdam / FedYogi's server learning rate")
     parser.add_argument("--server-tau", type=float, default=1e-3, help="FedAdam / FedYogi's adaptivity τ")
+    parser.add_argument("--rehearse", type=int, default=0,
+                        help="after each server step, this many plain Adam steps on public training faces (no privacy "
+                             "cost: the server holds public data only); 0: off")
+    parser.add_argument("--rehearse-lr", type=float, default=2e-4, help="--rehearse's Adam learning rate")
+    parser.add_argument("--rehearse-faces", type=int, default=4096, help="public training faces --rehearse draws from")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/pretraining.json"))
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
@@ -346,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(None, args.overrides)
+        if args.rehearse > 0 and args.server_opt != "avgm":
+            raise ConfigError("--rehearse follows the FedAvgM step: it needs --server-opt avgm")
     except ConfigError as exc:
         print(f"pretraining bench: {exc}", file=sys.stderr)
         return 2
@@ -407,6 +441,10 @@ def _federation(args: argparse.Namespace, cfg: Mapping[str, Any], schools: list[
     rounds = int(cfg["federation.rounds"])
     server_step = (fedavgm if args.server_opt == "avgm" else
                    ServerAdam(args.server_lr, args.server_tau, yogi=args.server_opt == "yogi"))
+    if args.rehearse > 0:
+        root = synth.root_from_config(cfg)
+        images, labels, _ = public_faces(cfg, root, int(registry.build_from_config(cfg).input_size), args.rehearse_faces)
+        server_step = PublicRehearsal(cfg, images, labels, args.rehearse, args.rehearse_lr)
     return federate(cfg, schools, start, rounds, score, echo=lambda s: print(s, flush=True), tails=tails,
                     step_hook=step_hook, interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()],
                     keep_local=args.local_last, server_step=server_step,
