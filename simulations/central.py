@@ -79,7 +79,8 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
     for epoch in range(1, epochs + 1):
         if dp:
             result = train_private(model, frames, data.student_ids if unit == "student" else None, plan,
-                                   make_optimizer(model, cfg, plan.noise_multiplier), local_epochs=1, clipping=str(cfg["privacy.clipping"]))
+                                   make_optimizer(model, cfg, plan.noise_multiplier), local_epochs=1,
+                                   clipping=str(cfg["privacy.clipping"]))
             steps_total += result.steps
             stats = {"loss": result.mean_loss}
         else:

@@ -183,7 +183,8 @@ def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.
 class PublicRehearsal:
     """`--rehearse K`: after the server's step, K plain (non-private) Adam steps on public training faces,
     to hold the public accuracy while the schools move the model towards the classroom. The server holds
-    public data only, so this is post-processing of the schools' DP releases: no privacy cost."""
+    public data only, so this is post-processing of the schools' DP releases: no privacy cost. The momentum
+    keeps only the schools' update (as Flower's FedAvgM would), so the rehearsal is not carried forward."""
 
     def __init__(self, cfg: Mapping[str, Any], images: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
                  batch: int = 64) -> None:
