@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.subspace > 0 else None)
     step_hook = (PublicPreconditioner(*public_faces(cfg, root, input_size, args.subspace_samples)[:2], args.precondition)
                  if args.precondition > 0 else subspace)
+    rehearsal_faces = public_faces(cfg, root, input_size, args.rehearse_faces)[:2] if args.rehearse > 0 else None
     results: dict[str, Any] = {"pretrained": score(_model(cfg, start), per_school=True)}
     if subspace is not None:
         results["subspace_energy"] = subspace.energy(_model(cfg, start), schools[0])
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in [m.strip() for m in args.trainable.split(",") if m.strip()]:
         print(f"  federation, train.trainable={mode}", flush=True)
         results[f"federated:{mode}"] = _federation(args, {**cfg, "train.trainable": mode}, schools, start, score,
-                                                   tails, step_hook)
+                                                   tails, step_hook, rehearsal_faces)
         print(_row(f"(F) federated DP, trainable={mode}", results[f"federated:{mode}"]), flush=True)
     results["alone"] = _train_alone(cfg, schools, sizes, _alone_picks(sizes, args.alone), start, rounds, score,
                                    tails, step_hook)
@@ -437,15 +438,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _federation(args: argparse.Namespace, cfg: Mapping[str, Any], schools: list[SchoolData],
                 start: Mapping[str, torch.Tensor], score: Scorer, tails: list[int],
-                step_hook: PublicSubspace | PublicPreconditioner | None) -> dict[str, Any]:
-    """One federation with the command line's server step, lr schedule and step hook."""
+                step_hook: PublicSubspace | PublicPreconditioner | None,
+                rehearsal_faces: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """One federation with the command line's server step, lr schedule and step hook; `rehearsal_faces`
+    (public images and labels, read once by the caller) for `--rehearse`."""
     rounds = int(cfg["federation.rounds"])
     server_step = (fedavgm if args.server_opt == "avgm" else
                    ServerAdam(args.server_lr, args.server_tau, yogi=args.server_opt == "yogi"))
-    if args.rehearse > 0:
-        root = synth.root_from_config(cfg)
-        images, labels, _ = public_faces(cfg, root, int(registry.build_from_config(cfg).input_size), args.rehearse_faces)
-        server_step = PublicRehearsal(cfg, images, labels, args.rehearse, args.rehearse_lr)
+    if rehearsal_faces is not None:
+        server_step = PublicRehearsal(cfg, *rehearsal_faces, args.rehearse, args.rehearse_lr)
     return federate(cfg, schools, start, rounds, score, echo=lambda s: print(s, flush=True), tails=tails,
                     step_hook=step_hook, interpolate=[float(a) for a in args.interpolate.split(",") if a.strip()],
                     keep_local=args.local_last, server_step=server_step,
