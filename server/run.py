@@ -45,18 +45,20 @@ class RunStart:
 def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
     """A new run directory and model, or (`run.resume`) the run, config and model of its latest checkpoint."""
     if not cfg["run.resume"]:
+        run = RunDirectory.create(cfg)
+        if run.wait_until_prepared():   # `fedfer simulate` pre-trained (and built the schools) meanwhile
+            log(INFO, "ServerApp: the run's preparation (pre-training, schools, policies) is done")
         model = registry.build_from_config(cfg)
         if not cfg["model.pretrained"]:
             if cfg.get("model.pretrain") == "auto":   # only `fedfer simulate` resolves it to a checkpoint
                 log(WARNING, "[fedfer] model.pretrain=auto is resolved by `fedfer simulate`; this run starts from "
                              "scratch: pass model.pretrained=PATH (`fedfer pretrain` writes one) to start from it")
-            return RunStart(RunDirectory.create(cfg), dict(cfg), model)
+            return RunStart(run, dict(cfg), model)
         path = str(cfg["model.pretrained"])
         provenance = registry.pretrained_provenance(path)
         check_pretrained_model(provenance, cfg, path)
         report = registry.load_pretrained(model, path)
         log(INFO, "[fedfer] pretrained: %s", report.summary())
-        run = RunDirectory.create(cfg)
         run.event("pretrained", path=path, matched=len(report.matched), missing=len(report.missing),
                   shape_mismatched=len(report.shape_mismatched), provenance=provenance)
         return RunStart(run, dict(cfg), model)

@@ -14,6 +14,8 @@ metrics line, never a torn one, and a checkpoint is the old one or the new one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -23,7 +25,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -87,6 +89,9 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
+PREPARING = "preparing.lock"   # RunDirectory.preparing: held while `fedfer simulate` still pre-trains
+
+
 class RunDirectory:
     """Paths and atomic writers of one run."""
 
@@ -113,6 +118,42 @@ class RunDirectory:
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
+
+    @property
+    def preparing_path(self) -> Path:
+        return self.path / PREPARING
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """The preparation gate: `fedfer simulate` holds it while it makes what the run needs (the
+        pre-trained model, the schools, their policies) beside Flower's start; the ServerApp waits for it
+        (:meth:`wait_until_prepared`) before it reads any of them. Removed when released."""
+        fd = os.open(self.preparing_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.preparing_path.unlink()   # before unlocking: a waiter already holding it still wakes
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def wait_until_prepared(self) -> bool:
+        """Wait while `fedfer simulate` still holds this run's preparation gate; True if it had to wait.
+        No gate (a deployment, a run started without pre-training): returns at once."""
+        try:
+            fd = os.open(self.preparing_path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                return True
+        finally:
+            os.close(fd)   # closing releases the lock
 
     @property
     def metrics_path(self) -> Path:

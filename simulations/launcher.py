@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -113,6 +114,73 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
 
     Returns the number of simulated nodes. Raises SimulationError when Flower reports a failure.
     """
+    return Federation(cfg, run_dir, echo).start().result()
+
+
+class Federation:
+    """One simulated federation's Flower processes, run on a background thread: `start()` returns at once,
+    `result()` waits for the end (the number of nodes, or SimulationError), `stop()` ends it early.
+
+    `fedfer simulate` starts it while it is still pre-training: Flower's own start (SuperLink, `flwr run`,
+    the simulation process, Ray's actors: ~15 s) then overlaps the pre-training, and the ServerApp waits
+    for the run directory's preparation gate (server/run_dir.py) before it reads the pre-trained model."""
+
+    def __init__(self, cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], None] = print) -> None:
+        self.cfg, self.run_dir, self.echo = cfg, run_dir, echo
+        self.nodes = int(cfg["federation.schools"]) + (1 if cfg["federation.evaluator"] else 0)
+        self._processes: list[subprocess.Popen] = []
+        self._guard = threading.Lock()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fedfer-federation", daemon=True)
+
+    def start(self) -> "Federation":
+        self._thread.start()
+        return self
+
+    def result(self) -> int:
+        try:
+            self._thread.join()
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        if self._error is not None:
+            raise self._error
+        return self.nodes
+
+    def stop(self) -> None:
+        """Stop every process started so far (and start no more); wait for the thread to end."""
+        self.stop_processes()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    def stop_processes(self) -> None:
+        with self._guard:
+            self._stopping = True
+            processes = list(self._processes)
+        for proc in reversed(processes):   # the runner before the SuperLink (and the Ray it started)
+            if proc.poll() is None:
+                stop_process_tree(proc)
+
+    def launch(self, start: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+        with self._guard:
+            if self._stopping:
+                raise SimulationError("stopped before Flower had started")
+            proc = start()
+            self._processes.append(proc)
+            return proc
+
+    def _run(self) -> None:
+        try:
+            _federate(self)
+        except BaseException as exc:  # noqa: BLE001 - handed to result() on the caller's thread
+            self._error = exc
+
+
+def _federate(fed: Federation) -> None:
+    """SuperLink, then `flwr run --stream` with the resolved config, followed to the end; everything stopped
+    however it ends."""
+    cfg, run_dir = fed.cfg, fed.run_dir
     flwr_home = run_dir / ".flower"
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -122,7 +190,6 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
     )
     run_config = run_dir / ".flower" / "run-config.toml"
     run_config.write_text(to_toml(cfg), encoding="utf-8")
-    nodes = int(cfg["federation.schools"]) + (1 if cfg["federation.evaluator"] else 0)
     env = offline_env(flwr_home)
     env["FEDFER_WORKDIR"] = str(Path.cwd())
     env["RAY_TMPDIR"] = str(Path("/tmp") / f"fedfer-ray-{os.getpid()}")  # Ray's socket paths must stay short
@@ -131,26 +198,25 @@ def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], 
 
     superlink_log = run_dir / "superlink.log"
     service = _school_service(cfg)
-    superlink = _start_superlink(port, flwr_home, env, run_dir, superlink_log)
     flower_log = run_dir / "flower.log"
     try:
+        superlink = fed.launch(lambda: _start_superlink(port, flwr_home, env, run_dir, superlink_log))
         _wait_healthy(port, superlink, superlink_log)
         cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
                "--run-config", str(run_config),
                "--federation-config",
-               f"num-supernodes={nodes} client-resources-num-cpus={int(cfg['federation.cpus_per_school'])}"]
-        returncode, failed_line = _run_and_follow(cmd, env, flower_log, echo)
+               f"num-supernodes={fed.nodes} client-resources-num-cpus={int(cfg['federation.cpus_per_school'])}"]
+        returncode, failed_line = _run_and_follow(fed, cmd, env, flower_log)
         if returncode != 0:
             raise SimulationError(f"flwr run exited with {returncode}: {failed_line or 'see ' + str(flower_log)}")
         if failed_line and "failed" in failed_line.lower():
             raise SimulationError(f"{failed_line} (full log: {flower_log})")
     finally:
-        stop_process_tree(superlink)
+        fed.stop_processes()
         if service is not None:
             service.stop()
             if service.built:
-                echo(service.describe())
-    return nodes
+                fed.echo(service.describe())
 
 
 def ray_cluster_env(cfg: Mapping[str, Any]) -> dict[str, str]:
@@ -188,17 +254,16 @@ def _start_superlink(port: int, flwr_home: Path, env: dict[str, str], run_dir: P
     )
 
 
-def _run_and_follow(cmd: list[str], env: dict[str, str], flower_log: Path,
-                    echo: Callable[[str], None]) -> tuple[int, str]:
+def _run_and_follow(fed: Federation, cmd: list[str], env: dict[str, str], flower_log: Path) -> tuple[int, str]:
     """Run `flwr run --stream`, copy its output to `flower_log`, echo fedfer's progress lines; returns
     the exit code and the first line that reported a failure ("" if none). The runner and what it
     started are stopped however this ends."""
     with open(flower_log, "a", encoding="utf-8") as log_file:
-        runner = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                  cwd=str(APP_DIR), text=True, bufsize=1, start_new_session=True)
+        runner = fed.launch(lambda: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                                      cwd=str(APP_DIR), text=True, bufsize=1, start_new_session=True))
         try:
             assert runner.stdout is not None
-            failed_line = _follow(runner.stdout, log_file, echo)
+            failed_line = _follow(runner.stdout, log_file, fed.echo)
             runner.wait()
         finally:
             stop_process_tree(runner)

@@ -202,10 +202,11 @@ def weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def pretrain(cfg: Mapping[str, Any], data_root: Path | None, out: Path, *, evaluate: bool = False,
-             echo: Echo | None = None) -> dict[str, Any]:
+             echo: Echo | None = None, data: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Pre-train the config's model on `pretrain.benchmarks` and write the checkpoint to `out`; returns
-    its provenance. `evaluate` also scores it on `evaluation.benchmarks` (recorded in the provenance)."""
-    data = data_specs(cfg, data_root)
+    its provenance. `evaluate` also scores it on `evaluation.benchmarks` (recorded in the provenance).
+    `data`: the :func:`data_specs` the caller already read (fingerprinting a folder takes seconds)."""
+    data = data if data is not None else data_specs(cfg, data_root)
     key = inputs_hash(cfg, data)
     seed = int(cfg["pretrain.seed"])
     torch.manual_seed(seed)
@@ -240,22 +241,25 @@ def pretrain(cfg: Mapping[str, Any], data_root: Path | None, out: Path, *, evalu
     return provenance
 
 
-def cached_checkpoint(cfg: Mapping[str, Any], data_root: Path | None) -> Path:
-    """Where :func:`ensure_pretrained` keeps this config's checkpoint (it may not exist yet)."""
-    return default_path(inputs_hash(cfg, data_specs(cfg, data_root)))
+def cached_checkpoint(cfg: Mapping[str, Any], data_root: Path | None,
+                      data: list[dict[str, Any]] | None = None) -> Path:
+    """Where :func:`ensure_pretrained` keeps this config's checkpoint (it may not exist yet); `data`: the
+    :func:`data_specs` already read."""
+    return default_path(inputs_hash(cfg, data if data is not None else data_specs(cfg, data_root)))
 
 
 def ensure_pretrained(cfg: Mapping[str, Any], data_root: Path | None, echo: Echo | None = None,
-                      path: Path | None = None) -> Path:
-    """The cached checkpoint for this config's pre-training (trained now if absent); its path. `path`: the
-    :func:`cached_checkpoint` the caller already looked up (finding it reads every file's size: seconds)."""
-    path = path or cached_checkpoint(cfg, data_root)
+                      data: list[dict[str, Any]] | None = None) -> Path:
+    """The cached checkpoint for this config's pre-training (trained now if absent); its path. `data`: the
+    :func:`data_specs` the caller already read (fingerprinting a folder takes seconds)."""
+    data = data if data is not None else data_specs(cfg, data_root)
+    path = cached_checkpoint(cfg, data_root, data)
     with locked(path):   # two simulations starting at once train it once
         if path.is_file():
             if echo is not None:
                 echo(f"pre-trained model (cached): {path}")
             return path
-        pretrain(cfg, data_root, path, echo=echo)
+        pretrain(cfg, data_root, path, echo=echo, data=data)
     if echo is not None:
         echo(f"pre-trained model: {path}")
     return path

@@ -43,11 +43,13 @@ def test_the_earlier_demo_and_the_long_district_stay_reachable():
 
 
 def test_the_timing_bench_reads_phases_off_the_output(tmp_path):
-    lines = ["synthetic classroom: 10/20 images (public)", "pre-trained model /x.pt (3.0 s)", "run directory: /r",
-             "  round 1/6: schools 10/10 ok", "summary"]
+    lines = ["synthetic classroom: 10/20 images (public)", "run directory: /r", "pre-trained model /x.pt (3.0 s)",
+             "  pretrained: /x.pt: loaded 90 tensors, 0 kept their initial value", "  round 1/6: schools 10/10 ok",
+             "summary"]
     script = "\n".join(f"print({line!r}, flush=True)" for line in lines)
     code, seconds, marks = run_timed([sys.executable, "-c", script], {}, tmp_path / "out.log")
     assert code == 0 and seconds >= 0
-    assert set(marks) == {"data_ready", "pretrained", "run_dir", "round_1", "summary"}
-    assert marks["data_ready"] <= marks["pretrained"] <= marks["run_dir"] <= marks["round_1"] <= marks["summary"]
+    assert set(marks) == {"data_ready", "pretrained", "run_dir", "serverapp", "round_1", "summary"}
+    assert (marks["data_ready"] <= marks["run_dir"] <= marks["pretrained"] <= marks["serverapp"] <= marks["round_1"]
+            <= marks["summary"])
     assert "pre-trained model /x.pt (3.0 s)" in (tmp_path / "out.log").read_text()

@@ -69,25 +69,30 @@ TINY = ["federation.schools=1", "data.students_per_school=2", "data.frames_per_s
 
 
 def test_simulate_pretrains_once_and_builds_the_schools_beside_it(tmp_path, monkeypatch, capsys) -> None:
-    """model.pretrain=auto in `fedfer simulate`: the public part first, then pre-training (one thread) with the
-    schools built in a child process on the other core; a second run finds the checkpoint and builds nothing."""
-    from fedfer.commands.simulate import _pretrain_auto
+    """model.pretrain=auto in `fedfer simulate`: the public part first; the checkpoint's path is named before
+    it is trained (the run directory's config records it; Flower starts meanwhile), then pre-training (one
+    thread) with the schools built in a child process on the other core; a second run finds the checkpoint
+    and builds nothing."""
+    from fedfer.commands.simulate import _pretrain_auto, _pretrain_now
     from shared_models.config import load_config
     from simulations import synth
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg = load_config(overrides=[*TINY, "federation.schools=2", f"data.root={tmp_path / 'data'}"])
-    assert _pretrain_auto(cfg) == 0
+    code, pending = _pretrain_auto(cfg)
+    assert code == 0 and pending is not None
+    assert cfg["model.pretrained"] == str(pending.path) and not pending.path.exists()
+    assert _pretrain_now(cfg, pending) == 0
     printed = capsys.readouterr().out
     assert "in the background while pre-training" in printed and "schools built" in printed
     first = cfg["model.pretrained"]
     assert registry.pretrained_provenance(first)["format"] == "fedfer-pretrained/1"
-    for school in ("school-00", "school-01"):   # the child finished every school before _pretrain_auto returned
+    for school in ("school-00", "school-01"):   # the child finished every school before _pretrain_now returned
         assert (tmp_path / "data" / "schools" / school / "school.json").is_file()
     assert synth.ensure_for_config(cfg, echo=lambda line: pytest.fail(f"rebuilt: {line}")) == tmp_path / "data"
 
     again = load_config(overrides=[*TINY, "federation.schools=2", f"data.root={tmp_path / 'data'}"])
-    assert _pretrain_auto(again) == 0 and again["model.pretrained"] == first
+    assert _pretrain_auto(again) == (0, None) and again["model.pretrained"] == first
     printed = capsys.readouterr().out
     assert "pre-trained model (cached)" in printed and "background" not in printed
 

@@ -67,8 +67,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         data_root = synth.ensure_for_config(cfg, echo=lambda line: print(line, flush=True))
     echo = lambda line: print("  " + line, flush=True)  # noqa: E731
     try:
-        out = args.out or pretrain.default_path(pretrain.inputs_hash(cfg, pretrain.data_specs(cfg, data_root)))
-        provenance = pretrain.pretrain(cfg, data_root, Path(out), evaluate=evaluate, echo=echo)
+        data = pretrain.data_specs(cfg, data_root)
+        out = args.out or pretrain.cached_checkpoint(cfg, data_root, data)
+        provenance = pretrain.pretrain(cfg, data_root, Path(out), evaluate=evaluate, echo=echo, data=data)
     except pretrain.PretrainError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
         return 2

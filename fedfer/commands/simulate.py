@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if _clips_missing(cfg):
         return 2
     started = time.perf_counter()
-    code = _resolve_run_config(cfg)
+    code, pending = _resolve_run_config(cfg)
     if code:
         return code
     run = RunDirectory.create(cfg)
@@ -120,11 +121,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{cfg['federation.rounds']} rounds, DP on"
           f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
     print(f"run directory: {run.path}")
-    root = _ensure_data(cfg, on_demand=cfg["data.generate"] == "on-demand")
-    code = _write_school_policies(cfg, run.path, root)
-    if code:
+    if pending is not None:
+        federation, root, code = _pretrain_while_flower_starts(cfg, run, pending)
+    else:
+        root = _ensure_data(cfg, on_demand=cfg["data.generate"] == "on-demand")
+        code = _write_school_policies(cfg, run.path, root)
+        federation = None if code else _federation(cfg, run.path).start()
+    if code or federation is None:
         return code
-    code = _run_federation(cfg, run.path, started)
+    code = _finish_federation(federation, run.path, started)
     if code == 0 and cfg["evaluation.references"]:
         return _references(cfg, run.path, root, started)
     return code
@@ -171,9 +176,10 @@ def _ray_address(cfg: dict[str, Any], flag: str | None) -> int:
     return 0
 
 
-def _resolve_run_config(cfg: dict[str, Any]) -> int:
+def _resolve_run_config(cfg: dict[str, Any]) -> tuple[int, "_PendingPretraining | None"]:
     """Fill in the run name and absolute folders every app process must agree on, and settle the starting
-    model; 0, or the exit code after a one-line error."""
+    model: (0, the pre-training still to run beside Flower's start or None), or (the exit code after a
+    one-line error, None)."""
     from server.run_dir import new_run_id
 
     if not cfg["run.name"]:
@@ -188,15 +194,16 @@ def _resolve_run_config(cfg: dict[str, Any]) -> int:
     cfg["data.generate"] = generation_mode(cfg)   # every app process must agree (the schools wait for on-demand data)
     if cfg["privacy.state_dir"]:
         cfg["privacy.state_dir"] = str(Path(str(cfg["privacy.state_dir"])).expanduser().resolve())
+    pending = None
     if cfg["model.pretrain"] == "auto":
         if cfg["model.pretrained"]:
             print("fedfer: model.pretrain=auto and model.pretrained are both set; choose one", file=sys.stderr)
-            return 2
+            return 2, None
         # before the run directory exists, so its config.yaml names the checkpoint the run starts from
-        code = _pretrain_auto(cfg)
+        code, pending = _pretrain_auto(cfg)
         if code:
-            return code
-    if cfg["model.pretrained"]:
+            return code, None
+    if cfg["model.pretrained"] and pending is None:
         from server.run import check_pretrained_model
         from shared_models.models import registry
 
@@ -205,8 +212,8 @@ def _resolve_run_config(cfg: dict[str, Any]) -> int:
                                    str(cfg["model.pretrained"]))
         except ValueError as exc:
             print(f"fedfer: {exc}", file=sys.stderr)
-            return 2
-    return 0
+            return 2, None
+    return 0, pending
 
 
 def _write_school_policies(cfg: dict[str, Any], run_path: Path, root: Path) -> int:
@@ -223,11 +230,22 @@ def _write_school_policies(cfg: dict[str, Any], run_path: Path, root: Path) -> i
     return 0
 
 
-def _run_federation(cfg: dict[str, Any], run_path: Path, started: float) -> int:
-    from simulations.launcher import SimulationError, run_federation
+def _indented(line: str) -> None:
+    print("  " + line, flush=True)
+
+
+def _federation(cfg: dict[str, Any], run_path: Path):
+    from simulations.launcher import Federation
+
+    return Federation(cfg, run_path, echo=_indented)
+
+
+def _finish_federation(federation, run_path: Path, started: float) -> int:
+    """Wait for the started federation to end; its summary, or the exit code after a one-line error."""
+    from simulations.launcher import SimulationError
 
     try:
-        run_federation(cfg, run_path, echo=lambda line: print("  " + line, flush=True))
+        federation.result()
     except SimulationError as exc:
         print(f"fedfer: federation failed: {exc}", file=sys.stderr)
         return 1
@@ -237,30 +255,75 @@ def _run_federation(cfg: dict[str, Any], run_path: Path, started: float) -> int:
     return print_summary(run_path, time.perf_counter() - started)
 
 
-def _pretrain_auto(cfg: dict[str, Any]) -> int:
-    """model.pretrain=auto: the cached public pre-training of this model (trained now if absent) becomes
-    model.pretrained, so every app process loads the same checkpoint."""
-    from simulations import pretrain, synth
+@dataclass
+class _PendingPretraining:
+    """model.pretrain=auto whose checkpoint is not cached yet: trained while Flower starts."""
+
+    root: Path                      # the synthetic classroom's folder: its public part is built
+    data: list[dict[str, Any]]      # simulations.pretrain.data_specs, read once
+    path: Path                      # where the checkpoint will be (model.pretrained already names it)
+
+
+def _pretrain_auto(cfg: dict[str, Any]) -> tuple[int, _PendingPretraining | None]:
+    """model.pretrain=auto: the cached public pre-training of this model becomes model.pretrained, so every
+    app process loads the same checkpoint. Not cached yet: (0, what to train) for a new run, which trains
+    it beside Flower's start; a resumed run trains it now."""
+    from simulations import pretrain
 
     root = _ensure_data(cfg, on_demand=True)   # the public and in-domain parts: what pre-training reads
+    try:
+        data = pretrain.data_specs(cfg, root)
+    except pretrain.PretrainError as exc:
+        print(f"fedfer: {exc}", file=sys.stderr)
+        return 2, None
+    path = pretrain.cached_checkpoint(cfg, root, data)
+    cfg["model.pretrained"] = str(path)
+    pending = _PendingPretraining(root, data, path)
+    if path.is_file() or cfg["run.resume"]:   # cached (said so), or a resumed run: no gate to wait at
+        return _pretrain_now(cfg, pending), None
+    return 0, pending
+
+
+def _pretrain_now(cfg: dict[str, Any], pending: _PendingPretraining) -> int:
+    """Train (or find) the pending checkpoint; 0, or 2 after a one-line error. With the schools still to
+    build, they are built in a child process on the other core meanwhile (pre-training is one thread)."""
+    from simulations import pretrain, synth
+
     started = time.perf_counter()
     schools = None
     try:
-        cached = pretrain.cached_checkpoint(cfg, root)
-        if cfg["data.generate"] != "on-demand" and not cached.is_file():
-            # pre-training runs on one thread: the schools are built on the other core meanwhile
+        if cfg["data.generate"] != "on-demand" and not pending.path.is_file():
             schools = synth.start_building_schools(cfg)
             print(f"  building the {cfg['federation.schools']} schools in the background while pre-training", flush=True)
-        path = pretrain.ensure_pretrained(cfg, root, echo=lambda line: print("  " + line, flush=True), path=cached)
+        path = pretrain.ensure_pretrained(cfg, pending.root, echo=_indented, data=pending.data)
     except pretrain.PretrainError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
         return 2
-    cfg["model.pretrained"] = str(path)
     print(f"pre-trained model {path} ({time.perf_counter() - started:.1f} s)")
     if schools is not None:
         schools.join()
         print(f"  schools built ({time.perf_counter() - started:.1f} s since pre-training began)", flush=True)
     return 0
+
+
+def _pretrain_while_flower_starts(cfg: dict[str, Any], run, pending: _PendingPretraining):
+    """Start Flower, then pre-train (the schools built beside it) and write the schools' policies while it
+    starts: the ServerApp waits at the run directory's preparation gate until all of them are there
+    (Flower's own start, ~15 s, is then off the critical path). (federation, data root, 0), or
+    (None, None, exit code) with Flower stopped."""
+    with run.preparing():
+        federation = _federation(cfg, run.path).start()
+        try:
+            code = _pretrain_now(cfg, pending)
+            root = _ensure_data(cfg, on_demand=cfg["data.generate"] == "on-demand") if code == 0 else None
+            code = code or _write_school_policies(cfg, run.path, root)
+        except BaseException:
+            federation.stop()   # before the gate opens: the ServerApp never starts on a half-prepared run
+            raise
+        if code:
+            federation.stop()
+            return None, None, code
+    return federation, root, 0
 
 
 def print_summary(run_path: Path, wall: float) -> int:

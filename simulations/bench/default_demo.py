@@ -29,11 +29,14 @@ from typing import Sequence
 from simulations.bench.federated import _final, _rounds, _schools, every_school_every_round
 from simulations.bench.results import load_average, write_result
 
-# Lines of `fedfer simulate`'s output that close a phase (the first match's time is the phase's end).
+# Lines of `fedfer simulate`'s output that close a phase (the first match's time is the phase's end). A first
+# run prints its run directory before pre-training (Flower starts meanwhile: fedfer/commands/simulate.py),
+# a cached one after; "serverapp" is the ServerApp's first line, once it has loaded the start model.
 _MARKS = {
     "data_ready": re.compile(r"^(synthetic classroom|pre-training |  pre-training |  pre-trained model \(cached\))"),
     "pretrained": re.compile(r"^pre-trained model "),
     "run_dir": re.compile(r"^run directory: "),
+    "serverapp": re.compile(r"^\s+pretrained: .*: loaded \d+ tensors"),
     "round_1": re.compile(r"round\s+1\b"),
     "summary": re.compile(r"^summary"),
 }
