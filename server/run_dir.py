@@ -7,6 +7,7 @@
     runs/<id>/keys/<school>.pub    the ledger public key the server trusts for that school
     runs/<id>/checkpoints/round-NNNN.pt, latest.json   weights + round + strategy state (resume)
     runs/<id>/report.md, plots/*.png
+    runs/<id>/preparing.lock       only while `fedfer simulate` still pre-trains; the ServerApp waits for it
 
 Every write goes through shared_models/atomic_files.py: a killed process leaves at most a missing
 metrics line, never a torn one, and a checkpoint is the old one or the new one.
