@@ -109,14 +109,6 @@ def write_school_policies(cfg: Mapping[str, Any], run_dir: Path, data_root: Path
     return policies
 
 
-def run_federation(cfg: Mapping[str, Any], run_dir: Path, echo: Callable[[str], None] = print) -> int:
-    """Run the federation described by the resolved `cfg`; its ServerApp writes into `run_dir`.
-
-    Returns the number of simulated nodes. Raises SimulationError when Flower reports a failure.
-    """
-    return Federation(cfg, run_dir, echo).start().result()
-
-
 class Federation:
     """One simulated federation's Flower processes, run on a background thread: `start()` returns at once,
     `result()` waits for the end (the number of nodes, or SimulationError), `stop()` ends it early.
@@ -155,6 +147,7 @@ class Federation:
             self._thread.join(timeout=30)
 
     def stop_processes(self) -> None:
+        """Stop every process started so far and start no more (the thread itself ends on its own)."""
         with self._guard:
             self._stopping = True
             processes = list(self._processes)
