@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from process_fixtures import processes_of_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,22 +26,6 @@ TINY = [
     "train.local_epochs=1", "train.batch_size=3", "evaluation.bootstrap=50",
     "model.pretrain=", "data.school_size_spread=30",   # from scratch, sizes as before: no pre-training in a test
 ]
-
-
-def _processes_of_run(run_root: Path) -> set[int]:
-    """Every live process that belongs to a run under `run_root`: the launcher gives each Flower process
-    (SuperLink, simulation, Ray's raylet and workers, which inherit its environment) FLWR_HOME inside
-    the run directory, whatever its name."""
-    marker = f"FLWR_HOME={run_root}".encode()
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "environ").read_bytes():
-                    found.add(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +102,7 @@ def test_server_never_opened_benchmark_files(federation):
 
 
 def test_no_flower_process_left_behind(federation):
-    assert _processes_of_run(federation["run"].parent) == set()
+    assert processes_of_run(federation["run"].parent) == set()
 
 
 def test_fedfer_evaluate_reproduces_the_evaluation_node(federation):

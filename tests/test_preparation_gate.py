@@ -9,27 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from process_fixtures import processes_of_run
 
 from shared_models.config import load_config
 from shared_models.models import registry
-
-
-def _flower_processes(run_root: Path) -> set[int]:
-    """Live processes whose FLWR_HOME is inside `run_root` (every Flower process the launcher starts)."""
-    marker = f"FLWR_HOME={run_root}".encode()
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "environ").read_bytes():
-                    found.add(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def test_the_gate_is_released_and_removed_however_the_preparation_ends(tmp_path) -> None:
@@ -107,5 +93,5 @@ def test_a_failed_pretraining_stops_the_flower_it_started_beside_it(tmp_path, mo
     err = capsys.readouterr().err
     assert code == 2 and "fedfer: pretrain.benchmarks: synthetic-rafdb:train: the disk went away" in err
     assert "Traceback" not in err
-    assert _flower_processes(tmp_path / "runs") == set()
+    assert processes_of_run(tmp_path / "runs") == set()
     assert not (run / "preparing.lock").exists()
