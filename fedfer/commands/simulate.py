@@ -127,7 +127,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         root = _ensure_data(cfg, on_demand=cfg["data.generate"] == "on-demand")
         code = _write_school_policies(cfg, run.path, root)
         federation = None if code else _federation(cfg, run.path).start()
-    if code or federation is None:
+    if code:
         return code
     code = _finish_federation(federation, run.path, started)
     if code == 0 and cfg["evaluation.references"]:
@@ -176,7 +176,7 @@ def _ray_address(cfg: dict[str, Any], flag: str | None) -> int:
     return 0
 
 
-def _resolve_run_config(cfg: dict[str, Any]) -> tuple[int, "_PendingPretraining | None"]:
+def _resolve_run_config(cfg: dict[str, Any]) -> tuple[int, _PendingPretraining | None]:
     """Fill in the run name and absolute folders every app process must agree on, and settle the starting
     model: (0, the pre-training still to run beside Flower's start or None), or (the exit code after a
     one-line error, None)."""
