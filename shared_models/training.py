@@ -106,12 +106,14 @@ def make_optimizer(model: nn.Module, cfg: Mapping[str, Any],
     )
 
 
-def train_plain(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], epochs: int, seed: int) -> dict[str, float]:
-    """Non-private minibatch SGD: the centralised reference (never a school's round: schools always use DP)."""
+def train_plain(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], epochs: int, seed: int,
+                optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+    """Non-private minibatch SGD: the centralised reference (never a school's round: schools always use DP).
+    `optimizer`: one the caller keeps across calls (a new :func:`make_optimizer` one when None)."""
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=int(cfg["train.batch_size"]) * int(cfg["train.frames_per_student"]),
                         shuffle=True, generator=generator, drop_last=False)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
     model.train()
     total, count, steps = 0.0, 0, 0
     for _ in range(epochs):

@@ -76,16 +76,18 @@ def train_central(cfg: Mapping[str, Any], root: Path, epochs: int, dp: bool,
         plan = plan_from_config({**cfg, "train.local_epochs": 1, "federation.rounds": epochs}, num_units)
         frames = _training_set(data, model, cfg)
         steps_total = 0
+    # one optimiser for the whole run, as a school keeps its own within a round: its momentum (or Adam's
+    # moments) carries over from one epoch to the next instead of restarting every epoch
+    optimizer = make_optimizer(model, cfg, plan.noise_multiplier if plan else None)
     for epoch in range(1, epochs + 1):
         if dp:
             result = train_private(model, frames, data.student_ids if unit == "student" else None, plan,
-                                   make_optimizer(model, cfg, plan.noise_multiplier), local_epochs=1,
-                                   clipping=str(cfg["privacy.clipping"]))
+                                   optimizer, local_epochs=1, clipping=str(cfg["privacy.clipping"]))
             steps_total += result.steps
             stats = {"loss": result.mean_loss}
         else:
             dataset = _training_set(data, model, cfg)
-            stats = train_plain(model, dataset, cfg, epochs=1, seed=epoch)
+            stats = train_plain(model, dataset, cfg, epochs=1, seed=epoch, optimizer=optimizer)
         if epoch == epochs or epoch % max(1, epochs // 5) == 0:
             results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), root, cfg)
             accs = {b: round(m["accuracy"], 4) for b, m in results.items()}

@@ -35,16 +35,18 @@ def test_bad_rule_settings_are_refused(bad):
         load_config(None, [bad])
 
 
+# a synthetic classroom of two schools of six students (seconds to build)
+_TINY = ["federation.schools=2", "data.students_per_school=6", "data.frames_per_student=2", "data.public_students=2",
+         "data.public_frames=7", "data.public_train_students=2", "data.public_train_frames=7",
+         "data.heldout_students=2", "data.school_size_spread=0", "data.image_size=32", "evaluation.bootstrap=10",
+         "model.preset=dp", "model.pretrain=", "train.batch_size=4"]
+
+
 def test_the_central_dp_reference_trains_at_the_step_size_of_its_sigma(tmp_path, monkeypatch):
     """`fedfer train-central --dp` follows the same rule as a school: its σ 5 lowers the step."""
     from simulations import central, synth
 
-    tiny = ["federation.schools=2", "data.students_per_school=6", "data.frames_per_student=2", "data.public_students=2",
-            "data.public_frames=7", "data.public_train_students=2", "data.public_train_frames=7",
-            "data.heldout_students=2", "data.school_size_spread=0", "data.image_size=32", "evaluation.bootstrap=10",
-            "model.preset=dp", "model.pretrain=", "train.batch_size=4", "privacy.noise_multiplier=5.0",
-            f"data.root={tmp_path / 'data'}"]
-    cfg = load_config(None, tiny)
+    cfg = load_config(None, _TINY + ["privacy.noise_multiplier=5.0", f"data.root={tmp_path / 'data'}"])
     built: list[float] = []
 
     def recording(model, cfg, noise_multiplier=None):  # noqa: ANN001, ANN202
@@ -56,3 +58,22 @@ def test_the_central_dp_reference_trains_at_the_step_size_of_its_sigma(tmp_path,
     result = central.train_central(cfg, synth.ensure_for_config(cfg), epochs=1, dp=True, echo=lambda line: None)
     assert result["noise_multiplier"] == 5.0
     assert built == [pytest.approx(step_size(cfg, 5.0))] and built[0] < float(cfg["train.lr"])
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_the_central_reference_keeps_one_optimiser_over_its_epochs(tmp_path, monkeypatch, dp):
+    """`fedfer train-central` builds its optimiser once: momentum carries over epochs as within a school's
+    round (it restarted every epoch before)."""
+    from simulations import central, synth
+
+    cfg = load_config(None, _TINY + [f"data.root={tmp_path / 'data'}"])
+    built: list[torch.optim.Optimizer] = []
+
+    def recording(model, cfg, noise_multiplier=None):  # noqa: ANN001, ANN202
+        built.append(make_optimizer(model, cfg, noise_multiplier))
+        return built[-1]
+
+    monkeypatch.setattr(central, "make_optimizer", recording)
+    result = central.train_central(cfg, synth.ensure_for_config(cfg), epochs=3, dp=dp, echo=lambda line: None)
+    assert result["epochs"] == 3 and len(built) == 1
+    assert any("momentum_buffer" in state for state in built[0].state.values())   # it stepped with momentum
