@@ -5,9 +5,10 @@ students (``synthetic-indomain``, simulation only) from ``metrics.jsonl``, again
 
     (a) the starting model (round 0: the pre-trained model, scored before any school trained),
     (b) one central model on all the schools' data pooled, no privacy, and
-    (c) each school training alone under the same DP,
+    (c) each school training alone under the same DP, and
+    (d) the same federation with the DP noise switched off (what the privacy cost),
 
-(b) and (c) from ``references.json`` when the run computed them (`fedfer simulate --references`,
+(b), (c) and (d) from ``references.json`` when the run computed them (`fedfer simulate --references`,
 simulations/references.py). This module derives the rows and lines from plain data; server/report.py
 writes them, server/plots.py draws them.
 
@@ -16,7 +17,8 @@ references.json (format ``fedfer-references/1``)::
     {"benchmarks": {"public": NAME, "indomain": NAME},
      "start": {"scores": S}, "federated": {"round": R, "scores": S},
      "central": {"epochs": E, "frames": N, "scores": S},
-     "alone": {school: {"students": N, "privacy": {"epsilon": ε, "delta": δ, ...}, "scores": S}}}
+     "alone": {school: {"students": N, "privacy": {"epsilon": ε, "delta": δ, ...}, "scores": S}},
+     "noise-free": {"rounds": R, "schools": N, "curve": [{"round": r, NAME: accuracy, ...}], "scores": S}}
 
 with S = {benchmark: {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "n"}, "own-school": {...},
 "per-school": {index: {...}}} (fractions in 0..1).
@@ -38,6 +40,7 @@ MAX_BYTES = 16 << 20
 START = "Starting model (public photos only, no school data)"
 FEDERATION = "Federation (schools train privately together)"
 CENTRAL = "All schools' data pooled in one place, no privacy (upper reference)"
+NOISE_FREE = "The same federation without privacy (DP noise off)"
 BEST_ALONE = "Best single school training alone (same privacy)"
 EACH_ALONE = "Each school alone (same privacy): lowest to highest"
 
@@ -101,6 +104,18 @@ def curves(rounds: Mapping[int, Mapping[str, Any]], bench: str | None) -> dict[s
     return out
 
 
+def noise_free_curve(references: Mapping[str, Any] | None, bench: str | None) -> dict[str, list[float]]:
+    """(d)'s accuracy on `bench` after each of its rounds (references.json "noise-free" → "curve")."""
+    quiet = (references or {}).get("noise-free")
+    points = quiet.get("curve") if isinstance(quiet, Mapping) else None
+    out: dict[str, list[float]] = {"round": [], "accuracy": []}
+    for point in points if isinstance(points, list) else []:
+        if isinstance(point, Mapping) and _number(point.get("round")) and bench and _number(point.get(bench)):
+            out["round"].append(float(point["round"]))
+            out["accuracy"].append(float(point[bench]))
+    return out
+
+
 def _alone(references: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     alone = (references or {}).get("alone")
     return {str(k): v for k, v in alone.items() if isinstance(v, Mapping)} if isinstance(alone, Mapping) else {}
@@ -115,7 +130,7 @@ def _alone_epsilon(entry: Mapping[str, Any]) -> float | None:
 def rows(rounds: Mapping[int, Mapping[str, Any]], references: Mapping[str, Any] | None,
          federation_epsilon: float | None) -> list[dict[str, Any]]:
     """The comparison table: one dict per model with ``label``, ``public`` and ``indomain`` (score dicts
-    or None), ``privacy`` (text) and ``key`` (start | federation | central | best-alone | each-alone)."""
+    or None), ``privacy`` (text) and ``key`` (start | federation | noise-free | central | best-alone | each-alone)."""
     public, indomain = benchmarks(rounds, references)
     evaluated = [r for r in sorted(rounds) if _scores(rounds[r].get("evaluation"), public or indomain)]
     out: list[dict[str, Any]] = []
@@ -129,6 +144,12 @@ def rows(rounds: Mapping[int, Mapping[str, Any]], references: Mapping[str, Any] 
         out.append({"key": "federation", "label": f"{FEDERATION} — after round {last}",
                     "public": _scores(rounds[last].get("evaluation"), public),
                     "indomain": _scores(rounds[last].get("evaluation"), indomain), "privacy": eps})
+    quiet = (references or {}).get("noise-free")
+    if isinstance(quiet, Mapping) and (_scores(quiet, public) or _scores(quiet, indomain)):
+        rounds_run = quiet.get("rounds")
+        label = NOISE_FREE + (f" — after round {int(rounds_run)}" if _number(rounds_run) else "")
+        out.append({"key": "noise-free", "label": label, "public": _scores(quiet, public),
+                    "indomain": _scores(quiet, indomain), "privacy": "none (what the privacy cost)"})
     central = (references or {}).get("central")
     if isinstance(central, Mapping):
         epochs = central.get("epochs")
@@ -199,6 +220,7 @@ def headline(table: list[dict[str, Any]]) -> str:
     where = "on the schools' own kind of faces (students never used in training)" if which == "indomain" else "on the public test photos"
     parts = [f"The federation recognises {100 * fed[which]['accuracy']:.1f} % of expressions {where}"]
     for key, text in (("start", "the starting model"), ("best-alone", "the best school alone"),
+                      ("noise-free", "the same federation without privacy"),
                       ("central", "pooling all data without privacy")):
         other = (by.get(key) or {}).get(which)
         if other:

@@ -180,7 +180,8 @@ def _percent(values: Sequence[float | None]) -> np.ndarray:
 
 
 #: the comparison plot's reference lines: (colour, line style) by row key of server/added.py
-REFERENCE_STYLES = {"start": ("grey", ":"), "central": ("tab:green", "--"), "best-alone": ("tab:orange", "-.")}
+REFERENCE_STYLES = {"start": ("grey", ":"), "central": ("tab:green", "--"), "best-alone": ("tab:orange", "-."),
+                    "noise-free": ("tab:purple", (0, (5, 2, 1, 2)))}
 
 
 def federation_added(panels: Sequence[Mapping[str, object]], path: Path, *, title: str) -> Path:
@@ -188,7 +189,8 @@ def federation_added(panels: Sequence[Mapping[str, object]], path: Path, *, titl
     band; round 0 = the starting model) and horizontal lines for the reference models.
 
     `panels[i]` holds ``title`` (str), ``curve`` (``round``, ``accuracy``, ``ci_low``, ``ci_high``; fractions)
-    and ``references``: a list of (key, label, accuracy fraction) — key picks the style (REFERENCE_STYLES)."""
+    and ``references``: a list of (key, label, accuracy fraction) — key picks the style (REFERENCE_STYLES);
+    optionally ``noise_free`` (``label``, ``round``, ``accuracy``): the same federation without noise, per round."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False, sharey=True)
     values: list[float] = []
@@ -203,6 +205,13 @@ def federation_added(panels: Sequence[Mapping[str, object]], path: Path, *, titl
         if len(acc) and np.isfinite(acc[-1]):   # the number a reader looks for: where the federation ended
             ax.annotate(f"{acc[-1]:.1f}%", (rounds[-1], acc[-1]), textcoords="offset points", xytext=(-6, 8),
                         ha="right", color="tab:blue", fontweight="bold")
+        quiet = panel.get("noise_free")
+        if quiet:   # what the privacy cost, round by round
+            colour, style = REFERENCE_STYLES["noise-free"]
+            quiet_acc = _percent(quiet["accuracy"])   # type: ignore[index]
+            ax.plot(np.asarray(quiet["round"], dtype=float), quiet_acc, marker="s", markersize=4,   # type: ignore[index]
+                    color=colour, linestyle=style, linewidth=1.6, label=f"{quiet['label']}: {quiet_acc[-1]:.1f}%")   # type: ignore[index]
+            values += [v for v in quiet_acc.tolist() if np.isfinite(v)]
         for key, label, value in panel["references"]:   # type: ignore[attr-defined]
             colour, style = REFERENCE_STYLES.get(key, ("black", ":"))
             ax.axhline(100 * value, color=colour, linestyle=style, linewidth=1.8, label=f"{label}: {100 * value:.1f}%")

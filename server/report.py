@@ -489,9 +489,14 @@ def _added_panels(data: RunData) -> list[dict[str, Any]]:
         curve = added.curves(data.rounds, bench)
         if not curve["round"]:
             continue
+        quiet = added.noise_free_curve(data.references, bench)
+        if quiet["round"] and curve["round"][0] == 0:   # (d) starts where the federation starts
+            quiet = {"round": [0.0, *quiet["round"]], "accuracy": [curve["accuracy"][0], *quiet["accuracy"]]}
+        lines = ("start", "central", "best-alone") + (() if quiet["round"] else ("noise-free",))
         refs = [(row["key"], row["label"].split(" — ")[0], row[which]["accuracy"]) for row in table
-                if row["key"] in ("start", "central", "best-alone") and row.get(which)]
-        panels.append({"title": title, "curve": curve, "references": refs})
+                if row["key"] in lines and row.get(which)]
+        panels.append({"title": title, "curve": curve, "references": refs,
+                       "noise_free": {"label": added.NOISE_FREE, **quiet} if quiet["round"] else None})
     return panels
 
 
@@ -517,8 +522,8 @@ def _added_section(data: RunData, figures: dict[str, Path]) -> list[str]:
     for row in table:
         lines.append(f"| {row['label']} | {cell(row['public'])} | {cell(row['indomain'])} | {row['privacy']} |")
     if data.references is None:
-        lines += ["", "The reference models (all data pooled; each school alone) were not computed for this run: "
-                  "`fedfer simulate --references` trains them after the federation (simulation only)."]
+        lines += ["", "The reference models (all data pooled; each school alone; the federation without noise) were not "
+                  "computed for this run: `fedfer simulate --references` trains them after the federation (simulation only)."]
     if "added" in figures:
         rel = figures["added"].relative_to(data.run_dir).as_posix()
         lines += ["", f"![What the federation added]({rel})", ""]

@@ -40,6 +40,8 @@ class Rule:
     `above`/`below` are exclusive bounds (a δ of 0 or 1 means nothing; an ε budget of 0 allows nothing)."""
 
     choices: tuple[str, ...] | None = None
+    #: a comma-separated list whose every part is one of these ("" = none)
+    parts_of: tuple[str, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
     above: float | None = None
@@ -88,7 +90,7 @@ RULES: dict[str, Rule] = {
     "data.public_frames": Rule(minimum=1, maximum=10_000),
     "data.seed": Rule(minimum=0, maximum=SEED_MAX),
     "evaluation.bootstrap": Rule(minimum=0, maximum=1_000_000),
-    "evaluation.references": Rule(choices=("", "central", "alone", "central,alone", "alone,central")),
+    "evaluation.references": Rule(parts_of=("central", "alone", "noise-free")),
     "evaluation.reference_schools": Rule(minimum=0, maximum=10_000),
     "evaluation.central_epochs": Rule(minimum=1, maximum=1_000),
     "data.public_train_students": Rule(minimum=0, maximum=1_000_000),
@@ -307,6 +309,9 @@ def _check_rule(key: str, value: Scalar, source: str) -> None:
         return
     if rule.choices is not None and value not in rule.choices:
         raise ConfigError(f"{source}: key '{key}' must be one of {', '.join(rule.choices)}; got {_show(value)}")
+    if rule.parts_of is not None and any(part.strip() not in rule.parts_of for part in str(value).split(",") if part.strip()):
+        raise ConfigError(f"{source}: key '{key}' must be a comma-separated list of {', '.join(rule.parts_of)}; "
+                          f"got {_show(value)}")
     if rule.minimum is not None and value < rule.minimum:  # type: ignore[operator]
         raise ConfigError(f"{source}: key '{key}' must be >= {rule.minimum}; got {value!r}")
     if rule.maximum is not None and value > rule.maximum:  # type: ignore[operator]

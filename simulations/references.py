@@ -9,6 +9,10 @@ this trains, in the same process and from the same start as the federation (the 
     (c) ``alone``: each picked school fine-tuning on its own data for the run's rounds with the same DP
         as in the federation (the same plan rule, its own policy's declared size, hence the same σ, q
         and steps). Its ε is recomputed by the accountant from the (σ, q, steps) that ran.
+    (d) ``noise-free``: the federation itself replayed with the DP noise switched off (not private):
+        every school every round, the same plan rule, clipping, q, steps and step size, FedAvgM weighted
+        by the declared sizes as server/strategy.py does. Against the federation it is what the privacy
+        cost; against (b), what federating itself costs.
 
 and scores them, the start (a) and the federation's final model on the public test split and on every
 school's held-out students (`synthetic-indomain`, per school too). The result is
@@ -35,7 +39,9 @@ import torch
 FORMAT = "fedfer-references/1"
 FILE = "references.json"
 PUBLIC, INDOMAIN = "synthetic-fer2013", "synthetic-indomain"
-KINDS = ("central", "alone")
+KINDS = ("central", "alone", "noise-free")
+#: (d)'s noise multiplier (0 would mean "calibrate to the target ε"): not private
+NOISE_FREE_SIGMA = 1e-6
 SCORE_KEYS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "n")
 
 Echo = Callable[[str], None]
@@ -157,6 +163,46 @@ def train_central(cfg: Mapping[str, Any], schools: list[Any], start: Mapping[str
     return model, {"epochs": epochs, "frames": int(len(labels)), "seconds": round(stats["seconds"], 1)}
 
 
+def train_noise_free(cfg: Mapping[str, Any], schools: list[Any], start: Mapping[str, torch.Tensor],
+                     declared_units: list[int], after_round: Callable[[int, torch.nn.Module], None] | None = None,
+                     ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(d): `federation.rounds` rounds of the federation with the noise off — every school trains from the
+    round's global model with the ClientApp's plan rule and trainer at σ ≈ 0 (clipping, q and steps as
+    planned for its declared size; the step-size rule sees no noise, so the step is `train.lr`), then the
+    server's step: the average weighted by the declared sizes and FedAvgM's momentum
+    (`federation.server_momentum`, server learning rate 1, as Flower's FedAvgM). Every school takes part
+    in every round (`federation.fraction_train` is not replayed)."""
+    quiet = {**cfg, "privacy.noise_multiplier": NOISE_FREE_SIGMA}
+    model, local = model_from(cfg, start), model_from(cfg, start)
+    weights = [units / sum(declared_units) for units in declared_units]
+    momentum, velocity = float(cfg["federation.server_momentum"]), {}
+    started = time.perf_counter()
+    for rnd in range(1, int(cfg["federation.rounds"]) + 1):
+        old = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        average = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in old.items()}
+        for index, school in enumerate(schools):
+            local.load_state_dict(old)
+            dp_round(local, school, quiet, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index,
+                     declared_units=declared_units[index])
+            for key, value in local.state_dict().items():
+                average[key] += weights[index] * value.double()
+        new = {}
+        for key, value in old.items():
+            if not value.is_floating_point():
+                new[key] = average[key].round().to(value.dtype)
+                continue
+            step = old[key].double() - average[key]   # FedAvgM's pseudo-gradient
+            if momentum > 0:
+                step = momentum * velocity[key] + step if key in velocity else step
+                velocity[key] = step
+            new[key] = (value.double() - step).to(value.dtype)
+        model.load_state_dict(new)
+        if after_round is not None:
+            after_round(rnd, model)
+    return model, {"rounds": int(cfg["federation.rounds"]), "schools": len(schools), "privacy": "none",
+                   "noise_multiplier": NOISE_FREE_SIGMA, "seconds": round(time.perf_counter() - started, 1)}
+
+
 def pick_schools(sizes: list[int], count: int) -> list[int]:
     """Indices of `count` schools from the smallest to the largest, evenly between (0 or more than
     there are: all)."""
@@ -232,6 +278,22 @@ def compute_references(cfg: Mapping[str, Any], run_dir: Path, data_root: Path, e
         record["central"] = {**info, "privacy": "none", "scores": score(model)}
     if "alone" in kinds:
         record["alone"] = _alone_references(cfg, Path(run_dir), ids, schools, start, score, echo)
+    if "noise-free" in kinds:
+        rounds = int(cfg["federation.rounds"])
+        echo(f"reference (d): the same federation with the noise off (not private), {rounds} round(s), "
+             f"{len(schools)} schools")
+        curve: list[dict[str, Any]] = []
+        last: dict[str, Any] = {}
+
+        def after_round(rnd: int, model: torch.nn.Module) -> None:
+            last["scores"] = scores = score(model)
+            curve.append({"round": rnd, **{name: scores[name]["accuracy"] for name in (PUBLIC, INDOMAIN)}})
+            echo(f"  (d) round {rnd}/{rounds}: public {scores[PUBLIC]['accuracy']:.3f}, "
+                 f"in-domain {scores[INDOMAIN]['accuracy']:.3f}")
+
+        declared = [_declared_units(cfg, Path(run_dir), sid, school) for sid, school in zip(ids, schools)]
+        _, info = train_noise_free(cfg, schools, start, declared, after_round=after_round)
+        record["noise-free"] = {**info, "curve": curve, "scores": last["scores"]}
     record["seconds"] = round(time.perf_counter() - started, 1)
     return _write(Path(run_dir) / FILE, record)
 

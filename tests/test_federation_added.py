@@ -35,6 +35,8 @@ REFERENCES = {
                       "scores": {**both(0.79, 0.72), "own-school": score(0.71)}},
     },
     "own": {"school-00": {"round": 3, "scores": {**both(0.82, 0.74), "own-school": score(0.83)}}},
+    "noise-free": {"rounds": 3, "schools": 3, "privacy": "none", "scores": both(0.85, 0.79),
+                   "curve": [{"round": r, "synthetic-indomain": a} for r, a in ((1, 0.73), (2, 0.76), (3, 0.79))]},
 }
 
 
@@ -57,7 +59,7 @@ def write_run(run: Path, references: dict | str | None) -> Path:
 def test_the_table_compares_the_federation_with_start_pooled_and_schools_alone(tmp_path):
     data = load_run(write_run(tmp_path / "run", REFERENCES))
     rows = added.rows(data.rounds, data.references, federation_epsilon=7.82)
-    assert [r["key"] for r in rows] == ["start", "federation", "central", "best-alone", "each-alone"]
+    assert [r["key"] for r in rows] == ["start", "federation", "noise-free", "central", "best-alone", "each-alone"]
     by = {r["key"]: r for r in rows}
     assert by["start"]["label"].endswith("round 0") and by["start"]["indomain"]["accuracy"] == 0.69
     assert "after round 3" in by["federation"]["label"] and by["federation"]["indomain"]["accuracy"] == 0.78
@@ -72,6 +74,12 @@ def test_the_table_compares_the_federation_with_start_pooled_and_schools_alone(t
     assert "78.0 %" in text and "+9.0 points against the starting model (69.0 %)" in text
     assert "+6.0 points against the best school alone (72.0 %)" in text
     assert "-5.0 points against pooling all data without privacy (83.0 %)" in text
+    # what the privacy cost: the same federation with the noise off
+    assert by["noise-free"]["label"].endswith("after round 3") and by["noise-free"]["indomain"]["accuracy"] == 0.79
+    assert "-1.0 points against the same federation without privacy (79.0 %)" in text
+    assert added.noise_free_curve(data.references, "synthetic-indomain") == {"round": [1, 2, 3], "accuracy": [0.73, 0.76, 0.79]}
+    junk = {"noise-free": {"curve": [{"round": "x", "synthetic-indomain": 0.7}, 5, {"round": 1, "synthetic-indomain": float("nan")}]}}
+    assert added.noise_free_curve(junk, "synthetic-indomain") == {"round": [], "accuracy": []}   # skipped, no crash
     assert added.per_school(data.references) == [
         {"school": "school-00", "students": 470, "alone": score(0.66), "federation": score(0.80),
          "own-model": score(0.83)},
@@ -84,9 +92,16 @@ def test_report_draws_the_section_and_its_plot_and_says_when_references_are_miss
     section = text.split("## What the federation added")[1].split("\n## ")[0]
     assert "| Federation (schools train privately together) — after round 3 | 84.00 [82.00, 86.00] | 78.00 [76.00, 80.00] | ε ≤ 7.82 per school |" in section
     assert "| Each school alone (same privacy): lowest to highest (2 schools) | 79.00 – 80.00 | 70.00 – 72.00 | ε ≤ 8.00 |" in section
+    assert ("| The same federation without privacy (DP noise off) — after round 3 | 85.00 [83.00, 87.00] | "
+            "79.00 [77.00, 81.00] | none (what the privacy cost) |") in section
     assert "| school-00 | 470 | 66.00 [64.00, 68.00] | 80.00 [78.00, 82.00] | 83.00 [81.00, 85.00] |" in section
     assert "| school-02 | 660 | 71.00 [69.00, 73.00] | 75.00 [73.00, 77.00] | — |" in section
     assert "![What the federation added](plots/federation_added.png)" in section
+    from server.report import _added_panels
+
+    schools_faces = _added_panels(load_run(run))[1]   # (d) drawn round by round, from the same start as the federation
+    assert schools_faces["noise_free"]["round"] == [0, 1, 2, 3] and schools_faces["noise_free"]["accuracy"][0] == 0.69
+    assert "noise-free" not in [key for key, _, _ in schools_faces["references"]]
     assert (run / "plots" / "federation_added.png").stat().st_size > 10_000
 
     # without references.json (and, cheaper, without drawing): the start and the federation only
@@ -99,15 +114,45 @@ def test_report_draws_the_section_and_its_plot_and_says_when_references_are_miss
     assert "references.json: unreadable" in broken and "## What the federation added" in broken
 
 
-@pytest.mark.parametrize("value", ["central", "alone,central", ""])
+@pytest.mark.parametrize("value", ["central", "alone,central", "", "noise-free, central", "central,alone,noise-free"])
 def test_references_config_key_accepts_the_kinds_and_refuses_others(value):
     from shared_models.config import ConfigError, load_config
     from simulations.references import requested
 
     cfg = load_config(overrides=[f"evaluation.references={value}"])
-    assert requested(cfg) == [k for k in ("central", "alone") if k in value]
-    with pytest.raises(ConfigError, match="evaluation.references"):
-        load_config(overrides=["evaluation.references=everything"])
+    assert requested(cfg) == [k for k in ("central", "alone", "noise-free") if k in value]
+    for wrong in ("everything", f"{value},everything", "central;alone"):
+        with pytest.raises(ConfigError, match="evaluation.references"):
+            load_config(overrides=[f"evaluation.references={wrong}"])
+
+
+def test_the_noise_free_reference_replays_the_servers_weighted_fedavgm_with_the_noise_off(monkeypatch):
+    """(d) trains every school from the round's global model with σ ≈ 0 and its declared size, and takes the
+    server's step: the average weighted by declared sizes, then FedAvgM's momentum (Flower's rule, lr 1)."""
+    from shared_models.config import load_config
+    from simulations import references
+
+    cfg = load_config(overrides=["model.preset=dp", "federation.rounds=2", "federation.server_momentum=0.5"])
+    start = {k: v.clone() for k, v in references.model_from(cfg, references.start_state(cfg)[0]).state_dict().items()}
+    seen: list[tuple[float, int]] = []
+
+    def fake_round(model, school, round_cfg, seed, declared_units=None, after_noise=None):   # noqa: ANN001
+        # a school moves every weight by its own constant: 1 for the first school, 3 for the second
+        seen.append((float(round_cfg["privacy.noise_multiplier"]), declared_units))
+        with torch.no_grad():
+            for p in model.state_dict().values():
+                if p.is_floating_point():
+                    p.add_(school)
+
+    monkeypatch.setattr(references, "dp_round", fake_round)
+    rounds: list[int] = []
+    model, info = references.train_noise_free(cfg, [1.0, 3.0], start, [300, 100], after_round=lambda r, m: rounds.append(r))
+    assert seen == [(references.NOISE_FREE_SIGMA, 300), (references.NOISE_FREE_SIGMA, 100)] * 2 and rounds == [1, 2]
+    # weighted average moves by 0.75·1 + 0.25·3 = 1.5 a round; momentum 0.5: round 1 +1.5, round 2 +(0.5·1.5 + 1.5)
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, start[key] + 1.5 + 2.25, atol=1e-5), key
+    assert info["rounds"] == 2 and info["schools"] == 2 and info["privacy"] == "none"
 
 
 def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_path):
@@ -125,7 +170,8 @@ def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_
             "data.public_frames=7", "data.public_train_students=2", "data.public_train_frames=7",
             "data.heldout_students=2", "data.school_size_spread=0", "data.image_size=32", "evaluation.bootstrap=10",
             "federation.rounds=2", "train.batch_size=3", "train.frames_per_student=2",
-            "evaluation.references=central,alone", "evaluation.reference_schools=1", "evaluation.central_epochs=1",
+            "evaluation.references=central,alone,noise-free", "evaluation.reference_schools=1",
+            "evaluation.central_epochs=1",
             f"data.root={tmp_path / 'data'}"]
     cfg = load_config(overrides=tiny)
     root = synth.ensure_for_config(cfg)
@@ -156,6 +202,10 @@ def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_
     assert (more_frames.noise_multiplier, more_frames.sample_rate, more_frames.steps) == (
         plan.noise_multiplier, plan.sample_rate, plan.steps) and more_frames.frames_per_unit == 3
     assert list(record["alone"]) == ["school-00"]   # one school asked for: the smallest (equal sizes: the first)
+    quiet = record["noise-free"]   # (d): both schools, both rounds, scored after each
+    assert (quiet["rounds"], quiet["schools"]) == (2, 2) and [c["round"] for c in quiet["curve"]] == [1, 2]
+    assert quiet["curve"][-1]["synthetic-indomain"] == quiet["scores"]["synthetic-indomain"]["accuracy"]
+    assert any(line.startswith("  (d) round 2/2: public ") for line in said)
     for sid in record["alone"]:
         privacy = record["alone"][sid]["privacy"]
         assert (privacy["noise_multiplier"], privacy["sample_rate"]) == (plan.noise_multiplier, plan.sample_rate)

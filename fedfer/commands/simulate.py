@@ -23,8 +23,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           "`ray start --head` prints it); same as federation.ray_address; docs/scaling.md")
     sim.add_argument("--references", action="store_true",
                      help="after the federation, also train what it is compared with (simulation only): all schools' "
-                          "data pooled without privacy, and evaluation.reference_schools schools alone under the same "
-                          "DP (= evaluation.references=central,alone); the report shows them side by side")
+                          "data pooled without privacy, evaluation.reference_schools schools alone under the same DP, "
+                          "and the same federation with the noise off (= evaluation.references=central,alone,noise-free); "
+                          "the report shows them side by side")
     sim.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. federation.rounds=3 model.name=sfer_mdfae")
     sim.set_defaults(func=cmd_simulate)
 
@@ -51,7 +52,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any] | None:
     try:
         overrides = list(args.overrides)
         if getattr(args, "references", False):
-            overrides.append("evaluation.references=central,alone")
+            overrides.append("evaluation.references=central,alone,noise-free")
         cfg = load_config(args.config, overrides)
         check_paths(cfg, source=str(args.config or "override"))
         if cfg["run.resume"]:

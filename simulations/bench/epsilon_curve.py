@@ -32,9 +32,7 @@ import numpy as np
 
 from shared_models.config import ConfigError, load_config
 from simulations.bench.results import load_average, write_result
-
-#: The noise multiplier of the noise-free anchor (0 would mean "calibrate"): not private.
-NOISE_FREE_SIGMA = 1e-6
+from simulations.references import NOISE_FREE_SIGMA   # the noise-free anchor: not private
 
 
 def point_overrides(overrides: Sequence[str], epsilon: float | None, repeat: int) -> list[str]:
