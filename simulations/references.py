@@ -171,7 +171,8 @@ def train_noise_free(cfg: Mapping[str, Any], schools: list[Any], start: Mapping[
     planned for its declared size; the step-size rule sees no noise, so the step is `train.lr`), then the
     server's step: the average weighted by the declared sizes and FedAvgM's momentum
     (`federation.server_momentum`, server learning rate 1, as Flower's FedAvgM). Every school takes part
-    in every round (`federation.fraction_train` is not replayed)."""
+    in every round: `federation.fraction_train` is not replayed, and a school that left the real run (its
+    budget spent, a failure) still trains here."""
     quiet = {**cfg, "privacy.noise_multiplier": NOISE_FREE_SIGMA}
     model, local = model_from(cfg, start), model_from(cfg, start)
     weights = [units / sum(declared_units) for units in declared_units]
