@@ -10,8 +10,8 @@ this trains, in the same process and from the same start as the federation (the 
         as in the federation (the same plan rule, its own policy's declared size, hence the same σ, q
         and steps). Its ε is recomputed by the accountant from the (σ, q, steps) that ran.
     (d) ``noise-free``: the federation itself replayed with the DP noise switched off (not private):
-        every school every round, the same plan rule, clipping, q, steps and step size, FedAvgM weighted
-        by the declared sizes as server/strategy.py does. Against the federation it is what the privacy
+        every school every round, the same plan rule, clipping, q and steps, FedAvgM weighted by the
+        declared sizes as server/strategy.py does. Against the federation it is what the privacy
         cost; against (b), what federating itself costs.
 
 and scores them, the start (a) and the federation's final model on the public test split and on every
@@ -172,11 +172,14 @@ def train_noise_free(cfg: Mapping[str, Any], schools: list[Any], start: Mapping[
     server's step: the average weighted by the declared sizes and FedAvgM's momentum
     (`federation.server_momentum`, server learning rate 1, as Flower's FedAvgM). Every school takes part
     in every round: `federation.fraction_train` is not replayed, and a school that left the real run (its
-    budget spent, a failure) still trains here."""
+    budget spent, a failure) still trains here. With `federation.client_dp` the server averages unweighted
+    and without momentum, as the strategy does then (its client-level clipping and noise are off here too)."""
     quiet = {**cfg, "privacy.noise_multiplier": NOISE_FREE_SIGMA}
     model, local = model_from(cfg, start), model_from(cfg, start)
-    weights = [units / sum(declared_units) for units in declared_units]
-    momentum, velocity = float(cfg["federation.server_momentum"]), {}
+    client_dp = bool(cfg["federation.client_dp"])
+    weights = [1 / len(schools) if client_dp else units / sum(declared_units) for units in declared_units]
+    momentum = 0.0 if client_dp else float(cfg["federation.server_momentum"])
+    velocity: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
     for rnd in range(1, int(cfg["federation.rounds"]) + 1):
         old = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -126,13 +126,16 @@ def test_references_config_key_accepts_the_kinds_and_refuses_others(value):
             load_config(overrides=[f"evaluation.references={wrong}"])
 
 
-def test_the_noise_free_reference_replays_the_servers_weighted_fedavgm_with_the_noise_off(monkeypatch):
+@pytest.mark.parametrize("client_dp, moved", [(False, 1.5 + 2.25), (True, 2.0 + 2.0)])
+def test_the_noise_free_reference_replays_the_servers_weighted_fedavgm_with_the_noise_off(monkeypatch, client_dp, moved):
     """(d) trains every school from the round's global model with σ ≈ 0 and its declared size, and takes the
-    server's step: the average weighted by declared sizes, then FedAvgM's momentum (Flower's rule, lr 1)."""
+    server's step: the average weighted by declared sizes, then FedAvgM's momentum (Flower's rule, lr 1);
+    with client-level DP the strategy averages unweighted and without momentum, and so does (d)."""
     from shared_models.config import load_config
     from simulations import references
 
-    cfg = load_config(overrides=["model.preset=dp", "federation.rounds=2", "federation.server_momentum=0.5"])
+    cfg = load_config(overrides=["model.preset=dp", "federation.rounds=2", "federation.server_momentum=0.5",
+                                 f"federation.client_dp={str(client_dp).lower()}"])
     start = {k: v.clone() for k, v in references.model_from(cfg, references.start_state(cfg)[0]).state_dict().items()}
     seen: list[tuple[float, int]] = []
 
@@ -148,10 +151,11 @@ def test_the_noise_free_reference_replays_the_servers_weighted_fedavgm_with_the_
     rounds: list[int] = []
     model, info = references.train_noise_free(cfg, [1.0, 3.0], start, [300, 100], after_round=lambda r, m: rounds.append(r))
     assert seen == [(references.NOISE_FREE_SIGMA, 300), (references.NOISE_FREE_SIGMA, 100)] * 2 and rounds == [1, 2]
-    # weighted average moves by 0.75·1 + 0.25·3 = 1.5 a round; momentum 0.5: round 1 +1.5, round 2 +(0.5·1.5 + 1.5)
+    # weighted: 0.75·1 + 0.25·3 = 1.5 a round; momentum 0.5: round 1 +1.5, round 2 +(0.5·1.5 + 1.5) = +2.25
+    # client-level DP: (1 + 3) / 2 = 2 a round, no momentum
     for key, value in model.state_dict().items():
         if value.is_floating_point():
-            assert torch.allclose(value, start[key] + 1.5 + 2.25, atol=1e-5), key
+            assert torch.allclose(value, start[key] + moved, atol=1e-5), key
     assert info["rounds"] == 2 and info["schools"] == 2 and info["privacy"] == "none"
 
 
