@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,12 +186,14 @@ def _federate(fed: Federation) -> None:
     run_config.write_text(to_toml(cfg), encoding="utf-8")
     env = offline_env(flwr_home)
     env["FEDFER_WORKDIR"] = str(Path.cwd())
-    env["RAY_TMPDIR"] = str(Path("/tmp") / f"fedfer-ray-{os.getpid()}")  # Ray's socket paths must stay short
+    ray_tmp = Path("/tmp") / f"fedfer-ray-{os.getpid()}"   # Ray's socket paths must stay short
+    env["RAY_TMPDIR"] = str(ray_tmp)
     env.pop("RAY_ADDRESS", None)   # the config decides (`fedfer simulate` copies a RAY_ADDRESS of the shell into it)
     env.update(ray_cluster_env(cfg))
 
     superlink_log = run_dir / "superlink.log"
     service = _school_service(cfg)
+    finished = False
     flower_log = run_dir / "flower.log"
     try:
         superlink = fed.launch(lambda: _start_superlink(port, flwr_home, env, run_dir, superlink_log))
@@ -204,8 +207,11 @@ def _federate(fed: Federation) -> None:
             raise SimulationError(f"flwr run exited with {returncode}: {failed_line or 'see ' + str(flower_log)}")
         if failed_line and "failed" in failed_line.lower():
             raise SimulationError(f"{failed_line} (full log: {flower_log})")
+        finished = True
     finally:
         fed.stop_processes()
+        if finished:   # Ray's session files (sockets, its own logs); kept after a failure, where they may help
+            shutil.rmtree(ray_tmp, ignore_errors=True)
         if service is not None:
             service.stop()
             if service.built:

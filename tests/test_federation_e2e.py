@@ -35,9 +35,10 @@ def federation(tmp_path_factory):
     env = {**os.environ, "FEDFER_TRACE_OPENS": str(trace)}
     cmd = [sys.executable, "-m", "fedfer", "simulate", *TINY, "run.name=e2e", f"run.root={work / 'runs'}",
            f"data.root={work / 'data'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"run": work / "runs" / "e2e", "data": work / "data", "trace": trace, "stdout": proc.stdout}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work, env=env) as proc:
+        stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return {"run": work / "runs" / "e2e", "data": work / "data", "trace": trace, "stdout": stdout, "pid": proc.pid}
 
 
 def test_run_directory_is_complete(federation):
@@ -103,6 +104,8 @@ def test_server_never_opened_benchmark_files(federation):
 
 def test_no_flower_process_left_behind(federation):
     assert processes_of_run(federation["run"].parent) == set()
+    # nor Ray's session folder: simulations/launcher.py gives Ray /tmp/fedfer-ray-<pid> and removes it after a run
+    assert not Path(f"/tmp/fedfer-ray-{federation['pid']}").exists()
 
 
 def test_fedfer_evaluate_reproduces_the_evaluation_node(federation):
