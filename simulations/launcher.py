@@ -171,6 +171,12 @@ class Federation:
             self._error = exc
 
 
+def ray_session_dir(pid: int) -> Path:
+    """Where the simulation of the process `pid` keeps Ray's session files; below /tmp because Ray's
+    socket paths must stay short. Removed after a run that finished."""
+    return Path("/tmp") / f"fedfer-ray-{pid}"
+
+
 def _federate(fed: Federation) -> None:
     """SuperLink, then `flwr run --stream` with the resolved config, followed to the end; everything stopped
     however it ends."""
@@ -186,7 +192,7 @@ def _federate(fed: Federation) -> None:
     run_config.write_text(to_toml(cfg), encoding="utf-8")
     env = offline_env(flwr_home)
     env["FEDFER_WORKDIR"] = str(Path.cwd())
-    ray_tmp = Path("/tmp") / f"fedfer-ray-{os.getpid()}"   # Ray's socket paths must stay short
+    ray_tmp = ray_session_dir(os.getpid())
     env["RAY_TMPDIR"] = str(ray_tmp)
     env.pop("RAY_ADDRESS", None)   # the config decides (`fedfer simulate` copies a RAY_ADDRESS of the shell into it)
     env.update(ray_cluster_env(cfg))

@@ -163,6 +163,37 @@ def train_central(cfg: Mapping[str, Any], schools: list[Any], start: Mapping[str
     return model, {"epochs": epochs, "frames": int(len(labels)), "seconds": round(stats["seconds"], 1)}
 
 
+def server_step(global_state: Mapping[str, torch.Tensor], states: list[Mapping[str, torch.Tensor]],
+                step: Callable[[str, torch.Tensor], torch.Tensor],
+                weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The new global model: old + step(key, average of the schools' models - old) for every float tensor
+    (`weights`: the average's, summing to 1; default uniform); integer buffers take the rounded average."""
+    weights = weights if weights is not None else [1 / len(states)] * len(states)
+    new = {}
+    for key, old in global_state.items():
+        average = sum(w * s[key].double() for w, s in zip(weights, states))
+        if not old.is_floating_point():
+            new[key] = average.round().to(old.dtype)
+            continue
+        new[key] = (old.double() + step(key, average - old.double())).to(old.dtype)
+    return new
+
+
+def fedavgm(global_state: Mapping[str, torch.Tensor], states: list[Mapping[str, torch.Tensor]],
+            velocity: dict[str, torch.Tensor], momentum: float,
+            weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The average of the schools' models (uniform, or `weights`), then the FedAvgM server step as Flower's
+    FedAvgM takes it (server learning rate 1; `velocity` carries the momentum between rounds)."""
+
+    def with_momentum(key: str, delta: torch.Tensor) -> torch.Tensor:
+        if momentum > 0:
+            delta = momentum * velocity[key] + delta if key in velocity else delta
+            velocity[key] = delta
+        return delta
+
+    return server_step(global_state, states, with_momentum, weights)
+
+
 def train_noise_free(cfg: Mapping[str, Any], schools: list[Any], start: Mapping[str, torch.Tensor],
                      declared_units: list[int], after_round: Callable[[int, torch.nn.Module], None] | None = None,
                      ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -183,24 +214,13 @@ def train_noise_free(cfg: Mapping[str, Any], schools: list[Any], start: Mapping[
     started = time.perf_counter()
     for rnd in range(1, int(cfg["federation.rounds"]) + 1):
         old = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        average = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in old.items()}
+        states = []
         for index, school in enumerate(schools):
             local.load_state_dict(old)
             dp_round(local, school, quiet, seed=int(cfg["run.seed"]) * 100_000 + rnd * 1000 + index,
                      declared_units=declared_units[index])
-            for key, value in local.state_dict().items():
-                average[key] += weights[index] * value.double()
-        new = {}
-        for key, value in old.items():
-            if not value.is_floating_point():
-                new[key] = average[key].round().to(value.dtype)
-                continue
-            step = old[key].double() - average[key]   # FedAvgM's pseudo-gradient
-            if momentum > 0:
-                step = momentum * velocity[key] + step if key in velocity else step
-                velocity[key] = step
-            new[key] = (value.double() - step).to(value.dtype)
-        model.load_state_dict(new)
+            states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
+        model.load_state_dict(fedavgm(old, states, velocity, momentum, weights))
         if after_round is not None:
             after_round(rnd, model)
     return model, {"rounds": int(cfg["federation.rounds"]), "schools": len(schools), "privacy": "none",

@@ -104,8 +104,10 @@ def test_server_never_opened_benchmark_files(federation):
 
 def test_no_flower_process_left_behind(federation):
     assert processes_of_run(federation["run"].parent) == set()
-    # nor Ray's session folder: simulations/launcher.py gives Ray /tmp/fedfer-ray-<pid> and removes it after a run
-    assert not Path(f"/tmp/fedfer-ray-{federation['pid']}").exists()
+    # nor Ray's session folder, which the launcher removes after a run that finished
+    from simulations.launcher import ray_session_dir
+
+    assert not ray_session_dir(federation["pid"]).exists()
 
 
 def test_fedfer_evaluate_reproduces_the_evaluation_node(federation):

@@ -32,13 +32,14 @@ import numpy as np
 
 from shared_models.config import ConfigError, load_config
 from simulations.bench.results import load_average, write_result
-from simulations.references import NOISE_FREE_SIGMA   # the noise-free anchor: not private
 
 
 def point_overrides(overrides: Sequence[str], epsilon: float | None, repeat: int) -> list[str]:
     """The key=value list of one run: the user's overrides, then this ε (budget and round cap raised to
     it so the guard's keys stay consistent) or the noise switched off, and the repeat as run.seed."""
-    if epsilon is None:
+    if epsilon is None:   # the noise-free anchor: not private (imported here: the module loads without torch)
+        from simulations.references import NOISE_FREE_SIGMA
+
         point = [f"privacy.noise_multiplier={NOISE_FREE_SIGMA}"]
     else:
         point = [f"privacy.target_epsilon={epsilon:g}", f"privacy.budget={epsilon:g}",

@@ -37,7 +37,8 @@ from shared_models.datasets.school_folder import SchoolData, load_school
 from shared_models.models import registry
 from simulations import synth
 from simulations.bench.results import write_result
-from simulations.references import INDOMAIN, PUBLIC, Scorer, train_central
+from simulations.references import INDOMAIN, PUBLIC, Scorer, fedavgm, train_central
+from simulations.references import server_step as _server_step
 from simulations.references import dp_round as _dp_round
 from simulations.references import model_from as _model
 
@@ -151,33 +152,6 @@ class PublicPreconditioner:
                 offset += n
 
         return precondition
-
-
-def _server_step(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
-                 step: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The new global model: old + step(key, uniform average of the schools' models - old) for every float
-    tensor; integer buffers take the rounded average."""
-    new = {}
-    for key, old in global_state.items():
-        average = sum(s[key].double() for s in states) / len(states)
-        if not old.is_floating_point():
-            new[key] = average.round().to(old.dtype)
-            continue
-        new[key] = (old.double() + step(key, average - old.double())).to(old.dtype)
-    return new
-
-
-def fedavgm(global_state: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]],
-            velocity: dict[str, torch.Tensor], momentum: float) -> dict[str, torch.Tensor]:
-    """Uniform average of the schools' models, then the FedAvgM server step (server learning rate 1)."""
-
-    def with_momentum(key: str, delta: torch.Tensor) -> torch.Tensor:
-        if momentum > 0:
-            delta = momentum * velocity[key] + delta if key in velocity else delta
-            velocity[key] = delta
-        return delta
-
-    return _server_step(global_state, states, with_momentum)
 
 
 class PublicRehearsal:
