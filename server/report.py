@@ -160,12 +160,31 @@ def _read_jsonl(path: Path, notes: list[str]) -> Iterable[tuple[int, dict[str, A
         yield number, value
 
 
+# What a run directory holds (server/run_dir.py writes them); the report's own output does not count.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "events.jsonl", "checkpoints", "ledger", "keys", "schools")
+REPORT_OUTPUT = ("report.md", "plots")
+
+
+def _refuse_a_folder_of_something_else(run_dir: Path) -> None:
+    """An empty folder is a run that has just started; a folder holding other things and none of a run's
+    files (e.g. `runs/anchors`, a data folder) is a wrong path, refused before a report is written into it."""
+    names = sorted(p.name for p in run_dir.iterdir())
+    if any(name in RUN_MARKERS for name in names):
+        return
+    others = [name for name in names if name not in REPORT_OUTPUT]
+    if others:
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise ValueError(f"{run_dir}: not a run directory (none of config.yaml, metrics.jsonl, checkpoints/, "
+                         f"ledger/; it holds {shown})")
+
+
 def load_run(run_dir: Path) -> RunData:
     """Read what exists of a run directory; problems become ``notes``. Raises only when
     `run_dir` itself is not a directory."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: not a run directory")
+    _refuse_a_folder_of_something_else(run_dir)
     data = RunData(run_dir=run_dir)
     config_path = run_dir / "config.yaml"
     if config_path.is_file():

@@ -331,9 +331,11 @@ def test_bad_frames_and_a_corrupt_seat_map_cost_one_line_each_and_the_lesson_goe
 def test_an_unreadable_video_or_a_missing_lesson_is_one_line(tmp_path: Path, capsys):
     video = tmp_path / "lesson.mp4"
     video.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
-    assert _run("classroom", "ingest", str(video), "--out", str(tmp_path / "o")) == 0
-    out = capsys.readouterr().out
-    assert f"{video}: unreadable video" in out and "0 samples" in out
+    # nothing readable is a failure (exit 2), so a script does not go on to train on an empty folder
+    assert _run("classroom", "ingest", str(video), "--out", str(tmp_path / "o")) == 2
+    captured = capsys.readouterr()
+    assert f"{video}: unreadable video" in captured.out and "0 samples" in captured.out
+    assert captured.err.count("\n") == 1 and f"{video}: nothing readable" in captured.err
     assert _run("classroom", "ingest", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "nope") in err[0]

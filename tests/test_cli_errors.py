@@ -58,3 +58,25 @@ def test_every_command_module_is_imported_and_no_resume_command():
     assert {"simulate", "evaluate", "report", "privacy", "deploy", "models"} <= set(commands)
     assert "resume" not in commands
     assert "resume" not in cli.COMMAND_MODULES.__repr__() and "# evaluate, report, resume" not in Path(cli.__file__).read_text()
+
+
+def test_a_wrong_run_directory_is_a_user_error_in_every_command_that_takes_one(tmp_path, capsys):
+    # `runs/anchors` sits beside the runs and is the easy wrong path; it holds no checkpoint
+    anchors = tmp_path / "runs" / "anchors"
+    anchors.mkdir(parents=True)
+    (anchors / "school-00.json").write_text("{}")
+    lesson = tmp_path / "lesson"
+    lesson.mkdir()
+    assert cli.main(["classroom", "report", str(lesson), "--checkpoint", str(anchors)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error" not in err and "not a run directory" in err
+    # `fedfer report` writes nothing into a folder of something else (an empty one is a run just started)
+    assert cli.main(["report", str(anchors)]) == 2
+    assert "it holds school-00.json" in capsys.readouterr().err
+    assert not (anchors / "report.md").exists()
+
+
+def test_an_unknown_model_named_on_the_command_line_is_a_user_error(capsys):
+    assert cli.main(["train-central", "--model", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error" not in err and "model.name" in err and "'nosuch'" in err

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fedfer.commands import UsageError
+
 EPILOG = """\
 examples:
   fedfer classroom scene /tmp/lesson --students 24 --seconds 300
@@ -82,13 +84,15 @@ def _check_sizes(args: argparse.Namespace, size: int) -> None:
 
 
 def _run_ingest(args: argparse.Namespace, source: Path, out: Path, size: int) -> int:
-    from client.classroom.ingest import ingest
+    from client.classroom.ingest import IngestError, ingest
 
     _check_sizes(args, size)
     report = ingest(source, out, seat_map=args.seat_map, labels=args.labels, empty_frame=args.empty_frame, size=size,
                     fps=args.fps, echo=lambda line: print(f"fedfer classroom: {line}", flush=True), workers=args.workers)
     print(f"{out}: {report.samples} samples, {report.faces} faces ({report.without_faces} samples without a face, "
           f"{report.unreadable} unreadable), {report.labelled} labelled")
+    if report.samples == 0:   # e.g. one video this OpenCV build cannot decode: a failure, not an empty lesson
+        raise IngestError(f"{source}: nothing readable ({report.unreadable} unreadable input(s)); no school folder to train on")
     return 0
 
 
@@ -111,7 +115,7 @@ def _classifier(checkpoint_path: Path):
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint).eval()
     if int(checkpoint["model"]["num_classes"]) != len(FER7):
-        raise ValueError(f"{checkpoint['_path']}: the report needs a {len(FER7)}-class FER7 model, "
+        raise UsageError(f"{checkpoint['_path']}: the report needs a {len(FER7)}-class FER7 model, "
                          f"got {checkpoint['model']['num_classes']} classes")
     transform = eval_transform(_input_size(model, checkpoint, None))
 

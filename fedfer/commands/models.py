@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from fedfer.commands import UsageError
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -38,7 +40,7 @@ def rows(model: str | None = None, preset: str | None = None, num_classes: int =
     for name in names:
         table = registry.presets(name)  # raises ValueError for an unknown model
         if preset is not None and preset not in table:
-            raise ValueError(f"model '{name}': unknown preset '{preset}' (available: {', '.join(table)})")
+            raise UsageError(f"model '{name}': unknown preset '{preset}' (available: {', '.join(table)})")
         for pname, spec in table.items():
             if preset is not None and pname != preset:
                 continue

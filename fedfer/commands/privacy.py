@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedfer.commands import UsageError
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("privacy", help="privacy ledger audit, noise planner, empirical audit")
@@ -147,7 +149,7 @@ def _run_config(run_dir: Path | None) -> dict:
         return {}
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise ValueError(f"{path}: not found (a run directory holds its resolved config.yaml)")
+        raise UsageError(f"{path}: not found (a run directory holds its resolved config.yaml)")
     import yaml
 
     from shared_models.config import flatten
@@ -155,7 +157,7 @@ def _run_config(run_dir: Path | None) -> dict:
     try:
         return flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        raise UsageError(f"{path}: not valid YAML ({exc})") from None
 
 
 def _attack(args: argparse.Namespace) -> int:
@@ -172,7 +174,7 @@ def _positive(name: str, value, integer: bool = False):
     ok = math.isfinite(value) and value > 0 and (not integer or value == int(value))
     if not ok:
         kind = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"--{name} must be {kind}, got {value}")
+        raise UsageError(f"--{name} must be {kind}, got {value}")
     return value
 
 
@@ -200,7 +202,7 @@ def _check_canary_flags(args: argparse.Namespace) -> None:
                                  ("image-size", args.image_size, True), ("threads", args.threads, True)):
         _positive(name, value, integer)
     if args.data_dir is not None and not args.data_dir.is_dir():
-        raise ValueError(f"--data-dir {args.data_dir}: not a directory")
+        raise UsageError(f"--data-dir {args.data_dir}: not a directory")
 
 
 @dataclass(frozen=True)
@@ -224,9 +226,9 @@ def _canary_settings(args: argparse.Namespace, cfg: dict) -> _CanarySettings:
     epsilon = None if args.no_dp else float(pick(args.epsilon, "privacy.target_epsilon", 4.0 if white else 8.0))
     delta = float(pick(args.delta, "privacy.delta", 1e-5))
     if not 0 < delta < 1:
-        raise ValueError(f"--delta must be in (0, 1), got {delta}")
+        raise UsageError(f"--delta must be in (0, 1), got {delta}")
     if not 0 < args.beta < 1:
-        raise ValueError(f"--beta must be in (0, 1), got {args.beta}")
+        raise UsageError(f"--beta must be in (0, 1), got {args.beta}")
     clip = float(pick(args.clip, "privacy.max_grad_norm", 1.0))
     canaries = args.canaries or (8000 if white else 500)
     frames = args.frames_per_unit or 2
@@ -278,10 +280,10 @@ def _audit_model_builder(args: argparse.Namespace):
 
     name, _, preset = args.model.partition(":")
     if name not in registry.available():
-        raise ValueError(f"--model: unknown model {name!r} (mlp, {', '.join(registry.available())})")
+        raise UsageError(f"--model: unknown model {name!r} (mlp, {', '.join(registry.available())})")
     preset = preset or "dp"
     if preset not in registry.presets(name):
-        raise ValueError(f"--model: {name} has no preset {preset!r} ({', '.join(registry.presets(name))})")
+        raise UsageError(f"--model: {name} has no preset {preset!r} ({', '.join(registry.presets(name))})")
     args.image_size = int(registry.build(name, num_classes=7, preset=preset).input_size)
     return lambda: registry.build(name, num_classes=7, preset=preset)
 
@@ -346,7 +348,7 @@ def _school_tensors(args: argparse.Namespace, unit: str):
         data_dir = ensure_school(cache, params, 0)
     school = load_school(data_dir)
     if len(school) == 0:
-        raise ValueError(f"{data_dir}: no usable images")
+        raise UsageError(f"{data_dir}: no usable images")
     x = torch.from_numpy(school.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     x = torch.nn.functional.interpolate(x, size=(args.image_size, args.image_size), mode="area")
     y = torch.from_numpy(school.labels).long()

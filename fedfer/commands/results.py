@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedfer.commands import UsageError
+
 EVALUATE_EPILOG = """\
 benchmarks (NAME=PATH, or NAME:SPLIT=PATH; the synthetic ones are bare names found under --data-root):
   fer2013=fer2013.csv          splits train|val|test|all (default test = PrivateTest)
@@ -75,13 +77,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if path.is_dir():
         latest = path / "checkpoints" / "latest.json"
         if not latest.is_file():
-            raise ValueError(f"{path}: a directory without checkpoints/latest.json (not a run directory?)")
+            raise UsageError(f"{path}: a directory without checkpoints/latest.json (not a run directory?)")
         try:
             name = json.loads(latest.read_text(encoding="utf-8"))["file"]
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise ValueError(f"{latest}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+            raise UsageError(f"{latest}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
         if not isinstance(name, str) or not CHECKPOINT_NAME.match(name):
-            raise ValueError(f"{latest}: field 'file' must name a checkpoint like round-0003.pt; got {name!r:.60}")
+            raise UsageError(f"{latest}: field 'file' must name a checkpoint like round-0003.pt; got {name!r:.60}")
         path = path / "checkpoints" / name
     checkpoint = load_checkpoint_file(path)   # raises CheckpointError (a ValueError) naming the file
     checkpoint["_path"] = str(path)
@@ -107,7 +109,7 @@ def _input_size(model: Any, checkpoint: dict[str, Any], override: int | None) ->
     try:
         return int(registry.presets(str(info["name"]))[str(info["preset"])].input_size)
     except Exception:  # noqa: BLE001 - any failure here means: ask the user
-        raise ValueError("cannot tell the model's input size; pass --input-size") from None
+        raise UsageError("cannot tell the model's input size; pass --input-size") from None
 
 
 def _configured_data_root(cfg: dict[str, Any]) -> Path | None:

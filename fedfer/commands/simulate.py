@@ -392,13 +392,12 @@ def _print_epsilons(epsilons: dict[str, tuple[float, int]], many: int = 20) -> N
 def cmd_train_central(args: argparse.Namespace) -> int:
     from simulations.central import train_central
 
+    # --model / --preset are overrides like any key=value (the last word), so the schema checks them before any data is made
+    args.overrides = [*args.overrides, *([f"model.name={args.model}"] if args.model else []),
+                      *([f"model.preset={args.preset}"] if args.preset else [])]
     cfg = _config(args)
     if cfg is None:
         return 2
-    if args.model:
-        cfg["model.name"] = args.model
-    if args.preset:
-        cfg["model.preset"] = args.preset
     if _clips_missing(cfg):
         return 2
     root = _ensure_data(cfg)

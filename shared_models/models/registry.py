@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from shared_models.models.pretrained import LoadReport
 
 
+class ModelChoiceError(ValueError):
+    """An unknown model, preset or option, or a bad class count: the user's choice, named in the message."""
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named configuration of a model: input side S (input is (B, 3, S, S) in [-1, 1]) and the other
@@ -192,7 +196,7 @@ def available() -> list[str]:
 
 def _check_name(name: str) -> None:
     if name not in _MODELS:
-        raise ValueError(f"unknown model '{name}' (available: {', '.join(available())})")
+        raise ModelChoiceError(f"unknown model '{name}' (available: {', '.join(available())})")
 
 
 def presets(name: str) -> dict[str, Preset]:
@@ -209,15 +213,15 @@ def build(name: str, num_classes: int = 7, preset: str = "cpu", **kwargs: Any) -
     _check_name(name)
     table = _PRESETS[name]
     if preset not in table:
-        raise ValueError(f"model '{name}': unknown preset '{preset}' (available: {', '.join(table)})")
+        raise ModelChoiceError(f"model '{name}': unknown preset '{preset}' (available: {', '.join(table)})")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"model '{name}': num_classes must be an int >= 2, got {num_classes!r}")
+        raise ModelChoiceError(f"model '{name}': num_classes must be an int >= 2, got {num_classes!r}")
     module_name, cls_name = _MODELS[name].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise ValueError(f"model '{name}': unknown option(s) {', '.join(unknown)} "
+        raise ModelChoiceError(f"model '{name}': unknown option(s) {', '.join(unknown)} "
                          f"(accepted: {', '.join(sorted(accepted))})")
     options = {"input_size": table[preset].input_size, **table[preset].kwargs, **kwargs}
     model = cls(num_classes, **options)
