@@ -226,4 +226,22 @@ def headline(table: list[dict[str, Any]]) -> str:
         if other:
             diff = 100 * (fed[which]["accuracy"] - other["accuracy"])
             parts.append(f"{diff:+.1f} points against {text} ({100 * other['accuracy']:.1f} %)")
-    return parts[0] + (": " + "; ".join(parts[1:]) if len(parts) > 1 else "") + "."
+    sentence = parts[0] + (": " + "; ".join(parts[1:]) if len(parts) > 1 else "") + "."
+    return sentence + _public_clause(fed, by.get("start")) if which == "indomain" else sentence
+
+
+def _public_clause(fed: Mapping[str, Any], start: Mapping[str, Any] | None) -> str:
+    """What fine-tuning on the schools did to the public photos, against the start: fine-tuning can cost
+    them, and the headline about the schools' faces alone would hide it. 'Level' when the 95 % CIs overlap."""
+    now, before = fed.get("public"), (start or {}).get("public")
+    if not now or not before:
+        return ""
+    pair = f"({100 * now['accuracy']:.1f} % against {100 * before['accuracy']:.1f} %)"
+    low, high = now.get("accuracy_ci_low"), now.get("accuracy_ci_high")
+    start_low, start_high = before.get("accuracy_ci_low"), before.get("accuracy_ci_high")
+    if all(_number(v) for v in (low, high, start_low, start_high)):
+        if high < start_low:
+            return f" On the public photos it is {100 * (before['accuracy'] - now['accuracy']):.1f} points below the starting model {pair}."
+        if low > start_high:
+            return f" On the public photos it is {100 * (now['accuracy'] - before['accuracy']):.1f} points above the starting model {pair}."
+    return f" On the public photos it is level with the starting model {pair}."
