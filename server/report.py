@@ -346,6 +346,35 @@ def epsilon_series(data: RunData) -> dict[str, dict[str, list[float]]]:
     return series
 
 
+@dataclass
+class SchoolSpend:
+    """One school's privacy in a run: its lifetime ε after the run's last ledger entry (a refusal records the
+    ε it stopped at), the rounds it trained in this run, and in its lifetime (None when the ledger is missing)."""
+
+    epsilon: float | None
+    trained_here: int
+    trained_lifetime: int | None
+
+
+def school_spend(data: RunData) -> dict[str, SchoolSpend]:
+    """school -> SchoolSpend, from the run's ledger copy, else from the metrics' ok rounds."""
+    out: dict[str, SchoolSpend] = {}
+    for school, entries in data.ledger.items():
+        if not entries:
+            continue
+        last = entries[-1]
+        history = last.get("history_before")
+        lifetime = (len(history) + (last.get("event", "round") == "round")) if isinstance(history, list) else None
+        out[school] = SchoolSpend(float(last["epsilon"]), sum(e.get("event", "round") == "round" for e in entries),
+                                  lifetime)
+    for school, series in epsilon_series(data).items():
+        if school not in out:
+            out[school] = SchoolSpend(series["epsilon"][-1] if series["epsilon"] else None, len(series["round"]), None)
+    for school in refusals(data):
+        out.setdefault(school, SchoolSpend(None, 0, None))
+    return out
+
+
 def refusals(data: RunData) -> dict[str, list[tuple[int, str]]]:
     """school -> [(round, reason)] for every non-ok train status."""
     out: dict[str, list[tuple[int, str]]] = {}
@@ -571,7 +600,9 @@ def _paper_table(data: RunData, final: dict[str, tuple[int, dict[str, Any]]]) ->
     mine = model_key(model) if model else ""
     privacy = data.config.get("privacy.enabled", True)
     budget = data.budget
-    this_run = "federated" + (f", DP ε ≤ {budget:g}" if privacy and budget else ", DP" if privacy else ", no DP")
+    spent = federation_epsilon(data)   # what the schools spent, as in "What the federation added"; else the budget
+    this_run = "federated" + (f", DP ε ≤ {spent:.2f}" if privacy and spent is not None else
+                              f", DP ε ≤ {budget:g}" if privacy and budget else ", DP" if privacy else ", no DP")
     lines = ["## Beside the seed papers", "",
              f"Published figures are **{PAPER_MARK}** training on the real benchmark; this run is "
              f"{this_run}. They are context, not a like-for-like comparison.", ""]
@@ -667,15 +698,15 @@ def epsilon_quantiles(series: dict[str, dict[str, list[float]]]) -> dict[str, li
 
 def _privacy_distribution(data: RunData, schools: list[str]) -> list[str]:
     """The privacy section of a large federation: quantiles, not one row per school."""
-    eps = epsilon_series(data)
+    spend = school_spend(data)
     refused = refusals(data)
     budget = data.budget
-    finals = [s["epsilon"][-1] for s in eps.values() if s["epsilon"]]
-    trained = [len(s["round"]) for s in eps.values()]
+    finals = [s.epsilon for s in spend.values() if s.epsilon is not None]
+    trained = [s.trained_here for s in spend.values()]
     planned = data.config.get("federation.schools")
     lines = ["## Privacy across schools", "",
              f"{len(schools)} schools took part" + (f" (of {planned} in the federation)" if _is_number(planned) else "")
-             + f"; {len(finals)} trained at least once. ε from the run's ledger copy (`ledger/<school>.jsonl`; "
+             + f"; {sum(n > 0 for n in trained)} trained at least once. ε from the run's ledger copy (`ledger/<school>.jsonl`; "
              "`fedfer privacy audit` recomputes and verifies it)" + (f"; budget {budget:g}." if budget else "."), "",
              "| quantity | min | 10% | 25% | median | 75% | 90% | max |", "|---|---|---|---|---|---|---|---|"]
     for name, values, fmt in (("final ε per school", finals, "{:.3f}"),
@@ -683,7 +714,7 @@ def _privacy_distribution(data: RunData, schools: list[str]) -> list[str]:
         if values:
             lines.append(f"| {name} | " + " | ".join(fmt.format(v) for v in _quantiles(values)) + " |")
     if budget is not None:
-        over = sorted(s for s, v in eps.items() if v["epsilon"] and v["epsilon"][-1] > budget + 1e-9)
+        over = sorted(s for s, v in spend.items() if v.epsilon is not None and v.epsilon > budget + 1e-9)
         lines += ["", f"Over budget: {len(over)}" + (f" ({', '.join(over[:NAMED_SCHOOLS])}"
                                                     f"{', …' if len(over) > NAMED_SCHOOLS else ''})" if over else "") + "."]
     reasons: dict[str, list[str]] = {}
@@ -705,21 +736,23 @@ def _privacy_table(data: RunData) -> list[str]:
         return []
     if len(schools) > MANY_SCHOOLS:
         return _privacy_distribution(data, schools)
-    eps = epsilon_series(data)
+    spend = school_spend(data)
     refused = refusals(data)
     budget = data.budget
     lines = ["## Privacy per school", "",
-             f"ε from the run's ledger copy (`ledger/<school>.jsonl`; `fedfer privacy audit` recomputes and verifies it). "
+             f"ε from the run's ledger copy (`ledger/<school>.jsonl`; `fedfer privacy audit` recomputes and verifies it): "
+             f"each school's lifetime ε, over this run and the runs before it. "
              f"Budget: {budget:g}." if budget else "ε from the run's ledger copy. No budget configured.", "",
-             "| school | rounds trained | final ε | remaining | refused / failed rounds |", "|---|---|---|---|---|"]
+             "| school | rounds trained (lifetime) | final ε | remaining | refused / failed rounds |", "|---|---|---|---|---|"]
     for school in schools:
-        series = eps.get(school, {"round": [], "epsilon": []})
-        final_eps = series["epsilon"][-1] if series["epsilon"] else None
+        mine = spend.get(school, SchoolSpend(None, 0, None))
+        final_eps = mine.epsilon
         remaining = "—"
         if budget is not None and final_eps is not None:
             remaining = f"{budget - final_eps:.3f}" + (" (over budget)" if final_eps > budget + 1e-9 else "")
         bad = "; ".join(f"{r}: {reason}" for r, reason in refused.get(school, [])) or "—"
-        lines.append(f"| {school} | {len(series['round'])} | {'—' if final_eps is None else f'{final_eps:.3f}'} | "
+        trained = f"{mine.trained_here}" + (f" ({mine.trained_lifetime})" if mine.trained_lifetime is not None else "")
+        lines.append(f"| {school} | {trained} | {'—' if final_eps is None else f'{final_eps:.3f}'} | "
                      f"{remaining} | {bad} |")
     return lines + [""]
 

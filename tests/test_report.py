@@ -209,3 +209,22 @@ def test_report_refuses_what_is_in_its_way(tmp_path, capsys, blocker):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and ("report.md" in err if blocker == "report-dir" else "plots" in err)
     assert ((run / "report.md" / "keep").read_text() if blocker == "report-dir" else (run / "plots").read_text()) == "mine"
+
+
+def test_a_school_that_declined_keeps_its_lifetime_epsilon_in_the_summary_and_the_report(tmp_path, capsys):
+    from fedfer.commands.simulate import print_summary
+
+    run = write_run(tmp_path / "run", [1, 2], refuse={2: "school-1"})
+    # school-1's ledger copy: its round here (after one in an earlier run), then its signed refusal at the same ε
+    history = [[1.4, 0.3, 3]]
+    (run / "ledger" / "school-1.jsonl").write_text("\n".join(json.dumps(entry) for entry in (
+        {"school_id": "school-1", "round": 1, "event": "round", "epsilon": 2.5, "history_before": history},
+        {"school_id": "school-1", "round": 2, "event": "refused", "epsilon": 2.5, "history_before": history * 2},
+    )) + "\n")
+    text = build_report(run).read_text()
+    assert "| school-1 | 1 (2) | 2.500 | 0.500 | 2: budget-exhausted |" in text   # the refusal is not a round trained
+    assert "this run is federated, DP ε ≤ 2.50." in text   # what the schools spent (budget 3), as the table above says
+    assert print_summary(run, 1.0) == 0
+    out = capsys.readouterr().out
+    assert "school-1     ε  2.500  after 1 round(s) in this run (2 in its lifetime)" in out and "nan" not in out
+    assert "school-0     ε  1.600  after 2 round(s) in this run\n" in out

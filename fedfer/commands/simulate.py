@@ -349,18 +349,14 @@ def print_summary(run_path: Path, wall: float) -> int:
               if m.get("accuracy_ci_low") is not None else "")
         print(f"  {bench:<18} accuracy {m['accuracy']:.3f}{ci}"
               f"  UAR {m['uar']:.3f}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']}, by {last.get('evaluated_by', '?')})")
-    epsilons: dict[str, tuple[float, int]] = {}
-    for record in rounds:
-        for school, outcome in record.get("train", {}).items():
-            if outcome.get("status") == "ok" and "epsilon" in outcome:
-                epsilons[school] = (float(outcome["epsilon"]), epsilons.get(school, (0.0, 0))[1] + 1)
-            elif outcome.get("status") not in ("ok", None):
-                epsilons.setdefault(school, (float("nan"), 0))
-    if epsilons:
+    from server.report import load_run, school_spend
+
+    spend = school_spend(load_run(run_path))   # the ledger copy: a school that declined still has its lifetime ε
+    if spend:
         cfg_text = (run_path / "config.yaml").read_text()
         delta = next((line.split(":")[1].split("#")[0].strip() for line in cfg_text.splitlines() if line.strip().startswith("delta:")), "?")
         print(f"  per-school ε at δ={delta} (PRV, lifetime):")
-        _print_epsilons(epsilons)
+        _print_epsilons(spend)
     owns = list((run_path / "schools").glob("*/own-model.pt"))   # train.keep_own_model, simulated state dirs
     if owns:
         print(f"  own models         {run_path / 'schools'}/<school>/own-model.pt ({len(owns)} schools' last "
@@ -370,23 +366,26 @@ def print_summary(run_path: Path, wall: float) -> int:
     return 0
 
 
-def _print_epsilons(epsilons: dict[str, tuple[float, int]], many: int = 20) -> None:
-    """One line per school, or (a large federation) the quantiles over the schools that trained."""
-    if len(epsilons) <= many:
-        for school, (eps, n) in sorted(epsilons.items()):
-            print(f"    {school:<12} ε {eps:6.3f}  after {n} round(s)")
+def _print_epsilons(spend: dict[str, Any], many: int = 20) -> None:
+    """One line per school (server.report.SchoolSpend), or (a large federation) the quantiles over the schools."""
+    if len(spend) <= many:
+        for school, mine in sorted(spend.items()):
+            eps = "     —" if mine.epsilon is None else f"{mine.epsilon:6.3f}"
+            lifetime = (f" ({mine.trained_lifetime} in its lifetime)"
+                        if mine.trained_lifetime is not None and mine.trained_lifetime != mine.trained_here else "")
+            print(f"    {school:<12} ε {eps}  after {mine.trained_here} round(s) in this run{lifetime}")
         return
     import numpy as np
 
-    finals = np.array([eps for eps, n in epsilons.values() if n > 0 and eps == eps])
-    trained = np.array([n for _, n in epsilons.values()])
+    finals = np.array([m.epsilon for m in spend.values() if m.epsilon is not None])
+    trained = np.array([m.trained_here for m in spend.values()])
     if finals.size:
         low, q25, median, q75, high = np.quantile(finals, [0.0, 0.25, 0.5, 0.75, 1.0])
-        print(f"    {finals.size} schools trained: ε min {low:.3f}  25% {q25:.3f}  median {median:.3f}  "
-              f"75% {q75:.3f}  max {high:.3f}; rounds per school median {int(np.median(trained))}, max {trained.max()}")
-    refused = len(epsilons) - finals.size
-    if refused:
-        print(f"    {refused} school(s) refused or failed every round they were sampled (report.md lists them)")
+        print(f"    {finals.size} schools: ε min {low:.3f}  25% {q25:.3f}  median {median:.3f}  "
+              f"75% {q75:.3f}  max {high:.3f}; rounds per school in this run median {int(np.median(trained))}, max {trained.max()}")
+    idle = int((trained == 0).sum())
+    if idle:
+        print(f"    {idle} school(s) refused or failed every round they were sampled (report.md lists them)")
 
 
 def cmd_train_central(args: argparse.Namespace) -> int:
