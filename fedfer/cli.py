@@ -64,6 +64,18 @@ def describe(exc: BaseException) -> str:
     return _one_line(exc) or type(exc).__name__
 
 
+def _stdout_closed() -> bool:
+    """stdout is a pipe whose reading end was closed."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning (shared_models/threads.py says why); set before any
     # command loads torch, and inherited by the processes it starts (simulated nodes, SuperNodes).
@@ -75,7 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()   # here, so a closed pipe is caught below rather than at exit
+        return code
+    except BrokenPipeError as exc:
+        if not _stdout_closed():   # another pipe or socket: an error like any other
+            print(f"fedfer: {describe(exc)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        # stdout's reader left (`... | head`): stop quietly, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141   # 128 + SIGPIPE, what a shell reports for a writer whose reader left
     except KeyboardInterrupt:
         print("fedfer: interrupted", file=sys.stderr)
         return 130

@@ -48,10 +48,33 @@ def load_anchors(anchors_dir: Path, school_id: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LedgerError(f"{path}: anchor unreadable ({exc})") from None
+        raise LedgerError(f"{path}: anchor of school {school_id} unreadable ({exc})") from None
     if not isinstance(data, dict) or data.get("school") != school_id or not isinstance(data.get("chains"), dict):
         raise LedgerError(f"{path}: not an anchor of school {school_id}")
+    for kid, chain in data["chains"].items():
+        _check_chain(path, school_id, str(kid), chain)
     return data
+
+
+def _check_chain(path: Path, school_id: str, kid: str, chain: Any) -> None:
+    """An anchor is the server's own record and is not signed, but it must agree with itself: its `count`
+    is the number of hashes its runs list, its `head` the last of the newest run's. An edited count or
+    head (e.g. count 0, which would let a restarted chain pass) is reported as a damaged anchor."""
+    where = f"{path}: anchor of school {school_id} (key {kid})"
+    runs = chain.get("runs") if isinstance(chain, dict) else None
+    if (not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("run_id"), str)
+                                              and isinstance(r.get("hashes"), list) and r["hashes"]
+                                              and all(isinstance(h, str) for h in r["hashes"]) for r in runs)):
+        raise LedgerError(f"{where}: malformed (each chain needs runs, each with a run_id and its hashes)")
+    count, head = chain.get("count"), chain.get("head")
+    anchored = sum(len(r["hashes"]) for r in runs)
+    if isinstance(count, bool) or not isinstance(count, int) or count != anchored:
+        raise LedgerError(f"{where}: count {count!r}, but its runs list {anchored} "
+                          f"{'entry' if anchored == 1 else 'entries'}: the anchor was edited or damaged")
+    last = runs[-1]["hashes"][-1] if runs else ""
+    if head != last:
+        raise LedgerError(f"{where}: head {str(head)[:12]}… is not the last anchored entry {last[:12]}…: the "
+                          f"anchor was edited or damaged")
 
 
 def load_chain(anchors_dir: Path, school_id: str, public_key: Ed25519PublicKey) -> dict[str, Any] | None:
@@ -156,10 +179,9 @@ def audit_against_anchor(chain: Mapping[str, Any], entries: Sequence[Mapping[str
         if index is None:
             return problems
         anchored = runs[index]["hashes"]
-        missing = [h for h in anchored if h not in hashes]
-        if missing:
-            problems.append(f"{where} line {len(hashes) + 1}: truncated tail: the server anchored {len(anchored)} entries "
-                            f"of run {run_id!r}, the copy holds {len(hashes)} ({len(missing)} missing)")
+        problem = _first_missing(anchored, hashes, f"of run {run_id!r}", "copy")
+        if problem:
+            problems.append(f"{where} {problem}")
         earlier = [h for r in runs[:index] for h in r["hashes"]]
         if earlier and entries:
             first = entries[0]
@@ -180,9 +202,41 @@ def audit_against_anchor(chain: Mapping[str, Any], entries: Sequence[Mapping[str
         kind = "restarted chain" if entries and entries[0]["prev_hash"] == GENESIS_HASH else "replaced ledger"
         problems.append(f"{where} line 1: {kind}: none of the {len(anchored)} entries the server anchored is in it")
     elif missing:
-        last_found = max(p for p in positions if p >= 0) + 1
-        problems.append(f"{where} line {last_found + 1}: truncated tail: {missing} of the {len(anchored)} entries the "
-                        f"server anchored are missing")
+        first = positions.index(-1)
+        found = [p for p in positions[:first] if p >= 0]
+        line = (max(found) + 2) if found else 1   # the line after the last anchored entry still in the ledger
+        run_id, seq = next((r["run_id"], r["hashes"].index(anchored[first])) for r in runs
+                           if anchored[first] in r["hashes"])
+        there = entries[line - 1] if line <= len(entries) else None
+        if there is not None and there["run_id"] == run_id and there.get("run_seq", seq) == seq:
+            kind = (f"replaced entry: the entry the server anchored here (run {run_id!r}, {anchored[first][:12]}…) is "
+                    f"not in the ledger, which has another one ({hashes[line - 1][:12]}…): rewritten and re-signed")
+        elif there is not None:
+            kind = (f"truncated tail: the ledger goes on with run {there['run_id']!r} where the server anchored "
+                    f"more entries of run {run_id!r}")
+        else:
+            kind = f"truncated tail: the ledger ends at line {len(hashes)}"
+        problems.append(f"{where} line {line}: {kind}; {_of(missing, len(anchored))} missing")
     elif positions != sorted(positions):
         problems.append(f"{where}: anchored entries appear out of order")
     return problems
+
+
+def _first_missing(anchored: Sequence[str], hashes: Sequence[str], what: str, copy: str) -> str:
+    """Where a run copy first differs from the entries the server anchored for that run (they are the same
+    lines, in order): "line N: ..." naming a replaced entry (the copy has another entry at line N) or a
+    truncated tail (the copy ends before it); "" when every anchored entry is there."""
+    missing = [i for i, h in enumerate(anchored) if h not in hashes]
+    if not missing:
+        return ""
+    i = missing[0]
+    if i < len(hashes):
+        return (f"line {i + 1}: replaced entry: the entry the server anchored at line {i + 1} {what} "
+                f"({anchored[i][:12]}…) is not in the {copy}, which has another entry there ({hashes[i][:12]}…): "
+                f"rewritten and re-signed; {_of(len(missing), len(anchored))} missing")
+    return (f"line {len(hashes) + 1}: truncated tail: the server anchored {len(anchored)} entries {what}, the "
+            f"{copy} holds {len(hashes)} ({len(missing)} missing)")
+
+
+def _of(missing: int, anchored: int) -> str:
+    return f"{missing} of the {anchored} anchored entries {'is' if missing == 1 else 'are'}"

@@ -13,16 +13,20 @@ any ``ledger.jsonl`` / ``<school>.jsonl`` given directly) it:
    RDP (cheap), the last entry per dataset against PRV (``--every-entry``: every entry against PRV);
 3. compares the recomputed ε with the school's policy budget (``--budget``, else
    ``DIR/<school>.policy.json`` or the node-config ``fedfer deploy`` wrote, ``DIR/../nodes/<school>/
-   node-config.toml``) — never the budget an entry declares; a policy δ or unit the entries do not use
-   is reported;
+   node-config.toml``; with ``--trust-run-keys`` also a simulated school's ``policy.json`` in its state
+   directory, beside its ledger or where the run's ``privacy.state_dir`` put it) — never the budget an
+   entry declares; a policy δ or unit the entries do not use is reported, and so is an ε over budget
+   beside any other problem; with no budget known the verdict says so;
 4. cross-checks sources of the same school (a run copy against the school's own ledger): every entry
    of one that belongs to the other's span must be in both;
 5. checks each source against the server's anchors (``<run.root>/anchors/<school>.json``, or
-   ``--anchors DIR``; privacy/anchors.py): a truncated tail, a chain restarted at genesis or a history
-   reset is reported, and so is every reply the server rejected for one (``ledger-anchor`` events).
+   ``--anchors DIR``; a school's own ledger given beside a run directory against that run's;
+   privacy/anchors.py): a truncated tail, a replaced (rewritten, re-signed) entry, a chain restarted at
+   genesis or a history reset is reported, and so is every reply the server rejected for one
+   (``ledger-anchor`` events); a school no anchor covers is named in a note.
 
-Exit status: 0 intact and within budget; 1 intact but over budget; 2 tampered, inconsistent
-(a stored ε that is not what its history gives) or unreadable.
+Exit status: 0 intact and, where a budget is known, within it; 1 intact but over budget; 2 tampered,
+inconsistent (a stored ε that is not what its history gives) or unreadable.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, epsilon_valu
 from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, load_public_key
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_TAMPERED = 0, 1, 2
+POLICY_FILE = "policy.json"   # a simulated school's policy in its state directory (privacy/policy.py)
 
 
 def epsilon_tolerance(eps: float) -> float:
@@ -69,6 +74,9 @@ class Row:
     status: str = "ok"             # ok | over-budget | tampered | inconsistent | unreadable
     problems: list[str] = field(default_factory=list)
     partial: bool = False          # a run copy: earlier history is taken from the first entry's signed claim
+    copy: str = ""                 # run (a run's copy) | school (a school's own ledger) | "" (not known)
+    over_budget: bool = False      # ε above the budget (also when the row has another problem)
+    budget_note: str = ""          # why no budget was compared, when none was
 
     @property
     def exit_code(self) -> int:
@@ -81,17 +89,41 @@ class Row:
 class AuditReport:
     rows: list[Row]
     problems: list[str]
+    notes: list[str] = field(default_factory=list)   # worth knowing, not a problem (e.g. no anchors found)
 
     @property
     def exit_code(self) -> int:
         codes = [r.exit_code for r in self.rows] + [EXIT_TAMPERED for _ in self.problems]
         return max(codes, default=EXIT_OK)
 
+    @property
+    def unchecked(self) -> list[str]:
+        """Schools whose ε was recomputed but compared with no budget (none given, no policy found)."""
+        return list(dict.fromkeys(r.school for r in self.rows
+                                  if r.epsilon_prv is not None and r.budget is None and r.unit != "school"))
+
+    @property
+    def verdict(self) -> str:
+        code = self.exit_code
+        if code == EXIT_TAMPERED:
+            over = any(r.over_budget for r in self.rows)
+            return "TAMPERED, INCONSISTENT OR UNREADABLE" + ("; OVER BUDGET too" if over else "")
+        if code == EXIT_OVER_BUDGET:
+            return "intact, OVER BUDGET"
+        checked = {r.school for r in self.rows if r.epsilon_prv is not None and r.budget is not None}
+        unchecked = [s for s in self.unchecked if s not in checked]
+        if not checked:
+            return "intact; no budget to check against (give --budget or the school's policy)"
+        if unchecked:
+            return (f"intact, within budget where one is known; no budget to check {', '.join(unchecked)} "
+                    f"against (give --budget or the school's policy)")
+        return "intact, within budget"
+
     def to_json(self) -> dict[str, Any]:
         def clean(v):
             return None if isinstance(v, float) and not math.isfinite(v) else v
-        return {"exit_code": self.exit_code, "problems": self.problems,
-                "schools": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
+        return {"exit_code": self.exit_code, "verdict": self.verdict, "problems": self.problems,
+                "notes": self.notes, "schools": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
 
 
 @dataclass
@@ -101,13 +133,53 @@ class _Source:
     start: str                # "genesis" | "run"
     key_paths: list[Path]
     run_dir: Path | None = None   # the run directory a run copy belongs to (anchors, events)
+    # keys and policies stored with the ledger (in the run, in a school's state dir): used only when
+    # `trusted` (--trust-run-keys); listed even when not, so a message can say they are there
+    beside_keys: list[Path] = field(default_factory=list)
+    beside_policies: list[Path] = field(default_factory=list)
+    trusted: bool = False
+    # set by the audit: the school the entries name, and whether a server anchor covers this ledger
+    seen_school: str = ""
+    anchored: bool = True
+    anchors_looked: Path | None = None
+
+    @property
+    def copy(self) -> str:
+        return {"run": "run", "genesis": "school"}.get(self.start, "")
+
+
+def run_policy_paths(run_dir: Path, school: str) -> list[Path]:
+    """Where a simulated run keeps a school's policy.json: its state dir, ``<run>/schools/<school>`` by
+    default, else ``<privacy.state_dir>/<school>`` as the run's config.yaml records it."""
+    paths = [Path(run_dir) / "schools" / school / POLICY_FILE]
+    state_dir = _run_state_dir(Path(run_dir))
+    if state_dir is not None:
+        paths.append(state_dir / school / POLICY_FILE)
+    return paths
+
+
+def _run_state_dir(run_dir: Path) -> Path | None:
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None   # the policy is then looked for in the run only; the note says none was found
+    privacy = data.get("privacy") if isinstance(data, dict) else None
+    state_dir = privacy.get("state_dir") if isinstance(privacy, dict) else None
+    return Path(str(state_dir)).expanduser() if isinstance(state_dir, str) and state_dir.strip() else None
 
 
 def find_sources(paths: Sequence[Path], keys_dir: Path | None, trust_run_keys: bool = False) -> list[_Source]:
     sources: list[_Source] = []
 
-    def _keys(keys_dir: Path | None, school: str | None, beside: list[Path]) -> list[Path]:
-        return key_paths(keys_dir, school, beside if trust_run_keys else [])
+    def source(path: Path, school: str | None, start: str, keys: list[Path], policies: list[Path],
+               run: Path | None = None) -> _Source:
+        return _Source(path, school, start, key_paths(keys_dir, school, keys if trust_run_keys else []), run,
+                       beside_keys=keys, beside_policies=policies, trusted=trust_run_keys)
 
     for raw in paths:
         path = Path(raw)
@@ -115,24 +187,29 @@ def find_sources(paths: Sequence[Path], keys_dir: Path | None, trust_run_keys: b
             ledger_dir = path / "ledger"
             if not ledger_dir.is_dir():
                 if (path / LEDGER_FILE).is_file():  # a school's state directory
-                    sources.append(_Source(path / LEDGER_FILE, None, "genesis", _keys(keys_dir, None, [path / PUBLIC_KEY_FILE])))
+                    sources.append(source(path / LEDGER_FILE, None, "genesis", [path / PUBLIC_KEY_FILE],
+                                          [path / POLICY_FILE]))
                     continue
-                raise LedgerError(f"{path}: no ledger/ directory (expected a run directory or a ledger file)")
+                raise LedgerError(f"{path}: no ledger/ directory and no {LEDGER_FILE} (expected a run directory, "
+                                  f"a school's state directory or a ledger file)")
             files = sorted(ledger_dir.glob("*.jsonl"))
             if not files:
                 raise LedgerError(f"{ledger_dir}: no <school>.jsonl ledger copies")
             for f in files:
-                sources.append(_Source(f, f.stem, "run", _keys(keys_dir, f.stem, [path / "keys" / f"{f.stem}.pub"]), path))
+                sources.append(source(f, f.stem, "run", [path / "keys" / f"{f.stem}.pub"],
+                                      run_policy_paths(path, f.stem), path))
         elif path.is_file():
             if path.name == LEDGER_FILE:
-                sources.append(_Source(path, None, "genesis", _keys(keys_dir, None, [path.parent / PUBLIC_KEY_FILE])))
+                sources.append(source(path, None, "genesis", [path.parent / PUBLIC_KEY_FILE],
+                                      [path.parent / POLICY_FILE]))
             elif path.parent.name == "ledger":
                 run = path.parent.parent
-                sources.append(_Source(path, path.stem, "run", _keys(keys_dir, path.stem, [run / "keys" / f"{path.stem}.pub"]), run))
+                sources.append(source(path, path.stem, "run", [run / "keys" / f"{path.stem}.pub"],
+                                      run_policy_paths(run, path.stem), run))
             else:
-                sources.append(_Source(path, None, "auto", _keys(keys_dir, None, [])))
+                sources.append(source(path, None, "auto", [], []))
         else:
-            raise LedgerError(f"{path}: no such file or directory")
+            raise LedgerError(f"{path}: not found")
     return sources
 
 
@@ -150,21 +227,34 @@ def _resolve_key(src: _Source, school: str) -> Path:
             return candidate
     looked = (", ".join(str(p / f"{school}.pub" if p.is_dir() else p) for p in src.key_paths)
               or "nowhere (use --keys DIR)")
-    raise LedgerError(f"{src.path} (school {school}): no public key (looked in {looked})")
+    stored = next((p for p in src.beside_keys if p.is_file()), None) if not src.trusted else None
+    hint = (f"; the run stores one ({stored}): --trust-run-keys uses it, which trusts whoever wrote the run "
+            f"(the coordinator)") if stored is not None else ""
+    raise LedgerError(f"{src.path} (school {school}): no public key (looked in {looked}){hint}")
 
 
 def _fmt(v: Any) -> str:
     return "mixed" if v == "mixed" else ("" if v in ("", None) else f"{v:.4g}")
 
 
-def school_policy(keys_dir: Path | None, school: str, run_policy: Path | None = None) -> tuple[dict[str, Any], str]:
+def distinct_pair(a: float, b: float, digits: int = 4) -> tuple[str, str]:
+    """`a` and `b` with enough significant digits that they read differently when they differ
+    (ε 3.9904 against a budget of 3.99, not "3.99 exceeds 3.99")."""
+    for d in range(digits, 18):
+        sa, sb = f"{a:.{d}g}", f"{b:.{d}g}"
+        if sa != sb or a == b:
+            return sa, sb
+    return repr(a), repr(b)
+
+
+def school_policy(keys_dir: Path | None, school: str, beside: Sequence[Path] = ()) -> tuple[dict[str, Any], str]:
     """The school's own privacy policy as the keyring's deployment recorded it, and where it was found:
     ``<keys>/<school>.policy.json`` (or .toml), else the node-config ``fedfer deploy`` wrote for it
     (``<keys>/../nodes/<school>/node-config.toml``, or its copy in ``<keys>/../deployment.json``);
-    else, only when the officer trusts the run (`run_policy`), a simulated school's
-    ``<run>/schools/<school>/policy.json``."""
+    else, only when the officer trusts the run (`beside` is then not empty), the ``policy.json`` in a
+    simulated school's state directory (beside its ledger, or where the run keeps it)."""
     if keys_dir is None:
-        return _run_policy(run_policy, school)
+        return _run_policy(beside, school)
     import tomllib
 
     keys_dir = Path(keys_dir)
@@ -189,11 +279,12 @@ def school_policy(keys_dir: Path | None, school: str, run_policy: Path | None = 
         node = nodes.get(school) if isinstance(nodes, dict) else None
         if isinstance(node, dict) and isinstance(node.get("node_config"), dict):
             return dict(node["node_config"]), f"{manifest} (node {school})"
-    return _run_policy(run_policy, school)
+    return _run_policy(beside, school)
 
 
-def _run_policy(path: Path | None, school: str) -> tuple[dict[str, Any], str]:
-    if path is None or not path.is_file():
+def _run_policy(beside: Sequence[Path], school: str) -> tuple[dict[str, Any], str]:
+    path = next((p for p in beside if p.is_file()), None)
+    if path is None:
         return {}, ""
     try:
         policy = json.loads(path.read_text(encoding="utf-8"))
@@ -249,13 +340,15 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
     """Rows (one per dataset fingerprint) for one ledger source, and its verified entries."""
     school, entries, start, key, failure = _open_ledger(src)
     if failure is not None:
+        failure.copy = src.copy
         return [failure], []
-    run_policy = src.run_dir / "schools" / school / "policy.json" if trust_run_keys and src.run_dir else None
+    beside = src.beside_policies if (trust_run_keys or src.trusted) else []
     try:
-        policy, policy_source = school_policy(keys_dir, school, run_policy)
+        policy, policy_source = school_policy(keys_dir, school, beside)
         policy_budget = _policy_number(policy, "budget", policy_source)
     except LedgerError as exc:
-        return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)])], []
+        return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)],
+                    copy=src.copy)], []
     source_problems = _consistency_problems(entries, str(src.path), school, policy, policy_source)
     source_problems += _anchor_problems(src, school, entries, key, start, anchors_dir)
 
@@ -265,17 +358,30 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         by_fp.setdefault(e["dataset_fingerprint"], []).append((line, e))
     for fp, items in by_fp.items():
         row = _summary_row(src, school, fp, items, partial=start == "run")
+        row.copy = src.copy
         row.budget = budget_override if budget_override is not None else policy_budget
         row.problems.extend(source_problems)
         source_problems = []   # reported once, on the school's first row
         _recompute_epsilons(row, src, school, items, every_entry)
-        if row.problems:
-            row.status = "inconsistent"
-        elif row.budget is not None and row.epsilon_prv is not None and row.epsilon_prv > row.budget:
-            row.status = "over-budget"
-            row.problems.append(f"{src.path} (school {school}): ε {row.epsilon_prv:.4g} exceeds budget {row.budget:.4g}")
+        other_problems = bool(row.problems)
+        if row.budget is not None and row.epsilon_prv is not None and row.epsilon_prv > row.budget:
+            row.over_budget = True   # reported whatever else is wrong with the row
+            eps, budget = distinct_pair(row.epsilon_prv, row.budget)
+            row.problems.append(f"{src.path} (school {school}): ε {eps} exceeds budget {budget}")
+        row.status = "inconsistent" if other_problems else ("over-budget" if row.over_budget else "ok")
+        if row.budget is None and row.epsilon_prv is not None and row.unit != "school":
+            row.budget_note = _no_budget_note(src, school, beside)
         rows.append(row)
     return rows, entries
+
+
+def _no_budget_note(src: _Source, school: str, read: Sequence[Path]) -> str:
+    unread = next((p for p in src.beside_policies if p.is_file()), None) if not read else None
+    if unread is not None:
+        return (f"school {school}: no policy budget found in the keyring; its policy beside the ledger ({unread}) "
+                f"is read only with --trust-run-keys: ε not compared with a budget (or give --budget)")
+    return (f"school {school}: no policy budget found (give --budget, or keep the school's policy in the "
+            f"keyring): ε not compared with a budget")
 
 
 def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
@@ -310,15 +416,21 @@ def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
 
 def _anchor_problems(src: _Source, school: str, entries: Sequence[dict], key: Any, start: str,
                      anchors_dir: Path | None) -> list[str]:
-    """Where the ledger disagrees with the server's anchor chain (if the run kept one)."""
+    """Where the ledger disagrees with the server's anchor chain (if the run kept one). Sets
+    `src.anchored` to whether an anchor covers the ledger (else a cut-short ledger goes unnoticed)."""
     problems: list[str] = []
     anchors = anchors_dir if anchors_dir is not None else (anchors_dir_of_run(src.run_dir) if src.run_dir else None)
+    # the coordinator's own client-level ledger (unit "school") is not anchored: it is the server's
+    src.seen_school, src.anchored, src.anchors_looked = school, entries[0]["privacy_unit"] == "school", anchors
     if anchors is not None and anchors.is_dir():
         try:
             chain = load_chain(anchors, school, key)
         except LedgerError as exc:
             chain, problems = None, problems + [str(exc)]
+            src.anchored = True   # there is an anchor, and it is reported as damaged
         if chain:
+            run_ids = {r.get("run_id") for r in chain.get("runs", [])}
+            src.anchored = start != "run" or entries[0]["run_id"] in run_ids
             problems += [f"{p} (school {school})" for p in audit_against_anchor(
                 chain, entries, copy_of_run=start == "run", where=str(src.path))]
     return problems
@@ -449,23 +561,54 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     if keys_dir is None and not trust_run_keys:
         return AuditReport([], ["no keyring: give --keys DIR (the ledger keys registered at enrollment, e.g. "
                                 "deploy/keys), or --trust-run-keys to verify against keys stored in the run"])
-    if keys_dir is not None and not Path(keys_dir).is_dir():
-        return AuditReport([], [f"{keys_dir}: keyring directory not found"])
+    keyring_problem = check_keyring(keys_dir)
+    if keyring_problem:
+        return AuditReport([], [keyring_problem])
     try:
         sources = find_sources(paths, keys_dir, trust_run_keys)
     except LedgerError as exc:
         return AuditReport([], [str(exc)])
     rows: list[Row] = []
     verified: dict[str, list[tuple[_Source, list[dict]]]] = {}
+    # a school's own ledger given beside a run directory is checked against that run's anchors
+    beside_runs = {anchors_dir_of_run(s.run_dir) for s in sources if s.run_dir is not None}
+    school_anchors = anchors_dir if anchors_dir is not None or len(beside_runs) != 1 else beside_runs.pop()
     for src in sources:
         src_rows, entries = audit_source(src, every_entry=every_entry, budget_override=budget_override,
-                                         keys_dir=keys_dir, anchors_dir=anchors_dir, trust_run_keys=trust_run_keys)
+                                         keys_dir=keys_dir, trust_run_keys=trust_run_keys,
+                                         anchors_dir=anchors_dir if src.run_dir is not None else school_anchors)
         rows.extend(src_rows)
         if entries:
             verified.setdefault(entries[0]["school_id"], []).append((src, entries))
     run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
-    return AuditReport(rows, _cross_check(verified) + _anchor_rejections(run_dirs)
-                       + _missing_copies(run_dirs, anchors_dir))
+    reported = {p for r in rows for p in r.problems}   # e.g. a damaged anchor, already on its school's row
+    problems = [p for p in dict.fromkeys(_cross_check(verified) + _anchor_rejections(run_dirs)
+                                         + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
+    return AuditReport(rows, problems, _anchor_notes(sources))
+
+
+def check_keyring(keys_dir: Path | None) -> str:
+    """'' when `keys_dir` is None or a directory; else one line saying what is wrong with --keys."""
+    if keys_dir is None or Path(keys_dir).is_dir():
+        return ""
+    if Path(keys_dir).exists():
+        return (f"--keys {keys_dir}: a file, not a keyring: give the directory that holds the <school>.pub keys "
+                f"registered at enrollment (e.g. deploy/keys)")
+    return (f"--keys {keys_dir}: not found (the keyring is the directory of <school>.pub keys registered at "
+            f"enrollment, e.g. deploy/keys; a simulated run has none: use --trust-run-keys, which uses the keys "
+            f"the run stored and so trusts the coordinator)")
+
+
+def _anchor_notes(sources: Sequence[_Source]) -> list[str]:
+    """One line naming the schools no server anchor covers: their ledgers could be cut short unnoticed."""
+    bare = [s for s in sources if not s.anchored]
+    if not bare:
+        return []
+    schools = list(dict.fromkeys(s.seen_school or s.school or "?" for s in bare))
+    looked = sorted({str(s.anchors_looked) for s in bare if s.anchors_looked is not None})
+    where = f"looked in {', '.join(looked)}" if looked else "give --anchors DIR"
+    return [f"no server anchors found for {', '.join(schools)} ({where}): a ledger cut short at its end cannot "
+            f"be noticed"]
 
 
 def _missing_copies(run_dirs: Sequence[Path], anchors_dir: Path | None) -> list[str]:
@@ -495,25 +638,28 @@ def format_table(report: AuditReport) -> str:
     for r in report.rows:
         rounds = f"{r.rounds}" + (f" (+{r.refusals} refused)" if r.refusals else "")
         steps = f"{r.steps}" + (f" ({r.lifetime_steps} lifetime)" if r.lifetime_steps != r.steps and r.epsilon_prv is not None else "")
-        eps_prv = "" if r.epsilon_prv is None else f"{r.epsilon_prv:.3f}" + ("*" if r.prv_method == "rdp-fallback" else "")
+        eps_prv = "" if r.epsilon_prv is None else f"{r.epsilon_prv:.3f}"
+        budget = "none" if r.budget is None and r.epsilon_prv is not None else _fmt(r.budget)
+        if r.over_budget:   # as many digits as it takes to see ε above the budget
+            eps_prv, budget = distinct_pair(r.epsilon_prv, r.budget)
+        eps_prv += "*" if eps_prv and r.prv_method == "rdp-fallback" else ""
+        status = r.status.upper() if r.status != "ok" else "ok"
+        if r.over_budget and r.status != "over-budget":
+            status += ", OVER-BUDGET"
         lines.append([r.school, r.unit, rounds if r.rounds or r.refusals else "", steps if r.steps else "",
                       _fmt(r.sigma), _fmt(r.q), _fmt(r.delta), eps_prv,
                       "" if r.epsilon_rdp is None else f"{r.epsilon_rdp:.3f}",
-                      "none" if r.budget is None and r.epsilon_prv is not None else _fmt(r.budget),
-                      r.status.upper() if r.status != "ok" else "ok", "run" if r.partial else "school"])
+                      budget, status, r.copy or "?"])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
     out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
     notes = [p for r in report.rows for p in r.problems] + report.problems
     if any(r.prv_method == "rdp-fallback" for r in report.rows):
         notes.append("* PRV could not evaluate this history; the (looser, still valid) RDP bound is shown")
-    for r in report.rows:
-        if r.budget is None and r.epsilon_prv is not None and r.unit != "school":
-            notes.append(f"school {r.school}: no policy budget found (give --budget, or keep the school's policy in "
-                         f"the keyring): ε not compared with a budget")
+    notes += [r.budget_note for r in report.rows if r.budget_note]
+    notes += report.notes
     if any(r.partial for r in report.rows):
         notes.append("run copies: ε includes the earlier spending that each school's first entry in the run records "
                      "(history_before); pass the school's own ledger.jsonl too to check it")
-    verdict = {EXIT_OK: "intact, within budget", EXIT_OVER_BUDGET: "intact, OVER BUDGET",
-               EXIT_TAMPERED: "TAMPERED, INCONSISTENT OR UNREADABLE"}[report.exit_code]
-    return "\n".join(out + [""] + notes + [f"audit: {verdict} (exit {report.exit_code})"])
+    notes = list(dict.fromkeys(notes))   # a message two sources share is printed once
+    return "\n".join(out + [""] + notes + [f"audit: {report.verdict} (exit {report.exit_code})"])

@@ -47,7 +47,8 @@ def _audit(capsys, *args) -> tuple[int, str]:
     """Audit trusting the keys stored in the run / beside the ledger (explicitly), unless --keys is given."""
     trust = [] if "--keys" in args else ["--trust-run-keys"]
     code = fedfer_main(["privacy", "audit", *map(str, args), *trust])
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -225,8 +226,8 @@ def test_missing_key_or_directory_is_unreadable(run, tmp_path, capsys):
     (copy / "keys" / "school-b.pub").unlink()
     code, out = _audit(capsys, copy)
     assert code == 2 and "school-b" in out and "no public key" in out and "UNREADABLE" in out, out
-    code, out = _audit(capsys, tmp_path / "nowhere")
-    assert code == 2 and "no such file" in out, out
+    code, out = _audit(capsys, tmp_path / "nowhere")   # a usage error: one line, no table, no verdict
+    assert code == 2 and out == f"fedfer privacy audit: {tmp_path / 'nowhere'}: not found\n", out
 
 
 def test_signed_but_wrong_epsilon_is_flagged(tmp_path, capsys):

@@ -26,7 +26,8 @@ def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
                         description="Recompute ε from the raw ledger entries (never trusting stored ε), verify hashes, "
                                     "prev_hash chain and Ed25519 signatures against an independent keyring (--keys), "
                                     "compare with each school's policy budget, check the server's anchors. Exit 0 "
-                                    "intact and within budget, 1 over budget, 2 tampered, inconsistent or unreadable.")
+                                    "intact (and within budget where one is known: the verdict says when none is), "
+                                    "1 over budget, 2 tampered, inconsistent, unreadable or a usage error.")
     a.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR|LEDGER.jsonl",
                    help="a run directory (<run>/ledger/<school>.jsonl), a school's state directory or ledger.jsonl, "
                         "or ledger files")
@@ -35,8 +36,9 @@ def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
                         "(deploy/keys); school policies are read beside it (<DIR>/<school>.policy.json or "
                         "<DIR>/../nodes/<school>/node-config.toml)")
     a.add_argument("--trust-run-keys", action="store_true",
-                   help="also accept keys stored in the run (<run>/keys) or beside a school's ledger; whoever "
-                        "wrote the run can swap those, so a swapped key and re-signed entries pass")
+                   help="also accept keys stored in the run (<run>/keys) or beside a school's ledger, and the "
+                        "simulated schools' policy.json in their state dirs (a simulated run has no keyring); "
+                        "whoever wrote the run can swap those, so a swapped key and re-signed entries pass")
     a.add_argument("--anchors", type=Path, default=None, metavar="DIR",
                    help="the server's ledger anchors (default <run.root>/anchors beside each run directory)")
     a.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -110,15 +112,30 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ audit
 def _audit(args: argparse.Namespace) -> int:
-    from privacy.audit import format_table, run_audit
+    from privacy.audit import check_keyring, find_sources, format_table, run_audit
+    from privacy.ledger import LedgerError
+
+    def usage(message: str) -> int:   # bad input: one line, no table, no verdict
+        print(f"fedfer privacy audit: {message}", file=sys.stderr)
+        return 2
 
     if args.keys is None and not args.trust_run_keys:
-        print("fedfer privacy audit: give --keys DIR (the ledger keys registered at enrollment, e.g. deploy/keys), "
-              "or --trust-run-keys to verify against keys stored in the run", file=sys.stderr)
-        return 2
+        return usage("give --keys DIR (the ledger keys registered at enrollment, e.g. deploy/keys), or "
+                     "--trust-run-keys to verify against keys stored in the run (a simulated run has no keyring)")
     if args.budget is not None and not (math.isfinite(args.budget) and args.budget >= 0):
-        print(f"fedfer privacy audit: --budget must be a finite number >= 0, got {args.budget}", file=sys.stderr)
-        return 2
+        return usage(f"--budget must be a finite number >= 0, got {args.budget}")
+    for path in args.paths:
+        if not path.exists():
+            return usage(f"{path}: not found")
+    if check_keyring(args.keys):
+        return usage(check_keyring(args.keys))
+    if args.anchors is not None and not args.anchors.is_dir():
+        return usage(f"--anchors {args.anchors}: " + ("not a directory (give the server's anchors directory, "
+                                                      "e.g. runs/anchors)" if args.anchors.exists() else "not found"))
+    try:
+        find_sources(args.paths, args.keys, args.trust_run_keys)   # a path that holds no ledger
+    except LedgerError as exc:
+        return usage(str(exc))
     report = run_audit(args.paths, args.keys, every_entry=args.every_entry, budget_override=args.budget,
                        trust_run_keys=args.trust_run_keys, anchors_dir=args.anchors)
     if args.json:
@@ -253,7 +270,7 @@ def _run_canary_audit(args: argparse.Namespace, settings: _CanarySettings):
     warnings.filterwarnings("ignore", message="units_per_batch .* exceeds")
     builder = _audit_model_builder(args)   # may set args.image_size to the model's input size
     x, y, units, source = _school_tensors(args, "student")
-    say = lambda s: print("  " + s, flush=True)  # noqa: E731
+    say = _progress_printer()
     print(f"data: {source}: {len(y)} frames, {len(set(units))} students, {args.image_size}x{args.image_size}; "
           f"{canaries} canaries ({'white-box' if white else 'black-box'})", flush=True)
     if white:
@@ -270,6 +287,20 @@ def _run_canary_audit(args: argparse.Namespace, settings: _CanarySettings):
                                      units_per_batch=args.batch or 16, frames_per_unit=frames, max_grad_norm=clip,
                                      lr=lr, beta=args.beta, seed=args.seed, progress=say)
     return result, source
+
+
+def _progress_printer():
+    """The audit's progress lines, indented; a calibration line said again for the same setting (each of
+    the runs recalibrates σ) is printed once."""
+    said: set[str] = set()
+
+    def say(line: str) -> None:
+        if line.strip().startswith("calibrating σ"):
+            if line.strip() in said:
+                return
+            said.add(line.strip())
+        print("  " + line, flush=True)
+    return say
 
 
 def _audit_model_builder(args: argparse.Namespace):

@@ -1,0 +1,281 @@
+"""`fedfer privacy audit` as a privacy officer reads it (the walkthrough's findings): what each message
+says happened, which verdict is claimed, which inputs are usage errors, and the CLI's manners (a closed
+pipe, the canary audit's progress). Signed ledgers and anchors come from test_ledger_trust's school and
+server stand-ins (the real ledger, accountant and SchoolFedAvg verification path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from privacy.ledger import entry_hash
+from privacy.signing import sign_hash
+from test_ledger_trust import DELTA, School, Server, _audit, _federation, _keyring
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _resign_last(path: Path, key) -> None:
+    """Rewrite a ledger's last entry and re-sign it with the school's own key: a valid chain on its own,
+    ε unchanged (only the timestamp differs), but not the entry the server anchored."""
+    lines = path.read_text().splitlines()
+    e = json.loads(lines[-1])
+    e["timestamp"] = "2000-01-01T00:00:00+00:00"
+    e["hash"] = entry_hash(e)
+    e["signature"] = sign_hash(key, e["hash"])
+    path.write_text("\n".join(lines[:-1] + [json.dumps(e)]) + "\n")
+
+
+def _row(out: str, school: str) -> list[str]:
+    return next(line for line in out.splitlines() if line.startswith(school + " ")).split()
+
+
+def _verdict(out: str) -> str:
+    return out.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------ 1. replaced, not truncated
+def test_a_replaced_last_entry_is_named_as_replaced_not_as_a_truncated_tail(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1, rounds=3)
+    keys = _keyring(tmp_path, schools)
+    school_b = schools[1]
+    _resign_last(server.run.path / "ledger" / "school-b.jsonl", school_b.key)
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 2 and "truncated" not in out, out
+    assert re.search(r"school-b\.jsonl line 3: replaced entry: the entry the server anchored at line 3 .* is not "
+                     r"in the copy.*\(school school-b\)", out), out
+    # the school's own ledger, rewritten the same way, against the anchors
+    _resign_last(school_b.state / "ledger.jsonl", school_b.key)
+    code, out = _audit(capsys, school_b.state, "--keys", keys, "--anchors", tmp_path / "runs" / "anchors")
+    assert code == 2 and "line 3: replaced entry" in out and "truncated" not in out, out
+
+
+# ------------------------------------------------------------------------ 2. no budget is not "within budget"
+def _state_dir_run(tmp_path: Path) -> tuple[list[School], Server]:
+    """A simulated run with privacy.state_dir outside the run: each school's policy.json sits beside its
+    ledger there, and the run's config.yaml records where."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    config = server.run.path / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["privacy"]["state_dir"] = str(tmp_path / "schools")
+    config.write_text(yaml.safe_dump(data))
+    return schools, server
+
+
+def _write_policy(school: School, budget: float) -> None:
+    (school.state / "policy.json").write_text(json.dumps({"unit": "student", "delta": DELTA, "budget": budget,
+                                                          "max-round-epsilon": budget, "declared-students": 100}))
+
+
+def test_policy_beside_a_school_ledger_in_a_state_dir_is_the_budget(tmp_path, capsys):
+    schools, server = _state_dir_run(tmp_path)
+    for school in schools:
+        _write_policy(school, 0.5)
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    assert code == 1 and "OVER-BUDGET" in out and "exceeds budget 0.5" in out, out
+    code, out = _audit(capsys, schools[0].state, "--trust-run-keys")
+    assert code == 1 and "OVER-BUDGET" in out and "school-a" in out, out
+    for school in schools:
+        _write_policy(school, 40.0)
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    assert code == 0 and _row(out, "school-a")[9] == "40" and _verdict(out) == "audit: intact, within budget (exit 0)"
+    # with a keyring only, the policy beside the ledger is not read (whoever edits the ledger can edit it)
+    code, out = _audit(capsys, schools[0].state, "--keys", _keyring(tmp_path, schools))
+    assert code == 0 and "read only with --trust-run-keys" in out and "no budget to check against" in out, out
+
+
+def test_no_budget_at_all_is_said_not_claimed_within(tmp_path, capsys):
+    schools, server = _state_dir_run(tmp_path)
+    for target in (server.run.path, schools[0].state):
+        code, out = _audit(capsys, target, "--trust-run-keys")
+        assert code == 0 and "within budget" not in out, out
+        assert _verdict(out) == ("audit: intact; no budget to check against (give --budget or the school's policy) "
+                                 "(exit 0)"), out
+        assert "budget none" not in out and _row(out, "school-a")[9] == "none"
+    _write_policy(schools[0], 40.0)   # one school with a budget, one without
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    assert code == 0 and "no budget to check school-b against" in _verdict(out) and "school-a," not in _verdict(out), out
+    report = json.loads(_json(capsys, server.run.path))
+    assert report["verdict"].startswith("intact, within budget where one is known"), report
+
+
+def _json(capsys, *args) -> str:
+    from fedfer.cli import main
+
+    main(["privacy", "audit", *map(str, args), "--trust-run-keys", "--json"])
+    return capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ 3. over budget beside another problem
+def test_over_budget_is_reported_when_the_entry_also_has_another_problem(tmp_path, capsys):
+    from privacy.accounting import SchoolAccountant, dataset_fingerprint, epsilon_of
+    from privacy.ledger import SchoolLedger
+
+    school = School(tmp_path, "s1")
+    school.train("run-1", 1)
+    ledger = SchoolLedger(school.state, "s1", school.key)
+    acct = SchoolAccountant(school.state, "s1", dataset_fingerprint([f"s1,row{i}" for i in range(5)]))
+    history = acct.history + [(1.2, 0.25, 8)]
+    ledger.append(event="round", dataset_fingerprint=acct.fingerprint, run_id="run-1", round=2,
+                  privacy_unit="student", sample_rate=0.25, noise_multiplier=1.2, max_grad_norm=1.0, steps=8,
+                  delta=DELTA, accountant="prv", history_before=acct.history,
+                  epsilon=epsilon_of(history, DELTA) / 2,   # under-reported, validly signed
+                  epsilon_rdp=epsilon_of(history, DELTA, "rdp"), budget=50.0)
+    code, out = _audit(capsys, school.state, "--trust-run-keys", "--budget", "0.5")
+    assert code == 2 and "line 2 (school s1): stored epsilon" in out, out
+    assert "(school s1): ε" in out and "exceeds budget 0.5" in out, out
+    assert "INCONSISTENT, OVER-BUDGET" in out and "OVER BUDGET too" in _verdict(out), out
+
+
+# ------------------------------------------------------------------------ 4. digits that differ
+def test_an_epsilon_just_over_the_budget_is_printed_with_digits_that_differ(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    eps = json.loads(_json(capsys, server.run.path))["schools"][0]["epsilon_prv"]
+    budget = eps - 2e-5
+    assert f"{eps:.4g}" == f"{budget:.4g}"   # where the old message read "ε X exceeds budget X"
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys", "--budget", repr(budget))
+    assert code == 1, out
+    (shown_eps, shown_budget), *_ = re.findall(r"ε (\S+) exceeds budget (\S+)", out)
+    assert shown_eps != shown_budget and float(shown_eps) > float(shown_budget), out
+    row = _row(out, "school-a")
+    assert row[7] != row[9] and float(row[7]) > float(row[9]), out   # the table's ε PRV and budget columns
+
+
+# ------------------------------------------------------------------------ 5. the copy column
+def test_copy_column_says_run_on_tampered_and_unreadable_run_copies(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    path = server.run.path / "ledger" / "school-a.jsonl"
+    path.write_text(path.read_text().replace('"steps": 8', '"steps": 1', 1))
+    (server.run.path / "keys" / "school-b.pub").unlink()
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    assert code == 2, out
+    assert _row(out, "school-a")[-2:] == ["TAMPERED", "run"], out
+    assert _row(out, "school-b")[-2:] == ["UNREADABLE", "run"], out
+    code, out = _audit(capsys, schools[0].state, "--trust-run-keys")
+    assert _row(out, "school-a")[-1] == "school", out
+
+
+# ------------------------------------------------------------------------ 6, 7. the anchors themselves
+def test_a_corrupt_anchor_is_reported_once(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    (tmp_path / "runs" / "anchors" / "school-a.json").write_text("{not json")
+    code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools))
+    assert code == 2 and out.count("unreadable") == 1 and "school-a.json: anchor of school school-a" in out, out
+
+
+def test_an_edited_anchor_count_or_head_is_caught(tmp_path, capsys):
+    from privacy.anchors import check_continues, load_chain
+    from privacy.ledger import LedgerError
+
+    schools, (server,) = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools)
+    anchor = tmp_path / "runs" / "anchors" / "school-a.json"
+    intact = anchor.read_text()
+    for edit in ({"count": 0}, {"count": 5}, {"head": "f" * 64}):
+        data = json.loads(intact)
+        (chain,) = data["chains"].values()
+        chain.update(edit)
+        anchor.write_text(json.dumps(data))
+        code, out = _audit(capsys, server.run.path, "--keys", keys)
+        assert code == 2 and "school-a.json: anchor of school school-a" in out and "edited or damaged" in out, out
+    # the server refuses to build on it too (count 0 would otherwise let a restarted chain through)
+    data = json.loads(intact)
+    (chain,) = data["chains"].values()
+    chain["count"] = 0
+    anchor.write_text(json.dumps(data))
+    try:
+        load_chain(anchor.parent, "school-a", schools[0].key.public_key())
+        raise AssertionError("an anchor with an edited count loaded")
+    except LedgerError as exc:
+        assert "count 0" in str(exc)
+    assert check_continues({"count": 0, "head": "", "runs": []}, {"prev_hash": "0" * 64}).problem == ""
+
+
+# ------------------------------------------------------------------------ 8. no anchors at all
+def test_no_anchors_found_is_noted(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1, rounds=3)
+    keys = _keyring(tmp_path, schools)
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 0 and "no server anchors" not in out, out
+    # a school's own ledger given beside the run is checked against that run's anchors
+    code, out = _audit(capsys, server.run.path, schools[1].state / "ledger.jsonl", "--keys", keys)
+    assert code == 0 and "no server anchors" not in out, out
+    _resign_last(schools[1].state / "ledger.jsonl", schools[1].key)
+    code, out = _audit(capsys, server.run.path, schools[1].state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and "ledger.jsonl line 3: replaced entry" in out, out
+    shutil.rmtree(tmp_path / "runs" / "anchors")
+    copy = server.run.path / "ledger" / "school-b.jsonl"
+    copy.write_text("".join(copy.read_text().splitlines(keepends=True)[:-1]))
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 0, out
+    (note,) = [line for line in out.splitlines() if "no server anchors found" in line]
+    assert "school-a, school-b" in note and "cut short" in note and str(tmp_path / "runs" / "anchors") in note, out
+
+
+# ------------------------------------------------------------------------ 9, 10, 11. usage errors
+def test_a_missing_path_or_keyring_is_a_one_line_usage_error(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools)
+    for argv, message in (
+            ([tmp_path / "nowhere", "--keys", keys], f"{tmp_path / 'nowhere'}: not found"),
+            ([server.run.path, "--keys", tmp_path / "deploy" / "nokeys"], f"--keys {tmp_path / 'deploy' / 'nokeys'}: not found"),
+            ([server.run.path, "--keys", keys / "school-a.pub"], "a file, not a keyring"),
+            ([tmp_path / "runs" / "anchors", "--keys", keys], "no ledger/ directory")):
+        code, out = _audit(capsys, *argv)
+        assert code == 2 and len(out.splitlines()) == 1 and out.startswith("fedfer privacy audit: "), out
+        assert message in out and "TAMPERED" not in out and "status" not in out, out
+    code, out = _audit(capsys, server.run.path, "--keys", keys / "school-a.pub")
+    assert "directory" in out and "<school>.pub" in out, out
+
+
+def test_a_simulated_run_audited_without_its_keys_is_pointed_to_trust_run_keys(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    code, out = _audit(capsys, server.run.path, "--keys", tmp_path / "deploy" / "keys")   # no deployment here
+    assert code == 2 and "--trust-run-keys" in out and "coordinator" in out and len(out.splitlines()) == 1, out
+    empty = tmp_path / "empty-keyring"
+    empty.mkdir()
+    code, out = _audit(capsys, server.run.path, "--keys", empty)
+    assert code == 2 and "no public key" in out and "--trust-run-keys uses it" in out, out
+    readme = (ROOT / "README.md").read_text()
+    reading = readme[readme.index("## Reading a run"):readme.index("## Config")]
+    assert "--trust-run-keys" in reading and "--keys deploy/keys" in reading
+
+
+# ------------------------------------------------------------------------ 12. a closed pipe
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    read, write = os.pipe()
+    os.close(read)   # `| head` that has already left
+    try:
+        done = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(server.run.path),
+                               "--trust-run-keys", "--json"], stdout=write, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+# ------------------------------------------------------------------------ 13. canary-audit progress
+def test_canary_audit_says_calibrating_once(monkeypatch, capsys):
+    import torch
+
+    from fedfer.cli import main
+    from fedfer.commands import privacy as command
+
+    def school(args, unit):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(48, 3, args.image_size, args.image_size, generator=gen) * 2 - 1
+        return x, torch.arange(48) % 7, [f"s{i // 2}" for i in range(48)], "a tiny test school"
+
+    monkeypatch.setattr(command, "_school_tensors", school)
+    code = main(["privacy", "canary-audit", "--canaries", "40", "--runs", "4", "--epochs", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("run 4/4") == 1, out
+    assert out.count("calibrating σ") == 1, out
