@@ -7,14 +7,14 @@ new global model -> checkpoint, metrics line, ledger copies (server/strategy.py,
 from __future__ import annotations
 
 import os
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.round_writer import RoundWriter
-from server.run import resume_pending, start_or_resume, trace_benchmark_opens
+from server.run import check_keyring, resume_pending, start_or_resume, trace_benchmark_opens
 from server.simulation_cluster import check_ray_cluster
 from server.strategy import RoundRecord, SchoolFedAvg
 from server.transport import fast_grid
@@ -25,9 +25,19 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    try:
+        run_federation(grid, context)
+    except ValueError as exc:   # ConfigError, CheckpointError, ResumeRefused, …: the admin's input, named
+        # one line first: Flower follows a ServerApp's exception with its traceback and exit code 201
+        log(ERROR, "[fedfer] refused: %s", " ".join(str(exc).split()))
+        raise
+
+
+def run_federation(grid: Grid, context: Context) -> None:
     if os.environ.get("FEDFER_TRACE_OPENS"):   # tests: prove the coordinator never reads benchmark files
         trace_benchmark_opens(os.environ["FEDFER_TRACE_OPENS"])
     requested = from_run_config(context.run_config)
+    check_keyring(requested)
     cluster = check_ray_cluster(grid, str(requested["federation.ray_address"]))
     if cluster:
         log(INFO, "[fedfer] simulated schools run on the Ray cluster at %s", cluster)

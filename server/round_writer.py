@@ -106,8 +106,16 @@ class RoundWriter:
             if evaluator_expected:
                 log(WARNING, "[fedfer] round %d: the evaluation node did not answer; evaluating in-process", record.round)
             started = time.perf_counter()
-            record.evaluation = self.evaluate_in_process(arrays)
-            record.evaluated_by = "server-in-process"
+            try:
+                record.evaluation = self.evaluate_in_process(arrays)
+                record.evaluated_by = "server-in-process"
+            except (ValueError, OSError) as exc:
+                # a deployed coordinator holds no benchmark data (the evaluation node does): the round's training
+                # is recorded without scores rather than ending the federation
+                reason = " ".join(str(exc).split())[:200]
+                log(WARNING, "[fedfer] round %d: not evaluated (%s); the round is recorded without scores", record.round, reason)
+                self.run.event("not-evaluated", round=record.round, reason=reason)
+                record.evaluated_by = "none"
             record.timing["evaluate_compute_s"] = time.perf_counter() - started
         if "round_seconds" not in record.timing:
             self._stamp(record)

@@ -65,6 +65,7 @@ def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
     run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())
     # loaded with weights_only=True and checked field by field (the CLI ran the same check before Flower)
     _, checkpoint, checkpoint_cfg = check_resume_dir(run.path)
+    refuse_changed_settings(cfg, checkpoint_cfg, run.path)
     resumed_cfg = {**checkpoint_cfg, "run.resume": str(run.path)}
     model = registry.build_from_config(resumed_cfg)
     model.load_state_dict(checkpoint["state_dict"])
@@ -74,6 +75,39 @@ def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
     if start.unevaluated is not None:
         log(INFO, "[fedfer] round %d's model has no metrics line yet: it is evaluated first", start.round_offset)
     return start
+
+
+def check_keyring(cfg: Mapping[str, Any]) -> None:
+    """`privacy.keyring` (the schools' enrolled ledger keys) must be a directory before any school is asked:
+    a mistyped path would reject every school's first reply as unverifiable."""
+    keyring = str(cfg.get("privacy.keyring") or "")
+    if keyring and not Path(keyring).expanduser().is_dir():
+        raise ValueError(f"privacy.keyring: {keyring} is not a directory (give the keyring `fedfer deploy` wrote, "
+                         "e.g. /abs/path/deploy/keys)")
+
+
+def refuse_changed_settings(requested: Mapping[str, Any], original: Mapping[str, Any], run_path: Path) -> None:
+    """A resume whose run-config differs from the run it continues is refused, in one line that gives the
+    overrides to repeat. The server continues with the checkpoint's settings, but every school sets its
+    noise, steps and sampling from the run-config it receives: a resumed `flwr run` with only `run.resume`
+    would have the schools calibrate σ to the defaults (measured: σ 7.58 → 1.47, each school's ε 2.5 → 5.1
+    in two rounds of a run planned to end at 2.6)."""
+    from shared_models.config import as_override, resume_differences
+
+    changed = resume_differences(requested, original)
+    if not changed:
+        return
+    was = ", ".join(f"{key}={old!r}" for key, (_, old) in changed.items())
+    now = ", ".join(f"{key}={new!r}" for key, (new, _) in changed.items())
+    repeat = " ".join([*(as_override(key, old) for key, (_, old) in changed.items()), as_override("run.resume", run_path)])
+    message = (f"run.resume: {run_path} was started with {was}, the run-config now says {now}; the schools set "
+               f"their noise from the run-config, so repeat the run's settings: -c '{repeat}'")
+    log(WARNING, "[fedfer] %s", message)   # one line before Flower's traceback of the refusal
+    raise ResumeRefused(message)
+
+
+class ResumeRefused(ValueError):
+    """A resume that would change the settings the schools train under."""
 
 
 def check_pretrained_model(provenance: Mapping[str, Any] | None, cfg: Mapping[str, Any], path: str) -> None:

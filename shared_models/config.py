@@ -533,3 +533,30 @@ def check_paths(cfg: Mapping[str, Any], source: str = "config") -> None:
         path = Path(root).expanduser()
         if not path.exists() and not path.parent.exists():
             raise ConfigError(f"{source}: key 'data.root': neither {path} nor its parent folder exists")
+
+
+# What a resumed run may set differently from the run it continues: where things are and how the machine
+# runs them. Everything else — privacy, rounds, data, model, training — is what the schools set their noise
+# and steps from (each reads Flower's run-config), so it must be the original run's.
+RESUME_MAY_CHANGE = frozenset({
+    "run.resume", "run.name", "run.root", "privacy.keyring", "data.root", "data.school_cache_mb",
+    "federation.round_timeout", "federation.ray_address", "federation.cpus_per_school", "train.threads",
+    "pretrain.threads", "model.pretrain", "model.pretrained", "evaluation.bootstrap", "evaluation.references",
+    "evaluation.reference_schools", "evaluation.central_epochs", "classroom.report_min_students",
+    "classroom.per_student_figures",
+})
+
+
+def resume_differences(requested: Mapping[str, Any], original: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """key -> (requested, original) for every key a resumed run may not change (RESUME_MAY_CHANGE) but does."""
+    return {key: (requested.get(key), original.get(key)) for key in sorted(set(requested) | set(original))
+            if key not in RESUME_MAY_CHANGE and requested.get(key) != original.get(key)}
+
+
+def as_override(key: str, value: Any) -> str:
+    """`key=value` as `flwr run -c` reads it (TOML: strings quoted)."""
+    if isinstance(value, bool):
+        return f"{key}={'true' if value else 'false'}"
+    if isinstance(value, (int, float)):
+        return f"{key}={value!r}"
+    return f'{key}="{value}"'

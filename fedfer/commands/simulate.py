@@ -59,7 +59,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any] | None:
             from server.run_dir import check_resume_dir
 
             # the ServerApp repeats this check; here a bad run directory is refused before Flower starts
-            check_resume_dir(Path(str(cfg["run.resume"])))
+            _, _, original = check_resume_dir(Path(str(cfg["run.resume"])))
+            cfg = resumed_config(cfg, original, _explicit_keys(args, overrides))
         return cfg
     except ConfigError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
@@ -67,6 +68,32 @@ def _config(args: argparse.Namespace) -> dict[str, Any] | None:
     except ValueError as exc:   # CheckpointError: the run directory to resume
         print(f"fedfer: {exc}", file=sys.stderr)
         return None
+
+
+def _explicit_keys(args: argparse.Namespace, overrides: list[str]) -> set[str]:
+    """The keys the user set on this command line (key=value) or in its --config file."""
+    from shared_models.config import flatten, parse_overrides, read_yaml_file
+
+    keys = set(parse_overrides(overrides))
+    if args.config:
+        keys |= set(flatten(read_yaml_file(args.config)))
+    return keys
+
+
+def resumed_config(cfg: dict[str, Any], original: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """A resumed run continues under the settings it started with — the simulated schools read them from
+    the run-config this command writes, so they must be the original run's, not today's defaults. Keys the
+    user set now win where a resume may change them (shared_models.config.RESUME_MAY_CHANGE); setting any
+    other key to a new value is refused."""
+    from shared_models.config import RESUME_MAY_CHANGE, resume_differences
+
+    changed = {key: pair for key, pair in resume_differences(cfg, original).items() if key in explicit}
+    if changed:
+        said = ", ".join(f"{key}={new!r} (the run has {old!r})" for key, (new, old) in changed.items())
+        raise ConfigError(f"run.resume: {cfg['run.resume']} continues a run; it cannot change {said}: "
+                          "drop those overrides, or start a new run")
+    kept = {key: cfg[key] for key in RESUME_MAY_CHANGE if key in explicit}
+    return {**original, **kept, "run.resume": cfg["run.resume"]}
 
 
 def _ensure_data(cfg: dict[str, Any], on_demand: bool = False) -> Path:
