@@ -29,14 +29,21 @@ from shared_models.evaluation import evaluate_benchmarks, spec_name
 from shared_models.models import registry
 
 
+NAMED_IN_PROGRESS = 3   # schools named in a round's progress line when they did not train
+
+
 def progress_line(record: RoundRecord, total_rounds: int, primary: str, seconds: float) -> str:
     """`round 3/12 | schools 6/6 ok | synthetic-rafdb acc 0.412 [0.389, 0.436] | ε max 3.10 | 14.2 s`"""
     ok = [s for s, o in record.train.items() if o.get("status") == "ok"]
     eps = [float(o["epsilon"]) for o in record.train.values() if o.get("status") == "ok" and "epsilon" in o]
     parts = [f"round {record.round}/{total_rounds}", f"schools {len(ok)}/{len(record.train)} ok"]
-    refused = sorted({o["status"] for o in record.train.values() if o.get("status") != "ok"})
-    if refused:
-        parts[-1] += f" ({', '.join(refused)})"
+    refused = {school: str(o.get("status")) for school, o in sorted(record.train.items()) if o.get("status") != "ok"}
+    if refused:   # the schools by name while they fit on the line (events.jsonl has the reasons)
+        if len(refused) <= NAMED_IN_PROGRESS:
+            parts[-1] += " (" + ", ".join(f"{school}: {status}" for school, status in refused.items()) + ")"
+        else:
+            counts = {status: list(refused.values()).count(status) for status in sorted(set(refused.values()))}
+            parts[-1] += " (" + ", ".join(f"{n} {status}" for status, n in counts.items()) + ")"
     bench = record.evaluation.get(primary)
     if bench:
         ci = f" [{bench['accuracy_ci_low']:.3f}, {bench['accuracy_ci_high']:.3f}]" if bench.get("accuracy_ci_low") is not None else ""

@@ -1,8 +1,9 @@
-"""A resumed run continues under the settings it started with. Every school sets its noise, steps and
-sampling from the run-config it receives, so a resume whose run-config differs (a `flwr run` with only
-`run.resume`, or `fedfer simulate run.resume=… privacy.target_epsilon=8`) would have the schools train
-under other privacy settings than the run they continue: the ServerApp refuses it with the overrides to
-repeat, and `fedfer simulate` takes the original settings for every key the user did not set."""
+"""What the coordinator does with an admin's input and a deployment's failures: a resumed run continues under
+the settings it started with (every school sets its noise, steps and sampling from the run-config it receives,
+so a resume whose run-config differs — a `flwr run` with only `run.resume`, or `fedfer simulate run.resume=…
+privacy.target_epsilon=8` — is refused with the overrides to repeat, and `fedfer simulate` takes the original
+settings for every key the user did not set); a mistyped keyring is refused before any school is asked; a lost
+evaluation node does not end the federation; the progress line names the schools that did not train."""
 
 from __future__ import annotations
 
@@ -115,3 +116,14 @@ def test_a_mistyped_keyring_is_refused_before_any_school_is_asked(tmp_path, capl
         server_app.main(None, context)
     assert any("[fedfer] refused: privacy.keyring:" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "runs").exists()   # nothing started
+
+
+def test_the_progress_line_names_the_schools_that_did_not_train():
+    from server.round_writer import progress_line
+    from server.run_dir import RoundRecord
+
+    ok = {"status": "ok", "epsilon": 1.0}
+    record = RoundRecord(7, train={"adams": ok, "jefferson": {"status": "error", "reason": "client error: x"}})
+    assert progress_line(record, 10, "fer2013", 51.0) == "round 7/10 | schools 1/2 ok (jefferson: error) | ε max 1.00 | 51.0 s"
+    many = RoundRecord(2, train={f"s{k}": {"status": "budget-exhausted" if k % 2 else "error"} for k in range(6)})
+    assert "schools 0/6 ok (3 budget-exhausted, 3 error)" in progress_line(many, 4, "fer2013", 1.0)
