@@ -480,9 +480,16 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
                        ("evaluation.benchmarks", "benchmarks")):
         if key in cfg:
             lines.append(f"| {label} | `{cfg[key]}` |")
+    # a deployment: the config's school count and benchmarks are the simulation's defaults; say what happened
+    took_part = data.schools()
+    if took_part and _is_number(cfg.get("federation.schools")) and len(took_part) != int(cfg["federation.schools"]):
+        lines.append(f"| schools that took part | {len(took_part)} |")
+    final = final_evaluation(data)
+    configured = {spec.split("=")[0].split(":")[0].strip() for spec in str(cfg.get("evaluation.benchmarks", "")).split(",")}
+    if final and set(final) != configured:
+        lines.append(f"| benchmarks scored | {', '.join(sorted(final))} |")
     lines.append("")
 
-    final = final_evaluation(data)
     lines += ["## Final figures", ""]
     if final:
         lines += ["| benchmark | round | n | accuracy % [95% CI] | UAR % | macro-F1 % | skipped |",

@@ -228,3 +228,16 @@ def test_a_school_that_declined_keeps_its_lifetime_epsilon_in_the_summary_and_th
     out = capsys.readouterr().out
     assert "school-1     ε  2.500  after 1 round(s) in this run (2 in its lifetime)" in out and "nan" not in out
     assert "school-0     ε  1.600  after 2 round(s) in this run\n" in out
+
+
+def test_a_deployments_setup_says_which_schools_and_benchmarks_took_part(tmp_path):
+    run = write_run(tmp_path / "run", [1])
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    # a deployed run's config keeps the simulation's defaults; the evaluation node scored its own benchmarks
+    config["federation"]["schools"] = 10
+    config["evaluation"]["benchmarks"] = "synthetic-fer2013,synthetic-indomain"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    text = build_report(run).read_text()
+    assert "| schools that took part | 3 |" in text and "| benchmarks scored | rafdb, synthetic-fer2013 |" in text
+    plain = build_report(write_run(tmp_path / "plain", [1])).read_text()
+    assert "took part" not in plain and "benchmarks scored" not in plain
