@@ -2,7 +2,9 @@
 evaluation node.
 
 In deployment the answer comes from the SuperNode's node-config, written by `fedfer deploy`, and is
-read strictly — a missing, empty or misspelt key stops the node with one line naming the key:
+read strictly — a missing, empty or misspelt key, or a bad value, stops the node with one line naming the
+key: at start, before the SuperNode runs (`read_deployed`, from client/runtime/preflight.py, which the
+start script runs first), and in the ClientApp (`identify`), with the same checks:
     role=school school-id=NAME data-dir=PATH state-dir=PATH
         unit=student delta=D budget=E max-round-epsilon=E declared-students=N   (the school's policy)
     role=evaluator benchmarks="fer2013=PATH,rafdb=PATH" [data-dir=PATH]
@@ -14,6 +16,7 @@ with neither `role` nor `partition-id` is an error: only simulation makes simula
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -54,27 +57,44 @@ def simulated_state_dir(cfg: Mapping[str, Any], run_dir: str | Path, school_id: 
     return root / school_id
 
 
-def _deployed(node_config: Mapping[str, Any], cfg: Mapping[str, Any]) -> NodeIdentity:
+def _deployed(node_config: Mapping[str, Any], cfg: Mapping[str, Any] | None, source: str = "node-config") -> NodeIdentity:
+    """A deployed node's identity from its node-config; `source` names it in errors (the ClientApp:
+    'node-config'; the start script's check, client/runtime/preflight.py: the node-config.toml path).
+    cfg None: no run-config (at start), so an evaluator without `benchmarks` gets none here."""
     role = str(node_config["role"])
     allowed = {"school": SCHOOL_KEYS, "evaluator": EVALUATOR_KEYS}.get(role)
     if allowed is None:
-        raise NodeConfigError(f"node-config: key 'role' must be 'school' or 'evaluator', got {role!r}")
+        raise NodeConfigError(f"{source}: key 'role' must be 'school' or 'evaluator', got {role!r}")
     for key in node_config:
         if key not in allowed:
-            raise NodeConfigError(f"node-config: unknown key '{key}' for a {role} node (its keys: {', '.join(allowed)})")
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise NodeConfigError(f"{source}: unknown key '{key}' for a {role} node ({hint}its keys: {', '.join(allowed)})")
     if role == "evaluator":
         data_dir = node_config.get("data-dir")
-        return NodeIdentity(role="evaluator", benchmarks=str(node_config.get("benchmarks", cfg["evaluation.benchmarks"])),
-                            data_dir=Path(str(data_dir)) if data_dir else None)
+        if "benchmarks" in node_config:
+            benchmarks = str(node_config["benchmarks"])
+        else:
+            benchmarks = str(cfg["evaluation.benchmarks"]) if cfg is not None else ""
+        return NodeIdentity(role="evaluator", benchmarks=benchmarks, data_dir=Path(str(data_dir)) if data_dir else None)
     for key in ("school-id", "data-dir", "state-dir"):
         if not str(node_config.get(key, "")).strip():
-            raise NodeConfigError(f"node-config: key '{key}' is required for a school node")
+            raise NodeConfigError(f"{source}: key '{key}' is required for a school node")
     try:
-        policy = SchoolPolicy.from_mapping(node_config, "node-config")
+        policy = SchoolPolicy.from_mapping(node_config, source)
     except PolicyError as exc:
         raise NodeConfigError(str(exc)) from None
     return NodeIdentity(role="school", school_id=str(node_config["school-id"]), data_dir=Path(str(node_config["data-dir"])),
                         state_dir=Path(str(node_config["state-dir"])), policy=policy)
+
+
+def read_deployed(node_config: Mapping[str, Any], source: str) -> NodeIdentity:
+    """The checks `identify` applies to a deployed node's node-config, without a run: what the node's
+    start script runs before the SuperNode starts (client/runtime/preflight.py), so a bad value stops
+    the node at start instead of at its first round. Raises NodeConfigError naming `source` and the key."""
+    if "role" not in node_config:
+        raise NodeConfigError(f"{source}: key 'role' is required (role=school or role=evaluator)")
+    return _deployed(node_config, None, source)
 
 
 def identify(node_config: Mapping[str, Any], cfg: Mapping[str, Any], run_dir: str = "") -> NodeIdentity:

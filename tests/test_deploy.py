@@ -577,13 +577,15 @@ def test_supernode_launcher_retries_a_refused_start_then_gives_up(tmp_path, caps
     monkeypatch.setattr(supernode, "_time", FakeClock())
 
     counter = tmp_path / "attempts"
+    say_refused = "sys.stderr.write('Failed to initialize the connection to the SuperLink.\\n[code: 2004] Failed to activate SuperNode.\\n')"
     flaky = [sys.executable, "-c", f"import pathlib, sys; p = pathlib.Path({str(counter)!r}); "
-             "n = len(p.read_text()) if p.exists() else 0; p.write_text('x' * (n + 1)); sys.exit(0 if n >= 2 else 1)"]
+             "n = len(p.read_text()) if p.exists() else 0; p.write_text('x' * (n + 1)); "
+             f"{say_refused} if n < 2 else None; sys.exit(0 if n >= 2 else 1)"]
     assert supervise(flaky, retry_for=30, retry_every=0.05) == 0
     assert counter.read_text() == "xxx"
     counter.unlink()
-    refused = [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(counter)!r}); "
-               "p.write_text((p.read_text() if p.exists() else '') + 'x'); raise SystemExit(1)"]
+    refused = [sys.executable, "-c", f"import pathlib, sys; p = pathlib.Path({str(counter)!r}); "
+               f"p.write_text((p.read_text() if p.exists() else '') + 'x'); {say_refused}; raise SystemExit(1)"]
     # tries at t = 0, 0.125, 0.25, 0.375, 0.5; the next would start after the 0.5 s deadline
     assert supervise(refused, retry_for=0.5, retry_every=0.125) == 1
     assert len(counter.read_text()) == 5

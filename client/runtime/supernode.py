@@ -16,14 +16,22 @@ per school).
 If the installed Flower no longer has the expected loop (other version), the launcher logs a
 warning and runs the SuperNode unpatched: correct, only slower.
 
-Usage (what `fedfer deploy add-school` writes into the school's start script):
-    python -m client.runtime.supernode --idle-poll 0.5 --reply-poll 0.1 -- <flower-supernode arguments>
+Before anything starts, the node's files and node-config are checked (client/runtime/preflight.py; one
+line naming the file or key, exit 2, no retry). The SuperNode then runs as a child of this launcher, which
+retries a start the SuperLink refused (`[code: 2004]`, `supervise`) and otherwise repeats the SuperNode's
+own reason for stopping as its last line.
+
+Usage (what `fedfer deploy add-school` writes into the school's start script, after its own preflight line,
+hence `--checked`):
+    python -m client.runtime.supernode --idle-poll 0.5 --reply-poll 0.1 --checked -- <flower-supernode arguments>
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import inspect
+import re
 import sys
 import time as _time
 import types
@@ -162,18 +170,91 @@ def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str
     return flower_supernode() or 0
 
 
+REFUSED = "[code: 2004]"   # Flower's "Failed to activate SuperNode": the SuperLink refused this node's key
+QUICK_S = 30.0              # a SuperNode that stops this soon after its start failed to join
+_LOG_PREFIX = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*(\d{4}-\d\d-\d\d[ T][\d:,.]+Z?)?\s*:\s+")   # level (time):
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _LogTail:
+    """Copies the SuperNode's stderr to ours, line by line, and keeps its last lines to explain an exit."""
+
+    def __init__(self, keep: int = 200) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.refused = False
+
+    def pump(self, source: Any, sink: Any) -> None:
+        for raw in iter(source.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            try:
+                sink.write(line)
+                sink.flush()
+            except (OSError, ValueError):   # our own stderr is gone: keep reading, or the child blocks
+                pass
+            text = _ANSI.sub("", line).rstrip()
+            self.refused = self.refused or REFUSED in text
+            self.lines.append(text)
+
+    def reason(self) -> str:
+        """The SuperNode's own explanation of its exit, as one line: Flower's exit message without its generic
+        help, else the last error line (or a traceback's last line), else the last line at all."""
+        lines = list(self.lines)
+        for i in range(len(lines) - 1, -1, -1):
+            match = re.search(r"Exit Code: (\d+)$", lines[i])
+            if match:
+                try:
+                    from flwr.supercore.exit.exit_code import EXIT_CODE_HELP
+                    generic = EXIT_CODE_HELP.get(int(match.group(1)), "")
+                except ImportError:
+                    generic = ""
+                message = []
+                for line in lines[i + 1:]:
+                    if not line.strip() or line.startswith("For more information"):
+                        break
+                    if line.strip() != generic:
+                        message.append(line.strip())
+                return f"Flower exit code {match.group(1)}: " + " ".join(message or [generic])
+        meaningful = [line for line in lines if line.strip() and not line.startswith("For more information")]
+        for line in reversed(meaningful):
+            if line.startswith(("ERROR", "CRITICAL")) or re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b", line):
+                return _LOG_PREFIX.sub("", line).strip()
+        for line in reversed(meaningful):
+            if not line.startswith(("INFO", "DEBUG")):
+                return _LOG_PREFIX.sub("", line).strip()
+        return _LOG_PREFIX.sub("", meaningful[-1]).strip() if meaningful else "no output"
+
+
+def _refused_message(child_argv: Sequence[str], retry_for: float) -> str:
+    key = None
+    for i, arg in enumerate(child_argv[:-1]):
+        if arg == "--auth-supernode-private-key":
+            key = child_argv[i + 1]
+    whose = f"the key {key}.pub" if key else "this node's key"
+    return (f"fedfer: the SuperLink refused to activate this SuperNode for {retry_for:.0f} s ({REFUSED} Failed to "
+            f"activate SuperNode): either {whose} is not registered there or was revoked (on the coordinator: "
+            "`fedfer deploy register NAME`), or a SuperNode with this key is still connected (the same node folder "
+            "started twice, or on two machines); Flower tells the node no more, the coordinator's superlink.log says "
+            "'No SuperNode found with the given public key' for the first and 'could not be activated' for the second")
+
+
 def supervise(child_argv: list[str], retry_for: float, retry_every: float) -> int:
-    """Run the SuperNode as a child; restart it while it keeps failing to *connect*.
+    """Run the SuperNode as a child; restart it while the SuperLink refuses to activate it.
 
     Why: the SuperLink only activates a node that is registered or offline. A SuperNode that
     crashed (or lost its coordinator) stays 'online' there until its heartbeat lapses (Flower:
     2 x 30 s), and a restart in that window exits at once with `[code: 2004] Failed to activate
-    SuperNode` (exit 1). So a failure within the first seconds is retried for `retry_for` seconds;
-    a revoked key keeps failing and is given up on with that message. A SuperNode that ran and
+    SuperNode` (exit 1); so does one started before its key registration reached the SuperLink. Such
+    a refusal within the first seconds is retried for `retry_for` seconds; a revoked key keeps failing
+    and is given up on with that message. Any other failure is not retried (the same arguments fail
+    the same way): the SuperNode's own reason is repeated as the last line. A SuperNode that ran and
     then stopped is not restarted here (that is the site's service manager's decision).
+
+    The child's stderr (where Flower logs) passes through this process, line by line, so that the
+    final line can quote it: `[code: 2004]` is blamed only when the log shows it.
     """
     import signal
     import subprocess
+    import threading
 
     deadline = _time.monotonic() + retry_for
     current: list[subprocess.Popen] = []
@@ -188,7 +269,10 @@ def supervise(child_argv: list[str], retry_for: float, retry_every: float) -> in
     try:
         while True:
             started = _time.monotonic()
-            current[:] = [subprocess.Popen(child_argv)]
+            tail = _LogTail()
+            current[:] = [subprocess.Popen(child_argv, stderr=subprocess.PIPE)]
+            pump = threading.Thread(target=tail.pump, args=(current[0].stderr, sys.stderr), daemon=True)
+            pump.start()
             try:
                 code = current[0].wait()
             except SystemExit:
@@ -197,19 +281,36 @@ def supervise(child_argv: list[str], retry_for: float, retry_every: float) -> in
                 except subprocess.TimeoutExpired:
                     current[0].kill()
                 raise
-            quick = _time.monotonic() - started < 30
-            if code == 0 or not quick or _time.monotonic() + retry_every > deadline:
-                if code != 0 and quick:
-                    print(f"[fedfer] the SuperNode could not join for {retry_for:.0f} s; if the log says "
-                          "[code: 2004], its key is not registered (or was revoked) at the SuperLink",
-                          file=sys.stderr)
+            finally:
+                pump.join(timeout=5)   # the rest of its log (a grandchild holding the pipe: not waited for)
+                if not pump.is_alive():
+                    current[0].stderr.close()
+            if code == 0:
+                return 0
+            quick = _time.monotonic() - started < QUICK_S
+            if not (quick and tail.refused):
+                why = tail.reason() if code > 0 else f"killed by signal {-code}"
+                print(f"fedfer: the SuperNode stopped (exit {code}): {why}", file=sys.stderr, flush=True)
                 return code
-            print(f"[fedfer] the SuperNode exited ({code}) while connecting; retrying in {retry_every:.0f} s "
-                  "(a crashed node stays 'online' at the SuperLink for up to 60 s)", file=sys.stderr, flush=True)
+            if _time.monotonic() + retry_every > deadline:
+                print(_refused_message(child_argv, retry_for), file=sys.stderr, flush=True)
+                return code
+            print(f"[fedfer] the SuperLink refused to activate the SuperNode ({REFUSED}); retrying in "
+                  f"{retry_every:.0f} s (a crashed node stays 'online' there for up to 60 s; a key registered "
+                  "just now may not be active yet)", file=sys.stderr, flush=True)
             _time.sleep(retry_every)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def preflight(flower_args: Sequence[str]) -> int:
+    """client/runtime/preflight.py on these arguments, in its own short-lived process (its node-config check
+    imports the privacy engine, which this long-lived launcher should not hold): 0, or its exit code after
+    its one line."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "client.runtime.preflight", "--", *flower_args])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,9 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--task-hold", type=float, default=DEFAULT_TASK_HOLD_S,
                         help="seconds the warm executor's request for a task waits for one (0: Flower's polling)")
     parser.add_argument("--retry-for", type=float, default=120.0,
-                        help="keep restarting a SuperNode that fails to connect for this long (0: never)")
+                        help="keep restarting a SuperNode the SuperLink refuses to activate ([code: 2004]) for this "
+                             "long (0: never); any other failure is not retried")
     parser.add_argument("--retry-every", type=float, default=10.0, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checked", action="store_true",
+                        help="the start script already ran `python -m client.runtime.preflight` with these arguments")
     args = parser.parse_args(ours)
     for name in ("idle_poll", "reply_poll", "busy_poll"):
         if not 0.05 <= getattr(args, name) <= 3.0:
@@ -240,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--busy-window must be between 0 and 600 seconds")
     if not 0.0 <= args.task_hold <= 20.0:
         parser.error("--task-hold must be between 0 and 20 seconds")
+    if not (args.child or args.checked):
+        code = preflight(flower_args)
+        if code:
+            return code
     if args.child or args.retry_for <= 0:
         if args.child:   # die with the supervising parent, even if it is SIGKILLed
             import os

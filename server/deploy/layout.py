@@ -380,24 +380,41 @@ def _head(title: str) -> str:
     return _SCRIPT_HEAD.format(title=title, python=sys.executable, malloc=malloc)
 
 
+def _flower_args(argv: list[str]) -> list[str]:
+    """The arguments Flower itself gets from a start command: after `--` when a fedfer launcher wraps it."""
+    return argv[argv.index("--") + 1:] if argv[0] == sys.executable and "--" in argv else argv[1:]
+
+
+def _preflight(module: str, argv: list[str], what: str) -> str:
+    """The script's first command: check what the process needs before anything starts (exit 2 with one line
+    naming the file or key; `set -e` then stops the script)."""
+    return f"# {what}\n" + _shell_line([sys.executable, "-m", module, "--", *_flower_args(argv)]) + "\n"
+
+
 def superlink_script(dep: Deployment) -> str:
     argv = superlink_command(dep, HERE)
+    check = _preflight("server.deploy.preflight", argv, "Check the certificate and key files first (one line naming a "
+                       "missing or unusable one).")
     if argv[0].endswith("flower-superlink"):
         argv[0] = "flower-superlink"
-    return _head("fedfer coordinator: the Flower SuperLink") + (
+    return _head("fedfer coordinator: the Flower SuperLink") + check + (
         "exec " + _shell_line(argv) + "\n")
 
 
 def node_script(dep: Deployment, name: str) -> str:
     entry = dep.node(name)
     commands = node_commands(dep, name, HERE)
-    head = _head(f"fedfer {entry.role} node '{name}': its Flower SuperNode")
+    head = _head(f"fedfer {entry.role} node '{name}': its Flower SuperNode") + _preflight(
+        "client.runtime.preflight", commands[0], "Check the certificate, keys, node-config.toml and the folders it "
+        "names before anything starts (one line naming the file or key).")
     if len(commands) == 1:
         argv = commands[0]
         if argv[0].endswith("flower-supernode"):
             argv[0] = "flower-supernode"
         return head + "exec " + _shell_line(argv) + "\n"
     node, executor = commands
+    if node[0] == sys.executable and "client.runtime.supernode" in node:   # checked just above: not again
+        node.insert(node.index("client.runtime.supernode") + 1, "--checked")
     return head + (
         "# The SuperNode (Flower, shorter poll) and the warm executor that runs its ClientApp tasks.\n"
         + _shell_line(node) + " &\nNODE=$!\n"

@@ -32,9 +32,15 @@ class LocalFederation:
 
     def start_superlink(self, timeout: float = 90.0) -> ManagedProcess:
         from server.deploy.layout import superlink_command
+        from server.deploy.preflight import SuperLinkStartError, check_superlink
 
         dep = self.dep
-        proc = self.supervisor.start("superlink", superlink_command(dep),
+        argv = superlink_command(dep)
+        try:   # the start script's first check: a missing file named by its path, not by Flower's option
+            check_superlink(argv[argv.index("--") + 1:] if "--" in argv else argv[1:])
+        except SuperLinkStartError as exc:
+            raise DeploymentError(f"superlink: {exc}") from None
+        proc = self.supervisor.start("superlink", argv,
                                      env=flower_env(dep.coordinator_dir / "flwr_home"), cwd=dep.coordinator_dir)
         host = dep.local_host
         self.supervisor.wait_port(proc, host, dep.port, timeout)
