@@ -76,6 +76,19 @@ def test_fedfer_simulate_resumes_under_the_original_settings(tmp_path, capsys):
     assert _config(_args(f"run.resume={run}", config=config)) is not None
 
 
+def test_a_resumed_default_run_does_not_pretrain_again(tmp_path):
+    """A default run records model.pretrain=auto beside the checkpoint it resolved to; its resume starts from
+    its own checkpoint, so `fedfer simulate` must neither pre-train nor refuse 'both set'."""
+    from fedfer.commands.simulate import _resolve_run_config
+
+    start = tmp_path / "pretrained.pt"
+    start.write_bytes(b"not read on resume")
+    run = _run(tmp_path, "model.pretrain=auto", f"model.pretrained={start}", f"data.root={tmp_path / 'data'}")
+    cfg = _config(_args(f"run.resume={run}"))
+    assert cfg is not None and cfg["model.pretrain"] == "" and cfg["model.pretrained"] == str(start)
+    assert _resolve_run_config(cfg) == (0, None)
+
+
 
 def test_a_lost_evaluation_node_does_not_end_a_deployed_federation(tmp_path):
     """A deployed coordinator holds no benchmark data; when the evaluation node stops answering, its

@@ -93,7 +93,8 @@ def resumed_config(cfg: dict[str, Any], original: dict[str, Any], explicit: set[
         raise ConfigError(f"run.resume: {cfg['run.resume']} continues a run; it cannot change {said}: "
                           "drop those overrides, or start a new run")
     kept = {key: cfg[key] for key in RESUME_MAY_CHANGE if key in explicit}
-    return {**original, **kept, "run.resume": cfg["run.resume"]}
+    # the weights come from the checkpoint: nothing to pre-train (model.pretrained stays, for --references)
+    return {**original, "model.pretrain": "", **kept, "run.resume": cfg["run.resume"]}
 
 
 def _ensure_data(cfg: dict[str, Any], on_demand: bool = False) -> Path:
@@ -231,7 +232,7 @@ def _resolve_run_config(cfg: dict[str, Any]) -> tuple[int, _PendingPretraining |
         code, pending = _pretrain_auto(cfg)
         if code:
             return code, None
-    if cfg["model.pretrained"] and pending is None:
+    if cfg["model.pretrained"] and pending is None and not cfg["run.resume"]:
         from server.run import check_pretrained_model
         from shared_models.models import registry
 
