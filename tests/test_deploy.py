@@ -247,6 +247,39 @@ def test_add_school_matches_the_clientapp_node_config_contract(deployment, tmp_p
     assert subprocess.run(["bash", "-n", str(folder / "start.sh")]).returncode == 0
 
 
+def test_a_school_can_keep_its_ledger_signing_key_to_itself(deployment, tmp_path, capsys):
+    """`fedfer deploy school-key` at the school, then `add-school --ledger-key`: the coordinator gets only the
+    public half; no signing key exists anywhere under the deployment (a coordinator holding it could sign
+    ledger entries in the school's name)."""
+    from fedfer.cli import main
+    from privacy.signing import load_or_create_signing_key, public_key_pem
+
+    dep, home = deployment
+    school_state = tmp_path / "school-machine" / "state"
+    assert main(["deploy", "school-key", "--state-dir", str(school_state)]) == 0
+    out = capsys.readouterr().out
+    assert f"send {school_state / 'signing_key.pub'} to the coordinator" in out
+    assert mode(school_state / "signing_key.pem") == 0o600
+    assert main(["deploy", "school-key", "--state-dir", str(school_state)]) == 0   # again: the same key, kept
+    key = load_or_create_signing_key(school_state)
+    assert main(["deploy", "add-school", "lincoln-high", "--data-dir", str(tmp_path / "data"), "--declared-students", "900",
+                 "--ledger-key", str(school_state / "signing_key.pub"), "--state-dir", str(school_state),
+                 "--dir", str(dep.root), "--flwr-home", str(home)]) == 0
+    assert "signing key   the school's own" in capsys.readouterr().out
+    assert (dep.keyring / "lincoln-high.pub").read_text() == public_key_pem(key)
+    assert not list(dep.root.rglob("signing_key.pem"))
+    # refused in one line: no --state-dir, a file that is not an Ed25519 public key, a missing file
+    (tmp_path / "junk.pub").write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    for extra, needle in ((["--ledger-key", str(school_state / "signing_key.pub")], "--ledger-key needs --state-dir"),
+                          (["--ledger-key", str(tmp_path / "junk.pub"), "--state-dir", "/s"], "not a PEM public key"),
+                          (["--ledger-key", str(tmp_path / "nope.pub"), "--state-dir", "/s"], "nope.pub: not a file")):
+        assert main(["deploy", "add-school", "other", "--data-dir", "/d", "--declared-students", "100", *extra,
+                     "--dir", str(dep.root), "--flwr-home", str(home)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert not (dep.keyring / "other.pub").exists() and not dep.node_dir("other").exists()
+
+
 def test_evaluator_node_config(deployment, tmp_path):
     from client.node import identify
     from flwr.common.config import parse_config_args

@@ -2,7 +2,8 @@
 (one Flower SuperLink at the coordinator, one SuperNode per school, one evaluation node).
 
     fedfer deploy init --coordinator fl.district.example [--san 10.0.0.5 …] [--dir deploy]
-    fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln [--budget 8 --declared-students 1200 …]
+    fedfer deploy school-key --state-dir /srv/fedfer/lincoln-state      # at the school: its own ledger key
+    fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln [--ledger-key signing_key.pub --state-dir …]
     fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
     fedfer deploy status | register NAME | revoke NAME | rotate NAME | renew-cert | up
 
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from server.deploy.commands import (INSECURE_WARNING, DeployError, add_node, default_flwr_home, deployment_status,
-                                    init_deployment, register_pending, renew_certificate, revoke_node, rotate_node)
+                                    init_deployment, make_school_key, register_pending, renew_certificate, revoke_node,
+                                    rotate_node)
 
 
 # ------------------------------------------------------------------------------------ argparse
@@ -66,8 +68,23 @@ def _cmd_add_school(args: argparse.Namespace) -> int:
     dep, message = add_node(Path(args.dir), args.name, "school", data_dir=Path(args.data_dir), state_dir=args.state_dir,
                             budget=args.budget, runtime_port=args.runtime_port, flwr_home=_home(args), unit=args.unit,
                             delta=args.delta, max_round_epsilon=args.max_round_epsilon,
-                            declared=args.declared_students if args.declared_students is not None else args.declared_images)
+                            declared=args.declared_students if args.declared_students is not None else args.declared_images,
+                            ledger_key=Path(args.ledger_key) if args.ledger_key else None)
     _print_node(dep, args.name, message)
+    if args.ledger_key:
+        print(f"  signing key   the school's own (public half from {args.ledger_key}); none was made here")
+    else:
+        print(f"  signing key   made here, in {dep.node_dir(args.name)}: delete the folder once it is at the school "
+              "(or let the school make its own: `fedfer deploy school-key`, then --ledger-key)")
+    return 0
+
+
+def _cmd_school_key(args: argparse.Namespace) -> int:
+    public, ident = make_school_key(Path(args.state_dir))
+    print(f"ledger signing key in {Path(args.state_dir).expanduser() / 'signing_key.pem'} (0600, stays here; key id {ident})")
+    print(f"  send {public} to the coordinator, who runs:")
+    print(f"  fedfer deploy add-school NAME --ledger-key {public.name} --state-dir {Path(args.state_dir).expanduser().absolute()} "
+          "--data-dir PATH …")
     return 0
 
 
@@ -210,8 +227,15 @@ def _add_node_steps(dsub: argparse._SubParsersAction) -> None:
                         "significant figures, if the data folder is readable here)")
     p.add_argument("--declared-images", type=int, default=None, help="the same for --unit image")
     p.add_argument("--runtime-port", type=int, default=None, help="the SuperNode's local Runtime API port (default: next free from 9101)")
+    p.add_argument("--ledger-key", default=None, metavar="SIGNING_KEY_PUB",
+                   help="the public half of the ledger key the school made itself (`fedfer deploy school-key`); "
+                        "with --state-dir, its folder on the school's machine. Without it the key is made here")
     _common(p)
     p.set_defaults(func=_wrap(_cmd_add_school))
+
+    p = dsub.add_parser("school-key", help="at the school: make its ledger signing key (it never leaves the school)")
+    p.add_argument("--state-dir", required=True, help="the school's state folder (the node-config's state-dir)")
+    p.set_defaults(func=_wrap(_cmd_school_key))
 
     p = dsub.add_parser("evaluator", help="the evaluation node (public benchmarks)")
     p.add_argument("--name", default="evaluator")

@@ -281,9 +281,12 @@ def school_policy(name: str, data_dir: Path, *, unit: str | None = None, delta: 
 def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, state_dir: Path | None = None,
              budget: float | None = None, benchmarks: Iterable[str] = (), runtime_port: int | None = None,
              flwr_home: Path | None = None, unit: str | None = None, delta: float | None = None,
-             max_round_epsilon: float | None = None, declared: int | None = None) -> tuple["Deployment", str]:
+             max_round_epsilon: float | None = None, declared: int | None = None,
+             ledger_key: Path | None = None) -> tuple["Deployment", str]:
     """Create a node folder (keys, node-config with the school's privacy policy, start script), keyring
-    entry and registration."""
+    entry and registration. `ledger_key`: the public half of a ledger signing key the school made itself
+    (`fedfer deploy school-key`); without it the signing key is made here, in the node folder's state dir,
+    and the coordinator must delete that folder once it is copied to the school."""
     from server.deploy import credentials as cred
     from server.deploy.layout import (Deployment, NodeEntry, check_node_name, evaluator_node_config, node_script,
                                       school_node_config, write_node_config, write_script)
@@ -302,11 +305,20 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
     for path in (data_dir, state_dir):
         if path is not None:
             check_text(str(path), f"{name}:")
+    ledger_pem = None
+    if ledger_key is not None:
+        if role != "school":
+            raise DeployError(f"{name}: --ledger-key is a school's")
+        if state_dir is None:
+            raise DeployError(f"school {name}: --ledger-key needs --state-dir, the folder on the school's machine "
+                              "that holds the signing key (`fedfer deploy school-key --state-dir DIR` made both)")
+        ledger_pem = _school_ledger_key(Path(ledger_key), name)
     if role == "school":
         if data_dir is None:
             raise DeployError(f"school {name}: --data-dir is required")
         state = Path(state_dir) if state_dir else folder / "state"
-        check_target_dir(state.expanduser(), f"school {name}: --state-dir")
+        if ledger_pem is None:   # the key is made here: its folder must be writable here
+            check_target_dir(state.expanduser(), f"school {name}: --state-dir")
         policy = school_policy(name, Path(data_dir).expanduser(), unit=unit, delta=delta, budget=budget,
                                max_round_epsilon=max_round_epsilon, declared=declared)
         config = school_node_config(name, Path(data_dir).expanduser().absolute(), state.expanduser().absolute(), policy)
@@ -330,13 +342,43 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
     cred.write_private(folder / "superexec.secret", secrets.token_hex(32).encode())
     write_node_config(folder / "node-config.toml", config)
     if role == "school":
-        pem = cred.ledger_public_key_pem(Path(config["state-dir"]))
+        pem = ledger_pem if ledger_pem is not None else cred.ledger_public_key_pem(Path(config["state-dir"]))
         cred.write_public(dep.keyring / f"{name}.pub", pem.encode())
     dep.nodes[name] = entry
     message = _try_register(dep, entry, folder / "supernode.pub", flwr_home)
     dep.save()
     write_script(folder / "start.sh", node_script(dep, name))
     return dep, message
+
+
+def _school_ledger_key(path: Path, name: str) -> str:
+    """The PEM of a school's own ledger verification key (an Ed25519 public key), checked."""
+    from privacy.signing import SigningKeyError, load_public_key, public_key_pem
+
+    if not path.is_file():
+        raise DeployError(f"school {name}: --ledger-key {path}: not a file (the school's {path.name or 'signing_key.pub'} "
+                          "from `fedfer deploy school-key`)")
+    try:
+        return public_key_pem(load_public_key(path))
+    except SigningKeyError as exc:
+        raise DeployError(f"school {name}: --ledger-key {' '.join(str(exc).split())}") from None
+
+
+def make_school_key(state_dir: Path) -> tuple[Path, str]:
+    """At the school: its ledger signing key in `state_dir` (made once, 0600; an existing one is kept) and the
+    path of its public half, which is all the coordinator needs. Returns (public key path, key id)."""
+    from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_or_create_signing_key, public_key_pem
+
+    state_dir = Path(state_dir).expanduser()
+    check_target_dir(state_dir, "--state-dir")
+    try:
+        key = load_or_create_signing_key(state_dir)
+    except SigningKeyError as exc:
+        raise DeployError(" ".join(str(exc).split())) from None
+    public = state_dir / PUBLIC_KEY_FILE
+    if not public.is_file():   # made by an older fedfer or deleted: write it again from the private key
+        public.write_text(public_key_pem(key), encoding="ascii")
+    return public, key_id(key)
 
 
 def register_pending(root: Path, name: str, flwr_home: Path) -> str:
