@@ -44,10 +44,12 @@ def progress_line(record: RoundRecord, total_rounds: int, primary: str, seconds:
         else:
             counts = {status: list(refused.values()).count(status) for status in sorted(set(refused.values()))}
             parts[-1] += " (" + ", ".join(f"{n} {status}" for status, n in counts.items()) + ")"
-    bench = record.evaluation.get(primary)
+    # the config's first benchmark, else the first the evaluation node scored (a deployed evaluator has its own list)
+    shown = primary if primary in record.evaluation else next(iter(record.evaluation), primary)
+    bench = record.evaluation.get(shown)
     if bench:
         ci = f" [{bench['accuracy_ci_low']:.3f}, {bench['accuracy_ci_high']:.3f}]" if bench.get("accuracy_ci_low") is not None else ""
-        parts.append(f"{primary} acc {bench['accuracy']:.3f}{ci}")
+        parts.append(f"{shown} acc {bench['accuracy']:.3f}{ci}")
     if eps:
         parts.append(f"ε max {max(eps):.2f}")
     parts.append(f"{seconds:.1f} s")

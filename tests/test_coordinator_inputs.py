@@ -138,5 +138,7 @@ def test_the_progress_line_names_the_schools_that_did_not_train():
     ok = {"status": "ok", "epsilon": 1.0}
     record = RoundRecord(7, train={"adams": ok, "jefferson": {"status": "error", "reason": "client error: x"}})
     assert progress_line(record, 10, "fer2013", 51.0) == "round 7/10 | schools 1/2 ok (jefferson: error) | ε max 1.00 | 51.0 s"
+    scored = RoundRecord(3, train={"adams": ok}, evaluation={"fer2013": {"accuracy": 0.5}})
+    assert "| fer2013 acc 0.500 |" in progress_line(scored, 10, "synthetic-fer2013", 1.0)   # the evaluator's own benchmark
     many = RoundRecord(2, train={f"s{k}": {"status": "budget-exhausted" if k % 2 else "error"} for k in range(6)})
     assert "schools 0/6 ok (3 budget-exhausted, 3 error)" in progress_line(many, 4, "fer2013", 1.0)
