@@ -349,11 +349,11 @@ def epsilon_series(data: RunData) -> dict[str, dict[str, list[float]]]:
 @dataclass
 class SchoolSpend:
     """One school's privacy in a run: its lifetime ε after the run's last ledger entry (a refusal records the
-    ε it stopped at), the rounds it trained in this run, and in its lifetime (None when the ledger is missing)."""
+    ε it stopped at) and the rounds it trained in this run. (Its lifetime rounds are not in the run's copy:
+    `history_before` merges rounds of the same σ and q.)"""
 
     epsilon: float | None
     trained_here: int
-    trained_lifetime: int | None
 
 
 def school_spend(data: RunData) -> dict[str, SchoolSpend]:
@@ -362,16 +362,12 @@ def school_spend(data: RunData) -> dict[str, SchoolSpend]:
     for school, entries in data.ledger.items():
         if not entries:
             continue
-        last = entries[-1]
-        history = last.get("history_before")
-        lifetime = (len(history) + (last.get("event", "round") == "round")) if isinstance(history, list) else None
-        out[school] = SchoolSpend(float(last["epsilon"]), sum(e.get("event", "round") == "round" for e in entries),
-                                  lifetime)
+        out[school] = SchoolSpend(float(entries[-1]["epsilon"]), sum(e.get("event", "round") == "round" for e in entries))
     for school, series in epsilon_series(data).items():
         if school not in out:
-            out[school] = SchoolSpend(series["epsilon"][-1] if series["epsilon"] else None, len(series["round"]), None)
+            out[school] = SchoolSpend(series["epsilon"][-1] if series["epsilon"] else None, len(series["round"]))
     for school in refusals(data):
-        out.setdefault(school, SchoolSpend(None, 0, None))
+        out.setdefault(school, SchoolSpend(None, 0))
     return out
 
 
@@ -750,16 +746,15 @@ def _privacy_table(data: RunData) -> list[str]:
              f"ε from the run's ledger copy (`ledger/<school>.jsonl`; `fedfer privacy audit` recomputes and verifies it): "
              f"each school's lifetime ε, over this run and the runs before it. "
              f"Budget: {budget:g}." if budget else "ε from the run's ledger copy. No budget configured.", "",
-             "| school | rounds trained (lifetime) | final ε | remaining | refused / failed rounds |", "|---|---|---|---|---|"]
+             "| school | rounds trained (this run) | final ε (lifetime) | remaining | refused / failed rounds |", "|---|---|---|---|---|"]
     for school in schools:
-        mine = spend.get(school, SchoolSpend(None, 0, None))
+        mine = spend.get(school, SchoolSpend(None, 0))
         final_eps = mine.epsilon
         remaining = "—"
         if budget is not None and final_eps is not None:
             remaining = f"{budget - final_eps:.3f}" + (" (over budget)" if final_eps > budget + 1e-9 else "")
         bad = "; ".join(f"{r}: {reason}" for r, reason in refused.get(school, [])) or "—"
-        trained = f"{mine.trained_here}" + (f" ({mine.trained_lifetime})" if mine.trained_lifetime is not None else "")
-        lines.append(f"| {school} | {trained} | {'—' if final_eps is None else f'{final_eps:.3f}'} | "
+        lines.append(f"| {school} | {mine.trained_here} | {'—' if final_eps is None else f'{final_eps:.3f}'} | "
                      f"{remaining} | {bad} |")
     return lines + [""]
 

@@ -58,12 +58,15 @@ def _args(*overrides: str, config: Path | None = None) -> argparse.Namespace:
     return argparse.Namespace(overrides=list(overrides), config=config, references=False)
 
 
-def test_fedfer_simulate_resumes_under_the_original_settings(tmp_path, capsys):
+def test_fedfer_simulate_resumes_under_the_original_settings(tmp_path, capsys, monkeypatch):
     run = _run(tmp_path, "privacy.target_epsilon=1", "federation.rounds=4", "train.lr=0.5")
     cfg = _config(_args(f"run.resume={run}", "federation.round_timeout=30"))
     assert cfg is not None
     assert (cfg["privacy.target_epsilon"], cfg["federation.rounds"], cfg["train.lr"]) == (1.0, 4, 0.5)
     assert cfg["federation.round_timeout"] == 30.0 and cfg["run.resume"] == str(run)
+    # a relative path is made absolute: the ServerApp resolves it from another folder
+    monkeypatch.chdir(run.parent)
+    assert _config(_args(f"run.resume={run.name}"))["run.resume"] == str(run)
     # what the launcher hands the simulated schools is therefore what the ServerApp continues with
     assert resume_differences(cfg, load_config(None, ["privacy.target_epsilon=1", "federation.rounds=4", "train.lr=0.5",
                                                       "model.preset=dp", "model.pretrain="])) == {}

@@ -94,7 +94,9 @@ def resumed_config(cfg: dict[str, Any], original: dict[str, Any], explicit: set[
                           "drop those overrides, or start a new run")
     kept = {key: cfg[key] for key in RESUME_MAY_CHANGE if key in explicit}
     # the weights come from the checkpoint: nothing to pre-train (model.pretrained stays, for --references)
-    return {**original, "model.pretrain": "", **kept, "run.resume": cfg["run.resume"]}
+    # absolute: the ServerApp runs in another folder and resolves a relative path from there
+    resume = str(Path(str(cfg["run.resume"])).expanduser().resolve())
+    return {**original, "model.pretrain": "", **kept, "run.resume": resume}
 
 
 def _ensure_data(cfg: dict[str, Any], on_demand: bool = False) -> Path:
@@ -399,9 +401,7 @@ def _print_epsilons(spend: dict[str, Any], many: int = 20) -> None:
     if len(spend) <= many:
         for school, mine in sorted(spend.items()):
             eps = "     —" if mine.epsilon is None else f"{mine.epsilon:6.3f}"
-            lifetime = (f" ({mine.trained_lifetime} in its lifetime)"
-                        if mine.trained_lifetime is not None and mine.trained_lifetime != mine.trained_here else "")
-            print(f"    {school:<12} ε {eps}  after {mine.trained_here} round(s) in this run{lifetime}")
+            print(f"    {school:<12} ε {eps}  after {mine.trained_here} round(s) in this run")
         return
     import numpy as np
 
