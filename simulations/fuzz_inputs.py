@@ -92,7 +92,7 @@ class Templates:
         self.deploy = work / "template-deploy"
         self.deploy.mkdir()
         env_home = self.deploy / "flwr-home"
-        python_code(self.deploy, "from pathlib import Path\nfrom server import deploy_cli\n"
+        python_code(self.deploy, "from pathlib import Path\nfrom server.deploy import commands as deploy_cli\n"
                                  f"deploy_cli.init_deployment(Path('deploy'), 'localhost', port=19093, "
                                  f"flwr_home=Path({str(env_home)!r}))")
         self.report = work / "template-report"
@@ -396,11 +396,20 @@ def add_school_cases(t: Templates) -> list[Case]:
     school("name-slash", ["../x", "--data-dir", "/srv/s1"], needle="../x")
     school("name-long", ["a" * 200, "--data-dir", "/srv/s1"], needle="aaaa")
     school("data-dir-newline", ["s1", "--data-dir", "/srv/a\nb"], needle="s1")
-    school("no-ca", ["s1", "--data-dir", "/srv/s1"], lambda d: (d / "deploy" / "ca" / "ca.crt").unlink(), "ca.crt")
-    school("ca-garbage", ["s1", "--data-dir", "/srv/s1"], lambda d: (d / "deploy" / "ca" / "ca.crt").write_text("x"),
+    # --declared-students: otherwise the command stops at it (the data folder is not readable here) before the CA
+    declared = ["--declared-students", "100"]
+    school("no-ca", ["s1", "--data-dir", "/srv/s1", *declared], lambda d: (d / "deploy" / "ca" / "ca.crt").unlink(),
            "ca.crt")
-    school("ca-dir", ["s1", "--data-dir", "/srv/s1"],
+    school("ca-garbage", ["s1", "--data-dir", "/srv/s1", *declared],
+           lambda d: (d / "deploy" / "ca" / "ca.crt").write_text("x"), "ca.crt")
+    school("ca-dir", ["s1", "--data-dir", "/srv/s1", *declared],
            lambda d: ((d / "deploy" / "ca" / "ca.crt").unlink(), (d / "deploy" / "ca" / "ca.crt").mkdir()), "ca.crt")
+    school("ledger-key-garbage", ["s1", "--data-dir", "/srv/s1", *declared, "--state-dir", "/srv/state",
+                                  "--ledger-key", "k.pub"], lambda d: (d / "k.pub").write_text("not a key"), "k.pub")
+    school("ledger-key-dir", ["s1", "--data-dir", "/srv/s1", *declared, "--state-dir", "/srv/state",
+                              "--ledger-key", "kdir"], lambda d: (d / "kdir").mkdir(), "kdir")
+    school("ledger-key-no-state", ["s1", "--data-dir", "/srv/s1", *declared, "--ledger-key", "k.pub"],
+           lambda d: (d / "k.pub").write_text("x"), "--state-dir")
     return cases
 
 
