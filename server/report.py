@@ -461,9 +461,11 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
     lines: list[str] = [f"# fedfer run report — {data.run_id}", ""]
     present = sorted(data.rounds)
     planned = data.planned_rounds
+    trained = [r for r in present if r > 0]
     status = "no round recorded yet" if not present else (
-        f"{len(present)} round(s) recorded (last: {present[-1]}"
-        + (f" of {planned} planned" if planned else "") + ")")
+        f"{len(trained)} round(s) recorded (last: {present[-1]}"
+        + (f" of {planned} planned" if planned else "") + ")"
+        + (" and the starting model (round 0)" if 0 in present else ""))
     lines += [f"Run directory `{data.run_dir}` — {status}. "
               f"Built {time.strftime('%Y-%m-%d %H:%M:%S')} by `fedfer report`.", ""]
 

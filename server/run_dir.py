@@ -20,6 +20,7 @@ import fcntl
 import io
 import json
 import os
+import pickle
 import re
 import secrets
 import stat
@@ -239,7 +240,9 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever the parser trips on, the file is not a checkpoint
-        raise CheckpointError(f"{path}: not a readable fedfer checkpoint ({_first_line(exc)})") from None
+        # the unpickler's refusal says what it refused (a crafted file); anything else is the parser's internals
+        why = _first_line(exc) if isinstance(exc, pickle.UnpicklingError) else "not a torch checkpoint file"
+        raise CheckpointError(f"{path}: not a readable fedfer checkpoint ({why})") from None
     check_checkpoint(checkpoint, path)
     return checkpoint
 

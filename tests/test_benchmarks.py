@@ -180,6 +180,10 @@ def test_ferplus_with_fer2013_csv_beside_it(tmp_path):
     assert len(soft) == 3  # the tie is kept, labelled by the first of the tied votes (neutral)
     assert soft[1][1] == FER8.index("neutral")
     np.testing.assert_allclose(soft.soft_targets.sum(axis=1), 1.0)
+    # matched by position: a vote file shorter than the pixel file is refused, as the reverse is
+    write_ferplus(folder, FERPLUS_ROWS[:3])
+    with pytest.raises(BenchmarkError, match=r"fer2013\.csv: more rows than .*fer2013new\.csv \(line 5 has no vote row\)"):
+        open_benchmark(f"ferplus={folder}")
 
 
 def test_ferplus_image_folders_and_errors(tmp_path):
@@ -224,6 +228,13 @@ def test_rafdb_layout_split_and_mapping(tmp_path):
     assert face.shape == (100, 100, 3) and face.dtype == np.uint8
     assert len(open_benchmark(f"rafdb={root}", split="all")) == 4
     assert len(open_benchmark(f"rafdb={tmp_path}")) == 3  # the RAF-DB folder holding basic/ also works
+
+
+def test_a_file_given_as_rafdb_is_named(tmp_path):
+    stray = tmp_path / "fer2013.csv"
+    stray.write_text("emotion,pixels,Usage\n")
+    with pytest.raises(BenchmarkError, match=rf"^{stray}: a file; RAF-DB is a folder"):
+        open_benchmark(f"rafdb={stray}")
 
 
 def test_rafdb_errors(tmp_path):

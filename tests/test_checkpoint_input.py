@@ -184,3 +184,11 @@ def test_run_directory_refuses_to_leave_root_even_unvalidated(tmp_path):
     with pytest.raises(ConfigError, match="run.name"):
         RunDirectory.create({"run.root": str(tmp_path / "runs"), "run.name": "../escaped"})
     assert not (tmp_path / "escaped").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so_not_the_parsers_internals(tmp_path):
+    csv = tmp_path / "fer2013.csv"
+    csv.write_text("emotion,pixels,Usage\n0,1 2 3,Training\n")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_file(csv)
+    assert str(err.value) == f"{csv}: not a readable fedfer checkpoint (not a torch checkpoint file)"

@@ -24,7 +24,7 @@ benchmarks (NAME=PATH, or NAME:SPLIT=PATH; the synthetic ones are bare names fou
   dfew=DIR                     EmoLabel_DataSplit/ + Clip/jpg_256/ (test1..test5, train1..train5)
   afew=DIR, clipfolder=DIR     class folders of clips (frame folders; videos need PyAV)
   imagefolder=DIR              <class name>/<image> folders
-  synthetic-fer2013, synthetic-rafdb   the synthetic classroom's public split (test rows; :train = its training split)
+  synthetic-fer2013, synthetic-rafdb   the synthetic classroom's public split (its PublicTest and PrivateTest rows, 'val+test'; :train = its training split)
   synthetic-indomain           every simulated school's held-out students (simulation only)
 """
 
@@ -39,7 +39,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                           help="a checkpoint .pt written by the server, or a run directory (its latest checkpoint)")
     evaluate.add_argument("--benchmark", required=True, action="append", metavar="NAME=PATH",
                           help="a benchmark to score (repeatable); see the list below")
-    evaluate.add_argument("--json", action="store_true", help="print JSON (one object per benchmark) instead of a table")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object, keyed by benchmark, instead of a table")
     evaluate.add_argument("--data-root", type=Path, default=None,
                           help="synthetic classroom root for synthetic-* benchmarks (default: the one the "
                                "checkpoint's config names: data.root, else its parameters' cache folder)")

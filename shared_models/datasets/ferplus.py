@@ -187,6 +187,11 @@ def _read_vote_rows(path: Path, source: _PixelSource, wanted: set[str], mode: st
             if _keep_face(rows, source, pixel_row, f"{path}:{line}", FERPLUS_TO_FER8[ferplus_index],
                           fields[i_name].strip(), usage):
                 rows.soft.append(_vote_distribution(votes))
+    if source.rows is not None:
+        extra = next(source.rows, None)
+        if extra is not None:   # matched by position: a shorter vote file would pair the rest with nothing
+            raise BenchmarkError(f"{source.path}: more rows than {path} (line {extra.line} has no vote row); "
+                                 "the two files must have the same rows in the same order")
     return rows
 
 

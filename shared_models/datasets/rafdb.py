@@ -37,6 +37,9 @@ LABEL_FILE = Path("EmoLabel") / "list_patition_label.txt"
 def _root(path: Path) -> Path:
     """Accept the ``basic`` folder, its parent (``RAF-DB/``), or the label file itself."""
     if path.is_file():
+        if path.name != LABEL_FILE.name:
+            raise BenchmarkError(f"{path}: a file; RAF-DB is a folder (basic/ with {LABEL_FILE} and Image/aligned/), "
+                                 f"or its {LABEL_FILE.name}")
         return path.parent.parent
     if not (path / LABEL_FILE).exists() and (path / "basic" / LABEL_FILE).exists():
         return path / "basic"
