@@ -241,3 +241,11 @@ def test_a_deployments_setup_says_which_schools_and_benchmarks_took_part(tmp_pat
     assert "| schools that took part | 3 |" in text and "| benchmarks scored | rafdb, synthetic-fer2013 |" in text
     plain = build_report(write_run(tmp_path / "plain", [1])).read_text()
     assert "took part" not in plain and "benchmarks scored" not in plain
+
+
+def test_evaluate_says_why_a_benchmarks_extra_classes_count_as_errors():
+    from fedfer.commands.results import class_mismatch_notes
+
+    ferplus = {"labels": list(FER7) + ["contempt"], "model_classes": 7}
+    assert class_mismatch_notes({"ferplus": ferplus, "fer2013": {"labels": list(FER7), "model_classes": 7}}) == [
+        "note: ferplus has 8 classes and the model 7: its faces of contempt count as errors, and UAR averages over 8"]

@@ -196,7 +196,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         first = next(iter(results.values()))
         print(f"checkpoint {first['checkpoint']} (round {first.get('round')}, model {first['model']})")
         print(format_table(results))
+        for line in class_mismatch_notes(results):
+            print(line)
     return 0
+
+
+def class_mismatch_notes(results: dict[str, dict[str, Any]]) -> list[str]:
+    """A benchmark with more classes than the model (FERPlus's contempt beside a FER7 model): why those faces
+    count as errors, said under the table rather than only in --json's `model_classes`."""
+    notes = []
+    for name, result in results.items():
+        labels, model_classes = list(result.get("labels") or []), int(result.get("model_classes") or 0)
+        if 0 < model_classes < len(labels):
+            notes.append(f"note: {name} has {len(labels)} classes and the model {model_classes}: its faces of "
+                         f"{', '.join(labels[model_classes:])} count as errors, and UAR averages over {len(labels)}")
+    return notes
 
 
 # -- report ------------------------------------------------------------------------------------
