@@ -148,29 +148,27 @@ class _Source:
         return {"run": "run", "genesis": "school"}.get(self.start, "")
 
 
-def run_policy_paths(run_dir: Path, school: str) -> list[Path]:
+def run_policy_paths(run_dir: Path, school: str, state_dir: Path | None) -> list[Path]:
     """Where a simulated run keeps a school's policy.json: its state dir, ``<run>/schools/<school>`` by
-    default, else ``<privacy.state_dir>/<school>`` as the run's config.yaml records it."""
+    default, else ``<privacy.state_dir>/<school>`` (`state_dir`, from run_state_dir)."""
     paths = [Path(run_dir) / "schools" / school / POLICY_FILE]
-    state_dir = _run_state_dir(Path(run_dir))
     if state_dir is not None:
         paths.append(state_dir / school / POLICY_FILE)
     return paths
 
 
-def _run_state_dir(run_dir: Path) -> Path | None:
-    config = run_dir / "config.yaml"
+def run_state_dir(run_dir: Path) -> Path | None:
+    """The `privacy.state_dir` a run's config.yaml records (read once per run directory), if any."""
+    from shared_models.config import ConfigError, read_yaml_file
+
+    config = Path(run_dir) / "config.yaml"
     if not config.is_file():
         return None
-    import yaml
-
     try:
-        data = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        state_dir = read_yaml_file(config).get("privacy.state_dir")
+    except ConfigError:
         return None   # the policy is then looked for in the run only; the note says none was found
-    privacy = data.get("privacy") if isinstance(data, dict) else None
-    state_dir = privacy.get("state_dir") if isinstance(privacy, dict) else None
-    return Path(str(state_dir)).expanduser() if isinstance(state_dir, str) and state_dir.strip() else None
+    return Path(state_dir).expanduser() if isinstance(state_dir, str) and state_dir.strip() else None
 
 
 def find_sources(paths: Sequence[Path], keys_dir: Path | None, trust_run_keys: bool = False) -> list[_Source]:
@@ -195,9 +193,10 @@ def find_sources(paths: Sequence[Path], keys_dir: Path | None, trust_run_keys: b
             files = sorted(ledger_dir.glob("*.jsonl"))
             if not files:
                 raise LedgerError(f"{ledger_dir}: no <school>.jsonl ledger copies")
+            state_dir = run_state_dir(path)
             for f in files:
                 sources.append(source(f, f.stem, "run", [path / "keys" / f"{f.stem}.pub"],
-                                      run_policy_paths(path, f.stem), path))
+                                      run_policy_paths(path, f.stem, state_dir), path))
         elif path.is_file():
             if path.name == LEDGER_FILE:
                 sources.append(source(path, None, "genesis", [path.parent / PUBLIC_KEY_FILE],
@@ -205,7 +204,7 @@ def find_sources(paths: Sequence[Path], keys_dir: Path | None, trust_run_keys: b
             elif path.parent.name == "ledger":
                 run = path.parent.parent
                 sources.append(source(path, path.stem, "run", [run / "keys" / f"{path.stem}.pub"],
-                                      run_policy_paths(run, path.stem), run))
+                                      run_policy_paths(run, path.stem, run_state_dir(run)), run))
             else:
                 sources.append(source(path, None, "auto", [], []))
         else:

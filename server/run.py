@@ -100,10 +100,8 @@ def refuse_changed_settings(requested: Mapping[str, Any], original: Mapping[str,
     was = ", ".join(f"{key}={old!r}" for key, (_, old) in changed.items())
     now = ", ".join(f"{key}={new!r}" for key, (new, _) in changed.items())
     repeat = " ".join([*(as_override(key, old) for key, (_, old) in changed.items()), as_override("run.resume", run_path)])
-    message = (f"run.resume: {run_path} was started with {was}, the run-config now says {now}; the schools set "
-               f"their noise from the run-config, so repeat the run's settings: -c '{repeat}'")
-    log(WARNING, "[fedfer] %s", message)   # one line before Flower's traceback of the refusal
-    raise ResumeRefused(message)
+    raise ResumeRefused(f"run.resume: {run_path} was started with {was}, the run-config now says {now}; the "
+                        f"schools set their noise from the run-config, so repeat the run's settings: -c '{repeat}'")
 
 
 class ResumeRefused(ValueError):

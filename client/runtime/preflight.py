@@ -103,8 +103,9 @@ def check_school_folders(values: dict[str, Any], source: str) -> None:
         raise NodeStartError(f"{source}: key 'state-dir': {state}: not writable by this user (the ledger is kept there)")
     key = state / SIGNING_KEY_FILE
     if not key.is_file():
-        raise NodeStartError(f"{key}: missing (the school's ledger signing key, made by `fedfer deploy add-school` "
-                             f"in the node folder's state/; the coordinator verifies the ledger against its public half): "
+        raise NodeStartError(f"{key}: missing (the school's ledger signing key, made at the school by `fedfer deploy "
+                             f"school-key`, or by `add-school` in the node folder's state/; the coordinator verifies the "
+                             f"ledger against its public half): "
                              f"copy it there or correct 'state-dir' in {source}")
     mode = stat.S_IMODE(key.stat().st_mode)
     if mode & 0o077:

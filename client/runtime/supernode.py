@@ -225,10 +225,9 @@ class _LogTail:
 
 
 def _refused_message(child_argv: Sequence[str], retry_for: float) -> str:
-    key = None
-    for i, arg in enumerate(child_argv[:-1]):
-        if arg == "--auth-supernode-private-key":
-            key = child_argv[i + 1]
+    from shared_models.start_files import option
+
+    key = option(child_argv, "--auth-supernode-private-key")
     whose = f"the key {key}.pub" if key else "this node's key"
     return (f"fedfer: the SuperLink refused to activate this SuperNode for {retry_for:.0f} s ({REFUSED} Failed to "
             f"activate SuperNode): either {whose} is not registered there or was revoked (on the coordinator: "

@@ -112,8 +112,7 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ audit
 def _audit(args: argparse.Namespace) -> int:
-    from privacy.audit import check_keyring, find_sources, format_table, run_audit
-    from privacy.ledger import LedgerError
+    from privacy.audit import format_table, run_audit
 
     def usage(message: str) -> int:   # bad input: one line, no table, no verdict
         print(f"fedfer privacy audit: {message}", file=sys.stderr)
@@ -124,20 +123,13 @@ def _audit(args: argparse.Namespace) -> int:
                      "--trust-run-keys to verify against keys stored in the run (a simulated run has no keyring)")
     if args.budget is not None and not (math.isfinite(args.budget) and args.budget >= 0):
         return usage(f"--budget must be a finite number >= 0, got {args.budget}")
-    for path in args.paths:
-        if not path.exists():
-            return usage(f"{path}: not found")
-    if check_keyring(args.keys):
-        return usage(check_keyring(args.keys))
     if args.anchors is not None and not args.anchors.is_dir():
         return usage(f"--anchors {args.anchors}: " + ("not a directory (give the server's anchors directory, "
                                                       "e.g. runs/anchors)" if args.anchors.exists() else "not found"))
-    try:
-        find_sources(args.paths, args.keys, args.trust_run_keys)   # a path that holds no ledger
-    except LedgerError as exc:
-        return usage(str(exc))
     report = run_audit(args.paths, args.keys, every_entry=args.every_entry, budget_override=args.budget,
                        trust_run_keys=args.trust_run_keys, anchors_dir=args.anchors)
+    if not report.rows and report.problems:   # nothing to audit: a missing path or keyring, a path with no ledger
+        return usage(report.problems[0])
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

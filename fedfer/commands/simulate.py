@@ -72,11 +72,11 @@ def _config(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _explicit_keys(args: argparse.Namespace, overrides: list[str]) -> set[str]:
     """The keys the user set on this command line (key=value) or in its --config file."""
-    from shared_models.config import flatten, parse_overrides, read_yaml_file
+    from shared_models.config import parse_overrides, read_yaml_file
 
     keys = set(parse_overrides(overrides))
     if args.config:
-        keys |= set(flatten(read_yaml_file(args.config)))
+        keys |= set(read_yaml_file(args.config))   # flat, dotted keys
     return keys
 
 

@@ -380,7 +380,7 @@ def _head(title: str) -> str:
     return _SCRIPT_HEAD.format(title=title, python=sys.executable, malloc=malloc)
 
 
-def _flower_args(argv: list[str]) -> list[str]:
+def flower_args(argv: list[str]) -> list[str]:
     """The arguments Flower itself gets from a start command: after `--` when a fedfer launcher wraps it."""
     return argv[argv.index("--") + 1:] if argv[0] == sys.executable and "--" in argv else argv[1:]
 
@@ -388,7 +388,7 @@ def _flower_args(argv: list[str]) -> list[str]:
 def _preflight(module: str, argv: list[str], what: str) -> str:
     """The script's first command: check what the process needs before anything starts (exit 2 with one line
     naming the file or key; `set -e` then stops the script)."""
-    return f"# {what}\n" + _shell_line([sys.executable, "-m", module, "--", *_flower_args(argv)]) + "\n"
+    return f"# {what}\n" + _shell_line([sys.executable, "-m", module, "--", *flower_args(argv)]) + "\n"
 
 
 def superlink_script(dep: Deployment) -> str:

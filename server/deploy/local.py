@@ -31,13 +31,13 @@ class LocalFederation:
         self.supervisor.stop_all()
 
     def start_superlink(self, timeout: float = 90.0) -> ManagedProcess:
-        from server.deploy.layout import superlink_command
+        from server.deploy.layout import flower_args, superlink_command
         from server.deploy.preflight import SuperLinkStartError, check_superlink
 
         dep = self.dep
         argv = superlink_command(dep)
         try:   # the start script's first check: a missing file named by its path, not by Flower's option
-            check_superlink(argv[argv.index("--") + 1:] if "--" in argv else argv[1:])
+            check_superlink(flower_args(argv))
         except SuperLinkStartError as exc:
             raise DeploymentError(f"superlink: {exc}") from None
         proc = self.supervisor.start("superlink", argv,
