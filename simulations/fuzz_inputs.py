@@ -410,7 +410,24 @@ def add_school_cases(t: Templates) -> list[Case]:
                               "--ledger-key", "kdir"], lambda d: (d / "kdir").mkdir(), "kdir")
     school("ledger-key-no-state", ["s1", "--data-dir", "/srv/s1", *declared, "--ledger-key", "k.pub"],
            lambda d: (d / "k.pub").write_text("x"), "--state-dir")
+    school("node-key-binary", ["s1", "--data-dir", "/srv/s1", *declared, "--state-dir", "/srv/state",
+                               "--ledger-key", "k.pub", "--node-key", "n.pub"],
+           lambda d: ((d / "n.pub").write_bytes(bytes(range(256))), write_ledger_key(d / "k.pub")), "n.pub")
+    school("node-key-dir", ["s1", "--data-dir", "/srv/s1", *declared, "--state-dir", "/srv/state",
+                            "--ledger-key", "k.pub", "--node-key", "ndir"],
+           lambda d: ((d / "ndir").mkdir(), write_ledger_key(d / "k.pub")), "ndir")
+    school("node-key-pem", ["s1", "--data-dir", "/srv/s1", *declared, "--state-dir", "/srv/state",
+                            "--ledger-key", "k.pub", "--node-key", "k.pub"], lambda d: write_ledger_key(d / "k.pub"), "k.pub")
     return cases
+
+
+def write_ledger_key(path: Path) -> None:
+    """A school's real ledger public key (Ed25519 PEM), for cases about the SuperNode key beside it."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from privacy.signing import public_key_pem
+
+    path.write_text(public_key_pem(ed25519.Ed25519PrivateKey.generate()))
 
 
 def manifest_cases(t: Templates) -> list[Case]:

@@ -39,7 +39,7 @@ def _synthetic_data(root: Path, schools: int = SCHOOLS) -> None:
 
 def make_deployment(tmp_path: Path, monkeypatch) -> tuple[Deployment, Path, Path, list[int]]:
     """Synthetic data for SCHOOLS schools + public split, and a loopback TLS + node-auth deployment
-    (3 schools, 1 evaluator) made with `fedfer deploy`. Returns (deployment, CLI home, data, spare ports)."""
+    (3 schools, 1 evaluator) made with `fedfer deploy`, school-00 with keys it made itself. Returns (deployment, CLI home, data, spare ports)."""
     for key, value in {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
                        "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(tmp_path / "cli_home")}.items():
         monkeypatch.setenv(key, value)
@@ -49,9 +49,14 @@ def make_deployment(tmp_path: Path, monkeypatch) -> tuple[Deployment, Path, Path
     port, *node_ports = free_ports(2 + SCHOOLS + 1)
     root = tmp_path / "deploy"
     deploy_cli.init_deployment(root, "localhost", port=port, flwr_home=home)
+    # school-00 makes its own ledger and SuperNode keys (`fedfer deploy school-key`): the coordinator gets
+    # only their public halves; the others' keys are made by `add-school` in their node folders
+    own = tmp_path / "school-00-machine" / "state"
+    keys = deploy_cli.make_school_keys(own)
     for i in range(SCHOOLS):
+        school_made = dict(state_dir=own, ledger_key=keys.ledger_public, node_key=keys.node_public) if i == 0 else {}
         deploy_cli.add_node(root, f"school-{i:02d}", "school", data_dir=data / "schools" / f"school-{i:02d}",
-                            runtime_port=node_ports[i], flwr_home=home)
+                            runtime_port=node_ports[i], flwr_home=home, **school_made)
     deploy_cli.add_node(root, "evaluator", "evaluator", benchmarks=["synthetic-fer2013"], data_dir=data,
                         runtime_port=node_ports[SCHOOLS], flwr_home=home)
     return Deployment.load(root), home, data, node_ports[SCHOOLS + 1:]

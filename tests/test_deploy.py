@@ -247,10 +247,12 @@ def test_add_school_matches_the_clientapp_node_config_contract(deployment, tmp_p
     assert subprocess.run(["bash", "-n", str(folder / "start.sh")]).returncode == 0
 
 
-def test_a_school_can_keep_its_ledger_signing_key_to_itself(deployment, tmp_path, capsys):
-    """`fedfer deploy school-key` at the school, then `add-school --ledger-key`: the coordinator gets only the
-    public half; no signing key exists anywhere under the deployment (a coordinator holding it could sign
-    ledger entries in the school's name)."""
+def test_a_school_can_keep_its_keys_to_itself(deployment, tmp_path, capsys):
+    """`fedfer deploy school-key` at the school, then `add-school --ledger-key --node-key`: the coordinator gets
+    only the public halves; no private key of the school exists anywhere under the deployment (a coordinator
+    holding the signing key could sign ledger entries in the school's name; with the SuperNode key it could
+    connect as the school). The node's start script points at the key on the school's machine."""
+    from client.runtime.preflight import check_auth_key
     from fedfer.cli import main
     from privacy.signing import load_or_create_signing_key, public_key_pem
 
@@ -258,26 +260,62 @@ def test_a_school_can_keep_its_ledger_signing_key_to_itself(deployment, tmp_path
     school_state = tmp_path / "school-machine" / "state"
     assert main(["deploy", "school-key", "--state-dir", str(school_state)]) == 0
     out = capsys.readouterr().out
-    assert f"send {school_state / 'signing_key.pub'} to the coordinator" in out
-    assert mode(school_state / "signing_key.pem") == 0o600
-    assert main(["deploy", "school-key", "--state-dir", str(school_state)]) == 0   # again: the same key, kept
+    assert f"send {school_state / 'signing_key.pub'} and {school_state / 'supernode.pub'} to the coordinator" in out
+    assert mode(school_state / "signing_key.pem") == 0o600 and mode(school_state / "supernode") == 0o600
+    node_key = cred.load_node_key(school_state / "supernode")
+    assert main(["deploy", "school-key", "--state-dir", str(school_state)]) == 0   # again: the same keys, kept
+    assert "kept)" in capsys.readouterr().out
+    assert cred.load_node_key(school_state / "supernode").fingerprint == node_key.fingerprint
     key = load_or_create_signing_key(school_state)
     assert main(["deploy", "add-school", "lincoln-high", "--data-dir", str(tmp_path / "data"), "--declared-students", "900",
-                 "--ledger-key", str(school_state / "signing_key.pub"), "--state-dir", str(school_state),
-                 "--dir", str(dep.root), "--flwr-home", str(home)]) == 0
-    assert "signing key   the school's own" in capsys.readouterr().out
+                 "--ledger-key", str(school_state / "signing_key.pub"), "--node-key", str(school_state / "supernode.pub"),
+                 "--state-dir", str(school_state), "--dir", str(dep.root), "--flwr-home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "signing key   the school's own" in out and f"node key      the school's own, {school_state / 'supernode'}" in out
     assert (dep.keyring / "lincoln-high.pub").read_text() == public_key_pem(key)
-    assert not list(dep.root.rglob("signing_key.pem"))
-    # refused in one line: no --state-dir, a file that is not an Ed25519 public key, a missing file
+    assert not list(dep.root.rglob("signing_key.pem")) and not list(dep.root.rglob("supernode"))
+    dep = Deployment.load(dep.root)
+    entry = dep.node("lincoln-high")
+    assert entry.fingerprint == node_key.fingerprint and entry.auth_key == str(school_state / "supernode")
+    assert cred.load_node_public_key(dep.node_dir("lincoln-high") / "supernode.pub").split()[:2] == \
+        node_key.public_openssh.split()[:2]
+    argv = node_commands(dep, "lincoln-high")[0]
+    auth = argv[argv.index("--auth-supernode-private-key") + 1]
+    assert auth == str(school_state / "supernode")
+    check_auth_key(Path(auth))                                   # what the node's start checks: present, 0600
+    script = (dep.node_dir("lincoln-high") / "start.sh").read_text()
+    assert f"--auth-supernode-private-key {school_state / 'supernode'}" in script
+    info = deploy_cli.deployment_status(dep.root, None)
+    assert info["problems"] == [] and info["nodes"][0]["node_key"] == "school's own"
+    # rotation: a school-held key is rotated with the school's new public half, never made here
+    with pytest.raises(deploy_cli.DeployError, match="the school's own .* --new-node-key"):
+        deploy_cli.rotate_node(dep.root, "lincoln-high", home)
+    assert main(["deploy", "school-key", "--state-dir", str(school_state), "--new-node-key"]) == 0
+    assert "rotate NAME --node-key supernode.pub" in capsys.readouterr().out
+    assert cred.load_node_key(school_state / "supernode").fingerprint != node_key.fingerprint
+    with pytest.raises(deploy_cli.DeployError, match="SuperLink is not running"):
+        deploy_cli.rotate_node(dep.root, "lincoln-high", home, school_state / "supernode.pub")
+    assert not list(dep.node_dir("lincoln-high").glob("supernode.new*"))
+    # refused in one line: no --state-dir, a file that is not a key of the right kind, a missing file
+    ledger = ["--ledger-key", str(school_state / "signing_key.pub"), "--state-dir", "/s"]
     (tmp_path / "junk.pub").write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
     for extra, needle in ((["--ledger-key", str(school_state / "signing_key.pub")], "--ledger-key needs --state-dir"),
                           (["--ledger-key", str(tmp_path / "junk.pub"), "--state-dir", "/s"], "not a PEM public key"),
-                          (["--ledger-key", str(tmp_path / "nope.pub"), "--state-dir", "/s"], "nope.pub: not a file")):
+                          (["--ledger-key", str(tmp_path / "nope.pub"), "--state-dir", "/s"], "nope.pub: not a file"),
+                          (["--node-key", str(school_state / "supernode.pub"), "--state-dir", "/s"],
+                           "--node-key needs --ledger-key and --state-dir"),
+                          (["--node-key", str(tmp_path / "junk.pub"), *ledger], "not an OpenSSH public key"),
+                          (["--node-key", str(school_state / "signing_key.pub"), *ledger], "not an OpenSSH"),
+                          (["--node-key", str(tmp_path / "nope.pub"), *ledger], "nope.pub: not a file")):
         assert main(["deploy", "add-school", "other", "--data-dir", "/d", "--declared-students", "100", *extra,
                      "--dir", str(dep.root), "--flwr-home", str(home)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
     assert not (dep.keyring / "other.pub").exists() and not dep.node_dir("other").exists()
+    # a key made here is rotated here: --node-key is refused for it
+    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), declared=100, flwr_home=home)
+    with pytest.raises(deploy_cli.DeployError, match="made here: rotate it without --node-key"):
+        deploy_cli.rotate_node(dep.root, "a", home, school_state / "supernode.pub")
 
 
 def test_evaluator_node_config(deployment, tmp_path):

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from server.deploy import credentials as cred
 from server.deploy import commands as deploy_cli
@@ -48,6 +49,7 @@ def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
             clock = _phase("SuperLink + 4 SuperNodes up", clock)
             status = deploy_cli.deployment_status(root, home)
             assert status["problems"] == []
+            assert dep.node("school-00").auth_key and not (dep.node_dir("school-00") / "supernode").exists()
             assert {row["name"]: row.get("flower") for row in status["nodes"]} == {n: "online" for n in dep.nodes}
 
             # An unregistered school key is refused by the SuperLink.
@@ -93,7 +95,7 @@ def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
                 copy = [json.loads(line) for line in (run / "ledger" / f"{school}.jsonl").read_text().splitlines()]
                 assert [e["round"] for e in copy] == [1, 2]
                 assert 0 < copy[0]["epsilon"] < copy[1]["epsilon"]
-                own = dep.node_dir(school) / "state"
+                own = Path(dep.node(school).node_config["state-dir"])   # school-00's is outside deploy/
                 assert any(own.rglob("*.jsonl")), f"{school} kept no ledger of its own in {own}"
                 assert (run / "keys" / f"{school}.pub").read_text() == (dep.keyring / f"{school}.pub").read_text()
             audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run), "--keys", str(dep.keyring)],

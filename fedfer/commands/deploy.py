@@ -2,8 +2,9 @@
 (one Flower SuperLink at the coordinator, one SuperNode per school, one evaluation node).
 
     fedfer deploy init --coordinator fl.district.example [--san 10.0.0.5 …] [--dir deploy]
-    fedfer deploy school-key --state-dir /srv/fedfer/lincoln-state      # at the school: its own ledger key
-    fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln [--ledger-key signing_key.pub --state-dir …]
+    fedfer deploy school-key --state-dir /srv/fedfer/lincoln-state      # at the school: its own keys
+    fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln \
+        [--ledger-key signing_key.pub --node-key supernode.pub --state-dir /srv/fedfer/lincoln-state]
     fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
     fedfer deploy status | register NAME | revoke NAME | rotate NAME | renew-cert | up
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from server.deploy.commands import (INSECURE_WARNING, DeployError, add_node, default_flwr_home, deployment_status,
-                                    init_deployment, make_school_key, register_pending, renew_certificate, revoke_node,
+                                    init_deployment, make_school_keys, register_pending, renew_certificate, revoke_node,
                                     rotate_node)
 
 
@@ -53,7 +54,9 @@ def _print_node(dep: Any, name: str, message: str) -> None:
     folder = dep.node_dir(name)
     entry = dep.nodes[name]
     print(f"{entry.role} '{name}' in {folder}")
-    if entry.fingerprint:
+    if entry.auth_key:
+        print(f"  node key      the school's own, {entry.auth_key} on its machine  {entry.fingerprint}")
+    elif entry.fingerprint:
         print(f"  node key      {folder / 'supernode'} (0600)  {entry.fingerprint}")
     from server.processes import format_node_config
 
@@ -69,22 +72,29 @@ def _cmd_add_school(args: argparse.Namespace) -> int:
                             budget=args.budget, runtime_port=args.runtime_port, flwr_home=_home(args), unit=args.unit,
                             delta=args.delta, max_round_epsilon=args.max_round_epsilon,
                             declared=args.declared_students if args.declared_students is not None else args.declared_images,
-                            ledger_key=Path(args.ledger_key) if args.ledger_key else None)
+                            ledger_key=Path(args.ledger_key) if args.ledger_key else None,
+                            node_key=Path(args.node_key) if args.node_key else None)
     _print_node(dep, args.name, message)
     if args.ledger_key:
         print(f"  signing key   the school's own (public half from {args.ledger_key}); none was made here")
     else:
         print(f"  signing key   made here, in {dep.node_dir(args.name)}: delete the folder once it is at the school "
-              "(or let the school make its own: `fedfer deploy school-key`, then --ledger-key)")
+              "(or let the school make its own keys: `fedfer deploy school-key`, then --ledger-key and --node-key)")
     return 0
 
 
 def _cmd_school_key(args: argparse.Namespace) -> int:
-    public, ident = make_school_key(Path(args.state_dir))
-    print(f"ledger signing key in {Path(args.state_dir).expanduser() / 'signing_key.pem'} (0600, stays here; key id {ident})")
-    print(f"  send {public} to the coordinator, who runs:")
-    print(f"  fedfer deploy add-school NAME --ledger-key {public.name} --state-dir {Path(args.state_dir).expanduser().absolute()} "
-          "--data-dir PATH …")
+    keys = make_school_keys(Path(args.state_dir), new_node_key=args.new_node_key)
+    state = Path(args.state_dir).expanduser().absolute()
+    print(f"ledger signing key  {state / 'signing_key.pem'} (0600, stays here; key id {keys.ledger_key_id})")
+    print(f"SuperNode key       {state / 'supernode'} (0600, stays here; {keys.node_fingerprint}"
+          + (", new)" if keys.new_node_key else ", kept)"))
+    print(f"  send {keys.ledger_public} and {keys.node_public} to the coordinator, who runs:")
+    if args.new_node_key:
+        print("  fedfer deploy rotate NAME --node-key supernode.pub   (until then this node cannot connect)")
+    else:
+        print(f"  fedfer deploy add-school NAME --ledger-key {keys.ledger_public.name} --node-key {keys.node_public.name} "
+              f"--state-dir {state} --data-dir PATH …")
     return 0
 
 
@@ -112,7 +122,7 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
-    print(rotate_node(Path(args.dir), args.name, _home(args)))
+    print(rotate_node(Path(args.dir), args.name, _home(args), Path(args.node_key) if args.node_key else None))
     return 0
 
 
@@ -129,7 +139,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"  {'node':<20} {'role':<10} {'status':<11} {'flower':<12} {'node id':<22} key")
         for row in info["nodes"]:
             print(f"  {row['name']:<20} {row['role']:<10} {row['status']:<11} {row.get('flower', '-'):<12} "
-                  f"{str(row['node_id'] or '-'):<22} {row['fingerprint'] or '-'}")
+                  f"{str(row['node_id'] or '-'):<22} {row['fingerprint'] or '-'}"
+                  + (" (the school's own)" if row["node_key"] == "school's own" else ""))
         for problem in info["problems"]:
             print(f"  PROBLEM: {problem}")
     return 1 if info["problems"] else 0
@@ -230,11 +241,17 @@ def _add_node_steps(dsub: argparse._SubParsersAction) -> None:
     p.add_argument("--ledger-key", default=None, metavar="SIGNING_KEY_PUB",
                    help="the public half of the ledger key the school made itself (`fedfer deploy school-key`); "
                         "with --state-dir, its folder on the school's machine. Without it the key is made here")
+    p.add_argument("--node-key", default=None, metavar="SUPERNODE_PUB",
+                   help="the public half of the SuperNode key the school made itself (`fedfer deploy school-key`, "
+                        "in --state-dir). Without it the key is made here, in the node folder")
     _common(p)
     p.set_defaults(func=_wrap(_cmd_add_school))
 
-    p = dsub.add_parser("school-key", help="at the school: make its ledger signing key (it never leaves the school)")
+    p = dsub.add_parser("school-key", help="at the school: make its ledger signing key and SuperNode key (they never "
+                                           "leave the school; only their public halves go to the coordinator)")
     p.add_argument("--state-dir", required=True, help="the school's state folder (the node-config's state-dir)")
+    p.add_argument("--new-node-key", action="store_true",
+                   help="replace the SuperNode key (then the coordinator runs `fedfer deploy rotate NAME --node-key`)")
     p.set_defaults(func=_wrap(_cmd_school_key))
 
     p = dsub.add_parser("evaluator", help="the evaluation node (public benchmarks)")
@@ -260,6 +277,10 @@ def _add_maintenance_steps(dsub: argparse._SubParsersAction) -> None:
             ("rotate", "new node key: register it, unregister the old one", _cmd_rotate)):
         p = dsub.add_parser(name, help=help_text)
         p.add_argument("name")
+        if name == "rotate":
+            p.add_argument("--node-key", default=None, metavar="SUPERNODE_PUB",
+                           help="a school that holds its own key: the public half of its new one "
+                                "(`fedfer deploy school-key --new-node-key`)")
         _common(p)
         p.set_defaults(func=_wrap(handler))
 

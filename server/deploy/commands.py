@@ -12,6 +12,7 @@ import math
 import os
 import secrets
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -282,11 +283,12 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
              budget: float | None = None, benchmarks: Iterable[str] = (), runtime_port: int | None = None,
              flwr_home: Path | None = None, unit: str | None = None, delta: float | None = None,
              max_round_epsilon: float | None = None, declared: int | None = None,
-             ledger_key: Path | None = None) -> tuple["Deployment", str]:
+             ledger_key: Path | None = None, node_key: Path | None = None) -> tuple["Deployment", str]:
     """Create a node folder (keys, node-config with the school's privacy policy, start script), keyring
-    entry and registration. `ledger_key`: the public half of a ledger signing key the school made itself
-    (`fedfer deploy school-key`); without it the signing key is made here, in the node folder's state dir,
-    and the coordinator must delete that folder once it is copied to the school."""
+    entry and registration. `ledger_key` / `node_key`: the public halves of the ledger signing key and the
+    SuperNode key the school made itself (`fedfer deploy school-key`, both in its `state_dir`); without
+    them the keys are made here, in the node folder, and the coordinator must delete that folder once it is
+    copied to the school."""
     from server.deploy import credentials as cred
     from server.deploy.layout import (Deployment, NodeEntry, check_node_name, evaluator_node_config, node_script,
                                       school_node_config, write_node_config, write_script)
@@ -313,6 +315,16 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
             raise DeployError(f"school {name}: --ledger-key needs --state-dir, the folder on the school's machine "
                               "that holds the signing key (`fedfer deploy school-key --state-dir DIR` made both)")
         ledger_pem = _school_ledger_key(Path(ledger_key), name)
+    node_public = None
+    if node_key is not None:
+        if role != "school":
+            raise DeployError(f"{name}: --node-key is a school's (the evaluation node's key is made here)")
+        if dep.insecure:
+            raise DeployError(f"school {name}: --node-key: an insecure deployment has no node authentication")
+        if state_dir is None or ledger_key is None:
+            raise DeployError(f"school {name}: --node-key needs --ledger-key and --state-dir, the two public keys "
+                              "`fedfer deploy school-key --state-dir DIR` made at the school and that folder")
+        node_public = _school_node_key(Path(node_key), name)
     if role == "school":
         if data_dir is None:
             raise DeployError(f"school {name}: --data-dir is required")
@@ -337,8 +349,12 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
     folder.mkdir(parents=True, exist_ok=True)
     if not dep.insecure:
         cred.write_public(folder / "ca.crt", ca_pem)
-        key = cred.create_node_key(folder, "supernode", comment=f"fedfer-{name}")
-        entry.fingerprint = key.fingerprint
+        if node_public is not None:   # the school's own key: only its public half is here, for registration
+            cred.write_public(folder / "supernode.pub", (node_public + "\n").encode())
+            entry.fingerprint = cred.openssh_fingerprint(node_public)
+            entry.auth_key = str((Path(str(state_dir)).expanduser() / cred.NODE_KEY_FILE).absolute())
+        else:
+            entry.fingerprint = cred.create_node_key(folder, cred.NODE_KEY_FILE, comment=f"fedfer-{name}").fingerprint
     cred.write_private(folder / "superexec.secret", secrets.token_hex(32).encode())
     write_node_config(folder / "node-config.toml", config)
     if role == "school":
@@ -364,10 +380,37 @@ def _school_ledger_key(path: Path, name: str) -> str:
         raise DeployError(f"school {name}: --ledger-key {' '.join(str(exc).split())}") from None
 
 
-def make_school_key(state_dir: Path) -> tuple[Path, str]:
-    """At the school: its ledger signing key in `state_dir` (made once, 0600; an existing one is kept) and the
-    path of its public half, which is all the coordinator needs. Returns (public key path, key id)."""
+def _school_node_key(path: Path, name: str) -> str:
+    """The one-line OpenSSH public half of a SuperNode key the school made itself, checked."""
+    from server.deploy import credentials as cred
+
+    if not path.is_file():
+        raise DeployError(f"school {name}: --node-key {path}: not a file (the school's {cred.NODE_KEY_FILE}.pub "
+                          "from `fedfer deploy school-key`)")
+    try:
+        return cred.load_node_public_key(path)
+    except cred.CredentialError as exc:
+        raise DeployError(f"school {name}: --node-key {' '.join(str(exc).split())}") from None
+
+
+@dataclass(frozen=True)
+class SchoolKeys:
+    """What `fedfer deploy school-key` made (or found) at the school: the two public halves to send."""
+
+    ledger_public: Path      # Ed25519: the coordinator verifies the school's ledger with it
+    ledger_key_id: str
+    node_public: Path        # ECDSA P-384 (OpenSSH): the SuperLink admits the school's SuperNode with it
+    node_fingerprint: str
+    new_node_key: bool       # the SuperNode key was made (or replaced) now
+
+
+def make_school_keys(state_dir: Path, *, new_node_key: bool = False) -> SchoolKeys:
+    """At the school: its ledger signing key and its SuperNode key in `state_dir` (each made once, 0600; existing
+    ones are kept unless `new_node_key` asks for a new SuperNode key, for `fedfer deploy rotate --node-key`).
+    Only the public halves leave the school: a coordinator holding the signing key could sign ledger entries
+    in the school's name, and with the node key it could connect as the school."""
     from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_or_create_signing_key, public_key_pem
+    from server.deploy import credentials as cred
 
     state_dir = Path(state_dir).expanduser()
     check_target_dir(state_dir, "--state-dir")
@@ -378,7 +421,18 @@ def make_school_key(state_dir: Path) -> tuple[Path, str]:
     public = state_dir / PUBLIC_KEY_FILE
     if not public.is_file():   # made by an older fedfer or deleted: write it again from the private key
         public.write_text(public_key_pem(key), encoding="ascii")
-    return public, key_id(key)
+    node_private = state_dir / cred.NODE_KEY_FILE
+    made = new_node_key or not node_private.exists()
+    try:
+        if made:
+            node = cred.create_node_key(state_dir, cred.NODE_KEY_FILE, comment="fedfer-school")
+        else:
+            node = cred.load_node_key(node_private)
+            if not node.public_path.is_file():
+                cred.write_public(node.public_path, (node.public_openssh + "\n").encode())
+    except cred.CredentialError as exc:
+        raise DeployError(" ".join(str(exc).split())) from None
+    return SchoolKeys(public, key_id(key), node.public_path, node.fingerprint, made)
 
 
 def register_pending(root: Path, name: str, flwr_home: Path) -> str:
@@ -425,8 +479,9 @@ def revoke_node(root: Path, name: str, flwr_home: Path) -> str:
     return f"{name}: node unregistered; the SuperLink refuses its key from now on"
 
 
-def rotate_node(root: Path, name: str, flwr_home: Path) -> str:
-    """New SuperNode key: register the new one, then unregister the old one, then swap the files."""
+def rotate_node(root: Path, name: str, flwr_home: Path, node_key: Path | None = None) -> str:
+    """New SuperNode key: register the new one, then unregister the old one, then swap the files. `node_key`:
+    the public half of the new key a school made itself (`fedfer deploy school-key --new-node-key`)."""
     from server.deploy import credentials as cred
     from server.deploy.layout import Deployment
 
@@ -434,10 +489,22 @@ def rotate_node(root: Path, name: str, flwr_home: Path) -> str:
     entry = dep.node(name)
     if dep.insecure:
         raise DeployError("insecure deployment: nodes have no keys to rotate")
+    if entry.auth_key and node_key is None:
+        raise DeployError(f"{name}'s SuperNode key is the school's own ({entry.auth_key} on its machine): the school "
+                          f"makes a new one with `fedfer deploy school-key --state-dir DIR --new-node-key` and sends "
+                          f"its supernode.pub; then `fedfer deploy rotate {name} --node-key supernode.pub`")
+    if node_key is not None and not entry.auth_key:
+        raise DeployError(f"{name}'s SuperNode key was made here: rotate it without --node-key")
+    new_public = _school_node_key(Path(node_key), name) if node_key is not None else None
     if not superlink_running(dep):
         raise DeployError(f"the SuperLink is not running on {dep.local_address}; rotation needs it (register new, unregister old)")
     folder = dep.node_dir(name)
-    new = cred.create_node_key(folder, "supernode.new", comment=f"fedfer-{name}")
+    if new_public is not None:
+        new = cred.NodeKey(folder / "supernode.new", folder / "supernode.new.pub", new_public,
+                           cred.openssh_fingerprint(new_public))
+        cred.write_public(new.public_path, (new_public + "\n").encode())
+    else:
+        new = cred.create_node_key(folder, "supernode.new", comment=f"fedfer-{name}")
     try:
         new_id = register_key(dep, new.public_path, flwr_home)
     except BaseException:
@@ -449,13 +516,16 @@ def rotate_node(root: Path, name: str, flwr_home: Path) -> str:
         unregister_node(dep, old_id, flwr_home)
         entry.revoked.append({"node_id": old_id, "fingerprint": old_fp,
                               "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
-    os.replace(new.private_path, folder / "supernode")
-    os.replace(new.public_path, folder / "supernode.pub")
+    if new_public is None:
+        os.replace(new.private_path, folder / cred.NODE_KEY_FILE)
+    os.replace(new.public_path, folder / f"{cred.NODE_KEY_FILE}.pub")
     entry.node_id, entry.fingerprint, entry.status = new_id, new.fingerprint, "registered"
     dep.save()
+    after = (f"The school's node connects with its new key; restart its start.sh if it is running." if new_public
+             is not None else f"Copy {folder}/supernode to the site and restart its start.sh.")
     return (f"{name}: new key {new.fingerprint} registered as node {new_id}"
             + (f"; old node {old_id} unregistered" if old_id is not None else "")
-            + f". Copy {folder}/supernode to the site and restart its start.sh.")
+            + f". {after}")
 
 
 def deployment_status(root: Path, flwr_home: Path | None) -> dict[str, Any]:
@@ -469,7 +539,8 @@ def deployment_status(root: Path, flwr_home: Path | None) -> dict[str, Any]:
     info: dict[str, Any] = {"dir": str(dep.root), "coordinator": dep.superlink_address, "connection": dep.connection,
                             "insecure": dep.insecure, "executor": dep.executor, "superlink_running": superlink_running(dep)}
     if not dep.insecure:
-        for path in (dep.superlink_key, *(dep.node_dir(n) / "supernode" for n in dep.nodes)):
+        held_here = [dep.node_dir(n) / cred.NODE_KEY_FILE for n, e in dep.nodes.items() if not e.auth_key]
+        for path in (dep.superlink_key, *held_here):
             if problem := cred.private_file_problem(path):
                 problems.append(problem)
         try:
@@ -494,7 +565,8 @@ def deployment_status(root: Path, flwr_home: Path | None) -> dict[str, Any]:
     nodes = []
     for name, entry in sorted(dep.nodes.items()):
         row = {"name": name, "role": entry.role, "status": entry.status, "node_id": entry.node_id,
-               "fingerprint": entry.fingerprint, "runtime_port": entry.runtime_port}
+               "fingerprint": entry.fingerprint, "runtime_port": entry.runtime_port,
+               "node_key": "school's own" if entry.auth_key else "made here"}
         if entry.node_id is not None and flower:
             row["flower"] = flower.get(entry.node_id, {}).get("status", "unknown")
         if entry.role == "school" and not (dep.keyring / f"{name}.pub").exists():

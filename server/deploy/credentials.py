@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -38,6 +39,7 @@ from shared_models.atomic_files import atomic_write_bytes
 # Names every SuperLink certificate carries so the coordinator reaches its own SuperLink.
 LOOPBACK_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 NODE_KEY_TYPE = "ecdsa-sha2-nistp384"
+NODE_KEY_FILE = "supernode"            # the SuperNode key's file name (its public half: supernode.pub)
 CA_VALID_DAYS = 3650
 SERVER_VALID_DAYS = 825
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -278,13 +280,15 @@ def load_node_public_key(path: Path) -> str:
     """Read and check a SuperNode public key (`ecdsa-sha2-nistp384 ...`); returns the one-line key."""
     path = Path(path)
     try:
-        text = path.read_text().strip()
+        text = path.read_bytes()[:16384].decode("utf-8").strip()
     except FileNotFoundError:
         raise CredentialError(f"{path}: public key file missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CredentialError(f"{path}: cannot read as text ({exc})") from None
     try:
         key = serialization.load_ssh_public_key(text.encode())
-    except (ValueError, TypeError) as exc:
-        raise CredentialError(f"{path}: not an OpenSSH public key ({exc})") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:   # a PEM key arrives as "Unsupported key type"
+        raise CredentialError(f"{path}: not an OpenSSH public key ({' '.join(str(exc).split())[:80]})") from None
     if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"):
         raise CredentialError(f"{path}: Flower SuperNode keys must be {NODE_KEY_TYPE} (ECDSA P-384), "
                               f"got {text.split()[0]}")
@@ -298,7 +302,7 @@ def load_node_key(private_path: Path) -> NodeKey:
         raise CredentialError(problem)
     try:
         key = serialization.load_ssh_private_key(private_path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CredentialError(f"{private_path}: not an unencrypted OpenSSH private key ({exc})") from None
     if not (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"):
         raise CredentialError(f"{private_path}: SuperNode keys must be ECDSA P-384")

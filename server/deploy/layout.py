@@ -64,6 +64,8 @@ class NodeEntry:
     node_config: dict[str, Any]
     node_id: int | None = None         # Flower's id once registered with the SuperLink
     fingerprint: str = ""              # SHA256 of the SuperNode auth public key
+    auth_key: str = ""                 # the private key's path on the school's machine when the school made it
+                                       # (`fedfer deploy school-key`); "": `supernode` in the node folder, made here
     status: str = "created"            # created | registered | revoked
     revoked: list[dict[str, Any]] = field(default_factory=list)   # earlier keys: node_id, fingerprint, at
 
@@ -224,6 +226,8 @@ class Deployment:
                 return f"{where}: field 'node_id' must be an integer or null"
             if not isinstance(entry.fingerprint, str) or entry.status not in ("created", "registered", "revoked"):
                 return f"{where}: fields 'fingerprint' (string) and 'status' (created|registered|revoked) are malformed"
+            if not isinstance(entry.auth_key, str) or (entry.auth_key and not Path(entry.auth_key).is_absolute()):
+                return f"{where}: field 'auth_key' must be an absolute path or empty"
             if not isinstance(entry.revoked, list) or not all(isinstance(r, dict) for r in entry.revoked):
                 return f"{where}: field 'revoked' must be a list of objects"
         return None
@@ -327,7 +331,8 @@ def node_commands(dep: Deployment, name: str, here: str | None = None, superlink
         superlink=superlink or dep.superlink_address, runtime_port=entry.runtime_port,
         node_config=p("node-config.toml"),
         root_certificates=None if dep.insecure else p("ca.crt"),
-        auth_key=None if dep.insecure else p("supernode"), insecure=dep.insecure,
+        auth_key=None if dep.insecure else Path(entry.auth_key) if entry.auth_key else p("supernode"),
+        insecure=dep.insecure,
         isolation="process" if warm else "subprocess",
         poll=(dep.idle_poll, dep.reply_poll) if warm and dep.idle_poll > 0 else None,
         superexec_secret=p("superexec.secret") if warm else None)
