@@ -8,6 +8,7 @@ loss or a duration (tests/test_privacy_boundary.py, tests/test_privacy_neighbour
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -23,6 +24,8 @@ from client.node import NodeIdentity, identify
 from shared_models.wire import bundle, is_bundled, is_packed, pack_content, unbundle, unpack_content
 from shared_models.models import registry
 from shared_models.config import from_run_config
+
+logging.getLogger("flwr").propagate = False   # Opacus's root handler would print every record twice (server/app.py)
 
 app = ClientApp()
 

@@ -6,6 +6,7 @@ new global model -> checkpoint, metrics line, ledger copies (server/strategy.py,
 
 from __future__ import annotations
 
+import logging
 import os
 from logging import ERROR, INFO, WARNING
 
@@ -19,6 +20,10 @@ from server.simulation_cluster import check_ray_cluster
 from server.strategy import RoundRecord, SchoolFedAvg
 from server.transport import fast_grid
 from shared_models.config import from_run_config
+
+# Opacus configures the root logger when it is imported (`logging.basicConfig` in opacus/utils/module_utils.py),
+# so every Flower record reached the console twice: through Flower's own handler and the root's.
+logging.getLogger("flwr").propagate = False
 
 app = ServerApp()
 

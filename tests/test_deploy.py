@@ -399,6 +399,15 @@ def test_revoke_and_rotate_need_a_registration_and_a_running_superlink(deploymen
     assert not list(dep.node_dir("a").glob("supernode.new*"))
 
 
+@pytest.mark.parametrize("app", ["server.app", "client.app"])
+def test_flower_log_records_print_once_beside_opacus(app):
+    """Opacus calls logging.basicConfig() when imported; the apps keep Flower's records out of that root handler."""
+    code = f"import {app}, opacus.utils.module_utils; from flwr.common.logger import log; log(20, 'one-line-only')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout + result.stderr).count("one-line-only") == 1, result.stdout + result.stderr
+
+
 def test_node_config_string_quotes_values():
     assert format_node_config({"role": "school", "budget": 8.0, "n": 3, "on": True, "p": 'a "b"'}) == \
         'role="school" budget=8.0 n=3 on=true p="a \\"b\\""'

@@ -83,6 +83,8 @@ def test_deployment_two_rounds_with_tls_and_node_auth(tmp_path, monkeypatch):
             assert (run / "metrics.jsonl").exists(), log[-4000:]
             rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             assert [r["round"] for r in rounds] == [1, 2], log[-4000:]
+            # each line once: Opacus's root logging handler used to print every Flower record a second time
+            assert sum("[fedfer] round 1/2 |" in line for line in log.splitlines()) == 1, log[-4000:]
             for record in rounds:
                 assert record["aggregated"], record
                 assert sorted(s for s, o in record["train"].items() if o.get("status") == "ok") == \
