@@ -32,7 +32,7 @@ benchmarks (NAME=PATH, or NAME:SPLIT=PATH; the synthetic ones are bare names fou
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser(
         "evaluate", help="score a checkpoint on public FER benchmarks",
-        description="Score a checkpoint on public FER benchmarks: accuracy with a bootstrap 95%% CI, UAR, macro-F1.",
+        description="Score a checkpoint on public FER benchmarks: accuracy with a bootstrap 95% CI, UAR, macro-F1.",
         epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("--checkpoint", required=True, type=Path, metavar="C",

@@ -39,7 +39,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     central = sub.add_parser("train-central", help="centralised reference training on the pooled synthetic schools")
     central.add_argument("--model", default=None, help="model name (default: model.name)")
-    central.add_argument("--preset", default=None, help="cpu | paper (default: model.preset)")
+    central.add_argument("--preset", default=None, help="cpu | dp | paper (default: model.preset; `fedfer models` lists them)")
     central.add_argument("--epochs", type=int, default=15)
     central.add_argument("--dp", action="store_true", help="train with DP-SGD at privacy.unit and privacy.target_epsilon")
     central.add_argument("--config", type=Path)
