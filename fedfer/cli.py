@@ -6,8 +6,8 @@ inside the command handlers, so `fedfer --help` stays fast.
 Errors: a problem with the user's input (an error class of fedfer's own packages — ConfigError,
 CheckpointError, DeployError, ... — or an OSError on a path the user named) ends as one line
 `fedfer: <what>` and exit 2. Anything else is a fedfer bug: one line `fedfer: internal error: ...` and
-exit 70 (never 1, which `privacy attack` reserves for "bound above the claim"). `--debug` (or
-FEDFER_DEBUG=1) shows the traceback instead.
+exit 70 (never 1, which `privacy audit` reserves for "over budget" and `privacy canary-audit` for "bound
+above the claim"). `--debug` (or FEDFER_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
     at.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     at.add_argument("--plot", type=Path, default=None,
                     help="white-box: write a PNG of the canary scores (included vs excluded, guess thresholds)")
-    at.set_defaults(func=_attack)
+    at.set_defaults(func=_canary_audit_command)
 
 
 # ------------------------------------------------------------------------------------------ audit
@@ -152,7 +152,7 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------ attack
+# ----------------------------------------------------------------------------- canary-audit (attack)
 def _run_config(run_dir: Path | None) -> dict:
     if run_dir is None:
         return {}
@@ -169,7 +169,7 @@ def _run_config(run_dir: Path | None) -> dict:
         raise UsageError(f"{path}: not valid YAML ({exc})") from None
 
 
-def _attack(args: argparse.Namespace) -> int:
+def _canary_audit_command(args: argparse.Namespace) -> int:
     try:
         return _canary_audit(args)
     except ValueError as exc:  # bad settings or data, phrased as one line
