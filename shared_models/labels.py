@@ -19,10 +19,3 @@ def label_set(name: str) -> tuple[str, ...]:
     except KeyError:
         raise ValueError(f"unknown label set '{name}' (known: {', '.join(LABEL_SETS)})") from None
 
-
-def label_index(name: str, labels: tuple[str, ...] = FER7) -> int:
-    """Index of a class name; raises ValueError naming the label when it is not in the set."""
-    try:
-        return labels.index(name.strip().lower())
-    except ValueError:
-        raise ValueError(f"unknown label '{name}' (expected one of {', '.join(labels)})") from None

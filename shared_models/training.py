@@ -127,6 +127,3 @@ def train_plain(model: nn.Module, dataset: Dataset, cfg: Mapping[str, Any], epoc
             steps += 1
     return {"steps": steps, "loss": total / max(count, 1), "frames": count}
 
-
-def eval_dataset(images: np.ndarray, labels: np.ndarray, input_size: int) -> FaceDataset:
-    return FaceDataset(images, labels, eval_transform(input_size))

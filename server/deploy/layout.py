@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
 import sys
@@ -431,9 +430,3 @@ def node_script(dep: Deployment, name: str) -> str:
 def write_script(path: Path, text: str) -> None:
     write_public(path, text.encode(), mode=0o755)
 
-
-def relative_or_absolute(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
