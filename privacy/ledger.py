@@ -156,10 +156,6 @@ def history_key(history: Iterable[Sequence]) -> dict[tuple[float, float], int]:
     return {(s, q): n for s, q, n in compress_history(history)}
 
 
-def _history_list(history: Iterable[Sequence]) -> list[list]:
-    return compress_history_list(history)
-
-
 def compress_history_list(history: Iterable[Sequence]) -> list[list]:
     """The history as an entry writes it: [[σ, q, steps], …], equal (σ, q) merged, first-appearance order."""
     from privacy.accounting import compress_history
@@ -452,7 +448,7 @@ class SchoolLedger:
                 if _is_num(entry.get(name)):
                     entry[name] = float(entry[name])
             if "history_before" in entry:
-                entry["history_before"] = _history_list(entry["history_before"])
+                entry["history_before"] = compress_history_list(entry["history_before"])
             entry.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
             entry["run_seq"] = sum(1 for e in self._entries if e["run_id"] == entry.get("run_id"))
             entry["key_id"] = key_id(self.public_key)
