@@ -174,7 +174,7 @@ def _references(cfg: dict[str, Any], run_path: Path, root: Path, started: float)
 
     print("\nreference models (simulation only; not sent anywhere, not charged to any school's budget)")
     before = time.perf_counter()
-    compute_references(cfg, run_path, root, echo=lambda line: print("  " + line, flush=True))
+    compute_references(cfg, run_path, root, echo=_indented)
     report = build_report(run_path)
     data = load_run(run_path)
     table = added.rows(data.rounds, data.references, federation_epsilon(data))
@@ -254,7 +254,7 @@ def _write_school_policies(cfg: dict[str, Any], run_path: Path, root: Path) -> i
 
     try:
         school_run = Path(str(cfg["run.resume"])).expanduser().resolve() if cfg["run.resume"] else run_path
-        write_school_policies(cfg, school_run, root, echo=lambda line: print("  " + line, flush=True))
+        write_school_policies(cfg, school_run, root, echo=_indented)
     except PolicyError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
         return 2
@@ -262,6 +262,7 @@ def _write_school_policies(cfg: dict[str, Any], run_path: Path, root: Path) -> i
 
 
 def _indented(line: str) -> None:
+    """Progress lines of a step the command runs, indented under its heading."""
     print("  " + line, flush=True)
 
 
@@ -428,7 +429,7 @@ def cmd_train_central(args: argparse.Namespace) -> int:
     if _clips_missing(cfg):
         return 2
     root = _ensure_data(cfg)
-    result = train_central(cfg, root, epochs=args.epochs, dp=args.dp, echo=lambda s: print("  " + s, flush=True))
+    result = train_central(cfg, root, epochs=args.epochs, dp=args.dp, echo=_indented)
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
