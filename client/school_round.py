@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from client.node import NodeIdentity
+from privacy.policy import SchoolPolicy
 from client.school_cache import SchoolCache
 from shared_models.datasets.school_folder import (
     SchoolClips, SchoolData, SchoolDataError, load_school, load_school_clips,
@@ -115,7 +116,7 @@ def _load_clips(node: NodeIdentity, version: tuple[int, int], frames: int, task:
 
 
 # ----------------------------------------------------------------------------------------- policy
-def school_policy(node: NodeIdentity, data: SchoolData):
+def school_policy(node: NodeIdentity, data: SchoolData | SchoolClips) -> SchoolPolicy:
     """A deployed school's policy is its node-config's. A simulated school's is ``<state>/policy.json``,
     written by `fedfer simulate`; if a simulation was started without it (`flwr run .`), it is made
     once from fedfer's installed defaults — never from the run-config — and kept."""

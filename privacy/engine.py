@@ -44,7 +44,7 @@ import math
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -110,7 +110,7 @@ def plan_round(*, unit: str, declared_units: int, units_per_batch: int, local_ep
                   int(frames_per_unit) if unit == "student" else 1)
 
 
-def plan_from_config(cfg, declared_units: int, *, delta: float | None = None, unit: str | None = None) -> DPPlan:
+def plan_from_config(cfg: Mapping[str, Any], declared_units: int, *, delta: float | None = None, unit: str | None = None) -> DPPlan:
     """:func:`plan_round` with the run's training settings (``train.*``, ``privacy.*``, ``federation.rounds``)."""
     return plan_round(unit=str(unit or cfg["privacy.unit"]), declared_units=declared_units,
                       units_per_batch=int(cfg["train.batch_size"]), local_epochs=int(cfg["train.local_epochs"]),

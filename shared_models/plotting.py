@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # matplotlib is imported on first use: the Agg backend must be chosen before pyplot loads
+    from matplotlib.figure import Figure
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib.pyplot on the Agg backend (no display, no GUI toolkit)."""
     import matplotlib
 
@@ -16,7 +21,7 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: Path, dpi: int = 120) -> Path:
     """Write `fig` to `path` through a temporary file, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")

@@ -8,9 +8,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedfer.commands import UsageError
+
+if TYPE_CHECKING:   # torch is imported inside the handlers, so that `fedfer --help` stays fast
+    from torch import nn
 
 EVALUATE_EPILOG = """\
 benchmarks (NAME=PATH, or NAME:SPLIT=PATH; the synthetic ones are bare names found under --data-root):
@@ -90,7 +93,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def build_model(checkpoint: dict[str, Any]):
+def build_model(checkpoint: dict[str, Any]) -> nn.Module:
     """The checkpoint's model through the registry, with its weights loaded (one-line errors name the file)."""
     from server.run_dir import model_from_checkpoint
 

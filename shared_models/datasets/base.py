@@ -28,9 +28,12 @@ import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:   # PIL is imported where an image is opened
+    from PIL import Image
 
 LOG = logging.getLogger("fedfer.benchmarks")
 
@@ -90,7 +93,7 @@ class ImageRefused(ValueError):
     """A file not decoded on purpose: not a regular file, or a header claiming too many pixels."""
 
 
-def open_checked_image(path: Path | str):
+def open_checked_image(path: Path | str) -> Image.Image:
     """PIL image of `path` with only the header parsed. Raises FileNotFoundError when missing and
     ImageRefused (message = the reason) when it is not a regular file or claims more than
     MAX_IMAGE_PIXELS pixels (PIL's decompression-bomb warning or error included)."""
