@@ -10,8 +10,8 @@
 
 Secure by default: TLS (own CA, EC P-384) and SuperNode authentication (ECDSA P-384 node keys
 registered with `flwr supernode register`) are on; `--insecure` turns both off, loudly.
-The work is done by server/deploy/ (commands, layout, credentials, processes); this module only
-parses arguments and prints.
+The work is done by server/deploy/ (commands, layout, credentials, local) and server/processes.py;
+this module only parses arguments and prints.
 """
 
 from __future__ import annotations
