@@ -315,7 +315,9 @@ def _row(label: str, result: Mapping[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # the docstring's first paragraph ends in "… accuracy of", its list of (a), (b), (F), (c) follows: show both
+    parser = argparse.ArgumentParser(description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default: federation.rounds)")
     parser.add_argument("--trainable", default="all,norms+head", help="fine-tuning choices for the federation")
     parser.add_argument("--alone", default="3", help="schools that also train alone: 'all' or how many (smallest, "
