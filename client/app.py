@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.node import NodeIdentity, identify
-from shared_models.wire import bundle, is_bundled, is_packed, pack_content, unbundle, unpack_content
+from shared_models.wire import bundle, is_bundled, is_packed, pack_content, received_numpy, unbundle, unpack_content
 from shared_models.models import registry
 from shared_models.config import from_run_config
 
@@ -46,7 +46,7 @@ def _request(msg: Message) -> RecordDict:
 def _received_state(content: RecordDict) -> dict[str, torch.Tensor]:
     """The model the server sent, as a torch state dict (packed in one array per dtype or not)."""
     content = unpack_content(content, strict=True)
-    return content.array_records["arrays"].to_torch_state_dict()
+    return {k: torch.from_numpy(received_numpy(v, k)) for k, v in content.array_records["arrays"].items()}
 
 
 def _reply(msg: Message, content: RecordDict) -> Message:

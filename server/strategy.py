@@ -31,7 +31,9 @@ part of the strategy state in every checkpoint, so a resumed run continues with 
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -46,7 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from shared_models.wire import ERROR_RECORD
+from shared_models.wire import ERROR_RECORD, PackingError, received_numpy
 from server.run_dir import RoundRecord, RunDirectory
 from server.validation import RejectedUpdate, check_update
 
@@ -56,7 +58,20 @@ def short_reason(reason: str) -> str:
     if "Message:" in reason:
         reason = reason.rsplit("Message:", 1)[1]
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else "unknown error")[:300]
+    return one_line(lines[-1] if lines else "unknown error")
+
+
+def one_line(text: Any, limit: int = 300) -> str:
+    """Text a node sent, made fit for a log line or the run's files: no control characters (newlines, terminal
+    escapes), whitespace collapsed, at most `limit` characters."""
+    printable = "".join(ch if ch.isprintable() else " " for ch in str(text)[:4 * limit])
+    return " ".join(printable.split())[:limit]
+
+
+#: What a school's train reply says in its status record (client/app.py, client/school_round.py RoundReply)
+STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "busy")
+#: The values a school's train reply carries in its "metrics" record (client/school_round.py `_ok_reply`)
+TRAIN_METRICS = ("epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight", "declared-units")
 
 
 @dataclass
@@ -187,11 +202,38 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
                 self.run.event("query-error", node_id=nid, reason=reason)
                 log(WARNING, "[fedfer] node %s did not answer the role query: %s", nid, reason)
                 continue
-            info = reply.content.config_records["node"]
+            node, problem = self._node_info(reply.content, nid, connected)
+            if problem:
+                self.run.event("query-error", node_id=nid, reason=problem)
+                log(WARNING, "[fedfer] node %s refused: %s", nid, problem)
+                continue
             # a school's ledger key is checked and pinned when it is first sampled (`_pin_chosen`), so the
             # run directory holds keys of the schools that trained, not of every school that could have
-            self.nodes[nid] = NodeInfo(str(info["role"]), str(info.get("school-id", "")), str(info.get("public-key", "")))
+            self.nodes[nid] = node
         return set(grid.get_node_ids())
+
+    def _node_info(self, content: RecordDict, nid: int, connected: set[int]) -> tuple[NodeInfo, str]:
+        """A node's answer to the role query, or a one-line problem. A school id names files in the run
+        directory and lines in its logs, so it must be a plain name; a school another connected node already
+        is stays that node (a restarted school is asked again once its old node is gone)."""
+        from shared_models.config import SCHOOL_ID
+
+        info = content.config_records.get("node", ConfigRecord())
+        role, school_id, key = (info.get(k, "") for k in ("role", "school-id", "public-key"))
+        if role not in ("school", "evaluator", "spare"):
+            return NodeInfo("unknown"), f"role {one_line(role, 40)!r} is not school, evaluator or spare"
+        if role != "school":
+            return NodeInfo(role), ""
+        if not isinstance(school_id, str) or not SCHOOL_ID.match(school_id):
+            return NodeInfo("unknown"), (f"school id {one_line(school_id, 80)!r} is not a name (letters, digits, "
+                                         "'.', '_', '-', starting with a letter or digit, at most 64)")
+        if not isinstance(key, str) or not key.lstrip().startswith("-----BEGIN"):
+            return NodeInfo("unknown"), f"{school_id}: its ledger public key is not PEM text"
+        holder = next((other for other, n in self.nodes.items()
+                       if n.school_id == school_id and other != nid and other in connected), None)
+        if holder is not None:
+            return NodeInfo("unknown"), f"claims to be {school_id}, which node {holder} already is"
+        return NodeInfo(role, school_id, key), ""
 
     def _pin_chosen(self, chosen: list[int]) -> list[int]:
         """The sampled nodes whose ledger key is (now) pinned; a school whose key is refused is rejected
@@ -212,7 +254,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
 
     def _pin_key(self, node: NodeInfo) -> str:
         """Trust the school's ledger key from the keyring (deployment) or on first contact (simulation)."""
-        from privacy.signing import load_public_key, public_key_pem
+        from privacy.signing import SigningKeyError, load_public_key, public_key_pem
 
         key_file = self.run.key_path(node.school_id)
         keyring = str(self.cfg["privacy.keyring"])
@@ -225,7 +267,11 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             expected = public_key_pem(load_public_key(key_file))
         else:
             expected = node.public_key_pem
-        if public_key_pem(load_public_key(node.public_key_pem)) != expected:
+        try:   # bytes: a key the node sent is PEM text, never a path this server would read
+            sent = public_key_pem(load_public_key(node.public_key_pem.encode("utf-8", "replace")))
+        except SigningKeyError as exc:
+            return f"ledger public key: {one_line(exc, 120)}"
+        if sent != expected:
             return "ledger public key differs from the trusted one"
         key_file.parent.mkdir(parents=True, exist_ok=True)
         key_file.write_text(expected, encoding="utf-8")
@@ -405,8 +451,13 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             log(WARNING, "[fedfer] rejected %s in round %d: %s", school, rnd, reason)
             return {"status": "rejected", "reason": reason}
         status = content.config_records.get("status", ConfigRecord({"status": "ok"}))
+        if status.get("status") not in STATUSES:
+            reason = f"status {one_line(status.get('status'), 40)!r} is not one of {', '.join(STATUSES)}"
+            self.run.event("rejected", round=rnd, school=school, reason=reason)
+            log(WARNING, "[fedfer] rejected %s in round %d: %s", school, rnd, reason)
+            return {"status": "rejected", "reason": reason}
         if status.get("status") != "ok":
-            outcome = {"status": str(status["status"]), "reason": str(status.get("reason", ""))}
+            outcome = {"status": str(status["status"]), "reason": one_line(status.get("reason", ""))}
             if outcome["status"] in ("budget-exhausted", "policy-violation"):
                 # a school that declines on its budget or its policy declines every later round of the run too
                 self.exhausted.add(school)
@@ -421,11 +472,16 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         try:
             if node.role != "school":
                 raise RejectedUpdate("reply from a node that is not a registered school")
-            if len(content.array_records) != 1 or "metrics" not in content.metric_records:
-                raise RejectedUpdate("reply must carry one ArrayRecord and a 'metrics' MetricRecord")
-            reply_np = {k: v.numpy() for k, v in content["arrays"].items()}
+            # exactly one of each: Flower's FedAvg averages every ArrayRecord and weighs by the first MetricRecord
+            if len(content.array_records) != 1 or list(content.metric_records) != ["metrics"]:
+                raise RejectedUpdate("reply must carry one ArrayRecord and one MetricRecord, 'metrics'")
+            try:
+                reply_np = {k: received_numpy(v, k) for k, v in content.array_records.get("arrays", {}).items()}
+            except PackingError as exc:
+                raise RejectedUpdate(str(exc)) from None
             norm = check_update(global_np, reply_np, float(self.cfg["federation.max_update_norm"]))
             metrics = dict(content["metrics"])
+            _check_train_metrics(metrics)
             if metrics.get("unit-weight") != 1:
                 raise RejectedUpdate(f"unit-weight {metrics.get('unit-weight')!r}: must be 1")
             _check_declared_weight(metrics)
@@ -444,11 +500,14 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
 
         if "ledger" not in content.config_records:
             raise RejectedUpdate("private training reply without a signed ledger entry")
-        entry = json.loads(str(content.config_records["ledger"]["entry"]))
-        if entry.get("school_id") != school or int(entry.get("round", -1)) != rnd or entry.get("run_id") != self.run.run_id:
-            raise RejectedUpdate(f"ledger entry is for {entry.get('school_id')} round {entry.get('round')} run "
-                                 f"{entry.get('run_id')}, expected {school} round {rnd} run {self.run.run_id}")
-        run_entries = json.loads(str(content.config_records["ledger"].get("run-entries", "[]"))) or [entry]
+        entry = _ledger_json(content.config_records["ledger"], "entry", dict)
+        if entry.get("school_id") != school or entry.get("round") != rnd or entry.get("run_id") != self.run.run_id:
+            raise RejectedUpdate(f"ledger entry is for {one_line(entry.get('school_id'), 80)} round "
+                                 f"{one_line(entry.get('round'), 40)} run {one_line(entry.get('run_id'), 80)}, "
+                                 f"expected {school} round {rnd} run {self.run.run_id}")
+        run_entries = _ledger_json(content.config_records["ledger"], "run-entries", list) or [entry]
+        if not all(isinstance(e, dict) for e in run_entries):
+            raise RejectedUpdate("ledger field 'run-entries' must be a list of entries")
         if run_entries[-1].get("hash") != entry.get("hash"):
             raise RejectedUpdate("ledger entry is not the last of the run entries sent with it")
         public_key = load_public_key(self.run.key_path(school))
@@ -526,6 +585,11 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             self.run.event("evaluator-error", round=target.round, reason=reason)
             return None
         metrics = reply.content["metrics"]
+        problem = _evaluation_problem(metrics)
+        if problem:
+            self.run.event("evaluator-error", round=target.round, reason=problem)
+            log(WARNING, "[fedfer] round %d: evaluation node's reply refused: %s", target.round, problem)
+            return None
         target.evaluation = unflatten_metrics(dict(metrics))
         if "eval-seconds" in metrics:
             target.timing["evaluate_compute_s"] = float(metrics["eval-seconds"])
@@ -537,6 +601,66 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         # tensors, not numpy arrays: `fedfer evaluate` reads checkpoints with torch.load(weights_only=True)
         momentum = None if self.momentum_vector is None else [torch.tensor(np.asarray(m)) for m in self.momentum_vector]
         return {"exhausted": sorted(self.exhausted), "momentum": momentum}
+
+
+BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$")
+MAX_BENCHMARKS, MAX_METRIC_LIST = 64, 10_000
+
+
+def _evaluation_problem(metrics: Mapping[str, Any]) -> str:
+    """What is wrong with the evaluation node's metrics (shared_models/evaluation.py `flatten_metrics`), or "":
+    `<benchmark>.<metric>` numbers (NaN: no value), the confusion matrix and per-class recall as lists, every
+    benchmark with an accuracy in [0, 1]; `num-examples` and `eval-seconds` beside them. They go into the
+    progress line, metrics.jsonl and the report as sent."""
+    accuracy: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key in ("num-examples", "eval-seconds"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                return f"'{key}' is {one_line(repr(value), 40)}, not a number >= 0"
+            continue
+        bench, _, name = key.rpartition(".")
+        if not BENCHMARK_NAME.match(bench) or not name.replace("_", "").isalnum():
+            return f"metric {one_line(key, 80)!r} is not <benchmark>.<metric>"
+        if isinstance(value, list):
+            if name not in ("confusion", "per_class_recall") or len(value) > MAX_METRIC_LIST:
+                return f"metric '{key}' is a list"
+            if name == "confusion" and round(len(value) ** 0.5) ** 2 != len(value):
+                return f"metric '{key}' holds {len(value)} counts, not a square table"
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isinf(value):
+            return f"metric '{key}' is {one_line(repr(value), 40)}, not a number"
+        if name == "accuracy":
+            accuracy[bench] = value
+    benches = {key.rpartition(".")[0] for key in metrics if "." in key}
+    if len(benches) > MAX_BENCHMARKS:
+        return f"{len(benches)} benchmarks (at most {MAX_BENCHMARKS})"
+    for bench in sorted(benches):
+        if not 0 <= accuracy.get(bench, -1) <= 1:   # NaN or missing fails too
+            return f"benchmark {bench!r} has no accuracy in [0, 1]"
+    return ""
+
+
+def _ledger_json(record: ConfigRecord, field: str, kind: type) -> Any:
+    """One JSON field of a reply's ledger record (`entry`: an object; `run-entries`: a list, may be absent)."""
+    text = record.get(field, "[]" if kind is list else None)
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, kind):
+        raise RejectedUpdate(f"ledger field '{field}' is not a JSON {'list' if kind is list else 'object'}")
+    return value
+
+
+def _check_train_metrics(metrics: Mapping[str, Any]) -> None:
+    """Only the public values a school sends, each one number (ε may be infinite without noise): anything else
+    would be written into metrics.jsonl and the report as the school sent it."""
+    for key, value in metrics.items():
+        if key not in TRAIN_METRICS:
+            raise RejectedUpdate(f"metric {one_line(key, 40)!r} is not one a school sends ({', '.join(TRAIN_METRICS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                or (math.isinf(value) and not key.startswith("epsilon")):
+            raise RejectedUpdate(f"metric '{key}' is {one_line(repr(value), 40)}, not a number")
 
 
 def _check_declared_weight(metrics: Mapping[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Checks on every school's reply before it may touch the global model.
 
 A reply is rejected (and the round goes on with the rest) when its weights do not have the global
-model's keys and shapes, hold NaN/Inf, or moved further from the global model than
+model's keys and shapes, are not real numbers (complex, object), hold NaN/Inf, or moved further from the global model than
 `federation.max_update_norm` allows: with DP-SGD every step is clipped and noised, so an update far
 beyond what `lr * steps * (clip + noise)` can produce means a broken or malicious client.
 """
@@ -30,9 +30,13 @@ def check_update(global_arrays: Mapping[str, np.ndarray], reply_arrays: Mapping[
         value = reply_arrays[key]
         if value.shape != reference.shape:
             raise RejectedUpdate(f"'{key}' has shape {tuple(value.shape)}, expected {tuple(reference.shape)}")
-        if value.dtype.kind == "f":
-            if not np.isfinite(value).all():
-                raise RejectedUpdate(f"'{key}' contains NaN or Inf")
+        if value.dtype.kind not in "biuf":
+            raise RejectedUpdate(f"'{key}' has dtype {value.dtype}, not real numbers")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise RejectedUpdate(f"'{key}' contains NaN or Inf")
+        # every value FedAvg averages into a float tensor counts towards the norm, whatever dtype it came in;
+        # only integer buffers answered with integers (counters) are left out
+        if value.dtype.kind == "f" or reference.dtype.kind == "f":
             diff = value.astype(np.float64) - reference.astype(np.float64)
             squared += float(np.dot(diff.ravel(), diff.ravel()))
     norm = squared ** 0.5

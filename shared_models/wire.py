@@ -25,6 +25,7 @@ layout (wrong length, wrong dtype, malformed) is not unpacked: its content is re
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, Mapping
 
@@ -51,6 +52,31 @@ def _numpy(value: Any) -> np.ndarray:
     if isinstance(value, Array):
         return value.numpy()
     return np.asarray(value)
+
+
+def received_numpy(array: Array, name: str) -> np.ndarray:
+    """An Array from another party as a numpy array, its .npy header checked before anything is allocated:
+    Flower's `Array.numpy()` allocates whatever shape the header declares (terabytes for a few bytes of
+    data) and raises numpy's own errors for object data or a foreign serialisation. PackingError names `name`."""
+    if array.stype != "numpy.ndarray":
+        raise PackingError(f"array {name!r}: serialised as {str(array.stype)[:40]!r}, not numpy.ndarray")
+    buffer = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, _, dtype = read_header(buffer)
+    except (KeyError, ValueError, TypeError, EOFError) as exc:
+        raise PackingError(f"array {name!r}: not a .npy array ({' '.join(str(exc).split())[:80]})") from None
+    if dtype.hasobject:
+        raise PackingError(f"array {name!r}: holds Python objects, not numbers")
+    size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if size != len(array.data) - buffer.tell():
+        raise PackingError(f"array {name!r}: its header declares shape {tuple(shape)} of {dtype} "
+                           f"({size} bytes) but it carries {len(array.data) - buffer.tell()}")
+    try:
+        return array.numpy()
+    except (ValueError, TypeError) as exc:
+        raise PackingError(f"array {name!r}: {' '.join(str(exc).split())[:80]}") from None
 
 
 def pack(state: Mapping[str, Any]) -> tuple[ArrayRecord, ConfigRecord]:
@@ -85,7 +111,7 @@ def unpack(arrays: ArrayRecord, layout: ConfigRecord, strict: bool = False) -> d
     for key in arrays.keys():
         if not key.startswith(PREFIX):
             raise PackingError(f"unexpected array {key!r} next to the packed arrays")
-        value = arrays[key].numpy().reshape(-1)
+        value = received_numpy(arrays[key], key).reshape(-1)
         group = key[len(PREFIX):]
         if strict and value.dtype.name != group:
             raise PackingError(f"packed array '{key}' holds {value.dtype.name}, not {group}")

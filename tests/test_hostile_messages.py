@@ -1,0 +1,277 @@
+"""Messages as an attacker or a buggy peer would send them, through the real handlers: a school's train
+reply, a node's answer to the role query, a ledger record, the evaluation node's metrics, and (the other
+way) a train message at a school. Each is refused for that node only, with one line naming it; the
+other schools' round completes and nothing crashes the ServerApp or runs past what it declares.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from grid_fixtures import FakeGrid, _record, _reply, _state, _train_reply
+from server.transport import PackedGrid
+from shared_models.wire import pack_content
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
+
+SCHOOLS = {101: "school-a", 202: "school-b", 303: "school-c"}
+
+
+def _setup(tmp_path):
+    from privacy.signing import load_or_create_signing_key, public_key_pem
+    from server.run_dir import RunDirectory
+    from server.strategy import SchoolFedAvg
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
+                             "federation.min_train_schools=1", "federation.max_update_norm=1000",
+                             "federation.server_momentum=0"])
+    run = RunDirectory.create(cfg)
+    keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / name)) for nid, name in SCHOOLS.items()}
+    return run, keys, SchoolFedAvg(cfg, run)
+
+
+def _round(tmp_path, bad_train=None, bad_query=None, packed=True):
+    """One round with school-b (node 202) answering `bad_train(message)` / `bad_query(message, info)`.
+    Returns (record.train, the aggregate, the run directory)."""
+    run, keys, strategy = _setup(tmp_path)
+
+    def answer(nid, message):
+        if message.metadata.message_type == MessageType.QUERY:
+            info = {"role": "school", "school-id": SCHOOLS[nid], "public-key": keys[nid]}
+            if nid == 202 and bad_query is not None:
+                return bad_query(message, info)
+            return _reply(message, RecordDict({"node": ConfigRecord(info)}))
+        if nid == 202 and bad_train is not None:
+            return bad_train(message)
+        return _train_reply(message, _state(nid))
+
+    grid = PackedGrid(FakeGrid(SCHOOLS, answer)) if packed else FakeGrid(SCHOOLS, answer)
+    replies = grid.send_and_receive(list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return strategy.record.train, arrays, run
+
+
+def _metrics(**extra):
+    return MetricRecord({"unit-weight": 1, "declared-units": 100, "epsilon": 0.5, **extra})
+
+
+def _content(arrays, metrics=None, status=None, **records):
+    return RecordDict({"arrays": arrays, "metrics": metrics or _metrics(),
+                       "status": status or ConfigRecord({"status": "ok"}), **records})
+
+
+def _only_b_refused(train, arrays, words):
+    assert train["school-a"]["status"] == "ok" and train["school-c"]["status"] == "ok"
+    assert train["school-b"]["status"] == "rejected", train["school-b"]
+    reason = train["school-b"]["reason"]
+    assert "\n" not in reason and "\x1b" not in reason and len(reason) <= 300
+    assert words in reason, reason
+    assert arrays is not None
+
+
+# ------------------------------------------------------------------------------------ weights
+def test_integer_weights_do_not_escape_the_update_norm(tmp_path):
+    """int64 values for a float tensor were averaged in unchecked: one school moved the model by 10^15."""
+    huge = ArrayRecord({k: Array(np.full(v.shape, 10**15, dtype=np.int64)) for k, v in _state(2).items()})
+    train, arrays, _ = _round(tmp_path, lambda m: _reply(m, _content(huge)), packed=False)
+    _only_b_refused(train, arrays, "exceeds federation.max_update_norm")
+    assert float(np.abs(arrays["conv.weight"].numpy()).max()) < 10
+
+
+def test_complex_weights_are_refused_not_a_crash(tmp_path):
+    cplx = ArrayRecord({k: Array(np.asarray(v.astype(np.complex64))) for k, v in _state(2).items()})
+    train, arrays, _ = _round(tmp_path, lambda m: _reply(m, _content(cplx)), packed=False)
+    _only_b_refused(train, arrays, "has dtype complex64, not real numbers")
+
+
+def _npy_claiming(count: int) -> Array:
+    """A .npy array whose header claims `count` float32 values but that carries four."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(4, dtype=np.float32))
+    data = buffer.getvalue()
+    header = data[:128].decode("latin1").replace("(4,)", f"({count},)")
+    header = header[:127].rstrip("\n").ljust(127) + "\n"
+    return Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=header.encode("latin1") + data[128:])
+
+
+@pytest.mark.parametrize("array, words", [
+    (_npy_claiming(10**12), "declares shape (1000000000000,)"),        # numpy allocated 3.6 TiB: MemoryError
+    (Array(dtype="float32", shape=(4,), stype="torch", data=b"junk"), "serialised as 'torch'"),
+    (Array(dtype="object", shape=(4,), stype="numpy.ndarray", data=b"junk"), "not a .npy array"),
+], ids=["terabytes", "stype", "junk"])
+def test_an_array_that_lies_about_its_size_is_refused_before_it_is_allocated(tmp_path, array, words):
+    state = {k: Array(v) for k, v in _state(2).items()}
+    state["conv.bias"] = array
+    train, arrays, _ = _round(tmp_path, lambda m: _reply(m, _content(ArrayRecord(state))), packed=False)
+    _only_b_refused(train, arrays, words)
+
+
+def test_a_packed_array_that_lies_about_its_size_becomes_a_packing_error(tmp_path):
+    def bad(message):
+        reply = _train_reply(message, _state(2))
+        reply.content["arrays"]["packed-float32"] = _npy_claiming(10**12)
+        return reply
+
+    train, arrays, _ = _round(tmp_path, bad)
+    _only_b_refused(train, arrays, "declares shape (1000000000000,)")
+
+
+# ------------------------------------------------------------------------------------ metrics and status
+def test_fedavg_cannot_be_weighed_by_a_second_metric_record(tmp_path):
+    """Flower's FedAvg weighs a reply by its *first* MetricRecord: one placed before 'metrics' claiming 10^9
+    units made school-b's update the whole average while 'metrics' passed the declared-size check."""
+    state = {k: np.full_like(v, 3.0) for k, v in _state(0).items()}
+    content = RecordDict({"arrays": _record(state), "aaa": MetricRecord({"declared-units": 10**9}),
+                          "metrics": _metrics(), "status": ConfigRecord({"status": "ok"})})
+    train, arrays, _ = _round(tmp_path, lambda m: _reply(m, content), packed=False)
+    _only_b_refused(train, arrays, "one MetricRecord")
+    assert float(arrays["conv.bias"].numpy().max()) < 2.9
+
+
+@pytest.mark.parametrize("metrics, words", [
+    (_metrics(epsilon=float("nan")), "metric 'epsilon' is nan"),
+    (_metrics(status=5), "metric 'status' is not one a school sends"),         # overwrote the outcome's status
+    (_metrics(junk=[1.0] * 1000), "metric 'junk' is not one a school sends"),  # went into metrics.jsonl
+], ids=["nan", "status", "list"])
+def test_metrics_are_the_public_values_a_school_sends(tmp_path, metrics, words):
+    train, arrays, _ = _round(tmp_path, lambda m: _reply(m, _content(_record(_state(2)), metrics)), packed=False)
+    _only_b_refused(train, arrays, words)
+
+
+@pytest.mark.parametrize("status, words", [
+    ({"foo": "bar"}, "status 'None' is not one of"),              # KeyError ended the ServerApp
+    ({"status": "weird\n\x1b[31mred", "reason": "x"}, "status 'weird [31mred' is not one of"),
+], ids=["missing", "escapes"])
+def test_a_status_record_is_checked(tmp_path, status, words):
+    content = RecordDict({"status": ConfigRecord(status)})
+    train, arrays, _ = _round(tmp_path, lambda m: _reply(m, content), packed=False)
+    _only_b_refused(train, arrays, words)
+
+
+def test_a_declines_reason_is_one_bounded_line(tmp_path):
+    content = RecordDict({"status": ConfigRecord({"status": "busy", "reason": "x" * 100_000 + "\n\x1b[2JINJECTED"})})
+    train, _, run = _round(tmp_path, lambda m: _reply(m, content), packed=False)
+    assert train["school-b"]["status"] == "busy"
+    reason = train["school-b"]["reason"]
+    assert len(reason) <= 300 and "\n" not in reason and "\x1b" not in reason
+    assert "INJECTED" not in run.events_path.read_text()
+
+
+# ------------------------------------------------------------------------------------ role query
+def _query(**info):
+    def answer(message, base):
+        return _reply(message, RecordDict({"node": ConfigRecord({**base, **info})}))
+    return answer
+
+
+def _ok_without_b(train):
+    assert {school: o["status"] for school, o in train.items()} == {"school-a": "ok", "school-c": "ok"}
+
+
+@pytest.mark.parametrize("bad_query, words", [
+    (lambda message, base: _reply(message, RecordDict({"x": ConfigRecord({"role": "school"})})), "role ''"),
+    (_query(role="x\ny"), "role 'x y'"),
+    (_query(**{"school-id": "../../../../outside"}), "school id '../../../../outside' is not a name"),
+    (_query(**{"school-id": "school\n\x1b[31m"}), "is not a name"),
+    (_query(**{"school-id": ""}), "school id '' is not a name"),
+    (_query(**{"public-key": ""}), "its ledger public key is not PEM text"),       # read '.' as the key file
+    (_query(**{"public-key": __file__}), "its ledger public key is not PEM text"),   # read as a key file
+    (_query(**{"school-id": "school-a"}), "claims to be school-a, which node 101 already is"),
+], ids=["no-record", "role", "traversal", "escapes", "empty-id", "empty-key", "key-path", "impostor"])
+def test_a_bad_answer_to_the_role_query_refuses_that_node(tmp_path, bad_query, words):
+    train, _, run = _round(tmp_path, bad_query=bad_query)
+    _ok_without_b(train)
+    events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    refused = [e for e in events if e["event"] == "query-error"]
+    assert [e["node_id"] for e in refused] == [202] and words in refused[0]["reason"], refused
+    assert "\n" not in refused[0]["reason"]
+    assert not (tmp_path / "outside.pub").exists() and not list(tmp_path.parent.glob("outside*"))
+
+
+def test_a_public_key_that_is_not_a_key_rejects_the_school_not_the_run(tmp_path):
+    train, _, run = _round(tmp_path, bad_query=_query(**{"school-id": "school-x", "public-key": "-----BEGIN junk"}))
+    _ok_without_b(train)
+    events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    assert any(e["event"] == "rejected-school" and e["school"] == "school-x" and "not a PEM public key" in e["reason"]
+               for e in events)
+
+
+# ------------------------------------------------------------------------------------ ledger record
+@pytest.mark.parametrize("ledger, words", [
+    ({"run-entries": "[]"}, "ledger field 'entry' is not a JSON object"),
+    ({"entry": "{not json"}, "ledger field 'entry' is not a JSON object"),
+    ({"entry": "[1, 2]"}, "ledger field 'entry' is not a JSON object"),
+    ({"entry": "[" * 100_000}, "ledger field 'entry' is not a JSON object"),
+    ({"entry": json.dumps({"school_id": "school-a", "round": "abc", "run_id": "t"})}, "round abc"),
+    ({"entry": json.dumps({"school_id": "school-a", "round": 1, "run_id": "t"}), "run-entries": "[1]"},
+     "'run-entries' must be a list of entries"),
+    ({"entry": json.dumps({"school_id": "school-a", "round": 1, "run_id": "t"}), "run-entries": "{}"},
+     "ledger field 'run-entries' is not a JSON list"),
+], ids=["no-entry", "not-json", "list", "deep", "round", "entries-ints", "entries-object"])
+def test_a_malformed_ledger_record_is_rejected_not_a_crash(tmp_path, ledger, words):
+    from server.validation import RejectedUpdate
+
+    run, _, strategy = _setup(tmp_path)
+    with pytest.raises(RejectedUpdate, match="ledger") as refused:
+        strategy._store_ledger(RecordDict({"ledger": ConfigRecord(ledger)}), "school-a", 1)
+    assert words in str(refused.value) and "\n" not in str(refused.value)
+
+
+# ------------------------------------------------------------------------------------ evaluation node
+@pytest.mark.parametrize("metrics, words", [
+    ({"bench.accuracy": float("nan")}, "no accuracy in [0, 1]"),     # the progress line's format crashed
+    ({"bench.uar": 0.5}, "no accuracy in [0, 1]"),                    # KeyError in the progress line
+    ({"bench.accuracy": [0.1, 0.2]}, "metric 'bench.accuracy' is a list"),
+    ({"bench.accuracy": 0.5, "eval-seconds": [1.0]}, "'eval-seconds' is [1.0]"),
+    ({"bench.accuracy": 0.5, "bench.accuracy_ci_low": [1.0]}, "is a list"),
+    ({"bench.accuracy": 0.5, "bench.confusion": [1, 2]}, "not a square table"),
+    ({"be\nnch|<b>.accuracy": 0.5}, "is not <benchmark>.<metric>"),
+], ids=["nan", "missing", "list", "seconds", "ci", "confusion", "name"])
+def test_evaluation_metrics_that_do_not_fit_are_refused(tmp_path, metrics, words):
+    from server.round_writer import progress_line
+    from server.strategy import RoundRecord
+
+    run, _, strategy = _setup(tmp_path)
+    record = RoundRecord(1)
+    request = Message(RecordDict({}), dst_node_id=9, message_type=MessageType.EVALUATE)
+    assert strategy._record_evaluation(_reply(request, RecordDict({"metrics": MetricRecord(metrics)})), record) is None
+    assert record.evaluation == {}
+    progress_line(record, 3, "bench", 1.0)
+    events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    assert words in events[-1]["reason"] and events[-1]["event"] == "evaluator-error"
+
+
+def test_the_evaluation_nodes_own_metrics_pass(tmp_path):
+    from server.round_writer import progress_line
+    from server.strategy import RoundRecord
+    from shared_models.evaluation import flatten_metrics
+    from shared_models.metrics import classification_report
+
+    report = classification_report([0, 1, 2, 2, 1], [0, 1, 2, 1, 1], num_classes=8, n_boot=20)
+    metrics = {**flatten_metrics({"synthetic-fer2013": report, "fer2013:test": report}), "eval-seconds": 1.5}
+    run, _, strategy = _setup(tmp_path)
+    record = RoundRecord(1)
+    request = Message(RecordDict({}), dst_node_id=9, message_type=MessageType.EVALUATE)
+    assert strategy._record_evaluation(_reply(request, RecordDict({"metrics": MetricRecord(metrics)})), record)
+    assert record.evaluation["synthetic-fer2013"]["accuracy"] == 0.8
+    assert "synthetic-fer2013 acc 0.800" in progress_line(record, 3, "synthetic-fer2013", 1.0)
+
+
+def test_a_school_refuses_a_model_array_that_lies_about_its_size(tmp_path):
+    """The other way: the coordinator's model reaches a school's `_received_state`, packed or not."""
+    from client.app import _received_state
+    from shared_models.wire import PackingError
+
+    lying = RecordDict({"arrays": ArrayRecord({"w": _npy_claiming(10**12)})})
+    with pytest.raises(PackingError, match=r"array 'w': its header declares shape \(1000000000000,\)"):
+        _received_state(lying)
+    packed = pack_content(RecordDict({"arrays": _record(_state(1))}))
+    packed["arrays"]["packed-float32"] = _npy_claiming(10**12)
+    with pytest.raises(PackingError, match="declares shape"):
+        _received_state(packed)
