@@ -29,6 +29,8 @@ logging.getLogger("flwr").propagate = False   # Opacus's root handler would prin
 
 app = ClientApp()
 
+MAX_ROUND = 10**9   # a round number the school's ledger keeps (privacy/ledger.py: counts up to 18 digits)
+
 _BENCHMARK_CACHE: dict[tuple[str, str, int], Any] = {}
 
 
@@ -66,6 +68,17 @@ def _setup(content: RecordDict, context: Context) -> tuple[dict[str, Any], NodeI
     return cfg, node, round_config
 
 
+def _round_problem(round_config: ConfigRecord) -> str:
+    """What is wrong with a train message's round and run id (the ServerApp's: a run directory's name and a
+    round number), or ""."""
+    server_round, run_id = round_config.get("server-round"), round_config.get("run-id")
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or not 1 <= server_round < MAX_ROUND:
+        return f"config field 'server-round' is {str(server_round)[:40]!r}, not a round number (1 to {MAX_ROUND - 1})"
+    if not isinstance(run_id, str) or not 0 < len(run_id) <= 255 or not run_id.isprintable():
+        return f"config field 'run-id' is {str(run_id)[:80]!r}, not a run directory's name"
+    return ""
+
+
 def _global_model(content: RecordDict, cfg: dict[str, Any]) -> torch.nn.Module:
     model = registry.build_from_config(cfg)   # train.trainable freezes here, before the DP engine sees it
     model.load_state_dict(_received_state(content), strict=True)
@@ -101,10 +114,13 @@ def train(msg: Message, context: Context) -> Message:
     cfg, node, round_config = _setup(content, context)
     if node.role != "school":
         return _reply_status(msg, "declined", f"node role is {node.role}, not school")
-    server_round = int(round_config.get("server-round", 0))
+    problem = _round_problem(round_config)
+    if problem:   # before anything is trained: these two go into the school's signed ledger entry
+        return _reply_status(msg, "declined", problem)
+    server_round = int(round_config["server-round"])
     model = _global_model(content, cfg)
     phases.mark("receive")
-    outcome = run_round(node, cfg, model, run_id=str(round_config.get("run-id", "")),
+    outcome = run_round(node, cfg, model, run_id=str(round_config["run-id"]),
                         server_round=server_round, phases=phases)
     if outcome.status != "ok":
         extra = {"setting": outcome.setting} if outcome.setting else {}

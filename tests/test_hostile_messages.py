@@ -275,3 +275,28 @@ def test_a_school_refuses_a_model_array_that_lies_about_its_size(tmp_path):
     packed["arrays"]["packed-float32"] = _npy_claiming(10**12)
     with pytest.raises(PackingError, match="declares shape"):
         _received_state(packed)
+
+
+# ------------------------------------------------------------------------------------ server -> school
+@pytest.mark.parametrize("field, value, words", [
+    ("server-round", "abc", "config field 'server-round' is 'abc'"),   # ValueError in the handler
+    ("server-round", -5, "config field 'server-round' is '-5'"),       # trained, then the ledger refused it
+    ("run-id", "r\n\x1b[31m", "config field 'run-id'"),               # went into the signed ledger entry
+    ("run-id", "", "config field 'run-id'"),
+], ids=["round-text", "round-negative", "run-id-escapes", "run-id-empty"])
+def test_a_school_declines_a_train_message_with_a_bad_round_or_run_id_before_training(tmp_path, field, value, words):
+    from school_fixtures import school_context, train_message, write_school
+
+    from client import app as client_app
+    from shared_models.config import load_config
+    from shared_models.models import registry
+
+    cfg = load_config(None, ["train.batch_size=2", "federation.rounds=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    school = write_school(tmp_path / "school", [f"s{i}" for i in range(8)])
+    message = train_message(model.state_dict(), tmp_path / "run")
+    message.content["config"][field] = value
+    reply = client_app.train(message, school_context(school, tmp_path / "state", cfg)).content
+    status = reply["status"]
+    assert status["status"] == "declined" and words in status["reason"] and "\n" not in status["reason"]
+    assert not (tmp_path / "state" / "ledger.jsonl").exists()
