@@ -25,7 +25,9 @@ The trainer (:class:`PrivateTrainer`, privacy unit ``student``): each step
          norms without per-frame gradients where a norm is cheaper, then the clipped sum straight into
          ``p.grad``, taken by Opacus ``DPOptimizerFastGradientClipping``. ``auto`` (default) is ghost,
          or per-sample for a model with a layer ghost cannot take. Both give the same clipped sum
-         (tests/test_student_clipping.py); only the time and memory differ;
+         (tests/test_student_clipping.py); only the time and memory differ.
+     On both, a unit whose gradient is not finite (inf or NaN: a model overflowing on its frames)
+     contributes zero, never a NaN sum;
   4. adds N(0, σ²C²) to the clipped sum and divides by the expected number of units q × declared size —
      a public constant (the same Opacus noise code on both paths).
 One student changes at most one clipped row of one step's sum, so the sampled Gaussian mechanism at
@@ -343,7 +345,21 @@ class PrivateTrainer:
                 gs = torch.cat(gs, dim=0)
             # the unit's gradient = sum of its frames' gradients (then clipped per unit by DPOptimizer)
             p.grad_sample = torch.zeros((n_units, *gs.shape[1:]), dtype=gs.dtype).index_add_(0, row_index, gs)
+        self._zero_non_finite_units(n_units)
         return losses
+
+    def _zero_non_finite_units(self, n_units: int) -> None:
+        """A unit whose gradient holds an inf or NaN (e.g. a crafted model overflowing on its frames) gets a
+        zero row in every parameter: DPOptimizer's clipping cannot bound it (0 x inf is NaN), and one NaN in
+        the clipped sum would make the release say the unit was sampled. Zero is a function of the unit's own
+        frames, so its contribution stays bounded; the book-keeping path does the same (student_clipping.py)."""
+        params = self._params()
+        finite = torch.ones(n_units, dtype=torch.bool)
+        for p in params:
+            finite &= torch.isfinite(p.grad_sample.reshape(n_units, -1)).all(dim=1)
+        if not bool(finite.all()):
+            for p in params:
+                p.grad_sample = torch.where(finite.view(-1, *[1] * (p.grad_sample.dim() - 1)), p.grad_sample, 0.0)
 
     def train_epoch(self, loss_fn: LossFn) -> dict:
         """``steps_per_epoch`` DP steps; each step's units are a fresh Poisson sample."""

@@ -749,9 +749,12 @@ class StudentClipper:
             self._finish_unreached()
             norms = step.norms()
             unit_scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)   # Opacus' DPOptimizer formula
+            # a student whose gradient is inf or NaN (e.g. a crafted model overflowing on its frames) adds zero:
+            # clipping cannot bound it (0 x inf is NaN), and one NaN in the sum would reveal it was sampled
+            finite = torch.isfinite(norms)
             for p in self.params:
                 p.grad = None
-            step.clipped_sum(unit_scale, rows)
+            step.clipped_sum(torch.where(finite, unit_scale, 0.0), rows, None if bool(finite.all()) else finite)
         finally:
             self._step = None
             self.reset()
@@ -828,8 +831,12 @@ class _Step:
             total = total + torch.stack(self.ghost_sq).sum(dim=0)
         return total.sqrt()
 
-    def clipped_sum(self, unit_scale: Tensor, rows: Tensor) -> None:
+    def clipped_sum(self, unit_scale: Tensor, rows: Tensor, finite: Tensor | None = None) -> None:
+        """``finite`` (None: all): the students whose gradient is finite; the others' inputs, output gradients
+        and kept gradients are zeroed first, so that their zero scale gives zero and not 0 x inf = NaN."""
         frame_scale = unit_scale[rows]
+        if finite is not None:
+            self._zero_students(~finite, rows)
         for rule in self.ghost_rules:
             rule.clipped_sum(frame_scale)
         if self.kept_all is not None:   # sum_u c_u G_u: one matrix-vector product for all kept parameters
@@ -837,6 +844,16 @@ class _Step:
             for (p, _), part in zip(self.kept, summed.split([n for _, n in self.kept])):
                 _add_grad(p, part)
             self.kept_all = None
+
+    def _zero_students(self, dropped: Tensor, rows: Tensor) -> None:
+        """Zero what the clipped sum reads of the ``dropped`` students: their rows of the kept gradients, and
+        their frames' rows (batch first) of the ghost layers' inputs and output gradients."""
+        if self.kept_all is not None:
+            self.kept_all = torch.where(dropped.view(-1, 1), 0.0, self.kept_all)
+        frames = dropped[rows]
+        for rule in self.ghost_rules:
+            rule.ghost = [tuple(torch.where(frames.view(-1, *[1] * (t.dim() - 1)), 0.0, t) for t in pair)
+                          for pair in rule.ghost]   # type: ignore[attr-defined]
 
 
 class _Capture:

@@ -152,3 +152,34 @@ def test_q_and_steps_come_from_the_declared_size_not_the_true_count():
                                      torch.optim.SGD(model.parameters(), lr=0.1), local_epochs=2, loss_fn=_loss))
     for r in results:   # what the accountant records is what ran, and it is the plan for both datasets
         assert (r.sample_rate, r.steps, r.noise_multiplier) == (plans[0].sample_rate, 10, plans[0].noise_multiplier)
+
+
+def _overflowing_round(with_student_a: bool, clipping: str) -> list[torch.Tensor]:
+    """One noiseless round (q = 1) from a model the coordinator crafted so that logit 0 = 1e38 · x_0: student
+    a's frames (x_0 = 10) overflow it to inf, an ordinary student's (x_0 = 0.1) do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[0, 0] = 1e38
+        model[0].bias.zero_()
+    x, ids = torch.tensor([[0.1, 1.0, 2.0, 3.0]] * 2), ["b", "b"]
+    if with_student_a:
+        x, ids = torch.cat([x, torch.tensor([[10.0, 0.0, 0.0, 0.0]] * 2)]), ids + ["a", "a"]
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TensorDataset(x, torch.ones(len(x), dtype=torch.long)),
+                             ids, units_per_batch=2, frames_per_unit=2, noise_multiplier=0.0, max_grad_norm=1.0,
+                             declared_units=2, clipping=clipping)
+    trainer.train_epoch(_loss)
+    trainer.close()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("clipping", ["per-sample", "ghost"])
+def test_a_student_whose_gradient_overflows_adds_nothing_not_a_nan(clipping):
+    """Clipping cannot bound an inf or NaN gradient (0 × inf is NaN), and one NaN in the clipped sum makes the
+    whole release NaN: the weights would say whether student a was sampled, whatever the noise. Such a unit
+    contributes zero, a function of its own data only, so its contribution stays bounded."""
+    without, with_a = _overflowing_round(False, clipping), _overflowing_round(True, clipping)
+    assert all(torch.isfinite(p).all() for p in with_a)
+    for p, q in zip(without, with_a):
+        torch.testing.assert_close(p, q)

@@ -429,3 +429,29 @@ def test_a_narrow_conv_run_by_frame_gives_the_exact_clipped_sum_and_input_gradie
     clipper.close()
     for p, r in zip(model.parameters(), reference):
         torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["ghost", "direct"])
+def test_a_student_with_a_non_finite_gradient_adds_nothing(policy: str) -> None:
+    """A frame that makes the gradient inf or NaN (a crafted model overflowing on it; here an inf pixel) would
+    turn the whole clipped sum into NaN — a release that says the student was in the batch. Its student's
+    clipped gradient is zero instead, in ghost and direct layers alike: the others' sum is unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    x[1, 0, 2, 2] = float("inf")    # a frame of student 1
+    grads, norms = [], []
+    for frames, rows, count in (([0, 1, 2, 3], [0, 1, 1, 0], 2), ([0, 3], [0, 0], 1)):
+        model.zero_grad(set_to_none=True)
+        clipper = StudentClipper(model, layer_policy=policy)
+        with clipper.capture():
+            losses = _toy_loss(model, x[frames], y[frames])
+        norms.append(clipper.clip_and_sum(losses, torch.tensor(rows), count, 0.5))
+        assert clipper.kinds() == {f"conv2d-{policy}": 1, f"linear-{policy}": 1}
+        clipper.close()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.isfinite(norms[0]).tolist() == [True, False]   # student 1's gradient really is not finite
+    for with_inf, without in zip(*grads):
+        assert torch.isfinite(with_inf).all()
+        torch.testing.assert_close(with_inf, without)
