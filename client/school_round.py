@@ -336,9 +336,12 @@ def _guard_budget(books: _SchoolBooks, terms, common: dict[str, Any]) -> RoundRe
     """The ``budget-exhausted`` reply (with its recorded refusal) if the planned round would cross the
     lifetime budget; None if it fits."""
     from privacy.budget import check_budget
-    from privacy.ledger import record_refusal
+    from privacy.ledger import reconcile, record_refusal
 
     plan = terms.plan
+    # a crash between a ledger append and its accountant record leaves the accountant a round behind: the
+    # guard counts that round too, as the entry written after training will
+    reconcile(books.accountant, books.ledger)
     books.accountant.check_terms(plan.unit, terms.delta)
     decision = check_budget(books.accountant, (plan.noise_multiplier, plan.sample_rate, plan.steps), terms.delta,
                             terms.budget, accountant=terms.accountant)

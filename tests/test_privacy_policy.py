@@ -157,6 +157,25 @@ def test_a_second_concurrent_train_message_is_declined_and_nothing_is_double_cou
     assert len(acct.history) == 1 and float(entries[0]["epsilon"]) == pytest.approx(acct.epsilon(1e-5), abs=1e-9)
 
 
+def test_the_budget_guard_counts_a_round_the_accountant_lost_in_a_crash(tmp_path, global_state):
+    """A crash between the ledger append and the accountant record leaves the accountant one round behind the
+    ledger. The guard must count that round (as the ledger entry then does), or it lets through a round that
+    ends above the budget: spending first, finding out after."""
+    school = write_school(tmp_path / "school", STUDENTS)
+    state = tmp_path / "state"
+    out = client_app.train(train_message(global_state, tmp_path / "run"), school_context(school, state, _run_config()))
+    first = float(json.loads(out.content["ledger"]["entry"])["epsilon"])
+    for path in state.glob("accountant-*.json"):   # the crash: round 1 is in the ledger, not in the accountant
+        path.unlink()
+    tight = _run_config(f"privacy.budget={first * 1.2}")   # room for one round, not for two
+    out = client_app.train(train_message(global_state, tmp_path / "run", server_round=2), school_context(school, state, tight))
+    assert out.content["status"]["status"] == "budget-exhausted"
+    entries = _ledger(state)
+    assert [e["event"] for e in entries] == ["round", "refused"]
+    assert all(float(e["epsilon"]) <= first * 1.2 for e in entries)
+    assert len(SchoolAccountant(state, "school-x", school_dataset_id(state)).history) == 1   # reconciled, not trained
+
+
 # ------------------------------------------------------------------ policy values and node-configs
 @pytest.mark.parametrize("values, key", [
     ({"budget": "inf"}, "budget"), ({"budget": "nan"}, "budget"), ({"budget": 0}, "budget"),
