@@ -120,8 +120,14 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(round_config["server-round"])
     model = _global_model(content, cfg)
     phases.mark("receive")
-    outcome = run_round(node, cfg, model, run_id=str(round_config["run-id"]),
-                        server_round=server_round, phases=phases)
+    try:
+        outcome = run_round(node, cfg, model, run_id=str(round_config["run-id"]),
+                            server_round=server_round, phases=phases)
+    except Exception:  # noqa: BLE001 - Flower would send the exception's text, which may name private values
+        _log_failure(node)
+        phases.write(node, server_round, "failed")
+        return _reply_status(msg, "failed", "the school's round failed (details in the school's log)",
+                             school=node.school_id)
     if outcome.status != "ok":
         extra = {"setting": outcome.setting} if outcome.setting else {}
         reply = _reply_status(msg, outcome.status, outcome.reason, school=node.school_id, **extra)
@@ -142,6 +148,15 @@ def train(msg: Message, context: Context) -> Message:
 
         after_reply(lambda: prepare_next_round(node, cfg))
     return reply
+
+
+def _log_failure(node: NodeIdentity) -> None:
+    """The school's own log gets the exception and its traceback; the reply only says the round failed."""
+    from logging import ERROR
+
+    from flwr.common.logger import log
+
+    log(ERROR, "[fedfer client] %s: the round failed", node.school_id, exc_info=True)
 
 
 @app.evaluate()

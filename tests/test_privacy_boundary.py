@@ -147,3 +147,26 @@ def test_school_without_usable_images_declines(tmp_path):
     assert "no usable images" in status["reason"]
     assert str(tmp_path) not in status["reason"] and "labels.csv" not in status["reason"] and "line" not in status["reason"]
     assert not out.content.array_records
+
+
+def test_a_round_that_fails_sends_a_fixed_reason_not_the_exception(tmp_path, monkeypatch):
+    """Flower sends an exception that leaves the ClientApp to the coordinator as its text, and such a text
+    can carry private values (an allocation error names the bytes of the realised batch; a data error a
+    path and a student). A failed round replies `failed` with a fixed reason; the details stay at the school."""
+    from client import school_round
+
+    secret = f"tried to allocate 123456 bytes for images/{SECRET_STUDENTS[0]}-frame0.png"
+
+    def failing_train(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError(secret)
+
+    monkeypatch.setattr(school_round, "_train", failing_train)
+    school = tmp_path / "school"
+    _write_school(school, np.random.default_rng(0))
+    cfg = load_config(None, ["train.batch_size=2", "federation.rounds=2", "train.frames_per_student=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    out = client_app.train(_train_message(model, tmp_path / "run"), _context(tmp_path, school, cfg))
+    status = out.content["status"]
+    assert status["status"] == "failed" and status["school"] == "school-x"
+    assert not any(part in s for s in _strings(dict(status)) for part in ("123456", SECRET_STUDENTS[0], "frame0"))
+    assert not out.content.array_records and not out.content.metric_records
