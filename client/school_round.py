@@ -17,8 +17,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import secrets
 import time
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -403,8 +403,10 @@ def _train(model: torch.nn.Module, data: SchoolData | SchoolClips, plan, cfg: Ma
         _log(f"{node.school_id}: round {server_round} has σ {plan.noise_multiplier:.2f} > train.lr_noise_reference: "
              f"step size {lr:.3g} instead of {float(cfg['train.lr']):g}")
 
-    # augmentation draws from torch's global generator; the DP sampling and noise use OS entropy
-    torch.manual_seed(zlib.crc32(f"{cfg['run.seed']}/{node.school_id}/{server_round}".encode()))
+    # augmentation draws from torch's global generator, in the order frames are used, so a student's presence
+    # shifts the draws of every frame after theirs: seeded from OS entropy like the DP sampling and noise (a
+    # seed from run.seed, school and round, known to the coordinator, made one student move others' gradients)
+    torch.manual_seed(secrets.randbits(63))
     if isinstance(data, SchoolClips):   # a clip model: one sample per clip, the student's clips are one unit
         frames = clip_dataset(data, model)
     else:

@@ -37,7 +37,8 @@ own unit (standard Opacus DP-SGD with Poisson sampling).
 Randomness: by default the unit sampling, the frame choice and the noise come from OS entropy. The
 amplification-by-sampling argument needs the sample to be secret, and noise that anyone can regenerate
 from a config seed protects nothing; ``reproducible=True`` derives them from ``seed`` instead, for tests
-and experiments only.
+and experiments only. Whatever the frames' transform draws (augmentation, from torch's global generator)
+must be secret too: a school seeds it from OS entropy (client/school_round.py).
 """
 
 from __future__ import annotations

@@ -170,3 +170,24 @@ def test_a_round_that_fails_sends_a_fixed_reason_not_the_exception(tmp_path, mon
     assert status["status"] == "failed" and status["school"] == "school-x"
     assert not any(part in s for s in _strings(dict(status)) for part in ("123456", SECRET_STUDENTS[0], "frame0"))
     assert not out.content.array_records and not out.content.metric_records
+
+
+def test_augmentation_draws_are_secret_not_a_function_of_the_run_config(tmp_path, monkeypatch):
+    """Augmentation (and anything else drawing from torch's global generator) takes its draws from one stream
+    in the order frames are used, so a student's presence shifts the draws of every frame after theirs. With
+    a generator seeded from run.seed, school and round — all known to the coordinator — those shifts would be
+    a known function of who is in the data, and one student would move other students' clipped gradients.
+    Seeded from OS entropy, each frame's draw is fresh whatever came before it (as the DP sampling and noise)."""
+    import privacy.engine as engine
+
+    draws: list[torch.Tensor] = []
+    real = engine.train_private
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        draws.append(torch.rand(4))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_private", recording)
+    for school in ("a", "b"):   # the same run-config, school data and round, twice
+        _one_round(tmp_path / school, "train.augment=true")
+    assert len(draws) == 2 and not torch.equal(draws[0], draws[1])
