@@ -69,7 +69,7 @@ def one_line(text: Any, limit: int = 300) -> str:
 
 
 #: What a school's train reply says in its status record (client/app.py, client/school_round.py RoundReply)
-STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "busy")
+STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "busy", "failed")
 #: The values a school's train reply carries in its "metrics" record (client/school_round.py `_ok_reply`)
 TRAIN_METRICS = ("epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight", "declared-units")
 

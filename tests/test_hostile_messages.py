@@ -154,6 +154,14 @@ def test_a_status_record_is_checked(tmp_path, status, words):
     _only_b_refused(train, arrays, words)
 
 
+@pytest.mark.parametrize("status", ["busy", "failed", "declined", "no-data"])
+def test_every_status_a_school_sends_is_recorded_as_sent(tmp_path, status):
+    """client/app.py answers 'failed' when its round raised (its fixed reason, never the error's text)."""
+    content = RecordDict({"status": ConfigRecord({"status": status, "reason": "the school's round failed"})})
+    train, _, _ = _round(tmp_path, lambda m: _reply(m, content), packed=False)
+    assert train["school-b"]["status"] == status and train["school-a"]["status"] == "ok"
+
+
 def test_a_declines_reason_is_one_bounded_line(tmp_path):
     content = RecordDict({"status": ConfigRecord({"status": "busy", "reason": "x" * 100_000 + "\n\x1b[2JINJECTED"})})
     train, _, run = _round(tmp_path, lambda m: _reply(m, content), packed=False)
