@@ -245,7 +245,11 @@ def test_the_summary_points_at_the_schools_own_models(tmp_path, capsys):
     metric = {"accuracy": 0.8, "uar": 0.8, "macro_f1": 0.8, "n": 10}
     (run / "metrics.jsonl").write_text(json.dumps({"round": 1, "train": {"school-00": {"status": "ok", "epsilon": 8.0}},
                                                    "evaluation": {"synthetic-indomain": metric}}) + "\n")
-    assert print_summary(run, 1.0) == 0 and "own models" not in capsys.readouterr().out
+    assert print_summary(run, 1.0) == 0
+    out = capsys.readouterr().out
+    assert "own models" not in out and "per-school ε at δ=1e-05 (PRV, lifetime)" in out
+    (run / "config.yaml").write_text("privacy:\n  delta: 1.0e-06\n  accountant: rdp\ncanary:\n  delta: 0.5\n")
+    assert print_summary(run, 1.0) == 0 and "per-school ε at δ=1e-06 (RDP, lifetime)" in capsys.readouterr().out
     for school in ("school-00", "school-01"):
         (run / "schools" / school).mkdir(parents=True)
         (run / "schools" / school / "own-model.pt").write_bytes(b"weights")

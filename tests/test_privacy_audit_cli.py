@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from privacy.ledger import entry_hash
@@ -279,3 +280,16 @@ def test_canary_audit_says_calibrating_once(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 0 and out.count("run 4/4") == 1, out
     assert out.count("calibrating σ") == 1, out
+
+
+@pytest.mark.parametrize("text", [b"a: &x [1]\nb: *x\n", b"\xff\xfe not utf-8", b"- a list\n", b"a: [unclosed\n"],
+                         ids=["alias", "binary", "list", "syntax"])
+def test_canary_audit_reads_a_run_config_strictly(tmp_path, capsys, text):
+    """`canary-audit RUN_DIR` reads the run's config.yaml with the project's strict reader: one line, exit 2
+    (yaml.safe_load expanded aliases, and a non-UTF-8 file or a list was an internal error)."""
+    from fedfer.cli import main
+
+    (tmp_path / "config.yaml").write_bytes(text)
+    assert main(["privacy", "canary-audit", str(tmp_path), "--canaries", "40", "--runs", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.yaml" in err and "internal error" not in err, err

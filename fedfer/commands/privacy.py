@@ -159,14 +159,12 @@ def _run_config(run_dir: Path | None) -> dict:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UsageError(f"{path}: not found (a run directory holds its resolved config.yaml)")
-    import yaml
+    from shared_models.config import ConfigError, read_yaml_file
 
-    from shared_models.config import flatten
-
-    try:
-        return flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML ({exc})") from None
+    try:   # the project's strict reader: no aliases, bounded size and nesting, UTF-8, a mapping
+        return read_yaml_file(path)
+    except ConfigError as exc:
+        raise UsageError(" ".join(str(exc).split())) from None
 
 
 def _canary_audit_command(args: argparse.Namespace) -> int:

@@ -382,11 +382,11 @@ def print_summary(run_path: Path, wall: float) -> int:
               f"  UAR {m['uar']:.3f}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']}, by {last.get('evaluated_by', '?')})")
     from server.report import load_run, school_spend
 
-    spend = school_spend(load_run(run_path))   # the ledger copy: a school that declined still has its lifetime ε
+    run = load_run(run_path)
+    spend = school_spend(run)   # the ledger copy: a school that declined still has its lifetime ε
     if spend:
-        cfg_text = (run_path / "config.yaml").read_text()
-        delta = next((line.split(":")[1].split("#")[0].strip() for line in cfg_text.splitlines() if line.strip().startswith("delta:")), "?")
-        print(f"  per-school ε at δ={delta} (PRV, lifetime):")
+        accountant = str(run.config.get("privacy.accountant", "prv")).upper()
+        print(f"  per-school ε at δ={run.config.get('privacy.delta', '?')} ({accountant}, lifetime):")
         _print_epsilons(spend)
     owns = list((run_path / "schools").glob("*/own-model.pt"))   # train.keep_own_model, simulated state dirs
     if owns:
