@@ -136,6 +136,13 @@ def _check_step_settings(units_per_batch: int, frames_per_unit: int, noise_multi
         raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
 
 
+#: Opacus' ``secure_mode`` noise: each Gaussian coordinate is the sum of four draws, halved (Holohan et al. 2021,
+#: n = 2), which closes the floating-point attacks on sampled Gaussians (Mironov 2012; Jin et al. 2022) at the
+#: cost of four draws instead of one per coordinate per step. The generator stays torch's, seeded from OS
+#: entropy (Opacus would take torchcsprng's, which is unmaintained): docs/privacy.md, "Not covered".
+SECURE_NOISE = True
+
+
 def _generator(seed: int | None, reproducible: bool, offset: int) -> torch.Generator:
     """A generator seeded from OS entropy, or from ``seed`` and ``offset`` when ``reproducible`` (tests only)."""
     g = torch.Generator()
@@ -235,7 +242,8 @@ class PrivateTrainer:
                                               force_functorch=self._grad_sample_mode == "functorch")
         self.optimizer = DPOptimizer(self._base_optimizer, noise_multiplier=self.noise_multiplier,
                                      max_grad_norm=self.max_grad_norm, expected_batch_size=self.expected_units,
-                                     loss_reduction="mean", generator=self._noise_generator)
+                                     loss_reduction="mean", generator=self._noise_generator,
+                                     secure_mode=SECURE_NOISE)
         self._hook_after_noise()
 
     def _hook_after_noise(self) -> None:
@@ -261,7 +269,8 @@ class PrivateTrainer:
         self.private_model = model
         self.optimizer = clipped_sum_optimizer(
             self._base_optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-            expected_batch_size=self.expected_units, loss_reduction="mean", generator=self._noise_generator)
+            expected_batch_size=self.expected_units, loss_reduction="mean", generator=self._noise_generator,
+            secure_mode=SECURE_NOISE)
         self._hook_after_noise()
 
     # ------------------------------------------------------------------------------------------

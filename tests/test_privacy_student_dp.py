@@ -112,6 +112,22 @@ def test_empty_poisson_batch_is_a_noise_only_step():
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("clipping", ["per-sample", "ghost"])
+def test_the_noise_is_opacus_secure_mode_with_the_planned_scale(clipping):
+    """Each noise coordinate is Opacus' secure_mode draw (four Gaussians summed and halved, robust to the
+    floating-point attacks on sampled Gaussians) and still has standard deviation σC / (q × declared size)."""
+    ds, ids = _data()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 400, bias=False))
+    trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), ds, ids, units_per_batch=1,
+                             frames_per_unit=2, noise_multiplier=2.0, max_grad_norm=0.5, seed=0, declared_units=3,
+                             reproducible=True, clipping=clipping)
+    assert trainer.optimizer.secure_mode
+    before = model[1].weight.detach().clone()
+    trainer.step([], lambda m, x, y: nn.functional.cross_entropy(m(x), y, reduction="none"))
+    moved = (before - model[1].weight.detach()).flatten()   # an empty step: lr 1 times the noise alone
+    assert float(moved.std()) == pytest.approx(2.0 * 0.5 / 1, rel=0.05)   # 14,400 draws: ±2 % at 1 sd
+
+
 def test_train_epoch_runs_steps_per_epoch_and_rejects_a_mean_loss():
     ds, ids = _data()
     model = _model()
