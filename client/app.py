@@ -120,6 +120,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(round_config["server-round"])
     model = _global_model(content, cfg)
     phases.mark("receive")
+    broken = next((name for name, value in model.state_dict().items()
+                   if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+    if broken is not None:   # nothing trains from it: declining now spends no ε on a round that cannot learn
+        return _reply_status(msg, "declined", f"the global model's '{broken}' holds NaN or Inf", school=node.school_id)
     try:
         outcome = run_round(node, cfg, model, run_id=str(round_config["run-id"]),
                             server_round=server_round, phases=phases)

@@ -308,3 +308,24 @@ def test_a_school_declines_a_train_message_with_a_bad_round_or_run_id_before_tra
     status = reply["status"]
     assert status["status"] == "declined" and words in status["reason"] and "\n" not in status["reason"]
     assert not (tmp_path / "state" / "ledger.jsonl").exists()
+
+
+def test_a_school_declines_a_global_model_with_nan_before_spending_anything(tmp_path):
+    """A NaN or Inf in the coordinator's model: nothing could be learnt from it, so no ε is spent on it."""
+    from school_fixtures import school_context, train_message, write_school
+
+    from client import app as client_app
+    from shared_models.config import load_config
+    from shared_models.models import registry
+
+    cfg = load_config(None, ["train.batch_size=2", "federation.rounds=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    state = model.state_dict()
+    name = next(iter(state))
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    school = write_school(tmp_path / "school", [f"s{i}" for i in range(8)])
+    reply = client_app.train(train_message(state, tmp_path / "run"), school_context(school, tmp_path / "state", cfg))
+    status = reply.content["status"]
+    assert status["status"] == "declined" and f"'{name}' holds NaN or Inf" in status["reason"], dict(status)
+    assert not (tmp_path / "state" / "ledger.jsonl").exists()
