@@ -14,6 +14,8 @@ step on a random batch in [-1, 1]: images (B, 3, S, S), or clips (B, 3, T, S, S)
                the client uses (privacy.clipping: auto)
   dp-hooks     Opacus GradSampleModule (hooks) + DPOptimizer (clip + noise) -- privacy.clipping: per-sample
   dp-bk-ghost / dp-bk-direct  dp-bk with every Linear/Conv2d on the ghost rule / the direct rule (--extras)
+  dp-bk-onedraw  dp-bk with one Gaussian draw per noise coordinate instead of Opacus' secure_mode four
+               (every DP mode draws its noise as the client does: secure_mode, privacy/engine.py SECURE_NOISE)
   dp-ghost     Opacus fast gradient / ghost clipping (GradSampleModuleFastGradientClipping, two backward
                passes, norms instead of stored per-sample gradients where Opacus has a norm sampler)
   dp-functorch GradSampleModule(force_functorch=True)
@@ -98,7 +100,13 @@ def _training_step(mode: str, model, x, y, result: dict) -> Callable[[], None]: 
 
     from shared_models.models import registry
 
-    dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(x))
+    from privacy.engine import SECURE_NOISE
+
+    # the noise as the client draws it (Opacus' secure_mode); `dp-bk-onedraw`: one Gaussian draw per coordinate
+    dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(x),
+              secure_mode=SECURE_NOISE and mode != "dp-bk-onedraw")
+    if mode == "dp-bk-onedraw":
+        mode = "dp-bk"
     if mode.startswith("plain"):
         net, opt = model, torch.optim.SGD(model.parameters(), lr=0.01)
     elif mode in ("dp-hooks", "dp-functorch", "dp-stock", "dp-hooks-cl", "dp-hooks-malloc"):
