@@ -282,6 +282,30 @@ def test_the_report_runs_on_raw_frames_and_writes_only_the_report(lesson: Path, 
     assert len(err) == 1 and "--workers" in err[0]
 
 
+def _lesson_of(states: dict[str, str], steps: int = 10, bowing_known: bool = True, label: int = H):
+    """A seat-map lesson at 1 sample/s where each unit keeps one state throughout (faces labelled `label`)."""
+    from client.classroom.report import Lesson, series_of
+
+    lesson = Lesson(Path("l"), 1.0, steps, True, bowing_known, list(states), {u: [st] * steps for u, st in states.items()},
+                    {}, np.array([sum(st == "face" for st in states.values())] * steps, np.int64))
+    labels = {u: np.full(steps, label if st == "face" else NO, np.int64) for u, st in states.items()}
+    return lesson, series_of(lesson, labels)
+
+
+def test_seats_nobody_was_seen_in_do_not_count_towards_k():
+    from client.classroom.report import class_timeline
+
+    # no empty-room frame: every seat without a face is 'unseen', which is no evidence of a student there,
+    # so a roster of 24 with one face in the room is one student, not 24 (the figures would be that child's)
+    lesson, series = _lesson_of({"st-00": "face", **{f"st-{i:02d}": "unseen" for i in range(1, 24)}},
+                                bowing_known=False)
+    (window,) = class_timeline(lesson, series, 5)
+    assert window.in_room == 1 and not window.shown and math.isnan(window.engagement) and sum(window.mix) == 0
+    lesson, series = _lesson_of({**{f"st-{i:02d}": "face" for i in range(5)}, "st-05": "unseen"}, bowing_known=False)
+    (window,) = class_timeline(lesson, series, 5)
+    assert window.in_room == 5 and window.shown and window.engagement == 1.0
+
+
 def test_report_policy_keys_are_checked(tmp_path):
     from privacy.policy import PolicyError, read_policy_file, read_report_policy
     from shared_models.config import defaults

@@ -7,8 +7,10 @@ window for the class. Output: report.md, timeline.csv and plots/*.png in the out
 
 What the teacher sees follows the school's report policy (privacy/policy.py `ReportPolicy`): a
 class figure only for windows with at least k students in the room (k-anonymity-style suppression
-of small groups; without a seat map the count is the largest number of faces seen at once, a lower
-bound on the students there), and each student's own figures only when the policy allows them.
+of small groups), and each student's own figures only when the policy allows them. The count is a
+lower bound on the students there: with a seat map the seats where someone was seen (a face, a turned
+or a bowed head; an 'unseen' seat, which is what every seat without a face is when no empty-room frame
+was given, is no evidence of a student), without one the largest number of faces seen at once.
 Nothing is sent anywhere: no network code is reachable from here.
 """
 
@@ -27,6 +29,8 @@ from client.classroom import indicators as ind
 from shared_models.labels import FER7
 
 PRESENT_STATES = ("face", "turned", "down", "unseen")
+#: states that show a student is in the seat: the k count uses only these ("unseen" seats may be empty)
+SEEN_STATES = ("face", "turned", "down")
 Classifier = Callable[[np.ndarray], np.ndarray]     # uint8 (N, S, S) grey crops -> FER7 indices (N,)
 
 
@@ -132,7 +136,9 @@ def class_timeline(lesson: Lesson, series: list[ind.StudentSeries], k: int) -> l
     out = []
     for a, b in ind.windows(lesson.steps, size):
         here = [s for s in series if s.present[a:b].any()]
-        count = len(here) if lesson.seat_map else int(lesson.faces_per_step[a:b].max(initial=0))
+        # a lower bound on the students there, so that suppression errs on the side of hiding
+        count = sum(1 for s in series if np.isin(lesson.states[s.student][a:b], SEEN_STATES).any()) \
+            if lesson.seat_map else int(lesson.faces_per_step[a:b].max(initial=0))
         w = Window(a / lesson.fps, b / lesson.fps, count, count >= k)
         if not w.shown:
             out.append(w)
