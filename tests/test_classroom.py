@@ -306,6 +306,23 @@ def test_seats_nobody_was_seen_in_do_not_count_towards_k():
     assert window.in_room == 5 and window.shown and window.engagement == 1.0
 
 
+def test_expressions_are_shown_only_over_k_students_faces(tmp_path):
+    from client.classroom.report import class_timeline, write_timeline_csv
+
+    # six in the room, one face and five bowed heads: the room passes k = 5, but the expression mix and
+    # engagement would be one child's own; the presence figures (over all six) stay
+    lesson, series = _lesson_of({"st-00": "face", **{f"st-{i:02d}": "down" for i in range(1, 6)}})
+    (window,) = class_timeline(lesson, series, 5)
+    assert window.shown and window.in_room == 6 and window.inattentive == pytest.approx(5 / 6)
+    assert math.isnan(window.engagement) and sum(window.mix) == 0 and not window.expressions_shown
+    write_timeline_csv(tmp_path / "t.csv", [window])
+    (row,) = csv.DictReader((tmp_path / "t.csv").read_text().splitlines())
+    assert row["shown"] == "1" and row["engagement"] == "" and all(row[c] == "" for c in FER7)
+    lesson, series = _lesson_of({**{f"st-{i:02d}": "face" for i in range(5)}, "st-05": "down"})
+    (window,) = class_timeline(lesson, series, 5)
+    assert window.expressions_shown and window.engagement == 1.0 and window.mix[H] == 50
+
+
 def test_report_policy_keys_are_checked(tmp_path):
     from privacy.policy import PolicyError, read_policy_file, read_report_policy
     from shared_models.config import defaults

@@ -18,7 +18,7 @@ def expression_mix(windows: list, path: Path, k: int) -> Path:
     """Stacked shares of the class's expressions per window."""
     plt = pyplot()
     minutes = np.array([w.start / 60.0 for w in windows])
-    mix = np.array([w.mix if w.shown else [np.nan] * len(FER7) for w in windows], dtype=float)
+    mix = np.array([w.mix if w.expressions_shown else [np.nan] * len(FER7) for w in windows], dtype=float)
     totals = mix.sum(axis=1, keepdims=True)
     shares = np.divide(mix, totals, out=np.full_like(mix, np.nan), where=totals > 0)
     fig, ax = plt.subplots(figsize=(10, 3.6))
@@ -31,7 +31,7 @@ def expression_mix(windows: list, path: Path, k: int) -> Path:
     ax.set_xlabel("lesson time (minutes)")
     ax.set_ylabel("share of detected faces")
     ax.set_ylim(0, 1)
-    ax.set_title(f"The class's expressions per {width * 60:.0f}-s window (blank: fewer than {k} students)")
+    ax.set_title(f"The class's expressions per {width * 60:.0f}-s window (blank: fewer than {k} students' faces)")
     ax.legend(ncol=7, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     out = save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -122,6 +122,7 @@ class Window:
     end: float
     in_room: int                 # students counted for k (see the module docstring)
     shown: bool                  # in_room >= k
+    expressions_shown: bool = False   # shown, and at least k of the students had a face classified (mix, engagement)
     inattentive: float = math.nan     # share of the students in the room inattentive (focus)
     engagement: float = math.nan      # share of the class's detections happy or surprise
     passive: float = math.nan         # share of the students in the room with the head bowed > 50 % (involvement)
@@ -143,10 +144,15 @@ def class_timeline(lesson: Lesson, series: list[ind.StudentSeries], k: int) -> l
         if not w.shown:
             out.append(w)
             continue
-        labels = np.concatenate([s.labels[a:b] for s in series]) if series else np.zeros(0, np.int64)
-        seen = labels[labels != ind.NO_LABEL]
-        w.mix = np.bincount(seen, minlength=len(FER7))[:len(FER7)].tolist()
-        w.engagement = ind.engagement(labels)
+        # the expression mix and engagement describe only the students whose faces were classified in the
+        # window, who may be far fewer than those in the room (heads bowed or turned): they need k of their own
+        classified = sum(1 for s in series if (s.labels[a:b] != ind.NO_LABEL).any())
+        w.expressions_shown = (classified if lesson.seat_map else min(classified, count)) >= k
+        if w.expressions_shown:
+            labels = np.concatenate([s.labels[a:b] for s in series])
+            seen = labels[labels != ind.NO_LABEL]
+            w.mix = np.bincount(seen, minlength=len(FER7))[:len(FER7)].tolist()
+            w.engagement = ind.engagement(labels)
         if here:
             w.inattentive = float(np.mean([ind.inattentive(s.detected[a:b], b - a)[0] for s in here]))
             if lesson.bowing_known:
@@ -183,7 +189,7 @@ def write_timeline_csv(path: Path, windows: list[Window]) -> None:
             values = [w.inattentive, w.engagement, w.passive] if w.shown else [math.nan] * 3
             writer.writerow([f"{w.start:.0f}", f"{w.end:.0f}", w.in_room if w.shown else "", int(w.shown),
                              *("" if v != v else f"{v:.3f}" for v in values), w.difficulty if w.shown else "",
-                             *(w.mix if w.shown else [""] * len(FER7))])
+                             *(w.mix if w.expressions_shown else [""] * len(FER7))])
 
 
 def _pct(value: float) -> str:
@@ -203,7 +209,8 @@ def _summary(lesson: Lesson, windows: list[Window], k: int) -> list[str]:
     mix = np.sum([w.mix for w in shown], axis=0) if shown else np.zeros(len(FER7))
     total = max(1, int(mix.sum()))
     lines = [f"- windows of {ind.FOCUS_WINDOW_SECONDS:.0f} s: {len(windows)}, shown {len(shown)}, "
-             f"suppressed (fewer than {k} students) {len(windows) - len(shown)}"]
+             f"suppressed (fewer than {k} students) {len(windows) - len(shown)}; expressions suppressed in "
+             f"{sum(not w.expressions_shown for w in shown)} of the shown (fewer than {k} students' faces)"]
     if shown:
         lines += [f"- focus: on average {_pct(float(np.nanmean([w.inattentive for w in shown])))} of the students "
                   "in the room were inattentive in a window (face seen in less than half of it)",
