@@ -172,11 +172,20 @@ class ReportPolicy:
 
 
 def report_policy(values: Mapping[str, Any], defaults: Mapping[str, Any], source: str) -> ReportPolicy:
-    """The report keys of a policy mapping, falling back to the config's ``classroom.*`` defaults."""
-    k = values.get("report-min-students", defaults["classroom.report_min_students"])
+    """The report keys of a policy mapping. A key the policy does not state takes fedfer's installed
+    default (``classroom.*`` of defaults.yaml), or the config's value where that asks for more privacy (a
+    larger k, no per-student figures): the policies `fedfer simulate` and `deploy add-school` write state
+    neither key, and a config handed to the report (a run's config.yaml, i.e. the coordinator's
+    run-config) must not loosen what the school left to the defaults."""
+    from shared_models.config import defaults as installed_defaults
+
+    installed = installed_defaults()
+    k = values.get("report-min-students", max(int(installed["classroom.report_min_students"]),
+                                              int(defaults["classroom.report_min_students"])))
     if isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or not 1 <= int(k) <= 10_000:
         raise PolicyError(f"{source}: key 'report-min-students' must be a whole number in 1..10000, got {k!r}")
-    allowed = values.get("per-student-figures", defaults["classroom.per_student_figures"])
+    allowed = values.get("per-student-figures", bool(installed["classroom.per_student_figures"])
+                         and bool(defaults["classroom.per_student_figures"]))
     if not isinstance(allowed, bool):
         raise PolicyError(f"{source}: key 'per-student-figures' must be true or false, got {allowed!r}")
     return ReportPolicy(min_students=int(k), per_student_figures=allowed)

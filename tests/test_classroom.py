@@ -341,6 +341,25 @@ def test_report_policy_keys_are_checked(tmp_path):
     assert read_policy_file(tmp_path).declared_units == 100 and read_report_policy(bad, cfg).min_students == 7
 
 
+def test_a_config_cannot_loosen_what_the_school_policy_leaves_to_the_defaults(tmp_path):
+    from privacy.policy import read_report_policy
+    from shared_models.config import defaults
+
+    # the policy.json fedfer simulate / deploy add-school write holds no report key; a run's config.yaml
+    # (the coordinator's run-config) handed to the report asks for k = 1 and named figures
+    (tmp_path / "policy.json").write_text(json.dumps({"unit": "student", "delta": 1e-5, "budget": 8,
+                                                      "max-round-epsilon": 8, "declared-students": 100}))
+    loose = {**defaults(), "classroom.report_min_students": 1, "classroom.per_student_figures": True}
+    for path in (tmp_path, None):
+        policy = read_report_policy(path, loose)
+        assert policy.min_students == defaults()["classroom.report_min_students"] and not policy.per_student_figures
+    # a config may ask for more privacy; what the school's policy states is the school's decision
+    assert read_report_policy(tmp_path, {**defaults(), "classroom.report_min_students": 9}).min_students == 9
+    (tmp_path / "policy.json").write_text(json.dumps({"report-min-students": 2, "per-student-figures": True}))
+    assert read_report_policy(tmp_path, defaults()) == read_report_policy(tmp_path, loose)
+    assert read_report_policy(tmp_path, loose).min_students == 2 and read_report_policy(tmp_path, loose).per_student_figures
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_bad_frames_and_a_corrupt_seat_map_cost_one_line_each_and_the_lesson_goes_on(lesson: Path, tmp_path: Path):
     from client.classroom.ingest import ingest
