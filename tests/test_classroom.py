@@ -388,6 +388,26 @@ def test_bad_frames_and_a_corrupt_seat_map_cost_one_line_each_and_the_lesson_goe
     assert ids == {"whole-folder"}
 
 
+def test_a_seat_outside_the_frame_is_unseen_and_the_lesson_goes_on(lesson: Path, tmp_path: Path):
+    from client.classroom.ingest import ingest
+
+    # a seat map drawn for a larger camera frame: boxes beyond the 640 x 480 frame, one reaching past it
+    seats = json.loads((lesson / "seat_map.json").read_text())["seats"][:2]
+    seats += [{"student_id": "far", "box": [2000, 1500, 2100, 1600]}, {"student_id": "edge", "box": [600, 440, 900, 700]},
+              {"student_id": "huge", "box": [0, 0, 1e12, 1e12]}]
+    (tmp_path / "seats.json").write_text(json.dumps({"seats": seats}))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for path in sorted((lesson / "frames").iterdir())[:2]:
+        (frames / path.name).write_bytes(path.read_bytes())
+    report = ingest(frames, tmp_path / "out", seat_map=tmp_path / "seats.json", empty_frame=lesson / "empty_room.png",
+                    size=48, echo=lambda line: None)
+    assert report.samples == 2 and report.faces > 0
+    rows = list(csv.DictReader((tmp_path / "out" / "observations.csv").read_text().splitlines()))
+    assert {r["state"] for r in rows if r["student_id"] == "far"} == {"unseen"}
+    assert {r["student_id"] for r in rows} >= {"far", "edge", "huge"}
+
+
 def test_an_unreadable_video_or_a_missing_lesson_is_one_line(tmp_path: Path, capsys):
     video = tmp_path / "lesson.mp4"
     video.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")

@@ -53,13 +53,16 @@ def seat_state(gray: np.ndarray, empty: np.ndarray | None, seat: Seat, detector:
 
     if empty is None or empty.shape != gray.shape:
         return "unseen"
-    x0, y0, x1, y1 = seat.box
+    # the box as it lies in the frame: a seat map drawn for another camera position or resolution may put
+    # a seat partly or wholly outside it (the seat is then unseen, not an error that ends the lesson)
+    height, width = gray.shape[:2]
+    x0, y0, x1, y1 = (min(v, limit) for v, limit in zip(seat.box, (width, height, width, height)))
     # the middle of the seat box, where the head is: the edges hold the neighbours' shoulders
     dx, dy = int((x1 - x0) * 0.2), int((y1 - y0) * 0.2)
+    if x1 - dx <= x0 + dx or y1 - dy <= y0 + dy:
+        return "unseen"
     now = cv2.blur(gray[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
     ref = cv2.blur(empty[y0 + dy:y1 - dy, x0 + dx:x1 - dx], (5, 5)).astype(np.float32)
-    if now.size == 0:
-        return "unseen"
     # compare shapes, not brightness (the room's light drifts during a lesson); the blur removes sensor noise
     difference = float(np.abs((now - now.mean()) - (ref - ref.mean())).mean())
     if difference < OCCUPIED_DIFFERENCE:
