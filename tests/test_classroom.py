@@ -408,6 +408,61 @@ def test_a_seat_outside_the_frame_is_unseen_and_the_lesson_goes_on(lesson: Path,
     assert {r["student_id"] for r in rows} >= {"far", "edge", "huge"}
 
 
+@pytest.mark.timeout(60)
+def test_named_pipes_are_never_opened_and_a_decompression_bomb_never_decoded(lesson: Path, tmp_path: Path, monkeypatch):
+    import os
+    import struct
+    import zlib
+
+    import cv2
+
+    from client.classroom import sources
+    from client.classroom.ingest import IngestError, ingest, read_label_file
+    from client.classroom.report import LessonError, load_lesson
+    from privacy.policy import PolicyError, read_report_policy
+    from shared_models.config import defaults
+
+    # every input path a school names may be a named pipe: opening one blocks until someone writes to it
+    for name in ("seats.json", "empty.png", "labels.csv", "policy.json", "lesson.mp4"):
+        os.mkfifo(tmp_path / name)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for path in sorted((lesson / "frames").iterdir())[:2]:
+        (frames / path.name).write_bytes(path.read_bytes())
+    lines: list[str] = []
+    report = ingest(frames, tmp_path / "out", seat_map=tmp_path / "seats.json", empty_frame=tmp_path / "empty.png",
+                    size=48, echo=lines.append)
+    assert report.samples == 2 and any("seats.json" in line and "named pipe" in line for line in lines)
+    assert any("empty.png" in line for line in lines)
+    with pytest.raises(IngestError, match="named pipe"):
+        read_label_file(tmp_path / "labels.csv")
+    with pytest.raises(PolicyError, match="named pipe"):
+        read_report_policy(tmp_path / "policy.json", defaults())
+    assert list(sources.read_samples(tmp_path / "lesson.mp4", warn=lines.append)) == []
+    assert "lesson.mp4" in lines[-1] and "named pipe" in lines[-1]
+    (tmp_path / "out" / "observations.csv").unlink()
+    os.mkfifo(tmp_path / "out" / "observations.csv")
+    with pytest.raises(LessonError, match="named pipe"):
+        load_lesson(tmp_path / "out")
+
+    # a few hundred bytes claiming 20,000 x 20,000 pixels: refused from its header, never decoded
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    bomb = frames / "frame_bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    decode, decoded = cv2.imdecode, []
+
+    def counted(data, flags):  # type: ignore[no-untyped-def]
+        decoded.append(data.size)
+        return decode(data, flags)
+
+    monkeypatch.setattr(cv2, "imdecode", counted)
+    assert sources._read_image(bomb) is None and decoded == []
+    assert sources._read_image(frames / "frame_00000.png").shape == (480, 640) and len(decoded) == 1
+
+
 def test_an_unreadable_video_or_a_missing_lesson_is_one_line(tmp_path: Path, capsys):
     video = tmp_path / "lesson.mp4"
     video.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")

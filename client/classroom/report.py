@@ -52,8 +52,14 @@ class Lesson:
 
 
 def load_lesson(folder: Path) -> Lesson:
+    from shared_models.datasets.base import not_regular_file
+
     folder = Path(folder)
     meta_path, obs_path = folder / "lesson.json", folder / "observations.csv"
+    for path in (meta_path, obs_path):
+        why = not_regular_file(path)
+        if why not in (None, "missing file"):     # a named pipe would block the read until someone writes to it
+            raise LessonError(f"{path}: unreadable lesson file ({why})")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         rows = list(csv.DictReader(obs_path.read_text(encoding="utf-8").splitlines()))
@@ -90,13 +96,17 @@ def classify_lesson(lesson: Lesson, classify: Classifier, batch: int = 256) -> d
     """unit -> FER7 index per step (NO_LABEL where there is no face); unreadable crops stay unlabelled."""
     import cv2
 
+    from shared_models.datasets.base import not_regular_file
+
     labels = {u: np.full(lesson.steps, ind.NO_LABEL, np.int64) for u in lesson.units}
     jobs = [(u, t, p) for u in lesson.units for t, p in sorted(lesson.crops[u].items())]
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
         images, keep = [], []
         for u, t, rel in chunk:
-            crop = cv2.imread(str(lesson.folder / rel), cv2.IMREAD_GRAYSCALE)
+            # a crop path that is not a file (a named pipe would block the read) stays unlabelled
+            crop = None if not_regular_file(lesson.folder / rel) else cv2.imread(str(lesson.folder / rel),
+                                                                                 cv2.IMREAD_GRAYSCALE)
             if crop is not None:
                 images.append(crop)
                 keep.append((u, t))

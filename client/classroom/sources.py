@@ -19,6 +19,8 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MAX_FRAME_PIXELS = 4096 * 4096
+#: the largest frame file read: an uncompressed 32-bit BMP of MAX_FRAME_PIXELS and its header
+MAX_FRAME_BYTES = 4 * MAX_FRAME_PIXELS + (1 << 20)
 
 
 class SourceError(ValueError):
@@ -38,8 +40,25 @@ def frame_files(folder: Path) -> list[Path]:
 
 
 def _read_image(path: Path) -> np.ndarray | None:
-    import cv2
+    """The frame as uint8 grey, or None when it cannot or should not be read. Checked before anything is
+    decoded: a named pipe would block the read, and a small file whose header claims gigapixels (a
+    decompression bomb) would take gigabytes and seconds to decode before its size could be refused."""
+    import os
 
+    import cv2
+    from PIL import Image, UnidentifiedImageError
+
+    from shared_models.datasets.base import ImageRefused, open_checked_image
+
+    try:
+        if os.stat(path).st_size > MAX_FRAME_BYTES:
+            return None
+        with open_checked_image(path) as header:
+            width, height = header.size
+    except (ImageRefused, UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+        return None
+    if width * height > MAX_FRAME_PIXELS:
+        return None
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError:
@@ -76,11 +95,21 @@ def read_samples(source: str | Path, fps: float = 1.0, warn: Callable[[str], Non
 def _video_samples(path: Path, fps: float, warn: Callable[[str], None]) -> Iterator[Sample]:
     import cv2
 
+    from shared_models.datasets.base import not_regular_file
+
+    why = not_regular_file(path)
+    if why is not None:            # a named pipe would block the decoder until someone writes to it
+        warn(f"{path}: unreadable video ({why}), skipped")
+        return
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         warn(f"{path}: unreadable video (not a format this OpenCV build decodes), skipped")
         return
     try:
+        width, height = capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)
+        if width * height > MAX_FRAME_PIXELS:
+            warn(f"{path}: video frames of {width:.0f}x{height:.0f} pixels, more than {MAX_FRAME_PIXELS:,}; skipped")
+            return
         native = capture.get(cv2.CAP_PROP_FPS) or 0.0
         period = 1.0 / fps
         next_time, index, step = 0.0, 0, 0
