@@ -463,6 +463,34 @@ def test_named_pipes_are_never_opened_and_a_decompression_bomb_never_decoded(les
     assert sources._read_image(frames / "frame_00000.png").shape == (480, 640) and len(decoded) == 1
 
 
+def test_a_sampling_rate_or_lesson_file_out_of_range_is_one_line(ingested: Path, tmp_path: Path, capsys):
+    import shutil
+
+    from client.classroom.report import LessonError, load_lesson
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    shutil.copy(next(iter(sorted((ingested.parent / "frames").iterdir()))), frames)
+    for fps in ("inf", "1e308", "nan", "0"):       # inf and 1e308 were an OverflowError (an internal error)
+        assert _run("classroom", "ingest", str(frames), "--out", str(tmp_path / "o"), "--fps", fps) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "sampling rate" in err[0]
+    # lesson.json and observations.csv are ingest's, but files a person may edit
+    lesson = tmp_path / "lesson"
+    shutil.copytree(ingested, lesson, ignore=shutil.ignore_patterns("images", "report"))
+    meta = json.loads((ingested / "lesson.json").read_text())
+    for key, value in (("fps", "x"), ("fps", 0), ("fps", None), ("fps", 1e999), ("fps", -1), ("steps", "abc"),
+                       ("steps", 10 ** 11), ("steps", -3)):
+        (lesson / "lesson.json").write_text(json.dumps({**meta, key: value}))
+        with pytest.raises(LessonError, match=key):
+            load_lesson(lesson)
+    (lesson / "lesson.json").write_text(json.dumps(meta))
+    rows = (ingested / "observations.csv").read_text().splitlines()
+    (lesson / "observations.csv").write_text("\n".join(",".join(row.split(",")[:5]) for row in rows) + "\n")
+    with pytest.raises(LessonError, match="line 2"):
+        load_lesson(lesson)
+
+
 def test_an_unreadable_video_or_a_missing_lesson_is_one_line(tmp_path: Path, capsys):
     video = tmp_path / "lesson.mp4"
     video.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")

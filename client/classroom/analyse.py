@@ -25,7 +25,7 @@ import numpy as np
 from client.classroom import faces as facelib
 from client.classroom.posture import PostureFilter
 from client.classroom.search import FrameSearch, SeatSearch
-from client.classroom.sources import Sample, SourceError, _read_image, frame_files, read_samples
+from client.classroom.sources import Sample, SourceError, _read_image, check_fps, frame_files, read_samples
 from client.classroom.tracks import Seat, assign_to_seats
 
 #: samples per chunk: long enough that restarting the seat memory at a chunk's start costs little
@@ -149,8 +149,7 @@ def analyse_lesson(source: Path, *, seats: list[Seat] | None, empty: np.ndarray 
 
 def _analysed(source: Path, seats: list[Seat] | None, empty: np.ndarray | None, size: int, fps: float, workers: int,
               warn: Callable[[str], None], reuse: bool, detector: facelib.FaceDetector | None) -> Iterator[SampleResult]:
-    if not fps > 0:
-        raise SourceError(f"sampling rate must be > 0 frames per second, got {fps}")
+    check_fps(fps)
     if source.is_dir() and workers > 1:
         files = frame_files(source)
         if not files:

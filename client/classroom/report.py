@@ -26,8 +26,11 @@ from typing import Callable
 import numpy as np
 
 from client.classroom import indicators as ind
+from client.classroom.sources import MAX_FPS
 from shared_models.labels import FER7
 
+#: the most samples a lesson may hold (a day at more than 11 per second): lesson.json's count sizes every array
+MAX_STEPS = 1_000_000
 PRESENT_STATES = ("face", "turned", "down", "unseen")
 #: states that show a student is in the seat: the k count uses only these ("unseen" seats may be empty)
 SEEN_STATES = ("face", "turned", "down")
@@ -69,16 +72,23 @@ def load_lesson(folder: Path) -> Lesson:
         raise LessonError(f"{folder}: unreadable lesson ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(meta, dict) or "samples" not in meta or "fps" not in meta:
         raise LessonError(f"{meta_path}: missing 'samples' or 'fps'")
-    steps, seat_map = int(meta.get("steps", meta["samples"])), bool(meta.get("students"))
-    lesson = Lesson(folder, float(meta["fps"]), steps, seat_map, bool(meta.get("empty_room_frame")), [], {}, {},
+    steps, fps = meta.get("steps", meta["samples"]), meta["fps"]
+    # written by ingest, but a file a person may have edited: a bad value is one line, not a traceback
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
+        raise LessonError(f"{meta_path}: 'steps' must be a whole number in 0..{MAX_STEPS}, got {steps!r}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
+        raise LessonError(f"{meta_path}: 'fps' must be a number in (0, {MAX_FPS:g}], got {fps!r}")
+    seat_map = bool(meta.get("students"))
+    lesson = Lesson(folder, float(fps), steps, seat_map, bool(meta.get("empty_room_frame")), [], {}, {},
                     np.zeros(steps, np.int64))
     for line, row in enumerate(rows, start=2):
         try:
             step = int(row["step"])
             unit = row["student_id"] if seat_map else row["track"]
             state = row["state"]
+            path = row["path"]
         except (KeyError, TypeError, ValueError):
-            raise LessonError(f"{obs_path} line {line}: needs step, student_id, state and track") from None
+            raise LessonError(f"{obs_path} line {line}: needs step, student_id, state, path and track") from None
         if not 0 <= step < max(steps, 1) or state not in PRESENT_STATES + ("absent",):
             raise LessonError(f"{obs_path} line {line}: step or state out of range")
         if unit not in lesson.states:
@@ -87,7 +97,7 @@ def load_lesson(folder: Path) -> Lesson:
             lesson.crops[unit] = {}
         lesson.states[unit][step] = state
         if state == "face":
-            lesson.crops[unit][step] = row["path"]
+            lesson.crops[unit][step] = path
             lesson.faces_per_step[step] += 1
     return lesson
 

@@ -19,12 +19,21 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MAX_FRAME_PIXELS = 4096 * 4096
+#: the highest sampling rate taken (samples per second): far above any camera's, and a finite bound keeps
+#: every time and window size the indicators compute from it finite (`--fps inf` was an OverflowError)
+MAX_FPS = 1000.0
 #: the largest frame file read: an uncompressed 32-bit BMP of MAX_FRAME_PIXELS and its header
 MAX_FRAME_BYTES = 4 * MAX_FRAME_PIXELS + (1 << 20)
 
 
 class SourceError(ValueError):
     """The lesson cannot be read at all (one line naming the path)."""
+
+
+def check_fps(fps: float) -> None:
+    """SourceError unless 0 < fps <= MAX_FPS (NaN and infinity included)."""
+    if not 0 < fps <= MAX_FPS:
+        raise SourceError(f"sampling rate must be > 0 and at most {MAX_FPS:g} frames per second, got {fps}")
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,7 @@ def _read_image(path: Path) -> np.ndarray | None:
 def read_samples(source: str | Path, fps: float = 1.0, warn: Callable[[str], None] = print) -> Iterator[Sample]:
     """The lesson's samples in order. `warn` receives one line per frame or video that cannot be read."""
     source = Path(source)
-    if not fps > 0:
-        raise SourceError(f"sampling rate must be > 0 frames per second, got {fps}")
+    check_fps(fps)
     if source.is_dir():
         files = frame_files(source)
         if not files:
