@@ -506,6 +506,22 @@ def test_an_unreadable_video_or_a_missing_lesson_is_one_line(tmp_path: Path, cap
     assert "missing.pt" in capsys.readouterr().err
 
 
+def test_a_report_with_nothing_readable_exits_2_in_one_line(checkpoint: Path, tmp_path: Path, capsys):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(3):
+        (frames / f"f{k}.png").write_bytes(b"x")
+    video = tmp_path / "lesson.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")
+    assert _run("classroom", "ingest", str(frames), "--out", str(tmp_path / "ingested")) == 2   # writes lesson.json
+    capsys.readouterr()
+    # the plots met zero windows: an internal error (AxisError) after timeline.csv was written
+    for lesson in (frames, video, tmp_path / "ingested"):
+        assert _run("classroom", "report", str(lesson), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no readable sample" in err[0] and not (tmp_path / "r").exists()
+
+
 def test_a_video_file_is_read_at_the_requested_rate(lesson: Path, tmp_path: Path):
     import cv2
 

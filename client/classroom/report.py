@@ -249,6 +249,8 @@ def write_report(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries],
     """report.md + timeline.csv + plots/ in `out_dir`; returns the report's path."""
     from client.classroom import plots
 
+    if lesson.steps == 0:     # nothing was readable (every frame unreadable, a video that does not decode)
+        raise LessonError(f"{lesson.folder}: no readable sample; no report written")
     out_dir.mkdir(parents=True, exist_ok=True)
     windows = class_timeline(lesson, series, k)
     write_timeline_csv(out_dir / "timeline.csv", windows)
