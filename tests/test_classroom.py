@@ -491,6 +491,33 @@ def test_a_sampling_rate_or_lesson_file_out_of_range_is_one_line(ingested: Path,
         load_lesson(lesson)
 
 
+def test_names_with_slashes_or_line_breaks_cost_one_line_and_never_a_silent_loss(lesson: Path, tmp_path: Path):
+    from client.classroom.ingest import ingest
+    from client.classroom.report import load_lesson
+    from client.classroom.tracks import SeatMapError, load_seat_map
+
+    # a student id names crop files and CSV cells: 'a/b' made images/000000-a/b.png, never written (the
+    # report then showed that student without expressions), a line break split the rows read back
+    for bad in ("5/b-14", "x\ny", "x\u2028y", "a\\b"):
+        (tmp_path / "seats.json").write_text(json.dumps({"seats": [{"student_id": bad, "box": [0, 0, 10, 10]}]}))
+        with pytest.raises(SeatMapError, match="student_id"):
+            load_seat_map(tmp_path / "seats.json")
+    # frame names holding a line break (a forged warning line) or a character str.splitlines() splits at
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    first, second = sorted((lesson / "frames").iterdir())[:2]
+    (frames / "frame_0\x1c0.png").write_bytes(first.read_bytes())
+    (frames / "frame_1\u2028.png").write_bytes(second.read_bytes())
+    (frames / "frame_2\nfedfer: forged.png").write_bytes(b"x")
+    lines: list[str] = []
+    report = ingest(frames, tmp_path / "out", seat_map=lesson / "seat_map.json", empty_frame=lesson / "empty_room.png",
+                    size=48, echo=lines.append)
+    assert report.samples == 2 and report.unreadable == 1
+    assert all("\n" not in line for line in lines) and any("frame_2\\nfedfer: forged.png" in line for line in lines)
+    folder = load_lesson(tmp_path / "out")      # was: "line 2: step or state out of range"
+    assert folder.steps == 2 and sum(len(c) for c in folder.crops.values()) == report.faces
+
+
 def test_an_unreadable_video_or_a_missing_lesson_is_one_line(tmp_path: Path, capsys):
     video = tmp_path / "lesson.mp4"
     video.write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing else")

@@ -60,7 +60,8 @@ class _Warner:
     def __call__(self, line: str) -> None:
         self.count += 1
         if self.count <= MAX_WARNINGS:
-            self.echo(line)
+            # one line per problem: a file name may hold a line break (and with it a forged line)
+            self.echo("".join(c if c.isprintable() else repr(c)[1:-1] for c in line))
         elif self.count == MAX_WARNINGS + 1:
             self.echo("... further problems are counted in lesson.json")
 

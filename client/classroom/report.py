@@ -17,6 +17,7 @@ Nothing is sent anywhere: no network code is reachable from here.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -65,7 +66,8 @@ def load_lesson(folder: Path) -> Lesson:
             raise LessonError(f"{path}: unreadable lesson file ({why})")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        rows = list(csv.DictReader(obs_path.read_text(encoding="utf-8").splitlines()))
+        # csv's own line ends: str.splitlines() also splits at characters csv does not quote (\x1c, \u2028, ...)
+        rows = list(csv.DictReader(io.StringIO(obs_path.read_text(encoding="utf-8"), newline="")))
     except FileNotFoundError as exc:
         raise LessonError(f"{exc.filename}: not found (is {folder} a folder `fedfer classroom ingest` wrote?)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -46,8 +46,12 @@ def _seat(item: object, path: Path, index: int) -> Seat:
     if not isinstance(item, dict):
         raise SeatMapError(f"{path}: seats[{index}] must be an object with student_id and box")
     student = item.get("student_id")
-    if not isinstance(student, str) or not student.strip() or len(student) > 128 or "," in student:
-        raise SeatMapError(f"{path}: seats[{index}].student_id must be a non-empty name without commas")
+    # the id names the student's crop files (images/<step>-<id>.png) and CSV cells: a slash made the crop
+    # silently unwritable, a line break split the CSV row the report reads back
+    if not isinstance(student, str) or not student.strip() or len(student) > 128 or any(
+            c in ",/\\" or not (c.isprintable() or c == " ") for c in student):
+        raise SeatMapError(f"{path}: seats[{index}].student_id must be a non-empty name without commas, slashes "
+                           "or control characters")
     box = item.get("box")
     if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                             and math.isfinite(v) for v in box)):
