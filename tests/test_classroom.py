@@ -562,3 +562,20 @@ def test_a_video_file_is_read_at_the_requested_rate(lesson: Path, tmp_path: Path
     writer.release()
     samples = list(read_samples(video, fps=1.0, warn=pytest.fail))
     assert [s.step for s in samples] == [0, 1, 2] and samples[0].gray.shape == (480, 640)
+
+
+def test_ingest_refuses_a_folder_that_holds_a_lesson_and_stops_when_a_crop_cannot_be_written(lesson: Path, ingested: Path,
+                                                                                            tmp_path: Path, monkeypatch):
+    """A second lesson into the same folder would mix its crops with the first's labels.csv; a crop that could not
+    be written (a full disk) would leave a student without faces, silently."""
+    import cv2
+
+    from client.classroom.ingest import IngestError, ingest
+
+    before = sorted(p.name for p in ingested.iterdir())
+    with pytest.raises(IngestError, match="already holds an ingested lesson"):
+        ingest(lesson / "frames", ingested, seat_map=lesson / "seat_map.json", size=48, echo=lambda line: None)
+    assert sorted(p.name for p in ingested.iterdir()) == before
+    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)
+    with pytest.raises(IngestError, match="could not write the face crop"):
+        ingest(lesson / "frames", tmp_path / "new", seat_map=lesson / "seat_map.json", size=48, echo=lambda line: None)

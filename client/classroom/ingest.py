@@ -96,6 +96,13 @@ class _Output:
 
     def __init__(self, out_dir: Path, labels: dict[tuple[str, str], int] | None) -> None:
         self.out_dir = out_dir
+        # a second lesson into the same folder would overwrite some crops and keep others, beside a labels.csv
+        # of the first: a school folder that trains on faces with another lesson's labels
+        # (a refused or failed ingest that wrote no crop leaves nothing that counts: the same command may retry)
+        crops = (out_dir / "images").is_dir() and any((out_dir / "images").iterdir())
+        if (out_dir / "lesson.json").exists() or crops:
+            raise IngestError(f"{out_dir}: already holds an ingested lesson ({'lesson.json' if not crops else 'images/'}); "
+                              "ingest into a new folder, or delete this one first")
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
         self._obs_file = open(out_dir / "observations.csv", "w", newline="", encoding="utf-8")
         self.observations = csv.writer(self._obs_file)
@@ -107,7 +114,8 @@ class _Output:
         import cv2
 
         rel = f"images/{sample.step:06d}-{track}.png"
-        cv2.imwrite(str(self.out_dir / rel), crop, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        if not cv2.imwrite(str(self.out_dir / rel), crop, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+            raise IngestError(f"{self.out_dir / rel}: could not write the face crop (disk full or not writable?)")
         x, y, w, h = face.box
         self.observations.writerow((sample.step, f"{sample.time:.3f}", sample.name, unit, "face", x, y, w, h,
                                     int(face.eyes_found), f"{face.angle:.2f}", rel, track))
@@ -160,6 +168,9 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
     """Detect, align, crop and track every face of the lesson at `source` into `out_dir` (`workers`
     processes for a frame folder; the output does not depend on how many). `posture`: with a seat map,
     faces of bowed or turned heads are recorded as the states 'down' / 'turned' (`client.classroom.posture`)."""
+    from client.classroom.sources import check_fps
+
+    check_fps(fps)   # before anything is written: a refused command leaves no half-made folder behind
     warn = _Warner(echo)
     seats, label_map, empty = _inputs(seat_map, labels, empty_frame, warn)
     report = IngestReport()
