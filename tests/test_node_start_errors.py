@@ -284,6 +284,35 @@ def test_a_refusal_is_retried_and_then_explained_with_both_causes(tmp_path, caps
     assert "the key /site/lincoln/supernode.pub is not registered" in last and "a SuperNode with this key is still connected" in last
 
 
+FLOWER_TURNED_AWAY = ("INFO 2026-12-04 18:10:35,551:      Sent successfully\n"
+                      "INFO 2026-12-04 18:10:44,947:      SuperNode terminated gracefully.\nINFO:     Shutting down\n"
+                      "INFO:     Finished server process [24212]\n")
+
+
+@pytest.mark.parametrize("how", ["exit 0", "SIGINT"])
+def test_a_node_the_superlink_turned_away_says_why_and_fails(tmp_path, capsys, monkeypatch, how):
+    """`fedfer deploy rotate` (or `revoke`) unregisters the node's key while its SuperNode runs: the SuperLink
+    answers its next request 401 and Flower stops the SuperNode by sending itself SIGINT, logging at most
+    'terminated gracefully': exit 0, or killed by that SIGINT when a second 401 comes after Flower's handler
+    reset it (seen both ways). The school is told why, not "killed by signal 2", and the exit is a failure
+    (a service manager restarts it; with the school's rotated key, start.sh reads the new one)."""
+    from client.runtime import supernode
+
+    monkeypatch.setattr(supernode, "_time", FakeClock())
+    argv = child(tmp_path, FLOWER_TURNED_AWAY, code=0)
+    if how == "SIGINT":
+        script = Path(argv[1])
+        script.write_text(script.read_text().replace(
+            "sys.exit(0)", "import os, signal\nsys.stderr.flush()\nsignal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+                           "os.kill(os.getpid(), signal.SIGINT)\n"))
+    assert supernode.supervise(argv, retry_for=120, retry_every=10) == 1
+    assert (tmp_path / "starts").read_text() == "x"                  # not restarted here
+    err = capsys.readouterr().err
+    assert err.startswith(FLOWER_TURNED_AWAY)
+    last = err.splitlines()[-1]
+    assert last.startswith("fedfer: the SuperNode stopped on its own") and "key was rotated or revoked" in last, last
+
+
 def test_a_node_that_stopped_by_signal_says_so(tmp_path, capsys, monkeypatch):
     from client.runtime import supernode
 

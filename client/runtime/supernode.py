@@ -224,6 +224,12 @@ class _LogTail:
         return _LOG_PREFIX.sub("", meaningful[-1]).strip() if meaningful else "no output"
 
 
+TURNED_AWAY = ("fedfer: the SuperNode stopped on its own: the SuperLink turned its requests away (HTTP 401 in the "
+               "coordinator's superlink.log): this node's key was rotated or revoked at the coordinator (`fedfer deploy "
+               "status` there), or this machine's clock is minutes off; after a rotation start start.sh again (it reads "
+               "the new key)")
+
+
 def _refused_message(child_argv: Sequence[str], retry_for: float) -> str:
     from shared_models.start_files import option
 
@@ -246,7 +252,11 @@ def supervise(child_argv: list[str], retry_for: float, retry_every: float) -> in
     a refusal within the first seconds is retried for `retry_for` seconds; a revoked key keeps failing
     and is given up on with that message. Any other failure is not retried (the same arguments fail
     the same way): the SuperNode's own reason is repeated as the last line. A SuperNode that ran and
-    then stopped is not restarted here (that is the site's service manager's decision).
+    then stopped is not restarted here (that is the site's service manager's decision). One that stopped
+    without being told to, with exit 0 or by SIGINT, was turned away by the SuperLink (Flower sends itself
+    SIGINT on a 401: its key was rotated or revoked) and logged at most "terminated gracefully": that is
+    said, and the exit is 1, so a service manager restarting failed nodes starts it again (with a rotated
+    key, it reads the new one).
 
     The child's stderr (where Flower logs) passes through this process, line by line, so that the
     final line can quote it: `[code: 2004]` is blamed only when the log shows it.
@@ -284,8 +294,9 @@ def supervise(child_argv: list[str], retry_for: float, retry_every: float) -> in
                 pump.join(timeout=5)   # the rest of its log (a grandchild holding the pipe: not waited for)
                 if not pump.is_alive():
                     current[0].stderr.close()
-            if code == 0:
-                return 0
+            if code in (0, -signal.SIGINT):   # not stopped by us (a signal to us raises above): Flower SIGINTs
+                print(TURNED_AWAY, file=sys.stderr, flush=True)   # itself when the SuperLink answers 401
+                return 1
             quick = _time.monotonic() - started < QUICK_S
             if not (quick and tail.refused):
                 why = tail.reason() if code > 0 else f"killed by signal {-code}"

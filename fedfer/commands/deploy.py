@@ -89,10 +89,13 @@ def _cmd_school_key(args: argparse.Namespace) -> int:
     print(f"ledger signing key  {state / 'signing_key.pem'} (0600, stays here; key id {keys.ledger_key_id})")
     print(f"SuperNode key       {state / 'supernode'} (0600, stays here; {keys.node_fingerprint}"
           + (", new)" if keys.new_node_key else ", kept)"))
-    print(f"  send {keys.ledger_public} and {keys.node_public} to the coordinator, who runs:")
-    if args.new_node_key:
-        print("  fedfer deploy rotate NAME --node-key supernode.pub   (until then this node cannot connect)")
+    if args.new_node_key:   # the ledger key is unchanged: the coordinator has its public half already
+        print(f"  send {keys.node_public} to the coordinator, who runs (the SuperLink running):")
+        print("  fedfer deploy rotate NAME --node-key supernode.pub")
+        print("  then start this node's start.sh again (a SuperNode running on the old key stops at the rotation; "
+              "one started before it cannot connect)")
     else:
+        print(f"  send {keys.ledger_public} and {keys.node_public} to the coordinator, who runs:")
         print(f"  fedfer deploy add-school NAME --ledger-key {keys.ledger_public.name} --node-key {keys.node_public.name} "
               f"--state-dir {state} --data-dir PATH …")
     return 0

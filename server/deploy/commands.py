@@ -521,10 +521,12 @@ def rotate_node(root: Path, name: str, flwr_home: Path, node_key: Path | None = 
     os.replace(new.public_path, folder / f"{cred.NODE_KEY_FILE}.pub")
     entry.node_id, entry.fingerprint, entry.status = new_id, new.fingerprint, "registered"
     dep.save()
-    after = (f"The school's node connects with its new key; restart its start.sh if it is running." if new_public
-             is not None else f"Copy {folder}/supernode to the site and restart its start.sh.")
+    after = ("The school starts its start.sh again: it reads the new key from its state folder." if new_public
+             is not None else f"Copy {folder}/supernode to the site and start its start.sh again.")
     return (f"{name}: new key {new.fingerprint} registered as node {new_id}"
-            + (f"; old node {old_id} unregistered" if old_id is not None else "")
+            # the SuperLink refuses the old key from now on: a SuperNode still running with it stops
+            + (f"; old node {old_id} unregistered (a node still running with its key stops now)"
+               if old_id is not None else "")
             + f". {after}")
 
 
