@@ -24,6 +24,8 @@ from server.deploy import commands as deploy_cli
 from server.deploy.layout import Deployment, node_commands, node_script
 from test_deploy import FakeClock   # monotonic() moves only when the code under test sleeps
 
+REPO = Path(__file__).resolve().parents[1]
+
 ROOT = Path(__file__).resolve().parent.parent
 FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
@@ -385,3 +387,59 @@ def test_flwr_run_never_packs_the_deployment_folder(tmp_path):
     assert "server/deploy/layout.py" in names   # the rule is anchored (/deploy/): fedfer's own server/deploy stays
     leaked = [n for n in names if n.split("/")[0] in ("deploy", "runs", ".flwr")]
     assert not leaked, leaked
+
+
+# ------------------------------------------------------------------------------------ stopping a node
+SIGNAL_RECORDER = """import pathlib, signal, sys, time
+got, ready = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+got.write_text("")
+signal.signal(signal.SIGTERM, lambda s, f: got.write_text(got.read_text() + f"{s}\\n"))
+ready.write_text("ready")
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    time.sleep(0.05)
+"""
+
+
+def _wait_for(path: Path, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_stopping_the_start_scripts_group_signals_the_supernode_once(tmp_path):
+    """Ctrl-C, `kill -- -PGID` or a service manager signal start.sh's whole process group, and its trap then signals
+    the launcher again. Flower's SuperNode resets its handler to the default on the first signal, so a second one
+    killed it before it deactivated at the SuperLink, and a restart was refused ([code: 2004]) for about a minute
+    (seen here after a run). The SuperNode gets exactly one signal: from the launcher, not from the group."""
+    script = tmp_path / "recorder.py"
+    script.write_text(SIGNAL_RECORDER)
+    got, ready = tmp_path / "got", tmp_path / "ready"
+    code = ("import sys; from client.runtime.supernode import supervise; "
+            f"sys.exit(supervise([sys.executable, {str(script)!r}, {str(got)!r}, {str(ready)!r}], 0, 1))")
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,
+                                stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(ready)
+        os.killpg(launcher.pid, signal.SIGTERM)     # the whole group, as Ctrl-C or a service manager does
+        time.sleep(0.3)
+        launcher.send_signal(signal.SIGTERM)        # start.sh's trap: kill $NODE
+        assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert got.read_text() == f"{int(signal.SIGTERM)}\n"
+
+
+def test_the_warm_executor_finishes_its_clean_up_when_signalled_twice(tmp_path):
+    code = ("import os, signal, time\n"
+            "from client.runtime.warm_executor import _Stop, _stop\n"
+            "signal.signal(signal.SIGTERM, _stop)\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+            "except _Stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)   # a second signal during the clean-up\n"
+            "    print('cleaned up')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "cleaned up"), result.stderr[-500:]

@@ -267,8 +267,12 @@ def supervise(child_argv: list[str], retry_for: float, retry_every: float) -> in
 
     deadline = _time.monotonic() + retry_for
     current: list[subprocess.Popen] = []
+    stopping: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
+        if stopping:   # passed on once already: Flower's handler resets itself to the default on the first signal, so a
+            return     # second one (the start script's trap after a signal to its whole group) kills the SuperNode
+        stopping.append(signum)   # before it deactivates, and a restart is refused ([code: 2004]) for a minute
         for child in current:
             if child.poll() is None:
                 child.send_signal(signum)
@@ -279,7 +283,8 @@ def supervise(child_argv: list[str], retry_for: float, retry_every: float) -> in
         while True:
             started = _time.monotonic()
             tail = _LogTail()
-            current[:] = [subprocess.Popen(child_argv, stderr=subprocess.PIPE)]
+            # its own process group: a signal to the start script's group reaches it only through `forward`, once
+            current[:] = [subprocess.Popen(child_argv, stderr=subprocess.PIPE, process_group=0)]
             pump = threading.Thread(target=tail.pump, args=(current[0].stderr, sys.stderr), daemon=True)
             pump.start()
             try:

@@ -247,6 +247,8 @@ class _Stop(BaseException):  # not an Exception: Flower's retry loop must not sw
 
 
 def _stop(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # one stop is enough: a second signal (the start script's trap
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # after a signal to its whole group) must not cut the clean-up
     raise _Stop()
 
 
