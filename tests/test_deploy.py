@@ -314,6 +314,18 @@ def test_a_school_can_keep_its_keys_to_itself(deployment, tmp_path, capsys, monk
     entry = Deployment.load(dep.root).node("lincoln-high")
     assert (entry.node_id, entry.fingerprint, entry.auth_key) == (4242, new_key.fingerprint, str(school_state / "supernode"))
     assert not list(dep.root.rglob("supernode")) and not list(dep.node_dir("lincoln-high").glob("supernode.new*"))
+    # a registration the SuperLink refuses (here: the key is already in use) leaves nothing behind: no node folder,
+    # no ledger key in the keyring for a school the manifest does not list
+    def refuse(_dep, public, _home):
+        raise deploy_cli.DeployError(f"flwr supernode register {public}: [code: 23] Public key already in use.")
+
+    monkeypatch.setattr(deploy_cli, "register_key", refuse)
+    with pytest.raises(deploy_cli.DeployError, match="already in use"):
+        deploy_cli.add_node(dep.root, "copycat", "school", data_dir=Path("/d/c"), declared=100, flwr_home=home,
+                            state_dir=school_state, ledger_key=school_state / "signing_key.pub",
+                            node_key=school_state / "supernode.pub")
+    assert not dep.node_dir("copycat").exists() and not (dep.keyring / "copycat.pub").exists()
+    assert "copycat" not in Deployment.load(dep.root).nodes
     monkeypatch.undo()
     # refused in one line: no --state-dir, a file that is not a key of the right kind, a missing file
     ledger = ["--ledger-key", str(school_state / "signing_key.pub"), "--state-dir", "/s"]
@@ -406,6 +418,20 @@ def test_status_flags_loose_key_permissions(tmp_path, deployment):
     info = json.loads(result.stdout)
     assert result.returncode == 1
     assert any("supernode: readable by group/others" in p for p in info["problems"])
+
+
+def test_a_refused_registration_is_flowers_reason_in_one_line(deployment, monkeypatch):
+    import types
+
+    import server.processes
+
+    dep, home = deployment
+    out = json.dumps({"success": False, "error-message": "Using SuperLink: fedfer (127.0.0.1:9093)\n\n"
+                                                         "[code: 23] Public key already in use."})
+    monkeypatch.setattr(server.processes, "run_flwr", lambda *a, **k: types.SimpleNamespace(returncode=0, stdout=out))
+    with pytest.raises(deploy_cli.DeployError) as caught:
+        deploy_cli.register_key(dep, Path("/site/supernode.pub"), home)
+    assert str(caught.value) == "flwr supernode register /site/supernode.pub: [code: 23] Public key already in use."
 
 
 def test_revoke_and_rotate_need_a_registration_and_a_running_superlink(deployment):

@@ -12,6 +12,7 @@ import math
 import os
 import secrets
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -130,8 +131,9 @@ def register_key(dep: "Deployment", public_key: Path, flwr_home: Path) -> int:
     result = run_flwr(["supernode", "register", str(public_key.resolve()), dep.connection, "--format", "json"],
                       flwr_home=flwr_home, timeout=60)
     data = _flwr_json(result, f"flwr supernode register {public_key}")
-    if not data.get("success") or "node-id" not in data:
-        raise DeployError(f"flwr supernode register {public_key}: {data}")
+    if not data.get("success") or "node-id" not in data:   # Flower's reason is the last line of its message
+        lines = [line.strip() for line in str(data.get("error-message") or data).splitlines() if line.strip()]
+        raise DeployError(f"flwr supernode register {public_key}: {lines[-1] if lines else data}")
     return int(data["node-id"])
 
 
@@ -346,6 +348,7 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
         cred.load_certificate(dep.ca_cert)        # present and a certificate, before the node folder exists
         ca_pem = dep.ca_cert.read_bytes()
     entry = NodeEntry(name=name, role=role, runtime_port=port, node_config=config)
+    made = [] if folder.exists() else [folder]   # what a refused registration removes again
     folder.mkdir(parents=True, exist_ok=True)
     if not dep.insecure:
         cred.write_public(folder / "ca.crt", ca_pem)
@@ -359,9 +362,18 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
     write_node_config(folder / "node-config.toml", config)
     if role == "school":
         pem = ledger_pem if ledger_pem is not None else cred.ledger_public_key_pem(Path(config["state-dir"]))
+        made += [] if (dep.keyring / f"{name}.pub").exists() else [dep.keyring / f"{name}.pub"]
         cred.write_public(dep.keyring / f"{name}.pub", pem.encode())
     dep.nodes[name] = entry
-    message = _try_register(dep, entry, folder / "supernode.pub", flwr_home)
+    try:
+        message = _try_register(dep, entry, folder / "supernode.pub", flwr_home)
+    except BaseException:   # e.g. the SuperLink refuses a key already in use: leave no node folder, and no ledger
+        for path in made:   # key in the keyring (the server would trust it) for a node the manifest does not list
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        raise
     dep.save()
     write_script(folder / "start.sh", node_script(dep, name))
     return dep, message
