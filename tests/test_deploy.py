@@ -331,6 +331,8 @@ def test_a_school_can_keep_its_keys_to_itself(deployment, tmp_path, capsys, monk
     ledger = ["--ledger-key", str(school_state / "signing_key.pub"), "--state-dir", "/s"]
     (tmp_path / "junk.pub").write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
     for extra, needle in ((["--ledger-key", str(school_state / "signing_key.pub")], "--ledger-key needs --state-dir"),
+                          (["--ledger-key", str(school_state / "signing_key.pub"), "--state-dir", "state"],
+                           "--state-dir state: give its absolute path on the school's machine"),
                           (["--ledger-key", str(tmp_path / "junk.pub"), "--state-dir", "/s"], "not a PEM public key"),
                           (["--ledger-key", str(tmp_path / "nope.pub"), "--state-dir", "/s"], "nope.pub: not a file"),
                           (["--node-key", str(school_state / "supernode.pub"), "--state-dir", "/s"],

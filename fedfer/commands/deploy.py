@@ -97,7 +97,7 @@ def _cmd_school_key(args: argparse.Namespace) -> int:
     else:
         print(f"  send {keys.ledger_public} and {keys.node_public} to the coordinator, who runs:")
         print(f"  fedfer deploy add-school NAME --ledger-key {keys.ledger_public.name} --node-key {keys.node_public.name} "
-              f"--state-dir {state} --data-dir PATH …")
+              f"--state-dir {state} --data-dir PATH --declared-students N …")
     return 0
 
 

@@ -316,6 +316,9 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
         if state_dir is None:
             raise DeployError(f"school {name}: --ledger-key needs --state-dir, the folder on the school's machine "
                               "that holds the signing key (`fedfer deploy school-key --state-dir DIR` made both)")
+        if not Path(state_dir).expanduser().is_absolute():   # it is a path there: resolved here it names another folder
+            raise DeployError(f"school {name}: --state-dir {state_dir}: give its absolute path on the school's machine "
+                              "(`fedfer deploy school-key` prints it)")
         ledger_pem = _school_ledger_key(Path(ledger_key), name)
     node_public = None
     if node_key is not None:
