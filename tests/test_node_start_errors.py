@@ -129,6 +129,15 @@ def test_an_unusable_certificate_or_key_is_named(deployment, school, capsys, nam
     assert code == 2 and len(lines) == 1 and needle in lines[0], lines
 
 
+def test_a_node_key_others_can_read_stops_the_node(deployment, school, capsys):
+    """Whoever reads the node's key can connect as the school; flower-supernode starts with it all the same (seen
+    with a school's own key at 0644: the node started and connected)."""
+    os.chmod(school / "supernode", 0o644)   # as a copy to the school's machine without -p can leave it
+    _, lines = preflight(deployment, "lincoln", capsys)
+    assert lines == [f"fedfer: {school / 'supernode'}: permissions 0o644 let others read the node's authentication key; "
+                     "chmod 600 it"]
+
+
 def test_folders_the_node_config_names_must_exist(deployment, school, capsys, tmp_path):
     set_key(school / "node-config.toml", "data-dir", f'data-dir = "{tmp_path / "nowhere"}"')
     _, lines = preflight(deployment, "lincoln", capsys)

@@ -52,6 +52,9 @@ def check_auth_key(path: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     data = readable_file(path, "the node's authentication key")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:   # whoever reads it can connect as this school (Flower itself does not check)
+        raise NodeStartError(f"{path}: permissions {oct(mode)} let others read the node's authentication key; chmod 600 it")
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
