@@ -349,8 +349,8 @@ def _guard_budget(books: _SchoolBooks, terms, common: dict[str, Any]) -> RoundRe
         return None
     entry = record_refusal(books.accountant, books.ledger, reason=decision.reason, planned_steps=plan.steps,
                            noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, **common)
-    return RoundReply("budget-exhausted", "this round would take the school past its lifetime ε budget",
-                      ledger=books.signed(entry))
+    return RoundReply("budget-exhausted", f"this round would take the school past its lifetime ε budget "
+                      f"{terms.budget:g} ({terms.budget_source}, the tighter of the two)", ledger=books.signed(entry))
 
 
 def _ok_reply(node: NodeIdentity, server_round: int, model: torch.nn.Module, result, entry: dict,

@@ -227,6 +227,7 @@ class RoundTerms:
     plan: DPPlan
     delta: float            # the accounting δ: always the policy's
     budget: float           # the tighter of the policy's and the coordinator's
+    budget_source: str      # which one: "the school's policy" or the run-config key that asked for less
     round_epsilon: float    # ε of this round on its own at ``delta``
     accountant: str
 
@@ -273,5 +274,6 @@ def agree_round(policy: SchoolPolicy, cfg: Mapping[str, Any], school_id: str) ->
         return PolicyViolation(sigma_key)
     if not _within(round_eps, min(policy.max_round_epsilon, asked_cap)):
         return PolicyViolation(sigma_key)
-    return RoundTerms(plan=plan, delta=policy.delta, budget=min(policy.budget, asked_budget),
+    source = "the school's policy" if policy.budget <= asked_budget else f"the run's {budget_key}"
+    return RoundTerms(plan=plan, delta=policy.delta, budget=min(policy.budget, asked_budget), budget_source=source,
                       round_epsilon=round_eps, accountant=accountant)

@@ -1165,6 +1165,18 @@ def _dataset_ok(root: Path, params: SynthParams, on_demand: bool = False) -> boo
             and (params.clips_per_student == 0 or _part_ok(root / "clipbench" / "clips.json", _clip_bench_key(params))))
 
 
+def other_settings(root: str | Path, params: SynthParams) -> list[str]:
+    """How the classroom already in `root` (its manifest) was made differently from `params`, as
+    "name: was X, now Y" (empty: no classroom there, or the same settings). `ensure_dataset` would rebuild
+    such a folder to `params`; a command given that folder by name asks first."""
+    manifest = _read_json(Path(root).expanduser() / "manifest.json")
+    if not manifest or manifest.get("version") != GENERATOR_VERSION or not isinstance(manifest.get("params"), dict):
+        return []
+    was, now = manifest["params"], _hashed_params(params)
+    return [f"{key}: was {was.get(key)!r}, now {now.get(key)!r}" for key in sorted(set(was) | set(now))
+            if was.get(key) != now.get(key)]
+
+
 _Part = tuple[str, int, Callable[..., Path], tuple]   # name, image count, builder, builder's arguments
 
 

@@ -107,6 +107,13 @@ def test_pretrain_writes_a_checkpoint_that_model_pretrained_loads_with_provenanc
     assert main(["pretrain", "--data-root", str(data), "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     assert f"pre-trained checkpoint: {out}" in printed and "synthetic-indomain" in printed
+    # the same folder with other settings is refused, not rebuilt over (a deployment's schools may read it)
+    manifest = (data / "manifest.json").read_bytes()
+    assert main(["pretrain", "--data-root", str(data), "--out", str(tmp_path / "other.pt"), *TINY,
+                 "federation.schools=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings (schools: was" in err, err
+    assert (data / "manifest.json").read_bytes() == manifest and not (tmp_path / "other.pt").exists()
 
     provenance = registry.pretrained_provenance(out)
     assert provenance["format"] == "fedfer-pretrained/1" and provenance["epochs"] == 1

@@ -170,6 +170,8 @@ def test_the_budget_guard_counts_a_round_the_accountant_lost_in_a_crash(tmp_path
     tight = _run_config(f"privacy.budget={first * 1.2}")   # room for one round, not for two
     out = client_app.train(train_message(global_state, tmp_path / "run", server_round=2), school_context(school, state, tight))
     assert out.content["status"]["status"] == "budget-exhausted"
+    # the reason says which budget was the tighter: here the run-config's, below the school's policy
+    assert f"budget {first * 1.2:g} (the run's privacy.budget, the tighter of the two)" in out.content["status"]["reason"]
     entries = _ledger(state)
     assert [e["event"] for e in entries] == ["round", "refused"]
     assert all(float(e["epsilon"]) <= first * 1.2 for e in entries)

@@ -64,6 +64,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if data_root is not None:
         cfg["data.root"] = str(data_root)
     if _needs_synthetic(str(cfg["pretrain.benchmarks"])) or (evaluate and _needs_synthetic(str(cfg["evaluation.benchmarks"]))):
+        differ = synth.other_settings(data_root, synth.params_from_config(cfg)) if data_root is not None else []
+        if differ:   # rebuilding it would replace the schools a deployment or another run reads from there
+            print(f"fedfer: --data-root {data_root} holds a synthetic classroom made with other settings "
+                  f"({'; '.join(differ[:3])}{'; …' if len(differ) > 3 else ''}): give pretrain the settings "
+                  "`fedfer data synth` used there, or another folder", file=sys.stderr)
+            return 2
         data_root = synth.ensure_for_config(cfg, echo=lambda line: print(line, flush=True))
     echo = lambda line: print("  " + line, flush=True)  # noqa: E731
     try:
