@@ -657,7 +657,8 @@ def format_table(report: AuditReport) -> str:
         notes.append("* PRV could not evaluate this history; the (looser, still valid) RDP bound is shown")
     notes += [r.budget_note for r in report.rows if r.budget_note]
     notes += report.notes
-    if any(r.partial for r in report.rows):
+    checked = {(r.school, r.fingerprint) for r in report.rows if not r.partial}   # the school's own ledger given
+    if any(r.partial and (r.school, r.fingerprint) not in checked for r in report.rows):
         notes.append("run copies: ε includes the earlier spending that each school's first entry in the run records "
                      "(history_before); pass the school's own ledger.jsonl too to check it")
     notes = list(dict.fromkeys(notes))   # a message two sources share is printed once

@@ -293,3 +293,16 @@ def test_canary_audit_reads_a_run_config_strictly(tmp_path, capsys, text):
     assert main(["privacy", "canary-audit", str(tmp_path), "--canaries", "40", "--runs", "4"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config.yaml" in err and "internal error" not in err, err
+
+
+def test_the_history_footnote_only_asks_for_ledgers_not_given(tmp_path, capsys):
+    """A run copy's ε includes the earlier spending its first entry claims; the footnote asks for the school's own
+    ledger to check that claim, and is gone once every school's own ledger is given beside the run."""
+    schools, (_, second) = _federation(tmp_path, runs=2)
+    keys = _keyring(tmp_path, schools)
+    code, out = _audit(capsys, second.run.path, "--keys", keys)
+    assert code == 0 and "pass the school's own ledger.jsonl too" in out, out
+    code, out = _audit(capsys, second.run.path, *(s.state for s in schools), "--keys", keys)
+    assert code == 0 and "pass the school's own ledger.jsonl too" not in out, out
+    code, out = _audit(capsys, second.run.path, schools[0].state, "--keys", keys)   # one school's: still asked
+    assert "pass the school's own ledger.jsonl too" in out, out
