@@ -296,6 +296,10 @@ def test_a_school_can_keep_its_keys_to_itself(deployment, tmp_path, capsys, monk
     assert f"send {school_state / 'supernode.pub'} to the coordinator" in out and "signing_key.pub" not in out
     new_key = cred.load_node_key(school_state / "supernode")
     assert new_key.fingerprint != node_key.fingerprint
+    # the old key stays until the coordinator has rotated (a node restarted before then still needs it)
+    assert f"the previous key is kept as {school_state / 'supernode.old'}" in out
+    assert cred.load_node_key(school_state / "supernode.old").fingerprint == node_key.fingerprint
+    assert mode(school_state / "supernode.old") == 0o600 and (school_state / "supernode.old.pub").is_file()
     with pytest.raises(deploy_cli.DeployError, match="SuperLink is not running"):
         deploy_cli.rotate_node(dep.root, "lincoln-high", home, school_state / "supernode.pub")
     assert not list(dep.node_dir("lincoln-high").glob("supernode.new*"))

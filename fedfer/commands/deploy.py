@@ -94,6 +94,9 @@ def _cmd_school_key(args: argparse.Namespace) -> int:
         print("  fedfer deploy rotate NAME --node-key supernode.pub")
         print("  then start this node's start.sh again (a SuperNode running on the old key stops at the rotation; "
               "one started before it cannot connect)")
+        if (state / "supernode.old").exists():
+            print(f"  the previous key is kept as {state / 'supernode.old'} (0600): if the coordinator cannot rotate, "
+                  "move it back to supernode; delete it once the rotation is done")
     else:
         print(f"  send {keys.ledger_public} and {keys.node_public} to the coordinator, who runs:")
         print(f"  fedfer deploy add-school NAME --ledger-key {keys.ledger_public.name} --node-key {keys.node_public.name} "
