@@ -262,6 +262,7 @@ def test_a_school_can_keep_its_keys_to_itself(deployment, tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert f"send {school_state / 'signing_key.pub'} and {school_state / 'supernode.pub'} to the coordinator" in out
     assert mode(school_state / "signing_key.pem") == 0o600 and mode(school_state / "supernode") == 0o600
+    assert mode(school_state) == 0o700
     node_key = cred.load_node_key(school_state / "supernode")
     assert main(["deploy", "school-key", "--state-dir", str(school_state)]) == 0   # again: the same keys, kept
     assert "kept)" in capsys.readouterr().out

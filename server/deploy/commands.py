@@ -429,6 +429,8 @@ def make_school_keys(state_dir: Path, *, new_node_key: bool = False) -> SchoolKe
 
     state_dir = Path(state_dir).expanduser()
     check_target_dir(state_dir, "--state-dir")
+    if not state_dir.exists():   # the school's keys, ledger and accountant: its own user's only
+        state_dir.mkdir(parents=True, mode=0o700)
     try:
         key = load_or_create_signing_key(state_dir)
     except SigningKeyError as exc:
