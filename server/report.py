@@ -108,6 +108,7 @@ class RunData:
     ledger: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     references: dict[str, Any] | None = None   # references.json (simulations/references.py), when the run made it
+    incidents: list[dict[str, Any]] = field(default_factory=list)   # events.jsonl: what the coordinator refused
 
     @property
     def run_id(self) -> str:
@@ -223,6 +224,9 @@ def load_run(run_dir: Path) -> RunData:
             data.ledger[school] = sorted(entries, key=lambda e: e["round"])
 
     data.references = _read_references(run_dir, data.notes)
+    events_path = run_dir / "events.jsonl"
+    if events_path.is_file():
+        data.incidents = [e for _, e in _read_jsonl(events_path, data.notes) if e.get("event") in INCIDENTS]
     if data.rounds:
         present = sorted(data.rounds)
         last = max(present[-1], data.planned_rounds or 0)
@@ -232,6 +236,28 @@ def load_run(run_dir: Path) -> RunData:
         if data.planned_rounds and present[-1] < data.planned_rounds:
             data.notes.append(f"partial run: {len(present)} of {last} planned rounds recorded")
     return data
+
+
+#: events.jsonl kinds the per-round table does not show: a node refused when asked its role, a school whose ledger
+#: key or anchor was refused, an evaluation node's reply refused, a round left without scores, a ledger gap
+INCIDENTS = {"query-error": "node refused at the role query", "rejected-school": "school refused for the run",
+             "ledger-anchor": "ledger did not continue the anchor", "ledger-gap": "ledger gap (accepted)",
+             "evaluator-error": "evaluation node's reply refused", "not-evaluated": "round not evaluated"}
+MAX_INCIDENT_ROWS = 20
+
+
+def _incident_section(data: RunData) -> list[str]:
+    """What the coordinator refused or could not do, from events.jsonl (the progress log said it once)."""
+    if not data.incidents:
+        return []
+    lines = ["## What the coordinator refused", "", "| what | round | node / school | reason |", "|---|---|---|---|"]
+    for e in data.incidents[:MAX_INCIDENT_ROWS]:
+        who = e.get("school") or (f"node {e['node_id']}" if "node_id" in e else "")
+        reason = " ".join(str(e.get("reason", "")).split())[:200].replace("|", "/")
+        lines.append(f"| {INCIDENTS[e['event']]} | {e.get('round', '')} | {str(who)[:80].replace('|', '/')} | {reason} |")
+    if len(data.incidents) > MAX_INCIDENT_ROWS:
+        lines.append(f"| … and {len(data.incidents) - MAX_INCIDENT_ROWS} more in events.jsonl | | | |")
+    return lines + [""]
 
 
 def _read_references(run_dir: Path, notes: list[str]) -> dict[str, Any] | None:
@@ -502,6 +528,7 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
     lines += _added_section(data, figures)
     lines += _paper_table(data, final)
     lines += _round_table(data)
+    lines += _incident_section(data)
     lines += _privacy_table(data)
 
     if figures:

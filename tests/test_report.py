@@ -249,3 +249,22 @@ def test_evaluate_says_why_a_benchmarks_extra_classes_count_as_errors():
     ferplus = {"labels": list(FER7) + ["contempt"], "model_classes": 7}
     assert class_mismatch_notes({"ferplus": ferplus, "fer2013": {"labels": list(FER7), "model_classes": 7}}) == [
         "note: ferplus has 8 classes and the model 7: its faces of contempt count as errors, and UAR averages over 8"]
+
+
+def test_the_report_lists_what_the_coordinator_refused(tmp_path):
+    """events.jsonl's refusals the per-round table cannot show: a node refused at the role query, an evaluation
+    node's reply refused, a round left without scores; a node's text cannot break the table."""
+    run = write_run(tmp_path / "run", [1, 2])
+    events = [{"event": "query-error", "node_id": 7, "reason": "school id '../x' is not a name"},
+              {"event": "evaluator-error", "round": 2, "reason": "benchmark 'x' has no accuracy in [0, 1]"},
+              {"event": "not-evaluated", "round": 2, "reason": "no evaluation node | answered\nin time"},
+              {"event": "rejected", "round": 1, "school": "school-0", "reason": "shown per round already"},
+              *({"event": "ledger-gap", "round": 1, "school": f"s{i}", "reason": "gap"} for i in range(25))]
+    (run / "events.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    text = build_report(run).read_text()
+    section = text.split("## What the coordinator refused", 1)[1].split("\n## ", 1)[0]
+    assert "| node refused at the role query |  | node 7 | school id '../x' is not a name |" in section
+    assert "| evaluation node's reply refused | 2 |" in section
+    assert "| round not evaluated | 2 |  | no evaluation node / answered in time |" in section
+    assert "shown per round already" not in section and "… and 8 more in events.jsonl" in section
+    assert "## What the coordinator refused" not in build_report(write_run(tmp_path / "quiet", [1])).read_text()
