@@ -149,10 +149,9 @@ def read_policy_file(state_dir: Path) -> SchoolPolicy | None:
 
 def _read_policy_json(path: Path) -> dict[str, Any]:
     """A policy.json's object of known keys; PolicyError (one line naming the file) otherwise."""
-    from shared_models.datasets.base import not_regular_file
+    from shared_models.datasets.base import special_file
 
-    why = not_regular_file(path)
-    if why not in (None, "missing file"):     # a named pipe would block the read until someone writes to it
+    if why := special_file(path):
         raise PolicyError(f"{path}: unreadable policy ({why})")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))

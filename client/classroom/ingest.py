@@ -69,10 +69,9 @@ class _Warner:
 def read_label_file(path: Path) -> dict[tuple[str, str], int]:
     """{(frame, student_id): FER7 index} from a CSV with columns frame,student_id,label (frame: the frame's
     file name, or its sample number). Unknown labels are an error naming the line."""
-    from shared_models.datasets.base import not_regular_file
+    from shared_models.datasets.base import special_file
 
-    why = not_regular_file(path)
-    if why not in (None, "missing file"):     # a named pipe would block the read until someone writes to it
+    if why := special_file(path):
         raise IngestError(f"{path}: cannot read the label file ({why})")
     try:
         text = path.read_text(encoding="utf-8-sig")

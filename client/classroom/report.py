@@ -56,13 +56,12 @@ class Lesson:
 
 
 def load_lesson(folder: Path) -> Lesson:
-    from shared_models.datasets.base import not_regular_file
+    from shared_models.datasets.base import special_file
 
     folder = Path(folder)
     meta_path, obs_path = folder / "lesson.json", folder / "observations.csv"
     for path in (meta_path, obs_path):
-        why = not_regular_file(path)
-        if why not in (None, "missing file"):     # a named pipe would block the read until someone writes to it
+        if why := special_file(path):
             raise LessonError(f"{path}: unreadable lesson file ({why})")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -64,11 +64,10 @@ def _seat(item: object, path: Path, index: int) -> Seat:
 
 def load_seat_map(path: str | Path) -> list[Seat]:
     """The seats of a seat-map file; SeatMapError naming the file for anything unusable."""
-    from shared_models.datasets.base import not_regular_file
+    from shared_models.datasets.base import special_file
 
     path = Path(path)
-    why = not_regular_file(path)
-    if why not in (None, "missing file"):     # a named pipe would block the read until someone writes to it
+    if why := special_file(path):
         raise SeatMapError(f"{path}: cannot read the seat map ({why})")
     try:
         raw = path.read_bytes()[:MAX_SEAT_MAP_BYTES + 1]

@@ -442,10 +442,10 @@ def make_school_keys(state_dir: Path, *, new_node_key: bool = False) -> SchoolKe
     made = new_node_key or not node_private.exists()
     try:
         if made:
-            if node_private.exists():   # kept until the coordinator has rotated: a node that must restart before
-                for old in (node_private, node_private.with_name(f"{cred.NODE_KEY_FILE}.pub")):   # then needs it
-                    if old.exists():
-                        os.replace(old, old.with_name(old.name.replace(cred.NODE_KEY_FILE, f"{cred.NODE_KEY_FILE}.old", 1)))
+            for suffix in ("", ".pub"):   # the old key is kept until the coordinator has rotated: a node that
+                old = state_dir / f"{cred.NODE_KEY_FILE}{suffix}"   # must restart before then still needs it
+                if old.exists():
+                    os.replace(old, state_dir / f"{cred.NODE_KEY_FILE}.old{suffix}")
             node = cred.create_node_key(state_dir, cred.NODE_KEY_FILE, comment="fedfer-school")
         else:
             node = cred.load_node_key(node_private)

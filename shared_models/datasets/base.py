@@ -89,6 +89,14 @@ def not_regular_file(path: Path | str) -> str | None:
     return "not a regular file (device or socket)"
 
 
+def special_file(path: Path | str) -> str | None:
+    """Why `path` exists but is not a regular file (a named pipe, a directory, a device …), or None — also for a
+    missing file, which the caller's own read reports in its words. For files read whole (a policy, a seat
+    map): a named pipe would block that read until someone writes to it."""
+    why = not_regular_file(path)
+    return None if why == "missing file" else why
+
+
 class ImageRefused(ValueError):
     """A file not decoded on purpose: not a regular file, or a header claiming too many pixels."""
 
