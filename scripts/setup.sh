@@ -13,7 +13,8 @@ if ! .venv/bin/python -c "import fedfer, flwr, opacus, torchvision, pytest" >/de
   echo "setting up .venv (first time: a few minutes)..."
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "WARNING: Location" || true
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "WARNING: Location" || true
-  .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "WARNING: Location" || true
+  # PYTHONWARNINGS reaches the build backend: setuptools' generic "editable installation" warning block is noise here
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "WARNING: Location" || true
   .venv/bin/python -c "import fedfer, flwr, opacus, torchvision, pytest"
   touch .venv/.fedfer-installed
 fi
