@@ -136,6 +136,23 @@ def school_policy(node: NodeIdentity, data: SchoolData | SchoolClips) -> SchoolP
     return policy
 
 
+_DELTA_WARNED: set[tuple[str, float, int]] = set()
+
+
+def _warn_delta_against_count(node: NodeIdentity, policy: SchoolPolicy, data: SchoolData | SchoolClips) -> None:
+    """δ must be < 1/(declared size) (the policy refuses otherwise), but a school that declared fewer
+    students than it holds can still have δ ≥ 1/(its true count): a δ that allows releasing one student's
+    data outright. Said once per process in the school's own log, never sent (the count is private, and a
+    refusal the coordinator could see would depend on it)."""
+    units = data.num_students if policy.unit == "student" else len(data)
+    key = (node.school_id, policy.delta, units)
+    if units < 1 or policy.delta < 1 / units or key in _DELTA_WARNED:
+        return
+    _DELTA_WARNED.add(key)
+    _log(f"{node.school_id}: warning: policy delta {policy.delta:g} is not below 1/{units} (the {policy.unit}s "
+         f"this school holds; it declared {policy.declared_units}); lower 'delta' in the school's policy")
+
+
 # ------------------------------------------------------------------------------------------ round
 def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module, *, run_id: str,
               server_round: int, clock: Callable[[], datetime] | None = None,
@@ -207,6 +224,7 @@ def _run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Modul
 
     # 2. the run-config against the school's policy (public values only)
     policy = school_policy(node, data)
+    _warn_delta_against_count(node, policy, data)
     terms = agree_round(policy, cfg, node.school_id)
     phases.mark("policy")
 

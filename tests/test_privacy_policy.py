@@ -230,3 +230,23 @@ def test_the_accountant_never_mixes_units_or_delta(tmp_path):
     with pytest.raises(AccountingError, match="school school-q.*δ"):
         again.record(1.0, 0.1, 10, privacy_unit="student", delta=1e-4)
     assert len(SchoolAccountant(tmp_path, "school-q", school_dataset_id(tmp_path)).history) == 1
+
+
+def test_a_delta_not_below_one_over_the_true_count_is_said_in_the_schools_log_only(tmp_path, global_state, monkeypatch):
+    # declared 2 students (δ 0.2 < 1/2 passes the policy) while the folder holds 6: δ ≥ 1/6
+    school = write_school(tmp_path / "school", STUDENTS)
+    said: list[str] = []
+    monkeypatch.setattr(school_round, "_log", said.append)
+    context = school_context(school, tmp_path / "state", _run_config(), **{"delta": 0.2, "declared-students": 2})
+    out = client_app.train(train_message(global_state, tmp_path / "run"), context)
+    assert out.content["status"]["status"] == "ok"
+    assert [m for m in said if "delta 0.2 is not below 1/6" in m and "school-x" in m]
+    sent = [dict(record) for record in (*out.content.config_records.values(), *out.content.metric_records.values())]
+    assert "not below" not in str(sent)   # never sent
+    said.clear()   # once per process, not every round
+    client_app.train(train_message(global_state, tmp_path / "run", server_round=2), context)
+    assert not [m for m in said if "delta" in m]
+    # a δ below 1/(true count) says nothing
+    context = school_context(school, tmp_path / "state2", _run_config(), **{"delta": 0.1, "declared-students": 2})
+    client_app.train(train_message(global_state, tmp_path / "run2"), context)
+    assert not [m for m in said if "delta" in m]
