@@ -12,6 +12,7 @@ checks it against the code as it is now:
   `-c "k=v ..."` run-config overrides name keys of pyproject's [tool.flwr.app.config] and pass the schema.
 - a bare `section.key=value` or `section.key` in inline code names a real config key (value checked).
 - an inline flag fragment (`--seat-map`, `add-school --budget`) is accepted by some parser the docs use.
+- a `| key | default | meaning |` table row gives the defaults of shared_models/defaults.yaml.
 - every repository path (benchmarks/..., configs/..., docs/..., tests/file.py::test_name, ...) and
   every relative markdown link (with its #anchor) exists.
 
@@ -315,6 +316,9 @@ def check_fedfer(words: list[str], inline: bool = False) -> list[str]:
         return _flags_known_to(leaf, rest, f"fedfer {leaf.prog.removeprefix('fedfer ')}")
     if message:
         return [f"fedfer rejects it: {message}"]
+    leaf, rest = _leaf(fedfer_parser(), args_words)   # argparse takes `--local-epoch` for --local-epochs: docs may not
+    if abbreviated := _flags_known_to(leaf, rest, f"fedfer {leaf.prog.removeprefix('fedfer ')}"):
+        return abbreviated
     overrides = list(getattr(args, "overrides", None) or [])
     config = words[words.index("--config") + 1] if "--config" in words else None
     if config and not config.startswith("configs/"):   # the reader's own file (`--config run.yaml`)
@@ -349,6 +353,8 @@ def check_python_m(words: list[str], inline: bool = False) -> list[str]:
             problems += _flags_known_to(parser, ours, f"python -m {module}")
         elif message:
             problems.append(f"python -m {module} rejects it: {message}")
+        else:
+            problems += _flags_known_to(parser, ours, f"python -m {module}")
     if flower and module in WRAPS:
         problems += _flags_known_to(flower_parsers()[WRAPS[module]], flower, WRAPS[module])
     overrides = [w for w in ours if CONFIG_KEY.match(w) and "=" in w]
@@ -519,6 +525,48 @@ def check_links(path: Path) -> list[str]:
     return problems
 
 
+def _documented_default(cell: str, default) -> bool:
+    cell = cell.strip().strip("`")
+    if cell == "empty":
+        return default == ""
+    if isinstance(default, bool):
+        return cell.lower() == str(default).lower()
+    if isinstance(default, (int, float)):
+        try:
+            return float(cell.replace(",", "")) == float(default)
+        except ValueError:
+            return False
+    return cell.replace(" ", "") == str(default).replace(" ", "")
+
+
+def check_default_tables(path: Path) -> list[str]:
+    """Rows of a `| key | default | meaning |` table give each key's default as shared_models/defaults.yaml does."""
+    problems: list[str] = []
+    in_table = False
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if len(cells) < 2:
+            in_table = False
+            continue
+        if cells[:2] == ["key", "default"]:
+            in_table = True
+            continue
+        keys = re.findall(r"`([^`]+)`", cells[0])
+        if not in_table or not keys or not all(CONFIG_KEY.match(k) for k in keys):   # a policy.json table
+            continue
+        values = [cells[1]] if len(keys) == 1 else re.split(r"\s*,\s*|\s+/\s+", cells[1])
+        if len(values) != len(keys):
+            problems.append(f"{_name(path)}:{number}: {len(keys)} keys but {len(values)} defaults")
+            continue
+        for key, value in zip(keys, values):
+            if key not in config_defaults():
+                problems.append(f"{_name(path)}:{number}: unknown config key {key!r}")
+            elif not _documented_default(value, config_defaults()[key]):
+                problems.append(f"{_name(path)}:{number}: {key} defaults to {config_defaults()[key]!r}, "
+                                f"not {value!r}")
+    return problems
+
+
 def problems_in(path: Path, history: bool = False) -> list[str]:
     """Every problem in one markdown file, each as 'file:line: `text`: what'."""
     blocks, spans = blocks_and_inline(path)
@@ -551,7 +599,9 @@ def problems_in(path: Path, history: bool = False) -> list[str]:
             elif item.inline and len(words) == 1 and CONFIG_KEY.match(words[0]) and CONFIG_KEY.match(words[0]).group(1) in SECTIONS:
                 report(item, check_key(words[0]))
     found += [f"{_name(path)}: {p}" for p in check_links(path)]
-    return found
+    if not history:
+        found += check_default_tables(path)
+    return list(dict.fromkeys(found))
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -573,19 +623,21 @@ def test_the_checker_catches_rot(tmp_path):
                    "fedfer simulate federaton.rounds=3\n"
                    "fedfer simulate train.optimizer=lbfgs\n"
                    "fedfer privacy audit runs/x --keyz deploy/keys\n"
+                   "fedfer privacy plan --epsilon 8 --delta 1e-5 --rounds 12 --local-epoch 2 --students 9 --batch 3\n"
                    "python -m simulations.bench.nothing_here --out x.json\n"
                    "python -m simulations.bench.models --no-such-flag\n"
                    "flwr run . fedfer -c 'federation.roundz=2'\n"
                    "```\n"
                    "See `benchmarks/no-such-file.json`, `configs/nothing.yaml`, `fedfer deploy nosuch`, "
-                   "`--no-such-option`, `privacy.budjet`, `privacy.unit=household` and [x](no-such.md).\n",
+                   "`--no-such-option`, `privacy.budjet`, `privacy.unit=household` and [x](no-such.md).\n\n"
+                   "| key | default | meaning |\n|---|---|---|\n| `train.lr`, `train.optimizer` | 0.1, sgd | x |\n",
                    encoding="utf-8")
     problems = problems_in(doc)
     text = "\n".join(problems)
-    for expected in ("--no-such-flag", "federaton.rounds", "lbfgs", "--keyz", "no module simulations.bench.nothing_here",
+    for expected in ("--no-such-flag", "no option --local-epoch", "federaton.rounds", "lbfgs", "--keyz", "no module simulations.bench.nothing_here",
                      "simulations.bench.models rejects it", "federation.roundz", "benchmarks/no-such-file.json",
                      "configs/nothing.yaml", "deploy nosuch", "--no-such-option", "privacy.budjet", "household",
-                     "no-such.md"):
+                     "no-such.md", "train.lr defaults to 1.5, not '0.1'"):
         assert expected in text, f"{expected} not reported in:\n{text}"
 
 
