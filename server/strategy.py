@@ -71,6 +71,10 @@ def one_line(text: Any, limit: int = 300) -> str:
 #: What a school's train reply says in its status record (client/app.py, client/school_round.py RoundReply)
 STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "busy", "failed")
 #: The values a school's train reply carries in its "metrics" record (client/school_round.py `_ok_reply`)
+#: a run's first round waits this long for a school's node to come online when none has yet (a deployment's
+#: `fedfer deploy up &` then `flwr run`: the nodes connect within a minute), instead of ending the run at once
+FIRST_SCHOOL_WAIT_S = 180.0
+FIRST_SCHOOL_POLL_S = 3.0
 TRAIN_METRICS = ("epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight", "declared-units")
 
 
@@ -212,6 +216,19 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             self.nodes[nid] = node
         return set(grid.get_node_ids())
 
+    def _wait_for_a_school(self, grid: Grid, connected: set[int]) -> set[int]:
+        """No school's node is connected at the run's first round: wait for one (FIRST_SCHOOL_WAIT_S at most).
+        Only then: a simulation's nodes all exist before the ServerApp starts, and schools met before (even
+        with their budgets spent) never make a run wait."""
+        deadline = time.monotonic() + FIRST_SCHOOL_WAIT_S
+        log(INFO, "[fedfer] no school is connected yet: waiting up to %.0f s for one", FIRST_SCHOOL_WAIT_S)
+        while not self.school_nodes() and time.monotonic() < deadline:
+            time.sleep(FIRST_SCHOOL_POLL_S)
+            connected = self._discover(grid)
+        if self.school_nodes():
+            log(INFO, "[fedfer] connected: %s", ", ".join(sorted(n.school_id for n in self.school_nodes().values())))
+        return connected
+
     def _node_info(self, content: RecordDict, nid: int, connected: set[int]) -> tuple[NodeInfo, str]:
         """A node's answer to the role query, or a one-line problem. A school id names files in the run
         directory and lines in its logs, so it must be a plain name; a school another connected node already
@@ -294,6 +311,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         if self.finished:
             return []
         connected = self._discover(grid)
+        if server_round == 1 and not self.school_nodes():
+            connected = self._wait_for_a_school(grid, connected)
         candidates = [nid for nid, n in self.school_nodes().items()
                       if nid in connected and n.school_id not in self.exhausted]
         if not candidates:

@@ -478,6 +478,8 @@ KNOWN_FLAGS = cache(_known_flags)
 def check_path(token: str) -> list[str]:
     """A repository path (glob patterns and <placeholders> allowed); tests/x.py::name names a test."""
     token = token.rstrip(".,;:")
+    if re.match(r"^[\w-]+/", token) and (ROOT / "benchmarks" / token.split("/")[0]).is_dir():   # `tune/x.json`
+        token = f"benchmarks/{token}"
     if not token.startswith(REPO_DIRS) or "$" in token:
         return []
     token, _, test_name = token.partition("::")
@@ -628,7 +630,7 @@ def test_the_checker_catches_rot(tmp_path):
                    "python -m simulations.bench.models --no-such-flag\n"
                    "flwr run . fedfer -c 'federation.roundz=2'\n"
                    "```\n"
-                   "See `benchmarks/no-such-file.json`, `configs/nothing.yaml`, `fedfer deploy nosuch`, "
+                   "See `benchmarks/no-such-file.json`, `pretraining-tune/s99-none.json`, `configs/nothing.yaml`, `fedfer deploy nosuch`, "
                    "`--no-such-option`, `privacy.budjet`, `privacy.unit=household` and [x](no-such.md).\n\n"
                    "| key | default | meaning |\n|---|---|---|\n| `train.lr`, `train.optimizer` | 0.1, sgd | x |\n",
                    encoding="utf-8")
@@ -636,7 +638,7 @@ def test_the_checker_catches_rot(tmp_path):
     text = "\n".join(problems)
     for expected in ("--no-such-flag", "no option --local-epoch", "federaton.rounds", "lbfgs", "--keyz", "no module simulations.bench.nothing_here",
                      "simulations.bench.models rejects it", "federation.roundz", "benchmarks/no-such-file.json",
-                     "configs/nothing.yaml", "deploy nosuch", "--no-such-option", "privacy.budjet", "household",
+                     "benchmarks/pretraining-tune/s99-none.json",                      "configs/nothing.yaml", "deploy nosuch", "--no-such-option", "privacy.budjet", "household",
                      "no-such.md", "train.lr defaults to 1.5, not '0.1'"):
         assert expected in text, f"{expected} not reported in:\n{text}"
 
