@@ -71,7 +71,7 @@ def one_line(text: Any, limit: int = 300) -> str:
 #: What a school's train reply says in its status record (client/app.py, client/school_round.py RoundReply)
 STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "busy", "failed")
 #: The values a school's train reply carries in its "metrics" record (client/school_round.py `_ok_reply`)
-#: a run's first round waits this long for a school's node to come online when none has yet (a deployment's
+#: a run's first round waits this long for a school's node when none is online yet (a deployment's
 #: `fedfer deploy up &` then `flwr run`: the nodes connect within a minute), instead of ending the run at once
 FIRST_SCHOOL_WAIT_S = 180.0
 FIRST_SCHOOL_POLL_S = 3.0
@@ -217,16 +217,17 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         return set(grid.get_node_ids())
 
     def _wait_for_a_school(self, grid: Grid, connected: set[int]) -> set[int]:
-        """No school's node is connected at the run's first round: wait for one (FIRST_SCHOOL_WAIT_S at most).
-        Only then: a simulation's nodes all exist before the ServerApp starts, and schools met before (even
-        with their budgets spent) never make a run wait."""
+        """No school's node is online at the run's first round: wait for one (FIRST_SCHOOL_WAIT_S at most).
+        Only then: a simulation's nodes all exist before the ServerApp starts, schools met before (even with
+        their budgets spent) never make a run wait, and later rounds never do. (The evaluation node is not
+        waited for: a run without one is normal, and a round it misses is evaluated in-process.)"""
         deadline = time.monotonic() + FIRST_SCHOOL_WAIT_S
-        log(INFO, "[fedfer] no school is connected yet: waiting up to %.0f s for one", FIRST_SCHOOL_WAIT_S)
+        log(INFO, "[fedfer] no school is online yet: waiting up to %.0f s for one", FIRST_SCHOOL_WAIT_S)
         while not self.school_nodes() and time.monotonic() < deadline:
             time.sleep(FIRST_SCHOOL_POLL_S)
             connected = self._discover(grid)
-        if self.school_nodes():
-            log(INFO, "[fedfer] connected: %s", ", ".join(sorted(n.school_id for n in self.school_nodes().values())))
+        log(INFO, "[fedfer] online: %s", ", ".join(sorted(n.school_id for n in self.school_nodes().values()))
+            or "no school")
         return connected
 
     def _node_info(self, content: RecordDict, nid: int, connected: set[int]) -> tuple[NodeInfo, str]:
