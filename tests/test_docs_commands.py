@@ -578,7 +578,10 @@ def problems_in(path: Path, history: bool = False) -> list[str]:
         found.extend(f"{item.doc}:{item.line}: `{item.text}`: {w}" for w in what)
 
     for item in blocks + spans:
-        for words in _tokens(item.text):
+        variants = _tokens(item.text)
+        if not variants and re.match(r"^(\.venv/bin/)?(fedfer|python -m|flwr) ", item.text):
+            report(item, ["cannot be split into shell words (unbalanced quotes?)"])
+        for words in variants:
             if not words:
                 continue
             is_command = words[0] in COMMAND_WORDS
@@ -629,17 +632,20 @@ def test_the_checker_catches_rot(tmp_path):
                    "python -m simulations.bench.nothing_here --out x.json\n"
                    "python -m simulations.bench.models --no-such-flag\n"
                    "flwr run . fedfer -c 'federation.roundz=2'\n"
+                   "fedfer simulate 'run.name=x\n"
                    "```\n"
-                   "See `benchmarks/no-such-file.json`, `pretraining-tune/s99-none.json`, `configs/nothing.yaml`, `fedfer deploy nosuch`, "
+                   "See `benchmarks/no-such-file.json`, `pretraining-tune/s99-none.json`, `configs/nothing.yaml`, "
+                   "`fedfer deploy nosuch`, "
                    "`--no-such-option`, `privacy.budjet`, `privacy.unit=household` and [x](no-such.md).\n\n"
                    "| key | default | meaning |\n|---|---|---|\n| `train.lr`, `train.optimizer` | 0.1, sgd | x |\n",
                    encoding="utf-8")
     problems = problems_in(doc)
     text = "\n".join(problems)
-    for expected in ("--no-such-flag", "no option --local-epoch", "federaton.rounds", "lbfgs", "--keyz", "no module simulations.bench.nothing_here",
-                     "simulations.bench.models rejects it", "federation.roundz", "benchmarks/no-such-file.json",
-                     "benchmarks/pretraining-tune/s99-none.json",                      "configs/nothing.yaml", "deploy nosuch", "--no-such-option", "privacy.budjet", "household",
-                     "no-such.md", "train.lr defaults to 1.5, not '0.1'"):
+    for expected in ("--no-such-flag", "no option --local-epoch", "federaton.rounds", "lbfgs", "--keyz",
+                     "no module simulations.bench.nothing_here", "simulations.bench.models rejects it",
+                     "federation.roundz", "benchmarks/no-such-file.json", "benchmarks/pretraining-tune/s99-none.json",
+                     "configs/nothing.yaml", "deploy nosuch", "--no-such-option", "privacy.budjet", "household",
+                     "no-such.md", "train.lr defaults to 1.5, not '0.1'", "unbalanced quotes"):
         assert expected in text, f"{expected} not reported in:\n{text}"
 
 
