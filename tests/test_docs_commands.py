@@ -165,6 +165,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return {}
 
 
+@cache
 def fedfer_leaves() -> dict[str, argparse.ArgumentParser]:
     """'deploy add-school' -> its parser, for every leaf sub-command."""
     leaves: dict[str, argparse.ArgumentParser] = {}
@@ -426,7 +427,9 @@ def check_key(item: str) -> list[str]:
     return []
 
 
-def _known_flags() -> set[str]:
+@cache
+def known_flags() -> set[str]:
+    """Every long option of every parser the docs use: fedfer's, the documented modules', Flower's."""
     flags = set(EXTERNAL_FLAGS)
     for parser in fedfer_leaves().values():
         flags |= _option_strings(parser)
@@ -437,7 +440,6 @@ def _known_flags() -> set[str]:
         parser = module_parser(module) if module.split(".")[0] in OWN_PACKAGES else None
         if parser is not None:
             flags |= _option_strings(parser)
-    import click
 
     def walk(cmd) -> None:
         for param in getattr(cmd, "params", []):
@@ -464,15 +466,13 @@ def check_fragment(words: list[str]) -> list[str]:
         known = _option_strings(leaves[leaf])
         return [f"fedfer {leaf} has no option {w}" for w in words[1:] if w.startswith("--") and w not in known]
     flags = [f for w in words if w.startswith("--") for f in w.split("=")[0].split("/") if f]
-    unknown = [f for f in flags if f not in KNOWN_FLAGS()]
+    unknown = [f for f in flags if f not in known_flags()]
     problems = [f"no parser the docs use accepts {f}" for f in unknown]
     overrides = [w for w in words if CONFIG_KEY.match(w) and "=" in w]
     if overrides:
         problems += check_overrides(overrides)
     return problems
 
-
-KNOWN_FLAGS = cache(_known_flags)
 
 
 def check_path(token: str) -> list[str]:
