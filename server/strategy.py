@@ -70,11 +70,11 @@ def one_line(text: Any, limit: int = 300) -> str:
 
 #: What a school's train reply says in its status record (client/app.py, client/school_round.py RoundReply)
 STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "busy", "failed")
-#: The values a school's train reply carries in its "metrics" record (client/school_round.py `_ok_reply`)
 #: a run's first round waits this long for a school's node when none is online yet (a deployment's
 #: `fedfer deploy up &` then `flwr run`: the nodes connect within a minute), instead of ending the run at once
 FIRST_SCHOOL_WAIT_S = 180.0
 FIRST_SCHOOL_POLL_S = 3.0
+#: The values a school's train reply carries in its "metrics" record (client/school_round.py `_ok_reply`)
 TRAIN_METRICS = ("epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight", "declared-units")
 
 
@@ -312,7 +312,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         if self.finished:
             return []
         connected = self._discover(grid)
-        if server_round == 1 and not self.school_nodes():
+        # a node that is online but not a known node was refused (or did not answer) at the role query:
+        # a simulation whose every school was refused ends at once rather than waiting for nobody
+        if server_round == 1 and not self.school_nodes() and connected <= set(self.nodes):
             connected = self._wait_for_a_school(grid, connected)
         candidates = [nid for nid, n in self.school_nodes().items()
                       if nid in connected and n.school_id not in self.exhausted]

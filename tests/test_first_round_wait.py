@@ -92,3 +92,19 @@ def test_a_later_round_never_waits(tmp_path, monkeypatch):
     assert list(strategy.configure_train(2, _record(_state(0)), ConfigRecord(),
                                          LateGrid(answer, {EVALUATOR: NEVER, SCHOOL: NEVER}))) == []
     assert strategy.finished
+
+
+def test_a_run_whose_online_schools_were_all_refused_does_not_wait(tmp_path, monkeypatch):
+    # a simulation's nodes all exist at the start; if every one was refused at the role query, nobody will come
+    from server import strategy as module
+
+    strategy, _, answer = _strategy(tmp_path, monkeypatch)
+    monkeypatch.setattr(module, "FIRST_SCHOOL_WAIT_S", 3600.0)   # a wait would hang the test
+
+    def refusing(nid, message):
+        if message.metadata.message_type == MessageType.QUERY and nid == SCHOOL:
+            return _reply(message, RecordDict({"node": ConfigRecord({"role": "school", "school-id": "../x"})}))
+        return answer(nid, message)
+    assert list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(),
+                                         LateGrid(refusing, {EVALUATOR: 0, SCHOOL: 0}))) == []
+    assert strategy.finished
