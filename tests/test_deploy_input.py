@@ -90,6 +90,22 @@ def test_init_with_a_114_character_host_name(tmp_path):
     cred.verify_issued_by(cert, cred.load_certificate(dep.ca_cert))
 
 
+def test_a_second_deployment_never_takes_over_the_first_ones_cli_connection(tmp_path):
+    home = tmp_path / "home"
+    first = deploy_cli.init_deployment(tmp_path / "first", "localhost", flwr_home=home)
+    with pytest.raises(deploy_cli.DeployError, match=r"connection 'fedfer' belongs to another deployment.*--connection"):
+        deploy_cli.init_deployment(tmp_path / "second", "localhost", flwr_home=home)
+    assert not (tmp_path / "second").exists()   # refused before the first write
+    connections = tomllib.loads((home / "config.toml").read_text())["superlink"]
+    assert Path(connections["fedfer"]["root-certificates"]) == first.ca_cert.resolve()
+    # its own name, or --force, is the admin's choice
+    second = deploy_cli.init_deployment(tmp_path / "second", "localhost", port=9094, connection="trial", flwr_home=home)
+    connections = tomllib.loads((home / "config.toml").read_text())["superlink"]
+    assert Path(connections["trial"]["root-certificates"]) == second.ca_cert.resolve()
+    assert Path(connections["fedfer"]["root-certificates"]) == first.ca_cert.resolve()
+    deploy_cli.init_deployment(tmp_path / "third", "localhost", flwr_home=home, force=True)
+
+
 def test_init_command_dir_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     before = snapshot(tmp_path)

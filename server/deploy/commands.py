@@ -68,6 +68,23 @@ def check_flwr_home(flwr_home: Path) -> None:
             raise DeployError(f"{config}: not a readable TOML file ({' '.join(str(exc).split())[:120]})") from None
 
 
+def check_connection_free(flwr_home: Path, connection: str, root: Path) -> None:
+    """A Flower CLI connection of that name that trusts another deployment's CA belongs to that deployment:
+    repointing it in silence would send the other deployment's `register`, `status` and `flwr run` here."""
+    import tomllib
+
+    config = Path(flwr_home) / "config.toml"
+    if not config.is_file():
+        return
+    entry = tomllib.loads(config.read_text(encoding="utf-8")).get("superlink", {}).get(connection)
+    if not isinstance(entry, dict):
+        return
+    trusted = entry.get("root-certificates")
+    if trusted and Path(str(trusted)).resolve() != (root / "ca" / "ca.crt").resolve():
+        raise DeployError(f"{config}: Flower CLI connection '{connection}' belongs to another deployment (it trusts "
+                          f"{trusted}); name this one with --connection NAME, or pass --force to repoint it")
+
+
 def check_text(value: str, what: str) -> None:
     """A name or path that ends up in TOML, a shell script and one-line messages: printable, valid UTF-8."""
     try:
@@ -184,6 +201,8 @@ def init_deployment(root: Path, coordinator: str, sans: Iterable[str] = (), *, p
     for sub in ("ca", "coordinator", "keys", "nodes"):
         check_target_dir(root / sub, "--dir")
     check_flwr_home(flwr_home or default_flwr_home())
+    if not force:
+        check_connection_free(flwr_home or default_flwr_home(), connection or DEFAULT_CONNECTION, root)
     loopback = coordinator in ("localhost", "127.0.0.1", "::1")
     dep = Deployment(root=root, coordinator=coordinator, port=port or DEFAULT_PORT,
                      bind=bind or ("127.0.0.1" if loopback else "0.0.0.0"), sans=names,
