@@ -10,7 +10,8 @@
     runs/<id>/preparing.lock       only while `fedfer simulate` still pre-trains; the ServerApp waits for it
 
 Every write goes through shared_models/atomic_files.py: a killed process leaves at most a missing
-metrics line, never a torn one, and a checkpoint is the old one or the new one.
+metrics line (or a torn last one, skipped by readers and ended before the next line is appended), and a
+checkpoint is the old one or the new one.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read complete lines; a trailing partial line (impossible with append_jsonl, but cheap to guard) is ignored."""
+    """Read complete lines; a torn line (a crash cut its write short; append_jsonl ends it before the next
+    line) is skipped."""
     if not path.is_file():
         return []
     records = []

@@ -5,8 +5,9 @@ Whole files go through write-to-temp, fsync, rename, fsync-directory: after a cr
 old file or the new one, never a torn one. Two ways to append a line:
 - ``append_line_atomic`` rewrites the file the same way (ledgers: small, and a ledger must never end
   in a partial line);
-- ``append_line`` is one ``write`` of a complete line with O_APPEND, then fsync (metrics and events:
-  a killed process leaves at most a missing line).
+- ``append_line`` writes a complete line with O_APPEND, then fsyncs (metrics and events: a killed
+  process leaves at most a missing line, or a torn last one if the kernel cut the write short; the
+  next append ends that fragment with a newline first, so readers skip it and lose nothing else).
 ``locked`` serialises read-modify-write cycles between processes of the same school (or server) with
 an advisory lock.
 """
@@ -65,9 +66,17 @@ def append_line(path: Path, line: str) -> None:
         raise ValueError("a line must not contain a newline")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, (line + "\n").encode("utf-8"))
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            # a crash cut the last write short: end that fragment first, or this line would be glued onto
+            # it and both lost to a reader (the fragment stays a line of its own, which readers skip)
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:   # a write may take only part (a signal, a nearly full disk): write the rest
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
