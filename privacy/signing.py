@@ -11,11 +11,14 @@ import base64
 import hashlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared_models.atomic_files import atomic_write_bytes
 
 SIGNING_KEY_FILE = "signing_key.pem"
 PUBLIC_KEY_FILE = "signing_key.pub"
@@ -26,39 +29,76 @@ class SigningKeyError(ValueError):
 
 
 def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
-    """The school's signing key from ``<state_dir>/signing_key.pem``; created (0600) on first use.
+    """The school's signing key from ``<state_dir>/signing_key.pem``; created (0600) on first use, with its
+    public half ``signing_key.pub`` (written again from the private key if it is missing).
 
-    Creation uses O_EXCL, so two processes starting at once cannot each make a different key: the
-    loser reads the winner's file. A key file readable by group or others is refused, as ssh does.
+    Creation writes the key to a temporary file first and links it into place, so a crash never leaves a
+    partial key file and two processes starting at once cannot each make a different key: the loser reads
+    the winner's file. A key file readable by group or others is refused, as ssh does.
     """
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / SIGNING_KEY_FILE
+    _replace_empty_unused_key(path)
     if not path.exists():
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
+        fd, tmp = tempfile.mkstemp(prefix=f".{SIGNING_KEY_FILE}.", suffix=".tmp", dir=state_dir)   # 0600
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process created it first; fall through and load theirs
-        else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(pem)
                 fh.flush()
                 os.fsync(fh.fileno())
-            (state_dir / PUBLIC_KEY_FILE).write_text(public_key_pem(key), encoding="ascii")
+            os.link(tmp, path)   # fails if another process made the key first: fall through and load theirs
+        except FileExistsError:
+            pass
+        else:
+            _fsync_dir(state_dir)
+            _write_public(state_dir / PUBLIC_KEY_FILE, key)
             return key
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise SigningKeyError(f"{path}: permissions {oct(mode)} let others read the signing key; chmod 600 it")
+    if path.stat().st_size == 0:
+        raise SigningKeyError(f"{path}: empty, and the school's ledger beside it was signed with the key it held; "
+                              "restore the key from a backup")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
         raise SigningKeyError(f"{path}: not an unencrypted PEM private key ({exc})") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key")
+    public = state_dir / PUBLIC_KEY_FILE
+    if not public.exists():   # a crash between the two files, or an older fedfer: the public half again
+        _write_public(public, key)
     return key
+
+
+def _replace_empty_unused_key(path: Path) -> None:
+    """An older fedfer created the key file empty and filled it afterwards; a crash in between left it
+    empty. With no ledger beside it nothing was ever signed with that key: remove it so a new one is made."""
+    try:
+        empty = path.stat().st_size == 0
+    except FileNotFoundError:
+        return
+    if empty and not (path.parent / "ledger.jsonl").exists():   # privacy/ledger.py LEDGER_FILE
+        path.unlink(missing_ok=True)
+        (path.parent / PUBLIC_KEY_FILE).unlink(missing_ok=True)
+
+
+def _write_public(path: Path, key: Ed25519PrivateKey) -> None:
+    atomic_write_bytes(path, public_key_pem(key).encode("ascii"), mode=0o644)   # the public half: readable
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _public(key: Ed25519PrivateKey | Ed25519PublicKey) -> Ed25519PublicKey:

@@ -39,3 +39,46 @@ def test_append_line_writes_everything_when_the_kernel_takes_part(tmp_path, monk
     atomic_files.append_line(path, json.dumps({"round": 1, "long": "x" * 100}))
     monkeypatch.undo()
     assert json.loads(path.read_text().splitlines()[0])["round"] == 1
+
+
+def test_a_crash_while_the_signing_key_is_made_does_not_lock_the_school_out(tmp_path, monkeypatch):
+    """The key file was created empty and filled afterwards: a crash in between left a 0-byte
+    signing_key.pem, refused at every later start (the school could never sign, so never train again)."""
+    from privacy import signing
+
+    def crash(fd):
+        raise OSError("killed")
+
+    monkeypatch.setattr(signing.os, "fsync", crash)
+    with pytest.raises(OSError):
+        signing.load_or_create_signing_key(tmp_path)
+    monkeypatch.undo()
+    key = signing.load_or_create_signing_key(tmp_path)
+    assert signing.load_public_key(tmp_path / signing.PUBLIC_KEY_FILE).public_bytes_raw() == key.public_key().public_bytes_raw()
+    assert signing.load_or_create_signing_key(tmp_path).private_bytes_raw() == key.private_bytes_raw()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp file left
+
+
+def test_a_school_whose_public_key_was_not_written_gets_it_back(tmp_path):
+    """A crash between the private and the public key file: the public half (what an audit of the school's
+    own ledger with --trust-run-keys reads) is written again from the private key."""
+    from privacy import signing
+
+    key = signing.load_or_create_signing_key(tmp_path)
+    (tmp_path / signing.PUBLIC_KEY_FILE).unlink()
+    signing.load_or_create_signing_key(tmp_path)
+    assert signing.load_public_key(tmp_path / signing.PUBLIC_KEY_FILE).public_bytes_raw() == key.public_key().public_bytes_raw()
+
+
+def test_an_empty_key_file_left_by_an_older_fedfer_is_replaced_only_while_nothing_was_signed(tmp_path):
+    from privacy import signing
+
+    (tmp_path / signing.SIGNING_KEY_FILE).touch(mode=0o600)
+    signing.load_or_create_signing_key(tmp_path)   # no ledger: nothing was ever signed with it
+    assert (tmp_path / signing.SIGNING_KEY_FILE).stat().st_size > 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / signing.SIGNING_KEY_FILE).touch(mode=0o600)
+    (other / "ledger.jsonl").write_text("{}\n")
+    with pytest.raises(signing.SigningKeyError, match="empty"):
+        signing.load_or_create_signing_key(other)
