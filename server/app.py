@@ -51,6 +51,8 @@ def run_federation(grid: Grid, context: Context) -> None:
     log(INFO, "[fedfer] run directory %s", run.path)
     if start.finished:
         log(INFO, "[fedfer] %s already finished %d rounds", run.path, start.round_offset)
+        # a run stopped after its last round, while its report was drawn, still gets one (rebuilt from the run dir)
+        _write_report(run.path)
         return
 
     federation_dp = None

@@ -82,3 +82,25 @@ def test_an_empty_key_file_left_by_an_older_fedfer_is_replaced_only_while_nothin
     (other / "ledger.jsonl").write_text("{}\n")
     with pytest.raises(signing.SigningKeyError, match="empty"):
         signing.load_or_create_signing_key(other)
+
+
+def test_resuming_a_run_killed_while_its_report_was_written_writes_the_report(tmp_path):
+    """Killed after its last round, while report.md was drawn: the resume found the run finished and
+    returned without a report, so the run never got one (`fedfer report` by hand was the only way)."""
+    from types import SimpleNamespace
+
+    from flwr.common.config import flatten_dict
+
+    import server.app as server_app
+    from shared_models.config import load_config, nest
+    from shared_models.models import registry
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "federation.rounds=1", "model.pretrain="])
+    run = RunDirectory.create(cfg)
+    run.save_checkpoint(1, registry.build_from_config(cfg).state_dict(), registry.model_info(cfg), cfg,
+                        {"exhausted": [], "momentum": None})
+    run.append_metrics({"round": 1, "aggregated": True, "train": {}, "evaluation": {}, "timing": {"round_seconds": 1.0}})
+    (run.path / "plots").mkdir()   # the crash: plots begun, no report.md
+    context = SimpleNamespace(run_config=flatten_dict(nest({**cfg, "run.resume": str(run.path)})))
+    server_app.main(None, context)
+    assert (run.path / "report.md").is_file()
