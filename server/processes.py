@@ -45,6 +45,17 @@ class DeploymentError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ /proc helpers
+def stop_with_parent() -> None:
+    """For `subprocess.Popen(preexec_fn=...)`: the child gets SIGTERM when the thread that started it ends,
+    also when its process is SIGKILLed (Linux PR_SET_PDEATHSIG). A SuperLink started in a session of its own
+    otherwise outlives a `fedfer simulate` killed alone and keeps the run (and itself) going; with this it
+    stops, and its SuperExec and simulation follow it (they watch its pid)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)   # 1 = PR_SET_PDEATHSIG
+
+
 def _proc_stat(pid: int) -> tuple[int, int, int] | None:
     """(ppid, pgid, sid) of a live process, None if gone (Linux /proc)."""
     try:

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TextIO
 
-from server.processes import flower_env, free_port, is_alive, process_tree
+from server.processes import flower_env, free_port, is_alive, process_tree, stop_with_parent
 from shared_models.config import to_toml
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -255,7 +255,7 @@ def _start_superlink(port: int, flwr_home: Path, env: dict[str, str], run_dir: P
         [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
          "--database", str(flwr_home / "state.db"), "--disable-runtime-dependency-installation"],
         stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=str(run_dir),
-        start_new_session=True,
+        start_new_session=True, preexec_fn=stop_with_parent,   # a `fedfer simulate` killed alone takes it along
     )
 
 
@@ -265,7 +265,8 @@ def _run_and_follow(fed: Federation, cmd: list[str], env: dict[str, str], flower
     started are stopped however this ends."""
     with open(flower_log, "a", encoding="utf-8") as log_file:
         runner = fed.launch(lambda: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                                      cwd=str(APP_DIR), text=True, bufsize=1, start_new_session=True))
+                                                      cwd=str(APP_DIR), text=True, bufsize=1, start_new_session=True,
+                                                      preexec_fn=stop_with_parent))
         try:
             assert runner.stdout is not None
             failed_line = _follow(runner.stdout, log_file, fed.echo)

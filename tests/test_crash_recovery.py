@@ -104,3 +104,31 @@ def test_resuming_a_run_killed_while_its_report_was_written_writes_the_report(tm
     context = SimpleNamespace(run_config=flatten_dict(nest({**cfg, "run.resume": str(run.path)})))
     server_app.main(None, context)
     assert (run.path / "report.md").is_file()
+
+
+def test_a_process_started_with_stop_with_parent_ends_when_its_starter_is_killed(tmp_path):
+    """`fedfer simulate` SIGKILLed alone left its SuperLink (own session) running the federation to the end
+    and then idling forever, with a SuperExec; a resume started meanwhile raced it on the same run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    starter = ("import subprocess, sys, time\n"
+               "from server.processes import stop_with_parent\n"
+               "child = subprocess.Popen(['sleep', '60'], start_new_session=True, preexec_fn=stop_with_parent)\n"
+               "print(child.pid, flush=True)\n"
+               "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and os.path.exists(f"/proc/{child}") and \
+            open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)
+    alive = os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive
