@@ -132,3 +132,21 @@ def test_a_process_started_with_stop_with_parent_ends_when_its_starter_is_killed
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive
+
+
+def test_the_crash_harness_tells_a_lagging_run_copy_from_a_damaged_ledger(tmp_path):
+    """simulations/crash_test.py: right after a crash the audit may only find the run's ledger copy behind a
+    school's own ledger; a torn line is reported as torn, a bad complete line as a problem."""
+    from simulations.crash_test import crash_audit_ok, read_lines, tear
+
+    lagging = ("school school-00: run 'crash' has 2 entries in schools/school-00/ledger.jsonl but 1 in "
+               "ledger/school-00.jsonl (1 missing from the run copy, 0 missing from the school's ledger)")
+    assert crash_audit_ok(0, [])
+    assert crash_audit_ok(2, ["school  unit …", lagging, "audit: TAMPERED, INCONSISTENT OR UNREADABLE (exit 2)"])
+    assert not crash_audit_ok(2, [lagging.replace("0 missing from the school's", "1 missing from the school's")])
+    assert not crash_audit_ok(1, [lagging])
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1}\n{"round": 2, "train": {}}\n')
+    tear(path)
+    records, problems = read_lines(path)
+    assert [r["round"] for r in records] == [1] and problems == ["torn last line (no newline, 12 bytes)"]
