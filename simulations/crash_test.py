@@ -302,8 +302,9 @@ class Phase:
         return all(c.ok for c in self.checks)
 
 
-def read_lines(path: Path) -> tuple[list[dict], list[str]]:
-    """Parsed complete lines, and problems: a bad complete line is a problem, a torn last line a note."""
+def read_lines(path: Path, fragments: set[bytes] = frozenset()) -> tuple[list[dict], list[str]]:
+    """Parsed complete lines, and problems: a bad complete line is a problem (unless it is a torn last line
+    seen at the crash, since ended by the next append: `fragments`), a torn last line a note."""
     if not path.exists():
         return [], []
     data = path.read_bytes()
@@ -314,7 +315,8 @@ def read_lines(path: Path) -> tuple[list[dict], list[str]]:
         try:
             records.append(json.loads(line))
         except ValueError:
-            problems.append(f"{path.name} line {n} is not JSON ({line[:60]!r}…)")
+            if line not in fragments:
+                problems.append(f"{path.name} line {n} is not JSON ({line[:60]!r}…)")
     if tail:
         problems.append(f"torn last line (no newline, {len(tail)} bytes)")
     return records, problems
@@ -324,8 +326,17 @@ def school_state(run_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted((run_dir / "schools").glob("school-*")) if p.is_dir()}
 
 
+def torn_tail(path: Path) -> bytes:
+    """The file's last line if it has no newline (what a write cut short leaves), else b""."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return b""
+    return data.rsplit(b"\n", 1)[-1]
+
+
 def check_run(run_dir: Path, phase: Phase, *, finished: bool, rounds: int, crashed_round: int | None,
-              resumed_from: list[int] | None = None) -> dict[str, Any]:
+              resumed_from: list[int] | None = None, fragments: set[bytes] = frozenset()) -> dict[str, Any]:
     """The invariants above; returns facts the summary shows (checkpoint round, metrics rounds, ε)."""
     from privacy.accounting import SchoolAccountant, epsilon_of, school_dataset_id
     from privacy.ledger import LedgerError, history_key, read_ledger_file, verify_entries
@@ -334,8 +345,8 @@ def check_run(run_dir: Path, phase: Phase, *, finished: bool, rounds: int, crash
     from server.run_dir import CheckpointError, check_resume_dir, load_checkpoint_file
 
     facts: dict[str, Any] = {}
-    metrics, metric_problems = read_lines(run_dir / "metrics.jsonl")
-    events, event_problems = read_lines(run_dir / "events.jsonl")
+    metrics, metric_problems = read_lines(run_dir / "metrics.jsonl", fragments)
+    events, event_problems = read_lines(run_dir / "events.jsonl", fragments)
     torn = [p for p in metric_problems + event_problems if p.startswith("torn")]
     bad = [p for p in metric_problems + event_problems if not p.startswith("torn")]
     phase.add("jsonl", not bad,
@@ -453,6 +464,10 @@ def check_run(run_dir: Path, phase: Phase, *, finished: bool, rounds: int, crash
         if twice:
             retrained[school] = twice
     facts["epsilon"] = {s: round(v, 3) for s, v in eps.items()}
+    leftovers = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".*.tmp") if ".flower" not in p.parts)
+    facts["temp_files"] = leftovers
+    if leftovers:
+        phase.notes.append("temporary files a killed write left: " + ", ".join(leftovers))
     facts["retrained"] = retrained
     facts["torn"] = torn
     if finished:
@@ -536,6 +551,7 @@ def run_point(point: str, work: Path, data_root: Path, rounds: int, rnd: int, ti
     kill_point = "mid-training" if point == "double-crash" else point
     crashed_rounds: list[int] = []
     resumed_from: list[int] = []
+    fragments: set[bytes] = set()   # torn last lines seen after a crash: readers skip them for good
     for n, target in enumerate(crashes):
         if n == 0:
             proc = start_simulate(args, base / "simulate-0.log", base)
@@ -550,13 +566,13 @@ def run_point(point: str, work: Path, data_root: Path, rounds: int, rnd: int, ti
         say(f"  [{point}] killed after {after:.1f} s: {seen}")
         if point == "torn-metrics":
             note = tear(run_dir / "metrics.jsonl")
-            if (run_dir / "events.jsonl").exists():
-                with open(run_dir / "events.jsonl", "ab") as f:
-                    f.write(b'{"event": "missing", "round": 2, "sch')
+            with open(run_dir / "events.jsonl", "ab") as f:   # created if the run had no event yet
+                f.write(b'{"event": "missing", "round": 2, "sch')
             say(f"  [{point}] {note}; events.jsonl ends in half a line")
         shutil.copytree(run_dir, base / f"at-crash-{n + 1}", ignore=shutil.ignore_patterns(".flower", "*.pt"),
                         dirs_exist_ok=True)   # what the crash left, for a post-mortem (checkpoints left out)
         phase = Phase(f"crash {n + 1}")
+        fragments |= {tail for tail in (torn_tail(run_dir / "metrics.jsonl"), torn_tail(run_dir / "events.jsonl")) if tail}
         out.facts.append(check_run(run_dir, phase, finished=False, rounds=rounds, crashed_round=None))
         out.phases.append(phase)
         code, verdict, lines = audit(run_dir)
@@ -601,7 +617,7 @@ def run_point(point: str, work: Path, data_root: Path, rounds: int, rnd: int, ti
         out.notes.append("still alive 15 s later: " + "; ".join(_describe(pid) for pid in sorted(left)))
     phase = Phase("resumed")
     out.facts.append(check_run(run_dir, phase, finished=True, rounds=rounds, crashed_round=crashed_rounds,
-                               resumed_from=[r for r in resumed_from if r is not None] or None))
+                               resumed_from=[r for r in resumed_from if r is not None] or None, fragments=fragments))
     out.phases.append(phase)
     code, verdict, _ = audit(run_dir)
     phase.add("audit", code == 0, f"exit {code}: {verdict}")
