@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -15,6 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.round_writer import RoundWriter
+from server.run_dir import RunDirectory
 from server.run import check_keyring, resume_pending, start_or_resume, trace_benchmark_opens
 from server.simulation_cluster import check_ray_cluster
 from server.strategy import RoundRecord, SchoolFedAvg
@@ -46,7 +48,14 @@ def run_federation(grid: Grid, context: Context) -> None:
     cluster = check_ray_cluster(grid, str(requested["federation.ray_address"]))
     if cluster:
         log(INFO, "[fedfer] simulated schools run on the Ray cluster at %s", cluster)
+    if requested["run.resume"]:   # refused before anything is read or written if another ServerApp runs it
+        RunDirectory(Path(str(requested["run.resume"])).expanduser().resolve()).check_not_busy()
     start = start_or_resume(requested)
+    with start.run.hold():
+        _run_rounds(grid, start)
+
+
+def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStart
     cfg, run = start.cfg, start.run
     log(INFO, "[fedfer] run directory %s", run.path)
     if start.finished:

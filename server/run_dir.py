@@ -94,6 +94,11 @@ def new_run_id() -> str:
 
 
 PREPARING = "preparing.lock"   # RunDirectory.preparing: held while `fedfer simulate` still pre-trains
+RUN_LOCK = "run.lock"          # RunDirectory.hold: held by the ServerApp running the run (released when it exits or dies)
+
+
+class RunBusy(ValueError):
+    """The run is being run by another process: it is not resumed beside it."""
 
 
 class RunDirectory:
@@ -158,6 +163,34 @@ class RunDirectory:
                 return True
         finally:
             os.close(fd)   # closing releases the lock
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the run while a ServerApp runs it: a second ServerApp on the same run (a resume while the
+        first still runs, e.g. Flower's processes finishing a run whose `fedfer simulate` was killed alone)
+        is refused with RunBusy instead of training and writing the run twice. An flock: the kernel
+        releases it when the holder exits or is killed, so a crash never leaves the run held."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunBusy(f"{self.path} is being run by another process (a ServerApp still running it, e.g. what "
+                              "a `fedfer simulate` killed on its own left finishing the run): wait for it to end "
+                              "or stop it, then resume") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def check_not_busy(self) -> None:
+        """RunBusy if a ServerApp holds the run now (see `hold`); takes and releases the lock at once."""
+        if (self.path / RUN_LOCK).exists():
+            with self.hold():
+                pass
 
     @property
     def metrics_path(self) -> Path:

@@ -150,3 +150,41 @@ def test_the_crash_harness_tells_a_lagging_run_copy_from_a_damaged_ledger(tmp_pa
     tear(path)
     records, problems = read_lines(path)
     assert [r["round"] for r in records] == [1] and problems == ["torn last line (no newline, 12 bytes)"]
+
+
+def _finished_run(tmp_path, rounds: int = 1):
+    from shared_models.config import load_config
+    from shared_models.models import registry
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", f"federation.rounds={rounds}", "model.pretrain="])
+    run = RunDirectory.create(cfg)
+    run.save_checkpoint(1, registry.build_from_config(cfg).state_dict(), registry.model_info(cfg), cfg,
+                        {"exhausted": [], "momentum": None})
+    run.append_metrics({"round": 1, "aggregated": True, "train": {}, "evaluation": {}, "timing": {"round_seconds": 1.0}})
+    return cfg, run
+
+
+def test_a_run_still_being_run_is_not_resumed_beside_it(tmp_path, capsys):
+    """A resume started while the run's own ServerApp still runs (a `fedfer simulate` killed alone left its
+    Flower processes finishing the run, or a second resume) would train and write the same run twice: the
+    ServerApp holds <run>/run.lock while it runs, and a resume of a held run is refused in one line."""
+    import argparse
+    from types import SimpleNamespace
+
+    from flwr.common.config import flatten_dict
+
+    import server.app as server_app
+    from fedfer.commands.simulate import _config
+    from shared_models.config import nest
+
+    cfg, run = _finished_run(tmp_path, rounds=2)
+    context = SimpleNamespace(run_config=flatten_dict(nest({**cfg, "run.resume": str(run.path)})))
+    with run.hold():
+        with pytest.raises(ValueError, match="is being run by another process"):
+            server_app.main(None, context)
+        args = argparse.Namespace(overrides=[f"run.resume={run.path}"], config=None, references=False)
+        assert _config(args) is None
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is being run by another process" in err[0]
+    events = (run.path / "events.jsonl")
+    assert not events.exists()   # nothing written into the held run

@@ -56,10 +56,11 @@ def _config(args: argparse.Namespace) -> dict[str, Any] | None:
         cfg = load_config(args.config, overrides)
         check_paths(cfg, source=str(args.config or "override"))
         if cfg["run.resume"]:
-            from server.run_dir import check_resume_dir
+            from server.run_dir import RunDirectory, check_resume_dir
 
             # the ServerApp repeats this check; here a bad run directory is refused before Flower starts
             _, _, original = check_resume_dir(Path(str(cfg["run.resume"])))
+            RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve()).check_not_busy()
             cfg = resumed_config(cfg, original, _explicit_keys(args, overrides))
         return cfg
     except ConfigError as exc:
