@@ -1,4 +1,4 @@
-"""What a crash leaves on disk, and that nothing already recorded is lost after it (simulations/crash_test.py
+"""What a crash leaves on disk, and that nothing already recorded is lost after it (simulations/crash_harness.py
 finds these states by killing real federations; each test here builds one directly)."""
 
 from __future__ import annotations
@@ -135,9 +135,9 @@ def test_a_process_started_with_stop_with_parent_ends_when_its_starter_is_killed
 
 
 def test_the_crash_harness_tells_a_lagging_run_copy_from_a_damaged_ledger(tmp_path):
-    """simulations/crash_test.py: right after a crash the audit may only find the run's ledger copy behind a
+    """simulations/crash_harness.py: right after a crash the audit may only find the run's ledger copy behind a
     school's own ledger; a torn line is reported as torn, a bad complete line as a problem."""
-    from simulations.crash_test import crash_audit_ok, read_lines, tear
+    from simulations.crash_harness import crash_audit_ok, read_lines, tear
 
     lagging = ("school school-00: run 'crash' has 2 entries in schools/school-00/ledger.jsonl but 1 in "
                "ledger/school-00.jsonl (1 missing from the run copy, 0 missing from the school's ledger)")

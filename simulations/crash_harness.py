@@ -1,7 +1,7 @@
 """Crash harness: kill a small `fedfer simulate` with SIGKILL at chosen points, check what is on disk, resume
 it with the documented command (`fedfer simulate run.resume=RUN_DIR`) and check again.
 
-    python -m simulations.crash_test [--work DIR] [--points a,b,...] [--rounds 4] [--out crash.json]
+    python -m simulations.crash_harness [--work DIR] [--points a,b,...] [--rounds 4] [--out crash.json]
 
 Each kill point starts a fresh federation (2 schools + the evaluation node, tiny synthetic data, its own
 run.root so no anchors are shared), watches the run directory and the schools' state directories, and the
@@ -655,7 +655,7 @@ def summary(outcomes: list[Outcome]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.crash_test", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m simulations.crash_harness", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp") / f"fedfer-crash-{os.getpid()}")
     parser.add_argument("--points", default=",".join(POINTS), help=f"comma-separated, from {', '.join(POINTS)}")
     parser.add_argument("--rounds", type=int, default=4)
@@ -684,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or work / "crash-test.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "command": "python -m simulations.crash_test " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m simulations.crash_harness " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rounds": args.rounds, "target_round": args.target_round, "config": TINY,
         "outcomes": [{**asdict(o), "ok": o.ok} for o in outcomes],
         "passed": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes),
