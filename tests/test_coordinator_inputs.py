@@ -8,6 +8,7 @@ evaluation node does not end the federation; the progress line names the schools
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
@@ -128,8 +129,14 @@ def test_a_mistyped_keyring_is_refused_before_any_school_is_asked(tmp_path, capl
 
     cfg = load_config(None, [f"privacy.keyring={tmp_path / 'kyes'}", f"run.root={tmp_path / 'runs'}"])
     context = SimpleNamespace(run_config=flatten_dict(nest(cfg)))
-    with pytest.raises(ValueError, match="privacy.keyring: .*kyes is not a directory"):
-        server_app.main(None, context)
+    # the apps stop Flower's logger propagating (each line printed once), so caplog listens on it directly
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.addHandler(caplog.handler)
+    try:
+        with pytest.raises(ValueError, match="privacy.keyring: .*kyes is not a directory"):
+            server_app.main(None, context)
+    finally:
+        flower_logger.removeHandler(caplog.handler)
     assert any("[fedfer] refused: privacy.keyring:" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "runs").exists()   # nothing started
 
