@@ -179,12 +179,22 @@ class RunDirectory:
                 raise RunBusy(f"{self.path} is being run by another process (a ServerApp still running it, e.g. what "
                               "a `fedfer simulate` killed on its own left finishing the run): wait for it to end "
                               "or stop it, then resume") from None
+            self._sweep_killed_writes()
             try:
                 yield
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _sweep_killed_writes(self) -> None:
+        """Temp files of atomic checkpoint writes (shared_models/atomic_files.py: `.<name>.<random>.tmp`) that a
+        killed ServerApp left. Only the holder of the run writes checkpoints, so with the run held none is in
+        progress (other folders are left alone: `fedfer report` may be writing beside a run)."""
+        folder = self.path / "checkpoints"
+        for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
+            if stale.is_file() and not stale.is_symlink():
+                stale.unlink(missing_ok=True)
 
     def check_not_busy(self) -> None:
         """RunBusy if a ServerApp holds the run now (see `hold`); takes and releases the lock at once."""

@@ -188,3 +188,17 @@ def test_a_run_still_being_run_is_not_resumed_beside_it(tmp_path, capsys):
         assert len(err) == 1 and "is being run by another process" in err[0]
     events = (run.path / "events.jsonl")
     assert not events.exists()   # nothing written into the held run
+
+
+def test_holding_a_run_sweeps_the_temp_files_a_killed_checkpoint_write_left(tmp_path):
+    _, run = _finished_run(tmp_path, rounds=2)
+    folder = run.path / "checkpoints"
+    stale = [folder / ".round-0002.pt.abc123.tmp", folder / ".latest.json.def456.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    report_tmp = run.path / ".report.md.77.tmp"   # not the ServerApp's: `fedfer report` may be writing it
+    report_tmp.write_text("…")
+    with run.hold():
+        assert not any(path.exists() for path in stale)
+    assert report_tmp.exists()
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))   # the checkpoints stay
