@@ -41,7 +41,7 @@ from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.anchors import anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, epsilon_value, read_ledger_file,
                             verify_entries)
-from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, load_public_key
+from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_TAMPERED = 0, 1, 2
 POLICY_FILE = "policy.json"   # a simulated school's policy in its state directory (privacy/policy.py)
@@ -349,6 +349,7 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)],
                     copy=src.copy)], []
     source_problems = _consistency_problems(entries, str(src.path), school, policy, policy_source)
+    source_problems += _beside_key_problems(src, school, key)
     source_problems += _anchor_problems(src, school, entries, key, start, anchors_dir)
 
     rows: list[Row] = []
@@ -372,6 +373,28 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
             row.budget_note = _no_budget_note(src, school, beside)
         rows.append(row)
     return rows, entries
+
+
+def _beside_key_problems(src: _Source, school: str, key: Any) -> list[str]:
+    """The key stored with the ledger (a school's signing_key.pub, a run's keys/<school>.pub) must be the key
+    that verified it. The keyring verifies entries as the school they name, so without this a ledger copied
+    into another school's state directory passes as the other school's, and the officer who asked about
+    one school is told another is intact."""
+    stored = next((p for p in src.beside_keys if p.is_file()), None)
+    if stored is None:
+        return []
+    try:
+        beside = load_public_key(stored)
+    except SigningKeyError as exc:
+        return [f"{exc} (school {school})"]
+    if key_id(beside) == key_id(key):
+        return []
+    if src.copy == "run":   # the coordinator's pinned key: the entries are the school's, the run's key is not
+        return [f"{src.path} (school {school}): the key the run stored for this school ({stored}, {key_id(beside)}) "
+                f"is not the keyring's ({key_id(key)}), which verifies the entries: the run's key was swapped"]
+    return [f"{src.path} (school {school}): signed with the keyring's key of school {school} ({key_id(key)}), but "
+            f"the key stored beside it ({stored}, {key_id(beside)}) is another: a ledger copied from another "
+            f"school, or a swapped key"]
 
 
 def _no_budget_note(src: _Source, school: str, read: Sequence[Path]) -> str:
@@ -427,12 +450,31 @@ def _anchor_problems(src: _Source, school: str, entries: Sequence[dict], key: An
         except LedgerError as exc:
             chain, problems = None, problems + [str(exc)]
             src.anchored = True   # there is an anchor, and it is reported as damaged
+        if chain is None and not src.anchored:
+            problems += _unanchored_key_problems(anchors, school, key, src.path)
+            src.anchored = src.anchored or bool(problems)
         if chain:
             run_ids = {r.get("run_id") for r in chain.get("runs", [])}
             src.anchored = start != "run" or entries[0]["run_id"] in run_ids
             problems += [f"{p} (school {school})" for p in audit_against_anchor(
                 chain, entries, copy_of_run=start == "run", where=str(src.path))]
     return problems
+
+
+def _unanchored_key_problems(anchors: Path, school: str, key: Any, path: Path) -> list[str]:
+    """The server anchors each school per signing key; a ledger signed with a key it never anchored, for a
+    school it did anchor under other keys, was not what the server verified: the keyring's key was
+    swapped (and the ledger re-signed), or the school re-enrolled with a new key the server has not seen."""
+    try:
+        others = load_anchors(anchors, school)["chains"]
+    except LedgerError:
+        return []   # a damaged anchor file is reported by load_chain's caller
+    if not others:
+        return []
+    count = sum(int(c.get("count", 0)) for c in others.values())
+    return [f"{path} (school {school}): signed with key {key_id(key)}, which the server never anchored; it anchored "
+            f"{count} entries of this school under key {', '.join(others)} ({anchors}): the keyring's key was swapped "
+            f"and the ledger re-signed, or the school re-enrolled with a key no run has used"]
 
 
 def _summary_row(src: _Source, school: str, fp: str, items: list[tuple[int, dict]], *, partial: bool) -> Row:

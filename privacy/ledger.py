@@ -319,11 +319,13 @@ def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | 
     run_of_copy = None
     for i, entry in enumerate(entries):
         line = first_line + i
+        # before the signature: another school's entry would fail it too, but the officer must read whose it is
+        named = entry.get("school_id") if isinstance(entry, dict) else None
+        if expected_school is not None and isinstance(named, str) and named != expected_school:
+            raise LedgerError(f"{_where(source, line, expected_school)}: entry belongs to school {named!r}")
         _check_one(entry, public_key, state, lambda s, line=line: _where(source, line, s or expected_school))
         if expected_school is None:
             expected_school = entry["school_id"]
-        elif entry["school_id"] != expected_school:
-            raise LedgerError(f"{_where(source, line, expected_school)}: entry belongs to school {entry['school_id']!r}")
         if start == "run":
             run_of_copy = run_of_copy or entry["run_id"]
             if entry["run_id"] != run_of_copy:

@@ -135,7 +135,9 @@ def test_forged_signature_and_swapped_key_are_detected(run, tmp_path, capsys):
     for school in ("school-a", "school-b"):
         (keyring / f"{school}.pub").write_text((run_dir / "keys" / f"{school}.pub").read_text())
     code, out = _audit(capsys, copy2, "--keys", keyring)
-    assert code == 0, out
+    # the entries verify, and the key the run stored is named as swapped (it was "intact" before session 21)
+    assert code == 2 and "does not verify" not in out and "school-a.jsonl (school school-a): the key the run stored" in out, out
+    assert "the run's key was swapped" in out and "school-b.jsonl (school school-b): the key" not in out, out
 
 
 def test_deleted_last_line_is_caught_by_cross_checking_the_school_copy(run, tmp_path, capsys):

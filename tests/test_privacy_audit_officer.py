@@ -1,0 +1,70 @@
+"""Session 21's walkthrough of `fedfer privacy audit` as a district privacy officer: the tampering it must
+name (a ledger copied from another school, a keyring key the server never anchored), and what a
+non-engineer reads (each school's budget used and left, which run a row is, what to do next, the same in
+JSON). Signed ledgers and anchors come from test_ledger_trust's school and server stand-ins."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from privacy.ledger import entry_hash
+from privacy.signing import public_key_pem, sign_hash
+from test_ledger_trust import _audit, _federation, _keyring
+
+
+def _resign_all(path, key) -> None:
+    """Re-hash and re-sign every entry of a ledger with `key`, the chain kept (a forger holding `key`)."""
+    prev, lines = None, []
+    for raw in path.read_text().splitlines():
+        e = json.loads(raw)
+        e["prev_hash"] = e["prev_hash"] if prev is None else prev
+        e["hash"] = entry_hash(e)
+        e["signature"] = sign_hash(key, e["hash"])
+        prev = e["hash"]
+        lines.append(json.dumps(e))
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------ a ledger copied from another school
+def test_a_ledger_copied_into_another_schools_state_dir_is_caught(tmp_path, capsys):
+    """school-b's own (valid, signed) ledger put in school-a's state directory: the keyring verifies it as
+    school-b's, so only the key beside it (school-a's signing_key.pub) shows whose folder it is in."""
+    schools, _ = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools)
+    school_a, school_b = schools
+    shutil.copy(school_b.state / "ledger.jsonl", school_a.state / "ledger.jsonl")
+    code, out = _audit(capsys, school_a.state, "--keys", keys)
+    assert code == 2 and "Traceback" not in out, out
+    finding = next(line for line in out.splitlines() if "signing_key.pub" in line)
+    assert "school-a" in finding and "school-b" in finding and "copied from another school" in finding, out
+    assert str(school_a.state / "ledger.jsonl") in finding, out
+
+
+def test_a_run_copy_holding_another_schools_entries_says_so(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    ledger = server.run.path / "ledger"
+    shutil.copy(ledger / "school-b.jsonl", ledger / "school-a.jsonl")
+    code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools))
+    assert code == 2 and "school-a.jsonl line 1 (school school-a): entry belongs to school 'school-b'" in out, out
+
+
+# ------------------------------------------------------------------ a keyring key the server never anchored
+def test_a_swapped_keyring_key_with_a_resigned_ledger_is_caught_by_the_anchors(tmp_path, capsys):
+    """Whoever swaps the keyring's key and re-signs the school's ledger with the new one passes every
+    signature; the server's anchors know the school only under its enrolled key, and must say so (it said
+    'no server anchors found', as if the school had never been anchored)."""
+    schools, _ = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools)
+    forged = Ed25519PrivateKey.generate()
+    (keys / "school-a.pub").write_text(public_key_pem(forged))
+    handed = tmp_path / "handed-over"   # the ledger alone, without the school's signing_key.pub beside it
+    handed.mkdir()
+    shutil.copy(schools[0].state / "ledger.jsonl", handed / "ledger.jsonl")
+    _resign_all(handed / "ledger.jsonl", forged)
+    code, out = _audit(capsys, handed / "ledger.jsonl", "--keys", keys, "--anchors", tmp_path / "runs" / "anchors")
+    assert code == 2 and "no server anchors found" not in out, out
+    finding = next(line for line in out.splitlines() if "never anchored" in line)
+    assert "school-a" in finding and "ledger.jsonl" in finding, out
