@@ -77,6 +77,21 @@ class Row:
     copy: str = ""                 # run (a run's copy) | school (a school's own ledger) | "" (not known)
     over_budget: bool = False      # ε above the budget (also when the row has another problem)
     budget_note: str = ""          # why no budget was compared, when none was
+    run_id: str = ""               # the run a run copy is of ("" for a school's own ledger: all its runs)
+    key_id: str = ""               # the key the entries verified against (an archived audit names it)
+
+    @property
+    def budget_left(self) -> float | None:
+        if self.budget is None or self.epsilon_prv is None:
+            return None
+        return self.budget - self.epsilon_prv
+
+    @property
+    def ledger(self) -> str:
+        """Which ledger the row is, as the table shows it."""
+        if self.copy == "run":
+            return f"run {self.run_id or '?'}"
+        return "school's own" if self.copy == "school" else "?"
 
     @property
     def exit_code(self) -> int:
@@ -119,11 +134,70 @@ class AuditReport:
                     f"against (give --budget or the school's policy)")
         return "intact, within budget"
 
+    @property
+    def lifetime(self) -> list[Row]:
+        """One row per school: the ledger that holds most of its spending (its own ledger, all runs, when
+        given; else its latest run copy), with the worst status any of its rows has."""
+        best: dict[str, Row] = {}
+        for r in self.rows:
+            if r.epsilon_prv is None or r.unit == "school":
+                continue
+            held = best.get(r.school)
+            if held is None or (r.lifetime_steps, r.epsilon_prv, not r.partial) > \
+                    (held.lifetime_steps, held.epsilon_prv, not held.partial):
+                best[r.school] = r
+        return [best[s] for s in sorted(best)]
+
+    def school_status(self, school: str) -> str:
+        """The worst status of a school's rows, as the lifetime line says it."""
+        rows = [r for r in self.rows if r.school == school]
+        if any(r.exit_code == EXIT_TAMPERED for r in rows):
+            return next(r.status for r in rows if r.exit_code == EXIT_TAMPERED)
+        return "over-budget" if any(r.over_budget for r in rows) else "ok"
+
+    @property
+    def next_steps(self) -> list[str]:
+        """What the officer does next, one line each: a verdict alone does not say it."""
+        steps = []
+        bad = list(dict.fromkeys(r.school for r in self.rows if r.exit_code == EXIT_TAMPERED))
+        if bad or self.problems:
+            named = f" for {', '.join(bad)}" if bad else ""
+            steps.append(f"do not sign off{named}: ask the school and the coordinator for their original files "
+                         f"(the findings above name each file and line) and audit again")
+        over = list(dict.fromkeys(r.school for r in self.rows if r.over_budget))
+        if over:
+            steps.append(f"{', '.join(over)} spent more than its budget: report it, and keep it out of training "
+                         f"(its budget guard should have refused: find out why)")
+        if self.unchecked:
+            steps.append(f"give the policy of {', '.join(self.unchecked)} (--budget, or <keys>/<school>.policy.json) "
+                         f"to check its budget")
+        if any("no server anchors found" in n for n in self.notes):
+            steps.append("audit again with the coordinator's runs/anchors (--anchors DIR) to check for ledgers cut "
+                         "short or rewritten by their school")
+        return steps
+
     def to_json(self) -> dict[str, Any]:
+        from datetime import datetime, timezone
+
         def clean(v):
             return None if isinstance(v, float) and not math.isfinite(v) else v
-        return {"exit_code": self.exit_code, "verdict": self.verdict, "problems": self.problems,
-                "notes": self.notes, "schools": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
+        lifetime = [{"school": r.school, "epsilon": clean(r.epsilon_prv), "delta": r.delta, "budget": r.budget,
+                     "budget_left": clean(r.budget_left), "rounds": r.rounds, "refusals": r.refusals,
+                     "steps": r.lifetime_steps, "status": self.school_status(r.school), "source": r.source,
+                     "key_id": r.key_id} for r in self.lifetime]
+        return {"exit_code": self.exit_code, "verdict": self.verdict,
+                "audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "fedfer": _version(),
+                "lifetime": lifetime, "next": self.next_steps, "problems": self.problems, "notes": self.notes,
+                "schools": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedfer")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass
@@ -340,6 +414,7 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
     school, entries, start, key, failure = _open_ledger(src)
     if failure is not None:
         failure.copy = src.copy
+        failure.run_id = src.run_dir.name if src.run_dir is not None else ""
         return [failure], []
     beside = src.beside_policies if (trust_run_keys or src.trusted) else []
     try:
@@ -347,7 +422,7 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         policy_budget = _policy_number(policy, "budget", policy_source)
     except LedgerError as exc:
         return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)],
-                    copy=src.copy)], []
+                    copy=src.copy, run_id=src.run_dir.name if src.run_dir is not None else "")], []
     source_problems = _consistency_problems(entries, str(src.path), school, policy, policy_source)
     source_problems += _beside_key_problems(src, school, key)
     source_problems += _anchor_problems(src, school, entries, key, start, anchors_dir)
@@ -358,7 +433,8 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         by_fp.setdefault(e["dataset_fingerprint"], []).append((line, e))
     for fp, items in by_fp.items():
         row = _summary_row(src, school, fp, items, partial=start == "run")
-        row.copy = src.copy
+        row.copy, row.key_id = src.copy, key_id(key)
+        row.run_id = str(entries[0]["run_id"]) if start == "run" else ""
         row.budget = budget_override if budget_override is not None else policy_budget
         row.problems.extend(source_problems)
         source_problems = []   # reported once, on the school's first row
@@ -674,7 +750,8 @@ def _missing_copies(run_dirs: Sequence[Path], anchors_dir: Path | None) -> list[
 
 
 def format_table(report: AuditReport) -> str:
-    header = ["school", "unit", "rounds", "steps", "σ", "q", "δ", "ε PRV", "ε RDP", "budget", "status", "copy"]
+    header = ["school", "unit", "rounds", "steps", "σ", "q", "δ", "ε PRV", "ε RDP", "budget", "left", "status",
+              "ledger"]
     lines = []
     for r in report.rows:
         rounds = f"{r.rounds}" + (f" (+{r.refusals} refused)" if r.refusals else "")
@@ -690,7 +767,7 @@ def format_table(report: AuditReport) -> str:
         lines.append([r.school, r.unit, rounds if r.rounds or r.refusals else "", steps if r.steps else "",
                       _fmt(r.sigma), _fmt(r.q), _fmt(r.delta), eps_prv,
                       "" if r.epsilon_rdp is None else f"{r.epsilon_rdp:.3f}",
-                      budget, status, r.copy or "?"])
+                      budget, "" if r.budget_left is None else f"{max(r.budget_left, 0.0):.3f}", status, r.ledger])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
     out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
@@ -704,4 +781,27 @@ def format_table(report: AuditReport) -> str:
         notes.append("run copies: ε includes the earlier spending that each school's first entry in the run records "
                      "(history_before); pass the school's own ledger.jsonl too to check it")
     notes = list(dict.fromkeys(notes))   # a message two sources share is printed once
-    return "\n".join(out + [""] + notes + [f"audit: {report.verdict} (exit {report.exit_code})"])
+    lifetime = format_lifetime(report)
+    nexts = [f"next: {step}" for step in report.next_steps]
+    return "\n".join(out + [""] + notes + ([""] if notes and lifetime else []) + lifetime
+                     + ([""] if nexts else []) + nexts + [f"audit: {report.verdict} (exit {report.exit_code})"])
+
+
+def format_lifetime(report: AuditReport) -> list[str]:
+    """One line per school a privacy officer signs off: lifetime ε, its budget, the share used and what is left."""
+    lines = []
+    for r in report.lifetime:
+        status = report.school_status(r.school)
+        where = "own ledger, all runs" if r.copy == "school" else f"run {r.run_id}'s copy, earlier runs as it records"
+        if r.budget is None:
+            used = "no budget known"
+        elif r.over_budget:
+            eps, budget = distinct_pair(r.epsilon_prv, r.budget)
+            used = f"of {budget}: OVER BUDGET by {r.epsilon_prv - r.budget:.3g}"
+        else:
+            pct = 100 * r.epsilon_prv / r.budget if r.budget > 0 else 0.0
+            share = f"{pct:.0f} %" if pct < 99.5 else f"{pct:.2f} %"   # 99.97 % must not read as 100
+            used = f"of {r.budget:g} ({share} used), {r.budget_left:.3f} left"
+        verdict = "ok" if status == "ok" else status.upper()
+        lines.append(f"  {r.school}  ε {r.epsilon_prv:.3f} at δ {r.delta:g} {used}  [{verdict}; {where}]")
+    return ["lifetime per school:"] + lines if lines else []

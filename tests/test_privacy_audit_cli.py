@@ -157,10 +157,10 @@ def test_copy_column_says_run_on_tampered_and_unreadable_run_copies(tmp_path, ca
     (server.run.path / "keys" / "school-b.pub").unlink()
     code, out = _audit(capsys, server.run.path, "--trust-run-keys")
     assert code == 2, out
-    assert _row(out, "school-a")[-2:] == ["TAMPERED", "run"], out
-    assert _row(out, "school-b")[-2:] == ["UNREADABLE", "run"], out
+    assert _row(out, "school-a")[-3:] == ["TAMPERED", "run", server.run.path.name], out
+    assert _row(out, "school-b")[-3:] == ["UNREADABLE", "run", server.run.path.name], out
     code, out = _audit(capsys, schools[0].state, "--trust-run-keys")
-    assert _row(out, "school-a")[-1] == "school", out
+    assert _row(out, "school-a")[-2:] == ["school's", "own"], out
 
 
 # ------------------------------------------------------------------------ 6, 7. the anchors themselves

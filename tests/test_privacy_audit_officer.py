@@ -68,3 +68,39 @@ def test_a_swapped_keyring_key_with_a_resigned_ledger_is_caught_by_the_anchors(t
     assert code == 2 and "no server anchors found" not in out, out
     finding = next(line for line in out.splitlines() if "never anchored" in line)
     assert "school-a" in finding and "ledger.jsonl" in finding, out
+
+
+# ------------------------------------------------------------------ what a non-engineer reads
+POLICY = {"unit": "student", "delta": 1e-5, "max-round-epsilon": 50.0, "declared-students": 100}
+
+
+def test_each_schools_lifetime_budget_used_and_left_and_the_run_of_each_row(tmp_path, capsys):
+    """Two runs over the same schools and their own ledgers: every row names its run, and one line per
+    school gives the lifetime ε (the school's own ledger: all runs), the budget, the share used and what is
+    left; the JSON a district archives carries the same."""
+    schools, servers = _federation(tmp_path, runs=2)
+    keys = _keyring(tmp_path, schools, {"school-a": {**POLICY, "budget": 12.0}, "school-b": {**POLICY, "budget": 6.0}})
+    args = [s.run.path for s in servers] + [s.state for s in schools] + ["--keys", keys]
+    code, out = _audit(capsys, *args)
+    assert code == 1, out   # school-b: 4 rounds at σ 1.2, q 0.25 is ε ≈ 7.3 > 6
+    rows = [line.split() for line in out.splitlines() if line.startswith("school-a ")]
+    assert [r[-2:] for r in rows] == [["run", "run-1"], ["run", "run-2"], ["school's", "own"]], out
+    lifetime = out.split("lifetime per school", 1)[1].splitlines()
+    line_a = next(line for line in lifetime if line.strip().startswith("school-a"))
+    line_b = next(line for line in lifetime if line.strip().startswith("school-b"))
+    assert "of 12" in line_a and "left" in line_a and "%" in line_a and "ok" in line_a, out
+    assert "of 6" in line_b and "OVER BUDGET" in line_b and "left" not in line_b, out
+    nexts = [line for line in out.splitlines() if line.startswith("next:")]
+    assert nexts and "school-b" in nexts[0], out
+    from fedfer.cli import main
+
+    main(["privacy", "audit", *map(str, args), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    summary = {s["school"]: s for s in report["lifetime"]}
+    a = summary["school-a"]
+    assert a["budget"] == 12.0 and a["status"] == "ok" and abs(a["budget_left"] - (12.0 - a["epsilon"])) < 1e-9, a
+    assert a["source"].endswith("ledger.jsonl") and a["rounds"] == 4, a
+    assert summary["school-b"]["status"] == "over-budget" and summary["school-b"]["budget_left"] < 0
+    assert {r["run_id"] for r in report["schools"]} == {"run-1", "run-2", ""}
+    assert all(len(r["key_id"]) == 16 for r in report["schools"]), report["schools"]
+    assert report["next"] and report["audited_at"].endswith("Z") and report["fedfer"], report
