@@ -199,6 +199,12 @@ def audit_against_anchor(chain: Mapping[str, Any], entries: Sequence[Mapping[str
     positions = [hashes.index(h) if h in hashes else -1 for h in anchored]
     missing = positions.count(-1)
     if missing == len(anchored) and anchored:
+        if entries and runs and entries[0]["run_id"] == runs[0]["run_id"] and entries[0].get("run_seq") == 0:
+            # the same first run, other entries: not a wiped state starting afresh, a rewrite from line 1
+            problems.append(f"{where} line 1: replaced entry: none of the {len(anchored)} entries the server "
+                            f"anchored is in it, though it starts with the same run {runs[0]['run_id']!r}: "
+                            f"rewritten and re-signed from its first entry")
+            return problems
         kind = "restarted chain" if entries and entries[0]["prev_hash"] == GENESIS_HASH else "replaced ledger"
         problems.append(f"{where} line 1: {kind}: none of the {len(anchored)} entries the server anchored is in it")
     elif missing:
@@ -231,9 +237,10 @@ def _first_missing(anchored: Sequence[str], hashes: Sequence[str], what: str, co
         return ""
     i = missing[0]
     if i < len(hashes):
+        # the server anchors exactly the entries it stores in the run copy, so one of its two records changed
         return (f"line {i + 1}: replaced entry: the entry the server anchored at line {i + 1} {what} "
-                f"({anchored[i][:12]}…) is not in the {copy}, which has another entry there ({hashes[i][:12]}…): "
-                f"rewritten and re-signed; {_of(len(missing), len(anchored))} missing")
+                f"({anchored[i][:12]}…) is not in the {copy}, which has another entry there, signed by the school "
+                f"({hashes[i][:12]}…): the copy or the anchor was edited; {_of(len(missing), len(anchored))} missing")
     return (f"line {len(hashes) + 1}: truncated tail: the server anchored {len(anchored)} entries {what}, the "
             f"{copy} holds {len(hashes)} ({len(missing)} missing)")
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
-from privacy.anchors import anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
+from privacy.anchors import anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, epsilon_value, read_ledger_file,
                             verify_entries)
 from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key
@@ -153,6 +153,8 @@ class AuditReport:
         rows = [r for r in self.rows if r.school == school]
         if any(r.exit_code == EXIT_TAMPERED for r in rows):
             return next(r.status for r in rows if r.exit_code == EXIT_TAMPERED)
+        if any(f"school {school}:" in p or f"(school {school})" in p for p in self.problems):
+            return "inconsistent"   # a finding across its ledgers (cross-check, anchors), not on one row
         return "over-budget" if any(r.over_budget for r in rows) else "ok"
 
     @property
@@ -216,6 +218,7 @@ class _Source:
     seen_school: str = ""
     anchored: bool = True
     anchors_looked: Path | None = None
+    key: Any = None           # the public key its entries verified against
 
     @property
     def copy(self) -> str:
@@ -412,6 +415,7 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
                  trust_run_keys: bool = False) -> tuple[list[Row], list[dict]]:
     """Rows (one per dataset fingerprint) for one ledger source, and its verified entries."""
     school, entries, start, key, failure = _open_ledger(src)
+    src.key = key
     if failure is not None:
         failure.copy = src.copy
         failure.run_id = src.run_dir.name if src.run_dir is not None else ""
@@ -631,8 +635,10 @@ def _close(stored: float, recomputed: float) -> bool:
     return abs(stored - recomputed) <= epsilon_tolerance(recomputed)
 
 
-def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[str]:
-    """A school seen in several sources: each run copy must equal the school's entries of that run."""
+def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]],
+                 anchors_dir: Path | None = None) -> list[str]:
+    """A school seen in several sources: each run copy must equal the school's entries of that run. When
+    they agree and the server's anchor of that run does not, the anchor is the record that changed."""
     problems = []
     for school, seen in verified.items():
         full = [(s, es) for s, es in seen if es and es[0]["prev_hash"] == GENESIS_HASH and s.start != "run"]
@@ -642,14 +648,39 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[
                 run_id = centries[0]["run_id"]
                 school_run = [e["hash"] for e in fentries if e["run_id"] == run_id]
                 copy_run = [e["hash"] for e in centries]
-                if school_run != copy_run:
-                    missing_in_copy = [h for h in school_run if h not in copy_run]
-                    missing_in_school = [h for h in copy_run if h not in school_run]
-                    problems.append(
-                        f"school {school}: run {run_id!r} has {len(school_run)} entries in {fsrc.path} but "
-                        f"{len(copy_run)} in {csrc.path} ({len(missing_in_copy)} missing from the run copy, "
-                        f"{len(missing_in_school)} missing from the school's ledger)")
+                if school_run == copy_run:
+                    problems += _edited_anchor(school, run_id, fsrc, csrc, copy_run, anchors_dir)
+                    continue
+                missing_in_copy = sum(1 for h in school_run if h not in copy_run)
+                missing_in_school = sum(1 for h in copy_run if h not in school_run)
+                problems.append(
+                    f"school {school}: run {run_id!r}: {fsrc.path} and {csrc.path} disagree: the school's ledger "
+                    f"holds {_entries(missing_in_copy)} the run copy does not, the run copy holds "
+                    f"{_entries(missing_in_school)} the school's ledger does not")
     return problems
+
+
+def _entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
+
+
+def _edited_anchor(school: str, run_id: str, fsrc: _Source, csrc: _Source, hashes: list[str],
+                   anchors_dir: Path | None) -> list[str]:
+    """The school's ledger and the run copy hold the same signed entries of a run; if the anchor lists
+    others for that run, neither ledger was rewritten: the anchor was."""
+    anchors = anchors_dir if anchors_dir is not None else anchors_dir_of_run(csrc.run_dir) if csrc.run_dir else None
+    if anchors is None or csrc.key is None or not anchors.is_dir():
+        return []
+    try:
+        chain = load_chain(anchors, school, csrc.key)
+    except LedgerError:
+        return []   # a damaged anchor is reported on the school's row
+    record = next((r for r in (chain or {}).get("runs", []) if r.get("run_id") == run_id), None)
+    if record is None or record["hashes"] == hashes:
+        return []
+    return [f"school {school}: its own ledger ({fsrc.path}) and run {run_id!r}'s copy ({csrc.path}) agree, the "
+            f"server's anchor ({anchor_path(anchors, school)}) lists other entries for that run: the anchor was "
+            f"edited or damaged"]
 
 
 def _anchor_rejections(run_dirs: Sequence[Path]) -> list[str]:
@@ -699,7 +730,7 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
             verified.setdefault(entries[0]["school_id"], []).append((src, entries))
     run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
     reported = {p for r in rows for p in r.problems}   # e.g. a damaged anchor, already on its school's row
-    problems = [p for p in dict.fromkeys(_cross_check(verified) + _anchor_rejections(run_dirs)
+    problems = [p for p in dict.fromkeys(_cross_check(verified, anchors_dir) + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
     return AuditReport(rows, problems, _anchor_notes(sources))
 
@@ -724,8 +755,8 @@ def _anchor_notes(sources: Sequence[_Source]) -> list[str]:
     schools = list(dict.fromkeys(s.seen_school or s.school or "?" for s in bare))
     looked = sorted({str(s.anchors_looked) for s in bare if s.anchors_looked is not None})
     where = f"looked in {', '.join(looked)}" if looked else "give --anchors DIR"
-    return [f"no server anchors found for {', '.join(schools)} ({where}): a ledger cut short at its end cannot "
-            f"be noticed"]
+    return [f"no server anchors found for {', '.join(schools)} ({where}): a ledger cut short at its end, or "
+            f"rewritten and re-signed by its school (it holds the key), cannot be noticed"]
 
 
 def _missing_copies(run_dirs: Sequence[Path], anchors_dir: Path | None) -> list[str]:

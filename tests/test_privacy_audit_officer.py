@@ -104,3 +104,70 @@ def test_each_schools_lifetime_budget_used_and_left_and_the_run_of_each_row(tmp_
     assert {r["run_id"] for r in report["schools"]} == {"run-1", "run-2", ""}
     assert all(len(r["key_id"]) == 16 for r in report["schools"]), report["schools"]
     assert report["next"] and report["audited_at"].endswith("Z") and report["fedfer"], report
+
+
+# ------------------------------------------------------------------ which record is wrong
+def _edit_anchor_last_hash(anchors, school: str) -> None:
+    """The coordinator's anchor rewritten consistently (hash and head), the ledgers left alone."""
+    path = anchors / f"{school}.json"
+    data = json.loads(path.read_text())
+    for chain in data["chains"].values():
+        chain["runs"][-1]["hashes"][-1] = chain["head"] = "f" * 64
+    path.write_text(json.dumps(data))
+
+
+def test_an_edited_anchor_is_named_when_the_school_and_the_run_copy_agree(tmp_path, capsys):
+    """Both ledgers hold the school's signed entry, the anchor another hash: the audit blamed both ledgers
+    ('rewritten and re-signed') and never the anchor, the one record that changed."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    _edit_anchor_last_hash(tmp_path / "runs" / "anchors", "school-a")
+    code, out = _audit(capsys, server.run.path, schools[0].state, "--keys", _keyring(tmp_path, schools))
+    assert code == 2, out
+    finding = next(line for line in out.splitlines() if "agree" in line)
+    assert "school-a" in finding and "anchors/school-a.json" in finding and "anchor was edited" in finding, out
+    copy_line = next(line for line in out.splitlines() if "school-a.jsonl line" in line)
+    assert "the copy or the anchor was edited" in copy_line, out
+
+
+def test_a_school_ledger_and_a_run_copy_that_disagree_say_how(tmp_path, capsys):
+    schools, (server,) = _federation(tmp_path, runs=1)
+    path = schools[0].state / "ledger.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    code, out = _audit(capsys, server.run.path, schools[0].state, "--keys", _keyring(tmp_path, schools))
+    assert code == 2, out
+    line = next(line for line in out.splitlines() if line.startswith("school school-a: run"))
+    assert "1 entries" not in line and "the run copy holds 1 entry the school's ledger does not" in line, out
+    lifetime = out.split("lifetime per school", 1)[1].splitlines()
+    assert "INCONSISTENT" in next(line for line in lifetime if "school-a" in line), out   # not "ok"
+
+
+# ------------------------------------------------------------------ what a school's ledger alone cannot show
+def _rewrite_sigma(path, key, factor: float) -> None:
+    """The school rewrites its whole ledger with its own key: σ of the first round raised, every later
+    history_before and ε re-derived, the chain re-signed. Valid on its own; ε lower than what it spent."""
+    from privacy.accounting import epsilon_of
+    from privacy.ledger import compress_history_list
+
+    entries = [json.loads(raw) for raw in path.read_text().splitlines()]
+    entries[0]["noise_multiplier"] *= factor
+    history: list = []
+    for e in entries:
+        e["history_before"] = compress_history_list(history)
+        if e["event"] == "round":
+            history = history + [(e["noise_multiplier"], e["sample_rate"], e["steps"])]
+        e["epsilon"] = epsilon_of(history, e["delta"], "prv")
+        e["epsilon_rdp"] = epsilon_of(history, e["delta"], "rdp")
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    _resign_all(path, key)
+
+
+def test_a_ledger_rewritten_by_its_school_is_named_as_what_no_anchor_cannot_show(tmp_path, capsys):
+    schools, _ = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools)
+    _rewrite_sigma(schools[0].state / "ledger.jsonl", schools[0].key, 3.0)
+    code, out = _audit(capsys, schools[0].state, "--keys", keys)
+    assert code == 0, out   # by design: the school holds its key; only the server's anchors can tell
+    (note,) = [line for line in out.splitlines() if "no server anchors found" in line]
+    assert "cut short" in note and "rewritten" in note, out
+    code, out = _audit(capsys, schools[0].state, "--keys", keys, "--anchors", tmp_path / "runs" / "anchors")
+    assert code == 2 and "line 1: replaced entry" in out, out

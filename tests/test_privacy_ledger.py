@@ -148,7 +148,7 @@ def test_deleted_last_line_is_caught_by_cross_checking_the_school_copy(run, tmp_
     code, out = _audit(capsys, copy)  # a shorter chain is still a valid chain on its own
     assert code == 0
     code, out = _audit(capsys, copy, tmp / "schools" / "school-a" / "ledger.jsonl")
-    assert code == 2 and "school-a" in out and "missing from the run copy" in out, out
+    assert code == 2 and "school-a" in out and "the school's ledger holds 1 entry the run copy does not" in out, out
 
 
 def test_over_budget_exits_1(run, capsys):
