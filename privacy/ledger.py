@@ -255,8 +255,11 @@ def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, whe
     if entry_hash(entry) != entry["hash"]:
         raise LedgerError(f"{where}: hash does not match the entry's content (edited after signing)")
     if not verify_hash_signature(public_key, entry["hash"], entry["signature"]):
+        # key_id is only a name, but when it differs the officer's question is which key, not which byte
+        why = ("" if entry["key_id"] == key_id(public_key) else
+               ": signed with another key (a rotated-out key, or the key it is checked against was swapped)")
         raise LedgerError(f"{where}: signature does not verify with the school's public key "
-                          f"{key_id(public_key)} (entry names key {entry['key_id']})")
+                          f"{key_id(public_key)} (entry names key {entry['key_id']}){why}")
     if state.last_hash is not None and entry["prev_hash"] != state.last_hash:
         expected = "the genesis hash" if state.last_hash == GENESIS_HASH else f"the previous entry's hash {state.last_hash[:12]}…"
         raise LedgerError(f"{where}: prev_hash {entry['prev_hash'][:12]}… does not match {expected} "

@@ -171,3 +171,15 @@ def test_a_ledger_rewritten_by_its_school_is_named_as_what_no_anchor_cannot_show
     assert "cut short" in note and "rewritten" in note, out
     code, out = _audit(capsys, schools[0].state, "--keys", keys, "--anchors", tmp_path / "runs" / "anchors")
     assert code == 2 and "line 1: replaced entry" in out, out
+
+
+def test_a_ledger_signed_with_a_key_the_keyring_no_longer_holds_says_so(tmp_path, capsys):
+    """The keyring holds the school's new key, the ledger was signed with its old one (re-enrolled, or the
+    keyring's key swapped): the finding says the entry names another key, not only 'does not verify'."""
+    schools, _ = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools)
+    (keys / "school-a.pub").write_text(public_key_pem(Ed25519PrivateKey.generate()))
+    code, out = _audit(capsys, schools[0].state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and "Traceback" not in out, out
+    finding = next(line for line in out.splitlines() if "ledger.jsonl line 1" in line)
+    assert "school-a" in finding and "signed with another key (a rotated-out key" in finding, out
