@@ -148,6 +148,17 @@ class AuditReport:
                 best[r.school] = r
         return [best[s] for s in sorted(best)]
 
+    @property
+    def unaccounted(self) -> list[Row]:
+        """One failed row per school that has no recomputed ε at all (every ledger of it failed a check):
+        the lifetime lines must still name it, or it reads as if it had not been audited."""
+        known = {r.school for r in self.lifetime} | {r.school for r in self.rows if r.unit == "school"}
+        failed: dict[str, Row] = {}
+        for r in self.rows:
+            if r.school not in known:
+                failed.setdefault(r.school, r)
+        return [failed[s] for s in sorted(failed)]
+
     def school_status(self, school: str) -> str:
         """The worst status of a school's rows, as the lifetime line says it."""
         rows = [r for r in self.rows if r.school == school]
@@ -187,6 +198,9 @@ class AuditReport:
                      "budget_left": clean(r.budget_left), "rounds": r.rounds, "refusals": r.refusals,
                      "steps": r.lifetime_steps, "status": self.school_status(r.school), "source": r.source,
                      "key_id": r.key_id} for r in self.lifetime]
+        lifetime += [{"school": r.school, "epsilon": None, "delta": None, "budget": r.budget, "budget_left": None,
+                      "rounds": None, "refusals": None, "steps": None, "status": self.school_status(r.school),
+                      "source": r.source, "key_id": r.key_id} for r in self.unaccounted]
         return {"exit_code": self.exit_code, "verdict": self.verdict,
                 "audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "fedfer": _version(),
                 "lifetime": lifetime, "next": self.next_steps, "problems": self.problems, "notes": self.notes,
@@ -678,7 +692,7 @@ def _edited_anchor(school: str, run_id: str, fsrc: _Source, csrc: _Source, hashe
     record = next((r for r in (chain or {}).get("runs", []) if r.get("run_id") == run_id), None)
     if record is None or record["hashes"] == hashes:
         return []
-    return [f"school {school}: its own ledger ({fsrc.path}) and run {run_id!r}'s copy ({csrc.path}) agree, the "
+    return [f"school {school}: its own ledger ({fsrc.path}) and the copy of run {run_id!r} ({csrc.path}) agree, the "
             f"server's anchor ({anchor_path(anchors, school)}) lists other entries for that run: the anchor was "
             f"edited or damaged"]
 
@@ -835,4 +849,7 @@ def format_lifetime(report: AuditReport) -> list[str]:
             used = f"of {r.budget:g} ({share} used), {r.budget_left:.3f} left"
         verdict = "ok" if status == "ok" else status.upper()
         lines.append(f"  {r.school}  ε {r.epsilon_prv:.3f} at δ {r.delta:g} {used}  [{verdict}; {where}]")
+    for r in report.unaccounted:
+        lines.append(f"  {r.school}  ε not known: no ledger of it passed the checks above  "
+                     f"[{report.school_status(r.school).upper()}; {r.source}]")
     return ["lifetime per school:"] + lines if lines else []

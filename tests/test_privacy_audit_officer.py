@@ -49,6 +49,10 @@ def test_a_run_copy_holding_another_schools_entries_says_so(tmp_path, capsys):
     shutil.copy(ledger / "school-b.jsonl", ledger / "school-a.jsonl")
     code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools))
     assert code == 2 and "school-a.jsonl line 1 (school school-a): entry belongs to school 'school-b'" in out, out
+    # the lifetime lines still name school-a (it was left out, as if it had not been audited)
+    lifetime = out.split("lifetime per school", 1)[1].splitlines()
+    line = next(line for line in lifetime if line.strip().startswith("school-a"))
+    assert "TAMPERED" in line and "not known" in line, out
 
 
 # ------------------------------------------------------------------ a keyring key the server never anchored
@@ -183,3 +187,15 @@ def test_a_ledger_signed_with_a_key_the_keyring_no_longer_holds_says_so(tmp_path
     assert code == 2 and "Traceback" not in out, out
     finding = next(line for line in out.splitlines() if "ledger.jsonl line 1" in line)
     assert "school-a" in finding and "signed with another key (a rotated-out key" in finding, out
+
+
+def test_help_shows_a_privacy_officer_the_commands_and_the_json(capsys):
+    import pytest
+
+    from fedfer.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["privacy", "audit", "--help"])
+    out = capsys.readouterr().out
+    assert "--budget EPS" in out and "examples:" in out and "offline" in out, out
+    assert "runs/anchors" in out and "lifetime" in out and "audited_at" in out, out

@@ -21,13 +21,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_canary_audit_parser(psub)
 
 
+# what a privacy officer types; argparse's RawDescriptionHelpFormatter keeps the lines as written
+AUDIT_EXAMPLES = """\
+examples:
+  fedfer privacy audit runs/<id> --keys deploy/keys
+      every school's copy of a run, against the keys registered at enrollment
+  fedfer privacy audit runs/<id> /school/state/ledger.jsonl --keys deploy/keys
+      with a school's own ledger: its lifetime ε over all runs, cross-checked with the run's copy
+  fedfer privacy audit /school/state/ledger.jsonl --keys DIR --anchors runs/anchors
+      a school's ledger against the coordinator's anchors (a cut-short or rewritten ledger)
+  fedfer privacy audit ledger.jsonl --keys DIR --json > audit.json
+      offline, with only what a school hands over: its ledger.jsonl and its public key saved
+      as DIR/<school>.pub (its policy as DIR/<school>.policy.json, or give --budget EPS)
+
+The output: one row per ledger (budget left, which run), one lifetime line per school (ε, its
+budget, the share used, what is left), 'next:' lines saying what to do, and the verdict.
+"""
+
+
 def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
     a = psub.add_parser("audit", help="recompute every school's ε from its ledger; verify hashes, chain, signatures",
                         description="Recompute ε from the raw ledger entries (never trusting stored ε), verify hashes, "
                                     "prev_hash chain and Ed25519 signatures against an independent keyring (--keys), "
                                     "compare with each school's policy budget, check the server's anchors. Exit 0 "
                                     "intact (and within budget where one is known: the verdict says when none is), "
-                                    "1 over budget, 2 tampered, inconsistent, unreadable or a usage error.")
+                                    "1 over budget, 2 tampered, inconsistent, unreadable or a usage error.",
+                        epilog=AUDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR|LEDGER.jsonl",
                    help="a run directory (<run>/ledger/<school>.jsonl), a school's state directory or ledger.jsonl, "
                         "or ledger files")
@@ -41,10 +60,12 @@ def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
                         "whoever wrote the run can swap those, so a swapped key and re-signed entries pass")
     a.add_argument("--anchors", type=Path, default=None, metavar="DIR",
                    help="the server's ledger anchors (default <run.root>/anchors beside each run directory)")
-    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a.add_argument("--json", action="store_true",
+                   help="print JSON instead of a table (verdict, exit_code, audited_at, fedfer version, lifetime "
+                        "per school with budget_left, next, problems, notes, every row): for an archive")
     a.add_argument("--every-entry", action="store_true",
                    help="check every entry's stored ε against PRV (default: the last per dataset; RDP for all)")
-    a.add_argument("--budget", type=float, default=None,
+    a.add_argument("--budget", type=float, default=None, metavar="EPS",
                    help="compare every school with this ε budget (default: each school's policy; never the "
                         "budget an entry declares)")
     a.set_defaults(func=_audit)
