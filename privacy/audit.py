@@ -179,8 +179,10 @@ class AuditReport:
                          f"(the findings above name each file and line) and audit again")
         over = list(dict.fromkeys(r.school for r in self.rows if r.over_budget))
         if over:
-            steps.append(f"{', '.join(over)} spent more than its budget: report it, and keep it out of training "
-                         f"(its budget guard should have refused: find out why)")
+            whose, them = ("its", "it") if len(over) == 1 else ("their", "them")
+            steps.append(f"{', '.join(over)} spent more than {whose} budget: report it and keep {them} out of "
+                         f"further training (against the school's own policy the budget guard should have "
+                         f"refused: find out why)")
         if self.unchecked:
             steps.append(f"give the policy of {', '.join(self.unchecked)} (--budget, or <keys>/<school>.policy.json) "
                          f"to check its budget")

@@ -95,7 +95,7 @@ def test_each_schools_lifetime_budget_used_and_left_and_the_run_of_each_row(tmp_
     assert "of 12" in line_a and "left" in line_a and "%" in line_a and "ok" in line_a, out
     assert "of 6" in line_b and "OVER BUDGET" in line_b and "left" not in line_b, out
     nexts = [line for line in out.splitlines() if line.startswith("next:")]
-    assert nexts and "school-b" in nexts[0], out
+    assert nexts and "school-b spent more than its budget" in nexts[0], out
     from fedfer.cli import main
 
     main(["privacy", "audit", *map(str, args), "--json"])
