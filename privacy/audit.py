@@ -651,11 +651,14 @@ def _close(stored: float, recomputed: float) -> bool:
     return abs(stored - recomputed) <= epsilon_tolerance(recomputed)
 
 
-def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]],
-                 anchors_dir: Path | None = None) -> list[str]:
+def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]], anchors_dir: Path | None = None,
+                 flagged: frozenset[Path] = frozenset()) -> tuple[list[str], list[str]]:
     """A school seen in several sources: each run copy must equal the school's entries of that run. When
-    they agree and the server's anchor of that run does not, the anchor is the record that changed."""
-    problems = []
+    they agree and the server's anchor of that run does not, the anchor is the record that changed. A copy
+    that is the start of the school's entries lacks only replies the server never stored (a crash, a lost
+    reply): a note, since the spend is counted from the school's own ledger — unless the copy's own row already
+    has a finding (e.g. shorter than the server's anchor: then it was cut, not behind). Returns (problems, notes)."""
+    problems, notes = [], []
     for school, seen in verified.items():
         full = [(s, es) for s, es in seen if es and es[0]["prev_hash"] == GENESIS_HASH and s.start != "run"]
         copies = [(s, es) for s, es in seen if s.start == "run"]
@@ -669,11 +672,18 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]],
                     continue
                 missing_in_copy = sum(1 for h in school_run if h not in copy_run)
                 missing_in_school = sum(1 for h in copy_run if h not in school_run)
+                if school_run[:len(copy_run)] == copy_run:
+                    if csrc.path in flagged:
+                        continue
+                    notes.append(f"school {school}: run {run_id!r}: {fsrc.path} holds {_entries(missing_in_copy)} "
+                                 f"after the last one {csrc.path} holds: replies the server never stored (a crash "
+                                 f"or a lost reply); their ε is counted from the school's ledger")
+                    continue
                 problems.append(
                     f"school {school}: run {run_id!r}: {fsrc.path} and {csrc.path} disagree: the school's ledger "
                     f"holds {_entries(missing_in_copy)} the run copy does not, the run copy holds "
                     f"{_entries(missing_in_school)} the school's ledger does not")
-    return problems
+    return problems, notes
 
 
 def _entries(n: int) -> str:
@@ -734,6 +744,7 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
         return AuditReport([], [str(exc)])
     rows: list[Row] = []
     verified: dict[str, list[tuple[_Source, list[dict]]]] = {}
+    flagged: set[Path] = set()   # sources whose own rows have a finding
     # a school's own ledger given beside a run directory is checked against that run's anchors
     beside_runs = {anchors_dir_of_run(s.run_dir) for s in sources if s.run_dir is not None}
     school_anchors = anchors_dir if anchors_dir is not None or len(beside_runs) != 1 else beside_runs.pop()
@@ -742,13 +753,16 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
                                          keys_dir=keys_dir, trust_run_keys=trust_run_keys,
                                          anchors_dir=anchors_dir if src.run_dir is not None else school_anchors)
         rows.extend(src_rows)
+        if any(r.problems for r in src_rows):
+            flagged.add(src.path)
         if entries:
             verified.setdefault(entries[0]["school_id"], []).append((src, entries))
     run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
     reported = {p for r in rows for p in r.problems}   # e.g. a damaged anchor, already on its school's row
-    problems = [p for p in dict.fromkeys(_cross_check(verified, anchors_dir) + _anchor_rejections(run_dirs)
+    disagreements, behind = _cross_check(verified, anchors_dir, frozenset(flagged))
+    problems = [p for p in dict.fromkeys(disagreements + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
-    return AuditReport(rows, problems, _anchor_notes(sources))
+    return AuditReport(rows, problems, _anchor_notes(sources) + behind)
 
 
 def check_keyring(keys_dir: Path | None) -> str:

@@ -42,6 +42,16 @@ def _verdict(out: str) -> str:
     return out.strip().splitlines()[-1]
 
 
+def test_a_run_copy_cut_short_is_still_a_problem_against_the_servers_anchor(tmp_path, capsys):
+    # the school's ledger ahead of the copy is a lost reply; the copy shorter than what the server anchored is not
+    schools, (server,) = _federation(tmp_path, runs=1, rounds=3)
+    keys = _keyring(tmp_path, schools)
+    copy = server.run.path / "ledger" / "school-b.jsonl"
+    copy.write_text("".join(copy.read_text().splitlines(keepends=True)[:-1]))
+    code, out = _audit(capsys, server.run.path, schools[1].state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and "school-b.jsonl line 3: truncated tail" in out and "never stored" not in out, out
+
+
 # ------------------------------------------------------------------------ 1. replaced, not truncated
 def test_a_replaced_last_entry_is_named_as_replaced_not_as_a_truncated_tail(tmp_path, capsys):
     schools, (server,) = _federation(tmp_path, runs=1, rounds=3)
