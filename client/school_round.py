@@ -405,6 +405,10 @@ def keep_own_model(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.M
                 "kind": "school-own: the global model of the round before plus this school's last DP update"},
                buffer)
     try:
+        # a write a crash cut short left its temp file (`.own-model.pt.<random>.tmp`); this runs under the
+        # school's round lock, so no other write of the file is under way
+        for stale in node.state_dir.glob(f".{OWN_MODEL}.*.tmp"):
+            stale.unlink(missing_ok=True)
         atomic_write_bytes(node.state_dir / OWN_MODEL, buffer.getvalue())
     except OSError as exc:
         _log(f"{node.school_id}: could not keep its own model ({exc.strerror or exc}); the round goes on")

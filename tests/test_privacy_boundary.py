@@ -191,3 +191,14 @@ def test_augmentation_draws_are_secret_not_a_function_of_the_run_config(tmp_path
     for school in ("a", "b"):   # the same run-config, school data and round, twice
         _one_round(tmp_path / school, "train.augment=true")
     assert len(draws) == 2 and not torch.equal(draws[0], draws[1])
+
+
+def test_a_temp_file_a_killed_own_model_write_left_is_removed_by_the_next_write(tmp_path):
+    from client.school_round import OWN_MODEL
+
+    (tmp_path / "state").mkdir()
+    stale = tmp_path / "state" / f".{OWN_MODEL}.k1ll3d.tmp"
+    stale.write_bytes(b"half a model")
+    _, out = _one_round(tmp_path)
+    assert out.content["status"]["status"] == "ok"
+    assert (tmp_path / "state" / OWN_MODEL).is_file() and not stale.exists()
