@@ -43,16 +43,18 @@ must be secret too: a school seeds it from OS entropy (client/school_round.py).
 
 from __future__ import annotations
 
+import functools
 import math
-import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
+
+from privacy.secure_random import SecureRandom
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # Post-processing of a step's noised, scaled gradient (``p.grad`` of the trained parameters) before the
@@ -138,16 +140,85 @@ def _check_step_settings(units_per_batch: int, frames_per_unit: int, noise_multi
 
 #: Opacus' ``secure_mode`` noise: each Gaussian coordinate is the sum of four draws, halved (Holohan et al. 2021,
 #: n = 2), which closes the floating-point attacks on sampled Gaussians (Mironov 2012; Jin et al. 2022) at the
-#: cost of four draws instead of one per coordinate per step. The generator stays torch's, seeded from OS
-#: entropy (Opacus would take torchcsprng's, which is unmaintained): docs/privacy.md, "Not covered".
+#: cost of four draws instead of one per coordinate per step. By default the draws come from an AES-256-CTR stream
+#: (:class:`CSPRNGNoise`, privacy/secure_random.py), where Opacus would take torchcsprng's generator (unmaintained).
 SECURE_NOISE = True
 
+#: Where a randomness source draws from: a CSPRNG stream (training), or a seeded torch generator (``reproducible``).
+Randomness = torch.Generator | SecureRandom
 
-def _generator(seed: int | None, reproducible: bool, offset: int) -> torch.Generator:
-    """A generator seeded from OS entropy, or from ``seed`` and ``offset`` when ``reproducible`` (tests only)."""
-    g = torch.Generator()
-    g.manual_seed((int(seed) * 1_000_003 + offset) if reproducible and seed is not None else secrets.randbits(63))
-    return g
+
+def _randomness(seed: int | None, reproducible: bool, offset: int) -> Randomness:
+    """A fresh AES-256-CTR stream keyed from the OS (privacy/secure_random.py), or, when ``reproducible`` (tests
+    and experiments only), a torch generator seeded from ``seed`` and ``offset``."""
+    if reproducible and seed is not None:
+        g = torch.Generator()
+        g.manual_seed(int(seed) * 1_000_003 + offset)
+        return g
+    return SecureRandom()
+
+
+def gaussian_noise(std: float, reference: torch.Tensor, stream: SecureRandom, secure_mode: bool) -> torch.Tensor:
+    """N(0, std²) noise shaped, typed and placed like ``reference``, from ``stream``. With ``secure_mode``
+    (:data:`SECURE_NOISE`) each coordinate is four standard normals summed and halved, Opacus' form; the sum
+    and the scaling are in float64, rounded once to the reference's dtype."""
+    draws = 4 if secure_mode else 1
+    z = stream.normal(draws * reference.numel())
+    if secure_mode:
+        z = z.view(draws, -1).sum(0).mul_(0.5)
+    return z.mul_(std).view(reference.shape).to(device=reference.device, dtype=reference.dtype)
+
+
+class CSPRNGNoise:
+    """Mixin for Opacus' DP optimizers (first among the bases): THE noise draw of both clipping paths. When the
+    optimizer's ``generator`` is a :class:`SecureRandom` stream, the noise of every parameter is
+    :func:`gaussian_noise` from it; a torch generator (the ``reproducible`` path) or σ = 0 leaves Opacus' own
+    ``add_noise``, so the seeded path stays Opacus' bit for bit."""
+
+    def add_noise(self) -> None:
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        opt: Any = self
+        std = getattr(opt, "_adjusted_noise_multiplier", opt.noise_multiplier) * opt.max_grad_norm
+        if not isinstance(opt.generator, SecureRandom) or std == 0:
+            super().add_noise()  # type: ignore[misc]
+            return
+        for p in opt.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + gaussian_noise(std, p.summed_grad, opt.generator, opt.secure_mode)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def dp_optimizer(optimizer: torch.optim.Optimizer, **kwargs: Any) -> torch.optim.Optimizer:
+    """Opacus' ``DPOptimizer`` (the per-sample path's clipping, noise and scaling) with :class:`CSPRNGNoise`."""
+    return _dp_optimizer_class()(optimizer, **kwargs)
+
+
+@functools.cache
+def _dp_optimizer_class() -> type:
+    """Defined on first use: importing Opacus is left to the paths that use it."""
+    from opacus.optimizers import DPOptimizer
+
+    class CSPRNGDPOptimizer(CSPRNGNoise, DPOptimizer):
+        pass
+
+    return CSPRNGDPOptimizer
+
+
+class PoissonUnits:
+    """Poisson sampling of units from a CSPRNG stream: ``steps`` batches, each unit in each independently with
+    probability ``sample_rate`` — the rule of Opacus' ``UniformWithReplacementSampler`` (which draws
+    ``torch.rand(n) < q`` from a torch generator), with 53-bit uniforms from ``stream``."""
+
+    def __init__(self, num_units: int, sample_rate: float, steps: int, stream: SecureRandom) -> None:
+        self.num_units, self.sample_rate, self.steps, self.stream = num_units, sample_rate, steps, stream
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield self.stream.bernoulli(self.num_units, self.sample_rate).nonzero().flatten().tolist()
 
 
 class PrivateTrainer:
@@ -211,21 +282,24 @@ class PrivateTrainer:
 
     def _attach_opacus(self, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int | None,
                        reproducible: bool, grad_sample_mode: str, clipping: str) -> None:
-        """The frame-choice generator, the Poisson unit sampler, the clipping path and the noisy optimizer;
-        each randomness source gets its own generator (offsets 1, 2, 3)."""
+        """The frame-choice stream, the Poisson unit sampler, the clipping path and the noisy optimizer. Each
+        randomness source has its own stream: a CSPRNG keyed afresh (privacy/secure_random.py), or with
+        ``reproducible`` a torch generator seeded from ``seed`` (offsets 1, 2, 3) and Opacus' own sampler."""
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         from privacy.student_clipping import CLIPPING_MODES
 
         if clipping not in CLIPPING_MODES:
             raise ValueError(f"privacy.clipping must be one of {', '.join(CLIPPING_MODES)}, got {clipping!r}")
-        self._frame_gen = _generator(seed, reproducible, 1)
-        self._sampler = UniformWithReplacementSampler(num_samples=self.num_units, sample_rate=self.sample_rate,
-                                                      generator=_generator(seed, reproducible, 2),
-                                                      steps=self.steps_per_epoch)
+        self._frame_gen = _randomness(seed, reproducible, 1)
+        units = _randomness(seed, reproducible, 2)
+        self._sampler: PoissonUnits | UniformWithReplacementSampler = (
+            PoissonUnits(self.num_units, self.sample_rate, self.steps_per_epoch, units) if isinstance(units, SecureRandom)
+            else UniformWithReplacementSampler(num_samples=self.num_units, sample_rate=self.sample_rate,
+                                               generator=units, steps=self.steps_per_epoch))
         self.model = model
         model.train()
-        self._base_optimizer, self._noise_generator = optimizer, _generator(seed, reproducible, 3)
+        self._base_optimizer, self._noise_generator = optimizer, _randomness(seed, reproducible, 3)
         self._grad_sample_mode, self.clipper = grad_sample_mode, None
         if clipping != "per-sample" and grad_sample_mode == "hooks":
             self._attach_book_keeping(model, required=clipping == "ghost")
@@ -235,15 +309,14 @@ class PrivateTrainer:
     def _attach_per_sample(self, model: nn.Module) -> None:
         """Opacus per-sample gradients (GradSampleModule) summed per unit, clipped by DPOptimizer."""
         from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
 
         self.clipping = "per-sample"
         self.private_model = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True,
                                               force_functorch=self._grad_sample_mode == "functorch")
-        self.optimizer = DPOptimizer(self._base_optimizer, noise_multiplier=self.noise_multiplier,
-                                     max_grad_norm=self.max_grad_norm, expected_batch_size=self.expected_units,
-                                     loss_reduction="mean", generator=self._noise_generator,
-                                     secure_mode=SECURE_NOISE)
+        self.optimizer = dp_optimizer(self._base_optimizer, noise_multiplier=self.noise_multiplier,
+                                      max_grad_norm=self.max_grad_norm, expected_batch_size=self.expected_units,
+                                      loss_reduction="mean", generator=self._noise_generator,
+                                      secure_mode=SECURE_NOISE)
         self._hook_after_noise()
 
     def _hook_after_noise(self) -> None:
@@ -281,7 +354,9 @@ class PrivateTrainer:
         for row, u in enumerate(units):
             members = self._members[u]
             if len(members) > self.frames_per_unit:
-                pick = torch.randperm(len(members), generator=self._frame_gen)[: self.frames_per_unit]
+                order = (self._frame_gen.randperm(len(members)) if isinstance(self._frame_gen, SecureRandom)
+                         else torch.randperm(len(members), generator=self._frame_gen))
+                pick = order[: self.frames_per_unit]
                 chosen = members[pick].tolist()
             else:
                 chosen = members.tolist()

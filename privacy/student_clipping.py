@@ -884,9 +884,11 @@ def clipped_sum_optimizer(optimizer: torch.optim.Optimizer, **kwargs: object) ->
     * ``add_noise`` allocates a zero tensor per parameter that it uses only when σ = 0, and a second tensor
       for ``summed + noise``; here the noise is drawn by the same ``torch.normal`` call, in the same order,
       from the same generator (so bit for bit the same numbers), and the sum is added into it.
-    ``secure_mode`` and σ = 0 use Opacus' own ``add_noise`` unchanged. Clipping bound, noise multiplier,
-    expected batch size, scaling and the step are Opacus'; tests/test_student_clipping.py checks the noised
-    gradients are identical to ``DPOptimizerFastGradientClipping``'s from the same seed."""
+    ``secure_mode``, σ = 0 and a CSPRNG stream as ``generator`` (what training passes) take the noise of
+    privacy/engine.py ``CSPRNGNoise``, the same draw as the per-sample path's (with a torch generator: Opacus' own
+    ``add_noise`` unchanged). Clipping bound, noise multiplier, expected batch size, scaling and the step are
+    Opacus'; tests/test_student_clipping.py checks the noised gradients are identical to
+    ``DPOptimizerFastGradientClipping``'s from the same seed."""
     return _clipped_sum_class()(optimizer, **kwargs)
 
 
@@ -896,7 +898,10 @@ def _clipped_sum_class() -> type:
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    class ClippedSumDPOptimizer(DPOptimizerFastGradientClipping):
+    from privacy.engine import CSPRNGNoise
+    from privacy.secure_random import SecureRandom
+
+    class ClippedSumDPOptimizer(CSPRNGNoise, DPOptimizerFastGradientClipping):
         def accumulate(self) -> None:
             # A step that is not skipped uses the sum at once (add_noise replaces p.grad, zero_grad then drops
             # the sum), so it can be p.grad itself; a skipped step's sum must outlive p.grad: a copy.
@@ -909,8 +914,8 @@ def _clipped_sum_class() -> type:
 
         def add_noise(self) -> None:
             std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
-            if self.secure_mode or std == 0:
-                super().add_noise()
+            if self.secure_mode or std == 0 or isinstance(self.generator, SecureRandom):
+                super().add_noise()   # CSPRNGNoise: the stream's draw, or Opacus' own
                 return
             summed = [p.summed_grad for p in self.params]
             for s in summed:

@@ -1,0 +1,229 @@
+"""The CSPRNG stream (privacy/secure_random.py) and the trainer's use of it: every draw of a school's DP-SGD that
+is not ``reproducible`` — Poisson sampling, frame choice, noise — comes from AES-256-CTR, with the right laws."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+from collections import Counter
+from itertools import permutations
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from scipy import stats
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from privacy.engine import PoissonUnits, PrivateTrainer, gaussian_noise
+from privacy.secure_random import SecureRandom
+
+N = 1_000_000
+
+
+# ------------------------------------------------------------------------------------------ the stream
+def test_the_bits_are_the_aes256_ctr_keystream():
+    """Known answer without CTR mode: block i of the stream is AES-256(key, counter + i), the 128-bit counter
+    carrying across its low 64 bits."""
+    key = bytes(range(32))
+    start = (2**64 - 2).to_bytes(16, "big")
+    got = SecureRandom(_key=key, _counter=start).random_bytes(64)
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    blocks = b"".join(ecb.update((2**64 - 2 + i).to_bytes(16, "big")) for i in range(4))
+    assert got == blocks
+
+
+def test_every_stream_has_its_own_key():
+    a, b = SecureRandom(), SecureRandom()
+    assert a.random_bytes(32) != b.random_bytes(32)
+    assert a.random_bytes(32) != a.random_bytes(32)   # a stream moves on
+
+
+def test_a_stream_cannot_be_copied():
+    s = SecureRandom()
+    for copier in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match="never copied"):
+            copier(s)
+
+
+def test_uniforms_carry_53_random_bits_and_respect_their_open_end():
+    s = SecureRandom()
+    u = s.uniform(N)
+    assert u.dtype == torch.float64 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    k = u * 2.0**53
+    assert torch.equal(k, k.floor())                      # multiples of 2^-53 ...
+    assert 0.49 < float((k % 2 == 1).double().mean()) < 0.51   # ... using the last bit (a float32 draw would not)
+    assert abs(float(u.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / N)
+    left = s.uniform(N, open_at="left")
+    assert float(left.min()) > 0.0 and float(left.max()) <= 1.0
+    with pytest.raises(ValueError):
+        s.uniform(3, open_at="both")
+
+
+def test_normals_are_standard_normal():
+    """10^6 draws: mean, variance, tails and the KS distance to N(0, 1). The bounds are ~5 standard errors:
+    uniforms, a variance 10 % off (KS ≈ 0.011) or a transform with short tails fail them."""
+    z = SecureRandom().normal(N)
+    assert z.shape == (N,) and z.dtype == torch.float64
+    assert abs(float(z.mean())) < 5 / math.sqrt(N)
+    assert abs(float(z.var()) - 1.0) < 5 * math.sqrt(2 / N)
+    beyond3 = int((z.abs() > 3).sum())                     # expected 2700, sd 52
+    assert abs(beyond3 - N * 2 * stats.norm.sf(3)) < 5 * math.sqrt(N * 2 * stats.norm.sf(3))
+    assert stats.kstest(z.numpy(), "norm").statistic < 0.0035   # P(false alarm) < 1e-10
+    assert SecureRandom().normal(7).shape == (7,)        # odd counts: half a Box-Muller pair dropped
+
+
+@pytest.mark.parametrize("broken", ["uniform", "variance"])
+def test_the_normal_checks_catch_a_broken_transform(broken):
+    """The same KS bound on what a broken transform would give: the check above can fail."""
+    s = SecureRandom()
+    z = (s.uniform(N) - 0.5) * math.sqrt(12) if broken == "uniform" else s.normal(N) * math.sqrt(1.1)
+    assert stats.kstest(z.numpy(), "norm").statistic > 0.0035
+
+
+def test_bernoulli_has_rate_q():
+    s = SecureRandom()
+    for q in (0.1, 0.5, 2 / 3):
+        hits = int(s.bernoulli(N, q).sum())
+        assert abs(hits - N * q) < 5 * math.sqrt(N * q * (1 - q))
+    assert not s.bernoulli(1000, 0.0).any() and s.bernoulli(1000, 1.0).all()
+    with pytest.raises(ValueError):
+        s.bernoulli(3, 1.5)
+
+
+def test_randperm_is_a_uniform_permutation():
+    s = SecureRandom()
+    for n in (1, 2, 10, 1000):
+        assert torch.equal(s.randperm(n).sort().values, torch.arange(n))
+    draws = 24_000   # all 24 orders of 4, about 1000 each: chi-square with 23 degrees of freedom
+    counts = Counter(tuple(s.randperm(4).tolist()) for _ in range(draws))
+    assert set(counts) == set(permutations(range(4)))
+    chi2 = sum((c - draws / 24) ** 2 / (draws / 24) for c in counts.values())
+    assert chi2 < stats.chi2.isf(1e-6, 23)
+
+
+def test_poisson_units_take_each_unit_at_rate_q():
+    sampler = PoissonUnits(num_units=1000, sample_rate=0.1, steps=200, stream=SecureRandom())
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 200
+    assert all(b == sorted(set(b)) and all(0 <= u < 1000 for u in b) for b in batches)
+    total = sum(len(b) for b in batches)                 # 200 000 coin flips at q = 0.1
+    assert abs(total - 20_000) < 5 * math.sqrt(200_000 * 0.1 * 0.9)
+    per_unit = Counter(u for b in batches for u in b)    # no unit favoured: each ~ Binomial(200, 0.1)
+    assert max(per_unit.values()) < 50
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussian_noise_has_std_and_the_reference_shape_and_dtype(dtype):
+    ref = torch.zeros(300, 1000, dtype=dtype)
+    for secure in (True, False):
+        noise = gaussian_noise(0.7, ref, SecureRandom(), secure)
+        assert noise.shape == ref.shape and noise.dtype == dtype
+        assert float(noise.std()) == pytest.approx(0.7, rel=5 * math.sqrt(1 / (2 * ref.numel())))
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+def _data(frames_per_student: int = 5, students: int = 8):
+    g = torch.Generator().manual_seed(1)
+    n = frames_per_student * students
+    x = torch.randn(n, 1, 6, 6, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return TensorDataset(x, y), [f"s{i % students}" for i in range(n)]
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def _trainer(clipping: str = "ghost", reproducible: bool = False, sigma: float = 2.0, width: int = 4,
+             seed: int | None = 0) -> PrivateTrainer:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, width))
+    ds, ids = _data()
+    return PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), ds, ids, units_per_batch=2,
+                          frames_per_unit=2, noise_multiplier=sigma, max_grad_norm=0.5, seed=seed,
+                          declared_units=8, reproducible=reproducible, clipping=clipping)
+
+
+def _noise_of_an_empty_step(trainer: PrivateTrainer) -> torch.Tensor:
+    """lr 1 and no units: the weights move by exactly the scaled noise."""
+    before = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
+    trainer.step([], _loss)
+    return before - torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def _refuse_torch_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_a, **_k):
+        raise AssertionError("a DP draw came from torch's generator")
+
+    for name in ("normal", "rand", "randperm"):   # Opacus' noise, Opacus' Poisson sampler, the frame choice
+        monkeypatch.setattr(torch, name, refuse)
+
+
+@pytest.mark.parametrize("clipping", ["per-sample", "ghost"])
+def test_training_draws_sampling_frames_and_noise_from_the_csprng(clipping, monkeypatch):
+    """With torch's draws made to raise, a non-reproducible epoch runs, and each source drew from its stream;
+    the reproducible path does hit the patched functions (so this test can fail)."""
+    trainer = _trainer(clipping)
+    calls: Counter[str] = Counter()
+    for name in ("normal", "bernoulli", "randperm"):
+        original = getattr(SecureRandom, name)
+        monkeypatch.setattr(SecureRandom, name, lambda self, *a, _o=original, _n=name, **k: (
+            calls.update([_n]), _o(self, *a, **k))[1])
+    _refuse_torch_draws(monkeypatch)
+    stats_ = trainer.train_epoch(_loss)
+    assert stats_["steps"] == trainer.steps_per_epoch == 4 and stats_["units"] > 0
+    assert calls["bernoulli"] == 4                        # one Poisson draw per step
+    assert calls["normal"] == 4 * 2                       # weight and bias, every step
+    assert calls["randperm"] == stats_["units"]           # every sampled student has 5 > 2 frames
+    monkeypatch.undo()
+    seeded = _trainer(clipping, reproducible=True)
+    _refuse_torch_draws(monkeypatch)
+    with pytest.raises(AssertionError, match="torch's generator"):
+        seeded.train_epoch(_loss)
+
+
+@pytest.mark.parametrize("clipping", ["per-sample", "ghost"])
+def test_the_csprng_noise_keeps_the_four_draw_form_and_the_scale_sigma_c_over_b(clipping, monkeypatch):
+    """Four standard normals per coordinate (secure_mode's form), and the noise std of a step is Opacus'
+    σ·C / expected batch (here 2 × 0.5 / 2), as on the seeded path; 36 000 coordinates: ±0.4 % at 1 sd."""
+    drawn: list[int] = []
+    original = SecureRandom.normal
+    monkeypatch.setattr(SecureRandom, "normal", lambda self, n: (drawn.append(n), original(self, n))[1])
+    trainer = _trainer(clipping, width=1000)
+    opt = trainer.optimizer
+    want = opt.noise_multiplier * opt.max_grad_norm / opt.expected_batch_size
+    assert want == pytest.approx(2.0 * 0.5 / 2)
+    noise = _noise_of_an_empty_step(trainer)
+    assert drawn == [4 * p.numel() for p in trainer.model.parameters()]
+    assert noise.dtype == torch.float32
+    assert float(noise.std()) == pytest.approx(want, rel=0.02)
+    assert abs(float(noise.mean())) < 5 * want / math.sqrt(noise.numel())
+    assert stats.kstest(noise.double().numpy() / want, "norm").statistic < 0.015
+    seeded = _noise_of_an_empty_step(_trainer(clipping, reproducible=True, width=1000))
+    assert float(seeded.std()) == pytest.approx(want, rel=0.02)
+
+
+def test_two_trainers_never_draw_the_same_noise():
+    """Same seed, same model: two trainers' noise (and one trainer's two steps) are unrelated; only the
+    reproducible path repeats itself."""
+    a, b = _trainer(width=1000), _trainer(width=1000)
+    na, nb, na2 = _noise_of_an_empty_step(a), _noise_of_an_empty_step(b), _noise_of_an_empty_step(a)
+    for x, y in ((na, nb), (na, na2)):
+        assert abs(float(torch.corrcoef(torch.stack([x, y]))[0, 1])) < 5 / math.sqrt(x.numel())
+    r1 = _noise_of_an_empty_step(_trainer(width=1000, reproducible=True))
+    r2 = _noise_of_an_empty_step(_trainer(width=1000, reproducible=True))
+    assert torch.equal(r1, r2)
+
+
+def test_the_frame_choice_is_uniform_over_a_students_frames():
+    trainer = _trainer()
+    members = set(trainer._members[0].tolist())
+    counts: Counter[int] = Counter()
+    for _ in range(3000):
+        frames, rows = trainer._frames_of([0])
+        assert len(frames) == len(set(frames)) == 2 and set(frames) <= members and rows == [0, 0]
+        counts.update(frames)
+    for m in members:   # each of 5 frames in 2/5 of the draws: sd 0.009
+        assert counts[m] / 3000 == pytest.approx(0.4, abs=0.045)
