@@ -15,7 +15,10 @@ step on a random batch in [-1, 1]: images (B, 3, S, S), or clips (B, 3, T, S, S)
   dp-hooks     Opacus GradSampleModule (hooks) + DPOptimizer (clip + noise) -- privacy.clipping: per-sample
   dp-bk-ghost / dp-bk-direct  dp-bk with every Linear/Conv2d on the ghost rule / the direct rule (--extras)
   dp-bk-onedraw  dp-bk with one Gaussian draw per noise coordinate instead of Opacus' secure_mode four
-               (every DP mode draws its noise as the client does: secure_mode, privacy/engine.py SECURE_NOISE)
+               (every DP mode draws its noise in secure_mode, as the client does: privacy/engine.py SECURE_NOISE)
+  dp-bk-csprng dp-bk with the noise from the AES-256-CTR stream (privacy/secure_random.py) instead of torch's
+               generator: what the client runs since the CSPRNG (the other modes keep torch's generator, so
+               earlier results stay comparable); the ratio to dp-bk is the CSPRNG's cost
   dp-ghost     Opacus fast gradient / ghost clipping (GradSampleModuleFastGradientClipping, two backward
                passes, norms instead of stored per-sample gradients where Opacus has a norm sampler)
   dp-functorch GradSampleModule(force_functorch=True)
@@ -102,10 +105,15 @@ def _training_step(mode: str, model, x, y, result: dict) -> Callable[[], None]: 
 
     from privacy.engine import SECURE_NOISE
 
-    # the noise as the client draws it (Opacus' secure_mode); `dp-bk-onedraw`: one Gaussian draw per coordinate
+    # the noise in the client's form (Opacus' secure_mode); `dp-bk-onedraw`: one Gaussian draw per coordinate;
+    # `dp-bk-csprng`: drawn from the client's CSPRNG stream (privacy/engine.py CSPRNGNoise), the rest torch's generator
     dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(x),
               secure_mode=SECURE_NOISE and mode != "dp-bk-onedraw")
-    if mode == "dp-bk-onedraw":
+    if mode == "dp-bk-csprng":
+        from privacy.secure_random import SecureRandom
+
+        dp["generator"] = SecureRandom()
+    if mode in ("dp-bk-onedraw", "dp-bk-csprng"):
         mode = "dp-bk"
     if mode.startswith("plain"):
         net, opt = model, torch.optim.SGD(model.parameters(), lr=0.01)
