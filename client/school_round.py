@@ -425,9 +425,10 @@ def _train(model: torch.nn.Module, data: SchoolData | SchoolClips, plan, cfg: Ma
         _log(f"{node.school_id}: round {server_round} has σ {plan.noise_multiplier:.2f} > train.lr_noise_reference: "
              f"step size {lr:.3g} instead of {float(cfg['train.lr']):g}")
 
-    # augmentation draws from torch's global generator, in the order frames are used, so a student's presence
-    # shifts the draws of every frame after theirs: seeded from OS entropy like the DP sampling and noise (a
-    # seed from run.seed, school and round, known to the coordinator, made one student move others' gradients)
+    # augmentation and dropout draw from torch's global generator: the trainer seeds its CPU generator from its
+    # CSPRNG before every frame and every forward (privacy/engine.py PrivateTrainer._collate); this seeds the
+    # rest (e.g. a GPU's generator) from OS entropy, never from run.seed, school and round, which the coordinator
+    # knows (a known stream consumed in frame order let one student move others' gradients)
     torch.manual_seed(secrets.randbits(63))
     if isinstance(data, SchoolClips):   # a clip model: one sample per clip, the student's clips are one unit
         frames = clip_dataset(data, model)

@@ -300,6 +300,8 @@ class PrivateTrainer:
         self.model = model
         model.train()
         self._base_optimizer, self._noise_generator = optimizer, _randomness(seed, reproducible, 3)
+        # seeds torch's CPU generator for each frame's transform and each forward (see _collate)
+        self._torch_seeds = None if reproducible else SecureRandom()
         self._grad_sample_mode, self.clipper = grad_sample_mode, None
         if clipping != "per-sample" and grad_sample_mode == "hooks":
             self._attach_book_keeping(model, required=clipping == "ghost")
@@ -364,6 +366,23 @@ class PrivateTrainer:
             row_of_frame.extend([row] * len(chosen))
         return frame_idx, row_of_frame
 
+    def _collate(self, frame_idx: list[int]) -> Any:
+        """The frames through their transform, as one batch. The transform's augmentation and the forward's
+        dropout draw from torch's global CPU generator, which takes no CSPRNG; unless ``reproducible``, it is
+        seeded from the CSPRNG before each frame and once more before the forward. So each frame's augmentation
+        is its own (a student's presence does not shift other frames' draws) and no draw follows from another
+        one or from a seed outside the trainer; the reproducible path leaves the generator to the caller."""
+        if self._torch_seeds is None:
+            return default_collate([self.frames[i] for i in frame_idx])
+        seeds = self._torch_seeds.seeds(len(frame_idx) + 1)
+        cpu = torch.default_generator
+        batch = []
+        for i, s in zip(frame_idx, seeds):
+            cpu.manual_seed(s)
+            batch.append(self.frames[i])
+        cpu.manual_seed(seeds[-1])
+        return default_collate(batch)
+
     def _params(self) -> list[nn.Parameter]:
         return [p for p in self.optimizer.params if p.requires_grad]
 
@@ -375,7 +394,7 @@ class PrivateTrainer:
         loss_sum, n_frames = 0.0, 0
         if units:
             frame_idx, rows = self._frames_of(units)
-            x, y = default_collate([self.frames[i] for i in frame_idx])
+            x, y = self._collate(frame_idx)
             row_index = torch.tensor(rows, dtype=torch.long)
             try:
                 losses = self._clipped_sum(loss_fn, x, y, row_index, len(units))

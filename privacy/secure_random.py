@@ -57,6 +57,11 @@ class SecureRandom:
         """``n`` uniform 64-bit words (little-endian reading of the keystream)."""
         return np.frombuffer(self.random_bytes(8 * n), dtype="<u8")
 
+    def seeds(self, n: int) -> list[int]:
+        """``n`` uniform 64-bit seeds, for code that draws from a torch generator of its own (torchvision's
+        transforms): torch's CPU generator keeps the low 32 bits of its seed, so each seed gives 32 bits."""
+        return self._words(n).tolist()
+
     # ------------------------------------------------------------------------------------ draws
     def uniform(self, n: int, *, open_at: str = "right") -> torch.Tensor:
         """``n`` float64 uniforms with 53 random bits: in [0, 1) (``open_at="right"``, the default) or in

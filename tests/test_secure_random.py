@@ -227,3 +227,46 @@ def test_the_frame_choice_is_uniform_over_a_students_frames():
         counts.update(frames)
     for m in members:   # each of 5 frames in 2/5 of the draws: sd 0.009
         assert counts[m] / 3000 == pytest.approx(0.4, abs=0.045)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Frames whose transform draws from torch's global generator, as torchvision's augmentation does; each
+    draw is kept so the test can see where it came from."""
+
+    def __init__(self) -> None:
+        self.base, self.drawn = _data()[0], []
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        jitter = torch.rand(())
+        self.drawn.append(float(jitter))
+        return x + jitter, y
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_augmentation_is_seeded_per_frame_from_the_csprng(reproducible, monkeypatch):
+    """Not reproducible: torch's global generator is seeded from the CSPRNG before every frame and before the
+    forward, so the same global seed outside gives other augmentations; reproducible: the caller's seed decides
+    (the contrast shows the check can fail)."""
+    seeds: list[int] = []
+    original = SecureRandom.seeds
+    monkeypatch.setattr(SecureRandom, "seeds", lambda self, n: (seeds.append(n), original(self, n))[1])
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4))
+        ds = _Augmented()
+        trainer = PrivateTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), ds, _data()[1],
+                                 units_per_batch=8, frames_per_unit=2, noise_multiplier=1.0, max_grad_norm=1.0,
+                                 seed=3, declared_units=8, reproducible=reproducible)
+        torch.manual_seed(0)
+        trainer.step([0, 1, 2], _loss)
+        runs.append(ds.drawn)
+    assert len(runs[0]) == 6
+    if reproducible:
+        assert runs[0] == runs[1] and seeds == []
+    else:
+        assert set(runs[0]).isdisjoint(runs[1]) and seeds == [7, 7]   # 6 frames + the forward, per step
