@@ -12,8 +12,8 @@ The rule (:func:`sampling`, :func:`plan_round`):
   * σ is calibrated from (target ε, δ, q, steps × rounds), or fixed by the caller.
 
 The trainer (:class:`PrivateTrainer`, privacy unit ``student``): each step
-  1. samples units by Poisson sampling at rate q over the units the school actually has (Opacus
-     ``UniformWithReplacementSampler`` over the *units*, not the frames);
+  1. samples units by Poisson sampling at rate q over the units the school actually has (over the *units*,
+     not the frames: :class:`PoissonUnits`, Opacus' ``UniformWithReplacementSampler`` rule on the CSPRNG);
   2. draws ``frames_per_unit`` of each sampled unit's frames (without replacement; all of them if it
      has fewer);
   3. computes each unit's gradient — the gradient of the sum of its frames' losses — and clips it to
@@ -29,16 +29,22 @@ The trainer (:class:`PrivateTrainer`, privacy unit ``student``): each step
      On both, a unit whose gradient is not finite (inf or NaN: a model overflowing on its frames)
      contributes zero, never a NaN sum;
   4. adds N(0, σ²C²) to the clipped sum and divides by the expected number of units q × declared size —
-     a public constant (the same Opacus noise code on both paths).
+     a public constant (the same noise code on both paths: :class:`CSPRNGNoise`, in Opacus' ``secure_mode``
+     form, four draws per coordinate summed and halved).
 One student changes at most one clipped row of one step's sum, so the sampled Gaussian mechanism at
 (σ, q) per step is exactly what the accountant composes. ``image`` is the same code with every frame its
 own unit (standard Opacus DP-SGD with Poisson sampling).
 
-Randomness: by default the unit sampling, the frame choice and the noise come from OS entropy. The
-amplification-by-sampling argument needs the sample to be secret, and noise that anyone can regenerate
-from a config seed protects nothing; ``reproducible=True`` derives them from ``seed`` instead, for tests
-and experiments only. Whatever the frames' transform draws (augmentation, from torch's global generator)
-must be secret too: a school seeds it from OS entropy (client/school_round.py).
+Randomness: by default every draw of a step comes from a cryptographically secure generator, AES-256 in
+counter mode keyed from ``os.urandom`` (privacy/secure_random.py), one fresh stream per source per trainer: the
+unit sampling, the frame choice and the noise, and the seeds of torch's CPU generator, which the frames'
+transform (augmentation) and the forward (dropout) draw from and which takes no CSPRNG (re-seeded before every
+frame and every forward: :meth:`PrivateTrainer._collate`). The amplification-by-sampling argument needs the
+sample to be secret, and noise that anyone can regenerate or predict protects nothing: torch's generators are
+Mersenne Twisters, whose state follows from 624 outputs, and torch keeps only 32 bits of a CPU generator's seed.
+``reproducible=True`` uses torch generators seeded from ``seed`` instead (Opacus' own sampler and noise, bit for
+bit) and leaves the global generator to the caller, for tests and experiments only. What the CSPRNG does not
+cover: docs/privacy.md, "The random numbers".
 """
 
 from __future__ import annotations
