@@ -3,8 +3,9 @@
 Why: the guarantee of a school's DP-SGD rests on three draws nobody outside the school may predict — the
 Poisson sample of students, the frames drawn of each sampled student, and the Gaussian noise. torch's
 generators are Mersenne Twisters (MT19937): 624 consecutive 32-bit outputs give away the whole state, so past
-and future draws, and a CPU generator keeps only 32 bits of its seed (2^32 guesses). Opacus' ``secure_mode`` would take torchcsprng's
-generator, which is unmaintained and does not install for current torch. So the project draws its own:
+and future draws, and a CPU generator keeps only 32 bits of its seed (2^32 guesses). Opacus' ``secure_mode``
+would take torchcsprng's generator, which is unmaintained and does not install for current torch. So the
+project draws its own:
 
 * the bits are the AES-256-CTR keystream (the encryption of zeros) of the ``cryptography`` package, under a
   key of 32 bytes from ``os.urandom``, fresh for every :class:`SecureRandom` (so one per randomness source

@@ -113,7 +113,7 @@ def dp_round(model: torch.nn.Module, school: Any, cfg: Mapping[str, Any], seed: 
     from shared_models.training import FaceDataset, make_optimizer
     from shared_models.transforms import train_transform
 
-    torch.manual_seed(seed)   # augmentation only: the DP sampling and noise use OS entropy
+    torch.manual_seed(seed)   # draws outside the trainer only: its DP draws and augmentation come from its CSPRNG
     unit = str(cfg["privacy.unit"])
     count = school.num_students if unit == "student" else len(school)
     plan = plan_from_config(cfg, int(declared_units or count))
