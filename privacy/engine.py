@@ -167,12 +167,21 @@ def _randomness(seed: int | None, reproducible: bool, offset: int) -> Randomness
 def gaussian_noise(std: float, reference: torch.Tensor, stream: SecureRandom, secure_mode: bool) -> torch.Tensor:
     """N(0, std²) noise shaped, typed and placed like ``reference``, from ``stream``. With ``secure_mode``
     (:data:`SECURE_NOISE`) each coordinate is four standard normals summed and halved, Opacus' form; the sum
-    and the scaling are in float64, rounded once to the reference's dtype."""
-    draws = 4 if secure_mode else 1
-    z = stream.normal(draws * reference.numel())
-    if secure_mode:
-        z = z.view(draws, -1).sum(0).mul_(0.5)
-    return z.mul_(std).view(reference.shape).to(device=reference.device, dtype=reference.dtype)
+    and the scaling are in float64, rounded once to the reference's dtype. Drawn in chunks of
+    :data:`_NOISE_CHUNK` coordinates, so a large layer's float64 draws never sit in memory four times over."""
+    draws, n = (4 if secure_mode else 1), reference.numel()
+    out = torch.empty(n, dtype=reference.dtype)
+    for start in range(0, n, _NOISE_CHUNK):
+        m = min(_NOISE_CHUNK, n - start)
+        z = stream.normal(draws * m)
+        if secure_mode:
+            z = z.view(draws, m).sum(0).mul_(0.5)
+        out[start:start + m] = z.mul_(std)
+    return out.view(reference.shape).to(device=reference.device)
+
+
+#: coordinates per draw of :func:`gaussian_noise` (2^18: 8 MB of float64 normals at four draws each)
+_NOISE_CHUNK = 1 << 18
 
 
 class CSPRNGNoise:

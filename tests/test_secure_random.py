@@ -270,3 +270,15 @@ def test_augmentation_is_seeded_per_frame_from_the_csprng(reproducible, monkeypa
         assert runs[0] == runs[1] and seeds == []
     else:
         assert set(runs[0]).isdisjoint(runs[1]) and seeds == [7, 7]   # 6 frames + the forward, per step
+
+
+def test_gaussian_noise_in_chunks_is_still_iid(monkeypatch):
+    """A layer larger than a chunk: every coordinate drawn once, the chunks' noise unrelated."""
+    import privacy.engine as engine
+
+    monkeypatch.setattr(engine, "_NOISE_CHUNK", 1000)
+    noise = gaussian_noise(2.0, torch.zeros(25, 999), SecureRandom(), True).flatten()
+    assert float(noise.std()) == pytest.approx(2.0, rel=5 * math.sqrt(1 / (2 * noise.numel())))
+    first, second = noise[:1000], noise[1000:2000]
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.16   # 5 sd at n = 1000
+    assert int((noise == 0).sum()) == 0
