@@ -29,8 +29,8 @@ The trainer (:class:`PrivateTrainer`, privacy unit ``student``): each step
      On both, a unit whose gradient is not finite (inf or NaN: a model overflowing on its frames)
      contributes zero, never a NaN sum;
   4. adds N(0, σ²C²) to the clipped sum and divides by the expected number of units q × declared size —
-     a public constant (the same noise code on both paths: :class:`CSPRNGNoise`, in Opacus' ``secure_mode``
-     form, four draws per coordinate summed and halved).
+     a public constant (the same noise code on both paths: privacy/noise.py ``CSPRNGNoise``, in Opacus'
+     ``secure_mode`` form, four draws per coordinate summed and halved).
 One student changes at most one clipped row of one step's sum, so the sampled Gaussian mechanism at
 (σ, q) per step is exactly what the accountant composes. ``image`` is the same code with every frame its
 own unit (standard Opacus DP-SGD with Poisson sampling).
@@ -60,6 +60,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from privacy.noise import CSPRNGNoise
 from privacy.secure_random import SecureRandom
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -146,8 +147,9 @@ def _check_step_settings(units_per_batch: int, frames_per_unit: int, noise_multi
 
 #: Opacus' ``secure_mode`` noise: each Gaussian coordinate is the sum of four draws, halved (Holohan et al. 2021,
 #: n = 2), which closes the floating-point attacks on sampled Gaussians (Mironov 2012; Jin et al. 2022) at the
-#: cost of four draws instead of one per coordinate per step. By default the draws come from an AES-256-CTR stream
-#: (:class:`CSPRNGNoise`, privacy/secure_random.py), where Opacus would take torchcsprng's generator (unmaintained).
+#: cost of four draws instead of one per coordinate per step. By default the draws come from an AES-256-CTR
+#: stream (privacy/noise.py ``CSPRNGNoise``, privacy/secure_random.py), where Opacus would take torchcsprng's
+#: generator (unmaintained).
 SECURE_NOISE = True
 
 #: Where a randomness source draws from: a CSPRNG stream (training), or a seeded torch generator (``reproducible``).
@@ -162,46 +164,6 @@ def _randomness(seed: int | None, reproducible: bool, offset: int) -> Randomness
         g.manual_seed(int(seed) * 1_000_003 + offset)
         return g
     return SecureRandom()
-
-
-def gaussian_noise(std: float, reference: torch.Tensor, stream: SecureRandom, secure_mode: bool) -> torch.Tensor:
-    """N(0, std²) noise shaped, typed and placed like ``reference``, from ``stream``. With ``secure_mode``
-    (:data:`SECURE_NOISE`) each coordinate is four standard normals summed and halved, Opacus' form; the sum
-    and the scaling are in float64, rounded once to the reference's dtype. Drawn in chunks of
-    :data:`_NOISE_CHUNK` coordinates, so a large layer's float64 draws never sit in memory four times over."""
-    draws, n = (4 if secure_mode else 1), reference.numel()
-    out = torch.empty(n, dtype=reference.dtype)
-    for start in range(0, n, _NOISE_CHUNK):
-        m = min(_NOISE_CHUNK, n - start)
-        z = stream.normal(draws * m)
-        if secure_mode:
-            z = z.view(draws, m).sum(0).mul_(0.5)
-        out[start:start + m] = z.mul_(std)
-    return out.view(reference.shape).to(device=reference.device)
-
-
-#: coordinates per draw of :func:`gaussian_noise` (2^18: 8 MB of float64 normals at four draws each)
-_NOISE_CHUNK = 1 << 18
-
-
-class CSPRNGNoise:
-    """Mixin for Opacus' DP optimizers (first among the bases): THE noise draw of both clipping paths. When the
-    optimizer's ``generator`` is a :class:`SecureRandom` stream, the noise of every parameter is
-    :func:`gaussian_noise` from it; a torch generator (the ``reproducible`` path) or σ = 0 leaves Opacus' own
-    ``add_noise``, so the seeded path stays Opacus' bit for bit."""
-
-    def add_noise(self) -> None:
-        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-
-        opt: Any = self
-        std = getattr(opt, "_adjusted_noise_multiplier", opt.noise_multiplier) * opt.max_grad_norm
-        if not isinstance(opt.generator, SecureRandom) or std == 0:
-            super().add_noise()  # type: ignore[misc]
-            return
-        for p in opt.params:
-            _check_processed_flag(p.summed_grad)
-            p.grad = (p.summed_grad + gaussian_noise(std, p.summed_grad, opt.generator, opt.secure_mode)).view_as(p)
-            _mark_as_processed(p.summed_grad)
 
 
 def dp_optimizer(optimizer: torch.optim.Optimizer, **kwargs: Any) -> torch.optim.Optimizer:
@@ -308,10 +270,12 @@ class PrivateTrainer:
             raise ValueError(f"privacy.clipping must be one of {', '.join(CLIPPING_MODES)}, got {clipping!r}")
         self._frame_gen = _randomness(seed, reproducible, 1)
         units = _randomness(seed, reproducible, 2)
-        self._sampler: PoissonUnits | UniformWithReplacementSampler = (
-            PoissonUnits(self.num_units, self.sample_rate, self.steps_per_epoch, units) if isinstance(units, SecureRandom)
-            else UniformWithReplacementSampler(num_samples=self.num_units, sample_rate=self.sample_rate,
-                                               generator=units, steps=self.steps_per_epoch))
+        self._sampler: PoissonUnits | UniformWithReplacementSampler
+        if isinstance(units, SecureRandom):
+            self._sampler = PoissonUnits(self.num_units, self.sample_rate, self.steps_per_epoch, units)
+        else:
+            self._sampler = UniformWithReplacementSampler(num_samples=self.num_units, sample_rate=self.sample_rate,
+                                                          generator=units, steps=self.steps_per_epoch)
         self.model = model
         model.train()
         self._base_optimizer, self._noise_generator = optimizer, _randomness(seed, reproducible, 3)

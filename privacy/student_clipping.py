@@ -885,7 +885,7 @@ def clipped_sum_optimizer(optimizer: torch.optim.Optimizer, **kwargs: object) ->
       for ``summed + noise``; here the noise is drawn by the same ``torch.normal`` call, in the same order,
       from the same generator (so bit for bit the same numbers), and the sum is added into it.
     ``secure_mode``, σ = 0 and a CSPRNG stream as ``generator`` (what training passes) take the noise of
-    privacy/engine.py ``CSPRNGNoise``, the same draw as the per-sample path's (with a torch generator: Opacus' own
+    privacy/noise.py ``CSPRNGNoise``, the same draw as the per-sample path's (with a torch generator: Opacus' own
     ``add_noise`` unchanged). Clipping bound, noise multiplier, expected batch size, scaling and the step are
     Opacus'; tests/test_student_clipping.py checks the noised gradients are identical to
     ``DPOptimizerFastGradientClipping``'s from the same seed."""
@@ -898,7 +898,7 @@ def _clipped_sum_class() -> type:
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    from privacy.engine import CSPRNGNoise
+    from privacy.noise import CSPRNGNoise
     from privacy.secure_random import SecureRandom
 
     class ClippedSumDPOptimizer(CSPRNGNoise, DPOptimizerFastGradientClipping):

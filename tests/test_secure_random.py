@@ -16,7 +16,8 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from privacy.engine import PoissonUnits, PrivateTrainer, gaussian_noise
+from privacy.engine import PoissonUnits, PrivateTrainer
+from privacy.noise import gaussian_noise
 from privacy.secure_random import SecureRandom
 
 N = 1_000_000
@@ -274,9 +275,9 @@ def test_augmentation_is_seeded_per_frame_from_the_csprng(reproducible, monkeypa
 
 def test_gaussian_noise_in_chunks_is_still_iid(monkeypatch):
     """A layer larger than a chunk: every coordinate drawn once, the chunks' noise unrelated."""
-    import privacy.engine as engine
+    import privacy.noise
 
-    monkeypatch.setattr(engine, "_NOISE_CHUNK", 1000)
+    monkeypatch.setattr(privacy.noise, "_NOISE_CHUNK", 1000)
     noise = gaussian_noise(2.0, torch.zeros(25, 999), SecureRandom(), True).flatten()
     assert float(noise.std()) == pytest.approx(2.0, rel=5 * math.sqrt(1 / (2 * noise.numel())))
     first, second = noise[:1000], noise[1000:2000]

@@ -106,7 +106,7 @@ def _training_step(mode: str, model, x, y, result: dict) -> Callable[[], None]: 
     from privacy.engine import SECURE_NOISE
 
     # the noise in the client's form (Opacus' secure_mode); `dp-bk-onedraw`: one Gaussian draw per coordinate;
-    # `dp-bk-csprng`: drawn from the client's CSPRNG stream (privacy/engine.py CSPRNGNoise), the rest torch's generator
+    # `dp-bk-csprng`: drawn from the client's CSPRNG stream (privacy/noise.py CSPRNGNoise), the rest torch's generator
     dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=len(x),
               secure_mode=SECURE_NOISE and mode != "dp-bk-onedraw")
     if mode == "dp-bk-csprng":
