@@ -94,6 +94,21 @@ def process_tree(root: int) -> list[int]:
     return order
 
 
+def processes_with_flwr_home(under: Path) -> set[int]:
+    """Every live process whose FLWR_HOME lies under `under`: the launcher gives each Flower process of a run
+    (SuperLink, simulation, Ray's raylet and workers, which inherit its environment) FLWR_HOME inside the
+    run directory, so this finds them even when they left the process tree (Ray's daemons)."""
+    marker = f"FLWR_HOME={under}".encode()
+    found = set()
+    for pid in _all_pids():
+        try:
+            if marker in Path(f"/proc/{pid}/environ").read_bytes():
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
 def pids_in_sessions(sessions: Iterable[int]) -> list[int]:
     wanted = set(sessions)
     return [pid for pid in _all_pids() if (st := _proc_stat(pid)) is not None and st[2] in wanted and pid != os.getpid()]

@@ -90,17 +90,9 @@ def say(text: str) -> None:
 def run_processes(root_pid: int, run_dir: Path) -> set[int]:
     """`root_pid`'s live descendants and every process that inherited the run's FLWR_HOME (the SuperLink
     runs in its own session; Ray's daemons leave the process tree)."""
-    from server.processes import process_tree
+    from server.processes import process_tree, processes_with_flwr_home
 
-    found = set(process_tree(root_pid))
-    marker = f"FLWR_HOME={run_dir}".encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "environ").read_bytes():
-                    found.add(int(entry.name))
-            except OSError:
-                continue
+    found = set(process_tree(root_pid)) | processes_with_flwr_home(run_dir)
     found.discard(os.getpid())
     return found
 

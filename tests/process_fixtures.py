@@ -4,18 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from server.processes import processes_with_flwr_home
+
 
 def processes_of_run(run_root: Path) -> set[int]:
-    """Every live process that belongs to a run under `run_root`: the launcher gives each Flower process
-    (SuperLink, simulation, Ray's raylet and workers, which inherit its environment) FLWR_HOME inside
-    the run directory, whatever its name."""
-    marker = f"FLWR_HOME={run_root}".encode()
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "environ").read_bytes():
-                    found.add(int(entry.name))
-            except OSError:
-                continue
-    return found
+    """Every live process that belongs to a run under `run_root` (server/processes.py `processes_with_flwr_home`)."""
+    return processes_with_flwr_home(run_root)
