@@ -7,7 +7,11 @@ school's chain, per signing key (a new key is a new identity: re-enrolment, or a
 
     {"school": S, "chains": {<key id>: {"public_key": PEM, "head": last verified hash, "count": entries,
         "histories": {dataset: [[σ, q, steps], …] after the head},
-        "runs": [{"run_id": R, "hashes": [...], "histories_after": {...}}, …in the order first seen]}}}
+        "runs": [{"run_id": R, "hashes": [...], "histories_after": {...}}, …in the order first seen],
+        "retired": [<key id>, …]}}}
+
+A key transition (privacy/ledger.py) does not start a new identity: the chain anchored under the old key
+moves to the new key's id and lists the old one in ``retired`` (found by either key).
 
 Before a school's first entry of a new run is stored, :func:`check_continues` compares it with the
 anchor; after entries are stored, :func:`update_anchor` moves the anchor (written crash-safely, under a
@@ -25,8 +29,9 @@ from typing import Any, Mapping, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared_models.atomic_files import atomic_write_text, locked
-from privacy.ledger import GENESIS_HASH, LedgerError, _check_school_name, history_key
-from privacy.signing import key_id, public_key_pem
+from privacy.ledger import (GENESIS_HASH, KEY_TRANSITION, LedgerError, _check_school_name, chain_start_key,
+                            copy_run_id, history_key)
+from privacy.signing import key_id, load_public_key, public_key_pem
 
 ANCHOR_DIR = "anchors"
 
@@ -78,8 +83,17 @@ def _check_chain(path: Path, school_id: str, kid: str, chain: Any) -> None:
 
 
 def load_chain(anchors_dir: Path, school_id: str, public_key: Ed25519PublicKey) -> dict[str, Any] | None:
-    """The anchored chain of this school under this key (None: never anchored)."""
-    return load_anchors(anchors_dir, school_id)["chains"].get(key_id(public_key))
+    """The anchored chain of this school under this key, or the one it handed over to a later key (None:
+    never anchored)."""
+    chains = load_anchors(anchors_dir, school_id)["chains"]
+    kid = key_id(public_key)
+    return chains.get(kid) or next((c for c in chains.values() if kid in c.get("retired", [])), None)
+
+
+def _chain_key(chains: Mapping[str, Any], public_key: Ed25519PublicKey) -> str:
+    """The id under which the chain of `public_key` (current or retired) is anchored; its own id if none."""
+    kid = key_id(public_key)
+    return kid if kid in chains else next((k for k, c in chains.items() if kid in c.get("retired", [])), kid)
 
 
 def _dominates(history: Sequence, anchored: Sequence) -> bool:
@@ -124,6 +138,16 @@ def check_continues(chain: Mapping[str, Any] | None, entry: Mapping[str, Any]) -
                             f"prev_hash {prev[:12]}…); its spending includes the anchored history", kind="gap")
 
 
+def unanchored_transition(anchors_dir: Path, school_id: str, old_key: Ed25519PublicKey) -> AnchorCheck:
+    """A school's entries hand the chain over from `old_key`, which the server never anchored, though it
+    anchored the school under other keys: a chain made up around the anchored one, not its continuation."""
+    chains = load_anchors(anchors_dir, school_id)["chains"]
+    if not chains:
+        return AnchorCheck()
+    return AnchorCheck(f"key transition from key {key_id(old_key)}, which the server never anchored; it anchored "
+                       f"this school under key {', '.join(chains)}", "unanchored-transition")
+
+
 def _history_after(entry: Mapping[str, Any]) -> list[list]:
     after = dict(history_key(entry["history_before"]))
     if entry["event"] == "round":
@@ -141,9 +165,15 @@ def update_anchor(anchors_dir: Path, school_id: str, public_key: Ed25519PublicKe
     path = anchor_path(anchors_dir, school_id)
     with locked(path):
         data = load_anchors(anchors_dir, school_id)
-        chain = data["chains"].setdefault(key_id(public_key), {"public_key": public_key_pem(public_key), "head": "",
-                                                                "count": 0, "histories": {}, "runs": []})
-        run_id = str(run_entries[0]["run_id"])
+        start = chain_start_key(run_entries, public_key)   # a copy that begins with a key transition: the old key
+        chain = data["chains"].pop(_chain_key(data["chains"], start), None) or {
+            "public_key": public_key_pem(start), "head": "", "count": 0, "histories": {}, "runs": []}
+        for e in run_entries:   # the chain follows the school's key transitions (verified by the caller)
+            if e["event"] == KEY_TRANSITION and e["new_key_id"] != key_id_of_pem(chain["public_key"]):
+                chain["retired"] = chain.get("retired", []) + [key_id_of_pem(chain["public_key"])]
+                chain["public_key"] = e["new_public_key"]
+        data["chains"][key_id_of_pem(chain["public_key"])] = chain
+        run_id = copy_run_id(run_entries)
         runs = chain["runs"]
         record = next((r for r in runs if r["run_id"] == run_id), None)
         if record is None:
@@ -163,6 +193,10 @@ def update_anchor(anchors_dir: Path, school_id: str, public_key: Ed25519PublicKe
     return chain
 
 
+def key_id_of_pem(pem: str) -> str:
+    return key_id(load_public_key(pem.encode("ascii")))
+
+
 def audit_against_anchor(chain: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], *, copy_of_run: bool,
                          where: str) -> list[str]:
     """Problems of verified `entries` (a run copy, or a school's whole ledger) against the server's anchor.
@@ -174,7 +208,7 @@ def audit_against_anchor(chain: Mapping[str, Any], entries: Sequence[Mapping[str
     hashes = [str(e["hash"]) for e in entries]
     runs = list(chain.get("runs", []))
     if copy_of_run:
-        run_id = str(entries[0]["run_id"]) if entries else ""
+        run_id = copy_run_id(entries)
         index = next((i for i, r in enumerate(runs) if r["run_id"] == run_id), None)
         if index is None:
             return problems

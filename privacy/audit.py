@@ -39,8 +39,8 @@ from typing import Any, Mapping, Sequence
 
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.anchors import anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
-from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, epsilon_value, read_ledger_file,
-                            verify_entries)
+from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, KeyChain, LedgerError, copy_run_id, epsilon_value,
+                            read_ledger_file, run_entries, verify_entries)
 from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_TAMPERED = 0, 1, 2
@@ -78,7 +78,8 @@ class Row:
     over_budget: bool = False      # ε above the budget (also when the row has another problem)
     budget_note: str = ""          # why no budget was compared, when none was
     run_id: str = ""               # the run a run copy is of ("" for a school's own ledger: all its runs)
-    key_id: str = ""               # the key the entries verified against (an archived audit names it)
+    key_id: str = ""               # the key the entries end under (an archived audit names it)
+    key_transitions: list[str] = field(default_factory=list)   # the key rotations in this ledger, a stale keyring
 
     @property
     def budget_left(self) -> float | None:
@@ -235,6 +236,10 @@ class _Source:
     anchored: bool = True
     anchors_looked: Path | None = None
     key: Any = None           # the public key its entries verified against
+    keys: KeyChain | None = None  # the keys the entries went through (key transitions)
+    # retired key id -> (public key, hashes of the entries before its retirement, where the transition is):
+    # learned from the school's other ledgers, for a copy of a run before the school rotated its key
+    retired: dict[str, tuple[Any, set[str], str]] = field(default_factory=dict)
 
     @property
     def copy(self) -> str:
@@ -444,7 +449,7 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)],
                     copy=src.copy, run_id=src.run_dir.name if src.run_dir is not None else "")], []
     source_problems = _consistency_problems(entries, str(src.path), school, policy, policy_source)
-    source_problems += _beside_key_problems(src, school, key)
+    source_problems += _beside_key_problems(src, school, src.keys.current if src.keys else key)
     source_problems += _anchor_problems(src, school, entries, key, start, anchors_dir)
 
     rows: list[Row] = []
@@ -453,8 +458,9 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         by_fp.setdefault(e["dataset_fingerprint"], []).append((line, e))
     for fp, items in by_fp.items():
         row = _summary_row(src, school, fp, items, partial=start == "run")
-        row.copy, row.key_id = src.copy, key_id(key)
-        row.run_id = str(entries[0]["run_id"]) if start == "run" else ""
+        row.copy, row.key_id = src.copy, key_id(src.keys.current if src.keys else key)
+        row.key_transitions = _key_notes(src, school, key)
+        row.run_id = copy_run_id(entries) if start == "run" else ""
         row.budget = budget_override if budget_override is not None else policy_budget
         row.problems.extend(source_problems)
         source_problems = []   # reported once, on the school's first row
@@ -525,11 +531,44 @@ def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
         return school, [], start, None, Row(school=school, source=str(src.path), status="unreadable",
                                             problems=[str(exc)])
     try:
-        verify_entries(entries, key, source=str(src.path), school_id=school, start=start)
+        src.keys = verify_entries(entries, key, source=str(src.path), school_id=school, start=start)
     except (LedgerError, SigningKeyError) as exc:
-        return school, [], start, key, Row(school=school, source=str(src.path), status="tampered",
-                                           problems=[str(exc)])
+        retired = _verify_with_retired_key(src, entries, school, start)
+        if retired is None:
+            return school, [], start, key, Row(school=school, source=str(src.path), status="tampered",
+                                               problems=[str(exc)])
+        key = retired
     return school, entries, start, key, None
+
+
+def _verify_with_retired_key(src: _Source, entries: list[dict], school: str, start: str) -> Any:
+    """A ledger (a copy of a run before the school rotated its key) that verifies with a key the school
+    retired, and ends before that key's transition: the key that verifies it, else None. An entry the
+    retired key signed after its transition is not in the chain the transition continues, and fails."""
+    for kid, (key, before, where) in src.retired.items():
+        try:
+            src.keys = verify_entries(entries, key, source=str(src.path), school_id=school, start=start)
+        except (LedgerError, SigningKeyError):
+            continue
+        if entries[-1]["hash"] in before:
+            src.retired = {kid: (key, before, where)}   # the row names the key and where it was retired
+            return key
+        src.keys = None
+    return None
+
+
+def _key_notes(src: _Source, school: str, trusted: Any) -> list[str]:
+    """The school's key rotations this ledger records, and a keyring that still holds a retired key."""
+    notes = [f"school {school}: {src.path} {t}" for t in (src.keys.describe() if src.keys else [])]
+    if src.retired and src.keys is not None:   # a run before the rotation, verified with the key it had then
+        (kid, (_, _, where)), = src.retired.items()
+        notes.append(f"school {school}: {src.path} is signed with key {kid}, which the school retired later "
+                     f"(key transition at {where})")
+    elif src.keys is not None and src.keys.keys[-1] != key_id(trusted):
+        notes.append(f"school {school}: the keyring's key {key_id(trusted)} is retired: the school handed its "
+                         f"ledger to key {src.keys.keys[-1]}; update the keyring (`fedfer deploy rotate {school} "
+                         f"--ledger-key signing_key.pub`) or the server refuses its next reply")
+    return notes
 
 
 def _anchor_problems(src: _Source, school: str, entries: Sequence[dict], key: Any, start: str,
@@ -551,7 +590,7 @@ def _anchor_problems(src: _Source, school: str, entries: Sequence[dict], key: An
             src.anchored = src.anchored or bool(problems)
         if chain:
             run_ids = {r.get("run_id") for r in chain.get("runs", [])}
-            src.anchored = start != "run" or entries[0]["run_id"] in run_ids
+            src.anchored = start != "run" or copy_run_id(entries) in run_ids
             problems += [f"{p} (school {school})" for p in audit_against_anchor(
                 chain, entries, copy_of_run=start == "run", where=str(src.path))]
     return problems
@@ -664,8 +703,8 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]], anchors_
         copies = [(s, es) for s, es in seen if s.start == "run"]
         for fsrc, fentries in full:
             for csrc, centries in copies:
-                run_id = centries[0]["run_id"]
-                school_run = [e["hash"] for e in fentries if e["run_id"] == run_id]
+                run_id = copy_run_id(centries)
+                school_run = [e["hash"] for e in run_entries(fentries, run_id)]
                 copy_run = [e["hash"] for e in centries]
                 if school_run == copy_run:
                     problems += _edited_anchor(school, run_id, fsrc, csrc, copy_run, anchors_dir)
@@ -748,10 +787,21 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     # a school's own ledger given beside a run directory is checked against that run's anchors
     beside_runs = {anchors_dir_of_run(s.run_dir) for s in sources if s.run_dir is not None}
     school_anchors = anchors_dir if anchors_dir is not None or len(beside_runs) != 1 else beside_runs.pop()
-    for src in sources:
-        src_rows, entries = audit_source(src, every_entry=every_entry, budget_override=budget_override,
-                                         keys_dir=keys_dir, trust_run_keys=trust_run_keys,
-                                         anchors_dir=anchors_dir if src.run_dir is not None else school_anchors)
+    def audit(src: _Source) -> tuple[list[Row], list[dict]]:
+        return audit_source(src, every_entry=every_entry, budget_override=budget_override, keys_dir=keys_dir,
+                            trust_run_keys=trust_run_keys,
+                            anchors_dir=anchors_dir if src.run_dir is not None else school_anchors)
+
+    results = [audit(src) for src in sources]
+    # a ledger that failed with the keyring's key may be of a run before its school rotated the key: again,
+    # with the keys the school's other ledgers show it retired
+    retired = _retired_keys(sources, results)
+    for i, src in enumerate(sources):
+        school = results[i][0][0].school if results[i][0] else ""
+        if not results[i][1] and retired.get(school):
+            src.retired = dict(retired[school])
+            results[i] = audit(src)
+    for src, (src_rows, entries) in zip(sources, results):
         rows.extend(src_rows)
         if any(r.problems for r in src_rows):
             flagged.add(src.path)
@@ -763,6 +813,22 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     problems = [p for p in dict.fromkeys(disagreements + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
     return AuditReport(rows, problems, _anchor_notes(sources) + behind)
+
+
+def _retired_keys(sources: Sequence[_Source], results: Sequence[tuple[list[Row], list[dict]]]
+                  ) -> dict[str, dict[str, tuple[Any, set[str], str]]]:
+    """Per school, the keys its verified ledgers show it retired: key id -> (public key, the hashes of the
+    entries before the transition, where the transition is)."""
+    retired: dict[str, dict[str, tuple[Any, set[str], str]]] = {}
+    for src, (_, entries) in zip(sources, results):
+        if not entries or src.keys is None:
+            continue
+        for line, t in src.keys.transitions:
+            before = {e["hash"] for e in entries[:line - 1]} | {t["prev_hash"]}
+            known = retired.setdefault(entries[0]["school_id"], {})
+            key, hashes, where = known.get(t["key_id"], (load_public_key(t["old_public_key"]), set(), ""))
+            known[t["key_id"]] = (key, hashes | before, where or f"{src.path} line {line}")
+    return retired
 
 
 def check_keyring(keys_dir: Path | None) -> str:
@@ -836,6 +902,7 @@ def format_table(report: AuditReport) -> str:
     if any(r.prv_method == "rdp-fallback" for r in report.rows):
         notes.append("* PRV could not evaluate this history; the (looser, still valid) RDP bound is shown")
     notes += [r.budget_note for r in report.rows if r.budget_note]
+    notes += [n for r in report.rows for n in r.key_transitions]
     notes += report.notes
     checked = {(r.school, r.fingerprint) for r in report.rows if not r.partial}   # the school's own ledger given
     if any(r.partial and (r.school, r.fingerprint) not in checked for r in report.rows):

@@ -9,6 +9,7 @@ Entry fields (schema 1):
                         ``"policy-violation"`` with the extra field ``setting`` naming the run-config
                         key that asked for less privacy than the school's policy; ``steps`` is 0 and
                         ``planned_steps`` holds what it would have trained, 0 if nothing was planned)
+                        or ``"key-transition"`` (the school changed its signing key; see below)
 ``school_id``           the school (the ledger owner)
 ``dataset_fingerprint`` the random id of the school's accountant history (one per state directory,
                         privacy/accounting.py:school_dataset_id); never a hash of the data
@@ -37,6 +38,16 @@ Entry fields (schema 1):
                         except ``hash`` and ``signature``
 ``signature``           Ed25519 signature of the school over the ASCII hex ``hash``, base64
 ======================  =====================================================================
+
+A key transition (``fedfer deploy school-key --new-ledger-key``) is an entry of the same chain, signed
+by the key in force (the old one), with ``old_public_key`` and ``new_public_key`` (PEM) and
+``new_key_id``; it spends nothing (``steps`` 0) and repeats the last entry's dataset, terms, history and ε,
+so the lifetime figures run on unchanged. Its ``run_id`` is ``key-transition-<new key id>`` (a run of
+one entry): the school sends it with the entries of the run that follows it, and that run's copy on the
+server starts with it. Every later entry is signed by the new key; one signed by the old key after the
+transition is refused (a retired key, perhaps compromised, cannot extend the chain). A verifier trusts
+one key of the chain (the keyring's, normally the current one) and follows the transitions from the
+key in force at the chain's start.
 
 Non-finite ε is written as the string ``"inf"`` (JSON has no infinity). Extra scalar fields are
 allowed and covered by the hash and the signature.
@@ -72,7 +83,8 @@ from privacy.signing import key_id, load_public_key, public_key_pem, sign_hash, 
 SCHEMA = 1
 GENESIS_HASH = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
-EVENTS = ("round", "refused")
+KEY_TRANSITION = "key-transition"
+EVENTS = ("round", "refused", KEY_TRANSITION)
 REFUSAL_REASONS = ("budget-exhausted", "policy-violation")
 PRIVACY_UNITS = ("student", "image", "school")
 
@@ -98,6 +110,7 @@ _COMMON_FIELDS: dict[str, str] = {
     "key_id": "str", "timestamp": "str", "prev_hash": "hex", "hash": "hex", "signature": "str",
 }
 _REFUSAL_FIELDS: dict[str, str] = {"reason": "str", "planned_steps": "int"}
+_TRANSITION_FIELDS: dict[str, str] = {"old_public_key": "str", "new_public_key": "str", "new_key_id": "str"}
 # Set by the ledger, never by the caller of append().
 _LEDGER_SET = ("schema", "run_seq", "key_id", "prev_hash", "hash", "signature")
 
@@ -194,6 +207,8 @@ def check_entry_fields(entry: Any, where: str) -> None:
     spec = dict(_COMMON_FIELDS)
     if event == "refused":
         spec.update(_REFUSAL_FIELDS)
+    elif event == KEY_TRANSITION:
+        spec.update(_TRANSITION_FIELDS)
     for name, kind in spec.items():
         if name not in entry:
             raise LedgerError(f"{where}: field '{name}' missing")
@@ -233,6 +248,8 @@ def check_entry_fields(entry: Any, where: str) -> None:
             raise LedgerError(f"{where}: refusal reason {entry['reason']!r} not one of {REFUSAL_REASONS}")
         if entry["steps"] != 0:
             raise LedgerError(f"{where}: a refused round must have steps 0, has {entry['steps']}")
+    if event == KEY_TRANSITION and entry["steps"] != 0:
+        raise LedgerError(f"{where}: a key transition spends nothing, but has steps {entry['steps']}")
 
 
 @dataclass
@@ -246,6 +263,48 @@ class _ChainState:
     # fingerprint -> the same history as the next entry writes it ([[σ, q, steps], …], first-appearance
     # order) and (σ, q) -> its index there: an unchanged history then compares as one C-level list ==
     written: dict[str, tuple[list[list], dict[tuple[float, float], int]]] = field(default_factory=dict)
+    key: Ed25519PublicKey | None = None             # the key in force (None: the key the caller checks with)
+    keys: list[str] = field(default_factory=list)  # ids of the keys in force so far, oldest first
+    retired: dict[str, str] = field(default_factory=dict)  # retired key id -> where its transition is
+
+
+@dataclass
+class KeyChain:
+    """The signing keys a verified chain went through: ``keys`` oldest first, the last one in force."""
+
+    keys: list[str]
+    current: Ed25519PublicKey
+    transitions: list[tuple[int, dict]]   # (line, entry) of each key transition
+
+    def describe(self) -> list[str]:
+        """One line per transition, as an officer reads it: where, when, old → new key id."""
+        return [f"line {line}, {e['timestamp']}: ledger key {e['key_id']} → {e['new_key_id']}"
+                for line, e in self.transitions]
+
+
+def chain_start_key(entries: Sequence[Any], key: Ed25519PublicKey) -> Ed25519PublicKey:
+    """The key in force at the first of `entries`: the old key of their first key transition, else `key`.
+    Where the old key comes from does not matter: the entries before the transition and the transition
+    itself must verify with it, and the key the verifier trusts must be one the chain passes through."""
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("event") == KEY_TRANSITION:
+            try:
+                return load_public_key(str(entry.get("old_public_key", "")).encode("ascii", "replace"))
+            except ValueError:
+                return key   # the transition then fails its checks, with its line named
+    return key
+
+
+def check_trusted_key(entries: Sequence[Any], start: Ed25519PublicKey, trusted: Ed25519PublicKey,
+                      where: str) -> None:
+    """The key the verifier trusts (the keyring's, the run's pinned one) must be one of the keys the chain
+    names: its start key or a transition's new key. Otherwise whoever holds another key made the chain."""
+    named = [key_id(start)] + [str(e.get("new_key_id")) for e in entries
+                               if isinstance(e, dict) and e.get("event") == KEY_TRANSITION]
+    if key_id(trusted) not in named:
+        raise LedgerError(f"{where}: the key it is checked against ({key_id(trusted)}) is none of the keys the chain "
+                          f"is signed with ({' → '.join(named)}): the keyring holds a key the school never used "
+                          f"for this ledger, or the ledger was re-signed with other keys")
 
 
 def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, where_of) -> None:
@@ -254,12 +313,11 @@ def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, whe
     check_entry_fields(entry, where)
     if entry_hash(entry) != entry["hash"]:
         raise LedgerError(f"{where}: hash does not match the entry's content (edited after signing)")
-    if not verify_hash_signature(public_key, entry["hash"], entry["signature"]):
-        # key_id is only a name, but when it differs the officer's question is which key, not which byte
-        why = ("" if entry["key_id"] == key_id(public_key) else
-               ": signed with another key (a rotated-out key, or the key it is checked against was swapped)")
-        raise LedgerError(f"{where}: signature does not verify with the school's public key "
-                          f"{key_id(public_key)} (entry names key {entry['key_id']}){why}")
+    key = state.key if state.key is not None else public_key
+    if not state.keys:
+        state.keys.append(key_id(key))
+    if not verify_hash_signature(key, entry["hash"], entry["signature"]):
+        raise LedgerError(f"{where}: {_signature_problem(entry, key, state)}")
     if state.last_hash is not None and entry["prev_hash"] != state.last_hash:
         expected = "the genesis hash" if state.last_hash == GENESIS_HASH else f"the previous entry's hash {state.last_hash[:12]}…"
         raise LedgerError(f"{where}: prev_hash {entry['prev_hash'][:12]}… does not match {expected} "
@@ -301,12 +359,49 @@ def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, whe
     state.histories[fp] = after
     state.run_counts[run_id] = expected_seq + 1
     state.last_hash = entry["hash"]
+    if entry["event"] == KEY_TRANSITION:
+        _follow_transition(entry, key, state, where)
+
+
+def _signature_problem(entry: dict, key: Ed25519PublicKey, state: _ChainState) -> str:
+    """Why an entry's signature fails with the key in force, in the officer's terms."""
+    named = entry["key_id"]
+    if named in state.retired and named != key_id(key):
+        return (f"signed with key {named}, retired by the key transition at {state.retired[named]}; the key in "
+                f"force is {key_id(key)}: a retired (perhaps compromised) key cannot extend the chain")
+    if entry["event"] == KEY_TRANSITION:
+        return (f"key transition to {entry['new_key_id']} is not signed by the key in force {key_id(key)} (entry "
+                f"names key {named}): only the holder of the current key can hand the chain to a new one")
+    # key_id is only a name, but when it differs the officer's question is which key, not which byte
+    why = "" if named == key_id(key) else \
+        ": signed with another key (a rotated-out key, or the key it is checked against was swapped)"
+    return f"signature does not verify with the school's public key {key_id(key)} (entry names key {named}){why}"
+
+
+def _follow_transition(entry: dict, key: Ed25519PublicKey, state: _ChainState, where: str) -> None:
+    """A key transition signed by the key in force: from the next entry on, the new key is in force."""
+    try:
+        old = load_public_key(entry["old_public_key"].encode("ascii", "replace"))
+        new = load_public_key(entry["new_public_key"].encode("ascii", "replace"))
+    except ValueError as exc:
+        raise LedgerError(f"{where}: key transition: {exc}") from None
+    if key_id(old) != key_id(key):
+        raise LedgerError(f"{where}: key transition names old key {key_id(old)}, but the key in force is {key_id(key)}")
+    if entry["new_key_id"] != key_id(new):
+        raise LedgerError(f"{where}: key transition names key id {entry['new_key_id']}, its new key is {key_id(new)}")
+    if key_id(new) in state.keys:
+        raise LedgerError(f"{where}: key transition back to key {key_id(new)}, which this chain already used: "
+                          f"a retired key is never in force again")
+    state.retired[key_id(key)] = where
+    state.key = new
+    state.keys.append(key_id(new))
 
 
 def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | Path, *, source: str,
-                   school_id: str | None = None, start: str = "genesis", first_line: int = 1) -> None:
-    """Check a chain of entries: fields, hashes, signatures, prev_hash links, run_seq and
-    history_before continuity. Raises ``LedgerError("<source> line N (school X): …")`` at the first
+                   school_id: str | None = None, start: str = "genesis", first_line: int = 1) -> KeyChain:
+    """Check a chain of entries: fields, hashes, signatures (each with the key in force at its line,
+    following key transitions), prev_hash links, run_seq and history_before continuity; `public_key`, the
+    key the caller trusts, must be one the chain passes through. Returns the chain's keys. Raises ``LedgerError("<source> line N (school X): …")`` at the first
     problem.
 
     ``start="genesis"``: the school's own ledger — the first entry links to ``"0"*64``.
@@ -317,9 +412,10 @@ def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | 
         raise ValueError(f"start must be 'genesis' or 'run', got {start!r}")
     public_key = load_public_key(public_key)
     state = _ChainState(last_hash=GENESIS_HASH if start == "genesis" else None, run_counts={}, histories={},
-                        trust_first_history=start == "run")
+                        trust_first_history=start == "run", key=chain_start_key(entries, public_key))
     expected_school = school_id
     run_of_copy = None
+    transitions: list[tuple[int, dict]] = []
     for i, entry in enumerate(entries):
         line = first_line + i
         # before the signature: another school's entry would fail it too, but the officer must read whose it is
@@ -329,11 +425,15 @@ def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | 
         _check_one(entry, public_key, state, lambda s, line=line: _where(source, line, s or expected_school))
         if expected_school is None:
             expected_school = entry["school_id"]
-        if start == "run":
+        if entry["event"] == KEY_TRANSITION:
+            transitions.append((line, entry))
+        elif start == "run":   # a run copy holds the key transitions the school sent with the run
             run_of_copy = run_of_copy or entry["run_id"]
             if entry["run_id"] != run_of_copy:
                 raise LedgerError(f"{_where(source, line, expected_school)}: entry of run {entry['run_id']!r} in the "
                                   f"copy of run {run_of_copy!r}")
+    check_trusted_key(entries, chain_start_key(entries, public_key), public_key, _where(source, None, expected_school))
+    return KeyChain(list(state.keys) or [key_id(public_key)], state.key or public_key, transitions)
 
 
 def _refuse_constant(name: str) -> float:
@@ -409,7 +509,15 @@ class SchoolLedger:
         if not self.path.exists():
             return []
         entries = read_ledger_file(self.path, school_id=self.school_id)
-        verify_entries(entries, self.public_key, source=str(self.path), school_id=self.school_id, start="genesis")
+        keys = verify_entries(entries, self.public_key, source=str(self.path), school_id=self.school_id,
+                              start="genesis")
+        if keys.keys[-1] != key_id(self.public_key):   # never sign with a retired key: the audit refuses it
+            line, transition = keys.transitions[-1]
+            raise LedgerError(f"{self.path} line {line} (school {self.school_id}): the ledger's key is {keys.keys[-1]} "
+                              f"since its key transition of {transition['timestamp']}, but "
+                              f"{self.state_dir / 'signing_key.pem'} is the retired key {key_id(self.public_key)}: "
+                              f"run `fedfer deploy school-key --state-dir {self.state_dir} --new-ledger-key` again to "
+                              f"finish the rotation")
         return entries
 
     @property
@@ -417,7 +525,9 @@ class SchoolLedger:
         return [dict(e) for e in self._entries]
 
     def entries_for_run(self, run_id: str) -> list[dict]:
-        return [dict(e) for e in self._entries if e["run_id"] == run_id]
+        """The run's entries, with the key transitions just before any of them: the server's copy of the
+        run needs them to follow the chain from the key it anchored to the key signing the run."""
+        return run_entries(self._entries, run_id)
 
     @property
     def last_hash(self) -> str:
@@ -470,8 +580,29 @@ class SchoolLedger:
             self._entries.append(entry)
         return dict(entry)
 
+    def rotate_key(self, new_key: Ed25519PrivateKey) -> dict:
+        """Append the key transition to `new_key`, signed by the current key, and sign with `new_key` from
+        now on. It repeats the last entry's dataset, terms, history and ε and spends nothing, so the
+        lifetime figures continue across the keys. Returns the transition entry."""
+        if not self._entries:
+            raise LedgerError(f"{self.path}: no entries: nothing is signed with the current key, so there is no "
+                              f"chain to hand over")
+        last = self._entries[-1]
+        fp = last["dataset_fingerprint"]
+        history = self._chain_state().written[fp][0]
+        terms = ("dataset_fingerprint", "privacy_unit", "sample_rate", "noise_multiplier", "max_grad_norm",
+                 "delta", "accountant", "epsilon", "epsilon_rdp", "budget")
+        new_id = key_id(new_key)
+        entry = self.append(event=KEY_TRANSITION, run_id=f"{KEY_TRANSITION}-{new_id}", round=0, steps=0,
+                            history_before=history, old_public_key=public_key_pem(self.public_key),
+                            new_public_key=public_key_pem(new_key), new_key_id=new_id,
+                            **{name: last[name] for name in terms})
+        self.signing_key, self.public_key = new_key, new_key.public_key()
+        return entry
+
     def _chain_state(self) -> _ChainState:
-        state = _ChainState(last_hash=GENESIS_HASH, run_counts={}, histories={}, trust_first_history=False)
+        state = _ChainState(last_hash=GENESIS_HASH, run_counts={}, histories={}, trust_first_history=False,
+                            key=chain_start_key(self._entries, self.public_key))
         noop = lambda s: str(self.path)  # noqa: E731 — already verified on read
         for e in self._entries:
             _check_one(e, self.public_key, state, noop)
@@ -524,13 +655,16 @@ class ServerLedgerCopy:
         stored_new: list[dict] = []
         with locked(path):
             stored = read_ledger_file(path, school_id=school_id) if path.exists() else []
-            state = _ChainState(last_hash=None, run_counts={}, histories={}, trust_first_history=True)
+            chain = list(stored) + [dict(e) for e in entries]
+            start = chain_start_key(chain, public_key)
+            check_trusted_key(chain, start, public_key, _where(source, None, school_id))   # before anything is written
+            state = _ChainState(last_hash=None, run_counts={}, histories={}, trust_first_history=True, key=start)
             if stored and isinstance(stored[0], dict) and isinstance(stored[0].get("run_seq"), int):
                 state.run_counts[str(stored[0].get("run_id"))] = stored[0]["run_seq"]
             for n, e in enumerate(stored, start=1):
                 _check_one(e, public_key, state, lambda s, n=n: _where(str(path), n, school_id))
             known = {e["hash"] for e in stored}
-            run_of_copy = stored[0]["run_id"] if stored else None
+            run_of_copy = copy_run_id(stored) if any(e.get("event") != KEY_TRANSITION for e in stored) else None
             for i, entry in enumerate(entries):
                 entry = dict(entry)
                 where_of = lambda s, i=i: _where(source, None, school_id) + f" entry {i + 1}"  # noqa: E731
@@ -538,16 +672,41 @@ class ServerLedgerCopy:
                     continue
                 if entry.get("school_id") != school_id:
                     raise LedgerError(f"{where_of(None)}: entry names school {entry.get('school_id')!r}")
-                if run_of_copy is not None and entry.get("run_id") != run_of_copy:
+                transition = entry.get("event") == KEY_TRANSITION
+                if run_of_copy is not None and not transition and entry.get("run_id") != run_of_copy:
                     raise LedgerError(f"{where_of(None)}: entry of run {entry.get('run_id')!r}, this copy is run {run_of_copy!r}")
                 if not stored and not stored_new and isinstance(entry.get("run_seq"), int):
                     state.run_counts[str(entry.get("run_id"))] = entry["run_seq"]  # see append_verified
                 _check_one(entry, public_key, state, where_of)
-                run_of_copy = entry["run_id"]
+                run_of_copy = run_of_copy if transition else entry["run_id"]
                 append_line_atomic(path, _line(entry))
                 known.add(entry["hash"])
                 stored_new.append(entry)
+            if state.key is not None and key_id(state.key) != key_id(public_key):
+                # the pinned key handed the chain over: the run's key is the new one from now on
+                atomic_write_text(Path(run_dir) / "keys" / f"{school_id}.pub", public_key_pem(state.key))
         return stored_new
+
+
+def run_entries(entries: Sequence[Mapping[str, Any]], run_id: str) -> list[dict]:
+    """A run's entries from a school's whole chain, each preceded by the key transitions chained just before
+    it (a school rotates its key between runs: the next run's copy starts with the transition)."""
+    out: list[dict] = []
+    pending: list[dict] = []
+    for e in entries:
+        if e["event"] == KEY_TRANSITION:
+            pending.append(dict(e))
+            continue
+        if e["run_id"] == run_id:
+            out += pending + [dict(e)]
+        pending = []
+    return out
+
+
+def copy_run_id(entries: Sequence[Mapping[str, Any]]) -> str:
+    """The run a run copy is of: its first entry that is not a key transition names it."""
+    return next((str(e["run_id"]) for e in entries if e.get("event") != KEY_TRANSITION),
+                str(entries[0]["run_id"]) if entries else "")
 
 
 def _check_school_name(school_id: str) -> None:

@@ -22,6 +22,7 @@ from shared_models.atomic_files import atomic_write_bytes
 
 SIGNING_KEY_FILE = "signing_key.pem"
 PUBLIC_KEY_FILE = "signing_key.pub"
+NEW_SIGNING_KEY_FILE = "signing_key.new.pem"   # during a key rotation only
 
 
 class SigningKeyError(ValueError):
@@ -74,6 +75,39 @@ def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     public = state_dir / PUBLIC_KEY_FILE
     if not public.exists():   # a crash between the two files, or an older fedfer: the public half again
         _write_public(public, key)
+    return key
+
+
+def stage_new_signing_key(state_dir: Path) -> Ed25519PrivateKey:
+    """The school's next signing key, ``signing_key.new.pem`` (0600) beside the current one until the key
+    transition to it is in the ledger (:func:`install_new_signing_key`). A key left there by an interrupted
+    rotation is used again: the ledger may already name it."""
+    path = Path(state_dir) / NEW_SIGNING_KEY_FILE
+    if path.exists():
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError) as exc:
+            raise SigningKeyError(f"{path}: left by an interrupted rotation and unreadable ({exc}); if the "
+                                  f"ledger does not name it, delete it and rotate again") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SigningKeyError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    atomic_write_bytes(path, pem, mode=0o600)
+    return key
+
+
+def install_new_signing_key(state_dir: Path) -> Ed25519PrivateKey:
+    """Make the staged key the school's signing key. The old private key is overwritten, not kept: the
+    ledger's key transition carries its public half, so nothing needs it again, and a kept copy is what
+    could sign a fork of the ledger wherever a keyring still trusts the old key."""
+    state_dir = Path(state_dir)
+    key = stage_new_signing_key(state_dir)
+    os.replace(state_dir / NEW_SIGNING_KEY_FILE, state_dir / SIGNING_KEY_FILE)
+    _fsync_dir(state_dir)
+    _write_public(state_dir / PUBLIC_KEY_FILE, key)
     return key
 
 

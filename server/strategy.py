@@ -516,8 +516,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         return {"status": "ok", "update_norm": norm, **{k.replace("-", "_"): v for k, v in metrics.items()}}
 
     def _store_ledger(self, content: RecordDict, school: str, rnd: int) -> None:
-        from privacy.anchors import anchors_dir_of_run, check_continues, load_chain, update_anchor
-        from privacy.ledger import LedgerError, ServerLedgerCopy, read_ledger_file
+        from privacy.anchors import (anchors_dir_of_run, check_continues, load_chain, unanchored_transition,
+                                     update_anchor)
+        from privacy.ledger import LedgerError, ServerLedgerCopy, chain_start_key, read_ledger_file
         from privacy.signing import load_public_key
 
         if "ledger" not in content.config_records:
@@ -534,10 +535,18 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             raise RejectedUpdate("ledger entry is not the last of the run entries sent with it")
         public_key = load_public_key(self.run.key_path(school))
         anchors = anchors_dir_of_run(self.run.path)
+        # entries that begin with a key transition continue the chain anchored under the old key
+        start_key = chain_start_key(run_entries, public_key)
         try:
-            chain = load_chain(anchors, school, public_key)
+            chain = load_chain(anchors, school, start_key)
         except LedgerError as exc:
             raise RejectedUpdate(f"ledger anchor: {exc}") from None
+        if chain is None and start_key is not public_key:
+            check = unanchored_transition(anchors, school, start_key)
+            if check.problem:
+                self.exhausted.add(school)
+                self.run.event("ledger-anchor", round=rnd, school=school, problem=check.kind, reason=check.problem)
+                raise RejectedUpdate(f"ledger does not continue the server's anchor ({check.kind}): {check.problem}")
         if chain and not any(r["run_id"] == self.run.run_id for r in chain["runs"]):
             # the school's first entries of this run: they must continue what earlier runs verified
             check = check_continues(chain, run_entries[0])

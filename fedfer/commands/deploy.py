@@ -3,10 +3,11 @@
 
     fedfer deploy init --coordinator fl.district.example [--san 10.0.0.5 …] [--dir deploy]
     fedfer deploy school-key --state-dir /srv/fedfer/lincoln-state      # at the school: its own keys
+    fedfer deploy school-key --state-dir DIR --new-ledger-key            # at the school: hand its ledger to a new key
     fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln \
         [--ledger-key signing_key.pub --node-key supernode.pub --state-dir /srv/fedfer/lincoln-state]
     fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
-    fedfer deploy status | register NAME | revoke NAME | rotate NAME | renew-cert | up
+    fedfer deploy status | register NAME | revoke NAME | rotate NAME [--ledger-key PUB] | renew-cert | up
 
 Secure by default: TLS (own CA, EC P-384) and SuperNode authentication (ECDSA P-384 node keys
 registered with `flwr supernode register`) are on; `--insecure` turns both off, loudly.
@@ -25,7 +26,7 @@ from typing import Any
 
 from server.deploy.commands import (INSECURE_WARNING, DeployError, add_node, default_flwr_home, deployment_status,
                                     init_deployment, make_school_keys, register_pending, renew_certificate, revoke_node,
-                                    rotate_node)
+                                    rotate_ledger_key, rotate_node, rotate_school_ledger_key)
 
 
 # ------------------------------------------------------------------------------------ argparse
@@ -84,6 +85,8 @@ def _cmd_add_school(args: argparse.Namespace) -> int:
 
 
 def _cmd_school_key(args: argparse.Namespace) -> int:
+    if args.new_ledger_key:
+        return _new_ledger_key(Path(args.state_dir))
     keys = make_school_keys(Path(args.state_dir), new_node_key=args.new_node_key)
     state = Path(args.state_dir).expanduser().absolute()
     print(f"ledger signing key  {state / 'signing_key.pem'} (0600, stays here; key id {keys.ledger_key_id})")
@@ -101,6 +104,20 @@ def _cmd_school_key(args: argparse.Namespace) -> int:
         print(f"  send {keys.ledger_public} and {keys.node_public} to the coordinator, who runs:")
         print(f"  fedfer deploy add-school NAME --ledger-key {keys.ledger_public.name} --node-key {keys.node_public.name} "
               f"--state-dir {state} --data-dir PATH --declared-students N …")
+    return 0
+
+
+def _new_ledger_key(state_dir: Path) -> int:
+    rot = rotate_school_ledger_key(state_dir)
+    state = state_dir.expanduser().absolute()
+    print(f"ledger signing key  {state / 'signing_key.pem'} (0600, stays here): new key {rot.new_key_id}, "
+          f"the retired key {rot.old_key_id} is deleted")
+    if rot.transition_line:
+        print(f"  {state / 'ledger.jsonl'} line {rot.transition_line}: key transition {rot.old_key_id} → "
+              f"{rot.new_key_id}, signed by the retired key; the lifetime ε goes on under the new key")
+    print(f"  send {rot.public} to the coordinator, who runs:")
+    print(f"  fedfer deploy rotate NAME --ledger-key {rot.public.name}")
+    print("  then start this node's start.sh again (a node running on the retired key can no longer sign a round)")
     return 0
 
 
@@ -128,6 +145,9 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
+    if args.ledger_key:   # the ledger key only; the SuperNode key is rotated on its own (--node-key)
+        print(rotate_ledger_key(Path(args.dir), args.name, Path(args.ledger_key)))
+        return 0
     print(rotate_node(Path(args.dir), args.name, _home(args), Path(args.node_key) if args.node_key else None))
     return 0
 
@@ -256,8 +276,13 @@ def _add_node_steps(dsub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("school-key", help="at the school: make its ledger signing key and SuperNode key (they never "
                                            "leave the school; only their public halves go to the coordinator)")
     p.add_argument("--state-dir", required=True, help="the school's state folder (the node-config's state-dir)")
-    p.add_argument("--new-node-key", action="store_true",
-                   help="replace the SuperNode key (then the coordinator runs `fedfer deploy rotate NAME --node-key`)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--new-node-key", action="store_true",
+                       help="replace the SuperNode key (then the coordinator runs `fedfer deploy rotate NAME --node-key`)")
+    which.add_argument("--new-ledger-key", action="store_true",
+                       help="replace the ledger signing key (lost, compromised or retired): the ledger records a key "
+                            "transition signed by the old key, so its lifetime ε goes on; then the coordinator runs "
+                            "`fedfer deploy rotate NAME --ledger-key signing_key.pub`")
     p.set_defaults(func=_wrap(_cmd_school_key))
 
     p = dsub.add_parser("evaluator", help="the evaluation node (public benchmarks)")
@@ -284,9 +309,13 @@ def _add_maintenance_steps(dsub: argparse._SubParsersAction) -> None:
         p = dsub.add_parser(name, help=help_text)
         p.add_argument("name")
         if name == "rotate":
-            p.add_argument("--node-key", default=None, metavar="SUPERNODE_PUB",
-                           help="a school that holds its own key: the public half of its new one "
-                                "(`fedfer deploy school-key --new-node-key`)")
+            keys = p.add_mutually_exclusive_group()
+            keys.add_argument("--node-key", default=None, metavar="SUPERNODE_PUB",
+                              help="a school that holds its own key: the public half of its new one "
+                                   "(`fedfer deploy school-key --new-node-key`)")
+            keys.add_argument("--ledger-key", default=None, metavar="SIGNING_KEY_PUB",
+                              help="the school's new ledger key (`fedfer deploy school-key --new-ledger-key`): "
+                                   "replaces keys/NAME.pub; the SuperNode key is left as it is")
         _common(p)
         p.set_defaults(func=_wrap(handler))
 

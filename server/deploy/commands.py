@@ -475,6 +475,73 @@ def make_school_keys(state_dir: Path, *, new_node_key: bool = False) -> SchoolKe
     return SchoolKeys(public, key_id(key), node.public_path, node.fingerprint, made)
 
 
+@dataclass(frozen=True)
+class LedgerKeyRotation:
+    """What `fedfer deploy school-key --new-ledger-key` did at the school."""
+
+    public: Path             # signing_key.pub, the new key's public half: the coordinator's keyring gets it
+    old_key_id: str
+    new_key_id: str
+    transition_line: int     # the ledger line of the key transition (0: no ledger yet, the key was just replaced)
+
+
+def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
+    """At the school: a new ledger signing key, handed the chain by a key transition the old key signs, so
+    the ledger (and its lifetime ε) goes on under the new key. Order: the new key is written beside the old
+    one, the transition appended, then the new key replaces the old. A crash at any point is finished by
+    running it again (the staged key is reused; a ledger that already names it only needs the swap)."""
+    from privacy.ledger import LEDGER_FILE, LedgerError, SchoolLedger, read_ledger_file, verify_entries
+    from privacy.signing import (PUBLIC_KEY_FILE, SIGNING_KEY_FILE, SigningKeyError, install_new_signing_key,
+                                 key_id, load_or_create_signing_key, stage_new_signing_key)
+
+    state_dir = Path(state_dir).expanduser()
+    if not (state_dir / SIGNING_KEY_FILE).is_file():
+        raise DeployError(f"--state-dir {state_dir}: no {SIGNING_KEY_FILE} to rotate: only the key in force can hand "
+                          f"the ledger to a new one (a school makes its first key with `fedfer deploy school-key "
+                          f"--state-dir DIR`)")
+    try:
+        old = load_or_create_signing_key(state_dir)
+        ledger_path = state_dir / LEDGER_FILE
+        entries = read_ledger_file(ledger_path) if ledger_path.exists() else []
+        # the key the ledger is in force under, trusting the school's own key: it is the school's ledger
+        keys = verify_entries(entries, old.public_key(), source=str(ledger_path)) if entries else None
+        new = stage_new_signing_key(state_dir)
+        line = 0
+        if keys is not None and keys.keys[-1] != key_id(new):   # not already handed over by an interrupted run
+            ledger = SchoolLedger(state_dir, str(entries[0]["school_id"]), old)
+            ledger.rotate_key(new)
+            line = len(ledger.entries)
+        elif keys is not None:
+            line = keys.transitions[-1][0]
+        install_new_signing_key(state_dir)
+    except (LedgerError, SigningKeyError) as exc:
+        raise DeployError(" ".join(str(exc).split())) from None
+    return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, key_id(old), key_id(new), line)
+
+
+def rotate_ledger_key(root: Path, name: str, ledger_key: Path) -> str:
+    """At the coordinator: the keyring (`keys/<school>.pub`) gets the school's new ledger key. Only the
+    current key is kept: the school's key transition (in its ledger, and in the copy of the next run it
+    trains in) names the old one, so earlier entries stay verifiable."""
+    from privacy.signing import key_id, load_public_key
+    from server.deploy import credentials as cred
+    from server.deploy.layout import Deployment
+
+    dep = Deployment.load(Path(root).resolve())
+    entry = dep.node(name)
+    if entry.role != "school":
+        raise DeployError(f"{name} is the {entry.role} node: only a school has a ledger key")
+    pem = _school_ledger_key(Path(ledger_key), name)
+    path = dep.keyring / f"{name}.pub"
+    old = key_id(load_public_key(path)) if path.is_file() else "none"
+    if old == key_id(load_public_key(pem)):
+        raise DeployError(f"school {name}: --ledger-key {ledger_key} is already its ledger key ({old}) in {path}: "
+                          f"send the signing_key.pub that `fedfer deploy school-key --new-ledger-key` printed")
+    cred.write_public(path, pem.encode())
+    return (f"{name}: ledger key {old} → {key_id(load_public_key(pem))} in {path}. The server accepts the school's "
+            f"key transition with its next reply; `fedfer privacy audit --keys {dep.keyring}` follows it")
+
+
 def register_pending(root: Path, name: str, flwr_home: Path) -> str:
     """Register a node created while the SuperLink was down (status 'created')."""
     from server.deploy.layout import Deployment
