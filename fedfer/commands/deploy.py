@@ -117,7 +117,8 @@ def _new_ledger_key(state_dir: Path) -> int:
               f"{rot.new_key_id}, signed by the retired key; the lifetime ε goes on under the new key")
     print(f"  send {rot.public} to the coordinator, who runs:")
     print(f"  fedfer deploy rotate NAME --ledger-key {rot.public.name}")
-    print("  then start this node's start.sh again (a node running on the retired key can no longer sign a round)")
+    print("  a running node signs with the new key from its next round (the retired key can sign nothing more); "
+          "the server refuses the school until the coordinator has it")
     return 0
 
 
