@@ -156,10 +156,11 @@ def _history_after(entry: Mapping[str, Any]) -> list[list]:
     return [[s, q, n] for (s, q), n in after.items()]
 
 
-def update_anchor(anchors_dir: Path, school_id: str, public_key: Ed25519PublicKey,
+def update_anchor(anchors_dir: Path, school_id: str, public_key: Ed25519PublicKey | Sequence[Ed25519PublicKey],
                   run_entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Set the anchor of this school's chain to the verified entries of one run (all of them as stored in
-    the run copy: idempotent, so a crash between the copy and the anchor heals on the next reply)."""
+    the run copy: idempotent, so a crash between the copy and the anchor heals on the next reply).
+    `public_key`: the run's trusted keys of the school (pinned first, then retired), as the copy verified."""
     if not run_entries:
         raise ValueError("no entries to anchor")
     path = anchor_path(anchors_dir, school_id)

@@ -41,7 +41,7 @@ from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.anchors import anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, KeyChain, LedgerError, copy_run_id, epsilon_value,
                             read_ledger_file, run_entries, verify_entries)
-from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key
+from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key, retired_public_keys
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_TAMPERED = 0, 1, 2
 POLICY_FILE = "policy.json"   # a simulated school's policy in its state directory (privacy/policy.py)
@@ -240,6 +240,7 @@ class _Source:
     # retired key id -> (public key, hashes of the entries before its retirement, where the transition is):
     # learned from the school's other ledgers, for a copy of a run before the school rotated its key
     retired: dict[str, tuple[Any, set[str], str]] = field(default_factory=dict)
+    keyring_retired: list[Any] = field(default_factory=list)   # retired keys beside the trusted key file
 
     @property
     def copy(self) -> str:
@@ -531,7 +532,10 @@ def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
         return school, [], start, None, Row(school=school, source=str(src.path), status="unreadable",
                                             problems=[str(exc)])
     try:
-        src.keys = verify_entries(entries, key, source=str(src.path), school_id=school, start=start)
+        # the chain must start under the keyring's key or a retired key kept beside it (never one it names)
+        src.keyring_retired = _retired_keys_beside(src, school)
+        src.keys = verify_entries(entries, [key] + src.keyring_retired, source=str(src.path), school_id=school,
+                                  start=start)
     except (LedgerError, SigningKeyError) as exc:
         retired = _verify_with_retired_key(src, entries, school, start)
         if retired is None:
@@ -539,6 +543,13 @@ def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
                                                problems=[str(exc)])
         key = retired
     return school, entries, start, key, None
+
+
+def _retired_keys_beside(src: _Source, school: str) -> list[Any]:
+    """The school's retired keys kept beside its trusted key files (``<school>.retired/<key id>.pub`` in the
+    keyring, which `fedfer deploy rotate` keeps; in the run's keys/ with --trust-run-keys)."""
+    files = [p / f"{school}.pub" if p.is_dir() else p for p in src.key_paths]
+    return [k for f in files for k in retired_public_keys(f)]
 
 
 def _verify_with_retired_key(src: _Source, entries: list[dict], school: str, start: str) -> Any:
@@ -564,6 +575,9 @@ def _key_notes(src: _Source, school: str, trusted: Any) -> list[str]:
         (kid, (_, _, where)), = src.retired.items()
         notes.append(f"school {school}: {src.path} is signed with key {kid}, which the school retired later "
                      f"(key transition at {where})")
+    elif src.keys is not None and src.keys.keys[-1] in {key_id(k) for k in src.keyring_retired}:
+        notes.append(f"school {school}: {src.path} ends under key {src.keys.keys[-1]}, a retired key the keyring keeps "
+                     f"(entries before the school's key transition)")
     elif src.keys is not None and src.keys.keys[-1] != key_id(trusted):
         notes.append(f"school {school}: the keyring's key {key_id(trusted)} is retired: the school handed its "
                          f"ledger to key {src.keys.keys[-1]}; update the keyring (`fedfer deploy rotate {school} "

@@ -45,9 +45,10 @@ by the key in force (the old one), with ``old_public_key`` and ``new_public_key`
 so the lifetime figures run on unchanged. Its ``run_id`` is ``key-transition-<new key id>`` (a run of
 one entry): the school sends it with the entries of the run that follows it, and that run's copy on the
 server starts with it. Every later entry is signed by the new key; one signed by the old key after the
-transition is refused (a retired key, perhaps compromised, cannot extend the chain). A verifier trusts
-one key of the chain (the keyring's, normally the current one) and follows the transitions from the
-key in force at the chain's start.
+transition is refused (a retired key, perhaps compromised, cannot extend the chain). Trust flows forward
+only: the key in force at the chain's first entry must be one of the verifier's trusted keys (the current
+key, or a retired one kept beside it as ``<name>.retired/<key id>.pub``: privacy/signing.py), never a key
+the entries name, and each transition signed by the key in force authorizes the next one.
 
 Non-finite ε is written as the string ``"inf"`` (JSON has no infinity). Extra scalar fields are
 allowed and covered by the hash and the signature.
@@ -78,7 +79,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared_models.atomic_files import append_line_atomic, atomic_write_text, locked
-from privacy.signing import key_id, load_public_key, public_key_pem, sign_hash, verify_hash_signature
+from privacy.signing import (PUBLIC_KEY_FILE, key_id, load_public_key, public_key_pem, retire_public_key,
+                             retired_public_keys, sign_hash, verify_hash_signature)
 
 SCHEMA = 1
 GENESIS_HASH = "0" * 64
@@ -282,29 +284,44 @@ class KeyChain:
                 for line, e in self.transitions]
 
 
-def chain_start_key(entries: Sequence[Any], key: Ed25519PublicKey) -> Ed25519PublicKey:
-    """The key in force at the first of `entries`: the old key of their first key transition, else `key`.
-    Where the old key comes from does not matter: the entries before the transition and the transition
-    itself must verify with it, and the key the verifier trusts must be one the chain passes through."""
-    for entry in entries:
-        if isinstance(entry, dict) and entry.get("event") == KEY_TRANSITION:
-            try:
-                return load_public_key(str(entry.get("old_public_key", "")).encode("ascii", "replace"))
-            except ValueError:
-                return key   # the transition then fails its checks, with its line named
-    return key
+Trusted = Ed25519PublicKey | str | Path | Sequence[Ed25519PublicKey]
 
 
-def check_trusted_key(entries: Sequence[Any], start: Ed25519PublicKey, trusted: Ed25519PublicKey,
-                      where: str) -> None:
-    """The key the verifier trusts (the keyring's, the run's pinned one) must be one of the keys the chain
-    names: its start key or a transition's new key. Otherwise whoever holds another key made the chain."""
-    named = [key_id(start)] + [str(e.get("new_key_id")) for e in entries
-                               if isinstance(e, dict) and e.get("event") == KEY_TRANSITION]
-    if key_id(trusted) not in named:
-        raise LedgerError(f"{where}: the key it is checked against ({key_id(trusted)}) is none of the keys the chain "
-                          f"is signed with ({' → '.join(named)}): the keyring holds a key the school never used "
-                          f"for this ledger, or the ledger was re-signed with other keys")
+def trusted_keys(trusted: Trusted) -> list[Ed25519PublicKey]:
+    """The verifier's trusted keys of one school, current first (then retired keys from a trusted source)."""
+    if isinstance(trusted, (list, tuple)):
+        return [load_public_key(k) for k in trusted]
+    return [load_public_key(trusted)]
+
+
+def chain_start_key(entries: Sequence[Any], trusted: Trusted, where: str = "") -> Ed25519PublicKey:
+    """The key in force at the first of `entries`: the trusted key (current or retired) its ``key_id`` names.
+    Never a key the entries carry (a transition's ``old_public_key``): trust flows forward only, from a key
+    the verifier already holds, through transitions each signed by the key in force. Raises LedgerError
+    when the first entry of a chain with key transitions names no trusted key (without transitions, the
+    current key: the first entry's signature check then says which key signed it)."""
+    keys = trusted_keys(trusted)
+    first = entries[0] if entries and isinstance(entries[0], dict) else {}
+    named = first.get("key_id")
+    start = next((k for k in keys if key_id(k) == named), None)
+    rotated = any(isinstance(e, dict) and e.get("event") == KEY_TRANSITION for e in entries)
+    if start is None and isinstance(named, str) and rotated:
+        raise LedgerError(f"{where or 'ledger'}: the chain starts under key {named}, which is not a trusted key "
+                          f"({', '.join(key_id(k) for k in keys)}): if the school rotated its ledger key from "
+                          f"{named}, add that retired key (`fedfer deploy rotate NAME --ledger-key` keeps it in "
+                          f"keys/<school>.retired/); else another key made this chain")
+    return start or keys[0]
+
+
+def check_trusted_key(keys: Sequence[str], trusted: Sequence[Ed25519PublicKey], where: str) -> None:
+    """A chain that reaches a key the verifier does not know must pass through the current trusted key
+    (`trusted[0]`: a keyring not yet updated after a rotation). One that leaves a retired key for an unknown
+    key without it forks the school's chain with a retired key."""
+    known = {key_id(k) for k in trusted}
+    if all(k in known for k in keys) or key_id(trusted[0]) in keys:
+        return
+    raise LedgerError(f"{where}: the chain goes {' → '.join(keys)} and never through the current key "
+                      f"{key_id(trusted[0])}: a retired key handed the ledger to a key the school never rotated to")
 
 
 def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, where_of) -> None:
@@ -397,11 +414,12 @@ def _follow_transition(entry: dict, key: Ed25519PublicKey, state: _ChainState, w
     state.keys.append(key_id(new))
 
 
-def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | Path, *, source: str,
+def verify_entries(entries: Sequence[Any], public_key: Trusted, *, source: str,
                    school_id: str | None = None, start: str = "genesis", first_line: int = 1) -> KeyChain:
     """Check a chain of entries: fields, hashes, signatures (each with the key in force at its line,
-    following key transitions), prev_hash links, run_seq and history_before continuity; `public_key`, the
-    key the caller trusts, must be one the chain passes through. Returns the chain's keys. Raises ``LedgerError("<source> line N (school X): …")`` at the first
+    following key transitions), prev_hash links, run_seq and history_before continuity. `public_key`: the
+    school's trusted keys (one key, or the current one first and then its retired ones): the first entry
+    must be signed by one of them (:func:`chain_start_key`). Returns the chain's keys. Raises ``LedgerError("<source> line N (school X): …")`` at the first
     problem.
 
     ``start="genesis"``: the school's own ledger — the first entry links to ``"0"*64``.
@@ -410,9 +428,11 @@ def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | 
     """
     if start not in ("genesis", "run"):
         raise ValueError(f"start must be 'genesis' or 'run', got {start!r}")
-    public_key = load_public_key(public_key)
+    trusted = trusted_keys(public_key)
+    public_key = trusted[0]
+    start_key = chain_start_key(entries, trusted, _where(source, first_line, school_id))
     state = _ChainState(last_hash=GENESIS_HASH if start == "genesis" else None, run_counts={}, histories={},
-                        trust_first_history=start == "run", key=chain_start_key(entries, public_key))
+                        trust_first_history=start == "run", key=start_key)
     expected_school = school_id
     run_of_copy = None
     transitions: list[tuple[int, dict]] = []
@@ -432,8 +452,8 @@ def verify_entries(entries: Sequence[Any], public_key: Ed25519PublicKey | str | 
             if entry["run_id"] != run_of_copy:
                 raise LedgerError(f"{_where(source, line, expected_school)}: entry of run {entry['run_id']!r} in the "
                                   f"copy of run {run_of_copy!r}")
-    check_trusted_key(entries, chain_start_key(entries, public_key), public_key, _where(source, None, expected_school))
-    return KeyChain(list(state.keys) or [key_id(public_key)], state.key or public_key, transitions)
+    check_trusted_key(state.keys, trusted, _where(source, None, expected_school))
+    return KeyChain(list(state.keys) or [key_id(start_key)], state.key or start_key, transitions)
 
 
 def _refuse_constant(name: str) -> float:
@@ -505,11 +525,15 @@ class SchoolLedger:
         self.path = self.state_dir / LEDGER_FILE
         self._entries = self._read()
 
+    def _trusted(self) -> list[Ed25519PublicKey]:
+        """Its own key, then the public keys it retired (``signing_key.retired/``, kept by :meth:`rotate_key`)."""
+        return [self.public_key] + retired_public_keys(self.state_dir / PUBLIC_KEY_FILE)
+
     def _read(self) -> list[dict]:
         if not self.path.exists():
             return []
         entries = read_ledger_file(self.path, school_id=self.school_id)
-        keys = verify_entries(entries, self.public_key, source=str(self.path), school_id=self.school_id,
+        keys = verify_entries(entries, self._trusted(), source=str(self.path), school_id=self.school_id,
                               start="genesis")
         if keys.keys[-1] != key_id(self.public_key):   # never sign with a retired key: the audit refuses it
             line, transition = keys.transitions[-1]
@@ -593,6 +617,7 @@ class SchoolLedger:
         terms = ("dataset_fingerprint", "privacy_unit", "sample_rate", "noise_multiplier", "max_grad_norm",
                  "delta", "accountant", "epsilon", "epsilon_rdp", "budget")
         new_id = key_id(new_key)
+        retire_public_key(self.state_dir / PUBLIC_KEY_FILE, self.public_key)   # verifies the chain's start from now on
         entry = self.append(event=KEY_TRANSITION, run_id=f"{KEY_TRANSITION}-{new_id}", round=0, steps=0,
                             history_before=history, old_public_key=public_key_pem(self.public_key),
                             new_public_key=public_key_pem(new_key), new_key_id=new_id,
@@ -602,7 +627,7 @@ class SchoolLedger:
 
     def _chain_state(self) -> _ChainState:
         state = _ChainState(last_hash=GENESIS_HASH, run_counts={}, histories={}, trust_first_history=False,
-                            key=chain_start_key(self._entries, self.public_key))
+                            key=chain_start_key(self._entries, self._trusted(), str(self.path)))
         noop = lambda s: str(self.path)  # noqa: E731 — already verified on read
         for e in self._entries:
             _check_one(e, self.public_key, state, noop)
@@ -611,7 +636,8 @@ class SchoolLedger:
 
 class ServerLedgerCopy:
     """The server's per-run copy, ``<run_dir>/ledger/<school>.jsonl``, plus the school's public key
-    in ``<run_dir>/keys/<school>.pub`` (which ``fedfer privacy audit`` uses only with
+    in ``<run_dir>/keys/<school>.pub`` and the keys it replaced in ``keys/<school>.retired/`` (which
+    ``fedfer privacy audit`` uses only with
     ``--trust-run-keys``: an officer verifies against the keyring registered at enrollment)."""
 
     @staticmethod
@@ -650,14 +676,16 @@ class ServerLedgerCopy:
         """Store the entries (the school's entries of this run, or a suffix of them) that the copy
         does not hold yet, after verifying that they extend it. Returns the newly stored ones."""
         path = ServerLedgerCopy.path(run_dir, school_id)
+        pinned = Path(run_dir) / "keys" / f"{school_id}.pub"
         public_key = load_public_key(public_key)
+        # the pinned key, then the ones it replaced in this run (the stored copy may start under one)
+        trusted = [public_key] + retired_public_keys(pinned)
         source = f"reply from school {school_id}"
         stored_new: list[dict] = []
         with locked(path):
             stored = read_ledger_file(path, school_id=school_id) if path.exists() else []
             chain = list(stored) + [dict(e) for e in entries]
-            start = chain_start_key(chain, public_key)
-            check_trusted_key(chain, start, public_key, _where(source, None, school_id))   # before anything is written
+            start = chain_start_key(chain, trusted, _where(source, None, school_id))   # before anything is written
             state = _ChainState(last_hash=None, run_counts={}, histories={}, trust_first_history=True, key=start)
             if stored and isinstance(stored[0], dict) and isinstance(stored[0].get("run_seq"), int):
                 state.run_counts[str(stored[0].get("run_id"))] = stored[0]["run_seq"]
@@ -678,13 +706,19 @@ class ServerLedgerCopy:
                 if not stored and not stored_new and isinstance(entry.get("run_seq"), int):
                     state.run_counts[str(entry.get("run_id"))] = entry["run_seq"]  # see append_verified
                 _check_one(entry, public_key, state, where_of)
+                if key_id(public_key) not in state.keys:   # new entries are under the pinned key or one it handed to
+                    raise LedgerError(f"{where_of(None)}: signed by key {state.keys[-1]}, which this run keeps as a "
+                                      f"retired key of the school; its pinned key is {key_id(public_key)}: a retired "
+                                      f"key signs only entries before its key transition")
                 run_of_copy = run_of_copy if transition else entry["run_id"]
                 append_line_atomic(path, _line(entry))
                 known.add(entry["hash"])
                 stored_new.append(entry)
-            if state.key is not None and key_id(state.key) != key_id(public_key):
-                # the pinned key handed the chain over: the run's key is the new one from now on
-                atomic_write_text(Path(run_dir) / "keys" / f"{school_id}.pub", public_key_pem(state.key))
+            if key_id(state.key) != key_id(public_key) and key_id(public_key) in state.keys:
+                # the pinned key handed the chain over: the run's key is the new one from now on, the old one is
+                # kept retired (the stored copy starts under it: re-verifying it and the audit need it)
+                retire_public_key(pinned, public_key)
+                atomic_write_text(pinned, public_key_pem(state.key))
         return stored_new
 
 

@@ -168,6 +168,32 @@ def load_public_key(pem_or_path: str | bytes | Path | Ed25519PublicKey) -> Ed255
     return key
 
 
+def retired_dir(public_key_file: Path) -> Path:
+    """Where the keys a public key file replaced are kept: ``<name>.pub`` -> ``<name>.retired/``, one
+    ``<key id>.pub`` each (a keyring's ``<school>.retired/``, a run's ``keys/<school>.retired/``, a school's
+    ``signing_key.retired/``). A verifier trusts them only as the key a chain starts under."""
+    path = Path(public_key_file)
+    return path.with_name(path.stem + ".retired")
+
+
+def retire_public_key(public_key_file: Path, key: Ed25519PrivateKey | Ed25519PublicKey) -> Path:
+    """Keep `key` (its public half) as a retired key of `public_key_file`; idempotent."""
+    path = retired_dir(public_key_file) / f"{key_id(key)}.pub"
+    if not path.is_file():
+        atomic_write_bytes(path, public_key_pem(key).encode("ascii"), mode=0o644)
+    return path
+
+
+def retired_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
+    """The retired keys kept beside `public_key_file` (none if there are none)."""
+    return [load_public_key(p) for p in sorted(retired_dir(public_key_file).glob("*.pub"))]
+
+
+def trusted_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
+    """The key in `public_key_file` (current: first) and the retired keys kept beside it."""
+    return [load_public_key(Path(public_key_file))] + retired_public_keys(public_key_file)
+
+
 def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     """Short stable name of a public key (sha256 of its raw 32 bytes, first 16 hex) for messages."""
     raw = _public(key).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

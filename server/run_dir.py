@@ -5,6 +5,7 @@
     runs/<id>/events.jsonl         rejected replies, refusals, dropped schools (one line each)
     runs/<id>/ledger/<school>.jsonl  verified copies of the schools' signed ledger entries
     runs/<id>/keys/<school>.pub    the ledger public key the server trusts for that school
+    runs/<id>/keys/<school>.retired/  the keys that key replaced (a chain may start under one)
     runs/<id>/checkpoints/round-NNNN.pt, latest.json   weights + round + strategy state (resume)
     runs/<id>/report.md, plots/*.png
     runs/<id>/preparing.lock       only while `fedfer simulate` still pre-trains; the ServerApp waits for it

@@ -272,7 +272,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
 
     def _pin_key(self, node: NodeInfo) -> str:
         """Trust the school's ledger key from the keyring (deployment) or on first contact (simulation)."""
-        from privacy.signing import SigningKeyError, load_public_key, public_key_pem
+        from privacy.signing import (SigningKeyError, load_public_key, public_key_pem, retire_public_key,
+                                     trusted_public_keys)
 
         key_file = self.run.key_path(node.school_id)
         keyring = str(self.cfg["privacy.keyring"])
@@ -291,6 +292,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             return f"ledger public key: {one_line(exc, 120)}"
         if sent != expected:
             return "ledger public key differs from the trusted one"
+        if keyring:   # the keys the school retired (`fedfer deploy rotate` keeps them): its copy may start under one
+            for old in trusted_public_keys(trusted)[1:]:
+                retire_public_key(key_file, old)
         key_file.parent.mkdir(parents=True, exist_ok=True)
         key_file.write_text(expected, encoding="utf-8")
         return ""
@@ -519,7 +523,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         from privacy.anchors import (anchors_dir_of_run, check_continues, load_chain, unanchored_transition,
                                      update_anchor)
         from privacy.ledger import LedgerError, ServerLedgerCopy, chain_start_key, read_ledger_file
-        from privacy.signing import load_public_key
+        from privacy.signing import key_id, trusted_public_keys
 
         if "ledger" not in content.config_records:
             raise RejectedUpdate("private training reply without a signed ledger entry")
@@ -533,15 +537,20 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             raise RejectedUpdate("ledger field 'run-entries' must be a list of entries")
         if run_entries[-1].get("hash") != entry.get("hash"):
             raise RejectedUpdate("ledger entry is not the last of the run entries sent with it")
-        public_key = load_public_key(self.run.key_path(school))
+        # the pinned key, then the ones it replaced (from the keyring, or a key transition in this run)
+        trusted = trusted_public_keys(self.run.key_path(school))
+        public_key = trusted[0]
         anchors = anchors_dir_of_run(self.run.path)
-        # entries that begin with a key transition continue the chain anchored under the old key
-        start_key = chain_start_key(run_entries, public_key)
+        try:
+            # entries that begin with a key transition continue the chain anchored under the (trusted) old key
+            start_key = chain_start_key(run_entries, trusted, f"reply from school {school}")
+        except LedgerError as exc:
+            raise RejectedUpdate(f"ledger entry does not verify: {exc}") from None
         try:
             chain = load_chain(anchors, school, start_key)
         except LedgerError as exc:
             raise RejectedUpdate(f"ledger anchor: {exc}") from None
-        if chain is None and start_key is not public_key:
+        if chain is None and key_id(start_key) != key_id(public_key):
             check = unanchored_transition(anchors, school, start_key)
             if check.problem:
                 self.exhausted.add(school)
@@ -560,7 +569,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         try:
             ServerLedgerCopy.sync_verified(self.run.path, school, run_entries, public_key)
             stored = read_ledger_file(ServerLedgerCopy.path(self.run.path, school), school_id=school)
-            update_anchor(anchors, school, public_key, stored)
+            update_anchor(anchors, school, trusted_public_keys(self.run.key_path(school)), stored)
         except LedgerError as exc:
             raise RejectedUpdate(f"ledger entry does not verify: {exc}") from None
 

@@ -4,7 +4,9 @@ The old key signs a key transition appended to the school's own chain; every lat
 new key. The lifetime ε runs on across the keys (and the budget guard with it); the server's run copy, its
 pinned key and its anchors follow the transition; the audit verifies each entry with the key in force,
 names the transition and refuses a forged transition, a retired key used after it, and a keyring key the
-chain never used. The commands: `fedfer deploy school-key --new-ledger-key` (school) and `fedfer deploy
+chain never used. Trust flows forward only: a chain must start under a key the verifier already trusts
+(the current key, or a retired one from a trusted source: the keyring's `<school>.retired/`, the run's
+`keys/<school>.retired/`, the school's `signing_key.retired/`), never a key the entries name. The commands: `fedfer deploy school-key --new-ledger-key` (school) and `fedfer deploy
 rotate NAME --ledger-key` (coordinator).
 """
 
@@ -20,8 +22,8 @@ from fedfer.cli import main as fedfer_main
 from privacy.accounting import SchoolAccountant, dataset_fingerprint, epsilon_of
 from privacy.budget import check_budget
 from privacy.ledger import (KEY_TRANSITION, LedgerError, SchoolLedger, ServerLedgerCopy, entry_hash,
-                            read_ledger_file, record_refusal)
-from privacy.signing import key_id, load_or_create_signing_key, public_key_pem, sign_hash
+                            read_ledger_file, record_refusal, verify_entries)
+from privacy.signing import key_id, load_or_create_signing_key, public_key_pem, retire_public_key, sign_hash
 from server.deploy.commands import rotate_school_ledger_key
 from test_ledger_trust import DELTA, Q, SIGMA, STEPS, School, Server, _audit, _keyring
 
@@ -46,8 +48,16 @@ def _rotated_federation(root: Path) -> tuple[School, Server, Server, Ed25519Priv
     old_key = school.key
     _rotate(school)
     second = Server(root, "run-2", [school])   # the coordinator's keyring has the new key: it is pinned
+    retire_public_key(second.run.key_path(school.name), old_key)   # and its retired one, as _pin_key copies it
     _train(second, school, range(1, 3))
     return school, first, second, old_key
+
+
+def _rotated_keyring(root: Path, school: School, old: Ed25519PrivateKey) -> Path:
+    """The keyring after `fedfer deploy rotate NAME --ledger-key`: the new key, the old one kept retired."""
+    keys = _keyring(root, [school])
+    retire_public_key(keys / f"{school.name}.pub", old)
+    return keys
 
 
 def _forge(state: Path, key: Ed25519PrivateKey, **change) -> None:
@@ -109,7 +119,7 @@ def test_the_retired_key_cannot_sign_for_the_school_any_more(tmp_path):
 # ----------------------------------------------------------------------------------- audit
 def test_audit_passes_a_rotated_chain_and_names_the_transition(tmp_path, capsys):
     school, first, second, old = _rotated_federation(tmp_path)
-    keys = _keyring(tmp_path, [school])
+    keys = _rotated_keyring(tmp_path, school, old)
     code, out = _audit(capsys, first.run.path, second.run.path, school.state / "ledger.jsonl", "--keys", keys,
                        "--budget", "50", "--json")
     report = json.loads(out)
@@ -120,8 +130,21 @@ def test_audit_passes_a_rotated_chain_and_names_the_transition(tmp_path, capsys)
     transitions = [t for row in report["schools"] for t in row["key_transitions"]]
     assert any(f"ledger key {key_id(old)} → {key_id(school.key)}" in t and "ledger.jsonl line 3" in t
                for t in transitions), transitions
-    assert any(f"signed with key {key_id(old)}, which the school retired later" in t for t in transitions)
+    assert any(f"ends under key {key_id(old)}, a retired key the keyring keeps" in t for t in transitions)
     assert not report["problems"] and all(row["status"] == "ok" for row in report["schools"])
+
+
+def test_pre_rotation_run_copy_passes_with_the_updated_keyring(tmp_path, capsys):
+    school, first, _, old = _rotated_federation(tmp_path)
+    code, out = _audit(capsys, first.run.path, "--keys", _rotated_keyring(tmp_path, school, old))
+    assert code == 0 and f"ends under key {key_id(old)}, a retired key the keyring keeps" in out, out
+
+
+def test_keyring_with_only_the_new_key_refuses_a_rotated_chain_and_says_to_add_the_retired_key(tmp_path, capsys):
+    school, first, second, old = _rotated_federation(tmp_path)
+    code, out = _audit(capsys, school.state / "ledger.jsonl", second.run.path, "--keys", _keyring(tmp_path, [school]))
+    assert code == 2 and f"starts under key {key_id(old)}, which is not a trusted key ({key_id(school.key)})" in out
+    assert "add that retired key (`fedfer deploy rotate NAME --ledger-key` keeps it in keys/<school>.retired/)" in out
 
 
 def test_audit_with_a_keyring_that_still_holds_the_retired_key_says_to_update_it(tmp_path, capsys):
@@ -142,8 +165,10 @@ def test_forged_transition_signed_by_the_new_key_only_is_tampered(tmp_path, caps
     keys = tmp_path / "keys"
     keys.mkdir()
     (keys / "school-a.pub").write_text(public_key_pem(new))
+    retire_public_key(keys / "school-a.pub", school.key)   # even a keyring that trusts the old key as retired
     code, out = _audit(capsys, school.state / "ledger.jsonl", "--keys", keys)
     assert code == 2 and "line 2" in out and f"not signed by the key in force {key_id(school.key)}" in out, out
+    retire_public_key(school.state / "signing_key.pub", school.key)
     with pytest.raises(LedgerError, match="not signed by the key in force"):
         SchoolLedger(school.state, school.name, new)
 
@@ -154,21 +179,37 @@ def test_old_key_used_after_the_transition_is_tampered(tmp_path, capsys):
     old = school.key
     _rotate(school)
     _forge(school.state, old)   # the compromised old key extends the chain
-    keys = _keyring(tmp_path, [school])
+    keys = _rotated_keyring(tmp_path, school, old)
     code, out = _audit(capsys, school.state / "ledger.jsonl", "--keys", keys)
     assert code == 2 and "line 3" in out and f"signed with key {key_id(old)}, retired by the key transition" in out, out
 
 
-def test_keyring_key_that_is_in_no_chain_is_tampered(tmp_path, capsys):
+def test_keyring_key_the_chain_does_not_start_under_is_tampered(tmp_path, capsys):
     school = School(tmp_path, "school-a")
     school.train("run-1", 1)
+    old = school.key
     _rotate(school)
     stranger = Ed25519PrivateKey.generate()
     keys = tmp_path / "keys"
     keys.mkdir()
     (keys / "school-a.pub").write_text(public_key_pem(stranger))
     code, out = _audit(capsys, school.state / "ledger.jsonl", "--keys", keys)
-    assert code == 2 and f"the key it is checked against ({key_id(stranger)}) is none of the keys" in out, out
+    assert code == 2 and f"starts under key {key_id(old)}, which is not a trusted key ({key_id(stranger)})" in out, out
+
+
+def test_retired_key_handing_the_chain_to_another_key_is_tampered(tmp_path, capsys):
+    """A leaked retired key K0 forks the chain: K0 → X, never through the school's current key K1."""
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    old = school.key
+    _rotate(school)   # the fork's transition K0 → X
+    current = Ed25519PrivateKey.generate()
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "school-a.pub").write_text(public_key_pem(current))
+    retire_public_key(keys / "school-a.pub", old)
+    code, out = _audit(capsys, school.state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and f"never through the current key {key_id(current)}" in out, out
 
 
 # ----------------------------------------------------------------------------------- server
@@ -196,7 +237,7 @@ def test_run_copy_and_anchors_follow_the_rotation_across_runs(tmp_path, capsys):
     with pytest.raises(RejectedUpdate, match="does not verify"):
         third.receive(school, 2, [entry])
     code, out = _audit(capsys, first.run.path, second.run.path, third.run.path, school.state / "ledger.jsonl",
-                       "--keys", _keyring(tmp_path, [school]))
+                       "--keys", _rotated_keyring(tmp_path, school, old))
     assert code == 0, out
 
 
@@ -210,7 +251,19 @@ def test_a_rotation_during_a_run_switches_the_runs_pinned_key(tmp_path):
     copy = read_ledger_file(ServerLedgerCopy.path(server.run.path, "school-a"))
     assert [e["event"] for e in copy] == ["round", KEY_TRANSITION, "round"]
     assert server.run.key_path("school-a").read_text() == public_key_pem(school.key) != public_key_pem(old)
+    # the old pinned key is kept retired: the stored copy starts under it
+    assert (server.run.path / "keys" / "school-a.retired" / f"{key_id(old)}.pub").read_text() == public_key_pem(old)
     _train(server, school, range(3, 4))   # and the next reply verifies against the switched pin
+
+
+def test_trust_run_keys_audit_reads_the_runs_retired_keys(tmp_path, capsys):
+    school = School(tmp_path, "school-a")
+    server = Server(tmp_path, "run-1", [school])
+    _train(server, school, range(1, 2))
+    _rotate(school)
+    _train(server, school, range(2, 3))
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    assert code == 0, out
 
 
 def test_server_refuses_a_transition_from_a_key_it_never_anchored(tmp_path):
@@ -220,10 +273,16 @@ def test_server_refuses_a_transition_from_a_key_it_never_anchored(tmp_path):
     _train(Server(tmp_path, "run-1", [school]), school, range(1, 3))
     other = School(tmp_path / "elsewhere", "school-a")   # a made-up chain under another key, handed to a new key
     other.train("run-0", 1)
+    made_up = other.key
     _rotate(other)
     server = Server(tmp_path, "run-2", [other])
+    entries = other.train(server.run.run_id, 1)
+    with pytest.raises(RejectedUpdate, match="not a trusted key"):   # its start key is no key the server trusts
+        server.receive(other, 1, entries)
+    # even with a keyring that (wrongly) keeps that key as retired, the anchor refuses it
+    retire_public_key(server.run.key_path("school-a"), made_up)
     with pytest.raises(RejectedUpdate, match="unanchored-transition"):
-        server.receive(other, 1, other.train(server.run.run_id, 1))
+        server.receive(other, 1, entries)
     assert [e["problem"] for e in server.events()] == ["unanchored-transition"]
 
 
@@ -240,6 +299,8 @@ def test_school_key_new_ledger_key_happy_path_and_interrupted_rotation(tmp_path,
     assert f"new key {new}" in out and f"key transition {old} → {new}" in out and "line 2" in out
     assert "fedfer deploy rotate NAME --ledger-key signing_key.pub" in out
     assert (school.state / "signing_key.pub").read_text() == public_key_pem(load_or_create_signing_key(school.state))
+    assert (school.state / "signing_key.retired" / f"{old}.pub").read_text() == public_key_pem(school.key)
+    assert "signing_key.retired" in out   # the old public half is kept: the school's own chain starts under it
     # interrupted after the transition, before the key swap: running it again finishes with the same key
     staged = stage_new_signing_key(school.state)
     SchoolLedger(school.state, school.name, load_or_create_signing_key(school.state)).rotate_key(staged)
@@ -308,4 +369,51 @@ def test_rotate_ledger_key_at_the_coordinator(tmp_path, capsys):
     out = capsys.readouterr().out
     new = load_or_create_signing_key(state)
     assert (dep.keyring / "lincoln.pub").read_text() == public_key_pem(new) and f"→ {key_id(new)}" in out
+    retired = list((dep.keyring / "lincoln.retired").iterdir())   # the replaced key, kept as a retired key
+    assert [p.read_text() for p in retired] == [old] and "lincoln.retired" in out
     assert (dep.node_dir("lincoln") / "supernode.pub").read_text() == node_pub   # the node key is left alone
+
+
+# ----------------------------------------------------------------------------------- forgery: trust flows forward only
+def _forged_handover(root: Path, school: School) -> tuple[list[dict], Ed25519PrivateKey]:
+    """A ledger anyone can make: 2 rounds of `school`'s name signed by the forger's own key F, then a key
+    transition F → the school's real public key (no private half needed). Returns (entries, F)."""
+    forger = School(root / "forger", school.name)
+    for rnd in (1, 2):
+        forger.train("run-1", rnd)
+    real = school.key.public_key()
+    _forge(forger.state, forger.key, event=KEY_TRANSITION, steps=0, run_id=f"{KEY_TRANSITION}-{key_id(real)}",
+           round=0, old_public_key=public_key_pem(forger.key), new_public_key=public_key_pem(real),
+           new_key_id=key_id(real))
+    return read_ledger_file(forger.state / "ledger.jsonl"), forger.key
+
+
+def test_forged_handover_to_the_schools_key_is_refused_by_verify_entries(tmp_path):
+    school = School(tmp_path, "school-a")
+    entries, forger = _forged_handover(tmp_path, school)
+    with pytest.raises(LedgerError, match=f"starts under key {key_id(forger)}, which is not a trusted key "
+                                          f"\\({key_id(school.key)}\\)"):
+        verify_entries(entries, school.key.public_key(), source="forged", school_id=school.name)
+
+
+def test_forged_handover_is_refused_by_the_servers_run_copy(tmp_path):
+    school = School(tmp_path, "school-a")
+    server = Server(tmp_path, "run-1", [school])   # the school's real key K is pinned
+    entries, forger = _forged_handover(tmp_path, school)
+    pinned = server.run.key_path(school.name)
+    with pytest.raises(LedgerError, match=f"starts under key {key_id(forger)}, which is not a trusted key"):
+        ServerLedgerCopy.sync_verified(server.run.path, school.name, entries, pinned)
+    with pytest.raises(LedgerError, match=f"signature does not verify with the school's public key {key_id(school.key)}"):
+        ServerLedgerCopy.append_verified(server.run.path, school.name, entries[0], pinned)   # no transition: F's entry
+    assert not ServerLedgerCopy.path(server.run.path, school.name).exists()
+    assert pinned.read_text() == public_key_pem(school.key)
+
+
+def test_forged_handover_is_refused_by_the_audit(tmp_path, capsys):
+    school = School(tmp_path, "school-a")
+    entries, forger = _forged_handover(tmp_path, school)
+    alone = tmp_path / "handed-in"   # no key beside it: only the keyring decides
+    alone.mkdir()
+    (alone / "ledger.jsonl").write_text((tmp_path / "forger" / "schools" / "school-a" / "ledger.jsonl").read_text())
+    code, out = _audit(capsys, alone / "ledger.jsonl", "--keys", _keyring(tmp_path, [school]))
+    assert code == 2 and f"starts under key {key_id(forger)}, which is not a trusted key" in out, out

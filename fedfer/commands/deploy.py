@@ -111,7 +111,8 @@ def _new_ledger_key(state_dir: Path) -> int:
     rot = rotate_school_ledger_key(state_dir)
     state = state_dir.expanduser().absolute()
     print(f"ledger signing key  {state / 'signing_key.pem'} (0600, stays here): new key {rot.new_key_id}, "
-          f"the retired key {rot.old_key_id} is deleted")
+          f"the retired key {rot.old_key_id} is deleted (its public half is kept in {state / 'signing_key.retired'}: "
+          f"the ledger starts under it)")
     if rot.transition_line:
         print(f"  {state / 'ledger.jsonl'} line {rot.transition_line}: key transition {rot.old_key_id} → "
               f"{rot.new_key_id}, signed by the retired key; the lifetime ε goes on under the new key")

@@ -492,7 +492,8 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
     running it again (the staged key is reused; a ledger that already names it only needs the swap)."""
     from privacy.ledger import LEDGER_FILE, LedgerError, SchoolLedger, read_ledger_file, verify_entries
     from privacy.signing import (PUBLIC_KEY_FILE, SIGNING_KEY_FILE, SigningKeyError, install_new_signing_key,
-                                 key_id, load_or_create_signing_key, stage_new_signing_key)
+                                 key_id, load_or_create_signing_key, retire_public_key, retired_public_keys,
+                                 stage_new_signing_key)
 
     state_dir = Path(state_dir).expanduser()
     if not (state_dir / SIGNING_KEY_FILE).is_file():
@@ -504,7 +505,8 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
         ledger_path = state_dir / LEDGER_FILE
         entries = read_ledger_file(ledger_path) if ledger_path.exists() else []
         # the key the ledger is in force under, trusting the school's own key: it is the school's ledger
-        keys = verify_entries(entries, old.public_key(), source=str(ledger_path)) if entries else None
+        trusted = [old.public_key()] + retired_public_keys(state_dir / PUBLIC_KEY_FILE)   # its retired keys too
+        keys = verify_entries(entries, trusted, source=str(ledger_path)) if entries else None
         new = stage_new_signing_key(state_dir)
         line = 0
         if keys is not None and keys.keys[-1] != key_id(new):   # not already handed over by an interrupted run
@@ -513,6 +515,8 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
             line = len(ledger.entries)
         elif keys is not None:
             line = keys.transitions[-1][0]
+        if entries:   # its own ledger starts under it: SchoolLedger trusts it as retired
+            retire_public_key(state_dir / PUBLIC_KEY_FILE, old)
         install_new_signing_key(state_dir)
     except (LedgerError, SigningKeyError) as exc:
         raise DeployError(" ".join(str(exc).split())) from None
@@ -520,10 +524,10 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
 
 
 def rotate_ledger_key(root: Path, name: str, ledger_key: Path) -> str:
-    """At the coordinator: the keyring (`keys/<school>.pub`) gets the school's new ledger key. Only the
-    current key is kept: the school's key transition (in its ledger, and in the copy of the next run it
-    trains in) names the old one, so earlier entries stay verifiable."""
-    from privacy.signing import key_id, load_public_key
+    """At the coordinator: the keyring (`keys/<school>.pub`) gets the school's new ledger key, and the one it
+    replaces is kept as a retired key (`keys/<school>.retired/<key id>.pub`): the school's chain starts under
+    it, and a verifier trusts only the start keys it holds (never one the ledger names)."""
+    from privacy.signing import key_id, load_public_key, retire_public_key
     from server.deploy import credentials as cred
     from server.deploy.layout import Deployment
 
@@ -537,9 +541,12 @@ def rotate_ledger_key(root: Path, name: str, ledger_key: Path) -> str:
     if old == key_id(load_public_key(pem)):
         raise DeployError(f"school {name}: --ledger-key {ledger_key} is already its ledger key ({old}) in {path}: "
                           f"send the signing_key.pub that `fedfer deploy school-key --new-ledger-key` printed")
+    if path.is_file():
+        retired = retire_public_key(path, load_public_key(path))
     cred.write_public(path, pem.encode())
-    return (f"{name}: ledger key {old} → {key_id(load_public_key(pem))} in {path}. The server accepts the school's "
-            f"key transition with its next reply; `fedfer privacy audit --keys {dep.keyring}` follows it")
+    kept = f"; the retired key is kept in {retired.parent}" if old != "none" else ""
+    return (f"{name}: ledger key {old} → {key_id(load_public_key(pem))} in {path}{kept}. The server accepts the "
+            f"school's key transition with its next reply; `fedfer privacy audit --keys {dep.keyring}` follows it")
 
 
 def register_pending(root: Path, name: str, flwr_home: Path) -> str:
