@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared_models.atomic_files import atomic_write_bytes
+from shared_models.atomic_files import atomic_write_bytes, fsync_dir
 
 SIGNING_KEY_FILE = "signing_key.pem"
 PUBLIC_KEY_FILE = "signing_key.pub"
@@ -43,8 +43,7 @@ def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     _replace_empty_unused_key(path)
     if not path.exists():
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        pem = _private_pem(key)
         fd, tmp = tempfile.mkstemp(prefix=f".{SIGNING_KEY_FILE}.", suffix=".tmp", dir=state_dir)   # 0600
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -55,7 +54,7 @@ def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
         except FileExistsError:
             pass
         else:
-            _fsync_dir(state_dir)
+            fsync_dir(state_dir)
             _write_public(state_dir / PUBLIC_KEY_FILE, key)
             return key
         finally:
@@ -66,12 +65,7 @@ def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     if path.stat().st_size == 0:
         raise SigningKeyError(f"{path}: empty, and the school's ledger beside it was signed with the key it held; "
                               "restore the key from a backup")
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise SigningKeyError(f"{path}: not an unencrypted PEM private key ({exc})") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningKeyError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key")
+    key = _read_private_key(path, "not an unencrypted PEM private key ({exc})")
     public = state_dir / PUBLIC_KEY_FILE
     if not public.exists():   # a crash between the two files, or an older fedfer: the public half again
         _write_public(public, key)
@@ -84,18 +78,10 @@ def stage_new_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     rotation is used again: the ledger may already name it."""
     path = Path(state_dir) / NEW_SIGNING_KEY_FILE
     if path.exists():
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (ValueError, TypeError) as exc:
-            raise SigningKeyError(f"{path}: left by an interrupted rotation and unreadable ({exc}); if the "
-                                  f"ledger does not name it, delete it and rotate again") from exc
-        if not isinstance(key, Ed25519PrivateKey):
-            raise SigningKeyError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key")
-        return key
+        return _read_private_key(path, "left by an interrupted rotation and unreadable ({exc}); if the ledger "
+                                       "does not name it, delete it and rotate again")
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    atomic_write_bytes(path, pem, mode=0o600)
+    atomic_write_bytes(path, _private_pem(key), mode=0o600)
     return key
 
 
@@ -106,7 +92,7 @@ def install_new_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     state_dir = Path(state_dir)
     key = stage_new_signing_key(state_dir)
     os.replace(state_dir / NEW_SIGNING_KEY_FILE, state_dir / SIGNING_KEY_FILE)
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     _write_public(state_dir / PUBLIC_KEY_FILE, key)
     return key
 
@@ -127,12 +113,20 @@ def _write_public(path: Path, key: Ed25519PrivateKey) -> None:
     atomic_write_bytes(path, public_key_pem(key).encode("ascii"), mode=0o644)   # the public half: readable
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _private_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _read_private_key(path: Path, unreadable: str) -> Ed25519PrivateKey:
+    """The Ed25519 private key in `path`; `unreadable` (with ``{exc}``) says what a file that does not parse means."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise SigningKeyError(f"{path}: " + unreadable.format(exc=exc)) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningKeyError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key")
+    return key
 
 
 def _public(key: Ed25519PrivateKey | Ed25519PublicKey) -> Ed25519PublicKey:
