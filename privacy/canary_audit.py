@@ -269,6 +269,7 @@ class WhiteBoxAudit:
     seconds: float
     mean_score_in: float
     mean_score_out: float
+    randomness: str                # "secure" (the CSPRNG draws a school trains with) or "reproducible"
     settings: dict
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)      # per canary
     membership: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)  # the coins
@@ -287,11 +288,53 @@ class WhiteBoxAudit:
         return out
 
 
-def build_private_trainer(model, optimizer, frames, unit_ids, *, declared_units: int, **kw):
-    """The clients' DP trainer (privacy/engine.py) with reproducible randomness (the audit's seed)."""
+#: Where the audited trainer's draws come from. ``secure``: the CSPRNG streams a school trains with (Poisson
+#: sampling, frame choice, noise; privacy/secure_random.py), so the audit checks the mechanism that runs;
+#: ``reproducible``: torch generators seeded from the audit's seed, to replay a result bit for bit. Either way
+#: the canaries' coins and data are the auditor's choices and come from the audit's seed.
+RANDOMNESS = ("secure", "reproducible")
+
+#: What :meth:`PrivateTrainer.randomness_sources` must report for each choice of :data:`RANDOMNESS`.
+_EXPECTED_SOURCES = {
+    "secure": {"unit-sampling": "csprng", "frame-choice": "csprng", "noise": "csprng", "transform-seeds": "csprng"},
+    "reproducible": {"unit-sampling": "torch", "frame-choice": "torch", "noise": "torch",
+                     "transform-seeds": "caller"},
+}
+
+
+def build_private_trainer(model, optimizer, frames, unit_ids, *, declared_units: int, randomness: str = "secure",
+                          **kw):
+    """The clients' DP trainer (privacy/engine.py): with ``randomness="secure"`` its production CSPRNG draws,
+    with ``"reproducible"`` torch generators seeded from ``seed`` (the audit's)."""
     from privacy.engine import PrivateTrainer
 
-    return PrivateTrainer(model, optimizer, frames, unit_ids, reproducible=True, declared_units=declared_units, **kw)
+    _check_randomness_choice(randomness)
+    return PrivateTrainer(model, optimizer, frames, unit_ids, reproducible=randomness == "reproducible",
+                          declared_units=declared_units, **kw)
+
+
+def _check_clipping_choice(clipping: str) -> None:
+    from privacy.student_clipping import CLIPPING_MODES
+
+    if clipping not in CLIPPING_MODES:
+        raise ValueError(f"clipping must be one of {', '.join(CLIPPING_MODES)}, got {clipping!r}")
+
+
+def _check_randomness_choice(randomness: str) -> None:
+    if randomness not in RANDOMNESS:
+        raise ValueError(f"randomness must be one of {', '.join(RANDOMNESS)}, got {randomness!r}")
+
+
+def check_trainer_randomness(trainer, randomness: str) -> dict[str, str]:
+    """The built trainer's randomness sources, refused unless every one is what ``randomness`` promises: an
+    audit that says it checked the CSPRNG path must not have drawn anything from a torch generator (a
+    trainer factory, or a change to the trainer, that swapped a stream would otherwise pass unnoticed)."""
+    sources = trainer.randomness_sources()
+    wrong = {name: got for name, got in sources.items() if got != _EXPECTED_SOURCES[randomness][name]}
+    if wrong:
+        listed = ", ".join(f"{name} from {got}" for name, got in wrong.items())
+        raise ValueError(f"the audited trainer does not draw as randomness {randomness!r} requires: {listed}")
+    return sources
 
 
 def _probed_model(net, canaries: int, num_classes: int):
@@ -328,7 +371,8 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
                         max_grad_norm: float = 1.0, lr: float = 0.1, beta: float = 0.05, score: str = "sum",
                         num_classes: int = 7, seed: int = 0, trainer_factory: TrainerFactory | None = None,
                         mechanism: str = "correct", k_grid: Sequence[int] | None = None,
-                        guesses: str = "grid", progress: Callable[[str], None] | None = None) -> WhiteBoxAudit:
+                        guesses: str = "grid", randomness: str = "secure", clipping: str = "auto",
+                        progress: Callable[[str], None] | None = None) -> WhiteBoxAudit:
     """Audit the student-level DP trainer white-box with Dirac canary students.
 
     The school's own students (``base_x``, ``base_y``, one student id per frame in ``base_units``)
@@ -349,20 +393,28 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
     tighter on a correct trainer's Steinke bound but is tuned to the claimed leakage: against a trainer
     that leaks more it guesses too widely, and the grid caught the broken copies where it did not.
 
+    ``randomness`` (:data:`RANDOMNESS`): ``"secure"`` (default) trains with the CSPRNG draws a school's
+    rounds use, so the audit checks the mechanism that runs; ``"reproducible"`` with torch generators seeded
+    from ``seed``, which replays a result bit for bit. The canaries' coins and the model's start come from
+    ``seed`` either way. Every built trainer's sources are checked (:func:`check_trainer_randomness`).
+    ``clipping`` (``privacy.clipping``: auto, ghost or per-sample) picks the clipping path audited; the
+    one that ran is recorded in ``settings["clipping"]``.
+
     ``trainer_factory(model, optimizer, frames, unit_ids, units_per_batch=, frames_per_unit=,
-    noise_multiplier=, max_grad_norm=, seed=, declared_units=)`` builds the trainer (default
-    :func:`build_private_trainer`: the clients' class with reproducible randomness); the claimed ε
-    comes from what the built trainer records (its ``noise_multiplier``, ``sample_rate`` and
-    ``steps_done``), as a client's ledger entry does.
+    noise_multiplier=, max_grad_norm=, seed=, declared_units=, randomness=, clipping=)`` builds the trainer (default
+    :func:`build_private_trainer`: the clients' class); the claimed ε comes from what the built trainer
+    records (its ``noise_multiplier``, ``sample_rate`` and ``steps_done``), as a client's ledger entry does.
     """
     import time as _time
 
     _check_white_box_args(canaries=canaries, runs=runs, score=score, guesses=guesses, units_per_batch=units_per_batch,
                           epochs=epochs, frames_per_canary=frames_per_canary, delta=delta, beta=beta,
                           max_grad_norm=max_grad_norm, lr=lr, epsilon=epsilon)
+    _check_randomness_choice(randomness)
+    _check_clipping_choice(clipping)
     started, say = _time.perf_counter(), progress or (lambda s: None)
     training = _WhiteBoxTraining(epsilon, delta, epochs, units_per_batch, frames_per_canary, max_grad_norm, lr,
-                                 num_classes, trainer_factory)
+                                 num_classes, trainer_factory, randomness, clipping)
     done = _white_box_runs(base_x, base_y, base_units, net_builder, canaries, runs, training, score, seed, say)
     sigma, q, steps = done.worst_recorded
     planned = _planned_guesses(guesses, canaries, done.worst_recorded, score, delta, beta, say)
@@ -372,9 +424,11 @@ def run_white_box_audit(base_x, base_y, base_units: Sequence[str], net_builder: 
         mechanism=mechanism, claimed_epsilon=max(done.claims), delta=delta, bounds=bounds,
         noise_multiplier=sigma, sample_rate=q, steps=steps, canaries=canaries, included=int(done.included.sum()),
         frames_per_canary=frames_per_canary, base_students=len(set(map(str, base_units))), score=score,
-        seconds=_time.perf_counter() - started, **done.mean_scores(),
+        seconds=_time.perf_counter() - started, **done.mean_scores(), randomness=randomness,
         settings=dict(target_epsilon=epsilon, epochs=epochs, runs=runs, units_per_batch=units_per_batch,
                       max_grad_norm=max_grad_norm, lr=lr, beta=beta, seed=seed, trainer=done.records[0]["trainer"],
+                      randomness_sources=done.records[0]["randomness_sources"],
+                      clipping=done.records[0]["clipping"],
                       units_per_run=[rec["units"] for rec in done.records], guesses=guesses),
         scores=done.scores, membership=done.included,
     )
@@ -406,6 +460,8 @@ class _WhiteBoxTraining:
     lr: float
     num_classes: int
     trainer_factory: TrainerFactory | None
+    randomness: str                 # RANDOMNESS: the trainer's draws from the CSPRNG, or seeded torch generators
+    clipping: str                   # privacy.clipping: auto | ghost | per-sample
 
 
 @dataclass
@@ -525,7 +581,8 @@ def _white_box_run(base_x, base_y, base_units, net_builder, canaries: int, train
     factory = t.trainer_factory or build_private_trainer
     trainer = factory(model, sgd, TensorDataset(x, y), units, units_per_batch=batch,
                       frames_per_unit=t.frames_per_canary, noise_multiplier=sigma, max_grad_norm=t.max_grad_norm,
-                      seed=seed, declared_units=n_units)
+                      seed=seed, declared_units=n_units, randomness=t.randomness, clipping=t.clipping)
+    sources = check_trainer_randomness(trainer, t.randomness)
     built.append(trainer)
     loss_fn = _dirac_canary_loss(t.num_classes, t.max_grad_norm)
     for _ in range(t.epochs):
@@ -533,7 +590,8 @@ def _white_box_run(base_x, base_y, base_units, net_builder, canaries: int, train
     trainer.close()
     return {"observed": np.stack(observed) if observed else np.zeros((0, canaries)), "included": included,
             "recorded": (float(trainer.noise_multiplier), float(trainer.sample_rate), int(trainer.steps_done)),
-            "units": n_units, "trainer": f"{type(trainer).__module__}.{type(trainer).__qualname__}"}
+            "units": n_units, "trainer": f"{type(trainer).__module__}.{type(trainer).__qualname__}",
+            "randomness_sources": sources, "clipping": trainer.clipping}
 
 
 def _with_dirac_canaries(base_x, base_y, base_units, chosen: np.ndarray, frames_per_canary: int, num_classes: int):
@@ -630,6 +688,7 @@ class BlackBoxAudit:
     canary_loss_in: float           # mean loss of included canaries
     canary_loss_out: float          # mean loss of excluded canaries
     seconds: float
+    randomness: str                 # "secure" (the CSPRNG draws a school trains with) or "reproducible"
     settings: dict
 
     @property
@@ -660,13 +719,14 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
                         canaries: int = 500, epsilon: float | None = 8.0, delta: float = 1e-5, epochs: int = 10,
                         units_per_batch: int = 32, frames_per_unit: int = 4, max_grad_norm: float = 1.0,
                         lr: float = 0.5, beta: float = 0.05, seed: int = 0, num_classes: int = 7,
-                        progress: Callable[[str], None] | None = None) -> BlackBoxAudit:
+                        randomness: str = "secure", progress: Callable[[str], None] | None = None) -> BlackBoxAudit:
     """Train once on base data + included canaries (single-frame canary students: random patterns with
     random labels); bound ε from the canaries' losses under the final model only.
 
     ``base_x`` float tensor (N, C, H, W) in model input form, ``base_y`` int labels (N,), ``base_units``
     one unit id per frame (student) or None (image). ``epsilon=None`` trains without DP (the control:
-    same clipping, no noise).
+    same clipping, no noise). ``randomness``: the trainer's draws, as in :func:`run_white_box_audit`
+    (the canaries and their coins come from ``seed`` either way).
     """
     import time as _time
 
@@ -676,6 +736,7 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
 
     _check_audit_args(canaries=canaries, epochs=epochs, frames_per_canary=frames_per_unit, delta=delta, beta=beta,
                       max_grad_norm=max_grad_norm, lr=lr, epsilon=epsilon)
+    _check_randomness_choice(randomness)
     started = _time.perf_counter()
     say = progress or (lambda s: None)
     images, labels, included = make_canaries(canaries, tuple(base_x.shape[1:]), num_classes, seed)
@@ -687,8 +748,9 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
     sigma, claimed = _black_box_noise(epsilon, delta, q, steps, say)
     torch.manual_seed(seed)
     model = model_builder()
-    _train_black_box(model, x, y, units, n_units, units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
-                     noise_multiplier=sigma, max_grad_norm=max_grad_norm, lr=lr, seed=seed, epochs=epochs, say=say)
+    sources = _train_black_box(model, x, y, units, n_units, units_per_batch=units_per_batch,
+                               frames_per_unit=frames_per_unit, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                               lr=lr, seed=seed, epochs=epochs, randomness=randomness, say=say)
     losses = _canary_losses(model, cx, cy)
     bounds = one_run_bounds(-losses, included, delta, beta)
     return BlackBoxAudit(
@@ -696,10 +758,10 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
         sample_rate=q, steps=steps, epochs=epochs, canaries=canaries, included=n_inc, base_frames=len(base_y),
         units=n_units, canary_loss_in=float(losses[included].mean()) if n_inc else math.nan,
         canary_loss_out=float(losses[~included].mean()) if n_inc < canaries else math.nan,
-        seconds=_time.perf_counter() - started,
+        seconds=_time.perf_counter() - started, randomness=randomness,
         settings=dict(units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
                       max_grad_norm=max_grad_norm, lr=lr, beta=beta, seed=seed,
-                      unit="student" if base_units is not None else "image"),
+                      unit="student" if base_units is not None else "image", randomness_sources=sources),
     )
 
 
@@ -731,8 +793,9 @@ def _black_box_noise(epsilon: float | None, delta: float, q: float, steps: int,
 
 def _train_black_box(model, x, y, units, n_units: int, *, units_per_batch: int, frames_per_unit: int,
                      noise_multiplier: float, max_grad_norm: float, lr: float, seed: int, epochs: int,
-                     say: Callable[[str], None]) -> None:
-    """``epochs`` epochs of the clients' DP trainer on the school plus the included canaries."""
+                     randomness: str, say: Callable[[str], None]) -> dict[str, str]:
+    """``epochs`` epochs of the clients' DP trainer on the school plus the included canaries; returns where
+    the trainer drew from (checked against ``randomness``)."""
     import torch
     from torch import nn
     from torch.utils.data import TensorDataset
@@ -740,7 +803,8 @@ def _train_black_box(model, x, y, units, n_units: int, *, units_per_batch: int, 
     trainer = build_private_trainer(model, torch.optim.SGD(model.parameters(), lr=lr), TensorDataset(x, y), units,
                                     units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
                                     noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, seed=seed,
-                                    declared_units=n_units)
+                                    declared_units=n_units, randomness=randomness)
+    sources = check_trainer_randomness(trainer, randomness)
 
     def loss_fn(mdl, xb, yb):
         return nn.functional.cross_entropy(_logits(mdl(xb)), yb, reduction="none")
@@ -749,6 +813,7 @@ def _train_black_box(model, x, y, units, n_units: int, *, units_per_batch: int, 
         st = trainer.train_epoch(loss_fn)
         say(f"epoch {epoch + 1}/{epochs}: loss {st['loss']:.3f} ({st['steps']} steps)")
     trainer.close()
+    return sources
 
 
 def _canary_losses(model, cx, cy) -> np.ndarray:

@@ -166,6 +166,16 @@ def _randomness(seed: int | None, reproducible: bool, offset: int) -> Randomness
     return SecureRandom()
 
 
+def _source_kind(draws: object) -> str:
+    """``"csprng"`` for a :class:`SecureRandom` stream, ``"torch"`` for a torch generator, else the type's name
+    (``"NoneType"``: a source with no generator of its own, e.g. a torch sampler on the global generator)."""
+    if isinstance(draws, SecureRandom):
+        return "csprng"
+    if isinstance(draws, torch.Generator):
+        return "torch"
+    return type(draws).__name__
+
+
 def dp_optimizer(optimizer: torch.optim.Optimizer, **kwargs: Any) -> torch.optim.Optimizer:
     """Opacus' ``DPOptimizer`` (the per-sample path's clipping, noise and scaling) with :class:`CSPRNGNoise`."""
     return _dp_optimizer_class()(optimizer, **kwargs)
@@ -361,6 +371,20 @@ class PrivateTrainer:
             batch.append(self.frames[i])
         cpu.manual_seed(seeds[-1])
         return default_collate(batch)
+
+    def randomness_sources(self) -> dict[str, str]:
+        """Where each randomness source of a step draws from, as it is wired now: ``"csprng"`` (a
+        :class:`SecureRandom` stream, how a school trains) or ``"torch"`` (a seeded torch generator, the
+        ``reproducible`` path); ``transform-seeds`` is ``"caller"`` when the trainer leaves torch's global
+        generator to the caller. Read from the objects the step uses (the sampler's stream, the optimizer's
+        generator), so an audit can refuse a trainer that would silently draw from elsewhere."""
+        sampler_draws = getattr(self._sampler, "stream", None)
+        if sampler_draws is None:   # Opacus' UniformWithReplacementSampler keeps its torch generator here
+            sampler_draws = getattr(self._sampler, "generator", None)
+        return {"unit-sampling": _source_kind(sampler_draws),
+                "frame-choice": _source_kind(self._frame_gen),
+                "noise": _source_kind(getattr(self.optimizer, "generator", None)),
+                "transform-seeds": "caller" if self._torch_seeds is None else _source_kind(self._torch_seeds)}
 
     def _params(self) -> list[nn.Parameter]:
         return [p for p in self.optimizer.params if p.requires_grad]

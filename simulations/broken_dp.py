@@ -10,15 +10,31 @@ tests and benchmarks import it.
 * ``half_noise``: the optimizer adds noise at σ/2 while σ is recorded.
 * ``no_clipping``: gradients are never clipped; the noise is still σ·C.
 * ``sample_rate_recorded_low``: the trainer samples at q but records q/2.
+
+The next three break only the CSPRNG path a school trains with (privacy/secure_random.py, privacy/noise.py,
+``PoissonUnits``); with ``randomness="reproducible"`` (torch generators) each is the correct trainer, so an
+audit on seeded torch generators cannot see them and one on the production randomness must:
+
+* ``secure_half_noise``: the CSPRNG noise stream's normals have std 1/2, so the noise is σC/2 on both
+  clipping paths while σ is recorded (as a wrong scale in the four-draw form would).
+* ``secure_double_sample_rate``: the CSPRNG Poisson sampler takes each unit at 2q (at most 1) while q
+  is recorded. At q = 1 (the audit's default) this changes nothing: audit it at q ≤ 1/2.
+* ``secure_no_noise_per_sample``: the per-sample clipping path (Opacus' ``DPOptimizer``, taken by models the
+  book-keeping path cannot handle) adds no noise when its generator is a CSPRNG stream; the book-keeping path
+  is untouched. Audit it with ``clipping="per-sample"``.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Callable
 
 from privacy.canary_audit import build_private_trainer
+from privacy.engine import PoissonUnits
+from privacy.secure_random import SecureRandom
 
 MUTATIONS = ("per_frame_clipping", "half_noise", "no_clipping", "sample_rate_recorded_low")
+SECURE_PATH_MUTATIONS = ("secure_half_noise", "secure_double_sample_rate", "secure_no_noise_per_sample")
 
 
 def correct_trainer(model, optimizer, frames, unit_ids, **kw):
@@ -47,6 +63,46 @@ def sample_rate_recorded_low_trainer(model, optimizer, frames, unit_ids, **kw):
     return trainer
 
 
+class _HalfScaleNormals(SecureRandom):
+    """An AES-256-CTR stream like any other, whose normals are scaled by 1/2 (std 1/2): the planted bug."""
+
+    def normal(self, n: int):
+        return super().normal(n).mul_(0.5)
+
+
+def secure_half_noise_trainer(model, optimizer, frames, unit_ids, **kw):
+    trainer = correct_trainer(model, optimizer, frames, unit_ids, **kw)
+    if isinstance(trainer.optimizer.generator, SecureRandom):   # the seeded torch path stays correct
+        # both: the optimizer's stream, and the one a fallback to per-sample clipping would be built with
+        trainer.optimizer.generator = trainer._noise_generator = _HalfScaleNormals()
+    return trainer
+
+
+def secure_double_sample_rate_trainer(model, optimizer, frames, unit_ids, **kw):
+    trainer = correct_trainer(model, optimizer, frames, unit_ids, **kw)
+    sampler = trainer._sampler
+    if isinstance(sampler, PoissonUnits):   # the CSPRNG sampler; Opacus' seeded sampler stays correct
+        trainer._sampler = PoissonUnits(sampler.num_units, min(1.0, 2 * sampler.sample_rate), sampler.steps,
+                                        sampler.stream)
+    return trainer   # trainer.sample_rate, the recorded q, stays
+
+
+def secure_no_noise_per_sample_trainer(model, optimizer, frames, unit_ids, **kw):
+    trainer = correct_trainer(model, optimizer, frames, unit_ids, **kw)
+    opt = trainer.optimizer
+    if trainer.clipping == "per-sample" and isinstance(opt.generator, SecureRandom):
+        from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+        def add_no_noise(self) -> None:   # the clipped sum goes out as it is; σ is still recorded
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                p.grad = p.summed_grad.view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+        opt.add_noise = types.MethodType(add_no_noise, opt)
+    return trainer
+
+
 def per_frame_clipping_trainer(model, optimizer, frames, unit_ids, *, units_per_batch, frames_per_unit,
                                declared_units, **kw):
     """Every frame its own clipping row, while sampling (and the record) stay per student."""
@@ -63,11 +119,19 @@ def per_frame_clipping_trainer(model, optimizer, frames, unit_ids, *, units_per_
                               frames_per_unit=1, declared_units=len(frame_units), **kw)
     q, per_epoch = sampling(declared_units, units_per_batch)
     members = list(students.values())  # frame unit index == frame index (one unit per frame, in order)
-    generator = torch.Generator().manual_seed(int(kw.get("seed") or 0) + 17)
-    student_sampler = UniformWithReplacementSampler(num_samples=len(members), sample_rate=q, generator=generator,
-                                                    steps=per_epoch)
+    student_sampler: PoissonUnits | UniformWithReplacementSampler
+    if kw.get("randomness", "secure") == "secure":   # students sampled from the CSPRNG, as the trainer's own
+        student_sampler = PoissonUnits(len(members), q, per_epoch, SecureRandom())
+    else:
+        generator = torch.Generator().manual_seed(int(kw.get("seed") or 0) + 17)
+        student_sampler = UniformWithReplacementSampler(num_samples=len(members), sample_rate=q, generator=generator,
+                                                        steps=per_epoch)
 
     class FramesOfSampledStudents:
+        # where the student sample draws from, for PrivateTrainer.randomness_sources
+        stream = getattr(student_sampler, "stream", None)
+        generator = getattr(student_sampler, "generator", None)
+
         def __iter__(self):
             for batch in student_sampler:
                 yield [frame for s in batch for frame in members[int(s)][:frames_per_unit]]
@@ -83,4 +147,7 @@ FACTORIES: dict[str, Callable] = {
     "half_noise": half_noise_trainer,
     "no_clipping": no_clipping_trainer,
     "sample_rate_recorded_low": sample_rate_recorded_low_trainer,
+    "secure_half_noise": secure_half_noise_trainer,
+    "secure_double_sample_rate": secure_double_sample_rate_trainer,
+    "secure_no_noise_per_sample": secure_no_noise_per_sample_trainer,
 }

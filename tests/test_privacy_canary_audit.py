@@ -1,8 +1,11 @@
 """The canary audit: the two one-run estimators, their validity on ideal mechanisms, and the white-box
-audit of the real student-level trainer — passing when it is correct, failing four broken copies."""
+audit of the real student-level trainer — passing when it is correct, failing four broken copies — on the
+CSPRNG draws a school trains with, where three breakages of that path only are caught too."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import warnings
 
@@ -107,6 +110,24 @@ def test_chance_scores_prove_nothing_and_inputs_are_checked():
 
 
 # ------------------------------------------------------------------ white box on the real trainer
+@pytest.fixture
+def csprng_keys_from_a_counter(monkeypatch):
+    """Every ``SecureRandom`` keyed with sha256("test-key-<n>") for n = 0, 1, … instead of 32 bytes of
+    ``os.urandom``. The streams, the transforms, the sampler and the noise are the production code; only the
+    keys repeat, so a statistical verdict below is the same on every run (with OS keys it would hold with high
+    probability, not always: the margins are in docs/privacy.md)."""
+    from privacy.secure_random import SecureRandom
+
+    original = SecureRandom.__init__
+    counter = itertools.count()
+
+    def keyed(self, *, _key=None, _counter=bytes(16)):
+        key = hashlib.sha256(f"test-key-{next(counter)}".encode()).digest() if _key is None else _key
+        original(self, _key=key, _counter=_counter)
+
+    monkeypatch.setattr(SecureRandom, "__init__", keyed)
+
+
 def _school():
     import torch
 
@@ -127,16 +148,19 @@ def _white_box(factory=None, mechanism="correct", **kw):
 
 
 def test_white_box_audit_passes_the_real_trainer_and_catches_every_broken_copy():
-    """The mutation self-test (fast setting: claim ε 4, q = 1, 10 steps). Noise and sampling-rate bugs
-    double μ and need 8,000 canaries to show; a student of 4 frames clipped per frame (or not at all)
-    moves the sum by 4C, which 2,000 canaries show. The correct trainer passes at both settings."""
+    """The mutation self-test (fast setting: claim ε 4, q = 1, 10 steps), replayed on seeded torch generators
+    (these four bugs are in code both randomness paths share). Noise and sampling-rate bugs double μ and need
+    8,000 canaries to show, with little margin (the recorded-low rate: 2.38 against 2.02 here; on other draws
+    it can fall below); a student of 4 frames clipped per frame (or not at all) moves the sum by 4C, which
+    2,000 canaries show. The correct trainer passes at both settings."""
     from simulations.broken_dp import FACTORIES
 
     for setting, names in ((dict(), ("half_noise", "sample_rate_recorded_low")),
                            (dict(canaries=2000, runs=4, frames_per_canary=4), ("per_frame_clipping", "no_clipping"))):
+        setting = dict(setting, randomness="reproducible")
         correct = _white_box(**setting)
         assert correct.claimed_epsilon == pytest.approx(4.0, abs=0.02)
-        assert correct.settings["trainer"].endswith("PrivateTrainer")
+        assert correct.settings["trainer"].endswith("PrivateTrainer") and correct.randomness == "reproducible"
         assert not correct.bound_above_claim, (setting, correct.bounds)
         assert correct.bounds["fdp"].epsilon >= 0.3 * correct.claimed_epsilon  # tight enough to have power
         assert correct.mean_score_in == pytest.approx(10, abs=1) and abs(correct.mean_score_out) < 1
@@ -145,7 +169,94 @@ def test_white_box_audit_passes_the_real_trainer_and_catches_every_broken_copy()
             assert broken.bound_above_claim, (name, broken.claimed_epsilon, broken.bounds)
 
 
-def test_white_box_without_noise_gives_a_large_bound(tmp_path):
+@pytest.mark.parametrize("name, setting", [
+    ("secure_half_noise", dict()),
+    ("secure_no_noise_per_sample", dict(canaries=2000, runs=4, clipping="per-sample")),
+])
+def test_breakages_of_the_csprng_path_are_caught_only_by_an_audit_on_the_csprng(name, setting,
+                                                                                csprng_keys_from_a_counter):
+    """A bug in the CSPRNG path alone (half-scale normals from the noise stream; no noise on the per-sample
+    clipping path when its generator is a stream): the audit on the production randomness flags it, while the
+    correct trainer passes at the same setting — and the audit on seeded torch generators, which the canary
+    audit used to be, does not see it (the broken copy is the correct trainer there)."""
+    from simulations.broken_dp import FACTORIES
+
+    correct = _white_box(**setting)
+    assert not correct.bound_above_claim, correct.bounds
+    assert correct.settings["randomness_sources"] == {"unit-sampling": "csprng", "frame-choice": "csprng",
+                                                      "noise": "csprng", "transform-seeds": "csprng"}
+    broken = _white_box(FACTORIES[name], name, **setting)
+    assert broken.randomness == "secure" and broken.bound_above_claim, (broken.claimed_epsilon, broken.bounds)
+    assert broken.settings["clipping"] == ("per-sample" if "per_sample" in name else "ghost")
+    replayed = _white_box(FACTORIES[name], name, randomness="reproducible", **setting)
+    assert replayed.settings["randomness_sources"]["noise"] == "torch"
+    assert not replayed.bound_above_claim, replayed.bounds
+
+
+def test_a_doubled_csprng_sampling_rate_is_caught_at_q_one_half(csprng_keys_from_a_counter):
+    """The CSPRNG Poisson sampler taking each student at 2q while q is recorded. At q = 1 (the audit's default)
+    doubling changes nothing, so this audits at q ≈ 1/2 (a batch of half the students of a run), where a
+    one-run audit sees least: claim ε 5, 40 steps, the likelihood score, 8,000 canaries over 4 runs. The
+    bound lands a little above the claim (a numpy simulation of this setting: 5.3-5.5 against 5; the
+    correct trainer 2.2-2.5), which is as much as a one-run audit can show for this bug at test size."""
+    from simulations.broken_dp import FACTORIES
+
+    setting = dict(runs=4, epsilon=5.0, epochs=20, units_per_batch=500, score="likelihood")
+    correct = _white_box(**setting)
+    assert correct.sample_rate == pytest.approx(0.5, abs=0.03) and correct.steps == 40
+    assert not correct.bound_above_claim, correct.bounds
+    broken = _white_box(FACTORIES["secure_double_sample_rate"], "secure_double_sample_rate", **setting)
+    assert broken.sample_rate == correct.sample_rate          # the recorded q is the correct one ...
+    assert broken.bound_above_claim, (broken.claimed_epsilon, broken.bounds)   # ... the sampling is not
+
+
+def test_the_secure_audit_draws_nothing_from_torchs_samplers(monkeypatch):
+    """With torch's normal, rand and randperm made to raise (Opacus' noise and Poisson sampler, the frame
+    choice), the white-box and black-box audits on the secure randomness run; on the reproducible randomness
+    the same audit does hit them, so this test can fail."""
+    import torch
+
+    x, y, units = _school()
+
+    def refuse(*_a, **_k):
+        raise AssertionError("an audited draw came from torch's generator")
+
+    def audits(randomness):   # the school's data is drawn above, before torch's samplers refuse
+        white = run_white_box_audit(x, y, units, tiny_model_builder((1, 8, 8), 3, 8), canaries=40, runs=2,
+                                    epsilon=4.0, epochs=1, num_classes=3, seed=1, randomness=randomness)
+        black = run_black_box_audit(x, y, units, tiny_model_builder((1, 8, 8), num_classes=3, hidden=16),
+                                    canaries=20, epsilon=4.0, epochs=1, units_per_batch=8, frames_per_unit=2,
+                                    num_classes=3, seed=1, randomness=randomness)
+        return white, black
+
+    for name in ("normal", "rand", "randperm"):
+        monkeypatch.setattr(torch, name, refuse)
+    white, black = audits("secure")
+    assert white.randomness == black.randomness == "secure"
+    assert set(black.settings["randomness_sources"].values()) == {"csprng"}
+    with pytest.raises(AssertionError, match="torch's generator"):
+        audits("reproducible")
+
+
+def test_an_audit_refuses_a_trainer_that_swapped_a_stream_for_a_torch_generator():
+    """A trainer factory (or a change to the trainer) that leaves one source on a torch generator cannot pass
+    as an audit of the production randomness: the audit names the source instead of auditing it."""
+    import torch
+
+    from simulations.broken_dp import correct_trainer
+
+    def noise_from_torch(*args, **kw):
+        trainer = correct_trainer(*args, **kw)
+        trainer.optimizer.generator = torch.Generator().manual_seed(0)
+        return trainer
+
+    with pytest.raises(ValueError, match="requires: noise from torch"):
+        _white_box(noise_from_torch, canaries=40, runs=2, epochs=1)
+    with pytest.raises(ValueError, match="randomness must be one of secure, reproducible"):
+        _white_box(canaries=40, runs=2, epochs=1, randomness="seeded")
+
+
+def test_white_box_without_noise_gives_a_large_bound(tmp_path, csprng_keys_from_a_counter):
     from privacy.canary_audit import save_score_plot
 
     res = _white_box(canaries=400, runs=1, epsilon=None, epochs=2)
@@ -222,3 +333,50 @@ def test_an_unknown_audit_model_is_one_line(capsys):
 
     assert fedfer_main(["privacy", "canary-audit", "--model", "resnet:big"]) == 2
     assert "--model: unknown model 'resnet'" in capsys.readouterr().err
+
+
+def test_the_command_audits_the_csprng_by_default_and_replays_with_reproducible(tmp_path, capsys):
+    """`canary-audit` trains on the CSPRNG draws unless told otherwise, and says so in its JSON and summary;
+    `--randomness reproducible` replays a result bit for bit (same scores, same bounds), the secure one does not
+    repeat its draws."""
+    import json
+
+    from fedfer.cli import main as fedfer_main
+
+    def audit(name, *flags):
+        out = tmp_path / f"{name}.json"
+        code = fedfer_main(["privacy", "canary-audit", "--canaries", "40", "--runs", "2", "--epochs", "1",
+                            "--threads", "1", "--cache", str(tmp_path / "school"), "--out", str(out), *flags])
+        assert code == 0, capsys.readouterr()
+        return json.loads(out.read_text()), capsys.readouterr().out
+
+    secure, summary = audit("secure")
+    assert secure["randomness"] == "secure" and set(secure["settings"]["randomness_sources"].values()) == {"csprng"}
+    assert "trainer randomness: secure (the CSPRNG a school trains with)" in summary
+    first, summary = audit("replay-1", "--randomness", "reproducible")
+    second, _ = audit("replay-2", "--randomness", "reproducible")
+    assert first["randomness"] == "reproducible" and "a replay, not the production draws" in summary
+    for key in ("bounds", "mean_score_in", "mean_score_out", "noise_multiplier", "included"):
+        assert first[key] == second[key]
+    again, _ = audit("secure-2")
+    assert (again["mean_score_in"], again["mean_score_out"]) != (secure["mean_score_in"], secure["mean_score_out"])
+
+
+def test_the_command_audits_the_clipping_path_it_is_given(tmp_path, capsys):
+    """`--clipping` (or the run's privacy.clipping) picks the clipping path the white-box audit trains; a bad
+    value in the run's config.yaml is one line naming the file."""
+    import json
+
+    from fedfer.cli import main as fedfer_main
+
+    out = tmp_path / "audit.json"
+    assert fedfer_main(["privacy", "canary-audit", "--canaries", "40", "--runs", "2", "--epochs", "1", "--threads",
+                        "1", "--cache", str(tmp_path / "school"), "--clipping", "per-sample", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["clipping"] == "per-sample"
+    capsys.readouterr()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("privacy:\n  clipping: fastest\n")
+    assert fedfer_main(["privacy", "canary-audit", str(tmp_path / "run"), "--canaries", "40"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fedfer privacy canary-audit: {tmp_path / 'run' / 'config.yaml'}: privacy.clipping must be "
+                   "auto, ghost or per-sample, got 'fastest'")

@@ -122,6 +122,12 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
     at.add_argument("--data-dir", type=Path, default=None,
                     help="a school's data directory (labels.csv + images); default: a small synthetic school")
     at.add_argument("--cache", type=Path, default=None, help="where the default synthetic school is built")
+    at.add_argument("--randomness", choices=("secure", "reproducible"), default="secure",
+                    help="where the trainer's draws come from: 'secure' (default), the CSPRNG a school trains with, "
+                         "so the audit checks the mechanism that runs; 'reproducible', torch generators seeded "
+                         "from --seed, to replay a result bit for bit. The canaries come from --seed either way")
+    at.add_argument("--clipping", choices=("auto", "ghost", "per-sample"), default=None,
+                    help="white-box: the clipping path audited (default: the run's privacy.clipping, else auto)")
     at.add_argument("--seed", type=int, default=0)
     at.add_argument("--threads", type=int, default=2)
     at.add_argument("--json", action="store_true")
@@ -242,6 +248,7 @@ class _CanarySettings:
     canaries: int
     frames: int
     lr: float
+    clipping: str          # privacy.clipping of the white-box trainer: auto | ghost | per-sample
 
 
 def _canary_settings(args: argparse.Namespace, cfg: dict) -> _CanarySettings:
@@ -261,8 +268,12 @@ def _canary_settings(args: argparse.Namespace, cfg: dict) -> _CanarySettings:
     canaries = args.canaries or (8000 if white else 500)
     frames = args.frames_per_unit or 2
     lr = float(args.lr or (0.1 if white else 0.3))
+    clipping = str(pick(args.clipping, "privacy.clipping", "auto"))
+    if clipping not in ("auto", "ghost", "per-sample"):
+        raise UsageError(f"{Path(args.run_dir) / 'config.yaml'}: privacy.clipping must be auto, ghost or per-sample, "
+                         f"got {clipping!r}")
     return _CanarySettings(white=white, epsilon=epsilon, delta=delta, clip=clip, canaries=canaries, frames=frames,
-                           lr=lr)
+                           lr=lr, clipping=clipping)
 
 
 def _run_canary_audit(args: argparse.Namespace, settings: _CanarySettings):
@@ -283,7 +294,8 @@ def _run_canary_audit(args: argparse.Namespace, settings: _CanarySettings):
     x, y, units, source = _school_tensors(args, "student")
     say = _progress_printer()
     print(f"data: {source}: {len(y)} frames, {len(set(units))} students, {args.image_size}x{args.image_size}; "
-          f"{canaries} canaries ({'white-box' if white else 'black-box'})", flush=True)
+          f"{canaries} canaries ({'white-box' if white else 'black-box'}); trainer randomness: {args.randomness}",
+          flush=True)
     if white:
         # the canary frames pass through the model too: a narrow one keeps per-frame gradients cheap
         result = run_white_box_audit(x, y, units, builder or tiny_model_builder(tuple(x.shape[1:]), hidden=16),
@@ -291,12 +303,12 @@ def _run_canary_audit(args: argparse.Namespace, settings: _CanarySettings):
                                      runs=min(args.runs, canaries // 2), epsilon=epsilon, delta=delta,
                                      epochs=args.epochs, units_per_batch=args.batch, frames_per_canary=frames,
                                      max_grad_norm=clip, lr=lr, beta=args.beta, score=args.score, seed=args.seed,
-                                     progress=say)
+                                     randomness=args.randomness, clipping=settings.clipping, progress=say)
     else:
         result = run_black_box_audit(x, y, units, builder or tiny_model_builder(tuple(x.shape[1:])), canaries=canaries,
                                      epsilon=epsilon, delta=delta, epochs=args.epochs,
                                      units_per_batch=args.batch or 16, frames_per_unit=frames, max_grad_norm=clip,
-                                     lr=lr, beta=args.beta, seed=args.seed, progress=say)
+                                     lr=lr, beta=args.beta, seed=args.seed, randomness=args.randomness, progress=say)
     return result, source
 
 
@@ -363,7 +375,9 @@ def format_audit(out: dict) -> str:
     claim = "∞ (DP off)" if claimed is None else f"{claimed:.3f}"
     lines = [f"{out['audit']} canary audit: claimed ε {claim} at δ {out['delta']:g} (σ {out['noise_multiplier']:.4f}, "
              f"q {out['sample_rate']:.4g}, {out['steps']} steps)",
-             f"canaries {out['canaries']} ({out['included']} included)"]
+             f"canaries {out['canaries']} ({out['included']} included); trainer randomness: {out['randomness']}"
+             + (" (the CSPRNG a school trains with)" if out["randomness"] == "secure"
+                else " (seeded torch generators: a replay, not the production draws)")]
     for name, label in (("steinke", "Steinke et al. 2023"), ("fdp", "f-DP (Mahloujifar et al. 2025)")):
         b = out["bounds"][name]
         eps = "∞" if b["epsilon"] is None else f"{b['epsilon']:.3f}"
