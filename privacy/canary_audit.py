@@ -719,14 +719,15 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
                         canaries: int = 500, epsilon: float | None = 8.0, delta: float = 1e-5, epochs: int = 10,
                         units_per_batch: int = 32, frames_per_unit: int = 4, max_grad_norm: float = 1.0,
                         lr: float = 0.5, beta: float = 0.05, seed: int = 0, num_classes: int = 7,
-                        randomness: str = "secure", progress: Callable[[str], None] | None = None) -> BlackBoxAudit:
+                        randomness: str = "secure", clipping: str = "auto",
+                        progress: Callable[[str], None] | None = None) -> BlackBoxAudit:
     """Train once on base data + included canaries (single-frame canary students: random patterns with
     random labels); bound ε from the canaries' losses under the final model only.
 
     ``base_x`` float tensor (N, C, H, W) in model input form, ``base_y`` int labels (N,), ``base_units``
     one unit id per frame (student) or None (image). ``epsilon=None`` trains without DP (the control:
-    same clipping, no noise). ``randomness``: the trainer's draws, as in :func:`run_white_box_audit`
-    (the canaries and their coins come from ``seed`` either way).
+    same clipping, no noise). ``randomness`` and ``clipping``: the trainer's draws and clipping path, as in
+    :func:`run_white_box_audit` (the canaries and their coins come from ``seed`` either way).
     """
     import time as _time
 
@@ -737,6 +738,7 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
     _check_audit_args(canaries=canaries, epochs=epochs, frames_per_canary=frames_per_unit, delta=delta, beta=beta,
                       max_grad_norm=max_grad_norm, lr=lr, epsilon=epsilon)
     _check_randomness_choice(randomness)
+    _check_clipping_choice(clipping)
     started = _time.perf_counter()
     say = progress or (lambda s: None)
     images, labels, included = make_canaries(canaries, tuple(base_x.shape[1:]), num_classes, seed)
@@ -750,7 +752,7 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
     model = model_builder()
     sources = _train_black_box(model, x, y, units, n_units, units_per_batch=units_per_batch,
                                frames_per_unit=frames_per_unit, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-                               lr=lr, seed=seed, epochs=epochs, randomness=randomness, say=say)
+                               lr=lr, seed=seed, epochs=epochs, randomness=randomness, clipping=clipping, say=say)
     losses = _canary_losses(model, cx, cy)
     bounds = one_run_bounds(-losses, included, delta, beta)
     return BlackBoxAudit(
@@ -761,7 +763,8 @@ def run_black_box_audit(base_x, base_y, base_units: Sequence[str] | None, model_
         seconds=_time.perf_counter() - started, randomness=randomness,
         settings=dict(units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
                       max_grad_norm=max_grad_norm, lr=lr, beta=beta, seed=seed,
-                      unit="student" if base_units is not None else "image", randomness_sources=sources),
+                      unit="student" if base_units is not None else "image", randomness_sources=sources["sources"],
+                      clipping=sources["clipping"]),
     )
 
 
@@ -793,9 +796,9 @@ def _black_box_noise(epsilon: float | None, delta: float, q: float, steps: int,
 
 def _train_black_box(model, x, y, units, n_units: int, *, units_per_batch: int, frames_per_unit: int,
                      noise_multiplier: float, max_grad_norm: float, lr: float, seed: int, epochs: int,
-                     randomness: str, say: Callable[[str], None]) -> dict[str, str]:
+                     randomness: str, clipping: str, say: Callable[[str], None]) -> dict:
     """``epochs`` epochs of the clients' DP trainer on the school plus the included canaries; returns where
-    the trainer drew from (checked against ``randomness``)."""
+    the trainer drew from (``sources``, checked against ``randomness``) and the clipping path that ran."""
     import torch
     from torch import nn
     from torch.utils.data import TensorDataset
@@ -803,7 +806,7 @@ def _train_black_box(model, x, y, units, n_units: int, *, units_per_batch: int, 
     trainer = build_private_trainer(model, torch.optim.SGD(model.parameters(), lr=lr), TensorDataset(x, y), units,
                                     units_per_batch=units_per_batch, frames_per_unit=frames_per_unit,
                                     noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, seed=seed,
-                                    declared_units=n_units, randomness=randomness)
+                                    declared_units=n_units, randomness=randomness, clipping=clipping)
     sources = check_trainer_randomness(trainer, randomness)
 
     def loss_fn(mdl, xb, yb):
@@ -813,7 +816,7 @@ def _train_black_box(model, x, y, units, n_units: int, *, units_per_batch: int, 
         st = trainer.train_epoch(loss_fn)
         say(f"epoch {epoch + 1}/{epochs}: loss {st['loss']:.3f} ({st['steps']} steps)")
     trainer.close()
-    return sources
+    return {"sources": sources, "clipping": trainer.clipping}
 
 
 def _canary_losses(model, cx, cy) -> np.ndarray:

@@ -363,8 +363,8 @@ def test_the_command_audits_the_csprng_by_default_and_replays_with_reproducible(
 
 
 def test_the_command_audits_the_clipping_path_it_is_given(tmp_path, capsys):
-    """`--clipping` (or the run's privacy.clipping) picks the clipping path the white-box audit trains; a bad
-    value in the run's config.yaml is one line naming the file."""
+    """`--clipping` (or the run's privacy.clipping) picks the clipping path the white-box and black-box audits
+    train; a bad value in the run's config.yaml is one line naming the file."""
     import json
 
     from fedfer.cli import main as fedfer_main
@@ -373,6 +373,11 @@ def test_the_command_audits_the_clipping_path_it_is_given(tmp_path, capsys):
     assert fedfer_main(["privacy", "canary-audit", "--canaries", "40", "--runs", "2", "--epochs", "1", "--threads",
                         "1", "--cache", str(tmp_path / "school"), "--clipping", "per-sample", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["settings"]["clipping"] == "per-sample"
+    assert fedfer_main(["privacy", "canary-audit", "--black-box", "--canaries", "20", "--epochs", "1", "--threads",
+                        "1", "--cache", str(tmp_path / "school"), "--clipping", "per-sample", "--out", str(out)]) == 0
+    black = json.loads(out.read_text())
+    assert black["audit"] == "black-box" and black["settings"]["clipping"] == "per-sample"
+    assert black["randomness"] == "secure"
     capsys.readouterr()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("privacy:\n  clipping: fastest\n")

@@ -127,7 +127,7 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
                          "so the audit checks the mechanism that runs; 'reproducible', torch generators seeded "
                          "from --seed, to replay a result bit for bit. The canaries come from --seed either way")
     at.add_argument("--clipping", choices=("auto", "ghost", "per-sample"), default=None,
-                    help="white-box: the clipping path audited (default: the run's privacy.clipping, else auto)")
+                    help="the clipping path of the audited trainer (default: the run's privacy.clipping, else auto)")
     at.add_argument("--seed", type=int, default=0)
     at.add_argument("--threads", type=int, default=2)
     at.add_argument("--json", action="store_true")
@@ -308,7 +308,8 @@ def _run_canary_audit(args: argparse.Namespace, settings: _CanarySettings):
         result = run_black_box_audit(x, y, units, builder or tiny_model_builder(tuple(x.shape[1:])), canaries=canaries,
                                      epsilon=epsilon, delta=delta, epochs=args.epochs,
                                      units_per_batch=args.batch or 16, frames_per_unit=frames, max_grad_norm=clip,
-                                     lr=lr, beta=args.beta, seed=args.seed, randomness=args.randomness, progress=say)
+                                     lr=lr, beta=args.beta, seed=args.seed, randomness=args.randomness,
+                                     clipping=settings.clipping, progress=say)
     return result, source
 
 
