@@ -197,8 +197,8 @@ def test_a_doubled_csprng_sampling_rate_is_caught_at_q_one_half(csprng_keys_from
     """The CSPRNG Poisson sampler taking each student at 2q while q is recorded. At q = 1 (the audit's default)
     doubling changes nothing, so this audits at q ≈ 1/2 (a batch of half the students of a run), where a
     one-run audit sees least: claim ε 5, 40 steps, the likelihood score, 8,000 canaries over 4 runs. The
-    bound lands a little above the claim (a numpy simulation of this setting: 5.3-5.5 against 5; the
-    correct trainer 2.2-2.5), which is as much as a one-run audit can show for this bug at test size."""
+    bound lands a little above the claim (five audits with OS keys, benchmarks/canary-audit-secure.json:
+    f-DP 5.27-5.86 against 5; the correct trainer 2.28-2.56)."""
     from simulations.broken_dp import FACTORIES
 
     setting = dict(runs=4, epsilon=5.0, epochs=20, units_per_batch=500, score="likelihood")

@@ -1,14 +1,17 @@
 """Benchmark of the canary audit: how tight it is, and that it catches broken mechanisms.
 
     python -m simulations.bench.canary_audit [--canaries 16000] [--runs 32] [--epsilon 4] [--seed 0]
-        [--out benchmarks/canary-audit.json]
+        [--randomness secure|reproducible] [--out benchmarks/canary-audit.json]
 
 Rows: the ideal Gaussian mechanism (pure numpy) at the papers' claims ε 9.99 and 4.37 (δ 1e-5), with
 the audit's grid correction and with k planned in advance as the papers do; the
 real student-level trainer audited white-box at claimed ε 8 and at ε 4 (the test suite's claim, with
 its four broken copies from ``simulations.broken_dp``); and the trainer with the noise off. Prints a
 table (mechanism, claimed ε, Steinke bound, f-DP bound, canaries, seconds) and writes JSON with the
-command and the resolved settings.
+command and the resolved settings. The trainer rows draw from the CSPRNG a school trains with (``--randomness
+secure``, the default) or replay on seeded torch generators (``reproducible``; how benchmarks/canary-audit.json
+was measured, before the audit could use the CSPRNG). The breakages of the CSPRNG path alone:
+simulations/bench/canary_audit_secure.py.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--subsampled-batch", type=int, default=64,
                     help="students per step for the one subsampled row (q about batch / students per run)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--randomness", choices=("secure", "reproducible"), default="secure",
+                    help="the trainer rows' draws: the production CSPRNG, or seeded torch generators (a replay)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/canary-audit.json"))
     return ap.parse_args(argv)
@@ -104,7 +109,7 @@ def _trainer_rows(args: argparse.Namespace) -> list[dict]:
     x, y, units = _school()
     net = tiny_model_builder((1, 8, 8), 3, 8)
     common = dict(canaries=args.canaries, runs=args.runs, epochs=args.epochs, frames_per_canary=args.frames,
-                  num_classes=3, seed=args.seed, delta=DELTA)
+                  num_classes=3, seed=args.seed, delta=DELTA, randomness=args.randomness)
     # (mechanism, claimed ε, extra settings); q = 1 unless a batch is given
     subsampled = dict(units_per_batch=args.subsampled_batch, score="likelihood")
     plan = ([("correct", 8.0, {}), ("correct", 8.0, subsampled), ("correct", args.epsilon, {})]
