@@ -248,7 +248,7 @@ class _CanarySettings:
     canaries: int
     frames: int
     lr: float
-    clipping: str          # privacy.clipping of the white-box trainer: auto | ghost | per-sample
+    clipping: str          # privacy.clipping of the audited trainer: auto | ghost | per-sample
 
 
 def _canary_settings(args: argparse.Namespace, cfg: dict) -> _CanarySettings:
