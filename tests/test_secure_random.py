@@ -283,3 +283,19 @@ def test_gaussian_noise_in_chunks_is_still_iid(monkeypatch):
     first, second = noise[:1000], noise[1000:2000]
     assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.16   # 5 sd at n = 1000
     assert int((noise == 0).sum()) == 0
+
+
+@pytest.mark.parametrize("clipping", ["per-sample", "ghost"])
+def test_the_trainer_says_where_each_source_draws_from(clipping):
+    """``randomness_sources`` reads the objects a step uses: every source a CSPRNG stream by default, every one a
+    seeded torch generator (the transform's left to the caller) when reproducible, and a stream swapped for a
+    torch generator afterwards shows up (what the canary audit checks before it trains)."""
+    secure = _trainer(clipping)
+    assert secure.randomness_sources() == {"unit-sampling": "csprng", "frame-choice": "csprng", "noise": "csprng",
+                                           "transform-seeds": "csprng"}
+    assert _trainer(clipping, reproducible=True).randomness_sources() == {
+        "unit-sampling": "torch", "frame-choice": "torch", "noise": "torch", "transform-seeds": "caller"}
+    secure.optimizer.generator = torch.Generator()
+    assert secure.randomness_sources()["noise"] == "torch"
+    secure.optimizer.generator = None     # Opacus would then draw from torch's global generator
+    assert secure.randomness_sources()["noise"] == "NoneType"
