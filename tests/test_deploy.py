@@ -167,6 +167,22 @@ def deployment(tmp_path):
     return dep, home
 
 
+def test_the_superlink_runs_in_the_coordinator_folder_wherever_its_script_is_started(deployment, tmp_path):
+    """The ServerApp writes runs/ (and the anchors in runs/anchors/) relative to the SuperLink's folder: a
+    start script run from the project folder once and from elsewhere the next time used to split them."""
+    dep, _home = deployment
+    seen = tmp_path / "cwd.txt"
+    fake_python = tmp_path / "python"   # stands in for both of the script's commands: records where it ran
+    fake_python.write_text(f'#!/usr/bin/env bash\npwd >> "{seen}"\n')
+    fake_python.chmod(0o755)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(["bash", str(dep.coordinator_dir / "start-superlink.sh")], cwd=elsewhere,
+                          env={**os.environ, "FEDFER_PYTHON": str(fake_python)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert seen.read_text().splitlines() == [str(dep.coordinator_dir.resolve())] * 2
+
+
 def test_init_writes_ca_certificate_start_script_and_cli_connection(deployment):
     import tomllib
 

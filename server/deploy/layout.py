@@ -401,7 +401,10 @@ def superlink_script(dep: Deployment) -> str:
                        "missing or unusable one).")
     if argv[0].endswith("flower-superlink"):
         argv[0] = "flower-superlink"
-    return _head("fedfer coordinator: the Flower SuperLink") + check + (
+    # The ServerApp writes its runs (run.root, default runs/) and the anchors in runs/anchors/ relative to the
+    # SuperLink's working folder: always this one, as under `fedfer deploy up`, so that a start from another
+    # folder cannot split the anchors between two places.
+    return _head("fedfer coordinator: the Flower SuperLink") + 'cd "$HERE"\n' + check + (
         "exec " + _shell_line(argv) + "\n")
 
 
