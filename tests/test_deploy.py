@@ -372,6 +372,37 @@ def test_a_school_can_keep_its_keys_to_itself(deployment, tmp_path, capsys, monk
         deploy_cli.rotate_node(dep.root, "a", home, school_state / "supernode.pub")
 
 
+def test_set_budget_records_a_schools_new_budget_where_the_audit_reads_it(deployment, capsys):
+    """A school that raised its budget (its node-config.toml, at the school) was audited against the one in
+    deployment.json once its node folder had gone to the school: "OVER BUDGET" for spending its own policy
+    allows. `fedfer deploy set-budget` records the new one there (and in the node folder, while it is here)."""
+    import shutil
+    import tomllib
+
+    from fedfer.cli import main
+    from privacy.audit import school_policy
+
+    dep, home = deployment
+    deploy_cli.add_node(dep.root, "lincoln-high", "school", data_dir=Path("/d/l"), declared=100, budget=8.0,
+                        flwr_home=home)
+    folder = dep.node_dir("lincoln-high")
+    assert main(["deploy", "set-budget", "lincoln-high", "24", "--dir", str(dep.root), "--flwr-home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "budget 8 → 24 in" in out and "node-config.toml" in out, out
+    assert tomllib.loads((folder / "node-config.toml").read_text())["budget"] == 24.0
+    shutil.rmtree(folder)   # the folder went to the school, as docs/deployment.md says
+    policy, where = school_policy(dep.keyring, "lincoln-high")
+    assert policy["budget"] == 24.0 and where.endswith("deployment.json (node lincoln-high)")
+    # the node's own checks, in one line, and nothing written
+    for bad, needle in (("0", "key 'budget' must be a finite ε > 0"), ("inf", "key 'budget' must be a finite ε > 0")):
+        assert main(["deploy", "set-budget", "lincoln-high", bad, "--dir", str(dep.root)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert school_policy(dep.keyring, "lincoln-high")[0]["budget"] == 24.0
+    assert main(["deploy", "set-budget", "nobody", "24", "--dir", str(dep.root)]) == 2
+    assert "no node named 'nobody'" in capsys.readouterr().err
+
+
 def test_evaluator_node_config(deployment, tmp_path):
     from client.node import identify
     from flwr.common.config import parse_config_args

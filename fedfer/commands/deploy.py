@@ -8,6 +8,7 @@
         [--ledger-key signing_key.pub --node-key supernode.pub --state-dir /srv/fedfer/lincoln-state]
     fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
     fedfer deploy status | register NAME | revoke NAME | rotate NAME [--ledger-key PUB] | renew-cert | up
+    fedfer deploy set-budget NAME EPSILON                                # a school raised (or lowered) its budget
 
 Secure by default: TLS (own CA, EC P-384) and SuperNode authentication (ECDSA P-384 node keys
 registered with `flwr supernode register`) are on; `--insecure` turns both off, loudly.
@@ -26,7 +27,7 @@ from typing import Any
 
 from server.deploy.commands import (INSECURE_WARNING, DeployError, add_node, default_flwr_home, deployment_status,
                                     init_deployment, make_school_keys, register_pending, renew_certificate, revoke_node,
-                                    rotate_ledger_key, rotate_node, rotate_school_ledger_key)
+                                    rotate_ledger_key, rotate_node, rotate_school_ledger_key, set_school_budget)
 
 
 # ------------------------------------------------------------------------------------ argparse
@@ -143,6 +144,11 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
     print(revoke_node(Path(args.dir), args.name, _home(args)))
+    return 0
+
+
+def _cmd_set_budget(args: argparse.Namespace) -> int:
+    print(set_school_budget(Path(args.dir), args.name, args.budget))
     return 0
 
 
@@ -320,6 +326,13 @@ def _add_maintenance_steps(dsub: argparse._SubParsersAction) -> None:
                                    "replaces keys/NAME.pub; the SuperNode key is left as it is")
         _common(p)
         p.set_defaults(func=_wrap(handler))
+
+    p = dsub.add_parser("set-budget", help="record a school's new lifetime ε budget (the school sets the same in its "
+                                           "node-config.toml); the audit reads it")
+    p.add_argument("name")
+    p.add_argument("budget", type=float, metavar="EPSILON")
+    _common(p)
+    p.set_defaults(func=_wrap(_cmd_set_budget))
 
     p = dsub.add_parser("status", help="check credentials and show every node (and Flower's online view)")
     p.add_argument("--json", action="store_true")

@@ -549,6 +549,39 @@ def rotate_ledger_key(root: Path, name: str, ledger_key: Path) -> str:
             f"school's key transition with its next reply; `fedfer privacy audit --keys {dep.keyring}` follows it")
 
 
+def set_school_budget(root: Path, name: str, budget: float) -> str:
+    """At the coordinator: record a school's new lifetime ε budget. The budget is the school's own policy: the
+    node enforces the one in its node-config.toml (edited at the school, read at start); the coordinator keeps
+    a copy in deployment.json, which the audit reads once the node folder has gone to the school. Without this
+    the audit held a school that raised its budget to the old one (and called it over budget)."""
+    from privacy.policy import PolicyError, SchoolPolicy
+    from server.deploy.layout import Deployment, write_node_config
+
+    dep = Deployment.load(Path(root).resolve())
+    entry = dep.node(name)
+    if entry.role != "school":
+        raise DeployError(f"{name} is the {entry.role} node: only a school has a privacy budget")
+    config = {**entry.node_config, "budget": float(budget)}
+    try:   # the same checks the node makes at start (a finite budget > 0, …), before anything is written
+        SchoolPolicy.from_mapping(config, f"school {name}: budget")
+    except PolicyError as exc:
+        raise DeployError(str(exc)) from None
+    old = entry.node_config.get("budget")
+    entry.node_config = config
+    written = [str(dep.root / "deployment.json")]
+    node_config = dep.node_dir(name) / "node-config.toml"
+    if node_config.is_file():   # the node folder is still here (a one-machine trial, or not yet sent)
+        write_node_config(node_config, config)
+        written.append(str(node_config))
+    dep.save()
+    override = dep.keyring / f"{name}.policy.json"
+    note = (f" NOTE: {override} overrides it for the audit: set its budget too." if override.is_file() else "")
+    return (f"school {name}: budget {old:g} → {float(budget):g} in {', '.join(written)}. At the school: set "
+            f"budget = {float(budget):g} in its node-config.toml and start its start.sh again (the node reads its "
+            f"policy at start); a run keeps to the tighter of the school's budget and its own privacy.budget "
+            f"(-c privacy.budget=…).{note}")
+
+
 def register_pending(root: Path, name: str, flwr_home: Path) -> str:
     """Register a node created while the SuperLink was down (status 'created')."""
     from server.deploy.layout import Deployment
