@@ -22,6 +22,7 @@ import pytest
 
 from server.deploy import commands as deploy_cli
 from server.deploy.layout import Deployment, node_commands, node_script
+from server.processes import free_ports
 from test_deploy import FakeClock   # monotonic() moves only when the code under test sleeps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +38,11 @@ def deployment(tmp_path_factory):
     (tmp / "data").mkdir()
     (tmp / "bench.csv").write_text("emotion,pixels,Usage\n")
     deploy_cli.init_deployment(tmp / "deploy", "127.0.0.1", bind="127.0.0.1", port=19593, flwr_home=tmp / "home")
-    deploy_cli.add_node(tmp / "deploy", "lincoln", "school", data_dir=tmp / "data", declared=1200)
-    deploy_cli.add_node(tmp / "deploy", "evaluator", "evaluator", benchmarks=[f"fer2013={tmp / 'bench.csv'}"])
+    school_port, evaluator_port = free_ports(2)   # the default 9101, 9102 may be a running node's on this machine
+    deploy_cli.add_node(tmp / "deploy", "lincoln", "school", data_dir=tmp / "data", declared=1200,
+                        runtime_port=school_port)
+    deploy_cli.add_node(tmp / "deploy", "evaluator", "evaluator", benchmarks=[f"fer2013={tmp / 'bench.csv'}"],
+                        runtime_port=evaluator_port)
     return Deployment.load(tmp / "deploy")
 
 
@@ -156,6 +160,23 @@ def test_folders_the_node_config_names_must_exist(deployment, school, capsys, tm
 def test_a_good_node_starts_its_checks_silently(deployment, capsys):
     assert preflight(deployment, "lincoln", capsys) == (0, [])
     assert preflight(deployment, "evaluator", capsys) == (0, [])
+
+
+@pytest.mark.parametrize("name", ["lincoln", "evaluator"])
+def test_a_runtime_port_in_use_is_named(deployment, capsys, name):
+    """Flower's own error was a traceback ending in "SuperNode Runtime HTTP API failed to start."."""
+    import socket
+
+    port = deployment.node(name).runtime_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        code, lines = preflight(deployment, name, capsys)
+    assert code == 2 and lines == [f"fedfer: 127.0.0.1:{port}, this node's local Runtime API port, is in use by "
+                                   "another process (another node on this machine, or this node started twice): "
+                                   "stop it, or give the node another port (`fedfer deploy add-school … "
+                                   "--runtime-port`)"], lines
+    assert preflight(deployment, name, capsys) == (0, [])   # free again
 
 
 def test_the_evaluators_benchmark_files_are_checked(deployment, capsys):

@@ -142,6 +142,7 @@ def check_node(flower_args: Sequence[str]) -> "NodeIdentity":
         raise NodeStartError(str(exc)) from None
     if node.role == "school":
         check_school_folders(values, source)
+        check_runtime_port(flower_args)
         return node
     if values.get("data-dir"):
         check_directory(str(values["data-dir"]), "data-dir", source)
@@ -149,7 +150,31 @@ def check_node(flower_args: Sequence[str]) -> "NodeIdentity":
         name, sep, path = spec.partition("=")
         if sep and path.strip() and not Path(path.strip()).expanduser().exists():
             raise NodeStartError(f"{source}: key 'benchmarks': {path.strip()}: not found (benchmark {name.strip()})")
+    check_runtime_port(flower_args)
     return node
+
+
+def check_runtime_port(flower_args: Sequence[str]) -> None:
+    """The SuperNode's local Runtime API port (`--host`/`--port`, the node's runtime port) must be free: taken
+    by another program or another node on this machine, Flower stopped with a traceback ending in "SuperNode
+    Runtime HTTP API failed to start." that named no port. (A check, then Flower's bind: a port taken in
+    between still gets Flower's error.)"""
+    import errno
+    import socket
+
+    host, port = option(flower_args, "--host") or "127.0.0.1", option(flower_args, "--port")
+    if port is None:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise NodeStartError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+            raise NodeStartError(f"{host}:{port}, this node's local Runtime API port, is in use by another process "
+                                 f"(another node on this machine, or this node started twice): stop it, or give the "
+                                 f"node another port (`fedfer deploy add-school … --runtime-port`)") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
