@@ -2,6 +2,10 @@
 
 - a school's SuperNode (and its executor) is killed while it trains: Flower's SuperLink answers for
   the dead node once its heartbeat lapses, the round aggregates the other schools, the run finishes;
+- one school's SuperNode and executor are SIGKILLed twice: while it trains (run 1) and, in run 2's last
+  round, right after it appended its ledger entry but before its reply reached the coordinator; the runs
+  finish with the other schools, the school's ledger counts the unacknowledged round (the audit notes the
+  run copy lacks it), and restarted it rejoins with its budget guard composing from the recorded ε (run 3);
 - the coordinator (SuperLink, SuperExec, ServerApp) is killed after round 1: the SuperLink restarts
   from its database (registrations kept), the SuperNodes reconnect by themselves, and
   `run.resume=<run dir>` finishes the run with one metrics line per round and intact ledgers.
@@ -22,7 +26,7 @@ import pytest
 
 from server.deploy.local import LocalFederation
 
-from server.processes import _proc_stat, bin_path, flower_env
+from server.processes import Supervisor, _proc_stat, bin_path, flower_env
 
 from deployment_fixtures import ROOT, SCHOOLS, dump_logs, make_deployment, run_config, start_all
 
@@ -129,6 +133,159 @@ def test_coordinator_killed_after_round_one_resumes(tmp_path, monkeypatch):
             audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", str(run_dir), "--keys", str(fed.dep.keyring)],
                                    capture_output=True, text=True, cwd=ROOT, timeout=300)
             assert audit.returncode == 0, audit.stdout + audit.stderr
+        except BaseException:
+            dump_logs(fed)
+            raise
+    assert [p for p in started if _proc_stat(p) is not None] == []
+
+
+# ------------------------------------------------------------------ one school killed mid-round, twice
+def _round_lock_held(state: Path) -> bool:
+    """The school holds its round lock (policy check → DP training → ledger append), read from
+    /proc/locks so the probe never takes the lock itself."""
+    from simulations.crash_harness import locked_inodes
+
+    try:
+        return (state / "round.lock").stat().st_ino in locked_inodes()
+    except OSError:
+        return False
+
+
+def _ledger(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _spent_rounds(entries: list[dict], run_id: str) -> list[int]:
+    return [e["round"] for e in entries if e.get("event") == "round" and e.get("run_id") == run_id]
+
+
+def _checkpoint_round(run: Path) -> int:
+    try:
+        return json.loads((run / "checkpoints" / "latest.json").read_text())["round"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _node_pids(fed: LocalFederation, name: str, which: int) -> list[int]:
+    """Every process of a node's SuperNode (which=0: launcher + Flower's SuperNode) or executor (1: + tasks)."""
+    from server.processes import process_tree
+
+    return process_tree(fed.nodes[name][which].pid)
+
+
+def _restart_node(fed: LocalFederation, name: str) -> None:
+    """Start a killed node again with its own start command; wait until the SuperLink accepted it (its
+    log gains a new 'SuperNode ID': the first start's line is still in the appended log). The launcher
+    retries the SuperLink's refusal while the dead node's heartbeat has not lapsed (up to a minute)."""
+    log = fed.nodes[name][0]
+    before = log.log_text(10_000_000).count("SuperNode ID")
+    fed.start_node(name, wait=False, timeout=300)
+    node = fed.nodes[name][0]
+    _wait_for(lambda: node.log_text(10_000_000).count("SuperNode ID") > before, 300, f"{name} to rejoin", fed)
+
+
+def _audit(*paths: Path, keys: Path) -> tuple[int, dict]:
+    audit = subprocess.run([sys.executable, "-m", "fedfer", "privacy", "audit", *map(str, paths), "--keys", str(keys),
+                            "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    try:
+        return audit.returncode, json.loads(audit.stdout)
+    except ValueError:
+        raise AssertionError(audit.stdout + audit.stderr) from None
+
+
+def _train_status(run: Path, school: str) -> list[str]:
+    return [r["train"].get(school, {}).get("status", "not asked") for r in _metrics(run)]
+
+
+def _others_trained_every_round(run: Path, others: list[str]) -> None:
+    for record in _metrics(run):   # the federation went on with the other schools
+        ok = sorted(s for s, o in record["train"].items() if o.get("status") == "ok")
+        assert set(others) <= set(ok) and record["aggregated"], record["train"]
+
+
+def test_one_school_killed_while_training_and_after_its_ledger_entry(tmp_path, monkeypatch):
+    """One deployed school's processes SIGKILLed mid-round, twice: in run 1 while it trains (nothing
+    recorded, nothing released), and in the last round of run 2 right after it appended its ledger entry but
+    before its reply reached the coordinator (its SuperNode is frozen while the task trains, so the reply
+    cannot leave; then everything is killed). Each time the run finishes with the other schools; the
+    school's own ledger verifies and counts the unacknowledged round; the audit reads the run copy's missing
+    entry as a note, not tampering; restarted, the school rejoins (run 2, run 3) and its budget guard composes
+    from the recorded ε (run 3, whose first reply continues an entry the server never got: `ledger-gap`)."""
+    dep, home, data, _ = make_deployment(tmp_path, monkeypatch)
+    runs = tmp_path / "runs"
+    victim = f"school-{SCHOOLS - 1:02d}"
+    others = [f"school-{i:02d}" for i in range(SCHOOLS - 1)]
+    state = Path(dep.node(victim).node_config["state-dir"])
+    own_ledger = state / "ledger.jsonl"
+    # target ε 2 a run: three runs stay within every school's budget of 8
+    settings = {"federation.rounds": 2, "privacy.target_epsilon": 2.0, "federation.round_timeout": 400}
+    started: list[int] = []
+    with LocalFederation(dep, tmp_path / "logs", home) as fed:
+        def run(name: str, rounds: int) -> tuple[object, Path]:
+            config = run_config(fed.dep, data, runs, **{**settings, "federation.rounds": rounds, "run.name": name})
+            return _start_run(fed, home, config, name=f"flwr-{name}"), runs / name
+
+        def finished(proc, run_dir: Path, rounds: int) -> None:
+            assert proc.popen.wait(timeout=900) == 0, proc.log_text(4000)
+            assert [r["round"] for r in _metrics(run_dir)] == list(range(1, rounds + 1)), proc.log_text(4000)
+            _others_trained_every_round(run_dir, others)
+
+        try:
+            start_all(fed, home)
+
+            # 1. run 1, round 1, during the school's local training: nothing recorded, nothing released
+            first, first_dir = run("first", 2)
+            _wait_for(lambda: _round_lock_held(state), 600, f"{victim} to train round 1", fed, poll=0.02)
+            fed.kill_node(victim)
+            finished(first, first_dir, 2)
+            assert _train_status(first_dir, victim)[0] != "ok", _train_status(first_dir, victim)
+            assert _spent_rounds(_ledger(own_ledger), "first") == [], "killed too late: it recorded run 1"
+
+            # 2. restarted, it rejoins run 2; in run 2's last round it is killed after its ledger append,
+            #    before its reply reaches the coordinator
+            _restart_node(fed, victim)
+            second, second_dir = run("second", 2)
+            _wait_for(lambda: _checkpoint_round(second_dir) == 1 and _round_lock_held(state), 600,
+                      f"{victim} to train run 2's round 2", fed, poll=0.02)
+            Supervisor._signal(_node_pids(fed, victim, 0), signal.SIGSTOP)   # its reply cannot leave now
+            _wait_for(lambda: 2 in _spent_rounds(_ledger(own_ledger), "second"), 300,
+                      f"{victim}'s round-2 ledger entry", fed, poll=0.02)
+            fed.kill_node(victim)
+            finished(second, second_dir, 2)
+            assert _train_status(second_dir, victim)[0] == "ok", _train_status(second_dir, victim)   # rejoined
+            assert _train_status(second_dir, victim)[1] != "ok", _train_status(second_dir, victim)
+
+            # the school's ledger counts the round the coordinator never acknowledged; the run copy lacks it
+            school_entries = _ledger(own_ledger)
+            assert _spent_rounds(school_entries, "second") == [1, 2]
+            assert _spent_rounds(_ledger(second_dir / "ledger" / f"{victim}.jsonl"), "second") == [1]
+            code, report = _audit(second_dir, own_ledger, keys=fed.dep.keyring)
+            assert code == 0, report
+            assert any(f"school {victim}:" in n and "replies the server never stored" in n for n in report["notes"]), \
+                report["notes"]
+            lifetime = {row["school"]: row for row in report["lifetime"]}
+            assert lifetime[victim]["epsilon"] == pytest.approx(school_entries[-1]["epsilon"], rel=1e-6)
+
+            # 3. restarted, it rejoins run 3; its budget guard composes the round the server never saw
+            _restart_node(fed, victim)
+            third, third_dir = run("third", 1)
+            finished(third, third_dir, 1)
+            started = fed.supervisor.owned_pids()
+            assert _train_status(third_dir, victim) == ["ok"]
+            entries = _ledger(own_ledger)
+            rejoined = next(e for e in entries if e.get("run_id") == "third" and e.get("event") == "round")
+            unacknowledged = next(e for e in entries if e.get("run_id") == "second" and e.get("round") == 2)
+            assert rejoined["prev_hash"] == unacknowledged["hash"]
+            assert rejoined["epsilon"] > unacknowledged["epsilon"]
+            # the guard's history is every step the school's ledger recorded, the unacknowledged round's too
+            recorded = [e for e in entries if e.get("event") == "round" and e is not rejoined]
+            assert sum(h[2] for h in rejoined["history_before"]) == sum(e["steps"] for e in recorded)
+            events = [json.loads(line) for line in (third_dir / "events.jsonl").read_text().splitlines()]
+            assert any(e.get("event") == "ledger-gap" and e.get("school") == victim for e in events), events
+            code, report = _audit(first_dir, second_dir, third_dir, own_ledger, keys=fed.dep.keyring)
+            assert code == 0, report
+            lifetime = {row["school"]: row for row in report["lifetime"]}
+            assert lifetime[victim]["epsilon"] == pytest.approx(rejoined["epsilon"], rel=1e-6)
         except BaseException:
             dump_logs(fed)
             raise
