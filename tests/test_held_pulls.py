@@ -231,3 +231,53 @@ def test_supernode_task_request_waits_for_the_next_task(monkeypatch):
 
     assert asyncio.run(scenario()).task.task_id == 7
     assert runtime.acquire_task(None, None).task.task_id == 7                             # pending: at once
+
+
+def test_a_stopped_runs_late_reply_does_not_take_the_next_messages_place(monkeypatch, serverapp_identity):
+    """A message whose run stopped while the node took it stays in the SuperNode's state with a task the
+    executor runs; its (late) reply was pushed in the next message's place, and the loop went on to pull
+    without pushing that message's reply (the coordinator waited for it until its timeout). Flower's own
+    push and in-memory state here; only the SuperLink (`send`) and the incoming messages are made up."""
+    import threading
+
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode import start_client_internal as loop
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from client.runtime import supernode
+
+    store = ObjectStoreFactory().store()
+    state = InMemoryNodeState(store)
+
+    def stored(kind: str) -> Message:   # a message the node took from the SuperLink
+        message = Message(RecordDict(), dst_node_id=5, message_type=kind)
+        loop._insert_message(message, state, store)
+        return message
+
+    def answer(message: Message) -> None:   # the executor's task pushes its reply to the SuperNode
+        loop._insert_message(Message(RecordDict(), reply_to=message), state, store)
+
+    stopped = stored("train")            # its run stopped while the node took it: Flower returned "nothing taken"
+    answer(stopped)                      # … and the executor ran its task anyway
+    new = stored("query")                # the next run's message
+
+    def pull(**kwargs):   # Flower's pull, cut short: the message is already stored; what matters is `receive`
+        got = kwargs["receive"]()
+        return got[0].metadata.run_id if got else None
+
+    monkeypatch.setattr(loop, "_pull_and_store_message", pull)
+    monkeypatch.setattr(loop, "_push_messages", loop._push_messages)   # restored after the test
+    assert supernode.patch_one_reply_per_message() is not None
+    assert loop._pull_and_store_message(receive=lambda: (new, None)) == new.metadata.run_id
+
+    sent: list[str] = []
+
+    def send(message, object_tree, runtime):
+        sent.append(message.metadata.reply_to_message_id)
+        return set(), "session"
+
+    threading.Timer(0.3, answer, args=(new,)).start()   # the new message's reply comes after the stale one
+    loop._push_messages(state=state, object_store=store, send=send, push_object=lambda *args: None)
+    assert sent == [stopped.metadata.message_id, new.metadata.message_id]
+    assert state.msg_store == {}

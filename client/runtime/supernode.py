@@ -143,6 +143,55 @@ def patch_task_hold(hold: float = DEFAULT_TASK_HOLD_S, pulls: Any = None) -> Any
     return pulls
 
 
+class _CurrentMessage:
+    """The message the SuperNode loop took last, whose reply the loop must push before it takes another."""
+
+    def __init__(self) -> None:
+        self.message_id: str | None = None
+
+
+def patch_one_reply_per_message() -> _CurrentMessage | None:
+    """Flower 1.41's SuperNode takes one message, then pushes "the" reply: every reply in its state, as soon as
+    there is one. A message whose run stopped while the node took it (`flwr stop`, a coordinator that ended
+    or crashed) is left in the state with a task the executor still runs; its reply then sat there until the
+    next message came, was pushed in that message's place (and ignored: its run is over), and the loop went
+    on to pull while the new message's reply stayed behind. The coordinator waited for that reply until its
+    timeout, and the node stayed one reply behind from then on (seen: a run started after a `flwr stop` hung
+    at its role query). Here the push is repeated until the reply to the message just taken has gone.
+    Returns the record of that message, or None (nothing changed) if this Flower's loop is not the expected one."""
+    from flwr.supernode import start_client_internal as loop
+
+    pull, push = getattr(loop, "_pull_and_store_message", None), getattr(loop, "_push_messages", None)
+    if not callable(pull) or not callable(push):
+        return None
+    current = _CurrentMessage()
+
+    def recording_pull(*args: Any, **kwargs: Any) -> Any:
+        receive = kwargs.get("receive")
+        taken: list[str] = []
+
+        def recording_receive() -> Any:
+            got = receive()
+            if got is not None:
+                taken.append(got[0].metadata.message_id)
+            return got
+
+        run_id = pull(*args, **{**kwargs, "receive": recording_receive}) if callable(receive) else pull(*args, **kwargs)
+        current.message_id = taken[-1] if run_id is not None and taken else None
+        return run_id
+
+    def push_until_answered(*args: Any, **kwargs: Any) -> None:
+        push(*args, **kwargs)
+        state = kwargs.get("state")
+        # Flower deletes the message a reply answers when it pushes that reply: while it is stored, it is unanswered
+        while current.message_id is not None and current.message_id in getattr(state, "msg_store", {}):
+            push(*args, **kwargs)
+
+    loop._pull_and_store_message = recording_pull
+    loop._push_messages = push_until_answered
+    return current
+
+
 def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str],
                   busy_poll: float | None = None, busy_window: float = 0.0,
                   task_hold: float = DEFAULT_TASK_HOLD_S) -> int:
@@ -164,6 +213,9 @@ def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str
         log(WARNING, "[fedfer] this Flower's SuperNode loop is not the expected one; running it unpatched (3 s poll)")
     if patch_task_hold(task_hold) is not None:
         log(INFO, "[fedfer] the executor's task requests wait up to %.1f s for a task", task_hold)
+    if patch_one_reply_per_message() is None:
+        log(WARNING, "[fedfer] this Flower's SuperNode loop is not the expected one; a stopped run's late reply may "
+            "take the next message's place")
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args]  # Flower reads its own argv (and labels exits by argv[0])
