@@ -324,8 +324,12 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
                       if nid in connected and n.school_id not in self.exhausted]
         if not candidates:
             self.finished = True
-            log(INFO, "[fedfer] no school can train any more (budgets exhausted or none connected): finishing")
-            self.run.event("finished", round=rnd, reason="no school can train")
+            # online but unknown: refused at the role query (e.g. every school refused the app), not "none connected"
+            refused = len(connected - set(self.nodes))
+            why = (f"{refused} online node(s) refused or did not answer the role query: see the warnings above"
+                   if refused else "budgets exhausted or none connected")
+            log(INFO, "[fedfer] no school can train any more (%s): finishing", why)
+            self.run.event("finished", round=rnd, reason="no school can train", refused_at_query=refused)
             return []
         count = max(int(round(len(candidates) * self.fraction_train)), min(int(self.cfg["federation.min_train_schools"]), len(candidates)), 1)
         chosen = self._pin_chosen(sorted(self.rng.sample(candidates, min(count, len(candidates)))))

@@ -81,7 +81,8 @@ def test_with_no_school_at_all_the_run_ends_after_the_wait(tmp_path, monkeypatch
     assert list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)) == []
     assert strategy.finished
     events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
-    assert any(e["event"] == "finished" and e["reason"] == "no school can train" for e in events)
+    assert any(e["event"] == "finished" and e["reason"] == "no school can train" and e["refused_at_query"] == 0
+               for e in events)
 
 
 def test_a_later_round_never_waits(tmp_path, monkeypatch):
@@ -108,3 +109,6 @@ def test_a_run_whose_online_schools_were_all_refused_does_not_wait(tmp_path, mon
     assert list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(),
                                          LateGrid(refusing, {EVALUATOR: 0, SCHOOL: 0}))) == []
     assert strategy.finished
+    # the end says the school was refused (it used to say "budgets exhausted or none connected")
+    events = [json.loads(line) for line in strategy.run.events_path.read_text().splitlines()]
+    assert [e["refused_at_query"] for e in events if e["event"] == "finished"] == [1]
