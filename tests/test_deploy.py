@@ -403,6 +403,29 @@ def test_set_budget_records_a_schools_new_budget_where_the_audit_reads_it(deploy
     assert "no node named 'nobody'" in capsys.readouterr().err
 
 
+def test_scripts_writes_the_start_scripts_again_with_this_fedfer(deployment, capsys):
+    """The scripts say "regenerate rather than edit": `fedfer deploy scripts` does it, for the coordinator and
+    every node folder still here, and names the nodes whose folder has gone to the school."""
+    import shutil
+
+    from fedfer.cli import main
+    from server.deploy.layout import node_script, superlink_script
+
+    dep, home = deployment
+    for name in ("a", "b"):
+        deploy_cli.add_node(dep.root, name, "school", data_dir=Path(f"/d/{name}"), declared=100, flwr_home=home)
+    shutil.rmtree(dep.node_dir("b"))   # sent to its school
+    superlink_sh, node_sh = dep.coordinator_dir / "start-superlink.sh", dep.node_dir("a") / "start.sh"
+    for path in (superlink_sh, node_sh):
+        path.write_text("#!/usr/bin/env bash\n# written by an earlier fedfer\n")
+    assert main(["deploy", "scripts", "--dir", str(dep.root)]) == 0
+    out = capsys.readouterr().out
+    loaded = Deployment.load(dep.root)
+    assert superlink_sh.read_text() == superlink_script(loaded) and node_sh.read_text() == node_script(loaded, "a")
+    assert os.access(node_sh, os.X_OK) and not (dep.node_dir("b") / "start.sh").exists()
+    assert f"wrote {node_sh}" in out and "not here (their folders went to the schools): b;" in out, out
+
+
 def test_evaluator_node_config(deployment, tmp_path):
     from client.node import identify
     from flwr.common.config import parse_config_args

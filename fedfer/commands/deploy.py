@@ -9,6 +9,7 @@
     fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
     fedfer deploy status | register NAME | revoke NAME | rotate NAME [--ledger-key PUB] | renew-cert | up
     fedfer deploy set-budget NAME EPSILON                                # a school raised (or lowered) its budget
+    fedfer deploy scripts                                                # start scripts written again after an upgrade
 
 Secure by default: TLS (own CA, EC P-384) and SuperNode authentication (ECDSA P-384 node keys
 registered with `flwr supernode register`) are on; `--insecure` turns both off, loudly.
@@ -27,7 +28,8 @@ from typing import Any
 
 from server.deploy.commands import (INSECURE_WARNING, DeployError, add_node, default_flwr_home, deployment_status,
                                     init_deployment, make_school_keys, register_pending, renew_certificate, revoke_node,
-                                    rotate_ledger_key, rotate_node, rotate_school_ledger_key, set_school_budget)
+                                    rewrite_start_scripts, rotate_ledger_key, rotate_node, rotate_school_ledger_key,
+                                    set_school_budget)
 
 
 # ------------------------------------------------------------------------------------ argparse
@@ -144,6 +146,17 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
     print(revoke_node(Path(args.dir), args.name, _home(args)))
+    return 0
+
+
+def _cmd_scripts(args: argparse.Namespace) -> int:
+    written, gone = rewrite_start_scripts(Path(args.dir))
+    for path in written:
+        print(f"wrote {path}")
+    if gone:
+        print(f"  not here (their folders went to the schools): {', '.join(gone)}; run this where a copy of the "
+              "deployment holds their folder, or send each school a new start.sh")
+    print("  restart what runs on the old scripts to use the new ones")
     return 0
 
 
@@ -326,6 +339,10 @@ def _add_maintenance_steps(dsub: argparse._SubParsersAction) -> None:
                                    "replaces keys/NAME.pub; the SuperNode key is left as it is")
         _common(p)
         p.set_defaults(func=_wrap(handler))
+
+    p = dsub.add_parser("scripts", help="write the start scripts again with the fedfer installed now (after an upgrade)")
+    _common(p)
+    p.set_defaults(func=_wrap(_cmd_scripts))
 
     p = dsub.add_parser("set-budget", help="record a school's new lifetime ε budget (the school sets the same in its "
                                            "node-config.toml); the audit reads it")

@@ -582,6 +582,27 @@ def set_school_budget(root: Path, name: str, budget: float) -> str:
             f"(-c privacy.budget=…).{note}")
 
 
+def rewrite_start_scripts(root: Path) -> tuple[list[Path], list[str]]:
+    """Write the coordinator's start-superlink.sh and the start.sh of every node folder still here again, from
+    deployment.json with the fedfer installed now. The scripts say "regenerate rather than edit", and a fix in
+    them (e.g. the SuperLink now runs in its own folder) reaches a deployment made earlier only this way.
+    Returns (the scripts written, the nodes whose folder is no longer here: they went to their schools)."""
+    from server.deploy.layout import Deployment, node_script, superlink_script, write_script
+
+    dep = Deployment.load(Path(root).resolve())
+    written = [dep.coordinator_dir / "start-superlink.sh"]
+    write_script(written[0], superlink_script(dep))
+    gone = []
+    for name in sorted(dep.nodes):
+        folder = dep.node_dir(name)
+        if folder.is_dir():
+            write_script(folder / "start.sh", node_script(dep, name))
+            written.append(folder / "start.sh")
+        else:
+            gone.append(name)
+    return written, gone
+
+
 def register_pending(root: Path, name: str, flwr_home: Path) -> str:
     """Register a node created while the SuperLink was down (status 'created')."""
     from server.deploy.layout import Deployment
