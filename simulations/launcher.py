@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TextIO
+from typing import Any, Callable, Collection, Iterable, Mapping, TextIO
 
 from server.processes import flower_env, free_port, is_alive, process_tree, stop_with_parent
 from shared_models.config import to_toml
@@ -269,15 +269,18 @@ def _run_and_follow(fed: Federation, cmd: list[str], env: dict[str, str], flower
                                                       preexec_fn=stop_with_parent))
         try:
             assert runner.stdout is not None
-            failed_line = _follow(runner.stdout, log_file, fed.echo)
+            # the ServerApp names its run directory for `flwr run` users; `fedfer simulate` already printed it
+            failed_line = _follow(runner.stdout, log_file, fed.echo, already_said={f"run directory {fed.run_dir}"})
             runner.wait()
         finally:
             stop_process_tree(runner)
     return runner.returncode, failed_line
 
 
-def _follow(lines: Iterable[str], log_file: TextIO, echo: Callable[[str], None]) -> str:
-    """Log every line; echo each `[fedfer]` message once; remember the first error or failed-run line."""
+def _follow(lines: Iterable[str], log_file: TextIO, echo: Callable[[str], None],
+            already_said: Collection[str] = ()) -> str:
+    """Log every line; echo each `[fedfer]` message once (none of `already_said`, which the caller printed
+    itself); remember the first error or failed-run line."""
     failed_line, last_echo = "", ""
     for line in lines:
         log_file.write(line)
@@ -285,7 +288,7 @@ def _follow(lines: Iterable[str], log_file: TextIO, echo: Callable[[str], None])
         text = line.rstrip()
         if "[fedfer]" in text:
             message = text.split("[fedfer]", 1)[1].strip()
-            if message != last_echo:  # Flower logs every line in two formats
+            if message != last_echo and message not in already_said:  # Flower logs every line in two formats
                 echo(message)
             last_echo = message
         elif ("ERROR" in text or "Traceback" in text or "Exception" in text) and not failed_line:

@@ -249,17 +249,19 @@ def cached_checkpoint(cfg: Mapping[str, Any], data_root: Path | None,
 
 
 def ensure_pretrained(cfg: Mapping[str, Any], data_root: Path | None, echo: Echo | None = None,
-                      data: list[dict[str, Any]] | None = None) -> Path:
+                      data: list[dict[str, Any]] | None = None, echo_path: bool = True) -> Path:
     """The cached checkpoint for this config's pre-training (trained now if absent); its path. `data`: the
-    :func:`data_specs` the caller already read (fingerprinting a folder takes seconds)."""
+    :func:`data_specs` the caller already read (fingerprinting a folder takes seconds). `echo` gets the
+    training's progress and, with `echo_path`, a last line naming the checkpoint (`fedfer simulate` names it
+    in a line of its own)."""
     data = data if data is not None else data_specs(cfg, data_root)
     path = cached_checkpoint(cfg, data_root, data)
     with locked(path):   # two simulations starting at once train it once
         if path.is_file():
-            if echo is not None:
+            if echo is not None and echo_path:
                 echo(f"pre-trained model (cached): {path}")
             return path
         pretrain(cfg, data_root, path, echo=echo, data=data)
-    if echo is not None:
+    if echo is not None and echo_path:
         echo(f"pre-trained model: {path}")
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shared_models.config import load_config
 from simulations import synth
-from simulations.bench.default_demo import run_timed
+from simulations.bench.default_demo import _pretrained_seconds, run_timed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def test_the_earlier_demo_and_the_long_district_stay_reachable():
 
 
 def test_the_timing_bench_reads_phases_off_the_output(tmp_path):
-    lines = ["synthetic classroom: 10/20 images (public)", "run directory: /r", "pre-trained model /x.pt (3.0 s)",
+    lines = ["synthetic classroom: 10/20 images (public)", "run directory: /r", "pre-trained model: /x.pt (3.0 s)",
              "  pretrained: /x.pt: loaded 90 tensors, 0 kept their initial value", "  round 1/6: schools 10/10 ok",
              "summary"]
     script = "\n".join(f"print({line!r}, flush=True)" for line in lines)
@@ -52,4 +52,16 @@ def test_the_timing_bench_reads_phases_off_the_output(tmp_path):
     assert set(marks) == {"data_ready", "pretrained", "run_dir", "serverapp", "round_1", "summary"}
     assert (marks["data_ready"] <= marks["run_dir"] <= marks["pretrained"] <= marks["serverapp"] <= marks["round_1"]
             <= marks["summary"])
-    assert "pre-trained model /x.pt (3.0 s)" in (tmp_path / "out.log").read_text()
+    assert "pre-trained model: /x.pt (3.0 s)" in (tmp_path / "out.log").read_text()
+    assert _pretrained_seconds(tmp_path / "out.log") == 3.0
+
+
+def test_the_timing_bench_reads_a_cached_start_model(tmp_path):
+    """A cached start model is named before the run directory; it ends the data phase and the pre-training's."""
+    lines = ["pre-trained model (cached): /x.pt", "fedfer simulate: 10 schools", "run directory: /r",
+             "  pretrained: /x.pt: loaded 90 tensors", "  round 1/6", "summary"]
+    script = "\n".join(f"print({line!r}, flush=True)" for line in lines)
+    code, _, marks = run_timed([sys.executable, "-c", script], {}, tmp_path / "out.log")
+    assert code == 0 and set(marks) == {"data_ready", "pretrained", "run_dir", "serverapp", "round_1", "summary"}
+    assert marks["data_ready"] <= marks["pretrained"] <= marks["run_dir"]
+    assert _pretrained_seconds(tmp_path / "out.log") == 0.0

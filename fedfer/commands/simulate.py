@@ -324,15 +324,20 @@ def _pretrain_now(cfg: dict[str, Any], pending: _PendingPretraining) -> int:
 
     started = time.perf_counter()
     schools = None
+    cached = pending.path.is_file()
     try:
-        if cfg["data.generate"] != "on-demand" and not pending.path.is_file():
+        if cfg["data.generate"] != "on-demand" and not cached:
             schools = synth.start_building_schools(cfg)
             print(f"  building the {cfg['federation.schools']} schools in the background while pre-training", flush=True)
-        path = pretrain.ensure_pretrained(cfg, pending.root, echo=_indented, data=pending.data)
+        path = pretrain.ensure_pretrained(cfg, pending.root, echo=_indented, data=pending.data, echo_path=False)
     except pretrain.PretrainError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
         return 2
-    print(f"pre-trained model {path} ({time.perf_counter() - started:.1f} s)")
+    # the one line naming the start model (simulations/bench/default_demo.py reads it to time the phases)
+    if cached:
+        print(f"pre-trained model (cached): {path}", flush=True)
+    else:
+        print(f"pre-trained model: {path} ({time.perf_counter() - started:.1f} s)", flush=True)
     if schools is not None:
         schools.join()
         print(f"  schools built ({time.perf_counter() - started:.1f} s since pre-training began)", flush=True)

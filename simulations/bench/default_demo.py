@@ -33,8 +33,8 @@ from simulations.bench.results import load_average, write_result
 # run prints its run directory before pre-training (Flower starts meanwhile: fedfer/commands/simulate.py),
 # a cached one after; "serverapp" is the ServerApp's first line, once it has loaded the start model.
 _MARKS = {
-    "data_ready": re.compile(r"^(synthetic classroom|pre-training |  pre-training |  pre-trained model \(cached\))"),
-    "pretrained": re.compile(r"^pre-trained model "),
+    "data_ready": re.compile(r"^(synthetic classroom|pre-training |  pre-training |pre-trained model \(cached\))"),
+    "pretrained": re.compile(r"^pre-trained model[ :]"),
     "run_dir": re.compile(r"^run directory: "),
     "serverapp": re.compile(r"^\s+pretrained: .*: loaded \d+ tensors"),
     "round_1": re.compile(r"round\s+1\b"),
@@ -62,11 +62,13 @@ def run_timed(command: list[str], env: dict[str, str], log: Path) -> tuple[int, 
 
 
 def _pretrained_seconds(log: Path) -> float | None:
-    """The pre-training's own figure from `pre-trained model PATH (S s)`."""
+    """The pre-training's own figure from `pre-trained model: PATH (S s)`; 0.0 for `pre-trained model (cached): PATH`."""
     for line in log.read_text(encoding="utf-8").splitlines():
-        found = re.search(r"pre-trained model \S+ \(([0-9.]+) s\)", line)
+        found = re.search(r"pre-trained model: \S+ \(([0-9.]+) s\)", line)
         if found:
             return float(found.group(1))
+        if re.search(r"pre-trained model \(cached\): ", line):
+            return 0.0
     return None
 
 

@@ -1,0 +1,42 @@
+"""What `fedfer simulate` prints: each fact once. The start model and the run directory were each named
+twice (the pre-training's own line and simulate's; simulate's heading and the ServerApp's log line)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from shared_models.config import load_config
+
+
+def test_the_serverapps_run_directory_line_is_not_echoed_again(tmp_path: Path) -> None:
+    from simulations.launcher import Federation, _run_and_follow
+
+    run_dir = tmp_path / "runs" / "r1"
+    echoed: list[str] = []
+    federation = Federation({"federation.schools": 1, "federation.evaluator": False}, run_dir, echo=echoed.append)
+    # what `flwr run --stream` shows of the ServerApp (Flower logs each record in two formats)
+    serverapp = [f"INFO :      [fedfer] run directory {run_dir}", f"[fedfer] run directory {run_dir}",
+                 "INFO :      [fedfer] round 1/2 | schools 1/1 ok", "INFO :      [fedfer] run directory /elsewhere"]
+    script = "\n".join(f"print({line!r}, flush=True)" for line in serverapp)
+    code, failed = _run_and_follow(federation, [sys.executable, "-c", script], dict(os.environ), tmp_path / "flower.log")
+    assert code == 0 and not failed
+    # the run `fedfer simulate` printed is not repeated; a different one (never expected) still would be shown
+    assert echoed == ["round 1/2 | schools 1/1 ok", "run directory /elsewhere"]
+    assert f"[fedfer] run directory {run_dir}" in (tmp_path / "flower.log").read_text()   # the full log keeps it
+
+
+def test_a_cached_start_model_is_named_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    from fedfer.commands.simulate import _PendingPretraining, _pretrain_now
+    from simulations import pretrain
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = load_config(None, ["data.generate=on-demand"])   # on-demand: nothing is built beside the pre-training
+    data = [{"spec": "synthetic-rafdb:train", "name": "synthetic-rafdb", "split": "train", "n": 10, "fingerprint": "test"}]
+    path = pretrain.cached_checkpoint(cfg, tmp_path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"cached")   # only its existence is looked at
+    assert _pretrain_now(cfg, _PendingPretraining(tmp_path, data, path)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if str(path) in line]
+    assert lines == [f"pre-trained model (cached): {path}"]
