@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.round_writer import RoundWriter
 from server.run_dir import RunDirectory
-from server.run import check_keyring, resume_pending, start_or_resume, trace_benchmark_opens
+from server.run import check_keyring, resume_pending, start_is_scored, start_or_resume, trace_benchmark_opens
 from server.simulation_cluster import check_ray_cluster
 from server.strategy import RoundRecord, SchoolFedAvg
 from server.transport import fast_grid
@@ -76,7 +76,7 @@ def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStar
     runner = federation_dp.wrap(strategy) if federation_dp is not None else strategy
 
     initial = ArrayRecord(start.model.state_dict())
-    if start.round_offset == 0 and cfg["model.pretrained"]:
+    if start.round_offset == 0 and cfg["model.pretrained"] and not start_is_scored(run):
         # the pre-trained model is round 0: the evaluation node scores it alongside round 1's training
         strategy.pending = (RoundRecord(0, timing={"round_seconds": 0.0}), initial)
     runner.start(

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from torch import nn
 
-from server.run_dir import RunDirectory, check_resume_dir
+from server.run_dir import NoCheckpointYet, RunDirectory, check_restart_dir, check_resume_dir, restart_message
 from server.strategy import RoundRecord, SchoolFedAvg
 from shared_models.models import registry
 
@@ -43,28 +43,19 @@ class RunStart:
 
 
 def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
-    """A new run directory and model, or (`run.resume`) the run, config and model of its latest checkpoint."""
+    """A new run directory and model, or (`run.resume`) the run, config and model of its latest checkpoint —
+    or, for a run stopped before its first checkpoint, the run started again from its start model."""
     if not cfg["run.resume"]:
         run = RunDirectory.create(cfg)
         if run.wait_until_prepared():   # `fedfer simulate` pre-trained (and built the schools) meanwhile
             log(INFO, "ServerApp: the run's preparation (pre-training, schools, policies) is done")
-        model = registry.build_from_config(cfg)
-        if not cfg["model.pretrained"]:
-            if cfg.get("model.pretrain") == "auto":   # only `fedfer simulate` resolves it to a checkpoint
-                log(WARNING, "[fedfer] model.pretrain=auto is resolved by `fedfer simulate`; this run starts from "
-                             "scratch: pass model.pretrained=PATH (`fedfer pretrain` writes one) to start from it")
-            return RunStart(run, dict(cfg), model)
-        path = str(cfg["model.pretrained"])
-        provenance = registry.pretrained_provenance(path)
-        check_pretrained_model(provenance, cfg, path)
-        report = registry.load_pretrained(model, path)
-        log(INFO, "[fedfer] pretrained: %s", report.summary())
-        run.event("pretrained", path=path, matched=len(report.matched), missing=len(report.missing),
-                  shape_mismatched=len(report.shape_mismatched), provenance=provenance)
-        return RunStart(run, dict(cfg), model)
+        return RunStart(run, dict(cfg), start_model(run, cfg))
     run = RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve())
     # loaded with weights_only=True and checked field by field (the CLI ran the same check before Flower)
-    _, checkpoint, checkpoint_cfg = check_resume_dir(run.path)
+    try:
+        _, checkpoint, checkpoint_cfg = check_resume_dir(run.path)
+    except NoCheckpointYet:
+        return restart(run, cfg)
     refuse_changed_settings(cfg, checkpoint_cfg, run.path)
     resumed_cfg = {**checkpoint_cfg, "run.resume": str(run.path)}
     model = registry.build_from_config(resumed_cfg)
@@ -75,6 +66,47 @@ def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
     if start.unevaluated is not None:
         log(INFO, "[fedfer] round %d's model has no metrics line yet: it is evaluated first", start.round_offset)
     return start
+
+
+def restart(run: RunDirectory, requested: Mapping[str, Any]) -> RunStart:
+    """Resume a run that stopped before its first checkpoint: round 1 again, from the start model, under the
+    settings in its config.yaml. Sound because nothing was aggregated yet: a school that trained the lost
+    round 1 has it in its ledger and accountant, so its budget guard counts that spend and the new round 1's;
+    the run's copies of the schools' entries are kept and extended like after any resume."""
+    original = check_restart_dir(run.path)
+    refuse_changed_settings(requested, original, run.path)
+    # `fedfer simulate` names the start model it resolved (pre-trained again if the stop cut its training
+    # short); a bare `flwr run -c run.resume=…` has the run's own
+    restarted_cfg = {**original, "model.pretrained": requested["model.pretrained"] or original["model.pretrained"],
+                     "run.resume": str(run.path)}
+    start = RunStart(run, restarted_cfg, start_model(run, restarted_cfg))
+    run.event("resumed", round=0, restarted="no checkpoint yet: round 1 again, from the start model")
+    log(INFO, "[fedfer] %s", restart_message(run.path))
+    return start
+
+
+def start_model(run: RunDirectory, cfg: Mapping[str, Any]) -> nn.Module:
+    """The model round 1 starts from: `model.pretrained` loaded (its provenance checked), or a fresh one."""
+    model = registry.build_from_config(cfg)
+    if not cfg["model.pretrained"]:
+        if cfg.get("model.pretrain") == "auto":   # only `fedfer simulate` resolves it to a checkpoint
+            log(WARNING, "[fedfer] model.pretrain=auto is resolved by `fedfer simulate`; this run starts from "
+                         "scratch: pass model.pretrained=PATH (`fedfer pretrain` writes one) to start from it")
+        return model
+    path = str(cfg["model.pretrained"])
+    provenance = registry.pretrained_provenance(path)
+    check_pretrained_model(provenance, cfg, path)
+    report = registry.load_pretrained(model, path)
+    log(INFO, "[fedfer] pretrained: %s", report.summary())
+    run.event("pretrained", path=path, matched=len(report.matched), missing=len(report.missing),
+              shape_mismatched=len(report.shape_mismatched), provenance=provenance)
+    return model
+
+
+def start_is_scored(run: RunDirectory) -> bool:
+    """metrics.jsonl has round 0's line: the start model was evaluated before the run stopped (a restart
+    does not evaluate it again, so every round keeps exactly one line)."""
+    return any(int(line.get("round", -1)) == 0 for line in run.metrics())
 
 
 def check_keyring(cfg: Mapping[str, Any]) -> None:

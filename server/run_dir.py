@@ -61,6 +61,11 @@ class CheckpointError(ValueError):
     """A checkpoint or a run directory to resume is missing, unreadable or inconsistent; one line naming the file."""
 
 
+class NoCheckpointYet(CheckpointError):
+    """The run stopped before its first checkpoint (no checkpoints/latest.json, but its config.yaml): a resume
+    starts it again from its start model under that config (`check_restart_dir`)."""
+
+
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
     """Append one JSON line (one write of a complete line, then fsync)."""
     append_line(path, json.dumps(record, sort_keys=True, default=_json_default))
@@ -198,10 +203,23 @@ class RunDirectory:
                 stale.unlink(missing_ok=True)
 
     def check_not_busy(self) -> None:
-        """RunBusy if a ServerApp holds the run now (see `hold`); takes and releases the lock at once."""
+        """RunBusy if a ServerApp holds the run now (see `hold`), or `fedfer simulate` still prepares it (see
+        `preparing`: its ServerApp waits at the gate and does not hold the run yet); takes and releases the
+        locks at once."""
         if (self.path / RUN_LOCK).exists():
             with self.hold():
                 pass
+        try:
+            fd = os.open(self.preparing_path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # a gate left by a killed `fedfer simulate` is free
+        except BlockingIOError:
+            raise RunBusy(f"{self.path} is still being prepared by the `fedfer simulate` that started it (pre-training, "
+                          "building the schools): wait for it to end or stop it, then resume") from None
+        finally:
+            os.close(fd)
 
     @property
     def metrics_path(self) -> Path:
@@ -369,6 +387,8 @@ def check_resume_dir(path: Path, *, deep: bool = True) -> tuple[Path, dict[str, 
             raise CheckpointError(f"{latest}: {st.st_size} bytes; not a latest.json")
         info = json.loads(latest.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        if (path / "config.yaml").is_file():   # a run killed before round 1's checkpoint: it can start again
+            raise NoCheckpointYet(f"{latest}: missing; {path} has no checkpoint yet") from None
         raise CheckpointError(f"{latest}: missing; {path} has no checkpoint to resume from") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         if isinstance(exc, CheckpointError):
@@ -397,6 +417,28 @@ def check_resume_dir(path: Path, *, deep: bool = True) -> tuple[Path, dict[str, 
         raise CheckpointError(str(exc)) from None
     model_from_checkpoint(checkpoint, target)   # the weights fit the model the checkpoint names
     return target, checkpoint, cfg
+
+
+def check_restart_dir(path: Path) -> dict[str, Any]:
+    """The validated config.yaml of a run with no checkpoint yet (`NoCheckpointYet`): a resume starts such a run
+    again, from round 0 and its start model, under the settings it started with. Nothing of the run is lost:
+    no round was aggregated, and whatever ε the schools spent on the interrupted round is in their ledgers
+    (each school's budget guard counts it); the run's copies of their entries stay and are extended."""
+    from shared_models.config import read_yaml_file
+
+    config = Path(path).expanduser() / "config.yaml"
+    known = defaults()
+    try:
+        return validate({k: v for k, v in read_yaml_file(config).items() if k in known}, source=str(config))
+    except ConfigError as exc:
+        raise CheckpointError(" ".join(str(exc).split())) from None
+
+
+def restart_message(run_path: Path) -> str:
+    """The line that says a resume starts its run again (the ServerApp logs it; `fedfer simulate` prints it
+    before Flower starts and does not echo the ServerApp's)."""
+    return (f"{run_path} has no checkpoint yet: it starts again at round 1, from its start model (what the "
+            "schools spent on the lost round stays in their ledgers)")
 
 
 def model_from_checkpoint(checkpoint: Mapping[str, Any], path: Path) -> Any:

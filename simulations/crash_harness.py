@@ -28,7 +28,8 @@ Invariants (each school, each phase):
   budget        the school's ε (PRV, recomputed from its accountant history, plus a round the accountant
                 has not recorded yet) is within its policy.json budget
 After the resume also:
-  resumed       the resume started from the checkpoint that was on disk (events.jsonl "resumed") and
+  resumed       the resume started from the checkpoint that was on disk (events.jsonl "resumed"; round 0 when
+                there was none yet: the run started again) and
                 finished: metrics.jsonl has each round 1..R exactly once, latest.json says round R,
                 evaluated; report.md exists; no process of the run is left
   retrained     a round a school trained twice (the same run and round twice in its ledger): allowed only
@@ -564,24 +565,14 @@ def run_point(point: str, work: Path, data_root: Path, rounds: int, rnd: int, ti
         phase.add("audit", code == 0,
                   f"exit {code}: {verdict}" + (" (only the run copy lagging the schools' ledgers)" if lagging else ""))
         out.audit.append((code, verdict))
-        resumed_from.append(out.facts[-1]["checkpoint_round"])
+        # no checkpoint yet (killed before round 1's): the resume starts the run again, from round 0
+        resumed_from.append(out.facts[-1]["checkpoint_round"] or 0)
         # the round after the checkpoint may have been trained already (its training, or with pipelined
         # evaluation the next round's, was under way): the resume asks for it again (docs/deployment.md)
         crashed_rounds.append((out.facts[-1]["checkpoint_round"] or 0) + 1)
         say(f"  [{point}] after crash {n + 1}: " + ("ok" if phase.ok else "FAILED: " + "; ".join(
             f"{c.name}: {c.detail}" for c in phase.checks if not c.ok)) + f"; audit exit {code}"
             + (" (run copy behind the schools' ledgers)" if lagging else ""))
-    if resumed_from[-1] is None:   # killed before round 1's checkpoint: nothing to resume from
-        proc = subprocess.run([sys.executable, "-m", "fedfer", "simulate", f"run.resume={run_dir}"], cwd=base,
-                              capture_output=True, text=True, timeout=timeout)
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
-        phase = Phase("resume refused")
-        phase.add("refused", proc.returncode == 2 and len(lines) == 1 and "no checkpoint to resume from" in lines[0],
-                  f"exit {proc.returncode}: {' / '.join(lines)[:200]}")
-        out.phases.append(phase)
-        say(f"  [{point}] no checkpoint at the crash; the resume: exit {proc.returncode}: {' / '.join(lines)[:200]}")
-        out.seconds = round(time.time() - started, 1)
-        return out
     proc = start_simulate([f"run.resume={run_dir}"], base / "resume-final.log", base)
     try:
         proc.wait(timeout=timeout)
@@ -601,7 +592,7 @@ def run_point(point: str, work: Path, data_root: Path, rounds: int, rnd: int, ti
         out.notes.append("still alive 15 s later: " + "; ".join(_describe(pid) for pid in sorted(left)))
     phase = Phase("resumed")
     out.facts.append(check_run(run_dir, phase, finished=True, rounds=rounds, crashed_round=crashed_rounds,
-                               resumed_from=[r for r in resumed_from if r is not None] or None, fragments=fragments))
+                               resumed_from=resumed_from, fragments=fragments))
     out.phases.append(phase)
     code, verdict, _ = audit(run_dir)
     phase.add("audit", code == 0, f"exit {code}: {verdict}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Mapping, TextIO
 
 from server.processes import flower_env, free_port, is_alive, process_tree, stop_with_parent
+from server.run_dir import restart_message
 from shared_models.config import to_toml
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -269,8 +270,9 @@ def _run_and_follow(fed: Federation, cmd: list[str], env: dict[str, str], flower
                                                       preexec_fn=stop_with_parent))
         try:
             assert runner.stdout is not None
-            # the ServerApp names its run directory for `flwr run` users; `fedfer simulate` already printed it
-            failed_line = _follow(runner.stdout, log_file, fed.echo, already_said={f"run directory {fed.run_dir}"})
+            # lines the ServerApp writes for `flwr run` users that `fedfer simulate` already printed itself
+            said = {f"run directory {fed.run_dir}", restart_message(fed.run_dir)}
+            failed_line = _follow(runner.stdout, log_file, fed.echo, already_said=said)
             runner.wait()
         finally:
             stop_process_tree(runner)

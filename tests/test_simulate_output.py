@@ -11,6 +11,7 @@ from shared_models.config import load_config
 
 
 def test_the_serverapps_run_directory_line_is_not_echoed_again(tmp_path: Path) -> None:
+    from server.run_dir import restart_message
     from simulations.launcher import Federation, _run_and_follow
 
     run_dir = tmp_path / "runs" / "r1"
@@ -18,6 +19,7 @@ def test_the_serverapps_run_directory_line_is_not_echoed_again(tmp_path: Path) -
     federation = Federation({"federation.schools": 1, "federation.evaluator": False}, run_dir, echo=echoed.append)
     # what `flwr run --stream` shows of the ServerApp (Flower logs each record in two formats)
     serverapp = [f"INFO :      [fedfer] run directory {run_dir}", f"[fedfer] run directory {run_dir}",
+                 f"INFO :      [fedfer] {restart_message(run_dir)}",   # simulate said it before Flower started
                  "INFO :      [fedfer] round 1/2 | schools 1/1 ok", "INFO :      [fedfer] run directory /elsewhere"]
     script = "\n".join(f"print({line!r}, flush=True)" for line in serverapp)
     code, failed = _run_and_follow(federation, [sys.executable, "-c", script], dict(os.environ), tmp_path / "flower.log")

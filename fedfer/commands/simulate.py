@@ -56,12 +56,21 @@ def _config(args: argparse.Namespace) -> dict[str, Any] | None:
         cfg = load_config(args.config, overrides)
         check_paths(cfg, source=str(args.config or "override"))
         if cfg["run.resume"]:
-            from server.run_dir import RunDirectory, check_resume_dir
+            from server.run_dir import NoCheckpointYet, RunDirectory, check_restart_dir, check_resume_dir
 
             # the ServerApp repeats this check; here a bad run directory is refused before Flower starts
-            _, _, original = check_resume_dir(Path(str(cfg["run.resume"])))
-            RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve()).check_not_busy()
-            cfg = resumed_config(cfg, original, _explicit_keys(args, overrides))
+            run_path = Path(str(cfg["run.resume"]))
+            try:
+                _, _, original = check_resume_dir(run_path)
+                restart = False
+            except NoCheckpointYet:   # stopped before its first checkpoint: it starts again (server/run.py restart)
+                original, restart = check_restart_dir(run_path), True
+            RunDirectory(run_path.expanduser().resolve()).check_not_busy()
+            cfg = resumed_config(cfg, original, _explicit_keys(args, overrides), restart=restart)
+            if restart:
+                from server.run_dir import restart_message
+
+                print(restart_message(Path(cfg["run.resume"])), flush=True)
         return cfg
     except ConfigError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
@@ -81,11 +90,13 @@ def _explicit_keys(args: argparse.Namespace, overrides: list[str]) -> set[str]:
     return keys
 
 
-def resumed_config(cfg: dict[str, Any], original: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+def resumed_config(cfg: dict[str, Any], original: dict[str, Any], explicit: set[str],
+                   restart: bool = False) -> dict[str, Any]:
     """A resumed run continues under the settings it started with — the simulated schools read them from
     the run-config this command writes, so they must be the original run's, not today's defaults. Keys the
     user set now win where a resume may change them (shared_models.config.RESUME_MAY_CHANGE); setting any
-    other key to a new value is refused."""
+    other key to a new value is refused. `restart`: the run has no checkpoint yet and starts again from its
+    start model, so that is kept (pre-trained again if the run was stopped while pre-training it)."""
     from shared_models.config import RESUME_MAY_CHANGE, resume_differences
 
     changed = {key: pair for key, pair in resume_differences(cfg, original).items() if key in explicit}
@@ -94,10 +105,21 @@ def resumed_config(cfg: dict[str, Any], original: dict[str, Any], explicit: set[
         raise ConfigError(f"run.resume: {cfg['run.resume']} continues a run; it cannot change {said}: "
                           "drop those overrides, or start a new run")
     kept = {key: cfg[key] for key in RESUME_MAY_CHANGE if key in explicit}
-    # the weights come from the checkpoint: nothing to pre-train (model.pretrained stays, for --references)
     # absolute: the ServerApp runs in another folder and resolves a relative path from there
     resume = str(Path(str(cfg["run.resume"])).expanduser().resolve())
-    return {**original, "model.pretrain": "", **kept, "run.resume": resume}
+    if not restart:
+        # the weights come from the checkpoint: nothing to pre-train (model.pretrained stays, for --references)
+        return {**original, "model.pretrain": "", **kept, "run.resume": resume}
+    start = {"model.pretrain": "", "model.pretrained": original["model.pretrained"]}
+    if original["model.pretrain"] == "auto" and not Path(str(original["model.pretrained"])).is_file():
+        # stopped while pre-training its start model: the same inputs pre-train it again (same cache path)
+        start = {"model.pretrain": "auto", "model.pretrained": ""}
+    restarted = {**original, **start, **kept, "run.resume": resume}
+    pretrained = str(restarted["model.pretrained"])
+    if restarted["model.pretrain"] != "auto" and pretrained and not Path(pretrained).expanduser().is_file():
+        raise ConfigError(f"model.pretrained: {pretrained} not found; {resume} has no checkpoint yet and starts "
+                          "again from that start model: restore it, or start a new run")
+    return restarted
 
 
 def _ensure_data(cfg: dict[str, Any], on_demand: bool = False) -> Path:
