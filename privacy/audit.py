@@ -739,6 +739,30 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]], anchors_
     return problems, notes
 
 
+def _two_ledgers_under_one_id(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[str]:
+    """Every ledger given for one school id must be part of one chain. Two entries that follow the same
+    entry (the same prev_hash; two first entries both follow genesis) are two ledgers under one id: two
+    schools with the same name — e.g. the school-00 of two simulations, each of which made its schools afresh —
+    or a school's ledger forked (restored from a copy and written on). Either way no one lifetime ε can be told
+    for that id, and the audit used to show just one of them as it. One line per pair, naming both files."""
+    problems = []
+    for school, seen in verified.items():
+        successor: dict[str, tuple[str, _Source, int]] = {}   # prev_hash -> (hash, where, line) of the entry after it
+        named: set[tuple[Path, Path]] = set()
+        for src, entries in seen:
+            for line, entry in enumerate(entries, 1):
+                held_hash, held_src, held_line = successor.setdefault(entry["prev_hash"], (entry["hash"], src, line))
+                pair = (held_src.path, src.path)
+                if held_hash == entry["hash"] or pair in named:
+                    continue
+                named.add(pair)
+                after = "the chain's start" if entry["prev_hash"] == GENESIS_HASH else "the same entry"
+                problems.append(f"school {school}: {held_src.path} line {held_line} and {src.path} line {line} are "
+                                f"different entries after {after}: two ledgers under one school id (two schools of "
+                                f"that name, e.g. two simulations' own, or a forked ledger); audit each on its own")
+    return problems
+
+
 def _entries(n: int) -> str:
     return f"{n} {'entry' if n == 1 else 'entries'}"
 
@@ -824,7 +848,7 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
     reported = {p for r in rows for p in r.problems}   # e.g. a damaged anchor, already on its school's row
     disagreements, behind = _cross_check(verified, anchors_dir, frozenset(flagged))
-    problems = [p for p in dict.fromkeys(disagreements + _anchor_rejections(run_dirs)
+    problems = [p for p in dict.fromkeys(_two_ledgers_under_one_id(verified) + disagreements + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
     return AuditReport(rows, problems, _anchor_notes(sources) + behind)
 

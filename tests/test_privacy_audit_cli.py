@@ -316,3 +316,44 @@ def test_the_history_footnote_only_asks_for_ledgers_not_given(tmp_path, capsys):
     assert code == 0 and "pass the school's own ledger.jsonl too" not in out, out
     code, out = _audit(capsys, second.run.path, schools[0].state, "--keys", keys)   # one school's: still asked
     assert "pass the school's own ledger.jsonl too" in out, out
+
+
+# ------------------------------------------------------------------------ two ledgers under one school id
+def test_two_schools_of_one_name_are_refused_naming_both_ledgers(tmp_path, capsys):
+    """Each simulation makes its schools afresh, so two runs' school-a are two schools; audited together the
+    audit showed one lifetime ε for "school-a" (the first ledger's) and said intact."""
+    first, _ = _federation(tmp_path / "sim-1", runs=1)
+    second, _ = _federation(tmp_path / "sim-2", runs=1)
+    one, other = first[0].state, second[0].state
+    code, out = _audit(capsys, one, other, "--trust-run-keys")
+    assert code == 2 and _verdict(out).startswith("audit: TAMPERED, INCONSISTENT"), out
+    line = next(line for line in out.splitlines() if "two ledgers under one school id" in line)
+    assert f"{one / 'ledger.jsonl'} line 1" in line and f"{other / 'ledger.jsonl'} line 1" in line
+    # the same for the two runs' copies
+    code, out = _audit(capsys, tmp_path / "sim-1" / "runs" / "run-1", tmp_path / "sim-2" / "runs" / "run-1",
+                       "--trust-run-keys")
+    assert code == 2 and "two ledgers under one school id" in out, out
+    # one school's own ledger beside the copy of its own run is one chain: no finding
+    code, out = _audit(capsys, tmp_path / "sim-1" / "runs" / "run-1", one, "--trust-run-keys")
+    assert code == 0 and "two ledgers" not in out, out
+
+
+def test_a_forked_ledger_is_refused_naming_where_it_forks(tmp_path, capsys):
+    """A school's ledger restored from an older copy and written on: two different entries after its line 2,
+    each branch a valid chain on its own, neither counting the other's spend."""
+    schools, _ = _federation(tmp_path, runs=1, rounds=2)
+    school = schools[0]
+    backup, branch = tmp_path / "backup", tmp_path / "first-branch"
+    shutil.copytree(school.state, backup)
+    school.train("run-2", 1)               # the school goes on ...
+    shutil.copytree(school.state, branch)
+    shutil.rmtree(school.state)
+    shutil.copytree(backup, school.state)  # ... is restored from the older copy ...
+    school.train("run-3", 1)               # ... and goes on again from there
+    for alone in (branch, school.state):
+        assert _audit(capsys, alone, "--trust-run-keys")[0] == 0
+    code, out = _audit(capsys, branch, school.state, "--trust-run-keys")
+    assert code == 2, out
+    line = next(line for line in out.splitlines() if "two ledgers under one school id" in line)
+    assert f"{branch / 'ledger.jsonl'} line 3 and {school.state / 'ledger.jsonl'} line 3" in line, line
+    assert "after the same entry" in line
