@@ -85,8 +85,18 @@ def _open(spec: str, data_root: Path | None) -> Any:
     return bench
 
 
+def check_model_reads_stills(cfg: Mapping[str, Any]) -> None:
+    """Pre-training trains on still faces: a clip model (mafnet, r2plus1d_sta) is refused in one line rather
+    than failing inside its first forward pass."""
+    if registry.config_clip_frames(cfg):
+        raise PretrainError(f"model.name: {cfg['model.name']} ({cfg['model.preset']}) reads clips and pre-training "
+                            "trains on still faces: start it from scratch (model.pretrain=) or from a checkpoint of "
+                            "your own (model.pretrained=PATH)")
+
+
 def data_specs(cfg: Mapping[str, Any], data_root: Path | None) -> list[dict[str, Any]]:
     """The pre-training data as provenance: spec, reader split, sample count, path and fingerprint."""
+    check_model_reads_stills(cfg)
     specs = split_benchmark_list(str(cfg["pretrain.benchmarks"]))
     if not specs:
         raise PretrainError("pretrain.benchmarks: no benchmark given (e.g. synthetic-fer2013:train or fer2013:train=PATH)")

@@ -60,6 +60,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from simulations import pretrain, synth
 
     evaluate = not args.no_evaluate
+    try:   # before any data is built for it
+        pretrain.check_model_reads_stills(cfg)
+    except pretrain.PretrainError as exc:
+        print(f"fedfer: {exc}", file=sys.stderr)
+        return 2
     data_root: Path | None = args.data_root.expanduser().resolve() if args.data_root else None
     if data_root is not None:
         cfg["data.root"] = str(data_root)

@@ -249,6 +249,13 @@ def _resolve_run_config(cfg: dict[str, Any]) -> tuple[int, _PendingPretraining |
     if cfg["privacy.state_dir"]:
         cfg["privacy.state_dir"] = str(Path(str(cfg["privacy.state_dir"])).expanduser().resolve())
     pending = None
+    if cfg["model.pretrain"] == "auto" and not cfg["model.pretrained"]:
+        from shared_models.models import registry
+
+        if registry.config_clip_frames(cfg):   # pre-training trains on still faces (simulations/pretrain.py)
+            print(f"model.pretrain=auto: {cfg['model.name']} reads clips and public pre-training trains on still "
+                  "faces: it starts from scratch (model.pretrain=)", flush=True)
+            cfg["model.pretrain"] = ""
     if cfg["model.pretrain"] == "auto":
         if cfg["model.pretrained"]:
             print("fedfer: model.pretrain=auto and model.pretrained are both set; choose one", file=sys.stderr)
