@@ -128,9 +128,11 @@ def train(msg: Message, context: Context) -> Message:
         outcome = run_round(node, cfg, model, run_id=str(round_config["run-id"]),
                             server_round=server_round, phases=phases)
     except Exception:  # noqa: BLE001 - Flower would send the exception's text, which may name private values
+        from client.school_round import details_where
+
         _log_failure(node)
         phases.write(node, server_round, "failed")
-        return _reply_status(msg, "failed", "the school's round failed (details in the school's log)",
+        return _reply_status(msg, "failed", f"the school's round failed (details in {details_where(node)})",
                              school=node.school_id)
     if outcome.status != "ok":
         extra = {"setting": outcome.setting} if outcome.setting else {}
@@ -155,11 +157,18 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _log_failure(node: NodeIdentity) -> None:
-    """The school's own log gets the exception and its traceback; the reply only says the round failed."""
+    """The school's own log gets the exception and its traceback (a simulated school's: its school.log, not the
+    simulation's Flower log, which is the coordinator's); the reply only says the round failed."""
+    import traceback
     from logging import ERROR
 
     from flwr.common.logger import log
 
+    from client.school_round import school_log
+
+    if node.simulated:
+        school_log(node, f"{node.school_id}: the round failed:\n{traceback.format_exc().rstrip()}")
+        return
     log(ERROR, "[fedfer client] %s: the round failed", node.school_id, exc_info=True)
 
 

@@ -68,6 +68,35 @@ def _log(message: str) -> None:
     log(INFO, "[fedfer client] %s", message)
 
 
+SIMULATED_SCHOOL_LOG = "school.log"   # a simulated school's own log, in its state directory
+
+
+def school_log(node: NodeIdentity, message: str) -> None:
+    """What only the school should read (why its data folder was refused, which frames were skipped, why its
+    round failed): a deployed school's own log; a simulated school's `<state dir>/school.log` — a simulation's
+    Flower log is the coordinator's, so it must not get them, but the engineer running the simulation needs
+    them somewhere. A failure to write never fails the round."""
+    if not node.simulated:
+        _log(message)
+        return
+    if node.state_dir is None:
+        return
+    try:
+        node.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(node.state_dir / SIMULATED_SCHOOL_LOG, "a", encoding="utf-8") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+    except OSError:
+        pass
+
+
+def details_where(node: NodeIdentity) -> str:
+    """Where a reply tells the coordinator to look for the details: a simulated school's log file (the run's
+    own folder, one machine), else "the school's log" (a deployed school's paths are its own business)."""
+    if node.simulated and node.state_dir is not None:
+        return str(node.state_dir / SIMULATED_SCHOOL_LOG)
+    return "the school's log"
+
+
 # ------------------------------------------------------------------------------------------- data
 def load_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | SchoolClips:
     """The school's frames, or its clips for a clip model (cached per version of labels.csv, frames within
@@ -94,8 +123,8 @@ def load_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | School
 
     def decode() -> SchoolData:
         data = load_school(node.data_dir)
-        if data.skipped and not node.simulated:   # the school's own log; a simulation's log is the server's
-            _log(f"{node.school_id}: {data.describe_skips()}")
+        if data.skipped:
+            school_log(node, f"{node.school_id}: {data.describe_skips()}")
         return data
 
     return _SCHOOL_CACHE.get(node.data_dir, version, decode)
@@ -109,8 +138,8 @@ def _load_clips(node: NodeIdentity, version: tuple[int, int], frames: int, task:
     cached = _CLIP_CACHE.get(node.data_dir)
     if cached is None or cached[0] != key:
         data = load_school_clips(node.data_dir, frames, task)
-        if data.skipped and not node.simulated:
-            _log(f"{node.school_id}: {data.describe_skips()}")
+        if data.skipped:
+            school_log(node, f"{node.school_id}: {data.describe_skips()}")
         _CLIP_CACHE[node.data_dir] = (key, data)
     return _CLIP_CACHE[node.data_dir][1]
 
@@ -292,13 +321,11 @@ def _usable_data(node: NodeIdentity, cfg: Mapping[str, Any]) -> SchoolData | Sch
     try:
         data = load_data(node, cfg)
     except SchoolDataError as exc:
-        if not node.simulated:
-            _log(f"{node.school_id}: {exc}")
-        return RoundReply("no-data", "the school's data folder cannot be read (details in the school's log)")
+        school_log(node, f"{node.school_id}: {exc}")
+        return RoundReply("no-data", f"the school's data folder cannot be read (details in {details_where(node)})")
     if len(data) == 0:
-        if not node.simulated:
-            _log(f"{node.school_id}: no usable images: {data.describe_skips() or 'labels.csv lists none'}")
-        return RoundReply("no-data", "no usable images in the school's data folder (details in the school's log)")
+        school_log(node, f"{node.school_id}: no usable images: {data.describe_skips() or 'labels.csv lists none'}")
+        return RoundReply("no-data", f"no usable images in the school's data folder (details in {details_where(node)})")
     return data
 
 
