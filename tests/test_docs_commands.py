@@ -321,6 +321,12 @@ def check_fedfer(words: list[str], inline: bool = False) -> list[str]:
     if abbreviated := _flags_known_to(leaf, rest, f"fedfer {leaf.prog.removeprefix('fedfer ')}"):
         return abbreviated
     overrides = list(getattr(args, "overrides", None) or [])
+    # `fedfer train-central --model M --preset P` sets model.name/model.preset as the command does
+    # (fedfer/commands/simulate.py): validated with the rest, e.g. a clip model needs clip benchmarks
+    for flag, key in (("--model", "model.name"), ("--preset", "model.preset")):
+        value = words[words.index(flag) + 1] if flag in words[:-1] else ""
+        if leaf.prog.endswith("train-central") and value and not PLACEHOLDER_VALUE.match(value) and len(value) > 1:
+            overrides.append(f"{key}={value}")   # a placeholder (`--model M`) stays out, as for key=value
     config = words[words.index("--config") + 1] if "--config" in words else None
     if config and not config.startswith("configs/"):   # the reader's own file (`--config run.yaml`)
         config = None
