@@ -100,3 +100,29 @@ def test_a_run_still_being_prepared_is_not_resumed_beside_it(tmp_path, capsys):
     assert "still being prepared" in capsys.readouterr().err
     (run.path / "preparing.lock").touch()   # what a killed `fedfer simulate` leaves: a free gate
     run.check_not_busy()
+
+
+def test_resuming_a_finished_run_rewrites_its_report_without_starting_flower(tmp_path, monkeypatch, capsys):
+    """It used to start a SuperLink, the simulation and Ray (tens of seconds) for the ServerApp to say
+    'already finished'."""
+    from fedfer.commands import simulate
+    from shared_models.models import registry
+
+    def no_flower(*args, **kwargs):
+        raise AssertionError("Flower started for a finished run")
+
+    monkeypatch.setattr(simulate, "_federation", no_flower)
+    run = _stopped_run(tmp_path, "federation.rounds=2")
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=first", "model.preset=dp", "model.pretrain=",
+                             f"data.root={tmp_path / 'data'}", "federation.rounds=2"])
+    model = registry.build("hafnet", num_classes=7, preset="dp")
+    for rnd in (1, 2):
+        run.save_checkpoint(rnd, model.state_dict(), {"name": "hafnet", "preset": "dp", "num_classes": 7}, cfg,
+                            {"exhausted": [], "momentum": None})
+        run.append_metrics({"round": rnd, "train": {}, "evaluation": {}})
+    args = argparse.Namespace(overrides=[f"run.resume={run.path}"], config=None, references=False, ray_address=None)
+    assert simulate.cmd_simulate(args) == 0
+    out = capsys.readouterr().out
+    assert "already finished 2 rounds" in out and (run.path / "report.md").is_file()
+    events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
+    assert events[-1]["event"] == "resumed" and events[-1]["round"] == 2

@@ -175,6 +175,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{cfg['federation.rounds']} rounds, DP on"
           f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
     print(f"run directory: {run.path}")
+    if _already_finished(cfg):   # nothing to train: no Flower to start, only the report to (re)write
+        from server.report import write_report
+
+        with run.hold():   # as the ServerApp would: the run records the resume, and gets its report
+            run.event("resumed", round=int(cfg["federation.rounds"]))
+            print(f"  {run.path} already finished {cfg['federation.rounds']} rounds")
+            print(f"  report {write_report(run.path)}")
+        code = print_summary(run.path, time.perf_counter() - started)
+        if code == 0 and cfg["evaluation.references"]:
+            return _references(cfg, run.path, _ensure_data(cfg), started)
+        return code
     if pending is not None:
         federation, root, code = _pretrain_while_flower_starts(cfg, run, pending)
     else:
@@ -187,6 +198,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if code == 0 and cfg["evaluation.references"]:
         return _references(cfg, run.path, root, started)
     return code
+
+
+def _already_finished(cfg: dict[str, Any]) -> bool:
+    """`run.resume` of a run whose last checkpoint is its last round, evaluated: the ServerApp would only say
+    so (server/run.py RunStart.finished), after Flower's start."""
+    if not cfg["run.resume"]:
+        return False
+    from server.run import unevaluated_round
+    from server.run_dir import CheckpointError, RunDirectory, check_resume_dir
+
+    run = RunDirectory(Path(str(cfg["run.resume"])))
+    try:
+        _, checkpoint, _ = check_resume_dir(run.path, deep=False)
+    except CheckpointError:   # no checkpoint yet (a restart): checked in full by _config already
+        return False
+    return int(checkpoint["round"]) >= int(cfg["federation.rounds"]) and unevaluated_round(run, checkpoint) is None
 
 
 def _references(cfg: dict[str, Any], run_path: Path, root: Path, started: float) -> int:
