@@ -42,3 +42,22 @@ def test_a_cached_start_model_is_named_once(tmp_path: Path, monkeypatch, capsys)
     assert _pretrain_now(cfg, _PendingPretraining(tmp_path, data, path)) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if str(path) in line]
     assert lines == [f"pre-trained model (cached): {path}"]
+
+
+def test_a_checkpoint_given_is_the_start_without_turning_auto_off(tmp_path, monkeypatch):
+    """`fedfer pretrain` ends with `next: fedfer simulate model.pretrained=PATH` and docs/simulation.md gives
+    the same line, but with the default model.pretrain=auto it stopped at 'both set; choose one'."""
+    from fedfer.commands import simulate
+
+    def no_pretraining(cfg):
+        raise AssertionError("pre-training started although a checkpoint was given")
+
+    monkeypatch.setattr(simulate, "_pretrain_auto", no_pretraining)
+    monkeypatch.setattr("server.run.check_pretrained_model", lambda provenance, cfg, path: None)
+    monkeypatch.setattr("shared_models.models.registry.pretrained_provenance", lambda path: None)
+    start = tmp_path / "mine.pt"
+    start.write_bytes(b"read by the ServerApp, not here")
+    cfg = load_config(None, [f"model.pretrained={start}", f"run.root={tmp_path / 'runs'}", f"data.root={tmp_path / 'd'}"])
+    assert cfg["model.pretrain"] == "auto"
+    assert simulate._resolve_run_config(cfg) == (0, None)
+    assert cfg["model.pretrained"] == str(start) and cfg["model.pretrain"] == ""

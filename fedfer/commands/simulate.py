@@ -283,10 +283,11 @@ def _resolve_run_config(cfg: dict[str, Any]) -> tuple[int, _PendingPretraining |
             print(f"model.pretrain=auto: {cfg['model.name']} reads clips and public pre-training trains on still "
                   "faces: it starts from scratch (model.pretrain=)", flush=True)
             cfg["model.pretrain"] = ""
+    if cfg["model.pretrain"] == "auto" and cfg["model.pretrained"]:
+        # a checkpoint given (`fedfer pretrain` prints `fedfer simulate model.pretrained=PATH`) is the start:
+        # auto, the default, pre-trains only when none is
+        cfg["model.pretrain"] = ""
     if cfg["model.pretrain"] == "auto":
-        if cfg["model.pretrained"]:
-            print("fedfer: model.pretrain=auto and model.pretrained are both set; choose one", file=sys.stderr)
-            return 2, None
         # before the run directory exists, so its config.yaml names the checkpoint the run starts from
         code, pending = _pretrain_auto(cfg)
         if code:
