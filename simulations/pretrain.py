@@ -35,6 +35,7 @@ from shared_models.labels import FER7
 from shared_models.models import registry
 
 FORMAT = "fedfer-pretrained/1"
+PROGRESS_EVERY_S = 60.0   # a progress line within a pre-training epoch at most this often
 VERSION = "1"   # bump when the training loop changes what a given set of inputs produces
 CONFIG_KEYS = ("model.name", "model.preset", "model.aux_loss_weight", "pretrain.benchmarks", "pretrain.epochs",
                "pretrain.batch_size", "pretrain.lr", "pretrain.seed")
@@ -149,10 +150,12 @@ def _normalise(batch: torch.Tensor) -> torch.Tensor:
 
 def train_public(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
                  lr: float, seed: int, echo: Echo | None = None,
-                 after_epoch: Callable[[int, nn.Module], None] | None = None) -> dict[str, float]:
+                 after_epoch: Callable[[int, nn.Module], None] | None = None,
+                 progress_every_s: float = PROGRESS_EVERY_S) -> dict[str, float]:
     """Plain Adam on public faces, every parameter trainable, random horizontal flips (label-preserving
     for facial expressions). Returns steps, final epoch's mean loss and seconds. `after_epoch(epoch,
-    model)` is called after every epoch (1-based) in eval mode, e.g. to score a learning curve."""
+    model)` is called after every epoch (1-based) in eval mode, e.g. to score a learning curve. `echo` gets
+    a line per epoch and, within a long one, one every `progress_every_s` seconds."""
     registry.freeze_for_finetuning(model, "all")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -160,6 +163,8 @@ def train_public(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
     model.train()
     steps, loss_sum, count = 0, 0.0, 0
     started = time.perf_counter()
+    said = started
+    per_epoch = -(-len(labels) // batch_size)
     for epoch in range(epochs):
         order = torch.randperm(len(labels), generator=generator)
         loss_sum, count = 0.0, 0
@@ -176,6 +181,10 @@ def train_public(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *
             loss_sum += float(loss.detach()) * len(idx)
             count += len(idx)
             steps += 1
+            if echo is not None and time.perf_counter() - said >= progress_every_s and count < len(order):
+                said = time.perf_counter()   # a paper preset's epoch takes minutes on one thread: show it moves
+                echo(f"pre-training epoch {epoch + 1}/{epochs}: step {steps - epoch * per_epoch}/{per_epoch}, "
+                     f"loss {loss_sum / count:.3f}, {said - started:.0f} s")
         if echo is not None:
             echo(f"pre-training epoch {epoch + 1}/{epochs}: loss {loss_sum / max(count, 1):.3f}")
         if after_epoch is not None:

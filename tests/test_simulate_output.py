@@ -61,3 +61,22 @@ def test_a_checkpoint_given_is_the_start_without_turning_auto_off(tmp_path, monk
     assert cfg["model.pretrain"] == "auto"
     assert simulate._resolve_run_config(cfg) == (0, None)
     assert cfg["model.pretrained"] == str(start) and cfg["model.pretrain"] == ""
+
+
+def test_a_long_pretraining_epoch_shows_it_moves(tmp_path):
+    """The paper preset pre-trained for 9 minutes on one thread with no line between its start and its end."""
+    import torch
+
+    from simulations.pretrain import train_public
+    from shared_models.models import registry
+
+    model = registry.build("hafnet", num_classes=7, preset="dp")
+    images = torch.randint(0, 255, (12, 3, 64, 64), dtype=torch.uint8)
+    labels = torch.arange(12) % 7
+    lines: list[str] = []
+    train_public(model, images, labels, epochs=1, batch_size=4, lr=0.001, seed=0, echo=lines.append,
+                 progress_every_s=0.0)
+    assert len(lines) == 3, lines   # steps 1 and 2 of 3, then the epoch's own line (the last step is that)
+    assert lines[0].startswith("pre-training epoch 1/1: step 1/3, loss ")
+    assert lines[1].startswith("pre-training epoch 1/1: step 2/3, loss ")
+    assert lines[2].startswith("pre-training epoch 1/1: loss ")
