@@ -41,5 +41,8 @@ def check_update(global_arrays: Mapping[str, np.ndarray], reply_arrays: Mapping[
             squared += float(np.dot(diff.ravel(), diff.ravel()))
     norm = squared ** 0.5
     if norm > max_update_norm:
-        raise RejectedUpdate(f"update norm {norm:.3g} exceeds federation.max_update_norm {max_update_norm:.3g}")
+        # an honest school's DP noise alone has norm ~ lr·σ·clip·√(parameters)·√steps / batch: a large model
+        # (a paper preset) with a small train.batch_size reaches it, and then every school is rejected every round
+        raise RejectedUpdate(f"update norm {norm:.3g} exceeds federation.max_update_norm {max_update_norm:.3g} (DP "
+                             "noise grows with √parameters / train.batch_size: for a large model raise one of them)")
     return norm

@@ -80,3 +80,16 @@ def test_a_long_pretraining_epoch_shows_it_moves(tmp_path):
     assert lines[0].startswith("pre-training epoch 1/1: step 1/3, loss ")
     assert lines[1].startswith("pre-training epoch 1/1: step 2/3, loss ")
     assert lines[2].startswith("pre-training epoch 1/1: loss ")
+
+
+def test_a_rejected_update_norm_says_what_to_change():
+    """hafnet `paper` (19.7 M parameters) at train.batch_size=8: every school's honest update was rejected,
+    every round, with only 'update norm 1.87e+03 exceeds federation.max_update_norm 1e+03'."""
+    import numpy as np
+    import pytest
+
+    from server.validation import RejectedUpdate, check_update
+
+    with pytest.raises(RejectedUpdate) as rejected:
+        check_update({"w": np.zeros(4)}, {"w": np.full(4, 1000.0)}, max_update_norm=1000.0)
+    assert "train.batch_size" in str(rejected.value) and "\n" not in str(rejected.value)
