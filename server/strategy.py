@@ -499,6 +499,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             self.run.event("declined", round=rnd, school=school, **outcome)
             log(INFO, "[fedfer] %s declined round %d: %s", school, rnd, outcome["reason"])
             return outcome
+        ledger_checked = False
         try:
             if node.role != "school":
                 raise RejectedUpdate("reply from a node that is not a registered school")
@@ -516,10 +517,19 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
                 raise RejectedUpdate(f"unit-weight {metrics.get('unit-weight')!r}: must be 1")
             _check_declared_weight(metrics)
             if bool(self.cfg["privacy.enabled"]):
+                ledger_checked = True
                 self._store_ledger(content, school, rnd)
         except RejectedUpdate as exc:
             self.run.event("rejected", round=rnd, school=school, reason=str(exc))
             log(WARNING, "[fedfer] rejected %s in round %d: %s", school, rnd, exc)
+            if not ledger_checked and node.role == "school" and bool(self.cfg["privacy.enabled"]) \
+                    and "ledger" in content.config_records:
+                # the weights are refused, but the school did train and spend: its signed entry goes into the
+                # run's copy like a refusal's, so the run's ε per school (summary, report) counts that round
+                try:
+                    self._store_ledger(content, school, rnd)
+                except RejectedUpdate as ledger_problem:
+                    log(WARNING, "[fedfer] %s: ledger entry of the rejected reply not stored: %s", school, ledger_problem)
             return {"status": "rejected", "reason": str(exc)}
         return {"status": "ok", "update_norm": norm, **{k.replace("-", "_"): v for k, v in metrics.items()}}
 

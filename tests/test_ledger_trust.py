@@ -339,3 +339,36 @@ def test_trusting_a_simulated_run_also_trusts_its_school_policies(tmp_path, caps
     keys = _keyring(tmp_path, schools)
     code, out = _audit(capsys, server.run.path, "--keys", keys)
     assert code == 0 and "no policy budget found" in out, out
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_the_entry_of_a_reply_rejected_for_its_weights_is_still_in_the_run_copy(tmp_path):
+    """A school whose update is refused (here: its norm; e.g. a paper preset at a small batch) trained and
+    spent all the same: the run's copy lacked its entry, so the summary showed 'ε —, after 0 round(s)' for
+    schools that had spent ε 8."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+    from server.strategy import NodeInfo
+    from shared_models.config import load_config
+    from server.run_dir import RunDirectory
+    from server.strategy import SchoolFedAvg
+
+    school = School(tmp_path, "school-a")
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=r", "federation.max_update_norm=1"])
+    run = RunDirectory.create(cfg)
+    strategy = SchoolFedAvg(cfg, run)
+    entries = school.train(run.run_id, 1)
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(4, 10.0, dtype=np.float32))}),
+                          "metrics": MetricRecord({"unit-weight": 1, "declared-units": 100, "epsilon": 0.5}),
+                          "status": ConfigRecord({"status": "ok"}),
+                          "ledger": ConfigRecord({"entry": json.dumps(entries[-1]), "run-entries": json.dumps(entries)})})
+    request = Message(RecordDict({}), dst_node_id=101, message_type=MessageType.TRAIN)
+    reply = Message(content, reply_to=request)
+    node = NodeInfo("school", "school-a", public_key_pem(school.key), pinned=True)
+    run.key_path("school-a").parent.mkdir(parents=True, exist_ok=True)
+    run.key_path("school-a").write_text(public_key_pem(school.key))
+    outcome = strategy._accept(reply, "school-a", node, 1, {"w": np.zeros(4, dtype=np.float32)})
+    assert outcome["status"] == "rejected" and "max_update_norm" in outcome["reason"]
+    copy = [json.loads(line) for line in run.ledger_path("school-a").read_text().splitlines()]
+    assert [e["hash"] for e in copy] == [entries[-1]["hash"]]
