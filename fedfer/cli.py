@@ -76,12 +76,26 @@ def _stdout_closed() -> bool:
         return False
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `key=value` overrides wherever they stand: argparse reads one run of positionals
+    only, so `fedfer simulate federation.rounds=3 --references train.lr=1.0` stopped at 'unrecognized
+    arguments: train.lr=1.0'; the words after a flag are overrides like the ones before it."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = getattr(args, "overrides", None)
+        if isinstance(overrides, list) and all("=" in word and not word.startswith("-") for word in extra):
+            args.overrides = [*overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning (shared_models/threads.py says why); set before any
     # command loads torch, and inherited by the processes it starts (simulated nodes, SuperNodes).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(argv)
     debug = bool(args.debug or os.environ.get("FEDFER_DEBUG"))
     if not getattr(args, "func", None):
         parser.print_help()

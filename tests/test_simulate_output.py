@@ -93,3 +93,17 @@ def test_a_rejected_update_norm_says_what_to_change():
     with pytest.raises(RejectedUpdate) as rejected:
         check_update({"w": np.zeros(4)}, {"w": np.full(4, 1000.0)}, max_update_norm=1000.0)
     assert "train.batch_size" in str(rejected.value) and "\n" not in str(rejected.value)
+
+
+def test_overrides_after_a_flag_are_overrides_too(capsys):
+    """`fedfer simulate k=v --references k2=v2` stopped at 'unrecognized arguments: k2=v2' (argparse reads one run
+    of positionals); a word that is not key=value is still refused."""
+    import pytest
+
+    from fedfer.cli import parse
+
+    args = parse(["simulate", "federation.rounds=3", "--references", "evaluation.central_epochs=2", "train.lr=1.0"])
+    assert args.references and args.overrides == ["federation.rounds=3", "evaluation.central_epochs=2", "train.lr=1.0"]
+    with pytest.raises(SystemExit) as stopped:
+        parse(["simulate", "federation.rounds=3", "--references", "--nonsense"])
+    assert stopped.value.code == 2 and "unrecognized arguments: --nonsense" in capsys.readouterr().err
