@@ -10,8 +10,10 @@ school's chain, per signing key (a new key is a new identity: re-enrolment, or a
         "runs": [{"run_id": R, "hashes": [...], "histories_after": {...}}, …in the order first seen],
         "retired": [<key id>, …]}}}
 
-A key transition (privacy/ledger.py) does not start a new identity: the chain anchored under the old key
-moves to the new key's id and lists the old one in ``retired`` (found by either key).
+A key transition or key recovery (privacy/ledger.py) does not start a new identity: the chain anchored under
+the old key moves to the new key's id and lists the old one in ``retired`` (found by either key). A recovery
+must continue the last entry anchored before it: one from an earlier anchored entry is a *truncated tail*
+(:func:`check_continues` at the server, :func:`recovery_problems` in the audit).
 
 Before a school's first entry of a new run is stored, :func:`check_continues` compares it with the
 anchor; after entries are stored, :func:`update_anchor` moves the anchor (written crash-safely, under a
@@ -29,8 +31,8 @@ from typing import Any, Mapping, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared_models.atomic_files import atomic_write_text, locked
-from privacy.ledger import (GENESIS_HASH, KEY_TRANSITION, LedgerError, _check_school_name, chain_start_key,
-                            copy_run_id, history_key)
+from privacy.ledger import (GENESIS_HASH, KEY_CHANGES, KEY_RECOVERY, LedgerError, _check_school_name,
+                            chain_start_key, copy_run_id, history_key)
 from privacy.signing import key_id, load_public_key, public_key_pem
 
 ANCHOR_DIR = "anchors"
@@ -170,7 +172,7 @@ def update_anchor(anchors_dir: Path, school_id: str, public_key: Ed25519PublicKe
         chain = data["chains"].pop(_chain_key(data["chains"], start), None) or {
             "public_key": public_key_pem(start), "head": "", "count": 0, "histories": {}, "runs": []}
         for e in run_entries:   # the chain follows the school's key transitions (verified by the caller)
-            if e["event"] == KEY_TRANSITION and e["new_key_id"] != key_id_of_pem(chain["public_key"]):
+            if e["event"] in KEY_CHANGES and e["new_key_id"] != key_id_of_pem(chain["public_key"]):
                 chain["retired"] = chain.get("retired", []) + [key_id_of_pem(chain["public_key"])]
                 chain["public_key"] = e["new_public_key"]
         data["chains"][key_id_of_pem(chain["public_key"])] = chain
@@ -205,7 +207,7 @@ def audit_against_anchor(chain: Mapping[str, Any], entries: Sequence[Mapping[str
     Run copy: every entry the server anchored for that run must be in it (a truncated tail otherwise),
     and its first entry must continue the runs anchored before it (not restart at genesis, not lose
     spending). School ledger: every anchored entry must be in it, in order."""
-    problems: list[str] = []
+    problems: list[str] = recovery_problems(chain, entries, where)
     hashes = [str(e["hash"]) for e in entries]
     runs = list(chain.get("runs", []))
     if copy_of_run:
@@ -260,6 +262,24 @@ def audit_against_anchor(chain: Mapping[str, Any], entries: Sequence[Mapping[str
         problems.append(f"{where} line {line}: {kind}; {_of(missing, len(anchored))} missing")
     elif positions != sorted(positions):
         problems.append(f"{where}: anchored entries appear out of order")
+    return problems
+
+
+def recovery_problems(chain: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], where: str) -> list[str]:
+    """A key recovery continues the old chain's last entry. Where the server anchored an entry right after the
+    one a recovery continues, and it is not that recovery (later entries of the old chain, or another recovery
+    from the same entry), the recovery truncated the history the server verified: its ε would be too low."""
+    anchored = [h for r in chain.get("runs", []) for h in r["hashes"]]
+    position = {h: i for i, h in enumerate(anchored)}
+    problems = []
+    for line, e in enumerate(entries, start=1):
+        if e.get("event") != KEY_RECOVERY or e.get("prev_hash") not in position:
+            continue
+        after = position[e["prev_hash"]] + 1
+        if after < len(anchored) and anchored[after] != e["hash"]:
+            problems.append(f"{where} line {line}: key recovery at line {line} continues anchored entry {after} of "
+                            f"{len(anchored)}, but the server anchored a later entry after it ({anchored[after][:12]}…): "
+                            f"the recovery truncated the old chain, and would drop the ε those entries spent")
     return problems
 
 

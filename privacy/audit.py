@@ -41,7 +41,8 @@ from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.anchors import anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, KeyChain, LedgerError, copy_run_id, epsilon_value,
                             read_ledger_file, run_entries, verify_entries)
-from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key, retired_public_keys
+from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key, recovery_public_keys,
+                             retired_public_keys)
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_TAMPERED = 0, 1, 2
 POLICY_FILE = "policy.json"   # a simulated school's policy in its state directory (privacy/policy.py)
@@ -241,6 +242,7 @@ class _Source:
     # learned from the school's other ledgers, for a copy of a run before the school rotated its key
     retired: dict[str, tuple[Any, set[str], str]] = field(default_factory=dict)
     keyring_retired: list[Any] = field(default_factory=list)   # retired keys beside the trusted key file
+    recovery_keys: list[Any] = field(default_factory=list)     # approved recovery keys beside it (<school>.recovered/)
 
     @property
     def copy(self) -> str:
@@ -534,8 +536,9 @@ def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
     try:
         # the chain must start under the keyring's key or a retired key kept beside it (never one it names)
         src.keyring_retired = _retired_keys_beside(src, school)
+        src.recovery_keys = _retired_keys_beside(src, school, recovery_public_keys)
         src.keys = verify_entries(entries, [key] + src.keyring_retired, source=str(src.path), school_id=school,
-                                  start=start)
+                                  start=start, recovery_keys=src.recovery_keys)
     except (LedgerError, SigningKeyError) as exc:
         retired = _verify_with_retired_key(src, entries, school, start)
         if retired is None:
@@ -545,11 +548,12 @@ def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
     return school, entries, start, key, None
 
 
-def _retired_keys_beside(src: _Source, school: str) -> list[Any]:
+def _retired_keys_beside(src: _Source, school: str, kept=retired_public_keys) -> list[Any]:
     """The school's retired keys kept beside its trusted key files (``<school>.retired/<key id>.pub`` in the
-    keyring, which `fedfer deploy rotate` keeps; in the run's keys/ with --trust-run-keys)."""
+    keyring, which `fedfer deploy rotate` keeps; in the run's keys/ with --trust-run-keys); with
+    `kept=recovery_public_keys` its approved recovery keys (``<school>.recovered/``, `rotate --recovered`)."""
     files = [p / f"{school}.pub" if p.is_dir() else p for p in src.key_paths]
-    return [k for f in files for k in retired_public_keys(f)]
+    return [k for f in files for k in kept(f)]
 
 
 def _verify_with_retired_key(src: _Source, entries: list[dict], school: str, start: str) -> Any:
@@ -558,7 +562,8 @@ def _verify_with_retired_key(src: _Source, entries: list[dict], school: str, sta
     retired key signed after its transition is not in the chain the transition continues, and fails."""
     for kid, (key, before, where) in src.retired.items():
         try:
-            src.keys = verify_entries(entries, key, source=str(src.path), school_id=school, start=start)
+            src.keys = verify_entries(entries, key, source=str(src.path), school_id=school, start=start,
+                                      recovery_keys=src.recovery_keys)
         except (LedgerError, SigningKeyError):
             continue
         if entries[-1]["hash"] in before:
@@ -595,7 +600,9 @@ def _anchor_problems(src: _Source, school: str, entries: Sequence[dict], key: An
     src.seen_school, src.anchored, src.anchors_looked = school, entries[0]["privacy_unit"] == "school", anchors
     if anchors is not None and anchors.is_dir():
         try:
-            chain = load_chain(anchors, school, key)
+            # the anchor of any key the chain went through (a recovered ledger ends under a key whose chain the
+            # server may never have anchored, though it anchored the lost key's)
+            chain = next((c for k in _chain_keys(src, key) if (c := load_chain(anchors, school, k))), None)
         except LedgerError as exc:
             chain, problems = None, problems + [str(exc)]
             src.anchored = True   # there is an anchor, and it is reported as damaged
@@ -608,6 +615,13 @@ def _anchor_problems(src: _Source, school: str, entries: Sequence[dict], key: An
             problems += [f"{p} (school {school})" for p in audit_against_anchor(
                 chain, entries, copy_of_run=start == "run", where=str(src.path))]
     return problems
+
+
+def _chain_keys(src: _Source, key: Any) -> list[Any]:
+    """The trusted keys this ledger's chain went through, newest first, starting with the key it verified with."""
+    held = {key_id(k): k for k in [key, *src.keyring_retired, *src.recovery_keys]}
+    went = [held[k] for k in reversed(src.keys.keys) if k in held] if src.keys else []
+    return [key] + went
 
 
 def _unanchored_key_problems(anchors: Path, school: str, key: Any, path: Path) -> list[str]:
@@ -658,8 +672,9 @@ def _recompute_epsilons(row: Row, src: _Source, school: str, items: list[tuple[i
         return
     for line, e in items:
         where = f"{src.path} line {line} (school {school})"
-        if not _check_entry(row, running, e, where, check_epsilon=every_entry or line == last_line,
-                            is_last=line == last_line):
+        # a key recovery's ε is checked against PRV too: it is the one entry signed by a key no earlier entry handed to
+        if not _check_entry(row, running, e, where, is_last=line == last_line,
+                            check_epsilon=every_entry or line == last_line or e["event"] == "key-recovery"):
             break
 
 
@@ -864,8 +879,9 @@ def _retired_keys(sources: Sequence[_Source], results: Sequence[tuple[list[Row],
         for line, t in src.keys.transitions:
             before = {e["hash"] for e in entries[:line - 1]} | {t["prev_hash"]}
             known = retired.setdefault(entries[0]["school_id"], {})
-            key, hashes, where = known.get(t["key_id"], (load_public_key(t["old_public_key"]), set(), ""))
-            known[t["key_id"]] = (key, hashes | before, where or f"{src.path} line {line}")
+            old = t.get("old_key_id", t["key_id"])   # a recovery is signed by the new key and names the lost one
+            key, hashes, where = known.get(old, (load_public_key(t["old_public_key"]), set(), ""))
+            known[old] = (key, hashes | before, where or f"{src.path} line {line}")
     return retired
 
 

@@ -10,6 +10,7 @@ Entry fields (schema 1):
                         key that asked for less privacy than the school's policy; ``steps`` is 0 and
                         ``planned_steps`` holds what it would have trained, 0 if nothing was planned)
                         or ``"key-transition"`` (the school changed its signing key; see below)
+                        or ``"key-recovery"`` (the school lost its signing key; see below)
 ``school_id``           the school (the ledger owner)
 ``dataset_fingerprint`` the random id of the school's accountant history (one per state directory,
                         privacy/accounting.py:school_dataset_id); never a hash of the data
@@ -50,6 +51,17 @@ only: the key in force at the chain's first entry must be one of the verifier's 
 key, or a retired one kept beside it as ``<name>.retired/<key id>.pub``: privacy/signing.py), never a key
 the entries name, and each transition signed by the key in force authorizes the next one.
 
+A key recovery (``fedfer deploy school-key --recover-ledger-key``) is the hand-over for a key that is
+*lost*, which cannot sign a transition. It is signed by the **new** key, has the transition's fields plus
+``old_key_id`` (the lost key, the key in force before it), continues the old chain's last entry (``prev_hash``)
+and repeats its dataset, terms, history and ε (``steps`` 0); its ``run_id`` is ``key-recovery-<new key id>``.
+Because the old key did not sign it, the new key is trusted only when the verifier holds it as an approved
+recovery key (``<name>.recovered/<key id>.pub`` beside its trusted key file: privacy/signing.py), never
+because the entry names it. A recovery whose chain goes on past the entry it continues (a later entry of the
+old chain, or another recovery from the same entry) or whose ε is lower than that entry's is refused; the
+server's anchors catch a recovery from an entry that is not the last one the server verified
+(privacy/anchors.py).
+
 Non-finite ε is written as the string ``"inf"`` (JSON has no infinity). Extra scalar fields are
 allowed and covered by the hash and the signature.
 
@@ -79,14 +91,16 @@ from typing import Any, Iterable, Mapping, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared_models.atomic_files import append_line_atomic, atomic_write_text, locked
-from privacy.signing import (PUBLIC_KEY_FILE, key_id, load_public_key, public_key_pem, retire_public_key,
-                             retired_public_keys, sign_hash, verify_hash_signature)
+from privacy.signing import (PUBLIC_KEY_FILE, key_id, load_public_key, public_key_pem, recovery_public_keys,
+                             retire_public_key, retired_public_keys, sign_hash, verify_hash_signature)
 
 SCHEMA = 1
 GENESIS_HASH = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
 KEY_TRANSITION = "key-transition"
-EVENTS = ("round", "refused", KEY_TRANSITION)
+KEY_RECOVERY = "key-recovery"
+KEY_CHANGES = (KEY_TRANSITION, KEY_RECOVERY)   # entries that hand the chain to a new key; they spend nothing
+EVENTS = ("round", "refused", KEY_TRANSITION, KEY_RECOVERY)
 REFUSAL_REASONS = ("budget-exhausted", "policy-violation")
 PRIVACY_UNITS = ("student", "image", "school")
 
@@ -113,6 +127,7 @@ _COMMON_FIELDS: dict[str, str] = {
 }
 _REFUSAL_FIELDS: dict[str, str] = {"reason": "str", "planned_steps": "int"}
 _TRANSITION_FIELDS: dict[str, str] = {"old_public_key": "str", "new_public_key": "str", "new_key_id": "str"}
+_RECOVERY_FIELDS: dict[str, str] = {**_TRANSITION_FIELDS, "old_key_id": "str"}
 # Set by the ledger, never by the caller of append().
 _LEDGER_SET = ("schema", "run_seq", "key_id", "prev_hash", "hash", "signature")
 
@@ -211,6 +226,8 @@ def check_entry_fields(entry: Any, where: str) -> None:
         spec.update(_REFUSAL_FIELDS)
     elif event == KEY_TRANSITION:
         spec.update(_TRANSITION_FIELDS)
+    elif event == KEY_RECOVERY:
+        spec.update(_RECOVERY_FIELDS)
     for name, kind in spec.items():
         if name not in entry:
             raise LedgerError(f"{where}: field '{name}' missing")
@@ -250,8 +267,8 @@ def check_entry_fields(entry: Any, where: str) -> None:
             raise LedgerError(f"{where}: refusal reason {entry['reason']!r} not one of {REFUSAL_REASONS}")
         if entry["steps"] != 0:
             raise LedgerError(f"{where}: a refused round must have steps 0, has {entry['steps']}")
-    if event == KEY_TRANSITION and entry["steps"] != 0:
-        raise LedgerError(f"{where}: a key transition spends nothing, but has steps {entry['steps']}")
+    if event in KEY_CHANGES and entry["steps"] != 0:
+        raise LedgerError(f"{where}: a {event.replace('-', ' ')} spends nothing, but has steps {entry['steps']}")
 
 
 @dataclass
@@ -267,7 +284,11 @@ class _ChainState:
     written: dict[str, tuple[list[list], dict[tuple[float, float], int]]] = field(default_factory=dict)
     key: Ed25519PublicKey | None = None             # the key in force (None: the key the caller checks with)
     keys: list[str] = field(default_factory=list)  # ids of the keys in force so far, oldest first
-    retired: dict[str, str] = field(default_factory=dict)  # retired key id -> where its transition is
+    retired: dict[str, str] = field(default_factory=dict)  # retired key id -> the transition/recovery that retired it
+    recovery_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)  # approved recovery keys by id
+    seen: dict[str, int] = field(default_factory=dict)     # hash -> line of each entry checked so far
+    last: dict | None = None                        # the entry checked last (what a recovery must repeat)
+    first_line: int = 1                             # line number of the first entry checked
 
 
 @dataclass
@@ -276,11 +297,15 @@ class KeyChain:
 
     keys: list[str]
     current: Ed25519PublicKey
-    transitions: list[tuple[int, dict]]   # (line, entry) of each key transition
+    transitions: list[tuple[int, dict]]   # (line, entry) of each key transition and key recovery, in order
 
     def describe(self) -> list[str]:
-        """One line per transition, as an officer reads it: where, when, old → new key id."""
+        """One line per key change, as an officer reads it: where, when, old → new key id (and for a recovery,
+        the ε it carries on)."""
         return [f"line {line}, {e['timestamp']}: ledger key {e['key_id']} → {e['new_key_id']}"
+                if e["event"] == KEY_TRANSITION else
+                f"line {line}, {e['timestamp']}: ledger key {e['old_key_id']} (lost) → {e['new_key_id']} by key "
+                f"recovery, ε carried {epsilon_value(e['epsilon']):.3f}"
                 for line, e in self.transitions]
 
 
@@ -302,9 +327,10 @@ def chain_start_key(entries: Sequence[Any], trusted: Trusted, where: str = "") -
     current key: the first entry's signature check then says which key signed it)."""
     keys = trusted_keys(trusted)
     first = entries[0] if entries and isinstance(entries[0], dict) else {}
-    named = first.get("key_id")
+    # a chain (a run copy) that begins with a key recovery begins under the lost key the recovery replaces
+    named = first.get("old_key_id") if first.get("event") == KEY_RECOVERY else first.get("key_id")
     start = next((k for k in keys if key_id(k) == named), None)
-    rotated = any(isinstance(e, dict) and e.get("event") == KEY_TRANSITION for e in entries)
+    rotated = any(isinstance(e, dict) and e.get("event") in KEY_CHANGES for e in entries)
     if start is None and isinstance(named, str) and rotated:
         raise LedgerError(f"{where or 'ledger'}: the chain starts under key {named}, which is not a trusted key "
                           f"({', '.join(key_id(k) for k in keys)}): if the school rotated its ledger key from "
@@ -313,11 +339,12 @@ def chain_start_key(entries: Sequence[Any], trusted: Trusted, where: str = "") -
     return start or keys[0]
 
 
-def check_trusted_key(keys: Sequence[str], trusted: Sequence[Ed25519PublicKey], where: str) -> None:
+def check_trusted_key(keys: Sequence[str], trusted: Sequence[Ed25519PublicKey], where: str,
+                      recovery_keys: Sequence[Ed25519PublicKey] = ()) -> None:
     """A chain that reaches a key the verifier does not know must pass through the current trusted key
     (`trusted[0]`: a keyring not yet updated after a rotation). One that leaves a retired key for an unknown
-    key without it forks the school's chain with a retired key."""
-    known = {key_id(k) for k in trusted}
+    key without it forks the school's chain with a retired key. (An approved recovery key is known.)"""
+    known = {key_id(k) for k in [*trusted, *recovery_keys]}
     if all(k in known for k in keys) or key_id(trusted[0]) in keys:
         return
     raise LedgerError(f"{where}: the chain goes {' → '.join(keys)} and never through the current key "
@@ -333,12 +360,18 @@ def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, whe
     key = state.key if state.key is not None else public_key
     if not state.keys:
         state.keys.append(key_id(key))
-    if not verify_hash_signature(key, entry["hash"], entry["signature"]):
+    recovery = entry["event"] == KEY_RECOVERY
+    signer = _recovery_signer(entry, state, where) if recovery else key
+    if not verify_hash_signature(signer, entry["hash"], entry["signature"]):
         raise LedgerError(f"{where}: {_signature_problem(entry, key, state)}")
+    if recovery:
+        _check_recovery_position(entry, state, where)
     if state.last_hash is not None and entry["prev_hash"] != state.last_hash:
         expected = "the genesis hash" if state.last_hash == GENESIS_HASH else f"the previous entry's hash {state.last_hash[:12]}…"
         raise LedgerError(f"{where}: prev_hash {entry['prev_hash'][:12]}… does not match {expected} "
                           f"(a line was deleted, inserted or reordered)")
+    if recovery and state.last is not None:
+        _check_recovery_carries(entry, state.last, where)
     run_id = entry["run_id"]
     expected_seq = state.run_counts.get(run_id, 0)
     if entry["run_seq"] != expected_seq:
@@ -376,16 +409,62 @@ def _check_one(entry: Any, public_key: Ed25519PublicKey, state: _ChainState, whe
     state.histories[fp] = after
     state.run_counts[run_id] = expected_seq + 1
     state.last_hash = entry["hash"]
-    if entry["event"] == KEY_TRANSITION:
-        _follow_transition(entry, key, state, where)
+    state.seen[entry["hash"]] = state.first_line + len(state.seen)
+    state.last = entry
+    if entry["event"] in KEY_CHANGES:
+        _follow_transition(entry, key, state, where, new=signer if recovery else None)
+
+
+def _recovery_signer(entry: dict, state: _ChainState, where: str) -> Ed25519PublicKey:
+    """The key a key recovery must be signed by: its new key, which the verifier must hold as an approved
+    recovery key (never the key the entry carries: anyone can write a public key into an entry)."""
+    approved = state.recovery_keys.get(entry["key_id"])
+    if approved is None or entry["new_key_id"] != entry["key_id"]:
+        held = ", ".join(state.recovery_keys) or "none"
+        raise LedgerError(f"{where}: key recovery by key {entry['key_id']}, which the verifier never approved as a "
+                          f"recovery key of the school (approved: {held}): an admin approves it with `fedfer deploy "
+                          f"rotate NAME --ledger-key NEW.pub --recovered`")
+    return approved
+
+
+def _check_recovery_position(entry: dict, state: _ChainState, where: str) -> None:
+    """A key recovery continues the old chain's LAST entry: one from an earlier entry of a chain that goes on
+    past it (later entries, or another recovery from the same entry) would drop the ε those entries spent.
+    (A run copy that starts with a recovery holds nothing before it: the server's anchor checks it.)"""
+    prev = entry["prev_hash"]
+    if prev != state.last_hash and prev in state.seen:
+        line, last = state.seen[prev], state.first_line + len(state.seen) - 1
+        dropped = last - line
+        raise LedgerError(f"{where}: key recovery continues line {line}, but the chain goes on past it to line {last}: "
+                          f"it would drop {dropped} later {'entry' if dropped == 1 else 'entries'} (a recovery "
+                          f"continues the old chain's last entry; two recoveries from one entry fork the chain)")
+    if state.last is None and state.last_hash == GENESIS_HASH:
+        raise LedgerError(f"{where}: key recovery at the start of a chain: there is no chain for it to continue")
+
+
+def _check_recovery_carries(entry: dict, last: dict, where: str) -> None:
+    """A key recovery repeats the terms and ε of the entry it continues (`last`): never a lower ε."""
+    for name in ("dataset_fingerprint", "privacy_unit", "delta", "accountant"):
+        if entry[name] != last[name]:
+            raise LedgerError(f"{where}: key recovery changes {name} from {last[name]!r} to {entry[name]!r}: it "
+                              f"repeats the entry it continues")
+    for name in ("epsilon", "epsilon_rdp"):
+        carried, before = epsilon_value(entry[name]), epsilon_value(last[name])
+        if carried < before:
+            label = "ε" if name == "epsilon" else "ε (RDP)"
+            raise LedgerError(f"{where}: key recovery carries {label} {carried:.6g}, lower than the {label} "
+                              f"{before:.6g} of the entry it continues: a recovery spends nothing and repeats the "
+                              f"ε so far")
 
 
 def _signature_problem(entry: dict, key: Ed25519PublicKey, state: _ChainState) -> str:
     """Why an entry's signature fails with the key in force, in the officer's terms."""
     named = entry["key_id"]
     if named in state.retired and named != key_id(key):
-        return (f"signed with key {named}, retired by the key transition at {state.retired[named]}; the key in "
+        return (f"signed with key {named}, retired by {state.retired[named]}; the key in "
                 f"force is {key_id(key)}: a retired (perhaps compromised) key cannot extend the chain")
+    if entry["event"] == KEY_RECOVERY:
+        return f"key recovery signature does not verify with its approved recovery key {named}"
     if entry["event"] == KEY_TRANSITION:
         return (f"key transition to {entry['new_key_id']} is not signed by the key in force {key_id(key)} (entry "
                 f"names key {named}): only the holder of the current key can hand the chain to a new one")
@@ -395,31 +474,43 @@ def _signature_problem(entry: dict, key: Ed25519PublicKey, state: _ChainState) -
     return f"signature does not verify with the school's public key {key_id(key)} (entry names key {named}){why}"
 
 
-def _follow_transition(entry: dict, key: Ed25519PublicKey, state: _ChainState, where: str) -> None:
-    """A key transition signed by the key in force: from the next entry on, the new key is in force."""
+def _follow_transition(entry: dict, key: Ed25519PublicKey, state: _ChainState, where: str,
+                       new: Ed25519PublicKey | None = None) -> None:
+    """A key transition signed by the key in force, or a key recovery signed by an approved recovery key `new`:
+    from the next entry on, the new key is in force and the old one is retired."""
+    what = entry["event"].replace("-", " ")
     try:
         old = load_public_key(entry["old_public_key"].encode("ascii", "replace"))
-        new = load_public_key(entry["new_public_key"].encode("ascii", "replace"))
+        named = load_public_key(entry["new_public_key"].encode("ascii", "replace"))
     except ValueError as exc:
-        raise LedgerError(f"{where}: key transition: {exc}") from None
-    if key_id(old) != key_id(key):
+        raise LedgerError(f"{where}: {what}: {exc}") from None
+    if entry["event"] == KEY_RECOVERY:
+        if entry["old_key_id"] != key_id(old) or key_id(old) != key_id(key):
+            raise LedgerError(f"{where}: key recovery names lost key {entry['old_key_id']}, but the key in force is "
+                              f"{key_id(key)}: a recovery replaces only the key in force (the chain's last key)")
+        if new is None or public_key_pem(named) != public_key_pem(new):
+            raise LedgerError(f"{where}: key recovery names new key {key_id(named)}, but is signed by another key")
+    elif key_id(old) != key_id(key):
         raise LedgerError(f"{where}: key transition names old key {key_id(old)}, but the key in force is {key_id(key)}")
+    new = new or named
     if entry["new_key_id"] != key_id(new):
-        raise LedgerError(f"{where}: key transition names key id {entry['new_key_id']}, its new key is {key_id(new)}")
+        raise LedgerError(f"{where}: {what} names key id {entry['new_key_id']}, its new key is {key_id(new)}")
     if key_id(new) in state.keys:
-        raise LedgerError(f"{where}: key transition back to key {key_id(new)}, which this chain already used: "
+        raise LedgerError(f"{where}: {what} back to key {key_id(new)}, which this chain already used: "
                           f"a retired key is never in force again")
-    state.retired[key_id(key)] = where
+    state.retired[key_id(key)] = f"the {what} at {where}"
     state.key = new
     state.keys.append(key_id(new))
 
 
 def verify_entries(entries: Sequence[Any], public_key: Trusted, *, source: str,
-                   school_id: str | None = None, start: str = "genesis", first_line: int = 1) -> KeyChain:
+                   school_id: str | None = None, start: str = "genesis", first_line: int = 1,
+                   recovery_keys: Sequence[Ed25519PublicKey] = ()) -> KeyChain:
     """Check a chain of entries: fields, hashes, signatures (each with the key in force at its line,
     following key transitions), prev_hash links, run_seq and history_before continuity. `public_key`: the
     school's trusted keys (one key, or the current one first and then its retired ones): the first entry
-    must be signed by one of them (:func:`chain_start_key`). Returns the chain's keys. Raises ``LedgerError("<source> line N (school X): …")`` at the first
+    must be signed by one of them (:func:`chain_start_key`). `recovery_keys`: the keys the verifier holds as
+    approved recovery keys (a key recovery is accepted only when signed by one). Returns the chain's keys. Raises ``LedgerError("<source> line N (school X): …")`` at the first
     problem.
 
     ``start="genesis"``: the school's own ledger — the first entry links to ``"0"*64``.
@@ -432,7 +523,8 @@ def verify_entries(entries: Sequence[Any], public_key: Trusted, *, source: str,
     public_key = trusted[0]
     start_key = chain_start_key(entries, trusted, _where(source, first_line, school_id))
     state = _ChainState(last_hash=GENESIS_HASH if start == "genesis" else None, run_counts={}, histories={},
-                        trust_first_history=start == "run", key=start_key)
+                        trust_first_history=start == "run", key=start_key, first_line=first_line,
+                        recovery_keys={key_id(k): k for k in recovery_keys})
     expected_school = school_id
     run_of_copy = None
     transitions: list[tuple[int, dict]] = []
@@ -445,14 +537,14 @@ def verify_entries(entries: Sequence[Any], public_key: Trusted, *, source: str,
         _check_one(entry, public_key, state, lambda s, line=line: _where(source, line, s or expected_school))
         if expected_school is None:
             expected_school = entry["school_id"]
-        if entry["event"] == KEY_TRANSITION:
+        if entry["event"] in KEY_CHANGES:
             transitions.append((line, entry))
         elif start == "run":   # a run copy holds the key transitions the school sent with the run
             run_of_copy = run_of_copy or entry["run_id"]
             if entry["run_id"] != run_of_copy:
                 raise LedgerError(f"{_where(source, line, expected_school)}: entry of run {entry['run_id']!r} in the "
                                   f"copy of run {run_of_copy!r}")
-    check_trusted_key(state.keys, trusted, _where(source, None, expected_school))
+    check_trusted_key(state.keys, trusted, _where(source, None, expected_school), recovery_keys)
     return KeyChain(list(state.keys) or [key_id(start_key)], state.key or start_key, transitions)
 
 
@@ -510,6 +602,11 @@ def _line(entry: Mapping[str, Any]) -> str:
     return json.dumps(entry, ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
 
 
+#: What a key transition or recovery repeats from the entry before it: the lifetime figures run on unchanged.
+_CARRIED_TERMS = ("dataset_fingerprint", "privacy_unit", "sample_rate", "noise_multiplier", "max_grad_norm",
+                  "delta", "accountant", "epsilon", "epsilon_rdp", "budget")
+
+
 class SchoolLedger:
     """The school's authoritative ledger, ``<state_dir>/ledger.jsonl``, chained from genesis.
 
@@ -517,24 +614,33 @@ class SchoolLedger:
     it cannot vouch for.
     """
 
-    def __init__(self, state_dir: Path, school_id: str, signing_key: Ed25519PrivateKey) -> None:
+    def __init__(self, state_dir: Path, school_id: str, signing_key: Ed25519PrivateKey, *,
+                 recovering: Ed25519PublicKey | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.school_id = str(school_id)
         self.signing_key = signing_key
         self.public_key = signing_key.public_key()
         self.path = self.state_dir / LEDGER_FILE
+        self._recovering = recovering   # the lost key the ledger may still end under (:meth:`recover` only)
         self._entries = self._read()
 
     def _trusted(self) -> list[Ed25519PublicKey]:
-        """Its own key, then the public keys it retired (``signing_key.retired/``, kept by :meth:`rotate_key`)."""
+        """Its own key, then the public keys it retired (``signing_key.retired/``, kept by :meth:`rotate_key`
+        and by a key recovery)."""
         return [self.public_key] + retired_public_keys(self.state_dir / PUBLIC_KEY_FILE)
+
+    def _recovery_keys(self) -> list[Ed25519PublicKey]:
+        """The keys this school recovered its ledger to (``signing_key.recovered/``, kept by a key recovery)."""
+        return recovery_public_keys(self.state_dir / PUBLIC_KEY_FILE)
 
     def _read(self) -> list[dict]:
         if not self.path.exists():
             return []
         entries = read_ledger_file(self.path, school_id=self.school_id)
         keys = verify_entries(entries, self._trusted(), source=str(self.path), school_id=self.school_id,
-                              start="genesis")
+                              start="genesis", recovery_keys=self._recovery_keys())
+        if self._recovering is not None and keys.keys[-1] == key_id(self._recovering):
+            return entries   # the lost key's chain, about to be recovered
         if keys.keys[-1] != key_id(self.public_key):   # never sign with a retired key: the audit refuses it
             line, transition = keys.transitions[-1]
             raise LedgerError(f"{self.path} line {line} (school {self.school_id}): the ledger's key is {keys.keys[-1]} "
@@ -611,23 +717,39 @@ class SchoolLedger:
         if not self._entries:
             raise LedgerError(f"{self.path}: no entries: nothing is signed with the current key, so there is no "
                               f"chain to hand over")
-        last = self._entries[-1]
-        fp = last["dataset_fingerprint"]
-        history = self._chain_state().written[fp][0]
-        terms = ("dataset_fingerprint", "privacy_unit", "sample_rate", "noise_multiplier", "max_grad_norm",
-                 "delta", "accountant", "epsilon", "epsilon_rdp", "budget")
-        new_id = key_id(new_key)
         retire_public_key(self.state_dir / PUBLIC_KEY_FILE, self.public_key)   # verifies the chain's start from now on
-        entry = self.append(event=KEY_TRANSITION, run_id=f"{KEY_TRANSITION}-{new_id}", round=0, steps=0,
-                            history_before=history, old_public_key=public_key_pem(self.public_key),
-                            new_public_key=public_key_pem(new_key), new_key_id=new_id,
-                            **{name: last[name] for name in terms})
+        entry = self._append_key_change(KEY_TRANSITION, new_key, old_public_key=public_key_pem(self.public_key))
         self.signing_key, self.public_key = new_key, new_key.public_key()
         return entry
 
+    @classmethod
+    def recover(cls, state_dir: Path, school_id: str, lost_key: Ed25519PublicKey,
+                new_key: Ed25519PrivateKey) -> dict:
+        """Append the key recovery from the lost key (the key the ledger ends under) to `new_key`, signed by
+        `new_key`, which must already be kept as retired and approved beside ``signing_key.pub``
+        (``signing_key.retired/``, ``signing_key.recovered/``): the ledger verifies with them from now on. It
+        repeats the last entry's dataset, terms, history and ε and spends nothing. Returns the entry."""
+        ledger = cls(state_dir, school_id, new_key, recovering=lost_key)
+        if not ledger._entries:
+            raise LedgerError(f"{ledger.path}: no entries: nothing was signed with the lost key, so there is no "
+                              f"chain to recover")
+        return ledger._append_key_change(KEY_RECOVERY, new_key, old_public_key=public_key_pem(lost_key),
+                                         old_key_id=key_id(lost_key))
+
+    def _append_key_change(self, event: str, new_key: Ed25519PrivateKey, **old_key: str) -> dict:
+        """Append a key transition or recovery to `new_key`: it repeats the last entry's dataset, terms, history
+        and ε and spends nothing, so the lifetime figures continue across the keys."""
+        last = self._entries[-1]
+        history = self._chain_state().written[last["dataset_fingerprint"]][0]
+        new_id = key_id(new_key)
+        return self.append(event=event, run_id=f"{event}-{new_id}", round=0, steps=0, history_before=history,
+                           new_public_key=public_key_pem(new_key), new_key_id=new_id, **old_key,
+                           **{name: last[name] for name in _CARRIED_TERMS})
+
     def _chain_state(self) -> _ChainState:
         state = _ChainState(last_hash=GENESIS_HASH, run_counts={}, histories={}, trust_first_history=False,
-                            key=chain_start_key(self._entries, self._trusted(), str(self.path)))
+                            key=chain_start_key(self._entries, self._trusted(), str(self.path)),
+                            recovery_keys={key_id(k): k for k in self._recovery_keys()})
         noop = lambda s: str(self.path)  # noqa: E731 — already verified on read
         for e in self._entries:
             _check_one(e, self.public_key, state, noop)
@@ -680,19 +802,21 @@ class ServerLedgerCopy:
         public_key = load_public_key(public_key)
         # the pinned key, then the ones it replaced in this run (the stored copy may start under one)
         trusted = [public_key] + retired_public_keys(pinned)
+        recovery_keys = {key_id(k): k for k in recovery_public_keys(pinned)}
         source = f"reply from school {school_id}"
         stored_new: list[dict] = []
         with locked(path):
             stored = read_ledger_file(path, school_id=school_id) if path.exists() else []
             chain = list(stored) + [dict(e) for e in entries]
             start = chain_start_key(chain, trusted, _where(source, None, school_id))   # before anything is written
-            state = _ChainState(last_hash=None, run_counts={}, histories={}, trust_first_history=True, key=start)
+            state = _ChainState(last_hash=None, run_counts={}, histories={}, trust_first_history=True, key=start,
+                                recovery_keys=recovery_keys)
             if stored and isinstance(stored[0], dict) and isinstance(stored[0].get("run_seq"), int):
                 state.run_counts[str(stored[0].get("run_id"))] = stored[0]["run_seq"]
             for n, e in enumerate(stored, start=1):
                 _check_one(e, public_key, state, lambda s, n=n: _where(str(path), n, school_id))
             known = {e["hash"] for e in stored}
-            run_of_copy = copy_run_id(stored) if any(e.get("event") != KEY_TRANSITION for e in stored) else None
+            run_of_copy = copy_run_id(stored) if any(e.get("event") not in KEY_CHANGES for e in stored) else None
             for i, entry in enumerate(entries):
                 entry = dict(entry)
                 where_of = lambda s, i=i: _where(source, None, school_id) + f" entry {i + 1}"  # noqa: E731
@@ -700,12 +824,14 @@ class ServerLedgerCopy:
                     continue
                 if entry.get("school_id") != school_id:
                     raise LedgerError(f"{where_of(None)}: entry names school {entry.get('school_id')!r}")
-                transition = entry.get("event") == KEY_TRANSITION
+                transition = entry.get("event") in KEY_CHANGES
                 if run_of_copy is not None and not transition and entry.get("run_id") != run_of_copy:
                     raise LedgerError(f"{where_of(None)}: entry of run {entry.get('run_id')!r}, this copy is run {run_of_copy!r}")
                 if not stored and not stored_new and isinstance(entry.get("run_seq"), int):
                     state.run_counts[str(entry.get("run_id"))] = entry["run_seq"]  # see append_verified
                 _check_one(entry, public_key, state, where_of)
+                if entry["event"] == KEY_RECOVERY and state.last is entry and len(state.seen) == 1:
+                    _check_recovered_epsilon(entry, where_of(None))   # nothing before it here to compare with
                 if key_id(public_key) not in state.keys:   # new entries are under the pinned key or one it handed to
                     raise LedgerError(f"{where_of(None)}: signed by key {state.keys[-1]}, which this run keeps as a "
                                       f"retired key of the school; its pinned key is {key_id(public_key)}: a retired "
@@ -722,13 +848,27 @@ class ServerLedgerCopy:
         return stored_new
 
 
+def _check_recovered_epsilon(entry: Mapping[str, Any], where: str) -> None:
+    """A key recovery the server holds nothing before (the first entry of a run copy): its ε must be what its
+    history gives (within PRV's own error), not less. The anchor has checked the history itself."""
+    from privacy.accounting import epsilon_of
+
+    history = [tuple(h) for h in entry["history_before"]]
+    for name, kind in (("epsilon", entry["accountant"] if entry["accountant"] in ("prv", "rdp") else "prv"),
+                       ("epsilon_rdp", "rdp")):
+        carried, recomputed = epsilon_value(entry[name]), epsilon_of(history, entry["delta"], kind)
+        if carried < recomputed - (0.01 + 0.005 * recomputed):
+            raise LedgerError(f"{where}: key recovery carries ε {carried:.6g}, lower than its history gives "
+                              f"({recomputed:.6g}, {kind}): a recovery repeats the ε so far")
+
+
 def run_entries(entries: Sequence[Mapping[str, Any]], run_id: str) -> list[dict]:
-    """A run's entries from a school's whole chain, each preceded by the key transitions chained just before
-    it (a school rotates its key between runs: the next run's copy starts with the transition)."""
+    """A run's entries from a school's whole chain, each preceded by the key transitions and recoveries chained
+    just before it (a school changes its key between runs: the next run's copy starts with the change)."""
     out: list[dict] = []
     pending: list[dict] = []
     for e in entries:
-        if e["event"] == KEY_TRANSITION:
+        if e["event"] in KEY_CHANGES:
             pending.append(dict(e))
             continue
         if e["run_id"] == run_id:
@@ -738,8 +878,8 @@ def run_entries(entries: Sequence[Mapping[str, Any]], run_id: str) -> list[dict]
 
 
 def copy_run_id(entries: Sequence[Mapping[str, Any]]) -> str:
-    """The run a run copy is of: its first entry that is not a key transition names it."""
-    return next((str(e["run_id"]) for e in entries if e.get("event") != KEY_TRANSITION),
+    """The run a run copy is of: its first entry that is not a key transition or recovery names it."""
+    return next((str(e["run_id"]) for e in entries if e.get("event") not in KEY_CHANGES),
                 str(entries[0]["run_id"]) if entries else "")
 
 

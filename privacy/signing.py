@@ -41,6 +41,12 @@ def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / SIGNING_KEY_FILE
     _replace_empty_unused_key(path)
+    if not path.exists() and _has_ledger(state_dir):
+        # a new key here could not open the ledger (its chain is under the old key), and writing its public half
+        # would overwrite signing_key.pub, the lost key's public half that a key recovery names
+        raise SigningKeyError(f"{path}: missing, but the ledger beside it was signed with it: restore the key from "
+                              f"a backup, or if it is lost run `fedfer deploy school-key --state-dir {state_dir} "
+                              f"--recover-ledger-key`")
     if not path.exists():
         key = Ed25519PrivateKey.generate()
         pem = _private_pem(key)
@@ -95,6 +101,14 @@ def install_new_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     fsync_dir(state_dir)
     _write_public(state_dir / PUBLIC_KEY_FILE, key)
     return key
+
+
+def _has_ledger(state_dir: Path) -> bool:
+    """Whether the school's ledger (privacy/ledger.py LEDGER_FILE) holds anything a key signed."""
+    try:
+        return (state_dir / "ledger.jsonl").stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _replace_empty_unused_key(path: Path) -> None:
@@ -186,6 +200,28 @@ def retired_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
 def trusted_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
     """The key in `public_key_file` (current: first) and the retired keys kept beside it."""
     return [load_public_key(Path(public_key_file))] + retired_public_keys(public_key_file)
+
+
+def recovery_dir(public_key_file: Path) -> Path:
+    """Where the keys an admin approved as *recovery* keys are kept: ``<name>.pub`` -> ``<name>.recovered/``, one
+    ``<key id>.pub`` each. A key recovery (privacy/ledger.py) is signed by the new key alone, for a lost key that
+    cannot sign a hand-over, so a verifier accepts one only from a key listed here: trusting a key as the school's
+    current one (a plain rotation) does not let it take over a chain on its own word."""
+    path = Path(public_key_file)
+    return path.with_name(path.stem + ".recovered")
+
+
+def approve_recovery_key(public_key_file: Path, key: Ed25519PrivateKey | Ed25519PublicKey) -> Path:
+    """Keep `key` (its public half) as an approved recovery key of `public_key_file`; idempotent."""
+    path = recovery_dir(public_key_file) / f"{key_id(key)}.pub"
+    if not path.is_file():
+        atomic_write_bytes(path, public_key_pem(key).encode("ascii"), mode=0o644)
+    return path
+
+
+def recovery_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
+    """The approved recovery keys kept beside `public_key_file` (none if there are none)."""
+    return [load_public_key(p) for p in sorted(recovery_dir(public_key_file).glob("*.pub"))]
 
 
 def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:

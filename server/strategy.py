@@ -272,8 +272,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
 
     def _pin_key(self, node: NodeInfo) -> str:
         """Trust the school's ledger key from the keyring (deployment) or on first contact (simulation)."""
-        from privacy.signing import (SigningKeyError, load_public_key, public_key_pem, retire_public_key,
-                                     trusted_public_keys)
+        from privacy.signing import (SigningKeyError, approve_recovery_key, load_public_key, public_key_pem,
+                                     recovery_public_keys, retire_public_key, trusted_public_keys)
 
         key_file = self.run.key_path(node.school_id)
         keyring = str(self.cfg["privacy.keyring"])
@@ -295,6 +295,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         if keyring:   # the keys the school retired (`fedfer deploy rotate` keeps them): its copy may start under one
             for old in trusted_public_keys(trusted)[1:]:
                 retire_public_key(key_file, old)
+            for recovered in recovery_public_keys(trusted):   # approved by `rotate --recovered`: a key recovery
+                approve_recovery_key(key_file, recovered)    # signed by one continues the school's chain
         key_file.parent.mkdir(parents=True, exist_ok=True)
         key_file.write_text(expected, encoding="utf-8")
         return ""

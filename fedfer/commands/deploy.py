@@ -4,10 +4,11 @@
     fedfer deploy init --coordinator fl.district.example [--san 10.0.0.5 …] [--dir deploy]
     fedfer deploy school-key --state-dir /srv/fedfer/lincoln-state      # at the school: its own keys
     fedfer deploy school-key --state-dir DIR --new-ledger-key            # at the school: hand its ledger to a new key
+    fedfer deploy school-key --state-dir DIR --recover-ledger-key        # at the school: its ledger key is LOST
     fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln \
         [--ledger-key signing_key.pub --node-key supernode.pub --state-dir /srv/fedfer/lincoln-state]
     fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
-    fedfer deploy status | register NAME | revoke NAME | rotate NAME [--ledger-key PUB] | renew-cert | up
+    fedfer deploy status | register NAME | revoke NAME | rotate NAME [--ledger-key PUB [--recovered]] | renew-cert | up
     fedfer deploy set-budget NAME EPSILON                                # a school raised (or lowered) its budget
     fedfer deploy scripts                                                # start scripts written again after an upgrade
 
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from server.deploy.commands import (INSECURE_WARNING, DeployError, add_node, default_flwr_home, deployment_status,
-                                    init_deployment, make_school_keys, register_pending, renew_certificate, revoke_node,
-                                    rewrite_start_scripts, rotate_ledger_key, rotate_node, rotate_school_ledger_key,
-                                    set_school_budget)
+                                    init_deployment, make_school_keys, recover_school_ledger_key, register_pending,
+                                    renew_certificate, revoke_node, rewrite_start_scripts, rotate_ledger_key,
+                                    rotate_node, rotate_school_ledger_key, set_school_budget)
 
 
 # ------------------------------------------------------------------------------------ argparse
@@ -90,6 +91,10 @@ def _cmd_add_school(args: argparse.Namespace) -> int:
 def _cmd_school_key(args: argparse.Namespace) -> int:
     if args.new_ledger_key:
         return _new_ledger_key(Path(args.state_dir))
+    if args.recover_ledger_key:
+        return _recover_ledger_key(Path(args.state_dir), Path(args.lost_key) if args.lost_key else None)
+    if args.lost_key:
+        raise DeployError("--lost-key goes with --recover-ledger-key")
     keys = make_school_keys(Path(args.state_dir), new_node_key=args.new_node_key)
     state = Path(args.state_dir).expanduser().absolute()
     print(f"ledger signing key  {state / 'signing_key.pem'} (0600, stays here; key id {keys.ledger_key_id})")
@@ -123,6 +128,20 @@ def _new_ledger_key(state_dir: Path) -> int:
     print(f"  fedfer deploy rotate NAME --ledger-key {rot.public.name}")
     print("  a running node signs with the new key from its next round (the retired key can sign nothing more); "
           "the server refuses the school until the coordinator has it")
+    return 0
+
+
+def _recover_ledger_key(state_dir: Path, lost_key: Path | None) -> int:
+    rec = recover_school_ledger_key(state_dir, lost_key)
+    state = state_dir.expanduser().absolute()
+    print(f"ledger signing key  {state / 'signing_key.pem'} (0600, stays here): new key {rec.new_key_id}, replacing the "
+          f"lost key {rec.lost_key_id} (its public half is kept in {state / 'signing_key.retired'}: the ledger starts "
+          f"under it)")
+    print(f"  {state / 'ledger.jsonl'} line {rec.recovery_line}: key recovery {rec.lost_key_id} (lost) → "
+          f"{rec.new_key_id}, signed by the new key; it carries ε {rec.epsilon:.3f} on, so the lifetime budget runs on")
+    print(f"  send {rec.public} to the coordinator, who checks it is this school's and runs:")
+    print("  fedfer deploy rotate NAME --ledger-key signing_key.pub --recovered")
+    print("  until then the server refuses the school; it accepts the recovery from its next run")
     return 0
 
 
@@ -166,8 +185,10 @@ def _cmd_set_budget(args: argparse.Namespace) -> int:
 
 
 def _cmd_rotate(args: argparse.Namespace) -> int:
+    if args.recovered and not args.ledger_key:
+        raise DeployError("--recovered goes with --ledger-key (the school's new ledger key after a lost one)")
     if args.ledger_key:   # the ledger key only; the SuperNode key is rotated on its own (--node-key)
-        print(rotate_ledger_key(Path(args.dir), args.name, Path(args.ledger_key)))
+        print(rotate_ledger_key(Path(args.dir), args.name, Path(args.ledger_key), recovered=args.recovered))
         return 0
     print(rotate_node(Path(args.dir), args.name, _home(args), Path(args.node_key) if args.node_key else None))
     return 0
@@ -304,6 +325,13 @@ def _add_node_steps(dsub: argparse._SubParsersAction) -> None:
                        help="replace the ledger signing key (lost, compromised or retired): the ledger records a key "
                             "transition signed by the old key, so its lifetime ε goes on; then the coordinator runs "
                             "`fedfer deploy rotate NAME --ledger-key signing_key.pub`")
+    which.add_argument("--recover-ledger-key", action="store_true",
+                       help="the ledger signing key is LOST (signing_key.pem gone): a new key continues the ledger "
+                            "by a key recovery it signs, so its lifetime ε goes on; then the coordinator runs "
+                            "`fedfer deploy rotate NAME --ledger-key signing_key.pub --recovered`")
+    p.add_argument("--lost-key", default=None, metavar="PUB",
+                   help="with --recover-ledger-key: the lost key's public half (default: signing_key.pub in "
+                        "--state-dir; else the coordinator's keys/NAME.pub)")
     p.set_defaults(func=_wrap(_cmd_school_key))
 
     p = dsub.add_parser("evaluator", help="the evaluation node (public benchmarks)")
@@ -337,6 +365,9 @@ def _add_maintenance_steps(dsub: argparse._SubParsersAction) -> None:
             keys.add_argument("--ledger-key", default=None, metavar="SIGNING_KEY_PUB",
                               help="the school's new ledger key (`fedfer deploy school-key --new-ledger-key`): "
                                    "replaces keys/NAME.pub; the SuperNode key is left as it is")
+            p.add_argument("--recovered", action="store_true",
+                           help="with --ledger-key: the school LOST its old key (`school-key --recover-ledger-key`): "
+                                "approve the new key as its recovery key, which the server and the audit require")
         _common(p)
         p.set_defaults(func=_wrap(handler))
 

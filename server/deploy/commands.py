@@ -523,11 +523,79 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
     return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, key_id(old), key_id(new), line)
 
 
-def rotate_ledger_key(root: Path, name: str, ledger_key: Path) -> str:
+@dataclass(frozen=True)
+class LedgerKeyRecovery:
+    """What `fedfer deploy school-key --recover-ledger-key` did at the school."""
+
+    public: Path             # signing_key.pub, the new key's public half: the coordinator approves it
+    lost_key_id: str
+    new_key_id: str
+    recovery_line: int       # the ledger line of the key recovery
+    epsilon: float           # the ε it carries on
+
+
+def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) -> LedgerKeyRecovery:
+    """At the school whose ledger key is LOST: a new key continues its ledger by a key recovery the new key signs
+    (the lost key cannot sign a transition), so the lifetime ε and the budget guard run on. Refused while the
+    key is at hand (then rotation is the tool). `lost_public`: the lost key's public half (default the state
+    folder's signing_key.pub). Order: every check first (bad input changes nothing), then the new key is staged,
+    the lost key kept as retired and the new one as approved (the ledger verifies with them), the recovery
+    appended and the new key installed. A crash at any point is finished by running it again."""
+    from privacy.ledger import LEDGER_FILE, LedgerError, SchoolLedger, read_ledger_file, verify_entries
+    from privacy.signing import (NEW_SIGNING_KEY_FILE, PUBLIC_KEY_FILE, SIGNING_KEY_FILE, SigningKeyError,
+                                 approve_recovery_key, install_new_signing_key, key_id, load_or_create_signing_key,
+                                 load_public_key, recovery_public_keys, retire_public_key, retired_public_keys,
+                                 stage_new_signing_key)
+
+    state_dir = Path(state_dir).expanduser()
+    public_file = state_dir / PUBLIC_KEY_FILE
+    key_file, ledger_path = state_dir / SIGNING_KEY_FILE, state_dir / LEDGER_FILE
+    try:
+        if key_file.exists():
+            load_or_create_signing_key(state_dir)   # raises if it is unreadable: say so rather than guess
+            raise DeployError(f"--state-dir {state_dir}: {key_file} is there and readable, so the key is not lost: "
+                              f"hand the ledger to a new key with `fedfer deploy school-key --state-dir {state_dir} "
+                              f"--new-ledger-key`")
+        if not ledger_path.is_file() or ledger_path.stat().st_size == 0:
+            raise DeployError(f"--state-dir {state_dir}: no {LEDGER_FILE}, so no chain to continue (seeding one from "
+                              f"the coordinator's run copies is not supported; a school that never trained makes a "
+                              f"new key with `fedfer deploy school-key --state-dir {state_dir}`)")
+        lost_file = Path(lost_public).expanduser() if lost_public else public_file
+        if not lost_file.is_file():
+            raise DeployError(f"--state-dir {state_dir}: no {lost_file.name}, the lost key's public half: give it with "
+                              f"--lost-key PATH (the coordinator's keys/NAME.pub holds it)")
+        lost = load_public_key(lost_file)
+        entries = read_ledger_file(ledger_path)
+        # the school's own ledger, checked as it stands: under the lost key, or already recovered to the staged key
+        keys = verify_entries(entries, [lost] + retired_public_keys(public_file), source=str(ledger_path),
+                              recovery_keys=recovery_public_keys(public_file))
+        staged = state_dir / NEW_SIGNING_KEY_FILE
+        staged_id = key_id(stage_new_signing_key(state_dir)) if staged.exists() else None
+        if keys.keys[-1] not in (key_id(lost), staged_id):
+            raise DeployError(f"{ledger_path}: its chain ends under key {keys.keys[-1]}, not under the lost key "
+                              f"{key_id(lost)} from {lost_file}: give the lost key's public half with --lost-key PATH")
+        new = stage_new_signing_key(state_dir)
+        if keys.keys[-1] == key_id(lost):   # not already recovered by an interrupted run
+            retire_public_key(public_file, lost)   # the chain starts under it (or under a key it retired)
+            approve_recovery_key(public_file, new)
+            SchoolLedger.recover(state_dir, str(entries[0]["school_id"]), lost, new)
+        install_new_signing_key(state_dir)
+        entries = read_ledger_file(ledger_path)
+    except (LedgerError, SigningKeyError) as exc:
+        raise DeployError(" ".join(str(exc).split())) from None
+    line, recovery = next((n, e) for n, e in reversed(list(enumerate(entries, start=1)))
+                          if e["event"] == "key-recovery")
+    return LedgerKeyRecovery(public_file, key_id(lost), key_id(new), line,
+                             float("inf") if recovery["epsilon"] == "inf" else float(recovery["epsilon"]))
+
+
+def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: bool = False) -> str:
     """At the coordinator: the keyring (`keys/<school>.pub`) gets the school's new ledger key, and the one it
     replaces is kept as a retired key (`keys/<school>.retired/<key id>.pub`): the school's chain starts under
-    it, and a verifier trusts only the start keys it holds (never one the ledger names)."""
-    from privacy.signing import key_id, load_public_key, retire_public_key
+    it, and a verifier trusts only the start keys it holds (never one the ledger names). `recovered`: the school
+    LOST the replaced key (`school-key --recover-ledger-key`); the admin approves the new key as its recovery
+    key (`keys/<school>.recovered/<key id>.pub`), without which no verifier accepts its key recovery."""
+    from privacy.signing import approve_recovery_key, key_id, load_public_key, retire_public_key
     from server.deploy import credentials as cred
     from server.deploy.layout import Deployment
 
@@ -541,9 +609,18 @@ def rotate_ledger_key(root: Path, name: str, ledger_key: Path) -> str:
     if old == key_id(load_public_key(pem)):
         raise DeployError(f"school {name}: --ledger-key {ledger_key} is already its ledger key ({old}) in {path}: "
                           f"send the signing_key.pub that `fedfer deploy school-key --new-ledger-key` printed")
+    if recovered and not path.is_file():
+        raise DeployError(f"school {name}: --recovered: {path} holds no ledger key, so there is no chain to recover")
     if path.is_file():
         retired = retire_public_key(path, load_public_key(path))
+    if recovered:   # approved before the key is current: a crash in between leaves the old keyring working
+        approved = approve_recovery_key(path, load_public_key(pem))
     cred.write_public(path, pem.encode())
+    if recovered:
+        return (f"{name}: ledger key {old} (lost) → {key_id(load_public_key(pem))} in {path}, approved as its "
+                f"recovery key in {approved.parent}; the lost key is kept in {retired.parent}. The server accepts the "
+                f"school's key recovery from its next run if it continues the last entry the server verified; "
+                f"`fedfer privacy audit --keys {dep.keyring}` follows it")
     kept = f"; the retired key is kept in {retired.parent}" if old != "none" else ""
     return (f"{name}: ledger key {old} → {key_id(load_public_key(pem))} in {path}{kept}. The server accepts the "
             f"school's key transition with its next reply; `fedfer privacy audit --keys {dep.keyring}` follows it")

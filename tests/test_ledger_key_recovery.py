@@ -1,0 +1,475 @@
+"""A school that LOSES its ledger signing key carries its lifetime ε on under a new key (key recovery).
+
+Nothing can sign a key transition for a lost key, so the new key signs a `key-recovery` entry itself: it names
+the lost key, continues the old chain from its last entry (prev_hash) and repeats that entry's history and ε.
+The soundness rule: a recovery never lowers the ε anyone counts. The new key is trusted only because an admin
+approved it as a recovery key (`fedfer deploy rotate NAME --ledger-key NEW.pub --recovered` keeps it in the
+keyring's `<school>.recovered/`; the school's own ledger trusts the key it made), never because the chain says
+so; the old chain must verify under a trusted (retired) key up to the entry the recovery continues; evidence of
+later old-chain entries (the chain going on past that entry, the server's anchors, its run copies) is a finding.
+
+The forgery tests (a)-(e) each check verify_entries/the school's ledger loader, the server's copy and the audit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedfer.cli import main as fedfer_main
+from privacy.accounting import epsilon_of
+from privacy.ledger import (KEY_RECOVERY, KEY_TRANSITION, LedgerError, SchoolLedger, ServerLedgerCopy, entry_hash,
+                            read_ledger_file, verify_entries)
+from privacy.signing import (SigningKeyError, approve_recovery_key, key_id, load_or_create_signing_key,
+                             load_public_key, public_key_pem, retire_public_key, sign_hash)
+from server.deploy.commands import DeployError, recover_school_ledger_key, rotate_school_ledger_key
+from server.strategy import RejectedUpdate
+from test_ledger_trust import DELTA, Q, SIGMA, STEPS, School, Server, _audit
+
+
+def _lose_key(school: School) -> Ed25519PrivateKey:
+    """The disk lost signing_key.pem; its public half signing_key.pub is still there. Returns the lost key."""
+    lost = school.key
+    (school.state / "signing_key.pem").unlink()
+    return lost
+
+
+def _recover(school: School) -> dict:
+    """`fedfer deploy school-key --recover-ledger-key` at the school; returns the recovery entry."""
+    recover_school_ledger_key(school.state)
+    school.key = load_or_create_signing_key(school.state)
+    return read_ledger_file(school.state / "ledger.jsonl")[-1]
+
+
+def _approved_keyring(root: Path, school: School, lost, *recovery_keys) -> Path:
+    """The keyring after `fedfer deploy rotate NAME --ledger-key NEW.pub --recovered`: the new key current, the
+    lost one retired, the new one approved as a recovery key."""
+    keys = root / "deploy" / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    (keys / f"{school.name}.pub").write_text(public_key_pem(school.key))
+    retire_public_key(keys / f"{school.name}.pub", lost)
+    for key in recovery_keys or (school.key,):
+        approve_recovery_key(keys / f"{school.name}.pub", key)
+    return keys
+
+
+def _approve_in_run(server: Server, school: School, lost, *recovery_keys) -> None:
+    """What the server's key pinning copies from an approved keyring into the run's keys/."""
+    pinned = server.run.key_path(school.name)
+    pinned.write_text(public_key_pem(school.key))
+    retire_public_key(pinned, lost)
+    for key in recovery_keys or (school.key,):
+        approve_recovery_key(pinned, key)
+
+
+def _train(server: Server, school: School, rounds: range) -> None:
+    for rnd in rounds:
+        server.receive(school, rnd, school.train(server.run.run_id, rnd))
+
+
+def _forged_recovery(prefix: list[dict], lost, new: Ed25519PrivateKey, **change) -> dict:
+    """A key-recovery entry continuing `prefix` (its last entry), signed by `new`, with `change` applied."""
+    last = prefix[-1]
+    spent = sum(h[2] for h in last["history_before"]) + (last["steps"] if last["event"] == "round" else 0)
+    entry = {k: v for k, v in last.items() if k not in ("old_public_key", "old_key_id", "new_public_key",
+                                                         "new_key_id", "reason", "planned_steps")}
+    entry.update(event=KEY_RECOVERY, steps=0, prev_hash=last["hash"], key_id=key_id(new), round=0, run_seq=0,
+                 run_id=f"{KEY_RECOVERY}-{key_id(new)}", history_before=[[SIGMA, Q, spent]],
+                 old_public_key=public_key_pem(lost), old_key_id=key_id(lost), new_public_key=public_key_pem(new),
+                 new_key_id=key_id(new))
+    entry.update(change)
+    entry["hash"] = entry_hash(entry)
+    entry["signature"] = sign_hash(new, entry["hash"])
+    return entry
+
+
+def _write(path: Path, entries: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return path
+
+
+def _recovered_federation(root: Path) -> tuple[School, Server, Server, Ed25519PrivateKey]:
+    """school-a trains 2 rounds of run-1 under K0, loses K0, recovers to K1, trains 2 rounds of run-2."""
+    school = School(root, "school-a")
+    first = Server(root, "run-1", [school])
+    _train(first, school, range(1, 3))
+    lost = _lose_key(school)
+    _recover(school)
+    second = Server(root, "run-2", [school])
+    _approve_in_run(second, school, lost)
+    _train(second, school, range(1, 3))
+    return school, first, second, lost
+
+
+# ----------------------------------------------------------------------------------- the lifetime ε carries on
+def test_recovery_carries_the_lifetime_epsilon_on_under_the_new_key(tmp_path):
+    school = School(tmp_path, "school-a")
+    for rnd in (1, 2):
+        school.train("run-1", rnd)
+    before = read_ledger_file(school.state / "ledger.jsonl")[-1]
+    lost = _lose_key(school)
+    recovery = _recover(school)
+    assert recovery["event"] == KEY_RECOVERY and recovery["steps"] == 0 and recovery["prev_hash"] == before["hash"]
+    assert recovery["key_id"] == recovery["new_key_id"] == key_id(school.key) != key_id(lost)
+    assert recovery["old_key_id"] == key_id(lost) and recovery["old_public_key"] == public_key_pem(lost)
+    assert recovery["epsilon"] == before["epsilon"] and recovery["history_before"] == [[SIGMA, Q, 2 * STEPS]]
+    after = school.train("run-2", 1)   # the run's entries start with the recovery
+    assert [e["event"] for e in after] == [KEY_RECOVERY, "round"] and after[-1]["key_id"] == key_id(school.key)
+    assert after[-1]["epsilon"] == pytest.approx(epsilon_of([(SIGMA, Q, 3 * STEPS)], DELTA, "prv"))
+    # the school keeps the lost key's public half as retired (its chain starts under it) and its own approval
+    assert (school.state / "signing_key.retired" / f"{key_id(lost)}.pub").read_text() == public_key_pem(lost)
+    assert (school.state / "signing_key.recovered" / f"{key_id(school.key)}.pub").is_file()
+
+
+def test_recovered_chain_passes_the_server_and_the_audit_which_names_the_recovery(tmp_path, capsys):
+    school, first, second, lost = _recovered_federation(tmp_path)
+    copy = read_ledger_file(ServerLedgerCopy.path(second.run.path, "school-a"))
+    assert [e["event"] for e in copy] == [KEY_RECOVERY, "round", "round"]
+    anchors = json.loads((tmp_path / "runs" / "anchors" / "school-a.json").read_text())
+    (kid, chain), = anchors["chains"].items()   # one chain, moved to the new key
+    assert kid == key_id(school.key) and chain["retired"] == [key_id(lost)] and chain["count"] == 5
+    keys = _approved_keyring(tmp_path, school, lost)
+    code, out = _audit(capsys, first.run.path, second.run.path, school.state / "ledger.jsonl", "--keys", keys,
+                       "--budget", "50", "--json")
+    report = json.loads(out)
+    assert code == 0, out
+    assert report["lifetime"][0]["steps"] == 4 * STEPS
+    assert report["lifetime"][0]["epsilon"] == pytest.approx(epsilon_of([(SIGMA, Q, 4 * STEPS)], DELTA, "prv"), abs=0.02)
+    notes = [t for row in report["schools"] for t in row["key_transitions"]]
+    assert any(f"ledger key {key_id(lost)} (lost) → {key_id(school.key)} by key recovery" in t and "line 3" in t
+               and "ε carried" in t for t in notes), notes
+
+
+def test_a_plain_rotation_keyring_does_not_approve_a_recovery(tmp_path, capsys):
+    """The keyring trusts the new key (current) but the admin never approved it as a recovery key: a recovery
+    is a hand-over the old key did not sign, so it needs the explicit approval."""
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    lost = _lose_key(school)
+    _recover(school)
+    keys = _approved_keyring(tmp_path, school, lost)
+    shutil.rmtree(keys / "school-a.recovered")
+    code, out = _audit(capsys, school.state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and f"key recovery by key {key_id(school.key)}, which the verifier never approved" in out, out
+    assert "--recovered" in out
+
+
+# ----------------------------------------------------------------------------------- (a) an early entry of a longer chain
+def _early_recovery(root: Path) -> tuple[School, list[dict], Server, Ed25519PrivateKey]:
+    """school-a trains 3 rounds (the server anchors them), loses its key AND restores an old ledger backup of 1
+    entry, then recovers from it: the recovery continues entry 1 of a 3-entry chain."""
+    school = School(root, "school-a")
+    server = Server(root, "run-1", [school])
+    _train(server, school, range(1, 2))
+    backup = root / "backup"
+    shutil.copytree(school.state, backup)   # the ledger and accountant after round 1
+    _train(server, school, range(2, 4))
+    full = read_ledger_file(school.state / "ledger.jsonl")
+    shutil.rmtree(school.state)
+    shutil.copytree(backup, school.state)
+    lost = _lose_key(school)
+    _recover(school)
+    return school, full, server, lost
+
+
+def test_a_early_pointer_is_refused_by_verify_entries(tmp_path):
+    school, full, _, lost = _early_recovery(tmp_path)
+    recovery = read_ledger_file(school.state / "ledger.jsonl")[-1]
+    with pytest.raises(LedgerError, match="line 4 .*key recovery continues line 1, but the chain goes on past it "
+                                          "to line 3: it would drop 2 later entries"):
+        verify_entries(full + [recovery], [school.key.public_key(), lost.public_key()], source="ledger",
+                       recovery_keys=[school.key.public_key()])
+
+
+def test_a_early_pointer_is_refused_by_the_server(tmp_path):
+    school, _, _, lost = _early_recovery(tmp_path)
+    server = Server(tmp_path, "run-2", [school])
+    _approve_in_run(server, school, lost)
+    with pytest.raises(RejectedUpdate, match="truncated-tail"):
+        server.receive(school, 1, school.train(server.run.run_id, 1))
+    assert [e["problem"] for e in server.events()] == ["truncated-tail"]
+
+
+def test_a_early_pointer_is_refused_by_the_audit(tmp_path, capsys):
+    school, _, first, lost = _early_recovery(tmp_path)
+    keys = _approved_keyring(tmp_path, school, lost)
+    code, out = _audit(capsys, first.run.path, school.state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and "key recovery at line 2 continues anchored entry 1 of 3" in out \
+        and "truncated the old chain" in out, out
+
+
+# ----------------------------------------------------------------------------------- (b) a lower ε
+def _lower_epsilon(root: Path) -> tuple[School, list[dict], Ed25519PrivateKey, Ed25519PrivateKey]:
+    school = School(root, "school-a")
+    for rnd in (1, 2):
+        school.train("run-1", rnd)
+    chain = read_ledger_file(school.state / "ledger.jsonl")
+    lost = school.key
+    new = Ed25519PrivateKey.generate()
+    recovery = _forged_recovery(chain, lost, new, epsilon=chain[-1]["epsilon"] / 2)
+    return school, chain + [recovery], lost, new
+
+
+def test_b_lower_epsilon_is_refused_by_verify_entries_and_the_schools_ledger(tmp_path):
+    school, entries, lost, new = _lower_epsilon(tmp_path)
+    with pytest.raises(LedgerError, match="line 3 .*key recovery carries ε .* lower than the ε .* of the entry it "
+                                          "continues"):
+        verify_entries(entries, [new.public_key(), lost.public_key()], source="ledger",
+                       recovery_keys=[new.public_key()])
+    _write(school.state / "ledger.jsonl", entries)
+    retire_public_key(school.state / "signing_key.pub", lost)
+    approve_recovery_key(school.state / "signing_key.pub", new)
+    with pytest.raises(LedgerError, match="lower than the ε"):
+        SchoolLedger(school.state, school.name, new)
+
+
+def test_b_lower_epsilon_is_refused_by_the_server_and_the_audit(tmp_path, capsys):
+    school = School(tmp_path, "school-a")
+    first = Server(tmp_path, "run-1", [school])
+    _train(first, school, range(1, 3))
+    chain = read_ledger_file(school.state / "ledger.jsonl")
+    lost = school.key
+    school.key = Ed25519PrivateKey.generate()
+    recovery = _forged_recovery(chain, lost, school.key, epsilon=chain[-1]["epsilon"] / 2)
+    second = Server(tmp_path, "run-2", [school])
+    _approve_in_run(second, school, lost)
+    pinned = second.run.key_path("school-a")
+    with pytest.raises(LedgerError, match="key recovery carries ε .* lower than its history gives"):
+        ServerLedgerCopy.sync_verified(second.run.path, "school-a", [recovery], pinned)
+    assert not ServerLedgerCopy.path(second.run.path, "school-a").exists()
+    keys = _approved_keyring(tmp_path, school, lost)
+    _write(tmp_path / "handed-in" / "ledger.jsonl", chain + [recovery])
+    code, out = _audit(capsys, tmp_path / "handed-in" / "ledger.jsonl", first.run.path, "--keys", keys)
+    assert code == 2 and "lower than the ε" in out, out
+
+
+# ----------------------------------------------------------------------------------- (c) a key the verifier never trusted
+def test_c_untrusted_recovery_key_is_refused_everywhere(tmp_path, capsys):
+    school = School(tmp_path, "school-a")
+    first = Server(tmp_path, "run-1", [school])
+    _train(first, school, range(1, 3))
+    chain = read_ledger_file(school.state / "ledger.jsonl")
+    lost = school.key
+    approved = Ed25519PrivateKey.generate()   # the key the admin approved
+    thief = Ed25519PrivateKey.generate()      # a key nobody approved
+    recovery = _forged_recovery(chain, lost, thief)
+    with pytest.raises(LedgerError, match=f"line 3 .*key recovery by key {key_id(thief)}, which the verifier never "
+                                          f"approved"):
+        verify_entries(chain + [recovery], [approved.public_key(), lost.public_key()], source="ledger",
+                       recovery_keys=[approved.public_key()])
+    school.key = approved
+    second = Server(tmp_path, "run-2", [school])
+    _approve_in_run(second, school, lost)
+    with pytest.raises(LedgerError, match="never approved"):
+        ServerLedgerCopy.sync_verified(second.run.path, "school-a", [recovery], second.run.key_path("school-a"))
+    assert not ServerLedgerCopy.path(second.run.path, "school-a").exists()
+    keys = _approved_keyring(tmp_path, school, lost)
+    _write(tmp_path / "handed-in" / "ledger.jsonl", chain + [recovery])
+    code, out = _audit(capsys, tmp_path / "handed-in" / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and "never approved" in out, out
+
+
+# ----------------------------------------------------------------------------------- (d) a recovery in the middle of a chain
+def test_d_lost_key_signing_after_the_recovery_is_refused_everywhere(tmp_path, capsys):
+    """The 'lost' key turns up again (or a thief has it): it cannot extend the chain after the recovery."""
+    school, first, second, lost = _recovered_federation(tmp_path)
+    entries = read_ledger_file(school.state / "ledger.jsonl")
+    last = entries[-1]
+    late = {**last, "key_id": key_id(lost), "prev_hash": last["hash"], "round": 3, "run_seq": 2,
+            "history_before": [[SIGMA, Q, 4 * STEPS]],
+            "epsilon": epsilon_of([(SIGMA, Q, 5 * STEPS)], DELTA, "prv"),
+            "epsilon_rdp": epsilon_of([(SIGMA, Q, 5 * STEPS)], DELTA, "rdp")}
+    late["hash"] = entry_hash(late)
+    late["signature"] = sign_hash(lost, late["hash"])
+    with pytest.raises(LedgerError, match=f"line 6 .*signed with key {key_id(lost)}, retired by the key recovery"):
+        verify_entries(entries + [late], [school.key.public_key(), lost.public_key()], source="ledger",
+                       recovery_keys=[school.key.public_key()])
+    with pytest.raises(RejectedUpdate, match="does not verify"):
+        second.receive(school, 3, read_ledger_file(ServerLedgerCopy.path(second.run.path, "school-a")) + [late])
+    _write(school.state / "ledger.jsonl", entries + [late])
+    code, out = _audit(capsys, school.state / "ledger.jsonl", "--keys", _approved_keyring(tmp_path, school, lost))
+    assert code == 2 and "retired by the key recovery" in out, out
+
+
+def test_d_recovery_from_a_key_already_handed_over_is_refused_everywhere(tmp_path, capsys):
+    """K0 → K1 by a proper transition; a recovery then names K0 as lost: a fork from the middle of the chain."""
+    school = School(tmp_path, "school-a")
+    _train(Server(tmp_path, "run-1", [school]), school, range(1, 2))
+    k0 = school.key
+    rotate_school_ledger_key(school.state)
+    k1 = school.key = load_or_create_signing_key(school.state)
+    second = Server(tmp_path, "run-2", [school])
+    retire_public_key(second.run.key_path("school-a"), k0)
+    _train(second, school, range(1, 2))
+    chain = read_ledger_file(school.state / "ledger.jsonl")   # round, transition, round
+    k2 = Ed25519PrivateKey.generate()
+    recovery = _forged_recovery(chain, k0, k2)
+    trusted = [k2.public_key(), k1.public_key(), k0.public_key()]
+    with pytest.raises(LedgerError, match=f"line 4 .*key recovery names lost key {key_id(k0)}, but the key in "
+                                          f"force is {key_id(k1)}"):
+        verify_entries(chain + [recovery], trusted, source="ledger", recovery_keys=[k2.public_key()])
+    approve_recovery_key(second.run.key_path("school-a"), k2)   # even a run that approved k2
+    with pytest.raises(LedgerError, match="key in force"):
+        ServerLedgerCopy.sync_verified(second.run.path, "school-a", [recovery], second.run.key_path("school-a"))
+    school.key = k2
+    keys = _approved_keyring(tmp_path, school, k0)
+    retire_public_key(keys / "school-a.pub", k1)
+    _write(tmp_path / "handed-in" / "ledger.jsonl", chain + [recovery])
+    code, out = _audit(capsys, tmp_path / "handed-in" / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and "key in force" in out, out
+
+
+# ----------------------------------------------------------------------------------- (e) two recoveries race
+def _racing_recoveries(root: Path) -> tuple[School, School, Server, Ed25519PrivateKey]:
+    """Two copies of the school's state (say two admins each restored a backup) each recover from the same last
+    entry, to two different keys."""
+    school = School(root, "school-a")
+    server = Server(root, "run-1", [school])
+    _train(server, school, range(1, 3))
+    lost = _lose_key(school)
+    twin = School.__new__(School)
+    twin.name, twin.state = school.name, root / "twin" / school.name
+    shutil.copytree(school.state, twin.state)
+    _recover(school)
+    _recover(twin)
+    return school, twin, server, lost
+
+
+def test_e_racing_recoveries_are_refused_by_verify_entries(tmp_path):
+    school, twin, _, lost = _racing_recoveries(tmp_path)
+    one = read_ledger_file(school.state / "ledger.jsonl")
+    other = read_ledger_file(twin.state / "ledger.jsonl")[-1]
+    with pytest.raises(LedgerError, match="line 4 .*key recovery continues line 2, but the chain goes on past it "
+                                          "to line 3"):
+        verify_entries(one + [other], [school.key.public_key(), lost.public_key()], source="ledger",
+                       recovery_keys=[school.key.public_key(), twin.key.public_key()])
+
+
+def test_e_racing_recoveries_are_refused_by_the_server_and_the_audit(tmp_path, capsys):
+    school, twin, first, lost = _racing_recoveries(tmp_path)
+    second = Server(tmp_path, "run-2", [school])
+    _approve_in_run(second, school, lost)
+    _train(second, school, range(1, 2))   # the first recovery is accepted and anchored
+    third = Server(tmp_path, "run-3", [twin])   # an admin approved the twin's key as well
+    _approve_in_run(third, twin, lost, school.key, twin.key)
+    with pytest.raises(RejectedUpdate, match="truncated-tail"):
+        third.receive(twin, 1, twin.train(third.run.run_id, 1))
+    keys = _approved_keyring(tmp_path, twin, lost, school.key, twin.key)
+    code, out = _audit(capsys, first.run.path, second.run.path, twin.state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and "key recovery at line 3 continues anchored entry 2 of" in out, out
+
+
+# ----------------------------------------------------------------------------------- commands
+def test_a_node_does_not_make_a_new_key_beside_a_ledger_its_lost_key_signed(tmp_path):
+    """Before recovery existed, a node whose signing_key.pem was deleted made a fresh key, overwrote
+    signing_key.pub (the lost key's public half, which a recovery names) and then could not open its ledger."""
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    pub = (school.state / "signing_key.pub").read_text()
+    _lose_key(school)
+    with pytest.raises(SigningKeyError, match="--recover-ledger-key"):
+        load_or_create_signing_key(school.state)
+    assert (school.state / "signing_key.pub").read_text() == pub and not (school.state / "signing_key.pem").exists()
+
+
+def test_school_key_recover_ledger_key_command(tmp_path, capsys):
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    argv = ["deploy", "school-key", "--state-dir", str(school.state), "--recover-ledger-key"]
+    before = {p.name: p.read_bytes() for p in school.state.iterdir() if p.is_file()}
+    assert fedfer_main(argv) == 2   # the key is still there: rotation is the right tool
+    err = capsys.readouterr().err
+    assert "--new-ledger-key" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in school.state.iterdir() if p.is_file()} == before
+    lost = _lose_key(school)
+    assert fedfer_main(argv) == 0
+    out = capsys.readouterr().out
+    new = load_or_create_signing_key(school.state)
+    assert f"key recovery {key_id(lost)} (lost) → {key_id(new)}" in out and "line 2" in out, out
+    assert "fedfer deploy rotate NAME --ledger-key signing_key.pub --recovered" in out
+    assert load_public_key(school.state / "signing_key.pub").public_bytes_raw() == new.public_key().public_bytes_raw()
+    school.key = new
+    assert school.train("run-2", 1)[-1]["key_id"] == key_id(new)
+
+
+def test_recovery_interrupted_before_the_key_swap_is_finished_by_running_it_again(tmp_path):
+    from privacy.signing import stage_new_signing_key
+
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    lost = _lose_key(school)
+    staged = stage_new_signing_key(school.state)   # the command's first steps: the new key, then the entry
+    retire_public_key(school.state / "signing_key.pub", lost)
+    approve_recovery_key(school.state / "signing_key.pub", staged)
+    SchoolLedger.recover(school.state, school.name, lost.public_key(), staged)
+    recover_school_ledger_key(school.state)   # crashed before the swap: finishing does not append again
+    assert key_id(load_or_create_signing_key(school.state)) == key_id(staged)
+    assert [e["event"] for e in read_ledger_file(school.state / "ledger.jsonl")] == ["round", KEY_RECOVERY]
+
+
+@pytest.mark.parametrize("case", ["no-ledger", "no-public-key", "ledger-not-under-it"])
+def test_recover_ledger_key_bad_input_changes_nothing(tmp_path, case):
+    school = School(tmp_path, "school-a")
+    if case != "no-ledger":
+        school.train("run-1", 1)
+    _lose_key(school)
+    if case == "no-public-key":
+        (school.state / "signing_key.pub").unlink()
+    if case == "ledger-not-under-it":
+        (school.state / "signing_key.pub").write_text(public_key_pem(Ed25519PrivateKey.generate()))
+    before = {p.name: p.read_bytes() for p in school.state.iterdir() if p.is_file()}
+    with pytest.raises(DeployError) as exc:
+        recover_school_ledger_key(school.state)
+    assert "\n" not in str(exc.value)
+    assert {p.name: p.read_bytes() for p in school.state.iterdir() if p.is_file()} == before
+    assert not (school.state / "signing_key.new.pem").exists()
+
+
+def test_rotate_recovered_at_the_coordinator_approves_the_key(tmp_path, capsys):
+    from server.deploy import commands as deploy_cli
+
+    dep = deploy_cli.init_deployment(tmp_path / "deploy", "fl.district.example", [], port=19093,
+                                     flwr_home=tmp_path / "home")
+    state = tmp_path / "school-machine"
+    assert fedfer_main(["deploy", "school-key", "--state-dir", str(state)]) == 0
+    assert fedfer_main(["deploy", "add-school", "lincoln", "--data-dir", "/srv/data", "--declared-students", "900",
+                        "--ledger-key", str(state / "signing_key.pub"), "--node-key", str(state / "supernode.pub"),
+                        "--state-dir", str(state), "--dir", str(dep.root), "--flwr-home", str(tmp_path / "home")]) == 0
+    old = load_public_key(dep.keyring / "lincoln.pub")
+    new = Ed25519PrivateKey.generate()
+    (tmp_path / "new.pub").write_text(public_key_pem(new))
+    capsys.readouterr()
+    rotate = ["deploy", "rotate", "lincoln", "--ledger-key", str(tmp_path / "new.pub"), "--dir", str(dep.root)]
+    assert fedfer_main(rotate + ["--recovered"]) == 0
+    out = capsys.readouterr().out
+    assert f"{key_id(old)} (lost) → {key_id(new)}" in out and "recovered" in out, out
+    assert (dep.keyring / "lincoln.recovered" / f"{key_id(new)}.pub").read_text() == public_key_pem(new)
+    assert (dep.keyring / "lincoln.retired" / f"{key_id(old)}.pub").is_file()
+    assert fedfer_main(["deploy", "rotate", "lincoln", "--recovered", "--dir", str(dep.root)]) == 2
+    assert "--recovered goes with --ledger-key" in capsys.readouterr().err
+
+
+def test_a_run_pinned_from_an_approving_keyring_copies_the_recovery_keys(tmp_path):
+    from server.run_dir import RunDirectory
+    from server.strategy import NodeInfo, SchoolFedAvg
+    from shared_models.config import load_config
+
+    school = School(tmp_path, "school-a")
+    _train(Server(tmp_path, "run-1", [school]), school, range(1, 2))
+    lost = _lose_key(school)
+    _recover(school)
+    keys = _approved_keyring(tmp_path, school, lost)
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=run-2", f"privacy.keyring={keys}"])
+    run = RunDirectory.create(cfg)
+    server = Server.__new__(Server)
+    server.run, server.strategy = run, SchoolFedAvg(cfg, run)
+    server.strategy.nodes[1] = NodeInfo("school", school.name, public_key_pem(school.key))
+    assert server.strategy._pin_chosen([1]) == [1]
+    assert (run.path / "keys" / "school-a.recovered" / f"{key_id(school.key)}.pub").is_file()
+    _train(server, school, range(1, 2))
+    assert [e["event"] for e in read_ledger_file(ServerLedgerCopy.path(run.path, "school-a"))] == [KEY_RECOVERY, "round"]
