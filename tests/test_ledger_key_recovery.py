@@ -149,7 +149,7 @@ def test_a_plain_rotation_keyring_does_not_approve_a_recovery(tmp_path, capsys):
     """The keyring trusts the new key (current) but the admin never approved it as a recovery key: a recovery
     is a hand-over the old key did not sign, so it needs the explicit approval."""
     school = School(tmp_path, "school-a")
-    school.train("run-1", 1)
+    _train(Server(tmp_path, "run-1", [school]), school, range(1, 2))
     lost = _lose_key(school)
     _recover(school)
     keys = _approved_keyring(tmp_path, school, lost)
@@ -157,6 +157,11 @@ def test_a_plain_rotation_keyring_does_not_approve_a_recovery(tmp_path, capsys):
     code, out = _audit(capsys, school.state / "ledger.jsonl", "--keys", keys)
     assert code == 2 and f"key recovery by key {key_id(school.key)}, which the verifier never approved" in out, out
     assert "--recovered" in out
+    server = Server(tmp_path, "run-2", [school])   # pins the new key, keeps the lost one retired: no approval
+    retire_public_key(server.run.key_path("school-a"), lost)
+    with pytest.raises(RejectedUpdate, match="never approved"):
+        server.receive(school, 1, school.train(server.run.run_id, 1))
+    assert not ServerLedgerCopy.path(server.run.path, "school-a").exists()
 
 
 # ----------------------------------------------------------------------------------- (a) an early entry of a longer chain
