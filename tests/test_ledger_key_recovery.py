@@ -417,6 +417,23 @@ def test_recovery_interrupted_before_the_key_swap_is_finished_by_running_it_agai
     assert [e["event"] for e in read_ledger_file(school.state / "ledger.jsonl")] == ["round", KEY_RECOVERY]
 
 
+def test_recovery_with_the_lost_public_key_from_the_coordinator(tmp_path, capsys):
+    """signing_key.pub is gone with the private key: the coordinator's keys/NAME.pub names the lost key."""
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    from_keyring = tmp_path / "school-a.pub"
+    from_keyring.write_text(public_key_pem(school.key))
+    lost = _lose_key(school)
+    (school.state / "signing_key.pub").unlink()
+    assert fedfer_main(["deploy", "school-key", "--state-dir", str(school.state), "--recover-ledger-key",
+                        "--lost-key", str(from_keyring)]) == 0
+    assert f"key recovery {key_id(lost)} (lost)" in capsys.readouterr().out
+    recovery = read_ledger_file(school.state / "ledger.jsonl")[-1]
+    assert recovery["event"] == KEY_RECOVERY and recovery["old_key_id"] == key_id(lost)
+    assert fedfer_main(["deploy", "school-key", "--state-dir", str(school.state), "--lost-key", "x.pub"]) == 2
+    assert "--lost-key goes with --recover-ledger-key" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["no-ledger", "no-public-key", "ledger-not-under-it"])
 def test_recover_ledger_key_bad_input_changes_nothing(tmp_path, case):
     school = School(tmp_path, "school-a")
@@ -457,6 +474,14 @@ def test_rotate_recovered_at_the_coordinator_approves_the_key(tmp_path, capsys):
     assert (dep.keyring / "lincoln.retired" / f"{key_id(old)}.pub").is_file()
     assert fedfer_main(["deploy", "rotate", "lincoln", "--recovered", "--dir", str(dep.root)]) == 2
     assert "--recovered goes with --ledger-key" in capsys.readouterr().err
+    # an admin who ran a plain rotate first adds the approval afterwards
+    other = Ed25519PrivateKey.generate()
+    (tmp_path / "other.pub").write_text(public_key_pem(other))
+    other_rotate = ["deploy", "rotate", "lincoln", "--ledger-key", str(tmp_path / "other.pub"), "--dir", str(dep.root)]
+    assert fedfer_main(other_rotate) == 0 and not (dep.keyring / "lincoln.recovered" / f"{key_id(other)}.pub").exists()
+    assert fedfer_main(other_rotate + ["--recovered"]) == 0
+    assert "now approved as its recovery key" in capsys.readouterr().out
+    assert (dep.keyring / "lincoln.recovered" / f"{key_id(other)}.pub").read_text() == public_key_pem(other)
 
 
 def test_a_run_pinned_from_an_approving_keyring_copies_the_recovery_keys(tmp_path):

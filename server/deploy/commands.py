@@ -606,6 +606,10 @@ def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: boo
     pem = _school_ledger_key(Path(ledger_key), name)
     path = dep.keyring / f"{name}.pub"
     old = key_id(load_public_key(path)) if path.is_file() else "none"
+    if old == key_id(load_public_key(pem)) and recovered:   # a plain rotate came first: add only the approval
+        approved = approve_recovery_key(path, load_public_key(pem))
+        return (f"{name}: ledger key {old} is already current in {path}; now approved as its recovery key in "
+                f"{approved.parent}: the server accepts the school's key recovery from its next run")
     if old == key_id(load_public_key(pem)):
         raise DeployError(f"school {name}: --ledger-key {ledger_key} is already its ledger key ({old}) in {path}: "
                           f"send the signing_key.pub that `fedfer deploy school-key --new-ledger-key` printed")
