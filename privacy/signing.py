@@ -186,15 +186,24 @@ def retired_dir(public_key_file: Path) -> Path:
 
 def retire_public_key(public_key_file: Path, key: Ed25519PrivateKey | Ed25519PublicKey) -> Path:
     """Keep `key` (its public half) as a retired key of `public_key_file`; idempotent."""
-    path = retired_dir(public_key_file) / f"{key_id(key)}.pub"
+    return _keep_public_key(retired_dir(public_key_file), key)
+
+
+def retired_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
+    """The retired keys kept beside `public_key_file` (none if there are none)."""
+    return _kept_public_keys(retired_dir(public_key_file))
+
+
+def _keep_public_key(folder: Path, key: Ed25519PrivateKey | Ed25519PublicKey) -> Path:
+    """``<folder>/<key id>.pub`` holding `key`'s public half (written once)."""
+    path = folder / f"{key_id(key)}.pub"
     if not path.is_file():
         atomic_write_bytes(path, public_key_pem(key).encode("ascii"), mode=0o644)
     return path
 
 
-def retired_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
-    """The retired keys kept beside `public_key_file` (none if there are none)."""
-    return [load_public_key(p) for p in sorted(retired_dir(public_key_file).glob("*.pub"))]
+def _kept_public_keys(folder: Path) -> list[Ed25519PublicKey]:
+    return [load_public_key(p) for p in sorted(folder.glob("*.pub"))]
 
 
 def trusted_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
@@ -213,15 +222,12 @@ def recovery_dir(public_key_file: Path) -> Path:
 
 def approve_recovery_key(public_key_file: Path, key: Ed25519PrivateKey | Ed25519PublicKey) -> Path:
     """Keep `key` (its public half) as an approved recovery key of `public_key_file`; idempotent."""
-    path = recovery_dir(public_key_file) / f"{key_id(key)}.pub"
-    if not path.is_file():
-        atomic_write_bytes(path, public_key_pem(key).encode("ascii"), mode=0o644)
-    return path
+    return _keep_public_key(recovery_dir(public_key_file), key)
 
 
 def recovery_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
     """The approved recovery keys kept beside `public_key_file` (none if there are none)."""
-    return [load_public_key(p) for p in sorted(recovery_dir(public_key_file).glob("*.pub"))]
+    return _kept_public_keys(recovery_dir(public_key_file))
 
 
 def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
