@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.anchors import anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
-from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, KeyChain, LedgerError, copy_run_id, epsilon_value,
+from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, copy_run_id, epsilon_value,
                             read_ledger_file, run_entries, verify_entries)
 from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key, recovery_public_keys,
                              retired_public_keys)
@@ -674,7 +674,7 @@ def _recompute_epsilons(row: Row, src: _Source, school: str, items: list[tuple[i
         where = f"{src.path} line {line} (school {school})"
         # a key recovery's ε is checked against PRV too: it is the one entry signed by a key no earlier entry handed to
         if not _check_entry(row, running, e, where, is_last=line == last_line,
-                            check_epsilon=every_entry or line == last_line or e["event"] == "key-recovery"):
+                            check_epsilon=every_entry or line == last_line or e["event"] == KEY_RECOVERY):
             break
 
 
@@ -762,19 +762,43 @@ def _two_ledgers_under_one_id(verified: dict[str, list[tuple[_Source, list[dict]
     for that id, and the audit used to show just one of them as it. One line per pair, naming both files."""
     problems = []
     for school, seen in verified.items():
-        successor: dict[str, tuple[str, _Source, int]] = {}   # prev_hash -> (hash, where, line) of the entry after it
+        successor: dict[str, tuple[dict, _Source, int]] = {}   # prev_hash -> (entry, where, line) of the entry after it
         named: set[tuple[Path, Path]] = set()
         for src, entries in seen:
             for line, entry in enumerate(entries, 1):
-                held_hash, held_src, held_line = successor.setdefault(entry["prev_hash"], (entry["hash"], src, line))
+                held, held_src, held_line = successor.setdefault(entry["prev_hash"], (entry, src, line))
                 pair = (held_src.path, src.path)
-                if held_hash == entry["hash"] or pair in named:
-                    continue
+                if held["hash"] == entry["hash"] or pair in named or KEY_RECOVERY in (held["event"], entry["event"]):
+                    continue   # (a fork at a key recovery is named by _recovery_forks)
                 named.add(pair)
                 after = "the chain's start" if entry["prev_hash"] == GENESIS_HASH else "the same entry"
                 problems.append(f"school {school}: {held_src.path} line {held_line} and {src.path} line {line} are "
                                 f"different entries after {after}: two ledgers under one school id (two schools of "
                                 f"that name, e.g. two simulations' own, or a forked ledger); audit each on its own")
+    return problems
+
+
+def _recovery_forks(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[str]:
+    """Evidence across a school's ledgers that a key recovery truncated the old chain: another ledger (a run copy,
+    an old chain file, another copy of the school's state) holds a different entry right after the entry the
+    recovery continues — later spending under the lost key, or a second recovery from the same entry."""
+    problems = []
+    for school, seen in verified.items():
+        after: dict[str, list[tuple[_Source, int, dict]]] = {}   # hash -> (ledger, line, entry) of what follows it
+        for src, entries in seen:   # by prev_hash: a run copy's first entry follows an entry the copy does not hold
+            for line, following in enumerate(entries, start=1):
+                after.setdefault(following["prev_hash"], []).append((src, line, following))
+        for src, entries in seen:
+            for line, e in enumerate(entries, start=1):
+                if e["event"] != KEY_RECOVERY:
+                    continue
+                other = next(((o, n, f) for o, n, f in after.get(e["prev_hash"], []) if f["hash"] != e["hash"]), None)
+                if other is not None:
+                    o, n, f = other
+                    problems.append(f"{src.path} line {line} (school {school}): key recovery continues entry "
+                                    f"{e['prev_hash'][:12]}…, but {o.path} line {n} holds another entry after it "
+                                    f"({f['event']}, ε {epsilon_value(f['epsilon']):.3f}): the recovery truncated the "
+                                    f"old chain, or forks it")
     return problems
 
 
@@ -863,7 +887,8 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
     reported = {p for r in rows for p in r.problems}   # e.g. a damaged anchor, already on its school's row
     disagreements, behind = _cross_check(verified, anchors_dir, frozenset(flagged))
-    problems = [p for p in dict.fromkeys(_two_ledgers_under_one_id(verified) + disagreements + _anchor_rejections(run_dirs)
+    problems = [p for p in dict.fromkeys(_two_ledgers_under_one_id(verified) + disagreements
+                                         + _recovery_forks(verified) + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
     return AuditReport(rows, problems, _anchor_notes(sources) + behind)
 

@@ -208,6 +208,23 @@ def test_a_early_pointer_is_refused_by_the_audit(tmp_path, capsys):
         and "truncated the old chain" in out, out
 
 
+def test_a_early_pointer_is_found_by_the_audit_from_the_run_copies_alone(tmp_path, capsys):
+    """No anchors (deleted, or another coordinator's runs): the run copy of the old chain shows entries after the
+    one the recovery continues, with a higher ε."""
+    school, _, first, lost = _early_recovery(tmp_path)
+    second = Server(tmp_path, "run-2", [school])
+    _approve_in_run(second, school, lost)
+    with pytest.raises(RejectedUpdate):   # the server refuses it, but suppose its copy were kept anyway
+        second.receive(school, 1, school.train(second.run.run_id, 1))
+    _write(ServerLedgerCopy.path(second.run.path, "school-a"), school.train(second.run.run_id, 2)[:1])
+    shutil.rmtree(tmp_path / "runs" / "anchors")
+    (second.run.path / "events.jsonl").unlink()
+    keys = _approved_keyring(tmp_path, school, lost)
+    code, out = _audit(capsys, first.run.path, second.run.path, "--keys", keys)
+    assert code == 2 and "key recovery continues entry" in out and "run-1" in out and "line 2" in out \
+        and "truncated the old chain" in out, out
+
+
 # ----------------------------------------------------------------------------------- (b) a lower ε
 def _lower_epsilon(root: Path) -> tuple[School, list[dict], Ed25519PrivateKey, Ed25519PrivateKey]:
     school = School(root, "school-a")
@@ -367,6 +384,10 @@ def test_e_racing_recoveries_are_refused_by_the_server_and_the_audit(tmp_path, c
     keys = _approved_keyring(tmp_path, twin, lost, school.key, twin.key)
     code, out = _audit(capsys, first.run.path, second.run.path, twin.state / "ledger.jsonl", "--keys", keys)
     assert code == 2 and "key recovery at line 3 continues anchored entry 2 of" in out, out
+    # without the anchors, the two school ledgers side by side show the fork
+    shutil.rmtree(tmp_path / "runs" / "anchors")
+    code, out = _audit(capsys, school.state / "ledger.jsonl", twin.state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and "key recovery continues entry" in out and "holds another entry after it" in out, out
 
 
 # ----------------------------------------------------------------------------------- commands
