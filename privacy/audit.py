@@ -579,10 +579,10 @@ def _key_notes(src: _Source, school: str, trusted: Any) -> list[str]:
     if src.retired and src.keys is not None:   # a run before the rotation, verified with the key it had then
         (kid, (_, _, where)), = src.retired.items()
         notes.append(f"school {school}: {src.path} is signed with key {kid}, which the school retired later "
-                     f"(key transition at {where})")
+                     f"(key transition or recovery at {where})")
     elif src.keys is not None and src.keys.keys[-1] in {key_id(k) for k in src.keyring_retired}:
         notes.append(f"school {school}: {src.path} ends under key {src.keys.keys[-1]}, a retired key the keyring keeps "
-                     f"(entries before the school's key transition)")
+                     f"(entries before the school's key transition or recovery)")
     elif src.keys is not None and src.keys.keys[-1] != key_id(trusted):
         notes.append(f"school {school}: the keyring's key {key_id(trusted)} is retired: the school handed its "
                          f"ledger to key {src.keys.keys[-1]}; update the keyring (`fedfer deploy rotate {school} "
