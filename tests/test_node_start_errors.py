@@ -121,6 +121,14 @@ def test_a_missing_file_is_named_by_its_path(deployment, school, capsys, name, n
     assert lines[0].startswith(f"fedfer: {school / name}: {needle.split(': ', 1)[1]}"), lines[0]
 
 
+def test_a_missing_signing_key_beside_a_ledger_points_to_key_recovery(deployment, school, capsys):
+    (school / "state" / "ledger.jsonl").write_text("{}\n")   # entries signed with the key (content not read here)
+    (school / "state" / "signing_key.pem").unlink()
+    code, lines = preflight(deployment, "lincoln", capsys)
+    assert code == 2 and len(lines) == 1 and lines[0].endswith(
+        f"`fedfer deploy school-key --state-dir {school / 'state'} --recover-ledger-key`"), lines
+
+
 @pytest.mark.parametrize("name, content, needle", [
     ("ca.crt", b"", "ca.crt: empty"),
     ("ca.crt", b"not a certificate\n", "ca.crt: not a PEM certificate"),

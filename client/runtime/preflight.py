@@ -106,10 +106,13 @@ def check_school_folders(values: dict[str, Any], source: str) -> None:
         raise NodeStartError(f"{source}: key 'state-dir': {state}: not writable by this user (the ledger is kept there)")
     key = state / SIGNING_KEY_FILE
     if not key.is_file():
+        # a ledger beside it was signed with it: if the key is lost for good, a key recovery carries the ledger on
+        lost = (f"; if it is lost, continue the ledger under a new key: `fedfer deploy school-key --state-dir {state} "
+                f"--recover-ledger-key`" if (state / "ledger.jsonl").is_file() else "")
         raise NodeStartError(f"{key}: missing (the school's ledger signing key, made at the school by `fedfer deploy "
                              f"school-key`, or by `add-school` in the node folder's state/; the coordinator verifies the "
                              f"ledger against its public half): "
-                             f"copy it there or correct 'state-dir' in {source}")
+                             f"copy it there or correct 'state-dir' in {source}{lost}")
     mode = stat.S_IMODE(key.stat().st_mode)
     if mode & 0o077:
         raise NodeStartError(f"{key}: permissions {oct(mode)} let others read the signing key; chmod 600 it")
