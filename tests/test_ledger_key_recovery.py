@@ -21,7 +21,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedfer.cli import main as fedfer_main
-from privacy.accounting import epsilon_of
+from privacy.accounting import SchoolAccountant, dataset_fingerprint, epsilon_of
+from privacy.budget import check_budget
 from privacy.ledger import (KEY_RECOVERY, KEY_TRANSITION, LedgerError, SchoolLedger, ServerLedgerCopy, entry_hash,
                             read_ledger_file, verify_entries)
 from privacy.signing import (SigningKeyError, approve_recovery_key, key_id, load_or_create_signing_key,
@@ -121,6 +122,10 @@ def test_recovery_carries_the_lifetime_epsilon_on_under_the_new_key(tmp_path):
     after = school.train("run-2", 1)   # the run's entries start with the recovery
     assert [e["event"] for e in after] == [KEY_RECOVERY, "round"] and after[-1]["key_id"] == key_id(school.key)
     assert after[-1]["epsilon"] == pytest.approx(epsilon_of([(SIGMA, Q, 3 * STEPS)], DELTA, "prv"))
+    acct = SchoolAccountant(school.state, school.name, dataset_fingerprint([f"school-a,row{i}" for i in range(5)]))
+    budget = after[-1]["epsilon"] + 0.01   # the budget guard refuses the next round as it would without the loss
+    assert not check_budget(acct, (SIGMA, Q, STEPS), DELTA, budget).allowed
+    assert check_budget(acct, (SIGMA, Q, STEPS), DELTA, 50.0).allowed
     # the school keeps the lost key's public half as retired (its chain starts under it) and its own approval
     assert (school.state / "signing_key.retired" / f"{key_id(lost)}.pub").read_text() == public_key_pem(lost)
     assert (school.state / "signing_key.recovered" / f"{key_id(school.key)}.pub").is_file()
