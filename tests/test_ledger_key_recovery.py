@@ -351,6 +351,18 @@ def test_d_recovery_from_a_key_already_handed_over_is_refused_everywhere(tmp_pat
     assert code == 2 and "key in force" in out, out
 
 
+def test_d_recovery_cannot_start_a_chain(tmp_path):
+    """A 'recovery' at genesis continues nothing: it would only carry a made-up history under a new key."""
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    lost, new = school.key, Ed25519PrivateKey.generate()
+    recovery = _forged_recovery(read_ledger_file(school.state / "ledger.jsonl"), lost, new,
+                                prev_hash="0" * 64, history_before=[])
+    with pytest.raises(LedgerError, match="line 1 .*key recovery at the start of a chain"):
+        verify_entries([recovery], [new.public_key(), lost.public_key()], source="ledger",
+                       recovery_keys=[new.public_key()])
+
+
 # ----------------------------------------------------------------------------------- (e) two recoveries race
 def _racing_recoveries(root: Path) -> tuple[School, School, Server, Ed25519PrivateKey]:
     """Two copies of the school's state (say two admins each restored a backup) each recover from the same last
