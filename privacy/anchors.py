@@ -278,8 +278,9 @@ def recovery_problems(chain: Mapping[str, Any], entries: Sequence[Mapping[str, A
         after = position[e["prev_hash"]] + 1
         if after < len(anchored) and anchored[after] != e["hash"]:
             problems.append(f"{where} line {line}: key recovery at line {line} continues anchored entry {after} of "
-                            f"{len(anchored)}, but the server anchored a later entry after it ({anchored[after][:12]}…): "
-                            f"the recovery truncated the old chain, and would drop the ε those entries spent")
+                            f"{len(anchored)}, but the server anchored a later entry after it "
+                            f"({anchored[after][:12]}…): the recovery truncated the old chain, and would drop the ε "
+                            f"those entries spent")
     return problems
 
 

@@ -35,12 +35,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.anchors import anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
-from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, copy_run_id, epsilon_value,
-                            read_ledger_file, run_entries, verify_entries)
+from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, copy_run_id,
+                            epsilon_value, read_ledger_file, run_entries, verify_entries)
 from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key, recovery_public_keys,
                              retired_public_keys)
 
@@ -535,8 +535,8 @@ def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
                                             problems=[str(exc)])
     try:
         # the chain must start under the keyring's key or a retired key kept beside it (never one it names)
-        src.keyring_retired = _retired_keys_beside(src, school)
-        src.recovery_keys = _retired_keys_beside(src, school, recovery_public_keys)
+        src.keyring_retired = _keys_beside(src, school, retired_public_keys)
+        src.recovery_keys = _keys_beside(src, school, recovery_public_keys)
         src.keys = verify_entries(entries, [key] + src.keyring_retired, source=str(src.path), school_id=school,
                                   start=start, recovery_keys=src.recovery_keys)
     except (LedgerError, SigningKeyError) as exc:
@@ -548,10 +548,11 @@ def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
     return school, entries, start, key, None
 
 
-def _retired_keys_beside(src: _Source, school: str, kept=retired_public_keys) -> list[Any]:
-    """The school's retired keys kept beside its trusted key files (``<school>.retired/<key id>.pub`` in the
-    keyring, which `fedfer deploy rotate` keeps; in the run's keys/ with --trust-run-keys); with
-    `kept=recovery_public_keys` its approved recovery keys (``<school>.recovered/``, `rotate --recovered`)."""
+def _keys_beside(src: _Source, school: str, kept: Callable[[Path], list[Any]]) -> list[Any]:
+    """The school's keys kept beside its trusted key files (in the keyring; in the run's keys/ with
+    --trust-run-keys): `kept=retired_public_keys` its retired keys (``<school>.retired/<key id>.pub``, kept by
+    `fedfer deploy rotate`), `kept=recovery_public_keys` its approved recovery keys (``<school>.recovered/``,
+    kept by `rotate --recovered`)."""
     files = [p / f"{school}.pub" if p.is_dir() else p for p in src.key_paths]
     return [k for f in files for k in kept(f)]
 

@@ -510,8 +510,8 @@ def verify_entries(entries: Sequence[Any], public_key: Trusted, *, source: str,
     following key transitions), prev_hash links, run_seq and history_before continuity. `public_key`: the
     school's trusted keys (one key, or the current one first and then its retired ones): the first entry
     must be signed by one of them (:func:`chain_start_key`). `recovery_keys`: the keys the verifier holds as
-    approved recovery keys (a key recovery is accepted only when signed by one). Returns the chain's keys. Raises ``LedgerError("<source> line N (school X): …")`` at the first
-    problem.
+    approved recovery keys (a key recovery is accepted only when signed by one). Returns the chain's keys.
+    Raises ``LedgerError("<source> line N (school X): …")`` at the first problem.
 
     ``start="genesis"``: the school's own ledger — the first entry links to ``"0"*64``.
     ``start="run"``: a per-run copy — the first entry may link to earlier history the copy does not

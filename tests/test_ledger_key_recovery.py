@@ -144,7 +144,8 @@ def test_recovered_chain_passes_the_server_and_the_audit_which_names_the_recover
     report = json.loads(out)
     assert code == 0, out
     assert report["lifetime"][0]["steps"] == 4 * STEPS
-    assert report["lifetime"][0]["epsilon"] == pytest.approx(epsilon_of([(SIGMA, Q, 4 * STEPS)], DELTA, "prv"), abs=0.02)
+    lifetime = epsilon_of([(SIGMA, Q, 4 * STEPS)], DELTA, "prv")
+    assert report["lifetime"][0]["epsilon"] == pytest.approx(lifetime, abs=0.02)
     notes = [t for row in report["schools"] for t in row["key_transitions"]]
     assert any(f"ledger key {key_id(lost)} (lost) → {key_id(school.key)} by key recovery" in t and "line 3" in t
                and "ε carried" in t for t in notes), notes
@@ -169,7 +170,7 @@ def test_a_plain_rotation_keyring_does_not_approve_a_recovery(tmp_path, capsys):
     assert not ServerLedgerCopy.path(server.run.path, "school-a").exists()
 
 
-# ----------------------------------------------------------------------------------- (a) an early entry of a longer chain
+# ------------------------------------------------------------------------------ (a) an early entry of a longer chain
 def _early_recovery(root: Path) -> tuple[School, list[dict], Server, Ed25519PrivateKey]:
     """school-a trains 3 rounds (the server anchors them), loses its key AND restores an old ledger backup of 1
     entry, then recovers from it: the recovery continues entry 1 of a 3-entry chain."""
@@ -275,7 +276,7 @@ def test_b_lower_epsilon_is_refused_by_the_server_and_the_audit(tmp_path, capsys
     assert code == 2 and "lower than the ε" in out, out
 
 
-# ----------------------------------------------------------------------------------- (c) a key the verifier never trusted
+# ------------------------------------------------------------------------------ (c) a key the verifier never trusted
 def test_c_untrusted_recovery_key_is_refused_everywhere(tmp_path, capsys):
     school = School(tmp_path, "school-a")
     first = Server(tmp_path, "run-1", [school])

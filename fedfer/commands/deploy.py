@@ -134,11 +134,12 @@ def _new_ledger_key(state_dir: Path) -> int:
 def _recover_ledger_key(state_dir: Path, lost_key: Path | None) -> int:
     rec = recover_school_ledger_key(state_dir, lost_key)
     state = state_dir.expanduser().absolute()
-    print(f"ledger signing key  {state / 'signing_key.pem'} (0600, stays here): new key {rec.new_key_id}, replacing the "
-          f"lost key {rec.lost_key_id} (its public half is kept in {state / 'signing_key.retired'}: the ledger starts "
-          f"under it)")
+    print(f"ledger signing key  {state / 'signing_key.pem'} (0600, stays here): new key {rec.new_key_id}, replacing "
+          f"the lost key {rec.lost_key_id} (its public half is kept in {state / 'signing_key.retired'}: the ledger "
+          f"starts under it)")
     print(f"  {state / 'ledger.jsonl'} line {rec.recovery_line}: key recovery {rec.lost_key_id} (lost) → "
-          f"{rec.new_key_id}, signed by the new key; it carries ε {rec.epsilon:.3f} on, so the lifetime budget runs on")
+          f"{rec.new_key_id}, signed by the new key; it carries ε {rec.epsilon:.3f} on, so the lifetime budget "
+          f"runs on")
     print(f"  send {rec.public} to the coordinator, who checks it is this school's and runs:")
     print("  fedfer deploy rotate NAME --ledger-key signing_key.pub --recovered")
     print("  until then the server refuses the school; it accepts the recovery from its next run")
