@@ -538,7 +538,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
     def _store_ledger(self, content: RecordDict, school: str, rnd: int) -> None:
         from privacy.anchors import (anchors_dir_of_run, check_continues, load_chain, unanchored_transition,
                                      update_anchor)
-        from privacy.ledger import LedgerError, ServerLedgerCopy, chain_start_key, read_ledger_file
+        from privacy.ledger import KEY_RECOVERY, LedgerError, ServerLedgerCopy, chain_start_key, read_ledger_file
         from privacy.signing import key_id, trusted_public_keys
 
         if "ledger" not in content.config_records:
@@ -553,6 +553,13 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             raise RejectedUpdate("ledger field 'run-entries' must be a list of entries")
         if run_entries[-1].get("hash") != entry.get("hash"):
             raise RejectedUpdate("ledger entry is not the last of the run entries sent with it")
+        recovery = next((e for e in run_entries if e.get("event") == KEY_RECOVERY), None)
+        problem = self._approve_recovery(school, recovery) if recovery is not None else ""
+        if problem:
+            # not selected again in this run: every round it trained would spend privacy into a reply refused here
+            self.exhausted.add(school)
+            self.run.event("ledger-recovery", round=rnd, school=school, reason=problem)
+            raise RejectedUpdate(problem)
         # the pinned key, then the ones it replaced (from the keyring, or a key transition in this run)
         trusted = trusted_public_keys(self.run.key_path(school))
         public_key = trusted[0]
@@ -588,6 +595,30 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             update_anchor(anchors, school, trusted_public_keys(self.run.key_path(school)), stored)
         except LedgerError as exc:
             raise RejectedUpdate(f"ledger entry does not verify: {exc}") from None
+
+    def _approve_recovery(self, school: str, recovery: Mapping[str, Any]) -> str:
+        """"" when the run holds the new key of the school's key recovery as an approved recovery key, else a
+        one-line problem. A run pins a school's keys when it first selects it; a key the coordinator approved in
+        the keyring after that (`rotate --recovered`: the school lost its key during the run) is taken from the
+        keyring now, as a run's start would take it. The ledger checks then decide whether the recovery holds."""
+        from privacy.signing import (approve_recovery_key, key_id, load_public_key, public_key_pem,
+                                     recovery_public_keys, retire_public_key)
+
+        key_file = self.run.key_path(school)
+        new = str(recovery.get("new_key_id"))
+        if any(key_id(k) == new for k in recovery_public_keys(key_file)):
+            return ""
+        keyring = str(self.cfg["privacy.keyring"])
+        trusted = Path(keyring).expanduser() / f"{school}.pub" if keyring else None
+        if trusted is not None and trusted.is_file() and key_id(load_public_key(trusted)) == new \
+                and any(key_id(k) == new for k in recovery_public_keys(trusted)):
+            retire_public_key(key_file, load_public_key(key_file))   # the lost key: the stored copy starts under it
+            approve_recovery_key(key_file, load_public_key(trusted))
+            key_file.write_text(public_key_pem(load_public_key(trusted)), encoding="utf-8")
+            return ""
+        return (f"key recovery to key {one_line(new, 40)} not approved in this run: the coordinator approves it with "
+                f"`fedfer deploy rotate {school} --ledger-key signing_key.pub --recovered`, and the school is not "
+                f"selected again in this run")
 
     # -- evaluation -------------------------------------------------------------------------------
     def is_final_round(self, server_round: int) -> bool:

@@ -165,9 +165,61 @@ def test_a_plain_rotation_keyring_does_not_approve_a_recovery(tmp_path, capsys):
     assert "--recovered" in out
     server = Server(tmp_path, "run-2", [school])   # pins the new key, keeps the lost one retired: no approval
     retire_public_key(server.run.key_path("school-a"), lost)
-    with pytest.raises(RejectedUpdate, match="never approved"):
-        server.receive(school, 1, school.train(server.run.run_id, 1))
+    entries = school.train(server.run.run_id, 1)
+    with pytest.raises(LedgerError, match="never approved"):   # the run's copy on its own
+        ServerLedgerCopy.sync_verified(server.run.path, "school-a", entries, server.run.key_path("school-a"))
+    with pytest.raises(RejectedUpdate, match="not approved in this run"):   # and the server's reply check
+        server.receive(school, 1, entries)
     assert not ServerLedgerCopy.path(server.run.path, "school-a").exists()
+
+
+def _keyring_server(root: Path, run_name: str, school: School, keys: Path) -> Server:
+    """A run of a deployment: the school's key pinned from the keyring when first selected."""
+    from server.run_dir import RunDirectory
+    from server.strategy import NodeInfo, SchoolFedAvg
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={root / 'runs'}", f"run.name={run_name}", f"privacy.keyring={keys}"])
+    server = Server.__new__(Server)
+    server.run = RunDirectory.create(cfg)
+    server.strategy = SchoolFedAvg(cfg, server.run)
+    server.strategy.nodes[1] = NodeInfo("school", school.name, public_key_pem(school.key))
+    assert server.strategy._pin_chosen([1]) == [1]
+    return server
+
+
+def test_a_recovery_during_a_run_counts_there_once_the_keyring_approves_it(tmp_path):
+    """A run pins a school's keys when it first selects it. The school loses its key mid-run and recovers; once
+    the coordinator approved the new key in the keyring, the run takes it from there (as it would at its start)
+    and accepts the recovery with the school's next reply."""
+    school = School(tmp_path, "school-a")
+    keys = _approved_keyring(tmp_path, school, school.key)   # enrolled: its first key current
+    shutil.rmtree(keys / "school-a.retired"), shutil.rmtree(keys / "school-a.recovered")
+    server = _keyring_server(tmp_path, "run-1", school, keys)
+    _train(server, school, range(1, 2))
+    lost = _lose_key(school)
+    _recover(school)
+    _approved_keyring(tmp_path, school, lost)   # `fedfer deploy rotate school-a --ledger-key … --recovered`
+    _train(server, school, range(2, 3))
+    assert [e["event"] for e in read_ledger_file(ServerLedgerCopy.path(server.run.path, "school-a"))] == [
+        "round", KEY_RECOVERY, "round"]
+    assert server.run.key_path("school-a").read_text() == public_key_pem(school.key)
+    (kid, chain), = json.loads((tmp_path / "runs" / "anchors" / "school-a.json").read_text())["chains"].items()
+    assert kid == key_id(school.key) and chain["retired"] == [key_id(lost)]
+
+
+def test_a_recovery_a_run_cannot_approve_stops_the_school_in_that_run(tmp_path):
+    """Not approved (yet): the reply is refused and the school is not selected again in this run, rather than
+    spending ε every round on replies the server refuses."""
+    school = School(tmp_path, "school-a")
+    server = Server(tmp_path, "run-1", [school])
+    _train(server, school, range(1, 2))
+    _lose_key(school)
+    _recover(school)
+    with pytest.raises(RejectedUpdate, match="key recovery to key .* not approved in this run: .*--recovered"):
+        server.receive(school, 2, school.train(server.run.run_id, 2))
+    assert "school-a" in server.strategy.exhausted
+    assert [e["event"] for e in server.events()] == ["ledger-recovery"]
 
 
 # ------------------------------------------------------------------------------ (a) an early entry of a longer chain
