@@ -601,18 +601,20 @@ def _anchor_problems(src: _Source, school: str, entries: Sequence[dict], key: An
     src.seen_school, src.anchored, src.anchors_looked = school, entries[0]["privacy_unit"] == "school", anchors
     if anchors is not None and anchors.is_dir():
         try:
-            # the anchor of any key the chain went through (a recovered ledger ends under a key whose chain the
-            # server may never have anchored, though it anchored the lost key's)
-            chain = next((c for k in _chain_keys(src, key) if (c := load_chain(anchors, school, k))), None)
+            # the anchored chain of every key the ledger went through: a key recovery the server never received
+            # leaves the lost key's chain and the new key's anchored apart, and each must agree with the ledger
+            chains = list({c["public_key"]: c for k in _chain_keys(src, key)
+                           if (c := load_chain(anchors, school, k))}.values())
         except LedgerError as exc:
-            chain, problems = None, problems + [str(exc)]
+            chains, problems = [], problems + [str(exc)]
             src.anchored = True   # there is an anchor, and it is reported as damaged
-        if chain is None and not src.anchored:
+        if not chains and not src.anchored:
             problems += _unanchored_key_problems(anchors, school, key, src.path)
             src.anchored = src.anchored or bool(problems)
-        if chain:
-            run_ids = {r.get("run_id") for r in chain.get("runs", [])}
+        if chains:
+            run_ids = {r.get("run_id") for c in chains for r in c.get("runs", [])}
             src.anchored = start != "run" or copy_run_id(entries) in run_ids
+        for chain in chains:
             problems += [f"{p} (school {school})" for p in audit_against_anchor(
                 chain, entries, copy_of_run=start == "run", where=str(src.path))]
     return problems

@@ -283,6 +283,20 @@ def test_a_early_pointer_is_found_by_the_audit_from_the_run_copies_alone(tmp_pat
         and "truncated the old chain" in out, out
 
 
+def test_a_early_pointer_is_found_by_the_audit_against_every_anchored_chain_of_the_ledgers_keys(tmp_path, capsys):
+    """The recovery never reached the server (the school trained once more before it was approved, so no run copy
+    carries it): the server anchored the new key as a chain of its own. The school's ledger is still checked
+    against the lost key's anchored chain, which shows the entries the recovery dropped."""
+    school, _, _, lost = _early_recovery(tmp_path)
+    school.train("run-x", 1)   # a round the server never stored: the next run's copy starts after the recovery
+    second = Server(tmp_path, "run-2", [school])
+    _train(second, school, range(1, 2))
+    assert [e["event"] for e in read_ledger_file(ServerLedgerCopy.path(second.run.path, "school-a"))] == ["round"]
+    keys = _approved_keyring(tmp_path, school, lost)
+    code, out = _audit(capsys, school.state / "ledger.jsonl", "--keys", keys, "--anchors", tmp_path / "runs" / "anchors")
+    assert code == 2 and "key recovery at line 2 continues anchored entry 1 of 3" in out, out
+
+
 # ----------------------------------------------------------------------------------- (b) a lower ε
 def _lower_epsilon(root: Path) -> tuple[School, list[dict], Ed25519PrivateKey, Ed25519PrivateKey]:
     school = School(root, "school-a")
