@@ -538,7 +538,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
     def _store_ledger(self, content: RecordDict, school: str, rnd: int) -> None:
         from privacy.anchors import (anchors_dir_of_run, check_continues, load_chain, unanchored_transition,
                                      update_anchor)
-        from privacy.ledger import KEY_RECOVERY, LedgerError, ServerLedgerCopy, chain_start_key, read_ledger_file
+        from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LedgerError, ServerLedgerCopy, chain_start_key,
+                                    read_ledger_file)
         from privacy.signing import key_id, trusted_public_keys
 
         if "ledger" not in content.config_records:
@@ -573,6 +574,13 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             chain = load_chain(anchors, school, start_key)
         except LedgerError as exc:
             raise RejectedUpdate(f"ledger anchor: {exc}") from None
+        if chain is None and run_entries[0].get("prev_hash") != GENESIS_HASH:
+            # continues a chain under a key the server never anchored: a key change it never received (a key
+            # recovery in a reply it refused). It must carry at least what the school's retired keys anchored.
+            try:
+                chain = next((c for k in trusted[1:] if (c := load_chain(anchors, school, k))), None)
+            except LedgerError as exc:
+                raise RejectedUpdate(f"ledger anchor: {exc}") from None
         if chain is None and key_id(start_key) != key_id(public_key):
             check = unanchored_transition(anchors, school, start_key)
             if check.problem:

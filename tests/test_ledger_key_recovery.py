@@ -297,6 +297,18 @@ def test_a_early_pointer_is_found_by_the_audit_against_every_anchored_chain_of_t
     assert code == 2 and "key recovery at line 2 continues anchored entry 1 of 3" in out, out
 
 
+def test_a_chain_continuing_under_an_unanchored_key_must_carry_what_the_retired_key_anchored(tmp_path):
+    """The same at the server: a run that keeps the lost key as retired compares the new key's first entries,
+    which continue a chain it never saw, with what the lost key anchored: less spending is a history reset."""
+    school, _, _, lost = _early_recovery(tmp_path)
+    school.train("run-x", 1)
+    second = Server(tmp_path, "run-2", [school])
+    _approve_in_run(second, school, lost)
+    with pytest.raises(RejectedUpdate, match="history-reset"):
+        second.receive(school, 1, school.train(second.run.run_id, 1))
+    assert [e["problem"] for e in second.events()] == ["history-reset"]
+
+
 # ----------------------------------------------------------------------------------- (b) a lower ε
 def _lower_epsilon(root: Path) -> tuple[School, list[dict], Ed25519PrivateKey, Ed25519PrivateKey]:
     school = School(root, "school-a")
