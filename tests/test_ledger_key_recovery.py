@@ -29,7 +29,7 @@ from privacy.signing import (SigningKeyError, approve_recovery_key, key_id, load
                              load_public_key, public_key_pem, retire_public_key, sign_hash)
 from server.deploy.commands import DeployError, recover_school_ledger_key, rotate_school_ledger_key
 from server.strategy import RejectedUpdate
-from test_ledger_trust import DELTA, Q, SIGMA, STEPS, School, Server, _audit
+from test_ledger_trust import DELTA, Q, SIGMA, STEPS, School, Server, _audit, _keyring
 
 
 def _lose_key(school: School) -> Ed25519PrivateKey:
@@ -151,7 +151,7 @@ def test_recovered_chain_passes_the_server_and_the_audit_which_names_the_recover
                and "ε carried" in t for t in notes), notes
 
 
-def test_a_plain_rotation_keyring_does_not_approve_a_recovery(tmp_path, capsys):
+def test_plain_rotation_keyring_does_not_approve_a_recovery(tmp_path, capsys):
     """The keyring trusts the new key (current) but the admin never approved it as a recovery key: a recovery
     is a hand-over the old key did not sign, so it needs the explicit approval."""
     school = School(tmp_path, "school-a")
@@ -188,13 +188,12 @@ def _keyring_server(root: Path, run_name: str, school: School, keys: Path) -> Se
     return server
 
 
-def test_a_recovery_during_a_run_counts_there_once_the_keyring_approves_it(tmp_path):
+def test_recovery_during_a_run_counts_there_once_the_keyring_approves_it(tmp_path):
     """A run pins a school's keys when it first selects it. The school loses its key mid-run and recovers; once
     the coordinator approved the new key in the keyring, the run takes it from there (as it would at its start)
     and accepts the recovery with the school's next reply."""
     school = School(tmp_path, "school-a")
-    keys = _approved_keyring(tmp_path, school, school.key)   # enrolled: its first key current
-    shutil.rmtree(keys / "school-a.retired"), shutil.rmtree(keys / "school-a.recovered")
+    keys = _keyring(tmp_path, [school])   # enrolled with its first key
     server = _keyring_server(tmp_path, "run-1", school, keys)
     _train(server, school, range(1, 2))
     lost = _lose_key(school)
@@ -208,7 +207,7 @@ def test_a_recovery_during_a_run_counts_there_once_the_keyring_approves_it(tmp_p
     assert kid == key_id(school.key) and chain["retired"] == [key_id(lost)]
 
 
-def test_a_recovery_a_run_cannot_approve_stops_the_school_in_that_run(tmp_path):
+def test_unapproved_recovery_stops_the_school_in_that_run(tmp_path):
     """Not approved (yet): the reply is refused and the school is not selected again in this run, rather than
     spending ε every round on replies the server refuses."""
     school = School(tmp_path, "school-a")
@@ -297,7 +296,7 @@ def test_a_early_pointer_is_found_by_the_audit_against_every_anchored_chain_of_t
     assert code == 2 and "key recovery at line 2 continues anchored entry 1 of 3" in out, out
 
 
-def test_a_chain_continuing_under_an_unanchored_key_must_carry_what_the_retired_key_anchored(tmp_path):
+def test_a_early_pointer_reaching_the_server_only_as_new_key_rounds_is_a_history_reset(tmp_path):
     """The same at the server: a run that keeps the lost key as retired compares the new key's first entries,
     which continue a chain it never saw, with what the lost key anchored: less spending is a history reset."""
     school, _, _, lost = _early_recovery(tmp_path)
@@ -487,7 +486,7 @@ def test_e_racing_recoveries_are_refused_by_the_server_and_the_audit(tmp_path, c
 
 
 # ----------------------------------------------------------------------------------- commands
-def test_a_node_does_not_make_a_new_key_beside_a_ledger_its_lost_key_signed(tmp_path):
+def test_node_does_not_make_a_new_key_beside_a_ledger_its_lost_key_signed(tmp_path):
     """Before recovery existed, a node whose signing_key.pem was deleted made a fresh key, overwrote
     signing_key.pub (the lost key's public half, which a recovery names) and then could not open its ledger."""
     school = School(tmp_path, "school-a")
@@ -601,7 +600,7 @@ def test_rotate_recovered_at_the_coordinator_approves_the_key(tmp_path, capsys):
     assert (dep.keyring / "lincoln.recovered" / f"{key_id(other)}.pub").read_text() == public_key_pem(other)
 
 
-def test_a_run_pinned_from_an_approving_keyring_copies_the_recovery_keys(tmp_path):
+def test_run_pinned_from_an_approving_keyring_copies_the_recovery_keys(tmp_path):
     from server.run_dir import RunDirectory
     from server.strategy import NodeInfo, SchoolFedAvg
     from shared_models.config import load_config
