@@ -142,7 +142,8 @@ def _recover_ledger_key(state_dir: Path, lost_key: Path | None) -> int:
           f"runs on")
     print(f"  send {rec.public} to the coordinator, who checks it is this school's and runs:")
     print("  fedfer deploy rotate NAME --ledger-key signing_key.pub --recovered")
-    print("  until then the server refuses the school; it accepts the recovery from its next run")
+    print("  start the node once it has (the server refuses a recovery not approved yet, and stops selecting the "
+          "school for the rest of that run)")
     return 0
 
 

@@ -609,7 +609,7 @@ def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: boo
     if old == key_id(load_public_key(pem)) and recovered:   # a plain rotate came first: add only the approval
         approved = approve_recovery_key(path, load_public_key(pem))
         return (f"{name}: ledger key {old} is already current in {path}; now approved as its recovery key in "
-                f"{approved.parent}: the server accepts the school's key recovery from its next run")
+                f"{approved.parent}: the server accepts the school's key recovery with its next reply")
     if old == key_id(load_public_key(pem)):
         raise DeployError(f"school {name}: --ledger-key {ledger_key} is already its ledger key ({old}) in {path}: "
                           f"send the signing_key.pub that `fedfer deploy school-key --new-ledger-key` printed")
@@ -623,7 +623,7 @@ def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: boo
     if recovered:
         return (f"{name}: ledger key {old} (lost) → {key_id(load_public_key(pem))} in {path}, approved as its "
                 f"recovery key in {approved.parent}; the lost key is kept in {retired.parent}. The server accepts the "
-                f"school's key recovery from its next run if it continues the last entry the server verified; "
+                f"school's key recovery with its next reply if it continues the last entry the server verified; "
                 f"`fedfer privacy audit --keys {dep.keyring}` follows it")
     kept = f"; the retired key is kept in {retired.parent}" if old != "none" else ""
     return (f"{name}: ledger key {old} → {key_id(load_public_key(pem))} in {path}{kept}. The server accepts the "
