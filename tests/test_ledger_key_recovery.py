@@ -282,6 +282,25 @@ def test_a_early_pointer_is_found_by_the_audit_from_the_run_copies_alone(tmp_pat
         and "truncated the old chain" in out, out
 
 
+def test_a_early_pointer_is_found_by_the_audit_from_a_later_runs_copy_alone(tmp_path, capsys):
+    """The dropped entries are in a later run's copy only, which starts after the entry the recovery continues
+    (its first entry follows an entry the copy does not hold); no anchors, no copy of the first run."""
+    school = School(tmp_path, "school-a")
+    _train(Server(tmp_path, "run-1", [school]), school, range(1, 2))
+    backup = tmp_path / "backup"
+    shutil.copytree(school.state, backup)
+    second = Server(tmp_path, "run-2", [school])
+    _train(second, school, range(1, 3))
+    shutil.rmtree(school.state)
+    shutil.copytree(backup, school.state)
+    lost = _lose_key(school)
+    _recover(school)
+    shutil.rmtree(tmp_path / "runs" / "anchors")
+    keys = _approved_keyring(tmp_path, school, lost)
+    code, out = _audit(capsys, second.run.path, school.state / "ledger.jsonl", "--keys", keys)
+    assert code == 2 and "key recovery continues entry" in out and "truncated the old chain" in out, out
+
+
 def test_a_early_pointer_is_found_by_the_audit_against_every_anchored_chain_of_the_ledgers_keys(tmp_path, capsys):
     """The recovery never reached the server (the school trained once more before it was approved, so no run copy
     carries it): the server anchored the new key as a chain of its own. The school's ledger is still checked
