@@ -24,6 +24,7 @@ tails and restarted chains.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,11 +32,15 @@ from typing import Any, Mapping, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared_models.atomic_files import atomic_write_text, locked
+from shared_models.small_files import SmallFileError, read_small_file
 from privacy.ledger import (GENESIS_HASH, KEY_CHANGES, KEY_RECOVERY, LedgerError, _check_school_name,
                             chain_start_key, copy_run_id, history_key)
 from privacy.signing import key_id, load_public_key, public_key_pem
 
 ANCHOR_DIR = "anchors"
+#: Largest anchor file read: 64 hex digits per entry a school ever sent, so a few megabytes after thousands
+#: of rounds; the bound keeps a damaged or planted file (a symlink to /dev/zero) from filling memory.
+MAX_ANCHOR_BYTES = 256 * 1024 * 1024
 
 
 def anchors_dir_of_run(run_dir: Path) -> Path:
@@ -50,12 +55,16 @@ def anchor_path(anchors_dir: Path, school_id: str) -> Path:
 
 def load_anchors(anchors_dir: Path, school_id: str) -> dict[str, Any]:
     path = anchor_path(anchors_dir, school_id)
-    if not path.exists():
+    if not os.path.lexists(path):   # lexists: a dangling symlink is a damaged anchor, not a new school
         return {"school": school_id, "chains": {}}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_small_file(path, MAX_ANCHOR_BYTES).decode("utf-8"))
+    except SmallFileError as exc:
+        raise LedgerError(f"{path}: anchor of school {school_id} unreadable ({exc.why})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LedgerError(f"{path}: anchor of school {school_id} unreadable ({exc})") from None
+    except RecursionError:
+        raise LedgerError(f"{path}: anchor of school {school_id} unreadable (JSON nested too deeply)") from None
     if not isinstance(data, dict) or data.get("school") != school_id or not isinstance(data.get("chains"), dict):
         raise LedgerError(f"{path}: not an anchor of school {school_id}")
     for kid, chain in data["chains"].items():

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from shared_models.small_files import SmallFileError, read_small_file
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.anchors import anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, copy_run_id,
@@ -361,35 +363,55 @@ def school_policy(keys_dir: Path | None, school: str, beside: Sequence[Path] = (
     candidates = [keys_dir / f"{school}.policy.json", keys_dir / f"{school}.policy.toml",
                   keys_dir.parent / "nodes" / school / "node-config.toml"]
     for path in candidates:
-        if path.is_file():
+        if os.path.lexists(path):   # not is_file(): a policy that is a pipe or a dangling link is a finding, not "none"
+            text = _read_policy_text(path, school)
             try:
-                text = path.read_text(encoding="utf-8")
                 policy = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
-                raise LedgerError(f"{path}: policy of school {school} unreadable ({exc})") from None
+            except (ValueError, RecursionError) as exc:
+                raise LedgerError(f"{path}: policy of school {school} unreadable ({_short(exc)})") from None
             if not isinstance(policy, dict):
                 raise LedgerError(f"{path}: policy of school {school} is not a table")
             return policy, str(path)
     manifest = keys_dir.parent / "deployment.json"
-    if manifest.is_file():
+    if os.path.lexists(manifest):
+        text = _read_policy_text(manifest, school)
         try:
-            nodes = json.loads(manifest.read_text(encoding="utf-8")).get("nodes", {})
-        except (OSError, ValueError) as exc:
-            raise LedgerError(f"{manifest}: unreadable ({exc})") from None
+            nodes = json.loads(text).get("nodes", {})
+        except (AttributeError, ValueError, RecursionError) as exc:   # AttributeError: not a JSON object
+            raise LedgerError(f"{manifest}: unreadable ({_short(exc)})") from None
         node = nodes.get(school) if isinstance(nodes, dict) else None
         if isinstance(node, dict) and isinstance(node.get("node_config"), dict):
             return dict(node["node_config"]), f"{manifest} (node {school})"
     return _run_policy(beside, school)
 
 
+#: Largest policy file (or deployment.json holding the policies) read: bounds what a planted file costs.
+MAX_POLICY_BYTES = 16 * 1024 * 1024
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def _read_policy_text(path: Path, school: str) -> str:
+    """The text of a file holding a school's policy; LedgerError naming it when it is not a small UTF-8 file."""
+    try:
+        return read_small_file(path, MAX_POLICY_BYTES).decode("utf-8")
+    except SmallFileError as exc:
+        raise LedgerError(f"{path}: policy of school {school} unreadable ({exc.why})") from None
+    except UnicodeDecodeError as exc:
+        raise LedgerError(f"{path}: policy of school {school} unreadable (not UTF-8 text: byte {exc.start})") from None
+
+
 def _run_policy(beside: Sequence[Path], school: str) -> tuple[dict[str, Any], str]:
-    path = next((p for p in beside if p.is_file()), None)
+    path = next((p for p in beside if os.path.lexists(p)), None)
     if path is None:
         return {}, ""
+    text = _read_policy_text(path, school)
     try:
-        policy = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise LedgerError(f"{path}: policy of school {school} unreadable ({exc})") from None
+        policy = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise LedgerError(f"{path}: policy of school {school} unreadable ({_short(exc)})") from None
     if not isinstance(policy, dict):
         raise LedgerError(f"{path}: policy of school {school} is not a JSON object")
     return policy, str(path)
@@ -829,16 +851,17 @@ def _edited_anchor(school: str, run_id: str, fsrc: _Source, csrc: _Source, hashe
 
 
 def _anchor_rejections(run_dirs: Sequence[Path]) -> list[str]:
-    """Replies the server rejected because their ledger did not continue its anchor (events.jsonl)."""
+    """Replies the server rejected because their ledger did not continue its anchor (events.jsonl). The file is
+    the coordinator's log, not evidence: a line that does not parse (torn, damaged) is skipped."""
     problems = []
     for run_dir in run_dirs:
         events = run_dir / "events.jsonl"
         if not events.is_file():
             continue
-        for line, raw in enumerate(events.read_text(encoding="utf-8").splitlines(), start=1):
+        for line, raw in enumerate(events.read_bytes().decode("utf-8", "replace").splitlines(), start=1):
             try:
                 event = json.loads(raw)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):   # ValueError: JSONDecodeError and huge integers
                 continue
             if isinstance(event, dict) and event.get("event") == "ledger-anchor":
                 problems.append(f"{events} line {line} (school {event.get('school')}): round {event.get('round')} "

@@ -634,7 +634,9 @@ class SchoolLedger:
         return recovery_public_keys(self.state_dir / PUBLIC_KEY_FILE)
 
     def _read(self) -> list[dict]:
-        if not self.path.exists():
+        # lexists, not exists: a symlink to a missing or looping target (a ledger on a volume that is not
+        # mounted) is refused by read_ledger_file, never taken for a new school and overwritten with a fresh chain
+        if not os.path.lexists(self.path):
             return []
         entries = read_ledger_file(self.path, school_id=self.school_id)
         keys = verify_entries(entries, self._trusted(), source=str(self.path), school_id=self.school_id,

@@ -14,15 +14,19 @@ import stat
 import tempfile
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared_models.atomic_files import atomic_write_bytes, fsync_dir
+from shared_models.small_files import SmallFileError, read_small_file
 
 SIGNING_KEY_FILE = "signing_key.pem"
 PUBLIC_KEY_FILE = "signing_key.pub"
 NEW_SIGNING_KEY_FILE = "signing_key.new.pem"   # during a key rotation only
+#: Largest key file read. An Ed25519 PEM is about 120 bytes; anything near this is not a key, and a
+#: bound keeps a file planted in a keyring or retired-key folder (a symlink to /dev/zero) from filling memory.
+MAX_KEY_FILE_BYTES = 64 * 1024
 
 
 class SigningKeyError(ValueError):
@@ -135,8 +139,12 @@ def _private_pem(key: Ed25519PrivateKey) -> bytes:
 def _read_private_key(path: Path, unreadable: str) -> Ed25519PrivateKey:
     """The Ed25519 private key in `path`; `unreadable` (with ``{exc}``) says what a file that does not parse means."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
+        data = read_small_file(path, MAX_KEY_FILE_BYTES)
+    except SmallFileError as exc:
+        raise SigningKeyError(str(exc)) from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:   # UnsupportedAlgorithm: a key type of no use here
         raise SigningKeyError(f"{path}: " + unreadable.format(exc=exc)) from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path}: is a {type(key).__name__}, expected an Ed25519 private key")
@@ -162,14 +170,14 @@ def load_public_key(pem_or_path: str | bytes | Path | Ed25519PublicKey) -> Ed255
         path = Path(pem_or_path)
         source = str(path)
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise SigningKeyError(f"{path}: cannot read public key ({exc.strerror})") from exc
+            data = read_small_file(path, MAX_KEY_FILE_BYTES)
+        except SmallFileError as exc:
+            raise SigningKeyError(f"{path}: cannot read public key ({exc.why})") from None
     else:
         data = pem_or_path.encode("ascii") if isinstance(pem_or_path, str) else pem_or_path
     try:
         key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:   # UnsupportedAlgorithm: an unknown key type
         raise SigningKeyError(f"{source}: not a PEM public key ({exc})") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise SigningKeyError(f"{source}: is a {type(key).__name__}, expected an Ed25519 public key")

@@ -496,14 +496,18 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
                                  stage_new_signing_key)
 
     state_dir = Path(state_dir).expanduser()
-    if not (state_dir / SIGNING_KEY_FILE).is_file():
+    key_file = state_dir / SIGNING_KEY_FILE
+    if os.path.lexists(key_file) and not key_file.is_file():
+        raise DeployError(f"{key_file}: not a regular file (a directory, a pipe or a broken link): restore the "
+                          f"school's signing key from a backup")
+    if not key_file.is_file():
         raise DeployError(f"--state-dir {state_dir}: no {SIGNING_KEY_FILE} to rotate: only the key in force can hand "
                           f"the ledger to a new one (a school makes its first key with `fedfer deploy school-key "
                           f"--state-dir DIR`)")
     try:
         old = load_or_create_signing_key(state_dir)
         ledger_path = state_dir / LEDGER_FILE
-        entries = read_ledger_file(ledger_path) if ledger_path.exists() else []
+        entries = read_ledger_file(ledger_path) if os.path.lexists(ledger_path) else []   # a broken link: refused
         # the key the ledger is in force under, trusting the school's own key: it is the school's ledger
         trusted = [old.public_key()] + retired_public_keys(state_dir / PUBLIC_KEY_FILE)   # its retired keys too
         keys = verify_entries(entries, trusted, source=str(ledger_path)) if entries else None
@@ -595,7 +599,7 @@ def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: boo
     it, and a verifier trusts only the start keys it holds (never one the ledger names). `recovered`: the school
     LOST the replaced key (`school-key --recover-ledger-key`); the admin approves the new key as its recovery
     key (`keys/<school>.recovered/<key id>.pub`), without which no verifier accepts its key recovery."""
-    from privacy.signing import approve_recovery_key, key_id, load_public_key, retire_public_key
+    from privacy.signing import approve_recovery_key, key_id, load_public_key, retire_public_key, retired_dir
     from server.deploy import credentials as cred
     from server.deploy.layout import Deployment
 
@@ -605,7 +609,9 @@ def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: boo
         raise DeployError(f"{name} is the {entry.role} node: only a school has a ledger key")
     pem = _school_ledger_key(Path(ledger_key), name)
     path = dep.keyring / f"{name}.pub"
-    old = key_id(load_public_key(path)) if path.is_file() else "none"
+    # lexists: a keyring key that cannot be read (a pipe, a broken link) is refused, not replaced unretired
+    old_key = load_public_key(path) if os.path.lexists(path) else None
+    old = key_id(old_key) if old_key is not None else "none"
     if old == key_id(load_public_key(pem)) and recovered:   # a plain rotate came first: add only the approval
         approved = approve_recovery_key(path, load_public_key(pem))
         return (f"{name}: ledger key {old} is already current in {path}; now approved as its recovery key in "
@@ -613,10 +619,12 @@ def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: boo
     if old == key_id(load_public_key(pem)):
         raise DeployError(f"school {name}: --ledger-key {ledger_key} is already its ledger key ({old}) in {path}: "
                           f"send the signing_key.pub that `fedfer deploy school-key --new-ledger-key` printed")
-    if recovered and not path.is_file():
+    if recovered and old_key is None:
         raise DeployError(f"school {name}: --recovered: {path} holds no ledger key, so there is no chain to recover")
-    if path.is_file():
-        retired = retire_public_key(path, load_public_key(path))
+    if os.path.lexists(retired_dir(path)) and not retired_dir(path).is_dir():
+        raise DeployError(f"{retired_dir(path)}: not a directory (it keeps the school's retired ledger keys)")
+    if old_key is not None:
+        retired = retire_public_key(path, old_key)
     if recovered:   # approved before the key is current: a crash in between leaves the old keyring working
         approved = approve_recovery_key(path, load_public_key(pem))
     cred.write_public(path, pem.encode())
