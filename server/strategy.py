@@ -539,7 +539,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         from privacy.anchors import (anchors_dir_of_run, check_continues, load_chain, unanchored_transition,
                                      update_anchor)
         from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LedgerError, ServerLedgerCopy, chain_start_key,
-                                    read_ledger_file)
+                                    check_entry_fields, read_ledger_file)
         from privacy.signing import key_id, trusted_public_keys
 
         if "ledger" not in content.config_records:
@@ -554,6 +554,11 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             raise RejectedUpdate("ledger field 'run-entries' must be a list of entries")
         if run_entries[-1].get("hash") != entry.get("hash"):
             raise RejectedUpdate("ledger entry is not the last of the run entries sent with it")
+        try:   # field types first: the anchor check below reads the first entry before its signature is verified
+            for i, e in enumerate(run_entries, start=1):
+                check_entry_fields(e, f"reply from school {school} entry {i}")
+        except LedgerError as exc:
+            raise RejectedUpdate(f"ledger entry does not verify: {exc}") from None
         recovery = next((e for e in run_entries if e.get("event") == KEY_RECOVERY), None)
         problem = self._approve_recovery(school, recovery) if recovery is not None else ""
         if problem:

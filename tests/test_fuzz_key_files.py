@@ -212,3 +212,47 @@ def test_rotate_says_the_retired_folder_is_not_a_folder(deployment, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "lincoln.retired: not a directory" in err and len(err.strip().splitlines()) == 1, err
     assert (keyring / "lincoln.pub").read_bytes() == old
+
+
+# ----------------------------------------------------------------------------------- a hostile school's reply
+@pytest.mark.parametrize("history_before", [5, "x", None, {"a": 1}, [[1]], [["a", "b", "c"]]])
+def test_a_first_entry_of_a_new_run_with_a_malformed_history_is_rejected_not_a_crash(tmp_path, history_before):
+    """The server compares a school's first entry of a run with its anchor before verifying the signature:
+    a history_before that is not a history was a TypeError (or AccountingError) out of the strategy, which
+    ended the run for every school; now it is that school's rejected reply."""
+    import json
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from server.validation import RejectedUpdate
+    from test_ledger_trust import School, Server
+
+    school = School(tmp_path, "school-a")
+    first = Server(tmp_path, "run-1", [school])
+    for rnd in (1, 2):
+        first.receive(school, rnd, school.train(first.run.run_id, rnd))
+    second = Server(tmp_path, "run-2", [school])   # the anchor now holds run-1's chain
+    entry = dict(school.train(second.run.run_id, 1)[-1], history_before=history_before)
+    reply = RecordDict({"ledger": ConfigRecord({"entry": json.dumps(entry), "run-entries": json.dumps([entry])})})
+    with pytest.raises(RejectedUpdate, match="history_before"):
+        second.strategy._store_ledger(reply, school.name, 1)
+
+
+def test_a_key_transition_to_an_unknown_key_type_is_rejected_not_a_crash(tmp_path):
+    """A transition signed by the school's own key whose new key is of a type `cryptography` does not know
+    (UnsupportedAlgorithm, not a ValueError) ended verification with an exception of its own."""
+    from privacy.ledger import KEY_TRANSITION, LedgerError, entry_hash, read_ledger_file, verify_entries
+    from privacy.signing import sign_hash
+    from test_ledger_trust import School
+
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    last = read_ledger_file(school.state / "ledger.jsonl")[-1]
+    transition = dict(last, event=KEY_TRANSITION, run_id="key-transition-x", round=0, run_seq=0, steps=0,
+                      prev_hash=last["hash"], history_before=[[1.2, 0.25, 8]],
+                      old_public_key=(school.state / "signing_key.pub").read_text(),
+                      new_public_key=UNKNOWN_KEY_TYPE_PEM.decode(), new_key_id="0" * 16)
+    transition["hash"] = entry_hash(transition)
+    transition["signature"] = sign_hash(school.key, transition["hash"])
+    with pytest.raises(LedgerError, match="key transition: .*Unknown key type"):
+        verify_entries([last, transition], school.key.public_key(), source="reply", start="run")
