@@ -151,7 +151,7 @@ def _read_jsonl(path: Path, notes: list[str]) -> Iterable[tuple[int, dict[str, A
             continue
         try:
             value = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):   # RecursionError: a line of 100,000 nested brackets
+        except (ValueError, RecursionError):   # JSONDecodeError, an integer of 5,000 digits; 100,000 nested brackets
             last = number == len(lines)
             notes.append(f"{path.name} line {number}: not valid JSON{' (torn last line of a running or crashed run?)' if last else ''}; skipped")
             continue

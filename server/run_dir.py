@@ -72,18 +72,20 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read complete lines; a torn line (a crash cut its write short; append_jsonl ends it before the next
-    line) is skipped."""
+    """The JSON objects of a file's complete lines; a torn line (a crash cut its write short; append_jsonl
+    ends it before the next line) is skipped, and so is a damaged one (not UTF-8, not JSON, not an object)."""
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
         line = line.strip()
         if line:
             try:
-                records.append(json.loads(line))
-            except (json.JSONDecodeError, RecursionError):
+                record = json.loads(line)
+            except (ValueError, RecursionError):   # ValueError: JSONDecodeError, an integer of 5,000 digits
                 continue
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 
@@ -242,7 +244,9 @@ class RunDirectory:
         append_jsonl(self.events_path, {"event": kind, "time": time.time(), **fields})
 
     def metrics(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.metrics_path)
+        # a line without an integer round is damaged: the resume and the summary count rounds by it
+        return [r for r in read_jsonl(self.metrics_path)
+                if isinstance(r.get("round"), int) and not isinstance(r["round"], bool)]
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, server_round: int, state_dict: Mapping[str, torch.Tensor], model_info: Mapping[str, Any],

@@ -432,17 +432,17 @@ def print_summary(run_path: Path, wall: float) -> int:
         return 1
     last = rounds[-1]
     print("\nsummary")
-    print(f"  rounds completed   {sum(1 for r in rounds if int(r['round']) > 0)} (last: {last['round']})")
-    start = next((r for r in rounds if int(r["round"]) == 0), None)
+    print(f"  rounds completed   {sum(1 for r in rounds if r['round'] > 0)} (last: {last['round']})")
+    start = next((r for r in rounds if r["round"] == 0), None)
     if start is not None:   # the pre-trained model (model.pretrained), scored before round 1
-        print("  pre-trained start  " + ", ".join(f"{bench} {m['accuracy']:.3f}"
-                                                 for bench, m in start.get("evaluation", {}).items()))
+        print("  pre-trained start  " + ", ".join(f"{bench} {_three(m.get('accuracy'))}"
+                                                 for bench, m in _benchmarks(start)))
     print(f"  wall time          {wall:.0f} s")
-    for bench, m in last.get("evaluation", {}).items():
-        ci = (f" [95% CI {m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}]"
+    for bench, m in _benchmarks(last):
+        ci = (f" [95% CI {_three(m['accuracy_ci_low'])}-{_three(m.get('accuracy_ci_high'))}]"
               if m.get("accuracy_ci_low") is not None else "")
-        print(f"  {bench:<18} accuracy {m['accuracy']:.3f}{ci}"
-              f"  UAR {m['uar']:.3f}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']}, by {last.get('evaluated_by', '?')})")
+        print(f"  {bench:<18} accuracy {_three(m.get('accuracy'))}{ci}  UAR {_three(m.get('uar'))}  macro-F1 "
+              f"{_three(m.get('macro_f1'))}  (n={m.get('n', '?')}, by {last.get('evaluated_by', '?')})")
     from server.report import load_run, school_spend
 
     run = load_run(run_path)
@@ -458,6 +458,18 @@ def print_summary(run_path: Path, wall: float) -> int:
     report = run_path / "report.md"
     print(f"  report             {report if report.exists() else '(not written)'}")
     return 0
+
+
+def _benchmarks(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A metrics line's (benchmark, metrics) pairs; in a damaged line (a resumed run's metrics.jsonl edited or
+    cut by a crash), what is not an object is left out rather than ending the summary of a finished run."""
+    evaluation = record.get("evaluation")
+    return [(str(b), m) for b, m in evaluation.items() if isinstance(m, dict)] if isinstance(evaluation, dict) else []
+
+
+def _three(value: Any) -> str:
+    """A metric with 3 decimals, or '?' when a damaged line holds something else."""
+    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
 
 
 def _print_epsilons(spend: dict[str, Any], many: int = 20) -> None:
