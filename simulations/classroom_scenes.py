@@ -142,11 +142,18 @@ def _row_geometry(rows: int, height: int) -> list[tuple[int, int]]:
     return out
 
 
+#: Most seats a synthetic room has (rows of 5-6 in the frame).
+MAX_STUDENTS = 40
+#: Most frames a synthetic lesson writes: 10 hours at 1 frame per second. A lesson, not a disk filler (each
+#: frame is a full-room image; `script_lesson` also holds every student's track for every frame in memory).
+MAX_FRAMES = 36_000
+
+
 def make_room(seed: int, students: int = 24, width: int = FRAME_W, height: int = FRAME_H,
               roster_school: int = 0) -> Room:
     """A room with `students` seats in rows (5-6 per row), its lighting, and a roster of synthetic students."""
-    if not 1 <= students <= 40:
-        raise ValueError(f"a classroom scene holds 1..40 students, got {students}")
+    if not 1 <= students <= MAX_STUDENTS:
+        raise ValueError(f"a classroom scene holds 1..{MAX_STUDENTS} students, got {students}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 17, 0]))
     per_row = 6 if students > 20 else 5
     rows = math.ceil(students / per_row)

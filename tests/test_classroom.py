@@ -579,3 +579,23 @@ def test_ingest_refuses_a_folder_that_holds_a_lesson_and_stops_when_a_crop_canno
     monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)
     with pytest.raises(IngestError, match="could not write the face crop"):
         ingest(lesson / "frames", tmp_path / "new", seat_map=lesson / "seat_map.json", size=48, echo=lambda line: None)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seconds", "nan"], "--seconds must be a number > 0, got nan"),
+    (["--seconds", "inf"], "--seconds must be a number > 0, got inf"),
+    (["--seconds", "-5"], "--seconds must be a number > 0"),
+    (["--fps", "nan"], "--fps must be a number > 0, got nan"),
+    (["--fps", "0"], "--fps must be a number > 0"),
+    (["--students", "0"], "--students must be in 1..40, got 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--seconds", "1e7"], "a synthetic lesson has at most 36,000"),   # ran until the memory ran out
+])
+def test_scene_refuses_what_it_cannot_make_in_one_line_before_writing(tmp_path, capsys, flags, words):
+    """NaN or infinite seconds, a negative seed, no students: numpy's ValueError was an internal error (exit 70)."""
+    from fedfer.cli import main as fedfer_main
+
+    assert fedfer_main(["classroom", "scene", str(tmp_path / "lesson"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1 and "internal" not in err, err
+    assert not (tmp_path / "lesson").exists()

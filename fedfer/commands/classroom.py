@@ -167,9 +167,29 @@ def _lesson_in_memory(args: argparse.Namespace, cfg: dict, classify):  # type: i
                               workers=args.workers, warn=warn)
 
 
+def _check_scene(args: argparse.Namespace) -> None:
+    """One line for a scene the generator cannot make: NaN seconds, a negative seed and the like reached numpy
+    as ValueErrors ("internal error"), and 10^7 seconds ran until the memory ran out."""
+    import math
+
+    from simulations.classroom_scenes import MAX_FRAMES, MAX_STUDENTS
+
+    if not 1 <= args.students <= MAX_STUDENTS:
+        raise UsageError(f"--students must be in 1..{MAX_STUDENTS}, got {args.students}")
+    for flag, value in (("--seconds", args.seconds), ("--fps", args.fps)):
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a number > 0, got {value}")
+    if args.seconds * args.fps > MAX_FRAMES:
+        raise UsageError(f"--seconds {args.seconds:g} at --fps {args.fps:g} is {args.seconds * args.fps:,.0f} frames; "
+                         f"a synthetic lesson has at most {MAX_FRAMES:,}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+
+
 def cmd_scene(args: argparse.Namespace) -> int:
     from simulations import classroom_scenes as scenes
 
+    _check_scene(args)
     room = scenes.make_room(args.seed, args.students)
     script = scenes.script_lesson(room, args.seconds, args.fps, seed=args.seed)
     out = scenes.write_lesson(args.out, room, script, args.format)
