@@ -512,8 +512,8 @@ def _register_prv() -> str:
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "prv", epsilon_tolerance: float = 0.01) -> float:
     """Smallest noise multiplier (within tolerance) such that ``steps`` steps at ``sample_rate``
-    stay within ``target_epsilon``: Opacus' ``get_noise_multiplier`` (a bisection), run on the same
-    accountant the budget uses. Raises AccountingError on an impossible target.
+    stay within ``target_epsilon``: Opacus' ``get_noise_multiplier`` bisection (with a stop, :func:`_bisect_noise`),
+    run on the same accountant the budget uses. Raises AccountingError on an impossible target.
 
     The bisection takes seconds and a deployed school runs every message in a fresh process, so results
     are also kept on disk (:func:`calibration_cache_path`; public values only). A stored σ is used only
@@ -535,17 +535,48 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     return sigma
 
 
+#: The bisection stops once σ is known to this relative precision, or after MAX_BISECTION_STEPS halvings, even
+#: if ε is not yet within the tolerance. Opacus' loop has no such stop: a target ε the accountant cannot
+#: reach as σ → 0 (ε 10^6 at q 0.27; ε 1,000 at q 0.001 and one step) ran for good, in `privacy plan`, the
+#: canary audit and every school's round. A normal target ends within the tolerance after 6-20 halvings, at
+#: the σ Opacus finds.
+SIGMA_PRECISION = 1e-6
+MAX_BISECTION_STEPS = 100
+
+
 def _bisect_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
                   epsilon_tolerance: float) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
+    """Opacus' ``get_noise_multiplier`` bisection on the same accountant, with a stop (see SIGMA_PRECISION).
+    Every σ it returns keeps ε within `target_epsilon`: only the bracket's upper end is ever returned."""
+    from opacus.accountants import create_accountant
+    from opacus.accountants.utils import MAX_SIGMA
 
-    mechanism = _register_prv() if accountant == "prv" else "rdp"
+    mechanism = create_accountant(mechanism=_register_prv() if accountant == "prv" else "rdp")
+
+    def epsilon(sigma: float) -> float:
+        mechanism.history = [(sigma, sample_rate, steps)]
+        return mechanism.get_epsilon(delta=delta)
+
     try:
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=int(steps),
-                                              accountant=mechanism, epsilon_tolerance=epsilon_tolerance))
+            sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf   # as Opacus: the first σ tried is 20
+            while eps_high > target_epsilon:
+                sigma_high *= 2
+                if sigma_high > MAX_SIGMA:
+                    raise ValueError("The privacy budget is too low.")
+                eps_high = epsilon(sigma_high)
+            halvings = 0
+            while (target_epsilon - eps_high > epsilon_tolerance and halvings < MAX_BISECTION_STEPS
+                   and sigma_high - sigma_low > SIGMA_PRECISION * sigma_high):
+                halvings += 1
+                sigma = (sigma_low + sigma_high) / 2
+                eps = epsilon(sigma)
+                if eps < target_epsilon:
+                    sigma_high, eps_high = sigma, eps
+                else:
+                    sigma_low = sigma
+            return float(sigma_high)
     except ValueError as exc:
         raise AccountingError(f"cannot reach epsilon {target_epsilon} at delta {delta} with q={sample_rate}, "
                               f"{steps} steps: {exc}") from exc
