@@ -305,6 +305,17 @@ def test_canary_audit_reads_a_run_config_strictly(tmp_path, capsys, text):
     assert err.count("\n") == 1 and "config.yaml" in err and "internal error" not in err, err
 
 
+@pytest.mark.parametrize("flags, words", [(["--image-size", "100000"], "--image-size must be at most 512"),
+                                          (["--seed", "-1"], "--seed must be >= 0, got -1")])
+def test_canary_audit_flags_out_of_range_are_one_line_naming_the_flag(capsys, flags, words):
+    """--image-size 100000 asked torch for 27 TB (an internal error); --seed -1 was numpy's message, naming no flag."""
+    from fedfer.cli import main
+
+    assert main(["privacy", "canary-audit", "--canaries", "40", "--runs", "4", *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "internal error" not in err, err
+
+
 def test_the_history_footnote_only_asks_for_ledgers_not_given(tmp_path, capsys):
     """A run copy's ε includes the earlier spending its first entry claims; the footnote asks for the school's own
     ledger to check that claim, and is gone once every school's own ledger is given beside the run."""

@@ -226,6 +226,10 @@ def _canary_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Largest face side the canary harness resizes to: what a school's data may hold (data.image_size's maximum).
+MAX_CANARY_IMAGE_SIZE = 512
+
+
 def _check_canary_flags(args: argparse.Namespace) -> None:
     """One-line errors for flags out of range, before anything is loaded."""
     for name, value, integer in (("epsilon", args.epsilon, False), ("delta", args.delta, False),
@@ -235,6 +239,10 @@ def _check_canary_flags(args: argparse.Namespace) -> None:
                                  ("lr", args.lr, False), ("beta", args.beta, False),
                                  ("image-size", args.image_size, True), ("threads", args.threads, True)):
         _positive(name, value, integer)
+    if args.image_size > MAX_CANARY_IMAGE_SIZE:   # 10^5 asked torch for 27 TB: an internal error
+        raise UsageError(f"--image-size must be at most {MAX_CANARY_IMAGE_SIZE}, got {args.image_size}")
+    if args.seed < 0:   # numpy's own message named no flag
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: not a directory")
 
