@@ -80,3 +80,14 @@ def test_an_unknown_model_named_on_the_command_line_is_a_user_error(capsys):
     assert cli.main(["train-central", "--model", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error" not in err and "model.name" in err and "'nosuch'" in err
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_train_central_refuses_epochs_below_one_before_making_data(tmp_path, monkeypatch, capsys, epochs):
+    """--epochs -1 generated the synthetic classroom, then ended in an UnboundLocalError (internal error)."""
+    from fedfer.commands import simulate
+
+    monkeypatch.setattr(simulate, "_ensure_data", lambda *a, **k: pytest.fail("data made for a refused command"))
+    assert cli.main(["train-central", "--epochs", epochs]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error" not in err and f"--epochs must be >= 1, got {epochs}" in err, err

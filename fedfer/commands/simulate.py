@@ -493,8 +493,11 @@ def _print_epsilons(spend: dict[str, Any], many: int = 20) -> None:
 
 
 def cmd_train_central(args: argparse.Namespace) -> int:
+    from fedfer.commands import UsageError
     from simulations.central import train_central
 
+    if args.epochs < 1:   # before the data is made: -1 ran the data generation, then ended in an UnboundLocalError
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     # --model / --preset are overrides like any key=value (the last word), so the schema checks them before any data is made
     args.overrides = [*args.overrides, *([f"model.name={args.model}"] if args.model else []),
                       *([f"model.preset={args.preset}"] if args.preset else [])]
