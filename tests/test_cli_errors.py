@@ -91,3 +91,17 @@ def test_train_central_refuses_epochs_below_one_before_making_data(tmp_path, mon
     assert cli.main(["train-central", "--epochs", epochs]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "internal error" not in err and f"--epochs must be >= 1, got {epochs}" in err, err
+
+
+@pytest.mark.parametrize("out", ["folder", "a-file/x.pt", "/dev/null/x.pt"])
+def test_pretrain_refuses_an_out_it_cannot_write_before_training(tmp_path, monkeypatch, capsys, out):
+    """An --out under a file (or a folder) failed only when the checkpoint was written, after the training."""
+    import simulations.pretrain as pretrain
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("trained for a refused --out"))
+    assert cli.main(["pretrain", "--out", out, "--benchmark", "fer2013:train=/nonexistent.csv", "--no-evaluate"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}:" in err and "internal error" not in err, err

@@ -45,6 +45,23 @@ def _needs_synthetic(specs: str) -> bool:
                for spec in split_benchmark_list(specs))
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why the checkpoint cannot be written to `out` (its folder is made if missing), or None."""
+    import os
+
+    out = out.expanduser()
+    if out.is_dir():
+        return "a directory (give the checkpoint's file name)"
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:   # the first folder that exists is where it is made
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable by this user"
+    return None
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     try:
         overrides = list(args.overrides)
@@ -56,6 +73,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         check_paths(cfg, source=str(args.config or "override"))
     except ConfigError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
+        return 2
+    if args.out is not None and (problem := _unwritable(args.out)):   # before minutes of training, not after
+        print(f"fedfer: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     from simulations import pretrain, synth
 
