@@ -105,3 +105,15 @@ def test_pretrain_refuses_an_out_it_cannot_write_before_training(tmp_path, monke
     assert cli.main(["pretrain", "--out", out, "--benchmark", "fer2013:train=/nonexistent.csv", "--no-evaluate"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--out {out}:" in err and "internal error" not in err, err
+
+
+@pytest.mark.parametrize("flags, words", [(["--threads", "100000"], "--threads must be in 1..1024, got 100000"),
+                                          (["--threads", "0"], "--threads must be in 1..1024, got 0"),
+                                          (["--seed", "-1"], "--seed must be >= 0, got -1")])
+def test_evaluate_flags_out_of_range_are_one_line_naming_the_flag(tmp_path, capsys, flags, words):
+    """--threads 100000 crashed the process (exit 139: OpenBLAS could not start the threads); --seed -1 was
+    numpy's 'expected non-negative integer' after the model was loaded."""
+    assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "ck.pt"), "--benchmark", "synthetic-fer2013",
+                     *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "internal error" not in err, err

@@ -51,7 +51,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument("--input-size", type=int, default=None,
                           help="input side in pixels (default: the model preset's)")
-    evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads (1..1024)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     report = subparsers.add_parser(
@@ -170,6 +170,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: Most torch CPU threads `evaluate` starts (train.threads' maximum in the config schema).
+MAX_THREADS = 1024
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import logging
 
@@ -178,7 +182,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from shared_models.datasets import BenchmarkError
 
     logging.basicConfig(level=logging.WARNING, format="fedfer evaluate: %(message)s")
-    torch.set_num_threads(max(1, args.threads))
+    if not 1 <= args.threads <= MAX_THREADS:   # 100,000 crashed the process (OpenBLAS could not start them)
+        return _fail("evaluate", f"--threads must be in 1..{MAX_THREADS}, got {args.threads}")
+    if args.seed < 0:   # numpy's own message named no flag
+        return _fail("evaluate", f"--seed must be >= 0, got {args.seed}")
+    torch.set_num_threads(args.threads)
     if args.batch_size < 1:
         return _fail("evaluate", f"--batch-size must be >= 1, got {args.batch_size}")
     if args.bootstrap < 0 or args.bootstrap > 1_000_000:
