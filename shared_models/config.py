@@ -107,6 +107,7 @@ RULES: dict[str, Rule] = {
     "pretrain.batch_size": Rule(minimum=1, maximum=1_000_000),
     "pretrain.lr": Rule(minimum=0.0),
     "pretrain.threads": Rule(minimum=0, maximum=1024),
+    "pretrain.seed": Rule(minimum=0, maximum=SEED_MAX),   # torch.manual_seed(10**30) and seeds < 0 were ValueErrors mid-run
     "classroom.report_min_students": Rule(minimum=1, maximum=10_000),
 }
 

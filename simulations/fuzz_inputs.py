@@ -232,6 +232,7 @@ def override_cases() -> list[Case]:
         "evaluation.benchmarks=nope": "evaluation.benchmarks", "evaluation.benchmarks=": "evaluation.benchmarks",
         "run.name=../../x": "run.name", "run.name=/abs": "run.name", "run.name=a/b": "run.name",
         "run.seed=-1": "run.seed", "data.seed=99999999999": "data.seed", "train.threads=-1": "train.threads",
+        "pretrain.seed=-1": "pretrain.seed", "pretrain.seed=" + "9" * 30: "pretrain.seed",
         "privacy.school_budgets=s1=inf": "privacy.school_budgets", "privacy.school_budgets=s1": "privacy.school_budgets",
         "privacy.max_grad_norm=0": "privacy.max_grad_norm", "data.image_size=4": "data.image_size",
         "federation.round_timeout=0": "federation.round_timeout", "privacy.accountant=magic": "privacy.accountant",

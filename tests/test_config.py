@@ -72,3 +72,12 @@ def test_cli_reports_bad_config_in_one_line():
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert lines == ["fedfer: override: unknown key 'federation.roundz'"]
+
+
+@pytest.mark.parametrize("value", ["-1", str(10**30)])
+def test_pretrain_seed_is_checked_like_the_other_seeds(value):
+    """pretrain.seed had no rule: a negative or 31-digit seed reached torch.manual_seed and numpy mid-run."""
+    from shared_models.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="pretrain.seed"):
+        load_config(None, [f"pretrain.seed={value}"])
