@@ -226,7 +226,9 @@ def load_run(run_dir: Path) -> RunData:
     data.references = _read_references(run_dir, data.notes)
     events_path = run_dir / "events.jsonl"
     if events_path.is_file():
-        data.incidents = [e for _, e in _read_jsonl(events_path, data.notes) if e.get("event") in INCIDENTS]
+        # isinstance first: an "event" that is a list or an object is unhashable (a TypeError in the dict lookup)
+        data.incidents = [e for _, e in _read_jsonl(events_path, data.notes)
+                          if isinstance(e.get("event"), str) and e["event"] in INCIDENTS]
     if data.rounds:
         present = sorted(data.rounds)
         last = max(present[-1], data.planned_rounds or 0)
@@ -254,7 +256,8 @@ def _incident_section(data: RunData) -> list[str]:
     for e in data.incidents[:MAX_INCIDENT_ROWS]:
         who = e.get("school") or (f"node {e['node_id']}" if "node_id" in e else "")
         reason = " ".join(str(e.get("reason", "")).split())[:200].replace("|", "/")
-        lines.append(f"| {INCIDENTS[e['event']]} | {e.get('round', '')} | {str(who)[:80].replace('|', '/')} | {reason} |")
+        rnd = str(e.get("round", ""))[:20].replace("|", "/")
+        lines.append(f"| {INCIDENTS[e['event']]} | {rnd} | {str(who)[:80].replace('|', '/')} | {reason} |")
     if len(data.incidents) > MAX_INCIDENT_ROWS:
         lines.append(f"| … and {len(data.incidents) - MAX_INCIDENT_ROWS} more in events.jsonl | | | |")
     return lines + [""]

@@ -76,3 +76,18 @@ def test_report_skips_a_metrics_line_with_an_integer_too_long_for_python(tmp_pat
     metrics.write_bytes(DAMAGED_LINES["an integer of 5000 digits"] + metrics.read_bytes())
     assert fedfer_main(["report", str(run)]) == 0, capsys.readouterr().err
     assert "metrics.jsonl line 1: not valid JSON" in (run / "report.md").read_text()
+
+
+def test_report_and_summary_skip_an_events_line_whose_event_is_not_a_name(tmp_path, capsys):
+    """{"event": [1]} in events.jsonl: the incident lookup hashed it (TypeError: internal error in `fedfer
+    report`, and in the summary a finished run prints)."""
+    from fedfer.cli import main as fedfer_main
+    from fedfer.commands.simulate import print_summary
+
+    run = write_run(tmp_path / "run", [1, 2], planned=2)
+    (run / "events.jsonl").write_text('{"event": [1]}\n{"event": {"a": 1}}\n'
+                                      '{"event": "rejected-school", "round": "1 | 2", "school": {"x": 1}, "reason": 5}\n')
+    assert fedfer_main(["report", str(run)]) == 0, capsys.readouterr().err
+    report = (run / "report.md").read_text()
+    assert "| school refused for the run | 1 / 2 |" in report, report
+    assert print_summary(run, 1.0) == 0
