@@ -599,3 +599,13 @@ def test_scene_refuses_what_it_cannot_make_in_one_line_before_writing(tmp_path, 
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1 and "internal" not in err, err
     assert not (tmp_path / "lesson").exists()
+
+
+@pytest.mark.parametrize("box", ["[0, 0, " + "9" * 400 + ", 10]", "[0, 0, 1e999, 10]", "[true, 0, 10, 10]"])
+def test_a_seat_box_number_too_large_for_a_float_is_a_seat_map_error(tmp_path, box):
+    """A 400-digit integer in a box: math.isfinite raised OverflowError (an internal error in `classroom ingest`)."""
+    from client.classroom.tracks import SeatMapError, load_seat_map
+
+    (tmp_path / "seats.json").write_text('{"seats": [{"student_id": "a", "box": ' + box + '}]}')
+    with pytest.raises(SeatMapError, match=r"box must be four numbers"):
+        load_seat_map(tmp_path / "seats.json")

@@ -42,6 +42,16 @@ class Seat:
         return self.box[0] <= point[0] <= self.box[2] and self.box[1] <= point[1] <= self.box[3]
 
 
+def _finite_number(value: object) -> bool:
+    """An int or float that is finite; an integer too large for a float (400 digits in the JSON) is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:   # math.isfinite converts an int to a float first
+        return False
+
+
 def _seat(item: object, path: Path, index: int) -> Seat:
     if not isinstance(item, dict):
         raise SeatMapError(f"{path}: seats[{index}] must be an object with student_id and box")
@@ -53,8 +63,7 @@ def _seat(item: object, path: Path, index: int) -> Seat:
         raise SeatMapError(f"{path}: seats[{index}].student_id must be a non-empty name without commas, slashes "
                            "or control characters")
     box = item.get("box")
-    if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                            and math.isfinite(v) for v in box)):
+    if not (isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box)):
         raise SeatMapError(f"{path}: seats[{index}].box must be four numbers [x0, y0, x1, y1]")
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     if not (0 <= x0 < x1 and 0 <= y0 < y1):
