@@ -609,3 +609,12 @@ def test_a_seat_box_number_too_large_for_a_float_is_a_seat_map_error(tmp_path, b
     (tmp_path / "seats.json").write_text('{"seats": [{"student_id": "a", "box": ' + box + '}]}')
     with pytest.raises(SeatMapError, match=r"box must be four numbers"):
         load_seat_map(tmp_path / "seats.json")
+
+
+def test_a_label_file_cell_over_the_csv_field_limit_is_one_line_naming_the_file(tmp_path):
+    """A 1 MB frame name: csv.Error 'field larger than field limit' was an internal error in `classroom ingest`."""
+    from client.classroom.ingest import IngestError, read_label_file
+
+    (tmp_path / "labels.csv").write_text("frame,student_id,label\n" + "x" * 1_000_000 + ",a,happy\n")
+    with pytest.raises(IngestError, match=r"labels.csv line 2: not a CSV row"):
+        read_label_file(tmp_path / "labels.csv")

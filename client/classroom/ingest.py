@@ -78,15 +78,18 @@ def read_label_file(path: Path) -> dict[tuple[str, str], int]:
     except (OSError, UnicodeDecodeError) as exc:
         raise IngestError(f"{path}: cannot read the label file ({exc})") from None
     reader = csv.DictReader(text.splitlines())
-    missing = [c for c in ("frame", "student_id", "label") if c not in (reader.fieldnames or [])]
-    if missing:
-        raise IngestError(f"{path}: missing column(s) {', '.join(missing)} (expected frame,student_id,label)")
-    out: dict[tuple[str, str], int] = {}
-    for line, row in enumerate(reader, start=2):
-        label = (row.get("label") or "").strip().lower()
-        if label not in FER7:
-            raise IngestError(f"{path} line {line}: unknown label {row.get('label')!r} (expected one of {', '.join(FER7)})")
-        out[((row.get("frame") or "").strip(), (row.get("student_id") or "").strip())] = FER7.index(label)
+    try:
+        missing = [c for c in ("frame", "student_id", "label") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise IngestError(f"{path}: missing column(s) {', '.join(missing)} (expected frame,student_id,label)")
+        out: dict[tuple[str, str], int] = {}
+        for line, row in enumerate(reader, start=2):
+            label = (row.get("label") or "").strip().lower()
+            if label not in FER7:
+                raise IngestError(f"{path} line {line}: unknown label {row.get('label')!r} (expected one of {', '.join(FER7)})")
+            out[((row.get("frame") or "").strip(), (row.get("student_id") or "").strip())] = FER7.index(label)
+    except csv.Error as exc:   # a cell over csv's field limit (a megabyte frame name was an internal error)
+        raise IngestError(f"{path} line {reader.line_num + 1}: not a CSV row ({exc})") from None   # the line it failed in
     return out
 
 
