@@ -34,8 +34,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from privacy.engine import PRIVACY_UNITS, DPPlan, plan_from_config
+from shared_models.small_files import read_small_file
 
 POLICY_FILE = "policy.json"
+#: Largest policy.json read (a dozen keys are a few hundred bytes): a planted file costs at most this much memory.
+MAX_POLICY_BYTES = 1024 * 1024
 POLICY_KEYS = ("unit", "delta", "budget", "max-round-epsilon", "declared-students", "declared-images")
 #: the classroom report's keys (`fedfer classroom report`): optional, read by `report_policy`
 REPORT_KEYS = ("report-min-students", "per-student-figures")
@@ -154,8 +157,10 @@ def _read_policy_json(path: Path) -> dict[str, Any]:
     if why := special_file(path):
         raise PolicyError(f"{path}: unreadable policy ({why})")
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        values = json.loads(read_small_file(path, MAX_POLICY_BYTES).decode("utf-8"))
+    except RecursionError:
+        raise PolicyError(f"{path}: unreadable policy (JSON nested too deeply)") from None
+    except (OSError, ValueError) as exc:   # ValueError: not UTF-8, not JSON, an integer of 5,000 digits
         raise PolicyError(f"{path}: unreadable policy ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(values, dict):
         raise PolicyError(f"{path}: must be a JSON object of policy keys")

@@ -250,3 +250,14 @@ def test_a_delta_not_below_one_over_the_true_count_is_said_in_the_schools_log_on
     context = school_context(school, tmp_path / "state2", _run_config(), **{"delta": 0.1, "declared-students": 2})
     client_app.train(train_message(global_state, tmp_path / "run2"), context)
     assert not [m for m in said if "delta" in m]
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"budget": ' + "9" * 5000 + "}"], ids=["deep", "5000-digit"])
+def test_a_policy_json_too_deep_or_with_an_integer_too_long_for_python_is_a_policy_error(tmp_path, text):
+    """RecursionError / ValueError escaped the reader (an internal error in `classroom report --policy`, a
+    failed round at the school instead of its one-line refusal)."""
+    from privacy.policy import PolicyError, read_policy_file
+
+    (tmp_path / "policy.json").write_text(text)
+    with pytest.raises(PolicyError, match="policy.json: unreadable policy"):
+        read_policy_file(tmp_path)
