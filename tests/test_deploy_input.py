@@ -146,6 +146,18 @@ def test_add_school_without_ca_certificate(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.timeout(120)   # a pipe that is waited on fails here instead of hanging the suite
+@pytest.mark.parametrize("credential", ["ca_cert", "ca_key"])
+def test_add_school_refuses_a_ca_file_that_is_a_named_pipe(tmp_path, credential):
+    """A ca.crt that was a named pipe hung `fedfer deploy add-school` (read_bytes waits for a writer)."""
+    dep = deploy_cli.init_deployment(tmp_path / "deploy", "localhost", flwr_home=tmp_path / "home")
+    path = getattr(dep, credential)
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(cred.CredentialError, match=f"{path.name}: cannot read the .*named pipe"):
+        cred.load_certificate(path) if credential == "ca_cert" else cred.load_ec_private_key(path)
+
+
 @pytest.mark.parametrize("content, needle", [
     (b"[]", "expected a JSON object"),
     (os.urandom(64) + b"\xff", "not UTF-8"),

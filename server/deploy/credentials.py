@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared_models.atomic_files import atomic_write_bytes
+from shared_models.small_files import SmallFileError, read_small_file
 
 # Names every SuperLink certificate carries so the coordinator reaches its own SuperLink.
 LOOPBACK_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -216,25 +217,33 @@ def pem_certificate(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def load_certificate(path: Path) -> x509.Certificate:
+#: Largest certificate or key file read: a PEM certificate is a few kilobytes. Bounded, and a named pipe is
+#: refused rather than waited on (a ca.crt that was a pipe hung `fedfer deploy add-school`).
+MAX_CREDENTIAL_BYTES = 1024 * 1024
+
+
+def _read_credential(path: Path, what: str) -> bytes:
     try:
-        return x509.load_pem_x509_certificate(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise CredentialError(f"{path}: certificate file missing") from None
-    except OSError as exc:
-        raise CredentialError(f"{path}: cannot read the certificate ({exc.strerror or exc})") from None
+        return read_small_file(path, MAX_CREDENTIAL_BYTES)
+    except SmallFileError as exc:
+        if exc.why == "missing":
+            raise CredentialError(f"{path}: {what} file missing") from None
+        raise CredentialError(f"{path}: cannot read the {what} ({exc.why})") from None
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    data = _read_credential(Path(path), "certificate")
+    try:
+        return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
         raise CredentialError(f"{path}: not a PEM certificate ({' '.join(str(exc).split())})") from None
 
 
 def load_ec_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    data = _read_credential(Path(path), "private key")
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except FileNotFoundError:
-        raise CredentialError(f"{path}: private key file missing") from None
-    except OSError as exc:
-        raise CredentialError(f"{path}: cannot read the private key ({exc.strerror or exc})") from None
-    except (ValueError, TypeError) as exc:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CredentialError(f"{path}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CredentialError(f"{path}: expected an EC private key, got {type(key).__name__}")
@@ -279,11 +288,10 @@ def create_node_key(directory: Path, stem: str = "supernode", comment: str = "")
 def load_node_public_key(path: Path) -> str:
     """Read and check a SuperNode public key (`ecdsa-sha2-nistp384 ...`); returns the one-line key."""
     path = Path(path)
+    data = _read_credential(path, "public key")
     try:
-        text = path.read_bytes()[:16384].decode("utf-8").strip()
-    except FileNotFoundError:
-        raise CredentialError(f"{path}: public key file missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data[:16384].decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
         raise CredentialError(f"{path}: cannot read as text ({exc})") from None
     try:
         key = serialization.load_ssh_public_key(text.encode())
@@ -301,7 +309,7 @@ def load_node_key(private_path: Path) -> NodeKey:
     if problem := private_file_problem(private_path):
         raise CredentialError(problem)
     try:
-        key = serialization.load_ssh_private_key(private_path.read_bytes(), password=None)
+        key = serialization.load_ssh_private_key(_read_credential(private_path, "private key"), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CredentialError(f"{private_path}: not an unencrypted OpenSSH private key ({exc})") from None
     if not (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"):
