@@ -1,7 +1,7 @@
 """Malformed input through the `fedfer` command surfaces that read configs, run directories, checkpoints,
 deployment folders and report folders: every case in its own subprocess with a timeout.
 
-    python -m simulations.fuzz_inputs [--code-root DIR] [--timeout 60] [--only config,resume,...] [--out F.json]
+    python -m simulations.fuzz_inputs [--code-root DIR] [--timeout 60] [--only config,resume,...,audit] [--out F.json]
 
 Per case it records the exit code and classifies the outcome:
 
@@ -55,6 +55,8 @@ class Case:
     needle: str = ""                         # a refusal must mention this (the key, file or field)
     may_rewrite: tuple[str, ...] = ()        # pre-existing files a successful run may rewrite (glob, relative)
     marker: str = ""                         # relative path whose existence means code ran
+    report: bool = False                     # the command reports its findings on stdout (the audit's table):
+                                             # the needle is looked for there, and its length is not a fault
     extra: dict = field(default_factory=dict)
 
 
@@ -80,6 +82,18 @@ run.save_checkpoint(1, model.state_dict(), {"name": "hafnet", "preset": "dp", "n
 """
 
 
+BUILD_ROTATED = """
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path(%r) / "tests"))
+from test_ledger_key_rotation import _rotated_federation, _rotated_keyring
+from privacy.signing import retire_public_key
+school, first, second, old = _rotated_federation(Path('.').resolve())
+_rotated_keyring(Path('.').resolve(), school, old)
+retire_public_key(school.state / "signing_key.pub", old)
+"""   # school-a: run-1 under its first key, a key transition, run-2; the retired key kept where the commands keep it
+
+
 class Templates:
     """Valid artefacts built once per fuzz run, copied into each case's folder and then broken."""
 
@@ -101,6 +115,9 @@ class Templates:
         from test_report import write_run   # the report tests' synthetic run directory
 
         write_run(self.report / "run", [1, 2], planned=2)
+        self.rotated = work / "template-rotated"
+        self.rotated.mkdir()
+        python_code(self.rotated, BUILD_ROTATED % str(CODE_ROOT))
 
 
 def copy_run(t: Templates, case_dir: Path) -> Path:
@@ -403,6 +420,8 @@ def add_school_cases(t: Templates) -> list[Case]:
            "ca.crt")
     school("ca-garbage", ["s1", "--data-dir", "/srv/s1", *declared],
            lambda d: (d / "deploy" / "ca" / "ca.crt").write_text("x"), "ca.crt")
+    school("ca-fifo", ["s1", "--data-dir", "/srv/s1", *declared],
+           lambda d: ((d / "deploy" / "ca" / "ca.crt").unlink(), os.mkfifo(d / "deploy" / "ca" / "ca.crt")), "ca.crt")
     school("ca-dir", ["s1", "--data-dir", "/srv/s1", *declared],
            lambda d: ((d / "deploy" / "ca" / "ca.crt").unlink(), (d / "deploy" / "ca" / "ca.crt").mkdir()), "ca.crt")
     school("ledger-key-garbage", ["s1", "--data-dir", "/srv/s1", *declared, "--state-dir", "/srv/state",
@@ -465,6 +484,38 @@ def status_and_evaluator_cases(t: Templates) -> list[Case]:
     return cases
 
 
+def audit_cases(t: Templates) -> list[Case]:
+    """`fedfer privacy audit` of a rotated school where it reads keys, anchors and policies (a retired-key folder,
+    the keyring, the run's keys, the school's state directory, the server's anchors): a named pipe, a directory,
+    a key of a type `cryptography` does not know, an oversized file. (A symlink to /dev/zero is in
+    tests/test_fuzz_key_files.py, in-process: against an older checkout it fills the memory before a timeout.)"""
+    import base64
+
+    unknown_key_type = (b"-----BEGIN PUBLIC KEY-----\n" + base64.encodebytes(bytes.fromhex("302a300506032a0304032100")
+                                                                         + bytes(32)) + b"-----END PUBLIC KEY-----\n")
+    bad = {"pipe": os.mkfifo, "dir": lambda p: p.mkdir(), "unknown-key-type": lambda p: p.write_bytes(unknown_key_type),
+           "oversized": lambda p: p.write_bytes(b"A" * (1 << 20))}
+    keyring, run_keys = ["runs/run-2", "--keys", "deploy/keys"], ["runs/run-2", "--trust-run-keys"]
+    state = ["schools/school-a", "--trust-run-keys", "--anchors", "runs/anchors"]
+    files = {"keyring-retired": ("deploy/keys/school-a.retired/planted.pub", keyring),
+             "keyring-current": ("deploy/keys/school-a.pub", keyring),
+             "run-retired": ("runs/run-2/keys/school-a.retired/planted.pub", run_keys),
+             "state-retired": ("schools/school-a/signing_key.retired/planted.pub", state),
+             "anchor": ("runs/anchors/school-a.json", state),
+             "keyring-policy": ("deploy/keys/school-a.policy.json", keyring)}
+    cases = []
+    for where, (rel, args) in files.items():
+        for kind, make in bad.items():
+            def setup(d: Path, rel: str = rel, make: Callable[[Path], None] = make) -> None:
+                shutil.copytree(t.rotated, d, dirs_exist_ok=True)
+                target = d / rel
+                if target.exists():
+                    target.unlink()
+                make(target)
+            cases.append(Case("audit", f"{where}-{kind}", ["privacy", "audit", *args], setup, needle=rel, report=True))
+    return cases
+
+
 def report_cases(t: Templates) -> list[Case]:
     cases = []
     rewrite = ("run/report.md", "run/plots/*")
@@ -505,6 +556,8 @@ def report_cases(t: Templates) -> list[Case]:
     add("config-binary", lambda d: (copy_report(t, d) / "config.yaml").write_bytes(bytes(range(256))))
     add("metrics-binary", lambda d: (copy_report(t, d) / "metrics.jsonl").write_bytes(bytes(range(256)) * 10))
     add("metrics-deep", lambda d: (copy_report(t, d) / "metrics.jsonl").write_text("[" * 100000 + "\n"))
+    add("metrics-huge-int", lambda d: (copy_report(t, d) / "metrics.jsonl").write_text('{"round": ' + "9" * 5000 + "}\n"))
+    add("events-event-list", lambda d: (copy_report(t, d) / "events.jsonl").write_text('{"event": [1]}\n'))
     add("report-md-dir", lambda d: ((copy_report(t, d) / "report.md").mkdir(), (d / "run" / "report.md" / "k").write_text("k")),
         expect="refuse", needle="report.md")
     add("plots-file", lambda d: (copy_report(t, d) / "plots").write_text("keep"), expect="refuse", needle="plots")
@@ -527,7 +580,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def classify(case: Case, proc_rc: int | None, stderr: str, before: dict[str, str], after: dict[str, str],
-             case_dir: Path) -> str:
+             case_dir: Path, stdout: str = "") -> str:
     import fnmatch
 
     if proc_rc is None:
@@ -550,9 +603,9 @@ def classify(case: Case, proc_rc: int | None, stderr: str, before: dict[str, str
             return "accepted"
         lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("usage:")
                  and not line.startswith("  ") and "Warning" not in line]
-        if case.needle and case.needle not in stderr:
+        if case.needle and case.needle not in (stdout + stderr if case.report else stderr):
             return "accepted"      # refused, but for another reason: what the case broke went unnoticed
-        if len(lines) > 1:
+        if len(lines) > 1 and not case.report:
             return "multiline"
         return "ok"
     if case.expect == "accept" and proc_rc != 0:
@@ -572,13 +625,15 @@ def run_case(case: Case, work: Path, timeout: float) -> dict:
     try:
         proc = subprocess.run([sys.executable, "-m", "fedfer", *case.argv], cwd=case_dir, env=env, capture_output=True,
                               text=True, timeout=timeout, errors="replace", start_new_session=True)
-        rc, stderr = proc.returncode, proc.stderr
+        rc, stderr, stdout = proc.returncode, proc.stderr, proc.stdout
     except subprocess.TimeoutExpired as exc:
         rc, stderr = None, (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        stdout = ""
     seconds = time.perf_counter() - started
     after = snapshot(case_dir)
-    outcome = classify(case, rc, stderr, before, after, case_dir)
-    last = [line.replace(str(case_dir), "<case>") for line in stderr.splitlines() if line.strip()]
+    outcome = classify(case, rc, stderr, before, after, case_dir, stdout)
+    shown = stdout + stderr if case.report else stderr   # the audit: its verdict is the last line of stdout
+    last = [line.replace(str(case_dir), "<case>") for line in shown.splitlines() if line.strip()]
     shutil.rmtree(case_dir, ignore_errors=True)
     return {"surface": case.surface, "case": case.name, "argv": case.argv, "exit": rc, "outcome": outcome,
             "seconds": round(seconds, 2), "stderr_last": last[-1][:300] if last else ""}
@@ -589,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--code-root", type=Path, default=HERE, help="checkout whose fedfer is run (default: this one)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a case counts as a hang")
-    parser.add_argument("--only", default="", help="comma-separated surfaces: config,override,resume,checkpoint,deploy,report")
+    parser.add_argument("--only", default="", help="comma-separated surfaces: config,override,resume,checkpoint,deploy,report,audit")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: print only)")
     args = parser.parse_args(argv)
     CODE_ROOT = args.code_root.resolve()
@@ -597,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         templates = Templates(work)
         cases = (config_cases() + resume_cases(templates) + checkpoint_cases(templates) + deploy_cases(templates)
-                 + report_cases(templates))
+                 + report_cases(templates) + audit_cases(templates))
         only = {s for s in args.only.split(",") if s}
         if only:
             cases = [c for c in cases if c.surface in only]
