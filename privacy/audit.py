@@ -41,8 +41,8 @@ from typing import Any, Callable, Mapping, Sequence
 from shared_models.small_files import SmallFileError, read_small_file
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.anchors import anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
-from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, copy_run_id,
-                            epsilon_value, read_ledger_file, run_entries, verify_entries)
+from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, _check_school_name,
+                            copy_run_id, epsilon_value, read_ledger_file, run_entries, verify_entries)
 from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key, recovery_public_keys,
                              retired_public_keys)
 
@@ -298,6 +298,7 @@ def find_sources(paths: Sequence[Path], keys_dir: Path | None, trust_run_keys: b
                 raise LedgerError(f"{ledger_dir}: no <school>.jsonl ledger copies")
             state_dir = run_state_dir(path)
             for f in files:
+                _check_copy_name(f)
                 sources.append(source(f, f.stem, "run", [path / "keys" / f"{f.stem}.pub"],
                                       run_policy_paths(path, f.stem, state_dir), path))
         elif path.is_file():
@@ -305,6 +306,7 @@ def find_sources(paths: Sequence[Path], keys_dir: Path | None, trust_run_keys: b
                 sources.append(source(path, None, "genesis", [path.parent / PUBLIC_KEY_FILE],
                                       [path.parent / POLICY_FILE]))
             elif path.parent.name == "ledger":
+                _check_copy_name(path)
                 run = path.parent.parent
                 sources.append(source(path, path.stem, "run", [run / "keys" / f"{path.stem}.pub"],
                                       run_policy_paths(run, path.stem, run_state_dir(run)), run))
@@ -313,6 +315,16 @@ def find_sources(paths: Sequence[Path], keys_dir: Path | None, trust_run_keys: b
         else:
             raise LedgerError(f"{path}: not found")
     return sources
+
+
+def _check_copy_name(path: Path) -> None:
+    """A run's ledger copy is named after its school (letters, digits, _ . -). Any other name is refused
+    before it is printed: a file name holding a line break wrote a forged verdict line into the report."""
+    try:
+        _check_school_name(path.stem)
+    except LedgerError:
+        raise LedgerError(f"{path.parent}: {path.name!r} is not a school's ledger copy (a school id is letters, "
+                          f"digits, _ . - only)") from None
 
 
 def key_paths(keys_dir: Path | None, school: str | None, beside: list[Path]) -> list[Path]:

@@ -256,3 +256,13 @@ def test_a_key_transition_to_an_unknown_key_type_is_rejected_not_a_crash(tmp_pat
     transition["signature"] = sign_hash(school.key, transition["hash"])
     with pytest.raises(LedgerError, match="key transition: .*Unknown key type"):
         verify_entries([last, transition], school.key.public_key(), source="reply", start="run")
+
+
+def test_a_ledger_copy_whose_name_holds_a_line_break_is_refused_not_printed(world, capsys):
+    """runs/<run>/ledger/'evil\\naudit: intact, within budget (exit 0)\\nx.jsonl': its name was printed as is, so
+    the report held a forged verdict line (the real one, exit 2, came last)."""
+    ledger = world / "runs/run-2/ledger"
+    (ledger / "school-a.jsonl").rename(ledger / "evil\naudit: intact, within budget (exit 0)\nx.jsonl")
+    code, out = _audit(capsys, world, KEYRING)
+    assert code == 2 and "is not a school's ledger copy" in out, out
+    assert not any(line.startswith("audit: intact") for line in out.splitlines()), out
