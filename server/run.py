@@ -145,6 +145,9 @@ def check_pretrained_model(provenance: Mapping[str, Any] | None, cfg: Mapping[st
     if not provenance:
         return   # a foreign checkpoint (e.g. an MS-Celeb backbone): the partial load reports what matched
     trained = provenance.get("config", {})
+    if not isinstance(trained, Mapping):   # a string here was a TypeError (or a substring match) below
+        raise ValueError(f"model.pretrained: {path}: its provenance's config is a {type(trained).__name__}, "
+                         f"not a table: a damaged or foreign pre-trained checkpoint")
     for key in ("model.name", "model.preset"):
         if key in trained and str(trained[key]) != str(cfg[key]):
             raise ValueError(f"model.pretrained: {path} was pre-trained for {key}={trained[key]}, "

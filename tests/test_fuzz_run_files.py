@@ -91,3 +91,14 @@ def test_report_and_summary_skip_an_events_line_whose_event_is_not_a_name(tmp_pa
     report = (run / "report.md").read_text()
     assert "| school refused for the run | 1 / 2 |" in report, report
     assert print_summary(run, 1.0) == 0
+
+
+@pytest.mark.parametrize("config", ["model.name=resnet", 5, ["model.name"]])
+def test_a_pretrained_checkpoint_whose_provenance_config_is_not_a_table_is_refused_in_one_line(config):
+    """provenance {"config": "model.name=…"}: `key in str` matched a substring and str["model.name"] raised a
+    TypeError (an internal error in `fedfer simulate model.pretrained=…`); 5 raised one at `in`."""
+    from server.run import check_pretrained_model
+
+    cfg = {"model.name": "hafnet", "model.preset": "cpu"}
+    with pytest.raises(ValueError, match=r"model.pretrained: ck.pt: its provenance's config is a"):
+        check_pretrained_model({"config": config}, cfg, "ck.pt")
