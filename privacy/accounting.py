@@ -82,7 +82,10 @@ def school_dataset_id(state_dir: Path, school_id: str = "") -> str:
     state_dir = Path(state_dir)
     path = state_dir / DATASET_ID_FILE
     if path.exists():
-        value = path.read_text(encoding="ascii").strip()
+        try:
+            value = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:   # a byte above 127 was a UnicodeDecodeError out of the round
+            raise AccountingError(f"{path}: not a dataset id (school {school_id or '?'}: {exc})") from None
         if len(value) < 16 or not all(c in "0123456789abcdef" for c in value):
             raise AccountingError(f"{path}: not a dataset id (school {school_id or '?'})")
         return value
@@ -636,7 +639,9 @@ class SchoolAccountant:
             return []
         try:
             state = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except RecursionError:
+            raise AccountingError(f"{self.path}: unreadable accountant state (JSON nested too deeply)") from None
+        except (OSError, ValueError) as exc:   # ValueError: not UTF-8, not JSON, an integer of 5,000 digits
             raise AccountingError(f"{self.path}: unreadable accountant state ({exc})") from exc
         if not isinstance(state, dict) or not isinstance(state.get("history"), list):
             raise AccountingError(f"{self.path}: field 'history' missing or not a list")

@@ -113,3 +113,26 @@ def test_calibration_and_planner_are_consistent(capsys):
                         "--students", "48", "--batch", "16", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["noise_multiplier"] == pytest.approx(plan.noise_multiplier)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"history": [], "x": ' + "9" * 5000 + "}", b"\xff\xfe"],
+                         ids=["deep", "5000-digit", "not-utf8"])
+def test_a_damaged_accountant_file_is_an_accounting_error_naming_it(tmp_path, text):
+    """RecursionError, ValueError and UnicodeDecodeError escaped the accountant (a school's round then failed
+    with Python's message instead of its one-line refusal naming the file)."""
+    from privacy.accounting import AccountingError, SchoolAccountant
+
+    acct = SchoolAccountant(tmp_path, "school-a", "ab" * 8)
+    acct.record(1.0, 0.1, 10)
+    data = text if isinstance(text, bytes) else text.encode()
+    acct.path.write_bytes(data)
+    with pytest.raises(AccountingError, match="unreadable accountant state"):
+        SchoolAccountant(tmp_path, "school-a", "ab" * 8)
+
+
+def test_a_dataset_id_file_that_is_not_ascii_is_an_accounting_error(tmp_path):
+    from privacy.accounting import DATASET_ID_FILE, AccountingError, school_dataset_id
+
+    (tmp_path / DATASET_ID_FILE).write_bytes(b"\xff" * 32)
+    with pytest.raises(AccountingError, match="not a dataset id"):
+        school_dataset_id(tmp_path, "school-a")
