@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from shared_models.small_files import SmallFileError, read_small_file
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
-from privacy.anchors import anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
+from privacy.anchors import ANCHOR_DIR, anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, _check_school_name,
                             copy_run_id, epsilon_value, read_ledger_file, run_entries, verify_entries)
 from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key, recovery_public_keys,
@@ -892,6 +892,10 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     keyring_problem = check_keyring(keys_dir)
     if keyring_problem:
         return AuditReport([], [keyring_problem])
+    paths, anchors_dir, anchor_notes = _anchor_folders_given(paths, anchors_dir)
+    if not paths:
+        return AuditReport([], [f"{anchors_dir}: the coordinator's anchors, not a ledger: give the run directories "
+                                f"or ledgers to audit (the anchors beside them are read), or this folder with --anchors"])
     try:
         sources = find_sources(paths, keys_dir, trust_run_keys)
     except LedgerError as exc:
@@ -928,7 +932,27 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     problems = [p for p in dict.fromkeys(_two_ledgers_under_one_id(verified) + disagreements
                                          + _recovery_forks(verified) + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
-    return AuditReport(rows, problems, _anchor_notes(sources) + behind)
+    return AuditReport(rows, problems, anchor_notes + _anchor_notes(sources) + behind)
+
+
+def _anchor_folders_given(paths: Sequence[Path], anchors_dir: Path | None
+                          ) -> tuple[list[Path], Path | None, list[str]]:
+    """`fedfer privacy audit runs/*` names the coordinator's `runs/anchors` beside the run directories: it holds
+    no ledger, it is what the ledgers are checked against. Such a folder is taken as --anchors (when none was
+    given) instead of failing the audit as 'no ledger/ directory'. Returns the other paths, the anchors folder
+    and a note saying what was done."""
+    rest, notes = [], []
+    for raw in paths:
+        path = Path(raw)
+        if not (path.name == ANCHOR_DIR and path.is_dir() and not (path / "ledger").exists()
+                and not (path / LEDGER_FILE).exists()):
+            rest.append(path)
+        elif anchors_dir is None:
+            anchors_dir = path
+            notes.append(f"{path}: the coordinator's anchors, not a ledger: read as --anchors {path}")
+        elif path.resolve() != Path(anchors_dir).resolve():
+            notes.append(f"{path}: the coordinator's anchors, not a ledger: not read (--anchors {anchors_dir} given)")
+    return rest, anchors_dir, notes
 
 
 def _retired_keys(sources: Sequence[_Source], results: Sequence[tuple[list[Row], list[dict]]]

@@ -372,3 +372,14 @@ def test_the_entry_of_a_reply_rejected_for_its_weights_is_still_in_the_run_copy(
     assert outcome["status"] == "rejected" and "max_update_norm" in outcome["reason"]
     copy = [json.loads(line) for line in run.ledger_path("school-a").read_text().splitlines()]
     assert [e["hash"] for e in copy] == [entries[-1]["hash"]]
+
+
+def test_audit_of_runs_glob_takes_the_anchors_folder_as_anchors(tmp_path, capsys):
+    """`fedfer privacy audit runs/*` also names runs/anchors: it is read as the anchors, not refused as a
+    directory without a ledger (the whole audit used to stop there)."""
+    _, servers = _federation(tmp_path)
+    runs = tmp_path / "runs"
+    code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys")
+    assert code == 0 and "read as --anchors" in out and "no ledger/ directory" not in out, out
+    code, out = _audit(capsys, runs / "anchors", "--trust-run-keys")
+    assert code == 2 and "the coordinator's anchors, not a ledger" in out, out
