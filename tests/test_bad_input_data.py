@@ -188,3 +188,28 @@ def test_confusion_heatmap_of_300_classes_is_drawn_and_absurd_ones_refused(tmp_p
                      ([[-1, 0], [0, 1]], "negative"), ([[0] * 1001] * 1001, "1001 rows")]:
         with pytest.raises(ValueError, match=why):
             plots.confusion_heatmap(bad, ["a", "b"], tmp_path / "bad.png", title="bad")
+
+
+def test_affectnet_image_path_leaving_its_folder_is_skipped_not_opened(tmp_path):
+    """A file list that names '../x' or '/etc/x' must not make the reader open files outside the benchmark."""
+    png(tmp_path / "outside.jpg", side=16)
+    (tmp_path / "AffectNet").mkdir()
+    root = _affectnet(tmp_path / "AffectNet", "x.jpg,0,0,8,8,,1,0,0\n"
+                      f"../../outside.jpg,0,0,8,8,,1,0,0\n{tmp_path / 'outside.jpg'},0,0,8,8,,1,0,0")
+    bench = open_benchmark(f"affectnet={root}")
+    assert len(bench) == 1 and bench.skipped == 2
+    assert all("leaves" in why for _, why in bench.skipped_files), bench.skipped_files
+
+
+def test_ferplus_image_name_leaving_its_folder_is_skipped_not_opened(tmp_path):
+    from test_benchmarks import write_ferplus
+
+    happy = [0, 8, 2, 0, 0, 0, 0, 0, 0, 0]
+    folder = write_ferplus(tmp_path / "ferplus", [("PrivateTest", "fer0000001.png", happy),
+                                                  ("PrivateTest", "../escape.png", happy),
+                                                  ("PrivateTest", str(tmp_path / "ferplus" / "escape.png"), happy)])
+    png(folder / "FER2013Test" / "fer0000001.png", side=48)
+    png(folder / "escape.png", side=48)
+    bench = open_benchmark(f"ferplus={folder}")
+    assert len(bench) == 1 and bench.skipped == 2
+    assert all("leaves" in why for _, why in bench.skipped_files), bench.skipped_files

@@ -185,3 +185,15 @@ def test_task_key_sets_outputs_and_needs_a_clip_model_for_engagement() -> None:
         load_config(None, {"model.name": "mafnet", "model.preset": "dp", "evaluation.benchmarks": "synthetic-fer2013"})
     with pytest.raises(ConfigError, match="does not score model.task fer7"):
         load_config(None, {"model.name": "mafnet", "model.preset": "dp", "evaluation.benchmarks": "synthetic-daisee"})
+
+
+def test_clip_folder_label_naming_a_clip_outside_the_folder_is_skipped(tmp_path: Path) -> None:
+    from shared_models.datasets import open_benchmark
+
+    root = tmp_path / "clipfolder"
+    _clip(root / "a", 30)
+    _clip(tmp_path / "outside", 200)
+    (root / "labels.csv").write_text(f"clip,label\na,happy\n../outside,sad\n{tmp_path / 'outside'},sad\n")
+    bench = open_benchmark(f"clipfolder={root}")
+    assert len(bench) == 1 and bench.skipped == 2
+    assert all("leaves" in why for _, why in bench.skipped_files), bench.skipped_files

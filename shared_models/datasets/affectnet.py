@@ -30,7 +30,7 @@ import numpy as np
 
 from shared_models.datasets.base import (
     MAX_IMAGE_PIXELS, Benchmark, BenchmarkError, CheckedCsvReader, Collected, is_image_file, map_code,
-    read_small_file, require_file, resolve_split,
+    named_inside, read_small_file, require_file, resolve_split,
 )
 from shared_models.labels import FER7, FER8
 
@@ -122,7 +122,11 @@ def _read_csv(csv_path: Path, image_root: Path, classes: int, crop: bool, collec
                 if w > 0 and h > 0 and x >= 0 and y >= 0:
                     box = (x, y, w, h)
             relative = fields[index["subDirectory_filePath"]].strip()
-            collected.add(image_root / relative, label, box, image=relative)
+            image = named_inside(image_root, relative)
+            if image is None:
+                collected.skip(where, f"image path {relative!r} leaves {image_root}")
+                continue
+            collected.add(image, label, box, image=relative)
 
 
 def _npy_code(label_file: Path) -> str:

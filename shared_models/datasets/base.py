@@ -526,6 +526,16 @@ class CheckedCsvReader:
             raise BenchmarkError(f"{self.path}:{self._reader.line_num + 1}: not UTF-8 text") from None
 
 
+def named_inside(root: Path, name: str) -> Path | None:
+    """``root / name`` for a file or folder a label file names, or None when the name leaves ``root`` (an
+    absolute path, or a ``..`` part): a label file names the benchmark's own images, and one that was edited or
+    came from elsewhere must not make the reader open files outside the benchmark's folder."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts or "\x00" in name:
+        return None
+    return Path(root) / name
+
+
 def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise BenchmarkError(f"{path}: {what} directory not found")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, CheckedCsvReader, Collected, map_code, natural_key, require_dir,
+    Benchmark, BenchmarkError, CheckedCsvReader, Collected, map_code, named_inside, natural_key, require_dir,
 )
 from shared_models.datasets.frames import DEFAULT_NUM_FRAMES, build_clips, clip_location, is_video_file
 from shared_models.datasets.imagefolder import class_labels, normalise, parse_custom_labels
@@ -100,6 +100,9 @@ def open_dfew(path: Path, *, name: str = "dfew", split: str | None = None, frame
             label = map_code(fields[columns["label"]], DFEW_TO_FER7, where, "column 'label'")
             raw = fields[columns["video_name"]].strip()
             clip_id = raw.zfill(5) if raw.isdigit() else raw
+            if named_inside(frame_root, clip_id) is None:
+                collected.skip(where, f"clip {clip_id!r} leaves {frame_root}")
+                continue
             location = clip_location(frame_root / clip_id)
             if location is None:
                 collected.skip(frame_root / clip_id, "clip folder missing or empty")
@@ -173,6 +176,9 @@ def open_clip_folder(path: Path, *, name: str = "clipfolder", split: str | None 
         label_set, mapping = _labels_for(names, custom, label_csv)
         for line, fields in rows:
             clip = fields[columns["clip"]].strip()
+            if named_inside(folder, clip) is None:
+                collected.skip(label_csv, f"{label_csv.name} line {line}: clip {clip!r} leaves {folder}")
+                continue
             location = clip_location(folder / clip)
             if location is None:
                 collected.skip(folder / clip, f"{label_csv.name} line {line}: clip missing or empty")

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from shared_models.datasets.base import (
-    Benchmark, BenchmarkError, CheckedCsvReader, Collected, PixelArray, require_file, resolve_split,
+    Benchmark, BenchmarkError, CheckedCsvReader, Collected, PixelArray, named_inside, require_file, resolve_split,
 )
 from shared_models.datasets.fer2013 import SPLITS, Row, parse_pixels, read_rows
 from shared_models.labels import FER8
@@ -262,5 +262,9 @@ def _keep_face(rows: _VoteRows, source: _PixelSource, pixel_row: Row | None, whe
     if not image_name:
         rows.collected.drop("no image name (no PNG written)")
         return False
-    rows.collected.add(source.path / FOLDERS[usage] / image_name, label, image=image_name, usage=usage)
+    image = named_inside(source.path / FOLDERS[usage], image_name)
+    if image is None:
+        rows.collected.skip(where, f"image name {image_name!r} leaves {source.path / FOLDERS[usage]}")
+        return False
+    rows.collected.add(image, label, image=image_name, usage=usage)
     return True
