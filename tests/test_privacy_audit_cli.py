@@ -238,7 +238,8 @@ def test_a_missing_path_or_keyring_is_a_one_line_usage_error(tmp_path, capsys):
             ([tmp_path / "nowhere", "--keys", keys], f"{tmp_path / 'nowhere'}: not found"),
             ([server.run.path, "--keys", tmp_path / "deploy" / "nokeys"], f"--keys {tmp_path / 'deploy' / 'nokeys'}: not found"),
             ([server.run.path, "--keys", keys / "school-a.pub"], "a file, not a keyring"),
-            ([tmp_path / "runs" / "anchors", "--keys", keys], "no ledger/ directory")):
+            ([tmp_path / "runs" / "anchors", "--keys", keys], "the coordinator's anchors, not a ledger"),
+            ([tmp_path / "runs", "--keys", keys], "no ledger/ directory")):
         code, out = _audit(capsys, *argv)
         assert code == 2 and len(out.splitlines()) == 1 and out.startswith("fedfer privacy audit: "), out
         assert message in out and "TAMPERED" not in out and "status" not in out, out

@@ -66,6 +66,9 @@ class _Warner:
             self.echo("... further problems are counted in lesson.json")
 
 
+MAX_LABEL_CELL = 4096   # a frame name, a student id or a label: far shorter in any real label file
+
+
 def read_label_file(path: Path) -> dict[tuple[str, str], int]:
     """{(frame, student_id): FER7 index} from a CSV with columns frame,student_id,label (frame: the frame's
     file name, or its sample number). Unknown labels are an error naming the line."""
@@ -84,6 +87,10 @@ def read_label_file(path: Path) -> dict[tuple[str, str], int]:
             raise IngestError(f"{path}: missing column(s) {', '.join(missing)} (expected frame,student_id,label)")
         out: dict[tuple[str, str], int] = {}
         for line, row in enumerate(reader, start=2):
+            # csv's own field limit is process-wide (a benchmark reader raises it), so the bound is kept here
+            if any(isinstance(v, str) and len(v) > MAX_LABEL_CELL for v in row.values()):
+                raise IngestError(f"{path} line {line}: not a CSV row of a label file (a cell longer than "
+                                  f"{MAX_LABEL_CELL:,} characters)")
             label = (row.get("label") or "").strip().lower()
             if label not in FER7:
                 raise IngestError(f"{path} line {line}: unknown label {row.get('label')!r} (expected one of {', '.join(FER7)})")
