@@ -19,7 +19,7 @@ import pytest
 
 from fedfer.cli import main as fedfer_main
 from shared_models.small_files import SmallFileError, read_small_file
-from test_ledger_key_rotation import _rotated_federation, _rotated_keyring
+from test_ledger_key_rotation import _rotated_federation, _rotated_keyring, enrolled_school
 
 pytestmark = pytest.mark.timeout(120)   # a case that blocks on a named pipe fails instead of hanging the suite
 
@@ -177,15 +177,7 @@ def test_school_ledger_refuses_a_ledger_that_is_a_looping_link(world):
 def deployment(tmp_path, capsys) -> tuple[list[str], Path, Path]:
     """A deployment with school `lincoln` whose own state made its keys, then a new ledger key: (the rotate
     command, the keyring, the new key)."""
-    from server.deploy import commands as deploy_cli
-
-    dep = deploy_cli.init_deployment(tmp_path / "deploy", "fl.district.example", [], port=19093,
-                                     flwr_home=tmp_path / "home")
-    state = tmp_path / "school-machine"
-    assert fedfer_main(["deploy", "school-key", "--state-dir", str(state)]) == 0
-    assert fedfer_main(["deploy", "add-school", "lincoln", "--data-dir", "/srv/data", "--declared-students", "900",
-                        "--ledger-key", str(state / "signing_key.pub"), "--node-key", str(state / "supernode.pub"),
-                        "--state-dir", str(state), "--dir", str(dep.root), "--flwr-home", str(tmp_path / "home")]) == 0
+    dep, state = enrolled_school(tmp_path)
     assert fedfer_main(["deploy", "school-key", "--state-dir", str(state), "--new-ledger-key"]) == 0
     capsys.readouterr()
     rotate = ["deploy", "rotate", "lincoln", "--ledger-key", str(state / "signing_key.pub"), "--dir", str(dep.root),

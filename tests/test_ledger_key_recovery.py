@@ -30,6 +30,7 @@ from privacy.signing import (SigningKeyError, approve_recovery_key, key_id, load
 from server.deploy.commands import DeployError, recover_school_ledger_key, rotate_school_ledger_key
 from server.strategy import RejectedUpdate
 from test_ledger_trust import DELTA, Q, SIGMA, STEPS, School, Server, _audit, _keyring
+from test_ledger_key_rotation import enrolled_school
 
 
 def _lose_key(school: School) -> Ed25519PrivateKey:
@@ -588,15 +589,7 @@ def test_recover_ledger_key_bad_input_changes_nothing(tmp_path, case):
 
 
 def test_rotate_recovered_at_the_coordinator_approves_the_key(tmp_path, capsys):
-    from server.deploy import commands as deploy_cli
-
-    dep = deploy_cli.init_deployment(tmp_path / "deploy", "fl.district.example", [], port=19093,
-                                     flwr_home=tmp_path / "home")
-    state = tmp_path / "school-machine"
-    assert fedfer_main(["deploy", "school-key", "--state-dir", str(state)]) == 0
-    assert fedfer_main(["deploy", "add-school", "lincoln", "--data-dir", "/srv/data", "--declared-students", "900",
-                        "--ledger-key", str(state / "signing_key.pub"), "--node-key", str(state / "supernode.pub"),
-                        "--state-dir", str(state), "--dir", str(dep.root), "--flwr-home", str(tmp_path / "home")]) == 0
+    dep, state = enrolled_school(tmp_path)
     old = load_public_key(dep.keyring / "lincoln.pub")
     new = Ed25519PrivateKey.generate()
     (tmp_path / "new.pub").write_text(public_key_pem(new))

@@ -336,7 +336,10 @@ def test_school_key_new_ledger_key_bad_input_changes_nothing(tmp_path, capsys, c
     assert after == before
 
 
-def test_rotate_ledger_key_at_the_coordinator(tmp_path, capsys):
+
+def enrolled_school(tmp_path: Path):
+    """A deployment (`tmp_path/deploy`) with school `lincoln` enrolled from its own state folder
+    (`tmp_path/school-machine`, where `fedfer deploy school-key` made its keys): (the deployment, the state)."""
     from server.deploy import commands as deploy_cli
 
     dep = deploy_cli.init_deployment(tmp_path / "deploy", "fl.district.example", [], port=19093,
@@ -346,6 +349,11 @@ def test_rotate_ledger_key_at_the_coordinator(tmp_path, capsys):
     assert fedfer_main(["deploy", "add-school", "lincoln", "--data-dir", "/srv/data", "--declared-students", "900",
                         "--ledger-key", str(state / "signing_key.pub"), "--node-key", str(state / "supernode.pub"),
                         "--state-dir", str(state), "--dir", str(dep.root), "--flwr-home", str(tmp_path / "home")]) == 0
+    return dep, state
+
+
+def test_rotate_ledger_key_at_the_coordinator(tmp_path, capsys):
+    dep, state = enrolled_school(tmp_path)
     old = (dep.keyring / "lincoln.pub").read_text()
     node_pub = (dep.node_dir("lincoln") / "supernode.pub").read_text()
     capsys.readouterr()
