@@ -30,7 +30,7 @@ from privacy.signing import (SigningKeyError, approve_recovery_key, key_id, load
 from server.deploy.commands import DeployError, recover_school_ledger_key, rotate_school_ledger_key
 from server.strategy import RejectedUpdate
 from test_ledger_trust import DELTA, Q, SIGMA, STEPS, School, Server, _audit, _keyring
-from test_ledger_key_rotation import enrolled_school
+from test_ledger_key_rotation import enrolled_school, keyring_server
 
 
 def _lose_key(school: School) -> Ed25519PrivateKey:
@@ -174,28 +174,13 @@ def test_plain_rotation_keyring_does_not_approve_a_recovery(tmp_path, capsys):
     assert not ServerLedgerCopy.path(server.run.path, "school-a").exists()
 
 
-def _keyring_server(root: Path, run_name: str, school: School, keys: Path) -> Server:
-    """A run of a deployment: the school's key pinned from the keyring when first selected."""
-    from server.run_dir import RunDirectory
-    from server.strategy import NodeInfo, SchoolFedAvg
-    from shared_models.config import load_config
-
-    cfg = load_config(None, [f"run.root={root / 'runs'}", f"run.name={run_name}", f"privacy.keyring={keys}"])
-    server = Server.__new__(Server)
-    server.run = RunDirectory.create(cfg)
-    server.strategy = SchoolFedAvg(cfg, server.run)
-    server.strategy.nodes[1] = NodeInfo("school", school.name, public_key_pem(school.key))
-    assert server.strategy._pin_chosen([1]) == [1]
-    return server
-
-
 def test_recovery_during_a_run_counts_there_once_the_keyring_approves_it(tmp_path):
     """A run pins a school's keys when it first selects it. The school loses its key mid-run and recovers; once
     the coordinator approved the new key in the keyring, the run takes it from there (as it would at its start)
     and accepts the recovery with the school's next reply."""
     school = School(tmp_path, "school-a")
     keys = _keyring(tmp_path, [school])   # enrolled with its first key
-    server = _keyring_server(tmp_path, "run-1", school, keys)
+    server = keyring_server(tmp_path, "run-1", school, keys)
     _train(server, school, range(1, 2))
     lost = _lose_key(school)
     _recover(school)
@@ -613,21 +598,12 @@ def test_rotate_recovered_at_the_coordinator_approves_the_key(tmp_path, capsys):
 
 
 def test_run_pinned_from_an_approving_keyring_copies_the_recovery_keys(tmp_path):
-    from server.run_dir import RunDirectory
-    from server.strategy import NodeInfo, SchoolFedAvg
-    from shared_models.config import load_config
-
     school = School(tmp_path, "school-a")
     _train(Server(tmp_path, "run-1", [school]), school, range(1, 2))
     lost = _lose_key(school)
     _recover(school)
     keys = _approved_keyring(tmp_path, school, lost)
-    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=run-2", f"privacy.keyring={keys}"])
-    run = RunDirectory.create(cfg)
-    server = Server.__new__(Server)
-    server.run, server.strategy = run, SchoolFedAvg(cfg, run)
-    server.strategy.nodes[1] = NodeInfo("school", school.name, public_key_pem(school.key))
-    assert server.strategy._pin_chosen([1]) == [1]
-    assert (run.path / "keys" / "school-a.recovered" / f"{key_id(school.key)}.pub").is_file()
+    server = keyring_server(tmp_path, "run-2", school, keys)
+    assert (server.run.path / "keys" / "school-a.recovered" / f"{key_id(school.key)}.pub").is_file()
     _train(server, school, range(1, 2))
-    assert [e["event"] for e in read_ledger_file(ServerLedgerCopy.path(run.path, "school-a"))] == [KEY_RECOVERY, "round"]
+    assert [e["event"] for e in read_ledger_file(ServerLedgerCopy.path(server.run.path, "school-a"))] == [KEY_RECOVERY, "round"]

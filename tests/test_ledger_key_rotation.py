@@ -337,6 +337,21 @@ def test_school_key_new_ledger_key_bad_input_changes_nothing(tmp_path, capsys, c
 
 
 
+def keyring_server(root: Path, run_name: str, school: School, keys: Path) -> Server:
+    """A run of a deployment: the school's key pinned from the keyring when first selected."""
+    from server.run_dir import RunDirectory
+    from server.strategy import NodeInfo, SchoolFedAvg
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={root / 'runs'}", f"run.name={run_name}", f"privacy.keyring={keys}"])
+    server = Server.__new__(Server)
+    server.run = RunDirectory.create(cfg)
+    server.strategy = SchoolFedAvg(cfg, server.run)
+    server.strategy.nodes[1] = NodeInfo("school", school.name, public_key_pem(school.key))
+    assert server.strategy._pin_chosen([1]) == [1]
+    return server
+
+
 def enrolled_school(tmp_path: Path):
     """A deployment (`tmp_path/deploy`) with school `lincoln` enrolled from its own state folder
     (`tmp_path/school-machine`, where `fedfer deploy school-key` made its keys): (the deployment, the state)."""
@@ -430,21 +445,12 @@ def test_forged_handover_is_refused_by_the_audit(tmp_path, capsys):
 def test_a_run_pinned_from_the_keyring_trusts_the_retired_keys_rotate_kept(tmp_path):
     """The next run pins the school's new key from the keyring and copies its retired keys beside the pin:
     the run's copy starts with the transition signed by the old key."""
-    from server.run_dir import RunDirectory
-    from server.strategy import NodeInfo, SchoolFedAvg
-    from shared_models.config import load_config
-
     school = School(tmp_path, "school-a")
     _train(Server(tmp_path, "run-1", [school]), school, range(1, 2))
     old = school.key
     _rotate(school)
     keys = _rotated_keyring(tmp_path, school, old)
-    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=run-2", f"privacy.keyring={keys}"])
-    run = RunDirectory.create(cfg)
-    server = Server.__new__(Server)
-    server.run, server.strategy = run, SchoolFedAvg(cfg, run)
-    server.strategy.nodes[1] = NodeInfo("school", school.name, public_key_pem(school.key))
-    assert server.strategy._pin_chosen([1]) == [1]
-    assert (run.path / "keys" / "school-a.retired" / f"{key_id(old)}.pub").read_text() == public_key_pem(old)
+    server = keyring_server(tmp_path, "run-2", school, keys)
+    assert (server.run.path / "keys" / "school-a.retired" / f"{key_id(old)}.pub").read_text() == public_key_pem(old)
     _train(server, school, range(1, 2))
-    assert [e["event"] for e in read_ledger_file(ServerLedgerCopy.path(run.path, "school-a"))] == [KEY_TRANSITION, "round"]
+    assert [e["event"] for e in read_ledger_file(ServerLedgerCopy.path(server.run.path, "school-a"))] == [KEY_TRANSITION, "round"]
