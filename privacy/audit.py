@@ -791,51 +791,44 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]], anchors_
     return problems, notes
 
 
-def _two_ledgers_under_one_id(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[str]:
-    """Every ledger given for one school id must be part of one chain. Two entries that follow the same
-    entry (the same prev_hash; two first entries both follow genesis) are two ledgers under one id: two
-    schools with the same name — e.g. the school-00 of two simulations, each of which made its schools afresh —
-    or a school's ledger forked (restored from a copy and written on). Either way no one lifetime ε can be told
-    for that id, and the audit used to show just one of them as it. One line per pair, naming both files."""
+def _forks(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[str]:
+    """Every ledger given for one school id must be part of one chain. Two different entries after the same
+    entry (the same prev_hash; two first entries both follow genesis) fork it. At a key recovery, the recovery
+    truncated the old chain (another ledger — a run copy, an old chain file — holds later spending under the lost
+    key) or a second recovery races it. Elsewhere they are two ledgers under one id: two schools with the same
+    name — e.g. the school-00 of two simulations, each of which made its schools afresh — or a ledger restored
+    from a copy and written on; no one lifetime ε can be told for that id, and the audit used to show just one
+    of them as it. One line per recovery or per pair of files. Indexed by prev_hash: a run copy's first entry
+    follows an entry the copy does not hold."""
     problems = []
     for school, seen in verified.items():
-        successor: dict[str, tuple[dict, _Source, int]] = {}   # prev_hash -> (entry, where, line) of the entry after it
-        named: set[tuple[Path, Path]] = set()
+        first_after: dict[str, tuple[_Source, int, dict]] = {}   # prev_hash -> (ledger, line, entry) seen first
+        named: set[object] = set()
         for src, entries in seen:
             for line, entry in enumerate(entries, 1):
-                held, held_src, held_line = successor.setdefault(entry["prev_hash"], (entry, src, line))
+                held_src, held_line, held = first_after.setdefault(entry["prev_hash"], (src, line, entry))
+                if held["hash"] == entry["hash"]:
+                    continue
+                if KEY_RECOVERY in (held["event"], entry["event"]):
+                    (r_src, r_line, rec), (o_src, o_line, other) = (
+                        ((src, line, entry), (held_src, held_line, held)) if entry["event"] == KEY_RECOVERY
+                        else ((held_src, held_line, held), (src, line, entry)))
+                    if rec["hash"] in named:
+                        continue
+                    named.add(rec["hash"])
+                    problems.append(f"{r_src.path} line {r_line} (school {school}): key recovery continues entry "
+                                    f"{rec['prev_hash'][:12]}…, but {o_src.path} line {o_line} holds another entry "
+                                    f"after it ({other['event']}, ε {epsilon_value(other['epsilon']):.3f}): the "
+                                    f"recovery truncated the old chain, or forks it")
+                    continue
                 pair = (held_src.path, src.path)
-                if held["hash"] == entry["hash"] or pair in named or KEY_RECOVERY in (held["event"], entry["event"]):
-                    continue   # (a fork at a key recovery is named by _recovery_forks)
+                if pair in named:
+                    continue
                 named.add(pair)
                 after = "the chain's start" if entry["prev_hash"] == GENESIS_HASH else "the same entry"
                 problems.append(f"school {school}: {held_src.path} line {held_line} and {src.path} line {line} are "
                                 f"different entries after {after}: two ledgers under one school id (two schools of "
                                 f"that name, e.g. two simulations' own, or a forked ledger); audit each on its own")
-    return problems
-
-
-def _recovery_forks(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[str]:
-    """Evidence across a school's ledgers that a key recovery truncated the old chain: another ledger (a run copy,
-    an old chain file, another copy of the school's state) holds a different entry right after the entry the
-    recovery continues — later spending under the lost key, or a second recovery from the same entry."""
-    problems = []
-    for school, seen in verified.items():
-        after: dict[str, list[tuple[_Source, int, dict]]] = {}   # hash -> (ledger, line, entry) of what follows it
-        for src, entries in seen:   # by prev_hash: a run copy's first entry follows an entry the copy does not hold
-            for line, following in enumerate(entries, start=1):
-                after.setdefault(following["prev_hash"], []).append((src, line, following))
-        for src, entries in seen:
-            for line, e in enumerate(entries, start=1):
-                if e["event"] != KEY_RECOVERY:
-                    continue
-                other = next(((o, n, f) for o, n, f in after.get(e["prev_hash"], []) if f["hash"] != e["hash"]), None)
-                if other is not None:
-                    o, n, f = other
-                    problems.append(f"{src.path} line {line} (school {school}): key recovery continues entry "
-                                    f"{e['prev_hash'][:12]}…, but {o.path} line {n} holds another entry after it "
-                                    f"({f['event']}, ε {epsilon_value(f['epsilon']):.3f}): the recovery truncated the "
-                                    f"old chain, or forks it")
     return problems
 
 
@@ -929,8 +922,7 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
     reported = {p for r in rows for p in r.problems}   # e.g. a damaged anchor, already on its school's row
     disagreements, behind = _cross_check(verified, anchors_dir, frozenset(flagged))
-    problems = [p for p in dict.fromkeys(_two_ledgers_under_one_id(verified) + disagreements
-                                         + _recovery_forks(verified) + _anchor_rejections(run_dirs)
+    problems = [p for p in dict.fromkeys(_forks(verified) + disagreements + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
     return AuditReport(rows, problems, anchor_notes + _anchor_notes(sources) + behind)
 
