@@ -469,12 +469,13 @@ def require_file(path: Path, what: str) -> Path:
 def read_small_file(path: Path, what: str, limit: int = MAX_LABEL_FILE_BYTES) -> bytes:
     """The bytes of a small label file (CK+ emotion text, AffectNet .npy), refusing non-regular files
     and anything larger than `limit` with one line naming the file."""
-    require_file(path, what)
-    with open(path, "rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise BenchmarkError(f"{path}: {what} is larger than {limit:,} bytes")
-    return data
+    from shared_models.small_files import SmallFileError, read_small_file as read_bounded
+
+    require_file(path, what)   # the reader's words for a missing file, a folder given, a pipe
+    try:
+        return read_bounded(path, limit)
+    except SmallFileError as exc:
+        raise BenchmarkError(f"{path}: {what} is {exc.why}") from None
 
 
 def text_lines(handle: Any, path: Path, limit: int = MAX_TEXT_LINE) -> Iterator[tuple[int, str]]:
