@@ -623,11 +623,11 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             return ""
         keyring = str(self.cfg["privacy.keyring"])
         trusted = Path(keyring).expanduser() / f"{school}.pub" if keyring else None
-        if trusted is not None and trusted.is_file() and key_id(load_public_key(trusted)) == new \
-                and any(key_id(k) == new for k in recovery_public_keys(trusted)):
+        current = load_public_key(trusted) if trusted is not None and trusted.is_file() else None
+        if current is not None and key_id(current) == new and any(key_id(k) == new for k in recovery_public_keys(trusted)):
             retire_public_key(key_file, load_public_key(key_file))   # the lost key: the stored copy starts under it
-            approve_recovery_key(key_file, load_public_key(trusted))
-            key_file.write_text(public_key_pem(load_public_key(trusted)), encoding="utf-8")
+            approve_recovery_key(key_file, current)
+            key_file.write_text(public_key_pem(current), encoding="utf-8")
             return ""
         return (f"key recovery to key {one_line(new, 40)} not approved in this run: the coordinator approves it with "
                 f"`fedfer deploy rotate {school} --ledger-key signing_key.pub --recovered`, and the school is not "
