@@ -324,8 +324,9 @@ def _add_node_steps(dsub: argparse._SubParsersAction) -> None:
     which.add_argument("--new-node-key", action="store_true",
                        help="replace the SuperNode key (then the coordinator runs `fedfer deploy rotate NAME --node-key`)")
     which.add_argument("--new-ledger-key", action="store_true",
-                       help="replace the ledger signing key (lost, compromised or retired): the ledger records a key "
-                            "transition signed by the old key, so its lifetime ε goes on; then the coordinator runs "
+                       help="replace the ledger signing key while it is at hand (compromised or retired; a lost "
+                            "one: --recover-ledger-key): the ledger records a key transition signed by the old key, "
+                            "so its lifetime ε goes on; then the coordinator runs "
                             "`fedfer deploy rotate NAME --ledger-key signing_key.pub`")
     which.add_argument("--recover-ledger-key", action="store_true",
                        help="the ledger signing key is LOST (signing_key.pem gone): a new key continues the ledger "
