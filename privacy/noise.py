@@ -7,7 +7,7 @@ Its own module so that privacy/engine.py (the per-sample path's ``DPOptimizer``)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -15,30 +15,39 @@ from privacy.secure_random import SecureRandom
 
 
 def gaussian_noise(std: float, reference: torch.Tensor, stream: SecureRandom, secure_mode: bool) -> torch.Tensor:
-    """N(0, std²) noise shaped, typed and placed like ``reference``, from ``stream``. With ``secure_mode``
-    (privacy/engine.py ``SECURE_NOISE``) each coordinate is four standard normals summed and halved, Opacus'
-    form; the sum and the scaling are in float64, rounded once to the reference's dtype. Drawn in chunks of
-    :data:`_NOISE_CHUNK` coordinates, so a large layer's float64 draws never sit in memory four times over."""
-    draws, n = (4 if secure_mode else 1), reference.numel()
-    out = torch.empty(n, dtype=reference.dtype)
-    for start in range(0, n, _NOISE_CHUNK):
-        m = min(_NOISE_CHUNK, n - start)
-        z = stream.normal(draws * m)
-        if secure_mode:
-            z = z.view(draws, m).sum(0).mul_(0.5)
-        out[start:start + m] = z.mul_(std)
-    return out.view(reference.shape).to(device=reference.device)
+    """N(0, std²) noise shaped, typed and placed like ``reference``, from ``stream`` (:func:`gaussian_noise_like`
+    for one tensor)."""
+    return gaussian_noise_like(std, [reference], stream, secure_mode)[0]
 
 
-#: coordinates per draw of :func:`gaussian_noise` (2^18: 8 MB of float64 normals at four draws each)
-_NOISE_CHUNK = 1 << 18
+def gaussian_noise_like(std: float, references: Sequence[torch.Tensor], stream: SecureRandom,
+                        secure_mode: bool) -> list[torch.Tensor]:
+    """N(0, std²) noise for each of ``references``, shaped, typed and placed like it, every coordinate
+    independent, all drawn by ONE call to ``stream`` (a step's noise for all parameters at once: per tensor,
+    the fixed cost of a draw was paid 90 times a HAFNet step). With ``secure_mode`` (privacy/engine.py
+    ``SECURE_NOISE``) each coordinate is four standard normals summed and halved, Opacus' form; the sum and
+    the scaling are in float64, rounded once to the reference's dtype
+    (:meth:`SecureRandom.normal_sums_into`). The stream's buffers are a few hundred KB whatever the model's
+    size; the drawn noise itself is one tensor of all the coordinates, in the references' dtype."""
+    terms, scale = (4, 0.5 * std) if secure_mode else (1, std)
+    dtypes = {r.dtype for r in references}
+    # one dtype the stream writes (float32 or float64): drawn in it; anything else (mixed, half): float64, then
+    # rounded to each reference's dtype — still one rounding from the float64 value
+    draw_dtype = dtypes.pop() if len(dtypes) == 1 and references[0].dtype in (torch.float32, torch.float64) \
+        else torch.float64
+    flat = stream.normal_sums_into(torch.empty(sum(r.numel() for r in references), dtype=draw_dtype), terms, scale)
+    noise, start = [], 0
+    for r in references:
+        noise.append(flat[start:start + r.numel()].view(r.shape).to(dtype=r.dtype, device=r.device))
+        start += r.numel()
+    return noise
 
 
 class CSPRNGNoise:
     """Mixin for Opacus' DP optimizers (first among the bases): THE noise draw of both clipping paths. When the
-    optimizer's ``generator`` is a :class:`SecureRandom` stream, the noise of every parameter is
-    :func:`gaussian_noise` from it; a torch generator (the ``reproducible`` path) or σ = 0 leaves Opacus' own
-    ``add_noise``, so the seeded path stays Opacus' bit for bit."""
+    optimizer's ``generator`` is a :class:`SecureRandom` stream, the noise of all parameters is one
+    :func:`gaussian_noise_like` draw from it; a torch generator (the ``reproducible`` path) or σ = 0 leaves
+    Opacus' own ``add_noise``, so the seeded path stays Opacus' bit for bit."""
 
     def add_noise(self) -> None:
         from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -48,7 +57,11 @@ class CSPRNGNoise:
         if not isinstance(opt.generator, SecureRandom) or std == 0:
             super().add_noise()  # type: ignore[misc]
             return
-        for p in opt.params:
-            _check_processed_flag(p.summed_grad)
-            p.grad = (p.summed_grad + gaussian_noise(std, p.summed_grad, opt.generator, opt.secure_mode)).view_as(p)
-            _mark_as_processed(p.summed_grad)
+        summed = [p.summed_grad for p in opt.params]
+        for s in summed:
+            _check_processed_flag(s)
+        noise = gaussian_noise_like(std, summed, opt.generator, opt.secure_mode)
+        # summed + noise as fresh tensors (never views of the one noise tensor), in one call
+        for p, s, noised in zip(opt.params, summed, torch._foreach_add(summed, noise)):
+            p.grad = noised.view_as(p)
+            _mark_as_processed(s)

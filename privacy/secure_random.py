@@ -16,6 +16,13 @@ project draws its own:
   multiple of 2^-53 in [0, 1), or in (0, 1]), standard normals by Box–Muller (both outputs used), Bernoulli(q)
   as u < q, a random permutation as the order of random 64-bit keys.
 
+The normals are the hot path (DP-SGD's noise: four per trained parameter per step, a million and more for a
+small model), so :meth:`SecureRandom.normal_sums_into` draws them in passes of :data:`_PAIRS_PER_PASS`
+Box–Muller pairs into buffers the stream keeps (no fresh allocation per draw: a fresh buffer of megabytes is
+fresh pages, each faulted in), each pass small enough to stay in a core's cache, and sums and scales them
+straight into the caller's tensor. It is the same transform as one draw at a time; only where the
+intermediate numbers live changed (docs/dp-speed.md, "The noise from a CSPRNG").
+
 Not covered: the key lives in the process' memory while the stream is used (someone who can read that memory
 can read the school's data too). A stream is never copied: pickling and deep copies are refused and a forked
 child may not draw from its parent's stream, since two copies would draw the same numbers.
@@ -31,6 +38,31 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 _TWO_POW_MINUS_53 = 2.0 ** -53
+# (k·2^-53)·fl(2π) rounds to the same float64 as k·(fl(2π)·2^-53): k·2^-53 and fl(2π)·2^-53 are exact (powers
+# of two), so an angle is one multiplication of the 53-bit integer k, the same number as u·2π
+_TWO_PI_TIMES_TWO_POW_MINUS_53 = 2.0 * math.pi * _TWO_POW_MINUS_53
+
+#: Box–Muller pairs per pass of :meth:`SecureRandom.normal_sums_into` (a stream's buffers: 4 MB). Each pass
+#: costs a fixed ~20 numpy/torch calls, so small passes lose to Python (2^12 pairs: 150 passes a HAFNet step),
+#: and one pass for a whole step loses to memory traffic (its buffers leave the cache between operations):
+#: 2^16–2^17 were the fastest of 2^12–2^20 for HAFNet's 315 k parameters (docs/dp-speed.md).
+_PAIRS_PER_PASS = 1 << 16
+
+
+class _NormalBuffers:
+    """The buffers one pass of Box–Muller pairs works in, made once per stream (on its first normal draw) and
+    reused by every later pass. ``pairs`` pairs at most per pass."""
+
+    def __init__(self, pairs: int) -> None:
+        self.pairs = pairs
+        self.zeros = bytes(16 * pairs)   # the plaintext: the keystream is the encryption of zeros
+        # cryptography's update_into may need up to one block (16 bytes) more room than the data
+        self.keystream = bytearray(16 * pairs + 16)
+        self.words = np.frombuffer(self.keystream, dtype="<u8", count=2 * pairs)
+        self.radius = np.empty(pairs)
+        self.angle = torch.empty(pairs, dtype=torch.float64)
+        self.normals = torch.empty(2 * pairs, dtype=torch.float64)
+        self.sums = np.empty(2 * pairs)
 
 
 class SecureRandom:
@@ -43,15 +75,19 @@ class SecureRandom:
             raise ValueError("AES-256-CTR needs a 32-byte key and a 16-byte initial counter block")
         self._encryptor = Cipher(algorithms.AES(key), modes.CTR(_counter)).encryptor()
         self._pid = os.getpid()
+        self._normal_buffers: _NormalBuffers | None = None   # made on the first normal draw
 
     def __reduce__(self) -> object:
         raise TypeError("a SecureRandom is never copied or pickled: the copy would draw the same numbers")
 
     # ------------------------------------------------------------------------------------ bits
-    def random_bytes(self, n: int) -> bytes:
-        """The next ``n`` bytes of the keystream."""
+    def _refuse_forked_child(self) -> None:
         if os.getpid() != self._pid:
             raise RuntimeError("a SecureRandom cannot draw in a forked child: it would repeat its parent's numbers")
+
+    def random_bytes(self, n: int) -> bytes:
+        """The next ``n`` bytes of the keystream."""
+        self._refuse_forked_child()
         return self._encryptor.update(bytes(int(n)))
 
     def _words(self, n: int) -> np.ndarray:
@@ -75,13 +111,70 @@ class SecureRandom:
         return torch.from_numpy(k * _TWO_POW_MINUS_53)
 
     def normal(self, n: int) -> torch.Tensor:
-        """``n`` independent N(0, 1) draws in float64, by Box–Muller: for u1 in (0, 1] and u2 in [0, 1),
-        √(−2 ln u1)·cos(2πu2) and √(−2 ln u1)·sin(2πu2) are two independent standard normals (an exact
-        transform; the 53-bit u1 bounds a draw at √(106 ln 2) ≈ 8.6, a tail of probability 2^-53)."""
-        pairs = (int(n) + 1) // 2
-        radius = torch.sqrt(-2.0 * torch.log(self.uniform(pairs, open_at="left")))
-        angle = self.uniform(pairs).mul_(2.0 * math.pi)
-        return torch.cat((radius * torch.cos(angle), radius.mul_(torch.sin(angle))))[: int(n)]
+        """``n`` independent N(0, 1) draws in float64 (Box–Muller: :meth:`normal_sums_into`)."""
+        return self.normal_sums_into(torch.empty(int(n), dtype=torch.float64))
+
+    def normal_sums_into(self, out: torch.Tensor, terms: int = 1, scale: float = 1.0) -> torch.Tensor:
+        """Fill ``out`` (a contiguous float32 or float64 CPU tensor) with independent draws of ``scale`` × the
+        sum of ``terms`` independent N(0, 1) draws, and return it. Each sum and its scaling are in float64,
+        rounded once to ``out``'s dtype. DP-SGD's secure-mode noise is ``terms=4, scale=σC/2``
+        (privacy/noise.py).
+
+        The N(0, 1) draws are Box–Muller's: for u1 in (0, 1] and u2 in [0, 1), both with 53 random bits,
+        √(−2 ln u1)·cos(2πu2) and √(−2 ln u1)·sin(2πu2) are two independent standard normals — an exact
+        transform (the 53-bit u1 bounds a draw at √(106 ln 2) ≈ 8.6, a tail of probability 2^-53), computed
+        in float64 (``log`` by numpy and ``cos``/``sin`` by torch: each library's faster float64 kernel, both
+        to about an ulp). Each sum takes its ``terms`` draws from distinct outputs: in a pass of m values the
+        ``terms``·m draws are the cos outputs then the sin outputs of ``terms``·m/2 pairs, read as ``terms``
+        rows of m (with four terms: both outputs of pair j and of pair m + j). Every pair uses two fresh 64-bit
+        words of the keystream (u1's, then, in a separate block of the pass, u2's), 53 bits of each."""
+        buffers = self._buffers()
+        if not 1 <= terms <= 2 * buffers.pairs:
+            raise ValueError(f"terms must be in 1..{2 * buffers.pairs}, got {terms}")
+        if out.dtype not in (torch.float32, torch.float64) or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"normal draws go into a contiguous float32/float64 CPU tensor, got {out.dtype} on "
+                             f"{out.device}")
+        target = out.detach().view(-1).numpy()
+        per_pass = max(1, 2 * buffers.pairs // terms)   # values per pass: terms × values ≤ 2 × pairs draws
+        for start in range(0, target.size, per_pass):
+            m = min(per_pass, target.size - start)
+            rows = self._box_muller(terms * m)[: terms * m].reshape(terms, m)
+            into = target[start:start + m]
+            sums = into if into.dtype == np.float64 else buffers.sums[:m]
+            np.sum(rows, axis=0, out=sums)
+            np.multiply(sums, scale, out=into, casting="same_kind")   # float64 product, rounded once to out
+        return out
+
+    def _buffers(self) -> _NormalBuffers:
+        if self._normal_buffers is None:
+            self._normal_buffers = _NormalBuffers(_PAIRS_PER_PASS)
+        return self._normal_buffers
+
+    def _box_muller(self, count: int) -> np.ndarray:
+        """At least ``count`` (≤ 2 × pairs per pass) N(0, 1) draws in float64, from ⌈count/2⌉ Box–Muller pairs:
+        the cos outputs, then the sin outputs. A view of the stream's buffer, valid until its next draw."""
+        b = self._buffers()
+        pairs = (count + 1) // 2
+        self._refuse_forked_child()
+        self._encryptor.update_into(memoryview(b.zeros)[: 16 * pairs], b.keystream)
+        words = b.words[: 2 * pairs]
+        np.right_shift(words, 11, out=words)                   # 53 random bits: k in [0, 2^53)
+        k_radius, k_angle = words[:pairs], words[pairs:]
+        radius = b.radius[:pairs]
+        np.add(k_radius, 1, out=k_radius)                      # u1 = (k + 1)·2^-53 in (0, 1]: ln u1 is finite
+        np.multiply(k_radius, _TWO_POW_MINUS_53, out=radius)
+        np.log(radius, out=radius)
+        np.multiply(radius, -2.0, out=radius)
+        np.sqrt(radius, out=radius)                            # √(−2 ln u1)
+        angle = b.angle[:pairs]
+        np.multiply(k_angle, _TWO_PI_TIMES_TWO_POW_MINUS_53, out=angle.numpy())   # 2π·u2, u2 = k·2^-53
+        normals = b.normals[: 2 * pairs]
+        torch.cos(angle, out=normals[:pairs])
+        torch.sin(angle, out=normals[pairs:])
+        z = normals.numpy()
+        np.multiply(z[:pairs], radius, out=z[:pairs])
+        np.multiply(z[pairs:], radius, out=z[pairs:])
+        return z
 
     def bernoulli(self, n: int, p: float) -> torch.Tensor:
         """``n`` independent Bernoulli(p) draws as a bool tensor (u < p for u uniform in [0, 1): exact for

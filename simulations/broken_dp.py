@@ -64,10 +64,11 @@ def sample_rate_recorded_low_trainer(model, optimizer, frames, unit_ids, **kw):
 
 
 class _HalfScaleNormals(SecureRandom):
-    """An AES-256-CTR stream like any other, whose normals are scaled by 1/2 (std 1/2): the planted bug."""
+    """An AES-256-CTR stream like any other, whose normals are scaled by 1/2 (std 1/2): the planted bug. Every
+    normal draw (``normal`` too) goes through ``normal_sums_into``, the one the noise calls."""
 
-    def normal(self, n: int):
-        return super().normal(n).mul_(0.5)
+    def normal_sums_into(self, out, terms: int = 1, scale: float = 1.0):
+        return super().normal_sums_into(out, terms, scale * 0.5)
 
 
 def secure_half_noise_trainer(model, optimizer, frames, unit_ids, **kw):

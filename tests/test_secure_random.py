@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from privacy.engine import PoissonUnits, PrivateTrainer
-from privacy.noise import gaussian_noise
+from privacy.noise import gaussian_noise, gaussian_noise_like
 from privacy.secure_random import SecureRandom
 
 N = 1_000_000
@@ -73,6 +73,45 @@ def test_normals_are_standard_normal():
     assert abs(beyond3 - N * 2 * stats.norm.sf(3)) < 5 * math.sqrt(N * 2 * stats.norm.sf(3))
     assert stats.kstest(z.numpy(), "norm").statistic < 0.0035   # P(false alarm) < 1e-10
     assert SecureRandom().normal(7).shape == (7,)        # odd counts: half a Box-Muller pair dropped
+
+
+def _box_muller_by_hand(key: bytes, pairs: int) -> list[float]:
+    """The transform written out one number at a time from the AES-256 blocks (ECB on the counter) with
+    Python's math: pair i takes word i (u1 = (k + 1)·2^-53, k = the word's top 53 bits) and word pairs + i
+    (u2 = k·2^-53); the draws are the cos outputs, then the sin outputs."""
+    ecb = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    stream = b"".join(ecb.update(i.to_bytes(16, "big")) for i in range(pairs))
+    k = [int.from_bytes(stream[8 * i:8 * i + 8], "little") >> 11 for i in range(2 * pairs)]
+    radius = [math.sqrt(-2.0 * math.log((k[i] + 1) * 2.0**-53)) for i in range(pairs)]
+    angle = [k[pairs + i] * 2.0**-53 * (2 * math.pi) for i in range(pairs)]
+    return ([r * math.cos(a) for r, a in zip(radius, angle)] + [r * math.sin(a) for r, a in zip(radius, angle)])
+
+
+def test_normals_known_answer_under_a_fixed_key():
+    """Pins the transform: the first draws under the all-zero key, the same numbers as the transform written out
+    by hand, and the secure-mode sums (four draws: both outputs of pair j and of pair m + j). A change of the bits
+    used, their order, the transform or which draws are summed moves these far beyond the ulp-level tolerance
+    (numpy's and torch's float64 kernels may differ from libm in the last bit)."""
+    key = bytes(32)
+    want = [-0.18485579951287515, -1.0860893866037513, -1.0992769206036046, -0.31358290911733927]
+    assert SecureRandom(_key=key).normal(4).tolist() == pytest.approx(want, rel=1e-14)
+    assert _box_muller_by_hand(key, 2) == pytest.approx(want, rel=1e-14)
+    z = _box_muller_by_hand(key, 4)                    # m = 2 values: cos 0..3, then sin 0..3
+    by_hand = [(z[0] + z[2] + z[4] + z[6]) * 0.5, (z[1] + z[3] + z[5] + z[7]) * 0.5]
+    assert by_hand == pytest.approx([-0.5434081825669779, 0.08001480337086228], rel=1e-14)
+    sums64 = SecureRandom(_key=key).normal_sums_into(torch.empty(2, dtype=torch.float64), terms=4, scale=0.5)
+    assert sums64.tolist() == pytest.approx(by_hand, rel=1e-14)
+    sums32 = SecureRandom(_key=key).normal_sums_into(torch.empty(2, dtype=torch.float32), terms=4, scale=0.5)
+    assert torch.equal(sums32, sums64.to(torch.float32))   # one rounding, from the float64 value
+
+
+def test_normal_sums_check_their_arguments():
+    s = SecureRandom()
+    for bad in (torch.empty(3, dtype=torch.int64), torch.empty(3, dtype=torch.float16), torch.empty(4, 2).t()):
+        with pytest.raises(ValueError, match="contiguous float32/float64 CPU tensor"):
+            s.normal_sums_into(bad)
+    with pytest.raises(ValueError, match="terms"):
+        s.normal_sums_into(torch.empty(3), terms=0)
 
 
 @pytest.mark.parametrize("broken", ["uniform", "variance"])
@@ -168,7 +207,7 @@ def test_training_draws_sampling_frames_and_noise_from_the_csprng(clipping, monk
     the reproducible path does hit the patched functions (so this test can fail)."""
     trainer = _trainer(clipping)
     calls: Counter[str] = Counter()
-    for name in ("normal", "bernoulli", "randperm"):
+    for name in ("normal_sums_into", "bernoulli", "randperm"):
         original = getattr(SecureRandom, name)
         monkeypatch.setattr(SecureRandom, name, lambda self, *a, _o=original, _n=name, **k: (
             calls.update([_n]), _o(self, *a, **k))[1])
@@ -176,7 +215,7 @@ def test_training_draws_sampling_frames_and_noise_from_the_csprng(clipping, monk
     stats_ = trainer.train_epoch(_loss)
     assert stats_["steps"] == trainer.steps_per_epoch == 4 and stats_["units"] > 0
     assert calls["bernoulli"] == 4                        # one Poisson draw per step
-    assert calls["normal"] == 4 * 2                       # weight and bias, every step
+    assert calls["normal_sums_into"] == 4                 # weight and bias in one draw, every step
     assert calls["randperm"] == stats_["units"]           # every sampled student has 5 > 2 frames
     monkeypatch.undo()
     seeded = _trainer(clipping, reproducible=True)
@@ -188,16 +227,24 @@ def test_training_draws_sampling_frames_and_noise_from_the_csprng(clipping, monk
 @pytest.mark.parametrize("clipping", ["per-sample", "ghost"])
 def test_the_csprng_noise_keeps_the_four_draw_form_and_the_scale_sigma_c_over_b(clipping, monkeypatch):
     """Four standard normals per coordinate (secure_mode's form), and the noise std of a step is Opacus'
-    σ·C / expected batch (here 2 × 0.5 / 2), as on the seeded path; 36 000 coordinates: ±0.4 % at 1 sd."""
-    drawn: list[int] = []
-    original = SecureRandom.normal
-    monkeypatch.setattr(SecureRandom, "normal", lambda self, n: (drawn.append(n), original(self, n))[1])
+    σ·C / expected batch (here 2 × 0.5 / 2), as on the seeded path; 36 000 coordinates: ±0.4 % at 1 sd. The four
+    draws are counted where they cannot be faked: under a known key, the stream's next block after the step must
+    be block 2 × (coordinates) of the AES-CTR stream — one 16-byte block per Box–Muller pair, two normals."""
+    drawn: list[tuple[int, int]] = []
+    original = SecureRandom.normal_sums_into
+    monkeypatch.setattr(SecureRandom, "normal_sums_into", lambda self, out, terms=1, scale=1.0: (
+        drawn.append((out.numel(), terms)), original(self, out, terms, scale))[1])
     trainer = _trainer(clipping, width=1000)
     opt = trainer.optimizer
+    key = bytes(range(32))
+    opt.generator = SecureRandom(_key=key)
     want = opt.noise_multiplier * opt.max_grad_norm / opt.expected_batch_size
     assert want == pytest.approx(2.0 * 0.5 / 2)
     noise = _noise_of_an_empty_step(trainer)
-    assert drawn == [4 * p.numel() for p in trainer.model.parameters()]
+    coordinates = sum(p.numel() for p in trainer.model.parameters())
+    assert drawn == [(coordinates, 4)]                  # one draw for all parameters, four normals each
+    next_block = Cipher(algorithms.AES(key), modes.ECB()).encryptor().update((2 * coordinates).to_bytes(16, "big"))
+    assert opt.generator.random_bytes(16) == next_block
     assert noise.dtype == torch.float32
     assert float(noise.std()) == pytest.approx(want, rel=0.02)
     assert abs(float(noise.mean())) < 5 * want / math.sqrt(noise.numel())
@@ -273,16 +320,37 @@ def test_augmentation_is_seeded_per_frame_from_the_csprng(reproducible, monkeypa
         assert set(runs[0]).isdisjoint(runs[1]) and seeds == [7, 7]   # 6 frames + the forward, per step
 
 
-def test_gaussian_noise_in_chunks_is_still_iid(monkeypatch):
-    """A layer larger than a chunk: every coordinate drawn once, the chunks' noise unrelated."""
-    import privacy.noise
+def test_gaussian_noise_in_passes_is_still_iid(monkeypatch):
+    """More coordinates than one pass of the stream's buffers: every coordinate drawn once, the passes' noise
+    unrelated (a pass reusing its predecessor's numbers would correlate them)."""
+    import privacy.secure_random
 
-    monkeypatch.setattr(privacy.noise, "_NOISE_CHUNK", 1000)
+    monkeypatch.setattr(privacy.secure_random, "_PAIRS_PER_PASS", 1000)   # 500 coordinates a pass, at four draws
     noise = gaussian_noise(2.0, torch.zeros(25, 999), SecureRandom(), True).flatten()
     assert float(noise.std()) == pytest.approx(2.0, rel=5 * math.sqrt(1 / (2 * noise.numel())))
-    first, second = noise[:1000], noise[1000:2000]
-    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.16   # 5 sd at n = 1000
+    first, second = noise[:500], noise[500:1000]
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.23   # 5 sd at n = 500
     assert int((noise == 0).sum()) == 0
+    ones = SecureRandom().normal(4001)   # one draw a value: passes of 2000, the last one an odd count
+    assert ones.shape == (4001,) and bool(ones.isfinite().all()) and float(ones[-1]) != 0.0
+    assert abs(float(torch.corrcoef(torch.stack([ones[:2000], ones[2000:4000]]))[0, 1])) < 0.12   # 5 sd at 2000
+
+
+def test_one_draw_for_several_tensors_is_their_concatenation():
+    """gaussian_noise_like: the noise of several references is one draw cut in their order, each shaped, typed
+    and placed like its reference; mixed dtypes are drawn in float64 and rounded once to each."""
+    key = bytes(range(32))
+    refs = [torch.zeros(3, 4), torch.zeros(5), torch.zeros(2, 2, 2)]
+    noise = gaussian_noise_like(0.7, refs, SecureRandom(_key=key), True)
+    assert [n.shape for n in noise] == [r.shape for r in refs] and all(n.dtype == torch.float32 for n in noise)
+    whole = gaussian_noise(0.7, torch.zeros(25), SecureRandom(_key=key), True)
+    assert torch.equal(torch.cat([n.flatten() for n in noise]), whole)
+    mixed = gaussian_noise_like(0.7, [torch.zeros(12, dtype=torch.float64), torch.zeros(13)], SecureRandom(_key=key),
+                                True)
+    as64 = gaussian_noise(0.7, torch.zeros(25, dtype=torch.float64), SecureRandom(_key=key), True)
+    assert mixed[0].dtype == torch.float64 and mixed[1].dtype == torch.float32
+    assert torch.equal(mixed[0], as64[:12]) and torch.equal(mixed[1], as64[12:].to(torch.float32))
+    assert torch.equal(whole, as64.to(torch.float32))
 
 
 @pytest.mark.parametrize("clipping", ["per-sample", "ghost"])
