@@ -36,11 +36,9 @@ def gaussian_noise_like(std: float, references: Sequence[torch.Tensor], stream: 
     draw_dtype = dtypes.pop() if len(dtypes) == 1 and references[0].dtype in (torch.float32, torch.float64) \
         else torch.float64
     flat = stream.normal_sums_into(torch.empty(sum(r.numel() for r in references), dtype=draw_dtype), terms, scale)
-    noise, start = [], 0
-    for r in references:
-        noise.append(flat[start:start + r.numel()].view(r.shape).to(dtype=r.dtype, device=r.device))
-        start += r.numel()
-    return noise
+    pieces = torch.split(flat, [r.numel() for r in references])   # views, in the references' order
+    return [piece.view(r.shape) if (r.dtype, r.device) == (draw_dtype, flat.device)
+            else piece.view(r.shape).to(dtype=r.dtype, device=r.device) for piece, r in zip(pieces, references)]
 
 
 class CSPRNGNoise:
@@ -61,7 +59,9 @@ class CSPRNGNoise:
         for s in summed:
             _check_processed_flag(s)
         noise = gaussian_noise_like(std, summed, opt.generator, opt.secure_mode)
-        # summed + noise as fresh tensors (never views of the one noise tensor), in one call
-        for p, s, noised in zip(opt.params, summed, torch._foreach_add(summed, noise)):
+        # the sums added into the step's fresh noise tensor, in one call (x + y == y + x in IEEE): no new tensor
+        # per parameter; each p.grad is a view of that tensor, which no later step reuses
+        torch._foreach_add_(noise, summed)
+        for p, s, noised in zip(opt.params, summed, noise):
             p.grad = noised.view_as(p)
             _mark_as_processed(s)

@@ -163,6 +163,28 @@ def test_gaussian_noise_has_std_and_the_reference_shape_and_dtype(dtype):
         assert float(noise.std()) == pytest.approx(0.7, rel=5 * math.sqrt(1 / (2 * ref.numel())))
 
 
+def test_the_noised_gradient_is_the_sum_plus_one_draw_of_noise():
+    """CSPRNGNoise.add_noise: each p.grad is its clipped sum plus its piece of the step's one noise draw (std σC,
+    read back under the same key), shaped like p; the sums themselves are left as they were."""
+    from opacus.optimizers import DPOptimizer
+
+    from privacy.engine import dp_optimizer
+
+    key = bytes(range(32))
+    params = [nn.Parameter(torch.zeros(3, 4)), nn.Parameter(torch.zeros(5))]
+    opt = dp_optimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.5, max_grad_norm=2.0, expected_batch_size=1,
+                       generator=SecureRandom(_key=key), secure_mode=True)
+    assert isinstance(opt, DPOptimizer)
+    sums = [torch.arange(12.0).view(3, 4), -torch.arange(5.0)]
+    for p, s in zip(params, sums):
+        p.summed_grad = s.clone()
+    opt.add_noise()
+    want = gaussian_noise_like(3.0, sums, SecureRandom(_key=key), True)
+    for p, s, n in zip(params, sums, want):
+        assert p.grad.shape == p.shape and torch.equal(p.grad, s + n)
+        assert torch.equal(p.summed_grad, s)
+
+
 # ------------------------------------------------------------------------------------------ the trainer
 def _data(frames_per_student: int = 5, students: int = 8):
     g = torch.Generator().manual_seed(1)
