@@ -24,7 +24,7 @@ straight into the caller's tensor. It is the same transform as one draw at a tim
 intermediate numbers live changed (docs/dp-speed.md, "The noise from a CSPRNG").
 
 Not covered: the key lives in the process' memory while the stream is used (someone who can read that memory
-can read the school's data too). A stream is never copied: pickling and deep copies are refused and a forked
+can read the school's data too), and so do the last pass's keystream and normals in the stream's buffers. A stream is never copied: pickling and deep copies are refused and a forked
 child may not draw from its parent's stream, since two copies would draw the same numbers.
 """
 
@@ -42,7 +42,7 @@ _TWO_POW_MINUS_53 = 2.0 ** -53
 # of two), so an angle is one multiplication of the 53-bit integer k, the same number as u·2π
 _TWO_PI_TIMES_TWO_POW_MINUS_53 = 2.0 * math.pi * _TWO_POW_MINUS_53
 
-#: Box–Muller pairs per pass of :meth:`SecureRandom.normal_sums_into` (a stream's buffers: 4 MB). Each pass
+#: Box–Muller pairs per pass of :meth:`SecureRandom.normal_sums_into` (a stream's buffers: 5 MB). Each pass
 #: costs a fixed ~20 numpy/torch calls, so small passes lose to Python (2^12 pairs: 150 passes a HAFNet step),
 #: and one pass for a whole step loses to memory traffic (its buffers leave the cache between operations):
 #: 2^16–2^17 were the fastest of 2^12–2^20 for HAFNet's 315 k parameters (docs/dp-speed.md).
@@ -126,8 +126,9 @@ class SecureRandom:
         in float64 (``log`` by numpy and ``cos``/``sin`` by torch: each library's faster float64 kernel, both
         to about an ulp). Each sum takes its ``terms`` draws from distinct outputs: in a pass of m values the
         ``terms``·m draws are the cos outputs then the sin outputs of ``terms``·m/2 pairs, read as ``terms``
-        rows of m (with four terms: both outputs of pair j and of pair m + j). Every pair uses two fresh 64-bit
-        words of the keystream (u1's, then, in a separate block of the pass, u2's), 53 bits of each."""
+        rows of m (with four terms: both outputs of pair j and of pair m + j; the layout of the per-tensor draws
+        before). Every pair uses two fresh 64-bit words of the keystream, 53 bits of each: a pass reads the u1
+        words of its pairs, then their u2 words."""
         buffers = self._buffers()
         if not 1 <= terms <= 2 * buffers.pairs:
             raise ValueError(f"terms must be in 1..{2 * buffers.pairs}, got {terms}")
