@@ -48,6 +48,19 @@ def test_a_stream_cannot_be_copied():
             copier(s)
 
 
+def test_a_forked_child_cannot_draw(monkeypatch):
+    """Every draw, the normals' buffered path too, refuses to run in another process than the one that keyed the
+    stream (a forked child would repeat its parent's numbers)."""
+    import os
+
+    s = SecureRandom()
+    s.normal(3)                                        # the normal buffers exist before the fork
+    monkeypatch.setattr(os, "getpid", lambda: -1)
+    for draw in (lambda: s.random_bytes(8), lambda: s.normal(3), lambda: s.normal_sums_into(torch.empty(2), 4)):
+        with pytest.raises(RuntimeError, match="forked child"):
+            draw()
+
+
 def test_uniforms_carry_53_random_bits_and_respect_their_open_end():
     s = SecureRandom()
     u = s.uniform(N)
