@@ -124,26 +124,38 @@ class SecureRandom:
         √(−2 ln u1)·cos(2πu2) and √(−2 ln u1)·sin(2πu2) are two independent standard normals — an exact
         transform (the 53-bit u1 bounds a draw at √(106 ln 2) ≈ 8.6, a tail of probability 2^-53), computed
         in float64 (``log`` by numpy and ``cos``/``sin`` by torch: each library's faster float64 kernel, both
-        to about an ulp). Each sum takes its ``terms`` draws from distinct outputs: in a pass of m values the
-        ``terms``·m draws are the cos outputs then the sin outputs of ``terms``·m/2 pairs, read as ``terms``
-        rows of m (with four terms: both outputs of pair j and of pair m + j; the layout of the per-tensor draws
-        before). Every pair uses two fresh 64-bit words of the keystream, 53 bits of each: a pass reads the u1
-        words of its pairs, then their u2 words."""
+        to about an ulp). Each sum takes its ``terms`` draws from ``terms`` distinct pairs, as Opacus' four
+        separate draws would: the two outputs of one pair share its radius (r·cos θ + r·sin θ = √2·r·sin(θ + π/4)
+        is one Box–Muller sample, not two), so a sum of both would give the floating-point attack the secure-mode
+        form is against half the draws it is meant to face. In a pass of m values the ``terms``·m draws are the
+        cos outputs, then the sin outputs, of ``terms``·m/2 pairs, read as ``terms`` rows of m; value j takes
+        the cos rows' element j and the sin rows' element j + 1 (mod m): with four terms the cos outputs of
+        pairs j and m + j and the sin outputs of pairs j + 1 and m + j + 1. A lone value is drawn as the first of
+        two. ``terms`` is 1 or even. Every pair uses two fresh 64-bit words of the keystream, 53 bits of each: a
+        pass reads the u1 words of its pairs, then their u2 words."""
         buffers = self._buffers()
-        if not 1 <= terms <= 2 * buffers.pairs:
-            raise ValueError(f"terms must be in 1..{2 * buffers.pairs}, got {terms}")
+        if not (terms == 1 or (terms % 2 == 0 and 2 <= terms <= buffers.pairs)):
+            raise ValueError(f"terms must be 1 or an even number up to {buffers.pairs}, got {terms}")
         if out.dtype not in (torch.float32, torch.float64) or out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError(f"normal draws go into a contiguous float32/float64 CPU tensor, got {out.dtype} on "
                              f"{out.device}")
         target = out.detach().view(-1).numpy()
         per_pass = max(1, 2 * buffers.pairs // terms)   # values per pass: terms × values ≤ 2 × pairs draws
+        cos_rows = terms // 2
         for start in range(0, target.size, per_pass):
             m = min(per_pass, target.size - start)
-            rows = self._box_muller(terms * m)[: terms * m].reshape(terms, m)
+            width = 2 if terms > 1 and m == 1 else m   # a lone value, too, sums draws of distinct pairs
+            rows = self._box_muller(terms * width)[: terms * width].reshape(terms, width)
             into = target[start:start + m]
-            sums = into if into.dtype == np.float64 else buffers.sums[:m]
-            np.sum(rows, axis=0, out=sums)
-            np.multiply(sums, scale, out=into, casting="same_kind")   # float64 product, rounded once to out
+            sums = into if into.dtype == np.float64 and width == m else buffers.sums[:width]
+            if terms == 1:
+                np.copyto(sums, rows[0])
+            else:
+                np.sum(rows[:cos_rows], axis=0, out=sums)
+                for sin_row in rows[cos_rows:]:        # element j + 1 (mod width): another pair than the cos
+                    np.add(sums[:-1], sin_row[1:], out=sums[:-1])
+                    sums[-1] += sin_row[0]
+            np.multiply(sums[:m], scale, out=into, casting="same_kind")   # float64 product, rounded once to out
         return out
 
     def _buffers(self) -> _NormalBuffers:

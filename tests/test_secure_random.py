@@ -102,7 +102,8 @@ def _box_muller_by_hand(key: bytes, pairs: int) -> list[float]:
 
 def test_normals_known_answer_under_a_fixed_key():
     """Pins the transform: the first draws under the all-zero key, the same numbers as the transform written out
-    by hand, and the secure-mode sums (four draws: both outputs of pair j and of pair m + j). A change of the bits
+    by hand, and the secure-mode sums (four draws of four distinct pairs: the cos outputs of pairs j and m + j,
+    the sin outputs of pairs j + 1 and m + j + 1, mod m; never both outputs of one pair). A change of the bits
     used, their order, the transform or which draws are summed moves these far beyond the ulp-level tolerance
     (numpy's and torch's float64 kernels may differ from libm in the last bit)."""
     key = bytes(32)
@@ -110,12 +111,14 @@ def test_normals_known_answer_under_a_fixed_key():
     assert SecureRandom(_key=key).normal(4).tolist() == pytest.approx(want, rel=1e-14)
     assert _box_muller_by_hand(key, 2) == pytest.approx(want, rel=1e-14)
     z = _box_muller_by_hand(key, 4)                    # m = 2 values: cos 0..3, then sin 0..3
-    by_hand = [(z[0] + z[2] + z[4] + z[6]) * 0.5, (z[1] + z[3] + z[5] + z[7]) * 0.5]
-    assert by_hand == pytest.approx([-0.5434081825669779, 0.08001480337086228], rel=1e-14)
+    by_hand = [(z[0] + z[2] + z[5] + z[7]) * 0.5, (z[1] + z[3] + z[4] + z[6]) * 0.5]   # pairs 0, 2, 1, 3 | 1, 3, 0, 2
+    assert by_hand == pytest.approx([-0.7589096276250814, 0.29551624842896573], rel=1e-14)
     sums64 = SecureRandom(_key=key).normal_sums_into(torch.empty(2, dtype=torch.float64), terms=4, scale=0.5)
     assert sums64.tolist() == pytest.approx(by_hand, rel=1e-14)
     sums32 = SecureRandom(_key=key).normal_sums_into(torch.empty(2, dtype=torch.float32), terms=4, scale=0.5)
     assert torch.equal(sums32, sums64.to(torch.float32))   # one rounding, from the float64 value
+    lone = SecureRandom(_key=key).normal_sums_into(torch.empty(1, dtype=torch.float64), terms=4, scale=0.5)
+    assert lone.tolist() == pytest.approx(by_hand[:1], rel=1e-14)   # drawn as the first of two: distinct pairs too
 
 
 def test_normal_sums_check_their_arguments():
@@ -123,8 +126,9 @@ def test_normal_sums_check_their_arguments():
     for bad in (torch.empty(3, dtype=torch.int64), torch.empty(3, dtype=torch.float16), torch.empty(4, 2).t()):
         with pytest.raises(ValueError, match="contiguous float32/float64 CPU tensor"):
             s.normal_sums_into(bad)
-    with pytest.raises(ValueError, match="terms"):
-        s.normal_sums_into(torch.empty(3), terms=0)
+    for terms in (0, 3):   # an odd number of terms would pair a draw with its own pair's other output
+        with pytest.raises(ValueError, match="terms"):
+            s.normal_sums_into(torch.empty(3), terms=terms)
 
 
 @pytest.mark.parametrize("broken", ["uniform", "variance"])
