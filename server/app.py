@@ -15,8 +15,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from server.best_round import compare_line
 from server.round_writer import RoundWriter
-from server.run_dir import RunDirectory
+from server.run_dir import BEST_CHECKPOINT, RunDirectory, last_public_score
 from server.run import check_keyring, resume_pending, start_is_scored, start_or_resume, trace_benchmark_opens
 from server.simulation_cluster import check_ray_cluster
 from server.strategy import RoundRecord, SchoolFedAvg
@@ -89,6 +90,9 @@ def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStar
         evaluate_config=ConfigRecord(),
         evaluate_fn=strategy.end_of_round,
     )
+    if writer.best is not None:   # the last round is not always the best: say which one best.pt holds
+        log(INFO, "[fedfer] %s: %s", compare_line(writer.best, last_public_score(run.path)),
+            run.path / "checkpoints" / BEST_CHECKPOINT)
     _write_report(run.path)
 
 

@@ -21,11 +21,13 @@ MAX_TICK_CLASSES = 60
 MAX_CONFUSION_CLASSES = 1000
 
 
-def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], path: Path, *, title: str) -> Path:
+def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], path: Path, *, title: str,
+                    best_round: int | None = None) -> Path:
     """Accuracy (solid, with its 95 % CI band) and UAR (dashed) per round, one colour per benchmark.
 
     `series[benchmark]` holds equal-length lists ``round``, ``accuracy``, ``ci_low``, ``ci_high``,
-    ``uar`` (fractions in 0..1; None where a value is missing)."""
+    ``uar`` (fractions in 0..1; None where a value is missing). `best_round`: the round that scored best on
+    the public benchmarks (server/best_round.py), marked with a dotted vertical line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -39,6 +41,9 @@ def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], 
             ax.fill_between(rounds, low, high, color=colour, alpha=0.18, linewidth=0,
                             label=f"{bench} accuracy 95% CI")
         ax.plot(rounds, _percent(data["uar"]), "--s", color=colour, markersize=3, label=f"{bench} UAR")
+    if best_round is not None:
+        ax.axvline(best_round, color="0.35", linestyle=":", linewidth=1.5,
+                   label=f"best round on the public benchmarks ({best_round}): checkpoints/best.pt")
     ax.set_xlabel("federated round")
     ax.set_ylabel("score on the benchmark (%)")
     ax.set_ylim(0, 100)

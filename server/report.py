@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from server.best_round import RoundScore, best_of, compare_line, first_public, last_scored
 from shared_models.config import ConfigError, read_yaml_file
 from shared_models.labels import FER7, FER8
 
@@ -452,9 +453,11 @@ def write_plots(data: RunData) -> dict[str, Path]:
         rows = [have.get(r, (None, None, None, None)) for r in s["round"]]
         s["accuracy"], s["ci_low"], s["ci_high"], s["uar"] = (list(col) for col in zip(*rows))
     if series:
+        best = best_public_round(data)
         out["accuracy"] = plots.accuracy_curves(
             series, plot_dir / "accuracy.png",
             title=f"Global model ({model}) on public benchmarks, per round",
+            best_round=best.round if best is not None else None,
         )
     added = _added_panels(data)
     if added:
@@ -527,6 +530,7 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
     else:
         lines.append("No evaluation recorded yet.")
     lines.append("")
+    lines += _best_round_lines(data)
 
     lines += _added_section(data, figures)
     lines += _paper_table(data, final)
@@ -549,6 +553,35 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
     if data.notes:
         lines += ["## Notes on the data", ""] + [f"- {note}" for note in data.notes] + [""]
     return "\n".join(lines)
+
+
+def best_public_round(data: RunData) -> RoundScore | None:
+    """The round whose global model scored best on the public benchmarks, chosen as the run chose best.pt
+    (`evaluation.keep_best`; `off` reports the mean's choice). The schools' held-out faces never count."""
+    by = str(data.config.get("evaluation.keep_best", "mean"))
+    by = by if by in ("mean", "first") else "mean"
+    return best_of({r: record.get("evaluation") for r, record in data.rounds.items()}, by,
+                   first_public(str(data.config.get("evaluation.benchmarks", ""))))
+
+
+def _best_round_lines(data: RunData) -> list[str]:
+    """One line: which round was best on the public benchmarks, what the last round scored, and where the best
+    round's model is (checkpoints/best.pt)."""
+    best = best_public_round(data)
+    if best is None:
+        return []
+    last = last_scored({r: record.get("evaluation") for r, record in data.rounds.items()})
+    from server.run_dir import read_best_json   # torch: only when there is a best round to name
+
+    kept = read_best_json(data.run_dir)
+    if kept is not None and kept.round == best.round:
+        where = "its model is `checkpoints/best.pt`"
+    elif kept is not None:
+        where = f"`checkpoints/best.pt` holds round {kept.round}"
+    else:
+        where = "no `checkpoints/best.pt` (evaluation.keep_best=off, or a run from before it was kept)"
+    return [f"**Best round:** {compare_line(best, last)} — {where} (marked on the accuracy plot; chosen on public "
+            "data only, so it costs no privacy: docs/privacy.md).", ""]
 
 
 def federation_epsilon(data: RunData) -> float | None:

@@ -8,6 +8,11 @@ released model exists, marked unevaluated (latest.json `"evaluated": false`) unt
 written. A coordinator that stops in between resumes after round r and has round r's model evaluated
 first (server/run.py), so no school trains a round twice and metrics.jsonl ends with exactly one line
 per round.
+
+The best round: when a round's evaluation is settled, its global model replaces checkpoints/best.pt if it scored
+higher on the public benchmarks than every round before (server/best_round.py says how, and why it costs no
+privacy). best.pt is written before the round's metrics line: a coordinator that stops in between evaluates the
+round again on resume and finds it already kept. A resumed run starts from the best.pt it finds.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import Any, Mapping
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from server.run_dir import RunDirectory, _json_default
+from server.best_round import RoundScore, beats, first_public, round_score
+from server.run_dir import CheckpointError, RunDirectory, _json_default
 from server.strategy import RoundRecord
 from shared_models.datasets import split_benchmark_list
 from shared_models.evaluation import evaluate_benchmarks, spec_name
@@ -71,6 +77,21 @@ class RoundWriter:
         self.checkpointed: set[int] = set()
         self._model: Any = None             # built on first in-process evaluation
         self._benchmark_cache: dict = {}
+        self.keep_best = str(cfg["evaluation.keep_best"])
+        self.best: RoundScore | None = self._best_so_far()
+
+    def _best_so_far(self) -> RoundScore | None:
+        """The best round a resumed run kept before it stopped (None for a new run). A damaged best.pt is
+        named in one warning and replaced by the next evaluated round: it cannot be loaded by anyone anyway."""
+        if self.keep_best == "off":
+            return None
+        try:
+            return self.run.best_checkpoint()
+        except CheckpointError as exc:
+            reason = " ".join(str(exc).split())[:200]
+            log(WARNING, "[fedfer] %s; the next evaluated round replaces it", reason)
+            self.run.event("best-unreadable", reason=reason)
+            return None
 
     def round_started(self) -> None:
         if self.federation_dp is not None:
@@ -129,6 +150,7 @@ class RoundWriter:
         if "round_seconds" not in record.timing:
             self._stamp(record)
         seconds = float(record.timing["round_seconds"])
+        self.keep_if_best(record, arrays, strategy_state)
         self.run.append_metrics({
             "round": record.round, "aggregated": record.aggregated, "train": record.train,
             "evaluation": record.evaluation, "evaluated_by": record.evaluated_by,
@@ -142,3 +164,14 @@ class RoundWriter:
             self.run.save_checkpoint(record.round, arrays.to_torch_state_dict(), self.model_info, self.cfg, strategy_state)
             self.checkpointed.add(record.round)
         log(INFO, "[fedfer] %s", progress_line(record, self.total_rounds, self.primary, seconds))
+
+    def keep_if_best(self, record: RoundRecord, arrays: ArrayRecord, strategy_state: Mapping[str, Any]) -> None:
+        """Round `record.round`'s model becomes checkpoints/best.pt if it beats the best so far on the public
+        benchmarks (`evaluation.keep_best`; the schools' own faces never count)."""
+        candidate = round_score(record.round, record.evaluation, self.keep_best,
+                                first_public(str(self.cfg["evaluation.benchmarks"])))
+        if candidate is None or not beats(candidate, self.best):
+            return
+        self.run.save_best(candidate, arrays.to_torch_state_dict(), self.model_info, self.cfg,
+                           list(strategy_state.get("exhausted", [])))
+        self.best = candidate

@@ -7,6 +7,8 @@
     runs/<id>/keys/<school>.pub    the ledger public key the server trusts for that school
     runs/<id>/keys/<school>.retired/  the keys that key replaced (a chain may start under one)
     runs/<id>/checkpoints/round-NNNN.pt, latest.json   weights + round + strategy state (resume)
+    runs/<id>/checkpoints/best.pt, best.json   the round whose global model scored best on the public benchmarks
+                                   (server/best_round.py; never pruned, not a resume point)
     runs/<id>/report.md, plots/*.png
     runs/<id>/preparing.lock       only while `fedfer simulate` still pre-trains; the ServerApp waits for it
 
@@ -33,12 +35,15 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from server.best_round import RoundScore, last_scored, score_from_json
 from shared_models.atomic_files import append_line, atomic_write_bytes, atomic_write_text
 from shared_models.config import ConfigError, defaults, dump_yaml, validate
 
 CHECKPOINT_NAME = re.compile(r"^round-[0-9]{4,9}\.pt$")
 MAX_NUM_CLASSES = 1000          # FER uses 7 or 8; a checkpoint claiming 10^9 would allocate a 10^9-row head
 MAX_LATEST_BYTES = 64 * 1024
+BEST_CHECKPOINT = "best.pt"      # checkpoints/best.pt: the best round's model, in a round checkpoint's format
+BEST_JSON = "best.json"          # checkpoints/best.json: which round it is and its scores (written after best.pt)
 
 
 @dataclass
@@ -267,6 +272,42 @@ class RunDirectory:
             old.unlink(missing_ok=True)
         return target
 
+    def save_best(self, best: RoundScore, state_dict: Mapping[str, torch.Tensor], model_info: Mapping[str, Any],
+                  cfg: Mapping[str, Any], exhausted: list[str]) -> Path:
+        """checkpoints/best.pt: the model of round `best.round` (a server/best_round.RoundScore), in a round
+        checkpoint's format (every loader reads it) plus a "best" field with its scores; then best.json.
+
+        best.pt is the authority: one atomic write holds the weights and which round they are, so a stop between
+        the two files leaves best.json one best behind, which `best_checkpoint` (the resume) rewrites. No
+        momentum in its strategy state: it is a model to use, not a point to resume from (that is latest.json's)."""
+        target = self.path / "checkpoints" / BEST_CHECKPOINT
+        buffer = io.BytesIO()
+        torch.save({"round": best.round, "model": dict(model_info), "state_dict": dict(state_dict),
+                    "config": dict(cfg), "strategy": {"exhausted": list(exhausted)}, "run_id": self.run_id,
+                    "best": best.to_json()}, buffer)
+        atomic_write_bytes(target, buffer.getvalue())
+        self._write_best_json(best)
+        return target
+
+    def _write_best_json(self, best: RoundScore) -> None:
+        atomic_write_text(self.path / "checkpoints" / BEST_JSON,
+                          json.dumps({**best.to_json(), "file": BEST_CHECKPOINT}, sort_keys=True))
+
+    def best_checkpoint(self) -> RoundScore | None:
+        """The RoundScore best.pt holds (None: no best.pt yet); a resumed run continues from it, so a best from
+        before the stop is kept. best.json is rewritten if it disagrees (a stop between the two writes).
+        CheckpointError (one line naming the file) if best.pt is damaged."""
+        target = self.path / "checkpoints" / BEST_CHECKPOINT
+        if not target.exists():
+            return None
+        checkpoint = load_checkpoint_file(target)
+        best = score_from_json(checkpoint.get("best"))
+        if best is None or best.round != checkpoint.get("round"):
+            raise CheckpointError(f"{target}: field 'best' is missing or does not describe its round")
+        if read_best_json(self.path) != best:
+            self._write_best_json(best)
+        return best
+
     def _write_latest(self, latest: Mapping[str, Any]) -> None:
         atomic_write_text(self.path / "checkpoints" / "latest.json", json.dumps(dict(latest)))
 
@@ -284,6 +325,37 @@ class RunDirectory:
         if not (self.path / "checkpoints" / "latest.json").exists():
             return None
         return check_resume_dir(self.path, deep=False)[1]
+
+
+def read_best_json(run_path: Path) -> RoundScore | None:
+    """The RoundScore checkpoints/best.json records (which round best.pt holds and its public scores), or None
+    when there is none or it is unreadable (best.pt itself is the authority; a loader only prints this)."""
+    path = Path(run_path) / "checkpoints" / BEST_JSON
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_LATEST_BYTES:
+            return None
+        return score_from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def last_public_score(run_path: Path) -> RoundScore | None:
+    """The last round of metrics.jsonl with a public score (server/best_round.py `last_scored`)."""
+    return last_scored({line["round"]: line.get("evaluation") for line in RunDirectory(Path(run_path)).metrics()
+                        if isinstance(line.get("evaluation"), dict)})
+
+
+def latest_is_not_best(run_path: Path, latest_round: int) -> str | None:
+    """The line a command that was given a run directory as a model prints when its latest round (what it
+    uses) is not the best round on the public benchmarks; None when it is, or the run kept no best."""
+    best = read_best_json(run_path)
+    if best is None or best.round == latest_round:
+        return None
+    last = last_public_score(run_path)
+    common = sorted(set(last.accuracies) & set(best.accuracies)) if last is not None and last.round == latest_round else []
+    scored = f" ({last.on(common):.3f} on the public benchmarks)" if common else ""
+    return (f"{run_path}: using its latest round {latest_round}{scored}; round {best.round} scored best there "
+            f"({best.describe()}): give {Path(run_path) / 'checkpoints' / BEST_CHECKPOINT} to use it")
 
 
 # -- reading checkpoints (untrusted input: a run directory may come from anywhere) ----------------------

@@ -90,6 +90,7 @@ RULES: dict[str, Rule] = {
     "data.public_frames": Rule(minimum=1, maximum=10_000),
     "data.seed": Rule(minimum=0, maximum=SEED_MAX),
     "evaluation.bootstrap": Rule(minimum=0, maximum=1_000_000),
+    "evaluation.keep_best": Rule(choices=("mean", "first", "off")),
     "evaluation.references": Rule(parts_of=("central", "alone", "noise-free")),
     "evaluation.reference_schools": Rule(minimum=0, maximum=10_000),
     "evaluation.central_epochs": Rule(minimum=1, maximum=1_000),

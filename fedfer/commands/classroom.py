@@ -40,7 +40,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rep = cmds.add_parser("report", help="run a checkpoint over a lesson and write the teacher's report",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     rep.add_argument("lesson", type=Path, help="an ingested lesson folder (or frames / a video: ingested first)")
-    rep.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file or a run directory")
+    rep.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file or a run directory (its latest round; "
+                     "RUN/checkpoints/best.pt: the round that scored best on the public benchmarks)")
     rep.add_argument("--out", type=Path, default=None, help="report folder (default: LESSON/report; for frames or a video: LESSON-report next to them)")
     rep.add_argument("--policy", type=Path, default=None,
                      help="the school's policy.json (or its state dir): report-min-students, per-student-figures")

@@ -39,7 +39,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         epilog=EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("--checkpoint", required=True, type=Path, metavar="C",
-                          help="a checkpoint .pt written by the server, or a run directory (its latest checkpoint)")
+                          help="a checkpoint .pt written by the server, or a run directory (its latest round; "
+                               "RUN/checkpoints/best.pt is the round that scored best on the public benchmarks)")
     evaluate.add_argument("--benchmark", required=True, action="append", metavar="NAME=PATH",
                           help="a benchmark to score (repeatable); see the list below")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object, keyed by benchmark, instead of a table")
@@ -72,11 +73,14 @@ def _fail(command: str, message: str) -> int:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a server checkpoint (or a run directory's latest one) and check its fields.
 
-    Loaded with torch.load(weights_only=True) through server.run_dir: a checkpoint is data and must not be
-    able to run code when loaded."""
-    from server.run_dir import CHECKPOINT_NAME, load_checkpoint_file
+    A run directory means its latest round, as it always has; when that is not the round that scored best on
+    the public benchmarks, one line on stderr says so and names checkpoints/best.pt, the file that holds the
+    best one (a file path is used as given). Loaded with torch.load(weights_only=True) through server.run_dir:
+    a checkpoint is data and must not be able to run code when loaded."""
+    from server.run_dir import CHECKPOINT_NAME, latest_is_not_best, load_checkpoint_file
 
     path = Path(path)
+    run_path: Path | None = None
     if path.is_dir():
         latest = path / "checkpoints" / "latest.json"
         if not latest.is_file():
@@ -87,8 +91,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             raise UsageError(f"{latest}: unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
         if not isinstance(name, str) or not CHECKPOINT_NAME.match(name):
             raise UsageError(f"{latest}: field 'file' must name a checkpoint like round-0003.pt; got {name!r:.60}")
-        path = path / "checkpoints" / name
+        run_path, path = path, path / "checkpoints" / name
     checkpoint = load_checkpoint_file(path)   # raises CheckpointError (a ValueError) naming the file
+    if run_path is not None:
+        notice = latest_is_not_best(run_path, int(checkpoint.get("round", -1)))
+        if notice:
+            print(f"fedfer: {notice}", file=sys.stderr)
     checkpoint["_path"] = str(path)
     return checkpoint
 

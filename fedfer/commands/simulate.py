@@ -422,8 +422,9 @@ def _pretrain_while_flower_starts(cfg: dict[str, Any], run, pending: _PendingPre
 
 
 def print_summary(run_path: Path, wall: float) -> int:
-    """The closing table: final accuracy, per-school ε, rounds, wall time, report path."""
-    from server.run_dir import RunDirectory
+    """The closing table: final accuracy, per-school ε, rounds, wall time, the best round, report path."""
+    from server.best_round import compare_line
+    from server.run_dir import BEST_CHECKPOINT, RunDirectory, last_public_score, read_best_json
 
     run = RunDirectory(run_path)
     rounds = run.metrics()
@@ -451,6 +452,10 @@ def print_summary(run_path: Path, wall: float) -> int:
         accountant = str(run.config.get("privacy.accountant", "prv")).upper()
         print(f"  per-school ε at δ={run.config.get('privacy.delta', '?')} ({accountant}, lifetime):")
         _print_epsilons(spend)
+    best = read_best_json(run_path)
+    if best is not None:   # evaluation.keep_best: the round that scored best on the public benchmarks
+        print(f"  best round         {compare_line(best, last_public_score(run_path))}: "
+              f"{run_path / 'checkpoints' / BEST_CHECKPOINT}")
     owns = list((run_path / "schools").glob("*/own-model.pt"))   # train.keep_own_model, simulated state dirs
     if owns:
         print(f"  own models         {run_path / 'schools'}/<school>/own-model.pt ({len(owns)} schools' last "

@@ -33,7 +33,8 @@ from shared_models.datasets.rafdb import open_rafdb
 
 __all__ = [
     "Benchmark", "BenchmarkError", "UnreadableImageError", "collate_skipping", "open_benchmark",
-    "open_benchmarks", "split_benchmark_list", "READERS", "SYNTHETIC", "benchmark_names",
+    "open_benchmarks", "split_benchmark_list", "READERS", "SYNTHETIC", "benchmark_names", "SCHOOL_DATA_BENCHMARKS",
+    "is_school_data",
 ]
 
 #: benchmark name -> reader(path, *, name, split, **options)
@@ -69,6 +70,17 @@ SYNTHETIC: dict[str, tuple[str, str, str]] = {
     "synthetic-clips": ("clipfolder", "clipbench", "all"),
     "synthetic-daisee": ("daisee", "clipbench", "test"),
 }
+
+
+#: benchmarks made of the schools' own students' faces (held out of training, but school data all the same):
+#: anything that uses them to choose between models is not post-processing of DP releases with public data, so
+#: the best round (server/best_round.py) is never chosen on them. They exist only in a simulation.
+SCHOOL_DATA_BENCHMARKS = frozenset({"synthetic-indomain"})
+
+
+def is_school_data(name: str) -> bool:
+    """True for a benchmark of school faces (`SCHOOL_DATA_BENCHMARKS`), by the name it is scored under."""
+    return _canonical(name.split(":", 1)[0]) in SCHOOL_DATA_BENCHMARKS
 
 
 _SYNTHETIC_NEEDS = {"synthetic-indomain": "; data.heldout_students must be > 0",

@@ -49,6 +49,10 @@ def _strip(key: str) -> str:
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a checkpoint file (a state_dict or a dict with "state_dict" / "model")."""
     path = Path(path)
+    if path.is_dir():   # a run directory: which of its rounds is the user's choice, so none is picked for them
+        raise PretrainedError(f"{path}: a folder, not a checkpoint file; from a run directory give "
+                              f"{path / 'checkpoints' / 'best.pt'} (the round that scored best on the public "
+                              "benchmarks) or checkpoints/round-NNNN.pt")
     if not path.is_file():
         raise PretrainedError(f"{path}: checkpoint file not found")
     try:

@@ -1,0 +1,214 @@
+"""The best round (evaluation.keep_best): the server keeps the global model that scored best on the *public*
+benchmarks as checkpoints/best.pt, across a resume, never chosen on the schools' held-out faces; the loaders
+take it by path and say so when a run directory's latest round is not it; the report names it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from server.best_round import RoundScore, beats, best_of, round_score
+from server.round_writer import RoundWriter
+from server.run_dir import RoundRecord, RunDirectory, load_checkpoint_file
+from shared_models.config import ConfigError, load_config, resume_differences
+from shared_models.models import registry
+
+PUBLIC, INDOMAIN = "synthetic-fer2013", "synthetic-indomain"
+NO_STRATEGY = {"exhausted": [], "momentum": None}
+
+
+def _config(tmp_path: Path, *overrides: str) -> dict:
+    return load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "model.preset=dp",
+                              f"evaluation.benchmarks={PUBLIC},{INDOMAIN}", *overrides])
+
+
+def _weights(cfg: dict, server_round: int) -> dict[str, torch.Tensor]:
+    """A state dict of the configured model whose every tensor is filled with the round number (so a file
+    shows which round's model it holds)."""
+    return {name: torch.full_like(tensor, float(server_round)) if tensor.is_floating_point() else tensor
+            for name, tensor in registry.build_from_config(cfg).state_dict().items()}
+
+
+def _evaluation(public: float | None, indomain: float | None = None, **more: float) -> dict:
+    scores = {PUBLIC: public, INDOMAIN: indomain, **more}
+    return {name: {"accuracy": value, "n": 100} for name, value in scores.items() if value is not None}
+
+
+def _run_rounds(writer: RoundWriter, cfg: dict, evaluations: dict[int, dict]) -> None:
+    """Each round as the strategy hands it over: checkpoint when trained, then settled with its evaluation."""
+    for server_round, evaluation in evaluations.items():
+        record = RoundRecord(server_round, train={"school-a": {"status": "ok"}}, aggregated=True,
+                             timing={"round_seconds": 1.0})
+        arrays = ArrayRecord(_weights(cfg, server_round))
+        writer.round_trained(record, arrays, dict(NO_STRATEGY))
+        record.evaluation, record.evaluated_by = evaluation, "evaluator-node-1"
+        writer.round_settled(record, arrays, dict(NO_STRATEGY), evaluator_expected=True)
+
+
+def _best_file(tmp_path: Path) -> Path:
+    return tmp_path / "runs" / "t" / "checkpoints" / "best.pt"
+
+
+def _best_json(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "runs" / "t" / "checkpoints" / "best.json").read_text())
+
+
+def _kept_round(tmp_path: Path) -> int:
+    """The round best.pt holds, read from its weights (not from its own label)."""
+    checkpoint = load_checkpoint_file(_best_file(tmp_path))
+    filled = {float(t.flatten()[0]) for t in checkpoint["state_dict"].values() if t.is_floating_point() and t.numel()}
+    assert len(filled) == 1 and checkpoint["round"] == int(filled.pop())
+    return checkpoint["round"]
+
+
+def _new_run(tmp_path: Path, *overrides: str) -> tuple[RoundWriter, dict]:
+    cfg = _config(tmp_path, *overrides)
+    return RoundWriter(RunDirectory.create(cfg), cfg), cfg
+
+
+def test_accuracy_rising_then_falling_keeps_the_best_round_not_the_last(tmp_path):
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {r: _evaluation(acc, 0.5) for r, acc in zip(range(1, 6), (0.5, 0.7, 0.889, 0.6, 0.54))})
+    assert _kept_round(tmp_path) == 3
+    assert _best_json(tmp_path) == {"round": 3, "by": "mean", "score": 0.889, "accuracies": {PUBLIC: 0.889},
+                                    "file": "best.pt"}
+    # the round checkpoints are pruned to the last two as before; best.pt is never pruned
+    names = sorted(p.name for p in _best_file(tmp_path).parent.glob("*.pt"))
+    assert names == ["best.pt", "round-0004.pt", "round-0005.pt"]
+    # the same format as a round checkpoint: the loaders build its model
+    from fedfer.commands.results import build_model, load_checkpoint
+
+    checkpoint = load_checkpoint(_best_file(tmp_path))
+    assert checkpoint["round"] == 3 and checkpoint["best"]["accuracies"] == {PUBLIC: 0.889}
+    build_model(checkpoint)
+
+
+def test_a_tie_keeps_the_earlier_round_and_round_0_is_never_the_best(tmp_path):
+    writer, cfg = _new_run(tmp_path)
+    # round 0 is the start model (model.pretrained): scored, but not the federation's output
+    _run_rounds(writer, cfg, {0: _evaluation(0.99), 1: _evaluation(0.7), 2: _evaluation(0.9), 3: _evaluation(0.9)})
+    assert _kept_round(tmp_path) == 2
+
+
+def test_the_schools_held_out_faces_never_choose_the_round(tmp_path):
+    """In-domain (school data) rises while public falls: the public benchmark alone decides."""
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.9, 0.50), 2: _evaluation(0.8, 0.70), 3: _evaluation(0.7, 0.95)})
+    assert _kept_round(tmp_path) == 1 and set(_best_json(tmp_path)["accuracies"]) == {PUBLIC}
+    # a run scored on the held-out faces only keeps no best round at all
+    writer, cfg = _new_run(tmp_path / "indomain-only", f"evaluation.benchmarks={INDOMAIN}")
+    _run_rounds(writer, cfg, {1: _evaluation(None, 0.5), 2: _evaluation(None, 0.9)})
+    assert not _best_file(tmp_path / "indomain-only").exists()
+    # also when the evaluation node names them with a split or an alias
+    assert round_score(1, _evaluation(None, None, **{"synthetic-indomain:all": 0.9}), "mean", PUBLIC) is None
+
+
+def test_a_resumed_run_keeps_the_best_from_before_the_stop(tmp_path):
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.6), 2: _evaluation(0.9), 3: _evaluation(0.7)})
+    # the resume: a new writer over the same run directory, as server/app.py builds it after run.resume
+    resumed = RoundWriter(RunDirectory(tmp_path / "runs" / "t"), cfg, round_offset=3)
+    assert resumed.best == RoundScore(2, "mean", {PUBLIC: 0.9})
+    _run_rounds(resumed, cfg, {4: _evaluation(0.8), 5: _evaluation(0.85)})
+    assert _kept_round(tmp_path) == 2
+    _run_rounds(resumed, cfg, {6: _evaluation(0.95)})
+    assert _kept_round(tmp_path) == 6 and _best_json(tmp_path)["round"] == 6
+
+
+def test_a_stop_between_best_pt_and_best_json_is_repaired_on_resume(tmp_path):
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.6), 2: _evaluation(0.9)})
+    stale = _best_json(tmp_path) | {"round": 1, "score": 0.6, "accuracies": {PUBLIC: 0.6}}
+    (_best_file(tmp_path).parent / "best.json").write_text(json.dumps(stale))
+    resumed = RoundWriter(RunDirectory(tmp_path / "runs" / "t"), cfg, round_offset=2)
+    assert resumed.best is not None and resumed.best.round == 2 and _best_json(tmp_path)["round"] == 2
+
+
+def test_a_damaged_best_pt_is_named_and_replaced_by_the_next_round(tmp_path, caplog):
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.9)})
+    _best_file(tmp_path).write_bytes(b"not a checkpoint")
+    resumed = RoundWriter(RunDirectory(tmp_path / "runs" / "t"), cfg, round_offset=1)
+    assert resumed.best is None
+    _run_rounds(resumed, cfg, {2: _evaluation(0.5)})
+    assert _kept_round(tmp_path) == 2
+    events = [json.loads(line) for line in (tmp_path / "runs" / "t" / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["best-unreadable"] and "best.pt" in events[0]["reason"]
+
+
+def test_keep_best_off_mean_and_first(tmp_path):
+    writer, cfg = _new_run(tmp_path / "off", "evaluation.keep_best=off")
+    _run_rounds(writer, cfg, {1: _evaluation(0.9), 2: _evaluation(0.5)})
+    assert not _best_file(tmp_path / "off").exists()
+    # two public benchmarks that disagree: round 1 is best on the first, round 2 on the mean
+    two = {1: _evaluation(0.9, rafdb=0.2), 2: _evaluation(0.8, rafdb=0.5)}
+    for by, expected in (("mean", 2), ("first", 1)):
+        writer, cfg = _new_run(tmp_path / by, f"evaluation.keep_best={by}",
+                               f"evaluation.benchmarks={INDOMAIN},{PUBLIC},rafdb=/data/raf")
+        _run_rounds(writer, cfg, two)
+        assert _kept_round(tmp_path / by) == expected, by
+    with pytest.raises(ConfigError, match="evaluation.keep_best"):
+        load_config(None, ["evaluation.keep_best=indomain"])
+    # a resume keeps the run's choice: changing it would compare rounds by two different scores
+    assert "evaluation.keep_best" in resume_differences({"evaluation.keep_best": "first"}, {"evaluation.keep_best": "mean"})
+
+
+def test_rounds_are_compared_on_the_benchmarks_both_were_scored_on():
+    best = RoundScore(1, "mean", {"fer2013": 0.9, "rafdb": 0.3})
+    assert not beats(RoundScore(2, "mean", {"fer2013": 0.8}), best)      # a missing low benchmark does not help
+    assert beats(RoundScore(2, "mean", {"fer2013": 0.95}), best)
+    assert not beats(RoundScore(2, "mean", {"kdef": 0.99}), best)        # nothing in common: the best stays
+    assert best_of({1: _evaluation(0.7), 2: _evaluation(0.7)}, "mean", PUBLIC).round == 1
+
+
+def test_the_loaders_take_the_best_round_by_path_and_name_it_for_a_run_directory(tmp_path, capsys):
+    from fedfer.commands.classroom import _classifier
+    from fedfer.commands.results import load_checkpoint
+
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.7), 2: _evaluation(0.889), 3: _evaluation(0.54)})
+    run = tmp_path / "runs" / "t"
+    # a run directory still means its latest round, and one line says where the best one is
+    assert load_checkpoint(run)["round"] == 3
+    notice = capsys.readouterr().err.strip()
+    assert notice == (f"fedfer: {run}: using its latest round 3 (0.540 on the public benchmarks); round 2 scored best "
+                      f"there (0.889 on {PUBLIC}): give {run}/checkpoints/best.pt to use it")
+    # best.pt is the best round, for `fedfer evaluate` and `fedfer classroom report` alike
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["round"] == 2
+    _, described = _classifier(run / "checkpoints" / "best.pt")
+    assert "best.pt" in described and capsys.readouterr().err == ""
+    # model.pretrained: best.pt loads whole; a run directory is refused in one line naming best.pt
+    model = registry.build_from_config(cfg)
+    report = registry.load_pretrained(model, run / "checkpoints" / "best.pt")
+    assert not report.missing and not report.shape_mismatched
+    assert all(float(t.flatten()[0]) == 2.0 for t in model.state_dict().values() if t.is_floating_point() and t.numel())
+    with pytest.raises(ValueError, match=r"a folder, not a checkpoint file; .*checkpoints/best\.pt"):
+        registry.pretrained_provenance(run)
+
+
+def test_no_notice_when_the_latest_round_is_the_best(tmp_path, capsys):
+    from fedfer.commands.results import load_checkpoint
+
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.7), 2: _evaluation(0.8)})
+    load_checkpoint(tmp_path / "runs" / "t")
+    assert capsys.readouterr().err == ""
+
+
+def test_the_report_names_the_best_round_and_marks_it_on_the_accuracy_plot(tmp_path, monkeypatch):
+    from server import plots
+    from server.report import build_report
+
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.7, 0.5), 2: _evaluation(0.889, 0.6), 3: _evaluation(0.54, 0.9)})
+    marked: list = []
+    drawn = plots.accuracy_curves
+    monkeypatch.setattr(plots, "accuracy_curves", lambda *a, **k: marked.append(k.get("best_round")) or drawn(*a, **k))
+    text = build_report(tmp_path / "runs" / "t").read_text()
+    assert (f"**Best round:** best round 2 on the public benchmarks: 0.889 on {PUBLIC}; last round 3: 0.540 — its "
+            "model is `checkpoints/best.pt`") in text
+    assert marked == [2]
