@@ -578,6 +578,8 @@ def _best_round_lines(data: RunData) -> list[str]:
         where = "its model is `checkpoints/best.pt`"
     elif kept is not None:
         where = f"`checkpoints/best.pt` holds round {kept.round}"
+    elif (data.run_dir / "checkpoints" / "best.pt").exists():
+        where = "`checkpoints/best.pt` exists but its `best.json` is unreadable (`fedfer evaluate` says which round it is)"
     else:
         where = "no `checkpoints/best.pt` (evaluation.keep_best=off, or a run from before it was kept)"
     return [f"**Best round:** {compare_line(best, last)} — {where} (marked on the accuracy plot; chosen on public "

@@ -212,3 +212,21 @@ def test_the_report_names_the_best_round_and_marks_it_on_the_accuracy_plot(tmp_p
     assert (f"**Best round:** best round 2 on the public benchmarks: 0.889 on {PUBLIC}; last round 3: 0.540 — its "
             "model is `checkpoints/best.pt`") in text
     assert marked == [2]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", "[" * 100_000, '{"round": "2", "by": "mean", "accuracies": {"a": 0.9}}',
+                                     '{"round": 2, "by": "mean", "accuracies": {"a": NaN}}',
+                                     '{"round": 2, "by": "mean", "accuracies": {"synthetic-indomain": 0.9}}',
+                                     '{"round": 0, "by": "mean", "accuracies": {"a": 0.9}}', " " * 70_000])
+def test_a_damaged_best_json_is_ignored_by_the_loaders_and_the_report(tmp_path, capsys, content):
+    """best.json is a convenience (best.pt is the authority): whatever it holds, a run directory still loads
+    its latest round without a traceback or a notice, and the report still builds."""
+    from fedfer.commands.results import load_checkpoint
+    from server.report import build_report
+
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.9), 2: _evaluation(0.5)})
+    (_best_file(tmp_path).parent / "best.json").write_text(content)
+    assert load_checkpoint(tmp_path / "runs" / "t")["round"] == 2
+    assert capsys.readouterr().err == ""
+    assert "its `best.json` is unreadable" in build_report(tmp_path / "runs" / "t").read_text()

@@ -382,3 +382,22 @@ def test_server_momentum_is_flowers_fedavgm_and_a_resumed_run_keeps_it(tmp_path)
     _, _, resumed, _ = _setup(tmp_path / "crash", evaluator=True, resume=True)
     for name, value in full[ROUNDS].items():
         np.testing.assert_allclose(resumed[ROUNDS][name], value, rtol=1e-6)
+
+
+def test_the_best_round_survives_a_stop_and_resume_through_the_strategy(tmp_path, monkeypatch):
+    """Round 2 scores best on the public benchmark, round 3 worse; the coordinator stops right after round 3's
+    checkpoint (its evaluation still pending). The resumed run evaluates round 3 first and keeps round 2 as
+    checkpoints/best.pt: the best from before the stop is not forgotten."""
+    import sys
+
+    from server.run_dir import load_checkpoint_file
+
+    monkeypatch.setattr(sys.modules[__name__], "_accuracy", {1: 0.5, 2: 0.9, 3: 0.4}.get)
+    _, lines, first_checkpoints, _ = _setup(tmp_path, evaluator=True, crash_after=ROUNDS)
+    assert [line["round"] for line in lines] == [1, 2]
+    _setup(tmp_path, evaluator=True, resume=True)
+    best = load_checkpoint_file(tmp_path / "runs" / "t" / "checkpoints" / "best.pt")
+    assert best["round"] == 2 and best["best"]["accuracies"] == {"synthetic-rafdb": 0.9}
+    for name, value in first_checkpoints[2].items():   # the weights of round 2's model, kept before the stop
+        np.testing.assert_array_equal(best["state_dict"][name].numpy(), value)
+    assert json.loads((tmp_path / "runs" / "t" / "checkpoints" / "best.json").read_text())["round"] == 2
