@@ -91,7 +91,7 @@ def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStar
         evaluate_fn=strategy.end_of_round,
     )
     if writer.best is not None:   # the last round is not always the best: say which one best.pt holds
-        log(INFO, "[fedfer] %s: %s", compare_line(writer.best, last_public_score(run.path)),
+        log(INFO, "[fedfer] %s — kept as %s", compare_line(writer.best, last_public_score(run.path)),
             run.path / "checkpoints" / BEST_CHECKPOINT)
     _write_report(run.path)
 

@@ -230,3 +230,14 @@ def test_a_damaged_best_json_is_ignored_by_the_loaders_and_the_report(tmp_path, 
     assert load_checkpoint(tmp_path / "runs" / "t")["round"] == 2
     assert capsys.readouterr().err == ""
     assert "its `best.json` is unreadable" in build_report(tmp_path / "runs" / "t").read_text()
+
+
+def test_the_simulate_summary_names_the_best_model(tmp_path, capsys):
+    from fedfer.commands.simulate import print_summary
+
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.7, 0.5), 2: _evaluation(0.889, 0.6), 3: _evaluation(0.54, 0.9)})
+    run = tmp_path / "runs" / "t"
+    assert print_summary(run, 1.0) == 0
+    assert (f"  best model         {run}/checkpoints/best.pt (best round 2 on the public benchmarks: 0.889 on {PUBLIC}; "
+            "last round 3: 0.540)") in capsys.readouterr().out.splitlines()

@@ -454,8 +454,8 @@ def print_summary(run_path: Path, wall: float) -> int:
         _print_epsilons(spend)
     best = read_best_json(run_path)
     if best is not None:   # evaluation.keep_best: the round that scored best on the public benchmarks
-        print(f"  best round         {compare_line(best, last_public_score(run_path))}: "
-              f"{run_path / 'checkpoints' / BEST_CHECKPOINT}")
+        print(f"  best model         {run_path / 'checkpoints' / BEST_CHECKPOINT} "
+              f"({compare_line(best, last_public_score(run_path))})")
     owns = list((run_path / "schools").glob("*/own-model.pt"))   # train.keep_own_model, simulated state dirs
     if owns:
         print(f"  own models         {run_path / 'schools'}/<school>/own-model.pt ({len(owns)} schools' last "
