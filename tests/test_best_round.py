@@ -180,7 +180,7 @@ def test_the_loaders_take_the_best_round_by_path_and_name_it_for_a_run_directory
     # best.pt is the best round, for `fedfer evaluate` and `fedfer classroom report` alike
     assert load_checkpoint(run / "checkpoints" / "best.pt")["round"] == 2
     _, described = _classifier(run / "checkpoints" / "best.pt")
-    assert "best.pt" in described and capsys.readouterr().err == ""
+    assert described.endswith("(best.pt, round 2)") and capsys.readouterr().err == ""
     # model.pretrained: best.pt loads whole; a run directory is refused in one line naming best.pt
     model = registry.build_from_config(cfg)
     report = registry.load_pretrained(model, run / "checkpoints" / "best.pt")

@@ -126,7 +126,9 @@ def _classifier(checkpoint_path: Path):
             return logits_of(model(transform(batch))).argmax(dim=1).numpy()
 
     info = checkpoint["model"]
-    return classify, f"{info['name']}/{info['preset']} ({Path(checkpoint['_path']).name})"
+    # the round too: "best.pt" alone would not tell the teacher's report which of the run's models it used
+    where = Path(checkpoint["_path"]).name + (f", round {checkpoint['round']}" if "round" in checkpoint else "")
+    return classify, f"{info['name']}/{info['preset']} ({where})"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
