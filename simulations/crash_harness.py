@@ -27,6 +27,10 @@ Invariants (each school, each phase):
   progress      metrics rounds are 1..k without gaps; the checkpoint is round k or k+1 (its line pending)
   budget        the school's ε (PRV, recomputed from its accountant history, plus a round the accountant
                 has not recorded yet) is within its policy.json budget
+  best          checkpoints/best.pt loads and holds the round that scored best on the public benchmarks among
+                metrics.jsonl's lines (server/best_round.py), or a round whose line is not written yet that beats
+                them (best.pt is written just before its round's line); none only while no round has a public score.
+                After the resume: exactly the best of metrics.jsonl, and best.json agrees
 After the resume also:
   resumed       the resume started from the checkpoint that was on disk (events.jsonl "resumed"; round 0 when
                 there was none yet: the run started again) and
@@ -376,6 +380,10 @@ def check_run(run_dir: Path, phase: Phase, *, finished: bool, rounds: int, crash
         phase.add("progress", gapless and len(done) == len(unique) and ck in (last, last + 1),
                   f"metrics rounds {done}, checkpoint round {ckpt_round}")
 
+    # the best round (checkpoints/best.pt)
+    best_ok, best_detail = check_best(run_dir, metrics, finished)
+    phase.add("best", best_ok, best_detail)
+
     # schools
     released = {}   # school -> rounds the server accepted (metrics ok)
     for m in metrics:
@@ -474,6 +482,37 @@ def check_run(run_dir: Path, phase: Phase, *, finished: bool, rounds: int, crash
                   f"events.jsonl resumed at {resumed}, checkpoints on disk at the crash(es) {resumed_from}")
         phase.add("report", (run_dir / "report.md").is_file(), "report.md " + ("exists" if (run_dir / "report.md").is_file() else "missing"))
     return facts
+
+
+def check_best(run_dir: Path, metrics: list[dict], finished: bool) -> tuple[bool, str]:
+    """The `best` invariant: (holds, what was seen)."""
+    from server.best_round import beats, best_of, first_public, score_from_json
+    from server.run_dir import CheckpointError, load_checkpoint_file, read_best_json
+    from shared_models.config import read_yaml_file
+
+    cfg = read_yaml_file(run_dir / "config.yaml")   # flat keys
+    lines = {int(m["round"]): m.get("evaluation") for m in metrics if isinstance(m, dict) and "round" in m}
+    expected = best_of(lines, str(cfg.get("evaluation.keep_best", "mean")),
+                       first_public(str(cfg.get("evaluation.benchmarks", ""))))
+    path = run_dir / "checkpoints" / "best.pt"
+    if not path.exists():
+        return expected is None, f"no best.pt; best of metrics.jsonl {expected.round if expected else None}"
+    try:
+        kept = score_from_json(load_checkpoint_file(path).get("best"))
+    except CheckpointError as exc:
+        return False, str(exc)
+    if kept is None:
+        return False, "best.pt has no readable 'best' field"
+    if finished:
+        agrees = read_best_json(run_dir) == kept
+        return (expected is not None and kept.round == expected.round and agrees,
+                f"best.pt round {kept.round}, best of metrics.jsonl {expected.round if expected else None}, "
+                f"best.json {'agrees' if agrees else 'differs'}")
+    # killed between best.pt and its round's metrics line: best.pt is one round ahead of the lines
+    ahead = kept.round not in lines and (expected is None or beats(kept, expected))
+    ok = (expected is not None and kept.round == expected.round) or ahead
+    return ok, (f"best.pt round {kept.round}, best of metrics.jsonl {expected.round if expected else None}"
+                + (" (its line not written yet)" if ahead else ""))
 
 
 def audit(run_dir: Path) -> tuple[int, str]:
