@@ -38,6 +38,7 @@ import torch
 from server.best_round import RoundScore, last_scored, score_from_json
 from shared_models.atomic_files import append_line, atomic_write_bytes, atomic_write_text
 from shared_models.config import ConfigError, defaults, dump_yaml, validate
+from shared_models.small_files import read_small_file
 
 CHECKPOINT_NAME = re.compile(r"^round-[0-9]{4,9}\.pt$")
 MAX_NUM_CLASSES = 1000          # FER uses 7 or 8; a checkpoint claiming 10^9 would allocate a 10^9-row head
@@ -331,11 +332,9 @@ def read_best_json(run_path: Path) -> RoundScore | None:
     """The RoundScore checkpoints/best.json records (which round best.pt holds and its public scores), or None
     when there is none or it is unreadable (best.pt itself is the authority; a loader only prints this)."""
     path = Path(run_path) / "checkpoints" / BEST_JSON
-    try:
-        if not path.is_file() or path.stat().st_size > MAX_LATEST_BYTES:
-            return None
-        return score_from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+    try:   # no pipe, device or oversized file: a run directory may come from anywhere
+        return score_from_json(json.loads(read_small_file(path, MAX_LATEST_BYTES).decode("utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):   # SmallFileError is an OSError
         return None
 
 

@@ -5,6 +5,7 @@ take it by path and say so when a run directory's latest round is not it; the re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -217,7 +218,7 @@ def test_the_report_names_the_best_round_and_marks_it_on_the_accuracy_plot(tmp_p
 @pytest.mark.parametrize("content", ["{not json", "[]", "[" * 100_000, '{"round": "2", "by": "mean", "accuracies": {"a": 0.9}}',
                                      '{"round": 2, "by": "mean", "accuracies": {"a": NaN}}',
                                      '{"round": 2, "by": "mean", "accuracies": {"synthetic-indomain": 0.9}}',
-                                     '{"round": 0, "by": "mean", "accuracies": {"a": 0.9}}', " " * 70_000])
+                                     '{"round": 0, "by": "mean", "accuracies": {"a": 0.9}}', " " * 70_000, "fifo"])
 def test_a_damaged_best_json_is_ignored_by_the_loaders_and_the_report(tmp_path, capsys, content):
     """best.json is a convenience (best.pt is the authority): whatever it holds, a run directory still loads
     its latest round without a traceback or a notice, and the report still builds."""
@@ -226,7 +227,12 @@ def test_a_damaged_best_json_is_ignored_by_the_loaders_and_the_report(tmp_path, 
 
     writer, cfg = _new_run(tmp_path)
     _run_rounds(writer, cfg, {1: _evaluation(0.9), 2: _evaluation(0.5)})
-    (_best_file(tmp_path).parent / "best.json").write_text(content)
+    best_json = _best_file(tmp_path).parent / "best.json"
+    if content == "fifo":   # a named pipe planted there must not hang the loader
+        best_json.unlink()
+        os.mkfifo(best_json)
+    else:
+        best_json.write_text(content)
     assert load_checkpoint(tmp_path / "runs" / "t")["round"] == 2
     assert capsys.readouterr().err == ""
     assert "its `best.json` is unreadable" in build_report(tmp_path / "runs" / "t").read_text()
