@@ -27,8 +27,8 @@ from typing import Any, Mapping
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from server.best_round import RoundScore, beats, first_public, round_score
-from server.run_dir import CheckpointError, RunDirectory, _json_default
+from server.best_round import RoundScore, beats, best_of, first_public, round_score
+from server.run_dir import CheckpointError, RunDirectory, _json_default, load_checkpoint_file
 from server.strategy import RoundRecord
 from shared_models.datasets import split_benchmark_list
 from shared_models.evaluation import evaluate_benchmarks, spec_name
@@ -81,17 +81,42 @@ class RoundWriter:
         self.best: RoundScore | None = self._best_so_far()
 
     def _best_so_far(self) -> RoundScore | None:
-        """The best round a resumed run kept before it stopped (None for a new run). A damaged best.pt is
-        named in one warning and replaced by the next evaluated round: it cannot be loaded by anyone anyway."""
+        """The best round a resumed run kept before it stopped (None for a new run): best.pt's.
+
+        If metrics.jsonl records a better round than best.pt holds (a run started before best.pt was kept, or a
+        damaged best.pt, which is named in one warning), that round's checkpoint becomes best.pt while it is
+        still on disk (the last two rounds are); if its weights were pruned, the best round still on disk does,
+        and a warning names the round that was lost."""
         if self.keep_best == "off":
             return None
         try:
-            return self.run.best_checkpoint()
+            kept = self.run.best_checkpoint()
         except CheckpointError as exc:
             reason = " ".join(str(exc).split())[:200]
-            log(WARNING, "[fedfer] %s; the next evaluated round replaces it", reason)
+            log(WARNING, "[fedfer] %s; it is replaced", reason)
             self.run.event("best-unreadable", reason=reason)
-            return None
+            kept = None
+        first = first_public(str(self.cfg["evaluation.benchmarks"]))
+        scored = {line["round"]: line.get("evaluation") for line in self.run.metrics()}
+        recorded = best_of(scored, self.keep_best, first)
+        if recorded is None or (kept is not None and not beats(recorded, kept)):
+            return kept
+        folder = self.run.path / "checkpoints"
+        on_disk = {rnd: evaluation for rnd, evaluation in scored.items() if (folder / f"round-{rnd:04d}.pt").is_file()}
+        if recorded.round not in on_disk:
+            log(WARNING, "[fedfer] round %d scored best on the public benchmarks (%s) but its weights are no longer "
+                "on disk; best.pt keeps the best round from those that are", recorded.round, recorded.describe())
+            self.run.event("best-weights-gone", round=recorded.round)
+            recorded = best_of(on_disk, self.keep_best, first)
+            if recorded is None or (kept is not None and not beats(recorded, kept)):
+                return kept
+        try:
+            checkpoint = load_checkpoint_file(folder / f"round-{recorded.round:04d}.pt")
+        except CheckpointError:
+            return kept   # the resume itself checks the latest checkpoint; an older damaged one is not best.pt's business
+        self.run.save_best(recorded, checkpoint["state_dict"], checkpoint["model"], self.cfg,
+                           list(checkpoint.get("strategy", {}).get("exhausted", [])))
+        return recorded
 
     def round_started(self) -> None:
         if self.federation_dp is not None:

@@ -129,16 +129,39 @@ def test_a_stop_between_best_pt_and_best_json_is_repaired_on_resume(tmp_path):
     assert resumed.best is not None and resumed.best.round == 2 and _best_json(tmp_path)["round"] == 2
 
 
-def test_a_damaged_best_pt_is_named_and_replaced_by_the_next_round(tmp_path, caplog):
+def test_a_damaged_best_pt_is_named_and_rewritten_from_the_round_on_disk(tmp_path, caplog):
     writer, cfg = _new_run(tmp_path)
     _run_rounds(writer, cfg, {1: _evaluation(0.9)})
     _best_file(tmp_path).write_bytes(b"not a checkpoint")
     resumed = RoundWriter(RunDirectory(tmp_path / "runs" / "t"), cfg, round_offset=1)
-    assert resumed.best is None
+    assert resumed.best.round == 1 and _kept_round(tmp_path) == 1
     _run_rounds(resumed, cfg, {2: _evaluation(0.5)})
-    assert _kept_round(tmp_path) == 2
+    assert _kept_round(tmp_path) == 1
     events = [json.loads(line) for line in (tmp_path / "runs" / "t" / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["best-unreadable"] and "best.pt" in events[0]["reason"]
+
+
+def test_a_run_from_before_best_pt_gets_it_on_resume_from_the_rounds_still_on_disk(tmp_path, caplog):
+    """A run whose metrics.jsonl has a better round than best.pt (started before best.pt was kept: no best.pt) gets
+    best.pt on resume from that round's checkpoint while it is on disk (the last two rounds are); when the best
+    round's weights were pruned, a warning names it and the best round still on disk is kept."""
+    writer, cfg = _new_run(tmp_path / "on-disk")
+    _run_rounds(writer, cfg, {1: _evaluation(0.5), 2: _evaluation(0.9), 3: _evaluation(0.7)})
+    for name in ("best.pt", "best.json"):
+        (_best_file(tmp_path / "on-disk").parent / name).unlink()
+    resumed = RoundWriter(RunDirectory(tmp_path / "on-disk" / "runs" / "t"), cfg, round_offset=3)
+    assert resumed.best.round == 2 and _kept_round(tmp_path / "on-disk") == 2
+
+    writer, cfg = _new_run(tmp_path / "pruned")
+    _run_rounds(writer, cfg, {1: _evaluation(0.9), 2: _evaluation(0.5), 3: _evaluation(0.6)})
+    for name in ("best.pt", "best.json"):
+        (_best_file(tmp_path / "pruned").parent / name).unlink()
+    with caplog.at_level("WARNING"):
+        resumed = RoundWriter(RunDirectory(tmp_path / "pruned" / "runs" / "t"), cfg, round_offset=3)
+    assert resumed.best.round == 3 and _kept_round(tmp_path / "pruned") == 3
+    assert "round 1 scored best on the public benchmarks (0.900 on synthetic-fer2013) but its weights are no longer" in caplog.text
+    _run_rounds(resumed, cfg, {4: _evaluation(0.55)})   # a later round must still beat round 3 to replace it
+    assert _kept_round(tmp_path / "pruned") == 3
 
 
 def test_keep_best_off_mean_and_first(tmp_path):
