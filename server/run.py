@@ -132,8 +132,16 @@ def refuse_changed_settings(requested: Mapping[str, Any], original: Mapping[str,
     was = ", ".join(f"{key}={old!r}" for key, (_, old) in changed.items())
     now = ", ".join(f"{key}={new!r}" for key, (new, _) in changed.items())
     repeat = " ".join([*(as_override(key, old) for key, (_, old) in changed.items()), as_override("run.resume", run_path)])
-    raise ResumeRefused(f"run.resume: {run_path} was started with {was}, the run-config now says {now}; the "
-                        f"schools set their noise from the run-config, so repeat the run's settings: -c '{repeat}'")
+    why = ("the schools set their noise from the run-config" if set(changed) - set(KEPT_FOR_THE_SERVER)
+           else "; ".join(KEPT_FOR_THE_SERVER[key] for key in changed))
+    raise ResumeRefused(f"run.resume: {run_path} was started with {was}, the run-config now says {now}; "
+                        f"{why}, so repeat the run's settings: -c '{repeat}'")
+
+
+#: Keys a resume may not change for the server's own sake (not the schools'), with why.
+KEPT_FOR_THE_SERVER = {
+    "evaluation.keep_best": "checkpoints/best.pt was chosen by it so far, and rounds scored another way would not compare",
+}
 
 
 class ResumeRefused(ValueError):

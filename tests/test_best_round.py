@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord
 from server.best_round import RoundScore, beats, best_of, round_score
 from server.round_writer import RoundWriter
 from server.run_dir import RoundRecord, RunDirectory, load_checkpoint_file
-from shared_models.config import ConfigError, load_config, resume_differences
+from shared_models.config import ConfigError, load_config
 from shared_models.models import registry
 
 PUBLIC, INDOMAIN = "synthetic-fer2013", "synthetic-indomain"
@@ -178,7 +178,11 @@ def test_keep_best_off_mean_and_first(tmp_path):
     with pytest.raises(ConfigError, match="evaluation.keep_best"):
         load_config(None, ["evaluation.keep_best=indomain"])
     # a resume keeps the run's choice: changing it would compare rounds by two different scores
-    assert "evaluation.keep_best" in resume_differences({"evaluation.keep_best": "first"}, {"evaluation.keep_best": "mean"})
+    from server.run import ResumeRefused, refuse_changed_settings
+
+    with pytest.raises(ResumeRefused, match=r"evaluation.keep_best='mean', the run-config now says "
+                                            r"evaluation.keep_best='first'; checkpoints/best.pt was chosen by it so far"):
+        refuse_changed_settings({"evaluation.keep_best": "first"}, {"evaluation.keep_best": "mean"}, tmp_path)
 
 
 def test_rounds_are_compared_on_the_benchmarks_both_were_scored_on():
