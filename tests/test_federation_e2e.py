@@ -124,3 +124,19 @@ def test_fedfer_evaluate_reproduces_the_evaluation_node(federation):
     row = next(iter(results.values()))
     assert row["n"] == last["evaluation"]["synthetic-fer2013"]["n"]
     assert row["accuracy"] == pytest.approx(last["evaluation"]["synthetic-fer2013"]["accuracy"], abs=1e-9)
+
+
+def test_the_best_public_round_is_kept_through_flower(federation):
+    """checkpoints/best.pt holds the weights of the round that scored best on the public benchmark in
+    metrics.jsonl (both rounds' checkpoints are still on disk to compare with), and the summary names it."""
+    from server.best_round import best_of
+
+    run = federation["run"]
+    lines = {line["round"]: line["evaluation"] for line in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    expected = best_of(lines, "mean", "synthetic-fer2013")
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["round"] == expected.round and set(best["best"]["accuracies"]) == {"synthetic-fer2013"}
+    same_round = torch.load(run / "checkpoints" / f"round-{expected.round:04d}.pt", weights_only=True)
+    for name, tensor in same_round["state_dict"].items():
+        assert torch.equal(best["state_dict"][name], tensor), name
+    assert f"  best model         {run / 'checkpoints' / 'best.pt'} (best round {expected.round}" in federation["stdout"]
