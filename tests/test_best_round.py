@@ -216,6 +216,12 @@ def test_the_loaders_take_the_best_round_by_path_and_name_it_for_a_run_directory
     assert all(float(t.flatten()[0]) == 2.0 for t in model.state_dict().values() if t.is_floating_point() and t.numel())
     with pytest.raises(ValueError, match=r"a folder, not a checkpoint file; .*checkpoints/best\.pt"):
         registry.pretrained_provenance(run)
+    # the ServerApp's start model (server/run.py) for a new run federating from it
+    from server.run import start_model
+
+    follow_up = _config(tmp_path / "next", f"model.pretrained={run / 'checkpoints' / 'best.pt'}")
+    started = start_model(RunDirectory.create(follow_up), follow_up)
+    assert all(float(t.flatten()[0]) == 2.0 for t in started.state_dict().values() if t.is_floating_point() and t.numel())
 
 
 def test_no_notice_when_the_latest_round_is_the_best(tmp_path, capsys):
