@@ -280,3 +280,17 @@ def test_the_simulate_summary_names_the_best_model(tmp_path, capsys):
     assert print_summary(run, 1.0) == 0
     assert (f"  best model         {run}/checkpoints/best.pt (best round 2 on the public benchmarks: 0.889 on {PUBLIC}; "
             "last round 3: 0.540)") in capsys.readouterr().out.splitlines()
+
+
+def test_a_crafted_best_pt_runs_no_code_when_a_resume_reads_it(tmp_path):
+    """best.pt is read with torch.load(weights_only=True) like every checkpoint: a pickle with a payload planted
+    as best.pt is refused (named, then replaced), and its payload never runs."""
+    from simulations.fuzz_inputs import malicious_checkpoint
+
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.9)})
+    marker = tmp_path / "EXECUTED"
+    malicious_checkpoint(_best_file(tmp_path), marker)
+    resumed = RoundWriter(RunDirectory(tmp_path / "runs" / "t"), cfg, round_offset=1)
+    assert not marker.exists()
+    assert resumed.best.round == 1 and _kept_round(tmp_path) == 1   # rewritten from round-0001.pt
