@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -178,6 +179,19 @@ class ReportPolicy:
 
     min_students: int
     per_student_figures: bool
+    #: where the values came from, for the report's "policy applied" line: a policy.json path, or "defaults"
+    source: str = "defaults"
+    #: the keys the policy did not state (they took fedfer's installed default, or a stricter config value)
+    defaulted: tuple[str, ...] = REPORT_KEYS
+
+    def describe(self) -> str:
+        """One line saying which policy the report applied and what it allows."""
+        values = (f"report-min-students {self.min_students}, per-student-figures "
+                  f"{'true' if self.per_student_figures else 'false'}")
+        if self.source == "defaults":
+            return f"policy: fedfer's defaults (no school policy given): {values}"
+        left = f"; not stated there, so the defaults: {', '.join(self.defaulted)}" if self.defaulted else ""
+        return f"policy: {self.source}: {values}{left}"
 
 
 def report_policy(values: Mapping[str, Any], defaults: Mapping[str, Any], source: str) -> ReportPolicy:
@@ -197,12 +211,22 @@ def report_policy(values: Mapping[str, Any], defaults: Mapping[str, Any], source
                          and bool(defaults["classroom.per_student_figures"]))
     if not isinstance(allowed, bool):
         raise PolicyError(f"{source}: key 'per-student-figures' must be true or false, got {allowed!r}")
-    return ReportPolicy(min_students=int(k), per_student_figures=allowed)
+    return ReportPolicy(min_students=int(k), per_student_figures=allowed, source=source,
+                        defaulted=tuple(key for key in REPORT_KEYS if key not in values))
 
 
-def read_report_policy(path: Path | None, defaults: Mapping[str, Any]) -> ReportPolicy:
-    """The report policy of a school's policy.json (a file, or a state dir holding one); the defaults
-    when `path` is None."""
+def read_report_policy(path: Path | None, defaults: Mapping[str, Any], state_dir: Path | None = None) -> ReportPolicy:
+    """The report policy of a school's policy.json: `path` (a file, or a state dir holding one) when given;
+    else `state_dir`'s policy.json when it has one; else the defaults. A deployed school's state dir has no
+    policy.json until the school writes one (its training policy is its node-config's), so a state dir
+    without one means "the defaults" -- the report says so -- while a `path` given explicitly must exist."""
+    if path is None and state_dir is not None:
+        state_dir = Path(state_dir)
+        if not state_dir.is_dir():
+            raise PolicyError(f"{state_dir}: not a directory (--state-dir is the school's state folder, the "
+                              f"node-config's state-dir)")
+        if os.path.lexists(state_dir / POLICY_FILE):   # a dangling link or a pipe is refused, not "no policy"
+            path = state_dir / POLICY_FILE
     if path is None:
         return report_policy({}, defaults, "defaults")
     path = Path(path)

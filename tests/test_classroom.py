@@ -269,6 +269,32 @@ def test_the_report_shows_class_figures_over_k_students_and_students_only_if_all
     assert "## Students" in text and sum(sid in text for sid in seats) >= len(seats) - 1
 
 
+def test_a_state_dir_gives_the_report_the_schools_policy_and_the_report_says_which(ingested, checkpoint, tmp_path,
+                                                                                     capsys):
+    seats = json.loads((ingested / "lesson.json").read_text())["students"]
+    state = tmp_path / "state"          # a deployed school's state dir: no policy.json until the school writes one
+    state.mkdir()
+    args = ("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--state-dir", str(state))
+    assert _run(*args, "--out", str(tmp_path / "d")) == 0
+    out = capsys.readouterr().out
+    assert "policy: fedfer's defaults (no school policy given): report-min-students 5" in out
+    assert "Policy: fedfer's defaults" in (tmp_path / "d" / "report.md").read_text()
+
+    (state / "policy.json").write_text(json.dumps({"report-min-students": len(seats) + 1}))
+    assert _run(*args, "--out", str(tmp_path / "s")) == 0
+    out = capsys.readouterr().out
+    assert f"policy: {state / 'policy.json'}: report-min-students {len(seats) + 1}" in out
+    assert "not stated there, so the defaults: per-student-figures" in out
+    rows = list(csv.DictReader((tmp_path / "s" / "timeline.csv").read_text().splitlines()))
+    assert rows and all(r["shown"] == "0" for r in rows)
+    assert f"Policy: {state / 'policy.json'}" in (tmp_path / "s" / "report.md").read_text()
+
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--state-dir",
+                str(tmp_path / "missing"), "--out", str(tmp_path / "m")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0] and "state" in err[0] and not (tmp_path / "m").exists()
+
+
 def test_the_report_runs_on_raw_frames_and_writes_only_the_report(lesson: Path, checkpoint: Path, tmp_path: Path,
                                                                   capsys):
     args = ("classroom", "report", str(lesson / "frames"), "--checkpoint", str(checkpoint), "--seat-map",

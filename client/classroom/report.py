@@ -246,8 +246,9 @@ def _summary(lesson: Lesson, windows: list[Window], k: int) -> list[str]:
 
 
 def write_report(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries], k: int, per_student: bool,
-                 model: str) -> Path:
-    """report.md + timeline.csv + plots/ in `out_dir`; returns the report's path."""
+                 model: str, policy_applied: str = "") -> Path:
+    """report.md + timeline.csv + plots/ in `out_dir`; returns the report's path. `policy_applied`: the line
+    saying which school policy (or the defaults) gave k and the per-student switch."""
     from client.classroom import plots
 
     if lesson.steps == 0:     # nothing was readable (every frame unreadable, a video that does not decode)
@@ -263,7 +264,8 @@ def write_report(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries],
              f"model {model}; computed on this machine, nothing was sent anywhere.", "",
              f"Privacy: class figures only for windows with at least {k} students in the room; per-student figures "
              f"{'shown (the school policy allows them)' if per_student else 'not shown (school policy)'}; "
-             f"units: {unit}.", "", "## The class", "", *_summary(lesson, windows, k), "",
+             f"units: {unit}.", *([f"{policy_applied[:1].upper()}{policy_applied[1:]}."] if policy_applied else []),
+             "", "## The class", "", *_summary(lesson, windows, k), "",
              "![expressions](plots/expressions.png)", "", "![indicators](plots/indicators.png)", "",
              "## Difficulty moments", "", *_moments(windows), "",
              "Per-window figures: timeline.csv. Indicator definitions: seed 001 (docs/classroom.md)."]

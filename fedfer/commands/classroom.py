@@ -1,7 +1,7 @@
 """``fedfer classroom``: from a classroom camera to a lesson report, on the school's own machine.
 
     fedfer classroom ingest FRAMES_DIR|VIDEO --out DIR [--seat-map F] [--labels F] [--empty-frame F]
-    fedfer classroom report LESSON --checkpoint CKPT [--out DIR] [--policy F]
+    fedfer classroom report LESSON --checkpoint CKPT [--out DIR] [--policy F] [--state-dir DIR]
     fedfer classroom scene OUT [--students N --seconds S]      (a synthetic lesson to try them on)
 
 Nothing here opens a network connection. Heavy imports (cv2, torch) happen inside the handlers.
@@ -45,6 +45,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("--out", type=Path, default=None, help="report folder (default: LESSON/report; for frames or a video: LESSON-report next to them)")
     rep.add_argument("--policy", type=Path, default=None,
                      help="the school's policy.json (or its state dir): report-min-students, per-student-figures")
+    rep.add_argument("--state-dir", type=Path, default=None,
+                     help="the school's state folder (its node-config's state-dir): its policy.json when it has one "
+                          "(else fedfer's defaults, said in the report), and the record of the reports already "
+                          "given, which stops two reports of one lesson being subtracted (docs/classroom.md)")
     _ingest_options(rep)
     rep.set_defaults(func=cmd_report)
     scene = cmds.add_parser("scene", help="write a synthetic classroom lesson (frames, seat map, ground truth)")
@@ -140,7 +144,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     cfg = load_config(args.config)
-    policy = read_report_policy(args.policy, cfg)
+    policy = read_report_policy(args.policy, cfg, state_dir=args.state_dir)
+    print(policy.describe(), flush=True)
     classify, described = _classifier(args.checkpoint)
     if (args.lesson / "lesson.json").is_file():         # an ingested lesson folder
         lesson = load_lesson(args.lesson)
@@ -150,7 +155,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         lesson, labels = _lesson_in_memory(args, cfg, classify)
         series = series_of(lesson, labels)
         out = args.out or args.lesson.with_name(args.lesson.name + "-report")
-    path = write_report(out, lesson, series, policy.min_students, policy.per_student_figures, described)
+    path = write_report(out, lesson, series, policy.min_students, policy.per_student_figures, described,
+                        policy_applied=policy.describe())
     print(f"lesson report: {path}")
     return 0
 
