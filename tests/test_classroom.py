@@ -295,6 +295,26 @@ def test_a_state_dir_gives_the_report_the_schools_policy_and_the_report_says_whi
     assert len(err) == 1 and "missing" in err[0] and "state" in err[0] and not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("name", ["mafnet", "r2plus1d_sta"])
+def test_a_clip_models_checkpoint_or_a_run_without_one_yet_is_one_line(ingested, checkpoint, tmp_path, capsys, name):
+    import torch
+
+    from shared_models.models import registry
+
+    clip = tmp_path / "round-0001.pt"
+    torch.save({"round": 1, "model": {"name": name, "preset": "dp", "num_classes": 7},
+                "state_dict": registry.build(name, num_classes=7, preset="dp").state_dict()}, clip)
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(clip), "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "clip model" in err[0] and "hafnet" in err[0] and not (tmp_path / "r").exists()
+    run = tmp_path / "runs" / "20261205-000000-abcd"     # started: config.yaml written, no round ended yet
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("federation.rounds: 2\n")
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(run), "--out", str(tmp_path / "r")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint yet" in err[0] and str(run) in err[0]
+
+
 def test_the_report_runs_on_raw_frames_and_writes_only_the_report(lesson: Path, checkpoint: Path, tmp_path: Path,
                                                                   capsys):
     args = ("classroom", "report", str(lesson / "frames"), "--checkpoint", str(checkpoint), "--seat-map",

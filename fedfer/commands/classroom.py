@@ -115,10 +115,15 @@ def _classifier(checkpoint_path: Path):
     from fedfer.commands.results import _input_size, build_model, load_checkpoint
     from shared_models.evaluation import logits_of
     from shared_models.labels import FER7
+    from shared_models.models import registry
     from shared_models.transforms import eval_transform
 
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint).eval()
+    if registry.clip_frames(model):   # its input is (B, 3, T, S, S): it would fail on the first batch of faces
+        raise UsageError(f"{checkpoint['_path']}: {checkpoint['model']['name']}/{checkpoint['model']['preset']} is a "
+                         f"clip model; the report classifies single faces: give an image model's checkpoint "
+                         f"({', '.join(n for n in registry.available() if not _is_clip_model(n))})")
     if int(checkpoint["model"]["num_classes"]) != len(FER7):
         raise UsageError(f"{checkpoint['_path']}: the report needs a {len(FER7)}-class FER7 model, "
                          f"got {checkpoint['model']['num_classes']} classes")
@@ -133,6 +138,12 @@ def _classifier(checkpoint_path: Path):
     # the round too: "best.pt" alone would not tell the teacher's report which of the run's models it used
     where = Path(checkpoint["_path"]).name + (f", round {checkpoint['round']}" if "round" in checkpoint else "")
     return classify, f"{info['name']}/{info['preset']} ({where})"
+
+
+def _is_clip_model(name: str) -> bool:
+    from shared_models.models import registry
+
+    return any(preset.clip_frames for preset in registry.presets(name).values())
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -84,6 +84,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if path.is_dir():
         latest = path / "checkpoints" / "latest.json"
         if not latest.is_file():
+            if (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file():
+                # a run directory whose first round has not ended yet (or that stopped before it did)
+                raise UsageError(f"{path}: no checkpoint yet (checkpoints/latest.json is written when a round "
+                                 f"ends); wait for the run's first round, or give a checkpoint file")
             raise UsageError(f"{path}: a directory without checkpoints/latest.json (not a run directory?)")
         try:
             name = json.loads(latest.read_text(encoding="utf-8"))["file"]
