@@ -579,6 +579,33 @@ def test_an_unreadable_video_or_a_missing_lesson_is_one_line(tmp_path: Path, cap
     assert "missing.pt" in capsys.readouterr().err
 
 
+def test_an_interrupted_ingest_leaves_nothing_behind_and_the_same_command_runs_again(lesson: Path, tmp_path: Path,
+                                                                                      monkeypatch):
+    from client.classroom import ingest as ingest_module
+
+    real = ingest_module.analyse_lesson
+
+    def interrupted_after_20_samples(*args, **kwargs):   # Ctrl-C in the middle of the lesson
+        for count, sample in enumerate(real(*args, **kwargs)):
+            if count == 20:
+                raise KeyboardInterrupt
+            yield sample
+
+    kept = tmp_path / "kept"          # an existing folder with someone else's file in it keeps that file
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    monkeypatch.setattr(ingest_module, "analyse_lesson", interrupted_after_20_samples)
+    for out in (tmp_path / "new", kept):
+        with pytest.raises(KeyboardInterrupt):
+            ingest_module.ingest(lesson / "frames", out, seat_map=lesson / "seat_map.json", labels=lesson / "labels.csv",
+                                 empty_frame=lesson / "empty_room.png", size=48, echo=lambda line: None)
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    monkeypatch.setattr(ingest_module, "analyse_lesson", real)
+    report = ingest_module.ingest(lesson / "frames", kept, seat_map=lesson / "seat_map.json", size=48,
+                                  echo=lambda line: None)
+    assert report.samples == 45 and len(list((kept / "images").iterdir())) == report.faces > 0
+
+
 def test_a_report_with_nothing_readable_exits_2_in_one_line(checkpoint: Path, tmp_path: Path, capsys):
     frames = tmp_path / "frames"
     frames.mkdir()

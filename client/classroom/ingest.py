@@ -112,6 +112,10 @@ class _Output:
         if (out_dir / "lesson.json").exists() or crops:
             raise IngestError(f"{out_dir}: already holds an ingested lesson ({'lesson.json' if not crops else 'images/'}); "
                               "ingest into a new folder, or delete this one first")
+        # what this run creates, so that an interrupted or failed run can take it away again (`discard`):
+        # crops left behind would make the folder refuse the re-run ("already holds an ingested lesson")
+        self.created_dirs = [d for d in (out_dir, out_dir / "images") if not d.exists()]
+        self.crops_written: list[Path] = []
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
         self._obs_file = open(out_dir / "observations.csv", "w", newline="", encoding="utf-8")
         self.observations = csv.writer(self._obs_file)
@@ -123,6 +127,7 @@ class _Output:
         import cv2
 
         rel = f"images/{sample.step:06d}-{track}.png"
+        self.crops_written.append(self.out_dir / rel)
         if not cv2.imwrite(str(self.out_dir / rel), crop, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
             raise IngestError(f"{self.out_dir / rel}: could not write the face crop (disk full or not writable?)")
         x, y, w, h = face.box
@@ -136,6 +141,18 @@ class _Output:
     def state(self, sample: SampleResult, unit: str, state: str) -> None:
         self.observations.writerow((sample.step, f"{sample.time:.3f}", sample.name, unit, state, "", "", "", "", "", "", "",
                                     unit))
+
+    def discard(self) -> None:
+        """Remove everything this run wrote (the run did not finish): crops, observations.csv, labels.csv,
+        and the folders it created when they are left empty. A folder that held other files keeps them."""
+        self._obs_file.close()
+        for path in [*self.crops_written, self.out_dir / "observations.csv", self.out_dir / "labels.csv"]:
+            path.unlink(missing_ok=True)
+        for folder in reversed(self.created_dirs):
+            try:
+                folder.rmdir()
+            except OSError:   # not empty: something else is in it
+                pass
 
     def close(self) -> None:
         self._obs_file.close()
@@ -190,7 +207,7 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
         report.unreadable += 1
         warn(line)
 
-    try:
+    try:   # an interruption (Ctrl-C) or a failure leaves no half-written folder: the same command may run again
         for sample in analyse_lesson(Path(source), seats=seats, empty=empty, size=size, fps=fps, workers=workers,
                                      warn=unreadable, detector=detector, posture=posture):
             report.samples += 1
@@ -209,10 +226,13 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
             if not sample.faces:
                 report.without_faces += 1
                 warn(f"{sample.name}: no faces found")
-    finally:
         out.close()
-    report.labelled = len(out.label_rows)
-    _write_lesson_json(Path(out_dir), Path(source), report, seats, label_map is not None, empty is not None, size, fps)
+        report.labelled = len(out.label_rows)
+        _write_lesson_json(Path(out_dir), Path(source), report, seats, label_map is not None, empty is not None, size,
+                           fps)
+    except BaseException:
+        out.discard()
+        raise
     return report
 
 
