@@ -454,6 +454,37 @@ def test_a_seat_outside_the_frame_is_unseen_and_the_lesson_goes_on(lesson: Path,
     assert {r["student_id"] for r in rows} >= {"far", "edge", "huge"}
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_inputs_from_another_camera_cost_one_line_each_and_are_not_used(lesson: Path, tmp_path: Path, workers: int):
+    import cv2
+
+    from client.classroom.ingest import ingest
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for path in sorted((lesson / "frames").iterdir())[:6]:
+        (frames / path.name).write_bytes(path.read_bytes())
+    odd = sorted(frames.iterdir())[2]              # one frame of another size among the lesson's 640 x 480 ones
+    cv2.imwrite(str(odd), cv2.resize(cv2.imread(str(odd)), (320, 240)))
+    empty = tmp_path / "empty_small.png"           # the empty room from another camera
+    cv2.imwrite(str(empty), cv2.resize(cv2.imread(str(lesson / "empty_room.png")), (320, 240)))
+    seats = json.loads((lesson / "seat_map.json").read_text())["seats"]
+    seats.append({"student_id": "beyond", "box": [700, 500, 780, 580]})
+    (tmp_path / "seats.json").write_text(json.dumps({"seats": seats}))
+    lines: list[str] = []
+    report = ingest(frames, tmp_path / "out", seat_map=tmp_path / "seats.json", empty_frame=empty, size=48,
+                    echo=lines.append, workers=workers)
+    assert report.samples == 5 and report.unreadable == 1
+    assert sum(odd.name in line and "320 x 240" in line and "skipped" in line for line in lines) == 1
+    assert sum(str(empty) in line and "ignored" in line for line in lines) == 1
+    assert sum("beyond" in line and "outside the 640 x 480 frame" in line for line in lines) == 1
+    assert len(lines) == 3
+    meta = json.loads((tmp_path / "out" / "lesson.json").read_text())
+    assert meta["empty_room_frame"] is False      # so the report says involvement was not measured
+    rows = list(csv.DictReader((tmp_path / "out" / "observations.csv").read_text().splitlines()))
+    assert odd.name not in {r["frame"] for r in rows}
+
+
 @pytest.mark.timeout(60)
 def test_named_pipes_are_never_opened_and_a_decompression_bomb_never_decoded(lesson: Path, tmp_path: Path, monkeypatch):
     import os

@@ -25,7 +25,8 @@ import numpy as np
 from client.classroom import faces as facelib
 from client.classroom.posture import PostureFilter
 from client.classroom.search import FrameSearch, SeatSearch
-from client.classroom.sources import Sample, SourceError, _read_image, check_fps, frame_files, read_samples
+from client.classroom.sources import (Sample, SourceError, _read_image, check_fps, frame_files, lesson_frame_size,
+                                      read_samples)
 from client.classroom.tracks import Seat, assign_to_seats
 
 #: samples per chunk: long enough that restarting the seat memory at a chunk's start costs little
@@ -74,8 +75,10 @@ class ChunkAnalyser:
     """Samples of one chunk, in order: faces, crops and seat states. `reset()` starts a new chunk."""
 
     def __init__(self, seats: list[Seat] | None, empty: np.ndarray | None, size: int,
-                 detector: facelib.FaceDetector | None = None, reuse: bool = True) -> None:
+                 detector: facelib.FaceDetector | None = None, reuse: bool = True,
+                 frame_size: tuple[int, int] | None = None) -> None:
         self.seats, self.empty, self.size, self.reuse = seats, empty, size, reuse
+        self.frame_size = frame_size       # (width, height) of the lesson's frames; others are skipped
         self.detector = detector or facelib.FaceDetector()
         self.reset()
 
@@ -88,6 +91,13 @@ class ChunkAnalyser:
     def __call__(self, sample: Sample) -> SampleResult:
         out = SampleResult(sample.step, sample.time, sample.name)
         gray = sample.gray
+        height, width = gray.shape[:2]
+        if self.frame_size is not None and (width, height) != tuple(self.frame_size):
+            # another camera's frame: the seat boxes and the empty room would be read at the wrong places
+            out.readable = False
+            out.warnings.append(f"{sample.name}: {width} x {height} pixels, not the lesson's "
+                                f"{self.frame_size[0]} x {self.frame_size[1]} (another camera?); skipped")
+            return out
         if self.seats is None:
             for face in self.frame_search(gray):
                 out.faces.append((None, face, facelib.align_crop(gray, face, self.size)))
@@ -112,11 +122,12 @@ class ChunkAnalyser:
 _WORKER: dict = {}
 
 
-def _init_worker(seats: list[Seat] | None, empty: np.ndarray | None, size: int, reuse: bool) -> None:
+def _init_worker(seats: list[Seat] | None, empty: np.ndarray | None, size: int, reuse: bool,
+                 frame_size: tuple[int, int] | None) -> None:
     import cv2
 
     cv2.setNumThreads(1)     # one core per worker: the workers are the parallelism
-    _WORKER["analyser"] = ChunkAnalyser(seats, empty, size, reuse=reuse)
+    _WORKER["analyser"] = ChunkAnalyser(seats, empty, size, reuse=reuse, frame_size=frame_size)
 
 
 def _file_chunk(job: tuple[list[tuple[int, str]], float]) -> list[SampleResult]:
@@ -150,20 +161,25 @@ def analyse_lesson(source: Path, *, seats: list[Seat] | None, empty: np.ndarray 
 def _analysed(source: Path, seats: list[Seat] | None, empty: np.ndarray | None, size: int, fps: float, workers: int,
               warn: Callable[[str], None], reuse: bool, detector: facelib.FaceDetector | None) -> Iterator[SampleResult]:
     check_fps(fps)
+    frame_size = lesson_frame_size(source)
     if source.is_dir() and workers > 1:
         files = frame_files(source)
         if not files:
             raise SourceError(f"{source}: no frames (expected .png, .jpg, .jpeg, .bmp files)")
         jobs = [([(step, str(p)) for step, p in enumerate(files[a:a + CHUNK], start=a)], fps)
                 for a in range(0, len(files), CHUNK)]
-        yield from _parallel(jobs, (seats, empty, size, reuse), workers, warn)
+        yield from _parallel(jobs, (seats, empty, size, reuse, frame_size), workers, warn)
         return
-    analyser, chunk = ChunkAnalyser(seats, empty, size, detector, reuse), 0
+    analyser, chunk = ChunkAnalyser(seats, empty, size, detector, reuse, frame_size), 0
     for sample in read_samples(source, fps, warn):
         if sample.step // CHUNK != chunk:      # the same chunk boundaries as the workers use
             chunk = sample.step // CHUNK
             analyser.reset()
-        yield analyser(sample)
+        result = analyser(sample)
+        for line in result.warnings:
+            warn(line)
+        if result.readable:
+            yield result
 
 
 def _parallel(jobs: list, init_args: tuple, workers: int, warn: Callable[[str], None]) -> Iterator[SampleResult]:

@@ -163,10 +163,11 @@ class _Output:
                 writer.writerows(self.label_rows)
 
 
-def _inputs(seat_map: Path | None, labels: Path | None, empty_frame: Path | None, warn: Callable[[str], None]
-            ) -> tuple[list[Seat] | None, dict[tuple[str, str], int] | None, np.ndarray | None]:
-    """The optional inputs; a corrupt one is reported in one line and the lesson goes on without it."""
-    from client.classroom.sources import _read_image
+def _inputs(seat_map: Path | None, labels: Path | None, empty_frame: Path | None, warn: Callable[[str], None],
+            source: Path | None = None) -> tuple[list[Seat] | None, dict[tuple[str, str], int] | None, np.ndarray | None]:
+    """The optional inputs; a corrupt one is reported in one line and the lesson goes on without it. With
+    `source`, the seat map and the empty-room frame are checked against the size of the lesson's frames."""
+    from client.classroom.sources import _read_image, lesson_frame_size
 
     seats = None
     if seat_map is not None:
@@ -185,6 +186,19 @@ def _inputs(seat_map: Path | None, labels: Path | None, empty_frame: Path | None
         empty = _read_image(empty_frame)
         if empty is None:
             warn(f"{empty_frame}: unreadable empty-room frame; absent and bowed students are not told apart")
+    frame_size = lesson_frame_size(source) if source is not None else None
+    if frame_size is not None:
+        width, height = frame_size
+        if empty is not None and empty.shape[:2] != (height, width):
+            # every seat would silently stay 'unseen' while the report claimed to measure involvement
+            warn(f"{empty_frame}: the empty-room frame is {empty.shape[1]} x {empty.shape[0]} pixels, the lesson's "
+                 f"frames {width} x {height} (another camera?); ignored, absent and bowed students are not told apart")
+            empty = None
+        for seat in seats or []:
+            x0, y0, x1, y1 = seat.box
+            if x0 >= width or y0 >= height:
+                warn(f"{seat_map}: seat {seat.student_id}'s box {list(seat.box)} lies outside the {width} x {height} "
+                     f"frame (a seat map for another camera?); that seat stays unseen")
     return seats, label_map, empty
 
 
@@ -198,7 +212,7 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
 
     check_fps(fps)   # before anything is written: a refused command leaves no half-made folder behind
     warn = _Warner(echo)
-    seats, label_map, empty = _inputs(seat_map, labels, empty_frame, warn)
+    seats, label_map, empty = _inputs(seat_map, labels, empty_frame, warn, Path(source))
     report = IngestReport()
     out = _Output(Path(out_dir), label_map)
     tracker = IouTracker()

@@ -80,6 +80,43 @@ def _read_image(path: Path) -> np.ndarray | None:
     return gray
 
 
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the image's header, without decoding it; None when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    from shared_models.datasets.base import ImageRefused, open_checked_image
+
+    try:
+        with open_checked_image(path) as header:
+            return tuple(header.size)   # type: ignore[return-value]
+    except (ImageRefused, UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+        return None
+
+
+def lesson_frame_size(source: Path) -> tuple[int, int] | None:
+    """The lesson's frame size (width, height): the size most of a folder's frames have (read from their
+    headers; a fixed camera gives every frame one size), or a video's; None when nothing is readable.
+    A frame of another size, an empty-room frame or a seat map made for another camera does not fit it."""
+    from collections import Counter
+
+    source = Path(source)
+    if source.is_dir():
+        sizes = Counter(size for size in map(_header_size, frame_files(source)) if size is not None)
+        return sizes.most_common(1)[0][0] if sizes else None
+    import cv2
+
+    from shared_models.datasets.base import not_regular_file
+
+    if not source.exists() or not_regular_file(source) is not None:
+        return None
+    capture = cv2.VideoCapture(str(source))
+    try:
+        width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    finally:
+        capture.release()
+    return (width, height) if width > 0 and height > 0 else None
+
+
 def read_samples(source: str | Path, fps: float = 1.0, warn: Callable[[str], None] = print) -> Iterator[Sample]:
     """The lesson's samples in order. `warn` receives one line per frame or video that cannot be read."""
     source = Path(source)

@@ -182,7 +182,7 @@ def _lesson_in_memory(args: argparse.Namespace, cfg: dict, classify):  # type: i
     warn = _Warner(lambda line: print(f"fedfer classroom: {line}", flush=True))
     if args.labels is not None:
         warn(f"{args.labels}: labels are for `fedfer classroom ingest` (training); the report ignores them")
-    seats, _, empty = _inputs(args.seat_map, None, args.empty_frame, warn)
+    seats, _, empty = _inputs(args.seat_map, None, args.empty_frame, warn, args.lesson)
     return lesson_from_source(args.lesson, seats=seats, empty=empty, size=size, classify=classify, fps=args.fps,
                               workers=args.workers, warn=warn)
 
