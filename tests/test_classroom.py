@@ -315,6 +315,66 @@ def test_a_clip_models_checkpoint_or_a_run_without_one_yet_is_one_line(ingested,
     assert len(err) == 1 and "no checkpoint yet" in err[0] and str(run) in err[0]
 
 
+def test_two_reports_of_one_lesson_cannot_be_subtracted_to_one_childs_figures(lesson, ingested, checkpoint, tmp_path,
+                                                                              capsys):
+    """A child's consent is withdrawn: the lesson is reported again with the child's seat out of the seat map.
+    Without a record the two timelines subtract to that child's own figures although k = 5 holds in both;
+    with the school's state dir the second report withholds every window the first one showed."""
+    seats = json.loads((lesson / "seat_map.json").read_text())["seats"]
+    child = seats[0]["student_id"]
+    (tmp_path / "without_child.json").write_text(json.dumps({"seats": seats[1:]}))
+
+    def report(source: Path, out: str, *extra: str) -> list[dict]:
+        args = ["classroom", "report", str(source), "--checkpoint", str(checkpoint), "--out", str(tmp_path / out)]
+        if source.name == "frames":
+            args += ["--empty-frame", str(lesson / "empty_room.png")]
+        assert _run(*args, *extra) == 0
+        return list(csv.DictReader((tmp_path / out / "timeline.csv").read_text().splitlines()))
+
+    def child_revealed(full: list[dict], partial: list[dict]) -> bool:
+        """Whether some window shows figures in both reports over student counts one apart (so the
+        difference of the counts x shares is the child's own flag)."""
+        return any(a["shown"] == b["shown"] == "1" and int(a["students"]) - int(b["students"]) == 1
+                   for a, b in zip(full, partial))
+
+    without_child = ("--seat-map", str(tmp_path / "without_child.json"))
+    # the attack, without a record: both reports show, one student apart
+    full, partial = report(ingested, "a"), report(lesson / "frames", "b", *without_child)
+    assert child_revealed(full, partial)
+    assert "not checked against earlier reports" in (tmp_path / "b" / "report.md").read_text()
+
+    state = tmp_path / "state"
+    state.mkdir()
+    # the ingested folder and the raw frames are the same minutes (the record keys windows by frame pixels)
+    full = report(ingested, "c", "--state-dir", str(state))
+    assert all(r["shown"] == "1" for r in full)
+    partial = report(lesson / "frames", "d", *without_child, "--state-dir", str(state))
+    assert not child_revealed(full, partial)
+    assert all(r["shown"] == "0" and r["students"] == r["inattentive_share"] == r["happy"] == "" for r in partial)
+    text = (tmp_path / "d" / "report.md").read_text()
+    assert f"withheld {len(partial)}" in text and "## Limits" in text and child not in text
+    # the same students again add nothing to subtract: shown
+    again = report(ingested, "e", "--state-dir", str(state))
+    assert all(r["shown"] == "1" for r in again)
+    # the lesson without a seat map (anonymous tracks) after the seat-map reports cannot be compared: withheld
+    tracks = report(lesson / "frames", "f", "--state-dir", str(state))
+    assert all(r["shown"] == "0" for r in tracks)
+
+
+def test_a_combination_of_reports_that_singles_out_a_child_is_withheld():
+    from client.classroom.report_record import singles_out
+
+    everyone = frozenset(f"st-{i:02d}" for i in range(10))
+    first_half, second_half = frozenset(sorted(everyone)[:5]), frozenset(sorted(everyone)[5:9])
+    assert not singles_out(everyone, [], 5) and not singles_out(everyone, [everyone], 5)
+    assert singles_out(everyone - {"st-03"}, [everyone], 5)                   # one apart
+    assert singles_out(everyone - {"st-03", "st-04"}, [everyone], 5)          # two apart: a group under k
+    assert not singles_out(first_half, [everyone], 5)                         # five apart: k holds
+    # every pair differs by 5 or more, but everyone - first half - second half = st-09's own figures
+    assert not singles_out(second_half, [first_half], 5)
+    assert singles_out(second_half, [everyone, first_half], 5)
+
+
 def test_the_report_runs_on_raw_frames_and_writes_only_the_report(lesson: Path, checkpoint: Path, tmp_path: Path,
                                                                   capsys):
     args = ("classroom", "report", str(lesson / "frames"), "--checkpoint", str(checkpoint), "--seat-map",

@@ -45,6 +45,7 @@ class SampleResult:
     unassigned: int = 0
     warnings: list[str] = field(default_factory=list)              # an unreadable frame (the sample is then empty)
     readable: bool = True
+    digest: str = ""             # of the decoded frame: tells which reports cover the same minutes (report_record.py)
 
 
 def seat_state(gray: np.ndarray, empty: np.ndarray | None, seat: Seat, detector: facelib.FaceDetector) -> str:
@@ -69,6 +70,15 @@ def seat_state(gray: np.ndarray, empty: np.ndarray | None, seat: Seat, detector:
     if difference < OCCUPIED_DIFFERENCE:
         return "absent"
     return "turned" if detector.profile_in(gray, seat.box) else "down"
+
+
+def frame_digest(gray: np.ndarray) -> str:
+    """A short fingerprint of a decoded frame's pixels: the same frame gives the same digest whether it was
+    read from a file, a copy of it or a lossless re-encoding (64 bits: ample for telling frames apart)."""
+    import hashlib
+
+    pixels = np.ascontiguousarray(gray)
+    return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()[:16]
 
 
 class ChunkAnalyser:
@@ -98,6 +108,7 @@ class ChunkAnalyser:
             out.warnings.append(f"{sample.name}: {width} x {height} pixels, not the lesson's "
                                 f"{self.frame_size[0]} x {self.frame_size[1]} (another camera?); skipped")
             return out
+        out.digest = frame_digest(gray)
         if self.seats is None:
             for face in self.frame_search(gray):
                 out.faces.append((None, face, facelib.align_crop(gray, face, self.size)))

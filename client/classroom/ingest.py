@@ -214,6 +214,7 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
     warn = _Warner(echo)
     seats, label_map, empty = _inputs(seat_map, labels, empty_frame, warn, Path(source))
     report = IngestReport()
+    digests: dict[int, str] = {}
     out = _Output(Path(out_dir), label_map)
     tracker = IouTracker()
 
@@ -226,6 +227,7 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
                                      warn=unreadable, detector=detector, posture=posture):
             report.samples += 1
             report.steps = sample.step + 1
+            digests[sample.step] = sample.digest
             report.unassigned += sample.unassigned
             if seats is not None:
                 for unit, face, crop in sample.faces:
@@ -243,7 +245,7 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
         out.close()
         report.labelled = len(out.label_rows)
         _write_lesson_json(Path(out_dir), Path(source), report, seats, label_map is not None, empty is not None, size,
-                           fps)
+                           fps, [digests.get(step, "") for step in range(report.steps)])
     except BaseException:
         out.discard()
         raise
@@ -251,7 +253,7 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
 
 
 def _write_lesson_json(out_dir: Path, source: Path, report: IngestReport, seats: list[Seat] | None, labelled: bool,
-                       empty: bool, size: int, fps: float) -> None:
+                       empty: bool, size: int, fps: float, digests: list[str]) -> None:
     from shared_models.atomic_files import atomic_write_text
 
     doc = {
@@ -266,5 +268,8 @@ def _write_lesson_json(out_dir: Path, source: Path, report: IngestReport, seats:
         "crop": {"size": size, "framing": "seed 004: eyes levelled; 2d x 2d around the eyes (d = eye distance), "
                                           "0.5 d above the eye line; grey, histogram-equalised"},
         "use": "training and lesson report" if labelled else "lesson report only (no labels.csv)",
+        # per sample, a digest of the frame's pixels ("" unreadable): lets `fedfer classroom report --state-dir`
+        # recognise two reports of the same minutes (docs/classroom.md, "Two reports of the same lesson")
+        "frame_digests": digests,
     }
     atomic_write_text(out_dir / "lesson.json", json.dumps(doc, indent=1) + "\n")

@@ -51,8 +51,10 @@ def lesson_from_source(source: Path, *, seats: list[Seat] | None, empty: np.ndar
     labels = _Labels(classify, batch)
     tracker = IouTracker()
     last_step = -1
+    digests: dict[int, str] = {}
     for sample in analyse_lesson(Path(source), seats=seats, empty=empty, size=size, fps=fps, workers=workers, warn=warn):
         last_step = sample.step
+        digests[sample.step] = sample.digest
         faces_per_step[sample.step] = len(sample.faces)
         if seats is None:
             crops = {id(face): crop for _, face, crop in sample.faces}
@@ -68,7 +70,7 @@ def lesson_from_source(source: Path, *, seats: list[Seat] | None, empty: np.ndar
     labels.flush()
     steps = last_step + 1
     lesson = Lesson(Path(source), fps, steps, seats is not None, empty is not None, list(rows), {}, {},
-                    np.zeros(steps, np.int64))
+                    np.zeros(steps, np.int64), [digests.get(step, "") for step in range(steps)])
     for step, count in faces_per_step.items():
         lesson.faces_per_step[step] = count
     out = {}

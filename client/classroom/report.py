@@ -11,7 +11,9 @@ of small groups), and each student's own figures only when the policy allows the
 lower bound on the students there: with a seat map the seats where someone was seen (a face, a turned
 or a bowed head; an 'unseen' seat, which is what every seat without a face is when no empty-room frame
 was given, is no evidence of a student), without one the largest number of faces seen at once.
-Nothing is sent anywhere: no network code is reachable from here.
+Given the school's record of its reports (`--state-dir`; client/classroom/report_record.py), a window an
+earlier report of the same minutes would subtract to fewer than k students is withheld; every report
+states that limit in its own Limits section. Nothing is sent anywhere: no network code is reachable from here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from client.classroom import indicators as ind
+from client.classroom.report_record import Withheld
 from client.classroom.sources import MAX_FPS
 from shared_models.labels import FER7
 
@@ -53,6 +56,7 @@ class Lesson:
     states: dict[str, list[str]]        # unit -> state per step ("" = no row)
     crops: dict[str, dict[int, str]]    # unit -> step -> crop path
     faces_per_step: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    frame_digests: list[str] = field(default_factory=list)   # per step ("" unreadable); empty: not recorded
 
 
 def load_lesson(folder: Path) -> Lesson:
@@ -80,8 +84,13 @@ def load_lesson(folder: Path) -> Lesson:
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= MAX_FPS:
         raise LessonError(f"{meta_path}: 'fps' must be a number in (0, {MAX_FPS:g}], got {fps!r}")
     seat_map = bool(meta.get("students"))
+    digests = meta.get("frame_digests")
+    # a lesson ingested before digests were recorded (or an edited list) has none: the report then says it
+    # could not be checked against earlier reports of the same minutes
+    if not (isinstance(digests, list) and len(digests) == steps and all(isinstance(d, str) for d in digests)):
+        digests = []
     lesson = Lesson(folder, float(fps), steps, seat_map, bool(meta.get("empty_room_frame")), [], {}, {},
-                    np.zeros(steps, np.int64))
+                    np.zeros(steps, np.int64), digests)
     for line, row in enumerate(rows, start=2):
         try:
             step = int(row["step"])
@@ -149,6 +158,12 @@ class Window:
     passive: float = math.nan         # share of the students in the room with the head bowed > 50 % (involvement)
     difficulty: int = 0               # students whose 30-in-a-row distress run completed in the window
     mix: list[int] = field(default_factory=lambda: [0] * len(FER7))
+    # whose data the figures are made of (never written out): the students in the seats (presence figures,
+    # difficulty) and those whose faces were classified (mix, engagement); report_record.py compares them
+    # with earlier reports of the same minutes
+    present_units: frozenset[str] = frozenset()
+    classified_units: frozenset[str] = frozenset()
+    withheld: bool = False            # shown by k, but withheld: an earlier report of these minutes would subtract
 
 
 def class_timeline(lesson: Lesson, series: list[ind.StudentSeries], k: int) -> list[Window]:
@@ -167,7 +182,9 @@ def class_timeline(lesson: Lesson, series: list[ind.StudentSeries], k: int) -> l
             continue
         # the expression mix and engagement describe only the students whose faces were classified in the
         # window, who may be far fewer than those in the room (heads bowed or turned): they need k of their own
-        classified = sum(1 for s in series if (s.labels[a:b] != ind.NO_LABEL).any())
+        w.present_units = frozenset(s.student for s in here)
+        w.classified_units = frozenset(s.student for s in series if (s.labels[a:b] != ind.NO_LABEL).any())
+        classified = len(w.classified_units)
         w.expressions_shown = (classified if lesson.seat_map else min(classified, count)) >= k
         if w.expressions_shown:
             labels = np.concatenate([s.labels[a:b] for s in series])
@@ -229,9 +246,13 @@ def _summary(lesson: Lesson, windows: list[Window], k: int) -> list[str]:
     shown = [w for w in windows if w.shown]
     mix = np.sum([w.mix for w in shown], axis=0) if shown else np.zeros(len(FER7))
     total = max(1, int(mix.sum()))
+    withheld = sum(w.withheld for w in windows)
     lines = [f"- windows of {ind.FOCUS_WINDOW_SECONDS:.0f} s: {len(windows)}, shown {len(shown)}, "
-             f"suppressed (fewer than {k} students) {len(windows) - len(shown)}; expressions suppressed in "
-             f"{sum(not w.expressions_shown for w in shown)} of the shown (fewer than {k} students' faces)"]
+             f"suppressed (fewer than {k} students) {len(windows) - len(shown) - withheld}"
+             + (f", withheld {withheld} (an earlier report of the same minutes would subtract; see Limits)"
+                if withheld else "")
+             + f"; expressions suppressed in {sum(not w.expressions_shown for w in shown)} of the shown "
+               f"(fewer than {k} students' faces, or withheld)"]
     if shown:
         lines += [f"- focus: on average {_pct(float(np.nanmean([w.inattentive for w in shown])))} of the students "
                   "in the room were inattentive in a window (face seen in less than half of it)",
@@ -245,16 +266,55 @@ def _summary(lesson: Lesson, windows: list[Window], k: int) -> list[str]:
     return lines
 
 
+def _limits(lesson: Lesson, record: Path | None, withheld: Withheld, k: int) -> list[str]:
+    """The report's own statement of what its privacy rules do not cover (docs/privacy.md "Classroom cameras")."""
+    lines = ["## Limits", "",
+             f"These figures are not differentially private. A window is shown only over at least {k} students, so "
+             "this report alone does not describe fewer children, but two reports of the same minutes whose students "
+             "differ (a seat left out of the seat map, a child's face blurred in the frames) can be subtracted to "
+             "give the figures of the children in one and not in the other."]
+    if record is None:
+        lines.append("This report was not checked against earlier reports of the same lesson, nor recorded for later "
+                     "ones: it was made without `--state-dir`.")
+    elif not withheld.checked:
+        lines.append("This report was not checked against earlier reports: its lesson folder has no frame digests "
+                     "(ingested by an older fedfer); ingest the lesson again.")
+    else:
+        lines.append(f"Checked against the reports made before with the record {record.name} in the school's state "
+                     f"folder: {withheld.windows} window(s) withheld and {withheld.expressions} window(s)' expressions "
+                     f"withheld, because their students differed from an earlier report's of the same minutes by fewer "
+                     f"than {k} or singled a child out with earlier reports. Not checked: reports made without "
+                     "`--state-dir`, frames altered in their pixels, windows that only overlap (a lesson cut at "
+                     "another second), and a child seen differently rather than left out (e.g. a seat box moved).")
+    return lines
+
+
 def write_report(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries], k: int, per_student: bool,
-                 model: str, policy_applied: str = "") -> Path:
+                 model: str, policy_applied: str = "", record: Path | None = None) -> Path:
     """report.md + timeline.csv + plots/ in `out_dir`; returns the report's path. `policy_applied`: the line
-    saying which school policy (or the defaults) gave k and the per-student switch."""
+    saying which school policy (or the defaults) gave k and the per-student switch. `record`: the school's
+    record of the reports it gave (client/classroom/report_record.py): windows an earlier report of the
+    same minutes would subtract to fewer than k students are withheld, and this report is added to it."""
     from client.classroom import plots
+    from client.classroom.report_record import read_record, record_line, withhold_differencing
+    from shared_models.atomic_files import append_line, locked
 
     if lesson.steps == 0:     # nothing was readable (every frame unreadable, a video that does not decode)
         raise LessonError(f"{lesson.folder}: no readable sample; no report written")
-    out_dir.mkdir(parents=True, exist_ok=True)
     windows = class_timeline(lesson, series, k)
+    withheld = Withheld()
+    if record is not None:
+        # recorded before the report is written: a report that then fails to be written is still counted
+        # as given, which errs on the side of withholding the next one
+        with locked(record):
+            try:
+                released = read_record(record)
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise LessonError(f"{record}: unreadable report record ({' '.join(str(exc).split())[:120]})") from None
+            withheld = withhold_differencing(windows, lesson.frame_digests, lesson.fps, lesson.seat_map, k, released)
+            if line := record_line(windows, lesson.frame_digests, lesson.fps, lesson.seat_map):
+                append_line(record, line)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_timeline_csv(out_dir / "timeline.csv", windows)
     plots.expression_mix(windows, out_dir / "plots" / "expressions.png", k)
     plots.indicators(windows, out_dir / "plots" / "indicators.png", k)
@@ -268,7 +328,8 @@ def write_report(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries],
              "", "## The class", "", *_summary(lesson, windows, k), "",
              "![expressions](plots/expressions.png)", "", "![indicators](plots/indicators.png)", "",
              "## Difficulty moments", "", *_moments(windows), "",
-             "Per-window figures: timeline.csv. Indicator definitions: seed 001 (docs/classroom.md)."]
+             "Per-window figures: timeline.csv. Indicator definitions: seed 001 (docs/classroom.md).", "",
+             *_limits(lesson, record, withheld, k)]
     if per_student:
         lines += ["", "## Students", "", "| student | in room (s) | inattentive windows | engagement | head bowed | "
                   "passive | difficulty at (s) |", "|---|---|---|---|---|---|---|"]

@@ -166,8 +166,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         lesson, labels = _lesson_in_memory(args, cfg, classify)
         series = series_of(lesson, labels)
         out = args.out or args.lesson.with_name(args.lesson.name + "-report")
+    from client.classroom.report_record import RECORD_FILE
+
+    record = args.state_dir / RECORD_FILE if args.state_dir is not None else None
     path = write_report(out, lesson, series, policy.min_students, policy.per_student_figures, described,
-                        policy_applied=policy.describe())
+                        policy_applied=policy.describe(), record=record)
     print(f"lesson report: {path}")
     return 0
 
