@@ -375,6 +375,28 @@ def test_a_combination_of_reports_that_singles_out_a_child_is_withheld():
     assert singles_out(second_half, [everyone, first_half], 5)
 
 
+def test_an_interrupted_report_leaves_the_previous_report_whole(ingested, checkpoint, tmp_path, monkeypatch):
+    from client.classroom import plots
+
+    out = tmp_path / "r"
+    strict = tmp_path / "strict.json"
+    strict.write_text(json.dumps({"report-min-students": 1000}))
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--out", str(out),
+                "--policy", str(strict)) == 0
+    before = {name: (out / name).read_bytes() for name in ("report.md", "timeline.csv")}
+
+    def interrupted(*args, **kwargs):        # Ctrl-C while the second plot is drawn
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "indicators", interrupted)
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--out", str(out)) == 130
+    assert {name: (out / name).read_bytes() for name in before} == before      # no new timeline under the old report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "strict.json"]  # no staging folder left
+    monkeypatch.undo()
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--out", str(out)) == 0
+    assert (out / "timeline.csv").read_bytes() != before["timeline.csv"]
+
+
 def test_the_report_runs_on_raw_frames_and_writes_only_the_report(lesson: Path, checkpoint: Path, tmp_path: Path,
                                                                   capsys):
     args = ("classroom", "report", str(lesson / "frames"), "--checkpoint", str(checkpoint), "--seat-map",

@@ -22,6 +22,9 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -295,7 +298,6 @@ def write_report(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries],
     saying which school policy (or the defaults) gave k and the per-student switch. `record`: the school's
     record of the reports it gave (client/classroom/report_record.py): windows an earlier report of the
     same minutes would subtract to fewer than k students are withheld, and this report is added to it."""
-    from client.classroom import plots
     from client.classroom.report_record import read_record, record_line, withhold_differencing
     from shared_models.atomic_files import append_line, locked
 
@@ -314,7 +316,28 @@ def write_report(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries],
             withheld = withhold_differencing(windows, lesson.frame_digests, lesson.fps, lesson.seat_map, k, released)
             if line := record_line(windows, lesson.frame_digests, lesson.fps, lesson.seat_map):
                 append_line(record, line)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # written into a staging folder beside `out_dir` and moved in when complete: an interrupted or failed
+    # run leaves the previous report as it was, never a report.md beside another run's timeline.csv
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        _write_report_files(staging, lesson, series, windows, k, per_student, model, policy_applied, record, withheld)
+        out_dir.mkdir(exist_ok=True)
+        (out_dir / "report.md").unlink(missing_ok=True)   # first out, last in: report.md only over a whole set
+        shutil.rmtree(out_dir / "plots", ignore_errors=True)
+        os.replace(staging / "timeline.csv", out_dir / "timeline.csv")
+        os.replace(staging / "plots", out_dir / "plots")
+        os.replace(staging / "report.md", out_dir / "report.md")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / "report.md"
+
+
+def _write_report_files(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries], windows: list[Window], k: int,
+                        per_student: bool, model: str, policy_applied: str, record: Path | None,
+                        withheld: Withheld) -> None:
+    from client.classroom import plots
+
     write_timeline_csv(out_dir / "timeline.csv", windows)
     plots.expression_mix(windows, out_dir / "plots" / "expressions.png", k)
     plots.indicators(windows, out_dir / "plots" / "indicators.png", k)
@@ -337,6 +360,4 @@ def write_report(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries],
             lines.append(f"| {r['student']} | {r['present_s']:.0f} | {_pct(r['inattentive'])} | {_pct(r['engagement'])} | "
                          f"{_pct(r['bowed'])} | {'yes' if r['passive'] else 'no'} | "
                          f"{', '.join(f'{t:.0f}' for t in r['difficulty_at']) or '-'} |")
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
