@@ -397,6 +397,14 @@ def test_an_interrupted_report_leaves_the_previous_report_whole(ingested, checkp
     assert (out / "timeline.csv").read_bytes() != before["timeline.csv"]
 
 
+def test_analysis_options_given_with_an_ingested_lesson_are_named_not_silently_dropped(lesson, ingested, checkpoint,
+                                                                                       tmp_path, capsys):
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r"),
+                "--seat-map", str(lesson / "seat_map.json"), "--fps", "2") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "ingested lesson" in line]
+    assert len(lines) == 1 and "--seat-map, --fps" in lines[0] and "ignored" in lines[0]
+
+
 def test_the_report_runs_on_raw_frames_and_writes_only_the_report(lesson: Path, checkpoint: Path, tmp_path: Path,
                                                                   capsys):
     args = ("classroom", "report", str(lesson / "frames"), "--checkpoint", str(checkpoint), "--seat-map",

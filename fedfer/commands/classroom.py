@@ -150,6 +150,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     import torch
 
     from client.classroom.report import classify_lesson, load_lesson, series_of, write_report
+    from client.classroom.report_record import RECORD_FILE
     from privacy.policy import read_report_policy
     from shared_models.config import load_config
 
@@ -159,6 +160,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(policy.describe(), flush=True)
     classify, described = _classifier(args.checkpoint)
     if (args.lesson / "lesson.json").is_file():         # an ingested lesson folder
+        _say_what_ingest_fixed(args)
         lesson = load_lesson(args.lesson)
         series = series_of(lesson, classify_lesson(lesson, classify))
         out = args.out or args.lesson / "report"
@@ -166,13 +168,23 @@ def cmd_report(args: argparse.Namespace) -> int:
         lesson, labels = _lesson_in_memory(args, cfg, classify)
         series = series_of(lesson, labels)
         out = args.out or args.lesson.with_name(args.lesson.name + "-report")
-    from client.classroom.report_record import RECORD_FILE
-
     record = args.state_dir / RECORD_FILE if args.state_dir is not None else None
     path = write_report(out, lesson, series, policy.min_students, policy.per_student_figures, described,
                         policy_applied=policy.describe(), record=record)
     print(f"lesson report: {path}")
     return 0
+
+
+def _say_what_ingest_fixed(args: argparse.Namespace) -> None:
+    """One line naming the analysis options given with an ingested lesson: its seat map, empty-room frame,
+    rate and crop size were fixed at ingest, and a report silently made with the old seat map is not what
+    the user asked for (to use new ones, report on the frames or ingest again)."""
+    given = [flag for flag, value, default in (("--seat-map", args.seat_map, None), ("--empty-frame", args.empty_frame, None),
+                                               ("--labels", args.labels, None), ("--fps", args.fps, 1.0),
+                                               ("--size", args.size, None)) if value != default]
+    if given:
+        print(f"fedfer classroom: {args.lesson} is an ingested lesson: {', '.join(given)} were fixed when it was "
+              f"ingested and are ignored here (report on its frames, or ingest it again, to change them)", flush=True)
 
 
 def _lesson_in_memory(args: argparse.Namespace, cfg: dict, classify):  # type: ignore[no-untyped-def]
