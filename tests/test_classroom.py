@@ -575,6 +575,27 @@ def test_inputs_from_another_camera_cost_one_line_each_and_are_not_used(lesson: 
     assert odd.name not in {r["frame"] for r in rows}
 
 
+def test_an_empty_room_frame_of_another_room_is_one_line_and_not_used(lesson: Path, tmp_path: Path):
+    import cv2
+
+    from client.classroom.ingest import ingest
+    from simulations import classroom_scenes as scenes
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for path in sorted((lesson / "frames").iterdir())[:3]:
+        (frames / path.name).write_bytes(path.read_bytes())
+    other = tmp_path / "other_room.png"             # the same size, another room (camera moved, wrong file)
+    cv2.imwrite(str(other), scenes.empty_frame(scenes.make_room(9, 10))[:, :, ::-1])
+    for empty, used in ((lesson / "empty_room.png", True), (other, False)):
+        lines: list[str] = []
+        ingest(frames, tmp_path / f"out-{used}", seat_map=lesson / "seat_map.json", empty_frame=empty, size=48,
+               echo=lines.append)
+        assert json.loads((tmp_path / f"out-{used}" / "lesson.json").read_text())["empty_room_frame"] is used
+        assert [line for line in lines if str(empty) in line] == ([] if used else lines)
+        assert used or (len(lines) == 1 and "another room or camera position" in lines[0])
+
+
 @pytest.mark.timeout(60)
 def test_named_pipes_are_never_opened_and_a_decompression_bomb_never_decoded(lesson: Path, tmp_path: Path, monkeypatch):
     import os

@@ -72,6 +72,27 @@ def seat_state(gray: np.ndarray, empty: np.ndarray | None, seat: Seat, detector:
     return "turned" if detector.profile_in(gray, seat.box) else "down"
 
 
+def background_difference(frame: np.ndarray, empty: np.ndarray, seats: list[Seat]) -> float | None:
+    """How much the room outside the seats differs between a lesson frame and the empty-room frame: the
+    mean absolute grey difference after removing each one's mean (the measure `seat_state` uses, where 16
+    means "someone is there"), over the frame minus every seat's box widened to hold the student's
+    shoulders and desk. None when less than 5 % of the frame is left to compare."""
+    import cv2
+
+    height, width = frame.shape[:2]
+    background = np.ones((height, width), bool)
+    for seat in seats:
+        x0, y0, x1, y1 = seat.box
+        w, h = x1 - x0, y1 - y0
+        background[max(0, int(y0 - h / 2)):max(0, int(min(height, y1 + 2 * h))),
+                   max(0, int(x0 - w / 2)):max(0, int(min(width, x1 + w / 2)))] = False
+    if background.mean() < 0.05:
+        return None
+    now = cv2.blur(frame, (5, 5)).astype(np.float32)[background]
+    ref = cv2.blur(empty, (5, 5)).astype(np.float32)[background]
+    return float(np.abs((now - now.mean()) - (ref - ref.mean())).mean())
+
+
 def frame_digest(gray: np.ndarray) -> str:
     """A short fingerprint of a decoded frame's pixels: the same frame gives the same digest whether it was
     read from a file, a copy of it or a lossless re-encoding (64 bits: ample for telling frames apart)."""

@@ -167,7 +167,8 @@ def _inputs(seat_map: Path | None, labels: Path | None, empty_frame: Path | None
             source: Path | None = None) -> tuple[list[Seat] | None, dict[tuple[str, str], int] | None, np.ndarray | None]:
     """The optional inputs; a corrupt one is reported in one line and the lesson goes on without it. With
     `source`, the seat map and the empty-room frame are checked against the size of the lesson's frames."""
-    from client.classroom.sources import _read_image, lesson_frame_size
+    from client.classroom.analyse import OCCUPIED_DIFFERENCE, background_difference
+    from client.classroom.sources import _read_image, lesson_frame_size, middle_frame
 
     seats = None
     if seat_map is not None:
@@ -194,6 +195,17 @@ def _inputs(seat_map: Path | None, labels: Path | None, empty_frame: Path | None
             warn(f"{empty_frame}: the empty-room frame is {empty.shape[1]} x {empty.shape[0]} pixels, the lesson's "
                  f"frames {width} x {height} (another camera?); ignored, absent and bowed students are not told apart")
             empty = None
+        frame = middle_frame(source) if empty is not None and seats else None
+        if frame is not None and frame.shape[:2] == (height, width):
+            difference = background_difference(frame, empty, seats)
+            if difference is not None and difference >= OCCUPIED_DIFFERENCE:
+                # the room around the seats differs as much as an occupied seat does from an empty one: another
+                # room or camera position, against which every seat would be judged wrongly absent or bowed
+                warn(f"{empty_frame}: does not look like this lesson's room outside the seats (difference "
+                     f"{difference:.0f} grey levels, {OCCUPIED_DIFFERENCE:.0f} means someone is there; another room or "
+                     f"camera position?); ignored, absent and bowed students are not told apart. Take a new empty-room "
+                     f"frame with the camera where it is now")
+                empty = None
         for seat in seats or []:
             x0, y0, x1, y1 = seat.box
             if x0 >= width or y0 >= height:

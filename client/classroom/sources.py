@@ -117,6 +117,23 @@ def lesson_frame_size(source: Path) -> tuple[int, int] | None:
     return (width, height) if width > 0 and height > 0 else None
 
 
+def middle_frame(source: Path) -> np.ndarray | None:
+    """One frame of the lesson, grey: a folder's middle frame (the first readable one from there on), or a
+    video's first frame; None when none can be read."""
+    source = Path(source)
+    if source.is_dir():
+        files = frame_files(source)
+        for path in files[len(files) // 2:] + files[:len(files) // 2]:
+            gray = _read_image(path)
+            if gray is not None:
+                return gray
+        return None
+    samples = _video_samples(source, 1.0, lambda line: None) if source.is_file() else iter(())
+    first = next(samples, None)
+    samples.close() if hasattr(samples, "close") else None
+    return first.gray if first is not None else None
+
+
 def read_samples(source: str | Path, fps: float = 1.0, warn: Callable[[str], None] = print) -> Iterator[Sample]:
     """The lesson's samples in order. `warn` receives one line per frame or video that cannot be read."""
     source = Path(source)
