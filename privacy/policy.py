@@ -27,6 +27,7 @@ setting that asks for less than the policy allows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -183,13 +184,15 @@ class ReportPolicy:
     source: str = "defaults"
     #: the keys the policy did not state (they took fedfer's installed default, or a stricter config value)
     defaulted: tuple[str, ...] = REPORT_KEYS
+    #: with source "defaults": why no school policy was read
+    why_defaults: str = "no school policy given"
 
     def describe(self) -> str:
         """One line saying which policy the report applied and what it allows."""
         values = (f"report-min-students {self.min_students}, per-student-figures "
                   f"{'true' if self.per_student_figures else 'false'}")
         if self.source == "defaults":
-            return f"policy: fedfer's defaults (no school policy given): {values}"
+            return f"policy: fedfer's defaults ({self.why_defaults}): {values}"
         left = f"; not stated there, so the defaults: {', '.join(self.defaulted)}" if self.defaulted else ""
         return f"policy: {self.source}: {values}{left}"
 
@@ -228,7 +231,10 @@ def read_report_policy(path: Path | None, defaults: Mapping[str, Any], state_dir
         if os.path.lexists(state_dir / POLICY_FILE):   # a dangling link or a pipe is refused, not "no policy"
             path = state_dir / POLICY_FILE
     if path is None:
-        return report_policy({}, defaults, "defaults")
+        policy = report_policy({}, defaults, "defaults")
+        if state_dir is not None:
+            policy = dataclasses.replace(policy, why_defaults=f"{state_dir} has no {POLICY_FILE}")
+        return policy
     path = Path(path)
     if path.is_dir():
         path = path / POLICY_FILE

@@ -277,7 +277,7 @@ def test_a_state_dir_gives_the_report_the_schools_policy_and_the_report_says_whi
     args = ("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--state-dir", str(state))
     assert _run(*args, "--out", str(tmp_path / "d")) == 0
     out = capsys.readouterr().out
-    assert "policy: fedfer's defaults (no school policy given): report-min-students 5" in out
+    assert f"policy: fedfer's defaults ({state} has no policy.json): report-min-students 5" in out
     assert "Policy: fedfer's defaults" in (tmp_path / "d" / "report.md").read_text()
 
     (state / "policy.json").write_text(json.dumps({"report-min-students": len(seats) + 1}))
