@@ -287,8 +287,9 @@ def _limits(lesson: Lesson, record: Path | None, withheld: Withheld, k: int) -> 
                      f"folder: {withheld.windows} window(s) withheld and {withheld.expressions} window(s)' expressions "
                      f"withheld, because their students differed from an earlier report's of the same minutes by fewer "
                      f"than {k} or singled a child out with earlier reports. Not checked: reports made without "
-                     "`--state-dir`, frames altered in their pixels, windows that only overlap (a lesson cut at "
-                     "another second), and a child seen differently rather than left out (e.g. a seat box moved).")
+                     "`--state-dir`, frames altered in their pixels, combinations of three or more windows that "
+                     "only overlap (a lesson cut at another second), the same lesson from a lossy video and from "
+                     "its frames, and a child seen differently rather than left out (e.g. a seat box moved).")
     return lines
 
 

@@ -21,13 +21,17 @@ the same key,
   as A - B - C, though every pair differs by k or more), or
 - the earlier report of these minutes counted anonymous face tracks (no seat map) and this one
   students, or the other way round: the two cannot be compared, and a seat map that leaves one seat
-  out against the whole frame is the first case again.
+  out against the whole frame is the first case again;
+- a window of an earlier report cut elsewhere (another start second, another --fps) shares frames
+  with it and their students differ by fewer than k (but not zero): the two windows' values are not
+  the same sums, but over mostly the same frames their difference is nearly that child's.
 
 Only the expression mix and engagement are withheld when only the classified students conflict. What
 this does not cover (docs/privacy.md "Classroom cameras"): reports made without `--state-dir` (nothing
 is recorded or checked), frames altered in pixels (another key), differences in how a child was seen
-rather than whether (the same students with one child's seat box moved), and windows that only overlap
-(a lesson cut at another second). The figures are not differentially private.
+rather than whether (the same students with one child's seat box moved), combinations of three or more
+windows that only overlap, and the same lesson from a lossy video and from its frames (other pixels,
+other keys). The figures are not differentially private.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Released:
     kind: str                                   # "seat" (roster students) or "track" (anonymous face tracks)
     present: frozenset[str] | None              # students its presence figures covered (seat map only)
     classified: frozenset[str] | None           # students its expression figures covered, None if not shown
+    key: str = ""                               # window_key of its frames
 
 
 @dataclass
@@ -66,10 +71,22 @@ def window_key(digests: list[str], fps: float, start: int, end: int) -> str | No
     return hashlib.sha256(f"{fps:g}|{','.join(part)}".encode()).hexdigest()[:16]
 
 
-def read_record(path: Path) -> dict[str, list[Released]]:
-    """key -> what earlier reports released for it. A line that is not a record (a write cut short by a
-    crash, before that report was written) is skipped."""
-    out: dict[str, list[Released]] = {}
+@dataclass
+class Record:
+    """What earlier reports released: by window key, and by frame (a window sharing frames with an
+    earlier one cut elsewhere -- another start second, another --fps -- is compared with it too)."""
+
+    by_key: dict[str, list[Released]]
+    by_frame: dict[str, list[Released]]
+
+    def get(self, key: str | None, default: list[Released]) -> list[Released]:
+        return self.by_key.get(key, default) if key else default
+
+
+def read_record(path: Path) -> Record:
+    """What earlier reports released. A line that is not a record (a write cut short by a crash, before
+    that report was written) is skipped."""
+    out = Record({}, {})
     if not path.exists():
         return out
     from shared_models.datasets.base import special_file
@@ -80,8 +97,11 @@ def read_record(path: Path) -> dict[str, list[Released]]:
         try:
             entry = json.loads(line)
             kind, units = entry["kind"], entry["units"]
-            for key, present, classified in entry["windows"]:
-                out.setdefault(key, []).append(Released(kind, _units_of(present, units), _units_of(classified, units)))
+            for key, present, classified, *frames in entry["windows"]:
+                released = Released(kind, _units_of(present, units), _units_of(classified, units), key)
+                out.by_key.setdefault(key, []).append(released)
+                for digest in (frames[0] if frames else []):
+                    out.by_frame.setdefault(digest, []).append(released)
         except (ValueError, KeyError, TypeError):
             continue
     return out
@@ -128,7 +148,7 @@ def singles_out(new: frozenset[str], earlier: list[frozenset[str]], k: int) -> b
 
 
 def withhold_differencing(windows: list, digests: list[str], fps: float, seat_map: bool, k: int,
-                          released: dict[str, list[Released]]) -> Withheld:
+                          released: Record) -> Withheld:
     """Withhold the shown windows an earlier report of the same minutes would subtract to fewer than k
     students (see the module docstring). Changes `windows` in place."""
     from client.classroom import indicators as ind
@@ -140,19 +160,26 @@ def withhold_differencing(windows: list, digests: list[str], fps: float, seat_ma
         if not window.shown:
             continue
         key = window_key(digests, fps, *bounds[number]) if number < len(bounds) else None
-        earlier = released.get(key, []) if key else []
-        if not earlier:
+        earlier = released.get(key, [])
+        # windows of earlier reports that share frames with this one but were cut elsewhere: their values are
+        # not this window's, but a student set one apart over mostly the same frames is nearly that child
+        overlapping = {id(old): old for d in (digests[slice(*bounds[number])] if key else [])
+                       for old in released.by_frame.get(d, []) if old.key != key}.values()
+        if not earlier and not overlapping:
             continue
-        if any(old.kind != kind for old in earlier) or (seat_map and singles_out(
-                window.present_units, [old.present for old in earlier if old.present is not None], k)):
+        if any(old.kind != kind for old in [*earlier, *overlapping]) or (seat_map and (singles_out(
+                window.present_units, [old.present for old in earlier if old.present is not None], k) or any(
+                old.present is not None and 0 < len(window.present_units ^ old.present) < k for old in overlapping))):
             _withhold_expressions(window)
             window.shown, window.withheld = False, True
             window.inattentive = window.passive = float("nan")
             window.difficulty = 0
             result.windows += 1
             continue
-        if seat_map and window.expressions_shown and singles_out(
-                window.classified_units, [old.classified for old in earlier if old.classified is not None], k):
+        if seat_map and window.expressions_shown and (singles_out(
+                window.classified_units, [old.classified for old in earlier if old.classified is not None], k) or any(
+                old.classified is not None and 0 < len(window.classified_units ^ old.classified) < k
+                for old in overlapping)):
             _withhold_expressions(window)
             result.expressions += 1
     return result
@@ -176,6 +203,7 @@ def record_line(windows: list, digests: list[str], fps: float, seat_map: bool) -
         return None
     units = sorted(set().union(*(w.present_units | w.classified_units for _, w in shown))) if seat_map else []
     rows = [[keys[n], _bits_of(w.present_units, units) if seat_map else "",
-             _bits_of(w.classified_units, units) if seat_map and w.expressions_shown else ""] for n, w in shown]
+             _bits_of(w.classified_units, units) if seat_map and w.expressions_shown else "",
+             digests[slice(*bounds[n])]] for n, w in shown]
     return json.dumps({"kind": "seat" if seat_map else "track", "units": units, "windows": rows},
                       separators=(",", ":"))
