@@ -238,6 +238,9 @@ def read_report_policy(path: Path | None, defaults: Mapping[str, Any], state_dir
     path = Path(path)
     if path.is_dir():
         path = path / POLICY_FILE
+    if not os.path.lexists(path):
+        raise PolicyError(f"{path}: no such policy file (--policy names a school's policy.json or its state dir; "
+                          f"--state-dir DIR uses the defaults when DIR has none)")
     return report_policy(_read_policy_json(path), defaults, str(path))
 
 

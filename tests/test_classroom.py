@@ -293,6 +293,17 @@ def test_a_state_dir_gives_the_report_the_schools_policy_and_the_report_says_whi
                 str(tmp_path / "missing"), "--out", str(tmp_path / "m")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0] and "state" in err[0] and not (tmp_path / "m").exists()
+    assert _run("classroom", "report", str(ingested), "--checkpoint", str(checkpoint), "--policy",
+                str(tmp_path / "nope.json"), "--out", str(tmp_path / "m")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fedfer: {tmp_path / 'nope.json'}: no such policy file (--policy names a school's policy.json or "
+                   f"its state dir; --state-dir DIR uses the defaults when DIR has none)"]
+    blocked = tmp_path / "blocked"                   # the record cannot be read or added to: one line, no report
+    (blocked / "classroom-reports.jsonl").mkdir(parents=True)
+    assert _run(*args[:-1], str(blocked), "--out", str(tmp_path / "m")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "classroom-reports.jsonl: unreadable report record (" in err[0] and "internal" not in err[0]
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("name", ["mafnet", "r2plus1d_sta"])

@@ -309,14 +309,18 @@ def write_report(out_dir: Path, lesson: Lesson, series: list[ind.StudentSeries],
     if record is not None:
         # recorded before the report is written: a report that then fails to be written is still counted
         # as given, which errs on the side of withholding the next one
-        with locked(record):
-            try:
-                released = read_record(record)
-            except (OSError, UnicodeDecodeError, ValueError) as exc:
-                raise LessonError(f"{record}: unreadable report record ({' '.join(str(exc).split())[:120]})") from None
-            withheld = withhold_differencing(windows, lesson.frame_digests, lesson.fps, lesson.seat_map, k, released)
-            if line := record_line(windows, lesson.frame_digests, lesson.fps, lesson.seat_map):
-                append_line(record, line)
+        try:
+            with locked(record):
+                try:
+                    released = read_record(record)
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise LessonError(f"{record}: unreadable report record ({' '.join(str(exc).split())[:120]})") from None
+                withheld = withhold_differencing(windows, lesson.frame_digests, lesson.fps, lesson.seat_map, k, released)
+                if line := record_line(windows, lesson.frame_digests, lesson.fps, lesson.seat_map):
+                    append_line(record, line)
+        except OSError as exc:   # a state folder that is read-only here, or a disk that is full
+            raise LessonError(f"{record}: cannot read or add to the report record ({' '.join(str(exc).split())[:120]}); "
+                              "no report written") from None
     # written into a staging folder beside `out_dir` and moved in when complete: an interrupted or failed
     # run leaves the previous report as it was, never a report.md beside another run's timeline.csv
     out_dir.parent.mkdir(parents=True, exist_ok=True)

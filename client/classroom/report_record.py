@@ -92,7 +92,7 @@ def read_record(path: Path) -> Record:
     from shared_models.datasets.base import special_file
 
     if why := special_file(path):
-        raise ValueError(f"{path}: unreadable report record ({why})")
+        raise ValueError(why)
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
