@@ -254,6 +254,10 @@ def ingest(source: Path, out_dir: Path, *, seat_map: Path | None = None, labels:
             if not sample.faces:
                 report.without_faces += 1
                 warn(f"{sample.name}: no faces found")
+        if report.samples == 0:   # e.g. one video this OpenCV build cannot decode: a failure, not an empty lesson
+            # (a folder left behind would refuse the same command once the input is fixed)
+            raise IngestError(f"{source}: nothing readable ({report.unreadable} unreadable input(s)); nothing written, "
+                              "no school folder to train on")
         out.close()
         report.labelled = len(out.label_rows)
         _write_lesson_json(Path(out_dir), Path(source), report, seats, label_map is not None, empty is not None, size,
