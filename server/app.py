@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from logging import ERROR, INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -20,9 +20,10 @@ from server.round_writer import RoundWriter
 from server.run_dir import BEST_CHECKPOINT, RunDirectory, last_public_score
 from server.run import check_keyring, resume_pending, start_is_scored, start_or_resume, trace_benchmark_opens
 from server.simulation_cluster import check_ray_cluster
-from server.strategy import RoundRecord, SchoolFedAvg
+from server.strategy import RoundRecord, SchoolFedAvg, run_rounds
 from server.transport import fast_grid
 from shared_models.config import from_run_config
+from shared_models.wording import counted
 
 # Opacus configures the root logger when it is imported (`logging.basicConfig` in opacus/utils/module_utils.py),
 # so every Flower record reached the console twice: through Flower's own handler and the root's.
@@ -60,7 +61,7 @@ def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStar
     cfg, run = start.cfg, start.run
     log(INFO, "[fedfer] run directory %s", run.path)
     if start.finished:
-        log(INFO, "[fedfer] %s already finished %d rounds", run.path, start.round_offset)
+        log(INFO, "[fedfer] %s already finished %s", run.path, counted(start.round_offset, "round"))
         # a run stopped after its last round, while its report was drawn, still gets one (rebuilt from the run dir)
         _write_report(run.path)
         return
@@ -80,15 +81,13 @@ def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStar
     if start.round_offset == 0 and cfg["model.pretrained"] and not start_is_scored(run):
         # the pre-trained model is round 0: the evaluation node scores it alongside round 1's training
         strategy.pending = (RoundRecord(0, timing={"round_seconds": 0.0}), initial)
-    runner.start(
+    run_rounds(
+        runner, strategy,
         # replies are validated as they arrive, except under client-level DP (Flower's wrapper clips them first)
         grid=fast_grid(grid, on_replies=strategy.replies_arrived if federation_dp is None else None),
         initial_arrays=initial,
         num_rounds=resume_pending(strategy, start.unevaluated, initial, start.remaining),
         timeout=float(cfg["federation.round_timeout"]),
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=strategy.end_of_round,
     )
     if writer.best is not None:   # the last round is not always the best: say which one best.pt holds
         log(INFO, "[fedfer] %s — kept as %s", compare_line(writer.best, last_public_score(run.path)),

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from shared_models.plotting import pyplot, save_figure
+from shared_models.wording import counted
 
 #: Above this many classes the per-cell count/% annotations are left out (text for n² cells is what
 #: makes matplotlib slow: 90,000 labels for 300 classes), and above MAX_TICK_CLASSES the class names.
@@ -122,7 +123,7 @@ def epsilon_distribution(quantiles: Mapping[str, Sequence[float]], finals: Seque
     hist.hist(finite, bins=min(30, max(5, len(finite) // 10)) if finite else 5, color="tab:blue", alpha=0.8)
     hist.set_xlabel("final ε of a school")
     hist.set_ylabel("schools")
-    hist.set_title(f"final ε, {len(finite)} schools", fontsize=10)
+    hist.set_title(f"final ε, {counted(len(finite), 'school')}", fontsize=10)
     hist.grid(alpha=0.3)
     path = save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 from server.best_round import RoundScore, best_of, compare_line, first_public, last_scored
 from shared_models.config import ConfigError, read_yaml_file
 from shared_models.labels import FER7, FER8
+from shared_models.wording import counted
 
 PAPER_MARK = "paper, centralised, non-private"
 #: Above this many schools the report shows distributions (quantiles, a histogram, a band of ε curves)
@@ -110,6 +111,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     references: dict[str, Any] | None = None   # references.json (simulations/references.py), when the run made it
     incidents: list[dict[str, Any]] = field(default_factory=list)   # events.jsonl: what the coordinator refused
+    stopped_in_round: int | None = None   # events.jsonl "finished": the round that found no school to train
 
     @property
     def run_id(self) -> str:
@@ -228,16 +230,24 @@ def load_run(run_dir: Path) -> RunData:
     events_path = run_dir / "events.jsonl"
     if events_path.is_file():
         # isinstance first: an "event" that is a list or an object is unhashable (a TypeError in the dict lookup)
-        data.incidents = [e for _, e in _read_jsonl(events_path, data.notes)
-                          if isinstance(e.get("event"), str) and e["event"] in INCIDENTS]
+        events = [e for _, e in _read_jsonl(events_path, data.notes)]
+        data.incidents = [e for e in events if isinstance(e.get("event"), str) and e["event"] in INCIDENTS]
+        stops = [e["round"] for e in events if e.get("event") == "finished" and isinstance(e.get("round"), int)
+                 and not isinstance(e["round"], bool) and 0 < e["round"] <= MAX_ROUND]
+        data.stopped_in_round = stops[-1] if stops else None
     if data.rounds:
         present = sorted(data.rounds)
         last = max(present[-1], data.planned_rounds or 0)
         missing = [r for r in range(1, present[-1] + 1) if r not in data.rounds]
         if missing:
             data.notes.append(f"rounds with no metrics line: {_ranges(missing)}")
-        if data.planned_rounds and present[-1] < data.planned_rounds:
-            data.notes.append(f"partial run: {len(present)} of {last} planned rounds recorded")
+        trained = [r for r in present if r > 0]   # round 0 is the starting model, not a round of the plan
+        if data.stopped_in_round is not None and data.stopped_in_round > present[-1]:
+            # not a partial run: the coordinator ended it (server/strategy.py FederationFinished)
+            data.notes.append(f"the federation stopped in round {data.stopped_in_round} of {last}: no school could "
+                              f"train any more; {counted(len(trained), 'round')} recorded")
+        elif data.planned_rounds and present[-1] < data.planned_rounds:
+            data.notes.append(f"partial run: {len(trained)} of {counted(last, 'planned round')} recorded")
     return data
 
 
@@ -469,7 +479,7 @@ def write_plots(data: RunData) -> dict[str, Path]:
         out["epsilon-distribution"] = plots.epsilon_distribution(
             epsilon_quantiles(eps), [s["epsilon"][-1] for s in eps.values() if s["epsilon"]],
             plot_dir / "epsilon.png", budget=data.budget,
-            title=f"Privacy spent across {len(set(eps) | set(refused))} schools (δ = {data.config.get('privacy.delta', '?')})",
+            title=f"Privacy spent across {counted(len(set(eps) | set(refused)), 'school')} (δ = {data.config.get('privacy.delta', '?')})",
         )
     elif eps or refused:
         out["epsilon"] = plots.epsilon_curves(
@@ -495,7 +505,7 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
     planned = data.planned_rounds
     trained = [r for r in present if r > 0]
     status = "no round recorded yet" if not present else (
-        f"{len(trained)} round(s) recorded (last: {present[-1]}"
+        f"{counted(len(trained), 'round')} recorded (last: {present[-1]}"
         + (f" of {planned} planned" if planned else "") + ")"
         + (" and the starting model (round 0)" if 0 in present else ""))
     lines += [f"Run directory `{data.run_dir}` — {status}. "
@@ -775,7 +785,7 @@ def _privacy_distribution(data: RunData, schools: list[str]) -> list[str]:
     trained = [s.trained_here for s in spend.values()]
     planned = data.config.get("federation.schools")
     lines = ["## Privacy across schools", "",
-             f"{len(schools)} schools took part" + (f" (of {planned} in the federation)" if _is_number(planned) else "")
+             f"{counted(len(schools), 'school')} took part" + (f" (of {planned} in the federation)" if _is_number(planned) else "")
              + f"; {sum(n > 0 for n in trained)} trained at least once. ε from the run's ledger copy (`ledger/<school>.jsonl`; "
              "`fedfer privacy audit` recomputes and verifies it)" + (f"; budget {budget:g}." if budget else "."), "",
              "| quantity | min | 10% | 25% | median | 75% | 90% | max |", "|---|---|---|---|---|---|---|---|"]

@@ -45,10 +45,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedAvgM
+from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from shared_models.wire import ERROR_RECORD, PackingError, received_numpy
+from shared_models.wording import counted
 from server.run_dir import RoundRecord, RunDirectory
 from server.validation import RejectedUpdate, check_update
 
@@ -100,6 +101,17 @@ class RoundHooks(Protocol):
 
     def round_closed(self, record: RoundRecord) -> None:
         """The round's own exchanges are over (its pipelined evaluation may still be due)."""
+
+
+class FederationFinished(Exception):
+    """No school can train any more (budgets spent, none connected) and every trained round is recorded:
+    raised at the end of the round that found nobody to train, to end Flower's round loop there
+    (`run_rounds`), instead of letting it run the remaining planned rounds with nothing to send."""
+
+    def __init__(self, stopped_in_round: int, planned: int) -> None:
+        super().__init__(f"no school can train any more: stopped in round {stopped_in_round} of {planned}")
+        self.stopped_in_round = stopped_in_round
+        self.planned = planned
 
 
 class NoRoundHooks:
@@ -328,7 +340,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             self.finished = True
             # online but unknown: refused at the role query (e.g. every school refused the app), not "none connected"
             refused = len(connected - set(self.nodes))
-            why = (f"{refused} online node(s) refused or did not answer the role query: see the warnings above"
+            why = (f"{counted(refused, 'online node')} refused or did not answer the role query: see the warnings above"
                    if refused else "budgets exhausted or none connected")
             log(INFO, "[fedfer] no school can train any more (%s): finishing", why)
             self.run.event("finished", round=rnd, reason="no school can train", refused_at_query=refused)
@@ -414,13 +426,16 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's `evaluate_fn`, called after each round's training (and the final round's evaluation):
         the round is done, so its record goes to the writer now or waits for its pipelined evaluation.
-        Evaluates nothing itself; returns None so Flower records nothing of its own."""
+        Evaluates nothing itself; returns None so Flower records nothing of its own. Raises FederationFinished
+        after the round that found no school to train, once every trained round is handed to the writer."""
         record = self.record
         if server_round == 0 or record is None:
             return None
         if self.finished and not record.train:
             self.round_done(None, arrays, pipeline=False)   # the last trained round, if still waiting
-            return None
+            # everything trained is recorded: end Flower's round loop here, so the rounds that cannot train
+            # print no round lines (`run_rounds` catches this)
+            raise FederationFinished(stopped_in_round=record.round, planned=int(self.cfg["federation.rounds"]))
         self.round_done(record, arrays, pipeline=not self.is_final_round(server_round))
         self.rounds.round_closed(record)
         return None
@@ -443,9 +458,13 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         for school, outcome in self.record.train.items():
             if outcome["status"] == "no-reply":
                 self.run.event("missing", round=rnd, school=school, reason="no reply before the round timeout")
+        if self.finished:   # configure_train sent nothing: the federation is over, there is no round to report
+            return None, None
         min_schools = int(self.cfg["federation.min_train_schools"])
-        if len(accepted) < min(min_schools, max(1, len(self.record.train))) or not accepted:
-            log(WARNING, "[fedfer] round %d: %d accepted replies (< %d): global model unchanged", rnd, len(accepted), min_schools)
+        needed = min(min_schools, max(1, len(self.record.train)))
+        if len(accepted) < needed or not accepted:
+            log(WARNING, "[fedfer] round %d: %s (at least %d needed): global model unchanged", rnd,
+                counted(len(accepted), "accepted reply", "accepted replies"), needed)
             return None, None
         self.record.aggregated = True
         arrays = aggregate_arrayrecords(accepted, self.weighted_by_key)
@@ -701,6 +720,20 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         # tensors, not numpy arrays: `fedfer evaluate` reads checkpoints with torch.load(weights_only=True)
         momentum = None if self.momentum_vector is None else [torch.tensor(np.asarray(m)) for m in self.momentum_vector]
         return {"exhausted": sorted(self.exhausted), "momentum": momentum}
+
+
+def run_rounds(runner: Strategy, strategy: SchoolFedAvg, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int,
+               timeout: float) -> None:
+    """Flower's round loop (`runner.start`: the strategy, or the client-DP wrapper around it) over `num_rounds`,
+    ended early when the strategy finds no school that can train (FederationFinished): the log then says the
+    federation stopped, and shows no round lines for rounds that never trained."""
+    try:
+        runner.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                     train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=strategy.end_of_round)
+    except FederationFinished as stop:
+        not_run = stop.planned - stop.stopped_in_round + 1
+        log(INFO, "[fedfer] federation stopped in round %d of %d: no school can train any more (%s not run)",
+            stop.stopped_in_round, stop.planned, counted(not_run, "planned round"))
 
 
 BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$")

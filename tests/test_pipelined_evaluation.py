@@ -3,7 +3,7 @@ round r+1's train messages, not in an exchange of its own; the final model gets 
 metrics.jsonl still has exactly one line per round, each with the accuracy the evaluation node computed
 for that round's model, and each round's checkpoint is that model.
 
-Runs the real SchoolFedAvg + RoundWriter + run start/resume (server/) under Flower's FedAvg.start loop on the fake grid
+Runs the real SchoolFedAvg + RoundWriter + run start/resume (server/) under Flower's FedAvg.start loop (server/strategy.py run_rounds) on the fake grid
 of tests/grid_fixtures.py, behind PackedGrid as in the app.
 """
 
@@ -145,7 +145,7 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
     from privacy.signing import load_or_create_signing_key, public_key_pem
     from server.round_writer import RoundWriter
     from server.run import resume_pending
-    from server.strategy import SchoolFedAvg
+    from server.strategy import SchoolFedAvg, run_rounds
     from shared_models.config import load_config
 
     cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
@@ -187,8 +187,7 @@ def _setup(tmp_path, evaluator: bool, silent_in: tuple[int, ...] = (), wrap=None
         with pytest.MonkeyPatch.context() as patch:   # PollingGrid would shorten Flower's object-pull backoff process-wide
             patch.setattr("server.transport.shorten_object_pull_backoff", lambda: True)
             app_grid = fast_grid(grid, on_replies=strategy.replies_arrived) if arriving else PackedGrid(grid)
-            runner.start(grid=app_grid, initial_arrays=initial, num_rounds=num_rounds, timeout=5,
-                         train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=strategy.end_of_round)
+            run_rounds(runner, strategy, app_grid, initial, num_rounds=num_rounds, timeout=5)   # as server/app.py
     except Crash:
         assert crash_after is not None
     return grid, start.run.metrics(), checkpoints, in_process

@@ -73,7 +73,7 @@ def test_report_builds_tables_and_plots(tmp_path):
     assert "92.93" in text  # SFER-MDFAE's, beside it
     assert "synthetic classroom data: no published figure" in text
     assert "| school-2 | 5 | 5.600 | -2.600 (over budget) |" in text
-    assert "5 round(s) recorded (last: 5 of 5 planned)" in text
+    assert "5 rounds recorded (last: 5 of 5 planned)" in text
     assert "| 3 | 3 | — | 62.86 | 64.29 | evaluator | train_s 12.5s, evaluate_s 2.0s |" in text
 
 
@@ -226,8 +226,8 @@ def test_a_school_that_declined_keeps_its_lifetime_epsilon_in_the_summary_and_th
     assert "this run is federated, DP ε ≤ 2.50." in text   # what the schools spent (budget 3), as the table above says
     assert print_summary(run, 1.0) == 0
     out = capsys.readouterr().out
-    assert "school-1     ε  2.500  after 1 round(s) in this run\n" in out and "nan" not in out
-    assert "school-0     ε  1.600  after 2 round(s) in this run\n" in out
+    assert "school-1     ε  2.500  after 1 round in this run\n" in out and "nan" not in out
+    assert "school-0     ε  1.600  after 2 rounds in this run\n" in out
 
 
 def test_a_deployments_setup_says_which_schools_and_benchmarks_took_part(tmp_path):

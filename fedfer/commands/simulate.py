@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_models.config import ConfigError, check_paths, load_config
+from shared_models.wording import counted
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -170,9 +171,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if code:
         return code
     run = RunDirectory.create(cfg)
-    print(f"fedfer simulate: {cfg['federation.schools']} schools"
+    print(f"fedfer simulate: {counted(int(cfg['federation.schools']), 'school')}"
           f"{' + evaluation node' if cfg['federation.evaluator'] else ''}, {cfg['model.name']} ({cfg['model.preset']}), "
-          f"{cfg['federation.rounds']} rounds, DP on"
+          f"{counted(int(cfg['federation.rounds']), 'round')}, DP on"
           f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
     print(f"run directory: {run.path}")
     if _already_finished(cfg):   # nothing to train: no Flower to start, only the report to (re)write
@@ -180,7 +181,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         with run.hold():   # as the ServerApp would: the run records the resume, and gets its report
             run.event("resumed", round=int(cfg["federation.rounds"]))
-            print(f"  {run.path} already finished {cfg['federation.rounds']} rounds")
+            print(f"  {run.path} already finished {counted(int(cfg['federation.rounds']), 'round')}")
             print(f"  report {write_report(run.path)}")
         code = print_summary(run.path, time.perf_counter() - started)
         if code == 0 and cfg["evaluation.references"]:
@@ -385,7 +386,8 @@ def _pretrain_now(cfg: dict[str, Any], pending: _PendingPretraining) -> int:
     try:
         if cfg["data.generate"] != "on-demand" and not cached:
             schools = synth.start_building_schools(cfg)
-            print(f"  building the {cfg['federation.schools']} schools in the background while pre-training", flush=True)
+            print(f"  building the {counted(int(cfg['federation.schools']), 'school')} in the background while pre-training",
+                  flush=True)
         path = pretrain.ensure_pretrained(cfg, pending.root, echo=_indented, data=pending.data, echo_path=False)
     except pretrain.PretrainError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
@@ -431,9 +433,17 @@ def print_summary(run_path: Path, wall: float) -> int:
     if not rounds:
         print(f"fedfer: no round completed; see {run_path / 'flower.log'}", file=sys.stderr)
         return 1
+    from server.report import load_run, school_spend
+
+    data = load_run(run_path)
     last = rounds[-1]
     print("\nsummary")
-    print(f"  rounds completed   {sum(1 for r in rounds if r['round'] > 0)} (last: {last['round']})")
+    completed = sum(1 for r in rounds if r["round"] > 0)
+    # fewer than planned: a run stopped early says why (the coordinator ended it), a killed one says nothing more
+    planned = f" of {data.planned_rounds} planned" if data.planned_rounds and completed < data.planned_rounds else ""
+    stopped = (f"; the federation stopped in round {data.stopped_in_round}: no school could train any more"
+               if data.stopped_in_round is not None and data.stopped_in_round > last["round"] else "")
+    print(f"  rounds completed   {completed}{planned} (last: {last['round']}{stopped})")
     start = next((r for r in rounds if r["round"] == 0), None)
     if start is not None:   # the pre-trained model (model.pretrained), scored before round 1
         print("  pre-trained start  " + ", ".join(f"{bench} {_three(m.get('accuracy'))}"
@@ -444,13 +454,10 @@ def print_summary(run_path: Path, wall: float) -> int:
               if m.get("accuracy_ci_low") is not None else "")
         print(f"  {bench:<18} accuracy {_three(m.get('accuracy'))}{ci}  UAR {_three(m.get('uar'))}  macro-F1 "
               f"{_three(m.get('macro_f1'))}  (n={m.get('n', '?')}, by {last.get('evaluated_by', '?')})")
-    from server.report import load_run, school_spend
-
-    run = load_run(run_path)
-    spend = school_spend(run)   # the ledger copy: a school that declined still has its lifetime ε
+    spend = school_spend(data)   # the ledger copy: a school that declined still has its lifetime ε
     if spend:
-        accountant = str(run.config.get("privacy.accountant", "prv")).upper()
-        print(f"  per-school ε at δ={run.config.get('privacy.delta', '?')} ({accountant}, lifetime):")
+        accountant = str(data.config.get("privacy.accountant", "prv")).upper()
+        print(f"  per-school ε at δ={data.config.get('privacy.delta', '?')} ({accountant}, lifetime):")
         _print_epsilons(spend)
     best = read_best_json(run_path)
     if best is not None:   # evaluation.keep_best: the round that scored best on the public benchmarks
@@ -458,8 +465,8 @@ def print_summary(run_path: Path, wall: float) -> int:
               f"({compare_line(best, last_public_score(run_path))})")
     owns = list((run_path / "schools").glob("*/own-model.pt"))   # train.keep_own_model, simulated state dirs
     if owns:
-        print(f"  own models         {run_path / 'schools'}/<school>/own-model.pt ({len(owns)} schools' last "
-              f"trained weights; `fedfer evaluate --checkpoint` reads them)")
+        print(f"  own models         {run_path / 'schools'}/<school>/own-model.pt (the last trained weights "
+              f"of {counted(len(owns), 'school')}; `fedfer evaluate --checkpoint` reads them)")
     report = run_path / "report.md"
     print(f"  report             {report if report.exists() else '(not written)'}")
     return 0
@@ -482,7 +489,7 @@ def _print_epsilons(spend: dict[str, Any], many: int = 20) -> None:
     if len(spend) <= many:
         for school, mine in sorted(spend.items()):
             eps = "     —" if mine.epsilon is None else f"{mine.epsilon:6.3f}"
-            print(f"    {school:<12} ε {eps}  after {mine.trained_here} round(s) in this run")
+            print(f"    {school:<12} ε {eps}  after {counted(mine.trained_here, 'round')} in this run")
         return
     import numpy as np
 
@@ -490,11 +497,11 @@ def _print_epsilons(spend: dict[str, Any], many: int = 20) -> None:
     trained = np.array([m.trained_here for m in spend.values()])
     if finals.size:
         low, q25, median, q75, high = np.quantile(finals, [0.0, 0.25, 0.5, 0.75, 1.0])
-        print(f"    {finals.size} schools: ε min {low:.3f}  25% {q25:.3f}  median {median:.3f}  "
+        print(f"    {counted(int(finals.size), 'school')}: ε min {low:.3f}  25% {q25:.3f}  median {median:.3f}  "
               f"75% {q75:.3f}  max {high:.3f}; rounds per school in this run median {int(np.median(trained))}, max {trained.max()}")
     idle = int((trained == 0).sum())
     if idle:
-        print(f"    {idle} school(s) refused or failed every round they were sampled (report.md lists them)")
+        print(f"    {counted(idle, 'school')} refused or failed every round they were sampled (report.md lists them)")
 
 
 def cmd_train_central(args: argparse.Namespace) -> int:

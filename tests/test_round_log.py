@@ -1,0 +1,172 @@
+"""What the coordinator's log says about the rounds: read by an admin watching a run, so it must say what
+happened — the federation stopping when no school can train any more (no round lines for rounds that never
+trained), and counts in words that agree with them ("1 round", "2 rounds").
+
+Drives the real SchoolFedAvg + RoundWriter under Flower's own round loop (FedAvg.start) on the fake grid of
+tests/grid_fixtures.py, and reads the log lines Flower's logger printed: no SuperLink, no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+from flwr.app import ConfigRecord, MessageType, RecordDict
+
+from grid_fixtures import FakeGrid, _record, _reply, _state, _train_reply
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
+
+SCHOOLS = {101: "school-a", 202: "school-b"}
+
+
+class LogLines(logging.Handler):
+    """Every message Flower's logger ("flwr", where the server's `log` calls go) printed while attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def matching(self, text: str) -> list[str]:
+        return [line for line in self.lines if text in line]
+
+
+@pytest.fixture()
+def log_lines():
+    handler = LogLines()
+    logger = logging.getLogger("flwr")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(previous)
+
+
+def _answerer(keys: dict[int, str], trains: dict[int, int]):
+    """The fake schools: each answers the role query, trains while it has budget for `trains[node]` rounds,
+    then declines every later round with budget-exhausted (as client/school_round.py does)."""
+    trained = {nid: 0 for nid in trains}
+
+    def answer(nid, message):
+        kind = message.metadata.message_type
+        if kind == MessageType.QUERY:
+            info = {"role": "school", "school-id": SCHOOLS[nid], "public-key": keys[nid]}
+            return _reply(message, RecordDict({"node": ConfigRecord(info)}))
+        assert kind == MessageType.TRAIN
+        if trained[nid] >= trains[nid]:
+            return _reply(message, RecordDict({"status": ConfigRecord(
+                {"status": "budget-exhausted", "reason": "target ε spent"})}))
+        trained[nid] += 1
+        return _train_reply(message, _state(nid))
+    return answer
+
+
+def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str):
+    """A federation of len(trains) schools over `rounds` rounds, run by Flower's round loop as server/app.py
+    runs it; returns the run directory."""
+    from privacy.signing import load_or_create_signing_key, public_key_pem
+    from server.round_writer import RoundWriter
+    from server.run_dir import RunDirectory
+    from server.strategy import SchoolFedAvg, run_rounds
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t", "privacy.enabled=false",
+                             "federation.min_train_schools=1", "federation.max_update_norm=1000",
+                             "federation.fraction_train=1.0", f"federation.rounds={rounds}", *extra])
+    run = RunDirectory.create(cfg)
+    keys = {nid: public_key_pem(load_or_create_signing_key(tmp_path / SCHOOLS[nid])) for nid in trains}
+
+    class Writer(RoundWriter):
+        def evaluate_in_process(self, arrays):   # no model to score: the fake schools train a float vector
+            return {"synthetic-rafdb": {"accuracy": 0.5, "n": 100}}
+
+    writer = Writer(run, cfg)
+    writer.model_info = {"name": "fake", "preset": "", "num_classes": 7}
+    strategy = SchoolFedAvg(cfg, run, rounds=writer)
+    grid = FakeGrid(list(trains), _answerer(keys, trains))
+    run_rounds(strategy, strategy, grid, _record(_state(0)), num_rounds=rounds, timeout=5)
+    return run
+
+
+def test_the_log_shows_the_federation_stop_when_no_school_can_train(tmp_path, log_lines):
+    """Both schools train round 1 and decline round 2 (budget spent): round 3 finds nobody, and the log ends
+    there — no round lines for rounds 3-5, which never trained."""
+    run = _run(tmp_path, 5, {101: 1, 202: 1})
+    assert [line["round"] for line in run.metrics()] == [1, 2]
+    assert log_lines.matching("[ROUND 3/5]") and log_lines.matching("no school can train any more")
+    assert not log_lines.matching("[ROUND 4/5]") and not log_lines.matching("[ROUND 5/5]")
+    # neither a refusal ("round 3: 0 accepted replies") nor a progress line ("round 3/5 | ...") for them
+    assert not [line for line in log_lines.lines if re.match(r"\[fedfer\] round [345]\b", line)]
+    assert log_lines.matching("[fedfer] federation stopped in round 3 of 5: no school can train any more "
+                              "(3 planned rounds not run)")
+    # round 2 did send training: its refusal is logged (with the count in words), as before
+    assert log_lines.matching("[fedfer] round 2: 0 accepted replies (at least 1 needed): global model unchanged")
+
+
+def test_a_stop_with_one_round_left_says_round_not_rounds(tmp_path, log_lines):
+    _run(tmp_path, 3, {101: 1})   # trains round 1, declines round 2, nobody in round 3
+    assert log_lines.matching("federation stopped in round 3 of 3: no school can train any more (1 planned round not run)")
+    assert not log_lines.matching("rounds not run")
+
+
+def test_a_run_that_trains_every_round_ends_as_planned(tmp_path, log_lines):
+    run = _run(tmp_path, 2, {101: 5, 202: 5})
+    assert [line["round"] for line in run.metrics()] == [1, 2]
+    assert log_lines.matching("[ROUND 2/2]") and not log_lines.matching("federation stopped")
+    assert not log_lines.matching("no school can train")
+
+
+def test_one_accepted_reply_short_of_the_minimum_is_one_reply(tmp_path, log_lines):
+    _run(tmp_path, 2, {101: 5, 202: 0}, "federation.min_train_schools=2")
+    assert log_lines.matching("[fedfer] round 1: 1 accepted reply (at least 2 needed): global model unchanged")
+
+
+def test_counts_in_words_agree_with_their_number():
+    from shared_models.wording import counted
+
+    assert [counted(n, "round") for n in (0, 1, 2)] == ["0 rounds", "1 round", "2 rounds"]
+    assert [counted(n, "reply", "replies") for n in (1, 3)] == ["1 reply", "3 replies"]
+
+
+def _stopped_run(tmp_path):
+    """A run directory (tests/test_report.py's) of 5 planned rounds that recorded 2 and stopped in round 3."""
+    from test_report import write_run
+
+    run = write_run(tmp_path / "run", [1, 2], planned=5)
+    (run / "events.jsonl").write_text(json.dumps({"event": "finished", "round": 3, "reason": "no school can train",
+                                                  "refused_at_query": 0}) + "\n")
+    return run
+
+
+def test_the_simulate_summary_says_the_federation_stopped(tmp_path, capsys):
+    from fedfer.commands.simulate import print_summary
+
+    assert print_summary(_stopped_run(tmp_path), 1.0) == 0
+    out = capsys.readouterr().out
+    assert ("rounds completed   2 of 5 planned (last: 2; the federation stopped in round 3: no school could train "
+            "any more)") in out, out
+    assert "after 2 rounds in this run" in out and "round(s)" not in out, out
+
+
+def test_the_report_says_the_federation_stopped_not_that_the_run_is_partial(tmp_path):
+    from server.report import load_run, render_markdown
+
+    data = load_run(_stopped_run(tmp_path))
+    assert data.notes == ["the federation stopped in round 3 of 5: no school could train any more; 2 rounds recorded"]
+    text = render_markdown(data, {})
+    assert "2 rounds recorded (last: 2 of 5 planned)" in text and "round(s)" not in text
+
+
+def test_the_report_of_a_one_round_run_says_round(tmp_path):
+    from server.report import load_run, render_markdown
+    from test_report import write_run
+
+    data = load_run(write_run(tmp_path / "run", [1], planned=3))
+    assert data.notes == ["partial run: 1 of 3 planned rounds recorded"]
+    assert "1 round recorded (last: 1 of 3 planned)" in render_markdown(data, {})
