@@ -10,7 +10,8 @@
     runs/<id>/checkpoints/best.pt, best.json   the round whose global model scored best on the public benchmarks
                                    (server/best_round.py; never pruned, not a resume point)
     runs/<id>/report.md, plots/*.png
-    runs/<id>/preparing.lock       only while `fedfer simulate` still pre-trains; the ServerApp waits for it
+    runs/<id>/preparing.lock       only while `fedfer simulate` still pre-trains; the ServerApp waits for it (one
+                                   a killed `fedfer simulate` left: removed by the next command opening the run)
 
 Every write goes through shared_models/atomic_files.py: a killed process leaves at most a missing
 metrics line (or a torn last one, skipped by readers and ended before the next line is appended), and a
@@ -30,13 +31,15 @@ import secrets
 import stat
 import time
 from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
+from flwr.common.logger import log
 
 from server.best_round import RoundScore, last_scored, score_from_json
-from shared_models.atomic_files import append_line, atomic_write_bytes, atomic_write_text
+from shared_models.atomic_files import append_line, atomic_write_bytes, atomic_write_text, fsync_dir
 from shared_models.config import ConfigError, defaults, dump_yaml, validate
 from shared_models.small_files import read_small_file
 
@@ -150,10 +153,16 @@ class RunDirectory:
     def preparing(self) -> Iterator[None]:
         """The preparation gate: `fedfer simulate` holds it while it makes what the run needs (the
         pre-trained model, the schools, their policies) beside Flower's start; the ServerApp waits for it
-        (:meth:`wait_until_prepared`) before it reads any of them. Removed when released."""
-        fd = os.open(self.preparing_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
+        (:meth:`wait_until_prepared`) before it reads any of them. Removed when released; one a killed
+        `fedfer simulate` left is removed by the next command that opens the run (:meth:`remove_stale_gate`)."""
+        while True:
+            fd = os.open(self.preparing_path, os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._is_the_gate(fd):
+                break
+            # a stale gate another command removed between our open and our lock: this lock guards nothing
+            os.close(fd)
+        try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -161,9 +170,19 @@ class RunDirectory:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    def _is_the_gate(self, fd: int) -> bool:
+        """Whether the open file `fd` is still the one at preparing.lock (not one removed since it was opened)."""
+        try:
+            here = os.stat(self.preparing_path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
     def wait_until_prepared(self) -> bool:
         """Wait while `fedfer simulate` still holds this run's preparation gate; True if it had to wait.
-        No gate (a deployment, a run started without pre-training): returns at once."""
+        No gate (a deployment, a run started without pre-training): returns at once; a stale one (no
+        process holds it: its `fedfer simulate` was killed) is removed (:meth:`remove_stale_gate`)."""
         try:
             fd = os.open(self.preparing_path, os.O_RDWR)
         except FileNotFoundError:
@@ -171,12 +190,44 @@ class RunDirectory:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return False
             except BlockingIOError:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                return True
+                return True   # the preparer removed the gate before it unlocked: nothing left to clean
+            self._remove_gate_held(fd)
+            return False
         finally:
             os.close(fd)   # closing releases the lock
+
+    def remove_stale_gate(self) -> bool:
+        """Remove a preparing.lock no process holds — what a `fedfer simulate` killed while it pre-trained
+        leaves (the kernel dropped its lock, the file stays) — so the run no longer looks as if it were being
+        prepared. True if one was removed. RunBusy if a live `fedfer simulate` still holds it."""
+        try:
+            fd = os.open(self.preparing_path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunBusy(f"{self.path} is still being prepared by the `fedfer simulate` that started it "
+                              "(pre-training, building the schools): wait for it to end or stop it, then resume") from None
+            return self._remove_gate_held(fd)
+        finally:
+            os.close(fd)
+
+    def _remove_gate_held(self, fd: int) -> bool:
+        """With the gate's lock held through `fd`: remove the file if it is still the gate. A live preparer
+        removes its gate before it unlocks, so a gate whose lock we could take is stale."""
+        if not self._is_the_gate(fd):
+            return False
+        self.preparing_path.unlink(missing_ok=True)
+        fsync_dir(self.path)
+        # said once, where the admin looks: the command's log and the run's events
+        log(WARNING, "[fedfer] %s: removed a stale preparing.lock (a `fedfer simulate` killed while it prepared "
+                     "the run left it; no process held it)", self.path)
+        self.event("stale-gate-removed", file=PREPARING)
+        return True
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -210,24 +261,14 @@ class RunDirectory:
             if stale.is_file() and not stale.is_symlink():
                 stale.unlink(missing_ok=True)
 
-    def check_not_busy(self) -> None:
+    def check_not_busy(self) -> bool:
         """RunBusy if a ServerApp holds the run now (see `hold`), or `fedfer simulate` still prepares it (see
         `preparing`: its ServerApp waits at the gate and does not hold the run yet); takes and releases the
-        locks at once."""
+        locks at once. A gate left by a killed `fedfer simulate` is removed: True if one was."""
         if (self.path / RUN_LOCK).exists():
             with self.hold():
                 pass
-        try:
-            fd = os.open(self.preparing_path, os.O_RDWR)
-        except FileNotFoundError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # a gate left by a killed `fedfer simulate` is free
-        except BlockingIOError:
-            raise RunBusy(f"{self.path} is still being prepared by the `fedfer simulate` that started it (pre-training, "
-                          "building the schools): wait for it to end or stop it, then resume") from None
-        finally:
-            os.close(fd)
+        return self.remove_stale_gate()
 
     @property
     def metrics_path(self) -> Path:

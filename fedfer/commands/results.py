@@ -5,6 +5,7 @@ report). Heavy imports (torch, matplotlib) happen inside the handlers so `fedfer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -239,10 +240,15 @@ def class_mismatch_notes(results: dict[str, dict[str, Any]]) -> list[str]:
 # -- report ------------------------------------------------------------------------------------
 def cmd_report(args: argparse.Namespace) -> int:
     from server.report import build_report
+    from server.run_dir import RunBusy, RunDirectory
 
     try:
         path = build_report(args.run_dir)
     except ValueError as exc:
         return _fail("report", str(exc))
+    # the folder is a run (build_report checked): a preparation gate a killed `fedfer simulate` left goes now,
+    # one a live `fedfer simulate` holds stays (the report reads the run either way)
+    with contextlib.suppress(RunBusy):
+        RunDirectory(Path(args.run_dir)).remove_stale_gate()
     print(path)
     return 0
