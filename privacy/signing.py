@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import stat
 import tempfile
@@ -24,9 +25,16 @@ from shared_models.small_files import SmallFileError, read_small_file
 SIGNING_KEY_FILE = "signing_key.pem"
 PUBLIC_KEY_FILE = "signing_key.pub"
 NEW_SIGNING_KEY_FILE = "signing_key.new.pem"   # during a key rotation only
+#: the staged key's public half, written before the staged key replaces signing_key.pem and moved onto
+#: signing_key.pub after: what tells a crash between the two swaps apart (install_new_signing_key)
+NEW_PUBLIC_KEY_FILE = "signing_key.new.pub"
 #: Largest key file read. An Ed25519 PEM is about 120 bytes; anything near this is not a key, and a
 #: bound keeps a file planted in a keyring or retired-key folder (a symlink to /dev/zero) from filling memory.
 MAX_KEY_FILE_BYTES = 64 * 1024
+
+# privacy/ imports no Flower: a plain logger (the ServerApp's and ClientApp's handlers, or Python's last-resort
+# handler on stderr in a command, show its warnings)
+log = logging.getLogger(__name__)
 
 
 class SigningKeyError(ValueError):
@@ -35,7 +43,8 @@ class SigningKeyError(ValueError):
 
 def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     """The school's signing key from ``<state_dir>/signing_key.pem``; created (0600) on first use, with its
-    public half ``signing_key.pub`` (written again from the private key if it is missing).
+    public half ``signing_key.pub`` (written again from the private key if it is missing, or if a crash during
+    :func:`install_new_signing_key` left it naming the replaced key: :func:`_match_public_to`).
 
     Creation writes the key to a temporary file first and links it into place, so a crash never leaves a
     partial key file and two processes starting at once cannot each make a different key: the loser reads
@@ -76,10 +85,58 @@ def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
         raise SigningKeyError(f"{path}: empty, and the school's ledger beside it was signed with the key it held; "
                               "restore the key from a backup")
     key = _read_private_key(path, "not an unencrypted PEM private key ({exc})")
-    public = state_dir / PUBLIC_KEY_FILE
+    _match_public_to(state_dir, key)
+    return key
+
+
+def _match_public_to(state_dir: Path, key: Ed25519PrivateKey) -> None:
+    """Make ``signing_key.pub`` the public half of `key` (the private key in force) where a crash left it
+    otherwise, and only there: a ``.pub`` naming another key is rewritten only when that key is known to be
+    replaced — the interrupted install's ``signing_key.new.pub`` names `key`, or the ``.pub``'s key is one this
+    school retired (an install by an older fedfer, which kept no ``signing_key.new.pub``). Any other mismatch
+    (e.g. a private key restored from a backup older than a rotation) is left for the admin to see: the
+    ``.pub`` may be the only copy of a key the ledger names. With the private key missing nothing here runs,
+    so a ``.pub`` naming a lost key stays for ``--recover-ledger-key``."""
+    public, pending = state_dir / PUBLIC_KEY_FILE, state_dir / NEW_PUBLIC_KEY_FILE
+    if pending.is_file() and _holds_key(pending, key):
+        # install_new_signing_key swapped the private key in and stopped before moving its public half
+        os.replace(pending, public)
+        fsync_dir(state_dir)
+        log.warning("%s: finished an interrupted key install: %s is now the public half of key %s",
+                    state_dir, PUBLIC_KEY_FILE, key_id(key))
+        return
     if not public.exists():   # a crash between the two files, or an older fedfer: the public half again
         _write_public(public, key)
-    return key
+        return
+    if _holds_key(public, key) or not public.is_file():
+        return
+    try:
+        named = key_id(load_public_key(public))
+    except SigningKeyError:   # unreadable: not a key this school handed over, so not ours to replace
+        return
+    if any(key_id(retired) == named for retired in _retired_keys_readable(public)):
+        _write_public(public, key)
+        log.warning("%s: %s named key %s, which this school retired; rewritten as the public half of key %s, the "
+                    "signing key in force", state_dir, PUBLIC_KEY_FILE, named, key_id(key))
+
+
+def _holds_key(public_file: Path, key: Ed25519PrivateKey) -> bool:
+    """Whether `public_file` holds `key`'s public half (False if it is unreadable or another key)."""
+    try:
+        return key_id(load_public_key(public_file)) == key_id(key)
+    except SigningKeyError:
+        return False
+
+
+def _retired_keys_readable(public_file: Path) -> list[Ed25519PublicKey]:
+    """The retired keys beside `public_file`; a damaged one is skipped here (the verifiers report it)."""
+    keys = []
+    for path in sorted(retired_dir(public_file).glob("*.pub")):
+        try:
+            keys.append(load_public_key(path))
+        except SigningKeyError:
+            continue
+    return keys
 
 
 def stage_new_signing_key(state_dir: Path) -> Ed25519PrivateKey:
@@ -98,12 +155,21 @@ def stage_new_signing_key(state_dir: Path) -> Ed25519PrivateKey:
 def install_new_signing_key(state_dir: Path) -> Ed25519PrivateKey:
     """Make the staged key the school's signing key. The old private key is overwritten, not kept: the
     ledger's key transition carries its public half, so nothing needs it again, and a kept copy is what
-    could sign a fork of the ledger wherever a keyring still trusts the old key."""
+    could sign a fork of the ledger wherever a keyring still trusts the old key.
+
+    The pair changes in three steps, so that a crash at any point leaves a state the next load completes:
+    the staged key's public half is written as ``signing_key.new.pub``; the staged key replaces
+    ``signing_key.pem``; ``signing_key.new.pub`` replaces ``signing_key.pub``. A crash before the second
+    step leaves the old pair (a rotation run again finishes it); after it, ``signing_key.pub`` still names the
+    old key beside the new private key, and ``signing_key.new.pub`` says which one is in force:
+    :func:`load_or_create_signing_key` then moves it into place."""
     state_dir = Path(state_dir)
     key = stage_new_signing_key(state_dir)
+    _write_public(state_dir / NEW_PUBLIC_KEY_FILE, key)
     os.replace(state_dir / NEW_SIGNING_KEY_FILE, state_dir / SIGNING_KEY_FILE)
     fsync_dir(state_dir)
-    _write_public(state_dir / PUBLIC_KEY_FILE, key)
+    os.replace(state_dir / NEW_PUBLIC_KEY_FILE, state_dir / PUBLIC_KEY_FILE)
+    fsync_dir(state_dir)
     return key
 
 
