@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from server.best_round import RoundScore, best_of, compare_line, first_public, last_scored
+from shared_models.atomic_files import atomic_write_text
 from shared_models.config import ConfigError, read_yaml_file
 from shared_models.labels import FER7, FER8
 from shared_models.wording import counted
@@ -851,10 +851,8 @@ def build_report(run_dir: Path) -> Path:
     data = load_run(run_dir)
     try:
         figures = write_plots(data)
-        text = render_markdown(data, figures)
-        tmp = path.with_name(f".report.md.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        # all at once (shared_models/atomic_files.py): a killed report leaves the old report.md and no temp file
+        atomic_write_text(path, render_markdown(data, figures))
     except OSError as exc:
         raise ValueError(f"{exc.filename or path}: cannot write the report ({exc.strerror or exc})") from None
     return path

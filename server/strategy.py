@@ -48,6 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from shared_models.atomic_files import atomic_write_bytes
 from shared_models.wire import ERROR_RECORD, PackingError, received_numpy
 from shared_models.wording import counted
 from server.run_dir import RoundRecord, RunDirectory
@@ -309,8 +310,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
                 retire_public_key(key_file, old)
             for recovered in recovery_public_keys(trusted):   # approved by `rotate --recovered`: a key recovery
                 approve_recovery_key(key_file, recovered)    # signed by one continues the school's chain
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(expected, encoding="utf-8")
+        _write_run_key(key_file, expected)
         return ""
 
     def school_nodes(self) -> dict[int, NodeInfo]:
@@ -646,7 +646,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         if current is not None and key_id(current) == new and any(key_id(k) == new for k in recovery_public_keys(trusted)):
             retire_public_key(key_file, load_public_key(key_file))   # the lost key: the stored copy starts under it
             approve_recovery_key(key_file, current)
-            key_file.write_text(public_key_pem(current), encoding="utf-8")
+            _write_run_key(key_file, public_key_pem(current))
             return ""
         return (f"key recovery to key {one_line(new, 40)} not approved in this run: the coordinator approves it with "
                 f"`fedfer deploy rotate {school} --ledger-key signing_key.pub --recovered`, and the school is not "
@@ -720,6 +720,12 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         # tensors, not numpy arrays: `fedfer evaluate` reads checkpoints with torch.load(weights_only=True)
         momentum = None if self.momentum_vector is None else [torch.tensor(np.asarray(m)) for m in self.momentum_vector]
         return {"exhausted": sorted(self.exhausted), "momentum": momentum}
+
+
+def _write_run_key(key_file: Path, pem: str) -> None:
+    """The run's pinned key of a school (`keys/<school>.pub`), replaced all at once: a coordinator killed while
+    writing it leaves the old key or the new one, never a torn file that stops every later resume of the run."""
+    atomic_write_bytes(key_file, pem.encode("ascii"), mode=0o644)   # a public key: readable, as the keyring's
 
 
 def run_rounds(runner: Strategy, strategy: SchoolFedAvg, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int,

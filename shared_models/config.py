@@ -15,6 +15,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from shared_models.atomic_files import atomic_write_text
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "defaults.yaml"   # shipped inside the package
 
 Scalar = bool | int | float | str
@@ -509,8 +511,9 @@ def from_run_config(run_config: Mapping[str, Any]) -> dict[str, Scalar]:
 
 
 def dump_yaml(flat: Mapping[str, Any], path: str | Path) -> None:
-    """Write a resolved config (nested, for people) next to the run's results."""
-    Path(path).write_text(yaml.safe_dump(nest(flat), sort_keys=False), encoding="utf-8")
+    """Write a resolved config (nested, for people) next to the run's results, all at once: a run directory's
+    config.yaml is written only while missing, so a torn one would stay (and refuse every resume)."""
+    atomic_write_text(Path(path), yaml.safe_dump(nest(flat), sort_keys=False))
 
 
 def to_toml(flat: Mapping[str, Any]) -> str:

@@ -443,7 +443,7 @@ def make_school_keys(state_dir: Path, *, new_node_key: bool = False) -> SchoolKe
     ones are kept unless `new_node_key` asks for a new SuperNode key, for `fedfer deploy rotate --node-key`).
     Only the public halves leave the school: a coordinator holding the signing key could sign ledger entries
     in the school's name, and with the node key it could connect as the school."""
-    from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_or_create_signing_key, public_key_pem
+    from privacy.signing import PUBLIC_KEY_FILE, SigningKeyError, key_id, load_or_create_signing_key
     from server.deploy import credentials as cred
 
     state_dir = Path(state_dir).expanduser()
@@ -454,9 +454,7 @@ def make_school_keys(state_dir: Path, *, new_node_key: bool = False) -> SchoolKe
         key = load_or_create_signing_key(state_dir)
     except SigningKeyError as exc:
         raise DeployError(" ".join(str(exc).split())) from None
-    public = state_dir / PUBLIC_KEY_FILE
-    if not public.is_file():   # made by an older fedfer or deleted: write it again from the private key
-        public.write_text(public_key_pem(key), encoding="ascii")
+    public = state_dir / PUBLIC_KEY_FILE   # load_or_create_signing_key wrote it again if it was missing
     node_private = state_dir / cred.NODE_KEY_FILE
     made = new_node_key or not node_private.exists()
     try:
