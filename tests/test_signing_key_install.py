@@ -120,3 +120,30 @@ def test_with_the_private_key_lost_the_pub_is_kept_for_the_recovery(tmp_path):
     with pytest.raises(signing.SigningKeyError, match="recover-ledger-key"):
         load_or_create_signing_key(school.state)
     assert _public_half(school.state) == lost
+
+
+def test_a_recovery_killed_after_the_key_swap_is_finished_by_running_it_again(tmp_path, monkeypatch):
+    """Its docstring promised it; it refused instead ('the key is there and readable, so the key is not lost'),
+    pointing the admin at a rotation — a further key and transition for a recovery that was complete."""
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    lost = key_id(school.key)
+    (school.state / SIGNING_KEY_FILE).unlink()
+    _crash_at_the_key_swap(monkeypatch, after=True)
+    with pytest.raises(Crash):
+        recover_school_ledger_key(school.state)
+    monkeypatch.undo()
+    entries = read_ledger_file(school.state / "ledger.jsonl")
+    again = recover_school_ledger_key(school.state)
+    assert (again.lost_key_id, again.new_key_id, again.recovery_line) == (lost, entries[-1]["new_key_id"], 2)
+    assert _public_half(school.state) == again.new_key_id   # what the admin sends the coordinator
+    assert read_ledger_file(school.state / "ledger.jsonl") == entries   # nothing appended
+
+
+def test_a_key_at_hand_is_still_refused_as_not_lost(tmp_path):
+    from server.deploy.commands import DeployError
+
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    with pytest.raises(DeployError, match="not lost"):
+        recover_school_ledger_key(school.state)

@@ -15,7 +15,10 @@ import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:   # cryptography is imported where a key is handled: `fedfer deploy --help` stays fast
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 INSECURE_WARNING = ("WARNING: --insecure: no TLS and no SuperNode authentication. Model updates travel in clear "
                     "text and any machine that reaches the SuperLink can join the federation. Use only on a "
@@ -554,7 +557,10 @@ def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) 
     key_file, ledger_path = state_dir / SIGNING_KEY_FILE, state_dir / LEDGER_FILE
     try:
         if key_file.exists():
-            load_or_create_signing_key(state_dir)   # raises if it is unreadable: say so rather than guess
+            in_force = load_or_create_signing_key(state_dir)   # raises if it is unreadable: say so rather than guess
+            finished = _interrupted_recovery(state_dir, in_force)
+            if finished is not None:   # it crashed after the key swap: the recovery is done, say so again
+                return finished
             raise DeployError(f"--state-dir {state_dir}: {key_file} is there and readable, so the key is not lost: "
                               f"hand the ledger to a new key with `fedfer deploy school-key --state-dir {state_dir} "
                               f"--new-ledger-key`")
@@ -589,6 +595,29 @@ def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) 
                           if e["event"] == "key-recovery")
     return LedgerKeyRecovery(public_file, key_id(lost), key_id(new), line,
                              float("inf") if recovery["epsilon"] == "inf" else float(recovery["epsilon"]))
+
+
+def _interrupted_recovery(state_dir: Path, in_force: Ed25519PrivateKey) -> LedgerKeyRecovery | None:
+    """The recovery a `--recover-ledger-key` killed after swapping the new key in had finished, or None.
+
+    Its last step (privacy/signing.py install_new_signing_key) puts the new key in signing_key.pem; killed
+    there, running the command again found a readable key and refused it as 'not lost'. It is this state
+    only if the ledger ends with a key recovery to exactly the key in force and verifies with the school's
+    kept keys; anything else (a key at hand, rounds trained since) is left to the refusal."""
+    from privacy.ledger import KEY_RECOVERY, LEDGER_FILE, read_ledger_file, verify_entries
+    from privacy.signing import PUBLIC_KEY_FILE, key_id, recovery_public_keys, retired_public_keys
+
+    ledger_path, public_file = state_dir / LEDGER_FILE, state_dir / PUBLIC_KEY_FILE
+    if not ledger_path.is_file():
+        return None
+    entries = read_ledger_file(ledger_path)
+    last = entries[-1] if entries else {}
+    if last.get("event") != KEY_RECOVERY or last.get("new_key_id") != key_id(in_force):
+        return None
+    verify_entries(entries, [in_force.public_key()] + retired_public_keys(public_file), source=str(ledger_path),
+                   recovery_keys=recovery_public_keys(public_file))
+    epsilon = float("inf") if last["epsilon"] == "inf" else float(last["epsilon"])
+    return LedgerKeyRecovery(public_file, str(last["old_key_id"]), key_id(in_force), len(entries), epsilon)
 
 
 def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: bool = False) -> str:
