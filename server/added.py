@@ -31,6 +31,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from shared_models.wording import counted
+
 FORMAT = "fedfer-references/1"
 FILE = "references.json"
 INDOMAIN = "synthetic-indomain"
@@ -153,7 +155,7 @@ def rows(rounds: Mapping[int, Mapping[str, Any]], references: Mapping[str, Any] 
     central = (references or {}).get("central")
     if isinstance(central, Mapping):
         epochs = central.get("epochs")
-        label = CENTRAL + (f" — {int(epochs)} epochs" if _number(epochs) else "")
+        label = CENTRAL + (f" — {counted(int(epochs), 'epoch')}" if _number(epochs) else "")
         out.append({"key": "central", "label": label, "public": _scores(central, public),
                     "indomain": _scores(central, indomain), "privacy": "none (not possible for real schools)"})
     out += _alone_rows(_alone(references), public, indomain)
@@ -168,7 +170,7 @@ def _alone_rows(alone: Mapping[str, Mapping[str, Any]], public: str | None, indo
     best = scored[best_id]
     eps = _alone_epsilon(best)
     students = best.get("students")
-    out = [{"key": "best-alone", "label": f"{BEST_ALONE} — {best_id}" + (f", {students} students" if _number(students) else ""),
+    out = [{"key": "best-alone", "label": f"{BEST_ALONE} — {best_id}" + (f", {counted(int(students), 'student')}" if _number(students) else ""),
             "public": _scores(best, public), "indomain": _scores(best, indomain),
             "privacy": f"ε = {eps:.2f}" if eps is not None else "DP"}]
     if len(scored) > 1:

@@ -36,6 +36,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from shared_models.wording import counted
+
 FORMAT = "fedfer-references/1"
 FILE = "references.json"
 PUBLIC, INDOMAIN = "synthetic-fer2013", "synthetic-indomain"
@@ -304,8 +306,8 @@ def compute_references(cfg: Mapping[str, Any], run_dir: Path, data_root: Path, e
         record["alone"] = _alone_references(cfg, Path(run_dir), ids, schools, start, score, echo)
     if "noise-free" in kinds:
         rounds = int(cfg["federation.rounds"])
-        echo(f"reference (d): the same federation with the noise off (not private), {rounds} round(s), "
-             f"{len(schools)} schools")
+        echo(f"reference (d): the same federation with the noise off (not private), {counted(rounds, 'round')}, "
+             f"{counted(len(schools), 'school')}")
         curve: list[dict[str, Any]] = []
         last: dict[str, Any] = {}
 
@@ -334,8 +336,8 @@ def _alone_references(cfg: Mapping[str, Any], run_dir: Path, ids: list[str], sch
     out: dict[str, Any] = {}
     for i in picks:
         declared = _declared_units(cfg, run_dir, ids[i], schools[i])
-        echo(f"reference (c): {ids[i]} alone ({schools[i].num_students} students), same DP, "
-             f"{cfg['federation.rounds']} round(s)")
+        echo(f"reference (c): {ids[i]} alone ({counted(int(schools[i].num_students), 'student')}), same DP, "
+             f"{counted(int(cfg['federation.rounds']), 'round')}")
         model, info = train_alone(cfg, schools[i], i, start, declared_units=declared)
         out[ids[i]] = {**info, "students": int(schools[i].num_students), "scores": score(model, school=i)}
     return out

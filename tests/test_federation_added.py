@@ -204,6 +204,8 @@ def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_
     assert any(line.startswith("school-00: its own model is not scored: ") for line in said)
     assert record["own"]["school-01"]["scores"]["own-school"]["n"] == 2 * 3   # its own held-out students
     assert "  (b) epoch 1/1" in said   # (b) trains for minutes at its default 32 epochs: it shows progress
+    assert "reference (c): school-00 alone (6 students), same DP, 2 rounds" in said, said
+    assert "reference (d): the same federation with the noise off (not private), 2 rounds, 2 schools" in said, said
 
     assert record["federated"]["round"] == 2 and set(record["federated"]["scores"]["per-school"]) == {"0", "1"}
     assert record["central"]["frames"] == 2 * 6 * 3 and record["central"]["scores"]["synthetic-indomain"]["n"] == 2 * 2 * 3
@@ -254,4 +256,14 @@ def test_the_summary_points_at_the_schools_own_models(tmp_path, capsys):
         (run / "schools" / school).mkdir(parents=True)
         (run / "schools" / school / "own-model.pt").write_bytes(b"weights")
     assert print_summary(run, 1.0) == 0
-    assert f"own models         {run / 'schools'}/<school>/own-model.pt (2 schools'" in capsys.readouterr().out
+    assert f"own models         {run / 'schools'}/<school>/own-model.pt (the last trained weights of 2 schools;" in capsys.readouterr().out
+
+
+def test_a_one_epoch_ceiling_and_a_one_student_school_are_counted_in_the_singular(tmp_path):
+    references = json.loads(json.dumps(REFERENCES))
+    references["central"]["epochs"] = 1
+    references["alone"]["school-02"]["students"] = 1
+    data = load_run(write_run(tmp_path / "run", references))
+    by = {r["key"]: r for r in added.rows(data.rounds, data.references, federation_epsilon=7.82)}
+    assert by["central"]["label"].endswith("— 1 epoch")
+    assert by["best-alone"]["label"].endswith("school-02, 1 student")
