@@ -88,7 +88,12 @@ class SchoolsOnlyAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping)
         self.rounds: list[RoundNoise] = []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return super().aggregate_train(server_round, self.strategy.take_evaluation(replies))
+        schools = self.strategy.take_evaluation(replies)
+        if not schools:
+            # nothing was sent (the round that finds no school to train) or nothing came back: nothing to clip,
+            # count or release. Flower's wrapper would divide its clipped count by zero replies.
+            return self.strategy.aggregate_train(server_round, [])
+        return super().aggregate_train(server_round, schools)
 
     def _noisy_fraction(self, count: int, total: int) -> float:
         # called once per round, after clipping with the norm the round started with, before the update

@@ -67,9 +67,9 @@ def _answerer(keys: dict[int, str], trains: dict[int, int]):
     return answer
 
 
-def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str):
+def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None):
     """A federation of len(trains) schools over `rounds` rounds, run by Flower's round loop as server/app.py
-    runs it; returns the run directory."""
+    runs it (`wrap`: around a wrapper, as client-level DP's); returns the run directory."""
     from privacy.signing import load_or_create_signing_key, public_key_pem
     from server.round_writer import RoundWriter
     from server.run_dir import RunDirectory
@@ -90,7 +90,8 @@ def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str):
     writer.model_info = {"name": "fake", "preset": "", "num_classes": 7}
     strategy = SchoolFedAvg(cfg, run, rounds=writer)
     grid = FakeGrid(list(trains), _answerer(keys, trains))
-    run_rounds(strategy, strategy, grid, _record(_state(0)), num_rounds=rounds, timeout=5)
+    runner = wrap(strategy) if wrap is not None else strategy
+    run_rounds(runner, strategy, grid, _record(_state(0)), num_rounds=rounds, timeout=5)
     return run
 
 
@@ -107,6 +108,19 @@ def test_the_log_shows_the_federation_stop_when_no_school_can_train(tmp_path, lo
                               "(3 planned rounds not run)")
     # round 2 did send training: its refusal is logged (with the count in words), as before
     assert log_lines.matching("[fedfer] round 2: 0 accepted replies (at least 1 needed): global model unchanged")
+
+
+def test_the_stop_ends_the_loop_of_the_client_dp_wrapper_too(tmp_path, log_lines):
+    """Under client-level DP server/app.py runs Flower's loop of the wrapper around the strategy."""
+    from server.client_dp import SchoolsOnlyAdaptiveClipping
+
+    def wrap(strategy):
+        return SchoolsOnlyAdaptiveClipping(strategy, noise_multiplier=0.0, num_sampled_clients=2,
+                                           initial_clipping_norm=100.0, clipped_count_stddev=1.0)
+
+    run = _run(tmp_path, 5, {101: 1, 202: 1}, wrap=wrap)
+    assert [line["round"] for line in run.metrics()] == [1, 2]
+    assert log_lines.matching("federation stopped in round 3 of 5") and not log_lines.matching("[ROUND 4/5]")
 
 
 def test_a_stop_with_one_round_left_says_round_not_rounds(tmp_path, log_lines):
