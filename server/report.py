@@ -111,7 +111,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     references: dict[str, Any] | None = None   # references.json (simulations/references.py), when the run made it
     incidents: list[dict[str, Any]] = field(default_factory=list)   # events.jsonl: what the coordinator refused
-    stopped_in_round: int | None = None   # events.jsonl "finished": the round that found no school to train
+    stopped_in_round: int | None = None   # events.jsonl "finished": the first round not run (no school could train)
 
     @property
     def run_id(self) -> str:
@@ -244,8 +244,8 @@ def load_run(run_dir: Path) -> RunData:
         trained = [r for r in present if r > 0]   # round 0 is the starting model, not a round of the plan
         if data.stopped_in_round is not None and data.stopped_in_round > present[-1]:
             # not a partial run: the coordinator ended it (server/strategy.py FederationFinished)
-            data.notes.append(f"the federation stopped in round {data.stopped_in_round} of {last}: no school could "
-                              f"train any more; {counted(len(trained), 'round')} recorded")
+            data.notes.append(f"the federation stopped after round {data.stopped_in_round - 1} of {last}: no school "
+                              f"could train any more; {counted(len(trained), 'round')} recorded")
         elif data.planned_rounds and present[-1] < data.planned_rounds:
             data.notes.append(f"partial run: {len(trained)} of {counted(last, 'planned round')} recorded")
     return data

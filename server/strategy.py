@@ -106,12 +106,13 @@ class RoundHooks(Protocol):
 
 class FederationFinished(Exception):
     """No school can train any more (budgets spent, none connected) and every trained round is recorded:
-    raised at the end of the round that found nobody to train, to end Flower's round loop there
+    raised at the end of the last round (the one that found nobody left to train after it, or the one that
+    found nobody to train), to end Flower's round loop there
     (`run_rounds`), instead of letting it run the remaining planned rounds with nothing to send."""
 
-    def __init__(self, stopped_in_round: int, planned: int) -> None:
-        super().__init__(f"no school can train any more: stopped in round {stopped_in_round} of {planned}")
-        self.stopped_in_round = stopped_in_round
+    def __init__(self, stopped_after: int, planned: int) -> None:
+        super().__init__(f"no school can train any more: stopped after round {stopped_after} of {planned}")
+        self.stopped_after = stopped_after
         self.planned = planned
 
 
@@ -179,6 +180,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self.record: RoundRecord | None = None
         self.rounds: RoundHooks = rounds if rounds is not None else NoRoundHooks()
         self.finished = False
+        self.stopped_after = 0   # when finished: the last round of the federation (the rounds after it never ran)
         self.rng = random.Random(int(cfg["run.seed"]))
         # client-level DP: one school, one vote (the wrapper's clipping bound assumes an unweighted average)
         if bool(cfg["federation.client_dp"]):
@@ -334,16 +336,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         # a simulation whose every school was refused ends at once rather than waiting for nobody
         if server_round == 1 and not self.school_nodes() and connected <= set(self.nodes):
             connected = self._wait_for_a_school(grid, connected)
-        candidates = [nid for nid, n in self.school_nodes().items()
-                      if nid in connected and n.school_id not in self.exhausted]
+        candidates = self._candidates(connected)
         if not candidates:
-            self.finished = True
-            # online but unknown: refused at the role query (e.g. every school refused the app), not "none connected"
-            refused = len(connected - set(self.nodes))
-            why = (f"{counted(refused, 'online node')} refused or did not answer the role query: see the warnings above"
-                   if refused else "budgets exhausted or none connected")
-            log(INFO, "[fedfer] no school can train any more (%s): finishing", why)
-            self.run.event("finished", round=rnd, reason="no school can train", refused_at_query=refused)
+            self._finish(connected, first_round_not_run=rnd)
             return []
         count = max(int(round(len(candidates) * self.fraction_train)), min(int(self.cfg["federation.min_train_schools"]), len(candidates)), 1)
         chosen = self._pin_chosen(sorted(self.rng.sample(candidates, min(count, len(candidates)))))
@@ -364,6 +359,26 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         # woken once its message's objects are uploaded (server/held_pulls.py), and the evaluation node
         # (a whole benchmark to score) is usually the last to answer, so it should start first
         return ([self._eval_message] if self._eval_message is not None else []) + self._train_messages
+
+    def _candidates(self, connected: set[int]) -> list[int]:
+        """The connected schools that can still be sent training (not out of budget, not refused)."""
+        return [nid for nid, n in self.school_nodes().items() if nid in connected and n.school_id not in self.exhausted]
+
+    def _finish(self, connected: set[int], first_round_not_run: int) -> None:
+        """No school can train any more: say so once (log, events.jsonl `finished`); the federation ends after
+        round `first_round_not_run` - 1 (`end_of_round` raises FederationFinished once that round is recorded)."""
+        self.finished = True
+        self.stopped_after = first_round_not_run - 1
+        # online but unknown: refused at the role query (e.g. every school refused the app), not "none connected"
+        refused = len(connected - set(self.nodes))
+        why = (f"{counted(refused, 'online node')} refused or did not answer the role query: see the warnings above"
+               if refused else "budgets exhausted or none connected")
+        log(INFO, "[fedfer] no school can train any more (%s): finishing", why)
+        self.run.event("finished", round=first_round_not_run, reason="no school can train", refused_at_query=refused)
+
+    def _every_known_school_exhausted(self) -> bool:
+        """Every school met so far declined on its budget or policy (so it declines every later round)."""
+        return all(n.school_id in self.exhausted for n in self.school_nodes().values())
 
     def _evaluate_message(self, arrays: ArrayRecord, rnd: int, node_id: int) -> Message:
         config = ConfigRecord({"server-round": rnd, "run-dir": str(self.run.path)})
@@ -427,17 +442,19 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         """Flower's `evaluate_fn`, called after each round's training (and the final round's evaluation):
         the round is done, so its record goes to the writer now or waits for its pipelined evaluation.
         Evaluates nothing itself; returns None so Flower records nothing of its own. Raises FederationFinished
-        after the round that found no school to train, once every trained round is handed to the writer."""
+        once no school can train any more and every trained round is handed to the writer."""
         record = self.record
         if server_round == 0 or record is None:
             return None
         if self.finished and not record.train:
             self.round_done(None, arrays, pipeline=False)   # the last trained round, if still waiting
+        else:
+            self.round_done(record, arrays, pipeline=not self.is_final_round(server_round))
+            self.rounds.round_closed(record)
+        if self.finished:
             # everything trained is recorded: end Flower's round loop here, so the rounds that cannot train
             # print no round lines (`run_rounds` catches this)
-            raise FederationFinished(stopped_in_round=record.round, planned=int(self.cfg["federation.rounds"]))
-        self.round_done(record, arrays, pipeline=not self.is_final_round(server_round))
-        self.rounds.round_closed(record)
+            raise FederationFinished(stopped_after=self.stopped_after, planned=int(self.cfg["federation.rounds"]))
         return None
 
     def average_accepted(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -666,6 +683,13 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self._eval_target = None
         if self.record is not None and self.record.train:
             self.rounds.round_trained(self.record, arrays, self.state())
+            if not self.is_final_round(server_round) and self._every_known_school_exhausted():
+                # checked before this round's evaluation: a federation that is over evaluates its last round in
+                # its own exchange and ends here, instead of starting a round that finds nobody (a school that
+                # came online meanwhile is met by the role query and keeps it going)
+                connected = self._discover(grid)
+                if not self._candidates(connected):
+                    self._finish(connected, first_round_not_run=self.record.round + 1)
         if not self.is_final_round(server_round):
             return []
         if self.pending is not None:   # training stopped before the pending round's model got its evaluation
@@ -737,9 +761,8 @@ def run_rounds(runner: Strategy, strategy: SchoolFedAvg, grid: Grid, initial_arr
         runner.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
                      train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=strategy.end_of_round)
     except FederationFinished as stop:
-        not_run = stop.planned - stop.stopped_in_round + 1
-        log(INFO, "[fedfer] federation stopped in round %d of %d: no school can train any more (%s not run)",
-            stop.stopped_in_round, stop.planned, counted(not_run, "planned round"))
+        log(INFO, "[fedfer] federation stopped after round %d of %d: no school can train any more (%s not run)",
+            stop.stopped_after, stop.planned, counted(stop.planned - stop.stopped_after, "planned round"))
 
 
 BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$")

@@ -67,9 +67,10 @@ def _answerer(keys: dict[int, str], trains: dict[int, int]):
     return answer
 
 
-def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None):
+def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, leave_after_round_1: bool = False):
     """A federation of len(trains) schools over `rounds` rounds, run by Flower's round loop as server/app.py
-    runs it (`wrap`: around a wrapper, as client-level DP's); returns the run directory."""
+    runs it (`wrap`: around a wrapper, as client-level DP's; `leave_after_round_1`: every node goes offline
+    once it has answered round 1); returns the run directory."""
     from privacy.signing import load_or_create_signing_key, public_key_pem
     from server.round_writer import RoundWriter
     from server.run_dir import RunDirectory
@@ -89,23 +90,32 @@ def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None):
     writer = Writer(run, cfg)
     writer.model_info = {"name": "fake", "preset": "", "num_classes": 7}
     strategy = SchoolFedAvg(cfg, run, rounds=writer)
-    grid = FakeGrid(list(trains), _answerer(keys, trains))
+    answer = _answerer(keys, trains)
+    grid = FakeGrid(list(trains), answer)
+    if leave_after_round_1:
+        def answer_then_leave(nid, message):
+            reply = answer(nid, message)
+            if message.metadata.message_type == MessageType.TRAIN:
+                grid.node_ids = [n for n in grid.node_ids if n != nid]
+            return reply
+        grid.answer = answer_then_leave
     runner = wrap(strategy) if wrap is not None else strategy
     run_rounds(runner, strategy, grid, _record(_state(0)), num_rounds=rounds, timeout=5)
     return run
 
 
 def test_the_log_shows_the_federation_stop_when_no_school_can_train(tmp_path, log_lines):
-    """Both schools train round 1 and decline round 2 (budget spent): round 3 finds nobody, and the log ends
-    there — no round lines for rounds 3-5, which never trained."""
+    """Both schools train round 1 and decline round 2 (budget spent): nobody is left after round 2, and the log
+    ends there — no round lines for rounds 3-5, which never trained."""
     run = _run(tmp_path, 5, {101: 1, 202: 1})
     assert [line["round"] for line in run.metrics()] == [1, 2]
-    assert log_lines.matching("[ROUND 3/5]") and log_lines.matching("no school can train any more")
-    assert not log_lines.matching("[ROUND 4/5]") and not log_lines.matching("[ROUND 5/5]")
+    assert log_lines.matching("no school can train any more")
+    assert not [line for line in log_lines.lines if line.startswith(("[ROUND 3/5]", "[ROUND 4/5]", "[ROUND 5/5]"))]
     # neither a refusal ("round 3: 0 accepted replies") nor a progress line ("round 3/5 | ...") for them
     assert not [line for line in log_lines.lines if re.match(r"\[fedfer\] round [345]\b", line)]
-    assert log_lines.matching("[fedfer] federation stopped in round 3 of 5: no school can train any more "
+    assert log_lines.matching("[fedfer] federation stopped after round 2 of 5: no school can train any more "
                               "(3 planned rounds not run)")
+    assert [e["round"] for e in map(json.loads, run.events_path.read_text().splitlines()) if e["event"] == "finished"] == [3]
     # round 2 did send training: its refusal is logged (with the count in words), as before
     assert log_lines.matching("[fedfer] round 2: 0 accepted replies (at least 1 needed): global model unchanged")
 
@@ -120,12 +130,22 @@ def test_the_stop_ends_the_loop_of_the_client_dp_wrapper_too(tmp_path, log_lines
 
     run = _run(tmp_path, 5, {101: 1, 202: 1}, wrap=wrap)
     assert [line["round"] for line in run.metrics()] == [1, 2]
-    assert log_lines.matching("federation stopped in round 3 of 5") and not log_lines.matching("[ROUND 4/5]")
+    assert log_lines.matching("federation stopped after round 2 of 5") and not log_lines.matching("[ROUND 3/5]")
+
+
+def test_schools_gone_offline_stop_the_federation_in_the_round_that_finds_none(tmp_path, log_lines):
+    """Not known in advance (no school declined): the next round's start finds nobody, and that is the last
+    round line Flower prints."""
+    run = _run(tmp_path, 4, {101: 5, 202: 5}, leave_after_round_1=True)
+    assert [line["round"] for line in run.metrics()] == [1]
+    assert log_lines.matching("[ROUND 2/4]") and not log_lines.matching("[ROUND 3/4]")
+    assert log_lines.matching("federation stopped after round 1 of 4: no school can train any more (3 planned rounds not run)")
+    assert not [line for line in log_lines.lines if re.match(r"\[fedfer\] round [234]\b", line)]
 
 
 def test_a_stop_with_one_round_left_says_round_not_rounds(tmp_path, log_lines):
     _run(tmp_path, 3, {101: 1})   # trains round 1, declines round 2, nobody in round 3
-    assert log_lines.matching("federation stopped in round 3 of 3: no school can train any more (1 planned round not run)")
+    assert log_lines.matching("federation stopped after round 2 of 3: no school can train any more (1 planned round not run)")
     assert not log_lines.matching("rounds not run")
 
 
@@ -163,7 +183,7 @@ def test_the_simulate_summary_says_the_federation_stopped(tmp_path, capsys):
 
     assert print_summary(_stopped_run(tmp_path), 1.0) == 0
     out = capsys.readouterr().out
-    assert ("rounds completed   2 of 5 planned (last: 2; the federation stopped in round 3: no school could train "
+    assert ("rounds completed   2 of 5 planned (last: 2; the federation stopped there: no school could train "
             "any more)") in out, out
     assert "after 2 rounds in this run" in out and "round(s)" not in out, out
 
@@ -172,7 +192,7 @@ def test_the_report_says_the_federation_stopped_not_that_the_run_is_partial(tmp_
     from server.report import load_run, render_markdown
 
     data = load_run(_stopped_run(tmp_path))
-    assert data.notes == ["the federation stopped in round 3 of 5: no school could train any more; 2 rounds recorded"]
+    assert data.notes == ["the federation stopped after round 2 of 5: no school could train any more; 2 rounds recorded"]
     text = render_markdown(data, {})
     assert "2 rounds recorded (last: 2 of 5 planned)" in text and "round(s)" not in text
 
