@@ -147,3 +147,20 @@ def test_a_gate_removed_between_the_preparers_open_and_its_lock_is_made_again(tm
         finally:
             os.close(holder_fd)
     assert not run.preparing_path.exists()
+
+
+def test_fedfer_report_draws_the_report_when_the_gate_cannot_be_removed(killed_gate, monkeypatch, capsys):
+    """A gate this user may not remove (another user's run, a read-only mount of the gate's folder): the report
+    is the command's job; it is written and the command ends 0, with no traceback."""
+    from fedfer.cli import main
+
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == "preparing.lock":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert main(["report", str(killed_gate.path)]) == 0
+    assert (killed_gate.path / "report.md").is_file() and "Traceback" not in capsys.readouterr().err

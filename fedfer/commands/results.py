@@ -247,8 +247,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail("report", str(exc))
     # the folder is a run (build_report checked): a preparation gate a killed `fedfer simulate` left goes now,
-    # one a live `fedfer simulate` holds stays (the report reads the run either way)
-    with contextlib.suppress(RunBusy):
+    # one a live `fedfer simulate` holds stays, and so does one this user may not remove (the report is written)
+    with contextlib.suppress(RunBusy, OSError):
         RunDirectory(Path(args.run_dir)).remove_stale_gate()
     print(path)
     return 0
