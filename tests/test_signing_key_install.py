@@ -77,6 +77,18 @@ def test_a_crash_before_the_swap_keeps_the_old_pair_and_running_it_again_finishe
     assert not (school.state / NEW_PUBLIC_KEY_FILE).exists() and not (school.state / "signing_key.new.pem").exists()
 
 
+def test_a_rotation_killed_after_the_swap_and_run_again_reports_it_instead_of_rotating_again(tmp_path, monkeypatch):
+    """Run again before anything loaded the key (signing_key.new.pub still there): the rotation was complete but
+    for the .pub, so the command finishes it and reports that rotation; it used to hand the ledger to yet
+    another key (a second transition, a key the admin had not asked for)."""
+    school, old, new = _rotated_state(tmp_path, monkeypatch, after=True)
+    entries = read_ledger_file(school.state / "ledger.jsonl")
+    rotation = rotate_school_ledger_key(school.state)
+    assert (rotation.old_key_id, rotation.new_key_id, rotation.transition_line) == (old, new, len(entries))
+    assert read_ledger_file(school.state / "ledger.jsonl") == entries   # no second transition
+    assert key_id(load_or_create_signing_key(school.state)) == new == _public_half(school.state)
+
+
 def test_after_a_crash_and_a_lost_key_recovery_names_the_right_key(tmp_path, monkeypatch):
     """The repaired .pub names the key in force, so a recovery after losing it (default: signing_key.pub as the
     lost key's public half) continues the chain; with the stale .pub it refused: 'chain ends under key …'."""

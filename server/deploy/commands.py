@@ -491,10 +491,10 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
     the ledger (and its lifetime ε) goes on under the new key. Order: the new key is written beside the old
     one, the transition appended, then the new key replaces the old. A crash at any point is finished by
     running it again (the staged key is reused; a ledger that already names it only needs the swap)."""
-    from privacy.ledger import LEDGER_FILE, LedgerError, SchoolLedger, read_ledger_file, verify_entries
-    from privacy.signing import (PUBLIC_KEY_FILE, SIGNING_KEY_FILE, SigningKeyError, install_new_signing_key,
-                                 key_id, load_or_create_signing_key, retire_public_key, retired_public_keys,
-                                 stage_new_signing_key)
+    from privacy.ledger import KEY_TRANSITION, LEDGER_FILE, LedgerError, SchoolLedger, read_ledger_file, verify_entries
+    from privacy.signing import (NEW_PUBLIC_KEY_FILE, PUBLIC_KEY_FILE, SIGNING_KEY_FILE, SigningKeyError,
+                                 install_new_signing_key, key_id, load_or_create_signing_key, retire_public_key,
+                                 retired_public_keys, stage_new_signing_key)
 
     state_dir = Path(state_dir).expanduser()
     key_file = state_dir / SIGNING_KEY_FILE
@@ -506,12 +506,19 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
                           f"the ledger to a new one (a school makes its first key with `fedfer deploy school-key "
                           f"--state-dir DIR`)")
     try:
-        old = load_or_create_signing_key(state_dir)
+        marker = state_dir / NEW_PUBLIC_KEY_FILE   # left by a rotation killed between its two swaps
+        marked = marker.is_file()
+        old = load_or_create_signing_key(state_dir)   # finishes such an install: the marker is gone if it named this key
         ledger_path = state_dir / LEDGER_FILE
         entries = read_ledger_file(ledger_path) if os.path.lexists(ledger_path) else []   # a broken link: refused
         # the key the ledger is in force under, trusting the school's own key: it is the school's ledger
         trusted = [old.public_key()] + retired_public_keys(state_dir / PUBLIC_KEY_FILE)   # its retired keys too
         keys = verify_entries(entries, trusted, source=str(ledger_path)) if entries else None
+        if marked and not marker.exists() and entries and entries[-1]["event"] == KEY_TRANSITION \
+                and entries[-1]["new_key_id"] == key_id(old):
+            # asked again after a rotation killed between its swaps: it was complete but for signing_key.pub
+            # (which the load above wrote); report it rather than hand the ledger to yet another key
+            return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, str(entries[-1]["key_id"]), key_id(old), len(entries))
         new = stage_new_signing_key(state_dir)
         line = 0
         if keys is not None and keys.keys[-1] != key_id(new):   # not already handed over by an interrupted run
