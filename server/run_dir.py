@@ -183,20 +183,25 @@ class RunDirectory:
         """Wait while `fedfer simulate` still holds this run's preparation gate; True if it had to wait.
         No gate (a deployment, a run started without pre-training): returns at once; a stale one (no
         process holds it: its `fedfer simulate` was killed) is removed (:meth:`remove_stale_gate`)."""
-        try:
-            fd = os.open(self.preparing_path, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
+        waited = False
+        while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                return True   # the preparer removed the gate before it unlocked: nothing left to clean
-            self._remove_gate_held(fd)
-            return False
-        finally:
-            os.close(fd)   # closing releases the lock
+                fd = os.open(self.preparing_path, os.O_RDWR)
+            except FileNotFoundError:
+                return waited
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    waited = True
+                if self._is_the_gate(fd):   # locked and still in place: its preparer was killed
+                    self._remove_gate_held(fd)
+                    return waited
+                # the file we locked is no gate any more: its preparer finished (it removes the gate before it
+                # unlocks), or a stale one was removed meanwhile; look again, a new preparer may hold a new gate
+            finally:
+                os.close(fd)   # closing releases the lock
 
     def remove_stale_gate(self) -> bool:
         """Remove a preparing.lock no process holds — what a `fedfer simulate` killed while it pre-trained

@@ -164,3 +164,45 @@ def test_fedfer_report_draws_the_report_when_the_gate_cannot_be_removed(killed_g
     monkeypatch.setattr(Path, "unlink", unlink)
     assert main(["report", str(killed_gate.path)]) == 0
     assert (killed_gate.path / "report.md").is_file() and "Traceback" not in capsys.readouterr().err
+
+
+def test_the_serverapp_waits_for_a_gate_made_while_it_removed_a_stale_one(tmp_path, monkeypatch):
+    """The ServerApp opens a stale gate; before it locks it, another command removes it and a `fedfer simulate`
+    makes a new gate and holds it. The ServerApp's lock on the removed file guards nothing: it must look again
+    and wait for the new gate, not start reading a half-prepared run."""
+    import threading
+    import time
+
+    from server import run_dir as module
+
+    run = _run(tmp_path)
+    run.preparing_path.touch()   # a stale gate
+    real_flock = module.fcntl.flock
+    holders = []
+
+    killed_at: list[float] = []
+
+    def kill_later(holder: Holder) -> None:
+        time.sleep(1.0)
+        killed_at.append(time.monotonic())
+        holder.kill()
+
+    def flock(fd, operation):
+        if not holders:
+            monkeypatch.setattr(module.fcntl, "flock", real_flock)
+            run.remove_stale_gate()
+            holders.append(Holder(run.path))   # a new `fedfer simulate` preparing the run, killed a second later
+            holders.append(threading.Thread(target=kill_later, args=(holders[0],), daemon=True))
+            holders[1].start()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(module.fcntl, "flock", flock)
+    try:
+        assert run.wait_until_prepared() is True
+        assert killed_at and time.monotonic() >= killed_at[0]   # it returned only once the new gate was free
+    finally:
+        if holders:
+            holders[1].join(timeout=60)
+            if holders[0].proc.poll() is None:
+                holders[0].kill()
+    assert not run.preparing_path.exists()
