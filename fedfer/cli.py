@@ -86,6 +86,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         overrides = getattr(args, "overrides", None)
         if isinstance(overrides, list) and all("=" in word and not word.startswith("-") for word in extra):
             args.overrides = [*overrides, *extra]
+        elif getattr(args, "usage_error", None):   # a command that reports its usage errors its own way
+            sys.exit(args.usage_error(f"unrecognized arguments: {' '.join(extra)}", args))
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args

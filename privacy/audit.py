@@ -47,6 +47,7 @@ from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_publ
                              retired_public_keys)
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_TAMPERED = 0, 1, 2
+EXIT_USAGE = 2   # a usage error shares exit 2 with "tampered, inconsistent or unreadable", as documented
 POLICY_FILE = "policy.json"   # a simulated school's policy in its state directory (privacy/policy.py)
 
 
@@ -211,6 +212,16 @@ class AuditReport:
                 "audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "fedfer": _version(),
                 "lifetime": lifetime, "next": self.next_steps, "problems": self.problems, "notes": self.notes,
                 "schools": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
+
+
+def usage_error_json(message: str) -> dict[str, Any]:
+    """`privacy audit --json` refusing its command line (a bad flag, a missing path or keyring): the report's
+    keys with nothing audited, so an archive that reads every audit as one JSON object reads this one too."""
+    from datetime import datetime, timezone
+
+    return {"exit_code": EXIT_USAGE, "verdict": "USAGE ERROR", "error": message,
+            "audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "fedfer": _version(),
+            "lifetime": [], "next": [], "problems": [message], "notes": [], "schools": []}
 
 
 def _version() -> str:

@@ -247,6 +247,46 @@ def test_a_missing_path_or_keyring_is_a_one_line_usage_error(tmp_path, capsys):
     assert "directory" in out and "<school>.pub" in out, out
 
 
+@pytest.mark.parametrize("words, message", [
+    (["--json"], "the following arguments are required"),
+    (["{tmp}/nowhere", "--keys", "{tmp}", "--json"], "{tmp}/nowhere: not found"),
+    (["{tmp}", "--keys", "{tmp}", "--json", "--bogus"], "unrecognized arguments: --bogus"),
+    (["{tmp}", "--json", "--keys"], "argument --keys: expected one argument"),
+    (["{tmp}", "--trust-run-keys", "--js", "--budget", "abc"], "argument --budget: invalid float value: 'abc'"),
+    (["{tmp}", "--trust-run-keys", "--json", "--budget", "nan"], "--budget must be a finite number >= 0, got nan"),
+    (["{tmp}", "--json"], "give --keys DIR")], ids=["no-path", "missing-path", "unknown-flag", "flag-no-value",
+                                                     "abbreviated-json-bad-number", "budget-nan", "no-keys"])
+def test_with_json_a_usage_error_is_one_json_object_on_stdout(tmp_path, capsys, words, message):
+    """`privacy audit --json` is read by an archive script: a usage error argparse finds (an unknown flag, a
+    missing path, a value that is not a number) or the audit refuses (a path not found) was a plain-text line
+    on stderr; now it is one JSON object with the report's keys on stdout, exit 2 as before."""
+    from fedfer.cli import main
+
+    words = [w.replace("{tmp}", str(tmp_path)) for w in words]
+    try:
+        code = main(["privacy", "audit", *words])
+    except SystemExit as exc:   # argparse's errors end by SystemExit
+        code = exc.code
+    out, err = capsys.readouterr()
+    report = json.loads(out)   # the whole of stdout is one object
+    assert code == 2 and report["exit_code"] == 2 and report["verdict"] == "USAGE ERROR", out
+    assert message.replace("{tmp}", str(tmp_path)) in report["error"] and report["problems"] == [report["error"]], out
+    assert report["schools"] == [] and report["lifetime"] == [] and "audited_at" in report and err == "", err
+
+
+def test_without_json_a_usage_error_stays_one_line_on_stderr(tmp_path, capsys):
+    from fedfer.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["privacy", "audit", str(tmp_path), "--keys"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == "" and err.splitlines()[-1].endswith("argument --keys: expected one argument")
+    with pytest.raises(SystemExit) as exc:
+        main(["privacy", "audit", str(tmp_path), "--trust-run-keys", "--bogus"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and out == "" and err == "fedfer privacy audit: unrecognized arguments: --bogus\n", err
+
+
 def test_a_simulated_run_audited_without_its_keys_is_pointed_to_trust_run_keys(tmp_path, capsys):
     schools, (server,) = _federation(tmp_path, runs=1)
     code, out = _audit(capsys, server.run.path, "--keys", tmp_path / "deploy" / "keys")   # no deployment here

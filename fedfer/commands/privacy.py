@@ -14,7 +14,7 @@ from fedfer.commands import UsageError
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("privacy", help="privacy ledger audit, noise planner, empirical audit")
-    psub = p.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND")
+    psub = p.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND", parser_class=_PrivacyArgumentParser)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     _add_audit_parser(psub)
     _add_plan_parser(psub)
@@ -37,6 +37,41 @@ examples:
 The output: one row per ledger (budget left, which run), one lifetime line per school (ε, its
 budget, the share used, what is left), 'next:' lines saying what to do, and the verdict.
 """
+
+
+class _PrivacyArgumentParser(argparse.ArgumentParser):
+    """The parser of each `privacy` sub-command. The audit's (json_usage_errors): with --json among its words,
+    a usage error argparse finds (an unknown flag, a missing path, a value that is not a number) is the
+    audit's JSON object on stdout, exit 2, like every other outcome of `privacy audit --json`; without
+    --json, and for the other sub-commands, argparse's usage line and error on stderr."""
+
+    json_usage_errors = False   # set on the audit's parser
+    json_requested = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        words = list(sys.argv[1:] if args is None else args)
+        # the words before "--" (after it every word is a path); "--js" is argparse's abbreviation of --json
+        flags = words[:words.index("--")] if "--" in words else words
+        self.json_requested = any(len(w) >= 4 and "--json".startswith(w) for w in flags)
+        return super().parse_known_args(words, namespace)
+
+    def error(self, message: str):
+        if self.json_usage_errors and self.json_requested:
+            print_audit_usage_error(message, as_json=True)
+            self.exit(2)
+        super().error(message)
+
+
+def print_audit_usage_error(message: str, as_json: bool) -> int:
+    """A usage error of `privacy audit`: one line on stderr, or with --json the audit's JSON object on stdout
+    (privacy/audit.py usage_error_json). Returns the exit code, 2."""
+    from privacy.audit import EXIT_USAGE, usage_error_json
+
+    if as_json:
+        print(json.dumps(usage_error_json(message), indent=2))
+    else:
+        print(f"fedfer privacy audit: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
@@ -68,7 +103,9 @@ def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
     a.add_argument("--budget", type=float, default=None, metavar="EPS",
                    help="compare every school with this ε budget (default: each school's policy; never the "
                         "budget an entry declares)")
-    a.set_defaults(func=_audit)
+    a.json_usage_errors = True
+    # `fedfer` (fedfer/cli.py) reports words no parser took through this, so --json covers them too
+    a.set_defaults(func=_audit, usage_error=lambda message, args: print_audit_usage_error(message, args.json))
 
 
 def _add_plan_parser(psub: argparse._SubParsersAction) -> None:
@@ -141,9 +178,8 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
 def _audit(args: argparse.Namespace) -> int:
     from privacy.audit import format_table, run_audit
 
-    def usage(message: str) -> int:   # bad input: one line, no table, no verdict
-        print(f"fedfer privacy audit: {message}", file=sys.stderr)
-        return 2
+    def usage(message: str) -> int:   # bad input: one line (or with --json one object), no table, no verdict
+        return print_audit_usage_error(message, args.json)
 
     if args.keys is None and not args.trust_run_keys:
         return usage("give --keys DIR (the ledger keys registered at enrollment, e.g. deploy/keys), or "
