@@ -115,6 +115,19 @@ def test_calibration_and_planner_are_consistent(capsys):
     assert code == 0 and out["noise_multiplier"] == pytest.approx(plan.noise_multiplier)
 
 
+@pytest.mark.parametrize("points", ["0", "-3", "1"])
+def test_plan_refuses_fewer_than_two_curve_points_in_one_line(capsys, points):
+    """`privacy plan --points 0` (or negative) printed a two-row curve as if asked for it; now refused, naming
+    the flag, before any accounting."""
+    from fedfer.cli import main as fedfer_main
+
+    code = fedfer_main(["privacy", "plan", "--epsilon", "4", "--delta", "1e-5", "--rounds", "4", "--local-epochs", "1",
+                        "--students", "48", "--batch", "16", "--points", points])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err == f"fedfer privacy plan: --points must be at least 2 (the first and the " \
+                                               f"last round), got {points}\n", err
+
+
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"history": [], "x": ' + "9" * 5000 + "}", b"\xff\xfe"],
                          ids=["deep", "5000-digit", "not-utf8"])
 def test_a_damaged_accountant_file_is_an_accounting_error_naming_it(tmp_path, text):

@@ -118,7 +118,8 @@ def _add_plan_parser(psub: argparse._SubParsersAction) -> None:
     pl.add_argument("--students", type=int, required=True, help="the school's declared size in privacy units (its policy's public number, not the exact count)")
     pl.add_argument("--batch", type=int, required=True, help="expected units per DP step")
     pl.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
-    pl.add_argument("--points", type=int, default=12, help="rows of the curve (all rounds if fewer)")
+    pl.add_argument("--points", type=int, default=12,
+                    help="rows of the curve, at least 2: the first and the last round (all rounds if fewer)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plan)
 
@@ -205,9 +206,13 @@ def _plan(args: argparse.Namespace) -> int:
     from privacy.accounting import AccountingError
     from privacy.planner import format_plan, make_plan
 
+    if args.points < 2:   # was quietly raised to 2: a 0 or negative typed by mistake printed a curve anyway
+        print(f"fedfer privacy plan: --points must be at least 2 (the first and the last round), got {args.points}",
+              file=sys.stderr)
+        return 2
     try:
         plan = make_plan(args.epsilon, args.delta, args.rounds, args.local_epochs, args.students, args.batch,
-                         accountant=args.accountant, max_points=max(2, args.points))
+                         accountant=args.accountant, max_points=args.points)
     except (AccountingError, ValueError) as exc:
         print(f"fedfer privacy plan: {exc}", file=sys.stderr)
         return 2
