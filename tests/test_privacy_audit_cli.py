@@ -357,6 +357,26 @@ def test_canary_audit_flags_out_of_range_are_one_line_naming_the_flag(capsys, fl
     assert words in err and err.count("\n") == 1 and "internal error" not in err, err
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--canaries", str(10**12)], "--canaries must be at most 100000, got 1000000000000"),
+    (["--canaries", "100001", "--black-box"], "--canaries must be at most 100000, got 100001"),
+    (["--canaries", "50000", "--runs", "2"], "puts 25000 canaries in a run; at most 10000 per run: give more --runs")],
+    ids=["10^12", "100001-black-box", "25000-per-run"])
+def test_canary_audit_refuses_more_canaries_than_it_can_hold_before_loading_data(monkeypatch, capsys, flags, words):
+    """--canaries had no upper bound: 10^12 asked numpy for 466 GiB, 50000 over 2 runs torch for 5 GB a step
+    (an internal error at best). Refused in one line before the school is loaded."""
+    from fedfer.cli import main
+    from fedfer.commands import privacy as command
+
+    def no_school(args, unit):
+        raise AssertionError("the school was loaded before --canaries was checked")
+
+    monkeypatch.setattr(command, "_school_tensors", no_school)
+    assert main(["privacy", "canary-audit", "--epochs", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "internal error" not in err, err
+
+
 def test_the_history_footnote_only_asks_for_ledgers_not_given(tmp_path, capsys):
     """A run copy's ε includes the earlier spending its first entry claims; the footnote asks for the school's own
     ledger to check that claim, and is gone once every school's own ledger is given beside the run."""

@@ -141,7 +141,12 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
     mode.add_argument("--no-dp", action="store_true", help="the control: same clipping, no noise")
     at.add_argument("--black-box", action="store_true",
                     help="the outsider's audit: only the final model, canaries scored by their loss (loose)")
-    at.add_argument("--canaries", type=int, default=None, help="canary students (default 8000 white-box, 500 black-box)")
+    at.add_argument("--canaries", type=int, default=None,
+                    help=f"canary students (default 8000 white-box, 500 black-box); at most {MAX_CANARIES}, and "
+                         f"white-box at most {MAX_CANARIES_PER_RUN} per run (--canaries / --runs): each step of a run "
+                         f"feeds its probe a one-hot of frames x canaries-in-the-run, about 1 GB at "
+                         f"{MAX_CANARIES_PER_RUN} with every student sampled; black-box, {MAX_CANARIES} canary "
+                         f"images at 16x16 are about 0.6 GB")
     at.add_argument("--runs", type=int, default=16, help="independent trainings the canaries are spread over")
     at.add_argument("--epochs", type=int, default=10)
     at.add_argument("--batch", type=int, default=None,
@@ -269,6 +274,13 @@ def _canary_audit(args: argparse.Namespace) -> int:
 
 #: Largest face side the canary harness resizes to: what a school's data may hold (data.image_size's maximum).
 MAX_CANARY_IMAGE_SIZE = 512
+#: Most canaries one audit takes (the documented audits use 8000-16000): black-box, each is a random image
+#: held in float64 while it is drawn (100000 at 16x16: ~0.6 GB); 10^12 asked numpy for petabytes.
+MAX_CANARIES = 100_000
+#: Most canaries in one white-box run: every step builds a (frames x canaries-in-the-run) one-hot for the
+#: probe and, on the per-sample path, a gradient of that size; at 10000 with every student sampled (2 frames
+#: per canary, half of them included) that is ~0.4 GB each, about 1 GB a step.
+MAX_CANARIES_PER_RUN = 10_000
 
 
 def _check_canary_flags(args: argparse.Namespace) -> None:
@@ -280,12 +292,25 @@ def _check_canary_flags(args: argparse.Namespace) -> None:
                                  ("lr", args.lr, False), ("beta", args.beta, False),
                                  ("image-size", args.image_size, True), ("threads", args.threads, True)):
         _positive(name, value, integer)
+    if args.canaries is not None:
+        _check_canary_count(args.canaries, args.runs, white=not args.black_box)
     if args.image_size > MAX_CANARY_IMAGE_SIZE:   # 10^5 asked torch for 27 TB: an internal error
         raise UsageError(f"--image-size must be at most {MAX_CANARY_IMAGE_SIZE}, got {args.image_size}")
     if args.seed < 0:   # numpy's own message named no flag
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UsageError(f"--data-dir {args.data_dir}: not a directory")
+
+
+def _check_canary_count(canaries: int, runs: int, white: bool) -> None:
+    """--canaries within what the audit can hold in memory (MAX_CANARIES, MAX_CANARIES_PER_RUN say why)."""
+    if canaries > MAX_CANARIES:
+        raise UsageError(f"--canaries must be at most {MAX_CANARIES}, got {canaries}")
+    if white:
+        per_run = -(-canaries // min(runs, max(1, canaries // 2)))   # as the audit spreads them (ceiling)
+        if per_run > MAX_CANARIES_PER_RUN:
+            raise UsageError(f"--canaries {canaries} over --runs {runs} puts {per_run} canaries in a run; at most "
+                             f"{MAX_CANARIES_PER_RUN} per run: give more --runs")
 
 
 @dataclass(frozen=True)
