@@ -1,7 +1,7 @@
 """Malformed input through the `fedfer` command surfaces that read configs, run directories, checkpoints,
 deployment folders and report folders: every case in its own subprocess with a timeout.
 
-    python -m simulations.fuzz_inputs [--code-root DIR] [--timeout 60] [--only config,resume,...,audit] [--out F.json]
+    python -m simulations.fuzz_inputs [--code-root DIR] [--timeout 60] [--only config,resume,...,privacy] [--out F.json]
 
 Per case it records the exit code and classifies the outcome:
 
@@ -16,6 +16,8 @@ Per case it records the exit code and classifies the outcome:
     executed    a crafted checkpoint's payload ran (its marker file exists)
     multiline   refused, but the message is more than one line (argparse's usage + error is allowed)
     refused-valid  a valid input (e.g. a 114-character host name) was refused
+    not-json    a command asked for --json did not print exactly one JSON object on stdout with the exit
+                code it ended with (`privacy audit --json`: every outcome, usage errors included)
     ok          refused in one line naming the problem, or accepted where acceptance is right
 
 --code-root runs the same cases against another checkout (e.g. the main branch before the change) to
@@ -41,8 +43,8 @@ from pathlib import Path
 from typing import Callable
 
 HERE = Path(__file__).resolve().parent.parent
-OUTCOMES = ("traceback", "internal", "hang", "damaged", "wrote", "accepted", "executed", "multiline", "refused-valid",
-            "ok")
+OUTCOMES = ("traceback", "internal", "hang", "damaged", "wrote", "accepted", "executed", "multiline", "not-json",
+            "refused-valid", "ok")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Case:
     marker: str = ""                         # relative path whose existence means code ran
     report: bool = False                     # the command reports its findings on stdout (the audit's table):
                                              # the needle is looked for there, and its length is not a fault
+    json_stdout: bool = False                # stdout must be one JSON object whose exit_code is the exit code
     extra: dict = field(default_factory=dict)
 
 
@@ -109,6 +112,13 @@ class Templates:
         python_code(self.deploy, "from pathlib import Path\nfrom server.deploy import commands as deploy_cli\n"
                                  f"deploy_cli.init_deployment(Path('deploy'), 'localhost', port=19093, "
                                  f"flwr_home=Path({str(env_home)!r}))")
+        self.school_deploy = work / "template-school-deploy"   # the deployment above plus school s1 with its key
+        shutil.copytree(self.deploy, self.school_deploy)
+        write_ledger_key(self.school_deploy / "k.pub")
+        python_code(self.school_deploy, "from fedfer.cli import main\n"
+                                        "assert main(['deploy', 'add-school', 's1', '--data-dir', '/srv/s1', "
+                                        "'--declared-students', '100', '--state-dir', '/srv/state', '--ledger-key', "
+                                        "'k.pub', '--dir', 'deploy', '--flwr-home', 'flwr-home']) == 0")
         self.report = work / "template-report"
         self.report.mkdir()
         sys.path.insert(0, str(HERE / "tests"))
@@ -128,6 +138,11 @@ def copy_run(t: Templates, case_dir: Path) -> Path:
 def copy_deploy(t: Templates, case_dir: Path) -> None:
     shutil.copytree(t.deploy / "deploy", case_dir / "deploy")
     shutil.copytree(t.deploy / "flwr-home", case_dir / "flwr-home")
+
+
+def copy_school_deploy(t: Templates, case_dir: Path) -> None:
+    shutil.copytree(t.school_deploy / "deploy", case_dir / "deploy")
+    shutil.copytree(t.school_deploy / "flwr-home", case_dir / "flwr-home")
 
 
 def copy_report(t: Templates, case_dir: Path) -> Path:
@@ -345,7 +360,8 @@ DEPLOY_HOME = ["--flwr-home", "flwr-home"]
 
 
 def deploy_cases(t: Templates) -> list[Case]:
-    return deploy_init_cases(t) + add_school_cases(t) + manifest_cases(t) + status_and_evaluator_cases(t)
+    return (deploy_init_cases(t) + add_school_cases(t) + manifest_cases(t) + status_and_evaluator_cases(t)
+            + recover_ledger_key_cases(t) + rotate_recovered_cases(t) + set_budget_cases(t))
 
 
 def init_case(name: str, args: list[str], setup: Callable[[Path], None] | None = None, needle: str = "",
@@ -484,6 +500,188 @@ def status_and_evaluator_cases(t: Templates) -> list[Case]:
     return cases
 
 
+def recover_ledger_key_cases(t: Templates) -> list[Case]:
+    """`fedfer deploy school-key --recover-ledger-key` at a school whose signing_key.pem is lost (the rotated
+    school's state folder without it): its ledger damaged, missing or not a file, or a bogus --lost-key.
+    Refused before anything is written (the recovery stages a key only after every check)."""
+    cases = []
+
+    def add(name: str, change: Callable[[Path], None], needle: str, extra: list[str] = ()) -> None:
+        def setup(d: Path, change: Callable[[Path], None] = change) -> None:
+            shutil.copytree(t.rotated / "schools" / "school-a", d / "state")
+            (d / "state" / "signing_key.pem").unlink()   # the key is lost
+            change(d)
+        cases.append(Case("deploy", f"recover-{name}", ["deploy", "school-key", "--state-dir", "state",
+                                                        "--recover-ledger-key", *extra], setup, needle=needle))
+
+    def ledger(make: Callable[[Path, bytes], None]) -> Callable[[Path], None]:
+        """The ledger replaced by what `make(path, its original bytes)` puts there."""
+        def change(d: Path) -> None:
+            path = d / "state" / "ledger.jsonl"
+            text = path.read_bytes()
+            path.unlink()
+            make(path, text)
+        return change
+
+    def edited_entry(path: Path, text: bytes) -> None:   # an entry's ε changed: its hash no longer matches
+        lines = text.decode().splitlines()
+        entry = json.loads(lines[0])
+        entry["epsilon"] = 0.001
+        lines[0] = json.dumps(entry)
+        path.write_text("\n".join(lines) + "\n")
+
+    add("ledger-missing", ledger(lambda p, text: None), "ledger.jsonl")
+    add("ledger-empty", ledger(lambda p, text: p.write_bytes(b"")), "ledger.jsonl")
+    add("ledger-binary", ledger(lambda p, text: p.write_bytes(bytes(range(256)) * 4)), "ledger.jsonl")
+    add("ledger-truncated", ledger(lambda p, text: p.write_bytes(text[:len(text) - 40])), "ledger.jsonl")
+    add("ledger-edited", ledger(edited_entry), "ledger.jsonl")
+    add("ledger-deep", ledger(lambda p, text: p.write_text("[" * 100000 + "\n")), "ledger.jsonl")
+    add("ledger-dir", ledger(lambda p, text: p.mkdir()), "ledger.jsonl")
+    add("ledger-fifo", ledger(lambda p, text: os.mkfifo(p)), "ledger.jsonl")
+    add("key-not-lost", lambda d: write_signing_key(d / "state" / "signing_key.pem"), "signing_key.pem")
+    add("no-public-key", lambda d: (d / "state" / "signing_key.pub").unlink(), "signing_key.pub")
+    lost = ["--lost-key", "lost.pub"]
+    add("lost-key-missing", lambda d: None, "lost.pub", lost)
+    add("lost-key-garbage", lambda d: (d / "lost.pub").write_text("not a key"), "lost.pub", lost)
+    add("lost-key-binary", lambda d: (d / "lost.pub").write_bytes(bytes(range(256))), "lost.pub", lost)
+    add("lost-key-dir", lambda d: (d / "lost.pub").mkdir(), "lost.pub", lost)
+    add("lost-key-fifo", lambda d: os.mkfifo(d / "lost.pub"), "lost.pub", lost)
+    add("lost-key-oversized", lambda d: (d / "lost.pub").write_bytes(b"A" * (1 << 20)), "lost.pub", lost)
+    add("lost-key-private", lambda d: write_signing_key(d / "lost.pub"), "lost.pub", lost)
+    add("lost-key-another", lambda d: write_ledger_key(d / "lost.pub"), "--lost-key", lost)   # not this chain's key
+    cases.append(Case("deploy", "school-key-lost-key-alone", ["deploy", "school-key", "--state-dir", "state",
+                                                              "--lost-key", "lost.pub"],
+                      lambda d: (shutil.copytree(t.rotated / "schools" / "school-a", d / "state"),
+                                 write_ledger_key(d / "lost.pub")), needle="--lost-key"))
+    return cases
+
+
+def write_signing_key(path: Path) -> None:
+    """An Ed25519 private key in PEM, as a school's signing_key.pem holds it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    path.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def rotate_recovered_cases(t: Templates) -> list[Case]:
+    """`fedfer deploy rotate s1 --ledger-key K --recovered` at the coordinator with a malformed key file, the
+    keyring's current key damaged, or --recovered without --ledger-key."""
+    cases = []
+
+    def add(name: str, change: Callable[[Path], None], needle: str, key: str = "k.pub",
+            args: list[str] | None = None) -> None:
+        def setup(d: Path, change: Callable[[Path], None] = change) -> None:
+            copy_school_deploy(t, d)
+            change(d)
+        argv = args if args is not None else ["--ledger-key", key, "--recovered"]
+        cases.append(Case("deploy", f"rotate-recovered-{name}", ["deploy", "rotate", "s1", *argv, "--dir", "deploy",
+                                                                 *DEPLOY_HOME], setup, needle=needle))
+
+    add("key-missing", lambda d: None, "k.pub")
+    add("key-empty", lambda d: (d / "k.pub").write_bytes(b""), "k.pub")
+    add("key-garbage", lambda d: (d / "k.pub").write_text("not a key"), "k.pub")
+    add("key-binary", lambda d: (d / "k.pub").write_bytes(bytes(range(256))), "k.pub")
+    add("key-truncated-pem", lambda d: (write_ledger_key(d / "k.pub"),
+                                        (d / "k.pub").write_text((d / "k.pub").read_text()[:60])), "k.pub")
+    add("key-dir", lambda d: (d / "k.pub").mkdir(), "k.pub")
+    add("key-fifo", lambda d: os.mkfifo(d / "k.pub"), "k.pub")
+    add("key-oversized", lambda d: (d / "k.pub").write_bytes(b"A" * (1 << 20)), "k.pub")
+    add("key-private", lambda d: write_signing_key(d / "k.pub"), "k.pub")
+    add("key-rsa", lambda d: write_rsa_public_key(d / "k.pub"), "k.pub")
+    add("keyring-garbage", lambda d: (write_ledger_key(d / "k.pub"),
+                                      (d / "deploy" / "keys" / "s1.pub").write_text("x")), "s1.pub")
+    add("keyring-fifo", lambda d: (write_ledger_key(d / "k.pub"), (d / "deploy" / "keys" / "s1.pub").unlink(),
+                                   os.mkfifo(d / "deploy" / "keys" / "s1.pub")), "s1.pub")
+    add("retired-is-file", lambda d: (write_ledger_key(d / "k.pub"),
+                                      (d / "deploy" / "keys" / "s1.retired").write_text("x")), "s1.retired")
+    add("without-ledger-key", lambda d: None, "--recovered", args=["--recovered"])
+    return cases
+
+
+def write_rsa_public_key(path: Path) -> None:
+    """A valid public key of a type the ledger does not sign with."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key()
+    path.write_bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def set_budget_cases(t: Templates) -> list[Case]:
+    """`fedfer deploy set-budget s1 EPSILON` with a number that is no budget; a huge finite one is recorded."""
+    cases = []
+    rewrite = ("deploy/deployment.json", "deploy/nodes/s1/node-config.toml")
+    for value, needle, expect in (("nan", "budget", "refuse"), ("inf", "budget", "refuse"), ("-inf", "budget", "refuse"),
+                                  ("-1", "budget", "refuse"), ("0", "budget", "refuse"), ("1e309", "budget", "refuse"),
+                                  ("abc", "EPSILON", "refuse"), ("0x10", "EPSILON", "refuse"), ("", "EPSILON", "refuse"),
+                                  ("1e300", "", "accept")):
+        # "--" so that -1 and -inf are read as the value, as a user has to type them
+        cases.append(Case("deploy", f"set-budget-{value or 'empty'}", ["deploy", "set-budget", "--dir", "deploy",
+                                                                       *DEPLOY_HOME, "s1", "--", value],
+                          lambda d: copy_school_deploy(t, d), expect=expect, needle=needle, may_rewrite=rewrite))
+    cases.append(Case("deploy", "set-budget-unknown-school", ["deploy", "set-budget", "--dir", "deploy", *DEPLOY_HOME,
+                                                              "nobody", "3"],
+                      lambda d: copy_school_deploy(t, d), needle="nobody"))
+    cases.append(Case("deploy", "set-budget-evaluator", ["deploy", "set-budget", "--dir", "deploy", *DEPLOY_HOME,
+                                                         "s1", "3"],
+                      lambda d: (copy_school_deploy(t, d), _make_evaluator(d / "deploy" / "deployment.json")),
+                      needle="s1"))
+    return cases
+
+
+def _make_evaluator(manifest: Path) -> None:
+    data = json.loads(manifest.read_text())
+    data["nodes"]["s1"]["role"] = "evaluator"
+    manifest.write_text(json.dumps(data))
+
+
+def privacy_flag_cases() -> list[Case]:
+    """`fedfer privacy canary-audit` and `privacy plan` with flags out of range; `privacy audit --json` with a
+    usage error (it must still be one JSON object on stdout)."""
+    cases = []
+    quick = ["--epochs", "1", "--runs", "4"]
+    for name, args, needle in (
+            ("randomness-bogus", ["--randomness", "bogus"], "--randomness"),
+            ("randomness-empty", ["--randomness", ""], "--randomness"),
+            ("clipping-bogus", ["--clipping", "per-frame"], "--clipping"),
+            ("canaries-0", ["--canaries", "0"], "--canaries"), ("canaries-neg", ["--canaries", "-5"], "--canaries"),
+            ("canaries-1", ["--canaries", "1"], "canaries"),
+            ("canaries-text", ["--canaries", "many"], "--canaries"),
+            ("canaries-float", ["--canaries", "1e3"], "--canaries"),
+            ("canaries-huge", ["--canaries", str(10**12)], "--canaries"),
+            ("canaries-per-run", ["--canaries", "50000", "--runs", "2"], "--canaries"),
+            ("canaries-black-box-huge", ["--black-box", "--canaries", "10000000"], "--canaries"),
+            ("runs-0", ["--canaries", "40", "--runs", "0"], "--runs"),
+            ("epsilon-nan", ["--epsilon", "nan"], "--epsilon"), ("clip-inf", ["--clip", "inf"], "--clip"),
+            ("delta-1", ["--delta", "1"], "--delta"), ("beta-0", ["--beta", "0"], "--beta"),
+            ("model-unknown", ["--model", "resnet9000"], "--model")):
+        cases.append(Case("privacy", f"canary-audit-{name}", ["privacy", "canary-audit", *quick, *args], needle=needle))
+    plan = {"--epsilon": "4", "--delta": "1e-5", "--rounds": "4", "--local-epochs": "1", "--students": "48",
+            "--batch": "16"}
+    for name, change, needle in (
+            ("points-0", {"--points": "0"}, "--points"), ("points-neg", {"--points": "-3"}, "--points"),
+            ("points-text", {"--points": "all"}, "--points"), ("rounds-0", {"--rounds": "0"}, "rounds"),
+            ("epsilon-nan", {"--epsilon": "nan"}, "psilon"), ("epsilon-0", {"--epsilon": "0"}, "psilon"),
+            ("delta-0", {"--delta": "0"}, "elta"), ("students-0", {"--students": "0"}, "units"),
+            ("batch-0", {"--batch": "0"}, "batch"), ("local-epochs-0", {"--local-epochs": "0"}, "epoch")):
+        words = [w for k, v in {**plan, **change}.items() for w in (k, v)]
+        cases.append(Case("privacy", f"plan-{name}", ["privacy", "plan", *words], needle=needle))
+    for name, args, needle in (
+            ("no-path", ["--json"], "required"),
+            ("missing-path", ["nowhere", "--keys", ".", "--json"], "nowhere"),
+            ("unknown-flag", [".", "--trust-run-keys", "--json", "--bogus"], "--bogus"),
+            ("keys-no-value", [".", "--json", "--keys"], "--keys"),
+            ("budget-text", [".", "--trust-run-keys", "--json", "--budget", "abc"], "--budget"),
+            ("budget-nan", [".", "--trust-run-keys", "--json", "--budget", "nan"], "--budget"),
+            ("no-keyring", [".", "--json"], "--keys"),
+            ("anchors-file", [".", "--trust-run-keys", "--json", "--anchors", "afile"], "afile")):
+        cases.append(Case("audit", f"json-{name}", ["privacy", "audit", *args],
+                          lambda d: (d / "afile").write_text("keep"), needle=needle, report=True, json_stdout=True))
+    return cases
+
+
 def audit_cases(t: Templates) -> list[Case]:
     """`fedfer privacy audit` of a rotated school where it reads keys, anchors and policies (a retired-key folder,
     the keyring, the run's keys, the school's state directory, the server's anchors): a named pipe, a directory,
@@ -598,6 +796,8 @@ def classify(case: Case, proc_rc: int | None, stderr: str, before: dict[str, str
         return "damaged"
     if proc_rc != 0 and set(after) - set(before):
         return "wrote"
+    if case.json_stdout and not _one_json_object_with_exit_code(stdout, proc_rc):
+        return "not-json"
     if case.expect == "refuse":
         if proc_rc == 0:
             return "accepted"
@@ -611,6 +811,14 @@ def classify(case: Case, proc_rc: int | None, stderr: str, before: dict[str, str
     if case.expect == "accept" and proc_rc != 0:
         return "refused-valid"     # a valid input refused: reported, not counted as a crash
     return "ok"
+
+
+def _one_json_object_with_exit_code(stdout: str, exit_code: int) -> bool:
+    try:
+        data = json.loads(stdout)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("exit_code") == exit_code
 
 
 def run_case(case: Case, work: Path, timeout: float) -> dict:
@@ -644,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--code-root", type=Path, default=HERE, help="checkout whose fedfer is run (default: this one)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a case counts as a hang")
-    parser.add_argument("--only", default="", help="comma-separated surfaces: config,override,resume,checkpoint,deploy,report,audit")
+    parser.add_argument("--only", default="", help="comma-separated surfaces: config,override,resume,checkpoint,deploy,report,audit,privacy")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: print only)")
     args = parser.parse_args(argv)
     CODE_ROOT = args.code_root.resolve()
@@ -652,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         templates = Templates(work)
         cases = (config_cases() + resume_cases(templates) + checkpoint_cases(templates) + deploy_cases(templates)
-                 + report_cases(templates) + audit_cases(templates))
+                 + report_cases(templates) + audit_cases(templates) + privacy_flag_cases())
         only = {s for s in args.only.split(",") if s}
         if only:
             cases = [c for c in cases if c.surface in only]

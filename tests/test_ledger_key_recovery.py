@@ -573,6 +573,27 @@ def test_recover_ledger_key_bad_input_changes_nothing(tmp_path, case):
     assert not (school.state / "signing_key.new.pem").exists()
 
 
+def test_a_lost_key_that_signed_no_entry_is_named_as_the_wrong_key_not_as_a_broken_chain(tmp_path, capsys):
+    """Fuzzer (session 23): --lost-key with another school's key, on a ledger that went through a rotation,
+    was refused as "the chain goes A → B and never through the current key", blaming an intact ledger; the
+    refusal names the --lost-key file and says it signed no entry. Nothing is written."""
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    rotate_school_ledger_key(school.state)
+    school.key = load_or_create_signing_key(school.state)
+    school.train("run-2", 1)
+    _lose_key(school)
+    foreign = tmp_path / "foreign.pub"
+    foreign.write_text(public_key_pem(Ed25519PrivateKey.generate()))
+    before = {p.name: p.read_bytes() for p in school.state.iterdir() if p.is_file()}
+    assert fedfer_main(["deploy", "school-key", "--state-dir", str(school.state), "--recover-ledger-key",
+                        "--lost-key", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert f"{foreign}: key " in err and "signed no entry" in err and "--lost-key" in err, err
+    assert "never through the current key" not in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in school.state.iterdir() if p.is_file()} == before
+
+
 def test_rotate_recovered_at_the_coordinator_approves_the_key(tmp_path, capsys):
     dep, state = enrolled_school(tmp_path)
     old = load_public_key(dep.keyring / "lincoln.pub")

@@ -581,6 +581,13 @@ def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) 
                               f"--lost-key PATH (the coordinator's keys/NAME.pub holds it)")
         lost = load_public_key(lost_file)
         entries = read_ledger_file(ledger_path)
+        # a key that signed no entry is the wrong file, not a broken chain: say so before the chain check,
+        # whose message (a chain "never through the current key") blamed the ledger for a wrong --lost-key
+        signers = list(dict.fromkeys(str(e.get("key_id")) for e in entries if isinstance(e, dict)))
+        if key_id(lost) not in signers:
+            raise DeployError(f"{lost_file}: key {key_id(lost)} signed no entry of {ledger_path} (its entries are "
+                              f"signed by {', '.join(signers[:4])}): it is not the lost key; give the lost key's "
+                              f"public half with --lost-key PATH (the coordinator's keys/NAME.pub holds it)")
         # the school's own ledger, checked as it stands: under the lost key, or already recovered to the staged key
         keys = verify_entries(entries, [lost] + retired_public_keys(public_file), source=str(ledger_path),
                               recovery_keys=recovery_public_keys(public_file))
