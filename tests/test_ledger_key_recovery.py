@@ -555,6 +555,24 @@ def test_recovery_with_the_lost_public_key_from_the_coordinator(tmp_path, capsys
     assert "--lost-key goes with --recover-ledger-key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case", ["ledger-dir", "ledger-fifo"])
+def test_a_ledger_that_is_not_a_regular_file_is_named_as_such_not_as_missing(tmp_path, case):
+    """Fuzzer (session 23): a ledger.jsonl that is a directory or a named pipe was refused as "no ledger.jsonl,
+    so no chain to continue", which sends the school looking for a file that is there."""
+    import os
+
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    _lose_key(school)
+    ledger = school.state / "ledger.jsonl"
+    ledger.unlink()
+    ledger.mkdir() if case == "ledger-dir" else os.mkfifo(ledger)
+    with pytest.raises(DeployError) as exc:
+        recover_school_ledger_key(school.state)
+    assert f"{ledger} is not a regular file" in str(exc.value) and "no ledger.jsonl" not in str(exc.value)
+    assert not (school.state / "signing_key.new.pem").exists()
+
+
 @pytest.mark.parametrize("case", ["no-ledger", "no-public-key", "ledger-not-under-it"])
 def test_recover_ledger_key_bad_input_changes_nothing(tmp_path, case):
     school = School(tmp_path, "school-a")

@@ -571,6 +571,9 @@ def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) 
             raise DeployError(f"--state-dir {state_dir}: {key_file} is there and readable, so the key is not lost: "
                               f"hand the ledger to a new key with `fedfer deploy school-key --state-dir {state_dir} "
                               f"--new-ledger-key`")
+        if os.path.lexists(ledger_path) and not ledger_path.is_file():   # said as "no ledger" before
+            raise DeployError(f"--state-dir {state_dir}: {ledger_path} is not a regular file (a directory, a named "
+                              f"pipe or a broken link): put the school's ledger.jsonl back there")
         if not ledger_path.is_file() or ledger_path.stat().st_size == 0:
             raise DeployError(f"--state-dir {state_dir}: no {LEDGER_FILE}, so no chain to continue (seeding one from "
                               f"the coordinator's run copies is not supported; a school that never trained makes a "
