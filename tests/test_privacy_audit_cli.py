@@ -360,8 +360,9 @@ def test_canary_audit_flags_out_of_range_are_one_line_naming_the_flag(capsys, fl
 @pytest.mark.parametrize("flags, words", [
     (["--canaries", str(10**12)], "--canaries must be at most 100000, got 1000000000000"),
     (["--canaries", "100001", "--black-box"], "--canaries must be at most 100000, got 100001"),
-    (["--canaries", "50000", "--runs", "2"], "puts 25000 canaries in a run; at most 10000 per run: give more --runs")],
-    ids=["10^12", "100001-black-box", "25000-per-run"])
+    (["--canaries", "50000", "--runs", "2"], "puts 25000 canaries in a run; at most 10000 per run: give more --runs"),
+    (["--canaries", "1"], "--canaries must be at least 2")],
+    ids=["10^12", "100001-black-box", "25000-per-run", "one"])
 def test_canary_audit_refuses_more_canaries_than_it_can_hold_before_loading_data(monkeypatch, capsys, flags, words):
     """--canaries had no upper bound: 10^12 asked numpy for 466 GiB, 50000 over 2 runs torch for 5 GB a step
     (an internal error at best). Refused in one line before the school is loaded."""

@@ -303,7 +303,10 @@ def _check_canary_flags(args: argparse.Namespace) -> None:
 
 
 def _check_canary_count(canaries: int, runs: int, white: bool) -> None:
-    """--canaries within what the audit can hold in memory (MAX_CANARIES, MAX_CANARIES_PER_RUN say why)."""
+    """--canaries within what the audit can hold in memory (MAX_CANARIES, MAX_CANARIES_PER_RUN say why), and
+    at least the two the bounds need (checked here so the school is not loaded first)."""
+    if canaries < 2:
+        raise UsageError(f"--canaries must be at least 2 (a guess needs one canary in and one out), got {canaries}")
     if canaries > MAX_CANARIES:
         raise UsageError(f"--canaries must be at most {MAX_CANARIES}, got {canaries}")
     if white:
