@@ -34,7 +34,10 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:   # name the file asked for (e.g. a folder in its place), not the temp file removed below
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -426,6 +426,23 @@ def test_scripts_writes_the_start_scripts_again_with_this_fedfer(deployment, cap
     assert f"wrote {node_sh}" in out and "not here (their folders went to the schools): b;" in out, out
 
 
+def test_scripts_names_a_folder_in_a_scripts_place_not_its_temp_file(deployment, capsys):
+    """Fuzzer (session 23): a folder where start.sh goes was refused as '…/.start.sh.x8k2.tmp: Is a directory',
+    a temp file that no longer exists (shared_models/atomic_files.py named os.replace's source)."""
+    from fedfer.cli import main
+
+    dep, home = deployment
+    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), declared=100, flwr_home=home)
+    node_sh = dep.node_dir("a") / "start.sh"
+    node_sh.unlink()
+    node_sh.mkdir()
+    (node_sh / "keep").write_text("keep")
+    assert main(["deploy", "scripts", "--dir", str(dep.root)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fedfer deploy: {node_sh}: Is a directory\n", err
+    assert [p.name for p in dep.node_dir("a").iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_evaluator_node_config(deployment, tmp_path):
     from client.node import identify
     from flwr.common.config import parse_config_args
