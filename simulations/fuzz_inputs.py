@@ -361,7 +361,7 @@ DEPLOY_HOME = ["--flwr-home", "flwr-home"]
 
 def deploy_cases(t: Templates) -> list[Case]:
     return (deploy_init_cases(t) + add_school_cases(t) + manifest_cases(t) + status_and_evaluator_cases(t)
-            + recover_ledger_key_cases(t) + rotate_recovered_cases(t) + set_budget_cases(t))
+            + recover_ledger_key_cases(t) + rotate_recovered_cases(t) + set_budget_cases(t) + scripts_cases(t))
 
 
 def init_case(name: str, args: list[str], setup: Callable[[Path], None] | None = None, needle: str = "",
@@ -629,6 +629,29 @@ def set_budget_cases(t: Templates) -> list[Case]:
                                                          "s1", "3"],
                       lambda d: (copy_school_deploy(t, d), _make_evaluator(d / "deploy" / "deployment.json")),
                       needle="s1"))
+    return cases
+
+
+def scripts_cases(t: Templates) -> list[Case]:
+    """`fedfer deploy scripts` (writes the start scripts again) where a script's place is taken by a folder."""
+    cases = []
+    scripts = ("deploy/coordinator/start-superlink.sh", "deploy/nodes/s1/start.sh")
+
+    def add(name: str, change: Callable[[Path], None], needle: str = "", expect: str = "refuse") -> None:
+        cases.append(Case("deploy", f"scripts-{name}", ["deploy", "scripts", "--dir", "deploy", *DEPLOY_HOME],
+                          lambda d: (copy_school_deploy(t, d), change(d)), expect=expect, needle=needle,
+                          may_rewrite=scripts))
+
+    def folder_at(rel: str) -> Callable[[Path], None]:
+        def change(d: Path) -> None:
+            (d / rel).unlink()
+            (d / rel).mkdir()
+            (d / rel / "keep").write_text("keep")
+        return change
+
+    add("valid", lambda d: None, expect="accept")
+    add("node-script-dir", folder_at(scripts[1]), "start.sh")
+    add("superlink-script-dir", folder_at(scripts[0]), "start-superlink.sh")
     return cases
 
 
