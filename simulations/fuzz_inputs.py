@@ -650,8 +650,8 @@ def scripts_cases(t: Templates) -> list[Case]:
         return change
 
     add("valid", lambda d: None, expect="accept")
-    add("node-script-dir", folder_at(scripts[1]), "start.sh")
-    add("superlink-script-dir", folder_at(scripts[0]), "start-superlink.sh")
+    add("node-script-dir", folder_at(scripts[1]), "/start.sh: ")   # the script, not its temp file
+    add("superlink-script-dir", folder_at(scripts[0]), "/start-superlink.sh: ")
     return cases
 
 
