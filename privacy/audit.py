@@ -784,7 +784,9 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]], anchors_
                 school_run = [e["hash"] for e in run_entries(fentries, run_id)]
                 copy_run = [e["hash"] for e in centries]
                 if school_run == copy_run:
-                    problems += _edited_anchor(school, run_id, fsrc, csrc, copy_run, anchors_dir)
+                    found, noted = _edited_anchor(school, run_id, fsrc, csrc, copy_run, anchors_dir)
+                    problems += found
+                    notes += noted
                     continue
                 missing_in_copy = sum(1 for h in school_run if h not in copy_run)
                 missing_in_school = sum(1 for h in copy_run if h not in school_run)
@@ -848,22 +850,30 @@ def _entries(n: int) -> str:
 
 
 def _edited_anchor(school: str, run_id: str, fsrc: _Source, csrc: _Source, hashes: list[str],
-                   anchors_dir: Path | None) -> list[str]:
+                   anchors_dir: Path | None) -> tuple[list[str], list[str]]:
     """The school's ledger and the run copy hold the same signed entries of a run; if the anchor lists
-    others for that run, neither ledger was rewritten: the anchor was."""
+    others for that run, neither ledger was rewritten: the anchor was. An anchor holding the first of them
+    only is a server stopped between storing a reply's entries in the copy and anchoring them (the crash
+    harness's server-ledger-copy point): a note, the next reply or the resume anchors the rest.
+    Returns (problems, notes)."""
     anchors = anchors_dir if anchors_dir is not None else anchors_dir_of_run(csrc.run_dir) if csrc.run_dir else None
     if anchors is None or csrc.key is None or not anchors.is_dir():
-        return []
+        return [], []
     try:
         chain = load_chain(anchors, school, csrc.key)
     except LedgerError:
-        return []   # a damaged anchor is reported on the school's row
+        return [], []   # a damaged anchor is reported on the school's row
     record = next((r for r in (chain or {}).get("runs", []) if r.get("run_id") == run_id), None)
     if record is None or record["hashes"] == hashes:
-        return []
+        return [], []
+    anchored = record["hashes"]
+    if len(anchored) < len(hashes) and hashes[:len(anchored)] == anchored:
+        return [], [f"school {school}: the server's anchor ({anchor_path(anchors, school)}) holds {len(anchored)} of "
+                    f"the {_entries(len(hashes))} of run {run_id!r} that its own ledger and the run copy agree on: the "
+                    f"server stopped after storing the copy, before anchoring it; its next reply anchors the rest"]
     return [f"school {school}: its own ledger ({fsrc.path}) and the copy of run {run_id!r} ({csrc.path}) agree, the "
             f"server's anchor ({anchor_path(anchors, school)}) lists other entries for that run: the anchor was "
-            f"edited or damaged"]
+            f"edited or damaged"], []
 
 
 def _anchor_rejections(run_dirs: Sequence[Path]) -> list[str]:

@@ -209,6 +209,26 @@ def test_an_edited_anchor_count_or_head_is_caught(tmp_path, capsys):
     assert check_continues({"count": 0, "head": "", "runs": []}, {"prev_hash": "0" * 64}).problem == ""
 
 
+def test_an_anchor_behind_the_copy_by_a_crash_is_a_note_not_an_edited_anchor(tmp_path, capsys):
+    """Crash harness (session 23, server-ledger-copy): the server stored a reply's entry in the run copy and was
+    killed before anchoring it (update_anchor comes after the copy; the next reply heals it). The school's
+    ledger and the copy agree and the anchor holds the first of their entries: the audit said 'the anchor
+    was edited or damaged', exit 2; it is a note and the audit passes."""
+    from privacy.anchors import update_anchor
+    from privacy.ledger import read_ledger_file
+    from privacy.signing import trusted_public_keys
+
+    schools, (server,) = _federation(tmp_path, runs=1, rounds=2)
+    keys = _keyring(tmp_path, schools)
+    anchors = tmp_path / "runs" / "anchors"
+    (anchors / "school-a.json").unlink()
+    copy = read_ledger_file(server.run.path / "ledger" / "school-a.jsonl", school_id="school-a")
+    update_anchor(anchors, "school-a", trusted_public_keys(server.run.key_path("school-a")), copy[:-1])
+    code, out = _audit(capsys, server.run.path, schools[0].state / "ledger.jsonl", "--keys", keys)
+    assert code == 0 and "edited or damaged" not in out, out
+    assert "holds 1 of the 2 entries of run 'run-1'" in out and "before anchoring it" in out, out
+
+
 # ------------------------------------------------------------------------ 8. no anchors at all
 def test_no_anchors_found_is_noted(tmp_path, capsys):
     schools, (server,) = _federation(tmp_path, runs=1, rounds=3)
