@@ -595,6 +595,8 @@ def run_point(point: str, work: Path, data_root: Path, rounds: int, rnd: int, ti
             say(f"  [{point}] {note}; events.jsonl ends in half a line")
         shutil.copytree(run_dir, base / f"at-crash-{n + 1}", ignore=shutil.ignore_patterns(".flower", "*.pt"),
                         dirs_exist_ok=True)   # what the crash left, for a post-mortem (checkpoints left out)
+        if (run_dir.parent / "anchors").is_dir():   # the server's anchors live beside the run; the audit reads them
+            shutil.copytree(run_dir.parent / "anchors", base / f"at-crash-{n + 1}-anchors", dirs_exist_ok=True)
         phase = Phase(f"crash {n + 1}")
         fragments |= {tail for tail in (torn_tail(run_dir / "metrics.jsonl"), torn_tail(run_dir / "events.jsonl")) if tail}
         out.facts.append(check_run(run_dir, phase, finished=False, rounds=rounds, crashed_round=None))
@@ -604,6 +606,8 @@ def run_point(point: str, work: Path, data_root: Path, rounds: int, rnd: int, ti
         phase.add("audit", code == 0,
                   f"exit {code}: {verdict}" + (" (only the run copy lagging the schools' ledgers)" if lagging else ""))
         out.audit.append((code, verdict))
+        if code != 0:   # the audit's own words, for the post-mortem: the verdict alone does not say what it found
+            out.notes.append(f"audit after crash {n + 1}: " + " | ".join(lines[-30:]))
         # no checkpoint yet (killed before round 1's): the resume starts the run again, from round 0
         resumed_from.append(out.facts[-1]["checkpoint_round"] or 0)
         # the round after the checkpoint may have been trained already (its training, or with pipelined
