@@ -584,10 +584,13 @@ def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) 
                               f"--lost-key PATH (the coordinator's keys/NAME.pub holds it)")
         lost = load_public_key(lost_file)
         entries = read_ledger_file(ledger_path)
-        # a key that signed no entry is the wrong file, not a broken chain: say so before the chain check,
-        # whose message (a chain "never through the current key") blamed the ledger for a wrong --lost-key
+        # a key that signed no entry, and that no key transition handed the ledger to, is the wrong file, not a
+        # broken chain: say so before the chain check, whose message (a chain "never through the current key")
+        # blamed the ledger for a wrong --lost-key. A key handed over to and lost before it signed anything is
+        # the right one (the chain check below verifies the hand-over)
         signers = list(dict.fromkeys(str(e.get("key_id")) for e in entries if isinstance(e, dict)))
-        if key_id(lost) not in signers:
+        handed_to = {str(e.get("new_key_id")) for e in entries if isinstance(e, dict) and "new_key_id" in e}
+        if key_id(lost) not in signers and key_id(lost) not in handed_to:
             raise DeployError(f"{lost_file}: key {key_id(lost)} signed no entry of {ledger_path} (its entries are "
                               f"signed by {', '.join(signers[:4])}): it is not the lost key; give the lost key's "
                               f"public half with --lost-key PATH (the coordinator's keys/NAME.pub holds it)")
