@@ -12,16 +12,23 @@ students (``synthetic-indomain``, simulation only) from ``metrics.jsonl``, again
 simulations/references.py). This module derives the rows and lines from plain data; server/report.py
 writes them, server/plots.py draws them.
 
+Which federated model is compared: the one the schools get. With `evaluation.keep_best` that is the round kept
+as ``checkpoints/best.pt`` (server/best_round.py), which need not be the last round; the table then shows the
+last round too, and the headline compares the kept one. (d) is trained round by round, so each federation row is
+compared with (d) *at the same round* (its curve), never with (d)'s last round.
+
 references.json (format ``fedfer-references/1``)::
 
     {"benchmarks": {"public": NAME, "indomain": NAME},
-     "start": {"scores": S}, "federated": {"round": R, "scores": S},
+     "start": {"scores": S}, "federated": {"round": R, "scores": S}, "best": {"round": B, "scores": S},
      "central": {"epochs": E, "frames": N, "scores": S},
      "alone": {school: {"students": N, "privacy": {"epsilon": ε, "delta": δ, ...}, "scores": S}},
-     "noise-free": {"rounds": R, "schools": N, "curve": [{"round": r, NAME: accuracy, ...}], "scores": S}}
+     "noise-free": {"rounds": R, "schools": N, "curve": [{"round": r, NAME: accuracy, ..., "scores": S}], "scores": S}}
 
 with S = {benchmark: {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "n"}, "own-school": {...},
-"per-school": {index: {...}}} (fractions in 0..1).
+"per-school": {index: {...}}} (fractions in 0..1). "federated" is the last round's model, "best" the model in
+checkpoints/best.pt (absent when there is none); a curve point's "scores" (with the CIs) is absent in files
+written before session 24, which have its accuracies only.
 """
 
 from __future__ import annotations
@@ -129,10 +136,31 @@ def _alone_epsilon(entry: Mapping[str, Any]) -> float | None:
     return float(eps) if _number(eps) else None
 
 
+def noise_free_at(references: Mapping[str, Any] | None, round_: int, bench: str | None) -> dict[str, Any] | None:
+    """(d)'s score on `bench` after its round `round_` (its curve; the final "scores" for its last round), or None
+    when (d) did not record that round. A curve point from before session 24 has the accuracy without its CI."""
+    quiet = (references or {}).get("noise-free")
+    if not isinstance(quiet, Mapping) or not bench:
+        return None
+    points = quiet.get("curve") if isinstance(quiet.get("curve"), list) else []
+    point = next((p for p in points if isinstance(p, Mapping) and p.get("round") == round_), {})
+    full = _scores(point, bench) if isinstance(point.get("scores"), Mapping) else None
+    if full is None and quiet.get("rounds") == round_:   # (d)'s last round: its final scores are that round's
+        full = _scores(quiet, bench)
+    if full is None and _number(point.get(bench)):
+        full = {"accuracy": float(point[bench])}
+    return full
+
+
 def rows(rounds: Mapping[int, Mapping[str, Any]], references: Mapping[str, Any] | None,
-         federation_epsilon: float | None) -> list[dict[str, Any]]:
+         federation_epsilon: float | None, kept_round: int | None = None) -> list[dict[str, Any]]:
     """The comparison table: one dict per model with ``label``, ``public`` and ``indomain`` (score dicts
-    or None), ``privacy`` (text) and ``key`` (start | federation | noise-free | central | best-alone | each-alone)."""
+    or None), ``privacy`` (text), ``key`` (start | federation | federation-last | noise-free | noise-free-last |
+    central | best-alone | each-alone) and, for the federation and (d), ``round``.
+
+    `kept_round`: the round checkpoints/best.pt holds (None: no best.pt, the schools get the last round). The
+    ``federation`` row is the model the schools get; when that is not the last round, ``federation-last`` shows
+    the last. Each (d) row is (d) after the same round as its federation row."""
     public, indomain = benchmarks(rounds, references)
     evaluated = [r for r in sorted(rounds) if _scores(rounds[r].get("evaluation"), public or indomain)]
     out: list[dict[str, Any]] = []
@@ -141,25 +169,41 @@ def rows(rounds: Mapping[int, Mapping[str, Any]], references: Mapping[str, Any] 
         out.append({"key": "start", "label": START + (" — round 0" if 0 in evaluated else ""),
                     "public": _scores(start, public), "indomain": _scores(start, indomain), "privacy": "no school data used"})
     last = max((r for r in evaluated if r > 0), default=None)
-    if last is not None:
-        eps = f"ε ≤ {federation_epsilon:.2f} per school" if federation_epsilon is not None else "DP (see the privacy table)"
-        out.append({"key": "federation", "label": f"{FEDERATION} — after round {last}",
-                    "public": _scores(rounds[last].get("evaluation"), public),
-                    "indomain": _scores(rounds[last].get("evaluation"), indomain), "privacy": eps})
-    quiet = (references or {}).get("noise-free")
-    if isinstance(quiet, Mapping) and (_scores(quiet, public) or _scores(quiet, indomain)):
-        rounds_run = quiet.get("rounds")
-        label = NOISE_FREE + (f" — after round {int(rounds_run)}" if _number(rounds_run) else "")
-        out.append({"key": "noise-free", "label": label, "public": _scores(quiet, public),
-                    "indomain": _scores(quiet, indomain), "privacy": "none (what the privacy cost)"})
+    if last is None:
+        return out + _reference_rows(references, public, indomain)
+    kept = kept_round if kept_round in evaluated and kept_round != 0 else None
+    given = kept if kept is not None else last   # the model the schools get
+    eps = f"ε ≤ {federation_epsilon:.2f} per school" if federation_epsilon is not None else "DP (see the privacy table)"
+    if kept is None:
+        label = f"{FEDERATION} — after round {last}"
+    elif kept == last:
+        label = f"{FEDERATION} — after round {last}, the last and the best on the public benchmarks (checkpoints/best.pt)"
+    else:
+        label = f"{FEDERATION} — after round {kept}, the best on the public benchmarks (checkpoints/best.pt)"
+    federated = [("federation", given, label)]
+    if given != last:
+        federated.append(("federation-last", last, f"{FEDERATION} — after round {last}, the last round"))
+    for key, round_, text in federated:
+        out.append({"key": key, "label": text, "round": round_, "public": _scores(rounds[round_].get("evaluation"), public),
+                    "indomain": _scores(rounds[round_].get("evaluation"), indomain), "privacy": eps})
+    for key, round_, _ in federated:   # (d) after the same round: like with like
+        quiet = {"public": noise_free_at(references, round_, public), "indomain": noise_free_at(references, round_, indomain)}
+        if quiet["public"] or quiet["indomain"]:
+            out.append({"key": key.replace("federation", "noise-free"), "label": f"{NOISE_FREE} — after round {round_}",
+                        "round": round_, **quiet, "privacy": "none (what the privacy cost)"})
+    return out + _reference_rows(references, public, indomain)
+
+
+def _reference_rows(references: Mapping[str, Any] | None, public: str | None, indomain: str | None) -> list[dict[str, Any]]:
+    """(b) and (c)'s rows: trained to their end, they have no round to match."""
+    out: list[dict[str, Any]] = []
     central = (references or {}).get("central")
     if isinstance(central, Mapping):
         epochs = central.get("epochs")
         label = CENTRAL + (f" — {counted(int(epochs), 'epoch')}" if _number(epochs) else "")
         out.append({"key": "central", "label": label, "public": _scores(central, public),
                     "indomain": _scores(central, indomain), "privacy": "none (not possible for real schools)"})
-    out += _alone_rows(_alone(references), public, indomain)
-    return out
+    return out + _alone_rows(_alone(references), public, indomain)
 
 
 def _alone_rows(alone: Mapping[str, Mapping[str, Any]], public: str | None, indomain: str | None) -> list[dict[str, Any]]:
@@ -186,10 +230,12 @@ def _alone_rows(alone: Mapping[str, Mapping[str, Any]], public: str | None, indo
 
 
 def per_school(references: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """For each school that also trained alone: its held-out students' accuracy alone, in the federation and
-    with its own last model (references.json "own", when the school kept one)."""
-    federated = ((references or {}).get("federated") or {}).get("scores") or {}
-    by_index = federated.get("per-school") if isinstance(federated, Mapping) else None
+    """For each school that also trained alone: its held-out students' accuracy alone, in the federation (the
+    model the schools get: references.json "best" when the run kept checkpoints/best.pt, else "federated", the
+    last round; ``federation_round`` says which) and with its own last model ("own", when the school kept one)."""
+    delivered = federated_model(references)
+    federated = delivered.get("scores") if isinstance(delivered.get("scores"), Mapping) else {}
+    by_index = federated.get("per-school")
     kept = (references or {}).get("own")
     kept = kept if isinstance(kept, Mapping) else {}
     out = []
@@ -201,8 +247,19 @@ def per_school(references: Mapping[str, Any] | None) -> list[dict[str, Any]]:
         fed = by_index.get(index) if isinstance(by_index, Mapping) else None
         out.append({"school": sid, "students": entry.get("students"), "alone": own,
                     "federation": fed if isinstance(fed, Mapping) and _number(fed.get("accuracy")) else None,
+                    "federation_round": delivered.get("round") if _number(delivered.get("round")) else None,
                     "own-model": _own_school(kept.get(sid))})
     return out
+
+
+def federated_model(references: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """references.json's entry for the federated model the schools get: "best" (checkpoints/best.pt) if the run
+    kept one, else "federated" (the last round); {} when neither is there."""
+    for key in ("best", "federated"):
+        entry = (references or {}).get(key)
+        if isinstance(entry, Mapping):
+            return entry
+    return {}
 
 
 def _own_school(entry: Any) -> Mapping[str, Any] | None:
@@ -213,22 +270,33 @@ def _own_school(entry: Any) -> Mapping[str, Any] | None:
 
 
 def headline(table: list[dict[str, Any]]) -> str:
-    """One sentence: what the federation added on the schools' own kind of faces (or the public test)."""
+    """One sentence: what the federation added on the schools' own kind of faces (or the public test). It is
+    about the model the schools get (the ``federation`` row: checkpoints/best.pt when the run kept one); when
+    that is not the last round, a second sentence says what the last round scored."""
     by = {row["key"]: row for row in table}
     fed = by.get("federation")
     if fed is None:
         return ""
     which = "indomain" if fed.get("indomain") else "public"
     where = "on the schools' own kind of faces (students never used in training)" if which == "indomain" else "on the public test photos"
-    parts = [f"The federation recognises {100 * fed[which]['accuracy']:.1f} % of expressions {where}"]
+    last = by.get("federation-last")
+    subject = "The federation" if last is None else (
+        f"The federation's model in checkpoints/best.pt (round {fed['round']}, the best on the public benchmarks)")
+    parts = [f"{subject} recognises {100 * fed[which]['accuracy']:.1f} % of expressions {where}"]
     for key, text in (("start", "the starting model"), ("best-alone", "the best school alone"),
                       ("noise-free", "the same federation without privacy"),
                       ("central", "pooling all data without privacy")):
         other = (by.get(key) or {}).get(which)
         if other:
             diff = 100 * (fed[which]["accuracy"] - other["accuracy"])
-            parts.append(f"{diff:+.1f} points against {text} ({100 * other['accuracy']:.1f} %)")
+            same_round = f" after round {fed['round']}" if key == "noise-free" and last is not None else ""
+            parts.append(f"{diff:+.1f} points against {text}{same_round} ({100 * other['accuracy']:.1f} %)")
     sentence = parts[0] + (": " + "; ".join(parts[1:]) if len(parts) > 1 else "") + "."
+    if last is not None and last.get(which):
+        quiet = (by.get("noise-free-last") or {}).get(which)
+        sentence += (f" The last round, {last['round']}, scores {100 * last[which]['accuracy']:.1f} % there"
+                     + (f" (without privacy after round {last['round']}: {100 * quiet['accuracy']:.1f} %)" if quiet else "")
+                     + ".")
     return sentence + _public_clause(fed, by.get("start")) if which == "indomain" else sentence
 
 

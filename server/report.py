@@ -596,6 +596,26 @@ def _best_round_lines(data: RunData) -> list[str]:
             "data only, so it costs no privacy: docs/privacy.md).", ""]
 
 
+def kept_best_round(data: RunData) -> int | None:
+    """The round checkpoints/best.pt holds (its best.json), i.e. the federated model the schools get; None when
+    the run kept none (evaluation.keep_best=off, a run from before best.pt, an unreadable best.json): then the
+    schools get the last round."""
+    if not (data.run_dir / "checkpoints" / "best.json").is_file():   # run_dir imports torch: only when needed
+        return None
+    from server.run_dir import read_best_json
+
+    kept = read_best_json(data.run_dir)
+    return kept.round if kept is not None else None
+
+
+def added_rows(data: RunData) -> list[dict[str, Any]]:
+    """"What the federation added"'s table (server/added.py `rows`) for this run: the federation row is the model
+    the schools get (best.pt's round when there is one), the last round beside it when it differs."""
+    from server import added
+
+    return added.rows(data.rounds, data.references, federation_epsilon(data), kept_round=kept_best_round(data))
+
+
 def federation_epsilon(data: RunData) -> float | None:
     """The largest final ε over the schools (what the federation's model cost the most exposed school)."""
     finals = [series["epsilon"][-1] for series in epsilon_series(data).values() if series["epsilon"]]
@@ -607,7 +627,7 @@ def _added_panels(data: RunData) -> list[dict[str, Any]]:
     federated round to compare."""
     from server import added
 
-    table = added.rows(data.rounds, data.references, federation_epsilon(data))
+    table = added_rows(data)
     if not any(row["key"] == "federation" for row in table) or len(table) < 2:
         return []
     public, indomain = added.benchmarks(data.rounds, data.references)
@@ -632,7 +652,7 @@ def _added_section(data: RunData, figures: dict[str, Path]) -> list[str]:
     """"What the federation added": the headline, the comparison table and its plot, and per school."""
     from server import added
 
-    table = added.rows(data.rounds, data.references, federation_epsilon(data))
+    table = added_rows(data)
     if not any(row["key"] == "federation" for row in table) or len(table) < 2:
         return []
     public, indomain = added.benchmarks(data.rounds, data.references)
@@ -662,8 +682,10 @@ def _added_section(data: RunData, figures: dict[str, Path]) -> list[str]:
 def _per_school_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
+    round_ = rows[0].get("federation_round")
+    federation = f"in the federation (round {round_}), % [95% CI]" if round_ is not None else "in the federation, % [95% CI]"
     lines = ["", "Each school's own held-out students:", "",
-             "| school | students | training alone, % [95% CI] | in the federation, % [95% CI] | "
+             f"| school | students | training alone, % [95% CI] | {federation} | "
              "the school's own last model, % [95% CI] |", "|---|---|---|---|---|"]
     for row in rows:
         fed = _acc_ci(row["federation"]) if row["federation"] else "—"

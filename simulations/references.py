@@ -14,8 +14,10 @@ this trains, in the same process and from the same start as the federation (the 
         declared sizes as server/strategy.py does. Against the federation it is what the privacy
         cost; against (b), what federating itself costs.
 
-and scores them, the start (a) and the federation's final model on the public test split and on every
-school's held-out students (`synthetic-indomain`, per school too). The result is
+and scores them, the start (a), the federation's final model and the model kept as checkpoints/best.pt (what
+the schools get; not always the last round) on the public test split and on every school's held-out students
+(`synthetic-indomain`, per school too); (d) is scored after each of its rounds, so the report compares it with
+the federation at the same round. The result is
 ``runs/<id>/references.json``; server/report.py draws it beside the federation's rounds ("What the
 federation added"). Simulation only: a real school has no one to pool its data with, and the held-out
 students exist only in the synthetic classroom.
@@ -272,6 +274,21 @@ def _final_federated(run_dir: Path) -> tuple[int, torch.nn.Module] | None:
     return int(checkpoint["round"]), model_from_checkpoint(checkpoint, run_dir / "checkpoints")
 
 
+def _best_federated(run_dir: Path, echo: Echo) -> tuple[int, torch.nn.Module] | None:
+    """checkpoints/best.pt's round and model (what the schools get when the run kept one), or None."""
+    from server.run_dir import BEST_CHECKPOINT, CheckpointError, load_checkpoint_file, model_from_checkpoint
+
+    path = run_dir / "checkpoints" / BEST_CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        checkpoint = load_checkpoint_file(path)
+        return int(checkpoint["round"]), model_from_checkpoint(checkpoint, path)
+    except CheckpointError as exc:
+        echo(f"the best round's model is not scored: {exc}")
+        return None
+
+
 def compute_references(cfg: Mapping[str, Any], run_dir: Path, data_root: Path, echo: Echo = print) -> Path | None:
     """Train and score the references `evaluation.references` asks for; write ``<run_dir>/references.json``.
     Returns its path, or None when none is asked for."""
@@ -293,6 +310,10 @@ def compute_references(cfg: Mapping[str, Any], run_dir: Path, data_root: Path, e
     final = _final_federated(Path(run_dir))
     if final is not None:
         record["federated"] = {"round": final[0], "scores": score(final[1], per_school=True)}
+    best = _best_federated(Path(run_dir), echo)   # the model the schools get (server/added.py compares it)
+    if best is not None:
+        same = final is not None and final[0] == best[0]
+        record["best"] = {"round": best[0], "scores": record["federated"]["scores"] if same else score(best[1], per_school=True)}
     own = _own_models(cfg, Path(run_dir), ids, score, echo)
     if own:
         record["own"] = own
@@ -313,7 +334,9 @@ def compute_references(cfg: Mapping[str, Any], run_dir: Path, data_root: Path, e
 
         def after_round(rnd: int, model: torch.nn.Module) -> None:
             last["scores"] = scores = score(model)
-            curve.append({"round": rnd, **{name: scores[name]["accuracy"] for name in (PUBLIC, INDOMAIN)}})
+            # every round with its CIs: the report compares the federation's kept round with (d) at that round
+            curve.append({"round": rnd, **{name: scores[name]["accuracy"] for name in (PUBLIC, INDOMAIN)},
+                          "scores": {name: scores[name] for name in (PUBLIC, INDOMAIN)}})
             echo(f"  (d) round {rnd}/{rounds}: public {scores[PUBLIC]['accuracy']:.3f}, "
                  f"in-domain {scores[INDOMAIN]['accuracy']:.3f}")
 

@@ -88,8 +88,9 @@ def test_the_table_compares_the_federation_with_start_pooled_and_schools_alone(t
     assert added.noise_free_curve(junk, "synthetic-indomain") == {"round": [], "accuracy": []}   # skipped, no crash
     assert added.per_school(data.references) == [
         {"school": "school-00", "students": 470, "alone": score(0.66), "federation": score(0.80),
-         "own-model": score(0.83)},
-        {"school": "school-02", "students": 660, "alone": score(0.71), "federation": score(0.75), "own-model": None}]
+         "federation_round": 3, "own-model": score(0.83)},
+        {"school": "school-02", "students": 660, "alone": score(0.71), "federation": score(0.75),
+         "federation_round": 3, "own-model": None}]
 
 
 def test_report_draws_the_section_and_its_plot_and_says_when_references_are_missing(tmp_path):
@@ -118,6 +119,72 @@ def test_report_draws_the_section_and_its_plot_and_says_when_references_are_miss
 
     broken = render_markdown(load_run(write_run(tmp_path / "broken", "{not json")), {})
     assert "references.json: unreadable" in broken and "## What the federation added" in broken
+
+
+def keep_best_round(run: Path, best_round: int, public: float) -> None:
+    """checkpoints/best.json as the run writes it (server/run_dir.py save_best): best.pt holds `best_round`."""
+    (run / "checkpoints").mkdir(exist_ok=True)
+    (run / "checkpoints" / "best.json").write_text(json.dumps(
+        {"round": best_round, "by": "mean", "score": public, "accuracies": {"synthetic-fer2013": public}}))
+
+
+def test_the_comparison_is_about_the_model_the_schools_get_and_matches_rounds_with_the_noise_free_run(tmp_path):
+    """best.pt holds round 2, not the last round 3: the headline and the federation row are round 2's model
+    (what every command uses), the last round is shown beside it, and (d) is taken after the same rounds."""
+    references = json.loads(json.dumps(REFERENCES))
+    references["noise-free"]["curve"] = [
+        {"round": r, "synthetic-fer2013": p, "synthetic-indomain": i, "scores": both(p, i)}
+        for r, p, i in ((1, 0.83, 0.73), (2, 0.84, 0.76), (3, 0.85, 0.79))]
+    references["best"] = {"round": 2, "scores": {**both(0.83, 0.75), "per-school": {"0": score(0.77), "2": score(0.74)}}}
+    run = write_run(tmp_path / "run", references)
+    keep_best_round(run, 2, 0.83)
+    data = load_run(run)
+    from server.report import added_rows
+
+    rows = added_rows(data)
+    assert [r["key"] for r in rows] == ["start", "federation", "federation-last", "noise-free", "noise-free-last",
+                                        "central", "best-alone", "each-alone"]
+    by = {r["key"]: r for r in rows}
+    assert by["federation"]["round"] == 2 and by["federation"]["indomain"]["accuracy"] == 0.75
+    assert by["federation"]["label"].endswith("after round 2, the best on the public benchmarks (checkpoints/best.pt)")
+    assert by["federation-last"]["round"] == 3 and by["federation-last"]["indomain"]["accuracy"] == 0.78
+    # like with like: (d) after round 2 beside the federation's round 2, with its CI from the curve
+    assert by["noise-free"]["label"].endswith("after round 2") and by["noise-free"]["indomain"] == score(0.76)
+    assert by["noise-free-last"]["label"].endswith("after round 3") and by["noise-free-last"]["indomain"] == score(0.79)
+    text = added.headline(rows)
+    assert text.startswith("The federation's model in checkpoints/best.pt (round 2, the best on the public benchmarks) "
+                           "recognises 75.0 % of expressions on the schools' own kind of faces")
+    assert "+6.0 points against the starting model (69.0 %)" in text
+    assert "-1.0 points against the same federation without privacy after round 2 (76.0 %)" in text
+    assert "The last round, 3, scores 78.0 % there (without privacy after round 3: 79.0 %)." in text
+    # each school in the federation: best.pt's model, and the table says which round
+    assert [(row["federation"], row["federation_round"]) for row in added.per_school(data.references)] == [
+        (score(0.77), 2), (score(0.74), 2)]
+    section = render_markdown(data, {}).split("## What the federation added")[1].split("\n## ")[0]
+    assert section.split("\n")[2] == text
+    assert "| in the federation (round 2), % [95% CI] |" in section
+    assert ("| Federation (schools train privately together) — after round 3, the last round | 84.00 [82.00, 86.00] | "
+            "78.00 [76.00, 80.00] | ε ≤ 7.82 per school |") in section
+
+    # best.pt is the last round: one federation row, said to be both
+    keep_best_round(run, 3, 0.84)
+    rows = added_rows(load_run(run))
+    assert [r["key"] for r in rows][:3] == ["start", "federation", "noise-free"]
+    assert rows[1]["label"].endswith("after round 3, the last and the best on the public benchmarks (checkpoints/best.pt)")
+    assert added.headline(rows).startswith("The federation recognises 78.0 %") and "The last round" not in added.headline(rows)
+
+
+def test_a_federation_that_stopped_early_is_compared_with_the_noise_free_run_at_its_own_last_round(tmp_path):
+    """(d) always trains the planned rounds; the federation stopped after 3 of 5 (no school could train): its
+    comparison is with (d) after round 3, not after (d)'s round 5. An older file (curve without CIs) still works."""
+    references = json.loads(json.dumps(REFERENCES))
+    references["noise-free"].update(rounds=5, scores=both(0.88, 0.86), curve=[
+        {"round": r, "synthetic-indomain": a} for r, a in ((1, 0.73), (2, 0.76), (3, 0.77), (4, 0.82), (5, 0.86))])
+    data = load_run(write_run(tmp_path / "run", references))
+    by = {r["key"]: r for r in added.rows(data.rounds, data.references, federation_epsilon=7.82)}
+    assert by["noise-free"]["label"].endswith("after round 3") and by["noise-free"]["indomain"] == {"accuracy": 0.77}
+    assert by["noise-free"]["public"] is None   # this older curve has no public accuracy
+    assert "+1.0 points against the same federation without privacy (77.0 %)" in added.headline(list(by.values()))
 
 
 @pytest.mark.parametrize("value", ["central", "alone,central", "", "noise-free, central", "central,alone,noise-free"])
@@ -188,6 +255,10 @@ def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_
     run = RunDirectory(tmp_path / "run")
     run.path.mkdir()
     run.save_checkpoint(2, registry.build_from_config(cfg).state_dict(), registry.model_info(cfg), cfg, {})
+    from server.best_round import RoundScore   # round 1 scored best on the public benchmarks: what the schools get
+
+    run.save_best(RoundScore(1, "mean", {"synthetic-fer2013": 0.5}), registry.build_from_config(cfg).state_dict(),
+                  registry.model_info(cfg), cfg, [])
     # school-01 kept its own last model (client/school_round.py); school-00's file is broken: named and skipped
     from client.node import simulated_state_dir
     from client.school_round import OWN_MODEL
@@ -214,9 +285,11 @@ def test_references_train_from_the_start_and_report_the_accountants_epsilon(tmp_
     assert (more_frames.noise_multiplier, more_frames.sample_rate, more_frames.steps) == (
         plan.noise_multiplier, plan.sample_rate, plan.steps) and more_frames.frames_per_unit == 3
     assert list(record["alone"]) == ["school-00"]   # one school asked for: the smallest (equal sizes: the first)
-    quiet = record["noise-free"]   # (d): both schools, both rounds, scored after each
+    quiet = record["noise-free"]   # (d): both schools, both rounds, scored after each (with CIs: compared by round)
     assert (quiet["rounds"], quiet["schools"]) == (2, 2) and [c["round"] for c in quiet["curve"]] == [1, 2]
     assert quiet["curve"][-1]["synthetic-indomain"] == quiet["scores"]["synthetic-indomain"]["accuracy"]
+    assert quiet["curve"][-1]["scores"]["synthetic-indomain"] == quiet["scores"]["synthetic-indomain"]
+    assert record["best"]["round"] == 1 and set(record["best"]["scores"]["per-school"]) == {"0", "1"}
     assert any(line.startswith("  (d) round 2/2: public ") for line in said)
     for sid in record["alone"]:
         privacy = record["alone"][sid]["privacy"]

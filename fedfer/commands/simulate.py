@@ -220,7 +220,7 @@ def _already_finished(cfg: dict[str, Any]) -> bool:
 def _references(cfg: dict[str, Any], run_path: Path, root: Path, started: float) -> int:
     """evaluation.references: train the reference models after the federation, then redraw the report."""
     from server import added
-    from server.report import build_report, federation_epsilon, load_run
+    from server.report import added_rows, build_report, load_run
     from simulations.references import compute_references
 
     print("\nreference models (simulation only; not sent anywhere, not charged to any school's budget)")
@@ -228,7 +228,7 @@ def _references(cfg: dict[str, Any], run_path: Path, root: Path, started: float)
     compute_references(cfg, run_path, root, echo=_indented)
     report = build_report(run_path)
     data = load_run(run_path)
-    table = added.rows(data.rounds, data.references, federation_epsilon(data))
+    table = added_rows(data)
     print(f"  {added.headline(table)}")
     print(f"  references took {time.perf_counter() - before:.0f} s; total wall time {time.perf_counter() - started:.0f} s")
     print(f"  report             {report}")
