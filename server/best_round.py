@@ -7,12 +7,17 @@ scored best there as ``checkpoints/best.pt`` (server/round_writer.py writes it, 
 Why this costs no privacy: every global model is already a DP release (each school's update is noised before it
 leaves the school; FedAvg and the server momentum are post-processing), and choosing one of them by a score
 computed on public data only is post-processing too — it reads nothing of any school. Choosing by the schools'
-held-out faces (`synthetic-indomain`) would not be: that is school data, and it does not exist in a deployment.
-So those benchmarks (`shared_models.datasets.SCHOOL_DATA_BENCHMARKS`) never enter the score.
+faces would not be: that is school data, outside every ledger. The server cannot see what an evaluation node
+holds — only the names it scores under — so which benchmarks may score is declared, not guessed:
+`evaluation.public_benchmarks` lists them, and a benchmark not in it never counts (a deployed evaluation node
+given the schools' own faces under a name nobody declared public cannot choose the round). The schools'
+held-out faces (`synthetic-indomain`, `shared_models.datasets.SCHOOL_DATA_BENCHMARKS`) can never be declared
+public: the config refuses them.
 
-`evaluation.keep_best` says how a round is scored:
-- ``mean``: the mean accuracy over the public benchmarks the round was scored on (the default);
-- ``first``: the accuracy on the config's first public benchmark (else the first the evaluation node scored);
+`evaluation.keep_best` says how a round is scored (`BestRoundRule` holds it with the declared public benchmarks):
+- ``mean``: the mean accuracy over the declared-public benchmarks the round was scored on (the default);
+- ``first``: the accuracy on the config's first declared-public benchmark (else the first the evaluation node
+  scored);
 - ``off``: no best round is kept.
 
 Two rounds are compared on the benchmarks both were scored on (an evaluation node whose list changed mid-run
@@ -30,9 +35,40 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from shared_models.config import RULES
-from shared_models.datasets import is_school_data, split_benchmark_list
+from shared_models.datasets import canonical_name, is_school_data, split_benchmark_list
 
 KEEP_BEST_CHOICES = RULES["evaluation.keep_best"].choices or ()
+
+
+@dataclass(frozen=True)
+class BestRoundRule:
+    """How a round's model is scored for checkpoints/best.pt: `by` (`evaluation.keep_best`), the benchmark names
+    declared public (`evaluation.public_benchmarks`, canonical), and `primary`, the config's first declared-public
+    benchmark (what `first` scores)."""
+
+    by: str
+    public: frozenset[str]
+    primary: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "BestRoundRule":
+        public = declared_public(str(cfg["evaluation.public_benchmarks"]))
+        return cls(str(cfg["evaluation.keep_best"]), public, first_public(str(cfg["evaluation.benchmarks"]), public))
+
+    def counts(self, name: str) -> bool:
+        """May a benchmark scored under `name` (``fer2013``, ``raf-db:test``) choose the best round?"""
+        return is_declared_public(name, self.public)
+
+
+def is_declared_public(name: str, public: frozenset[str]) -> bool:
+    """Is the benchmark scored under `name` (any split, any alias) one of the `public` names? Never the schools'
+    held-out faces, whatever a list says."""
+    return not is_school_data(name) and canonical_name(name.split(":", 1)[0]) in public
+
+
+def declared_public(value: str) -> frozenset[str]:
+    """The canonical benchmark names of `evaluation.public_benchmarks` (comma-separated; the config checked them)."""
+    return frozenset(canonical_name(part) for part in value.split(",") if part.strip())
 
 
 @dataclass(frozen=True)
@@ -64,9 +100,9 @@ class RoundScore:
         return {"round": self.round, "by": self.by, "score": self.score, "accuracies": dict(self.accuracies)}
 
 
-def public_accuracies(evaluation: Mapping[str, Any] | None) -> dict[str, float]:
-    """benchmark -> accuracy of every public benchmark in a round's evaluation (school-data benchmarks and
-    anything without a finite accuracy in [0, 1] left out), in the evaluation's order."""
+def _accuracies(evaluation: Mapping[str, Any] | None) -> dict[str, float]:
+    """benchmark -> accuracy of a round's evaluation: every finite accuracy in [0, 1], the schools' held-out faces
+    (`is_school_data`) left out, in the evaluation's order."""
     out: dict[str, float] = {}
     for name, metrics in (evaluation or {}).items():
         if not isinstance(name, str) or is_school_data(name) or not isinstance(metrics, Mapping):
@@ -78,24 +114,35 @@ def public_accuracies(evaluation: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def round_score(server_round: int, evaluation: Mapping[str, Any] | None, by: str, primary: str) -> RoundScore | None:
-    """The round's selection score under `by` (`evaluation.keep_best`), or None: `off`, round 0 (the start
-    model), or no public benchmark scored. `primary` is the config's first benchmark (used by `first`)."""
-    if by == "off" or server_round < 1:
+def public_accuracies(evaluation: Mapping[str, Any] | None, rule: BestRoundRule) -> dict[str, float]:
+    """benchmark -> accuracy of every benchmark of a round's evaluation that `rule` counts (declared public)."""
+    return {name: accuracy for name, accuracy in _accuracies(evaluation).items() if rule.counts(name)}
+
+
+def round_score(server_round: int, evaluation: Mapping[str, Any] | None, rule: BestRoundRule) -> RoundScore | None:
+    """The round's selection score under `rule`, or None: `off`, round 0 (the start model), or no declared-public
+    benchmark scored."""
+    if rule.by == "off" or server_round < 1:
         return None
-    public = public_accuracies(evaluation)
+    public = public_accuracies(evaluation, rule)
     if not public:
         return None
-    if by == "first":
-        name = primary if primary in public else next(iter(public))
+    if rule.by == "first":
+        name = rule.primary if rule.primary in public else next(iter(public))
         public = {name: public[name]}
-    return RoundScore(server_round, by, public)
+    return RoundScore(server_round, rule.by, public)
 
 
-def first_public(benchmarks: str) -> str:
-    """The name of the first public benchmark of `evaluation.benchmarks` ("" if it lists none)."""
+def undeclared(evaluation: Mapping[str, Any] | None, rule: BestRoundRule) -> list[str]:
+    """The benchmarks a round was scored on that may not choose the best round because nobody declared them
+    public (the schools' held-out faces, which never may, are not named)."""
+    return [name for name in _accuracies(evaluation) if not rule.counts(name)]
+
+
+def first_public(benchmarks: str, public: frozenset[str]) -> str:
+    """The name of the first benchmark of `evaluation.benchmarks` declared public ("" if none is)."""
     names = [spec.split("=", 1)[0].strip() for spec in split_benchmark_list(benchmarks)]   # evaluation.spec_name
-    return next((name for name in names if not is_school_data(name)), "")
+    return next((name for name in names if is_declared_public(name, public)), "")
 
 
 def beats(candidate: RoundScore, best: RoundScore | None) -> bool:
@@ -107,11 +154,11 @@ def beats(candidate: RoundScore, best: RoundScore | None) -> bool:
     return bool(common) and candidate.on(common) > best.on(common)
 
 
-def best_of(evaluations: Mapping[int, Mapping[str, Any] | None], by: str, primary: str) -> RoundScore | None:
+def best_of(evaluations: Mapping[int, Mapping[str, Any] | None], rule: BestRoundRule) -> RoundScore | None:
     """The best round of {round: evaluation} (e.g. metrics.jsonl), chosen as the run chooses it."""
     best: RoundScore | None = None
     for server_round in sorted(evaluations):
-        candidate = round_score(server_round, evaluations[server_round], by, primary)
+        candidate = round_score(server_round, evaluations[server_round], rule)
         if candidate is not None and beats(candidate, best):
             best = candidate
     return best
@@ -126,19 +173,20 @@ def score_from_json(value: Any) -> RoundScore | None:
         return None
     if by not in KEEP_BEST_CHOICES or not isinstance(accuracies, Mapping) or not accuracies:
         return None
-    checked = public_accuracies({name: {"accuracy": acc} for name, acc in accuracies.items()})
+    checked = _accuracies({name: {"accuracy": acc} for name, acc in accuracies.items()})
     if len(checked) != len(accuracies):
         return None
     return RoundScore(server_round, str(by), checked)
 
 
 def last_scored(evaluations: Mapping[int, Mapping[str, Any] | None]) -> RoundScore | None:
-    """The last round (>= 1) with a public score, all its public benchmarks counted (`compare_line` then
-    compares it with the best on the benchmarks both were scored on)."""
+    """The last round (>= 1) with a score, every benchmark but the schools' held-out faces counted: for showing
+    beside the best round only (`compare_line` compares the two on the benchmarks both were scored on, which
+    are the best's declared-public ones)."""
     for server_round in sorted(evaluations, reverse=True):
-        score = round_score(server_round, evaluations[server_round], "mean", "")
-        if score is not None:
-            return score
+        scored = _accuracies(evaluations[server_round])
+        if server_round >= 1 and scored:
+            return RoundScore(server_round, "mean", scored)
     return None
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from server.best_round import RoundScore, best_of, compare_line, first_public, last_scored
+from server.best_round import BestRoundRule, RoundScore, best_of, compare_line, last_scored
 from shared_models.atomic_files import atomic_write_text
 from shared_models.config import ConfigError, read_yaml_file
 from shared_models.labels import FER7, FER8
@@ -568,10 +568,12 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
 def best_public_round(data: RunData) -> RoundScore | None:
     """The round whose global model scored best on the public benchmarks, chosen as the run chose best.pt
     (`evaluation.keep_best`; `off` reports the mean's choice). The schools' held-out faces never count."""
+    from shared_models.config import defaults
+
     by = str(data.config.get("evaluation.keep_best", "mean"))
-    by = by if by in ("mean", "first") else "mean"
-    return best_of({r: record.get("evaluation") for r, record in data.rounds.items()}, by,
-                   first_public(str(data.config.get("evaluation.benchmarks", ""))))
+    # a run from before evaluation.public_benchmarks: the default list (config.yaml records every key since)
+    settings = {**defaults(), **data.config, "evaluation.keep_best": by if by in ("mean", "first") else "mean"}
+    return best_of({r: record.get("evaluation") for r, record in data.rounds.items()}, BestRoundRule.from_config(settings))
 
 
 def _best_round_lines(data: RunData) -> list[str]:

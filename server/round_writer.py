@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
-from server.best_round import RoundScore, beats, best_of, first_public, round_score
+from server.best_round import BestRoundRule, RoundScore, beats, best_of, round_score, undeclared
 from server.run_dir import CheckpointError, RunDirectory, _json_default, load_checkpoint_file
 from server.strategy import RoundRecord
 from shared_models.datasets import split_benchmark_list
@@ -78,6 +78,8 @@ class RoundWriter:
         self._model: Any = None             # built on first in-process evaluation
         self._benchmark_cache: dict = {}
         self.keep_best = str(cfg["evaluation.keep_best"])
+        self.best_rule = BestRoundRule.from_config(cfg)
+        self.named_undeclared: set[str] = set()   # benchmarks already named as not declared public (said once)
         self.best: RoundScore | None = self._best_so_far()
 
     def _best_so_far(self) -> RoundScore | None:
@@ -96,9 +98,8 @@ class RoundWriter:
             log(WARNING, "[fedfer] %s; it is replaced", reason)
             self.run.event("best-unreadable", reason=reason)
             kept = None
-        first = first_public(str(self.cfg["evaluation.benchmarks"]))
         scored = {line["round"]: line.get("evaluation") for line in self.run.metrics()}
-        recorded = best_of(scored, self.keep_best, first)
+        recorded = best_of(scored, self.best_rule)
         if recorded is None or (kept is not None and not beats(recorded, kept)):
             return kept
         folder = self.run.path / "checkpoints"
@@ -107,7 +108,7 @@ class RoundWriter:
             log(WARNING, "[fedfer] round %d scored best on the public benchmarks (%s) but its weights are no longer "
                 "on disk; best.pt keeps the best round from those that are", recorded.round, recorded.describe())
             self.run.event("best-weights-gone", round=recorded.round)
-            recorded = best_of(on_disk, self.keep_best, first)
+            recorded = best_of(on_disk, self.best_rule)
             if recorded is None or (kept is not None and not beats(recorded, kept)):
                 return kept
         try:
@@ -192,11 +193,31 @@ class RoundWriter:
 
     def keep_if_best(self, record: RoundRecord, arrays: ArrayRecord, strategy_state: Mapping[str, Any]) -> None:
         """Round `record.round`'s model becomes checkpoints/best.pt if it beats the best so far on the public
-        benchmarks (`evaluation.keep_best`; the schools' own faces never count)."""
-        candidate = round_score(record.round, record.evaluation, self.keep_best,
-                                first_public(str(self.cfg["evaluation.benchmarks"])))
+        benchmarks (`evaluation.keep_best`, `evaluation.public_benchmarks`; the schools' own faces never count)."""
+        candidate = round_score(record.round, record.evaluation, self.best_rule)
+        self._name_undeclared(record, chosen_on=candidate)
         if candidate is None or not beats(candidate, self.best):
             return
         self.run.save_best(candidate, arrays.to_torch_state_dict(), self.model_info, self.cfg,
                            list(strategy_state.get("exhausted", [])))
         self.best = candidate
+
+    def _name_undeclared(self, record: RoundRecord, chosen_on: RoundScore | None) -> None:
+        """Say once, in one line (and in events.jsonl), which scored benchmarks cannot choose the best round
+        because `evaluation.public_benchmarks` does not list them: a deployment whose evaluation node holds
+        fer2013 keeps no best round until someone declares fer2013 public, and should hear why."""
+        if self.keep_best == "off" or record.round < 1:
+            return
+        new = [name for name in undeclared(record.evaluation, self.best_rule) if name not in self.named_undeclared]
+        if not new:
+            return
+        self.named_undeclared.update(new)
+        names = ", ".join(new)
+        if chosen_on is None and self.best is None:
+            consequence = "no best round is kept"
+        else:
+            consequence = "the best round is chosen on " + ", ".join(sorted((chosen_on or self.best).accuracies))   # type: ignore[union-attr]
+        log(WARNING, "[fedfer] %s: %s not declared public in evaluation.public_benchmarks, so %s; list a benchmark "
+            "there only if it holds public data, never a school's faces (docs/privacy.md)", names,
+            "is" if len(new) == 1 else "are", consequence)
+        self.run.event("benchmarks-not-public", round=record.round, benchmarks=new)

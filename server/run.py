@@ -141,6 +141,8 @@ def refuse_changed_settings(requested: Mapping[str, Any], original: Mapping[str,
 #: Keys a resume may not change for the server's own sake (not the schools'), with why.
 KEPT_FOR_THE_SERVER = {
     "evaluation.keep_best": "checkpoints/best.pt was chosen by it so far, and rounds scored another way would not compare",
+    "evaluation.public_benchmarks": "checkpoints/best.pt was chosen on those benchmarks so far, and rounds scored on "
+                                    "others would not compare",
 }
 
 

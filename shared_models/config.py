@@ -401,6 +401,25 @@ def _check_benchmarks(value: str, source: str) -> None:
                               f"({key}=PATH)")
 
 
+def _check_public_benchmarks(value: str, source: str) -> None:
+    """evaluation.public_benchmarks: benchmark names only (no path or split: it declares what a name holds, on
+    whichever node scores it), each one known, and never the schools' held-out faces."""
+    from shared_models.datasets import READERS, SCHOOL_DATA_BENCHMARKS, SYNTHETIC, benchmark_names, canonical_name
+
+    key = "evaluation.public_benchmarks"
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        if "=" in item or ":" in item:
+            raise ConfigError(f"{source}: key '{key}': {_show(item)} must be a benchmark name alone "
+                              f"(e.g. {item.split('=')[0].split(':')[0].strip() or 'fer2013'}), without a split or path")
+        name = canonical_name(item)
+        if name in SCHOOL_DATA_BENCHMARKS:
+            raise ConfigError(f"{source}: key '{key}': {name} is the schools' own held-out students, not public "
+                              "data; it can never choose the best round (docs/privacy.md)")
+        if name not in READERS and name not in SYNTHETIC:
+            raise ConfigError(f"{source}: key '{key}': unknown benchmark {_show(item)} "
+                              f"(known: {', '.join(n for n in benchmark_names() if n not in SCHOOL_DATA_BENCHMARKS)})")
+
+
 def _check_run_name(value: str, source: str) -> None:
     """run.name is one folder below run.root: no separators, no `..`, nothing absolute."""
     if value and not RUN_NAME.match(value):
@@ -451,6 +470,7 @@ def validate(flat: Mapping[str, Any], source: str = "config", *, at_school: bool
         _check_school_budgets(str(resolved.get("privacy.school_budgets", "")), source)
     _check_model(resolved, source)
     _check_benchmarks(str(resolved["evaluation.benchmarks"]), source)
+    _check_public_benchmarks(str(resolved["evaluation.public_benchmarks"]), source)
     return resolved
 
 

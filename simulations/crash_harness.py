@@ -486,14 +486,13 @@ def check_run(run_dir: Path, phase: Phase, *, finished: bool, rounds: int, crash
 
 def check_best(run_dir: Path, metrics: list[dict], finished: bool) -> tuple[bool, str]:
     """The `best` invariant: (holds, what was seen)."""
-    from server.best_round import beats, best_of, first_public, score_from_json
+    from server.best_round import BestRoundRule, beats, best_of, score_from_json
     from server.run_dir import CheckpointError, load_checkpoint_file, read_best_json
-    from shared_models.config import read_yaml_file
+    from shared_models.config import defaults, read_yaml_file
 
-    cfg = read_yaml_file(run_dir / "config.yaml")   # flat keys
+    cfg = {**defaults(), **read_yaml_file(run_dir / "config.yaml")}   # flat keys
     lines = {int(m["round"]): m.get("evaluation") for m in metrics if isinstance(m, dict) and "round" in m}
-    expected = best_of(lines, str(cfg.get("evaluation.keep_best", "mean")),
-                       first_public(str(cfg.get("evaluation.benchmarks", ""))))
+    expected = best_of(lines, BestRoundRule.from_config(cfg))
     path = run_dir / "checkpoints" / "best.pt"
     if not path.exists():
         return expected is None, f"no best.pt; best of metrics.jsonl {expected.round if expected else None}"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from server.best_round import RoundScore, beats, best_of, round_score
+from server.best_round import BestRoundRule, RoundScore, beats, best_of, round_score
 from server.round_writer import RoundWriter
 from server.run_dir import RoundRecord, RunDirectory, load_checkpoint_file
 from shared_models.config import ConfigError, load_config
@@ -105,7 +105,52 @@ def test_the_schools_held_out_faces_never_choose_the_round(tmp_path):
     _run_rounds(writer, cfg, {1: _evaluation(None, 0.5), 2: _evaluation(None, 0.9)})
     assert not _best_file(tmp_path / "indomain-only").exists()
     # also when the evaluation node names them with a split or an alias
-    assert round_score(1, _evaluation(None, None, **{"synthetic-indomain:all": 0.9}), "mean", PUBLIC) is None
+    rule = BestRoundRule.from_config(cfg)
+    assert round_score(1, _evaluation(None, None, **{"synthetic-indomain:all": 0.9}), rule) is None
+
+
+def test_only_benchmarks_declared_public_choose_the_round(tmp_path, caplog):
+    """The server sees only the names an evaluation node scores under: a deployed evaluation node given the
+    schools' own faces as an image folder (or as anything not declared public) cannot choose the round. Only
+    `evaluation.public_benchmarks` may, and its default lists the synthetic public sets alone."""
+    faces = "imagefolder=/srv/lincoln/faces"   # what an evaluation node holding school faces might be given
+    writer, cfg = _new_run(tmp_path / "school-faces", f"evaluation.benchmarks={PUBLIC},{faces}")
+    with caplog.at_level("WARNING"):
+        _run_rounds(writer, cfg, {1: _evaluation(0.9, imagefolder=0.40), 2: _evaluation(0.8, imagefolder=0.95),
+                                  3: _evaluation(0.7, imagefolder=0.99)})
+    assert _kept_round(tmp_path / "school-faces") == 1 and set(_best_json(tmp_path / "school-faces")["accuracies"]) == {PUBLIC}
+    said = [r.getMessage() for r in caplog.records if "declared public" in r.getMessage()]
+    assert said == ["[fedfer] imagefolder: is not declared public in evaluation.public_benchmarks, so the best round is "
+                    "chosen on synthetic-fer2013; list a benchmark there only if it holds public data, never a school's "
+                    "faces (docs/privacy.md)"]   # once, not every round
+    # a deployment's real benchmark must be declared: until then no best round, and one line says why
+    caplog.clear()
+    writer, cfg = _new_run(tmp_path / "undeclared", "evaluation.benchmarks=fer2013=/data/fer2013.csv")
+    with caplog.at_level("WARNING"):
+        _run_rounds(writer, cfg, {1: {"fer2013": {"accuracy": 0.6}}, 2: {"fer2013": {"accuracy": 0.7}}})
+    assert not _best_file(tmp_path / "undeclared").exists()
+    assert "fer2013: is not declared public in evaluation.public_benchmarks, so no best round is kept" in caplog.text
+    events = [json.loads(line) for line in (tmp_path / "undeclared" / "runs" / "t" / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["benchmarks"]) for e in events] == [("benchmarks-not-public", ["fer2013"])]
+    writer, cfg = _new_run(tmp_path / "declared", "evaluation.benchmarks=fer2013=/data/fer2013.csv",
+                           "evaluation.public_benchmarks=FER-2013,rafdb")   # any spelling the readers take
+    _run_rounds(writer, cfg, {1: {"fer2013:test": {"accuracy": 0.6}}, 2: {"fer2013:test": {"accuracy": 0.7}}})
+    assert _kept_round(tmp_path / "declared") == 2
+
+
+@pytest.mark.parametrize("value, message", [
+    ("synthetic-indomain", "evaluation.public_benchmarks': synthetic-indomain is the schools' own held-out students"),
+    ("fer2013,synthetic-indomain:all", "'synthetic-indomain:all' must be a benchmark name alone (e.g. synthetic-indomain)"),
+    ("fer2013=/data/x.csv", "'fer2013=/data/x.csv' must be a benchmark name alone (e.g. fer2013), without a split or path"),
+    ("lincoln-faces", "evaluation.public_benchmarks': unknown benchmark 'lincoln-faces' (known: fer2013,"),
+])
+def test_the_public_benchmark_list_refuses_school_data_paths_and_unknown_names_in_one_line(value, message):
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [f"evaluation.public_benchmarks={value}"])
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    if "known: " in str(refused.value):   # the names it offers are ones that may be declared
+        assert "synthetic-indomain" not in str(refused.value).split("known: ")[1]
+    assert load_config(None, ["evaluation.public_benchmarks="])["evaluation.public_benchmarks"] == ""   # none: no best round
 
 
 def test_a_resumed_run_keeps_the_best_from_before_the_stop(tmp_path):
@@ -172,7 +217,8 @@ def test_keep_best_off_mean_and_first(tmp_path):
     two = {1: _evaluation(0.9, rafdb=0.2), 2: _evaluation(0.8, rafdb=0.5)}
     for by, expected in (("mean", 2), ("first", 1)):
         writer, cfg = _new_run(tmp_path / by, f"evaluation.keep_best={by}",
-                               f"evaluation.benchmarks={INDOMAIN},{PUBLIC},rafdb=/data/raf")
+                               f"evaluation.benchmarks={INDOMAIN},{PUBLIC},rafdb=/data/raf",
+                               f"evaluation.public_benchmarks={PUBLIC},rafdb")
         _run_rounds(writer, cfg, two)
         assert _kept_round(tmp_path / by) == expected, by
     with pytest.raises(ConfigError, match="evaluation.keep_best"):
@@ -190,7 +236,7 @@ def test_rounds_are_compared_on_the_benchmarks_both_were_scored_on():
     assert not beats(RoundScore(2, "mean", {"fer2013": 0.8}), best)      # a missing low benchmark does not help
     assert beats(RoundScore(2, "mean", {"fer2013": 0.95}), best)
     assert not beats(RoundScore(2, "mean", {"kdef": 0.99}), best)        # nothing in common: the best stays
-    assert best_of({1: _evaluation(0.7), 2: _evaluation(0.7)}, "mean", PUBLIC).round == 1
+    assert best_of({1: _evaluation(0.7), 2: _evaluation(0.7)}, BestRoundRule("mean", frozenset({PUBLIC}), PUBLIC)).round == 1
 
 
 def test_the_loaders_take_the_best_round_by_path_and_name_it_for_a_run_directory(tmp_path, capsys):

@@ -129,11 +129,12 @@ def test_fedfer_evaluate_reproduces_the_evaluation_node(federation):
 def test_the_best_public_round_is_kept_through_flower(federation):
     """checkpoints/best.pt holds the weights of the round that scored best on the public benchmark in
     metrics.jsonl (both rounds' checkpoints are still on disk to compare with), and the summary names it."""
-    from server.best_round import best_of
+    from server.best_round import BestRoundRule, best_of
+    from shared_models.config import read_yaml_file
 
     run = federation["run"]
     lines = {line["round"]: line["evaluation"] for line in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-    expected = best_of(lines, "mean", "synthetic-fer2013")
+    expected = best_of(lines, BestRoundRule.from_config(read_yaml_file(run / "config.yaml")))
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert best["round"] == expected.round and set(best["best"]["accuracies"]) == {"synthetic-fer2013"}
     same_round = torch.load(run / "checkpoints" / f"round-{expected.round:04d}.pt", weights_only=True)

@@ -34,7 +34,7 @@ from shared_models.datasets.rafdb import open_rafdb
 __all__ = [
     "Benchmark", "BenchmarkError", "UnreadableImageError", "collate_skipping", "open_benchmark",
     "open_benchmarks", "split_benchmark_list", "READERS", "SYNTHETIC", "benchmark_names", "SCHOOL_DATA_BENCHMARKS",
-    "is_school_data",
+    "is_school_data", "canonical_name",
 ]
 
 #: benchmark name -> reader(path, *, name, split, **options)
@@ -74,7 +74,8 @@ SYNTHETIC: dict[str, tuple[str, str, str]] = {
 
 #: benchmarks made of the schools' own students' faces (held out of training, but school data all the same):
 #: anything that uses them to choose between models is not post-processing of DP releases with public data, so
-#: the best round (server/best_round.py) is never chosen on them. They exist only in a simulation.
+#: the best round (server/best_round.py) is never chosen on them, and `evaluation.public_benchmarks` may not
+#: name them. They exist only in a simulation. (Any other benchmark chooses it only if declared public there.)
 SCHOOL_DATA_BENCHMARKS = frozenset({"synthetic-indomain"})
 
 
@@ -92,9 +93,13 @@ def benchmark_names() -> list[str]:
     return list(READERS) + list(SYNTHETIC)
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """A benchmark's name as the registry spells it (`RAF-DB` -> `rafdb`, ` FER2013 ` -> `fer2013`)."""
     key = name.strip().lower()
     return ALIASES.get(key, key)
+
+
+_canonical = canonical_name   # the readers' and the config's spelling
 
 
 def open_benchmark(spec: str, *, data_root: Path | None = None, split: str | None = None,
