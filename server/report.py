@@ -112,6 +112,7 @@ class RunData:
     references: dict[str, Any] | None = None   # references.json (simulations/references.py), when the run made it
     incidents: list[dict[str, Any]] = field(default_factory=list)   # events.jsonl: what the coordinator refused
     stopped_in_round: int | None = None   # events.jsonl "finished": the first round not run (no school could train)
+    stopped_why: str = "no school could train any more"   # its reason, in words (schools out of budget, or offline)
 
     @property
     def run_id(self) -> str:
@@ -232,9 +233,11 @@ def load_run(run_dir: Path) -> RunData:
         # isinstance first: an "event" that is a list or an object is unhashable (a TypeError in the dict lookup)
         events = [e for _, e in _read_jsonl(events_path, data.notes)]
         data.incidents = [e for e in events if isinstance(e.get("event"), str) and e["event"] in INCIDENTS]
-        stops = [e["round"] for e in events if e.get("event") == "finished" and isinstance(e.get("round"), int)
+        stops = [e for e in events if e.get("event") == "finished" and isinstance(e.get("round"), int)
                  and not isinstance(e["round"], bool) and 0 < e["round"] <= MAX_ROUND]
-        data.stopped_in_round = stops[-1] if stops else None
+        data.stopped_in_round = stops[-1]["round"] if stops else None
+        if stops and stops[-1].get("reason") == "no school online":   # server/strategy.py _finish
+            data.stopped_why = "no school that could train was online (federation.offline_wait)"
     if data.rounds:
         present = sorted(data.rounds)
         last = max(present[-1], data.planned_rounds or 0)
@@ -244,8 +247,8 @@ def load_run(run_dir: Path) -> RunData:
         trained = [r for r in present if r > 0]   # round 0 is the starting model, not a round of the plan
         if data.stopped_in_round is not None and data.stopped_in_round > present[-1]:
             # not a partial run: the coordinator ended it (server/strategy.py FederationFinished)
-            data.notes.append(f"the federation stopped after round {data.stopped_in_round - 1} of {last}: no school "
-                              f"could train any more; {counted(len(trained), 'round')} recorded")
+            data.notes.append(f"the federation stopped after round {data.stopped_in_round - 1} of {last}: "
+                              f"{data.stopped_why}; {counted(len(trained), 'round')} recorded")
         elif data.planned_rounds and present[-1] < data.planned_rounds:
             data.notes.append(f"partial run: {len(trained)} of {counted(last, 'planned round')} recorded")
     return data

@@ -105,15 +105,17 @@ class RoundHooks(Protocol):
 
 
 class FederationFinished(Exception):
-    """No school can train any more (budgets spent, none connected) and every trained round is recorded:
-    raised at the end of the last round (the one that found nobody left to train after it, or the one that
-    found nobody to train), to end Flower's round loop there
-    (`run_rounds`), instead of letting it run the remaining planned rounds with nothing to send."""
+    """No school can train any more (budgets spent, or none came back online in `federation.offline_wait`) and
+    every trained round is recorded: raised at the end of the last round (the one that found nobody left to
+    train after it, or the one that found nobody to train), to end Flower's round loop there
+    (`run_rounds`), instead of letting it run the remaining planned rounds with nothing to send. `why` is the
+    log's words for it."""
 
-    def __init__(self, stopped_after: int, planned: int) -> None:
-        super().__init__(f"no school can train any more: stopped after round {stopped_after} of {planned}")
+    def __init__(self, stopped_after: int, planned: int, why: str = "no school can train any more") -> None:
+        super().__init__(f"{why}: stopped after round {stopped_after} of {planned}")
         self.stopped_after = stopped_after
         self.planned = planned
+        self.why = why
 
 
 class NoRoundHooks:
@@ -181,6 +183,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self.rounds: RoundHooks = rounds if rounds is not None else NoRoundHooks()
         self.finished = False
         self.stopped_after = 0   # when finished: the last round of the federation (the rounds after it never ran)
+        self.finished_why = "no school can train any more"   # the stop line's words (`_finish`)
         self.rng = random.Random(int(cfg["run.seed"]))
         # client-level DP: one school, one vote (the wrapper's clipping bound assumes an unweighted average)
         if bool(cfg["federation.client_dp"]):
@@ -337,8 +340,13 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         if server_round == 1 and not self.school_nodes() and connected <= set(self.nodes):
             connected = self._wait_for_a_school(grid, connected)
         candidates = self._candidates(connected)
+        offline_for = None
+        if not candidates and server_round > 1 and not self._every_known_school_exhausted():
+            # gone since the check between rounds (`configure_evaluate`): offline is not finished either
+            connected = self._wait_for_schools_back(grid, after_round=rnd - 1)
+            candidates, offline_for = self._candidates(connected), float(self.cfg["federation.offline_wait"])
         if not candidates:
-            self._finish(connected, first_round_not_run=rnd)
+            self._finish(connected, first_round_not_run=rnd, offline_for=offline_for)
             return []
         count = max(int(round(len(candidates) * self.fraction_train)), min(int(self.cfg["federation.min_train_schools"]), len(candidates)), 1)
         chosen = self._pin_chosen(sorted(self.rng.sample(candidates, min(count, len(candidates)))))
@@ -364,17 +372,50 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         """The connected schools that can still be sent training (not out of budget, not refused)."""
         return [nid for nid, n in self.school_nodes().items() if nid in connected and n.school_id not in self.exhausted]
 
-    def _finish(self, connected: set[int], first_round_not_run: int) -> None:
+    def _finish(self, connected: set[int], first_round_not_run: int, offline_for: float | None = None) -> None:
         """No school can train any more: say so once (log, events.jsonl `finished`); the federation ends after
-        round `first_round_not_run` - 1 (`end_of_round` raises FederationFinished once that round is recorded)."""
+        round `first_round_not_run` - 1 (`end_of_round` raises FederationFinished once that round is recorded).
+        `offline_for`: the schools that could still train were offline and none came back in that many seconds."""
         self.finished = True
         self.stopped_after = first_round_not_run - 1
         # online but unknown: refused at the role query (e.g. every school refused the app), not "none connected"
         refused = len(connected - set(self.nodes))
+        if offline_for is not None and not refused:
+            self.finished_why = (f"no school that can train came back online within {offline_for:g} s" if offline_for > 0
+                                 else "no school that can train is online")
+            log(INFO, "[fedfer] %s (federation.offline_wait): finishing", self.finished_why)
+            self.run.event("finished", round=first_round_not_run, reason="no school online", waited_s=round(offline_for, 1),
+                           refused_at_query=0)
+            return
         why = (f"{counted(refused, 'online node')} refused or did not answer the role query: see the warnings above"
                if refused else "budgets exhausted or none connected")
         log(INFO, "[fedfer] no school can train any more (%s): finishing", why)
         self.run.event("finished", round=first_round_not_run, reason="no school can train", refused_at_query=refused)
+
+    def _wait_for_schools_back(self, grid: Grid, after_round: int) -> set[int]:
+        """Between rounds no school that could train is online, but not every one is out of budget: a deployment's
+        schools go offline and come back (a restarted node, a network outage, a school's night-time shutdown), so
+        this waits up to `federation.offline_wait` seconds for one (asking the SuperLink every
+        FIRST_SCHOOL_POLL_S), says who came back, and returns the nodes online then. The caller stops the
+        federation if still nobody can train. Nothing is sent meanwhile: the round waited for has not started."""
+        wait = float(self.cfg["federation.offline_wait"])
+        able = sorted(n.school_id for n in self.school_nodes().values() if n.school_id not in self.exhausted)
+        connected = self._discover(grid)
+        if wait <= 0:
+            return connected
+        log(INFO, "[fedfer] after round %d no school that can train is online (%s offline): waiting up to %g s "
+            "for one to come back (federation.offline_wait)", after_round, ", ".join(able) or "none met yet", wait)
+        started = time.monotonic()
+        while not self._candidates(connected) and time.monotonic() - started < wait:
+            time.sleep(min(FIRST_SCHOOL_POLL_S, max(0.0, wait - (time.monotonic() - started))))
+            connected = self._discover(grid)
+        waited = time.monotonic() - started
+        if self.record is not None:
+            self.record.timing["offline_wait_s"] = self.record.timing.get("offline_wait_s", 0.0) + waited
+        back = sorted(self.nodes[nid].school_id for nid in self._candidates(connected))
+        if back:
+            log(INFO, "[fedfer] back online after %.0f s: %s", waited, ", ".join(back))
+        return connected
 
     def _every_known_school_exhausted(self) -> bool:
         """Every school met so far declined on its budget or policy (so it declines every later round)."""
@@ -454,7 +495,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         if self.finished:
             # everything trained is recorded: end Flower's round loop here, so the rounds that cannot train
             # print no round lines (`run_rounds` catches this)
-            raise FederationFinished(stopped_after=self.stopped_after, planned=int(self.cfg["federation.rounds"]))
+            raise FederationFinished(stopped_after=self.stopped_after, planned=int(self.cfg["federation.rounds"]),
+                                     why=self.finished_why)
         return None
 
     def average_accepted(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -683,13 +725,17 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self._eval_target = None
         if self.record is not None and self.record.train:
             self.rounds.round_trained(self.record, arrays, self.state())
-            if not self.is_final_round(server_round) and self._every_known_school_exhausted():
-                # checked before this round's evaluation: a federation that is over evaluates its last round in
-                # its own exchange and ends here, instead of starting a round that finds nobody (a school that
-                # came online meanwhile is met by the role query and keeps it going)
-                connected = self._discover(grid)
+            if not self.is_final_round(server_round):
+                # checked before this round's evaluation and before Flower starts the next round: a federation that
+                # is over evaluates its last round in its own exchange and ends here, instead of starting a round
+                # that finds nobody (a school that came online meanwhile is met by the role query and keeps it
+                # going). Schools out of budget are over; schools offline may come back: they are waited for.
+                connected, offline_for = self._discover(grid), None
+                if not self._candidates(connected) and not self._every_known_school_exhausted():
+                    connected = self._wait_for_schools_back(grid, after_round=self.record.round)
+                    offline_for = float(self.cfg["federation.offline_wait"])
                 if not self._candidates(connected):
-                    self._finish(connected, first_round_not_run=self.record.round + 1)
+                    self._finish(connected, first_round_not_run=self.record.round + 1, offline_for=offline_for)
         if not self.is_final_round(server_round):
             return []
         if self.pending is not None:   # training stopped before the pending round's model got its evaluation
@@ -756,13 +802,13 @@ def run_rounds(runner: Strategy, strategy: SchoolFedAvg, grid: Grid, initial_arr
                timeout: float) -> None:
     """Flower's round loop (`runner.start`: the strategy, or the client-DP wrapper around it) over `num_rounds`,
     ended early when the strategy finds no school that can train (FederationFinished): the log then says the
-    federation stopped, and shows no round lines for rounds that never trained."""
+    federation stopped and why, and shows no round lines for rounds that never trained."""
     try:
         runner.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
                      train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=strategy.end_of_round)
     except FederationFinished as stop:
-        log(INFO, "[fedfer] federation stopped after round %d of %d: no school can train any more (%s not run)",
-            stop.stopped_after, stop.planned, counted(stop.planned - stop.stopped_after, "planned round"))
+        log(INFO, "[fedfer] federation stopped after round %d of %d: %s (%s not run)",
+            stop.stopped_after, stop.planned, stop.why, counted(stop.planned - stop.stopped_after, "planned round"))
 
 
 BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,63}$")

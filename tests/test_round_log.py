@@ -67,10 +67,28 @@ def _answerer(keys: dict[int, str], trains: dict[int, int]):
     return answer
 
 
-def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, leave_after_round_1: bool = False):
+class ComingBackGrid(FakeGrid):
+    """Nodes that go offline once they have answered round 1 and, when `back_after` is a number, are online again
+    after the server has asked the SuperLink for its nodes that many times while they were away."""
+
+    def __init__(self, node_ids, answer, back_after: int | None) -> None:
+        super().__init__(node_ids, answer)
+        self.everyone, self.back_after, self.asked_while_away = list(node_ids), back_after, 0
+
+    def get_node_ids(self):
+        if not self.node_ids and self.back_after is not None:
+            self.asked_while_away += 1
+            if self.asked_while_away > self.back_after:
+                self.node_ids = list(self.everyone)
+        return list(self.node_ids)
+
+
+def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, leave_after_round_1: bool = False,
+         back_after: int | None = None):
     """A federation of len(trains) schools over `rounds` rounds, run by Flower's round loop as server/app.py
     runs it (`wrap`: around a wrapper, as client-level DP's; `leave_after_round_1`: every node goes offline
-    once it has answered round 1); returns the run directory."""
+    once it has answered round 1, and comes back after `back_after` node-list requests if given); returns the
+    run directory."""
     from privacy.signing import load_or_create_signing_key, public_key_pem
     from server.round_writer import RoundWriter
     from server.run_dir import RunDirectory
@@ -91,11 +109,14 @@ def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, 
     writer.model_info = {"name": "fake", "preset": "", "num_classes": 7}
     strategy = SchoolFedAvg(cfg, run, rounds=writer)
     answer = _answerer(keys, trains)
-    grid = FakeGrid(list(trains), answer)
+    grid = ComingBackGrid(list(trains), answer, back_after)
     if leave_after_round_1:
+        left: set[int] = set()
+
         def answer_then_leave(nid, message):
             reply = answer(nid, message)
-            if message.metadata.message_type == MessageType.TRAIN:
+            if message.metadata.message_type == MessageType.TRAIN and nid not in left:
+                left.add(nid)
                 grid.node_ids = [n for n in grid.node_ids if n != nid]
             return reply
         grid.answer = answer_then_leave
@@ -133,14 +154,47 @@ def test_the_stop_ends_the_loop_of_the_client_dp_wrapper_too(tmp_path, log_lines
     assert log_lines.matching("federation stopped after round 2 of 5") and not log_lines.matching("[ROUND 3/5]")
 
 
-def test_schools_gone_offline_stop_the_federation_in_the_round_that_finds_none(tmp_path, log_lines):
-    """Not known in advance (no school declined): the next round's start finds nobody, and that is the last
-    round line Flower prints."""
-    run = _run(tmp_path, 4, {101: 5, 202: 5}, leave_after_round_1=True)
+@pytest.fixture()
+def quick_polls(monkeypatch):
+    import server.strategy as module
+
+    monkeypatch.setattr(module, "FIRST_SCHOOL_POLL_S", 0.01)
+
+
+def test_schools_gone_offline_are_waited_for_then_the_federation_stops_before_the_next_round(tmp_path, log_lines,
+                                                                                             quick_polls):
+    """Offline is not out of budget: between rounds the server waits `federation.offline_wait` for a school to come
+    back, then stops with a line that says so — before Flower starts the next round (no "[ROUND 2/4]" header, no
+    round line for a round that never trained), the last round evaluated in its own exchange."""
+    run = _run(tmp_path, 4, {101: 5, 202: 5}, "federation.offline_wait=0.3", leave_after_round_1=True)
     assert [line["round"] for line in run.metrics()] == [1]
-    assert log_lines.matching("[ROUND 2/4]") and not log_lines.matching("[ROUND 3/4]")
-    assert log_lines.matching("federation stopped after round 1 of 4: no school can train any more (3 planned rounds not run)")
+    assert not log_lines.matching("[ROUND 2/4]")
+    assert log_lines.matching("[fedfer] after round 1 no school that can train is online (school-a, school-b offline): "
+                              "waiting up to 0.3 s for one to come back (federation.offline_wait)")
+    assert log_lines.matching("[fedfer] federation stopped after round 1 of 4: no school that can train came back "
+                              "online within 0.3 s (3 planned rounds not run)")
     assert not [line for line in log_lines.lines if re.match(r"\[fedfer\] round [234]\b", line)]
+    finished = [e for e in map(json.loads, run.events_path.read_text().splitlines()) if e["event"] == "finished"]
+    assert [(e["round"], e["reason"]) for e in finished] == [(2, "no school online")]
+    assert run.metrics()[0]["timing"]["offline_wait_s"] >= 0.3
+    from server.report import load_run   # the report says why it stopped: not out of budget, offline
+
+    assert load_run(run.path).notes == ["the federation stopped after round 1 of 4: no school that could train was "
+                                        "online (federation.offline_wait); 1 round recorded"]
+
+
+def test_schools_that_come_back_within_the_wait_keep_the_federation_going(tmp_path, log_lines, quick_polls):
+    run = _run(tmp_path, 3, {101: 5, 202: 5}, "federation.offline_wait=60", leave_after_round_1=True, back_after=3)
+    assert [line["round"] for line in run.metrics()] == [1, 2, 3]
+    assert log_lines.matching("[fedfer] back online after 0 s: school-a, school-b")
+    assert not log_lines.matching("federation stopped") and not log_lines.matching("no school can train")
+    assert all(o["status"] == "ok" for line in run.metrics() for o in line["train"].values())
+
+
+def test_offline_wait_0_stops_at_once(tmp_path, log_lines):
+    run = _run(tmp_path, 4, {101: 5, 202: 5}, "federation.offline_wait=0", leave_after_round_1=True)
+    assert [line["round"] for line in run.metrics()] == [1] and not log_lines.matching("waiting up to")
+    assert log_lines.matching("federation stopped after round 1 of 4: no school that can train is online (3 planned rounds not run)")
 
 
 def test_a_stop_with_one_round_left_says_round_not_rounds(tmp_path, log_lines):

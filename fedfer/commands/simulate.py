@@ -441,7 +441,7 @@ def print_summary(run_path: Path, wall: float) -> int:
     completed = sum(1 for r in rounds if r["round"] > 0)
     # fewer than planned: a run stopped early says why (the coordinator ended it), a killed one says nothing more
     planned = f" of {data.planned_rounds} planned" if data.planned_rounds and completed < data.planned_rounds else ""
-    stopped = ("; the federation stopped there: no school could train any more"
+    stopped = (f"; the federation stopped there: {data.stopped_why}"
                if data.stopped_in_round is not None and data.stopped_in_round > last["round"] else "")
     print(f"  rounds completed   {completed}{planned} (last: {last['round']}{stopped})")
     start = next((r for r in rounds if r["round"] == 0), None)
