@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from server.best_round import BestRoundRule, RoundScore, best_of, compare_line, last_scored
+from server.best_round import BestRoundRule, RoundScore, best_of, compare_line, last_scored, undeclared
 from shared_models.atomic_files import atomic_write_text
 from shared_models.config import ConfigError, read_yaml_file
 from shared_models.labels import FER7, FER8
@@ -568,23 +568,36 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def best_public_round(data: RunData) -> RoundScore | None:
-    """The round whose global model scored best on the public benchmarks, chosen as the run chose best.pt
-    (`evaluation.keep_best`; `off` reports the mean's choice). The schools' held-out faces never count."""
+def best_round_rule(data: RunData) -> BestRoundRule:
+    """How the run chose best.pt (`evaluation.keep_best`, `evaluation.public_benchmarks`); `off` reports the mean's
+    choice. A run from before evaluation.public_benchmarks gets the default list (config.yaml records every key)."""
     from shared_models.config import defaults
 
     by = str(data.config.get("evaluation.keep_best", "mean"))
-    # a run from before evaluation.public_benchmarks: the default list (config.yaml records every key since)
-    settings = {**defaults(), **data.config, "evaluation.keep_best": by if by in ("mean", "first") else "mean"}
-    return best_of({r: record.get("evaluation") for r, record in data.rounds.items()}, BestRoundRule.from_config(settings))
+    return BestRoundRule.from_config({**defaults(), **data.config,
+                                      "evaluation.keep_best": by if by in ("mean", "first") else "mean"})
+
+
+def best_public_round(data: RunData) -> RoundScore | None:
+    """The round whose global model scored best on the declared-public benchmarks, chosen as the run chose best.pt.
+    The schools' held-out faces never count."""
+    return best_of({r: record.get("evaluation") for r, record in data.rounds.items()}, best_round_rule(data))
 
 
 def _best_round_lines(data: RunData) -> list[str]:
     """One line: which round was best on the public benchmarks, what the last round scored, and where the best
-    round's model is (checkpoints/best.pt)."""
+    round's model is (checkpoints/best.pt); or, when no benchmark scored was declared public, that none was kept
+    and why."""
     best = best_public_round(data)
+    rule = best_round_rule(data)
+    not_public = sorted({name for r, record in data.rounds.items() if r > 0
+                         for name in undeclared(record.get("evaluation"), rule)})
     if best is None:
-        return []
+        if not not_public or str(data.config.get("evaluation.keep_best", "mean")) == "off":
+            return []
+        return [f"**Best round:** none kept: {', '.join(not_public)} {'is' if len(not_public) == 1 else 'are'} not "
+                "declared public in `evaluation.public_benchmarks`, and only a benchmark declared public may choose the "
+                "model (docs/privacy.md).", ""]
     last = last_scored({r: record.get("evaluation") for r, record in data.rounds.items()})
     from server.run_dir import read_best_json   # torch: only when there is a best round to name
 
@@ -597,8 +610,9 @@ def _best_round_lines(data: RunData) -> list[str]:
         where = "`checkpoints/best.pt` exists but its `best.json` is unreadable (`fedfer evaluate` says which round it is)"
     else:
         where = "no `checkpoints/best.pt` (evaluation.keep_best=off, or a run from before it was kept)"
+    ignored = f"; {', '.join(not_public)} not declared public, so not counted" if not_public else ""
     return [f"**Best round:** {compare_line(best, last)} — {where} (marked on the accuracy plot; chosen on public "
-            "data only, so it costs no privacy: docs/privacy.md).", ""]
+            f"data only, so it costs no privacy: docs/privacy.md{ignored}).", ""]
 
 
 def kept_best_round(data: RunData) -> int | None:

@@ -132,6 +132,12 @@ def test_only_benchmarks_declared_public_choose_the_round(tmp_path, caplog):
     assert "fer2013: is not declared public in evaluation.public_benchmarks, so no best round is kept" in caplog.text
     events = [json.loads(line) for line in (tmp_path / "undeclared" / "runs" / "t" / "events.jsonl").read_text().splitlines()]
     assert [(e["event"], e["benchmarks"]) for e in events] == [("benchmarks-not-public", ["fer2013"])]
+    from server.report import build_report   # the report says why there is no best round, and what did not count
+
+    assert ("**Best round:** none kept: fer2013 is not declared public in `evaluation.public_benchmarks`, and only a "
+            "benchmark declared public may choose the model") in build_report(tmp_path / "undeclared" / "runs" / "t").read_text()
+    assert "docs/privacy.md; imagefolder not declared public, so not counted)." in build_report(
+        tmp_path / "school-faces" / "runs" / "t").read_text()
     writer, cfg = _new_run(tmp_path / "declared", "evaluation.benchmarks=fer2013=/data/fer2013.csv",
                            "evaluation.public_benchmarks=FER-2013,rafdb")   # any spelling the readers take
     _run_rounds(writer, cfg, {1: {"fer2013:test": {"accuracy": 0.6}}, 2: {"fer2013:test": {"accuracy": 0.7}}})
