@@ -84,11 +84,12 @@ class ComingBackGrid(FakeGrid):
 
 
 def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, leave_after_round_1: bool = False,
-         back_after: int | None = None):
+         back_after: int | None = None, leave_after_check: bool = False):
     """A federation of len(trains) schools over `rounds` rounds, run by Flower's round loop as server/app.py
     runs it (`wrap`: around a wrapper, as client-level DP's; `leave_after_round_1`: every node goes offline
-    once it has answered round 1, and comes back after `back_after` node-list requests if given); returns the
-    run directory."""
+    once it has answered round 1, and comes back after `back_after` node-list requests if given;
+    `leave_after_check`: every node goes offline right after round 1's check between rounds found them online);
+    returns the run directory."""
     from privacy.signing import load_or_create_signing_key, public_key_pem
     from server.round_writer import RoundWriter
     from server.run_dir import RunDirectory
@@ -120,6 +121,15 @@ def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, 
                 grid.node_ids = [n for n in grid.node_ids if n != nid]
             return reply
         grid.answer = answer_then_leave
+    if leave_after_check:
+        check = strategy.configure_evaluate
+
+        def check_then_leave(server_round, *args, **kwargs):
+            messages = check(server_round, *args, **kwargs)
+            if server_round == 1:
+                grid.node_ids = []
+            return messages
+        strategy.configure_evaluate = check_then_leave
     runner = wrap(strategy) if wrap is not None else strategy
     run_rounds(runner, strategy, grid, _record(_state(0)), num_rounds=rounds, timeout=5)
     return run
@@ -189,6 +199,19 @@ def test_schools_that_come_back_within_the_wait_keep_the_federation_going(tmp_pa
     assert log_lines.matching("[fedfer] back online after 0 s: school-a, school-b")
     assert not log_lines.matching("federation stopped") and not log_lines.matching("no school can train")
     assert all(o["status"] == "ok" for line in run.metrics() for o in line["train"].values())
+
+
+def test_schools_that_leave_just_after_the_check_are_waited_for_in_the_next_round(tmp_path, log_lines, quick_polls):
+    """The moment between the check after round 1 and round 2's configure_train: round 2 (its header printed)
+    waits for them too, and trains when they are back; without them it stops there, saying so."""
+    run = _run(tmp_path / "back", 2, {101: 5, 202: 5}, "federation.offline_wait=60", leave_after_check=True, back_after=2)
+    assert [line["round"] for line in run.metrics()] == [1, 2]
+    assert log_lines.matching("[fedfer] after round 1 no school that can train is online (school-a, school-b offline)")
+    assert log_lines.matching("[fedfer] back online after 0 s: school-a, school-b")
+    run = _run(tmp_path / "gone", 3, {101: 5, 202: 5}, "federation.offline_wait=0.05", leave_after_check=True)
+    assert [line["round"] for line in run.metrics()] == [1]
+    assert log_lines.matching("federation stopped after round 1 of 3: no school that can train came back online "
+                              "within 0.05 s (2 planned rounds not run)")
 
 
 def test_offline_wait_0_stops_at_once(tmp_path, log_lines):
