@@ -459,6 +459,18 @@ def test_evaluator_node_config(deployment, tmp_path):
     assert dep.nodes["evaluator"].runtime_port == 9101
 
 
+def test_adding_the_evaluator_says_how_to_declare_its_benchmarks_public(deployment, capsys):
+    """Only benchmarks listed in evaluation.public_benchmarks choose the best round: the command that gives the
+    evaluation node its benchmarks says so, with the run-config to use (names as the config spells them)."""
+    from fedfer.cli import main
+
+    dep, home = deployment
+    assert main(["deploy", "evaluator", "--benchmark", "fer2013=/srv/fer2013.csv", "--benchmark", "RAF-DB:test=/srv/raf",
+                 "--dir", str(dep.root), "--flwr-home", str(home)]) == 0
+    assert ("  best round    only benchmarks declared public choose checkpoints/best.pt: if these hold public data only "
+            "(never a school's faces), run with -c 'evaluation.public_benchmarks=\"fer2013,rafdb\"'\n") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name, kwargs, message", [
     ("bad/name", {"data_dir": Path("/d")}, "node name 'bad/name'"),
     ("ok", {}, "school ok: --data-dir is required"),

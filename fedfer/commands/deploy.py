@@ -151,6 +151,12 @@ def _cmd_evaluator(args: argparse.Namespace) -> int:
     dep, message = add_node(Path(args.dir), args.name, "evaluator", data_dir=args.data_dir, benchmarks=args.benchmark,
                             runtime_port=args.runtime_port, flwr_home=_home(args))
     _print_node(dep, args.name, message)
+    # the coordinator sees only these names, so it cannot tell public data from a school's faces: it is told
+    from shared_models.datasets import canonical_name
+
+    names = ",".join(dict.fromkeys(canonical_name(spec.split("=", 1)[0].split(":", 1)[0]) for spec in args.benchmark))
+    print(f"  best round    only benchmarks declared public choose checkpoints/best.pt: if these hold public data "
+          f"only (never a school's faces), run with -c 'evaluation.public_benchmarks=\"{names}\"'")
     return 0
 
 
