@@ -343,7 +343,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         offline_for = None
         if not candidates and server_round > 1 and not self._every_known_school_exhausted():
             # gone since the check between rounds (`configure_evaluate`): offline is not finished either
-            connected = self._wait_for_schools_back(grid, after_round=rnd - 1)
+            connected = self._wait_for_schools_back(grid, connected, after_round=rnd - 1)
             candidates, offline_for = self._candidates(connected), float(self.cfg["federation.offline_wait"])
         if not candidates:
             self._finish(connected, first_round_not_run=rnd, offline_for=offline_for)
@@ -392,15 +392,15 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         log(INFO, "[fedfer] no school can train any more (%s): finishing", why)
         self.run.event("finished", round=first_round_not_run, reason="no school can train", refused_at_query=refused)
 
-    def _wait_for_schools_back(self, grid: Grid, after_round: int) -> set[int]:
+    def _wait_for_schools_back(self, grid: Grid, connected: set[int], after_round: int) -> set[int]:
         """Between rounds no school that could train is online, but not every one is out of budget: a deployment's
         schools go offline and come back (a restarted node, a network outage, a school's night-time shutdown), so
         this waits up to `federation.offline_wait` seconds for one (asking the SuperLink every
         FIRST_SCHOOL_POLL_S), says who came back, and returns the nodes online then. The caller stops the
-        federation if still nobody can train. Nothing is sent meanwhile: the round waited for has not started."""
+        federation if still nobody can train. Nothing is sent meanwhile: the round waited for has not started.
+        `connected`: the nodes online now (just asked)."""
         wait = float(self.cfg["federation.offline_wait"])
         able = sorted(n.school_id for n in self.school_nodes().values() if n.school_id not in self.exhausted)
-        connected = self._discover(grid)
         if wait <= 0:
             return connected
         log(INFO, "[fedfer] after round %d no school that can train is online (%s offline): waiting up to %g s "
@@ -732,7 +732,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
                 # going). Schools out of budget are over; schools offline may come back: they are waited for.
                 connected, offline_for = self._discover(grid), None
                 if not self._candidates(connected) and not self._every_known_school_exhausted():
-                    connected = self._wait_for_schools_back(grid, after_round=self.record.round)
+                    connected = self._wait_for_schools_back(grid, connected, after_round=self.record.round)
                     offline_for = float(self.cfg["federation.offline_wait"])
                 if not self._candidates(connected):
                     self._finish(connected, first_round_not_run=self.record.round + 1, offline_for=offline_for)
