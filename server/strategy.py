@@ -76,6 +76,9 @@ STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted",
 #: `fedfer deploy up &` then `flwr run`: the nodes connect within a minute), instead of ending the run at once
 FIRST_SCHOOL_WAIT_S = 180.0
 FIRST_SCHOOL_POLL_S = 3.0
+#: how often the SuperLink is asked for its nodes while schools that went offline are waited for
+#: (`federation.offline_wait`): one cheap request, and a returning school waits at most this long to be seen
+OFFLINE_POLL_S = 3.0
 #: The values a school's train reply carries in its "metrics" record (client/school_round.py `_ok_reply`)
 TRAIN_METRICS = ("epsilon", "epsilon-rdp", "noise-multiplier", "sample-rate", "steps", "unit-weight", "declared-units")
 
@@ -396,7 +399,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         """Between rounds no school that could train is online, but not every one is out of budget: a deployment's
         schools go offline and come back (a restarted node, a network outage, a school's night-time shutdown), so
         this waits up to `federation.offline_wait` seconds for one (asking the SuperLink every
-        FIRST_SCHOOL_POLL_S), says who came back, and returns the nodes online then. The caller stops the
+        OFFLINE_POLL_S), says who came back, and returns the nodes online then. The caller stops the
         federation if still nobody can train. Nothing is sent meanwhile: the round waited for has not started.
         `connected`: the nodes online now (just asked)."""
         wait = float(self.cfg["federation.offline_wait"])
@@ -407,7 +410,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             "for one to come back (federation.offline_wait)", after_round, ", ".join(able) or "none met yet", wait)
         started = time.monotonic()
         while not self._candidates(connected) and time.monotonic() - started < wait:
-            time.sleep(min(FIRST_SCHOOL_POLL_S, max(0.0, wait - (time.monotonic() - started))))
+            time.sleep(min(OFFLINE_POLL_S, max(0.0, wait - (time.monotonic() - started))))
             connected = self._discover(grid)
         waited = time.monotonic() - started
         if self.record is not None:

@@ -168,7 +168,7 @@ def test_the_stop_ends_the_loop_of_the_client_dp_wrapper_too(tmp_path, log_lines
 def quick_polls(monkeypatch):
     import server.strategy as module
 
-    monkeypatch.setattr(module, "FIRST_SCHOOL_POLL_S", 0.01)
+    monkeypatch.setattr(module, "OFFLINE_POLL_S", 0.01)
 
 
 def test_schools_gone_offline_are_waited_for_then_the_federation_stops_before_the_next_round(tmp_path, log_lines,
