@@ -196,7 +196,9 @@ def federation_added(panels: Sequence[Mapping[str, object]], path: Path, *, titl
 
     `panels[i]` holds ``title`` (str), ``curve`` (``round``, ``accuracy``, ``ci_low``, ``ci_high``; fractions)
     and ``references``: a list of (key, label, accuracy fraction) — key picks the style (REFERENCE_STYLES);
-    optionally ``noise_free`` (``label``, ``round``, ``accuracy``): the same federation without noise, per round."""
+    optionally ``noise_free`` (``label``, ``round``, ``accuracy``): the same federation without noise, per round,
+    and ``kept_round``: the round checkpoints/best.pt holds when it is not the last (marked and labelled: it is the
+    model the schools get, and the one the report's headline is about)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False, sharey=True)
     values: list[float] = []
@@ -211,6 +213,11 @@ def federation_added(panels: Sequence[Mapping[str, object]], path: Path, *, titl
         if len(acc) and np.isfinite(acc[-1]):   # the number a reader looks for: where the federation ended
             ax.annotate(f"{acc[-1]:.1f}%", (rounds[-1], acc[-1]), textcoords="offset points", xytext=(-6, 8),
                         ha="right", color="tab:blue", fontweight="bold")
+        kept = panel.get("kept_round")
+        if kept is not None and kept in rounds.tolist():   # the model the schools get, when not the last round's
+            at = rounds.tolist().index(kept)
+            ax.axvline(float(kept), color="tab:red", linestyle=":", linewidth=1.5,   # type: ignore[arg-type]
+                       label=f"checkpoints/best.pt, round {kept}" + (f": {acc[at]:.1f}%" if np.isfinite(acc[at]) else ""))
         quiet = panel.get("noise_free")
         if quiet:   # what the privacy cost, round by round
             colour, style = REFERENCE_STYLES["noise-free"]

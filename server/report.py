@@ -650,6 +650,8 @@ def _added_panels(data: RunData) -> list[dict[str, Any]]:
     if not any(row["key"] == "federation" for row in table) or len(table) < 2:
         return []
     public, indomain = added.benchmarks(data.rounds, data.references)
+    last = next((row for row in table if row["key"] == "federation-last"), None)   # only when best.pt is not it
+    kept = next(row["round"] for row in table if row["key"] == "federation") if last is not None else None
     panels = []
     for bench, which, title in ((public, "public", f"Public photos ({public})"),
                                 (indomain, "indomain", "The schools' own faces (students kept out of training)")):
@@ -662,7 +664,7 @@ def _added_panels(data: RunData) -> list[dict[str, Any]]:
         lines = ("start", "central", "best-alone") + (() if quiet["round"] else ("noise-free",))
         refs = [(row["key"], row["label"].split(" — ")[0], row[which]["accuracy"]) for row in table
                 if row["key"] in lines and row.get(which)]
-        panels.append({"title": title, "curve": curve, "references": refs,
+        panels.append({"title": title, "curve": curve, "references": refs, "kept_round": kept,
                        "noise_free": {"label": added.NOISE_FREE, **quiet} if quiet["round"] else None})
     return panels
 

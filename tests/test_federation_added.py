@@ -109,6 +109,7 @@ def test_report_draws_the_section_and_its_plot_and_says_when_references_are_miss
     schools_faces = _added_panels(load_run(run))[1]   # (d) drawn round by round, from the same start as the federation
     assert schools_faces["noise_free"]["round"] == [0, 1, 2, 3] and schools_faces["noise_free"]["accuracy"][0] == 0.69
     assert "noise-free" not in [key for key, _, _ in schools_faces["references"]]
+    assert schools_faces["kept_round"] is None   # no best.pt here: the last round is the model, nothing to mark
     assert (run / "plots" / "federation_added.png").stat().st_size > 10_000
 
     # without references.json (and, cheaper, without drawing): the start and the federation only
@@ -165,6 +166,13 @@ def test_the_comparison_is_about_the_model_the_schools_get_and_matches_rounds_wi
     assert "| in the federation (round 2), % [95% CI] |" in section
     assert ("| Federation (schools train privately together) — after round 3, the last round | 84.00 [82.00, 86.00] | "
             "78.00 [76.00, 80.00] | ε ≤ 7.82 per school |") in section
+    from server.report import _added_panels   # the plot marks the kept round: the model the headline is about
+
+    panels = _added_panels(data)
+    assert [panel["kept_round"] for panel in panels] == [2, 2]
+    from server import plots
+
+    assert plots.federation_added(panels, tmp_path / "added.png", title="t").stat().st_size > 10_000
 
     # best.pt is the last round: one federation row, said to be both
     keep_best_round(run, 3, 0.84)
