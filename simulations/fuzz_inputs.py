@@ -268,6 +268,10 @@ def override_cases() -> list[Case]:
         "privacy.school_budgets=s1=inf": "privacy.school_budgets", "privacy.school_budgets=s1": "privacy.school_budgets",
         "privacy.max_grad_norm=0": "privacy.max_grad_norm", "data.image_size=4": "data.image_size",
         "federation.round_timeout=0": "federation.round_timeout", "privacy.accountant=magic": "privacy.accountant",
+        "evaluation.public_benchmarks=synthetic-indomain": "evaluation.public_benchmarks",
+        "evaluation.public_benchmarks=fer2013=/x.csv": "evaluation.public_benchmarks",
+        "evaluation.public_benchmarks=lincoln-faces": "evaluation.public_benchmarks",
+        "federation.offline_wait=-1": "federation.offline_wait", "federation.offline_wait=nan": "federation.offline_wait",
         "federation.roundz=3": "federation.roundz", "noequals": "noequals",
     }
     for item, needle in overrides.items():
