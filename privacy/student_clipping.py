@@ -302,18 +302,22 @@ def _sum_offsets(m: Tensor, offsets: list[tuple[slice, slice]], shape: tuple, di
     return out
 
 
+def _record_nothing(module: nn.Module, args: tuple, output: object) -> None:
+    """A by-frame rule's ``record`` before a clipper takes it and after the clipper is closed."""
+
+
 class _ByFrame:
     """For rules whose layer, while capturing, may run through an autograd Function whose backward also gives
-    the per-frame parameter gradients (``_ConvByFrame``): such calls need no forward or tensor hook and no
-    kernel of their own. ``_Capture`` installs ``forward_capturing`` on the layer (an instance attribute,
-    removed on exit). (GroupNorm the same way was measured slower: the one-row GroupNorm input gradient is
-    slower than the batched one.)"""
+    the per-frame parameter gradients (``_ConvByFrame``, ``_GroupNormByFrame``): such calls need no forward or
+    tensor hook, and no Python of the clipper's between the layer's backward and its per-frame gradients.
+    ``_Capture`` installs ``forward_capturing`` on the layer (an instance attribute, removed on exit)."""
 
     layer: nn.Module
     kept: dict
 
     def _init_by_frame(self) -> None:
         self.by_frame: bool | None = None   # this step's calls run by frame (decided at the step's first call)
+        self.record: Callable[[nn.Module, tuple, object], None] = _record_nothing   # the clipper's ``_keep``
         self.by_frame_calls = 0
         self.frames: list[dict[nn.Parameter, Tensor]] = []   # per call: per-frame gradients (B, numel)
 
@@ -322,10 +326,14 @@ class _ByFrame:
             # the backward must reach the call, hence an input that needs a gradient from an earlier layer
             self.by_frame = torch.is_grad_enabled() and x.requires_grad and x.grad_fn is not None and \
                 self._by_frame_fits(x)
-        if not (self.by_frame and torch.is_grad_enabled()):
-            return self._plain_forward(x)
-        self.by_frame_calls += 1
-        return self._apply_by_frame(x)
+        if self.by_frame and torch.is_grad_enabled():
+            self.by_frame_calls += 1
+            return self._apply_by_frame(x)
+        output = self._plain_forward(x)
+        # the clipper's forward hook, which a by-frame layer does not carry (a module with a forward hook runs
+        # the slower hooked call path on every call, by frame or not)
+        self.record(self.layer, (x,), output)
+        return output
 
     def _plain_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -340,11 +348,14 @@ class _ByFrame:
         """``self.kept`` from the per-frame gradients the backward left in ``self.frames``."""
         if len(self.frames) < self.by_frame_calls:
             raise UnsupportedModel(f"the backward did not reach layer {type(self.layer).__name__}'s output")
-        summed: dict[nn.Parameter, Tensor] = {}
-        for found in self.frames:
-            for p, per_frame in found.items():
-                summed[p] = per_frame if p not in summed else summed[p] + per_frame
-        self.kept = {p: units.per_unit(per_frame) for p, per_frame in summed.items()}
+        if len(self.frames) == 1:
+            summed = self.frames[0]
+        else:   # a layer called more than once: the sum of its calls
+            summed = {}
+            for found in self.frames:
+                for p, per_frame in found.items():
+                    summed[p] = per_frame if p not in summed else summed[p] + per_frame
+        self.kept = summed if units.identity else {p: units.per_unit(per_frame) for p, per_frame in summed.items()}
         self.frames = []
 
     def reset_step(self) -> None:
@@ -587,16 +598,49 @@ class Conv2dRule(_ByFrame, _GhostOrDirect):
         self.ghost = []
 
 
-class GroupNormRule(PerSampleRule):
+class _GroupNormByFrame(torch.autograd.Function):
+    """A GroupNorm's forward (the kernel ``F.group_norm`` runs); its backward is
+    ``GroupNormRule.backward_by_frame``: the input gradient from the batched GroupNorm backward kernel autograd
+    runs, and the per-frame weight and bias gradients from one more call of it with the frames as groups, on the
+    statistics this forward computed. Returns no weight or bias gradient: this path sets ``p.grad`` itself."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
+                rule: "GroupNormRule") -> Tensor:
+        layer: nn.GroupNorm = rule.layer  # type: ignore[assignment]
+        n, c = x.shape[0], x.shape[1]
+        out, mean, rstd = torch.ops.aten.native_group_norm.default(x, weight, bias, n, c, x.numel() // (n * c),
+                                                                   layer.num_groups, layer.eps)
+        ctx.rule = rule
+        ctx.save_for_backward(x, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        x, mean, rstd = ctx.saved_tensors
+        return ctx.rule.backward_by_frame(x, grad, mean, rstd, ctx.needs_input_grad[0]), None, None, None
+
+
+class GroupNormRule(_ByFrame, PerSampleRule):
     """Per-frame gradients of a GroupNorm from PyTorch's own GroupNorm weight-gradient kernel, run once with
     the frames as groups of one batch row: ``native_group_norm_backward`` on the input viewed as (1, B*C,
     positions) with B*G groups gives per (frame, channel) sum_pos g * x_hat (weight) and sum_pos g (bias),
     the numbers the batch's weight gradient sums, in one pass over the input and output gradient. The
-    group statistics (mean, 1/std per frame and group) are those the forward saved for its own backward
-    (``keep``), so the normalisation is not recomputed (recomputing it and a product-sum per parameter took
-    ~3x as long on HAFNet ``cpu``'s 26 small GroupNorms)."""
+    group statistics (mean, 1/std per frame and group) are those the forward computed, so the normalisation is
+    not recomputed (recomputing it and a product-sum per parameter took ~3x as long on HAFNet ``cpu``'s 26
+    small GroupNorms).
+
+    While capturing, a GroupNorm whose input needs a gradient from an earlier layer runs by frame
+    (``_GroupNormByFrame``: the same kernels, called from the layer's own backward); a GroupNorm reached
+    otherwise (its input a leaf, or needing no gradient) keeps the forward and tensor hooks, with the
+    statistics taken from its output's autograd node (``keep``). The by-frame path saves part of what the hooks
+    cost per layer in Python and small ops (6-29 µs a GroupNorm of HAFNet ``cpu``'s sizes; docs/dp-speed.md)."""
 
     kind = "group-norm"
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__(layer)
+        self._init_by_frame()
 
     @staticmethod
     def keep(output: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -606,22 +650,68 @@ class GroupNormRule(PerSampleRule):
             return None
         return node._saved_result1.detach(), node._saved_result2.detach()
 
+    def runs_by_frame(self) -> bool:
+        return True
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        return nn.GroupNorm.forward(self.layer, x)
+
+    def _by_frame_fits(self, x: Tensor) -> bool:
+        """An input ``F.group_norm`` takes without an error (which the plain forward then raises: at least two
+        dimensions, the layer's channels, more than one value per group), contiguous (the kernel gets it as
+        ``F.group_norm`` would hand it over; a channels-last input keeps the hooks), in the weight's dtype (no
+        mixed precision: the kernel's output dtype would then differ)."""
+        layer: nn.GroupNorm = self.layer  # type: ignore[assignment]
+        return x.dim() >= 2 and x.shape[1] == layer.num_channels and x.numel() // layer.num_groups > 1 and \
+            x.is_contiguous() and x.dtype == layer.weight.dtype
+
+    def _apply_by_frame(self, x: Tensor) -> Tensor:
+        return _GroupNormByFrame.apply(x, self.layer.weight, self.layer.bias, self)
+
+    def backward_by_frame(self, x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, input_grad: bool) -> Tensor | None:
+        """_GroupNormByFrame's backward: the input gradient (if asked; autograd's own call) and, kept in
+        ``self.frames``, the per-frame weight and bias gradients (``_frame_grads``)."""
+        layer: nn.GroupNorm = self.layer  # type: ignore[assignment]
+        g = g.contiguous()   # as autograd hands the kernel the gradient of a contiguous input
+        grad_x = None
+        if input_grad:
+            n, c = x.shape[0], x.shape[1]
+            grad_x = torch.ops.aten.native_group_norm_backward.default(
+                g, x, mean, rstd, layer.weight.detach(), n, c, x.numel() // (n * c), layer.num_groups,
+                [True, False, False])[0]
+        self.frames.append(self._frame_grads(x, g, mean, rstd))
+        return grad_x
+
+    def _frame_grads(self, x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor) -> dict[nn.Parameter, Tensor]:
+        """{parameter: (B, C) per-frame gradient} of one call, from one GroupNorm backward kernel call with the
+        frames as the groups of one batch row."""
+        layer: nn.GroupNorm = self.layer  # type: ignore[assignment]
+        weight, bias = layer.weight, layer.bias
+        wanted = [False, weight.requires_grad, bias.requires_grad]
+        n, c = x.shape[0], x.shape[1]
+        positions = x.numel() // (n * c)
+        _, per_weight, per_bias = torch.ops.aten.native_group_norm_backward.default(
+            g.reshape(1, n * c, positions), x.to(g.dtype).reshape(1, n * c, positions), mean.reshape(1, -1),
+            rstd.reshape(1, -1), None, 1, n * c, positions, n * layer.num_groups, wanted)
+        found = {}
+        if wanted[1]:
+            found[weight] = per_weight.view(n, c)
+        if wanted[2]:
+            found[bias] = per_bias.view(n, c)
+        return found
+
     def sq_norms(self, calls: list[Call], units: Units) -> None:
         layer: nn.GroupNorm = self.layer  # type: ignore[assignment]
-        weight, bias, groups = layer.weight, layer.bias, layer.num_groups
-        wanted = [False, weight.requires_grad, bias.requires_grad]
-        found = []   # per call: (None, per-frame weight gradient or None, per-frame bias gradient or None)
+        summed: dict[nn.Parameter, Tensor] = {}
         for call in calls:
             x, g = call.inputs[0], call.output_grad()
             n, c = x.shape[0], x.shape[1]
-            positions = x.numel() // (n * c)
             mean, rstd = call.saved if call.saved is not None else \
-                torch.ops.aten.native_group_norm(x, None, None, n, c, positions, groups, layer.eps)[1:]
-            found.append(torch.ops.aten.native_group_norm_backward(
-                g.reshape(1, n * c, positions), x.to(g.dtype).reshape(1, n * c, positions), mean.reshape(1, -1),
-                rstd.reshape(1, -1), None, 1, n * c, positions, n * groups, wanted))
-        self.kept = {p: units.per_unit(_total([f[k] for f in found]).view(-1, p.numel()))
-                     for k, p in ((1, weight), (2, bias)) if wanted[k]}
+                torch.ops.aten.native_group_norm(x, None, None, n, c, x.numel() // (n * c), layer.num_groups,
+                                                 layer.eps)[1:]
+            for p, per_frame in self._frame_grads(x, g, mean, rstd).items():
+                summed[p] = per_frame if p not in summed else summed[p] + per_frame
+        self.kept = {p: units.per_unit(per_frame) for p, per_frame in summed.items()}
         return None
 
 
@@ -680,17 +770,20 @@ class StudentClipper:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.calls: dict[nn.Module, list[Call]] = {m: [] for m in self.rules}
         # layers that may take their per-frame gradients from their own backward (_ByFrame.forward_capturing)
-        self.by_frame = [r for r in self.rules.values() if isinstance(r, Conv2dRule) and r.runs_by_frame()]
+        self.by_frame = [r for r in self.rules.values() if isinstance(r, _ByFrame) and r.runs_by_frame()]
         self._capturing = False
         self._step: _Step | None = None
-        self._handles = [m.register_forward_hook(self._keep) for m in self.rules]
+        # a layer that may run by frame records its other calls itself (``forward_capturing``); the rest get
+        # a forward hook
+        for rule in self.by_frame:
+            rule.record = self._keep
+        self._handles = [m.register_forward_hook(self._keep) for m, rule in self.rules.items()
+                         if rule not in self.by_frame]
 
     def _keep(self, module: nn.Module, args: tuple, output: object) -> None:
         if not (self._capturing and torch.is_grad_enabled()):
             return
         rule = self.rules[module]
-        if getattr(rule, "by_frame", False):   # _ConvByFrame's backward gives its gradients, no hook needed
-            return
         if not isinstance(output, Tensor):
             raise UnsupportedModel(f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor")
         # an input needing a gradient that no layer output explains (a leaf: the model's input, a parameter
@@ -790,6 +883,8 @@ class StudentClipper:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for rule in self.by_frame:   # the rules refer to the clipper no longer
+            rule.record = _record_nothing
         self.reset()
 
 
@@ -863,14 +958,17 @@ class _Capture:
     def __enter__(self) -> StudentClipper:
         self.clipper.reset()
         self.clipper._capturing = True
-        for rule in self.clipper.by_frame:   # an instance attribute: the class's forward again on exit
-            rule.layer.forward = rule.forward_capturing
+        # an instance attribute: the class's forward again on exit. Written into the instance's __dict__, which
+        # is what nn.Module's __setattr__ / __delattr__ end with for a value that is no parameter, buffer or
+        # module, after checks that cost ~10 µs a layer (36 layers twice a step on HAFNet ``cpu``)
+        for rule in self.clipper.by_frame:
+            vars(rule.layer)["forward"] = rule.forward_capturing
         return self.clipper
 
     def __exit__(self, *exc: object) -> None:
         self.clipper._capturing = False
         for rule in self.clipper.by_frame:
-            del rule.layer.forward
+            vars(rule.layer).pop("forward", None)
 
 
 # ------------------------------------------------------------------------------------------ the optimizer

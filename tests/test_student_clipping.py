@@ -455,3 +455,47 @@ def test_a_student_with_a_non_finite_gradient_adds_nothing(policy: str) -> None:
     for with_inf, without in zip(*grads):
         assert torch.isfinite(with_inf).all()
         torch.testing.assert_close(with_inf, without)
+
+
+class _NormsNet(nn.Module):
+    """A GroupNorm on the model's input (a leaf: hooked), a conv, then one GroupNorm applied twice after it (run
+    by frame: its input needs a gradient from the conv) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_norm = nn.GroupNorm(1, 2)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(self.first_norm(x)))
+        h = torch.tanh(self.norm(h)) + self.norm(h * 2.0)
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_a_group_norm_after_a_layer_runs_by_frame_without_hooks_and_gives_the_exact_clipped_sum():
+    """GroupNormRule's by-frame path (_GroupNormByFrame: the layer's own backward runs the GroupNorm backward
+    kernel for the input gradient and once more with the frames as groups for the per-frame weight and bias
+    gradients) is taken for a GroupNorm whose input comes from a layer, also when it is called twice; a
+    GroupNorm on the model's input keeps the hooks. Layers that may run by frame carry no forward hook (they
+    record a call that does not run by frame themselves). The clipped per-student sum is autograd's."""
+    torch.manual_seed(16)
+    model = _NormsNet().double()
+    for norm in (model.first_norm, model.norm):
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    x, y, rows = _four_frames_of_two_students(17, size=5)
+    reference = _reference_clipped_sum_toy(model, x, y, rows)
+    clipper = StudentClipper(model)
+    assert not model.norm._forward_hooks and not model.first_norm._forward_hooks and model.head._forward_hooks
+    with clipper.capture():
+        losses = _toy_loss(model, x, y)
+    norm_rule, first_rule = clipper.rules[model.norm], clipper.rules[model.first_norm]
+    assert norm_rule.by_frame and norm_rule.by_frame_calls == 2 and not clipper.calls[model.norm]
+    assert not first_rule.by_frame and len(clipper.calls[model.first_norm]) == 1   # recorded by its forward
+    clipper.clip_and_sum(losses, rows, 2, 0.1)
+    clipper.close()
+    assert "forward" not in vars(model.norm)
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.grad, r, rtol=1e-9, atol=1e-12)
