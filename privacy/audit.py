@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from shared_models.small_files import SmallFileError, read_small_file
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
+from privacy.policy import epsilon_problem
 from privacy.anchors import ANCHOR_DIR, anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, _check_school_name,
                             copy_run_id, epsilon_value, read_ledger_file, run_entries, verify_entries)
@@ -447,6 +448,8 @@ def _policy_number(policy: Mapping[str, Any], key: str, where: str) -> float | N
         value = float(policy[key])
     except (TypeError, ValueError):
         raise LedgerError(f"{where}: policy key '{key}' is not a number: {policy[key]!r}") from None
+    if key == "budget" and (problem := epsilon_problem(value)) is not None:   # the rule a policy is written by
+        raise LedgerError(f"{where}: policy key 'budget' {problem}")
     if not math.isfinite(value) or value < 0:
         raise LedgerError(f"{where}: policy key '{key}' must be a finite number >= 0, got {policy[key]!r}")
     return value

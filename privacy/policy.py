@@ -6,7 +6,7 @@ the school allows. DP is always on. The policy fixes:
 ==================  ================================================================================
 ``unit``            privacy unit, ``student`` (one student's frames are one unit) or ``image``
 ``delta``           δ every ε of this school is stated at (accounting δ); in (0, 1/declared size)
-``budget``          lifetime ε budget at ``delta`` (required, finite, > 0)
+``budget``          lifetime ε budget at ``delta`` (required, finite, > 0, at most MAX_EPSILON)
 ``max-round-epsilon``  the largest ε one round may spend on its own, at ``delta``
 ``declared-students``  the public size the school declares (unit student); q = batch / this
 ``declared-images``    the same for unit image
@@ -48,6 +48,55 @@ REPORT_KEYS = ("report-min-students", "per-student-figures")
 
 class PolicyError(ValueError):
     """A policy value that makes no sense, phrased as one line naming the key and where it came from."""
+
+
+# ---------------------------------------------------------------------------- what an ε may be
+#: The largest ε a lifetime budget, a per-round cap or a target may be. The guarantee says no output becomes
+#: more than e^ε times likelier because of one student; beyond ε ≈ 709.8 e^ε is not even a finite double, so
+#: such a "budget" bounds nothing and is a slip (1e300 for 1e-3, 80 typed as 8e2). The experiments run up to
+#: ε 128 on purpose (simulations/bench/epsilon_curve.py), well inside.
+MAX_EPSILON = 1000.0
+
+
+def epsilon_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be an ε budget, per-round cap or target (finite, > 0, at most MAX_EPSILON), as the
+    end of a sentence that starts with what it is ("key 'budget' ..."); None when it can. The one rule every
+    place that reads or sets a budget applies: the policy, the node-config, ``fedfer deploy add-school`` and
+    ``set-budget``, ``fedfer simulate``'s config and the audit."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        return f"must be a number, got {value!r}"
+    if not (math.isfinite(number) and number > 0):
+        return f"must be a finite ε > 0, got {value!r}"
+    if number > MAX_EPSILON:
+        return f"must be an ε of at most {MAX_EPSILON:g} (beyond it the guarantee bounds nothing), got {value!r}"
+    return None
+
+
+def check_epsilon(value: Any, what: str) -> float:
+    """``value`` as an ε, or PolicyError "<what> <why not>" (`what` names the file/flag and key)."""
+    if (problem := epsilon_problem(value)) is not None:
+        raise PolicyError(f"{what} {problem}")
+    return float(value)
+
+
+#: The config keys `fedfer simulate` turns into each simulated school's policy or round ε.
+CONFIG_EPSILON_KEYS = ("privacy.budget", "privacy.max_round_epsilon", "privacy.target_epsilon")
+
+
+def check_config_epsilons(cfg: Mapping[str, Any], source: str) -> None:
+    """The ε keys of a config that policies are generated from (``privacy.budget``, ``privacy.school_budgets``,
+    ``privacy.max_round_epsilon``, ``privacy.target_epsilon``) against :func:`epsilon_problem`; PolicyError
+    naming the file and key. (shared_models/config.py, which may not import this package, already refuses
+    the non-finite and ≤ 0 ones; this adds the upper bound, before anything is generated or trained.)"""
+    for key in CONFIG_EPSILON_KEYS:
+        check_epsilon(cfg[key], f"{source}: key '{key}'")
+    for item in filter(None, (part.strip() for part in str(cfg.get("privacy.school_budgets", "")).split(","))):
+        name, _, value = item.partition("=")
+        check_epsilon(value.strip(), f"{source}: key 'privacy.school_budgets' (school {name.strip()})")
 
 
 @dataclass(frozen=True)
@@ -100,10 +149,8 @@ def make_policy(*, unit: str, delta: float, budget: float, max_round_epsilon: fl
         raise PolicyError(f"{source}: key 'unit' must be one of {', '.join(PRIVACY_UNITS)}, got {unit!r}")
     if not (isinstance(declared_units, int) and declared_units >= 1):
         raise PolicyError(f"{source}: key '{size_key}' must be a whole number >= 1, got {declared_units!r}")
-    if not (math.isfinite(budget) and budget > 0):
-        raise PolicyError(f"{source}: key 'budget' must be a finite ε > 0, got {budget!r}")
-    if not (math.isfinite(max_round_epsilon) and max_round_epsilon > 0):
-        raise PolicyError(f"{source}: key 'max-round-epsilon' must be a finite ε > 0, got {max_round_epsilon!r}")
+    check_epsilon(budget, f"{source}: key 'budget'")
+    check_epsilon(max_round_epsilon, f"{source}: key 'max-round-epsilon'")
     if not (0 < delta < 1):
         raise PolicyError(f"{source}: key 'delta' must be in (0, 1), got {delta!r}")
     if delta >= 1 / declared_units:

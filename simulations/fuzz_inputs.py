@@ -615,13 +615,14 @@ def write_rsa_public_key(path: Path) -> None:
 
 
 def set_budget_cases(t: Templates) -> list[Case]:
-    """`fedfer deploy set-budget s1 EPSILON` with a number that is no budget; a huge finite one is recorded."""
+    """`fedfer deploy set-budget s1 EPSILON` with a number that is no budget (privacy/policy.py's rule: finite,
+    > 0, at most MAX_EPSILON); the experiments' ε 128 is recorded."""
     cases = []
     rewrite = ("deploy/deployment.json", "deploy/nodes/s1/node-config.toml")
     for value, needle, expect in (("nan", "budget", "refuse"), ("inf", "budget", "refuse"), ("-inf", "budget", "refuse"),
                                   ("-1", "budget", "refuse"), ("0", "budget", "refuse"), ("1e309", "budget", "refuse"),
                                   ("abc", "EPSILON", "refuse"), ("0x10", "EPSILON", "refuse"), ("", "EPSILON", "refuse"),
-                                  ("1e300", "", "accept")):
+                                  ("1e300", "budget", "refuse"), ("128", "", "accept")):
         # "--" so that -1 and -inf are read as the value, as a user has to type them
         cases.append(Case("deploy", f"set-budget-{value or 'empty'}", ["deploy", "set-budget", "--dir", "deploy",
                                                                        *DEPLOY_HOME, "s1", "--", value],

@@ -74,6 +74,19 @@ def test_cli_reports_bad_config_in_one_line():
     assert lines == ["fedfer: override: unknown key 'federation.roundz'"]
 
 
+def test_simulate_refuses_a_budget_beyond_any_meaning_before_it_starts(tmp_path, capsys, monkeypatch):
+    """`fedfer simulate privacy.budget=1e300` generated ten school policies with that budget (or failed in the
+    middle of the launch naming "school-00 policy"); now one line naming the config key, before anything runs."""
+    from fedfer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", "privacy.budget=1e300"]) == 2
+    out, err = capsys.readouterr()
+    assert err == "fedfer: override: key 'privacy.budget' must be an ε of at most 1000 (beyond it the guarantee " \
+                  "bounds nothing), got 1e+300\n" and out == "", (out, err)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("value", ["-1", str(10**30)])
 def test_pretrain_seed_is_checked_like_the_other_seeds(value):
     """pretrain.seed had no rule: a negative or 31-digit seed reached torch.manual_seed and numpy mid-run."""

@@ -394,7 +394,8 @@ def test_set_budget_records_a_schools_new_budget_where_the_audit_reads_it(deploy
     policy, where = school_policy(dep.keyring, "lincoln-high")
     assert policy["budget"] == 24.0 and where.endswith("deployment.json (node lincoln-high)")
     # the node's own checks, in one line, and nothing written
-    for bad, needle in (("0", "key 'budget' must be a finite ε > 0"), ("inf", "key 'budget' must be a finite ε > 0")):
+    for bad, needle in (("0", "key 'budget' must be a finite ε > 0"), ("inf", "key 'budget' must be a finite ε > 0"),
+                        ("1e300", "key 'budget' must be an ε of at most 1000")):
         assert main(["deploy", "set-budget", "lincoln-high", bad, "--dir", str(dep.root)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
@@ -474,10 +475,13 @@ def test_adding_the_evaluator_says_how_to_declare_its_benchmarks_public(deployme
 @pytest.mark.parametrize("name, kwargs, message", [
     ("bad/name", {"data_dir": Path("/d")}, "node name 'bad/name'"),
     ("ok", {}, "school ok: --data-dir is required"),
-    ("ok", {"data_dir": Path("/d"), "budget": 0.0}, "school ok: --budget must be a finite number > 0"),
+    ("ok", {"data_dir": Path("/d"), "budget": 0.0}, "school ok: --budget must be a finite ε > 0"),
     ("ok", {"data_dir": Path("/d")}, "school ok: --declared-students is required"),
-    ("ok", {"data_dir": Path("/d"), "budget": float("inf"), "declared": 100}, "school ok: --budget must be a finite number > 0"),
-    ("ok", {"data_dir": Path("/d"), "budget": float("nan"), "declared": 100}, "school ok: --budget must be a finite number > 0"),
+    ("ok", {"data_dir": Path("/d"), "budget": float("inf"), "declared": 100}, "school ok: --budget must be a finite ε > 0"),
+    ("ok", {"data_dir": Path("/d"), "budget": float("nan"), "declared": 100}, "school ok: --budget must be a finite ε > 0"),
+    ("ok", {"data_dir": Path("/d"), "budget": 1e300, "declared": 100}, "school ok: --budget must be an ε of at most 1000"),
+    ("ok", {"data_dir": Path("/d"), "max_round_epsilon": 1e4, "declared": 100},
+     "school ok: key 'max-round-epsilon' must be an ε of at most 1000"),
     ("ok", {"data_dir": Path("/d"), "delta": 0.02, "declared": 100}, r"school ok: key 'delta' must be < 1/declared-students"),
     ("ok", {"data_dir": Path("/d"), "max_round_epsilon": -1.0, "declared": 100}, "school ok: key 'max-round-epsilon'"),
 ])

@@ -383,3 +383,19 @@ def test_audit_of_runs_glob_takes_the_anchors_folder_as_anchors(tmp_path, capsys
     assert code == 0 and "read as --anchors" in out and "no ledger/ directory" not in out, out
     code, out = _audit(capsys, runs / "anchors", "--trust-run-keys")
     assert code == 2 and "the coordinator's anchors, not a ledger" in out, out
+
+
+@pytest.mark.parametrize("budget, needle", [(1e300, "must be an ε of at most 1000"), (0, "must be a finite ε > 0"),
+                                            (-2, "must be a finite ε > 0")])
+def test_a_policy_budget_no_school_could_set_is_unreadable_not_compared(tmp_path, capsys, budget, needle):
+    """A policy the school's own checks refuse (budget 1e300, 0, negative: privacy/policy.py's one rule) was
+    compared with as a budget by the audit (1e300: every school "within budget"); now the row is unreadable,
+    exit 2, naming the file and the key."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    for school in schools:
+        folder = server.run.path / "schools" / school.name
+        folder.mkdir(parents=True)
+        (folder / "policy.json").write_text(json.dumps({"unit": "student", "delta": DELTA, "budget": budget,
+                                                        "max-round-epsilon": 0.5, "declared-students": 100}))
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    assert code == 2 and f"policy.json: policy key 'budget' {needle}" in out, out

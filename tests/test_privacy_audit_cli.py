@@ -273,9 +273,12 @@ def test_a_missing_path_or_keyring_is_a_one_line_usage_error(tmp_path, capsys):
     (["{tmp}", "--keys", "{tmp}", "--json", "--bogus"], "unrecognized arguments: --bogus"),
     (["{tmp}", "--json", "--keys"], "argument --keys: expected one argument"),
     (["{tmp}", "--trust-run-keys", "--js", "--budget", "abc"], "argument --budget: invalid float value: 'abc'"),
-    (["{tmp}", "--trust-run-keys", "--json", "--budget", "nan"], "--budget must be a finite number >= 0, got nan"),
+    (["{tmp}", "--trust-run-keys", "--json", "--budget", "nan"], "--budget must be a finite ε > 0, got nan"),
+    (["{tmp}", "--trust-run-keys", "--json", "--budget", "0"], "--budget must be a finite ε > 0, got 0.0"),
+    (["{tmp}", "--trust-run-keys", "--json", "--budget", "1e300"], "--budget must be an ε of at most 1000"),
     (["{tmp}", "--json"], "give --keys DIR")], ids=["no-path", "missing-path", "unknown-flag", "flag-no-value",
-                                                     "abbreviated-json-bad-number", "budget-nan", "no-keys"])
+                                                     "abbreviated-json-bad-number", "budget-nan", "budget-zero",
+                                                     "budget-huge", "no-keys"])
 def test_with_json_a_usage_error_is_one_json_object_on_stdout(tmp_path, capsys, words, message):
     """`privacy audit --json` is read by an archive script: a usage error argparse finds (an unknown flag, a
     missing path, a value that is not a number) or the audit refuses (a path not found) was a plain-text line

@@ -5,6 +5,7 @@ train message is declined, and node-configs are read strictly."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import pytest
@@ -183,7 +184,8 @@ def test_the_budget_guard_counts_a_round_the_accountant_lost_in_a_crash(tmp_path
     ({"budget": "inf"}, "budget"), ({"budget": "nan"}, "budget"), ({"budget": 0}, "budget"),
     ({"delta": 0.2}, "delta"), ({"delta": 0}, "delta"), ({"max-round-epsilon": float("inf")}, "max-round-epsilon"),
     ({"declared-students": 0}, "declared-students"), ({"declared-students": 2.5}, "declared-students"),
-    ({"unit": "classroom"}, "unit"), ({"budget": ""}, "budget"),
+    ({"unit": "classroom"}, "unit"), ({"budget": ""}, "budget"), ({"budget": 1e300}, "budget"),
+    ({"budget": -1}, "budget"), ({"max-round-epsilon": 1e4}, "max-round-epsilon"),
 ])
 def test_policy_values_that_make_no_sense_name_the_key(values, key):
     from school_fixtures import POLICY
@@ -261,3 +263,22 @@ def test_a_policy_json_too_deep_or_with_an_integer_too_long_for_python_is_a_poli
     (tmp_path / "policy.json").write_text(text)
     with pytest.raises(PolicyError, match="policy.json: unreadable policy"):
         read_policy_file(tmp_path)
+
+
+def test_one_rule_says_what_an_epsilon_may_be():
+    """An ε budget, per-round cap or target is finite, > 0 and at most MAX_EPSILON (1e300 was recorded as a
+    budget); the experiments' ε 128 stays allowed."""
+    from privacy.policy import MAX_EPSILON, check_config_epsilons, epsilon_problem
+
+    assert [epsilon_problem(v) for v in (128, 0.5, MAX_EPSILON, "8")] == [None] * 4
+    for bad in (math.inf, math.nan, 0, -1, 1e300, MAX_EPSILON * 1.01, "abc", True):
+        assert epsilon_problem(bad), bad
+    from shared_models.config import load_config
+
+    check_config_epsilons(load_config(None, ["privacy.budget=128", "privacy.target_epsilon=128",
+                                             "privacy.max_round_epsilon=128"]), "override")
+    for override, key in (("privacy.budget=1e300", "'privacy.budget'"), ("privacy.target_epsilon=5000", "target"),
+                          ("privacy.school_budgets=school-01=2e3", "school-01")):
+        with pytest.raises(PolicyError, match=key) as err:
+            check_config_epsilons(load_config(None, [override]), "override")
+        assert str(err.value).startswith("override: key 'privacy.") and "at most 1000" in str(err.value)

@@ -183,6 +183,7 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------ audit
 def _audit(args: argparse.Namespace) -> int:
     from privacy.audit import format_table, run_audit
+    from privacy.policy import epsilon_problem
 
     def usage(message: str) -> int:   # bad input: one line (or with --json one object), no table, no verdict
         return print_audit_usage_error(message, args.json)
@@ -190,8 +191,8 @@ def _audit(args: argparse.Namespace) -> int:
     if args.keys is None and not args.trust_run_keys:
         return usage("give --keys DIR (the ledger keys registered at enrollment, e.g. deploy/keys), or "
                      "--trust-run-keys to verify against keys stored in the run (a simulated run has no keyring)")
-    if args.budget is not None and not (math.isfinite(args.budget) and args.budget >= 0):
-        return usage(f"--budget must be a finite number >= 0, got {args.budget}")
+    if args.budget is not None and (problem := epsilon_problem(args.budget)) is not None:
+        return usage(f"--budget {problem}")
     if args.anchors is not None and not args.anchors.is_dir():
         return usage(f"--anchors {args.anchors}: " + ("not a directory (give the server's anchors directory, "
                                                       "e.g. runs/anchors)" if args.anchors.exists() else "not found"))

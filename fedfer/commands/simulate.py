@@ -50,12 +50,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any] | None:
+    from privacy.policy import check_config_epsilons
+
     try:
         overrides = list(args.overrides)
         if getattr(args, "references", False):
             overrides.append("evaluation.references=central,alone,noise-free")
         cfg = load_config(args.config, overrides)
         check_paths(cfg, source=str(args.config or "override"))
+        # the schools' policies are generated from these: a budget beyond any meaning is refused before anything runs
+        check_config_epsilons(cfg, source=str(args.config or "override"))
         if cfg["run.resume"]:
             from server.run_dir import NoCheckpointYet, RunDirectory, check_restart_dir, check_resume_dir
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import secrets
 import shlex
@@ -313,6 +312,7 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
     SuperNode key the school made itself (`fedfer deploy school-key`, both in its `state_dir`); without
     them the keys are made here, in the node folder, and the coordinator must delete that folder once it is
     copied to the school."""
+    from privacy.policy import epsilon_problem
     from server.deploy import credentials as cred
     from server.deploy.layout import (Deployment, NodeEntry, check_node_name, evaluator_node_config, node_script,
                                       school_node_config, write_node_config, write_script)
@@ -321,8 +321,8 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
     check_node_name(name)
     if name in dep.nodes:
         raise DeployError(f"node {name!r} already exists in {dep.root}; use `fedfer deploy rotate {name}` for new keys")
-    if budget is not None and not (math.isfinite(budget) and budget > 0):
-        raise DeployError(f"school {name}: --budget must be a finite number > 0, got {budget}")
+    if budget is not None and (problem := epsilon_problem(budget)) is not None:
+        raise DeployError(f"school {name}: --budget {problem}")
     # every check comes before the first write: a refused command leaves the deployment as it was
     check_port(runtime_port, f"{name}: --runtime-port")
     if runtime_port is not None and runtime_port == dep.port:
