@@ -215,14 +215,18 @@ class AuditReport:
                 "schools": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
 
 
-def usage_error_json(message: str) -> dict[str, Any]:
-    """`privacy audit --json` refusing its command line (a bad flag, a missing path or keyring): the report's
-    keys with nothing audited, so an archive that reads every audit as one JSON object reads this one too."""
+def usage_error_json(message: str, *, audit_keys: bool = True) -> dict[str, Any]:
+    """A `privacy ... --json` command refusing its command line (a bad flag, a missing path or keyring): exit
+    code, verdict "USAGE ERROR", the error and the fedfer version; for the audit (`audit_keys`) also the
+    report's keys with nothing audited, so an archive that reads every audit as one JSON object reads this one
+    too. `privacy plan` and `canary-audit` print it without them: they have no such report."""
     from datetime import datetime, timezone
 
-    return {"exit_code": EXIT_USAGE, "verdict": "USAGE ERROR", "error": message,
-            "audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "fedfer": _version(),
-            "lifetime": [], "next": [], "problems": [message], "notes": [], "schools": []}
+    error = {"exit_code": EXIT_USAGE, "verdict": "USAGE ERROR", "error": message, "fedfer": _version()}
+    if audit_keys:
+        error.update({"audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "lifetime": [],
+                      "next": [], "problems": [message], "notes": [], "schools": []})
+    return error
 
 
 def _version() -> str:

@@ -297,6 +297,40 @@ def test_with_json_a_usage_error_is_one_json_object_on_stdout(tmp_path, capsys, 
     assert report["schools"] == [] and report["lifetime"] == [] and "audited_at" in report and err == "", err
 
 
+PLAN = ["plan", "--epsilon", "4", "--delta", "1e-5", "--rounds", "4", "--local-epochs", "1", "--students", "48",
+        "--batch", "16"]
+
+
+@pytest.mark.parametrize("words, message", [
+    ([*PLAN, "--json", "--points", "1"], "--points must be at least 2"),
+    ([*PLAN, "--json", "--bogus"], "unrecognized arguments: --bogus"),
+    ([*PLAN[:-2], "--json"], "the following arguments are required: --batch"),
+    ([*PLAN, "--js", "--rounds", "x"], "argument --rounds: invalid int value: 'x'"),
+    ([*PLAN[:2], "1e-12", *PLAN[3:], "--json"], "cannot reach epsilon 1e-12"),   # the accountant refuses
+    (["canary-audit", "--json", "--canaries", "1"], "--canaries must be at least 2"),
+    (["canary-audit", "--json", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+    (["canary-audit", "--json", "--bogus"], "unrecognized arguments: --bogus"),
+    (["attack", "--json", "--image-size", "100000"], "--image-size must be at most 512")],
+    ids=["plan-points", "plan-unknown-flag", "plan-missing-flag", "plan-bad-int", "plan-accounting",
+         "canary-count", "canary-bad-int", "canary-unknown-flag", "attack-image-size"])
+def test_plan_and_canary_audit_with_json_print_a_usage_error_as_one_json_object(capsys, monkeypatch, words, message):
+    """`privacy plan --json` and `privacy canary-audit --json` printed their usage errors as plain text on
+    stderr (an archive script reading stdout as JSON got nothing); now, like `privacy audit --json`, one JSON
+    object on stdout, exit 2: the same printer, without the audit's report keys."""
+    from fedfer.cli import main
+    from fedfer.commands import privacy as command
+
+    monkeypatch.setattr(command, "_school_tensors", lambda args, unit: pytest.fail("the school was loaded"))
+    try:
+        code = main(["privacy", *words])
+    except SystemExit as exc:   # argparse's errors end by SystemExit
+        code = exc.code
+    out, err = capsys.readouterr()
+    error = json.loads(out)   # the whole of stdout is one object
+    assert code == 2 and err == "" and error["exit_code"] == 2 and error["verdict"] == "USAGE ERROR", (out, err)
+    assert message in error["error"] and "schools" not in error, out
+
+
 def test_without_json_a_usage_error_stays_one_line_on_stderr(tmp_path, capsys):
     from fedfer.cli import main
 

@@ -40,12 +40,12 @@ budget, the share used, what is left), 'next:' lines saying what to do, and the 
 
 
 class _PrivacyArgumentParser(argparse.ArgumentParser):
-    """The parser of each `privacy` sub-command. The audit's (json_usage_errors): with --json among its words,
-    a usage error argparse finds (an unknown flag, a missing path, a value that is not a number) is the
-    audit's JSON object on stdout, exit 2, like every other outcome of `privacy audit --json`; without
-    --json, and for the other sub-commands, argparse's usage line and error on stderr."""
+    """The parser of each `privacy` sub-command. With --json among its words, a usage error argparse finds (an
+    unknown flag, a missing path, a value that is not a number) is one JSON object on stdout, exit 2, like every
+    other outcome of `privacy audit | plan | canary-audit --json` (print_usage_error); without --json, argparse's
+    usage line and error on stderr."""
 
-    json_usage_errors = False   # set on the audit's parser
+    command = ""   # the sub-command this parser reads ("audit", "plan", "canary-audit"); set by _json_errors
     json_requested = False
 
     def parse_known_args(self, args=None, namespace=None):
@@ -56,22 +56,29 @@ class _PrivacyArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(words, namespace)
 
     def error(self, message: str):
-        if self.json_usage_errors and self.json_requested:
-            print_audit_usage_error(message, as_json=True)
+        if self.command and self.json_requested:
+            print_usage_error(self.command, message, as_json=True)
             self.exit(2)
         super().error(message)
 
 
-def print_audit_usage_error(message: str, as_json: bool) -> int:
-    """A usage error of `privacy audit`: one line on stderr, or with --json the audit's JSON object on stdout
-    (privacy/audit.py usage_error_json). Returns the exit code, 2."""
+def print_usage_error(command: str, message: str, as_json: bool) -> int:
+    """A usage error of `privacy <command>`: one line on stderr, or with --json one JSON object on stdout
+    (privacy/audit.py usage_error_json: the audit's carries its report's keys, with nothing audited, so an
+    archive that reads every audit as one object reads this one too). Returns the exit code, 2."""
     from privacy.audit import EXIT_USAGE, usage_error_json
 
     if as_json:
-        print(json.dumps(usage_error_json(message), indent=2))
+        print(json.dumps(usage_error_json(message, audit_keys=command == "audit"), indent=2))
     else:
-        print(f"fedfer privacy audit: {message}", file=sys.stderr)
+        print(f"fedfer privacy {command}: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _json_errors(parser: argparse.ArgumentParser, command: str) -> None:
+    """Usage errors of `parser` (argparse's, and words no parser took: fedfer/cli.py) as print_usage_error."""
+    parser.command = command
+    parser.set_defaults(usage_error=lambda message, args: print_usage_error(command, message, args.json))
 
 
 def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
@@ -103,9 +110,8 @@ def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
     a.add_argument("--budget", type=float, default=None, metavar="EPS",
                    help="compare every school with this ε budget (default: each school's policy; never the "
                         "budget an entry declares)")
-    a.json_usage_errors = True
-    # `fedfer` (fedfer/cli.py) reports words no parser took through this, so --json covers them too
-    a.set_defaults(func=_audit, usage_error=lambda message, args: print_audit_usage_error(message, args.json))
+    a.set_defaults(func=_audit)
+    _json_errors(a, "audit")
 
 
 def _add_plan_parser(psub: argparse._SubParsersAction) -> None:
@@ -122,6 +128,7 @@ def _add_plan_parser(psub: argparse._SubParsersAction) -> None:
                     help="rows of the curve, at least 2: the first and the last round (all rounds if fewer)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_plan)
+    _json_errors(pl, "plan")
 
 
 def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
@@ -178,6 +185,7 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
     at.add_argument("--plot", type=Path, default=None,
                     help="white-box: write a PNG of the canary scores (included vs excluded, guess thresholds)")
     at.set_defaults(func=_canary_audit_command)
+    _json_errors(at, "canary-audit")
 
 
 # ------------------------------------------------------------------------------------------ audit
@@ -186,7 +194,7 @@ def _audit(args: argparse.Namespace) -> int:
     from privacy.policy import epsilon_problem
 
     def usage(message: str) -> int:   # bad input: one line (or with --json one object), no table, no verdict
-        return print_audit_usage_error(message, args.json)
+        return print_usage_error("audit", message, args.json)
 
     if args.keys is None and not args.trust_run_keys:
         return usage("give --keys DIR (the ledger keys registered at enrollment, e.g. deploy/keys), or "
@@ -213,15 +221,13 @@ def _plan(args: argparse.Namespace) -> int:
     from privacy.planner import format_plan, make_plan
 
     if args.points < 2:   # was quietly raised to 2: a 0 or negative typed by mistake printed a curve anyway
-        print(f"fedfer privacy plan: --points must be at least 2 (the first and the last round), got {args.points}",
-              file=sys.stderr)
-        return 2
+        return print_usage_error("plan", f"--points must be at least 2 (the first and the last round), got "
+                                         f"{args.points}", args.json)
     try:
         plan = make_plan(args.epsilon, args.delta, args.rounds, args.local_epochs, args.students, args.batch,
                          accountant=args.accountant, max_points=args.points)
     except (AccountingError, ValueError) as exc:
-        print(f"fedfer privacy plan: {exc}", file=sys.stderr)
-        return 2
+        return print_usage_error("plan", str(exc), args.json)
     print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
     return 0
 
@@ -245,8 +251,7 @@ def _canary_audit_command(args: argparse.Namespace) -> int:
     try:
         return _canary_audit(args)
     except ValueError as exc:  # bad settings or data, phrased as one line
-        print(f"fedfer privacy canary-audit: {exc}", file=sys.stderr)
-        return 2
+        return print_usage_error("canary-audit", str(exc), args.json)
 
 
 def _positive(name: str, value, integer: bool = False):
