@@ -72,6 +72,16 @@ def one_line(text: Any, limit: int = 300) -> str:
 
 #: What a school's train reply says in its status record (client/app.py, client/school_round.py RoundReply)
 STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "busy", "failed")
+#: Why a school is selected no more in a run, as the finishing line words it (in this order).
+LEFT_OUT_WORDING = {
+    "budget": "declined on budget (budget-exhausted)",
+    "policy": "declined on policy (policy-violation)",
+    "ledger": "left out for a ledger the server rejected (events.jsonl)",
+    "before-resume": "declined on budget or policy before the resume",
+    "offline": "offline",
+}
+#: School names the finishing line lists per reason (a district may have hundreds).
+NAMES_SHOWN = 5
 #: a run's first round waits this long for a school's node when none is online yet (a deployment's
 #: `fedfer deploy up &` then `flwr run`: the nodes connect within a minute), instead of ending the run at once
 FIRST_SCHOOL_WAIT_S = 180.0
@@ -181,6 +191,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self.round_offset = round_offset
         self.nodes: dict[int, NodeInfo] = {}
         self.exhausted: set[str] = set(exhausted)
+        # why each school in `exhausted` is left out in this process (a key of LEFT_OUT_WORDING): what the
+        # finishing line says; a school left out before a resume has none (the checkpoint keeps only the names)
+        self.left_out_why: dict[str, str] = {}
         self.current_arrays: ArrayRecord | None = None
         self.record: RoundRecord | None = None
         self.rounds: RoundHooks = rounds if rounds is not None else NoRoundHooks()
@@ -375,6 +388,11 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         """The connected schools that can still be sent training (not out of budget, not refused)."""
         return [nid for nid, n in self.school_nodes().items() if nid in connected and n.school_id not in self.exhausted]
 
+    def _leave_out(self, school: str, why: str) -> None:
+        """Select `school` no more in this run; `why` is a key of LEFT_OUT_WORDING."""
+        self.exhausted.add(school)
+        self.left_out_why[school] = why
+
     def _finish(self, connected: set[int], first_round_not_run: int, offline_for: float | None = None) -> None:
         """No school can train any more: say so once (log, events.jsonl `finished`); the federation ends after
         round `first_round_not_run` - 1 (`end_of_round` raises FederationFinished once that round is recorded).
@@ -386,14 +404,38 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         if offline_for is not None and not refused:
             self.finished_why = (f"no school that can train came back online within {offline_for:g} s" if offline_for > 0
                                  else "no school that can train is online")
-            log(INFO, "[fedfer] %s (federation.offline_wait): finishing", self.finished_why)
+            why = self._why_no_school_can_train(connected, refused)
+            log(INFO, "[fedfer] %s (federation.offline_wait; %s): finishing", self.finished_why, why)
             self.run.event("finished", round=first_round_not_run, reason="no school online", waited_s=round(offline_for, 1),
-                           refused_at_query=0)
+                           refused_at_query=0, why=why)
             return
-        why = (f"{counted(refused, 'online node')} refused or did not answer the role query: see the warnings above"
-               if refused else "budgets exhausted or none connected")
+        why = self._why_no_school_can_train(connected, refused)
         log(INFO, "[fedfer] no school can train any more (%s): finishing", why)
-        self.run.event("finished", round=first_round_not_run, reason="no school can train", refused_at_query=refused)
+        self.run.event("finished", round=first_round_not_run, reason="no school can train", refused_at_query=refused,
+                       why=why)
+
+    def _why_no_school_can_train(self, connected: set[int], refused: int) -> str:
+        """What the server knows about why no school is left, e.g. "2 schools declined on their budget:
+        school-00, school-01; 1 school offline: school-02" (it said "budgets exhausted or none connected")."""
+        groups: dict[str, list[str]] = {}
+        for nid, node in self.school_nodes().items():
+            if node.school_id in self.exhausted:
+                why = self.left_out_why.get(node.school_id, "before-resume")
+            elif nid not in connected:
+                why = "offline"
+            else:   # a candidate: _finish is not called while one is left
+                continue
+            groups.setdefault(why, []).append(node.school_id)
+        parts = [f"{counted(refused, 'online node')} refused or did not answer the role query: see the warnings "
+                 f"above"] if refused else []
+        for why, wording in LEFT_OUT_WORDING.items():
+            if names := sorted(groups.get(why, [])):
+                shown = ", ".join(names[:NAMES_SHOWN]) + (f" and {len(names) - NAMES_SHOWN} more"
+                                                          if len(names) > NAMES_SHOWN else "")
+                parts.append(f"{counted(len(names), 'school')} {wording}: {shown}")
+        if not self.school_nodes() and not refused:
+            parts.append("no school connected")
+        return "; ".join(parts)
 
     def _wait_for_schools_back(self, grid: Grid, connected: set[int], after_round: int) -> set[int]:
         """Between rounds no school that could train is online, but not every one is out of budget: a deployment's
@@ -573,7 +615,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             outcome = {"status": str(status["status"]), "reason": one_line(status.get("reason", ""))}
             if outcome["status"] in ("budget-exhausted", "policy-violation"):
                 # a school that declines on its budget or its policy declines every later round of the run too
-                self.exhausted.add(school)
+                self._leave_out(school, "budget" if outcome["status"] == "budget-exhausted" else "policy")
                 if "ledger" in content.config_records and node.role == "school":
                     try:  # the school's signed refusal goes into the run's ledger copy like any entry
                         self._store_ledger(content, school, rnd)
@@ -644,7 +686,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         problem = self._approve_recovery(school, recovery) if recovery is not None else ""
         if problem:
             # not selected again in this run: every round it trained would spend privacy into a reply refused here
-            self.exhausted.add(school)
+            self._leave_out(school, "ledger")
             self.run.event("ledger-recovery", round=rnd, school=school, reason=problem)
             raise RejectedUpdate(problem)
         # the pinned key, then the ones it replaced (from the keyring, or a key transition in this run)
@@ -670,7 +712,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         if chain is None and key_id(start_key) != key_id(public_key):
             check = unanchored_transition(anchors, school, start_key)
             if check.problem:
-                self.exhausted.add(school)
+                self._leave_out(school, "ledger")
                 self.run.event("ledger-anchor", round=rnd, school=school, problem=check.kind, reason=check.problem)
                 raise RejectedUpdate(f"ledger does not continue the server's anchor ({check.kind}): {check.problem}")
         if chain and not any(r["run_id"] == self.run.run_id for r in chain["runs"]):
@@ -678,7 +720,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             check = check_continues(chain, run_entries[0])
             if check.problem:
                 # not selected again in this run: its training would spend privacy into a ledger we reject
-                self.exhausted.add(school)
+                self._leave_out(school, "ledger")
                 self.run.event("ledger-anchor", round=rnd, school=school, problem=check.kind, reason=check.problem)
                 raise RejectedUpdate(f"ledger does not continue the server's anchor ({check.kind}): {check.problem}")
             if check.note:

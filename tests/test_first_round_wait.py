@@ -82,7 +82,7 @@ def test_with_no_school_at_all_the_run_ends_after_the_wait(tmp_path, monkeypatch
     assert strategy.finished
     events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
     assert any(e["event"] == "finished" and e["reason"] == "no school can train" and e["refused_at_query"] == 0
-               for e in events)
+               and e["why"] == "no school connected" for e in events), events
 
 
 def test_a_later_round_never_waits(tmp_path, monkeypatch):
@@ -112,3 +112,5 @@ def test_a_run_whose_online_schools_were_all_refused_does_not_wait(tmp_path, mon
     # the end says the school was refused (it used to say "budgets exhausted or none connected")
     events = [json.loads(line) for line in strategy.run.events_path.read_text().splitlines()]
     assert [e["refused_at_query"] for e in events if e["event"] == "finished"] == [1]
+    assert [e["why"] for e in events if e["event"] == "finished"] == [
+        "1 online node refused or did not answer the role query: see the warnings above"]

@@ -146,6 +146,9 @@ def test_the_log_shows_the_federation_stop_when_no_school_can_train(tmp_path, lo
     assert not [line for line in log_lines.lines if re.match(r"\[fedfer\] round [345]\b", line)]
     assert log_lines.matching("[fedfer] federation stopped after round 2 of 5: no school can train any more "
                               "(3 planned rounds not run)")
+    # the server knows why: both declined on their budget (it said "budgets exhausted or none connected")
+    assert log_lines.matching(f"[fedfer] no school can train any more (2 schools declined on budget (budget-exhausted): "
+                              f"{', '.join(sorted(SCHOOLS.values()))}): finishing"), log_lines.lines
     assert [e["round"] for e in map(json.loads, run.events_path.read_text().splitlines()) if e["event"] == "finished"] == [3]
     # round 2 did send training: its refusal is logged (with the count in words), as before
     assert log_lines.matching("[fedfer] round 2: 0 accepted replies (at least 1 needed): global model unchanged")
@@ -186,6 +189,7 @@ def test_schools_gone_offline_are_waited_for_then_the_federation_stops_before_th
     assert not [line for line in log_lines.lines if re.match(r"\[fedfer\] round [234]\b", line)]
     finished = [e for e in map(json.loads, run.events_path.read_text().splitlines()) if e["event"] == "finished"]
     assert [(e["round"], e["reason"]) for e in finished] == [(2, "no school online")]
+    assert finished[0]["why"] == f"2 schools offline: {', '.join(sorted(SCHOOLS.values()))}"
     assert run.metrics()[0]["timing"]["offline_wait_s"] >= 0.3
     from server.report import load_run   # the report says why it stopped: not out of budget, offline
 
@@ -281,3 +285,27 @@ def test_the_report_of_a_one_round_run_says_round(tmp_path):
     data = load_run(write_run(tmp_path / "run", [1], planned=3))
     assert data.notes == ["partial run: 1 of 3 planned rounds recorded"]
     assert "1 round recorded (last: 1 of 3 planned)" in render_markdown(data, {})
+
+
+def test_the_finishing_line_says_what_the_server_knows_about_each_school(tmp_path, log_lines):
+    """Budget, policy, a rejected ledger, a resume and offline schools are each named (it said "budgets
+    exhausted or none connected" whatever it knew); a long list is cut after NAMES_SHOWN names."""
+    from server.run_dir import RunDirectory
+    from server.strategy import NAMES_SHOWN, NodeInfo, SchoolFedAvg
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t"])
+    strategy = SchoolFedAvg(cfg, RunDirectory.create(cfg), exhausted=["s-resumed"])
+    why = {f"s-budget-{i}": "budget" for i in range(NAMES_SHOWN + 2)} | {"s-policy": "policy", "s-ledger": "ledger"}
+    names = [*why, "s-resumed", "s-offline"]
+    strategy.nodes = {nid: NodeInfo(role="school", school_id=name) for nid, name in enumerate(names, start=1)}
+    for school, reason in why.items():
+        strategy._leave_out(school, reason)
+    connected = set(strategy.nodes) - {len(names)}   # s-offline is not online
+    strategy._finish(connected, first_round_not_run=3)
+    budget = ", ".join(sorted(why)[:NAMES_SHOWN])
+    assert log_lines.matching(
+        f"no school can train any more ({NAMES_SHOWN + 2} schools declined on budget (budget-exhausted): {budget} and "
+        f"2 more; 1 school declined on policy (policy-violation): s-policy; 1 school left out for a ledger the server "
+        f"rejected (events.jsonl): s-ledger; 1 school declined on budget or policy before the resume: s-resumed; "
+        f"1 school offline: s-offline): finishing"), log_lines.lines
