@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from shared_models.small_files import SmallFileError, read_small_file
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
-from privacy.policy import epsilon_problem
+from privacy.policy import REPORT_KEYS, epsilon_problem, is_report_only
 from privacy.anchors import ANCHOR_DIR, anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, _check_school_name,
                             copy_run_id, epsilon_value, read_ledger_file, run_entries, verify_entries)
@@ -497,8 +497,11 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         failure.run_id = src.run_dir.name if src.run_dir is not None else ""
         return [failure], []
     beside = src.beside_policies if (trust_run_keys or src.trusted) else []
+    report_only = ""   # a policy.json holding only the classroom report's keys: no training policy to audit against
     try:
         policy, policy_source = school_policy(keys_dir, school, beside)
+        if is_report_only(policy):
+            report_only, policy, policy_source = policy_source, {}, ""
         policy_budget = _policy_number(policy, "budget", policy_source)
     except LedgerError as exc:
         return [Row(school=school, source=str(src.path), status="unreadable", problems=[str(exc)],
@@ -527,7 +530,7 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
             row.problems.append(f"{src.path} (school {school}): ε {eps} exceeds budget {budget}")
         row.status = "inconsistent" if other_problems else ("over-budget" if row.over_budget else "ok")
         if row.budget is None and row.epsilon_prv is not None and row.unit != "school":
-            row.budget_note = _no_budget_note(src, school, beside)
+            row.budget_note = _no_budget_note(src, school, beside, report_only)
         rows.append(row)
     return rows, entries
 
@@ -554,7 +557,11 @@ def _beside_key_problems(src: _Source, school: str, key: Any) -> list[str]:
             f"school, or a swapped key"]
 
 
-def _no_budget_note(src: _Source, school: str, read: Sequence[Path]) -> str:
+def _no_budget_note(src: _Source, school: str, read: Sequence[Path], report_only: str = "") -> str:
+    if report_only:   # a deployed school's state folder: the report's keys, its training policy is elsewhere
+        return (f"school {school}: {report_only} holds only the classroom report's keys ({', '.join(REPORT_KEYS)}), "
+                f"not a training policy; a deployed school's budget is in its node-config.toml (audit with --keys "
+                f"deploy/keys, or give --budget): ε not compared with a budget")
     unread = next((p for p in src.beside_policies if p.is_file()), None) if not read else None
     if unread is not None:
         return (f"school {school}: no policy budget found in the keyring; its policy beside the ledger ({unread}) "

@@ -46,6 +46,13 @@ POLICY_KEYS = ("unit", "delta", "budget", "max-round-epsilon", "declared-student
 REPORT_KEYS = ("report-min-students", "per-student-figures")
 
 
+def is_report_only(values: Mapping[str, Any]) -> bool:
+    """A policy.json stating only the classroom report's keys (REPORT_KEYS), none of the training policy's: what a
+    deployed school writes into its state folder for `fedfer classroom report` (docs/classroom.md). Its training
+    policy is its node-config's, so such a file has no budget, δ or unit to audit against."""
+    return bool(values) and set(values) <= set(REPORT_KEYS)
+
+
 class PolicyError(ValueError):
     """A policy value that makes no sense, phrased as one line naming the key and where it came from."""
 

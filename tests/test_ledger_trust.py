@@ -399,3 +399,24 @@ def test_a_policy_budget_no_school_could_set_is_unreadable_not_compared(tmp_path
                                                         "max-round-epsilon": 0.5, "declared-students": 100}))
     code, out = _audit(capsys, server.run.path, "--trust-run-keys")
     assert code == 2 and f"policy.json: policy key 'budget' {needle}" in out, out
+
+
+def test_a_report_only_policy_in_a_deployed_schools_state_folder_is_not_read_as_its_training_policy(tmp_path, capsys):
+    """A deployed school keeps its training policy in its node-config and may write a policy.json holding only
+    the classroom report's keys into its state folder (docs/classroom.md). `privacy audit <state dir>
+    --trust-run-keys` read that file as the school's privacy policy and said only "no policy budget found";
+    now it says the file is the report's, not a training policy, and where the budget is."""
+    school = School(tmp_path, "school-a")
+    school.train("run-1", 1)
+    (school.state / "policy.json").write_text(json.dumps({"report-min-students": 8}))
+    code, out = _audit(capsys, school.state, "--trust-run-keys")
+    assert code == 0 and "no budget to check" in out, out
+    assert (f"school school-a: {school.state / 'policy.json'} holds only the classroom report's keys "
+            f"(report-min-students, per-student-figures), not a training policy; a deployed school's budget is in "
+            f"its node-config.toml") in out, out
+    # a training policy in the same place (a simulated school's) is still the school's policy
+    (school.state / "policy.json").write_text(json.dumps({"unit": "student", "delta": DELTA, "budget": 0.01,
+                                                          "max-round-epsilon": 0.01, "declared-students": 100,
+                                                          "report-min-students": 8}))
+    code, out = _audit(capsys, school.state, "--trust-run-keys")
+    assert code == 1 and "OVER-BUDGET" in out and "classroom report's keys" not in out, out
