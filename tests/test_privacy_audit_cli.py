@@ -435,6 +435,35 @@ def test_canary_audit_refuses_more_canaries_than_it_can_hold_before_loading_data
     assert words in err and err.count("\n") == 1 and "internal error" not in err, err
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--canaries", "100000", "--black-box", "--model", "hafnet:dp"],
+     "100000 canaries (black-box) of 64x64 faces would take about 16.0 GB for the canaries alone (at most 4 GB): "
+     "give fewer --canaries or a model with smaller inputs than hafnet:dp's"),
+    (["--black-box", "--image-size", "512"], "500 canaries (black-box) of 512x512 faces would take about 5.1 GB"),
+    (["--canaries", "16000", "--runs", "4", "--image-size", "512"],
+     "16000 canaries (white-box) of 512x512 faces would take about 23.6 GB for the canaries alone (at most 4 GB): "
+     "give fewer --canaries, more --runs or a smaller --image-size")],
+    ids=["10^5-black-box-hafnet", "black-box-512", "white-box-512"])
+def test_canary_audit_refuses_canaries_that_would_not_fit_in_memory_at_their_image_size(monkeypatch, capsys, flags,
+                                                                                       words):
+    """The --canaries caps were counts, right at 16x16 faces: 10^5 black-box canaries at a registered model's size
+    (or --image-size 512) are many GB. Now also capped by the memory they would take, with the estimate, before
+    the school is loaded; what the documented audits use still fits."""
+    from fedfer.cli import main
+    from fedfer.commands import privacy as command
+
+    def no_school(args, unit):
+        raise AssertionError("the school was loaded before the canaries' memory was checked")
+
+    monkeypatch.setattr(command, "_school_tensors", no_school)
+    assert main(["privacy", "canary-audit", "--epochs", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "internal error" not in err, err
+    for canaries, runs, white, size in ((100_000, 16, False, 16), (10_000, 1, True, 16), (8000, 16, True, 64),
+                                        (16_000, 16, True, 64)):   # the count caps' extremes; the benchmarks' audits
+        assert command.canary_memory_bytes(canaries, runs, white, size, 2) <= command.MAX_CANARY_BYTES
+
+
 def test_the_history_footnote_only_asks_for_ledgers_not_given(tmp_path, capsys):
     """A run copy's ε includes the earlier spending its first entry claims; the footnote asks for the school's own
     ledger to check that claim, and is gone once every school's own ledger is given beside the run."""

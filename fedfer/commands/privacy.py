@@ -153,7 +153,8 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
                          f"white-box at most {MAX_CANARIES_PER_RUN} per run (--canaries / --runs): each step of a run "
                          f"feeds its probe a one-hot of frames x canaries-in-the-run, about 1 GB at "
                          f"{MAX_CANARIES_PER_RUN} with every student sampled; black-box, {MAX_CANARIES} canary "
-                         f"images at 16x16 are about 0.6 GB")
+                         f"images at 16x16 are about 1 GB; and at most {MAX_CANARY_BYTES // 2**30} GB for the "
+                         f"canaries at the faces' size (a registered model's 112x112 makes each 49x bigger)")
     at.add_argument("--runs", type=int, default=16, help="independent trainings the canaries are spread over")
     at.add_argument("--epochs", type=int, default=10)
     at.add_argument("--batch", type=int, default=None,
@@ -287,6 +288,10 @@ MAX_CANARIES = 100_000
 #: probe and, on the per-sample path, a gradient of that size; at 10000 with every student sampled (2 frames
 #: per canary, half of them included) that is ~0.4 GB each, about 1 GB a step.
 MAX_CANARIES_PER_RUN = 10_000
+#: Most memory the canaries of one audit may take (canary_memory_bytes): the count caps above hold at the
+#: harness's 16x16 faces, but a registered model's 112x112 (or --image-size 512) makes each canary 50-1000x
+#: bigger: 10^5 black-box canaries at 112x112 are ~50 GB. The documented audits need well under 1 GB.
+MAX_CANARY_BYTES = 4 * 2**30
 
 
 def _check_canary_flags(args: argparse.Namespace) -> None:
@@ -320,6 +325,33 @@ def _check_canary_count(canaries: int, runs: int, white: bool) -> None:
         if per_run > MAX_CANARIES_PER_RUN:
             raise UsageError(f"--canaries {canaries} over --runs {runs} puts {per_run} canaries in a run; at most "
                              f"{MAX_CANARIES_PER_RUN} per run: give more --runs")
+
+
+def canary_memory_bytes(canaries: int, runs: int, white: bool, image_size: int, frames: int) -> int:
+    """About how much memory the canaries of an audit take (the school's own frames and the model not counted).
+    Black-box: every canary is a random 3 x S x S image, drawn in float64 (8 bytes a value), kept in float32 (4)
+    and, for the half included, copied into the training set (4 / 2). White-box, per run (the runs follow one
+    another): the included half of the run's canaries add `frames` blank float32 frames each to the training set
+    (4 / 2, and the set's copy of them, 4 / 2), and each step's probe holds a one-hot of those frames x the run's
+    canaries and its gradient (2 x 4 bytes a value)."""
+    pixels = 3 * image_size * image_size
+    if not white:
+        return canaries * pixels * (8 + 4 + 2)
+    per_run = -(-canaries // min(runs, max(1, canaries // 2)))   # as the audit spreads them (ceiling)
+    included_frames = per_run * frames // 2
+    return included_frames * pixels * (4 + 4) + 2 * included_frames * per_run * 4
+
+
+def _check_canary_memory(canaries: int, runs: int, white: bool, image_size: int, frames: int, model: str) -> None:
+    """A one-line refusal, with the estimate, when the canaries alone would take more than MAX_CANARY_BYTES.
+    `model`: --model ('mlp': the faces' size is --image-size; else the registered model's input size)."""
+    need = canary_memory_bytes(canaries, runs, white, image_size, frames)
+    if need > MAX_CANARY_BYTES:
+        smaller = "a smaller --image-size" if model == "mlp" else f"a model with smaller inputs than {model}'s"
+        raise UsageError(f"{canaries} canaries ({'white' if white else 'black'}-box) of {image_size}x{image_size} "
+                         f"faces would take about {need / 2**30:.1f} GB for the canaries alone (at most "
+                         f"{MAX_CANARY_BYTES / 2**30:g} GB): give fewer --canaries"
+                         + (", more --runs" if white else "") + f" or {smaller}")
 
 
 @dataclass(frozen=True)
@@ -374,6 +406,8 @@ def _run_canary_audit(args: argparse.Namespace, settings: _CanarySettings):
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="units_per_batch .* exceeds")
     builder = _audit_model_builder(args)   # may set args.image_size to the model's input size
+    # checked at the faces' final size, before the school is loaded
+    _check_canary_memory(canaries, args.runs, white, args.image_size, frames, args.model)
     x, y, units, source = _school_tensors(args, "student")
     say = _progress_printer()
     print(f"data: {source}: {len(y)} frames, {len(set(units))} students, {args.image_size}x{args.image_size}; "
