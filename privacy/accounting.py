@@ -365,19 +365,15 @@ def _stored_report(path: Path, key: str, kind: str) -> EpsilonReport | None:
 
 
 def _keep_report(path: Path, key: str, report: EpsilonReport) -> None:
-    """Add a result to the store (newest last, oldest dropped). It is a cache: written atomically but
-    without fsync, and a store that cannot be read or written only costs a composition later."""
-    import os
-
+    """Add a result to the store (newest last, oldest dropped), written like every file of the state directory
+    (temp file, fsync, rename: a crash leaves the old store or the new one). It is a cache: a store that cannot
+    be read or written only costs a composition later."""
     try:
         with locked(path):
             stored = _read_store(path)
             stored.pop(key, None)
             stored[key] = [report.epsilon, report.method, report.note]
-            text = json.dumps(dict(list(stored.items())[-EPSILON_STORE_LIMIT:]))
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(dict(list(stored.items())[-EPSILON_STORE_LIMIT:])))
     except OSError:
         pass
 

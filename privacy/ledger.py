@@ -90,9 +90,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared_models.atomic_files import append_line_atomic, atomic_write_text, locked
+from shared_models.atomic_files import append_line_atomic, locked
 from privacy.signing import (PUBLIC_KEY_FILE, key_id, load_public_key, public_key_pem, recovery_public_keys,
-                             retire_public_key, retired_public_keys, sign_hash, verify_hash_signature)
+                             retire_public_key, retired_public_keys, sign_hash, verify_hash_signature,
+                             write_public_key)
 
 SCHEMA = 1
 GENESIS_HASH = "0" * 64
@@ -777,7 +778,7 @@ class ServerLedgerCopy:
         if path.exists() and path.read_text(encoding="ascii") != pem:
             raise LedgerError(f"{path}: school {school_id} already has a different public key in this run")
         if not path.exists():
-            atomic_write_text(path, pem)
+            write_public_key(path, pem)
         return path
 
     @staticmethod
@@ -846,7 +847,7 @@ class ServerLedgerCopy:
                 # the pinned key handed the chain over: the run's key is the new one from now on, the old one is
                 # kept retired (the stored copy starts under it: re-verifying it and the audit need it)
                 retire_public_key(pinned, public_key)
-                atomic_write_text(pinned, public_key_pem(state.key))
+                write_public_key(pinned, state.key)
         return stored_new
 
 

@@ -268,11 +268,25 @@ def retired_public_keys(public_key_file: Path) -> list[Ed25519PublicKey]:
     return _kept_public_keys(retired_dir(public_key_file))
 
 
+#: Permissions of a public key file fedfer writes (a run's pinned key of a school, its retired and recovery keys):
+#: readable by all, like the keyring's (server/deploy/credentials.py write_public). It is no secret, and a privacy
+#: officer auditing a run with --trust-run-keys may do so under another account than the coordinator's.
+PUBLIC_KEY_MODE = 0o644
+
+
+def write_public_key(path: Path, key: Ed25519PrivateKey | Ed25519PublicKey | str) -> None:
+    """The one writer of a public key file beside a ledger or in a run (``keys/<school>.pub`` and the keys kept
+    beside it): `key`'s public half as PEM, replaced all at once (a crash leaves the old key or the new one,
+    never a torn file that stops every later resume or audit), mode PUBLIC_KEY_MODE."""
+    pem = key if isinstance(key, str) else public_key_pem(key)
+    atomic_write_bytes(path, pem.encode("ascii"), mode=PUBLIC_KEY_MODE)
+
+
 def _keep_public_key(folder: Path, key: Ed25519PrivateKey | Ed25519PublicKey) -> Path:
     """``<folder>/<key id>.pub`` holding `key`'s public half (written once)."""
     path = folder / f"{key_id(key)}.pub"
     if not path.is_file():
-        atomic_write_bytes(path, public_key_pem(key).encode("ascii"), mode=0o644)
+        write_public_key(path, key)
     return path
 
 

@@ -48,7 +48,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from shared_models.atomic_files import atomic_write_bytes
 from shared_models.wire import ERROR_RECORD, PackingError, received_numpy
 from shared_models.wording import counted
 from server.run_dir import RoundRecord, RunDirectory
@@ -307,7 +306,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
     def _pin_key(self, node: NodeInfo) -> str:
         """Trust the school's ledger key from the keyring (deployment) or on first contact (simulation)."""
         from privacy.signing import (SigningKeyError, approve_recovery_key, load_public_key, public_key_pem,
-                                     recovery_public_keys, retire_public_key, trusted_public_keys)
+                                     recovery_public_keys, retire_public_key, trusted_public_keys, write_public_key)
 
         key_file = self.run.key_path(node.school_id)
         keyring = str(self.cfg["privacy.keyring"])
@@ -331,7 +330,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
                 retire_public_key(key_file, old)
             for recovered in recovery_public_keys(trusted):   # approved by `rotate --recovered`: a key recovery
                 approve_recovery_key(key_file, recovered)    # signed by one continues the school's chain
-        _write_run_key(key_file, expected)
+        write_public_key(key_file, expected)   # the run's pinned key of the school
         return ""
 
     def school_nodes(self) -> dict[int, NodeInfo]:
@@ -737,8 +736,8 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         one-line problem. A run pins a school's keys when it first selects it; a key the coordinator approved in
         the keyring after that (`rotate --recovered`: the school lost its key during the run) is taken from the
         keyring now, as a run's start would take it. The ledger checks then decide whether the recovery holds."""
-        from privacy.signing import (approve_recovery_key, key_id, load_public_key, public_key_pem,
-                                     recovery_public_keys, retire_public_key)
+        from privacy.signing import (approve_recovery_key, key_id, load_public_key, recovery_public_keys,
+                                     retire_public_key, write_public_key)
 
         key_file = self.run.key_path(school)
         new = str(recovery.get("new_key_id"))
@@ -750,7 +749,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         if current is not None and key_id(current) == new and any(key_id(k) == new for k in recovery_public_keys(trusted)):
             retire_public_key(key_file, load_public_key(key_file))   # the lost key: the stored copy starts under it
             approve_recovery_key(key_file, current)
-            _write_run_key(key_file, public_key_pem(current))
+            write_public_key(key_file, current)
             return ""
         return (f"key recovery to key {one_line(new, 40)} not approved in this run: the coordinator approves it with "
                 f"`fedfer deploy rotate {school} --ledger-key signing_key.pub --recovered`, and the school is not "
@@ -835,12 +834,6 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         # tensors, not numpy arrays: `fedfer evaluate` reads checkpoints with torch.load(weights_only=True)
         momentum = None if self.momentum_vector is None else [torch.tensor(np.asarray(m)) for m in self.momentum_vector]
         return {"exhausted": sorted(self.exhausted), "momentum": momentum}
-
-
-def _write_run_key(key_file: Path, pem: str) -> None:
-    """The run's pinned key of a school (`keys/<school>.pub`), replaced all at once: a coordinator killed while
-    writing it leaves the old key or the new one, never a torn file that stops every later resume of the run."""
-    atomic_write_bytes(key_file, pem.encode("ascii"), mode=0o644)   # a public key: readable, as the keyring's
 
 
 def run_rounds(runner: Strategy, strategy: SchoolFedAvg, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int,

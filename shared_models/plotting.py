@@ -22,9 +22,13 @@ def pyplot() -> ModuleType:
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 120) -> Path:
-    """Write `fig` to `path` through a temporary file, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    tmp.replace(path)
+    """Write `fig` to `path` all at once (shared_models/atomic_files.py: a temp file of its own, fsync, rename):
+    a reader or a crash never sees half a PNG, and two writers of the same plot never share a temp file."""
+    import io
+
+    from shared_models.atomic_files import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(Path(path), png.getvalue())
     return path

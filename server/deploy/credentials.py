@@ -11,8 +11,9 @@ Everything is made with the `cryptography` package:
 - Ledger signing key: Ed25519, owned by `privacy.signing` (the ClientApp signs every ledger entry
   with it); the coordinator only keeps the public half in its keyring.
 
-Private keys are written 0600 through `os.open(..., 0o600)` — never created world-readable first
-and chmod-ed afterwards — and atomically (temp file + rename), so a crash leaves no half key.
+Private keys are written 0600 through shared_models/atomic_files.py, whose temp file is created 0600 —
+never world-readable first and chmod-ed afterwards — and atomically (temp file, fsync, rename, fsync of the
+folder), so a crash leaves no half key and no key that vanishes with the folder's unsynced entry.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import datetime as _dt
 import hashlib
 import base64
 import ipaddress
-import os
 import re
 import stat
 from dataclasses import dataclass
@@ -52,21 +52,9 @@ class CredentialError(ValueError):
 
 # ------------------------------------------------------------------------------------ file writing
 def write_private(path: Path, data: bytes) -> None:
-    """Write a secret (0600, atomic). The file is never readable by others, not even briefly."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)  # in case the file pre-existed with looser bits
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a secret (0600, atomic, durable: shared_models/atomic_files.py). The file is never readable by
+    others, not even briefly: its temp file is created 0600."""
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
