@@ -185,39 +185,46 @@ class RunDirectory:
         process holds it: its `fedfer simulate` was killed) is removed (:meth:`remove_stale_gate`)."""
         waited = False
         while True:
-            try:
-                fd = os.open(self.preparing_path, os.O_RDWR)
-            except FileNotFoundError:
-                return waited
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    waited = True
+            with self._gate_locked(wait=True) as gate:
+                if gate is None:
+                    return waited
+                fd, blocked = gate
+                waited = waited or blocked
                 if self._is_the_gate(fd):   # locked and still in place: its preparer was killed
                     self._remove_gate_held(fd)
                     return waited
                 # the file we locked is no gate any more: its preparer finished (it removes the gate before it
                 # unlocks), or a stale one was removed meanwhile; look again, a new preparer may hold a new gate
-            finally:
-                os.close(fd)   # closing releases the lock
 
     def remove_stale_gate(self) -> bool:
         """Remove a preparing.lock no process holds — what a `fedfer simulate` killed while it pre-trained
         leaves (the kernel dropped its lock, the file stays) — so the run no longer looks as if it were being
         prepared. True if one was removed. RunBusy if a live `fedfer simulate` still holds it."""
+        with self._gate_locked(wait=False) as gate:
+            return gate is not None and self._remove_gate_held(gate[0])
+
+    @contextlib.contextmanager
+    def _gate_locked(self, *, wait: bool) -> Iterator[tuple[int, bool] | None]:
+        """The existing preparing.lock, opened and locked: yields (its fd, whether another process held it and
+        this waited), or None when there is no gate. `wait` False: RunBusy instead of waiting for a live
+        preparer. Leaving the block closes the file, which releases the lock."""
         try:
             fd = os.open(self.preparing_path, os.O_RDWR)
         except FileNotFoundError:
-            return False
+            yield None
+            return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                blocked = False
             except BlockingIOError:
-                raise RunBusy(f"{self.path} is still being prepared by the `fedfer simulate` that started it "
-                              "(pre-training, building the schools): wait for it to end or stop it, then resume") from None
-            return self._remove_gate_held(fd)
+                if not wait:
+                    raise RunBusy(f"{self.path} is still being prepared by the `fedfer simulate` that started it "
+                                  "(pre-training, building the schools): wait for it to end or stop it, then "
+                                  "resume") from None
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                blocked = True
+            yield fd, blocked
         finally:
             os.close(fd)
 
