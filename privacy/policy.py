@@ -58,10 +58,11 @@ class PolicyError(ValueError):
 
 
 # ---------------------------------------------------------------------------- what an ε may be
-#: The largest ε a lifetime budget, a per-round cap or a target may be. The guarantee says no output becomes
-#: more than e^ε times likelier because of one student; beyond ε ≈ 709.8 e^ε is not even a finite double, so
-#: such a "budget" bounds nothing and is a slip (1e300 for 1e-3, 80 typed as 8e2). The experiments run up to
-#: ε 128 on purpose (simulations/bench/epsilon_curve.py), well inside.
+#: The largest ε a lifetime budget, a per-round cap or a target may be: a limit that catches slips (a budget of
+#: 1e300 was recorded), not a recommendation. The guarantee says no output becomes more than e^ε times likelier
+#: because of one student: at ε 128, the largest the experiments run on purpose (simulations/bench/
+#: epsilon_curve.py), that factor is already ~10^55, and from ε ≈ 709.8 on it is not even a finite double. A
+#: budget beyond 1000 bounds nothing anyone can use, and every experiment keeps room below it.
 MAX_EPSILON = 1000.0
 
 

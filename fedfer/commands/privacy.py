@@ -154,7 +154,7 @@ def _add_canary_audit_parser(psub: argparse._SubParsersAction) -> None:
                          f"feeds its probe a one-hot of frames x canaries-in-the-run, about 1 GB at "
                          f"{MAX_CANARIES_PER_RUN} with every student sampled; black-box, {MAX_CANARIES} canary "
                          f"images at 16x16 are about 1 GB; and at most {MAX_CANARY_BYTES // 2**30} GB for the "
-                         f"canaries at the faces' size (a registered model's 112x112 makes each 49x bigger)")
+                         f"canaries at the faces' size (a registered model's 64x64 input makes each 16x bigger)")
     at.add_argument("--runs", type=int, default=16, help="independent trainings the canaries are spread over")
     at.add_argument("--epochs", type=int, default=10)
     at.add_argument("--batch", type=int, default=None,
@@ -289,8 +289,9 @@ MAX_CANARIES = 100_000
 #: per canary, half of them included) that is ~0.4 GB each, about 1 GB a step.
 MAX_CANARIES_PER_RUN = 10_000
 #: Most memory the canaries of one audit may take (canary_memory_bytes): the count caps above hold at the
-#: harness's 16x16 faces, but a registered model's 112x112 (or --image-size 512) makes each canary 50-1000x
-#: bigger: 10^5 black-box canaries at 112x112 are ~50 GB. The documented audits need well under 1 GB.
+#: harness's 16x16 faces, but a registered model's input (64x64 for the cpu and dp presets, up to 224x224 for
+#: paper) or --image-size 512 makes each canary 16-1000x bigger: 10^5 black-box canaries for hafnet:dp are
+#: ~16 GB, at 224x224 ~200 GB. The documented audits need well under 1 GB.
 MAX_CANARY_BYTES = 4 * 2**30
 
 
