@@ -76,7 +76,7 @@ LEFT_OUT_WORDING = {
     "budget": "declined on budget (budget-exhausted)",
     "policy": "declined on policy (policy-violation)",
     "ledger": "left out for a ledger the server rejected (events.jsonl)",
-    "before-resume": "declined on budget or policy before the resume",
+    "before-resume": "left out before the resume (budget, policy or a rejected ledger)",
     "offline": "offline",
 }
 #: School names the finishing line lists per reason (a district may have hundreds).
@@ -414,8 +414,9 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
                        why=why)
 
     def _why_no_school_can_train(self, connected: set[int], refused: int) -> str:
-        """What the server knows about why no school is left, e.g. "2 schools declined on their budget:
-        school-00, school-01; 1 school offline: school-02" (it said "budgets exhausted or none connected")."""
+        """What the server knows about why no school is left, e.g. "2 schools declined on budget
+        (budget-exhausted): school-00, school-01; 1 school offline: school-02" (it said "budgets exhausted or none
+        connected" whatever it knew)."""
         groups: dict[str, list[str]] = {}
         for nid, node in self.school_nodes().items():
             if node.school_id in self.exhausted:

@@ -307,5 +307,6 @@ def test_the_finishing_line_says_what_the_server_knows_about_each_school(tmp_pat
     assert log_lines.matching(
         f"no school can train any more ({NAMES_SHOWN + 2} schools declined on budget (budget-exhausted): {budget} and "
         f"2 more; 1 school declined on policy (policy-violation): s-policy; 1 school left out for a ledger the server "
-        f"rejected (events.jsonl): s-ledger; 1 school declined on budget or policy before the resume: s-resumed; "
+        f"rejected (events.jsonl): s-ledger; 1 school left out before the resume (budget, policy or a rejected "
+        f"ledger): s-resumed; "
         f"1 school offline: s-offline): finishing"), log_lines.lines
