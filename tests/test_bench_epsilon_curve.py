@@ -38,6 +38,15 @@ def test_bad_epsilon_lists_are_refused_in_one_line_before_anything_runs(bad, cap
     assert err.startswith("epsilon curve:") and "\n" not in err
 
 
+def test_an_epsilon_beyond_the_policy_rule_is_refused_before_anything_runs(capsys):
+    """--epsilons 8,2000 started the federation and failed in a worker when the schools' policies were written
+    (budget 2000 is above privacy/policy.py MAX_EPSILON); now refused at once, naming the point and the key."""
+    assert curve.main(["--epsilons", "8,2000", "--out", "unused.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("epsilon curve: --epsilons 2000: key 'privacy.") and "at most 1000" in err, err
+    assert err.count("\n") == 1
+
+
 def test_a_bad_override_is_refused_before_anything_runs(capsys):
     assert curve.main(["--epsilons", "8", "privacy.delta=2"]) == 2
     assert "privacy.delta" in capsys.readouterr().err

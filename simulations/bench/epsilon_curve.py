@@ -124,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         return replot([Path(f) for f in args.replot.split(",") if f.strip()], args.out, args.baseline,
                       args.baseline_label, argv)
+    from privacy.policy import check_config_epsilons
+
     try:
         epsilons = _epsilons(args.epsilons)
         cfg = load_config(None, args.overrides)
         for eps in epsilons:   # a bad ε or override is refused here, not in a worker half an hour later
-            load_config(None, point_overrides(args.overrides, eps, 0))
+            # privacy/policy.py's rule too: each point's ε becomes every school's budget (at most MAX_EPSILON)
+            check_config_epsilons(load_config(None, point_overrides(args.overrides, eps, 0)), f"--epsilons {eps:g}")
     except (ConfigError, ValueError) as exc:
         print(f"epsilon curve: {exc}", file=sys.stderr)
         return 2
