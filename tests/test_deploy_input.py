@@ -115,9 +115,10 @@ def test_init_command_dir_is_a_file(tmp_path):
 
 # -- add-school ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"budget": float("inf")}, "--budget must be a finite number"),
-    ({"budget": float("nan")}, "--budget must be a finite number"),
-    ({"budget": -1.0}, "--budget must be a finite number"),
+    ({"budget": float("inf")}, "--budget must be a finite ε > 0"),
+    ({"budget": float("nan")}, "--budget must be a finite ε > 0"),
+    ({"budget": -1.0}, "--budget must be a finite ε > 0"),
+    ({"budget": 1e300}, "--budget must be an ε of at most 1000"),
     ({"runtime_port": -1}, "--runtime-port must be in 1..65535"),
     ({"runtime_port": 70000}, "--runtime-port must be in 1..65535"),
     ({"runtime_port": 19093}, "the SuperLink's port"),
