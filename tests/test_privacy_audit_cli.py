@@ -331,6 +331,19 @@ def test_plan_and_canary_audit_with_json_print_a_usage_error_as_one_json_object(
     assert message in error["error"] and "schools" not in error, out
 
 
+@pytest.mark.parametrize("command", [PLAN, ["canary-audit", "--canaries", "40"]], ids=["plan", "canary-audit"])
+def test_without_json_words_no_parser_took_are_one_line_naming_the_sub_command(capsys, command):
+    """A word left over after `privacy plan` / `canary-audit` was argparse's usage block of the whole `fedfer`
+    command; it is now the sub-command's own one line, as for `privacy audit`."""
+    from fedfer.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["privacy", *command, "--bogus"])
+    out, err = capsys.readouterr()
+    name = "plan" if command is PLAN else "canary-audit"
+    assert exc.value.code == 2 and out == "" and err == f"fedfer privacy {name}: unrecognized arguments: --bogus\n", err
+
+
 def test_without_json_a_usage_error_stays_one_line_on_stderr(tmp_path, capsys):
     from fedfer.cli import main
 
