@@ -74,6 +74,7 @@ def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStar
     writer = RoundWriter(run, cfg, start.round_offset, federation_dp)
     strategy = SchoolFedAvg(cfg, run, round_offset=start.round_offset, rounds=writer,
                             exhausted=start.strategy_state.get("exhausted", []),
+                            left_out=start.strategy_state.get("left_out", {}),
                             momentum=start.strategy_state.get("momentum"))
     runner = federation_dp.wrap(strategy) if federation_dp is not None else strategy
 

@@ -477,6 +477,9 @@ def check_checkpoint(checkpoint: Any, path: Path, *, for_resume: bool = False) -
     exhausted = strategy.get("exhausted", [])
     if not isinstance(exhausted, list) or not all(isinstance(s, str) for s in exhausted):
         raise CheckpointError(f"{path}: field 'strategy.exhausted' must be a list of school ids")
+    left_out = strategy.get("left_out", {})   # why each was left out (absent in checkpoints written before)
+    if not isinstance(left_out, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in left_out.items()):
+        raise CheckpointError(f"{path}: field 'strategy.left_out' must map school ids to reasons")
     momentum = strategy.get("momentum")
     if momentum is not None and (not isinstance(momentum, list) or not all(isinstance(m, torch.Tensor) for m in momentum)):
         raise CheckpointError(f"{path}: field 'strategy.momentum' must be a list of tensors or absent")

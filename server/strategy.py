@@ -76,7 +76,7 @@ LEFT_OUT_WORDING = {
     "budget": "declined on budget (budget-exhausted)",
     "policy": "declined on policy (policy-violation)",
     "ledger": "left out for a ledger the server rejected (events.jsonl)",
-    "before-resume": "left out before the resume (budget, policy or a rejected ledger)",
+    "before-resume": "left out before the resume (its checkpoint does not say why)",
     "offline": "offline",
 }
 #: School names the finishing line lists per reason (a district may have hundreds).
@@ -166,7 +166,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
 
     def __init__(self, cfg: Mapping[str, Any], run: RunDirectory, round_offset: int = 0,
                  exhausted: Iterable[str] = (), momentum: list[torch.Tensor] | None = None,
-                 rounds: RoundHooks | None = None) -> None:
+                 rounds: RoundHooks | None = None, left_out: Mapping[str, str] | None = None) -> None:
         server_momentum = float(cfg["federation.server_momentum"])
         if server_momentum and bool(cfg["federation.client_dp"]):
             # Flower's client-DP wrapper noises what this strategy returns; a momentum built from the
@@ -190,9 +190,10 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         self.round_offset = round_offset
         self.nodes: dict[int, NodeInfo] = {}
         self.exhausted: set[str] = set(exhausted)
-        # why each school in `exhausted` is left out in this process (a key of LEFT_OUT_WORDING): what the
-        # finishing line says; a school left out before a resume has none (the checkpoint keeps only the names)
-        self.left_out_why: dict[str, str] = {}
+        # why each school in `exhausted` is left out (a key of LEFT_OUT_WORDING): what the finishing line says.
+        # A resumed run takes it from its checkpoint (`left_out`); one written before it was kept has none
+        self.left_out_why: dict[str, str] = {school: why for school, why in (left_out or {}).items()
+                                             if school in self.exhausted and why in ("budget", "policy", "ledger")}
         self.current_arrays: ArrayRecord | None = None
         self.record: RoundRecord | None = None
         self.rounds: RoundHooks = rounds if rounds is not None else NoRoundHooks()
@@ -831,10 +832,11 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         return metrics
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the strategy: schools out of budget, FedAvgM's momentum vector."""
+        """What a checkpoint keeps of the strategy: schools out of budget (and why), FedAvgM's momentum vector."""
         # tensors, not numpy arrays: `fedfer evaluate` reads checkpoints with torch.load(weights_only=True)
         momentum = None if self.momentum_vector is None else [torch.tensor(np.asarray(m)) for m in self.momentum_vector]
-        return {"exhausted": sorted(self.exhausted), "momentum": momentum}
+        return {"exhausted": sorted(self.exhausted), "left_out": dict(sorted(self.left_out_why.items())),
+                "momentum": momentum}
 
 
 def run_rounds(runner: Strategy, strategy: SchoolFedAvg, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int,

@@ -307,6 +307,35 @@ def test_the_finishing_line_says_what_the_server_knows_about_each_school(tmp_pat
     assert log_lines.matching(
         f"no school can train any more ({NAMES_SHOWN + 2} schools declined on budget (budget-exhausted): {budget} and "
         f"2 more; 1 school declined on policy (policy-violation): s-policy; 1 school left out for a ledger the server "
-        f"rejected (events.jsonl): s-ledger; 1 school left out before the resume (budget, policy or a rejected "
-        f"ledger): s-resumed; "
+        f"rejected (events.jsonl): s-ledger; 1 school left out before the resume (its checkpoint does not say "
+        f"why): s-resumed; "
         f"1 school offline: s-offline): finishing"), log_lines.lines
+
+
+def test_a_resumed_run_still_knows_why_each_school_was_left_out(tmp_path, log_lines):
+    """The checkpoint keeps why each school was left out (strategy.left_out) beside the names: after a resume the
+    finishing line said only "left out before the resume" for schools the run knew had declined on budget."""
+    import torch
+
+    from server.run_dir import RunDirectory, check_checkpoint
+    from server.strategy import NodeInfo, SchoolFedAvg
+    from shared_models.config import load_config
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'runs'}", "run.name=t"])
+    run = RunDirectory.create(cfg)
+    first = SchoolFedAvg(cfg, run)
+    first._leave_out("s-budget", "budget")
+    first._leave_out("s-policy", "policy")
+    path = run.save_checkpoint(1, {"w": torch.zeros(1)}, {"name": "hafnet", "preset": "dp", "num_classes": 7}, cfg,
+                               first.state())
+    saved = torch.load(path, weights_only=True)
+    check_checkpoint(saved, path, for_resume=True)
+    state = saved["strategy"]   # what server/app.py hands the resumed strategy
+    resumed = SchoolFedAvg(cfg, run, exhausted=state["exhausted"], left_out=state["left_out"])
+    resumed.nodes = {1: NodeInfo(role="school", school_id="s-budget"), 2: NodeInfo(role="school", school_id="s-policy")}
+    resumed._finish(set(resumed.nodes), first_round_not_run=2)
+    assert log_lines.matching("no school can train any more (1 school declined on budget (budget-exhausted): s-budget; "
+                              "1 school declined on policy (policy-violation): s-policy): finishing"), log_lines.lines
+    saved["strategy"]["left_out"] = ["s-budget"]
+    with pytest.raises(Exception, match="strategy.left_out"):
+        check_checkpoint(saved, path, for_resume=True)
