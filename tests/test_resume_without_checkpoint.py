@@ -124,5 +124,7 @@ def test_resuming_a_finished_run_rewrites_its_report_without_starting_flower(tmp
     assert simulate.cmd_simulate(args) == 0
     out = capsys.readouterr().out
     assert "already finished 2 rounds" in out and (run.path / "report.md").is_file()
+    # the seconds are this command's, not the run's: a bare "wall time 1 s" read as the run's own time
+    assert "wall time" in out and "(this command only: the run had already finished)" in out
     events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
     assert events[-1]["event"] == "resumed" and events[-1]["round"] == 2

@@ -187,7 +187,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             run.event("resumed", round=int(cfg["federation.rounds"]))
             print(f"  {run.path} already finished {counted(int(cfg['federation.rounds']), 'round')}")
             print(f"  report {write_report(run.path)}")
-        code = print_summary(run.path, time.perf_counter() - started)
+        # the run's own time is not known here: say whose seconds these are, or "wall time 1 s" reads as the run's
+        code = print_summary(run.path, time.perf_counter() - started,
+                             wall_note=" (this command only: the run had already finished)")
         if code == 0 and cfg["evaluation.references"]:
             return _references(cfg, run.path, _ensure_data(cfg), started)
         return code
@@ -427,8 +429,9 @@ def _pretrain_while_flower_starts(cfg: dict[str, Any], run, pending: _PendingPre
     return federation, root, 0
 
 
-def print_summary(run_path: Path, wall: float) -> int:
-    """The closing table: final accuracy, per-school ε, rounds, wall time, the best round, report path."""
+def print_summary(run_path: Path, wall: float, wall_note: str = "") -> int:
+    """The closing table: final accuracy, per-school ε, rounds, wall time, the best round, report path.
+    `wall_note` follows the wall time when those seconds are not the run's (a finished run resumed)."""
     from server.best_round import compare_line
     from server.run_dir import BEST_CHECKPOINT, RunDirectory, last_public_score, read_best_json
 
@@ -452,7 +455,7 @@ def print_summary(run_path: Path, wall: float) -> int:
     if start is not None:   # the pre-trained model (model.pretrained), scored before round 1
         print("  pre-trained start  " + ", ".join(f"{bench} {_three(m.get('accuracy'))}"
                                                  for bench, m in _benchmarks(start)))
-    print(f"  wall time          {wall:.0f} s")
+    print(f"  wall time          {wall:.0f} s{wall_note}")
     for bench, m in _benchmarks(last):
         ci = (f" [95% CI {_three(m['accuracy_ci_low'])}-{_three(m.get('accuracy_ci_high'))}]"
               if m.get("accuracy_ci_low") is not None else "")
