@@ -1069,6 +1069,12 @@ def format_table(report: AuditReport) -> str:
     notes = [p for r in report.rows for p in r.problems] + report.problems
     if any(r.prv_method == "rdp-fallback" for r in report.rows):
         notes.append("* PRV could not evaluate this history; the (looser, still valid) RDP bound is shown")
+    # an "ok" row whose ε RDP column is above its budget reads as a contradiction unless it says which ε counts
+    looser = [r.school for r in report.rows if r.budget is not None and r.epsilon_rdp is not None
+              and r.epsilon_rdp > r.budget and not r.over_budget and r.prv_method != "rdp-fallback"]
+    if looser:
+        notes.append(f"ε RDP is a looser upper bound, shown for comparison: the budget is checked against ε PRV, so "
+                     f"ε RDP above it ({', '.join(dict.fromkeys(looser))}) is not a finding")
     notes += [r.budget_note for r in report.rows if r.budget_note]
     notes += [n for r in report.rows for n in r.key_transitions]
     notes += report.notes

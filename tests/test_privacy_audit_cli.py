@@ -145,6 +145,20 @@ def test_over_budget_is_reported_when_the_entry_also_has_another_problem(tmp_pat
     assert "INCONSISTENT, OVER-BUDGET" in out and "OVER BUDGET too" in _verdict(out), out
 
 
+def test_an_rdp_epsilon_above_the_budget_says_the_budget_is_checked_against_prv(tmp_path, capsys):
+    """The table shows ε PRV and ε RDP; a row "ok" with its ε RDP above the budget (every default simulated
+    school: ε PRV 7.99, ε RDP 8.8-9.0 of 8) left the privacy officer to guess which one the verdict used."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    row = json.loads(_json(capsys, server.run.path))["schools"][0]
+    assert row["epsilon_rdp"] > row["epsilon_prv"]
+    between = (row["epsilon_prv"] + row["epsilon_rdp"]) / 2
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys", "--budget", repr(between))
+    assert code == 0 and _verdict(out) == "audit: intact, within budget (exit 0)", out
+    assert "the budget is checked against ε PRV" in out and "(school-a, school-b) is not a finding" in out, out
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys", "--budget", repr(row["epsilon_rdp"] * 2))
+    assert code == 0 and "checked against ε PRV" not in out, out   # nothing to explain when both are within
+
+
 # ------------------------------------------------------------------------ 4. digits that differ
 def test_an_epsilon_just_over_the_budget_is_printed_with_digits_that_differ(tmp_path, capsys):
     schools, (server,) = _federation(tmp_path, runs=1)
