@@ -248,15 +248,54 @@ def pretrain(cfg: Mapping[str, Any], data_root: Path | None, out: Path, *, evalu
         "threads": int(stats["threads"]),
     }
     if evaluate:
-        from shared_models.evaluation import evaluate_benchmarks
+        provenance["evaluation"] = _scores(model, cfg, data_root)
+    _write(Path(out), {"format": FORMAT, "state_dict": state, "model": registry.model_info(cfg),
+                       "provenance": provenance})
+    return provenance
 
-        results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), data_root, cfg)
-        provenance["evaluation"] = {name: {k: m[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "n")
-                                           if k in m} for name, m in results.items()}
-    checkpoint = {"format": FORMAT, "state_dict": state, "model": registry.model_info(cfg), "provenance": provenance}
+
+def _scores(model: nn.Module, cfg: Mapping[str, Any], data_root: Path | None) -> dict[str, dict[str, Any]]:
+    """The provenance's `evaluation`: accuracy, its CI and n on each of `evaluation.benchmarks`."""
+    from shared_models.evaluation import evaluate_benchmarks
+
+    results = evaluate_benchmarks(model, str(cfg["evaluation.benchmarks"]), data_root, cfg)
+    return {name: {k: m[k] for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "n") if k in m}
+            for name, m in results.items()}
+
+
+def _write(out: Path, checkpoint: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    atomic_write_bytes(Path(out), buffer.getvalue())
+    atomic_write_bytes(out, buffer.getvalue())
+
+
+def reuse_cached(cfg: Mapping[str, Any], data_root: Path | None, out: Path, *, evaluate: bool = False,
+                 data: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The checkpoint already pre-trained from exactly these inputs (the cache `model.pretrain=auto` fills),
+    copied to `out`: its provenance, scored now if `evaluate` and it was not. None when there is none to
+    reuse: not cached, unreadable, or its recorded inputs or weights are not what its name says.
+    Why: `fedfer pretrain --out` on the defaults' public data retrained for minutes a checkpoint the demo had
+    already cached under the same inputs hash."""
+    data = data if data is not None else data_specs(cfg, data_root)
+    key = inputs_hash(cfg, data)
+    cached = default_path(key)
+    if not cached.is_file():
+        return None
+    try:
+        checkpoint = torch.load(cached, map_location="cpu", weights_only=True)
+        provenance = dict(checkpoint["provenance"])
+        state = checkpoint["state_dict"]
+        intact = provenance.get("inputs_hash") == key and weights_sha256(state) == provenance.get("weights_sha256")
+    except Exception:   # a damaged cache entry is trained again, as if absent
+        return None
+    if not intact:
+        return None
+    if evaluate and "evaluation" not in provenance:   # the cache is filled without scoring it
+        model = registry.build_from_config(cfg)
+        model.load_state_dict(state)
+        provenance["evaluation"] = _scores(model, cfg, data_root)
+    if Path(out).expanduser().resolve() != cached.resolve():
+        _write(Path(out), {**checkpoint, "provenance": provenance})
     return provenance
 
 

@@ -137,3 +137,31 @@ def test_pretrain_writes_a_checkpoint_that_model_pretrained_loads_with_provenanc
                                    f"run.root={tmp_path / 'runs'}"])
     with pytest.raises(ValueError, match="pre-trained for model.preset=dp, the run builds model.preset=cpu"):
         start_or_resume(other)
+
+
+def test_pretrain_copies_the_checkpoint_the_cache_holds_for_the_same_inputs(tmp_path, monkeypatch, capsys) -> None:
+    """The deployment trial's `fedfer pretrain --out data/pretrained.pt` retrained for minutes the checkpoint the
+    demo had cached under the same inputs hash; now it copies it (scored, as a trained one is) unless --retrain."""
+    from fedfer.cli import main
+    from simulations import pretrain
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    assert main(["pretrain", "--data-root", str(data), *TINY]) == 0   # no --out: into the cache
+    cached = registry.pretrained_provenance(next((tmp_path / "cache" / "fedfer" / "pretrained").glob("*.pt")))
+    capsys.readouterr()
+
+    trained = []
+    real = pretrain._train_with_threads
+    monkeypatch.setattr(pretrain, "_train_with_threads", lambda *a, **k: trained.append(1) or real(*a, **k))
+    out = tmp_path / "deploy" / "pretrained.pt"
+    assert main(["pretrain", "--data-root", str(data), "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert not trained and "not trained again; --retrain trains it anew" in printed, printed
+    assert "synthetic-indomain" in printed   # scored like a checkpoint trained now
+    copied = registry.pretrained_provenance(out)
+    assert copied["weights_sha256"] == cached["weights_sha256"] and copied["inputs_hash"] == cached["inputs_hash"]
+    assert set(copied["evaluation"]) == {"synthetic-fer2013", "synthetic-indomain"}
+
+    assert main(["pretrain", "--data-root", str(data), "--out", str(out), "--retrain", *TINY]) == 0
+    assert trained == [1] and "not trained again" not in capsys.readouterr().out

@@ -33,6 +33,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="synthetic classroom for synthetic-* benchmarks (default: data.root or its cache; built if absent)")
     cmd.add_argument("--epochs", type=int, default=None, help="passes over the data (default: pretrain.epochs)")
     cmd.add_argument("--no-evaluate", action="store_true", help="skip scoring the result on evaluation.benchmarks")
+    cmd.add_argument("--retrain", action="store_true",
+                     help="train even when the cache holds a checkpoint pre-trained from the same inputs "
+                          "(default: copy that one)")
     cmd.add_argument("--config", type=Path, help="YAML config (defaults: shared_models/defaults.yaml)")
     cmd.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.preset=cpu pretrain.lr=0.001")
     cmd.set_defaults(func=cmd_pretrain)
@@ -99,14 +102,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     echo = lambda line: print("  " + line, flush=True)  # noqa: E731
     try:
         data = pretrain.data_specs(cfg, data_root)
-        out = args.out or pretrain.cached_checkpoint(cfg, data_root, data)
-        provenance = pretrain.pretrain(cfg, data_root, Path(out), evaluate=evaluate, echo=echo, data=data)
+        cached = pretrain.cached_checkpoint(cfg, data_root, data)
+        out = args.out or cached
+        reused = None if args.retrain else pretrain.reuse_cached(cfg, data_root, Path(out), evaluate=evaluate,
+                                                                 data=data)
+        provenance = reused or pretrain.pretrain(cfg, data_root, Path(out), evaluate=evaluate, echo=echo, data=data)
     except pretrain.PretrainError as exc:
         print(f"fedfer: {exc}", file=sys.stderr)
         return 2
     print(f"pre-trained checkpoint: {out}")
+    if reused is not None:   # its seconds are the first training's: say it was not trained now
+        print(f"  the cached checkpoint pre-trained from the same inputs ({cached}), not trained again; "
+              "--retrain trains it anew")
     print(f"  {provenance['images']} public faces x {provenance['epochs']} epochs, {provenance['steps']} steps, "
-          f"final loss {provenance['final_loss']:.3f}, {provenance['seconds']:.0f} s; inputs {provenance['inputs_hash']}")
+          f"final loss {provenance['final_loss']:.3f}, {provenance['seconds']:.0f} s"
+          f"{' when first trained' if reused is not None else ''}; inputs {provenance['inputs_hash']}")
     for bench, m in provenance.get("evaluation", {}).items():
         ci = f" [95% CI {m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}]" if m.get("accuracy_ci_low") is not None else ""
         print(f"  {bench:<20} accuracy {m['accuracy']:.3f}{ci} (n={m['n']})")
