@@ -827,3 +827,44 @@ def test_supernode_launcher_retries_a_refused_start_then_gives_up(tmp_path, caps
     assert supervise(refused, retry_for=0.5, retry_every=0.125) == 1
     assert len(counter.read_text()) == 5
     assert "[code: 2004]" in capsys.readouterr().err
+
+
+def test_deploy_up_says_it_is_starting_and_what_it_stopped(deployment, monkeypatch, capsys):
+    """`fedfer deploy up &` printed nothing for the 20-60 s its processes took to start, and nothing when Ctrl-C
+    or `kill %1` stopped them: the trial's user could not tell starting from hung, or stopped from still running."""
+    import argparse
+
+    from fedfer.commands import deploy as deploy_command
+    from server.deploy import local
+
+    dep, home = deployment
+    deploy_cli.add_node(dep.root, "evaluator", "evaluator", benchmarks=["synthetic-fer2013"], flwr_home=home)
+    stopped = []
+
+    class Stopping:   # a process that is Ctrl-C'd at the first look
+        name = "superlink"
+
+        def alive(self) -> bool:
+            raise KeyboardInterrupt
+
+    class FakeFederation:   # LocalFederation without processes: the trial's shape, nothing started
+        def __init__(self, dep, log_dir, flwr_home=None) -> None:
+            self.nodes, self.supervisor = {}, argparse.Namespace(processes=[Stopping()])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            stopped.append(True)
+
+        def start_all(self) -> None:
+            print("(starting)")
+            self.nodes = {"evaluator": []}
+
+    monkeypatch.setattr(local, "LocalFederation", FakeFederation)
+    monkeypatch.setattr("signal.signal", lambda *a: None)   # keep pytest's own handlers
+    args = argparse.Namespace(dir=str(dep.root), flwr_home=str(home))
+    assert deploy_command._cmd_up(args) == 0 and stopped == [True]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("starting: SuperLink 127.0.0.1:19093 + 1 node(s)") and lines[1] == "(starting)", lines
+    assert lines[-1] == f"stopped: the SuperLink and 1 node(s) of {dep.root}", lines

@@ -235,17 +235,26 @@ def _cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)   # also when started in the background (SIGINT ignored there)
     dep = Deployment.load(Path(args.dir).resolve())
+    # starting takes 20-60 s (the SuperLink, then each node until Flower names its id): say so before, not after
+    nodes = sum(1 for entry in dep.nodes.values() if entry.status != "revoked")   # what start_all starts
+    print(f"starting: SuperLink 127.0.0.1:{dep.port} + {nodes} node(s) (under a minute); "
+          f"logs in {dep.root / 'logs'}", flush=True)
+    code = 0
     with LocalFederation(dep, log_dir=dep.root / "logs", flwr_home=_home(args)) as fed:
         fed.start_all()
-        print(f"running: SuperLink 127.0.0.1:{dep.port} + {len(fed.nodes)} node(s); logs in {dep.root / 'logs'}; Ctrl-C stops all")
+        print(f"running: SuperLink 127.0.0.1:{dep.port} + {len(fed.nodes)} node(s); logs in {dep.root / 'logs'}; "
+              "Ctrl-C stops all", flush=True)
         try:
             while all(p.alive() for p in fed.supervisor.processes):
                 time.sleep(1)
             dead = [p.name for p in fed.supervisor.processes if not p.alive()]
             print(f"stopped: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
-            return 1
+            code = 1
         except KeyboardInterrupt:
-            return 0
+            pass
+    # after LocalFederation stopped them: a Ctrl-C or kill otherwise ended without a word on what it stopped
+    print(f"stopped: the SuperLink and {nodes} node(s) of {dep.root}", flush=True)
+    return code
 
 
 def _wrap(handler):  # one-line errors, exit 2
