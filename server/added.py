@@ -314,4 +314,6 @@ def _public_clause(fed: Mapping[str, Any], start: Mapping[str, Any] | None) -> s
             return f" On the public photos it is {100 * (before['accuracy'] - now['accuracy']):.1f} points below the starting model {pair}."
         if low > start_high:
             return f" On the public photos it is {100 * (now['accuracy'] - before['accuracy']):.1f} points above the starting model {pair}."
+        # say on what grounds: a bare "level" beside 88.3 against 90.4 read as a misprint
+        return f" On the public photos it is level with the starting model within the 95 % CIs {pair}."
     return f" On the public photos it is level with the starting model {pair}."

@@ -78,7 +78,8 @@ def test_the_table_compares_the_federation_with_start_pooled_and_schools_alone(t
     assert by["noise-free"]["label"].endswith("after round 3") and by["noise-free"]["indomain"]["accuracy"] == 0.79
     assert "-1.0 points against the same federation without privacy (79.0 %)" in text
     # and what fine-tuning did to the public photos: the start's 0.81 ± 0.02 against the federation's 0.84 ± 0.02
-    assert text.endswith(" On the public photos it is level with the starting model (84.0 % against 81.0 %).")
+    assert text.endswith(" On the public photos it is level with the starting model within the 95 % CIs "
+                         "(84.0 % against 81.0 %).")
     lower = [dict(r, public=score(0.70)) if r["key"] == "federation" else r for r in rows]
     assert added.headline(lower).endswith("it is 11.0 points below the starting model (70.0 % against 81.0 %).")
     higher = [dict(r, public=score(0.90)) if r["key"] == "federation" else r for r in rows]
