@@ -165,3 +165,14 @@ def test_pretrain_copies_the_checkpoint_the_cache_holds_for_the_same_inputs(tmp_
 
     assert main(["pretrain", "--data-root", str(data), "--out", str(out), "--retrain", *TINY]) == 0
     assert trained == [1] and "not trained again" not in capsys.readouterr().out
+
+
+def test_data_synth_prints_a_row_for_every_school(tmp_path, capsys) -> None:
+    """`fedfer data synth` printed its manifest as JSON cut at 2,000 characters: from ten schools on it stopped
+    mid-school, mid-string. Now the table `synth.summary` makes: every school, then the public split."""
+    from fedfer.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path / "data"), *TINY, "federation.schools=12"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith(("school-", "public"))]
+    assert rows == [f"school-{i:02d}" for i in range(12)] + ["public"], out

@@ -140,10 +140,12 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     if args.out:
         cfg["data.root"] = str(args.out.resolve())
     started = time.perf_counter()
+    from simulations import synth
+
     root = _ensure_data(cfg)
-    manifest = json.loads((root / "manifest.json").read_text())
-    print(f"synthetic classroom at {root} ({time.perf_counter() - started:.1f} s)")
-    print(json.dumps({k: manifest[k] for k in manifest if k in ("schools", "counts")}, indent=1)[:2000])
+    # one row per school: the JSON dump this replaced was cut at 2,000 characters, mid-school from ten schools on
+    print(synth.summary(root))
+    print(f"ready in {time.perf_counter() - started:.1f} s (built, or found already built)")
     return 0
 
 
