@@ -334,6 +334,20 @@ def test_the_simulate_summary_names_the_best_model(tmp_path, capsys):
             "last round 3: 0.540)") in capsys.readouterr().out.splitlines()
 
 
+def test_fedfer_report_names_the_best_round_and_what_the_last_scored(tmp_path, capsys):
+    """README: `fedfer report runs/<id>` "names the best round and what the last one scored"; it printed only the
+    report's path."""
+    from fedfer.cli import main
+
+    writer, cfg = _new_run(tmp_path)
+    _run_rounds(writer, cfg, {1: _evaluation(0.7, 0.5), 2: _evaluation(0.889, 0.6), 3: _evaluation(0.54, 0.9)})
+    run = tmp_path / "runs" / "t"
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        str(run / "report.md"),
+        f"  best round 2 on the public benchmarks: 0.889 on {PUBLIC}; last round 3: 0.540 — kept as {run}/checkpoints/best.pt"]
+
+
 def test_a_crafted_best_pt_runs_no_code_when_a_resume_reads_it(tmp_path):
     """best.pt is read with torch.load(weights_only=True) like every checkpoint: a pickle with a payload planted
     as best.pt is refused (named, then replaced), and its payload never runs."""
