@@ -1310,6 +1310,11 @@ def generation_mode(cfg: Mapping[str, Any]) -> str:
     return mode
 
 
+def schools_built(cfg: Mapping[str, Any]) -> bool:
+    """Whether every school of the config's synthetic classroom is already built (and current)."""
+    return _dataset_ok(root_from_config(cfg), params_from_config(cfg))
+
+
 def start_building_schools(cfg: Mapping[str, Any]) -> multiprocessing.process.BaseProcess:
     """Build the config's schools in a child process on one core, silently, while the caller uses the other
     (`fedfer simulate` pre-trains on the public split meanwhile: that is one thread, so a core would idle).

@@ -176,3 +176,23 @@ def test_data_synth_prints_a_row_for_every_school(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     rows = [line.split()[0] for line in out.splitlines() if line.startswith(("school-", "public"))]
     assert rows == [f"school-{i:02d}" for i in range(12)] + ["public"], out
+
+
+def test_simulate_does_not_say_it_builds_schools_that_are_built(tmp_path, monkeypatch, capsys) -> None:
+    """`fedfer simulate model.name=sfer_mdfae` after the default demo: the schools were cached, yet it printed
+    "building the 10 schools in the background while pre-training" and, 750 s later, "schools built"."""
+    from fedfer.commands.simulate import _pretrain_auto, _pretrain_now
+    from shared_models.config import load_config
+    from simulations import synth
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = load_config(overrides=[*TINY, "federation.schools=2", f"data.root={tmp_path / 'data'}"])
+    synth.ensure_for_config(cfg, echo=lambda line: None)   # every school built before the run
+    assert synth.schools_built(cfg)
+    started = []
+    monkeypatch.setattr(synth, "start_building_schools", lambda cfg: started.append(cfg))
+    code, pending = _pretrain_auto(cfg)
+    assert code == 0 and pending is not None and _pretrain_now(cfg, pending) == 0
+    printed = capsys.readouterr().out
+    assert not started and "building" not in printed and "schools built" not in printed, printed
+    assert "pre-trained model: " in printed

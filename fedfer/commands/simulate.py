@@ -392,7 +392,9 @@ def _pretrain_now(cfg: dict[str, Any], pending: _PendingPretraining) -> int:
     schools = None
     cached = pending.path.is_file()
     try:
-        if cfg["data.generate"] != "on-demand" and not cached:
+        # schools a run before built (e.g. the default demo's, when pre-training another model): nothing to
+        # build, and "building … in the background" then "schools built (750 s …)" said otherwise
+        if cfg["data.generate"] != "on-demand" and not cached and not synth.schools_built(cfg):
             schools = synth.start_building_schools(cfg)
             print(f"  building the {counted(int(cfg['federation.schools']), 'school')} in the background while pre-training",
                   flush=True)
