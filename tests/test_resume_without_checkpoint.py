@@ -128,3 +128,16 @@ def test_resuming_a_finished_run_rewrites_its_report_without_starting_flower(tmp
     assert "wall time" in out and "(this command only: the run had already finished)" in out
     events = [json.loads(line) for line in run.events_path.read_text().splitlines()]
     assert events[-1]["event"] == "resumed" and events[-1]["round"] == 2
+
+
+def test_an_interrupted_simulation_says_how_to_continue_it(tmp_path, capsys):
+    """Ctrl-C on `fedfer simulate` said where the results were, not that `run.resume` continues the run."""
+    from fedfer.commands.simulate import _finish_federation
+
+    class Interrupted:   # a federation Ctrl-C'd while the caller waits for it
+        def result(self) -> int:
+            raise KeyboardInterrupt
+
+    assert _finish_federation(Interrupted(), tmp_path / "runs" / "r", 0.0) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"continue with `fedfer simulate run.resume={tmp_path / 'runs' / 'r'}`" in err, err

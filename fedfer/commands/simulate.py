@@ -349,7 +349,9 @@ def _finish_federation(federation, run_path: Path, started: float) -> int:
         print(f"fedfer: federation failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fedfer: interrupted; Flower processes stopped; results so far in {run_path}", file=sys.stderr)
+        # what to type next: the rounds checkpointed so far are kept, and the schools' spend with them
+        print(f"fedfer: interrupted; Flower processes stopped; results so far in {run_path}; continue with "
+              f"`fedfer simulate run.resume={run_path}`", file=sys.stderr)
         return 130
     return print_summary(run_path, time.perf_counter() - started)
 
