@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,37 @@ def test_an_interrupted_simulation_says_how_to_continue_it(tmp_path, capsys):
     assert _finish_federation(Interrupted(), tmp_path / "runs" / "r", 0.0) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"continue with `fedfer simulate run.resume={tmp_path / 'runs' / 'r'}`" in err, err
+
+
+def test_kill_stops_a_simulation_as_ctrl_c_does(tmp_path, capsys):
+    """`kill %1` (SIGTERM) on `fedfer simulate &` ended it silently: no line, and the simulation ran on."""
+    import os
+    import signal
+
+    from fedfer.commands.simulate import _finish_federation, stop_on_sigterm_as_on_ctrl_c
+
+    stopped = []
+
+    class Killed:   # a federation whose `fedfer simulate` is sent SIGTERM while it waits
+        def result(self) -> int:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)   # the handler raises here
+            except KeyboardInterrupt:
+                stopped.append(True)   # what Federation.result does: stop the processes, re-raise
+                raise
+            return 0
+
+    from fedfer.commands import simulate
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        # `fedfer simulate` installs it first thing (here it then stops at a bad key)
+        args = argparse.Namespace(overrides=["no.such_key=1"], config=None, references=False, ray_address=None)
+        assert simulate.cmd_simulate(args) == 2 and signal.getsignal(signal.SIGTERM) is not before
+        signal.signal(signal.SIGTERM, before)
+        stop_on_sigterm_as_on_ctrl_c()
+        assert _finish_federation(Killed(), tmp_path / "r", 0.0) == 130
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stopped == [True] and "fedfer: interrupted; Flower processes stopped" in capsys.readouterr().err

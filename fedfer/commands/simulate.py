@@ -159,8 +159,21 @@ def _clips_missing(cfg: dict[str, Any]) -> bool:
     return False
 
 
+def stop_on_sigterm_as_on_ctrl_c() -> None:
+    """`kill` (SIGTERM) ends `fedfer simulate` as Ctrl-C does: its Flower processes stopped and one line saying
+    how to continue. Python's default for SIGTERM ended it without a word while the simulation ran on."""
+    import signal
+
+    def _interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from server.run_dir import RunDirectory
+
+    stop_on_sigterm_as_on_ctrl_c()
 
     cfg = _config(args)
     if cfg is None or _ray_address(cfg, args.ray_address):
