@@ -240,6 +240,7 @@ def test_add_school_matches_the_clientapp_node_config_contract(deployment, tmp_p
                                        budget=6.5, declared=1200, flwr_home=home)
     folder = dep.node_dir("lincoln-high")
     assert "SuperLink is not running" in message and "fedfer deploy register lincoln-high" in message
+    assert "`fedfer deploy up` registers this node when it starts it" in message   # the trial runs no `register`
     assert f"flwr supernode register {folder / 'supernode.pub'} fedfer" in message
     # Flower reads the .toml given to --node-config; the ClientApp maps it to its identity
     node_config = parse_config_args([str(folder / "node-config.toml")])

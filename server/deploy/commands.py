@@ -255,7 +255,9 @@ def _try_register(dep: "Deployment", entry: "NodeEntry", public_key: Path, flwr_
         entry.status = "registered"
         return f"registered with the SuperLink as node {entry.node_id}"
     entry.status = "created"
-    return ("the SuperLink is not running; once it is, register this node with\n"
+    # the one-machine trial never runs `register`: say that `up` does it, or a new admin stops here to do it by hand
+    return ("the SuperLink is not running; `fedfer deploy up` registers this node when it starts it; with "
+            "start-superlink.sh instead, once it runs:\n"
             f"    fedfer deploy register {entry.name} --dir {dep.root}\n"
             "  (which runs and records: " + shlex.join(register_command(dep, public_key)) + ")")
 
