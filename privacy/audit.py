@@ -959,7 +959,17 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     disagreements, behind = _cross_check(verified, anchors_dir, frozenset(flagged))
     problems = [p for p in dict.fromkeys(_forks(verified) + disagreements + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
-    return AuditReport(rows, problems, anchor_notes + _anchor_notes(sources) + behind)
+    return AuditReport(rows, problems, anchor_notes + _anchor_notes(sources) + behind + _rdp_note(rows))
+
+
+def _rdp_note(rows: Sequence[Row]) -> list[str]:
+    """An "ok" row whose ε RDP column is above its budget reads as a contradiction unless it says which ε counts."""
+    looser = [r.school for r in rows if r.budget is not None and r.epsilon_rdp is not None
+              and r.epsilon_rdp > r.budget and not r.over_budget and r.prv_method != "rdp-fallback"]
+    if not looser:
+        return []
+    return [f"ε RDP is a looser upper bound, shown for comparison: the budget is checked against ε PRV, so "
+            f"ε RDP above it ({', '.join(dict.fromkeys(looser))}) is not a finding"]
 
 
 def _anchor_folders_given(paths: Sequence[Path], anchors_dir: Path | None
@@ -1069,12 +1079,6 @@ def format_table(report: AuditReport) -> str:
     notes = [p for r in report.rows for p in r.problems] + report.problems
     if any(r.prv_method == "rdp-fallback" for r in report.rows):
         notes.append("* PRV could not evaluate this history; the (looser, still valid) RDP bound is shown")
-    # an "ok" row whose ε RDP column is above its budget reads as a contradiction unless it says which ε counts
-    looser = [r.school for r in report.rows if r.budget is not None and r.epsilon_rdp is not None
-              and r.epsilon_rdp > r.budget and not r.over_budget and r.prv_method != "rdp-fallback"]
-    if looser:
-        notes.append(f"ε RDP is a looser upper bound, shown for comparison: the budget is checked against ε PRV, so "
-                     f"ε RDP above it ({', '.join(dict.fromkeys(looser))}) is not a finding")
     notes += [r.budget_note for r in report.rows if r.budget_note]
     notes += [n for r in report.rows for n in r.key_transitions]
     notes += report.notes

@@ -155,6 +155,9 @@ def test_an_rdp_epsilon_above_the_budget_says_the_budget_is_checked_against_prv(
     code, out = _audit(capsys, server.run.path, "--trust-run-keys", "--budget", repr(between))
     assert code == 0 and _verdict(out) == "audit: intact, within budget (exit 0)", out
     assert "the budget is checked against ε PRV" in out and "(school-a, school-b) is not a finding" in out, out
+    from fedfer.cli import main   # the archive's JSON carries the same note
+    main(["privacy", "audit", str(server.run.path), "--trust-run-keys", "--budget", repr(between), "--json"])
+    assert any("checked against ε PRV" in n for n in json.loads(capsys.readouterr().out)["notes"])
     code, out = _audit(capsys, server.run.path, "--trust-run-keys", "--budget", repr(row["epsilon_rdp"] * 2))
     assert code == 0 and "checked against ε PRV" not in out, out   # nothing to explain when both are within
 
