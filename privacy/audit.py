@@ -1096,6 +1096,8 @@ def format_table(report: AuditReport) -> str:
 def format_lifetime(report: AuditReport) -> list[str]:
     """One line per school a privacy officer signs off: lifetime ε, its budget, the share used and what is left."""
     lines = []
+    # names padded to the longest: "lincoln-high  ε 0.000" beside "school-00  ε 12.242" put ε in two columns
+    width = max((len(r.school) for r in [*report.lifetime, *report.unaccounted]), default=0)
     for r in report.lifetime:
         status = report.school_status(r.school)
         where = "own ledger, all runs" if r.copy == "school" else f"run {r.run_id}'s copy, earlier runs as it records"
@@ -1109,8 +1111,8 @@ def format_lifetime(report: AuditReport) -> list[str]:
             share = f"{pct:.0f} %" if pct < 99.5 else f"{pct:.2f} %"   # 99.97 % must not read as 100
             used = f"of {r.budget:g} ({share} used), {r.budget_left:.3f} left"
         verdict = "ok" if status == "ok" else status.upper()
-        lines.append(f"  {r.school}  ε {r.epsilon_prv:.3f} at δ {r.delta:g} {used}  [{verdict}; {where}]")
+        lines.append(f"  {r.school:<{width}}  ε {r.epsilon_prv:.3f} at δ {r.delta:g} {used}  [{verdict}; {where}]")
     for r in report.unaccounted:
-        lines.append(f"  {r.school}  ε not known: no ledger of it passed the checks above  "
+        lines.append(f"  {r.school:<{width}}  ε not known: no ledger of it passed the checks above  "
                      f"[{report.school_status(r.school).upper()}; {r.source}]")
     return ["lifetime per school:"] + lines if lines else []

@@ -162,6 +162,17 @@ def test_an_rdp_epsilon_above_the_budget_says_the_budget_is_checked_against_prv(
     assert code == 0 and "checked against ε PRV" not in out, out   # nothing to explain when both are within
 
 
+def test_the_lifetime_lines_keep_epsilon_in_one_column_for_names_of_any_length(tmp_path, capsys):
+    """A deployment with `lincoln-high` beside `school-00` printed the lifetime lines' ε in two columns."""
+    schools = [School(tmp_path, "s-1"), School(tmp_path, "lincoln-high")]
+    server = Server(tmp_path, "run-1", schools)
+    for school in schools:
+        server.receive(school, 1, school.train(server.run.run_id, 1))
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    lines = out.split("lifetime per school:\n")[1].splitlines()[:2]
+    assert code == 0 and len({line.index(" ε ") for line in lines}) == 1, out
+
+
 # ------------------------------------------------------------------------ 4. digits that differ
 def test_an_epsilon_just_over_the_budget_is_printed_with_digits_that_differ(tmp_path, capsys):
     schools, (server,) = _federation(tmp_path, runs=1)
