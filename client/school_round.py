@@ -262,6 +262,9 @@ def _run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Modul
     with try_locked(node.state_dir / ROUND_LOCK) as mine:
         if not mine:
             return RoundReply("busy", "the school is handling another train message")
+        lost = _refuse_lost_ledger(node)
+        if lost is not None:
+            return lost
         books = _open_books(node, run_id)
         if isinstance(terms, PolicyViolation):
             return _refuse_policy(books, terms, policy, cfg, server_round, started_at)
@@ -342,6 +345,23 @@ class _SchoolBooks:
         """The reply's ledger fields: the new entry and every entry of this run, as JSON strings."""
         return {"entry": json.dumps(entry, sort_keys=True), "school-id": self.school_id,
                 "run-entries": json.dumps(self.ledger.entries_for_run(self.run_id), sort_keys=True)}
+
+
+def _refuse_lost_ledger(node: NodeIdentity) -> RoundReply | None:
+    """A ``declined`` reply if the school's ledger is missing or empty though its state folder shows it trained
+    before (privacy/state_folder.py): a new ledger would restart its lifetime ε at 0. Checked before the key is
+    loaded (a lost key would otherwise be replaced by a new one, overwriting the lost key's public half) and before
+    anything is trained; nothing is signed or recorded until the ledger is restored."""
+    from privacy.state_folder import LedgerLostError, check_ledger_not_lost
+
+    assert node.state_dir is not None
+    try:
+        check_ledger_not_lost(node.state_dir, node.school_id)
+    except LedgerLostError as exc:
+        school_log(node, f"{node.school_id}: {exc}")
+        return RoundReply("declined", f"the school's ledger is lost (it trained before): it trains no more until the "
+                                      f"ledger is restored (details in {details_where(node)})")
+    return None
 
 
 def _open_books(node: NodeIdentity, run_id: str) -> _SchoolBooks:

@@ -90,7 +90,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared_models.atomic_files import append_line_atomic, locked
+from shared_models.atomic_files import append_line_atomic, atomic_write_text, locked
+from privacy.state_folder import LedgerLostError, check_ledger_not_lost, mark_ledger_started
 from privacy.signing import (PUBLIC_KEY_FILE, key_id, load_public_key, public_key_pem, recovery_public_keys,
                              retire_public_key, retired_public_keys, sign_hash, verify_hash_signature,
                              write_public_key)
@@ -637,6 +638,10 @@ class SchoolLedger:
     def _read(self) -> list[dict]:
         # lexists, not exists: a symlink to a missing or looping target (a ledger on a volume that is not
         # mounted) is refused by read_ledger_file, never taken for a new school and overwritten with a fresh chain
+        try:   # a missing or empty ledger beside signs of earlier rounds was lost: never start it again at genesis
+            check_ledger_not_lost(self.state_dir, self.school_id)
+        except LedgerLostError as exc:
+            raise LedgerError(str(exc)) from None
         if not os.path.lexists(self.path):
             return []
         entries = read_ledger_file(self.path, school_id=self.school_id)
@@ -709,6 +714,8 @@ class SchoolLedger:
             entry["signature"] = sign_hash(self.signing_key, entry["hash"])
             # the same checks an auditor runs, so nothing unverifiable is ever written
             _check_one(entry, self.public_key, self._chain_state(), lambda s: where)
+            if not self._entries:   # the first entry: from now on a missing ledger here is a lost one
+                mark_ledger_started(self.state_dir)
             append_line_atomic(self.path, _line(entry))
             self._entries.append(entry)
         return dict(entry)

@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from privacy.state_folder import LedgerLostError, check_ledger_not_lost
 from shared_models.atomic_files import atomic_write_bytes, fsync_dir
 from shared_models.small_files import SmallFileError, read_small_file
 
@@ -61,6 +62,10 @@ def load_or_create_signing_key(state_dir: Path) -> Ed25519PrivateKey:
                               f"a backup, or if it is lost run `fedfer deploy school-key --state-dir {state_dir} "
                               f"--recover-ledger-key`")
     if not path.exists():
+        try:   # key and ledger both gone from a folder that shows earlier rounds: a new key would start at ε 0
+            check_ledger_not_lost(state_dir)
+        except LedgerLostError as exc:
+            raise SigningKeyError(str(exc)) from None
         key = Ed25519PrivateKey.generate()
         pem = _private_pem(key)
         fd, tmp = tempfile.mkstemp(prefix=f".{SIGNING_KEY_FILE}.", suffix=".tmp", dir=state_dir)   # 0600

@@ -25,6 +25,7 @@ from fedfer.cli import main as fedfer_main
 from privacy.accounting import SchoolAccountant, dataset_fingerprint, epsilon_of
 from privacy.ledger import GENESIS_HASH, SchoolLedger, entry_hash, record_round
 from privacy.signing import load_or_create_signing_key, public_key_pem, sign_hash
+from privacy.state_folder import LEDGER_MARKER
 
 SIGMA, Q, STEPS, DELTA = 1.2, 0.25, 8, 1e-5
 
@@ -65,9 +66,11 @@ class School:
         return ledger.entries_for_run(run_id)
 
     def wipe(self) -> None:
-        """Lose everything but the signing key."""
+        """Lose everything but the signing key, and the marker beside it that a ledger was started: a school
+        whose own fedfer does not refuse (an older one, or the marker deleted too; fedfer's own refusal is
+        tests/test_lost_ledger.py) starts a new chain at genesis, and the server's anchors must catch it."""
         for path in self.state.iterdir():
-            if not path.name.startswith("signing_key"):
+            if not path.name.startswith("signing_key") or path.name == LEDGER_MARKER:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 

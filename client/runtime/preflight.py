@@ -99,11 +99,16 @@ def check_directory(path_text: str, key: str, source: str) -> Path:
 def check_school_folders(values: dict[str, Any], source: str) -> None:
     """The school's data folder, and its state folder with the ledger signing key the coordinator knows."""
     from privacy.signing import SIGNING_KEY_FILE
+    from privacy.state_folder import LedgerLostError, check_ledger_not_lost
 
     check_directory(str(values["data-dir"]), "data-dir", source)
     state = check_directory(str(values["state-dir"]), "state-dir", source)
     if not os.access(state, os.W_OK):
         raise NodeStartError(f"{source}: key 'state-dir': {state}: not writable by this user (the ledger is kept there)")
+    try:   # a ledger lost from a folder that shows earlier rounds: the node would restart the school's ε at 0
+        check_ledger_not_lost(state, str(values.get("school-id") or "") or None)
+    except LedgerLostError as exc:
+        raise NodeStartError(str(exc)) from None
     key = state / SIGNING_KEY_FILE
     if not key.is_file():
         # a ledger beside it was signed with it: if the key is lost for good, a key recovery carries the ledger on

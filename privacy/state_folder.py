@@ -1,0 +1,84 @@
+"""Has this school trained before? What a school's state folder shows about its past, for a lost ledger.
+
+A school's lifetime ε lives in its signed ``ledger.jsonl`` (privacy/ledger.py) and its accountant. If the
+ledger is lost, deleted or emptied, a new ledger would start a chain at genesis and — when the accountant went
+with it — the budget guard would count from ε 0: the school could spend its whole budget again. So a state
+folder that shows the school trained before, beside a missing or empty ledger, refuses to train or to make a
+new signing key until the ledger is restored (``fedfer deploy restore-ledger``, docs/deployment.md).
+
+What counts as a sign of training (each written only after a ledger entry, or by a key change that needs one):
+
+- ``accountant-*.json``: the accountant records a round only after its ledger entry is written;
+- ``own-model.pt``: the weights of a round the school trained;
+- ``signing_key.retired/`` or ``signing_key.recovered/``: a key rotation or recovery, which needs a ledger;
+- ``signing_key.has-ledger`` (:data:`LEDGER_MARKER`): written beside the signing key before the first entry
+  is appended, so it survives a state folder wiped "all but the keys".
+
+A key on its own is not a sign: `fedfer deploy school-key` makes it at enrolment, before any round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared_models.atomic_files import atomic_write_text
+
+LEDGER_FILE = "ledger.jsonl"                 # privacy/ledger.py LEDGER_FILE (that module imports this one)
+LEDGER_MARKER = "signing_key.has-ledger"     # named like the key files so it is kept wherever they are
+_MARKER_TEXT = ("This state folder's ledger.jsonl holds signed entries. If ledger.jsonl is missing, it was lost: "
+                "restore it (docs/deployment.md, 'A lost ledger'); do not start a new one.\n")
+
+
+class LedgerLostError(ValueError):
+    """The school's ledger is missing or empty, but its state folder shows it trained before."""
+
+
+def ledger_is_missing(state_dir: Path) -> bool:
+    """No ledger.jsonl, or one with nothing in it (a symlink to a missing target is *not* missing: the
+    ledger reader refuses it by name)."""
+    path = Path(state_dir) / LEDGER_FILE
+    if path.is_symlink():
+        return False
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
+
+
+def signs_of_training(state_dir: Path) -> list[str]:
+    """The files in `state_dir` that show the school trained (or changed its ledger key) before, by name."""
+    state_dir = Path(state_dir)
+    signs = sorted(p.name for p in state_dir.glob("accountant-*.json"))
+    for name in ("own-model.pt", LEDGER_MARKER):
+        if (state_dir / name).exists():
+            signs.append(name)
+    for name in ("signing_key.retired", "signing_key.recovered"):
+        folder = state_dir / name
+        if folder.is_dir() and any(folder.iterdir()):
+            signs.append(f"{name}/")
+    return signs
+
+
+def check_ledger_not_lost(state_dir: Path, school_id: str | None = None) -> None:
+    """Raise LedgerLostError (one line, naming the file, the school and what to do) if the ledger is missing or
+    empty while the state folder shows the school trained before; a new chain would restart its ε at 0."""
+    state_dir = Path(state_dir)
+    if not ledger_is_missing(state_dir):
+        return
+    signs = signs_of_training(state_dir)
+    if not signs:
+        return
+    what = "missing" if not (state_dir / LEDGER_FILE).exists() else "empty"
+    whose = f"school {school_id}'s state folder" if school_id else "the state folder"
+    raise LedgerLostError(
+        f"{state_dir / LEDGER_FILE}: {what}, but {whose} shows it trained before "
+        f"({', '.join(signs)}): a new ledger would restart its lifetime ε at 0, so the school will not train; "
+        f"restore ledger.jsonl from a backup, or rebuild it from the coordinator's run copies with "
+        f"`fedfer deploy restore-ledger --state-dir {state_dir} --from DIR` (docs/deployment.md, 'A lost ledger')")
+
+
+def mark_ledger_started(state_dir: Path) -> None:
+    """Write :data:`LEDGER_MARKER` (once): from now on a missing ledger.jsonl here is a lost one."""
+    marker = Path(state_dir) / LEDGER_MARKER
+    if not marker.exists():
+        atomic_write_text(marker, _MARKER_TEXT)
