@@ -42,6 +42,7 @@ from shared_models.small_files import SmallFileError, read_small_file
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.policy import REPORT_KEYS, epsilon_problem, is_report_only
 from privacy.anchors import ANCHOR_DIR, anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
+from privacy.ledger_restore import restore_notes
 from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, _check_school_name,
                             copy_run_id, epsilon_value, read_ledger_file, run_entries, verify_entries)
 from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key, recovery_public_keys,
@@ -518,6 +519,8 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
         row = _summary_row(src, school, fp, items, partial=start == "run")
         row.copy, row.key_id = src.copy, key_id(src.keys.current if src.keys else key)
         row.key_transitions = _key_notes(src, school, key)
+        if src.copy == "school":   # a ledger rebuilt from the coordinator's run copies (fedfer deploy restore-ledger)
+            row.key_transitions += [f"school {school}: {note}" for note in restore_notes(src.path)]
         row.run_id = copy_run_id(entries) if start == "run" else ""
         row.budget = budget_override if budget_override is not None else policy_budget
         row.problems.extend(source_problems)

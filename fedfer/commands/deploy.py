@@ -5,6 +5,7 @@
     fedfer deploy school-key --state-dir /srv/fedfer/lincoln-state      # at the school: its own keys
     fedfer deploy school-key --state-dir DIR --new-ledger-key            # at the school: hand its ledger to a new key
     fedfer deploy school-key --state-dir DIR --recover-ledger-key        # at the school: its ledger key is LOST
+    fedfer deploy restore-ledger --state-dir DIR --school NAME --from RUNS   # at the school: its ledger.jsonl is LOST
     fedfer deploy add-school lincoln-high --data-dir /srv/fer/lincoln \
         [--ledger-key signing_key.pub --node-key supernode.pub --state-dir /srv/fedfer/lincoln-state]
     fedfer deploy evaluator --benchmark fer2013=/srv/public/fer2013.csv
@@ -144,6 +145,25 @@ def _recover_ledger_key(state_dir: Path, lost_key: Path | None) -> int:
     print("  fedfer deploy rotate NAME --ledger-key signing_key.pub --recovered")
     print("  start the node once it has (the server refuses a recovery not approved yet, and stops selecting the "
           "school for the rest of that run)")
+    return 0
+
+
+def _cmd_restore_ledger(args: argparse.Namespace) -> int:
+    from privacy.accounting import AccountingError
+    from privacy.ledger import LedgerError
+    from privacy.ledger_restore import restore_ledger
+
+    state = Path(args.state_dir).expanduser().absolute()
+    try:
+        done = restore_ledger(state, Path(args.runs).expanduser(), args.school)
+    except (LedgerError, AccountingError) as exc:
+        raise DeployError(str(exc)) from None
+    print(f"ledger restored     {done.ledger}: {done.entries} entries from the coordinator's copies of "
+          f"{len(done.runs)} run{'s' if len(done.runs) != 1 else ''} ({', '.join(done.runs)}), in the anchor's order, "
+          f"each verified with the school's own key")
+    print(f"  lifetime ε {done.epsilon:.3f} at δ {done.delta:g}; head {done.head[:12]}… (the anchor's)"
+          + ("; the accountant was rebuilt from it" if done.accountant_rebuilt else "; the accountant agrees"))
+    print(f"  recorded in {state / 'ledger-restore.json'} (the audit names the restore); the node can start again")
     return 0
 
 
@@ -351,6 +371,15 @@ def _add_node_steps(dsub: argparse._SubParsersAction) -> None:
                    help="with --recover-ledger-key: the lost key's public half (default: signing_key.pub in "
                         "--state-dir; else the coordinator's keys/NAME.pub)")
     p.set_defaults(func=_wrap(_cmd_school_key))
+
+    p = dsub.add_parser("restore-ledger", help="at the school: rebuild a LOST ledger.jsonl from the coordinator's "
+                                               "run copies and anchor, verified with the school's own key")
+    p.add_argument("--state-dir", required=True, help="the school's state folder (the node-config's state-dir)")
+    p.add_argument("--school", required=True, help="the school's name (its node-config's school-id)")
+    p.add_argument("--from", dest="runs", required=True, metavar="RUNS",
+                   help="the coordinator's runs folder as it sent it: anchors/<school>.json and "
+                        "<run id>/ledger/<school>.jsonl of every run the anchor lists")
+    p.set_defaults(func=_wrap(_cmd_restore_ledger))
 
     p = dsub.add_parser("evaluator", help="the evaluation node (public benchmarks)")
     p.add_argument("--name", default="evaluator")

@@ -1,0 +1,240 @@
+"""Rebuild a school's lost ``ledger.jsonl`` from the coordinator's run copies (``fedfer deploy restore-ledger``).
+
+The coordinator keeps a verified copy of every entry it received from the school, one file per run
+(``<run.root>/<run id>/ledger/<school>.jsonl``), and an anchor (``<run.root>/anchors/<school>.json``) listing, run
+by run in the order it first saw them, the hash of every entry it verified, with their ``count`` and last hash
+(``head``). The entries are the school's own, signed by its key: the coordinator can withhold or reorder them but
+cannot forge one. So the school rebuilds its chain by
+
+1. taking the runs in the order the anchor lists them (the chain under the school's own key, current or retired);
+2. reading each run's copy and appending its entries that continue the chain (a copy begins with the key
+   transitions just before the run, which the previous copy may already hold: an entry already in the chain
+   is skipped only if it is that very entry). An entry that does not continue the chain is a gap — an entry
+   no copy holds — and the restore is refused: a chain with a hole cannot be verified, and the missing entry
+   may be spending;
+3. verifying the whole chain from genesis with the school's *own* keys (``signing_key.pub``, its retired keys
+   in ``signing_key.retired/`` and approved recovery keys in ``signing_key.recovered/``), never keys the
+   coordinator sends;
+4. checking it holds every hash the anchor lists, in order, up to the anchor's head (so a copy cut short, or a
+   run's copy withheld, is refused), and agrees with the school's accountant when that survived (an accountant
+   that counted more rounds means the newest entries are missing: refused);
+5. writing the ledger (all at once), the accountant if it was lost too, and a record of the restore,
+   ``ledger-restore.json``, which the audit reads beside the ledger and names.
+
+What this trusts (docs/privacy.md, *A lost ledger*): the anchor's list of runs and its count. A coordinator
+that withholds the newest copy is caught by the anchor (its head is not reached); one that also rewrites its
+anchor consistently (runs, count and head together) is caught only by the school's surviving accountant, or by
+an auditor holding an older anchor or an earlier ledger. Rounds the school trained whose replies the coordinator
+never stored are in no copy: if the accountant was lost too, their ε is lost with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from privacy.accounting import DATASET_ID_FILE, SchoolAccountant
+from privacy.anchors import ANCHOR_DIR, load_anchors
+from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, ServerLedgerCopy, _check_school_name,
+                            epsilon_value, history_key, read_ledger_file, verify_entries)
+from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key,
+                             recovery_public_keys, retired_public_keys)
+from privacy.state_folder import ledger_is_missing, mark_ledger_started
+from shared_models.atomic_files import atomic_write_text
+
+RESTORE_RECORD = "ledger-restore.json"   # beside ledger.jsonl: every restore, oldest first
+
+
+@dataclass(frozen=True)
+class LedgerRestore:
+    """What a restore rebuilt: the runs it read, in order, the entries and head of the chain, the lifetime ε."""
+
+    ledger: Path
+    runs: list[str]
+    entries: int
+    head: str
+    epsilon: float
+    delta: float
+    accountant_rebuilt: bool
+
+
+def _trusted_keys(state_dir: Path) -> tuple[list, list]:
+    """The school's own public keys (current first, then retired) and its approved recovery keys."""
+    public_file = state_dir / PUBLIC_KEY_FILE
+    if not public_file.is_file():
+        raise LedgerError(f"{public_file}: missing: the restore verifies the coordinator's copies with the school's "
+                          f"own public key; copy it back from a backup (the coordinator's keys/NAME.pub is the "
+                          f"coordinator's word, not the school's)")
+    try:
+        return [load_public_key(public_file)] + retired_public_keys(public_file), recovery_public_keys(public_file)
+    except SigningKeyError as exc:
+        raise LedgerError(str(exc)) from None
+
+
+def _anchored_chain(runs_root: Path, school_id: str, trusted: list) -> dict[str, Any]:
+    """The anchor's chain of this school under one of its own keys (current or retired)."""
+    anchors_dir = runs_root / ANCHOR_DIR
+    path = anchors_dir / f"{school_id}.json"
+    if not path.is_file():
+        raise LedgerError(f"{path}: no anchor of school {school_id}: the restore needs the coordinator's anchor to "
+                          f"know which runs hold the school's entries, in which order, and how many there are")
+    chains = load_anchors(anchors_dir, school_id)["chains"]
+    ours = {key_id(k) for k in trusted}
+    found = [c for kid, c in chains.items() if kid in ours or ours & set(c.get("retired", []))]
+    if not found:
+        raise LedgerError(f"{path}: anchors chains of keys {', '.join(chains) or 'none'}, none of them the school's "
+                          f"own ({', '.join(sorted(ours))}, from its signing_key.pub and signing_key.retired/)")
+    return found[0]
+
+
+def rebuild_chain(runs_root: Path, school_id: str, chain: dict[str, Any]) -> tuple[list[dict], list[str]]:
+    """The school's entries from the run copies, in the anchor's run order, each continuing the one before it.
+    Returns (entries, run ids read). Raises LedgerError at a missing copy or a gap."""
+    entries: list[dict] = []
+    position: dict[str, int] = {}   # hash -> index in entries
+    runs: list[str] = []
+    for run in chain["runs"]:
+        run_id = str(run["run_id"])
+        copy = ServerLedgerCopy.path(runs_root / run_id, school_id)
+        if not copy.is_file():
+            raise LedgerError(f"{copy}: missing: the anchor lists run {run_id} for school {school_id}; ask the "
+                              f"coordinator for that run's copy (a restore without it would drop its spending)")
+        runs.append(run_id)
+        for line, entry in enumerate(read_ledger_file(copy, school_id=school_id), start=1):
+            if not isinstance(entry, dict) or not isinstance(entry.get("hash"), str):
+                raise LedgerError(f"{copy} line {line}: not a ledger entry")
+            if entry["hash"] in position:   # a key change the previous copy already ended with
+                if entries[position[entry["hash"]]] != entry:
+                    raise LedgerError(f"{copy} line {line}: entry {entry['hash'][:12]}… differs from the one an "
+                                      f"earlier copy holds under the same hash")
+                continue
+            last = entries[-1]["hash"] if entries else GENESIS_HASH
+            if entry.get("prev_hash") != last:
+                raise LedgerError(f"{copy} line {line} (school {school_id}): a gap: the entry continues "
+                                  f"{str(entry.get('prev_hash'))[:12]}…, which no earlier copy holds (the chain so far "
+                                  f"ends at {last[:12]}…); the restore needs every entry, so ask the coordinator for "
+                                  f"the copy holding it")
+            position[entry["hash"]] = len(entries)
+            entries.append(entry)
+    return entries, runs
+
+
+def _check_against_anchor(entries: list[dict], chain: dict[str, Any], school_id: str, where: Path) -> None:
+    """Every hash the anchor lists is in the rebuilt chain, in the anchor's order, up to its head."""
+    index = {e["hash"]: i for i, e in enumerate(entries)}
+    previous = -1
+    anchored = [h for run in chain["runs"] for h in run["hashes"]]
+    for n, hash_ in enumerate(anchored, start=1):
+        at = index.get(hash_)
+        if at is None or at <= previous:
+            raise LedgerError(f"{where}: the anchor's entry {n} of {chain['count']} ({hash_[:12]}…) is not in the "
+                              f"rebuilt chain of school {school_id}{'' if at is None else ' in the anchored order'}: "
+                              f"a copy is cut short or withheld; ask the coordinator for it")
+        previous = at
+
+
+def _check_accountant(state_dir: Path, school_id: str, entries: list[dict]) -> tuple[str, dict | None]:
+    """The dataset id the accountant keeps, and the history the rebuilt ledger gives for it (None: the
+    accountant is there and agrees, nothing to write). Refuses an accountant that counted more."""
+    last = entries[-1]
+    id_file = state_dir / DATASET_ID_FILE
+    fingerprint = id_file.read_text(encoding="ascii").strip() if id_file.is_file() else last["dataset_fingerprint"]
+    mine = [e for e in entries if e["dataset_fingerprint"] == fingerprint]
+    if not mine:
+        raise LedgerError(f"{id_file}: dataset id {fingerprint[:16]} is in no entry the coordinator holds for school "
+                          f"{school_id} (its entries are for {last['dataset_fingerprint'][:16]})")
+    final = mine[-1]
+    after = history_key(final["history_before"] + (
+        [[final["noise_multiplier"], final["sample_rate"], final["steps"]]] if final["event"] == "round" else []))
+    acct = SchoolAccountant(state_dir, school_id, fingerprint)
+    if not acct.path.exists():
+        return fingerprint, after
+    counted = history_key(acct.history)
+    if counted == after:
+        return fingerprint, None
+    if any(counted.get(k, 0) > n for k, n in after.items()) or set(counted) - set(after):
+        raise LedgerError(f"{acct.path}: the school's accountant counted more spending than the coordinator's copies "
+                          f"hold ({sorted(counted.items())} against {sorted(after.items())}): the newest entries are "
+                          f"missing (a copy withheld, or replies the coordinator never stored); restoring would "
+                          f"under-count the school's ε, so nothing was written")
+    raise LedgerError(f"{acct.path}: the school's accountant counted less than the coordinator's copies hold "
+                      f"({sorted(counted.items())} against {sorted(after.items())}): move it aside and restore again "
+                      f"(the accountant is then rebuilt from the ledger)")
+
+
+def restore_ledger(state_dir: Path, runs_root: Path, school_id: str) -> LedgerRestore:
+    """Rebuild ``<state_dir>/ledger.jsonl`` of `school_id` from the run copies under `runs_root` (the coordinator's
+    run.root, or a folder holding ``anchors/<school>.json`` and ``<run id>/ledger/<school>.jsonl``). Every check
+    comes first; nothing is written unless all pass. Raises LedgerError (one line) otherwise."""
+    state_dir, runs_root = Path(state_dir), Path(runs_root)
+    _check_school_name(school_id)
+    ledger_path = state_dir / LEDGER_FILE
+    if not state_dir.is_dir():
+        raise LedgerError(f"{state_dir}: not a directory (--state-dir is the school's state folder)")
+    if not ledger_is_missing(state_dir):
+        raise LedgerError(f"{ledger_path}: there, with entries: nothing to restore (move it aside first if it is "
+                          f"damaged or an old backup; it is never overwritten)")
+    if not runs_root.is_dir():
+        raise LedgerError(f"{runs_root}: not a directory (--from is the folder of the coordinator's runs: "
+                          f"anchors/ and <run id>/ledger/)")
+    trusted, recovery_keys = _trusted_keys(state_dir)
+    chain = _anchored_chain(runs_root, school_id, trusted)
+    entries, runs = rebuild_chain(runs_root, school_id, chain)
+    if not entries:
+        raise LedgerError(f"{runs_root}: the anchored runs hold no entries of school {school_id}")
+    keys = verify_entries(entries, trusted, source=f"{runs_root} (school {school_id}'s run copies, in the anchor's "
+                          f"order)", school_id=school_id, start="genesis", recovery_keys=recovery_keys)
+    _check_against_anchor(entries, chain, school_id, runs_root / ANCHOR_DIR / f"{school_id}.json")
+    if keys.keys[-1] != key_id(trusted[0]):   # the school handed its ledger to its current key after these entries
+        raise LedgerError(f"{runs_root}: school {school_id}'s rebuilt chain ends under key {keys.keys[-1]}, not under "
+                          f"the school's key {key_id(trusted[0])} (signing_key.pub): its newest entries are missing; "
+                          f"ask the coordinator for the newest run's copy")
+    fingerprint, rebuilt_history = _check_accountant(state_dir, school_id, entries)
+
+    # every check passed: the ledger first (all at once), then the accountant, then the record of the restore
+    mark_ledger_started(state_dir)
+    atomic_write_text(ledger_path, "".join(json.dumps(e, ensure_ascii=False, allow_nan=False,
+                                                      separators=(", ", ": ")) + "\n" for e in entries))
+    if rebuilt_history is not None:
+        if not (state_dir / DATASET_ID_FILE).is_file():
+            atomic_write_text(state_dir / DATASET_ID_FILE, fingerprint + "\n")
+        acct = SchoolAccountant(state_dir, school_id, fingerprint)
+        last = entries[-1]
+        for (sigma, q), steps in rebuilt_history.items():
+            acct.record(sigma, q, steps, privacy_unit=last["privacy_unit"], delta=last["delta"])
+    last = entries[-1]
+    restore = LedgerRestore(ledger_path, runs, len(entries), last["hash"], epsilon_value(last["epsilon"]),
+                            float(last["delta"]), rebuilt_history is not None)
+    _record_restore(state_dir, school_id, restore, chain)
+    return restore
+
+
+def _record_restore(state_dir: Path, school_id: str, restore: LedgerRestore, chain: dict[str, Any]) -> None:
+    path = state_dir / RESTORE_RECORD
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    except (OSError, ValueError):
+        earlier = []   # a damaged record never blocks a restore; this one is written whole
+    record = {"school": school_id, "restored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "runs": restore.runs, "entries": restore.entries, "head": restore.head,
+              "anchor_count": chain["count"], "anchor_head": chain["head"], "epsilon": restore.epsilon,
+              "accountant_rebuilt": restore.accountant_rebuilt}
+    atomic_write_text(path, json.dumps((earlier if isinstance(earlier, list) else []) + [record], indent=1) + "\n")
+
+
+def restore_notes(ledger_path: Path) -> list[str]:
+    """The audit's notes for a school's own ledger rebuilt from run copies: one per restore recorded beside it."""
+    path = Path(ledger_path).parent / RESTORE_RECORD
+    if Path(ledger_path).name != LEDGER_FILE or not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+        return [f"{ledger_path} was rebuilt from the coordinator's run copies on {r['restored_at']} (runs "
+                f"{', '.join(r['runs'])}; {r['entries']} entries up to {str(r['head'])[:12]}…, the anchor's "
+                f"{r['anchor_count']}; ε {float(r['epsilon']):.3f} carried on): rounds whose replies the coordinator "
+                f"never stored are in no copy" for r in records]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{path}: unreadable record of a ledger restore: this ledger was rebuilt from run copies at some point"]

@@ -1,0 +1,181 @@
+"""`fedfer deploy restore-ledger`: a school whose ledger.jsonl is lost rebuilds it from the coordinator's run copies.
+
+The end-to-end test runs the real school round (client_app.train) against the real server-side verification and
+anchoring (SchoolFedAvg._store_ledger): the school spends in two runs, loses its ledger and accountant, is refused,
+restores from the copies in the anchor's order, and then the audit passes with the same lifetime ε, training goes
+on from where the chain was, and the budget guard still counts every earlier round. The other tests are the
+restore's refusals: a withheld newest copy, a gap, a copy signed by a key that is not the school's, an accountant
+that counted more than the copies hold.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from school_fixtures import school_context, train_message, write_school
+from test_ledger_trust import Server
+
+from client import app as client_app
+from fedfer.cli import main as fedfer_main
+from privacy.ledger import LedgerError, read_ledger_file
+from privacy.ledger_restore import RESTORE_RECORD, restore_ledger
+from server.deploy.commands import make_school_keys
+from shared_models.config import from_run_config, load_config
+from shared_models.models import registry
+
+BASE = ["train.batch_size=2", "federation.rounds=4", "train.frames_per_student=2"]
+SCHOOL = "school-x"   # school_fixtures' node-config
+
+
+class District:
+    """One school (real ClientApp rounds) and the coordinator's runs (real ledger verification and anchors)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.school = write_school(root / "school", [f"s{i}" for i in range(6)])
+        self.state = root / "state"
+        make_school_keys(self.state)   # at enrolment, as `fedfer deploy school-key` does
+        self.keys = root / "deploy" / "keys"
+        self.keys.mkdir(parents=True)
+        shutil.copy(self.state / "signing_key.pub", self.keys / f"{SCHOOL}.pub")
+        cfg = load_config(None, BASE)
+        torch.manual_seed(0)
+        self.model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"])).state_dict()
+        self.servers: list[Server] = []
+
+    def new_run(self, name: str) -> Server:
+        server = Server(self.root, name, [])
+        server.run.key_path(SCHOOL).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.keys / f"{SCHOOL}.pub", server.run.key_path(SCHOOL))
+        self.servers.append(server)
+        return server
+
+    def round(self, server: Server, rnd: int, *overrides: str):
+        """One round at the school; its reply's ledger goes through the server's verification. Returns the status
+        and the entry's ε (None when nothing was signed)."""
+        run_config = from_run_config({**dict(o.split("=", 1) for o in BASE), **dict(o.split("=", 1) for o in overrides)})
+        out = client_app.train(train_message(self.model, server.run.path, server_round=rnd, run_id=server.run.run_id),
+                                school_context(self.school, self.state, run_config))
+        status = out.content["status"]["status"]
+        if "ledger" not in out.content.config_records:
+            return status, None
+        server.strategy._store_ledger(out.content, SCHOOL, rnd)
+        return status, float(json.loads(out.content["ledger"]["entry"])["epsilon"])
+
+    def audit(self, capsys, *extra: str) -> tuple[int, str]:
+        args = [*(str(s.run.path) for s in self.servers), str(self.state / "ledger.jsonl"), "--keys", str(self.keys)]
+        code = fedfer_main(["privacy", "audit", *args, *extra])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+
+def _lifetime_epsilon(out: str) -> float:
+    (school,) = [s for s in json.loads(out)["lifetime"] if s["school"] == SCHOOL]
+    return float(school["epsilon"])
+
+
+@pytest.fixture
+def spent(tmp_path) -> District:
+    """Two runs: rounds 1-2 of run-1, round 1 of run-2."""
+    district = District(tmp_path)
+    first = district.new_run("run-1")
+    for rnd in (1, 2):
+        assert district.round(first, rnd)[0] == "ok"
+    assert district.round(district.new_run("run-2"), 1)[0] == "ok"
+    return district
+
+
+def _lose_ledger_and_accountant(state: Path) -> None:
+    (state / "ledger.jsonl").unlink()
+    for path in state.glob("accountant-*.json"):
+        path.unlink()
+
+
+def test_a_lost_ledger_is_restored_from_the_run_copies_and_the_budget_still_holds(spent, capsys):
+    district, run_2 = spent, spent.servers[-1]
+    code, before = district.audit(capsys, "--json")
+    assert code == 0, before
+    epsilon_before = _lifetime_epsilon(before)
+    entries_before = read_ledger_file(district.state / "ledger.jsonl")
+
+    _lose_ledger_and_accountant(district.state)
+    assert district.round(run_2, 2) == ("declined", None)   # fail closed: no training from ε 0
+
+    code = fedfer_main(["deploy", "restore-ledger", "--state-dir", str(district.state), "--school", SCHOOL,
+                        "--from", str(district.root / "runs")])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "3 entries" in printed and "run-1, run-2" in printed and "the accountant was rebuilt" in printed
+    assert read_ledger_file(district.state / "ledger.jsonl") == entries_before   # the same signed chain
+
+    code, after = district.audit(capsys, "--json")
+    assert code == 0, after
+    assert _lifetime_epsilon(after) == pytest.approx(epsilon_before, abs=1e-9)
+    code, table = district.audit(capsys)
+    assert code == 0 and "rebuilt from the coordinator's run copies" in table, table
+
+    status, epsilon = district.round(run_2, 2)   # training continues from where the chain was ...
+    assert status == "ok" and epsilon > epsilon_before
+    assert not [e for e in run_2.events() if e.get("event") == "ledger-anchor"], run_2.events()
+    # ... and the budget guard counts every round before the loss: the next round does not fit the school's 8
+    assert epsilon < 8.0 and district.round(run_2, 3) == ("budget-exhausted", pytest.approx(epsilon, abs=1e-9))
+
+
+def test_a_withheld_newest_copy_is_refused(spent):
+    _lose_ledger_and_accountant(spent.state)
+    shutil.rmtree(spent.servers[-1].run.path / "ledger")
+    with pytest.raises(LedgerError, match="run-2.*missing.*anchor lists run run-2"):
+        restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+    assert not (spent.state / "ledger.jsonl").exists() and not (spent.state / RESTORE_RECORD).exists()
+
+
+def test_a_copy_cut_short_is_refused_against_the_anchors_head(spent):
+    _lose_ledger_and_accountant(spent.state)
+    copy = spent.servers[0].run.path / "ledger" / f"{SCHOOL}.jsonl"
+    copy.write_text(copy.read_text().splitlines(keepends=True)[0])   # run-1's second round withheld
+    with pytest.raises(LedgerError, match="a gap"):   # run-2 continues an entry no copy holds
+        restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+    shutil.rmtree(spent.servers[-1].run.path / "ledger")
+    anchor = spent.root / "runs" / "anchors" / f"{SCHOOL}.json"
+    data = json.loads(anchor.read_text())
+    (chain,) = data["chains"].values()
+    chain["runs"] = chain["runs"][:1]   # an anchor rewritten consistently without run-2 …
+    chain["count"], chain["head"] = len(chain["runs"][0]["hashes"]), chain["runs"][0]["hashes"][-1]
+    anchor.write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="anchor's entry 2 of 2"):   # … still lists run-1's second entry
+        restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+
+
+def test_an_accountant_that_counted_more_than_the_copies_is_refused(spent):
+    (spent.state / "ledger.jsonl").unlink()    # the accountant survived: it counts run-2's round
+    shutil.rmtree(spent.servers[-1].run.path / "ledger")
+    anchor = spent.root / "runs" / "anchors" / f"{SCHOOL}.json"
+    data = json.loads(anchor.read_text())
+    (chain,) = data["chains"].values()
+    chain["runs"] = chain["runs"][:1]   # a coordinator that withholds run-2 and rewrites its anchor to match
+    chain["count"], chain["head"] = len(chain["runs"][0]["hashes"]), chain["runs"][0]["hashes"][-1]
+    anchor.write_text(json.dumps(data))
+    with pytest.raises(LedgerError, match="accountant counted more spending"):
+        restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+    assert not (spent.state / "ledger.jsonl").exists()
+
+
+def test_copies_signed_by_another_key_are_refused(spent, tmp_path):
+    """The coordinator's copies are verified with the school's own key, never one the coordinator sends."""
+    _lose_ledger_and_accountant(spent.state)
+    other = tmp_path / "other"
+    make_school_keys(other)
+    shutil.copy(other / "signing_key.pub", spent.state / "signing_key.pub")
+    with pytest.raises(LedgerError, match="none of them the school's own"):
+        restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+
+
+def test_a_ledger_with_entries_is_never_overwritten(spent, capsys):
+    code = fedfer_main(["deploy", "restore-ledger", "--state-dir", str(spent.state), "--school", SCHOOL,
+                        "--from", str(spent.root / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing to restore" in err and len(err.strip().splitlines()) == 1, err
