@@ -40,7 +40,7 @@ from privacy.accounting import DATASET_ID_FILE, SchoolAccountant
 from privacy.anchors import ANCHOR_DIR, load_anchors
 from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, ServerLedgerCopy, _check_school_name,
                             epsilon_value, history_key, read_ledger_file, verify_entries)
-from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key,
+from privacy.signing import (PUBLIC_KEY_FILE, SIGNING_KEY_FILE, SigningKeyError, load_or_create_signing_key, key_id, load_public_key,
                              recovery_public_keys, retired_public_keys)
 from privacy.state_folder import ledger_is_missing, mark_ledger_started
 from shared_models.atomic_files import atomic_write_text
@@ -64,6 +64,11 @@ class LedgerRestore:
 def _trusted_keys(state_dir: Path) -> tuple[list, list]:
     """The school's own public keys (current first, then retired) and its approved recovery keys."""
     public_file = state_dir / PUBLIC_KEY_FILE
+    if (state_dir / SIGNING_KEY_FILE).is_file():
+        try:   # the key is at hand: its loader writes signing_key.pub again if that is missing
+            load_or_create_signing_key(state_dir)
+        except SigningKeyError as exc:
+            raise LedgerError(str(exc)) from None
     if not public_file.is_file():
         raise LedgerError(f"{public_file}: missing: the restore verifies the coordinator's copies with the school's "
                           f"own public key; copy it back from a backup (the coordinator's keys/NAME.pub is the "

@@ -179,3 +179,17 @@ def test_a_ledger_with_entries_is_never_overwritten(spent, capsys):
                         "--from", str(spent.root / "runs")])
     err = capsys.readouterr().err
     assert code == 2 and "nothing to restore" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_school_that_lost_its_key_as_well_restores_then_recovers_the_key(spent):
+    """Ledger, accountant and signing_key.pem lost, signing_key.pub kept: the restore needs only the public half,
+    then the key recovery continues the restored chain under a new key, carrying its ε on."""
+    from server.deploy.commands import recover_school_ledger_key
+
+    epsilon_before = float(read_ledger_file(spent.state / "ledger.jsonl")[-1]["epsilon"])
+    _lose_ledger_and_accountant(spent.state)
+    (spent.state / "signing_key.pem").unlink()
+    restored = restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+    assert restored.entries == 3 and restored.epsilon == pytest.approx(epsilon_before, abs=1e-9)
+    recovery = recover_school_ledger_key(spent.state)
+    assert recovery.recovery_line == 4 and recovery.epsilon == pytest.approx(epsilon_before, abs=1e-9)
