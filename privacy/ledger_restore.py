@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import DATASET_ID_FILE, SchoolAccountant
+from privacy.accounting import DATASET_ID_FILE, SchoolAccountant, school_dataset_id
 from privacy.anchors import ANCHOR_DIR, load_anchors
 from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, ServerLedgerCopy, _check_school_name,
                             epsilon_value, history_key, read_ledger_file, verify_entries)
@@ -146,7 +146,7 @@ def _check_accountant(state_dir: Path, school_id: str, entries: list[dict]) -> t
     accountant is there and agrees, nothing to write). Refuses an accountant that counted more."""
     last = entries[-1]
     id_file = state_dir / DATASET_ID_FILE
-    fingerprint = id_file.read_text(encoding="ascii").strip() if id_file.is_file() else last["dataset_fingerprint"]
+    fingerprint = school_dataset_id(state_dir, school_id) if id_file.exists() else last["dataset_fingerprint"]
     mine = [e for e in entries if e["dataset_fingerprint"] == fingerprint]
     if not mine:
         raise LedgerError(f"{id_file}: dataset id {fingerprint[:16]} is in no entry the coordinator holds for school "
@@ -199,18 +199,19 @@ def restore_ledger(state_dir: Path, runs_root: Path, school_id: str) -> LedgerRe
                           f"ask the coordinator for the newest run's copy")
     fingerprint, rebuilt_history = _check_accountant(state_dir, school_id, entries)
 
-    # every check passed: the ledger first (all at once), then the accountant, then the record of the restore
+    # every check passed. The accountant before the ledger: killed in between, the next restore finds an
+    # accountant that agrees with the copies and writes the ledger; the other way round it would find a ledger
+    # beside no accountant, which the round refuses. The ledger is written all at once, then the record.
+    last = entries[-1]
     mark_ledger_started(state_dir)
-    atomic_write_text(ledger_path, "".join(json.dumps(e, ensure_ascii=False, allow_nan=False,
-                                                      separators=(", ", ": ")) + "\n" for e in entries))
     if rebuilt_history is not None:
         if not (state_dir / DATASET_ID_FILE).is_file():
             atomic_write_text(state_dir / DATASET_ID_FILE, fingerprint + "\n")
         acct = SchoolAccountant(state_dir, school_id, fingerprint)
-        last = entries[-1]
         for (sigma, q), steps in rebuilt_history.items():
             acct.record(sigma, q, steps, privacy_unit=last["privacy_unit"], delta=last["delta"])
-    last = entries[-1]
+    atomic_write_text(ledger_path, "".join(json.dumps(e, ensure_ascii=False, allow_nan=False,
+                                                      separators=(", ", ": ")) + "\n" for e in entries))
     restore = LedgerRestore(ledger_path, runs, len(entries), last["hash"], epsilon_value(last["epsilon"]),
                             float(last["delta"]), rebuilt_history is not None)
     _record_restore(state_dir, school_id, restore, chain)

@@ -193,3 +193,35 @@ def test_a_school_that_lost_its_key_as_well_restores_then_recovers_the_key(spent
     assert restored.entries == 3 and restored.epsilon == pytest.approx(epsilon_before, abs=1e-9)
     recovery = recover_school_ledger_key(spent.state)
     assert recovery.recovery_line == 4 and recovery.epsilon == pytest.approx(epsilon_before, abs=1e-9)
+
+
+class _Killed(BaseException):
+    """The process killed at that point."""
+
+
+def test_a_restore_killed_while_it_writes_is_finished_by_running_it_again(spent, monkeypatch):
+    """Killed while the accountant is rebuilt, or after and before the ledger is written: running it again
+    finishes the restore (were the ledger written first, a kill before the accountant left a ledger beside no
+    accountant: nothing to restore, and a round the school refuses)."""
+    import privacy.ledger_restore as ledger_restore
+    from privacy.accounting import SchoolAccountant
+
+    _lose_ledger_and_accountant(spent.state)
+    monkeypatch.setattr(SchoolAccountant, "record", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+    monkeypatch.undo()
+    real_write = ledger_restore.atomic_write_text
+
+    def killed_at_the_ledger(path, text):
+        if Path(path).name == "ledger.jsonl":
+            raise _Killed()
+        real_write(path, text)
+
+    monkeypatch.setattr(ledger_restore, "atomic_write_text", killed_at_the_ledger)
+    with pytest.raises(_Killed):
+        restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+    monkeypatch.undo()
+    again = restore_ledger(spent.state, spent.root / "runs", SCHOOL)   # the accountant it wrote agrees
+    assert again.entries == 3 and not again.accountant_rebuilt
+    assert len(json.loads((spent.state / RESTORE_RECORD).read_text())) == 1
