@@ -31,6 +31,7 @@ never stored are in no copy: if the accountant was lost too, their ε is lost wi
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,15 +84,16 @@ def _anchored_chain(runs_root: Path, school_id: str, trusted: list) -> dict[str,
     """The anchor's chain of this school under one of its own keys (current or retired)."""
     anchors_dir = runs_root / ANCHOR_DIR
     path = anchors_dir / f"{school_id}.json"
-    if not path.is_file():
+    if not os.path.lexists(path):   # anything else there (a directory, a device, a broken link) is read and refused
         raise LedgerError(f"{path}: no anchor of school {school_id}: the restore needs the coordinator's anchor to "
                           f"know which runs hold the school's entries, in which order, and how many there are")
     chains = load_anchors(anchors_dir, school_id)["chains"]
     ours = {key_id(k) for k in trusted}
     found = [c for kid, c in chains.items() if kid in ours or ours & set(c.get("retired", []))]
     if not found:
-        raise LedgerError(f"{path}: anchors chains of keys {', '.join(chains) or 'none'}, none of them the school's "
-                          f"own ({', '.join(sorted(ours))}, from its signing_key.pub and signing_key.retired/)")
+        raise LedgerError(f"{path}: no chain under the school's own keys ({', '.join(sorted(ours))}, from its "
+                          f"signing_key.pub and signing_key.retired/); the anchor holds "
+                          f"{'chains under ' + ', '.join(chains) if chains else 'no chain'}")
     return found[0]
 
 
@@ -179,6 +181,9 @@ def restore_ledger(state_dir: Path, runs_root: Path, school_id: str) -> LedgerRe
     ledger_path = state_dir / LEDGER_FILE
     if not state_dir.is_dir():
         raise LedgerError(f"{state_dir}: not a directory (--state-dir is the school's state folder)")
+    if os.path.lexists(ledger_path) and not ledger_path.is_file():
+        raise LedgerError(f"{ledger_path}: not a regular file (a directory, a named pipe or a broken link): move it "
+                          f"aside, then restore")
     if not ledger_is_missing(state_dir):
         raise LedgerError(f"{ledger_path}: there, with entries: nothing to restore (move it aside first if it is "
                           f"damaged or an old backup; it is never overwritten)")

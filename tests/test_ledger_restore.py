@@ -170,7 +170,7 @@ def test_copies_signed_by_another_key_are_refused(spent, tmp_path):
     other = tmp_path / "other"
     make_school_keys(other)
     shutil.copy(other / "signing_key.pub", spent.state / "signing_key.pub")
-    with pytest.raises(LedgerError, match="none of them the school's own"):
+    with pytest.raises(LedgerError, match="no chain under the school's own keys"):
         restore_ledger(spent.state, spent.root / "runs", SCHOOL)
 
 
