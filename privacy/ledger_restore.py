@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +48,7 @@ from privacy.state_folder import ledger_is_missing, mark_ledger_started
 from shared_models.atomic_files import atomic_write_text
 
 RESTORE_RECORD = "ledger-restore.json"   # beside ledger.jsonl: every restore, oldest first
+_REBUILT = "the rebuilt chain"   # the verifier's name for it; its messages are then said at the copy and line
 
 
 @dataclass(frozen=True)
@@ -97,16 +99,18 @@ def _anchored_chain(runs_root: Path, school_id: str, trusted: list) -> dict[str,
     return found[0]
 
 
-def rebuild_chain(runs_root: Path, school_id: str, chain: dict[str, Any]) -> tuple[list[dict], list[str]]:
+def rebuild_chain(runs_root: Path, school_id: str, chain: dict[str, Any]) -> tuple[list[dict], list[str], list[str]]:
     """The school's entries from the run copies, in the anchor's run order, each continuing the one before it.
-    Returns (entries, run ids read). Raises LedgerError at a missing copy or a gap."""
+    Returns (entries, run ids read, where each entry came from: "<copy> line N"). Raises LedgerError at a missing
+    copy or a gap."""
     entries: list[dict] = []
+    origins: list[str] = []
     position: dict[str, int] = {}   # hash -> index in entries
     runs: list[str] = []
     for run in chain["runs"]:
         run_id = str(run["run_id"])
         copy = ServerLedgerCopy.path(runs_root / run_id, school_id)
-        if not copy.is_file():
+        if not os.path.lexists(copy):   # anything else there (a directory, a pipe) is refused by the reader
             raise LedgerError(f"{copy}: missing: the anchor lists run {run_id} for school {school_id}; ask the "
                               f"coordinator for that run's copy (a restore without it would drop its spending)")
         runs.append(run_id)
@@ -126,21 +130,25 @@ def rebuild_chain(runs_root: Path, school_id: str, chain: dict[str, Any]) -> tup
                                   f"the copy holding it")
             position[entry["hash"]] = len(entries)
             entries.append(entry)
-    return entries, runs
+            origins.append(f"{copy} line {line}")
+    return entries, runs, origins
 
 
-def _check_against_anchor(entries: list[dict], chain: dict[str, Any], school_id: str, where: Path) -> None:
+def _check_against_anchor(entries: list[dict], chain: dict[str, Any], runs_root: Path, school_id: str) -> None:
     """Every hash the anchor lists is in the rebuilt chain, in the anchor's order, up to its head."""
     index = {e["hash"]: i for i, e in enumerate(entries)}
-    previous = -1
-    anchored = [h for run in chain["runs"] for h in run["hashes"]]
-    for n, hash_ in enumerate(anchored, start=1):
-        at = index.get(hash_)
-        if at is None or at <= previous:
-            raise LedgerError(f"{where}: the anchor's entry {n} of {chain['count']} ({hash_[:12]}…) is not in the "
-                              f"rebuilt chain of school {school_id}{'' if at is None else ' in the anchored order'}: "
-                              f"a copy is cut short or withheld; ask the coordinator for it")
-        previous = at
+    previous, n = -1, 0
+    for run in chain["runs"]:
+        for hash_ in run["hashes"]:
+            n += 1
+            at = index.get(hash_)
+            if at is None or at <= previous:
+                copy = ServerLedgerCopy.path(runs_root / str(run["run_id"]), school_id)
+                raise LedgerError(f"{copy}: lacks the anchor's entry {n} of {chain['count']} ({hash_[:12]}…, run "
+                                  f"{run['run_id']}){'' if at is None else ' in the anchored order'}: the copy is cut "
+                                  f"short or withheld; ask the coordinator for it (a restore without it would drop "
+                                  f"spending)")
+            previous = at
 
 
 def _check_accountant(state_dir: Path, school_id: str, entries: list[dict]) -> tuple[str, dict | None]:
@@ -192,12 +200,18 @@ def restore_ledger(state_dir: Path, runs_root: Path, school_id: str) -> LedgerRe
                           f"anchors/ and <run id>/ledger/)")
     trusted, recovery_keys = _trusted_keys(state_dir)
     chain = _anchored_chain(runs_root, school_id, trusted)
-    entries, runs = rebuild_chain(runs_root, school_id, chain)
+    entries, runs, origins = rebuild_chain(runs_root, school_id, chain)
     if not entries:
         raise LedgerError(f"{runs_root}: the anchored runs hold no entries of school {school_id}")
-    keys = verify_entries(entries, trusted, source=f"{runs_root} (school {school_id}'s run copies, in the anchor's "
-                          f"order)", school_id=school_id, start="genesis", recovery_keys=recovery_keys)
-    _check_against_anchor(entries, chain, school_id, runs_root / ANCHOR_DIR / f"{school_id}.json")
+    try:
+        keys = verify_entries(entries, trusted, source=_REBUILT, start="genesis", recovery_keys=recovery_keys)
+    except LedgerError as exc:   # said at the copy and line the entry came from
+        found = re.match(rf"{_REBUILT}(?: line (\d+))?(?: \(school [^)]*\))?: ", str(exc))
+        where = origins[int(found.group(1)) - 1] if found and found.group(1) else str(runs_root)
+        raise LedgerError(f"school {school_id}'s run copies do not verify with the school's own keys "
+                          f"(signing_key.pub, signing_key.retired/): {where}: "
+                          f"{str(exc)[found.end():] if found else str(exc)}") from None
+    _check_against_anchor(entries, chain, runs_root, school_id)
     if keys.keys[-1] != key_id(trusted[0]):   # the school handed its ledger to its current key after these entries
         raise LedgerError(f"{runs_root}: school {school_id}'s rebuilt chain ends under key {keys.keys[-1]}, not under "
                           f"the school's key {key_id(trusted[0])} (signing_key.pub): its newest entries are missing; "

@@ -365,7 +365,8 @@ DEPLOY_HOME = ["--flwr-home", "flwr-home"]
 
 def deploy_cases(t: Templates) -> list[Case]:
     return (deploy_init_cases(t) + add_school_cases(t) + manifest_cases(t) + status_and_evaluator_cases(t)
-            + recover_ledger_key_cases(t) + rotate_recovered_cases(t) + set_budget_cases(t) + scripts_cases(t))
+            + recover_ledger_key_cases(t) + restore_ledger_cases(t) + rotate_recovered_cases(t) + set_budget_cases(t)
+            + scripts_cases(t))
 
 
 def init_case(name: str, args: list[str], setup: Callable[[Path], None] | None = None, needle: str = "",
@@ -557,6 +558,69 @@ def recover_ledger_key_cases(t: Templates) -> list[Case]:
                                                               "--lost-key", "lost.pub"],
                       lambda d: (shutil.copytree(t.rotated / "schools" / "school-a", d / "state"),
                                  write_ledger_key(d / "lost.pub")), needle="--lost-key"))
+    return cases
+
+
+def restore_ledger_cases(t: Templates) -> list[Case]:
+    """`fedfer deploy restore-ledger` at the rotated school whose ledger.jsonl is lost, fed the coordinator's runs
+    (anchors/ and run-1, run-2's copies; a key transition between them) with the anchor or a copy damaged, missing
+    or not a file. Refused before anything is written; the intact folder is restored (accepted)."""
+    cases = []
+
+    def add(name: str, change: Callable[[Path], None], needle: str, expect: str = "refuse",
+            argv: tuple[str, ...] = ("--state-dir", "state", "--school", "school-a", "--from", "runs")) -> None:
+        def setup(d: Path, change: Callable[[Path], None] = change) -> None:
+            shutil.copytree(t.rotated / "schools" / "school-a", d / "state")
+            shutil.copytree(t.rotated / "runs", d / "runs")
+            (d / "state" / "ledger.jsonl").unlink()   # the ledger is lost
+            change(d)
+        cases.append(Case("deploy", f"restore-{name}", ["deploy", "restore-ledger", *argv], setup, expect=expect,
+                          needle=needle))
+
+    def replace(relative: str, make: Callable[[Path, bytes], None]) -> Callable[[Path], None]:
+        def change(d: Path) -> None:
+            path = d / relative
+            text = path.read_bytes()
+            path.unlink()
+            make(path, text)
+        return change
+
+    def edited_entry(path: Path, text: bytes) -> None:   # an entry's ε lowered: its hash no longer matches
+        lines = text.decode().splitlines()
+        entry = json.loads(lines[-1])
+        entry["epsilon"] = 0.001
+        path.write_text("\n".join(lines[:-1] + [json.dumps(entry)]) + "\n")
+
+    def edited_count(path: Path, text: bytes) -> None:   # count 0: would let a shorter chain pass
+        data = json.loads(text)
+        for chain in data["chains"].values():
+            chain["count"] = 0
+        path.write_text(json.dumps(data))
+
+    anchor, copy = "runs/anchors/school-a.json", "runs/run-2/ledger/school-a.jsonl"
+    add("intact", lambda d: None, "", expect="accept")
+    for what, relative in (("anchor", anchor), ("copy", copy)):
+        add(f"{what}-missing", replace(relative, lambda p, text: None), Path(relative).name)
+        add(f"{what}-empty", replace(relative, lambda p, text: p.write_bytes(b"")), Path(relative).name)
+        add(f"{what}-binary", replace(relative, lambda p, text: p.write_bytes(bytes(range(256)) * 4)), Path(relative).name)
+        add(f"{what}-deep", replace(relative, lambda p, text: p.write_text("[" * 100000 + "\n")), Path(relative).name)
+        add(f"{what}-dir", replace(relative, lambda p, text: p.mkdir()), Path(relative).name)
+        add(f"{what}-fifo", replace(relative, lambda p, text: os.mkfifo(p)), Path(relative).name)
+    add("anchor-count-edited", replace(anchor, edited_count), "school-a.json")
+    add("copy-torn", replace(copy, lambda p, text: p.write_bytes(text[:len(text) - 40])), "school-a.jsonl")
+    add("copy-edited", replace(copy, edited_entry), "school-a.jsonl")
+    add("copy-cut-short", replace("runs/run-1/ledger/school-a.jsonl",
+                                  lambda p, text: p.write_bytes(text.splitlines(keepends=True)[0])), "gap")
+    add("ledger-present", lambda d: shutil.copy(t.rotated / "schools" / "school-a" / "ledger.jsonl",
+                                                d / "state" / "ledger.jsonl"), "ledger.jsonl")
+    add("no-public-key", lambda d: [(d / "state" / n).unlink() for n in ("signing_key.pem", "signing_key.pub")],
+        "signing_key.pub")
+    add("another-schools-key", lambda d: write_ledger_key(d / "state" / "signing_key.pub"), "school's own keys",
+        argv=("--state-dir", "state", "--school", "school-a", "--from", "runs"))
+    add("school-name-path", lambda d: None, "../a", argv=("--state-dir", "state", "--school", "../a", "--from", "runs"))
+    add("from-missing", lambda d: None, "nowhere", argv=("--state-dir", "state", "--school", "school-a", "--from", "nowhere"))
+    add("from-file", lambda d: (d / "afile").write_text("keep"), "afile",
+        argv=("--state-dir", "state", "--school", "school-a", "--from", "afile"))
     return cases
 
 
