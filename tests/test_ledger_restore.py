@@ -225,3 +225,58 @@ def test_a_restore_killed_while_it_writes_is_finished_by_running_it_again(spent,
     again = restore_ledger(spent.state, spent.root / "runs", SCHOOL)   # the accountant it wrote agrees
     assert again.entries == 3 and not again.accountant_rebuilt
     assert len(json.loads((spent.state / RESTORE_RECORD).read_text())) == 1
+
+
+# ------------------------------------------------------------------ through `fedfer simulate`
+SIMULATED = ["federation.schools=2", "federation.rounds=2", "federation.min_train_schools=1",
+             "data.students_per_school=6", "data.frames_per_student=6", "data.public_students=6", "data.image_size=32",
+             "data.public_train_students=0", "data.heldout_students=2", "train.local_epochs=1", "train.batch_size=3",
+             "evaluation.bootstrap=50", "model.pretrain=", "data.school_size_spread=30", "privacy.target_epsilon=3"]
+
+
+def _simulate(work: Path, run: str, *overrides: str) -> str:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fedfer", "simulate", *SIMULATED, f"run.name={run}", f"run.root={work / 'runs'}",
+           f"data.root={work / 'data'}", f"privacy.state_dir={work / 'state'}", *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=work, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow   # two `fedfer simulate` runs (about a minute each on an idle 2-core machine)
+def test_a_simulated_school_restores_its_ledger_and_goes_on_under_the_same_budget(tmp_path, capsys):
+    """Two simulated schools sharing a state folder across runs (privacy.state_dir): school-00 loses its ledger and
+    accountant after run-1, restores from the run copies, and in run-2 both schools spend exactly alike — the same
+    lifetime ε, and the same round refused by the budget guard."""
+    _simulate(tmp_path, "run-1")
+    state = tmp_path / "state" / "school-00"
+    audit = ["privacy", "audit", str(tmp_path / "runs" / "run-1"), str(state / "ledger.jsonl"), "--trust-run-keys",
+             "--json"]
+    assert fedfer_main(audit) == 0
+    before = _lifetime_of(capsys.readouterr().out, "school-00")
+    _lose_ledger_and_accountant(state)
+
+    assert fedfer_main(["deploy", "restore-ledger", "--state-dir", str(state), "--school", "school-00",
+                        "--from", str(tmp_path / "runs")]) == 0
+    capsys.readouterr()
+    assert fedfer_main(audit) == 0
+    assert _lifetime_of(capsys.readouterr().out, "school-00") == pytest.approx(before, abs=1e-9)
+
+    # room for one more round (ε 3 → about 3.7), not for two (about 4.3): the guard counts run-1's rounds
+    out = _simulate(tmp_path, "run-2", "privacy.budget=4.0")
+    assert "round 1/2 | schools 2/2 ok" in out, out[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "runs" / "run-2" / "events.jsonl").read_text().splitlines()]
+    refused = {e["school"] for e in events if e.get("status") == "budget-exhausted" and e.get("round") == 2}
+    assert refused == {"school-00", "school-01"}, events
+    runs = [str(tmp_path / "runs" / r) for r in ("run-1", "run-2")]
+    assert fedfer_main(["privacy", "audit", *runs, str(state / "ledger.jsonl"), "--trust-run-keys", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    lifetime = {s["school"]: s["epsilon"] for s in report["lifetime"]}
+    assert before < lifetime["school-00"] <= 4.0 and lifetime["school-00"] == pytest.approx(lifetime["school-01"],
+                                                                                            abs=1e-9)
+
+
+def _lifetime_of(out: str, school: str) -> float:
+    return float(next(s["epsilon"] for s in json.loads(out)["lifetime"] if s["school"] == school))
