@@ -237,7 +237,7 @@ def prepare_next_round(node: NodeIdentity, cfg: Mapping[str, Any]) -> None:
 def _run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module, *, run_id: str,
                server_round: int, clock: Callable[[], datetime] | None = None,
                phases: PhaseClock | None = None) -> RoundReply:
-    from privacy.ledger import record_round
+    from privacy.ledger import LedgerBehindError, record_round
     from privacy.policy import PolicyViolation, agree_round
     from shared_models.atomic_files import try_locked
 
@@ -265,7 +265,13 @@ def _run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Modul
         lost = _refuse_lost_ledger(node)
         if lost is not None:
             return lost
-        books = _open_books(node, run_id)
+        try:
+            books = _open_books(node, run_id)
+        except LedgerBehindError as exc:   # an old backup of the ledger put back: its ε is lower than the school's
+            school_log(node, f"{node.school_id}: {exc}")
+            return RoundReply("declined", f"the school's ledger is older than its last signed entry (an old backup?): "
+                                          f"it trains no more until the newest ledger is back (details in "
+                                          f"{details_where(node)})")
         if isinstance(terms, PolicyViolation):
             return _refuse_policy(books, terms, policy, cfg, server_round, started_at)
 

@@ -91,7 +91,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared_models.atomic_files import append_line_atomic, atomic_write_text, locked
-from privacy.state_folder import LedgerLostError, check_ledger_not_lost, mark_ledger_started
+from privacy.state_folder import (LedgerLostError, check_ledger_not_lost, check_ledger_reaches_head,
+                                  mark_ledger_started, record_ledger_head)
 from privacy.signing import (PUBLIC_KEY_FILE, key_id, load_public_key, public_key_pem, recovery_public_keys,
                              retire_public_key, retired_public_keys, sign_hash, verify_hash_signature,
                              write_public_key)
@@ -136,6 +137,10 @@ _LEDGER_SET = ("schema", "run_seq", "key_id", "prev_hash", "hash", "signature")
 
 class LedgerError(ValueError):
     """A ledger problem, phrased ``<source> line N (school X): <what is wrong>``."""
+
+
+class LedgerBehindError(LedgerError):
+    """The school's ledger lacks entries its state folder signed: an old backup put back, or its tail cut off."""
 
 
 def _where(source: str, line: int | None, school: str | None) -> str:
@@ -645,6 +650,11 @@ class SchoolLedger:
         if not os.path.lexists(self.path):
             return []
         entries = read_ledger_file(self.path, school_id=self.school_id)
+        try:   # a ledger older than the last entry this folder signed: an old backup, or a tail cut off
+            check_ledger_reaches_head(self.state_dir, [e.get("hash") if isinstance(e, dict) else None for e in entries],
+                                      str(self.path))
+        except LedgerLostError as exc:
+            raise LedgerBehindError(str(exc)) from None
         keys = verify_entries(entries, self._trusted(), source=str(self.path), school_id=self.school_id,
                               start="genesis", recovery_keys=self._recovery_keys())
         if self._recovering is not None and keys.keys[-1] == key_id(self._recovering):
@@ -718,6 +728,7 @@ class SchoolLedger:
                 mark_ledger_started(self.state_dir)
             append_line_atomic(self.path, _line(entry))
             self._entries.append(entry)
+            record_ledger_head(self.state_dir, len(self._entries), entry["hash"])   # an older ledger is refused
         return dict(entry)
 
     def rotate_key(self, new_key: Ed25519PrivateKey) -> dict:

@@ -16,15 +16,16 @@ cannot forge one. So the school rebuilds its chain by
    in ``signing_key.retired/`` and approved recovery keys in ``signing_key.recovered/``), never keys the
    coordinator sends;
 4. checking it holds every hash the anchor lists, in order, up to the anchor's head (so a copy cut short, or a
-   run's copy withheld, is refused), and agrees with the school's accountant when that survived (an accountant
-   that counted more rounds means the newest entries are missing: refused);
+   run's copy withheld, is refused), reaches the last entry the school recorded signing (``signing_key.has-ledger``
+   beside its key, when that survived: it bounds a withheld copy whatever the anchor says), and agrees with the
+   school's accountant when that survived (an accountant that counted more means the newest entries are missing);
 5. writing the ledger (all at once), the accountant if it was lost too, and a record of the restore,
    ``ledger-restore.json``, which the audit reads beside the ledger and names.
 
 What this trusts (docs/privacy.md, *A lost ledger*): the anchor's list of runs and its count. A coordinator
 that withholds the newest copy is caught by the anchor (its head is not reached); one that also rewrites its
-anchor consistently (runs, count and head together) is caught only by the school's surviving accountant, or by
-an auditor holding an older anchor or an earlier ledger. Rounds the school trained whose replies the coordinator
+anchor consistently (runs, count and head together) is caught by the school's own record beside its key or its
+surviving accountant, or by an auditor holding a later anchor or an earlier ledger. Rounds the school trained whose replies the coordinator
 never stored are in no copy: if the accountant was lost too, their ε is lost with it.
 """
 
@@ -44,7 +45,8 @@ from privacy.ledger import (GENESIS_HASH, LEDGER_FILE, LedgerError, ServerLedger
                             epsilon_value, history_key, read_ledger_file, verify_entries)
 from privacy.signing import (PUBLIC_KEY_FILE, SIGNING_KEY_FILE, SigningKeyError, load_or_create_signing_key, key_id, load_public_key,
                              recovery_public_keys, retired_public_keys)
-from privacy.state_folder import ledger_is_missing, mark_ledger_started
+from privacy.state_folder import (LEDGER_MARKER, ledger_is_missing, mark_ledger_started, record_ledger_head,
+                                  recorded_ledger_head)
 from shared_models.atomic_files import atomic_write_text
 
 RESTORE_RECORD = "ledger-restore.json"   # beside ledger.jsonl: every restore, oldest first
@@ -151,6 +153,21 @@ def _check_against_anchor(entries: list[dict], chain: dict[str, Any], runs_root:
             previous = at
 
 
+def _check_against_own_record(entries: list[dict], state_dir: Path, school_id: str) -> None:
+    """The school's own record of its last entry (beside its key) must be in the rebuilt chain: it bounds what the
+    coordinator withholds, whatever its anchor says."""
+    recorded = recorded_ledger_head(state_dir)
+    if recorded is None:
+        return
+    count, head = recorded
+    if len(entries) >= count and entries[count - 1]["hash"] == head:
+        return
+    raise LedgerError(f"{state_dir / LEDGER_MARKER}: school {school_id} signed {count} entries (the last {head[:12]}…), "
+                      f"but the coordinator's copies rebuild {len(entries)} without that one: its newest entries are "
+                      f"withheld or were never stored; ask the coordinator for them (restoring now would under-count "
+                      f"the school's ε)")
+
+
 def _check_accountant(state_dir: Path, school_id: str, entries: list[dict]) -> tuple[str, dict | None]:
     """The dataset id the accountant keeps, and the history the rebuilt ledger gives for it (None: the
     accountant is there and agrees, nothing to write). Refuses an accountant that counted more."""
@@ -212,6 +229,7 @@ def restore_ledger(state_dir: Path, runs_root: Path, school_id: str) -> LedgerRe
                           f"(signing_key.pub, signing_key.retired/): {where}: "
                           f"{str(exc)[found.end():] if found else str(exc)}") from None
     _check_against_anchor(entries, chain, runs_root, school_id)
+    _check_against_own_record(entries, state_dir, school_id)
     if keys.keys[-1] != key_id(trusted[0]):   # the school handed its ledger to its current key after these entries
         raise LedgerError(f"{runs_root}: school {school_id}'s rebuilt chain ends under key {keys.keys[-1]}, not under "
                           f"the school's key {key_id(trusted[0])} (signing_key.pub): its newest entries are missing; "
@@ -231,6 +249,7 @@ def restore_ledger(state_dir: Path, runs_root: Path, school_id: str) -> LedgerRe
             acct.record(sigma, q, steps, privacy_unit=last["privacy_unit"], delta=last["delta"])
     atomic_write_text(ledger_path, "".join(json.dumps(e, ensure_ascii=False, allow_nan=False,
                                                       separators=(", ", ": ")) + "\n" for e in entries))
+    record_ledger_head(state_dir, len(entries), last["hash"])
     restore = LedgerRestore(ledger_path, runs, len(entries), last["hash"], epsilon_value(last["epsilon"]),
                             float(last["delta"]), rebuilt_history is not None)
     _record_restore(state_dir, school_id, restore, chain)

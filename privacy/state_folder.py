@@ -12,21 +12,26 @@ What counts as a sign of training (each written only after a ledger entry, or by
 - ``own-model.pt``: the weights of a round the school trained;
 - ``signing_key.retired/`` or ``signing_key.recovered/``: a key rotation or recovery, which needs a ledger;
 - ``signing_key.has-ledger`` (:data:`LEDGER_MARKER`): written beside the signing key before the first entry
-  is appended, so it survives a state folder wiped "all but the keys".
+  is appended, so it survives a state folder wiped "all but the keys". It also records how many entries the
+  ledger had and the last one's hash, after every append (:func:`record_ledger_head`): a ledger.jsonl that lacks
+  that entry is older than the last one this folder signed — an old backup put back, or a tail cut off — and is
+  refused (:func:`check_ledger_reaches_head`); a restore from the coordinator's copies must reach it too.
 
 A key on its own is not a sign: `fedfer deploy school-key` makes it at enrolment, before any round.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from shared_models.atomic_files import atomic_write_text
+from shared_models.small_files import SmallFileError, read_small_file
 
 LEDGER_FILE = "ledger.jsonl"                 # privacy/ledger.py LEDGER_FILE (that module imports this one)
 LEDGER_MARKER = "signing_key.has-ledger"     # named like the key files so it is kept wherever they are
-_MARKER_TEXT = ("This state folder's ledger.jsonl holds signed entries. If ledger.jsonl is missing, it was lost: "
-                "restore it (docs/deployment.md, 'A lost ledger'); do not start a new one.\n")
+_MARKER_NOTE = ("this state folder's ledger.jsonl holds signed entries; if ledger.jsonl is missing, it was lost: "
+                "restore it (docs/deployment.md, 'A lost ledger'); do not start a new one")
 
 
 class LedgerLostError(ValueError):
@@ -79,6 +84,41 @@ def check_ledger_not_lost(state_dir: Path, school_id: str | None = None) -> None
 
 def mark_ledger_started(state_dir: Path) -> None:
     """Write :data:`LEDGER_MARKER` (once): from now on a missing ledger.jsonl here is a lost one."""
-    marker = Path(state_dir) / LEDGER_MARKER
-    if not marker.exists():
-        atomic_write_text(marker, _MARKER_TEXT)
+    if not (Path(state_dir) / LEDGER_MARKER).exists():
+        record_ledger_head(state_dir, 0, "")
+
+
+def record_ledger_head(state_dir: Path, entries: int, head: str) -> None:
+    """Record in :data:`LEDGER_MARKER` that the ledger holds `entries` entries, the last with hash `head`.
+    Written after each append: a crash in between leaves it one entry behind, which still passes."""
+    atomic_write_text(Path(state_dir) / LEDGER_MARKER,
+                      json.dumps({"note": _MARKER_NOTE, "entries": int(entries), "head": head}) + "\n")
+
+
+def recorded_ledger_head(state_dir: Path) -> tuple[int, str] | None:
+    """(entries, head hash) the marker records, or None when it records none (no marker, an unreadable one, or
+    one written before any entry)."""
+    try:
+        data = json.loads(read_small_file(Path(state_dir) / LEDGER_MARKER, 64 * 1024).decode("utf-8"))
+        entries, head = data["entries"], data["head"]
+    except (OSError, SmallFileError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1 or not isinstance(head, str):
+        return None
+    return entries, head
+
+
+def check_ledger_reaches_head(state_dir: Path, hashes: list[str], where: str) -> None:
+    """Raise LedgerLostError if `hashes` (a ledger's entry hashes, in order) lack the entry the marker records as
+    the last one this folder signed: that ledger is older than what the school spent."""
+    recorded = recorded_ledger_head(state_dir)
+    if recorded is None:
+        return
+    entries, head = recorded
+    if len(hashes) >= entries and hashes[entries - 1] == head:
+        return
+    raise LedgerLostError(
+        f"{where}: holds {len(hashes)} entries, but this state folder signed {entries} (the last {head[:12]}…, "
+        f"recorded in {LEDGER_MARKER}): the ledger is older than the school's spending (an old backup put back, or "
+        f"its tail cut off); put the newest ledger back, or move this one aside and rebuild it with "
+        f"`fedfer deploy restore-ledger` (docs/deployment.md, 'A lost ledger')")

@@ -23,6 +23,7 @@ from client import app as client_app
 from fedfer.cli import main as fedfer_main
 from privacy.ledger import LedgerError, read_ledger_file
 from privacy.ledger_restore import RESTORE_RECORD, restore_ledger
+from privacy.state_folder import LEDGER_MARKER
 from server.deploy.commands import make_school_keys
 from shared_models.config import from_run_config, load_config
 from shared_models.models import registry
@@ -150,15 +151,30 @@ def test_a_copy_cut_short_is_refused_against_the_anchors_head(spent):
         restore_ledger(spent.state, spent.root / "runs", SCHOOL)
 
 
-def test_an_accountant_that_counted_more_than_the_copies_is_refused(spent):
-    (spent.state / "ledger.jsonl").unlink()    # the accountant survived: it counts run-2's round
-    shutil.rmtree(spent.servers[-1].run.path / "ledger")
-    anchor = spent.root / "runs" / "anchors" / f"{SCHOOL}.json"
+def _withhold_run_2_and_rewrite_the_anchor(district: District) -> None:
+    """A coordinator that withholds run-2's copy and rewrites its anchor consistently without it (runs, count,
+    head): the anchor's own checks cannot see it."""
+    shutil.rmtree(district.servers[-1].run.path / "ledger")
+    anchor = district.root / "runs" / "anchors" / f"{SCHOOL}.json"
     data = json.loads(anchor.read_text())
     (chain,) = data["chains"].values()
-    chain["runs"] = chain["runs"][:1]   # a coordinator that withholds run-2 and rewrites its anchor to match
+    chain["runs"] = chain["runs"][:1]
     chain["count"], chain["head"] = len(chain["runs"][0]["hashes"]), chain["runs"][0]["hashes"][-1]
     anchor.write_text(json.dumps(data))
+
+
+def test_a_withheld_newest_copy_behind_a_rewritten_anchor_is_refused_by_the_schools_own_record(spent):
+    _lose_ledger_and_accountant(spent.state)
+    _withhold_run_2_and_rewrite_the_anchor(spent)
+    with pytest.raises(LedgerError, match="signed 3 entries.*rebuild 2 without that one"):
+        restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+    assert not (spent.state / "ledger.jsonl").exists()
+
+
+def test_an_accountant_that_counted_more_than_the_copies_is_refused(spent):
+    (spent.state / "ledger.jsonl").unlink()    # the accountant survived: it counts run-2's round
+    (spent.state / LEDGER_MARKER).unlink()     # (the record beside the key did not: the accountant alone catches it)
+    _withhold_run_2_and_rewrite_the_anchor(spent)
     with pytest.raises(LedgerError, match="accountant counted more spending"):
         restore_ledger(spent.state, spent.root / "runs", SCHOOL)
     assert not (spent.state / "ledger.jsonl").exists()

@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedfer.cli import main as fedfer_main
 from privacy.accounting import SchoolAccountant, dataset_fingerprint, epsilon_of
-from privacy.ledger import GENESIS_HASH, SchoolLedger, entry_hash, record_round
+from privacy.ledger import GENESIS_HASH, LedgerError, SchoolLedger, entry_hash, record_round
 from privacy.signing import load_or_create_signing_key, public_key_pem, sign_hash
 from privacy.state_folder import LEDGER_MARKER
 
@@ -302,6 +302,10 @@ def test_truncated_tail_is_rejected_by_the_server_and_caught_by_the_audit(tmp_pa
     for path in school.state.glob("accountant*"):
         path.unlink()
     server = Server(tmp_path, "run-2", schools)
+    # the school itself refuses: its marker beside the key records 3 entries signed (tests/test_lost_ledger.py) ...
+    with pytest.raises(LedgerError, match="older than the school's spending"):
+        school.train("run-2", 1)
+    (school.state / LEDGER_MARKER).unlink()   # ... so the server's anchor is the check for a school without one
     with pytest.raises(RejectedUpdate, match="truncated-tail"):
         server.receive(school, 1, school.train("run-2", 1))
     code, out = _audit(capsys, school.state, "--keys", keys, "--anchors", tmp_path / "runs" / "anchors")

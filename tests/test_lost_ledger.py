@@ -115,3 +115,20 @@ def test_a_school_that_never_trained_still_starts_and_trains(trained_once, tmp_p
     out = _train(school, state, global_state, 1)
     assert out.content["status"]["status"] == "ok", dict(out.content["status"])
     assert json.loads(out.content["ledger"]["entry"])["prev_hash"] == "0" * 64
+
+
+def test_a_ledger_older_than_the_folders_last_entry_is_refused(trained_once, tmp_path):
+    """An old backup of the ledger and the accountant put back (the keys and the marker beside them kept): the
+    accountant agrees with the old ledger, so only the marker's record of the last entry shows it. Before, the
+    school trained on from the older, lower ε."""
+    school, trained_state, global_state = trained_once
+    state = tmp_path / "state"
+    shutil.copytree(trained_state, state)
+    backup = {p.name: p.read_bytes() for p in [state / "ledger.jsonl", *state.glob("accountant-*.json")]}
+    assert _train(school, state, global_state, 2).content["status"]["status"] == "ok"
+    for name, data in backup.items():
+        (state / name).write_bytes(data)
+    out = _train(school, state, global_state, 3)
+    assert out.content["status"]["status"] == "declined" and "older than its last signed entry" in \
+        out.content["status"]["reason"] and not out.content.array_records
+    assert len((state / "ledger.jsonl").read_text().splitlines()) == 1   # nothing signed on the old ledger
