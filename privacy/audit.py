@@ -43,6 +43,7 @@ from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.policy import REPORT_KEYS, epsilon_problem, is_report_only
 from privacy.anchors import ANCHOR_DIR, anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
 from privacy.ledger_restore import restore_notes
+from privacy.state_folder import LedgerLostError, check_ledger_reaches_head
 from privacy.ledger import (GENESIS_HASH, KEY_RECOVERY, LEDGER_FILE, KeyChain, LedgerError, _check_school_name,
                             copy_run_id, epsilon_value, read_ledger_file, run_entries, verify_entries)
 from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_public_key, recovery_public_keys,
@@ -510,6 +511,7 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
     source_problems = _consistency_problems(entries, str(src.path), school, policy, policy_source)
     source_problems += _beside_key_problems(src, school, src.keys.current if src.keys else key)
     source_problems += _anchor_problems(src, school, entries, key, start, anchors_dir)
+    source_problems += _behind_own_record(src, school, entries)
 
     rows: list[Row] = []
     by_fp: dict[str, list[tuple[int, dict]]] = {}
@@ -536,6 +538,18 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
             row.budget_note = _no_budget_note(src, school, beside, report_only)
         rows.append(row)
     return rows, entries
+
+
+def _behind_own_record(src: _Source, school: str, entries: Sequence[dict]) -> list[str]:
+    """A school's own ledger that lacks the last entry its state folder recorded signing (``signing_key.has-ledger``
+    beside it): an old backup, or its tail cut off — what an anchor shows, from the school's own side."""
+    if src.copy != "school" or src.path.name != LEDGER_FILE:
+        return []
+    try:
+        check_ledger_reaches_head(src.path.parent, [e["hash"] for e in entries], f"{src.path} (school {school})")
+    except LedgerLostError as exc:
+        return [str(exc)]
+    return []
 
 
 def _beside_key_problems(src: _Source, school: str, key: Any) -> list[str]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from shared_models.atomic_files import atomic_write_text
 from shared_models.small_files import SmallFileError, read_small_file
+from shared_models.wording import counted
 
 LEDGER_FILE = "ledger.jsonl"                 # privacy/ledger.py LEDGER_FILE (that module imports this one)
 LEDGER_MARKER = "signing_key.has-ledger"     # named like the key files so it is kept wherever they are
@@ -118,7 +119,8 @@ def check_ledger_reaches_head(state_dir: Path, hashes: list[str], where: str) ->
     if len(hashes) >= entries and hashes[entries - 1] == head:
         return
     raise LedgerLostError(
-        f"{where}: holds {len(hashes)} entries, but this state folder signed {entries} (the last {head[:12]}…, "
-        f"recorded in {LEDGER_MARKER}): the ledger is older than the school's spending (an old backup put back, or "
-        f"its tail cut off); put the newest ledger back, or move this one aside and rebuild it with "
-        f"`fedfer deploy restore-ledger` (docs/deployment.md, 'A lost ledger')")
+        f"{where}: holds {counted(len(hashes), 'entry', 'entries')}, and not the entry this state folder recorded as its "
+        f"last signed (entry {entries}, {head[:12]}…, in {LEDGER_MARKER}): the ledger is older than the school's "
+        f"spending (an old backup put back, or its tail cut off) or was rewritten after it was signed; put the newest "
+        f"ledger back, or move this one aside and rebuild it with `fedfer deploy restore-ledger` (docs/deployment.md, "
+        f"'A lost ledger')")

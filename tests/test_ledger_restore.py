@@ -296,3 +296,13 @@ def test_a_simulated_school_restores_its_ledger_and_goes_on_under_the_same_budge
 
 def _lifetime_of(out: str, school: str) -> float:
     return float(next(s["epsilon"] for s in json.loads(out)["lifetime"] if s["school"] == school))
+
+
+def test_the_audit_reports_a_schools_ledger_older_than_its_own_record(spent, capsys):
+    """An old backup of the school's ledger given to the audit without the coordinator's anchors: the record
+    beside the school's key (signing_key.has-ledger) shows it lacks the entries the school signed later."""
+    ledger = spent.state / "ledger.jsonl"
+    ledger.write_text(ledger.read_text().splitlines(keepends=True)[0])
+    code = fedfer_main(["privacy", "audit", str(ledger), "--keys", str(spent.keys)])
+    out = capsys.readouterr()
+    assert code == 2 and "holds 1 entry, and not the entry this state folder recorded as its last signed (entry 3" in out.out + out.err, out

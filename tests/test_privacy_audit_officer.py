@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from privacy.ledger import entry_hash
 from privacy.signing import public_key_pem, sign_hash
+from privacy.state_folder import LEDGER_MARKER
 from test_ledger_trust import _audit, _federation, _keyring
 
 
@@ -169,6 +170,10 @@ def test_a_ledger_rewritten_by_its_school_is_named_as_what_no_anchor_cannot_show
     schools, _ = _federation(tmp_path, runs=1)
     keys = _keyring(tmp_path, schools)
     _rewrite_sigma(schools[0].state / "ledger.jsonl", schools[0].key, 3.0)
+    # a careless rewrite leaves the record of the last signed entry beside the key (privacy/state_folder.py) ...
+    code, out = _audit(capsys, schools[0].state, "--keys", keys)
+    assert code == 2 and "or was rewritten after it was signed" in out, out
+    (schools[0].state / LEDGER_MARKER).unlink()   # ... which a school rewriting its ledger rewrites too
     code, out = _audit(capsys, schools[0].state, "--keys", keys)
     assert code == 0, out   # by design: the school holds its key; only the server's anchors can tell
     (note,) = [line for line in out.splitlines() if "no server anchors found" in line]
