@@ -90,7 +90,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared_models.atomic_files import append_line_atomic, atomic_write_text, locked
+from shared_models.atomic_files import append_line_atomic, locked
 from privacy.state_folder import (LedgerLostError, check_ledger_not_lost, check_ledger_reaches_head,
                                   mark_ledger_started, record_ledger_head)
 from privacy.signing import (PUBLIC_KEY_FILE, key_id, load_public_key, public_key_pem, recovery_public_keys,
