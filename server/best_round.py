@@ -195,6 +195,6 @@ def compare_line(best: RoundScore, last: RoundScore | None) -> str:
     round scored on the benchmarks the best was, so the two numbers compare."""
     text = f"best round {best.round} on the public benchmarks: {best.describe()}"
     if last is None or last.round == best.round:
-        return text + " (the last round)" if last is not None else text
+        return text + ", the last round" if last is not None else text
     common = sorted(set(last.accuracies) & set(best.accuracies))
     return text + f"; last round {last.round}: " + (f"{last.on(common):.3f}" if common else last.describe())

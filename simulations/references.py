@@ -319,7 +319,7 @@ def compute_references(cfg: Mapping[str, Any], run_dir: Path, data_root: Path, e
         record["own"] = own
     if "central" in kinds:
         epochs = int(cfg["evaluation.central_epochs"])
-        echo(f"reference (b): one central model on the pooled schools, no privacy, {epochs} epoch(s)")
+        echo(f"reference (b): one central model on the pooled schools, no privacy, {counted(epochs, 'epoch')}")
         model, info = train_central(cfg, schools, start, epochs, seed=int(cfg["run.seed"]),
                                     after_epoch=_every_eighth(epochs, lambda e: echo(f"  (b) epoch {e}/{epochs}")))
         record["central"] = {**info, "privacy": "none", "scores": score(model)}

@@ -360,3 +360,14 @@ def test_a_crafted_best_pt_runs_no_code_when_a_resume_reads_it(tmp_path):
     resumed = RoundWriter(RunDirectory(tmp_path / "runs" / "t"), cfg, round_offset=1)
     assert not marker.exists()
     assert resumed.best.round == 1 and _kept_round(tmp_path) == 1   # rewritten from round-0001.pt
+
+
+def test_the_compare_line_for_a_best_round_that_is_the_last_reads_without_nested_brackets():
+    """`fedfer simulate`'s summary puts the line in brackets: "(best round 6 ...: 0.889 on x (the last round))"
+    read badly; a best round that is also the last now ends ", the last round"."""
+    from server.best_round import compare_line
+
+    best = RoundScore(6, "mean", {"synthetic-fer2013": 0.889})
+    line = compare_line(best, RoundScore(6, "mean", {"synthetic-fer2013": 0.889}))
+    assert line == "best round 6 on the public benchmarks: 0.889 on synthetic-fer2013, the last round"
+    assert "(" not in line
