@@ -48,7 +48,7 @@ _CLIP_CACHE: dict[Path, tuple[tuple[Any, ...], SchoolClips]] = {}   # clip schoo
 class RoundReply:
     """What the Flower handler turns into the reply message."""
 
-    status: str                                   # ok | no-data | policy-violation | budget-exhausted | busy
+    status: str                                   # ok | no-data | policy-violation | budget-exhausted | ledger-lost | busy
     reason: str = ""
     weights: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float | int] = field(default_factory=dict)
@@ -269,7 +269,7 @@ def _run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Modul
             books = _open_books(node, run_id)
         except LedgerBehindError as exc:   # an old backup of the ledger put back: its ε is lower than the school's
             school_log(node, f"{node.school_id}: {exc}")
-            return RoundReply("declined", f"the school's ledger is older than its last signed entry (an old backup?): "
+            return RoundReply("ledger-lost", f"the school's ledger is older than its last signed entry (an old backup?): "
                                           f"it trains no more until the newest ledger is back (details in "
                                           f"{details_where(node)})")
         if isinstance(terms, PolicyViolation):
@@ -365,7 +365,7 @@ def _refuse_lost_ledger(node: NodeIdentity) -> RoundReply | None:
         check_ledger_not_lost(node.state_dir, node.school_id)
     except LedgerLostError as exc:
         school_log(node, f"{node.school_id}: {exc}")
-        return RoundReply("declined", f"the school's ledger is lost (it trained before): it trains no more until the "
+        return RoundReply("ledger-lost", f"the school's ledger is lost (it trained before): it trains no more until the "
                                       f"ledger is restored (details in {details_where(node)})")
     return None
 

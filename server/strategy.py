@@ -70,12 +70,13 @@ def one_line(text: Any, limit: int = 300) -> str:
 
 
 #: What a school's train reply says in its status record (client/app.py, client/school_round.py RoundReply)
-STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "busy", "failed")
+STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "ledger-lost", "busy", "failed")
 #: Why a school is selected no more in a run, as the finishing line words it (in this order).
 LEFT_OUT_WORDING = {
     "budget": "declined on budget (budget-exhausted)",
     "policy": "declined on policy (policy-violation)",
     "ledger": "left out for a ledger the server rejected (events.jsonl)",
+    "ledger-lost": "declined for a lost or out-of-date ledger (ledger-lost: fedfer deploy restore-ledger)",
     "before-resume": "left out before the resume (its checkpoint does not say why)",
     "offline": "offline",
 }
@@ -614,9 +615,11 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             return {"status": "rejected", "reason": reason}
         if status.get("status") != "ok":
             outcome = {"status": str(status["status"]), "reason": one_line(status.get("reason", ""))}
-            if outcome["status"] in ("budget-exhausted", "policy-violation"):
-                # a school that declines on its budget or its policy declines every later round of the run too
-                self._leave_out(school, "budget" if outcome["status"] == "budget-exhausted" else "policy")
+            left_out = {"budget-exhausted": "budget", "policy-violation": "policy", "ledger-lost": "ledger-lost"}
+            if outcome["status"] in left_out:
+                # a school that declines on its budget, its policy or a lost ledger declines every later round of
+                # the run too (a restored ledger trains again from the next run)
+                self._leave_out(school, left_out[outcome["status"]])
                 if "ledger" in content.config_records and node.role == "school":
                     try:  # the school's signed refusal goes into the run's ledger copy like any entry
                         self._store_ledger(content, school, rnd)

@@ -104,7 +104,7 @@ def test_a_lost_ledger_is_restored_from_the_run_copies_and_the_budget_still_hold
     entries_before = read_ledger_file(district.state / "ledger.jsonl")
 
     _lose_ledger_and_accountant(district.state)
-    assert district.round(run_2, 2) == ("declined", None)   # fail closed: no training from ε 0
+    assert district.round(run_2, 2) == ("ledger-lost", None)   # fail closed: no training from ε 0
 
     code = fedfer_main(["deploy", "restore-ledger", "--state-dir", str(district.state), "--school", SCHOOL,
                         "--from", str(district.root / "runs")])

@@ -74,7 +74,7 @@ def test_a_school_whose_ledger_is_lost_does_not_train_again(trained_once, tmp_pa
 
     out = _train(school, state, global_state, 2)
 
-    assert out.content["status"]["status"] == "declined", dict(out.content["status"])
+    assert out.content["status"]["status"] == "ledger-lost", dict(out.content["status"])
     assert "ledger is lost" in out.content["status"]["reason"]
     assert not out.content.array_records and "ledger" not in out.content.config_records   # nothing sent
     after = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file() and not p.name.endswith(".lock")}
@@ -129,6 +129,6 @@ def test_a_ledger_older_than_the_folders_last_entry_is_refused(trained_once, tmp
     for name, data in backup.items():
         (state / name).write_bytes(data)
     out = _train(school, state, global_state, 3)
-    assert out.content["status"]["status"] == "declined" and "older than its last signed entry" in \
+    assert out.content["status"]["status"] == "ledger-lost" and "older than its last signed entry" in \
         out.content["status"]["reason"] and not out.content.array_records
     assert len((state / "ledger.jsonl").read_text().splitlines()) == 1   # nothing signed on the old ledger

@@ -48,9 +48,9 @@ def log_lines():
     logger.setLevel(previous)
 
 
-def _answerer(keys: dict[int, str], trains: dict[int, int]):
+def _answerer(keys: dict[int, str], trains: dict[int, int], declines: str = "budget-exhausted"):
     """The fake schools: each answers the role query, trains while it has budget for `trains[node]` rounds,
-    then declines every later round with budget-exhausted (as client/school_round.py does)."""
+    then declines every later round with `declines` (budget-exhausted, as client/school_round.py does)."""
     trained = {nid: 0 for nid in trains}
 
     def answer(nid, message):
@@ -61,7 +61,7 @@ def _answerer(keys: dict[int, str], trains: dict[int, int]):
         assert kind == MessageType.TRAIN
         if trained[nid] >= trains[nid]:
             return _reply(message, RecordDict({"status": ConfigRecord(
-                {"status": "budget-exhausted", "reason": "target ε spent"})}))
+                {"status": declines, "reason": "target ε spent"})}))
         trained[nid] += 1
         return _train_reply(message, _state(nid))
     return answer
@@ -84,7 +84,7 @@ class ComingBackGrid(FakeGrid):
 
 
 def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, leave_after_round_1: bool = False,
-         back_after: int | None = None, leave_after_check: bool = False):
+         back_after: int | None = None, leave_after_check: bool = False, declines: str = "budget-exhausted"):
     """A federation of len(trains) schools over `rounds` rounds, run by Flower's round loop as server/app.py
     runs it (`wrap`: around a wrapper, as client-level DP's; `leave_after_round_1`: every node goes offline
     once it has answered round 1, and comes back after `back_after` node-list requests if given;
@@ -109,7 +109,7 @@ def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, 
     writer = Writer(run, cfg)
     writer.model_info = {"name": "fake", "preset": "", "num_classes": 7}
     strategy = SchoolFedAvg(cfg, run, rounds=writer)
-    answer = _answerer(keys, trains)
+    answer = _answerer(keys, trains, declines)
     grid = ComingBackGrid(list(trains), answer, back_after)
     if leave_after_round_1:
         left: set[int] = set()
@@ -339,3 +339,15 @@ def test_a_resumed_run_still_knows_why_each_school_was_left_out(tmp_path, log_li
     saved["strategy"]["left_out"] = ["s-budget"]
     with pytest.raises(Exception, match="strategy.left_out"):
         check_checkpoint(saved, path, for_resume=True)
+
+
+def test_a_school_whose_ledger_is_lost_is_left_out_for_the_run(tmp_path, log_lines):
+    """client/school_round.py declines with ledger-lost when the school's ledger is lost or an old backup; it
+    declines every later round of the run too (until restored), so the server stops selecting it, as on a
+    spent budget, and the finishing line says why (before, the reply was a plain "declined" and the school was
+    asked again every round)."""
+    run = _run(tmp_path, 5, {101: 1, 202: 1}, declines="ledger-lost")
+    assert [line["round"] for line in run.metrics()] == [1, 2]
+    assert log_lines.matching("federation stopped after round 2 of 5")
+    assert log_lines.matching("no school can train any more (2 schools declined for a lost or out-of-date ledger "
+                              f"(ledger-lost: fedfer deploy restore-ledger): {', '.join(sorted(SCHOOLS.values()))})")
