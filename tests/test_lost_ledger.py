@@ -132,3 +132,25 @@ def test_a_ledger_older_than_the_folders_last_entry_is_refused(trained_once, tmp
     assert out.content["status"]["status"] == "ledger-lost" and "older than its last signed entry" in \
         out.content["status"]["reason"] and not out.content.array_records
     assert len((state / "ledger.jsonl").read_text().splitlines()) == 1   # nothing signed on the old ledger
+
+
+def test_the_node_start_check_refuses_a_ledger_older_than_the_folders_last_entry(trained_once, tmp_path):
+    """The start check (start.sh -> preflight) caught a missing ledger but let an old backup through: the node
+    started and every round it was asked was declined ledger-lost. Now it stops at start, in one line naming
+    the ledger and `fedfer deploy restore-ledger`; the newest ledger put back starts again."""
+    school, trained_state, global_state = trained_once
+    state = tmp_path / "state"
+    shutil.copytree(trained_state, state)
+    node_config = {"data-dir": str(tmp_path), "state-dir": str(state), "school-id": "school-x"}
+    backup = (state / "ledger.jsonl").read_bytes()
+    assert _train(school, state, global_state, 2).content["status"]["status"] == "ok"
+    newest = (state / "ledger.jsonl").read_bytes()
+    check_school_folders(node_config, "node-config.toml")   # the current ledger starts
+    (state / "ledger.jsonl").write_bytes(backup)
+    with pytest.raises(NodeStartError) as refused:
+        check_school_folders(node_config, "node-config.toml")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{state / 'ledger.jsonl'}: holds 1 entry"), message
+    assert "fedfer deploy restore-ledger" in message and LEDGER_MARKER in message
+    (state / "ledger.jsonl").write_bytes(newest)
+    check_school_folders(node_config, "node-config.toml")

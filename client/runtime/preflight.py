@@ -107,6 +107,7 @@ def check_school_folders(values: dict[str, Any], source: str) -> None:
         raise NodeStartError(f"{source}: key 'state-dir': {state}: not writable by this user (the ledger is kept there)")
     try:   # a ledger lost from a folder that shows earlier rounds: the node would restart the school's ε at 0
         check_ledger_not_lost(state, str(values.get("school-id") or "") or None)
+        check_ledger_not_behind(state)
     except LedgerLostError as exc:
         raise NodeStartError(str(exc)) from None
     key = state / SIGNING_KEY_FILE
@@ -121,6 +122,24 @@ def check_school_folders(values: dict[str, Any], source: str) -> None:
     mode = stat.S_IMODE(key.stat().st_mode)
     if mode & 0o077:
         raise NodeStartError(f"{key}: permissions {oct(mode)} let others read the signing key; chmod 600 it")
+
+
+def check_ledger_not_behind(state: Path) -> None:
+    """LedgerLostError when the state folder's ledger.jsonl lacks the entry ``signing_key.has-ledger`` records as the
+    last one this folder signed: an old backup put back (with its accountant, which agrees with it), or its tail
+    cut off. The node would start, and every round would be declined ledger-lost; here it stops at start instead,
+    naming the file. A ledger that cannot be read is left to the node, which names the line it refuses."""
+    from privacy.ledger import LEDGER_FILE, LedgerError, read_ledger_file
+    from privacy.state_folder import check_ledger_reaches_head, recorded_ledger_head
+
+    ledger = state / LEDGER_FILE
+    if recorded_ledger_head(state) is None or not ledger.is_file():
+        return
+    try:
+        entries = read_ledger_file(ledger)
+    except LedgerError:
+        return
+    check_ledger_reaches_head(state, [e.get("hash") if isinstance(e, dict) else None for e in entries], str(ledger))
 
 
 def check_node(flower_args: Sequence[str]) -> "NodeIdentity":
