@@ -113,6 +113,7 @@ class AuditReport:
     rows: list[Row]
     problems: list[str]
     notes: list[str] = field(default_factory=list)   # worth knowing, not a problem (e.g. no anchors found)
+    same_id: list["SameIdLedgers"] = field(default_factory=list)   # ledgers under one school id that fork
 
     @property
     def exit_code(self) -> int:
@@ -181,10 +182,15 @@ class AuditReport:
         """What the officer does next, one line each: a verdict alone does not say it."""
         steps = []
         bad = list(dict.fromkeys(r.school for r in self.rows if r.exit_code == EXIT_TAMPERED))
-        if bad or self.problems:
+        # several schools of one name (each simulation's own) are no tampering: the advice is to audit apart
+        apart = [c for c in self.same_id if c.different_schools]
+        findings = [p for p in self.problems if p not in {c.problem for c in apart}]
+        if bad or findings:
             named = f" for {', '.join(bad)}" if bad else ""
             steps.append(f"do not sign off{named}: ask the school and the coordinator for their original files "
                          f"(the findings above name each file and line) and audit again")
+        if apart:
+            steps.append(_audit_apart_step(apart))
         over = list(dict.fromkeys(r.school for r in self.rows if r.over_budget))
         if over:
             whose, them = ("its", "it") if len(over) == 1 else ("their", "them")
@@ -214,7 +220,23 @@ class AuditReport:
         return {"exit_code": self.exit_code, "verdict": self.verdict,
                 "audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "fedfer": _version(),
                 "lifetime": lifetime, "next": self.next_steps, "problems": self.problems, "notes": self.notes,
-                "schools": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]}
+                "schools": [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows],
+                "same_id": [c.to_json() for c in self.same_id]}
+
+
+def _audit_apart_step(apart: Sequence["SameIdLedgers"]) -> str:
+    """The one `next:` line for school ids that several schools share (different keys): what they are and the
+    command that audits one run alone."""
+    ids = [c.school for c in apart]
+    shown = ", ".join(ids[:NAMED_IN_LINE]) + (f" and {len(ids) - NAMED_IN_LINE} more" if len(ids) > NAMED_IN_LINE
+                                              else "")
+    runs = list(dict.fromkeys(r for c in apart for r in c.runs))
+    whose = f"these {len(runs)} runs" if len(runs) > 1 else "these ledgers"
+    return (f"{whose} hold different schools under the same ids ({shown}: each simulation makes its schools afresh, "
+            f"with their own keys), so no lifetime ε adds up across them: audit each simulated run on its own, e.g. "
+            f"`fedfer privacy audit {apart[0].audit_one} --trust-run-keys` (--trust-run-keys verifies each run "
+            f"against the keys it stored; it cannot make two runs' {apart[0].school} one school). A deployment's runs, "
+            f"whose schools keep one key and ledger, are audited together with --keys deploy/keys")
 
 
 def usage_error_json(message: str, *, audit_keys: bool = True) -> dict[str, Any]:
@@ -227,7 +249,7 @@ def usage_error_json(message: str, *, audit_keys: bool = True) -> dict[str, Any]
     error = {"exit_code": EXIT_USAGE, "verdict": "USAGE ERROR", "error": message, "fedfer": _version()}
     if audit_keys:
         error.update({"audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "lifetime": [],
-                      "next": [], "problems": [message], "notes": [], "schools": []})
+                      "next": [], "problems": [message], "notes": [], "schools": [], "same_id": []})
     return error
 
 
@@ -835,19 +857,46 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]], anchors_
     return problems, notes
 
 
-def _forks(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[str]:
+@dataclass
+class SameIdLedgers:
+    """Ledgers given for one school id that are not one chain (see :func:`_forks`): several schools of one name
+    (signed by different keys: e.g. each simulation's own school-00) or one school's ledger forked (one key)."""
+
+    school: str
+    ledgers: list[str]          # every ledger file in the collision, in the order given
+    runs: list[str]             # the run ids of those that are run copies
+    keys: int                   # how many signing keys their entries end under
+    problem: str                # the one line the report prints for the school
+    audit_one: str = ""         # a path to audit one of them alone (the first run directory, or ledger)
+
+    @property
+    def different_schools(self) -> bool:
+        return self.keys > 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"school": self.school, "ledgers": self.ledgers, "runs": self.runs, "keys": self.keys,
+                "different_schools": self.different_schools}
+
+
+#: How many run ids (or ledger files) a same-id line names before "and N more" (the JSON names them all).
+NAMED_IN_LINE = 3
+
+
+def _forks(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> tuple[list[str], list[SameIdLedgers]]:
     """Every ledger given for one school id must be part of one chain. Two different entries after the same
     entry (the same prev_hash; two first entries both follow genesis) fork it. At a key recovery, the recovery
     truncated the old chain (another ledger — a run copy, an old chain file — holds later spending under the lost
-    key) or a second recovery races it. Elsewhere they are two ledgers under one id: two schools with the same
-    name — e.g. the school-00 of two simulations, each of which made its schools afresh — or a ledger restored
-    from a copy and written on; no one lifetime ε can be told for that id, and the audit used to show just one
-    of them as it. One line per recovery or per pair of files. Indexed by prev_hash: a run copy's first entry
-    follows an entry the copy does not hold."""
-    problems = []
+    key) or a second recovery races it: one line per recovery. Elsewhere they are ledgers under one id: two schools
+    with the same name — e.g. the school-00 of two simulations, each of which made its schools afresh, with its own
+    key — or a ledger restored from a copy and written on (one key); no one lifetime ε can be told for that id,
+    and the audit used to show just one of them as it. One line per school id, however many ledgers collide
+    (`fedfer privacy audit runs/*` over five simulations printed one line per school and pair of runs).
+    Indexed by prev_hash: a run copy's first entry follows an entry the copy does not hold."""
+    problems, collisions = [], []
     for school, seen in verified.items():
         first_after: dict[str, tuple[_Source, int, dict]] = {}   # prev_hash -> (ledger, line, entry) seen first
         named: set[object] = set()
+        pairs: list[tuple[_Source, int, _Source, int, str]] = []   # the forks found, in the order given
         for src, entries in seen:
             for line, entry in enumerate(entries, 1):
                 held_src, held_line, held = first_after.setdefault(entry["prev_hash"], (src, line, entry))
@@ -865,15 +914,38 @@ def _forks(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> list[str]:
                                     f"after it ({other['event']}, ε {epsilon_value(other['epsilon']):.3f}): the "
                                     f"recovery truncated the old chain, or forks it")
                     continue
-                pair = (held_src.path, src.path)
-                if pair in named:
-                    continue
-                named.add(pair)
-                after = "the chain's start" if entry["prev_hash"] == GENESIS_HASH else "the same entry"
-                problems.append(f"school {school}: {held_src.path} line {held_line} and {src.path} line {line} are "
-                                f"different entries after {after}: two ledgers under one school id (two schools of "
-                                f"that name, e.g. two simulations' own, or a forked ledger); audit each on its own")
-    return problems
+                if (held_src.path, src.path) not in named:
+                    named.add((held_src.path, src.path))
+                    after = "the chain's start" if entry["prev_hash"] == GENESIS_HASH else "the same entry"
+                    pairs.append((held_src, held_line, src, line, after))
+        if pairs:
+            collision = _same_id_ledgers(school, pairs)
+            collisions.append(collision)
+            problems.append(collision.problem)
+    return problems, collisions
+
+
+def _same_id_ledgers(school: str, pairs: Sequence[tuple[_Source, int, _Source, int, str]]) -> SameIdLedgers:
+    """The one line (and the JSON record) for the ledgers under one school id that fork: how many, signed by how
+    many keys, the first few runs, and where the first fork is."""
+    sources = list({id(s): s for a, _, b, _, _ in pairs for s in (a, b)}.values())
+    keys = {key_id(s.keys.current if s.keys else s.key) for s in sources if s.keys or s.key is not None}
+    runs = list(dict.fromkeys(s.run_dir.name for s in sources if s.run_dir is not None))
+    labels = [f"run {s.run_dir.name}" if s.run_dir is not None else str(s.path) for s in sources]
+    shown = ", ".join(labels[:NAMED_IN_LINE]) + (f" and {len(labels) - NAMED_IN_LINE} more"
+                                                  if len(labels) > NAMED_IN_LINE else "")
+    count = "two" if len(sources) == 2 else str(len(sources))
+    if len(keys) > 1:
+        what = (f"signed by {len(keys)} different keys: {len(keys)} schools of that name (e.g. each simulation's own: "
+                f"it makes its schools afresh)")
+    else:
+        what = "signed by one key: one school's ledger forked (e.g. restored from an older copy and written on)"
+    a, a_line, b, b_line, after = pairs[0]
+    problem = (f"school {school}: {count} ledgers under one school id ({shown}), {what}; no one lifetime ε: "
+               f"{a.path} line {a_line} and {b.path} line {b_line} are different entries after {after}")
+    first = sources[0]
+    return SameIdLedgers(school, [str(s.path) for s in sources], runs, len(keys), problem,
+                         str(first.run_dir if first.run_dir is not None else first.path))
 
 
 def _entries(n: int) -> str:
@@ -974,9 +1046,10 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
     reported = {p for r in rows for p in r.problems}   # e.g. a damaged anchor, already on its school's row
     disagreements, behind = _cross_check(verified, anchors_dir, frozenset(flagged))
-    problems = [p for p in dict.fromkeys(_forks(verified) + disagreements + _anchor_rejections(run_dirs)
+    forks, same_id = _forks(verified)
+    problems = [p for p in dict.fromkeys(forks + disagreements + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
-    return AuditReport(rows, problems, anchor_notes + _anchor_notes(sources) + behind + _rdp_note(rows))
+    return AuditReport(rows, problems, anchor_notes + _anchor_notes(sources) + behind + _rdp_note(rows), same_id)
 
 
 def _rdp_note(rows: Sequence[Row]) -> list[str]:
@@ -1115,8 +1188,13 @@ def format_lifetime(report: AuditReport) -> list[str]:
     lines = []
     # names padded to the longest: "lincoln-high  ε 0.000" beside "school-00  ε 12.242" put ε in two columns
     width = max((len(r.school) for r in [*report.lifetime, *report.unaccounted]), default=0)
+    apart = {c.school: c for c in report.same_id if c.different_schools}
     for r in report.lifetime:
         status = report.school_status(r.school)
+        if r.school in apart:   # one run's ε shown as the school's would be the lie the finding is about
+            lines.append(f"  {r.school:<{width}}  no one lifetime ε: {apart[r.school].keys} schools of this name, "
+                         f"one per key  [{status.upper()}; audit each run on its own]")
+            continue
         where = "own ledger, all runs" if r.copy == "school" else f"run {r.run_id}'s copy, earlier runs as it records"
         if r.budget is None:
             used = "no budget known"

@@ -538,6 +538,48 @@ def test_two_schools_of_one_name_are_refused_naming_both_ledgers(tmp_path, capsy
     assert code == 0 and "two ledgers" not in out, out
 
 
+def _simulations(root: Path, count: int) -> Path:
+    """`count` simulated runs under one runs/ root, as `fedfer simulate` leaves them: each makes its schools
+    afresh (new keys) under the same ids, school-a and school-b; the anchors beside them."""
+    for k in range(1, count + 1):
+        schools = [School(root / f"sim-{k}", name) for name in ("school-a", "school-b")]
+        server = Server(root, f"sim-{k}", schools)
+        for school in schools:
+            server.receive(school, 1, school.train(server.run.run_id, 1))
+    return root / "runs"
+
+
+def test_many_simulated_runs_give_one_line_per_school_id_and_one_next_step(tmp_path, capsys):
+    """`fedfer privacy audit runs/*` over several simulations printed one "two ledgers under one school id" line
+    per school and pair of runs (40 for 10 schools x 5 runs) and told the officer to ask for the original files.
+    The refusal stays (exit 2, a different school per run under one id), but as one line per school id naming
+    how many ledgers and keys and the first runs, and one `next:` line saying to audit each run on its own."""
+    runs = _simulations(tmp_path, 5)
+    code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys", "--budget", 50)   # as a policy.json would
+    assert code == 2 and _verdict(out).startswith("audit: TAMPERED, INCONSISTENT"), out
+    same_id = [line for line in out.splitlines() if "ledgers under one school id" in line]
+    assert [line.split(":")[0] for line in same_id] == ["school school-a", "school school-b"], out
+    assert all("5 ledgers under one school id (run sim-1, run sim-2, run sim-3 and 2 more), signed by 5 different "
+               "keys" in line for line in same_id), same_id
+    nexts = [line for line in out.splitlines() if line.startswith("next:")]
+    assert len(nexts) == 1 and "audit each simulated run on its own" in nexts[0], nexts
+    assert f"fedfer privacy audit {runs / 'sim-1'} --trust-run-keys" in nexts[0] and "do not sign off" not in out
+    assert "no one lifetime ε: 5 schools of this name" in out and "ε 0." not in out.split("lifetime per school")[1]
+    # --json: the same keys as before, the collisions in full under a new one
+    code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys", "--json")
+    report = json.loads(out)
+    assert code == 2 and report["exit_code"] == 2 and {"verdict", "lifetime", "next", "problems", "notes",
+                                                        "schools"} <= set(report)
+    assert [c["school"] for c in report["same_id"]] == ["school-a", "school-b"]
+    assert report["same_id"][0]["runs"] == [f"sim-{k}" for k in range(1, 6)] and report["same_id"][0]["keys"] == 5
+    assert report["same_id"][0]["different_schools"] is True
+    # one run alone is intact; a usage error's JSON has the report's keys, same_id among them
+    assert _audit(capsys, runs / "sim-3", "--trust-run-keys")[0] == 0
+    code, out = _audit(capsys, runs / "sim-9", "--trust-run-keys", "--json")
+    usage = json.loads(out)
+    assert code == 2 and usage["verdict"] == "USAGE ERROR" and set(report) <= set(usage) and usage["same_id"] == []
+
+
 def test_a_forked_ledger_is_refused_naming_where_it_forks(tmp_path, capsys):
     """A school's ledger restored from an older copy and written on: two different entries after its line 2,
     each branch a valid chain on its own, neither counting the other's spend."""
@@ -556,4 +598,6 @@ def test_a_forked_ledger_is_refused_naming_where_it_forks(tmp_path, capsys):
     assert code == 2, out
     line = next(line for line in out.splitlines() if "two ledgers under one school id" in line)
     assert f"{branch / 'ledger.jsonl'} line 3 and {school.state / 'ledger.jsonl'} line 3" in line, line
-    assert "after the same entry" in line
+    assert "after the same entry" in line and "signed by one key: one school's ledger forked" in line
+    # one school's ledger forked is a finding, not schools of one name: no advice to audit the runs apart
+    assert "do not sign off" in out and "audit each simulated run on its own" not in out, out
