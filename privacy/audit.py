@@ -1013,6 +1013,16 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     if not paths:
         return AuditReport([], [f"{anchors_dir}: the coordinator's anchors, not a ledger: give the run directories "
                                 f"or ledgers to audit (the anchors beside them are read), or this folder with --anchors"])
+    paths, runs_without_copies = _runs_without_copies(paths)
+    if not paths:   # only runs without copies: one line, a finding if the server anchored entries of them
+        deleted = _missing_copies(runs_without_copies, anchors_dir)
+        more = f" (and {len(deleted) - 1} more)" if len(deleted) > 1 else ""
+        return AuditReport([], [deleted[0] + more if deleted else
+                                f"{runs_without_copies[0]}: a run directory with no ledger copies (no school's reply "
+                                f"was stored in it): nothing to audit"])
+    if runs_without_copies:
+        anchor_notes.append(f"{', '.join(map(str, runs_without_copies))}: no ledger copies (a run stopped before any "
+                            f"school's reply was stored): no ledger to audit, checked against the anchors only")
     try:
         sources = find_sources(paths, keys_dir, trust_run_keys)
     except LedgerError as exc:
@@ -1043,7 +1053,7 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
             flagged.add(src.path)
         if entries:
             verified.setdefault(entries[0]["school_id"], []).append((src, entries))
-    run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None})
+    run_dirs = sorted({src.run_dir for src in sources if src.run_dir is not None} | set(runs_without_copies))
     reported = {p for r in rows for p in r.problems}   # e.g. a damaged anchor, already on its school's row
     disagreements, behind = _cross_check(verified, anchors_dir, frozenset(flagged))
     forks, same_id = _forks(verified)
@@ -1080,6 +1090,20 @@ def _anchor_folders_given(paths: Sequence[Path], anchors_dir: Path | None
         elif path.resolve() != Path(anchors_dir).resolve():
             notes.append(f"{path}: the coordinator's anchors, not a ledger: not read (--anchors {anchors_dir} given)")
     return rest, anchors_dir, notes
+
+
+def _runs_without_copies(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """`fedfer privacy audit runs/*` also names runs that stored no school's reply (stopped before their first
+    round, or while preparing): a run directory (its config.yaml) with no ledger/<school>.jsonl. The whole audit
+    used to stop at it ('no ledger/ directory'). Returns the other paths and those runs; the audit still checks
+    them against the anchors (a run the server anchored entries of must have its copies)."""
+    rest, empty = [], []
+    for raw in paths:
+        path = Path(raw)
+        is_empty_run = (path.is_dir() and (path / "config.yaml").is_file() and not (path / LEDGER_FILE).exists()
+                        and not any((path / "ledger").glob("*.jsonl")))
+        (empty if is_empty_run else rest).append(path)
+    return rest, empty
 
 
 def _retired_keys(sources: Sequence[_Source], results: Sequence[tuple[list[Row], list[dict]]]

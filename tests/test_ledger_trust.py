@@ -392,6 +392,26 @@ def test_audit_of_runs_glob_takes_the_anchors_folder_as_anchors(tmp_path, capsys
     assert code == 2 and "the coordinator's anchors, not a ledger" in out, out
 
 
+def test_audit_of_runs_glob_notes_a_run_that_stored_no_reply_and_still_checks_it_against_the_anchors(tmp_path, capsys):
+    """A run stopped before any school's reply was stored (killed in its first round, or while preparing) has a
+    config.yaml but no ledger copies; `fedfer privacy audit runs/*` stopped the whole audit at it ('no ledger/
+    directory'). Now it is a note; a run whose copies were deleted after the server anchored them is still a
+    finding, and that run alone is still one line saying there is nothing to audit."""
+    from server.run_dir import RunDirectory
+    from shared_models.config import load_config
+
+    _federation(tmp_path, runs=1)
+    runs = tmp_path / "runs"
+    stopped = RunDirectory.create(load_config(None, [f"run.root={runs}", "run.name=stopped"])).path
+    code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys")
+    assert code == 0 and f"{stopped}: no ledger copies" in out and "no ledger/ directory" not in out, out
+    code, out = _audit(capsys, stopped, "--trust-run-keys")
+    assert code == 2 and "a run directory with no ledger copies" in out and len(out.strip().splitlines()) == 1, out
+    shutil.rmtree(runs / "run-1" / "ledger")   # copies the server anchored, deleted
+    code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys")
+    assert code == 2 and "school-a.jsonl (school school-a): missing, but the server anchored" in out, out
+
+
 @pytest.mark.parametrize("budget, needle", [(1e300, "must be an ε of at most 1000"), (0, "must be a finite ε > 0"),
                                             (-2, "must be a finite ε > 0")])
 def test_a_policy_budget_no_school_could_set_is_unreadable_not_compared(tmp_path, capsys, budget, needle):
