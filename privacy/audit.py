@@ -109,11 +109,33 @@ class Row:
 
 
 @dataclass
+class SameIdLedgers:
+    """Ledgers given for one school id that are not one chain (see :func:`_forks`): several schools of one name
+    (signed by different keys: e.g. each simulation's own school-00) or one school's ledger forked (one key)."""
+
+    school: str
+    ledgers: list[str]          # every ledger file in the collision, in the order given
+    runs: list[str]             # the run ids of those that are run copies
+    keys: int                   # how many signing identities (keys, with the keys each rotated from) signed them
+    problem: str                # the one line the report prints for the school
+    different_schools: bool     # every fork is between ledgers that share no signing key (schools of one name)
+    audit_one: str              # a path to audit one of them alone (the first run directory, or ledger)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"school": self.school, "ledgers": self.ledgers, "runs": self.runs, "keys": self.keys,
+                "different_schools": self.different_schools}
+
+
+#: How many run ids (or ledger files) a same-id line names before "and N more" (the JSON names them all).
+NAMED_IN_LINE = 3
+
+
+@dataclass
 class AuditReport:
     rows: list[Row]
     problems: list[str]
     notes: list[str] = field(default_factory=list)   # worth knowing, not a problem (e.g. no anchors found)
-    same_id: list["SameIdLedgers"] = field(default_factory=list)   # ledgers under one school id that fork
+    same_id: list[SameIdLedgers] = field(default_factory=list)   # ledgers under one school id that fork
 
     @property
     def exit_code(self) -> int:
@@ -224,7 +246,7 @@ class AuditReport:
                 "same_id": [c.to_json() for c in self.same_id]}
 
 
-def _audit_apart_step(apart: Sequence["SameIdLedgers"]) -> str:
+def _audit_apart_step(apart: Sequence[SameIdLedgers]) -> str:
     """The one `next:` line for school ids that several schools share (different keys): what they are and the
     command that audits one run alone."""
     ids = [c.school for c in apart]
@@ -833,6 +855,8 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]], anchors_
         copies = [(s, es) for s, es in seen if s.start == "run"]
         for fsrc, fentries in full:
             for csrc, centries in copies:
+                if _key_ids(fsrc).isdisjoint(_key_ids(csrc)):
+                    continue   # another school of the same name (another simulation's): _forks names the pair
                 run_id = copy_run_id(centries)
                 school_run = [e["hash"] for e in run_entries(fentries, run_id)]
                 copy_run = [e["hash"] for e in centries]
@@ -855,31 +879,6 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]], anchors_
                     f"holds {_entries(missing_in_copy)} the run copy does not, the run copy holds "
                     f"{_entries(missing_in_school)} the school's ledger does not")
     return problems, notes
-
-
-@dataclass
-class SameIdLedgers:
-    """Ledgers given for one school id that are not one chain (see :func:`_forks`): several schools of one name
-    (signed by different keys: e.g. each simulation's own school-00) or one school's ledger forked (one key)."""
-
-    school: str
-    ledgers: list[str]          # every ledger file in the collision, in the order given
-    runs: list[str]             # the run ids of those that are run copies
-    keys: int                   # how many signing keys their entries end under
-    problem: str                # the one line the report prints for the school
-    audit_one: str = ""         # a path to audit one of them alone (the first run directory, or ledger)
-
-    @property
-    def different_schools(self) -> bool:
-        return self.keys > 1
-
-    def to_json(self) -> dict[str, Any]:
-        return {"school": self.school, "ledgers": self.ledgers, "runs": self.runs, "keys": self.keys,
-                "different_schools": self.different_schools}
-
-
-#: How many run ids (or ledger files) a same-id line names before "and N more" (the JSON names them all).
-NAMED_IN_LINE = 3
 
 
 def _forks(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> tuple[list[str], list[SameIdLedgers]]:
@@ -927,25 +926,48 @@ def _forks(verified: dict[str, list[tuple[_Source, list[dict]]]]) -> tuple[list[
 
 def _same_id_ledgers(school: str, pairs: Sequence[tuple[_Source, int, _Source, int, str]]) -> SameIdLedgers:
     """The one line (and the JSON record) for the ledgers under one school id that fork: how many, signed by how
-    many keys, the first few runs, and where the first fork is."""
+    many identities, the first few runs, and where the first fork is. Schools of one name (each simulation's own)
+    are told apart from one school's forked ledger by their keys: every fork is between ledgers whose key chains
+    share no key. A fork where both sides went through one key (a branch continued under a retired key too) is
+    one school's, a finding."""
     sources = list({id(s): s for a, _, b, _, _ in pairs for s in (a, b)}.values())
-    keys = {key_id(s.keys.current if s.keys else s.key) for s in sources if s.keys or s.key is not None}
+    keys = {id(s): _key_ids(s) for s in sources}
+    apart = all(keys[id(a)].isdisjoint(keys[id(b)]) for a, _, b, _, _ in pairs)
+    identities = _connected(list(keys.values()))
     runs = list(dict.fromkeys(s.run_dir.name for s in sources if s.run_dir is not None))
     labels = [f"run {s.run_dir.name}" if s.run_dir is not None else str(s.path) for s in sources]
     shown = ", ".join(labels[:NAMED_IN_LINE]) + (f" and {len(labels) - NAMED_IN_LINE} more"
                                                   if len(labels) > NAMED_IN_LINE else "")
     count = "two" if len(sources) == 2 else str(len(sources))
-    if len(keys) > 1:
-        what = (f"signed by {len(keys)} different keys: {len(keys)} schools of that name (e.g. each simulation's own: "
-                f"it makes its schools afresh)")
+    if apart:
+        what = (f"signed by {identities} different keys: {identities} schools of that name (e.g. each simulation's "
+                f"own: it makes its schools afresh)")
     else:
         what = "signed by one key: one school's ledger forked (e.g. restored from an older copy and written on)"
     a, a_line, b, b_line, after = pairs[0]
     problem = (f"school {school}: {count} ledgers under one school id ({shown}), {what}; no one lifetime ε: "
                f"{a.path} line {a_line} and {b.path} line {b_line} are different entries after {after}")
     first = sources[0]
-    return SameIdLedgers(school, [str(s.path) for s in sources], runs, len(keys), problem,
-                         str(first.run_dir if first.run_dir is not None else first.path))
+    return SameIdLedgers(school, [str(s.path) for s in sources], runs, identities, problem, different_schools=apart,
+                         audit_one=str(first.run_dir if first.run_dir is not None else first.path))
+
+
+def _key_ids(src: _Source) -> set[str]:
+    """The ids of every key a verified ledger went through (its key changes included): its signing identity."""
+    return set(src.keys.keys) if src.keys else {key_id(src.key)} if src.key is not None else set()
+
+
+def _connected(key_sets: Sequence[set[str]]) -> int:
+    """How many signing identities the key sets are: sets that share a key (a copy and the school's own ledger,
+    a chain before and after a rotation) are one."""
+    groups: list[set[str]] = []
+    for keys in key_sets:
+        joined = set(keys)
+        for group in [g for g in groups if not g.isdisjoint(keys)]:
+            joined |= group
+            groups.remove(group)
+        groups.append(joined)
+    return len(groups)
 
 
 def _entries(n: int) -> str:

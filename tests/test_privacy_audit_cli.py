@@ -565,6 +565,12 @@ def test_many_simulated_runs_give_one_line_per_school_id_and_one_next_step(tmp_p
     assert len(nexts) == 1 and "audit each simulated run on its own" in nexts[0], nexts
     assert f"fedfer privacy audit {runs / 'sim-1'} --trust-run-keys" in nexts[0] and "do not sign off" not in out
     assert "no one lifetime ε: 5 schools of this name" in out and "ε 0." not in out.split("lifetime per school")[1]
+    # a school's own ledger beside the run copies: one chain with its own run's copy, and not compared entry by
+    # entry with the other simulations' school-a (it used to be: "disagree" once per other run, "do not sign off")
+    code, out = _audit(capsys, *sorted(runs.iterdir()), tmp_path / "sim-1" / "schools" / "school-a",
+                       "--trust-run-keys", "--budget", 50)
+    assert code == 2 and "signed by 5 different keys" in out and "disagree" not in out, out
+    assert "do not sign off" not in out and len([line for line in out.splitlines() if line.startswith("next:")]) == 1
     # --json: the same keys as before, the collisions in full under a new one
     code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys", "--json")
     report = json.loads(out)
