@@ -855,7 +855,8 @@ def _cross_check(verified: dict[str, list[tuple[_Source, list[dict]]]], anchors_
         copies = [(s, es) for s, es in seen if s.start == "run"]
         for fsrc, fentries in full:
             for csrc, centries in copies:
-                if _key_ids(fsrc).isdisjoint(_key_ids(csrc)):
+                own_keys, copy_keys = _key_ids(fsrc), _key_ids(csrc)
+                if own_keys and copy_keys and own_keys.isdisjoint(copy_keys):
                     continue   # another school of the same name (another simulation's): _forks names the pair
                 run_id = copy_run_id(centries)
                 school_run = [e["hash"] for e in run_entries(fentries, run_id)]
