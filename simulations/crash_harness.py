@@ -54,6 +54,12 @@ Kill points (the round is --target-round, default 2):
                       half line (what a write cut short by a crash leaves)
   double-crash        mid-training in round r, resume, mid-training again in round r+1, resume again
   time-N              SIGKILL N seconds after the start (e.g. time-20)
+  restore-ledger      not a run: after a finished run school-00 loses its ledger.jsonl and accountant, and
+                      `fedfer deploy restore-ledger` is SIGKILLed by itself twice — while it writes the accountant,
+                      then after the accountant and before the ledger — and then run again: it must finish with
+                      the same signed chain, an accountant that counts what it counted, one restore record, and
+                      the audit exit 0 (a restore writes in microseconds, too fast to catch by watching files,
+                      so the process kills itself at the write: the same SIGKILL, at an exact spot)
 
 Prints one line per step and a summary table; writes everything as JSON (--out).
 """
@@ -83,7 +89,7 @@ TINY = [
     "model.pretrain=", "data.school_size_spread=30",
 ]
 POINTS = ("mid-training", "school-ledger", "server-ledger-copy", "checkpoint-write", "checkpoint-pending",
-          "metrics-line", "report-writing", "torn-metrics", "double-crash", "time-20")
+          "metrics-line", "report-writing", "torn-metrics", "double-crash", "time-20", "restore-ledger")
 POLL_S = 0.003
 
 
@@ -645,6 +651,106 @@ def run_point(point: str, work: Path, data_root: Path, rounds: int, rnd: int, ti
     return out
 
 
+# a `fedfer deploy restore-ledger` that SIGKILLs itself at one write: argv[1] is where ("accountant": the first
+# accountant record; "ledger": the ledger.jsonl write, after the accountant), the rest the command's arguments
+KILLED_RESTORE = """
+import os, signal, sys
+from pathlib import Path
+import privacy.ledger_restore as restore
+from privacy.accounting import SchoolAccountant
+from fedfer.cli import main
+
+where, argv = sys.argv[1], sys.argv[2:]
+if where == "accountant":
+    SchoolAccountant.record = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+else:
+    real_write = restore.atomic_write_text
+    def write(path, text):
+        if Path(path).name == "ledger.jsonl":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_write(path, text)
+    restore.atomic_write_text = write
+sys.exit(main(argv))
+"""
+RESTORE_KILLS = ("accountant", "ledger")
+
+
+def _accountant_history(state: Path) -> dict[str, Any] | None:
+    """The school's accountant history, summed per (σ, q) as the ledger's entries give it (None: no accountant)."""
+    from privacy.ledger import history_key
+
+    files = sorted(state.glob("accountant-*.json"))
+    if not files:
+        return None
+    return {str(k): v for k, v in history_key(json.loads(files[0].read_text())["history"]).items()}
+
+
+def run_restore_point(work: Path, data_root: Path, rounds: int, timeout: float) -> Outcome:
+    """A finished run; school-00 loses its ledger and accountant; the restore is killed at each write in turn,
+    then run again to the end."""
+    out = Outcome("restore-ledger")
+    started = time.time()
+    base = work / "restore-ledger"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    run_dir = (base / "runs" / "crash").resolve()
+    args = [*TINY, f"federation.rounds={rounds}", "run.name=crash", f"run.root={base / 'runs'}", f"data.root={data_root}"]
+    proc = start_simulate(args, base / "simulate-0.log", base)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_run(proc, run_dir)
+        out.error = "the run did not finish in time"
+        return out
+    if proc.returncode != 0:
+        out.error = f"the run failed (exit {proc.returncode}, {base / 'simulate-0.log'})"
+        return out
+    state = school_state(run_dir)["school-00"]
+    ledger = state / "ledger.jsonl"
+    entries_before, _ = read_lines(ledger)
+    history_before = _accountant_history(state)
+    ledger.unlink()
+    for path in state.glob("accountant-*.json"):
+        path.unlink()
+    command = ["deploy", "restore-ledger", "--state-dir", str(state), "--school", "school-00", "--from", str(run_dir.parent)]
+    for n, where in enumerate(RESTORE_KILLS, start=1):
+        killed = subprocess.run([sys.executable, "-c", KILLED_RESTORE, where, *command], cwd=base, capture_output=True,
+                                text=True, timeout=timeout)
+        out.seen.append(f"restore killed at the {where} write (exit {killed.returncode})")
+        say(f"  [restore-ledger] {out.seen[-1]}")
+        phase = Phase(f"crash {n}")
+        phase.add("killed", killed.returncode == -signal.SIGKILL, f"exit {killed.returncode} {killed.stderr[-300:]}")
+        phase.add("ledger", not ledger.exists(), "no ledger.jsonl yet" if not ledger.exists() else "a ledger was written")
+        history = _accountant_history(state)
+        # killed at the accountant: none yet; killed at the ledger: the accountant is written and agrees
+        phase.add("accountant", history == (None if where == "accountant" else history_before),
+                  f"{history} (before the loss: {history_before})")
+        out.phases.append(phase)
+    again = subprocess.run([sys.executable, "-m", "fedfer", *command], cwd=base, capture_output=True, text=True,
+                           timeout=timeout)
+    out.resume_exit.append(again.returncode)
+    phase = Phase("resumed")
+    entries_after, problems = read_lines(ledger)
+    said = (again.stdout + again.stderr).strip().splitlines()
+    phase.add("restored", again.returncode == 0, said[0] if said else "")
+    phase.add("ledger", entries_after == entries_before and not problems,
+              f"{len(entries_after)} entries, the same signed chain as before the loss"
+              if entries_after == entries_before else f"{len(entries_after)} entries against {len(entries_before)}")
+    history = _accountant_history(state)
+    phase.add("accountant", history == history_before, f"{history} (before the loss: {history_before})")
+    record = state / "ledger-restore.json"
+    records = json.loads(record.read_text()) if record.is_file() else []
+    phase.add("record", len(records) == 1, f"{len(records)} restore record(s) in {record.name}")
+    code, verdict, _ = audit(run_dir)
+    phase.add("audit", code == 0, f"exit {code}: {verdict}")
+    out.audit.append((code, verdict))
+    out.phases.append(phase)
+    say(f"  [restore-ledger] run again (exit {again.returncode}): " + ("ok" if phase.ok else "FAILED: " + "; ".join(
+        f"{c.name}: {c.detail}" for c in phase.checks if not c.ok)) + f"; audit exit {code}: {verdict}")
+    out.seconds = round(time.time() - started, 1)
+    return out
+
+
 def prepare_data(work: Path) -> Path:
     """The synthetic classroom every point reuses (generated once)."""
     root = work / "data"
@@ -692,7 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     for point in points:
         say(f"{point}:")
         try:
-            outcomes.append(run_point(point, work, data_root, args.rounds, args.target_round, args.timeout))
+            if point == "restore-ledger":
+                outcomes.append(run_restore_point(work, data_root, args.rounds, args.timeout))
+            else:
+                outcomes.append(run_point(point, work, data_root, args.rounds, args.target_round, args.timeout))
         except Exception as exc:  # noqa: BLE001 - one point's failure is a row, not the end of the harness
             outcomes.append(Outcome(point, error=f"{type(exc).__name__}: {exc}"))
             say(f"  [{point}] harness error: {type(exc).__name__}: {exc}")

@@ -306,3 +306,27 @@ def test_the_audit_reports_a_schools_ledger_older_than_its_own_record(spent, cap
     code = fedfer_main(["privacy", "audit", str(ledger), "--keys", str(spent.keys)])
     out = capsys.readouterr()
     assert code == 2 and "holds 1 entry, and not the entry this state folder recorded as its last signed (entry 3" in out.out + out.err, out
+
+
+def test_the_crash_harness_kills_a_real_restore_at_each_write_and_running_it_again_finishes(spent):
+    """simulations/crash_harness.py's restore-ledger point: its restore process SIGKILLs itself at the accountant
+    write, then between the accountant and the ledger; the plain command run again finishes with the same chain."""
+    import signal
+    import subprocess
+    import sys
+
+    from simulations.crash_harness import KILLED_RESTORE, RESTORE_KILLS
+
+    entries_before = read_ledger_file(spent.state / "ledger.jsonl")
+    _lose_ledger_and_accountant(spent.state)
+    command = ["deploy", "restore-ledger", "--state-dir", str(spent.state), "--school", SCHOOL,
+               "--from", str(spent.root / "runs")]
+    for where in RESTORE_KILLS:
+        killed = subprocess.run([sys.executable, "-c", KILLED_RESTORE, where, *command], capture_output=True, text=True,
+                                timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        assert not (spent.state / "ledger.jsonl").exists()
+        assert bool(list(spent.state.glob("accountant-*.json"))) == (where == "ledger")
+    assert fedfer_main(command) == 0
+    assert read_ledger_file(spent.state / "ledger.jsonl") == entries_before
+    assert len(json.loads((spent.state / RESTORE_RECORD).read_text())) == 1
