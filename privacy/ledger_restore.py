@@ -238,7 +238,9 @@ def restore_ledger(state_dir: Path, runs_root: Path, school_id: str) -> LedgerRe
 
     # every check passed. The accountant before the ledger: killed in between, the next restore finds an
     # accountant that agrees with the copies and writes the ledger; the other way round it would find a ledger
-    # beside no accountant, which the round refuses. The ledger is written all at once, then the record.
+    # beside no accountant, which the round refuses. The record before the ledger too: once the ledger is there a
+    # re-run has nothing to restore, so a record written after it would be lost to a kill in between (and the
+    # audit would never say the ledger was rebuilt); a re-run replaces the record of the same chain.
     last = entries[-1]
     mark_ledger_started(state_dir)
     if rebuilt_history is not None:
@@ -247,12 +249,12 @@ def restore_ledger(state_dir: Path, runs_root: Path, school_id: str) -> LedgerRe
         acct = SchoolAccountant(state_dir, school_id, fingerprint)
         for (sigma, q), steps in rebuilt_history.items():
             acct.record(sigma, q, steps, privacy_unit=last["privacy_unit"], delta=last["delta"])
-    atomic_write_text(ledger_path, "".join(json.dumps(e, ensure_ascii=False, allow_nan=False,
-                                                      separators=(", ", ": ")) + "\n" for e in entries))
-    record_ledger_head(state_dir, len(entries), last["hash"])
     restore = LedgerRestore(ledger_path, runs, len(entries), last["hash"], epsilon_value(last["epsilon"]),
                             float(last["delta"]), rebuilt_history is not None)
     _record_restore(state_dir, school_id, restore, chain)
+    atomic_write_text(ledger_path, "".join(json.dumps(e, ensure_ascii=False, allow_nan=False,
+                                                      separators=(", ", ": ")) + "\n" for e in entries))
+    record_ledger_head(state_dir, len(entries), last["hash"])
     return restore
 
 
@@ -262,11 +264,18 @@ def _record_restore(state_dir: Path, school_id: str, restore: LedgerRestore, cha
         earlier = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     except (OSError, ValueError):
         earlier = []   # a damaged record never blocks a restore; this one is written whole
+    earlier = earlier if isinstance(earlier, list) else []
     record = {"school": school_id, "restored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "runs": restore.runs, "entries": restore.entries, "head": restore.head,
               "anchor_count": chain["count"], "anchor_head": chain["head"], "epsilon": restore.epsilon,
               "accountant_rebuilt": restore.accountant_rebuilt}
-    atomic_write_text(path, json.dumps((earlier if isinstance(earlier, list) else []) + [record], indent=1) + "\n")
+    if earlier and isinstance(earlier[-1], dict) and earlier[-1].get("head") == restore.head and \
+            earlier[-1].get("entries") == restore.entries:
+        # a restore of this chain killed before its ledger was written, run again: one restore, one record (an
+        # accountant it rebuilt then is kept, so this run may say it was not rebuilt; the first record says so)
+        record["accountant_rebuilt"] = bool(earlier[-1].get("accountant_rebuilt")) or restore.accountant_rebuilt
+        earlier = earlier[:-1]
+    atomic_write_text(path, json.dumps(earlier + [record], indent=1) + "\n")
 
 
 def restore_notes(ledger_path: Path) -> list[str]:

@@ -240,7 +240,25 @@ def test_a_restore_killed_while_it_writes_is_finished_by_running_it_again(spent,
     monkeypatch.undo()
     again = restore_ledger(spent.state, spent.root / "runs", SCHOOL)   # the accountant it wrote agrees
     assert again.entries == 3 and not again.accountant_rebuilt
-    assert len(json.loads((spent.state / RESTORE_RECORD).read_text())) == 1
+    (record,) = json.loads((spent.state / RESTORE_RECORD).read_text())
+    assert record["accountant_rebuilt"]   # the first, killed run rebuilt it
+
+
+def test_a_restore_killed_right_after_writing_the_ledger_still_leaves_its_record(spent, monkeypatch, capsys):
+    """Once the ledger is back a re-run has nothing to restore: the record is written before the ledger, so a
+    kill between the two cannot leave a rebuilt ledger the audit never names (it was written after)."""
+    import privacy.ledger_restore as ledger_restore
+
+    _lose_ledger_and_accountant(spent.state)
+    monkeypatch.setattr(ledger_restore, "record_ledger_head", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        restore_ledger(spent.state, spent.root / "runs", SCHOOL)
+    monkeypatch.undo()
+    assert (spent.state / "ledger.jsonl").is_file()
+    (record,) = json.loads((spent.state / RESTORE_RECORD).read_text())
+    assert record["entries"] == 3
+    assert any("was rebuilt from the coordinator's run copies" in note
+               for note in ledger_restore.restore_notes(spent.state / "ledger.jsonl"))
 
 
 # ------------------------------------------------------------------ through `fedfer simulate`
