@@ -80,7 +80,8 @@ def check_ledger_not_lost(state_dir: Path, school_id: str | None = None) -> None
         f"{state_dir / LEDGER_FILE}: {what}, but {whose} shows it trained before "
         f"({', '.join(signs)}): a new ledger would restart its lifetime ε at 0, so the school will not train; "
         f"restore ledger.jsonl from a backup, or rebuild it from the coordinator's run copies with "
-        f"`fedfer deploy restore-ledger --state-dir {state_dir} --from DIR` (docs/deployment.md, 'A lost ledger')")
+        f"`fedfer deploy restore-ledger --state-dir {state_dir} --school {school_id or 'NAME'} --from DIR` "
+        f"(docs/deployment.md, 'A lost ledger')")
 
 
 def mark_ledger_started(state_dir: Path) -> None:

@@ -94,6 +94,8 @@ def test_the_refusal_is_one_line_in_the_schools_log_and_at_node_start(trained_on
     message = str(refused.value)
     assert "\n" not in message and f"{state / 'ledger.jsonl'}: missing" in message and "school-x" in message
     assert "fedfer deploy restore-ledger" in message
+    # the command it gives runs as printed: restore-ledger requires --school
+    assert f"restore-ledger --state-dir {state} --school school-x --from DIR" in message
     (state / "signing_key.pem").unlink()
     with pytest.raises(SigningKeyError, match="ledger.jsonl: missing"):   # no new key over the lost one's .pub
         load_or_create_signing_key(state)
