@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import signal
 import socket
 import ssl
@@ -115,21 +116,51 @@ def pids_in_sessions(sessions: Iterable[int]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ ports
+# Ports are chosen below the kernel's ephemeral range (and above Ray's default worker ports, 10002-19999):
+# a port the OS hands out for bind(0) is one it may also hand to any outgoing connection, and a SuperLink
+# that binds seconds after the port was chosen then fails with "address already in use" (seen once in
+# session 25 on the default demo). Falls back to the OS's choice where the range cannot be read.
+_LOWEST_CHOSEN_PORT = 20000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bound_socket(host: str, taken: set[int]) -> socket.socket:
+    """A socket bound to a free port outside the ephemeral range (else the OS's choice), not in `taken`."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(_LOWEST_CHOSEN_PORT, low)) if low - _LOWEST_CHOSEN_PORT >= 1000 else []
+    rng = random.SystemRandom()
+    for port in rng.sample(candidates, min(200, len(candidates))):
+        if port in taken:
+            continue
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((host, port))
+            return sock
+        except OSError:
+            sock.close()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    return sock
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing is bound to right now, outside the range the OS uses for outgoing connections."""
+    return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct free ports (all held open together while choosing, so they differ)."""
-    socks = []
+    socks: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            socks.append(sock)
+            socks.append(_bound_socket(host, {int(s.getsockname()[1]) for s in socks}))
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for sock in socks:

@@ -184,11 +184,6 @@ def _federate(fed: Federation) -> None:
     cfg, run_dir = fed.cfg, fed.run_dir
     flwr_home = run_dir / ".flower"
     flwr_home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
-        encoding="utf-8",
-    )
     run_config = run_dir / ".flower" / "run-config.toml"
     run_config.write_text(to_toml(cfg), encoding="utf-8")
     env = offline_env(flwr_home)
@@ -203,8 +198,7 @@ def _federate(fed: Federation) -> None:
     finished = False
     flower_log = run_dir / "flower.log"
     try:
-        superlink = fed.launch(lambda: _start_superlink(port, flwr_home, env, run_dir, superlink_log))
-        _wait_healthy(port, superlink, superlink_log)
+        _start_healthy_superlink(fed, flwr_home, env, run_dir, superlink_log)
         cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), CONNECTION, "--stream",
                "--run-config", str(run_config),
                "--federation-config",
@@ -247,6 +241,31 @@ def _school_service(cfg: Mapping[str, Any]):
     service = SchoolService(Path(str(cfg["data.root"])), params_from_config(cfg), workers=os.cpu_count() or 1)
     service.start()
     return service
+
+
+def _start_healthy_superlink(fed: Federation, flwr_home: Path, env: dict[str, str], run_dir: Path, log: Path,
+                             attempts: int = 3) -> int:
+    """A healthy SuperLink on a free port, which `flwr run` finds through `flwr_home/config.toml`; its port.
+    A port can be taken between choosing it and the SuperLink binding it: then another port, up to `attempts`."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        (flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
+        log_start = log.stat().st_size if log.exists() else 0
+        superlink = fed.launch(lambda: _start_superlink(port, flwr_home, env, run_dir, log))
+        try:
+            _wait_healthy(port, superlink, log)
+            return port
+        except SimulationError:
+            with open(log, "rb") as handle:
+                handle.seek(log_start)
+                port_taken = b"address already in use" in handle.read()
+            if not port_taken or attempt == attempts:
+                raise
+            fed.echo(f"  port {port} was taken before the SuperLink bound it; starting it on another port")
+    raise AssertionError("unreachable")
 
 
 def _start_superlink(port: int, flwr_home: Path, env: dict[str, str], run_dir: Path, log: Path) -> subprocess.Popen:
