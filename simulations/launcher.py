@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,11 +67,25 @@ def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait(timeout=5)
 
 
+def _first_error_line(log_path: Path) -> str:
+    """The first line of a SuperLink log that reports an error, without its timestamp and level ("" if none)."""
+    try:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in (re.sub(r"\x1b\[[0-9;]*m", "", raw) for raw in lines):   # Flower colours its levels
+        if "ERROR" in line:
+            return line.split("]", 1)[-1].strip() if "[uvicorn" in line else line.split("ERROR", 1)[-1].strip(" :")
+    return ""
+
+
 def _wait_healthy(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SimulationError(f"SuperLink exited with code {proc.returncode}; see {log_path}")
+            reason = _first_error_line(log_path)
+            raise SimulationError(f"SuperLink exited with code {proc.returncode}{': ' + reason if reason else ''}; "
+                                  f"see {log_path}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
                 return

@@ -55,3 +55,28 @@ def test_the_superlink_is_started_again_on_another_port_when_its_port_was_taken(
     assert f'address = "127.0.0.1:{port}"' in (flwr_home / "config.toml").read_text()
     assert echoed == [f"  port {taken} was taken before the SuperLink bound it; starting it on another port"]
     assert "address already in use" in (run_dir / "superlink.log").read_text()
+
+
+def test_a_superlink_that_exits_is_reported_with_the_line_that_says_why(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from simulations.launcher import SimulationError, _wait_healthy
+
+    log = tmp_path / "superlink.log"
+    log.write_text("INFO :      Starting Flower SuperLink\n2026-12-05T07:58:24.329Z ERROR [uvicorn.error] [Errno 98] "
+                   "error while attempting to bind on address ('127.0.0.1', 34269): address already in use\n")
+    exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    exited.wait()
+    with pytest.raises(SimulationError) as err:
+        _wait_healthy(1, exited, log)
+    assert str(err.value) == ("SuperLink exited with code 1: [Errno 98] error while attempting to bind on address "
+                              f"('127.0.0.1', 34269): address already in use; see {log}")
+
+
+def test_flowers_coloured_error_lines_are_read_without_their_colour(tmp_path: Path) -> None:
+    from simulations.launcher import _first_error_line
+
+    log = tmp_path / "superlink.log"
+    log.write_text("\x1b[92mINFO \x1b[0m:      Starting\n\x1b[91mERROR \x1b[0m:     Address (x) cannot be parsed.\n")
+    assert _first_error_line(log) == "Address (x) cannot be parsed."
