@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from server.best_round import BestRoundRule, RoundScore, best_of, compare_line, last_scored, undeclared
-from shared_models.atomic_files import atomic_write_text
+from shared_models.atomic_files import atomic_write_text, readable_mode
 from shared_models.config import ConfigError, read_yaml_file
 from shared_models.labels import FER7, FER8
 from shared_models.wording import counted
@@ -895,7 +895,7 @@ def build_report(run_dir: Path) -> Path:
     try:
         figures = write_plots(data)
         # all at once (shared_models/atomic_files.py): a killed report leaves the old report.md and no temp file
-        atomic_write_text(path, render_markdown(data, figures))
+        atomic_write_text(path, render_markdown(data, figures), readable_mode())
     except OSError as exc:
         raise ValueError(f"{exc.filename or path}: cannot write the report ({exc.strerror or exc})") from None
     return path

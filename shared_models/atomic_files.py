@@ -44,6 +44,18 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
     fsync_dir(path.parent)
 
 
+def readable_mode() -> int:
+    """The permissions an ordinary `open()` would give a new file (0666 less the umask): for files meant
+    to be read by others — reports and plots — where the temp file's 0600 would hide them."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename or link in `directory` durable (the directory entry, not only the file's data)."""
     dir_fd = os.open(directory, os.O_RDONLY)
@@ -53,8 +65,8 @@ def fsync_dir(directory: Path) -> None:
         os.close(dir_fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def append_line_atomic(path: Path, line: str) -> None:

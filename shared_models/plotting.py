@@ -26,9 +26,9 @@ def save_figure(fig: Figure, path: Path, dpi: int = 120) -> Path:
     a reader or a crash never sees half a PNG, and two writers of the same plot never share a temp file."""
     import io
 
-    from shared_models.atomic_files import atomic_write_bytes
+    from shared_models.atomic_files import atomic_write_bytes, readable_mode
 
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=dpi, bbox_inches="tight")
-    atomic_write_bytes(Path(path), png.getvalue())
+    atomic_write_bytes(Path(path), png.getvalue(), readable_mode())
     return path
