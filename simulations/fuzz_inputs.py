@@ -505,6 +505,17 @@ def status_and_evaluator_cases(t: Templates) -> list[Case]:
     return cases
 
 
+def _replaced(relative: str, make: Callable[[Path, bytes], None]) -> Callable[[Path], None]:
+    """A case's change: the file at `relative` (under the case's folder) replaced by what `make(path, its
+    original bytes)` puts there (nothing, other bytes, a folder, a FIFO...)."""
+    def change(d: Path) -> None:
+        path = d / relative
+        text = path.read_bytes()
+        path.unlink()
+        make(path, text)
+    return change
+
+
 def recover_ledger_key_cases(t: Templates) -> list[Case]:
     """`fedfer deploy school-key --recover-ledger-key` at a school whose signing_key.pem is lost (the rotated
     school's state folder without it): its ledger damaged, missing or not a file, or a bogus --lost-key.
@@ -520,13 +531,7 @@ def recover_ledger_key_cases(t: Templates) -> list[Case]:
                                                         "--recover-ledger-key", *extra], setup, needle=needle))
 
     def ledger(make: Callable[[Path, bytes], None]) -> Callable[[Path], None]:
-        """The ledger replaced by what `make(path, its original bytes)` puts there."""
-        def change(d: Path) -> None:
-            path = d / "state" / "ledger.jsonl"
-            text = path.read_bytes()
-            path.unlink()
-            make(path, text)
-        return change
+        return _replaced("state/ledger.jsonl", make)
 
     def edited_entry(path: Path, text: bytes) -> None:   # an entry's ε changed: its hash no longer matches
         lines = text.decode().splitlines()
@@ -577,14 +582,6 @@ def restore_ledger_cases(t: Templates) -> list[Case]:
         cases.append(Case("deploy", f"restore-{name}", ["deploy", "restore-ledger", *argv], setup, expect=expect,
                           needle=needle))
 
-    def replace(relative: str, make: Callable[[Path, bytes], None]) -> Callable[[Path], None]:
-        def change(d: Path) -> None:
-            path = d / relative
-            text = path.read_bytes()
-            path.unlink()
-            make(path, text)
-        return change
-
     def edited_entry(path: Path, text: bytes) -> None:   # an entry's ε lowered: its hash no longer matches
         lines = text.decode().splitlines()
         entry = json.loads(lines[-1])
@@ -600,16 +597,16 @@ def restore_ledger_cases(t: Templates) -> list[Case]:
     anchor, copy = "runs/anchors/school-a.json", "runs/run-2/ledger/school-a.jsonl"
     add("intact", lambda d: None, "", expect="accept")
     for what, relative in (("anchor", anchor), ("copy", copy)):
-        add(f"{what}-missing", replace(relative, lambda p, text: None), Path(relative).name)
-        add(f"{what}-empty", replace(relative, lambda p, text: p.write_bytes(b"")), Path(relative).name)
-        add(f"{what}-binary", replace(relative, lambda p, text: p.write_bytes(bytes(range(256)) * 4)), Path(relative).name)
-        add(f"{what}-deep", replace(relative, lambda p, text: p.write_text("[" * 100000 + "\n")), Path(relative).name)
-        add(f"{what}-dir", replace(relative, lambda p, text: p.mkdir()), Path(relative).name)
-        add(f"{what}-fifo", replace(relative, lambda p, text: os.mkfifo(p)), Path(relative).name)
-    add("anchor-count-edited", replace(anchor, edited_count), "school-a.json")
-    add("copy-torn", replace(copy, lambda p, text: p.write_bytes(text[:len(text) - 40])), "school-a.jsonl")
-    add("copy-edited", replace(copy, edited_entry), "school-a.jsonl")
-    add("copy-cut-short", replace("runs/run-1/ledger/school-a.jsonl",
+        add(f"{what}-missing", _replaced(relative, lambda p, text: None), Path(relative).name)
+        add(f"{what}-empty", _replaced(relative, lambda p, text: p.write_bytes(b"")), Path(relative).name)
+        add(f"{what}-binary", _replaced(relative, lambda p, text: p.write_bytes(bytes(range(256)) * 4)), Path(relative).name)
+        add(f"{what}-deep", _replaced(relative, lambda p, text: p.write_text("[" * 100000 + "\n")), Path(relative).name)
+        add(f"{what}-dir", _replaced(relative, lambda p, text: p.mkdir()), Path(relative).name)
+        add(f"{what}-fifo", _replaced(relative, lambda p, text: os.mkfifo(p)), Path(relative).name)
+    add("anchor-count-edited", _replaced(anchor, edited_count), "school-a.json")
+    add("copy-torn", _replaced(copy, lambda p, text: p.write_bytes(text[:len(text) - 40])), "school-a.jsonl")
+    add("copy-edited", _replaced(copy, edited_entry), "school-a.jsonl")
+    add("copy-cut-short", _replaced("runs/run-1/ledger/school-a.jsonl",
                                   lambda p, text: p.write_bytes(text.splitlines(keepends=True)[0])), "gap")
     add("ledger-present", lambda d: shutil.copy(t.rotated / "schools" / "school-a" / "ledger.jsonl",
                                                 d / "state" / "ledger.jsonl"), "ledger.jsonl")
