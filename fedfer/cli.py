@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse(argv)
     debug = bool(args.debug or os.environ.get("FEDFER_DEBUG"))
-    if not getattr(args, "func", None):
-        parser.print_help()
+    if not getattr(args, "func", None):   # `fedfer` alone: what the commands are
+        build_parser().print_help()
         return 2
     try:
         code = int(args.func(args) or 0)

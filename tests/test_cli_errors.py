@@ -117,3 +117,10 @@ def test_evaluate_flags_out_of_range_are_one_line_naming_the_flag(tmp_path, caps
                      *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err and "internal error" not in err, err
+
+
+@pytest.mark.parametrize("argv, usage", [([], "usage: fedfer "), (["data"], "usage: fedfer data ")])
+def test_a_command_group_without_its_command_prints_its_help_and_exits_2(argv, usage, capsys):
+    # `fedfer` and `fedfer data` alone ended in a NameError traceback (main named a parser it did not have)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().out.startswith(usage)

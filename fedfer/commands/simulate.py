@@ -32,6 +32,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     data = sub.add_parser("data", help="synthetic classroom data")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data.set_defaults(func=lambda args: (data.print_help(), 2)[1])   # `fedfer data` alone: its actions
     synth = data_sub.add_parser("synth", help="write the synthetic classroom (schools + public split) to disk")
     synth.add_argument("--config", type=Path)
     synth.add_argument("--out", type=Path, help="output folder (default: data.root or the cache)")
