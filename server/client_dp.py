@@ -174,10 +174,6 @@ class FederationAccountant:
         multipliers += [r.update_noise_multiplier for r in rounds if r.update_noise_multiplier is not None]
         return combined_noise_multiplier(multipliers), rounds[-1].clip, rounds
 
-    def effective_noise(self) -> float:
-        """The noise multiplier of this round's joint (update, clipped-count) release."""
-        return self.release_noise()[0]
-
     def record_release(self, server_round: int) -> dict[str, Any]:
         """Account one noised aggregate (and any count released without one since) and append the
         federation's signed ledger entry."""

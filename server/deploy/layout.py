@@ -244,11 +244,6 @@ class Deployment:
             raise LayoutError(f"no node named {name!r} in {self.root / MANIFEST} (known: {known})")
         return self.nodes[name]
 
-    def active_ledger_keys(self) -> dict[str, Path]:
-        """school name -> ledger public key file, for every school that is not revoked."""
-        return {name: self.keyring / f"{name}.pub" for name, e in self.nodes.items()
-                if e.role == "school" and e.status != "revoked"}
-
 
 def check_node_name(name: str) -> str:
     if not NODE_NAME.match(name):

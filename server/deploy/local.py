@@ -104,12 +104,3 @@ class LocalFederation:
         for proc in self.nodes.get(name, []):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=5)
-
-    def stop_node(self, name: str) -> None:
-        for proc in self.nodes.pop(name, []):
-            self.supervisor.stop(proc)
-
-    def kill_superlink(self) -> None:
-        if self.superlink is not None:
-            self.supervisor.kill(self.superlink)
-            self.superlink = None
