@@ -130,8 +130,6 @@ def evaluate_model(model: nn.Module, dataset: Dataset, *, batch_size: int = 128,
 # MetricRecord, which holds flat numbers and lists: `flatten_metrics` turns {benchmark: metric dict}
 # into `<benchmark>.<metric>` keys and `unflatten_metrics` turns them back.
 
-LIST_METRICS = ("per_class_recall", "confusion")
-
 
 def spec_name(spec: str) -> str:
     """`fer2013=/x/y.csv` -> `fer2013`; `synthetic-rafdb` -> `synthetic-rafdb`."""

@@ -318,9 +318,6 @@ class Benchmark:
         """Unreadable samples: dropped when the benchmark was opened plus any found corrupt since."""
         return len(self.skipped_files)
 
-    def class_counts(self) -> list[int]:
-        return np.bincount(self.targets, minlength=self.num_classes).tolist()
-
     def describe(self, index: int) -> str:
         """Where sample `index` comes from (file, or file:line)."""
         return self.source.describe(index)

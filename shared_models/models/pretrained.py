@@ -10,7 +10,7 @@ was loaded, what kept its initial value, what did not fit, and what in the file 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,9 +29,6 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)            # model keys the file did not provide
     shape_mismatched: list[dict[str, Any]] = field(default_factory=list)  # {key, checkpoint, model}
     unused: list[str] = field(default_factory=list)             # checkpoint keys that matched nothing
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def summary(self) -> str:
         """One line for logs."""
