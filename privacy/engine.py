@@ -263,7 +263,6 @@ class PrivateTrainer:
             if u == len(members):
                 members.append([])
             members[u].append(frame)
-        self.unit_names = list(index)
         self._members = [torch.tensor(m, dtype=torch.long) for m in members]
         self.num_units = len(members)
 
