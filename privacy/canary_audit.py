@@ -37,8 +37,6 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import optimize, special, stats
 
-ESTIMATORS = ("steinke", "fdp")
-
 
 # ------------------------------------------------------------------------------------- Steinke
 def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
@@ -123,6 +121,10 @@ def epsilon_fdp(m: int, r: int, v: int, delta: float, beta: float) -> float:
     return _largest_rejected(lambda eps: fdp_rejects(m, r, v, eps, delta, beta))
 
 
+#: the two one-run estimators, by the name their bounds are reported under (in this order)
+ESTIMATORS: dict[str, Callable[[int, int, int, float, float], float]] = {"steinke": epsilon_steinke, "fdp": epsilon_fdp}
+
+
 def _check_beta(beta: float) -> None:
     if not (0 < beta < 1):
         raise ValueError(f"beta must be in (0, 1), got {beta}")
@@ -190,7 +192,7 @@ def one_run_bounds(scores: Sequence[float], included: Sequence[bool], delta: flo
     if not np.all(np.isfinite(scores)):
         raise ValueError("canary scores must be finite")
     out = {}
-    for name, estimate in (("steinke", epsilon_steinke), ("fdp", epsilon_fdp)):
+    for name, estimate in ESTIMATORS.items():
         candidates = [planned_k[name]] if planned_k else (k_grid if k_grid is not None else default_k_grid(m))
         grid = sorted({int(k) for k in candidates if 1 <= 2 * k <= m})
         if not grid:
@@ -221,7 +223,7 @@ def plan_guesses(simulate: Callable[[np.random.Generator], tuple[np.ndarray, np.
         guesses = guesses_from_scores(scores, k, k)
         counts.append((k, int(np.count_nonzero(guesses)), int(np.sum(guesses == truth))))
     plan = {}
-    for name, estimate in (("steinke", epsilon_steinke), ("fdp", epsilon_fdp)):
+    for name, estimate in ESTIMATORS.items():
         plan[name] = max(counts, key=lambda c: estimate(m, c[1], c[2], delta, beta / 2))[0]
     return plan
 
