@@ -34,7 +34,6 @@ from privacy.engine import PoissonUnits
 from privacy.secure_random import SecureRandom
 
 MUTATIONS = ("per_frame_clipping", "half_noise", "no_clipping", "sample_rate_recorded_low")
-SECURE_PATH_MUTATIONS = ("secure_half_noise", "secure_double_sample_rate", "secure_no_noise_per_sample")
 
 
 def correct_trainer(model, optimizer, frames, unit_ids, **kw):

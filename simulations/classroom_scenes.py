@@ -43,7 +43,6 @@ BOWED_RANGE = (0.65, 0.9)             # radians: a head bowed over the desk (rea
 BOW_PITCH = 0.30                      # radians: a head pitched further than this counts as bowed (~17 deg)
 TURN_YAW = 0.55                       # radians: a head turned further than this is not facing the camera
 DISTRESS = ("angry", "sad", "fear")   # classes the lesson's hard-topic episode draws from
-ENGAGED = ("happy", "surprise")
 FOREHEAD = 0.35                       # canonical units added to the forehead's height (roster)
 EXPRESSION_INTENSITY = 0.55          # x faces.EXPRESSION_GAIN: clear expressions without the cartoon extremes of 48 px crops
 
@@ -149,8 +148,7 @@ MAX_STUDENTS = 40
 MAX_FRAMES = 36_000
 
 
-def make_room(seed: int, students: int = 24, width: int = FRAME_W, height: int = FRAME_H,
-              roster_school: int = 0) -> Room:
+def make_room(seed: int, students: int = 24, width: int = FRAME_W, height: int = FRAME_H) -> Room:
     """A room with `students` seats in rows (5-6 per row), its lighting, and a roster of synthetic students."""
     if not 1 <= students <= MAX_STUDENTS:
         raise ValueError(f"a classroom scene holds 1..{MAX_STUDENTS} students, got {students}")
