@@ -55,7 +55,7 @@ class SeatSearch:
         self._widths: list[float | None] = [None] * n
         self._since_second = [SECOND_PASS_EVERY] * n                         # samples since a failed second pass
         self.still = [False] * n
-        self.searched = self.skipped = 0
+        self.skipped = 0
 
     def _is_still(self, k: int, thumb: np.ndarray) -> bool:
         empty = self._empty[k]
@@ -84,7 +84,6 @@ class SeatSearch:
         second = [self._since_second[k] >= SECOND_PASS_EVERY for k in todo]
         found = self.detector.detect_seats(gray, [self.seats[k] for k in todo], [self._last[k] for k in todo],
                                            [self._widths[k] for k in todo], second)
-        self.searched += len(todo)
         for k, face, ran in zip(todo, found, second):
             out[k] = face
             self._remember(k, face, ran, thumbs.get(k))
