@@ -314,25 +314,59 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
     SuperNode key the school made itself (`fedfer deploy school-key`, both in its `state_dir`); without
     them the keys are made here, in the node folder, and the coordinator must delete that folder once it is
     copied to the school."""
-    from privacy.policy import epsilon_problem
     from server.deploy import credentials as cred
-    from server.deploy.layout import (Deployment, NodeEntry, check_node_name, evaluator_node_config, node_script,
-                                      school_node_config, write_node_config, write_script)
+    from server.deploy.layout import Deployment, NodeEntry, node_script, write_script
 
     dep = Deployment.load(Path(root).resolve())
+    # every check comes before the first write: a refused command leaves the deployment as it was
+    _check_new_node(dep, name, budget=budget, runtime_port=runtime_port, paths=(data_dir, state_dir))
+    ledger_pem, node_public = _schools_own_keys(dep, name, role, state_dir=state_dir, ledger_key=ledger_key,
+                                                node_key=node_key)
+    folder = dep.node_dir(name)
+    config = _node_config(name, role, folder, data_dir=data_dir, state_dir=state_dir, benchmarks=benchmarks,
+                          ledger_key_made_here=ledger_pem is None, unit=unit, delta=delta, budget=budget,
+                          max_round_epsilon=max_round_epsilon, declared=declared)
+    port = _free_runtime_port(dep, runtime_port)
+    for path, what in ((folder, "node folder"), (dep.keyring, "keyring")):
+        check_target_dir(path, what)
+    ca_pem = b""
+    if not dep.insecure:
+        cred.load_certificate(dep.ca_cert)        # present and a certificate, before the node folder exists
+        ca_pem = dep.ca_cert.read_bytes()
+
+    entry = NodeEntry(name=name, role=role, runtime_port=port, node_config=config)
+    made = _write_node_files(dep, entry, folder, ca_pem=ca_pem, node_public=node_public, state_dir=state_dir,
+                             ledger_pem=ledger_pem)
+    dep.nodes[name] = entry
+    message = _register_or_remove(dep, entry, folder, flwr_home, made)
+    dep.save()
+    write_script(folder / "start.sh", node_script(dep, name))
+    return dep, message
+
+
+def _check_new_node(dep: "Deployment", name: str, *, budget: float | None, runtime_port: int | None,
+                    paths: Iterable[Path | None]) -> None:
+    """The node's name, budget, runtime port and folder paths, refused before anything is written."""
+    from privacy.policy import epsilon_problem
+    from server.deploy.layout import check_node_name
+
     check_node_name(name)
     if name in dep.nodes:
         raise DeployError(f"node {name!r} already exists in {dep.root}; use `fedfer deploy rotate {name}` for new keys")
     if budget is not None and (problem := epsilon_problem(budget)) is not None:
         raise DeployError(f"school {name}: --budget {problem}")
-    # every check comes before the first write: a refused command leaves the deployment as it was
     check_port(runtime_port, f"{name}: --runtime-port")
     if runtime_port is not None and runtime_port == dep.port:
         raise DeployError(f"{name}: --runtime-port {runtime_port} is the SuperLink's port")
-    folder = dep.node_dir(name)
-    for path in (data_dir, state_dir):
+    for path in paths:
         if path is not None:
             check_text(str(path), f"{name}:")
+
+
+def _schools_own_keys(dep: "Deployment", name: str, role: str, *, state_dir: Path | None,
+                      ledger_key: Path | None, node_key: Path | None) -> tuple[str | None, str | None]:
+    """The public halves of the keys a school made itself (`fedfer deploy school-key`), checked: its ledger
+    key's PEM and its SuperNode key; None for a key fedfer is to make here."""
     ledger_pem = None
     if ledger_key is not None:
         if role != "school":
@@ -354,28 +388,42 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
             raise DeployError(f"school {name}: --node-key needs --ledger-key and --state-dir, the two public keys "
                               "`fedfer deploy school-key --state-dir DIR` made at the school and that folder")
         node_public = _school_node_key(Path(node_key), name)
-    if role == "school":
-        if data_dir is None:
-            raise DeployError(f"school {name}: --data-dir is required")
-        state = Path(state_dir) if state_dir else folder / "state"
-        if ledger_pem is None:   # the key is made here: its folder must be writable here
-            check_target_dir(state.expanduser(), f"school {name}: --state-dir")
-        policy = school_policy(name, Path(data_dir).expanduser(), unit=unit, delta=delta, budget=budget,
-                               max_round_epsilon=max_round_epsilon, declared=declared)
-        config = school_node_config(name, Path(data_dir).expanduser().absolute(), state.expanduser().absolute(), policy)
-    else:
-        config = evaluator_node_config(benchmarks, Path(data_dir).expanduser().absolute() if data_dir else None)
+    return ledger_pem, node_public
+
+
+def _node_config(name: str, role: str, folder: Path, *, data_dir: Path | None, state_dir: Path | None,
+                 benchmarks: Iterable[str], ledger_key_made_here: bool, **policy: Any) -> dict[str, Any]:
+    """The node-config: a school's identity, folders and privacy policy (`school_policy`, given `policy`: its
+    unit, delta, budget, max_round_epsilon and declared size), or the evaluation node's benchmarks."""
+    from server.deploy.layout import evaluator_node_config, school_node_config
+
+    if role != "school":
+        return evaluator_node_config(benchmarks, Path(data_dir).expanduser().absolute() if data_dir else None)
+    if data_dir is None:
+        raise DeployError(f"school {name}: --data-dir is required")
+    state = Path(state_dir) if state_dir else folder / "state"
+    if ledger_key_made_here:   # its folder must be writable here
+        check_target_dir(state.expanduser(), f"school {name}: --state-dir")
+    school = school_policy(name, Path(data_dir).expanduser(), **policy)
+    return school_node_config(name, Path(data_dir).expanduser().absolute(), state.expanduser().absolute(), school)
+
+
+def _free_runtime_port(dep: "Deployment", runtime_port: int | None) -> int:
+    """The port asked for, else the next one no node of the deployment uses; refused if another node has it."""
     port = runtime_port or dep.next_runtime_port()
     if any(e.runtime_port == port for e in dep.nodes.values()):
         raise DeployError(f"runtime port {port} is already used by another node of {dep.root}")
-    for path, what in ((folder, "node folder"), (dep.keyring, "keyring")):
-        check_target_dir(path, what)
-    ca_pem = b""
-    if not dep.insecure:
-        cred.load_certificate(dep.ca_cert)        # present and a certificate, before the node folder exists
-        ca_pem = dep.ca_cert.read_bytes()
-    entry = NodeEntry(name=name, role=role, runtime_port=port, node_config=config)
-    made = [] if folder.exists() else [folder]   # what a refused registration removes again
+    return port
+
+
+def _write_node_files(dep: "Deployment", entry: "NodeEntry", folder: Path, *, ca_pem: bytes, node_public: str | None,
+                      state_dir: Path | None, ledger_pem: str | None) -> list[Path]:
+    """The node folder (CA certificate, SuperNode key, SuperExec secret, node-config) and, for a school, its
+    ledger key in the keyring. Returns what did not exist before, for `_register_or_remove` to undo."""
+    from server.deploy import credentials as cred
+    from server.deploy.layout import write_node_config
+
+    made = [] if folder.exists() else [folder]
     folder.mkdir(parents=True, exist_ok=True)
     if not dep.insecure:
         cred.write_public(folder / "ca.crt", ca_pem)
@@ -384,16 +432,21 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
             entry.fingerprint = cred.openssh_fingerprint(node_public)
             entry.auth_key = str((Path(str(state_dir)).expanduser() / cred.NODE_KEY_FILE).absolute())
         else:
-            entry.fingerprint = cred.create_node_key(folder, cred.NODE_KEY_FILE, comment=f"fedfer-{name}").fingerprint
+            entry.fingerprint = cred.create_node_key(folder, cred.NODE_KEY_FILE, comment=f"fedfer-{entry.name}").fingerprint
     cred.write_private(folder / "superexec.secret", secrets.token_hex(32).encode())
-    write_node_config(folder / "node-config.toml", config)
-    if role == "school":
-        pem = ledger_pem if ledger_pem is not None else cred.ledger_public_key_pem(Path(config["state-dir"]))
-        made += [] if (dep.keyring / f"{name}.pub").exists() else [dep.keyring / f"{name}.pub"]
-        cred.write_public(dep.keyring / f"{name}.pub", pem.encode())
-    dep.nodes[name] = entry
+    write_node_config(folder / "node-config.toml", entry.node_config)
+    if entry.role == "school":
+        pem = ledger_pem if ledger_pem is not None else cred.ledger_public_key_pem(Path(entry.node_config["state-dir"]))
+        made += [] if (dep.keyring / f"{entry.name}.pub").exists() else [dep.keyring / f"{entry.name}.pub"]
+        cred.write_public(dep.keyring / f"{entry.name}.pub", pem.encode())
+    return made
+
+
+def _register_or_remove(dep: "Deployment", entry: "NodeEntry", folder: Path, flwr_home: Path | None,
+                        made: list[Path]) -> str:
+    """Register the node (`_try_register`); if that fails, remove what `_write_node_files` made."""
     try:
-        message = _try_register(dep, entry, folder / "supernode.pub", flwr_home)
+        return _try_register(dep, entry, folder / "supernode.pub", flwr_home)
     except BaseException:   # e.g. the SuperLink refuses a key already in use: leave no node folder, and no ledger
         for path in made:   # key in the keyring (the server would trust it) for a node the manifest does not list
             if path.is_dir():
@@ -401,9 +454,6 @@ def add_node(root: Path, name: str, role: str, *, data_dir: Path | None = None, 
             else:
                 path.unlink(missing_ok=True)
         raise
-    dep.save()
-    write_script(folder / "start.sh", node_script(dep, name))
-    return dep, message
 
 
 def _school_ledger_key(path: Path, name: str) -> str:
