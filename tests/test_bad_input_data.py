@@ -4,7 +4,6 @@ counted sample, or a correct read — never a traceback, a hang or a file read o
 
 from __future__ import annotations
 
-import argparse
 import os
 import struct
 import zlib

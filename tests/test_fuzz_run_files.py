@@ -9,7 +9,6 @@ Found by the session-22 fuzzing."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

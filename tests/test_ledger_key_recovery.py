@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedfer.cli import main as fedfer_main
 from privacy.accounting import SchoolAccountant, dataset_fingerprint, epsilon_of
 from privacy.budget import check_budget
-from privacy.ledger import (KEY_RECOVERY, KEY_TRANSITION, LedgerError, SchoolLedger, ServerLedgerCopy, entry_hash,
+from privacy.ledger import (KEY_RECOVERY, LedgerError, SchoolLedger, ServerLedgerCopy, entry_hash,
                             read_ledger_file, verify_entries)
 from privacy.signing import (SigningKeyError, approve_recovery_key, key_id, load_or_create_signing_key,
                              load_public_key, public_key_pem, retire_public_key, sign_hash)

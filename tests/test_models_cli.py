@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-
 from fedfer.cli import main
 from shared_models.models import registry
 
