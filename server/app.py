@@ -23,7 +23,7 @@ from server.simulation_cluster import check_ray_cluster
 from server.strategy import RoundRecord, SchoolFedAvg, run_rounds
 from server.transport import fast_grid
 from shared_models.config import from_run_config
-from shared_models.wording import counted
+from shared_models.wording import counted, one_line
 
 # Opacus configures the root logger when it is imported (`logging.basicConfig` in opacus/utils/module_utils.py),
 # so every Flower record reached the console twice: through Flower's own handler and the root's.
@@ -38,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
         run_federation(grid, context)
     except ValueError as exc:   # ConfigError, CheckpointError, ResumeRefused, …: the admin's input, named
         # one line first: Flower follows a ServerApp's exception with its traceback and exit code 201
-        log(ERROR, "[fedfer] refused: %s", " ".join(str(exc).split()))
+        log(ERROR, "[fedfer] refused: %s", one_line(exc))
         raise
 
 

@@ -29,7 +29,7 @@ from server.best_round import BestRoundRule, RoundScore, best_of, compare_line, 
 from shared_models.atomic_files import atomic_write_text, readable_mode
 from shared_models.config import ConfigError, read_yaml_file
 from shared_models.labels import FER7, FER8
-from shared_models.wording import counted
+from shared_models.wording import counted, one_line
 
 PAPER_MARK = "paper, centralised, non-private"
 #: Above this many schools the report shows distributions (quantiles, a histogram, a band of ε curves)
@@ -269,7 +269,7 @@ def _incident_section(data: RunData) -> list[str]:
     lines = ["## What the coordinator refused", "", "| what | round | node / school | reason |", "|---|---|---|---|"]
     for e in data.incidents[:MAX_INCIDENT_ROWS]:
         who = e.get("school") or (f"node {e['node_id']}" if "node_id" in e else "")
-        reason = " ".join(str(e.get("reason", "")).split())[:200].replace("|", "/")
+        reason = one_line(e.get("reason", ""))[:200].replace("|", "/")
         rnd = str(e.get("round", ""))[:20].replace("|", "/")
         lines.append(f"| {INCIDENTS[e['event']]} | {rnd} | {str(who)[:80].replace('|', '/')} | {reason} |")
     if len(data.incidents) > MAX_INCIDENT_ROWS:

@@ -33,6 +33,7 @@ from server.strategy import RoundRecord
 from shared_models.datasets import split_benchmark_list
 from shared_models.evaluation import evaluate_benchmarks, spec_name
 from shared_models.models import registry
+from shared_models.wording import one_line
 
 
 NAMED_IN_PROGRESS = 3   # schools named in a round's progress line when they did not train
@@ -94,7 +95,7 @@ class RoundWriter:
         try:
             kept = self.run.best_checkpoint()
         except CheckpointError as exc:
-            reason = " ".join(str(exc).split())[:200]
+            reason = one_line(exc)[:200]
             log(WARNING, "[fedfer] %s; it is replaced", reason)
             self.run.event("best-unreadable", reason=reason)
             kept = None
@@ -168,7 +169,7 @@ class RoundWriter:
             except (ValueError, OSError) as exc:
                 # a deployed coordinator holds no benchmark data (the evaluation node does): the round's training
                 # is recorded without scores rather than ending the federation
-                reason = " ".join(str(exc).split())[:200]
+                reason = one_line(exc)[:200]
                 log(WARNING, "[fedfer] round %d: not evaluated (%s); the round is recorded without scores", record.round, reason)
                 self.run.event("not-evaluated", round=record.round, reason=reason)
                 record.evaluated_by = "none"

@@ -42,6 +42,7 @@ from server.best_round import RoundScore, last_scored, score_from_json
 from shared_models.atomic_files import append_line, atomic_write_bytes, atomic_write_text, fsync_dir
 from shared_models.config import ConfigError, defaults, dump_yaml, validate
 from shared_models.small_files import read_small_file
+from shared_models.wording import one_line
 
 CHECKPOINT_NAME = re.compile(r"^round-[0-9]{4,9}\.pt$")
 MAX_NUM_CLASSES = 1000          # FER uses 7 or 8; a checkpoint claiming 10^9 would allocate a 10^9-row head
@@ -412,7 +413,7 @@ def latest_is_not_best(run_path: Path, latest_round: int) -> str | None:
 
 # -- reading checkpoints (untrusted input: a run directory may come from anywhere) ----------------------
 def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     text = text if text else type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 
@@ -562,7 +563,7 @@ def check_restart_dir(path: Path) -> dict[str, Any]:
     try:
         return validate({k: v for k, v in read_yaml_file(config).items() if k in known}, source=str(config))
     except ConfigError as exc:
-        raise CheckpointError(" ".join(str(exc).split())) from None
+        raise CheckpointError(one_line(exc)) from None
 
 
 def restart_message(run_path: Path) -> str:

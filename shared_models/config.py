@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from shared_models.atomic_files import atomic_write_text
+from shared_models.wording import one_line
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "defaults.yaml"   # shipped inside the package
 
@@ -197,10 +198,6 @@ _ConfigLoader.add_constructor("tag:yaml.org,2002:float", _finite_float)
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
 
 
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         if not path.exists():
@@ -222,7 +219,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({_one_line(getattr(exc, 'problem', None) or exc)})") from None
+        raise ConfigError(f"{path}:{where} is not valid YAML ({one_line(getattr(exc, 'problem', None) or exc)})") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply") from None
     if not isinstance(tree, dict):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from shared_models.wording import one_line
+
 if TYPE_CHECKING:   # cryptography is imported where a key is handled: `fedfer deploy --help` stays fast
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -508,7 +510,7 @@ def make_school_keys(state_dir: Path, *, new_node_key: bool = False) -> SchoolKe
     try:
         key = load_or_create_signing_key(state_dir)
     except SigningKeyError as exc:
-        raise DeployError(" ".join(str(exc).split())) from None
+        raise DeployError(one_line(exc)) from None
     public = state_dir / PUBLIC_KEY_FILE   # load_or_create_signing_key wrote it again if it was missing
     node_private = state_dir / cred.NODE_KEY_FILE
     made = new_node_key or not node_private.exists()
@@ -524,7 +526,7 @@ def make_school_keys(state_dir: Path, *, new_node_key: bool = False) -> SchoolKe
             if not node.public_path.is_file():
                 cred.write_public(node.public_path, (node.public_openssh + "\n").encode())
     except cred.CredentialError as exc:
-        raise DeployError(" ".join(str(exc).split())) from None
+        raise DeployError(one_line(exc)) from None
     return SchoolKeys(public, key_id(key), node.public_path, node.fingerprint, made)
 
 
@@ -583,7 +585,7 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
             retire_public_key(state_dir / PUBLIC_KEY_FILE, old)
         install_new_signing_key(state_dir)
     except (LedgerError, SigningKeyError) as exc:
-        raise DeployError(" ".join(str(exc).split())) from None
+        raise DeployError(one_line(exc)) from None
     return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, key_id(old), key_id(new), line)
 
 
@@ -662,7 +664,7 @@ def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) 
         install_new_signing_key(state_dir)
         entries = read_ledger_file(ledger_path)
     except (LedgerError, SigningKeyError) as exc:
-        raise DeployError(" ".join(str(exc).split())) from None
+        raise DeployError(one_line(exc)) from None
     line, recovery = next((n, e) for n, e in reversed(list(enumerate(entries, start=1)))
                           if e["event"] == "key-recovery")
     return LedgerKeyRecovery(public_file, key_id(lost), key_id(new), line,

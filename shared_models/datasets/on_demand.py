@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from shared_models.atomic_files import atomic_write_text
+from shared_models.wording import one_line
 
 REQUESTS_DIR = ".requests"
 POLL_S = 0.1
@@ -79,5 +80,5 @@ def answer_request(root: Path, school_id: str, failure: str = "") -> None:
     """Remove a served request; on `failure`, leave the one-line reason the waiting node reports."""
     folder = Path(root) / REQUESTS_DIR
     if failure:
-        atomic_write_text(folder / f"{school_id}.failed", " ".join(failure.split()) + "\n")
+        atomic_write_text(folder / f"{school_id}.failed", one_line(failure) + "\n")
     (folder / f"{school_id}.request").unlink(missing_ok=True)
