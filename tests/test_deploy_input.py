@@ -224,3 +224,17 @@ def test_printed_node_config_line_parses(deployment, capsys):
     text = line.split(".toml: ", 1)[1]
     assert parse_config_args([text]) == dep.nodes["printed"].node_config
     json.dumps(dep.nodes["printed"].node_config)
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_the_proposed_declared_size_counts_labels_csv_as_the_school_reads_it(tmp_path, bom):
+    """Without --declared-students the policy declares the school's student count (two significant figures),
+    counted from labels.csv by the school folder's own reader: still frames only, blank ids not counted, and a
+    spreadsheet's byte-order mark before a first column `student_id` read as the school reads it (the deploy
+    command had its own reader, which did not strip the mark and so found no student_id column)."""
+    students = [f"s{i:03d}" for i in range(123)]
+    rows = [f"{s},img/{s}.png,happy," for s in students] + ["s999,img/clip.png,happy,clip-1", ",img/x.png,sad,"]
+    text = "student_id,path,label,clip_id\n" + "\n".join(rows) + "\n"
+    (tmp_path / "labels.csv").write_bytes(("\ufeff" if bom else "").encode() + text.encode())
+    policy = deploy_cli.school_policy("lincoln-high", tmp_path)
+    assert policy.declared_units == 120   # 123 students, two significant figures; the clip's and the blank id not counted

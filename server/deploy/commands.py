@@ -265,14 +265,13 @@ def _try_register(dep: "Deployment", entry: "NodeEntry", public_key: Path, flwr_
 
 
 def _count_units(data_dir: Path, unit: str) -> int | None:
-    """Students (or still frames) listed in a school's labels.csv, if the folder is on this machine."""
-    import csv
+    """Students (or still frames) listed in a school's labels.csv, if the folder is on this machine and the
+    school's own reader can read it (shared_models/datasets/school_folder.py)."""
+    from shared_models.datasets.school_folder import SchoolDataError, still_frame_rows
 
-    labels = Path(data_dir) / "labels.csv"
     try:
-        with open(labels, newline="", encoding="utf-8") as handle:
-            rows = [r for r in csv.DictReader(handle) if not (r.get("clip_id") or "").strip()]
-    except (OSError, UnicodeDecodeError, csv.Error):
+        rows = still_frame_rows(data_dir)
+    except (OSError, SchoolDataError):
         return None
     if unit == "student":
         return len({(r.get("student_id") or "").strip() for r in rows} - {""}) or None

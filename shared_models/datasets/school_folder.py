@@ -137,6 +137,18 @@ def load_school(data_dir: str | Path, still_frames_only: bool = True) -> SchoolD
     )
 
 
+def still_frame_rows(data_dir: str | Path) -> list[dict]:
+    """The rows of a school's labels.csv that are still frames (no clip id), read as `load_school` reads them
+    but without decoding any image: what `fedfer deploy add-school` counts to propose the declared size."""
+    data_dir = Path(data_dir)
+    _, rows = _read_labels_csv(data_dir, data_dir / "labels.csv")
+    return [row for row in rows if _is_still_frame(row)]
+
+
+def _is_still_frame(row: dict) -> bool:
+    return not (row.get("clip_id") or "").strip()
+
+
 def _read_labels_csv(data_dir: Path, labels_csv: Path) -> tuple[str, list[dict]]:
     """The fingerprint (SHA-256 of labels.csv's bytes) and its rows; a clear error if it cannot be read."""
     if not data_dir.is_dir():
@@ -178,7 +190,7 @@ def _decode_rows(data_dir: Path, labels_csv: Path, rows: list[dict], still_frame
             first_problem = f"{labels_csv} line {line}: {detail}"
 
     for line, row in enumerate(rows, start=2):
-        if still_frames_only and (row.get("clip_id") or "").strip():
+        if still_frames_only and not _is_still_frame(row):
             continue
         name = (row.get("label") or "").strip().lower()
         if name not in FER7:
