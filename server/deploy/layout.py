@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from server.deploy.credentials import write_public
+from shared_models.config import SCHOOL_ID
 
 MANIFEST = "deployment.json"
 MANIFEST_VERSION = 1
 DEFAULT_PORT = 9093
 DEFAULT_RUNTIME_PORT = 9101
 DEFAULT_CONNECTION = "fedfer"
-NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NODE_NAME = SCHOOL_ID   # a school node's name becomes its school-id: one rule for both (shared_models/config.py)
 CONNECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")   # a TOML table name in Flower's config.toml
 WILDCARD_BINDS = ("0.0.0.0", "::", "")   # a SuperLink bound to these listens on every interface
 HERE = "$HERE"   # placeholder for the script's own directory in generated scripts
