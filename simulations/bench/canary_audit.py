@@ -32,7 +32,8 @@ from simulations.bench.results import write_result
 DELTA = 1e-5
 
 
-def _school():
+def tiny_school():
+    """The test suite's school: 8 students of 4 random 8×8 frames, 3 classes (also the CSPRNG bench's)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -106,7 +107,7 @@ def _ideal_rows(args: argparse.Namespace) -> list[dict]:
 
 def _trainer_rows(args: argparse.Namespace) -> list[dict]:
     """The real student-level trainer audited white-box: correct, subsampled, broken copies, DP off."""
-    x, y, units = _school()
+    x, y, units = tiny_school()
     net = tiny_model_builder((1, 8, 8), 3, 8)
     common = dict(canaries=args.canaries, runs=args.runs, epochs=args.epochs, frames_per_canary=args.frames,
                   num_classes=3, seed=args.seed, delta=DELTA, randomness=args.randomness)

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from privacy.canary_audit import run_white_box_audit, tiny_model_builder
+from simulations.bench.canary_audit import tiny_school
 from simulations.bench.results import load_average, write_result
 from simulations.broken_dp import FACTORIES
 
@@ -36,16 +37,6 @@ SETTINGS = {
         dict(canaries=8000, runs=4, epsilon=5.0, epochs=20, units_per_batch=500, score="likelihood"),
         "secure_double_sample_rate"),
 }
-
-
-def _school():
-    """The test suite's school: 8 students of 4 random 8×8 frames, 3 classes."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(32, 1, 8, 8, generator=g) * 2 - 1
-    y = torch.randint(0, 3, (32,), generator=g)
-    return x, y, [f"s{i % 8}" for i in range(32)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +73,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _audit(settings: dict, mechanism: str, randomness: str, seed: int) -> dict:
-    x, y, units = _school()
+    x, y, units = tiny_school()
     res = run_white_box_audit(x, y, units, tiny_model_builder((1, 8, 8), 3, 8), frames_per_canary=2, num_classes=3,
                               delta=DELTA, seed=seed, trainer_factory=FACTORIES[mechanism], mechanism=mechanism,
                               randomness=randomness, **settings)
