@@ -341,21 +341,51 @@ def torn_tail(path: Path) -> bytes:
 def check_run(run_dir: Path, phase: Phase, *, finished: bool, rounds: int, crashed_round: int | None,
               resumed_from: list[int] | None = None, fragments: set[bytes] = frozenset()) -> dict[str, Any]:
     """The invariants above; returns facts the summary shows (checkpoint round, metrics rounds, ε)."""
-    from privacy.accounting import SchoolAccountant, epsilon_of, school_dataset_id
-    from privacy.ledger import LedgerError, history_key, read_ledger_file, verify_entries
-    from privacy.policy import read_policy_file
-    from privacy.signing import PUBLIC_KEY_FILE
-    from server.run_dir import CheckpointError, check_resume_dir, load_checkpoint_file
-
     facts: dict[str, Any] = {}
+    metrics, events, torn = _check_jsonl(run_dir, phase, fragments)
+    facts["checkpoint_round"] = ckpt_round = _check_checkpoints(run_dir, phase, finished)
+    facts["metrics_rounds"] = _check_progress(run_dir, phase, metrics, ckpt_round, finished=finished, rounds=rounds)
+    best_ok, best_detail = check_best(run_dir, metrics, finished)
+    phase.add("best", best_ok, best_detail)
+
+    released = _accepted_rounds(metrics)
+    eps: dict[str, float] = {}
+    retrained: dict[str, list[int]] = {}
+    for school, state in school_state(run_dir).items():
+        checked = _check_school(run_dir, phase, school, state, released.get(school, []))
+        if checked is None:   # its ledger does not verify: nothing else of it can be checked
+            continue
+        eps[school], twice = checked
+        if twice:
+            retrained[school] = twice
+    facts["epsilon"] = {s: round(v, 3) for s, v in eps.items()}
+    leftovers = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".*.tmp") if ".flower" not in p.parts)
+    facts["temp_files"] = leftovers
+    if leftovers:
+        phase.notes.append("temporary files a killed write left: " + ", ".join(leftovers))
+    facts["retrained"] = retrained
+    facts["torn"] = torn
+    if finished:
+        _check_finished_run(run_dir, phase, events, retrained, crashed_round, resumed_from)
+    return facts
+
+
+def _check_jsonl(run_dir: Path, phase: Phase, fragments: set[bytes]) -> tuple[list[dict], list[dict], list[str]]:
+    """metrics.jsonl and events.jsonl: every complete line parses (a torn last line is only noted).
+    Returns their records and the torn lines."""
     metrics, metric_problems = read_lines(run_dir / "metrics.jsonl", fragments)
     events, event_problems = read_lines(run_dir / "events.jsonl", fragments)
     torn = [p for p in metric_problems + event_problems if p.startswith("torn")]
     bad = [p for p in metric_problems + event_problems if not p.startswith("torn")]
     phase.add("jsonl", not bad,
               "; ".join(bad) or ("torn last line: " + ", ".join(torn) if torn else f"{len(metrics)} + {len(events)} lines"))
+    return metrics, events, torn
 
-    # checkpoints
+
+def _check_checkpoints(run_dir: Path, phase: Phase, finished: bool) -> int | None:
+    """Every round checkpoint loads and latest.json names a resumable one; returns its round (None: none yet)."""
+    from server.run_dir import CheckpointError, check_resume_dir, load_checkpoint_file
+
     ckpt_round = None
     try:
         _, checkpoint, _ = check_resume_dir(run_dir)
@@ -368,11 +398,14 @@ def check_run(run_dir: Path, phase: Phase, *, finished: bool, rounds: int, crash
             phase.add("checkpoints", True, "no checkpoint yet (killed before round 1 ended)")
         else:
             phase.add("checkpoints", False, str(exc))
-    facts["checkpoint_round"] = ckpt_round
+    return ckpt_round
 
-    # progress
+
+def _check_progress(run_dir: Path, phase: Phase, metrics: list[dict], ckpt_round: int | None, *, finished: bool,
+                    rounds: int) -> list[int]:
+    """A finished run has each round's metrics line once and latest.json at its last round, evaluated; a killed
+    one has gapless lines and a checkpoint at the last line's round or the next. Returns the lines' rounds."""
     done = [int(m["round"]) for m in metrics if isinstance(m, dict) and "round" in m]
-    facts["metrics_rounds"] = done
     unique = sorted(set(done))
     gapless = unique == list(range(unique[0], unique[-1] + 1)) if unique else True
     last = unique[-1] if unique else 0
@@ -385,109 +418,129 @@ def check_run(run_dir: Path, phase: Phase, *, finished: bool, rounds: int, crash
     else:
         phase.add("progress", gapless and len(done) == len(unique) and ck in (last, last + 1),
                   f"metrics rounds {done}, checkpoint round {ckpt_round}")
+    return done
 
-    # the best round (checkpoints/best.pt)
-    best_ok, best_detail = check_best(run_dir, metrics, finished)
-    phase.add("best", best_ok, best_detail)
 
-    # schools
-    released = {}   # school -> rounds the server accepted (metrics ok)
+def _accepted_rounds(metrics: list[dict]) -> dict[str, list[int]]:
+    """school -> the rounds whose reply the server accepted (status ok in metrics.jsonl)."""
+    released: dict[str, list[int]] = {}
     for m in metrics:
         for school, outcome in (m.get("train") or {}).items():
             if isinstance(outcome, dict) and outcome.get("status") == "ok":
                 released.setdefault(school, []).append(int(m["round"]))
+    return released
+
+
+def _check_school(run_dir: Path, phase: Phase, school: str, state: Path,
+                  accepted: list[int]) -> tuple[float, list[int]] | None:
+    """One school: its ledger and the run's copy verify and agree, its accountant matches the ledger, every
+    accepted round has a ledger entry, its ε is within budget. Returns (ε, rounds of this run it trained
+    twice), or None when its ledger does not verify."""
+    from privacy.accounting import epsilon_of
+    from privacy.ledger import LedgerError
+    from privacy.policy import read_policy_file
+
     run_id = run_dir.name
-    eps: dict[str, float] = {}
-    retrained: dict[str, list[int]] = {}
-    for school, state in school_state(run_dir).items():
-        own_path = state / "ledger.jsonl"
-        try:
-            own = read_ledger_file(own_path, school_id=school) if own_path.exists() else []
-            if own:
-                verify_entries(own, state / PUBLIC_KEY_FILE, source=str(own_path), school_id=school, start="genesis")
-            copy_path = run_dir / "ledger" / f"{school}.jsonl"
-            copy = read_ledger_file(copy_path, school_id=school) if copy_path.exists() else []
-            if copy:
-                verify_entries(copy, run_dir / "keys" / f"{school}.pub", source=str(copy_path), school_id=school,
-                               start="run")
-            hashes = [e["hash"] for e in own]
-            contiguous = not copy or (copy[0]["hash"] in hashes and
-                                      hashes[hashes.index(copy[0]["hash"]):][:len(copy)] == [e["hash"] for e in copy])
-            phase.add(f"ledger {school}", contiguous,
-                      f"{len(own)} entries, run copy {len(copy)}" + ("" if contiguous else ": the run copy is not part of the school's ledger"))
-        except LedgerError as exc:
-            phase.add(f"ledger {school}", False, str(exc))
-            continue
+    try:
+        own = _check_ledgers(run_dir, phase, school, state)
+    except LedgerError as exc:
+        phase.add(f"ledger {school}", False, str(exc))
+        return None
+    effective = _check_accountant(phase, school, state, own[-1] if own else None)
 
-        # accountant vs ledger
-        fingerprint = school_dataset_id(state, school) if (state / "dataset-id").exists() else None
-        history: list = []
-        if fingerprint:
-            history = SchoolAccountant(state, school, fingerprint).history
-        last_entry = own[-1] if own else None
-        effective = list(history)
-        if last_entry is None:
-            phase.add(f"accountant {school}", not history, f"no ledger, accountant history {len(history)}")
-        else:
-            before = last_entry["history_before"]
-            after = before + ([[last_entry["noise_multiplier"], last_entry["sample_rate"], last_entry["steps"]]]
-                              if last_entry["event"] == "round" else [])
-            if history_key(history) == history_key(after):
-                phase.add(f"accountant {school}", True, f"= ledger ({sum(h[2] for h in history)} steps)")
-            elif last_entry["event"] == "round" and history_key(history) == history_key(before):
-                effective = after
-                phase.add(f"accountant {school}", True, "one round behind the ledger (crash between ledger append and "
-                                                        "accountant record; the next round's reconcile restores it)")
-                phase.notes.append(f"{school}: accountant one round behind its ledger")
-            else:
-                phase.add(f"accountant {school}", False, f"accountant {history_key(history)} vs ledger {history_key(after)}")
+    # released weights have a ledger entry
+    trained = {(e["run_id"], e["round"]) for e in own if e["event"] == "round"}
+    missing = [r for r in accepted if (run_id, r) not in trained]
+    own_model = state / "own-model.pt"
+    if own_model.exists():
+        import torch
 
-        # released weights have a ledger entry
-        trained = {(e["run_id"], e["round"]) for e in own if e["event"] == "round"}
-        missing = [r for r in released.get(school, []) if (run_id, r) not in trained]
-        own_model = state / "own-model.pt"
-        if own_model.exists():
-            import torch
+        saved = torch.load(own_model, map_location="cpu", weights_only=True)
+        if (str(saved.get("run_id")), int(saved.get("round", -1))) not in trained:
+            missing.append(f"own-model.pt round {saved.get('round')}")
+    phase.add(f"released {school}", not missing,
+              f"accepted rounds {accepted} all in the ledger" if not missing else f"no ledger entry for {missing}")
 
-            saved = torch.load(own_model, map_location="cpu", weights_only=True)
-            if (str(saved.get("run_id")), int(saved.get("round", -1))) not in trained:
-                missing.append(f"own-model.pt round {saved.get('round')}")
-        phase.add(f"released {school}", not missing,
-                  f"accepted rounds {released.get(school, [])} all in the ledger" if not missing else f"no ledger entry for {missing}")
+    # budget
+    policy = read_policy_file(state)
+    delta = own[-1]["delta"] if own else 1e-5
+    epsilon = epsilon_of(effective, delta, "prv") if effective else 0.0
+    budget = policy.budget if policy is not None else None
+    phase.add(f"budget {school}", budget is None or epsilon <= budget + 1e-9, f"ε {epsilon:.3f} of {budget}")
 
-        # budget
-        policy = read_policy_file(state)
-        delta = last_entry["delta"] if last_entry else 1e-5
-        eps[school] = epsilon_of(effective, delta, "prv") if effective else 0.0
-        budget = policy.budget if policy is not None else None
-        phase.add(f"budget {school}", budget is None or eps[school] <= budget + 1e-9,
-                  f"ε {eps[school]:.3f} of {budget}")
+    counts: dict[int, int] = {}
+    for e in own:
+        if e["event"] == "round" and e["run_id"] == run_id:
+            counts[e["round"]] = counts.get(e["round"], 0) + 1
+    return epsilon, sorted(r for r, n in counts.items() if n > 1)
 
-        counts: dict[int, int] = {}
-        for e in own:
-            if e["event"] == "round" and e["run_id"] == run_id:
-                counts[e["round"]] = counts.get(e["round"], 0) + 1
-        twice = sorted(r for r, n in counts.items() if n > 1)
-        if twice:
-            retrained[school] = twice
-    facts["epsilon"] = {s: round(v, 3) for s, v in eps.items()}
-    leftovers = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".*.tmp") if ".flower" not in p.parts)
-    facts["temp_files"] = leftovers
-    if leftovers:
-        phase.notes.append("temporary files a killed write left: " + ", ".join(leftovers))
-    facts["retrained"] = retrained
-    facts["torn"] = torn
-    if finished:
-        allowed = set(crashed_round if isinstance(crashed_round, list) else [crashed_round] if crashed_round else [])
-        unexpected = {s: [r for r in rs if r not in allowed] for s, rs in retrained.items()}
-        unexpected = {s: rs for s, rs in unexpected.items() if rs}
-        phase.add("retrained", not unexpected,
-                  f"rounds trained twice: {retrained or 'none'} (allowed: the interrupted round {sorted(allowed) or '-'})")
-        resumed = [e.get("round") for e in events if e.get("event") == "resumed"]
-        phase.add("resumed", resumed_from is None or resumed == resumed_from,
-                  f"events.jsonl resumed at {resumed}, checkpoints on disk at the crash(es) {resumed_from}")
-        phase.add("report", (run_dir / "report.md").is_file(), "report.md " + ("exists" if (run_dir / "report.md").is_file() else "missing"))
-    return facts
+
+def _check_ledgers(run_dir: Path, phase: Phase, school: str, state: Path) -> list[dict]:
+    """The school's own ledger and the run's copy both verify, and the copy is a stretch of the school's
+    ledger; returns the school's entries (LedgerError when either does not verify)."""
+    from privacy.ledger import read_ledger_file, verify_entries
+    from privacy.signing import PUBLIC_KEY_FILE
+
+    own_path = state / "ledger.jsonl"
+    own = read_ledger_file(own_path, school_id=school) if own_path.exists() else []
+    if own:
+        verify_entries(own, state / PUBLIC_KEY_FILE, source=str(own_path), school_id=school, start="genesis")
+    copy_path = run_dir / "ledger" / f"{school}.jsonl"
+    copy = read_ledger_file(copy_path, school_id=school) if copy_path.exists() else []
+    if copy:
+        verify_entries(copy, run_dir / "keys" / f"{school}.pub", source=str(copy_path), school_id=school,
+                       start="run")
+    hashes = [e["hash"] for e in own]
+    contiguous = not copy or (copy[0]["hash"] in hashes and
+                              hashes[hashes.index(copy[0]["hash"]):][:len(copy)] == [e["hash"] for e in copy])
+    phase.add(f"ledger {school}", contiguous,
+              f"{len(own)} entries, run copy {len(copy)}" + ("" if contiguous else ": the run copy is not part of the school's ledger"))
+    return own
+
+
+def _check_accountant(phase: Phase, school: str, state: Path, last_entry: dict | None) -> list:
+    """The school's accountant history equals its ledger's (or is one round behind: a crash between the ledger
+    append and the accountant's record, which the next round's reconcile restores). Returns the history ε is
+    computed from: the ledger's when the accountant is behind."""
+    from privacy.accounting import SchoolAccountant, school_dataset_id
+    from privacy.ledger import history_key
+
+    fingerprint = school_dataset_id(state, school) if (state / "dataset-id").exists() else None
+    history: list = []
+    if fingerprint:
+        history = SchoolAccountant(state, school, fingerprint).history
+    effective = list(history)
+    if last_entry is None:
+        phase.add(f"accountant {school}", not history, f"no ledger, accountant history {len(history)}")
+        return effective
+    before = last_entry["history_before"]
+    after = before + ([[last_entry["noise_multiplier"], last_entry["sample_rate"], last_entry["steps"]]]
+                      if last_entry["event"] == "round" else [])
+    if history_key(history) == history_key(after):
+        phase.add(f"accountant {school}", True, f"= ledger ({sum(h[2] for h in history)} steps)")
+    elif last_entry["event"] == "round" and history_key(history) == history_key(before):
+        effective = after
+        phase.add(f"accountant {school}", True, "one round behind the ledger (crash between ledger append and "
+                                                "accountant record; the next round's reconcile restores it)")
+        phase.notes.append(f"{school}: accountant one round behind its ledger")
+    else:
+        phase.add(f"accountant {school}", False, f"accountant {history_key(history)} vs ledger {history_key(after)}")
+    return effective
+
+
+def _check_finished_run(run_dir: Path, phase: Phase, events: list[dict], retrained: dict[str, list[int]],
+                        crashed_round: int | list[int] | None, resumed_from: list[int] | None) -> None:
+    """After the resumed run finished: only the interrupted round(s) trained twice, events.jsonl records each
+    resume where the crash left its checkpoint, and the report was written."""
+    allowed = set(crashed_round if isinstance(crashed_round, list) else [crashed_round] if crashed_round else [])
+    unexpected = {s: [r for r in rs if r not in allowed] for s, rs in retrained.items()}
+    unexpected = {s: rs for s, rs in unexpected.items() if rs}
+    phase.add("retrained", not unexpected,
+              f"rounds trained twice: {retrained or 'none'} (allowed: the interrupted round {sorted(allowed) or '-'})")
+    resumed = [e.get("round") for e in events if e.get("event") == "resumed"]
+    phase.add("resumed", resumed_from is None or resumed == resumed_from,
+              f"events.jsonl resumed at {resumed}, checkpoints on disk at the crash(es) {resumed_from}")
+    phase.add("report", (run_dir / "report.md").is_file(), "report.md " + ("exists" if (run_dir / "report.md").is_file() else "missing"))
 
 
 def check_best(run_dir: Path, metrics: list[dict], finished: bool) -> tuple[bool, str]:
