@@ -191,6 +191,16 @@ def load_run(run_dir: Path) -> RunData:
         raise ValueError(f"{run_dir}: not a run directory")
     _refuse_a_folder_of_something_else(run_dir)
     data = RunData(run_dir=run_dir)
+    _read_config(run_dir, data)
+    _read_metrics(run_dir, data)
+    _read_ledger_copies(run_dir, data)
+    data.references = _read_references(run_dir, data.notes)
+    _read_events(run_dir, data)
+    _note_missing_rounds(data)
+    return data
+
+
+def _read_config(run_dir: Path, data: RunData) -> None:
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         try:
@@ -201,57 +211,71 @@ def load_run(run_dir: Path) -> RunData:
     else:
         data.notes.append("config.yaml: missing (setup table incomplete)")
 
+
+def _read_metrics(run_dir: Path, data: RunData) -> None:
+    """metrics.jsonl into ``data.rounds``: one record per round, the later line when a resume wrote it twice."""
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.is_file():
-        for number, record in _read_jsonl(metrics_path, data.notes):
-            r = record.get("round")
-            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_ROUND:
-                data.notes.append(f"metrics.jsonl line {number}: no integer 'round' in 0..{MAX_ROUND}; skipped")
-                continue
-            record = _typed_record(record, number, data.notes)
-            if r in data.rounds:
-                data.notes.append(f"metrics.jsonl: round {r} recorded twice (resumed run?); the later line is used")
-            data.rounds[r] = record
-    else:
+    if not metrics_path.is_file():
         data.notes.append("metrics.jsonl: missing (no round finished yet?)")
+        return
+    for number, record in _read_jsonl(metrics_path, data.notes):
+        r = record.get("round")
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= MAX_ROUND:
+            data.notes.append(f"metrics.jsonl line {number}: no integer 'round' in 0..{MAX_ROUND}; skipped")
+            continue
+        record = _typed_record(record, number, data.notes)
+        if r in data.rounds:
+            data.notes.append(f"metrics.jsonl: round {r} recorded twice (resumed run?); the later line is used")
+        data.rounds[r] = record
 
+
+def _read_ledger_copies(run_dir: Path, data: RunData) -> None:
+    """ledger/<school>.jsonl into ``data.ledger``: each school's entries with a round and an ε, by round."""
     ledger_dir = run_dir / "ledger"
-    if ledger_dir.is_dir():
-        for path in sorted(ledger_dir.glob("*.jsonl")):
-            entries = []
-            for number, entry in _read_jsonl(path, data.notes):
-                if not isinstance(entry.get("round"), int) or not _is_number(entry.get("epsilon")):
-                    data.notes.append(f"ledger/{path.name} line {number}: needs integer 'round' and numeric 'epsilon'; skipped")
-                    continue
-                entries.append(entry)
-            school = str(entries[0].get("school_id", path.stem)) if entries else path.stem
-            data.ledger[school] = sorted(entries, key=lambda e: e["round"])
+    if not ledger_dir.is_dir():
+        return
+    for path in sorted(ledger_dir.glob("*.jsonl")):
+        entries = []
+        for number, entry in _read_jsonl(path, data.notes):
+            if not isinstance(entry.get("round"), int) or not _is_number(entry.get("epsilon")):
+                data.notes.append(f"ledger/{path.name} line {number}: needs integer 'round' and numeric 'epsilon'; skipped")
+                continue
+            entries.append(entry)
+        school = str(entries[0].get("school_id", path.stem)) if entries else path.stem
+        data.ledger[school] = sorted(entries, key=lambda e: e["round"])
 
-    data.references = _read_references(run_dir, data.notes)
+
+def _read_events(run_dir: Path, data: RunData) -> None:
+    """events.jsonl: the incidents the report lists, and the round the coordinator stopped the federation in."""
     events_path = run_dir / "events.jsonl"
-    if events_path.is_file():
-        # isinstance first: an "event" that is a list or an object is unhashable (a TypeError in the dict lookup)
-        events = [e for _, e in _read_jsonl(events_path, data.notes)]
-        data.incidents = [e for e in events if isinstance(e.get("event"), str) and e["event"] in INCIDENTS]
-        stops = [e for e in events if e.get("event") == "finished" and isinstance(e.get("round"), int)
-                 and not isinstance(e["round"], bool) and 0 < e["round"] <= MAX_ROUND]
-        data.stopped_in_round = stops[-1]["round"] if stops else None
-        if stops and stops[-1].get("reason") == "no school online":   # server/strategy.py _finish
-            data.stopped_why = "no school that could train was online (federation.offline_wait)"
-    if data.rounds:
-        present = sorted(data.rounds)
-        last = max(present[-1], data.planned_rounds or 0)
-        missing = [r for r in range(1, present[-1] + 1) if r not in data.rounds]
-        if missing:
-            data.notes.append(f"rounds with no metrics line: {_ranges(missing)}")
-        trained = [r for r in present if r > 0]   # round 0 is the starting model, not a round of the plan
-        if data.stopped_in_round is not None and data.stopped_in_round > present[-1]:
-            # not a partial run: the coordinator ended it (server/strategy.py FederationFinished)
-            data.notes.append(f"the federation stopped after round {data.stopped_in_round - 1} of {last}: "
-                              f"{data.stopped_why}; {counted(len(trained), 'round')} recorded")
-        elif data.planned_rounds and present[-1] < data.planned_rounds:
-            data.notes.append(f"partial run: {len(trained)} of {counted(last, 'planned round')} recorded")
-    return data
+    if not events_path.is_file():
+        return
+    # isinstance first: an "event" that is a list or an object is unhashable (a TypeError in the dict lookup)
+    events = [e for _, e in _read_jsonl(events_path, data.notes)]
+    data.incidents = [e for e in events if isinstance(e.get("event"), str) and e["event"] in INCIDENTS]
+    stops = [e for e in events if e.get("event") == "finished" and isinstance(e.get("round"), int)
+             and not isinstance(e["round"], bool) and 0 < e["round"] <= MAX_ROUND]
+    data.stopped_in_round = stops[-1]["round"] if stops else None
+    if stops and stops[-1].get("reason") == "no school online":   # server/strategy.py _finish
+        data.stopped_why = "no school that could train was online (federation.offline_wait)"
+
+
+def _note_missing_rounds(data: RunData) -> None:
+    """A note for rounds with no metrics line, and for a run that stopped (or is still running) before its plan."""
+    if not data.rounds:
+        return
+    present = sorted(data.rounds)
+    last = max(present[-1], data.planned_rounds or 0)
+    missing = [r for r in range(1, present[-1] + 1) if r not in data.rounds]
+    if missing:
+        data.notes.append(f"rounds with no metrics line: {_ranges(missing)}")
+    trained = [r for r in present if r > 0]   # round 0 is the starting model, not a round of the plan
+    if data.stopped_in_round is not None and data.stopped_in_round > present[-1]:
+        # not a partial run: the coordinator ended it (server/strategy.py FederationFinished)
+        data.notes.append(f"the federation stopped after round {data.stopped_in_round - 1} of {last}: "
+                          f"{data.stopped_why}; {counted(len(trained), 'round')} recorded")
+    elif data.planned_rounds and present[-1] < data.planned_rounds:
+        data.notes.append(f"partial run: {len(trained)} of {counted(last, 'planned round')} recorded")
 
 
 #: events.jsonl kinds the per-round table does not show: a node refused when asked its role, a school whose ledger
