@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import optimize, special, stats
@@ -147,6 +147,11 @@ class OneRunBound:
         out = asdict(self)
         out["epsilon"] = None if math.isinf(self.epsilon) else self.epsilon
         return out
+
+
+def bounds_exceed_claim(bounds: Mapping[str, OneRunBound], claimed_epsilon: float) -> bool:
+    """The audit's verdict: a lower bound above the ε the trainer claims means the claim is wrong."""
+    return any(b.epsilon > claimed_epsilon for b in bounds.values())
 
 
 def default_k_grid(m: int, points: int = 16) -> list[int]:
@@ -278,7 +283,7 @@ class WhiteBoxAudit:
 
     @property
     def bound_above_claim(self) -> bool:
-        return any(b.epsilon > self.claimed_epsilon for b in self.bounds.values())
+        return bounds_exceed_claim(self.bounds, self.claimed_epsilon)
 
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("scores", "membership")}
@@ -695,7 +700,7 @@ class BlackBoxAudit:
 
     @property
     def bound_above_claim(self) -> bool:
-        return any(b.epsilon > self.claimed_epsilon for b in self.bounds.values())
+        return bounds_exceed_claim(self.bounds, self.claimed_epsilon)
 
     def to_json(self) -> dict:
         out = asdict(self)
