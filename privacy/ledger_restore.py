@@ -19,7 +19,8 @@ cannot forge one. So the school rebuilds its chain by
    run's copy withheld, is refused), reaches the last entry the school recorded signing (``signing_key.has-ledger``
    beside its key, when that survived: it bounds a withheld copy whatever the anchor says), and agrees with the
    school's accountant when that survived (an accountant that counted more means the newest entries are missing);
-5. writing the ledger (all at once), the accountant if it was lost too, and a record of the restore,
+5. writing the ledger (all at once), the accountant if it was lost too (or the spending it lacks, when it is an
+   older one put back with an old backup of the whole folder), and a record of the restore,
    ``ledger-restore.json``, which the audit reads beside the ledger and names.
 
 What this trusts (docs/privacy.md, *A lost ledger*): the anchor's list of runs and its count. A coordinator
@@ -169,8 +170,11 @@ def _check_against_own_record(entries: list[dict], state_dir: Path, school_id: s
 
 
 def _check_accountant(state_dir: Path, school_id: str, entries: list[dict]) -> tuple[str, dict | None]:
-    """The dataset id the accountant keeps, and the history the rebuilt ledger gives for it (None: the
-    accountant is there and agrees, nothing to write). Refuses an accountant that counted more."""
+    """The dataset id the accountant keeps, and the spending to record in it so that it counts what the rebuilt
+    ledger holds (None: the accountant is there and agrees, nothing to write). A lost accountant gets the whole
+    history. One that counted *less* (an old backup of the whole state folder, put back with the ledger moved
+    aside) gets the difference: raising it to the verified chain never lowers the school's ε. One that counted
+    *more* is refused: the newest entries are missing from the copies."""
     last = entries[-1]
     id_file = state_dir / DATASET_ID_FILE
     fingerprint = school_dataset_id(state_dir, school_id) if id_file.exists() else last["dataset_fingerprint"]
@@ -192,9 +196,7 @@ def _check_accountant(state_dir: Path, school_id: str, entries: list[dict]) -> t
                           f"hold ({sorted(counted.items())} against {sorted(after.items())}): the newest entries are "
                           f"missing (a copy withheld, or replies the coordinator never stored); restoring would "
                           f"under-count the school's ε, so nothing was written")
-    raise LedgerError(f"{acct.path}: the school's accountant counted less than the coordinator's copies hold "
-                      f"({sorted(counted.items())} against {sorted(after.items())}): move it aside and restore again "
-                      f"(the accountant is then rebuilt from the ledger)")
+    return fingerprint, {k: n - counted.get(k, 0) for k, n in after.items() if n > counted.get(k, 0)}
 
 
 def restore_ledger(state_dir: Path, runs_root: Path, school_id: str) -> LedgerRestore:
