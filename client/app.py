@@ -9,6 +9,7 @@ loss or a duration (tests/test_privacy_boundary.py, tests/test_privacy_neighbour
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.node import NodeIdentity, identify
-from shared_models.wire import bundle, is_bundled, is_packed, pack_content, received_numpy, unbundle, unpack_content
+from shared_models.wire import LEDGER_ANCHOR_RECORD, bundle, is_bundled, is_packed, pack_content, received_numpy, unbundle, unpack_content
 from shared_models.models import registry
 from shared_models.config import from_run_config
 
@@ -79,6 +80,24 @@ def _round_problem(round_config: ConfigRecord) -> str:
     return ""
 
 
+def _anchored_head(content: RecordDict) -> tuple[Any, str]:
+    """(what the coordinator's anchor holds of this school's chain, problem): the train message's "ledger-anchor"
+    record (`entries`, `head`; server/strategy.py `configure_train`) as an AnchoredHead, or None when there is no
+    such record (the anchor holds nothing: a first round, a fresh enrolment, a new identity). A malformed record
+    is a problem, never "nothing": the school declines rather than guess."""
+    from privacy.state_folder import AnchoredHead
+
+    record = content.config_records.get(LEDGER_ANCHOR_RECORD)
+    if record is None:
+        return None, ""
+    entries, head = record.get("entries"), record.get("head")
+    if isinstance(entries, bool) or not isinstance(entries, int) or not 1 <= entries < MAX_ROUND:
+        return None, f"record '{LEDGER_ANCHOR_RECORD}': 'entries' is {str(entries)[:40]!r}, not a count of entries"
+    if not isinstance(head, str) or not re.fullmatch(r"[0-9a-f]{64}", head):
+        return None, f"record '{LEDGER_ANCHOR_RECORD}': 'head' is {str(head)[:80]!r}, not an entry hash"
+    return AnchoredHead(entries, head), ""
+
+
 def _global_model(content: RecordDict, cfg: dict[str, Any]) -> torch.nn.Module:
     model = registry.build_from_config(cfg)   # train.trainable freezes here, before the DP engine sees it
     model.load_state_dict(_received_state(content), strict=True)
@@ -117,6 +136,9 @@ def train(msg: Message, context: Context) -> Message:
     problem = _round_problem(round_config)
     if problem:   # before anything is trained: these two go into the school's signed ledger entry
         return _reply_status(msg, "declined", problem)
+    anchored, problem = _anchored_head(content)
+    if problem:
+        return _reply_status(msg, "declined", problem)
     server_round = int(round_config["server-round"])
     model = _global_model(content, cfg)
     phases.mark("receive")
@@ -126,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
         return _reply_status(msg, "declined", f"the global model's '{broken}' holds NaN or Inf", school=node.school_id)
     try:
         outcome = run_round(node, cfg, model, run_id=str(round_config["run-id"]),
-                            server_round=server_round, phases=phases)
+                            server_round=server_round, anchored=anchored, phases=phases)
     except Exception:  # noqa: BLE001 - Flower would send the exception's text, which may name private values
         from client.school_round import details_where
 

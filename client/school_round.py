@@ -1,6 +1,7 @@
 """One school round, top to bottom:
 
-    data → policy check of the run-config → atomic budget guard → privacy.engine → ledger → reply content
+    data → policy check of the run-config → the ledger against the coordinator's anchor → atomic budget guard
+         → privacy.engine → ledger → reply content
 
 What leaves the school (docs/privacy.md lists every field and why it is safe): the DP-noised weights,
 the status, the school id, ε / σ / q / steps (functions of public values: the policy and the run-config),
@@ -28,6 +29,7 @@ import torch
 
 from client.node import NodeIdentity
 from privacy.policy import SchoolPolicy
+from privacy.state_folder import AnchoredHead
 from client.school_cache import SchoolCache
 from shared_models.datasets.school_folder import (
     SchoolClips, SchoolData, SchoolDataError, load_school, load_school_clips,
@@ -48,7 +50,7 @@ _CLIP_CACHE: dict[Path, tuple[tuple[Any, ...], SchoolClips]] = {}   # clip schoo
 class RoundReply:
     """What the Flower handler turns into the reply message."""
 
-    status: str                                   # ok | no-data | policy-violation | budget-exhausted | ledger-lost | busy
+    status: str           # ok | no-data | policy-violation | budget-exhausted | ledger-lost | ledger-behind | busy
     reason: str = ""
     weights: dict[str, torch.Tensor] | None = None
     metrics: dict[str, float | int] = field(default_factory=dict)
@@ -184,15 +186,18 @@ def _warn_delta_against_count(node: NodeIdentity, policy: SchoolPolicy, data: Sc
 
 # ------------------------------------------------------------------------------------------ round
 def run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module, *, run_id: str,
-              server_round: int, clock: Callable[[], datetime] | None = None,
+              server_round: int, anchored: AnchoredHead | None = None, clock: Callable[[], datetime] | None = None,
               phases: PhaseClock | None = None) -> RoundReply:
-    """One round at this school; ``model`` holds the global weights and is trained in place. ``phases``
-    collects how long each step took, for the school's own timing log (never sent). A deployed school
-    keeps its ε compositions in its state directory (privacy/accounting.py `epsilon_store`)."""
+    """One round at this school; ``model`` holds the global weights and is trained in place. ``anchored``: what
+    the coordinator's anchor holds of this school's chain (None: nothing), checked against the school's ledger
+    before anything is trained. ``phases`` collects how long each step took, for the school's own timing log
+    (never sent). A deployed school keeps its ε compositions in its state directory (privacy/accounting.py
+    `epsilon_store`)."""
     from privacy.accounting import epsilon_store
 
     with epsilon_store(None if node.simulated else node.state_dir):
-        return _run_round(node, cfg, model, run_id=run_id, server_round=server_round, clock=clock, phases=phases)
+        return _run_round(node, cfg, model, run_id=run_id, server_round=server_round, anchored=anchored, clock=clock,
+                          phases=phases)
 
 
 # Work a deployed ClientApp leaves for after its reply has gone: the warm executor's task process calls
@@ -235,7 +240,7 @@ def prepare_next_round(node: NodeIdentity, cfg: Mapping[str, Any]) -> None:
 
 
 def _run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Module, *, run_id: str,
-               server_round: int, clock: Callable[[], datetime] | None = None,
+               server_round: int, anchored: AnchoredHead | None, clock: Callable[[], datetime] | None = None,
                phases: PhaseClock | None = None) -> RoundReply:
     from privacy.ledger import LedgerBehindError, record_round
     from privacy.policy import PolicyViolation, agree_round
@@ -272,6 +277,11 @@ def _run_round(node: NodeIdentity, cfg: Mapping[str, Any], model: torch.nn.Modul
             return RoundReply("ledger-lost", f"the school's ledger is older than its last signed entry (an old backup?): "
                                           f"it trains no more until the newest ledger is back (details in "
                                           f"{details_where(node)})")
+        # the coordinator's anchor: a ledger that lacks what it verified (an old backup of the whole state folder,
+        # which agrees with itself) trains no more, and nothing is signed into it
+        behind = _refuse_ledger_behind_anchor(node, books, anchored)
+        if behind is not None:
+            return behind
         if isinstance(terms, PolicyViolation):
             return _refuse_policy(books, terms, policy, cfg, server_round, started_at)
 
@@ -367,6 +377,28 @@ def _refuse_lost_ledger(node: NodeIdentity) -> RoundReply | None:
         school_log(node, f"{node.school_id}: {exc}")
         return RoundReply("ledger-lost", f"the school's ledger is lost (it trained before): it trains no more until the "
                                       f"ledger is restored (details in {details_where(node)})")
+    return None
+
+
+def _refuse_ledger_behind_anchor(node: NodeIdentity, books: _SchoolBooks,
+                                 anchored: AnchoredHead | None) -> RoundReply | None:
+    """A ``ledger-behind`` reply if the school's ledger lacks the entry the coordinator's anchor verified
+    (privacy/state_folder.py `check_ledger_holds_anchor`); None if it holds it, or the anchor holds nothing.
+    The coordinator is not trusted here: a wrong head can only make the school refuse, never train with a lower
+    ε (the ledger and the accountant are the school's own) or sign anything (nothing is recorded on a refusal)."""
+    from privacy.state_folder import LedgerBehindAnchorError, check_ledger_holds_anchor
+
+    if anchored is None:
+        return None
+    assert node.state_dir is not None
+    try:
+        check_ledger_holds_anchor([e["hash"] for e in books.ledger.entries], anchored, str(books.ledger.path),
+                                  node.school_id, node.state_dir)
+    except LedgerBehindAnchorError as exc:
+        school_log(node, f"{node.school_id}: {exc}")
+        return RoundReply("ledger-behind", f"the school's ledger lacks entries the coordinator verified (an old backup "
+                                           f"of its state folder?): it trains no more until the ledger is restored "
+                                           f"with `fedfer deploy restore-ledger` (details in {details_where(node)})")
     return None
 
 

@@ -17,12 +17,20 @@ What counts as a sign of training (each written only after a ledger entry, or by
   that entry is older than the last one this folder signed — an old backup put back, or a tail cut off — and is
   refused (:func:`check_ledger_reaches_head`); a restore from the coordinator's copies must reach it too.
 
+What a state folder cannot show on its own: an old backup of the *whole* folder (ledger, accountant and marker from
+the same earlier day) agrees with itself. The coordinator's anchor knows the newer entries, so each round's train
+message carries what the anchor holds for this school's chain (:class:`AnchoredHead`: how many entries, the last
+one's hash), and the school checks its ledger holds that entry before it trains (:func:`check_ledger_holds_anchor`).
+The coordinator is not trusted with this: a head the ledger lacks only makes the school refuse (which a
+coordinator can always make it do); the head is never written, signed or used to lower anything.
+
 A key on its own is not a sign: `fedfer deploy school-key` makes it at enrolment, before any round.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared_models.atomic_files import atomic_write_text
@@ -108,6 +116,39 @@ def recorded_ledger_head(state_dir: Path) -> tuple[int, str] | None:
     if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1 or not isinstance(head, str):
         return None
     return entries, head
+
+
+@dataclass(frozen=True)
+class AnchoredHead:
+    """What the coordinator's anchor holds of this school's chain (privacy/anchors.py): `entries` entries it
+    verified, the last with hash `head`. The coordinator's word, checked against the school's own ledger."""
+
+    entries: int
+    head: str
+
+
+class LedgerBehindAnchorError(LedgerLostError):
+    """The school's ledger lacks an entry the coordinator's anchor verified: the state folder is older than the
+    school's spending (an old backup of the whole folder), or the coordinator's head is wrong."""
+
+
+def check_ledger_holds_anchor(hashes: list[str], anchored: AnchoredHead, where: str, school_id: str,
+                              state_dir: Path) -> None:
+    """Raise LedgerBehindAnchorError (one line, naming the ledger, the school and what to do) if `hashes` (the
+    school's ledger, in order) lack the coordinator's anchored head at or after position `anchored.entries`.
+
+    Why "at or after", not "at": the anchor holds the entries the coordinator received, in the ledger's order, so
+    the head is at least that far in; an entry whose reply never reached it (a lost reply) is in the ledger and not
+    in the anchor, which moves the head one line later. A ledger shorter than `entries`, or without the head, lacks
+    spending the coordinator verified."""
+    if len(hashes) >= anchored.entries and anchored.head in hashes[anchored.entries - 1:]:
+        return
+    raise LedgerBehindAnchorError(
+        f"{where}: holds {counted(len(hashes), 'entry', 'entries')}, and not the entry the coordinator's anchor verified "
+        f"for school {school_id} (entry {anchored.entries}, {anchored.head[:12]}…): this state folder is older than the "
+        f"school's spending (an old backup of the whole folder?), so the school will not train; move {LEDGER_FILE} aside "
+        f"and rebuild it (the accountant is brought up to it) with `fedfer deploy restore-ledger --state-dir {state_dir} --school "
+        f"{school_id} --from DIR` (docs/deployment.md, 'A lost ledger')")
 
 
 def check_ledger_reaches_head(state_dir: Path, hashes: list[str], where: str) -> None:

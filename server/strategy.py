@@ -70,13 +70,16 @@ def one_line(text: Any, limit: int = 300) -> str:
 
 
 #: What a school's train reply says in its status record (client/app.py, client/school_round.py RoundReply)
-STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "ledger-lost", "busy", "failed")
+STATUSES = ("ok", "declined", "no-data", "policy-violation", "budget-exhausted", "ledger-lost", "ledger-behind", "busy",
+            "failed")
 #: Why a school is selected no more in a run, as the finishing line words it (in this order).
 LEFT_OUT_WORDING = {
     "budget": "declined on budget (budget-exhausted)",
     "policy": "declined on policy (policy-violation)",
     "ledger": "left out for a ledger the server rejected (events.jsonl)",
     "ledger-lost": "declined for a lost or out-of-date ledger (ledger-lost: fedfer deploy restore-ledger)",
+    "ledger-behind": ("declined: its ledger lacks entries this server anchored, an old backup of its state folder "
+                      "(ledger-behind: fedfer deploy restore-ledger)"),
     "before-resume": "left out before the resume (its checkpoint does not say why)",
     "offline": "offline",
 }
@@ -194,7 +197,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         # why each school in `exhausted` is left out (a key of LEFT_OUT_WORDING): what the finishing line says.
         # A resumed run takes it from its checkpoint (`left_out`); one written before it was kept has none
         self.left_out_why: dict[str, str] = {school: why for school, why in (left_out or {}).items()
-                                             if school in self.exhausted and why in ("budget", "policy", "ledger")}
+                                             if school in self.exhausted and why in LEFT_OUT_WORDING}
         self.current_arrays: ArrayRecord | None = None
         self.record: RoundRecord | None = None
         self.rounds: RoundHooks = rounds if rounds is not None else NoRoundHooks()
@@ -370,10 +373,17 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         config["server-round"] = rnd
         config["run-id"] = self.run.run_id
         config["run-dir"] = str(self.run.path)
-        record = RecordDict({"arrays": arrays, "config": config})
+        self._train_messages = []
         for nid in chosen:
-            self.record.train[self.nodes[nid].school_id] = {"status": "no-reply"}
-        self._train_messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
+            school = self.nodes[nid].school_id
+            anchored = self._anchored_head(school, rnd)
+            if anchored is None:   # the server cannot read its own anchor of the school: it would reject the reply
+                continue
+            self.record.train[school] = {"status": "no-reply"}
+            # the model and the round's config are shared by every school's message; what the anchor holds of the
+            # school's chain is that school's alone (nothing about other schools)
+            content = RecordDict({"arrays": arrays, "config": config, **anchored})
+            self._train_messages.append(Message(content, message_type=MessageType.TRAIN, dst_node_id=nid))
         evaluators = [nid for nid in self.evaluator_nodes() if nid in connected]
         if self.pending is not None and evaluators:
             # the previous round's model (= this round's starting model, `arrays`) is evaluated while the
@@ -384,6 +394,31 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         # woken once its message's objects are uploaded (server/held_pulls.py), and the evaluation node
         # (a whole benchmark to score) is usually the last to answer, so it should start first
         return ([self._eval_message] if self._eval_message is not None else []) + self._train_messages
+
+    def _anchored_head(self, school: str, rnd: int) -> dict[str, ConfigRecord] | None:
+        """The train message's record of what this server anchored of the school's chain under the school's key
+        pinned in this run (or a key it retired: a rotation not yet anchored): {LEDGER_ANCHOR_RECORD: entries and
+        the last hash}, {} when nothing is anchored (a first round, a fresh enrolment, a new identity). The school
+        refuses to train when its ledger lacks that entry (an old backup of its whole state folder,
+        client/school_round.py), before anything leaves it, instead of this server rejecting the update after.
+        None: the anchor is unreadable; the school is left out of the run (its reply would be rejected)."""
+        from privacy.anchors import anchors_dir_of_run, load_chain
+        from privacy.ledger import LedgerError
+        from privacy.signing import SigningKeyError, trusted_public_keys
+        from shared_models.wire import LEDGER_ANCHOR_RECORD
+
+        try:
+            anchors = anchors_dir_of_run(self.run.path)
+            chain = next((c for key in trusted_public_keys(self.run.key_path(school))
+                          if (c := load_chain(anchors, school, key))), None)
+        except (LedgerError, SigningKeyError) as exc:
+            self._leave_out(school, "ledger")
+            self.run.event("ledger-anchor", round=rnd, school=school, problem="unreadable", reason=str(exc))
+            log(WARNING, "[fedfer] %s not sent training: %s", school, exc)
+            return None
+        if not chain or int(chain["count"]) < 1:
+            return {}
+        return {LEDGER_ANCHOR_RECORD: ConfigRecord({"entries": int(chain["count"]), "head": str(chain["head"])})}
 
     def _candidates(self, connected: set[int]) -> list[int]:
         """The connected schools that can still be sent training (not out of budget, not refused)."""
@@ -615,10 +650,11 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             return {"status": "rejected", "reason": reason}
         if status.get("status") != "ok":
             outcome = {"status": str(status["status"]), "reason": one_line(status.get("reason", ""))}
-            left_out = {"budget-exhausted": "budget", "policy-violation": "policy", "ledger-lost": "ledger-lost"}
+            left_out = {"budget-exhausted": "budget", "policy-violation": "policy", "ledger-lost": "ledger-lost",
+                        "ledger-behind": "ledger-behind"}
             if outcome["status"] in left_out:
-                # a school that declines on its budget, its policy or a lost ledger declines every later round of
-                # the run too (a restored ledger trains again from the next run)
+                # a school that declines on its budget, its policy, a lost ledger or one behind the anchor declines
+                # every later round of the run too (a restored ledger trains again from the next run)
                 self._leave_out(school, left_out[outcome["status"]])
                 if "ledger" in content.config_records and node.role == "school":
                     try:  # the school's signed refusal goes into the run's ledger copy like any entry

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from shared_models.wire import (
-    ARRAYS, LAYOUT_RECORD, bundle, is_bundled, pack, shorten_object_pull_backoff, unpack_reply, with_arrays,
+    ARRAYS, LAYOUT_RECORD, LEDGER_ANCHOR_RECORD, bundle, is_bundled, pack, shorten_object_pull_backoff, unpack_reply, with_arrays,
 )
 
 DEFAULT_INTERVAL_S = 0.1
@@ -129,7 +129,9 @@ class PackedGrid(DelegatingGrid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         packed: dict[int, tuple[ArrayRecord, ConfigRecord]] = {}
-        bundles: dict[int, RecordDict] = {}   # by id of the strategy's content: train messages share one
+        # by the ids of the records the messages share (the model and the round's config): train messages share
+        # one bundle; a record addressed to one school (LEDGER_ANCHOR_RECORD) travels beside it
+        bundles: dict[tuple[int, ...], RecordDict] = {}
         for message in messages:
             content = message.content
             if ARRAYS not in content.array_records or LAYOUT_RECORD in content.config_records or is_bundled(content):
@@ -140,9 +142,14 @@ class PackedGrid(DelegatingGrid):
             if not self.bundled:
                 message.content = with_arrays(content, *packed[id(model)])
                 continue
-            if id(content) not in bundles:
-                bundles[id(content)] = bundle(with_arrays(content, *packed[id(model)]))
-            message.content = bundles[id(content)]
+            shared = RecordDict({name: record for name, record in content.items() if name != LEDGER_ANCHOR_RECORD})
+            key = tuple(id(record) for record in shared.values())
+            if key not in bundles:
+                bundles[key] = bundle(with_arrays(shared, *packed[id(model)]))
+            if LEDGER_ANCHOR_RECORD in content.config_records:
+                message.content = RecordDict({**bundles[key], LEDGER_ANCHOR_RECORD: content[LEDGER_ANCHOR_RECORD]})
+            else:
+                message.content = bundles[key]
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             unpack_reply(reply)

@@ -226,6 +226,9 @@ def shorten_object_pull_backoff(initial: float = 0.05, cap: float = 0.2) -> bool
 # BUNDLE_MAX_ARRAY_BYTES in total stay an ordinary ArrayRecord next to the bundle, so Flower still
 # chunks a big model.
 BUNDLE_RECORD = "fedfer-bundle"
+#: A record addressed to one school (what the coordinator's anchor holds of its chain: server/strategy.py, read
+#: by client/app.py). It travels beside the bundle, never in it, so every school's message still shares one bundle.
+LEDGER_ANCHOR_RECORD = "ledger-anchor"
 BUNDLE_MANIFEST = "manifest"
 BUNDLE_MAX_ARRAY_BYTES = 4 * 2**20
 MAX_BUNDLED_KEYS = 100_000
