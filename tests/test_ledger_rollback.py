@@ -79,7 +79,7 @@ class Coordinator:
         replies = list(self.grid.send_and_receive(messages))
         self.strategy.aggregate_train(server_round, replies)
         self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)
-        return self.strategy.record.train[SCHOOL]
+        return self.strategy.record.train.get(SCHOOL, {"status": "not sent"})
 
     def anchor_sent(self) -> dict | None:
         """The ledger-anchor record of the last train message the school received, or None."""
@@ -244,6 +244,20 @@ def test_a_school_trains_after_a_key_recovery(tmp_path):
     assert second.anchor_sent()["entries"] == 1
 
 
+def test_an_anchor_the_server_cannot_read_leaves_the_school_out_before_it_trains(tmp_path):
+    """Before, the school trained and the server rejected its update at the anchor check; now it is not sent the
+    round (an `ledger-anchor` event names the file), so nothing is spent on a reply that would be refused."""
+    district = District(tmp_path)
+    assert Coordinator(district, "run-1").round(1)["status"] == "ok"
+    (district.root / "runs" / "anchors" / f"{SCHOOL}.json").write_text("{not json")
+    before = _files(district.state)
+    second = Coordinator(district, "run-2")
+    assert second.round(1) == {"status": "not sent"}
+    assert second.sent == [] and _files(district.state) == before
+    (event,) = [e for e in second.events() if e.get("event") == "ledger-anchor"]
+    assert event["school"] == SCHOOL and "unreadable" in event["reason"]
+
+
 def _set_anchor(entries, head):
     def tamper(content: RecordDict) -> None:
         content[LEDGER_ANCHOR_RECORD] = ConfigRecord({"entries": entries, "head": head})
@@ -291,3 +305,32 @@ def test_the_servers_grid_sends_each_school_its_own_anchor_beside_one_shared_bun
     assert [dict(c[LEDGER_ANCHOR_RECORD]) for c in seen] == [dict(anchors[1]), dict(anchors[2])]
     assert [dict(unbundle(c)[LEDGER_ANCHOR_RECORD]) for c in seen] == [dict(anchors[1]), dict(anchors[2])]
     assert unbundle(seen[1])["config"]["server-round"] == 1
+
+
+@pytest.mark.slow   # three `fedfer simulate` runs (about a minute each on an idle 2-core machine)
+def test_a_simulated_school_put_back_from_an_old_backup_declines_and_the_other_trains_on(tmp_path):
+    """Two simulated schools sharing a state folder across runs (privacy.state_dir): after run-2, school-00's whole
+    state folder is put back as it was after run-1. In run-3 it declines ledger-behind before training (its files
+    as the backup left them, no entry of it in the run), while school-01 trains on."""
+    from test_ledger_restore import _simulate
+
+    _simulate(tmp_path, "run-1")
+    state = tmp_path / "state" / "school-00"
+    shutil.copytree(state, tmp_path / "backup")
+    _simulate(tmp_path, "run-2")
+    shutil.rmtree(state)
+    shutil.copytree(tmp_path / "backup", state)
+    before = {name: data for name, data in _files(state).items() if name != "school.log"}
+
+    out = _simulate(tmp_path, "run-3")
+
+    events = [json.loads(line) for line in (tmp_path / "runs" / "run-3" / "events.jsonl").read_text().splitlines()]
+    declined = [(e["school"], e["round"], e["status"]) for e in events if e.get("event") == "declined"]
+    assert declined == [("school-00", 1, "ledger-behind")], events
+    assert not [e for e in events if e.get("event") in ("rejected", "ledger-anchor")], events
+    assert {name: data for name, data in _files(state).items() if name != "school.log"} == before
+    said = (state / "school.log").read_text()   # the school's own log says why, and what to do
+    assert "not the entry the coordinator's anchor verified" in said and "fedfer deploy restore-ledger" in said, said
+    assert not (tmp_path / "runs" / "run-3" / "ledger" / "school-00.jsonl").exists()
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "run-3" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train"]["school-01"]["status"] for m in metrics] == ["ok", "ok"], out[-3000:]
