@@ -428,35 +428,54 @@ def school_policy(keys_dir: Path | None, school: str, beside: Sequence[Path] = (
     ``<keys>/<school>.policy.json`` (or .toml), else the node-config ``fedfer deploy`` wrote for it
     (``<keys>/../nodes/<school>/node-config.toml``, or its copy in ``<keys>/../deployment.json``);
     else, only when the officer trusts the run (`beside` is then not empty), the ``policy.json`` in a
-    simulated school's state directory (beside its ledger, or where the run keeps it)."""
-    if keys_dir is None:
-        return _run_policy(beside, school)
+    simulated school's state directory (beside its ledger, or where the run keeps it).
+
+    A file holding only the classroom report's keys (privacy/policy.py is_report_only) states no budget, δ or
+    unit: the search goes on past it, so a report-only ``<keys>/<school>.policy.json`` cannot hide the school's
+    node-config. It is returned only when no training policy is found anywhere, so the audit can name it."""
+    report_only: tuple[dict[str, Any], str] | None = None
+    for policy, where in _policies_in_order(keys_dir, school, beside):
+        if not is_report_only(policy):
+            return policy, where
+        report_only = report_only or (policy, where)
+    return report_only or ({}, "")
+
+
+def _policies_in_order(keys_dir: Path | None, school: str, beside: Sequence[Path]):
+    """Each policy of the school that exists, read when reached, in school_policy's order (first wins)."""
     import tomllib
 
-    keys_dir = Path(keys_dir)
-    candidates = [keys_dir / f"{school}.policy.json", keys_dir / f"{school}.policy.toml",
-                  keys_dir.parent / "nodes" / school / "node-config.toml"]
-    for path in candidates:
-        if os.path.lexists(path):   # not is_file(): a policy that is a pipe or a dangling link is a finding, not "none"
-            text = _read_policy_text(path, school)
+    if keys_dir is not None:
+        keys_dir = Path(keys_dir)
+        for path in (keys_dir / f"{school}.policy.json", keys_dir / f"{school}.policy.toml",
+                     node_config_path(keys_dir, school)):
+            if os.path.lexists(path):   # not is_file(): a policy that is a pipe or a dangling link is a finding
+                text = _read_policy_text(path, school)
+                try:
+                    policy = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+                except (ValueError, RecursionError) as exc:
+                    raise LedgerError(f"{path}: policy of school {school} unreadable ({_short(exc)})") from None
+                if not isinstance(policy, dict):
+                    raise LedgerError(f"{path}: policy of school {school} is not a table")
+                yield policy, str(path)
+        manifest = keys_dir.parent / "deployment.json"
+        if os.path.lexists(manifest):
+            text = _read_policy_text(manifest, school)
             try:
-                policy = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-            except (ValueError, RecursionError) as exc:
-                raise LedgerError(f"{path}: policy of school {school} unreadable ({_short(exc)})") from None
-            if not isinstance(policy, dict):
-                raise LedgerError(f"{path}: policy of school {school} is not a table")
-            return policy, str(path)
-    manifest = keys_dir.parent / "deployment.json"
-    if os.path.lexists(manifest):
-        text = _read_policy_text(manifest, school)
-        try:
-            nodes = json.loads(text).get("nodes", {})
-        except (AttributeError, ValueError, RecursionError) as exc:   # AttributeError: not a JSON object
-            raise LedgerError(f"{manifest}: unreadable ({_short(exc)})") from None
-        node = nodes.get(school) if isinstance(nodes, dict) else None
-        if isinstance(node, dict) and isinstance(node.get("node_config"), dict):
-            return dict(node["node_config"]), f"{manifest} (node {school})"
-    return _run_policy(beside, school)
+                nodes = json.loads(text).get("nodes", {})
+            except (AttributeError, ValueError, RecursionError) as exc:   # AttributeError: not a JSON object
+                raise LedgerError(f"{manifest}: unreadable ({_short(exc)})") from None
+            node = nodes.get(school) if isinstance(nodes, dict) else None
+            if isinstance(node, dict) and isinstance(node.get("node_config"), dict):
+                yield dict(node["node_config"]), f"{manifest} (node {school})"
+    policy, where = _run_policy(beside, school)
+    if where:
+        yield policy, where
+
+
+def node_config_path(keys_dir: Path, school: str) -> Path:
+    """Where `fedfer deploy add-school` writes a school's node-config, seen from its keyring (deploy/keys)."""
+    return Path(keys_dir).parent / "nodes" / school / "node-config.toml"
 
 
 #: Largest policy file (or deployment.json holding the policies) read: bounds what a planted file costs.
@@ -579,7 +598,7 @@ def audit_source(src: _Source, *, every_entry: bool = False, budget_override: fl
             row.problems.append(f"{src.path} (school {school}): ε {eps} exceeds budget {budget}")
         row.status = "inconsistent" if other_problems else ("over-budget" if row.over_budget else "ok")
         if row.budget is None and row.epsilon_prv is not None and row.unit != "school":
-            row.budget_note = _no_budget_note(src, school, beside, report_only)
+            row.budget_note = _no_budget_note(src, school, beside, report_only, keys_dir)
         rows.append(row)
     return rows, entries
 
@@ -618,11 +637,14 @@ def _beside_key_problems(src: _Source, school: str, key: Any) -> list[str]:
             f"school, or a swapped key"]
 
 
-def _no_budget_note(src: _Source, school: str, read: Sequence[Path], report_only: str = "") -> str:
-    if report_only:   # a deployed school's state folder: the report's keys, its training policy is elsewhere
+def _no_budget_note(src: _Source, school: str, read: Sequence[Path], report_only: str = "",
+                    keys_dir: Path | None = None) -> str:
+    if report_only:   # the report's keys only (a deployed school's state folder, or a keyring): no training policy
+        where = (f"none at {node_config_path(keys_dir, school)} either: give the school's node-config there, or "
+                 f"--budget" if keys_dir is not None else "audit with --keys deploy/keys, or give --budget")
         return (f"school {school}: {report_only} holds only the classroom report's keys ({', '.join(REPORT_KEYS)}), "
-                f"not a training policy; a deployed school's budget is in its node-config.toml (audit with --keys "
-                f"deploy/keys, or give --budget): ε not compared with a budget")
+                f"not a training policy; a deployed school's budget is in its node-config.toml ({where}): ε not "
+                f"compared with a budget")
     unread = next((p for p in src.beside_policies if p.is_file()), None) if not read else None
     if unread is not None:
         return (f"school {school}: no policy budget found in the keyring; its policy beside the ledger ({unread}) "

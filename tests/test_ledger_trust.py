@@ -447,3 +447,31 @@ def test_a_report_only_policy_in_a_deployed_schools_state_folder_is_not_read_as_
                                                           "report-min-students": 8}))
     code, out = _audit(capsys, school.state, "--trust-run-keys")
     assert code == 1 and "OVER-BUDGET" in out and "classroom report's keys" not in out, out
+
+
+def test_a_report_only_policy_in_the_keyring_does_not_hide_the_schools_node_config(tmp_path, capsys):
+    """The keyring's `<school>.policy.json` comes before the node-config `fedfer deploy` wrote (docs/deployment.md),
+    but one holding only the classroom report's keys states no budget: it was taken as the school's policy, and the
+    node-config's budget, δ and unit were never read ("no budget to check", exit 0, for a school over its budget).
+    The search now goes on past it; with no node-config either, the note says where it looked."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools, {"school-a": {"report-min-students": 8}})
+    node = keys.parent / "nodes" / "school-a"
+    node.mkdir(parents=True)
+    (node / "node-config.toml").write_text('role = "school"\nschool-id = "school-a"\nunit = "student"\n'
+                                           f'delta = {DELTA}\nbudget = 0.01\nmax-round-epsilon = 0.01\n'
+                                           'declared-students = 100\n')
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 1 and "school-a" in out and "exceeds budget 0.01" in out, out
+    assert "classroom report's keys" not in out, out
+    # the node-config's δ is the school's policy too: one the entries do not use is reported
+    (node / "node-config.toml").write_text(f'role = "school"\nunit = "student"\ndelta = 1e-06\nbudget = 50.0\n')
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 2 and f"is not the policy's 1e-06 ({node / 'node-config.toml'})" in out, out
+    # no node-config: the report-only file is named, and where the node-config was looked for
+    shutil.rmtree(node)
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    assert code == 0 and "audit: intact; no budget to check against" in out, out
+    assert (f"school school-a: {keys / 'school-a.policy.json'} holds only the classroom report's keys "
+            f"(report-min-students, per-student-figures), not a training policy; a deployed school's budget is in its "
+            f"node-config.toml (none at {node / 'node-config.toml'} either") in out, out
