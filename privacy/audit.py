@@ -26,7 +26,9 @@ any ``ledger.jsonl`` / ``<school>.jsonl`` given directly) it:
    (``ledger-anchor`` events); a school no anchor covers is named in a note.
 
 Exit status: 0 intact and, where a budget is known, within it; 1 intact but over budget; 2 tampered,
-inconsistent (a stored ε that is not what its history gives) or unreadable.
+inconsistent (a stored ε that is not what its history gives) or unreadable — or several schools under one name
+(ledgers of one id with no key in common, e.g. two simulations' school-00), with their own verdict: no lifetime
+ε can be signed off for those ids.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ from privacy.signing import (PUBLIC_KEY_FILE, SigningKeyError, key_id, load_publ
 
 EXIT_OK, EXIT_OVER_BUDGET, EXIT_TAMPERED = 0, 1, 2
 EXIT_USAGE = 2   # a usage error shares exit 2 with "tampered, inconsistent or unreadable", as documented
+# Several schools under one name (each simulation's own school-00, different keys) as the only finding: no ledger
+# is tampered with, but no lifetime ε can be signed off for those names either. Exit 0 would pass the audit and 1
+# would claim a budget was checked and crossed; like a usage error (ledgers that cannot be audited together),
+# it shares exit 2, and the verdict and JSON (`status` "shared-name") tell it apart from tampering.
+EXIT_SHARED_NAME = 2
 POLICY_FILE = "policy.json"   # a simulated school's policy in its state directory (privacy/policy.py)
 
 
@@ -138,9 +145,26 @@ class AuditReport:
     same_id: list[SameIdLedgers] = field(default_factory=list)   # ledgers under one school id that fork
 
     @property
+    def shared_names(self) -> list[SameIdLedgers]:
+        """The school ids several schools share (ledgers under one id that share no key): no tampering."""
+        return [c for c in self.same_id if c.different_schools]
+
+    @property
+    def findings(self) -> list[str]:
+        """The problems not on a row, but for shared names (which are no finding about any ledger)."""
+        shared = {c.problem for c in self.shared_names}
+        return [p for p in self.problems if p not in shared]
+
+    @property
     def exit_code(self) -> int:
-        codes = [r.exit_code for r in self.rows] + [EXIT_TAMPERED for _ in self.problems]
+        codes = ([r.exit_code for r in self.rows] + [EXIT_TAMPERED for _ in self.findings]
+                 + [EXIT_SHARED_NAME for _ in self.shared_names])
         return max(codes, default=EXIT_OK)
+
+    @property
+    def only_shared_names(self) -> bool:
+        """Schools of one name are the reason for exit 2, and nothing tampered, inconsistent or unreadable is."""
+        return bool(self.shared_names) and not self.findings and all(r.exit_code != EXIT_TAMPERED for r in self.rows)
 
     @property
     def unchecked(self) -> list[str]:
@@ -151,9 +175,15 @@ class AuditReport:
     @property
     def verdict(self) -> str:
         code = self.exit_code
+        over = "; OVER BUDGET too" if any(r.over_budget for r in self.rows) else ""
+        if code == EXIT_SHARED_NAME and self.only_shared_names:
+            ids = [c.school for c in self.shared_names]
+            shown = ", ".join(ids[:NAMED_IN_LINE]) + (f" and {len(ids) - NAMED_IN_LINE} more"
+                                                      if len(ids) > NAMED_IN_LINE else "")
+            return (f"ledgers intact, but SEVERAL SCHOOLS SHARE A NAME ({shown}): no one lifetime ε for them — "
+                    f"audit each run on its own{over}")
         if code == EXIT_TAMPERED:
-            over = any(r.over_budget for r in self.rows)
-            return "TAMPERED, INCONSISTENT OR UNREADABLE" + ("; OVER BUDGET too" if over else "")
+            return "TAMPERED, INCONSISTENT OR UNREADABLE" + over
         if code == EXIT_OVER_BUDGET:
             return "intact, OVER BUDGET"
         checked = {r.school for r in self.rows if r.epsilon_prv is not None and r.budget is not None}
@@ -191,12 +221,15 @@ class AuditReport:
         return [failed[s] for s in sorted(failed)]
 
     def school_status(self, school: str) -> str:
-        """The worst status of a school's rows, as the lifetime line says it."""
+        """The worst status of a school's rows, as the lifetime line says it: a finding on a row, then one across
+        its ledgers, then "shared-name" (several schools of this name: no one lifetime), over budget, ok."""
         rows = [r for r in self.rows if r.school == school]
         if any(r.exit_code == EXIT_TAMPERED for r in rows):
             return next(r.status for r in rows if r.exit_code == EXIT_TAMPERED)
-        if any(f"school {school}:" in p or f"(school {school})" in p for p in self.problems):
+        if any(f"school {school}:" in p or f"(school {school})" in p for p in self.findings):
             return "inconsistent"   # a finding across its ledgers (cross-check, anchors), not on one row
+        if school in {c.school for c in self.shared_names}:
+            return "shared-name"
         return "over-budget" if any(r.over_budget for r in rows) else "ok"
 
     @property
@@ -205,9 +238,8 @@ class AuditReport:
         steps = []
         bad = list(dict.fromkeys(r.school for r in self.rows if r.exit_code == EXIT_TAMPERED))
         # several schools of one name (each simulation's own) are no tampering: the advice is to audit apart
-        apart = [c for c in self.same_id if c.different_schools]
-        findings = [p for p in self.problems if p not in {c.problem for c in apart}]
-        if bad or findings:
+        apart = self.shared_names
+        if bad or self.findings:
             named = f" for {', '.join(bad)}" if bad else ""
             steps.append(f"do not sign off{named}: ask the school and the coordinator for their original files "
                          f"(the findings above name each file and line) and audit again")
@@ -232,10 +264,20 @@ class AuditReport:
 
         def clean(v):
             return None if isinstance(v, float) and not math.isfinite(v) else v
-        lifetime = [{"school": r.school, "epsilon": clean(r.epsilon_prv), "delta": r.delta, "budget": r.budget,
-                     "budget_left": clean(r.budget_left), "rounds": r.rounds, "refusals": r.refusals,
-                     "steps": r.lifetime_steps, "status": self.school_status(r.school), "source": r.source,
-                     "key_id": r.key_id} for r in self.lifetime]
+        def figures(r: Row) -> dict[str, Any]:
+            return {"epsilon": clean(r.epsilon_prv), "delta": r.delta, "budget": r.budget,
+                    "budget_left": clean(r.budget_left), "rounds": r.rounds, "refusals": r.refusals,
+                    "steps": r.lifetime_steps}
+        shared = {c.school for c in self.shared_names}
+        lifetime = [{"school": r.school, **figures(r), "status": self.school_status(r.school), "source": r.source,
+                     "key_id": r.key_id} for r in self.lifetime if r.school not in shared]
+        # several schools of one name: no single figure (the text says "no one lifetime ε"), each ledger's instead
+        lifetime += [{"school": school, **{k: None for k in figures(Row(school, ""))},
+                      "status": self.school_status(school), "source": None, "key_id": None,
+                      "per_run": [{"run_id": r.run_id or None, "source": r.source, "key_id": r.key_id, **figures(r),
+                                   "status": r.status} for r in self.rows if r.school == school and r.unit != "school"]}
+                     for school in sorted(shared)]
+        lifetime.sort(key=lambda entry: entry["school"])
         lifetime += [{"school": r.school, "epsilon": None, "delta": None, "budget": r.budget, "budget_left": None,
                       "rounds": None, "refusals": None, "steps": None, "status": self.school_status(r.school),
                       "source": r.source, "key_id": r.key_id} for r in self.unaccounted]
@@ -1262,7 +1304,7 @@ def format_lifetime(report: AuditReport) -> list[str]:
         status = report.school_status(r.school)
         if r.school in apart:   # one run's ε shown as the school's would be the lie the finding is about
             lines.append(f"  {r.school:<{width}}  no one lifetime ε: {apart[r.school].keys} schools of this name, "
-                         f"one per key  [{status.upper()}; audit each run on its own]")
+                         f"one per key  [{status.upper().replace('-', ' ')}; audit each run on its own]")
             continue
         where = "own ledger, all runs" if r.copy == "school" else f"run {r.run_id}'s copy, earlier runs as it records"
         if r.budget is None:

@@ -519,6 +519,9 @@ def test_the_history_footnote_only_asks_for_ledgers_not_given(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------ two ledgers under one school id
+SHARED_NAME_VERDICT = "audit: ledgers intact, but SEVERAL SCHOOLS SHARE A NAME"
+
+
 def test_two_schools_of_one_name_are_refused_naming_both_ledgers(tmp_path, capsys):
     """Each simulation makes its schools afresh, so two runs' school-a are two schools; audited together the
     audit showed one lifetime ε for "school-a" (the first ledger's) and said intact."""
@@ -526,7 +529,7 @@ def test_two_schools_of_one_name_are_refused_naming_both_ledgers(tmp_path, capsy
     second, _ = _federation(tmp_path / "sim-2", runs=1)
     one, other = first[0].state, second[0].state
     code, out = _audit(capsys, one, other, "--trust-run-keys")
-    assert code == 2 and _verdict(out).startswith("audit: TAMPERED, INCONSISTENT"), out
+    assert code == 2 and _verdict(out).startswith(SHARED_NAME_VERDICT), out
     line = next(line for line in out.splitlines() if "two ledgers under one school id" in line)
     assert f"{one / 'ledger.jsonl'} line 1" in line and f"{other / 'ledger.jsonl'} line 1" in line
     # the same for the two runs' copies
@@ -538,11 +541,13 @@ def test_two_schools_of_one_name_are_refused_naming_both_ledgers(tmp_path, capsy
     assert code == 0 and "two ledgers" not in out, out
 
 
-def _simulations(root: Path, count: int) -> Path:
+def _simulations(root: Path, count: int, only_in_first: tuple[str, ...] = ()) -> Path:
     """`count` simulated runs under one runs/ root, as `fedfer simulate` leaves them: each makes its schools
-    afresh (new keys) under the same ids, school-a and school-b; the anchors beside them."""
+    afresh (new keys) under the same ids, school-a and school-b (and `only_in_first` in sim-1 alone); the anchors
+    beside them."""
     for k in range(1, count + 1):
-        schools = [School(root / f"sim-{k}", name) for name in ("school-a", "school-b")]
+        names = ("school-a", "school-b") + (only_in_first if k == 1 else ())
+        schools = [School(root / f"sim-{k}", name) for name in names]
         server = Server(root, f"sim-{k}", schools)
         for school in schools:
             server.receive(school, 1, school.train(server.run.run_id, 1))
@@ -556,7 +561,7 @@ def test_many_simulated_runs_give_one_line_per_school_id_and_one_next_step(tmp_p
     how many ledgers and keys and the first runs, and one `next:` line saying to audit each run on its own."""
     runs = _simulations(tmp_path, 5)
     code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys", "--budget", 50)   # as a policy.json would
-    assert code == 2 and _verdict(out).startswith("audit: TAMPERED, INCONSISTENT"), out
+    assert code == 2 and _verdict(out).startswith(SHARED_NAME_VERDICT), out
     same_id = [line for line in out.splitlines() if "ledgers under one school id" in line]
     assert [line.split(":")[0] for line in same_id] == ["school school-a", "school school-b"], out
     assert all("5 ledgers under one school id (run sim-1, run sim-2, run sim-3 and 2 more), signed by 5 different "
@@ -564,7 +569,7 @@ def test_many_simulated_runs_give_one_line_per_school_id_and_one_next_step(tmp_p
     nexts = [line for line in out.splitlines() if line.startswith("next:")]
     assert len(nexts) == 1 and "audit each simulated run on its own" in nexts[0], nexts
     assert f"fedfer privacy audit {runs / 'sim-1'} --trust-run-keys" in nexts[0] and "do not sign off" not in out
-    assert "no one lifetime ε: 5 schools of this name" in out and "ε 0." not in out.split("lifetime per school")[1]
+    assert "no one lifetime ε: 5 schools of this name" in out and not re.search(r"ε \d", out.split("lifetime per school")[1])
     # a school's own ledger beside the run copies: one chain with its own run's copy, and not compared entry by
     # entry with the other simulations' school-a (it used to be: "disagree" once per other run, "do not sign off")
     code, out = _audit(capsys, *sorted(runs.iterdir()), tmp_path / "sim-1" / "schools" / "school-a",
@@ -607,3 +612,63 @@ def test_a_forked_ledger_is_refused_naming_where_it_forks(tmp_path, capsys):
     assert "after the same entry" in line and "signed by one key: one school's ledger forked" in line
     # one school's ledger forked is a finding, not schools of one name: no advice to audit the runs apart
     assert "do not sign off" in out and "audit each simulated run on its own" not in out, out
+
+
+def test_schools_of_one_name_have_no_lifetime_epsilon_in_the_json_either(tmp_path, capsys):
+    """The text said "no one lifetime ε: 2 schools of this name" while --json's `lifetime` gave school-a one run's
+    ε, budget left and source, as if it were the school's. Now its `epsilon` (and every other single figure) is
+    null, and `per_run` holds each ledger's figures keyed by run id and key; a school only one run has keeps its
+    lifetime figure as before."""
+    runs = _simulations(tmp_path, 2, only_in_first=("school-c",))
+    code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys", "--budget", 50, "--json")
+    report = json.loads(out)
+    lifetime = {entry["school"]: entry for entry in report["lifetime"]}
+    rows = {(r["school"], r["run_id"]): r for r in report["schools"]}
+    for school in ("school-a", "school-b"):
+        entry = lifetime[school]
+        assert entry["status"] == "shared-name" and all(entry[k] is None for k in (
+            "epsilon", "delta", "budget", "budget_left", "rounds", "refusals", "steps", "source", "key_id")), entry
+        assert [p["run_id"] for p in entry["per_run"]] == ["sim-1", "sim-2"], entry
+        for figures in entry["per_run"]:
+            row = rows[(school, figures["run_id"])]
+            assert figures["epsilon"] == row["epsilon_prv"] and figures["key_id"] == row["key_id"]
+            assert figures["budget"] == 50 and figures["budget_left"] == 50 - row["epsilon_prv"]
+            assert figures["source"] == row["source"] and figures["status"] == "ok" and figures["steps"] > 0
+        assert len({p["key_id"] for p in entry["per_run"]}) == 2
+    alone = lifetime["school-c"]
+    assert alone["epsilon"] == rows[("school-c", "sim-1")]["epsilon_prv"] and alone["status"] == "ok", alone
+    assert "per_run" not in alone
+    # the text says the same: no ε on school-a's lifetime line, one on school-c's
+    code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys", "--budget", 50)
+    lines = out.split("lifetime per school:")[1].splitlines()
+    assert not re.search(r"ε \d", next(line for line in lines if "school-a" in line)), lines
+    assert re.search(r"ε \d", next(line for line in lines if "school-c" in line)), lines
+
+
+def test_schools_of_one_name_alone_get_their_own_verdict_not_tampered(tmp_path, capsys):
+    """Schools of one name (each simulation's own, signed by different keys) as the only finding read
+    "TAMPERED, INCONSISTENT OR UNREADABLE": an officer took the ledgers for tampered with. They get their own
+    verdict; the exit stays 2 (no lifetime ε can be signed off, and 0 or 1 would say one was checked). A fork
+    under one key beside them is still the strongest verdict."""
+    runs = _simulations(tmp_path, 2)
+    code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys", "--budget", 50)
+    assert code == 2 and _verdict(out) == (f"{SHARED_NAME_VERDICT} (school-a, school-b): no one lifetime ε for "
+                                           f"them — audit each run on its own (exit 2)"), out
+    assert "TAMPERED" not in out and "INCONSISTENT" not in out and "do not sign off" not in out, out
+    assert "[SHARED NAME; audit each run on its own]" in out, out
+    # one run's school over its budget as well: said too
+    code, out = _audit(capsys, *sorted(runs.iterdir()), "--trust-run-keys", "--budget", 0.01)
+    assert code == 2 and _verdict(out).startswith(SHARED_NAME_VERDICT) and "; OVER BUDGET too" in _verdict(out)
+    # one school's ledger forked under one key, beside them: tampered, do not sign off
+    schools, _ = _federation(tmp_path / "deployed", runs=1, rounds=2)
+    school = schools[0]
+    backup, branch = tmp_path / "backup", tmp_path / "first-branch"
+    shutil.copytree(school.state, backup)
+    school.train("run-2", 1)
+    shutil.copytree(school.state, branch)
+    shutil.rmtree(school.state)
+    shutil.copytree(backup, school.state)
+    school.train("run-3", 1)
+    code, out = _audit(capsys, *sorted(runs.iterdir()), branch, school.state, "--trust-run-keys", "--budget", 50)
+    assert code == 2 and _verdict(out).startswith("audit: TAMPERED, INCONSISTENT OR UNREADABLE"), out
+    assert "next: do not sign off" in out and SHARED_NAME_VERDICT not in out, out

@@ -87,7 +87,8 @@ def _add_audit_parser(psub: argparse._SubParsersAction) -> None:
                                     "prev_hash chain and Ed25519 signatures against an independent keyring (--keys), "
                                     "compare with each school's policy budget, check the server's anchors. Exit 0 "
                                     "intact (and within budget where one is known: the verdict says when none is), "
-                                    "1 over budget, 2 tampered, inconsistent, unreadable or a usage error.",
+                                    "1 over budget, 2 tampered, inconsistent, unreadable, several schools under one name (each run "
+                                    "audited on its own) or a usage error: the verdict says which.",
                         epilog=AUDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR|LEDGER.jsonl",
                    help="a run directory (<run>/ledger/<school>.jsonl), a school's state directory or ledger.jsonl, "
