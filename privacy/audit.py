@@ -252,8 +252,9 @@ class AuditReport:
                          f"further training (against the school's own policy the budget guard should have "
                          f"refused: find out why)")
         if self.unchecked:
+            budgets = "its budget" if len(self.unchecked) == 1 else "their budgets"
             steps.append(f"give the policy of {', '.join(self.unchecked)} (--budget, or <keys>/<school>.policy.json) "
-                         f"to check its budget")
+                         f"to check {budgets}")
         if any("no server anchors found" in n for n in self.notes):
             steps.append("audit again with the coordinator's runs/anchors (--anchors DIR) to check for ledgers cut "
                          "short or rewritten by their school")
@@ -1255,10 +1256,21 @@ def _missing_copies(run_dirs: Sequence[Path], anchors_dir: Path | None) -> list[
     return problems
 
 
+#: What the table's `left` column shows for an earlier ledger of a school, and the note that says why.
+EARLIER_LEFT = "–"
+EARLIER_LEFT_NOTE = (f"{EARLIER_LEFT} in the left column: an earlier ledger of that school; what it has left is on its "
+                     f"lifetime line below")
+
+
 def format_table(report: AuditReport) -> str:
     header = ["school", "unit", "rounds", "steps", "σ", "q", "δ", "ε PRV", "ε RDP", "budget", "left", "status",
               "ledger"]
     lines = []
+    # the budget left at the end of an earlier run's copy is more than the school has now: shown only on the row
+    # its lifetime line uses (schools of one name excepted: each of their rows is another school's)
+    latest = {id(r) for r in report.lifetime}
+    shared = {c.school for c in report.shared_names}
+    earlier = [r for r in report.rows if r.budget_left is not None and id(r) not in latest and r.school not in shared]
     for r in report.rows:
         rounds = f"{r.rounds}" + (f" (+{r.refusals} refused)" if r.refusals else "")
         steps = f"{r.steps}" + (f" ({r.lifetime_steps} lifetime)" if r.lifetime_steps != r.steps and r.epsilon_prv is not None else "")
@@ -1273,7 +1285,8 @@ def format_table(report: AuditReport) -> str:
         lines.append([r.school, r.unit, rounds if r.rounds or r.refusals else "", steps if r.steps else "",
                       _fmt(r.sigma), _fmt(r.q), _fmt(r.delta), eps_prv,
                       "" if r.epsilon_rdp is None else f"{r.epsilon_rdp:.3f}",
-                      budget, "" if r.budget_left is None else f"{max(r.budget_left, 0.0):.3f}", status, r.ledger])
+                      budget, EARLIER_LEFT if any(r is e for e in earlier) else
+                      "" if r.budget_left is None else f"{max(r.budget_left, 0.0):.3f}", status, r.ledger])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]
     out += ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
@@ -1281,6 +1294,7 @@ def format_table(report: AuditReport) -> str:
     if any(r.prv_method == "rdp-fallback" for r in report.rows):
         notes.append("* PRV could not evaluate this history; the (looser, still valid) RDP bound is shown")
     notes += [r.budget_note for r in report.rows if r.budget_note]
+    notes += [EARLIER_LEFT_NOTE] if earlier else []
     notes += [n for r in report.rows for n in r.key_transitions]
     notes += report.notes
     checked = {(r.school, r.fingerprint) for r in report.rows if not r.partial}   # the school's own ledger given
@@ -1308,16 +1322,16 @@ def format_lifetime(report: AuditReport) -> list[str]:
             continue
         where = "own ledger, all runs" if r.copy == "school" else f"run {r.run_id}'s copy, earlier runs as it records"
         if r.budget is None:
-            used = "no budget known"
+            used = ", no budget known"
         elif r.over_budget:
             eps, budget = distinct_pair(r.epsilon_prv, r.budget)
-            used = f"of {budget}: OVER BUDGET by {r.epsilon_prv - r.budget:.3g}"
+            used = f" of {budget}: OVER BUDGET by {r.epsilon_prv - r.budget:.3g}"
         else:
             pct = 100 * r.epsilon_prv / r.budget if r.budget > 0 else 0.0
             share = f"{pct:.0f} %" if pct < 99.5 else f"{pct:.2f} %"   # 99.97 % must not read as 100
-            used = f"of {r.budget:g} ({share} used), {r.budget_left:.3f} left"
+            used = f" of {r.budget:g} ({share} used), {r.budget_left:.3f} left"
         verdict = "ok" if status == "ok" else status.upper()
-        lines.append(f"  {r.school:<{width}}  ε {r.epsilon_prv:.3f} at δ {r.delta:g} {used}  [{verdict}; {where}]")
+        lines.append(f"  {r.school:<{width}}  ε {r.epsilon_prv:.3f} at δ {r.delta:g}{used}  [{verdict}; {where}]")
     for r in report.unaccounted:
         lines.append(f"  {r.school:<{width}}  ε not known: no ledger of it passed the checks above  "
                      f"[{report.school_status(r.school).upper()}; {r.source}]")

@@ -6,6 +6,7 @@ JSON). Signed ledgers and anchors come from test_ledger_trust's school and serve
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -204,3 +205,42 @@ def test_help_shows_a_privacy_officer_the_commands_and_the_json(capsys):
     out = capsys.readouterr().out
     assert "--budget EPS" in out and "examples:" in out and "offline" in out, out
     assert "runs/anchors" in out and "lifetime" in out and "audited_at" in out, out
+
+
+def test_budget_left_is_shown_only_on_the_ledger_that_holds_the_schools_latest_spend(tmp_path, capsys):
+    """Two runs of one deployment: the table's row for run-1's copy said school-a had the budget left at the end of
+    run-1, more than it has now — a figure an officer reads as what is left. Only the row the lifetime line uses
+    (the latest run's copy, or the school's own ledger when given) shows `left`; an earlier ledger shows –, and a
+    note says where the figure is."""
+    schools, servers = _federation(tmp_path, runs=2)
+    keys = _keyring(tmp_path, schools, {"school-a": {**POLICY, "budget": 50.0}, "school-b": {**POLICY, "budget": 50.0}})
+
+    def left_column(out: str) -> dict[tuple[str, str], str]:
+        header, *rows = out.split("\n\n")[0].splitlines()
+        start = header.index("left")
+        return {(row.split()[0], row.rsplit(maxsplit=1)[-1]): row[start:].split()[0] for row in rows}
+
+    code, out = _audit(capsys, *(s.run.path for s in servers), "--keys", keys)
+    left = left_column(out)
+    assert code == 0 and left[("school-a", "run-1")] == "–" and left[("school-b", "run-1")] == "–", out
+    assert float(left[("school-a", "run-2")]) == float(left[("school-b", "run-2")]) > 0, out
+    assert ("– in the left column: an earlier ledger of that school; what it has left is on its lifetime line"
+            in out), out
+    # with the schools' own ledgers: those hold the latest spend, both run copies are earlier
+    code, out = _audit(capsys, *(s.run.path for s in servers), *(s.state for s in schools), "--keys", keys)
+    left = left_column(out)
+    assert code == 0 and left[("school-a", "run-2")] == "–" and float(left[("school-a", "own")]) > 0, out
+    # one run alone: nothing earlier, no note
+    code, out = _audit(capsys, servers[1].run.path, "--keys", keys)
+    assert code == 0 and "–" not in out.split("\n\n")[0] and "in the left column" not in out, out
+
+
+def test_with_no_budget_the_lines_read_as_sentences(tmp_path, capsys):
+    """"ε 5.415 at δ 1e-05 no budget known" and "give the policy of school-a, school-b ... to check its budget"."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools))
+    assert code == 0 and re.search(r"school-a  ε \d+\.\d+ at δ 1e-05, no budget known  \[ok", out), out
+    assert ("next: give the policy of school-a, school-b (--budget, or <keys>/<school>.policy.json) to check their "
+            "budgets") in out, out
+    code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools, {"school-a": {**POLICY, "budget": 50.0}}))
+    assert "next: give the policy of school-b (--budget, or <keys>/<school>.policy.json) to check its budget" in out
