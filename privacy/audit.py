@@ -692,8 +692,23 @@ def _no_budget_note(src: _Source, school: str, read: Sequence[Path], report_only
     if unread is not None:
         return (f"school {school}: no policy budget found in the keyring; its policy beside the ledger ({unread}) "
                 f"is read only with --trust-run-keys: ε not compared with a budget (or give --budget)")
+    return _no_policy_found_note(school)
+
+
+def _no_policy_found_note(school: str) -> str:
     return (f"school {school}: no policy budget found (give --budget, or keep the school's policy in the "
             f"keyring): ε not compared with a budget")
+
+
+def _budget_notes(rows: Sequence[Row]) -> list[str]:
+    """One note per school on why its ε was not compared with a budget. Each of its ledgers says why for itself (a
+    run copy finds no policy; the school's own ledger has one beside it that --trust-run-keys would read): the
+    one that names where a policy is, else the first."""
+    notes: dict[str, str] = {}
+    for r in rows:
+        if r.budget_note and notes.get(r.school, _no_policy_found_note(r.school)) == _no_policy_found_note(r.school):
+            notes[r.school] = r.budget_note
+    return list(notes.values())
 
 
 def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
@@ -1293,7 +1308,7 @@ def format_table(report: AuditReport) -> str:
     notes = [p for r in report.rows for p in r.problems] + report.problems
     if any(r.prv_method == "rdp-fallback" for r in report.rows):
         notes.append("* PRV could not evaluate this history; the (looser, still valid) RDP bound is shown")
-    notes += [r.budget_note for r in report.rows if r.budget_note]
+    notes += _budget_notes(report.rows)
     notes += [EARLIER_LEFT_NOTE] if earlier else []
     notes += [n for r in report.rows for n in r.key_transitions]
     notes += report.notes
@@ -1309,16 +1324,18 @@ def format_table(report: AuditReport) -> str:
 
 
 def format_lifetime(report: AuditReport) -> list[str]:
-    """One line per school a privacy officer signs off: lifetime ε, its budget, the share used and what is left."""
-    lines = []
-    # names padded to the longest: "lincoln-high  ε 0.000" beside "school-00  ε 12.242" put ε in two columns
+    """One line per school a privacy officer signs off: lifetime ε, its budget, the share used and what is left,
+    then its status in brackets. Names are padded to the longest ("lincoln-high  ε 0.000" beside "school-00  ε
+    12.242" put ε in two columns) and so is the figure ("… 44.585 left  [ok" beside "… OVER BUDGET by 4.41
+    [OVER-BUDGET" put the status in two), so ε and the status each read down one column."""
     width = max((len(r.school) for r in [*report.lifetime, *report.unaccounted]), default=0)
     apart = {c.school: c for c in report.same_id if c.different_schools}
+    figures: list[tuple[str, str, str]] = []   # (school, what it spent and has left, [status; where])
     for r in report.lifetime:
         status = report.school_status(r.school)
         if r.school in apart:   # one run's ε shown as the school's would be the lie the finding is about
-            lines.append(f"  {r.school:<{width}}  no one lifetime ε: {apart[r.school].keys} schools of this name, "
-                         f"one per key  [{status.upper().replace('-', ' ')}; audit each run on its own]")
+            figures.append((r.school, f"no one lifetime ε: {apart[r.school].keys} schools of this name, one per key",
+                            f"[{status.upper().replace('-', ' ')}; audit each run on its own]"))
             continue
         where = "own ledger, all runs" if r.copy == "school" else f"run {r.run_id}'s copy, earlier runs as it records"
         if r.budget is None:
@@ -1331,8 +1348,10 @@ def format_lifetime(report: AuditReport) -> list[str]:
             share = f"{pct:.0f} %" if pct < 99.5 else f"{pct:.2f} %"   # 99.97 % must not read as 100
             used = f" of {r.budget:g} ({share} used), {r.budget_left:.3f} left"
         verdict = "ok" if status == "ok" else status.upper()
-        lines.append(f"  {r.school:<{width}}  ε {r.epsilon_prv:.3f} at δ {r.delta:g}{used}  [{verdict}; {where}]")
+        figures.append((r.school, f"ε {r.epsilon_prv:.3f} at δ {r.delta:g}{used}", f"[{verdict}; {where}]"))
     for r in report.unaccounted:
-        lines.append(f"  {r.school:<{width}}  ε not known: no ledger of it passed the checks above  "
-                     f"[{report.school_status(r.school).upper()}; {r.source}]")
+        figures.append((r.school, "ε not known: no ledger of it passed the checks above",
+                        f"[{report.school_status(r.school).upper()}; {r.source}]"))
+    spent = max((len(figure) for _, figure, _ in figures), default=0)
+    lines = [f"  {school:<{width}}  {figure:<{spent}}  {status}" for school, figure, status in sorted(figures)]
     return ["lifetime per school:"] + lines if lines else []

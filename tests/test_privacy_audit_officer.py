@@ -244,3 +244,25 @@ def test_with_no_budget_the_lines_read_as_sentences(tmp_path, capsys):
             "budgets") in out, out
     code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools, {"school-a": {**POLICY, "budget": 50.0}}))
     assert "next: give the policy of school-b (--budget, or <keys>/<school>.policy.json) to check its budget" in out
+
+
+def test_the_lifetime_lines_keep_their_status_in_one_column(tmp_path, capsys):
+    """"of 50 (8 % used), 45.967 left  [ok; …" beside "of 1: OVER BUDGET by 4.03  [OVER-BUDGET; …" put the status
+    in two columns; an officer scans that column for anything but ok."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    keys = _keyring(tmp_path, schools, {"school-a": {**POLICY, "budget": 50.0}, "school-b": {**POLICY, "budget": 1.0}})
+    code, out = _audit(capsys, server.run.path, "--keys", keys)
+    lines = [line for line in out.split("lifetime per school:\n")[1].splitlines() if line.startswith("  ")]
+    assert code == 1 and len(lines) == 2 and len({line.index("  [") for line in lines}) == 1, lines
+
+
+def test_a_school_without_a_budget_gets_one_note_naming_the_policy_beside_its_ledger(tmp_path, capsys):
+    """A run copy and the school's own ledger (its policy.json beside it) each added a note why no budget was
+    compared: "no policy budget found" for the copy, "its policy beside the ledger … is read only with
+    --trust-run-keys" for the ledger — two lines, one of them wrong, for one school. Now one, the one that says
+    where the policy is."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    (schools[0].state / "policy.json").write_text(json.dumps({**POLICY, "budget": 50.0}))
+    code, out = _audit(capsys, server.run.path, schools[0].state, "--keys", _keyring(tmp_path, schools))
+    notes = [line for line in out.splitlines() if line.startswith("school school-a:") and "not compared" in line]
+    assert code == 0 and len(notes) == 1 and "read only with --trust-run-keys" in notes[0], out
