@@ -350,6 +350,7 @@ class _Source:
     retired: dict[str, tuple[Any, set[str], str]] = field(default_factory=dict)
     keyring_retired: list[Any] = field(default_factory=list)   # retired keys beside the trusted key file
     recovery_keys: list[Any] = field(default_factory=list)     # approved recovery keys beside it (<school>.recovered/)
+    key_from_run: bool = False   # its key is one stored with the ledger (--trust-run-keys), not the keyring's
 
     @property
     def copy(self) -> str:
@@ -729,7 +730,9 @@ def _open_ledger(src: _Source) -> tuple[str, list[dict], str, Any, Row | None]:
         start = "genesis" if isinstance(entries[0], dict) and entries[0].get("prev_hash") == GENESIS_HASH else "run"
         src.start = start
     try:
-        key = load_public_key(_resolve_key(src, school))
+        key_file = _resolve_key(src, school)
+        src.key_from_run = key_file in src.beside_keys
+        key = load_public_key(key_file)
     except (LedgerError, SigningKeyError) as exc:
         return school, [], start, None, Row(school=school, source=str(src.path), status="unreadable",
                                             problems=[str(exc)])
@@ -1162,7 +1165,20 @@ def run_audit(paths: Sequence[Path], keys_dir: Path | None = None, *, every_entr
     forks, same_id = _forks(verified)
     problems = [p for p in dict.fromkeys(forks + disagreements + _anchor_rejections(run_dirs)
                                          + _missing_copies(run_dirs, anchors_dir)) if p not in reported]
-    return AuditReport(rows, problems, anchor_notes + _anchor_notes(sources) + behind + _rdp_note(rows), same_id)
+    return AuditReport(rows, problems, _run_keys_note(sources) + anchor_notes + _anchor_notes(sources) + behind
+                       + _rdp_note(rows), same_id)
+
+
+def _run_keys_note(sources: Sequence[_Source]) -> list[str]:
+    """"intact" against keys the run stored (--trust-run-keys) is not what it is against the keyring: one line
+    saying whose keys were used, so the verdict is not read as independent of whoever wrote the run."""
+    schools = list(dict.fromkeys(s.seen_school or s.school or "?" for s in sources if s.key_from_run))
+    if not schools:
+        return []
+    shown = ", ".join(schools[:NAMED_IN_LINE]) + (f" and {len(schools) - NAMED_IN_LINE} more"
+                                                  if len(schools) > NAMED_IN_LINE else "")
+    return [f"keys of {shown}: the ones stored with the ledgers (--trust-run-keys), not an independent keyring: whoever "
+            f"wrote them (the coordinator, for a run) could swap a key and re-sign edited entries, and they would pass"]
 
 
 def _rdp_note(rows: Sequence[Row]) -> list[str]:

@@ -266,3 +266,15 @@ def test_a_school_without_a_budget_gets_one_note_naming_the_policy_beside_its_le
     code, out = _audit(capsys, server.run.path, schools[0].state, "--keys", _keyring(tmp_path, schools))
     notes = [line for line in out.splitlines() if line.startswith("school school-a:") and "not compared" in line]
     assert code == 0 and len(notes) == 1 and "read only with --trust-run-keys" in notes[0], out
+
+
+def test_an_audit_against_the_runs_own_keys_says_so(tmp_path, capsys):
+    """`--trust-run-keys` (every simulated run's audit) verifies against keys whoever wrote the run could swap, yet
+    the report read "intact" with nothing to say so: an officer took it for an independent check. One note names
+    the schools whose keys came from the run; against the keyring there is none."""
+    schools, (server,) = _federation(tmp_path, runs=1)
+    code, out = _audit(capsys, server.run.path, "--trust-run-keys")
+    assert code == 0 and ("keys of school-a, school-b: the ones stored with the ledgers (--trust-run-keys), not an "
+                          "independent keyring") in out, out
+    code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools))
+    assert code == 0 and "stored with the ledgers" not in out, out
