@@ -269,19 +269,19 @@ class AuditReport:
             return {"epsilon": clean(r.epsilon_prv), "delta": r.delta, "budget": r.budget,
                     "budget_left": clean(r.budget_left), "rounds": r.rounds, "refusals": r.refusals,
                     "steps": r.lifetime_steps}
+        no_figures = dict.fromkeys(("epsilon", "delta", "budget", "budget_left", "rounds", "refusals", "steps"))
         shared = {c.school for c in self.shared_names}
         lifetime = [{"school": r.school, **figures(r), "status": self.school_status(r.school), "source": r.source,
                      "key_id": r.key_id} for r in self.lifetime if r.school not in shared]
+        lifetime += [{"school": r.school, **no_figures, "budget": r.budget, "status": self.school_status(r.school),
+                      "source": r.source, "key_id": r.key_id} for r in self.unaccounted if r.school not in shared]
         # several schools of one name: no single figure (the text says "no one lifetime ε"), each ledger's instead
-        lifetime += [{"school": school, **{k: None for k in figures(Row(school, ""))},
-                      "status": self.school_status(school), "source": None, "key_id": None,
+        lifetime += [{"school": school, **no_figures, "status": self.school_status(school), "source": None,
+                      "key_id": None,
                       "per_run": [{"run_id": r.run_id or None, "source": r.source, "key_id": r.key_id, **figures(r),
                                    "status": r.status} for r in self.rows if r.school == school and r.unit != "school"]}
-                     for school in sorted(shared)]
-        lifetime.sort(key=lambda entry: entry["school"])
-        lifetime += [{"school": r.school, "epsilon": None, "delta": None, "budget": r.budget, "budget_left": None,
-                      "rounds": None, "refusals": None, "steps": None, "status": self.school_status(r.school),
-                      "source": r.source, "key_id": r.key_id} for r in self.unaccounted]
+                     for school in shared]
+        lifetime.sort(key=lambda entry: entry["school"])   # in name order, as the text's lifetime lines
         return {"exit_code": self.exit_code, "verdict": self.verdict,
                 "audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "fedfer": _version(),
                 "lifetime": lifetime, "next": self.next_steps, "problems": self.problems, "notes": self.notes,
@@ -1301,7 +1301,7 @@ def format_table(report: AuditReport) -> str:
     # its lifetime line uses (schools of one name excepted: each of their rows is another school's)
     latest = {id(r) for r in report.lifetime}
     shared = {c.school for c in report.shared_names}
-    earlier = [r for r in report.rows if r.budget_left is not None and id(r) not in latest and r.school not in shared]
+    earlier = {id(r) for r in report.rows if r.budget_left is not None and id(r) not in latest and r.school not in shared}
     for r in report.rows:
         rounds = f"{r.rounds}" + (f" (+{r.refusals} refused)" if r.refusals else "")
         steps = f"{r.steps}" + (f" ({r.lifetime_steps} lifetime)" if r.lifetime_steps != r.steps and r.epsilon_prv is not None else "")
@@ -1316,7 +1316,7 @@ def format_table(report: AuditReport) -> str:
         lines.append([r.school, r.unit, rounds if r.rounds or r.refusals else "", steps if r.steps else "",
                       _fmt(r.sigma), _fmt(r.q), _fmt(r.delta), eps_prv,
                       "" if r.epsilon_rdp is None else f"{r.epsilon_rdp:.3f}",
-                      budget, EARLIER_LEFT if any(r is e for e in earlier) else
+                      budget, EARLIER_LEFT if id(r) in earlier else
                       "" if r.budget_left is None else f"{max(r.budget_left, 0.0):.3f}", status, r.ledger])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(header, widths))]

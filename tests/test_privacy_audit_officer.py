@@ -55,6 +55,10 @@ def test_a_run_copy_holding_another_schools_entries_says_so(tmp_path, capsys):
     lifetime = out.split("lifetime per school", 1)[1].splitlines()
     line = next(line for line in lifetime if line.strip().startswith("school-a"))
     assert "TAMPERED" in line and "not known" in line, out
+    # in name order, in the text and the JSON (school-a came after the schools with an ε)
+    assert [line.split()[0] for line in lifetime if line.startswith("  ")] == ["school-a", "school-b"], out
+    code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools), "--json")
+    assert [entry["school"] for entry in json.loads(out)["lifetime"]] == ["school-a", "school-b"], out
 
 
 # ------------------------------------------------------------------ a keyring key the server never anchored
