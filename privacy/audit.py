@@ -1329,9 +1329,14 @@ def format_table(report: AuditReport) -> str:
     notes += [n for r in report.rows for n in r.key_transitions]
     notes += report.notes
     checked = {(r.school, r.fingerprint) for r in report.rows if not r.partial}   # the school's own ledger given
-    if any(r.partial and (r.school, r.fingerprint) not in checked for r in report.rows):
-        notes.append("run copies: ε includes the earlier spending that each school's first entry in the run records "
-                     "(history_before); pass the school's own ledger.jsonl too to check it")
+    unchecked = list(dict.fromkeys(r.school for r in report.rows
+                                   if r.partial and (r.school, r.fingerprint) not in checked))
+    if unchecked:
+        # when some schools' own ledgers were given, name the others: "pass the school's own ledger" read as if
+        # the ones given had not been used
+        whose = f" ({', '.join(unchecked)})" if checked else ""
+        notes.append(f"run copies: ε includes the earlier spending that each school's first entry in the run records "
+                     f"(history_before); pass the school's own ledger.jsonl too to check it{whose}")
     notes = list(dict.fromkeys(notes))   # a message two sources share is printed once
     lifetime = format_lifetime(report)
     nexts = [f"next: {step}" for step in report.next_steps]

@@ -515,7 +515,7 @@ def test_the_history_footnote_only_asks_for_ledgers_not_given(tmp_path, capsys):
     code, out = _audit(capsys, second.run.path, *(s.state for s in schools), "--keys", keys)
     assert code == 0 and "pass the school's own ledger.jsonl too" not in out, out
     code, out = _audit(capsys, second.run.path, schools[0].state, "--keys", keys)   # one school's: still asked
-    assert "pass the school's own ledger.jsonl too" in out, out
+    assert "pass the school's own ledger.jsonl too to check it (school-b)" in out, out   # for the other one
 
 
 # ------------------------------------------------------------------------ two ledgers under one school id
