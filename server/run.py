@@ -185,7 +185,9 @@ def resume_pending(strategy: SchoolFedAvg, record: RoundRecord | None, arrays: A
         return remaining
     strategy.pending = (record, arrays)
     if remaining <= 0:
+        # every planned round ran: the federation ends after this one, not early (`run_rounds` says nothing)
         strategy.finished = True
+        strategy.stopped_after = record.round
         return 1
     return remaining
 

@@ -887,6 +887,8 @@ def run_rounds(runner: Strategy, strategy: SchoolFedAvg, grid: Grid, initial_arr
         runner.start(grid=grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
                      train_config=ConfigRecord(), evaluate_config=ConfigRecord(), evaluate_fn=strategy.end_of_round)
     except FederationFinished as stop:
+        if stop.stopped_after >= stop.planned:   # a resume that only evaluated the last round: nothing stopped early
+            return
         log(INFO, "[fedfer] federation stopped after round %d of %d: %s (%s not run)",
             stop.stopped_after, stop.planned, stop.why, counted(stop.planned - stop.stopped_after, "planned round"))
 

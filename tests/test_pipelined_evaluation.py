@@ -400,3 +400,29 @@ def test_the_best_round_survives_a_stop_and_resume_through_the_strategy(tmp_path
     for name, value in first_checkpoints[2].items():   # the weights of round 2's model, kept before the stop
         np.testing.assert_array_equal(best["state_dict"][name].numpy(), value)
     assert json.loads((tmp_path / "runs" / "t" / "checkpoints" / "best.json").read_text())["round"] == 2
+
+
+def test_a_resume_that_only_evaluates_the_last_round_does_not_say_the_federation_stopped_early(tmp_path):
+    """The coordinator stopped after the last round's checkpoint, before its evaluation: the resume evaluates
+    that model and trains nothing, because every planned round ran. Its log must not claim the federation
+    stopped early ("stopped after round 0 of 3: no school can train any more (3 planned rounds not run)" was
+    printed in a deployment walk-through, where both schools had trained every round)."""
+    import logging
+
+    class Lines(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    _setup(tmp_path, evaluator=True, crash_after=ROUNDS)
+    handler, logger = Lines(), logging.getLogger("flwr")
+    logger.addHandler(handler)
+    try:
+        _, lines, _, _ = _setup(tmp_path, evaluator=True, resume=True)
+    finally:
+        logger.removeHandler(handler)
+    assert [line["round"] for line in lines] == list(range(1, ROUNDS + 1))
+    assert not [line for line in handler.lines if "federation stopped" in line or "not run" in line], handler.lines
