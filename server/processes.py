@@ -194,6 +194,9 @@ class ManagedProcess:
     popen: subprocess.Popen
     log_path: Path | None
     _log: IO[bytes] | None = field(default=None, repr=False)
+    # where this start's output begins in `log_path`: the log is appended to at every start (`fedfer deploy up`
+    # again), and an earlier start's lines ("SuperNode ID", its errors) must not be read as this one's
+    log_start: int = 0
 
     @property
     def pid(self) -> int:
@@ -203,9 +206,12 @@ class ManagedProcess:
         return self.popen.poll() is None
 
     def log_text(self, tail: int = 4000) -> str:
+        """The last `tail` characters this start wrote to its log (never an earlier start's)."""
         if self.log_path is None or not self.log_path.exists():
             return ""
-        return self.log_path.read_text(errors="replace")[-tail:]
+        with open(self.log_path, "rb") as handle:
+            handle.seek(self.log_start)
+            return handle.read().decode(errors="replace")[-tail:]
 
 
 class Supervisor:
@@ -226,11 +232,12 @@ class Supervisor:
     def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
               cwd: Path | None = None, stdin: int | None = subprocess.DEVNULL) -> ManagedProcess:
         """Start `argv` in a new session with output to `<log_dir>/<name>.log`."""
-        log_path, log = None, None
+        log_path, log, log_start = None, None, 0
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{name}.log"
             log = open(log_path, "ab")
+            log_start = log.tell()   # opened for appending: at the end of the earlier starts' lines
         full_env = dict(os.environ)
         full_env.update(env or {})
         try:
@@ -241,7 +248,7 @@ class Supervisor:
             if log:
                 log.close()
             raise DeploymentError(f"{name}: command not found: {argv[0]}") from exc
-        proc = ManagedProcess(name, list(argv), popen, log_path, log)
+        proc = ManagedProcess(name, list(argv), popen, log_path, log, log_start=log_start)
         self.processes.append(proc)
         self._sessions.add(popen.pid)  # start_new_session: sid == pid
         self.refresh()
@@ -320,7 +327,7 @@ class Supervisor:
         while time.monotonic() < deadline:
             if not proc.alive():
                 raise DeploymentError(f"{proc.name} exited with code {proc.popen.returncode} before opening "
-                                      f"{host}:{port}\n{proc.log_text()}")
+                                      f"{host}:{port} (log: {proc.log_path})\n{proc.log_text()}")
             if port_open(host, port):
                 self.refresh()
                 return
@@ -336,7 +343,7 @@ class Supervisor:
                 return
             if not proc.alive():
                 raise DeploymentError(f"{proc.name} exited with code {proc.popen.returncode} before logging "
-                                      f"{needle!r}\n{proc.log_text()}")
+                                      f"{needle!r} (log: {proc.log_path})\n{proc.log_text()}")
             time.sleep(0.2)
         raise DeploymentError(f"{proc.name}: {needle!r} not logged within {timeout:.0f} s\n{proc.log_text()}")
 
