@@ -869,3 +869,24 @@ def test_deploy_up_says_it_is_starting_and_what_it_stopped(deployment, monkeypat
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("starting: SuperLink 127.0.0.1:19093 + 1 node(s)") and lines[1] == "(starting)", lines
     assert lines[-1] == f"stopped: the SuperLink and 1 node(s) of {dep.root}", lines
+
+
+def test_set_budget_says_how_the_running_node_learns_the_new_budget(deployment, capsys):
+    """In the one-machine trial the node folder is here, so set-budget already wrote its node-config.toml; it used
+    to tell the admin to "set budget = 24 in its node-config.toml" anyway, and not that the running node keeps the
+    old budget (declining the next run with policy-violation) until it starts again."""
+    import shutil
+
+    from fedfer.cli import main
+
+    dep, home = deployment
+    deploy_cli.add_node(dep.root, "lincoln-high", "school", data_dir=Path("/d/l"), declared=100, budget=8.0,
+                        flwr_home=home)
+    assert main(["deploy", "set-budget", "lincoln-high", "24", "--dir", str(dep.root)]) == 0
+    here = " ".join(capsys.readouterr().out.split())
+    assert "At the school: set budget" not in here and "start.sh again" in here and "fedfer deploy up" in here, here
+    assert "declines a run asking for more than 8 (policy-violation, privacy.budget)" in here, here
+    shutil.rmtree(dep.node_dir("lincoln-high"))   # the folder went to the school
+    assert main(["deploy", "set-budget", "lincoln-high", "30", "--dir", str(dep.root)]) == 0
+    there = " ".join(capsys.readouterr().out.split())
+    assert "At the school: set budget = 30 in its node-config.toml" in there and "more than 24" in there, there

@@ -765,10 +765,17 @@ def set_school_budget(root: Path, name: str, budget: float) -> str:
     dep.save()
     override = dep.keyring / f"{name}.policy.json"
     note = (f" NOTE: {override} overrides it for the audit: set its budget too." if override.is_file() else "")
-    return (f"school {name}: budget {old:g} → {float(budget):g} in {', '.join(written)}. At the school: set "
-            f"budget = {float(budget):g} in its node-config.toml and start its start.sh again (the node reads its "
-            f"policy at start); a run keeps to the tighter of the school's budget and its own privacy.budget "
-            f"(-c privacy.budget=…).{note}")
+    # the running node still enforces the old budget: a run asking for more is declined (policy-violation,
+    # privacy.budget) until the node starts again, which a trial under `deploy up` otherwise learns the hard way
+    if node_config.is_file():
+        restart = (f"The node reads its policy at start: start {dep.node_dir(name) / 'start.sh'} again (under "
+                   f"`fedfer deploy up`: stop it and start it again)")
+    else:
+        restart = (f"At the school: set budget = {float(budget):g} in its node-config.toml and start its start.sh "
+                   f"again (the node reads its policy at start)")
+    return (f"school {name}: budget {old:g} → {float(budget):g} in {', '.join(written)}. {restart}; until then it "
+            f"declines a run asking for more than {old:g} (policy-violation, privacy.budget). A run keeps to the "
+            f"tighter of the school's budget and its own privacy.budget (-c privacy.budget=…).{note}")
 
 
 def rewrite_start_scripts(root: Path) -> tuple[list[Path], list[str]]:
