@@ -857,6 +857,7 @@ def test_deploy_up_says_it_is_starting_and_what_it_stopped(deployment, monkeypat
 
         def __exit__(self, *exc) -> None:
             stopped.append(True)
+            print("(stopping them)")
 
         def start_all(self) -> None:
             print("(starting)")
@@ -869,6 +870,8 @@ def test_deploy_up_says_it_is_starting_and_what_it_stopped(deployment, monkeypat
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("starting: SuperLink 127.0.0.1:19093 + 1 node(s)") and lines[1] == "(starting)", lines
     assert lines[-1] == f"stopped: the SuperLink and 1 node(s) of {dep.root}", lines
+    # stopping takes 10-20 s (each process gets its grace period): said when the Ctrl-C arrives, not only after
+    assert lines[-3].startswith("stopping: the SuperLink and 1 node(s)") and lines[-2] == "(stopping them)", lines
 
 
 def test_set_budget_says_how_the_running_node_learns_the_new_budget(deployment, capsys):

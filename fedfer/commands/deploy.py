@@ -271,7 +271,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             print(f"stopped: {', '.join(dead)} exited; stopping the rest", file=sys.stderr)
             code = 1
         except KeyboardInterrupt:
-            pass
+            # each process gets a grace period to stop: 10-20 s without a word looked hung
+            print(f"stopping: the SuperLink and {nodes} node(s) (up to half a minute)", flush=True)
     # after LocalFederation stopped them: a Ctrl-C or kill otherwise ended without a word on what it stopped
     print(f"stopped: the SuperLink and {nodes} node(s) of {dep.root}", flush=True)
     return code
