@@ -421,6 +421,9 @@ class SchoolSpend:
 
     epsilon: float | None
     trained_here: int
+    # the lifetime budget the school's last entry records (the tighter of its own policy and the run's ask, which
+    # may be a `privacy.school_budgets` entry): None when the entries carry none (then the run's privacy.budget)
+    budget: float | None = None
 
 
 def school_spend(data: RunData) -> dict[str, SchoolSpend]:
@@ -429,7 +432,9 @@ def school_spend(data: RunData) -> dict[str, SchoolSpend]:
     for school, entries in data.ledger.items():
         if not entries:
             continue
-        out[school] = SchoolSpend(float(entries[-1]["epsilon"]), sum(e.get("event", "round") == "round" for e in entries))
+        recorded = entries[-1].get("budget")
+        out[school] = SchoolSpend(float(entries[-1]["epsilon"]), sum(e.get("event", "round") == "round" for e in entries),
+                                  float(recorded) if _is_number(recorded) and recorded > 0 else None)
     for school, series in epsilon_series(data).items():
         if school not in out:
             out[school] = SchoolSpend(series["epsilon"][-1] if series["epsilon"] else None, len(series["round"]))
@@ -886,17 +891,24 @@ def _privacy_table(data: RunData) -> list[str]:
     spend = school_spend(data)
     refused = refusals(data)
     budget = data.budget
+    # a school's own budget (its entries record it) can differ from the run's privacy.budget: measure each by its own
+    budgets = {school: spend[school].budget if school in spend and spend[school].budget is not None else budget
+               for school in schools}
+    known = {b for b in budgets.values() if b is not None}
+    said = (f"Budget: {budget:g}." if known <= {budget} else
+            "Budget: each school's own, as its last ledger entry records it (the tighter of its policy and the run's).")
     lines = ["## Privacy per school", "",
              f"ε from the run's ledger copy (`ledger/<school>.jsonl`; `fedfer privacy audit` recomputes and verifies it): "
              f"each school's lifetime ε, over this run and the runs before it. "
-             f"Budget: {budget:g}." if budget else "ε from the run's ledger copy. No budget configured.", "",
+             f"{said}" if known else "ε from the run's ledger copy. No budget configured.", "",
              "| school | rounds trained (this run) | final ε (lifetime) | remaining | refused / failed rounds |", "|---|---|---|---|---|"]
     for school in schools:
         mine = spend.get(school, SchoolSpend(None, 0))
         final_eps = mine.epsilon
         remaining = "—"
-        if budget is not None and final_eps is not None:
-            remaining = f"{budget - final_eps:.3f}" + (" (over budget)" if final_eps > budget + 1e-9 else "")
+        mine_budget = budgets[school]
+        if mine_budget is not None and final_eps is not None:
+            remaining = f"{mine_budget - final_eps:.3f}" + (" (over budget)" if final_eps > mine_budget + 1e-9 else "")
         bad = "; ".join(f"{r}: {reason}" for r, reason in refused.get(school, [])) or "—"
         lines.append(f"| {school} | {mine.trained_here} | {'—' if final_eps is None else f'{final_eps:.3f}'} | "
                      f"{remaining} | {bad} |")

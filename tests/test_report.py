@@ -268,3 +268,21 @@ def test_the_report_lists_what_the_coordinator_refused(tmp_path):
     assert "| round not evaluated | 2 |  | no evaluation node / answered in time |" in section
     assert "shown per round already" not in section and "… and 8 more in events.jsonl" in section
     assert "## What the coordinator refused" not in build_report(write_run(tmp_path / "quiet", [1])).read_text()
+
+
+def test_each_school_is_measured_against_its_own_budget_not_the_runs_default(tmp_path):
+    """A deployed run with `privacy.budget=8 privacy.school_budgets="school-1=24"` (a school that raised its budget
+    beside one at 8): the report said school-1's 22.127 left "-14.127 (over budget)" against 8, while the audit
+    (its own policy, 24) and the school's signed entries (budget 24) said 1.873 left, within budget. Each school's
+    budget is the one its last ledger entry records (the tighter of its policy and the run's)."""
+    run = write_run(tmp_path / "run", [1], refuse={1: "school-1"})
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["privacy"]["budget"], config["privacy"]["school_budgets"] = 8.0, "school-1=24"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "ledger" / "school-1.jsonl").write_text(json.dumps(
+        {"school_id": "school-1", "round": 1, "event": "refused", "reason": "budget-exhausted", "epsilon": 22.127,
+         "budget": 24.0}) + "\n")
+    text = build_report(run).read_text()
+    assert "| school-1 | 0 | 22.127 | 1.873 | 1: budget-exhausted |" in text, text
+    assert "over budget" not in text
+    assert "| school-0 | 1 | 0.800 | 7.200 | — |" in text   # no budget in its entries: the run's privacy.budget
