@@ -544,21 +544,27 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
               f"Built {time.strftime('%Y-%m-%d %H:%M:%S')} by `fedfer report`.", ""]
 
     lines += ["## Setup", "", "| setting | value |", "|---|---|"]
-    for key, label in (("model.name", "model"), ("model.preset", "preset"), ("federation.schools", "schools"),
+    # a deployment: the config's school count and benchmarks are the simulation's defaults (10 schools, the synthetic
+    # benchmarks), which this run never used: label them so, and say what happened beside them
+    took_part = data.schools()
+    other_schools = bool(took_part and _is_number(cfg.get("federation.schools"))
+                         and len(took_part) != int(cfg["federation.schools"]))
+    final = final_evaluation(data)
+    configured = {spec.split("=")[0].split(":")[0].strip() for spec in str(cfg.get("evaluation.benchmarks", "")).split(",")}
+    other_benchmarks = bool(final and set(final) != configured)
+    simulated = " (simulation setting, not used here)"
+    for key, label in (("model.name", "model"), ("model.preset", "preset"),
+                       ("federation.schools", "schools" + (simulated if other_schools else "")),
                        ("federation.rounds", "rounds planned"), ("train.local_epochs", "local epochs"),
                        ("privacy.enabled", "differential privacy"), ("privacy.unit", "privacy unit"),
                        ("privacy.target_epsilon", "target ε"), ("privacy.budget", "ε budget per school"),
                        ("privacy.delta", "δ"), ("privacy.accountant", "accountant"),
-                       ("evaluation.benchmarks", "benchmarks")):
+                       ("evaluation.benchmarks", "benchmarks" + (simulated if other_benchmarks else ""))):
         if key in cfg:
             lines.append(f"| {label} | `{cfg[key]}` |")
-    # a deployment: the config's school count and benchmarks are the simulation's defaults; say what happened
-    took_part = data.schools()
-    if took_part and _is_number(cfg.get("federation.schools")) and len(took_part) != int(cfg["federation.schools"]):
+    if other_schools:
         lines.append(f"| schools that took part | {len(took_part)} |")
-    final = final_evaluation(data)
-    configured = {spec.split("=")[0].split(":")[0].strip() for spec in str(cfg.get("evaluation.benchmarks", "")).split(",")}
-    if final and set(final) != configured:
+    if other_benchmarks:
         lines.append(f"| benchmarks scored | {', '.join(sorted(final))} |")
     lines.append("")
 

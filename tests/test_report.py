@@ -239,8 +239,12 @@ def test_a_deployments_setup_says_which_schools_and_benchmarks_took_part(tmp_pat
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     text = build_report(run).read_text()
     assert "| schools that took part | 3 |" in text and "| benchmarks scored | rafdb, synthetic-fer2013 |" in text
+    # the simulation's defaults the deployed run never used are labelled so ("schools `10`" read as ten schools)
+    assert "| schools (simulation setting, not used here) | `10` |" in text
+    assert "| benchmarks (simulation setting, not used here) | `synthetic-fer2013,synthetic-indomain` |" in text
     plain = build_report(write_run(tmp_path / "plain", [1])).read_text()
-    assert "took part" not in plain and "benchmarks scored" not in plain
+    assert "took part" not in plain and "benchmarks scored" not in plain and "simulation setting" not in plain
+    assert "| schools | `3` |" in plain
 
 
 def test_evaluate_says_why_a_benchmarks_extra_classes_count_as_errors():
