@@ -420,6 +420,24 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             return {}
         return {LEDGER_ANCHOR_RECORD: ConfigRecord({"entries": int(chain["count"]), "head": str(chain["head"])})}
 
+    #: run-config keys a school's policy refusal may name (privacy/policy.py `agree_round`)
+    POLICY_SETTINGS = ("privacy.enabled", "privacy.unit", "privacy.delta", "privacy.budget", "privacy.school_budgets",
+                       "privacy.max_round_epsilon", "privacy.target_epsilon", "privacy.noise_multiplier")
+
+    def _asked(self, setting: Any, school: str) -> str:
+        """What this run's config asked for `setting` (the key a school's policy refusal names), e.g.
+        "privacy.budget=24" or "privacy.school_budgets school-00=30"; "" for a key a policy never names."""
+        from privacy.policy import requested_budget
+
+        if not isinstance(setting, str) or setting not in self.POLICY_SETTINGS or setting not in self.cfg:
+            return ""
+        if setting == "privacy.school_budgets":
+            value, key = requested_budget(self.cfg, school)
+            return f"privacy.school_budgets {school}={value:g}" if key == setting else ""
+        value = self.cfg[setting]
+        shown = f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+        return f"{setting}={one_line(shown, 60)}"
+
     def _candidates(self, connected: set[int]) -> list[int]:
         """The connected schools that can still be sent training (not out of budget, not refused)."""
         return [nid for nid, n in self.school_nodes().items() if nid in connected and n.school_id not in self.exhausted]
@@ -650,6 +668,10 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
             return {"status": "rejected", "reason": reason}
         if status.get("status") != "ok":
             outcome = {"status": str(status["status"]), "reason": one_line(status.get("reason", ""))}
+            if outcome["status"] == "policy-violation":
+                asked = self._asked(status.get("setting"), school)
+                if asked:   # the school names only the key; what the run asked of it is the coordinator's to say
+                    outcome["reason"] = f"{outcome['reason']}; the run asks {asked}"
             left_out = {"budget-exhausted": "budget", "policy-violation": "policy", "ledger-lost": "ledger-lost",
                         "ledger-behind": "ledger-behind"}
             if outcome["status"] in left_out:

@@ -48,7 +48,7 @@ def log_lines():
     logger.setLevel(previous)
 
 
-def _answerer(keys: dict[int, str], trains: dict[int, int], declines: str = "budget-exhausted"):
+def _answerer(keys: dict[int, str], trains: dict[int, int], declines: str = "budget-exhausted", setting: str = ""):
     """The fake schools: each answers the role query, trains while it has budget for `trains[node]` rounds,
     then declines every later round with `declines` (budget-exhausted, as client/school_round.py does)."""
     trained = {nid: 0 for nid in trains}
@@ -61,7 +61,7 @@ def _answerer(keys: dict[int, str], trains: dict[int, int], declines: str = "bud
         assert kind == MessageType.TRAIN
         if trained[nid] >= trains[nid]:
             return _reply(message, RecordDict({"status": ConfigRecord(
-                {"status": declines, "reason": "target ε spent"})}))
+                {"status": declines, "reason": "target ε spent", **({"setting": setting} if setting else {})})}))
         trained[nid] += 1
         return _train_reply(message, _state(nid))
     return answer
@@ -84,7 +84,8 @@ class ComingBackGrid(FakeGrid):
 
 
 def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, leave_after_round_1: bool = False,
-         back_after: int | None = None, leave_after_check: bool = False, declines: str = "budget-exhausted"):
+         back_after: int | None = None, leave_after_check: bool = False, declines: str = "budget-exhausted",
+         setting: str = ""):
     """A federation of len(trains) schools over `rounds` rounds, run by Flower's round loop as server/app.py
     runs it (`wrap`: around a wrapper, as client-level DP's; `leave_after_round_1`: every node goes offline
     once it has answered round 1, and comes back after `back_after` node-list requests if given;
@@ -109,7 +110,7 @@ def _run(tmp_path, rounds: int, trains: dict[int, int], *extra: str, wrap=None, 
     writer = Writer(run, cfg)
     writer.model_info = {"name": "fake", "preset": "", "num_classes": 7}
     strategy = SchoolFedAvg(cfg, run, rounds=writer)
-    answer = _answerer(keys, trains, declines)
+    answer = _answerer(keys, trains, declines, setting)
     grid = ComingBackGrid(list(trains), answer, back_after)
     if leave_after_round_1:
         left: set[int] = set()
@@ -351,3 +352,18 @@ def test_a_school_whose_ledger_is_lost_is_left_out_for_the_run(tmp_path, log_lin
     assert log_lines.matching("federation stopped after round 2 of 5")
     assert log_lines.matching("no school can train any more (2 schools declined for a lost or out-of-date ledger "
                               f"(ledger-lost: fedfer deploy restore-ledger): {', '.join(sorted(SCHOOLS.values()))})")
+
+
+@pytest.mark.parametrize("asked, setting, says", [
+    ("privacy.budget=24", "privacy.budget", "the run asks privacy.budget=24"),
+    ("privacy.school_budgets=school-a=30,school-b=30", "privacy.school_budgets", "the run asks privacy.school_budgets school-a=30"),
+])
+def test_a_policy_refusal_says_what_the_run_asked(tmp_path, log_lines, asked, setting, says):
+    """A school declines a run-config asking for less privacy than its policy allows, naming only the key (its reply
+    carries no numbers). In the walk-through the admin read "asks for less privacy than the school's policy allows
+    (privacy.budget)" and had to work out what the run had asked: the coordinator, which set it, now says so."""
+    run = _run(tmp_path, 2, {101: 0, 202: 0}, asked, declines="policy-violation", setting=setting)
+    assert [line for line in log_lines.lines if line.endswith(f"[fedfer] school-a declined round 1: target ε spent; {says}")
+            ], log_lines.lines
+    declined = [e for e in map(json.loads, run.events_path.read_text().splitlines()) if e["event"] == "declined"]
+    assert declined and all(says.replace("school-a", e["school"]) in e["reason"] for e in declined), declined
