@@ -58,9 +58,10 @@ def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], 
 
 
 def epsilon_curves(series: Mapping[str, Mapping[str, Sequence[float]]], path: Path, *, title: str,
-                   budget: float | None = None, refusals: Mapping[str, Sequence[int]] | None = None) -> Path:
-    """Cumulative ε per school per round; the budget as a horizontal line; rounds where a school
-    refused or failed marked with a red ×."""
+                   budget: float | None = None, refusals: Mapping[str, Sequence[int]] | None = None,
+                   school_budgets: Mapping[str, float] | None = None) -> Path:
+    """Cumulative ε per school per round; the budget as a horizontal line (one per distinct budget, naming its
+    schools, when `school_budgets` holds more than one); rounds where a school refused or failed marked with a red ×."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     top = 0.0
@@ -75,7 +76,16 @@ def epsilon_curves(series: Mapping[str, Mapping[str, Sequence[float]]], path: Pa
             before = [e for rr, e in zip(data["round"], data["epsilon"]) if rr <= r]
             ax.plot([r], [before[-1] if before else 0.0], "x", color="red", markersize=8, label=refused_label)
             refused_label = "_nolegend_"
-    if budget is not None and budget > 0:
+    by_value: dict[float, list[str]] = {}
+    for school, value in sorted((school_budgets or {}).items()):
+        if value is not None and value > 0:
+            by_value.setdefault(float(value), []).append(school)
+    if len(by_value) > 1:   # schools with budgets of their own: one line each, or a school looks over a budget not its
+        for value, schools in sorted(by_value.items()):
+            names = ", ".join(schools[:3]) + (", …" if len(schools) > 3 else "")
+            ax.axhline(value, color="red", linestyle="--", linewidth=1.2, label=f"budget ε = {value:g} ({names})")
+            top = max(top, value)
+    elif budget is not None and budget > 0:
         ax.axhline(budget, color="red", linestyle="--", linewidth=1.2, label=f"budget ε = {budget:g}")
         top = max(top, budget)
     ax.set_xlabel("federated round")

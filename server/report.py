@@ -443,6 +443,14 @@ def school_spend(data: RunData) -> dict[str, SchoolSpend]:
     return out
 
 
+def school_budgets(data: RunData, schools: Iterable[str]) -> dict[str, float | None]:
+    """school -> the lifetime budget to measure it by: the one its last ledger entry records (the tighter of its own
+    policy and the run's ask, maybe a `privacy.school_budgets` entry), else the run's privacy.budget."""
+    spend = school_spend(data)
+    return {school: spend[school].budget if school in spend and spend[school].budget is not None else data.budget
+            for school in schools}
+
+
 def refusals(data: RunData) -> dict[str, list[tuple[int, str]]]:
     """school -> [(round, reason)] for every non-ok train status."""
     out: dict[str, list[tuple[int, str]]] = {}
@@ -516,6 +524,7 @@ def write_plots(data: RunData) -> dict[str, Path]:
     elif eps or refused:
         out["epsilon"] = plots.epsilon_curves(
             eps, plot_dir / "epsilon.png", budget=data.budget, refusals=refused,
+            school_budgets=school_budgets(data, sorted(set(eps) | set(refused))),
             title=f"Privacy spent per school (δ = {data.config.get('privacy.delta', '?')})",
         )
     for name, (r, m) in final_evaluation(data).items():
@@ -897,9 +906,7 @@ def _privacy_table(data: RunData) -> list[str]:
     spend = school_spend(data)
     refused = refusals(data)
     budget = data.budget
-    # a school's own budget (its entries record it) can differ from the run's privacy.budget: measure each by its own
-    budgets = {school: spend[school].budget if school in spend and spend[school].budget is not None else budget
-               for school in schools}
+    budgets = school_budgets(data, schools)
     known = {b for b in budgets.values() if b is not None}
     said = (f"Budget: {budget:g}." if known <= {budget} else
             "Budget: each school's own, as its last ledger entry records it (the tighter of its policy and the run's).")

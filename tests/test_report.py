@@ -290,3 +290,30 @@ def test_each_school_is_measured_against_its_own_budget_not_the_runs_default(tmp
     assert "| school-1 | 0 | 22.127 | 1.873 | 1: budget-exhausted |" in text, text
     assert "over budget" not in text
     assert "| school-0 | 1 | 0.800 | 7.200 | — |" in text   # no budget in its entries: the run's privacy.budget
+
+
+def test_the_epsilon_plot_draws_each_schools_own_budget(tmp_path, monkeypatch):
+    """The same run's plot drew one "budget ε = 8" line with school-1's 22.127 far above it: a school looking over
+    budget on the page the privacy officer reads. With budgets of their own, one line per budget, naming its schools."""
+    from server import plots
+
+    run = write_run(tmp_path / "run", [1], refuse={1: "school-1"})
+    (run / "ledger" / "school-1.jsonl").write_text(json.dumps(
+        {"school_id": "school-1", "round": 1, "event": "refused", "reason": "budget-exhausted", "epsilon": 22.127,
+         "budget": 24.0}) + "\n")
+    drawn: list[tuple[float, str]] = []
+    real_axhline = None
+
+    def spy(self, y=0, *args, **kwargs):
+        drawn.append((y, kwargs.get("label", "")))
+        return real_axhline(self, y, *args, **kwargs)
+
+    import matplotlib.axes
+    real_axhline = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", spy)
+    plots.epsilon_curves({"school-0": {"round": [1], "epsilon": [0.8]}}, tmp_path / "one.png", title="t", budget=3.0,
+                         school_budgets={"school-0": 3.0})
+    assert drawn == [(3.0, "budget ε = 3")]
+    drawn.clear()
+    build_report(run)
+    assert sorted(drawn) == [(3.0, "budget ε = 3 (school-0, school-2)"), (24.0, "budget ε = 24 (school-1)")], drawn
