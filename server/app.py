@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.best_round import compare_line
 from server.round_writer import RoundWriter
-from server.run_dir import BEST_CHECKPOINT, RunDirectory, last_public_score
+from server.run_dir import BEST_CHECKPOINT, RunDirectory, last_public_score, start_evaluation
 from server.run import check_keyring, resume_pending, start_is_scored, start_or_resume, trace_benchmark_opens
 from server.simulation_cluster import check_ray_cluster
 from server.strategy import RoundRecord, SchoolFedAvg, run_rounds
@@ -91,7 +91,8 @@ def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStar
         timeout=float(cfg["federation.round_timeout"]),
     )
     if writer.best is not None:   # the last round is not always the best: say which one best.pt holds
-        log(INFO, "[fedfer] %s — kept as %s", compare_line(writer.best, last_public_score(run.path)),
+        line = compare_line(writer.best, last_public_score(run.path), start_evaluation(run.path))
+        log(INFO, "[fedfer] %s — kept as %s", line,
             run.path / "checkpoints" / BEST_CHECKPOINT)
     _write_report(run.path)
 

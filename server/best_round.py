@@ -190,11 +190,21 @@ def last_scored(evaluations: Mapping[int, Mapping[str, Any] | None]) -> RoundSco
     return None
 
 
-def compare_line(best: RoundScore, last: RoundScore | None) -> str:
+def compare_line(best: RoundScore, last: RoundScore | None, start: Mapping[str, Any] | None = None) -> str:
     """`best round 3 on the public benchmarks: 0.889 on synthetic-fer2013; last round 28: 0.540` — the last
-    round scored on the benchmarks the best was, so the two numbers compare."""
+    round scored on the benchmarks the best was, so the two numbers compare. `start`: round 0's evaluation (the
+    start model, never a candidate); when it scored higher on those benchmarks than the best round, the line says
+    so: best.pt is then the best *federated* model, not the best model the run saw."""
     text = f"best round {best.round} on the public benchmarks: {best.describe()}"
     if last is None or last.round == best.round:
-        return text + ", the last round" if last is not None else text
-    common = sorted(set(last.accuracies) & set(best.accuracies))
-    return text + f"; last round {last.round}: " + (f"{last.on(common):.3f}" if common else last.describe())
+        text = text + ", the last round" if last is not None else text
+    else:
+        common = sorted(set(last.accuracies) & set(best.accuracies))
+        text += f"; last round {last.round}: " + (f"{last.on(common):.3f}" if common else last.describe())
+    started = _accuracies(start)
+    common = [name for name in best.accuracies if name in started]
+    if common and len(common) == len(best.accuracies):
+        start_score = RoundScore(0, best.by, {name: started[name] for name in common}).on(common)
+        if start_score > best.on(common):
+            text += f"; the start model (round 0) scored {start_score:.3f} there, higher than every round"
+    return text

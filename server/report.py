@@ -655,7 +655,7 @@ def _best_round_lines(data: RunData) -> list[str]:
     else:
         where = "no `checkpoints/best.pt` (evaluation.keep_best=off, or a run from before it was kept)"
     ignored = f"; {', '.join(not_public)} not declared public, so not counted" if not_public else ""
-    return [f"**Best round:** {compare_line(best, last)} — {where} (marked on the accuracy plot; chosen on public "
+    return [f"**Best round:** {compare_line(best, last, (data.rounds.get(0) or {}).get('evaluation'))} — {where} (marked on the accuracy plot; chosen on public "
             f"data only, so it costs no privacy: docs/privacy.md{ignored}).", ""]
 
 

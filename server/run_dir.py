@@ -398,6 +398,14 @@ def last_public_score(run_path: Path) -> RoundScore | None:
                         if isinstance(line.get("evaluation"), dict)})
 
 
+def start_evaluation(run_path: Path) -> dict[str, Any] | None:
+    """Round 0's evaluation in metrics.jsonl (the start model: the pre-trained checkpoint), or None."""
+    for line in RunDirectory(Path(run_path)).metrics():
+        if line.get("round") == 0 and isinstance(line.get("evaluation"), dict):
+            return line["evaluation"]
+    return None
+
+
 def latest_is_not_best(run_path: Path, latest_round: int) -> str | None:
     """The line a command that was given a run directory as a model prints when its latest round (what it
     uses) is not the best round on the public benchmarks; None when it is, or the run kept no best."""

@@ -371,3 +371,19 @@ def test_the_compare_line_for_a_best_round_that_is_the_last_reads_without_nested
     line = compare_line(best, RoundScore(6, "mean", {"synthetic-fer2013": 0.889}))
     assert line == "best round 6 on the public benchmarks: 0.889 on synthetic-fer2013, the last round"
     assert "(" not in line
+
+
+def test_the_compare_line_says_when_the_start_model_scored_higher_than_every_round():
+    """A deployed one-round run: the pre-trained start scored 0.889 on fer2013, round 1 0.777; the line read "best
+    round 1 on the public benchmarks: 0.777 on fer2013, the last round — kept as …/best.pt", and an admin would take
+    best.pt for the best model the run saw. Round 0 is never a candidate (docs/simulation.md), so say it beside."""
+    from server.best_round import RoundScore, compare_line
+
+    best = RoundScore(1, "mean", {"fer2013": 0.777})
+    start = {"fer2013": {"accuracy": 0.889, "n": 840}}
+    line = compare_line(best, RoundScore(1, "mean", {"fer2013": 0.777}), start)
+    assert line == ("best round 1 on the public benchmarks: 0.777 on fer2013, the last round; "
+                    "the start model (round 0) scored 0.889 there, higher than every round"), line
+    # a start that scored lower, or on other benchmarks only, adds nothing
+    assert compare_line(best, None, {"fer2013": {"accuracy": 0.5}}) == "best round 1 on the public benchmarks: 0.777 on fer2013"
+    assert "start model" not in compare_line(best, None, {"rafdb": {"accuracy": 0.99}})

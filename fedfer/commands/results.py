@@ -252,10 +252,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         RunDirectory(Path(args.run_dir)).remove_stale_gate()
     print(path)
     from server.best_round import compare_line
-    from server.run_dir import BEST_CHECKPOINT, last_public_score, read_best_json
+    from server.run_dir import BEST_CHECKPOINT, last_public_score, read_best_json, start_evaluation
 
     best = read_best_json(Path(args.run_dir))
     if best is not None:   # the README promises the command names it, not only the report it writes
-        print(f"  {compare_line(best, last_public_score(Path(args.run_dir)))} — kept as "
+        run_dir = Path(args.run_dir)
+        print(f"  {compare_line(best, last_public_score(run_dir), start_evaluation(run_dir))} — kept as "
               f"{Path(args.run_dir) / 'checkpoints' / BEST_CHECKPOINT}")
     return 0

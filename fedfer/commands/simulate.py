@@ -453,7 +453,7 @@ def print_summary(run_path: Path, wall: float, wall_note: str = "") -> int:
     """The closing table: final accuracy, per-school ε, rounds, wall time, the best round, report path.
     `wall_note` follows the wall time when those seconds are not the run's (a finished run resumed)."""
     from server.best_round import compare_line
-    from server.run_dir import BEST_CHECKPOINT, RunDirectory, last_public_score, read_best_json
+    from server.run_dir import BEST_CHECKPOINT, RunDirectory, last_public_score, read_best_json, start_evaluation
 
     run = RunDirectory(run_path)
     rounds = run.metrics()
@@ -489,7 +489,7 @@ def print_summary(run_path: Path, wall: float, wall_note: str = "") -> int:
     best = read_best_json(run_path)
     if best is not None:   # evaluation.keep_best: the round that scored best on the public benchmarks
         print(f"  best model         {run_path / 'checkpoints' / BEST_CHECKPOINT} "
-              f"({compare_line(best, last_public_score(run_path))})")
+              f"({compare_line(best, last_public_score(run_path), start_evaluation(run_path))})")
     owns = list((run_path / "schools").glob("*/own-model.pt"))   # train.keep_own_model, simulated state dirs
     if owns:
         print(f"  own models         {run_path / 'schools'}/<school>/own-model.pt (the last trained weights "
