@@ -107,6 +107,9 @@ def test_pretrain_writes_a_checkpoint_that_model_pretrained_loads_with_provenanc
     assert main(["pretrain", "--data-root", str(data), "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     assert f"pre-trained checkpoint: {out}" in printed and "synthetic-indomain" in printed
+    # the next step of both the simulation and the deployment trial (it named `fedfer simulate` only)
+    assert f"next: fedfer simulate model.pretrained={out}\n" in printed
+    assert f"or, deployed: flwr run . fedfer --stream -c 'model.pretrained=\"{out}\" …'" in printed, printed
     # the same folder with other settings is refused, not rebuilt over (a deployment's schools may read it)
     manifest = (data / "manifest.json").read_bytes()
     assert main(["pretrain", "--data-root", str(data), "--out", str(tmp_path / "other.pt"), *TINY,

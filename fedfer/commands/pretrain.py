@@ -121,4 +121,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         ci = f" [95% CI {m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}]" if m.get("accuracy_ci_low") is not None else ""
         print(f"  {bench:<20} accuracy {m['accuracy']:.3f}{ci} (n={m['n']})")
     print(f"next: fedfer simulate model.pretrained={out}")
+    # the deployment trial (docs/deployment.md) pre-trains too, and its next step is not `fedfer simulate`
+    print(f"  or, deployed: flwr run . fedfer --stream -c 'model.pretrained=\"{out}\" …' (docs/deployment.md §3)")
     return 0
