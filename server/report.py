@@ -433,7 +433,8 @@ def school_spend(data: RunData) -> dict[str, SchoolSpend]:
         if not entries:
             continue
         recorded = entries[-1].get("budget")
-        out[school] = SchoolSpend(float(entries[-1]["epsilon"]), sum(e.get("event", "round") == "round" for e in entries),
+        trained_here = sum(e.get("event", "round") == "round" for e in entries)
+        out[school] = SchoolSpend(float(entries[-1]["epsilon"]), trained_here,
                                   float(recorded) if _is_number(recorded) and recorded > 0 else None)
     for school, series in epsilon_series(data).items():
         if school not in out:
@@ -655,7 +656,8 @@ def _best_round_lines(data: RunData) -> list[str]:
     else:
         where = "no `checkpoints/best.pt` (evaluation.keep_best=off, or a run from before it was kept)"
     ignored = f"; {', '.join(not_public)} not declared public, so not counted" if not_public else ""
-    return [f"**Best round:** {compare_line(best, last, (data.rounds.get(0) or {}).get('evaluation'))} — {where} (marked on the accuracy plot; chosen on public "
+    start = (data.rounds.get(0) or {}).get("evaluation")   # the start model: named if it scored higher
+    return [f"**Best round:** {compare_line(best, last, start)} — {where} (marked on the accuracy plot; chosen on public "
             f"data only, so it costs no privacy: docs/privacy.md{ignored}).", ""]
 
 
