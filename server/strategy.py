@@ -85,9 +85,8 @@ LEFT_OUT_WORDING = {
 }
 #: School names the finishing line lists per reason (a district may have hundreds).
 NAMES_SHOWN = 5
-#: a run's first round waits this long for a school's node when none is online yet (a deployment's
-#: `fedfer deploy up &` then `flwr run`: the nodes connect within a minute), instead of ending the run at once
-FIRST_SCHOOL_WAIT_S = 180.0
+#: how often the SuperLink is asked for its nodes while a run's first round waits for a school
+#: (`federation.first_round_wait`)
 FIRST_SCHOOL_POLL_S = 3.0
 #: how often the SuperLink is asked for its nodes while schools that went offline are waited for
 #: (`federation.offline_wait`): one cheap request, and a returning school waits at most this long to be seen
@@ -255,14 +254,18 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         return set(grid.get_node_ids())
 
     def _wait_for_a_school(self, grid: Grid, connected: set[int]) -> set[int]:
-        """No school's node is online at the run's first round: wait for one (FIRST_SCHOOL_WAIT_S at most).
-        Only then: a simulation's nodes all exist before the ServerApp starts, schools met before (even with
+        """No school's node is online at the run's first round: wait for one (`federation.first_round_wait`
+        seconds at most; a deployment's `fedfer deploy up &` then `flwr run` starts the run before the nodes
+        connect, instead of ending it at once with nothing trained). Only then: a simulation's nodes all exist before the ServerApp starts, schools met before (even with
         their budgets spent) never make a run wait, and later rounds never do. (The evaluation node is not
         waited for: a run without one is normal, and a round it misses is evaluated in-process.)"""
-        deadline = time.monotonic() + FIRST_SCHOOL_WAIT_S
-        log(INFO, "[fedfer] no school is online yet: waiting up to %.0f s for one", FIRST_SCHOOL_WAIT_S)
+        wait = float(self.cfg["federation.first_round_wait"])
+        if wait <= 0:
+            return connected
+        deadline = time.monotonic() + wait
+        log(INFO, "[fedfer] no school is online yet: waiting up to %g s for one (federation.first_round_wait)", wait)
         while not self.school_nodes() and time.monotonic() < deadline:
-            time.sleep(FIRST_SCHOOL_POLL_S)
+            time.sleep(min(FIRST_SCHOOL_POLL_S, max(0.0, deadline - time.monotonic())))
             connected = self._discover(grid)
         log(INFO, "[fedfer] online: %s", ", ".join(sorted(n.school_id for n in self.school_nodes().values()))
             or "no school")

@@ -60,6 +60,7 @@ RULES: dict[str, Rule] = {
     "federation.max_update_norm": Rule(above=0.0),
     "federation.round_timeout": Rule(minimum=1, maximum=7 * 86_400),
     "federation.offline_wait": Rule(minimum=0, maximum=7 * 86_400),
+    "federation.first_round_wait": Rule(minimum=0, maximum=7 * 86_400),
     "federation.server_momentum": Rule(minimum=0.0, maximum=0.99),
     "federation.client_dp_noise": Rule(minimum=0.0),
     "federation.client_dp_clip": Rule(above=0.0),
@@ -563,7 +564,7 @@ def check_paths(cfg: Mapping[str, Any], source: str = "config") -> None:
 # and steps from (each reads Flower's run-config), so it must be the original run's.
 RESUME_MAY_CHANGE = frozenset({
     "run.resume", "run.name", "run.root", "privacy.keyring", "data.root", "data.school_cache_mb",
-    "federation.round_timeout", "federation.offline_wait", "federation.ray_address", "federation.cpus_per_school", "train.threads",
+    "federation.round_timeout", "federation.offline_wait", "federation.first_round_wait", "federation.ray_address", "federation.cpus_per_school", "train.threads",
     "pretrain.threads", "model.pretrain", "model.pretrained", "evaluation.bootstrap", "evaluation.references",
     "evaluation.reference_schools", "evaluation.central_epochs", "classroom.report_min_students",
     "classroom.per_student_figures",

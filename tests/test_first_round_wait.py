@@ -64,19 +64,13 @@ def test_the_first_round_waits_for_a_school_that_comes_online_late(tmp_path, mon
 
 
 def test_the_evaluation_node_is_not_waited_for(tmp_path, monkeypatch):
-    from server import strategy as module
-
-    strategy, _, answer = _strategy(tmp_path, monkeypatch)
-    monkeypatch.setattr(module, "FIRST_SCHOOL_WAIT_S", 3600.0)   # a wait would hang the test
+    strategy, _, answer = _strategy(tmp_path, monkeypatch, "federation.first_round_wait=3600")   # a wait would hang
     grid = LateGrid(answer, {EVALUATOR: NEVER, SCHOOL: 0})
     assert _trained(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)) == [SCHOOL]
 
 
 def test_with_no_school_at_all_the_run_ends_after_the_wait(tmp_path, monkeypatch):
-    from server import strategy as module
-
-    strategy, run, answer = _strategy(tmp_path, monkeypatch)
-    monkeypatch.setattr(module, "FIRST_SCHOOL_WAIT_S", 0.05)
+    strategy, run, answer = _strategy(tmp_path, monkeypatch, "federation.first_round_wait=0.05")
     grid = LateGrid(answer, {EVALUATOR: 0, SCHOOL: NEVER})
     assert list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)) == []
     assert strategy.finished
@@ -86,10 +80,7 @@ def test_with_no_school_at_all_the_run_ends_after_the_wait(tmp_path, monkeypatch
 
 
 def test_a_later_round_never_waits(tmp_path, monkeypatch):
-    from server import strategy as module
-
-    strategy, _, answer = _strategy(tmp_path, monkeypatch)
-    monkeypatch.setattr(module, "FIRST_SCHOOL_WAIT_S", 3600.0)
+    strategy, _, answer = _strategy(tmp_path, monkeypatch, "federation.first_round_wait=3600")
     assert list(strategy.configure_train(2, _record(_state(0)), ConfigRecord(),
                                          LateGrid(answer, {EVALUATOR: NEVER, SCHOOL: NEVER}))) == []
     assert strategy.finished
@@ -97,10 +88,7 @@ def test_a_later_round_never_waits(tmp_path, monkeypatch):
 
 def test_a_run_whose_online_schools_were_all_refused_does_not_wait(tmp_path, monkeypatch):
     # a simulation's nodes all exist at the start; if every one was refused at the role query, nobody will come
-    from server import strategy as module
-
-    strategy, _, answer = _strategy(tmp_path, monkeypatch)
-    monkeypatch.setattr(module, "FIRST_SCHOOL_WAIT_S", 3600.0)   # a wait would hang the test
+    strategy, _, answer = _strategy(tmp_path, monkeypatch, "federation.first_round_wait=3600")   # a wait would hang
 
     def refusing(nid, message):
         if message.metadata.message_type == MessageType.QUERY and nid == SCHOOL:
@@ -114,3 +102,39 @@ def test_a_run_whose_online_schools_were_all_refused_does_not_wait(tmp_path, mon
     assert [e["refused_at_query"] for e in events if e["event"] == "finished"] == [1]
     assert [e["why"] for e in events if e["event"] == "finished"] == [
         "1 online node refused or did not answer the role query: see the warnings above"]
+
+
+def test_first_round_wait_0_does_not_wait(tmp_path, monkeypatch):
+    # the school would come online at the fifth look at the node list; with no wait the run ends at the first
+    strategy, run, answer = _strategy(tmp_path, monkeypatch, "federation.first_round_wait=0")
+    grid = LateGrid(answer, {EVALUATOR: 0, SCHOOL: 4})
+    assert list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(), grid)) == []
+    assert strategy.finished and grid.looks <= 2
+
+
+def test_the_first_round_wait_is_the_configured_one(tmp_path, monkeypatch, caplog):
+    # the run waits as long as its run-config says (it was a constant 180 s in the code), and the log says so
+    import logging
+    import time
+
+    strategy, _, answer = _strategy(tmp_path, monkeypatch, "federation.first_round_wait=0.3")
+    flower_log = logging.getLogger("flwr")
+    flower_log.addHandler(caplog.handler)
+    try:
+        started = time.monotonic()
+        assert list(strategy.configure_train(1, _record(_state(0)), ConfigRecord(),
+                                             LateGrid(answer, {EVALUATOR: 0, SCHOOL: NEVER}))) == []
+        waited = time.monotonic() - started
+    finally:
+        flower_log.removeHandler(caplog.handler)
+    assert 0.3 <= waited < 30
+    assert "no school is online yet: waiting up to 0.3 s for one (federation.first_round_wait)" in caplog.text
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon", "700000"])
+def test_a_bad_first_round_wait_is_one_line_naming_the_key(value):
+    from shared_models.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [f"federation.first_round_wait={value}"])
+    assert "federation.first_round_wait" in str(refused.value) and "\n" not in str(refused.value)
