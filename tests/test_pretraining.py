@@ -107,9 +107,8 @@ def test_pretrain_writes_a_checkpoint_that_model_pretrained_loads_with_provenanc
     assert main(["pretrain", "--data-root", str(data), "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     assert f"pre-trained checkpoint: {out}" in printed and "synthetic-indomain" in printed
-    # the next step of both the simulation and the deployment trial (it named `fedfer simulate` only)
+    # outside a deployment folder the next step is the simulation's (`--for deploy`: tests below)
     assert f"next: fedfer simulate model.pretrained={out}\n" in printed
-    assert f"or, deployed: flwr run . fedfer --stream -c 'model.pretrained=\"{out}\" …'" in printed, printed
     # the same folder with other settings is refused, not rebuilt over (a deployment's schools may read it)
     manifest = (data / "manifest.json").read_bytes()
     assert main(["pretrain", "--data-root", str(data), "--out", str(tmp_path / "other.pt"), *TINY,
@@ -199,3 +198,54 @@ def test_simulate_does_not_say_it_builds_schools_that_are_built(tmp_path, monkey
     printed = capsys.readouterr().out
     assert not started and "building" not in printed and "schools built" not in printed, printed
     assert "pre-trained model: " in printed
+
+
+@pytest.fixture
+def pretrain_without_training(monkeypatch, tmp_path, capsys):
+    """`fedfer pretrain` with the training replaced by a provenance: what is under test is the closing line."""
+    from simulations import pretrain
+
+    monkeypatch.setattr(pretrain, "data_specs", lambda cfg, root: [])
+    monkeypatch.setattr(pretrain, "cached_checkpoint", lambda cfg, root, data=None: tmp_path / "cache.pt")
+    monkeypatch.setattr(pretrain, "reuse_cached", lambda *a, **k: None)
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: {"images": 1, "epochs": 1, "steps": 1, "final_loss": 1.0,
+                                                               "seconds": 0.0, "inputs_hash": "x"})
+
+    def run(folder, *args: str) -> str:
+        from fedfer.cli import main
+
+        monkeypatch.chdir(folder)
+        assert main(["pretrain", "--benchmark", "fer2013:train=/nowhere.csv", "--no-evaluate",
+                     "--out", "data/pretrained.pt", *args]) == 0
+        return capsys.readouterr().out.strip().splitlines()[-1]
+    return run
+
+
+@pytest.mark.parametrize("given", [[], ["--for", "simulate"]])
+def test_pretrain_next_line_for_a_simulation(pretrain_without_training, tmp_path, given) -> None:
+    assert pretrain_without_training(tmp_path, *given) == "next: fedfer simulate model.pretrained=data/pretrained.pt"
+
+
+def test_pretrain_next_line_in_the_deployment_trial_before_init(pretrain_without_training, tmp_path) -> None:
+    # docs/deployment.md's trial pre-trains before `fedfer deploy init`: the next step is the deployment, and the
+    # checkpoint must be named absolute (the ServerApp runs in deploy/coordinator/), never `fedfer simulate`
+    line = pretrain_without_training(tmp_path, "--for", "deploy")
+    assert line == (f"next: fedfer deploy init --coordinator HOST, add the schools and the evaluator, then give every "
+                    f"run -c 'model.pretrained=\"{tmp_path / 'data' / 'pretrained.pt'}\"' (docs/deployment.md)")
+
+
+@pytest.mark.parametrize("given", [[], ["--for", "deploy"]])
+def test_pretrain_next_line_where_a_deployment_exists(pretrain_without_training, tmp_path, given) -> None:
+    # a folder that holds a deployment: the next step is its `flwr run`, with its keyring
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "deployment.json").write_text("{}")
+    line = pretrain_without_training(tmp_path, *given)
+    assert line == (f"next: flwr run . fedfer --stream -c 'privacy.keyring=\"{tmp_path / 'deploy' / 'keys'}\" "
+                    f"model.pretrained=\"{tmp_path / 'data' / 'pretrained.pt'}\"' with the run's other settings "
+                    "(docs/deployment.md §3)")
+
+
+def test_pretrain_for_simulate_keeps_the_simulate_line_in_a_deployment_folder(pretrain_without_training, tmp_path) -> None:
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "deployment.json").write_text("{}")
+    assert pretrain_without_training(tmp_path, "--for", "simulate").startswith("next: fedfer simulate ")

@@ -1,5 +1,5 @@
 """`fedfer pretrain`: train the federation's model on public faces (no school data, no privacy cost) and
-write a checkpoint with its provenance; `fedfer simulate model.pretrained=PATH` starts from it.
+write a checkpoint with its provenance; `fedfer simulate model.pretrained=PATH` (or a deployment run's `-c model.pretrained=…`) starts from it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ examples:
   fedfer pretrain --benchmark fer2013:train=/data/fer2013.csv --out fer2013-hafnet.pt
   fedfer simulate model.pretrained=fer2013-hafnet.pt  # federate from it
   fedfer simulate model.pretrain=auto                 # pre-train (cached) and federate in one command
+  fedfer pretrain --for deploy --out "$PWD/data/pretrained.pt"   # for a deployment's runs (docs/deployment.md)
 """
 
 
@@ -36,9 +37,35 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--retrain", action="store_true",
                      help="train even when the cache holds a checkpoint pre-trained from the same inputs "
                           "(default: copy that one)")
+    cmd.add_argument("--for", dest="next_step_for", choices=("simulate", "deploy"), default=None,
+                     help="what the checkpoint is for, which decides the closing 'next:' line: a `fedfer simulate` "
+                          "or a deployment's `flwr run` (default: deploy if this folder holds a deployment, "
+                          f"{DEPLOYMENT_MANIFEST}, else simulate)")
     cmd.add_argument("--config", type=Path, help="YAML config (defaults: shared_models/defaults.yaml)")
     cmd.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.preset=cpu pretrain.lr=0.001")
     cmd.set_defaults(func=cmd_pretrain)
+
+
+#: the manifest `fedfer deploy init` writes (its default --dir, deploy/): a folder that holds one is a deployment's
+DEPLOYMENT_MANIFEST = "deploy/deployment.json"
+
+
+def next_step(checkpoint: Path, purpose: str | None, folder: Path) -> str:
+    """The closing `next:` line: how the checkpoint is used next. A simulation names it with a
+    `fedfer simulate` override; a deployment names it in `flwr run`'s run-config, where the ServerApp runs in
+    the coordinator's folder, so the path is given absolute. `purpose` None: a deployment if `folder` holds
+    one (deploy/deployment.json), else a simulation."""
+    if purpose is None:
+        purpose = "deploy" if (folder / DEPLOYMENT_MANIFEST).is_file() else "simulate"
+    if purpose == "simulate":
+        return f"next: fedfer simulate model.pretrained={checkpoint}"
+    pretrained = f'model.pretrained="{Path(checkpoint).expanduser().resolve()}"'
+    if not (folder / DEPLOYMENT_MANIFEST).is_file():
+        return (f"next: fedfer deploy init --coordinator HOST, add the schools and the evaluator, then give every run "
+                f"-c '{pretrained}' (docs/deployment.md)")
+    keyring = (folder / DEPLOYMENT_MANIFEST).parent / "keys"
+    return (f"next: flwr run . fedfer --stream -c 'privacy.keyring=\"{keyring.resolve()}\" {pretrained}' with the run's "
+            "other settings (docs/deployment.md §3)")
 
 
 def _needs_synthetic(specs: str) -> bool:
@@ -120,7 +147,5 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     for bench, m in provenance.get("evaluation", {}).items():
         ci = f" [95% CI {m['accuracy_ci_low']:.3f}-{m['accuracy_ci_high']:.3f}]" if m.get("accuracy_ci_low") is not None else ""
         print(f"  {bench:<20} accuracy {m['accuracy']:.3f}{ci} (n={m['n']})")
-    print(f"next: fedfer simulate model.pretrained={out}")
-    # the deployment trial (docs/deployment.md) pre-trains too, and its next step is not `fedfer simulate`
-    print(f"  or, deployed: flwr run . fedfer --stream -c 'model.pretrained=\"{out}\" …' (docs/deployment.md §3)")
+    print(next_step(Path(out), args.next_step_for, Path.cwd()))
     return 0
