@@ -71,7 +71,7 @@ def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStar
         from server.client_dp import FederationAccountant
 
         federation_dp = FederationAccountant.from_config(cfg, run)
-    writer = RoundWriter(run, cfg, start.round_offset, federation_dp)
+    writer = RoundWriter(run, cfg, start.round_offset, federation_dp, public_added=start.public_added)
     strategy = SchoolFedAvg(cfg, run, round_offset=start.round_offset, rounds=writer,
                             exhausted=start.strategy_state.get("exhausted", []),
                             left_out=start.strategy_state.get("left_out", {}),
@@ -90,10 +90,13 @@ def _run_rounds(grid: Grid, start) -> None:  # noqa: ANN001 - server.run.RunStar
         num_rounds=resume_pending(strategy, start.unevaluated, initial, start.remaining),
         timeout=float(cfg["federation.round_timeout"]),
     )
-    if writer.best is not None:   # the last round is not always the best: say which one best.pt holds
+    if writer.best is not None and writer.best_kept:   # the last round is not always the best: say which one best.pt holds
         line = compare_line(writer.best, last_public_score(run.path), start_evaluation(run.path))
         log(INFO, "[fedfer] %s — kept as %s", line,
             run.path / "checkpoints" / BEST_CHECKPOINT)
+    elif writer.best is not None:   # chosen again after a resume declared its benchmark, its checkpoint long pruned
+        log(WARNING, "[fedfer] %s — its weights were not kept, so there is no checkpoints/best.pt",
+            compare_line(writer.best, last_public_score(run.path), start_evaluation(run.path)))
     _write_report(run.path)
 
 

@@ -164,6 +164,22 @@ def best_of(evaluations: Mapping[int, Mapping[str, Any] | None], rule: BestRound
     return best
 
 
+def rounds_missing(benchmark: str, evaluations: Mapping[int, Mapping[str, Any] | None]) -> list[int]:
+    """The rounds (>= 1) of {round: evaluation} that were scored but not on `benchmark` (a canonical name, any
+    split): a benchmark may be declared public on a resume only if this is empty, for then the best round chosen
+    again from the stored scores is the one a run that declared it from the start would have chosen. A round
+    recorded without any score (its evaluation failed) is not missing: no run could have scored it."""
+    declared = BestRoundRule("mean", frozenset({benchmark}))
+    return [server_round for server_round in scored_rounds(evaluations)
+            if not public_accuracies(evaluations[server_round], declared)]
+
+
+def scored_rounds(evaluations: Mapping[int, Mapping[str, Any] | None]) -> list[int]:
+    """The rounds (>= 1, in order) of {round: evaluation} with at least one accuracy (any benchmark)."""
+    return [server_round for server_round in sorted(evaluations)
+            if server_round >= 1 and _accuracies(evaluations[server_round])]
+
+
 def score_from_json(value: Any) -> RoundScore | None:
     """A RoundScore from what `to_json` wrote (best.pt's "best" field, best.json), or None if it is not one."""
     if not isinstance(value, Mapping):

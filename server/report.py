@@ -654,7 +654,8 @@ def _best_round_lines(data: RunData) -> list[str]:
     elif (data.run_dir / "checkpoints" / "best.pt").exists():
         where = "`checkpoints/best.pt` exists but its `best.json` is unreadable (`fedfer evaluate` says which round it is)"
     else:
-        where = "no `checkpoints/best.pt` (evaluation.keep_best=off, or a run from before it was kept)"
+        where = ("no `checkpoints/best.pt` (evaluation.keep_best=off, a run from before it was kept, or the round's "
+                 "weights were already pruned when a resume declared its benchmark public)")
     ignored = f"; {', '.join(not_public)} not declared public, so not counted" if not_public else ""
     start = (data.rounds.get(0) or {}).get("evaluation")   # the start model: named if it scored higher
     return [f"**Best round:** {compare_line(best, last, start)} — {where} (marked on the accuracy plot; chosen on public "

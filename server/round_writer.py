@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord
 from flwr.common.logger import log
 
 from server.best_round import BestRoundRule, RoundScore, beats, best_of, round_score, undeclared
-from server.run_dir import CheckpointError, RunDirectory, _json_default, load_checkpoint_file
+from server.run_dir import BEST_CHECKPOINT, BEST_JSON, CheckpointError, RunDirectory, _json_default, load_checkpoint_file
 from server.strategy import RoundRecord
 from shared_models.datasets import split_benchmark_list
 from shared_models.evaluation import evaluate_benchmarks, spec_name
@@ -68,7 +68,8 @@ class RoundWriter:
     and progress line when its evaluation is settled (evaluating in-process if no evaluation node
     answered), and the round's wall time."""
 
-    def __init__(self, run: RunDirectory, cfg: Mapping[str, Any], round_offset: int = 0, federation_dp: Any = None) -> None:
+    def __init__(self, run: RunDirectory, cfg: Mapping[str, Any], round_offset: int = 0, federation_dp: Any = None,
+                 public_added: tuple[str, ...] = ()) -> None:
         self.run, self.cfg, self.round_offset = run, cfg, round_offset
         self.model_info = registry.model_info(cfg)
         self.federation_dp = federation_dp
@@ -81,7 +82,11 @@ class RoundWriter:
         self.keep_best = str(cfg["evaluation.keep_best"])
         self.best_rule = BestRoundRule.from_config(cfg)
         self.named_undeclared: set[str] = set()   # benchmarks already named as not declared public (said once)
-        self.best: RoundScore | None = self._best_so_far()
+        #: False while the best round's weights are not in best.pt (it scored best before a resume declared its
+        #: benchmark public, and its checkpoint was pruned): the run's end says so instead of naming best.pt
+        self.best_kept = True
+        self.best: RoundScore | None = (self._best_chosen_again(public_added) if public_added and self.keep_best != "off"
+                                        else self._best_so_far())
 
     def _best_so_far(self) -> RoundScore | None:
         """The best round a resumed run kept before it stopped (None for a new run): best.pt's.
@@ -119,6 +124,37 @@ class RoundWriter:
         self.run.save_best(recorded, checkpoint["state_dict"], checkpoint["model"], self.cfg,
                            list(checkpoint.get("strategy", {}).get("exhausted", [])))
         return recorded
+
+    def _best_chosen_again(self, added: tuple[str, ...]) -> RoundScore | None:
+        """The resume declared `added` public: the best round is chosen again from metrics.jsonl's scores under the
+        run's new list, exactly as a run that declared them from the start chose it round by round (best_of), and
+        best.pt (chosen on the old list, or none) is replaced by that round's checkpoint. Only the last two rounds'
+        checkpoints are kept: if the best round's weights are gone, one line says so, the old best.pt (not the best
+        under the new list) is removed, and the round stays the one a later round must beat, as in that run."""
+        scored = {line["round"]: line.get("evaluation") for line in self.run.metrics()}
+        best = best_of(scored, self.best_rule)
+        folder = self.run.path / "checkpoints"
+        if best is None:
+            return None
+        try:
+            checkpoint = load_checkpoint_file(folder / f"round-{best.round:04d}.pt")
+        except CheckpointError:   # pruned (the usual case) or unreadable: either way its weights are not kept
+            checkpoint = None
+        if checkpoint is None:
+            for stale in (BEST_CHECKPOINT, BEST_JSON):
+                (folder / stale).unlink(missing_ok=True)
+            log(WARNING, "[fedfer] with %s declared public, round %d scored best (%s), but its weights were not kept "
+                "(a run keeps its last two rounds' checkpoints): no checkpoints/best.pt until a later round beats it",
+                ", ".join(added), best.round, best.describe())
+            self.run.event("best-weights-gone", round=best.round, score=best.to_json(), after_adding=list(added))
+            self.best_kept = False
+            return best
+        self.run.save_best(best, checkpoint["state_dict"], checkpoint["model"], self.cfg,
+                           list(checkpoint.get("strategy", {}).get("exhausted", [])))
+        log(INFO, "[fedfer] with %s declared public, round %d scored best (%s): kept as %s", ", ".join(added),
+            best.round, best.describe(), folder / BEST_CHECKPOINT)
+        self.run.event("best-chosen-again", round=best.round, score=best.to_json(), after_adding=list(added))
+        return best
 
     def round_started(self) -> None:
         if self.federation_dp is not None:
@@ -201,7 +237,7 @@ class RoundWriter:
             return
         self.run.save_best(candidate, arrays.to_torch_state_dict(), self.model_info, self.cfg,
                            list(strategy_state.get("exhausted", [])))
-        self.best = candidate
+        self.best, self.best_kept = candidate, True
 
     def _name_undeclared(self, record: RoundRecord, chosen_on: RoundScore | None) -> None:
         """Say once, in one line (and in events.jsonl), which scored benchmarks cannot choose the best round

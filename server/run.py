@@ -32,6 +32,8 @@ class RunStart:
     round_offset: int = 0
     strategy_state: dict[str, Any] = field(default_factory=dict)
     unevaluated: RoundRecord | None = None
+    #: benchmarks this resume declared public that the run did not (the best round is chosen again)
+    public_added: tuple[str, ...] = ()
 
     @property
     def remaining(self) -> int:
@@ -56,13 +58,16 @@ def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
         _, checkpoint, checkpoint_cfg = check_resume_dir(run.path)
     except NoCheckpointYet:
         return restart(run, cfg)
-    refuse_changed_settings(cfg, checkpoint_cfg, run.path)
-    resumed_cfg = {**checkpoint_cfg, "run.resume": str(run.path)}
+    checkpoint_cfg = {**checkpoint_cfg, "evaluation.public_benchmarks": public_list_in_force(run, checkpoint_cfg)}
+    added = refuse_changed_settings(cfg, checkpoint_cfg, run.path)
+    resumed_cfg = {**checkpoint_cfg, "run.resume": str(run.path),
+                   "evaluation.public_benchmarks": cfg["evaluation.public_benchmarks"]}   # the one list a resume may grow
     model = registry.build_from_config(resumed_cfg)
     model.load_state_dict(checkpoint["state_dict"])
     start = RunStart(run, resumed_cfg, model, int(checkpoint["round"]), dict(checkpoint["strategy"]),
-                     unevaluated_round(run, checkpoint))
+                     unevaluated_round(run, checkpoint), public_added=added)
     run.event("resumed", round=start.round_offset, **({"unevaluated": start.round_offset} if start.unevaluated else {}))
+    record_public_added(run, resumed_cfg, added, checkpoint_cfg["evaluation.public_benchmarks"], start.round_offset)
     if start.unevaluated is not None:
         log(INFO, "[fedfer] round %d's model has no metrics line yet: it is evaluated first", start.round_offset)
     return start
@@ -74,13 +79,14 @@ def restart(run: RunDirectory, requested: Mapping[str, Any]) -> RunStart:
     round 1 has it in its ledger and accountant, so its budget guard counts that spend and the new round 1's;
     the run's copies of the schools' entries are kept and extended like after any resume."""
     original = check_restart_dir(run.path)
-    refuse_changed_settings(requested, original, run.path)
+    added = refuse_changed_settings(requested, original, run.path)
     # `fedfer simulate` names the start model it resolved (pre-trained again if the stop cut its training
     # short); a bare `flwr run -c run.resume=…` has the run's own
     restarted_cfg = {**original, "model.pretrained": requested["model.pretrained"] or original["model.pretrained"],
-                     "run.resume": str(run.path)}
-    start = RunStart(run, restarted_cfg, start_model(run, restarted_cfg))
+                     "run.resume": str(run.path), "evaluation.public_benchmarks": requested["evaluation.public_benchmarks"]}
+    start = RunStart(run, restarted_cfg, start_model(run, restarted_cfg), public_added=added)
     run.event("resumed", round=0, restarted="no checkpoint yet: round 1 again, from the start model")
+    record_public_added(run, restarted_cfg, added, original["evaluation.public_benchmarks"], 0)
     log(INFO, "[fedfer] %s", restart_message(run.path))
     return start
 
@@ -118,17 +124,25 @@ def check_keyring(cfg: Mapping[str, Any]) -> None:
                          "e.g. /abs/path/deploy/keys)")
 
 
-def refuse_changed_settings(requested: Mapping[str, Any], original: Mapping[str, Any], run_path: Path) -> None:
+def refuse_changed_settings(requested: Mapping[str, Any], original: Mapping[str, Any], run_path: Path) -> tuple[str, ...]:
     """A resume whose run-config differs from the run it continues is refused, in one line that gives the
     overrides to repeat. The server continues with the checkpoint's settings, but every school sets its
     noise, steps and sampling from the run-config it receives: a resumed `flwr run` with only `run.resume`
     would have the schools calibrate σ to the defaults (measured: σ 7.58 → 1.47, each school's ε 2.5 → 5.1
-    in two rounds of a run planned to end at 2.6)."""
+    in two rounds of a run planned to end at 2.6).
+
+    One exception: `evaluation.public_benchmarks` may grow by benchmarks every scored round of the run has a
+    score on (`public_benchmarks_added`); returns the names added (canonical), () when the list is unchanged."""
     from shared_models.config import as_override, resume_differences
 
     changed = resume_differences(requested, original)
+    added: tuple[str, ...] = ()
+    if "evaluation.public_benchmarks" in changed:
+        added = public_benchmarks_added(str(requested["evaluation.public_benchmarks"]),
+                                        str(original["evaluation.public_benchmarks"]), run_path)
+        del changed["evaluation.public_benchmarks"]
     if not changed:
-        return
+        return added
     was = ", ".join(f"{key}={old!r}" for key, (_, old) in changed.items())
     now = ", ".join(f"{key}={new!r}" for key, (new, _) in changed.items())
     repeat = " ".join([*(as_override(key, old) for key, (_, old) in changed.items()), as_override("run.resume", run_path)])
@@ -141,9 +155,66 @@ def refuse_changed_settings(requested: Mapping[str, Any], original: Mapping[str,
 #: Keys a resume may not change for the server's own sake (not the schools'), with why.
 KEPT_FOR_THE_SERVER = {
     "evaluation.keep_best": "checkpoints/best.pt was chosen by it so far, and rounds scored another way would not compare",
-    "evaluation.public_benchmarks": "checkpoints/best.pt was chosen on those benchmarks so far, and rounds scored on "
-                                    "others would not compare",
 }
+
+
+def public_benchmarks_added(requested: str, original: str, run_path: Path) -> tuple[str, ...]:
+    """The benchmarks a resume's `evaluation.public_benchmarks` adds to the run's (canonical names, sorted), if
+    the change is one a resume may make; else ResumeRefused in one line. Allowed: adding a benchmark that every
+    round the run scored was scored on (metrics.jsonl), e.g. a deployment started before runs declared its
+    evaluation node's fer2013: the best round is then chosen again from the stored scores, and it is the round a
+    run that declared the benchmark from the start would have kept. Refused: dropping a benchmark (best.pt may
+    have been chosen on it) and adding one some round lacks (that round's score would not compare)."""
+    from server.best_round import declared_public, rounds_missing, scored_rounds
+
+    was, now = declared_public(original), declared_public(requested)
+    evaluations = {line["round"]: line.get("evaluation") for line in RunDirectory(run_path).metrics()}
+    # a declared benchmark no round was scored on (the defaults' synthetic names in a deployment) chose nothing
+    scored_on = sorted(name for name in was - now if len(rounds_missing(name, evaluations)) < len(scored_rounds(evaluations)))
+    if scored_on:
+        raise ResumeRefused(f"run.resume: {run_path} declared evaluation.public_benchmarks={original!r}, the run-config "
+                            f"now says {requested!r}: a resume may add public benchmarks but not drop "
+                            f"{', '.join(scored_on)}, which rounds were scored on (checkpoints/best.pt may have been "
+                            f"chosen on it), so repeat -c 'evaluation.public_benchmarks=\"{original}\"' (plus any "
+                            "benchmark to add)")
+    for name in sorted(now - was):
+        missing = rounds_missing(name, evaluations)
+        if missing:
+            shown = ", ".join(str(r) for r in missing[:5]) + (", …" if len(missing) > 5 else "")
+            raise ResumeRefused(f"run.resume: evaluation.public_benchmarks adds {name}, but {run_path} has no {name} "
+                                f"score for round{'s' if len(missing) > 1 else ''} {shown} (metrics.jsonl), so the "
+                                f"best round cannot be chosen on it as a run that declared it from the start would; "
+                                f"repeat -c 'evaluation.public_benchmarks=\"{original}\"'")
+    return tuple(sorted(now - was))
+
+
+def public_list_in_force(run: RunDirectory, checkpoint_cfg: Mapping[str, Any]) -> str:
+    """The run's `evaluation.public_benchmarks`: its checkpoint's, or the list an earlier resume declared
+    (`record_public_added`'s event) when no round was checkpointed since that resume."""
+    from server.run_dir import read_jsonl
+
+    declared = [event for event in read_jsonl(run.events_path)
+                if event.get("event") == "public-benchmarks-added" and isinstance(event.get("now"), str)]
+    return declared[-1]["now"] if declared else str(checkpoint_cfg["evaluation.public_benchmarks"])
+
+
+def record_public_added(run: RunDirectory, cfg: Mapping[str, Any], added: tuple[str, ...], original: str,
+                        server_round: int) -> None:
+    """A resume declared `added` public: say so in the log and events.jsonl, and record the new list in the run's
+    config.yaml (what the report and `fedfer report` read the run's settings from)."""
+    from shared_models.config import dump_yaml, read_yaml_file
+
+    if not added:
+        return
+    log(INFO, "[fedfer] resume: evaluation.public_benchmarks adds %s (every scored round has its score): the best "
+        "round is chosen again from the stored scores", ", ".join(added))
+    # config.yaml first: a stop before the event leaves a resume that adds them again (the same result)
+    if run.config_path.is_file():
+        recorded = read_yaml_file(run.config_path)
+        recorded["evaluation.public_benchmarks"] = cfg["evaluation.public_benchmarks"]
+        dump_yaml(recorded, run.config_path)
+    run.event("public-benchmarks-added", round=server_round, added=list(added), was=original,
+              now=str(cfg["evaluation.public_benchmarks"]))
 
 
 class ResumeRefused(ValueError):
