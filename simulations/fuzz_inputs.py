@@ -272,6 +272,8 @@ def override_cases() -> list[Case]:
         "evaluation.public_benchmarks=fer2013=/x.csv": "evaluation.public_benchmarks",
         "evaluation.public_benchmarks=lincoln-faces": "evaluation.public_benchmarks",
         "federation.offline_wait=-1": "federation.offline_wait", "federation.offline_wait=nan": "federation.offline_wait",
+        "federation.first_round_wait=-1": "federation.first_round_wait",
+        "federation.first_round_wait=inf": "federation.first_round_wait",
         "federation.roundz=3": "federation.roundz", "noequals": "noequals",
     }
     for item, needle in overrides.items():
