@@ -192,6 +192,45 @@ def patch_one_reply_per_message() -> _CurrentMessage | None:
     return current
 
 
+def patch_second_stop_signal() -> bool:
+    """Let Flower's SuperNode finish its graceful exit — deactivating itself at the SuperLink, which then counts it
+    offline at once — when a second SIGTERM or SIGINT arrives meanwhile. False if this Flower has no such hook.
+
+    Why: on the first signal Flower's handler puts back the handler that was installed before its own (the default:
+    terminate) and exits, deactivating the node on the way out. A service manager that signals every process of the
+    node (systemd's default KillMode=control-group, the tests' `Supervisor.stop`) reaches the SuperNode twice — once
+    directly, once through the launcher's `forward` — and the second signal killed it before it deactivated: the
+    SuperLink counted the stopped school online for 56 s more and the next round waited for it (measured,
+    docs/deployment.md §5). Installed before Flower's, this handler is the one Flower puts back: once Flower's own is
+    in place a signal reaching this one is a second signal during the exit, and is ignored (Flower's force-exit
+    still ends the process within 5 s); before that, while the SuperNode starts, it does what the default does."""
+    import os
+    import signal
+
+    from flwr.supernode import start_client_internal as flower
+
+    original = getattr(flower, "register_signal_handlers", None)
+    if original is None:
+        return False
+    registered: list[bool] = []
+
+    def register_then_mark(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        registered.append(True)
+        return result
+
+    def after_flower_handler(signum: int, _frame: object) -> None:
+        if registered:   # Flower's handler ran and put this one back: its graceful exit is under way
+            return
+        signal.signal(signum, signal.SIG_DFL)   # not started yet: as the default would
+        os.kill(os.getpid(), signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, after_flower_handler)
+    flower.register_signal_handlers = register_then_mark
+    return True
+
+
 def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str],
                   busy_poll: float | None = None, busy_window: float = 0.0,
                   task_hold: float = DEFAULT_TASK_HOLD_S) -> int:
@@ -213,6 +252,9 @@ def run_supernode(idle_poll: float, reply_poll: float, flower_args: Sequence[str
         log(WARNING, "[fedfer] this Flower's SuperNode loop is not the expected one; running it unpatched (3 s poll)")
     if patch_task_hold(task_hold) is not None:
         log(INFO, "[fedfer] the executor's task requests wait up to %.1f s for a task", task_hold)
+    if not patch_second_stop_signal():
+        log(WARNING, "[fedfer] this Flower's SuperNode has no register_signal_handlers; a second stop signal may end it "
+            "before it deactivates")
     if patch_one_reply_per_message() is None:
         log(WARNING, "[fedfer] this Flower's SuperNode loop is not the expected one; a stopped run's late reply may "
             "take the next message's place")
