@@ -150,3 +150,23 @@ def test_other_changes_to_the_public_list_are_refused_in_one_line(tmp_path, scor
         start_or_resume(resumed)
     assert "\n" not in str(refused.value)
     assert not any(e["event"] == "public-benchmarks-added" for e in _events(tmp_path / "old"))
+
+
+def test_fedfer_simulate_resume_may_add_the_benchmark_too(tmp_path):
+    # `fedfer simulate run.resume=… evaluation.public_benchmarks=…` checks the addition before Flower starts and hands
+    # the new list to the ServerApp (which chooses the best round again); an addition some round lacks is one line
+    from fedfer.commands.simulate import resumed_config
+    from server.run_dir import check_resume_dir
+    from shared_models.config import ConfigError
+
+    _run(tmp_path / "old", [0.5, 0.9, 0.6])
+    run = tmp_path / "old" / "old"
+    _, _, original = check_resume_dir(run)
+    cfg = load_config(None, [f"run.root={tmp_path / 'old'}", *OLD_RUN, f"run.resume={run}", DECLARED])
+    resumed = resumed_config(cfg, original, {"evaluation.public_benchmarks", "run.resume"})
+    assert resumed["evaluation.public_benchmarks"] == "fer2013"
+
+    cfg = load_config(None, [f"run.root={tmp_path / 'old'}", *OLD_RUN, f"run.resume={run}",
+                             "evaluation.public_benchmarks=fer2013,rafdb"])
+    with pytest.raises(ConfigError, match="adds rafdb, but .* has no rafdb score for rounds 1, 2, 3 "):
+        resumed_config(cfg, original, {"evaluation.public_benchmarks", "run.resume"})

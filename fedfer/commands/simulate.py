@@ -105,7 +105,19 @@ def resumed_config(cfg: dict[str, Any], original: dict[str, Any], explicit: set[
     start model, so that is kept (pre-trained again if the run was stopped while pre-training it)."""
     from shared_models.config import RESUME_MAY_CHANGE, resume_differences
 
+    original = {**original, "evaluation.public_benchmarks": _public_list_in_force(cfg, original)}
     changed = {key: pair for key, pair in resume_differences(cfg, original).items() if key in explicit}
+    public_list = "evaluation.public_benchmarks"
+    if public_list in changed:   # may grow by benchmarks every scored round has (server/run.py, as the ServerApp checks)
+        from server.run import ResumeRefused, public_benchmarks_added
+
+        try:
+            public_benchmarks_added(str(cfg[public_list]), str(original[public_list]),
+                                    Path(str(cfg["run.resume"])).expanduser().resolve())
+        except ResumeRefused as exc:
+            raise ConfigError(str(exc)) from None
+        del changed[public_list]
+        original = {**original, public_list: cfg[public_list]}
     if changed:
         said = ", ".join(f"{key}={new!r} (the run has {old!r})" for key, (new, old) in changed.items())
         raise ConfigError(f"run.resume: {cfg['run.resume']} continues a run; it cannot change {said}: "
@@ -126,6 +138,14 @@ def resumed_config(cfg: dict[str, Any], original: dict[str, Any], explicit: set[
         raise ConfigError(f"model.pretrained: {pretrained} not found; {resume} has no checkpoint yet and starts "
                           "again from that start model: restore it, or start a new run")
     return restarted
+
+
+def _public_list_in_force(cfg: dict[str, Any], original: dict[str, Any]) -> str:
+    """The resumed run's `evaluation.public_benchmarks` (an earlier resume may have grown it: server/run.py)."""
+    from server.run import public_list_in_force
+    from server.run_dir import RunDirectory
+
+    return public_list_in_force(RunDirectory(Path(str(cfg["run.resume"])).expanduser().resolve()), original)
 
 
 def _ensure_data(cfg: dict[str, Any], on_demand: bool = False) -> Path:
