@@ -136,10 +136,16 @@ class RoundWriter:
         folder = self.run.path / "checkpoints"
         if best is None:
             return None
-        try:
-            checkpoint = load_checkpoint_file(folder / f"round-{best.round:04d}.pt")
-        except CheckpointError:   # pruned (the usual case) or unreadable: either way its weights are not kept
-            checkpoint = None
+        checkpoint = None
+        # its round's checkpoint, or best.pt if the old list chose the same round (its round checkpoint may be pruned)
+        for source in (folder / f"round-{best.round:04d}.pt", folder / BEST_CHECKPOINT):
+            try:
+                candidate = load_checkpoint_file(source)
+            except CheckpointError:   # pruned (the usual case) or unreadable: not these weights
+                continue
+            if candidate.get("round") == best.round:
+                checkpoint = candidate
+                break
         if checkpoint is None:
             for stale in (BEST_CHECKPOINT, BEST_JSON):
                 (folder / stale).unlink(missing_ok=True)

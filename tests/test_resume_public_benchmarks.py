@@ -170,3 +170,24 @@ def test_fedfer_simulate_resume_may_add_the_benchmark_too(tmp_path):
                              "evaluation.public_benchmarks=fer2013,rafdb"])
     with pytest.raises(ConfigError, match="adds rafdb, but .* has no rafdb score for rounds 1, 2, 3 "):
         resumed_config(cfg, original, {"evaluation.public_benchmarks", "run.resume"})
+
+
+def test_a_best_pt_that_already_holds_the_best_round_is_kept_when_its_round_checkpoint_is_gone(tmp_path):
+    # the run's old list chose round 1 on another public benchmark; round 1 is best on fer2013 as well: best.pt
+    # holds its weights although round-0001.pt was pruned long ago
+    cfg = load_config(None, [f"run.root={tmp_path / 'old'}", *OLD_RUN,
+                             "evaluation.benchmarks=kdef=/data/kdef,fer2013=/data/fer2013.csv",
+                             "evaluation.public_benchmarks=kdef"])
+    writer = RoundWriter(RunDirectory.create(cfg), cfg)
+    for server_round, accuracy in enumerate([0.9, 0.5, 0.6], start=1):
+        record = RoundRecord(server_round, train={}, aggregated=True, timing={"round_seconds": 1.0})
+        arrays = ArrayRecord(_weights(cfg, server_round))
+        writer.round_trained(record, arrays, {"exhausted": [], "momentum": None})
+        record.evaluation = {"kdef": {"accuracy": accuracy}, "fer2013": {"accuracy": accuracy}}
+        writer.round_settled(record, arrays, {"exhausted": [], "momentum": None}, evaluator_expected=True)
+    run = tmp_path / "old" / "old"
+    assert _kept_round(run) == 1 and not (run / "checkpoints" / "round-0001.pt").exists()
+    _resume(tmp_path / "old", "evaluation.benchmarks=kdef=/data/kdef,fer2013=/data/fer2013.csv",
+            "evaluation.public_benchmarks=kdef,fer2013")
+    assert _kept_round(run) == 1
+    assert json.loads((run / "checkpoints" / "best.json").read_text())["accuracies"] == {"kdef": 0.9, "fer2013": 0.9}
