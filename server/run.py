@@ -44,6 +44,28 @@ class RunStart:
         return self.remaining <= 0 and self.unevaluated is None
 
 
+#: RESUME_MAY_CHANGE keys that are not the server's to take from a resume's run-config: the run's identity, and the
+#: start model (the weights come from the checkpoint)
+_NOT_TAKEN_ON_RESUME = frozenset({"run.resume", "run.name", "run.root", "model.pretrain", "model.pretrained"})
+
+
+def settings_set_on_resume(run: RunDirectory, requested: Mapping[str, Any], original: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a resume may change (shared_models.config.RESUME_MAY_CHANGE: timeouts, the keyring, threads,
+    evaluation options) that its run-config sets to a value other than both the default and the run's own; logged
+    and recorded as an event. A bare `flwr run -c run.resume=…` carries the defaults for every other key, so a key
+    at its default keeps the run's value (a resume that wants the default back starts a new run or sets it in the
+    run's config.yaml); setting it to anything else is what the docs promise a resume may do."""
+    from shared_models.config import RESUME_MAY_CHANGE, defaults
+
+    default = defaults()
+    taken = {key: requested[key] for key in sorted(RESUME_MAY_CHANGE - _NOT_TAKEN_ON_RESUME)
+             if key in requested and requested[key] != default.get(key) and requested[key] != original.get(key)}
+    if taken:
+        log(INFO, "[fedfer] resume: %s", ", ".join(f"{key} {original.get(key)!r} -> {value!r}" for key, value in taken.items()))
+        run.event("resume-settings", changed={key: [original.get(key), value] for key, value in taken.items()})
+    return taken
+
+
 def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
     """A new run directory and model, or (`run.resume`) the run, config and model of its latest checkpoint —
     or, for a run stopped before its first checkpoint, the run started again from its start model."""
@@ -61,7 +83,8 @@ def start_or_resume(cfg: Mapping[str, Any]) -> RunStart:
     checkpoint_cfg = {**checkpoint_cfg, "evaluation.public_benchmarks": public_list_in_force(run, checkpoint_cfg)}
     added = refuse_changed_settings(cfg, checkpoint_cfg, run.path)
     resumed_cfg = {**checkpoint_cfg, "run.resume": str(run.path),
-                   "evaluation.public_benchmarks": cfg["evaluation.public_benchmarks"]}   # the one list a resume may grow
+                   "evaluation.public_benchmarks": cfg["evaluation.public_benchmarks"],   # the one list a resume may grow
+                   **settings_set_on_resume(run, cfg, checkpoint_cfg)}
     model = registry.build_from_config(resumed_cfg)
     model.load_state_dict(checkpoint["state_dict"])
     start = RunStart(run, resumed_cfg, model, int(checkpoint["round"]), dict(checkpoint["strategy"]),
