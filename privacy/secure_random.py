@@ -41,6 +41,26 @@ _TWO_POW_MINUS_53 = 2.0 ** -53
 # (k·2^-53)·fl(2π) rounds to the same float64 as k·(fl(2π)·2^-53): k·2^-53 and fl(2π)·2^-53 are exact (powers
 # of two), so an angle is one multiplication of the 53-bit integer k, the same number as u·2π
 _TWO_PI_TIMES_TWO_POW_MINUS_53 = 2.0 * math.pi * _TWO_POW_MINUS_53
+# the half angle θ/2 = π·u2 by the same one multiplication: fl(2π) = 2·fl(π), so it is the float64 θ halved, exactly
+_PI_TIMES_TWO_POW_MINUS_53 = math.pi * _TWO_POW_MINUS_53
+
+
+def _numpy_has_fast_float64_tan() -> bool:
+    """Whether numpy runs its AVX-512 float64 ``tan`` here (its SVML kernel: 0.09 ms for 65,536 values on the
+    measuring machine, where torch's ``cos`` and ``sin`` took 0.19 ms each). Without AVX-512 numpy's float64
+    ``tan`` is a scalar loop (1.0 ms for the same values), so :meth:`SecureRandom._box_muller` keeps ``cos`` and
+    ``sin`` there. numpy's own record of the CPU features it dispatches on (what ``numpy.show_runtime`` prints)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:   # a numpy without that record: the path that is fast everywhere
+        return False
+    return bool(__cpu_features__.get("AVX512_SKX") or __cpu_features__.get("X86_V4"))
+
+
+#: cos θ and sin θ of the Box–Muller angle from one ``tan`` of the half angle (:meth:`SecureRandom._box_muller`),
+#: where numpy's float64 ``tan`` is vectorised; else from torch's ``cos`` and ``sin``. Both are the exact
+#: transform up to the last bits of float64 (docs/privacy.md, "The random numbers").
+_TAN_HALF_ANGLE = _numpy_has_fast_float64_tan()
 
 #: Box–Muller pairs per pass of :meth:`SecureRandom.normal_sums_into` (a stream's buffers: 5 MB). Each pass
 #: costs a fixed ~20 numpy/torch calls, so small passes lose to Python (2^12 pairs: 150 passes a HAFNet step),
@@ -123,8 +143,9 @@ class SecureRandom:
         The N(0, 1) draws are Box–Muller's: for u1 in (0, 1] and u2 in [0, 1), both with 53 random bits,
         √(−2 ln u1)·cos(2πu2) and √(−2 ln u1)·sin(2πu2) are two independent standard normals — an exact
         transform (the 53-bit u1 bounds a draw at √(106 ln 2) ≈ 8.6, a tail of probability 2^-53), computed
-        in float64 (``log`` by numpy and ``cos``/``sin`` by torch: each library's faster float64 kernel, both
-        to about an ulp). Each sum takes its ``terms`` draws from ``terms`` distinct pairs, as Opacus' four
+        in float64 (``log`` by numpy; cos θ and sin θ by torch's ``cos``/``sin``, or, where numpy's float64
+        ``tan`` is vectorised, as (1 − t²)/(1 + t²) and 2t/(1 + t²) of t = tan(θ/2), the same numbers to a few
+        ulps at half the cost: ``_TAN_HALF_ANGLE``; each library's faster float64 kernel, all to about an ulp). Each sum takes its ``terms`` draws from ``terms`` distinct pairs, as Opacus' four
         separate draws would: the two outputs of one pair share its radius (r·cos θ + r·sin θ = √2·r·sin(θ + π/4)
         is one Box–Muller sample, not two), so a sum of both would give the floating-point attack the secure-mode
         form is against half the draws it is meant to face. In a pass of m values the ``terms``·m draws are the
@@ -172,7 +193,8 @@ class SecureRandom:
         self._encryptor.update_into(memoryview(b.zeros)[: 16 * pairs], b.keystream)
         words = b.words[: 2 * pairs]
         np.right_shift(words, 11, out=words)                   # 53 random bits: k in [0, 2^53)
-        k_radius, k_angle = words[:pairs], words[pairs:]
+        # read as int64 (k < 2^53: the same numbers) — numpy converts int64 to float64 faster than uint64
+        k_radius, k_angle = words[:pairs].view(np.int64), words[pairs:].view(np.int64)
         radius = b.radius[:pairs]
         np.add(k_radius, 1, out=k_radius)                      # u1 = (k + 1)·2^-53 in (0, 1]: ln u1 is finite
         np.multiply(k_radius, _TWO_POW_MINUS_53, out=radius)
@@ -180,13 +202,27 @@ class SecureRandom:
         np.multiply(radius, -2.0, out=radius)
         np.sqrt(radius, out=radius)                            # √(−2 ln u1)
         angle = b.angle[:pairs]
+        z = b.normals[: 2 * pairs].numpy()
+        cos_out, sin_out = z[:pairs], z[pairs:]
+        if _TAN_HALF_ANGLE:
+            # t = tan(θ/2): cos θ = (1 − t²)/(1 + t²), sin θ = 2t/(1 + t²) — one vectorised tan instead of two
+            # calls that cost twice as much together; |t| < 2^54 (θ/2 is never exactly π/2), so t² is finite
+            t = angle.numpy()
+            np.multiply(k_angle, _PI_TIMES_TWO_POW_MINUS_53, out=t)   # θ/2 = π·u2
+            np.tan(t, out=t)
+            np.multiply(t, t, out=cos_out)                     # t²
+            np.add(cos_out, 1.0, out=sin_out)                  # 1 + t²
+            np.divide(radius, sin_out, out=radius)             # r / (1 + t²)
+            np.subtract(1.0, cos_out, out=cos_out)
+            np.multiply(cos_out, radius, out=cos_out)          # r·cos θ
+            np.add(t, t, out=t)                                # 2t (exact)
+            np.multiply(t, radius, out=sin_out)                # r·sin θ
+            return z
         np.multiply(k_angle, _TWO_PI_TIMES_TWO_POW_MINUS_53, out=angle.numpy())   # 2π·u2, u2 = k·2^-53
-        normals = b.normals[: 2 * pairs]
-        torch.cos(angle, out=normals[:pairs])
-        torch.sin(angle, out=normals[pairs:])
-        z = normals.numpy()
-        np.multiply(z[:pairs], radius, out=z[:pairs])
-        np.multiply(z[pairs:], radius, out=z[pairs:])
+        torch.cos(angle, out=b.normals[:pairs])
+        torch.sin(angle, out=b.normals[pairs:2 * pairs])
+        np.multiply(cos_out, radius, out=cos_out)
+        np.multiply(sin_out, radius, out=sin_out)
         return z
 
     def bernoulli(self, n: int, p: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from privacy.engine import PoissonUnits, PrivateTrainer
+import privacy.secure_random as secure_random
 from privacy.noise import gaussian_noise, gaussian_noise_like
 from privacy.secure_random import SecureRandom
 
@@ -100,7 +101,15 @@ def _box_muller_by_hand(key: bytes, pairs: int) -> list[float]:
     return ([r * math.cos(a) for r, a in zip(radius, angle)] + [r * math.sin(a) for r, a in zip(radius, angle)])
 
 
-def test_normals_known_answer_under_a_fixed_key():
+@pytest.fixture(params=[True, False], ids=["tan-half-angle", "cos-sin"])
+def angle_path(request, monkeypatch):
+    """Both ways the stream computes cos θ and sin θ (one is chosen per machine: privacy/secure_random.py
+    ``_TAN_HALF_ANGLE``), so that each is checked on any machine."""
+    monkeypatch.setattr(secure_random, "_TAN_HALF_ANGLE", request.param)
+    return request.param
+
+
+def test_normals_known_answer_under_a_fixed_key(angle_path):
     """Pins the transform: the first draws under the all-zero key, the same numbers as the transform written out
     by hand, and the secure-mode sums (four draws of four distinct pairs: the cos outputs of pairs j and m + j,
     the sin outputs of pairs j + 1 and m + j + 1, mod m; never both outputs of one pair). A change of the bits
@@ -129,6 +138,43 @@ def test_normal_sums_check_their_arguments():
     for terms in (0, 3):   # an odd number of terms would pair a draw with its own pair's other output
         with pytest.raises(ValueError, match="terms"):
             s.normal_sums_into(torch.empty(3), terms=terms)
+
+
+def test_the_two_angle_paths_give_the_same_normals(monkeypatch):
+    """cos θ, sin θ from torch's cos and sin, or from t = tan(θ/2) as (1 − t²)/(1 + t²), 2t/(1 + t²): the same
+    float64 normals to a few units in the last place (both are the exact transform up to rounding), and the same
+    float32 secure-mode noise bit for bit over 2^18 coordinates (a float64 difference of ~1e-15 moves a float32
+    rounding with probability ~1e-8 per coordinate). The angles span [0, 2π), both ends included, where t is 0
+    and ±2^53-sized."""
+    key = bytes(range(32))
+    drawn = {}
+    for tan in (True, False):
+        monkeypatch.setattr(secure_random, "_TAN_HALF_ANGLE", tan)
+        drawn[tan] = (SecureRandom(_key=key).normal(1 << 17),
+                      SecureRandom(_key=key).normal_sums_into(torch.empty(1 << 18), terms=4, scale=0.5),
+                      SecureRandom(_key=key).normal_sums_into(torch.empty(1 << 18, dtype=torch.float32), terms=4,
+                                                              scale=0.5))
+    (new64, new_sums, new32), (old64, old_sums, old32) = drawn[True], drawn[False]
+    assert float((new64 - old64).abs().max()) < 4e-15
+    assert float((new_sums - old_sums).abs().max()) < 8e-15
+    assert torch.equal(new32, old32)
+    for tan in (True, False):   # the ends of the angle: u2 = 0 (t = 0) and u2 = 1 − 2^-53 (t ≈ −5.7e15)
+        monkeypatch.setattr(secure_random, "_TAN_HALF_ANGLE", tan)
+        stream = SecureRandom()
+        stream._box_muller(4)                        # makes the buffers
+        stream._encryptor = _KeepTheBuffer()         # the next pass reads the words written here
+        stream._buffers().words[:4] = [(2 ** 52 - 1) << 11] * 2 + [0, (2 ** 53 - 1) << 11]   # u1 = 1/2, 1/2
+        cos0, cos_end, sin0, sin_end = stream._box_muller(4).tolist()
+        r = math.sqrt(2 * math.log(2))
+        assert cos0 == pytest.approx(r, rel=1e-15) and cos_end == pytest.approx(r, rel=1e-15) and sin0 == 0.0
+        assert sin_end == pytest.approx(-r * 2 * math.pi * 2.0 ** -53, abs=2e-15) and sin_end <= 0.0
+
+
+class _KeepTheBuffer:
+    """An encryptor that leaves the keystream buffer as it is."""
+
+    def update_into(self, data: object, buffer: object) -> None:
+        return None
 
 
 @pytest.mark.parametrize("broken", ["uniform", "variance"])
