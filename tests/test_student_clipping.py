@@ -281,6 +281,35 @@ def test_clipped_sum_optimizer_steps_exactly_as_opacus(secure_mode: bool, sigma:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                    (torch.float32, torch.float64)])
+def test_clipped_sum_optimizer_with_a_csprng_stream_noises_and_scales_each_coordinate(dtypes) -> None:
+    """With a CSPRNG stream the step's gradient is (noise + clipped sum) / expected batch for every coordinate,
+    the noise the stream's one draw for all parameters in their order: whether the division runs once over the
+    draw's tensor (every p.grad a view of it: one dtype) or per tensor (mixed dtypes: the noise is converted)."""
+    from privacy.secure_random import SecureRandom
+    from privacy.student_clipping import clipped_sum_optimizer
+
+    key, sigma, bound, batch = bytes(range(32)), 1.3, 0.7, 4
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(5, 3).to(dtypes[0]), nn.Conv1d(3, 2, 1).to(dtypes[1]))
+    opt = clipped_sum_optimizer(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=sigma,
+                                max_grad_norm=bound, expected_batch_size=batch, generator=SecureRandom(_key=key),
+                                secure_mode=True)
+    params = list(model.parameters())
+    sums = [torch.randn(p.shape, dtype=p.dtype) for p in params]
+    for p, s in zip(params, sums):
+        p.grad = s.clone()
+    opt.step()
+    draw_dtype = dtypes[0] if dtypes[0] == dtypes[1] else torch.float64
+    noise = SecureRandom(_key=key).normal_sums_into(torch.empty(sum(p.numel() for p in params), dtype=draw_dtype),
+                                                    terms=4, scale=0.5 * sigma * bound)
+    for p, s, n in zip(params, sums, noise.split([p.numel() for p in params])):
+        want = (n.view(p.shape).to(p.dtype) + s) / (batch * opt.accumulated_iterations)
+        assert p.grad.dtype == p.dtype and torch.equal(p.grad, want)
+    assert opt.noised_grads is None   # the draw's tensor is not held past the step
+
+
 @pytest.mark.parametrize("kernel,stride,padding,dilation,groups,size", [
     (3, 1, 1, 1, 1, 4), ((3, 1), 1, (1, 0), 1, 2, 4), (1, 2, 0, 1, 1, 8), (1, 1, 0, 1, 4, 4), (3, 1, 2, 2, 1, 6),
     (3, 1, 0, 1, 2, 5), (2, 1, 1, 1, 1, 3), ((1, 3), 1, (0, 1), 1, 4, 4), (3, 1, (0, 1), 1, 1, 4),
