@@ -41,7 +41,8 @@ _TWO_POW_MINUS_53 = 2.0 ** -53
 # (k·2^-53)·fl(2π) rounds to the same float64 as k·(fl(2π)·2^-53): k·2^-53 and fl(2π)·2^-53 are exact (powers
 # of two), so an angle is one multiplication of the 53-bit integer k, the same number as u·2π
 _TWO_PI_TIMES_TWO_POW_MINUS_53 = 2.0 * math.pi * _TWO_POW_MINUS_53
-# the half angle θ/2 = π·u2 by the same one multiplication: fl(2π) = 2·fl(π), so it is the float64 θ halved, exactly
+# the half angle θ/2 = π·u2 by the same one multiplication: fl(2π) = 2·fl(π), so it is the float64 θ halved,
+# exactly
 _PI_TIMES_TWO_POW_MINUS_53 = math.pi * _TWO_POW_MINUS_53
 
 
@@ -145,7 +146,8 @@ class SecureRandom:
         transform (the 53-bit u1 bounds a draw at √(106 ln 2) ≈ 8.6, a tail of probability 2^-53), computed
         in float64 (``log`` by numpy; cos θ and sin θ by torch's ``cos``/``sin``, or, where numpy's float64
         ``tan`` is vectorised, as (1 − t²)/(1 + t²) and 2t/(1 + t²) of t = tan(θ/2), the same numbers to a few
-        ulps at half the cost: ``_TAN_HALF_ANGLE``; each library's faster float64 kernel, all to about an ulp). Each sum takes its ``terms`` draws from ``terms`` distinct pairs, as Opacus' four
+        ulps at half the cost: ``_TAN_HALF_ANGLE``; each library's faster float64 kernel, all to about an ulp).
+        Each sum takes its ``terms`` draws from ``terms`` distinct pairs, as Opacus' four
         separate draws would: the two outputs of one pair share its radius (r·cos θ + r·sin θ = √2·r·sin(θ + π/4)
         is one Box–Muller sample, not two), so a sum of both would give the floating-point attack the secure-mode
         form is against half the draws it is meant to face. In a pass of m values the ``terms``·m draws are the
