@@ -144,8 +144,8 @@ def test_the_two_angle_paths_give_the_same_normals(monkeypatch):
     """cos θ, sin θ from torch's cos and sin, or from t = tan(θ/2) as (1 − t²)/(1 + t²), 2t/(1 + t²): the same
     float64 normals to a few units in the last place (both are the exact transform up to rounding), and the same
     float32 secure-mode noise bit for bit over 2^18 coordinates (a float64 difference of ~1e-15 moves a float32
-    rounding with probability ~1e-8 per coordinate). The angles span [0, 2π), both ends included, where t is 0
-    and ±2^53-sized."""
+    rounding with probability ~1e-8 per coordinate); and the extremes of the angle, where t is 0, about 1.6e16
+    (θ = fl(π): no float64 is π exactly, so t is finite) and just below 0."""
     key = bytes(range(32))
     drawn = {}
     for tan in (True, False):
@@ -158,15 +158,17 @@ def test_the_two_angle_paths_give_the_same_normals(monkeypatch):
     assert float((new64 - old64).abs().max()) < 4e-15
     assert float((new_sums - old_sums).abs().max()) < 8e-15
     assert torch.equal(new32, old32)
-    for tan in (True, False):   # the ends of the angle: u2 = 0 (t = 0) and u2 = 1 − 2^-53 (t ≈ −5.7e15)
-        monkeypatch.setattr(secure_random, "_TAN_HALF_ANGLE", tan)
+    for tan in (True, False):   # the extremes of t = tan(θ/2): 0 (u2 = 0), about 1.6e16 (u2 = 1/2: θ = fl(π)), and
+        monkeypatch.setattr(secure_random, "_TAN_HALF_ANGLE", tan)   # just below 0 (u2 = 1 − 2^-53)
         stream = SecureRandom()
-        stream._box_muller(4)                        # makes the buffers
+        stream._box_muller(6)                        # makes the buffers
         stream._encryptor = _KeepTheBuffer()         # the next pass reads the words written here
-        stream._buffers().words[:4] = [(2 ** 52 - 1) << 11] * 2 + [0, (2 ** 53 - 1) << 11]   # u1 = 1/2, 1/2
-        cos0, cos_end, sin0, sin_end = stream._box_muller(4).tolist()
+        stream._buffers().words[:6] = [(2 ** 52 - 1) << 11] * 3 + [0, 2 ** 52 << 11, (2 ** 53 - 1) << 11]  # u1 = 1/2
+        cos0, cos_half, cos_end, sin0, sin_half, sin_end = stream._box_muller(6).tolist()
         r = math.sqrt(2 * math.log(2))
-        assert cos0 == pytest.approx(r, rel=1e-15) and cos_end == pytest.approx(r, rel=1e-15) and sin0 == 0.0
+        assert cos0 == pytest.approx(r, rel=1e-15) and sin0 == 0.0
+        assert cos_half == pytest.approx(-r, rel=1e-15) and sin_half == pytest.approx(r * math.sin(math.pi), rel=1e-6)
+        assert cos_end == pytest.approx(r, rel=1e-15)
         assert sin_end == pytest.approx(-r * 2 * math.pi * 2.0 ** -53, abs=2e-15) and sin_end <= 0.0
 
 
