@@ -22,9 +22,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.node import NodeIdentity, identify
-from shared_models.wire import LEDGER_ANCHOR_RECORD, bundle, is_bundled, is_packed, pack_content, received_numpy, unbundle, unpack_content
+from shared_models.wire import LEDGER_ANCHOR_RECORD, PackingError, bundle, is_bundled, is_packed, pack_content, received_numpy, unbundle, unpack_content
 from shared_models.models import registry
 from shared_models.config import from_run_config
+from shared_models.wording import one_line
 
 logging.getLogger("flwr").propagate = False   # Opacus's root handler would print every record twice (server/app.py)
 
@@ -87,9 +88,15 @@ def _anchored_head(content: RecordDict) -> tuple[Any, str]:
     is a problem, never "nothing": the school declines rather than guess."""
     from privacy.state_folder import AnchoredHead
 
-    record = content.config_records.get(LEDGER_ANCHOR_RECORD)
-    if record is None:
+    if LEDGER_ANCHOR_RECORD not in content:
         return None, ""
+    record = content[LEDGER_ANCHOR_RECORD]
+    if not isinstance(record, ConfigRecord):   # the name on a metric or array record is not "no anchor"
+        return None, f"record '{LEDGER_ANCHOR_RECORD}' is not a config record"
+    extra = sorted(str(key)[:40] for key in record if key not in ("entries", "head"))
+    if extra:   # another school's name, a budget, ...: the school reads nothing it was not built to read
+        named = ", ".join(map(repr, extra[:5]))
+        return None, f"record '{LEDGER_ANCHOR_RECORD}' holds {named}, not only 'entries' and 'head'"
     entries, head = record.get("entries"), record.get("head")
     if isinstance(entries, bool) or not isinstance(entries, int) or not 1 <= entries < MAX_ROUND:
         return None, f"record '{LEDGER_ANCHOR_RECORD}': 'entries' is {str(entries)[:40]!r}, not a count of entries"
@@ -129,7 +136,10 @@ def train(msg: Message, context: Context) -> Message:
     from client.school_round import PhaseClock, run_round
 
     phases = PhaseClock()
-    content = _request(msg)
+    try:
+        content = _request(msg)
+    except PackingError as exc:   # a bundle that does not match its manifest: decline in one line, not a traceback
+        return _reply_status(msg, "declined", f"the train message: {one_line(str(exc))}")
     cfg, node, round_config = _setup(content, context)
     if node.role != "school":
         return _reply_status(msg, "declined", f"node role is {node.role}, not school")

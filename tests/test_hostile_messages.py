@@ -329,3 +329,148 @@ def test_a_school_declines_a_global_model_with_nan_before_spending_anything(tmp_
     status = reply.content["status"]
     assert status["status"] == "declined" and f"'{name}' holds NaN or Inf" in status["reason"], dict(status)
     assert not (tmp_path / "state" / "ledger.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------ the coordinator's anchored head
+# Each train message carries what the coordinator's anchor holds of the school's chain ("ledger-anchor": `entries`,
+# `head`; client/app.py `_anchored_head`). A hostile coordinator can send anything there; whatever it sends, the
+# school declines in one line before anything is trained, recorded or signed (or trains exactly as it would have).
+ANCHOR = "ledger-anchor"   # shared_models/wire.py LEDGER_ANCHOR_RECORD: the name on the wire
+
+
+def _state_files(state) -> dict:
+    """The state folder's files that record spending or training (not locks, not the school's timing log)."""
+    return {p.name: p.read_bytes() for p in state.iterdir()
+            if p.is_file() and not p.name.endswith(".lock") and p.name != "round-timing.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def trained_schools(tmp_path_factory):
+    """school-x and school-y, each with one real round in its ledger (run-1, round 1). Returns
+    (school-x's data folder, its state folder, the global model, school-x's head, school-y's head, run config)."""
+    from school_fixtures import school_context, train_message, write_school
+
+    from client import app as client_app
+    from privacy.ledger import read_ledger_file
+    from server.deploy.commands import make_school_keys
+    from shared_models.config import from_run_config, load_config
+    from shared_models.models import registry
+
+    overrides = ["train.batch_size=2", "federation.rounds=4", "train.frames_per_student=2"]
+    run_config = from_run_config(dict(o.split("=", 1) for o in overrides))
+    root = tmp_path_factory.mktemp("anchored")
+    cfg = load_config(None, overrides)
+    torch_model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"])).state_dict()
+    heads = {}
+    for school_id in ("school-x", "school-y"):
+        school = write_school(root / school_id, [f"s{i}" for i in range(6)])
+        state = root / f"{school_id}-state"
+        make_school_keys(state)
+        reply = client_app.train(train_message(torch_model, root / "run-1", server_round=1, run_id="run-1"),
+                                 school_context(school, state, run_config, **{"school-id": school_id}))
+        assert reply.content["status"]["status"] == "ok", dict(reply.content["status"])
+        heads[school_id] = read_ledger_file(state / "ledger.jsonl")[-1]["hash"]
+    return root / "school-x", root / "school-x-state", torch_model, heads["school-x"], heads["school-y"], run_config
+
+
+def _hostile_anchors(own_head: str, other_head: str) -> dict:
+    """name -> (what the coordinator puts under "ledger-anchor", the reply's status, words its reason holds)."""
+    def anchor(**values):
+        return ConfigRecord(values)
+    bad_count, bad_head = "'entries' is", "'head' is"
+    return {
+        "count-text": (anchor(entries="1", head=own_head), "declined", bad_count),
+        "count-float": (anchor(entries=1.0, head=own_head), "declined", bad_count),
+        "count-bool": (anchor(entries=True, head=own_head), "declined", bad_count),
+        "count-list": (anchor(entries=[1], head=own_head), "declined", bad_count),
+        "count-zero": (anchor(entries=0, head=own_head), "declined", bad_count),
+        "count-negative": (anchor(entries=-1, head=own_head), "declined", bad_count),
+        "count-int64-max": (anchor(entries=2**63 - 1, head=own_head), "declined", bad_count),
+        "count-past-the-ledger": (anchor(entries=10**9 - 1, head=own_head), "ledger-behind", "lacks entries"),
+        "count-missing": (anchor(head=own_head), "declined", bad_count),
+        "head-short": (anchor(entries=1, head=own_head[:63]), "declined", bad_head),
+        "head-long": (anchor(entries=1, head=own_head + "00"), "declined", bad_head),
+        "head-not-hex": (anchor(entries=1, head="zz" * 32), "declined", bad_head),
+        "head-upper-case": (anchor(entries=1, head=own_head.upper()), "declined", bad_head),
+        "head-bytes": (anchor(entries=1, head=own_head.encode()), "declined", bad_head),
+        "head-escapes": (anchor(entries=1, head="\x1b[31m\n" + own_head), "declined", bad_head),
+        "head-missing": (anchor(entries=1), "declined", bad_head),
+        "empty-record": (anchor(), "declined", bad_count),
+        "extra-keys": (anchor(entries=1, head=own_head, school="school-y", epsilon=0.0), "declined",
+                       "holds 'epsilon', 'school'"),
+        "another-schools-head": (anchor(entries=1, head=other_head), "ledger-behind", "lacks entries"),
+        "metric-record": (MetricRecord({"entries": 1}), "declined", "not a config record"),
+        "array-record": (ArrayRecord({}), "declined", "not a config record"),
+    }
+
+
+def _train_with_anchor(trained_schools, tmp_path, record, bundled: bool):
+    """school-x's round 2 of run-1 (everything else in the message valid) with `record` as its "ledger-anchor",
+    on a copy of its state folder; bundled: in the form the server's grid sends (server/transport.py: the model and
+    config in one bundle, the anchor beside it). Returns (reply content, files before, files after)."""
+    import shutil
+
+    from school_fixtures import school_context, train_message
+
+    from client import app as client_app
+    from shared_models.wire import bundle, unbundle
+
+    school, trained_state, model, _, _, run_config = trained_schools
+    state = tmp_path / "state"
+    shutil.copytree(trained_state, state)
+    message = train_message(model, tmp_path / "run-1", server_round=2, run_id="run-1")
+    if bundled:
+        message.content = bundle(pack_content(message.content))
+    message.content[ANCHOR] = record
+    before = _state_files(state)
+    reply = client_app.train(message, school_context(school, state, run_config))
+    return unbundle(reply.content), before, _state_files(state)   # a bundled request is answered bundled
+
+
+def test_the_anchor_fixture_trains_when_the_anchor_is_right(trained_schools, tmp_path):
+    """The control for the cases below: the same message with the right anchor trains and signs round 2."""
+    own_head = trained_schools[3]
+    right = ConfigRecord({"entries": 1, "head": own_head})
+    content, before, after = _train_with_anchor(trained_schools, tmp_path, right, bundled=True)
+    assert content["status"]["status"] == "ok", dict(content["status"])
+    assert "ledger" in content.config_records and after["ledger.jsonl"] != before["ledger.jsonl"]
+
+
+@pytest.mark.parametrize("bundled", [False, True], ids=["plain", "bundled"])
+@pytest.mark.parametrize("case", list(_hostile_anchors("0" * 64, "1" * 64)))
+def test_a_hostile_anchor_makes_the_school_decline_in_one_line_with_nothing_trained_or_signed(
+        trained_schools, tmp_path, case, bundled):
+    """Extra keys, or the name on a metric or array record, were read as "no anchor" (the school trained on);
+    now every record the school cannot read as (entries, head) declines the round."""
+    record, status, words = _hostile_anchors(trained_schools[3], trained_schools[4])[case]
+    content, before, after = _train_with_anchor(trained_schools, tmp_path, record, bundled)
+    reply = dict(content["status"])
+    assert reply["status"] == status and words in reply["reason"], reply
+    assert "\n" not in reply["reason"] and "\x1b" not in reply["reason"] and len(reply["reason"]) <= 500
+    assert "ledger" not in content.config_records and "arrays" not in content.array_records
+    assert after == before
+
+
+def test_an_anchor_inside_the_bundle_as_well_as_beside_it_is_declined_not_raised(trained_schools, tmp_path):
+    """Two "ledger-anchor" records (one folded into the bundle, one beside it): unbundling raised PackingError out
+    of the ClientApp (a traceback in the school's log); now the school declines naming the repeated record."""
+    import shutil
+
+    from school_fixtures import school_context, train_message
+
+    from client import app as client_app
+    from shared_models.wire import bundle
+
+    school, trained_state, model, own_head, _, run_config = trained_schools
+    state = tmp_path / "state"
+    shutil.copytree(trained_state, state)
+    message = train_message(model, tmp_path / "run-1", server_round=2, run_id="run-1")
+    message.content[ANCHOR] = ConfigRecord({"entries": 1, "head": "ab" * 32})
+    message.content = RecordDict({**bundle(pack_content(message.content)),
+                                  ANCHOR: ConfigRecord({"entries": 1, "head": own_head})})
+    before = _state_files(state)
+    reply = dict(client_app.train(message, school_context(school, state, run_config)).content["status"])
+    assert reply["status"] == "declined", reply
+    assert "'ledger-anchor'" in reply["reason"] and "repeated" in reply["reason"], reply
+    assert "\n" not in reply["reason"]
+    assert _state_files(state) == before
