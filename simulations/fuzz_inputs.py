@@ -1,7 +1,7 @@
 """Malformed input through the `fedfer` command surfaces that read configs, run directories, checkpoints,
 deployment folders and report folders: every case in its own subprocess with a timeout.
 
-    python -m simulations.fuzz_inputs [--code-root DIR] [--timeout 60] [--only config,resume,...,privacy] [--out F.json]
+    python -m simulations.fuzz_inputs [--code-root DIR] [--timeout 60] [--only config,resume,...,privacy,cli] [--out F.json]
 
 Per case it records the exit code and classifies the outcome:
 
@@ -16,6 +16,7 @@ Per case it records the exit code and classifies the outcome:
     executed    a crafted checkpoint's payload ran (its marker file exists)
     multiline   refused, but the message is more than one line (argparse's usage + error is allowed)
     refused-valid  a valid input (e.g. a 114-character host name) was refused
+    wrong-result   accepted, but what it wrote is not what it must be (the case's own check says why)
     not-json    a command asked for --json did not print exactly one JSON object on stdout with the exit
                 code it ended with (`privacy audit --json`: every outcome, usage errors included)
     ok          refused in one line naming the problem, or accepted where acceptance is right
@@ -44,7 +45,7 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent.parent
 OUTCOMES = ("traceback", "internal", "hang", "damaged", "wrote", "accepted", "executed", "multiline", "not-json",
-            "refused-valid", "ok")
+            "refused-valid", "wrong-result", "ok")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Case:
     report: bool = False                     # the command reports its findings on stdout (the audit's table):
                                              # the needle is looked for there, and its length is not a fault
     json_stdout: bool = False                # stdout must be one JSON object whose exit_code is the exit code
+    check: Callable[[Path], str] | None = None   # after an accepted run: what is wrong with the case folder, or ""
     extra: dict = field(default_factory=dict)
 
 
@@ -575,14 +577,15 @@ def restore_ledger_cases(t: Templates) -> list[Case]:
     cases = []
 
     def add(name: str, change: Callable[[Path], None], needle: str, expect: str = "refuse",
-            argv: tuple[str, ...] = ("--state-dir", "state", "--school", "school-a", "--from", "runs")) -> None:
+            argv: tuple[str, ...] = ("--state-dir", "state", "--school", "school-a", "--from", "runs"),
+            may_rewrite: tuple[str, ...] = (), check: Callable[[Path], str] | None = None) -> None:
         def setup(d: Path, change: Callable[[Path], None] = change) -> None:
             shutil.copytree(t.rotated / "schools" / "school-a", d / "state")
             shutil.copytree(t.rotated / "runs", d / "runs")
             (d / "state" / "ledger.jsonl").unlink()   # the ledger is lost
             change(d)
         cases.append(Case("deploy", f"restore-{name}", ["deploy", "restore-ledger", *argv], setup, expect=expect,
-                          needle=needle))
+                          needle=needle, may_rewrite=may_rewrite, check=check))
 
     def edited_entry(path: Path, text: bytes) -> None:   # an entry's ε lowered: its hash no longer matches
         lines = text.decode().splitlines()
@@ -616,11 +619,65 @@ def restore_ledger_cases(t: Templates) -> list[Case]:
         "signing_key.pub")
     add("another-schools-key", lambda d: write_ledger_key(d / "state" / "signing_key.pub"), "school's own keys",
         argv=("--state-dir", "state", "--school", "school-a", "--from", "runs"))
+    accountant_cases(t, add)
     add("school-name-path", lambda d: None, "../a", argv=("--state-dir", "state", "--school", "../a", "--from", "runs"))
     add("from-missing", lambda d: None, "nowhere", argv=("--state-dir", "state", "--school", "school-a", "--from", "nowhere"))
     add("from-file", lambda d: (d / "afile").write_text("keep"), "afile",
         argv=("--state-dir", "state", "--school", "school-a", "--from", "afile"))
     return cases
+
+
+def _accountant_path(state: Path) -> Path:
+    (path,) = state.glob("accountant-*.json")   # the rotated school trained from one dataset: one accountant
+    return path
+
+
+def _counted(history: list) -> dict[tuple[float, float], int]:
+    """An accountant's history as the restore compares it: steps per (noise multiplier, sample rate)."""
+    counts: dict[tuple[float, float], int] = {}
+    for sigma, rate, steps in history:
+        counts[(sigma, rate)] = counts.get((sigma, rate), 0) + steps
+    return counts
+
+
+def accountant_cases(t: Templates, add: Callable[..., None]) -> None:
+    """restore-ledger over the accountant of an old backup of the whole state folder (the ledger moved aside): one
+    that counted less is accepted and brought up to the coordinator's copies; one that counted more, or counted a
+    mechanism the copies never used, is refused (the newest entries are missing); a damaged one is refused."""
+    full = _counted(json.loads(_accountant_path(t.rotated / "schools" / "school-a").read_text())["history"])
+
+    def history(change: Callable[[list], list]) -> Callable[[Path], None]:
+        def edit(d: Path) -> None:
+            path = _accountant_path(d / "state")
+            data = json.loads(path.read_text())
+            data["history"] = change(data["history"])
+            path.write_text(json.dumps(data))
+        return edit
+
+    def caught_up(d: Path) -> str:
+        counted = _counted(json.loads(_accountant_path(d / "state").read_text())["history"])
+        if counted != full:
+            return f"the accountant counts {counted}, not the copies' {full}"
+        if not (d / "state" / "ledger.jsonl").is_file():
+            return "no ledger.jsonl written"
+        return ""
+
+    account = "state/accountant-*.json"   # the one file a restore over an old accountant rewrites
+    add("accountant-counted-less", history(lambda h: h[:2]), "", expect="accept", may_rewrite=(account,),
+        check=caught_up)
+    add("accountant-counted-nothing", history(lambda h: []), "", expect="accept", may_rewrite=(account,),
+        check=caught_up)
+    add("accountant-counted-more", history(lambda h: h + h[-1:]), "counted more spending")
+    add("accountant-other-mechanism", history(lambda h: h[:-1] + [[h[-1][0] * 2, h[-1][1], h[-1][2]]]),
+        "counted more spending")
+    add("accountant-torn", lambda d: _replaced_text(_accountant_path(d / "state"), lambda text: text[:40]),
+        "accountant-")
+    add("accountant-history-text", history(lambda h: "lots"), "accountant-")
+    add("accountant-negative-steps", history(lambda h: h[:-1] + [[h[-1][0], h[-1][1], -h[-1][2]]]), "accountant-")
+
+
+def _replaced_text(path: Path, change: Callable[[str], str]) -> None:
+    path.write_text(change(path.read_text()))
 
 
 def write_signing_key(path: Path) -> None:
@@ -720,6 +777,20 @@ def scripts_cases(t: Templates) -> list[Case]:
     add("valid", lambda d: None, expect="accept")
     add("node-script-dir", folder_at(scripts[1]), "/start.sh: ")   # the script, not its temp file
     add("superlink-script-dir", folder_at(scripts[0]), "/start-superlink.sh: ")
+    return cases
+
+
+def cli_cases() -> list[Case]:
+    """`fedfer` and its command groups without a sub-command print their help (exit 2, nothing written); an unknown
+    sub-command or option is argparse's usage and one error line."""
+    cases = []
+    for words in ([], ["data"], ["deploy"], ["privacy"]):
+        cases.append(Case("cli", "no-sub-command-" + ("-".join(words) or "fedfer"), words,
+                          needle=" ".join(["usage: fedfer", *words]), report=True))   # the help is on stdout
+    unknown = {"unknown-command": ["bogus"], "unknown-data-action": ["data", "bogus"], "unknown-option": ["--bogus"],
+               "data-synth-unknown-option": ["data", "synth", "--bogus"]}
+    for name, words in unknown.items():
+        cases.append(Case("cli", name, words, needle=words[-1]))
     return cases
 
 
@@ -902,6 +973,8 @@ def classify(case: Case, proc_rc: int | None, stderr: str, before: dict[str, str
         return "ok"
     if case.expect == "accept" and proc_rc != 0:
         return "refused-valid"     # a valid input refused: reported, not counted as a crash
+    if case.expect == "accept" and case.check is not None and case.check(case_dir):
+        return "wrong-result"
     return "ok"
 
 
@@ -944,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--code-root", type=Path, default=HERE, help="checkout whose fedfer is run (default: this one)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a case counts as a hang")
-    parser.add_argument("--only", default="", help="comma-separated surfaces: config,override,resume,checkpoint,deploy,report,audit,privacy")
+    parser.add_argument("--only", default="", help="comma-separated surfaces: config,override,resume,checkpoint,deploy,report,audit,privacy,cli")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: print only)")
     args = parser.parse_args(argv)
     CODE_ROOT = args.code_root.resolve()
@@ -952,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         templates = Templates(work)
         cases = (config_cases() + resume_cases(templates) + checkpoint_cases(templates) + deploy_cases(templates)
-                 + report_cases(templates) + audit_cases(templates) + privacy_flag_cases())
+                 + report_cases(templates) + audit_cases(templates) + privacy_flag_cases() + cli_cases())
         only = {s for s in args.only.split(",") if s}
         if only:
             cases = [c for c in cases if c.surface in only]
@@ -982,7 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
             "totals": totals}, indent=1)[:-2]
         rows = ",\n".join("  " + json.dumps(r, ensure_ascii=False) for r in results)   # one case per line
         args.out.write_text(head + ',\n "cases": [\n' + rows + "\n ]\n}\n")
-    bad = sum(totals.get(k, 0) for k in ("traceback", "internal", "hang", "damaged", "executed"))
+    bad = sum(totals.get(k, 0) for k in ("traceback", "internal", "hang", "damaged", "executed", "wrong-result"))
     return 1 if bad else 0
 
 
