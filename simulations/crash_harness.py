@@ -60,6 +60,11 @@ Kill points (the round is --target-round, default 2):
                       the same signed chain, an accountant that counts what it counted, one restore record, and
                       the audit exit 0 (a restore writes in microseconds, too fast to catch by watching files,
                       so the process kills itself at the write: the same SIGKILL, at an exact spot)
+  restore-old-accountant  as restore-ledger, but the accountant is not lost: it is put back as it was two rounds
+                      earlier (an old backup of the whole state folder, its ledger moved aside), so the restore
+                      brings it up to the copies; killed at that catch-up, then after it and before the ledger,
+                      then run again: the same chain, the accountant as before the loss, one restore record,
+                      the audit exit 0
 
 Prints one line per step and a summary table; writes everything as JSON (--out).
 """
@@ -89,7 +94,8 @@ TINY = [
     "model.pretrain=", "data.school_size_spread=30",
 ]
 POINTS = ("mid-training", "school-ledger", "server-ledger-copy", "checkpoint-write", "checkpoint-pending",
-          "metrics-line", "report-writing", "torn-metrics", "double-crash", "time-20", "restore-ledger")
+          "metrics-line", "report-writing", "torn-metrics", "double-crash", "time-20", "restore-ledger",
+          "restore-old-accountant")
 POLL_S = 0.003
 
 
@@ -738,12 +744,21 @@ def _accountant_history(state: Path) -> dict[str, Any] | None:
     return {str(k): v for k, v in history_key(json.loads(files[0].read_text())["history"]).items()}
 
 
-def run_restore_point(work: Path, data_root: Path, rounds: int, timeout: float) -> Outcome:
-    """A finished run; school-00 loses its ledger and accountant; the restore is killed at each write in turn,
-    then run again to the end."""
-    out = Outcome("restore-ledger")
+def make_accountant_older(state: Path, rounds: int = 2) -> None:
+    """The school's accountant as an old backup of its state folder holds it: without its last `rounds` rounds."""
+    (path,) = state.glob("accountant-*.json")   # one dataset, one accountant
+    data = json.loads(path.read_text())
+    data["history"] = data["history"][:-rounds]
+    path.write_text(json.dumps(data, indent=1))
+
+
+def run_restore_point(work: Path, data_root: Path, rounds: int, timeout: float, old_accountant: bool = False) -> Outcome:
+    """A finished run; school-00 loses its ledger and accountant (old_accountant: its accountant is put back two
+    rounds older instead); the restore is killed at each write in turn, then run again to the end."""
+    point = "restore-old-accountant" if old_accountant else "restore-ledger"
+    out = Outcome(point)
     started = time.time()
-    base = work / "restore-ledger"
+    base = work / point
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     run_dir = (base / "runs" / "crash").resolve()
@@ -763,21 +778,25 @@ def run_restore_point(work: Path, data_root: Path, rounds: int, timeout: float) 
     entries_before, _ = read_lines(ledger)
     history_before = _accountant_history(state)
     ledger.unlink()
-    for path in state.glob("accountant-*.json"):
-        path.unlink()
+    if old_accountant:
+        make_accountant_older(state)
+    else:
+        for path in state.glob("accountant-*.json"):
+            path.unlink()
+    history_lost = _accountant_history(state)   # what the restore starts from: None, or the older accountant
     command = ["deploy", "restore-ledger", "--state-dir", str(state), "--school", "school-00", "--from", str(run_dir.parent)]
     for n, where in enumerate(RESTORE_KILLS, start=1):
         killed = subprocess.run([sys.executable, "-c", KILLED_RESTORE, where, *command], cwd=base, capture_output=True,
                                 text=True, timeout=timeout)
         out.seen.append(f"restore killed at the {where} write (exit {killed.returncode})")
-        say(f"  [restore-ledger] {out.seen[-1]}")
+        say(f"  [{point}] {out.seen[-1]}")
         phase = Phase(f"crash {n}")
         phase.add("killed", killed.returncode == -signal.SIGKILL, f"exit {killed.returncode} {killed.stderr[-300:]}")
         phase.add("ledger", not ledger.exists(), "no ledger.jsonl yet" if not ledger.exists() else "a ledger was written")
         history = _accountant_history(state)
-        # killed at the accountant: none yet; killed at the ledger: the accountant is written and agrees
-        phase.add("accountant", history == (None if where == "accountant" else history_before),
-                  f"{history} (before the loss: {history_before})")
+        # killed at the accountant: as it was (none, or the older one); at the ledger: written, and it agrees
+        phase.add("accountant", history == (history_lost if where == "accountant" else history_before),
+                  f"{history} (before the loss: {history_before}; after it: {history_lost})")
         out.phases.append(phase)
     again = subprocess.run([sys.executable, "-m", "fedfer", *command], cwd=base, capture_output=True, text=True,
                            timeout=timeout)
@@ -798,7 +817,7 @@ def run_restore_point(work: Path, data_root: Path, rounds: int, timeout: float) 
     phase.add("audit", code == 0, f"exit {code}: {verdict}")
     out.audit.append((code, verdict))
     out.phases.append(phase)
-    say(f"  [restore-ledger] run again (exit {again.returncode}): " + ("ok" if phase.ok else "FAILED: " + "; ".join(
+    say(f"  [{point}] run again (exit {again.returncode}): " + ("ok" if phase.ok else "FAILED: " + "; ".join(
         f"{c.name}: {c.detail}" for c in phase.checks if not c.ok)) + f"; audit exit {code}: {verdict}")
     out.seconds = round(time.time() - started, 1)
     return out
@@ -851,8 +870,9 @@ def main(argv: list[str] | None = None) -> int:
     for point in points:
         say(f"{point}:")
         try:
-            if point == "restore-ledger":
-                outcomes.append(run_restore_point(work, data_root, args.rounds, args.timeout))
+            if point in ("restore-ledger", "restore-old-accountant"):
+                outcomes.append(run_restore_point(work, data_root, args.rounds, args.timeout,
+                                                  old_accountant=point == "restore-old-accountant"))
             else:
                 outcomes.append(run_point(point, work, data_root, args.rounds, args.target_round, args.timeout))
         except Exception as exc:  # noqa: BLE001 - one point's failure is a row, not the end of the harness

@@ -348,3 +348,33 @@ def test_the_crash_harness_kills_a_real_restore_at_each_write_and_running_it_aga
     assert fedfer_main(command) == 0
     assert read_ledger_file(spent.state / "ledger.jsonl") == entries_before
     assert len(json.loads((spent.state / RESTORE_RECORD).read_text())) == 1
+
+
+def test_the_crash_harness_kills_a_restore_over_an_older_accountant_and_running_it_again_finishes(spent):
+    """The restore-old-accountant point: the accountant of an old backup (two rounds fewer) is brought up to the
+    copies; killed at that catch-up the accountant is as it was, killed after it (before the ledger) it already
+    counts what the copies hold; the plain command run again writes the same chain, one restore record."""
+    import signal
+    import subprocess
+    import sys
+
+    from simulations.crash_harness import KILLED_RESTORE, RESTORE_KILLS, _accountant_history, make_accountant_older
+
+    entries_before = read_ledger_file(spent.state / "ledger.jsonl")
+    history_before = _accountant_history(spent.state)
+    (spent.state / "ledger.jsonl").unlink()
+    make_accountant_older(spent.state)
+    history_older = _accountant_history(spent.state)
+    assert history_older != history_before
+    command = ["deploy", "restore-ledger", "--state-dir", str(spent.state), "--school", SCHOOL,
+               "--from", str(spent.root / "runs")]
+    for where in RESTORE_KILLS:
+        killed = subprocess.run([sys.executable, "-c", KILLED_RESTORE, where, *command], capture_output=True, text=True,
+                                timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        assert not (spent.state / "ledger.jsonl").exists()
+        assert _accountant_history(spent.state) == (history_older if where == "accountant" else history_before)
+    assert fedfer_main(command) == 0
+    assert read_ledger_file(spent.state / "ledger.jsonl") == entries_before
+    assert _accountant_history(spent.state) == history_before
+    assert len(json.loads((spent.state / RESTORE_RECORD).read_text())) == 1
