@@ -106,8 +106,19 @@ def _anchored_head(content: RecordDict) -> tuple[Any, str]:
 
 
 def _global_model(content: RecordDict, cfg: dict[str, Any]) -> torch.nn.Module:
+    """The configured model holding the weights the server sent. Raises PackingError (one line) when they are
+    malformed or are not this model's tensors: load_state_dict's RuntimeError spans lines and names every key."""
     model = registry.build_from_config(cfg)   # train.trainable freezes here, before the DP engine sees it
-    model.load_state_dict(_received_state(content), strict=True)
+    received, expected = _received_state(content), model.state_dict()
+    missing, unknown = sorted(set(expected) - set(received)), sorted(set(received) - set(expected))
+    if missing or unknown:
+        raise PackingError(f"the global model lacks {len(missing)} of the model's {len(expected)} tensors and holds "
+                           f"{len(unknown)} tensor(s) it does not have (e.g. {(missing or unknown)[0][:80]!r})")
+    for name, tensor in received.items():
+        if tensor.shape != expected[name].shape:
+            raise PackingError(f"the global model's {name[:80]!r} has shape {tuple(tensor.shape)}, not "
+                               f"{tuple(expected[name].shape)}")
+    model.load_state_dict(received, strict=True)
     return model
 
 
@@ -150,7 +161,10 @@ def train(msg: Message, context: Context) -> Message:
     if problem:
         return _reply_status(msg, "declined", problem)
     server_round = int(round_config["server-round"])
-    model = _global_model(content, cfg)
+    try:
+        model = _global_model(content, cfg)
+    except PackingError as exc:   # the coordinator's model is not this school's: nothing to train from
+        return _reply_status(msg, "declined", one_line(str(exc)), school=node.school_id)
     phases.mark("receive")
     broken = next((name for name, value in model.state_dict().items()
                    if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)

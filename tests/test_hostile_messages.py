@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from grid_fixtures import FakeGrid, _record, _reply, _state, _train_reply
@@ -474,3 +475,28 @@ def test_an_anchor_inside_the_bundle_as_well_as_beside_it_is_declined_not_raised
     assert "'ledger-anchor'" in reply["reason"] and "repeated" in reply["reason"], reply
     assert "\n" not in reply["reason"]
     assert _state_files(state) == before
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda state: {"w": state[next(iter(state))]}, "lacks"),                      # another model's tensors
+    (lambda state: {**state, "extra.weight": state[next(iter(state))]}, "holds 1 tensor(s)"),
+    (lambda state: {**state, next(iter(state)): state[next(iter(state))][..., :1]}, "has shape"),
+    (lambda state: {**state, "w": torch.zeros(3)}, "holds 1 tensor(s)"),
+], ids=["other-model", "extra-tensor", "wrong-shape", "unknown-name"])
+def test_a_school_declines_a_global_model_that_does_not_fit_its_model_in_one_line(tmp_path, change, words):
+    """A coordinator's model whose tensors are not the school's model's: load_state_dict raised RuntimeError out of
+    the ClientApp (a traceback in the school's log); now the school declines in one line, before spending anything."""
+    from school_fixtures import school_context, train_message, write_school
+
+    from client import app as client_app
+    from shared_models.config import load_config
+    from shared_models.models import registry
+
+    cfg = load_config(None, ["train.batch_size=2", "federation.rounds=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    school = write_school(tmp_path / "school", [f"s{i}" for i in range(4)])
+    message = train_message(change(model.state_dict()), tmp_path / "run")
+    status = client_app.train(message, school_context(school, tmp_path / "state", cfg)).content["status"]
+    assert status["status"] == "declined" and words in status["reason"], dict(status)
+    assert "\n" not in status["reason"] and len(status["reason"]) <= 500
+    assert not (tmp_path / "state" / "ledger.jsonl").exists()
