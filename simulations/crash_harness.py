@@ -60,8 +60,8 @@ Kill points (the round is --target-round, default 2):
                       the same signed chain, an accountant that counts what it counted, one restore record, and
                       the audit exit 0 (a restore writes in microseconds, too fast to catch by watching files,
                       so the process kills itself at the write: the same SIGKILL, at an exact spot)
-  restore-old-accountant  as restore-ledger, but the accountant is not lost: it is put back as it was two rounds
-                      earlier (an old backup of the whole state folder, its ledger moved aside), so the restore
+  restore-old-accountant  as restore-ledger, but the accountant is not lost: it is put back holding the first half
+                      of its rounds (an old backup of the whole state folder, its ledger moved aside), so the restore
                       brings it up to the copies; killed at that catch-up, then after it and before the ledger,
                       then run again: the same chain, the accountant as before the loss, one restore record,
                       the audit exit 0
@@ -744,17 +744,19 @@ def _accountant_history(state: Path) -> dict[str, Any] | None:
     return {str(k): v for k, v in history_key(json.loads(files[0].read_text())["history"]).items()}
 
 
-def make_accountant_older(state: Path, rounds: int = 2) -> None:
-    """The school's accountant as an old backup of its state folder holds it: without its last `rounds` rounds."""
+def make_accountant_older(state: Path) -> None:
+    """The school's accountant as an old backup of its state folder holds it: its first half (at least one round
+    dropped, at least one kept when it has two), so the restore catches up an accountant that counted less, not
+    one that counted nothing."""
     (path,) = state.glob("accountant-*.json")   # one dataset, one accountant
     data = json.loads(path.read_text())
-    data["history"] = data["history"][:-rounds]
+    data["history"] = data["history"][:len(data["history"]) // 2]
     path.write_text(json.dumps(data, indent=1))
 
 
 def run_restore_point(work: Path, data_root: Path, rounds: int, timeout: float, old_accountant: bool = False) -> Outcome:
-    """A finished run; school-00 loses its ledger and accountant (old_accountant: its accountant is put back two
-    rounds older instead); the restore is killed at each write in turn, then run again to the end."""
+    """A finished run; school-00 loses its ledger and accountant (old_accountant: its accountant is put back holding
+    half its rounds instead); the restore is killed at each write in turn, then run again to the end."""
     point = "restore-old-accountant" if old_accountant else "restore-ledger"
     out = Outcome(point)
     started = time.time()
