@@ -133,7 +133,10 @@ def _signing_key_pem(node: NodeIdentity) -> str:
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's role and (for a school) its ledger public key."""
     cfg = from_run_config(context.run_config)
-    round_config = _request(msg).config_records.get("config", ConfigRecord())
+    try:
+        round_config = _request(msg).config_records.get("config", ConfigRecord())
+    except PackingError as exc:   # the server then counts this node as unknown (server/strategy.py), not a crash
+        return _reply_status(msg, "declined", f"the query message: {one_line(str(exc))}")
     node = identify(context.node_config, cfg, run_dir=str(round_config.get("run-dir", "")))
     info: dict[str, Any] = {"role": node.role, "school-id": node.school_id}
     if node.role == "school":
@@ -222,11 +225,17 @@ def _log_failure(node: NodeIdentity) -> None:
 def evaluate(msg: Message, context: Context) -> Message:
     """The evaluation node: score the global model on every configured public benchmark."""
     started = time.perf_counter()
-    content = _request(msg)
+    try:
+        content = _request(msg)
+    except PackingError as exc:   # a bundle that does not match its manifest: decline in one line, not a traceback
+        return _reply_status(msg, "declined", f"the evaluate message: {one_line(str(exc))}")
     cfg, node, round_config = _setup(content, context)
     if node.role != "evaluator":
         return _reply_status(msg, "declined", f"node role is {node.role}, not evaluator")
-    model = _global_model(content, cfg)
+    try:
+        model = _global_model(content, cfg)
+    except PackingError as exc:   # the coordinator's model is not the configured one: nothing to score
+        return _reply_status(msg, "declined", one_line(str(exc)))
     from shared_models.evaluation import evaluate_benchmarks, flatten_metrics
 
     results = evaluate_benchmarks(model, node.benchmarks, node.data_dir, cfg, cache=_BENCHMARK_CACHE)

@@ -880,7 +880,10 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         from shared_models.evaluation import unflatten_metrics
 
         if reply.has_error() or "metrics" not in reply.content.metric_records:
-            reason = short_reason(reply.error.reason) if reply.has_error() else "reply without metrics"
+            status = reply.content.config_records.get("status") if not reply.has_error() else None
+            reason = (short_reason(reply.error.reason) if reply.has_error()
+                      else f"declined: {one_line(status.get('reason', ''), 300)}" if status is not None
+                      else "reply without metrics")
             self.run.event("evaluator-error", round=target.round, reason=reason)
             return None
         metrics = reply.content["metrics"]

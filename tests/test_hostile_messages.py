@@ -12,11 +12,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from grid_fixtures import FakeGrid, _record, _reply, _state, _train_reply
 from server.transport import PackedGrid
-from shared_models.wire import pack_content
+from shared_models.wire import bundle, pack_content
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
@@ -500,3 +500,58 @@ def test_a_school_declines_a_global_model_that_does_not_fit_its_model_in_one_lin
     assert status["status"] == "declined" and words in status["reason"], dict(status)
     assert "\n" not in status["reason"] and len(status["reason"]) <= 500
     assert not (tmp_path / "state" / "ledger.jsonl").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda state: {"w": state[next(iter(state))]}, "lacks"),
+    (lambda state: {**state, next(iter(state)): state[next(iter(state))][..., :1]}, "has shape"),
+], ids=["other-model", "wrong-shape"])
+def test_the_evaluation_node_declines_a_global_model_that_does_not_fit_in_one_line(tmp_path, change, words):
+    """The evaluation node got the same model check as a school only in train(): load_state_dict's RuntimeError went
+    out of evaluate() as a traceback (session 25's fuzz pass). Now a one-line decline the server records."""
+    from school_fixtures import train_message
+
+    from client import app as client_app
+    from shared_models.config import load_config
+    from shared_models.models import registry
+
+    cfg = load_config(None, ["federation.rounds=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    context = Context(run_id=1, node_id=2, node_config={"role": "evaluator", "data-dir": str(tmp_path / "public")},
+                      state=RecordDict(), run_config=dict(cfg))
+    status = client_app.evaluate(train_message(change(model.state_dict()), tmp_path / "run"), context).content["status"]
+    assert status["status"] == "declined" and words in status["reason"], dict(status)
+    assert "\n" not in status["reason"] and len(status["reason"]) <= 500
+
+
+def test_a_malformed_bundle_to_the_evaluation_node_or_the_role_query_is_declined_not_raised(tmp_path):
+    from school_fixtures import train_message
+
+    from client import app as client_app
+    from shared_models.config import load_config
+    from shared_models.models import registry
+
+    cfg = load_config(None, ["federation.rounds=2"])
+    model = registry.build(str(cfg["model.name"]), 7, str(cfg["model.preset"]))
+    message = train_message(model.state_dict(), tmp_path / "run")
+    content = bundle(pack_content(message.content))
+    name = next(iter(content.config_records))
+    content[name] = ConfigRecord({**dict(content[name]), "manifest": "not a manifest"})   # does not match its parts
+    message.content = content
+    context = Context(run_id=1, node_id=2, node_config={"role": "evaluator", "data-dir": str(tmp_path / "public")},
+                      state=RecordDict(), run_config=dict(cfg))
+    for handler in (client_app.evaluate, client_app.query):
+        status = handler(message, context).content["status"]
+        assert status["status"] == "declined" and "message" in status["reason"], dict(status)
+
+
+def test_an_evaluation_nodes_decline_is_recorded_with_its_reason(tmp_path):
+    """It was recorded as 'reply without metrics', hiding why (a model that does not fit, a malformed message)."""
+    from server.strategy import RoundRecord
+
+    run, _, strategy = _setup(tmp_path)
+    request = Message(RecordDict({}), dst_node_id=9, message_type=MessageType.EVALUATE)
+    declined = RecordDict({"status": ConfigRecord({"status": "declined", "reason": "the global model's 'w' has\nshape"})})
+    assert strategy._record_evaluation(_reply(request, declined), RoundRecord(1)) is None
+    event = json.loads(run.events_path.read_text().splitlines()[-1])
+    assert event["event"] == "evaluator-error" and event["reason"] == "declined: the global model's 'w' has shape"
