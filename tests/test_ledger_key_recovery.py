@@ -517,7 +517,7 @@ def test_school_key_recover_ledger_key_command(tmp_path, capsys):
     out = capsys.readouterr().out
     new = load_or_create_signing_key(school.state)
     assert f"key recovery {key_id(lost)} (lost) → {key_id(new)}" in out and "line 2" in out, out
-    assert "fedfer deploy rotate NAME --ledger-key signing_key.pub --recovered" in out
+    assert "fedfer deploy rotate school-a --ledger-key signing_key.pub --recovered" in out and "NAME" not in out, out
     assert load_public_key(school.state / "signing_key.pub").public_bytes_raw() == new.public_key().public_bytes_raw()
     school.key = new
     assert school.train("run-2", 1)[-1]["key_id"] == key_id(new)

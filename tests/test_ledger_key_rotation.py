@@ -297,7 +297,8 @@ def test_school_key_new_ledger_key_happy_path_and_interrupted_rotation(tmp_path,
     out = capsys.readouterr().out
     new = key_id(load_or_create_signing_key(school.state))
     assert f"new key {new}" in out and f"key transition {old} → {new}" in out and "line 2" in out
-    assert "fedfer deploy rotate NAME --ledger-key signing_key.pub" in out
+    # the ledger names the school, so the coordinator's command is printed ready to run (it said NAME before)
+    assert "fedfer deploy rotate school-a --ledger-key signing_key.pub" in out and "NAME" not in out, out
     assert (school.state / "signing_key.pub").read_text() == public_key_pem(load_or_create_signing_key(school.state))
     assert (school.state / "signing_key.retired" / f"{old}.pub").read_text() == public_key_pem(school.key)
     assert "signing_key.retired" in out   # the old public half is kept: the school's own chain starts under it
@@ -387,7 +388,8 @@ def test_rotate_ledger_key_at_the_coordinator(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     # the happy path: the school rotates (its ledger is still empty: the key is simply replaced) and sends it
     assert fedfer_main(["deploy", "school-key", "--state-dir", str(state), "--new-ledger-key"]) == 0
-    capsys.readouterr()
+    # no ledger yet, so nothing in the state folder names the school: the command keeps the placeholder
+    assert "fedfer deploy rotate NAME --ledger-key signing_key.pub" in capsys.readouterr().out
     assert fedfer_main(rotate + ["--ledger-key", str(state / "signing_key.pub")]) == 0
     out = capsys.readouterr().out
     new = load_or_create_signing_key(state)

@@ -126,7 +126,8 @@ def _new_ledger_key(state_dir: Path) -> int:
         print(f"  {state / 'ledger.jsonl'} line {rot.transition_line}: key transition {rot.old_key_id} → "
               f"{rot.new_key_id}, signed by the retired key; the lifetime ε goes on under the new key")
     print(f"  send {rot.public} to the coordinator, who runs:")
-    print(f"  fedfer deploy rotate NAME --ledger-key {rot.public.name}")
+    # the ledger names the school (its school-id is the coordinator's NAME); a school with no ledger yet cannot say
+    print(f"  fedfer deploy rotate {rot.school or 'NAME'} --ledger-key {rot.public.name}")
     print("  a running node signs with the new key from its next round (the retired key can sign nothing more); "
           "the server refuses the school until the coordinator has it")
     return 0
@@ -142,7 +143,7 @@ def _recover_ledger_key(state_dir: Path, lost_key: Path | None) -> int:
           f"{rec.new_key_id}, signed by the new key; it carries ε {rec.epsilon:.3f} on, so the lifetime budget "
           f"runs on")
     print(f"  send {rec.public} to the coordinator, who checks it is this school's and runs:")
-    print("  fedfer deploy rotate NAME --ledger-key signing_key.pub --recovered")
+    print(f"  fedfer deploy rotate {rec.school} --ledger-key {rec.public.name} --recovered")
     print("  start the node once it has (the server refuses a recovery not approved yet, and stops selecting the "
           "school for the rest of that run)")
     return 0

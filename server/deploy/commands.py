@@ -537,6 +537,7 @@ class LedgerKeyRotation:
     old_key_id: str
     new_key_id: str
     transition_line: int     # the ledger line of the key transition (0: no ledger yet, the key was just replaced)
+    school: str = ""         # the school's name as its ledger records it (the coordinator's NAME); "" with no ledger
 
 
 def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
@@ -571,7 +572,8 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
                 and entries[-1]["new_key_id"] == key_id(old):
             # asked again after a rotation killed between its swaps: it was complete but for signing_key.pub
             # (which the load above wrote); report it rather than hand the ledger to yet another key
-            return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, str(entries[-1]["key_id"]), key_id(old), len(entries))
+            return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, str(entries[-1]["key_id"]), key_id(old), len(entries),
+                                     str(entries[0]["school_id"]))
         new = stage_new_signing_key(state_dir)
         line = 0
         if keys is not None and keys.keys[-1] != key_id(new):   # not already handed over by an interrupted run
@@ -585,7 +587,8 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
         install_new_signing_key(state_dir)
     except (LedgerError, SigningKeyError) as exc:
         raise DeployError(one_line(exc)) from None
-    return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, key_id(old), key_id(new), line)
+    return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, key_id(old), key_id(new), line,
+                             str(entries[0]["school_id"]) if entries else "")
 
 
 @dataclass(frozen=True)
@@ -597,6 +600,7 @@ class LedgerKeyRecovery:
     new_key_id: str
     recovery_line: int       # the ledger line of the key recovery
     epsilon: float           # the ε it carries on
+    school: str              # the school's name as its ledger records it (the coordinator's NAME)
 
 
 def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) -> LedgerKeyRecovery:
@@ -667,7 +671,8 @@ def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) 
     line, recovery = next((n, e) for n, e in reversed(list(enumerate(entries, start=1)))
                           if e["event"] == "key-recovery")
     return LedgerKeyRecovery(public_file, key_id(lost), key_id(new), line,
-                             float("inf") if recovery["epsilon"] == "inf" else float(recovery["epsilon"]))
+                             float("inf") if recovery["epsilon"] == "inf" else float(recovery["epsilon"]),
+                             str(entries[0]["school_id"]))
 
 
 def _interrupted_recovery(state_dir: Path, in_force: Ed25519PrivateKey) -> LedgerKeyRecovery | None:
@@ -690,7 +695,8 @@ def _interrupted_recovery(state_dir: Path, in_force: Ed25519PrivateKey) -> Ledge
     verify_entries(entries, [in_force.public_key()] + retired_public_keys(public_file), source=str(ledger_path),
                    recovery_keys=recovery_public_keys(public_file))
     epsilon = float("inf") if last["epsilon"] == "inf" else float(last["epsilon"])
-    return LedgerKeyRecovery(public_file, str(last["old_key_id"]), key_id(in_force), len(entries), epsilon)
+    return LedgerKeyRecovery(public_file, str(last["old_key_id"]), key_id(in_force), len(entries), epsilon,
+                             str(entries[0]["school_id"]))
 
 
 def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: bool = False) -> str:
