@@ -311,6 +311,7 @@ def test_a_school_can_keep_its_keys_to_itself(deployment, tmp_path, capsys, monk
     assert main(["deploy", "school-key", "--state-dir", str(school_state), "--new-node-key"]) == 0
     out = capsys.readouterr().out
     assert "rotate NAME --node-key supernode.pub" in out and "start this node's start.sh again" in out
+    assert "or in a one-machine trial `fedfer deploy up`" in " ".join(out.split()), out
     assert f"send {school_state / 'supernode.pub'} to the coordinator" in out and "signing_key.pub" not in out
     new_key = cred.load_node_key(school_state / "supernode")
     assert new_key.fingerprint != node_key.fingerprint
@@ -333,6 +334,8 @@ def test_a_school_can_keep_its_keys_to_itself(deployment, tmp_path, capsys, monk
     assert unregistered == [17]
     assert "old node 17 unregistered (a node still running with its key stops now)" in message
     assert "starts its start.sh again: it reads the new key from its state folder" in message
+    # under `fedfer deploy up` the old key's stop ended the whole trial: the same line says to start that again
+    assert f"`fedfer deploy up --dir {dep.root}`" in message and "\n" not in message, message
     entry = Deployment.load(dep.root).node("lincoln-high")
     assert (entry.node_id, entry.fingerprint, entry.auth_key) == (4242, new_key.fingerprint, str(school_state / "supernode"))
     assert not list(dep.root.rglob("supernode")) and not list(dep.node_dir("lincoln-high").glob("supernode.new*"))
@@ -553,6 +556,24 @@ def test_revoke_and_rotate_need_a_registration_and_a_running_superlink(deploymen
     with pytest.raises(deploy_cli.DeployError, match="SuperLink is not running on 127.0.0.1:19093"):
         deploy_cli.rotate_node(dep.root, "a", home)
     assert not list(dep.node_dir("a").glob("supernode.new*"))
+
+
+def test_rotate_says_how_to_restart_at_a_site_and_in_a_deploy_up_trial(deployment, monkeypatch):
+    """The message said only "start its start.sh again"; in a one-machine trial the rotation's stop of the old
+    SuperNode ends all of `fedfer deploy up`, which is what starts again. Nothing records how a node runs, so
+    the one line names both."""
+    dep, home = deployment
+    deploy_cli.add_node(dep.root, "a", "school", data_dir=Path("/d/a"), declared=100, flwr_home=home)
+    dep = Deployment.load(dep.root)
+    dep.nodes["a"].node_id = 17   # as if registered at add-school
+    dep.save()
+    monkeypatch.setattr(deploy_cli, "superlink_running", lambda _dep: True)
+    monkeypatch.setattr(deploy_cli, "register_key", lambda _dep, public, _home: 4242)
+    monkeypatch.setattr(deploy_cli, "unregister_node", lambda _dep, node_id, _home: None)
+    message = deploy_cli.rotate_node(dep.root, "a", home)
+    assert f"Copy {dep.node_dir('a')}/supernode to the site and start its start.sh again" in message, message
+    assert f"under `fedfer deploy up` start that again instead (`fedfer deploy up --dir {dep.root}`" in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("app", ["server.app", "client.app"])

@@ -104,8 +104,9 @@ def _cmd_school_key(args: argparse.Namespace) -> int:
     if args.new_node_key:   # the ledger key is unchanged: the coordinator has its public half already
         print(f"  send {keys.node_public} to the coordinator, who runs (the SuperLink running):")
         print("  fedfer deploy rotate NAME --node-key supernode.pub")
-        print("  then start this node's start.sh again (a SuperNode running on the old key stops at the rotation; "
-              "one started before it cannot connect)")
+        print("  then start this node's start.sh again, or in a one-machine trial `fedfer deploy up` (a SuperNode "
+              "running on the old key stops at the rotation, and `deploy up` with it; one started before it cannot "
+              "connect)")
         if (state / "supernode.old").exists():
             print(f"  the previous key is kept as {state / 'supernode.old'} (0600): if the coordinator cannot rotate, "
                   "move it back to supernode; delete it once the rotation is done")

@@ -891,8 +891,12 @@ def rotate_node(root: Path, name: str, flwr_home: Path, node_key: Path | None = 
     os.replace(new.public_path, folder / f"{cred.NODE_KEY_FILE}.pub")
     entry.node_id, entry.fingerprint, entry.status = new_id, new.fingerprint, "registered"
     dep.save()
-    after = ("The school starts its start.sh again: it reads the new key from its state folder." if new_public
-             is not None else f"Copy {folder}/supernode to the site and start its start.sh again.")
+    # nothing records how the node runs: at a site its start.sh starts it again, while in a one-machine trial
+    # `fedfer deploy up` stops every process once the old key's SuperNode stops, so the trial starts again whole
+    trial = (f"in a one-machine trial under `fedfer deploy up` start that again instead (`fedfer deploy up --dir "
+             f"{dep.root}`: it starts every node)")
+    after = (f"The school starts its start.sh again: it reads the new key from its state folder; {trial}." if new_public
+             is not None else f"Copy {folder}/supernode to the site and start its start.sh again; {trial}.")
     return (f"{name}: new key {new.fingerprint} registered as node {new_id}"
             # the SuperLink refuses the old key from now on: a SuperNode still running with it stops
             + (f"; old node {old_id} unregistered (a node still running with its key stops now)"
