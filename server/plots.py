@@ -48,7 +48,7 @@ def accuracy_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], 
     ax.set_xlabel("federated round")
     ax.set_ylabel("score on the benchmark (%)")
     ax.set_ylim(0, 100)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _whole_rounds(ax)
     ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
@@ -91,7 +91,7 @@ def epsilon_curves(series: Mapping[str, Mapping[str, Sequence[float]]], path: Pa
     ax.set_xlabel("federated round")
     ax.set_ylabel("cumulative ε spent by the school")
     ax.set_ylim(0, top * 1.1 if top > 0 else 1)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _whole_rounds(ax)
     ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8, ncol=2 if len(series) > 6 else 1)
@@ -125,7 +125,7 @@ def epsilon_distribution(quantiles: Mapping[str, Sequence[float]], finals: Seque
     ax.set_xlabel("federated round")
     ax.set_ylabel("cumulative ε spent by a school")
     ax.set_ylim(0, top * 1.1)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _whole_rounds(ax)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -191,6 +191,13 @@ def _confusion_counts(confusion: Sequence[Sequence[int]], labels: Sequence[str])
     return counts
 
 
+def _whole_rounds(ax: object) -> None:
+    """Round ticks on whole numbers only. `integer=True` alone is dropped by matplotlib when fewer than two whole
+    numbers are in view, so a one-round run (the view 0.96-1.04 around round 1) was ticked 0.96, 0.98, … 1.04:
+    one whole number in view is enough here."""
+    ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)   # type: ignore[attr-defined]
+
+
 def _percent(values: Sequence[float | None]) -> np.ndarray:
     return np.array([np.nan if v is None else 100.0 * float(v) for v in values], dtype=float)
 
@@ -242,7 +249,7 @@ def federation_added(panels: Sequence[Mapping[str, object]], path: Path, *, titl
         values += [v for v in acc.tolist() + low.tolist() + high.tolist() if np.isfinite(v)]
         ax.set_title(str(panel["title"]), fontsize=11)
         ax.set_xlabel("round of federated training (0 = starting model)")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        _whole_rounds(ax)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7.5)
     axes[0][0].set_ylabel("expressions recognised correctly (%)")

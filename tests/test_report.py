@@ -317,3 +317,26 @@ def test_the_epsilon_plot_draws_each_schools_own_budget(tmp_path, monkeypatch):
     drawn.clear()
     build_report(run)
     assert sorted(drawn) == [(3.0, "budget ε = 3 (school-0, school-2)"), (24.0, "budget ε = 24 (school-1)")], drawn
+
+
+def test_a_one_round_run_is_plotted_with_whole_round_ticks_only(tmp_path, monkeypatch):
+    """A one-round run's ε plot was ticked 0.96, 0.98, 1, 1.02, 1.04: matplotlib drops `integer=True` with fewer
+    than two whole numbers in view. Every plot over rounds ticks whole rounds only."""
+    from server import plots
+
+    ticked: list[list[float]] = []
+    real_save = plots.save_figure
+
+    def save(fig, path, dpi=120):
+        for ax in fig.axes[:1]:   # the rounds axis (epsilon_distribution's second panel is a histogram of ε)
+            low, high = ax.get_xlim()
+            ticked.append([float(t) for t in ax.get_xticks() if low <= t <= high])
+        return real_save(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", save)
+    plots.epsilon_curves({"school-0": {"round": [1], "epsilon": [0.8]}}, tmp_path / "e.png", title="t", budget=3.0)
+    plots.accuracy_curves({"b": {"round": [1], "accuracy": [0.5], "ci_low": [0.4], "ci_high": [0.6], "uar": [0.5]}},
+                          tmp_path / "a.png", title="t")
+    plots.epsilon_distribution({"round": [1], "q0": [0.5], "q10": [0.5], "q50": [0.6], "q90": [0.7], "q100": [0.7],
+                                "schools": [3]}, [0.5, 0.6, 0.7], tmp_path / "d.png", title="t", budget=3.0)
+    assert ticked == [[1.0]] * 3, ticked
