@@ -540,7 +540,13 @@ def write_plots(data: RunData) -> dict[str, Path]:
     return out
 
 
-def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
+#: who built a report.md, for its "Built … by" line: the ServerApp writes one at the end of every run, and the
+#: commands rebuild it; a report claiming `fedfer report` built it sent a reader looking for a command nobody ran
+BUILT_BY_REPORT_COMMAND = "`fedfer report`"
+BUILT_BY_SERVERAPP = "the ServerApp at the end of the run (`fedfer report` rebuilds it)"
+
+
+def render_markdown(data: RunData, figures: dict[str, Path], built_by: str = BUILT_BY_REPORT_COMMAND) -> str:
     cfg = data.config
     lines: list[str] = [f"# fedfer run report — {data.run_id}", ""]
     present = sorted(data.rounds)
@@ -551,7 +557,7 @@ def render_markdown(data: RunData, figures: dict[str, Path]) -> str:
         + (f" of {planned} planned" if planned else "") + ")"
         + (" and the starting model (round 0)" if 0 in present else ""))
     lines += [f"Run directory `{data.run_dir}` — {status}. "
-              f"Built {time.strftime('%Y-%m-%d %H:%M:%S')} by `fedfer report`.", ""]
+              f"Built {time.strftime('%Y-%m-%d %H:%M:%S')} by {built_by}.", ""]
 
     lines += ["## Setup", "", "| setting | value |", "|---|---|"]
     # a deployment: the config's school count and benchmarks are the simulation's defaults (10 schools, the synthetic
@@ -931,8 +937,9 @@ def _privacy_table(data: RunData) -> list[str]:
     return lines + [""]
 
 
-def build_report(run_dir: Path) -> Path:
-    """(Re)build ``report.md`` and ``plots/*.png`` for `run_dir`; returns the report's path.
+def build_report(run_dir: Path, built_by: str = BUILT_BY_REPORT_COMMAND) -> Path:
+    """(Re)build ``report.md`` and ``plots/*.png`` for `run_dir`; returns the report's path. `built_by`: who
+    builds it, as the report's "Built … by" line names it (BUILT_BY_SERVERAPP at the end of a run).
 
     Raises ValueError (one line naming the path) when the report or its plots cannot be written."""
     run_dir = Path(run_dir)
@@ -947,11 +954,12 @@ def build_report(run_dir: Path) -> Path:
     try:
         figures = write_plots(data)
         # all at once (shared_models/atomic_files.py): a killed report leaves the old report.md and no temp file
-        atomic_write_text(path, render_markdown(data, figures), readable_mode())
+        atomic_write_text(path, render_markdown(data, figures, built_by), readable_mode())
     except OSError as exc:
         raise ValueError(f"{exc.filename or path}: cannot write the report ({exc.strerror or exc})") from None
     return path
 
 
-#: the name server/app.py calls at the end of a run (same function)
-write_report = build_report
+def write_report(run_dir: Path) -> Path:
+    """The report server/app.py writes at the end of a run (build_report, saying the ServerApp built it)."""
+    return build_report(run_dir, BUILT_BY_SERVERAPP)

@@ -340,3 +340,16 @@ def test_a_one_round_run_is_plotted_with_whole_round_ticks_only(tmp_path, monkey
     plots.epsilon_distribution({"round": [1], "q0": [0.5], "q10": [0.5], "q50": [0.6], "q90": [0.7], "q100": [0.7],
                                 "schools": [3]}, [0.5, 0.6, 0.7], tmp_path / "d.png", title="t", budget=3.0)
     assert ticked == [[1.0]] * 3, ticked
+
+
+def test_the_report_names_who_built_it(tmp_path):
+    """report.md said "Built … by `fedfer report`" also when the ServerApp wrote it at the end of the run: a
+    reader went looking for a command nobody ran."""
+    from server.report import write_report
+
+    run = write_run(tmp_path / "run", [1, 2])
+    at_the_end = write_report(run).read_text()   # what server/app.py calls
+    assert "by the ServerApp at the end of the run (`fedfer report` rebuilds it)." in at_the_end, at_the_end[:400]
+    assert "by `fedfer report`." not in at_the_end
+    assert main(["report", str(run)]) == 0
+    assert "by `fedfer report`." in (run / "report.md").read_text()

@@ -217,12 +217,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f" (unit {cfg['privacy.unit']}, target ε {cfg['privacy.target_epsilon']}, δ {cfg['privacy.delta']})")
     print(f"run directory: {run.path}")
     if _already_finished(cfg):   # nothing to train: no Flower to start, only the report to (re)write
-        from server.report import write_report
+        from server.report import build_report
 
         with run.hold():   # as the ServerApp would: the run records the resume, and gets its report
             run.event("resumed", round=int(cfg["federation.rounds"]))
             print(f"  {run.path} already finished {counted(int(cfg['federation.rounds']), 'round')}")
-            print(f"  report {write_report(run.path)}")
+            print(f"  report {build_report(run.path, '`fedfer simulate` (the run had already finished)')}")
         # the run's own time is not known here: say whose seconds these are, or "wall time 1 s" reads as the run's
         code = print_summary(run.path, time.perf_counter() - started,
                              wall_note=" (this command only: the run had already finished)")
@@ -268,7 +268,7 @@ def _references(cfg: dict[str, Any], run_path: Path, root: Path, started: float)
     print("\nreference models (simulation only; not sent anywhere, not charged to any school's budget)")
     before = time.perf_counter()
     compute_references(cfg, run_path, root, echo=_indented)
-    report = build_report(run_path)
+    report = build_report(run_path, "`fedfer simulate --references`, after the reference models")
     data = load_run(run_path)
     table = added_rows(data)
     print(f"  {added.headline(table)}")
