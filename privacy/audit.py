@@ -78,8 +78,8 @@ class Row:
     refusals: int = 0
     steps: int = 0                 # steps in this source's entries
     lifetime_steps: int = 0        # including the history the first entry carries
-    sigma: float | str = ""
-    q: float | str = ""
+    sigma: float | str | None = ""   # None: no round trained in these entries (refusals only), so none applies
+    q: float | str | None = ""
     delta: float | None = None
     epsilon_prv: float | None = None
     epsilon_rdp: float | None = None
@@ -94,6 +94,12 @@ class Row:
     run_id: str = ""               # the run a run copy is of ("" for a school's own ledger: all its runs)
     key_id: str = ""               # the key the entries end under (an archived audit names it)
     key_transitions: list[str] = field(default_factory=list)   # the key rotations in this ledger, a stale keyring
+
+    @property
+    def trained_nothing(self) -> bool:
+        """Its entries were read and none trained a round (refusals or key changes only): steps, σ and q do not
+        apply. A refusal records the σ and q it planned (0 for a refused run-config), which are not the run's."""
+        return self.sigma is None
 
     @property
     def budget_left(self) -> float | None:
@@ -855,10 +861,13 @@ def _summary_row(src: _Source, school: str, fp: str, items: list[tuple[int, dict
     row.steps = sum(e["steps"] for e in round_items)
     units = {e["privacy_unit"] for _, e in items}
     row.unit = units.pop() if len(units) == 1 else "mixed"
-    sigmas = {e["noise_multiplier"] for e in round_items} or {items[-1][1]["noise_multiplier"]}
-    qs = {e["sample_rate"] for e in round_items} or {items[-1][1]["sample_rate"]}
-    row.sigma = sigmas.pop() if len(sigmas) == 1 else "mixed"
-    row.q = qs.pop() if len(qs) == 1 else "mixed"
+    sigmas = {e["noise_multiplier"] for e in round_items}
+    qs = {e["sample_rate"] for e in round_items}
+    if round_items:
+        row.sigma = sigmas.pop() if len(sigmas) == 1 else "mixed"
+        row.q = qs.pop() if len(qs) == 1 else "mixed"
+    else:   # nothing trained: a refusal's planned σ and q (0 for a refused run-config) read as the run's
+        row.sigma = row.q = None
     row.delta = items[-1][1]["delta"]
     return row
 
@@ -1289,6 +1298,8 @@ def _missing_copies(run_dirs: Sequence[Path], anchors_dir: Path | None) -> list[
 
 #: What the table's `left` column shows for an earlier ledger of a school, and the note that says why.
 EARLIER_LEFT = "–"
+#: What the steps, σ and q columns show for a ledger in which no round trained (refusals only): not applicable.
+NOT_APPLICABLE = "–"
 EARLIER_LEFT_NOTE = (f"{EARLIER_LEFT} in the left column: an earlier ledger of that school; what it has left is on its "
                      f"lifetime line below")
 
@@ -1304,7 +1315,10 @@ def format_table(report: AuditReport) -> str:
     earlier = {id(r) for r in report.rows if r.budget_left is not None and id(r) not in latest and r.school not in shared}
     for r in report.rows:
         rounds = f"{r.rounds}" + (f" (+{r.refusals} refused)" if r.refusals else "")
-        steps = f"{r.steps}" + (f" ({r.lifetime_steps} lifetime)" if r.lifetime_steps != r.steps and r.epsilon_prv is not None else "")
+        steps = f"{r.steps}" if r.steps else NOT_APPLICABLE if r.trained_nothing else ""
+        if steps and r.lifetime_steps != r.steps and r.epsilon_prv is not None:
+            steps += f" ({r.lifetime_steps} lifetime)"
+        sigma, q = (NOT_APPLICABLE, NOT_APPLICABLE) if r.trained_nothing else (_fmt(r.sigma), _fmt(r.q))
         eps_prv = "" if r.epsilon_prv is None else f"{r.epsilon_prv:.3f}"
         budget = "none" if r.budget is None and r.epsilon_prv is not None else _fmt(r.budget)
         if r.over_budget:   # as many digits as it takes to see ε above the budget
@@ -1313,8 +1327,7 @@ def format_table(report: AuditReport) -> str:
         status = r.status.upper() if r.status != "ok" else "ok"
         if r.over_budget and r.status != "over-budget":
             status += ", OVER-BUDGET"
-        lines.append([r.school, r.unit, rounds if r.rounds or r.refusals else "", steps if r.steps else "",
-                      _fmt(r.sigma), _fmt(r.q), _fmt(r.delta), eps_prv,
+        lines.append([r.school, r.unit, rounds if r.rounds or r.refusals else "", steps, sigma, q, _fmt(r.delta), eps_prv,
                       "" if r.epsilon_rdp is None else f"{r.epsilon_rdp:.3f}",
                       budget, EARLIER_LEFT if id(r) in earlier else
                       "" if r.budget_left is None else f"{max(r.budget_left, 0.0):.3f}", status, r.ledger])

@@ -282,3 +282,31 @@ def test_an_audit_against_the_runs_own_keys_says_so(tmp_path, capsys):
                           "independent keyring") in out, out
     code, out = _audit(capsys, server.run.path, "--keys", _keyring(tmp_path, schools))
     assert code == 0 and "stored with the ledgers" not in out, out
+
+
+# ------------------------------------------------------------------ a ledger in which nothing trained
+def test_a_refusal_only_ledger_shows_steps_sigma_and_q_as_not_applicable(tmp_path, capsys):
+    """A school that only refused (here a run-config weaker than its policy: the refusal records σ 0 and q 0)
+    was shown with an empty steps column and σ 0, q 0, as if it had trained without noise. Nothing ran: the
+    text shows – in all three, the JSON null for σ and q (steps stays the count, 0)."""
+    from privacy.accounting import SchoolAccountant, dataset_fingerprint
+    from privacy.ledger import SchoolLedger, record_refusal
+    from test_ledger_trust import School
+
+    school = School(tmp_path, "school-a")
+    ledger = SchoolLedger(school.state, school.name, school.key)
+    acct = SchoolAccountant(school.state, school.name, dataset_fingerprint(["school-a,row0"]))
+    record_refusal(acct, ledger, reason="policy-violation", setting="privacy.target_epsilon", planned_steps=0,
+                   run_id="run-1", round=1, privacy_unit="student", noise_multiplier=0.0, sample_rate=0.0,
+                   max_grad_norm=1.0, delta=1e-5, budget=8.0)
+    keys = _keyring(tmp_path, [school], {"school-a": {**POLICY, "budget": 8.0}})
+    code, out = _audit(capsys, school.state, "--keys", keys)
+    header = next(line for line in out.splitlines() if line.startswith("school "))
+    row = next(line for line in out.splitlines() if line.startswith("school-a "))
+    columns = {name: row[header.index(name):].split("  ")[0].strip() for name in ("steps", "σ", "q")}
+    assert columns == {"steps": "–", "σ": "–", "q": "–"}, out
+    from fedfer.cli import main
+
+    main(["privacy", "audit", str(school.state), "--keys", str(keys), "--json"])
+    (only,) = json.loads(capsys.readouterr().out)["schools"]
+    assert (only["sigma"], only["q"], only["steps"], only["refusals"]) == (None, None, 0, 1), only
