@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(text: object) -> str:
+    # shared_models/wording.py one_line, copied: fedfer/cli.py imports only fedfer (tests/test_architecture.py)
     return " ".join(str(text).split())
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from shared_models.small_files import SmallFileError, read_small_file
+from shared_models.wording import one_line
 from privacy.accounting import AccountingError, RunningRdp, epsilon_report
 from privacy.policy import REPORT_KEYS, epsilon_problem, is_report_only
 from privacy.anchors import ANCHOR_DIR, anchor_path, anchors_dir_of_run, audit_against_anchor, load_anchors, load_chain
@@ -533,7 +534,7 @@ MAX_POLICY_BYTES = 16 * 1024 * 1024
 
 
 def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+    return one_line(exc)[:200] or type(exc).__name__
 
 
 def _read_policy_text(path: Path, school: str) -> str:

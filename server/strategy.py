@@ -49,6 +49,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from shared_models.wire import ERROR_RECORD, PackingError, received_numpy
+from shared_models import wording
 from shared_models.wording import counted
 from server.run_dir import RoundRecord, RunDirectory
 from server.validation import RejectedUpdate, check_update
@@ -66,7 +67,7 @@ def one_line(text: Any, limit: int = 300) -> str:
     """Text a node sent, made fit for a log line or the run's files: no control characters (newlines, terminal
     escapes), whitespace collapsed, at most `limit` characters."""
     printable = "".join(ch if ch.isprintable() else " " for ch in str(text)[:4 * limit])
-    return " ".join(printable.split())[:limit]
+    return wording.one_line(printable)[:limit]
 
 
 #: What a school's train reply says in its status record (client/app.py, client/school_round.py RoundReply)
@@ -659,7 +660,7 @@ class SchoolFedAvg(FedAvgM, _AcceptedAverage):
         content = reply.content
         if ERROR_RECORD in content.config_records:   # PackedGrid could not unpack the reply's weights
             reason = f"packed weights do not match their layout: {content[ERROR_RECORD].get('reason', '')}"
-            reason = " ".join(reason.split())
+            reason = wording.one_line(reason)
             self.run.event("rejected", round=rnd, school=school, reason=reason)
             log(WARNING, "[fedfer] rejected %s in round %d: %s", school, rnd, reason)
             return {"status": "rejected", "reason": reason}

@@ -242,11 +242,12 @@ def _run_config(run_dir: Path | None) -> dict:
     if not path.is_file():
         raise UsageError(f"{path}: not found (a run directory holds its resolved config.yaml)")
     from shared_models.config import ConfigError, read_yaml_file
+    from shared_models.wording import one_line
 
     try:   # the project's strict reader: no aliases, bounded size and nesting, UTF-8, a mapping
         return read_yaml_file(path)
     except ConfigError as exc:
-        raise UsageError(" ".join(str(exc).split())) from None
+        raise UsageError(one_line(exc)) from None
 
 
 def _canary_audit_command(args: argparse.Namespace) -> int:
