@@ -48,6 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from shared_models.evaluation import LIST_METRICS
 from shared_models.wire import ERROR_RECORD, PackingError, received_numpy
 from shared_models import wording
 from shared_models.wording import counted
@@ -941,7 +942,7 @@ def _evaluation_problem(metrics: Mapping[str, Any]) -> str:
         if not BENCHMARK_NAME.match(bench) or not name.replace("_", "").isalnum():
             return f"metric {one_line(key, 80)!r} is not <benchmark>.<metric>"
         if isinstance(value, list):
-            if name not in ("confusion", "per_class_recall") or len(value) > MAX_METRIC_LIST:
+            if name not in LIST_METRICS or len(value) > MAX_METRIC_LIST:
                 return f"metric '{key}' is a list"
             if name == "confusion" and round(len(value) ** 0.5) ** 2 != len(value):
                 return f"metric '{key}' holds {len(value)} counts, not a square table"

@@ -194,6 +194,12 @@ def evaluate_benchmarks(model: nn.Module, specs: str, data_root: Path | None, cf
     return results
 
 
+#: The metrics flatten_metrics sends as lists (the confusion matrix row by row, one recall per class); every other
+#: metric is one number. The server accepts a list only under these names, and summaries that want one number per
+#: metric leave them out.
+LIST_METRICS = ("confusion", "per_class_recall")
+
+
 def flatten_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     flat: dict[str, Any] = {"num-examples": int(sum(int(m.get("n", 0)) for m in results.values()))}
     for bench, metrics in results.items():

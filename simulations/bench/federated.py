@@ -41,6 +41,8 @@ def every_school_every_round(rounds: list[dict[str, Any]]) -> bool:
 
 def _rounds(data: Any) -> list[dict[str, Any]]:
     """Per round: seconds, the largest ε spent so far, and each benchmark's figures (no confusion matrix)."""
+    from shared_models.evaluation import LIST_METRICS
+
     rows = []
     for number in sorted(data.rounds):
         record = data.rounds[number]
@@ -53,7 +55,7 @@ def _rounds(data: Any) -> list[dict[str, Any]]:
             row["seconds"] = round(float(seconds), 1)
         for bench, figures in (record.get("evaluation") or {}).items():
             if isinstance(figures, dict):
-                row[bench] = {k: v for k, v in figures.items() if k not in ("confusion", "per_class_recall")}
+                row[bench] = {k: v for k, v in figures.items() if k not in LIST_METRICS}
         rows.append(row)
     return rows
 
