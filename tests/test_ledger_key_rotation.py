@@ -310,6 +310,15 @@ def test_school_key_new_ledger_key_happy_path_and_interrupted_rotation(tmp_path,
     assert len(read_ledger_file(school.state / "ledger.jsonl")) == 3 and not (school.state / "signing_key.new.pem").exists()
 
 
+def test_the_printed_rotate_command_names_the_school_only_with_a_name_a_node_can_have():
+    from server.deploy.commands import ledger_school_name
+
+    assert ledger_school_name([{"school_id": "lincoln-high"}]) == "lincoln-high"
+    # no ledger, or a signed school id that is no node's name (a newline would break the printed line): NAME
+    unusable = ([], [{"school_id": "a b"}], [{"school_id": "lincoln\n"}], [{"school_id": 7}], [{}])
+    assert [ledger_school_name(entries) for entries in unusable] == [""] * len(unusable)
+
+
 @pytest.mark.parametrize("case", ["no-key", "tampered-ledger", "with-node-key"])
 def test_school_key_new_ledger_key_bad_input_changes_nothing(tmp_path, capsys, case):
     state = tmp_path / "state"

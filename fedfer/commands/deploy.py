@@ -144,7 +144,7 @@ def _recover_ledger_key(state_dir: Path, lost_key: Path | None) -> int:
           f"{rec.new_key_id}, signed by the new key; it carries ε {rec.epsilon:.3f} on, so the lifetime budget "
           f"runs on")
     print(f"  send {rec.public} to the coordinator, who checks it is this school's and runs:")
-    print(f"  fedfer deploy rotate {rec.school} --ledger-key {rec.public.name} --recovered")
+    print(f"  fedfer deploy rotate {rec.school or 'NAME'} --ledger-key {rec.public.name} --recovered")
     print("  start the node once it has (the server refuses a recovery not approved yet, and stops selecting the "
           "school for the rest of that run)")
     return 0

@@ -14,7 +14,7 @@ import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from shared_models.wording import one_line
 
@@ -529,6 +529,15 @@ def make_school_keys(state_dir: Path, *, new_node_key: bool = False) -> SchoolKe
     return SchoolKeys(public, key_id(key), node.public_path, node.fingerprint, made)
 
 
+def ledger_school_name(entries: Sequence[Mapping[str, Any]]) -> str:
+    """The school's name as its ledger records it (its school-id, which is the coordinator's node NAME), for a
+    command printed for the coordinator; "" with no ledger, or a name no node could have (it would not paste)."""
+    from shared_models.config import SCHOOL_ID
+
+    name = entries[0].get("school_id") if entries else None
+    return name if isinstance(name, str) and SCHOOL_ID.fullmatch(name) else ""
+
+
 @dataclass(frozen=True)
 class LedgerKeyRotation:
     """What `fedfer deploy school-key --new-ledger-key` did at the school."""
@@ -573,7 +582,7 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
             # asked again after a rotation killed between its swaps: it was complete but for signing_key.pub
             # (which the load above wrote); report it rather than hand the ledger to yet another key
             return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, str(entries[-1]["key_id"]), key_id(old), len(entries),
-                                     str(entries[0]["school_id"]))
+                                     ledger_school_name(entries))
         new = stage_new_signing_key(state_dir)
         line = 0
         if keys is not None and keys.keys[-1] != key_id(new):   # not already handed over by an interrupted run
@@ -588,7 +597,7 @@ def rotate_school_ledger_key(state_dir: Path) -> LedgerKeyRotation:
     except (LedgerError, SigningKeyError) as exc:
         raise DeployError(one_line(exc)) from None
     return LedgerKeyRotation(state_dir / PUBLIC_KEY_FILE, key_id(old), key_id(new), line,
-                             str(entries[0]["school_id"]) if entries else "")
+                             ledger_school_name(entries))
 
 
 @dataclass(frozen=True)
@@ -600,7 +609,7 @@ class LedgerKeyRecovery:
     new_key_id: str
     recovery_line: int       # the ledger line of the key recovery
     epsilon: float           # the ε it carries on
-    school: str              # the school's name as its ledger records it (the coordinator's NAME)
+    school: str              # the school's name as its ledger records it (the coordinator's NAME), or ""
 
 
 def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) -> LedgerKeyRecovery:
@@ -672,7 +681,7 @@ def recover_school_ledger_key(state_dir: Path, lost_public: Path | None = None) 
                           if e["event"] == "key-recovery")
     return LedgerKeyRecovery(public_file, key_id(lost), key_id(new), line,
                              float("inf") if recovery["epsilon"] == "inf" else float(recovery["epsilon"]),
-                             str(entries[0]["school_id"]))
+                             ledger_school_name(entries))
 
 
 def _interrupted_recovery(state_dir: Path, in_force: Ed25519PrivateKey) -> LedgerKeyRecovery | None:
@@ -696,7 +705,7 @@ def _interrupted_recovery(state_dir: Path, in_force: Ed25519PrivateKey) -> Ledge
                    recovery_keys=recovery_public_keys(public_file))
     epsilon = float("inf") if last["epsilon"] == "inf" else float(last["epsilon"])
     return LedgerKeyRecovery(public_file, str(last["old_key_id"]), key_id(in_force), len(entries), epsilon,
-                             str(entries[0]["school_id"]))
+                             ledger_school_name(entries))
 
 
 def rotate_ledger_key(root: Path, name: str, ledger_key: Path, *, recovered: bool = False) -> str:
