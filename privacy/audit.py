@@ -1299,8 +1299,10 @@ def _missing_copies(run_dirs: Sequence[Path], anchors_dir: Path | None) -> list[
 
 #: What the table's `left` column shows for an earlier ledger of a school, and the note that says why.
 EARLIER_LEFT = "–"
-#: What the steps, σ and q columns show for a ledger in which no round trained (refusals only): not applicable.
+#: What the steps, σ and q columns show for a ledger in which no round trained (refusals only), and the note.
 NOT_APPLICABLE = "–"
+NOT_APPLICABLE_NOTE = (f"{NOT_APPLICABLE} in the steps, σ and q columns: no round trained in that ledger (refusals "
+                       f"only), so none applies")
 EARLIER_LEFT_NOTE = (f"{EARLIER_LEFT} in the left column: an earlier ledger of that school; what it has left is on its "
                      f"lifetime line below")
 
@@ -1340,6 +1342,7 @@ def format_table(report: AuditReport) -> str:
         notes.append("* PRV could not evaluate this history; the (looser, still valid) RDP bound is shown")
     notes += _budget_notes(report.rows)
     notes += [EARLIER_LEFT_NOTE] if earlier else []
+    notes += [NOT_APPLICABLE_NOTE] if any(r.trained_nothing for r in report.rows) else []
     notes += [n for r in report.rows for n in r.key_transitions]
     notes += report.notes
     checked = {(r.school, r.fingerprint) for r in report.rows if not r.partial}   # the school's own ledger given

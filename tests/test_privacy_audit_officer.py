@@ -305,6 +305,7 @@ def test_a_refusal_only_ledger_shows_steps_sigma_and_q_as_not_applicable(tmp_pat
     row = next(line for line in out.splitlines() if line.startswith("school-a "))
     columns = {name: row[header.index(name):].split("  ")[0].strip() for name in ("steps", "σ", "q")}
     assert columns == {"steps": "–", "σ": "–", "q": "–"}, out
+    assert "– in the steps, σ and q columns: no round trained in that ledger (refusals only)" in out, out
     from fedfer.cli import main
 
     main(["privacy", "audit", str(school.state), "--keys", str(keys), "--json"])
