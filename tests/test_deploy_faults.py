@@ -174,14 +174,12 @@ def _node_pids(fed: LocalFederation, name: str, which: int) -> list[int]:
 
 
 def _restart_node(fed: LocalFederation, name: str) -> None:
-    """Start a killed node again with its own start command; wait until the SuperLink accepted it (its
-    log gains a new 'SuperNode ID': the first start's line is still in the appended log). The launcher
+    """Start a killed node again with its own start command; wait until the SuperLink accepted it (this start's
+    part of its appended log has a 'SuperNode ID': `log_text` reads only what this start wrote). The launcher
     retries the SuperLink's refusal while the dead node's heartbeat has not lapsed (up to a minute)."""
-    log = fed.nodes[name][0]
-    before = log.log_text(10_000_000).count("SuperNode ID")
     fed.start_node(name, wait=False, timeout=300)
     node = fed.nodes[name][0]
-    _wait_for(lambda: node.log_text(10_000_000).count("SuperNode ID") > before, 300, f"{name} to rejoin", fed)
+    _wait_for(lambda: "SuperNode ID" in node.log_text(10_000_000), 300, f"{name} to rejoin", fed)
 
 
 def _audit(*paths: Path, keys: Path) -> tuple[int, dict]:
