@@ -326,24 +326,31 @@ def test_the_audit_reports_a_schools_ledger_older_than_its_own_record(spent, cap
     assert code == 2 and "holds 1 entry, and not the entry this state folder recorded as its last signed (entry 3" in out.out + out.err, out
 
 
-def test_the_crash_harness_kills_a_real_restore_at_each_write_and_running_it_again_finishes(spent):
-    """simulations/crash_harness.py's restore-ledger point: its restore process SIGKILLs itself at the accountant
-    write, then between the accountant and the ledger; the plain command run again finishes with the same chain."""
+def _restore_killed_at(where: str, command: list[str], state: Path) -> None:
+    """`fedfer <command>` SIGKILLed by the crash harness's hook at `where`; the ledger is not written yet."""
     import signal
     import subprocess
     import sys
 
-    from simulations.crash_harness import KILLED_RESTORE, RESTORE_KILLS
+    from simulations.crash_harness import KILLED_RESTORE
+
+    killed = subprocess.run([sys.executable, "-c", KILLED_RESTORE, where, *command], capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert not (state / "ledger.jsonl").exists()
+
+
+def test_the_crash_harness_kills_a_real_restore_at_each_write_and_running_it_again_finishes(spent):
+    """simulations/crash_harness.py's restore-ledger point: its restore process SIGKILLs itself at the accountant
+    write, then between the accountant and the ledger; the plain command run again finishes with the same chain."""
+    from simulations.crash_harness import RESTORE_KILLS
 
     entries_before = read_ledger_file(spent.state / "ledger.jsonl")
     _lose_ledger_and_accountant(spent.state)
     command = ["deploy", "restore-ledger", "--state-dir", str(spent.state), "--school", SCHOOL,
                "--from", str(spent.root / "runs")]
     for where in RESTORE_KILLS:
-        killed = subprocess.run([sys.executable, "-c", KILLED_RESTORE, where, *command], capture_output=True, text=True,
-                                timeout=300)
-        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-        assert not (spent.state / "ledger.jsonl").exists()
+        _restore_killed_at(where, command, spent.state)
         assert bool(list(spent.state.glob("accountant-*.json"))) == (where == "ledger")
     assert fedfer_main(command) == 0
     assert read_ledger_file(spent.state / "ledger.jsonl") == entries_before
@@ -354,11 +361,7 @@ def test_the_crash_harness_kills_a_restore_over_an_older_accountant_and_running_
     """The restore-old-accountant point: the accountant of an old backup (half its rounds) is brought up to the
     copies; killed at that catch-up the accountant is as it was, killed after it (before the ledger) it already
     counts what the copies hold; the plain command run again writes the same chain, one restore record."""
-    import signal
-    import subprocess
-    import sys
-
-    from simulations.crash_harness import KILLED_RESTORE, RESTORE_KILLS, _accountant_history, make_accountant_older
+    from simulations.crash_harness import RESTORE_KILLS, _accountant_history, make_accountant_older
 
     entries_before = read_ledger_file(spent.state / "ledger.jsonl")
     history_before = _accountant_history(spent.state)
@@ -369,10 +372,7 @@ def test_the_crash_harness_kills_a_restore_over_an_older_accountant_and_running_
     command = ["deploy", "restore-ledger", "--state-dir", str(spent.state), "--school", SCHOOL,
                "--from", str(spent.root / "runs")]
     for where in RESTORE_KILLS:
-        killed = subprocess.run([sys.executable, "-c", KILLED_RESTORE, where, *command], capture_output=True, text=True,
-                                timeout=300)
-        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-        assert not (spent.state / "ledger.jsonl").exists()
+        _restore_killed_at(where, command, spent.state)
         assert _accountant_history(spent.state) == (history_older if where == "accountant" else history_before)
     assert fedfer_main(command) == 0
     assert read_ledger_file(spent.state / "ledger.jsonl") == entries_before
