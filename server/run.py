@@ -106,7 +106,8 @@ def restart(run: RunDirectory, requested: Mapping[str, Any]) -> RunStart:
     # `fedfer simulate` names the start model it resolved (pre-trained again if the stop cut its training
     # short); a bare `flwr run -c run.resume=…` has the run's own
     restarted_cfg = {**original, "model.pretrained": requested["model.pretrained"] or original["model.pretrained"],
-                     "run.resume": str(run.path), "evaluation.public_benchmarks": requested["evaluation.public_benchmarks"]}
+                     "run.resume": str(run.path), "evaluation.public_benchmarks": requested["evaluation.public_benchmarks"],
+                     **settings_set_on_resume(run, requested, original)}
     start = RunStart(run, restarted_cfg, start_model(run, restarted_cfg), public_added=added)
     run.event("resumed", round=0, restarted="no checkpoint yet: round 1 again, from the start model")
     record_public_added(run, restarted_cfg, added, original["evaluation.public_benchmarks"], 0)

@@ -59,3 +59,10 @@ def test_the_start_model_is_not_taken_from_a_resume(tmp_path: Path) -> None:
     start = _resume(tmp_path, f"model.pretrained={given}", "train.threads=2")
     assert start.cfg["train.threads"] == 2
     assert start.cfg["model.pretrained"] == ""
+
+
+def test_a_run_stopped_before_its_first_checkpoint_takes_the_resumes_timeout_too(tmp_path: Path) -> None:
+    """The other resume path (server/run.py `restart`: round 1 again from the start model) kept config.yaml's."""
+    RunDirectory.create(load_config(None, [f"run.root={tmp_path}", *RUN]))   # config.yaml, no checkpoint yet
+    start = _resume(tmp_path, "federation.round_timeout=30")
+    assert start.cfg["federation.round_timeout"] == 30
